@@ -1,0 +1,35 @@
+"""Project exceptions.
+
+Every error a user can cause raises a :class:`FibroquantError` subclass whose message names the
+file (or setting) and what is wrong with it. The command line turns them into one line on stderr.
+"""
+
+from __future__ import annotations
+
+
+class FibroquantError(Exception):
+    """Base class of every error fibroquant raises on purpose."""
+
+
+class SlideReadError(FibroquantError):
+    """A slide file cannot be read: missing, empty, truncated, corrupt or unsupported."""
+
+
+class MissingResolutionError(SlideReadError):
+    """A slide has no usable µm-per-pixel metadata and none was given."""
+
+
+class ConfigError(FibroquantError, ValueError):
+    """A configuration file or option is invalid."""
+
+
+class SampleSheetError(FibroquantError, ValueError):
+    """The sample sheet is missing, malformed or does not match the slides folder."""
+
+
+class StoreError(FibroquantError):
+    """The results store cannot be opened or written."""
+
+
+class StoreLockedError(StoreError):
+    """Another fibroquant run holds the lock on the output folder."""
