@@ -1,0 +1,230 @@
+"""Typed settings: built-in defaults < YAML file < command-line options.
+
+Every stage receives only its own sub-model (:class:`TissueSettings`, :class:`StainSettings`,
+:class:`CollagenSettings`, :class:`TilingSettings`). Models are frozen and forbid unknown keys, so a
+typo in a YAML file is an error (``tissue.lumen_min_area_um2: extra inputs are not permitted``),
+never a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fibroquant.errors import ConfigError
+
+#: Bumped whenever a change to the algorithms changes measurements. It is part of the settings
+#: hash, so stored results made by an older algorithm are re-measured instead of being mixed in.
+ALGORITHM_VERSION = 1
+
+
+class Stain(str, Enum):
+    """Staining protocols fibroquant knows."""
+
+    SIRIUS_RED = "sirius-red"
+    MASSON = "masson"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TissueSettings(_Model):
+    """Tissue detection and exclusions (computed on a low-resolution thumbnail)."""
+
+    tissue_mpp: float | None = Field(
+        None, gt=0, description="µm/px of the tissue-detection image; None = automatic"
+    )
+    max_thumbnail_mpx: float = Field(
+        16.0, gt=0, description="largest tissue-detection image, megapixels"
+    )
+    glass_od: float | None = Field(
+        None, gt=0, description="summed optical density above which a pixel is tissue; None = Otsu"
+    )
+    glass_od_min: float = Field(0.04, gt=0, description="lower clip of the automatic glass OD")
+    glass_od_max: float = Field(0.25, gt=0, description="upper clip of the automatic glass OD")
+    smooth_um: float = Field(1.5, ge=0, description="Gaussian sigma before the glass threshold, µm")
+    min_tissue_area_um2: float = Field(
+        5000.0, ge=0, description="tissue pieces smaller than this are dust/debris, µm²"
+    )
+    lumen_min_area_um2: float = Field(
+        1500.0, ge=0, description="unstained holes at least this large are lumens (excluded), µm²"
+    )
+    exclude_capsule: bool = Field(True, description="leave the Glisson capsule band out")
+    capsule_width_um: float = Field(
+        20.0, ge=0, description="width of the band along tissue/glass edges searched, µm"
+    )
+    exclude_folds: bool = Field(True, description="leave tissue folds (double thickness) out")
+    fold_od_factor: float = Field(
+        1.9, gt=1, description="counterstain OD above this multiple of the median is a fold"
+    )
+    fold_min_area_um2: float = Field(5000.0, ge=0, description="smallest fold kept, µm²")
+    exclude_vessel_walls_above_um2: float | None = Field(
+        None, gt=0, description="if set, collagen rings around lumens larger than this are excluded"
+    )
+    vessel_wall_um: float = Field(
+        25.0, gt=0, description="ring width around large lumens treated as wall, µm"
+    )
+
+
+class StainSettings(_Model):
+    """Colour deconvolution and per-slide stain estimation."""
+
+    stain: Stain = Stain.SIRIUS_RED
+    masson_collagen: Literal["aniline-blue", "light-green"] = "aniline-blue"
+    estimate: Literal["anchored", "preset"] = Field(
+        "anchored", description="per-slide vectors anchored to the preset, or the preset as is"
+    )
+    max_angle_deg: float = Field(
+        18.0, gt=0, le=60, description="largest accepted change of a vector from its preset, deg"
+    )
+    od_floor: float = Field(
+        0.15, gt=0, description="pixels with a smaller OD norm do not inform stain estimation"
+    )
+    min_share: float = Field(
+        0.6, gt=0, lt=1, description="a stain's share of a pixel's OD to count it as that stain's"
+    )
+    sample_pixels: int = Field(
+        400_000, gt=1000, description="tissue pixels sampled to calibrate a slide"
+    )
+    background_rgb: tuple[float, float, float] | None = Field(
+        None, description="glass intensity (R, G, B); None = estimated per slide"
+    )
+    vectors: dict[str, tuple[float, float, float]] | None = Field(
+        None, description="explicit study vectors by stain name (written by `fibroquant stains`)"
+    )
+
+
+class CollagenSettings(_Model):
+    """Collagen segmentation on the collagen concentration channel."""
+
+    method: Literal["relative", "fixed-od", "otsu"] = Field(
+        "relative", description="threshold scale: per-slide relative, fixed OD, or Otsu"
+    )
+    relative_threshold: float = Field(
+        0.4, gt=0, lt=1,
+        description="fraction of the way from the slide's parenchyma level to its collagen level",
+    )
+    min_contrast_od: float = Field(
+        0.08, ge=0, description="threshold at least this far above the parenchyma level, OD"
+    )
+    fixed_od: float = Field(0.25, gt=0, description="threshold for method fixed-od, OD units")
+    smooth_um: float = Field(0.0, ge=0, description="Gaussian sigma on the collagen channel, µm")
+    min_object_area_um2: float = Field(
+        8.0, ge=0, description="collagen specks smaller than this are dropped, µm²"
+    )
+
+
+class TilingSettings(_Model):
+    """Resolution and tile streaming (do not change measurements except ``analysis_mpp``)."""
+
+    analysis_mpp: float | None = Field(
+        None, gt=0, description="µm/px the analysis runs at; None = native resolution"
+    )
+    tile_px: int = Field(1024, ge=128, le=8192, description="tile edge at analysis resolution")
+    halo_px: int = Field(16, ge=0, le=256, description="overlap read around each tile")
+    mask_max_mpx: float = Field(
+        64.0, gt=0, description="largest mask/overlay written; coarser above it, megapixels"
+    )
+    qc_max_px: int = Field(2000, ge=100, description="longest side of QC overlays, px")
+
+
+class Settings(_Model):
+    """All settings of one analysis."""
+
+    tissue: TissueSettings = TissueSettings()
+    stains: StainSettings = StainSettings()
+    collagen: CollagenSettings = CollagenSettings()
+    tiling: TilingSettings = TilingSettings()
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.tissue.glass_od_min > self.tissue.glass_od_max:
+            msg = "tissue.glass_od_min must not exceed tissue.glass_od_max"
+            raise ValueError(msg)
+        return self
+
+    def measurement_dict(self) -> dict[str, Any]:
+        """Settings that change measurements, as canonical JSON-able data."""
+        data = self.model_dump(mode="json")
+        for key in ("tile_px", "halo_px", "mask_max_mpx", "qc_max_px"):
+            data["tiling"].pop(key)
+        data["algorithm_version"] = ALGORITHM_VERSION
+        return data
+
+    def settings_hash(self) -> str:
+        """SHA-256 (first 16 hex digits) of the settings that change measurements."""
+        text = json.dumps(self.measurement_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _format_validation(error: ValidationError, source: str) -> str:
+    parts = []
+    for item in error.errors():
+        loc = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        parts.append(f"{loc}: {item['msg']}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_settings(
+    path: Path | None = None, overrides: dict[str, Any] | None = None
+) -> Settings:
+    """Build settings from defaults, an optional YAML file and command-line overrides.
+
+    Parameters
+    ----------
+    path : Path, optional
+        YAML file whose keys mirror :class:`Settings` (``tissue:``, ``stains:``, ...).
+    overrides : dict, optional
+        Nested values from the command line; they win over the file.
+
+    Returns
+    -------
+    Settings
+
+    Raises
+    ------
+    ConfigError
+        Unreadable YAML or invalid values, one message listing ``key.path: problem``.
+    """
+    data: dict[str, Any] = {}
+    source = "settings"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            msg = f"{path}: config file not found"
+            raise ConfigError(msg) from None
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            msg = f"{path}: not a readable YAML file ({reason})"
+            raise ConfigError(msg) from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            msg = f"{path}: expected a mapping of sections (tissue:, stains:, ...)"
+            raise ConfigError(msg)
+        data = loaded
+    if overrides:
+        data = _deep_merge(data, overrides)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(exc, source)) from None

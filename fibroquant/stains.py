@@ -1,0 +1,415 @@
+"""Stain vectors, optical density and colour deconvolution.
+
+Conventions (the reference libraries disagree, so they are written down here):
+
+* optical density is base-10, ``OD_c = -log10(I_c / I0_c)`` with ``I0`` the slide's own glass
+  intensity per channel, and ``I`` clipped to at least 1 before the log;
+* a :class:`StainMatrix` holds **rows = stains**, each a unit-norm OD vector (R, G, B);
+* concentrations ``C`` solve ``OD = C @ M`` in the least-squares sense, ``C = OD @ pinv(M)``
+  (Ruifrok & Johnston 2001); with fewer than three stains the residual direction is their
+  normalised cross product;
+* images are uint8 RGB in, float32 OD and concentrations out; no float64 full-size copies.
+
+References
+----------
+Ruifrok AC, Johnston DA. Quantification of histochemical staining by color deconvolution.
+Anal Quant Cytol Histol 2001;23:291-299.
+Macenko M et al. A method for normalizing histology slides for quantitative analysis.
+ISBI 2009:1107-1110.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+
+from fibroquant.config import Stain, StainSettings
+
+logger = logging.getLogger(__name__)
+
+Vector = tuple[float, float, float]
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    v = np.asarray(v, dtype=np.float64)
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+@dataclass(frozen=True)
+class StainMatrix:
+    """Stain OD vectors (rows) and the glass intensity they are relative to.
+
+    Parameters
+    ----------
+    names : tuple of str
+        One name per stain; the first is the collagen stain for fibroquant's presets.
+    vectors : array_like, shape (n_stains, 3)
+        OD vectors (R, G, B); normalised to unit length on construction.
+    background_rgb : tuple of 3 float
+        Glass intensity ``I0`` per channel, 0-255.
+    """
+
+    names: tuple[str, ...]
+    vectors: np.ndarray
+    background_rgb: Vector = (255.0, 255.0, 255.0)
+    collagen: str = field(default="")
+
+    def __post_init__(self) -> None:
+        vec = np.asarray(self.vectors, dtype=np.float64)
+        if vec.ndim != 2 or vec.shape[1] != 3 or not 1 <= vec.shape[0] <= 3:
+            msg = f"stain vectors must have shape (1..3, 3), got {vec.shape}"
+            raise ValueError(msg)
+        if len(self.names) != vec.shape[0]:
+            msg = f"{len(self.names)} stain names for {vec.shape[0]} vectors"
+            raise ValueError(msg)
+        if not np.all(np.isfinite(vec)) or np.any(np.linalg.norm(vec, axis=1) == 0):
+            msg = f"stain vectors must be finite and non-zero, got {vec.tolist()}"
+            raise ValueError(msg)
+        bg = tuple(float(b) for b in self.background_rgb)
+        if len(bg) != 3 or not all(0 < b <= 255 for b in bg):
+            msg = f"background_rgb must be three values in (0, 255], got {self.background_rgb}"
+            raise ValueError(msg)
+        object.__setattr__(self, "vectors", _unit(vec).astype(np.float32))
+        object.__setattr__(self, "background_rgb", bg)
+        object.__setattr__(self, "collagen", self.collagen or self.names[0])
+
+    @cached_property
+    def full_matrix(self) -> np.ndarray:
+        """3×3 float64 matrix: the stains plus residual rows (cross products) to fill 3."""
+        rows = [np.asarray(v, np.float64) for v in self.vectors]
+        if len(rows) == 1:
+            a = rows[0]
+            helper = np.array([1.0, 0.0, 0.0]) if abs(a[0]) < 0.9 else np.array([0.0, 1.0, 0.0])
+            rows.append(_unit(np.cross(a, helper)))
+        if len(rows) == 2:
+            rows.append(_unit(np.cross(rows[0], rows[1])))
+        return np.vstack(rows)
+
+    @cached_property
+    def unmixing(self) -> np.ndarray:
+        """float32 (3, n_stains) matrix ``U`` with ``C = OD @ U``."""
+        inv = np.linalg.inv(self.full_matrix)
+        return inv[:, : len(self.names)].astype(np.float32)
+
+    def index(self, name: str) -> int:
+        """Row of the stain called ``name``."""
+        return self.names.index(name)
+
+    @property
+    def collagen_index(self) -> int:
+        """Row of the collagen stain."""
+        return self.index(self.collagen)
+
+    def with_background(self, background_rgb: Vector) -> StainMatrix:
+        """Copy with another glass intensity."""
+        return StainMatrix(self.names, self.vectors, background_rgb, self.collagen)
+
+    def with_vectors(self, vectors: np.ndarray) -> StainMatrix:
+        """Copy with other vectors (same names and background)."""
+        return StainMatrix(self.names, vectors, self.background_rgb, self.collagen)
+
+    def to_dict(self) -> dict[str, list[float]]:
+        """Vectors by stain name, rounded to 4 decimals (for tables and provenance)."""
+        return {n: [round(float(x), 4) for x in v] for n, v in zip(self.names, self.vectors)}
+
+
+# Published or fitted presets (unit OD vectors R, G, B); see docs in README and domain notes.
+SIRIUS_RED_VECTOR: Vector = (0.14, 0.83, 0.54)
+PICRIC_ACID_VECTOR: Vector = (0.08, 0.19, 0.98)
+HAEMATOXYLIN_VECTOR: Vector = (0.650, 0.704, 0.286)  # Ruifrok & Johnston
+EOSIN_VECTOR: Vector = (0.072, 0.990, 0.105)  # Ruifrok & Johnston
+ANILINE_BLUE_VECTOR: Vector = (0.7995, 0.5914, 0.1053)  # Landini, Masson trichrome preset
+PONCEAU_FUCHSIN_VECTOR: Vector = (0.1000, 0.7374, 0.6680)  # Landini, Masson trichrome preset
+LIGHT_GREEN_VECTOR: Vector = (0.78, 0.30, 0.55)  # fitted to light/fast-green collagen pixels
+IRON_HAEMATOXYLIN_VECTOR: Vector = (0.55, 0.58, 0.60)  # near-neutral brown-black nuclei
+
+SIRIUS_RED = StainMatrix(
+    ("sirius-red", "picric-acid", "haematoxylin"),
+    np.array([SIRIUS_RED_VECTOR, PICRIC_ACID_VECTOR, HAEMATOXYLIN_VECTOR]),
+)
+MASSON = StainMatrix(
+    ("aniline-blue", "ponceau-fuchsin", "iron-haematoxylin"),
+    np.array([ANILINE_BLUE_VECTOR, PONCEAU_FUCHSIN_VECTOR, IRON_HAEMATOXYLIN_VECTOR]),
+)
+MASSON_LIGHT_GREEN = StainMatrix(
+    ("light-green", "ponceau-fuchsin", "iron-haematoxylin"),
+    np.array([LIGHT_GREEN_VECTOR, PONCEAU_FUCHSIN_VECTOR, IRON_HAEMATOXYLIN_VECTOR]),
+)
+H_AND_E = StainMatrix(("eosin", "haematoxylin"), np.array([EOSIN_VECTOR, HAEMATOXYLIN_VECTOR]))
+
+
+def preset_for(settings: StainSettings) -> StainMatrix:
+    """The preset stain matrix for a protocol, with explicit study vectors applied.
+
+    Parameters
+    ----------
+    settings : StainSettings
+
+    Returns
+    -------
+    StainMatrix
+        Collagen stain first.
+    """
+    if settings.stain == Stain.SIRIUS_RED:
+        preset = SIRIUS_RED
+    elif settings.masson_collagen == "light-green":
+        preset = MASSON_LIGHT_GREEN
+    else:
+        preset = MASSON
+    if settings.vectors:
+        unknown = set(settings.vectors) - set(preset.names)
+        if unknown:
+            msg = (
+                f"stains.vectors: unknown stain(s) {sorted(unknown)} for {settings.stain.value}; "
+                f"expected names among {list(preset.names)}"
+            )
+            raise ValueError(msg)
+        vec = np.array(
+            [settings.vectors.get(n, tuple(preset.vectors[i])) for i, n in enumerate(preset.names)]
+        )
+        preset = preset.with_vectors(vec)
+    if settings.background_rgb is not None:
+        preset = preset.with_background(settings.background_rgb)
+    return preset
+
+
+def od_lut(background_rgb: Vector) -> np.ndarray:
+    """Lookup table of optical density: float32 (3, 256), ``lut[c, v] = -log10(max(v,1)/I0_c)``.
+
+    Values brighter than the glass give OD 0 (clipped), so ``OD >= 0`` always.
+    """
+    values = np.maximum(np.arange(256, dtype=np.float64), 1.0)
+    bg = np.asarray(background_rgb, dtype=np.float64)[:, None]
+    return np.maximum(-np.log10(values[None, :] / bg), 0.0).astype(np.float32)
+
+
+def rgb_to_od(rgb: np.ndarray, background_rgb: Vector = (255.0, 255.0, 255.0)) -> np.ndarray:
+    """Optical density of a uint8 RGB image.
+
+    Parameters
+    ----------
+    rgb : ndarray of uint8, shape (..., 3)
+        Transmitted-light image.
+    background_rgb : tuple of 3 float
+        Glass intensity per channel (0-255).
+
+    Returns
+    -------
+    ndarray of float32, shape (..., 3)
+        Base-10 OD, clipped at 0. The input is not modified.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> float(rgb_to_od(np.array([[25, 255, 255]], np.uint8))[0, 0]).__round__(3)
+    1.009
+    """
+    rgb = np.asarray(rgb)
+    if rgb.dtype != np.uint8 or rgb.shape[-1] != 3:
+        msg = f"rgb must be uint8 with 3 channels last, got {rgb.dtype} {rgb.shape}"
+        raise ValueError(msg)
+    lut = od_lut(background_rgb)
+    out = np.empty(rgb.shape, dtype=np.float32)
+    for c in range(3):
+        out[..., c] = lut[c][rgb[..., c]]
+    return out
+
+
+def od_to_rgb(od: np.ndarray, background_rgb: Vector = (255.0, 255.0, 255.0)) -> np.ndarray:
+    """Inverse of :func:`rgb_to_od`: ``I = I0 · 10^-OD`` rounded to uint8."""
+    od = np.asarray(od, dtype=np.float32)
+    bg = np.asarray(background_rgb, dtype=np.float32)
+    return np.clip(np.rint(bg * np.power(np.float32(10.0), -od)), 0, 255).astype(np.uint8)
+
+
+def unmix(od: np.ndarray, stains: StainMatrix) -> np.ndarray:
+    """Stain concentrations from optical density (colour deconvolution).
+
+    Parameters
+    ----------
+    od : ndarray of float32, shape (..., 3)
+    stains : StainMatrix
+
+    Returns
+    -------
+    ndarray of float32, shape (..., n_stains)
+        Concentrations in OD units along each stain vector (may be slightly negative from noise).
+    """
+    return np.asarray(od, dtype=np.float32) @ stains.unmixing
+
+
+def mix(conc: np.ndarray, stains: StainMatrix) -> np.ndarray:
+    """Optical density from stain concentrations (Beer-Lambert), float32 (..., 3)."""
+    conc = np.asarray(conc, dtype=np.float32)
+    return conc @ stains.vectors
+
+
+def angle_deg(a: np.ndarray, b: np.ndarray) -> float:
+    """Angle between two vectors in degrees."""
+    cos = float(np.clip(np.dot(_unit(a), _unit(b)), -1.0, 1.0))
+    return float(np.degrees(np.arccos(cos)))
+
+
+def estimate_background(
+    rgb_pixels: np.ndarray, *, glass_mask: np.ndarray | None = None, min_pixels: int = 500
+) -> tuple[Vector, str]:
+    """Estimate the glass intensity ``I0`` of a slide.
+
+    Uses the median of glass pixels when enough are known; otherwise the median of the brightest
+    0.5 % of pixels (unstained lumens, vacuoles), accepted only when they are bright and near
+    neutral. Falls back to (255, 255, 255).
+
+    Parameters
+    ----------
+    rgb_pixels : ndarray of uint8, shape (..., 3)
+    glass_mask : ndarray of bool, optional
+        Same leading shape as ``rgb_pixels``: pixels known to be glass.
+    min_pixels : int
+        Fewest glass pixels to trust.
+
+    Returns
+    -------
+    background_rgb : tuple of 3 float
+    source : str
+        ``"glass"``, ``"brightest"`` or ``"default"``.
+    """
+    px = np.asarray(rgb_pixels).reshape(-1, 3)
+    if glass_mask is not None:
+        g = px[np.asarray(glass_mask).reshape(-1)]
+        if len(g) >= min_pixels:
+            bg = np.median(g, axis=0).astype(np.float64)
+            if bg.min() >= 120:
+                return tuple(float(max(b, 1.0)) for b in bg), "glass"  # type: ignore[return-value]
+    if len(px) == 0:
+        return (255.0, 255.0, 255.0), "default"
+    brightness = px.astype(np.int32).sum(axis=1)
+    cut = np.quantile(brightness, 0.995)
+    bright = px[brightness >= cut]
+    bg = np.median(bright, axis=0).astype(np.float64)
+    if bg.min() >= 170 and (bg.max() - bg.min()) <= 0.25 * bg.max():
+        return tuple(float(b) for b in bg), "brightest"  # type: ignore[return-value]
+    return (255.0, 255.0, 255.0), "default"
+
+
+@dataclass(frozen=True)
+class StainEstimate:
+    """Per-slide stain calibration and its quality figures."""
+
+    stains: StainMatrix
+    source: str  # "estimated", "partly-estimated" or "preset"
+    angles_deg: dict[str, float]
+    n_pixels: dict[str, int]
+    od_share: dict[str, float]
+    warnings: tuple[str, ...] = ()
+
+
+def estimate_stains(
+    od_pixels: np.ndarray,
+    preset: StainMatrix,
+    settings: StainSettings,
+    *,
+    n_iter: int = 4,
+) -> StainEstimate:
+    """Estimate a slide's stain vectors from its own tissue pixels, anchored to a preset.
+
+    Each stain's vector is re-estimated as the median OD direction of the pixels that the current
+    vectors attribute mostly to that stain (share of positive concentration above
+    ``settings.min_share``), iterated from the preset, so every estimate keeps the identity of its
+    preset stain even when three stains overlap (Macenko's two-extremes method cannot tell Sirius
+    red from haematoxylin and picric acid, which lie on either side of it). A stain whose estimate
+    moves more than ``settings.max_angle_deg`` from its preset keeps the preset, with a warning.
+
+    Parameters
+    ----------
+    od_pixels : ndarray of float32, shape (N, 3)
+        OD of tissue pixels (already relative to the slide's glass intensity).
+    preset : StainMatrix
+    settings : StainSettings
+
+    Returns
+    -------
+    StainEstimate
+    """
+    names = preset.names
+    od = np.asarray(od_pixels, dtype=np.float32).reshape(-1, 3)
+    norms = np.linalg.norm(od, axis=1)
+    x = od[norms > settings.od_floor]
+    zero = dict.fromkeys(names, 0.0)
+    if settings.estimate == "preset" or len(x) < 500:
+        warn = () if settings.estimate == "preset" else (
+            f"too few stained pixels ({len(x)}) to estimate stain vectors; preset used",
+        )
+        share = _od_share(od, preset)
+        return StainEstimate(preset, "preset", zero, dict.fromkeys(names, 0), share, warn)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    vectors = preset.vectors.astype(np.float64).copy()
+    counts = dict.fromkeys(names, 0)
+    min_count = max(200, int(0.0005 * len(x)))
+    for _ in range(n_iter):
+        current = preset.with_vectors(vectors)
+        conc = np.maximum(x @ current.unmixing, 0.0)
+        total = conc.sum(axis=1)
+        total[total == 0] = 1.0
+        share = conc / total[:, None]
+        new = vectors.copy()
+        for i, name in enumerate(names):
+            sel = share[:, i] > settings.min_share
+            counts[name] = int(sel.sum())
+            if counts[name] < min_count:
+                new[i] = preset.vectors[i]
+                continue
+            purity = share[sel, i]
+            purest = purity >= np.quantile(purity, 0.8)
+            if purest.sum() < min_count:
+                purest = np.ones_like(purity, dtype=bool)
+            direction = np.median(unit[sel][purest], axis=0)
+            new[i] = _unit(np.maximum(direction, 1e-6))
+        if np.allclose(new, vectors, atol=1e-4):
+            vectors = new
+            break
+        vectors = new
+    warnings: list[str] = []
+    angles: dict[str, float] = {}
+    n_estimated = 0
+    for i, name in enumerate(names):
+        ang = angle_deg(vectors[i], preset.vectors[i])
+        angles[name] = round(ang, 2)
+        if counts[name] < min_count:
+            vectors[i] = preset.vectors[i]
+            angles[name] = 0.0
+            continue
+        if ang > settings.max_angle_deg:
+            warnings.append(
+                f"{name} vector {ang:.0f}° from its preset (limit {settings.max_angle_deg:g}°): "
+                "preset used; check the stain"
+            )
+            vectors[i] = preset.vectors[i]
+        else:
+            n_estimated += 1
+    result = preset.with_vectors(vectors)
+    if _ill_conditioned(result):
+        warnings.append("estimated stain vectors are nearly parallel; preset used")
+        result, n_estimated = preset, 0
+    if n_estimated == len(names):
+        source = "estimated"
+    elif n_estimated:
+        source = "partly-estimated"
+    else:
+        source = "preset"
+    return StainEstimate(result, source, angles, counts, _od_share(od, result), tuple(warnings))
+
+
+def _ill_conditioned(stains: StainMatrix, limit: float = 30.0) -> bool:
+    return bool(np.linalg.cond(stains.full_matrix) > limit)
+
+
+def _od_share(od: np.ndarray, stains: StainMatrix) -> dict[str, float]:
+    """Fraction of the summed positive concentration carried by each stain."""
+    if len(od) == 0:
+        return dict.fromkeys(stains.names, 0.0)
+    conc = np.maximum(od @ stains.unmixing, 0.0).sum(axis=0, dtype=np.float64)
+    total = float(conc.sum()) or 1.0
+    return {n: round(float(c) / total, 4) for n, c in zip(stains.names, conc)}

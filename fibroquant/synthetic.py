@@ -1,0 +1,397 @@
+"""Synthetic stained liver sections with known collagen, by Beer-Lambert image formation.
+
+A section is drawn as stain *concentration* maps (OD units along each stain vector) from masks
+whose truth is known: liver parenchyma with cells, nuclei, sinusoids and fat vacuoles; portal
+tracts and central veins (lumens, to be excluded); bridging septa around lobules; faint
+pericellular fibres; non-specific uptake of the collagen stain in parenchyma; a Glisson capsule
+at the section edge (excluded from CPA). The image is then formed as
+``I = I0 · 10^-(C · M)`` with the slide's own stain vectors ``M`` (drifted from the preset), a
+tinted glass intensity ``I0``, optical blur, sensor noise and JPEG compression.
+
+Everything that varies in real staining is a parameter of :class:`SectionParams`, so tests and
+benchmarks can check CPA, Dice and areas against truth across realistic ranges.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import cv2
+import numpy as np
+from scipy import ndimage as ndi
+from scipy.spatial import cKDTree
+
+from fibroquant.stains import MASSON, MASSON_LIGHT_GREEN, SIRIUS_RED, StainMatrix, mix
+
+StainName = Literal["sirius-red", "masson", "masson-light-green"]
+
+
+@dataclass(frozen=True)
+class SectionParams:
+    """Everything that varies between synthetic sections.
+
+    Sizes are physical (µm); concentrations are OD units along unit stain vectors.
+    """
+
+    stain: StainName = "sirius-red"
+    shape: tuple[int, int] = (1536, 1536)
+    mpp: float = 0.5
+    field_of_view: bool = False  # True: tissue fills the frame (microscope field), no capsule
+    fibrosis: float = 0.5  # 0 = normal liver, 1 = established cirrhosis
+    lobule_um: float = 450.0  # spacing of lobule centres
+    septum_width_um: float = 10.0  # at fibrosis 1; scaled by fibrosis
+    fine_fibres: float = 0.5  # amount of faint pericellular fibres (0-1)
+    fibre_intensity: float = 0.45  # faint fibres relative to septa
+    collagen_od: float = 0.75  # typical collagen stain concentration in septa
+    counterstain_od: float = 0.30  # picric acid / ponceau in cytoplasm
+    nuclear_od: float = 0.6
+    stain_intensity: float = 1.0  # all stains (section thickness, staining time)
+    collagen_intensity: float = 1.0  # the collagen stain alone (reagent batch)
+    nonspecific: float = 0.08  # collagen stain in parenchyma, relative to collagen_od
+    vector_drift_deg: float = 0.0
+    background_rgb: tuple[float, float, float] = (246.0, 244.0, 240.0)
+    blur_um: float = 0.0  # Gaussian sigma of the optics
+    noise_sd: float = 1.5  # sensor noise, grey levels
+    jpeg_quality: int | None = None
+    capsule_um: float = 15.0  # Glisson capsule width (sections only)
+    n_lumens: int = 5
+    steatosis: float = 0.1  # fraction of parenchyma in fat vacuoles
+
+
+@dataclass
+class Truth:
+    """What the section really contains (all masks bool, same shape as the image)."""
+
+    params: SectionParams
+    stains: StainMatrix
+    tissue_mask: np.ndarray  # countable tissue: section minus lumens and capsule
+    collagen_mask: np.ndarray  # collagen within tissue_mask
+    lumen_mask: np.ndarray
+    capsule_mask: np.ndarray
+    section_mask: np.ndarray = field(repr=False)
+
+    @property
+    def cpa_percent(self) -> float:
+        """True collagen proportionate area, %."""
+        return 100.0 * float(self.collagen_mask.sum()) / max(int(self.tissue_mask.sum()), 1)
+
+    @property
+    def tissue_area_mm2(self) -> float:
+        """True tissue area, mm²."""
+        return float(self.tissue_mask.sum()) * self.params.mpp**2 / 1e6
+
+    @property
+    def collagen_area_mm2(self) -> float:
+        """True collagen area, mm²."""
+        return float(self.collagen_mask.sum()) * self.params.mpp**2 / 1e6
+
+
+def _rng(rng: int | np.random.Generator | None) -> np.random.Generator:
+    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+
+
+def _smooth_noise(shape: tuple[int, int], sigma_px: float, rng: np.random.Generator) -> np.ndarray:
+    """Zero-mean, unit-SD Gaussian random field with correlation length ``sigma_px``."""
+    small = max(sigma_px / 4.0, 1.0)
+    sub = (max(int(shape[0] / small) + 4, 8), max(int(shape[1] / small) + 4, 8))
+    base = rng.standard_normal(sub).astype(np.float32)
+    base = ndi.gaussian_filter(base, sigma_px / small, mode="wrap")
+    up = cv2.resize(base, (int(sub[1] * small), int(sub[0] * small)), interpolation=cv2.INTER_CUBIC)
+    up = up[: shape[0], : shape[1]]
+    if up.shape != shape:
+        up = cv2.resize(base, (shape[1], shape[0]), interpolation=cv2.INTER_CUBIC)
+    sd = float(up.std()) or 1.0
+    return ((up - up.mean()) / sd).astype(np.float32)
+
+
+def _rotate_vector(v: np.ndarray, deg: float, rng: np.random.Generator) -> np.ndarray:
+    """Rotate a unit vector by ``deg`` degrees in a random direction, keeping it positive."""
+    v = v / np.linalg.norm(v)
+    for _ in range(100):
+        r = rng.standard_normal(3)
+        r -= r.dot(v) * v
+        r /= np.linalg.norm(r)
+        w = np.cos(np.radians(deg)) * v + np.sin(np.radians(deg)) * r
+        if np.all(w > 0.01):
+            return w
+    return v
+
+
+def preset(stain: StainName) -> StainMatrix:
+    """Preset stain matrix used to draw a section of ``stain``."""
+    return {"sirius-red": SIRIUS_RED, "masson": MASSON, "masson-light-green": MASSON_LIGHT_GREEN}[
+        stain
+    ]
+
+
+def make_section(
+    params: SectionParams | None = None, *, rng: int | np.random.Generator | None = None
+) -> tuple[np.ndarray, Truth]:
+    """Draw one synthetic stained section.
+
+    Parameters
+    ----------
+    params : SectionParams, optional
+    rng : int or numpy.random.Generator, optional
+        Seed or generator; the same seed gives the same section.
+
+    Returns
+    -------
+    rgb : ndarray of uint8, shape (H, W, 3)
+    truth : Truth
+    """
+    p = params or SectionParams()
+    g = _rng(rng)
+    h, w = p.shape
+    um = 1.0 / p.mpp  # pixels per µm
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+
+    # --- section outline (glass around it unless a field of view) -----------------------
+    if p.field_of_view:
+        section = np.ones((h, w), bool)
+    else:
+        cy, cx = h * g.uniform(0.45, 0.55), w * g.uniform(0.45, 0.55)
+        ry, rx = h * g.uniform(0.33, 0.42), w * g.uniform(0.33, 0.42)
+        r = np.sqrt(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2)
+        section = (r + 0.12 * _smooth_noise((h, w), 80 * um, g)) < 1.0
+        section = ndi.binary_fill_holes(section)
+        lab, n = ndi.label(section)
+        if n > 1:
+            sizes = ndi.sum(section, lab, range(1, n + 1))
+            section = lab == (1 + int(np.argmax(sizes)))
+
+    # --- lumens: central veins and portal vessels ---------------------------------------
+    lumen = np.zeros((h, w), bool)
+    lumen_sizes = []
+    wobble = _smooth_noise((h, w), 6 * um, g)
+    for _ in range(p.n_lumens):
+        for _try in range(50):
+            ly, lx = g.uniform(0, h), g.uniform(0, w)
+            if section[int(ly), int(lx)]:
+                break
+        rad = g.uniform(22, 60) * um
+        asp = g.uniform(0.6, 1.0)
+        ang = g.uniform(0, np.pi)
+        dy, dx = yy - ly, xx - lx
+        u = (dx * np.cos(ang) + dy * np.sin(ang)) / rad
+        v = (-dx * np.sin(ang) + dy * np.cos(ang)) / (rad * asp)
+        disc = (u * u + v * v + 0.08 * wobble) < 1.0
+        lumen |= disc
+        lumen_sizes.append(rad)
+    lumen &= section
+    if not p.field_of_view:
+        # lumens open to the edge are glass bays, not lumens; keep interior ones only
+        lumen &= ndi.binary_erosion(section, iterations=max(int(3 * um), 1))
+
+    # --- capsule band along tissue/glass edges -------------------------------------------
+    dist_in = ndi.distance_transform_edt(section)
+    capsule = np.zeros((h, w), bool)
+    if not p.field_of_view and p.capsule_um > 0:
+        width = p.capsule_um * (0.8 + 0.4 * (_smooth_noise((h, w), 60 * um, g) > 0))
+        capsule = section & (dist_in <= width * um)
+
+    # --- septa: bridging fibrosis along lobule boundaries --------------------------------
+    collagen_conc = np.zeros((h, w), np.float32)
+    septa = np.zeros((h, w), bool)
+    if p.fibrosis > 0:
+        spacing = p.lobule_um * um
+        n_seeds = max(int(h * w / spacing**2 * 1.3), 2)
+        seeds = np.column_stack([g.uniform(-0.1 * h, 1.1 * h, n_seeds),
+                                 g.uniform(-0.1 * w, 1.1 * w, n_seeds)])
+        warp = 25 * um
+        wy = yy + warp * _smooth_noise((h, w), 40 * um, g)
+        wx = xx + warp * _smooth_noise((h, w), 40 * um, g)
+        tree = cKDTree(seeds)
+        d, idx = tree.query(np.column_stack([wy.ravel(), wx.ravel()]), k=2)
+        gap = (d[:, 1] - d[:, 0]).reshape(h, w).astype(np.float32)
+        # keep a fibrosis-dependent fraction of septa (incomplete septa in early fibrosis)
+        keep_noise = _smooth_noise((h, w), 120 * um, g)
+        keep = keep_noise < np.float32(-1.0 + 3.0 * min(p.fibrosis, 1.0))
+        width_px = max(p.septum_width_um * (0.35 + 0.65 * p.fibrosis), 1.5) * um
+        local_w = width_px * (0.6 + 0.8 * (0.5 + 0.5 * np.tanh(_smooth_noise((h, w), 30 * um, g))))
+        septa = (gap < local_w) & keep & section
+        # periportal/perivascular rings
+        ring = ndi.binary_dilation(lumen, iterations=max(int(p.fibrosis * 12 * um), 1)) & ~lumen
+        septa |= ring & (_smooth_noise((h, w), 15 * um, g) < 1.2)
+    fibres = np.zeros((h, w), bool)
+    if p.fine_fibres > 0:
+        n1 = _smooth_noise((h, w), 6 * um, g)
+        thin = np.abs(n1) < 0.045 * max(um * 0.5, 0.6)  # ~1-2 µm wide lines
+        patches = _smooth_noise((h, w), 40 * um, g) > (1.6 - 1.6 * p.fine_fibres)
+        fibres = thin & patches & ~septa & section & ~lumen
+        fibres = _remove_small(fibres, int(6 * um * um))
+    coll_region = (septa | fibres) & section & ~lumen
+    texture = np.exp(0.25 * _smooth_noise((h, w), 2 * um, g) + 0.12 * g.standard_normal((h, w)))
+    level = p.collagen_od * p.collagen_intensity
+    collagen_conc[septa & ~lumen] = level
+    collagen_conc[fibres] = level * p.fibre_intensity
+    collagen_conc *= texture.astype(np.float32)
+
+    # --- parenchyma: cytoplasm, sinusoids, fat, nuclei -----------------------------------
+    parench = section & ~lumen & ~coll_region
+    cyto = p.counterstain_od * (1.0 + 0.2 * _smooth_noise((h, w), 3 * um, g))
+    sinus = np.abs(_smooth_noise((h, w), 4 * um, g)) < 0.12
+    cyto = np.where(sinus, cyto * 0.4, cyto)
+    fat = np.zeros((h, w), bool)
+    if p.steatosis > 0:
+        n_fat = int(p.steatosis * parench.sum() / (np.pi * (7 * um) ** 2))
+        if n_fat:
+            fy = g.uniform(0, h, n_fat).astype(int)
+            fx = g.uniform(0, w, n_fat).astype(int)
+            seeds_img = np.zeros((h, w), bool)
+            seeds_img[fy, fx] = True
+            fat = ndi.distance_transform_edt(~seeds_img) < g.uniform(4, 10) * um
+            fat &= parench
+    cyto = np.where(fat, cyto * 0.05, cyto)
+    counter = np.zeros((h, w), np.float32)
+    counter[section & ~lumen] = cyto[section & ~lumen]
+    counter[coll_region] *= 0.35
+    nuclei = np.zeros((h, w), bool)
+    n_nuc = int(parench.sum() / (25 * um) ** 2 * 1.0)
+    if n_nuc:
+        ny = g.uniform(0, h, n_nuc).astype(int)
+        nx = g.uniform(0, w, n_nuc).astype(int)
+        seeds_img = np.zeros((h, w), bool)
+        seeds_img[ny, nx] = True
+        nuclei = (ndi.distance_transform_edt(~seeds_img) < 3.0 * um) & parench & ~fat
+    nuc_conc = np.where(nuclei, p.nuclear_od * (0.8 + 0.4 * g.random((h, w))), 0).astype(np.float32)
+    uptake = p.nonspecific * p.collagen_od * p.collagen_intensity
+    nonspec = np.where(parench & ~fat, uptake * (1.0 + 0.4 * _smooth_noise((h, w), 10 * um, g)), 0)
+    collagen_conc = collagen_conc + np.maximum(nonspec, 0).astype(np.float32)
+    capsule_conc = np.where(capsule, level * 1.1, 0).astype(np.float32)
+    collagen_conc = np.maximum(collagen_conc, capsule_conc)
+
+    conc = np.stack([collagen_conc, counter, nuc_conc], axis=-1) * np.float32(p.stain_intensity)
+    conc = np.clip(conc, 0, None).astype(np.float32)
+
+    base = preset(p.stain)
+    vectors = np.array([_rotate_vector(v.astype(np.float64), p.vector_drift_deg, g)
+                        for v in base.vectors])
+    stains = StainMatrix(base.names, vectors, p.background_rgb)
+    od = mix(conc, stains)
+    bg = np.asarray(p.background_rgb, np.float32)
+    intensity = bg * np.power(np.float32(10.0), -od)
+    if p.blur_um > 0:
+        intensity = cv2.GaussianBlur(intensity, (0, 0), p.blur_um * um)
+    if p.noise_sd > 0:
+        shot = np.sqrt(np.maximum(intensity, 1.0) / 255.0)
+        intensity = intensity + g.standard_normal(intensity.shape).astype(np.float32) * (
+            np.float32(p.noise_sd) * shot
+        )
+    rgb = np.clip(np.rint(intensity), 0, 255).astype(np.uint8)
+    if p.jpeg_quality is not None:
+        ok, buf = cv2.imencode(".jpg", rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, p.jpeg_quality])
+        rgb = cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1].copy()
+
+    tissue = section & ~lumen & ~capsule
+    collagen = coll_region & tissue
+    truth = Truth(p, stains, tissue, collagen, lumen, capsule & ~lumen, section)
+    return rgb, truth
+
+
+def _remove_small(mask: np.ndarray, min_px: int) -> np.ndarray:
+    lab, n = ndi.label(mask, structure=np.ones((3, 3)))
+    if n == 0:
+        return mask
+    sizes = np.bincount(lab.ravel())
+    keep = sizes >= min_px
+    keep[0] = False
+    return keep[lab]
+
+
+def random_params(
+    rng: int | np.random.Generator | None = None, **fixed: object
+) -> SectionParams:
+    """Draw section parameters over realistic ranges of staining and imaging variation.
+
+    Parameters
+    ----------
+    rng : int or Generator, optional
+    **fixed
+        Parameters to hold fixed (e.g. ``stain="masson"``, ``fibrosis=0.8``).
+    """
+    g = _rng(rng)
+    tint = np.array([246.0, 244.0, 240.0]) * g.uniform(0.9, 1.03, 3)
+    drawn = SectionParams(
+        fibrosis=float(g.uniform(0.05, 1.0)),
+        lobule_um=float(g.uniform(300, 600)),
+        septum_width_um=float(g.uniform(6, 18)),
+        fine_fibres=float(g.uniform(0.0, 0.8)),
+        fibre_intensity=float(g.uniform(0.35, 0.7)),
+        collagen_od=float(g.uniform(0.55, 0.95)),
+        counterstain_od=float(g.uniform(0.18, 0.4)),
+        stain_intensity=float(g.uniform(0.7, 1.3)),
+        collagen_intensity=float(g.uniform(0.6, 1.4)),
+        nonspecific=float(g.uniform(0.0, 0.15)),
+        vector_drift_deg=float(g.uniform(0, 8)),
+        background_rgb=tuple(float(min(t, 255.0)) for t in tint),
+        blur_um=float(g.uniform(0.0, 0.6)),
+        noise_sd=float(g.uniform(0.5, 3.0)),
+        jpeg_quality=int(g.choice([70, 80, 90, 95])) if g.random() < 0.7 else None,
+        capsule_um=float(g.uniform(8, 25)),
+        n_lumens=int(g.integers(2, 7)),
+        steatosis=float(g.uniform(0.0, 0.2)),
+        field_of_view=bool(g.random() < 0.3),
+    )
+    return replace(drawn, **fixed)  # type: ignore[arg-type]
+
+
+def write_pyramid_tiff(
+    path: Path, rgb: np.ndarray, mpp: float, *, tile: int = 256, quality: int = 90,
+    min_level_px: int = 512, compression: str = "jpeg",
+) -> None:
+    """Write a tiled pyramidal TIFF (levels as SubIFDs) with resolution tags in µm/px.
+
+    Parameters
+    ----------
+    path : Path
+    rgb : ndarray of uint8, shape (H, W, 3)
+    mpp : float
+        µm per pixel of level 0, stored as pixels per centimetre.
+    tile : int
+        Tile edge, a multiple of 16.
+    quality : int
+        JPEG quality when ``compression="jpeg"``.
+    min_level_px : int
+        Stop adding levels when the shorter side would fall below this.
+    compression : str
+        tifffile compression name (``"jpeg"``, ``"zlib"``, ``"lzw"``, ``"none"``).
+    """
+    import tifffile
+
+    levels = [rgb]
+    while min(levels[-1].shape[:2]) // 2 >= min_level_px:
+        prev = levels[-1]
+        levels.append(cv2.resize(prev, (prev.shape[1] // 2, prev.shape[0] // 2),
+                                 interpolation=cv2.INTER_AREA))
+    comp: object = None if compression == "none" else compression
+    if compression == "jpeg":
+        comp = ("jpeg", quality)
+    opts = {"tile": (tile, tile), "compression": comp, "photometric": "rgb"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ppcm = 1e4 / mpp
+    with tifffile.TiffWriter(path, bigtiff=rgb.size > 2**31) as tw:
+        tw.write(levels[0], subifds=len(levels) - 1, resolution=(ppcm, ppcm),
+                 resolutionunit="CENTIMETER", **opts)
+        for i, lev in enumerate(levels[1:], start=1):
+            r = ppcm / 2**i
+            tw.write(lev, subfiletype=1, resolution=(r, r), resolutionunit="CENTIMETER", **opts)
+
+
+def save_truth(path_stem: Path, truth: Truth) -> None:
+    """Save truth masks (PNG) and figures (JSON) beside a synthetic slide."""
+    for name in ("collagen", "tissue"):
+        mask = getattr(truth, f"{name}_mask")
+        ok, buf = cv2.imencode(".png", mask.astype(np.uint8) * 255)
+        Path(f"{path_stem}.truth-{name}.png").write_bytes(buf.tobytes())
+    info = {
+        "cpa_percent": truth.cpa_percent,
+        "tissue_area_mm2": truth.tissue_area_mm2,
+        "collagen_area_mm2": truth.collagen_area_mm2,
+        "params": asdict(truth.params),
+        "stain_vectors": truth.stains.to_dict(),
+    }
+    Path(f"{path_stem}.truth.json").write_text(json.dumps(info, indent=2))

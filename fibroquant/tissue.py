@@ -1,0 +1,162 @@
+"""Tissue detection and exclusions, on a low-resolution image of the whole slide.
+
+Tissue is what absorbs light: the summed optical density, smoothed, above a glass threshold.
+Holes smaller than a lumen (sinusoids, fat vacuoles) stay tissue; larger unstained holes inside
+the section are vessel lumens and are excluded; pieces smaller than a speck are dust. The band
+along tissue/glass edges (never the frame of a microscope field) is where the Glisson capsule is
+searched. Every size is in µm² and converted with the image's µm per pixel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from scipy import ndimage as ndi
+from skimage.filters import threshold_otsu
+from skimage.morphology import remove_small_holes, remove_small_objects
+
+from fibroquant.config import TissueSettings
+from fibroquant.stains import Vector, rgb_to_od
+
+
+@dataclass(frozen=True)
+class TissueMask:
+    """Tissue and exclusion masks at one resolution (all bool, same shape).
+
+    Attributes
+    ----------
+    mpp : float
+        µm per pixel of the masks.
+    section : ndarray of bool
+        The section with its small holes filled (lumens still inside).
+    tissue : ndarray of bool
+        Countable tissue: section minus lumens and folds (capsule removed later, per pixel).
+    lumen : ndarray of bool
+        Large unstained holes inside the section.
+    fold : ndarray of bool
+        Folds (double-thickness tissue), excluded.
+    capsule_band : ndarray of bool
+        Tissue within the capsule width of the glass around the section.
+    vessel_wall : ndarray of bool
+        Rings around large lumens when vessel walls are excluded (else all False).
+    glass_od : float
+        The summed-OD threshold used.
+    """
+
+    mpp: float
+    section: np.ndarray
+    tissue: np.ndarray
+    lumen: np.ndarray
+    fold: np.ndarray
+    capsule_band: np.ndarray
+    vessel_wall: np.ndarray
+    glass_od: float
+
+    def area_mm2(self, mask: np.ndarray) -> float:
+        """Area of a mask in mm²."""
+        return float(np.count_nonzero(mask)) * self.mpp**2 / 1e6
+
+
+def _px(area_um2: float, mpp: float) -> int:
+    return int(round(area_um2 / mpp**2))
+
+
+def glass_threshold(od_sum: np.ndarray, settings: TissueSettings) -> float:
+    """Summed-OD threshold between glass and tissue.
+
+    Otsu's threshold of the smoothed summed OD, clipped to ``[glass_od_min, glass_od_max]``:
+    with glass in view Otsu falls between glass (OD ≈ 0) and tissue and the clip keeps pale
+    parenchyma; on a field covered by tissue Otsu would split the tissue, and the clip keeps the
+    threshold near glass.
+    """
+    if settings.glass_od is not None:
+        return float(settings.glass_od)
+    sample = od_sum[:: max(1, od_sum.shape[0] // 1024), :: max(1, od_sum.shape[1] // 1024)]
+    try:
+        t = float(threshold_otsu(sample))
+    except ValueError:  # a constant image
+        t = settings.glass_od_max
+    return float(np.clip(t, settings.glass_od_min, settings.glass_od_max))
+
+
+def detect_tissue(
+    rgb: np.ndarray, mpp: float, settings: TissueSettings, background_rgb: Vector
+) -> TissueMask:
+    """Find countable tissue, lumens and the capsule band.
+
+    Parameters
+    ----------
+    rgb : ndarray of uint8, shape (H, W, 3)
+        Low-resolution image of the whole slide.
+    mpp : float
+        µm per pixel of ``rgb``.
+    settings : TissueSettings
+    background_rgb : tuple of 3 float
+        Glass intensity of the slide.
+
+    Returns
+    -------
+    TissueMask
+    """
+    od_sum = rgb_to_od(rgb, background_rgb).sum(axis=-1)
+    sigma = settings.smooth_um / mpp
+    if sigma > 0.3:
+        od_sum = cv2.GaussianBlur(od_sum, (0, 0), sigma)
+    t = glass_threshold(od_sum, settings)
+    raw = od_sum > t
+    raw = remove_small_objects(raw, max_size=max(_px(settings.min_tissue_area_um2, mpp) - 1, 0))
+    # Holes below the lumen size (sinusoids, fat, nuclei-free gaps) are tissue.
+    lumen_px = max(_px(settings.lumen_min_area_um2, mpp), 1)
+    filled_small = remove_small_holes(raw, max_size=lumen_px - 1)
+    section = ndi.binary_fill_holes(filled_small)
+    lumen = section & ~filled_small
+    fold = np.zeros_like(section)
+    tissue = section & ~lumen
+    band = np.zeros_like(section)
+    if settings.exclude_capsule and settings.capsule_width_um > 0:
+        # distance to glass outside the section; the frame of the image is not glass
+        padded = np.pad(section, 1, constant_values=True)
+        dist = ndi.distance_transform_edt(padded)[1:-1, 1:-1]
+        band = tissue & (dist * mpp <= settings.capsule_width_um)
+    wall = np.zeros_like(section)
+    if settings.exclude_vessel_walls_above_um2 is not None and lumen.any():
+        big = remove_small_objects(lumen, max_size=_px(settings.exclude_vessel_walls_above_um2, mpp))
+        if big.any():
+            dist_l = ndi.distance_transform_edt(~big)
+            wall = tissue & (dist_l * mpp <= settings.vessel_wall_um)
+    return TissueMask(mpp, section, tissue, lumen, fold, band, wall, t)
+
+
+def with_folds(
+    tissue: TissueMask, counterstain: np.ndarray, settings: TissueSettings
+) -> TissueMask:
+    """Exclude folds: regions of doubled counterstain density.
+
+    Parameters
+    ----------
+    tissue : TissueMask
+    counterstain : ndarray of float32, shape like the masks
+        Counterstain (picric acid / ponceau-fuchsin) concentration, OD units.
+    settings : TissueSettings
+
+    Returns
+    -------
+    TissueMask
+        With ``fold`` set and removed from ``tissue``.
+    """
+    if not settings.exclude_folds or not tissue.tissue.any():
+        return tissue
+    smooth = cv2.GaussianBlur(counterstain.astype(np.float32), (0, 0), max(5.0 / tissue.mpp, 0.5))
+    level = float(np.median(smooth[tissue.tissue]))
+    if level <= 0.02:
+        return tissue
+    fold = tissue.tissue & (smooth > settings.fold_od_factor * level)
+    fold = remove_small_objects(fold, max_size=max(_px(settings.fold_min_area_um2, tissue.mpp) - 1, 0))
+    if not fold.any():
+        return tissue
+    return TissueMask(
+        tissue.mpp, tissue.section, tissue.tissue & ~fold, tissue.lumen, fold,
+        tissue.capsule_band & ~fold, tissue.vessel_wall & ~fold, tissue.glass_od,
+    )
