@@ -1,0 +1,1422 @@
+"""Rendering of results: QC overlays, plots, spreadsheets, GeoJSON and the HTML report.
+
+Everything here is pure rendering from the tables the pipeline writes (``slides.csv``,
+``mice.csv``, ``groups.csv``) and from small low-resolution masks; no image analysis happens
+here. Every file is written atomically (a temporary file in the destination folder, then
+:func:`os.replace`), so a crash never leaves a half-written output behind.
+
+Conventions
+-----------
+* Images are uint8 RGB ``(H, W, 3)``; masks are bool ``(H, W)``.
+* Mask pixel ``(row, col)`` covers the square ``[col, col + 1] x [row, row + 1]`` (pixel-corner
+  convention); GeoJSON coordinates are ``x = col * scale``, ``y = row * scale`` in full-resolution
+  pixels of the slide, which is what QuPath expects when importing annotations.
+* Colours come from the Okabe-Ito palette, which stays distinguishable with colour-vision
+  deficiencies.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import html
+import io
+import json
+import math
+import os
+import re
+import tempfile
+import textwrap
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import date, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from fibroquant.errors import FibroquantError
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "COLLAGEN_OUTLINE_ON_BLUE_RGB",
+    "COLLAGEN_OUTLINE_ON_RED_RGB",
+    "OKABE_ITO",
+    "TISSUE_OUTLINE_RGB",
+    "format_p",
+    "mask_to_geojson",
+    "plot_groups",
+    "plot_slides",
+    "plot_stain_qc",
+    "qc_overlay",
+    "write_geojson",
+    "write_png",
+    "write_report_html",
+    "write_xlsx",
+]
+
+#: Okabe & Ito (2008) colour-blind-safe palette, in the order used for groups.
+OKABE_ITO: tuple[str, ...] = (
+    "#0072B2",  # blue
+    "#D55E00",  # vermillion
+    "#009E73",  # bluish green
+    "#CC79A7",  # reddish purple
+    "#E69F00",  # orange
+    "#56B4E9",  # sky blue
+    "#F0E442",  # yellow
+    "#000000",  # black
+)
+
+#: Tissue outline: black contrasts with white glass and lumens, yellow picric-acid cytoplasm
+#: (Sirius red) and red cytoplasm (Masson trichrome).
+TISSUE_OUTLINE_RGB: tuple[int, int, int] = (0, 0, 0)
+#: Collagen outline on red collagen (Sirius red): Okabe-Ito bluish green.
+COLLAGEN_OUTLINE_ON_RED_RGB: tuple[int, int, int] = (0, 158, 115)
+#: Collagen outline on blue or green collagen (Masson trichrome): Okabe-Ito yellow.
+COLLAGEN_OUTLINE_ON_BLUE_RGB: tuple[int, int, int] = (240, 228, 66)
+_EXCLUDED_TINT_RGB = np.array([128, 128, 128], dtype=np.float32)
+_EXCLUDED_HATCH_RGB = (70, 70, 70)
+
+#: QuPath classification colours of the GeoJSON annotations.
+_GEOJSON_CLASSES: dict[str, tuple[int, int, int]] = {
+    "Tissue": (0, 114, 178),
+    "Collagen": (213, 94, 0),
+}
+
+_Y_LABEL = "CPA (% of tissue area)"
+_FONT_PT = 10
+_DPI = 200
+_ILLEGAL_XLSX_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+
+
+# --------------------------------------------------------------------------------------------
+# small shared helpers
+# --------------------------------------------------------------------------------------------
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder.
+
+    Raises
+    ------
+    FibroquantError
+        When the folder cannot be created or the file cannot be written.
+    """
+    path = Path(path)
+    tmp_name: str | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            mode = path.stat().st_mode & 0o777
+        except FileNotFoundError:
+            mode = 0o644
+        os.chmod(tmp_name, mode)
+        os.replace(tmp_name, path)
+        tmp_name = None
+    except OSError as exc:
+        msg = f"cannot write {path}: {exc.strerror or exc}"
+        raise FibroquantError(msg) from exc
+    finally:
+        if tmp_name is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_name)
+
+
+def _stem_path(out_stem: Path, suffix: str) -> Path:
+    """``out/plots/groups`` -> ``out/plots/groups.png`` (keeps dots inside the stem)."""
+    out_stem = Path(out_stem)
+    return out_stem.with_name(out_stem.name + suffix)
+
+
+def _is_missing(value: Any) -> bool:
+    """True for None, NaN, NA and NaT scalars."""
+    if value is None:
+        return True
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):  # arrays, lists, dicts
+        return False
+
+
+def _text(value: Any) -> str:
+    """Display string of a table cell (empty for missing values)."""
+    return "" if _is_missing(value) else str(value)
+
+
+def _as_float(value: Any) -> float:
+    """Float of a cell, NaN when missing or not numeric."""
+    if _is_missing(value):
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _has_warning(value: Any) -> bool:
+    """True when a ``stain_warning``-like cell holds a real warning."""
+    if _is_missing(value):
+        return False
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    text = str(value).strip()
+    return text.lower() not in {"", "nan", "none", "false", "0", "ok"}
+
+
+def format_p(p: Any) -> str:
+    """Format a p-value for tables and plots.
+
+    Parameters
+    ----------
+    p : float or None
+        The p-value (dimensionless).
+
+    Returns
+    -------
+    str
+        ``"<0.001"`` below 0.001, otherwise three significant digits (``"0.0123"``,
+        ``"0.500"``); an en dash for a missing value.
+
+    Examples
+    --------
+    >>> format_p(0.01234), format_p(0.0004), format_p(float("nan"))
+    ('0.0123', '<0.001', '–')
+    """
+    value = _as_float(p)
+    if not math.isfinite(value):
+        return "–"
+    if value < 0.001:
+        return "<0.001"
+    return f"{value:#.3g}"
+
+
+def _p_label(p: float) -> str:
+    text = format_p(p)
+    return f"p {text[0]} {text[1:]}" if text.startswith("<") else f"p = {text}"
+
+
+def _ordered_groups(control: str | None, *frames_columns: Iterable[Any]) -> list[str]:
+    """Group names, control first, then in order of first appearance."""
+    seen: list[str] = []
+    for column in frames_columns:
+        for value in column:
+            if _is_missing(value):
+                continue
+            name = str(value)
+            if name not in seen:
+                seen.append(name)
+    if control is not None and control in seen:
+        seen.remove(control)
+        seen.insert(0, control)
+    return seen
+
+
+# --------------------------------------------------------------------------------------------
+# QC overlay and PNG output
+# --------------------------------------------------------------------------------------------
+def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        msg = f"thumb must be uint8, got dtype={arr.dtype}"
+        raise ValueError(msg)
+    if arr.ndim == 2:
+        return np.repeat(arr[:, :, None], 3, axis=2)
+    if arr.ndim == 3 and arr.shape[2] in (3, 4):
+        return np.ascontiguousarray(arr[:, :, :3])
+    msg = f"thumb must be (H, W), (H, W, 3) or (H, W, 4), got shape={arr.shape}"
+    raise ValueError(msg)
+
+
+def _fit_mask(mask: np.ndarray, shape: tuple[int, int], name: str) -> np.ndarray:
+    """Bool mask resized (nearest neighbour) to ``shape`` when needed."""
+    arr = np.asarray(mask)
+    if arr.ndim != 2:
+        msg = f"{name} must be a 2-D mask, got shape={arr.shape}"
+        raise ValueError(msg)
+    arr = arr.astype(bool, copy=False)
+    if arr.shape != shape:
+        resized = cv2.resize(
+            arr.view(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST
+        )
+        arr = resized.astype(bool)
+    return arr
+
+
+_CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+
+
+def _inner_boundary(mask: np.ndarray, thickness: int = 1) -> np.ndarray:
+    """Foreground pixels within ``thickness`` 4-connected steps of the background.
+
+    The image border is not treated as background, so a mask that fills a microscope field
+    gets no outline along the field edge. With ``thickness=1`` this equals
+    ``skimage.segmentation.find_boundaries(mask, mode="inner")``.
+    """
+    if not mask.any():
+        return np.zeros_like(mask)
+    eroded = cv2.erode(
+        mask.view(np.uint8), _CROSS, iterations=thickness, borderType=cv2.BORDER_REPLICATE
+    )
+    return mask & ~eroded.astype(bool)
+
+
+def qc_overlay(
+    thumb: np.ndarray,
+    tissue_mask: np.ndarray,
+    collagen_mask: np.ndarray,
+    *,
+    excluded_mask: np.ndarray | None = None,
+    tissue_color: tuple[int, int, int] | None = None,
+    collagen_color: tuple[int, int, int] | None = None,
+) -> np.ndarray:
+    """Draw what was measured on top of a slide thumbnail.
+
+    Parameters
+    ----------
+    thumb : numpy.ndarray
+        uint8 RGB ``(H, W, 3)`` thumbnail (grey ``(H, W)`` and RGBA are accepted).
+    tissue_mask : numpy.ndarray
+        bool ``(h, w)``; tissue counted in the denominator of CPA.
+    collagen_mask : numpy.ndarray
+        bool ``(h, w)``; collagen counted in the numerator.
+    excluded_mask : numpy.ndarray, optional
+        bool ``(h, w)``; regions left out (capsule, artefacts, lumens...), tinted grey and
+        hatched.
+    tissue_color, collagen_color : tuple of int, optional
+        Outline colours (R, G, B). By default the tissue outline is black and the collagen
+        outline is Okabe-Ito green on red collagen, Okabe-Ito yellow on blue/green collagen
+        (chosen from the mean colour of the collagen pixels).
+
+    Returns
+    -------
+    numpy.ndarray
+        uint8 RGB ``(H, W, 3)``, a new array (``thumb`` is not modified).
+
+    Notes
+    -----
+    Masks whose shape differs from the thumbnail are resized with nearest-neighbour
+    interpolation. Outlines are drawn on the *inner* boundary of each mask (pixels of the mask
+    with a 4-connected neighbour outside it), so every coloured pixel was counted. The collagen
+    outline is 1 px; the tissue outline is 1 px up to 1000 px thumbnails and thicker above
+    (3 px at 2000 px) so it stays visible when the image is shown downscaled.
+    """
+    rgb = _as_rgb_uint8(thumb).copy()
+    shape = (rgb.shape[0], rgb.shape[1])
+    tissue = _fit_mask(tissue_mask, shape, "tissue_mask")
+    collagen = _fit_mask(collagen_mask, shape, "collagen_mask")
+
+    if excluded_mask is not None:
+        excluded = _fit_mask(excluded_mask, shape, "excluded_mask")
+        if excluded.any():
+            blended = 0.5 * rgb[excluded].astype(np.float32) + 0.5 * _EXCLUDED_TINT_RGB
+            rgb[excluded] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+            spacing = max(6, round(max(shape) / 150))
+            rows, cols = np.indices(shape, dtype=np.int32)
+            hatch = excluded & ((rows + cols) % spacing == 0)
+            rgb[hatch] = _EXCLUDED_HATCH_RGB
+
+    if collagen_color is None:
+        collagen_color = COLLAGEN_OUTLINE_ON_RED_RGB
+        if collagen.any():
+            mean = rgb[collagen].astype(np.float64).mean(axis=0)
+            if mean[2] > mean[0]:  # blue / green collagen: Masson trichrome
+                collagen_color = COLLAGEN_OUTLINE_ON_BLUE_RGB
+    if tissue_color is None:
+        tissue_color = TISSUE_OUTLINE_RGB
+
+    rgb[_inner_boundary(collagen, 1)] = collagen_color
+    thickness = max(1, round(max(shape) / 700))
+    rgb[_inner_boundary(tissue, thickness)] = tissue_color
+    return rgb
+
+
+def write_png(path: Path, rgb_or_mask: np.ndarray) -> None:
+    """Write an RGB image or a mask as PNG, atomically.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        Destination; parent folders are created. Non-ASCII names are fine.
+    rgb_or_mask : numpy.ndarray
+        uint8 ``(H, W, 3)`` RGB, uint8 ``(H, W, 4)`` RGBA, uint8 ``(H, W)`` grey, or a bool
+        ``(H, W)`` mask (saved as single-channel 0/255).
+
+    Raises
+    ------
+    ValueError
+        For another dtype or shape.
+    FibroquantError
+        When the file cannot be written.
+    """
+    arr = np.asarray(rgb_or_mask)
+    if arr.dtype == bool:
+        if arr.ndim != 2:
+            msg = f"a bool mask must be 2-D, got shape={arr.shape} for {path}"
+            raise ValueError(msg)
+        arr = arr.astype(np.uint8) * 255
+    elif arr.dtype != np.uint8:
+        msg = f"write_png needs uint8 or bool, got dtype={arr.dtype} for {path}"
+        raise ValueError(msg)
+    if arr.ndim == 3 and arr.shape[2] == 3:
+        arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
+    elif arr.ndim == 3 and arr.shape[2] == 4:
+        arr = cv2.cvtColor(arr, cv2.COLOR_RGBA2BGRA)
+    elif arr.ndim != 2:
+        msg = f"write_png needs (H, W), (H, W, 3) or (H, W, 4), got shape={arr.shape} for {path}"
+        raise ValueError(msg)
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(arr))
+    if not ok:  # pragma: no cover - cv2 fails only on absurd inputs
+        msg = f"cannot encode PNG for {path}"
+        raise FibroquantError(msg)
+    _atomic_write_bytes(Path(path), buf.tobytes())
+
+
+# --------------------------------------------------------------------------------------------
+# plots
+# --------------------------------------------------------------------------------------------
+def _new_figure(width_in: float, height_in: float) -> Figure:
+    """A matplotlib Figure bound to an Agg canvas (no pyplot global state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width_in, height_in), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _style_axes(ax: Axes) -> None:
+    ax.spines["top"].set_visible(False)
+    ax.spines["right"].set_visible(False)
+    ax.tick_params(labelsize=_FONT_PT)
+    ax.yaxis.grid(True, color="#dddddd", linewidth=0.6)
+    ax.set_axisbelow(True)
+
+
+def _save_figure(fig: Figure, out_stem: Path) -> list[Path]:
+    """Save ``fig`` as PNG (dpi 200) and SVG next to ``out_stem``, atomically."""
+    paths = []
+    for suffix, kwargs in (
+        (".png", {"dpi": _DPI, "metadata": {"Software": None}}),
+        (".svg", {"metadata": {"Date": None}}),
+    ):
+        buf = io.BytesIO()
+        fig.savefig(buf, format=suffix[1:], facecolor="white", **kwargs)
+        path = _stem_path(out_stem, suffix)
+        _atomic_write_bytes(path, buf.getvalue())
+        paths.append(path)
+    return paths
+
+
+def _subtitle(fig: Figure, ax: Axes, text: str) -> None:
+    """Small grey note above the axes, wrapped to the figure width."""
+    width_chars = max(20, int(fig.get_figwidth() * 13))
+    ax.set_title(textwrap.fill(text, width_chars), fontsize=_FONT_PT - 1, color="#444444",
+                 loc="left")
+
+
+def _no_data(ax: Axes, message: str) -> None:
+    ax.text(
+        0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, fontsize=_FONT_PT
+    )
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _wrap(label: str, width: int = 16) -> str:
+    return "\n".join(textwrap.wrap(label, width=width, break_long_words=True)) or label
+
+
+def plot_groups(
+    mice: pd.DataFrame,
+    groups: pd.DataFrame,
+    out_stem: Path,
+    *,
+    control: str | None,
+) -> list[Path]:
+    """Per-mouse CPA by group, with mean ± SD and Welch p-values against the control group.
+
+    Parameters
+    ----------
+    mice : pandas.DataFrame
+        ``mice.csv``: needs ``group`` and ``cpa_percent`` (% of tissue area), one row per mouse.
+    groups : pandas.DataFrame
+        ``groups.csv``: ``group`` and, when present, ``cpa_mean_percent``, ``cpa_sd`` (percent)
+        and ``welch_p``.
+    out_stem : pathlib.Path
+        Output path without suffix; ``.png`` (200 dpi) and ``.svg`` are written.
+    control : str or None
+        Name of the control group (drawn first; brackets compare to it). No brackets when None.
+
+    Returns
+    -------
+    list of pathlib.Path
+        The PNG and SVG paths.
+    """
+    mice_groups = mice["group"] if "group" in mice.columns else pd.Series(dtype=object)
+    group_col = groups["group"] if "group" in groups.columns else pd.Series(dtype=object)
+    order = _ordered_groups(control, group_col, mice_groups)
+    cpa = (
+        pd.to_numeric(mice["cpa_percent"], errors="coerce")
+        if "cpa_percent" in mice.columns
+        else pd.Series(np.nan, index=mice.index)
+    )
+    by_group = {name: cpa[(mice_groups.astype(str) == name).to_numpy()].dropna() for name in order}
+    group_rows = {
+        str(row["group"]): row for _, row in groups.iterrows() if not _is_missing(row.get("group"))
+    }
+
+    fig = _new_figure(max(3.6, 1.25 * len(order) + 1.6), 4.4)
+    ax = fig.add_subplot()
+    _style_axes(ax)
+    if not order or all(v.empty for v in by_group.values()):
+        _no_data(ax, "No per-mouse CPA values")
+        return _save_figure(fig, out_stem)
+
+    rng = np.random.default_rng(0)
+    top = 0.0
+    for i, name in enumerate(order):
+        values = by_group[name].to_numpy(dtype=float)
+        colour = OKABE_ITO[i % len(OKABE_ITO)]
+        if values.size:
+            jitter = rng.uniform(-0.13, 0.13, size=values.size)
+            ax.scatter(
+                i + jitter, values, s=38, color=colour, edgecolor="black", linewidth=0.6,
+                alpha=0.9, zorder=3,
+            )
+            top = max(top, float(values.max()))
+        row = group_rows.get(name)
+        mean = _as_float(row.get("cpa_mean_percent")) if row is not None else math.nan
+        sd = _as_float(row.get("cpa_sd")) if row is not None else math.nan
+        if not math.isfinite(mean) and values.size:
+            mean = float(values.mean())
+        if not math.isfinite(sd) and values.size > 1:
+            sd = float(values.std(ddof=1))
+        if math.isfinite(mean):
+            ax.hlines(mean, i - 0.28, i + 0.28, color="black", linewidth=2.0, zorder=4)
+            if math.isfinite(sd):
+                ax.errorbar(
+                    i + 0.2, mean, yerr=sd, color="black", capsize=4, linewidth=1.2, zorder=4
+                )
+                top = max(top, mean + sd)
+
+    span = top if top > 0 else 1.0
+    n_brackets = 0
+    if control is not None and control in order:
+        x0 = order.index(control)
+        step = 0.11 * span
+        for i, name in enumerate(order):
+            row = group_rows.get(name)
+            if name == control or row is None:
+                continue
+            p = _as_float(row.get("welch_p"))
+            if not math.isfinite(p):
+                continue
+            y = top + step * (0.6 + n_brackets)
+            tick = 0.025 * span
+            ax.plot([x0, x0, i, i], [y - tick, y, y, y - tick], color="black", linewidth=0.9)
+            ax.text((x0 + i) / 2, y + 0.01 * span, _p_label(p), ha="center", va="bottom",
+                    fontsize=_FONT_PT - 1)
+            n_brackets += 1
+    upper = top + 0.11 * span * (n_brackets + 0.9) if n_brackets else top * 1.12 + 0.05
+    ax.set_ylim(0, upper)
+    ax.set_xlim(-0.6, len(order) - 0.4)
+    ax.set_xticks(
+        range(len(order)),
+        [f"{_wrap(name)}\n(n = {by_group[name].size})" for name in order],
+        fontsize=_FONT_PT,
+    )
+    ax.set_ylabel(_Y_LABEL, fontsize=_FONT_PT + 1)
+    note = "One point per mouse; bar = mean ± SD"
+    if n_brackets:
+        note += "; Welch's t-test vs control"
+    _subtitle(fig, ax, note)
+    return _save_figure(fig, out_stem)
+
+
+def _ok_rows(slides: pd.DataFrame) -> pd.DataFrame:
+    if "status" in slides.columns:
+        return slides[slides["status"].astype(str).str.lower().eq("ok").to_numpy()]
+    return slides
+
+
+def plot_slides(slides: pd.DataFrame, out_stem: Path) -> list[Path]:
+    """CPA of every section, grouped by group and mouse, coloured by mouse.
+
+    Parameters
+    ----------
+    slides : pandas.DataFrame
+        ``slides.csv``: ``slide, mouse, group, cpa_percent`` and optionally ``status``,
+        ``tissue_area_mm2``, ``collagen_area_mm2`` (mm²). Only ``status == "ok"`` rows are drawn.
+    out_stem : pathlib.Path
+        Output path without suffix; ``.png`` (200 dpi) and ``.svg`` are written.
+
+    Returns
+    -------
+    list of pathlib.Path
+        The PNG and SVG paths.
+
+    Notes
+    -----
+    Each mouse gets its own x position, grouped under its group; a short black line marks the
+    mouse's area-weighted CPA (total collagen / total tissue area) when both areas are given.
+    """
+    ok = _ok_rows(slides).copy()
+    ok["_cpa"] = (
+        pd.to_numeric(ok["cpa_percent"], errors="coerce") if "cpa_percent" in ok else np.nan
+    )
+    ok["_group"] = ok["group"].map(_text) if "group" in ok else ""
+    ok["_mouse"] = ok["mouse"].map(_text) if "mouse" in ok else ok.get("slide", "").map(_text)
+    ok = ok[np.isfinite(ok["_cpa"].to_numpy(dtype=float))]
+
+    order = _ordered_groups(None, ok["_group"])
+    mice_per_group = {
+        g: sorted(ok.loc[ok["_group"].eq(g).to_numpy(), "_mouse"].unique()) for g in order
+    }
+    n_mice = sum(len(m) for m in mice_per_group.values())
+    fig = _new_figure(min(16.0, max(4.0, 0.32 * n_mice + 0.5 * len(order) + 1.8)), 4.4)
+    ax = fig.add_subplot()
+    _style_axes(ax)
+    if ok.empty:
+        _no_data(ax, "No measured slides")
+        return _save_figure(fig, out_stem)
+
+    x = 0.0
+    j = -1
+    centres: list[float] = []
+    for g in order:
+        start = x
+        for mouse in mice_per_group[g]:
+            j += 1
+            rows = ok[(ok["_group"].eq(g) & ok["_mouse"].eq(mouse)).to_numpy()]
+            colour = OKABE_ITO[j % len(OKABE_ITO)]
+            marker = "osD^v"[(j // len(OKABE_ITO)) % 5]
+            offsets = np.linspace(-0.12, 0.12, len(rows)) if len(rows) > 1 else np.zeros(1)
+            ax.scatter(
+                x + offsets, rows["_cpa"], s=30, color=colour, marker=marker,
+                edgecolor="black", linewidth=0.5, zorder=3,
+            )
+            if {"collagen_area_mm2", "tissue_area_mm2"} <= set(rows.columns):
+                tissue = pd.to_numeric(rows["tissue_area_mm2"], errors="coerce").sum()
+                collagen = pd.to_numeric(rows["collagen_area_mm2"], errors="coerce").sum()
+                if tissue > 0:
+                    ax.hlines(100 * collagen / tissue, x - 0.3, x + 0.3, color="black",
+                              linewidth=1.4, zorder=4)
+            x += 1
+        centres.append((start + x - 1) / 2)
+        if g != order[-1]:
+            ax.axvline(x - 0.25, color="#bbbbbb", linewidth=0.8)
+        x += 0.5
+
+    ax.set_xticks(centres, [_wrap(g) for g in order], fontsize=_FONT_PT)
+    ax.tick_params(axis="x", length=0)
+    ax.set_xlim(-0.7, x - 0.8)
+    ax.set_ylim(0, float(ok["_cpa"].max()) * 1.1 + 0.05)
+    ax.set_ylabel(_Y_LABEL, fontsize=_FONT_PT + 1)
+    _subtitle(fig, ax, "One point per section, one column per mouse; "
+              "line = mouse CPA (area-weighted)")
+    return _save_figure(fig, out_stem)
+
+
+def plot_stain_qc(slides: pd.DataFrame, out_stem: Path) -> list[Path]:
+    """Stain QC: collagen stain angle versus collagen stain intensity, one point per slide.
+
+    Parameters
+    ----------
+    slides : pandas.DataFrame
+        ``slides.csv``: ``stain_angle_deg`` (degrees between the slide's collagen vector and
+        the preset) and ``collagen_stain_p50_od`` (median collagen OD) or, failing that,
+        ``collagen_od_mean``; ``stain_warning`` marks slides to check; ``group`` colours points.
+    out_stem : pathlib.Path
+        Output path without suffix; ``.png`` (200 dpi) and ``.svg`` are written.
+
+    Returns
+    -------
+    list of pathlib.Path
+        The PNG and SVG paths.
+
+    Notes
+    -----
+    Groups stained on different days show up as separate clusters here, the most common source
+    of false treatment effects; slides with a stain warning are ringed in vermillion and named.
+    """
+    ok = _ok_rows(slides)
+    y_col = next((c for c in ("collagen_stain_p50_od", "collagen_od_mean") if c in ok), None)
+    fig = _new_figure(5.6, 4.4)
+    ax = fig.add_subplot()
+    _style_axes(ax)
+    if y_col is None or "stain_angle_deg" not in ok:
+        _no_data(ax, "No stain QC columns in the slides table")
+        return _save_figure(fig, out_stem)
+    xs = pd.to_numeric(ok["stain_angle_deg"], errors="coerce").to_numpy(dtype=float)
+    ys = pd.to_numeric(ok[y_col], errors="coerce").to_numpy(dtype=float)
+    finite = np.isfinite(xs) & np.isfinite(ys)
+    if not finite.any():
+        _no_data(ax, "No stain QC values")
+        return _save_figure(fig, out_stem)
+    groups = ok["group"].map(_text).to_numpy() if "group" in ok else np.array([""] * len(ok))
+    warned = (
+        ok["stain_warning"].map(_has_warning).to_numpy(dtype=bool)
+        if "stain_warning" in ok
+        else np.zeros(len(ok), dtype=bool)
+    )
+    names = ok["slide"].map(_text).to_numpy() if "slide" in ok else np.array([""] * len(ok))
+    for i, g in enumerate(_ordered_groups(None, groups)):
+        sel = finite & (groups == g)
+        ax.scatter(xs[sel], ys[sel], s=32, color=OKABE_ITO[i % len(OKABE_ITO)],
+                   edgecolor="black", linewidth=0.5, label=g or "(no group)", zorder=3)
+    sel = finite & warned
+    if sel.any():
+        ax.scatter(xs[sel], ys[sel], s=130, facecolor="none", edgecolor="#D55E00",
+                   linewidth=1.8, label="stain warning", zorder=4)
+        for xv, yv, name in zip(xs[sel], ys[sel], names[sel], strict=True):
+            ax.annotate(name[:30], (xv, yv), xytext=(6, 5), textcoords="offset points",
+                        fontsize=_FONT_PT - 1, color="#D55E00")
+    ax.set_xlabel("Collagen stain angle to preset (degrees)", fontsize=_FONT_PT + 1)
+    y_label = "Median collagen OD" if y_col == "collagen_stain_p50_od" else "Mean collagen OD"
+    ax.set_ylabel(y_label, fontsize=_FONT_PT + 1)
+    ax.legend(fontsize=_FONT_PT - 1, frameon=False, loc="best")
+    _subtitle(fig, ax, "Stain QC, one point per slide")
+    return _save_figure(fig, out_stem)
+
+
+# --------------------------------------------------------------------------------------------
+# spreadsheets
+# --------------------------------------------------------------------------------------------
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested mappings to ``(dotted.key, value)`` rows."""
+    rows: list[tuple[str, Any]] = []
+    for key, value in data.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping) and value:
+            rows.extend(_flatten(value, name))
+        else:
+            rows.append((name, value))
+    return rows
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (datetime, date, pd.Timestamp)):
+        return value.isoformat()
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=str)
+    return str(value)
+
+
+def _cell_value(value: Any) -> Any:
+    """A value openpyxl stores literally (no formulas, no illegal characters)."""
+    if isinstance(value, (Mapping, list, tuple, set, frozenset, np.ndarray)):
+        return json.dumps(value, default=_json_default, ensure_ascii=False)
+    if _is_missing(value):
+        return None
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, (pd.Timestamp, datetime)):
+        return value.isoformat()
+    if isinstance(value, (bool, int, float, date)):
+        return value
+    return _ILLEGAL_XLSX_CHARS.sub("", str(value))
+
+
+def _write_sheet(wb: Any, title: str, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> int:
+    from openpyxl.styles import Font
+    from openpyxl.utils import get_column_letter
+
+    ws = wb.create_sheet(title)
+    widths = [len(str(h)) for h in header]
+    ws.append([_cell_value(h) for h in header])
+    n = 0
+    for row in rows:
+        n += 1
+        values = [_cell_value(v) for v in row]
+        for col, value in enumerate(values, start=1):
+            cell = ws.cell(row=n + 1, column=col)
+            cell.value = value
+            if isinstance(value, str):
+                cell.data_type = "s"  # never a formula, even when text starts with "="
+            widths[col - 1] = max(widths[col - 1], min(60, len(str(value or ""))))
+    for cell in ws[1]:
+        cell.font = Font(bold=True)
+    ws.freeze_panes = "A2"
+    for col, width in enumerate(widths, start=1):
+        ws.column_dimensions[get_column_letter(col)].width = max(8, width + 2)
+    return n
+
+
+def write_xlsx(
+    path: Path,
+    *,
+    slides: pd.DataFrame,
+    mice: pd.DataFrame,
+    groups: pd.DataFrame,
+    settings: Mapping[str, Any],
+    provenance: Mapping[str, Any],
+) -> None:
+    """Write the result tables, settings and provenance to one Excel workbook, atomically.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        Destination ``.xlsx``.
+    slides, mice, groups : pandas.DataFrame
+        The tables as in ``slides.csv``, ``mice.csv`` and ``groups.csv`` (one sheet each,
+        same columns, missing values as empty cells).
+    settings, provenance : mapping
+        Nested mappings written as ``key`` / ``value`` rows with dotted keys
+        (``tissue.min_area_um2``); lists are written as JSON text.
+
+    Notes
+    -----
+    Text cells are always stored as text, so a slide named ``=HYPERLINK(...)`` cannot become a
+    formula in the recipient's spreadsheet.
+    """
+    from openpyxl import Workbook
+
+    wb = Workbook()
+    wb.remove(wb.active)
+    for title, frame in (("slides", slides), ("mice", mice), ("groups", groups)):
+        columns = [str(c) for c in frame.columns]
+        _write_sheet(wb, title, columns, frame.itertuples(index=False, name=None))
+    _write_sheet(wb, "settings", ["key", "value"], _flatten(settings))
+    _write_sheet(wb, "provenance", ["key", "value"], _flatten(provenance))
+    buf = io.BytesIO()
+    wb.save(buf)
+    _atomic_write_bytes(Path(path), buf.getvalue())
+
+
+# --------------------------------------------------------------------------------------------
+# GeoJSON (QuPath annotations)
+# --------------------------------------------------------------------------------------------
+def _pixel_edge_polygons(mask: np.ndarray, min_area_px: float) -> np.ndarray:
+    """Valid polygons whose edges run along pixel edges, in mask pixel units.
+
+    The mask is embedded in a ``(2H + 1, 2W + 1)`` cell grid where odd/odd cells are pixels,
+    mixed cells are pixel edges and even/even cells are pixel corners; the closure of the
+    foreground (pixels with their edges and corners) is traced with ``cv2.findContours``. Its
+    border cells lie exactly on the pixel-edge boundary, except that OpenCV cuts concave corners
+    diagonally: each diagonal step is split at the corner cell it skipped, which makes the
+    polygons exact (area == pixel count). All contours are processed at once with numpy, and
+    the polygons are built with shapely's vectorised constructors.
+
+    Returns
+    -------
+    numpy.ndarray
+        1-D object array of shapely Polygons (valid, non-empty).
+    """
+    import shapely
+
+    h, w = mask.shape
+    grid = np.zeros((2 * h + 1, 2 * w + 1), dtype=np.uint8)
+    grid[1::2, 1::2] = mask
+    grid = cv2.dilate(grid, np.ones((3, 3), np.uint8))
+    contours, hierarchy = cv2.findContours(grid, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
+    if hierarchy is None or not contours:
+        return np.empty(0, dtype=object)
+    hier = hierarchy[0]
+    lengths = np.fromiter((len(c) for c in contours), dtype=np.int64, count=len(contours))
+    pts = np.concatenate(contours).reshape(-1, 2).astype(np.int64)  # (x, y) cell indices
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    cid = np.repeat(np.arange(len(contours)), lengths)
+
+    def neighbours(
+        ids: np.ndarray, first: np.ndarray, count: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Indices of the next and previous point of each point within its own ring."""
+        idx = np.arange(len(ids))
+        local = idx - first[ids]
+        nxt = first[ids] + (local + 1) % count[ids]
+        prev = first[ids] + (local - 1) % count[ids]
+        return nxt, prev
+
+    nxt_i, _ = neighbours(cid, starts, lengths)
+    nxt = pts[nxt_i]
+    diag = np.all(np.abs(nxt - pts) == 1, axis=1)
+    # split each diagonal step at the (even, even) corner cell between the two points
+    cand_a = np.stack([pts[:, 0], nxt[:, 1]], axis=1)
+    cand_b = np.stack([nxt[:, 0], pts[:, 1]], axis=1)
+    corner = np.where(np.all(cand_a % 2 == 0, axis=1)[:, None], cand_a, cand_b)
+    shift = np.concatenate([[0], np.cumsum(diag)[:-1]])
+    pos = np.arange(len(pts)) + shift
+    out = np.empty((len(pts) + int(diag.sum()), 2), dtype=np.int64)
+    out_cid = np.empty(len(out), dtype=np.int64)
+    out[pos] = pts
+    out_cid[pos] = cid
+    out[pos[diag] + 1] = corner[diag]
+    out_cid[pos[diag] + 1] = cid[diag]
+    out_len = np.bincount(out_cid, minlength=len(contours))
+    out_start = np.concatenate([[0], np.cumsum(out_len)[:-1]])
+    o_nxt, o_prev = neighbours(out_cid, out_start, out_len)
+    d1 = out - out[o_prev]
+    d2 = out[o_nxt] - out
+    turn = (d1[:, 0] * d2[:, 1] - d1[:, 1] * d2[:, 0]) != 0  # drop collinear points
+    coords = out[turn].astype(np.float64) / 2.0
+    ring_id = out_cid[turn]
+    n_vertices = np.bincount(ring_id, minlength=len(contours))
+    if np.any(n_vertices < 4):  # pragma: no cover - every pixel-edge ring has >= 4 corners
+        msg = "internal error: degenerate pixel-edge ring"
+        raise RuntimeError(msg)
+    rings = shapely.linearrings(coords, indices=ring_id)
+
+    # order rings shell-first per polygon: polygon id = own index (shell) or parent (hole)
+    parent = hier[:, 3]
+    owner = np.where(parent == -1, np.arange(len(contours)), parent)
+    order = np.lexsort((parent != -1, owner))
+    _, poly_index = np.unique(owner[order], return_inverse=True)
+    polys = shapely.polygons(rings[order], indices=poly_index)
+    if min_area_px > 0:  # per 8-connected component, before corner-touching parts are split
+        polys = polys[shapely.area(polys) >= min_area_px]
+    invalid = ~shapely.is_valid(polys)
+    if invalid.any():  # parts touching at a corner make self-touching rings
+        fixed = shapely.make_valid(polys[invalid], method="structure", keep_collapsed=False)
+        parts = shapely.get_parts(fixed)
+        parts = parts[shapely.get_type_id(parts) == 3]
+        polys = np.concatenate([polys[~invalid], parts])
+    return polys[~shapely.is_empty(polys)]
+
+
+def mask_to_geojson(
+    tissue_mask: np.ndarray,
+    collagen_mask: np.ndarray,
+    *,
+    scale: float,
+    slide_name: str,
+    min_area_px: int = 4,
+) -> dict[str, Any]:
+    """Tissue and collagen masks as a QuPath-importable GeoJSON FeatureCollection.
+
+    Parameters
+    ----------
+    tissue_mask, collagen_mask : numpy.ndarray
+        bool ``(H, W)`` masks at analysis or thumbnail resolution.
+    scale : float
+        Full-resolution slide pixels per mask pixel (e.g. 16 for a mask at level downsample 16).
+    slide_name : str
+        Used in the annotation names.
+    min_area_px : int, optional
+        8-connected parts smaller than this many *mask* pixels (net of their holes) are
+        dropped; holes are always kept. Use 0 to keep everything.
+
+    Returns
+    -------
+    dict
+        A FeatureCollection with one ``Tissue`` and one ``Collagen`` annotation (each a Polygon
+        or MultiPolygon; a class with an empty mask is left out). Properties follow QuPath:
+        ``{"objectType": "annotation", "classification": {"name", "color"}, "name"}``.
+
+    Notes
+    -----
+    Polygons follow pixel edges (mask pixel ``(r, c)`` is the square ``[c, c+1] x [r, r+1]``,
+    then multiplied by ``scale``), so their area equals the pixel count × ``scale``² exactly
+    (apart from dropped small parts); holes (lumens) are preserved and every geometry is valid
+    (``shapely.make_valid`` repairs parts that touch at a corner).
+    """
+    import shapely
+    from shapely import affinity
+    
+    if not (isinstance(scale, (int, float, np.number)) and math.isfinite(scale) and scale > 0):
+        msg = (
+            "scale must be a positive number of full-resolution pixels per mask pixel, "
+            f"got {scale=}"
+        )
+        raise ValueError(msg)
+    features = []
+    for cls, mask in (("Tissue", tissue_mask), ("Collagen", collagen_mask)):
+        arr = np.asarray(mask)
+        if arr.ndim != 2:
+            msg = f"{cls.lower()}_mask must be 2-D, got shape={arr.shape}"
+            raise ValueError(msg)
+        polys = _pixel_edge_polygons(arr.astype(bool), min_area_px)
+        if len(polys) == 0:
+            continue
+        geom = polys[0] if len(polys) == 1 else shapely.multipolygons(polys)
+        if scale != 1:
+            geom = affinity.scale(geom, xfact=float(scale), yfact=float(scale), origin=(0, 0))
+        geom = shapely.orient_polygons(geom)
+        features.append(
+            {
+                "type": "Feature",
+                "geometry": json.loads(shapely.to_geojson(geom)),
+                "properties": {
+                    "objectType": "annotation",
+                    "classification": {"name": cls, "color": list(_GEOJSON_CLASSES[cls])},
+                    "name": f"{slide_name} {cls.lower()}",
+                    "isLocked": False,
+                },
+            }
+        )
+    return {"type": "FeatureCollection", "features": features}
+
+
+def write_geojson(path: Path, fc: Mapping[str, Any]) -> None:
+    """Write a GeoJSON FeatureCollection atomically (UTF-8, compact).
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        Destination, usually ``<slide stem>.geojson``.
+    fc : mapping
+        The FeatureCollection, e.g. from :func:`mask_to_geojson`.
+    """
+    text = json.dumps(fc, separators=(",", ":"), ensure_ascii=False, default=_json_default)
+    _atomic_write_bytes(Path(path), text.encode("utf-8"))
+
+
+# --------------------------------------------------------------------------------------------
+# HTML report
+# --------------------------------------------------------------------------------------------
+_CSS = """
+:root { --ink:#1f2328; --muted:#59636e; --line:#d8dee4; --bg:#f6f8fa; --accent:#0072B2;
+        --warn:#9a3b00; --warnbg:#fff4e5; --bad:#a40e26; --badbg:#ffebe9; }
+* { box-sizing: border-box; }
+body { font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial,
+       sans-serif; color: var(--ink); margin: 0; background: #fff; }
+main { max-width: 1120px; margin: 0 auto; padding: 28px 32px 60px; }
+header { border-bottom: 3px solid var(--accent); padding-bottom: 12px; margin-bottom: 8px; }
+h1 { font-size: 26px; margin: 0 0 4px; }
+h2 { font-size: 20px; margin: 36px 0 12px; padding-bottom: 6px;
+     border-bottom: 1px solid var(--line); }
+h3 { font-size: 16px; margin: 20px 0 8px; }
+.sub { color: var(--muted); margin: 0; }
+nav { margin: 12px 0 0; font-size: 14px; }
+nav a { color: var(--accent); text-decoration: none; margin-right: 14px; }
+.kpis { display: flex; flex-wrap: wrap; gap: 12px; margin: 18px 0; }
+.kpi { flex: 1 1 140px; background: var(--bg); border: 1px solid var(--line); border-radius: 8px;
+       padding: 10px 14px; }
+.kpi .v { font-size: 24px; font-weight: 600; font-variant-numeric: tabular-nums; }
+.kpi .l { color: var(--muted); font-size: 13px; }
+.summary { font-size: 16px; background: #eef6fc; border-left: 4px solid var(--accent);
+           padding: 10px 14px; border-radius: 4px; }
+.callout { background: var(--warnbg); border-left: 4px solid #E69F00; padding: 8px 14px;
+           border-radius: 4px; margin: 12px 0; }
+.callout ul { margin: 4px 0; padding-left: 20px; }
+.tablewrap { overflow-x: auto; }
+table { border-collapse: collapse; font-size: 13.5px; margin: 8px 0 4px; }
+th, td { padding: 5px 8px; border-bottom: 1px solid var(--line); text-align: left;
+         vertical-align: top; }
+th { background: var(--bg); font-weight: 600; min-width: 3.5em; }
+thead th { vertical-align: bottom; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+tbody tr:nth-child(even) { background: #fbfcfd; }
+.note { color: var(--muted); font-size: 13px; }
+figure { margin: 12px 16px 20px 0; display: inline-table; vertical-align: top; }
+figure img { max-width: 100%; height: auto; border: 1px solid var(--line); border-radius: 6px; }
+figcaption { color: var(--muted); font-size: 13px; display: table-caption; caption-side: bottom; }
+.gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(320px, 1fr)); gap: 16px; }
+.card { border: 1px solid var(--line); border-radius: 8px; overflow: hidden; background: #fff;
+        break-inside: avoid; }
+.card img { display: block; width: 100%; height: auto; background: var(--bg); }
+.card .noimg { height: 120px; display: flex; align-items: center; justify-content: center;
+               color: var(--muted); background: var(--bg); font-size: 13px; }
+.card .body { padding: 8px 12px 10px; font-size: 13.5px; }
+.card .name { font-weight: 600; word-break: break-all; }
+.card .meta { color: var(--muted); }
+.card .cpa { font-size: 18px; font-weight: 600; font-variant-numeric: tabular-nums; }
+.badge { display: inline-block; font-size: 12px; padding: 1px 8px; border-radius: 10px;
+         background: var(--warnbg); color: var(--warn); margin-top: 4px; }
+.badge.bad { background: var(--badbg); color: var(--bad); }
+.legend { display: flex; flex-wrap: wrap; gap: 18px; font-size: 13px; color: var(--muted);
+          margin: 4px 0 12px; }
+.sw { display: inline-block; width: 22px; height: 10px; vertical-align: middle; margin-right: 6px;
+      border: 1px solid #888; }
+pre { background: var(--bg); border: 1px solid var(--line); border-radius: 6px; padding: 12px;
+      font-size: 12.5px; overflow-x: auto; white-space: pre-wrap; word-break: break-word; }
+details summary { cursor: pointer; color: var(--accent); margin: 6px 0; }
+footer { margin-top: 40px; color: var(--muted); font-size: 12.5px;
+         border-top: 1px solid var(--line);
+         padding-top: 10px; }
+@media print { main { max-width: none; padding: 0; } .card, figure, table { break-inside: avoid; } }
+"""
+
+_e = html.escape
+
+
+def _fmt_cell(column: str, value: Any) -> tuple[str, bool]:
+    """Formatted (escaped) cell text and whether it is numeric."""
+    if _is_missing(value):
+        return "", False
+    col = column.lower()
+    if isinstance(value, (bool, np.bool_)):
+        return _e(str(bool(value))), False
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return f"{int(value):,}".replace(",", "\u202f"), True
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        if not math.isfinite(v):
+            return _e(str(v)), True
+        if col == "p" or col.endswith(("_p", "p_value", "pvalue")) or col.startswith("p_"):
+            return _e(format_p(v)), True
+        if col.startswith("n_") or col == "n":
+            return (f"{v:.0f}" if v.is_integer() else f"{v:.2f}"), True
+        if "cpa" in col or col.endswith(("_percent", "_pp", "hedges_g")) or col in {"sd", "sem"}:
+            return f"{v:.2f}", True
+        if col.endswith(("_mm2", "_od_mean", "_od")) or "_od" in col:
+            return f"{v:.3f}", True
+        if col.endswith("_deg") or col == "seconds":
+            return f"{v:.1f}", True
+        return f"{v:.4g}", True
+    return _e(str(value)), False
+
+
+def _html_table(frame: pd.DataFrame, columns: Sequence[str] | None = None,
+                labels: Mapping[str, str] | None = None) -> str:
+    cols = [c for c in (columns or list(frame.columns)) if c in frame.columns]
+    labels = labels or {}
+    head = "".join(f"<th>{_e(labels.get(str(c), str(c)))}</th>" for c in cols)
+    body = []
+    for _, row in frame.iterrows():
+        cells = []
+        for c in cols:
+            text, numeric = _fmt_cell(str(c), row[c])
+            cells.append(f'<td class="num">{text}</td>' if numeric else f"<td>{text}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return (f'<div class="tablewrap"><table><thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(body)}</tbody></table></div>")
+
+
+def _kv_table(data: Mapping[str, Any]) -> str:
+    rows = []
+    for key, value in _flatten(data):
+        leaf = key.rsplit(".", 1)[-1]
+        if isinstance(value, (float, np.floating, int, np.integer)) and not isinstance(value, bool):
+            text, _ = _fmt_cell(leaf, value)
+        elif isinstance(value, (list, tuple, Mapping)):
+            text = _e(json.dumps(value, default=_json_default, ensure_ascii=False))
+        else:
+            text = _e(_text(value))
+        rows.append(f"<tr><th>{_e(key)}</th><td>{text}</td></tr>")
+    return f'<div class="tablewrap"><table><tbody>{"".join(rows)}</tbody></table></div>'
+
+
+def _data_uri(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def _read_image(path: Path) -> np.ndarray | None:
+    try:
+        raw = np.fromfile(str(path), dtype=np.uint8)
+    except OSError:
+        return None
+    if raw.size == 0:
+        return None
+    img = cv2.imdecode(raw, cv2.IMREAD_COLOR)
+    return img  # BGR, or None when undecodable
+
+
+def _thumb_jpeg_uri(path: Path, max_width: int = 800) -> str | None:
+    img = _read_image(path)
+    if img is None:
+        return None
+    h, w = img.shape[:2]
+    if w > max_width:
+        img = cv2.resize(img, (max_width, max(1, round(h * max_width / w))),
+                         interpolation=cv2.INTER_AREA)
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 85])
+    return _data_uri(buf.tobytes(), "image/jpeg") if ok else None
+
+
+def _png_width(data: bytes) -> int | None:
+    """Pixel width from a PNG header, None when ``data`` is not a PNG."""
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or len(data) < 24:
+        return None
+    return int.from_bytes(data[16:20], "big")
+
+
+def _plot_uris(plots: Sequence[Path]) -> list[tuple[Path, str, int | None]]:
+    """Data URIs of plots and their display width in CSS px (PNG preferred over SVG)."""
+    by_stem: dict[str, Path] = {}
+    for p in map(Path, plots):
+        key = str(p.with_suffix(""))
+        if p.suffix.lower() == ".png" or key not in by_stem:
+            by_stem[key] = p
+    out = []
+    for p in by_stem.values():
+        try:
+            data = p.read_bytes()
+        except OSError:
+            continue
+        mime = "image/svg+xml" if p.suffix.lower() == ".svg" else "image/png"
+        px = _png_width(data)
+        # plots are saved at 200 dpi; show them at ~110 CSS px per inch (fonts >= 9 pt at 1x)
+        out.append((p, _data_uri(data, mime), round(px * 110 / _DPI) if px else None))
+    return out
+
+
+def _figure(uri: str, caption: str, width: int | None = None) -> str:
+    size = f' width="{width}"' if width else ""
+    return (f'<figure><img src="{uri}"{size} alt="{_e(caption)}">'
+            f"<figcaption>{_e(caption)}</figcaption></figure>")
+
+
+_PLOT_CAPTIONS = {
+    "groups": "Per-mouse CPA by group (mean ± SD; p-values from Welch's t-test against control).",
+    "slides": "CPA of every section, one column per mouse.",
+    "stain_qc": "Stain QC: collagen stain angle and intensity per slide; ringed slides have a "
+                "stain warning.",
+}
+
+
+def _stats_notes(groups: pd.DataFrame, omnibus: Mapping[str, Any] | None,
+                 mixed: Mapping[str, Any] | None) -> str:
+    items = [
+        "<li><b>The mouse is the experimental unit.</b> Each mouse's CPA is area-weighted over "
+        "its sections (total collagen area / total tissue area); group statistics use one value "
+        "per mouse, so sections are never counted as independent animals.</li>",
+        "<li>Group summaries are mean, SD, SEM and median of the per-mouse CPA.</li>",
+    ]
+    cols = set(groups.columns)
+    if "welch_p" in cols:
+        items.append("<li>Welch's two-sample t-test (unequal variances) against the control "
+                     "group; <code>diff_vs_control_pp</code> is the difference of means in "
+                     "percentage points"
+                     + (" with its 95 % confidence interval" if "diff_ci_low_pp" in cols else "")
+                     + ".</li>")
+    if "mannwhitney_p" in cols:
+        items.append("<li>Mann–Whitney U test (two-sided) against control, robust to skew and "
+                     "small n.</li>")
+    if "hedges_g" in cols:
+        items.append("<li>Effect size: Hedges' g (standardised mean difference with small-sample "
+                     "correction).</li>")
+    if "dunnett_p" in cols:
+        items.append("<li>Dunnett's test: each group against control, adjusted for the number of "
+                     "comparisons.</li>")
+    if "holm_welch_p" in cols:
+        items.append("<li>Holm-adjusted Welch p-values across the comparisons with control.</li>")
+    out = "<ul>" + "".join(items) + "</ul>"
+    if omnibus:
+        out += "<h3>Omnibus test</h3>" + _kv_table(omnibus)
+    if mixed:
+        out += ("<h3>Linear mixed model (random intercept per mouse)</h3>"
+                '<p class="note">Uses every section while counting mice correctly.</p>'
+                + _kv_table(mixed))
+    return out
+
+
+def _slide_card(row: pd.Series, uri: str | None) -> str:
+    name = _text(row.get("slide"))
+    img = (f'<img src="{uri}" alt="QC overlay of {_e(name)}" loading="lazy">' if uri
+           else '<div class="noimg">no QC overlay</div>')
+    cpa = _as_float(row.get("cpa_percent"))
+    tissue = _as_float(row.get("tissue_area_mm2"))
+    status = _text(row.get("status")).lower() or "ok"
+    badges = []
+    if status != "ok":
+        badges.append(f'<span class="badge bad">{_e(status)}: {_e(_text(row.get("error")))}</span>')
+    if _has_warning(row.get("stain_warning")):
+        badges.append(f'<span class="badge">{_e(_text(row.get("stain_warning")))}</span>')
+    cpa_text = f"{cpa:.2f} % CPA" if math.isfinite(cpa) else "CPA –"
+    tissue_text = f"{tissue:.2f} mm² tissue" if math.isfinite(tissue) else ""
+    return (
+        f'<div class="card">{img}<div class="body">'
+        f'<div class="name">{_e(name)}</div>'
+        f'<div class="meta">mouse {_e(_text(row.get("mouse")))} · '
+        f'{_e(_text(row.get("group")))}</div>'
+        f'<div><span class="cpa">{cpa_text}</span> <span class="meta">{tissue_text}</span></div>'
+        f'{"".join(badges)}</div></div>'
+    )
+
+
+def write_report_html(
+    path: Path,
+    *,
+    title: str,
+    slides: pd.DataFrame,
+    mice: pd.DataFrame,
+    groups: pd.DataFrame,
+    omnibus: Mapping[str, Any] | None,
+    mixed: Mapping[str, Any] | None,
+    summary: str,
+    qc_images: Mapping[str, Path],
+    plots: Sequence[Path],
+    settings: Mapping[str, Any],
+    provenance: Mapping[str, Any],
+    warnings: Sequence[str],
+) -> None:
+    """Write the study report: one self-contained HTML file, atomically.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        Destination, usually ``OUT_DIR/report.html``.
+    title : str
+        Page title.
+    slides, mice, groups : pandas.DataFrame
+        The tables as in ``slides.csv``, ``mice.csv`` and ``groups.csv``.
+    omnibus : mapping or None
+        Omnibus test results (e.g. ANOVA / Kruskal-Wallis), shown as key/value rows.
+    mixed : mapping or None
+        Linear mixed model results, shown as key/value rows.
+    summary : str
+        One or two sentences stating the result.
+    qc_images : mapping of str to pathlib.Path
+        Slide name (as in ``slides["slide"]``) to its QC overlay PNG; downscaled to at most
+        800 px wide and embedded as JPEG.
+    plots : sequence of pathlib.Path
+        Plot files (PNG preferred over the SVG of the same stem), embedded in the order given;
+        a plot whose stem ends in ``groups`` is shown with the group table.
+    settings, provenance : mapping
+        Shown as pretty-printed JSON.
+    warnings : sequence of str
+        Run-level warnings, listed at the top.
+
+    Notes
+    -----
+    Images are embedded as base64 data URIs; CSS is inline; there is no script and no external
+    URL, so the file can be mailed or archived as is. Every string taken from the data is
+    HTML-escaped.
+    """
+    status = (slides["status"].map(_text).str.lower() if "status" in slides
+              else pd.Series("ok", index=slides.index))
+    ok_mask = status.eq("ok").to_numpy()
+    n_ok = int(ok_mask.sum())
+    n_failed = len(slides) - n_ok
+    group_names = _ordered_groups(None, groups.get("group", []), mice.get("group", []))
+
+    plot_uris = _plot_uris(plots)
+    group_plots = [(p, u, w) for p, u, w in plot_uris if p.stem.endswith("groups")]
+    other_plots = [(p, u, w) for p, u, w in plot_uris if not p.stem.endswith("groups")]
+
+    def caption(p: Path) -> str:
+        for key, text in _PLOT_CAPTIONS.items():
+            if p.stem.endswith(key):
+                return text
+        return p.stem
+
+    parts: list[str] = []
+    parts.append(
+        f"<header><h1>{_e(title)}</h1>"
+        f'<p class="sub">Collagen proportionate area (CPA) = collagen area / tissue area × 100, '
+        f"per section, per mouse and per group.</p>"
+        '<nav><a href="#summary">Summary</a><a href="#groups">Groups</a>'
+        '<a href="#statistics">Statistics</a><a href="#mice">Mice</a>'
+        '<a href="#slides">Slides</a><a href="#qc">QC gallery</a>'
+        + ('<a href="#failed">Failed</a>' if n_failed else "")
+        + '<a href="#settings">Settings</a></nav></header>'
+    )
+
+    kpis = [
+        (str(n_ok), "slides measured"),
+        (str(n_failed), "slides failed"),
+        (str(len(mice)), "mice"),
+        (str(len(group_names)), "groups"),
+    ]
+    parts.append('<section id="summary"><h2>Study summary</h2><div class="kpis">'
+                 + "".join(f'<div class="kpi"><div class="v">{_e(v)}</div>'
+                           f'<div class="l">{_e(label)}</div></div>' for v, label in kpis)
+                 + "</div>")
+    if group_names:
+        n_by_group = (mice["group"].map(_text).value_counts() if "group" in mice
+                      else pd.Series(dtype=int))
+        parts.append('<p class="note">Groups: '
+                     + ", ".join(f"{_e(g)} (n = {int(n_by_group.get(g, 0))} mice)"
+                                 for g in group_names) + "</p>")
+    if summary:
+        parts.append(f'<p class="summary">{_e(summary)}</p>')
+    if warnings:
+        parts.append('<div class="callout"><b>Warnings</b><ul>'
+                     + "".join(f"<li>{_e(str(w))}</li>" for w in warnings) + "</ul></div>")
+    parts.append("</section>")
+
+    group_labels = {
+        "n_mice": "n mice", "cpa_mean_percent": "mean CPA %", "cpa_sd": "SD", "cpa_sem": "SEM",
+        "cpa_median": "median", "diff_vs_control_pp": "diff vs control (pp)",
+        "diff_ci_low_pp": "95 % CI low", "diff_ci_high_pp": "95 % CI high",
+        "change_vs_control_percent": "change %", "welch_p": "Welch p",
+        "mannwhitney_p": "Mann–Whitney p", "hedges_g": "Hedges' g", "dunnett_p": "Dunnett p",
+        "holm_welch_p": "Welch p (Holm)",
+    }
+    parts.append('<section id="groups"><h2>Groups</h2>')
+    parts.append(_html_table(groups, None, group_labels) if len(groups)
+                 else '<p class="note">No group table.</p>')
+    parts.append('<p class="note">CPA in % of tissue area; differences in percentage points (pp); '
+                 "comparisons against the control group (empty on the control row).</p>")
+    parts.extend(_figure(u, caption(p), w) for p, u, w in group_plots)
+    parts.append("</section>")
+
+    parts.append('<section id="statistics"><h2>Statistics notes</h2>'
+                 + _stats_notes(groups, omnibus, mixed) + "</section>")
+
+    mouse_labels = {"n_slides": "n slides", "tissue_area_mm2": "tissue mm²",
+                    "collagen_area_mm2": "collagen mm²", "cpa_percent": "CPA %",
+                    "cpa_mean_of_slides_percent": "mean of slides %",
+                    "cpa_sd_of_slides": "SD of slides"}
+    parts.append('<section id="mice"><h2>Per-mouse results</h2>'
+                 + (_html_table(mice, None, mouse_labels) if len(mice)
+                    else '<p class="note">No mice.</p>')
+                 + '<p class="note">CPA % is area-weighted over the mouse\'s sections; '
+                   "this is the value the group comparison uses.</p></section>")
+
+    slide_cols = ["slide", "mouse", "group", "status", "mpp", "tissue_area_mm2",
+                  "collagen_area_mm2", "cpa_percent", "lumen_area_mm2", "capsule_area_mm2",
+                  "artefact_area_mm2", "stain_angle_deg", "stain_warning"]
+    slide_labels = {"tissue_area_mm2": "tissue mm²", "collagen_area_mm2": "collagen mm²",
+                    "cpa_percent": "CPA %", "lumen_area_mm2": "lumen mm²",
+                    "capsule_area_mm2": "capsule mm²", "artefact_area_mm2": "artefact mm²",
+                    "stain_angle_deg": "stain angle °", "stain_warning": "stain warning"}
+    parts.append('<section id="slides"><h2>Per-slide results</h2>')
+    parts.extend(_figure(u, caption(p), w) for p, u, w in other_plots)
+    parts.append("<details open><summary>Table of all slides</summary>"
+                 + _html_table(slides, slide_cols, slide_labels)
+                 + "</details>"
+                   '<p class="note">Excluded areas (lumen, capsule, artefacts) are outside both '
+                   "tissue and collagen area.</p></section>")
+
+    sort_cols = [c for c in ("group", "mouse", "slide") if c in slides.columns]
+    ordered = slides.sort_values(sort_cols, key=lambda s: s.map(_text)) if sort_cols else slides
+    cards = []
+    for _, row in ordered.iterrows():
+        if _text(row.get("status", "ok")).lower() not in ("", "ok"):
+            continue
+        qc_path = qc_images.get(_text(row.get("slide")))
+        cards.append(_slide_card(row, _thumb_jpeg_uri(Path(qc_path)) if qc_path else None))
+    sw = '<span class="sw" style="background:{}"></span>'
+    legend = (
+        '<div class="legend">'
+        f"<span>{sw.format('rgb(%d,%d,%d)' % TISSUE_OUTLINE_RGB)}tissue outline</span>"
+        f"<span>{sw.format('rgb(%d,%d,%d)' % COLLAGEN_OUTLINE_ON_RED_RGB)}collagen outline "
+        "(red collagen)</span>"
+        f"<span>{sw.format('rgb(%d,%d,%d)' % COLLAGEN_OUTLINE_ON_BLUE_RGB)}collagen outline "
+        "(blue collagen)</span>"
+        f"<span>{sw.format('repeating-linear-gradient(45deg,#888 0 2px,#ccc 2px 5px)')}"
+        "excluded</span></div>"
+    )
+    parts.append('<section id="qc"><h2>QC gallery</h2>' + legend
+                 + (f'<div class="gallery">{"".join(cards)}</div>' if cards
+                    else '<p class="note">No measured slides.</p>') + "</section>")
+
+    if n_failed:
+        failed = slides[~ok_mask]
+        parts.append('<section id="failed"><h2>Failed slides</h2>'
+                     + _html_table(failed, ["slide", "mouse", "group", "status", "error"])
+                     + "</section>")
+
+    def pretty(obj: Mapping[str, Any]) -> str:
+        return _e(json.dumps(obj, indent=2, sort_keys=True, default=_json_default,
+                             ensure_ascii=False))
+
+    parts.append('<section id="settings"><h2>Settings and versions</h2>'
+                 f"<h3>Settings</h3><pre>{pretty(settings)}</pre>"
+                 f"<h3>Provenance</h3><pre>{pretty(provenance)}</pre></section>")
+    version = _text(provenance.get("fibroquant_version", provenance.get("version", "")))
+    parts.append(f"<footer>Generated by fibroquant {_e(version)}. "
+                 "This file is self-contained: images are embedded.</footer>")
+
+    doc = (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body><main>"
+        + "\n".join(parts)
+        + "</main></body></html>\n"
+    )
+    _atomic_write_bytes(Path(path), doc.encode("utf-8"))

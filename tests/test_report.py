@@ -1,0 +1,480 @@
+"""Tests of fibroquant.report: overlays, PNG/xlsx/GeoJSON writers, plots and the HTML report."""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import cv2
+import numpy as np
+import openpyxl
+import pandas as pd
+import pytest
+from shapely.geometry import shape
+from skimage.segmentation import find_boundaries
+
+from fibroquant.report import (
+    COLLAGEN_OUTLINE_ON_BLUE_RGB,
+    COLLAGEN_OUTLINE_ON_RED_RGB,
+    TISSUE_OUTLINE_RGB,
+    format_p,
+    mask_to_geojson,
+    plot_groups,
+    plot_slides,
+    plot_stain_qc,
+    qc_overlay,
+    write_geojson,
+    write_png,
+    write_report_html,
+    write_xlsx,
+)
+
+NASTY = '<b>&"x"'
+
+
+# --------------------------------------------------------------------------------------------
+# fixtures: small hand-made tables
+# --------------------------------------------------------------------------------------------
+@pytest.fixture
+def slides() -> pd.DataFrame:
+    rows = [
+        # slide, mouse, group, status, error, cpa, tissue, angle, p50, warning
+        ("c1_s1.tif", "C1", "control", "ok", "", 8.1, 20.0, 2.0, 0.55, ""),
+        ("c1_s2.tif", "C1", "control", "ok", "", 7.5, 18.0, 3.1, 0.52, ""),
+        ("c2_s1.tif", "C2", "control", "ok", "", 9.3, 22.0, 1.5, 0.58, ""),
+        ("c3_s1.tif", "C3", "control", "ok", "", 6.9, 25.0, 2.2, 0.50, ""),
+        ("t1_s1.tif", "T1", "MSC", "ok", "", 4.2, 21.0, 2.7, 0.49, ""),
+        (NASTY, "T1", "MSC", "ok", "", 4.8, 19.0, 11.5, 0.31, "stain angle 11.5° > 8°"),
+        ("t2_s1.tif", "T2", "MSC", "ok", "", 5.1, 23.0, 2.9, 0.53, ""),
+        ("t3_s1.tif", "T3", "MSC", "ok", "", 3.9, 20.5, 1.9, 0.51, ""),
+        ("broken.ndpi", "T3", "MSC", "failed", "truncated file <EOF>", math.nan, math.nan,
+         math.nan, math.nan, ""),
+    ]
+    cols = ["slide", "mouse", "group", "status", "error", "cpa_percent", "tissue_area_mm2",
+            "stain_angle_deg", "collagen_stain_p50_od", "stain_warning"]
+    df = pd.DataFrame(rows, columns=cols)
+    df["collagen_area_mm2"] = df["cpa_percent"] * df["tissue_area_mm2"] / 100
+    df["mpp"] = 0.46
+    df["analysis_mpp"] = 1.84
+    df["collagen_od_mean"] = df["collagen_stain_p50_od"] * 1.1
+    df["lumen_area_mm2"] = 0.8
+    df["capsule_area_mm2"] = 0.3
+    df["artefact_area_mm2"] = 0.0
+    df["stain"] = "sirius-red"
+    df["seconds"] = 12.3
+    df["batch"] = "2024-05"  # extra sample-sheet column
+    return df
+
+
+@pytest.fixture
+def mice(slides: pd.DataFrame) -> pd.DataFrame:
+    ok = slides[slides["status"] == "ok"]
+    agg = ok.groupby(["mouse", "group"], sort=False).agg(
+        n_slides=("slide", "size"),
+        tissue_area_mm2=("tissue_area_mm2", "sum"),
+        collagen_area_mm2=("collagen_area_mm2", "sum"),
+        cpa_mean_of_slides_percent=("cpa_percent", "mean"),
+        cpa_sd_of_slides=("cpa_percent", "std"),
+    ).reset_index()
+    agg["cpa_percent"] = 100 * agg["collagen_area_mm2"] / agg["tissue_area_mm2"]
+    return agg
+
+
+@pytest.fixture
+def groups() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "group": ["control", "MSC"],
+            "n_mice": [3, 3],
+            "cpa_mean_percent": [7.9, 4.4],
+            "cpa_sd": [1.2, 0.6],
+            "cpa_sem": [0.69, 0.35],
+            "cpa_median": [7.8, 4.4],
+            "diff_vs_control_pp": [math.nan, -3.5],
+            "diff_ci_low_pp": [math.nan, -5.9],
+            "diff_ci_high_pp": [math.nan, -1.1],
+            "change_vs_control_percent": [math.nan, -44.3],
+            "welch_p": [math.nan, 0.0213],
+            "mannwhitney_p": [math.nan, 0.1],
+            "hedges_g": [math.nan, -2.9],
+        }
+    )
+
+
+SETTINGS = {"stain": {"preset": "sirius-red", "vector": [0.14, 0.83, 0.54]},
+            "tissue": {"min_area_um2": 5000.0, "exclude_capsule": True},
+            "collagen": {"threshold_od": 0.2}}
+PROVENANCE = {"fibroquant_version": "0.1.0", "python": "3.11.7",
+              "packages": {"numpy": "2.4", "opencv": "5.0"}, "settings_hash": "abc123"}
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+def test_format_p() -> None:
+    assert format_p(0.01234) == "0.0123"
+    assert format_p(0.5) == "0.500"
+    assert format_p(0.00099) == "<0.001"
+    assert format_p(float("nan")) == "–"
+    assert format_p(None) == "–"
+
+
+# --------------------------------------------------------------------------------------------
+# qc_overlay / write_png
+# --------------------------------------------------------------------------------------------
+def _colour_mask(img: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
+    return np.all(img == np.array(colour, dtype=np.uint8), axis=2)
+
+
+def test_qc_overlay_outlines_exactly_on_mask_boundaries() -> None:
+    thumb = np.full((40, 50, 3), 200, dtype=np.uint8)
+    tissue = np.zeros((40, 50), dtype=bool)
+    tissue[5:35, 6:44] = True
+    collagen = np.zeros_like(tissue)
+    collagen[15:25, 18:30] = True
+    out = qc_overlay(thumb, tissue, collagen)
+
+    assert out.shape == thumb.shape
+    assert out.dtype == np.uint8
+    assert np.array_equal(_colour_mask(out, TISSUE_OUTLINE_RGB),
+                          find_boundaries(tissue, mode="inner"))
+    assert np.array_equal(_colour_mask(out, COLLAGEN_OUTLINE_ON_RED_RGB),
+                          find_boundaries(collagen, mode="inner"))
+    # everything else untouched, and the input is not modified
+    drawn = find_boundaries(tissue, mode="inner") | find_boundaries(collagen, mode="inner")
+    assert np.all(out[~drawn] == 200)
+    assert np.all(thumb == 200)
+
+
+def test_qc_overlay_resizes_masks_hatches_exclusions_and_picks_colour_for_blue() -> None:
+    thumb = np.full((80, 100, 3), 230, dtype=np.uint8)
+    thumb[20:40, 20:40] = (40, 60, 170)  # blue collagen (Masson trichrome)
+    tissue = np.zeros((40, 50), dtype=bool)  # half resolution
+    tissue[5:35, 5:45] = True
+    collagen = np.zeros_like(tissue)
+    collagen[10:20, 10:20] = True
+    excluded = np.zeros_like(tissue)
+    excluded[25:35, 30:45] = True
+    out = qc_overlay(thumb, tissue, collagen, excluded_mask=excluded)
+
+    assert out.shape == (80, 100, 3)
+    assert out.dtype == np.uint8
+    big_collagen = np.zeros((80, 100), dtype=bool)
+    big_collagen[20:40, 20:40] = True
+    assert np.array_equal(_colour_mask(out, COLLAGEN_OUTLINE_ON_BLUE_RGB),
+                          find_boundaries(big_collagen, mode="inner"))
+    region = out[52:68, 62:88]  # inside the excluded block, away from the tissue outline
+    assert np.all(region < 230)  # tinted towards grey
+    assert len(np.unique(region.reshape(-1, 3), axis=0)) == 2  # tint + hatch lines
+
+
+def test_qc_overlay_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="dtype"):
+        qc_overlay(np.zeros((4, 4, 3), np.float32), np.ones((4, 4), bool), np.ones((4, 4), bool))
+
+
+@pytest.mark.parametrize("name", ["mask.png", "maske_überprüft_µ.png"])
+def test_write_png_roundtrip_rgb_and_mask(tmp_path: Path, name: str) -> None:
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, size=(17, 23, 3), dtype=np.uint8)
+    mask = rng.random((17, 23)) > 0.5
+    write_png(tmp_path / "sub" / f"rgb_{name}", rgb)
+    write_png(tmp_path / "sub" / name, mask)
+
+    back = cv2.imdecode(np.fromfile(tmp_path / "sub" / f"rgb_{name}", np.uint8),
+                        cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(back[:, :, ::-1], rgb)
+    back_mask = cv2.imdecode(np.fromfile(tmp_path / "sub" / name, np.uint8),
+                             cv2.IMREAD_UNCHANGED)
+    assert back_mask.ndim == 2
+    assert back_mask.dtype == np.uint8
+    assert set(np.unique(back_mask)) <= {0, 255}
+    assert np.array_equal(back_mask == 255, mask)
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == sorted([name, f"rgb_{name}"])
+
+
+def test_write_png_rejects_float(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="dtype"):
+        write_png(tmp_path / "x.png", np.zeros((3, 3), np.float32))
+    assert not list(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------------------------
+# GeoJSON
+# --------------------------------------------------------------------------------------------
+def _masks_with_holes() -> tuple[np.ndarray, np.ndarray]:
+    tissue = np.zeros((60, 80), dtype=bool)
+    tissue[5:55, 5:45] = True  # part 1
+    tissue[20:30, 15:25] = False  # lumen (hole)
+    tissue[22:28, 17:23] = True  # island in the lumen
+    tissue[40:42, 30:33] = False  # small hole
+    tissue[10:50, 55:75] = True  # part 2
+    tissue[12:20, 60:62] = False  # hole touching nothing
+    collagen = np.zeros_like(tissue)
+    collagen[8:12, 8:40] = True  # septum
+    collagen[35:50, 8:11] = True
+    collagen[36:49, 9:10] = False  # slit hole inside it
+    yy, xx = np.mgrid[0:60, 0:80]
+    collagen |= ((yy - 30) ** 2 + (xx - 65) ** 2 < 36) & tissue  # disc
+    for k in range(6):  # diagonal fibre: pixels touching at corners only
+        collagen[45 + k, 58 + k] = True
+    return tissue, collagen
+
+
+@pytest.mark.parametrize("scale", [1, 4, 2.5])
+def test_mask_to_geojson_areas_holes_validity_and_coordinates(scale: float) -> None:
+    tissue, collagen = _masks_with_holes()
+    fc = mask_to_geojson(tissue, collagen, scale=scale, slide_name=NASTY, min_area_px=0)
+    json.dumps(fc, allow_nan=False)  # serialisable, no NaN
+    assert fc["type"] == "FeatureCollection"
+    by_class = {f["properties"]["classification"]["name"]: f for f in fc["features"]}
+    assert set(by_class) == {"Tissue", "Collagen"}
+    h, w = tissue.shape
+    for name, mask in (("Tissue", tissue), ("Collagen", collagen)):
+        feature = by_class[name]
+        props = feature["properties"]
+        assert props["objectType"] == "annotation"
+        assert len(props["classification"]["color"]) == 3
+        assert NASTY in props["name"]
+        geom = shape(feature["geometry"])
+        assert geom.is_valid
+        expected = mask.sum() * scale**2
+        assert geom.area == pytest.approx(expected, rel=0.01)
+        ys, xs = np.nonzero(mask)
+        minx, miny, maxx, maxy = geom.bounds
+        assert (minx, miny) == pytest.approx((xs.min() * scale, ys.min() * scale))
+        assert (maxx, maxy) == pytest.approx(((xs.max() + 1) * scale, (ys.max() + 1) * scale))
+        assert maxx <= w * scale
+        assert maxy <= h * scale
+    tissue_geom = shape(by_class["Tissue"]["geometry"])
+    holes = sum(len(p.interiors) for p in getattr(tissue_geom, "geoms", [tissue_geom]))
+    assert holes == 3
+    # the lumen is empty, the island inside it is tissue (full-resolution coordinates)
+    from shapely.geometry import Point
+    assert not tissue_geom.contains(Point(16 * scale, 21 * scale))
+    assert tissue_geom.contains(Point(20 * scale, 25 * scale))
+
+
+def test_mask_to_geojson_random_masks_are_exact() -> None:
+    rng = np.random.default_rng(7)
+    for _ in range(10):
+        mask = rng.random((30, 40)) < rng.uniform(0.2, 0.8)
+        fc = mask_to_geojson(mask, mask, scale=3, slide_name="r", min_area_px=0)
+        for feature in fc["features"]:
+            geom = shape(feature["geometry"])
+            assert geom.is_valid
+            assert geom.area == pytest.approx(mask.sum() * 9, rel=1e-9)
+
+
+def test_mask_to_geojson_min_area_and_empty() -> None:
+    tissue = np.zeros((20, 20), dtype=bool)
+    tissue[2:18, 2:18] = True
+    collagen = np.zeros_like(tissue)
+    collagen[5, 5] = True  # 1 px speck: dropped
+    collagen[10:12, 10:12] = True  # 4 px: kept
+    fc = mask_to_geojson(tissue, collagen, scale=1, slide_name="s", min_area_px=4)
+    col = next(f for f in fc["features"] if f["properties"]["classification"]["name"] == "Collagen")
+    assert shape(col["geometry"]).area == pytest.approx(4)
+    fc = mask_to_geojson(tissue, np.zeros_like(tissue), scale=1, slide_name="s")
+    assert [f["properties"]["classification"]["name"] for f in fc["features"]] == ["Tissue"]
+    with pytest.raises(ValueError, match="scale"):
+        mask_to_geojson(tissue, collagen, scale=0, slide_name="s")
+
+
+def test_write_geojson_roundtrip(tmp_path: Path) -> None:
+    tissue, collagen = _masks_with_holes()
+    fc = mask_to_geojson(tissue, collagen, scale=2, slide_name="s1")
+    path = tmp_path / "s1.geojson"
+    write_geojson(path, fc)
+    assert json.loads(path.read_text(encoding="utf-8")) == json.loads(json.dumps(fc))
+    assert [p.name for p in tmp_path.iterdir()] == ["s1.geojson"]
+
+
+# --------------------------------------------------------------------------------------------
+# xlsx
+# --------------------------------------------------------------------------------------------
+def test_write_xlsx_sheets_and_rows(tmp_path: Path, slides: pd.DataFrame, mice: pd.DataFrame,
+                                    groups: pd.DataFrame) -> None:
+    evil = slides.copy()
+    evil.loc[0, "slide"] = "=HYPERLINK(\"x\")"
+    path = tmp_path / "results.xlsx"
+    write_xlsx(path, slides=evil, mice=mice, groups=groups, settings=SETTINGS,
+               provenance=PROVENANCE)
+    wb = openpyxl.load_workbook(path)
+    assert wb.sheetnames == ["slides", "mice", "groups", "settings", "provenance"]
+    assert wb["slides"]["A2"].data_type == "s"  # not a formula
+
+    sheets = pd.read_excel(path, sheet_name=None)
+    assert len(sheets["slides"]) == len(slides)
+    assert len(sheets["mice"]) == len(mice)
+    assert len(sheets["groups"]) == len(groups)
+    assert list(sheets["slides"].columns) == list(slides.columns)
+    assert sheets["slides"]["slide"].iloc[5] == NASTY
+    assert sheets["slides"]["cpa_percent"].iloc[0] == pytest.approx(8.1)
+    assert pd.isna(sheets["groups"]["welch_p"].iloc[0])
+    settings = dict(zip(sheets["settings"]["key"], sheets["settings"]["value"], strict=True))
+    assert settings["tissue.min_area_um2"] == 5000
+    assert settings["collagen.threshold_od"] == pytest.approx(0.2)
+    assert json.loads(settings["stain.vector"]) == [0.14, 0.83, 0.54]
+    prov = dict(zip(sheets["provenance"]["key"], sheets["provenance"]["value"], strict=True))
+    assert prov["packages.numpy"] == 2.4 or str(prov["packages.numpy"]) == "2.4"
+    assert len(sheets["provenance"]) == 5
+
+
+# --------------------------------------------------------------------------------------------
+# plots
+# --------------------------------------------------------------------------------------------
+def _assert_plot_files(paths: list[Path]) -> None:
+    assert [p.suffix for p in paths] == [".png", ".svg"]
+    png, svg = paths
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    assert img.shape[0] > 400
+    assert img.std() > 5  # not a blank canvas
+    text = svg.read_text(encoding="utf-8")
+    assert "<svg" in text
+    assert len(text) > 2000
+
+
+def test_plot_groups(tmp_path: Path, mice: pd.DataFrame, groups: pd.DataFrame) -> None:
+    paths = plot_groups(mice, groups, tmp_path / "plots" / "cpa.groups", control="control")
+    assert paths == [tmp_path / "plots" / "cpa.groups.png", tmp_path / "plots" / "cpa.groups.svg"]
+    _assert_plot_files(paths)
+    svg = paths[1].read_text(encoding="utf-8")
+    assert "0.0213" in svg  # the Welch p bracket
+    assert "CPA (% of tissue area)" in svg
+
+
+def test_plot_groups_without_control_or_data(tmp_path: Path, mice: pd.DataFrame,
+                                              groups: pd.DataFrame) -> None:
+    _assert_plot_files(plot_groups(mice, groups, tmp_path / "a", control=None))
+    empty = mice.iloc[0:0]
+    paths = plot_groups(empty, groups.iloc[0:0], tmp_path / "b", control="control")
+    assert all(p.stat().st_size > 0 for p in paths)
+
+
+def test_plot_slides_and_stain_qc(tmp_path: Path, slides: pd.DataFrame) -> None:
+    _assert_plot_files(plot_slides(slides, tmp_path / "slides"))
+    paths = plot_stain_qc(slides, tmp_path / "stain_qc")
+    _assert_plot_files(paths)
+    assert "stain warning" in paths[1].read_text(encoding="utf-8")
+    # missing optional columns still give a (placeholder) figure
+    bare = slides[["slide", "mouse", "group", "cpa_percent"]]
+    assert all(p.stat().st_size > 0 for p in plot_stain_qc(bare, tmp_path / "bare_qc"))
+    assert all(p.stat().st_size > 0 for p in plot_slides(bare, tmp_path / "bare_slides"))
+
+
+# --------------------------------------------------------------------------------------------
+# HTML report
+# --------------------------------------------------------------------------------------------
+@pytest.fixture
+def report_path(tmp_path: Path, slides: pd.DataFrame, mice: pd.DataFrame,
+                groups: pd.DataFrame) -> Path:
+    rng = np.random.default_rng(3)
+    qc = {}
+    for i, name in enumerate(slides.loc[slides["status"] == "ok", "slide"]):
+        if i == 2:
+            continue  # one slide without an overlay
+        thumb = np.full((300, 1200, 3), 245, np.uint8)
+        cv2.ellipse(thumb, (600, 150), (500, 120), 0, 0, 360, (235, 200, 120), -1)
+        tissue = np.all(thumb != 245, axis=2)
+        collagen = tissue & (rng.random(tissue.shape) < 0.03)
+        thumb[collagen] = (190, 30, 60)
+        path = tmp_path / "qc" / f"slide{i}.png"
+        write_png(path, qc_overlay(thumb, tissue, collagen))
+        qc[name] = path
+    plots = plot_groups(mice, groups, tmp_path / "plots" / "groups", control="control")
+    plots += plot_slides(slides, tmp_path / "plots" / "slides")
+    plots += plot_stain_qc(slides, tmp_path / "plots" / "stain_qc")
+    out = tmp_path / "report.html"
+    write_report_html(
+        out,
+        title="CCl4 + MSC study <pilot>",
+        slides=slides,
+        mice=mice,
+        groups=groups,
+        omnibus={"test": "Welch ANOVA", "statistic": 12.3, "p": 0.0042},
+        mixed={"method": "REML", "fixed": {"MSC": -3.4}, "p": 0.018, "n_mice": 6},
+        summary="MSC-treated mice had 44 % less collagen than controls (Welch p = 0.021).",
+        qc_images=qc,
+        plots=plots,
+        settings=SETTINGS,
+        provenance=PROVENANCE,
+        warnings=["1 slide failed & was left out", "stain angle high on <b>&\"x\""],
+    )
+    return out
+
+
+def test_report_html_self_contained_escaped_and_complete(report_path: Path,
+                                                         slides: pd.DataFrame) -> None:
+    text = report_path.read_text(encoding="utf-8")
+    assert text.startswith("<!DOCTYPE html>")
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", text, re.I)
+    assert "http://" not in text
+    assert "https://" not in text
+    assert "<script" not in text.lower()
+    assert NASTY not in text  # raw name never appears
+    assert html.escape(NASTY) in text
+    assert "<b>&" not in text
+    for name in slides["slide"]:
+        assert html.escape(name) in text
+    assert "truncated file &lt;EOF&gt;" in text  # failed slide with its error
+    assert text.count('<div class="card">') == (slides["status"] == "ok").sum()
+    assert text.count("data:image/jpeg;base64,") == 7  # 8 ok slides, one without overlay
+    assert text.count("data:image/png;base64,") == 3  # PNG plots preferred over SVG
+    assert "0.0213" in text  # p-values with 3 significant digits
+    assert "7.90" in text  # CPA with 2 dp
+    assert "Mouse is the experimental unit".lower() in text.lower()
+    assert "abc123" in text  # provenance
+    assert [p.name for p in report_path.parent.glob(".report.html*")] == []
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(_chromium() is None,
+                    reason="no chromium binary on PATH (apt-get install chromium) to render "
+                           "report.html")
+def test_report_html_renders_in_headless_chromium(report_path: Path, slides: pd.DataFrame,
+                                                  tmp_path: Path) -> None:
+    binary = _chromium()
+    assert binary is not None
+    common = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+              "--no-first-run", "--disable-background-networking",
+              "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+              f"--user-data-dir={tmp_path / 'chrome-profile'}"]
+    dom = subprocess.run([*common, "--dump-dom", report_path.as_uri()],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    for name in slides["slide"]:
+        assert html.escape(name, quote=False) in dom.stdout, name
+    assert "<b>&" not in dom.stdout
+    shot = tmp_path / "report.png"
+    run = subprocess.run([*common, f"--screenshot={shot}", "--window-size=1200,3000",
+                          report_path.as_uri()],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    img = cv2.imread(str(shot))
+    assert img is not None
+    assert img.shape[:2] == (3000, 1200)
+    assert img.std() > 10  # something was drawn
+
+
+def test_report_html_with_empty_tables(tmp_path: Path) -> None:
+    empty = pd.DataFrame()
+    out = tmp_path / "empty.html"
+    write_report_html(out, title="empty", slides=pd.DataFrame({"slide": []}), mice=empty,
+                      groups=empty, omnibus=None, mixed=None, summary="", qc_images={},
+                      plots=[], settings={}, provenance={}, warnings=[])
+    text = out.read_text(encoding="utf-8")
+    assert "No measured slides" in text
+    write_xlsx(tmp_path / "empty.xlsx", slides=empty, mice=empty, groups=empty, settings={},
+               provenance={})
+    assert openpyxl.load_workbook(tmp_path / "empty.xlsx").sheetnames[0] == "slides"
