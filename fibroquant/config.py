@@ -49,7 +49,9 @@ class TissueSettings(_Model):
     )
     glass_od_min: float = Field(0.04, gt=0, description="lower clip of the automatic glass OD")
     glass_od_max: float = Field(0.25, gt=0, description="upper clip of the automatic glass OD")
-    smooth_um: float = Field(1.5, ge=0, description="Gaussian sigma before the glass threshold, µm")
+    smooth_um: float = Field(
+        1.5, ge=0, description="median filter before the glass threshold: 5 px if >= 1.5 px, µm"
+    )
     min_tissue_area_um2: float = Field(
         5000.0, ge=0, description="tissue pieces smaller than this are dust/debris, µm²"
     )
@@ -58,7 +60,7 @@ class TissueSettings(_Model):
     )
     exclude_capsule: bool = Field(True, description="leave the Glisson capsule band out")
     capsule_width_um: float = Field(
-        20.0, ge=0, description="width of the band along tissue/glass edges searched, µm"
+        30.0, ge=0, description="widest capsule: edge band searched for surface collagen, µm"
     )
     exclude_folds: bool = Field(True, description="leave tissue folds (double thickness) out")
     fold_od_factor: float = Field(
@@ -108,7 +110,7 @@ class CollagenSettings(_Model):
         "relative", description="threshold scale: per-slide relative, fixed OD, or Otsu"
     )
     relative_threshold: float = Field(
-        0.4, gt=0, lt=1,
+        0.25, gt=0, lt=1,
         description="fraction of the way from the slide's parenchyma level to its collagen level",
     )
     min_contrast_od: float = Field(
@@ -117,7 +119,7 @@ class CollagenSettings(_Model):
     fixed_od: float = Field(0.25, gt=0, description="threshold for method fixed-od, OD units")
     smooth_um: float = Field(0.0, ge=0, description="Gaussian sigma on the collagen channel, µm")
     min_object_area_um2: float = Field(
-        8.0, ge=0, description="collagen specks smaller than this are dropped, µm²"
+        5.0, ge=0, description="collagen specks smaller than this are dropped, µm²"
     )
 
 

@@ -1420,3 +1420,37 @@ def write_report_html(
         + "</main></body></html>\n"
     )
     _atomic_write_bytes(Path(path), doc.encode("utf-8"))
+
+
+def write_qc(path: Path, analysis: Any, *, max_px: int = 2000) -> None:
+    """Write a slide's QC overlay: thumbnail with tissue and collagen outlines.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        PNG to write (atomically).
+    analysis : fibroquant.pipeline.SlideAnalysis
+        Its ``thumbnail`` and masks; the image is scaled so its longest side is at most
+        ``max_px`` and the masks are resized to it.
+    max_px : int
+        Longest side of the overlay, pixels.
+    """
+    thumb = analysis.thumbnail
+    mh, mw = analysis.collagen_mask.shape
+    scale = min(1.0, max_px / max(mh, mw))
+    size = (max(int(round(mw * scale)), 1), max(int(round(mh * scale)), 1))
+    if (thumb.shape[1], thumb.shape[0]) != size:
+        interp = cv2.INTER_AREA if thumb.shape[1] > size[0] else cv2.INTER_LINEAR
+        thumb = cv2.resize(thumb, size, interpolation=interp)
+
+    def fit(mask: np.ndarray) -> np.ndarray:
+        if mask.shape == (size[1], size[0]):
+            return mask
+        frac = cv2.resize(mask.astype(np.float32), size, interpolation=cv2.INTER_AREA)
+        return frac >= 0.5
+
+    overlay = qc_overlay(
+        thumb, fit(analysis.tissue_mask), fit(analysis.collagen_mask),
+        excluded_mask=fit(analysis.excluded_mask),
+    )
+    write_png(path, overlay)

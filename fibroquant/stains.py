@@ -413,3 +413,58 @@ def _od_share(od: np.ndarray, stains: StainMatrix) -> dict[str, float]:
     conc = np.maximum(od @ stains.unmixing, 0.0).sum(axis=0, dtype=np.float64)
     total = float(conc.sum()) or 1.0
     return {n: round(float(c) / total, 4) for n, c in zip(stains.names, conc)}
+
+
+def _nonneg_residual(od: np.ndarray, stains: StainMatrix) -> float:
+    """Mean relative residual of explaining OD pixels by non-negative amounts of the stains."""
+    m = stains.vectors.astype(np.float64)
+    conc = np.maximum(od @ np.linalg.pinv(m), 0.0)
+    resid = np.linalg.norm(od - conc @ m, axis=1) / np.maximum(np.linalg.norm(od, axis=1), 1e-6)
+    return float(np.mean(resid))
+
+
+def stain_fit(rgb: np.ndarray, *, od_floor: float = 0.15, max_pixels: int = 200_000
+              ) -> dict[str, float]:
+    """How well each known stain protocol explains an image's colours (lower is better).
+
+    Parameters
+    ----------
+    rgb : ndarray of uint8, shape (H, W, 3)
+        Usually a thumbnail.
+    od_floor : float
+        Pixels with a smaller OD norm (glass, pale areas) are ignored.
+    max_pixels : int
+        Pixels sampled.
+
+    Returns
+    -------
+    dict
+        Mean relative residual per protocol: ``sirius-red``, ``masson``,
+        ``masson-light-green``, ``h&e``.
+    """
+    px = np.asarray(rgb).reshape(-1, 3)
+    bg, _ = estimate_background(px)
+    od = rgb_to_od(px, bg).astype(np.float64)
+    od = od[np.linalg.norm(od, axis=1) > od_floor]
+    if len(od) > max_pixels:
+        od = od[np.random.default_rng(0).choice(len(od), max_pixels, replace=False)]
+    if len(od) < 100:
+        return {}
+    candidates = {
+        "sirius-red": StainMatrix(SIRIUS_RED.names[:2], SIRIUS_RED.vectors[:2]),
+        "masson": StainMatrix(MASSON.names[:2], MASSON.vectors[:2]),
+        "masson-light-green": StainMatrix(MASSON_LIGHT_GREEN.names[:2],
+                                          MASSON_LIGHT_GREEN.vectors[:2]),
+        "h&e": H_AND_E,
+    }
+    return {k: round(_nonneg_residual(od, v), 4) for k, v in candidates.items()}
+
+
+def guess_stain(rgb: np.ndarray) -> str:
+    """Name of the stain protocol that best explains an image's colours, or ``"unknown"``."""
+    fit = stain_fit(rgb)
+    if not fit:
+        return "unknown (too little stained tissue)"
+    best = min(fit, key=fit.__getitem__)
+    return f"{best} (residual {fit[best]:.2f}; " + ", ".join(
+        f"{k} {v:.2f}" for k, v in sorted(fit.items(), key=lambda kv: kv[1]) if k != best) + ")"

@@ -165,7 +165,6 @@ def make_section(
 
     # --- lumens: central veins and portal vessels ---------------------------------------
     lumen = np.zeros((h, w), bool)
-    lumen_sizes = []
     wobble = _smooth_noise((h, w), 6 * um, g)
     for _ in range(p.n_lumens):
         for _try in range(50):
@@ -180,7 +179,6 @@ def make_section(
         v = (-dx * np.sin(ang) + dy * np.cos(ang)) / (rad * asp)
         disc = (u * u + v * v + 0.08 * wobble) < 1.0
         lumen |= disc
-        lumen_sizes.append(rad)
     lumen &= section
     if not p.field_of_view:
         # lumens open to the edge are glass bays, not lumens; keep interior ones only
@@ -331,7 +329,7 @@ def random_params(
         blur_um=float(g.uniform(0.0, 0.6)),
         noise_sd=float(g.uniform(0.5, 3.0)),
         jpeg_quality=int(g.choice([70, 80, 90, 95])) if g.random() < 0.7 else None,
-        capsule_um=float(g.uniform(8, 25)),
+        capsule_um=float(g.uniform(4, 20)),
         n_lumens=int(g.integers(2, 7)),
         steatosis=float(g.uniform(0.0, 0.2)),
         field_of_view=bool(g.random() < 0.3),
@@ -367,10 +365,10 @@ def write_pyramid_tiff(
         prev = levels[-1]
         levels.append(cv2.resize(prev, (prev.shape[1] // 2, prev.shape[0] // 2),
                                  interpolation=cv2.INTER_AREA))
-    comp: object = None if compression == "none" else compression
+    opts: dict[str, object] = {"tile": (tile, tile), "photometric": "rgb",
+                               "compression": None if compression == "none" else compression}
     if compression == "jpeg":
-        comp = ("jpeg", quality)
-    opts = {"tile": (tile, tile), "compression": comp, "photometric": "rgb"}
+        opts["compressionargs"] = {"level": quality}
     path.parent.mkdir(parents=True, exist_ok=True)
     ppcm = 1e4 / mpp
     with tifffile.TiffWriter(path, bigtiff=rgb.size > 2**31) as tw:
@@ -382,11 +380,10 @@ def write_pyramid_tiff(
 
 
 def save_truth(path_stem: Path, truth: Truth) -> None:
-    """Save truth masks (PNG) and figures (JSON) beside a synthetic slide."""
-    for name in ("collagen", "tissue"):
-        mask = getattr(truth, f"{name}_mask")
-        ok, buf = cv2.imencode(".png", mask.astype(np.uint8) * 255)
-        Path(f"{path_stem}.truth-{name}.png").write_bytes(buf.tobytes())
+    """Save truth masks (``.truth.npz``, not an image a slide search would pick up) and JSON."""
+    Path(path_stem).parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(f"{path_stem}.truth.npz", collagen=truth.collagen_mask,
+                        tissue=truth.tissue_mask)
     info = {
         "cpa_percent": truth.cpa_percent,
         "tissue_area_mm2": truth.tissue_area_mm2,
@@ -395,3 +392,79 @@ def save_truth(path_stem: Path, truth: Truth) -> None:
         "stain_vectors": truth.stains.to_dict(),
     }
     Path(f"{path_stem}.truth.json").write_text(json.dumps(info, indent=2))
+
+
+def make_cohort(
+    out_dir: Path,
+    *,
+    stain: StainName = "sirius-red",
+    groups: tuple[str, ...] = ("control", "MSC"),
+    mice_per_group: int = 4,
+    sections_per_mouse: int = 1,
+    reduction: float = 0.4,
+    shape: tuple[int, int] = (1536, 1536),
+    mpp: float = 0.5,
+    confound: float = 1.0,
+    rng: int | np.random.Generator | None = 0,
+) -> pd.DataFrame:
+    """Write a synthetic study: slides, ``samples.csv`` and ``truth.csv``.
+
+    Parameters
+    ----------
+    out_dir : Path
+        Created if needed; slides are tiled pyramidal JPEG TIFFs with resolution tags.
+    stain : str
+        ``"sirius-red"``, ``"masson"`` or ``"masson-light-green"``.
+    groups : tuple of str
+        The first is the control group; the others get ``reduction`` less fibrosis.
+    mice_per_group, sections_per_mouse : int
+    reduction : float
+        Relative reduction of the fibrosis amount in treated groups (0.4 = 40 % less).
+    shape : tuple of int
+        Slide size in pixels; ``mpp`` µm per pixel.
+    confound : float
+        Collagen-stain intensity of treated slides relative to control (0.7 = stained 30 %
+        weaker on another day), for the batch-confounding test.
+    rng : int or Generator, optional
+
+    Returns
+    -------
+    pandas.DataFrame
+        The truth table (also written as ``truth.csv``).
+    """
+    import pandas as pd  # noqa: PLC0415
+
+    g = _rng(rng)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for gi, group in enumerate(groups):
+        for m in range(1, mice_per_group + 1):
+            mouse = f"{group}-M{m:02d}"
+            fib = float(g.uniform(0.55, 0.95)) * (1.0 - reduction if gi else 1.0)
+            for s in range(1, sections_per_mouse + 1):
+                seed = int(g.integers(0, 2**31))
+                # anatomy fixed across the study so that fibrosis drives CPA; staining and
+                # imaging vary slide by slide
+                params = random_params(seed, stain=stain, shape=shape, mpp=mpp, fibrosis=fib,
+                                       field_of_view=False, lobule_um=400.0,
+                                       septum_width_um=12.0)
+                if gi:
+                    params = replace(params,
+                                     collagen_intensity=params.collagen_intensity * confound)
+                rgb, truth = make_section(params, rng=seed)
+                name = f"{mouse}_s{s}.tif"
+                write_pyramid_tiff(out_dir / name, rgb, mpp, quality=90)
+                rows.append({
+                    "slide": name, "mouse": mouse, "group": group,
+                    "truth_cpa_percent": truth.cpa_percent,
+                    "truth_tissue_area_mm2": truth.tissue_area_mm2,
+                    "truth_collagen_area_mm2": truth.collagen_area_mm2,
+                    "collagen_intensity": params.collagen_intensity,
+                    "seed": seed,
+                })
+                save_truth(out_dir / "truth" / Path(name).stem, truth)
+    truth_df = pd.DataFrame(rows)
+    truth_df[["slide", "mouse", "group"]].to_csv(out_dir / "samples.csv", index=False)
+    truth_df.to_csv(out_dir / "truth" / "truth.csv", index=False)
+    return truth_df

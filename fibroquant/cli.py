@@ -1,0 +1,270 @@
+"""The ``fibroquant`` command line: parse, validate, call the library, print. No science here.
+
+Exit codes: 0 every slide ok; 1 some slides failed (all tables still written); 2 a usage,
+configuration or sample-sheet error (nothing measured); 3 the output folder is in use by another
+run (use ``--wait``); 130 interrupted (slides finished so far are kept).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from fibroquant import __version__
+from fibroquant.errors import ConfigError, FibroquantError, SampleSheetError, StoreLockedError
+
+app = typer.Typer(
+    name="fibroquant",
+    help="Collagen proportionate area (CPA) of Sirius red / Masson trichrome liver sections: "
+    "slides in, per-mouse tables and a treated-vs-control comparison out.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+
+class StainChoice(str, Enum):
+    """Stain protocol of the slides."""
+
+    sirius_red = "sirius-red"
+    masson = "masson"
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    return typer.Exit(code=code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"fibroquant {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log details.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show version.")
+    ] = False,
+) -> None:
+    """fibroquant: collagen proportionate area from stained liver slides."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _settings(config: Path | None, stain: StainChoice | None, analysis_mpp: float | None):
+    from fibroquant.config import load_settings
+
+    overrides: dict[str, Any] = {}
+    if stain is not None:
+        overrides.setdefault("stains", {})["stain"] = stain.value
+    if analysis_mpp is not None:
+        overrides.setdefault("tiling", {})["analysis_mpp"] = analysis_mpp
+    return load_settings(config, overrides)
+
+
+def _analyze(
+    slides_dir: Path, out_dir: Path, *, samples: Path | None, stain: StainChoice | None,
+    config: Path | None, mpp: float | None, analysis_mpp: float | None, masks: bool,
+    workers: int | None, scheduler: str | None, force: bool, wait: bool, control: str | None,
+    quiet: bool = False,
+) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fibroquant.run import analyze_folder, command_line
+
+    try:
+        settings = _settings(config, stain, analysis_mpp)
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
+    n_workers = workers or os.cpu_count() or 1
+    progress = Progress(
+        TextColumn("[bold]analyze"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.description}"), console=err, disable=quiet or not err.is_terminal,
+        transient=False,
+    )
+    task_id = None
+    failed_lines: list[str] = []
+
+    def on_plan(n: int, skipped: int) -> None:
+        nonlocal task_id
+        if not quiet:
+            err.print(f"{n} slide(s) to measure, {skipped} already measured")
+        task_id = progress.add_task("", total=n)
+
+    def on_result(rec: dict[str, Any]) -> None:
+        if rec.get("status") != "ok":
+            line = f"failed: {rec.get('error')}"
+            failed_lines.append(line)
+            progress.console.print(f"[yellow]{line}[/]", markup=True, soft_wrap=True)
+        if task_id is not None:
+            progress.update(task_id, advance=1, description=rec.get("slide", ""))
+
+    try:
+        with progress:
+            summary = analyze_folder(
+                slides_dir, out_dir, settings, samples=samples, control=control, mpp=mpp,
+                workers=n_workers, scheduler=scheduler, force=force, wait=wait, masks=masks,
+                command=command_line(), on_plan=on_plan, on_result=on_result,
+            )
+    except StoreLockedError as exc:
+        raise _fail(str(exc), 3) from None
+    except (SampleSheetError, ConfigError) as exc:
+        raise _fail(str(exc), 2) from None
+    except FibroquantError as exc:
+        raise _fail(str(exc), 2) from None
+    if not quiet:
+        err.print(
+            f"measured {summary.processed}, skipped {summary.skipped} (already measured), "
+            f"failed {summary.failed}, removed {summary.removed} in {summary.seconds:.1f} s"
+        )
+        err.print(summary.comparison, soft_wrap=True)
+        for slide, error in summary.failed_slides:
+            if not any(error in line for line in failed_lines):
+                err.print(f"[yellow]failed: {error or slide}[/]", markup=True, soft_wrap=True)
+        err.print(f"results: {out_dir / 'slides.csv'}, {out_dir / 'mice.csv'}, "
+                  f"{out_dir / 'groups.csv'}, report {out_dir / 'report.html'}")
+    if summary.interrupted:
+        err.print("interrupted: slides finished so far are stored; rerun to continue")
+    return summary.exit_code
+
+
+SlidesDir = Annotated[Path, typer.Argument(
+    exists=True, file_okay=False, dir_okay=True, readable=True, resolve_path=True,
+    help="Folder of slides (searched recursively).")]
+
+
+@app.command()
+def analyze(
+    slides_dir: SlidesDir,
+    out: Annotated[Path, typer.Option("--out", "-o", file_okay=False, resolve_path=True,
+                                      help="Output folder (tables, masks, QC, report, store).")],
+    samples: Annotated[Path | None, typer.Option(
+        exists=True, dir_okay=False, readable=True, resolve_path=True,
+        help="Sample sheet CSV: slide,mouse,group (+ extra columns).")] = None,
+    stain: Annotated[StainChoice | None, typer.Option(
+        help="Stain of the slides (default from config: sirius-red).")] = None,
+    config: Annotated[Path | None, typer.Option(
+        exists=True, dir_okay=False, readable=True, help="YAML settings file.")] = None,
+    mpp: Annotated[float | None, typer.Option(
+        min=0.01, max=100.0, help="µm per pixel for slides whose files lack it.")] = None,
+    analysis_mpp: Annotated[float | None, typer.Option(
+        min=0.05, max=100.0, help="Analysis resolution in µm per pixel (native when unset).")]
+    = None,
+    masks: Annotated[bool, typer.Option("--masks", help="Write collagen/tissue mask PNGs.")]
+    = False,
+    workers: Annotated[int | None, typer.Option(
+        min=1, help="Parallel workers (default: all cores).")] = None,
+    scheduler: Annotated[str | None, typer.Option(
+        help="Dask scheduler address, e.g. tcp://10.0.0.5:8786.")] = None,
+    control: Annotated[str | None, typer.Option(
+        help="Control group name (default: the group called 'control').")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Re-measure every slide.")] = False,
+    wait: Annotated[bool, typer.Option(
+        "--wait", help="Wait for another run using OUT instead of exiting.")] = False,
+) -> None:
+    """Measure CPA on every new or changed slide and write the study tables and report."""
+    code = _analyze(
+        slides_dir, out, samples=samples, stain=stain, config=config, mpp=mpp,
+        analysis_mpp=analysis_mpp, masks=masks, workers=workers, scheduler=scheduler,
+        force=force, wait=wait, control=control,
+    )
+    raise typer.Exit(code=code)
+
+
+def bundled_samples() -> Path | None:
+    """The repository's ``sample_slides/`` folder, when running from a checkout."""
+    here = Path(__file__).resolve().parents[1] / "sample_slides"
+    return here if (here / "samples.csv").is_file() else None
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", file_okay=False, resolve_path=True,
+                                      help="Output folder.")] = Path("fibroquant-demo"),
+    workers: Annotated[int | None, typer.Option(min=1, help="Parallel workers.")] = None,
+) -> None:
+    """Analyse the bundled synthetic study (4 control + 4 MSC-treated mice) and show where."""
+    slides = bundled_samples()
+    if slides is None:
+        from fibroquant.synthetic import make_cohort
+
+        slides = out / "sample_slides"
+        err.print(f"no bundled sample_slides/ found: generating a synthetic study in {slides}")
+        make_cohort(slides, rng=0)
+    code = _analyze(
+        slides, out / "results", samples=slides / "samples.csv", stain=None, config=None,
+        mpp=None, analysis_mpp=None, masks=True, workers=workers, scheduler=None, force=False,
+        wait=True, control="control",
+    )
+    truth = slides / "truth" / "truth.csv"
+    if truth.is_file():
+        import pandas as pd
+
+        t = pd.read_csv(truth)
+        got = pd.read_csv(out / "results" / "slides.csv")
+        m = t.merge(got, on="slide")
+        if len(m):
+            mae = (m["cpa_percent"] - m["truth_cpa_percent"]).abs().mean()
+            err.print(f"synthetic truth: mean absolute CPA error {mae:.2f} pp over {len(m)} slides")
+    err.print(f"open {out / 'results' / 'report.html'} in a browser")
+    raise typer.Exit(code=code)
+
+
+@app.command()
+def inspect(
+    slide: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True,
+                                          help="A slide or image file.")],
+    mpp: Annotated[float | None, typer.Option(min=0.01, help="µm per pixel override.")] = None,
+    stain: Annotated[StainChoice | None, typer.Option(help="Expected stain.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show a slide's format, size, levels, µm per pixel and a stain guess."""
+    from fibroquant.slides import inspect_slide
+
+    try:
+        info = inspect_slide(slide, mpp=mpp)
+        info["stain_guess"] = _stain_guess(slide, mpp, info)
+    except FibroquantError as exc:
+        raise _fail(str(exc), 2) from None
+    if as_json:
+        out.print_json(json.dumps(info, default=str))
+        return
+    for key, value in info.items():
+        if key == "levels":
+            for i, lev in enumerate(value):
+                out.print(f"  level {i}: {lev['shape'][1]} x {lev['shape'][0]} px, "
+                          f"downsample {lev['downsample']:.2f}, mpp {lev['mpp']}")
+        else:
+            out.print(f"{key}: {value}")
+
+
+def _stain_guess(path: Path, mpp: float | None, info: dict[str, Any]) -> str:
+    """Which preset best explains a slide's colours (from a small thumbnail)."""
+    import numpy as np
+
+    from fibroquant.slides import open_slide
+    from fibroquant.stains import guess_stain
+
+    with open_slide(path, mpp=mpp if mpp else (info.get("mpp") or 1.0)) as sl:
+        mpp0 = sl.mpp or 1.0
+        longest = max(sl.levels[0].shape) * mpp0
+        thumb = sl.thumbnail(max(mpp0, longest / 1024))
+    return guess_stain(np.asarray(thumb))
+
+
+def run() -> None:  # pragma: no cover - console entry alternative
+    """Entry point used by ``python -m fibroquant``."""
+    app(prog_name="fibroquant")

@@ -1,0 +1,249 @@
+"""Fast per-pixel kernels for the tile loop (numba, with a numpy fallback).
+
+The reference for everything here is :func:`fibroquant.pipeline.collagen_concentration`::
+
+    conc = lut[0][r] * u[0] + lut[1][g] * u[1] + lut[2][b] * u[2]      # float32 throughout
+
+The kernels compute exactly that, bit for bit: the three products ``lut[c][v] * u[c]`` are
+tabulated once per call (768 float32 multiplies, the same rounding as the reference), and each
+pixel is two float32 additions of table entries in the reference's order, compiled without
+``fastmath`` (so no re-association and no fused multiply-add). One pass over the tile, no
+temporaries, and the GIL is released (``nogil=True``), so tiles on a thread pool scale with cores.
+
+Public API
+----------
+``collagen_concentration_fast(rgb, lut, unmix_col)``
+    Drop-in for :func:`fibroquant.pipeline.collagen_concentration`.
+``collagen_concentration_and_mask(rgb, lut, unmix_col, threshold, tissue)``
+    The same map plus ``(conc > threshold) & tissue`` in the same pass.
+``warmup()``
+    Compile (or load from numba's on-disk cache) once, before starting worker threads.
+``HAVE_NUMBA``
+    False when numba is missing or disabled; the functions then call the numpy reference.
+
+Compilation happens once per process on first use (or in :func:`warmup`); with ``cache=True``
+later processes (process pools, Dask workers) load the machine code from ``__pycache__`` in
+tens of milliseconds instead of compiling. Nothing is compiled per tile.
+
+A 256³ RGB → collagen lookup table (16 MiB, one read per pixel) was measured as an
+alternative to the fused mask and is slower on this code path; see ``benchmarks/README.md``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import numpy as np
+
+try:  # numba is a dependency, but keep the package usable without it
+    import numba as _numba
+except ImportError:  # pragma: no cover - exercised only without numba
+    _numba = None
+
+HAVE_NUMBA = _numba is not None and os.environ.get("NUMBA_DISABLE_JIT", "0") in ("", "0")
+
+
+def _jit(fn: Any) -> Any:
+    """``numba.njit(nogil=True, cache=True, fastmath=False)``; no disk cache if unwritable."""
+    if _numba is None:  # pragma: no cover
+        return None
+    try:
+        return _numba.njit(nogil=True, cache=True, fastmath=False)(fn)
+    except RuntimeError:  # "cannot cache function ... no locator available" (read-only install)
+        return _numba.njit(nogil=True, cache=False, fastmath=False)(fn)
+
+
+def _conc_py(rgb: np.ndarray, tables: np.ndarray, out: np.ndarray) -> None:
+    t0 = tables[0]
+    t1 = tables[1]
+    t2 = tables[2]
+    h, w = out.shape
+    for i in range(h):
+        for j in range(w):
+            out[i, j] = t0[rgb[i, j, 0]] + t1[rgb[i, j, 1]] + t2[rgb[i, j, 2]]
+
+
+def _conc_mask_py(
+    rgb: np.ndarray, tables: np.ndarray, threshold: np.float32, tissue: np.ndarray,
+    out: np.ndarray, mask: np.ndarray,
+) -> None:
+    t0 = tables[0]
+    t1 = tables[1]
+    t2 = tables[2]
+    h, w = out.shape
+    for i in range(h):
+        for j in range(w):
+            c = t0[rgb[i, j, 0]] + t1[rgb[i, j, 1]] + t2[rgb[i, j, 2]]
+            out[i, j] = c
+            mask[i, j] = (c > threshold) & tissue[i, j]
+
+
+_conc_nb = _jit(_conc_py)
+_conc_mask_nb = _jit(_conc_mask_py)
+
+_warm_lock = threading.Lock()
+_warm = False
+
+
+def warmup() -> bool:
+    """Compile (or load from cache) the kernels for C-ordered and strided tiles, once.
+
+    Safe to call from several threads; returns :data:`HAVE_NUMBA`.
+    """
+    global _warm
+    if not HAVE_NUMBA or _warm:
+        return HAVE_NUMBA
+    with _warm_lock:
+        if _warm:
+            return True
+        tables = np.zeros((3, 256), np.float32)
+        for rgb in (np.zeros((2, 2, 3), np.uint8), np.zeros((2, 4, 3), np.uint8)[:, ::2]):
+            out = np.empty((2, 2), np.float32)
+            _conc_nb(rgb, tables, out)
+            for tissue in (np.ones((2, 2), bool), np.ones((2, 4), bool)[:, ::2]):
+                _conc_mask_nb(rgb, tables, np.float32(0), tissue, out, np.empty((2, 2), bool))
+        _warm = True
+    return True
+
+
+def scaled_tables(lut: np.ndarray, unmix_col: np.ndarray) -> np.ndarray:
+    """``tables[c, v] = lut[c, v] * unmix_col[c]`` in float32 (the reference's products).
+
+    Parameters
+    ----------
+    lut : ndarray of float32, shape (3, 256)
+        Optical density per channel value, from :func:`fibroquant.stains.od_lut`.
+    unmix_col : ndarray of float32, shape (3,)
+        Column of the unmixing matrix for the collagen stain (OD → concentration).
+
+    Returns
+    -------
+    ndarray of float32, shape (3, 256), C-contiguous
+    """
+    return np.ascontiguousarray(lut * unmix_col[:, None], dtype=np.float32)
+
+
+def _fast_ok(rgb: np.ndarray, lut: np.ndarray, unmix_col: np.ndarray) -> bool:
+    """Inputs for which the kernel reproduces the reference exactly."""
+    return (
+        HAVE_NUMBA
+        and isinstance(rgb, np.ndarray)
+        and rgb.dtype == np.uint8
+        and rgb.ndim == 3
+        and rgb.shape[2] == 3
+        and isinstance(lut, np.ndarray)
+        and lut.dtype == np.float32
+        and lut.shape == (3, 256)
+        and isinstance(unmix_col, np.ndarray)
+        and unmix_col.dtype == np.float32
+        and unmix_col.shape == (3,)
+    )
+
+
+def _reference(rgb: np.ndarray, lut: np.ndarray, unmix_col: np.ndarray) -> np.ndarray:
+    from fibroquant.pipeline import collagen_concentration  # noqa: PLC0415 - avoid a cycle
+
+    return collagen_concentration(rgb, lut, unmix_col)
+
+
+def collagen_concentration_fast(
+    rgb: np.ndarray, lut: np.ndarray, unmix_col: np.ndarray
+) -> np.ndarray:
+    """Collagen stain concentration of a uint8 RGB tile, float32 OD units (one fused pass).
+
+    Same result as :func:`fibroquant.pipeline.collagen_concentration`, bit for bit, for
+    uint8 ``(H, W, 3)`` tiles of any strides with a float32 ``lut`` and ``unmix_col``; other
+    inputs (and machines without numba) are handed to that reference function.
+
+    Parameters
+    ----------
+    rgb : ndarray of uint8, shape (H, W, 3)
+        Transmitted-light tile (need not be contiguous).
+    lut : ndarray of float32, shape (3, 256)
+        OD per channel value, from :func:`fibroquant.stains.od_lut` (OD units).
+    unmix_col : ndarray of float32, shape (3,)
+        Collagen column of the unmixing matrix (concentration per OD unit).
+
+    Returns
+    -------
+    ndarray of float32, shape (H, W)
+        Collagen concentration, OD units (may be slightly negative from noise).
+    """
+    if not _fast_ok(rgb, lut, unmix_col):
+        return _reference(rgb, lut, unmix_col)
+    out = np.empty(rgb.shape[:2], np.float32)
+    if out.size:
+        _conc_nb(rgb, scaled_tables(lut, unmix_col), out)
+    return out
+
+
+def threshold_as_float32(conc_dtype: np.dtype, threshold: float) -> np.float32:
+    """A float32 ``T`` with ``x > T`` ⇔ numpy's ``x > threshold`` for every float32 ``x``.
+
+    numpy compares a float32 array with a Python float in float32 (NEP 50: the scalar is cast
+    to float32, round to nearest), but with a ``np.float64`` scalar in float64. For the latter
+    the equivalent float32 bound is ``threshold`` rounded *down* to float32.
+    """
+    if np.result_type(conc_dtype, threshold) == np.float32:
+        return np.float32(threshold)
+    t64 = np.float64(threshold)
+    with np.errstate(over="ignore"):
+        t32 = np.float32(t64)
+    if np.isfinite(t32) and np.float64(t32) > t64:
+        t32 = np.nextafter(t32, np.float32(-np.inf))
+    elif not np.isfinite(t32) and np.isfinite(t64):  # beyond float32 range
+        t32 = np.float32(np.finfo(np.float32).max if t64 > 0 else -np.inf)
+    return np.float32(t32)
+
+
+def collagen_concentration_and_mask(
+    rgb: np.ndarray, lut: np.ndarray, unmix_col: np.ndarray, threshold: float,
+    tissue: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Collagen concentration and ``(conc > threshold) & tissue`` in one pass.
+
+    Parameters
+    ----------
+    rgb, lut, unmix_col
+        As for :func:`collagen_concentration_fast`.
+    threshold : float
+        Collagen threshold, OD units (e.g. ``CollagenThreshold.threshold_od``); compared with
+        exactly numpy's semantics for ``conc > threshold``.
+    tissue : ndarray of bool, shape (H, W)
+        Tissue mask of the tile (need not be contiguous).
+
+    Returns
+    -------
+    conc : ndarray of float32, shape (H, W)
+        Collagen concentration, OD units.
+    mask : ndarray of bool, shape (H, W)
+        Thresholded collagen inside tissue (before speck removal), i.e. what
+        :func:`fibroquant.collagen.segment_collagen` computes before ``remove_small_objects``
+        when ``smooth_um`` is 0.
+    """
+    tissue = np.asarray(tissue)
+    if (
+        not _fast_ok(rgb, lut, unmix_col)
+        or tissue.dtype != np.bool_
+        or tissue.shape != rgb.shape[:2]
+    ):
+        conc = collagen_concentration_fast(rgb, lut, unmix_col)
+        return conc, (conc > threshold) & tissue
+    out = np.empty(rgb.shape[:2], np.float32)
+    mask = np.empty(rgb.shape[:2], bool)
+    if out.size:
+        thr = threshold_as_float32(out.dtype, threshold)
+        _conc_mask_nb(rgb, scaled_tables(lut, unmix_col), thr, tissue, out, mask)
+    return out, mask
+
+
+__all__ = [
+    "HAVE_NUMBA",
+    "collagen_concentration_and_mask",
+    "collagen_concentration_fast",
+    "scaled_tables",
+    "threshold_as_float32",
+    "warmup",
+]

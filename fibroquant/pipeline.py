@@ -1,0 +1,606 @@
+"""One slide from file to measurements: tissue, stain calibration, tile streaming, counts.
+
+:func:`analyze_slide` is pure apart from reading the slide: it returns a :class:`SlideAnalysis`
+(a flat record for ``slides.csv`` plus low-resolution masks for QC). :func:`run_slide` is the task
+unit that local process pools and Dask workers run: it analyses a slide, writes its masks and QC
+overlay, and turns any error into a ``failed`` record, so one bad slide never stops a run.
+
+Memory is bounded by the tile size, not the slide size: the tissue mask comes from a thumbnail,
+and only tiles that touch tissue are read, one (plus its halo) per worker thread at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import traceback
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from fibroquant import __version__
+from fibroquant.collagen import CollagenThreshold, calibrate_threshold, segment_collagen
+from fibroquant.config import Settings
+from fibroquant.errors import FibroquantError, SlideReadError
+from fibroquant.measure import Measurements, TileCounts
+from fibroquant.slides import Slide, open_slide, require_mpp
+from fibroquant.stains import (
+    StainEstimate,
+    StainMatrix,
+    angle_deg,
+    estimate_background,
+    estimate_stains,
+    od_lut,
+    preset_for,
+    rgb_to_od,
+)
+from fibroquant.tissue import TissueMask, detect_tissue, with_capsule, with_folds
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SlideAnalysis:
+    """Everything measured on one slide.
+
+    Attributes
+    ----------
+    record : dict
+        Flat row of ``slides.csv`` (without the sample-sheet columns).
+    collagen_mask, tissue_mask : ndarray of bool
+        At ``mask_mpp`` (the analysis resolution unless the slide is too large for it).
+    excluded_mask : ndarray of bool
+        Lumens, folds and capsule at ``mask_mpp``.
+    mask_mpp : float
+    thumbnail : ndarray of uint8
+        RGB image of the slide at ``mask_mpp`` or coarser, for QC overlays.
+    """
+
+    record: dict[str, Any]
+    collagen_mask: np.ndarray
+    tissue_mask: np.ndarray
+    excluded_mask: np.ndarray
+    mask_mpp: float
+    thumbnail: np.ndarray = field(repr=False)
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """Where the analysis image sits in the slide."""
+
+    level: int
+    level_mpp: float
+    analysis_mpp: float
+    scale: float  # analysis px per level px (<= 1)
+    height: int  # analysis image size
+    width: int
+    mask_factor: int  # analysis px per mask px
+
+
+def plan_geometry(slide: Slide, analysis_mpp: float | None, mask_max_mpx: float) -> _Geometry:
+    """Pick the pyramid level for an analysis resolution and the mask resolution.
+
+    The level is the coarsest one at least as fine as ``analysis_mpp`` (so it is only ever
+    downsampled); when ``analysis_mpp`` is finer than the slide, the slide's own resolution is
+    used.
+    """
+    mpp0 = require_mpp(slide)
+    target = mpp0 if analysis_mpp is None else max(analysis_mpp, mpp0)
+    best = 0
+    for i, lev in enumerate(slide.levels):
+        if lev.mpp is not None and lev.mpp <= target * (1 + 1e-3):
+            best = i
+    lev = slide.levels[best]
+    level_mpp = lev.mpp if lev.mpp is not None else mpp0
+    scale = min(level_mpp / target, 1.0)
+    if abs(scale - 1.0) < 1e-3:
+        scale = 1.0
+    h = max(int(round(lev.shape[0] * scale)), 1)
+    w = max(int(round(lev.shape[1] * scale)), 1)
+    factor = max(1, math.ceil(math.sqrt(h * w / (mask_max_mpx * 1e6))))
+    return _Geometry(best, level_mpp, level_mpp / scale, scale, h, w, factor)
+
+
+def _read_analysis(slide: Slide, geo: _Geometry, y: int, x: int, h: int, w: int) -> np.ndarray:
+    """Read a rectangle in analysis coordinates (uint8 RGB)."""
+    if geo.scale == 1.0:
+        return slide.read_region(geo.level, y, x, h, w)
+    ly0 = math.floor(y / geo.scale)
+    lx0 = math.floor(x / geo.scale)
+    ly1 = math.ceil((y + h) / geo.scale)
+    lx1 = math.ceil((x + w) / geo.scale)
+    region = slide.read_region(geo.level, ly0, lx0, ly1 - ly0, lx1 - lx0)
+    return cv2.resize(region, (w, h), interpolation=cv2.INTER_AREA)
+
+
+def _index_map(start: int, stop: int, factor: float, size: int) -> np.ndarray:
+    """Rows (or columns) of a low-resolution mask under analysis pixels start..stop."""
+    idx = np.floor((np.arange(start, stop) + 0.5) / factor).astype(np.intp)
+    return np.clip(idx, 0, size - 1)
+
+
+def _lookup(mask: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    return mask[np.ix_(rows, cols)]
+
+
+def _tile_grid(geo: _Geometry, tile: int) -> list[tuple[int, int, int, int]]:
+    tile = max(tile - tile % geo.mask_factor, geo.mask_factor)
+    return [
+        (y, x, min(y + tile, geo.height), min(x + tile, geo.width))
+        for y in range(0, geo.height, tile)
+        for x in range(0, geo.width, tile)
+    ]
+
+
+@dataclass(frozen=True)
+class _TileJob:
+    geo: _Geometry
+    tissue: TissueMask
+    fy: float
+    fx: float
+    lut: np.ndarray
+    unmix_col: np.ndarray  # (3,) float32
+    threshold: float
+    settings: Settings
+
+
+def _tile_masks(job: _TileJob, y0: int, x0: int, y1: int, x1: int, halo: int):
+    th, tw = job.tissue.tissue.shape
+    rows = _index_map(y0 - halo, y1 + halo, job.fy, th)
+    cols = _index_map(x0 - halo, x1 + halo, job.fx, tw)
+    return rows, cols
+
+
+def collagen_concentration(rgb: np.ndarray, lut: np.ndarray, unmix_col: np.ndarray) -> np.ndarray:
+    """Collagen stain concentration of a uint8 RGB tile (float32, OD units).
+
+    Reference implementation: lookup-table OD per channel, then one dot product.
+    """
+    return (
+        lut[0][rgb[..., 0]] * unmix_col[0]
+        + lut[1][rgb[..., 1]] * unmix_col[1]
+        + lut[2][rgb[..., 2]] * unmix_col[2]
+    )
+
+
+def _process_tile(
+    slide: Slide, job: _TileJob, box: tuple[int, int, int, int]
+) -> tuple[tuple[int, int, int, int], TileCounts, np.ndarray, np.ndarray, np.ndarray] | None:
+    y0, x0, y1, x1 = box
+    rows_c = _index_map(y0, y1, job.fy, job.tissue.tissue.shape[0])
+    cols_c = _index_map(x0, x1, job.fx, job.tissue.tissue.shape[1])
+    section_core = _lookup(job.tissue.section, rows_c, cols_c)
+    if not section_core.any():
+        return None
+    halo = job.settings.tiling.halo_px
+    rows, cols = _tile_masks(job, y0, x0, y1, x1, halo)
+    tissue_pad = _lookup(job.tissue.tissue, rows, cols)
+    core = (slice(halo, halo + y1 - y0), slice(halo, halo + x1 - x0))
+    lumen = _lookup(job.tissue.lumen, rows_c, cols_c)
+    fold = _lookup(job.tissue.fold, rows_c, cols_c)
+    if not tissue_pad[core].any():
+        counts = TileCounts(lumen_px=int(lumen.sum()), fold_px=int(fold.sum()))
+        empty = np.zeros((y1 - y0, x1 - x0), bool)
+        return box, counts, empty, empty, lumen | fold
+    rgb = _read_analysis(slide, job.geo, y0 - halo, x0 - halo, y1 - y0 + 2 * halo, x1 - x0 + 2 * halo)
+    conc = collagen_concentration(rgb, job.lut, job.unmix_col)
+    collagen = segment_collagen(
+        conc, tissue_pad, job.threshold, job.geo.analysis_mpp, job.settings.collagen
+    )[core]
+    tissue = tissue_pad[core]
+    band = _lookup(job.tissue.capsule_band, rows_c, cols_c)
+    wall = _lookup(job.tissue.vessel_wall, rows_c, cols_c)
+    capsule = collagen & band
+    wall_px = wall & tissue & ~capsule
+    collagen = collagen & ~capsule & ~wall_px
+    tissue = tissue & ~capsule & ~wall_px
+    counts = TileCounts(
+        tissue_px=int(np.count_nonzero(tissue)),
+        collagen_px=int(np.count_nonzero(collagen)),
+        collagen_od_sum=float(conc[core][collagen].sum(dtype=np.float64)),
+        capsule_px=int(np.count_nonzero(capsule)),
+        lumen_px=int(np.count_nonzero(lumen)),
+        fold_px=int(np.count_nonzero(fold)),
+        wall_px=int(np.count_nonzero(wall_px)),
+    )
+    return box, counts, collagen, tissue, capsule | wall_px | lumen | fold
+
+
+def _block_reduce(mask: np.ndarray, f: int) -> np.ndarray:
+    if f == 1:
+        return mask
+    h, w = mask.shape
+    hh, ww = -(-h // f) * f, -(-w // f) * f
+    padded = np.zeros((hh, ww), np.float32)
+    padded[:h, :w] = mask
+    frac = padded.reshape(hh // f, f, ww // f, f).mean(axis=(1, 3))
+    return frac >= 0.5
+
+
+def _calibration_pixels(
+    slide: Slide, geo: _Geometry, tissue: TissueMask, fy: float, fx: float,
+    boxes: list[tuple[int, int, int, int]], n_pixels: int,
+) -> np.ndarray:
+    """uint8 RGB (N, 3) of tissue pixels at analysis resolution, spread over the slide."""
+    th, tw = tissue.tissue.shape
+    with_tissue = []
+    for box in boxes:
+        y0, x0, y1, x1 = box
+        rows = _index_map(y0, y1, fy, th)
+        cols = _index_map(x0, x1, fx, tw)
+        frac = float(_lookup(tissue.tissue, rows[:: 8], cols[:: 8]).mean())
+        if frac > 0:
+            with_tissue.append((box, rows, cols))
+    if not with_tissue:
+        return np.zeros((0, 3), np.uint8)
+    per_tile = max((b[2] - b[0]) * (b[3] - b[1]) for b, _, _ in with_tissue)
+    n_tiles = min(len(with_tissue), max(8, math.ceil(2 * n_pixels / per_tile)))
+    pick = np.unique(np.linspace(0, len(with_tissue) - 1, n_tiles).round().astype(int))
+    chunks = []
+    for i in pick:
+        (y0, x0, y1, x1), rows, cols = with_tissue[i]
+        rgb = _read_analysis(slide, geo, y0, x0, y1 - y0, x1 - x0)
+        chunks.append(rgb[_lookup(tissue.tissue, rows, cols)])
+    px = np.concatenate(chunks)
+    if len(px) > n_pixels:
+        rng = np.random.default_rng(0)
+        px = px[np.sort(rng.choice(len(px), n_pixels, replace=False))]
+    return px
+
+
+def stain_warnings(est: StainEstimate, preset: StainMatrix, thr: CollagenThreshold) -> list[str]:
+    """Plain-language stain QC warnings for one slide."""
+    out = list(est.warnings)
+    col = preset.collagen
+    share = est.od_share.get(col, 0.0)
+    if thr.note:
+        out.append(thr.note)
+    if share < 0.005:
+        out.append(f"almost no {col} signal ({100 * share:.1f} % of stain OD): wrong stain?")
+    return out
+
+
+def analyze_slide(
+    path: str | Path,
+    settings: Settings,
+    *,
+    mpp: float | None = None,
+    fallback_mpp: float | None = None,
+    workers: int = 1,
+    slide: Slide | None = None,
+) -> SlideAnalysis:
+    """Measure collagen proportionate area on one slide.
+
+    Parameters
+    ----------
+    path : str or Path
+        Slide file (ignored when ``slide`` is given, except for naming).
+    settings : Settings
+    mpp : float, optional
+        Level-0 µm per pixel overriding the file's metadata (a sample-sheet ``mpp`` column).
+    fallback_mpp : float, optional
+        Level-0 µm per pixel for files without resolution metadata (``--mpp``).
+    workers : int
+        Threads over tiles.
+    slide : Slide, optional
+        An already open slide (e.g. :class:`fibroquant.slides.ArraySlide` in tests).
+
+    Returns
+    -------
+    SlideAnalysis
+
+    Raises
+    ------
+    FibroquantError
+        Unreadable slide, missing resolution, no tissue.
+    """
+    t_start = time.perf_counter()
+    own = slide is None
+    sl = open_slide(path, mpp=mpp) if slide is None else slide
+    if own and sl.mpp is None and fallback_mpp is not None:
+        sl.close()
+        sl = open_slide(path, mpp=fallback_mpp)
+    try:
+        return _analyze(sl, settings, workers, t_start)
+    finally:
+        if own:
+            sl.close()
+
+
+def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> SlideAnalysis:
+    name = sl.path.name
+    geo = plan_geometry(sl, settings.tiling.analysis_mpp, settings.tiling.mask_max_mpx)
+    extent_um = (sl.levels[0].shape[0] * require_mpp(sl), sl.levels[0].shape[1] * require_mpp(sl))
+    tissue_mpp = settings.tissue.tissue_mpp or max(
+        geo.analysis_mpp,
+        math.sqrt(extent_um[0] * extent_um[1] / (settings.tissue.max_thumbnail_mpx * 1e6)),
+    )
+    thumb = sl.thumbnail(tissue_mpp)
+    thumb_mpp = extent_um[1] / thumb.shape[1]
+    background, bg_source = _background(thumb, settings)
+    tissue = detect_tissue(thumb, thumb_mpp, settings.tissue, background)
+    if settings.stains.background_rgb is None:
+        glass = ~tissue.section
+        bg2, src2 = estimate_background(thumb, glass_mask=glass)
+        if src2 == "glass":
+            background, bg_source = bg2, src2
+            tissue = detect_tissue(thumb, thumb_mpp, settings.tissue, background)
+    if not tissue.tissue.any():
+        msg = f"{name}: no tissue found (glass threshold {tissue.glass_od:.3f} OD)"
+        raise FibroquantError(msg)
+    fy = geo.height / thumb.shape[0]
+    fx = geo.width / thumb.shape[1]
+    boxes = _tile_grid(geo, settings.tiling.tile_px)
+
+    preset = preset_for(settings.stains).with_background(background)
+    sample = _calibration_pixels(sl, geo, tissue, fy, fx, boxes, settings.stains.sample_pixels)
+    od_sample = rgb_to_od(sample, background)
+    est = estimate_stains(od_sample, preset, settings.stains)
+    stains = est.stains
+    conc_sample = od_sample @ stains.unmixing
+    pos = np.maximum(conc_sample, 0)
+    share = pos[:, stains.collagen_index] / np.maximum(pos.sum(axis=1), 1e-6)
+    thr = calibrate_threshold(conc_sample[:, stains.collagen_index], share, settings.collagen)
+    thumb_conc = rgb_to_od(thumb, background) @ stains.unmixing
+    if len(stains.names) > 1:
+        tissue = with_folds(tissue, thumb_conc[..., 1], settings.tissue)
+    tissue = with_capsule(tissue, thumb_conc[..., stains.collagen_index] > thr.threshold_od)
+
+    job = _TileJob(
+        geo, tissue, fy, fx, od_lut(background), stains.unmixing[:, stains.collagen_index].copy(),
+        thr.threshold_od, settings,
+    )
+    f = geo.mask_factor
+    mh, mw = -(-geo.height // f), -(-geo.width // f)
+    collagen_m = np.zeros((mh, mw), bool)
+    tissue_m = np.zeros((mh, mw), bool)
+    excluded_m = np.zeros((mh, mw), bool)
+    total = TileCounts()
+    for out in _map_tiles(sl, job, boxes, workers):
+        if out is None:
+            continue
+        (y0, x0, y1, x1), counts, col, tis, exc = out
+        total = total + counts
+        sy, sx = y0 // f, x0 // f
+        c = _block_reduce(col, f)
+        collagen_m[sy : sy + c.shape[0], sx : sx + c.shape[1]] = c
+        tissue_m[sy : sy + c.shape[0], sx : sx + c.shape[1]] = _block_reduce(tis, f)
+        excluded_m[sy : sy + c.shape[0], sx : sx + c.shape[1]] = _block_reduce(exc, f)
+    meas = Measurements.from_counts(total, geo.analysis_mpp)
+    warnings = stain_warnings(est, preset, thr)
+    if total.tissue_px == 0:
+        msg = f"{name}: no countable tissue left after exclusions"
+        raise FibroquantError(msg)
+    mask_mpp = geo.analysis_mpp * f
+    qc = thumb if thumb_mpp >= mask_mpp * 0.999 else sl.thumbnail(mask_mpp)
+    col_idx = stains.collagen_index
+    record: dict[str, Any] = {
+        "status": "ok",
+        "error": "",
+        "stain": settings.stains.stain.value,
+        "format": sl.format,
+        "mpp": require_mpp(sl),
+        "analysis_mpp": geo.analysis_mpp,
+        "level": geo.level,
+        "width_px": geo.width,
+        "height_px": geo.height,
+        "mask_mpp": mask_mpp,
+        **{k: getattr(meas, k) for k in meas.__dataclass_fields__},
+        "glass_od": tissue.glass_od,
+        "background_rgb": json.dumps([round(b, 1) for b in background]),
+        "background_source": bg_source,
+        "stain_source": est.source,
+        "stain_vectors": json.dumps(stains.to_dict()),
+        "stain_angle_deg": round(angle_deg(stains.vectors[col_idx], preset.vectors[col_idx]), 2),
+        "stain_angles_deg": json.dumps(est.angles_deg),
+        "collagen_od_share": est.od_share.get(stains.collagen, 0.0),
+        "threshold_method": thr.method,
+        "threshold_od": thr.threshold_od,
+        "parenchyma_od": thr.parenchyma_od,
+        "collagen_level_od": thr.collagen_level_od,
+        "stain_warning": "; ".join(warnings),
+        "seconds": round(time.perf_counter() - t_start, 3),
+        "version": __version__,
+    }
+    return SlideAnalysis(record, collagen_m, tissue_m, excluded_m, mask_mpp, qc)
+
+
+def _background(thumb: np.ndarray, settings: Settings) -> tuple[tuple[float, float, float], str]:
+    if settings.stains.background_rgb is not None:
+        return settings.stains.background_rgb, "config"
+    return estimate_background(thumb)
+
+
+def _map_tiles(slide: Slide, job: _TileJob, boxes: list, workers: int) -> Iterator[Any]:
+    if workers <= 1 or len(boxes) < 2:
+        for box in boxes:
+            yield _process_tile(slide, job, box)
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        # bounded in-flight window keeps memory independent of slide size
+        window = 2 * workers
+        it = iter(boxes)
+        pending = [pool.submit(_process_tile, slide, job, b) for b, _ in zip(it, range(window))]
+        while pending:
+            fut = pending.pop(0)
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append(pool.submit(_process_tile, slide, job, nxt))
+            yield fut.result()
+
+
+# ------------------------------------------------------------------------------------------
+# Task unit for pools and clusters
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SlideTask:
+    """One slide to analyse, as sent to a worker."""
+
+    path: str
+    slide: str  # relative name in the slides folder
+    fingerprint: str
+    mpp: float | None
+    fallback_mpp: float | None
+    settings_json: str
+    out_dir: str
+    write_masks: bool
+    threads: int = 1
+
+
+def failed_record(task: SlideTask, error: str) -> dict[str, Any]:
+    """A ``failed`` row for a slide that could not be measured."""
+    return {"slide": task.slide, "fingerprint": task.fingerprint, "status": "failed",
+            "error": error, "version": __version__}
+
+
+def run_slide(task: SlideTask) -> dict[str, Any]:
+    """Analyse one slide and write its masks and QC overlay; never raises for slide problems.
+
+    Returns
+    -------
+    dict
+        The slide's record, ``status`` ``ok`` or ``failed`` with a one-line ``error``.
+    """
+    from fibroquant import report  # local: keeps workers' import light until needed
+
+    settings = Settings.model_validate_json(task.settings_json)
+    try:
+        analysis = analyze_slide(
+            task.path, settings, mpp=task.mpp, fallback_mpp=task.fallback_mpp,
+            workers=task.threads,
+        )
+    except FibroquantError as exc:
+        return failed_record(task, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    except MemoryError:
+        return failed_record(task, f"{Path(task.path).name}: out of memory")
+    except Exception as exc:  # a bug or an unforeseen file problem: record it, carry on
+        logger.debug("unexpected error on %s:\n%s", task.path, traceback.format_exc())
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        return failed_record(
+            task, f"{Path(task.path).name}: unexpected {type(exc).__name__}: {detail}"[:500]
+        )
+    out = Path(task.out_dir)
+    stem = output_stem(task.slide)
+    try:
+        report.write_qc(out / "qc" / f"{stem}.png", analysis, max_px=settings.tiling.qc_max_px)
+        if task.write_masks:
+            report.write_png(out / "masks" / f"{stem}.collagen.png", analysis.collagen_mask)
+            report.write_png(out / "masks" / f"{stem}.tissue.png", analysis.tissue_mask)
+    except OSError as exc:
+        return failed_record(task, f"{Path(task.path).name}: cannot write outputs: {exc}")
+    return {"slide": task.slide, "fingerprint": task.fingerprint, **analysis.record}
+
+
+def output_stem(slide: str) -> str:
+    """File stem for a slide's outputs: its relative path without suffix, '/' as '__'."""
+    p = Path(slide)
+    name = p.name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    else:
+        name = p.stem
+    parts = [*p.parent.parts, name] if str(p.parent) != "." else [name]
+    return "__".join(parts)
+
+
+def run_tasks(
+    tasks: list[SlideTask],
+    *,
+    workers: int,
+    scheduler: str | Any | None = None,
+) -> Iterable[dict[str, Any]]:
+    """Run slide tasks and yield each record as it finishes (in completion order).
+
+    Parameters
+    ----------
+    tasks : list of SlideTask
+    workers : int
+        Local processes (slides in parallel); with one slide, threads over its tiles instead.
+    scheduler : str or distributed.Client, optional
+        Address of a Dask scheduler (``tcp://host:port``) or a client object: tasks then run on
+        the cluster (the slides and OUT_DIR must be reachable from the workers).
+    """
+    if not tasks:
+        return
+    if scheduler is not None:
+        yield from _run_dask(tasks, scheduler)
+        return
+    if workers <= 1 or len(tasks) == 1:
+        for t in tasks:
+            yield run_slide(_with_threads(t, workers))
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    per_slide = max(1, workers // len(tasks))
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx) as pool:
+        futures = {pool.submit(run_slide, _with_threads(t, per_slide)): t for t in tasks}
+        for fut in as_completed(futures):
+            try:
+                yield fut.result()
+            except Exception as exc:  # a worker died (e.g. killed by the OOM killer)
+                yield failed_record(futures[fut], f"{Path(futures[fut].path).name}: worker "
+                                    f"failed: {type(exc).__name__}: {exc}"[:500])
+
+
+def _with_threads(task: SlideTask, threads: int) -> SlideTask:
+    from dataclasses import replace
+
+    return replace(task, threads=max(1, threads))
+
+
+def _run_dask(tasks: list[SlideTask], scheduler: str | Any) -> Iterator[dict[str, Any]]:
+    try:
+        from distributed import Client, as_completed
+    except ImportError as exc:  # pragma: no cover - dask is a dependency
+        msg = "--scheduler needs dask.distributed: pip install 'dask[distributed]'"
+        raise FibroquantError(msg) from exc
+    own = isinstance(scheduler, str)
+    try:
+        client = Client(scheduler, timeout="20s") if own else scheduler
+    except OSError as exc:
+        msg = f"cannot reach the Dask scheduler at {scheduler}: {exc}"
+        raise FibroquantError(msg) from None
+    try:
+        futures = {client.submit(run_slide, t, pure=False, key=f"slide-{i}-{t.fingerprint}"): t
+                   for i, t in enumerate(tasks)}
+        for fut in as_completed(list(futures)):
+            try:
+                yield fut.result()
+            except Exception as exc:
+                t = futures[fut]
+                yield failed_record(t, f"{Path(t.path).name}: worker failed: "
+                                    f"{type(exc).__name__}: {exc}"[:500])
+    finally:
+        if own:
+            client.close()
+
+
+def format_error(exc: BaseException) -> str:
+    """One line for an exception."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text
+
+
+__all__ = [
+    "SlideAnalysis",
+    "SlideReadError",
+    "SlideTask",
+    "analyze_slide",
+    "collagen_concentration",
+    "plan_geometry",
+    "run_slide",
+    "run_tasks",
+]

@@ -1,0 +1,391 @@
+"""A whole run: discover slides, plan against the results store, measure, write the tables.
+
+This is the library behind ``fibroquant analyze``; the CLI only parses options and prints.
+Results are stored slide by slide as they finish, so a crash loses at most the slides in flight;
+every table in OUT_DIR is regenerated from the store at the end and written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from fibroquant import __version__
+from fibroquant.cohort import aggregate_mice, read_sample_sheet, sheet_without_samples
+from fibroquant.config import Settings
+from fibroquant.errors import FibroquantError, SlideReadError
+from fibroquant.pipeline import SlideTask, failed_record, output_stem, run_tasks
+from fibroquant.slides import list_slides
+from fibroquant.store import (
+    FingerprintCache,
+    OutputLock,
+    ResultStore,
+    atomic_write_csv,
+    atomic_write_text,
+    remove_stale_temp_files,
+)
+
+logger = logging.getLogger(__name__)
+
+STORE_NAME = "fibroquant.sqlite"
+
+#: First columns of slides.csv, in this order (the output contract); the rest follow.
+SLIDE_COLUMNS = [
+    "slide", "mouse", "group", "status", "error", "mpp", "analysis_mpp",
+    "tissue_area_mm2", "collagen_area_mm2", "cpa_percent", "collagen_od_mean",
+    "capsule_area_mm2", "lumen_area_mm2", "fold_area_mm2", "vessel_wall_area_mm2",
+    "stain", "stain_source", "stain_vectors", "stain_angle_deg", "stain_warning",
+    "threshold_method", "threshold_od",
+]
+_INTERNAL = {"settings_hash", "version"}
+
+
+@dataclass
+class RunSummary:
+    """What one run did (also written as ``run.json``)."""
+
+    processed: int = 0
+    skipped: int = 0
+    failed: int = 0
+    removed: int = 0
+    seconds: float = 0.0
+    exit_code: int = 0
+    interrupted: bool = False
+    comparison: str = ""
+    warnings: list[str] = field(default_factory=list)
+    failed_slides: list[tuple[str, str]] = field(default_factory=list)
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of fibroquant and the libraries that shape its numbers."""
+    names = ["numpy", "scipy", "scikit-image", "opencv-python-headless", "tifffile",
+             "imagecodecs", "pandas", "statsmodels", "numba", "pydantic"]
+    out = {"fibroquant": __version__, "python": platform.python_version()}
+    for n in names:
+        try:
+            out[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            out[n] = "not installed"
+    return out
+
+
+def discover(slides_dir: Path, out_dir: Path) -> list[Path]:
+    """Slide files under ``slides_dir``, leaving out anything inside ``out_dir``."""
+    if not slides_dir.is_dir():
+        msg = f"{slides_dir}: not a folder"
+        raise FibroquantError(msg)
+    out_res = out_dir.resolve()
+    files = []
+    for p in list_slides(slides_dir):
+        try:
+            p.resolve().relative_to(out_res)
+        except ValueError:
+            files.append(p)
+    return files
+
+
+def _relative(p: Path, root: Path) -> str:
+    return p.relative_to(root).as_posix()
+
+
+def analyze_folder(
+    slides_dir: Path,
+    out_dir: Path,
+    settings: Settings,
+    *,
+    samples: Path | None = None,
+    control: str | None = None,
+    mpp: float | None = None,
+    workers: int = 1,
+    scheduler: str | Any | None = None,
+    force: bool = False,
+    wait: bool = False,
+    masks: bool = False,
+    command: str = "",
+    on_plan: Callable[[int, int], None] | None = None,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+) -> RunSummary:
+    """Measure every new or changed slide of a folder and regenerate the study tables.
+
+    Parameters
+    ----------
+    slides_dir : Path
+        Folder of slides (searched recursively).
+    out_dir : Path
+        Output folder; holds the results store, tables, masks, QC overlays and report.
+    settings : Settings
+    samples : Path, optional
+        Sample sheet (``slide,mouse,group`` + extra columns). Without it every slide is its own
+        mouse and no comparison is made.
+    control : str, optional
+        Control group name (default: a group called ``control``).
+    mpp : float, optional
+        µm per pixel for slides whose files lack it.
+    workers : int
+        Local processes/threads.
+    scheduler : str or distributed.Client, optional
+        Run the slides on a Dask cluster.
+    force : bool
+        Re-measure slides already in the store.
+    wait : bool
+        Wait for another run holding OUT_DIR instead of failing.
+    masks : bool
+        Write collagen and tissue masks.
+    command : str
+        The command line, for provenance.
+    on_plan, on_result : callable, optional
+        Progress hooks: ``on_plan(n_to_process, n_skipped)`` and ``on_result(record)``.
+
+    Returns
+    -------
+    RunSummary
+
+    Raises
+    ------
+    FibroquantError
+        Problems that stop the whole run before any slide is measured (no slides, a bad
+        sample sheet, OUT_DIR locked by another run, an unusable store).
+    """
+    t0 = time.perf_counter()
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    slides_dir = Path(slides_dir)
+    out_dir = Path(out_dir)
+    files = discover(slides_dir, out_dir)
+    if not files:
+        msg = f"{slides_dir}: no slide files found (.svs .ndpi .tif .tiff .png .jpg ...)"
+        raise FibroquantError(msg)
+    sheet = (
+        read_sample_sheet(samples, slides_dir, files)
+        if samples is not None
+        else sheet_without_samples(files, slides_dir)
+    )
+    extra_cols = [c for c in sheet.columns if c not in ("slide", "mouse", "group")]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = RunSummary()
+    shash = settings.settings_hash()
+    with OutputLock(out_dir, wait=wait):
+        for d in (out_dir, out_dir / "qc", out_dir / "masks"):
+            if d.is_dir():
+                remove_stale_temp_files(d)
+        with ResultStore(out_dir / STORE_NAME) as store:
+            run_id = store.start_run(
+                command=command, version=__version__, settings_hash=shash,
+                settings_json=json.dumps(settings.model_dump(mode="json"), sort_keys=True),
+            )
+            sheet_mpp = sheet.set_index("slide")["mpp"] if "mpp" in sheet.columns else None
+            keys: dict[str, str] = {}
+            sizes: dict[str, int] = {}
+            tasks: list[SlideTask] = []
+            early_failed: list[dict[str, Any]] = []
+            with FingerprintCache(store, slides_dir) as cache:
+                for p in files:
+                    rel = _relative(p, slides_dir)
+                    over = None
+                    if sheet_mpp is not None and pd.notna(sheet_mpp.get(rel)):
+                        over = float(sheet_mpp[rel])
+                    try:
+                        fp = cache.fingerprint(p)
+                        sizes[rel] = p.stat().st_size
+                    except (SlideReadError, OSError) as exc:
+                        fp = "unreadable-" + hashlib.sha256(rel.encode()).hexdigest()[:16]
+                        rec = {"slide": rel, "fingerprint": fp, "status": "failed",
+                               "error": str(exc).splitlines()[0], "version": __version__}
+                        early_failed.append(rec)
+                        keys[rel] = fp
+                        continue
+                    if over is not None:
+                        fp = f"{fp}-mpp{over:g}"
+                    elif mpp is not None:
+                        fp = f"{fp}-fallbackmpp{mpp:g}"
+                    keys[rel] = fp
+                    tasks.append(SlideTask(
+                        path=str(p), slide=rel, fingerprint=fp, mpp=over, fallback_mpp=mpp,
+                        settings_json=settings.model_dump_json(), out_dir=str(out_dir),
+                        write_masks=masks,
+                    ))
+            store.link_slides(keys, run_id=run_id)
+            known = store.known(shash)
+            todo = []
+            for t in tasks:
+                status = known.get(t.fingerprint)
+                stem = output_stem(t.slide)
+                missing_outputs = status == "ok" and (
+                    not (out_dir / "qc" / f"{stem}.png").exists()
+                    or (masks and not (out_dir / "masks" / f"{stem}.collagen.png").exists())
+                )
+                if force or status != "ok" or missing_outputs:
+                    todo.append(t)
+            summary.skipped = len(tasks) - len(todo)
+            if on_plan:
+                on_plan(len(todo) + len(early_failed), summary.skipped)
+            for rec in early_failed:
+                store.put_result({**rec, "settings_hash": shash}, run_id=run_id)
+                summary.processed += 1
+                if on_result:
+                    on_result(rec)
+            try:
+                for rec in run_tasks(todo, workers=workers, scheduler=scheduler):
+                    rec = {**rec, "settings_hash": shash}
+                    store.put_result(rec, run_id=run_id)
+                    summary.processed += 1
+                    if on_result:
+                        on_result(rec)
+            except KeyboardInterrupt:
+                summary.interrupted = True
+            present = set(keys)
+            removed = store.removed_slides(present)
+            summary.removed = len(removed)
+            current = store.current_results(shash, present=present)
+            slides_df = build_slides_table(sheet, current)
+            summary.failed = int((slides_df["status"] != "ok").sum())
+            summary.failed_slides = [
+                (r.slide, r.error) for r in slides_df.itertuples() if r.status != "ok"
+            ]
+            inputs = [{"slide": k, "fingerprint": v, "size_bytes": sizes.get(k)}
+                      for k, v in sorted(keys.items())]
+            provenance = {
+                "fibroquant_version": __version__, "started_utc": started,
+                "command": command, "settings_hash": shash,
+                "settings": settings.model_dump(mode="json"),
+                "versions": package_versions(), "platform": platform.platform(),
+                "slides_dir": str(slides_dir.resolve()),
+                "samples": str(samples.resolve()) if samples else None,
+                "inputs": inputs, "removed_slides": removed,
+            }
+            summary.comparison = write_tables(
+                out_dir, slides_df, extra_cols, settings, provenance,
+                control=control, has_sheet=samples is not None,
+            )
+            summary.seconds = round(time.perf_counter() - t0, 3)
+            summary.exit_code = 130 if summary.interrupted else (1 if summary.failed else 0)
+            run_json = {
+                "processed": summary.processed, "skipped": summary.skipped,
+                "failed": summary.failed, "removed": summary.removed,
+                "seconds": summary.seconds, "exit_code": summary.exit_code,
+                "interrupted": summary.interrupted, "command": command,
+                "version": __version__, "settings_hash": shash, "started_utc": started,
+                "comparison": summary.comparison,
+                "failed_slides": [{"slide": s, "error": e} for s, e in summary.failed_slides],
+            }
+            atomic_write_text(out_dir / "run.json", json.dumps(run_json, indent=2) + "\n")
+            store.finish_run(
+                run_id, processed=summary.processed, skipped=summary.skipped,
+                failed=summary.failed, removed=summary.removed,
+                exit_code=summary.exit_code, seconds=summary.seconds,
+            )
+    return summary
+
+
+def build_slides_table(sheet: pd.DataFrame, records: list[dict[str, Any]]) -> pd.DataFrame:
+    """Join the sample sheet with the stored records: one row per slide, contract columns first.
+
+    Slides in the sheet without a record (never measured) appear as ``failed``.
+    """
+    by_slide = {r["slide"]: r for r in records}
+    rows = []
+    for row in sheet.to_dict("records"):
+        rec = by_slide.get(row["slide"])
+        if rec is None:
+            rec = {"status": "failed", "error": f"{row['slide']}: not measured"}
+        merged = {**{k: v for k, v in rec.items() if k not in _INTERNAL}, **row}
+        if merged.get("error") is None:
+            merged["error"] = ""
+        rows.append(merged)
+    df = pd.DataFrame(rows)
+    for col in SLIDE_COLUMNS:
+        if col not in df.columns:
+            df[col] = np.nan
+    sheet_cols = [c for c in sheet.columns if c not in ("slide", "mouse", "group")]
+    first = SLIDE_COLUMNS[:3] + sheet_cols + SLIDE_COLUMNS[3:]
+    rest = sorted(c for c in df.columns if c not in first)
+    return df[first + rest]
+
+
+def write_tables(
+    out_dir: Path,
+    slides_df: pd.DataFrame,
+    extra_cols: list[str],
+    settings: Settings,
+    provenance: dict[str, Any],
+    *,
+    control: str | None,
+    has_sheet: bool,
+) -> str:
+    """Write slides/mice/groups tables, plots, xlsx, report and provenance (all atomic).
+
+    Returns
+    -------
+    str
+        One sentence on the comparison (or why none was made).
+    """
+    from fibroquant import report, stats
+
+    mice = aggregate_mice(slides_df, extra_columns=extra_cols)
+    groups = pd.DataFrame(columns=list(stats.GROUP_COLUMNS))
+    omnibus = mixed = None
+    warnings: list[str] = []
+    if not has_sheet:
+        sentence = "No sample sheet: each slide is its own mouse and no groups are compared."
+    else:
+        n_groups = mice.loc[mice["n_slides"] > 0, "group"].nunique()
+        try:
+            groups = stats.compare_groups(mice, control=control)
+        except ValueError as exc:
+            raise FibroquantError(str(exc)) from None
+        ctrl = groups.attrs.get("control")
+        if ctrl is None:
+            sentence = groups.attrs.get("note") or (
+                "No control group (name one with --control): groups described, not compared."
+            )
+        else:
+            sentence = stats.summary_sentence(groups)
+        if n_groups > 2:
+            omnibus = stats.omnibus_tests(mice)
+        mixed, reason = stats.mixed_model_with_reason(slides_df, control=ctrl)
+        if mixed is None and reason:
+            warnings.append(f"mixed model not fitted: {reason}")
+    atomic_write_csv(out_dir / "slides.csv", slides_df)
+    atomic_write_csv(out_dir / "mice.csv", mice)
+    atomic_write_csv(out_dir / "groups.csv", groups)
+    atomic_write_text(out_dir / "provenance.json",
+                      json.dumps(provenance, indent=2, default=str) + "\n")
+    settings_dict = settings.model_dump(mode="json")
+    report.write_xlsx(out_dir / "results.xlsx", slides=slides_df, mice=mice, groups=groups,
+                      settings=settings_dict, provenance=provenance)
+    plots_dir = out_dir / "plots"
+    plots_dir.mkdir(exist_ok=True)
+    plots: list[Path] = []
+    ctrl = groups.attrs.get("control") if has_sheet else None
+    if has_sheet:
+        plots += report.plot_groups(mice, groups, plots_dir / "cpa_groups", control=ctrl)
+    plots += report.plot_slides(slides_df, plots_dir / "cpa_slides")
+    plots += report.plot_stain_qc(slides_df, plots_dir / "stain_qc")
+    qc = {s: out_dir / "qc" / f"{output_stem(s)}.png" for s in slides_df["slide"]}
+    for r in slides_df.itertuples():
+        if isinstance(r.stain_warning, str) and r.stain_warning:
+            warnings.append(f"{r.slide}: {r.stain_warning}")
+    report.write_report_html(
+        out_dir / "report.html", title="fibroquant: collagen proportionate area",
+        slides=slides_df, mice=mice, groups=groups, omnibus=omnibus, mixed=mixed,
+        summary=sentence, qc_images=qc, plots=plots, settings=settings_dict,
+        provenance=provenance, warnings=warnings,
+    )
+    return sentence
+
+
+def command_line() -> str:
+    """The command line of this process, for provenance."""
+    return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
