@@ -186,10 +186,10 @@ def threshold_as_float32(conc_dtype: np.dtype, threshold: float) -> np.float32:
     to float32, round to nearest), but with a ``np.float64`` scalar in float64. For the latter
     the equivalent float32 bound is ``threshold`` rounded *down* to float32.
     """
-    if np.result_type(conc_dtype, threshold) == np.float32:
-        return np.float32(threshold)
-    t64 = np.float64(threshold)
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore"):  # |threshold| beyond float32: inf, as numpy does
+        if np.result_type(conc_dtype, threshold) == np.float32:
+            return np.float32(threshold)
+        t64 = np.float64(threshold)
         t32 = np.float32(t64)
     if np.isfinite(t32) and np.float64(t32) > t64:
         t32 = np.nextafter(t32, np.float32(-np.inf))
