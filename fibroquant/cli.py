@@ -268,3 +268,4 @@ def _stain_guess(path: Path, mpp: float | None, info: dict[str, Any]) -> str:
 def run() -> None:  # pragma: no cover - console entry alternative
     """Entry point used by ``python -m fibroquant``."""
     app(prog_name="fibroquant")
+from fibroquant import cli_ops as _cli_ops  # noqa: E402,F401  (registers status and watch)

@@ -1,0 +1,412 @@
+"""Operational commands: ``fibroquant status`` (what is stored, what changed) and ``watch``.
+
+Registered on :data:`fibroquant.cli.app` when ``fibroquant.cli`` imports this module at its end.
+No science here: ``status`` only reads the results store (it never takes the output lock, so it
+works while a run is going on) and ``watch`` calls the same code as ``analyze``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from fibroquant.cli import StainChoice, _analyze, _fail, app, err, out
+from fibroquant.errors import FibroquantError
+
+STORE_NAME = "fibroquant.sqlite"
+
+
+# --------------------------------------------------------------------------------------------
+# status
+# --------------------------------------------------------------------------------------------
+
+
+def _base_fingerprint(key: str) -> str:
+    """The content part of a stored slide key (run.py appends ``-mpp…``/``-fallbackmpp…``)."""
+    return key.split("-", 1)[0] if not key.startswith("unreadable-") else key
+
+
+def _pid_alive(pid: int | None, host: str | None) -> bool | None:
+    """Whether a run's process still exists (``None``: another host, cannot tell)."""
+    if pid is None:
+        return False
+    if host and host != socket.gethostname():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OSError, ValueError, OverflowError):
+        return False
+    return True
+
+
+def _run_state(run: dict[str, Any], newest: bool) -> str:
+    if run.get("finished_at"):
+        return "finished"
+    alive = _pid_alive(run.get("pid"), run.get("host"))
+    if alive and newest:
+        return "running"
+    if alive is None:
+        return "unfinished (other host)"
+    return "did not finish (killed or crashed)"
+
+
+def folder_changes(store: Any, slides_dir: Path, out_dir: Path, settings_hash: str | None
+                   ) -> dict[str, Any]:
+    """Compare a slides folder with the store: new, changed, not yet measured, removed.
+
+    Fingerprints come from the store's cache (an ``os.stat`` per unchanged file); nothing is
+    written to the store (the cache's new entries are not flushed).
+    """
+    from fibroquant.run import discover
+    from fibroquant.store import FingerprintCache
+
+    files = discover(slides_dir, out_dir)
+    rows = store._db.execute("SELECT slide, fingerprint FROM slides").fetchall()
+    stored = dict(rows)
+    known = store.known(settings_hash) if settings_hash else {}
+    known_base: dict[str, str] = {}
+    for key, status in known.items():
+        base = _base_fingerprint(key)
+        if known_base.get(base) != "ok":
+            known_base[base] = status
+    cache = FingerprintCache(store, slides_dir)  # never flushed: status stays read-only
+    new, changed, unmeasured, unreadable, unchanged = [], [], [], [], 0
+    present = set()
+    for p in files:
+        rel = p.relative_to(slides_dir).as_posix()
+        present.add(rel)
+        try:
+            fp = cache.fingerprint(p)
+        except (FibroquantError, OSError) as exc:
+            unreadable.append({"slide": rel, "error": str(exc).splitlines()[0]})
+            continue
+        old = stored.get(rel)
+        if old is None:
+            new.append(rel)
+        elif _base_fingerprint(old) != fp:
+            changed.append(rel)
+        elif known_base.get(fp) is None:
+            unmeasured.append(rel)
+        else:
+            unchanged += 1
+    removed = sorted(s for s in stored if s not in present)
+    return {
+        "slides_dir": str(slides_dir), "files": len(files), "new": new, "changed": changed,
+        "not_measured_with_these_settings": unmeasured, "unreadable": unreadable,
+        "removed": removed, "unchanged": unchanged, "present": sorted(present),
+    }
+
+
+def gather_status(out_dir: Path, slides_dir: Path | None = None, *, n_runs: int = 5
+                  ) -> dict[str, Any]:
+    """Everything ``fibroquant status`` shows, as a JSON-ready dict.
+
+    Raises
+    ------
+    FibroquantError
+        When OUT_DIR has no results store or it cannot be read.
+    """
+    from fibroquant.store import ResultStore
+
+    out_dir = Path(out_dir)
+    path = out_dir / STORE_NAME
+    if not path.is_file():
+        msg = (f"{out_dir}: no results store ({STORE_NAME}) here; run "
+               f"'fibroquant analyze SLIDES --out {out_dir}' first")
+        raise FibroquantError(msg)
+    with ResultStore(path, timeout=10.0) as store:
+        runs = store.runs(limit=n_runs)
+        hashes = store.settings_hashes()
+        shash = runs[0]["settings_hash"] if runs else (hashes[0] if hashes else None)
+        folder = None
+        present: set[str] | None = None
+        if slides_dir is not None:
+            folder = folder_changes(store, Path(slides_dir), out_dir, shash)
+            present = set(folder.pop("present"))
+        else:  # leave out the slides the last run found removed (from its provenance)
+            removed = _last_removed(out_dir)
+            if removed:
+                stored = {r[0] for r in store._db.execute("SELECT slide FROM slides")}
+                present = stored - set(removed)
+        current = store.current_results(shash, present=present) if shash else []
+    for i, run in enumerate(runs):
+        run["state"] = _run_state(run, newest=i == 0)
+        run.pop("settings_json", None)
+    failed = [{"slide": r["slide"], "error": r.get("error") or ""}
+              for r in current if r.get("status") != "ok"]
+    return {
+        "out_dir": str(out_dir), "store": str(path), "settings_hash": shash,
+        "other_settings_hashes": [h for h in hashes if h != shash],
+        "slides": {"stored": len(current),
+                   "ok": sum(r.get("status") == "ok" for r in current),
+                   "failed": len(failed)},
+        "failed": failed, "runs": runs, "folder": folder,
+    }
+
+
+def _last_removed(out_dir: Path) -> list[str]:
+    try:
+        prov = json.loads((out_dir / "provenance.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    removed = prov.get("removed_slides") if isinstance(prov, dict) else None
+    return [str(s) for s in removed] if isinstance(removed, list) else []
+
+
+def _print_status(info: dict[str, Any]) -> None:
+    s = info["slides"]
+    out.print(f"store: {info['store']}", markup=False)
+    out.print(f"settings {info['settings_hash'] or '-'}: {s['stored']} slide(s) stored, "
+              f"{s['ok']} ok, {s['failed']} failed")
+    if info["other_settings_hashes"]:
+        out.print(f"  (also results for other settings: {', '.join(info['other_settings_hashes'])})")
+    if info["runs"]:
+        out.print("last runs:")
+        for r in info["runs"]:
+            counts = (f"processed {r['processed']}, skipped {r['skipped']}, failed {r['failed']},"
+                      f" removed {r['removed']}, exit {r['exit_code']}"
+                      if r["finished_at"] else r["state"])
+            out.print(f"  #{r['run_id']} {r['started_at']} -> {r['finished_at'] or '-'}: "
+                      f"{counts}", soft_wrap=True)
+            out.print(f"      {r['command']}", soft_wrap=True, markup=False)
+    if info["failed"]:
+        out.print("failed:")
+        for f in info["failed"]:
+            out.print(f"  {f['slide']}: {f['error']}", soft_wrap=True, markup=False)
+    folder = info["folder"]
+    if folder is not None:
+        out.print(f"slides folder {folder['slides_dir']}: {folder['files']} file(s), "
+                  f"{folder['unchanged']} unchanged", soft_wrap=True, markup=False)
+        for key, label in (("new", "new"), ("changed", "changed"),
+                           ("not_measured_with_these_settings", "not measured yet"),
+                           ("removed", "removed")):
+            for name in folder[key]:
+                out.print(f"  {label}: {name}", soft_wrap=True, markup=False)
+        for u in folder["unreadable"]:
+            out.print(f"  unreadable: {u['error']}", soft_wrap=True, markup=False)
+        if not any(folder[k] for k in ("new", "changed", "not_measured_with_these_settings",
+                                       "removed", "unreadable")):
+            out.print("  nothing new: a rerun would measure nothing")
+
+
+@app.command()
+def status(
+    out_dir: Annotated[Path, typer.Argument(
+        file_okay=False, resolve_path=True, help="Output folder of earlier runs.")],
+    slides: Annotated[Path | None, typer.Option(
+        "--slides", file_okay=False, resolve_path=True,
+        help="Slides folder: also show what is new, changed or removed there.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show what is stored in OUT_DIR, the last runs, what failed and (with --slides) what is new."""
+    if slides is not None and not slides.is_dir():
+        raise _fail(f"{slides}: slides folder not found or not a folder", 2)
+    try:
+        info = gather_status(out_dir, slides)
+    except FibroquantError as exc:
+        raise _fail(str(exc), 2) from None
+    if as_json:
+        out.print_json(json.dumps(info, default=str))
+    else:
+        _print_status(info)
+
+
+# --------------------------------------------------------------------------------------------
+# watch
+# --------------------------------------------------------------------------------------------
+
+
+class Settler:
+    """Files waiting until their size (and mtime) has not changed for ``settle`` seconds.
+
+    Parameters
+    ----------
+    settle : float
+        Quiet period in seconds.
+    clock : callable, optional
+        Monotonic clock (tests pass a fake one).
+    """
+
+    def __init__(self, settle: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.settle = settle
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._pending: dict[Path, tuple[tuple[int, int] | None, float]] = {}
+        self.dirty = False  # something to run for that needs no settling (a deletion)
+
+    def touch(self, path: Path) -> None:
+        """Note that `path` was created or modified (restarts its quiet period)."""
+        with self._lock:
+            self._pending[Path(path)] = (None, self.clock())
+
+    def deleted(self, path: Path) -> None:
+        with self._lock:
+            self._pending.pop(Path(path), None)
+            self.dirty = True
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def poll(self) -> bool:
+        """Update sizes; return True when everything pending has settled (and something is)."""
+        now = self.clock()
+        with self._lock:
+            for path, (sig, since) in list(self._pending.items()):
+                try:
+                    st = path.stat()
+                except OSError:  # vanished before settling
+                    del self._pending[path]
+                    self.dirty = True
+                    continue
+                cur = (st.st_size, st.st_mtime_ns)
+                if cur != sig:
+                    self._pending[path] = (cur, now)
+            if not self._pending:
+                return self.dirty
+            return all(sig is not None and now - since >= self.settle
+                       for sig, since in self._pending.values())
+
+    def take(self) -> list[Path]:
+        """Empty the queue (call when a run starts); returns what was pending."""
+        with self._lock:
+            paths = list(self._pending)
+            self._pending.clear()
+            self.dirty = False
+        return paths
+
+
+def _is_slide(path: Path, out_dir: Path) -> bool:
+    from fibroquant.slides import SUPPORTED_SUFFIXES
+
+    if any(part.startswith(".") for part in path.parts[-1:]):
+        return False
+    try:
+        path.resolve().relative_to(out_dir.resolve())
+        return False
+    except ValueError:
+        pass
+    name = path.name.lower()
+    return any(name.endswith(s) for s in SUPPORTED_SUFFIXES)
+
+
+@app.command()
+def watch(
+    slides_dir: Annotated[Path, typer.Argument(
+        exists=True, file_okay=False, dir_okay=True, readable=True, resolve_path=True,
+        help="Folder of slides to watch (recursively).")],
+    out: Annotated[Path, typer.Option("--out", "-o", file_okay=False, resolve_path=True,
+                                      help="Output folder (as for analyze).")],
+    samples: Annotated[Path | None, typer.Option(
+        exists=True, dir_okay=False, readable=True, resolve_path=True,
+        help="Sample sheet CSV (re-read at each run; edits trigger a run).")] = None,
+    stain: Annotated[StainChoice | None, typer.Option(help="Stain of the slides.")] = None,
+    config: Annotated[Path | None, typer.Option(
+        exists=True, dir_okay=False, readable=True, help="YAML settings file.")] = None,
+    mpp: Annotated[float | None, typer.Option(
+        min=0.01, max=100.0, help="µm per pixel for slides whose files lack it.")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="Parallel workers.")] = None,
+    control: Annotated[str | None, typer.Option(help="Control group name.")] = None,
+    settle: Annotated[float, typer.Option(
+        min=0.0, help="Seconds a file's size must stay unchanged before it is analysed.")]
+    = 30.0,
+    once: Annotated[bool, typer.Option(
+        "--once", help="Process the slides pending now, then exit (exit code of that run).")]
+    = False,
+) -> None:
+    """Watch a slides folder and run analyze whenever slides arrive or change (Ctrl-C stops)."""
+    from watchdog.events import FileSystemEvent, FileSystemEventHandler
+    from watchdog.observers import Observer
+
+    settler = Settler(settle)
+    sheet = samples.resolve() if samples is not None else None
+
+    class Handler(FileSystemEventHandler):
+        def on_any_event(self, event: FileSystemEvent) -> None:
+            if event.is_directory or event.event_type in ("opened", "closed_no_write"):
+                return
+            src = Path(os.fsdecode(event.src_path))
+            dest = getattr(event, "dest_path", "")
+            if event.event_type == "deleted":
+                if _is_slide(src, out):
+                    settler.deleted(src)
+                return
+            if event.event_type == "moved":
+                if _is_slide(src, out):
+                    settler.deleted(src)
+                src = Path(os.fsdecode(dest))
+            if _is_slide(src, out) or (sheet is not None and src == sheet):
+                settler.touch(src)
+
+    def run_once() -> int:
+        settler.take()
+        err.print(f"[bold]watch:[/] analysing {slides_dir}", markup=True)
+        try:
+            return _analyze(
+                slides_dir, out, samples=samples, stain=stain, config=config, mpp=mpp,
+                analysis_mpp=None, masks=False, workers=workers, scheduler=None, force=False,
+                wait=True, control=control,
+            )
+        except typer.Exit as exc:  # a sheet/config problem: reported; keep watching
+            return int(exc.exit_code)
+
+    from fibroquant.slides import list_slides
+
+    # Everything already there is pending at start (a rerun of unchanged slides is cheap).
+    for p in list_slides(slides_dir):
+        if _is_slide(p, out):
+            settler.touch(p)
+    if not len(settler) and once:
+        err.print(f"watch: no slide files in {slides_dir}; nothing to do")
+        raise typer.Exit(code=0)
+
+    observer = Observer()
+    observer.schedule(Handler(), str(slides_dir), recursive=True)
+    if sheet is not None and not sheet.is_relative_to(slides_dir):
+        observer.schedule(Handler(), str(sheet.parent), recursive=False)
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_term)
+    observer.start()
+    code = 0
+    running = False
+    tick = min(1.0, max(0.05, settle / 4))
+    try:
+        if not once:
+            err.print(f"watching {slides_dir} (settle {settle:g} s); Ctrl-C to stop")
+        while True:
+            if settler.poll():
+                running = True
+                code = run_once()
+                running = False
+                if code == 130:
+                    break
+                if once:
+                    break
+                err.print(f"watch: waiting for new slides in {slides_dir}")
+            time.sleep(tick)
+    except KeyboardInterrupt:
+        code = 130 if (once or running) else 0
+        err.print("watch: stopped" + (" during a run; rerun to continue" if running else ""))
+    finally:
+        observer.stop()
+        observer.join(timeout=5)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
+    raise typer.Exit(code=code)

@@ -1,0 +1,300 @@
+"""Bad inputs through the CLI, sample-sheet errors, ``status``, ``watch --once`` and a fuzz test."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from typer.testing import CliRunner
+
+from fibroquant.cli import app
+from fibroquant.cli_ops import Settler
+from fibroquant.config import Settings
+from fibroquant.pipeline import SlideTask, run_slide
+from fibroquant.synthetic import SectionParams, make_section, write_pyramid_tiff
+
+REPO = Path(__file__).resolve().parents[1]
+MPP = 0.5
+DPI = 25400 / MPP  # pixels per inch for 0.5 µm per pixel
+
+
+@pytest.fixture(scope="module")
+def rgb() -> np.ndarray:
+    return make_section(SectionParams(shape=(384, 384)), rng=7)[0]
+
+
+def _png(path: Path, array: np.ndarray, *, dpi: bool = True, mode: str | None = None) -> None:
+    img = Image.fromarray(array)
+    if mode == "P":
+        img = img.convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+    img.save(path, dpi=(DPI, DPI)) if dpi else img.save(path)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "400"}
+    return subprocess.run([sys.executable, "-m", "fibroquant", *args], capture_output=True,
+                          text=True, env=env, timeout=300, check=False)
+
+
+def invoke(*args: str):
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        return CliRunner().invoke(app, list(args), env={"COLUMNS": "400"})
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+@pytest.fixture(scope="module")
+def bad_study(rgb: np.ndarray, tmp_path_factory: pytest.TempPathFactory):
+    """A folder of good, odd and broken files, analysed once (real process)."""
+    d = tmp_path_factory.mktemp("bad") / "slides"
+    odd = d / "dossier ü é"  # spaces and non-ASCII in the path
+    odd.mkdir(parents=True)
+    write_pyramid_tiff(d / "good.tif", rgb, MPP)
+    write_pyramid_tiff(odd / "lame n°2.tif", rgb, MPP)
+    (d / "empty.tif").write_bytes(b"")
+    (d / "random.svs").write_bytes(np.random.default_rng(0).bytes(5000))
+    full = (d / "good.tif").read_bytes()
+    (d / "truncated.tif").write_bytes(full[: len(full) // 2])
+    (d / "text.png").write_text("not an image\n")
+    tifffile.imwrite(d / "sixteen.tif", rgb.astype(np.uint16) * 257, photometric="rgb",
+                     resolution=(1e4 / MPP, 1e4 / MPP), resolutionunit="CENTIMETER")
+    _png(d / "rgba.png", np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)]))
+    _png(d / "grey.png", np.asarray(Image.fromarray(rgb).convert("L")))
+    _png(d / "palette.png", rgb, mode="P")
+    Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=64).save(
+        d / "palette.tif", dpi=(DPI, DPI))
+    write_pyramid_tiff(d / "glass.tif", np.full((384, 384, 3), 244, np.uint8), MPP)
+    _png(d / "nores.png", rgb, dpi=False)
+    out = d.parent / "out"
+    res = run_cli("analyze", str(d), "--out", str(out), "--workers", "1")
+    table = pd.read_csv(out / "slides.csv", keep_default_na=False).set_index("slide")
+    return d, out, res, table
+
+
+EXPECT = {  # slide -> (status, words the one-line error must contain)
+    "good.tif": ("ok", []),
+    "dossier ü é/lame n°2.tif": ("ok", []),
+    "empty.tif": ("failed", ["empty.tif", "empty"]),
+    "random.svs": ("failed", ["random.svs", "not a TIFF"]),
+    "truncated.tif": ("failed", ["truncated.tif", "truncated"]),
+    "text.png": ("failed", ["text.png", "not a PNG"]),
+    "sixteen.tif": ("ok", []),
+    "rgba.png": ("ok", []),
+    "grey.png": ("ok", []),
+    "palette.png": ("ok", []),
+    "palette.tif": ("ok", []),
+    "glass.tif": ("failed", ["glass.tif", "no tissue"]),
+    "nores.png": ("failed", ["nores.png", "--mpp"]),
+}
+
+
+@pytest.mark.parametrize("slide", sorted(EXPECT))
+def test_bad_inputs_one_row_each(bad_study, slide: str) -> None:
+    _, _, res, table = bad_study
+    assert res.returncode == 1, res.stderr  # some slides failed, tables still written
+    status, words = EXPECT[slide]
+    row = table.loc[slide]
+    assert row["status"] == status, row["error"]
+    if status == "ok":
+        assert row["error"] == "" and float(row["cpa_percent"]) > 0
+    else:
+        assert "\n" not in row["error"]
+        for w in words:
+            assert w in row["error"]
+        assert row["error"] in one_line(res.stderr)  # the same line was shown on stderr
+
+
+def test_bad_inputs_warnings_and_table(bad_study) -> None:
+    _, out, res, table = bad_study
+    assert set(table.index) == set(EXPECT)
+    err = one_line(res.stderr)
+    assert "sixteen.tif: 16-bit image scaled to 8 bit" in err
+    assert "grey.png" in err and "grey" in err.split("grey.png", 1)[1][:200].lower()
+    run = json.loads((out / "run.json").read_text())
+    assert run["failed"] == sum(s == "failed" for s, _ in EXPECT.values())
+
+
+def test_missing_resolution_with_mpp_is_ok(rgb: np.ndarray, tmp_path: Path) -> None:
+    d = tmp_path / "slides"
+    d.mkdir()
+    _png(d / "nores.png", rgb, dpi=False)
+    res = invoke("analyze", str(d), "--out", str(tmp_path / "out"), "--workers", "1",
+                 "--mpp", "0.5")
+    assert res.exit_code == 0, res.output
+    row = pd.read_csv(tmp_path / "out" / "slides.csv").iloc[0]
+    assert row["status"] == "ok" and row["mpp"] == 0.5
+
+
+# -- sample sheet problems: exit 2 before any slide is measured ------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_slides(rgb: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("sheet") / "slides"
+    d.mkdir()
+    for name in ("a.tif", "b.tif"):
+        write_pyramid_tiff(d / name, rgb, MPP)
+    return d
+
+
+SHEETS = {
+    "missing column": ("slide,mouse\na.tif,m1\nb.tif,m2\n", ["group"]),
+    "duplicate slide": ("slide,mouse,group\na.tif,m1,c\na.tif,m1,c\nb.tif,m2,t\n",
+                        ["a.tif", "more than once"]),
+    "unknown slide": ("slide,mouse,group\na.tif,m1,c\nb.tif,m2,t\nzz.tif,m3,t\n",
+                      ["zz.tif", "does not exist"]),
+    "slide not in sheet": ("slide,mouse,group\na.tif,m1,c\n", ["b.tif", "not in the sheet"]),
+    "mouse in two groups": ("slide,mouse,group\na.tif,m1,c\nb.tif,m1,t\n",
+                            ["m1", "more than one group"]),
+}
+
+
+@pytest.mark.parametrize("problem", sorted(SHEETS))
+def test_sample_sheet_problems_exit_2(two_slides: Path, tmp_path: Path, problem: str) -> None:
+    text, words = SHEETS[problem]
+    sheet = tmp_path / "my samples.csv"
+    sheet.write_text(text)
+    out = tmp_path / "out"
+    res = invoke("analyze", str(two_slides), "--out", str(out), "--samples", str(sheet))
+    assert res.exit_code == 2, res.output
+    msg = one_line(res.output)
+    assert "my samples.csv" in msg
+    for w in words:
+        assert w in msg
+    assert not (out / "slides.csv").exists()
+    assert not (out / "fibroquant.sqlite").exists()
+
+
+# -- status and watch ------------------------------------------------------------------------
+
+
+def test_status(bad_study, tmp_path: Path) -> None:
+    d, out, _, _ = bad_study
+    res = invoke("status", str(out), "--json")
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.output)
+    n_failed = sum(s == "failed" for s, _ in EXPECT.values())
+    assert info["slides"] == {"stored": len(EXPECT), "ok": len(EXPECT) - n_failed,
+                              "failed": n_failed}
+    assert {f["slide"] for f in info["failed"]} == {s for s, (st_, _) in EXPECT.items()
+                                                   if st_ == "failed"}
+    assert info["runs"][0]["exit_code"] == 1 and info["runs"][0]["state"] == "finished"
+    assert "analyze" in info["runs"][0]["command"]
+
+    # with --slides, on a copy of the folder with one slide new and one gone
+    import shutil
+
+    copy = tmp_path / "slides"
+    shutil.copytree(d, copy, copy_function=shutil.copy2)
+    shutil.copy2(copy / "good.tif", copy / "newcomer.tif")
+    (copy / "palette.tif").unlink()
+    res = invoke("status", str(out), "--slides", str(copy), "--json")
+    folder = json.loads(res.output)["folder"]
+    assert folder["new"] == ["newcomer.tif"] and folder["removed"] == ["palette.tif"]
+    assert folder["changed"] == [] and folder["unchanged"] == len(EXPECT) - 1
+
+    res = invoke("status", str(out), "--slides", str(copy))
+    assert res.exit_code == 0
+    assert "new: newcomer.tif" in res.output and "removed: palette.tif" in res.output
+    assert "empty.tif: empty file" in res.output
+
+    res = invoke("status", str(tmp_path / "nothing here"))
+    assert res.exit_code == 2
+    assert "nothing here" in one_line(res.output) and "no results store" in res.output
+
+
+def test_watch_once(two_slides: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    res = invoke("watch", str(two_slides), "--out", str(out), "--settle", "0.2", "--once",
+                 "--workers", "1")
+    assert res.exit_code == 0, res.output
+    assert len(pd.read_csv(out / "slides.csv")) == 2
+
+
+def test_settler_waits_for_size_to_stop_changing(tmp_path: Path) -> None:
+    now = [0.0]
+    s = Settler(5.0, clock=lambda: now[0])
+    f = tmp_path / "x.tif"
+    f.write_bytes(b"a")
+    s.touch(f)
+    assert not s.poll()
+    now[0] = 4.0
+    assert not s.poll()
+    with f.open("ab") as fh:  # still being copied
+        fh.write(b"more")
+    now[0] = 8.0
+    assert not s.poll()  # quiet period restarts at 8
+    now[0] = 12.9
+    assert not s.poll()
+    now[0] = 13.1
+    assert s.poll()
+    assert s.take() == [f] and not s.poll()
+    s.deleted(f)
+    assert s.poll()  # a deletion needs a run (slide removed) but no settling
+
+
+# -- fuzz: mutated/truncated JPEG-tiled TIFFs never raise or hang -----------------------------
+
+
+@pytest.fixture(scope="module")
+def small_tiff(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    rgb = make_section(SectionParams(shape=(256, 256)), rng=3)[0]
+    p = tmp_path_factory.mktemp("fuzz") / "base.tif"
+    write_pyramid_tiff(p, rgb, MPP, tile=128)
+    return p.read_bytes()
+
+
+def _run_with_timeout(task: SlideTask, seconds: float) -> dict:
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                box["rec"] = run_slide(task)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            box["exc"] = exc
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"run_slide hung for more than {seconds} s"
+    assert "exc" not in box, f"run_slide raised {box.get('exc')!r}"
+    return box["rec"]
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_fuzz_mutated_tiff(small_tiff: bytes, tmp_path_factory, data) -> None:
+    buf = bytearray(small_tiff)
+    for _ in range(data.draw(st.integers(0, 12), label="n_mutations")):
+        i = data.draw(st.integers(0, len(buf) - 1))
+        buf[i] = data.draw(st.integers(0, 255))
+    if data.draw(st.booleans(), label="truncate"):
+        buf = buf[: data.draw(st.integers(0, len(buf)), label="cut")]
+    d = tmp_path_factory.mktemp("fz")
+    path = d / "mutant.tif"
+    path.write_bytes(bytes(buf))
+    task = SlideTask(path=str(path), slide="mutant.tif", fingerprint="f", mpp=None,
+                     fallback_mpp=MPP, settings_json=Settings().model_dump_json(),
+                     out_dir=str(d), write_masks=False)
+    rec = _run_with_timeout(task, 20.0)
+    assert rec["status"] in ("ok", "failed")
+    if rec["status"] == "failed":
+        assert rec["error"] and "\n" not in rec["error"]
