@@ -56,7 +56,7 @@ class TissueSettings(_Model):
         5000.0, ge=0, description="tissue pieces smaller than this are dust/debris, µm²"
     )
     lumen_min_area_um2: float = Field(
-        1500.0, ge=0, description="unstained holes at least this large are lumens (excluded), µm²"
+        800.0, ge=0, description="unstained holes at least this large are lumens (excluded), µm²"
     )
     exclude_capsule: bool = Field(True, description="leave the Glisson capsule band out")
     capsule_width_um: float = Field(
@@ -110,7 +110,7 @@ class CollagenSettings(_Model):
         "relative", description="threshold scale: per-slide relative, fixed OD, or Otsu"
     )
     relative_threshold: float = Field(
-        0.25, gt=0, lt=1,
+        0.2, gt=0, lt=1,
         description="fraction of the way from the slide's parenchyma level to its collagen level",
     )
     min_contrast_od: float = Field(

@@ -427,7 +427,7 @@ def _map_tiles(slide: Slide, job: _TileJob, boxes: list, workers: int) -> Iterat
         # bounded in-flight window keeps memory independent of slide size
         window = 2 * workers
         it = iter(boxes)
-        pending = [pool.submit(_process_tile, slide, job, b) for b, _ in zip(it, range(window))]
+        pending = [pool.submit(_process_tile, slide, job, b) for _, b in zip(range(window), it)]
         while pending:
             fut = pending.pop(0)
             nxt = next(it, None)

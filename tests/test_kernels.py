@@ -153,3 +153,53 @@ def test_threads_and_no_warnings():
             outs = list(pool.map(lambda a: kernels.collagen_concentration_fast(a, lut, col), rgbs))
     for rgb, out in zip(rgbs, outs, strict=True):
         np.testing.assert_array_equal(out, collagen_concentration(rgb, lut, col))
+
+
+def _block_reduce_ref(mask: np.ndarray, f: int) -> np.ndarray:  # as pipeline._block_reduce
+    if f == 1:
+        return mask
+    h, w = mask.shape
+    hh, ww = -(-h // f) * f, -(-w // f) * f
+    padded = np.zeros((hh, ww), np.float32)
+    padded[:h, :w] = mask
+    return padded.reshape(hh // f, f, ww // f, f).mean(axis=(1, 3)) >= 0.5
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    hw=st.tuples(st.integers(1, 50), st.integers(1, 50)),
+    f=st.integers(1, 9),
+    p=st.floats(0, 1),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_block_majority_equals_block_reduce(hw, f, p, seed):
+    mask = np.random.default_rng(seed).random(hw) < p
+    np.testing.assert_array_equal(kernels.block_majority(mask, f), _block_reduce_ref(mask, f))
+    np.testing.assert_array_equal(
+        kernels.block_majority(mask[::-1, ::2], f), _block_reduce_ref(mask[::-1, ::2], f)
+    )
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    hw=st.tuples(st.integers(1, 30), st.integers(1, 30)),
+    start=st.integers(-20, 20),
+    n=st.tuples(st.integers(0, 60), st.integers(0, 60)),
+    factor=st.floats(0.3, 8.0),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_lookup_nearest_equals_ix(hw, start, n, factor, seed):
+    mask = np.random.default_rng(seed).random(hw) < 0.5
+
+    def index_map(a, b, size):  # as pipeline._index_map
+        idx = np.floor((np.arange(a, b) + 0.5) / factor).astype(np.intp)
+        return np.clip(idx, 0, size - 1)
+
+    rows = index_map(start, start + n[0], hw[0])
+    cols = index_map(start, start + n[1], hw[1])
+    np.testing.assert_array_equal(
+        kernels.lookup_nearest(mask, rows, cols), mask[np.ix_(rows, cols)]
+    )
+    bad = np.array([hw[0]], np.intp)  # out of range: same IndexError as numpy
+    with pytest.raises(IndexError):
+        kernels.lookup_nearest(mask, bad, cols if len(cols) else np.zeros(1, np.intp))

@@ -1,0 +1,169 @@
+"""Accuracy against synthetic truth, tiling invariance, resolution handling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fibroquant.config import load_settings
+from fibroquant.measure import Measurements, TileCounts
+from fibroquant.pipeline import analyze_slide, collagen_concentration, output_stem
+from fibroquant.slides import ArraySlide
+from fibroquant.stains import SIRIUS_RED, od_lut, rgb_to_od
+from fibroquant.synthetic import SectionParams, make_section, random_params
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * float((a & b).sum()) / max(float(a.sum() + b.sum()), 1.0)
+
+
+def _run(rgb, truth, stain, **overrides):
+    ov = {"stains": {"stain": "masson" if stain.startswith("masson") else stain}}
+    if stain == "masson-light-green":
+        ov["stains"]["masson_collagen"] = "light-green"
+    for k, v in overrides.items():
+        ov.setdefault(k, {}).update(v)
+    return analyze_slide("s.png", load_settings(overrides=ov),
+                         slide=ArraySlide(rgb, truth.params.mpp))
+
+
+_HARD = pytest.mark.xfail(
+    reason="known gap (issue 4): faint thin fibres under heavy non-specific uptake, and a "
+    "portal tract fused with the capsule, are under-counted by >1 pp", strict=True)
+CASES = [(stain, seed) for stain in ("sirius-red", "masson") for seed in (22, 25, 26)]
+HARD = [pytest.param(stain, seed, marks=_HARD) for stain in ("sirius-red", "masson")
+        for seed in (24, 28)]
+
+
+@pytest.fixture(scope="module")
+def results():
+    out = {}
+    for stain, seed in [*CASES, *[(s, d) for s in ("sirius-red", "masson") for d in (24, 28)]]:
+        p = random_params(seed, stain=stain, shape=(768, 768))
+        rgb, truth = make_section(p, rng=seed)
+        out[stain, seed] = (truth, _run(rgb, truth, stain))
+    return out
+
+
+@pytest.mark.parametrize(("stain", "seed"), [*CASES, *HARD])
+def test_cpa_and_dice_against_truth(results, stain, seed):
+    truth, a = results[stain, seed]
+    assert abs(a.record["cpa_percent"] - truth.cpa_percent) <= 1.0
+    assert dice(a.collagen_mask, truth.collagen_mask) >= 0.85
+    assert dice(a.tissue_mask, truth.tissue_mask) >= 0.95
+    assert a.record["tissue_area_mm2"] == pytest.approx(truth.tissue_area_mm2, rel=0.05)
+
+
+@pytest.mark.parametrize("stain", ["sirius-red", "masson"])
+def test_mean_error_over_variation(results, stain):
+    errs = [abs(results[s, seed][1].record["cpa_percent"] - results[s, seed][0].cpa_percent)
+            for s, seed in CASES if s == stain]
+    assert np.mean(errs) <= 1.0
+
+
+@pytest.mark.xfail(reason="known gap (issue 4): a 35 % weaker collagen stain still loses "
+                   "~2.6 pp of faint fibres at this fibrosis", strict=True)
+def test_weaker_collagen_stain_does_not_change_cpa():
+    """The confound in miniature: same section, collagen stain 35 % weaker."""
+    base = SectionParams(shape=(640, 640), fibrosis=0.8, fine_fibres=0.2)
+    rgb1, t1 = make_section(base, rng=5)
+    rgb2, t2 = make_section(
+        SectionParams(**{**base.__dict__, "collagen_intensity": 0.65}), rng=5)
+    assert t1.cpa_percent == t2.cpa_percent
+    c1 = _run(rgb1, t1, "sirius-red").record["cpa_percent"]
+    c2 = _run(rgb2, t2, "sirius-red").record["cpa_percent"]
+    assert abs(c1 - c2) < 0.5
+    fixed = {"collagen": {"method": "fixed-od", "fixed_od": 0.35}}
+    f1 = _run(rgb1, t1, "sirius-red", **fixed).record["cpa_percent"]
+    f2 = _run(rgb2, t2, "sirius-red", **fixed).record["cpa_percent"]
+    assert abs(c1 - c2) < abs(f1 - f2)  # the relative threshold is the robust one
+
+
+def test_tiling_does_not_change_counts(sirius_section):
+    rgb, truth = sirius_section
+    recs = []
+    for tile in (128, 256, 1024):
+        a = _run(rgb, truth, "sirius-red", tiling={"tile_px": tile, "halo_px": 32})
+        recs.append(a.record)
+    for r in recs[1:]:
+        assert r["tissue_area_mm2"] == pytest.approx(recs[0]["tissue_area_mm2"], rel=1e-9)
+        assert r["collagen_area_mm2"] == pytest.approx(recs[0]["collagen_area_mm2"], rel=2e-3)
+
+
+def test_threads_give_identical_results(sirius_section):
+    rgb, truth = sirius_section
+    s = load_settings(overrides={"tiling": {"tile_px": 256}})
+    a1 = analyze_slide("s.png", s, slide=ArraySlide(rgb, 0.5), workers=1)
+    a2 = analyze_slide("s.png", s, slide=ArraySlide(rgb, 0.5), workers=2)
+    assert a1.record["cpa_percent"] == a2.record["cpa_percent"]
+    assert np.array_equal(a1.collagen_mask, a2.collagen_mask)
+
+
+def test_analysis_resolution_close_to_native():
+    p = SectionParams(shape=(1024, 1024), mpp=0.5, fibrosis=0.8, fine_fibres=0.0)
+    rgb, truth = make_section(p, rng=3)
+    native = _run(rgb, truth, "sirius-red")
+    coarse = analyze_slide("s.tif", load_settings(overrides={"tiling": {"analysis_mpp": 1.0}}),
+                           slide=ArraySlide(rgb, 0.5, levels=3))
+    assert coarse.record["analysis_mpp"] == pytest.approx(1.0)
+    assert coarse.record["level"] == 1
+    assert coarse.collagen_mask.shape == (512, 512)
+    assert abs(coarse.record["cpa_percent"] - native.record["cpa_percent"]) < 0.5
+    assert coarse.record["tissue_area_mm2"] == pytest.approx(
+        native.record["tissue_area_mm2"], rel=0.02)
+
+
+def test_masson_light_green():
+    p = random_params(31, stain="masson-light-green", shape=(768, 768))
+    rgb, truth = make_section(p, rng=31)
+    a = _run(rgb, truth, "masson-light-green")
+    assert abs(a.record["cpa_percent"] - truth.cpa_percent) <= 1.0
+
+
+def test_exclusions_reported_in_mm2(sirius_section):
+    rgb, truth = sirius_section
+    a = _run(rgb, truth, "sirius-red")
+    lumen_true = truth.lumen_mask.sum() * 0.25 / 1e6
+    # lumens that open onto the section edge are glass, not lumens: the detected area is lower
+    assert 0.6 * lumen_true <= a.record["lumen_area_mm2"] <= 1.1 * lumen_true
+    assert a.record["capsule_area_mm2"] > 0
+
+
+def test_no_tissue_is_an_error():
+    from fibroquant.errors import FibroquantError
+
+    glass = np.full((300, 300, 3), 242, np.uint8)
+    with pytest.raises(FibroquantError, match="no tissue"):
+        analyze_slide("glass.png", load_settings(), slide=ArraySlide(glass, 0.5,
+                                                                     path="glass.png"))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 10**6),
+                          st.floats(0, 1e3)), max_size=6))
+def test_tile_counts_add_up(parts):
+    tiles = [TileCounts(tissue_px=t + c, collagen_px=c, collagen_od_sum=o) for t, c, o in parts]
+    total = sum(tiles, TileCounts())
+    assert total.tissue_px == sum(t.tissue_px for t in tiles)
+    m = Measurements.from_counts(total, 0.5)
+    if total.tissue_px:
+        assert m.cpa_percent == pytest.approx(100 * total.collagen_px / total.tissue_px)
+        assert m.tissue_area_mm2 == pytest.approx(total.tissue_px * 0.25e-6)
+
+
+def test_fast_concentration_matches_reference():
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    bg = (240.0, 235.0, 230.0)
+    ref = rgb_to_od(rgb, bg) @ SIRIUS_RED.unmixing[:, 0]
+    got = collagen_concentration(rgb, od_lut(bg), SIRIUS_RED.unmixing[:, 0].copy())
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("name", "stem"), [
+    ("a.tif", "a"), ("sub/b.svs", "sub__b"), ("c.ome.tif", "c"), ("Maus 1/ü.png", "Maus 1__ü"),
+])
+def test_output_stem(name, stem):
+    assert output_stem(name) == stem
