@@ -75,6 +75,23 @@ def _settings(config: Path | None, stain: StainChoice | None, analysis_mpp: floa
     return load_settings(config, overrides)
 
 
+def _command(name: str) -> str:
+    """The invoked command with its effective options, for provenance (not the raw argv)."""
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    parts = [f"fibroquant {name}"]
+    if ctx is not None:
+        for key, value in ctx.params.items():
+            if value is None or value is False:
+                continue
+            flag = "--" + key.replace("_", "-")
+            if isinstance(value, Enum):
+                value = value.value
+            parts.append(flag if value is True else f"{flag} {value}")
+    return " ".join(parts)
+
+
 def _analyze(
     slides_dir: Path, out_dir: Path, *, samples: Path | None, stain: StainChoice | None,
     config: Path | None, mpp: float | None, analysis_mpp: float | None, masks: bool,
@@ -83,7 +100,7 @@ def _analyze(
 ) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from fibroquant.run import analyze_folder, command_line
+    from fibroquant.run import analyze_folder
 
     try:
         settings = _settings(config, stain, analysis_mpp)
@@ -117,7 +134,7 @@ def _analyze(
             summary = analyze_folder(
                 slides_dir, out_dir, settings, samples=samples, control=control, mpp=mpp,
                 workers=n_workers, scheduler=scheduler, force=force, wait=wait, masks=masks,
-                command=command_line(), on_plan=on_plan, on_result=on_result,
+                command=_command("analyze"), on_plan=on_plan, on_result=on_result,
             )
     except StoreLockedError as exc:
         raise _fail(str(exc), 3) from None

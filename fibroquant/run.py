@@ -230,8 +230,13 @@ def analyze_folder(
                     todo.append(t)
             summary.skipped = len(tasks) - len(todo)
             if on_plan:
-                on_plan(len(todo) + len(early_failed), summary.skipped)
+                n_early = sum(1 for r in early_failed
+                              if force or known.get(r["fingerprint"]) != "failed")
+                on_plan(len(todo) + n_early, summary.skipped + len(early_failed) - n_early)
             for rec in early_failed:
+                if known.get(rec["fingerprint"]) == "failed" and not force:
+                    summary.skipped += 1  # still unreadable, already recorded
+                    continue
                 store.put_result({**rec, "settings_hash": shash}, run_id=run_id)
                 summary.processed += 1
                 if on_result:
@@ -248,6 +253,7 @@ def analyze_folder(
             present = set(keys)
             removed = store.removed_slides(present)
             summary.removed = len(removed)
+            store.forget_slides(removed)
             current = store.current_results(shash, present=present)
             slides_df = build_slides_table(sheet, current)
             summary.failed = int((slides_df["status"] != "ok").sum())
@@ -265,10 +271,19 @@ def analyze_folder(
                 "samples": str(samples.resolve()) if samples else None,
                 "inputs": inputs, "removed_slides": removed,
             }
-            summary.comparison = write_tables(
-                out_dir, slides_df, extra_cols, settings, provenance,
-                control=control, has_sheet=samples is not None,
-            )
+            tables_key = hashlib.sha256("\n".join([
+                slides_df.to_csv(index=False), repr(extra_cols), str(control),
+                str(samples is not None), shash, __version__,
+            ]).encode()).hexdigest()
+            provenance["tables_key"] = tables_key
+            previous = _previous_tables(out_dir, tables_key)
+            if previous is not None and not summary.processed and not removed:
+                summary.comparison = previous  # nothing changed: tables are already current
+            else:
+                summary.comparison = write_tables(
+                    out_dir, slides_df, extra_cols, settings, provenance,
+                    control=control, has_sheet=samples is not None,
+                )
             summary.seconds = round(time.perf_counter() - t0, 3)
             summary.exit_code = 130 if summary.interrupted else (1 if summary.failed else 0)
             run_json = {
@@ -287,6 +302,24 @@ def analyze_folder(
                 exit_code=summary.exit_code, seconds=summary.seconds,
             )
     return summary
+
+
+_OUTPUTS = ("slides.csv", "mice.csv", "groups.csv", "report.html", "results.xlsx",
+            "provenance.json", "run.json")
+
+
+def _previous_tables(out_dir: Path, tables_key: str) -> str | None:
+    """The last comparison sentence when the tables on disk were made from identical inputs."""
+    try:
+        prov = json.loads((out_dir / "provenance.json").read_text(encoding="utf-8"))
+        run = json.loads((out_dir / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if prov.get("tables_key") != tables_key:
+        return None
+    if not all((out_dir / name).is_file() for name in _OUTPUTS):
+        return None
+    return str(run.get("comparison", ""))
 
 
 def build_slides_table(sheet: pd.DataFrame, records: list[dict[str, Any]]) -> pd.DataFrame:

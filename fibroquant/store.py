@@ -1161,6 +1161,21 @@ class ResultStore:
             rows = self._db.execute("SELECT slide FROM slides ORDER BY slide").fetchall()
         return [row[0] for row in rows if row[0] not in present]
 
+    def forget_slides(self, slides: Iterable[str]) -> None:
+        """Drop removed slide paths from the current view (their results stay in history).
+
+        Parameters
+        ----------
+        slides : iterable of str
+            Slide paths no longer in the slides folder.
+        """
+        names = [(s,) for s in slides]
+        if not names:
+            return
+        with self._transaction("forget removed slides") as conn:
+            conn.executemany("DELETE FROM slides WHERE slide = ?", names)
+            conn.executemany("DELETE FROM fingerprints WHERE rel = ?", names)
+
     def history(
         self, settings_hash: str | None = None, slide: str | None = None
     ) -> list[dict[str, Any]]:

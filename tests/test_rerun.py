@@ -231,9 +231,12 @@ def test_second_run_is_refused_or_waits(slide_bank: Path, tmp_path: Path) -> Non
         # queued: completes after the first
         second = spawn(slides, out, "--wait")
         _, err2 = second.communicate(timeout=120)
-        assert first.poll() is not None, "--wait run finished while the first still held OUT"
     finally:
         first.communicate(timeout=120)
+    with sqlite3.connect(out / "fibroquant.sqlite") as conn:
+        rows = conn.execute("SELECT started_at, finished_at FROM runs ORDER BY run_id").fetchall()
+    assert len(rows) == 2
+    assert rows[0][1] is not None and rows[0][1] <= rows[1][0], "--wait run overlapped the first"
     assert first.returncode == 0
     assert second.returncode == 0, err2
     run = json.loads((out / "run.json").read_text())

@@ -1,0 +1,170 @@
+"""The command line end to end in a temporary folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from fibroquant import stats
+from fibroquant.cli import app
+from fibroquant.synthetic import SectionParams, make_section, write_pyramid_tiff
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> Path:
+    """Six tiny slides: 3 control, 3 treated mice; one mouse has two sections."""
+    d = tmp_path_factory.mktemp("slides")
+    rows = []
+    layout = [("c1", "control", 0.8), ("c2", "control", 0.9), ("c3", "control", 0.7),
+              ("t1", "MSC", 0.35), ("t2", "MSC", 0.4), ("t3", "MSC", 0.3)]
+    for i, (mouse, group, fib) in enumerate(layout):
+        rgb, _ = make_section(SectionParams(shape=(512, 512), fibrosis=fib, fine_fibres=0.0,
+                                            n_lumens=2), rng=100 + i)
+        name = f"{mouse}_s1.tif"
+        write_pyramid_tiff(d / name, rgb, 0.5, min_level_px=128)
+        rows.append({"slide": name, "mouse": mouse, "group": group, "sex": "F"})
+    rgb, _ = make_section(SectionParams(shape=(512, 512), fibrosis=0.85), rng=7)
+    write_pyramid_tiff(d / "c1_s2.tif", rgb, 0.5, min_level_px=128)
+    rows.append({"slide": "c1_s2.tif", "mouse": "c1", "group": "control", "sex": "F"})
+    pd.DataFrame(rows).to_csv(d / "samples.csv", index=False)
+    return d
+
+
+def _analyze(study: Path, out: Path, *extra: str):
+    return runner.invoke(app, ["analyze", str(study), "--out", str(out), "--samples",
+                               str(study / "samples.csv"), "--workers", "1", *extra])
+
+
+def test_analyze_end_to_end(study, tmp_path):
+    out = tmp_path / "out"
+    res = _analyze(study, out, "--masks")
+    assert res.exit_code == 0, res.output
+    slides = pd.read_csv(out / "slides.csv")
+    for col in ["slide", "mouse", "group", "status", "error", "mpp", "tissue_area_mm2",
+                "collagen_area_mm2", "cpa_percent", "sex", "stain_vectors", "stain_warning"]:
+        assert col in slides.columns
+    assert list(slides.columns[:4]) == ["slide", "mouse", "group", "sex"]
+    assert (slides["status"] == "ok").all() and len(slides) == 7
+    assert np.allclose(slides["mpp"], 0.5)
+    mice = pd.read_csv(out / "mice.csv")
+    assert len(mice) == 6
+    c1 = mice.set_index("mouse").loc["c1"]
+    s_c1 = slides[slides["mouse"] == "c1"]
+    assert c1["n_slides"] == 2
+    assert c1["cpa_percent"] == pytest.approx(
+        100 * s_c1["collagen_area_mm2"].sum() / s_c1["tissue_area_mm2"].sum())
+    groups = pd.read_csv(out / "groups.csv").set_index("group")
+    for col in ["n_mice", "cpa_mean_percent", "cpa_sd", "cpa_sem", "cpa_median",
+                "diff_vs_control_pp", "change_vs_control_percent", "welch_p", "mannwhitney_p",
+                "hedges_g"]:
+        assert col in groups.columns
+    assert np.isnan(groups.loc["control", "welch_p"])
+    ctrl = mice.loc[mice["group"] == "control", "cpa_percent"].to_numpy()
+    trt = mice.loc[mice["group"] == "MSC", "cpa_percent"].to_numpy()
+    from scipy import stats as sps
+
+    assert groups.loc["MSC", "welch_p"] == pytest.approx(
+        sps.ttest_ind(trt, ctrl, equal_var=False).pvalue, rel=1e-9)
+    assert groups.loc["MSC", "diff_vs_control_pp"] < 0  # less collagen in treated mice
+    for stem in ["c1_s1", "c1_s2", "t3_s1"]:
+        assert (out / "qc" / f"{stem}.png").stat().st_size > 0
+        for kind in ("collagen", "tissue"):
+            m = out / "masks" / f"{stem}.{kind}.png"
+            import cv2
+
+            img = cv2.imread(str(m), cv2.IMREAD_UNCHANGED)
+            assert img.shape == (512, 512) and set(np.unique(img)) <= {0, 255}
+    run = json.loads((out / "run.json").read_text())
+    assert run["processed"] == 7 and run["skipped"] == 0 and run["failed"] == 0
+    assert run["version"] and "analyze" in run["command"]
+    prov = json.loads((out / "provenance.json").read_text())
+    assert len(prov["inputs"]) == 7 and prov["settings"]["stains"]["stain"] == "sirius-red"
+    assert (out / "report.html").read_text().count("c1_s2.tif") >= 1
+    assert (out / "results.xlsx").stat().st_size > 0
+
+    again = _analyze(study, out, "--masks")
+    assert again.exit_code == 0, again.output
+    run2 = json.loads((out / "run.json").read_text())
+    assert run2["processed"] == 0 and run2["skipped"] == 7
+    pd.testing.assert_frame_equal(pd.read_csv(out / "slides.csv"), slides)
+
+
+def test_no_sample_sheet_means_no_comparison(study, tmp_path):
+    res = runner.invoke(app, ["analyze", str(study), "--out", str(tmp_path / "o"),
+                              "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    assert "no groups are compared" in res.output
+    mice = pd.read_csv(tmp_path / "o" / "mice.csv")
+    assert len(mice) == 7  # each slide its own mouse
+    assert len(pd.read_csv(tmp_path / "o" / "groups.csv")) == 0
+
+
+def test_failed_slide_recorded_and_others_carry_on(study, tmp_path):
+    d = tmp_path / "slides"
+    d.mkdir()
+    for name in ["c1_s1.tif", "t1_s1.tif"]:
+        (d / name).write_bytes((study / name).read_bytes())
+    (d / "broken.tif").write_bytes(b"II*\x00garbage")
+    pd.DataFrame({"slide": ["c1_s1.tif", "t1_s1.tif", "broken.tif"], "mouse": ["a", "b", "c"],
+                  "group": ["control", "MSC", "MSC"]}).to_csv(d / "s.csv", index=False)
+    res = runner.invoke(app, ["analyze", str(d), "--out", str(tmp_path / "o"), "--samples",
+                              str(d / "s.csv"), "--workers", "1"])
+    assert res.exit_code == 1, res.output
+    slides = pd.read_csv(tmp_path / "o" / "slides.csv").set_index("slide")
+    assert slides.loc["broken.tif", "status"] == "failed"
+    assert "broken.tif" in slides.loc["broken.tif", "error"]
+    assert (slides.drop("broken.tif")["status"] == "ok").all()
+    assert "broken.tif" in res.output
+    run = json.loads((tmp_path / "o" / "run.json").read_text())
+    assert run["failed"] == 1
+
+
+@pytest.mark.parametrize(("sheet", "match"), [
+    ("slide,mouse\nc1_s1.tif,a\n", "group"),
+    ("slide,mouse,group\nnope.tif,a,control\n", "nope.tif"),
+])
+def test_bad_sheet_is_usage_error_before_work(study, tmp_path, sheet, match):
+    f = tmp_path / "sheet.csv"
+    f.write_text(sheet)
+    res = runner.invoke(app, ["analyze", str(study), "--out", str(tmp_path / "o"),
+                              "--samples", str(f)])
+    assert res.exit_code == 2
+    assert match in res.output and "sheet.csv" in res.output
+    assert not (tmp_path / "o" / "slides.csv").exists()
+
+
+def test_bad_config_exit_2(study, tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("collagen:\n  methd: otsu\n")
+    res = runner.invoke(app, ["analyze", str(study), "--out", str(tmp_path / "o"),
+                              "--config", str(f)])
+    assert res.exit_code == 2
+    assert "collagen.methd" in res.output
+
+
+def test_empty_folder_exit_2(tmp_path):
+    (tmp_path / "empty").mkdir()
+    res = runner.invoke(app, ["analyze", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "no slide files" in res.output
+
+
+def test_inspect(study):
+    res = runner.invoke(app, ["inspect", str(study / "c1_s1.tif"), "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.output)
+    assert info["mpp"] == pytest.approx(0.5)
+    assert info["stain_guess"].startswith("sirius-red")
+
+
+def test_group_columns_contract():
+    for col in ["group", "n_mice", "cpa_mean_percent", "cpa_sd", "cpa_sem", "cpa_median",
+                "diff_vs_control_pp", "change_vs_control_percent", "welch_p", "mannwhitney_p",
+                "hedges_g"]:
+        assert col in stats.GROUP_COLUMNS
