@@ -1,7 +1,8 @@
 """Collagen segmentation on the collagen stain's concentration channel.
 
 The default threshold is *relative*: it sits a fixed fraction of the way from the slide's
-parenchyma level (the median collagen-stain concentration over tissue: non-specific uptake) to its
+parenchyma level (the median collagen-stain concentration of tissue pixels dominated by other
+stains: non-specific uptake) to its
 collagen level (the median concentration of pixels that the stain vectors attribute mostly to the
 collagen stain). Both levels scale with the stain's intensity, so a section stained 30 % weaker,
 or scanned with another white balance, is cut at the same place in its own distribution: the
@@ -58,7 +59,10 @@ def calibrate_threshold(
     share = np.asarray(collagen_share, dtype=np.float32).ravel()
     if conc.size == 0:
         return CollagenThreshold(settings.method, float("inf"), 0.0, 0.0, 0, "no tissue")
-    base = float(np.median(conc))
+    # parenchyma level: pixels the stain vectors attribute mostly to other stains (cytoplasm,
+    # nuclei); robust when collagen covers a large part of the tissue (cirrhosis, capsule)
+    other = conc[share < 0.5]
+    base = float(np.median(other if other.size >= max(50, conc.size // 20) else conc))
     if settings.method == "fixed-od":
         return CollagenThreshold("fixed-od", settings.fixed_od, base, float("nan"), 0)
     if settings.method == "otsu":
@@ -82,10 +86,45 @@ def calibrate_threshold(
     return CollagenThreshold("relative", max(t, floor), base, level, int(candidates.size))
 
 
+def parenchyma_background(
+    collagen_conc: np.ndarray,
+    parenchyma_mask: np.ndarray,
+    sigma_px: float,
+    fallback: float,
+) -> np.ndarray:
+    """Smooth map of non-specific collagen-stain uptake (OD units), from parenchyma only.
+
+    Normalised convolution: a Gaussian average of the collagen concentration over pixels that
+    belong to parenchyma (dominated by other stains), divided by the Gaussian average of that
+    mask, so septa and portal tracts do not raise the background around them. Where almost no
+    parenchyma is near, the slide-wide level ``fallback`` is used.
+
+    Parameters
+    ----------
+    collagen_conc : ndarray of float32, shape (H, W)
+        Collagen stain concentration (usually of the low-resolution tissue image).
+    parenchyma_mask : ndarray of bool, shape (H, W)
+    sigma_px : float
+        Gaussian sigma, pixels of these arrays.
+    fallback : float
+        Slide-wide parenchyma level, OD units.
+
+    Returns
+    -------
+    ndarray of float32, shape (H, W)
+    """
+    w = parenchyma_mask.astype(np.float32)
+    num = cv2.GaussianBlur(collagen_conc.astype(np.float32) * w, (0, 0), sigma_px)
+    den = cv2.GaussianBlur(w, (0, 0), sigma_px)
+    weight = np.clip(den / 0.05, 0.0, 1.0)  # blend to the fallback where parenchyma is scarce
+    local = num / np.maximum(den, 1e-6)
+    return (weight * local + (1.0 - weight) * fallback).astype(np.float32)
+
+
 def segment_collagen(
     collagen_conc: np.ndarray,
     tissue_mask: np.ndarray,
-    threshold_od: float,
+    threshold_od: float | np.ndarray,
     mpp: float,
     settings: CollagenSettings,
 ) -> np.ndarray:
@@ -96,8 +135,9 @@ def segment_collagen(
     collagen_conc : ndarray of float32, shape (H, W)
         Collagen stain concentration, OD units.
     tissue_mask : ndarray of bool, shape (H, W)
-    threshold_od : float
-        From :func:`calibrate_threshold`.
+    threshold_od : float or ndarray of float32, shape (H, W)
+        From :func:`calibrate_threshold`, optionally raised per pixel by the local parenchyma
+        background (:func:`parenchyma_background`).
     mpp : float
         µm per pixel of the tile.
     settings : CollagenSettings

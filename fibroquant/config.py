@@ -47,8 +47,8 @@ class TissueSettings(_Model):
     glass_od: float | None = Field(
         None, gt=0, description="summed optical density above which a pixel is tissue; None = Otsu"
     )
-    glass_od_min: float = Field(0.04, gt=0, description="lower clip of the automatic glass OD")
-    glass_od_max: float = Field(0.25, gt=0, description="upper clip of the automatic glass OD")
+    glass_od_min: float = Field(0.03, gt=0, description="lower clip of the automatic glass OD")
+    glass_od_max: float = Field(0.1, gt=0, description="upper clip of the automatic glass OD")
     smooth_um: float = Field(
         1.5, ge=0, description="median filter before the glass threshold: 5 px if >= 1.5 px, µm"
     )
@@ -57,6 +57,10 @@ class TissueSettings(_Model):
     )
     lumen_min_area_um2: float = Field(
         800.0, ge=0, description="unstained holes at least this large are lumens (excluded), µm²"
+    )
+    lumen_max_area_um2: float = Field(
+        60000.0, gt=0,
+        description="glass cut by the image frame up to this size is a lumen, not outer glass, µm²",
     )
     exclude_capsule: bool = Field(True, description="leave the Glisson capsule band out")
     capsule_width_um: float = Field(
@@ -117,6 +121,11 @@ class CollagenSettings(_Model):
         0.08, ge=0, description="threshold at least this far above the parenchyma level, OD"
     )
     fixed_od: float = Field(0.25, gt=0, description="threshold for method fixed-od, OD units")
+    local_background_um: float | None = Field(
+        25.0, gt=0,
+        description="relative method: follow non-specific uptake over this scale (Gaussian "
+        "sigma, µm); None = one slide-wide parenchyma level",
+    )
     smooth_um: float = Field(0.0, ge=0, description="Gaussian sigma on the collagen channel, µm")
     min_object_area_um2: float = Field(
         5.0, ge=0, description="collagen specks smaller than this are dropped, µm²"

@@ -25,8 +25,13 @@ from typing import Any
 import cv2
 import numpy as np
 
-from fibroquant import __version__
-from fibroquant.collagen import CollagenThreshold, calibrate_threshold, segment_collagen
+from fibroquant import __version__, kernels
+from fibroquant.collagen import (
+    CollagenThreshold,
+    calibrate_threshold,
+    parenchyma_background,
+    segment_collagen,
+)
 from fibroquant.config import Settings
 from fibroquant.errors import FibroquantError, SlideReadError
 from fibroquant.measure import Measurements, TileCounts
@@ -127,7 +132,7 @@ def _index_map(start: int, stop: int, factor: float, size: int) -> np.ndarray:
 
 
 def _lookup(mask: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    return mask[np.ix_(rows, cols)]
+    return kernels.lookup_nearest(mask, rows, cols)
 
 
 def _tile_grid(geo: _Geometry, tile: int) -> list[tuple[int, int, int, int]]:
@@ -149,6 +154,7 @@ class _TileJob:
     unmix_col: np.ndarray  # (3,) float32
     threshold: float
     settings: Settings
+    background_map: np.ndarray | None = None  # per-pixel threshold offset at tissue resolution
 
 
 def _tile_masks(job: _TileJob, y0: int, x0: int, y1: int, x1: int, halo: int):
@@ -190,9 +196,12 @@ def _process_tile(
         empty = np.zeros((y1 - y0, x1 - x0), bool)
         return box, counts, empty, empty, lumen | fold
     rgb = _read_analysis(slide, job.geo, y0 - halo, x0 - halo, y1 - y0 + 2 * halo, x1 - x0 + 2 * halo)
-    conc = collagen_concentration(rgb, job.lut, job.unmix_col)
+    conc = kernels.collagen_concentration_fast(rgb, job.lut, job.unmix_col)
+    threshold: float | np.ndarray = job.threshold
+    if job.background_map is not None:
+        threshold = _lookup(job.background_map, rows, cols) + np.float32(job.threshold)
     collagen = segment_collagen(
-        conc, tissue_pad, job.threshold, job.geo.analysis_mpp, job.settings.collagen
+        conc, tissue_pad, threshold, job.geo.analysis_mpp, job.settings.collagen
     )[core]
     tissue = tissue_pad[core]
     band = _lookup(job.tissue.capsule_band, rows_c, cols_c)
@@ -214,14 +223,10 @@ def _process_tile(
 
 
 def _block_reduce(mask: np.ndarray, f: int) -> np.ndarray:
+    """Majority vote over f×f blocks (mask resolution of large slides)."""
     if f == 1:
         return mask
-    h, w = mask.shape
-    hh, ww = -(-h // f) * f, -(-w // f) * f
-    padded = np.zeros((hh, ww), np.float32)
-    padded[:h, :w] = mask
-    frac = padded.reshape(hh // f, f, ww // f, f).mean(axis=(1, 3))
-    return frac >= 0.5
+    return kernels.block_majority(mask, f)
 
 
 def _calibration_pixels(
@@ -349,13 +354,26 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
     share = pos[:, stains.collagen_index] / np.maximum(pos.sum(axis=1), 1e-6)
     thr = calibrate_threshold(conc_sample[:, stains.collagen_index], share, settings.collagen)
     thumb_conc = rgb_to_od(thumb, background) @ stains.unmixing
+    thumb_col = thumb_conc[..., stains.collagen_index]
     if len(stains.names) > 1:
         tissue = with_folds(tissue, thumb_conc[..., 1], settings.tissue)
-    tissue = with_capsule(tissue, thumb_conc[..., stains.collagen_index] > thr.threshold_od)
+    bg_map = None
+    thumb_threshold: float | np.ndarray = thr.threshold_od
+    offset = thr.threshold_od
+    if thr.method == "relative" and settings.collagen.local_background_um:
+        tpos = np.maximum(thumb_conc, 0)
+        tshare = tpos[..., stains.collagen_index] / np.maximum(tpos.sum(axis=-1), 1e-6)
+        bg_map = parenchyma_background(
+            thumb_col, tissue.tissue & (tshare < 0.5),
+            settings.collagen.local_background_um / thumb_mpp, thr.parenchyma_od,
+        )
+        offset = thr.threshold_od - thr.parenchyma_od
+        thumb_threshold = bg_map + np.float32(offset)
+    tissue = with_capsule(tissue, thumb_col > thumb_threshold)
 
     job = _TileJob(
         geo, tissue, fy, fx, od_lut(background), stains.unmixing[:, stains.collagen_index].copy(),
-        thr.threshold_od, settings,
+        offset if bg_map is not None else thr.threshold_od, settings, bg_map,
     )
     f = geo.mask_factor
     mh, mw = -(-geo.height // f), -(-geo.width // f)
@@ -363,6 +381,7 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
     tissue_m = np.zeros((mh, mw), bool)
     excluded_m = np.zeros((mh, mw), bool)
     total = TileCounts()
+    kernels.warmup()
     for out in _map_tiles(sl, job, boxes, workers):
         if out is None:
             continue

@@ -166,12 +166,16 @@ def make_section(
     # --- lumens: central veins and portal vessels ---------------------------------------
     lumen = np.zeros((h, w), bool)
     wobble = _smooth_noise((h, w), 6 * um, g)
+    dist_in0 = ndi.distance_transform_edt(section)
     for _ in range(p.n_lumens):
+        rad = g.uniform(22, 60) * um
+        margin = rad + (p.capsule_um * 1.3 + 15) * um  # vessels lie inside, below the capsule
         for _try in range(50):
             ly, lx = g.uniform(0, h), g.uniform(0, w)
-            if section[int(ly), int(lx)]:
+            if p.field_of_view or dist_in0[int(ly), int(lx)] > margin:
                 break
-        rad = g.uniform(22, 60) * um
+        else:
+            continue
         asp = g.uniform(0.6, 1.0)
         ang = g.uniform(0, np.pi)
         dy, dx = yy - ly, xx - lx

@@ -114,6 +114,21 @@ def detect_tissue(
     filled_small = remove_small_holes(raw, max_size=lumen_px - 1)
     section = ndi.binary_fill_holes(filled_small)
     lumen = section & ~filled_small
+    # Glass pockets cut by the image frame but otherwise enclosed by tissue, up to the size of
+    # a large vessel, are lumens too (a vein at the edge of a microscope field), not outer glass.
+    max_px = _px(settings.lumen_max_area_um2, mpp)
+    outside, n = ndi.label(~section)
+    if n:
+        frame = np.zeros_like(section)
+        frame[0, :] = frame[-1, :] = frame[:, 0] = frame[:, -1] = True
+        sizes = np.bincount(outside.ravel(), minlength=n + 1)
+        touches = np.bincount(outside[frame], minlength=n + 1) > 0
+        pocket = (sizes >= lumen_px) & (sizes <= max_px) & touches
+        pocket[0] = False
+        if pocket.any() and section.any():
+            extra = pocket[outside]
+            lumen |= extra
+            section |= extra
     fold = np.zeros_like(section)
     tissue = section & ~lumen
     band = np.zeros_like(section)
