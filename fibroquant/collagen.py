@@ -63,6 +63,9 @@ def calibrate_threshold(
     # nuclei); robust when collagen covers a large part of the tissue (cirrhosis, capsule)
     other = conc[share < 0.5]
     base = float(np.median(other if other.size >= max(50, conc.size // 20) else conc))
+    # a negative level means the counterstain projects below zero on the collagen axis
+    # (vectors off for this slide): measure contrast from zero instead
+    base = max(base, 0.0)
     if settings.method == "fixed-od":
         return CollagenThreshold("fixed-od", settings.fixed_od, base, float("nan"), 0)
     if settings.method == "otsu":
@@ -127,6 +130,9 @@ def segment_collagen(
     threshold_od: float | np.ndarray,
     mpp: float,
     settings: CollagenSettings,
+    *,
+    line_od: float | None = None,
+    line_floor_offset: float | None = None,
 ) -> np.ndarray:
     """Collagen mask of one tile.
 
@@ -141,6 +147,11 @@ def segment_collagen(
     mpp : float
         µm per pixel of the tile.
     settings : CollagenSettings
+    line_od : float, optional
+        Thin-fibre contrast: pixels whose white top-hat (width ``fibre_width_um``) exceeds this
+        are collagen too, if their concentration is at least ``threshold_od -
+        line_floor_offset`` (the parenchyma level plus the minimum contrast).
+    line_floor_offset : float, optional
 
     Returns
     -------
@@ -151,7 +162,17 @@ def segment_collagen(
     sigma = settings.smooth_um / mpp
     if sigma > 0.2:
         conc = cv2.GaussianBlur(conc, (0, 0), sigma)
-    mask = (conc > threshold_od) & tissue_mask
+    mask = conc > threshold_od
+    if line_od is not None and settings.fibre_width_um > 0:
+        # thin fibres: blur lowers their peak below the area threshold, but they still stand
+        # out from their surroundings; a white top-hat a little wider than a fibre finds them
+        d = max(3, int(round(settings.fibre_width_um / mpp)) | 1)
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (d, d))
+        tophat = cv2.morphologyEx(np.ascontiguousarray(collagen_conc, np.float32),
+                                  cv2.MORPH_TOPHAT, kernel)
+        floor = threshold_od - line_floor_offset if line_floor_offset is not None else 0.0
+        mask |= (tophat > line_od) & (conc > floor)
+    mask &= tissue_mask
     min_px = int(round(settings.min_object_area_um2 / mpp**2))
     if min_px > 1:
         mask = remove_small_objects(mask, max_size=min_px - 1, connectivity=2)

@@ -56,7 +56,7 @@ class TissueSettings(_Model):
         5000.0, ge=0, description="tissue pieces smaller than this are dust/debris, µm²"
     )
     lumen_min_area_um2: float = Field(
-        800.0, ge=0, description="unstained holes at least this large are lumens (excluded), µm²"
+        1200.0, ge=0, description="unstained holes at least this large are lumens (excluded), µm²"
     )
     lumen_max_area_um2: float = Field(
         60000.0, gt=0,
@@ -88,7 +88,7 @@ class StainSettings(_Model):
         "anchored", description="per-slide vectors anchored to the preset, or the preset as is"
     )
     max_angle_deg: float = Field(
-        18.0, gt=0, le=60, description="largest accepted change of a vector from its preset, deg"
+        25.0, gt=0, le=60, description="largest accepted change of a vector from its preset, deg"
     )
     od_floor: float = Field(
         0.15, gt=0, description="pixels with a smaller OD norm do not inform stain estimation"
@@ -114,7 +114,7 @@ class CollagenSettings(_Model):
         "relative", description="threshold scale: per-slide relative, fixed OD, or Otsu"
     )
     relative_threshold: float = Field(
-        0.2, gt=0, lt=1,
+        0.25, gt=0, lt=1,
         description="fraction of the way from the slide's parenchyma level to its collagen level",
     )
     min_contrast_od: float = Field(
@@ -125,6 +125,19 @@ class CollagenSettings(_Model):
         25.0, gt=0,
         description="relative method: follow non-specific uptake over this scale (Gaussian "
         "sigma, µm); None = one slide-wide parenchyma level",
+    )
+    min_share: float = Field(
+        0.35, ge=0, lt=1,
+        description="collagen stain's least share of a pixel's stain (purple mixtures are not "
+        "collagen); 0 = concentration alone",
+    )
+    fibre_width_um: float = Field(
+        4.0, ge=0,
+        description="thin-fibre detector width (white top-hat), µm; 0 = area threshold only",
+    )
+    fibre_threshold: float = Field(
+        0.15, gt=0, lt=1,
+        description="thin fibres: top-hat contrast as a fraction of parenchyma-to-collagen range",
     )
     smooth_um: float = Field(0.0, ge=0, description="Gaussian sigma on the collagen channel, µm")
     min_object_area_um2: float = Field(

@@ -45,6 +45,7 @@ from fibroquant.stains import (
     od_lut,
     preset_for,
     rgb_to_od,
+    stain_fit,
 )
 from fibroquant.tissue import TissueMask, detect_tissue, with_capsule, with_folds
 
@@ -155,6 +156,9 @@ class _TileJob:
     threshold: float
     settings: Settings
     background_map: np.ndarray | None = None  # per-pixel threshold offset at tissue resolution
+    other_cols: tuple[np.ndarray, ...] = ()  # unmixing columns of the other stains
+    line_od: float | None = None  # thin-fibre top-hat contrast
+    line_floor_offset: float | None = None
 
 
 def _tile_masks(job: _TileJob, y0: int, x0: int, y1: int, x1: int, halo: int):
@@ -200,8 +204,17 @@ def _process_tile(
     threshold: float | np.ndarray = job.threshold
     if job.background_map is not None:
         threshold = _lookup(job.background_map, rows, cols) + np.float32(job.threshold)
+    share_ok = None
+    if job.other_cols and job.settings.collagen.min_share > 0:
+        pos = np.maximum(conc, 0)
+        total = pos.copy()
+        for col in job.other_cols:
+            total += np.maximum(kernels.collagen_concentration_fast(rgb, job.lut, col), 0)
+        share_ok = pos >= np.float32(job.settings.collagen.min_share) * total
     collagen = segment_collagen(
-        conc, tissue_pad, threshold, job.geo.analysis_mpp, job.settings.collagen
+        conc, tissue_pad if share_ok is None else tissue_pad & share_ok, threshold,
+        job.geo.analysis_mpp, job.settings.collagen,
+        line_od=job.line_od, line_floor_offset=job.line_floor_offset,
     )[core]
     tissue = tissue_pad[core]
     band = _lookup(job.tissue.capsule_band, rows_c, cols_c)
@@ -260,8 +273,27 @@ def _calibration_pixels(
     return px
 
 
-def stain_warnings(est: StainEstimate, preset: StainMatrix, thr: CollagenThreshold) -> list[str]:
-    """Plain-language stain QC warnings for one slide."""
+#: Collagen levels (OD units) outside this range are reported as faint or over-stained.
+FAINT_COLLAGEN_OD = 0.2
+DARK_COLLAGEN_OD = 1.6
+
+
+def stain_warnings(
+    est: StainEstimate, preset: StainMatrix, thr: CollagenThreshold, fit: dict[str, float],
+    protocol: str,
+) -> list[str]:
+    """Plain-language stain QC warnings for one slide.
+
+    Parameters
+    ----------
+    est : StainEstimate
+    preset : StainMatrix
+    thr : CollagenThreshold
+    fit : dict
+        :func:`fibroquant.stains.stain_fit` residuals of the slide's thumbnail.
+    protocol : str
+        The stain the run expects (``sirius-red`` or ``masson``).
+    """
     out = list(est.warnings)
     col = preset.collagen
     share = est.od_share.get(col, 0.0)
@@ -269,6 +301,19 @@ def stain_warnings(est: StainEstimate, preset: StainMatrix, thr: CollagenThresho
         out.append(thr.note)
     if share < 0.005:
         out.append(f"almost no {col} signal ({100 * share:.1f} % of stain OD): wrong stain?")
+    if fit:
+        expected = min(v for k, v in fit.items() if k.startswith(protocol))
+        best = min(fit, key=fit.__getitem__)
+        if not best.startswith(protocol) and expected > 0.15 and expected > 1.8 * fit[best]:
+            out.append(
+                f"colours fit {best} better than {protocol} (residual {fit[best]:.2f} vs "
+                f"{expected:.2f}): wrong stain?"
+            )
+    level = thr.collagen_level_od
+    if np.isfinite(level) and level < FAINT_COLLAGEN_OD:
+        out.append(f"faint {col} staining (collagen level {level:.2f} OD)")
+    elif np.isfinite(level) and level > DARK_COLLAGEN_OD:
+        out.append(f"very dark {col} staining (collagen level {level:.2f} OD): over-stained?")
     return out
 
 
@@ -374,6 +419,9 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
     job = _TileJob(
         geo, tissue, fy, fx, od_lut(background), stains.unmixing[:, stains.collagen_index].copy(),
         offset if bg_map is not None else thr.threshold_od, settings, bg_map,
+        tuple(stains.unmixing[:, i].copy() for i in range(len(stains.names))
+              if i != stains.collagen_index),
+        *_line_params(thr, settings),
     )
     f = geo.mask_factor
     mh, mw = -(-geo.height // f), -(-geo.width // f)
@@ -393,7 +441,8 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
         tissue_m[sy : sy + c.shape[0], sx : sx + c.shape[1]] = _block_reduce(tis, f)
         excluded_m[sy : sy + c.shape[0], sx : sx + c.shape[1]] = _block_reduce(exc, f)
     meas = Measurements.from_counts(total, geo.analysis_mpp)
-    warnings = stain_warnings(est, preset, thr)
+    fit = stain_fit(thumb[tissue.tissue])
+    warnings = stain_warnings(est, preset, thr, fit, settings.stains.stain.value)
     if total.tissue_px == 0:
         msg = f"{name}: no countable tissue left after exclusions"
         raise FibroquantError(msg)
@@ -424,11 +473,23 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
         "threshold_od": thr.threshold_od,
         "parenchyma_od": thr.parenchyma_od,
         "collagen_level_od": thr.collagen_level_od,
+        "stain_fit": json.dumps(fit),
         "stain_warning": "; ".join(warnings),
         "seconds": round(time.perf_counter() - t_start, 3),
         "version": __version__,
     }
     return SlideAnalysis(record, collagen_m, tissue_m, excluded_m, mask_mpp, qc)
+
+
+def _line_params(thr: CollagenThreshold, settings: Settings) -> tuple[float | None, float | None]:
+    """Thin-fibre contrast and floor from the slide's levels (relative method only)."""
+    c = settings.collagen
+    if thr.method != "relative" or c.fibre_width_um <= 0 or not np.isfinite(thr.collagen_level_od):
+        return None, None
+    line = max(c.fibre_threshold * (thr.collagen_level_od - thr.parenchyma_od),
+               0.5 * c.min_contrast_od)
+    # floor: parenchyma level + minimum contrast, expressed relative to the area threshold
+    return line, thr.threshold_od - thr.parenchyma_od - c.min_contrast_od
 
 
 def _background(thumb: np.ndarray, settings: Settings) -> tuple[tuple[float, float, float], str]:

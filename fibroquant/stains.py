@@ -126,9 +126,9 @@ PONCEAU_FUCHSIN_VECTOR: Vector = (0.1000, 0.7374, 0.6680)  # Landini, Masson tri
 LIGHT_GREEN_VECTOR: Vector = (0.78, 0.30, 0.55)  # fitted to light/fast-green collagen pixels
 IRON_HAEMATOXYLIN_VECTOR: Vector = (0.55, 0.58, 0.60)  # near-neutral brown-black nuclei
 
-SIRIUS_RED = StainMatrix(
-    ("sirius-red", "picric-acid", "haematoxylin"),
-    np.array([SIRIUS_RED_VECTOR, PICRIC_ACID_VECTOR, HAEMATOXYLIN_VECTOR]),
+SIRIUS_RED = StainMatrix(  # Weigert's iron haematoxylin leaves nuclei near-neutral black
+    ("sirius-red", "picric-acid", "iron-haematoxylin"),
+    np.array([SIRIUS_RED_VECTOR, PICRIC_ACID_VECTOR, IRON_HAEMATOXYLIN_VECTOR]),
 )
 MASSON = StainMatrix(
     ("aniline-blue", "ponceau-fuchsin", "iron-haematoxylin"),
@@ -382,6 +382,9 @@ def estimate_stains(
             angles[name] = 0.0
             continue
         if ang > settings.max_angle_deg:
+            if i >= 2:  # the nuclear stain: keep the preset quietly (recorded in the angles)
+                vectors[i] = preset.vectors[i]
+                continue
             warnings.append(
                 f"{name} vector {ang:.0f}° from its preset (limit {settings.max_angle_deg:g}°): "
                 "preset used; check the stain"

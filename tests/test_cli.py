@@ -15,6 +15,9 @@ from fibroquant.cli import app
 from fibroquant.synthetic import SectionParams, make_section, write_pyramid_tiff
 
 runner = CliRunner()
+#: small sections that still hold a few lobules (1.5 µm/px), so fibrosis drives true CPA
+SMALL = SectionParams(shape=(512, 512), mpp=1.5, lobule_um=250, septum_width_um=12,
+                      fine_fibres=0.0, n_lumens=2)
 
 
 @pytest.fixture(scope="module")
@@ -25,13 +28,13 @@ def study(tmp_path_factory) -> Path:
     layout = [("c1", "control", 0.8), ("c2", "control", 0.9), ("c3", "control", 0.7),
               ("t1", "MSC", 0.35), ("t2", "MSC", 0.4), ("t3", "MSC", 0.3)]
     for i, (mouse, group, fib) in enumerate(layout):
-        rgb, _ = make_section(SectionParams(shape=(512, 512), fibrosis=fib, fine_fibres=0.0,
-                                            n_lumens=2), rng=100 + i)
+        rgb, _ = make_section(SMALL.__class__(**{**SMALL.__dict__, "fibrosis": fib}),
+                              rng=100 + i)
         name = f"{mouse}_s1.tif"
-        write_pyramid_tiff(d / name, rgb, 0.5, min_level_px=128)
+        write_pyramid_tiff(d / name, rgb, SMALL.mpp, min_level_px=128)
         rows.append({"slide": name, "mouse": mouse, "group": group, "sex": "F"})
-    rgb, _ = make_section(SectionParams(shape=(512, 512), fibrosis=0.85), rng=7)
-    write_pyramid_tiff(d / "c1_s2.tif", rgb, 0.5, min_level_px=128)
+    rgb, _ = make_section(SMALL.__class__(**{**SMALL.__dict__, "fibrosis": 0.85}), rng=7)
+    write_pyramid_tiff(d / "c1_s2.tif", rgb, SMALL.mpp, min_level_px=128)
     rows.append({"slide": "c1_s2.tif", "mouse": "c1", "group": "control", "sex": "F"})
     pd.DataFrame(rows).to_csv(d / "samples.csv", index=False)
     return d
@@ -52,7 +55,7 @@ def test_analyze_end_to_end(study, tmp_path):
         assert col in slides.columns
     assert list(slides.columns[:4]) == ["slide", "mouse", "group", "sex"]
     assert (slides["status"] == "ok").all() and len(slides) == 7
-    assert np.allclose(slides["mpp"], 0.5)
+    assert np.allclose(slides["mpp"], 1.5)
     mice = pd.read_csv(out / "mice.csv")
     assert len(mice) == 6
     c1 = mice.set_index("mouse").loc["c1"]
@@ -159,7 +162,7 @@ def test_inspect(study):
     res = runner.invoke(app, ["inspect", str(study / "c1_s1.tif"), "--json"])
     assert res.exit_code == 0, res.output
     info = json.loads(res.output)
-    assert info["mpp"] == pytest.approx(0.5)
+    assert info["mpp"] == pytest.approx(1.5)
     assert info["stain_guess"].startswith("sirius-red")
 
 
