@@ -575,6 +575,11 @@ def run_slide(task: SlideTask) -> dict[str, Any]:
         if task.write_masks:
             report.write_png(out / "masks" / f"{stem}.collagen.png", analysis.collagen_mask)
             report.write_png(out / "masks" / f"{stem}.tissue.png", analysis.tissue_mask)
+            # outlines in full-resolution (level 0) pixel coordinates, for QuPath
+            scale = analysis.mask_mpp / analysis.record["mpp"]
+            fc = report.mask_to_geojson(analysis.tissue_mask, analysis.collagen_mask,
+                                        scale=scale, slide_name=task.slide)
+            report.write_geojson(out / "geojson" / f"{stem}.geojson", fc)
     except OSError as exc:
         return failed_record(task, f"{Path(task.path).name}: cannot write outputs: {exc}")
     return {"slide": task.slide, "fingerprint": task.fingerprint, **analysis.record}

@@ -225,6 +225,7 @@ def analyze_folder(
                 missing_outputs = status == "ok" and (
                     not (out_dir / "qc" / f"{stem}.png").exists()
                     or (masks and not (out_dir / "masks" / f"{stem}.collagen.png").exists())
+                    or (masks and not (out_dir / "geojson" / f"{stem}.geojson").exists())
                 )
                 if force or status != "ok" or missing_outputs:
                     todo.append(t)

@@ -84,6 +84,15 @@ def test_analyze_end_to_end(study, tmp_path):
 
             img = cv2.imread(str(m), cv2.IMREAD_UNCHANGED)
             assert img.shape == (512, 512) and set(np.unique(img)) <= {0, 255}
+    import shapely.geometry
+
+    fc = json.loads((out / "geojson" / "c1_s1.geojson").read_text())
+    areas = {f["properties"]["classification"]["name"]: shapely.geometry.shape(f["geometry"]).area
+             for f in fc["features"]}
+    row = slides.set_index("slide").loc["c1_s1.tif"]
+    px_mm2 = (1.5e-3) ** 2  # level-0 pixel area in mm²
+    assert areas["Collagen"] * px_mm2 == pytest.approx(row["collagen_area_mm2"], rel=0.01)
+    assert areas["Tissue"] * px_mm2 == pytest.approx(row["tissue_area_mm2"], rel=0.01)
     run = json.loads((out / "run.json").read_text())
     assert run["processed"] == 7 and run["skipped"] == 0 and run["failed"] == 0
     assert run["version"] and "analyze" in run["command"]
