@@ -286,3 +286,4 @@ def run() -> None:  # pragma: no cover - console entry alternative
     """Entry point used by ``python -m fibroquant``."""
     app(prog_name="fibroquant")
 from fibroquant import cli_ops as _cli_ops  # noqa: E402,F401  (registers status and watch)
+from fibroquant import cli_study as _cli_study  # noqa: E402,F401  (registers compare and stains)

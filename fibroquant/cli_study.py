@@ -1,0 +1,182 @@
+"""Study commands: ``fibroquant compare`` (statistics from stored results) and ``stains``.
+
+Registered on :data:`fibroquant.cli.app` when ``fibroquant.cli`` imports this module at its end.
+No science here: both call the library and print.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from fibroquant.cli import StainChoice, _fail, _settings, app, err, out
+from fibroquant.errors import ConfigError, FibroquantError
+
+
+def _sheet_columns(slides) -> list[str]:
+    """Sample-sheet extra columns: those between ``group`` and ``status`` in slides.csv."""
+    cols = list(slides.columns)
+    try:
+        return cols[cols.index("group") + 1 : cols.index("status")]
+    except ValueError:
+        return []
+
+
+def _parse_where(where: list[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for item in where:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            msg = f"--where {item!r}: expected COLUMN=VALUE"
+            raise FibroquantError(msg)
+        pairs.append((key.strip(), value.strip()))
+    return pairs
+
+
+@app.command()
+def compare(
+    out_dir: Annotated[Path, typer.Argument(exists=True, file_okay=False,
+                                            help="An analyze output folder.")],
+    control: Annotated[str | None, typer.Option(help="Control group (value of --by).")] = None,
+    by: Annotated[str, typer.Option(help="Sample-sheet column defining the groups.")] = "group",
+    where: Annotated[list[str] | None, typer.Option(
+        help="Keep only slides with COLUMN=VALUE (repeatable), e.g. session=2026-10.")] = None,
+    save: Annotated[Path | None, typer.Option(
+        file_okay=False, help="Write mice.csv, groups.csv and a plot to this folder.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the group table as JSON.")]
+    = False,
+) -> None:
+    """Recompute the group comparison from stored results, without re-reading slides."""
+    import pandas as pd
+
+    from fibroquant import report, stats
+    from fibroquant.cohort import aggregate_mice
+    from fibroquant.store import atomic_write_csv
+
+    path = out_dir / "slides.csv"
+    if not path.is_file():
+        raise _fail(f"{out_dir}: no slides.csv (run fibroquant analyze first)", 2)
+    slides = pd.read_csv(path, dtype={"mouse": str, "group": str}, keep_default_na=False,
+                         na_values=[""])
+    extras = _sheet_columns(slides)
+    try:
+        for key, value in _parse_where(where or []):
+            if key not in slides.columns:
+                raise FibroquantError(f"--where {key}: no such column in {path}")
+            slides = slides[slides[key].astype(str) == value]
+        if slides.empty:
+            raise FibroquantError(f"{path}: no slides left after --where {where}")
+        if by not in slides.columns:
+            raise FibroquantError(
+                f"--by {by}: no such column in {path}; sheet columns: "
+                f"{', '.join(['group', *extras]) or 'none'}")
+        per_mouse = slides.groupby("mouse")[by].nunique(dropna=False)
+        varying = per_mouse[per_mouse > 1]
+        if len(varying):
+            raise FibroquantError(
+                f"--by {by}: differs between slides of mouse {varying.index[0]}; the mouse is "
+                "the unit of comparison, so group by a per-mouse column (or subset with --where)")
+        work = slides.copy()
+        if by != "group":
+            work["group"] = work[by].astype(str)
+        mice = aggregate_mice(work, extra_columns=[c for c in extras if c != by])
+        groups = stats.compare_groups(mice, control=control)
+    except (FibroquantError, ValueError) as exc:
+        raise _fail(str(exc).splitlines()[0], 2) from None
+    ctrl = groups.attrs.get("control")
+    sentence = stats.summary_sentence(groups) if ctrl else (
+        groups.attrs.get("note") or "no control group: groups described, not compared")
+    if as_json:
+        out.print_json(groups.to_json(orient="records"))
+    else:
+        cols = [c for c in ("group", "n_mice", "cpa_mean_percent", "cpa_sd", "diff_vs_control_pp",
+                            "change_vs_control_percent", "welch_p", "mannwhitney_p", "hedges_g",
+                            "dunnett_p") if c in groups.columns]
+        out.print(groups[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"),
+                  soft_wrap=True)
+        out.print(sentence, soft_wrap=True)
+        if mice["group"].nunique() > 2:
+            omni = stats.omnibus_tests(mice)
+            for name, res in omni.items():
+                if isinstance(res, dict) and "p" in res:
+                    out.print(f"{res.get('test', name)}: p = {report.format_p(res['p'])}")
+    if save is not None:
+        save.mkdir(parents=True, exist_ok=True)
+        atomic_write_csv(save / "mice.csv", mice)
+        atomic_write_csv(save / "groups.csv", groups)
+        report.plot_groups(mice, groups, save / "cpa_groups", control=ctrl)
+        err.print(f"written: {save / 'mice.csv'}, {save / 'groups.csv'}, {save / 'cpa_groups.png'}")
+
+
+@app.command()
+def stains(
+    slides_dir: Annotated[Path, typer.Argument(exists=True, file_okay=False,
+                                               help="Folder of slides.")],
+    stain: Annotated[StainChoice | None, typer.Option(help="Stain of the slides.")] = None,
+    config: Annotated[Path | None, typer.Option(exists=True, dir_okay=False,
+                                                help="YAML settings file.")] = None,
+    mpp: Annotated[float | None, typer.Option(min=0.01, help="µm per pixel if files lack it.")]
+    = None,
+    write: Annotated[Path | None, typer.Option(
+        dir_okay=False, help="Write a study config with the median estimated vectors.")] = None,
+    analysis_mpp: Annotated[float | None, typer.Option(
+        min=0.05, help="Resolution to estimate at, µm/px (default 2.0 for speed).")] = 2.0,
+) -> None:
+    """Estimate each slide's stain vectors, show stain QC, optionally write one study config.
+
+    With ``--write``, the median of the per-slide estimates becomes ``stains.vectors`` with
+    ``estimate: preset``, so a whole study is deconvolved with the same vectors.
+    """
+    import numpy as np
+    import yaml
+
+    from fibroquant.pipeline import analyze_slide
+    from fibroquant.slides import list_slides
+
+    try:
+        settings = _settings(config, stain, analysis_mpp)
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
+    files = list_slides(slides_dir)
+    if not files:
+        raise _fail(f"{slides_dir}: no slide files found", 2)
+    estimates: list[dict[str, list[float]]] = []
+    failed = 0
+    for f in files:
+        try:
+            rec = analyze_slide(f, settings, fallback_mpp=mpp).record
+        except FibroquantError as exc:
+            failed += 1
+            err.print(f"[yellow]failed: {str(exc).splitlines()[0]}[/]", markup=True)
+            continue
+        vec = json.loads(rec["stain_vectors"])
+        angles = json.loads(rec["stain_angles_deg"])
+        out.print(f"[bold]{f.relative_to(slides_dir)}[/] ({rec['stain_source']})", markup=True)
+        for name, v in vec.items():
+            out.print(f"  {name:18s} {v[0]:.4f} {v[1]:.4f} {v[2]:.4f}   "
+                      f"{angles.get(name, 0):5.1f}° from preset")
+        out.print(f"  collagen level {rec['collagen_level_od']:.3f} OD, parenchyma "
+                  f"{rec['parenchyma_od']:.3f} OD, collagen share {rec['collagen_od_share']:.2f}")
+        if rec["stain_warning"]:
+            out.print(f"  [yellow]warning: {rec['stain_warning']}[/]", markup=True, soft_wrap=True)
+        if rec["stain_source"] != "preset":
+            estimates.append(vec)
+    if write is not None:
+        if not estimates:
+            raise _fail("no slide gave a full stain estimate; nothing written", 1)
+        names = list(estimates[0])
+        median = {n: [round(float(x), 4) for x in
+                      np.median(np.array([e[n] for e in estimates]), axis=0)] for n in names}
+        data: dict[str, Any] = {"stains": {"stain": settings.stains.stain.value,
+                                           "estimate": "preset", "vectors": median}}
+        if settings.stains.stain.value == "masson":
+            data["stains"]["masson_collagen"] = settings.stains.masson_collagen
+        header = (f"# study stain vectors: median of {len(estimates)} slide estimates from "
+                  f"{slides_dir} (fibroquant stains --write)\n")
+        write.write_text(header + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+        err.print(f"written {write}: use it with --config")
+    if failed:
+        raise typer.Exit(code=1)

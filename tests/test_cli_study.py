@@ -1,0 +1,77 @@
+"""`fibroquant compare` and `fibroquant stains`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from scipy import stats as sps
+from typer.testing import CliRunner
+
+from fibroquant.cli import app
+from fibroquant.config import load_settings
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def analyzed(study, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("out")
+    res = runner.invoke(app, ["analyze", str(study), "--out", str(out), "--samples",
+                              str(study / "samples.csv"), "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_compare_reproduces_groups_without_reading_slides(analyzed, tmp_path):
+    res = runner.invoke(app, ["compare", str(analyzed), "--save", str(tmp_path / "c")])
+    assert res.exit_code == 0, res.output
+    got = pd.read_csv(tmp_path / "c" / "groups.csv").set_index("group")
+    stored = pd.read_csv(analyzed / "groups.csv").set_index("group")
+    assert got.loc["MSC", "welch_p"] == pytest.approx(stored.loc["MSC", "welch_p"], rel=1e-12)
+    assert "Welch p" in res.output
+    assert (tmp_path / "c" / "cpa_groups.png").stat().st_size > 0
+
+
+def test_compare_by_another_column_and_subset(analyzed):
+    res = runner.invoke(app, ["compare", str(analyzed), "--by", "dose", "--control", "0",
+                              "--json"])
+    assert res.exit_code == 0, res.output
+    table = pd.DataFrame(json.loads(res.output))
+    assert sorted(table["group"].astype(str)) == ["0", "1", "2"]
+    mice = pd.read_csv(analyzed / "mice.csv")
+    ctrl = mice.loc[mice["group"] == "control", "cpa_percent"]
+    dose2 = mice.loc[mice["mouse"].isin(["t2", "t3"]), "cpa_percent"]
+    row = table.set_index(table["group"].astype(str)).loc["2"]
+    assert row["welch_p"] == pytest.approx(sps.ttest_ind(dose2, ctrl, equal_var=False).pvalue)
+
+    sub = runner.invoke(app, ["compare", str(analyzed), "--where", "session=A", "--json"])
+    assert sub.exit_code == 0, sub.output
+    n = pd.DataFrame(json.loads(sub.output)).set_index("group")["n_mice"]
+    assert n["control"] == 3 and n["MSC"] == 3
+
+
+@pytest.mark.parametrize(("args", "match"), [
+    (["--by", "session"], "differs between slides of mouse c1"),
+    (["--by", "nope"], "no such column"),
+    (["--where", "session"], "expected COLUMN=VALUE"),
+    (["--where", "session=Z"], "no slides left"),
+])
+def test_compare_errors(analyzed, args, match):
+    res = runner.invoke(app, ["compare", str(analyzed), *args])
+    assert res.exit_code == 2
+    assert match in " ".join(res.output.split())
+
+
+def test_stains_prints_vectors_and_writes_study_config(study, tmp_path):
+    cfg = tmp_path / "study.yaml"
+    res = runner.invoke(app, ["stains", str(study), "--write", str(cfg)])
+    assert res.exit_code == 0, res.output
+    assert "sirius-red" in res.output and "from preset" in res.output
+    data = yaml.safe_load(cfg.read_text())
+    assert data["stains"]["estimate"] == "preset"
+    settings = load_settings(cfg)  # the written file is a valid config
+    assert set(settings.stains.vectors) == {"sirius-red", "picric-acid", "iron-haematoxylin"}
