@@ -386,7 +386,7 @@ def write_tables(
             )
         else:
             sentence = stats.summary_sentence(groups)
-        if n_groups > 2:
+        if n_groups >= 2:  # with two groups: the normality / equal-variance checks
             omnibus = stats.omnibus_tests(mice)
         mixed, reason = stats.mixed_model_with_reason(slides_df, control=ctrl)
         if mixed is None and reason:
