@@ -1,0 +1,66 @@
+"""Out-of-focus detection: blocks whose fine detail is far below the rest of the slide.
+
+Sharpness of a block is the variance of the Laplacian of its summed optical density divided by
+the variance of the summed optical density itself (high-frequency energy relative to contrast),
+so pale and dark tissue score alike and only blur lowers it. A block is out of focus when its
+sharpness is below ``factor`` × the median of the slide's tissue blocks.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+
+def block_sharpness(od_sum: np.ndarray, tissue: np.ndarray, *, min_tissue_fraction: float = 0.5
+                    ) -> float:
+    """Relative sharpness of one block, or NaN when it holds too little tissue.
+
+    Parameters
+    ----------
+    od_sum : ndarray of float32, shape (H, W)
+        Summed optical density of the block.
+    tissue : ndarray of bool, shape (H, W)
+        Countable tissue in the block.
+    min_tissue_fraction : float
+        Blocks with less tissue than this fraction are not judged.
+
+    Returns
+    -------
+    float
+        ``var(Laplacian(od_sum)) / var(od_sum)`` over tissue pixels (unitless).
+    """
+    if od_sum.size == 0 or tissue.mean() < min_tissue_fraction or min(od_sum.shape) < 8:
+        return float("nan")
+    lap = cv2.Laplacian(np.ascontiguousarray(od_sum, np.float32), cv2.CV_32F, ksize=3)
+    inner = tissue.copy()
+    inner[[0, -1], :] = False
+    inner[:, [0, -1]] = False
+    v = float(od_sum[tissue].var())
+    if v <= 1e-8 or not inner.any():
+        return float("nan")
+    return float(lap[inner].var()) / v
+
+
+def unfocused(sharpness: np.ndarray, *, factor: float, min_blocks: int = 8) -> np.ndarray:
+    """Which blocks are out of focus.
+
+    Parameters
+    ----------
+    sharpness : ndarray of float
+        One value per block (NaN = not judged).
+    factor : float
+        A block below ``factor`` × the median sharpness of judged blocks is out of focus.
+    min_blocks : int
+        With fewer judged blocks no block is flagged (no reference).
+
+    Returns
+    -------
+    ndarray of bool
+    """
+    s = np.asarray(sharpness, dtype=np.float64)
+    judged = np.isfinite(s)
+    if judged.sum() < min_blocks:
+        return np.zeros(s.shape, bool)
+    ref = float(np.median(s[judged]))
+    return judged & (s < factor * ref)
