@@ -91,6 +91,31 @@ def _gather_py(mask: np.ndarray, rows: np.ndarray, cols: np.ndarray, out: np.nda
             out[i, j] = mask[r, cols[j]]
 
 
+def _share_py(
+    rgb: np.ndarray, tables: np.ndarray, others: np.ndarray, min_share: np.float32,
+    out: np.ndarray, ok: np.ndarray,
+) -> None:
+    t0 = tables[0]
+    t1 = tables[1]
+    t2 = tables[2]
+    n_other = others.shape[0]
+    zero = np.float32(0.0)
+    h, w = out.shape
+    for i in range(h):
+        for j in range(w):
+            r = rgb[i, j, 0]
+            g = rgb[i, j, 1]
+            b = rgb[i, j, 2]
+            c = t0[r] + t1[g] + t2[b]
+            out[i, j] = c
+            p = c if c > zero else zero
+            total = p
+            for k in range(n_other):
+                ck = others[k, 0, r] + others[k, 1, g] + others[k, 2, b]
+                total = total + (ck if ck > zero else zero)
+            ok[i, j] = p >= min_share * total
+
+
 def _block_py(mask: np.ndarray, f: int, out: np.ndarray) -> None:
     h, w = mask.shape
     oh, ow = out.shape
@@ -111,6 +136,7 @@ _conc_nb = _jit(_conc_py)
 _conc_mask_nb = _jit(_conc_mask_py)
 _gather_nb = _jit(_gather_py)
 _block_nb = _jit(_block_py)
+_share_nb = _jit(_share_py)
 
 _warm_lock = threading.Lock()
 _warm = False
@@ -134,7 +160,11 @@ def warmup() -> bool:
             for tissue in (np.ones((2, 2), bool), np.ones((2, 4), bool)[:, ::2]):
                 _conc_mask_nb(rgb, tables, np.float32(0), tissue, out, np.empty((2, 2), bool))
                 lookup_nearest(tissue, np.zeros(2, np.intp), np.zeros(2, np.intp))
+                lookup_nearest(tissue.astype(np.float32), np.zeros(2, np.intp),
+                               np.zeros(2, np.intp))
                 block_majority(tissue, 2)
+            _share_nb(rgb, tables, np.zeros((1, 3, 256), np.float32), np.float32(0.5), out,
+                      np.empty((2, 2), bool))
         _warm = True
     return True
 
@@ -270,6 +300,9 @@ def collagen_concentration_and_mask(
     return out, mask
 
 
+_GATHER_DTYPES = (np.dtype(np.bool_), np.dtype(np.float32))
+
+
 def lookup_nearest(mask: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """``mask[np.ix_(rows, cols)]`` in one pass (nearest-neighbour upsampling of a mask).
 
@@ -277,8 +310,8 @@ def lookup_nearest(mask: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.n
 
     Parameters
     ----------
-    mask : ndarray of bool, shape (h, w)
-        Low-resolution mask (e.g. the thumbnail tissue mask).
+    mask : ndarray of bool or float32, shape (h, w)
+        Low-resolution mask (e.g. the thumbnail tissue mask) or map (the background map).
     rows, cols : ndarray of intp
         Mask row / column under each output row / column, already clipped to the mask.
 
@@ -289,7 +322,8 @@ def lookup_nearest(mask: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.n
     rows = np.asarray(rows)
     cols = np.asarray(cols)
     if not (
-        HAVE_NUMBA and isinstance(mask, np.ndarray) and mask.dtype == np.bool_ and mask.ndim == 2
+        HAVE_NUMBA and isinstance(mask, np.ndarray) and mask.dtype in _GATHER_DTYPES
+        and mask.ndim == 2
         and rows.ndim == 1 and cols.ndim == 1 and rows.dtype == np.intp
         and cols.dtype == np.intp
     ):
@@ -298,10 +332,59 @@ def lookup_nearest(mask: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.n
         h, w = mask.shape
         if rows.min() < 0 or rows.max() >= h or cols.min() < 0 or cols.max() >= w:
             return mask[np.ix_(rows, cols)]
-    out = np.empty((len(rows), len(cols)), bool)
+    out = np.empty((len(rows), len(cols)), mask.dtype)
     if out.size:
         _gather_nb(mask, rows, cols, out)
     return out
+
+
+def collagen_concentration_and_share(
+    rgb: np.ndarray, lut: np.ndarray, unmix_col: np.ndarray, other_cols: tuple[np.ndarray, ...],
+    min_share: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Collagen concentration and the collagen-share test in one pass.
+
+    Same result, bit for bit, as the reference::
+
+        conc = collagen_concentration(rgb, lut, unmix_col)
+        pos = np.maximum(conc, 0)
+        total = pos.copy()
+        for col in other_cols:
+            total += np.maximum(collagen_concentration(rgb, lut, col), 0)
+        ok = pos >= np.float32(min_share) * total
+
+    Parameters
+    ----------
+    rgb, lut, unmix_col
+        As for :func:`collagen_concentration_fast`.
+    other_cols : tuple of ndarray of float32, shape (3,)
+        Unmixing columns of the other stains, in the order they are summed.
+    min_share : float
+        The collagen stain's least share of a pixel's positive concentration.
+
+    Returns
+    -------
+    conc : ndarray of float32, shape (H, W)
+    ok : ndarray of bool, shape (H, W)
+    """
+    if not (_fast_ok(rgb, lut, unmix_col) and all(
+        isinstance(c, np.ndarray) and c.dtype == np.float32 and c.shape == (3,)
+        for c in other_cols
+    )):
+        conc = collagen_concentration_fast(rgb, lut, unmix_col)
+        pos = np.maximum(conc, 0)
+        total = pos.copy()
+        for col in other_cols:
+            total += np.maximum(collagen_concentration_fast(rgb, lut, col), 0)
+        return conc, pos >= np.float32(min_share) * total
+    out = np.empty(rgb.shape[:2], np.float32)
+    ok = np.empty(rgb.shape[:2], bool)
+    if out.size:
+        others = np.zeros((len(other_cols), 3, 256), np.float32)
+        for k, col in enumerate(other_cols):
+            others[k] = scaled_tables(lut, col)
+        _share_nb(rgb, scaled_tables(lut, unmix_col), others, np.float32(min_share), out, ok)
+    return out, ok
 
 
 def block_majority(mask: np.ndarray, f: int) -> np.ndarray:
@@ -340,9 +423,50 @@ __all__ = [
     "HAVE_NUMBA",
     "block_majority",
     "collagen_concentration_and_mask",
+    "collagen_concentration_and_share",
     "collagen_concentration_fast",
     "lookup_nearest",
     "scaled_tables",
     "threshold_as_float32",
     "warmup",
 ]
+
+
+def remove_small_objects_fast(mask: np.ndarray, min_px: int, connectivity: int = 1) -> np.ndarray:
+    """Drop connected components smaller than ``min_px`` pixels from a 2-D bool mask.
+
+    Same result as ``skimage.morphology.remove_small_objects(mask, max_size=min_px - 1,
+    connectivity=connectivity)`` (1 = 4-neighbours, 2 = 8-neighbours), but labels only the
+    bounding box of the mask with OpenCV (which releases the GIL), and does no labelling at all
+    for an empty mask. Returns a new array (or ``mask`` itself when nothing is removed).
+    """
+    import cv2  # noqa: PLC0415 - keep the module importable without OpenCV at import time
+
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 2 or min_px <= 1:
+        return mask
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return mask
+    cols = np.flatnonzero(mask.any(axis=0))
+    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    sub = np.ascontiguousarray(mask[y0:y1, x0:x1]).view(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(
+        sub, connectivity=8 if connectivity >= 2 else 4, ltype=cv2.CV_32S
+    )
+    keep = stats[:, cv2.CC_STAT_AREA] >= min_px
+    keep[0] = False
+    if keep[1:].all():
+        return mask
+    out = np.zeros(mask.shape, bool)
+    out[y0:y1, x0:x1] = keep[labels]
+    return out
+
+
+def remove_small_holes_fast(mask: np.ndarray, min_px: int, connectivity: int = 1) -> np.ndarray:
+    """``skimage.morphology.remove_small_holes(mask, max_size=min_px - 1)``: fill holes
+    (background components, including those at the border) smaller than ``min_px``."""
+    mask = np.asarray(mask, dtype=bool)
+    if min_px <= 1:
+        return mask.copy()
+    return ~remove_small_objects_fast(~mask, min_px, connectivity)

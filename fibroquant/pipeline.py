@@ -180,45 +180,69 @@ def collagen_concentration(rgb: np.ndarray, lut: np.ndarray, unmix_col: np.ndarr
     )
 
 
+def _lookup_any(mask: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """:func:`_lookup` for non-decreasing index maps, without the gather when the mask is
+    uniform over the rows/columns spanned (all False: lumens, folds, capsule and walls in most
+    tiles; all True: tissue inside the section). Same result: the looked-up pixels are a
+    subset of that rectangle."""
+    if len(rows) and len(cols):
+        sub = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        if not sub.any():
+            return np.zeros((len(rows), len(cols)), bool)
+        if sub.all():
+            return np.ones((len(rows), len(cols)), bool)
+    return _lookup(mask, rows, cols)
+
+
 def _process_tile(
+    slide: Slide, job: _TileJob, box: tuple[int, int, int, int]
+) -> tuple[tuple[int, int, int, int], TileCounts, np.ndarray, np.ndarray, np.ndarray] | None:
+    """Measure one tile; masks are returned already reduced to the mask resolution."""
+    out = _measure_tile(slide, job, box)
+    if out is None:
+        return None
+    box, counts, col, tis, exc = out
+    f = job.geo.mask_factor
+    return box, counts, _block_reduce(col, f), _block_reduce(tis, f), _block_reduce(exc, f)
+
+
+def _measure_tile(
     slide: Slide, job: _TileJob, box: tuple[int, int, int, int]
 ) -> tuple[tuple[int, int, int, int], TileCounts, np.ndarray, np.ndarray, np.ndarray] | None:
     y0, x0, y1, x1 = box
     rows_c = _index_map(y0, y1, job.fy, job.tissue.tissue.shape[0])
     cols_c = _index_map(x0, x1, job.fx, job.tissue.tissue.shape[1])
-    section_core = _lookup(job.tissue.section, rows_c, cols_c)
-    if not section_core.any():
+    if not _lookup_any(job.tissue.section, rows_c, cols_c).any():
         return None
     halo = job.settings.tiling.halo_px
     rows, cols = _tile_masks(job, y0, x0, y1, x1, halo)
-    tissue_pad = _lookup(job.tissue.tissue, rows, cols)
+    tissue_pad = _lookup_any(job.tissue.tissue, rows, cols)
     core = (slice(halo, halo + y1 - y0), slice(halo, halo + x1 - x0))
-    lumen = _lookup(job.tissue.lumen, rows_c, cols_c)
-    fold = _lookup(job.tissue.fold, rows_c, cols_c)
+    lumen = _lookup_any(job.tissue.lumen, rows_c, cols_c)
+    fold = _lookup_any(job.tissue.fold, rows_c, cols_c)
     if not tissue_pad[core].any():
-        counts = TileCounts(lumen_px=int(lumen.sum()), fold_px=int(fold.sum()))
+        counts = TileCounts(lumen_px=int(np.count_nonzero(lumen)), fold_px=int(np.count_nonzero(fold)))
         empty = np.zeros((y1 - y0, x1 - x0), bool)
         return box, counts, empty, empty, lumen | fold
     rgb = _read_analysis(slide, job.geo, y0 - halo, x0 - halo, y1 - y0 + 2 * halo, x1 - x0 + 2 * halo)
-    conc = kernels.collagen_concentration_fast(rgb, job.lut, job.unmix_col)
     threshold: float | np.ndarray = job.threshold
     if job.background_map is not None:
         threshold = _lookup(job.background_map, rows, cols) + np.float32(job.threshold)
     share_ok = None
     if job.other_cols and job.settings.collagen.min_share > 0:
-        pos = np.maximum(conc, 0)
-        total = pos.copy()
-        for col in job.other_cols:
-            total += np.maximum(kernels.collagen_concentration_fast(rgb, job.lut, col), 0)
-        share_ok = pos >= np.float32(job.settings.collagen.min_share) * total
+        conc, share_ok = kernels.collagen_concentration_and_share(
+            rgb, job.lut, job.unmix_col, job.other_cols, job.settings.collagen.min_share
+        )
+    else:
+        conc = kernels.collagen_concentration_fast(rgb, job.lut, job.unmix_col)
     collagen = segment_collagen(
         conc, tissue_pad if share_ok is None else tissue_pad & share_ok, threshold,
         job.geo.analysis_mpp, job.settings.collagen,
         line_od=job.line_od, line_floor_offset=job.line_floor_offset,
     )[core]
     tissue = tissue_pad[core]
-    band = _lookup(job.tissue.capsule_band, rows_c, cols_c)
-    wall = _lookup(job.tissue.vessel_wall, rows_c, cols_c)
+    band = _lookup_any(job.tissue.capsule_band, rows_c, cols_c)
+    wall = _lookup_any(job.tissue.vessel_wall, rows_c, cols_c)
     capsule = collagen & band
     wall_px = wall & tissue & ~capsule
     collagen = collagen & ~capsule & ~wall_px
@@ -433,13 +457,12 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
     for out in _map_tiles(sl, job, boxes, workers):
         if out is None:
             continue
-        (y0, x0, y1, x1), counts, col, tis, exc = out
+        (y0, x0, y1, x1), counts, c, tis, exc = out  # masks already block-reduced
         total = total + counts
         sy, sx = y0 // f, x0 // f
-        c = _block_reduce(col, f)
         collagen_m[sy : sy + c.shape[0], sx : sx + c.shape[1]] = c
-        tissue_m[sy : sy + c.shape[0], sx : sx + c.shape[1]] = _block_reduce(tis, f)
-        excluded_m[sy : sy + c.shape[0], sx : sx + c.shape[1]] = _block_reduce(exc, f)
+        tissue_m[sy : sy + c.shape[0], sx : sx + c.shape[1]] = tis
+        excluded_m[sy : sy + c.shape[0], sx : sx + c.shape[1]] = exc
     meas = Measurements.from_counts(total, geo.analysis_mpp)
     fit = stain_fit(thumb[tissue.tissue])
     warnings = stain_warnings(est, preset, thr, fit, settings.stains.stain.value)
