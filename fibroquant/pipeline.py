@@ -402,7 +402,7 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
     tissue = detect_tissue(thumb, thumb_mpp, settings.tissue, background)
     if settings.stains.background_rgb is None:
         glass = ~tissue.section
-        bg2, src2 = estimate_background(thumb, glass_mask=glass)
+        bg2, src2 = _estimate_background(thumb, glass_mask=glass)
         if src2 == "glass":
             background, bg_source = bg2, src2
             tissue = detect_tissue(thumb, thumb_mpp, settings.tissue, background)
@@ -464,7 +464,7 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
         tissue_m[sy : sy + c.shape[0], sx : sx + c.shape[1]] = tis
         excluded_m[sy : sy + c.shape[0], sx : sx + c.shape[1]] = exc
     meas = Measurements.from_counts(total, geo.analysis_mpp)
-    fit = stain_fit(thumb[tissue.tissue])
+    fit = _stain_fit(thumb[tissue.tissue])
     warnings = stain_warnings(est, preset, thr, fit, settings.stains.stain.value)
     if total.tissue_px == 0:
         msg = f"{name}: no countable tissue left after exclusions"
@@ -518,7 +518,96 @@ def _line_params(thr: CollagenThreshold, settings: Settings) -> tuple[float | No
 def _background(thumb: np.ndarray, settings: Settings) -> tuple[tuple[float, float, float], str]:
     if settings.stains.background_rgb is not None:
         return settings.stains.background_rgb, "config"
-    return estimate_background(thumb)
+    return _estimate_background(thumb)
+
+
+# ------------------------------------------------------------------------------------------
+# Thumbnail statistics: exact, histogram-based versions of stains.estimate_background and
+# stains.stain_fit (the originals sort / copy the whole 16 MP thumbnail as int32 / float64).
+# tests/test_speed_paths.py checks they return exactly what the stains.py functions return.
+# ------------------------------------------------------------------------------------------
+
+
+def _hist_order_stats(hist: np.ndarray, ks: list[int]) -> list[int]:
+    """Values at sorted positions ``ks`` of the data whose histogram (bin = value) is given."""
+    cum = np.cumsum(hist)
+    return [int(np.searchsorted(cum, k, side="right")) for k in ks]
+
+
+def _median_uint8_columns(px: np.ndarray) -> np.ndarray:
+    """``np.median(px, axis=0)`` of uint8 (N, 3) pixels (N >= 1), float64, via histograms."""
+    n = len(px)
+    out = np.empty(px.shape[1], np.float64)
+    for c in range(px.shape[1]):
+        a, b = _hist_order_stats(np.bincount(px[:, c], minlength=256), [(n - 1) // 2, n // 2])
+        out[c] = np.mean(np.array([a, b], np.uint8)) if a != b else float(a)
+    return out
+
+
+def _estimate_background(
+    rgb_pixels: np.ndarray, *, glass_mask: np.ndarray | None = None, min_pixels: int = 500
+) -> tuple[tuple[float, float, float], str]:
+    """Same result as :func:`fibroquant.stains.estimate_background`, without sorting."""
+    px = np.asarray(rgb_pixels).reshape(-1, 3)
+    if px.dtype != np.uint8:
+        return estimate_background(rgb_pixels, glass_mask=glass_mask, min_pixels=min_pixels)
+    if glass_mask is not None:
+        g = px[np.asarray(glass_mask).reshape(-1)]
+        if len(g) >= min_pixels:
+            bg = _median_uint8_columns(g)
+            if bg.min() >= 120:
+                return tuple(float(max(b, 1.0)) for b in bg), "glass"  # type: ignore[return-value]
+    if len(px) == 0:
+        return (255.0, 255.0, 255.0), "default"
+    brightness = px[:, 0].astype(np.uint16)
+    brightness += px[:, 1]
+    brightness += px[:, 2]
+    n = len(px)
+    virtual = (n - 1) * 0.995  # np.quantile, method "linear"
+    lo = math.floor(virtual)
+    hi = min(lo + 1, n - 1)
+    a, b = _hist_order_stats(np.bincount(brightness, minlength=766), [lo, hi])
+    # numpy's own interpolation between the two order statistics (same rounding)
+    cut = np.quantile(np.array([a, b], np.int64), virtual - lo)
+    bright = px[brightness >= cut]
+    bg = _median_uint8_columns(bright)
+    if bg.min() >= 170 and (bg.max() - bg.min()) <= 0.25 * bg.max():
+        return tuple(float(b) for b in bg), "brightest"  # type: ignore[return-value]
+    return (255.0, 255.0, 255.0), "default"
+
+
+def _stain_fit(rgb: np.ndarray, *, od_floor: float = 0.15, max_pixels: int = 200_000
+               ) -> dict[str, float]:
+    """Same result as :func:`fibroquant.stains.stain_fit`, computing the OD only of the
+    pixels it samples (the OD norm of every pixel comes from per-channel tables)."""
+    from fibroquant import stains as st  # noqa: PLC0415
+
+    px = np.asarray(rgb).reshape(-1, 3)
+    if px.dtype != np.uint8:
+        return stain_fit(rgb, od_floor=od_floor, max_pixels=max_pixels)
+    bg, _ = _estimate_background(px)
+    sq = od_lut(bg).astype(np.float64) ** 2
+    norm = np.sqrt(sq[0][px[:, 0]] + sq[1][px[:, 1]] + sq[2][px[:, 2]])
+    keep = norm > od_floor
+    # pixels within rounding of the floor: decide exactly as np.linalg.norm does
+    near = np.flatnonzero(np.abs(norm - od_floor) <= 1e-9)
+    if near.size:
+        od_near = rgb_to_od(px[near], bg).astype(np.float64)
+        keep[near] = np.linalg.norm(od_near, axis=1) > od_floor
+    idx = np.flatnonzero(keep)
+    if len(idx) > max_pixels:
+        idx = idx[np.random.default_rng(0).choice(len(idx), max_pixels, replace=False)]
+    if len(idx) < 100:
+        return {}
+    od = rgb_to_od(px[idx], bg).astype(np.float64)
+    candidates = {
+        "sirius-red": st.StainMatrix(st.SIRIUS_RED.names[:2], st.SIRIUS_RED.vectors[:2]),
+        "masson": st.StainMatrix(st.MASSON.names[:2], st.MASSON.vectors[:2]),
+        "masson-light-green": st.StainMatrix(st.MASSON_LIGHT_GREEN.names[:2],
+                                             st.MASSON_LIGHT_GREEN.vectors[:2]),
+        "h&e": st.H_AND_E,
+    }
+    return {k: round(st._nonneg_residual(od, v), 4) for k, v in candidates.items()}
 
 
 def _map_tiles(slide: Slide, job: _TileJob, boxes: list, workers: int) -> Iterator[Any]:

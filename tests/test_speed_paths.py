@@ -1,0 +1,121 @@
+"""The fast paths of the tile loop and the thumbnail statistics give exactly the reference results."""
+
+from __future__ import annotations
+
+import warnings
+
+import cv2
+import numpy as np
+import pytest
+from skimage.morphology import remove_small_holes, remove_small_objects
+
+from fibroquant import kernels, pipeline
+from fibroquant.collagen import gaussian_blur, parenchyma_background
+from fibroquant.stains import estimate_background, od_lut, stain_fit
+from fibroquant.synthetic import SectionParams, make_section
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_remove_small_objects_and_holes_fast(seed):
+    rng = np.random.default_rng(seed)
+    h, w = rng.integers(1, 90, 2)
+    mask = rng.random((h, w)) < rng.random()
+    min_px = int(rng.integers(0, 40))
+    for conn in (1, 2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref = remove_small_objects(mask, max_size=max(min_px - 1, 0), connectivity=conn)
+            ref_h = remove_small_holes(mask, max_size=max(min_px - 1, 0), connectivity=conn)
+        np.testing.assert_array_equal(kernels.remove_small_objects_fast(mask, min_px, conn), ref)
+        np.testing.assert_array_equal(kernels.remove_small_holes_fast(mask, min_px, conn), ref_h)
+
+
+def test_remove_small_objects_fast_empty_and_offset():
+    mask = np.zeros((50, 60), bool)
+    assert not kernels.remove_small_objects_fast(mask, 5, 2).any()
+    mask[40:42, 50:53] = True  # 6 px, far from the origin: bbox cropping must keep place
+    mask[3, 3] = True
+    out = kernels.remove_small_objects_fast(mask, 5, 2)
+    assert out[40:42, 50:53].all() and not out[3, 3] and out.sum() == 6
+
+
+@pytest.mark.parametrize("n_other", [0, 1, 2])
+@pytest.mark.parametrize("min_share", [0.0, 0.35, 0.9])
+def test_concentration_and_share_equals_reference(n_other, min_share):
+    rng = np.random.default_rng(n_other)
+    rgb = rng.integers(0, 256, (130, 170, 3), dtype=np.uint8)
+    lut = od_lut((241.0, 236.0, 229.0))
+    col = np.array([0.2, -1.1, 0.9], np.float32)
+    others = tuple(rng.normal(size=3).astype(np.float32) for _ in range(n_other))
+    conc = pipeline.collagen_concentration(rgb, lut, col)
+    pos = np.maximum(conc, 0)
+    total = pos.copy()
+    for c in others:
+        total += np.maximum(pipeline.collagen_concentration(rgb, lut, c), 0)
+    ref = pos >= np.float32(min_share) * total
+    for img in (rgb, rgb[::-1, ::2]):
+        got_c, got_ok = kernels.collagen_concentration_and_share(img, lut, col, others, min_share)
+        if img is rgb:
+            np.testing.assert_array_equal(got_c, conc)
+            np.testing.assert_array_equal(got_ok, ref)
+        else:
+            np.testing.assert_array_equal(got_c, pipeline.collagen_concentration(img, lut, col))
+
+
+def test_lookup_nearest_float_map():
+    m = np.random.default_rng(0).random((40, 50)).astype(np.float32)
+    rows = np.clip(np.arange(-3, 70) // 2, 0, 39).astype(np.intp)
+    cols = np.clip(np.arange(0, 90) // 2, 0, 49).astype(np.intp)
+    np.testing.assert_array_equal(kernels.lookup_nearest(m, rows, cols), m[np.ix_(rows, cols)])
+
+
+@pytest.mark.parametrize("fill", [None, 0, 1])
+def test_lookup_any_equals_lookup(fill):
+    rng = np.random.default_rng(3)
+    mask = rng.random((30, 40)) < 0.1 if fill is None else np.full((30, 40), bool(fill))
+    mask[:5] = False
+    for factor in (0.7, 1.0, 3.3):
+        rows = pipeline._index_map(0, 20, factor, 30)
+        cols = pipeline._index_map(5, 60, factor, 40)
+        np.testing.assert_array_equal(
+            pipeline._lookup_any(mask, rows, cols), mask[np.ix_(rows, cols)]
+        )
+
+
+def test_gaussian_blur_fft_matches_opencv():
+    rng = np.random.default_rng(1)
+    img = cv2.GaussianBlur(rng.random((700, 650), dtype=np.float32), (0, 0), 3)
+    for sigma in (2.0, 40.0):
+        ref = cv2.GaussianBlur(img, (0, 0), sigma)
+        np.testing.assert_allclose(gaussian_blur(img, sigma), ref, rtol=0, atol=2e-6)
+    w = (rng.random((700, 650)) < 0.6)
+    out = parenchyma_background(img, w, 40.0, 0.1)
+    assert out.dtype == np.float32 and out.shape == img.shape
+
+
+def _thumbs():
+    rgb, _ = make_section(SectionParams(shape=(384, 384), mpp=1.0), rng=5)
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (97, 61, 3), dtype=np.uint8)
+    dark = (rng.random((50, 50, 3)) * 120).astype(np.uint8)
+    return [rgb, noise, dark, rgb[:1, :1], rgb[:10]]
+
+
+@pytest.mark.parametrize("i", range(5))
+def test_estimate_background_fast_equals_stains(i):
+    img = _thumbs()[i]
+    assert pipeline._estimate_background(img) == estimate_background(img)
+    rng = np.random.default_rng(i)
+    for p in (0.0, 0.01, 0.3, 0.9):
+        glass = rng.random(img.shape[:2]) < p
+        for mp in (1, 500):
+            assert pipeline._estimate_background(img, glass_mask=glass, min_pixels=mp) == \
+                estimate_background(img, glass_mask=glass, min_pixels=mp)
+
+
+@pytest.mark.parametrize("i", range(5))
+def test_stain_fit_fast_equals_stains(i):
+    img = _thumbs()[i]
+    assert pipeline._stain_fit(img) == stain_fit(img)
+    assert pipeline._stain_fit(img, max_pixels=500) == stain_fit(img, max_pixels=500)
+    assert pipeline._stain_fit(img, od_floor=0.05) == stain_fit(img, od_floor=0.05)
