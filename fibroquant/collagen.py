@@ -158,11 +158,29 @@ def parenchyma_background(
     ndarray of float32, shape (H, W)
     """
     w = parenchyma_mask.astype(np.float32)
-    num = gaussian_blur(collagen_conc.astype(np.float32) * w, sigma_px)
+    num = collagen_conc.astype(np.float32)
+    num *= w
+    num = gaussian_blur(num, sigma_px)
     den = gaussian_blur(w, sigma_px)
-    weight = np.clip(den / 0.05, 0.0, 1.0)  # blend to the fallback where parenchyma is scarce
-    local = num / np.maximum(den, 1e-6)
-    return (weight * local + (1.0 - weight) * fallback).astype(np.float32)
+    del w
+    if np.result_type(np.float32, fallback) != np.float32:  # e.g. a np.float64 level
+        weight = np.clip(den / 0.05, 0.0, 1.0)
+        local = num / np.maximum(den, 1e-6)
+        return (weight * local + (1.0 - weight) * fallback).astype(np.float32)
+    # in place, same float32 operations in the same order as
+    #   weight = clip(den / 0.05, 0, 1); local = num / maximum(den, 1e-6)
+    #   weight * local + (1 - weight) * fallback
+    # (thumbnail-sized temporaries dominate the peak memory of a slide)
+    tmp = np.maximum(den, 1e-6)
+    np.divide(num, tmp, out=num)  # local
+    del tmp
+    np.divide(den, 0.05, out=den)
+    np.clip(den, 0.0, 1.0, out=den)  # weight: blend to the fallback where parenchyma is scarce
+    np.multiply(den, num, out=num)  # weight * local
+    np.subtract(1.0, den, out=den)
+    np.multiply(den, fallback, out=den)
+    np.add(num, den, out=num)
+    return num.astype(np.float32, copy=False)
 
 
 def segment_collagen(

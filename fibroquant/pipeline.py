@@ -432,13 +432,18 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
     if thr.method == "relative" and settings.collagen.local_background_um:
         tpos = np.maximum(thumb_conc, 0)
         tshare = tpos[..., stains.collagen_index] / np.maximum(tpos.sum(axis=-1), 1e-6)
+        del tpos  # thumbnail-sized temporaries are freed as soon as possible (peak RSS)
+        parenchyma = tissue.tissue & (tshare < 0.5)
+        del tshare
         bg_map = parenchyma_background(
-            thumb_col, tissue.tissue & (tshare < 0.5),
+            thumb_col, parenchyma,
             settings.collagen.local_background_um / thumb_mpp, thr.parenchyma_od,
         )
+        del parenchyma
         offset = thr.threshold_od - thr.parenchyma_od
         thumb_threshold = bg_map + np.float32(offset)
     tissue = with_capsule(tissue, thumb_col > thumb_threshold)
+    del thumb_conc, thumb_col, thumb_threshold  # not needed by the tile loop (peak RSS)
 
     job = _TileJob(
         geo, tissue, fy, fx, od_lut(background), stains.unmixing[:, stains.collagen_index].copy(),
@@ -528,6 +533,17 @@ def _background(thumb: np.ndarray, settings: Settings) -> tuple[tuple[float, flo
 # ------------------------------------------------------------------------------------------
 
 
+_CHUNK = 1 << 21  # pixels per chunk of the thumbnail statistics (bounded temporaries)
+
+
+def _bincount(values: np.ndarray, minlength: int) -> np.ndarray:
+    """``np.bincount(values, minlength=minlength)`` in chunks (no full-size intp copy)."""
+    out = np.zeros(minlength, np.int64)
+    for s in range(0, len(values), _CHUNK):
+        out += np.bincount(values[s : s + _CHUNK], minlength=minlength)
+    return out
+
+
 def _hist_order_stats(hist: np.ndarray, ks: list[int]) -> list[int]:
     """Values at sorted positions ``ks`` of the data whose histogram (bin = value) is given."""
     cum = np.cumsum(hist)
@@ -539,7 +555,7 @@ def _median_uint8_columns(px: np.ndarray) -> np.ndarray:
     n = len(px)
     out = np.empty(px.shape[1], np.float64)
     for c in range(px.shape[1]):
-        a, b = _hist_order_stats(np.bincount(px[:, c], minlength=256), [(n - 1) // 2, n // 2])
+        a, b = _hist_order_stats(_bincount(px[:, c], 256), [(n - 1) // 2, n // 2])
         out[c] = np.mean(np.array([a, b], np.uint8)) if a != b else float(a)
     return out
 
@@ -566,10 +582,11 @@ def _estimate_background(
     virtual = (n - 1) * 0.995  # np.quantile, method "linear"
     lo = math.floor(virtual)
     hi = min(lo + 1, n - 1)
-    a, b = _hist_order_stats(np.bincount(brightness, minlength=766), [lo, hi])
+    a, b = _hist_order_stats(_bincount(brightness, 766), [lo, hi])
     # numpy's own interpolation between the two order statistics (same rounding)
     cut = np.quantile(np.array([a, b], np.int64), virtual - lo)
-    bright = px[brightness >= cut]
+    # brightness is integer: b >= cut <=> b >= ceil(cut) (no float64 copy of the comparison)
+    bright = px[brightness >= math.ceil(float(cut))]
     bg = _median_uint8_columns(bright)
     if bg.min() >= 170 and (bg.max() - bg.min()) <= 0.25 * bg.max():
         return tuple(float(b) for b in bg), "brightest"  # type: ignore[return-value]
@@ -587,18 +604,35 @@ def _stain_fit(rgb: np.ndarray, *, od_floor: float = 0.15, max_pixels: int = 200
         return stain_fit(rgb, od_floor=od_floor, max_pixels=max_pixels)
     bg, _ = _estimate_background(px)
     sq = od_lut(bg).astype(np.float64) ** 2
-    norm = np.sqrt(sq[0][px[:, 0]] + sq[1][px[:, 1]] + sq[2][px[:, 2]])
-    keep = norm > od_floor
-    # pixels within rounding of the floor: decide exactly as np.linalg.norm does
-    near = np.flatnonzero(np.abs(norm - od_floor) <= 1e-9)
-    if near.size:
-        od_near = rgb_to_od(px[near], bg).astype(np.float64)
-        keep[near] = np.linalg.norm(od_near, axis=1) > od_floor
-    idx = np.flatnonzero(keep)
-    if len(idx) > max_pixels:
-        idx = idx[np.random.default_rng(0).choice(len(idx), max_pixels, replace=False)]
-    if len(idx) < 100:
+    keep = np.empty(len(px), bool)
+    for s in range(0, len(px), _CHUNK):
+        p = px[s : s + _CHUNK]
+        norm = np.sqrt(sq[0][p[:, 0]] + sq[1][p[:, 1]] + sq[2][p[:, 2]])
+        k = norm > od_floor
+        # pixels within rounding of the floor: decide exactly as np.linalg.norm does
+        near = np.flatnonzero(np.abs(norm - od_floor) <= 1e-9)
+        if near.size:
+            od_near = rgb_to_od(p[near], bg).astype(np.float64)
+            k[near] = np.linalg.norm(od_near, axis=1) > od_floor
+        keep[s : s + _CHUNK] = k
+    # = idx = flatnonzero(keep); idx[rng.choice(len(idx), max_pixels, replace=False)], without
+    # the full-size index array: ranks among kept pixels are mapped chunk by chunk
+    counts = np.array([np.count_nonzero(keep[s : s + _CHUNK]) for s in range(0, len(px), _CHUNK)],
+                      np.int64)
+    n_keep = int(counts.sum())
+    if n_keep < 100:
         return {}
+    if n_keep > max_pixels:
+        ranks = np.random.default_rng(0).choice(n_keep, max_pixels, replace=False)
+    else:
+        ranks = np.arange(n_keep)
+    ends = np.cumsum(counts)
+    chunk_of = np.searchsorted(ends, ranks, side="right")
+    idx = np.empty(len(ranks), np.intp)
+    for c in np.unique(chunk_of):
+        sel = chunk_of == c
+        nz = np.flatnonzero(keep[c * _CHUNK : (c + 1) * _CHUNK]) + c * _CHUNK
+        idx[sel] = nz[ranks[sel] - (ends[c] - counts[c])]
     od = rgb_to_od(px[idx], bg).astype(np.float64)
     candidates = {
         "sirius-red": st.StainMatrix(st.SIRIUS_RED.names[:2], st.SIRIUS_RED.vectors[:2]),

@@ -119,3 +119,16 @@ def test_stain_fit_fast_equals_stains(i):
     assert pipeline._stain_fit(img) == stain_fit(img)
     assert pipeline._stain_fit(img, max_pixels=500) == stain_fit(img, max_pixels=500)
     assert pipeline._stain_fit(img, od_floor=0.05) == stain_fit(img, od_floor=0.05)
+
+
+@pytest.mark.parametrize("fallback", [0.1, 0.0733, np.float64(0.05123), np.float32(0.3), 0])
+def test_parenchyma_background_in_place_equals_reference(fallback):
+    rng = np.random.default_rng(7)
+    conc = rng.random((300, 400), dtype=np.float32)
+    mask = rng.random((300, 400)) < 0.1
+    w = mask.astype(np.float32)
+    num = cv2.GaussianBlur(conc * w, (0, 0), 12.5)
+    den = cv2.GaussianBlur(w, (0, 0), 12.5)
+    weight = np.clip(den / 0.05, 0.0, 1.0)
+    ref = (weight * (num / np.maximum(den, 1e-6)) + (1.0 - weight) * fallback).astype(np.float32)
+    np.testing.assert_array_equal(parenchyma_background(conc, mask, 12.5, fallback), ref)
