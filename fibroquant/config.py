@@ -71,6 +71,13 @@ class TissueSettings(_Model):
         1.9, gt=1, description="counterstain OD above this multiple of the median is a fold"
     )
     fold_min_area_um2: float = Field(5000.0, ge=0, description="smallest fold kept, µm²")
+    exclude_unfocused: bool = Field(
+        True, description="leave out tiles far blurrier than the rest of the slide"
+    )
+    unfocused_factor: float = Field(
+        0.3, gt=0, lt=1,
+        description="a tile is out of focus below this fraction of the median tile sharpness",
+    )
     exclude_vessel_walls_above_um2: float | None = Field(
         None, gt=0, description="if set, collagen rings around lumens larger than this are excluded"
     )

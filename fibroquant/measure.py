@@ -22,7 +22,7 @@ class TileCounts:
         Collagen pixels within countable tissue.
     collagen_od_sum : float
         Sum of the collagen stain concentration (OD units) over collagen pixels.
-    capsule_px, lumen_px, fold_px, wall_px : int
+    capsule_px, lumen_px, fold_px, wall_px, unfocused_px : int
         Excluded pixels of each kind.
     """
 
@@ -33,6 +33,7 @@ class TileCounts:
     lumen_px: int = 0
     fold_px: int = 0
     wall_px: int = 0
+    unfocused_px: int = 0
 
     def __add__(self, other: TileCounts) -> TileCounts:
         if not isinstance(other, TileCounts):
@@ -61,6 +62,7 @@ class Measurements:
     lumen_area_mm2: float
     fold_area_mm2: float
     vessel_wall_area_mm2: float
+    unfocused_area_mm2: float
 
     @classmethod
     def from_counts(cls, counts: TileCounts, mpp: float) -> Measurements:
@@ -84,4 +86,5 @@ class Measurements:
             lumen_area_mm2=_mm2(counts.lumen_px, mpp),
             fold_area_mm2=_mm2(counts.fold_px, mpp),
             vessel_wall_area_mm2=_mm2(counts.wall_px, mpp),
+            unfocused_area_mm2=_mm2(counts.unfocused_px, mpp),
         )

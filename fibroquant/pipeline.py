@@ -25,7 +25,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from fibroquant import __version__, kernels
+from fibroquant import __version__, focus, kernels
 from fibroquant.collagen import (
     CollagenThreshold,
     calibrate_threshold,
@@ -201,9 +201,10 @@ def _process_tile(
     out = _measure_tile(slide, job, box)
     if out is None:
         return None
-    box, counts, col, tis, exc = out
+    box, counts, col, tis, exc, sharp = out
     f = job.geo.mask_factor
-    return box, counts, _block_reduce(col, f), _block_reduce(tis, f), _block_reduce(exc, f)
+    return (box, counts, _block_reduce(col, f), _block_reduce(tis, f), _block_reduce(exc, f),
+            sharp)
 
 
 def _measure_tile(
@@ -223,7 +224,7 @@ def _measure_tile(
     if not tissue_pad[core].any():
         counts = TileCounts(lumen_px=int(np.count_nonzero(lumen)), fold_px=int(np.count_nonzero(fold)))
         empty = np.zeros((y1 - y0, x1 - x0), bool)
-        return box, counts, empty, empty, lumen | fold
+        return box, counts, empty, empty, lumen | fold, float("nan")
     rgb = _read_analysis(slide, job.geo, y0 - halo, x0 - halo, y1 - y0 + 2 * halo, x1 - x0 + 2 * halo)
     threshold: float | np.ndarray = job.threshold
     if job.background_map is not None:
@@ -256,7 +257,13 @@ def _measure_tile(
         fold_px=int(np.count_nonzero(fold)),
         wall_px=int(np.count_nonzero(wall_px)),
     )
-    return box, counts, collagen, tissue, capsule | wall_px | lumen | fold
+    sharp = float("nan")
+    if job.settings.tissue.exclude_unfocused:
+        core_rgb = rgb[core]
+        od_sum = (job.lut[0][core_rgb[..., 0]] + job.lut[1][core_rgb[..., 1]]
+                  + job.lut[2][core_rgb[..., 2]])
+        sharp = focus.block_sharpness(od_sum, tissue_pad[core])
+    return box, counts, collagen, tissue, capsule | wall_px | lumen | fold, sharp
 
 
 def _block_reduce(mask: np.ndarray, f: int) -> np.ndarray:
@@ -459,15 +466,33 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
     excluded_m = np.zeros((mh, mw), bool)
     total = TileCounts()
     kernels.warmup()
+    measured: list[tuple[tuple[int, int, int, int], TileCounts, float]] = []
     for out in _map_tiles(sl, job, boxes, workers):
         if out is None:
             continue
-        (y0, x0, y1, x1), counts, c, tis, exc = out  # masks already block-reduced
-        total = total + counts
+        (y0, x0, y1, x1), counts, c, tis, exc, sharp = out  # masks already block-reduced
+        measured.append(((y0, x0, y1, x1), counts, sharp))
         sy, sx = y0 // f, x0 // f
         collagen_m[sy : sy + c.shape[0], sx : sx + c.shape[1]] = c
         tissue_m[sy : sy + c.shape[0], sx : sx + c.shape[1]] = tis
         excluded_m[sy : sy + c.shape[0], sx : sx + c.shape[1]] = exc
+    blurry = np.zeros(len(measured), bool)
+    if settings.tissue.exclude_unfocused:
+        blurry = focus.unfocused(np.array([m[2] for m in measured]),
+                                 factor=settings.tissue.unfocused_factor)
+    for ((y0, x0, y1, x1), counts, _), bad in zip(measured, blurry):
+        if not bad:
+            total = total + counts
+            continue
+        # out of focus: its tissue is excluded (reported), like a fold
+        total = total + TileCounts(
+            lumen_px=counts.lumen_px, fold_px=counts.fold_px,
+            unfocused_px=counts.tissue_px + counts.capsule_px + counts.wall_px,
+        )
+        ys, xs = slice(y0 // f, -(-y1 // f)), slice(x0 // f, -(-x1 // f))
+        excluded_m[ys, xs] |= tissue_m[ys, xs]
+        collagen_m[ys, xs] = False
+        tissue_m[ys, xs] = False
     meas = Measurements.from_counts(total, geo.analysis_mpp)
     fit = _stain_fit(thumb[tissue.tissue])
     warnings = stain_warnings(est, preset, thr, fit, settings.stains.stain.value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -166,3 +167,20 @@ def test_fast_concentration_matches_reference():
 ])
 def test_output_stem(name, stem):
     assert output_stem(name) == stem
+
+
+def test_out_of_focus_tiles_are_excluded_and_reported():
+    p = SectionParams(shape=(1024, 1024), field_of_view=True, fibrosis=0.6, fine_fibres=0.2)
+    rgb, truth = make_section(p, rng=9)
+    small_tiles = {"tiling": {"tile_px": 256}}
+    sharp = _run(rgb, truth, "sirius-red", **small_tiles)
+    assert sharp.record["unfocused_area_mm2"] == 0
+    blurred = rgb.copy()
+    blurred[:512, :512] = cv2.GaussianBlur(rgb, (0, 0), 6)[:512, :512]
+    a = _run(blurred, truth, "sirius-red", **small_tiles)
+    quadrant_mm2 = 512 * 512 * 0.25 / 1e6
+    assert a.record["unfocused_area_mm2"] == pytest.approx(quadrant_mm2, rel=0.3)
+    assert not a.tissue_mask[:512, :512].any() and a.excluded_mask[:512, :512].mean() > 0.7
+    # the rest of the slide is measured as before
+    assert a.record["tissue_area_mm2"] == pytest.approx(
+        sharp.record["tissue_area_mm2"] - quadrant_mm2, rel=0.1)
