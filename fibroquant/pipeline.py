@@ -47,6 +47,7 @@ from fibroquant.stains import (
     rgb_to_od,
     stain_fit,
 )
+from fibroquant.tasks import SlideTask, failed_record, output_stem
 from fibroquant.tissue import TissueMask, detect_tissue, with_capsule, with_folds
 
 logger = logging.getLogger(__name__)
@@ -700,27 +701,6 @@ def _map_tiles(slide: Slide, job: _TileJob, boxes: list, workers: int) -> Iterat
 # ------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SlideTask:
-    """One slide to analyse, as sent to a worker."""
-
-    path: str
-    slide: str  # relative name in the slides folder
-    fingerprint: str
-    mpp: float | None
-    fallback_mpp: float | None
-    settings_json: str
-    out_dir: str
-    write_masks: bool
-    threads: int = 1
-
-
-def failed_record(task: SlideTask, error: str) -> dict[str, Any]:
-    """A ``failed`` row for a slide that could not be measured."""
-    return {"slide": task.slide, "fingerprint": task.fingerprint, "status": "failed",
-            "error": error, "version": __version__}
-
-
 def run_slide(task: SlideTask) -> dict[str, Any]:
     """Analyse one slide and write its masks and QC overlay; never raises for slide problems.
 
@@ -770,20 +750,6 @@ def run_slide_pinned(task: SlideTask) -> dict[str, Any]:
     do not run N × cores OpenCV threads."""
     cv2.setNumThreads(max(1, task.threads))
     return run_slide(task)
-
-
-def output_stem(slide: str) -> str:
-    """File stem for a slide's outputs: its relative path without suffix, '/' as '__'."""
-    p = Path(slide)
-    name = p.name
-    for suffix in (".ome.tiff", ".ome.tif"):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    else:
-        name = p.stem
-    parts = [*p.parent.parts, name] if str(p.parent) != "." else [name]
-    return "__".join(parts)
 
 
 def run_tasks(

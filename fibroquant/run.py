@@ -27,7 +27,7 @@ from fibroquant import __version__
 from fibroquant.cohort import aggregate_mice, read_sample_sheet, sheet_without_samples
 from fibroquant.config import Settings
 from fibroquant.errors import FibroquantError, SlideReadError
-from fibroquant.pipeline import SlideTask, failed_record, output_stem, run_tasks
+from fibroquant.tasks import SlideTask, output_stem
 from fibroquant.slides import list_slides
 from fibroquant.store import (
     FingerprintCache,
@@ -244,6 +244,10 @@ def analyze_folder(
                 if on_result:
                     on_result(rec)
             try:
+                if todo:  # the analysis stack is imported only when there is work
+                    from fibroquant.pipeline import run_tasks
+                else:
+                    run_tasks = _no_tasks
                 for rec in run_tasks(todo, workers=workers, scheduler=scheduler):
                     rec = {**rec, "settings_hash": shash}
                     store.put_result(rec, run_id=run_id)
@@ -322,6 +326,10 @@ def _previous_tables(out_dir: Path, tables_key: str) -> str | None:
     if not all((out_dir / name).is_file() for name in _OUTPUTS):
         return None
     return str(run.get("comparison", ""))
+
+
+def _no_tasks(tasks: list[SlideTask], **_: Any) -> list[dict[str, Any]]:
+    return []
 
 
 def build_slides_table(sheet: pd.DataFrame, records: list[dict[str, Any]]) -> pd.DataFrame:
