@@ -266,7 +266,11 @@ def analyze_folder(
             summary.failed_slides = [
                 (r.slide, r.error) for r in slides_df.itertuples() if r.status != "ok"
             ]
-            inputs = [{"slide": k, "fingerprint": v, "size_bytes": sizes.get(k)}
+            vectors = {r["slide"]: (r.get("stain_source"), r.get("stain_vectors"))
+                       for r in current}
+            inputs = [{"slide": k, "fingerprint": v, "size_bytes": sizes.get(k),
+                       "stain_source": vectors.get(k, (None, None))[0],
+                       "stain_vectors": _json_or_none(vectors.get(k, (None, None))[1])}
                       for k, v in sorted(keys.items())]
             provenance = {
                 "fibroquant_version": __version__, "started_utc": started,
@@ -326,6 +330,15 @@ def _previous_tables(out_dir: Path, tables_key: str) -> str | None:
     if not all((out_dir / name).is_file() for name in _OUTPUTS):
         return None
     return str(run.get("comparison", ""))
+
+
+def _json_or_none(text: Any) -> Any:
+    if not isinstance(text, str):
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 def _no_tasks(tasks: list[SlideTask], **_: Any) -> list[dict[str, Any]]:

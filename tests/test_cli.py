@@ -74,6 +74,7 @@ def test_analyze_end_to_end(study, tmp_path):
     assert run["version"] and "analyze" in run["command"]
     prov = json.loads((out / "provenance.json").read_text())
     assert len(prov["inputs"]) == 7 and prov["settings"]["stains"]["stain"] == "sirius-red"
+    assert all(set(i["stain_vectors"]) >= {"sirius-red", "picric-acid"} for i in prov["inputs"])
     assert (out / "report.html").read_text().count("c1_s2.tif") >= 1
     assert (out / "results.xlsx").stat().st_size > 0
 
