@@ -33,13 +33,20 @@ def block_sharpness(od_sum: np.ndarray, tissue: np.ndarray, *, min_tissue_fracti
     if od_sum.size == 0 or tissue.mean() < min_tissue_fraction or min(od_sum.shape) < 8:
         return float("nan")
     lap = cv2.Laplacian(np.ascontiguousarray(od_sum, np.float32), cv2.CV_32F, ksize=3)
-    inner = tissue.copy()
-    inner[[0, -1], :] = False
-    inner[:, [0, -1]] = False
-    v = float(od_sum[tissue].var())
-    if v <= 1e-8 or not inner.any():
+    if tissue.all():  # the common case: no boolean-index copies
+        v = float(od_sum.var())
+        lap_var = float(lap[1:-1, 1:-1].var())
+    else:
+        inner = tissue.copy()
+        inner[[0, -1], :] = False
+        inner[:, [0, -1]] = False
+        if not inner.any():
+            return float("nan")
+        v = float(od_sum[tissue].var())
+        lap_var = float(lap[inner].var())
+    if v <= 1e-8:
         return float("nan")
-    return float(lap[inner].var()) / v
+    return lap_var / v
 
 
 def unfocused(sharpness: np.ndarray, *, factor: float, min_blocks: int = 8) -> np.ndarray:

@@ -260,10 +260,11 @@ def _measure_tile(
     )
     sharp = float("nan")
     if job.settings.tissue.exclude_unfocused:
-        core_rgb = rgb[core]
+        # every second pixel: blur that matters removes detail at that scale too, at 1/4 cost
+        core_rgb = rgb[core][::2, ::2]
         od_sum = (job.lut[0][core_rgb[..., 0]] + job.lut[1][core_rgb[..., 1]]
                   + job.lut[2][core_rgb[..., 2]])
-        sharp = focus.block_sharpness(od_sum, tissue_pad[core])
+        sharp = focus.block_sharpness(od_sum, tissue_pad[core][::2, ::2])
     return box, counts, collagen, tissue, capsule | wall_px | lumen | fold, sharp
 
 
