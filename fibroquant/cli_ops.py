@@ -20,7 +20,7 @@ from typing import Annotated, Any
 import typer
 
 from fibroquant.cli import StainChoice, _analyze, _fail, app, err, out
-from fibroquant.errors import FibroquantError
+from fibroquant.errors import FibroquantError, one_line
 
 STORE_NAME = "fibroquant.sqlite"
 
@@ -91,7 +91,7 @@ def folder_changes(store: Any, slides_dir: Path, out_dir: Path, settings_hash: s
         try:
             fp = cache.fingerprint(p)
         except (FibroquantError, OSError) as exc:
-            unreadable.append({"slide": rel, "error": str(exc).splitlines()[0]})
+            unreadable.append({"slide": rel, "error": one_line(exc)})
             continue
         old = stored.get(rel)
         if old is None:

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from fibroquant.cli import StainChoice, _fail, _settings, app, err, out
-from fibroquant.errors import ConfigError, FibroquantError
+from fibroquant.errors import ConfigError, FibroquantError, one_line
 
 
 def _sheet_columns(slides) -> list[str]:
@@ -85,7 +85,7 @@ def compare(
         mice = aggregate_mice(work, extra_columns=[c for c in extras if c != by])
         groups = stats.compare_groups(mice, control=control)
     except (FibroquantError, ValueError) as exc:
-        raise _fail(str(exc).splitlines()[0], 2) from None
+        raise _fail(one_line(exc), 2) from None
     ctrl = groups.attrs.get("control")
     sentence = stats.summary_sentence(groups) if ctrl else (
         groups.attrs.get("note") or "no control group: groups described, not compared")
@@ -150,7 +150,7 @@ def stains(
             rec = analyze_slide(f, settings, fallback_mpp=mpp).record
         except FibroquantError as exc:
             failed += 1
-            err.print(f"[yellow]failed: {str(exc).splitlines()[0]}[/]", markup=True)
+            err.print(f"[yellow]failed: {one_line(exc)}[/]", markup=True)
             continue
         vec = json.loads(rec["stain_vectors"])
         angles = json.loads(rec["stain_angles_deg"])

@@ -7,6 +7,12 @@ file (or setting) and what is wrong with it. The command line turns them into on
 from __future__ import annotations
 
 
+def one_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type name when the message is empty."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class FibroquantError(Exception):
     """Base class of every error fibroquant raises on purpose."""
 

@@ -16,7 +16,7 @@ import logging
 import math
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +33,7 @@ from fibroquant.collagen import (
     segment_collagen,
 )
 from fibroquant.config import Settings
-from fibroquant.errors import FibroquantError, SlideReadError
+from fibroquant.errors import FibroquantError, SlideReadError, one_line
 from fibroquant.measure import Measurements, TileCounts
 from fibroquant.slides import Slide, open_slide, require_mpp
 from fibroquant.stains import (
@@ -719,14 +719,13 @@ def run_slide(task: SlideTask) -> dict[str, Any]:
             workers=task.threads,
         )
     except FibroquantError as exc:
-        return failed_record(task, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return failed_record(task, one_line(exc))
     except MemoryError:
         return failed_record(task, f"{Path(task.path).name}: out of memory")
     except Exception as exc:  # a bug or an unforeseen file problem: record it, carry on
         logger.debug("unexpected error on %s:\n%s", task.path, traceback.format_exc())
-        detail = str(exc).splitlines()[0] if str(exc) else ""
         return failed_record(
-            task, f"{Path(task.path).name}: unexpected {type(exc).__name__}: {detail}"[:500]
+            task, f"{Path(task.path).name}: unexpected {type(exc).__name__}: {one_line(exc)}"[:500]
         )
     out = Path(task.out_dir)
     stem = output_stem(task.slide)
@@ -826,12 +825,6 @@ def _run_dask(tasks: list[SlideTask], scheduler: str | Any) -> Iterator[dict[str
     finally:
         if own:
             client.close()
-
-
-def format_error(exc: BaseException) -> str:
-    """One line for an exception."""
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return text
 
 
 __all__ = [

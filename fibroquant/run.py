@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import platform
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ import pandas as pd
 from fibroquant import __version__
 from fibroquant.cohort import aggregate_mice, read_sample_sheet, sheet_without_samples
 from fibroquant.config import Settings
-from fibroquant.errors import FibroquantError, SlideReadError
+from fibroquant.errors import FibroquantError, SlideReadError, one_line
 from fibroquant.tasks import SlideTask, output_stem
 from fibroquant.slides import list_slides
 from fibroquant.store import (
@@ -203,7 +202,7 @@ def analyze_folder(
                     except (SlideReadError, OSError) as exc:
                         fp = "unreadable-" + hashlib.sha256(rel.encode()).hexdigest()[:16]
                         rec = {"slide": rel, "fingerprint": fp, "status": "failed",
-                               "error": str(exc).splitlines()[0], "version": __version__}
+                               "error": one_line(exc), "version": __version__}
                         early_failed.append(rec)
                         keys[rel] = fp
                         continue
@@ -441,7 +440,3 @@ def write_tables(
     )
     return sentence
 
-
-def command_line() -> str:
-    """The command line of this process, for provenance."""
-    return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])

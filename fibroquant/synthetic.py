@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import cv2
 import numpy as np
@@ -25,6 +25,9 @@ from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
 from fibroquant.stains import MASSON, MASSON_LIGHT_GREEN, SIRIUS_RED, StainMatrix, mix
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 StainName = Literal["sirius-red", "masson", "masson-light-green"]
 
