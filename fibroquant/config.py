@@ -21,7 +21,7 @@ from fibroquant.errors import ConfigError
 
 #: Bumped whenever a change to the algorithms changes measurements. It is part of the settings
 #: hash, so stored results made by an older algorithm are re-measured instead of being mixed in.
-ALGORITHM_VERSION = 1
+ALGORITHM_VERSION = 2
 
 
 class Stain(str, Enum):
@@ -42,7 +42,7 @@ class TissueSettings(_Model):
         None, gt=0, description="µm/px of the tissue-detection image; None = automatic"
     )
     max_thumbnail_mpx: float = Field(
-        16.0, gt=0, description="largest tissue-detection image, megapixels"
+        4.0, gt=0, description="largest tissue-detection image, megapixels"
     )
     glass_od: float | None = Field(
         None, gt=0, description="summed optical density above which a pixel is tissue; None = Otsu"
@@ -121,7 +121,7 @@ class CollagenSettings(_Model):
         "relative", description="threshold scale: per-slide relative, fixed OD, or Otsu"
     )
     relative_threshold: float = Field(
-        0.25, gt=0, lt=1,
+        0.2, gt=0, lt=1,
         description="fraction of the way from the slide's parenchyma level to its collagen level",
     )
     min_contrast_od: float = Field(
@@ -139,7 +139,7 @@ class CollagenSettings(_Model):
         "collagen); 0 = concentration alone",
     )
     fibre_width_um: float = Field(
-        4.0, ge=0,
+        0.0, ge=0,
         description="thin-fibre detector width (white top-hat), µm; 0 = area threshold only",
     )
     fibre_threshold: float = Field(
@@ -148,7 +148,7 @@ class CollagenSettings(_Model):
     )
     smooth_um: float = Field(0.0, ge=0, description="Gaussian sigma on the collagen channel, µm")
     min_object_area_um2: float = Field(
-        5.0, ge=0, description="collagen specks smaller than this are dropped, µm²"
+        0.0, ge=0, description="collagen specks smaller than this are dropped, µm²"
     )
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -132,11 +133,125 @@ def _block_py(mask: np.ndarray, f: int, out: np.ndarray) -> None:
             out[bi, bj] = 2 * counts[bj] >= f * f
 
 
+#: Bits of the per-pixel class map that :func:`measure_tile_fused` reads (at tissue resolution).
+FLAG_TISSUE = 1  # countable tissue (before capsule and vessel-wall removal)
+FLAG_BAND = 2  # capsule region: collagen here is capsule, not parenchymal collagen
+FLAG_WALL = 4  # vessel-wall ring: excluded tissue
+FLAG_LUMEN = 8
+FLAG_FOLD = 16
+FLAG_BUBBLE = 32
+
+#: Order of the counters :func:`measure_tile_fused` returns.
+FUSED_COUNTS = ("tissue_px", "collagen_px", "capsule_px", "wall_px", "lumen_px", "fold_px",
+                "bubble_px")
+
+
+def _tile_py(
+    rgb: np.ndarray, lut: np.ndarray, tables: np.ndarray, others: np.ndarray,
+    min_share: np.float32, flags: np.ndarray, thr: np.ndarray, rows: np.ndarray,
+    cols: np.ndarray, f: int, blocks: np.ndarray, stride: int, od_sub: np.ndarray,
+    tis_sub: np.ndarray, counts: np.ndarray, od_total: np.ndarray,
+) -> None:
+    t0 = tables[0]
+    t1 = tables[1]
+    t2 = tables[2]
+    n_other = others.shape[0]
+    zero = np.float32(0.0)
+    h = rgb.shape[0]
+    w = rgb.shape[1]
+    n_tis = 0
+    n_col = 0
+    n_cap = 0
+    n_wall = 0
+    n_lum = 0
+    n_fold = 0
+    n_bub = 0
+    od_acc = 0.0
+    nb = (w + f - 1) // f
+    for i in range(h):
+        frow = flags[rows[i]]
+        trow = thr[rows[i]]
+        b_col = blocks[0, i // f]
+        b_tis = blocks[1, i // f]
+        b_exc = blocks[2, i // f]
+        for bj in range(nb):
+            k_tis = 0
+            k_col = 0
+            k_exc = 0
+            for j in range(bj * f, min(bj * f + f, w)):
+                cj = cols[j]
+                fl = frow[cj]
+                if fl == 0:
+                    continue
+                excluded = False
+                if fl != 1:  # anything but plain tissue (the common case)
+                    if fl & 8:
+                        n_lum += 1
+                        excluded = True
+                    if fl & 16:
+                        n_fold += 1
+                        excluded = True
+                    if fl & 32:
+                        n_bub += 1
+                        excluded = True
+                if fl & 1:
+                    r = rgb[i, j, 0]
+                    g = rgb[i, j, 1]
+                    b = rgb[i, j, 2]
+                    c = t0[r] + t1[g] + t2[b]
+                    col = c > trow[cj]
+                    if col and n_other > 0:
+                        p = c if c > zero else zero
+                        total = p
+                        for k in range(n_other):
+                            ck = others[k, 0, r] + others[k, 1, g] + others[k, 2, b]
+                            total = total + (ck if ck > zero else zero)
+                        col = p >= min_share * total
+                    if col and (fl & 2):
+                        n_cap += 1
+                        excluded = True
+                    elif fl & 4:
+                        n_wall += 1
+                        excluded = True
+                    else:
+                        k_tis += 1
+                        if col:
+                            k_col += 1
+                            od_acc += c
+                if excluded:
+                    k_exc += 1
+            b_col[bj] += k_col
+            b_tis[bj] += k_tis
+            b_exc[bj] += k_exc
+            n_tis += k_tis
+            n_col += k_col
+    if stride > 0:
+        l0 = lut[0]
+        l1 = lut[1]
+        l2 = lut[2]
+        for si in range(od_sub.shape[0]):
+            i = si * stride
+            frow = flags[rows[i]]
+            for sj in range(od_sub.shape[1]):
+                j = sj * stride
+                od_sub[si, sj] = l0[rgb[i, j, 0]] + l1[rgb[i, j, 1]] + l2[rgb[i, j, 2]]
+                tis_sub[si, sj] = (frow[cols[j]] & 1) != 0
+    counts[0] += n_tis
+    counts[1] += n_col
+    counts[2] += n_cap
+    counts[3] += n_wall
+    counts[4] += n_lum
+    counts[5] += n_fold
+    counts[6] += n_bub
+    od_total[0] += od_acc
+
+
 _conc_nb = _jit(_conc_py)
 _conc_mask_nb = _jit(_conc_mask_py)
 _gather_nb = _jit(_gather_py)
 _block_nb = _jit(_block_py)
 _share_nb = _jit(_share_py)
+_tile_nb = _jit(_tile_py)
 
 _warm_lock = threading.Lock()
 _warm = False
@@ -419,8 +534,146 @@ def block_majority(mask: np.ndarray, f: int) -> np.ndarray:
     return out
 
 
+@dataclass(frozen=True)
+class FusedTile:
+    """What :func:`measure_tile_fused` measures on one tile.
+
+    Attributes
+    ----------
+    counts : dict of str to int
+        Pixel counts named as in :data:`FUSED_COUNTS`.
+    collagen_od_sum : float
+        Sum of the collagen concentration (OD units) over collagen pixels.
+    blocks : ndarray of int32, shape (3, ceil(H / f), ceil(W / f))
+        Per f x f block: collagen, countable tissue and excluded pixel counts (for the
+        low-resolution masks: a block is set when at least half of its f² pixels are).
+    od_sub : ndarray of float32
+        Summed optical density of every ``stride``-th pixel (rows and columns), for the focus
+        check; empty when ``stride`` is 0.
+    tissue_sub : ndarray of bool
+        Tissue flag of the same pixels.
+    """
+
+    counts: dict[str, int]
+    collagen_od_sum: float
+    blocks: np.ndarray
+    od_sub: np.ndarray
+    tissue_sub: np.ndarray
+
+
+def measure_tile_reference(
+    rgb: np.ndarray, lut: np.ndarray, unmix_col: np.ndarray, other_cols: tuple[np.ndarray, ...],
+    min_share: float, flags: np.ndarray, thr: np.ndarray, rows: np.ndarray, cols: np.ndarray,
+    f: int, stride: int,
+) -> FusedTile:
+    """numpy reference of :func:`measure_tile_fused` (whole-array operations)."""
+    fl = flags[np.ix_(rows, cols)]
+    t = thr[np.ix_(rows, cols)]
+    tissue = (fl & FLAG_TISSUE) != 0
+    if other_cols and min_share > 0:
+        conc, ok = collagen_concentration_and_share(rgb, lut, unmix_col, other_cols, min_share)
+    else:
+        conc, ok = collagen_concentration_fast(rgb, lut, unmix_col), True
+    col = (conc > t) & tissue & ok
+    capsule = col & ((fl & FLAG_BAND) != 0)
+    wall = ((fl & FLAG_WALL) != 0) & tissue & ~capsule
+    col &= ~capsule & ~wall
+    tissue &= ~capsule & ~wall
+    kinds = [((fl & b) != 0) for b in (FLAG_LUMEN, FLAG_FOLD, FLAG_BUBBLE)]
+    excluded = capsule | wall | kinds[0] | kinds[1] | kinds[2]
+    counts = dict(zip(FUSED_COUNTS, (int(np.count_nonzero(m)) for m in
+                                     (tissue, col, capsule, wall, *kinds))))
+    h, w = tissue.shape
+    bh, bw = -(-h // f), -(-w // f)
+    blocks = np.zeros((3, bh * f, bw * f), np.int32)
+    for k, m in enumerate((col, tissue, excluded)):
+        blocks[k, :h, :w] = m
+    blocks = blocks.reshape(3, bh, f, bw, f).sum(axis=(2, 4), dtype=np.int32)
+    if stride > 0:
+        sub = rgb[::stride, ::stride]
+        od_sub = lut[0][sub[..., 0]] + lut[1][sub[..., 1]] + lut[2][sub[..., 2]]
+        tis_sub = ((fl & FLAG_TISSUE) != 0)[::stride, ::stride]
+    else:
+        od_sub, tis_sub = np.zeros((0, 0), np.float32), np.zeros((0, 0), bool)
+    return FusedTile(counts, float(conc[col].sum(dtype=np.float64)), blocks, od_sub, tis_sub)
+
+
+def measure_tile_fused(
+    rgb: np.ndarray, lut: np.ndarray, unmix_col: np.ndarray, other_cols: tuple[np.ndarray, ...],
+    min_share: float, flags: np.ndarray, thr: np.ndarray, rows: np.ndarray, cols: np.ndarray,
+    f: int, stride: int,
+) -> FusedTile:
+    """Classify and count every pixel of a tile in one pass (the whole-slide fast path).
+
+    Per pixel: OD by lookup table, the collagen concentration (one dot product, tabulated),
+    the threshold and class of the pixel's low-resolution cell, the collagen-share guard only
+    where the threshold is passed, then counters and f x f block counts. No full-resolution
+    array is written. Same counts and blocks as :func:`measure_tile_reference`; the OD sum is
+    accumulated in float64 in pixel order (the reference sums pairwise: equal to ~1e-12).
+
+    Parameters
+    ----------
+    rgb : ndarray of uint8, shape (H, W, 3)
+    lut : ndarray of float32, shape (3, 256)
+        OD per channel value (:func:`fibroquant.stains.od_lut`).
+    unmix_col : ndarray of float32, shape (3,)
+        Collagen column of the unmixing matrix.
+    other_cols : tuple of ndarray of float32, shape (3,)
+        Unmixing columns of the other stains (share guard); empty to skip the guard.
+    min_share : float
+        Least share of the collagen stain in a collagen pixel's positive concentration.
+    flags : ndarray of uint8, shape (h, w)
+        Low-resolution class bits (``FLAG_*``).
+    thr : ndarray of float32, shape (h, w)
+        Low-resolution collagen threshold, OD units (``conc > thr`` is collagen).
+    rows, cols : ndarray of intp
+        Low-resolution row / column of every tile row / column.
+    f : int
+        Block edge of the mask resolution, tile pixels.
+    stride : int
+        Sampling step of ``od_sub`` (0 = none).
+
+    Returns
+    -------
+    FusedTile
+    """
+    other_cols = tuple(other_cols) if min_share > 0 else ()
+    ok = (
+        _fast_ok(rgb, lut, unmix_col) and flags.dtype == np.uint8 and thr.dtype == np.float32
+        and flags.shape == thr.shape and rows.dtype == np.intp and cols.dtype == np.intp
+        and len(rows) == rgb.shape[0] and len(cols) == rgb.shape[1]
+        and all(isinstance(c, np.ndarray) and c.dtype == np.float32 and c.shape == (3,)
+                for c in other_cols)
+    )
+    if ok and len(rows) and len(cols):
+        ok = (0 <= rows.min() and rows.max() < flags.shape[0] and 0 <= cols.min()
+              and cols.max() < flags.shape[1])
+    if not ok:
+        return measure_tile_reference(rgb, lut, unmix_col, other_cols, min_share, flags, thr,
+                                      rows, cols, f, stride)
+    h, w = rgb.shape[:2]
+    others = np.zeros((len(other_cols), 3, 256), np.float32)
+    for k, col in enumerate(other_cols):
+        others[k] = scaled_tables(lut, col)
+    blocks = np.zeros((3, -(-h // f), -(-w // f)), np.int32)
+    if stride > 0:
+        od_sub = np.empty((-(-h // stride), -(-w // stride)), np.float32)
+        tis_sub = np.empty(od_sub.shape, bool)
+    else:
+        od_sub, tis_sub = np.zeros((0, 0), np.float32), np.zeros((0, 0), bool)
+    counts = np.zeros(len(FUSED_COUNTS), np.int64)
+    od_total = np.zeros(1, np.float64)
+    _tile_nb(rgb, lut, scaled_tables(lut, unmix_col), others, np.float32(min_share), flags, thr,
+             rows, cols, int(f), blocks, int(stride), od_sub, tis_sub, counts, od_total)
+    return FusedTile(dict(zip(FUSED_COUNTS, (int(c) for c in counts))), float(od_total[0]),
+                     blocks, od_sub, tis_sub)
+
+
 __all__ = [
     "HAVE_NUMBA",
+    "FusedTile",
+    "measure_tile_fused",
+    "measure_tile_reference",
     "block_majority",
     "collagen_concentration_and_mask",
     "collagen_concentration_and_share",

@@ -22,7 +22,7 @@ class TileCounts:
         Collagen pixels within countable tissue.
     collagen_od_sum : float
         Sum of the collagen stain concentration (OD units) over collagen pixels.
-    capsule_px, lumen_px, fold_px, wall_px, unfocused_px : int
+    capsule_px, lumen_px, fold_px, wall_px, unfocused_px, bubble_px : int
         Excluded pixels of each kind.
     """
 
@@ -34,6 +34,7 @@ class TileCounts:
     fold_px: int = 0
     wall_px: int = 0
     unfocused_px: int = 0
+    bubble_px: int = 0
 
     def __add__(self, other: TileCounts) -> TileCounts:
         if not isinstance(other, TileCounts):
@@ -63,6 +64,7 @@ class Measurements:
     fold_area_mm2: float
     vessel_wall_area_mm2: float
     unfocused_area_mm2: float
+    bubble_area_mm2: float
 
     @classmethod
     def from_counts(cls, counts: TileCounts, mpp: float) -> Measurements:
@@ -87,4 +89,5 @@ class Measurements:
             fold_area_mm2=_mm2(counts.fold_px, mpp),
             vessel_wall_area_mm2=_mm2(counts.wall_px, mpp),
             unfocused_area_mm2=_mm2(counts.unfocused_px, mpp),
+            bubble_area_mm2=_mm2(counts.bubble_px, mpp),
         )

@@ -160,6 +160,32 @@ class _TileJob:
     other_cols: tuple[np.ndarray, ...] = ()  # unmixing columns of the other stains
     line_od: float | None = None  # thin-fibre top-hat contrast
     line_floor_offset: float | None = None
+    flags: np.ndarray | None = None  # per-pixel class bits at tissue resolution (fast path)
+    threshold_map: np.ndarray | None = None  # float32 collagen threshold there (fast path)
+
+
+def fast_path(settings: Settings, mpp: float, line_od: float | None) -> bool:
+    """Whether a slide's tiles can be measured by the fused per-pixel kernel.
+
+    That is the case when every decision is per pixel: no smoothing of the collagen channel,
+    no thin-fibre top-hat and no speck removal (all off by default). Otherwise tiles go through
+    :func:`fibroquant.collagen.segment_collagen` with a halo.
+    """
+    c = settings.collagen
+    return (c.smooth_um / mpp <= 0.2 and line_od is None
+            and int(round(c.min_object_area_um2 / mpp**2)) <= 1)
+
+
+def class_flags(tissue: TissueMask) -> np.ndarray:
+    """Per-pixel class bits (``kernels.FLAG_*``) of a tissue mask, uint8."""
+    flags = tissue.tissue.astype(np.uint8)  # FLAG_TISSUE
+    for mask, bit in ((tissue.capsule_band, kernels.FLAG_BAND),
+                      (tissue.vessel_wall, kernels.FLAG_WALL),
+                      (tissue.lumen, kernels.FLAG_LUMEN), (tissue.fold, kernels.FLAG_FOLD),
+                      (getattr(tissue, "bubble", None), kernels.FLAG_BUBBLE)):
+        if mask is not None and mask.any():
+            flags[mask] |= np.uint8(bit)
+    return flags
 
 
 def _tile_masks(job: _TileJob, y0: int, x0: int, y1: int, x1: int, halo: int):
@@ -199,6 +225,8 @@ def _process_tile(
     slide: Slide, job: _TileJob, box: tuple[int, int, int, int]
 ) -> tuple[tuple[int, int, int, int], TileCounts, np.ndarray, np.ndarray, np.ndarray] | None:
     """Measure one tile; masks are returned already reduced to the mask resolution."""
+    if job.flags is not None:
+        return _measure_tile_fused(slide, job, box)
     out = _measure_tile(slide, job, box)
     if out is None:
         return None
@@ -206,6 +234,35 @@ def _process_tile(
     f = job.geo.mask_factor
     return (box, counts, _block_reduce(col, f), _block_reduce(tis, f), _block_reduce(exc, f),
             sharp)
+
+
+def _measure_tile_fused(slide: Slide, job: _TileJob, box: tuple[int, int, int, int]):
+    """:func:`_measure_tile` when every decision is per pixel: one fused kernel pass, no halo,
+    masks counted per block of the mask resolution instead of written at full resolution."""
+    y0, x0, y1, x1 = box
+    th, tw = job.flags.shape
+    rows = _index_map(y0, y1, job.fy, th)
+    cols = _index_map(x0, x1, job.fx, tw)
+    if not _lookup_any(job.tissue.section, rows, cols).any():
+        return None
+    f = job.geo.mask_factor
+    sub = job.flags[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    if not (sub & kernels.FLAG_TISSUE).any():  # lumens / folds only: no pixel to read
+        rgb = np.zeros((y1 - y0, x1 - x0, 3), np.uint8)
+    else:
+        rgb = _read_analysis(slide, job.geo, y0, x0, y1 - y0, x1 - x0)
+    stride = 2 if job.settings.tissue.exclude_unfocused else 0
+    out = kernels.measure_tile_fused(
+        rgb, job.lut, job.unmix_col, job.other_cols, job.settings.collagen.min_share,
+        job.flags, job.threshold_map, rows, cols, f, stride,
+    )
+    counts = TileCounts(collagen_od_sum=out.collagen_od_sum, **out.counts)
+    sharp = float("nan")
+    if stride and counts.tissue_px:
+        sharp = focus.block_sharpness(out.od_sub, out.tissue_sub)
+    half = f * f
+    col, tis, exc = (2 * b >= half for b in out.blocks)
+    return box, counts, col, tis, exc, sharp
 
 
 def _measure_tile(
@@ -454,12 +511,21 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
     tissue = with_capsule(tissue, thumb_col > thumb_threshold)
     del thumb_conc, thumb_col, thumb_threshold  # not needed by the tile loop (peak RSS)
 
+    line_od, line_floor = _line_params(thr, settings)
+    flags = threshold_map = None
+    if fast_path(settings, geo.analysis_mpp, line_od):
+        flags = class_flags(tissue)
+        if bg_map is not None:
+            threshold_map = bg_map + np.float32(offset)  # float32, as the tile path adds it
+        else:
+            threshold_map = np.full(flags.shape, kernels.threshold_as_float32(
+                np.dtype(np.float32), thr.threshold_od), np.float32)
     job = _TileJob(
         geo, tissue, fy, fx, od_lut(background), stains.unmixing[:, stains.collagen_index].copy(),
         offset if bg_map is not None else thr.threshold_od, settings, bg_map,
         tuple(stains.unmixing[:, i].copy() for i in range(len(stains.names))
               if i != stains.collagen_index),
-        *_line_params(thr, settings),
+        line_od, line_floor, flags, threshold_map,
     )
     f = geo.mask_factor
     mh, mw = -(-geo.height // f), -(-geo.width // f)
@@ -488,7 +554,7 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
             continue
         # out of focus: its tissue is excluded (reported), like a fold
         total = total + TileCounts(
-            lumen_px=counts.lumen_px, fold_px=counts.fold_px,
+            lumen_px=counts.lumen_px, fold_px=counts.fold_px, bubble_px=counts.bubble_px,
             unfocused_px=counts.tissue_px + counts.capsule_px + counts.wall_px,
         )
         ys, xs = slice(y0 // f, -(-y1 // f)), slice(x0 // f, -(-x1 // f))

@@ -46,7 +46,7 @@ SLIDE_COLUMNS = [
     "slide", "mouse", "group", "status", "error", "mpp", "analysis_mpp",
     "tissue_area_mm2", "collagen_area_mm2", "cpa_percent", "collagen_od_mean",
     "capsule_area_mm2", "lumen_area_mm2", "fold_area_mm2", "vessel_wall_area_mm2",
-    "unfocused_area_mm2",
+    "unfocused_area_mm2", "bubble_area_mm2",
     "stain", "stain_source", "stain_vectors", "stain_angle_deg", "stain_warning",
     "threshold_method", "threshold_od",
 ]

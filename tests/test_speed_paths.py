@@ -132,3 +132,96 @@ def test_parenchyma_background_in_place_equals_reference(fallback):
     weight = np.clip(den / 0.05, 0.0, 1.0)
     ref = (weight * (num / np.maximum(den, 1e-6)) + (1.0 - weight) * fallback).astype(np.float32)
     np.testing.assert_array_equal(parenchyma_background(conc, mask, 12.5, fallback), ref)
+
+
+# ------------------------------------------------------------------------------------------
+# The fused whole-slide tile kernel
+# ------------------------------------------------------------------------------------------
+
+
+def _fused_inputs(seed):
+    rng = np.random.default_rng(seed)
+    rgb, _ = make_section(SectionParams(shape=(203, 187), mpp=0.5), rng=seed)
+    if seed % 2:  # strided tile (a view into a larger read)
+        rgb = np.pad(rgb, ((0, 0), (3, 0), (0, 0)))[:, 3:]
+    lut = od_lut((246.0, 244.0, 240.0))
+    unmix = rng.normal(size=3).astype(np.float32)
+    others = tuple(rng.normal(size=3).astype(np.float32) for _ in range(2))
+    th, tw = 17, 13
+    bits = np.array([0, 1, 1, 1, 1 | 2, 1 | 4, 8, 16, 32, 1 | 2 | 4, 8 | 16], np.uint8)
+    flags = rng.choice(bits, (th, tw))
+    thr = rng.uniform(-0.05, 0.3, (th, tw)).astype(np.float32)
+    rows = pipeline._index_map(0, rgb.shape[0], rgb.shape[0] / th, th)
+    cols = pipeline._index_map(0, rgb.shape[1], rgb.shape[1] / tw, tw)
+    return rgb, lut, unmix, others, flags, thr, rows, cols
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("f", [1, 3, 4])
+@pytest.mark.parametrize("stride", [0, 2])
+@pytest.mark.parametrize("min_share", [0.0, 0.35])
+def test_measure_tile_fused_equals_reference(seed, f, stride, min_share):
+    rgb, lut, unmix, others, flags, thr, rows, cols = _fused_inputs(seed)
+    args = (rgb, lut, unmix, others, min_share, flags, thr, rows, cols, f, stride)
+    a = kernels.measure_tile_fused(*args)
+    b = kernels.measure_tile_reference(*args)
+    assert a.counts == b.counts
+    assert a.collagen_od_sum == pytest.approx(b.collagen_od_sum, rel=1e-9, abs=1e-9)
+    np.testing.assert_array_equal(a.blocks, b.blocks)
+    np.testing.assert_array_equal(a.od_sub, b.od_sub)
+    np.testing.assert_array_equal(a.tissue_sub, b.tissue_sub)
+    # every pixel is counted once as tissue, capsule, wall or outside; blocks add up
+    assert a.blocks[1].sum() == a.counts["tissue_px"]
+    assert a.blocks[0].sum() == a.counts["collagen_px"] <= a.counts["tissue_px"]
+
+
+@pytest.mark.parametrize("stain", ["sirius-red", "masson"])
+def test_fast_tile_path_equals_reference_tile_path(stain, monkeypatch):
+    """Whole analyses by the fused kernel and by segment_collagen (per-pixel settings) agree."""
+    from fibroquant.config import load_settings
+    from fibroquant.slides import ArraySlide
+
+    p = SectionParams(stain=stain, shape=(700, 900), mpp=0.5, n_lumens=4)
+    rgb, _ = make_section(p, rng=4)
+    s = load_settings(overrides={"stains": {"stain": stain}, "tiling": {"tile_px": 256}})
+    assert pipeline.fast_path(s, 0.5, None)
+    fast = pipeline.analyze_slide("x.png", s, slide=ArraySlide(rgb, 0.5))
+    monkeypatch.setattr(pipeline, "fast_path", lambda *a, **k: False)
+    ref = pipeline.analyze_slide("x.png", s, slide=ArraySlide(rgb, 0.5))
+    for k, v in ref.record.items():
+        if k == "seconds":
+            continue
+        if isinstance(v, float):
+            assert fast.record[k] == pytest.approx(v, rel=1e-9, nan_ok=True), k
+        else:
+            assert fast.record[k] == v, k
+    for m in ("collagen_mask", "tissue_mask", "excluded_mask"):
+        np.testing.assert_array_equal(getattr(fast, m), getattr(ref, m))
+    assert fast.record["capsule_area_mm2"] > 0 and fast.record["lumen_area_mm2"] > 0
+
+
+def test_fast_path_only_for_per_pixel_settings():
+    from fibroquant.config import load_settings
+
+    assert pipeline.fast_path(load_settings(), 0.25, None)
+    assert not pipeline.fast_path(load_settings(), 0.25, 0.1)  # thin-fibre top-hat on
+    specks = load_settings(overrides={"collagen": {"min_object_area_um2": 5}})
+    assert not pipeline.fast_path(specks, 0.25, None)
+    smooth = load_settings(overrides={"collagen": {"smooth_um": 0.5}})
+    assert not pipeline.fast_path(smooth, 0.25, None)
+
+
+@pytest.mark.parametrize("sigma", [16.0, 40.0, 90.0])
+def test_parenchyma_background_coarse_grid_close_to_exact(sigma):
+    from fibroquant.collagen import _parenchyma_background_exact
+
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:500, 0:600]
+    conc = (0.05 + 0.03 * np.sin(xx / 150) + 0.02 * rng.random((500, 600))).astype(np.float32)
+    mask = rng.random((500, 600)) < 0.7
+    mask[200:260] = False  # a band without parenchyma: the fallback blends in
+    coarse = parenchyma_background(conc, mask, sigma, 0.04)
+    exact = _parenchyma_background_exact(conc, mask, sigma, 0.04, None)
+    assert coarse.dtype == np.float32 and coarse.shape == conc.shape
+    # the map has no detail finer than sigma: the coarse grid is within 2 % of its range
+    assert np.abs(coarse - exact).max() < 0.003
