@@ -149,16 +149,32 @@ FUSED_COUNTS = ("tissue_px", "collagen_px", "capsule_px", "wall_px", "lumen_px",
 def _tile_py(
     rgb: np.ndarray, lut: np.ndarray, tables: np.ndarray, others: np.ndarray,
     min_share: np.float32, flags: np.ndarray, thr: np.ndarray, rows: np.ndarray,
-    cols: np.ndarray, f: int, blocks: np.ndarray, stride: int, od_sub: np.ndarray,
-    tis_sub: np.ndarray, counts: np.ndarray, od_total: np.ndarray,
+    cols: np.ndarray, f: int, blocks: np.ndarray, stride: int,
+    od_sub: np.ndarray, tis_sub: np.ndarray, counts: np.ndarray, od_total: np.ndarray,
 ) -> None:
+    # Row by row. The class and threshold of each column are gathered once per low-resolution
+    # row. Rows of plain tissue (the bulk of a slide) take branch-free loops the compiler
+    # vectorises; rows touching glass, lumens, capsule, walls take a per-pixel loop. Block
+    # counts accumulate per column over the f rows of a block row, then are summed f columns
+    # at a time.
     t0 = tables[0]
     t1 = tables[1]
     t2 = tables[2]
+    l0 = lut[0]
+    l1 = lut[1]
+    l2 = lut[2]
     n_other = others.shape[0]
     zero = np.float32(0.0)
     h = rgb.shape[0]
     w = rgb.shape[1]
+    buf = np.empty(w, np.float32)
+    tb = np.empty(w, np.float32)
+    fb = np.empty(w, np.uint8)
+    hit = np.empty(w, np.int32)
+    acc_col = np.zeros(w, np.int32)
+    acc_tis = np.zeros(w, np.int32)
+    acc_exc = np.zeros(w, np.int32)
+    acc_od = np.zeros(w, np.float64)
     n_tis = 0
     n_col = 0
     n_cap = 0
@@ -167,44 +183,90 @@ def _tile_py(
     n_fold = 0
     n_bub = 0
     od_acc = 0.0
-    nb = (w + f - 1) // f
+    prev = -1
+    plain = False
+    empty = False
     for i in range(h):
-        frow = flags[rows[i]]
-        trow = thr[rows[i]]
-        b_col = blocks[0, i // f]
-        b_tis = blocks[1, i // f]
-        b_exc = blocks[2, i // f]
-        for bj in range(nb):
-            k_tis = 0
-            k_col = 0
-            k_exc = 0
-            for j in range(bj * f, min(bj * f + f, w)):
-                cj = cols[j]
-                fl = frow[cj]
+        ri = rows[i]
+        if ri != prev:
+            prev = ri
+            frow = flags[ri]
+            trow = thr[ri]
+            n_plain = 0
+            n_empty = 0
+            for j in range(w):
+                fb[j] = frow[cols[j]]
+                tb[j] = trow[cols[j]]
+                n_plain += fb[j] == 1
+                n_empty += fb[j] == 0
+            plain = n_plain == w
+            empty = n_empty == w
+        if stride > 0 and i % stride == 0:
+            si = i // stride
+            for sj in range(od_sub.shape[1]):
+                j = sj * stride
+                od_sub[si, sj] = l0[rgb[i, j, 0]] + l1[rgb[i, j, 1]] + l2[rgb[i, j, 2]]
+                tis_sub[si, sj] = (fb[j] & 1) != 0
+        if not empty:
+            for j in range(w):
+                buf[j] = t0[rgb[i, j, 0]] + t1[rgb[i, j, 1]] + t2[rgb[i, j, 2]]
+        if empty:
+            pass
+        elif plain:
+            k = 0
+            for j in range(w):
+                hit[j] = buf[j] > tb[j]
+                k += hit[j]
+            if k > 0 and n_other > 0:  # the collagen-share guard, only where the cut passed
+                for j in range(w):
+                    if hit[j]:
+                        r = rgb[i, j, 0]
+                        g = rgb[i, j, 1]
+                        b = rgb[i, j, 2]
+                        c = buf[j]
+                        p = c if c > zero else zero
+                        total = p
+                        for q in range(n_other):
+                            ck = others[q, 0, r] + others[q, 1, g] + others[q, 2, b]
+                            total = total + (ck if ck > zero else zero)
+                        if not (p >= min_share * total):
+                            hit[j] = 0
+                            k -= 1
+            if k > 0:
+                # per-column sums (no serial float chain across the row: vectorised)
+                for j in range(w):
+                    acc_col[j] += hit[j]
+                    acc_od[j] += buf[j] * hit[j]
+                n_col += k
+            for j in range(w):
+                acc_tis[j] += 1
+            n_tis += w
+        else:
+            for j in range(w):
+                fl = fb[j]
                 if fl == 0:
                     continue
                 excluded = False
-                if fl != 1:  # anything but plain tissue (the common case)
-                    if fl & 8:
-                        n_lum += 1
-                        excluded = True
-                    if fl & 16:
-                        n_fold += 1
-                        excluded = True
-                    if fl & 32:
-                        n_bub += 1
-                        excluded = True
+                if fl & 8:
+                    n_lum += 1
+                    excluded = True
+                if fl & 16:
+                    n_fold += 1
+                    excluded = True
+                if fl & 32:
+                    n_bub += 1
+                    excluded = True
                 if fl & 1:
-                    r = rgb[i, j, 0]
-                    g = rgb[i, j, 1]
-                    b = rgb[i, j, 2]
-                    c = t0[r] + t1[g] + t2[b]
-                    col = c > trow[cj]
+                    c = buf[j]
+                    col = c > tb[j]
                     if col and n_other > 0:
+                        r = rgb[i, j, 0]
+                        g = rgb[i, j, 1]
+                        b = rgb[i, j, 2]
                         p = c if c > zero else zero
                         total = p
-                        for k in range(n_other):
-                            ck = others[k, 0, r] + others[k, 1, g] + others[k, 2, b]
+                        for q in range(n_other):
+                            ck = others[q, 0, r] + others[q, 1, g] + others[q, 2, b]
                             total = total + (ck if ck > zero else zero)
                         col = p >= min_share * total
                     if col and (fl & 2):
@@ -214,28 +276,33 @@ def _tile_py(
                         n_wall += 1
                         excluded = True
                     else:
-                        k_tis += 1
+                        n_tis += 1
+                        acc_tis[j] += 1
                         if col:
-                            k_col += 1
-                            od_acc += c
+                            n_col += 1
+                            acc_od[j] += c
+                            acc_col[j] += 1
                 if excluded:
-                    k_exc += 1
-            b_col[bj] += k_col
-            b_tis[bj] += k_tis
-            b_exc[bj] += k_exc
-            n_tis += k_tis
-            n_col += k_col
-    if stride > 0:
-        l0 = lut[0]
-        l1 = lut[1]
-        l2 = lut[2]
-        for si in range(od_sub.shape[0]):
-            i = si * stride
-            frow = flags[rows[i]]
-            for sj in range(od_sub.shape[1]):
-                j = sj * stride
-                od_sub[si, sj] = l0[rgb[i, j, 0]] + l1[rgb[i, j, 1]] + l2[rgb[i, j, 2]]
-                tis_sub[si, sj] = (frow[cols[j]] & 1) != 0
+                    acc_exc[j] += 1
+        if i % f == f - 1 or i == h - 1:
+            bi = i // f
+            for bj in range(blocks.shape[2]):
+                a = 0
+                t = 0
+                e = 0
+                for j in range(bj * f, min(bj * f + f, w)):
+                    a += acc_col[j]
+                    t += acc_tis[j]
+                    e += acc_exc[j]
+                blocks[0, bi, bj] += a
+                blocks[1, bi, bj] += t
+                blocks[2, bi, bj] += e
+            for j in range(w):
+                od_acc += acc_od[j]
+            acc_col[:] = 0
+            acc_tis[:] = 0
+            acc_exc[:] = 0
+            acc_od[:] = 0.0
     counts[0] += n_tis
     counts[1] += n_col
     counts[2] += n_cap
