@@ -104,7 +104,7 @@ class StainSettings(_Model):
         0.6, gt=0, lt=1, description="a stain's share of a pixel's OD to count it as that stain's"
     )
     sample_pixels: int = Field(
-        400_000, gt=1000, description="tissue pixels sampled to calibrate a slide"
+        150_000, gt=1000, description="tissue pixels sampled to calibrate a slide"
     )
     background_rgb: tuple[float, float, float] | None = Field(
         None, description="glass intensity (R, G, B); None = estimated per slide"

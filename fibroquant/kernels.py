@@ -322,6 +322,7 @@ _tile_nb = _jit(_tile_py)
 
 _warm_lock = threading.Lock()
 _warm = False
+_warm_fused = False
 
 
 def warmup() -> bool:
@@ -348,6 +349,22 @@ def warmup() -> bool:
             _share_nb(rgb, tables, np.zeros((1, 3, 256), np.float32), np.float32(0.5), out,
                       np.empty((2, 2), bool))
         _warm = True
+    return True
+
+
+def warmup_fused() -> bool:
+    """Compile (or load from cache) only :func:`measure_tile_fused`'s kernel, once."""
+    global _warm_fused
+    if not HAVE_NUMBA or _warm_fused:
+        return HAVE_NUMBA
+    with _warm_lock:
+        if not _warm_fused:
+            rgb = np.zeros((2, 2, 3), np.uint8)
+            idx = np.zeros(2, np.intp)
+            measure_tile_fused(rgb, np.zeros((3, 256), np.float32), np.zeros(3, np.float32),
+                               (np.zeros(3, np.float32),), 0.5, np.ones((1, 1), np.uint8),
+                               np.zeros((1, 1), np.float32), idx, idx, 1, 2)
+            _warm_fused = True
     return True
 
 

@@ -343,7 +343,7 @@ def _calibration_pixels(
         y0, x0, y1, x1 = box
         rows = _index_map(y0, y1, fy, th)
         cols = _index_map(x0, x1, fx, tw)
-        frac = float(_lookup(tissue.tissue, rows[:: 8], cols[:: 8]).mean())
+        frac = float(tissue.tissue[np.ix_(rows[::8], cols[::8])].mean())
         if frac > 0:
             with_tissue.append((box, rows, cols))
     if not with_tissue:
@@ -351,11 +351,13 @@ def _calibration_pixels(
     per_tile = max((b[2] - b[0]) * (b[3] - b[1]) for b, _, _ in with_tissue)
     n_tiles = min(len(with_tissue), max(8, math.ceil(2 * n_pixels / per_tile)))
     pick = np.unique(np.linspace(0, len(with_tissue) - 1, n_tiles).round().astype(int))
+    # every second row and column when the tiles hold far more pixels than needed
+    step = 2 if len(pick) * per_tile >= 8 * n_pixels else 1
     chunks = []
     for i in pick:
         (y0, x0, y1, x1), rows, cols = with_tissue[i]
-        rgb = _read_analysis(slide, geo, y0, x0, y1 - y0, x1 - x0)
-        chunks.append(rgb[_lookup(tissue.tissue, rows, cols)])
+        rgb = _read_analysis(slide, geo, y0, x0, y1 - y0, x1 - x0)[::step, ::step]
+        chunks.append(rgb[tissue.tissue[np.ix_(rows[::step], cols[::step])]])
     px = np.concatenate(chunks)
     if len(px) > n_pixels:
         rng = np.random.default_rng(0)
@@ -533,7 +535,10 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
     tissue_m = np.zeros((mh, mw), bool)
     excluded_m = np.zeros((mh, mw), bool)
     total = TileCounts()
-    kernels.warmup()
+    if flags is not None:
+        kernels.warmup_fused()
+    else:
+        kernels.warmup()
     measured: list[tuple[tuple[int, int, int, int], TileCounts, float]] = []
     for out in _map_tiles(sl, job, boxes, workers):
         if out is None:
@@ -562,7 +567,7 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
         collagen_m[ys, xs] = False
         tissue_m[ys, xs] = False
     meas = Measurements.from_counts(total, geo.analysis_mpp)
-    fit = _stain_fit(thumb[tissue.tissue])
+    fit = _stain_fit(thumb[tissue.tissue], max_pixels=50_000)
     warnings = stain_warnings(est, preset, thr, fit, settings.stains.stain.value)
     if total.tissue_px == 0:
         msg = f"{name}: no countable tissue left after exclusions"
