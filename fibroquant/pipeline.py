@@ -160,6 +160,7 @@ class _TileJob:
     other_cols: tuple[np.ndarray, ...] = ()  # unmixing columns of the other stains
     line_od: float | None = None  # thin-fibre top-hat contrast
     line_floor_offset: float | None = None
+    share_guard: float = 0.0  # least collagen share of a collagen pixel (CollagenThreshold)
 
 
 def _tile_masks(job: _TileJob, y0: int, x0: int, y1: int, x1: int, halo: int):
@@ -231,9 +232,9 @@ def _measure_tile(
     if job.background_map is not None:
         threshold = _lookup(job.background_map, rows, cols) + np.float32(job.threshold)
     share_ok = None
-    if job.other_cols and job.settings.collagen.min_share > 0:
+    if job.other_cols and job.share_guard > 0:
         conc, share_ok = kernels.collagen_concentration_and_share(
-            rgb, job.lut, job.unmix_col, job.other_cols, job.settings.collagen.min_share
+            rgb, job.lut, job.unmix_col, job.other_cols, job.share_guard
         )
     else:
         conc = kernels.collagen_concentration_fast(rgb, job.lut, job.unmix_col)
@@ -430,7 +431,11 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
     conc_sample = od_sample @ stains.unmixing
     pos = np.maximum(conc_sample, 0)
     share = pos[:, stains.collagen_index] / np.maximum(pos.sum(axis=1), 1e-6)
-    thr = calibrate_threshold(conc_sample[:, stains.collagen_index], share, settings.collagen)
+    thr = calibrate_threshold(
+        conc_sample[:, stains.collagen_index], share, settings.collagen,
+        stained=np.linalg.norm(od_sample, axis=1) > settings.stains.od_floor,
+        share_from_parenchyma=settings.share_from_parenchyma(est.counterstain_fitted()),
+    )
     thumb_conc = rgb_to_od(thumb, background) @ stains.unmixing
     thumb_col = thumb_conc[..., stains.collagen_index]
     if len(stains.names) > 1:
@@ -459,7 +464,7 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
         offset if bg_map is not None else thr.threshold_od, settings, bg_map,
         tuple(stains.unmixing[:, i].copy() for i in range(len(stains.names))
               if i != stains.collagen_index),
-        *_line_params(thr, settings),
+        *_line_params(thr, settings), thr.share_guard,
     )
     f = geo.mask_factor
     mh, mw = -(-geo.height // f), -(-geo.width // f)
@@ -528,6 +533,8 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
         "threshold_od": thr.threshold_od,
         "parenchyma_od": thr.parenchyma_od,
         "collagen_level_od": thr.collagen_level_od,
+        "share_guard": thr.share_guard,
+        "parenchyma_share": thr.parenchyma_share,
         "stain_fit": json.dumps(fit),
         "stain_warning": "; ".join(warnings),
         "seconds": round(time.perf_counter() - t_start, 3),
