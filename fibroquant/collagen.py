@@ -10,6 +10,17 @@ threshold *means the same on every slide*. A floor ``min_contrast_od`` above the
 stops a slide without collagen from being thresholded inside its own noise. ``fixed-od`` (one
 OD value for every slide, as in Fiji macros) and ``otsu`` (per-slide Otsu on tissue pixels) remain
 available.
+
+A pixel is collagen only if the collagen stain also carries enough of its stain (the *share
+guard*, ``min_share``): dark red muscle and purple red-blue mixtures project onto the collagen
+axis without being collagen. In Masson's trichrome the two dyes compete for the same tissue, and
+an under-differentiated section leaves the hepatocyte cytoplasm purple: the parenchyma itself
+carries a collagen-stain share ``p`` (median over stained parenchyma pixels), varying from cell to
+cell and across the lobule. The guard is then counted from the bluest parenchyma,
+``p_hi = min(parenchyma_share_spread · p, 0.5)``, to pure collagen stain (share 1):
+``guard = p_hi + min_share · (1 - p_hi)``, i.e. a pixel must be at least ``min_share`` of the way
+from the slide's own parenchyma colour to the colour of the collagen stain. With a clean red
+counterstain ``p`` is ~0 and the guard is ``min_share`` as before (:func:`share_guard`).
 """
 
 from __future__ import annotations
@@ -78,14 +89,77 @@ class CollagenThreshold:
     collagen_level_od: float
     n_collagen_px: int
     note: str = ""
+    share_guard: float = 0.0  # least collagen-stain share of a collagen pixel (per-pixel rule)
+    parenchyma_share: float = 0.0  # median collagen-stain share of stained parenchyma, 0-1
+
+
+#: Parenchymal collagen-stain share (median) above which a slide is reported as purple.
+PURPLE_PARENCHYMA_SHARE = 0.25
+
+
+def share_guard(
+    collagen_share: np.ndarray,
+    settings: CollagenSettings,
+    *,
+    stained: np.ndarray | None = None,
+    from_parenchyma: bool = False,
+) -> tuple[float, float]:
+    """A slide's share guard and the parenchymal share it is counted from.
+
+    Parameters
+    ----------
+    collagen_share : ndarray of float32, shape (N,)
+        The collagen stain's share of each sampled tissue pixel's positive concentration, 0-1.
+    settings : CollagenSettings
+    stained : ndarray of bool, shape (N,), optional
+        Pixels dark enough for their share to mean something (OD norm above the stain
+        estimation floor); the share of near-glass pixels is noise. None = all.
+    from_parenchyma : bool
+        Count ``min_share`` from the parenchyma's own share (``share_baseline`` parenchyma,
+        Masson by default) instead of from zero.
+
+    Returns
+    -------
+    guard : float
+        ``p_hi + min_share · (1 - p_hi)`` with ``p_hi = min(parenchyma_share_spread · p, 0.5)``;
+        ``min_share`` when not counted from the parenchyma or ``min_share`` is 0.
+    p : float
+        Median share of stained pixels dominated by other stains (share < 0.5); 0 when not
+        measured (fewer than 50 such pixels).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fibroquant.config import CollagenSettings
+    >>> share = np.r_[np.full(900, 0.15), np.full(100, 0.9)].astype(np.float32)
+    >>> g, p = share_guard(share, CollagenSettings(), from_parenchyma=True)
+    >>> round(p, 2), round(g, 3)
+    (0.15, 0.545)
+    >>> share_guard(share, CollagenSettings())[0]
+    0.35
+    """
+    share = np.asarray(collagen_share, dtype=np.float32).ravel()
+    if not from_parenchyma or settings.min_share <= 0:
+        return settings.min_share, 0.0
+    parenchyma = share < 0.5
+    if stained is not None:
+        parenchyma &= np.asarray(stained, bool).ravel()
+    if np.count_nonzero(parenchyma) < 50:
+        return settings.min_share, 0.0
+    p = max(float(np.median(share[parenchyma])), 0.0)
+    p_hi = min(settings.parenchyma_share_spread * p, 0.5)
+    return p_hi + settings.min_share * (1.0 - p_hi), p
 
 
 def calibrate_threshold(
     collagen_conc: np.ndarray,
     collagen_share: np.ndarray,
     settings: CollagenSettings,
+    *,
+    stained: np.ndarray | None = None,
+    share_from_parenchyma: bool = False,
 ) -> CollagenThreshold:
-    """Choose a slide's collagen threshold from a sample of its tissue pixels.
+    """Choose a slide's collagen threshold and share guard from a sample of its tissue pixels.
 
     Parameters
     ----------
@@ -94,15 +168,29 @@ def calibrate_threshold(
     collagen_share : ndarray of float32, shape (N,)
         The collagen stain's share of each pixel's positive concentration, 0-1.
     settings : CollagenSettings
+    stained : ndarray of bool, shape (N,), optional
+        Pixels whose share is meaningful (see :func:`share_guard`).
+    share_from_parenchyma : bool
+        Count the share guard from the parenchyma's own share (see :func:`share_guard`).
 
     Returns
     -------
     CollagenThreshold
+        Includes ``share_guard``, the per-pixel least collagen share for this slide.
     """
     conc = np.asarray(collagen_conc, dtype=np.float32).ravel()
     share = np.asarray(collagen_share, dtype=np.float32).ravel()
     if conc.size == 0:
-        return CollagenThreshold(settings.method, float("inf"), 0.0, 0.0, 0, "no tissue")
+        return CollagenThreshold(settings.method, float("inf"), 0.0, 0.0, 0, "no tissue",
+                                 settings.min_share)
+    guard, p_share = share_guard(share, settings, stained=stained,
+                                 from_parenchyma=share_from_parenchyma)
+    purple = ""
+    if p_share >= PURPLE_PARENCHYMA_SHARE:
+        purple = (
+            f"purple parenchyma: {100 * p_share:.0f} % of its stain is collagen stain "
+            f"(under-differentiated?); collagen share guard raised to {guard:.2f}"
+        )
     # parenchyma level: pixels the stain vectors attribute mostly to other stains (cytoplasm,
     # nuclei); robust when collagen covers a large part of the tissue (cirrhosis, capsule)
     other = conc[share < 0.5]
@@ -111,14 +199,15 @@ def calibrate_threshold(
     # (vectors off for this slide): measure contrast from zero instead
     base = max(base, 0.0)
     if settings.method == "fixed-od":
-        return CollagenThreshold("fixed-od", settings.fixed_od, base, float("nan"), 0)
+        return CollagenThreshold("fixed-od", settings.fixed_od, base, float("nan"), 0, purple,
+                                 guard, p_share)
     if settings.method == "otsu":
         try:
             t = float(threshold_otsu(conc))
         except ValueError:
             t = base + settings.min_contrast_od
         t = max(t, base + settings.min_contrast_od)
-        return CollagenThreshold("otsu", t, base, float("nan"), 0)
+        return CollagenThreshold("otsu", t, base, float("nan"), 0, purple, guard, p_share)
     floor = base + settings.min_contrast_od
     candidates = conc[(share > 0.5) & (conc > floor)]
     min_px = max(50, int(0.0002 * conc.size))
@@ -127,10 +216,13 @@ def calibrate_threshold(
             f"too few collagen-dominated pixels ({candidates.size}) to calibrate; threshold set "
             f"{settings.min_contrast_od:g} OD above parenchyma"
         )
-        return CollagenThreshold("relative", floor, base, float("nan"), int(candidates.size), note)
+        note = "; ".join(n for n in (purple, note) if n)
+        return CollagenThreshold("relative", floor, base, float("nan"), int(candidates.size), note,
+                                 guard, p_share)
     level = float(np.median(candidates))
     t = base + settings.relative_threshold * (level - base)
-    return CollagenThreshold("relative", max(t, floor), base, level, int(candidates.size))
+    return CollagenThreshold("relative", max(t, floor), base, level, int(candidates.size), purple,
+                             guard, p_share)
 
 
 def parenchyma_background(

@@ -136,7 +136,19 @@ class CollagenSettings(_Model):
     min_share: float = Field(
         0.35, ge=0, lt=1,
         description="collagen stain's least share of a pixel's stain (purple mixtures are not "
-        "collagen); 0 = concentration alone",
+        "collagen), as a fraction of the way from the share of the slide's parenchyma (see "
+        "share_baseline) to pure collagen stain; 0 = concentration alone",
+    )
+    share_baseline: Literal["auto", "parenchyma", "zero"] = Field(
+        "auto",
+        description="where min_share is counted from: 'parenchyma' = the collagen-stain share "
+        "the slide's own parenchyma carries (purple Masson cytoplasm), 'zero' = a pure "
+        "counterstain; 'auto' = parenchyma for Masson with per-slide fitted vectors, else zero",
+    )
+    parenchyma_share_spread: float = Field(
+        2.0, ge=1,
+        description="share_baseline parenchyma: parenchyma cells carry up to this many times the "
+        "median parenchymal collagen-stain share (cell-to-cell and zonal variation), at most 0.5",
     )
     fibre_width_um: float = Field(
         0.0, ge=0,
@@ -148,7 +160,7 @@ class CollagenSettings(_Model):
     )
     smooth_um: float = Field(0.0, ge=0, description="Gaussian sigma on the collagen channel, µm")
     min_object_area_um2: float = Field(
-        0.0, ge=0, description="collagen specks smaller than this are dropped, µm²"
+        5.0, ge=0, description="collagen specks smaller than this are dropped, µm²"
     )
 
 
@@ -180,6 +192,18 @@ class Settings(_Model):
             msg = "tissue.glass_od_min must not exceed tissue.glass_od_max"
             raise ValueError(msg)
         return self
+
+    def share_from_parenchyma(self, counterstain_fitted: bool) -> bool:
+        """Whether ``collagen.min_share`` is counted from the slide's parenchymal share.
+
+        ``auto`` does so for Masson when the counterstain vector was fitted to the slide: with
+        fixed (preset or study) vectors, collagen stain seen in the parenchyma may be a vector
+        misfit rather than purple cytoplasm, and the collagen's own share is lowered too.
+        """
+        base = self.collagen.share_baseline
+        return base == "parenchyma" or (
+            base == "auto" and self.stains.stain == Stain.MASSON and counterstain_fitted
+        )
 
     def measurement_dict(self) -> dict[str, Any]:
         """Settings that change measurements, as canonical JSON-able data."""

@@ -40,6 +40,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+import cv2
 import numpy as np
 
 try:  # numba is a dependency, but keep the package usable without it
@@ -151,6 +152,7 @@ def _tile_py(
     min_share: np.float32, flags: np.ndarray, thr: np.ndarray, rows: np.ndarray,
     cols: np.ndarray, f: int, blocks: np.ndarray, stride: int,
     od_sub: np.ndarray, tis_sub: np.ndarray, counts: np.ndarray, od_total: np.ndarray,
+    colmask: np.ndarray, want_mask: bool,
 ) -> None:
     # Row by row. The class and threshold of each column are gathered once per low-resolution
     # row. Rows of plain tissue (the bulk of a slide) take branch-free loops the compiler
@@ -238,6 +240,9 @@ def _tile_py(
                     acc_col[j] += hit[j]
                     acc_od[j] += buf[j] * hit[j]
                 n_col += k
+                if want_mask:
+                    for j in range(w):
+                        colmask[i, j] = hit[j]
             for j in range(w):
                 acc_tis[j] += 1
             n_tis += w
@@ -282,6 +287,8 @@ def _tile_py(
                             n_col += 1
                             acc_od[j] += c
                             acc_col[j] += 1
+                            if want_mask:
+                                colmask[i, j] = 1
                 if excluded:
                     acc_exc[j] += 1
         if i % f == f - 1 or i == h - 1:
@@ -313,6 +320,40 @@ def _tile_py(
     od_total[0] += od_acc
 
 
+def _specks_py(
+    labels: np.ndarray, n: int, min_px: int, rgb: np.ndarray, tables: np.ndarray, f: int,
+    blocks: np.ndarray, out: np.ndarray,
+) -> None:
+    # sizes of the components; those touching the tile's edge may continue in the next tile
+    # and are kept
+    h, w = labels.shape
+    size = np.zeros(n, np.int64)
+    for i in range(h):
+        for j in range(w):
+            size[labels[i, j]] += 1
+    for j in range(w):
+        size[labels[0, j]] = min_px
+        size[labels[h - 1, j]] = min_px
+    for i in range(h):
+        size[labels[i, 0]] = min_px
+        size[labels[i, w - 1]] = min_px
+    size[0] = min_px
+    t0 = tables[0]
+    t1 = tables[1]
+    t2 = tables[2]
+    n_rm = 0
+    od_rm = 0.0
+    for i in range(h):
+        for j in range(w):
+            if size[labels[i, j]] < min_px:
+                n_rm += 1
+                od_rm += t0[rgb[i, j, 0]] + t1[rgb[i, j, 1]] + t2[rgb[i, j, 2]]
+                blocks[0, i // f, j // f] -= 1
+    out[0] = n_rm
+    out[1] = od_rm
+
+
+_specks_nb = _jit(_specks_py)
 _conc_nb = _jit(_conc_py)
 _conc_mask_nb = _jit(_conc_mask_py)
 _gather_nb = _jit(_gather_py)
@@ -363,7 +404,9 @@ def warmup_fused() -> bool:
             idx = np.zeros(2, np.intp)
             measure_tile_fused(rgb, np.zeros((3, 256), np.float32), np.zeros(3, np.float32),
                                (np.zeros(3, np.float32),), 0.5, np.ones((1, 1), np.uint8),
-                               np.zeros((1, 1), np.float32), idx, idx, 1, 2)
+                               np.zeros((1, 1), np.float32), idx, idx, 1, 2, 5)
+            _specks_nb(np.zeros((2, 2), np.int32), 1, 5, rgb, np.zeros((3, 256), np.float32), 1,
+                       np.zeros((3, 2, 2), np.int32), np.zeros(2, np.float64))
             _warm_fused = True
     return True
 
@@ -645,10 +688,21 @@ class FusedTile:
     tissue_sub: np.ndarray
 
 
+def _edge_specks(col: np.ndarray, min_px: int) -> np.ndarray:
+    """Collagen components smaller than ``min_px`` (8-connected) not touching the tile edge."""
+    n, labels = cv2.connectedComponents(col.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+    size = np.bincount(labels.ravel(), minlength=n)
+    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    small = size < min_px
+    small[0] = False
+    small[edge] = False
+    return small[labels]
+
+
 def measure_tile_reference(
     rgb: np.ndarray, lut: np.ndarray, unmix_col: np.ndarray, other_cols: tuple[np.ndarray, ...],
     min_share: float, flags: np.ndarray, thr: np.ndarray, rows: np.ndarray, cols: np.ndarray,
-    f: int, stride: int,
+    f: int, stride: int, min_px: int = 0,
 ) -> FusedTile:
     """numpy reference of :func:`measure_tile_fused` (whole-array operations)."""
     fl = flags[np.ix_(rows, cols)]
@@ -663,6 +717,8 @@ def measure_tile_reference(
     wall = ((fl & FLAG_WALL) != 0) & tissue & ~capsule
     col &= ~capsule & ~wall
     tissue &= ~capsule & ~wall
+    if min_px > 1 and col.any():
+        col &= ~_edge_specks(np.ascontiguousarray(col), min_px)
     kinds = [((fl & b) != 0) for b in (FLAG_LUMEN, FLAG_FOLD, FLAG_BUBBLE)]
     excluded = capsule | wall | kinds[0] | kinds[1] | kinds[2]
     counts = dict(zip(FUSED_COUNTS, (int(np.count_nonzero(m)) for m in
@@ -685,7 +741,7 @@ def measure_tile_reference(
 def measure_tile_fused(
     rgb: np.ndarray, lut: np.ndarray, unmix_col: np.ndarray, other_cols: tuple[np.ndarray, ...],
     min_share: float, flags: np.ndarray, thr: np.ndarray, rows: np.ndarray, cols: np.ndarray,
-    f: int, stride: int,
+    f: int, stride: int, min_px: int = 0,
 ) -> FusedTile:
     """Classify and count every pixel of a tile in one pass (the whole-slide fast path).
 
@@ -716,6 +772,11 @@ def measure_tile_fused(
         Block edge of the mask resolution, tile pixels.
     stride : int
         Sampling step of ``od_sub`` (0 = none).
+    min_px : int
+        Collagen specks (8-connected components of the final collagen mask) smaller than this
+        are not collagen; components touching the tile's edge are kept (they may continue in
+        the neighbouring tile). The mask is labelled by OpenCV, the counts corrected by a
+        second kernel.
 
     Returns
     -------
@@ -734,7 +795,7 @@ def measure_tile_fused(
               and cols.max() < flags.shape[1])
     if not ok:
         return measure_tile_reference(rgb, lut, unmix_col, other_cols, min_share, flags, thr,
-                                      rows, cols, f, stride)
+                                      rows, cols, f, stride, min_px)
     h, w = rgb.shape[:2]
     others = np.zeros((len(other_cols), 3, 256), np.float32)
     for k, col in enumerate(other_cols):
@@ -747,8 +808,19 @@ def measure_tile_fused(
         od_sub, tis_sub = np.zeros((0, 0), np.float32), np.zeros((0, 0), bool)
     counts = np.zeros(len(FUSED_COUNTS), np.int64)
     od_total = np.zeros(1, np.float64)
-    _tile_nb(rgb, lut, scaled_tables(lut, unmix_col), others, np.float32(min_share), flags, thr,
-             rows, cols, int(f), blocks, int(stride), od_sub, tis_sub, counts, od_total)
+    want = min_px > 1
+    colmask = np.zeros((h, w) if want else (1, 1), np.uint8)
+    tables = scaled_tables(lut, unmix_col)
+    _tile_nb(rgb, lut, tables, others, np.float32(min_share), flags, thr,
+             rows, cols, int(f), blocks, int(stride), od_sub, tis_sub, counts, od_total,
+             colmask, want)
+    if want and counts[1] > 0:
+        n, labels = cv2.connectedComponents(colmask, connectivity=8, ltype=cv2.CV_32S)
+        if n > 1:
+            rm = np.zeros(2, np.float64)
+            _specks_nb(labels, n, int(min_px), rgb, tables, int(f), blocks, rm)
+            counts[1] -= int(rm[0])
+            od_total[0] -= rm[1]
     return FusedTile(dict(zip(FUSED_COUNTS, (int(c) for c in counts))), float(od_total[0]),
                      blocks, od_sub, tis_sub)
 

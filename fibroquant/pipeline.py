@@ -162,18 +162,19 @@ class _TileJob:
     line_floor_offset: float | None = None
     flags: np.ndarray | None = None  # per-pixel class bits at tissue resolution (fast path)
     threshold_map: np.ndarray | None = None  # float32 collagen threshold there (fast path)
+    share_guard: float = 0.0  # least collagen share of a collagen pixel (CollagenThreshold)
 
 
 def fast_path(settings: Settings, mpp: float, line_od: float | None) -> bool:
     """Whether a slide's tiles can be measured by the fused per-pixel kernel.
 
-    That is the case when every decision is per pixel: no smoothing of the collagen channel,
-    no thin-fibre top-hat and no speck removal (all off by default). Otherwise tiles go through
+    That is the case when no step needs a neighbourhood at full resolution: no smoothing of
+    the collagen channel and no thin-fibre top-hat (both off by default). Speck removal is
+    done on the kernel's collagen mask. Otherwise tiles go through
     :func:`fibroquant.collagen.segment_collagen` with a halo.
     """
     c = settings.collagen
-    return (c.smooth_um / mpp <= 0.2 and line_od is None
-            and int(round(c.min_object_area_um2 / mpp**2)) <= 1)
+    return c.smooth_um / mpp <= 0.2 and line_od is None
 
 
 def class_flags(tissue: TissueMask) -> np.ndarray:
@@ -253,8 +254,9 @@ def _measure_tile_fused(slide: Slide, job: _TileJob, box: tuple[int, int, int, i
         rgb = _read_analysis(slide, job.geo, y0, x0, y1 - y0, x1 - x0)
     stride = 2 if job.settings.tissue.exclude_unfocused else 0
     out = kernels.measure_tile_fused(
-        rgb, job.lut, job.unmix_col, job.other_cols, job.settings.collagen.min_share,
+        rgb, job.lut, job.unmix_col, job.other_cols, job.share_guard,
         job.flags, job.threshold_map, rows, cols, f, stride,
+        int(round(job.settings.collagen.min_object_area_um2 / job.geo.analysis_mpp**2)),
     )
     counts = TileCounts(collagen_od_sum=out.collagen_od_sum, **out.counts)
     sharp = float("nan")
@@ -288,9 +290,9 @@ def _measure_tile(
     if job.background_map is not None:
         threshold = _lookup(job.background_map, rows, cols) + np.float32(job.threshold)
     share_ok = None
-    if job.other_cols and job.settings.collagen.min_share > 0:
+    if job.other_cols and job.share_guard > 0:
         conc, share_ok = kernels.collagen_concentration_and_share(
-            rgb, job.lut, job.unmix_col, job.other_cols, job.settings.collagen.min_share
+            rgb, job.lut, job.unmix_col, job.other_cols, job.share_guard
         )
     else:
         conc = kernels.collagen_concentration_fast(rgb, job.lut, job.unmix_col)
@@ -489,7 +491,11 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
     conc_sample = od_sample @ stains.unmixing
     pos = np.maximum(conc_sample, 0)
     share = pos[:, stains.collagen_index] / np.maximum(pos.sum(axis=1), 1e-6)
-    thr = calibrate_threshold(conc_sample[:, stains.collagen_index], share, settings.collagen)
+    thr = calibrate_threshold(
+        conc_sample[:, stains.collagen_index], share, settings.collagen,
+        stained=np.linalg.norm(od_sample, axis=1) > settings.stains.od_floor,
+        share_from_parenchyma=settings.share_from_parenchyma(est.counterstain_fitted()),
+    )
     thumb_conc = rgb_to_od(thumb, background) @ stains.unmixing
     thumb_col = thumb_conc[..., stains.collagen_index]
     if len(stains.names) > 1:
@@ -527,7 +533,7 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
         offset if bg_map is not None else thr.threshold_od, settings, bg_map,
         tuple(stains.unmixing[:, i].copy() for i in range(len(stains.names))
               if i != stains.collagen_index),
-        line_od, line_floor, flags, threshold_map,
+        line_od, line_floor, flags, threshold_map, thr.share_guard,
     )
     f = geo.mask_factor
     mh, mw = -(-geo.height // f), -(-geo.width // f)
@@ -599,6 +605,8 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
         "threshold_od": thr.threshold_od,
         "parenchyma_od": thr.parenchyma_od,
         "collagen_level_od": thr.collagen_level_od,
+        "share_guard": thr.share_guard,
+        "parenchyma_share": thr.parenchyma_share,
         "stain_fit": json.dumps(fit),
         "stain_warning": "; ".join(warnings),
         "seconds": round(time.perf_counter() - t_start, 3),

@@ -304,6 +304,13 @@ class StainEstimate:
     n_pixels: dict[str, int]
     od_share: dict[str, float]
     warnings: tuple[str, ...] = ()
+    #: per stain: True when its vector was fitted to this slide (not the preset or study vector)
+    fitted: tuple[bool, ...] = ()
+
+    def counterstain_fitted(self) -> bool:
+        """Whether the counterstain (second stain: picric acid, ponceau-fuchsin) was fitted to
+        this slide, so that what its vector leaves on the collagen axis is stain, not misfit."""
+        return len(self.fitted) > 1 and self.fitted[1]
 
 
 def estimate_stains(
@@ -402,7 +409,10 @@ def estimate_stains(
         source = "partly-estimated"
     else:
         source = "preset"
-    return StainEstimate(result, source, angles, counts, _od_share(od, result), tuple(warnings))
+    fitted = tuple(bool(n_estimated) and not np.allclose(result.vectors[i], preset.vectors[i])
+                   for i in range(len(names)))
+    return StainEstimate(result, source, angles, counts, _od_share(od, result), tuple(warnings),
+                         fitted)
 
 
 def _ill_conditioned(stains: StainMatrix, limit: float = 30.0) -> bool:

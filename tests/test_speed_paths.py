@@ -160,9 +160,10 @@ def _fused_inputs(seed):
 @pytest.mark.parametrize("f", [1, 3, 4])
 @pytest.mark.parametrize("stride", [0, 2])
 @pytest.mark.parametrize("min_share", [0.0, 0.35])
-def test_measure_tile_fused_equals_reference(seed, f, stride, min_share):
+@pytest.mark.parametrize("min_px", [0, 12])
+def test_measure_tile_fused_equals_reference(seed, f, stride, min_share, min_px):
     rgb, lut, unmix, others, flags, thr, rows, cols = _fused_inputs(seed)
-    args = (rgb, lut, unmix, others, min_share, flags, thr, rows, cols, f, stride)
+    args = (rgb, lut, unmix, others, min_share, flags, thr, rows, cols, f, stride, min_px)
     a = kernels.measure_tile_fused(*args)
     b = kernels.measure_tile_reference(*args)
     assert a.counts == b.counts
@@ -183,7 +184,10 @@ def test_fast_tile_path_equals_reference_tile_path(stain, monkeypatch):
 
     p = SectionParams(stain=stain, shape=(700, 900), mpp=0.5, n_lumens=4)
     rgb, _ = make_section(p, rng=4)
-    s = load_settings(overrides={"stains": {"stain": stain}, "tiling": {"tile_px": 256}})
+    # speck removal differs by design (the reference path labels with a halo, before the
+    # capsule cut); everything else must agree exactly
+    s = load_settings(overrides={"stains": {"stain": stain}, "tiling": {"tile_px": 256},
+                                 "collagen": {"min_object_area_um2": 0}})
     assert pipeline.fast_path(s, 0.5, None)
     fast = pipeline.analyze_slide("x.png", s, slide=ArraySlide(rgb, 0.5))
     monkeypatch.setattr(pipeline, "fast_path", lambda *a, **k: False)
@@ -205,8 +209,8 @@ def test_fast_path_only_for_per_pixel_settings():
 
     assert pipeline.fast_path(load_settings(), 0.25, None)
     assert not pipeline.fast_path(load_settings(), 0.25, 0.1)  # thin-fibre top-hat on
-    specks = load_settings(overrides={"collagen": {"min_object_area_um2": 5}})
-    assert not pipeline.fast_path(specks, 0.25, None)
+    specks = load_settings(overrides={"collagen": {"min_object_area_um2": 50}})
+    assert pipeline.fast_path(specks, 0.25, None)  # speck removal works on the fused path
     smooth = load_settings(overrides={"collagen": {"smooth_um": 0.5}})
     assert not pipeline.fast_path(smooth, 0.25, None)
 
@@ -225,3 +229,31 @@ def test_parenchyma_background_coarse_grid_close_to_exact(sigma):
     assert coarse.dtype == np.float32 and coarse.shape == conc.shape
     # the map has no detail finer than sigma: the coarse grid is within 2 % of its range
     assert np.abs(coarse - exact).max() < 0.003
+
+
+def test_fused_speck_removal_keeps_fibres_and_edge_components():
+    """Isolated specks below the size go; a long thin fibre, a big blob and a speck cut by the
+    tile edge stay; the counts, OD sum and blocks follow."""
+    lut = od_lut((250.0, 250.0, 250.0))
+    unmix = np.array([1.0, 0.0, 0.0], np.float32)  # "collagen" = OD of the red channel
+    rgb = np.full((64, 80, 3), 250, np.uint8)
+    dark = np.uint8(60)
+    rgb[10:12, 10:12, 0] = dark  # 4 px speck: removed
+    rgb[30, 5:70, 0] = dark  # 1-px-wide fibre, 65 px: kept
+    rgb[40:50, 20:30, 0] = dark  # 100 px blob: kept
+    rgb[0:2, 50:52, 0] = dark  # 4 px speck on the tile edge: kept
+    rgb[55, 60, 0] = dark  # 1 px: removed
+    flags = np.ones((4, 5), np.uint8)
+    thr = np.full((4, 5), 0.2, np.float32)
+    rows = (np.arange(64) // 16).astype(np.intp)
+    cols = (np.arange(80) // 16).astype(np.intp)
+    args = (rgb, lut, unmix, (), 0.0, flags, thr, rows, cols, 4, 0)
+    kept = kernels.measure_tile_fused(*args, 10)
+    ref = kernels.measure_tile_reference(*args, 10)
+    raw = kernels.measure_tile_fused(*args, 0)
+    assert raw.counts["collagen_px"] == 4 + 65 + 100 + 4 + 1
+    assert kept.counts["collagen_px"] == 65 + 100 + 4 == ref.counts["collagen_px"]
+    per_px = raw.collagen_od_sum / raw.counts["collagen_px"]
+    assert kept.collagen_od_sum == pytest.approx(per_px * 169, rel=1e-6)
+    np.testing.assert_array_equal(kept.blocks, ref.blocks)
+    assert kept.blocks[0].sum() == 169 and kept.counts["tissue_px"] == 64 * 80
