@@ -509,10 +509,18 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
         del tpos  # thumbnail-sized temporaries are freed as soon as possible (peak RSS)
         parenchyma = tissue.tissue & (tshare < 0.5)
         del tshare
+        # The thumbnail gives the map's shape; its level comes from the analysis-resolution
+        # sample. A coarse thumbnail pixel mixes in fine fibres, which would raise the
+        # parenchyma level it sees (and the threshold) the coarser the thumbnail.
+        bias = 0.0
+        if parenchyma.any():
+            bias = max(float(np.median(thumb_col[parenchyma])), 0.0) - thr.parenchyma_od
         bg_map = parenchyma_background(
             thumb_col, parenchyma,
-            settings.collagen.local_background_um / thumb_mpp, thr.parenchyma_od,
+            settings.collagen.local_background_um / thumb_mpp, thr.parenchyma_od + bias,
         )
+        if bias:
+            bg_map -= np.float32(bias)
         del parenchyma
         offset = thr.threshold_od - thr.parenchyma_od
         thumb_threshold = bg_map + np.float32(offset)
