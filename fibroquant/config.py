@@ -84,6 +84,32 @@ class TissueSettings(_Model):
     vessel_wall_um: float = Field(
         25.0, gt=0, description="ring width around large lumens treated as wall, µm"
     )
+    exclude_bubbles: bool = Field(
+        True, description="leave out air bubbles (round regions inside a dark grey rim)"
+    )
+    bubble_min_area_um2: float = Field(
+        1000.0, ge=0, description="smallest bubble, rim included, µm²"
+    )
+    bubble_max_area_um2: float = Field(
+        5e6, gt=0, description="largest bubble, rim included, µm²"
+    )
+    bubble_rim_od: float = Field(
+        0.45, gt=0,
+        description="least grey optical density of a rim pixel (the smallest of its R, G, B OD)",
+    )
+    bubble_rim_chroma: float = Field(
+        0.3, gt=0, le=1,
+        description="largest colour of a rim pixel: spread of its R, G, B OD over their sum "
+        "(0 = grey; stains alone are 0.4-0.8)",
+    )
+    bubble_rim_max_um: float = Field(
+        15.0, gt=0, description="widest rim: dark grey bands wider than this are not rims, µm"
+    )
+    bubble_contrast_od: float = Field(
+        0.25, gt=0,
+        description="rim at least this much darker (median grey OD) than both the inside and "
+        "the outside of the bubble",
+    )
 
 
 class StainSettings(_Model):

@@ -17,7 +17,7 @@ class TileCounts:
     Attributes
     ----------
     tissue_px : int
-        Countable tissue pixels (capsule, lumens, folds removed).
+        Countable tissue pixels (capsule, lumens, folds, bubbles removed).
     collagen_px : int
         Collagen pixels within countable tissue.
     collagen_od_sum : float

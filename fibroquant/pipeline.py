@@ -64,7 +64,7 @@ class SlideAnalysis:
     collagen_mask, tissue_mask : ndarray of bool
         At ``mask_mpp`` (the analysis resolution unless the slide is too large for it).
     excluded_mask : ndarray of bool
-        Lumens, folds and capsule at ``mask_mpp``.
+        Lumens, folds, bubbles and capsule at ``mask_mpp``.
     mask_mpp : float
     thumbnail : ndarray of uint8
         RGB image of the slide at ``mask_mpp`` or coarser, for QC overlays.
@@ -281,10 +281,12 @@ def _measure_tile(
     core = (slice(halo, halo + y1 - y0), slice(halo, halo + x1 - x0))
     lumen = _lookup_any(job.tissue.lumen, rows_c, cols_c)
     fold = _lookup_any(job.tissue.fold, rows_c, cols_c)
+    bubble = _lookup_any(job.tissue.bubble, rows_c, cols_c)
     if not tissue_pad[core].any():
-        counts = TileCounts(lumen_px=int(np.count_nonzero(lumen)), fold_px=int(np.count_nonzero(fold)))
+        counts = TileCounts(lumen_px=int(np.count_nonzero(lumen)), fold_px=int(np.count_nonzero(fold)),
+                            bubble_px=int(np.count_nonzero(bubble)))
         empty = np.zeros((y1 - y0, x1 - x0), bool)
-        return box, counts, empty, empty, lumen | fold, float("nan")
+        return box, counts, empty, empty, lumen | fold | bubble, float("nan")
     rgb = _read_analysis(slide, job.geo, y0 - halo, x0 - halo, y1 - y0 + 2 * halo, x1 - x0 + 2 * halo)
     threshold: float | np.ndarray = job.threshold
     if job.background_map is not None:
@@ -316,6 +318,7 @@ def _measure_tile(
         lumen_px=int(np.count_nonzero(lumen)),
         fold_px=int(np.count_nonzero(fold)),
         wall_px=int(np.count_nonzero(wall_px)),
+        bubble_px=int(np.count_nonzero(bubble)),
     )
     sharp = float("nan")
     if job.settings.tissue.exclude_unfocused:
@@ -324,7 +327,7 @@ def _measure_tile(
         od_sum = (job.lut[0][core_rgb[..., 0]] + job.lut[1][core_rgb[..., 1]]
                   + job.lut[2][core_rgb[..., 2]])
         sharp = focus.block_sharpness(od_sum, tissue_pad[core][::2, ::2])
-    return box, counts, collagen, tissue, capsule | wall_px | lumen | fold, sharp
+    return box, counts, collagen, tissue, capsule | wall_px | lumen | fold | bubble, sharp
 
 
 def _block_reduce(mask: np.ndarray, f: int) -> np.ndarray:

@@ -1359,18 +1359,19 @@ def write_report_html(
 
     slide_cols = ["slide", "mouse", "group", "status", "mpp", "tissue_area_mm2",
                   "collagen_area_mm2", "cpa_percent", "lumen_area_mm2", "capsule_area_mm2",
-                  "artefact_area_mm2", "stain_angle_deg", "stain_warning"]
+                  "artefact_area_mm2", "bubble_area_mm2", "stain_angle_deg", "stain_warning"]
     slide_labels = {"tissue_area_mm2": "tissue mm²", "collagen_area_mm2": "collagen mm²",
                     "cpa_percent": "CPA %", "lumen_area_mm2": "lumen mm²",
                     "capsule_area_mm2": "capsule mm²", "artefact_area_mm2": "artefact mm²",
+                    "bubble_area_mm2": "bubble mm²",
                     "stain_angle_deg": "stain angle °", "stain_warning": "stain warning"}
     parts.append('<section id="slides"><h2>Per-slide results</h2>')
     parts.extend(_figure(u, caption(p), w) for p, u, w in other_plots)
     parts.append("<details open><summary>Table of all slides</summary>"
                  + _html_table(slides, slide_cols, slide_labels)
                  + "</details>"
-                   '<p class="note">Excluded areas (lumen, capsule, artefacts) are outside both '
-                   "tissue and collagen area.</p></section>")
+                   '<p class="note">Excluded areas (lumen, capsule, artefacts, bubbles) are '
+                   "outside both tissue and collagen area.</p></section>")
 
     sort_cols = [c for c in ("group", "mouse", "slide") if c in slides.columns]
     ordered = slides.sort_values(sort_cols, key=lambda s: s.map(_text)) if sort_cols else slides

@@ -4,7 +4,8 @@ A section is drawn as stain *concentration* maps (OD units along each stain vect
 whose truth is known: liver parenchyma with cells, nuclei, sinusoids and fat vacuoles; portal
 tracts and central veins (lumens, to be excluded); bridging septa around lobules; faint
 pericellular fibres; non-specific uptake of the collagen stain in parenchyma; a Glisson capsule
-at the section edge (excluded from CPA). The image is then formed as
+at the section edge (excluded from CPA); optionally air bubbles under the coverslip (a dark, grey
+refractile rim; the tissue under them paler; excluded from CPA). The image is then formed as
 ``I = I0 · 10^-(C · M)`` with the slide's own stain vectors ``M`` (drifted from the preset), a
 tinted glass intensity ``I0``, optical blur, sensor noise and JPEG compression.
 
@@ -66,6 +67,7 @@ class SectionParams:
     # purple (red + aniline blue) cytoplasm of an under-differentiated Masson trichrome; 0 = none
     cytoplasm_blue: float = 0.0
     cytoplasm_blue_cv: float = 0.5  # cell-to-cell variation of that fraction (lavender cells)
+    bubbles: int = 0  # air bubbles under the coverslip (50-400 µm), anywhere in the image
 
 
 @dataclass
@@ -79,6 +81,9 @@ class Truth:
     lumen_mask: np.ndarray
     capsule_mask: np.ndarray
     section_mask: np.ndarray = field(repr=False)
+    bubble_mask: np.ndarray | None = field(default=None, repr=False)
+    """Air bubbles, rim included, over tissue and glass alike (all False without bubbles; None
+    only when a Truth is built by hand without it). Excluded from ``tissue_mask``."""
 
     @property
     def cpa_percent(self) -> float:
@@ -94,6 +99,13 @@ class Truth:
     def collagen_area_mm2(self) -> float:
         """True collagen area, mm²."""
         return float(self.collagen_mask.sum()) * self.params.mpp**2 / 1e6
+
+    @property
+    def bubble_area_mm2(self) -> float:
+        """True area of the section under air bubbles (the tissue they exclude), mm²."""
+        if self.bubble_mask is None:
+            return 0.0
+        return float((self.bubble_mask & self.section_mask).sum()) * self.params.mpp**2 / 1e6
 
 
 def _rng(rng: int | np.random.Generator | None) -> np.random.Generator:
@@ -281,11 +293,20 @@ def make_section(
     conc = np.stack([collagen_conc, counter, nuc_conc], axis=-1) * np.float32(p.stain_intensity)
     conc = np.clip(conc, 0, None).astype(np.float32)
 
+    # --- air bubbles under the coverslip (own generator: the section is the same without) --
+    bubble = np.zeros((h, w), bool)
+    grey_od: np.ndarray | None = None
+    if p.bubbles > 0:
+        bubble, grey_od, pale = draw_bubbles((h, w), p.mpp, p.bubbles, g.spawn(1)[0])
+        conc *= pale[..., None]
+
     base = preset(p.stain)
     vectors = np.array([_rotate_vector(v.astype(np.float64), p.vector_drift_deg, g)
                         for v in base.vectors])
     stains = StainMatrix(base.names, vectors, p.background_rgb)
     od = mix(conc, stains)
+    if grey_od is not None:
+        od += grey_od[..., None]  # the refractile rim absorbs (scatters away) all colours alike
     bg = np.asarray(p.background_rgb, np.float32)
     intensity = bg * np.power(np.float32(10.0), -od)
     if p.blur_um > 0:
@@ -300,9 +321,9 @@ def make_section(
         ok, buf = cv2.imencode(".jpg", rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, p.jpeg_quality])
         rgb = cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1].copy()
 
-    tissue = section & ~lumen & ~capsule
+    tissue = section & ~lumen & ~capsule & ~bubble  # artefacts are left out of CPA
     collagen = coll_region & tissue
-    truth = Truth(p, stains, tissue, collagen, lumen, capsule & ~lumen, section)
+    truth = Truth(p, stains, tissue, collagen, lumen, capsule & ~lumen, section, bubble)
     return rgb, truth
 
 
@@ -321,6 +342,96 @@ def _cytoplasm_blue(
     texture = np.exp(0.2 * _smooth_noise((h, w), 1.5 * um, g))
     blue = ratio[cell.reshape(h, w)].astype(np.float32) * texture * counter
     return np.where(cytoplasm, blue, 0).astype(np.float32)
+
+
+def draw_bubbles(
+    shape: tuple[int, int], mpp: float, n: int, rng: int | np.random.Generator | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Draw air bubbles trapped under the coverslip.
+
+    A bubble is a round or oval region, 50-400 µm across (log-uniform), its outline slightly
+    irregular. Light crossing the curved air/mountant interface near its edge is refracted out of
+    the objective's aperture, so the rim is a dark band (3-8 µm, varying along the outline) that
+    absorbs all colours alike: a grey optical density added to the stains'. Inside, over glass the
+    bubble looks like glass; over tissue the tissue shows, paler (the stain concentrations are
+    scaled by 0.65-0.9). Centres lie anywhere in the image, so some bubbles overlap the section
+    edge or the frame; bubbles do not overlap each other (in one thin mounting layer they would
+    merge into one).
+
+    Parameters
+    ----------
+    shape : tuple of int
+        Image shape ``(H, W)``, pixels.
+    mpp : float
+        µm per pixel.
+    n : int
+        Number of bubbles.
+    rng : int or numpy.random.Generator, optional
+
+    Returns
+    -------
+    bubble : ndarray of bool, shape ``shape``
+        The bubbles, rim included.
+    grey_od : ndarray of float32, shape ``shape``
+        Achromatic optical density of the rims (the same in R, G and B), 0 elsewhere.
+    pale : ndarray of float32, shape ``shape``
+        Factor on the stain concentrations (< 1 inside bubbles, 1 elsewhere).
+    """
+    g = _rng(rng)
+    h, w = shape
+    um = 1.0 / mpp
+    bubble = np.zeros((h, w), bool)
+    grey = np.zeros((h, w), np.float32)
+    pale = np.ones((h, w), np.float32)
+    placed: list[tuple[float, float, float]] = []
+    for _ in range(n):
+        rad = 0.5 * float(np.exp(g.uniform(np.log(50.0), np.log(400.0)))) * um
+        asp = g.uniform(0.75, 1.0)
+        ang = g.uniform(0, np.pi)
+        # bubbles in one mounting layer do not overlap (they would merge): place apart
+        for _try in range(30):
+            cy, cx = g.uniform(0, h), g.uniform(0, w)
+            if all(np.hypot(cy - py, cx - px) > 1.05 * (rad + pr) for py, px, pr in placed):
+                break
+        else:
+            continue
+        placed.append((cy, cx, rad))
+        rim_um = g.uniform(3.0, 8.0)
+        peak = g.uniform(0.6, 1.1)  # grey OD: 8-25 % transmission, near black
+        factor = g.uniform(0.65, 0.9)
+        wobble_amp = g.uniform(0.0, 0.04)
+        # work in the bubble's bounding box (plus margin), clipped to the image
+        m = int(rad * 1.1) + 2
+        y0, y1 = max(int(cy) - m, 0), min(int(cy) + m + 1, h)
+        x0, x1 = max(int(cx) - m, 0), min(int(cx) + m + 1, w)
+        if y1 <= y0 or x1 <= x0:
+            continue
+        yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+        dy, dx = yy - cy, xx - cx
+        u = (dx * np.cos(ang) + dy * np.sin(ang)) / rad
+        v = (-dx * np.sin(ang) + dy * np.cos(ang)) / (rad * asp)
+        theta = np.arctan2(v, u)
+        k = g.integers(2, 6)
+        wob = wobble_amp * np.cos(k * theta + g.uniform(0, 2 * np.pi)).astype(np.float32)
+        disc = (np.sqrt(u * u + v * v) + wob) < 1.0
+        if not disc.any():
+            continue
+        # depth inside the outline (the frame of the image is not an edge of the bubble)
+        pad = np.pad(disc, 1, mode="edge")
+        depth = cv2.distanceTransform(pad.view(np.uint8), cv2.DIST_L2, 5)[1:-1, 1:-1] * mpp
+        # the band narrows and widens along the outline but never breaks
+        width = rim_um * np.clip(1.0 + 0.3 * _smooth_noise(disc.shape, 15 * um, g), 0.6, 1.6)
+        # dark at the outline, fading over the inner part of the band
+        profile = np.clip((1.3 * width - depth) / (0.6 * width), 0.0, 1.0)
+        rim_od = (peak * profile * (1.0 + 0.1 * _smooth_noise(disc.shape, 5 * um, g))).astype(
+            np.float32
+        )
+        rim_od[~disc] = 0
+        box = (slice(y0, y1), slice(x0, x1))
+        grey[box] = np.maximum(grey[box], rim_od)
+        pale[box] = np.where(disc, np.minimum(pale[box], np.float32(factor)), pale[box])
+        bubble[box] |= disc
+    return bubble, grey, pale
 
 
 def _remove_small(mask: np.ndarray, min_px: int) -> np.ndarray:
@@ -415,12 +526,15 @@ def write_pyramid_tiff(
 def save_truth(path_stem: Path, truth: Truth) -> None:
     """Save truth masks (``.truth.npz``, not an image a slide search would pick up) and JSON."""
     Path(path_stem).parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(f"{path_stem}.truth.npz", collagen=truth.collagen_mask,
-                        tissue=truth.tissue_mask)
+    masks = {"collagen": truth.collagen_mask, "tissue": truth.tissue_mask}
+    if truth.bubble_mask is not None and truth.bubble_mask.any():
+        masks["bubble"] = truth.bubble_mask
+    np.savez_compressed(f"{path_stem}.truth.npz", **masks)
     info = {
         "cpa_percent": truth.cpa_percent,
         "tissue_area_mm2": truth.tissue_area_mm2,
         "collagen_area_mm2": truth.collagen_area_mm2,
+        "bubble_area_mm2": truth.bubble_area_mm2,
         "params": asdict(truth.params),
         "stain_vectors": truth.stains.to_dict(),
     }

@@ -4,12 +4,13 @@ Tissue is what absorbs light: the summed optical density, smoothed, above a glas
 Holes smaller than a lumen (sinusoids, fat vacuoles) stay tissue; larger unstained holes inside
 the section are vessel lumens and are excluded; pieces smaller than a speck are dust. The band
 along tissue/glass edges (never the frame of a microscope field) is where the Glisson capsule is
-searched. Every size is in µm² and converted with the image's µm per pixel.
+searched. Air bubbles under the coverslip (:func:`detect_bubbles`: round regions inside a thin,
+dark, grey rim) are left out. Every size is in µm² and converted with the image's µm per pixel.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import cv2
 import numpy as np
@@ -19,7 +20,7 @@ from skimage.filters import threshold_otsu
 from fibroquant.collagen import gaussian_blur
 from fibroquant.config import TissueSettings
 from fibroquant.kernels import remove_small_holes_fast, remove_small_objects_fast
-from fibroquant.stains import Vector, rgb_to_od
+from fibroquant.stains import Vector, od_lut, rgb_to_od
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,10 @@ class TissueMask:
         Rings around large lumens when vessel walls are excluded (else all False).
     glass_od : float
         The summed-OD threshold used.
+    bubble : ndarray of bool
+        Section under air bubbles, excluded (not part of ``tissue``, ``lumen``,
+        ``capsule_band`` or ``vessel_wall``). All False when bubbles are not excluded or none
+        were found; also when not given (then set from ``section``'s shape).
     """
 
     mpp: float
@@ -55,6 +60,11 @@ class TissueMask:
     capsule_band: np.ndarray
     vessel_wall: np.ndarray
     glass_od: float
+    bubble: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.bubble is None:
+            object.__setattr__(self, "bubble", np.zeros(np.shape(self.section), bool))
 
     def area_mm2(self, mask: np.ndarray) -> float:
         """Area of a mask in mm²."""
@@ -109,6 +119,12 @@ def detect_tissue(
         od_sum = cv2.medianBlur(od_sum, ksize)
     t = glass_threshold(od_sum, settings)
     raw = od_sum > t
+    bubble = np.zeros_like(raw)
+    if settings.exclude_bubbles:
+        bubble = detect_bubbles(rgb, mpp, settings, background_rgb, raw)
+        if bubble.any():
+            # a rim absorbs over glass too: decide what lies under it from its surroundings
+            raw = _under_rims(raw, bubble, settings.bubble_rim_max_um / mpp)
     # = skimage remove_small_objects(raw, max_size=_px(...) - 1) (4-connected), faster
     raw = remove_small_objects_fast(raw, _px(settings.min_tissue_area_um2, mpp), connectivity=1)
     # Holes below the lumen size (sinusoids, fat, nuclei-free gaps) are tissue.
@@ -131,8 +147,10 @@ def detect_tissue(
             extra = pocket[outside]
             lumen |= extra
             section |= extra
+    bubble &= section  # the section under bubbles is excluded; glass under them is glass
+    lumen &= ~bubble
     fold = np.zeros_like(section)
-    tissue = section & ~lumen
+    tissue = section & ~lumen & ~bubble
     band = np.zeros_like(section)
     if settings.exclude_capsule and settings.capsule_width_um > 0 and not section.all():
         # (a section filling the whole image has no glass edge: the band is empty)
@@ -148,7 +166,10 @@ def detect_tissue(
         if big.any():
             dist_l = ndi.distance_transform_edt(~big)
             wall = tissue & (dist_l * mpp <= settings.vessel_wall_um)
-    return TissueMask(mpp, section, tissue, lumen, fold, band, wall, t)
+    return TissueMask(
+        mpp=mpp, section=section, tissue=tissue, lumen=lumen, fold=fold, capsule_band=band,
+        vessel_wall=wall, glass_od=t, bubble=bubble,
+    )
 
 
 def with_capsule(tissue: TissueMask, collagen: np.ndarray) -> TissueMask:
@@ -182,10 +203,7 @@ def with_capsule(tissue: TissueMask, collagen: np.ndarray) -> TissueMask:
         width_px = capsule_width_px(dist[region])
         region &= dist <= 1.25 * width_px + 1.0
     region = ndi.binary_dilation(region, structure=np.ones((3, 3))) & band
-    return TissueMask(
-        tissue.mpp, tissue.section, tissue.tissue, tissue.lumen, tissue.fold, region,
-        tissue.vessel_wall, tissue.glass_od,
-    )
+    return replace(tissue, capsule_band=region)
 
 
 def capsule_width_px(depths: np.ndarray) -> float:
@@ -242,7 +260,449 @@ def with_folds(
                                      connectivity=1)
     if not fold.any():
         return tissue
-    return TissueMask(
-        tissue.mpp, tissue.section, tissue.tissue & ~fold, tissue.lumen, fold,
-        tissue.capsule_band & ~fold, tissue.vessel_wall & ~fold, tissue.glass_od,
+    return replace(
+        tissue, tissue=tissue.tissue & ~fold, fold=fold, capsule_band=tissue.capsule_band & ~fold,
+        vessel_wall=tissue.vessel_wall & ~fold,
     )
+
+
+# ------------------------------------------------------------------------------------------
+# Air bubbles
+# ------------------------------------------------------------------------------------------
+
+#: A bubble's outline must overlap the ellipse fitted to it by at least this (intersection over
+#: union; round and oval bubbles score 0.95-1, lumens, tears and fat clusters much less).
+BUBBLE_MIN_ELLIPSE_IOU = 0.85
+#: Shortest over longest axis of the fitted ellipse (coverslip pressure flattens bubbles a little).
+BUBBLE_MIN_AXIS_RATIO = 0.4
+#: Least share of a bubble's area inside its rim (a solid dark blob is not a bubble).
+BUBBLE_MIN_INTERIOR = 0.25
+#: A bubble cut by the image frame: its outline's greatest distance from the chord joining its
+#: ends, over the chord's length, at least this (an arc of 45 degrees or more; a dark line
+#: cutting off a corner of the image is straighter).
+BUBBLE_MIN_ARC_SAGITTA = 0.1
+#: Largest difference between the shares of tissue (pixels above the glass threshold) just
+#: inside and just outside a bubble's rim.
+BUBBLE_MAX_SUBSTRATE_CHANGE = 0.5
+#: Least share of a bubble's outline (frame excluded) with a rim pixel reaching
+#: ``bubble_rim_od`` within a third of ``bubble_rim_max_um`` (a rim is dark all round; strands
+#: of dark tissue around a fat vacuole are dark in patches).
+BUBBLE_MIN_DARK_OUTLINE = 0.6
+#: Rim pixels down to this fraction of ``bubble_rim_od`` continue a thin dark structure that
+#: reaches it (hysteresis: a rim narrows and fades along its outline, and blur dilutes it).
+BUBBLE_FAINT_RIM = 0.75
+#: Gaps along a rim bridged before looking for closed rings (closing radius), µm.
+BUBBLE_GAP_UM = 1.5
+
+
+def _disk(radius_px: float) -> np.ndarray:
+    r = max(int(round(radius_px)), 1)
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+
+
+def _open_disk(mask: np.ndarray, radius_px: float) -> np.ndarray:
+    """Opening of a bool mask with a disk, by two distance transforms (cost independent of the
+    radius; the image frame does not erode)."""
+    u8 = np.ascontiguousarray(mask).view(np.uint8)
+    core = cv2.distanceTransform(u8, cv2.DIST_L2, 5) > radius_px
+    if not core.any():
+        return core
+    return cv2.distanceTransform((~core).view(np.uint8), cv2.DIST_L2, 5) <= radius_px
+
+
+def rim_candidates(
+    rgb: np.ndarray, background_rgb: Vector, settings: TissueSettings
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Dark, achromatic pixels: what a bubble's refractile rim looks like.
+
+    A rim scatters light of every colour out of the objective, so its optical density is high in
+    all three channels alike. The *grey OD* of a pixel, the smallest of its R, G, B optical
+    densities, is a lower bound on that colourless absorption: stains absorb one or two channels
+    and leave the third nearly clear (Sirius red, picric acid, aniline blue and ponceau have a
+    channel below 0.2 of their OD norm). Dark enough pixels must also be nearly grey: the spread
+    of their three ODs, relative to their sum, at most ``bubble_rim_chroma`` (stains alone have
+    0.4-0.8; dark purple trichrome mixtures about 0.2 and iron-haematoxylin nuclei, themselves
+    near black, about 0.03, which the ring tests of :func:`detect_bubbles` then reject).
+
+    Parameters
+    ----------
+    rgb : ndarray of uint8, shape (H, W, 3)
+    background_rgb : tuple of 3 float
+        Glass intensity of the slide.
+    settings : TissueSettings
+
+    Returns
+    -------
+    faint : ndarray of bool, shape (H, W)
+        Achromatic pixels with a grey OD of at least ``BUBBLE_FAINT_RIM * bubble_rim_od``.
+    dark : ndarray of bool, shape (H, W)
+        Those reaching ``bubble_rim_od``.
+    grey : ndarray of float32, shape (H, W)
+        Grey OD (smallest channel OD).
+    """
+    lut = od_lut(background_rgb)
+    grey = lut[0][rgb[..., 0]]
+    np.minimum(grey, lut[1][rgb[..., 1]], out=grey)
+    np.minimum(grey, lut[2][rgb[..., 2]], out=grey)
+    faint = grey >= np.float32(BUBBLE_FAINT_RIM * settings.bubble_rim_od)
+    if faint.any():
+        px = rgb[faint]
+        od = np.stack([lut[c][px[:, c]] for c in range(3)], axis=1)
+        spread = od.max(axis=1) - od.min(axis=1)
+        faint[faint] = spread <= settings.bubble_rim_chroma * od.sum(axis=1)
+    return faint, faint & (grey >= np.float32(settings.bubble_rim_od)), grey
+
+
+def detect_bubbles(
+    rgb: np.ndarray,
+    mpp: float,
+    settings: TissueSettings,
+    background_rgb: Vector,
+    above_glass: np.ndarray | None = None,
+) -> np.ndarray:
+    """Find air bubbles trapped under the coverslip.
+
+    A bubble is a round or oval region bounded by a thin, dark, grey rim: light crossing the
+    curved air/mountant interface is refracted out of the objective. Inside, glass looks like
+    glass and tissue is visible (often paler); neither is measured. The method:
+
+    1. rim pixels: dark and achromatic (:func:`rim_candidates`), down to ``BUBBLE_FAINT_RIM``
+       of ``bubble_rim_od``; gaps up to ``2 * BUBBLE_GAP_UM`` closed;
+    2. only *thin* structures are kept: what an opening with a disk of diameter
+       ``bubble_rim_max_um`` removes, plus what it keeps in blobs smaller than a disk of
+       diameter ``2 * bubble_rim_max_um`` (where a rim crosses a strand); larger dark areas
+       (dark tissue, nuclear clusters, folds, an over-stained capsule) are removed. A structure
+       must reach ``bubble_rim_od`` somewhere (hysteresis);
+    3. each connected thin structure that encloses holes (the image frame closing it where it
+       touches the frame, so that rings cut by the frame close too) gives candidates: the
+       structure filled; else that region opened with a disk of diameter ``2 *
+       bubble_rim_max_um`` (a rim merged with a dark strand or band it crosses); else each hole
+       with the rim around it. A candidate is a bubble when
+       (a) its area is within ``[bubble_min_area_um2, bubble_max_area_um2]`` and at least
+       ``BUBBLE_MIN_INTERIOR`` of it lies inside the rim;
+       (b) it matches the ellipse fitted to its outline (frame excluded; a frame-cut outline
+       must be curved, ``BUBBLE_MIN_ARC_SAGITTA``) with intersection over union
+       ``>= BUBBLE_MIN_ELLIPSE_IOU`` and axis ratio ``>= BUBBLE_MIN_AXIS_RATIO``;
+       (c) the rim's median grey OD exceeds both the inside's and that of a band of width
+       ``bubble_rim_max_um`` outside it by ``bubble_contrast_od`` (a fat vacuole or lumen
+       inside dark tissue has no lighter surround);
+       (d) inside and outside lie over the same substrate: their shares of pixels above the
+       glass threshold differ by at most ``BUBBLE_MAX_SUBSTRATE_CHANGE`` (a dark capsule along
+       the edge of a small round section has tissue inside and glass outside).
+
+    Stain-coloured structures (septa, collagen, vessel walls) fail step 1; nuclei, pigment and
+    dark tissue fail steps 2-3.
+
+    Parameters
+    ----------
+    rgb : ndarray of uint8, shape (H, W, 3)
+        Low-resolution image of the slide. Rims narrower than about two pixels are diluted by
+        the downsampling and may be missed: use a finer ``tissue_mpp`` then.
+    mpp : float
+        µm per pixel of ``rgb``.
+    settings : TissueSettings
+    background_rgb : tuple of 3 float
+        Glass intensity of the slide.
+    above_glass : ndarray of bool, shape (H, W), optional
+        Pixels above the glass threshold (computed with :func:`glass_threshold` when not given).
+
+    Returns
+    -------
+    ndarray of bool, shape (H, W)
+        The bubbles, rims included, over tissue and glass alike.
+
+    Examples
+    --------
+    >>> from fibroquant.config import TissueSettings
+    >>> from fibroquant.synthetic import SectionParams, make_section
+    >>> rgb, truth = make_section(SectionParams(shape=(512, 512), bubbles=2), rng=3)
+    >>> found = detect_bubbles(rgb, 0.5, TissueSettings(), truth.stains.background_rgb)
+    >>> bool((found & truth.bubble_mask).sum() > 0.9 * truth.bubble_mask.sum())
+    True
+    """
+    h, w = rgb.shape[:2]
+    out = np.zeros((h, w), bool)
+    min_px = max(settings.bubble_min_area_um2 / mpp**2, 1.0)
+    max_px = settings.bubble_max_area_um2 / mpp**2
+    if h * w < min_px:
+        return out
+    faint, dark, grey = rim_candidates(rgb, background_rgb, settings)
+    if np.count_nonzero(dark) < 8:
+        return out
+    if above_glass is None:
+        od_sum = rgb_to_od(rgb, background_rgb).sum(axis=-1)
+        above_glass = od_sum > glass_threshold(od_sum, settings)
+    rim_px = settings.bubble_rim_max_um / mpp
+    closed = cv2.morphologyEx(faint.view(np.uint8), cv2.MORPH_CLOSE, _disk(BUBBLE_GAP_UM / mpp))
+    wide = _open_disk(closed.view(bool), rim_px / 2)
+    # small wide blobs stay: where a rim crosses a dark strand or a nucleus it widens locally
+    blobs = remove_small_objects_fast(wide, int(np.pi * rim_px**2) + 1, connectivity=2)
+    thin = (closed > 0) & ~blobs
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(
+        thin.view(np.uint8), connectivity=8, ltype=cv2.CV_32S
+    )
+    # hysteresis: a thin structure counts if it is dark somewhere; its fainter stretches (where
+    # the rim narrows and blur dilutes it) continue it
+    has_dark = np.bincount(labels[dark & thin], minlength=n) > 0
+    bbox_area = stats[:, cv2.CC_STAT_WIDTH] * stats[:, cv2.CC_STAT_HEIGHT]
+    margin = int(np.ceil(2 * rim_px)) + 2
+    limits = _Limits(min_px, max_px, rim_px, settings.bubble_contrast_od, settings.bubble_rim_od)
+    for i in np.flatnonzero((bbox_area >= min_px) & has_dark):
+        if i == 0:
+            continue
+        x, y, bw, bh = (int(v) for v in stats[i, :4])
+        y0, y1 = max(y - margin, 0), min(y + bh + margin, h)
+        x0, x1 = max(x - margin, 0), min(x + bw + margin, w)
+        ring = labels[y0:y1, x0:x1] == i
+        holes, n_holes = _enclosed(ring, (y == 0, y + bh == h, x == 0, x + bw == w))
+        if n_holes == 0:
+            continue
+        for cand, (sy, sx), alone in _candidates(ring, holes, n_holes, limits):
+            ys, xs = slice(y0 + sy, y0 + sy + cand.shape[0]), slice(x0 + sx, x0 + sx + cand.shape[1])
+            if np.count_nonzero(cand & out[ys, xs]) > 0.5 * np.count_nonzero(cand):
+                continue  # already found (as a piece of the opened structure)
+            win = _Window(ring[ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0],
+                          grey[ys, xs], above_glass[ys, xs], ys.start, xs.start, h, w)
+            if _is_bubble(cand, win, limits):
+                out[ys, xs] |= cand
+                if alone:
+                    break
+    return out
+
+
+@dataclass(frozen=True)
+class _Limits:
+    """Size and contrast limits in pixels / OD (see :func:`detect_bubbles`)."""
+
+    min_px: float
+    max_px: float
+    rim_px: float
+    contrast_od: float
+    rim_od: float
+
+
+@dataclass(frozen=True)
+class _Window:
+    """One thin dark structure and the image around it."""
+
+    ring: np.ndarray  # bool, the structure
+    grey: np.ndarray  # float32, grey OD
+    above_glass: np.ndarray  # bool
+    y0: int  # window origin in the image
+    x0: int
+    height: int  # the image's shape
+    width: int
+
+
+def _candidates(ring: np.ndarray, holes: np.ndarray, n_holes: int, limits: _Limits):
+    """Candidate bubbles of one structure, most inclusive first (see :func:`detect_bubbles`).
+
+    Yields ``(mask, (y, x), alone)``: a candidate in a box of the window starting at ``(y, x)``
+    (the candidate plus a margin), and whether, once accepted, the others need not be tried
+    (the structure filled). Then the filled structure opened, piece by piece (bubbles whose rims
+    touch a dark strand or band), then each hole with its rim (touching bubbles).
+    """
+    whole = ring | (holes > 0)
+    yield whole, (0, 0), True
+    margin = int(np.ceil(2 * limits.rim_px)) + 2
+    opened = _open_disk(whole, limits.rim_px)
+    if opened.any() and not np.array_equal(opened, whole):
+        n, lab, stats, _ = cv2.connectedComponentsWithStats(opened.view(np.uint8), connectivity=4)
+        for j in np.flatnonzero(stats[:, cv2.CC_STAT_AREA] >= limits.min_px):
+            if j:
+                box = _box(stats[j], margin, whole.shape)
+                yield lab[box] == j, (box[0].start, box[1].start), False
+    if n_holes < 2:
+        return
+    n, lab, stats, _ = cv2.connectedComponentsWithStats((holes > 0).view(np.uint8), connectivity=4)
+    for j in np.flatnonzero(stats[:, cv2.CC_STAT_AREA] >= BUBBLE_MIN_INTERIOR * limits.min_px):
+        if j:
+            box = _box(stats[j], margin, whole.shape)
+            hole = lab[box] == j
+            near = cv2.distanceTransform((~hole).view(np.uint8), cv2.DIST_L2, 3) <= limits.rim_px
+            yield ndi.binary_fill_holes(hole | near & ring[box]), (box[0].start, box[1].start), False
+
+
+def _box(stat: np.ndarray, margin: int, shape: tuple[int, ...]) -> tuple[slice, slice]:
+    """Slices of a component's bounding box (OpenCV stats row) plus a margin, within shape."""
+    x, y, w, h = (int(v) for v in stat[:4])
+    return (slice(max(y - margin, 0), min(y + h + margin, shape[0])),
+            slice(max(x - margin, 0), min(x + w + margin, shape[1])))
+
+
+def _enclosed(ring: np.ndarray, walls: tuple[bool, bool, bool, bool]) -> tuple[np.ndarray, int]:
+    """Label the regions a ring encloses, the image frame closing it on the sides it touches.
+
+    Parameters
+    ----------
+    ring : ndarray of bool
+        One connected structure in a window around it.
+    walls : tuple of 4 bool
+        Whether the structure touches the image frame at the top, bottom, left, right (the
+        window then ends at the frame there).
+
+    Returns
+    -------
+    labels : ndarray of int32
+        0 on the ring and outside, 1..n on the enclosed regions.
+    n : int
+    """
+    top, bottom, left, right = walls
+    pad = np.zeros((ring.shape[0] + 2, ring.shape[1] + 2), np.uint8)
+    pad[1:-1, 1:-1] = ring
+    if top:
+        pad[0, :] = 1
+    if bottom:
+        pad[-1, :] = 1
+    if left:
+        pad[:, 0] = 1
+    if right:
+        pad[:, -1] = 1
+    n, lab = cv2.connectedComponents(1 - pad, connectivity=4, ltype=cv2.CV_32S)
+    if n <= 1:
+        return np.zeros(ring.shape, np.int32), 0
+    # the outside: regions reaching an open side of the window, else (closed on all four sides)
+    # the largest region
+    border = np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]])
+    outside = np.zeros(n, bool)
+    outside[border] = True
+    outside[0] = True
+    if outside[1:].sum() == 0:
+        sizes = np.bincount(lab.ravel(), minlength=n)
+        sizes[0] = 0
+        outside[int(np.argmax(sizes))] = True
+    keep = np.flatnonzero(~outside)
+    remap = np.zeros(n, np.int32)
+    remap[keep] = np.arange(1, len(keep) + 1, dtype=np.int32)
+    return remap[lab[1:-1, 1:-1]], len(keep)
+
+
+def _is_bubble(cand: np.ndarray, win: _Window, limits: _Limits) -> bool:
+    """Size, interior, ellipse, contrast and substrate tests of one candidate (see
+    :func:`detect_bubbles`)."""
+    area = int(np.count_nonzero(cand))
+    if not limits.min_px <= area <= limits.max_px:
+        return False
+    inside = cand & ~win.ring
+    if np.count_nonzero(inside) < BUBBLE_MIN_INTERIOR * area:
+        return False
+    outline = _elliptic(cand, win)
+    if outline is None:
+        return False
+    # the rim is dark (not only faint) along most of the outline
+    strong = ~(win.ring & (win.grey >= np.float32(limits.rim_od)))
+    near = cv2.distanceTransform(strong.view(np.uint8), cv2.DIST_L2, 3)
+    strong = near <= max(limits.rim_px / 3, 2.0)
+    if float(strong[outline[:, 1], outline[:, 0]].mean()) < BUBBLE_MIN_DARK_OUTLINE:
+        return False
+    u8 = cand.view(np.uint8)
+    depth = cv2.distanceTransform(u8, cv2.DIST_L2, 3)
+    dist_out = cv2.distanceTransform(1 - u8, cv2.DIST_L2, 3)
+    rim_px = limits.rim_px
+    rim = win.ring & cand & (depth <= rim_px)
+    core = inside & (depth > rim_px)
+    if np.count_nonzero(core) < 0.1 * np.count_nonzero(inside):
+        core = inside
+    shell = (dist_out > 1.5) & (dist_out <= rim_px + 1.5) & ~win.ring
+    if not rim.any() or not core.any() or not shell.any():
+        return False
+    # contrast: the rim is darker than what it encloses and than what surrounds it
+    level = float(np.median(win.grey[rim])) - limits.contrast_od
+    if float(np.median(win.grey[core])) > level or float(np.median(win.grey[shell])) > level:
+        return False
+    # substrate: a bubble lies over tissue and glass alike, its outline does not follow the
+    # tissue/glass edge
+    inner = inside & (depth > rim_px) & (depth <= 2 * rim_px + 1.5)
+    if np.count_nonzero(inner) < 0.1 * np.count_nonzero(inside):
+        inner = core
+    change = abs(float(win.above_glass[inner].mean()) - float(win.above_glass[shell].mean()))
+    return change <= BUBBLE_MAX_SUBSTRATE_CHANGE
+
+
+def _elliptic(cand: np.ndarray, win: _Window) -> np.ndarray | None:
+    """The outline (x, y points, image frame excluded) of a candidate if it is an ellipse's."""
+    u8 = cand.view(np.uint8)
+    contours, _ = cv2.findContours(u8, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    if not contours:
+        return None
+    pts = max(contours, key=len).reshape(-1, 2)
+    gx, gy = pts[:, 0] + win.x0, pts[:, 1] + win.y0
+    on_frame = (gx == 0) | (gx == win.width - 1) | (gy == 0) | (gy == win.height - 1)
+    if on_frame.any():  # the frame is no outline: keep the arc(s), in order along the contour
+        shift = -int(np.flatnonzero(on_frame)[-1]) - 1
+        pts = np.roll(pts, shift, axis=0)[~np.roll(on_frame, shift)]
+        if len(pts) < 12 or not _curved(pts):
+            return None
+    if len(pts) < 12:
+        return None
+    (cx, cy), (ax1, ax2), angle = cv2.fitEllipse(pts.astype(np.float32))
+    if not (np.isfinite([cx, cy, ax1, ax2]).all() and min(ax1, ax2) > 1):
+        return None
+    if min(ax1, ax2) < BUBBLE_MIN_AXIS_RATIO * max(ax1, ax2):
+        return None
+    # the window spans the candidate plus a margin: an ellipse reaching past an inner side of
+    # the window (one not at the image frame) does not follow the candidate
+    t = np.radians(angle)
+    a, b = ax1 / 2, ax2 / 2
+    ex = np.hypot(a * np.cos(t), b * np.sin(t))
+    ey = np.hypot(a * np.sin(t), b * np.cos(t))
+    wh, ww = cand.shape
+    if ((cx - ex < -1 and win.x0 > 0) or (cx + ex > ww and win.x0 + ww < win.width)
+            or (cy - ey < -1 and win.y0 > 0) or (cy + ey > wh and win.y0 + wh < win.height)):
+        return None
+    ell = np.zeros_like(u8)
+    cv2.ellipse(ell, ((cx, cy), (ax1, ax2), angle), 1, thickness=-1)
+    ell = ell.view(bool)
+    if np.count_nonzero(ell & cand) < BUBBLE_MIN_ELLIPSE_IOU * np.count_nonzero(ell | cand):
+        return None
+    return pts
+
+
+def _curved(arc: np.ndarray) -> bool:
+    """Whether an ordered outline bulges enough off the chord joining its ends."""
+    p0, p1 = arc[0].astype(np.float64), arc[-1].astype(np.float64)
+    chord = p1 - p0
+    length = float(np.hypot(*chord))
+    if length < 1:
+        return True  # the ends meet: a closed outline
+    d = np.abs(chord[0] * (arc[:, 1] - p0[1]) - chord[1] * (arc[:, 0] - p0[0])) / length
+    return float(d.max()) >= BUBBLE_MIN_ARC_SAGITTA * length
+
+
+def _under_rims(raw: np.ndarray, bubble: np.ndarray, rim_px: float) -> np.ndarray:
+    """Tissue-or-glass under bubble rims, from the pixels around them.
+
+    A rim absorbs over glass as much as over tissue, so the glass threshold would call a rim
+    over glass tissue. Rim pixels (the outer ``rim_px`` of each bubble, and two pixels outside
+    it for the blur) take the majority of the known pixels within ``rim_px`` (a box): tissue
+    outside or deeper inside the bubble.
+
+    Parameters
+    ----------
+    raw : ndarray of bool
+        Pixels above the glass threshold.
+    bubble : ndarray of bool
+    rim_px : float
+        Widest rim, pixels.
+
+    Returns
+    -------
+    ndarray of bool
+        ``raw`` with rim pixels decided from their surroundings.
+    """
+    b8 = bubble.view(np.uint8)
+    # depth inside the bubble (the image frame is no edge of it); the band and a 2-px halo
+    depth = cv2.distanceTransform(b8, cv2.DIST_L2, 3)
+    band = (cv2.dilate(b8, _disk(2)) > 0) & (depth <= rim_px)
+    ys, xs = np.nonzero(band.any(axis=1))[0], np.nonzero(band.any(axis=0))[0]
+    k = 2 * int(round(max(rim_px, 2.0))) + 1  # box of about twice the rim
+    m = k
+    y0, y1 = max(ys[0] - m, 0), min(ys[-1] + m + 1, raw.shape[0])
+    x0, x1 = max(xs[0] - m, 0), min(xs[-1] + m + 1, raw.shape[1])
+    sub_band = band[y0:y1, x0:x1]
+    known = (~sub_band).astype(np.float32)
+    num = cv2.blur(raw[y0:y1, x0:x1] * known, (k, k))
+    den = cv2.blur(known, (k, k))
+    out = raw.copy()
+    out[y0:y1, x0:x1][sub_band] = (num > 0.5 * den)[sub_band] & (den > 1e-3)[sub_band]
+    return out
