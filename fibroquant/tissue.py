@@ -10,6 +10,7 @@ dark, grey rim) are left out. Every size is in µm² and converted with the imag
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import cv2
@@ -34,7 +35,8 @@ class TissueMask:
     section : ndarray of bool
         The section with its small holes filled (lumens still inside).
     tissue : ndarray of bool
-        Countable tissue: section minus lumens and folds (capsule removed later, per pixel).
+        Countable tissue: section minus lumens, folds and bubbles (capsule removed later, per
+        pixel).
     lumen : ndarray of bool
         Large unstained holes inside the section.
     fold : ndarray of bool
@@ -96,7 +98,7 @@ def glass_threshold(od_sum: np.ndarray, settings: TissueSettings) -> float:
 def detect_tissue(
     rgb: np.ndarray, mpp: float, settings: TissueSettings, background_rgb: Vector
 ) -> TissueMask:
-    """Find countable tissue, lumens and the capsule band.
+    """Find countable tissue, lumens, air bubbles and the capsule band.
 
     Parameters
     ----------
@@ -388,7 +390,9 @@ def detect_bubbles(
        inside dark tissue has no lighter surround);
        (d) inside and outside lie over the same substrate: their shares of pixels above the
        glass threshold differ by at most ``BUBBLE_MAX_SUBSTRATE_CHANGE`` (a dark capsule along
-       the edge of a small round section has tissue inside and glass outside).
+       the edge of a small round section has tissue inside and glass outside);
+       (e) at least ``BUBBLE_MIN_DARK_OUTLINE`` of the outline has a rim pixel reaching
+       ``bubble_rim_od`` near it (a rim is dark all round, strands of dark tissue in patches).
 
     Stain-coloured structures (septa, collagen, vessel walls) fail step 1; nuclei, pigment and
     dark tissue fail steps 2-3.
@@ -458,11 +462,12 @@ def detect_bubbles(
         if n_holes == 0:
             continue
         for cand, (sy, sx), alone in _candidates(ring, holes, n_holes, limits):
-            ys, xs = slice(y0 + sy, y0 + sy + cand.shape[0]), slice(x0 + sx, x0 + sx + cand.shape[1])
+            (ch, cw), gy, gx = cand.shape, y0 + sy, x0 + sx
+            ys, xs = slice(gy, gy + ch), slice(gx, gx + cw)
             if np.count_nonzero(cand & out[ys, xs]) > 0.5 * np.count_nonzero(cand):
                 continue  # already found (as a piece of the opened structure)
-            win = _Window(ring[ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0],
-                          grey[ys, xs], above_glass[ys, xs], ys.start, xs.start, h, w)
+            win = _Window(ring[sy : sy + ch, sx : sx + cw], grey[ys, xs], above_glass[ys, xs],
+                          gy, gx, h, w)
             if _is_bubble(cand, win, limits):
                 out[ys, xs] |= cand
                 if alone:
@@ -494,7 +499,9 @@ class _Window:
     width: int
 
 
-def _candidates(ring: np.ndarray, holes: np.ndarray, n_holes: int, limits: _Limits):
+def _candidates(
+    ring: np.ndarray, holes: np.ndarray, n_holes: int, limits: _Limits
+) -> Iterator[tuple[np.ndarray, tuple[int, int], bool]]:
     """Candidate bubbles of one structure, most inclusive first (see :func:`detect_bubbles`).
 
     Yields ``(mask, (y, x), alone)``: a candidate in a box of the window starting at ``(y, x)``
@@ -507,20 +514,21 @@ def _candidates(ring: np.ndarray, holes: np.ndarray, n_holes: int, limits: _Limi
     margin = int(np.ceil(2 * limits.rim_px)) + 2
     opened = _open_disk(whole, limits.rim_px)
     if opened.any() and not np.array_equal(opened, whole):
-        n, lab, stats, _ = cv2.connectedComponentsWithStats(opened.view(np.uint8), connectivity=4)
+        _, lab, stats, _ = cv2.connectedComponentsWithStats(opened.view(np.uint8), connectivity=4)
         for j in np.flatnonzero(stats[:, cv2.CC_STAT_AREA] >= limits.min_px):
             if j:
                 box = _box(stats[j], margin, whole.shape)
                 yield lab[box] == j, (box[0].start, box[1].start), False
     if n_holes < 2:
         return
-    n, lab, stats, _ = cv2.connectedComponentsWithStats((holes > 0).view(np.uint8), connectivity=4)
+    _, lab, stats, _ = cv2.connectedComponentsWithStats((holes > 0).view(np.uint8), connectivity=4)
     for j in np.flatnonzero(stats[:, cv2.CC_STAT_AREA] >= BUBBLE_MIN_INTERIOR * limits.min_px):
         if j:
             box = _box(stats[j], margin, whole.shape)
             hole = lab[box] == j
             near = cv2.distanceTransform((~hole).view(np.uint8), cv2.DIST_L2, 3) <= limits.rim_px
-            yield ndi.binary_fill_holes(hole | near & ring[box]), (box[0].start, box[1].start), False
+            rimmed = ndi.binary_fill_holes(hole | near & ring[box])
+            yield rimmed, (box[0].start, box[1].start), False
 
 
 def _box(stat: np.ndarray, margin: int, shape: tuple[int, ...]) -> tuple[slice, slice]:
@@ -590,10 +598,10 @@ def _is_bubble(cand: np.ndarray, win: _Window, limits: _Limits) -> bool:
     if outline is None:
         return False
     # the rim is dark (not only faint) along most of the outline
-    strong = ~(win.ring & (win.grey >= np.float32(limits.rim_od)))
-    near = cv2.distanceTransform(strong.view(np.uint8), cv2.DIST_L2, 3)
-    strong = near <= max(limits.rim_px / 3, 2.0)
-    if float(strong[outline[:, 1], outline[:, 0]].mean()) < BUBBLE_MIN_DARK_OUTLINE:
+    not_dark = ~(win.ring & (win.grey >= np.float32(limits.rim_od)))
+    to_dark = cv2.distanceTransform(not_dark.view(np.uint8), cv2.DIST_L2, 3)
+    dark_near = to_dark[outline[:, 1], outline[:, 0]] <= max(limits.rim_px / 3, 2.0)
+    if float(dark_near.mean()) < BUBBLE_MIN_DARK_OUTLINE:
         return False
     u8 = cand.view(np.uint8)
     depth = cv2.distanceTransform(u8, cv2.DIST_L2, 3)
@@ -695,10 +703,9 @@ def _under_rims(raw: np.ndarray, bubble: np.ndarray, rim_px: float) -> np.ndarra
     depth = cv2.distanceTransform(b8, cv2.DIST_L2, 3)
     band = (cv2.dilate(b8, _disk(2)) > 0) & (depth <= rim_px)
     ys, xs = np.nonzero(band.any(axis=1))[0], np.nonzero(band.any(axis=0))[0]
-    k = 2 * int(round(max(rim_px, 2.0))) + 1  # box of about twice the rim
-    m = k
-    y0, y1 = max(ys[0] - m, 0), min(ys[-1] + m + 1, raw.shape[0])
-    x0, x1 = max(xs[0] - m, 0), min(xs[-1] + m + 1, raw.shape[1])
+    k = 2 * int(round(max(rim_px, 2.0))) + 1  # a box reaching rim_px each way
+    y0, y1 = max(ys[0] - k, 0), min(ys[-1] + k + 1, raw.shape[0])
+    x0, x1 = max(xs[0] - k, 0), min(xs[-1] + k + 1, raw.shape[1])
     sub_band = band[y0:y1, x0:x1]
     known = (~sub_band).astype(np.float32)
     num = cv2.blur(raw[y0:y1, x0:x1] * known, (k, k))
