@@ -230,7 +230,6 @@ def parenchyma_background(
     parenchyma_mask: np.ndarray,
     sigma_px: float,
     fallback: float,
-    weights: np.ndarray | None = None,
 ) -> np.ndarray:
     """Smooth map of non-specific collagen-stain uptake (OD units), from parenchyma only.
 
@@ -248,8 +247,6 @@ def parenchyma_background(
         Gaussian sigma, pixels of these arrays.
     fallback : float
         Slide-wide parenchyma level, OD units.
-    weights : ndarray of float32, shape (H, W), optional
-        Parenchyma fraction of each pixel instead of the 0/1 mask (used by the coarse grid).
 
     Returns
     -------
@@ -261,31 +258,25 @@ def parenchyma_background(
     averages of the concentration and of the mask) and interpolated back bilinearly: the map
     has no detail finer than sigma, and the cost falls with the square of the step.
     """
+    w = parenchyma_mask.astype(np.float32)
+    num = collagen_conc.astype(np.float32)
+    num *= w
     if sigma_px >= COARSE_BACKGROUND_MIN_SIGMA and min(collagen_conc.shape) >= 2:
         step = int(sigma_px // 6)
         h, w_ = collagen_conc.shape
         size = (max(1, -(-w_ // step)), max(1, -(-h // step)))
-        m = parenchyma_mask.astype(np.float32)
-        num_c = cv2.resize(collagen_conc.astype(np.float32) * m, size, interpolation=cv2.INTER_AREA)
-        den_c = cv2.resize(m, size, interpolation=cv2.INTER_AREA)
-        del m
-        den_safe = np.maximum(den_c, 1e-6)
-        # the coarse parenchyma-weighted mean concentration, then the same normalised blur
-        local_c = np.where(den_c > 0, num_c / den_safe, 0.0).astype(np.float32)
-        coarse = parenchyma_background(local_c, den_c > 0, sigma_px / step, fallback,
-                                       weights=den_c)
+        # box sums of the weighted concentration and of the mask, then the same blur
+        num = cv2.resize(num, size, interpolation=cv2.INTER_AREA)
+        w = cv2.resize(w, size, interpolation=cv2.INTER_AREA)
+        coarse = _normalised_blur(num, w, sigma_px / step, fallback)
         return cv2.resize(coarse, (w_, h), interpolation=cv2.INTER_LINEAR)
-    return _parenchyma_background_exact(collagen_conc, parenchyma_mask, sigma_px, fallback,
-                                        weights)
+    return _normalised_blur(num, w, sigma_px, fallback)
 
 
-def _parenchyma_background_exact(
-    collagen_conc: np.ndarray, parenchyma_mask: np.ndarray, sigma_px: float, fallback: float,
-    weights: np.ndarray | None,
-) -> np.ndarray:
-    w = parenchyma_mask.astype(np.float32) if weights is None else weights.astype(np.float32)
-    num = collagen_conc.astype(np.float32)
-    num *= w
+def _normalised_blur(num: np.ndarray, w: np.ndarray, sigma_px: float, fallback: float
+                     ) -> np.ndarray:
+    """``blur(num) / blur(w)``, blended to ``fallback`` where ``blur(w) < 0.05``; float32,
+    computed in place in ``num`` (which must be a float32 array the caller gives up)."""
     num = gaussian_blur(num, sigma_px)
     den = gaussian_blur(w, sigma_px)
     del w

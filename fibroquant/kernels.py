@@ -93,6 +93,23 @@ def _gather_py(mask: np.ndarray, rows: np.ndarray, cols: np.ndarray, out: np.nda
             out[i, j] = mask[r, cols[j]]
 
 
+def _share_ok_py(
+    c: np.float32, r: int, g: int, b: int, others: np.ndarray, min_share: np.float32
+) -> bool:
+    # the collagen-share test of one pixel: its positive collagen concentration ``c`` is at
+    # least ``min_share`` of its positive concentrations summed over all stains
+    zero = np.float32(0.0)
+    p = c if c > zero else zero
+    total = p
+    for k in range(others.shape[0]):
+        ck = others[k, 0, r] + others[k, 1, g] + others[k, 2, b]
+        total = total + (ck if ck > zero else zero)
+    return p >= min_share * total
+
+
+_share_ok_nb = _jit(_share_ok_py)
+
+
 def _share_py(
     rgb: np.ndarray, tables: np.ndarray, others: np.ndarray, min_share: np.float32,
     out: np.ndarray, ok: np.ndarray,
@@ -100,8 +117,6 @@ def _share_py(
     t0 = tables[0]
     t1 = tables[1]
     t2 = tables[2]
-    n_other = others.shape[0]
-    zero = np.float32(0.0)
     h, w = out.shape
     for i in range(h):
         for j in range(w):
@@ -110,12 +125,7 @@ def _share_py(
             b = rgb[i, j, 2]
             c = t0[r] + t1[g] + t2[b]
             out[i, j] = c
-            p = c if c > zero else zero
-            total = p
-            for k in range(n_other):
-                ck = others[k, 0, r] + others[k, 1, g] + others[k, 2, b]
-                total = total + (ck if ck > zero else zero)
-            ok[i, j] = p >= min_share * total
+            ok[i, j] = _share_ok_nb(c, r, g, b, others, min_share)
 
 
 def _block_py(mask: np.ndarray, f: int, out: np.ndarray) -> None:
@@ -166,7 +176,6 @@ def _tile_py(
     l1 = lut[1]
     l2 = lut[2]
     n_other = others.shape[0]
-    zero = np.float32(0.0)
     h = rgb.shape[0]
     w = rgb.shape[1]
     buf = np.empty(w, np.float32)
@@ -221,19 +230,10 @@ def _tile_py(
                 k += hit[j]
             if k > 0 and n_other > 0:  # the collagen-share guard, only where the cut passed
                 for j in range(w):
-                    if hit[j]:
-                        r = rgb[i, j, 0]
-                        g = rgb[i, j, 1]
-                        b = rgb[i, j, 2]
-                        c = buf[j]
-                        p = c if c > zero else zero
-                        total = p
-                        for q in range(n_other):
-                            ck = others[q, 0, r] + others[q, 1, g] + others[q, 2, b]
-                            total = total + (ck if ck > zero else zero)
-                        if not (p >= min_share * total):
-                            hit[j] = 0
-                            k -= 1
+                    if hit[j] and not _share_ok_nb(buf[j], rgb[i, j, 0], rgb[i, j, 1],
+                                                   rgb[i, j, 2], others, min_share):
+                        hit[j] = 0
+                        k -= 1
             if k > 0:
                 # per-column sums (no serial float chain across the row: vectorised)
                 for j in range(w):
@@ -265,15 +265,8 @@ def _tile_py(
                     c = buf[j]
                     col = c > tb[j]
                     if col and n_other > 0:
-                        r = rgb[i, j, 0]
-                        g = rgb[i, j, 1]
-                        b = rgb[i, j, 2]
-                        p = c if c > zero else zero
-                        total = p
-                        for q in range(n_other):
-                            ck = others[q, 0, r] + others[q, 1, g] + others[q, 2, b]
-                            total = total + (ck if ck > zero else zero)
-                        col = p >= min_share * total
+                        col = _share_ok_nb(c, rgb[i, j, 0], rgb[i, j, 1], rgb[i, j, 2], others,
+                                           min_share)
                     if col and (fl & 2):
                         n_cap += 1
                         excluded = True
@@ -426,6 +419,14 @@ def scaled_tables(lut: np.ndarray, unmix_col: np.ndarray) -> np.ndarray:
     ndarray of float32, shape (3, 256), C-contiguous
     """
     return np.ascontiguousarray(lut * unmix_col[:, None], dtype=np.float32)
+
+
+def _other_tables(lut: np.ndarray, other_cols: tuple[np.ndarray, ...]) -> np.ndarray:
+    """:func:`scaled_tables` of each other stain's column, stacked: float32 (k, 3, 256)."""
+    others = np.zeros((len(other_cols), 3, 256), np.float32)
+    for k, col in enumerate(other_cols):
+        others[k] = scaled_tables(lut, col)
+    return others
 
 
 def _fast_ok(rgb: np.ndarray, lut: np.ndarray, unmix_col: np.ndarray) -> bool:
@@ -622,9 +623,7 @@ def collagen_concentration_and_share(
     out = np.empty(rgb.shape[:2], np.float32)
     ok = np.empty(rgb.shape[:2], bool)
     if out.size:
-        others = np.zeros((len(other_cols), 3, 256), np.float32)
-        for k, col in enumerate(other_cols):
-            others[k] = scaled_tables(lut, col)
+        others = _other_tables(lut, other_cols)
         _share_nb(rgb, scaled_tables(lut, unmix_col), others, np.float32(min_share), out, ok)
     return out, ok
 
@@ -797,9 +796,7 @@ def measure_tile_fused(
         return measure_tile_reference(rgb, lut, unmix_col, other_cols, min_share, flags, thr,
                                       rows, cols, f, stride, min_px)
     h, w = rgb.shape[:2]
-    others = np.zeros((len(other_cols), 3, 256), np.float32)
-    for k, col in enumerate(other_cols):
-        others[k] = scaled_tables(lut, col)
+    others = _other_tables(lut, other_cols)
     blocks = np.zeros((3, -(-h // f), -(-w // f)), np.int32)
     if stride > 0:
         od_sub = np.empty((-(-h // stride), -(-w // stride)), np.float32)

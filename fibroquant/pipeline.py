@@ -183,8 +183,8 @@ def class_flags(tissue: TissueMask) -> np.ndarray:
     for mask, bit in ((tissue.capsule_band, kernels.FLAG_BAND),
                       (tissue.vessel_wall, kernels.FLAG_WALL),
                       (tissue.lumen, kernels.FLAG_LUMEN), (tissue.fold, kernels.FLAG_FOLD),
-                      (getattr(tissue, "bubble", None), kernels.FLAG_BUBBLE)):
-        if mask is not None and mask.any():
+                      (tissue.bubble, kernels.FLAG_BUBBLE)):
+        if mask.any():
             flags[mask] |= np.uint8(bit)
     return flags
 
