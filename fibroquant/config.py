@@ -196,6 +196,13 @@ class TilingSettings(_Model):
     analysis_mpp: float | None = Field(
         None, gt=0, description="µm/px the analysis runs at; None = native resolution"
     )
+    read_oversample: float = Field(
+        2.0, ge=1, le=8,
+        description="with analysis_mpp: read the coarsest pyramid level at least this many "
+        "times finer and downsample it (a JPEG level at the analysis resolution has lost the "
+        "colour of thin fibres: chroma is stored at half resolution); 1 = read the level at "
+        "analysis_mpp itself",
+    )
     tile_px: int = Field(1024, ge=128, le=8192, description="tile edge at analysis resolution")
     halo_px: int = Field(16, ge=0, le=256, description="overlap read around each tile")
     mask_max_mpx: float = Field(
@@ -236,6 +243,8 @@ class Settings(_Model):
         data = self.model_dump(mode="json")
         for key in ("tile_px", "halo_px", "mask_max_mpx", "qc_max_px"):
             data["tiling"].pop(key)
+        if data["tiling"]["analysis_mpp"] is None:  # native resolution: no level is chosen
+            data["tiling"].pop("read_oversample")
         data["algorithm_version"] = ALGORITHM_VERSION
         return data
 

@@ -91,18 +91,32 @@ class _Geometry:
     mask_factor: int  # analysis px per mask px
 
 
-def plan_geometry(slide: Slide, analysis_mpp: float | None, mask_max_mpx: float) -> _Geometry:
+def plan_geometry(
+    slide: Slide, analysis_mpp: float | None, mask_max_mpx: float, oversample: float = 1.0
+) -> _Geometry:
     """Pick the pyramid level for an analysis resolution and the mask resolution.
 
-    The level is the coarsest one at least as fine as ``analysis_mpp`` (so it is only ever
-    downsampled); when ``analysis_mpp`` is finer than the slide, the slide's own resolution is
-    used.
+    The level is the coarsest one at least ``oversample`` times as fine as ``analysis_mpp``
+    (level 0 when none is), so it is only ever downsampled; when ``analysis_mpp`` is finer
+    than the slide, the slide's own resolution is used.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fibroquant.slides import ArraySlide
+    >>> slide = ArraySlide(np.zeros((4096, 4096, 3), np.uint8), 0.25, levels=4)
+    >>> g = plan_geometry(slide, 1.0, 64.0)
+    >>> g.level, g.level_mpp, g.scale, g.height
+    (2, 1.0, 1.0, 1024)
+    >>> g = plan_geometry(slide, 1.0, 64.0, oversample=2.0)
+    >>> g.level, g.level_mpp, g.scale, g.height
+    (1, 0.5, 0.5, 1024)
     """
     mpp0 = require_mpp(slide)
     target = mpp0 if analysis_mpp is None else max(analysis_mpp, mpp0)
     best = 0
     for i, lev in enumerate(slide.levels):
-        if lev.mpp is not None and lev.mpp <= target * (1 + 1e-3):
+        if lev.mpp is not None and lev.mpp <= target / oversample * (1 + 1e-3):
             best = i
     lev = slide.levels[best]
     level_mpp = lev.mpp if lev.mpp is not None else mpp0
@@ -116,7 +130,13 @@ def plan_geometry(slide: Slide, analysis_mpp: float | None, mask_max_mpx: float)
 
 
 def _read_analysis(slide: Slide, geo: _Geometry, y: int, x: int, h: int, w: int) -> np.ndarray:
-    """Read a rectangle in analysis coordinates (uint8 RGB)."""
+    """Read a rectangle in analysis coordinates (uint8 RGB).
+
+    Downsampling averages intensities (``cv2.INTER_AREA``), as a camera pixel of that size
+    would. (Averaging optical density instead keeps more of a thin fibre's dye in the mixed
+    pixel but counts the mixed rims of thick fibres as collagen: +0.4–0.7 pp against native
+    resolution on lossless pyramids, where intensity averaging stays within 0.25 pp.)
+    """
     if geo.scale == 1.0:
         return slide.read_region(geo.level, y, x, h, w)
     ly0 = math.floor(y / geo.scale)
@@ -463,7 +483,8 @@ def analyze_slide(
 
 def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> SlideAnalysis:
     name = sl.path.name
-    geo = plan_geometry(sl, settings.tiling.analysis_mpp, settings.tiling.mask_max_mpx)
+    geo = plan_geometry(sl, settings.tiling.analysis_mpp, settings.tiling.mask_max_mpx,
+                        settings.tiling.read_oversample)
     extent_um = (sl.levels[0].shape[0] * require_mpp(sl), sl.levels[0].shape[1] * require_mpp(sl))
     tissue_mpp = settings.tissue.tissue_mpp or max(
         geo.analysis_mpp,

@@ -48,3 +48,11 @@ def test_settings_hash_ignores_tiling_but_not_science():
         overrides={"collagen": {"relative_threshold": 0.3}}).settings_hash()
     assert a.settings_hash() != load_settings(
         overrides={"tiling": {"analysis_mpp": 1.0}}).settings_hash()
+
+
+def test_read_oversample_counts_only_with_an_analysis_resolution():
+    def h(**tiling):
+        return load_settings(overrides={"tiling": tiling}).settings_hash()
+
+    assert h() == h(read_oversample=1)  # native resolution: no level is chosen
+    assert h(analysis_mpp=1.0) != h(analysis_mpp=1.0, read_oversample=1)

@@ -108,11 +108,51 @@ def test_analysis_resolution_close_to_native():
     coarse = analyze_slide("s.tif", load_settings(overrides={"tiling": {"analysis_mpp": 1.0}}),
                            slide=ArraySlide(rgb, 0.5, levels=3))
     assert coarse.record["analysis_mpp"] == pytest.approx(1.0)
-    assert coarse.record["level"] == 1
+    assert coarse.record["level"] == 0  # read 2x finer (read_oversample) and downsampled
     assert coarse.collagen_mask.shape == (512, 512)
     assert abs(coarse.record["cpa_percent"] - native.record["cpa_percent"]) < 0.5
     assert coarse.record["tissue_area_mm2"] == pytest.approx(
         native.record["tissue_area_mm2"], rel=0.02)
+    own_level = analyze_slide(
+        "s.tif", load_settings(overrides={"tiling": {"analysis_mpp": 1.0, "read_oversample": 1}}),
+        slide=ArraySlide(rgb, 0.5, levels=3))
+    assert own_level.record["level"] == 1
+    assert abs(own_level.record["cpa_percent"] - native.record["cpa_percent"]) < 0.5
+
+
+def _jpeg_pyramid(path, rgb: np.ndarray, mpp: float, n_levels: int) -> None:
+    """A scanner-like pyramid: each level area-averaged from the last, JPEG q85 (4:2:0)."""
+    import tifffile
+
+    levels = [rgb]
+    for _ in range(n_levels - 1):
+        prev = levels[-1]
+        levels.append(cv2.resize(prev, (prev.shape[1] // 2, prev.shape[0] // 2),
+                                 interpolation=cv2.INTER_AREA))
+    with tifffile.TiffWriter(path) as tw:
+        for i, lv in enumerate(levels):
+            extra = {"subifds": n_levels - 1} if i == 0 else {"subfiletype": 1}
+            tw.write(lv, tile=(256, 256), compression="jpeg", compressionargs={"level": 85},
+                     photometric="rgb", resolution=(1e4 / mpp / 2**i,) * 2,
+                     resolutionunit="CENTIMETER", **extra)
+
+
+def test_analysis_mpp_on_jpeg_pyramid_reads_a_finer_level(tmp_path):
+    # A JPEG level at 1 µm/px keeps chroma at 2 µm/px and drops thin fibres; reading the
+    # 0.5 µm/px level and averaging OD 2x2 stays within the issue's 0.3 pp of native.
+    rgb, _ = make_section(SectionParams(shape=(2048, 2048), mpp=0.25, field_of_view=True), rng=1)
+    path = tmp_path / "s.tif"
+    _jpeg_pyramid(path, rgb, 0.25, 3)
+
+    def cpa(**tiling):
+        return analyze_slide(path, load_settings(overrides={"tiling": tiling}), workers=2).record
+
+    native = cpa()["cpa_percent"]
+    finer = cpa(analysis_mpp=1.0)
+    own = cpa(analysis_mpp=1.0, read_oversample=1)
+    assert (finer["level"], own["level"]) == (1, 2)
+    assert abs(finer["cpa_percent"] - native) <= 0.3
+    assert abs(finer["cpa_percent"] - native) < abs(own["cpa_percent"] - native)
 
 
 def test_masson_light_green():
