@@ -32,21 +32,30 @@ def block_sharpness(od_sum: np.ndarray, tissue: np.ndarray, *, min_tissue_fracti
     """
     if od_sum.size == 0 or tissue.mean() < min_tissue_fraction or min(od_sum.shape) < 8:
         return float("nan")
-    lap = cv2.Laplacian(np.ascontiguousarray(od_sum, np.float32), cv2.CV_32F, ksize=3)
-    if tissue.all():  # the common case: no boolean-index copies
-        v = float(od_sum.var())
-        lap_var = float(lap[1:-1, 1:-1].var())
+    od_sum = np.ascontiguousarray(od_sum, np.float32)
+    lap = cv2.Laplacian(od_sum, cv2.CV_32F, ksize=3)
+    # variances by OpenCV (one pass, float64 sums, masks without copies)
+    if tissue.all():  # the common case
+        v = _var(od_sum)
+        lap_var = _var(lap[1:-1, 1:-1])
     else:
         inner = tissue.copy()
         inner[[0, -1], :] = False
         inner[:, [0, -1]] = False
         if not inner.any():
             return float("nan")
-        v = float(od_sum[tissue].var())
-        lap_var = float(lap[inner].var())
+        v = _var(od_sum, tissue)
+        lap_var = _var(lap, inner)
     if v <= 1e-8:
         return float("nan")
     return lap_var / v
+
+
+def _var(values: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Population variance of a float32 image (of its ``mask`` pixels)."""
+    m = None if mask is None else mask.view(np.uint8)
+    _, std = cv2.meanStdDev(values, mask=m)
+    return float(std[0, 0]) ** 2
 
 
 def unfocused(sharpness: np.ndarray, *, factor: float, min_blocks: int = 8) -> np.ndarray:

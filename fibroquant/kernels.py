@@ -165,10 +165,10 @@ def _tile_py(
     colmask: np.ndarray, want_mask: bool,
 ) -> None:
     # Row by row. The class and threshold of each column are gathered once per low-resolution
-    # row. Rows of plain tissue (the bulk of a slide) take branch-free loops the compiler
-    # vectorises; rows touching glass, lumens, capsule, walls take a per-pixel loop. Block
-    # counts accumulate per column over the f rows of a block row, then are summed f columns
-    # at a time.
+    # row, with the list of its "special" columns (capsule band, wall, lumen, fold, bubble).
+    # Glass and plain tissue (the bulk of a slide) take branch-free loops the compiler
+    # vectorises; only the special columns take a per-pixel loop. Block counts accumulate per
+    # column over the f rows of a block row, then are summed f columns at a time.
     t0 = tables[0]
     t1 = tables[1]
     t2 = tables[2]
@@ -181,11 +181,17 @@ def _tile_py(
     buf = np.empty(w, np.float32)
     tb = np.empty(w, np.float32)
     fb = np.empty(w, np.uint8)
+    isp = np.empty(w, np.int32)  # 1 where the column is plain tissue
+    spec = np.empty(w, np.int32)  # special columns of the current low-resolution row
     hit = np.empty(w, np.int32)
     acc_col = np.zeros(w, np.int32)
     acc_tis = np.zeros(w, np.int32)
     acc_exc = np.zeros(w, np.int32)
     acc_od = np.zeros(w, np.float64)
+    bcol = np.empty(w, np.int64)  # block column of every column
+    for j in range(w):
+        bcol[j] = j // f
+    hits = np.empty(w, np.int64)  # columns that passed the cut (share guard)
     n_tis = 0
     n_col = 0
     n_cap = 0
@@ -195,8 +201,8 @@ def _tile_py(
     n_bub = 0
     od_acc = 0.0
     prev = -1
-    plain = False
-    empty = False
+    n_plain = 0
+    n_spec = 0
     for i in range(h):
         ri = rows[i]
         if ri != prev:
@@ -204,34 +210,41 @@ def _tile_py(
             frow = flags[ri]
             trow = thr[ri]
             n_plain = 0
-            n_empty = 0
+            n_spec = 0
             for j in range(w):
-                fb[j] = frow[cols[j]]
+                fl = frow[cols[j]]
+                fb[j] = fl
                 tb[j] = trow[cols[j]]
-                n_plain += fb[j] == 1
-                n_empty += fb[j] == 0
-            plain = n_plain == w
-            empty = n_empty == w
+                isp[j] = fl == 1
+                n_plain += fl == 1
+                if fl > 1:
+                    spec[n_spec] = j
+                    n_spec += 1
         if stride > 0 and i % stride == 0:
             si = i // stride
             for sj in range(od_sub.shape[1]):
                 j = sj * stride
                 od_sub[si, sj] = l0[rgb[i, j, 0]] + l1[rgb[i, j, 1]] + l2[rgb[i, j, 2]]
                 tis_sub[si, sj] = (fb[j] & 1) != 0
-        if not empty:
+        if n_plain + n_spec == 0:  # glass only
+            pass
+        else:
             for j in range(w):
                 buf[j] = t0[rgb[i, j, 0]] + t1[rgb[i, j, 1]] + t2[rgb[i, j, 2]]
-        if empty:
-            pass
-        elif plain:
+        if n_plain > 0:
             k = 0
             for j in range(w):
-                hit[j] = buf[j] > tb[j]
+                hit[j] = (buf[j] > tb[j]) & (isp[j] != 0)
                 k += hit[j]
             if k > 0 and n_other > 0:  # the collagen-share guard, only where the cut passed
-                for j in range(w):
-                    if hit[j] and not _share_ok_nb(buf[j], rgb[i, j, 0], rgb[i, j, 1],
-                                                   rgb[i, j, 2], others, min_share):
+                m = 0
+                for j in range(w):  # branch-free list of the hit columns
+                    hits[m] = j
+                    m += hit[j]
+                for q in range(m):
+                    j = hits[q]
+                    if not _share_ok_nb(buf[j], rgb[i, j, 0], rgb[i, j, 1], rgb[i, j, 2],
+                                        others, min_share):
                         hit[j] = 0
                         k -= 1
             if k > 0:
@@ -244,65 +257,58 @@ def _tile_py(
                     for j in range(w):
                         colmask[i, j] = hit[j]
             for j in range(w):
-                acc_tis[j] += 1
-            n_tis += w
-        else:
-            for j in range(w):
-                fl = fb[j]
-                if fl == 0:
-                    continue
-                excluded = False
-                if fl & 8:
-                    n_lum += 1
+                acc_tis[j] += isp[j]
+            n_tis += n_plain
+        for q in range(n_spec):
+            j = spec[q]
+            fl = fb[j]
+            excluded = False
+            if fl & 8:
+                n_lum += 1
+                excluded = True
+            if fl & 16:
+                n_fold += 1
+                excluded = True
+            if fl & 32:
+                n_bub += 1
+                excluded = True
+            if fl & 1:
+                c = buf[j]
+                col = c > tb[j]
+                if col and n_other > 0:
+                    col = _share_ok_nb(c, rgb[i, j, 0], rgb[i, j, 1], rgb[i, j, 2], others,
+                                       min_share)
+                if col and (fl & 2):
+                    n_cap += 1
                     excluded = True
-                if fl & 16:
-                    n_fold += 1
+                elif fl & 4:
+                    n_wall += 1
                     excluded = True
-                if fl & 32:
-                    n_bub += 1
-                    excluded = True
-                if fl & 1:
-                    c = buf[j]
-                    col = c > tb[j]
-                    if col and n_other > 0:
-                        col = _share_ok_nb(c, rgb[i, j, 0], rgb[i, j, 1], rgb[i, j, 2], others,
-                                           min_share)
-                    if col and (fl & 2):
-                        n_cap += 1
-                        excluded = True
-                    elif fl & 4:
-                        n_wall += 1
-                        excluded = True
-                    else:
-                        n_tis += 1
-                        acc_tis[j] += 1
-                        if col:
-                            n_col += 1
-                            acc_od[j] += c
-                            acc_col[j] += 1
-                            if want_mask:
-                                colmask[i, j] = 1
-                if excluded:
-                    acc_exc[j] += 1
+                else:
+                    n_tis += 1
+                    acc_tis[j] += 1
+                    if col:
+                        n_col += 1
+                        acc_od[j] += c
+                        acc_col[j] += 1
+                        if want_mask:
+                            colmask[i, j] = 1
+            if excluded:
+                acc_exc[j] += 1
         if i % f == f - 1 or i == h - 1:
-            bi = i // f
-            for bj in range(blocks.shape[2]):
-                a = 0
-                t = 0
-                e = 0
-                for j in range(bj * f, min(bj * f + f, w)):
-                    a += acc_col[j]
-                    t += acc_tis[j]
-                    e += acc_exc[j]
-                blocks[0, bi, bj] += a
-                blocks[1, bi, bj] += t
-                blocks[2, bi, bj] += e
+            b0 = blocks[0, i // f]
+            b1 = blocks[1, i // f]
+            b2 = blocks[2, i // f]
             for j in range(w):
-                od_acc += acc_od[j]
+                bj = bcol[j]
+                b0[bj] += acc_col[j]
+                b1[bj] += acc_tis[j]
+                b2[bj] += acc_exc[j]
             acc_col[:] = 0
             acc_tis[:] = 0
             acc_exc[:] = 0
-            acc_od[:] = 0.0
+    for j in range(w):  # the OD sum needs no blocks: one per-column float64 sum per tile
+        od_acc += acc_od[j]
     counts[0] += n_tis
     counts[1] += n_col
     counts[2] += n_cap
@@ -317,31 +323,42 @@ def _specks_py(
     labels: np.ndarray, n: int, min_px: int, rgb: np.ndarray, tables: np.ndarray, f: int,
     blocks: np.ndarray, out: np.ndarray,
 ) -> None:
-    # sizes of the components; those touching the tile's edge may continue in the next tile
-    # and are kept
+    # One pass for the size and bounding box of every component; then only the boxes of the
+    # specks are visited. Components touching the tile's edge may continue in the next tile
+    # and are kept.
     h, w = labels.shape
     size = np.zeros(n, np.int64)
+    r0 = np.full(n, h, np.int64)
+    r1 = np.full(n, -1, np.int64)
+    c0 = np.full(n, w, np.int64)
+    c1 = np.full(n, -1, np.int64)
     for i in range(h):
         for j in range(w):
-            size[labels[i, j]] += 1
-    for j in range(w):
-        size[labels[0, j]] = min_px
-        size[labels[h - 1, j]] = min_px
-    for i in range(h):
-        size[labels[i, 0]] = min_px
-        size[labels[i, w - 1]] = min_px
-    size[0] = min_px
+            lab = labels[i, j]
+            if lab != 0:
+                size[lab] += 1
+                if i < r0[lab]:
+                    r0[lab] = i
+                r1[lab] = i
+                if j < c0[lab]:
+                    c0[lab] = j
+                if j > c1[lab]:
+                    c1[lab] = j
     t0 = tables[0]
     t1 = tables[1]
     t2 = tables[2]
     n_rm = 0
     od_rm = 0.0
-    for i in range(h):
-        for j in range(w):
-            if size[labels[i, j]] < min_px:
-                n_rm += 1
-                od_rm += t0[rgb[i, j, 0]] + t1[rgb[i, j, 1]] + t2[rgb[i, j, 2]]
-                blocks[0, i // f, j // f] -= 1
+    for lab in range(1, n):
+        if size[lab] >= min_px or r0[lab] == 0 or c0[lab] == 0 or r1[lab] == h - 1 \
+                or c1[lab] == w - 1:
+            continue
+        for i in range(r0[lab], r1[lab] + 1):
+            for j in range(c0[lab], c1[lab] + 1):
+                if labels[i, j] == lab:
+                    n_rm += 1
+                    od_rm += t0[rgb[i, j, 0]] + t1[rgb[i, j, 1]] + t2[rgb[i, j, 2]]
+                    blocks[0, i // f, j // f] -= 1
     out[0] = n_rm
     out[1] = od_rm
 
