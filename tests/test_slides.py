@@ -140,6 +140,92 @@ def test_svs_like_mpp_levels_and_region(tmp_path: Path) -> None:
     assert info["file_size_bytes"] == path.stat().st_size
 
 
+def write_ndpi(path: Path, levels: list[np.ndarray], mpp: float, *, quality: int = 90) -> None:
+    """A small Hamamatsu NDPI, byte for byte in the vendor's layout (tifffile cannot write one).
+
+    NDPI is a classic little-endian TIFF whose offsets are 64-bit: the header's first-IFD
+    offset is 8 bytes, and every IFD's tags are followed by an 8-byte next-IFD offset and a
+    block of 4 high bytes per tag. Levels are separate pages (not SubIFDs), each one JPEG
+    strip (YCbCr), with the Hamamatsu tags (Make, Model, 65420 FileFormat, 65421
+    Magnification) and the resolution in pixels per centimetre.
+    """
+    import imagecodecs
+
+    out = bytearray(b"II" + struct.pack("<HQ", 42, 0))
+    link = 4  # where the offset of the next IFD goes
+
+    def put(data: bytes) -> int:
+        if len(out) % 2:
+            out.append(0)
+        at = len(out)
+        out.extend(data)
+        return at
+
+    for i, level in enumerate(levels):
+        h, w = level.shape[:2]
+        strip = put(imagecodecs.jpeg8_encode(level, level=quality))
+        nbytes = len(out) - strip
+        ppcm = 1e4 / (mpp * 2**i)
+        # (tag, type, count, payload): type 2 ASCII, 3 SHORT, 4 LONG, 5 RATIONAL, 11 FLOAT
+        tags = [
+            (256, 4, 1, struct.pack("<I", w)), (257, 4, 1, struct.pack("<I", h)),
+            (258, 3, 3, struct.pack("<3H", 8, 8, 8)), (259, 3, 1, struct.pack("<H", 7)),
+            (262, 3, 1, struct.pack("<H", 6)), (271, 2, 10, b"Hamamatsu\0"),
+            (272, 2, 21, b"NanoZoomer-XR C12000\0"), (273, 4, 1, struct.pack("<I", strip)),
+            (277, 3, 1, struct.pack("<H", 3)), (278, 4, 1, struct.pack("<I", h)),
+            (279, 4, 1, struct.pack("<I", nbytes)),
+            (282, 5, 1, struct.pack("<II", round(ppcm * 1000), 1000)),
+            (283, 5, 1, struct.pack("<II", round(ppcm * 1000), 1000)),
+            (296, 3, 1, struct.pack("<H", 3)), (65420, 4, 1, struct.pack("<I", 1)),
+            (65421, 11, 1, struct.pack("<f", 20.0 / 2**i)),
+        ]
+        entries = []
+        for tag, typ, count, payload in tags:
+            field = payload.ljust(4, b"\0") if len(payload) <= 4 else struct.pack("<I", put(payload))
+            entries.append(struct.pack("<HHI", tag, typ, count) + field)
+        ifd = put(struct.pack("<H", len(tags)) + b"".join(entries))
+        out[link : link + 8] = struct.pack("<Q", ifd)
+        link = len(out)  # next-IFD offset, patched by the next page (0 ends the file)
+        out.extend(bytes(8) + bytes(4 * len(tags)))  # then the high bytes of each tag
+    path.write_bytes(bytes(out))
+
+def test_ndpi_levels_as_pages_with_64bit_offsets(tmp_path: Path) -> None:
+    base = tissue(800, 1200, seed=3)
+    levels = [base, half(base), half(half(base))]
+    path = tmp_path / "slide.ndpi"
+    write_ndpi(path, levels, 0.4536)
+    with open_slide(path) as slide:
+        assert (slide.format, slide.vendor) == ("ndpi", "hamamatsu")
+        assert slide.mpp == pytest.approx(0.4536, rel=1e-6)
+        assert [lv.shape for lv in slide.levels] == [(800, 1200), (400, 600), (200, 300)]
+        assert [lv.mpp for lv in slide.levels] == pytest.approx([0.4536, 0.9072, 1.8144])
+        assert mean_abs(slide.read_region(0, 300, 500, 400, 600), base[300:700, 500:1100]) < 3
+        assert mean_abs(slide.read_region(2, 10, 20, 100, 120), levels[2][10:110, 20:140]) < 3
+    info = inspect_slide(path)
+    assert info["mpp_source"] == "TIFF resolution tags (cm)"
+    assert info["compression"] == "jpeg"
+
+
+def test_ndpi_analysed_like_the_same_image_in_memory(tmp_path: Path) -> None:
+    from fibroquant.config import Settings
+    from fibroquant.pipeline import analyze_slide
+    from fibroquant.synthetic import SectionParams, make_section
+
+    rgb, _ = make_section(SectionParams(shape=(768, 1024), mpp=0.46), rng=2)
+    path = tmp_path / "s.ndpi"
+    write_ndpi(path, [rgb, half(rgb)], 0.46, quality=95)
+    from_file = analyze_slide(path, Settings()).record
+    with open_slide(path) as slide:  # the same pixels, decoded whole, analysed in memory
+        decoded = [slide.read_region(i, 0, 0, *lv.shape) for i, lv in enumerate(slide.levels)]
+    assert mean_abs(decoded[0], rgb) < 3
+    memory = ArraySlide(decoded[0], from_file["mpp"], levels=2)
+    memory._pyramid[1] = decoded[1]
+    in_memory = analyze_slide("s.png", Settings(), slide=memory).record
+    assert from_file["format"] == "ndpi" and from_file["mpp"] == pytest.approx(0.46)
+    for key in ("cpa_percent", "tissue_area_mm2", "collagen_area_mm2", "threshold_od"):
+        assert from_file[key] == in_memory[key], key
+
+
 @pytest.mark.parametrize(("size", "unit", "expected"), [(0.25, "µm", 0.25), (250.0, "nm", 0.25)])
 def test_ome_tiff_subifd_levels(tmp_path: Path, size: float, unit: str, expected: float) -> None:
     base = tissue(800, 1200)
