@@ -434,6 +434,52 @@ def stain_warnings(
     return out
 
 
+#: glibc ``mallopt`` parameters and the values :func:`tune_malloc` sets.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_BYTES = 64 << 20
+_TRIM_THRESHOLD_BYTES = 256 << 20
+_malloc_tuned: bool | None = None
+
+
+def tune_malloc() -> bool:
+    """Let the C heap reuse tile-sized buffers (glibc only; once per process).
+
+    Every tile allocates a few buffers of 1–12 MB (decoded tiles, masks, labels). With glibc's
+    defaults, and much more with ``MALLOC_TRIM_THRESHOLD_=65536``, which Dask's nanny sets in
+    its workers, many of them are mapped fresh from the kernel and zero-filled page by page for
+    every tile: measured on an 8k² slide, 3.3 s per slide by default and 4.4–5.0 s in a Dask
+    worker, 2.5–2.8 s with the heap kept (same peak RSS). This raises glibc's mmap threshold
+    to 64 MB and its trim threshold to 256 MB, so at most that much freed memory stays mapped
+    for reuse. Left alone when ``MALLOC_MMAP_THRESHOLD_`` is set (the user's choice) or the C
+    library is not glibc.
+
+    Returns
+    -------
+    bool
+        Whether glibc's parameters are (now) tuned.
+    """
+    global _malloc_tuned
+    if _malloc_tuned is not None:
+        return _malloc_tuned
+    _malloc_tuned = False
+    import os
+    import platform
+
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        _malloc_tuned = bool(
+            libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+            and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES)
+        )
+    except (OSError, AttributeError):  # no glibc after all
+        pass
+    return _malloc_tuned
+
+
 def analyze_slide(
     path: str | Path,
     settings: Settings,
@@ -469,6 +515,7 @@ def analyze_slide(
         Unreadable slide, missing resolution, no tissue.
     """
     t_start = time.perf_counter()
+    tune_malloc()
     own = slide is None
     sl = open_slide(path, mpp=mpp) if slide is None else slide
     if own and sl.mpp is None and fallback_mpp is not None:
@@ -945,6 +992,7 @@ __all__ = [
     "analyze_slide",
     "collagen_concentration",
     "plan_geometry",
+    "tune_malloc",
     "run_slide",
     "run_tasks",
 ]

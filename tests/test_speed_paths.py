@@ -258,3 +258,18 @@ def test_fused_speck_removal_keeps_fibres_and_edge_components():
     assert kept.collagen_od_sum == pytest.approx(per_px * 169, rel=1e-6)
     np.testing.assert_array_equal(kept.blocks, ref.blocks)
     assert kept.blocks[0].sum() == 169 and kept.counts["tissue_px"] == 64 * 80
+
+
+@pytest.mark.parametrize("env", [{}, {"MALLOC_MMAP_THRESHOLD_": "1048576"}])
+def test_tune_malloc_once_per_process_and_respects_the_user(env):
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    code = ("from fibroquant import pipeline; a = pipeline.tune_malloc(); "
+            "print(a, pipeline.tune_malloc() is a)")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env},
+                         capture_output=True, text=True, check=True).stdout.split()
+    glibc = platform.libc_ver()[0] == "glibc"
+    assert out == [str(glibc and not env), "True"]
