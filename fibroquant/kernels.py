@@ -403,6 +403,11 @@ def warmup() -> bool:
     return True
 
 
+def kernels_ready() -> bool:
+    """Whether :func:`warmup_fused` has finished (or there is no numba to warm up)."""
+    return _warm_fused or not HAVE_NUMBA
+
+
 def warmup_fused() -> bool:
     """Compile (or load from cache) only :func:`measure_tile_fused`'s kernel, once."""
     global _warm_fused

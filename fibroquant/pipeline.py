@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import time
 import traceback
 from collections.abc import Iterable, Iterator
@@ -530,6 +531,11 @@ def analyze_slide(
 
 def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> SlideAnalysis:
     name = sl.path.name
+    if not kernels.kernels_ready():
+        # load the compiled tile kernels (numba cache, ~0.5 s once per process) while the
+        # thumbnail is read and analysed; the tile loop waits for it below
+        threading.Thread(target=kernels.warmup_fused, name="fibroquant-warmup",
+                         daemon=True).start()
     geo = plan_geometry(sl, settings.tiling.analysis_mpp, settings.tiling.mask_max_mpx,
                         settings.tiling.read_oversample)
     extent_um = (sl.levels[0].shape[0] * require_mpp(sl), sl.levels[0].shape[1] * require_mpp(sl))
