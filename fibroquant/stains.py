@@ -24,6 +24,7 @@ import logging
 from dataclasses import dataclass, field
 from functools import cached_property
 
+import cv2
 import numpy as np
 
 from fibroquant.config import Stain, StainSettings
@@ -212,6 +213,10 @@ def rgb_to_od(rgb: np.ndarray, background_rgb: Vector = (255.0, 255.0, 255.0)) -
         msg = f"rgb must be uint8 with 3 channels last, got {rgb.dtype} {rgb.shape}"
         raise ValueError(msg)
     lut = od_lut(background_rgb)
+    if rgb.flags.c_contiguous and 0 < rgb.size // 3 < 2**31:
+        # one OpenCV lookup over all three channels (releases the GIL; ~2x numpy indexing)
+        table = np.ascontiguousarray(lut.T).reshape(256, 1, 3)
+        return cv2.LUT(rgb.reshape(-1, 1, 3), table).reshape(rgb.shape)
     out = np.empty(rgb.shape, dtype=np.float32)
     for c in range(3):
         out[..., c] = lut[c][rgb[..., c]]
