@@ -610,6 +610,48 @@ def test_openslide_formats_without_openslide(tmp_path: Path, monkeypatch) -> Non
         open_slide(path)
 
 
+
+def _openslide_or_skip():
+    try:
+        import openslide  # noqa: F401
+    except (ImportError, OSError):
+        pytest.skip("the optional openslide reader is not installed")
+
+
+def test_openslide_reader_matches_tifffile_on_an_svs(tmp_path: Path) -> None:
+    """The optional openslide path reads the same slide as the tifffile path."""
+    _openslide_or_skip()
+    from fibroquant.config import Settings
+    from fibroquant.pipeline import analyze_slide
+    from fibroquant.slides import _OpenSlideSlide
+    from fibroquant.synthetic import SectionParams, make_section
+
+    rgb, _ = make_section(SectionParams(shape=(1024, 1280), mpp=0.499), rng=5)
+    path = tmp_path / "slide.svs"
+    write_svs(path, rgb)
+    with open_slide(path) as tf, _OpenSlideSlide(path, None) as osl:
+        assert (osl.format, osl.vendor) == ("openslide", "aperio")
+        assert osl.mpp == pytest.approx(tf.mpp) == pytest.approx(0.499)
+        assert [lv.shape for lv in osl.levels] == [lv.shape for lv in tf.levels]
+        for level, (y, x, h, w) in ((0, (300, 500, 256, 300)), (2, (10, 20, 100, 120))):
+            a = osl.read_region(level, y, x, h, w)
+            b = tf.read_region(level, y, x, h, w)
+            assert a.shape == b.shape == (h, w, 3) and a.dtype == np.uint8
+            assert mean_abs(a, b) < 1.0  # the same JPEG tiles, two decoders
+        by_tifffile = analyze_slide(path, Settings(), slide=tf).record
+        by_openslide = analyze_slide(path, Settings(), slide=osl).record
+    assert by_openslide["tissue_area_mm2"] == pytest.approx(by_tifffile["tissue_area_mm2"],
+                                                            rel=1e-3)
+    assert by_openslide["cpa_percent"] == pytest.approx(by_tifffile["cpa_percent"], abs=0.05)
+
+
+def test_openslide_vendor_file_it_cannot_open(tmp_path: Path) -> None:
+    _openslide_or_skip()
+    path = tmp_path / "slide.mrxs"
+    path.write_bytes(b"not a MIRAX slide")
+    with pytest.raises(SlideReadError, match=r"^slide\.mrxs: openslide cannot open this \.mrxs"):
+        open_slide(path)
+
 def test_read_region_argument_errors() -> None:
     slide = ArraySlide(tissue(20, 20), mpp=1.0)
     with pytest.raises(ValueError, match="level"):
