@@ -34,7 +34,7 @@ def block_sharpness(od_sum: np.ndarray, tissue: np.ndarray, *, min_tissue_fracti
         return float("nan")
     od_sum = np.ascontiguousarray(od_sum, np.float32)
     lap = cv2.Laplacian(od_sum, cv2.CV_32F, ksize=3)
-    # variances by OpenCV (one pass, float64 sums, masks without copies)
+    # variances by OpenCV (one pass, float64 sums, no boolean-index copies)
     if tissue.all():  # the common case
         v = _var(od_sum)
         lap_var = _var(lap[1:-1, 1:-1])

@@ -168,7 +168,7 @@ def _tile_py(
     # row, with the list of its "special" columns (capsule band, wall, lumen, fold, bubble).
     # Glass and plain tissue (the bulk of a slide) take branch-free loops the compiler
     # vectorises; only the special columns take a per-pixel loop. Block counts accumulate per
-    # column over the f rows of a block row, then are summed f columns at a time.
+    # column over the f rows of a block row, then go to their block through ``bcol``.
     t0 = tables[0]
     t1 = tables[1]
     t2 = tables[2]
@@ -347,18 +347,32 @@ def _specks_py(
     t0 = tables[0]
     t1 = tables[1]
     t2 = tables[2]
+    speck = np.zeros(n, np.bool_)
+    box_area = 0
+    for lab in range(1, n):
+        if size[lab] < min_px and r0[lab] > 0 and c0[lab] > 0 and r1[lab] < h - 1 \
+                and c1[lab] < w - 1:
+            speck[lab] = True
+            box_area += (r1[lab] - r0[lab] + 1) * (c1[lab] - c0[lab] + 1)
     n_rm = 0
     od_rm = 0.0
-    for lab in range(1, n):
-        if size[lab] >= min_px or r0[lab] == 0 or c0[lab] == 0 or r1[lab] == h - 1 \
-                or c1[lab] == w - 1:
-            continue
-        for i in range(r0[lab], r1[lab] + 1):
-            for j in range(c0[lab], c1[lab] + 1):
-                if labels[i, j] == lab:
+    if box_area > h * w:  # boxes overlap more than they save (many long diagonal specks)
+        for i in range(h):
+            for j in range(w):
+                if speck[labels[i, j]]:
                     n_rm += 1
                     od_rm += t0[rgb[i, j, 0]] + t1[rgb[i, j, 1]] + t2[rgb[i, j, 2]]
                     blocks[0, i // f, j // f] -= 1
+    else:
+        for lab in range(1, n):
+            if not speck[lab]:
+                continue
+            for i in range(r0[lab], r1[lab] + 1):
+                for j in range(c0[lab], c1[lab] + 1):
+                    if labels[i, j] == lab:
+                        n_rm += 1
+                        od_rm += t0[rgb[i, j, 0]] + t1[rgb[i, j, 1]] + t2[rgb[i, j, 2]]
+                        blocks[0, i // f, j // f] -= 1
     out[0] = n_rm
     out[1] = od_rm
 
@@ -372,6 +386,7 @@ _share_nb = _jit(_share_py)
 _tile_nb = _jit(_tile_py)
 
 _warm_lock = threading.Lock()
+_warm_fused_lock = threading.Lock()  # apart: the slow path need not wait for it
 _warm = False
 _warm_fused = False
 
@@ -413,7 +428,7 @@ def warmup_fused() -> bool:
     global _warm_fused
     if not HAVE_NUMBA or _warm_fused:
         return HAVE_NUMBA
-    with _warm_lock:
+    with _warm_fused_lock:
         if not _warm_fused:
             rgb = np.zeros((2, 2, 3), np.uint8)
             idx = np.zeros(2, np.intp)
@@ -770,7 +785,8 @@ def measure_tile_fused(
     the threshold and class of the pixel's low-resolution cell, the collagen-share guard only
     where the threshold is passed, then counters and f x f block counts. No full-resolution
     array is written. Same counts and blocks as :func:`measure_tile_reference`; the OD sum is
-    accumulated in float64 in pixel order (the reference sums pairwise: equal to ~1e-12).
+    accumulated in float64 per column, then across columns (the reference sums pairwise:
+    equal to ~1e-12).
 
     Parameters
     ----------

@@ -93,13 +93,15 @@ class _Geometry:
 
 
 def plan_geometry(
-    slide: Slide, analysis_mpp: float | None, mask_max_mpx: float, oversample: float = 1.0
+    slide: Slide, analysis_mpp: float | None, mask_max_mpx: float, oversample: float = 2.0
 ) -> _Geometry:
     """Pick the pyramid level for an analysis resolution and the mask resolution.
 
     The level is the coarsest one at least ``oversample`` times as fine as ``analysis_mpp``
     (level 0 when none is), so it is only ever downsampled; when ``analysis_mpp`` is finer
-    than the slide, the slide's own resolution is used.
+    than the slide, the slide's own resolution is used. ``oversample`` defaults to
+    ``TilingSettings.read_oversample``'s default. On a pyramid with 4x steps (0.25, 1, 4
+    µm/px, as in many SVS files) 1 µm/px with oversampling reads level 0.
 
     Examples
     --------
@@ -108,10 +110,10 @@ def plan_geometry(
     >>> slide = ArraySlide(np.zeros((4096, 4096, 3), np.uint8), 0.25, levels=4)
     >>> g = plan_geometry(slide, 1.0, 64.0)
     >>> g.level, g.level_mpp, g.scale, g.height
-    (2, 1.0, 1.0, 1024)
-    >>> g = plan_geometry(slide, 1.0, 64.0, oversample=2.0)
-    >>> g.level, g.level_mpp, g.scale, g.height
     (1, 0.5, 0.5, 1024)
+    >>> g = plan_geometry(slide, 1.0, 64.0, oversample=1.0)
+    >>> g.level, g.level_mpp, g.scale, g.height
+    (2, 1.0, 1.0, 1024)
     """
     mpp0 = require_mpp(slide)
     target = mpp0 if analysis_mpp is None else max(analysis_mpp, mpp0)
@@ -437,32 +439,38 @@ def stain_warnings(
 
 #: glibc ``mallopt`` parameters and the values :func:`tune_malloc` sets.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_MMAP_THRESHOLD_BYTES = 64 << 20
+_MMAP_THRESHOLDS_BYTES = (64 << 20, 32 << 20)  # glibc before ~2.26 refuses more than 32 MB
 _TRIM_THRESHOLD_BYTES = 256 << 20
+_malloc_lock = threading.Lock()
 _malloc_tuned: bool | None = None
 
 
 def tune_malloc() -> bool:
     """Let the C heap reuse tile-sized buffers (glibc only; once per process).
 
-    Every tile allocates a few buffers of 1–12 MB (decoded tiles, masks, labels). With glibc's
-    defaults, and much more with ``MALLOC_TRIM_THRESHOLD_=65536``, which Dask's nanny sets in
-    its workers, many of them are mapped fresh from the kernel and zero-filled page by page for
-    every tile: measured on an 8k² slide, 3.3 s per slide by default and 4.4–5.0 s in a Dask
-    worker, 2.5–2.8 s with the heap kept (same peak RSS). This raises glibc's mmap threshold
-    to 64 MB and its trim threshold to 256 MB, so at most that much freed memory stays mapped
-    for reuse. Left alone when ``MALLOC_MMAP_THRESHOLD_`` is set (the user's choice) or the C
-    library is not glibc.
+    Every tile allocates a few buffers of 1–12 MB (decoded tiles, masks, labels), and the
+    low-resolution pass some of up to ~50 MB. With glibc's defaults, and much more with
+    ``MALLOC_TRIM_THRESHOLD_=65536``, which Dask's nanny sets in its workers, many of them are
+    mapped fresh from the kernel and zero-filled page by page every time: measured on an 8k²
+    slide, 3.3 s per slide by default and 4.4–5.0 s in a Dask worker, 2.5–2.8 s with the heap
+    kept (same peak RSS). This raises glibc's mmap threshold to 64 MB (32 MB where glibc
+    refuses more) and its trim threshold to 256 MB: each heap (the main one, and one per
+    thread that allocates) keeps up to that much freed memory mapped for reuse. Left alone when
+    ``MALLOC_MMAP_THRESHOLD_`` is set (the user's choice) or the C library is not glibc.
 
     Returns
     -------
     bool
-        Whether glibc's parameters are (now) tuned.
+        Whether the mmap threshold is (now) raised.
     """
     global _malloc_tuned
-    if _malloc_tuned is not None:
+    with _malloc_lock:
+        if _malloc_tuned is None:
+            _malloc_tuned = _set_mallopt()
         return _malloc_tuned
-    _malloc_tuned = False
+
+
+def _set_mallopt() -> bool:
     import os
     import platform
 
@@ -472,13 +480,12 @@ def tune_malloc() -> bool:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        _malloc_tuned = bool(
-            libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
-            and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES)
-        )
+        raised = any(libc.mallopt(_M_MMAP_THRESHOLD, v) for v in _MMAP_THRESHOLDS_BYTES)
+        if raised:
+            libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES)
     except (OSError, AttributeError):  # no glibc after all
-        pass
-    return _malloc_tuned
+        return False
+    return raised
 
 
 def analyze_slide(
@@ -529,13 +536,21 @@ def analyze_slide(
             sl.close()
 
 
+def _warm_quietly() -> None:
+    """Background kernel loading; a failure is raised again, on the caller's thread, by the
+    tile loop's own :func:`kernels.warmup_fused` call."""
+    try:
+        kernels.warmup_fused()
+    except Exception:  # noqa: BLE001 - reported by the foreground call
+        logger.debug("background kernel warm-up failed:\n%s", traceback.format_exc())
+
+
 def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> SlideAnalysis:
     name = sl.path.name
     if not kernels.kernels_ready():
         # load the compiled tile kernels (numba cache, ~0.5 s once per process) while the
         # thumbnail is read and analysed; the tile loop waits for it below
-        threading.Thread(target=kernels.warmup_fused, name="fibroquant-warmup",
-                         daemon=True).start()
+        threading.Thread(target=_warm_quietly, name="fibroquant-warmup", daemon=True).start()
     geo = plan_geometry(sl, settings.tiling.analysis_mpp, settings.tiling.mask_max_mpx,
                         settings.tiling.read_oversample)
     extent_um = (sl.levels[0].shape[0] * require_mpp(sl), sl.levels[0].shape[1] * require_mpp(sl))

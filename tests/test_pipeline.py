@@ -139,7 +139,7 @@ def _jpeg_pyramid(path, rgb: np.ndarray, mpp: float, n_levels: int) -> None:
 
 def test_analysis_mpp_on_jpeg_pyramid_reads_a_finer_level(tmp_path):
     # A JPEG level at 1 µm/px keeps chroma at 2 µm/px and drops thin fibres; reading the
-    # 0.5 µm/px level and averaging OD 2x2 stays within the issue's 0.3 pp of native.
+    # 0.5 µm/px level and averaging it 2x2 stays within 0.3 pp of native (issue 5's target).
     rgb, _ = make_section(SectionParams(shape=(2048, 2048), mpp=0.25, field_of_view=True), rng=1)
     path = tmp_path / "s.tif"
     _jpeg_pyramid(path, rgb, 0.25, 3)

@@ -176,6 +176,47 @@ def test_measure_tile_fused_equals_reference(seed, f, stride, min_share, min_px)
     assert a.blocks[0].sum() == a.counts["collagen_px"] <= a.counts["tissue_px"]
 
 
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("f", [1, 5])
+def test_measure_tile_fused_equals_reference_on_row_structured_classes(seed, f):
+    """Whole low-resolution rows of glass, of plain tissue, of special classes only, and
+    mixtures: each row kind takes its own branch of the kernel."""
+    rgb, lut, unmix, others, flags, thr, rows, cols = _fused_inputs(seed)
+    rng = np.random.default_rng(100 + seed)
+    kinds = [np.zeros(flags.shape[1], np.uint8), np.ones(flags.shape[1], np.uint8),
+             np.full(flags.shape[1], 8, np.uint8), np.full(flags.shape[1], 1 | 2, np.uint8),
+             rng.choice(np.array([0, 1], np.uint8), flags.shape[1]), flags[0]]
+    flags = np.stack([kinds[i % len(kinds)] for i in range(flags.shape[0])])
+    args = (rgb, lut, unmix, others, 0.35, flags, thr, rows, cols, f, 2, 12)
+    a = kernels.measure_tile_fused(*args)
+    b = kernels.measure_tile_reference(*args)
+    assert a.counts == b.counts
+    assert a.collagen_od_sum == pytest.approx(b.collagen_od_sum, rel=1e-9, abs=1e-9)
+    np.testing.assert_array_equal(a.blocks, b.blocks)
+    np.testing.assert_array_equal(a.tissue_sub, b.tissue_sub)
+
+
+def test_fused_speck_removal_with_overlapping_speck_boxes():
+    """Long diagonal specks whose bounding boxes together exceed the tile take the kernel's
+    full-tile branch; the result is the reference's."""
+    lut = od_lut((250.0, 250.0, 250.0))
+    unmix = np.array([1.0, 0.0, 0.0], np.float32)
+    rgb = np.full((96, 96, 3), 250, np.uint8)
+    for k in range(6):  # 6 diagonals of 40 px (8-connected), boxes 40x40 each
+        for d in range(40):
+            rgb[5 + d, 3 + 8 * k + d, 0] = 60
+    flags = np.ones((6, 6), np.uint8)
+    thr = np.full((6, 6), 0.2, np.float32)
+    rows = (np.arange(96) // 16).astype(np.intp)
+    cols = (np.arange(96) // 16).astype(np.intp)
+    args = (rgb, lut, unmix, (), 0.0, flags, thr, rows, cols, 4, 0, 50)
+    a = kernels.measure_tile_fused(*args)
+    b = kernels.measure_tile_reference(*args)
+    assert a.counts == b.counts and a.counts["collagen_px"] == 0
+    np.testing.assert_array_equal(a.blocks, b.blocks)
+    assert kernels.measure_tile_fused(*args[:-1], 30).counts["collagen_px"] == 240  # kept
+
+
 @pytest.mark.parametrize("stain", ["sirius-red", "masson"])
 def test_fast_tile_path_equals_reference_tile_path(stain, monkeypatch):
     """Whole analyses by the fused kernel and by segment_collagen (per-pixel settings) agree."""
@@ -260,16 +301,67 @@ def test_fused_speck_removal_keeps_fibres_and_edge_components():
     assert kept.blocks[0].sum() == 169 and kept.counts["tissue_px"] == 64 * 80
 
 
-@pytest.mark.parametrize("env", [{}, {"MALLOC_MMAP_THRESHOLD_": "1048576"}])
-def test_tune_malloc_once_per_process_and_respects_the_user(env):
-    import os
+@pytest.mark.parametrize(
+    ("user_env", "max_mmap", "expected", "calls"),
+    [
+        (False, 1 << 40, True, [(-3, 64 << 20), (-1, 256 << 20)]),
+        (False, 32 << 20, True, [(-3, 64 << 20), (-3, 32 << 20), (-1, 256 << 20)]),  # old glibc
+        (False, 0, False, [(-3, 64 << 20), (-3, 32 << 20)]),  # refused: trim left alone
+        (True, 1 << 40, False, []),  # the user's MALLOC_MMAP_THRESHOLD_ wins
+    ],
+)
+def test_tune_malloc_once_per_process(monkeypatch, user_env, max_mmap, expected, calls):
+    import ctypes
     import platform
-    import subprocess
-    import sys
 
-    code = ("from fibroquant import pipeline; a = pipeline.tune_malloc(); "
-            "print(a, pipeline.tune_malloc() is a)")
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env},
-                         capture_output=True, text=True, check=True).stdout.split()
-    glibc = platform.libc_ver()[0] == "glibc"
-    assert out == [str(glibc and not env), "True"]
+    seen = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            seen.append((param, value))
+            return int(param != -3 or value <= max_mmap)
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("glibc", "2.36"))
+    monkeypatch.setattr(pipeline, "_malloc_tuned", None)
+    if user_env:
+        monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1048576")
+    else:
+        monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    assert pipeline.tune_malloc() is expected
+    assert pipeline.tune_malloc() is expected
+    assert seen == calls  # once per process
+
+
+def test_tune_malloc_leaves_other_c_libraries_alone(monkeypatch):
+    import platform
+
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))
+    monkeypatch.setattr(pipeline, "_malloc_tuned", None)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    assert pipeline.tune_malloc() is False
+
+
+def test_kernel_warmup_failure_is_raised_on_the_callers_thread(monkeypatch):
+    import threading
+
+    from fibroquant.config import Settings
+    from fibroquant.slides import ArraySlide
+
+    if not kernels.HAVE_NUMBA:
+        pytest.skip("no numba: nothing is loaded in the background")
+    threads = []
+
+    def boom():
+        threads.append(threading.current_thread().name)
+        raise RuntimeError("no kernels")
+
+    monkeypatch.setattr(kernels, "_warm_fused", False)
+    monkeypatch.setattr(kernels, "warmup_fused", boom)
+    rgb, _ = make_section(SectionParams(shape=(256, 256), mpp=0.5), rng=1)
+    with pytest.raises(RuntimeError, match="no kernels"):
+        pipeline.analyze_slide("x.png", Settings(), slide=ArraySlide(rgb, 0.5))
+    for t in threading.enumerate():
+        if t.name == "fibroquant-warmup":
+            t.join(timeout=10)
+    assert sorted(threads) == sorted(["fibroquant-warmup", threading.current_thread().name])
