@@ -41,6 +41,7 @@ from fibroquant.stains import (
     StainEstimate,
     StainMatrix,
     angle_deg,
+    channel_sum,
     estimate_background,
     estimate_stains,
     od_lut,
@@ -597,7 +598,7 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
     offset = thr.threshold_od
     if thr.method == "relative" and settings.collagen.local_background_um:
         tpos = np.maximum(thumb_conc, 0)
-        tshare = tpos[..., stains.collagen_index] / np.maximum(tpos.sum(axis=-1), 1e-6)
+        tshare = tpos[..., stains.collagen_index] / np.maximum(channel_sum(tpos), 1e-6)
         del tpos  # thumbnail-sized temporaries are freed as soon as possible (peak RSS)
         parenchyma = tissue.tissue & (tshare < 0.5)
         del tshare

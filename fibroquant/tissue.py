@@ -21,7 +21,7 @@ from skimage.filters import threshold_otsu
 from fibroquant.collagen import gaussian_blur
 from fibroquant.config import TissueSettings
 from fibroquant.kernels import remove_small_holes_fast, remove_small_objects_fast
-from fibroquant.stains import Vector, od_lut, rgb_to_od
+from fibroquant.stains import Vector, channel_sum, od_lut, rgb_to_od
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ def detect_tissue(
     -------
     TissueMask
     """
-    od_sum = rgb_to_od(rgb, background_rgb).sum(axis=-1)
+    od_sum = channel_sum(rgb_to_od(rgb, background_rgb))
     # a median keeps the tissue edge where it is (a Gaussian would push it into the glass)
     ksize = 5 if settings.smooth_um / mpp >= 1.5 else 3
     if min(od_sum.shape) >= ksize:
@@ -434,7 +434,7 @@ def detect_bubbles(
     if np.count_nonzero(dark) < 8:
         return out
     if above_glass is None:
-        od_sum = rgb_to_od(rgb, background_rgb).sum(axis=-1)
+        od_sum = channel_sum(rgb_to_od(rgb, background_rgb))
         above_glass = od_sum > glass_threshold(od_sum, settings)
     rim_px = settings.bubble_rim_max_um / mpp
     closed = cv2.morphologyEx(faint.view(np.uint8), cv2.MORPH_CLOSE, _disk(BUBBLE_GAP_UM / mpp))

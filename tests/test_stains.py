@@ -120,3 +120,16 @@ def test_implausible_estimate_falls_back_to_preset_with_warning():
     est = estimate_stains(mix(conc, he), SIRIUS_RED, StainSettings(max_angle_deg=10))
     assert est.warnings
     assert est.source in {"preset", "partly-estimated"}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 40), st.integers(0, 2**31 - 1),
+       st.sampled_from([np.float32, np.float64]))
+def test_channel_sum_equals_numpy_sum_to_the_bit(h, w, seed, dtype):
+    from fibroquant.stains import channel_sum
+
+    rng = np.random.default_rng(seed)
+    a = (rng.standard_normal((h, w, 3)) * 10.0 ** rng.integers(-4, 5, (h, w, 3))).astype(dtype)
+    out = channel_sum(a)
+    assert out.dtype == a.dtype
+    np.testing.assert_array_equal(out, a.sum(axis=-1))
