@@ -77,6 +77,51 @@ def _px(area_um2: float, mpp: float) -> int:
     return int(round(area_um2 / mpp**2))
 
 
+def edt(mask: np.ndarray) -> np.ndarray:
+    """``scipy.ndimage.distance_transform_edt(mask)`` of a 2-D bool mask, by OpenCV.
+
+    OpenCV's exact Euclidean transform (``DIST_MASK_PRECISE``) is ~7x faster on a 4 MP
+    thumbnail but returns float32. Squared distances are integers: they are recovered by
+    rounding and the square root taken in float64, which gives scipy's values to the bit
+    wherever float32 resolves the square (distances up to ~2,000 px; beyond, within 1e-3 px).
+
+    Parameters
+    ----------
+    mask : ndarray of bool, shape (H, W)
+
+    Returns
+    -------
+    ndarray of float64, shape (H, W)
+        Distance of every True pixel to the nearest False pixel, pixels (0 on False).
+    """
+    mask = np.ascontiguousarray(mask, dtype=bool)
+    if mask.ndim != 2 or mask.size == 0 or mask.all() or max(mask.shape) >= 2**15:
+        return ndi.distance_transform_edt(mask)
+    d = cv2.distanceTransform(mask.view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    d = d.astype(np.float64)
+    np.square(d, out=d)
+    np.rint(d, out=d)
+    return np.sqrt(d, out=d)
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``scipy.ndimage.binary_fill_holes(mask)`` of a 2-D bool mask, by one OpenCV labelling.
+
+    Holes are background regions not 4-connected to the image border (scipy's default
+    structure); ~5x faster than scipy's iterative propagation on a 4 MP thumbnail.
+    """
+    mask = np.ascontiguousarray(mask, dtype=bool)
+    if mask.ndim != 2 or mask.size == 0 or mask.size >= 2**31:
+        return ndi.binary_fill_holes(mask)
+    n, labels = cv2.connectedComponents((~mask).view(np.uint8), connectivity=4,
+                                        ltype=cv2.CV_32S)
+    outside = np.zeros(n, bool)
+    for edge in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
+        outside[edge] = True
+    outside[0] = False  # label 0 is the mask itself
+    return ~outside[labels]
+
+
 def glass_threshold(od_sum: np.ndarray, settings: TissueSettings) -> float:
     """Summed-OD threshold between glass and tissue.
 
@@ -132,7 +177,7 @@ def detect_tissue(
     # Holes below the lumen size (sinusoids, fat, nuclei-free gaps) are tissue.
     lumen_px = max(_px(settings.lumen_min_area_um2, mpp), 1)
     filled_small = remove_small_holes_fast(raw, lumen_px, connectivity=1)
-    section = ndi.binary_fill_holes(filled_small)
+    section = fill_holes(filled_small)
     lumen = section & ~filled_small
     # Glass pockets cut by the image frame but otherwise enclosed by tissue, up to the size of
     # a large vessel, are lumens too (a vein at the edge of a microscope field), not outer glass.
@@ -158,7 +203,7 @@ def detect_tissue(
         # (a section filling the whole image has no glass edge: the band is empty)
         # distance to glass outside the section; the frame of the image is not glass
         padded = np.pad(section, 1, constant_values=True)
-        dist = ndi.distance_transform_edt(padded)[1:-1, 1:-1]
+        dist = edt(padded)[1:-1, 1:-1]
         band = tissue & (dist * mpp <= settings.capsule_width_um)
     wall = np.zeros_like(section)
     if settings.exclude_vessel_walls_above_um2 is not None and lumen.any():
@@ -166,7 +211,7 @@ def detect_tissue(
             lumen, _px(settings.exclude_vessel_walls_above_um2, mpp) + 1, connectivity=1
         )
         if big.any():
-            dist_l = ndi.distance_transform_edt(~big)
+            dist_l = edt(~big)
             wall = tissue & (dist_l * mpp <= settings.vessel_wall_um)
     return TissueMask(
         mpp=mpp, section=section, tissue=tissue, lumen=lumen, fold=fold, capsule_band=band,
@@ -198,7 +243,7 @@ def with_capsule(tissue: TissueMask, collagen: np.ndarray) -> TissueMask:
     if not band.any():
         return tissue
     padded = np.pad(tissue.section, 1, constant_values=True)
-    dist = ndi.distance_transform_edt(padded)[1:-1, 1:-1]
+    dist = edt(padded)[1:-1, 1:-1]
     seeds = band & (dist <= 3.5) & collagen
     region = ndi.binary_propagation(seeds, mask=collagen & band, structure=np.ones((3, 3)))
     if region.any():

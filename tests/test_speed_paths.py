@@ -7,6 +7,8 @@ import warnings
 import cv2
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from skimage.morphology import remove_small_holes, remove_small_objects
 
 from fibroquant import kernels, pipeline
@@ -365,3 +367,35 @@ def test_kernel_warmup_failure_is_raised_on_the_callers_thread(monkeypatch):
         if t.name == "fibroquant-warmup":
             t.join(timeout=10)
     assert sorted(threads) == sorted(["fibroquant-warmup", threading.current_thread().name])
+
+
+# ------------------------------------------------------------------------------------------
+# OpenCV stand-ins for scipy.ndimage on the tissue thumbnail
+# ------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 90), st.integers(1, 90), st.floats(0.05, 1.0), st.integers(0, 2**31 - 1))
+def test_edt_and_fill_holes_equal_scipy(h, w, density, seed):
+    from scipy import ndimage as ndi
+
+    from fibroquant.tissue import edt, fill_holes
+
+    rng = np.random.default_rng(seed)
+    mask = rng.random((h, w)) < density
+    if rng.random() < 0.5:  # blobs and rings as well as salt and pepper
+        mask = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), 2.0) > 0.5
+    np.testing.assert_array_equal(fill_holes(mask), ndi.binary_fill_holes(mask))
+    got, ref = edt(mask), ndi.distance_transform_edt(mask)
+    assert got.dtype == np.float64
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_edt_far_from_background_within_a_thousandth_of_a_pixel():
+    from scipy import ndimage as ndi
+
+    from fibroquant.tissue import edt
+
+    mask = np.ones((2500, 2500), bool)
+    mask[0, 0] = False  # distances up to 3,500 px
+    assert np.abs(edt(mask) - ndi.distance_transform_edt(mask)).max() < 1e-3
