@@ -399,3 +399,20 @@ def test_edt_far_from_background_within_a_thousandth_of_a_pixel():
     mask = np.ones((2500, 2500), bool)
     mask[0, 0] = False  # distances up to 3,500 px
     assert np.abs(edt(mask) - ndi.distance_transform_edt(mask)).max() < 1e-3
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 70), st.integers(1, 70), st.floats(0.1, 0.9), st.integers(0, 2**31 - 1))
+def test_capsule_propagation_and_dilation_equal_scipy(h, w, density, seed):
+    from scipy import ndimage as ndi
+
+    from fibroquant.tissue import _components_with
+
+    rng = np.random.default_rng(seed)
+    mask = rng.random((h, w)) < density
+    seeds = mask & (rng.random((h, w)) < 0.03)
+    ref = ndi.binary_propagation(seeds, mask=mask, structure=np.ones((3, 3)))
+    np.testing.assert_array_equal(_components_with(mask, seeds), ref)
+    dilated = cv2.dilate(np.ascontiguousarray(seeds).view(np.uint8), np.ones((3, 3), np.uint8))
+    np.testing.assert_array_equal(dilated.view(bool),
+                                  ndi.binary_dilation(seeds, structure=np.ones((3, 3))))
