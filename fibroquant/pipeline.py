@@ -759,10 +759,15 @@ def _hist_order_stats(hist: np.ndarray, ks: list[int]) -> list[int]:
 
 def _median_uint8_columns(px: np.ndarray) -> np.ndarray:
     """``np.median(px, axis=0)`` of uint8 (N, 3) pixels (N >= 1), float64, via histograms."""
-    n = len(px)
-    out = np.empty(px.shape[1], np.float64)
-    for c in range(px.shape[1]):
-        a, b = _hist_order_stats(_bincount(px[:, c], 256), [(n - 1) // 2, n // 2])
+    return _median_from_histograms([_bincount(px[:, c], 256) for c in range(px.shape[1])],
+                                   len(px))
+
+
+def _median_from_histograms(hists: list[np.ndarray], n: int) -> np.ndarray:
+    """Per-channel ``np.median`` of n uint8 values given their 256-bin histograms."""
+    out = np.empty(len(hists), np.float64)
+    for c, hist in enumerate(hists):
+        a, b = _hist_order_stats(hist, [(n - 1) // 2, n // 2])
         out[c] = np.mean(np.array([a, b], np.uint8)) if a != b else float(a)
     return out
 
@@ -775,9 +780,19 @@ def _estimate_background(
     if px.dtype != np.uint8:
         return estimate_background(rgb_pixels, glass_mask=glass_mask, min_pixels=min_pixels)
     if glass_mask is not None:
-        g = px[np.asarray(glass_mask).reshape(-1)]
-        if len(g) >= min_pixels:
-            bg = _median_uint8_columns(g)
+        glass = np.asarray(glass_mask).reshape(-1)
+        n_glass = int(np.count_nonzero(glass))
+        if n_glass >= min_pixels:
+            if n_glass < 2**24 and px.flags.c_contiguous:
+                # histograms of the glass pixels in place (no copy of them); OpenCV's float32
+                # counts are exact below 2**24
+                image = px.reshape(-1, 1, 3)
+                m = np.ascontiguousarray(glass).view(np.uint8).reshape(-1, 1)
+                hists = [cv2.calcHist([image], [c], m, [256], [0, 256]).ravel().astype(np.int64)
+                         for c in range(3)]
+                bg = _median_from_histograms(hists, n_glass)
+            else:
+                bg = _median_uint8_columns(px[glass])
             if bg.min() >= 120:
                 return tuple(float(max(b, 1.0)) for b in bg), "glass"  # type: ignore[return-value]
     if len(px) == 0:
