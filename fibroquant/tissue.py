@@ -260,8 +260,8 @@ def _components_with(mask: np.ndarray, seeds: np.ndarray) -> np.ndarray:
     mask = np.ascontiguousarray(mask, dtype=bool)
     if not seeds.any():
         return np.zeros(mask.shape, bool)
-    _, labels = cv2.connectedComponents(mask.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
-    keep = np.zeros(int(labels.max()) + 1, bool)
+    n, labels = cv2.connectedComponents(mask.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+    keep = np.zeros(n, bool)
     keep[labels[seeds]] = True
     keep[0] = False
     return keep[labels]
@@ -586,7 +586,7 @@ def _candidates(
             box = _box(stats[j], margin, whole.shape)
             hole = lab[box] == j
             near = cv2.distanceTransform((~hole).view(np.uint8), cv2.DIST_L2, 3) <= limits.rim_px
-            rimmed = ndi.binary_fill_holes(hole | near & ring[box])
+            rimmed = fill_holes(hole | near & ring[box])
             yield rimmed, (box[0].start, box[1].start), False
 
 

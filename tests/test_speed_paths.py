@@ -158,14 +158,9 @@ def _fused_inputs(seed):
     return rgb, lut, unmix, others, flags, thr, rows, cols
 
 
-@pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("f", [1, 3, 4])
-@pytest.mark.parametrize("stride", [0, 2])
-@pytest.mark.parametrize("min_share", [0.0, 0.35])
-@pytest.mark.parametrize("min_px", [0, 12])
-def test_measure_tile_fused_equals_reference(seed, f, stride, min_share, min_px):
-    rgb, lut, unmix, others, flags, thr, rows, cols = _fused_inputs(seed)
-    args = (rgb, lut, unmix, others, min_share, flags, thr, rows, cols, f, stride, min_px)
+def _fused_equals_reference(*args):
+    """Run the fused kernel and its numpy reference on the same arguments; assert they agree
+    (counts, OD sum, blocks, focus samples) and return the fused result."""
     a = kernels.measure_tile_fused(*args)
     b = kernels.measure_tile_reference(*args)
     assert a.counts == b.counts
@@ -173,6 +168,18 @@ def test_measure_tile_fused_equals_reference(seed, f, stride, min_share, min_px)
     np.testing.assert_array_equal(a.blocks, b.blocks)
     np.testing.assert_array_equal(a.od_sub, b.od_sub)
     np.testing.assert_array_equal(a.tissue_sub, b.tissue_sub)
+    return a
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("f", [1, 3, 4])
+@pytest.mark.parametrize("stride", [0, 2])
+@pytest.mark.parametrize("min_share", [0.0, 0.35])
+@pytest.mark.parametrize("min_px", [0, 12])
+def test_measure_tile_fused_equals_reference(seed, f, stride, min_share, min_px):
+    rgb, lut, unmix, others, flags, thr, rows, cols = _fused_inputs(seed)
+    a = _fused_equals_reference(
+        rgb, lut, unmix, others, min_share, flags, thr, rows, cols, f, stride, min_px)
     # every pixel is counted once as tissue, capsule, wall or outside; blocks add up
     assert a.blocks[1].sum() == a.counts["tissue_px"]
     assert a.blocks[0].sum() == a.counts["collagen_px"] <= a.counts["tissue_px"]
@@ -189,13 +196,7 @@ def test_measure_tile_fused_equals_reference_on_row_structured_classes(seed, f):
              np.full(flags.shape[1], 8, np.uint8), np.full(flags.shape[1], 1 | 2, np.uint8),
              rng.choice(np.array([0, 1], np.uint8), flags.shape[1]), flags[0]]
     flags = np.stack([kinds[i % len(kinds)] for i in range(flags.shape[0])])
-    args = (rgb, lut, unmix, others, 0.35, flags, thr, rows, cols, f, 2, 12)
-    a = kernels.measure_tile_fused(*args)
-    b = kernels.measure_tile_reference(*args)
-    assert a.counts == b.counts
-    assert a.collagen_od_sum == pytest.approx(b.collagen_od_sum, rel=1e-9, abs=1e-9)
-    np.testing.assert_array_equal(a.blocks, b.blocks)
-    np.testing.assert_array_equal(a.tissue_sub, b.tissue_sub)
+    _fused_equals_reference(rgb, lut, unmix, others, 0.35, flags, thr, rows, cols, f, 2, 12)
 
 
 def test_fused_speck_removal_with_overlapping_speck_boxes():
