@@ -9,7 +9,8 @@ background, stain estimation, threshold maps) before any tile is read. ``wsi.py`
 field of view with no glass, where that pass is cheapest; this script measures a whole section
 (``make_section(field_of_view=False)``, 0.5 µm/px) held in memory as a 4-level pyramid, so no
 decoding is involved: it prints the seconds per slide for 1 and 2 tile threads (after one
-warm-up run) and the time of each low-resolution step of one run.
+warm-up run) and the time of each low-resolution step of one run (a step called inside
+another, like the background estimate inside the stain fit, counts in both).
 """
 
 from __future__ import annotations
