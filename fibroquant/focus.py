@@ -30,7 +30,8 @@ def block_sharpness(od_sum: np.ndarray, tissue: np.ndarray, *, min_tissue_fracti
     float
         ``var(Laplacian(od_sum)) / var(od_sum)`` over tissue pixels (unitless).
     """
-    if od_sum.size == 0 or tissue.mean() < min_tissue_fraction or min(od_sum.shape) < 8:
+    if (od_sum.size == 0 or min(od_sum.shape) < 8
+            or np.count_nonzero(tissue) / tissue.size < min_tissue_fraction):
         return float("nan")
     od_sum = np.ascontiguousarray(od_sum, np.float32)
     lap = cv2.Laplacian(od_sum, cv2.CV_32F, ksize=3)

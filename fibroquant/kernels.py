@@ -157,18 +157,48 @@ FUSED_COUNTS = ("tissue_px", "collagen_px", "capsule_px", "wall_px", "lumen_px",
                 "bubble_px")
 
 
+def _find_py(parent: np.ndarray, a: int) -> int:
+    # root of run ``a`` (union-find with path halving)
+    while parent[a] != a:
+        parent[a] = parent[parent[a]]
+        a = parent[a]
+    return a
+
+
+_find_nb = _jit(_find_py)
+
+
+def _grow_py(runs: np.ndarray, rod: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # double the capacity of the run table
+    n = runs.shape[0]
+    runs2 = np.empty((2 * n, runs.shape[1]), runs.dtype)
+    rod2 = np.empty(2 * n, rod.dtype)
+    runs2[:n] = runs
+    rod2[:n] = rod
+    return runs2, rod2
+
+
+_grow_nb = _jit(_grow_py)
+
+
 def _tile_py(
     rgb: np.ndarray, lut: np.ndarray, tables: np.ndarray, others: np.ndarray,
     min_share: np.float32, flags: np.ndarray, thr: np.ndarray, rows: np.ndarray,
     cols: np.ndarray, f: int, blocks: np.ndarray, stride: int,
     od_sub: np.ndarray, tis_sub: np.ndarray, counts: np.ndarray, od_total: np.ndarray,
-    colmask: np.ndarray, want_mask: bool,
+    min_px: int,
 ) -> None:
     # Row by row. The class and threshold of each column are gathered once per low-resolution
     # row, with the list of its "special" columns (capsule band, wall, lumen, fold, bubble).
     # Glass and plain tissue (the bulk of a slide) take branch-free loops the compiler
     # vectorises; only the special columns take a per-pixel loop. Block counts accumulate per
     # column over the f rows of a block row, then go to their block through ``bcol``.
+    #
+    # Speck removal (min_px > 1): each row's final collagen pixels are stored as runs
+    # (row, first column, last column, parent) with their OD sums, and every run is joined
+    # (union-find) to the runs of the row above that touch it, 8-connected. At the end, the
+    # components smaller than min_px that do not touch the tile's edge are taken out of the
+    # counts, the OD sum and the block counts. No full-resolution mask is written.
     t0 = tables[0]
     t1 = tables[1]
     t2 = tables[2]
@@ -183,6 +213,7 @@ def _tile_py(
     fb = np.empty(w, np.uint8)
     isp = np.empty(w, np.int32)  # 1 where the column is plain tissue
     spec = np.empty(w, np.int32)  # special columns of the current low-resolution row
+    scol = np.empty(w, np.int32)  # special columns of the current row that are collagen
     hit = np.empty(w, np.int32)
     acc_col = np.zeros(w, np.int32)
     acc_tis = np.zeros(w, np.int32)
@@ -191,7 +222,13 @@ def _tile_py(
     bcol = np.empty(w, np.int64)  # block column of every column
     for j in range(w):
         bcol[j] = j // f
-    hits = np.empty(w, np.int64)  # columns that passed the cut (share guard)
+    hits = np.empty(w, np.int64)  # columns that passed the cut (share guard, runs)
+    want_runs = min_px > 1
+    runs = np.empty((4096 if want_runs else 1, 4), np.int32)  # row, first, last, parent
+    rod = np.empty(runs.shape[0], np.float64)  # OD sum of each run
+    n_runs = 0
+    prev0 = 0  # runs of the previous row: prev0 .. prev1 - 1
+    prev1 = 0
     n_tis = 0
     n_col = 0
     n_cap = 0
@@ -229,34 +266,40 @@ def _tile_py(
         if n_plain + n_spec > 0:  # not glass only
             for j in range(w):
                 buf[j] = t0[rgb[i, j, 0]] + t1[rgb[i, j, 1]] + t2[rgb[i, j, 2]]
+        k = 0
+        m = 0  # hits[:m] lists the plain columns that are collagen, when k > 0
         if n_plain > 0:
-            k = 0
             for j in range(w):
                 hit[j] = (buf[j] > tb[j]) & (isp[j] != 0)
                 k += hit[j]
-            if k > 0 and n_other > 0:  # the collagen-share guard, only where the cut passed
-                m = 0
+            if k > 0 and (n_other > 0 or want_runs):
                 for j in range(w):  # branch-free list of the hit columns
                     hits[m] = j
                     m += hit[j]
+            if k > 0 and n_other > 0:  # the collagen-share guard, only where the cut passed
                 for q in range(m):
                     j = hits[q]
                     if not _share_ok_nb(buf[j], rgb[i, j, 0], rgb[i, j, 1], rgb[i, j, 2],
                                         others, min_share):
                         hit[j] = 0
                         k -= 1
+                if want_runs and k < m:  # drop the columns the guard took out
+                    m2 = 0
+                    for q in range(m):
+                        j = hits[q]
+                        hits[m2] = j
+                        m2 += hit[j]
+                    m = m2
             if k > 0:
                 # per-column sums (no serial float chain across the row: vectorised)
                 for j in range(w):
                     acc_col[j] += hit[j]
                     acc_od[j] += buf[j] * hit[j]
                 n_col += k
-                if want_mask:
-                    for j in range(w):
-                        colmask[i, j] = hit[j]
             for j in range(w):
                 acc_tis[j] += isp[j]
             n_tis += n_plain
+        n_scol = 0
         for q in range(n_spec):
             j = spec[q]
             fl = fb[j]
@@ -289,10 +332,57 @@ def _tile_py(
                         n_col += 1
                         acc_od[j] += c
                         acc_col[j] += 1
-                        if want_mask:
-                            colmask[i, j] = 1
+                        scol[n_scol] = j
+                        n_scol += 1
             if excluded:
                 acc_exc[j] += 1
+        if want_runs:
+            if k == 0:
+                m = 0
+            if n_scol > 0:  # merge the special collagen columns into the sorted list
+                if n_plain == 0:  # ``hit`` holds an earlier row
+                    for j in range(w):
+                        hit[j] = 0
+                for q in range(n_scol):
+                    hit[scol[q]] = 1
+                m = 0
+                for j in range(w):
+                    hits[m] = j
+                    m += hit[j]
+            cur0 = n_runs
+            p = prev0
+            q = 0
+            while q < m:
+                s = hits[q]
+                e = s
+                od = np.float64(buf[s])
+                q += 1
+                while q < m and hits[q] == e + 1:
+                    e = hits[q]
+                    od += buf[e]
+                    q += 1
+                if n_runs == runs.shape[0]:
+                    runs, rod = _grow_nb(runs, rod)
+                runs[n_runs, 0] = i
+                runs[n_runs, 1] = s
+                runs[n_runs, 2] = e
+                runs[n_runs, 3] = n_runs
+                rod[n_runs] = od
+                # join the runs of the row above that touch this one (8-connected)
+                while p < prev1 and runs[p, 2] < s - 1:
+                    p += 1
+                pp = p
+                while pp < prev1 and runs[pp, 1] <= e + 1:
+                    ra = _find_nb(runs[:, 3], pp)
+                    rb = _find_nb(runs[:, 3], n_runs)
+                    if ra < rb:
+                        runs[rb, 3] = ra
+                    elif rb < ra:
+                        runs[ra, 3] = rb
+                    pp += 1
+                n_runs += 1
+            prev0 = cur0
+            prev1 = n_runs
         if i % f == f - 1 or i == h - 1:
             b0 = blocks[0, i // f]
             b1 = blocks[1, i // f]
@@ -307,85 +397,44 @@ def _tile_py(
             acc_exc[:] = 0
     for j in range(w):  # the OD sum needs no blocks: one per-column float64 sum per tile
         od_acc += acc_od[j]
+    n_rm = 0
+    od_rm = 0.0
+    if n_runs > 0:
+        # size and bounding box of every component (roots have the smallest index)
+        size = np.zeros(n_runs, np.int64)
+        r0 = np.full(n_runs, h, np.int64)
+        r1 = np.full(n_runs, -1, np.int64)
+        c0 = np.full(n_runs, w, np.int64)
+        c1 = np.full(n_runs, -1, np.int64)
+        parent = runs[:, 3]
+        for r in range(n_runs):
+            root = _find_nb(parent, r)
+            parent[r] = root
+            size[root] += runs[r, 2] - runs[r, 1] + 1
+            r0[root] = min(r0[root], runs[r, 0])
+            r1[root] = max(r1[root], runs[r, 0])
+            c0[root] = min(c0[root], runs[r, 1])
+            c1[root] = max(c1[root], runs[r, 2])
+        # components touching the tile's edge may continue in the next tile: kept
+        for r in range(n_runs):
+            root = parent[r]
+            if size[root] < min_px and r0[root] > 0 and c0[root] > 0 and r1[root] < h - 1 \
+                    and c1[root] < w - 1:
+                n_rm += runs[r, 2] - runs[r, 1] + 1
+                od_rm += rod[r]
+                b0 = blocks[0, runs[r, 0] // f]
+                for j in range(runs[r, 1], runs[r, 2] + 1):
+                    b0[bcol[j]] -= 1
     counts[0] += n_tis
-    counts[1] += n_col
+    counts[1] += n_col - n_rm
     counts[2] += n_cap
     counts[3] += n_wall
     counts[4] += n_lum
     counts[5] += n_fold
     counts[6] += n_bub
-    od_total[0] += od_acc
+    od_total[0] += od_acc - od_rm
 
 
-def _drop_px_py(
-    i: int, j: int, rgb: np.ndarray, t0: np.ndarray, t1: np.ndarray, t2: np.ndarray, f: int,
-    blocks: np.ndarray,
-) -> float:
-    # take one speck pixel out of its block's collagen count; returns its concentration
-    blocks[0, i // f, j // f] -= 1
-    return t0[rgb[i, j, 0]] + t1[rgb[i, j, 1]] + t2[rgb[i, j, 2]]
-
-
-_drop_px_nb = _jit(_drop_px_py)
-
-
-def _specks_py(
-    labels: np.ndarray, n: int, min_px: int, rgb: np.ndarray, tables: np.ndarray, f: int,
-    blocks: np.ndarray, out: np.ndarray,
-) -> None:
-    # One pass for the size and bounding box of every component; then only the boxes of the
-    # specks are visited. Components touching the tile's edge may continue in the next tile
-    # and are kept.
-    h, w = labels.shape
-    size = np.zeros(n, np.int64)
-    r0 = np.full(n, h, np.int64)
-    r1 = np.full(n, -1, np.int64)
-    c0 = np.full(n, w, np.int64)
-    c1 = np.full(n, -1, np.int64)
-    for i in range(h):
-        for j in range(w):
-            lab = labels[i, j]
-            if lab != 0:
-                size[lab] += 1
-                if i < r0[lab]:
-                    r0[lab] = i
-                r1[lab] = i
-                if j < c0[lab]:
-                    c0[lab] = j
-                if j > c1[lab]:
-                    c1[lab] = j
-    t0 = tables[0]
-    t1 = tables[1]
-    t2 = tables[2]
-    speck = np.zeros(n, np.bool_)
-    box_area = 0
-    for lab in range(1, n):
-        if size[lab] < min_px and r0[lab] > 0 and c0[lab] > 0 and r1[lab] < h - 1 \
-                and c1[lab] < w - 1:
-            speck[lab] = True
-            box_area += (r1[lab] - r0[lab] + 1) * (c1[lab] - c0[lab] + 1)
-    n_rm = 0
-    od_rm = 0.0
-    if box_area > h * w:  # boxes overlap more than they save (many long diagonal specks)
-        for i in range(h):
-            for j in range(w):
-                if speck[labels[i, j]]:
-                    n_rm += 1
-                    od_rm += _drop_px_nb(i, j, rgb, t0, t1, t2, f, blocks)
-    else:
-        for lab in range(1, n):
-            if not speck[lab]:
-                continue
-            for i in range(r0[lab], r1[lab] + 1):
-                for j in range(c0[lab], c1[lab] + 1):
-                    if labels[i, j] == lab:
-                        n_rm += 1
-                        od_rm += _drop_px_nb(i, j, rgb, t0, t1, t2, f, blocks)
-    out[0] = n_rm
-    out[1] = od_rm
-
-
-_specks_nb = _jit(_specks_py)
 _conc_nb = _jit(_conc_py)
 _conc_mask_nb = _jit(_conc_mask_py)
 _gather_nb = _jit(_gather_py)
@@ -443,8 +492,6 @@ def warmup_fused() -> bool:
             measure_tile_fused(rgb, np.zeros((3, 256), np.float32), np.zeros(3, np.float32),
                                (np.zeros(3, np.float32),), 0.5, np.ones((1, 1), np.uint8),
                                np.zeros((1, 1), np.float32), idx, idx, 1, 2, 5)
-            _specks_nb(np.zeros((2, 2), np.int32), 1, 5, rgb, np.zeros((3, 256), np.float32), 1,
-                       np.zeros((3, 2, 2), np.int32), np.zeros(2, np.float64))
             _warm_fused = True
     return True
 
@@ -820,8 +867,8 @@ def measure_tile_fused(
     min_px : int
         Collagen specks (8-connected components of the final collagen mask) smaller than this
         are not collagen; components touching the tile's edge are kept (they may continue in
-        the neighbouring tile). The mask is labelled by OpenCV, the counts corrected by a
-        second kernel.
+        the neighbouring tile). The kernel finds them from runs of collagen pixels joined
+        row to row (union-find), without writing a full-resolution mask.
 
     Returns
     -------
@@ -851,19 +898,10 @@ def measure_tile_fused(
         od_sub, tis_sub = np.zeros((0, 0), np.float32), np.zeros((0, 0), bool)
     counts = np.zeros(len(FUSED_COUNTS), np.int64)
     od_total = np.zeros(1, np.float64)
-    want = min_px > 1
-    colmask = np.zeros((h, w) if want else (1, 1), np.uint8)
     tables = scaled_tables(lut, unmix_col)
     _tile_nb(rgb, lut, tables, others, np.float32(min_share), flags, thr,
              rows, cols, int(f), blocks, int(stride), od_sub, tis_sub, counts, od_total,
-             colmask, want)
-    if want and counts[1] > 0:
-        n, labels = cv2.connectedComponents(colmask, connectivity=8, ltype=cv2.CV_32S)
-        if n > 1:
-            rm = np.zeros(2, np.float64)
-            _specks_nb(labels, n, int(min_px), rgb, tables, int(f), blocks, rm)
-            counts[1] -= int(rm[0])
-            od_total[0] -= rm[1]
+             int(min_px))
     return FusedTile(dict(zip(FUSED_COUNTS, (int(c) for c in counts))), float(od_total[0]),
                      blocks, od_sub, tis_sub)
 
