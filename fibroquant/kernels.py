@@ -435,12 +435,78 @@ def _tile_py(
     od_total[0] += od_acc - od_rm
 
 
+def _focus_py(od: np.ndarray, tis: np.ndarray, ref: float, out: np.ndarray) -> None:
+    # Moments for the focus measure, in float64: count, sum and sum of squares of ``od - ref``
+    # over the tissue pixels; the same of the 3x3 Laplacian (OpenCV's ksize=3 aperture:
+    # 2 at the corners, -8 at the centre) over the tissue pixels off the frame. Sums run per
+    # column (a float chain across the row would not vectorise), then across columns.
+    h, w = od.shape
+    cn = np.zeros(w, np.int64)
+    c1 = np.zeros(w, np.float64)
+    c2 = np.zeros(w, np.float64)
+    dn = np.zeros(w, np.int64)
+    d1 = np.zeros(w, np.float64)
+    d2 = np.zeros(w, np.float64)
+    for i in range(h):
+        for j in range(w):
+            t = np.float64(tis[i, j])
+            x = (np.float64(od[i, j]) - ref) * t
+            cn[j] += tis[i, j]
+            c1[j] += x
+            c2[j] += x * x
+        if 0 < i < h - 1:
+            for j in range(1, w - 1):
+                t = np.float64(tis[i, j])
+                lap = (2.0 * ((np.float64(od[i - 1, j - 1]) + od[i - 1, j + 1])
+                              + (np.float64(od[i + 1, j - 1]) + od[i + 1, j + 1]))
+                       - 8.0 * np.float64(od[i, j])) * t
+                dn[j] += tis[i, j]
+                d1[j] += lap
+                d2[j] += lap * lap
+    for k in range(6):
+        out[k] = 0.0
+    for j in range(w):
+        out[0] += cn[j]
+        out[1] += c1[j]
+        out[2] += c2[j]
+        out[3] += dn[j]
+        out[4] += d1[j]
+        out[5] += d2[j]
+
+
+def focus_moments(od: np.ndarray, tissue: np.ndarray) -> np.ndarray | None:
+    """Moments of a block's summed OD and of its Laplacian for :mod:`fibroquant.focus`.
+
+    Parameters
+    ----------
+    od : ndarray of float32, shape (H, W)
+    tissue : ndarray of bool, shape (H, W)
+
+    Returns
+    -------
+    ndarray of float64, shape (7,) or None
+        ``n, sum, sum of squares`` of ``od - ref`` over tissue, the same of the Laplacian over
+        tissue off the frame, and ``ref`` (the block's centre value); None without numba or
+        for other dtypes (the caller then uses OpenCV).
+    """
+    if not (HAVE_NUMBA and isinstance(od, np.ndarray) and od.dtype == np.float32
+            and isinstance(tissue, np.ndarray) and tissue.dtype == np.bool_
+            and od.ndim == 2 and od.shape == tissue.shape and od.size):
+        return None
+    out = np.zeros(7, np.float64)
+    ref = float(od[od.shape[0] // 2, od.shape[1] // 2])
+    _focus_nb(od, tissue, ref, out)
+    out[6] = ref
+    return out
+
+
 _conc_nb = _jit(_conc_py)
 _conc_mask_nb = _jit(_conc_mask_py)
 _gather_nb = _jit(_gather_py)
 _block_nb = _jit(_block_py)
 _share_nb = _jit(_share_py)
 _tile_nb = _jit(_tile_py)
+_focus_nb = _jit(_focus_py)
 
 _warm_lock = threading.Lock()
 _warm_fused_lock = threading.Lock()  # apart: the slow path need not wait for it
@@ -492,6 +558,7 @@ def warmup_fused() -> bool:
             measure_tile_fused(rgb, np.zeros((3, 256), np.float32), np.zeros(3, np.float32),
                                (np.zeros(3, np.float32),), 0.5, np.ones((1, 1), np.uint8),
                                np.zeros((1, 1), np.float32), idx, idx, 1, 2, 5)
+            focus_moments(np.zeros((2, 2), np.float32), np.ones((2, 2), bool))
             _warm_fused = True
     return True
 

@@ -1,5 +1,6 @@
 import cv2
 import numpy as np
+import pytest
 
 from fibroquant.focus import block_sharpness, unfocused
 from fibroquant.stains import rgb_to_od
@@ -37,3 +38,22 @@ def test_contrast_does_not_count_as_focus():
 def test_too_few_blocks_or_no_tissue():
     assert not unfocused(np.array([1.0, 0.01]), factor=0.5).any()
     assert np.isnan(block_sharpness(np.ones((64, 64), np.float32), np.zeros((64, 64), bool)))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_one_pass_moments_equal_opencv_laplacian_and_variances(seed, monkeypatch):
+    """The numba moments give OpenCV's sharpness (float32 Laplacian image + meanStdDev) to
+    ~1e-6 (OpenCV's float32 Laplacian is the less precise of the two), for whole-tissue
+    blocks, masked blocks, odd shapes and OD levels away from zero."""
+    from fibroquant import kernels
+
+    rng = np.random.default_rng(seed)
+    h, w = rng.integers(8, 90, 2)
+    od = (rng.random((h, w)) * rng.uniform(0.05, 2) + rng.uniform(0, 3)).astype(np.float32)
+    od = cv2.GaussianBlur(od, (0, 0), rng.uniform(0.3, 2))
+    tissue = np.ones((h, w), bool) if seed % 2 else rng.random((h, w)) < 0.8
+    fast = block_sharpness(od, tissue)
+    assert kernels.focus_moments(od, tissue) is not None or not kernels.HAVE_NUMBA
+    monkeypatch.setattr(kernels, "focus_moments", lambda *a: None)
+    ref = block_sharpness(od, tissue)
+    assert fast == pytest.approx(ref, rel=1e-5, nan_ok=True)
