@@ -124,12 +124,12 @@ def test_implausible_estimate_falls_back_to_preset_with_warning():
 
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 40), st.integers(1, 40), st.integers(0, 2**31 - 1),
-       st.sampled_from([np.float32, np.float64]))
-def test_channel_sum_equals_numpy_sum_to_the_bit(h, w, seed, dtype):
+       st.sampled_from([np.float32, np.float64]), st.integers(1, 9))
+def test_channel_sum_equals_numpy_sum_to_the_bit(h, w, seed, dtype, k):
     from fibroquant.stains import channel_sum
 
     rng = np.random.default_rng(seed)
-    a = (rng.standard_normal((h, w, 3)) * 10.0 ** rng.integers(-4, 5, (h, w, 3))).astype(dtype)
+    a = (rng.standard_normal((h, w, k)) * 10.0 ** rng.integers(-4, 5, (h, w, k))).astype(dtype)
     out = channel_sum(a)
     assert out.dtype == a.dtype
     np.testing.assert_array_equal(out, a.sum(axis=-1))
