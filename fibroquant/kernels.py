@@ -20,6 +20,11 @@ Public API
     Exact, faster replacements for ``pipeline._lookup`` (``mask[np.ix_(rows, cols)]``) and
     ``pipeline._block_reduce`` (the per-tile mask bookkeeping, which dominated the tile loop in
     ``benchmarks/wsi.py``'s profile).
+``measure_tile_fused(...)``
+    The whole-slide fast path: one pass per tile for counts, block counts, focus samples and
+    speck removal (runs of collagen pixels joined row to row by union-find).
+``focus_moments(od, tissue)``
+    One-pass moments of a block's summed OD and of its Laplacian (:mod:`fibroquant.focus`).
 ``warmup()``
     Compile (or load from numba's on-disk cache) once, before starting worker threads.
 ``HAVE_NUMBA``
@@ -982,6 +987,7 @@ __all__ = [
     "collagen_concentration_and_mask",
     "collagen_concentration_and_share",
     "collagen_concentration_fast",
+    "focus_moments",
     "lookup_nearest",
     "scaled_tables",
     "threshold_as_float32",
