@@ -443,3 +443,22 @@ def test_capsule_propagation_and_dilation_equal_scipy(h, w, density, seed):
     dilated = cv2.dilate(np.ascontiguousarray(seeds).view(np.uint8), np.ones((3, 3), np.uint8))
     np.testing.assert_array_equal(dilated.view(bool),
                                   ndi.binary_dilation(seeds, structure=np.ones((3, 3))))
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("field_of_view", [False, True])
+def test_glass_colour_from_a_small_detection_equals_the_full_size_one(seed, field_of_view):
+    """The glass mask of the background estimate comes from a 4x smaller tissue detection;
+    the glass colour (and its source) is the one a full-size detection gives."""
+    from fibroquant.config import Settings
+    from fibroquant.synthetic import random_params
+    from fibroquant.tissue import detect_tissue
+
+    p = random_params(seed, shape=(1024, 1024), mpp=1.0, field_of_view=field_of_view)
+    rgb, _ = make_section(p, rng=seed)
+    s = Settings()
+    bg, _ = pipeline._background(rgb, s)
+    full = pipeline._estimate_background(
+        rgb, glass_mask=~detect_tissue(rgb, 1.0, s.tissue, bg).section)
+    assert pipeline._glass_background(rgb, 1.0, s, bg) == full
+    assert (full[1] == "glass") != field_of_view
