@@ -52,6 +52,9 @@ class TissueMask:
         Section under air bubbles, excluded (not part of ``tissue``, ``lumen``,
         ``capsule_band`` or ``vessel_wall``). All False when bubbles are not excluded or none
         were found; also when not given (then set from ``section``'s shape).
+    edge_distance : ndarray of float64 or None
+        Distance of every pixel to the glass around ``section`` (pixels; the image frame is
+        not glass), kept by :func:`detect_tissue` for :func:`with_capsule`, which drops it.
     """
 
     mpp: float
@@ -63,6 +66,7 @@ class TissueMask:
     vessel_wall: np.ndarray
     glass_od: float
     bubble: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
+    edge_distance: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.bubble is None:
@@ -159,7 +163,8 @@ def detect_tissue(
     -------
     TissueMask
     """
-    od_sum = channel_sum(rgb_to_od(rgb, background_rgb))
+    od = rgb_to_od(rgb, background_rgb)
+    od_sum = channel_sum(od)
     # a median keeps the tissue edge where it is (a Gaussian would push it into the glass)
     ksize = 5 if settings.smooth_um / mpp >= 1.5 else 3
     if min(od_sum.shape) >= ksize:
@@ -168,10 +173,11 @@ def detect_tissue(
     raw = od_sum > t
     bubble = np.zeros_like(raw)
     if settings.exclude_bubbles:
-        bubble = detect_bubbles(rgb, mpp, settings, background_rgb, raw)
+        bubble = detect_bubbles(rgb, mpp, settings, background_rgb, raw, od=od)
         if bubble.any():
             # a rim absorbs over glass too: decide what lies under it from its surroundings
             raw = _under_rims(raw, bubble, settings.bubble_rim_max_um / mpp)
+    del od  # the thumbnail's OD is not needed further on (peak memory)
     # = skimage remove_small_objects(raw, max_size=_px(...) - 1) (4-connected), faster
     raw = remove_small_objects_fast(raw, _px(settings.min_tissue_area_um2, mpp), connectivity=1)
     # Holes below the lumen size (sinusoids, fat, nuclei-free gaps) are tissue.
@@ -182,7 +188,7 @@ def detect_tissue(
     # Glass pockets cut by the image frame but otherwise enclosed by tissue, up to the size of
     # a large vessel, are lumens too (a vein at the edge of a microscope field), not outer glass.
     max_px = _px(settings.lumen_max_area_um2, mpp)
-    outside, n = ndi.label(~section)
+    outside, n = _label4(~section)
     if n:
         frame = np.zeros_like(section)
         frame[0, :] = frame[-1, :] = frame[:, 0] = frame[:, -1] = True
@@ -199,11 +205,10 @@ def detect_tissue(
     fold = np.zeros_like(section)
     tissue = section & ~lumen & ~bubble
     band = np.zeros_like(section)
+    dist = None
     if settings.exclude_capsule and settings.capsule_width_um > 0 and not section.all():
         # (a section filling the whole image has no glass edge: the band is empty)
-        # distance to glass outside the section; the frame of the image is not glass
-        padded = np.pad(section, 1, constant_values=True)
-        dist = edt(padded)[1:-1, 1:-1]
+        dist = edge_distance(section)
         band = tissue & (dist * mpp <= settings.capsule_width_um)
     wall = np.zeros_like(section)
     if settings.exclude_vessel_walls_above_um2 is not None and lumen.any():
@@ -215,8 +220,25 @@ def detect_tissue(
             wall = tissue & (dist_l * mpp <= settings.vessel_wall_um)
     return TissueMask(
         mpp=mpp, section=section, tissue=tissue, lumen=lumen, fold=fold, capsule_band=band,
-        vessel_wall=wall, glass_od=t, bubble=bubble,
+        vessel_wall=wall, glass_od=t, bubble=bubble, edge_distance=dist,
     )
+
+
+def edge_distance(section: np.ndarray) -> np.ndarray:
+    """Distance of every pixel to the glass outside ``section``, pixels (float64); the
+    frame of the image is not glass."""
+    padded = np.pad(section, 1, constant_values=True)
+    return edt(padded)[1:-1, 1:-1]
+
+
+def _label4(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """``scipy.ndimage.label(mask)`` (4-connected) up to the numbering of the labels, by
+    OpenCV: the label image (int32, 0 = background) and the number of components."""
+    mask = np.ascontiguousarray(mask, dtype=bool)
+    if mask.ndim != 2 or mask.size == 0 or mask.size >= 2**31:
+        return ndi.label(mask)
+    n, labels = cv2.connectedComponents(mask.view(np.uint8), connectivity=4, ltype=cv2.CV_32S)
+    return labels, n - 1
 
 
 def with_capsule(tissue: TissueMask, collagen: np.ndarray) -> TissueMask:
@@ -241,9 +263,10 @@ def with_capsule(tissue: TissueMask, collagen: np.ndarray) -> TissueMask:
     """
     band = tissue.capsule_band
     if not band.any():
-        return tissue
-    padded = np.pad(tissue.section, 1, constant_values=True)
-    dist = edt(padded)[1:-1, 1:-1]
+        return replace(tissue, edge_distance=None)
+    dist = tissue.edge_distance
+    if dist is None or dist.shape != tissue.section.shape:
+        dist = edge_distance(tissue.section)
     seeds = band & (dist <= 3.5) & collagen
     region = _components_with(collagen & band, seeds)  # = ndi.binary_propagation, 8-connected
     if region.any():
@@ -251,7 +274,7 @@ def with_capsule(tissue: TissueMask, collagen: np.ndarray) -> TissueMask:
         region &= dist <= 1.25 * width_px + 1.0
     # = ndi.binary_dilation(region, structure=np.ones((3, 3))) & band
     region = cv2.dilate(region.view(np.uint8), np.ones((3, 3), np.uint8)).view(bool) & band
-    return replace(tissue, capsule_band=region)
+    return replace(tissue, capsule_band=region, edge_distance=None)
 
 
 def _components_with(mask: np.ndarray, seeds: np.ndarray) -> np.ndarray:
@@ -372,7 +395,8 @@ def _open_disk(mask: np.ndarray, radius_px: float) -> np.ndarray:
 
 
 def rim_candidates(
-    rgb: np.ndarray, background_rgb: Vector, settings: TissueSettings
+    rgb: np.ndarray, background_rgb: Vector, settings: TissueSettings,
+    od: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Dark, achromatic pixels: what a bubble's refractile rim looks like.
 
@@ -391,6 +415,8 @@ def rim_candidates(
     background_rgb : tuple of 3 float
         Glass intensity of the slide.
     settings : TissueSettings
+    od : ndarray of float32, shape (H, W, 3), optional
+        ``rgb_to_od(rgb, background_rgb)`` when the caller has it already.
 
     Returns
     -------
@@ -402,9 +428,10 @@ def rim_candidates(
         Grey OD (smallest channel OD).
     """
     lut = od_lut(background_rgb)
-    grey = lut[0][rgb[..., 0]]
-    np.minimum(grey, lut[1][rgb[..., 1]], out=grey)
-    np.minimum(grey, lut[2][rgb[..., 2]], out=grey)
+    if od is None:
+        od = rgb_to_od(rgb, background_rgb)  # = lut[c][rgb[..., c]] per channel
+    grey = np.minimum(od[..., 0], od[..., 1])
+    np.minimum(grey, od[..., 2], out=grey)
     faint = grey >= np.float32(BUBBLE_FAINT_RIM * settings.bubble_rim_od)
     if faint.any():
         px = rgb[faint]
@@ -420,6 +447,8 @@ def detect_bubbles(
     settings: TissueSettings,
     background_rgb: Vector,
     above_glass: np.ndarray | None = None,
+    *,
+    od: np.ndarray | None = None,
 ) -> np.ndarray:
     """Find air bubbles trapped under the coverslip.
 
@@ -468,6 +497,8 @@ def detect_bubbles(
         Glass intensity of the slide.
     above_glass : ndarray of bool, shape (H, W), optional
         Pixels above the glass threshold (computed with :func:`glass_threshold` when not given).
+    od : ndarray of float32, shape (H, W, 3), optional
+        ``rgb_to_od(rgb, background_rgb)`` when the caller has it already.
 
     Returns
     -------
@@ -489,7 +520,7 @@ def detect_bubbles(
     max_px = settings.bubble_max_area_um2 / mpp**2
     if h * w < min_px:
         return out
-    faint, dark, grey = rim_candidates(rgb, background_rgb, settings)
+    faint, dark, grey = rim_candidates(rgb, background_rgb, settings, od)
     if np.count_nonzero(dark) < 8:
         return out
     if above_glass is None:
