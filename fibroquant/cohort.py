@@ -24,7 +24,7 @@ import pandas as pd
 
 from fibroquant.errors import SampleSheetError
 
-__all__ = ["MICE_COLUMNS", "aggregate_mice", "read_sample_sheet", "sheet_without_samples"]
+__all__ = ["MICE_COLUMNS", "RECORD_COLUMNS", "RESERVED_COLUMNS", "aggregate_mice", "read_sample_sheet", "sheet_without_samples"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +44,24 @@ MICE_COLUMNS: tuple[str, ...] = (
     "n_failed_slides",
 )
 
+#: Columns of a slide's stored record (``fibroquant.pipeline`` measures them; the store adds
+#: the fingerprint and settings hash). ``mpp`` is both: a sheet may set it (it is then what was
+#: measured with). tests/test_cohort.py checks this list against a real record.
+RECORD_COLUMNS: frozenset[str] = frozenset({
+    "status", "error", "stain", "format", "mpp", "analysis_mpp", "level", "width_px",
+    "height_px", "mask_mpp", "tissue_area_mm2", "collagen_area_mm2", "cpa_percent",
+    "collagen_od_mean", "capsule_area_mm2", "lumen_area_mm2", "fold_area_mm2",
+    "vessel_wall_area_mm2", "unfocused_area_mm2", "bubble_area_mm2", "glass_od",
+    "background_rgb", "background_source", "stain_source", "stain_vectors", "stain_angle_deg",
+    "stain_angles_deg", "collagen_od_share", "threshold_method", "threshold_od",
+    "parenchyma_od", "collagen_level_od", "share_guard", "parenchyma_share", "stain_fit",
+    "stain_warning", "seconds", "version", "fingerprint", "settings_hash",
+})
+
 #: Names a sheet may not use for extra columns: they would collide with measured columns of
 #: ``slides.csv`` / ``mice.csv`` when the sheet is joined to the results.
 RESERVED_COLUMNS: frozenset[str] = frozenset(
-    {"status", "error", *MICE_COLUMNS[2:]}
+    {*RECORD_COLUMNS, *MICE_COLUMNS[2:]} - {"mpp"}
 )
 
 #: Columns of ``slides.csv`` that are per-slide measurements or bookkeeping, never carried into
@@ -277,9 +291,11 @@ def read_sample_sheet(path: Path, slides_dir: Path, slide_files: Sequence[Path])
         )
     reserved = [h for h in canonical if h in RESERVED_COLUMNS]
     if reserved:
+        hint = (" (the stain is set for the whole run: --stain or the config; analyse each "
+                "stain into its own output folder)") if "stain" in reserved else ""
         raise SampleSheetError(
             f"sample sheet {name}: column(s) {', '.join(reserved)} are reserved for measured "
-            "values; rename them"
+            f"values; rename them{hint}"
         )
 
     # -- values ----------------------------------------------------------------------------

@@ -355,7 +355,9 @@ def build_slides_table(sheet: pd.DataFrame, records: list[dict[str, Any]]) -> pd
         rec = by_slide.get(row["slide"])
         if rec is None:
             rec = {"status": "failed", "error": f"{row['slide']}: not measured"}
-        merged = {**{k: v for k, v in rec.items() if k not in _INTERNAL}, **row}
+        # the sheet's mpp is the one measured with; an empty one leaves the file's own
+        sheet_row = {k: v for k, v in row.items() if not (k == "mpp" and "mpp" in rec)}
+        merged = {**{k: v for k, v in rec.items() if k not in _INTERNAL}, **sheet_row}
         if merged.get("error") is None:
             merged["error"] = ""
         rows.append(merged)
@@ -363,7 +365,7 @@ def build_slides_table(sheet: pd.DataFrame, records: list[dict[str, Any]]) -> pd
     for col in SLIDE_COLUMNS:
         if col not in df.columns:
             df[col] = np.nan
-    sheet_cols = [c for c in sheet.columns if c not in ("slide", "mouse", "group")]
+    sheet_cols = [c for c in sheet.columns if c not in SLIDE_COLUMNS]
     first = SLIDE_COLUMNS[:3] + sheet_cols + SLIDE_COLUMNS[3:]
     rest = sorted(c for c in df.columns if c not in first)
     return df[first + rest]

@@ -115,6 +115,38 @@ def test_failed_slide_recorded_and_others_carry_on(study, tmp_path):
     assert run["failed"] == 1
 
 
+def test_sheet_mpp_column_sets_the_measured_mpp(study, tmp_path):
+    """A sheet's mpp (README) is what each slide is measured with; an empty cell leaves the
+    file's own; slides.csv has one mpp column."""
+    sheet = pd.read_csv(study / "samples.csv")
+    sheet["mpp"] = [3.0 if i % 2 else None for i in range(len(sheet))]
+    f = tmp_path / "s.csv"
+    sheet.to_csv(f, index=False)
+    out = tmp_path / "o"
+    res = runner.invoke(app, ["analyze", str(study), "--out", str(out), "--samples", str(f),
+                              "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    slides = pd.read_csv(out / "slides.csv")
+    assert list(slides.columns).count("mpp") == 1
+    want = sheet.set_index("slide")["mpp"].fillna(1.5)  # the files say 1.5 µm/px
+    got = slides.set_index("slide")["mpp"]
+    assert np.allclose(got[want.index], want)
+    assert (slides["status"] == "ok").all() and (out / "mice.csv").is_file()
+
+
+@pytest.mark.parametrize("column", ["stain", "level", "seconds", "threshold_od"])
+def test_sheet_column_named_like_a_measurement_stops_before_work(study, tmp_path, column):
+    sheet = pd.read_csv(study / "samples.csv")
+    sheet[column] = "x"
+    f = tmp_path / "s.csv"
+    sheet.to_csv(f, index=False)
+    res = runner.invoke(app, ["analyze", str(study), "--out", str(tmp_path / "o"),
+                              "--samples", str(f), "--workers", "1"])
+    assert res.exit_code == 2, res.output
+    assert f"column(s) {column} are reserved" in res.output
+    assert not (tmp_path / "o" / "slides.csv").exists()
+
+
 @pytest.mark.parametrize(("sheet", "match"), [
     ("slide,mouse\nc1_s1.tif,a\n", "group"),
     ("slide,mouse,group\nnope.tif,a,control\n", "nope.tif"),

@@ -297,3 +297,17 @@ def test_aggregate_without_groups(slides_dir: Path, slide_files: list[Path]) -> 
     assert len(mice) == len(SLIDES)
     assert (mice["group"] == "").all()
     assert (mice["cpa_percent"] == 5.0).all()
+
+
+def test_record_columns_name_every_column_of_a_measured_record() -> None:
+    """RECORD_COLUMNS (the names a sheet may not use) stays in step with the pipeline."""
+    from fibroquant import pipeline
+    from fibroquant.cohort import RECORD_COLUMNS, RESERVED_COLUMNS
+    from fibroquant.config import Settings
+    from fibroquant.slides import ArraySlide
+    from fibroquant.synthetic import SectionParams, make_section
+
+    rgb, _ = make_section(SectionParams(shape=(384, 384), mpp=0.5), rng=1)
+    record = pipeline.analyze_slide("x.png", Settings(), slide=ArraySlide(rgb, 0.5)).record
+    assert set(record) <= RECORD_COLUMNS
+    assert "mpp" not in RESERVED_COLUMNS and "stain" in RESERVED_COLUMNS
