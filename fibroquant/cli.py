@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -75,37 +76,74 @@ def _settings(config: Path | None, stain: StainChoice | None, analysis_mpp: floa
     return load_settings(config, overrides)
 
 
-def _command(name: str) -> str:
-    """The invoked command with its effective options, for provenance (not the raw argv)."""
-    import click
+def _command(name: str, args: dict[str, Any]) -> str:
+    """The command with its effective arguments, for provenance (``run.json``, the store).
 
-    ctx = click.get_current_context(silent=True)
+    Built from the parsed values (paths resolved, defaults left out), so it reads the same
+    whether the command came from a shell, ``demo``, ``watch`` or a test runner.
+    """
     parts = [f"fibroquant {name}"]
-    if ctx is not None:
-        for key, value in ctx.params.items():
-            if value is None or value is False:
-                continue
-            flag = "--" + key.replace("_", "-")
-            if isinstance(value, Enum):
-                value = value.value
-            parts.append(flag if value is True else f"{flag} {value}")
+    for key, value in args.items():
+        if value is None or value is False:
+            continue
+        if isinstance(value, Enum):
+            value = value.value
+        if key in ("slides_dir",):
+            parts.append(shlex.quote(str(value)))
+            continue
+        flag = "--" + key.replace("_", "-")
+        parts.append(flag if value is True else f"{flag} {shlex.quote(str(value))}")
     return " ".join(parts)
+
+
+def _scheduler_problem(address: str) -> str | None:
+    """Why ``address`` is not a Dask scheduler address (``tcp://HOST:PORT``, ``tls://...``,
+    ``inproc://...``, or ``HOST:PORT``), or None."""
+    from urllib.parse import urlsplit
+
+    text = address.strip()
+    if "://" not in text:
+        text = "tcp://" + text
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        return f"not an address ({exc}); expected tcp://HOST:PORT"
+    if parts.scheme == "inproc":
+        return None
+    if parts.scheme not in ("tcp", "tls", "ucx", "ws", "wss"):
+        return f"unknown protocol '{parts.scheme}'; expected tcp://HOST:PORT"
+    if not parts.hostname:
+        return "no host; expected tcp://HOST:PORT"
+    if port is None:
+        return "no port; expected tcp://HOST:PORT (Dask's default is 8786)"
+    return None
 
 
 def _analyze(
     slides_dir: Path, out_dir: Path, *, samples: Path | None, stain: StainChoice | None,
     config: Path | None, mpp: float | None, analysis_mpp: float | None, masks: bool,
     workers: int | None, scheduler: str | None, force: bool, wait: bool, control: str | None,
-    quiet: bool = False,
+    quiet: bool = False, command: str | None = None,
 ) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from fibroquant.run import analyze_folder
 
+    if command is None:
+        command = _command("analyze", {
+            "slides_dir": slides_dir, "out": out_dir, "samples": samples, "stain": stain,
+            "config": config, "mpp": mpp, "analysis_mpp": analysis_mpp, "masks": masks,
+            "workers": workers, "scheduler": scheduler, "control": control, "force": force,
+            "wait": wait})
     try:
         settings = _settings(config, stain, analysis_mpp)
     except ConfigError as exc:
         raise _fail(str(exc), 2) from None
+    if scheduler is not None:
+        problem = _scheduler_problem(scheduler)
+        if problem:
+            raise _fail(f"--scheduler {scheduler!r}: {problem}", 2)
     n_workers = workers or os.cpu_count() or 1
     progress = Progress(
         TextColumn("[bold]analyze"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -134,7 +172,7 @@ def _analyze(
             summary = analyze_folder(
                 slides_dir, out_dir, settings, samples=samples, control=control, mpp=mpp,
                 workers=n_workers, scheduler=scheduler, force=force, wait=wait, masks=masks,
-                command=_command("analyze"), on_plan=on_plan, on_result=on_result,
+                command=command, on_plan=on_plan, on_result=on_result,
             )
     except StoreLockedError as exc:
         raise _fail(str(exc), 3) from None
@@ -144,8 +182,9 @@ def _analyze(
         raise _fail(str(exc), 2) from None
     if not quiet:
         err.print(
-            f"measured {summary.processed}, skipped {summary.skipped} (already measured), "
-            f"failed {summary.failed}, removed {summary.removed} in {summary.seconds:.1f} s"
+            f"measured {summary.processed - summary.failed}, failed {summary.failed}, "
+            f"skipped {summary.skipped} (already measured), removed {summary.removed} "
+            f"in {summary.seconds:.1f} s"
         )
         err.print(summary.comparison, soft_wrap=True)
         for slide, error in summary.failed_slides:
@@ -225,6 +264,7 @@ def demo(
         slides, out / "results", samples=slides / "samples.csv", stain=None, config=None,
         mpp=None, analysis_mpp=None, masks=True, workers=workers, scheduler=None, force=False,
         wait=True, control="control",
+        command=_command("demo", {"out": out, "workers": workers}),
     )
     truth = slides / "truth" / "truth.csv"
     if truth.is_file():

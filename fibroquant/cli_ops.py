@@ -19,7 +19,7 @@ from typing import Annotated, Any
 
 import typer
 
-from fibroquant.cli import StainChoice, _analyze, _fail, app, err, out
+from fibroquant.cli import StainChoice, _analyze, _command, _fail, app, err, out
 from fibroquant.errors import FibroquantError, one_line
 
 STORE_NAME = "fibroquant.sqlite"
@@ -358,6 +358,10 @@ def watch(
                 slides_dir, out, samples=samples, stain=stain, config=config, mpp=mpp,
                 analysis_mpp=None, masks=False, workers=workers, scheduler=None, force=False,
                 wait=True, control=control,
+                command=_command("watch", {
+                    "slides_dir": slides_dir, "out": out, "samples": samples, "stain": stain,
+                    "config": config, "mpp": mpp, "workers": workers, "control": control,
+                    "settle": settle, "once": once}),
             )
         except typer.Exit as exc:  # a sheet/config problem: reported; keep watching
             return int(exc.exit_code)

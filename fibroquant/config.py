@@ -112,6 +112,15 @@ class TissueSettings(_Model):
     )
 
 
+#: Stain names of each protocol's colour-deconvolution matrix, collagen stain first
+#: (``fibroquant.stains`` builds its presets from these).
+STAIN_NAMES: dict[str, tuple[str, ...]] = {
+    "sirius-red": ("sirius-red", "picric-acid", "iron-haematoxylin"),
+    "masson": ("aniline-blue", "ponceau-fuchsin", "iron-haematoxylin"),
+    "masson-light-green": ("light-green", "ponceau-fuchsin", "iron-haematoxylin"),
+}
+
+
 class StainSettings(_Model):
     """Colour deconvolution and per-slide stain estimation."""
 
@@ -138,6 +147,25 @@ class StainSettings(_Model):
     vectors: dict[str, tuple[float, float, float]] | None = Field(
         None, description="explicit study vectors by stain name (written by `fibroquant stains`)"
     )
+
+    def stain_names(self) -> tuple[str, ...]:
+        """Names of this protocol's stains, collagen stain first."""
+        if self.stain == Stain.SIRIUS_RED:
+            return STAIN_NAMES["sirius-red"]
+        if self.masson_collagen == "light-green":
+            return STAIN_NAMES["masson-light-green"]
+        return STAIN_NAMES["masson"]
+
+    @model_validator(mode="after")
+    def _vectors_of_this_protocol(self) -> StainSettings:
+        # a config written for one stain used with another (``--stain``) stops before any work
+        unknown = sorted(set(self.vectors or ()) - set(self.stain_names()))
+        if unknown:
+            msg = (f"vectors: stain(s) {', '.join(unknown)} are not stains of "
+                   f"{self.stain.value} (expected {', '.join(self.stain_names())}); the config "
+                   "was written for another stain")
+            raise ValueError(msg)
+        return self
 
 
 class CollagenSettings(_Model):
@@ -258,7 +286,8 @@ def _format_validation(error: ValidationError, source: str) -> str:
     parts = []
     for item in error.errors():
         loc = ".".join(str(p) for p in item["loc"]) or "(top level)"
-        parts.append(f"{loc}: {item['msg']}")
+        msg = str(item["msg"]).removeprefix("Value error, ")  # our own validators' text
+        parts.append(f"{loc}: {msg}")
     return f"{source}: " + "; ".join(parts)
 
 

@@ -25,7 +25,7 @@ import pandas as pd
 from fibroquant import __version__
 from fibroquant.cohort import aggregate_mice, read_sample_sheet, sheet_without_samples
 from fibroquant.config import Settings
-from fibroquant.errors import FibroquantError, SlideReadError, one_line
+from fibroquant.errors import FibroquantError, SampleSheetError, SlideReadError, one_line
 from fibroquant.tasks import SlideTask, output_stem
 from fibroquant.slides import list_slides
 from fibroquant.store import (
@@ -172,6 +172,12 @@ def analyze_folder(
         if samples is not None
         else sheet_without_samples(files, slides_dir)
     )
+    if control is not None and samples is not None:
+        groups = sorted(set(sheet["group"]))
+        if control not in groups:
+            msg = (f"control group {control!r} is not a group of {Path(samples).name} "
+                   f"(groups: {', '.join(map(repr, groups))})")
+            raise SampleSheetError(msg)
     extra_cols = [c for c in sheet.columns if c not in ("slide", "mouse", "group")]
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = RunSummary()

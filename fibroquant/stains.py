@@ -27,7 +27,7 @@ from functools import cached_property
 import cv2
 import numpy as np
 
-from fibroquant.config import Stain, StainSettings
+from fibroquant.config import STAIN_NAMES, Stain, StainSettings
 
 logger = logging.getLogger(__name__)
 
@@ -128,15 +128,15 @@ LIGHT_GREEN_VECTOR: Vector = (0.78, 0.30, 0.55)  # fitted to light/fast-green co
 IRON_HAEMATOXYLIN_VECTOR: Vector = (0.55, 0.58, 0.60)  # near-neutral brown-black nuclei
 
 SIRIUS_RED = StainMatrix(  # Weigert's iron haematoxylin leaves nuclei near-neutral black
-    ("sirius-red", "picric-acid", "iron-haematoxylin"),
+    STAIN_NAMES["sirius-red"],
     np.array([SIRIUS_RED_VECTOR, PICRIC_ACID_VECTOR, IRON_HAEMATOXYLIN_VECTOR]),
 )
 MASSON = StainMatrix(
-    ("aniline-blue", "ponceau-fuchsin", "iron-haematoxylin"),
+    STAIN_NAMES["masson"],
     np.array([ANILINE_BLUE_VECTOR, PONCEAU_FUCHSIN_VECTOR, IRON_HAEMATOXYLIN_VECTOR]),
 )
 MASSON_LIGHT_GREEN = StainMatrix(
-    ("light-green", "ponceau-fuchsin", "iron-haematoxylin"),
+    STAIN_NAMES["masson-light-green"],
     np.array([LIGHT_GREEN_VECTOR, PONCEAU_FUCHSIN_VECTOR, IRON_HAEMATOXYLIN_VECTOR]),
 )
 H_AND_E = StainMatrix(("eosin", "haematoxylin"), np.array([EOSIN_VECTOR, HAEMATOXYLIN_VECTOR]))

@@ -189,3 +189,37 @@ def test_group_columns_contract():
                 "diff_vs_control_pp", "change_vs_control_percent", "welch_p", "mannwhitney_p",
                 "hedges_g"]:
         assert col in stats.GROUP_COLUMNS
+
+
+def test_unknown_control_group_stops_before_work(study, tmp_path):
+    res = _analyze(study, tmp_path / "o", "--control", "Ctrl")
+    assert res.exit_code == 2, res.output
+    assert "control group 'Ctrl' is not a group of samples.csv" in res.output
+    assert "'MSC'" in res.output and "slide(s) to measure" not in res.output
+    assert not (tmp_path / "o" / "slides.csv").exists()
+
+
+def test_config_for_another_stain_stops_before_work(study, tmp_path):
+    f = tmp_path / "study.yaml"
+    f.write_text("stains:\n  vectors:\n    sirius-red: [0.14, 0.83, 0.54]\n")
+    res = _analyze(study, tmp_path / "o", "--config", str(f), "--stain", "masson")
+    assert res.exit_code == 2, res.output
+    assert "stains: vectors" in res.output and "not stains of masson" in res.output
+    assert not (tmp_path / "o" / "slides.csv").exists()
+
+
+@pytest.mark.parametrize("address", ["notaurl", "tcp://host", "http://h:1", "tcp://:8786"])
+def test_bad_scheduler_address_is_a_usage_error(study, tmp_path, address):
+    res = _analyze(study, tmp_path / "o", "--scheduler", address)
+    assert res.exit_code == 2, res.output
+    assert "--scheduler" in res.output and "Traceback" not in res.output
+
+
+def test_run_json_records_the_command_with_its_arguments(study, tmp_path):
+    out = tmp_path / "o"
+    res = _analyze(study, out, "--mpp", "1.5")
+    assert res.exit_code == 0, res.output
+    command = json.loads((out / "run.json").read_text())["command"]
+    assert command.startswith("fibroquant analyze " + str(study))
+    for part in ("--out", str(out), "--samples", "--mpp 1.5", "--workers 1"):
+        assert part in command
