@@ -63,6 +63,11 @@ def main(
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if not verbose:
+        from fibroquant.errors import quiet_warnings
+
+        quiet_warnings()
+
 
 
 def _settings(config: Path | None, stain: StainChoice | None, analysis_mpp: float | None):
@@ -217,7 +222,8 @@ def analyze(
     mpp: Annotated[float | None, typer.Option(
         min=0.01, max=100.0, help="µm per pixel for slides whose files lack it.")] = None,
     analysis_mpp: Annotated[float | None, typer.Option(
-        min=0.05, max=100.0, help="Analysis resolution in µm per pixel (native when unset).")]
+        min=0.05, max=10.0, help="Analysis resolution in µm per pixel (native when unset; "
+        "septa need <= 2, fine fibres <= 1).")]
     = None,
     masks: Annotated[bool, typer.Option("--masks", help="Write collagen/tissue mask PNGs.")]
     = False,

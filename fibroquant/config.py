@@ -222,7 +222,9 @@ class TilingSettings(_Model):
     """Resolution and tile streaming (do not change measurements except ``analysis_mpp``)."""
 
     analysis_mpp: float | None = Field(
-        None, gt=0, description="µm/px the analysis runs at; None = native resolution"
+        None, gt=0, le=10,
+        description="µm/px the analysis runs at; None = native resolution (CPA of septa is "
+        "stable to 1-2 µm/px, fine fibres need 0.5-1; coarser than 10 measures nothing useful)",
     )
     read_oversample: float = Field(
         2.0, ge=1, le=8,

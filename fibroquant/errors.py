@@ -39,3 +39,25 @@ class StoreError(FibroquantError):
 
 class StoreLockedError(StoreError):
     """Another fibroquant run holds the lock on the output folder."""
+
+
+#: Environment variable that tells worker processes to call :func:`quiet_warnings`.
+QUIET_ENV = "FIBROQUANT_QUIET_WARNINGS"
+
+
+def quiet_warnings() -> None:
+    """One line per warning (``warning: ...``, no source line), and tifffile's own log only at
+    CRITICAL: the one-line error of a damaged file already says what is wrong with it. Used
+    by the command line (without ``-v``) and its worker processes."""
+    import logging
+    import os
+    import warnings
+
+    warnings.formatwarning = _one_line_warning  # type: ignore[assignment]
+    logging.getLogger("tifffile").setLevel(logging.CRITICAL)
+    os.environ[QUIET_ENV] = "1"  # inherited by worker processes (see pipeline.run_slide_pinned)
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str,
+                      lineno: int, line: str | None = None) -> str:
+    return f"warning: {message}\n"

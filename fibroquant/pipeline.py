@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import threading
 import time
 import traceback
@@ -34,7 +35,7 @@ from fibroquant.collagen import (
     segment_collagen,
 )
 from fibroquant.config import Settings
-from fibroquant.errors import FibroquantError, SlideReadError, one_line
+from fibroquant.errors import QUIET_ENV, FibroquantError, SlideReadError, one_line, quiet_warnings
 from fibroquant.measure import Measurements, TileCounts
 from fibroquant.slides import Slide, open_slide, require_mpp
 from fibroquant.stains import (
@@ -967,6 +968,8 @@ def run_slide_pinned(task: SlideTask) -> dict[str, Any]:
     OpenCV's internal thread pool is limited to the task's threads, so that N worker processes
     do not run N × cores OpenCV threads."""
     cv2.setNumThreads(max(1, task.threads))
+    if os.environ.get(QUIET_ENV) == "1":
+        quiet_warnings()
     return run_slide(task)
 
 

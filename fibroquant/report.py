@@ -1198,7 +1198,10 @@ def _stats_notes(groups: pd.DataFrame, omnibus: Mapping[str, Any] | None,
         out += "<h3>Omnibus test</h3>" + _kv_table(omnibus)
     if mixed:
         out += ("<h3>Linear mixed model (random intercept per mouse)</h3>"
-                '<p class="note">Uses every section while counting mice correctly.</p>'
+                '<p class="note">Uses every section while counting mice correctly. Its Wald z '
+                "p-values assume many mice: with a few mice per group they come out smaller than "
+                "an exact test would give, so the per-mouse Welch test above is the primary "
+                "result and this model a check on it.</p>"
                 + _kv_table(mixed))
     return out
 

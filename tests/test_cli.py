@@ -223,3 +223,28 @@ def test_run_json_records_the_command_with_its_arguments(study, tmp_path):
     assert command.startswith("fibroquant analyze " + str(study))
     for part in ("--out", str(out), "--samples", "--mpp 1.5", "--workers 1"):
         assert part in command
+
+
+def test_warnings_and_tifffile_log_are_one_line_on_stderr(tmp_path):
+    """Without -v, a warning is one 'warning: ...' line (no source line) and tifffile's own
+    log of a damaged file is silent (fibroquant's one-line error says it)."""
+    import subprocess
+    import sys
+
+    import tifffile
+
+    d = tmp_path / "in"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    tifffile.imwrite(d / "deep.tif", (rng.random((200, 200, 3)) * 60000).astype(np.uint16),
+                     photometric="rgb", resolution=(20000, 20000), resolutionunit="CENTIMETER")
+    good = tifffile.imread(d / "deep.tif")
+    tifffile.imwrite(d / "cut.tif", good, photometric="rgb", tile=(64, 64))
+    (d / "cut.tif").write_bytes((d / "cut.tif").read_bytes()[:3000])
+    res = subprocess.run([sys.executable, "-m", "fibroquant", "analyze", str(d), "--out",
+                          str(tmp_path / "o"), "--workers", "2"], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 1, res.stderr
+    assert "warning: deep.tif: 16-bit image scaled to 8 bit" in res.stderr
+    assert "UserWarning" not in res.stderr and "ERROR tifffile" not in res.stderr
+    assert "cut.tif" in res.stderr
