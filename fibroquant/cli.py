@@ -299,9 +299,19 @@ def inspect(
 
     try:
         info = inspect_slide(slide, mpp=mpp)
-        info["stain_guess"] = _stain_guess(slide, mpp, info)
+        fit = _stain_fit_of(slide, mpp, info)
     except FibroquantError as exc:
         raise _fail(str(exc), 2) from None
+    from fibroquant.stains import describe_fit, stain_mismatch
+
+    info["stain_guess"] = describe_fit(fit)
+    if stain is not None:
+        if not fit:
+            info["stain_check"] = f"{stain.value}: too little stained tissue to tell"
+        else:
+            info["stain_check"] = stain_mismatch(fit, stain.value) or (
+                f"{stain.value} fits (residual "
+                f"{min(v for k, v in fit.items() if k.startswith(stain.value)):.2f})")
     if as_json:
         out.print_json(json.dumps(info, default=str))
         return
@@ -314,18 +324,18 @@ def inspect(
             out.print(f"{key}: {value}")
 
 
-def _stain_guess(path: Path, mpp: float | None, info: dict[str, Any]) -> str:
-    """Which preset best explains a slide's colours (from a small thumbnail)."""
+def _stain_fit_of(path: Path, mpp: float | None, info: dict[str, Any]) -> dict[str, float]:
+    """How well each preset explains a slide's colours (from a small thumbnail)."""
     import numpy as np
 
     from fibroquant.slides import open_slide
-    from fibroquant.stains import guess_stain
+    from fibroquant.stains import stain_fit
 
     with open_slide(path, mpp=mpp if mpp else (info.get("mpp") or 1.0)) as sl:
         mpp0 = sl.mpp or 1.0
         longest = max(sl.levels[0].shape) * mpp0
         thumb = sl.thumbnail(max(mpp0, longest / 1024))
-    return guess_stain(np.asarray(thumb))
+    return stain_fit(np.asarray(thumb))
 
 
 def run() -> None:  # pragma: no cover - console entry alternative

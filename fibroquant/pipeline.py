@@ -50,6 +50,7 @@ from fibroquant.stains import (
     rgb_to_od,
     Vector,
     stain_fit,
+    stain_mismatch,
 )
 from fibroquant.tasks import SlideTask, failed_record, output_stem
 from fibroquant.tissue import TissueMask, detect_tissue, with_capsule, with_folds
@@ -424,14 +425,9 @@ def stain_warnings(
         out.append(thr.note)
     if share < 0.005:
         out.append(f"almost no {col} signal ({100 * share:.1f} % of stain OD): wrong stain?")
-    if fit:
-        expected = min(v for k, v in fit.items() if k.startswith(protocol))
-        best = min(fit, key=fit.__getitem__)
-        if not best.startswith(protocol) and expected > 0.15 and expected > 1.8 * fit[best]:
-            out.append(
-                f"colours fit {best} better than {protocol} (residual {fit[best]:.2f} vs "
-                f"{expected:.2f}): wrong stain?"
-            )
+    mismatch = stain_mismatch(fit, protocol)
+    if mismatch:
+        out.append(mismatch)
     level = thr.collagen_level_od
     if np.isfinite(level) and level < FAINT_COLLAGEN_OD:
         out.append(f"faint {col} staining (collagen level {level:.2f} OD)")

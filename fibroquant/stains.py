@@ -502,11 +502,45 @@ def stain_fit(rgb: np.ndarray, *, od_floor: float = 0.15, max_pixels: int = 200_
     return {k: round(_nonneg_residual(od, v), 4) for k, v in candidates.items()}
 
 
-def guess_stain(rgb: np.ndarray) -> str:
-    """Name of the stain protocol that best explains an image's colours, or ``"unknown"``."""
-    fit = stain_fit(rgb)
+def stain_mismatch(fit: dict[str, float], protocol: str) -> str | None:
+    """The "wrong stain?" warning when another protocol explains the colours much better.
+
+    Parameters
+    ----------
+    fit : dict
+        :func:`stain_fit` residuals (empty when too little stained tissue).
+    protocol : str
+        The expected stain (``sirius-red`` or ``masson``; Masson's variants count as it).
+
+    Returns
+    -------
+    str or None
+        None when the expected stain fits (or nothing can be said).
+    """
+    mine = [v for k, v in fit.items() if k.startswith(protocol)]
+    if not fit or not mine:
+        return None
+    expected = min(mine)
+    best = min(fit, key=fit.__getitem__)
+    if not best.startswith(protocol) and expected > 0.15 and expected > 1.8 * fit[best]:
+        return (f"colours fit {best} better than {protocol} (residual {fit[best]:.2f} vs "
+                f"{expected:.2f}): wrong stain?")
+    return None
+
+
+def describe_fit(fit: dict[str, float]) -> str:
+    """The best-fitting protocol of :func:`stain_fit` residuals, with the others, as text."""
     if not fit:
         return "unknown (too little stained tissue)"
     best = min(fit, key=fit.__getitem__)
-    return f"{best} (residual {fit[best]:.2f}; " + ", ".join(
+    text = f"{best} (residual {fit[best]:.2f}; " + ", ".join(
         f"{k} {v:.2f}" for k, v in sorted(fit.items(), key=lambda kv: kv[1]) if k != best) + ")"
+    if best.startswith("masson") or best == "h&e":
+        # both are purple-pink with a blue or purple second stain: residuals overlap
+        text += "; H&E and Masson's trichrome are hard to tell apart by colour alone"
+    return text
+
+
+def guess_stain(rgb: np.ndarray) -> str:
+    """Name of the stain protocol that best explains an image's colours, or ``"unknown"``."""
+    return describe_fit(stain_fit(rgb))

@@ -182,6 +182,15 @@ def test_inspect(study):
     info = json.loads(res.output)
     assert info["mpp"] == pytest.approx(1.5)
     assert info["stain_guess"].startswith("sirius-red")
+    assert "stain_check" not in info
+
+
+@pytest.mark.parametrize(("stain", "verdict"), [("sirius-red", "sirius-red fits"),
+                                                 ("masson", "wrong stain?")])
+def test_inspect_checks_the_expected_stain(study, stain, verdict):
+    res = runner.invoke(app, ["inspect", str(study / "c1_s1.tif"), "--json", "--stain", stain])
+    assert res.exit_code == 0, res.output
+    assert verdict in json.loads(res.output)["stain_check"]
 
 
 def test_group_columns_contract():
