@@ -162,7 +162,9 @@ def stains(
                   f"{rec['parenchyma_od']:.3f} OD, collagen share {rec['collagen_od_share']:.2f}")
         if rec["stain_warning"]:
             out.print(f"  [yellow]warning: {rec['stain_warning']}[/]", markup=True, soft_wrap=True)
-        if rec["stain_source"] != "preset":
+        if "wrong stain?" in rec["stain_warning"]:
+            out.print("  [yellow]left out of the study vectors (wrong stain?)[/]", markup=True)
+        elif rec["stain_source"] != "preset":
             estimates.append(vec)
     if write is not None:
         if not estimates:

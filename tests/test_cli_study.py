@@ -75,3 +75,21 @@ def test_stains_prints_vectors_and_writes_study_config(study, tmp_path):
     assert data["stains"]["estimate"] == "preset"
     settings = load_settings(cfg)  # the written file is a valid config
     assert set(settings.stains.vectors) == {"sirius-red", "picric-acid", "iron-haematoxylin"}
+
+
+def test_stains_leaves_wrong_stain_slides_out_of_the_study_vectors(study, tmp_path):
+    """A Masson slide among Sirius red slides is flagged and not part of the median."""
+    from fibroquant.synthetic import SectionParams, make_section, write_pyramid_tiff
+
+    d = tmp_path / "mixed"
+    d.mkdir()
+    for name in ("c1_s1.tif", "t1_s1.tif", "c2_s1.tif"):
+        (d / name).write_bytes((study / name).read_bytes())
+    rgb, _ = make_section(SectionParams(stain="masson", shape=(384, 384), mpp=1.5), rng=3)
+    write_pyramid_tiff(d / "masson.tif", rgb, 1.5, min_level_px=128)
+    cfg = tmp_path / "study.yaml"
+    res = runner.invoke(app, ["stains", str(d), "--write", str(cfg)])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "left out of the study vectors (wrong stain?)" in text
+    assert "median of 3 slide estimates" in cfg.read_text()
