@@ -25,6 +25,10 @@ class MissingResolutionError(SlideReadError):
     """A slide has no usable µm-per-pixel metadata and none was given."""
 
 
+class NotColourError(FibroquantError):
+    """A slide can be read but holds no colour (a greyscale image): no stain to measure."""
+
+
 class ConfigError(FibroquantError, ValueError):
     """A configuration file or option is invalid."""
 

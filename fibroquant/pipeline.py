@@ -37,7 +37,7 @@ from fibroquant.collagen import (
 from fibroquant.config import Settings
 from fibroquant.errors import QUIET_ENV, FibroquantError, SlideReadError, one_line, quiet_warnings
 from fibroquant.measure import Measurements, TileCounts
-from fibroquant.slides import Slide, open_slide, require_mpp
+from fibroquant.slides import Slide, open_slide, require_colour, require_mpp
 from fibroquant.stains import (
     StainEstimate,
     StainMatrix,
@@ -519,7 +519,7 @@ def analyze_slide(
     Raises
     ------
     FibroquantError
-        Unreadable slide, missing resolution, no tissue.
+        Unreadable slide, greyscale image, missing resolution, no tissue.
     """
     t_start = time.perf_counter()
     tune_malloc()
@@ -546,6 +546,7 @@ def _warm_quietly() -> None:
 
 def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> SlideAnalysis:
     name = sl.path.name
+    require_colour(sl)  # a greyscale image would read as CPA 0 %: refuse it instead
     if not kernels.kernels_ready():
         # load the compiled tile kernels (numba cache, ~0.5 s once per process) while the
         # thumbnail is read and analysed; the tile loop waits for it below

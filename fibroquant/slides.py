@@ -20,7 +20,8 @@ Readers
 Pixel normalisation (every reader)
 ----------------------------------
 Alpha is composited over white (and then dropped), greyscale is expanded to RGB with a
-``UserWarning``, palette images are mapped through their colormap, and 16-bit images are scaled
+``UserWarning`` (and the reader's ``greyscale`` flag set: :func:`require_colour` refuses such a
+slide for analysis, while ``inspect`` can still open it), palette images are mapped through their colormap, and 16-bit images are scaled
 to 8 bit with a ``UserWarning``: by 1/257 (full 16-bit range), or, when the image maximum is
 below 4096 (10-, 12-bit cameras), by ``255 / (2**k - 1)`` where ``2**k`` is the image maximum
 rounded up to a power of two. Float, signed, 2-channel (without declared alpha), more than
@@ -58,7 +59,7 @@ from typing import Any, Protocol, runtime_checkable
 import cv2
 import numpy as np
 
-from fibroquant.errors import MissingResolutionError, SlideReadError
+from fibroquant.errors import MissingResolutionError, NotColourError, SlideReadError
 
 __all__ = [
     "SUPPORTED_SUFFIXES",
@@ -68,6 +69,7 @@ __all__ = [
     "inspect_slide",
     "list_slides",
     "open_slide",
+    "require_colour",
     "require_mpp",
 ]
 
@@ -182,6 +184,26 @@ def require_mpp(slide: Slide) -> float:
     return slide.mpp
 
 
+def require_colour(slide: Slide) -> None:
+    """Raise unless the slide holds colour: a stain cannot be measured on a greyscale image.
+
+    Parameters
+    ----------
+    slide : Slide
+        An open slide. Readers of this module set ``greyscale`` when the file has one colour
+        channel (grey, with or without alpha) or a palette of grey colours only; a slide object
+        without that attribute counts as colour.
+
+    Raises
+    ------
+    NotColourError
+        The slide is a greyscale image.
+    """
+    if getattr(slide, "greyscale", False):
+        msg = f"{slide.path.name}: greyscale image, not a colour-stained section"
+        raise NotColourError(msg)
+
+
 # --------------------------------------------------------------------------------------------
 # Pixel normalisation
 # --------------------------------------------------------------------------------------------
@@ -197,6 +219,13 @@ class _PixelFormat:
     bgr: bool = False  # OpenCV channel order
     lut: np.ndarray | None = None  # palette: (n, 3) uint8
     scale: float | None = None  # 16-bit: multiply by this, round, clip to 0..255
+
+    @property
+    def no_colour(self) -> bool:
+        """True for one grey channel or a palette whose colours are all grey."""
+        if self.lut is not None:
+            return bool((self.lut == self.lut[:, :1]).all())
+        return self.grey
 
     def convert(self, raw: np.ndarray) -> np.ndarray:
         """Convert ``(h, w)`` or ``(h, w, s)`` decoded samples to uint8 RGB ``(h, w, 3)``."""
@@ -265,6 +294,7 @@ class _SlideBase:
     compression: str | None = None
     tile_size: tuple[int, int] | None = None
     mpp_source: str | None = None
+    greyscale: bool = False  # no colour in the file: see require_colour
     _closed: bool = False
 
     def _set_levels(
@@ -428,7 +458,7 @@ class ArraySlide(_SlideBase):
         if levels < 1:
             msg = f"levels must be >= 1, got {levels=}"
             raise ValueError(msg)
-        base = _normalise_array(np.asarray(rgb), self.path.name, bgr=False)
+        base, self.greyscale = _normalise_array(np.asarray(rgb), self.path.name, bgr=False)
         pyramid = [base]
         for _ in range(levels - 1):
             prev = pyramid[-1]
@@ -441,8 +471,16 @@ class ArraySlide(_SlideBase):
         return self._pyramid[level][y0:y1, x0:x1].copy()
 
 
-def _normalise_array(array: np.ndarray, name: str, *, bgr: bool) -> np.ndarray:
-    """Normalise a whole decoded image (OpenCV or caller array) to uint8 RGB, with warnings."""
+def _normalise_array(array: np.ndarray, name: str, *, bgr: bool) -> tuple[np.ndarray, bool]:
+    """Normalise a whole decoded image (OpenCV or caller array) to uint8 RGB, with warnings.
+
+    Returns
+    -------
+    numpy.ndarray
+        uint8 RGB ``(h, w, 3)``.
+    bool
+        Whether the image had one (grey) colour channel.
+    """
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[..., 0]
     if array.ndim not in (2, 3) or array.size == 0:
@@ -472,7 +510,13 @@ def _normalise_array(array: np.ndarray, name: str, *, bgr: bool) -> np.ndarray:
         raise SlideReadError(msg)
     if channels == 1:
         _warn(f"{name}: greyscale image expanded to RGB (is this really a stained section?)")
-    return fmt.convert(array)
+    return fmt.convert(array), channels == 1
+
+
+def _all_grey(rgb: np.ndarray) -> bool:
+    """True when every pixel of a uint8 RGB image has R == G == B."""
+    return bool(np.array_equal(rgb[..., 0], rgb[..., 1])
+                and np.array_equal(rgb[..., 1], rgb[..., 2]))
 
 
 def _check_dims(name: str, height: int, width: int) -> None:
@@ -494,6 +538,11 @@ class _ImageSlide(_SlideBase):
             head = fh.read(min(data_size, 1 << 20))
         parse = {"png": _png_header, "jpeg": _jpeg_header, "bmp": _bmp_header}[kind]
         height, width, file_mpp, source = parse(head, path.name)
+        # PNG colour type (IHDR): 0 grey, 4 grey + alpha (OpenCV returns it as BGRA), 3 palette
+        png_type = head[25] if kind == "png" else None
+        self._grey_header = png_type in (0, 4)
+        self._palette = png_type == 3
+        self._grey: bool | None = None
         if kind == "jpeg" and not _jpeg_has_end(path, data_size):
             msg = f"{path.name}: truncated JPEG (no end-of-image marker)"
             raise SlideReadError(msg)
@@ -526,15 +575,25 @@ class _ImageSlide(_SlideBase):
                         "(corrupt or truncated file)"
                     )
                     raise SlideReadError(msg)
-                image = _normalise_array(decoded, self.path.name, bgr=True)
+                image, one_channel = _normalise_array(decoded, self.path.name, bgr=True)
                 if image.shape[:2] != self.levels[0].shape:
                     msg = (
                         f"{self.path.name}: decoded size {image.shape[:2]} differs from the "
                         f"header's {self.levels[0].shape}"
                     )
                     raise SlideReadError(msg)
+                self._grey = one_channel or (self._palette and _all_grey(image))
                 self._image = image
             return self._image
+
+    @property
+    def greyscale(self) -> bool:  # type: ignore[override]
+        """No colour in the file (decodes the image once, unless the PNG header tells)."""
+        if self._grey_header:
+            return True
+        if self._grey is None:
+            self._decoded()
+        return bool(self._grey)
 
     def _read_inside(self, level: int, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
         return self._decoded()[y0:y1, x0:x1].copy()
@@ -862,6 +921,7 @@ class _TiffSlide(_SlideBase):
         base = pages[0]
         _check_dims(name, int(base.imagelength), int(base.imagewidth))
         self.pixel_format, channels = _tiff_pixel_format(base, name)
+        self.greyscale = self.pixel_format.no_colour
         for page in pages[1:]:
             if (page.samplesperpixel, page.photometric, page.dtype) != (
                 base.samplesperpixel,

@@ -180,6 +180,19 @@ def test_no_tissue_is_an_error():
                                                                      path="glass.png"))
 
 
+def test_greyscale_image_is_refused_not_measured(sirius_section):
+    """A greyscale copy of a stained section is not measured as CPA 0 % (it carries no stain)."""
+    from fibroquant.errors import FibroquantError
+
+    rgb, _ = sirius_section
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    with pytest.warns(UserWarning, match="greyscale"):
+        slide = ArraySlide(grey, 0.5, path="grey.tif")
+    with pytest.raises(FibroquantError,
+                       match=r"^grey\.tif: greyscale image, not a colour-stained section$"):
+        analyze_slide("grey.tif", load_settings(), slide=slide)
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 10**6),
                           st.floats(0, 1e3)), max_size=6))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 import sys
 import threading
+import warnings
 import zlib
 from pathlib import Path
 
@@ -454,6 +455,50 @@ def test_greyscale_expanded_with_warning(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match=r"grey\.png: greyscale"):
         out = open_slide(png).read_region(0, 0, 0, 20, 30)
     np.testing.assert_array_equal(out[..., 1], grey)
+
+
+def test_greyscale_flag_set_for_grey_files_not_for_colour(tmp_path: Path) -> None:
+    """``slide.greyscale``: no colour information in the file (the analysis refuses those)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    grey = rng.integers(0, 256, (20, 30), dtype=np.uint8)
+    colour = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "grey.tif", grey, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "white-is-zero.tif", grey, photometric="miniswhite")
+    tifffile.imwrite(tmp_path / "rgb.tif", colour, photometric="rgb")
+    grey_map = np.zeros((3, 256), np.uint16)
+    grey_map[:] = np.arange(256, dtype=np.uint16) * 257
+    tifffile.imwrite(tmp_path / "grey-palette.tif", grey, photometric="palette",
+                     colormap=grey_map)
+    colour_map = grey_map.copy()
+    colour_map[0, 7] = 0  # one coloured entry: a colour palette
+    tifffile.imwrite(tmp_path / "colour-palette.tif", grey, photometric="palette",
+                     colormap=colour_map)
+    assert cv2.imwrite(str(tmp_path / "grey.png"), grey)
+    assert cv2.imwrite(str(tmp_path / "grey.jpg"), grey)
+    assert cv2.imwrite(str(tmp_path / "grey.bmp"), grey)
+    assert cv2.imwrite(str(tmp_path / "rgb.png"), colour)
+    Image.fromarray(grey).convert("LA").save(tmp_path / "grey-alpha.png")
+    Image.fromarray(grey).convert("P").save(tmp_path / "grey-palette.png")  # grey colours
+    Image.fromarray(colour).convert("P", palette=Image.Palette.ADAPTIVE, colors=16).save(
+        tmp_path / "colour-palette.png")
+    expect = {
+        "grey.tif": True, "white-is-zero.tif": True, "grey-palette.tif": True,
+        "grey.png": True, "grey.jpg": True, "grey.bmp": True, "grey-alpha.png": True,
+        "grey-palette.png": True,
+        "rgb.tif": False, "colour-palette.tif": False, "rgb.png": False,
+        "colour-palette.png": False,
+    }
+    for name, is_grey in expect.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the greyscale UserWarning is tested above
+            with open_slide(tmp_path / name, mpp=0.5) as slide:
+                assert slide.greyscale is is_grey, name
+                assert slide.read_region(0, 0, 0, 20, 30).shape == (20, 30, 3)  # still readable
+    with pytest.warns(UserWarning, match="greyscale"):
+        assert ArraySlide(grey, 0.5).greyscale is True
+    assert ArraySlide(colour, 0.5).greyscale is False
 
 
 def test_palette_tiff(tmp_path: Path) -> None:
