@@ -921,6 +921,9 @@ def _map_tiles(slide: Slide, job: _TileJob, boxes: list, workers: int) -> Iterat
 def run_slide(task: SlideTask) -> dict[str, Any]:
     """Analyse one slide and write its masks and QC overlay; never raises for slide problems.
 
+    A slide whose outputs cannot be written (read-only or full disk, a folder in the way) is
+    ``failed`` with ``cannot write outputs: ...``: its numbers are not kept without its overlay.
+
     Returns
     -------
     dict
@@ -955,9 +958,32 @@ def run_slide(task: SlideTask) -> dict[str, Any]:
             fc = report.mask_to_geojson(analysis.tissue_mask, analysis.collagen_mask,
                                         scale=scale, slide_name=task.slide)
             report.write_geojson(out / "geojson" / f"{stem}.geojson", fc)
-    except OSError as exc:
-        return failed_record(task, f"{Path(task.path).name}: cannot write outputs: {exc}")
+    except Exception as exc:  # noqa: BLE001 - the writers raise FibroquantError (or a bug)
+        logger.debug("cannot write outputs of %s:\n%s", task.path, traceback.format_exc())
+        return failed_record(
+            task, f"{Path(task.path).name}: cannot write outputs: {write_error(exc)}"[:500]
+        )
     return {"slide": task.slide, "fingerprint": task.fingerprint, **analysis.record}
+
+
+def write_error(exc: BaseException) -> str:
+    """One line on why an output could not be written, without a repeated "cannot write".
+
+    Parameters
+    ----------
+    exc : BaseException
+        What a writer raised: :class:`FibroquantError` (``cannot write PATH: reason``),
+        ``OSError``, or anything else (a bug, named as unexpected).
+
+    Returns
+    -------
+    str
+        e.g. ``/out/qc/a.png: Read-only file system``.
+    """
+    if not isinstance(exc, (FibroquantError, OSError)):
+        return f"unexpected {type(exc).__name__}: {one_line(exc)}"
+    text = one_line(exc)
+    return text.removeprefix("cannot write ")
 
 
 def run_slide_pinned(task: SlideTask) -> dict[str, Any]:
