@@ -52,7 +52,15 @@ from fibroquant.stains import (
     stain_fit,
     stain_mismatch,
 )
-from fibroquant.tasks import SlideTask, failed_record, output_stem
+from fibroquant.tasks import (
+    MASK_KINDS,
+    SlideTask,
+    discard_outputs,
+    failed_record,
+    output_files,
+    output_stem,
+    remove_files,
+)
 from fibroquant.tissue import TissueMask, detect_tissue, with_capsule, with_folds
 
 logger = logging.getLogger(__name__)
@@ -921,8 +929,11 @@ def _map_tiles(slide: Slide, job: _TileJob, boxes: list, workers: int) -> Iterat
 def run_slide(task: SlideTask) -> dict[str, Any]:
     """Analyse one slide and write its masks and QC overlay; never raises for slide problems.
 
-    A slide whose outputs cannot be written (read-only or full disk, a folder in the way) is
-    ``failed`` with ``cannot write outputs: ...``: its numbers are not kept without its overlay.
+    Outputs follow the measurement: without ``write_masks``, masks and GeoJSON of an earlier
+    measurement of the slide are removed; a failed slide's overlay, masks and GeoJSON are
+    removed. A slide whose outputs cannot be written (read-only or full disk, a folder in the
+    way) is ``failed`` with ``cannot write outputs: ...``: its numbers are not kept without
+    its overlay.
 
     Returns
     -------
@@ -932,38 +943,54 @@ def run_slide(task: SlideTask) -> dict[str, Any]:
     from fibroquant import report  # local: keeps workers' import light until needed
 
     settings = Settings.model_validate_json(task.settings_json)
+    out = Path(task.out_dir)
+    stem = task_stem(task)
     try:
         analysis = analyze_slide(
             task.path, settings, mpp=task.mpp, fallback_mpp=task.fallback_mpp,
             workers=task.threads,
         )
     except FibroquantError as exc:
-        return failed_record(task, one_line(exc))
+        return _failed(task, one_line(exc))
     except MemoryError:
-        return failed_record(task, f"{Path(task.path).name}: out of memory")
+        return _failed(task, f"{Path(task.path).name}: out of memory")
     except Exception as exc:  # a bug or an unforeseen file problem: record it, carry on
         logger.debug("unexpected error on %s:\n%s", task.path, traceback.format_exc())
-        return failed_record(
+        return _failed(
             task, f"{Path(task.path).name}: unexpected {type(exc).__name__}: {one_line(exc)}"[:500]
         )
-    out = Path(task.out_dir)
-    stem = output_stem(task.slide)
+    files = output_files(out, stem)
     try:
-        report.write_qc(out / "qc" / f"{stem}.png", analysis, max_px=settings.tiling.qc_max_px)
+        report.write_qc(files["qc"], analysis, max_px=settings.tiling.qc_max_px)
         if task.write_masks:
-            report.write_png(out / "masks" / f"{stem}.collagen.png", analysis.collagen_mask)
-            report.write_png(out / "masks" / f"{stem}.tissue.png", analysis.tissue_mask)
+            report.write_png(files["collagen"], analysis.collagen_mask)
+            report.write_png(files["tissue"], analysis.tissue_mask)
             # outlines in full-resolution (level 0) pixel coordinates, for QuPath
             scale = analysis.mask_mpp / analysis.record["mpp"]
             fc = report.mask_to_geojson(analysis.tissue_mask, analysis.collagen_mask,
                                         scale=scale, slide_name=task.slide)
-            report.write_geojson(out / "geojson" / f"{stem}.geojson", fc)
+            report.write_geojson(files["geojson"], fc)
+        else:  # masks of an earlier measurement would contradict this one
+            remove_files(files[k] for k in MASK_KINDS)
     except Exception as exc:  # noqa: BLE001 - the writers raise FibroquantError (or a bug)
         logger.debug("cannot write outputs of %s:\n%s", task.path, traceback.format_exc())
-        return failed_record(
+        return _failed(
             task, f"{Path(task.path).name}: cannot write outputs: {write_error(exc)}"[:500]
         )
     return {"slide": task.slide, "fingerprint": task.fingerprint, **analysis.record}
+
+
+def task_stem(task: SlideTask) -> str:
+    """The output stem of a task: the one planned for its run, else :func:`output_stem`."""
+    return task.stem or output_stem(task.slide)
+
+
+def _failed(task: SlideTask, error: str) -> dict[str, Any]:
+    """A failed record, after removing the slide's outputs of any earlier measurement."""
+    problem = discard_outputs(task.out_dir, task_stem(task))
+    if problem:
+        logger.warning("%s", problem)
+    return failed_record(task, error)
 
 
 def write_error(exc: BaseException) -> str:

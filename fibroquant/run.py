@@ -12,7 +12,7 @@ import json
 import logging
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -26,7 +26,7 @@ from fibroquant import __version__
 from fibroquant.cohort import aggregate_mice, read_sample_sheet, sheet_without_samples
 from fibroquant.config import Settings
 from fibroquant.errors import FibroquantError, SampleSheetError, SlideReadError, one_line
-from fibroquant.tasks import SlideTask, output_stem
+from fibroquant.tasks import SlideTask, discard_outputs, output_files, output_stem
 from fibroquant.slides import list_slides
 from fibroquant.store import (
     FingerprintCache,
@@ -99,6 +99,77 @@ def discover(slides_dir: Path, out_dir: Path) -> list[Path]:
 
 def _relative(p: Path, root: Path) -> str:
     return p.relative_to(root).as_posix()
+
+
+def output_stems(slides: Iterable[str]) -> dict[str, str]:
+    """The output stem of each slide of a run (see :func:`fibroquant.tasks.output_stem`).
+
+    Parameters
+    ----------
+    slides : iterable of str
+        Slide paths relative to the slides folder.
+
+    Returns
+    -------
+    dict of str to str
+        Slide path -> stem of its ``qc/``, ``masks/`` and ``geojson/`` files.
+    """
+    return {s: output_stem(s) for s in slides}
+
+
+def outputs_current(
+    out_dir: Path, task: SlideTask, last: tuple[str, str, str] | None, settings_hash: str
+) -> bool:
+    """Whether a slide's files in ``out_dir`` show its current content and settings.
+
+    They do when the slide path's latest measurement (:meth:`ResultStore.last_measured`) was of
+    this content with these settings and succeeded, and its overlay (and, with masks, its
+    masks and GeoJSON) exist. Otherwise they show another content (a file changed, e.g. back
+    to a content measured before), other settings, or nothing, and the slide is measured again.
+
+    Parameters
+    ----------
+    out_dir : Path
+    task : SlideTask
+        The slide, with its fingerprint, output stem and whether masks are wanted.
+    last : tuple of str, optional
+        ``(fingerprint, settings_hash, status)`` of the path's latest measurement.
+    settings_hash : str
+        This run's settings hash.
+    """
+    if last != (task.fingerprint, settings_hash, "ok"):
+        return False
+    files = output_files(out_dir, task.stem or output_stem(task.slide))
+    kinds = ("qc", "collagen", "tissue", "geojson") if task.write_masks else ("qc",)
+    return all(files[k].exists() for k in kinds)
+
+
+def stale_stems(previous_slides: Iterable[str], stems: dict[str, str]) -> list[str]:
+    """Output stems the last run used that no slide of this run uses (removed slides).
+
+    Parameters
+    ----------
+    previous_slides : iterable of str
+        The slide paths the store knew before this run (the previous run's folder).
+    stems : dict of str to str
+        This run's :func:`output_stems`.
+
+    Returns
+    -------
+    list of str
+        Sorted stems whose files belong to no present slide.
+    """
+    previous = list(previous_slides)
+    old = set(output_stems(previous).values())
+    current = set(stems.values())
+    return sorted(old - current)
+
+
+def _discard(out_dir: Path, stem: str) -> None:
+    """Remove a slide stem's overlay, masks and GeoJSON; a file that stays is logged."""
+    problem = discard_outputs(out_dir, stem)
+    if problem:
+        logger.warning("%s", problem)
 
 
 def analyze_folder(
@@ -192,6 +263,8 @@ def analyze_folder(
                 settings_json=json.dumps(settings.model_dump(mode="json"), sort_keys=True),
             )
             sheet_mpp = sheet.set_index("slide")["mpp"] if "mpp" in sheet.columns else None
+            previous_slides = store.slide_paths()  # as the last run saw the folder
+            stems = output_stems(_relative(p, slides_dir) for p in files)
             keys: dict[str, str] = {}
             sizes: dict[str, int] = {}
             tasks: list[SlideTask] = []
@@ -220,21 +293,16 @@ def analyze_folder(
                     tasks.append(SlideTask(
                         path=str(p), slide=rel, fingerprint=fp, mpp=over, fallback_mpp=mpp,
                         settings_json=settings.model_dump_json(), out_dir=str(out_dir),
-                        write_masks=masks,
+                        write_masks=masks, stem=stems[rel],
                     ))
             store.link_slides(keys, run_id=run_id)
             known = store.known(shash)
-            todo = []
-            for t in tasks:
-                status = known.get(t.fingerprint)
-                stem = output_stem(t.slide)
-                missing_outputs = status == "ok" and (
-                    not (out_dir / "qc" / f"{stem}.png").exists()
-                    or (masks and not (out_dir / "masks" / f"{stem}.collagen.png").exists())
-                    or (masks and not (out_dir / "geojson" / f"{stem}.geojson").exists())
-                )
-                if force or status != "ok" or missing_outputs:
-                    todo.append(t)
+            last = store.last_measured()
+            todo = [
+                t for t in tasks
+                if force or known.get(t.fingerprint) != "ok"
+                or not outputs_current(out_dir, t, last.get(t.slide), shash)
+            ]
             summary.skipped = len(tasks) - len(todo)
             if on_plan:
                 n_early = sum(1 for r in early_failed
@@ -245,6 +313,7 @@ def analyze_folder(
                     summary.skipped += 1  # still unreadable, already recorded
                     continue
                 store.put_result({**rec, "settings_hash": shash}, run_id=run_id)
+                _discard(out_dir, stems[rec["slide"]])  # no overlay of an earlier content
                 summary.processed += 1
                 if on_result:
                     on_result(rec)
@@ -256,6 +325,8 @@ def analyze_folder(
                 for rec in run_tasks(todo, workers=workers, scheduler=scheduler):
                     rec = {**rec, "settings_hash": shash}
                     store.put_result(rec, run_id=run_id)
+                    if rec.get("status") != "ok":  # e.g. a worker that died mid-write
+                        _discard(out_dir, stems[rec["slide"]])
                     summary.processed += 1
                     if on_result:
                         on_result(rec)
@@ -265,6 +336,8 @@ def analyze_folder(
             removed = store.removed_slides(present)
             summary.removed = len(removed)
             store.forget_slides(removed)
+            for stem in stale_stems(previous_slides, stems):
+                _discard(out_dir, stem)
             current = store.current_results(shash, present=present)
             slides_df = build_slides_table(sheet, current)
             summary.failed = int((slides_df["status"] != "ok").sum())

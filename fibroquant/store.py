@@ -1149,6 +1149,31 @@ class ResultStore:
         current = self.current_results(settings_hash, present)
         return [r for r in current if r.get("status") == "failed"]
 
+    def last_measured(self) -> dict[str, tuple[str, str, str]]:
+        """Return what each slide path's latest stored measurement was, in one query.
+
+        A run writes a slide's overlay, masks and GeoJSON (or removes them) with each
+        measurement of it, so these are what the files on disk show.
+
+        Returns
+        -------
+        dict of str to tuple of str
+            Slide path -> ``(fingerprint, settings_hash, status)`` of its latest
+            :meth:`put_result`, for every path in the history.
+        """
+        with self._errors("read the latest measurements"):
+            rows = self._db.execute(
+                "SELECT h.slide, h.fingerprint, h.settings_hash, h.status FROM history AS h"
+                " JOIN (SELECT max(id) AS id FROM history GROUP BY slide) AS m ON h.id = m.id"
+            ).fetchall()
+        return {slide: (fp, sh, status) for slide, fp, sh, status in rows}
+
+    def slide_paths(self) -> list[str]:
+        """Return every slide path the store currently knows (the last run's folder), sorted."""
+        with self._errors("list slides"):
+            rows = self._db.execute("SELECT slide FROM slides ORDER BY slide").fetchall()
+        return [row[0] for row in rows]
+
     def removed_slides(self, present: set[str]) -> list[str]:
         """Return the slide paths the store has seen that are no longer present, sorted.
 

@@ -6,11 +6,18 @@ new never imports the image-analysis stack (numba, scipy, scikit-image).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fibroquant import __version__
+from fibroquant.errors import FibroquantError
+
+#: The per-slide output files, by kind (see :func:`output_files`).
+OUTPUT_KINDS = ("qc", "collagen", "tissue", "geojson")
+#: The kinds written only with ``--masks``.
+MASK_KINDS = ("collagen", "tissue", "geojson")
 
 
 @dataclass(frozen=True)
@@ -26,6 +33,7 @@ class SlideTask:
     out_dir: str
     write_masks: bool
     threads: int = 1
+    stem: str = ""  # output stem planned for the run ("" means output_stem(slide))
 
 
 def failed_record(task: SlideTask, error: str) -> dict[str, Any]:
@@ -46,3 +54,69 @@ def output_stem(slide: str) -> str:
         name = p.stem
     parts = [*p.parent.parts, name] if str(p.parent) != "." else [name]
     return "__".join(parts)
+
+
+def output_files(out_dir: str | Path, stem: str) -> dict[str, Path]:
+    """The files a slide's measurement writes into an output folder, by kind.
+
+    Parameters
+    ----------
+    out_dir : str or Path
+        The output folder.
+    stem : str
+        The slide's output stem (:func:`output_stem`).
+
+    Returns
+    -------
+    dict of str to Path
+        ``qc`` (``qc/STEM.png``, always written) and, with ``--masks``, ``collagen``
+        (``masks/STEM.collagen.png``), ``tissue`` (``masks/STEM.tissue.png``) and ``geojson``
+        (``geojson/STEM.geojson``).
+    """
+    out = Path(out_dir)
+    return {
+        "qc": out / "qc" / f"{stem}.png",
+        "collagen": out / "masks" / f"{stem}.collagen.png",
+        "tissue": out / "masks" / f"{stem}.tissue.png",
+        "geojson": out / "geojson" / f"{stem}.geojson",
+    }
+
+
+def remove_files(paths: Iterable[Path]) -> None:
+    """Delete files; those already absent are fine.
+
+    Parameters
+    ----------
+    paths : iterable of Path
+
+    Raises
+    ------
+    FibroquantError
+        ``cannot remove PATH: reason`` for the first file that exists but cannot be deleted.
+    """
+    for path in paths:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            msg = f"cannot remove {path}: {exc.strerror or exc}"
+            raise FibroquantError(msg) from exc
+
+
+def discard_outputs(out_dir: str | Path, stem: str) -> str | None:
+    """Delete every output file of one slide stem, as far as possible (never raises).
+
+    Used when a slide fails or leaves the folder, so no overlay, mask or GeoJSON of an earlier
+    measurement stays next to a table that no longer shows it.
+
+    Returns
+    -------
+    str or None
+        Why a file could not be removed (one line), or ``None`` when all are gone.
+    """
+    problem = None
+    for path in output_files(out_dir, stem).values():
+        try:
+            remove_files([path])
+        except FibroquantError as exc:
+            problem = problem or str(exc)
+    return problem

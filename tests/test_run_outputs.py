@@ -159,3 +159,90 @@ def test_write_error_text() -> None:
         "/o/qc/a.png: Read-only file system")
     assert write_error(PermissionError(13, "Permission denied")) == "[Errno 13] Permission denied"
     assert write_error(TypeError("bad\nsecond line")) == "unexpected TypeError: bad"
+
+
+# -- 2. masks, GeoJSON and overlays follow each (re-)measurement and removal -----------------
+
+
+def _outputs(out: Path, stem: str) -> dict[str, Path]:
+    return {"qc": out / "qc" / f"{stem}.png",
+            "collagen": out / "masks" / f"{stem}.collagen.png",
+            "tissue": out / "masks" / f"{stem}.tissue.png",
+            "geojson": out / "geojson" / f"{stem}.geojson"}
+
+
+def _bytes(paths: dict[str, Path]) -> dict[str, bytes | None]:
+    return {k: p.read_bytes() if p.exists() else None for k, p in paths.items()}
+
+
+def test_masks_follow_remeasurement_and_removal(bank: Path, tmp_path: Path) -> None:
+    # what s2's content gives, measured fresh under the name s0.tif (the known answer)
+    ref_slides = tmp_path / "ref"
+    ref_slides.mkdir()
+    shutil.copy2(bank / "s2.tif", ref_slides / "s0.tif")
+    assert run(ref_slides, tmp_path / "ref-out", masks=True).exit_code == 0
+    s2_as_s0 = _bytes(_outputs(tmp_path / "ref-out", "s0"))
+    assert all(v is not None for v in s2_as_s0.values())
+
+    slides = _two_slides(bank, tmp_path / "slides")
+    out = tmp_path / "out"
+    assert run(slides, out, masks=True).exit_code == 0
+    first = {s: _bytes(_outputs(out, s)) for s in ("s0", "s1")}
+    assert all(v is not None for f in first.values() for v in f.values())
+
+    # s0 changes; a run without --masks re-measures it: its old masks and GeoJSON go
+    shutil.copy2(bank / "s2.tif", slides / "s0.tif")
+    summary = run(slides, out)
+    assert (summary.processed, summary.skipped) == (1, 1)
+    now = _bytes(_outputs(out, "s0"))
+    assert now == {**s2_as_s0, "collagen": None, "tissue": None, "geojson": None}
+    assert _bytes(_outputs(out, "s1")) == first["s1"]  # not re-measured: kept as they were
+
+    # --masks again: s0's masks are missing, so it is measured again and they are s2's
+    summary = run(slides, out, masks=True)
+    assert (summary.processed, summary.skipped) == (1, 1)
+    assert _bytes(_outputs(out, "s0")) == s2_as_s0
+
+    # s0 changes again, now with --masks: rewritten, not left as they were
+    shutil.copy2(bank / "s1.tif", slides / "s0.tif")
+    assert run(slides, out, masks=True).processed == 1
+    assert _bytes(_outputs(out, "s0")) == {**first["s1"], "geojson": _bytes(
+        _outputs(out, "s0"))["geojson"]}  # the GeoJSON names its slide: compared below
+    geo = json.loads(_outputs(out, "s0")["geojson"].read_text())
+    geo1 = json.loads(first["s1"]["geojson"])
+    assert [f["geometry"] for f in geo["features"]] == [f["geometry"] for f in geo1["features"]]
+
+    # s1 turns into a broken file: failed, and its old overlay, masks and GeoJSON go
+    (slides / "s1.tif").write_bytes(b"II*\x00 not really a tiff")
+    summary = run(slides, out, masks=True)
+    assert (summary.processed, summary.failed) == (1, 1)
+    assert all(v is None for v in _bytes(_outputs(out, "s1")).values())
+
+    # s0 is removed from the folder: the run records the removal and drops its outputs
+    shutil.copy2(bank / "s1.tif", slides / "s1.tif")
+    assert run(slides, out, masks=True).exit_code == 0
+    assert all(v is not None for v in _bytes(_outputs(out, "s1")).values())
+    (slides / "s0.tif").unlink()
+    summary = run(slides, out, masks=True)
+    assert (summary.removed, summary.processed, summary.skipped) == (1, 0, 1)
+    assert all(v is None for v in _bytes(_outputs(out, "s0")).values())
+    assert all(v is not None for v in _bytes(_outputs(out, "s1")).values())
+    assert sorted(p.name for p in (out / "qc").iterdir()) == ["s1.png"]
+
+
+def test_back_to_earlier_settings_rewrites_the_overlays(bank: Path, tmp_path: Path) -> None:
+    """Results of the first settings are still stored, but the files show the second ones."""
+    slides = _two_slides(bank, tmp_path / "slides", ("s0",))
+    out = tmp_path / "out"
+    strict = Settings.model_validate({"collagen": {"relative_threshold": 0.5}})
+    assert run(slides, out, masks=True).processed == 1
+    default = _bytes(_outputs(out, "s0"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert analyze_folder(slides, out, strict, workers=1, masks=True).processed == 1
+    assert _bytes(_outputs(out, "s0"))["collagen"] != default["collagen"]
+    summary = run(slides, out, masks=True)  # the default settings again
+    assert (summary.processed, summary.skipped) == (1, 0)
+    assert _bytes(_outputs(out, "s0")) == default
+    summary = run(slides, out, masks=True)  # and now nothing is out of date
+    assert (summary.processed, summary.skipped) == (0, 1)

@@ -261,6 +261,23 @@ def test_link_slides_tracks_files_skipped_by_the_planner(store: ResultStore, run
     assert [(r["slide"], r["v"]) for r in current] == [("a.svs", "second")]
 
 
+def test_last_measured_and_slide_paths(store: ResultStore, run_id: int) -> None:
+    assert store.last_measured() == {} and store.slide_paths() == []
+    store.put_result(record("a.svs", "fp-1"), run_id=run_id)
+    store.put_result(record("b.svs", "fp-2", settings_hash="h2"), run_id=run_id)
+    store.put_result(record("a.svs", "fp-3", settings_hash="h2"), run_id=run_id)
+    store.put_result({**record("b.svs", "fp-2"), "status": "failed", "error": "b.svs: x"},
+                     run_id=run_id)
+    store.put_result(record("a.svs", "fp-1"), run_id=run_id)  # back to the first
+    assert store.last_measured() == {"a.svs": ("fp-1", H, "ok"), "b.svs": ("fp-2", H, "failed")}
+    store.link_slides({"c.svs": "fp-9"}, run_id=run_id)  # planned, not measured
+    assert store.slide_paths() == ["a.svs", "b.svs", "c.svs"]
+    assert "c.svs" not in store.last_measured()
+    store.forget_slides(["a.svs"])
+    assert store.slide_paths() == ["b.svs", "c.svs"]
+    assert store.last_measured()["a.svs"] == ("fp-1", H, "ok")  # the history stays
+
+
 def test_failed_last_runs_and_settings(store: ResultStore, run_id: int) -> None:
     bad = record("bad.svs", "fp-bad", status="failed")
     bad["error"] = "bad.svs: not a TIFF"
