@@ -433,7 +433,8 @@ def sheet_without_samples(slide_files: Iterable[Path], slides_dir: Path) -> pd.D
     pandas.DataFrame
         Columns ``slide`` (POSIX path relative to ``slides_dir``), ``mouse`` (the file's stem)
         and ``group`` (``""``), sorted by slide. When two files in different sub-folders share
-        a stem, their mouse is the relative path without extension, so they stay apart.
+        a stem, their mouse is the relative path without extension, so they stay apart; files
+        that still share it (``a.tif`` and ``a.png``) keep their extension.
     """
     slides = sorted({_relative_slide(Path(p), slides_dir) for p in slide_files}, key=_natural_key)
     stems = [_slide_stem(s) for s in slides]
@@ -444,6 +445,15 @@ def sheet_without_samples(slide_files: Iterable[Path], slides_dir: Path) -> pd.D
         stem if counts[stem] == 1 else str(PurePosixPath(s).parent / stem)
         for s, stem in zip(slides, stems, strict=True)
     ]
+    while True:  # ids still shared (a.tif, a.png) become the slide path, which is unique
+        taken: dict[str, int] = {}
+        for mouse in mice:
+            taken[mouse] = taken.get(mouse, 0) + 1
+        clash = [i for i, m in enumerate(mice) if taken[m] > 1 and m != slides[i]]
+        if not clash:
+            break
+        for i in clash:
+            mice[i] = slides[i]
     return pd.DataFrame(
         {
             "slide": pd.Series(slides, dtype=str),

@@ -26,7 +26,13 @@ from fibroquant import __version__
 from fibroquant.cohort import aggregate_mice, read_sample_sheet, sheet_without_samples
 from fibroquant.config import Settings
 from fibroquant.errors import FibroquantError, SampleSheetError, SlideReadError, one_line
-from fibroquant.tasks import SlideTask, discard_outputs, output_files, output_stem
+from fibroquant.tasks import (
+    SlideTask,
+    discard_outputs,
+    output_files,
+    output_stem,
+    output_stems,
+)
 from fibroquant.slides import list_slides
 from fibroquant.store import (
     FingerprintCache,
@@ -101,22 +107,6 @@ def _relative(p: Path, root: Path) -> str:
     return p.relative_to(root).as_posix()
 
 
-def output_stems(slides: Iterable[str]) -> dict[str, str]:
-    """The output stem of each slide of a run (see :func:`fibroquant.tasks.output_stem`).
-
-    Parameters
-    ----------
-    slides : iterable of str
-        Slide paths relative to the slides folder.
-
-    Returns
-    -------
-    dict of str to str
-        Slide path -> stem of its ``qc/``, ``masks/`` and ``geojson/`` files.
-    """
-    return {s: output_stem(s) for s in slides}
-
-
 def outputs_current(
     out_dir: Path, task: SlideTask, last: tuple[str, str, str] | None, settings_hash: str
 ) -> bool:
@@ -157,12 +147,14 @@ def stale_stems(previous_slides: Iterable[str], stems: dict[str, str]) -> list[s
     Returns
     -------
     list of str
-        Sorted stems whose files belong to no present slide.
+        Sorted stems whose files belong to no present slide (the plain :func:`output_stem` of
+        each previous slide counts too: earlier versions gave slides with the same stem that
+        one).
     """
     previous = list(previous_slides)
-    old = set(output_stems(previous).values())
-    current = set(stems.values())
-    return sorted(old - current)
+    old = set(output_stems(previous).values()) | {output_stem(s) for s in previous}
+    current = {stem.casefold() for stem in stems.values()}  # one file on some file systems
+    return sorted(stem for stem in old if stem.casefold() not in current)
 
 
 def _discard(out_dir: Path, stem: str) -> None:
@@ -509,7 +501,8 @@ def write_tables(
         plots += report.plot_groups(mice, groups, plots_dir / "cpa_groups", control=ctrl)
     plots += report.plot_slides(slides_df, plots_dir / "cpa_slides")
     plots += report.plot_stain_qc(slides_df, plots_dir / "stain_qc")
-    qc = {s: out_dir / "qc" / f"{output_stem(s)}.png" for s in slides_df["slide"]}
+    qc = {s: output_files(out_dir, stem)["qc"]
+          for s, stem in output_stems(slides_df["slide"]).items()}
     for r in slides_df.itertuples():
         if isinstance(r.stain_warning, str) and r.stain_warning:
             warnings.append(f"{r.slide}: {r.stain_warning}")

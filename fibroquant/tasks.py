@@ -6,6 +6,7 @@ new never imports the image-analysis stack (numba, scipy, scikit-image).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,51 @@ def output_stem(slide: str) -> str:
         name = p.stem
     parts = [*p.parent.parts, name] if str(p.parent) != "." else [name]
     return "__".join(parts)
+
+
+def output_stems(slides: Iterable[str]) -> dict[str, str]:
+    """Distinct output stems for the slides of one run.
+
+    Each slide keeps :func:`output_stem` (``sub/a.svs`` -> ``sub__a``) unless another slide of
+    the run has the same stem (compared case-insensitively, as some file systems do): those
+    keep their extension (``a.tif`` -> ``a.tif``, ``a.png`` -> ``a.png``), and any still alike
+    also get 8 hex digits of a hash of the slide path (``a.tif-1f3c9a0b``).
+
+    Parameters
+    ----------
+    slides : iterable of str
+        Slide paths relative to the slides folder (POSIX), each once.
+
+    Returns
+    -------
+    dict of str to str
+        Slide path -> stem of its ``qc/``, ``masks/`` and ``geojson/`` files; the same whatever
+        the order of ``slides``.
+    """
+    names = sorted(set(slides))
+    forms = [output_stem, _stem_with_extension, _stem_with_hash]
+    level = dict.fromkeys(names, 0)
+    while True:
+        stems = {s: forms[level[s]](s) for s in names}
+        groups: dict[str, list[str]] = {}
+        for s, stem in stems.items():
+            groups.setdefault(stem.casefold(), []).append(s)
+        clashing = [s for g in groups.values() if len(g) > 1 for s in g
+                    if level[s] < len(forms) - 1]
+        if not clashing:
+            return stems
+        for s in clashing:
+            level[s] += 1
+
+
+def _stem_with_extension(slide: str) -> str:
+    """``sub/a.tif`` -> ``sub__a.tif``: the relative path with '/' as '__'."""
+    return "__".join(Path(slide).parts)
+
+
+def _stem_with_hash(slide: str) -> str:
+    digest = hashlib.sha256(slide.encode("utf-8")).hexdigest()[:8]
+    return f"{_stem_with_extension(slide)}-{digest}"
 
 
 def output_files(out_dir: str | Path, stem: str) -> dict[str, Path]:

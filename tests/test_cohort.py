@@ -118,6 +118,21 @@ def test_sheet_without_samples(slides_dir: Path, slide_files: list[Path]) -> Non
     assert (sheet["group"] == "").all()
 
 
+def test_sheet_without_samples_same_stem_other_extension(tmp_path: Path) -> None:
+    """Without a sheet every slide is its own mouse, also ``a.tif`` beside ``a.png``."""
+    names = ["a.tif", "a.png", "sub/a.tif", "b.tif", "other/b.svs"]
+    sheet = sheet_without_samples([tmp_path / n for n in names], tmp_path)
+    mice = dict(zip(sheet["slide"], sheet["mouse"], strict=True))
+    assert mice == {"a.tif": "a.tif", "a.png": "a.png", "sub/a.tif": "sub/a",
+                    "b.tif": "b", "other/b.svs": "other/b"}
+    assert sheet["mouse"].is_unique
+    # a stem that looks like another slide's file name
+    names = ["a.tif", "a.png", "a.tif.png"]
+    sheet = sheet_without_samples([tmp_path / n for n in names], tmp_path)
+    assert dict(zip(sheet["slide"], sheet["mouse"], strict=True)) == {
+        "a.tif": "a.tif", "a.png": "a.png", "a.tif.png": "a.tif.png"}
+
+
 # ----------------------------------------------------------------------------- sheet errors
 
 

@@ -222,6 +222,41 @@ def test_output_stem(name, stem):
     assert output_stem(name) == stem
 
 
+def test_output_stems_unchanged_without_collisions():
+    from fibroquant.tasks import output_stems
+
+    names = ["a.tif", "sub/b.svs", "c.ome.tif", "Maus 1/ü.png"]
+    assert output_stems(names) == {n: output_stem(n) for n in names}
+
+
+@pytest.mark.parametrize(("names", "expected"), [
+    (["a.tif", "a.png", "b.tif"], {"a.tif": "a.tif", "a.png": "a.png", "b.tif": "b"}),
+    (["x.ome.tif", "x.png", "sub/x.tif"],
+     {"x.ome.tif": "x.ome.tif", "x.png": "x.png", "sub/x.tif": "sub__x"}),
+    (["s/a.tif", "s/a.ndpi", "s__a.svs"],
+     {"s/a.tif": "s__a.tif", "s/a.ndpi": "s__a.ndpi", "s__a.svs": "s__a.svs"}),
+])
+def test_output_stems_keep_the_extension_when_stems_collide(names, expected):
+    from fibroquant.tasks import output_stems
+
+    assert output_stems(names) == expected
+    assert output_stems(reversed(names)) == expected  # independent of order
+
+
+@pytest.mark.parametrize("names", [
+    ["A.tif", "a.tif"],  # one file name on case-insensitive file systems
+    ["a.tif", "a.png", "a.tif.png"],  # a.tif's fallback is a.tif.png's stem
+    ["s/a.tif", "s__a.tif"],  # the same name once '/' becomes '__'
+])
+def test_output_stems_always_distinct(names):
+    from fibroquant.tasks import output_stems
+
+    stems = output_stems(names)
+    assert sorted(stems) == sorted(names)
+    assert len({s.casefold() for s in stems.values()}) == len(names), stems
+    assert all("/" not in s for s in stems.values())
+
+
 def test_out_of_focus_tiles_are_excluded_and_reported():
     p = SectionParams(shape=(1024, 1024), field_of_view=True, fibrosis=0.6, fine_fibres=0.2)
     rgb, truth = make_section(p, rng=9)

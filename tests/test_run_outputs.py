@@ -246,3 +246,52 @@ def test_back_to_earlier_settings_rewrites_the_overlays(bank: Path, tmp_path: Pa
     assert _bytes(_outputs(out, "s0")) == default
     summary = run(slides, out, masks=True)  # and now nothing is out of date
     assert (summary.processed, summary.skipped) == (0, 1)
+
+
+# -- 5. slides with one stem and two extensions ----------------------------------------------
+
+
+def _png_slide(path: Path, rgb: np.ndarray) -> None:
+    from PIL import Image
+
+    dpi = 25400 / MPP
+    Image.fromarray(rgb).save(path, dpi=(dpi, dpi))
+
+
+def test_same_stem_other_extension_two_mice_two_sets_of_outputs(bank: Path,
+                                                                tmp_path: Path) -> None:
+    slides = _two_slides(bank, tmp_path / "slides", ("s0",))
+    shutil.move(slides / "s0.tif", slides / "a.tif")
+    out = tmp_path / "out"
+    assert run(slides, out, masks=True).exit_code == 0
+    assert sorted(p.name for p in (out / "qc").iterdir()) == ["a.png"]  # unchanged naming
+    alone = _bytes(_outputs(out, "a"))
+
+    _png_slide(slides / "a.png", np.load(bank / "s1.npy"))
+    summary = run(slides, out, masks=True)
+    # a.tif is measured again: its files move to the a.tif stem, and a.tif's old ones go
+    assert (summary.exit_code, summary.processed, summary.skipped) == (0, 2, 0)
+    rows = table(out).set_index("slide")
+    assert rows.loc["a.tif", "mouse"] == "a.tif" and rows.loc["a.png", "mouse"] == "a.png"
+    mice = table(out, "mice.csv").set_index("mouse")
+    assert sorted(mice.index) == ["a.png", "a.tif"]
+    assert (mice["n_slides"] == 1).all()
+    assert mice.loc["a.tif", "cpa_percent"] == pytest.approx(rows.loc["a.tif", "cpa_percent"])
+    assert mice.loc["a.png", "cpa_percent"] == pytest.approx(rows.loc["a.png", "cpa_percent"])
+    assert rows.loc["a.tif", "cpa_percent"] != rows.loc["a.png", "cpa_percent"]
+    assert sorted(p.name for p in (out / "qc").iterdir()) == ["a.png.png", "a.tif.png"]
+    assert sorted(p.name for p in (out / "masks").iterdir()) == [
+        "a.png.collagen.png", "a.png.tissue.png", "a.tif.collagen.png", "a.tif.tissue.png"]
+    assert sorted(p.name for p in (out / "geojson").iterdir()) == [
+        "a.png.geojson", "a.tif.geojson"]
+    tif_files = _bytes(_outputs(out, "a.tif"))
+    assert tif_files["qc"] == alone["qc"] and tif_files["collagen"] == alone["collagen"]
+    assert _bytes(_outputs(out, "a.png"))["collagen"] != alone["collagen"]
+
+    # a.png goes again: a.tif is back to the plain stem
+    (slides / "a.png").unlink()
+    summary = run(slides, out, masks=True)
+    assert (summary.removed, summary.processed) == (1, 1)
+    assert sorted(p.name for p in (out / "qc").iterdir()) == ["a.png"]
+    assert _bytes(_outputs(out, "a")) == alone
+    assert table(out, "mice.csv")["mouse"].tolist() == ["a"]
