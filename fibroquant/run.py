@@ -89,7 +89,11 @@ def package_versions() -> dict[str, str]:
 
 
 def discover(slides_dir: Path, out_dir: Path) -> list[Path]:
-    """Slide files under ``slides_dir``, leaving out anything inside ``out_dir``."""
+    """Slide files under ``slides_dir``, leaving out anything inside ``out_dir``.
+
+    Other fibroquant output folders inside ``slides_dir`` (earlier results) are left out by
+    :func:`fibroquant.slides.list_slides`; ``out_dir`` is also left out before its first run.
+    """
     if not slides_dir.is_dir():
         msg = f"{slides_dir}: not a folder"
         raise FibroquantError(msg)

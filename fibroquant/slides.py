@@ -42,6 +42,7 @@ unit of "none" always means unknown. ``open_slide(path, mpp=...)`` overrides the
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -67,6 +68,7 @@ __all__ = [
     "Level",
     "Slide",
     "inspect_slide",
+    "is_output_folder",
     "list_slides",
     "open_slide",
     "require_colour",
@@ -83,6 +85,11 @@ OPENSLIDE_SUFFIXES = frozenset({".mrxs", ".scn", ".vms", ".vmu", ".bif"})
 """Suffixes that need the optional openslide reader."""
 SUPPORTED_SUFFIXES: frozenset[str] = TIFF_SUFFIXES | IMAGE_SUFFIXES | OPENSLIDE_SUFFIXES
 """Lower-case file suffixes :func:`list_slides` and :func:`open_slide` accept."""
+
+OUTPUT_MARKERS = ("fibroquant.sqlite", ".fibroquant.lock")
+"""Files that make a folder a fibroquant output folder: the results store and the run lock."""
+_RUN_JSON_KEYS = frozenset({"processed", "skipped", "failed", "removed", "settings_hash",
+                            "version"})
 
 MAX_PLAUSIBLE_MPP = 25400.0 / 600.0
 """Generic density fields giving this many µm per pixel or more (≤ 600 dpi) mean "unknown"."""
@@ -1326,12 +1333,43 @@ def open_slide(path: str | Path, *, mpp: float | None = None) -> Slide:
     return _ImageSlide(path, kind, size, override)
 
 
+def is_output_folder(folder: str | Path, names: list[str] | None = None) -> bool:
+    """Whether a folder is a fibroquant output folder (its overlays and plots are not slides).
+
+    It is when it holds the results store or the run lock (:data:`OUTPUT_MARKERS`), or a
+    ``run.json`` written by ``fibroquant analyze``.
+
+    Parameters
+    ----------
+    folder : str or Path
+    names : list of str, optional
+        The folder's file names, when already listed (saves a lookup per marker).
+    """
+    folder = Path(folder)
+    if names is None:
+        present = {m for m in (*OUTPUT_MARKERS, "run.json") if (folder / m).is_file()}
+    else:
+        present = set(names)
+    if present & set(OUTPUT_MARKERS):
+        return True
+    if "run.json" not in present:
+        return False
+    try:
+        with (folder / "run.json").open("rb") as fh:
+            data = json.loads(fh.read(1 << 20))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and _RUN_JSON_KEYS <= data.keys()
+
+
 def list_slides(folder: str | Path) -> list[Path]:
     """List slide files under a folder.
 
     Recursive, sorted, by suffix (case-insensitive, :data:`SUPPORTED_SUFFIXES`); hidden files and
     folders (name starting with ``.``) are skipped, and so are the ``.jpg`` parts of Hamamatsu
-    ``.vms``/``.vmu`` slides (folders holding a ``.vms``/``.vmu`` file list only that file).
+    ``.vms``/``.vmu`` slides (folders holding a ``.vms``/``.vmu`` file list only that file) and
+    every sub-folder that is a fibroquant output folder (:func:`is_output_folder`), e.g. the
+    results of an earlier run kept inside the slides folder.
 
     Parameters
     ----------
@@ -1354,6 +1392,10 @@ def list_slides(folder: str | Path) -> list[Path]:
         raise SlideReadError(msg)
     found: list[Path] = []
     for root, dirs, files in os.walk(folder):
+        if root != str(folder) and is_output_folder(root, files):
+            logger.info("%s: a fibroquant output folder, not searched for slides", root)
+            dirs[:] = []
+            continue
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         names = [f for f in files if not f.startswith(".")]
         suffixes = {Path(f).suffix.lower() for f in names}

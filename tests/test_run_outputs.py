@@ -295,3 +295,19 @@ def test_same_stem_other_extension_two_mice_two_sets_of_outputs(bank: Path,
     assert sorted(p.name for p in (out / "qc").iterdir()) == ["a.png"]
     assert _bytes(_outputs(out, "a")) == alone
     assert table(out, "mice.csv")["mouse"].tolist() == ["a"]
+
+
+# -- 4. an old output folder inside the slides folder ----------------------------------------
+
+
+def test_old_output_folder_inside_the_slides_folder_is_not_analysed(bank: Path,
+                                                                    tmp_path: Path) -> None:
+    slides = _two_slides(bank, tmp_path / "m01b", ("s0",))
+    assert run(slides, slides / "results").exit_code == 0  # an earlier run, output inside
+    assert (slides / "results" / "qc" / "s0.png").exists()
+    assert (slides / "results" / "plots" / "cpa_slides.png").exists()
+    (slides / "results" / "fibroquant.sqlite").rename(tmp_path / "moved.sqlite")
+    (slides / "results" / ".fibroquant.lock").unlink()  # run.json alone still marks it
+    summary = run(slides, tmp_path / "res")
+    assert (summary.exit_code, summary.processed, summary.failed) == (0, 1, 0)
+    assert table(tmp_path / "res")["slide"].tolist() == ["s0.tif"]

@@ -757,6 +757,45 @@ def test_list_slides(tmp_path: Path) -> None:
     assert {".svs", ".ndpi", ".tif", ".png", ".jpg"} <= SUPPORTED_SUFFIXES
 
 
+def test_list_slides_skips_fibroquant_output_folders(tmp_path: Path) -> None:
+    """Old results inside the slides folder (overlays, plots) are not slides."""
+    import json
+
+    from fibroquant.run import STORE_NAME
+    from fibroquant.slides import OUTPUT_MARKERS, is_output_folder
+    from fibroquant.store import LOCK_NAME
+
+    assert STORE_NAME in OUTPUT_MARKERS and LOCK_NAME in OUTPUT_MARKERS
+    run_json = {"processed": 1, "skipped": 0, "failed": 0, "removed": 0, "seconds": 1.0,
+                "exit_code": 0, "version": "0.1.0", "settings_hash": "ab12", "command": "x"}
+    folders = {
+        "results": ("fibroquant.sqlite", b""),  # a finished output folder
+        "locked": (".fibroquant.lock", b""),  # a run that has just started
+        "old/run-only": ("run.json", json.dumps(run_json).encode()),  # store deleted
+        "other-run": ("run.json", b'{"processed": 3}'),  # another program's run.json
+        "broken": ("run.json", b"{not json"),
+    }
+    for folder, (marker, data) in folders.items():
+        (tmp_path / folder / "qc").mkdir(parents=True)
+        (tmp_path / folder / marker).write_bytes(data)
+        (tmp_path / folder / "qc" / "x.png").write_bytes(b"x")
+        (tmp_path / folder / "y.tif").write_bytes(b"x")
+    (tmp_path / "old" / "z.tif").write_bytes(b"x")
+    (tmp_path / "s1.tif").write_bytes(b"x")
+    assert list_slides(tmp_path) == [
+        tmp_path / "broken/qc/x.png", tmp_path / "broken/y.tif",
+        tmp_path / "old/z.tif",
+        tmp_path / "other-run/qc/x.png", tmp_path / "other-run/y.tif",
+        tmp_path / "s1.tif",
+    ]
+    assert is_output_folder(tmp_path / "results") and is_output_folder(tmp_path / "locked")
+    assert is_output_folder(tmp_path / "old" / "run-only")
+    assert not is_output_folder(tmp_path / "other-run") and not is_output_folder(tmp_path)
+    # the slides folder itself is searched even when it holds an output (--out DIR/)
+    (tmp_path / "fibroquant.sqlite").write_bytes(b"")
+    assert tmp_path / "s1.tif" in list_slides(tmp_path)
+
+
 # ---------------------------------------------------------------------------------------------
 # real files (skipped when ../shared/data is absent)
 # ---------------------------------------------------------------------------------------------
