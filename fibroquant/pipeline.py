@@ -988,8 +988,8 @@ def task_stem(task: SlideTask) -> str:
 def _failed(task: SlideTask, error: str) -> dict[str, Any]:
     """A failed record, after removing the slide's outputs of any earlier measurement."""
     problem = discard_outputs(task.out_dir, task_stem(task))
-    if problem:
-        logger.warning("%s", problem)
+    if problem:  # the run discards them again on receiving the record, and reports it
+        logger.debug("%s", problem)
     return failed_record(task, error)
 
 

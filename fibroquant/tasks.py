@@ -142,7 +142,9 @@ def remove_files(paths: Iterable[Path]) -> None:
     """
     for path in paths:
         try:
-            path.unlink(missing_ok=True)
+            path.unlink()
+        except (FileNotFoundError, NotADirectoryError):  # absent, or its folder is a file
+            continue
         except OSError as exc:
             msg = f"cannot remove {path}: {exc.strerror or exc}"
             raise FibroquantError(msg) from exc

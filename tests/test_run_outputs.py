@@ -311,3 +311,21 @@ def test_old_output_folder_inside_the_slides_folder_is_not_analysed(bank: Path,
     summary = run(slides, tmp_path / "res")
     assert (summary.exit_code, summary.processed, summary.failed) == (0, 1, 0)
     assert table(tmp_path / "res")["slide"].tolist() == ["s0.tif"]
+
+
+def test_remove_files_and_discard_outputs(tmp_path: Path) -> None:
+    from fibroquant.errors import FibroquantError
+    from fibroquant.tasks import discard_outputs, output_files, remove_files
+
+    (tmp_path / "a-file").write_bytes(b"x")
+    remove_files([tmp_path / "absent.png", tmp_path / "a-file" / "under-a-file.png"])
+    files = output_files(tmp_path, "s")
+    for p in files.values():
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(b"x")
+    assert discard_outputs(tmp_path, "s") is None
+    assert not any(p.exists() for p in files.values())
+    files["qc"].mkdir()  # cannot be unlinked
+    with pytest.raises(FibroquantError, match=r"^cannot remove .*qc/s\.png: "):
+        remove_files([files["qc"]])
+    assert discard_outputs(tmp_path, "s").startswith("cannot remove ")
