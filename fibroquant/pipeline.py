@@ -58,8 +58,9 @@ from fibroquant.tasks import (
     discard_outputs,
     failed_record,
     output_files,
-    output_stem,
+    output_stem,  # noqa: F401 - re-exported (tests, benchmarks)
     remove_files,
+    task_stem,
 )
 from fibroquant.tissue import TissueMask, detect_tissue, with_capsule, with_folds
 
@@ -978,11 +979,6 @@ def run_slide(task: SlideTask) -> dict[str, Any]:
             task, f"{Path(task.path).name}: cannot write outputs: {write_error(exc)}"[:500]
         )
     return {"slide": task.slide, "fingerprint": task.fingerprint, **analysis.record}
-
-
-def task_stem(task: SlideTask) -> str:
-    """The output stem of a task: the one planned for its run, else :func:`output_stem`."""
-    return task.stem or output_stem(task.slide)
 
 
 def _failed(task: SlideTask, error: str) -> dict[str, Any]:

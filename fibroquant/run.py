@@ -27,11 +27,13 @@ from fibroquant.cohort import aggregate_mice, read_sample_sheet, sheet_without_s
 from fibroquant.config import Settings
 from fibroquant.errors import FibroquantError, SampleSheetError, SlideReadError, one_line
 from fibroquant.tasks import (
+    OUTPUT_KINDS,
     SlideTask,
     discard_outputs,
     output_files,
     output_stem,
     output_stems,
+    task_stem,
 )
 from fibroquant.slides import list_slides
 from fibroquant.store import (
@@ -133,8 +135,8 @@ def outputs_current(
     """
     if last != (task.fingerprint, settings_hash, "ok"):
         return False
-    files = output_files(out_dir, task.stem or output_stem(task.slide))
-    kinds = ("qc", "collagen", "tissue", "geojson") if task.write_masks else ("qc",)
+    files = output_files(out_dir, task_stem(task))
+    kinds = OUTPUT_KINDS if task.write_masks else ("qc",)
     return all(files[k].exists() for k in kinds)
 
 

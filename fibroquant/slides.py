@@ -1359,7 +1359,7 @@ def is_output_folder(folder: str | Path, names: list[str] | None = None) -> bool
             data = json.loads(fh.read(1 << 20))
     except (OSError, ValueError):
         return False
-    return isinstance(data, dict) and _RUN_JSON_KEYS <= data.keys()
+    return isinstance(data, dict) and data.keys() >= _RUN_JSON_KEYS
 
 
 def list_slides(folder: str | Path) -> list[Path]:

@@ -1,4 +1,4 @@
-"""The unit of work sent to a worker, kept free of heavy imports.
+"""The unit of work sent to a worker and the names of its output files, free of heavy imports.
 
 ``fibroquant.run`` plans a run (which slides are new) with these alone, so a rerun with nothing
 new never imports the image-analysis stack (numba, scipy, scikit-image).
@@ -57,6 +57,11 @@ def output_stem(slide: str) -> str:
     return "__".join(parts)
 
 
+def task_stem(task: SlideTask) -> str:
+    """The output stem of a task: the one planned for its run, else :func:`output_stem`."""
+    return task.stem or output_stem(task.slide)
+
+
 def output_stems(slides: Iterable[str]) -> dict[str, str]:
     """Distinct output stems for the slides of one run.
 
@@ -110,7 +115,7 @@ def output_files(out_dir: str | Path, stem: str) -> dict[str, Path]:
     out_dir : str or Path
         The output folder.
     stem : str
-        The slide's output stem (:func:`output_stem`).
+        The slide's output stem (:func:`output_stems`).
 
     Returns
     -------
