@@ -116,12 +116,14 @@ def _relative(p: Path, root: Path) -> str:
 def outputs_current(
     out_dir: Path, task: SlideTask, last: tuple[str, str, str] | None, settings_hash: str
 ) -> bool:
-    """Whether a slide's files in ``out_dir`` show its current content and settings.
+    """Whether a slide's files in ``out_dir`` show its current content.
 
     They do when the slide path's latest measurement (:meth:`ResultStore.last_measured`) was of
-    this content with these settings and succeeded, and its overlay (and, with masks, its
-    masks and GeoJSON) exist. Otherwise they show another content (a file changed, e.g. back
-    to a content measured before), other settings, or nothing, and the slide is measured again.
+    this content and succeeded, and its overlay (and, with masks, its masks and GeoJSON) exist.
+    Otherwise they show another content (a file changed, e.g. back to a content measured
+    before) or nothing, and the slide is measured again. A return to earlier settings reuses
+    the stored results without measuring again (issue 6), so until the next measurement the
+    files show the settings last measured with (``--force`` redraws them).
 
     Parameters
     ----------
@@ -133,7 +135,7 @@ def outputs_current(
     settings_hash : str
         This run's settings hash.
     """
-    if last != (task.fingerprint, settings_hash, "ok"):
+    if last is None or (last[0], last[2]) != (task.fingerprint, "ok"):
         return False
     files = output_files(out_dir, task_stem(task))
     kinds = OUTPUT_KINDS if task.write_masks else ("qc",)
