@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import platform
 import time
 from collections.abc import Callable, Iterable
@@ -27,7 +28,6 @@ from fibroquant.cohort import aggregate_mice, read_sample_sheet, sheet_without_s
 from fibroquant.config import Settings
 from fibroquant.errors import FibroquantError, SampleSheetError, SlideReadError, one_line
 from fibroquant.tasks import (
-    OUTPUT_KINDS,
     SlideTask,
     discard_outputs,
     output_files,
@@ -137,9 +137,12 @@ def outputs_current(
     """
     if last is None or (last[0], last[2]) != (task.fingerprint, "ok"):
         return False
-    files = output_files(out_dir, task_stem(task))
-    kinds = OUTPUT_KINDS if task.write_masks else ("qc",)
-    return all(files[k].exists() for k in kinds)
+    stem = task_stem(task)
+    if not os.path.exists(os.path.join(out_dir, "qc", f"{stem}.png")):  # the common check, fast
+        return False
+    if not task.write_masks:
+        return True
+    return all(path.exists() for path in output_files(out_dir, stem).values())
 
 
 def stale_stems(previous_slides: Iterable[str], stems: dict[str, str]) -> list[str]:

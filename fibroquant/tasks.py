@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from fibroquant import __version__
@@ -44,17 +44,20 @@ def failed_record(task: SlideTask, error: str) -> dict[str, Any]:
 
 
 def output_stem(slide: str) -> str:
-    """File stem for a slide's outputs: its relative path without suffix, '/' as '__'."""
-    p = Path(slide)
-    name = p.name
-    for suffix in (".ome.tiff", ".ome.tif"):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
+    """File stem for a slide's outputs: its relative path without suffix, '/' as '__'.
+
+    ``slide`` is a relative POSIX path as the run makes them (no ``.`` or empty parts); string
+    operations only, as a rerun of thousands of slides computes it for each.
+    """
+    head, _, name = slide.rpartition("/")
+    low = name.lower()
+    if low.endswith(".ome.tiff"):
+        name = name[:-9]
+    elif low.endswith(".ome.tif"):
+        name = name[:-8]
     else:
-        name = p.stem
-    parts = [*p.parent.parts, name] if str(p.parent) != "." else [name]
-    return "__".join(parts)
+        name = PurePosixPath(name).stem
+    return f"{head.replace('/', '__')}__{name}" if head else name
 
 
 def task_stem(task: SlideTask) -> str:
