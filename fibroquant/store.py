@@ -507,12 +507,17 @@ class OutputLock:
         try:
             deadline = None if self.timeout is None else time.monotonic() + self.timeout
             delay = 0.02
+            announced = False
             while True:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
                     pass
+                if self.wait and not announced:  # say once why nothing happens yet
+                    logger.warning("%s: waiting for another fibroquant run (%s) to finish",
+                                   self.out_dir, self._holder(fd))
+                    announced = True
                 if not self.wait:
                     msg = (
                         f"{self.out_dir}: another fibroquant run ({self._holder(fd)}) is using "

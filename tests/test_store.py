@@ -566,6 +566,19 @@ def test_second_run_is_refused_at_once_without_wait(tmp_path: Path) -> None:
         reap(holder)
 
 
+def test_waiting_run_says_once_that_it_waits(tmp_path: Path, caplog) -> None:
+    holder = spawn(HOLD_THEN_RELEASE, str(tmp_path), "60")
+    try:
+        expect_line(holder, "locked")
+        with caplog.at_level("WARNING", logger="fibroquant.store"):
+            with pytest.raises(StoreLockedError):
+                OutputLock(tmp_path, wait=True, timeout=0.5).acquire()
+        waits = [r.getMessage() for r in caplog.records if "waiting for another" in r.getMessage()]
+        assert len(waits) == 1 and f"pid {holder.pid}" in waits[0]
+    finally:
+        reap(holder)
+
+
 def test_second_run_with_wait_gets_the_lock_after_release(tmp_path: Path) -> None:
     holder = spawn(HOLD_THEN_RELEASE, str(tmp_path), "0.6")
     try:
