@@ -69,7 +69,6 @@ def main(
         quiet_warnings()
 
 
-
 def _settings(config: Path | None, stain: StainChoice | None, analysis_mpp: float | None):
     from fibroquant.config import load_settings
 
@@ -93,7 +92,7 @@ def _command(name: str, args: dict[str, Any]) -> str:
             continue
         if isinstance(value, Enum):
             value = value.value
-        if key in ("slides_dir",):
+        if key == "slides_dir":  # the positional argument
             parts.append(shlex.quote(str(value)))
             continue
         flag = "--" + key.replace("_", "-")

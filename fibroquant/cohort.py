@@ -24,7 +24,8 @@ import pandas as pd
 
 from fibroquant.errors import SampleSheetError
 
-__all__ = ["MICE_COLUMNS", "RECORD_COLUMNS", "RESERVED_COLUMNS", "aggregate_mice", "read_sample_sheet", "sheet_without_samples"]
+__all__ = ["MICE_COLUMNS", "RECORD_COLUMNS", "RESERVED_COLUMNS", "aggregate_mice",
+           "read_sample_sheet", "sheet_without_samples"]
 
 logger = logging.getLogger(__name__)
 

@@ -272,7 +272,7 @@ def _tile_py(
             for j in range(w):
                 buf[j] = t0[rgb[i, j, 0]] + t1[rgb[i, j, 1]] + t2[rgb[i, j, 2]]
         k = 0
-        m = 0  # hits[:m] lists the plain columns that are collagen, when k > 0
+        m = 0  # hits[:m]: the plain columns that are collagen (after the guard), with runs
         if n_plain > 0:
             for j in range(w):
                 hit[j] = (buf[j] > tb[j]) & (isp[j] != 0)
@@ -342,8 +342,6 @@ def _tile_py(
             if excluded:
                 acc_exc[j] += 1
         if want_runs:
-            if k == 0:
-                m = 0
             if n_scol > 0:  # merge the special collagen columns into the sorted list
                 if n_plain == 0:  # ``hit`` holds an earlier row
                     for j in range(w):

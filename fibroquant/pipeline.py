@@ -740,9 +740,10 @@ def _glass_background(
     section = detect_tissue(small, thumb_mpp * w / small.shape[1], settings.tissue,
                             background).section
     if k == 1:
-        return _estimate_background(thumb, glass_mask=~section)
-    grown = cv2.dilate(section.view(np.uint8), np.ones((3, 3), np.uint8))
-    glass = cv2.resize(grown, (w, h), interpolation=cv2.INTER_NEAREST) == 0
+        glass = ~section
+    else:
+        grown = cv2.dilate(section.view(np.uint8), np.ones((3, 3), np.uint8))
+        glass = cv2.resize(grown, (w, h), interpolation=cv2.INTER_NEAREST) == 0
     return _estimate_background(thumb, glass_mask=glass)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import platform
 import time
 from collections.abc import Callable, Iterable
@@ -28,6 +27,7 @@ from fibroquant.cohort import aggregate_mice, read_sample_sheet, sheet_without_s
 from fibroquant.config import Settings
 from fibroquant.errors import FibroquantError, SampleSheetError, SlideReadError, one_line
 from fibroquant.tasks import (
+    OUTPUT_KINDS,
     SlideTask,
     discard_outputs,
     output_files,
@@ -113,9 +113,7 @@ def _relative(p: Path, root: Path) -> str:
     return p.relative_to(root).as_posix()
 
 
-def outputs_current(
-    out_dir: Path, task: SlideTask, last: tuple[str, str, str] | None, settings_hash: str
-) -> bool:
+def outputs_current(out_dir: Path, task: SlideTask, last: tuple[str, str, str] | None) -> bool:
     """Whether a slide's files in ``out_dir`` show its current content.
 
     They do when the slide path's latest measurement (:meth:`ResultStore.last_measured`) was of
@@ -131,18 +129,13 @@ def outputs_current(
     task : SlideTask
         The slide, with its fingerprint, output stem and whether masks are wanted.
     last : tuple of str, optional
-        ``(fingerprint, settings_hash, status)`` of the path's latest measurement.
-    settings_hash : str
-        This run's settings hash.
+        ``(fingerprint, settings_hash, status)`` of the path's latest measurement (any
+        settings: see above).
     """
     if last is None or (last[0], last[2]) != (task.fingerprint, "ok"):
         return False
-    stem = task_stem(task)
-    if not os.path.exists(os.path.join(out_dir, "qc", f"{stem}.png")):  # the common check, fast
-        return False
-    if not task.write_masks:
-        return True
-    return all(path.exists() for path in output_files(out_dir, stem).values())
+    kinds = OUTPUT_KINDS if task.write_masks else ("qc",)
+    return all(path.exists() for path in output_files(out_dir, task_stem(task), kinds).values())
 
 
 def stale_stems(previous_slides: Iterable[str], stems: dict[str, str]) -> list[str]:
@@ -304,7 +297,7 @@ def analyze_folder(
             todo = [
                 t for t in tasks
                 if force or known.get(t.fingerprint) != "ok"
-                or not outputs_current(out_dir, t, last.get(t.slide), shash)
+                or not outputs_current(out_dir, t, last.get(t.slide))
             ]
             summary.skipped = len(tasks) - len(todo)
             if on_plan:
@@ -512,7 +505,7 @@ def write_tables(
         plots += report.plot_groups(mice, groups, plots_dir / "cpa_groups", control=ctrl)
     plots += report.plot_slides(slides_df, plots_dir / "cpa_slides")
     plots += report.plot_stain_qc(slides_df, plots_dir / "stain_qc")
-    qc = {s: output_files(out_dir, stem)["qc"]
+    qc = {s: output_files(out_dir, stem, ("qc",))["qc"]
           for s, stem in output_stems(slides_df["slide"]).items()}
     for r in slides_df.itertuples():
         if isinstance(r.stain_warning, str) and r.stain_warning:

@@ -27,7 +27,7 @@ from functools import cached_property
 import cv2
 import numpy as np
 
-from fibroquant.config import STAIN_NAMES, Stain, StainSettings
+from fibroquant.config import STAIN_NAMES, StainSettings
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +142,10 @@ MASSON_LIGHT_GREEN = StainMatrix(
 H_AND_E = StainMatrix(("eosin", "haematoxylin"), np.array([EOSIN_VECTOR, HAEMATOXYLIN_VECTOR]))
 
 
+#: The protocol presets by their stain names (:meth:`StainSettings.stain_names` picks one).
+_PRESETS = {m.names: m for m in (SIRIUS_RED, MASSON, MASSON_LIGHT_GREEN)}
+
+
 def preset_for(settings: StainSettings) -> StainMatrix:
     """The preset stain matrix for a protocol, with explicit study vectors applied.
 
@@ -154,12 +158,7 @@ def preset_for(settings: StainSettings) -> StainMatrix:
     StainMatrix
         Collagen stain first.
     """
-    if settings.stain == Stain.SIRIUS_RED:
-        preset = SIRIUS_RED
-    elif settings.masson_collagen == "light-green":
-        preset = MASSON_LIGHT_GREEN
-    else:
-        preset = MASSON
+    preset = _PRESETS[settings.stain_names()]
     if settings.vectors:
         unknown = set(settings.vectors) - set(preset.names)
         if unknown:
@@ -518,7 +517,7 @@ def stain_mismatch(fit: dict[str, float], protocol: str) -> str | None:
         None when the expected stain fits (or nothing can be said).
     """
     mine = [v for k, v in fit.items() if k.startswith(protocol)]
-    if not fit or not mine:
+    if not mine:  # no fit (too little stained tissue) or no such protocol
         return None
     expected = min(mine)
     best = min(fit, key=fit.__getitem__)

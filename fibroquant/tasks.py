@@ -7,6 +7,7 @@ new never imports the image-analysis stack (numba, scipy, scikit-image).
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -19,6 +20,9 @@ from fibroquant.errors import FibroquantError
 OUTPUT_KINDS = ("qc", "collagen", "tissue", "geojson")
 #: The kinds written only with ``--masks``.
 MASK_KINDS = ("collagen", "tissue", "geojson")
+#: Folder and file-name ending of each kind.
+_OUTPUT_PLACES = {"qc": ("qc", ".png"), "collagen": ("masks", ".collagen.png"),
+                  "tissue": ("masks", ".tissue.png"), "geojson": ("geojson", ".geojson")}
 
 
 @dataclass(frozen=True)
@@ -110,7 +114,9 @@ def _stem_with_hash(slide: str) -> str:
     return f"{_stem_with_extension(slide)}-{digest}"
 
 
-def output_files(out_dir: str | Path, stem: str) -> dict[str, Path]:
+def output_files(
+    out_dir: str | Path, stem: str, kinds: Iterable[str] = OUTPUT_KINDS
+) -> dict[str, Path]:
     """The files a slide's measurement writes into an output folder, by kind.
 
     Parameters
@@ -119,6 +125,9 @@ def output_files(out_dir: str | Path, stem: str) -> dict[str, Path]:
         The output folder.
     stem : str
         The slide's output stem (:func:`output_stems`).
+    kinds : iterable of str
+        Which of :data:`OUTPUT_KINDS` to name (all by default; a rerun of thousands of slides
+        asks only for the overlay).
 
     Returns
     -------
@@ -127,13 +136,8 @@ def output_files(out_dir: str | Path, stem: str) -> dict[str, Path]:
         (``masks/STEM.collagen.png``), ``tissue`` (``masks/STEM.tissue.png``) and ``geojson``
         (``geojson/STEM.geojson``).
     """
-    out = Path(out_dir)
-    return {
-        "qc": out / "qc" / f"{stem}.png",
-        "collagen": out / "masks" / f"{stem}.collagen.png",
-        "tissue": out / "masks" / f"{stem}.tissue.png",
-        "geojson": out / "geojson" / f"{stem}.geojson",
-    }
+    return {k: Path(os.path.join(out_dir, _OUTPUT_PLACES[k][0], stem + _OUTPUT_PLACES[k][1]))
+            for k in kinds}
 
 
 def remove_files(paths: Iterable[Path]) -> None:

@@ -21,7 +21,7 @@ from skimage.filters import threshold_otsu
 from fibroquant.collagen import gaussian_blur
 from fibroquant.config import TissueSettings
 from fibroquant.kernels import remove_small_holes_fast, remove_small_objects_fast
-from fibroquant.stains import Vector, channel_sum, od_lut, rgb_to_od
+from fibroquant.stains import Vector, channel_sum, rgb_to_od
 
 
 @dataclass(frozen=True)
@@ -427,17 +427,15 @@ def rim_candidates(
     grey : ndarray of float32, shape (H, W)
         Grey OD (smallest channel OD).
     """
-    lut = od_lut(background_rgb)
     if od is None:
-        od = rgb_to_od(rgb, background_rgb)  # = lut[c][rgb[..., c]] per channel
+        od = rgb_to_od(rgb, background_rgb)
     grey = np.minimum(od[..., 0], od[..., 1])
     np.minimum(grey, od[..., 2], out=grey)
     faint = grey >= np.float32(BUBBLE_FAINT_RIM * settings.bubble_rim_od)
     if faint.any():
-        px = rgb[faint]
-        od = np.stack([lut[c][px[:, c]] for c in range(3)], axis=1)
-        spread = od.max(axis=1) - od.min(axis=1)
-        faint[faint] = spread <= settings.bubble_rim_chroma * od.sum(axis=1)
+        od_faint = od[faint]  # (n, 3): the channel ODs of the candidates
+        spread = od_faint.max(axis=1) - od_faint.min(axis=1)
+        faint[faint] = spread <= settings.bubble_rim_chroma * od_faint.sum(axis=1)
     return faint, faint & (grey >= np.float32(settings.bubble_rim_od)), grey
 
 
