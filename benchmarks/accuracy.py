@@ -170,13 +170,15 @@ def grid_points(quick: bool) -> list[tuple[str, dict]]:
         ("fibrosis 0.05", {"fibrosis": 0.05}),
         ("fibrosis 1.0", {"fibrosis": 1.0}),
         ("field of view", {"field_of_view": True}),
+        ("vignetting 0.3", {"vignetting": 0.3}),
+        ("thickness cv 0.2", {"thickness_cv": 0.2}),
         ("all bad", {"collagen_intensity": 0.6, "nonspecific": 0.15, "fine_fibres": 0.8,
                      "fibre_intensity": 0.35, "blur_um": 0.6, "jpeg_quality": 70,
                      "vector_drift_deg": 8.0}),
     ]
     if quick:
         keep = {"reference", "coll_int 0.6", "coll_int 1.4", "drift 8deg", "nonspec 0.15", "faint fibres",
-                "fibrosis 0.05", "field of view", "all bad"}
+                "fibrosis 0.05", "field of view", "vignetting 0.3", "all bad"}
         pts = [p for p in pts if p[0] in keep]
     return pts
 
@@ -251,7 +253,6 @@ def _error_parts(mask: np.ndarray, truth, thin: np.ndarray, near: np.ndarray) ->
 
 def run_job(job: dict, hsv_thr: dict) -> list[dict]:
     p: SectionParams = job["params"]
-    t0 = time.perf_counter()
     rgb, truth = make_section(p, rng=job["seed"])
     tc = truth.collagen_mask
     # thin true collagen: what a 2 µm-radius opening removes (pericellular fibres, tips)
@@ -355,6 +356,8 @@ BINS = [
     ("tint_spread", [-1.0, 10.0, 20.0, 999.0], "{:.0f}"),
     # parenchyma paleness: counterstain concentration actually deposited (OD units)
     ("counter_eff", [0.0, 0.2, 0.3, 9.0], "{:.1f}"),
+    ("vignetting", [-1.0, 0.01, 0.15, 9.0], "{:.2f}"),
+    ("thickness_cv", [-1.0, 0.07, 0.14, 9.0], "{:.2f}"),
 ]
 
 

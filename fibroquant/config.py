@@ -49,6 +49,12 @@ class TissueSettings(_Model):
     )
     glass_od_min: float = Field(0.03, gt=0, description="lower clip of the automatic glass OD")
     glass_od_max: float = Field(0.1, gt=0, description="upper clip of the automatic glass OD")
+    flat_field: bool = Field(
+        True, description="divide out uneven illumination (vignetting) seen on glass and empty spaces"
+    )
+    flat_field_min_od: float = Field(
+        0.02, gt=0, description="least range of the illumination field that is corrected, OD"
+    )
     smooth_um: float = Field(
         1.5, ge=0, description="median filter before the glass threshold: 5 px if >= 1.5 px, µm"
     )

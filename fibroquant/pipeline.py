@@ -37,6 +37,7 @@ from fibroquant.collagen import (
 from fibroquant.config import Settings
 from fibroquant.errors import QUIET_ENV, FibroquantError, SlideReadError, one_line, quiet_warnings
 from fibroquant.measure import Measurements, TileCounts
+from fibroquant.shading import ShadedSlide, estimate_shading
 from fibroquant.slides import Slide, open_slide, require_colour, require_mpp
 from fibroquant.stains import (
     StainEstimate,
@@ -570,6 +571,12 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
     thumb = sl.thumbnail(tissue_mpp)
     thumb_mpp = extent_um[1] / thumb.shape[1]
     background, bg_source = _background(thumb, settings)
+    shading = estimate_shading(thumb, background, settings.tissue)
+    if shading is not None:
+        # every later read (calibration pixels, tiles, QC image) sees the evenly lit slide
+        sl = ShadedSlide(sl, shading)
+        thumb = shading.apply(thumb, thumb.shape[:2])
+        background, bg_source = _background(thumb, settings)
     if settings.stains.background_rgb is None:
         bg2, src2 = _glass_background(thumb, thumb_mpp, settings, background)
         if src2 == "glass":
@@ -701,6 +708,7 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
         "mask_mpp": mask_mpp,
         **{k: getattr(meas, k) for k in meas.__dataclass_fields__},
         "glass_od": tissue.glass_od,
+        "shading_od": 0.0 if shading is None else round(shading.od_range, 4),
         "background_rgb": json.dumps([round(b, 1) for b in background]),
         "background_source": bg_source,
         "stain_source": est.source,

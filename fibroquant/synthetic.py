@@ -68,6 +68,12 @@ class SectionParams:
     cytoplasm_blue: float = 0.0
     cytoplasm_blue_cv: float = 0.5  # cell-to-cell variation of that fraction (lavender cells)
     bubbles: int = 0  # air bubbles under the coverslip (50-400 µm), anywhere in the image
+    # uneven illumination of a microscope field: fraction of the light lost at the corners,
+    # about an optical centre up to 10 % off the image centre (0 = evenly lit, as a scanner)
+    vignetting: float = 0.0
+    # uneven section thickness: coefficient of variation of all stains' amount, smooth over
+    # ~300 µm (a microtome's chatter and a section's wedge); 0 = even
+    thickness_cv: float = 0.0
 
 
 @dataclass
@@ -291,6 +297,10 @@ def make_section(
         # drawn only when asked for, so sections without it keep their seeds' exact pixels
         collagen_conc = collagen_conc + _cytoplasm_blue(p, counter, parench & ~fat, um, g)
     conc = np.stack([collagen_conc, counter, nuc_conc], axis=-1) * np.float32(p.stain_intensity)
+    if p.thickness_cv > 0:  # drawn only when asked for (same seeds, same pixels without)
+        thick = np.exp(p.thickness_cv * _smooth_noise((h, w), 300 * um, g)
+                       - 0.5 * p.thickness_cv**2).astype(np.float32)
+        conc *= thick[..., None]
     conc = np.clip(conc, 0, None).astype(np.float32)
 
     # --- air bubbles under the coverslip (own generator: the section is the same without) --
@@ -311,6 +321,8 @@ def make_section(
     intensity = bg * np.power(np.float32(10.0), -od)
     if p.blur_um > 0:
         intensity = cv2.GaussianBlur(intensity, (0, 0), p.blur_um * um)
+    if p.vignetting > 0:
+        intensity *= vignette((h, w), p.vignetting, g)[..., None]
     if p.noise_sd > 0:
         shot = np.sqrt(np.maximum(intensity, 1.0) / 255.0)
         intensity = intensity + g.standard_normal(intensity.shape).astype(np.float32) * (
@@ -325,6 +337,18 @@ def make_section(
     collagen = coll_region & tissue
     truth = Truth(p, stains, tissue, collagen, lumen, capsule & ~lumen, section, bubble)
     return rgb, truth
+
+
+def vignette(shape: tuple[int, int], strength: float, rng: np.random.Generator) -> np.ndarray:
+    """Relative illumination of a camera frame, float32 ``shape``: 1 at the optical centre,
+    ``1 - strength`` at the distance of the image's corners from its centre (quadratic
+    fall-off; the far corners of an off-centre field a little darker still)."""
+    h, w = shape
+    cy = h * (0.5 + rng.uniform(-0.1, 0.1))
+    cx = w * (0.5 + rng.uniform(-0.1, 0.1))
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    rho2 = ((yy - cy) ** 2 + (xx - cx) ** 2) / np.float32((h * h + w * w) / 4.0)
+    return np.clip(1.0 - strength * rho2, 0.3, 1.0).astype(np.float32)
 
 
 def _cytoplasm_blue(
@@ -478,6 +502,9 @@ def random_params(
         steatosis=float(g.uniform(0.0, 0.2)),
         field_of_view=bool(g.random() < 0.3),
     )
+    # drawn after the others, so each seed's earlier parameters stay what they were
+    drawn = replace(drawn, vignetting=float(g.uniform(0.05, 0.3)) if g.random() < 0.5 else 0.0,
+                    thickness_cv=float(g.uniform(0.0, 0.2)))
     return replace(drawn, **fixed)  # type: ignore[arg-type]
 
 

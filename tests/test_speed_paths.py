@@ -451,6 +451,7 @@ def test_glass_colour_from_a_small_detection_equals_the_full_size_one(seed, fiel
     """The glass mask of the background estimate comes from a 4x smaller tissue detection;
     the glass colour (and its source) is the one a full-size detection gives."""
     from fibroquant.config import Settings
+    from fibroquant.shading import estimate_shading
     from fibroquant.synthetic import random_params
     from fibroquant.tissue import detect_tissue
 
@@ -458,6 +459,10 @@ def test_glass_colour_from_a_small_detection_equals_the_full_size_one(seed, fiel
     rgb, _ = make_section(p, rng=seed)
     s = Settings()
     bg, _ = pipeline._background(rgb, s)
+    shading = estimate_shading(rgb, bg, s.tissue)
+    if shading is not None:  # as the pipeline does: the glass colour of the evenly lit image
+        rgb = shading.apply(rgb, rgb.shape[:2])
+        bg, _ = pipeline._background(rgb, s)
     full = pipeline._estimate_background(
         rgb, glass_mask=~detect_tissue(rgb, 1.0, s.tissue, bg).section)
     assert pipeline._glass_background(rgb, 1.0, s, bg) == full

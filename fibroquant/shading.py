@@ -1,0 +1,294 @@
+"""Uneven illumination (vignetting, shading): estimated from the image itself and divided out.
+
+Microscope field photos are rarely lit evenly: the corners of a camera frame are often 10-30 %
+darker than its centre. Optical density is measured against one glass colour, so a darkened
+corner reads as a uniform (grey) optical density on top of the stains: glass there passes the
+tissue threshold and tissue there gains stain.
+
+The illumination is seen wherever the light crosses nothing: glass around the section, lumens,
+fat vacuoles, sinusoids. Such pixels have a *neutral* optical density (the same in R, G and B:
+the light is only dimmer), while stained tissue is strongly coloured. :func:`estimate_shading`
+takes the neutral, pale pixels of the thumbnail, fits a smooth field to their optical density
+per channel (a low-order polynomial of the image coordinates, robust to the darker tissue
+pixels that slip in), and :class:`ShadedSlide` divides it out of every pixel read, so the
+thumbnail, the tiles and the QC overlay all see an evenly lit image. Nothing is corrected
+unless the field varies by at least ``flat_field_min_od`` over the image (about 5 % of the
+light) and the neutral pixels cover most of the image: an evenly lit whole-slide scan is read
+as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from fibroquant.config import TissueSettings
+from fibroquant.slides import Level, Slide, _SlideBase
+
+__all__ = ["ShadedSlide", "ShadingField", "estimate_shading", "shading_basis"]
+
+#: Pixels of the image the field is fitted on (the thumbnail is shrunk to about this size).
+FIT_PIXELS = 250_000
+#: Largest neutral deviation of a glass pixel: max over channels of |OD_c - mean OD| (OD units).
+NEUTRAL_OD = 0.04
+#: Darkest glass considered (mean OD; 0.35 OD = 45 % of the light).
+MAX_GLASS_OD = 0.35
+#: Largest correction, OD (a factor of 10**0.35 = 2.2 in light).
+MAX_CORRECTION_OD = 0.35
+#: Robust residual scatter above which the neutral pixels are not glass-like enough to trust.
+MAX_SCATTER_OD = 0.02
+#: Cells of a 3 x 3 grid over the image that must hold neutral pixels (coverage of the fit).
+MIN_CELLS = 6
+#: Cells per side of the grid whose brightest neutral pixels the field is fitted to.
+GRID_CELLS = 12
+#: Largest grid step (pixels) at which the field is evaluated before being interpolated.
+EVAL_STEP = 8
+#: Fewest grid nodes across the image's shorter side (smaller images get a finer step).
+EVAL_NODES = 64
+
+
+def shading_basis(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Polynomial terms of the illumination field at normalised coordinates.
+
+    Parameters
+    ----------
+    u, v : ndarray of float
+        Column and row positions scaled to [-1, 1] over the whole image (same shape).
+
+    Returns
+    -------
+    ndarray of float64, shape (u.size, 7)
+        ``1, u, v, u², uv, v², (u² + v²)²``: any off-centre quadratic, plus the quartic
+        fall-off of a lens's vignetting (cos⁴ law) about the image centre.
+    """
+    u = np.asarray(u, np.float64).ravel()
+    v = np.asarray(v, np.float64).ravel()
+    r2 = u * u + v * v
+    return np.column_stack([np.ones_like(u), u, v, u * u, u * v, v * v, r2 * r2])
+
+
+@dataclass(frozen=True)
+class ShadingField:
+    """A slide's illumination field, as optical density to take away per channel.
+
+    Attributes
+    ----------
+    coef : ndarray of float64, shape (7, 3)
+        Per-channel coefficients of :func:`shading_basis` for the OD of the glass, relative
+        to the brightest point of the image (so the correction only ever brightens, up to
+        rounding of the per-channel tint).
+    od_range : float
+        Range of the channel-mean correction over the image, OD units (0.1 = corners at 79 %
+        of the centre's light).
+    n_pixels : int
+        Neutral pixels of the grid cells the fit was made on.
+    lo, hi : ndarray of float64, shape (3,)
+        Per-channel bounds of the correction: the field's values at those cells (the field is
+        not extrapolated beyond them).
+    """
+
+    coef: np.ndarray = field(repr=False)
+    od_range: float
+    n_pixels: int
+    lo: np.ndarray = field(repr=False)
+    hi: np.ndarray = field(repr=False)
+
+    def correction_od(self, shape: tuple[int, int], y0: int, x0: int, h: int, w: int
+                      ) -> np.ndarray:
+        """OD to subtract from a region, float32 ``(h, w, 3)``.
+
+        Parameters
+        ----------
+        shape : tuple of int
+            ``(height, width)`` of the whole image (level) the region is in.
+        y0, x0, h, w : int
+            The region, in that image's pixel coordinates.
+        """
+        height, width = shape
+        # at least EVAL_NODES nodes across the image: linear interpolation of the field
+        # between them is within ~1e-4 OD of the polynomial
+        step = int(max(1, min(EVAL_STEP, min(height, width) // EVAL_NODES)))
+        gy = np.arange(y0, y0 + h + step, step, dtype=np.float64)
+        gx = np.arange(x0, x0 + w + step, step, dtype=np.float64)
+        uu, vv = np.meshgrid(2 * (gx + 0.5) / width - 1, 2 * (gy + 0.5) / height - 1)
+        grid = (shading_basis(uu, vv) @ self.coef).astype(np.float32)
+        grid = np.clip(grid, self.lo.astype(np.float32), self.hi.astype(np.float32))
+        grid = np.clip(grid, -MAX_CORRECTION_OD, MAX_CORRECTION_OD).reshape(len(gy), len(gx), 3)
+        # bilinear between the grid nodes (node k sits on pixel k * step of the region)
+        return _interp_axis(_interp_axis(grid, w, step, axis=1), h, step, axis=0)
+
+    def apply(self, rgb: np.ndarray, shape: tuple[int, int], y0: int = 0, x0: int = 0
+              ) -> np.ndarray:
+        """Divide the illumination out of a uint8 RGB region (a new uint8 array)."""
+        h, w = rgb.shape[:2]
+        gain = np.power(np.float32(10.0), self.correction_od(shape, y0, x0, h, w))
+        out = rgb.astype(np.float32)
+        np.multiply(out, gain, out=out)
+        return cv2.convertScaleAbs(out)  # rounds and saturates to 0..255
+
+
+def _interp_axis(grid: np.ndarray, n: int, step: int, axis: int) -> np.ndarray:
+    """Linear interpolation of nodes ``step`` pixels apart onto ``n`` pixels of ``axis``."""
+    pos = np.arange(n, dtype=np.float32) / step
+    i = np.minimum(pos.astype(np.intp), grid.shape[axis] - 2)
+    t = pos - i
+    a, b = np.take(grid, i, axis=axis), np.take(grid, i + 1, axis=axis)
+    shape = [1, 1, 1]
+    shape[axis] = n
+    t = t.reshape(shape)
+    return a + (b - a) * t
+
+
+def _neutral_od(rgb: np.ndarray, background: tuple[float, float, float]) -> np.ndarray:
+    """Unclipped OD, float32 ``(h, w, 3)`` (glass brighter than ``background`` is negative)."""
+    values = np.maximum(np.arange(256, dtype=np.float64), 0.5)
+    bg = np.asarray(background, np.float64)[:, None]
+    lut = (-np.log10(values[None, :] / bg)).astype(np.float32)
+    return np.stack([lut[c][rgb[..., c]] for c in range(3)], axis=-1)
+
+
+def _cell_points(
+    od: np.ndarray, mean: np.ndarray, cand: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The glass's OD in each cell of a ``GRID_CELLS``² grid: the mean OD of the brightest
+    quarter of the cell's neutral pixels (mixed pixels at the rims of small gaps are darker),
+    at their mean position. Returns (uv (n, 2), od (n, 3), pixel counts (n,)) or None."""
+    sh, sw = mean.shape
+    ys, xs = np.nonzero(cand)
+    cell = (ys * GRID_CELLS // sh) * GRID_CELLS + xs * GRID_CELLS // sw
+    order = np.argsort(cell, kind="stable")
+    ys, xs, cell = ys[order], xs[order], cell[order]
+    starts = np.flatnonzero(np.r_[True, cell[1:] != cell[:-1]])
+    ends = np.r_[starts[1:], len(cell)]
+    min_px = max(12, int(0.01 * sh * sw / GRID_CELLS**2))
+    uv, val, cnt = [], [], []
+    for a, b in zip(starts, ends, strict=True):
+        if b - a < min_px:
+            continue
+        cy, cx = ys[a:b], xs[a:b]
+        m = mean[cy, cx]
+        bright = m <= np.quantile(m, 0.25)
+        cy, cx = cy[bright], cx[bright]
+        uv.append((2 * (cx.mean() + 0.5) / sw - 1, 2 * (cy.mean() + 0.5) / sh - 1))
+        val.append(od[cy, cx].mean(axis=0))
+        cnt.append(b - a)
+    if len(cnt) < 2 * 7:
+        return None
+    return np.array(uv), np.array(val, np.float64), np.array(cnt, np.float64)
+
+
+def _covers(uv: np.ndarray) -> bool:
+    """Whether fitted cells lie in at least ``MIN_CELLS`` of the 3 x 3 parts of the image."""
+    part = np.clip(((uv + 1) * 1.5).astype(int), 0, 2)
+    return len(np.unique(part[:, 1] * 3 + part[:, 0])) >= MIN_CELLS
+
+
+def estimate_shading(
+    thumb: np.ndarray, background: tuple[float, float, float], settings: TissueSettings
+) -> ShadingField | None:
+    """Estimate the illumination field of a slide from its thumbnail.
+
+    Parameters
+    ----------
+    thumb : ndarray of uint8, shape (H, W, 3)
+        The whole slide at low resolution.
+    background : tuple of 3 float
+        The glass colour the optical density is measured against.
+    settings : TissueSettings
+        ``flat_field`` and ``flat_field_min_od``.
+
+    Returns
+    -------
+    ShadingField or None
+        None when the field is flat (range below ``flat_field_min_od``), when the neutral
+        pixels do not cover the image well enough to fit it, or when they scatter too much to
+        be glass.
+    """
+    if not settings.flat_field:
+        return None
+    h, w = thumb.shape[:2]
+    k = max(1.0, float(np.sqrt(h * w / FIT_PIXELS)))
+    if k > 1:
+        small = cv2.resize(thumb, (max(1, round(w / k)), max(1, round(h / k))),
+                           interpolation=cv2.INTER_AREA)
+    else:
+        small = thumb
+    sh, sw = small.shape[:2]
+    if sh < 16 or sw < 16:
+        return None
+    od = _neutral_od(small, background)
+    mean = od.mean(axis=-1)
+    chroma = np.abs(od - mean[..., None]).max(axis=-1)
+    cand = (chroma < NEUTRAL_OD) & (mean < MAX_GLASS_OD)
+    if np.count_nonzero(cand) < 0.01 * sh * sw:
+        return None
+    points = _cell_points(od, mean, cand)
+    if points is None:
+        return None
+    uv, y, weight = points
+    basis = shading_basis(uv[:, 0], uv[:, 1])
+    ym = y.mean(axis=1)
+    keep = np.ones(len(ym), bool)
+    scatter = 0.0
+    for _ in range(8):
+        sw_ = np.sqrt(weight[keep])[:, None]
+        coef_m = np.linalg.lstsq(basis[keep] * sw_, ym[keep] * sw_[:, 0], rcond=None)[0]
+        resid = ym - basis @ coef_m
+        r = resid[keep]
+        scatter = max(1.4826 * float(np.median(np.abs(r - np.median(r)))), 0.003)
+        # cells of mixed pixels (small gaps in tissue) are darker than the glass: trim mostly
+        # from above
+        new = (resid < 2.5 * scatter) & (resid > -4.0 * scatter)
+        if np.array_equal(new, keep) or np.count_nonzero(new) < 2 * basis.shape[1]:
+            break
+        keep = new
+    if scatter > MAX_SCATTER_OD or not _covers(uv[keep]):
+        return None
+    sw_ = np.sqrt(weight[keep])[:, None]
+    coef = np.linalg.lstsq(basis[keep] * sw_, y[keep] * sw_, rcond=None)[0]  # (7, 3)
+    # no extrapolation beyond what the glass showed: the field is clipped to the range of its
+    # values at the cells it was fitted on
+    seen = basis[keep] @ coef
+    gv, gu = np.mgrid[-1:1:33j, -1:1:33j]
+    grid = np.clip(shading_basis(gu, gv) @ coef, seen.min(axis=0), seen.max(axis=0))
+    ref = int(np.argmin(grid.mean(axis=1)))
+    lo, hi = seen.min(axis=0) - grid[ref], seen.max(axis=0) - grid[ref]
+    coef = coef.copy()
+    coef[0] -= grid[ref]
+    grid_mean = (grid - grid[ref]).mean(axis=1)
+    od_range = float(grid_mean.max() - grid_mean.min())
+    if od_range < settings.flat_field_min_od:
+        return None
+    return ShadingField(coef, od_range, int(weight[keep].sum()), lo, hi)
+
+
+class ShadedSlide(_SlideBase):
+    """A slide read through its illumination correction (every level, every region).
+
+    Parameters
+    ----------
+    slide : Slide
+        The slide as read from the file; it stays owned (and closed) by the caller.
+    shading : ShadingField
+    """
+
+    def __init__(self, slide: Slide, shading: ShadingField) -> None:
+        self.inner = slide
+        self.shading = shading
+        self.path = slide.path
+        self.format = slide.format
+        self.mpp = slide.mpp
+        self.levels: tuple[Level, ...] = slide.levels
+        for name in ("vendor", "compression", "tile_size", "mpp_source", "greyscale"):
+            if hasattr(slide, name):
+                setattr(self, name, getattr(slide, name))
+
+    def _read_inside(self, level: int, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
+        rgb = self.inner.read_region(level, y0, x0, y1 - y0, x1 - x0)
+        return self.shading.apply(rgb, self.levels[level].shape, y0, x0)
+
+    def close(self) -> None:
+        """Stop reading through this wrapper (the wrapped slide is closed by its owner)."""
+        self._closed = True
