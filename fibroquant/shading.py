@@ -95,9 +95,8 @@ class ShadingField:
     lo: np.ndarray = field(repr=False)
     hi: np.ndarray = field(repr=False)
 
-    def correction_od(self, shape: tuple[int, int], y0: int, x0: int, h: int, w: int
-                      ) -> np.ndarray:
-        """OD to subtract from a region, float32 ``(h, w, 3)``.
+    def gain(self, shape: tuple[int, int], y0: int, x0: int, h: int, w: int) -> np.ndarray:
+        """Factor that evens out the light of a region, float32 ``(h, w, 3)`` (>= ~1).
 
         Parameters
         ----------
@@ -105,40 +104,36 @@ class ShadingField:
             ``(height, width)`` of the whole image (level) the region is in.
         y0, x0, h, w : int
             The region, in that image's pixel coordinates.
+
+        Notes
+        -----
+        The polynomial is evaluated on nodes ``step`` pixels apart (at least ``EVAL_NODES``
+        across the image, so the bilinear interpolation between them stays within ~1e-4 OD of
+        it) and interpolated by ``cv2.resize``, whose pixel-centre mapping puts node ``k`` on
+        pixel ``(k - 1) * step + (step - 1) / 2`` of the region: one node beyond each side, so
+        no pixel is extrapolated.
         """
         height, width = shape
-        # at least EVAL_NODES nodes across the image: linear interpolation of the field
-        # between them is within ~1e-4 OD of the polynomial
         step = int(max(1, min(EVAL_STEP, min(height, width) // EVAL_NODES)))
-        gy = np.arange(y0, y0 + h + step, step, dtype=np.float64)
-        gx = np.arange(x0, x0 + w + step, step, dtype=np.float64)
+        ny, nx = -(-h // step) + 2, -(-w // step) + 2
+        off = (step - 1) / 2 - step
+        gy = y0 + off + step * np.arange(ny, dtype=np.float64)
+        gx = x0 + off + step * np.arange(nx, dtype=np.float64)
         uu, vv = np.meshgrid(2 * (gx + 0.5) / width - 1, 2 * (gy + 0.5) / height - 1)
-        grid = (shading_basis(uu, vv) @ self.coef).astype(np.float32)
-        grid = np.clip(grid, self.lo.astype(np.float32), self.hi.astype(np.float32))
-        grid = np.clip(grid, -MAX_CORRECTION_OD, MAX_CORRECTION_OD).reshape(len(gy), len(gx), 3)
-        # bilinear between the grid nodes (node k sits on pixel k * step of the region)
-        return _interp_axis(_interp_axis(grid, w, step, axis=1), h, step, axis=0)
+        od = np.clip(shading_basis(uu, vv) @ self.coef, self.lo, self.hi)
+        od = np.clip(od, -MAX_CORRECTION_OD, MAX_CORRECTION_OD).reshape(ny, nx, 3)
+        nodes = np.power(10.0, od).astype(np.float32)
+        if step == 1:
+            return np.ascontiguousarray(nodes[1 : 1 + h, 1 : 1 + w])
+        fine = cv2.resize(nodes, (nx * step, ny * step), interpolation=cv2.INTER_LINEAR)
+        return fine[step : step + h, step : step + w]
 
     def apply(self, rgb: np.ndarray, shape: tuple[int, int], y0: int = 0, x0: int = 0
               ) -> np.ndarray:
-        """Divide the illumination out of a uint8 RGB region (a new uint8 array)."""
+        """Divide the illumination out of a uint8 RGB region (a new uint8 array, rounded and
+        saturated at 255)."""
         h, w = rgb.shape[:2]
-        gain = np.power(np.float32(10.0), self.correction_od(shape, y0, x0, h, w))
-        out = rgb.astype(np.float32)
-        np.multiply(out, gain, out=out)
-        return cv2.convertScaleAbs(out)  # rounds and saturates to 0..255
-
-
-def _interp_axis(grid: np.ndarray, n: int, step: int, axis: int) -> np.ndarray:
-    """Linear interpolation of nodes ``step`` pixels apart onto ``n`` pixels of ``axis``."""
-    pos = np.arange(n, dtype=np.float32) / step
-    i = np.minimum(pos.astype(np.intp), grid.shape[axis] - 2)
-    t = pos - i
-    a, b = np.take(grid, i, axis=axis), np.take(grid, i + 1, axis=axis)
-    shape = [1, 1, 1]
-    shape[axis] = n
-    t = t.reshape(shape)
-    return a + (b - a) * t
+        return cv2.multiply(rgb, self.gain(shape, y0, x0, h, w), dtype=cv2.CV_8U)
 
 
 def _neutral_od(rgb: np.ndarray, background: tuple[float, float, float]) -> np.ndarray:
