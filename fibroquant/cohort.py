@@ -52,7 +52,7 @@ RECORD_COLUMNS: frozenset[str] = frozenset({
     "status", "error", "stain", "format", "mpp", "analysis_mpp", "level", "width_px",
     "height_px", "mask_mpp", "tissue_area_mm2", "collagen_area_mm2", "cpa_percent",
     "collagen_od_mean", "capsule_area_mm2", "lumen_area_mm2", "fold_area_mm2",
-    "vessel_wall_area_mm2", "unfocused_area_mm2", "bubble_area_mm2", "glass_od", "shading_od",
+    "vessel_wall_area_mm2", "unfocused_area_mm2", "bubble_area_mm2", "glass_od", "shading_od", "channel_shift_px",
     "background_rgb", "background_source", "stain_source", "stain_vectors", "stain_angle_deg",
     "stain_angles_deg", "collagen_od_share", "threshold_method", "threshold_od",
     "parenchyma_od", "collagen_level_od", "share_guard", "parenchyma_share", "stain_fit",

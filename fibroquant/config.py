@@ -55,6 +55,10 @@ class TissueSettings(_Model):
     flat_field_min_od: float = Field(
         0.02, gt=0, description="least range of the illumination field that is corrected, OD"
     )
+    register_channels: bool = Field(
+        True, description="move the red and blue planes back onto the green one when the camera "
+        "misregisters them (coloured fringes at vacuole and lumen edges)"
+    )
     smooth_um: float = Field(
         1.5, ge=0, description="median filter before the glass threshold: 5 px if >= 1.5 px, µm"
     )

@@ -37,7 +37,8 @@ from fibroquant.collagen import (
 from fibroquant.config import Settings
 from fibroquant.errors import QUIET_ENV, FibroquantError, SlideReadError, one_line, quiet_warnings
 from fibroquant.measure import Measurements, TileCounts
-from fibroquant.shading import ShadedSlide, estimate_shading
+from fibroquant.registration import estimate_channel_shifts
+from fibroquant.shading import CorrectedSlide, estimate_shading
 from fibroquant.slides import Slide, open_slide, require_colour, require_mpp
 from fibroquant.stains import (
     StainEstimate,
@@ -374,6 +375,39 @@ def _block_reduce(mask: np.ndarray, f: int) -> np.ndarray:
     return kernels.block_majority(mask, f)
 
 
+def _registration_tiles(
+    slide: Slide, geo: _Geometry, tissue: TissueMask, fy: float, fx: float,
+    boxes: list[tuple[int, int, int, int]], n_tiles: int = 3,
+) -> list[np.ndarray]:
+    """Up to ``n_tiles`` regions of the most tissue-covered tiles, read from the analysis
+    level as they are (no resampling: a plane shift is a sub-pixel property of that level)."""
+    th, tw = tissue.tissue.shape
+    scored = []
+    for box in boxes:
+        y0, x0, y1, x1 = box
+        rows = _index_map(y0, y1, fy, th)[::8]
+        cols = _index_map(x0, x1, fx, tw)[::8]
+        scored.append((float(tissue.tissue[np.ix_(rows, cols)].mean()), box))
+    scored = [sb for sb in scored if sb[0] > 0]
+    if not scored:
+        return []
+    scored.sort(key=lambda sb: -sb[0])
+    best = scored[: max(n_tiles * 4, n_tiles)]
+    pick = np.unique(np.linspace(0, len(best) - 1, min(n_tiles, len(best))).round().astype(int))
+    level_h, level_w = slide.levels[geo.level].shape
+    tiles = []
+    for i in pick:
+        y0, x0, y1, x1 = best[i][1]
+        # the box's centre on the level, and a square of up to 512 px around it
+        cy = int((y0 + y1) / 2 / geo.scale)
+        cx = int((x0 + x1) / 2 / geo.scale)
+        half = min(256, level_h // 2, level_w // 2)
+        ry = min(max(cy - half, 0), level_h - 2 * half)
+        rx = min(max(cx - half, 0), level_w - 2 * half)
+        tiles.append(slide.read_region(geo.level, ry, rx, 2 * half, 2 * half))
+    return tiles
+
+
 def _calibration_pixels(
     slide: Slide, geo: _Geometry, tissue: TissueMask, fy: float, fx: float,
     boxes: list[tuple[int, int, int, int]], n_pixels: int,
@@ -574,7 +608,7 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
     shading = estimate_shading(thumb, background, settings.tissue)
     if shading is not None:
         # every later read (calibration pixels, tiles, QC image) sees the evenly lit slide
-        sl = ShadedSlide(sl, shading)
+        sl = CorrectedSlide(sl, shading=shading)
         thumb = shading.apply(thumb, thumb.shape[:2])
         background, bg_source = _background(thumb, settings)
     if settings.stains.background_rgb is None:
@@ -589,6 +623,12 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
     fx = geo.width / thumb.shape[1]
     boxes = _tile_grid(geo, settings.tiling.tile_px)
 
+    shifts = None
+    if settings.tissue.register_channels:
+        shifts = estimate_channel_shifts(_registration_tiles(sl, geo, tissue, fy, fx, boxes))
+        if shifts is not None:
+            shifts = shifts * sl.levels[geo.level].downsample  # level-0 pixels
+            sl = CorrectedSlide(getattr(sl, "inner", sl), shading, shifts)
     preset = preset_for(settings.stains).with_background(background)
     sample = _calibration_pixels(sl, geo, tissue, fy, fx, boxes, settings.stains.sample_pixels)
     od_sample = rgb_to_od(sample, background)
@@ -709,6 +749,7 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
         **{k: getattr(meas, k) for k in meas.__dataclass_fields__},
         "glass_od": tissue.glass_od,
         "shading_od": 0.0 if shading is None else round(shading.od_range, 4),
+        "channel_shift_px": 0.0 if shifts is None else round(float(np.hypot(*shifts.T).max()), 3),
         "background_rgb": json.dumps([round(b, 1) for b in background]),
         "background_source": bg_source,
         "stain_source": est.source,

@@ -10,7 +10,7 @@ fat vacuoles, sinusoids. Such pixels have a *neutral* optical density (the same 
 the light is only dimmer), while stained tissue is strongly coloured. :func:`estimate_shading`
 takes the neutral, pale pixels of the thumbnail, fits a smooth field to their optical density
 per channel (a low-order polynomial of the image coordinates, robust to the darker tissue
-pixels that slip in), and :class:`ShadedSlide` divides it out of every pixel read, so the
+pixels that slip in), and :class:`CorrectedSlide` divides it out of every pixel read, so the
 thumbnail, the tiles and the QC overlay all see an evenly lit image. Nothing is corrected
 unless the field varies by at least ``flat_field_min_od`` over the image (about 5 % of the
 light) and the neutral pixels cover most of the image: an evenly lit whole-slide scan is read
@@ -25,10 +25,13 @@ import cv2
 import numpy as np
 
 from fibroquant.config import TissueSettings
+from fibroquant.registration import margin_for, shift_channels
 from fibroquant.slides import Level, Slide, _SlideBase
 
-__all__ = ["ShadedSlide", "ShadingField", "estimate_shading", "shading_basis"]
+__all__ = ["CorrectedSlide", "ShadingField", "estimate_shading", "shading_basis"]
 
+#: Plane shifts smaller than this on a level (pixels) are not resampled there.
+LEVEL_MIN_SHIFT_PX = 0.05
 #: Pixels of the image the field is fitted on (the thumbnail is shrunk to about this size).
 FIT_PIXELS = 250_000
 #: Largest neutral deviation of a glass pixel: max over channels of |OD_c - mean OD| (OD units).
@@ -259,19 +262,27 @@ def estimate_shading(
     return ShadingField(coef, od_range, int(weight[keep].sum()), lo, hi)
 
 
-class ShadedSlide(_SlideBase):
-    """A slide read through its illumination correction (every level, every region).
+class CorrectedSlide(_SlideBase):
+    """A slide read through the corrections of its optics (every level, every region).
 
     Parameters
     ----------
     slide : Slide
         The slide as read from the file; it stays owned (and closed) by the caller.
-    shading : ShadingField
+    shading : ShadingField, optional
+        Uneven illumination, divided out of every region.
+    shifts : ndarray of float64, shape (2, 2), optional
+        The red and blue planes' misregistration in level-0 pixels
+        (:func:`fibroquant.registration.estimate_channel_shifts`), moved back on every level
+        where it is still ``LEVEL_MIN_SHIFT_PX`` or more.
     """
 
-    def __init__(self, slide: Slide, shading: ShadingField) -> None:
+    def __init__(
+        self, slide: Slide, shading: ShadingField | None = None, shifts: np.ndarray | None = None
+    ) -> None:
         self.inner = slide
         self.shading = shading
+        self.shifts = None if shifts is None else np.asarray(shifts, np.float64)
         self.path = slide.path
         self.format = slide.format
         self.mpp = slide.mpp
@@ -280,9 +291,32 @@ class ShadedSlide(_SlideBase):
             if hasattr(slide, name):
                 setattr(self, name, getattr(slide, name))
 
+    def level_shifts(self, level: int) -> np.ndarray | None:
+        """The planes' shift in pixels of ``level``, or None where it is negligible."""
+        if self.shifts is None:
+            return None
+        s = self.shifts / self.levels[level].downsample
+        return s if np.abs(s).max() >= LEVEL_MIN_SHIFT_PX else None
+
     def _read_inside(self, level: int, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
-        rgb = self.inner.read_region(level, y0, x0, y1 - y0, x1 - x0)
-        return self.shading.apply(rgb, self.levels[level].shape, y0, x0)
+        shifts = self.level_shifts(level)
+        if shifts is None:
+            rgb = self.inner.read_region(level, y0, x0, y1 - y0, x1 - x0)
+        else:
+            # a margin around the region, from inside the image only (edge pixels repeated
+            # beyond it, so the image frame gets no white fringe)
+            m = margin_for(shifts)
+            height, width = self.levels[level].shape
+            ry0, rx0 = max(y0 - m, 0), max(x0 - m, 0)
+            ry1, rx1 = min(y1 + m, height), min(x1 + m, width)
+            big = self.inner.read_region(level, ry0, rx0, ry1 - ry0, rx1 - rx0)
+            pad = ((ry0 - (y0 - m), (y1 + m) - ry1), (rx0 - (x0 - m), (x1 + m) - rx1), (0, 0))
+            if any(p for pair in pad for p in pair):
+                big = np.pad(big, pad, mode="edge")
+            rgb = shift_channels(big, shifts, m)
+        if self.shading is not None:
+            rgb = self.shading.apply(rgb, self.levels[level].shape, y0, x0)
+        return rgb
 
     def close(self) -> None:
         """Stop reading through this wrapper (the wrapped slide is closed by its owner)."""

@@ -74,6 +74,10 @@ class SectionParams:
     # uneven section thickness: coefficient of variation of all stains' amount, smooth over
     # ~300 µm (a microtome's chatter and a section's wedge); 0 = even
     thickness_cv: float = 0.0
+    # lateral chromatic aberration / colour-plane misregistration of the camera: the red and
+    # blue planes shifted this far (px, opposite ways, one random direction) against green;
+    # coloured fringes at every sharp edge (fat vacuoles, lumens)
+    channel_shift_px: float = 0.0
 
 
 @dataclass
@@ -323,6 +327,14 @@ def make_section(
         intensity = cv2.GaussianBlur(intensity, (0, 0), p.blur_um * um)
     if p.vignetting > 0:
         intensity *= vignette((h, w), p.vignetting, g)[..., None]
+    if p.channel_shift_px > 0:
+        ang = g.uniform(0, 2 * np.pi)
+        dy, dx = p.channel_shift_px * np.sin(ang), p.channel_shift_px * np.cos(ang)
+        for c, sign in ((0, 1.0), (2, -1.0)):
+            m = np.float32([[1, 0, sign * dx], [0, 1, sign * dy]])
+            intensity[..., c] = cv2.warpAffine(np.ascontiguousarray(intensity[..., c]), m, (w, h),
+                                               flags=cv2.INTER_LANCZOS4,
+                                               borderMode=cv2.BORDER_REFLECT)
     if p.noise_sd > 0:
         shot = np.sqrt(np.maximum(intensity, 1.0) / 255.0)
         intensity = intensity + g.standard_normal(intensity.shape).astype(np.float32) * (
@@ -505,6 +517,7 @@ def random_params(
     # drawn after the others, so each seed's earlier parameters stay what they were
     drawn = replace(drawn, vignetting=float(g.uniform(0.05, 0.3)) if g.random() < 0.5 else 0.0,
                     thickness_cv=float(g.uniform(0.0, 0.2)))
+    drawn = replace(drawn, channel_shift_px=float(g.uniform(0.1, 0.8)) if g.random() < 0.3 else 0.0)
     return replace(drawn, **fixed)  # type: ignore[arg-type]
 
 

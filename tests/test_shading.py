@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from fibroquant.config import TissueSettings, load_settings
 from fibroquant.pipeline import analyze_slide
 from fibroquant.shading import (
-    ShadedSlide,
+    CorrectedSlide,
     ShadingField,
     estimate_shading,
     shading_basis,
@@ -70,7 +70,7 @@ def test_shaded_slide_reads_match_the_corrected_whole_image():
     field = estimate_shading(rgb, GLASS, TissueSettings())
     assert field is not None
     whole = field.apply(rgb, rgb.shape[:2])
-    sl = ShadedSlide(ArraySlide(rgb, 0.5, levels=2), field)
+    sl = CorrectedSlide(ArraySlide(rgb, 0.5, levels=2), field)
     tile = sl.read_region(0, 100, 260, 300, 200)
     assert np.abs(tile.astype(int) - whole[100:400, 260:460]).max() <= 1
     # a region reaching outside the image is white there, corrected inside
