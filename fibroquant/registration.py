@@ -146,4 +146,4 @@ def shift_channels(rgb: np.ndarray, shifts: np.ndarray, margin: int = 0) -> np.n
 
 def margin_for(shifts: np.ndarray) -> int:
     """Pixels to read around a region so that :func:`shift_channels` never samples outside."""
-    return int(math.ceil(float(np.abs(shifts).max()))) + 1
+    return math.ceil(float(np.abs(shifts).max())) + 1

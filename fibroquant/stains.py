@@ -380,9 +380,94 @@ def estimate_stains(
         share = _od_share(od, preset)
         return StainEstimate(preset, "preset", zero, dict.fromkeys(names, 0), share, warn)
     unit = x / np.linalg.norm(x, axis=1, keepdims=True)
-    vectors = preset.vectors.astype(np.float64).copy()
-    counts = dict.fromkeys(names, 0)
     min_count = max(200, int(0.0005 * len(x)))
+    # The anchored iteration starts from the presets. When it cannot estimate the collagen
+    # stain or the counterstain (a stain whose colour lies outside the presets' triangle is
+    # read as its neighbour: a Sirius red 16° towards picric acid becomes picric acid and
+    # collagen becomes parenchyma), it starts again from the data's own extreme colours
+    # matched to the presets (:func:`_vertex_start`), and that result is kept if it estimates
+    # more of those two stains.
+    best = None
+    for start_vectors in (preset.vectors.astype(np.float64), "vertex"):
+        if isinstance(start_vectors, str):
+            start_vectors = _vertex_start(x, preset)
+            if start_vectors is None:
+                break
+        vectors, counts = _refine(x, unit, start_vectors, preset, settings, n_iter, min_count)
+        outcome = _checked(vectors, counts, preset, settings, min_count)
+        score = outcome[4][:2]
+        if best is None or score > best[0]:
+            best = (score, counts, outcome)
+        if all(best[0]):
+            break
+    _, counts, (result, angles, warnings, n_estimated, _) = best
+    if n_estimated == len(names):
+        source = "estimated"
+    elif n_estimated:
+        source = "partly-estimated"
+    else:
+        source = "preset"
+    fitted = tuple(bool(n_estimated) and not np.allclose(result.vectors[i], preset.vectors[i])
+                   for i in range(len(names)))
+    return StainEstimate(result, source, angles, counts, _od_share(od, result), tuple(warnings),
+                         fitted)
+
+
+def _checked(
+    vectors: np.ndarray, counts: dict[str, int], preset: StainMatrix, settings: StainSettings,
+    min_count: int,
+) -> tuple[StainMatrix, dict[str, float], list[str], int, tuple[bool, ...]]:
+    """A refined estimate with its checks applied: a stain with fewer than ``min_count``
+    pixels, or more than ``max_angle_deg`` from its preset, keeps the preset (a warning, except
+    for the nuclear stain), and nearly parallel vectors fall back to the preset altogether.
+
+    Returns (stains, angles in degrees, warnings, number of stains estimated, which stains
+    are estimated)."""
+    names = preset.names
+    vectors = vectors.copy()
+    warnings: list[str] = []
+    angles: dict[str, float] = {}
+    estimated = [False] * len(names)
+    for i, name in enumerate(names):
+        ang = angle_deg(vectors[i], preset.vectors[i])
+        angles[name] = round(ang, 2)
+        if counts[name] < min_count:
+            vectors[i] = preset.vectors[i]
+            angles[name] = 0.0
+            continue
+        if ang > settings.max_angle_deg:
+            if i >= 2:  # the nuclear stain: keep the preset quietly (recorded in the angles)
+                vectors[i] = preset.vectors[i]
+                continue
+            warnings.append(
+                f"{name} vector {ang:.0f}° from its preset (limit {settings.max_angle_deg:g}°): "
+                "preset used; check the stain"
+            )
+            vectors[i] = preset.vectors[i]
+        else:
+            estimated[i] = True
+    result = preset.with_vectors(vectors)
+    if _ill_conditioned(result) and len(names) > 2 and estimated[2]:
+        # the nuclear stain is the least certain (few, mixed pixels): try without it first
+        vectors[2] = preset.vectors[2]
+        estimated[2] = False
+        result = preset.with_vectors(vectors)
+    if _ill_conditioned(result):
+        warnings.append("estimated stain vectors are nearly parallel; preset used")
+        return preset, angles, warnings, 0, (False,) * len(names)
+    return result, angles, warnings, sum(estimated), tuple(estimated)
+
+
+def _refine(
+    x: np.ndarray, unit: np.ndarray, start: np.ndarray, preset: StainMatrix,
+    settings: StainSettings, n_iter: int, min_count: int,
+) -> tuple[np.ndarray, dict[str, int]]:
+    """The anchored iteration: each stain's vector becomes the median direction of the purest
+    fifth of the pixels the current vectors attribute mostly to it (share > ``min_share``);
+    a stain with fewer than ``min_count`` such pixels returns to its preset."""
+    names = preset.names
+    vectors = np.array(start, np.float64)
+    counts = dict.fromkeys(names, 0)
     for _ in range(n_iter):
         current = preset.with_vectors(vectors)
         conc = np.maximum(x @ current.unmixing, 0.0)
@@ -406,41 +491,57 @@ def estimate_stains(
             vectors = new
             break
         vectors = new
-    warnings: list[str] = []
-    angles: dict[str, float] = {}
-    n_estimated = 0
-    for i, name in enumerate(names):
-        ang = angle_deg(vectors[i], preset.vectors[i])
-        angles[name] = round(ang, 2)
-        if counts[name] < min_count:
-            vectors[i] = preset.vectors[i]
-            angles[name] = 0.0
-            continue
-        if ang > settings.max_angle_deg:
-            if i >= 2:  # the nuclear stain: keep the preset quietly (recorded in the angles)
-                vectors[i] = preset.vectors[i]
-                continue
-            warnings.append(
-                f"{name} vector {ang:.0f}° from its preset (limit {settings.max_angle_deg:g}°): "
-                "preset used; check the stain"
-            )
-            vectors[i] = preset.vectors[i]
-        else:
-            n_estimated += 1
-    result = preset.with_vectors(vectors)
-    if _ill_conditioned(result):
-        warnings.append("estimated stain vectors are nearly parallel; preset used")
-        result, n_estimated = preset, 0
-    if n_estimated == len(names):
-        source = "estimated"
-    elif n_estimated:
-        source = "partly-estimated"
-    else:
-        source = "preset"
-    fitted = tuple(bool(n_estimated) and not np.allclose(result.vectors[i], preset.vectors[i])
-                   for i in range(len(names)))
-    return StainEstimate(result, source, angles, counts, _od_share(od, result), tuple(warnings),
-                         fitted)
+    return vectors, counts
+
+
+#: Chromaticity histogram of :func:`_vertex_start`: bins per axis, and the least share of the
+#: pixels a bin must hold to count (a few stray pixels do not make a stain).
+VERTEX_BINS = 64
+VERTEX_MIN_SHARE = 2e-4
+
+
+def _vertex_start(x: np.ndarray, preset: StainMatrix) -> np.ndarray | None:
+    """The three stains' directions as the corners of the pixels' colour triangle.
+
+    In the chromaticity plane (OD divided by its sum) every pixel is a convex combination of
+    its stains' chromaticities, so the pure stains are the corners of the region the pixels
+    fill: the largest triangle on the convex hull of the populated histogram bins. The corners
+    are matched to the presets by the assignment with the least total angle. Unlike the
+    preset start, this finds a stain whose colour lies outside the presets' triangle (a
+    Sirius red 16° towards picric acid would otherwise be read as picric acid, and its pixels
+    as parenchyma). None when the stains are not three or the pixels fill no triangle.
+    """
+    if len(preset.names) != 3 or len(x) < 500:
+        return None
+    from itertools import combinations, permutations  # noqa: PLC0415
+
+    from scipy.spatial import ConvexHull, QhullError  # noqa: PLC0415
+
+    pos = np.maximum(x.astype(np.float64), 0.0) + 1e-6
+    chroma = pos[:, :2] / pos.sum(axis=1, keepdims=True)
+    hist, ye, xe = np.histogram2d(chroma[:, 0], chroma[:, 1], bins=VERTEX_BINS,
+                                  range=[[0, 1], [0, 1]])
+    iy, ix = np.nonzero(hist >= max(3, VERTEX_MIN_SHARE * len(x)))
+    if len(iy) < 3:
+        return None
+    pts = np.column_stack([(ye[iy] + ye[iy + 1]) / 2, (xe[ix] + xe[ix + 1]) / 2])
+    try:
+        corners = pts[ConvexHull(pts).vertices]
+    except QhullError:  # all on a line
+        return None
+    tri = np.array(list(combinations(range(len(corners)), 3)))
+    a, b, c = corners[tri[:, 0]], corners[tri[:, 1]], corners[tri[:, 2]]
+    area = np.abs((b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1])
+                  - (c[:, 0] - a[:, 0]) * (b[:, 1] - a[:, 1]))
+    best = corners[tri[int(np.argmax(area))]]
+    v = np.column_stack([best, 1.0 - best.sum(axis=1)])
+    if (v <= 0).any():
+        return None
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    ref = preset.vectors.astype(np.float64)
+    perm = min(permutations(range(3)),
+               key=lambda p: sum(angle_deg(v[p[i]], ref[i]) for i in range(3)))
+    return v[list(perm)]
 
 
 def _ill_conditioned(stains: StainMatrix, limit: float = 30.0) -> bool:
