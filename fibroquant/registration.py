@@ -46,7 +46,7 @@ def _gradient(plane: np.ndarray) -> np.ndarray:
 def plane_shift(rgb: np.ndarray) -> np.ndarray:
     """Shift of the red and blue planes against green in one uint8 RGB image.
 
-    Cross-correlation of the planes' gradient magnitudes, upsampled 50x around its peak
+    Cross-correlation of the planes' gradient magnitudes, upsampled 20x around its peak
     (``skimage.registration.phase_cross_correlation``, Guizar-Sicairos et al. 2008): ~0.05 px.
 
     Parameters
@@ -64,7 +64,7 @@ def plane_shift(rgb: np.ndarray) -> np.ndarray:
     g = _gradient(rgb[..., 1])
     out = np.zeros((2, 2))
     for row, c in enumerate((0, 2)):
-        shift, _, _ = phase_cross_correlation(g, _gradient(rgb[..., c]), upsample_factor=50,
+        shift, _, _ = phase_cross_correlation(g, _gradient(rgb[..., c]), upsample_factor=20,
                                              normalization=None)
         out[row] = -np.asarray(shift)  # skimage returns the move that registers the plane
     return out
