@@ -220,9 +220,52 @@ def calibrate_threshold(
         return CollagenThreshold("relative", floor, base, float("nan"), int(candidates.size), note,
                                  guard, p_share)
     level = float(np.median(candidates))
+    note = purple
+    split = _pale_counterstain_split(candidates, level)
+    if split is not None:
+        # The counterstain is too pale to tell parenchyma from collagen by colour: its
+        # collagen-stain uptake passed for collagen and the candidates' median fell to the
+        # parenchyma's level. Split them by intensity instead.
+        level = float(np.median(candidates[candidates > split]))
+        base = max(base, float(np.median(conc[conc <= split])))
+        floor = base + settings.min_contrast_od
+        pale = (
+            f"pale counterstain: the parenchyma is collagen-stain dominated; collagen level "
+            f"{level:.2f} OD and parenchyma level {base:.2f} OD taken by intensity"
+        )
+        note = "; ".join(n for n in (purple, pale) if n)
     t = base + settings.relative_threshold * (level - base)
-    return CollagenThreshold("relative", max(t, floor), base, level, int(candidates.size), purple,
+    return CollagenThreshold("relative", max(t, floor), base, level, int(candidates.size), note,
                              guard, p_share)
+
+
+#: The dense population of collagen-stain-dominated pixels at least this many times the
+#: candidates' median means the median is the parenchyma's (see _pale_counterstain_split).
+PALE_COUNTERSTAIN_RATIO = 2.0
+
+
+def _pale_counterstain_split(candidates: np.ndarray, level: float) -> float | None:
+    """Intensity between pink parenchyma and collagen among collagen-dominated pixels, or None.
+
+    With a counterstain (picric acid, ponceau) the pixels dominated by the collagen stain are
+    collagen, and their median is the collagen level. Without one (picric acid washed out, a
+    faded ponceau), the parenchyma's own collagen-stain uptake dominates its colour too, and
+    the candidates hold two populations: many pale parenchyma pixels and the dense collagen.
+    Otsu's threshold on log concentration separates them; the split is used when the upper
+    population's median is at least ``PALE_COUNTERSTAIN_RATIO`` times the candidates' median
+    (on ordinary slides it is 1.0-1.35 times; on pale ones 3-7.5 times).
+    """
+    if candidates.size < 100 or level <= 0:
+        return None
+    log_c = np.log(np.maximum(candidates, 1e-6))
+    try:
+        split = float(np.exp(threshold_otsu(log_c)))
+    except ValueError:
+        return None
+    upper = candidates[candidates > split]
+    if upper.size < 50 or float(np.median(upper)) < PALE_COUNTERSTAIN_RATIO * level:
+        return None
+    return split
 
 
 def parenchyma_background(

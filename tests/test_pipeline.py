@@ -272,3 +272,39 @@ def test_out_of_focus_tiles_are_excluded_and_reported():
     # the rest of the slide is measured as before
     assert a.record["tissue_area_mm2"] == pytest.approx(
         sharp.record["tissue_area_mm2"] - quadrant_mm2, rel=0.1)
+
+
+@pytest.mark.parametrize(("stain", "counter", "nonspecific"), [("sirius-red", 0.1, 0.15),
+                                                               ("sirius-red", 0.0, 0.15),
+                                                               ("masson", 0.05, 0.12)])
+def test_pale_counterstain_does_not_make_parenchyma_collagen(stain, counter, nonspecific,
+                                                              monkeypatch):
+    """Picric acid washed out (or a faded ponceau): the parenchyma's own collagen-stain uptake
+    dominates its colour, so colour alone no longer tells it from collagen. The candidates'
+    median fell to the parenchyma's level and CPA read +6..+54 pp; split by intensity, it is
+    within 1 pp."""
+    import fibroquant.collagen as collagen_mod
+    from dataclasses import replace
+
+    p = replace(SectionParams(stain=stain), shape=(768, 768), field_of_view=True,
+                counterstain_od=counter, nonspecific=nonspecific)
+    rgb, truth = make_section(p, rng=2)
+    a = _run(rgb, truth, stain)
+    assert abs(a.record["cpa_percent"] - truth.cpa_percent) < 1.0
+    assert "pale counterstain" in a.record["stain_warning"]
+    monkeypatch.setattr(collagen_mod, "_pale_counterstain_split", lambda c, level: None)
+    b = _run(rgb, truth, stain)
+    assert b.record["cpa_percent"] - truth.cpa_percent > 5.0
+
+
+def test_pale_counterstain_split_leaves_ordinary_slides_alone():
+    from fibroquant.collagen import _pale_counterstain_split
+
+    rng = np.random.default_rng(0)
+    collagen = rng.lognormal(np.log(0.8), 0.3, 5000)  # septa, fibres, edges
+    assert _pale_counterstain_split(collagen, float(np.median(collagen))) is None
+    pink = rng.lognormal(np.log(0.12), 0.25, 20000)  # parenchyma above the floor
+    mixed = np.r_[pink, collagen]
+    split = _pale_counterstain_split(mixed, float(np.median(mixed)))
+    assert split is not None
+    assert 0.2 < split < 0.6
