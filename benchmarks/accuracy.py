@@ -173,6 +173,7 @@ def grid_points(quick: bool) -> list[tuple[str, dict]]:
         ("vignetting 0.3", {"vignetting": 0.3}),
         ("thickness cv 0.2", {"thickness_cv": 0.2}),
         ("pale counterstain", {"counterstain_od": 0.05, "nonspecific": 0.12}),
+        ("haematoxylin nuclei", {"nuclear_stain": "haematoxylin"}),
         ("all bad", {"collagen_intensity": 0.6, "nonspecific": 0.15, "fine_fibres": 0.8,
                      "fibre_intensity": 0.35, "blur_um": 0.6, "jpeg_quality": 70,
                      "vector_drift_deg": 8.0}),

@@ -32,7 +32,7 @@ import numpy as np
 from skimage.filters import threshold_otsu
 
 from fibroquant.config import CollagenSettings
-from fibroquant.kernels import remove_small_objects_fast
+from fibroquant.kernels import blob_limits, remove_small_objects_fast
 
 #: Above this Gaussian kernel length, :func:`gaussian_blur` convolves by FFT instead of OpenCV's
 #: direct separable filter (whose cost grows with the kernel length).
@@ -375,7 +375,8 @@ def segment_collagen(
     Returns
     -------
     ndarray of bool, shape (H, W)
-        Collagen pixels inside tissue, specks below ``min_object_area_um2`` removed.
+        Collagen pixels inside tissue, specks below ``min_object_area_um2`` and compact blobs
+        up to ``blob_max_area_um2`` removed.
     """
     conc = collagen_conc
     sigma = settings.smooth_um / mpp
@@ -393,7 +394,10 @@ def segment_collagen(
         mask |= (tophat > line_od) & (conc > floor)
     mask &= tissue_mask
     min_px = int(round(settings.min_object_area_um2 / mpp**2))
-    if min_px > 1:
-        # same as skimage remove_small_objects(mask, max_size=min_px - 1, connectivity=2)
-        mask = remove_small_objects_fast(mask, min_px, connectivity=2)
+    blob_px, blob_side = blob_limits(settings.blob_max_area_um2, mpp)
+    if min_px > 1 or blob_px > 0:
+        # skimage remove_small_objects(mask, max_size=min_px - 1, connectivity=2), and the
+        # compact blobs (nuclei read as collagen stain)
+        mask = remove_small_objects_fast(mask, min_px, connectivity=2, blob_px=blob_px,
+                                         blob_side=blob_side)
     return mask

@@ -40,6 +40,7 @@ alternative to the fused mask and is slower on this code path; see ``benchmarks/
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from dataclasses import dataclass
@@ -186,12 +187,23 @@ def _grow_py(runs: np.ndarray, rod: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 _grow_nb = _jit(_grow_py)
 
 
+def _is_blob_py(size: int, height: int, width: int, blob_px: int, blob_side: int) -> bool:
+    # a compact round blob no larger than a nucleus: at most blob_px pixels, a bounding box
+    # no wider or taller than blob_side, and filling at least half of it (a disc fills 79 %,
+    # a thin fibre across its box a few %)
+    return (blob_px > 0 and size <= blob_px and height <= blob_side and width <= blob_side
+            and 2 * size >= height * width)
+
+
+_is_blob_nb = _jit(_is_blob_py)
+
+
 def _tile_py(
     rgb: np.ndarray, lut: np.ndarray, tables: np.ndarray, others: np.ndarray,
     min_share: np.float32, flags: np.ndarray, thr: np.ndarray, rows: np.ndarray,
     cols: np.ndarray, f: int, blocks: np.ndarray, stride: int,
     od_sub: np.ndarray, tis_sub: np.ndarray, counts: np.ndarray, od_total: np.ndarray,
-    min_px: int,
+    min_px: int, blob_px: int, blob_side: int,
 ) -> None:
     # Row by row. The class and threshold of each column are gathered once per low-resolution
     # row, with the list of its "special" columns (capsule band, wall, lumen, fold, bubble).
@@ -203,7 +215,8 @@ def _tile_py(
     # (row, first column, last column, parent) with their OD sums, and every run is joined
     # (union-find) to the runs of the row above that touch it, 8-connected. At the end, the
     # components smaller than min_px that do not touch the tile's edge are taken out of the
-    # counts, the OD sum and the block counts. No full-resolution mask is written.
+    # counts, the OD sum and the block counts, and so are compact blobs (is_blob). No
+    # full-resolution mask is written.
     t0 = tables[0]
     t1 = tables[1]
     t2 = tables[2]
@@ -228,7 +241,7 @@ def _tile_py(
     for j in range(w):
         bcol[j] = j // f
     hits = np.empty(w, np.int64)  # columns that passed the cut (share guard, runs)
-    want_runs = min_px > 1
+    want_runs = min_px > 1 or blob_px > 0
     runs = np.empty((4096 if want_runs else 1, 4), np.int32)  # row, first, last, parent
     rod = np.empty(runs.shape[0], np.float64)  # OD sum of each run
     n_runs = 0
@@ -421,8 +434,9 @@ def _tile_py(
         # components touching the tile's edge may continue in the next tile: kept
         for r in range(n_runs):
             root = parent[r]
-            if size[root] < min_px and r0[root] > 0 and c0[root] > 0 and r1[root] < h - 1 \
-                    and c1[root] < w - 1:
+            if (size[root] < min_px or _is_blob_nb(size[root], r1[root] - r0[root] + 1,
+                                                   c1[root] - c0[root] + 1, blob_px, blob_side)) \
+                    and r0[root] > 0 and c0[root] > 0 and r1[root] < h - 1 and c1[root] < w - 1:
                 n_rm += runs[r, 2] - runs[r, 1] + 1
                 od_rm += rod[r]
                 b0 = blocks[0, runs[r, 0] // f]
@@ -849,12 +863,34 @@ class FusedTile:
     tissue_sub: np.ndarray
 
 
-def _edge_specks(col: np.ndarray, min_px: int) -> np.ndarray:
-    """Collagen components smaller than ``min_px`` (8-connected) not touching the tile edge."""
-    n, labels = cv2.connectedComponents(col.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
-    size = np.bincount(labels.ravel(), minlength=n)
+def blob_components(stats: np.ndarray, blob_px: int, blob_side: int) -> np.ndarray:
+    """Which components of ``cv2.connectedComponentsWithStats`` are compact blobs (see
+    :func:`blob_limits`); bool per label."""
+    area = stats[:, cv2.CC_STAT_AREA].astype(np.int64)
+    bw = stats[:, cv2.CC_STAT_WIDTH].astype(np.int64)
+    bh = stats[:, cv2.CC_STAT_HEIGHT].astype(np.int64)
+    if blob_px <= 0:
+        return np.zeros(len(area), bool)
+    return (area <= blob_px) & (bh <= blob_side) & (bw <= blob_side) & (2 * area >= bh * bw)
+
+
+def blob_limits(area_um2: float, mpp: float) -> tuple[int, int]:
+    """Pixel limits of a compact blob of at most ``area_um2``: (largest area, largest bounding
+    box side = 1.5 diameters of a disc of that area); (0, 0) when off."""
+    if area_um2 <= 0:
+        return 0, 0
+    diameter = 2.0 * math.sqrt(area_um2 / math.pi)
+    return int(round(area_um2 / mpp**2)), int(math.ceil(1.5 * diameter / mpp))
+
+
+def _edge_specks(col: np.ndarray, min_px: int, blob_px: int = 0, blob_side: int = 0
+                 ) -> np.ndarray:
+    """Collagen components smaller than ``min_px``, or compact blobs (8-connected), that do
+    not touch the tile edge."""
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(col.view(np.uint8), connectivity=8,
+                                                           ltype=cv2.CV_32S)
     edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
-    small = size < min_px
+    small = (stats[:, cv2.CC_STAT_AREA] < min_px) | blob_components(stats, blob_px, blob_side)
     small[0] = False
     small[edge] = False
     return small[labels]
@@ -863,7 +899,7 @@ def _edge_specks(col: np.ndarray, min_px: int) -> np.ndarray:
 def measure_tile_reference(
     rgb: np.ndarray, lut: np.ndarray, unmix_col: np.ndarray, other_cols: tuple[np.ndarray, ...],
     min_share: float, flags: np.ndarray, thr: np.ndarray, rows: np.ndarray, cols: np.ndarray,
-    f: int, stride: int, min_px: int = 0,
+    f: int, stride: int, min_px: int = 0, blob_px: int = 0, blob_side: int = 0,
 ) -> FusedTile:
     """numpy reference of :func:`measure_tile_fused` (whole-array operations)."""
     fl = flags[np.ix_(rows, cols)]
@@ -878,8 +914,8 @@ def measure_tile_reference(
     wall = ((fl & FLAG_WALL) != 0) & tissue & ~capsule
     col &= ~capsule & ~wall
     tissue &= ~capsule & ~wall
-    if min_px > 1 and col.any():
-        col &= ~_edge_specks(np.ascontiguousarray(col), min_px)
+    if (min_px > 1 or blob_px > 0) and col.any():
+        col &= ~_edge_specks(np.ascontiguousarray(col), min_px, blob_px, blob_side)
     kinds = [((fl & b) != 0) for b in (FLAG_LUMEN, FLAG_FOLD, FLAG_BUBBLE)]
     excluded = capsule | wall | kinds[0] | kinds[1] | kinds[2]
     counts = dict(zip(FUSED_COUNTS, (int(np.count_nonzero(m)) for m in
@@ -902,7 +938,7 @@ def measure_tile_reference(
 def measure_tile_fused(
     rgb: np.ndarray, lut: np.ndarray, unmix_col: np.ndarray, other_cols: tuple[np.ndarray, ...],
     min_share: float, flags: np.ndarray, thr: np.ndarray, rows: np.ndarray, cols: np.ndarray,
-    f: int, stride: int, min_px: int = 0,
+    f: int, stride: int, min_px: int = 0, blob_px: int = 0, blob_side: int = 0,
 ) -> FusedTile:
     """Classify and count every pixel of a tile in one pass (the whole-slide fast path).
 
@@ -939,6 +975,10 @@ def measure_tile_fused(
         are not collagen; components touching the tile's edge are kept (they may continue in
         the neighbouring tile). The kernel finds them from runs of collagen pixels joined
         row to row (union-find), without writing a full-resolution mask.
+    blob_px, blob_side : int
+        Compact blobs are not collagen either (:func:`blob_limits`): components of at most
+        ``blob_px`` pixels whose bounding box is at most ``blob_side`` on each side and at
+        least half filled (not touching the tile's edge). 0 = off.
 
     Returns
     -------
@@ -957,7 +997,7 @@ def measure_tile_fused(
               and cols.max() < flags.shape[1])
     if not ok:
         return measure_tile_reference(rgb, lut, unmix_col, other_cols, min_share, flags, thr,
-                                      rows, cols, f, stride, min_px)
+                                      rows, cols, f, stride, min_px, blob_px, blob_side)
     h, w = rgb.shape[:2]
     others = _other_tables(lut, other_cols)
     blocks = np.zeros((3, -(-h // f), -(-w // f)), np.int32)
@@ -971,7 +1011,7 @@ def measure_tile_fused(
     tables = scaled_tables(lut, unmix_col)
     _tile_nb(rgb, lut, tables, others, np.float32(min_share), flags, thr,
              rows, cols, int(f), blocks, int(stride), od_sub, tis_sub, counts, od_total,
-             int(min_px))
+             int(min_px), int(blob_px), int(blob_side))
     return FusedTile(dict(zip(FUSED_COUNTS, (int(c) for c in counts))), float(od_total[0]),
                      blocks, od_sub, tis_sub)
 
@@ -993,18 +1033,20 @@ __all__ = [
 ]
 
 
-def remove_small_objects_fast(mask: np.ndarray, min_px: int, connectivity: int = 1) -> np.ndarray:
+def remove_small_objects_fast(mask: np.ndarray, min_px: int, connectivity: int = 1,
+                              blob_px: int = 0, blob_side: int = 0) -> np.ndarray:
     """Drop connected components smaller than ``min_px`` pixels from a 2-D bool mask.
 
     Same result as ``skimage.morphology.remove_small_objects(mask, max_size=min_px - 1,
     connectivity=connectivity)`` (1 = 4-neighbours, 2 = 8-neighbours), but labels only the
     bounding box of the mask with OpenCV (which releases the GIL), and does no labelling at all
     for an empty mask. Returns a new array (or ``mask`` itself when nothing is removed).
+    With ``blob_px`` > 0, compact blobs (:func:`blob_limits`) are removed too.
     """
     import cv2  # noqa: PLC0415 - keep the module importable without OpenCV at import time
 
     mask = np.asarray(mask, dtype=bool)
-    if mask.ndim != 2 or min_px <= 1:
+    if mask.ndim != 2 or (min_px <= 1 and blob_px <= 0):
         return mask
     rows = np.flatnonzero(mask.any(axis=1))
     if rows.size == 0:
@@ -1015,7 +1057,7 @@ def remove_small_objects_fast(mask: np.ndarray, min_px: int, connectivity: int =
     n, labels, stats, _ = cv2.connectedComponentsWithStats(
         sub, connectivity=8 if connectivity >= 2 else 4, ltype=cv2.CV_32S
     )
-    keep = stats[:, cv2.CC_STAT_AREA] >= min_px
+    keep = (stats[:, cv2.CC_STAT_AREA] >= min_px) & ~blob_components(stats, blob_px, blob_side)
     keep[0] = False
     if keep[1:].all():
         return mask

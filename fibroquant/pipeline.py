@@ -295,6 +295,7 @@ def _measure_tile_fused(slide: Slide, job: _TileJob, box: tuple[int, int, int, i
         rgb, job.lut, job.unmix_col, job.other_cols, job.share_guard,
         job.flags, job.threshold_map, rows, cols, f, stride,
         int(round(job.settings.collagen.min_object_area_um2 / job.geo.analysis_mpp**2)),
+        *kernels.blob_limits(job.settings.collagen.blob_max_area_um2, job.geo.analysis_mpp),
     )
     counts = TileCounts(collagen_od_sum=out.collagen_od_sum, **out.counts)
     sharp = float("nan")

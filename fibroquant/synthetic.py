@@ -25,7 +25,14 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
-from fibroquant.stains import MASSON, MASSON_LIGHT_GREEN, SIRIUS_RED, StainMatrix, mix
+from fibroquant.stains import (
+    HAEMATOXYLIN_VECTOR,
+    MASSON,
+    MASSON_LIGHT_GREEN,
+    SIRIUS_RED,
+    StainMatrix,
+    mix,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -78,6 +85,9 @@ class SectionParams:
     # blue planes shifted this far (px, opposite ways, one random direction) against green;
     # coloured fringes at every sharp edge (fat vacuoles, lumens)
     channel_shift_px: float = 0.0
+    # nuclear stain: Weigert's iron haematoxylin (near-black) or a plain haematoxylin whose
+    # blue-purple (Ruifrok & Johnston's vector) is close to aniline blue in colour
+    nuclear_stain: Literal["iron-haematoxylin", "haematoxylin"] = "iron-haematoxylin"
 
 
 @dataclass
@@ -315,8 +325,11 @@ def make_section(
         conc *= pale[..., None]
 
     base = preset(p.stain)
-    vectors = np.array([_rotate_vector(v.astype(np.float64), p.vector_drift_deg, g)
-                        for v in base.vectors])
+    base_vectors = base.vectors.astype(np.float64)
+    if p.nuclear_stain == "haematoxylin":
+        base_vectors = base_vectors.copy()
+        base_vectors[2] = HAEMATOXYLIN_VECTOR
+    vectors = np.array([_rotate_vector(v, p.vector_drift_deg, g) for v in base_vectors])
     stains = StainMatrix(base.names, vectors, p.background_rgb)
     od = mix(conc, stains)
     if grey_od is not None:
@@ -518,6 +531,7 @@ def random_params(
     drawn = replace(drawn, vignetting=float(g.uniform(0.05, 0.3)) if g.random() < 0.5 else 0.0,
                     thickness_cv=float(g.uniform(0.0, 0.2)))
     drawn = replace(drawn, channel_shift_px=float(g.uniform(0.1, 0.8)) if g.random() < 0.3 else 0.0)
+    drawn = replace(drawn, nuclear_stain="haematoxylin" if g.random() < 0.3 else "iron-haematoxylin")
     return replace(drawn, **fixed)  # type: ignore[arg-type]
 
 

@@ -221,9 +221,10 @@ def test_fused_speck_removal_with_overlapping_speck_boxes():
 
 
 @pytest.mark.parametrize("density", [0.04, 0.3, 0.55])
-@pytest.mark.parametrize("min_px", [2, 5, 40])
+@pytest.mark.parametrize(("min_px", "blob"), [(2, (0, 0)), (5, (0, 0)), (40, (0, 0)),
+                                              (5, (60, 12)), (0, (30, 9))])
 @pytest.mark.parametrize("seed", range(3))
-def test_fused_speck_removal_on_random_masks(density, min_px, seed):
+def test_fused_speck_removal_on_random_masks(density, min_px, blob, seed):
     """Speck removal by row runs and union-find equals OpenCV's labelling in the reference on
     random masks: thousands of components of every shape (the run table grows past its first
     capacity at the higher densities), specks at and off the tile's edge, classes mixed in."""
@@ -242,7 +243,7 @@ def test_fused_speck_removal_on_random_masks(density, min_px, seed):
     cols = pipeline._index_map(0, w, w / 7, 7)
     for f in (1, 3):
         a = _fused_equals_reference(rgb, lut, unmix, (np.array([1.0, -0.3, 0.2], np.float32),),
-                                    0.3, flags, thr, rows, cols, f, 2, min_px)
+                                    0.3, flags, thr, rows, cols, f, 2, min_px, *blob)
         assert a.blocks[0].sum() == a.counts["collagen_px"]
 
 
@@ -257,7 +258,8 @@ def test_fast_tile_path_equals_reference_tile_path(stain, monkeypatch):
     # speck removal differs by design (the reference path labels with a halo, before the
     # capsule cut); everything else must agree exactly
     s = load_settings(overrides={"stains": {"stain": stain}, "tiling": {"tile_px": 256},
-                                 "collagen": {"min_object_area_um2": 0}})
+                                 "collagen": {"min_object_area_um2": 0,
+                                              "blob_max_area_um2": 0}})
     assert pipeline.fast_path(s, 0.5, None)
     fast = pipeline.analyze_slide("x.png", s, slide=ArraySlide(rgb, 0.5))
     monkeypatch.setattr(pipeline, "fast_path", lambda *a, **k: False)
@@ -467,3 +469,35 @@ def test_glass_colour_from_a_small_detection_equals_the_full_size_one(seed, fiel
         rgb, glass_mask=~detect_tissue(rgb, 1.0, s.tissue, bg).section)
     assert pipeline._glass_background(rgb, 1.0, s, bg) == full
     assert (full[1] == "glass") != field_of_view
+
+
+def test_compact_blobs_are_removed_and_fibres_kept():
+    """A nucleus-sized disc is not collagen; a fibre of the same area, a disc larger than the
+    limit and a disc cut by the tile's edge are (the fused kernel and both references)."""
+    h, w = 120, 160
+    col = np.zeros((h, w), bool)
+    yy, xx = np.mgrid[0:h, 0:w]
+    col |= (yy - 30) ** 2 + (xx - 30) ** 2 <= 5**2  # disc, 81 px: a blob
+    col[60:62, 20:61] = True  # fibre, 82 px
+    col |= (yy - 80) ** 2 + (xx - 110) ** 2 <= 9**2  # disc, 253 px: too large
+    col |= (yy - 0) ** 2 + (xx - 140) ** 2 <= 5**2  # disc at the edge: may continue
+    blob_px, blob_side = kernels.blob_limits(80 * 0.25, 0.5)  # 80 px, 16 px at 0.5 µm/px
+    assert (blob_px, blob_side) == (80, 16)
+    blob_px = 90
+    rgb = np.full((h, w, 3), 235, np.uint8)
+    rgb[col] = (170, 60, 90)
+    lut = od_lut((240.0, 240.0, 240.0))
+    unmix = np.array([0.1, 1.0, -0.2], np.float32)
+    flags = np.ones((4, 4), np.uint8)
+    thr = np.full((4, 4), 0.2, np.float32)
+    rows = pipeline._index_map(0, h, h / 4, 4)
+    cols = pipeline._index_map(0, w, w / 4, 4)
+    args = (rgb, lut, unmix, (), 0.0, flags, thr, rows, cols, 1, 0, 0, blob_px, blob_side)
+    a = _fused_equals_reference(*args[:11], 0, blob_px, blob_side)
+    disc = int(((yy - 30) ** 2 + (xx - 30) ** 2 <= 25).sum())
+    assert a.counts["collagen_px"] == int(col.sum()) - disc
+    off = kernels.measure_tile_fused(*args[:11], 0, 0, 0)
+    assert off.counts["collagen_px"] == int(col.sum())
+    # the whole-mask version (tile path with a halo) removes the blob too, the edge disc also
+    out = kernels.remove_small_objects_fast(col, 0, 2, blob_px, blob_side)
+    assert not out[30, 30] and out[60, 40] and out[80, 110] and not out[0, 140]
