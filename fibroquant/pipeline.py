@@ -591,6 +591,7 @@ def _warm_quietly() -> None:
 
 def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> SlideAnalysis:
     name = sl.path.name
+    raw = sl  # the slide as given; corrections of the optics wrap it (CorrectedSlide)
     require_colour(sl)  # a greyscale image would read as CPA 0 %: refuse it instead
     if not kernels.kernels_ready():
         # load the compiled tile kernels (numba cache, ~0.5 s once per process) while the
@@ -609,7 +610,7 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
     shading = estimate_shading(thumb, background, settings.tissue)
     if shading is not None:
         # every later read (calibration pixels, tiles, QC image) sees the evenly lit slide
-        sl = CorrectedSlide(sl, shading=shading)
+        sl = CorrectedSlide(raw, shading=shading)
         thumb = shading.apply(thumb, thumb.shape[:2])
         background, bg_source = _background(thumb, settings)
     if settings.stains.background_rgb is None:
@@ -629,7 +630,7 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
         shifts = estimate_channel_shifts(_registration_tiles(sl, geo, tissue, fy, fx, boxes))
         if shifts is not None:
             shifts = shifts * sl.levels[geo.level].downsample  # level-0 pixels
-            sl = CorrectedSlide(getattr(sl, "inner", sl), shading, shifts)
+            sl = CorrectedSlide(raw, shading, shifts)
     preset = preset_for(settings.stains).with_background(background)
     sample = _calibration_pixels(sl, geo, tissue, fy, fx, boxes, settings.stains.sample_pixels)
     od_sample = rgb_to_od(sample, background)
