@@ -1041,7 +1041,8 @@ def remove_small_objects_fast(mask: np.ndarray, min_px: int, connectivity: int =
     connectivity=connectivity)`` (1 = 4-neighbours, 2 = 8-neighbours), but labels only the
     bounding box of the mask with OpenCV (which releases the GIL), and does no labelling at all
     for an empty mask. Returns a new array (or ``mask`` itself when nothing is removed).
-    With ``blob_px`` > 0, compact blobs (:func:`blob_limits`) are removed too.
+    With ``blob_px`` > 0, compact blobs (:func:`blob_limits`) are removed too, except those
+    touching the mask's edge (as in the fused kernel: they may continue beyond it).
     """
     import cv2  # noqa: PLC0415 - keep the module importable without OpenCV at import time
 
@@ -1057,7 +1058,14 @@ def remove_small_objects_fast(mask: np.ndarray, min_px: int, connectivity: int =
     n, labels, stats, _ = cv2.connectedComponentsWithStats(
         sub, connectivity=8 if connectivity >= 2 else 4, ltype=cv2.CV_32S
     )
-    keep = (stats[:, cv2.CC_STAT_AREA] >= min_px) & ~blob_components(stats, blob_px, blob_side)
+    blob = blob_components(stats, blob_px, blob_side)
+    if blob.any():
+        left = x0 + stats[:, cv2.CC_STAT_LEFT]
+        top = y0 + stats[:, cv2.CC_STAT_TOP]
+        blob &= ~((left == 0) | (top == 0)
+                  | (left + stats[:, cv2.CC_STAT_WIDTH] == mask.shape[1])
+                  | (top + stats[:, cv2.CC_STAT_HEIGHT] == mask.shape[0]))
+    keep = (stats[:, cv2.CC_STAT_AREA] >= min_px) & ~blob
     keep[0] = False
     if keep[1:].all():
         return mask

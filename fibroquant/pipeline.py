@@ -403,6 +403,8 @@ def _registration_tiles(
         cy = int((y0 + y1) / 2 / geo.scale)
         cx = int((x0 + x1) / 2 / geo.scale)
         half = min(256, level_h // 2, level_w // 2)
+        if half < 32:
+            break  # a level this small has no quadrant worth correlating
         ry = min(max(cy - half, 0), level_h - 2 * half)
         rx = min(max(cx - half, 0), level_w - 2 * half)
         tiles.append(slide.read_region(geo.level, ry, rx, 2 * half, 2 * half))

@@ -28,6 +28,8 @@ __all__ = ["MIN_SHIFT_PX", "estimate_channel_shifts", "margin_for", "plane_shift
 MIN_SHIFT_PX = 0.25
 #: Largest shift believed (pixels); larger estimates are misregistered content, not optics.
 MAX_SHIFT_PX = 4.0
+#: Least mean Sobel gradient magnitude of each plane in a quadrant that is correlated.
+MIN_GRADIENT = 6.0
 #: Smallest quadrant correlated, pixels (images under twice this are not measured).
 MIN_CROP_PX = 64
 #: Largest spread (pixels, median absolute deviation) between the tiles' estimates.
@@ -70,6 +72,13 @@ def plane_shift(rgb: np.ndarray) -> np.ndarray:
     return out
 
 
+def _has_edges(rgb: np.ndarray) -> bool:
+    """Whether every plane has edges enough to correlate: a mean gradient magnitude of at least
+    ``MIN_GRADIENT`` grey levels per pixel (glass and saturated white have about 0-3; tissue
+    10-50)."""
+    return all(float(_gradient(rgb[..., c]).mean()) >= MIN_GRADIENT for c in range(3))
+
+
 def _crops(rgb: np.ndarray) -> list[np.ndarray]:
     """The four quadrants of the central ``CROP_PX`` square (each plane-shift estimate)."""
     h, w = rgb.shape[:2]
@@ -101,6 +110,8 @@ def estimate_channel_shifts(tiles: Sequence[np.ndarray]) -> np.ndarray | None:
         if min(rgb.shape[:2]) < 2 * MIN_CROP_PX:
             continue
         for crop in _crops(rgb):
+            if not _has_edges(crop):
+                continue  # glass or blank: the correlation of flat planes is meaningless
             shifts = plane_shift(crop)
             if np.abs(shifts).max() <= MAX_SHIFT_PX:
                 found.append(shifts)

@@ -203,8 +203,8 @@ def estimate_shading(
     -------
     ShadingField or None
         None when the field is flat (range below ``flat_field_min_od``), when the neutral
-        pixels do not cover the image well enough to fit it, or when they scatter too much to
-        be glass.
+        pixels do not cover the image well enough to fit it, when they scatter too much to
+        be glass, or when the field explains less than ``MIN_FIT_R2`` of their variation.
     """
     if not settings.flat_field:
         return None

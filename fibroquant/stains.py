@@ -356,6 +356,9 @@ def estimate_stains(
     preset stain even when three stains overlap (Macenko's two-extremes method cannot tell Sirius
     red from haematoxylin and picric acid, which lie on either side of it). A stain whose estimate
     moves more than ``settings.max_angle_deg`` from its preset keeps the preset, with a warning.
+    When this cannot estimate the collagen stain or the counterstain, the iteration starts again
+    from the corners of the pixels' colour triangle (:func:`_vertex_start`), and that result is
+    kept if it estimates more of those two stains (the collagen stain breaks a tie).
 
     Parameters
     ----------
@@ -395,10 +398,12 @@ def estimate_stains(
                 break
         vectors, counts = _refine(x, unit, start_vectors, preset, settings, n_iter, min_count)
         outcome = _checked(vectors, counts, preset, settings, min_count)
-        score = outcome[4][:2]
+        # how many of the collagen stain and counterstain are estimated; the collagen stain
+        # breaks a tie
+        score = (sum(outcome[4][:2]), outcome[4][0])
         if best is None or score > best[0]:
             best = (score, counts, outcome)
-        if all(best[0]):
+        if best[0][0] == 2:
             break
     _, counts, (result, angles, warnings, n_estimated, _) = best
     if n_estimated == len(names):
@@ -534,9 +539,9 @@ def _vertex_start(x: np.ndarray, preset: StainMatrix) -> np.ndarray | None:
     area = np.abs((b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1])
                   - (c[:, 0] - a[:, 0]) * (b[:, 1] - a[:, 1]))
     best = corners[tri[int(np.argmax(area))]]
-    v = np.column_stack([best, 1.0 - best.sum(axis=1)])
-    if (v <= 0).any():
-        return None
+    # a bin on the chromaticity border (pixels with a channel at or below zero, clipped) has
+    # its third coordinate at ~0: keep it just inside
+    v = np.maximum(np.column_stack([best, 1.0 - best.sum(axis=1)]), 1e-3)
     v /= np.linalg.norm(v, axis=1, keepdims=True)
     ref = preset.vectors.astype(np.float64)
     perm = min(permutations(range(3)),

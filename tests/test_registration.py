@@ -88,7 +88,7 @@ def test_corrected_slide_reads_equal_the_whole_image_corrected(field):
 def test_cpa_of_a_misregistered_image_equals_the_registered_one(stain):
     settings_ = load_settings(overrides={"stains": {"stain": stain}})
     p = SectionParams(stain=stain, shape=(768, 768), steatosis=0.2)
-    flat, truth = make_section(p, rng=3)
+    flat, _ = make_section(p, rng=3)
     moved, _ = make_section(replace(p, channel_shift_px=1.0), rng=3)
     a = analyze_slide("a.png", settings_, slide=ArraySlide(flat, 0.5)).record
     b = analyze_slide("b.png", settings_, slide=ArraySlide(moved, 0.5)).record
@@ -115,3 +115,20 @@ def test_real_images_shifts():
             assert 0.45 < np.hypot(*(est[1] - est[0])) < 0.8, path.name
         else:
             assert est is None, path.name
+
+
+def test_flat_crops_give_no_shift(field):
+    """Saturated glass has no edges: its correlation peak is meaningless (skimage reports
+    0.75 px) and must not be taken for a misregistration."""
+    blank = np.full((512, 512, 3), 255, np.uint8)
+    assert estimate_channel_shifts([blank, blank, field[:512, :512].copy()]) is None
+    half = field[:512, :512].copy()
+    half[:, 256:] = 255
+    assert estimate_channel_shifts([half] * 3) is None
+
+
+def test_a_level_too_small_to_correlate_is_skipped():
+    rgb, _ = make_section(SectionParams(shape=(768, 768), field_of_view=True), rng=1)
+    settings_ = load_settings(overrides={"tiling": {"analysis_mpp": 2.0}})
+    rec = analyze_slide("thin.png", settings_, slide=ArraySlide(rgb[400:403], 0.5, levels=2))
+    assert rec.record["channel_shift_px"] == 0.0
