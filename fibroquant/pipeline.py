@@ -376,24 +376,34 @@ def _block_reduce(mask: np.ndarray, f: int) -> np.ndarray:
     return kernels.block_majority(mask, f)
 
 
+#: A tile with tissue: (tissue fraction, box, low-resolution row of every tile row, of every
+#: tile column).
+_Covered = tuple[float, tuple[int, int, int, int], np.ndarray, np.ndarray]
+
+
+def _tissue_boxes(
+    tissue: TissueMask, fy: float, fx: float, boxes: list[tuple[int, int, int, int]]
+) -> list[_Covered]:
+    """The tiles that touch tissue, in grid order, with their tissue fraction (judged on every
+    8th row and column of the tissue mask under them)."""
+    th, tw = tissue.tissue.shape
+    covered = []
+    for box in boxes:
+        y0, x0, y1, x1 = box
+        rows = _index_map(y0, y1, fy, th)
+        cols = _index_map(x0, x1, fx, tw)
+        frac = float(tissue.tissue[np.ix_(rows[::8], cols[::8])].mean())
+        if frac > 0:
+            covered.append((frac, box, rows, cols))
+    return covered
+
+
 def _registration_tiles(
-    slide: Slide, geo: _Geometry, tissue: TissueMask, fy: float, fx: float,
-    boxes: list[tuple[int, int, int, int]], n_tiles: int = 3,
+    slide: Slide, geo: _Geometry, covered: list[_Covered], n_tiles: int = 3
 ) -> list[np.ndarray]:
     """Up to ``n_tiles`` regions of the most tissue-covered tiles, read from the analysis
     level as they are (no resampling: a plane shift is a sub-pixel property of that level)."""
-    th, tw = tissue.tissue.shape
-    scored = []
-    for box in boxes:
-        y0, x0, y1, x1 = box
-        rows = _index_map(y0, y1, fy, th)[::8]
-        cols = _index_map(x0, x1, fx, tw)[::8]
-        scored.append((float(tissue.tissue[np.ix_(rows, cols)].mean()), box))
-    scored = [sb for sb in scored if sb[0] > 0]
-    if not scored:
-        return []
-    scored.sort(key=lambda sb: -sb[0])
-    best = scored[: max(n_tiles * 4, n_tiles)]
+    best = sorted(covered, key=lambda c: -c[0])[: 4 * n_tiles]
     pick = np.unique(np.linspace(0, len(best) - 1, min(n_tiles, len(best))).round().astype(int))
     level_h, level_w = slide.levels[geo.level].shape
     tiles = []
@@ -412,29 +422,19 @@ def _registration_tiles(
 
 
 def _calibration_pixels(
-    slide: Slide, geo: _Geometry, tissue: TissueMask, fy: float, fx: float,
-    boxes: list[tuple[int, int, int, int]], n_pixels: int,
+    slide: Slide, geo: _Geometry, tissue: TissueMask, covered: list[_Covered], n_pixels: int
 ) -> np.ndarray:
     """uint8 RGB (N, 3) of tissue pixels at analysis resolution, spread over the slide."""
-    th, tw = tissue.tissue.shape
-    with_tissue = []
-    for box in boxes:
-        y0, x0, y1, x1 = box
-        rows = _index_map(y0, y1, fy, th)
-        cols = _index_map(x0, x1, fx, tw)
-        frac = float(tissue.tissue[np.ix_(rows[::8], cols[::8])].mean())
-        if frac > 0:
-            with_tissue.append((box, rows, cols))
-    if not with_tissue:
+    if not covered:
         return np.zeros((0, 3), np.uint8)
-    per_tile = max((b[2] - b[0]) * (b[3] - b[1]) for b, _, _ in with_tissue)
-    n_tiles = min(len(with_tissue), max(8, math.ceil(2 * n_pixels / per_tile)))
-    pick = np.unique(np.linspace(0, len(with_tissue) - 1, n_tiles).round().astype(int))
+    per_tile = max((b[2] - b[0]) * (b[3] - b[1]) for _, b, _, _ in covered)
+    n_tiles = min(len(covered), max(8, math.ceil(2 * n_pixels / per_tile)))
+    pick = np.unique(np.linspace(0, len(covered) - 1, n_tiles).round().astype(int))
     # every second row and column when the tiles hold far more pixels than needed
     step = 2 if len(pick) * per_tile >= 8 * n_pixels else 1
     chunks = []
     for i in pick:
-        (y0, x0, y1, x1), rows, cols = with_tissue[i]
+        _, (y0, x0, y1, x1), rows, cols = covered[i]
         rgb = _read_analysis(slide, geo, y0, x0, y1 - y0, x1 - x0)[::step, ::step]
         chunks.append(rgb[tissue.tissue[np.ix_(rows[::step], cols[::step])]])
     px = np.concatenate(chunks)
@@ -627,14 +627,15 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
     fx = geo.width / thumb.shape[1]
     boxes = _tile_grid(geo, settings.tiling.tile_px)
 
+    covered = _tissue_boxes(tissue, fy, fx, boxes)
     shifts = None
     if settings.tissue.register_channels:
-        shifts = estimate_channel_shifts(_registration_tiles(sl, geo, tissue, fy, fx, boxes))
+        shifts = estimate_channel_shifts(_registration_tiles(sl, geo, covered))
         if shifts is not None:
             shifts = shifts * sl.levels[geo.level].downsample  # level-0 pixels
             sl = CorrectedSlide(raw, shading, shifts)
     preset = preset_for(settings.stains).with_background(background)
-    sample = _calibration_pixels(sl, geo, tissue, fy, fx, boxes, settings.stains.sample_pixels)
+    sample = _calibration_pixels(sl, geo, tissue, covered, settings.stains.sample_pixels)
     od_sample = rgb_to_od(sample, background)
     est = estimate_stains(od_sample, preset, settings.stains)
     stains = est.stains

@@ -27,6 +27,7 @@ import numpy as np
 from fibroquant.config import TissueSettings
 from fibroquant.registration import margin_for, shift_channels
 from fibroquant.slides import Level, Slide, _SlideBase
+from fibroquant.stains import rgb_to_od
 
 __all__ = ["CorrectedSlide", "ShadingField", "estimate_shading", "shading_basis"]
 
@@ -141,14 +142,6 @@ class ShadingField:
         return cv2.multiply(rgb, self.gain(shape, y0, x0, h, w), dtype=cv2.CV_8U)
 
 
-def _neutral_od(rgb: np.ndarray, background: tuple[float, float, float]) -> np.ndarray:
-    """Unclipped OD, float32 ``(h, w, 3)`` (glass brighter than ``background`` is negative)."""
-    values = np.maximum(np.arange(256, dtype=np.float64), 0.5)
-    bg = np.asarray(background, np.float64)[:, None]
-    lut = (-np.log10(values[None, :] / bg)).astype(np.float32)
-    return np.stack([lut[c][rgb[..., c]] for c in range(3)], axis=-1)
-
-
 def _cell_points(
     od: np.ndarray, mean: np.ndarray, cand: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -218,7 +211,7 @@ def estimate_shading(
     sh, sw = small.shape[:2]
     if sh < 16 or sw < 16:
         return None
-    od = _neutral_od(small, background)
+    od = rgb_to_od(small, background, clip=False)  # glass brighter than ``background`` < 0
     mean = od.mean(axis=-1)
     chroma = np.abs(od - mean[..., None]).max(axis=-1)
     cand = (chroma < NEUTRAL_OD) & (mean < MAX_GLASS_OD)

@@ -21,6 +21,7 @@ ISBI 2009:1107-1110.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -176,17 +177,21 @@ def preset_for(settings: StainSettings) -> StainMatrix:
     return preset
 
 
-def od_lut(background_rgb: Vector) -> np.ndarray:
+def od_lut(background_rgb: Vector, *, clip: bool = True) -> np.ndarray:
     """Lookup table of optical density: float32 (3, 256), ``lut[c, v] = -log10(max(v,1)/I0_c)``.
 
-    Values brighter than the glass give OD 0 (clipped), so ``OD >= 0`` always.
+    Values brighter than the glass give OD 0 (clipped), so ``OD >= 0`` always; with
+    ``clip=False`` they keep their negative OD (the illumination fit needs them).
     """
     values = np.maximum(np.arange(256, dtype=np.float64), 1.0)
     bg = np.asarray(background_rgb, dtype=np.float64)[:, None]
-    return np.maximum(-np.log10(values[None, :] / bg), 0.0).astype(np.float32)
+    od = -np.log10(values[None, :] / bg)
+    return (np.maximum(od, 0.0) if clip else od).astype(np.float32)
 
 
-def rgb_to_od(rgb: np.ndarray, background_rgb: Vector = (255.0, 255.0, 255.0)) -> np.ndarray:
+def rgb_to_od(
+    rgb: np.ndarray, background_rgb: Vector = (255.0, 255.0, 255.0), *, clip: bool = True
+) -> np.ndarray:
     """Optical density of a uint8 RGB image.
 
     Parameters
@@ -195,11 +200,13 @@ def rgb_to_od(rgb: np.ndarray, background_rgb: Vector = (255.0, 255.0, 255.0)) -
         Transmitted-light image.
     background_rgb : tuple of 3 float
         Glass intensity per channel (0-255).
+    clip : bool
+        Clip at 0 (pixels brighter than the glass); see :func:`od_lut`.
 
     Returns
     -------
     ndarray of float32, shape (..., 3)
-        Base-10 OD, clipped at 0. The input is not modified.
+        Base-10 OD, clipped at 0 unless ``clip=False``. The input is not modified.
 
     Examples
     --------
@@ -211,7 +218,7 @@ def rgb_to_od(rgb: np.ndarray, background_rgb: Vector = (255.0, 255.0, 255.0)) -
     if rgb.dtype != np.uint8 or rgb.shape[-1] != 3:
         msg = f"rgb must be uint8 with 3 channels last, got {rgb.dtype} {rgb.shape}"
         raise ValueError(msg)
-    lut = od_lut(background_rgb)
+    lut = od_lut(background_rgb, clip=clip)
     if rgb.flags.c_contiguous and 0 < rgb.size // 3 < 2**31:
         # one OpenCV lookup over all three channels (releases the GIL; ~2x numpy indexing)
         table = np.ascontiguousarray(lut.T).reshape(256, 1, 3)
@@ -390,22 +397,26 @@ def estimate_stains(
     # collagen becomes parenchyma), it starts again from the data's own extreme colours
     # matched to the presets (:func:`_vertex_start`), and that result is kept if it estimates
     # more of those two stains.
+    def starts() -> Iterator[np.ndarray | None]:  # the second only when it is needed
+        yield preset.vectors.astype(np.float64)
+        yield _vertex_start(x, preset)
+
     best = None
-    for start_vectors in (preset.vectors.astype(np.float64), "vertex"):
-        if isinstance(start_vectors, str):
-            start_vectors = _vertex_start(x, preset)
-            if start_vectors is None:
-                break
+    for start_vectors in starts():
+        if start_vectors is None:
+            break
         vectors, counts = _refine(x, unit, start_vectors, preset, settings, n_iter, min_count)
         outcome = _checked(vectors, counts, preset, settings, min_count)
+        estimated = outcome[3]
         # how many of the collagen stain and counterstain are estimated; the collagen stain
         # breaks a tie
-        score = (sum(outcome[4][:2]), outcome[4][0])
+        score = (sum(estimated[:2]), estimated[0])
         if best is None or score > best[0]:
             best = (score, counts, outcome)
         if best[0][0] == 2:
             break
-    _, counts, (result, angles, warnings, n_estimated, _) = best
+    _, counts, (result, angles, warnings, estimated) = best
+    n_estimated = sum(estimated)
     if n_estimated == len(names):
         source = "estimated"
     elif n_estimated:
@@ -421,13 +432,12 @@ def estimate_stains(
 def _checked(
     vectors: np.ndarray, counts: dict[str, int], preset: StainMatrix, settings: StainSettings,
     min_count: int,
-) -> tuple[StainMatrix, dict[str, float], list[str], int, tuple[bool, ...]]:
+) -> tuple[StainMatrix, dict[str, float], list[str], tuple[bool, ...]]:
     """A refined estimate with its checks applied: a stain with fewer than ``min_count``
     pixels, or more than ``max_angle_deg`` from its preset, keeps the preset (a warning, except
     for the nuclear stain), and nearly parallel vectors fall back to the preset altogether.
 
-    Returns (stains, angles in degrees, warnings, number of stains estimated, which stains
-    are estimated)."""
+    Returns (stains, angles in degrees, warnings, which stains are estimated)."""
     names = preset.names
     vectors = vectors.copy()
     warnings: list[str] = []
@@ -459,8 +469,8 @@ def _checked(
         result = preset.with_vectors(vectors)
     if _ill_conditioned(result):
         warnings.append("estimated stain vectors are nearly parallel; preset used")
-        return preset, angles, warnings, 0, (False,) * len(names)
-    return result, angles, warnings, sum(estimated), tuple(estimated)
+        return preset, angles, warnings, (False,) * len(names)
+    return result, angles, warnings, tuple(estimated)
 
 
 def _refine(

@@ -528,10 +528,14 @@ def random_params(
         field_of_view=bool(g.random() < 0.3),
     )
     # drawn after the others, so each seed's earlier parameters stay what they were
-    drawn = replace(drawn, vignetting=float(g.uniform(0.05, 0.3)) if g.random() < 0.5 else 0.0,
-                    thickness_cv=float(g.uniform(0.0, 0.2)))
-    drawn = replace(drawn, channel_shift_px=float(g.uniform(0.1, 0.8)) if g.random() < 0.3 else 0.0)
-    drawn = replace(drawn, nuclear_stain="haematoxylin" if g.random() < 0.3 else "iron-haematoxylin")
+    # (keyword arguments are evaluated in order: the draws' order is fixed)
+    drawn = replace(
+        drawn,
+        vignetting=float(g.uniform(0.05, 0.3)) if g.random() < 0.5 else 0.0,
+        thickness_cv=float(g.uniform(0.0, 0.2)),
+        channel_shift_px=float(g.uniform(0.1, 0.8)) if g.random() < 0.3 else 0.0,
+        nuclear_stain="haematoxylin" if g.random() < 0.3 else "iron-haematoxylin",
+    )
     return replace(drawn, **fixed)  # type: ignore[arg-type]
 
 
