@@ -47,7 +47,8 @@ class TissueMask:
     vessel_wall : ndarray of bool
         Rings around large lumens when vessel walls are excluded (else all False).
     glass_od : float
-        The summed-OD threshold used.
+        The lowest summed OD of tissue: the glass threshold, or the pale-tissue floor below it
+        that tissue grew into (:func:`glass_floor`, :func:`pale_tissue`).
     bubble : ndarray of bool
         Section under air bubbles, excluded (not part of ``tissue``, ``lumen``,
         ``capsule_band`` or ``vessel_wall``). All False when bubbles are not excluded or none
@@ -144,6 +145,96 @@ def glass_threshold(od_sum: np.ndarray, settings: TissueSettings) -> float:
     return float(np.clip(t, settings.glass_od_min, settings.glass_od_max))
 
 
+def glass_floor(od_sum: np.ndarray, threshold: float, settings: TissueSettings) -> float:
+    """The lowest summed OD that pale tissue may have: the glass level + ``pale_tissue_sd``
+    robust SDs of the glass.
+
+    The glass (or lumen) population is the histogram mode of the sampled pixels below
+    ``threshold``; its spread is taken from the pixels on the bright side of the mode only
+    (``1.4826 ×`` their median distance to it), which tissue cannot contaminate. Returns
+    ``threshold`` itself when the setting is off, the threshold is fixed by the user, or fewer
+    than 2 % of the pixels lie below it (no glass nor lumen to measure: the image is covered
+    by tissue).
+
+    Parameters
+    ----------
+    od_sum : ndarray of float32, shape (H, W)
+        Smoothed summed optical density of the tissue-detection image.
+    threshold : float
+        The glass threshold (:func:`glass_threshold`).
+    settings : TissueSettings
+
+    Returns
+    -------
+    float
+        Between ``glass_od_min`` and ``threshold`` (inclusive).
+
+    Examples
+    --------
+    >>> from fibroquant.config import TissueSettings
+    >>> rng = np.random.default_rng(0)
+    >>> glass = rng.normal(0.0, 0.002, 5000)  # glass: OD 0, noise SD 0.002
+    >>> pale = rng.normal(0.07, 0.01, 5000)   # barely stained parenchyma
+    >>> od = np.concatenate([glass, pale]).astype(np.float32).reshape(100, 100)
+    >>> round(glass_floor(od, 0.1, TissueSettings()), 3)  # glass_od_min: 0.03
+    0.03
+    """
+    if settings.pale_tissue_sd <= 0 or settings.glass_od is not None:
+        return float(threshold)
+    sample = od_sum[:: max(1, od_sum.shape[0] // 1024), :: max(1, od_sum.shape[1] // 1024)]
+    sample = sample[np.isfinite(sample)]
+    low = sample[sample < threshold]
+    if low.size < max(0.02 * sample.size, 100):
+        return float(threshold)
+    hist, edges = np.histogram(low, bins=200, range=(min(float(low.min()), 0.0), threshold))
+    mode = float(edges[np.argmax(hist)] + 0.5 * (edges[1] - edges[0]))
+    bright = low[low <= mode]
+    sd = 1.4826 * float(np.median(mode - bright)) if bright.size >= 50 else np.inf
+    floor = max(mode + settings.pale_tissue_sd * sd, settings.glass_od_min)
+    return float(min(floor, threshold))
+
+
+#: Pale tissue narrower than twice this (µm) is not added: the halo that optical blur spreads
+#: around every section edge is a few µm wide, pale parenchyma is a cell or more.
+PALE_TISSUE_MIN_HALF_WIDTH_UM = 2.0
+
+
+def pale_tissue(
+    od_sum: np.ndarray, threshold: float, floor: float, radius_px: float
+) -> np.ndarray:
+    """Pixels above ``threshold``, with the pale tissue above ``floor`` that belongs to them.
+
+    A hysteresis threshold (as :func:`skimage.filters.apply_hysteresis_threshold`, by one
+    OpenCV labelling): pixels above ``floor`` join when they are connected (8-way) to a pixel
+    above ``threshold``, so a faint smear or haze on the glass away from the section stays
+    glass. What joins is then opened with a disk of ``radius_px``: the thin halo of blur
+    around the section's edge is dropped (it would move the edge outward, away from the
+    capsule), pale parenchyma wider than ``2 · radius_px`` is kept.
+
+    Parameters
+    ----------
+    od_sum : ndarray of float32, shape (H, W)
+    threshold, floor : float
+        High and low thresholds, ``floor <= threshold``.
+    radius_px : float
+        Half the least width of pale tissue, pixels.
+
+    Returns
+    -------
+    ndarray of bool, shape (H, W)
+    """
+    high = od_sum > threshold
+    if floor >= threshold:
+        return high
+    n, labels = cv2.connectedComponents((od_sum > floor).view(np.uint8), connectivity=8,
+                                        ltype=cv2.CV_32S)
+    keep = np.zeros(n, bool)
+    keep[labels[high]] = True
+    keep[0] = False
+    pale = keep[labels] & ~high
+    return high | _open_disk(pale, radius_px)
+
+
 def detect_tissue(
     rgb: np.ndarray, mpp: float, settings: TissueSettings, background_rgb: Vector
 ) -> TissueMask:
@@ -169,8 +260,9 @@ def detect_tissue(
     ksize = 5 if settings.smooth_um / mpp >= 1.5 else 3
     if min(od_sum.shape) >= ksize:
         od_sum = cv2.medianBlur(od_sum, ksize)
-    t = glass_threshold(od_sum, settings)
-    raw = od_sum > t
+    t_glass = glass_threshold(od_sum, settings)
+    t = glass_floor(od_sum, t_glass, settings)
+    raw = pale_tissue(od_sum, t_glass, t, max(PALE_TISSUE_MIN_HALF_WIDTH_UM / mpp, 1.0))
     bubble = np.zeros_like(raw)
     if settings.exclude_bubbles:
         bubble = detect_bubbles(rgb, mpp, settings, background_rgb, raw, od=od)

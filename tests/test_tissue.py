@@ -1,0 +1,120 @@
+"""Tissue detection: pale parenchyma against the glass threshold, with known answers."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import cv2
+import numpy as np
+import pytest
+
+from fibroquant.config import TissueSettings, load_settings
+from fibroquant.pipeline import analyze_slide
+from fibroquant.slides import ArraySlide
+from fibroquant.stains import od_to_rgb
+from fibroquant.synthetic import SectionParams, make_section
+from fibroquant.tissue import detect_tissue, glass_floor, glass_threshold, pale_tissue
+
+GLASS = (240.0, 238.0, 236.0)
+GREY = np.array([0.577, 0.577, 0.577], np.float32)  # a neutral stain: summed OD = 1.73 x conc.
+
+
+def _field(conc: np.ndarray, noise_sd: float = 1.5, seed: int = 0) -> np.ndarray:
+    """uint8 RGB image of a neutral stain with concentration ``conc`` on ``GLASS``."""
+    od = conc[..., None].astype(np.float32) * GREY
+    rgb = od_to_rgb(od, GLASS).astype(np.float32)
+    rgb += np.random.default_rng(seed).normal(0.0, noise_sd, rgb.shape).astype(np.float32)
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+
+
+def _scene() -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Glass with: a dark block; pale tissue (summed OD 0.07) touching it; the same faint OD
+    as an isolated smear far away; a 1-px faint ring around the block (a blur halo)."""
+    conc = np.zeros((400, 400), np.float32)
+    parts = {k: np.zeros(conc.shape, bool) for k in ("dark", "pale", "smear", "halo")}
+    parts["dark"][100:300, 40:140] = True
+    parts["halo"][99:301, 39:141] = True
+    parts["pale"][100:300, 140:230] = True
+    parts["halo"] &= ~parts["dark"] & ~parts["pale"]
+    yy, xx = np.mgrid[:400, :400]
+    parts["smear"] = (yy - 200) ** 2 + (xx - 330) ** 2 < 40**2
+    conc[parts["halo"] | parts["pale"] | parts["smear"]] = 0.07 / 1.73
+    conc[parts["dark"]] = 0.4
+    return _field(conc), parts
+
+
+def test_pale_tissue_joins_the_section_a_smear_and_a_halo_do_not():
+    rgb, parts = _scene()
+    tm = detect_tissue(rgb, 1.0, TissueSettings(), GLASS)
+    assert tm.glass_od == pytest.approx(TissueSettings().glass_od_min)
+    assert tm.section[parts["dark"]].mean() > 0.99
+    assert tm.section[parts["pale"]].mean() > 0.95  # pale tissue connected to the section
+    assert tm.section[parts["smear"]].mean() < 0.01  # an isolated faint smear stays glass
+    assert tm.section[parts["halo"]].mean() < 0.05  # the thin halo is not added
+    off = detect_tissue(rgb, 1.0, TissueSettings(pale_tissue_sd=0), GLASS)
+    assert off.glass_od > 0.075  # Otsu's threshold, above the pale tissue's OD
+    assert off.section[parts["pale"]].mean() < 0.05
+    fixed = detect_tissue(rgb, 1.0, TissueSettings(glass_od=0.1), GLASS)  # the user's choice
+    assert np.array_equal(fixed.section, off.section)
+
+
+def test_pale_tissue_is_a_hysteresis_threshold():
+    """Without the opening (radius 0) it equals scikit-image's hysteresis threshold."""
+    from skimage.filters import apply_hysteresis_threshold
+
+    rng = np.random.default_rng(3)
+    od = cv2.GaussianBlur(rng.random((200, 300)).astype(np.float32), (0, 0), 4)
+    hi, lo = float(np.quantile(od, 0.9)), float(np.quantile(od, 0.5))
+    ref = apply_hysteresis_threshold(od, lo, hi)
+    assert np.array_equal(pale_tissue(od, hi, lo, 0.0), ref)
+    opened = pale_tissue(od, hi, lo, 3.0)
+    assert np.array_equal(opened & (od > hi), od > hi)  # never loses a pixel above threshold
+    assert (opened <= ref).all()
+
+
+def test_glass_floor_follows_the_glass_noise():
+    s = TissueSettings()
+    rng = np.random.default_rng(1)
+    pale = rng.normal(0.07, 0.01, 20000)
+    quiet = np.concatenate([rng.normal(0.0, 0.002, 20000), pale]).astype(np.float32)
+    noisy = np.concatenate([rng.normal(0.0, 0.006, 20000), pale]).astype(np.float32)
+    assert glass_floor(quiet.reshape(200, 200), 0.1, s) == pytest.approx(s.glass_od_min)
+    # 8 robust SDs of the glass: 0.048 +/- a histogram bin
+    assert glass_floor(noisy.reshape(200, 200), 0.1, s) == pytest.approx(0.048, abs=0.004)
+    # no glass and no lumen below the threshold (a field covered by tissue): unchanged
+    covered = rng.normal(0.5, 0.05, 40000).astype(np.float32).reshape(200, 200)
+    t = glass_threshold(covered, s)
+    assert glass_floor(covered, t, s) == t
+    assert glass_floor(quiet.reshape(200, 200), 0.1, TissueSettings(pale_tissue_sd=0)) == 0.1
+
+
+def _run(rgb, truth, stain, tissue=None):
+    ov = {"stains": {"stain": stain}, "tissue": tissue or {}}
+    return analyze_slide("s.png", load_settings(overrides=ov),
+                         slide=ArraySlide(rgb, truth.params.mpp))
+
+
+@pytest.mark.parametrize("stain", ["sirius-red", "masson"])
+def test_barely_counterstained_parenchyma_is_tissue(stain):
+    """No counterstain at all: the parenchyma's summed OD (non-specific collagen stain and
+    nuclei) is under the glass threshold's 0.1 clip. Half of it was taken for glass and CPA
+    read 4.8-10.8 pp off (-7 pp here); grown from the section down to the glass noise, it is measured."""
+    p = replace(SectionParams(stain=stain), shape=(768, 768), counterstain_od=0.0)
+    rgb, truth = make_section(p, rng=2)
+    a = _run(rgb, truth, stain)
+    assert a.record["tissue_area_mm2"] == pytest.approx(truth.tissue_area_mm2, rel=0.05)
+    assert abs(a.record["cpa_percent"] - truth.cpa_percent) < 0.6
+    b = _run(rgb, truth, stain, {"pale_tissue_sd": 0})
+    assert b.record["tissue_area_mm2"] < 0.85 * truth.tissue_area_mm2
+    assert abs(b.record["cpa_percent"] - truth.cpa_percent) > 2.0
+
+
+def test_blurred_section_keeps_its_capsule():
+    """Optical blur spreads a faint halo around the section; the edge must stay where the
+    capsule can be found (the halo moved it 4 px out and the capsule read as collagen, +18 pp,
+    before the opening)."""
+    p = replace(SectionParams(), shape=(768, 768), blur_um=1.5)
+    rgb, truth = make_section(p, rng=1)
+    a = _run(rgb, truth, "sirius-red")
+    assert a.record["capsule_area_mm2"] > 0.5 * truth.capsule_mask.sum() * p.mpp**2 / 1e6
+    assert abs(a.record["cpa_percent"] - truth.cpa_percent) < 0.6
