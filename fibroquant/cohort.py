@@ -55,8 +55,8 @@ RECORD_COLUMNS: frozenset[str] = frozenset({
     "vessel_wall_area_mm2", "unfocused_area_mm2", "bubble_area_mm2", "glass_od", "shading_od",
     "channel_shift_px", "background_rgb", "background_source", "stain_source", "stain_vectors", "stain_angle_deg",
     "stain_angles_deg", "collagen_od_share", "threshold_method", "threshold_od",
-    "parenchyma_od", "collagen_level_od", "share_guard", "parenchyma_share", "stain_fit",
-    "stain_warning", "seconds", "version", "fingerprint", "settings_hash",
+    "parenchyma_od", "collagen_level_od", "share_guard", "parenchyma_share",
+    "blob_max_area_um2", "stain_fit", "stain_warning", "seconds", "version", "fingerprint", "settings_hash",
 })
 
 #: Names a sheet may not use for extra columns: they would collide with measured columns of

@@ -231,11 +231,13 @@ class CollagenSettings(_Model):
     min_object_area_um2: float = Field(
         5.0, ge=0, description="collagen specks smaller than this are dropped, µm²"
     )
-    blob_max_area_um2: float = Field(
-        0.0, ge=0,
+    blob_max_area_um2: float | None = Field(
+        None, ge=0,
         description="compact round collagen-coloured blobs up to this area are not collagen "
         "(Masson with a plain, blue-purple haematoxylin: nuclei read as aniline blue), µm²; "
-        "0 = off (interstitial collagen patches are compact too)",
+        "0 = off (interstitial collagen patches are compact too); None = automatic: 80 µm² on "
+        "an aniline-blue Masson slide whose nuclei are not iron haematoxylin (almost no pixel "
+        "is mostly nuclear stain), else off",
     )
 
 

@@ -874,10 +874,10 @@ def blob_components(stats: np.ndarray, blob_px: int, blob_side: int) -> np.ndarr
     return (area <= blob_px) & (bh <= blob_side) & (bw <= blob_side) & (2 * area >= bh * bw)
 
 
-def blob_limits(area_um2: float, mpp: float) -> tuple[int, int]:
+def blob_limits(area_um2: float | None, mpp: float) -> tuple[int, int]:
     """Pixel limits of a compact blob of at most ``area_um2``: (largest area, largest bounding
-    box side = 1.5 diameters of a disc of that area); (0, 0) when off."""
-    if area_um2 <= 0:
+    box side = 1.5 diameters of a disc of that area); (0, 0) when off (0 or None)."""
+    if not area_um2 or area_um2 <= 0:
         return 0, 0
     diameter = 2.0 * math.sqrt(area_um2 / math.pi)
     return int(round(area_um2 / mpp**2)), int(math.ceil(1.5 * diameter / mpp))

@@ -30,6 +30,7 @@ import numpy as np
 from fibroquant import __version__, focus, kernels
 from fibroquant.collagen import (
     CollagenThreshold,
+    auto_blob_area,
     calibrate_threshold,
     parenchyma_background,
     segment_collagen,
@@ -647,6 +648,10 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
         stained=np.linalg.norm(od_sample, axis=1) > settings.stains.od_floor,
         share_from_parenchyma=settings.share_from_parenchyma(est.counterstain_fitted()),
     )
+    if settings.collagen.blob_max_area_um2 is None:  # automatic: decided by the nuclei's stain
+        blob = auto_blob_area(od_sample, stains, settings.stains.od_floor)
+        settings = settings.model_copy(update={
+            "collagen": settings.collagen.model_copy(update={"blob_max_area_um2": blob})})
     thumb_conc = rgb_to_od(thumb, background) @ stains.unmixing
     thumb_col = thumb_conc[..., stains.collagen_index]
     if len(stains.names) > 1:
@@ -768,6 +773,7 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
         "collagen_level_od": thr.collagen_level_od,
         "share_guard": thr.share_guard,
         "parenchyma_share": thr.parenchyma_share,
+        "blob_max_area_um2": settings.collagen.blob_max_area_um2,
         "stain_fit": json.dumps(fit),
         "stain_warning": "; ".join(warnings),
         "seconds": round(time.perf_counter() - t_start, 3),
