@@ -622,7 +622,8 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
             background, bg_source = bg2, src2
     tissue = detect_tissue(thumb, thumb_mpp, settings.tissue, background)
     if not tissue.tissue.any():
-        msg = f"{name}: no tissue found (glass threshold {tissue.glass_od:.3f} OD)"
+        t = tissue.glass_threshold_od if tissue.glass_threshold_od is not None else tissue.glass_od
+        msg = f"{name}: no tissue found (glass threshold {t:.3f} OD)"
         raise FibroquantError(msg)
     fy = geo.height / thumb.shape[0]
     fx = geo.width / thumb.shape[1]
@@ -648,7 +649,8 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
         stained=np.linalg.norm(od_sample, axis=1) > settings.stains.od_floor,
         share_from_parenchyma=settings.share_from_parenchyma(est.counterstain_fitted()),
     )
-    if settings.collagen.blob_max_area_um2 is None:  # automatic: decided by the nuclei's stain
+    blob_auto = settings.collagen.blob_max_area_um2 is None
+    if blob_auto:  # automatic: decided by the nuclei's stain
         blob = auto_blob_area(od_sample, stains, settings.stains.od_floor)
         settings = settings.model_copy(update={
             "collagen": settings.collagen.model_copy(update={"blob_max_area_um2": blob})})
@@ -739,6 +741,10 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
     meas = Measurements.from_counts(total, geo.analysis_mpp)
     fit = _stain_fit(thumb[tissue.tissue], max_pixels=50_000)
     warnings = stain_warnings(est, preset, thr, fit, settings.stains.stain.value)
+    if blob_auto and settings.collagen.blob_max_area_um2:
+        warnings.append(
+            "nuclei not iron haematoxylin (blue-purple): compact blobs up to "
+            f"{settings.collagen.blob_max_area_um2:g} µm² not counted as collagen (automatic)")
     if total.tissue_px == 0:
         msg = f"{name}: no countable tissue left after exclusions"
         raise FibroquantError(msg)

@@ -161,6 +161,23 @@ def stale_stems(previous_slides: Iterable[str], stems: dict[str, str]) -> list[s
     return sorted(stem for stem in old if stem.casefold() not in current)
 
 
+def blob_rule_mixed(slides_df: pd.DataFrame, settings: Settings) -> str | None:
+    """A warning when the automatic blob rule (``collagen.blob_max_area_um2: null``) was used on
+    some of a run's measured slides and not on others: they were then measured differently
+    (a few dark specks of debris can read as iron-haematoxylin nuclei and turn it off), which
+    a comparison between groups must not depend on. None when consistent or not automatic."""
+    if settings.collagen.blob_max_area_um2 is not None or "blob_max_area_um2" not in slides_df:
+        return None
+    ok = slides_df.loc[slides_df["status"] == "ok", "blob_max_area_um2"]
+    ok = pd.to_numeric(ok, errors="coerce").dropna()
+    used = int((ok > 0).sum())
+    if used == 0 or used == len(ok):
+        return None
+    return (f"the automatic blob rule (blue-purple nuclei) was used on {used} of {len(ok)} "
+            "slides, which are therefore measured differently: set collagen.blob_max_area_um2 "
+            "to 80 (plain haematoxylin) or 0 (iron haematoxylin) for the whole study")
+
+
 def _discard(out_dir: Path, stem: str) -> None:
     """Remove a slide stem's overlay, masks and GeoJSON; a file that stays is logged."""
     problem = discard_outputs(out_dir, stem)
@@ -507,6 +524,10 @@ def write_tables(
     plots += report.plot_stain_qc(slides_df, plots_dir / "stain_qc")
     qc = {s: output_files(out_dir, stem, ("qc",))["qc"]
           for s, stem in output_stems(slides_df["slide"]).items()}
+    mixed_rule = blob_rule_mixed(slides_df, settings)
+    if mixed_rule:
+        logger.warning("%s", mixed_rule)
+        warnings.append(mixed_rule)
     for r in slides_df.itertuples():
         if isinstance(r.stain_warning, str) and r.stain_warning:
             warnings.append(f"{r.slide}: {r.stain_warning}")

@@ -45,6 +45,15 @@ MAX_CORRECTION_OD = 0.35
 MAX_SCATTER_OD = 0.02
 #: Least share of the cells' (weighted) variance the field must explain to be applied.
 MIN_FIT_R2 = 0.8
+#: The brightest pixels (this percentile of each channel) may come out of the correction at
+#: most this much brighter: ``MAX_BRIGHTENING_OD`` (0.01 OD = 2.3 %, ~5 grey levels) or
+#: ``MAX_BRIGHTENING_SHARE`` of the field's range, the larger. An evened-out vignette leaves
+#: the glass about as bright as its brightest part (0.004-0.02 OD, at most 0.21 of the range
+#: on synthetic vignettes of 0.1-0.3, more in fields with little glass); evening out pale
+#: tissue beside glass as if it were darker glass brightens it by 0.03-0.05 OD (0.5-0.7).
+BRIGHT_PERCENTILE = 99.5
+MAX_BRIGHTENING_OD = 0.01
+MAX_BRIGHTENING_SHARE = 0.35
 #: Cells of a 3 x 3 grid over the image that must hold neutral pixels (coverage of the fit).
 MIN_CELLS = 6
 #: Cells per side of the grid whose brightest neutral pixels the field is fitted to.
@@ -260,7 +269,17 @@ def estimate_shading(
     od_range = float(grid_mean.max() - grid_mean.min())
     if od_range < settings.flat_field_min_od:
         return None
-    return ShadingField(coef, od_range, int(weight[keep].sum()), lo, hi)
+    field_ = ShadingField(coef, od_range, int(weight[keep].sum()), lo, hi)
+    # An even light makes the darkened glass as bright as the brightest glass, not brighter:
+    # when the brightest pixels come out brighter than any seen, the "darker glass" it evened
+    # out was pale tissue (a barely counterstained section beside its glass), not shading.
+    before = np.percentile(small.reshape(-1, 3), BRIGHT_PERCENTILE, axis=0)
+    after = np.percentile(field_.apply(small, (sh, sw)).reshape(-1, 3), BRIGHT_PERCENTILE,
+                          axis=0)
+    brightening = np.log10(np.maximum(after, 1.0) / np.maximum(before, 1.0)).max()
+    if brightening > max(MAX_BRIGHTENING_OD, MAX_BRIGHTENING_SHARE * od_range):
+        return None
+    return field_
 
 
 class CorrectedSlide(_SlideBase):

@@ -56,6 +56,9 @@ class TissueMask:
     edge_distance : ndarray of float64 or None
         Distance of every pixel to the glass around ``section`` (pixels; the image frame is
         not glass), kept by :func:`detect_tissue` for :func:`with_capsule`, which drops it.
+    glass_threshold_od : float or None
+        The glass threshold tissue grew from (:func:`glass_threshold`; ``glass_od`` when pale
+        tissue was not grown).
     """
 
     mpp: float
@@ -68,6 +71,7 @@ class TissueMask:
     glass_od: float
     bubble: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
     edge_distance: np.ndarray | None = field(default=None, repr=False, compare=False)
+    glass_threshold_od: float | None = None
 
     def __post_init__(self) -> None:
         if self.bubble is None:
@@ -204,12 +208,13 @@ def pale_tissue(
 ) -> np.ndarray:
     """Pixels above ``threshold``, with the pale tissue above ``floor`` that belongs to them.
 
-    A hysteresis threshold (as :func:`skimage.filters.apply_hysteresis_threshold`, by one
-    OpenCV labelling): pixels above ``floor`` join when they are connected (8-way) to a pixel
-    above ``threshold``, so a faint smear or haze on the glass away from the section stays
-    glass. What joins is then opened with a disk of ``radius_px``: the thin halo of blur
+    A hysteresis threshold (as :func:`skimage.filters.apply_hysteresis_threshold`, but
+    8-connected, by OpenCV labelling): pixels above ``floor`` join when they are connected to
+    a pixel above ``threshold``, so a faint smear or haze on the glass away from the section
+    stays glass. What joins is then opened with a disk of ``radius_px``: the thin halo of blur
     around the section's edge is dropped (it would move the edge outward, away from the
-    capsule), pale parenchyma wider than ``2 · radius_px`` is kept.
+    capsule), pale parenchyma wider than ``2 · radius_px`` is kept, and what the opening cut
+    off from the section (a smear joined to it by a thin thread) is dropped too.
 
     Parameters
     ----------
@@ -226,13 +231,10 @@ def pale_tissue(
     high = od_sum > threshold
     if floor >= threshold:
         return high
-    n, labels = cv2.connectedComponents((od_sum > floor).view(np.uint8), connectivity=8,
-                                        ltype=cv2.CV_32S)
-    keep = np.zeros(n, bool)
-    keep[labels[high]] = True
-    keep[0] = False
-    pale = keep[labels] & ~high
-    return high | _open_disk(pale, radius_px)
+    pale = _components_with(od_sum > floor, high) & ~high
+    # the opening can cut a thin thread that joined a faint smear to the section: what is left
+    # must still touch a pixel above the threshold
+    return _components_with(high | _open_disk(pale, radius_px), high)
 
 
 def detect_tissue(
@@ -313,6 +315,7 @@ def detect_tissue(
     return TissueMask(
         mpp=mpp, section=section, tissue=tissue, lumen=lumen, fold=fold, capsule_band=band,
         vessel_wall=wall, glass_od=t, bubble=bubble, edge_distance=dist,
+        glass_threshold_od=t_glass,
     )
 
 

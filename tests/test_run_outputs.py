@@ -354,3 +354,38 @@ def test_output_stem_by_string_operations_equals_the_pathlib_definition(parts, s
     else:
         name = p.stem
     assert output_stem(slide) == "__".join([*p.parent.parts, name] if p.parent.parts else [name])
+
+
+# -- the automatic blob rule decided per slide ------------------------------------------------
+
+
+def test_blob_rule_used_on_some_slides_only_is_a_run_warning(tmp_path: Path, caplog) -> None:
+    """One Masson slide with blue-purple (plain haematoxylin) nuclei, one with iron
+    haematoxylin: the automatic rule is used on the first only, so the run warns that the
+    slides were measured differently (in the log and the report); a consistent run does not."""
+    import logging
+
+    from fibroquant.run import blob_rule_mixed
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for name, nuclei in (("plain", "haematoxylin"), ("iron", "iron-haematoxylin")):
+        p = SectionParams(stain="masson", shape=(512, 512), field_of_view=True,
+                          nuclear_stain=nuclei)
+        rgb, _ = make_section(p, rng=5)
+        write_pyramid_tiff(slides / f"{name}.tif", rgb, MPP)
+    masson = Settings.model_validate({"stains": {"stain": "masson"}})
+    with caplog.at_level(logging.WARNING, logger="fibroquant.run"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        analyze_folder(slides, tmp_path / "out", masson, workers=1)
+    df = table(tmp_path / "out").set_index("slide")
+    assert df.loc["plain.tif", "blob_max_area_um2"] == 80
+    assert df.loc["iron.tif", "blob_max_area_um2"] == 0
+    assert "not counted as collagen (automatic)" in df.loc["plain.tif", "stain_warning"]
+    assert "used on 1 of 2 slides" in caplog.text
+    assert "used on 1 of 2 slides" in (tmp_path / "out" / "report.html").read_text()
+    # fixed for the study, or the same on every slide: no warning
+    fixed = Settings.model_validate({"stains": {"stain": "masson"},
+                                     "collagen": {"blob_max_area_um2": 80}})
+    assert blob_rule_mixed(df.reset_index(), fixed) is None
+    assert blob_rule_mixed(df.reset_index().iloc[:1], masson) is None

@@ -163,3 +163,20 @@ def test_evenly_lit_real_fields_are_not_corrected():
         rgb = cv2.imread(str(path))[..., ::-1].copy()
         bg, _ = _background(rgb, load_settings())
         assert estimate_shading(rgb, bg, TissueSettings()) is None, path.name
+
+
+def test_pale_tissue_beside_glass_is_not_evened_out_as_shading():
+    """A barely counterstained Masson section (0.09 OD) beside its glass, slightly vignetted
+    (6 %), JPEG: its pale, nearly neutral parenchyma was fitted as darker glass, the correction
+    brightened the glass past anything in the image, the glass colour was lost and the whole
+    image read as tissue (2.4x the tissue area, CPA +8.9 pp). The brightening check refuses
+    such a field."""
+    from fibroquant.synthetic import random_params
+
+    p = random_params(49, stain="masson", shape=(768, 768))
+    assert p.counterstain_od < 0.1 and p.vignetting < 0.1 and p.jpeg_quality
+    rgb, truth = make_section(p, rng=49)
+    a = analyze_slide("s.png", load_settings(overrides={"stains": {"stain": "masson"}}),
+                      slide=ArraySlide(rgb, p.mpp))
+    assert a.record["tissue_area_mm2"] == pytest.approx(truth.tissue_area_mm2, rel=0.05)
+    assert abs(a.record["cpa_percent"] - truth.cpa_percent) < 1.0
