@@ -51,8 +51,8 @@ class TissueSettings(_Model):
     glass_od_max: float = Field(0.1, gt=0, description="upper clip of the automatic glass OD")
     pale_tissue_sd: float = Field(
         8.0, ge=0, description="with an automatic glass OD: tissue grows from above it into "
-        "connected pixels above the glass level + this many robust SDs of the glass (pale, "
-        "barely counterstained parenchyma), never below glass_od_min; 0 = off"
+        "connected, coloured (not grey) pixels above the glass level + this many robust SDs of "
+        "the glass (pale, barely counterstained parenchyma), never below glass_od_min; 0 = off"
     )
     flat_field: bool = Field(
         True, description="divide out uneven illumination (vignetting) seen on glass and empty spaces"

@@ -201,10 +201,15 @@ def glass_floor(od_sum: np.ndarray, threshold: float, settings: TissueSettings) 
 #: Pale tissue narrower than twice this (µm) is not added: the halo that optical blur spreads
 #: around every section edge is a few µm wide, pale parenchyma is a cell or more.
 PALE_TISSUE_MIN_HALF_WIDTH_UM = 2.0
+#: Least colour of pale tissue: the spread of its OD over the channels (max - min) as a share
+#: of their sum. Every stain has 0.29-0.72 (light green the least, picric acid the most); glass
+#: darkened by uneven light is grey (0, plus noise), and is not grown into.
+PALE_TISSUE_MIN_CHROMA = 0.2
 
 
 def pale_tissue(
-    od_sum: np.ndarray, threshold: float, floor: float, radius_px: float
+    od_sum: np.ndarray, threshold: float, floor: float, radius_px: float,
+    coloured: np.ndarray | None = None,
 ) -> np.ndarray:
     """Pixels above ``threshold``, with the pale tissue above ``floor`` that belongs to them.
 
@@ -223,6 +228,9 @@ def pale_tissue(
         High and low thresholds, ``floor <= threshold``.
     radius_px : float
         Half the least width of pale tissue, pixels.
+    coloured : ndarray of bool, shape (H, W), optional
+        Pixels whose colour may be pale tissue (not grey); only those join below
+        ``threshold``. None = all.
 
     Returns
     -------
@@ -231,7 +239,10 @@ def pale_tissue(
     high = od_sum > threshold
     if floor >= threshold:
         return high
-    pale = _components_with(od_sum > floor, high) & ~high
+    low = od_sum > floor
+    if coloured is not None:
+        low &= coloured | high
+    pale = _components_with(low, high) & ~high
     # the opening can cut a thin thread that joined a faint smear to the section: what is left
     # must still touch a pixel above the threshold
     return _components_with(high | _open_disk(pale, radius_px), high)
@@ -264,7 +275,16 @@ def detect_tissue(
         od_sum = cv2.medianBlur(od_sum, ksize)
     t_glass = glass_threshold(od_sum, settings)
     t = glass_floor(od_sum, t_glass, settings)
-    raw = pale_tissue(od_sum, t_glass, t, max(PALE_TISSUE_MIN_HALF_WIDTH_UM / mpp, 1.0))
+    if t < t_glass:
+        # pale tissue carries its stain's colour; glass darkened by uneven light is grey
+        spread = od.max(axis=-1) - od.min(axis=-1)
+        if min(spread.shape) >= ksize:
+            spread = cv2.medianBlur(spread, ksize)
+        coloured = spread >= PALE_TISSUE_MIN_CHROMA * od_sum
+        raw = pale_tissue(od_sum, t_glass, t, max(PALE_TISSUE_MIN_HALF_WIDTH_UM / mpp, 1.0),
+                          coloured)
+    else:
+        raw = od_sum > t_glass
     bubble = np.zeros_like(raw)
     if settings.exclude_bubbles:
         bubble = detect_bubbles(rgb, mpp, settings, background_rgb, raw, od=od)

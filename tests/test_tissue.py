@@ -11,7 +11,7 @@ import pytest
 from fibroquant.config import TissueSettings, load_settings
 from fibroquant.pipeline import analyze_slide
 from fibroquant.slides import ArraySlide
-from fibroquant.stains import od_to_rgb
+from fibroquant.stains import SIRIUS_RED_VECTOR, od_to_rgb
 from fibroquant.synthetic import SectionParams, make_section
 from fibroquant.tissue import detect_tissue, glass_floor, glass_threshold, pale_tissue
 
@@ -19,9 +19,16 @@ GLASS = (240.0, 238.0, 236.0)
 GREY = np.array([0.577, 0.577, 0.577], np.float32)  # a neutral stain: summed OD = 1.73 x conc.
 
 
-def _field(conc: np.ndarray, noise_sd: float = 1.5, seed: int = 0) -> np.ndarray:
-    """uint8 RGB image of a neutral stain with concentration ``conc`` on ``GLASS``."""
+RED = np.array(SIRIUS_RED_VECTOR, np.float32) / np.linalg.norm(SIRIUS_RED_VECTOR)
+
+
+def _field(conc: np.ndarray, noise_sd: float = 1.5, seed: int = 0,
+           pale: np.ndarray | None = None) -> np.ndarray:
+    """uint8 RGB image of a neutral stain with concentration ``conc`` on ``GLASS``; where
+    ``pale`` is given, the stain is Sirius red instead (summed OD = 1.50 x conc)."""
     od = conc[..., None].astype(np.float32) * GREY
+    if pale is not None:
+        od[pale] = conc[pale][:, None] * RED
     rgb = od_to_rgb(od, GLASS).astype(np.float32)
     rgb += np.random.default_rng(seed).normal(0.0, noise_sd, rgb.shape).astype(np.float32)
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
@@ -38,9 +45,9 @@ def _scene() -> tuple[np.ndarray, dict[str, np.ndarray]]:
     parts["halo"] &= ~parts["dark"] & ~parts["pale"]
     yy, xx = np.mgrid[:400, :400]
     parts["smear"] = (yy - 200) ** 2 + (xx - 330) ** 2 < 40**2
-    conc[parts["halo"] | parts["pale"] | parts["smear"]] = 0.07 / 1.73
+    conc[parts["halo"] | parts["pale"] | parts["smear"]] = 0.07 / 1.50
     conc[parts["dark"]] = 0.4
-    return _field(conc), parts
+    return _field(conc, pale=parts["halo"] | parts["pale"] | parts["smear"]), parts
 
 
 def test_pale_tissue_joins_the_section_a_smear_and_a_halo_do_not():
@@ -55,7 +62,20 @@ def test_pale_tissue_joins_the_section_a_smear_and_a_halo_do_not():
     assert off.glass_od > 0.075  # Otsu's threshold, above the pale tissue's OD
     assert off.section[parts["pale"]].mean() < 0.05
     fixed = detect_tissue(rgb, 1.0, TissueSettings(glass_od=0.1), GLASS)  # the user's choice
-    assert np.array_equal(fixed.section, off.section)
+    assert fixed.glass_od == 0.1 and fixed.section[parts["pale"]].mean() < 0.05
+
+
+def test_grey_glass_beside_the_section_is_not_grown_into():
+    """Glass darkened by uneven light (grey, summed OD 0.07) next to the section is not pale
+    tissue: pale tissue carries its stain's colour."""
+    _, parts = _scene()
+    conc = np.zeros(parts["dark"].shape, np.float32)
+    conc[parts["dark"]] = 0.4
+    conc[parts["pale"]] = 0.07 / 1.73  # grey, where the scene has pale red tissue
+    tm = detect_tissue(_field(conc), 1.0, TissueSettings(), GLASS)
+    assert tm.glass_od < 0.05  # the floor is there, but nothing grey grows into it
+    assert tm.section[parts["pale"]].mean() < 0.05
+    assert tm.section[parts["dark"]].mean() > 0.99
 
 
 def test_smear_joined_by_a_thin_thread_stays_glass():
@@ -63,9 +83,9 @@ def test_smear_joined_by_a_thin_thread_stays_glass():
     _, parts = _scene()
     conc = np.zeros(parts["dark"].shape, np.float32)
     conc[parts["dark"]] = 0.4
-    conc[parts["smear"]] = 0.07 / 1.73
-    conc[198:202, 140:292] = 0.07 / 1.73  # a 4-px thread from the block to the smear
-    tm = detect_tissue(_field(conc), 1.0, TissueSettings(), GLASS)
+    conc[parts["smear"]] = 0.07 / 1.50
+    conc[198:202, 140:292] = 0.07 / 1.50  # a 4-px thread from the block to the smear
+    tm = detect_tissue(_field(conc, pale=conc < 0.1), 1.0, TissueSettings(), GLASS)
     assert tm.section[parts["smear"]].mean() < 0.01
     assert tm.section[parts["dark"]].mean() > 0.99
 
