@@ -198,6 +198,11 @@ def glass_floor(od_sum: np.ndarray, threshold: float, settings: TissueSettings) 
     return float(min(floor, threshold))
 
 
+#: Largest frame contact of a glass pocket taken for a vessel lumen cut by the image frame, in
+#: units of the square root of its area (a half disc meets the frame along 1.6, a quarter disc
+#: in a corner along 2.1; a strip of glass along the frame, longer than ~6x its width, more).
+POCKET_MAX_CONTACT = 2.5
+
 #: Pale tissue narrower than twice this (µm) is not added: the halo that optical blur spreads
 #: around every section edge is a few µm wide, pale parenchyma is a cell or more.
 PALE_TISSUE_MIN_HALF_WIDTH_UM = 2.0
@@ -301,14 +306,17 @@ def detect_tissue(
     lumen = section & ~filled_small
     # Glass pockets cut by the image frame but otherwise enclosed by tissue, up to the size of
     # a large vessel, are lumens too (a vein at the edge of a microscope field), not outer glass.
+    # A vein cut by the frame meets it along about its width (a half or quarter disc: at most
+    # ~2.3 sqrt(area)); the strip of glass between a section and the frame runs along it.
     max_px = _px(settings.lumen_max_area_um2, mpp)
     outside, n = _label4(~section)
     if n:
         frame = np.zeros_like(section)
         frame[0, :] = frame[-1, :] = frame[:, 0] = frame[:, -1] = True
         sizes = np.bincount(outside.ravel(), minlength=n + 1)
-        touches = np.bincount(outside[frame], minlength=n + 1) > 0
-        pocket = (sizes >= lumen_px) & (sizes <= max_px) & touches
+        contact = np.bincount(outside[frame], minlength=n + 1)
+        pocket = ((sizes >= lumen_px) & (sizes <= max_px) & (contact > 0)
+                  & (contact <= POCKET_MAX_CONTACT * np.sqrt(sizes)))
         pocket[0] = False
         if pocket.any() and section.any():
             extra = pocket[outside]

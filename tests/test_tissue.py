@@ -152,3 +152,20 @@ def test_blurred_section_keeps_its_capsule():
     a = _run(rgb, truth, "sirius-red")
     assert a.record["capsule_area_mm2"] > 0.5 * truth.capsule_mask.sum() * p.mpp**2 / 1e6
     assert abs(a.record["cpa_percent"] - truth.cpa_percent) < 0.6
+
+
+def test_glass_strip_along_the_frame_is_glass_a_vein_cut_by_it_a_lumen():
+    """A field whose section leaves a strip of glass along one side (touching three sides of
+    the frame) has an edge there, and a capsule can be found on it; before, the strip was
+    taken for a vessel lumen cut by the frame (under the 60,000 µm² lumen limit), the section
+    had no edge on that side, and its capsule counted as collagen (+6.9 pp on a synthetic
+    section). A vein cut by the frame is still a lumen."""
+    conc = np.full((400, 400), 0.25, np.float32)
+    conc[:, :30] = 0.0  # glass strip along the left side: 12,000 px
+    yy, xx = np.mgrid[:400, :400]
+    vein = (yy - 200) ** 2 + (xx - 399) ** 2 < 60**2  # half disc at the right frame
+    conc[vein] = 0.0
+    tm = detect_tissue(_field(conc), 1.0, TissueSettings(), GLASS)
+    assert not tm.section[:, :28].any()  # the strip is glass
+    assert tm.lumen[vein].mean() > 0.95 and tm.section[vein].all()  # the vein is a lumen
+    assert tm.capsule_band[:, 30:40].any()  # the strip's side is an edge: capsule searched
