@@ -282,7 +282,11 @@ def detect_tissue(
     t = glass_floor(od_sum, t_glass, settings)
     if t < t_glass:
         # pale tissue carries its stain's colour; glass darkened by uneven light is grey
-        spread = od.max(axis=-1) - od.min(axis=-1)
+        # (elementwise over the three planes: numpy's reduce over a last axis of 3 is ~10x
+        # slower on a 4 MP thumbnail)
+        r, g, b = od[..., 0], od[..., 1], od[..., 2]
+        spread = np.maximum(np.maximum(r, g), b)
+        spread -= np.minimum(np.minimum(r, g), b)
         if min(spread.shape) >= ksize:
             spread = cv2.medianBlur(spread, ksize)
         coloured = spread >= PALE_TISSUE_MIN_CHROMA * od_sum
