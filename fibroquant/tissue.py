@@ -1,7 +1,8 @@
 """Tissue detection and exclusions, on a low-resolution image of the whole slide.
 
-Tissue is what absorbs light: the summed optical density, smoothed, above a glass threshold.
-Holes smaller than a lumen (sinusoids, fat vacuoles) stay tissue; larger unstained holes inside
+Tissue is what absorbs light: the summed optical density, smoothed, above a glass threshold,
+grown into connected pale tissue of a stain's colour down to the glass noise
+(:func:`glass_floor`, :func:`pale_tissue`). Holes smaller than a lumen (sinusoids, fat vacuoles) stay tissue; larger unstained holes inside
 the section are vessel lumens and are excluded; pieces smaller than a speck are dust. The band
 along tissue/glass edges (never the frame of a microscope field) is where the Glisson capsule is
 searched. Air bubbles under the coverslip (:func:`detect_bubbles`: round regions inside a thin,
@@ -257,6 +258,10 @@ def detect_tissue(
     rgb: np.ndarray, mpp: float, settings: TissueSettings, background_rgb: Vector
 ) -> TissueMask:
     """Find countable tissue, lumens, air bubbles and the capsule band.
+
+    Tissue is the smoothed summed OD above :func:`glass_threshold`, grown by
+    :func:`pale_tissue` into connected pixels of a stain's colour (channel spread at least
+    ``PALE_TISSUE_MIN_CHROMA`` of the summed OD) above :func:`glass_floor`.
 
     Parameters
     ----------
