@@ -364,7 +364,7 @@ IRON_NUCLEI_MIN_SHARE = 0.001
 NUCLEUS_OD_RANGE = (0.3, 1.5)
 
 
-def auto_blob_area(od: np.ndarray, stains: StainMatrix, od_floor: float) -> float:
+def auto_blob_area(conc: np.ndarray, stains: StainMatrix) -> float:
     """The blob area of the automatic blob rule for a slide: ``AUTO_BLOB_AREA_UM2`` when the
     slide is an aniline-blue Masson whose nuclei are not iron haematoxylin, else 0 (off).
 
@@ -377,25 +377,19 @@ def auto_blob_area(od: np.ndarray, stains: StainMatrix, od_floor: float) -> floa
 
     Parameters
     ----------
-    od : ndarray of float32, shape (N, 3)
-        Calibration pixels' optical density.
+    conc : ndarray of float, shape (N, 3)
+        Stain concentrations (negatives clipped to 0) of the slide's stained calibration
+        pixels (OD norm above the stain estimation floor), unmixed with ``stains``.
     stains : StainMatrix
         The slide's stains (collagen stain first, nuclear stain third).
-    od_floor : float
-        Pixels with a smaller OD norm are not stained enough to count.
 
     Returns
     -------
     float
         Blob area, µm² (0 = off).
     """
-    if len(stains.names) < 3 or stains.names[0] != "aniline-blue":
+    if len(stains.names) < 3 or stains.names[0] != "aniline-blue" or len(conc) < 1000:
         return 0.0
-    od = np.asarray(od, np.float32).reshape(-1, 3)
-    stained = od[np.linalg.norm(od, axis=1) > od_floor]
-    if len(stained) < 1000:
-        return 0.0
-    conc = np.maximum(stained @ stains.unmixing, 0.0)
     nuclear = conc[:, 2] / np.maximum(conc.sum(axis=1), 1e-6)
     lo, hi = NUCLEUS_OD_RANGE
     nucleus = (nuclear > 0.5) & (conc[:, 2] > lo) & (conc[:, 2] < hi)

@@ -644,14 +644,14 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
     conc_sample = od_sample @ stains.unmixing
     pos = np.maximum(conc_sample, 0)
     share = pos[:, stains.collagen_index] / np.maximum(pos.sum(axis=1), 1e-6)
+    stained = np.linalg.norm(od_sample, axis=1) > settings.stains.od_floor
     thr = calibrate_threshold(
-        conc_sample[:, stains.collagen_index], share, settings.collagen,
-        stained=np.linalg.norm(od_sample, axis=1) > settings.stains.od_floor,
+        conc_sample[:, stains.collagen_index], share, settings.collagen, stained=stained,
         share_from_parenchyma=settings.share_from_parenchyma(est.counterstain_fitted()),
     )
     blob_auto = settings.collagen.blob_max_area_um2 is None
     if blob_auto:  # automatic: decided by the nuclei's stain
-        blob = auto_blob_area(od_sample, stains, settings.stains.od_floor)
+        blob = auto_blob_area(pos[stained], stains)
         settings = settings.model_copy(update={
             "collagen": settings.collagen.model_copy(update={"blob_max_area_um2": blob})})
     thumb_conc = rgb_to_od(thumb, background) @ stains.unmixing

@@ -253,6 +253,27 @@ def channel_sum(values: np.ndarray) -> np.ndarray:
     return out
 
 
+def channel_spread(values: np.ndarray) -> np.ndarray:
+    """``values.max(axis=-1) - values.min(axis=-1)`` of a float array with 3 channels last,
+    plane by plane (numpy reduces a short last axis pixel by pixel, ~10x slower on a 4 MP
+    thumbnail); the same values to the bit.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> a = np.random.default_rng(0).random((4, 5, 3)).astype(np.float32)
+    >>> np.array_equal(channel_spread(a), a.max(axis=-1) - a.min(axis=-1))
+    True
+    """
+    values = np.asarray(values)
+    if values.ndim == 0 or values.shape[-1] != 3 or values.dtype.kind != "f":
+        return values.max(axis=-1) - values.min(axis=-1)
+    a, b, c = values[..., 0], values[..., 1], values[..., 2]
+    out = np.maximum(np.maximum(a, b), c)
+    out -= np.minimum(np.minimum(a, b), c)
+    return out
+
+
 def od_to_rgb(od: np.ndarray, background_rgb: Vector = (255.0, 255.0, 255.0)) -> np.ndarray:
     """Inverse of :func:`rgb_to_od`: ``I = I0 · 10^-OD`` rounded to uint8."""
     od = np.asarray(od, dtype=np.float32)

@@ -379,13 +379,20 @@ def test_auto_blob_area_reads_the_nuclear_stain():
     conc[:, 2] = 0.0  # collagen and cytoplasm only
     nuclei = np.zeros((2000, 3), np.float32)
     nuclei[:, 2] = rng.uniform(0.3, 0.9, 2000)
+
+    def stained(od, stains):  # as the pipeline passes them: stained pixels, unmixed, >= 0
+        od = od[np.linalg.norm(od, axis=1) > 0.15]
+        return np.maximum(od @ stains.unmixing, 0)
+
     iron = np.concatenate([mix(conc, MASSON), mix(nuclei, MASSON)])
-    assert auto_blob_area(iron, MASSON, 0.15) == 0.0
+    assert auto_blob_area(stained(iron, MASSON), MASSON) == 0.0
     plain = np.concatenate([mix(conc, MASSON),
                             nuclei[:, 2:] * np.float32(HAEMATOXYLIN_VECTOR) / 1.0])
-    assert auto_blob_area(plain, MASSON, 0.15) == AUTO_BLOB_AREA_UM2
-    assert auto_blob_area(plain, SIRIUS_RED, 0.15) == 0.0  # Masson (aniline blue) only
-    assert auto_blob_area(plain[:500], MASSON, 0.15) == 0.0  # too few pixels to tell
+    assert auto_blob_area(stained(plain, MASSON), MASSON) == AUTO_BLOB_AREA_UM2
+    # Masson (aniline blue) only
+    assert auto_blob_area(stained(plain, SIRIUS_RED), SIRIUS_RED) == 0.0
+    # too few pixels to tell
+    assert auto_blob_area(stained(plain[:500], MASSON), MASSON) == 0.0
 
 
 _REAL_MASSON = sorted((Path(__file__).resolve().parents[2] / "shared" / "data").glob("masson-*/*.png"))
