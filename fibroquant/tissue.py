@@ -375,13 +375,33 @@ def _label4(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return labels, n - 1
 
 
+#: A collagen pixel at least this near the glass (pixels) starts a capsule ray.
+CAPSULE_SEED_PX = 3.5
+#: ... and at most this near (µm): a blurred or JPEG-softened edge is paler, and the tissue
+#: mask reaches out over the halo, so the capsule's collagen starts a few pixels in.
+CAPSULE_SEED_MAX_UM = 5.0
+#: Holes in the capsule's collagen up to this size (µm²; nuclei) are filled before the rays.
+CAPSULE_HOLE_UM2 = 60.0
+#: A ray's neighbours are the rays starting within about this distance along the edge, µm.
+CAPSULE_LOCAL_UM = 100.0
+#: A ray deeper than this multiple of its neighbours' median depth (plus a pixel) is a
+#: septum or a portal tract running into the capsule, not a thicker stretch of capsule.
+CAPSULE_SEPTUM_FACTOR = 2.0
+
+
 def with_capsule(tissue: TissueMask, collagen: np.ndarray) -> TissueMask:
     """Narrow the capsule band to the collagen that runs in from the section edge.
 
-    The Glisson capsule is a collagen layer on the surface of the liver: collagen pixels of the
-    band that are connected, through collagen within the band, to the tissue/glass edge. Septa
-    reaching the surface lose only their last ``capsule_width_um``; parenchyma at the edge stays
-    tissue. Edges at the frame of the image (a microscope field) are never capsule.
+    The Glisson capsule is a collagen layer on the surface of the liver. A collagen pixel of
+    the band is capsule when the straight path from it to the nearest glass is collagen all
+    the way (:func:`capsule_rays`), unless its ray is a septum or a portal tract running into
+    the capsule (deeper than twice the capsule nearby, or through the whole band): such a ray
+    is capsule only down to the median thickness of the capsule within ~100 µm along the edge
+    (:func:`_capsule_depth_limit`). So a septum meeting the capsule loses only the capsule's
+    own thickness there, a thicker stretch of capsule is removed whole, collagen running
+    beside the capsule behind a strip of parenchyma is not capsule, and a septum reaching a
+    cut edge without capsule loses at most its last pixel. Edges at the frame of the image (a
+    microscope field) are never capsule.
 
     Parameters
     ----------
@@ -401,14 +421,193 @@ def with_capsule(tissue: TissueMask, collagen: np.ndarray) -> TissueMask:
     dist = tissue.edge_distance
     if dist is None or dist.shape != tissue.section.shape:
         dist = edge_distance(tissue.section)
-    seeds = band & (dist <= 3.5) & collagen
-    region = _components_with(collagen & band, seeds)  # = ndi.binary_propagation, 8-connected
-    if region.any():
-        width_px = capsule_width_px(dist[region])
-        region &= dist <= 1.25 * width_px + 1.0
+    region = np.zeros(band.shape, bool)
+    # nuclei in the capsule would cast a shadow on the rays: holes up to a nucleus's size
+    candidates = remove_small_holes_fast(collagen & band, _px(CAPSULE_HOLE_UM2, tissue.mpp))
+    seed_px = capsule_seed_depth(dist[candidates], tissue.mpp)
+    ys, xs, depth, root = capsule_rays(candidates, dist, seed_px)
+    if len(ys):
+        # edge without capsule (no collagen within the seeds' depth): depth 0
+        near = cv2.dilate((collagen & band & (dist <= seed_px)).view(np.uint8),
+                          _disk(seed_px)).view(bool)
+        bare = band & (dist <= 1.5) & ~near
+        keep = depth <= _capsule_depth_limit(ys, xs, depth, root, np.nonzero(bare),
+                                             float(dist[band].max()), tissue.mpp)
+        region[ys[keep], xs[keep]] = True
     # = ndi.binary_dilation(region, structure=np.ones((3, 3))) & band
     region = cv2.dilate(region.view(np.uint8), np.ones((3, 3), np.uint8)).view(bool) & band
     return replace(tissue, capsule_band=region, edge_distance=None)
+
+
+def capsule_seed_depth(depths: np.ndarray, mpp: float) -> float:
+    """How near the glass a collagen pixel must be to start a capsule ray, pixels.
+
+    Where the capsule's collagen begins below the tissue edge: the first depth at which the
+    band holds at least half as many collagen pixels as at its fullest depth within
+    CAPSULE_SEED_MAX_UM, plus 1.5 pixels; at least CAPSULE_SEED_PX, at most
+    CAPSULE_SEED_MAX_UM.
+
+    Parameters
+    ----------
+    depths : ndarray of float
+        Distance to the glass of the band's collagen pixels, pixels.
+    mpp : float
+        µm per pixel of the masks.
+
+    Returns
+    -------
+    float
+    """
+    top = max(CAPSULE_SEED_PX, CAPSULE_SEED_MAX_UM / mpp)
+    counts = np.bincount(np.ceil(depths[depths <= top]).astype(np.intp))
+    if counts.size == 0 or counts.max() == 0:
+        return CAPSULE_SEED_PX
+    first = int(np.argmax(counts >= 0.5 * counts.max()))
+    return float(min(max(CAPSULE_SEED_PX, first + 1.5), top))
+
+
+#: Row and column steps of the 8 compass directions, counter-clockwise from +x (octant k is the
+#: angle ``k * 45°`` of ``arctan2(dy, dx)``).
+_STEP_Y = np.array([0, 1, 1, 1, 0, -1, -1, -1], np.intp)
+_STEP_X = np.array([1, 1, 0, -1, -1, -1, 0, 1], np.intp)
+
+
+def capsule_rays(
+    candidates: np.ndarray, dist: np.ndarray, seed_px: float = 3.5
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Collagen joined to the glass along the straight path to the nearest edge.
+
+    A candidate's parents are the 8-neighbour nearest the direction down the gradient of the
+    edge distance and the two beside it (a 90° cone towards the glass), when they are
+    candidates nearer the glass. A candidate within ``seed_px`` of the edge is on a ray; any
+    other is when one of its parents is (so a ray passes round a nucleus in the capsule).
+    Collagen that meets the capsule only sideways (a septum beside it, behind a strip of
+    parenchyma) is not on a ray.
+
+    Parameters
+    ----------
+    candidates : ndarray of bool, shape (H, W)
+        Collagen pixels of the capsule band.
+    dist : ndarray of float, shape (H, W)
+        Distance to the glass, pixels (:func:`edge_distance`).
+    seed_px : float
+        Depth within which a collagen pixel starts a ray (a blurred edge is paler).
+
+    Returns
+    -------
+    ys, xs : ndarray of intp
+        The pixels on rays.
+    depth : ndarray of float64
+        Their distance to the glass, pixels.
+    root : ndarray of intp
+        For each, the index (into ``ys``/``xs``) of the first pixel of its ray.
+    """
+    ys, xs = np.nonzero(candidates)
+    empty = np.zeros(0, np.intp)
+    if not len(ys):
+        return empty, empty, np.zeros(0), empty
+    h, w = dist.shape
+    d = dist[ys, xs].astype(np.float64)
+    # central differences of the distance (one-sided at the image border)
+    gy = dist[np.minimum(ys + 1, h - 1), xs] - dist[np.maximum(ys - 1, 0), xs]
+    gx = dist[ys, np.minimum(xs + 1, w - 1)] - dist[ys, np.maximum(xs - 1, 0)]
+    ridge = (gy == 0) & (gx == 0)  # a ridge of the distance: no direction, no parent
+    # the compass step towards the glass and its two neighbours (a 90-degree cone)
+    octant = np.rint(np.arctan2(-gy, -gx) / (np.pi / 4)).astype(np.intp)
+    index = np.full(dist.shape, -1, np.intp)
+    index[ys, xs] = np.arange(len(ys))
+    parents = []
+    for turn in (0, -1, 1):
+        k = (octant + turn) % 8
+        py = np.clip(ys + _STEP_Y[k], 0, h - 1)
+        px = np.clip(xs + _STEP_X[k], 0, w - 1)
+        par = index[py, px]
+        par[ridge] = -1
+        par[par >= 0] = np.where(d[par[par >= 0]] < d[par >= 0], par[par >= 0], -1)
+        parents.append(par)  # candidates nearer the glass only: the rays form no cycle
+    seed = d <= seed_px
+    # on a ray after at most ~depth rounds (fixed point)
+    on = seed.copy()
+    for _ in range(int(d.max()) + 2):
+        reach = np.zeros(len(ys), bool)
+        for par in parents:
+            reach |= (par >= 0) & on[np.maximum(par, 0)]
+        new = reach & ~on
+        if not new.any():
+            break
+        on |= new
+    # the ray's previous pixel: the first parent on a ray, in the order centre, left, right
+    # (a seed's too, so that a ray starts at the glass, not at every seed pixel)
+    root = np.arange(len(ys))
+    for par in parents[::-1]:
+        ok = on & (par >= 0) & on[np.maximum(par, 0)]
+        root[ok] = par[ok]
+    while True:  # pointer jumping to the ray's first pixel
+        nxt = root[root]
+        if np.array_equal(nxt, root):
+            break
+        root = nxt
+    keep = np.nonzero(on)[0]
+    renum = np.full(len(ys), -1, np.intp)
+    renum[keep] = np.arange(len(keep))
+    return ys[keep], xs[keep], d[keep], renum[root[keep]]
+
+
+def _capsule_depth_limit(
+    ys: np.ndarray, xs: np.ndarray, depth: np.ndarray, root: np.ndarray,
+    bare: tuple[np.ndarray, np.ndarray], band_px: float, mpp: float,
+) -> np.ndarray:
+    """How deep every ray pixel may be and still be capsule (pixels; inf: the whole ray).
+
+    A ray's neighbours are the rays starting within about CAPSULE_LOCAL_UM along the edge
+    (the k nearest starts, at about one per pixel of edge). A ray that reaches the bottom of
+    the band (``band_px``), or runs deeper than CAPSULE_SEPTUM_FACTOR times its neighbours'
+    median depth plus a pixel, is a septum or a portal tract meeting the capsule: it is
+    capsule down to the median depth of the neighbours that are not (the bare edge, ``bare``,
+    counting as depth 0), plus a pixel. Any other ray is capsule all along, so a thicker
+    stretch of capsule is removed whole.
+    """
+    from scipy.spatial import cKDTree  # noqa: PLC0415
+
+    starts = np.unique(root)
+    ray_depth = np.zeros(len(ys))
+    np.maximum.at(ray_depth, root, depth)
+    # rays that converge leave short ones beside them (a pixel has one parent): a ray's
+    # depth is the deepest within 2 pixels of where it starts
+    h = int(ys.max()) + 3
+    w = int(xs.max()) + 3
+    img = np.zeros((h, w), np.float32)
+    img[ys[starts], xs[starts]] = ray_depth[starts]
+    rd = cv2.dilate(img, _disk(2))[ys[starts], xs[starts]].astype(np.float64)
+    pts = np.concatenate([np.column_stack([ys[starts], xs[starts]]),
+                          np.column_stack(bare)]).astype(np.float64)
+    # about one sample per pixel of edge: the k nearest span ~2 CAPSULE_LOCAL_UM of it. The
+    # windows are taken round every k/16-th start (in raster order: spread along the edge),
+    # and every start has the window of the nearest of those.
+    n = len(starts)
+    k = int(min(len(pts), max(8, round(2 * CAPSULE_LOCAL_UM / mpp))))
+    centres = pts[: n : max(1, k // 16)]
+    _, nn = cKDTree(pts).query(centres, k=k)
+    nn = np.asarray(nn).reshape(len(centres), k)
+    _, owner = cKDTree(centres).query(pts[:n], k=1)
+    rays = np.concatenate([rd, np.full(len(bare[0]), np.nan)])  # bare edge: no ray
+    typical = np.nanmedian(rays[nn], axis=1)[owner]  # a centre is a ray: never all nan
+    deep = (rd >= band_px - 1.5) | (rd > CAPSULE_SEPTUM_FACTOR * typical + 1.0)
+    limit = np.full(len(ys), np.inf)
+    if not deep.any():
+        return limit
+    votes = np.concatenate([np.where(deep, np.nan, rd), np.zeros(len(bare[0]))])
+    near = votes[nn]
+    centre_local = np.full(len(centres), np.nan)
+    some = ~np.isnan(near).all(axis=1)
+    if some.any():
+        centre_local[some] = np.nanmedian(near[some], axis=1) + 1.0
+    local = centre_local[owner[deep]]
+    # no capsule ray or bare edge nearby: the section's capsule width
+    local[np.isnan(local)] = 1.25 * capsule_width_px(depth) + 1.0
+    at_start = np.full(len(ys), np.inf)
+    at_start[starts[deep]] = local
+    return at_start[root]
 
 
 def _components_with(mask: np.ndarray, seeds: np.ndarray) -> np.ndarray:

@@ -13,7 +13,17 @@ from fibroquant.pipeline import analyze_slide
 from fibroquant.slides import ArraySlide
 from fibroquant.stains import SIRIUS_RED_VECTOR, od_to_rgb
 from fibroquant.synthetic import SectionParams, make_section
-from fibroquant.tissue import detect_tissue, glass_floor, glass_threshold, pale_tissue
+from fibroquant.tissue import (
+    TissueMask,
+    capsule_rays,
+    capsule_seed_depth,
+    detect_tissue,
+    edge_distance,
+    glass_floor,
+    glass_threshold,
+    pale_tissue,
+    with_capsule,
+)
 
 GLASS = (240.0, 238.0, 236.0)
 GREY = np.array([0.577, 0.577, 0.577], np.float32)  # a neutral stain: summed OD = 1.73 x conc.
@@ -169,3 +179,78 @@ def test_glass_strip_along_the_frame_is_glass_a_vein_cut_by_it_a_lumen():
     assert not tm.section[:, :28].any()  # the strip is glass
     assert tm.lumen[vein].mean() > 0.95 and tm.section[vein].all()  # the vein is a lumen
     assert tm.capsule_band[:, 30:40].any()  # the strip's side is an edge: capsule searched
+
+
+# ------------------------------------------------------------------------------------------
+# Capsule: collagen on straight paths from the glass, septa cut at the local thickness
+# ------------------------------------------------------------------------------------------
+
+
+def _capsule_scene(halo_px: int = 0):
+    """A section below glass (rows < 20), 0.5 µm/px, with known collagen:
+
+    * a capsule along the edge, 24 px (12 µm) thick, 36 px (18 µm) over columns 300-399;
+    * a septum 30 px wide running straight into the capsule (columns 100-129), to the bottom;
+    * a septum running beside the capsule behind a 10-px strip of parenchyma, joined to it
+      only at its end (columns 180-279, rows 54-73; joined over columns 270-279);
+    * a fibre running 46 px below the capsule (columns 460-463, to 70 px deep).
+
+    ``halo_px``: the collagen starts that far below the tissue edge (a blurred edge).
+    """
+    h, w = 160, 600
+    section = np.zeros((h, w), bool)
+    section[20:] = True
+    top = 20 + halo_px
+    col = np.zeros((h, w), bool)
+    col[top : top + 24] = True
+    col[top : top + 36, 300:400] = True
+    col[top:, 100:130] = True
+    col[top + 34 : top + 54, 180:280] = True
+    col[top : top + 54, 270:280] = True
+    col[top : top + 70, 460:464] = True
+    tm = TissueMask(mpp=0.5, section=section, tissue=section.copy(),
+                    lumen=np.zeros_like(section), fold=np.zeros_like(section),
+                    capsule_band=section & (edge_distance(section) * 0.5 <= 30.0),
+                    vessel_wall=np.zeros_like(section), glass_od=0.03)
+    return tm, col, top
+
+
+@pytest.mark.parametrize("halo_px", [0, 4])
+def test_capsule_is_the_layer_septa_lose_only_its_thickness(halo_px):
+    tm, col, top = _capsule_scene(halo_px)
+    cap = with_capsule(tm, col).capsule_band
+    # the layer is capsule, the thicker stretch whole (not cut at the thin stretch's depth)
+    assert cap[top : top + 24, 20:90].all() and cap[top : top + 24, 500:580].all()
+    assert cap[top : top + 36, 310:390].all()
+    # the septum running into the capsule: capsule down to the thickness nearby + ~2 px
+    depth = np.nonzero(cap[:, 110:120].all(axis=1))[0].max() - top + 1
+    assert 24 <= depth <= 28
+    assert not cap[top + 30 :, 100:130].any()
+    # the septum behind the strip of parenchyma is not capsule, except where it joins it
+    assert not cap[top + 34 : top + 54, 180:262].any()
+    # so is the fibre
+    assert not cap[top + 28 :, 460:464].any()
+
+
+def test_capsule_seed_depth_follows_a_blurred_edge():
+    depths = np.concatenate([np.full(50, 4.0), np.full(800, 5.0), np.arange(6.0, 40.0).repeat(600)])
+    assert capsule_seed_depth(depths, 0.5) == 6.5  # collagen starts 4-5 px in
+    assert capsule_seed_depth(np.arange(1.0, 40.0).repeat(600), 0.5) == 3.5  # at the edge
+    assert capsule_seed_depth(np.arange(8.0, 40.0).repeat(600), 0.5) == 9.5
+    assert capsule_seed_depth(np.arange(9.0, 40.0).repeat(600), 0.5) == 10.0  # at most 5 µm
+    assert capsule_seed_depth(np.arange(25.0, 40.0).repeat(600), 0.5) == 3.5  # none to seed
+    assert capsule_seed_depth(np.zeros(0), 0.5) == 3.5
+
+
+def test_capsule_rays_pass_round_a_nucleus_not_through_parenchyma():
+    tm, col, top = _capsule_scene()
+    col[top + 6 : top + 12, 40:46] = False  # a nucleus inside the capsule
+    col[top + 10 : top + 16, 500:506] = False  # and one without the hole filling: 6 x 6 px
+    ys, xs, _, _ = capsule_rays(col & tm.capsule_band, edge_distance(tm.section))
+    on = np.zeros_like(col)
+    on[ys, xs] = True
+    assert on[top + 22 : top + 24, 500:506].all()  # the rays close in behind it
+    # behind the parenchyma strip no ray, except within 45° of where the septum joins
+    assert not on[top + 34 : top + 54, 180:245].any()
+    cap = with_capsule(tm, col).capsule_band  # holes the size of a nucleus are filled
+    assert cap[top : top + 24, 40:46].all() and cap[top : top + 24, 500:506].all()
