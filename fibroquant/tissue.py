@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 import cv2
 import numpy as np
 from scipy import ndimage as ndi
+from scipy.spatial import cKDTree
 from skimage.filters import threshold_otsu
 
 from fibroquant.collagen import gaussian_blur
@@ -567,8 +568,6 @@ def _capsule_depth_limit(
     counting as depth 0), plus a pixel. Any other ray is capsule all along, so a thicker
     stretch of capsule is removed whole.
     """
-    from scipy.spatial import cKDTree  # noqa: PLC0415
-
     starts = np.unique(root)
     ray_depth = np.zeros(len(ys))
     np.maximum.at(ray_depth, root, depth)

@@ -220,7 +220,8 @@ def test_capsule_is_the_layer_septa_lose_only_its_thickness(halo_px):
     tm, col, top = _capsule_scene(halo_px)
     cap = with_capsule(tm, col).capsule_band
     # the layer is capsule, the thicker stretch whole (not cut at the thin stretch's depth)
-    assert cap[top : top + 24, 20:90].all() and cap[top : top + 24, 500:580].all()
+    assert cap[top : top + 24, 20:90].all()
+    assert cap[top : top + 24, 500:580].all()
     assert cap[top : top + 36, 310:390].all()
     # the septum running into the capsule: capsule down to the thickness nearby + ~2 px
     depth = np.nonzero(cap[:, 110:120].all(axis=1))[0].max() - top + 1
@@ -253,4 +254,5 @@ def test_capsule_rays_pass_round_a_nucleus_not_through_parenchyma():
     # behind the parenchyma strip no ray, except within 45° of where the septum joins
     assert not on[top + 34 : top + 54, 180:245].any()
     cap = with_capsule(tm, col).capsule_band  # holes the size of a nucleus are filled
-    assert cap[top : top + 24, 40:46].all() and cap[top : top + 24, 500:506].all()
+    assert cap[top : top + 24, 40:46].all()
+    assert cap[top : top + 24, 500:506].all()
