@@ -75,6 +75,9 @@ class SectionParams:
     cytoplasm_blue: float = 0.0
     cytoplasm_blue_cv: float = 0.5  # cell-to-cell variation of that fraction (lavender cells)
     bubbles: int = 0  # air bubbles under the coverslip (50-400 µm), anywhere in the image
+    # tissue folds: flaps of the section's edge (15-25 % of its radius deep) folded back over
+    # the section along a straight line, a double layer there (sections only, not fields)
+    folds: int = 0
     # uneven illumination of a microscope field: fraction of the light lost at the corners,
     # about an optical centre up to 10 % off the image centre (0 = evenly lit, as a scanner)
     vignetting: float = 0.0
@@ -102,6 +105,7 @@ class Truth:
     capsule_mask: np.ndarray
     section_mask: np.ndarray = field(repr=False)
     bubble_mask: np.ndarray | None = field(default=None, repr=False)
+    fold_mask: np.ndarray | None = field(default=None, repr=False)  # double layer, excluded
     """Air bubbles, rim included, over tissue and glass alike (all False without bubbles; None
     only when a Truth is built by hand without it). Excluded from ``tissue_mask``."""
 
@@ -317,6 +321,13 @@ def make_section(
         conc *= thick[..., None]
     conc = np.clip(conc, 0, None).astype(np.float32)
 
+    # --- folds: a flap of the edge folded back over the section (own generator) ---------
+    fold = np.zeros((h, w), bool)
+    if p.folds > 0 and not p.field_of_view:
+        conc, section, fold = fold_flaps(conc, section, p.folds, g.spawn(1)[0])
+        lumen &= section
+        capsule &= section
+
     # --- air bubbles under the coverslip (own generator: the section is the same without) --
     bubble = np.zeros((h, w), bool)
     grey_od: np.ndarray | None = None
@@ -358,9 +369,10 @@ def make_section(
         ok, buf = cv2.imencode(".jpg", rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, p.jpeg_quality])
         rgb = cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1].copy()
 
-    tissue = section & ~lumen & ~capsule & ~bubble  # artefacts are left out of CPA
+    tissue = section & ~lumen & ~capsule & ~bubble & ~fold  # artefacts are left out of CPA
     collagen = coll_region & tissue
-    truth = Truth(p, stains, tissue, collagen, lumen, capsule & ~lumen, section, bubble)
+    truth = Truth(p, stains, tissue, collagen, lumen, capsule & ~lumen, section, bubble,
+                  fold & section)
     return rgb, truth
 
 
@@ -391,6 +403,73 @@ def _cytoplasm_blue(
     texture = np.exp(0.2 * _smooth_noise((h, w), 1.5 * um, g))
     blue = ratio[cell.reshape(h, w)].astype(np.float32) * texture * counter
     return np.where(cytoplasm, blue, 0).astype(np.float32)
+
+
+def fold_flaps(
+    conc: np.ndarray, section: np.ndarray, n: int, rng: int | np.random.Generator | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fold flaps of a section's edge back over it.
+
+    For each fold, a straight fold line cuts off a flap of the section at its edge, 15-25 % of
+    the section's radius deep (measured from the line to the farthest edge point, at a random
+    angle). The flap is reflected across the line onto the section: where it lands, the
+    stain concentrations of both layers add (every stain doubled in parenchyma, the flap's own
+    septa, capsule and nuclei on top of the layer below); where it was, there is now glass.
+
+    Parameters
+    ----------
+    conc : ndarray of float32, shape (H, W, S)
+        Stain concentrations of the single layer.
+    section : ndarray of bool, shape (H, W)
+    n : int
+        Number of folds (at different angles).
+    rng : int or numpy.random.Generator, optional
+
+    Returns
+    -------
+    conc : ndarray of float32, shape (H, W, S)
+    section : ndarray of bool
+        Without the flaps' former place.
+    fold : ndarray of bool
+        The double layer.
+    """
+    g = _rng(rng)
+    h, w = section.shape
+    conc = conc.copy()
+    section = section.copy()
+    fold = np.zeros((h, w), bool)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    ys, xs = np.nonzero(section)
+    if not len(ys):
+        return conc, section, fold
+    cy, cx = float(ys.mean()), float(xs.mean())
+    radius = float(np.sqrt(len(ys) / np.pi))
+    base = g.uniform(0, 2 * np.pi)
+    for i in range(n):
+        ang = base + 2 * np.pi * i / n + g.uniform(-0.3, 0.3)
+        ny, nx = float(np.sin(ang)), float(np.cos(ang))  # outward normal of the fold line
+        proj = (yy - cy) * ny + (xx - cx) * nx
+        far = float(proj[section].max())
+        line = far - g.uniform(0.15, 0.25) * radius
+        flap = section & (proj > line)
+        if not flap.any():
+            continue
+        # reflection across the line: x' = x - 2 (proj - line) n
+        d = proj - line
+        map_y = (yy - 2 * d * ny).astype(np.float32)
+        map_x = (xx - 2 * d * nx).astype(np.float32)
+        landed = cv2.remap(flap.view(np.uint8), map_x, map_y, cv2.INTER_NEAREST,
+                           borderMode=cv2.BORDER_CONSTANT, borderValue=0).view(bool) & (d < 0)
+        layer = np.stack([cv2.remap(np.ascontiguousarray(conc[..., c]), map_x, map_y,
+                                    cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+                          for c in range(conc.shape[-1])], axis=-1)
+        conc[flap] = 0.0
+        section &= ~flap
+        fold &= section
+        landed &= section  # a flap landing beyond a concave edge lies on glass: not modelled
+        conc[landed] += layer[landed]
+        fold |= landed
+    return conc, section, fold
 
 
 def draw_bubbles(
