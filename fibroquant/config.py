@@ -83,9 +83,11 @@ class TissueSettings(_Model):
     )
     exclude_folds: bool = Field(True, description="leave tissue folds (double thickness) out")
     fold_od_factor: float = Field(
-        1.9, gt=1, description="counterstain OD above this multiple of the median is a fold"
+        1.8, gt=1, description="parenchyma's counterstain above this multiple of its median "
+        "starts a fold (a double layer: ~2x)"
     )
-    fold_min_area_um2: float = Field(5000.0, ge=0, description="smallest fold kept, µm²")
+    fold_min_area_um2: float = Field(
+        1000.0, ge=0, description="smallest area above fold_od_factor that starts a fold, µm²")
     exclude_unfocused: bool = Field(
         True, description="leave out tiles far blurrier than the rest of the slide"
     )

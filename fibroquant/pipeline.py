@@ -657,7 +657,8 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
     thumb_conc = rgb_to_od(thumb, background) @ stains.unmixing
     thumb_col = thumb_conc[..., stains.collagen_index]
     if len(stains.names) > 1:
-        tissue = with_folds(tissue, thumb_conc[..., 1], settings.tissue)
+        tissue = with_folds(tissue, thumb_conc[..., 1], settings.tissue, thumb_col,
+                            thr.threshold_od)
     bg_map = None
     thumb_threshold: float | np.ndarray = thr.threshold_od
     offset = thr.threshold_od

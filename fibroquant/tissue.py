@@ -648,10 +648,30 @@ def capsule_width_px(depths: np.ndarray) -> float:
     return float(len(counts) - 1)
 
 
+#: Fold growth: connected parenchyma whose counterstain is above this multiple of the median.
+FOLD_GROW_FACTOR = 1.35
+#: Smoothing of the parenchyma's counterstain for the fold test, µm (Gaussian sigma).
+FOLD_SMOOTH_UM = 5.0
+#: Holes in a fold up to this size (µm²) are fold (the septa and vessels of either layer).
+FOLD_HOLE_UM2 = 2000.0
+#: Collagen (not parenchyma) within this distance of a fold is fold too, µm.
+FOLD_COLLAGEN_UM = 10.0
+
+
 def with_folds(
-    tissue: TissueMask, counterstain: np.ndarray, settings: TissueSettings
+    tissue: TissueMask, counterstain: np.ndarray, settings: TissueSettings,
+    collagen: np.ndarray | None = None, threshold_od: float | None = None,
 ) -> TissueMask:
-    """Exclude folds: regions of doubled counterstain density.
+    """Exclude folds: parenchyma two layers thick, its counterstain about doubled.
+
+    Only parenchyma is compared: pixels whose collagen-stain concentration is at most
+    ``threshold_od`` (septa, capsule and vessel walls carry little counterstain in either
+    layer). Its counterstain is averaged over the parenchyma within ~5 µm (a masked Gaussian
+    mean, so collagen does not dilute it). Where that mean exceeds ``fold_od_factor`` times
+    its median over the section over at least ``fold_min_area_um2``, a fold starts; it grows
+    through connected parenchyma above 1.35 times the median; holes in it up to 2,000 µm² (the
+    septa and vessels of either layer), and collagen within 10 µm of it (the flap's capsule,
+    folded in), are fold too.
 
     Parameters
     ----------
@@ -659,6 +679,11 @@ def with_folds(
     counterstain : ndarray of float32, shape like the masks
         Counterstain (picric acid / ponceau-fuchsin) concentration, OD units.
     settings : TissueSettings
+    collagen : ndarray of float32, shape like the masks, optional
+        Collagen-stain concentration, OD units; without it every tissue pixel counts as
+        parenchyma.
+    threshold_od : float, optional
+        The slide's collagen threshold (parenchyma is at or below it).
 
     Returns
     -------
@@ -667,15 +692,29 @@ def with_folds(
     """
     if not settings.exclude_folds or not tissue.tissue.any():
         return tissue
-    smooth = gaussian_blur(counterstain.astype(np.float32), max(5.0 / tissue.mpp, 0.5))
-    level = float(np.median(smooth[tissue.tissue]))
+    par = tissue.tissue
+    if collagen is not None and threshold_od is not None:
+        par = par & (collagen <= threshold_od)
+    if not par.any():
+        return tissue
+    sigma = max(FOLD_SMOOTH_UM / tissue.mpp, 0.5)
+    amount = gaussian_blur((np.maximum(counterstain, 0) * par).astype(np.float32), sigma)
+    share = gaussian_blur(par.astype(np.float32), sigma)
+    covered = share > 0.2  # mostly collagen, lumen or glass around: no parenchyma to judge
+    mean = amount / np.maximum(share, 1e-3)
+    level = float(np.median(mean[par]))
     if level <= 0.02:
         return tissue
-    fold = tissue.tissue & (smooth > settings.fold_od_factor * level)
-    fold = remove_small_objects_fast(fold, _px(settings.fold_min_area_um2, tissue.mpp),
-                                     connectivity=1)
-    if not fold.any():
+    ok = tissue.tissue & covered
+    core = remove_small_objects_fast(ok & (mean > settings.fold_od_factor * level),
+                                     _px(settings.fold_min_area_um2, tissue.mpp), connectivity=1)
+    if not core.any():
         return tissue
+    fold = _components_with(ok & (mean > FOLD_GROW_FACTOR * level), core)
+    fold = remove_small_holes_fast(fold, _px(FOLD_HOLE_UM2, tissue.mpp)) & tissue.tissue
+    # the collagen at its edge (the flap's capsule, folded in; septa of either layer)
+    near = cv2.dilate(fold.view(np.uint8), _disk(FOLD_COLLAGEN_UM / tissue.mpp)).view(bool)
+    fold |= near & tissue.tissue & ~par
     return replace(
         tissue, tissue=tissue.tissue & ~fold, fold=fold, capsule_band=tissue.capsule_band & ~fold,
         vessel_wall=tissue.vessel_wall & ~fold,

@@ -47,14 +47,18 @@ def test_folded_section_truth_excludes_the_fold():
     assert np.median(od[truth.fold_mask]) > 1.5 * np.median(od0[truth.fold_mask])
 
 
-@pytest.mark.xfail(
-    reason="known gap: the fold detector (smoothed counterstain > 1.9 x its median) finds "
-    "none of a flap folded over a 0.4-mm section: the flap's septa, capsule, lumens and fat "
-    "keep the fold's counterstain at 1.3-2x the median, overlapping the single layer's "
-    "1.3-1.7x at its 90th-99th percentiles; the fold's doubled collagen reads +1-5 pp",
-    strict=True)
-@pytest.mark.parametrize("seed", [42, 45])
+_MISSED = pytest.mark.xfail(
+    reason="known gap: a fold is started only where the parenchyma's counterstain reads above "
+    "1.8x its median over 1,000 um2 (below that, uneven section thickness gave false folds); "
+    "on 0.4-mm sections a thin folded flap often stays below it, and its doubled collagen "
+    "reads +1-4 pp", strict=True)
+
+
+@pytest.mark.parametrize("seed", [42, 43, pytest.param(40, marks=_MISSED),
+                                  pytest.param(45, marks=_MISSED)])
 def test_fold_is_excluded(seed):
+    """A flap folded over a 0.4-mm section: most of the double layer is found and left out,
+    and CPA reads within 1 pp (before the parenchyma-only detector: no fold found, +1-5 pp)."""
     p = replace(random_params(seed, shape=(768, 768)), field_of_view=False, folds=1)
     rgb, truth = make_section(p, rng=seed)
     a = analyze_slide("s.png", load_settings(overrides={"stains": {"stain": p.stain}}),
