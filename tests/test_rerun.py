@@ -69,9 +69,15 @@ def _env() -> dict[str, str]:
     return env
 
 
+#: ``python -m fibroquant`` with Ctrl-C raising KeyboardInterrupt even when the test process
+#: ignores SIGINT (an ignored signal is inherited, and Python then installs no handler).
+_MAIN = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+         "sys.argv[0] = 'fibroquant'; runpy.run_module('fibroquant', run_name='__main__')")
+
+
 def spawn(slides: Path, out: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "fibroquant", "analyze", str(slides), "--out", str(out),
+        [sys.executable, "-c", _MAIN, "analyze", str(slides), "--out", str(out),
          "--workers", "1", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
         start_new_session=True,
