@@ -176,7 +176,7 @@ def grid_points(quick: bool) -> list[tuple[str, dict]]:
         ("haematoxylin nuclei", {"nuclear_stain": "haematoxylin"}),
         ("no counterstain", {"counterstain_od": 0.0}),
         ("blur 1.5um", {"blur_um": 1.5}),
-        ("edge fold", {"folds": 1}),  # a flap folded back: double layer (a known gap)
+        ("edge fold", {"folds": 1}),  # a flap folded back over the section: double layer
         ("all bad", {"collagen_intensity": 0.6, "nonspecific": 0.15, "fine_fibres": 0.8,
                      "fibre_intensity": 0.35, "blur_um": 0.6, "jpeg_quality": 70,
                      "vector_drift_deg": 8.0}),

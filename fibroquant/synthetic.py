@@ -105,9 +105,11 @@ class Truth:
     capsule_mask: np.ndarray
     section_mask: np.ndarray = field(repr=False)
     bubble_mask: np.ndarray | None = field(default=None, repr=False)
-    fold_mask: np.ndarray | None = field(default=None, repr=False)  # double layer, excluded
     """Air bubbles, rim included, over tissue and glass alike (all False without bubbles; None
     only when a Truth is built by hand without it). Excluded from ``tissue_mask``."""
+    fold_mask: np.ndarray | None = field(default=None, repr=False)
+    """Folds: the double layer where a flap landed (all False without folds; None only when a
+    Truth is built by hand without it). Excluded from ``tissue_mask``."""
 
     @property
     def cpa_percent(self) -> float:
@@ -460,9 +462,8 @@ def fold_flaps(
         map_x = (xx - 2 * d * nx).astype(np.float32)
         landed = cv2.remap(flap.view(np.uint8), map_x, map_y, cv2.INTER_NEAREST,
                            borderMode=cv2.BORDER_CONSTANT, borderValue=0).view(bool) & (d < 0)
-        layer = np.stack([cv2.remap(np.ascontiguousarray(conc[..., c]), map_x, map_y,
-                                    cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
-                          for c in range(conc.shape[-1])], axis=-1)
+        layer = cv2.remap(conc, map_x, map_y, cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT).reshape(conc.shape)
         conc[flap] = 0.0
         section &= ~flap
         fold &= section

@@ -524,7 +524,8 @@ def capsule_rays(
         px = np.clip(xs + _STEP_X[k], 0, w - 1)
         par = index[py, px]
         par[ridge] = -1
-        par[par >= 0] = np.where(d[par[par >= 0]] < d[par >= 0], par[par >= 0], -1)
+        has = par >= 0
+        par[has] = np.where(d[par[has]] < d[has], par[has], -1)
         parents.append(par)  # candidates nearer the glass only: the rays form no cycle
     seed = d <= seed_px
     # on a ray after at most ~depth rounds (fixed point)
@@ -660,7 +661,7 @@ FOLD_COLLAGEN_UM = 10.0
 
 def with_folds(
     tissue: TissueMask, counterstain: np.ndarray, settings: TissueSettings,
-    collagen: np.ndarray | None = None, threshold_od: float | None = None,
+    collagen: np.ndarray, threshold_od: float,
 ) -> TissueMask:
     """Exclude folds: parenchyma two layers thick, its counterstain about doubled.
 
@@ -679,10 +680,9 @@ def with_folds(
     counterstain : ndarray of float32, shape like the masks
         Counterstain (picric acid / ponceau-fuchsin) concentration, OD units.
     settings : TissueSettings
-    collagen : ndarray of float32, shape like the masks, optional
-        Collagen-stain concentration, OD units; without it every tissue pixel counts as
-        parenchyma.
-    threshold_od : float, optional
+    collagen : ndarray of float32, shape like the masks
+        Collagen-stain concentration, OD units.
+    threshold_od : float
         The slide's collagen threshold (parenchyma is at or below it).
 
     Returns
@@ -692,9 +692,7 @@ def with_folds(
     """
     if not settings.exclude_folds or not tissue.tissue.any():
         return tissue
-    par = tissue.tissue
-    if collagen is not None and threshold_od is not None:
-        par = par & (collagen <= threshold_od)
+    par = tissue.tissue & (collagen <= threshold_od)
     if not par.any():
         return tissue
     sigma = max(FOLD_SMOOTH_UM / tissue.mpp, 0.5)
