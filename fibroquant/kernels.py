@@ -198,6 +198,26 @@ def _is_blob_py(size: int, height: int, width: int, blob_px: int, blob_side: int
 _is_blob_nb = _jit(_is_blob_py)
 
 
+def _hit_list_py(hit: np.ndarray, w: int, hits: np.ndarray) -> int:
+    # hits[:m] = the columns j < w where hit[j] is 1, in order; returns m. Runs of 32 columns
+    # are summed first (vectorised) and only the runs with a hit are listed, so a row with a
+    # few collagen pixels costs little more than one pass of additions.
+    m = 0
+    for j0 in range(0, w, 32):
+        j1 = min(j0 + 32, w)
+        s = 0
+        for j in range(j0, j1):
+            s += hit[j]
+        if s > 0:
+            for j in range(j0, j1):  # branch-free
+                hits[m] = j
+                m += hit[j]
+    return m
+
+
+_hit_list_nb = _jit(_hit_list_py)
+
+
 def _tile_py(
     rgb: np.ndarray, lut: np.ndarray, tables: np.ndarray, others: np.ndarray,
     min_share: np.float32, flags: np.ndarray, thr: np.ndarray, rows: np.ndarray,
@@ -208,8 +228,10 @@ def _tile_py(
     # Row by row. The class and threshold of each column are gathered once per low-resolution
     # row, with the list of its "special" columns (capsule band, wall, lumen, fold, bubble).
     # Glass and plain tissue (the bulk of a slide) take branch-free loops the compiler
-    # vectorises; only the special columns take a per-pixel loop. Block counts accumulate per
-    # column over the f rows of a block row, then go to their block through ``bcol``.
+    # vectorises; only the special columns take a per-pixel loop. The plain columns past the
+    # threshold are listed (``_hit_list_py``), and only they take the share guard and the
+    # per-column collagen sums. Block counts accumulate per column over the f rows of a block
+    # row, then go to their block through ``bcol``.
     #
     # Speck removal (min_px > 1): each row's final collagen pixels are stored as runs
     # (row, first column, last column, parent) with their OD sums, and every run is joined
@@ -285,38 +307,32 @@ def _tile_py(
             for j in range(w):
                 buf[j] = t0[rgb[i, j, 0]] + t1[rgb[i, j, 1]] + t2[rgb[i, j, 2]]
         k = 0
-        m = 0  # hits[:m]: the plain columns that are collagen (after the guard), with runs
+        m = 0  # hits[:m]: the plain columns that are collagen (after the guard)
         if n_plain > 0:
             for j in range(w):
                 hit[j] = (buf[j] > tb[j]) & (isp[j] != 0)
                 k += hit[j]
-            if k > 0 and (n_other > 0 or want_runs):
-                for j in range(w):  # branch-free list of the hit columns
-                    hits[m] = j
-                    m += hit[j]
-            if k > 0 and n_other > 0:  # the collagen-share guard, only where the cut passed
-                for q in range(m):
-                    j = hits[q]
-                    if not _share_ok_nb(buf[j], rgb[i, j, 0], rgb[i, j, 1], rgb[i, j, 2],
-                                        others, min_share):
-                        hit[j] = 0
-                        k -= 1
-                if want_runs and k < m:  # drop the columns the guard took out
-                    m2 = 0
-                    for q in range(m):
-                        j = hits[q]
-                        hits[m2] = j
-                        m2 += hit[j]
-                    m = m2
-            if k > 0:
-                # per-column sums (no serial float chain across the row: vectorised)
-                for j in range(w):
-                    acc_col[j] += hit[j]
-                    acc_od[j] += buf[j] * hit[j]
-                n_col += k
             for j in range(w):
                 acc_tis[j] += isp[j]
             n_tis += n_plain
+            if k > 0:
+                m = _hit_list_nb(hit, w, hits)
+                if n_other > 0:  # the collagen-share guard, only where the cut passed
+                    m2 = 0
+                    for q in range(m):
+                        j = hits[q]
+                        if _share_ok_nb(buf[j], rgb[i, j, 0], rgb[i, j, 1], rgb[i, j, 2],
+                                        others, min_share):
+                            hits[m2] = j
+                            m2 += 1
+                        else:
+                            hit[j] = 0
+                    m = m2
+                for q in range(m):  # sparse per-column sums
+                    j = hits[q]
+                    acc_col[j] += 1
+                    acc_od[j] += buf[j]
+                n_col += m
         n_scol = 0
         for q in range(n_spec):
             j = spec[q]
@@ -361,10 +377,7 @@ def _tile_py(
                         hit[j] = 0
                 for q in range(n_scol):
                     hit[scol[q]] = 1
-                m = 0
-                for j in range(w):
-                    hits[m] = j
-                    m += hit[j]
+                m = _hit_list_nb(hit, w, hits)
             cur0 = n_runs
             p = prev0
             q = 0
