@@ -21,9 +21,7 @@ import typer
 
 from fibroquant.cli import StainChoice, _analyze, _command, _fail, app, err, out
 from fibroquant.errors import FibroquantError, one_line
-
-STORE_NAME = "fibroquant.sqlite"
-
+from fibroquant.store import STORE_NAME
 
 # --------------------------------------------------------------------------------------------
 # status

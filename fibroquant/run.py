@@ -38,6 +38,7 @@ from fibroquant.tasks import (
 from fibroquant.slides import list_slides
 from fibroquant.store import (
     FingerprintCache,
+    STORE_NAME,
     OutputLock,
     ResultStore,
     atomic_write_csv,
@@ -47,7 +48,6 @@ from fibroquant.store import (
 
 logger = logging.getLogger(__name__)
 
-STORE_NAME = "fibroquant.sqlite"
 
 #: First columns of slides.csv, in this order (the output contract); the rest follow.
 SLIDE_COLUMNS = [

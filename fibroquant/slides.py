@@ -61,6 +61,7 @@ import cv2
 import numpy as np
 
 from fibroquant.errors import MissingResolutionError, NotColourError, SlideReadError
+from fibroquant.store import LOCK_NAME, STORE_NAME
 
 __all__ = [
     "SUPPORTED_SUFFIXES",
@@ -86,7 +87,7 @@ OPENSLIDE_SUFFIXES = frozenset({".mrxs", ".scn", ".vms", ".vmu", ".bif"})
 SUPPORTED_SUFFIXES: frozenset[str] = TIFF_SUFFIXES | IMAGE_SUFFIXES | OPENSLIDE_SUFFIXES
 """Lower-case file suffixes :func:`list_slides` and :func:`open_slide` accept."""
 
-OUTPUT_MARKERS = ("fibroquant.sqlite", ".fibroquant.lock")
+OUTPUT_MARKERS = (STORE_NAME, LOCK_NAME)
 """Files that make a folder a fibroquant output folder: the results store and the run lock."""
 _RUN_JSON_KEYS = frozenset({"processed", "skipped", "failed", "removed", "settings_hash",
                             "version"})
