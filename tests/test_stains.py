@@ -187,3 +187,92 @@ def test_vertex_start_needs_three_stains_and_a_triangle():
     assert _vertex_start(x[:100], SIRIUS_RED) is None  # too few pixels
     line = np.outer(rng.random(2000), [0.2, 0.5, 0.8]).astype(np.float32)
     assert _vertex_start(line, SIRIUS_RED) is None  # one colour: no triangle
+
+
+# --- the counterstain is not drawn into a mixture with the collagen stain ----------------------
+
+
+od_direction = arrays(np.float64, 3, elements=st.floats(0.05, 1.0)).map(
+    lambda v: v / np.linalg.norm(v))
+
+
+@settings(max_examples=200, deadline=None)
+@given(od_direction, od_direction, od_direction, st.floats(1.0, 30.0))
+def test_limit_toward_keeps_or_turns_back_to_the_limit(est, ref, other, limit):
+    from fibroquant.stains import limit_toward
+
+    est, ref, other = (np.asarray(v, np.float64) for v in (est, ref, other))
+    out = limit_toward(est, ref, other, limit)
+    assert abs(np.linalg.norm(out) - 1.0) < 1e-9
+    gain = angle_deg(ref, other) - angle_deg(est, other)
+    if gain <= limit:
+        assert out is est or np.array_equal(out, est)
+    else:
+        assert abs((angle_deg(ref, other) - angle_deg(out, other)) - limit) < 1e-4
+        # on the way from ref to est
+        assert abs(angle_deg(ref, out) + angle_deg(out, est) - angle_deg(ref, est)) < 1e-4
+
+
+def _parenchymal_mixture(preset: StainMatrix) -> np.ndarray:
+    """OD pixels of fibres and of parenchyma that carries more collagen stain than
+    counterstain everywhere (no pure counterstain pixel); the true vectors are the presets."""
+    rng = np.random.default_rng(11)
+    n = 30000
+    conc = np.zeros((n, 3), np.float32)
+    fibres = rng.random(n) < 0.12
+    conc[fibres, 0] = rng.uniform(0.3, 1.0, fibres.sum())
+    conc[~fibres, 1] = rng.uniform(0.02, 0.08, (~fibres).sum())  # pale counterstain
+    conc[~fibres, 0] = rng.uniform(0.06, 0.16, (~fibres).sum())  # more non-specific uptake
+    conc[:, 1] += rng.uniform(0.0, 0.05, n).astype(np.float32)  # under the fibres too
+    return mix(conc, preset) + rng.normal(scale=0.01, size=(n, 3)).astype(np.float32)
+
+
+def _turn_towards_collagen(est, preset: StainMatrix) -> float:
+    return (angle_deg(preset.vectors[1], preset.vectors[0])
+            - angle_deg(est.stains.vectors[1], preset.vectors[0]))
+
+
+def test_picric_acid_estimate_is_not_drawn_into_parenchymal_mixtures(monkeypatch):
+    """The purest picric acid pixels are mixtures with Sirius red: without the limit the
+    iteration turned picric acid 19° towards Sirius red, although the true vectors are the
+    presets."""
+    from fibroquant import stains
+
+    od = _parenchymal_mixture(SIRIUS_RED)
+    limit = stains.COUNTERSTAIN_MAX_TOWARD_COLLAGEN_DEG["sirius-red"]
+    est = estimate_stains(od, SIRIUS_RED, StainSettings())
+    assert "estimated" in est.source and est.fitted[1]
+    assert _turn_towards_collagen(est, SIRIUS_RED) <= limit + 1e-6
+    monkeypatch.setattr(stains, "COUNTERSTAIN_MAX_TOWARD_COLLAGEN_DEG", {})
+    assert _turn_towards_collagen(estimate_stains(od, SIRIUS_RED, StainSettings()),
+                                  SIRIUS_RED) > limit + 2.0
+
+
+def test_masson_counterstain_may_turn_into_purple():
+    """Masson is not limited (purple cytoplasm is a colour of its own: see
+    ``COUNTERSTAIN_MAX_TOWARD_COLLAGEN_DEG``)."""
+    from fibroquant import stains
+
+    assert "aniline-blue" not in stains.COUNTERSTAIN_MAX_TOWARD_COLLAGEN_DEG
+    est = estimate_stains(_parenchymal_mixture(MASSON), MASSON, StainSettings())
+    assert _turn_towards_collagen(est, MASSON) > 18.0
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: pale ponceau (0.05 OD) under twice as much "
+                   "non-specific aniline blue; the ponceau estimate turns 21-23° towards the "
+                   "blue and the raised share guard takes the fibres. Limiting that turn fixes "
+                   "this section but loses blue fibres on real purple Masson tiles")
+def test_purple_masson_section_keeps_its_collagen():
+    """Masson section seed 65 of the sweep: pale ponceau (0.05 OD) under twice as much
+    non-specific aniline blue. The ponceau estimate had turned 21° towards the blue, so the
+    share guard took the fibres: CPA 0.03 % against a true 5.9 %."""
+    from fibroquant.config import load_settings
+    from fibroquant.pipeline import analyze_slide
+    from fibroquant.slides import ArraySlide
+    from fibroquant.synthetic import make_section, random_params
+
+    p = random_params(65, stain="masson", shape=(768, 768))
+    rgb, truth = make_section(p, rng=65)
+    rec = analyze_slide("x.png", load_settings(overrides={"stains": {"stain": "masson"}}),
+                        slide=ArraySlide(rgb, p.mpp)).record
+    assert abs(rec["cpa_percent"] - truth.cpa_percent) < 1.0
