@@ -21,7 +21,7 @@ import typer
 
 from fibroquant.cli import StainChoice, _analyze, _command, _fail, app, err, out
 from fibroquant.errors import FibroquantError, one_line
-from fibroquant.store import STORE_NAME
+from fibroquant.layout import STORE_NAME
 
 # --------------------------------------------------------------------------------------------
 # status

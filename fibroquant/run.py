@@ -35,10 +35,10 @@ from fibroquant.tasks import (
     output_stems,
     task_stem,
 )
+from fibroquant.layout import STORE_NAME
 from fibroquant.slides import list_slides
 from fibroquant.store import (
     FingerprintCache,
-    STORE_NAME,
     OutputLock,
     ResultStore,
     atomic_write_csv,

@@ -61,7 +61,7 @@ import cv2
 import numpy as np
 
 from fibroquant.errors import MissingResolutionError, NotColourError, SlideReadError
-from fibroquant.store import LOCK_NAME, STORE_NAME
+from fibroquant.layout import LOCK_NAME, STORE_NAME
 
 __all__ = [
     "SUPPORTED_SUFFIXES",

@@ -494,8 +494,9 @@ def _checked(
     return result, angles, warnings, tuple(estimated)
 
 
-#: Largest turn of the counterstain's estimate towards the collagen stain, degrees, in each
-#: step of :func:`_refine`, by collagen stain (any turn from the preset is limited to
+#: How much closer (degrees of angle) the counterstain's estimate may come to the slide's
+#: current collagen-stain estimate than the counterstain's preset is, by collagen stain;
+#: :func:`_refine` re-applies it in every iteration (any turn from the preset is limited to
 #: ``max_angle_deg`` afterwards).
 #:
 #: Sirius red: parenchyma carries some Sirius red almost everywhere, so the "purest" picric
@@ -516,23 +517,26 @@ def _checked(
 COUNTERSTAIN_MAX_TOWARD_COLLAGEN_DEG: dict[str, float] = {"sirius-red": 15.0}
 
 
-def limit_toward(est: np.ndarray, ref: np.ndarray, other: np.ndarray, limit_deg: float
-                 ) -> np.ndarray:
+def limit_toward(
+    est: np.ndarray, ref: np.ndarray, other: np.ndarray, limit_deg: float,
+) -> np.ndarray:
     """Turn an estimated vector back towards its reference so that it has come at most
     ``limit_deg`` closer to ``other`` (a turn elsewhere is kept).
 
     Parameters
     ----------
     est, ref, other : ndarray of float, shape (3,)
-        Unit OD vectors: the estimate, its preset, and the stain it must not drift into.
+        Non-zero OD vectors: the estimate, its preset, and the stain it must not drift into.
     limit_deg : float
+        Positive, degrees.
 
     Returns
     -------
     ndarray of float64, shape (3,)
-        ``est`` itself when within the limit; otherwise the unit vector on the way from
-        ``ref`` to ``est`` (normalised linear blend, bisected) whose angle to ``other`` is
-        ``limit_deg`` less than ``ref``'s.
+        ``est`` (as float64) when within the limit; otherwise the unit vector on the way from
+        ``ref`` to ``est`` (normalised linear blend, bisected: the angle to ``other`` along
+        that arc has one crossing) whose angle to ``other`` is ``limit_deg`` less than
+        ``ref``'s, to ~1e-7 degrees and never past it.
     """
     est = np.asarray(est, np.float64)
     ref = np.asarray(ref, np.float64)
@@ -556,8 +560,8 @@ def _refine(
     """The anchored iteration: each stain's vector becomes the median direction of the purest
     fifth of the pixels the current vectors attribute mostly to it (share > ``min_share``);
     a stain with fewer than ``min_count`` such pixels returns to its preset. For Sirius red the
-    counterstain turns at most :data:`COUNTERSTAIN_MAX_TOWARD_COLLAGEN_DEG` from its preset
-    towards the collagen stain."""
+    counterstain may come at most :data:`COUNTERSTAIN_MAX_TOWARD_COLLAGEN_DEG` closer to the
+    current collagen-stain estimate than its preset is, in every iteration."""
     names = preset.names
     limit = COUNTERSTAIN_MAX_TOWARD_COLLAGEN_DEG.get(preset.collagen)
     vectors = np.array(start, np.float64)

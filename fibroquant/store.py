@@ -63,6 +63,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
 from fibroquant.errors import SlideReadError, StoreError, StoreLockedError
+from fibroquant.layout import LOCK_NAME, STORE_NAME
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -92,10 +93,6 @@ FINGERPRINT_CHUNK = 1 << 20
 SCHEMA_VERSION = 1
 #: ``PRAGMA application_id`` marking a SQLite file as a fibroquant store ("FQST").
 APPLICATION_ID = 0x46515354
-#: File name of the results store inside the output folder.
-STORE_NAME = "fibroquant.sqlite"
-#: File name of the lock file inside the output folder.
-LOCK_NAME = ".fibroquant.lock"
 #: Suffix of the temporary files :func:`atomic_write_bytes` creates next to its target.
 TEMP_SUFFIX = ".fibroquant-tmp"
 

@@ -761,11 +761,12 @@ def test_list_slides_skips_fibroquant_output_folders(tmp_path: Path) -> None:
     """Old results inside the slides folder (overlays, plots) are not slides."""
     import json
 
-    from fibroquant.run import STORE_NAME
+    from fibroquant import store
     from fibroquant.slides import OUTPUT_MARKERS, is_output_folder
-    from fibroquant.store import LOCK_NAME
 
-    assert STORE_NAME in OUTPUT_MARKERS and LOCK_NAME in OUTPUT_MARKERS
+    # the names on disk, and the store's own
+    assert OUTPUT_MARKERS == ("fibroquant.sqlite", ".fibroquant.lock")
+    assert OUTPUT_MARKERS == (store.STORE_NAME, store.LOCK_NAME)
     run_json = {"processed": 1, "skipped": 0, "failed": 0, "removed": 0, "seconds": 1.0,
                 "exit_code": 0, "version": "0.1.0", "settings_hash": "ab12", "command": "x"}
     folders = {

@@ -228,8 +228,10 @@ def _parenchymal_mixture(preset: StainMatrix) -> np.ndarray:
 
 
 def _turn_towards_collagen(est, preset: StainMatrix) -> float:
-    return (angle_deg(preset.vectors[1], preset.vectors[0])
-            - angle_deg(est.stains.vectors[1], preset.vectors[0]))
+    """How much closer the counterstain estimate is to the collagen-stain estimate than the
+    counterstain's preset is (what the limit bounds), degrees."""
+    col = est.stains.vectors[0]
+    return angle_deg(preset.vectors[1], col) - angle_deg(est.stains.vectors[1], col)
 
 
 def test_picric_acid_estimate_is_not_drawn_into_parenchymal_mixtures(monkeypatch):
@@ -241,8 +243,8 @@ def test_picric_acid_estimate_is_not_drawn_into_parenchymal_mixtures(monkeypatch
     od = _parenchymal_mixture(SIRIUS_RED)
     limit = stains.COUNTERSTAIN_MAX_TOWARD_COLLAGEN_DEG["sirius-red"]
     est = estimate_stains(od, SIRIUS_RED, StainSettings())
-    assert "estimated" in est.source and est.fitted[1]
-    assert _turn_towards_collagen(est, SIRIUS_RED) <= limit + 1e-6
+    assert est.fitted[1]  # estimated, not the preset kept
+    assert _turn_towards_collagen(est, SIRIUS_RED) <= limit + 1e-4
     monkeypatch.setattr(stains, "COUNTERSTAIN_MAX_TOWARD_COLLAGEN_DEG", {})
     assert _turn_towards_collagen(estimate_stains(od, SIRIUS_RED, StainSettings()),
                                   SIRIUS_RED) > limit + 2.0
