@@ -63,15 +63,24 @@ def _run_state(run: dict[str, Any], newest: bool) -> str:
 
 def folder_changes(store: Any, slides_dir: Path, out_dir: Path, settings_hash: str | None
                    ) -> dict[str, Any]:
-    """Compare a slides folder with the store: new, changed, not yet measured, removed.
+    """Compare a slides folder with the store: new, changed, not yet measured, removed, and
+    unchanged slides whose files in OUT_DIR are missing or show another content.
 
-    Fingerprints come from the store's cache (an ``os.stat`` per unchanged file); nothing is
-    written to the store (the cache's new entries are not flushed).
+    The last are measured again by the next run (:func:`fibroquant.run.outputs_current`):
+    their QC overlay is gone, or the path's latest measurement was of another content (the
+    file changed back to one measured before). Masks are not looked at (whether a run writes
+    them depends on its ``--masks``). Fingerprints come from the store's cache (an ``os.stat``
+    per unchanged file); nothing is written to the store (the cache's new entries are not
+    flushed).
     """
     from fibroquant.run import discover
     from fibroquant.store import FingerprintCache
+    from fibroquant.tasks import output_files, output_stems
 
     files = discover(slides_dir, out_dir)
+    rels = [p.relative_to(slides_dir).as_posix() for p in files]
+    stems = output_stems(rels)
+    last = store.last_measured()
     rows = store._db.execute("SELECT slide, fingerprint FROM slides").fetchall()
     stored = dict(rows)
     known = store.known(settings_hash) if settings_hash else {}
@@ -81,10 +90,9 @@ def folder_changes(store: Any, slides_dir: Path, out_dir: Path, settings_hash: s
         if known_base.get(base) != "ok":
             known_base[base] = status
     cache = FingerprintCache(store, slides_dir)  # never flushed: status stays read-only
-    new, changed, unmeasured, unreadable, unchanged = [], [], [], [], 0
+    new, changed, unmeasured, unreadable, redraw, unchanged = [], [], [], [], [], 0
     present = set()
-    for p in files:
-        rel = p.relative_to(slides_dir).as_posix()
+    for p, rel in zip(files, rels, strict=True):
         present.add(rel)
         try:
             fp = cache.fingerprint(p)
@@ -98,14 +106,27 @@ def folder_changes(store: Any, slides_dir: Path, out_dir: Path, settings_hash: s
             changed.append(rel)
         elif known_base.get(fp) is None:
             unmeasured.append(rel)
+        elif _outputs_stale(last.get(rel), fp, output_files(out_dir, stems[rel], ("qc",))):
+            redraw.append(rel)
         else:
             unchanged += 1
     removed = sorted(s for s in stored if s not in present)
     return {
         "slides_dir": str(slides_dir), "files": len(files), "new": new, "changed": changed,
         "not_measured_with_these_settings": unmeasured, "unreadable": unreadable,
-        "removed": removed, "unchanged": unchanged, "present": sorted(present),
+        "outputs_missing": redraw, "removed": removed, "unchanged": unchanged,
+        "present": sorted(present),
     }
+
+
+def _outputs_stale(last: tuple[str, str, str] | None, fingerprint: str,
+                   files: dict[str, Path]) -> bool:
+    """Whether a measured, unchanged slide's files in OUT_DIR are missing or show another
+    content (its path's latest measurement, ``last``, was of another content)."""
+    if last is None or last[2] != "ok":
+        return False  # failed: retried as such, not for its files
+    return _base_fingerprint(last[0]) != fingerprint or not all(
+        f.exists() for f in files.values())
 
 
 def gather_status(out_dir: Path, slides_dir: Path | None = None, *, n_runs: int = 5
@@ -190,13 +211,14 @@ def _print_status(info: dict[str, Any]) -> None:
                   f"{folder['unchanged']} unchanged", soft_wrap=True, markup=False)
         for key, label in (("new", "new"), ("changed", "changed"),
                            ("not_measured_with_these_settings", "not measured yet"),
+                           ("outputs_missing", "overlay missing or outdated (measured again)"),
                            ("removed", "removed")):
             for name in folder[key]:
                 out.print(f"  {label}: {name}", soft_wrap=True, markup=False)
         for u in folder["unreadable"]:
             out.print(f"  unreadable: {u['error']}", soft_wrap=True, markup=False)
         if not any(folder[k] for k in ("new", "changed", "not_measured_with_these_settings",
-                                       "removed", "unreadable")):
+                                       "outputs_missing", "removed", "unreadable")):
             out.print("  nothing new: a rerun would measure nothing")
 
 

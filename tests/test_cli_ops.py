@@ -208,12 +208,31 @@ def test_status(bad_study, tmp_path: Path) -> None:
     res = invoke("status", str(out), "--slides", str(copy), "--json")
     folder = json.loads(res.output)["folder"]
     assert folder["new"] == ["newcomer.tif"] and folder["removed"] == ["palette.tif"]
-    assert folder["changed"] == [] and folder["unchanged"] == len(EXPECT) - 1
+    # without palette.tif, palette.png's outputs are named "palette", no longer "palette.png":
+    # the next run writes them (measures it) again
+    assert folder["outputs_missing"] == ["palette.png"]
+    assert folder["changed"] == [] and folder["unchanged"] == len(EXPECT) - 2
 
     res = invoke("status", str(out), "--slides", str(copy))
     assert res.exit_code == 0
     assert "new: newcomer.tif" in res.output and "removed: palette.tif" in res.output
     assert "empty.tif: empty file" in res.output
+
+    # an overlay deleted from (a copy of) the output folder: the next run measures that slide
+    # again, and status says so
+    from fibroquant.tasks import output_files
+
+    out2 = tmp_path / "out2"
+    shutil.copytree(out, out2)
+    output_files(out2, "good", ("qc",))["qc"].unlink()
+    folder = json.loads(invoke("status", str(out), "--slides", str(d), "--json").output)["folder"]
+    assert folder["outputs_missing"] == [] and folder["unchanged"] == len(EXPECT)
+    folder = json.loads(invoke("status", str(out2), "--slides", str(d), "--json").output)["folder"]
+    assert folder["outputs_missing"] == ["good.tif"]
+    assert folder["unchanged"] == len(EXPECT) - 1
+    res = invoke("status", str(out2), "--slides", str(d))
+    assert "overlay missing or outdated (measured again): good.tif" in res.output
+    assert "nothing new" not in res.output
 
     res = invoke("status", str(tmp_path / "nothing here"))
     assert res.exit_code == 2
