@@ -421,8 +421,9 @@ def estimate_stains(
     # The counterstain is held (:data:`COUNTERSTAIN_MAX_TOWARD_COLLAGEN_DEG`) for Sirius red
     # from either start, for every protocol from the data's corners.
     limit = COUNTERSTAIN_MAX_TOWARD_COLLAGEN_DEG.get(preset.collagen)
-    corner_limit = min(limit or CORNER_COUNTERSTAIN_MAX_TOWARD_COLLAGEN_DEG,
-                       CORNER_COUNTERSTAIN_MAX_TOWARD_COLLAGEN_DEG)
+    corner_limit = CORNER_COUNTERSTAIN_MAX_TOWARD_COLLAGEN_DEG
+    if limit is not None:
+        corner_limit = min(limit, corner_limit)
 
     def starts() -> Iterator[tuple[np.ndarray | None, float | None]]:  # the second if needed
         yield preset.vectors.astype(np.float64), limit
