@@ -225,13 +225,15 @@ def _tile_py(
     od_sub: np.ndarray, tis_sub: np.ndarray, counts: np.ndarray, od_total: np.ndarray,
     min_px: int, blob_px: int, blob_side: int,
 ) -> None:
-    # Row by row. The class and threshold of each column are gathered once per low-resolution
-    # row, with the list of its "special" columns (capsule band, wall, lumen, fold, bubble).
-    # Glass and plain tissue (the bulk of a slide) take branch-free loops the compiler
-    # vectorises; only the special columns take a per-pixel loop. The plain columns past the
-    # threshold are listed (``_hit_list_py``), and only they take the share guard and the
-    # per-column collagen sums. Block counts accumulate per column over the f rows of a block
-    # row, then go to their block through ``bcol``.
+    # Row by row. Each low-resolution row is expanded once over the tile's columns, run by run
+    # of equal low-resolution column: the class of every column, the threshold of the plain
+    # tissue columns (+inf elsewhere, so that one comparison finds their collagen), the list of
+    # "special" columns (capsule band, wall, lumen, fold, bubble) and the number of plain
+    # tissue columns in every block column. Glass and plain tissue (the bulk of a slide) take
+    # branch-free loops the compiler vectorises; only the special columns take a per-pixel
+    # loop. The plain columns past the threshold are listed (``_hit_list_py``), and only they
+    # take the share guard and go to their block's collagen count. The blocks' tissue counts
+    # of plain columns are added per block column, once per row: no per-column counters.
     #
     # Speck removal (min_px > 1): each row's final collagen pixels are stored as runs
     # (row, first column, last column, parent) with their OD sums, and every run is joined
@@ -248,21 +250,30 @@ def _tile_py(
     n_other = others.shape[0]
     h = rgb.shape[0]
     w = rgb.shape[1]
-    buf = np.empty(w, np.float32)
-    tb = np.empty(w, np.float32)
-    fb = np.empty(w, np.uint8)
-    isp = np.empty(w, np.int32)  # 1 where the column is plain tissue
+    nbw = blocks.shape[2]
+    zero = np.float32(0.0)
+    inf = np.float32(np.inf)
+    buf = np.empty(w, np.float32)  # collagen concentration of the current row
+    tb = np.empty(w, np.float32)  # threshold of the plain tissue columns, +inf elsewhere
+    fb = np.empty(w, np.uint8)  # class bits of every column
     spec = np.empty(w, np.int32)  # special columns of the current low-resolution row
-    scol = np.empty(w, np.int32)  # special columns of the current row that are collagen
+    scol = np.empty(w, np.int64)  # special columns of the current row that are collagen
     hit = np.empty(w, np.int32)
-    acc_col = np.zeros(w, np.int32)
-    acc_tis = np.zeros(w, np.int32)
-    acc_exc = np.zeros(w, np.int32)
-    acc_od = np.zeros(w, np.float64)
+    hits = np.empty(w, np.int64)  # plain columns that passed the cut (then the guard)
+    merged = np.empty(w, np.int64)  # hits and scol merged, in order (speck runs)
+    isp_blk = np.zeros(nbw, np.int32)  # plain tissue columns per block column
     bcol = np.empty(w, np.int64)  # block column of every column
     for j in range(w):
         bcol[j] = j // f
-    hits = np.empty(w, np.int64)  # columns that passed the cut (share guard, runs)
+    run_s = np.empty(w + 1, np.int64)  # runs of equal low-resolution column: first column,
+    run_c = np.empty(w, np.int64)  # and that low-resolution column
+    n_cr = 0
+    for j in range(w):
+        if j == 0 or cols[j] != cols[j - 1]:
+            run_s[n_cr] = j
+            run_c[n_cr] = cols[j]
+            n_cr += 1
+    run_s[n_cr] = w
     want_runs = min_px > 1 or blob_px > 0
     runs = np.empty((4096 if want_runs else 1, 4), np.int32)  # row, first, last, parent
     rod = np.empty(runs.shape[0], np.float64)  # OD sum of each run
@@ -288,106 +299,154 @@ def _tile_py(
             trow = thr[ri]
             n_plain = 0
             n_spec = 0
-            for j in range(w):
-                fl = frow[cols[j]]
-                fb[j] = fl
-                tb[j] = trow[cols[j]]
-                isp[j] = fl == 1
-                n_plain += fl == 1
-                if fl > 1:
-                    spec[n_spec] = j
-                    n_spec += 1
+            for bj in range(nbw):
+                isp_blk[bj] = 0
+            for u in range(n_cr):
+                s = run_s[u]
+                e = run_s[u + 1]
+                fl = frow[run_c[u]]
+                tv = trow[run_c[u]] if fl == 1 else inf
+                for j in range(s, e):
+                    fb[j] = fl
+                    tb[j] = tv
+                if fl == 1:
+                    n_plain += e - s
+                    j = s
+                    while j < e:
+                        je = min(bcol[j] * f + f, e)
+                        isp_blk[bcol[j]] += je - j
+                        j = je
+                elif fl > 1:
+                    for j in range(s, e):
+                        spec[n_spec] = j
+                        n_spec += 1
+        bi = i // f
         if stride > 0 and i % stride == 0:
             si = i // stride
+            osr = od_sub[si]
+            tsr = tis_sub[si]
             for sj in range(od_sub.shape[1]):
                 j = sj * stride
-                od_sub[si, sj] = l0[rgb[i, j, 0]] + l1[rgb[i, j, 1]] + l2[rgb[i, j, 2]]
-                tis_sub[si, sj] = (fb[j] & 1) != 0
+                osr[sj] = l0[rgb[i, j, 0]] + l1[rgb[i, j, 1]] + l2[rgb[i, j, 2]]
+            for sj in range(od_sub.shape[1]):
+                tsr[sj] = (fb[sj * stride] & 1) != 0
         if n_plain + n_spec > 0:  # not glass only
             for j in range(w):
                 buf[j] = t0[rgb[i, j, 0]] + t1[rgb[i, j, 1]] + t2[rgb[i, j, 2]]
-        k = 0
         m = 0  # hits[:m]: the plain columns that are collagen (after the guard)
         if n_plain > 0:
-            for j in range(w):
-                hit[j] = (buf[j] > tb[j]) & (isp[j] != 0)
-                k += hit[j]
-            for j in range(w):
-                acc_tis[j] += isp[j]
             n_tis += n_plain
+            b1 = blocks[1, bi]
+            for bj in range(nbw):
+                b1[bj] += isp_blk[bj]
+            k = 0
+            for j in range(w):
+                hit[j] = buf[j] > tb[j]
+                k += hit[j]
             if k > 0:
                 m = _hit_list_nb(hit, w, hits)
-                if n_other > 0:  # the collagen-share guard, only where the cut passed
-                    m2 = 0
-                    for q in range(m):
-                        j = hits[q]
-                        if _share_ok_nb(buf[j], rgb[i, j, 0], rgb[i, j, 1], rgb[i, j, 2],
-                                        others, min_share):
-                            hits[m2] = j
-                            m2 += 1
-                        else:
-                            hit[j] = 0
-                    m = m2
-                for q in range(m):  # sparse per-column sums
+            if m > 0 and n_other == 2:  # the share guard, written out for the usual 3 stains
+                oa0 = others[0, 0]
+                oa1 = others[0, 1]
+                oa2 = others[0, 2]
+                ob0 = others[1, 0]
+                ob1 = others[1, 1]
+                ob2 = others[1, 2]
+                m2 = 0
+                for q in range(m):  # branch-free: the same sums, in _share_ok_py's order
                     j = hits[q]
-                    acc_col[j] += 1
-                    acc_od[j] += buf[j]
-                n_col += m
+                    r = rgb[i, j, 0]
+                    g = rgb[i, j, 1]
+                    b = rgb[i, j, 2]
+                    c = buf[j]
+                    p = c if c > zero else zero
+                    ca = oa0[r] + oa1[g] + oa2[b]
+                    cb = ob0[r] + ob1[g] + ob2[b]
+                    total = (p + (ca if ca > zero else zero)) + (cb if cb > zero else zero)
+                    hits[m2] = j
+                    m2 += p >= min_share * total
+                m = m2
+            elif m > 0 and n_other > 0:
+                m2 = 0
+                for q in range(m):
+                    j = hits[q]
+                    hits[m2] = j
+                    m2 += _share_ok_nb(buf[j], rgb[i, j, 0], rgb[i, j, 1], rgb[i, j, 2],
+                                       others, min_share)
+                m = m2
+            b0 = blocks[0, bi]
+            for q in range(m):
+                j = hits[q]
+                b0[bcol[j]] += 1
+                od_acc += buf[j]
+            n_col += m
         n_scol = 0
-        for q in range(n_spec):
-            j = spec[q]
-            fl = fb[j]
-            excluded = False
-            if fl & 8:
-                n_lum += 1
-                excluded = True
-            if fl & 16:
-                n_fold += 1
-                excluded = True
-            if fl & 32:
-                n_bub += 1
-                excluded = True
-            if fl & 1:
-                c = buf[j]
-                col = c > tb[j]
-                if col and n_other > 0:
-                    col = _share_ok_nb(c, rgb[i, j, 0], rgb[i, j, 1], rgb[i, j, 2], others,
-                                       min_share)
-                if col and (fl & 2):
-                    n_cap += 1
+        if n_spec > 0:
+            b0 = blocks[0, bi]
+            b1 = blocks[1, bi]
+            b2 = blocks[2, bi]
+            for q in range(n_spec):
+                j = spec[q]
+                fl = fb[j]
+                excluded = False
+                if fl & 8:
+                    n_lum += 1
                     excluded = True
-                elif fl & 4:
-                    n_wall += 1
+                if fl & 16:
+                    n_fold += 1
                     excluded = True
-                else:
-                    n_tis += 1
-                    acc_tis[j] += 1
-                    if col:
-                        n_col += 1
-                        acc_od[j] += c
-                        acc_col[j] += 1
-                        scol[n_scol] = j
-                        n_scol += 1
-            if excluded:
-                acc_exc[j] += 1
+                if fl & 32:
+                    n_bub += 1
+                    excluded = True
+                if fl & 1:
+                    c = buf[j]
+                    col = c > trow[cols[j]]
+                    if col and n_other > 0:
+                        col = _share_ok_nb(c, rgb[i, j, 0], rgb[i, j, 1], rgb[i, j, 2], others,
+                                           min_share)
+                    if col and (fl & 2):
+                        n_cap += 1
+                        excluded = True
+                    elif fl & 4:
+                        n_wall += 1
+                        excluded = True
+                    else:
+                        n_tis += 1
+                        b1[bcol[j]] += 1
+                        if col:
+                            n_col += 1
+                            od_acc += c
+                            b0[bcol[j]] += 1
+                            scol[n_scol] = j
+                            n_scol += 1
+                if excluded:
+                    b2[bcol[j]] += 1
         if want_runs:
+            lst = hits
             if n_scol > 0:  # merge the special collagen columns into the sorted list
-                if n_plain == 0:  # ``hit`` holds an earlier row
-                    for j in range(w):
-                        hit[j] = 0
-                for q in range(n_scol):
-                    hit[scol[q]] = 1
-                m = _hit_list_nb(hit, w, hits)
+                a = 0
+                q = 0
+                n = 0
+                while a < m or q < n_scol:
+                    if q >= n_scol or (a < m and hits[a] < scol[q]):
+                        merged[n] = hits[a]
+                        a += 1
+                    else:
+                        merged[n] = scol[q]
+                        q += 1
+                    n += 1
+                m = n
+                lst = merged
             cur0 = n_runs
             p = prev0
             q = 0
             while q < m:
-                s = hits[q]
+                s = lst[q]
                 e = s
                 od = np.float64(buf[s])
                 q += 1
-                while q < m and hits[q] == e + 1:
-                    e = hits[q]
+                while q < m and lst[q] == e + 1:
+                    e = lst[q]
                     od += buf[e]
                     q += 1
                 if n_runs == runs.shape[0]:
@@ -412,20 +471,6 @@ def _tile_py(
                 n_runs += 1
             prev0 = cur0
             prev1 = n_runs
-        if i % f == f - 1 or i == h - 1:
-            b0 = blocks[0, i // f]
-            b1 = blocks[1, i // f]
-            b2 = blocks[2, i // f]
-            for j in range(w):
-                bj = bcol[j]
-                b0[bj] += acc_col[j]
-                b1[bj] += acc_tis[j]
-                b2[bj] += acc_exc[j]
-            acc_col[:] = 0
-            acc_tis[:] = 0
-            acc_exc[:] = 0
-    for j in range(w):  # the OD sum needs no blocks: one per-column float64 sum per tile
-        od_acc += acc_od[j]
     n_rm = 0
     od_rm = 0.0
     if n_runs > 0:
@@ -959,8 +1004,7 @@ def measure_tile_fused(
     the threshold and class of the pixel's low-resolution cell, the collagen-share guard only
     where the threshold is passed, then counters and f x f block counts. No full-resolution
     array is written. Same counts and blocks as :func:`measure_tile_reference`; the OD sum is
-    accumulated in float64 per column, then across columns (the reference sums pairwise:
-    equal to ~1e-12).
+    accumulated in float64 in pixel order (the reference sums pairwise: equal to ~1e-12).
 
     Parameters
     ----------
