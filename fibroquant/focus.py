@@ -36,7 +36,7 @@ def block_sharpness(od_sum: np.ndarray, tissue: np.ndarray, *, min_tissue_fracti
             or np.count_nonzero(tissue) / tissue.size < min_tissue_fraction):
         return float("nan")
     mom = kernels.focus_moments(od_sum, tissue)
-    if mom is not None:  # one pass, no Laplacian image (float64 sums; OpenCV's to ~1e-7)
+    if mom is not None:  # one pass, no Laplacian image (OpenCV's value to ~1e-7)
         n, s1, s2, m, q1, q2, _ = mom
         if m == 0:
             return float("nan")
