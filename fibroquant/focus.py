@@ -37,13 +37,7 @@ def block_sharpness(od_sum: np.ndarray, tissue: np.ndarray, *, min_tissue_fracti
         return float("nan")
     mom = kernels.focus_moments(od_sum, tissue)
     if mom is not None:  # one pass, no Laplacian image (OpenCV's value to ~1e-7)
-        n, s1, s2, m, q1, q2, _ = mom
-        if m == 0:
-            return float("nan")
-        v = s2 / n - (s1 / n) ** 2
-        if v <= 1e-8:
-            return float("nan")
-        return (q2 / m - (q1 / m) ** 2) / v
+        return sharpness_from_moments(mom, od_sum.shape, min_tissue_fraction=min_tissue_fraction)
     od_sum = np.ascontiguousarray(od_sum, np.float32)
     lap = cv2.Laplacian(od_sum, cv2.CV_32F, ksize=3)
     # variances by OpenCV (one pass, float64 sums, no boolean-index copies)
@@ -61,6 +55,37 @@ def block_sharpness(od_sum: np.ndarray, tissue: np.ndarray, *, min_tissue_fracti
     if v <= 1e-8:
         return float("nan")
     return lap_var / v
+
+
+def sharpness_from_moments(mom: np.ndarray | None, shape: tuple[int, int], *,
+                           min_tissue_fraction: float = 0.5) -> float:
+    """:func:`block_sharpness` from the block's moments (:func:`fibroquant.kernels.focus_moments`).
+
+    Parameters
+    ----------
+    mom : ndarray of float64, shape (7,), or None
+        Count, sum and sum of squares of the summed OD (less a reference value) over tissue,
+        the same of its Laplacian over tissue off the frame, and the reference value.
+    shape : tuple of int
+        Shape of the block the moments were taken over.
+    min_tissue_fraction : float
+        Blocks with less tissue than this fraction are not judged.
+
+    Returns
+    -------
+    float
+        ``var(Laplacian) / var(od_sum)`` (unitless), NaN when the block is not judged.
+    """
+    size = shape[0] * shape[1]
+    if mom is None or size == 0 or min(shape) < 8 or mom[0] / size < min_tissue_fraction:
+        return float("nan")
+    n, s1, s2, m, q1, q2, _ = mom
+    if m == 0:
+        return float("nan")
+    v = s2 / n - (s1 / n) ** 2
+    if v <= 1e-8:
+        return float("nan")
+    return float((q2 / m - (q1 / m) ** 2) / v)
 
 
 def _var(values: np.ndarray, mask: np.ndarray | None = None) -> float:

@@ -221,9 +221,8 @@ _hit_list_nb = _jit(_hit_list_py)
 def _tile_py(
     rgb: np.ndarray, lut: np.ndarray, tables: np.ndarray, others: np.ndarray,
     min_share: np.float32, flags: np.ndarray, thr: np.ndarray, rows: np.ndarray,
-    cols: np.ndarray, f: int, blocks: np.ndarray, stride: int,
-    od_sub: np.ndarray, tis_sub: np.ndarray, counts: np.ndarray, od_total: np.ndarray,
-    min_px: int, blob_px: int, blob_side: int,
+    cols: np.ndarray, f: int, blocks: np.ndarray, stride: int, fmom: np.ndarray,
+    counts: np.ndarray, od_total: np.ndarray, min_px: int, blob_px: int, blob_side: int,
 ) -> None:
     # Row by row. Each low-resolution row is expanded once over the tile's columns, run by run
     # of equal low-resolution column: the class of every column, the threshold of the plain
@@ -241,6 +240,11 @@ def _tile_py(
     # components smaller than min_px that do not touch the tile's edge are taken out of the
     # counts, the OD sum and the block counts, and so are compact blobs (is_blob). No
     # full-resolution mask is written.
+    #
+    # Focus (stride > 0): the summed OD of every stride-th pixel of every stride-th row is
+    # kept for three sampled rows only, and the moments of _focus_py are taken as the rows
+    # come (a row's Laplacian when the row below it arrives), with the same sums in the same
+    # order: fmom holds what focus_moments returns for the sampled grid, bit for bit.
     t0 = tables[0]
     t1 = tables[1]
     t2 = tables[2]
@@ -274,6 +278,24 @@ def _tile_py(
             run_c[n_cr] = cols[j]
             n_cr += 1
     run_s[n_cr] = w
+    hs = (h + stride - 1) // stride if stride > 0 else 0  # the sampled grid
+    ws = (w + stride - 1) // stride if stride > 0 else 0
+    ring = np.empty((3, ws), np.float32)  # summed OD of the last three sampled rows
+    ring_t = np.empty((3, ws), np.uint8)  # and their tissue flags
+    cn = np.zeros(ws, np.int32)  # per-column sums over up to 16 sampled rows (_focus_py)
+    c1 = np.zeros(ws, np.float32)
+    c2 = np.zeros(ws, np.float32)
+    dn = np.zeros(ws, np.int32)
+    d1 = np.zeros(ws, np.float32)
+    d2 = np.zeros(ws, np.float32)
+    facc = np.zeros(6, np.float64)
+    reff = zero
+    if hs > 0 and ws > 0:
+        ci = (hs // 2) * stride
+        cj = (ws // 2) * stride
+        reff = l0[rgb[ci, cj, 0]] + l1[rgb[ci, cj, 1]] + l2[rgb[ci, cj, 2]]
+    two = np.float32(2.0)
+    eight = np.float32(8.0)
     want_runs = min_px > 1 or blob_px > 0
     runs = np.empty((4096 if want_runs else 1, 4), np.int32)  # row, first, last, parent
     rod = np.empty(runs.shape[0], np.float64)  # OD sum of each run
@@ -323,13 +345,46 @@ def _tile_py(
         bi = i // f
         if stride > 0 and i % stride == 0:
             si = i // stride
-            osr = od_sub[si]
-            tsr = tis_sub[si]
-            for sj in range(od_sub.shape[1]):
+            osr = ring[si % 3]
+            tsr = ring_t[si % 3]
+            for sj in range(ws):
                 j = sj * stride
                 osr[sj] = l0[rgb[i, j, 0]] + l1[rgb[i, j, 1]] + l2[rgb[i, j, 2]]
-            for sj in range(od_sub.shape[1]):
-                tsr[sj] = (fb[sj * stride] & 1) != 0
+            for sj in range(ws):
+                tsr[sj] = fb[sj * stride] & 1
+            for sj in range(ws):
+                t = np.float32(tsr[sj])
+                x = (osr[sj] - reff) * t
+                cn[sj] += tsr[sj]
+                c1[sj] += x
+                c2[sj] += x * x
+            if si % 16 == 15 or si == hs - 1:
+                for sj in range(ws):
+                    facc[0] += cn[sj]
+                    facc[1] += c1[sj]
+                    facc[2] += c2[sj]
+                    cn[sj] = 0
+                    c1[sj] = 0.0
+                    c2[sj] = 0.0
+            if si >= 2:  # the Laplacian of the sampled row above
+                up = ring[(si - 2) % 3]
+                mid = ring[(si - 1) % 3]
+                tm = ring_t[(si - 1) % 3]
+                for sj in range(1, ws - 1):
+                    t = np.float32(tm[sj])
+                    corners = (up[sj - 1] + up[sj + 1]) + (osr[sj - 1] + osr[sj + 1])
+                    lap = (corners * two - eight * mid[sj]) * t
+                    dn[sj] += tm[sj]
+                    d1[sj] += lap
+                    d2[sj] += lap * lap
+                if (si - 1) % 16 == 15:
+                    for sj in range(ws):
+                        facc[3] += dn[sj]
+                        facc[4] += d1[sj]
+                        facc[5] += d2[sj]
+                        dn[sj] = 0
+                        d1[sj] = 0.0
+                        d2[sj] = 0.0
         if n_plain + n_spec > 0:  # not glass only
             for j in range(w):
                 buf[j] = t0[rgb[i, j, 0]] + t1[rgb[i, j, 1]] + t2[rgb[i, j, 2]]
@@ -500,6 +555,14 @@ def _tile_py(
                 b0 = blocks[0, runs[r, 0] // f]
                 for j in range(runs[r, 1], runs[r, 2] + 1):
                     b0[bcol[j]] -= 1
+    if stride > 0:
+        for sj in range(ws):  # the Laplacian rows since the last 16
+            facc[3] += dn[sj]
+            facc[4] += d1[sj]
+            facc[5] += d2[sj]
+        for k in range(6):
+            fmom[k] = facc[k]
+        fmom[6] = reff
     counts[0] += n_tis
     counts[1] += n_col - n_rm
     counts[2] += n_cap
@@ -919,18 +982,20 @@ class FusedTile:
     blocks : ndarray of int32, shape (3, ceil(H / f), ceil(W / f))
         Per f x f block: collagen, countable tissue and excluded pixel counts (for the
         low-resolution masks: a block is set when at least half of its f² pixels are).
-    od_sub : ndarray of float32
-        Summed optical density of every ``stride``-th pixel (rows and columns), for the focus
-        check; empty when ``stride`` is 0.
-    tissue_sub : ndarray of bool
-        Tissue flag of the same pixels.
+    focus : ndarray of float64, shape (7,) or None
+        :func:`focus_moments` of the focus samples (the summed optical density of every
+        ``stride``-th pixel of every ``stride``-th row, over its tissue pixels); None when
+        ``stride`` is 0. :func:`fibroquant.focus.sharpness_from_moments` turns them into the
+        tile's sharpness.
+    focus_shape : tuple of int
+        Shape of that sampled grid.
     """
 
     counts: dict[str, int]
     collagen_od_sum: float
     blocks: np.ndarray
-    od_sub: np.ndarray
-    tissue_sub: np.ndarray
+    focus: np.ndarray | None
+    focus_shape: tuple[int, int]
 
 
 def blob_components(stats: np.ndarray, blob_px: int, blob_side: int) -> np.ndarray:
@@ -996,13 +1061,28 @@ def measure_tile_reference(
     for k, m in enumerate((col, tissue, excluded)):
         blocks[k, :h, :w] = m
     blocks = blocks.reshape(3, bh, f, bw, f).sum(axis=(2, 4), dtype=np.int32)
+    mom, shape = None, (0, 0)
     if stride > 0:
         sub = rgb[::stride, ::stride]
         od_sub = lut[0][sub[..., 0]] + lut[1][sub[..., 1]] + lut[2][sub[..., 2]]
         tis_sub = ((fl & FLAG_TISSUE) != 0)[::stride, ::stride]
-    else:
-        od_sub, tis_sub = np.zeros((0, 0), np.float32), np.zeros((0, 0), bool)
-    return FusedTile(counts, float(conc[col].sum(dtype=np.float64)), blocks, od_sub, tis_sub)
+        mom, shape = focus_moments_reference(od_sub, tis_sub), od_sub.shape
+    return FusedTile(counts, float(conc[col].sum(dtype=np.float64)), blocks, mom, shape)
+
+
+def focus_moments_reference(od: np.ndarray, tissue: np.ndarray) -> np.ndarray:
+    """:func:`focus_moments`, by it when numba is there, else in float64 numpy (equal to
+    ~1e-7 relative)."""
+    mom = focus_moments(od, tissue)
+    if mom is not None or od.size == 0:
+        return np.zeros(7, np.float64) if mom is None else mom
+    ref = float(od[od.shape[0] // 2, od.shape[1] // 2])
+    x = (od.astype(np.float64) - ref) * tissue
+    d = od.astype(np.float64)
+    lap = 2.0 * ((d[:-2, :-2] + d[:-2, 2:]) + (d[2:, :-2] + d[2:, 2:])) - 8.0 * d[1:-1, 1:-1]
+    lap = lap * tissue[1:-1, 1:-1]
+    return np.array([np.count_nonzero(tissue), x.sum(), (x * x).sum(),
+                     np.count_nonzero(tissue[1:-1, 1:-1]), lap.sum(), (lap * lap).sum(), ref])
 
 
 def measure_tile_fused(
@@ -1038,7 +1118,7 @@ def measure_tile_fused(
     f : int
         Block edge of the mask resolution, tile pixels.
     stride : int
-        Sampling step of ``od_sub`` (0 = none).
+        Sampling step of the focus samples (0 = none).
     min_px : int
         Collagen specks (8-connected components of the final collagen mask) smaller than this
         are not collagen; components touching the tile's edge are kept (they may continue in
@@ -1070,19 +1150,16 @@ def measure_tile_fused(
     h, w = rgb.shape[:2]
     others = _other_tables(lut, other_cols)
     blocks = np.zeros((3, -(-h // f), -(-w // f)), np.int32)
-    if stride > 0:
-        od_sub = np.empty((-(-h // stride), -(-w // stride)), np.float32)
-        tis_sub = np.empty(od_sub.shape, bool)
-    else:
-        od_sub, tis_sub = np.zeros((0, 0), np.float32), np.zeros((0, 0), bool)
+    fmom = np.zeros(7, np.float64)
     counts = np.zeros(len(FUSED_COUNTS), np.int64)
     od_total = np.zeros(1, np.float64)
     tables = scaled_tables(lut, unmix_col)
     _tile_nb(rgb, lut, tables, others, np.float32(min_share), flags, thr,
-             rows, cols, int(f), blocks, int(stride), od_sub, tis_sub, counts, od_total,
+             rows, cols, int(f), blocks, int(stride), fmom, counts, od_total,
              int(min_px), int(blob_px), int(blob_side))
+    shape = (-(-h // stride), -(-w // stride)) if stride > 0 else (0, 0)
     return FusedTile(dict(zip(FUSED_COUNTS, (int(c) for c in counts))), float(od_total[0]),
-                     blocks, od_sub, tis_sub)
+                     blocks, fmom if stride > 0 else None, shape)
 
 
 __all__ = [
@@ -1095,6 +1172,7 @@ __all__ = [
     "collagen_concentration_and_share",
     "collagen_concentration_fast",
     "focus_moments",
+    "focus_moments_reference",
     "lookup_nearest",
     "scaled_tables",
     "threshold_as_float32",

@@ -301,7 +301,7 @@ def _measure_tile_fused(slide: Slide, job: _TileJob, box: tuple[int, int, int, i
     counts = TileCounts(collagen_od_sum=out.collagen_od_sum, **out.counts)
     sharp = float("nan")
     if stride and counts.tissue_px:
-        sharp = focus.block_sharpness(out.od_sub, out.tissue_sub)
+        sharp = focus.sharpness_from_moments(out.focus, out.focus_shape)
     half = f * f
     col, tis, exc = (2 * b >= half for b in out.blocks)
     return box, counts, col, tis, exc, sharp

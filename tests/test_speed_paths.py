@@ -166,8 +166,11 @@ def _fused_equals_reference(*args):
     assert a.counts == b.counts
     assert a.collagen_od_sum == pytest.approx(b.collagen_od_sum, rel=1e-9, abs=1e-9)
     np.testing.assert_array_equal(a.blocks, b.blocks)
-    np.testing.assert_array_equal(a.od_sub, b.od_sub)
-    np.testing.assert_array_equal(a.tissue_sub, b.tissue_sub)
+    if a.focus is None:
+        assert b.focus is None
+    else:
+        np.testing.assert_array_equal(a.focus, b.focus)
+    assert a.focus_shape == b.focus_shape
     return a
 
 
@@ -183,6 +186,29 @@ def test_measure_tile_fused_equals_reference(seed, f, stride, min_share, min_px)
     # every pixel is counted once as tissue, capsule, wall or outside; blocks add up
     assert a.blocks[1].sum() == a.counts["tissue_px"]
     assert a.blocks[0].sum() == a.counts["collagen_px"] <= a.counts["tissue_px"]
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 9), (5, 3), (17, 40), (40, 17), (97, 66)])
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_fused_focus_moments_equal_the_sampled_grids(shape, stride):
+    """The kernel's running focus moments (three sampled rows kept) are focus_moments of the
+    whole sampled grid, bit for bit, and give block_sharpness's value."""
+    from fibroquant import focus
+
+    rgb, lut, unmix, others, flags, thr, rows, cols = _fused_inputs(1)
+    h, w = shape
+    rgb, rows, cols = rgb[:h, :w], rows[:h], cols[:w]
+    a = _fused_equals_reference(rgb, lut, unmix, others, 0.35, flags, thr, rows, cols, 2,
+                                stride)
+    sub = rgb[::stride, ::stride]
+    od = lut[0][sub[..., 0]] + lut[1][sub[..., 1]] + lut[2][sub[..., 2]]
+    tis = ((flags[np.ix_(rows, cols)] & kernels.FLAG_TISSUE) != 0)[::stride, ::stride]
+    assert a.focus_shape == od.shape
+    if kernels.HAVE_NUMBA:
+        np.testing.assert_array_equal(a.focus, kernels.focus_moments(od, tis))
+    expected = focus.block_sharpness(od, tis)
+    got = focus.sharpness_from_moments(a.focus, a.focus_shape)
+    assert got == pytest.approx(expected, rel=1e-6, nan_ok=True)
 
 
 @pytest.mark.parametrize("seed", range(4))
