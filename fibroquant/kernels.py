@@ -282,6 +282,7 @@ def _tile_py(
     ws = (w + stride - 1) // stride if stride > 0 else 0
     ring = np.empty((3, ws), np.float32)  # summed OD of the last three sampled rows
     ring_t = np.empty((3, ws), np.uint8)  # and their tissue flags
+    tsub = np.zeros(ws, np.uint8)  # tissue flags of the sampled columns (low-resolution row)
     cn = np.zeros(ws, np.int32)  # per-column sums over up to 16 sampled rows (_focus_py)
     c1 = np.zeros(ws, np.float32)
     c2 = np.zeros(ws, np.float32)
@@ -342,6 +343,8 @@ def _tile_py(
                     for j in range(s, e):
                         spec[n_spec] = j
                         n_spec += 1
+            for sj in range(ws):
+                tsub[sj] = fb[sj * stride] & 1
         bi = i // f
         if stride > 0 and i % stride == 0:
             si = i // stride
@@ -351,7 +354,7 @@ def _tile_py(
                 j = sj * stride
                 osr[sj] = l0[rgb[i, j, 0]] + l1[rgb[i, j, 1]] + l2[rgb[i, j, 2]]
             for sj in range(ws):
-                tsr[sj] = fb[sj * stride] & 1
+                tsr[sj] = tsub[sj]
             for sj in range(ws):
                 t = np.float32(tsr[sj])
                 x = (osr[sj] - reff) * t
