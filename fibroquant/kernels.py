@@ -226,13 +226,13 @@ def _tile_py(
 ) -> None:
     # Row by row. Each low-resolution row is expanded once over the tile's columns, run by run
     # of equal low-resolution column: the class of every column, the threshold of the plain
-    # tissue columns (+inf elsewhere, so that one comparison finds their collagen), the list of
-    # "special" columns (capsule band, wall, lumen, fold, bubble) and the number of plain
-    # tissue columns in every block column. Glass and plain tissue (the bulk of a slide) take
-    # branch-free loops the compiler vectorises; only the special columns take a per-pixel
-    # loop. The plain columns past the threshold are listed (``_hit_list_py``), and only they
-    # take the share guard and go to their block's collagen count. The blocks' tissue counts
-    # of plain columns are added per block column, once per row: no per-column counters.
+    # tissue columns (tissue outside the capsule band and the vessel walls; +inf elsewhere, so
+    # that one comparison finds their collagen), the number of plain tissue columns and of
+    # columns excluded whatever their pixels (lumen, fold, bubble, wall outside the band) in
+    # every block column, and the list of capsule-band tissue columns, the only ones decided
+    # pixel by pixel (collagen there is capsule). Everything else is counted once per row from
+    # these. The plain columns past the threshold are listed (``_hit_list_py``), and only they
+    # take the share guard and go to their block's collagen count: no per-column counters.
     #
     # Speck removal (min_px > 1): each row's final collagen pixels are stored as runs
     # (row, first column, last column, parent) with their OD sums, and every run is joined
@@ -261,11 +261,10 @@ def _tile_py(
     tb = np.empty(w, np.float32)  # threshold of the plain tissue columns, +inf elsewhere
     fb = np.empty(w, np.uint8)  # class bits of every column
     spec = np.empty(w, np.int32)  # special columns of the current low-resolution row
-    scol = np.empty(w, np.int64)  # special columns of the current row that are collagen
     hit = np.empty(w, np.int32)
     hits = np.empty(w, np.int64)  # plain columns that passed the cut (then the guard)
-    merged = np.empty(w, np.int64)  # hits and scol merged, in order (speck runs)
     isp_blk = np.zeros(nbw, np.int32)  # plain tissue columns per block column
+    exc_blk = np.zeros(nbw, np.int32)  # columns excluded whatever the pixel, per block column
     bcol = np.empty(w, np.int64)  # block column of every column
     for j in range(w):
         bcol[j] = j // f
@@ -322,30 +321,62 @@ def _tile_py(
             trow = thr[ri]
             n_plain = 0
             n_spec = 0
+            row_wall = 0
+            row_lum = 0
+            row_fold = 0
+            row_bub = 0
+            row_exc = 0
             for bj in range(nbw):
                 isp_blk[bj] = 0
+                exc_blk[bj] = 0
             for u in range(n_cr):
                 s = run_s[u]
                 e = run_s[u + 1]
                 fl = frow[run_c[u]]
-                tv = trow[run_c[u]] if fl == 1 else inf
+                plain = (fl & 1) != 0 and (fl & 6) == 0  # tissue outside band and wall
+                tv = trow[run_c[u]] if plain else inf
                 for j in range(s, e):
                     fb[j] = fl
                     tb[j] = tv
-                if fl == 1:
+                if plain:
                     n_plain += e - s
                     j = s
                     while j < e:
                         je = min(bcol[j] * f + f, e)
                         isp_blk[bcol[j]] += je - j
                         j = je
-                elif fl > 1:
+                if fl & 8:
+                    row_lum += e - s
+                if fl & 16:
+                    row_fold += e - s
+                if fl & 32:
+                    row_bub += e - s
+                if (fl & 1) != 0 and (fl & 2) != 0:  # capsule band: decided per pixel
                     for j in range(s, e):
                         spec[n_spec] = j
                         n_spec += 1
+                else:
+                    wall = (fl & 1) != 0 and (fl & 4) != 0  # wall outside the band: all wall
+                    if wall:
+                        row_wall += e - s
+                    if wall or (fl & 56) != 0:  # excluded, whatever the pixel
+                        row_exc += e - s
+                        j = s
+                        while j < e:
+                            je = min(bcol[j] * f + f, e)
+                            exc_blk[bcol[j]] += je - j
+                            j = je
             for sj in range(ws):
                 tsub[sj] = fb[sj * stride] & 1
         bi = i // f
+        n_wall += row_wall
+        n_lum += row_lum
+        n_fold += row_fold
+        n_bub += row_bub
+        if row_exc > 0:
+            b2 = blocks[2, bi]
+            for bj in range(nbw):
+                b2[bj] += exc_blk[bj]
         if stride > 0 and i % stride == 0:
             si = i // stride
             osr = ring[si % 3]
@@ -438,63 +469,28 @@ def _tile_py(
                 b0[bcol[j]] += 1
                 od_acc += buf[j]
             n_col += m
-        n_scol = 0
-        if n_spec > 0:
-            b0 = blocks[0, bi]
+        if n_spec > 0:  # capsule band: collagen here is capsule; the rest is tissue or wall
             b1 = blocks[1, bi]
             b2 = blocks[2, bi]
             for q in range(n_spec):
                 j = spec[q]
                 fl = fb[j]
-                excluded = False
-                if fl & 8:
-                    n_lum += 1
-                    excluded = True
-                if fl & 16:
-                    n_fold += 1
-                    excluded = True
-                if fl & 32:
-                    n_bub += 1
-                    excluded = True
-                if fl & 1:
-                    c = buf[j]
-                    col = c > trow[cols[j]]
-                    if col and n_other > 0:
-                        col = _share_ok_nb(c, rgb[i, j, 0], rgb[i, j, 1], rgb[i, j, 2], others,
-                                           min_share)
-                    if col and (fl & 2):
-                        n_cap += 1
-                        excluded = True
-                    elif fl & 4:
-                        n_wall += 1
-                        excluded = True
-                    else:
-                        n_tis += 1
-                        b1[bcol[j]] += 1
-                        if col:
-                            n_col += 1
-                            od_acc += c
-                            b0[bcol[j]] += 1
-                            scol[n_scol] = j
-                            n_scol += 1
-                if excluded:
+                c = buf[j]
+                col = c > trow[cols[j]]
+                if col and n_other > 0:
+                    col = _share_ok_nb(c, rgb[i, j, 0], rgb[i, j, 1], rgb[i, j, 2], others,
+                                       min_share)
+                if col:
+                    n_cap += 1
+                elif fl & 4:
+                    n_wall += 1
+                else:
+                    n_tis += 1
+                    b1[bcol[j]] += 1
+                if col or (fl & 60) != 0:
                     b2[bcol[j]] += 1
         if want_runs:
             lst = hits
-            if n_scol > 0:  # merge the special collagen columns into the sorted list
-                a = 0
-                q = 0
-                n = 0
-                while a < m or q < n_scol:
-                    if q >= n_scol or (a < m and hits[a] < scol[q]):
-                        merged[n] = hits[a]
-                        a += 1
-                    else:
-                        merged[n] = scol[q]
-                        q += 1
-                    n += 1
-                m = n
-                lst = merged
             cur0 = n_runs
             p = prev0
             q = 0
