@@ -35,9 +35,10 @@ def _run(rgb, truth, stain, **overrides):
 _HARD = pytest.mark.xfail(
     reason="known gap (issue 4): faint thin fibres under heavy non-specific uptake, and a "
     "portal tract fused with the capsule, are under-counted by >1 pp", strict=True)
-CASES = [(stain, seed) for stain in ("sirius-red", "masson") for seed in (25, 26, 27)]
-_HARD_CASES = [("sirius-red", 22), ("sirius-red", 24), ("sirius-red", 28), ("masson", 22),
-               ("masson", 24), ("masson", 28)]
+# seed 22: a portal tract lying along the capsule (was -1.0 to -1.3 pp while the capsule's
+# local depth was the median of its neighbours' rays; see tissue.CAPSULE_TYPICAL_QUANTILE)
+CASES = [(stain, seed) for stain in ("sirius-red", "masson") for seed in (22, 25, 26, 27)]
+_HARD_CASES = [("sirius-red", 24), ("sirius-red", 28), ("masson", 24), ("masson", 28)]
 HARD = [pytest.param(stain, seed, marks=_HARD) for stain, seed in _HARD_CASES]
 
 
