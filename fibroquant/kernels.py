@@ -21,7 +21,7 @@ Public API
     ``pipeline._block_reduce`` (the per-tile mask bookkeeping, which dominated the tile loop in
     ``benchmarks/wsi.py``'s profile).
 ``measure_tile_fused(...)``
-    The whole-slide fast path: one pass per tile for counts, block counts, focus samples and
+    The whole-slide fast path: one pass per tile for counts, block counts, the focus moments and
     speck removal (runs of collagen pixels joined row to row by union-find).
 ``focus_moments(od, tissue)``
     One-pass moments of a block's summed OD and of its Laplacian (:mod:`fibroquant.focus`).

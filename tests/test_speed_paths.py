@@ -160,7 +160,7 @@ def _fused_inputs(seed):
 
 def _fused_equals_reference(*args):
     """Run the fused kernel and its numpy reference on the same arguments; assert they agree
-    (counts, OD sum, blocks, focus samples) and return the fused result."""
+    (counts, OD sum, blocks, focus moments) and return the fused result."""
     a = kernels.measure_tile_fused(*args)
     b = kernels.measure_tile_reference(*args)
     assert a.counts == b.counts
@@ -531,3 +531,17 @@ def test_compact_blobs_are_removed_and_fibres_kept():
     sub = col[20:, 10:]  # the bounding-box crop inside must not move the edge test
     out = kernels.remove_small_objects_fast(sub, 0, 2, blob_px, blob_side)
     assert not out[10, 20] and out[40, 30]
+
+
+def test_focus_moments_reference_without_numba_matches(monkeypatch):
+    """The numpy fallback of the focus moments (no numba) agrees with the kernel's."""
+    rng = np.random.default_rng(5)
+    od = (rng.gamma(2.0, 0.3, (61, 47)) + 0.4).astype(np.float32)
+    tissue = rng.random(od.shape) < 0.8
+    fast = kernels.focus_moments(od, tissue)
+    monkeypatch.setattr(kernels, "focus_moments", lambda *a: None)
+    slow = kernels.focus_moments_reference(od, tissue)
+    if fast is not None:
+        np.testing.assert_allclose(slow, fast, rtol=1e-6)
+    assert slow[0] == np.count_nonzero(tissue)
+    assert slow[3] == np.count_nonzero(tissue[1:-1, 1:-1])
