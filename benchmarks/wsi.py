@@ -202,12 +202,14 @@ def skimage_baseline(path: Path, threads: int, n_tiles: int) -> tuple[float, flo
 
 def kernel_micro(sec: np.ndarray, rounds: int = 5
                  ) -> tuple[list[tuple[str, float, float]], dict[str, list[float]]]:
-    """Time the per-pixel paths on one 1024² tile, one thread.
+    """Time the per-pixel paths on one 1024² tile, one thread (and the look-up kernel over 16
+    tiles on one and two threads).
 
     The machine's speed drifts by up to 50 % over seconds, so every case is timed once per
     round (the median of a few calls) and the rounds are interleaved; each case's figure is
-    its fastest round. Returns ``(name, seconds, megapixels)`` per case and, per round, the
-    per-tile analysis against JPEG decoding and against rgb2hed (throughput ratios).
+    its fastest round (so a ratio of two figures may pair different rounds). Returns
+    ``(name, seconds, megapixels)`` per case and, per round, the per-tile analysis against
+    JPEG decoding and against rgb2hed (throughput ratios within the round).
     """
     import numba
 
@@ -300,9 +302,11 @@ def kernel_micro(sec: np.ndarray, rounds: int = 5
     out = [(name, min(ts), mp) for name, ts in per_round.items()]
     a = per_round["per-tile analysis, decoded tile (default)"]
     ratios = {
-        "vs decode": [d / t for d, t in zip(per_round["JPEG decode (imagecodecs, q85)"], a)],
+        "vs decode": [d / t for d, t in
+                      zip(per_round["JPEG decode (imagecodecs, q85)"], a, strict=True)],
         "vs rgb2hed": [k / t for k, t in
-                       zip(per_round["skimage rgb2hed + threshold, decoded tile"], a)],
+                       zip(per_round["skimage rgb2hed + threshold, decoded tile"], a,
+                           strict=True)],
     }
     tiles = [rgb.copy() for _ in range(16)]
     for threads in (1, 2):
@@ -515,8 +519,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{a_mp / micro['JPEG decode (imagecodecs, q85)']:.2f}x (rounds "
               f"{min(dec):.2f}-{max(dec):.2f}); vs rgb2hed + threshold: "
               f"{a_mp / micro['skimage rgb2hed + threshold, decoded tile']:.1f}x (rounds "
-              f"{min(sk):.1f}-{max(sk):.1f}); one thread, fastest of {len(dec)} interleaved "
-              f"rounds; the issue's reference figures compare these, decoding excluded")
+              f"{min(sk):.1f}-{max(sk):.1f}); one thread, each the fastest of {len(dec)} "
+              f"interleaved rounds; the issue's reference figures compare these, decoding "
+              f"excluded")
 
         results = {}
         variants = [(v, v) for v in args.variants]

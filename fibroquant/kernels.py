@@ -260,7 +260,7 @@ def _tile_py(
     buf = np.empty(w, np.float32)  # collagen concentration of the current row
     tb = np.empty(w, np.float32)  # threshold of the plain tissue columns, +inf elsewhere
     fb = np.empty(w, np.uint8)  # class bits of every column
-    spec = np.empty(w, np.int32)  # special columns of the current low-resolution row
+    spec = np.empty(w, np.int32)  # capsule-band tissue columns of the low-resolution row
     hit = np.empty(w, np.int32)
     hits = np.empty(w, np.int64)  # plain columns that passed the cut (then the guard)
     isp_blk = np.zeros(nbw, np.int32)  # plain tissue columns per block column
@@ -282,12 +282,12 @@ def _tile_py(
     ring = np.empty((3, ws), np.float32)  # summed OD of the last three sampled rows
     ring_t = np.empty((3, ws), np.uint8)  # and their tissue flags
     tsub = np.zeros(ws, np.uint8)  # tissue flags of the sampled columns (low-resolution row)
-    cn = np.zeros(ws, np.int32)  # per-column sums over up to 16 sampled rows (_focus_py)
-    c1 = np.zeros(ws, np.float32)
-    c2 = np.zeros(ws, np.float32)
-    dn = np.zeros(ws, np.int32)
-    d1 = np.zeros(ws, np.float32)
-    d2 = np.zeros(ws, np.float32)
+    f_n = np.zeros(ws, np.int32)  # per-column sums over up to 16 sampled rows (_focus_py)
+    f_s1 = np.zeros(ws, np.float32)
+    f_s2 = np.zeros(ws, np.float32)
+    f_m = np.zeros(ws, np.int32)
+    f_q1 = np.zeros(ws, np.float32)
+    f_q2 = np.zeros(ws, np.float32)
     facc = np.zeros(6, np.float64)
     reff = zero
     if hs > 0 and ws > 0:
@@ -389,17 +389,17 @@ def _tile_py(
             for sj in range(ws):
                 t = np.float32(tsr[sj])
                 x = (osr[sj] - reff) * t
-                cn[sj] += tsr[sj]
-                c1[sj] += x
-                c2[sj] += x * x
+                f_n[sj] += tsr[sj]
+                f_s1[sj] += x
+                f_s2[sj] += x * x
             if si % 16 == 15 or si == hs - 1:
                 for sj in range(ws):
-                    facc[0] += cn[sj]
-                    facc[1] += c1[sj]
-                    facc[2] += c2[sj]
-                    cn[sj] = 0
-                    c1[sj] = 0.0
-                    c2[sj] = 0.0
+                    facc[0] += f_n[sj]
+                    facc[1] += f_s1[sj]
+                    facc[2] += f_s2[sj]
+                    f_n[sj] = 0
+                    f_s1[sj] = 0.0
+                    f_s2[sj] = 0.0
             if si >= 2:  # the Laplacian of the sampled row above
                 up = ring[(si - 2) % 3]
                 mid = ring[(si - 1) % 3]
@@ -408,17 +408,17 @@ def _tile_py(
                     t = np.float32(tm[sj])
                     corners = (up[sj - 1] + up[sj + 1]) + (osr[sj - 1] + osr[sj + 1])
                     lap = (corners * two - eight * mid[sj]) * t
-                    dn[sj] += tm[sj]
-                    d1[sj] += lap
-                    d2[sj] += lap * lap
+                    f_m[sj] += tm[sj]
+                    f_q1[sj] += lap
+                    f_q2[sj] += lap * lap
                 if (si - 1) % 16 == 15:
                     for sj in range(ws):
-                        facc[3] += dn[sj]
-                        facc[4] += d1[sj]
-                        facc[5] += d2[sj]
-                        dn[sj] = 0
-                        d1[sj] = 0.0
-                        d2[sj] = 0.0
+                        facc[3] += f_m[sj]
+                        facc[4] += f_q1[sj]
+                        facc[5] += f_q2[sj]
+                        f_m[sj] = 0
+                        f_q1[sj] = 0.0
+                        f_q2[sj] = 0.0
         if n_plain + n_spec > 0:  # not glass only
             for j in range(w):
                 buf[j] = t0[rgb[i, j, 0]] + t1[rgb[i, j, 1]] + t2[rgb[i, j, 2]]
@@ -492,7 +492,7 @@ def _tile_py(
         if want_runs:
             lst = hits
             cur0 = n_runs
-            p = prev0
+            pr = prev0
             q = 0
             while q < m:
                 s = lst[q]
@@ -511,9 +511,9 @@ def _tile_py(
                 runs[n_runs, 3] = n_runs
                 rod[n_runs] = od
                 # join the runs of the row above that touch this one (8-connected)
-                while p < prev1 and runs[p, 2] < s - 1:
-                    p += 1
-                pp = p
+                while pr < prev1 and runs[pr, 2] < s - 1:
+                    pr += 1
+                pp = pr
                 while pp < prev1 and runs[pp, 1] <= e + 1:
                     ra = _find_nb(runs[:, 3], pp)
                     rb = _find_nb(runs[:, 3], n_runs)
@@ -556,9 +556,9 @@ def _tile_py(
                     b0[bcol[j]] -= 1
     if stride > 0:
         for sj in range(ws):  # the Laplacian rows since the last 16
-            facc[3] += dn[sj]
-            facc[4] += d1[sj]
-            facc[5] += d2[sj]
+            facc[3] += f_m[sj]
+            facc[4] += f_q1[sj]
+            facc[5] += f_q2[sj]
         for k in range(6):
             fmom[k] = facc[k]
         fmom[6] = reff
@@ -1093,9 +1093,11 @@ def measure_tile_fused(
 
     Per pixel: OD by lookup table, the collagen concentration (one dot product, tabulated),
     the threshold and class of the pixel's low-resolution cell, the collagen-share guard only
-    where the threshold is passed, then counters and f x f block counts. No full-resolution
-    array is written. Same counts and blocks as :func:`measure_tile_reference`; the OD sum is
-    accumulated in float64 in pixel order (the reference sums pairwise: equal to ~1e-12).
+    where the threshold is passed; collagen goes to its f x f block's count, while everything
+    that does not depend on the pixel (plain tissue, lumens, folds, bubbles, walls outside the
+    capsule band) is counted once per row. No full-resolution array is written. Same counts
+    and blocks as :func:`measure_tile_reference`; the OD sum is accumulated in float64 in
+    pixel order (the reference sums pairwise: equal to ~1e-12).
 
     Parameters
     ----------

@@ -196,6 +196,7 @@ def test_fused_focus_moments_equal_the_sampled_grids(shape, stride):
     from fibroquant import focus
 
     rgb, lut, unmix, others, flags, thr, rows, cols = _fused_inputs(1)
+    flags = flags | kernels.FLAG_TISSUE  # every sampled pixel tissue: the moments are not 0
     h, w = shape
     rgb, rows, cols = rgb[:h, :w], rows[:h], cols[:w]
     a = _fused_equals_reference(rgb, lut, unmix, others, 0.35, flags, thr, rows, cols, 2,
@@ -204,11 +205,25 @@ def test_fused_focus_moments_equal_the_sampled_grids(shape, stride):
     od = lut[0][sub[..., 0]] + lut[1][sub[..., 1]] + lut[2][sub[..., 2]]
     tis = ((flags[np.ix_(rows, cols)] & kernels.FLAG_TISSUE) != 0)[::stride, ::stride]
     assert a.focus_shape == od.shape
+    assert a.focus[0] == od.size and (a.focus[1] != 0 or od.size == 1)  # 1 px: its own ref
     if kernels.HAVE_NUMBA:
         np.testing.assert_array_equal(a.focus, kernels.focus_moments(od, tis))
     expected = focus.block_sharpness(od, tis)
     got = focus.sharpness_from_moments(a.focus, a.focus_shape)
     assert got == pytest.approx(expected, rel=1e-6, nan_ok=True)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_measure_tile_fused_equals_reference_on_every_class_bit_combination(seed):
+    """All 64 combinations of class bits (tissue with a lumen bit, a band without tissue, a
+    wall without tissue, ...), shuffled low-resolution rows and columns, and blob removal."""
+    rgb, lut, unmix, others, flags, thr, rows, cols = _fused_inputs(seed)
+    rng = np.random.default_rng(200 + seed)
+    flags = rng.integers(0, 64, flags.shape).astype(np.uint8)
+    rows, cols = rng.permutation(rows), rng.permutation(cols)
+    for f, stride, min_px, blob in ((1, 0, 0, (0, 0)), (3, 2, 12, (30, 8)), (4, 3, 1, (0, 0))):
+        _fused_equals_reference(rgb, lut, unmix, others, 0.35, flags, thr, rows, cols, f,
+                                stride, min_px, *blob)
 
 
 @pytest.mark.parametrize("seed", range(4))

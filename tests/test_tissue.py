@@ -256,3 +256,15 @@ def test_capsule_rays_pass_round_a_nucleus_not_through_parenchyma():
     cap = with_capsule(tm, col).capsule_band  # holes the size of a nucleus are filled
     assert cap[top : top + 24, 40:46].all()
     assert cap[top : top + 24, 500:506].all()
+
+
+def test_row_nanquantile_equals_numpy():
+    from fibroquant.tissue import _row_nanquantile
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        a = rng.gamma(2.0, 5.0, (int(rng.integers(1, 40)), int(rng.integers(1, 30))))
+        a[rng.random(a.shape) < rng.uniform(0, 0.7)] = np.nan
+        a[:, 0] = rng.gamma(2.0, 5.0, a.shape[0])  # every row holds a number
+        q = float(rng.choice([0.0, 0.1, 0.3, 0.5, 0.77, 1.0]))
+        np.testing.assert_array_equal(_row_nanquantile(a, q), np.nanquantile(a, q, axis=1))
