@@ -560,3 +560,15 @@ def test_focus_moments_reference_without_numba_matches(monkeypatch):
         np.testing.assert_allclose(slow, fast, rtol=1e-6)
     assert slow[0] == np.count_nonzero(tissue)
     assert slow[3] == np.count_nonzero(tissue[1:-1, 1:-1])
+
+
+def test_stain_fit_pixels_subsampled_only_on_large_images():
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (300, 200, 3), dtype=np.uint8)
+    mask = rng.random(small.shape[:2]) < 0.7
+    np.testing.assert_array_equal(pipeline._tissue_pixels(small, mask, 500_000), small[mask])
+    big = rng.integers(0, 256, (2048, 2048, 3), dtype=np.uint8)
+    full = np.ones(big.shape[:2], bool)
+    px = pipeline._tissue_pixels(big, full, 500_000)
+    assert 250_000 < len(px) <= 500_000  # every 3rd row and column: 683² pixels
+    np.testing.assert_array_equal(px, big[::3, ::3].reshape(-1, 3))
