@@ -218,6 +218,66 @@ def _hit_list_py(hit: np.ndarray, w: int, hits: np.ndarray) -> int:
 _hit_list_nb = _jit(_hit_list_py)
 
 
+def _focus_row_py(row: np.ndarray, tis: np.ndarray, ref: np.float32, n: np.ndarray,
+                  s1: np.ndarray, s2: np.ndarray) -> None:
+    # one row of the focus samples into per-column sums: count, sum and sum of squares of
+    # ``row - ref`` over its tissue pixels (float32; _focus_flush_py moves them to float64)
+    for j in range(row.shape[0]):
+        t = np.float32(tis[j])
+        x = (row[j] - ref) * t
+        n[j] += tis[j]
+        s1[j] += x
+        s2[j] += x * x
+
+
+_focus_row_nb = _jit(_focus_row_py)
+
+
+def _focus_lap_py(up: np.ndarray, mid: np.ndarray, down: np.ndarray, tis: np.ndarray,
+                  n: np.ndarray, s1: np.ndarray, s2: np.ndarray) -> None:
+    # the 3x3 Laplacian of row ``mid`` (OpenCV's ksize=3 aperture: 2 at the corners, -8 at
+    # the centre) into per-column sums over its tissue pixels off the frame
+    two = np.float32(2.0)
+    eight = np.float32(8.0)
+    for j in range(1, mid.shape[0] - 1):
+        t = np.float32(tis[j])
+        corners = (up[j - 1] + up[j + 1]) + (down[j - 1] + down[j + 1])
+        lap = (corners * two - eight * mid[j]) * t
+        n[j] += tis[j]
+        s1[j] += lap
+        s2[j] += lap * lap
+
+
+_focus_lap_nb = _jit(_focus_lap_py)
+
+
+def _focus_flush_py(acc: np.ndarray, k: int, n: np.ndarray, s1: np.ndarray,
+                    s2: np.ndarray) -> None:
+    # add per-column sums to the float64 totals acc[k:k + 3], column by column, and clear them
+    for j in range(n.shape[0]):
+        acc[k] += n[j]
+        acc[k + 1] += s1[j]
+        acc[k + 2] += s2[j]
+        n[j] = 0
+        s1[j] = 0.0
+        s2[j] = 0.0
+
+
+_focus_flush_nb = _jit(_focus_flush_py)
+
+
+def _add_run_py(counts: np.ndarray, bcol: np.ndarray, f: int, s: int, e: int) -> None:
+    # add the columns s .. e - 1 to their block columns' counts (bcol[j] = j // f)
+    j = s
+    while j < e:
+        je = min(bcol[j] * f + f, e)
+        counts[bcol[j]] += je - j
+        j = je
+
+
+_add_run_nb = _jit(_add_run_py)
+
+
 def _tile_py(
     rgb: np.ndarray, lut: np.ndarray, tables: np.ndarray, others: np.ndarray,
     min_share: np.float32, flags: np.ndarray, thr: np.ndarray, rows: np.ndarray,
@@ -294,8 +354,6 @@ def _tile_py(
         ci = (hs // 2) * stride
         cj = (ws // 2) * stride
         reff = l0[rgb[ci, cj, 0]] + l1[rgb[ci, cj, 1]] + l2[rgb[ci, cj, 2]]
-    two = np.float32(2.0)
-    eight = np.float32(8.0)
     want_runs = min_px > 1 or blob_px > 0
     runs = np.empty((4096 if want_runs else 1, 4), np.int32)  # row, first, last, parent
     rod = np.empty(runs.shape[0], np.float64)  # OD sum of each run
@@ -340,11 +398,7 @@ def _tile_py(
                     tb[j] = tv
                 if plain:
                     n_plain += e - s
-                    j = s
-                    while j < e:
-                        je = min(bcol[j] * f + f, e)
-                        isp_blk[bcol[j]] += je - j
-                        j = je
+                    _add_run_nb(isp_blk, bcol, f, s, e)
                 if fl & 8:
                     row_lum += e - s
                 if fl & 16:
@@ -361,11 +415,7 @@ def _tile_py(
                         row_wall += e - s
                     if wall or (fl & 56) != 0:  # excluded, whatever the pixel
                         row_exc += e - s
-                        j = s
-                        while j < e:
-                            je = min(bcol[j] * f + f, e)
-                            exc_blk[bcol[j]] += je - j
-                            j = je
+                        _add_run_nb(exc_blk, bcol, f, s, e)
             for sj in range(ws):
                 tsub[sj] = fb[sj * stride] & 1
         bi = i // f
@@ -386,39 +436,14 @@ def _tile_py(
                 osr[sj] = l0[rgb[i, j, 0]] + l1[rgb[i, j, 1]] + l2[rgb[i, j, 2]]
             for sj in range(ws):
                 tsr[sj] = tsub[sj]
-            for sj in range(ws):
-                t = np.float32(tsr[sj])
-                x = (osr[sj] - reff) * t
-                f_n[sj] += tsr[sj]
-                f_s1[sj] += x
-                f_s2[sj] += x * x
+            _focus_row_nb(osr, tsr, reff, f_n, f_s1, f_s2)
             if si % 16 == 15 or si == hs - 1:
-                for sj in range(ws):
-                    facc[0] += f_n[sj]
-                    facc[1] += f_s1[sj]
-                    facc[2] += f_s2[sj]
-                    f_n[sj] = 0
-                    f_s1[sj] = 0.0
-                    f_s2[sj] = 0.0
+                _focus_flush_nb(facc, 0, f_n, f_s1, f_s2)
             if si >= 2:  # the Laplacian of the sampled row above
-                up = ring[(si - 2) % 3]
-                mid = ring[(si - 1) % 3]
-                tm = ring_t[(si - 1) % 3]
-                for sj in range(1, ws - 1):
-                    t = np.float32(tm[sj])
-                    corners = (up[sj - 1] + up[sj + 1]) + (osr[sj - 1] + osr[sj + 1])
-                    lap = (corners * two - eight * mid[sj]) * t
-                    f_m[sj] += tm[sj]
-                    f_q1[sj] += lap
-                    f_q2[sj] += lap * lap
+                _focus_lap_nb(ring[(si - 2) % 3], ring[(si - 1) % 3], osr, ring_t[(si - 1) % 3],
+                              f_m, f_q1, f_q2)
                 if (si - 1) % 16 == 15:
-                    for sj in range(ws):
-                        facc[3] += f_m[sj]
-                        facc[4] += f_q1[sj]
-                        facc[5] += f_q2[sj]
-                        f_m[sj] = 0
-                        f_q1[sj] = 0.0
-                        f_q2[sj] = 0.0
+                    _focus_flush_nb(facc, 3, f_m, f_q1, f_q2)
         if n_plain + n_spec > 0:  # not glass only
             for j in range(w):
                 buf[j] = t0[rgb[i, j, 0]] + t1[rgb[i, j, 1]] + t2[rgb[i, j, 2]]
@@ -490,17 +515,16 @@ def _tile_py(
                 if col or (fl & 60) != 0:
                     b2[bcol[j]] += 1
         if want_runs:
-            lst = hits
             cur0 = n_runs
             pr = prev0
             q = 0
             while q < m:
-                s = lst[q]
+                s = hits[q]
                 e = s
                 od = np.float64(buf[s])
                 q += 1
-                while q < m and lst[q] == e + 1:
-                    e = lst[q]
+                while q < m and hits[q] == e + 1:
+                    e = hits[q]
                     od += buf[e]
                     q += 1
                 if n_runs == runs.shape[0]:
@@ -555,10 +579,7 @@ def _tile_py(
                 for j in range(runs[r, 1], runs[r, 2] + 1):
                     b0[bcol[j]] -= 1
     if stride > 0:
-        for sj in range(ws):  # the Laplacian rows since the last 16
-            facc[3] += f_m[sj]
-            facc[4] += f_q1[sj]
-            facc[5] += f_q2[sj]
+        _focus_flush_nb(facc, 3, f_m, f_q1, f_q2)  # the Laplacian rows since the last 16
         for k in range(6):
             fmom[k] = facc[k]
         fmom[6] = reff
@@ -574,10 +595,10 @@ def _tile_py(
 
 def _focus_py(od: np.ndarray, tis: np.ndarray, ref: float, out: np.ndarray) -> None:
     # Moments for the focus measure: count, sum and sum of squares of ``od - ref`` over the
-    # tissue pixels; the same of the 3x3 Laplacian (OpenCV's ksize=3 aperture: 2 at the
-    # corners, -8 at the centre) over the tissue pixels off the frame. Per-column float32 sums
-    # over 16 rows (they vectorise twice as wide as float64), added to float64 totals after
-    # every 16 rows: the focus ratio moves by ~1e-8 relative.
+    # tissue pixels; the same of the 3x3 Laplacian over the tissue pixels off the frame.
+    # Per-column float32 sums over 16 rows (they vectorise twice as wide as float64), added to
+    # float64 totals after every 16 rows: the focus ratio moves by ~1e-8 relative. The tile
+    # kernel (_tile_py) takes the same sums, in the same order, as its sampled rows come.
     h, w = od.shape
     cn = np.zeros(w, np.int32)
     c1 = np.zeros(w, np.float32)
@@ -587,38 +608,13 @@ def _focus_py(od: np.ndarray, tis: np.ndarray, ref: float, out: np.ndarray) -> N
     d2 = np.zeros(w, np.float32)
     acc = np.zeros(6, np.float64)
     reff = np.float32(ref)
-    two = np.float32(2.0)
-    eight = np.float32(8.0)
     for i in range(h):
-        for j in range(w):
-            t = np.float32(tis[i, j])
-            x = (od[i, j] - reff) * t
-            cn[j] += tis[i, j]
-            c1[j] += x
-            c2[j] += x * x
+        _focus_row_nb(od[i], tis[i], reff, cn, c1, c2)
         if 0 < i < h - 1:
-            for j in range(1, w - 1):
-                t = np.float32(tis[i, j])
-                corners = ((od[i - 1, j - 1] + od[i - 1, j + 1])
-                           + (od[i + 1, j - 1] + od[i + 1, j + 1]))
-                lap = (corners * two - eight * od[i, j]) * t
-                dn[j] += tis[i, j]
-                d1[j] += lap
-                d2[j] += lap * lap
+            _focus_lap_nb(od[i - 1], od[i], od[i + 1], tis[i], dn, d1, d2)
         if i % 16 == 15 or i == h - 1:
-            for j in range(w):
-                acc[0] += cn[j]
-                acc[1] += c1[j]
-                acc[2] += c2[j]
-                acc[3] += dn[j]
-                acc[4] += d1[j]
-                acc[5] += d2[j]
-                cn[j] = 0
-                c1[j] = 0.0
-                c2[j] = 0.0
-                dn[j] = 0
-                d1[j] = 0.0
-                d2[j] = 0.0
+            _focus_flush_nb(acc, 0, cn, c1, c2)
+            _focus_flush_nb(acc, 3, dn, d1, d2)
     for k in range(6):
         out[k] = acc[k]
 

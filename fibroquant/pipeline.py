@@ -923,7 +923,7 @@ def _tissue_pixels(rgb: np.ndarray, mask: np.ndarray, max_pixels: int) -> np.nda
     """The ``mask`` pixels of ``rgb`` as an (N, 3) array, from every k-th row and column
     (k the smallest that leaves at most about ``max_pixels``; 1 for small images)."""
     n = int(np.count_nonzero(mask))
-    k = max(1, math.ceil(math.sqrt(n / max_pixels))) if n > max_pixels else 1
+    k = math.ceil(math.sqrt(n / max_pixels)) if n > max_pixels else 1
     return rgb[::k, ::k][mask[::k, ::k]]
 
 

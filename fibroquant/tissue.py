@@ -575,8 +575,8 @@ def _capsule_depth_limit(
     the band (``band_px``), or runs deeper than CAPSULE_SEPTUM_FACTOR times its neighbours'
     typical depth (CAPSULE_TYPICAL_QUANTILE of theirs) plus a pixel, is a septum or a portal
     tract meeting the capsule: it is capsule down to the median depth of the neighbours that
-    are not (the bare edge, ``bare``, counting as depth 0), plus a pixel. Any other ray is capsule all along, so a thicker
-    stretch of capsule is removed whole.
+    are not (the bare edge, ``bare``, counting as depth 0), plus a pixel. Any other ray is
+    capsule all along, so a thicker stretch of capsule is removed whole.
     """
     starts = np.unique(root)
     ray_depth = np.zeros(len(ys))
