@@ -220,8 +220,9 @@ def analyze_folder(
         µm per pixel for slides whose files lack it.
     workers : int
         Local processes/threads.
-    scheduler : str or distributed.Client, optional
-        Run the slides on a Dask cluster.
+    scheduler : str, distributed.Client or Dask cluster, optional
+        Run the slides on a Dask cluster: its scheduler's address (``tcp://HOST:PORT``), a
+        client, or a cluster object such as ``distributed.LocalCluster``.
     force : bool
         Re-measure slides already in the store.
     wait : bool

@@ -1,0 +1,132 @@
+"""Slides measured on a Dask cluster (a LocalCluster on loopback) give the local run's tables."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from fibroquant.cli import app
+from fibroquant.config import load_settings
+from fibroquant.errors import FibroquantError
+from fibroquant.run import analyze_folder
+
+distributed = pytest.importorskip("distributed")
+
+TIMING = ["seconds"]  # per-slide wall time: the only run-dependent column of slides.csv
+TABLES = ("slides", "mice", "groups")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Two single-thread worker processes on 127.0.0.1 (no dashboard)."""
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  host="127.0.0.1", dashboard_address=None) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def study_with_bad(study, tmp_path_factory) -> Path:
+    """The seven-slide study plus a truncated TIFF (a slide that must fail, not stop the run)."""
+    d = tmp_path_factory.mktemp("dask_study")
+    for f in study.iterdir():
+        shutil.copy2(f, d / f.name)
+    data = (d / "c1_s1.tif").read_bytes()
+    (d / "cut.tif").write_bytes(data[: len(data) // 3])
+    sheet = pd.read_csv(d / "samples.csv")
+    extra = sheet.iloc[[0]].assign(slide="cut.tif", mouse="c9")
+    pd.concat([sheet, extra]).to_csv(d / "samples.csv", index=False)
+    return d
+
+
+def _tables(out: Path) -> dict[str, pd.DataFrame]:
+    frames = {t: pd.read_csv(out / f"{t}.csv") for t in TABLES}
+    frames["slides"] = frames["slides"].drop(columns=TIMING)
+    return frames
+
+
+def _assert_same(a: dict[str, pd.DataFrame], b: dict[str, pd.DataFrame]) -> None:
+    for t in TABLES:
+        pd.testing.assert_frame_equal(a[t], b[t], check_exact=True, obj=t)
+
+
+@pytest.fixture(scope="module")
+def local_run(study_with_bad, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("local") / "out"
+    summary = analyze_folder(study_with_bad, out, load_settings(),
+                             samples=study_with_bad / "samples.csv", workers=1)
+    assert summary.processed == 8 and summary.failed == 1
+    return out
+
+
+def test_cluster_object_gives_the_local_tables(cluster, study_with_bad, local_run, tmp_path):
+    out = tmp_path / "out"
+    summary = analyze_folder(study_with_bad, out, load_settings(),
+                             samples=study_with_bad / "samples.csv", scheduler=cluster)
+    assert summary.processed == 8 and summary.failed == 1
+    _assert_same(_tables(local_run), _tables(out))
+    slides = pd.read_csv(out / "slides.csv").set_index("slide")
+    assert slides.loc["cut.tif", "status"] == "failed"
+    assert "cut.tif" in slides.loc["cut.tif", "error"]
+    assert (slides.drop(index="cut.tif")["status"] == "ok").all()
+    for stem in ("c1_s1", "t3_s1"):
+        assert (out / "qc" / f"{stem}.png").stat().st_size > 0
+
+
+def test_scheduler_address_on_the_command_line(cluster, study_with_bad, local_run, tmp_path):
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, [
+        "analyze", str(study_with_bad), "--out", str(out), "--samples",
+        str(study_with_bad / "samples.csv"), "--scheduler", cluster.scheduler_address])
+    assert res.exit_code == 1, res.output  # one slide failed: the run says so
+    assert "cut.tif" in res.output and "Traceback" not in res.output
+    _assert_same(_tables(local_run), _tables(out))
+
+
+def test_client_object_and_tasks_spread_over_workers(cluster, study, tmp_path):
+    with distributed.Client(cluster) as client:
+        client.wait_for_workers(2)
+        with distributed.get_task_stream(client) as stream:
+            summary = analyze_folder(study, tmp_path / "out", load_settings(),
+                                     samples=study / "samples.csv", scheduler=client)
+        assert summary.processed == 7 and summary.failed == 0
+        ran = [t for t in stream.data if str(t["key"]).startswith("slide-")]
+        assert len(ran) == 7
+        assert len({t["worker"] for t in ran}) == 2  # both worker processes measured slides
+        assert client.status == "running"  # a client given by the caller is left open
+
+
+def test_wrong_scheduler_object_is_a_clear_error(study, tmp_path):
+    with pytest.raises(FibroquantError, match="expected an address .* got int"):
+        analyze_folder(study, tmp_path / "o", load_settings(), scheduler=8786)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_worker_task_pins_blas_and_opencv_threads(monkeypatch, tmp_path, threads):
+    # Worker processes share the machine: a task's BLAS / OpenMP pools (threadpoolctl) and
+    # OpenCV's pool are limited to its threads while it runs, and restored afterwards.
+    import cv2
+    from threadpoolctl import threadpool_info
+
+    from fibroquant import pipeline
+    from fibroquant.tasks import SlideTask
+
+    seen = {}
+
+    def fake_run_slide(task):
+        seen["pools"] = [p["num_threads"] for p in threadpool_info()]
+        seen["cv2"] = cv2.getNumThreads()
+        return {"slide": task.slide, "status": "ok"}
+
+    monkeypatch.setattr(pipeline, "run_slide", fake_run_slide)
+    before = [p["num_threads"] for p in threadpool_info()], cv2.getNumThreads()
+    task = SlideTask(path="x.tif", slide="x.tif", fingerprint="f", mpp=None, fallback_mpp=None,
+                     settings_json="{}", out_dir=str(tmp_path), write_masks=False,
+                     threads=threads)
+    assert pipeline.run_slide_pinned(task)["status"] == "ok"
+    assert seen["pools"] and all(n == threads for n in seen["pools"])
+    assert seen["cv2"] == threads
+    assert ([p["num_threads"] for p in threadpool_info()], cv2.getNumThreads()) == before
