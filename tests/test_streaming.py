@@ -1,0 +1,107 @@
+"""Tile streaming: tissue found at low resolution first, then only the tiles that touch it are
+read at full resolution, and memory does not grow with the slide."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from fibroquant.config import load_settings
+from fibroquant.pipeline import analyze_slide
+from fibroquant.slides import ArraySlide
+from fibroquant.synthetic import SectionParams, make_section
+
+MPP = 0.5
+TILE = 256
+
+
+class SpySlide(ArraySlide):
+    """An in-memory slide that records every region it is asked for: (level, h, w)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.reads: list[tuple[int, int, int]] = []
+
+    def _read_inside(self, level: int, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
+        self.reads.append((level, y1 - y0, x1 - x0))
+        return super()._read_inside(level, y0, x0, y1, x1)
+
+
+@pytest.fixture(scope="module")
+def section():
+    rgb, truth = make_section(SectionParams(shape=(768, 768), mpp=MPP, fibrosis=0.7,
+                                            fine_fibres=0.2), rng=5)
+    return rgb, truth
+
+
+def _on_glass(rgb: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
+    """``rgb`` pasted near the top-left corner of a ``size``² slide of glass (its own corner
+    colour, with a little noise)."""
+    rng = np.random.default_rng(seed)
+    glass = np.median(np.concatenate([rgb[:8].reshape(-1, 3), rgb[-8:].reshape(-1, 3)]), axis=0)
+    canvas = np.clip(glass + rng.normal(0, 1.5, (size, size, 3)), 0, 255).astype(np.uint8)
+    canvas[100 : 100 + rgb.shape[0], 100 : 100 + rgb.shape[1]] = rgb
+    return canvas
+
+
+def _settings(tissue: dict, **tiling):
+    return load_settings(overrides={"tiling": {"tile_px": TILE, **tiling}, "tissue": tissue})
+
+
+def test_only_tiles_touching_tissue_are_read(section):
+    rgb, _ = section
+    size = 3072
+    slide = SpySlide(_on_glass(rgb, size), MPP, levels=4)
+    # the tissue image at 2 µm/px on both slides (by default its resolution follows the
+    # slide's size, which moves a small section's edge and capsule band)
+    settings = _settings({"tissue_mpp": 2.0}, mask_max_mpx=1.0)
+    a = analyze_slide("big.png", settings, slide=slide, workers=1)
+    alone = analyze_slide("small.png", settings,
+                          slide=ArraySlide(_on_glass(rgb, 968), MPP, levels=4), workers=1)
+    level0 = [(h, w) for lev, h, w in slide.reads if lev == 0]
+    assert level0, "the tiles are read at full resolution"
+    # every full-resolution read is bounded (a tile, or a 512² patch for the channel
+    # registration): never a whole level
+    assert max(h * w for h, w in level0) <= 512 * 512
+    # the section covers 6 % of the slide: the 16 tiles touching it, the registration
+    # patches and the stain calibration's sample are all that is read at full resolution
+    touching = (-(-(100 + 768) // TILE)) ** 2 * TILE * TILE
+    read = sum(h * w for h, w in level0)
+    assert touching <= read <= touching + 4 * 512 * 512 < 0.25 * size * size
+    # the tissue-detection image comes from a low level, not from level 0
+    assert all(h * w <= 1024 * 1024 for lev, h, w in slide.reads if lev > 0)
+    # masks are written at low resolution (mask_max_mpx), in physical units
+    assert a.collagen_mask.size <= 1.0e6 and a.collagen_mask.shape == a.tissue_mask.shape
+    assert a.mask_mpp == pytest.approx(MPP * size / a.collagen_mask.shape[1], rel=0.01)
+    # the glass around adds nothing: the section's tissue and collagen, as measured on the
+    # section with a narrow border
+    rgb, truth = section
+    for r in (a.record, alone.record):
+        assert r["tissue_area_mm2"] == pytest.approx(truth.tissue_area_mm2, rel=0.05)
+    assert a.record["tissue_area_mm2"] == pytest.approx(alone.record["tissue_area_mm2"],
+                                                        rel=0.005)
+    assert a.record["cpa_percent"] == pytest.approx(alone.record["cpa_percent"], abs=0.1)
+
+
+def _peak_bytes(rgb: np.ndarray, size: int) -> int:
+    slide = ArraySlide(_on_glass(rgb, size), MPP, levels=5)  # in memory before tracing
+    settings = _settings({"max_thumbnail_mpx": 0.25}, mask_max_mpx=0.25)
+    analyze_slide("warm.png", settings, slide=slide, workers=1)  # imports, kernels, caches
+    tracemalloc.start()
+    try:
+        analyze_slide("s.png", settings, slide=slide, workers=1)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_peak_memory_does_not_grow_with_the_slide(section):
+    # The same section on a 2048² and on a 4096² slide (4x the pixels): what the analysis
+    # allocates stays the same; a full-resolution mask or concentration image of the larger
+    # slide alone would be 16-64 MB.
+    rgb, _ = section
+    small = _peak_bytes(rgb, 2048)
+    large = _peak_bytes(rgb, 4096)
+    assert large < 1.25 * small + 2e6, (small, large)
