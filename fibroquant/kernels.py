@@ -198,18 +198,17 @@ def _is_blob_py(size: int, height: int, width: int, blob_px: int, blob_side: int
 _is_blob_nb = _jit(_is_blob_py)
 
 
-def _hit_list_py(hit: np.ndarray, w: int, hits: np.ndarray) -> int:
-    # hits[:m] = the columns j < w where hit[j] is 1, in order; returns m. Runs of 32 columns
-    # are summed first (vectorised) and only the runs with a hit are listed, so a row with a
-    # few collagen pixels costs little more than one pass of additions.
+def _hit_list_py(words: np.ndarray, hit: np.ndarray, w: int, hits: np.ndarray) -> int:
+    # hits[:m] = the columns j < w where hit[j] is 1, in order; returns m. ``hit`` is a uint8
+    # view of ``words`` (uint64, four per 32 columns, zero past w): a run of 32 columns is
+    # tested by OR-ing its four words, and only the runs with a hit are listed, branch-free.
+    # (Summing the 32 bytes instead costs a vector reduction per run: the listing took ~0.4 ms
+    # per 1024² tile, twice as long as this.)
     m = 0
-    for j0 in range(0, w, 32):
-        j1 = min(j0 + 32, w)
-        s = 0
-        for j in range(j0, j1):
-            s += hit[j]
-        if s > 0:
-            for j in range(j0, j1):  # branch-free
+    for c in range(words.shape[0] // 4):
+        if (words[4 * c] | words[4 * c + 1] | words[4 * c + 2] | words[4 * c + 3]) != 0:
+            j1 = min(32 * c + 32, w)
+            for j in range(32 * c, j1):
                 hits[m] = j
                 m += hit[j]
     return m
@@ -321,7 +320,8 @@ def _tile_py(
     tb = np.empty(w, np.float32)  # threshold of the plain tissue columns, +inf elsewhere
     fb = np.empty(w, np.uint8)  # class bits of every column
     spec = np.empty(w, np.int32)  # capsule-band tissue columns of the low-resolution row
-    hit = np.empty(w, np.int32)
+    hit_words = np.zeros((w + 31) // 32 * 4, np.uint64)  # the cut of the row, padded to 32
+    hit = hit_words.view(np.uint8)  # columns; the padding stays 0
     hits = np.empty(w, np.int64)  # plain columns that passed the cut (then the guard)
     isp_blk = np.zeros(nbw, np.int32)  # plain tissue columns per block column
     exc_blk = np.zeros(nbw, np.int32)  # columns excluded whatever the pixel, per block column
@@ -458,7 +458,7 @@ def _tile_py(
                 hit[j] = buf[j] > tb[j]
                 k += hit[j]
             if k > 0:
-                m = _hit_list_nb(hit, w, hits)
+                m = _hit_list_nb(hit_words, hit, w, hits)
             if m > 0 and n_other == 2:  # the share guard, written out for the usual 3 stains
                 oa0 = others[0, 0]
                 oa1 = others[0, 1]
