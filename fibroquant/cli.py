@@ -100,6 +100,15 @@ def _command(name: str, args: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+def available_cores() -> int:
+    """The cores this process may run on: its CPU affinity (what ``taskset``, cgroup cpusets
+    and batch schedulers give it), else ``os.cpu_count()``; at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def _scheduler_problem(address: str) -> str | None:
     """Why ``address`` is not a Dask scheduler address (``tcp://HOST:PORT``, ``tls://...``,
     ``inproc://...``, or ``HOST:PORT``), or None."""
@@ -148,12 +157,12 @@ def _analyze(
         problem = _scheduler_problem(scheduler)
         if problem:
             raise _fail(f"--scheduler {scheduler!r}: {problem}", 2)
-    n_workers = workers or os.cpu_count() or 1
+    n_workers = workers or available_cores()
     progress = Progress(
         TextColumn("[bold]analyze"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TextColumn("{task.description}"), console=err, disable=quiet or not err.is_terminal,
-        transient=False,
-    )
+        transient=False, redirect_stdout=False,  # the bar is on stderr; stdout stays the
+    )  # caller's (a library imported mid-run, e.g. numba's colorama, may hold on to it)
     task_id = None
     failed_lines: list[str] = []
 
@@ -227,7 +236,7 @@ def analyze(
     masks: Annotated[bool, typer.Option("--masks", help="Write collagen/tissue mask PNGs.")]
     = False,
     workers: Annotated[int | None, typer.Option(
-        min=1, help="Parallel workers (default: all cores).")] = None,
+        min=1, help="Parallel workers (default: all cores this process may use).")] = None,
     scheduler: Annotated[str | None, typer.Option(
         help="Dask scheduler address, e.g. tcp://10.0.0.5:8786.")] = None,
     control: Annotated[str | None, typer.Option(

@@ -1161,6 +1161,10 @@ def _with_threads(task: SlideTask, threads: int) -> SlideTask:
     return replace(task, threads=max(1, threads))
 
 
+#: How long to wait for a Dask scheduler given by its address before giving up.
+DASK_CONNECT_TIMEOUT = "20s"
+
+
 def _run_dask(tasks: list[SlideTask], scheduler: str | Any) -> Iterator[dict[str, Any]]:
     try:
         from distributed import Client, as_completed
@@ -1175,7 +1179,7 @@ def _run_dask(tasks: list[SlideTask], scheduler: str | Any) -> Iterator[dict[str
                f"Dask cluster object, got {type(scheduler).__name__}")
         raise FibroquantError(msg)
     try:
-        client = Client(scheduler, timeout="20s") if own else scheduler
+        client = Client(scheduler, timeout=DASK_CONNECT_TIMEOUT) if own else scheduler
     except OSError as exc:
         where = getattr(scheduler, "scheduler_address", scheduler)
         msg = f"cannot reach the Dask scheduler at {where}: {exc}"

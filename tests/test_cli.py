@@ -257,3 +257,60 @@ def test_warnings_and_tifffile_log_are_one_line_on_stderr(tmp_path):
     assert "warning: deep.tif: 16-bit image scaled to 8 bit" in res.stderr
     assert "UserWarning" not in res.stderr and "ERROR tifffile" not in res.stderr
     assert "cut.tif" in res.stderr
+
+
+def test_analysis_mpp_on_the_command_line(study, tmp_path):
+    out = tmp_path / "o"
+    res = _analyze(study, out, "--analysis-mpp", "3.0")
+    assert res.exit_code == 0, res.output
+    slides = pd.read_csv(out / "slides.csv")
+    assert np.allclose(slides["analysis_mpp"], 3.0) and np.allclose(slides["mpp"], 1.5)
+    assert (slides["width_px"] == 256).all()  # 512 px at 1.5 µm/px measured at 3 µm/px
+    assert "--analysis-mpp 3.0" in json.loads((out / "run.json").read_text())["command"]
+    # finer than the scan: measured at the scan's own resolution, level 0
+    res = _analyze(study, tmp_path / "fine", "--analysis-mpp", "0.5")
+    assert res.exit_code == 0, res.output
+    fine = pd.read_csv(tmp_path / "fine" / "slides.csv")
+    assert np.allclose(fine["analysis_mpp"], 1.5) and (fine["level"] == 0).all()
+    assert (fine["width_px"] == 512).all()
+    res = _analyze(study, tmp_path / "bad", "--analysis-mpp", "20")
+    assert res.exit_code == 2 and "--analysis-mpp" in res.output
+
+
+def test_workers_default_to_the_cores_this_process_may_use(study, tmp_path, monkeypatch):
+    import os
+
+    from fibroquant import cli, run
+    from fibroquant.errors import FibroquantError
+
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen["workers"] = kwargs["workers"]
+        raise FibroquantError("stop here")
+
+    monkeypatch.setattr(run, "analyze_folder", spy)
+    res = runner.invoke(app, ["analyze", str(study), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "stop here" in res.output
+    assert seen["workers"] == cli.available_cores() >= 1
+    if hasattr(os, "sched_getaffinity"):
+        assert cli.available_cores() == len(os.sched_getaffinity(0))
+
+
+def test_progress_bar_on_a_terminal(study, tmp_path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from fibroquant import cli
+
+    buf = io.StringIO()
+    monkeypatch.setattr(cli, "err", Console(file=buf, force_terminal=True, width=120))
+    res = _analyze(study, tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", buf.getvalue())  # colours, cursor moves
+    assert "7 slide(s) to measure, 0 already measured" in text
+    assert "analyze" in text and "7/7" in text  # the bar, complete
+    assert "measured 7, failed 0" in text

@@ -130,3 +130,29 @@ def test_worker_task_pins_blas_and_opencv_threads(monkeypatch, tmp_path, threads
     assert seen["pools"] and all(n == threads for n in seen["pools"])
     assert seen["cv2"] == threads
     assert ([p["num_threads"] for p in threadpool_info()], cv2.getNumThreads()) == before
+
+
+def test_local_worker_processes_give_the_serial_tables(study_with_bad, local_run, tmp_path):
+    # --workers 2 on a folder: slides in two spawned worker processes, one thread each
+    out = tmp_path / "out"
+    summary = analyze_folder(study_with_bad, out, load_settings(),
+                             samples=study_with_bad / "samples.csv", workers=2)
+    assert summary.processed == 8 and summary.failed == 1
+    _assert_same(_tables(local_run), _tables(out))
+
+
+def test_unreachable_scheduler_is_a_clear_error(study, tmp_path, monkeypatch):
+    import socket
+
+    from fibroquant import pipeline
+
+    monkeypatch.setattr(pipeline, "DASK_CONNECT_TIMEOUT", "2s")
+    with socket.socket() as s:  # a free port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    res = CliRunner().invoke(app, ["analyze", str(study), "--out", str(tmp_path / "o"),
+                                   "--scheduler", f"tcp://127.0.0.1:{port}"])
+    assert res.exit_code == 2, res.output
+    assert f"cannot reach the Dask scheduler at tcp://127.0.0.1:{port}" in res.output
+    assert "Traceback" not in res.output
+    assert not (tmp_path / "o" / "slides.csv").exists()

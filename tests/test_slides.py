@@ -284,6 +284,28 @@ def test_bigtiff_pyramid_cm_resolution_exact_regions(
                                       levels[1][300:, 400:])  # fmt: skip
 
 
+@pytest.mark.parametrize("subifds", [True, False])
+def test_jpeg2000_tiled_pyramid(tmp_path: Path, subifds: bool) -> None:
+    # JPEG 2000 tiles (Aperio's 33003/33005 and the generic 34712 alike go through imagecodecs)
+    base = tissue(700, 900)
+    levels = [base, half(base), half(half(base))]
+    path = tmp_path / "j2k.tif"
+    write_pyramid(path, levels, subifds=subifds, compression="jpeg2000",
+                  resolution=(20000, 20000), resolutionunit="CENTIMETER")  # fmt: skip
+    with tifffile.TiffFile(path) as tif:
+        assert tif.pages[0].compression == 34712
+    with open_slide(path) as slide:
+        assert slide.mpp == pytest.approx(0.5)
+        assert [lv.shape for lv in slide.levels] == [(700, 900), (350, 450), (175, 225)]
+        # lossy but close, in the right channel order (a swap would differ by tens)
+        assert mean_abs(slide.read_region(0, 100, 200, 300, 400), base[100:400, 200:600]) < 2
+        assert mean_abs(slide.read_region(2, 0, 0, 175, 225), levels[2]) < 2
+        red_minus_green = slide.read_region(0, 0, 0, 700, 900).astype(int)
+        assert (red_minus_green[..., 0] - red_minus_green[..., 1]).mean() == pytest.approx(
+            (base[..., 0].astype(int) - base[..., 1]).mean(), abs=1)
+    assert inspect_slide(path)["compression"] == "jpeg2000"
+
+
 def test_flat_tiff_inch_resolution(tmp_path: Path) -> None:
     image = noise(120, 160)
     path = tmp_path / "field.tif"
@@ -643,16 +665,43 @@ def test_non_ascii_path_with_spaces(tmp_path: Path) -> None:
     assert list_slides(tmp_path) == [png, tif]
 
 
-def test_openslide_formats_without_openslide(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("suffix", [".mrxs", ".scn", ".vms", ".vmu", ".bif"])
+def test_openslide_formats_without_openslide(tmp_path: Path, monkeypatch, suffix) -> None:
     monkeypatch.setitem(sys.modules, "openslide", None)  # import fails even when installed
-    path = tmp_path / "slide.mrxs"
+    path = tmp_path / f"slide{suffix}"
     path.write_bytes(b"x")
     with pytest.raises(
         SlideReadError,
-        match=r"slide\.mrxs: \.mrxs needs the optional openslide reader: "
+        match=rf"slide\{suffix}: \{suffix} needs the optional openslide reader: "
         r"pip install 'fibroquant\[openslide\]'",
     ):
         open_slide(path)
+
+
+def test_openslide_missing_fails_the_slide_not_the_run(tmp_path: Path, monkeypatch) -> None:
+    # through the command line: the vendor slide is recorded as failed with the install hint,
+    # the other slide is measured, the run exits 1 without a traceback
+    from typer.testing import CliRunner
+
+    from fibroquant.cli import app
+    from fibroquant.synthetic import SectionParams, make_section, write_pyramid_tiff
+
+    monkeypatch.setitem(sys.modules, "openslide", None)
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "scan.mrxs").write_bytes(b"x")
+    rgb, _ = make_section(SectionParams(shape=(384, 384), mpp=1.0), rng=1)
+    write_pyramid_tiff(d / "ok.tif", rgb, 1.0, min_level_px=128)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["analyze", str(d), "--out", str(out), "--workers", "1"])
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output
+    import pandas as pd
+
+    rows = pd.read_csv(out / "slides.csv").set_index("slide")
+    assert rows.loc["ok.tif", "status"] == "ok"
+    assert rows.loc["scan.mrxs", "status"] == "failed"
+    assert "pip install 'fibroquant[openslide]'" in rows.loc["scan.mrxs", "error"]
 
 
 

@@ -46,17 +46,23 @@ def _on_glass(rgb: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
     return canvas
 
 
-def _settings(tissue: dict, **tiling):
-    return load_settings(overrides={"tiling": {"tile_px": TILE, **tiling}, "tissue": tissue})
+def _settings(tissue: dict, collagen: dict | None = None, **tiling):
+    return load_settings(overrides={"tiling": {"tile_px": TILE, **tiling}, "tissue": tissue,
+                                    "collagen": collagen or {}})
 
 
-def test_only_tiles_touching_tissue_are_read(section):
+#: the fused per-pixel path (default settings), and the tile path with a halo (smoothing on)
+PATHS = {"fused": {}, "halo": {"smooth_um": 1.0}}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_only_tiles_touching_tissue_are_read(section, path):
     rgb, _ = section
     size = 3072
     slide = SpySlide(_on_glass(rgb, size), MPP, levels=4)
     # the tissue image at 2 µm/px on both slides (by default its resolution follows the
     # slide's size, which moves a small section's edge and capsule band)
-    settings = _settings({"tissue_mpp": 2.0}, mask_max_mpx=1.0)
+    settings = _settings({"tissue_mpp": 2.0}, PATHS[path], mask_max_mpx=1.0)
     a = analyze_slide("big.png", settings, slide=slide, workers=1)
     alone = analyze_slide("small.png", settings,
                           slide=ArraySlide(_on_glass(rgb, 968), MPP, levels=4), workers=1)
@@ -68,8 +74,11 @@ def test_only_tiles_touching_tissue_are_read(section):
     # the section covers 6 % of the slide: the 16 tiles touching it, the registration
     # patches and the stain calibration's sample are all that is read at full resolution
     touching = (-(-(100 + 768) // TILE)) ** 2 * TILE * TILE
+    if path == "halo":  # each tile is read with its halo of 16 px
+        touching = (-(-(100 + 768) // TILE)) ** 2 * (TILE + 32) ** 2
     read = sum(h * w for h, w in level0)
-    assert touching <= read <= touching + 4 * 512 * 512 < 0.25 * size * size
+    assert touching * 0.8 <= read <= touching + 4 * 512 * 512
+    assert read < 0.3 * size * size
     # the tissue-detection image comes from a low level, not from level 0
     assert all(h * w <= 1024 * 1024 for lev, h, w in slide.reads if lev > 0)
     # masks are written at low resolution (mask_max_mpx), in physical units
@@ -85,23 +94,58 @@ def test_only_tiles_touching_tissue_are_read(section):
     assert a.record["cpa_percent"] == pytest.approx(alone.record["cpa_percent"], abs=0.1)
 
 
-def _peak_bytes(rgb: np.ndarray, size: int) -> int:
+def _peak_bytes(rgb: np.ndarray, size: int, workers: int) -> int:
     slide = ArraySlide(_on_glass(rgb, size), MPP, levels=5)  # in memory before tracing
     settings = _settings({"max_thumbnail_mpx": 0.25}, mask_max_mpx=0.25)
-    analyze_slide("warm.png", settings, slide=slide, workers=1)  # imports, kernels, caches
+    analyze_slide("warm.png", settings, slide=slide, workers=workers)  # imports, kernels
     tracemalloc.start()
     try:
-        analyze_slide("s.png", settings, slide=slide, workers=1)
+        analyze_slide("s.png", settings, slide=slide, workers=workers)
         return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
 
 
-def test_peak_memory_does_not_grow_with_the_slide(section):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_peak_memory_does_not_grow_with_the_slide(section, workers):
     # The same section on a 2048² and on a 4096² slide (4x the pixels): what the analysis
     # allocates stays the same; a full-resolution mask or concentration image of the larger
-    # slide alone would be 16-64 MB.
+    # slide alone would be 16-64 MB. With two tile threads, at most a bounded window of
+    # tiles is in flight.
     rgb, _ = section
-    small = _peak_bytes(rgb, 2048)
-    large = _peak_bytes(rgb, 4096)
+    small = _peak_bytes(rgb, 2048, workers)
+    large = _peak_bytes(rgb, 4096, workers)
     assert large < 1.25 * small + 2e6, (small, large)
+
+
+def test_tiff_reader_decodes_only_the_tiles_touching_the_section(section, tmp_path,
+                                                                  monkeypatch):
+    # a real JPEG-tiled pyramidal TIFF: level-0 tiles decoded are those under the section
+    # (256² file tiles under 256² analysis tiles) and the few the registration patches take
+    from fibroquant import slides as slides_mod
+    from fibroquant.synthetic import write_pyramid_tiff
+
+    rgb, truth = section
+    size = 3072
+    path = tmp_path / "big.tif"
+    write_pyramid_tiff(path, _on_glass(rgb, size), MPP, tile=256, min_level_px=256)
+    decoded: list[tuple[int, int]] = []
+    level_cls = next(c for c in vars(slides_mod).values()
+                     if isinstance(c, type) and hasattr(c, "raw_segment"))
+    raw = level_cls.raw_segment
+
+    def spy(self, index):
+        decoded.append((self.index, index))
+        return raw(self, index)
+
+    monkeypatch.setattr(level_cls, "raw_segment", spy)
+    a = analyze_slide(path, _settings({"tissue_mpp": 2.0}, mask_max_mpx=1.0), workers=1)
+    assert a.record["status"] == "ok" and a.record["level"] == 0
+    level0 = {i for lev, i in decoded if lev == 0}
+    grid = size // 256
+    ys, xs = np.nonzero(truth.tissue_mask)
+    under = {(100 + y) // 256 * grid + (100 + x) // 256 for y, x in zip(ys, xs, strict=True)}
+    pasted = {r * grid + c for r in range(4) for c in range(4)}  # tiles under the 768² paste
+    assert under <= level0  # every tile with tissue was read
+    assert len(level0 - pasted) <= 8  # little else: the registration patches
+    assert len(level0) < 0.15 * grid * grid
