@@ -202,15 +202,16 @@ def _hit_list_py(words: np.ndarray, hit: np.ndarray, w: int, hits: np.ndarray) -
     # hits[:m] = the columns j < w where hit[j] is 1, in order; returns m. ``hit`` is a uint8
     # view of ``words`` (uint64, four per 32 columns, zero past w): a run of 32 columns is
     # tested by OR-ing its four words, and only the runs with a hit are listed, branch-free.
-    # (Summing the 32 bytes instead costs a vector reduction per run: the listing took ~0.4 ms
-    # per 1024² tile, twice as long as this.)
+    # (Summing 32 int32 flags per run instead cost a vector reduction each: the listing took
+    # ~0.4 ms per 1024² tile, twice as long as this.) The flags are added as int64: a uint8
+    # count would wrap at 256 in pure Python.
     m = 0
     for c in range(words.shape[0] // 4):
         if (words[4 * c] | words[4 * c + 1] | words[4 * c + 2] | words[4 * c + 3]) != 0:
             j1 = min(32 * c + 32, w)
             for j in range(32 * c, j1):
                 hits[m] = j
-                m += hit[j]
+                m += np.int64(hit[j])
     return m
 
 
@@ -456,7 +457,7 @@ def _tile_py(
             k = 0
             for j in range(w):
                 hit[j] = buf[j] > tb[j]
-                k += hit[j]
+                k += np.int64(hit[j])
             if k > 0:
                 m = _hit_list_nb(hit_words, hit, w, hits)
             if m > 0 and n_other == 2:  # the share guard, written out for the usual 3 stains

@@ -18,8 +18,10 @@ import os
 import threading
 import time
 import traceback
+import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1096,21 +1098,46 @@ def run_slide_pinned(task: SlideTask) -> dict[str, Any]:
 
     OpenCV's thread pool and the BLAS and OpenMP pools (numpy's OpenBLAS, through
     ``threadpoolctl``) are limited to the task's threads while it runs, so that N worker
-    processes do not run N × cores threads each. OpenBLAS's threads spin while they wait: two local worker
-    processes left at two BLAS threads each took 1.3–2.4 s per 8k² slide instead of ~1.05 s.
+    processes do not run N × cores threads in all. OpenBLAS's threads spin while they wait:
+    two local worker processes left at two BLAS threads each took 1.3–2.4 s per 8k² slide
+    instead of ~1.05 s. The limits are process-wide: tasks running side by side in one worker
+    (a Dask worker with several threads) share one pinning, set by the first and undone when
+    the last one ends (:func:`_pinned`).
     """
-    from threadpoolctl import threadpool_limits
-
-    threads = max(1, task.threads)
-    cv_threads = cv2.getNumThreads()
-    cv2.setNumThreads(threads)
     if os.environ.get(QUIET_ENV) == "1":
         quiet_warnings()
+    with _pinned(max(1, task.threads)):
+        return run_slide(task)
+
+
+_pin_lock = threading.Lock()
+_pin_users = 0
+_pin_undo: tuple[int, Any] | None = None
+
+
+@contextmanager
+def _pinned(threads: int) -> Iterator[None]:
+    """Limit OpenCV's and the BLAS/OpenMP thread pools to ``threads`` while any caller is
+    inside; the limits found by the first caller are restored when the last one leaves."""
+    global _pin_users, _pin_undo
+    from threadpoolctl import threadpool_limits
+
+    with _pin_lock:
+        if _pin_users == 0:
+            cv_threads = cv2.getNumThreads()
+            cv2.setNumThreads(threads)
+            _pin_undo = (cv_threads, threadpool_limits(limits=threads))
+        _pin_users += 1
     try:
-        with threadpool_limits(limits=threads):
-            return run_slide(task)
+        yield
     finally:
-        cv2.setNumThreads(cv_threads)
+        with _pin_lock:
+            _pin_users -= 1
+            if _pin_users == 0 and _pin_undo is not None:
+                cv_threads, limits = _pin_undo
+                limits.restore_original_limits()
+                cv2.setNumThreads(cv_threads)
+                _pin_undo = None
 
 
 def run_tasks(
@@ -1185,8 +1212,9 @@ def _run_dask(tasks: list[SlideTask], scheduler: str | Any) -> Iterator[dict[str
         msg = f"cannot reach the Dask scheduler at {where}: {exc}"
         raise FibroquantError(msg) from None
     try:
+        run = uuid.uuid4().hex[:12]  # two runs sharing a cluster keep their own tasks
         futures = {client.submit(run_slide_pinned, t, pure=False,
-                                 key=f"slide-{i}-{t.fingerprint}"): t
+                                 key=f"slide-{run}-{i}-{t.fingerprint}"): t
                    for i, t in enumerate(tasks)}
         for fut in as_completed(list(futures)):
             try:

@@ -290,11 +290,14 @@ def test_workers_default_to_the_cores_this_process_may_use(study, tmp_path, monk
         raise FibroquantError("stop here")
 
     monkeypatch.setattr(run, "analyze_folder", spy)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 3, 5}, raising=False)
     res = runner.invoke(app, ["analyze", str(study), "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "stop here" in res.output
-    assert seen["workers"] == cli.available_cores() >= 1
-    if hasattr(os, "sched_getaffinity"):
-        assert cli.available_cores() == len(os.sched_getaffinity(0))
+    assert seen["workers"] == 3  # the cores this process may run on
+    monkeypatch.delattr(os, "sched_getaffinity")  # not on Linux: the machine's count
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    res = runner.invoke(app, ["analyze", str(study), "--out", str(tmp_path / "o")])
+    assert seen["workers"] == cli.available_cores() == 6
 
 
 def test_progress_bar_on_a_terminal(study, tmp_path, monkeypatch):
@@ -314,3 +317,28 @@ def test_progress_bar_on_a_terminal(study, tmp_path, monkeypatch):
     assert "7 slide(s) to measure, 0 already measured" in text
     assert "analyze" in text and "7/7" in text  # the bar, complete
     assert "measured 7, failed 0" in text
+
+
+def test_progress_bar_leaves_stdout_alone(study, tmp_path, monkeypatch):
+    # the live bar is on stderr; sys.stdout stays the caller's during the run
+    import io
+    import sys
+
+    from rich.console import Console
+    from rich.file_proxy import FileProxy
+
+    from fibroquant import cli, run
+    from fibroquant.errors import FibroquantError
+
+    monkeypatch.setattr(cli, "err", Console(file=io.StringIO(), force_terminal=True))
+    seen = {}
+
+    def spy(*args, on_plan, **kwargs):
+        on_plan(3, 0)  # the bar is live from here
+        seen["stdout"] = sys.stdout
+        raise FibroquantError("stop here")
+
+    monkeypatch.setattr(run, "analyze_folder", spy)
+    res = runner.invoke(app, ["analyze", str(study), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2
+    assert not isinstance(seen["stdout"], FileProxy)

@@ -64,9 +64,15 @@ def local_run(study_with_bad, tmp_path_factory) -> Path:
 
 def test_cluster_object_gives_the_local_tables(cluster, study_with_bad, local_run, tmp_path):
     out = tmp_path / "out"
-    summary = analyze_folder(study_with_bad, out, load_settings(),
-                             samples=study_with_bad / "samples.csv", scheduler=cluster)
+    clients_before = len(cluster.scheduler.clients)
+    with distributed.Client(cluster) as watcher, distributed.get_task_stream(watcher) as stream:
+        summary = analyze_folder(study_with_bad, out, load_settings(),
+                                 samples=study_with_bad / "samples.csv", scheduler=cluster)
     assert summary.processed == 8 and summary.failed == 1
+    # the slides ran on the cluster, through a client of the run's own, closed at the end
+    assert len([t for t in stream.data if str(t["key"]).startswith("slide-")]) == 8
+    assert len(cluster.scheduler.clients) == clients_before
+    assert cluster.status.name == "running"
     _assert_same(_tables(local_run), _tables(out))
     slides = pd.read_csv(out / "slides.csv").set_index("slide")
     assert slides.loc["cut.tif", "status"] == "failed"
@@ -104,32 +110,74 @@ def test_wrong_scheduler_object_is_a_clear_error(study, tmp_path):
         analyze_folder(study, tmp_path / "o", load_settings(), scheduler=8786)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_worker_task_pins_blas_and_opencv_threads(monkeypatch, tmp_path, threads):
-    # Worker processes share the machine: a task's BLAS / OpenMP pools (threadpoolctl) and
-    # OpenCV's pool are limited to its threads while it runs, and restored afterwards.
+def _task(tmp_path, threads: int, name: str = "x.tif"):
+    from fibroquant.tasks import SlideTask
+
+    return SlideTask(path=name, slide=name, fingerprint="f", mpp=None, fallback_mpp=None,
+                     settings_json="{}", out_dir=str(tmp_path), write_masks=False,
+                     threads=threads)
+
+
+def _pools():
     import cv2
     from threadpoolctl import threadpool_info
 
-    from fibroquant import pipeline
-    from fibroquant.tasks import SlideTask
+    return [p["num_threads"] for p in threadpool_info()], cv2.getNumThreads()
 
+
+@pytest.mark.parametrize("offset", [1, 2])
+def test_worker_task_pins_blas_and_opencv_threads(monkeypatch, tmp_path, offset):
+    # Worker processes share the machine: a task's BLAS / OpenMP pools (threadpoolctl) and
+    # OpenCV's pool are limited to its threads while it runs, and restored afterwards. The
+    # task's count differs from what the pools start with, so the pinning shows.
+    from fibroquant import pipeline
+
+    before = _pools()
+    threads = max([*before[0], before[1]]) + offset
     seen = {}
 
     def fake_run_slide(task):
-        seen["pools"] = [p["num_threads"] for p in threadpool_info()]
-        seen["cv2"] = cv2.getNumThreads()
+        seen["pools"] = _pools()
         return {"slide": task.slide, "status": "ok"}
 
     monkeypatch.setattr(pipeline, "run_slide", fake_run_slide)
-    before = [p["num_threads"] for p in threadpool_info()], cv2.getNumThreads()
-    task = SlideTask(path="x.tif", slide="x.tif", fingerprint="f", mpp=None, fallback_mpp=None,
-                     settings_json="{}", out_dir=str(tmp_path), write_masks=False,
-                     threads=threads)
-    assert pipeline.run_slide_pinned(task)["status"] == "ok"
-    assert seen["pools"] and all(n == threads for n in seen["pools"])
-    assert seen["cv2"] == threads
-    assert ([p["num_threads"] for p in threadpool_info()], cv2.getNumThreads()) == before
+    assert pipeline.run_slide_pinned(_task(tmp_path, threads))["status"] == "ok"
+    pools, cv = seen["pools"]
+    assert pools and all(n == threads for n in pools) and cv == threads
+    assert _pools() == before
+
+
+def test_overlapping_tasks_in_one_worker_share_the_pinning(monkeypatch, tmp_path):
+    # A Dask worker with several threads runs tasks side by side: the pools stay pinned
+    # until the last task ends (A enters, B enters, A ends, B ends), then are restored.
+    import threading
+
+    from fibroquant import pipeline
+
+    before = _pools()
+    threads = max([*before[0], before[1]]) + 1
+    gates = {"A": threading.Event(), "B": threading.Event()}
+    inside = threading.Barrier(2)
+    seen = {}
+
+    def fake_run_slide(task):
+        inside.wait(timeout=10)
+        gates[task.slide].wait(timeout=10)
+        seen[task.slide] = _pools()
+        return {"slide": task.slide, "status": "ok"}
+
+    monkeypatch.setattr(pipeline, "run_slide", fake_run_slide)
+    runs = {k: threading.Thread(target=pipeline.run_slide_pinned,
+                                args=(_task(tmp_path, threads, k),)) for k in "AB"}
+    for t in runs.values():
+        t.start()
+    gates["A"].set()
+    runs["A"].join(timeout=10)
+    assert _pools()[1] == threads  # B still running: still pinned
+    gates["B"].set()
+    runs["B"].join(timeout=10)
+    assert seen["A"][1] == seen["B"][1] == threads
+    assert _pools() == before
 
 
 def test_local_worker_processes_give_the_serial_tables(study_with_bad, local_run, tmp_path):

@@ -572,3 +572,20 @@ def test_stain_fit_pixels_subsampled_only_on_large_images():
     px = pipeline._tissue_pixels(big, full, 500_000)
     assert 250_000 < len(px) <= 500_000  # every 3rd row and column: 683² pixels
     np.testing.assert_array_equal(px, big[::3, ::3].reshape(-1, 3))
+
+
+@pytest.mark.parametrize("w", [1, 7, 8, 9, 31, 32, 33, 257, 300, 1001])
+@pytest.mark.parametrize("density", [0.0, 0.05, 0.5, 1.0])
+def test_hit_list_equals_nonzero_compiled_and_pure_python(w, density):
+    # the tile kernel's listing of a row's collagen columns (uint8 flags in a padded uint64
+    # buffer), compiled and as plain Python: rows of more than 256 hits included
+    rng = np.random.default_rng(w)
+    words = np.zeros((w + 31) // 32 * 4, np.uint64)
+    hit = words.view(np.uint8)
+    hit[:w] = rng.random(w) < density
+    expected = np.nonzero(hit[:w])[0]
+    for fn in (kernels._hit_list_py, kernels._hit_list_nb):
+        hits = np.full(w, -1, np.int64)
+        m = fn(words, hit, w, hits)
+        assert m == len(expected)
+        np.testing.assert_array_equal(hits[:m], expected)
