@@ -657,10 +657,11 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
         settings = settings.model_copy(update={
             "collagen": settings.collagen.model_copy(update={"blob_max_area_um2": blob})})
     thumb_conc = rgb_to_od(thumb, background) @ stains.unmixing
-    thumb_col = thumb_conc[..., stains.collagen_index]
+    # the collagen plane is read by every step below: contiguous, not a strided view
+    thumb_col = np.ascontiguousarray(thumb_conc[..., stains.collagen_index])
     if len(stains.names) > 1:
-        tissue = with_folds(tissue, thumb_conc[..., 1], settings.tissue, thumb_col,
-                            thr.threshold_od)
+        tissue = with_folds(tissue, np.ascontiguousarray(thumb_conc[..., 1]), settings.tissue,
+                            thumb_col, thr.threshold_od)
     bg_map = None
     thumb_threshold: float | np.ndarray = thr.threshold_od
     offset = thr.threshold_od

@@ -135,6 +135,22 @@ def test_channel_sum_equals_numpy_sum_to_the_bit(h, w, seed, dtype, k):
     np.testing.assert_array_equal(out, a.sum(axis=-1))
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 40), st.integers(0, 2**31 - 1),
+       st.sampled_from([np.float32, np.float64, np.uint8]))
+def test_channel_spread_equals_numpy_max_minus_min_to_the_bit(h, w, seed, dtype):
+    from fibroquant.stains import channel_spread
+
+    rng = np.random.default_rng(seed)
+    a = (rng.standard_normal((h, w, 3)) * 10.0 ** rng.integers(-4, 5, (h, w, 3)))
+    a = a.astype(dtype) if dtype != np.uint8 else rng.integers(0, 256, (h, w, 3), np.uint8)
+    out = channel_spread(a)
+    assert out.dtype == a.dtype and out.shape == (h, w)
+    np.testing.assert_array_equal(out, a.max(axis=-1) - a.min(axis=-1))
+    np.testing.assert_array_equal(channel_spread(a[::2, ::3]),  # strided views too
+                                  a[::2, ::3].max(axis=-1) - a[::2, ::3].min(axis=-1))
+
+
 # --- stains whose colour lies outside the presets' triangle ------------------------------------
 
 
