@@ -186,11 +186,11 @@ def _discard(out_dir: Path, stem: str) -> None:
 
 
 def analyze_folder(
-    slides_dir: Path,
-    out_dir: Path,
+    slides_dir: str | Path,
+    out_dir: str | Path,
     settings: Settings,
     *,
-    samples: Path | None = None,
+    samples: str | Path | None = None,
     control: str | None = None,
     mpp: float | None = None,
     workers: int = 1,
@@ -206,12 +206,12 @@ def analyze_folder(
 
     Parameters
     ----------
-    slides_dir : Path
+    slides_dir : str or Path
         Folder of slides (searched recursively).
-    out_dir : Path
+    out_dir : str or Path
         Output folder; holds the results store, tables, masks, QC overlays and report.
     settings : Settings
-    samples : Path, optional
+    samples : str or Path, optional
         Sample sheet (``slide,mouse,group`` + extra columns). Without it every slide is its own
         mouse and no comparison is made.
     control : str, optional
@@ -246,8 +246,11 @@ def analyze_folder(
     """
     t0 = time.perf_counter()
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    slides_dir = Path(slides_dir)
-    out_dir = Path(out_dir)
+    # absolute, as the command line gives them: slide paths are joined to slides_dir, and
+    # tasks sent to a cluster's workers must not depend on this process's working folder
+    slides_dir = Path(slides_dir).resolve()
+    out_dir = Path(out_dir).resolve()
+    samples = Path(samples).resolve() if samples is not None else None
     files = discover(slides_dir, out_dir)
     if not files:
         msg = f"{slides_dir}: no slide files found (.svs .ndpi .tif .tiff .png .jpg ...)"

@@ -204,3 +204,16 @@ def test_unreachable_scheduler_is_a_clear_error(study, tmp_path, monkeypatch):
     assert f"cannot reach the Dask scheduler at tcp://127.0.0.1:{port}" in res.output
     assert "Traceback" not in res.output
     assert not (tmp_path / "o" / "slides.csv").exists()
+
+
+def test_relative_paths_from_python(cluster, study, tmp_path, monkeypatch):
+    # analyze_folder given relative str paths (as in a notebook), on the cluster: the same
+    # slides measured as from the command line, whose paths are absolute
+    work = tmp_path / "work"
+    shutil.copytree(study, work / "slides")
+    monkeypatch.chdir(work)
+    summary = analyze_folder("slides", "out", load_settings(), samples="slides/samples.csv",
+                             scheduler=cluster)
+    assert summary.processed == 7 and summary.failed == 0
+    slides = pd.read_csv(work / "out" / "slides.csv")
+    assert (slides["status"] == "ok").all() and len(slides) == 7
