@@ -1172,7 +1172,7 @@ def run_tasks(
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     per_slide = max(1, workers // len(tasks))
-    ctx = mp.get_context("spawn")
+    ctx = _worker_context(mp)
     with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx) as pool:
         futures = {pool.submit(run_slide_pinned, _with_threads(t, per_slide)): t for t in tasks}
         for fut in as_completed(futures):
@@ -1181,6 +1181,19 @@ def run_tasks(
             except Exception as exc:  # a worker died (e.g. killed by the OOM killer)
                 yield failed_record(futures[fut], f"{Path(futures[fut].path).name}: worker "
                                     f"failed: {type(exc).__name__}: {exc}"[:500])
+
+
+def _worker_context(mp: Any) -> Any:
+    """The start method of local worker processes: ``forkserver`` where there is one (POSIX;
+    Python's own default from 3.14 on Linux), with fibroquant's modules imported once in the
+    server, so each worker starts without re-importing them (~0.5 s each: eight 8k² slides
+    on two workers 7.1-7.2 -> 6.2-6.5 s); ``spawn`` elsewhere. Never plain ``fork``: the
+    parent may be running threads (progress display, tile threads)."""
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["fibroquant.pipeline", "fibroquant.report"])
+    return ctx
 
 
 def _with_threads(task: SlideTask, threads: int) -> SlideTask:
