@@ -1174,13 +1174,29 @@ def run_tasks(
     per_slide = max(1, workers // len(tasks))
     ctx = _worker_context(mp)
     with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx) as pool:
-        futures = {pool.submit(run_slide_pinned, _with_threads(t, per_slide)): t for t in tasks}
+        futures = {pool.submit(run_slide_pinned, _with_threads(t, per_slide)): t
+                   for t in largest_first(tasks)}
         for fut in as_completed(futures):
             try:
                 yield fut.result()
             except Exception as exc:  # a worker died (e.g. killed by the OOM killer)
                 yield failed_record(futures[fut], f"{Path(futures[fut].path).name}: worker "
                                     f"failed: {type(exc).__name__}: {exc}"[:500])
+
+
+def largest_first(tasks: list[SlideTask]) -> list[SlideTask]:
+    """The tasks by file size, largest first (ties in the given order): with slides of mixed
+    sizes the last ones to start are the small ones, so no core is left waiting on a large
+    slide begun at the end. A file that cannot be read counts as empty (it fails quickly)."""
+    def size(task: SlideTask) -> int:
+        try:
+            return os.stat(task.path).st_size
+        except OSError:
+            return 0
+
+    sizes = [size(t) for t in tasks]
+    order = sorted(range(len(tasks)), key=lambda i: -sizes[i])
+    return [tasks[i] for i in order]
 
 
 def _worker_context(mp: Any) -> Any:
@@ -1227,9 +1243,10 @@ def _run_dask(tasks: list[SlideTask], scheduler: str | Any) -> Iterator[dict[str
         raise FibroquantError(msg) from None
     try:
         run = uuid.uuid4().hex[:12]  # two runs sharing a cluster keep their own tasks
-        futures = {client.submit(run_slide_pinned, t, pure=False,
+        n = len(tasks)  # largest first: a higher priority runs earlier
+        futures = {client.submit(run_slide_pinned, t, pure=False, priority=n - i,
                                  key=f"slide-{run}-{i}-{t.fingerprint}"): t
-                   for i, t in enumerate(tasks)}
+                   for i, t in enumerate(largest_first(tasks))}
         for fut in as_completed(list(futures)):
             try:
                 yield fut.result()

@@ -217,3 +217,14 @@ def test_relative_paths_from_python(cluster, study, tmp_path, monkeypatch):
     assert summary.processed == 7 and summary.failed == 0
     slides = pd.read_csv(work / "out" / "slides.csv")
     assert (slides["status"] == "ok").all() and len(slides) == 7
+
+
+def test_largest_slides_are_started_first(tmp_path):
+    from fibroquant.pipeline import largest_first
+
+    sizes = {"a.tif": 10, "b.tif": 300, "c.tif": 10, "d.tif": 50}
+    for name, n in sizes.items():
+        (tmp_path / name).write_bytes(b"x" * n)
+    tasks = [_task(tmp_path, 1, str(tmp_path / n)) for n in [*sizes, "gone.tif"]]
+    order = [Path(t.path).name for t in largest_first(tasks)]
+    assert order == ["b.tif", "d.tif", "a.tif", "c.tif", "gone.tif"]  # ties keep their order
