@@ -9,6 +9,8 @@ tabulated once per call (768 float32 multiplies, the same rounding as the refere
 pixel is two float32 additions of table entries in the reference's order, compiled without
 ``fastmath`` (so no re-association and no fused multiply-add). One pass over the tile, no
 temporaries, and the GIL is released (``nogil=True``), so tiles on a thread pool scale with cores.
+The tile kernel reads rows of width 8k as uint64 words and red + green from a 65,536-entry pair
+table of the reference's first addition (:func:`pair_table`): the same sums, from fewer loads.
 
 Public API
 ----------
@@ -40,8 +42,10 @@ alternative to the fused mask and is slower on this code path; see ``benchmarks/
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -174,14 +178,12 @@ def _find_py(parent: np.ndarray, a: int) -> int:
 _find_nb = _jit(_find_py)
 
 
-def _grow_py(runs: np.ndarray, rod: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _grow_py(runs: np.ndarray) -> np.ndarray:
     # double the capacity of the run table
     n = runs.shape[0]
     runs2 = np.empty((2 * n, runs.shape[1]), runs.dtype)
-    rod2 = np.empty(2 * n, rod.dtype)
     runs2[:n] = runs
-    rod2[:n] = rod
-    return runs2, rod2
+    return runs2
 
 
 _grow_nb = _jit(_grow_py)
@@ -203,16 +205,17 @@ def _hit_list_py(words: np.ndarray, hit: np.ndarray, w: int, hits: np.ndarray) -
     # view of ``words`` (uint64, four per 32 columns, zero past w): a run of 32 columns is
     # tested by OR-ing its four words, and only the runs with a hit are listed, branch-free.
     # (Summing 32 int32 flags per run instead cost a vector reduction each: the listing took
-    # ~0.4 ms per 1024² tile, twice as long as this.) The flags are added as int64: a uint8
-    # count would wrap at 256 in pure Python.
-    m = 0
+    # ~0.4 ms per 1024² tile, twice as long as this.) The count is unsigned, so that numba
+    # does not test the store's index for a negative wrap-around (a uint64, not the uint8 of
+    # the flags: that would wrap at 256 in pure Python).
+    m = np.uint64(0)
     for c in range(words.shape[0] // 4):
         if (words[4 * c] | words[4 * c + 1] | words[4 * c + 2] | words[4 * c + 3]) != 0:
             j1 = min(32 * c + 32, w)
             for j in range(32 * c, j1):
                 hits[m] = j
-                m += np.int64(hit[j])
-    return m
+                m += np.uint64(hit[j])
+    return np.int64(m)
 
 
 _hit_list_nb = _jit(_hit_list_py)
@@ -253,17 +256,33 @@ _focus_lap_nb = _jit(_focus_lap_py)
 
 def _focus_flush_py(acc: np.ndarray, k: int, n: np.ndarray, s1: np.ndarray,
                     s2: np.ndarray) -> None:
-    # add per-column sums to the float64 totals acc[k:k + 3], column by column, and clear them
+    # add per-column float32 sums to the per-column float64 sums acc[k:k + 3], and clear them
+    # (column-wise, so it vectorises; _focus_total_py sums the columns once at the end)
+    a0 = acc[k]
+    a1 = acc[k + 1]
+    a2 = acc[k + 2]
     for j in range(n.shape[0]):
-        acc[k] += n[j]
-        acc[k + 1] += s1[j]
-        acc[k + 2] += s2[j]
+        a0[j] += n[j]
+        a1[j] += s1[j]
+        a2[j] += s2[j]
         n[j] = 0
         s1[j] = 0.0
         s2[j] = 0.0
 
 
 _focus_flush_nb = _jit(_focus_flush_py)
+
+
+def _focus_total_py(acc: np.ndarray, out: np.ndarray) -> None:
+    # out[k] = the per-column float64 sums acc[k] summed over the columns, in column order
+    for k in range(acc.shape[0]):
+        t = 0.0
+        for j in range(acc.shape[1]):
+            t += acc[k, j]
+        out[k] = t
+
+
+_focus_total_nb = _jit(_focus_total_py)
 
 
 def _add_run_py(counts: np.ndarray, bcol: np.ndarray, f: int, s: int, e: int) -> None:
@@ -277,12 +296,69 @@ def _add_run_py(counts: np.ndarray, bcol: np.ndarray, f: int, s: int, e: int) ->
 
 _add_run_nb = _jit(_add_run_py)
 
+# A row of a C-contiguous uint8 RGB tile whose width is a multiple of 8 is read as uint64
+# words, three per 8 pixels (little-endian: pixel k of a group starts at bit 24 k). A pixel's
+# red and green are then one 16-bit field, the index of a pair table ``t01[(g << 8) | r] =
+# t0[r] + t1[g]`` (float32, the reference's first addition, so the sums are bit-identical);
+# blue indexes ``t2``. Two table reads and three word reads per 8 pixels instead of three
+# table reads and three byte reads per pixel: the scalar loop was bound by its loads.
+_M8 = np.uint64(0xFF)
+_M16 = np.uint64(0xFFFF)
+_S8 = np.uint64(8)
+_S16 = np.uint64(16)
+_S24 = np.uint64(24)
+_S32 = np.uint64(32)
+_S40 = np.uint64(40)
+_S48 = np.uint64(48)
+_S56 = np.uint64(56)
+
+
+def _conc_row_words_py(words: np.ndarray, base: int, w: int, t01: np.ndarray, t2: np.ndarray,
+                       out: np.ndarray) -> None:
+    # out[j] = t01[rg] + t2[b] of the w pixels of the row whose words start at ``base``
+    row = words[base:]  # indexed from 0: no negative-index wrap-around per read
+    for k in range(w // 8):
+        a = row[3 * k]
+        b = row[3 * k + 1]
+        c = row[3 * k + 2]
+        j = 8 * k
+        out[j] = t01[a & _M16] + t2[(a >> _S16) & _M8]
+        out[j + 1] = t01[(a >> _S24) & _M16] + t2[(a >> _S40) & _M8]
+        out[j + 2] = t01[a >> _S48] + t2[b & _M8]
+        out[j + 3] = t01[(b >> _S8) & _M16] + t2[(b >> _S24) & _M8]
+        out[j + 4] = t01[(b >> _S32) & _M16] + t2[(b >> _S48) & _M8]
+        out[j + 5] = t01[(b >> _S56) | ((c & _M8) << _S8)] + t2[(c >> _S8) & _M8]
+        out[j + 6] = t01[(c >> _S16) & _M16] + t2[(c >> _S32) & _M8]
+        out[j + 7] = t01[(c >> _S40) & _M16] + t2[c >> _S56]
+
+
+_conc_row_words_nb = _jit(_conc_row_words_py)
+
+
+def _even_row_words_py(words: np.ndarray, base: int, w: int, t01: np.ndarray, t2: np.ndarray,
+                       out: np.ndarray) -> None:
+    # out[q] = t01[rg] + t2[b] of the row's even pixels 2 q (the focus samples, stride 2)
+    row = words[base:]
+    for k in range(w // 8):
+        a = row[3 * k]
+        b = row[3 * k + 1]
+        c = row[3 * k + 2]
+        q = 4 * k
+        out[q] = t01[a & _M16] + t2[(a >> _S16) & _M8]
+        out[q + 1] = t01[a >> _S48] + t2[b & _M8]
+        out[q + 2] = t01[(b >> _S32) & _M16] + t2[(b >> _S48) & _M8]
+        out[q + 3] = t01[(c >> _S16) & _M16] + t2[(c >> _S32) & _M8]
+
+
+_even_row_words_nb = _jit(_even_row_words_py)
+
 
 def _tile_py(
     rgb: np.ndarray, lut: np.ndarray, tables: np.ndarray, others: np.ndarray,
     min_share: np.float32, flags: np.ndarray, thr: np.ndarray, rows: np.ndarray,
     cols: np.ndarray, f: int, blocks: np.ndarray, stride: int, fmom: np.ndarray,
     counts: np.ndarray, od_total: np.ndarray, min_px: int, blob_px: int, blob_side: int,
+    words: np.ndarray, t01: np.ndarray, l01: np.ndarray,
 ) -> None:
     # Row by row. Each low-resolution row is expanded once over the tile's columns, run by run
     # of equal low-resolution column: the class of every column, the threshold of the plain
@@ -299,12 +375,19 @@ def _tile_py(
     # (union-find) to the runs of the row above that touch it, 8-connected. At the end, the
     # components smaller than min_px that do not touch the tile's edge are taken out of the
     # counts, the OD sum and the block counts, and so are compact blobs (is_blob). No
-    # full-resolution mask is written.
+    # full-resolution mask is written. A row's runs are cut where the listed columns break
+    # (branch-free), and only the removed runs' OD sums are taken, at the end, from the
+    # pixels again.
+    #
+    # ``words`` (uint64, empty when not usable) is the tile read as words, with the pair
+    # tables ``t01`` (collagen) and ``l01`` (summed OD): see _conc_row_words_py.
     #
     # Focus (stride > 0): the summed OD of every stride-th pixel of every stride-th row is
     # kept for three sampled rows only, and the moments of _focus_py are taken as the rows
     # come (a row's Laplacian when the row below it arrives), with the same sums in the same
     # order: fmom holds what focus_moments returns for the sampled grid, bit for bit.
+    use_words = words.shape[0] > 0
+    nw = (rgb.shape[1] * 3) // 8  # words per row (when use_words)
     t0 = tables[0]
     t1 = tables[1]
     t2 = tables[2]
@@ -324,6 +407,7 @@ def _tile_py(
     hit_words = np.zeros((w + 31) // 32 * 4, np.uint64)  # the cut of the row, padded to 32
     hit = hit_words.view(np.uint8)  # columns; the padding stays 0
     hits = np.empty(w, np.int64)  # plain columns that passed the cut (then the guard)
+    brk = np.empty(w + 1, np.int64)  # where the listed columns break into runs
     isp_blk = np.zeros(nbw, np.int32)  # plain tissue columns per block column
     exc_blk = np.zeros(nbw, np.int32)  # columns excluded whatever the pixel, per block column
     bcol = np.empty(w, np.int64)  # block column of every column
@@ -349,7 +433,7 @@ def _tile_py(
     f_m = np.zeros(ws, np.int32)
     f_q1 = np.zeros(ws, np.float32)
     f_q2 = np.zeros(ws, np.float32)
-    facc = np.zeros(6, np.float64)
+    facc = np.zeros((6, ws), np.float64)  # per-column float64 sums (_focus_flush_py)
     reff = zero
     if hs > 0 and ws > 0:
         ci = (hs // 2) * stride
@@ -357,7 +441,6 @@ def _tile_py(
         reff = l0[rgb[ci, cj, 0]] + l1[rgb[ci, cj, 1]] + l2[rgb[ci, cj, 2]]
     want_runs = min_px > 1 or blob_px > 0
     runs = np.empty((4096 if want_runs else 1, 4), np.int32)  # row, first, last, parent
-    rod = np.empty(runs.shape[0], np.float64)  # OD sum of each run
     n_runs = 0
     prev0 = 0  # runs of the previous row: prev0 .. prev1 - 1
     prev1 = 0
@@ -368,7 +451,7 @@ def _tile_py(
     n_lum = 0
     n_fold = 0
     n_bub = 0
-    od_acc = 0.0
+    od_acc = np.float64(0.0)  # (a plain 0.0 would sum in float32 as Python under NEP 50)
     prev = -1
     n_plain = 0
     n_spec = 0
@@ -432,9 +515,12 @@ def _tile_py(
             si = i // stride
             osr = ring[si % 3]
             tsr = ring_t[si % 3]
-            for sj in range(ws):
-                j = sj * stride
-                osr[sj] = l0[rgb[i, j, 0]] + l1[rgb[i, j, 1]] + l2[rgb[i, j, 2]]
+            if use_words and stride == 2:
+                _even_row_words_nb(words, i * nw, w, l01, l2, osr)
+            else:
+                for sj in range(ws):
+                    j = sj * stride
+                    osr[sj] = l0[rgb[i, j, 0]] + l1[rgb[i, j, 1]] + l2[rgb[i, j, 2]]
             for sj in range(ws):
                 tsr[sj] = tsub[sj]
             _focus_row_nb(osr, tsr, reff, f_n, f_s1, f_s2)
@@ -446,8 +532,11 @@ def _tile_py(
                 if (si - 1) % 16 == 15:
                     _focus_flush_nb(facc, 3, f_m, f_q1, f_q2)
         if n_plain + n_spec > 0:  # not glass only
-            for j in range(w):
-                buf[j] = t0[rgb[i, j, 0]] + t1[rgb[i, j, 1]] + t2[rgb[i, j, 2]]
+            if use_words:
+                _conc_row_words_nb(words, i * nw, w, t01, t2, buf)
+            else:
+                for j in range(w):
+                    buf[j] = t0[rgb[i, j, 0]] + t1[rgb[i, j, 1]] + t2[rgb[i, j, 2]]
         m = 0  # hits[:m]: the plain columns that are collagen (after the guard)
         if n_plain > 0:
             n_tis += n_plain
@@ -518,23 +607,20 @@ def _tile_py(
         if want_runs:
             cur0 = n_runs
             pr = prev0
-            q = 0
-            while q < m:
-                s = hits[q]
-                e = s
-                od = np.float64(buf[s])
-                q += 1
-                while q < m and hits[q] == e + 1:
-                    e = hits[q]
-                    od += buf[e]
-                    q += 1
+            n_brk = 0
+            for q in range(m):  # branch-free: q starts a run when its column is not the
+                brk[n_brk] = q  # previous one's right neighbour
+                n_brk += (q == 0) or (hits[q] != hits[q - 1] + 1)
+            brk[n_brk] = m
+            for u in range(n_brk):
+                s = hits[brk[u]]
+                e = hits[brk[u + 1] - 1]
                 if n_runs == runs.shape[0]:
-                    runs, rod = _grow_nb(runs, rod)
+                    runs = _grow_nb(runs)
                 runs[n_runs, 0] = i
                 runs[n_runs, 1] = s
                 runs[n_runs, 2] = e
                 runs[n_runs, 3] = n_runs
-                rod[n_runs] = od
                 # join the runs of the row above that touch this one (8-connected)
                 while pr < prev1 and runs[pr, 2] < s - 1:
                     pr += 1
@@ -551,7 +637,7 @@ def _tile_py(
             prev0 = cur0
             prev1 = n_runs
     n_rm = 0
-    od_rm = 0.0
+    od_rm = np.float64(0.0)
     if n_runs > 0:
         # size and bounding box of every component (roots have the smallest index)
         size = np.zeros(n_runs, np.int64)
@@ -575,14 +661,18 @@ def _tile_py(
                                                    c1[root] - c0[root] + 1, blob_px, blob_side)) \
                     and r0[root] > 0 and c0[root] > 0 and r1[root] < h - 1 and c1[root] < w - 1:
                 n_rm += runs[r, 2] - runs[r, 1] + 1
-                od_rm += rod[r]
-                b0 = blocks[0, runs[r, 0] // f]
-                for j in range(runs[r, 1], runs[r, 2] + 1):
+                ri = runs[r, 0]
+                s = runs[r, 1]
+                od = np.float64(t0[rgb[ri, s, 0]] + t1[rgb[ri, s, 1]] + t2[rgb[ri, s, 2]])
+                for j in range(s + 1, runs[r, 2] + 1):  # the run's OD sum, in pixel order
+                    od += t0[rgb[ri, j, 0]] + t1[rgb[ri, j, 1]] + t2[rgb[ri, j, 2]]
+                od_rm += od
+                b0 = blocks[0, ri // f]
+                for j in range(s, runs[r, 2] + 1):
                     b0[bcol[j]] -= 1
     if stride > 0:
         _focus_flush_nb(facc, 3, f_m, f_q1, f_q2)  # the Laplacian rows since the last 16
-        for k in range(6):
-            fmom[k] = facc[k]
+        _focus_total_nb(facc, fmom)
         fmom[6] = reff
     counts[0] += n_tis
     counts[1] += n_col - n_rm
@@ -598,8 +688,9 @@ def _focus_py(od: np.ndarray, tis: np.ndarray, ref: float, out: np.ndarray) -> N
     # Moments for the focus measure: count, sum and sum of squares of ``od - ref`` over the
     # tissue pixels; the same of the 3x3 Laplacian over the tissue pixels off the frame.
     # Per-column float32 sums over 16 rows (they vectorise twice as wide as float64), added to
-    # float64 totals after every 16 rows: the focus ratio moves by ~1e-8 relative. The tile
-    # kernel (_tile_py) takes the same sums, in the same order, as its sampled rows come.
+    # per-column float64 sums after every 16 rows, and those summed over the columns at the
+    # end: the focus ratio moves by ~1e-8 relative. The tile kernel (_tile_py) takes the same
+    # sums, in the same order, as its sampled rows come.
     h, w = od.shape
     cn = np.zeros(w, np.int32)
     c1 = np.zeros(w, np.float32)
@@ -607,7 +698,7 @@ def _focus_py(od: np.ndarray, tis: np.ndarray, ref: float, out: np.ndarray) -> N
     dn = np.zeros(w, np.int32)
     d1 = np.zeros(w, np.float32)
     d2 = np.zeros(w, np.float32)
-    acc = np.zeros(6, np.float64)
+    acc = np.zeros((6, w), np.float64)
     reff = np.float32(ref)
     for i in range(h):
         _focus_row_nb(od[i], tis[i], reff, cn, c1, c2)
@@ -616,8 +707,7 @@ def _focus_py(od: np.ndarray, tis: np.ndarray, ref: float, out: np.ndarray) -> N
         if i % 16 == 15 or i == h - 1:
             _focus_flush_nb(acc, 0, cn, c1, c2)
             _focus_flush_nb(acc, 3, dn, d1, d2)
-    for k in range(6):
-        out[k] = acc[k]
+    _focus_total_nb(acc, out)
 
 
 def focus_moments(od: np.ndarray, tissue: np.ndarray) -> np.ndarray | None:
@@ -732,6 +822,45 @@ def _other_tables(lut: np.ndarray, other_cols: tuple[np.ndarray, ...]) -> np.nda
     for k, col in enumerate(other_cols):
         others[k] = scaled_tables(lut, col)
     return others
+
+
+def pair_table(tables: np.ndarray) -> np.ndarray:
+    """``t01[(g << 8) | r] = tables[0, r] + tables[1, g]`` in float32 (the reference's first
+    addition, same rounding): the table that :func:`_conc_row_words_py` reads red and green
+    from in one look-up.
+
+    Parameters
+    ----------
+    tables : ndarray of float32, shape (3, 256)
+
+    Returns
+    -------
+    ndarray of float32, shape (65536,)
+    """
+    return np.ascontiguousarray((tables[0][None, :] + tables[1][:, None]).ravel(),
+                                dtype=np.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _pair_tables_cached(tables: bytes, lut: bytes) -> tuple[np.ndarray, np.ndarray]:
+    def pairs(b: bytes) -> np.ndarray:
+        return pair_table(np.frombuffer(b, np.float32).reshape(3, 256))
+
+    return pairs(tables), pairs(lut)
+
+
+_NO_WORDS = np.empty(0, np.uint64)
+_NO_PAIRS = np.empty(0, np.float32)
+
+
+def _words(rgb: np.ndarray) -> np.ndarray:
+    """The tile as uint64 words for the word path of the tile kernel, or an empty array when
+    it cannot be read so (width not a multiple of 8, not C-contiguous, not 8-byte aligned,
+    big-endian)."""
+    if (rgb.shape[1] % 8 or not rgb.flags.c_contiguous or rgb.ctypes.data % 8
+            or sys.byteorder != "little" or rgb.size == 0):
+        return _NO_WORDS
+    return rgb.reshape(-1).view(np.uint64)
 
 
 def _fast_ok(rgb: np.ndarray, lut: np.ndarray, unmix_col: np.ndarray) -> bool:
@@ -1152,9 +1281,13 @@ def measure_tile_fused(
     counts = np.zeros(len(FUSED_COUNTS), np.int64)
     od_total = np.zeros(1, np.float64)
     tables = scaled_tables(lut, unmix_col)
+    words = _words(rgb)
+    t01 = l01 = _NO_PAIRS
+    if words.size:
+        t01, l01 = _pair_tables_cached(tables.tobytes(), np.ascontiguousarray(lut).tobytes())
     _tile_nb(rgb, lut, tables, others, np.float32(min_share), flags, thr,
              rows, cols, int(f), blocks, int(stride), fmom, counts, od_total,
-             int(min_px), int(blob_px), int(blob_side))
+             int(min_px), int(blob_px), int(blob_side), words, t01, l01)
     shape = (-(-h // stride), -(-w // stride)) if stride > 0 else (0, 0)
     return FusedTile(dict(zip(FUSED_COUNTS, (int(c) for c in counts))), float(od_total[0]),
                      blocks, fmom if stride > 0 else None, shape)

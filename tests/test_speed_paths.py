@@ -589,3 +589,101 @@ def test_hit_list_equals_nonzero_compiled_and_pure_python(w, density):
         m = fn(words, hit, w, hits)
         assert m == len(expected)
         np.testing.assert_array_equal(hits[:m], expected)
+
+
+# The word path of the tile kernel: rows of width 8k read as uint64 words, pair tables
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("w", [8, 16, 64, 1024])
+def test_word_rows_equal_the_byte_formula_compiled_and_pure_python(w):
+    """Red and green as one 16-bit field of a word, blue as one byte: every pixel of the row
+    (and every even one) gets the reference's float32 sum, bit for bit, at every pixel
+    position within its 3-word group; all 2^24 colours are reachable."""
+    rng = np.random.default_rng(w)
+    rgb = rng.integers(0, 256, (3, w, 3), dtype=np.uint8)
+    rgb[1, : min(w, 8)] = [[255, 255, 255], [0, 0, 0], [255, 0, 255], [0, 255, 0],
+                           [1, 254, 128], [254, 1, 127], [128, 127, 1], [7, 200, 93]][: min(w, 8)]
+    tables = rng.normal(size=(3, 256)).astype(np.float32)
+    t01 = kernels.pair_table(tables)
+    words = kernels._words(rgb)
+    assert words.size == rgb.size // 8
+    expected = (tables[0][rgb[..., 0]] + tables[1][rgb[..., 1]]) + tables[2][rgb[..., 2]]
+    for conc_row, even_row in ((kernels._conc_row_words_py, kernels._even_row_words_py),
+                               (kernels._conc_row_words_nb, kernels._even_row_words_nb)):
+        for i in range(rgb.shape[0]):
+            out = np.full(w, np.nan, np.float32)
+            conc_row(words, i * (3 * w // 8), w, t01, tables[2], out)
+            np.testing.assert_array_equal(out, expected[i])
+            even = np.full(w // 2, np.nan, np.float32)
+            even_row(words, i * (3 * w // 8), w, t01, tables[2], even)
+            np.testing.assert_array_equal(even, expected[i, ::2])
+
+
+def test_pair_table_is_the_references_first_addition():
+    rng = np.random.default_rng(3)
+    tables = rng.normal(size=(3, 256)).astype(np.float32)
+    t01 = kernels.pair_table(tables)
+    assert t01.dtype == np.float32 and t01.shape == (65536,) and t01.flags.c_contiguous
+    r, g = rng.integers(0, 256, 1000), rng.integers(0, 256, 1000)
+    np.testing.assert_array_equal(t01[(g << 8) | r], tables[0][r] + tables[1][g])
+
+
+def test_words_only_for_c_contiguous_aligned_tiles_of_width_8k():
+    rgb = np.zeros((4, 16, 3), np.uint8)
+    assert kernels._words(rgb).size == 4 * 16 * 3 // 8
+    assert kernels._words(rgb[:, :12]).size == 0  # not C-contiguous
+    assert kernels._words(np.zeros((4, 12, 3), np.uint8)).size == 0  # width not 8k
+    assert kernels._words(np.zeros((0, 8, 3), np.uint8)).size == 0  # empty
+    buf = np.zeros(4 * 16 * 3 + 16, np.uint8)
+    offset = (1 - buf.ctypes.data) % 8 or 1  # the buffer's address + offset is not 8k
+    misaligned = buf[offset : offset + 4 * 16 * 3].reshape(4, 16, 3)
+    assert misaligned.ctypes.data % 8 != 0 and misaligned.flags.c_contiguous
+    assert kernels._words(misaligned).size == 0
+
+
+def _word_tile_inputs(seed, w):
+    _, lut, unmix, others, flags, thr, rows, cols = _fused_inputs(seed)
+    rgb, _ = make_section(SectionParams(shape=(150, w), mpp=0.5), rng=seed)
+    rows = pipeline._index_map(0, rgb.shape[0], rgb.shape[0] / flags.shape[0], flags.shape[0])
+    cols = pipeline._index_map(0, w, w / flags.shape[1], flags.shape[1])
+    assert kernels._words(rgb).size
+    return rgb, lut, unmix, others, flags, thr, rows, cols
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("w", [8, 104, 256])
+@pytest.mark.parametrize(("stride", "min_px"), [(0, 0), (2, 12), (3, 1)])
+def test_word_path_equals_byte_path_and_reference(seed, w, stride, min_px, monkeypatch):
+    """A tile of width 8k takes the word path (concentration, and the focus samples at
+    stride 2); the same tile by bytes gives the same counts, blocks, focus moments and OD
+    sum, bit for bit (the OD sums of the removed specks are taken from the pixels again)."""
+    rgb, lut, unmix, others, flags, thr, rows, cols = _word_tile_inputs(seed, w)
+    args = (rgb, lut, unmix, others, 0.35, flags, thr, rows, cols, 3, stride, min_px, 30, 8)
+    a = _fused_equals_reference(*args)
+    monkeypatch.setattr(kernels, "_words", lambda rgb: kernels._NO_WORDS)
+    b = kernels.measure_tile_fused(*args)
+    assert a.counts == b.counts and a.collagen_od_sum == b.collagen_od_sum
+    np.testing.assert_array_equal(a.blocks, b.blocks)
+    if stride:
+        np.testing.assert_array_equal(a.focus, b.focus)
+
+
+def test_tile_kernel_as_plain_python_equals_compiled(monkeypatch):
+    """The kernel run as plain Python (numpy scalars: uint64 words and counts) gives the
+    compiled kernel's result, on the word path and on the byte path."""
+    if not kernels.HAVE_NUMBA:
+        pytest.skip("numba missing: the kernel is not compiled")
+    for w in (64, 60):
+        rgb, lut, unmix, others, flags, thr, rows, cols = _word_tile_inputs(1, 64)
+        rgb = np.ascontiguousarray(rgb[:40, :w])
+        rows, cols = rows[:40], cols[:w]
+        args = (rgb, lut, unmix, others, 0.35, flags, thr, rows, cols, 3, 2, 6, 30, 8)
+        a = kernels.measure_tile_fused(*args)
+        with monkeypatch.context() as m:
+            m.setattr(kernels, "_tile_nb", kernels._tile_py)
+            b = kernels.measure_tile_fused(*args)
+        assert a.counts == b.counts and a.collagen_od_sum == b.collagen_od_sum
+        assert a.counts["collagen_px"] > 0
+        np.testing.assert_array_equal(a.blocks, b.blocks)
+        np.testing.assert_array_equal(a.focus, b.focus)
