@@ -543,12 +543,10 @@ def _tile_py(
             b1 = blocks[1, bi]
             for bj in range(nbw):
                 b1[bj] += isp_blk[bj]
-            k = 0
             for j in range(w):
                 hit[j] = buf[j] > tb[j]
-                k += np.int64(hit[j])
-            if k > 0:
-                m = _hit_list_nb(hit_words, hit, w, hits)
+            m = _hit_list_nb(hit_words, hit, w, hits)  # (no pre-count: the listing skips
+            # runs of 32 columns without a hit by their words anyway)
             if m > 0 and n_other == 2:  # the share guard, written out for the usual 3 stains
                 oa0 = others[0, 0]
                 oa1 = others[0, 1]
