@@ -669,11 +669,47 @@ def test_word_path_equals_byte_path_and_reference(seed, w, stride, min_px, monke
         np.testing.assert_array_equal(a.focus, b.focus)
 
 
+@pytest.mark.parametrize("n_other", [1, 2])
+def test_word_path_on_dense_random_masks(n_other, monkeypatch):
+    """Dense collagen on a tile of width 8k: the run table grows past its first capacity, many
+    specks and blobs are removed (their OD sums taken from the pixels again), the share guard
+    with one and with two other stains; word path = byte path = reference, read-only too."""
+    rng = np.random.default_rng(n_other)
+    h, w = 300, 336
+    col = rng.random((h, w)) < 0.55
+    rgb = np.full((h, w, 3), 235, np.uint8)
+    rgb[col] = (170, 60, 90)
+    rgb[..., 1] = np.clip(rgb[..., 1].astype(int) + rng.integers(-40, 40, (h, w)), 0, 255)
+    lut = od_lut((240.0, 240.0, 240.0))
+    unmix = np.array([0.1, 1.0, -0.2], np.float32)
+    others = (np.array([1.0, -0.3, 0.2], np.float32), np.array([-0.2, 0.1, 0.9], np.float32))
+    flags = rng.choice(np.array([1, 1, 1, 1, 1 | 2, 1 | 4, 8, 0], np.uint8), (10, 7))
+    thr = rng.uniform(0.1, 0.5, (10, 7)).astype(np.float32)
+    rows = pipeline._index_map(0, h, h / 10, 10)
+    cols = pipeline._index_map(0, w, w / 7, 7)
+    args = (rgb, lut, unmix, others[:n_other], 0.3, flags, thr, rows, cols, 3, 2, 5, 60, 12)
+    assert kernels._words(rgb).size
+    a = _fused_equals_reference(*args)
+    readonly = rgb.copy()
+    readonly.flags.writeable = False
+    c = kernels.measure_tile_fused(readonly, *args[1:])
+    monkeypatch.setattr(kernels, "_words", lambda rgb: kernels._NO_WORDS)
+    b = kernels.measure_tile_fused(*args)
+    for other in (b, c):
+        assert a.counts == other.counts and a.collagen_od_sum == other.collagen_od_sum
+        np.testing.assert_array_equal(a.blocks, other.blocks)
+        np.testing.assert_array_equal(a.focus, other.focus)
+
+
 def test_tile_kernel_as_plain_python_equals_compiled(monkeypatch):
-    """The kernel run as plain Python (numpy scalars: uint64 words and counts) gives the
-    compiled kernel's result, on the word path and on the byte path."""
+    """The kernel and all its helpers run as plain Python (numpy scalars: uint64 words and
+    counts) give the compiled kernel's result, on the word path and on the byte path."""
     if not kernels.HAVE_NUMBA:
         pytest.skip("numba missing: the kernel is not compiled")
+    plain = {name: getattr(kernels, name[:-3] + "_py") for name in dir(kernels)
+             if name.startswith("_") and name.endswith("_nb")
+             and hasattr(kernels, name[:-3] + "_py")}
+    assert {"_tile_nb", "_conc_row_words_nb", "_hit_list_nb", "_focus_total_nb"} <= set(plain)
     for w in (64, 60):
         rgb, lut, unmix, others, flags, thr, rows, cols = _word_tile_inputs(1, 64)
         rgb = np.ascontiguousarray(rgb[:40, :w])
@@ -681,7 +717,8 @@ def test_tile_kernel_as_plain_python_equals_compiled(monkeypatch):
         args = (rgb, lut, unmix, others, 0.35, flags, thr, rows, cols, 3, 2, 6, 30, 8)
         a = kernels.measure_tile_fused(*args)
         with monkeypatch.context() as m:
-            m.setattr(kernels, "_tile_nb", kernels._tile_py)
+            for name, fn in plain.items():
+                m.setattr(kernels, name, fn)
             b = kernels.measure_tile_fused(*args)
         assert a.counts == b.counts and a.collagen_od_sum == b.collagen_od_sum
         assert a.counts["collagen_px"] > 0
