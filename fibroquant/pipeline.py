@@ -981,6 +981,72 @@ def _stain_fit(rgb: np.ndarray, *, od_floor: float = 0.15, max_pixels: int = 200
     return {k: round(st._nonneg_residual(od, v), 4) for k, v in candidates.items()}
 
 
+#: Slides running in the local worker processes of this run (a shared counter, given to each
+#: worker by :func:`_init_worker`); None outside a local process pool.
+_running: Any = None
+#: The cores those worker processes share.
+_pool_cores = 0
+
+
+def _init_worker(running: Any, cores: int) -> None:
+    """Initializer of a run's local worker processes: the shared count of running slides."""
+    global _running, _pool_cores
+    _running, _pool_cores = running, cores
+
+
+def _tile_threads(cap: int) -> int:
+    """Tile threads a slide may use now: ``cap`` outside a local pool; inside one, an equal
+    share of the pool's cores among the slides running (at least 1, at most ``cap``), so that
+    a slide left running alone (a run's last, or a large one started beside small ones) takes
+    the cores the finished ones gave back instead of keeping one thread to the end."""
+    if _running is None:
+        return cap
+    return max(1, min(cap, _pool_cores // max(1, _running.value)))
+
+
+@contextmanager
+def _counted_running() -> Iterator[None]:
+    """Count this slide among the pool's running slides while it runs (no-op outside one)."""
+    running = _running
+    if running is None:
+        yield
+        return
+    with running.get_lock():
+        running.value += 1
+    try:
+        yield
+    finally:
+        with running.get_lock():
+            running.value -= 1
+
+
+#: How often a tile waiting for its slide's share of the cores looks again (seconds): the
+#: share grows when a slide in another worker process ends, which no event here reports.
+SHARE_POLL_SECONDS = 0.05
+
+
+def _gated(fn: Any, cap: int) -> Any:
+    """``fn`` run by at most :func:`_tile_threads` threads at once (re-read as tiles start and
+    end, and every :data:`SHARE_POLL_SECONDS` while one waits); the others wait their turn."""
+    cond = threading.Condition()
+    active = 0
+
+    def run(*args: Any) -> Any:
+        nonlocal active
+        with cond:
+            while active >= _tile_threads(cap):
+                cond.wait(SHARE_POLL_SECONDS)
+            active += 1
+        try:
+            return fn(*args)
+        finally:
+            with cond:
+                active -= 1
+                cond.notify()
+
+    return run
+
+
 def _map_tiles(slide: Slide, job: _TileJob, boxes: list, workers: int) -> Iterator[Any]:
     if workers <= 1 or len(boxes) < 2:
         for box in boxes:
@@ -991,17 +1057,18 @@ def _map_tiles(slide: Slide, job: _TileJob, boxes: list, workers: int) -> Iterat
     # slide with 2 threads). Restored when the loop ends.
     cv_threads = cv2.getNumThreads()
     cv2.setNumThreads(1)
+    tile = _process_tile if _running is None else _gated(_process_tile, workers)
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             # bounded in-flight window keeps memory independent of slide size
             window = 2 * workers
             it = iter(boxes)
-            pending = [pool.submit(_process_tile, slide, job, b) for _, b in zip(range(window), it)]
+            pending = [pool.submit(tile, slide, job, b) for _, b in zip(range(window), it)]
             while pending:
                 fut = pending.pop(0)
                 nxt = next(it, None)
                 if nxt is not None:
-                    pending.append(pool.submit(_process_tile, slide, job, nxt))
+                    pending.append(pool.submit(tile, slide, job, nxt))
                 yield fut.result()
     finally:
         cv2.setNumThreads(cv_threads)
@@ -1107,7 +1174,9 @@ def run_slide_pinned(task: SlideTask) -> dict[str, Any]:
     """
     if os.environ.get(QUIET_ENV) == "1":
         quiet_warnings()
-    with _pinned(max(1, task.threads)):
+    # in a local pool the tile threads follow the cores free (_tile_threads), and OpenCV and
+    # BLAS keep one thread: the slides beside it use the others
+    with _pinned(1 if _running is not None else max(1, task.threads)), _counted_running():
         return run_slide(task)
 
 
@@ -1154,6 +1223,8 @@ def run_tasks(
     tasks : list of SlideTask
     workers : int
         Local processes (slides in parallel); with one slide, threads over its tiles instead.
+        A slide in a local pool runs its tiles on its share of the ``workers`` cores among the
+        slides running, so one left running alone takes the cores the others gave back.
     scheduler : str, distributed.Client or Dask cluster, optional
         Address of a Dask scheduler (``tcp://host:port``), a client, or a cluster object
         (``distributed.LocalCluster``, a dask-jobqueue cluster...): tasks then run on the
@@ -1171,10 +1242,12 @@ def run_tasks(
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    per_slide = max(1, workers // len(tasks))
     ctx = _worker_context(mp)
-    with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx) as pool:
-        futures = {pool.submit(run_slide_pinned, _with_threads(t, per_slide)): t
+    running = ctx.Value("i", 0)  # slides running now, across the worker processes
+    with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx,
+                             initializer=_init_worker, initargs=(running, workers)) as pool:
+        # each slide may use up to every core, as its share of them (_tile_threads)
+        futures = {pool.submit(run_slide_pinned, _with_threads(t, workers)): t
                    for t in largest_first(tasks)}
         for fut in as_completed(futures):
             try:

@@ -228,3 +228,78 @@ def test_largest_slides_are_started_first(tmp_path):
     tasks = [_task(tmp_path, 1, str(tmp_path / n)) for n in [*sizes, "gone.tif"]]
     order = [Path(t.path).name for t in largest_first(tasks)]
     assert order == ["b.tif", "d.tif", "a.tif", "c.tif", "gone.tif"]  # ties keep their order
+
+
+class _Count:
+    """A stand-in for the pool's shared counter (multiprocessing.Value)."""
+
+    def __init__(self, value: int) -> None:
+        import threading
+
+        self.value = value
+        self._lock = threading.Lock()
+
+    def get_lock(self):
+        return self._lock
+
+
+@pytest.mark.parametrize(("running", "cores", "cap", "expected"),
+                         [(None, 0, 3, 3), (1, 2, 2, 2), (2, 2, 2, 1), (3, 4, 4, 1),
+                          (2, 4, 4, 2), (1, 8, 2, 2), (0, 2, 2, 2)])
+def test_tile_threads_are_the_slides_share_of_the_pools_cores(monkeypatch, running, cores,
+                                                              cap, expected):
+    from fibroquant import pipeline
+
+    monkeypatch.setattr(pipeline, "_running", None if running is None else _Count(running))
+    monkeypatch.setattr(pipeline, "_pool_cores", cores)
+    assert pipeline._tile_threads(cap) == expected
+
+
+def test_a_slide_left_alone_in_a_pool_takes_the_freed_cores(monkeypatch, tmp_path):
+    """In a local pool the tile loop runs as many tiles at once as its share of the cores:
+    one while another slide runs, two once it has finished (the count read after each tile);
+    the tiles come back in order. A pinned task counts itself among the running slides while
+    it runs (worker processes share the counter) and not afterwards."""
+    import threading
+    import time
+
+    from fibroquant import pipeline
+
+    count = _Count(2)  # this slide and another one
+    monkeypatch.setattr(pipeline, "_running", count)
+    monkeypatch.setattr(pipeline, "_pool_cores", 2)
+    lock = threading.Lock()
+    now = {"n": 0}
+    most = []
+
+    def fake_tile(slide, job, box):
+        with lock:
+            now["n"] += 1
+            most.append((box, now["n"]))
+        time.sleep(0.02)
+        with lock:
+            now["n"] -= 1
+        return box
+
+    monkeypatch.setattr(pipeline, "_process_tile", fake_tile)
+    out = []
+    for box in pipeline._map_tiles(None, None, list(range(20)), 2):
+        out.append(box)
+        if box == 9:
+            count.value = 1  # the other slide has finished
+    assert out == list(range(20))
+    early = [n for box, n in most if box <= 9]
+    late = [n for box, n in most if box >= 12]
+    assert max(early) == 1
+    assert max(late) == 2
+
+    seen = {}
+
+    def fake_run_slide(task):
+        seen["n"] = count.value
+        return {"slide": task.slide, "status": "ok"}
+
+    monkeypatch.setattr(pipeline, "run_slide", fake_run_slide)
+    count.value = 0
+    assert pipeline.run_slide_pinned(_task(tmp_path, 2))["status"] == "ok"
+    assert seen["n"] == 1 and count.value == 0
