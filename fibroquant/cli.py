@@ -199,6 +199,9 @@ def _analyze(
             f"skipped {summary.skipped} (already measured), removed {summary.removed} "
             f"in {summary.seconds:.1f} s"
         )
+        for old, new in summary.renamed:
+            err.print(f"renamed: {new} (was {old}): its measurement and overlay kept",
+                      soft_wrap=True)
         err.print(summary.comparison, soft_wrap=True)
         for slide, error in summary.failed_slides:
             if not any(error in line for line in failed_lines):

@@ -30,6 +30,7 @@ from fibroquant.tasks import (
     OUTPUT_KINDS,
     SlideTask,
     discard_outputs,
+    move_outputs,
     output_files,
     output_stem,
     output_stems,
@@ -75,6 +76,8 @@ class RunSummary:
     comparison: str = ""
     warnings: list[str] = field(default_factory=list)
     failed_slides: list[tuple[str, str]] = field(default_factory=list)
+    #: (old path, new path) of renamed slides whose measurement and outputs were kept
+    renamed: list[tuple[str, str]] = field(default_factory=list)
 
 
 def package_versions() -> dict[str, str]:
@@ -136,6 +139,49 @@ def outputs_current(out_dir: Path, task: SlideTask, last: tuple[str, str, str] |
         return False
     kinds = OUTPUT_KINDS if task.write_masks else ("qc",)
     return all(path.exists() for path in output_files(out_dir, task_stem(task), kinds).values())
+
+
+def renamed_sources(last: dict[str, tuple[str, str, str]], present: set[str],
+                    settings_hash: str) -> dict[str, list[str]]:
+    """Slide paths gone from the folder whose files show a measurement with these settings,
+    by fingerprint: where a slide now found under another name had its overlay and masks.
+
+    Parameters
+    ----------
+    last : dict
+        :meth:`ResultStore.last_measured` (path -> ``(fingerprint, settings_hash, status)``).
+    present : set of str
+        The slide paths of this run.
+    settings_hash : str
+    """
+    out: dict[str, list[str]] = {}
+    for slide, (fp, sh, status) in sorted(last.items()):
+        if slide not in present and sh == settings_hash and status == "ok":
+            out.setdefault(fp, []).append(slide)
+    return out
+
+
+def _keep_renamed(store: ResultStore, out_dir: Path, task: SlideTask,
+                  sources: dict[str, list[str]], old_stems: dict[str, str],
+                  stems_now: set[str], settings_hash: str, run_id: int) -> str | None:
+    """Move the outputs of the slide's old name to its new one and record it; the old path,
+    or None when there is none to take them from (then the slide is measured)."""
+    for old in sources.get(task.fingerprint, []):
+        stem = old_stems.get(old) or output_stem(old)
+        if stem.casefold() in stems_now:  # another present slide writes there
+            continue
+        try:
+            if not move_outputs(out_dir, stem, task_stem(task), task.slide,
+                                masks=task.write_masks):
+                continue
+        except (OSError, FibroquantError, ValueError) as exc:
+            logger.warning("%s: cannot take the outputs of %s (%s); measuring it again",
+                           task.slide, old, one_line(exc))
+            return None
+        store.record_move(task.slide, task.fingerprint, settings_hash, run_id=run_id)
+        sources[task.fingerprint].remove(old)
+        return old
+    return None
 
 
 def stale_stems(previous_slides: Iterable[str], stems: dict[str, str]) -> list[str]:
@@ -315,11 +361,22 @@ def analyze_folder(
             store.link_slides(keys, run_id=run_id)
             known = store.known(shash)
             last = store.last_measured()
-            todo = [
-                t for t in tasks
-                if force or known.get(t.fingerprint) != "ok"
-                or not outputs_current(out_dir, t, last.get(t.slide))
-            ]
+            # a slide renamed (or moved) since it was measured: same content, so its result
+            # stands; its overlay and masks are moved to the new name instead of measuring
+            sources = renamed_sources(last, set(keys), shash)
+            old_stems = output_stems(previous_slides)
+            stems_now = {stem.casefold() for stem in stems.values()}
+            todo = []
+            for t in tasks:
+                if force or known.get(t.fingerprint) != "ok":
+                    todo.append(t)
+                elif not outputs_current(out_dir, t, last.get(t.slide)):
+                    old = _keep_renamed(store, out_dir, t, sources, old_stems, stems_now,
+                                        shash, run_id)
+                    if old is None:
+                        todo.append(t)
+                    else:
+                        summary.renamed.append((old, t.slide))
             summary.skipped = len(tasks) - len(todo)
             if on_plan:
                 n_early = sum(1 for r in early_failed
@@ -399,6 +456,7 @@ def analyze_folder(
                 "version": __version__, "settings_hash": shash, "started_utc": started,
                 "comparison": summary.comparison,
                 "failed_slides": [{"slide": s, "error": e} for s, e in summary.failed_slides],
+                "renamed": [{"from": a, "to": b} for a, b in summary.renamed],
             }
             atomic_write_text(out_dir / "run.json", json.dumps(run_json, indent=2) + "\n")
             store.finish_run(

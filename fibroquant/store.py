@@ -1029,6 +1029,52 @@ class ResultStore:
                 (run_id, slide, fp, sh, status, text, now),
             )
 
+    def record_move(self, slide: str, fingerprint: str, settings_hash: str, *, run_id: int
+                    ) -> None:
+        """Record that slide path ``slide`` now shows the stored result of its content: a
+        renamed file whose overlay and masks were moved to its name, not measured again.
+
+        Appends the result, under the new path, to the history (so :meth:`last_measured` knows
+        what the path's files show) and points the path at the fingerprint; the stored result
+        itself, and the run that measured it, are left as they are.
+
+        Parameters
+        ----------
+        slide : str
+            The new slide path.
+        fingerprint, settings_hash : str
+            The stored ``ok`` result it shows.
+        run_id : int
+            The run that moved the files.
+
+        Raises
+        ------
+        StoreError
+            When there is no such ``ok`` result, or the database cannot be written.
+        """
+        now = _now()
+        with self._transaction(f"record the rename of {slide!r}") as conn:
+            row = conn.execute(
+                "SELECT status, record_json FROM results WHERE fingerprint = ? AND"
+                " settings_hash = ?", (fingerprint, settings_hash),
+            ).fetchone()
+            if row is None or row[0] != "ok":
+                msg = f"{self.path}: no measured result of {slide!r} to move its outputs to"
+                raise StoreError(msg)
+            record = self._decode(row[1])
+            record["slide"] = slide
+            conn.execute(
+                "INSERT INTO slides (slide, fingerprint, run_id, updated_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (slide) DO UPDATE SET fingerprint = excluded.fingerprint,"
+                " run_id = excluded.run_id, updated_at = excluded.updated_at",
+                (slide, fingerprint, run_id, now),
+            )
+            conn.execute(
+                "INSERT INTO history (run_id, slide, fingerprint, settings_hash, status,"
+                " record_json, written_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (run_id, slide, fingerprint, settings_hash, "ok", self._encode(record), now),
+            )
+
     def link_slides(self, fingerprints: Mapping[str, str], *, run_id: int | None = None) -> None:
         """Record the fingerprint each slide path has now, in one transaction.
 

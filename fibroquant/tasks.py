@@ -7,6 +7,7 @@ new never imports the image-analysis stack (numba, scipy, scikit-image).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -180,3 +181,51 @@ def discard_outputs(out_dir: str | Path, stem: str) -> str | None:
         except FibroquantError as exc:
             problem = problem or str(exc)
     return problem
+
+
+def move_outputs(out_dir: str | Path, old_stem: str, new_stem: str, new_slide: str, *,
+                 masks: bool) -> bool:
+    """Give a renamed slide the output files of its old name (the same content, measured).
+
+    The overlay (and with ``masks`` the masks and the GeoJSON, whose annotation names are
+    rewritten to ``new_slide``) are moved from ``old_stem`` to ``new_stem``, each file
+    atomically (``os.replace``); without ``masks``, masks and GeoJSON left at ``new_stem`` by
+    an earlier content are removed, as a measurement without ``--masks`` would.
+
+    Returns
+    -------
+    bool
+        True when everything was moved; False, with nothing moved, when a needed file of the
+        old name is missing (then the slide is measured instead). A failure part way (a file
+        that cannot be moved) raises, and the caller measures the slide: the moved files are
+        then rewritten.
+
+    Raises
+    ------
+    OSError
+        When a file cannot be moved, read or written.
+    """
+    kinds = OUTPUT_KINDS if masks else ("qc",)
+    src = output_files(out_dir, old_stem, kinds)
+    dst = output_files(out_dir, new_stem, kinds)
+    if not all(path.exists() for path in src.values()):
+        return False
+    if not masks:
+        remove_files(output_files(out_dir, new_stem, MASK_KINDS).values())
+    for kind, path in src.items():
+        dst[kind].parent.mkdir(parents=True, exist_ok=True)
+        if kind == "geojson":
+            fc = json.loads(path.read_text(encoding="utf-8"))
+            for feature in fc.get("features", []):
+                props = feature.get("properties", {})
+                cls = props.get("classification", {}).get("name", "")
+                if "name" in props and cls:
+                    props["name"] = f"{new_slide} {cls.lower()}"
+            tmp = dst[kind].with_name(f".{dst[kind].name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(fc, separators=(",", ":"), ensure_ascii=False),
+                           encoding="utf-8")
+            os.replace(tmp, dst[kind])
+            path.unlink()
+        else:
+            os.replace(path, dst[kind])
+    return True

@@ -252,6 +252,74 @@ def test_back_to_earlier_settings_reuses_the_stored_results(bank: Path, tmp_path
     assert summary.processed == 1 and _bytes(_outputs(out, "s0")) == default
 
 
+def test_renamed_slide_keeps_its_measurement_and_outputs(bank: Path, tmp_path: Path) -> None:
+    """A slide renamed or moved into a subfolder since it was measured is not measured again:
+    its stored result stands under the new name, its overlay, masks and GeoJSON (annotation
+    names rewritten) move with it, and the tables show the new name only. A copy (the old
+    name still there) and a rename onto a changed content are measured."""
+    slides = _two_slides(bank, tmp_path / "slides")
+    out = tmp_path / "out"
+    assert run(slides, out, masks=True).processed == 2
+    before = table(out).set_index("slide")
+    files = _bytes(_outputs(out, "s0"))
+
+    (slides / "sub").mkdir()
+    shutil.move(slides / "s0.tif", slides / "sub" / "mouse7.tif")
+    summary = run(slides, out, masks=True)
+    assert (summary.processed, summary.skipped, summary.removed) == (0, 2, 1)
+    assert summary.renamed == [("s0.tif", "sub/mouse7.tif")]
+    after = table(out).set_index("slide")
+    assert sorted(after.index) == ["s1.tif", "sub/mouse7.tif"]
+    assert after.loc["sub/mouse7.tif", "cpa_percent"] == before.loc["s0.tif", "cpa_percent"]
+    moved = _outputs(out, "sub__mouse7")
+    assert all(v is None for v in _bytes(_outputs(out, "s0")).values())
+    assert {k: moved[k].read_bytes() for k in ("qc", "collagen", "tissue")} == {
+        k: files[k] for k in ("qc", "collagen", "tissue")}
+    geo = json.loads(moved["geojson"].read_text())
+    old_geo = json.loads(files["geojson"])
+    assert [f["geometry"] for f in geo["features"]] == [f["geometry"] for f in old_geo["features"]]
+    assert {f["properties"]["name"] for f in geo["features"]} == {
+        "sub/mouse7.tif tissue", "sub/mouse7.tif collagen"}
+    assert json.loads((out / "run.json").read_text())["renamed"] == [
+        {"from": "s0.tif", "to": "sub/mouse7.tif"}]
+
+    # nothing new now: skipped as any measured slide
+    summary = run(slides, out, masks=True)
+    assert (summary.processed, summary.skipped, summary.renamed) == (0, 2, [])
+
+    # a copy keeps the original in place: the copy has no outputs of its own, so it is measured
+    shutil.copy2(slides / "s1.tif", slides / "s1-copy.tif")
+    summary = run(slides, out, masks=True)
+    assert (summary.processed, summary.renamed) == (1, [])
+    assert _outputs(out, "s1")["qc"].exists() and _outputs(out, "s1-copy")["qc"].exists()
+
+    # renamed and changed: another content, measured
+    shutil.move(slides / "s1-copy.tif", slides / "s9.tif")
+    shutil.copy2(bank / "s2.tif", slides / "s9.tif")
+    summary = run(slides, out, masks=True)
+    assert (summary.processed, summary.renamed) == (1, [])
+
+
+def test_renamed_slide_without_its_old_overlay_is_measured(bank: Path, tmp_path: Path) -> None:
+    """When the old name's overlay is gone (deleted by hand), the renamed slide is measured;
+    without --masks the new name gets no masks from the old one."""
+    slides = _two_slides(bank, tmp_path / "slides", ("s0",))
+    out = tmp_path / "out"
+    assert run(slides, out, masks=True).processed == 1
+    shutil.move(slides / "s0.tif", slides / "a.tif")
+    _outputs(out, "s0")["qc"].unlink()
+    summary = run(slides, out)
+    assert (summary.processed, summary.renamed) == (1, [])
+    assert _outputs(out, "a")["qc"].exists()
+    assert all(v is None for v in _bytes(_outputs(out, "s0")).values())
+
+    shutil.move(slides / "a.tif", slides / "b.tif")  # measured without masks: only the overlay
+    summary = run(slides, out)
+    assert (summary.processed, summary.renamed) == (0, [("a.tif", "b.tif")])
+    got = _bytes(_outputs(out, "b"))
+    assert got["qc"] is not None and got["collagen"] is None and got["geojson"] is None
+
+
 # -- 5. slides with one stem and two extensions ----------------------------------------------
 
 

@@ -278,6 +278,26 @@ def test_last_measured_and_slide_paths(store: ResultStore, run_id: int) -> None:
     assert store.last_measured()["a.svs"] == ("fp-1", H, "ok")  # the history stays
 
 
+def test_record_move_points_the_new_path_at_the_stored_result(store: ResultStore,
+                                                               run_id: int) -> None:
+    """A renamed slide: the new path shows the stored result, the history says so, the result
+    row itself (and the run that measured it) is untouched; only an ok result can be moved."""
+    store.put_result(record("old.svs", "fp-1", cpa_percent=4.5), run_id=run_id)
+    store.put_result({**record("bad.svs", "fp-2"), "status": "failed", "error": "x"},
+                     run_id=run_id)
+    before = store._db.execute("SELECT slide, run_id, record_json FROM results").fetchall()
+    later = store.start_run(command="t", version="0", settings_hash=H, settings_json="{}")
+    store.record_move("sub/new.svs", "fp-1", H, run_id=later)
+    assert store.last_measured()["sub/new.svs"] == ("fp-1", H, "ok")
+    current = {r["slide"]: r for r in store.current_results(H, present={"sub/new.svs"})}
+    assert current["sub/new.svs"]["cpa_percent"] == 4.5
+    assert store._db.execute("SELECT slide, run_id, record_json FROM results").fetchall() == before
+    with pytest.raises(StoreError, match="no measured result"):
+        store.record_move("b2.svs", "fp-2", H, run_id=later)
+    with pytest.raises(StoreError, match="no measured result"):
+        store.record_move("c.svs", "fp-9", H, run_id=later)
+
+
 def test_failed_last_runs_and_settings(store: ResultStore, run_id: int) -> None:
     bad = record("bad.svs", "fp-bad", status="failed")
     bad["error"] = "bad.svs: not a TIFF"
