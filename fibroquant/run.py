@@ -207,6 +207,23 @@ def stale_stems(previous_slides: Iterable[str], stems: dict[str, str]) -> list[s
     return sorted(stem for stem in old if stem.casefold() not in current)
 
 
+def identical_files(slides_df: pd.DataFrame) -> str | None:
+    """A warning naming slides whose files have identical content (one scan under two names,
+    e.g. a copy kept beside a renamed file), which the tables would count twice; None when
+    every file differs. Files are compared by fingerprint (size and both ends of the file);
+    unreadable files are left out."""
+    if "fingerprint" not in slides_df or slides_df.empty:
+        return None
+    content = slides_df["fingerprint"].astype(str).str.slice(0, 64)  # without the mpp suffix
+    ok = ~content.str.startswith("unreadable-") & (content.str.len() == 64)
+    groups = [sorted(g) for _, g in slides_df.loc[ok, "slide"].groupby(content[ok]) if len(g) > 1]
+    if not groups:
+        return None
+    listed = "; ".join(" = ".join(g) for g in sorted(groups))
+    return (f"identical files counted as separate slides (the same scan under two names?): "
+            f"{listed}")
+
+
 def blob_rule_mixed(slides_df: pd.DataFrame, settings: Settings) -> str | None:
     """A warning when the automatic blob rule (``collagen.blob_max_area_um2: null``) was used on
     some of a run's measured slides and not on others: they were then measured differently
@@ -586,10 +603,10 @@ def write_tables(
     plots += report.plot_stain_qc(slides_df, plots_dir / "stain_qc")
     qc = {s: output_files(out_dir, stem, ("qc",))["qc"]
           for s, stem in output_stems(slides_df["slide"]).items()}
-    mixed_rule = blob_rule_mixed(slides_df, settings)
-    if mixed_rule:
-        logger.warning("%s", mixed_rule)
-        warnings.append(mixed_rule)
+    for problem in (blob_rule_mixed(slides_df, settings), identical_files(slides_df)):
+        if problem:
+            logger.warning("%s", problem)
+            warnings.append(problem)
     for r in slides_df.itertuples():
         if isinstance(r.stain_warning, str) and r.stain_warning:
             warnings.append(f"{r.slide}: {r.stain_warning}")

@@ -292,12 +292,28 @@ def test_renamed_slide_keeps_its_measurement_and_outputs(bank: Path, tmp_path: P
     summary = run(slides, out, masks=True)
     assert (summary.processed, summary.renamed) == (1, [])
     assert _outputs(out, "s1")["qc"].exists() and _outputs(out, "s1-copy")["qc"].exists()
+    assert ("identical files counted as separate slides (the same scan under two names?): "
+            "s1-copy.tif = s1.tif") in (out / "report.html").read_text()
 
     # renamed and changed: another content, measured
     shutil.move(slides / "s1-copy.tif", slides / "s9.tif")
     shutil.copy2(bank / "s2.tif", slides / "s9.tif")
     summary = run(slides, out, masks=True)
     assert (summary.processed, summary.renamed) == (1, [])
+
+
+def test_identical_files_warning() -> None:
+    from fibroquant.run import identical_files
+
+    a, b = "a" * 64, "b" * 64
+    df = pd.DataFrame({"slide": ["x.tif", "y.tif", "z.tif", "w.tif", "u.tif", "v.tif"],
+                       "fingerprint": [a, b, a + "-mpp0.5", b, "unreadable-123",
+                                       "unreadable-123"]})
+    assert identical_files(df) == ("identical files counted as separate slides (the same scan "
+                                   "under two names?): w.tif = y.tif; x.tif = z.tif")
+    assert identical_files(df.iloc[:2]) is None
+    assert identical_files(df.iloc[4:]) is None  # unreadable files are not compared
+    assert identical_files(df.drop(columns="fingerprint")) is None
 
 
 def test_renamed_slide_without_its_old_overlay_is_measured(bank: Path, tmp_path: Path) -> None:
