@@ -141,22 +141,30 @@ def outputs_current(out_dir: Path, task: SlideTask, last: tuple[str, str, str] |
     return all(path.exists() for path in output_files(out_dir, task_stem(task), kinds).values())
 
 
-def renamed_sources(last: dict[str, tuple[str, str, str]], present: set[str],
-                    settings_hash: str) -> dict[str, list[str]]:
-    """Slide paths gone from the folder whose files show a measurement with these settings,
-    by fingerprint: where a slide now found under another name had its overlay and masks.
+def renamed_sources(last: dict[str, tuple[str, str, str]], previous: Iterable[str],
+                    present: set[str], settings_hash: str) -> dict[str, list[str]]:
+    """Slide paths the last run saw, gone from the folder now, whose files show a measurement
+    with these settings, by fingerprint: where a slide now found under another name had its
+    overlay and masks.
+
+    Only the last run's paths: the stem of a path removed earlier (or a slide's first name,
+    renamed twice) may have been taken since by another slide's files.
 
     Parameters
     ----------
     last : dict
         :meth:`ResultStore.last_measured` (path -> ``(fingerprint, settings_hash, status)``).
+    previous : iterable of str
+        The slide paths of the last run (:meth:`ResultStore.slide_paths`, before this run's
+        planning).
     present : set of str
         The slide paths of this run.
     settings_hash : str
     """
     out: dict[str, list[str]] = {}
-    for slide, (fp, sh, status) in sorted(last.items()):
-        if slide not in present and sh == settings_hash and status == "ok":
+    for slide in sorted(set(previous) - present):
+        fp, sh, status = last.get(slide, ("", "", ""))
+        if sh == settings_hash and status == "ok":
             out.setdefault(fp, []).append(slide)
     return out
 
@@ -174,7 +182,7 @@ def _keep_renamed(store: ResultStore, out_dir: Path, task: SlideTask,
             if not move_outputs(out_dir, stem, task_stem(task), task.slide,
                                 masks=task.write_masks):
                 continue
-        except (OSError, FibroquantError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any problem: measure it instead
             logger.warning("%s: cannot take the outputs of %s (%s); measuring it again",
                            task.slide, old, one_line(exc))
             return None
@@ -334,7 +342,7 @@ def analyze_folder(
     summary = RunSummary()
     shash = settings.settings_hash()
     with OutputLock(out_dir, wait=wait):
-        for d in (out_dir, out_dir / "qc", out_dir / "masks"):
+        for d in (out_dir, out_dir / "qc", out_dir / "masks", out_dir / "geojson"):
             if d.is_dir():
                 remove_stale_temp_files(d)
         with ResultStore(out_dir / STORE_NAME) as store:
@@ -380,7 +388,7 @@ def analyze_folder(
             last = store.last_measured()
             # a slide renamed (or moved) since it was measured: same content, so its result
             # stands; its overlay and masks are moved to the new name instead of measuring
-            sources = renamed_sources(last, set(keys), shash)
+            sources = renamed_sources(last, previous_slides, set(keys), shash)
             old_stems = output_stems(previous_slides)
             stems_now = {stem.casefold() for stem in stems.values()}
             todo = []

@@ -188,44 +188,64 @@ def move_outputs(out_dir: str | Path, old_stem: str, new_stem: str, new_slide: s
     """Give a renamed slide the output files of its old name (the same content, measured).
 
     The overlay (and with ``masks`` the masks and the GeoJSON, whose annotation names are
-    rewritten to ``new_slide``) are moved from ``old_stem`` to ``new_stem``, each file
-    atomically (``os.replace``); without ``masks``, masks and GeoJSON left at ``new_stem`` by
-    an earlier content are removed, as a measurement without ``--masks`` would.
+    rewritten to ``new_slide``) are moved from ``old_stem`` to ``new_stem``: the images by
+    ``os.replace``, the GeoJSON rewritten atomically (fsynced) and its old file removed last.
+    Without ``masks``, masks and GeoJSON left at ``new_stem`` by an earlier content are
+    removed, as a measurement without ``--masks`` would.
 
     Returns
     -------
     bool
         True when everything was moved; False, with nothing moved, when a needed file of the
-        old name is missing (then the slide is measured instead). A failure part way (a file
-        that cannot be moved) raises, and the caller measures the slide: the moved files are
-        then rewritten.
+        old name is missing or its GeoJSON is not a FeatureCollection this can rename (then
+        the slide is measured instead).
 
     Raises
     ------
-    OSError
-        When a file cannot be moved, read or written.
+    OSError, FibroquantError
+        When a file cannot be moved, read or written part way; the caller measures the slide,
+        which rewrites its files.
     """
+    from fibroquant.store import atomic_write_text  # noqa: PLC0415 - light, but not needed above
+
     kinds = OUTPUT_KINDS if masks else ("qc",)
     src = output_files(out_dir, old_stem, kinds)
     dst = output_files(out_dir, new_stem, kinds)
-    if not all(path.exists() for path in src.values()):
+    if not all(path.is_file() for path in src.values()):
         return False
-    if not masks:
+    geojson = None
+    if masks:  # renamed in memory first: an odd file leaves everything where it was
+        geojson = _renamed_geojson(src["geojson"].read_text(encoding="utf-8"), new_slide)
+        if geojson is None:
+            return False
+    else:
         remove_files(output_files(out_dir, new_stem, MASK_KINDS).values())
     for kind, path in src.items():
-        dst[kind].parent.mkdir(parents=True, exist_ok=True)
-        if kind == "geojson":
-            fc = json.loads(path.read_text(encoding="utf-8"))
-            for feature in fc.get("features", []):
-                props = feature.get("properties", {})
-                cls = props.get("classification", {}).get("name", "")
-                if "name" in props and cls:
-                    props["name"] = f"{new_slide} {cls.lower()}"
-            tmp = dst[kind].with_name(f".{dst[kind].name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(fc, separators=(",", ":"), ensure_ascii=False),
-                           encoding="utf-8")
-            os.replace(tmp, dst[kind])
-            path.unlink()
-        else:
+        if kind != "geojson":
+            dst[kind].parent.mkdir(parents=True, exist_ok=True)
             os.replace(path, dst[kind])
+    if geojson is not None:
+        dst["geojson"].parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(dst["geojson"], geojson)
+        remove_files([src["geojson"]])
     return True
+
+
+def _renamed_geojson(text: str, new_slide: str) -> str | None:
+    """A FeatureCollection of :func:`fibroquant.report.mask_to_geojson` with its annotation
+    names (``"SLIDE tissue"``, ``"SLIDE collagen"``) given ``new_slide``; None when the text is
+    not such a collection."""
+    try:
+        fc = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(fc, dict) or not isinstance(fc.get("features"), list):
+        return None
+    for feature in fc["features"]:
+        props = feature.get("properties") if isinstance(feature, dict) else None
+        cls = props.get("classification") if isinstance(props, dict) else None
+        name = cls.get("name") if isinstance(cls, dict) else None
+        if not isinstance(name, str) or "name" not in props:
+            return None
+        props["name"] = f"{new_slide} {name.lower()}"
+    return json.dumps(fc, separators=(",", ":"), ensure_ascii=False)

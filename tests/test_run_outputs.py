@@ -302,6 +302,104 @@ def test_renamed_slide_keeps_its_measurement_and_outputs(bank: Path, tmp_path: P
     assert (summary.processed, summary.renamed) == (1, [])
 
 
+def test_renamed_twice_never_takes_files_of_another_slide(bank: Path, tmp_path: Path) -> None:
+    """A slide renamed twice while its first name's stem was taken by another slide: the
+    second rename takes the files of its last name (the only old name considered is one the
+    last run saw), never those of the slide that took the stem."""
+    slides, out = tmp_path / "slides", tmp_path / "out"
+    slides.mkdir()
+    shutil.copy2(bank / "s0.tif", slides / "a.tif")
+    run(slides, out)
+    qc_a = _outputs(out, "a")["qc"].read_bytes()
+    shutil.move(slides / "a.tif", slides / "b.tif")
+    assert run(slides, out).renamed == [("a.tif", "b.tif")]
+    shutil.copy2(bank / "s1.tif", slides / "a.tiff")  # another content, stem "a"
+    assert run(slides, out).processed == 1
+    qc_other = _outputs(out, "a")["qc"].read_bytes()
+    shutil.move(slides / "b.tif", slides / "c.tif")
+    shutil.move(slides / "a.tiff", slides / "z.tiff")
+    summary = run(slides, out)
+    assert sorted(summary.renamed) == [("a.tiff", "z.tiff"), ("b.tif", "c.tif")]
+    assert _outputs(out, "c")["qc"].read_bytes() == qc_a
+    assert _outputs(out, "z")["qc"].read_bytes() == qc_other
+
+
+def test_renamed_slide_is_measured_when_its_old_files_do_not_fit(bank: Path,
+                                                                tmp_path: Path) -> None:
+    """The old name's files are taken only when they show this content with these settings
+    and hold what the run writes: measured with other settings last, measured without masks
+    (now wanted), or a GeoJSON that is not a FeatureCollection: measured, the run goes on.
+    A rename without masks removes masks an earlier content left at the new name; an old name
+    that kept its extension (a stem clash) is found."""
+    slides, out = tmp_path / "slides", tmp_path / "out"
+    slides.mkdir()
+    shutil.copy2(bank / "s0.tif", slides / "a.tif")
+    strict = Settings.model_validate({"collagen": {"relative_threshold": 0.5}})
+    run(slides, out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        analyze_folder(slides, out, strict, workers=1)  # its files show other settings now
+    shutil.move(slides / "a.tif", slides / "b.tif")
+    summary = run(slides, out)
+    assert (summary.processed, summary.renamed) == (1, [])
+
+    shutil.move(slides / "b.tif", slides / "c.tif")  # measured without masks; now wanted
+    summary = run(slides, out, masks=True)
+    assert (summary.processed, summary.renamed) == (1, [])
+
+    shutil.move(slides / "c.tif", slides / "d.tif")
+    _outputs(out, "c")["geojson"].write_text('{"type": "FeatureCollection", "features": [1]}')
+    summary = run(slides, out, masks=True)
+    assert (summary.processed, summary.renamed, summary.exit_code) == (1, [], 0)
+    assert all(v is not None for v in _bytes(_outputs(out, "d")).values())
+
+    shutil.copy2(bank / "s1.tif", slides / "e.tif")  # masks of another content at stem "e"
+    assert run(slides, out, masks=True).processed == 1
+    (slides / "e.tif").unlink()
+    run(slides, out, masks=True)
+    assert _outputs(out, "e")["collagen"].exists() is False
+    for kind in ("collagen", "tissue", "geojson"):  # planted: as if left by that content
+        _outputs(out, "e")[kind].parent.mkdir(exist_ok=True)
+        _outputs(out, "e")[kind].write_bytes(b"old")
+    shutil.move(slides / "d.tif", slides / "e.tif")
+    summary = run(slides, out)  # without masks
+    assert summary.renamed == [("d.tif", "e.tif")]
+    assert _bytes(_outputs(out, "e"))["collagen"] is None
+    assert _bytes(_outputs(out, "e"))["geojson"] is None
+
+    shutil.copy2(bank / "s1.tif", slides / "e.png")  # stems clash: "e.tif" and "e.png"
+    run(slides, out)
+    qc = _outputs(out, "e.tif")["qc"].read_bytes()
+    shutil.move(slides / "e.tif", slides / "f.tif")
+    assert run(slides, out).renamed == [("e.tif", "f.tif")]
+    assert _outputs(out, "f")["qc"].read_bytes() == qc
+
+
+def test_rename_never_takes_a_stem_a_present_slide_writes(bank: Path, tmp_path: Path) -> None:
+    """a.tif becomes b.tiff while b.tif becomes c.tif: b.tiff takes a's files, and c.tif is
+    measured rather than take the files at stem "b" (b.tiff's now). A move that fails (a folder
+    where the overlay must go) is measured instead, and the run goes on."""
+    slides, out = tmp_path / "slides", tmp_path / "out"
+    slides.mkdir()
+    shutil.copy2(bank / "s0.tif", slides / "a.tif")
+    shutil.copy2(bank / "s1.tif", slides / "b.tif")
+    run(slides, out)
+    qc_a = _outputs(out, "a")["qc"].read_bytes()
+    qc_b = _outputs(out, "b")["qc"].read_bytes()
+    shutil.move(slides / "b.tif", slides / "c.tif")
+    shutil.move(slides / "a.tif", slides / "b.tiff")
+    summary = run(slides, out)
+    assert (summary.processed, summary.renamed) == (1, [("a.tif", "b.tiff")])
+    assert _outputs(out, "b")["qc"].read_bytes() == qc_a
+    assert _outputs(out, "c")["qc"].read_bytes() == qc_b  # measured again: the same picture
+
+    _outputs(out, "d")["qc"].mkdir()  # c.tif -> d.tif cannot move its overlay there
+    shutil.move(slides / "c.tif", slides / "d.tif")
+    summary = run(slides, out)
+    assert (summary.processed, summary.failed, summary.renamed) == (1, 1, [])
+    assert "cannot write outputs" in table(out).set_index("slide").loc["d.tif", "error"]
+
+
 def test_identical_files_warning() -> None:
     from fibroquant.run import identical_files
 

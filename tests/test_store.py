@@ -292,6 +292,11 @@ def test_record_move_points_the_new_path_at_the_stored_result(store: ResultStore
     current = {r["slide"]: r for r in store.current_results(H, present={"sub/new.svs"})}
     assert current["sub/new.svs"]["cpa_percent"] == 4.5
     assert store._db.execute("SELECT slide, run_id, record_json FROM results").fetchall() == before
+    row = store._db.execute("SELECT slide, run_id, status FROM history ORDER BY id DESC"
+                            " LIMIT 1").fetchone()
+    assert tuple(row) == ("sub/new.svs", later, "ok")
+    assert tuple(store._db.execute("SELECT fingerprint, run_id FROM slides WHERE slide = ?",
+                                   ("sub/new.svs",)).fetchone()) == ("fp-1", later)
     with pytest.raises(StoreError, match="no measured result"):
         store.record_move("b2.svs", "fp-2", H, run_id=later)
     with pytest.raises(StoreError, match="no measured result"):
