@@ -91,6 +91,7 @@ def folder_changes(store: Any, slides_dir: Path, out_dir: Path, settings_hash: s
             known_base[base] = status
     cache = FingerprintCache(store, slides_dir)  # never flushed: status stays read-only
     new, changed, unmeasured, unreadable, redraw, unchanged = [], [], [], [], [], 0
+    new_fp: dict[str, str] = {}
     present = set()
     for p, rel in zip(files, rels, strict=True):
         present.add(rel)
@@ -102,6 +103,7 @@ def folder_changes(store: Any, slides_dir: Path, out_dir: Path, settings_hash: s
         old = stored.get(rel)
         if old is None:
             new.append(rel)
+            new_fp[rel] = fp
         elif _base_fingerprint(old) != fp:
             changed.append(rel)
         elif known_base.get(fp) is None:
@@ -111,11 +113,26 @@ def folder_changes(store: Any, slides_dir: Path, out_dir: Path, settings_hash: s
         else:
             unchanged += 1
     removed = sorted(s for s in stored if s not in present)
+    # a new path whose content a removed path showed, measured with these settings: the next
+    # run keeps that measurement and moves its files (fibroquant.run.renamed_sources)
+    gone: dict[str, list[str]] = {}
+    for s in removed:
+        lm = last.get(s)
+        if lm and lm[2] == "ok" and (settings_hash is None or lm[1] == settings_hash):
+            gone.setdefault(_base_fingerprint(lm[0]), []).append(s)
+    renamed = []
+    for rel in list(new):
+        olds = gone.get(new_fp[rel])
+        if olds and known_base.get(new_fp[rel]) == "ok":
+            old = olds.pop(0)
+            renamed.append({"from": old, "to": rel})
+            new.remove(rel)
+            removed.remove(old)
     return {
         "slides_dir": str(slides_dir), "files": len(files), "new": new, "changed": changed,
         "not_measured_with_these_settings": unmeasured, "unreadable": unreadable,
-        "outputs_missing": redraw, "removed": removed, "unchanged": unchanged,
-        "present": sorted(present),
+        "outputs_missing": redraw, "removed": removed, "renamed": renamed,
+        "unchanged": unchanged, "present": sorted(present),
     }
 
 
@@ -215,10 +232,14 @@ def _print_status(info: dict[str, Any]) -> None:
                            ("removed", "removed")):
             for name in folder[key]:
                 out.print(f"  {label}: {name}", soft_wrap=True, markup=False)
+        for r in folder.get("renamed", []):
+            out.print(f"  renamed: {r['from']} -> {r['to']} (measurement kept)", soft_wrap=True,
+                      markup=False)
         for u in folder["unreadable"]:
             out.print(f"  unreadable: {u['error']}", soft_wrap=True, markup=False)
-        if not any(folder[k] for k in ("new", "changed", "not_measured_with_these_settings",
-                                       "outputs_missing", "removed", "unreadable")):
+        if not any(folder.get(k) for k in ("new", "changed", "not_measured_with_these_settings",
+                                           "outputs_missing", "removed", "unreadable",
+                                           "renamed")):
             out.print("  nothing new: a rerun would measure nothing")
 
 

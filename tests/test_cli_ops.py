@@ -218,6 +218,19 @@ def test_status(bad_study, tmp_path: Path) -> None:
     assert "new: newcomer.tif" in res.output and "removed: palette.tif" in res.output
     assert "empty.tif: empty file" in res.output
 
+    # a measured slide renamed: listed as renamed (the next run keeps its measurement), not as
+    # one new and one removed; a failed one renamed is new (measured again)
+    (copy / "sub").mkdir(exist_ok=True)
+    shutil.move(copy / "sixteen.tif", copy / "sub" / "sixteen-renamed.tif")
+    shutil.move(copy / "glass.tif", copy / "glass2.tif")
+    folder = json.loads(invoke("status", str(out), "--slides", str(copy), "--json").output)[
+        "folder"]
+    assert folder["renamed"] == [{"from": "sixteen.tif", "to": "sub/sixteen-renamed.tif"}]
+    assert folder["new"] == ["glass2.tif", "newcomer.tif"]
+    assert folder["removed"] == ["glass.tif", "palette.tif"]
+    res = invoke("status", str(out), "--slides", str(copy))
+    assert "renamed: sixteen.tif -> sub/sixteen-renamed.tif (measurement kept)" in res.output
+
     # an overlay deleted from (a copy of) the output folder: the next run measures that slide
     # again, and status says so
     from fibroquant.tasks import output_files
