@@ -189,6 +189,9 @@ def _analyze(
             )
     except StoreLockedError as exc:
         raise _fail(str(exc), 3) from None
+    except KeyboardInterrupt:  # while planning (measuring is interrupted inside the run)
+        err.print("interrupted before measuring: nothing was lost; rerun to continue")
+        return 130
     except (SampleSheetError, ConfigError) as exc:
         raise _fail(str(exc), 2) from None
     except FibroquantError as exc:

@@ -300,6 +300,20 @@ def test_workers_default_to_the_cores_this_process_may_use(study, tmp_path, monk
     assert seen["workers"] == cli.available_cores() == 6
 
 
+def test_ctrl_c_while_planning_is_a_clean_exit_130(study, tmp_path, monkeypatch):
+    """Ctrl-C before any slide is measured (fingerprinting, moving a renamed slide's files):
+    one line and exit code 130, no traceback (Ctrl-C while measuring: tests/test_rerun.py)."""
+    from fibroquant import run
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "analyze_folder", interrupted)
+    res = runner.invoke(app, ["analyze", str(study), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 130
+    assert "interrupted before measuring" in res.output and "Traceback" not in res.output
+
+
 def test_progress_bar_on_a_terminal(study, tmp_path, monkeypatch):
     import io
 
