@@ -201,7 +201,7 @@ def skimage_baseline(path: Path, threads: int, n_tiles: int) -> tuple[float, flo
 # ------------------------------------------------------------------------------------------
 
 
-def kernel_micro(sec: np.ndarray, rounds: int = 5
+def kernel_micro(sec: np.ndarray, rounds: int = 9
                  ) -> tuple[list[tuple[str, float, float]], dict[str, list[float]]]:
     """Time the per-pixel paths on one 1024² tile, one thread (and the look-up kernel over 16
     tiles on one and two threads).
