@@ -73,7 +73,7 @@ def folder_changes(store: Any, slides_dir: Path, out_dir: Path, settings_hash: s
     per unchanged file); nothing is written to the store (the cache's new entries are not
     flushed).
     """
-    from fibroquant.run import discover
+    from fibroquant.run import discover, renamed_sources
     from fibroquant.store import FingerprintCache
     from fibroquant.tasks import output_files, output_stems
 
@@ -114,12 +114,11 @@ def folder_changes(store: Any, slides_dir: Path, out_dir: Path, settings_hash: s
             unchanged += 1
     removed = sorted(s for s in stored if s not in present)
     # a new path whose content a removed path showed, measured with these settings: the next
-    # run keeps that measurement and moves its files (fibroquant.run.renamed_sources)
+    # run keeps that measurement and moves its files (the run's own choice of old names)
+    sources = renamed_sources(last, stored, present, settings_hash) if settings_hash else {}
     gone: dict[str, list[str]] = {}
-    for s in removed:
-        lm = last.get(s)
-        if lm and lm[2] == "ok" and (settings_hash is None or lm[1] == settings_hash):
-            gone.setdefault(_base_fingerprint(lm[0]), []).append(s)
+    for key, olds in sources.items():
+        gone.setdefault(_base_fingerprint(key), []).extend(olds)
     renamed = []
     for rel in list(new):
         olds = gone.get(new_fp[rel])
