@@ -27,8 +27,8 @@ from fibroquant.config import Settings  # noqa: E402
 from fibroquant.slides import ArraySlide  # noqa: E402
 from fibroquant.synthetic import SectionParams, make_section  # noqa: E402
 
-STEPS = ("detect_tissue", "_estimate_background", "_calibration_pixels", "estimate_stains",
-         "with_folds", "parenchyma_background", "with_capsule", "_stain_fit", "_map_tiles")
+STEPS = ("detect_tissue", "estimate_background", "_calibration_pixels", "estimate_stains",
+         "with_folds", "parenchyma_background", "with_capsule", "stain_fit", "_map_tiles")
 
 
 def _timed(name: str, fn, totals: dict[str, float]):

@@ -31,21 +31,29 @@ import numpy as np
 
 from fibroquant import __version__, focus, kernels
 from fibroquant.collagen import (
+    CollagenRule,
     CollagenThreshold,
     auto_blob_area,
     calibrate_threshold,
     parenchyma_background,
-    segment_collagen,
 )
 from fibroquant.config import Settings
-from fibroquant.errors import QUIET_ENV, FibroquantError, SlideReadError, one_line, quiet_warnings
+from fibroquant.errors import (
+    QUIET_ENV,
+    FibroquantError,
+    SlideReadError,
+    one_line,
+    quiet_warnings,
+)
 from fibroquant.measure import Measurements, TileCounts
 from fibroquant.registration import estimate_channel_shifts
 from fibroquant.shading import CorrectedSlide, estimate_shading
 from fibroquant.slides import Slide, open_slide, require_colour, require_mpp
 from fibroquant.stains import (
+    STAIN_FIT_MAX_PIXELS,
     StainEstimate,
     StainMatrix,
+    Vector,
     angle_deg,
     channel_sum,
     estimate_background,
@@ -53,9 +61,9 @@ from fibroquant.stains import (
     od_lut,
     preset_for,
     rgb_to_od,
-    Vector,
     stain_fit,
     stain_mismatch,
+    tissue_pixels,
 )
 from fibroquant.tasks import (
     MASK_KINDS,
@@ -67,6 +75,7 @@ from fibroquant.tasks import (
     remove_files,
     task_stem,
 )
+from fibroquant.tiles import PixelDecider, measure_tile
 from fibroquant.tissue import TissueMask, detect_tissue, with_capsule, with_folds
 
 logger = logging.getLogger(__name__)
@@ -189,33 +198,17 @@ def _tile_grid(geo: _Geometry, tile: int) -> list[tuple[int, int, int, int]]:
 
 @dataclass(frozen=True)
 class _TileJob:
+    """What every tile of a slide needs: where it is, its class map and its collagen rule."""
+
     geo: _Geometry
     tissue: TissueMask
-    fy: float
+    fy: float  # analysis px per tissue-mask px
     fx: float
-    lut: np.ndarray
-    unmix_col: np.ndarray  # (3,) float32
-    threshold: float
-    settings: Settings
-    background_map: np.ndarray | None = None  # per-pixel threshold offset at tissue resolution
-    other_cols: tuple[np.ndarray, ...] = ()  # unmixing columns of the other stains
-    line_od: float | None = None  # thin-fibre top-hat contrast
-    line_floor_offset: float | None = None
-    flags: np.ndarray | None = None  # per-pixel class bits at tissue resolution (fast path)
-    threshold_map: np.ndarray | None = None  # float32 collagen threshold there (fast path)
-    share_guard: float = 0.0  # least collagen share of a collagen pixel (CollagenThreshold)
-
-
-def fast_path(settings: Settings, mpp: float, line_od: float | None) -> bool:
-    """Whether a slide's tiles can be measured by the fused per-pixel kernel.
-
-    That is the case when no step needs a neighbourhood at full resolution: no smoothing of
-    the collagen channel and no thin-fibre top-hat (both off by default). Speck removal is
-    done on the kernel's collagen mask. Otherwise tiles go through
-    :func:`fibroquant.collagen.segment_collagen` with a halo.
-    """
-    c = settings.collagen
-    return c.smooth_um / mpp <= 0.2 and line_od is None
+    rule: CollagenRule
+    flags: np.ndarray  # per-pixel class bits (kernels.FLAG_*) at tissue resolution, uint8
+    threshold_map: np.ndarray  # float32 collagen threshold there, OD units
+    focus_stride: int  # sampling step of the focus samples (0 = focus not measured)
+    decide: PixelDecider | None = None  # replaces the rule's per-pixel decision (tiles.py)
 
 
 def class_flags(tissue: TissueMask) -> np.ndarray:
@@ -228,25 +221,6 @@ def class_flags(tissue: TissueMask) -> np.ndarray:
         if mask.any():
             flags[mask] |= np.uint8(bit)
     return flags
-
-
-def _tile_masks(job: _TileJob, y0: int, x0: int, y1: int, x1: int, halo: int):
-    th, tw = job.tissue.tissue.shape
-    rows = _index_map(y0 - halo, y1 + halo, job.fy, th)
-    cols = _index_map(x0 - halo, x1 + halo, job.fx, tw)
-    return rows, cols
-
-
-def collagen_concentration(rgb: np.ndarray, lut: np.ndarray, unmix_col: np.ndarray) -> np.ndarray:
-    """Collagen stain concentration of a uint8 RGB tile (float32, OD units).
-
-    Reference implementation: lookup-table OD per channel, then one dot product.
-    """
-    return (
-        lut[0][rgb[..., 0]] * unmix_col[0]
-        + lut[1][rgb[..., 1]] * unmix_col[1]
-        + lut[2][rgb[..., 2]] * unmix_col[2]
-    )
 
 
 def _lookup_any(mask: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -265,22 +239,11 @@ def _lookup_any(mask: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndar
 
 def _process_tile(
     slide: Slide, job: _TileJob, box: tuple[int, int, int, int]
-) -> tuple[tuple[int, int, int, int], TileCounts, np.ndarray, np.ndarray, np.ndarray] | None:
-    """Measure one tile; masks are returned already reduced to the mask resolution."""
-    if job.flags is not None:
-        return _measure_tile_fused(slide, job, box)
-    out = _measure_tile(slide, job, box)
-    if out is None:
-        return None
-    box, counts, col, tis, exc, sharp = out
-    f = job.geo.mask_factor
-    return (box, counts, _block_reduce(col, f), _block_reduce(tis, f), _block_reduce(exc, f),
-            sharp)
-
-
-def _measure_tile_fused(slide: Slide, job: _TileJob, box: tuple[int, int, int, int]):
-    """:func:`_measure_tile` when every decision is per pixel: one fused kernel pass, no halo,
-    masks counted per block of the mask resolution instead of written at full resolution."""
+) -> tuple[tuple[int, int, int, int], TileCounts, np.ndarray, np.ndarray, np.ndarray,
+           float] | None:
+    """Measure one tile (None when it does not touch the section): its counts, its collagen,
+    tissue and excluded masks at the mask resolution, and its sharpness (NaN when not
+    measured)."""
     y0, x0, y1, x1 = box
     th, tw = job.flags.shape
     rows = _index_map(y0, y1, job.fy, th)
@@ -289,94 +252,26 @@ def _measure_tile_fused(slide: Slide, job: _TileJob, box: tuple[int, int, int, i
         return None
     f = job.geo.mask_factor
     sub = job.flags[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    decided = None
     if not (sub & kernels.FLAG_TISSUE).any():  # lumens / folds only: no pixel to read
         rgb = np.zeros((y1 - y0, x1 - x0, 3), np.uint8)
-    else:
+    elif job.decide is None:
         rgb = _read_analysis(slide, job.geo, y0, x0, y1 - y0, x1 - x0)
-    stride = 2 if job.settings.tissue.exclude_unfocused else 0
-    out = kernels.measure_tile_fused(
-        rgb, job.lut, job.unmix_col, job.other_cols, job.share_guard,
-        job.flags, job.threshold_map, rows, cols, f, stride,
-        int(round(job.settings.collagen.min_object_area_um2 / job.geo.analysis_mpp**2)),
-        *kernels.blob_limits(job.settings.collagen.blob_max_area_um2, job.geo.analysis_mpp),
-    )
+    else:
+        halo = math.ceil(job.decide.halo_um / job.geo.analysis_mpp)
+        wide = _read_analysis(slide, job.geo, y0 - halo, x0 - halo, y1 - y0 + 2 * halo,
+                              x1 - x0 + 2 * halo)
+        decided = np.asarray(job.decide(wide, halo), bool)
+        rgb = np.ascontiguousarray(wide[halo : halo + y1 - y0, halo : halo + x1 - x0])
+    out = measure_tile(rgb, job.rule, job.flags, job.threshold_map, rows, cols, f,
+                       job.focus_stride, decided=decided)
     counts = TileCounts(collagen_od_sum=out.collagen_od_sum, **out.counts)
     sharp = float("nan")
-    if stride and counts.tissue_px:
+    if job.focus_stride and counts.tissue_px:
         sharp = focus.sharpness_from_moments(out.focus, out.focus_shape)
     half = f * f
     col, tis, exc = (2 * b >= half for b in out.blocks)
     return box, counts, col, tis, exc, sharp
-
-
-def _measure_tile(
-    slide: Slide, job: _TileJob, box: tuple[int, int, int, int]
-) -> tuple[tuple[int, int, int, int], TileCounts, np.ndarray, np.ndarray, np.ndarray] | None:
-    y0, x0, y1, x1 = box
-    rows_c = _index_map(y0, y1, job.fy, job.tissue.tissue.shape[0])
-    cols_c = _index_map(x0, x1, job.fx, job.tissue.tissue.shape[1])
-    if not _lookup_any(job.tissue.section, rows_c, cols_c).any():
-        return None
-    halo = job.settings.tiling.halo_px
-    rows, cols = _tile_masks(job, y0, x0, y1, x1, halo)
-    tissue_pad = _lookup_any(job.tissue.tissue, rows, cols)
-    core = (slice(halo, halo + y1 - y0), slice(halo, halo + x1 - x0))
-    lumen = _lookup_any(job.tissue.lumen, rows_c, cols_c)
-    fold = _lookup_any(job.tissue.fold, rows_c, cols_c)
-    bubble = _lookup_any(job.tissue.bubble, rows_c, cols_c)
-    if not tissue_pad[core].any():
-        counts = TileCounts(lumen_px=int(np.count_nonzero(lumen)), fold_px=int(np.count_nonzero(fold)),
-                            bubble_px=int(np.count_nonzero(bubble)))
-        empty = np.zeros((y1 - y0, x1 - x0), bool)
-        return box, counts, empty, empty, lumen | fold | bubble, float("nan")
-    rgb = _read_analysis(slide, job.geo, y0 - halo, x0 - halo, y1 - y0 + 2 * halo, x1 - x0 + 2 * halo)
-    threshold: float | np.ndarray = job.threshold
-    if job.background_map is not None:
-        threshold = _lookup(job.background_map, rows, cols) + np.float32(job.threshold)
-    share_ok = None
-    if job.other_cols and job.share_guard > 0:
-        conc, share_ok = kernels.collagen_concentration_and_share(
-            rgb, job.lut, job.unmix_col, job.other_cols, job.share_guard
-        )
-    else:
-        conc = kernels.collagen_concentration_fast(rgb, job.lut, job.unmix_col)
-    collagen = segment_collagen(
-        conc, tissue_pad if share_ok is None else tissue_pad & share_ok, threshold,
-        job.geo.analysis_mpp, job.settings.collagen,
-        line_od=job.line_od, line_floor_offset=job.line_floor_offset,
-    )[core]
-    tissue = tissue_pad[core]
-    band = _lookup_any(job.tissue.capsule_band, rows_c, cols_c)
-    wall = _lookup_any(job.tissue.vessel_wall, rows_c, cols_c)
-    capsule = collagen & band
-    wall_px = wall & tissue & ~capsule
-    collagen = collagen & ~capsule & ~wall_px
-    tissue = tissue & ~capsule & ~wall_px
-    counts = TileCounts(
-        tissue_px=int(np.count_nonzero(tissue)),
-        collagen_px=int(np.count_nonzero(collagen)),
-        collagen_od_sum=float(conc[core][collagen].sum(dtype=np.float64)),
-        capsule_px=int(np.count_nonzero(capsule)),
-        lumen_px=int(np.count_nonzero(lumen)),
-        fold_px=int(np.count_nonzero(fold)),
-        wall_px=int(np.count_nonzero(wall_px)),
-        bubble_px=int(np.count_nonzero(bubble)),
-    )
-    sharp = float("nan")
-    if job.settings.tissue.exclude_unfocused:
-        # every second pixel: blur that matters removes detail at that scale too, at 1/4 cost
-        core_rgb = rgb[core][::2, ::2]
-        od_sum = (job.lut[0][core_rgb[..., 0]] + job.lut[1][core_rgb[..., 1]]
-                  + job.lut[2][core_rgb[..., 2]])
-        sharp = focus.block_sharpness(od_sum, tissue_pad[core][::2, ::2])
-    return box, counts, collagen, tissue, capsule | wall_px | lumen | fold | bubble, sharp
-
-
-def _block_reduce(mask: np.ndarray, f: int) -> np.ndarray:
-    """Majority vote over f×f blocks (mask resolution of large slides)."""
-    if f == 1:
-        return mask
-    return kernels.block_majority(mask, f)
 
 
 #: A tile with tissue: (tissue fraction, box, low-resolution row of every tile row, of every
@@ -545,6 +440,7 @@ def analyze_slide(
     fallback_mpp: float | None = None,
     workers: int = 1,
     slide: Slide | None = None,
+    decide: PixelDecider | None = None,
 ) -> SlideAnalysis:
     """Measure collagen proportionate area on one slide.
 
@@ -561,6 +457,9 @@ def analyze_slide(
         Threads over tiles.
     slide : Slide, optional
         An already open slide (e.g. :class:`fibroquant.slides.ArraySlide` in tests).
+    decide : PixelDecider, optional
+        A per-pixel collagen decision replacing the slide's :class:`CollagenRule` on every
+        tile (e.g. a trained classifier; see :class:`fibroquant.tiles.PixelDecider`).
 
     Returns
     -------
@@ -579,7 +478,7 @@ def analyze_slide(
         sl.close()
         sl = open_slide(path, mpp=fallback_mpp)
     try:
-        return _analyze(sl, settings, workers, t_start)
+        return _analyze(sl, settings, workers, t_start, decide)
     finally:
         if own:
             sl.close()
@@ -594,7 +493,8 @@ def _warm_quietly() -> None:
         logger.debug("background kernel warm-up failed:\n%s", traceback.format_exc())
 
 
-def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> SlideAnalysis:
+def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float,
+             decide: PixelDecider | None = None) -> SlideAnalysis:
     name = sl.path.name
     raw = sl  # the slide as given; corrections of the optics wrap it (CorrectedSlide)
     require_colour(sl)  # a greyscale image would read as CPA 0 %: refuse it instead
@@ -652,10 +552,9 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
         share_from_parenchyma=settings.share_from_parenchyma(est.counterstain_fitted()),
     )
     blob_auto = settings.collagen.blob_max_area_um2 is None
-    if blob_auto:  # automatic: decided by the nuclei's stain
-        blob = auto_blob_area(pos[stained], stains)
-        settings = settings.model_copy(update={
-            "collagen": settings.collagen.model_copy(update={"blob_max_area_um2": blob})})
+    # automatic: decided by the nuclei's stain (per slide; the settings stay as given)
+    blob_um2 = auto_blob_area(pos[stained], stains) if blob_auto else \
+        settings.collagen.blob_max_area_um2
     thumb_conc = rgb_to_od(thumb, background) @ stains.unmixing
     # the collagen plane is read by every step below: contiguous, not a strided view
     thumb_col = np.ascontiguousarray(thumb_conc[..., stains.collagen_index])
@@ -689,32 +588,23 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
     tissue = with_capsule(tissue, thumb_col > thumb_threshold)
     del thumb_conc, thumb_col, thumb_threshold  # not needed by the tile loop (peak RSS)
 
-    line_od, line_floor = _line_params(thr, settings)
-    flags = threshold_map = None
-    if fast_path(settings, geo.analysis_mpp, line_od):
-        flags = class_flags(tissue)
-        if bg_map is not None:
-            threshold_map = bg_map + np.float32(offset)  # float32, as the tile path adds it
-        else:
-            threshold_map = np.full(flags.shape, kernels.threshold_as_float32(
-                np.dtype(np.float32), thr.threshold_od), np.float32)
-    job = _TileJob(
-        geo, tissue, fy, fx, od_lut(background), stains.unmixing[:, stains.collagen_index].copy(),
-        offset if bg_map is not None else thr.threshold_od, settings, bg_map,
-        tuple(stains.unmixing[:, i].copy() for i in range(len(stains.names))
-              if i != stains.collagen_index),
-        line_od, line_floor, flags, threshold_map, thr.share_guard,
-    )
+    flags = class_flags(tissue)
+    if bg_map is not None:
+        threshold_map = bg_map + np.float32(offset)  # float32, as the tile path adds it
+    else:
+        threshold_map = np.full(flags.shape, kernels.threshold_as_float32(
+            np.dtype(np.float32), thr.threshold_od), np.float32)
+    rule = CollagenRule.for_slide(od_lut(background), stains, thr.share_guard,
+                                  settings.collagen, blob_um2, geo.analysis_mpp)
+    job = _TileJob(geo, tissue, fy, fx, rule, flags, threshold_map,
+                   2 if settings.tissue.exclude_unfocused else 0, decide)
     f = geo.mask_factor
     mh, mw = -(-geo.height // f), -(-geo.width // f)
     collagen_m = np.zeros((mh, mw), bool)
     tissue_m = np.zeros((mh, mw), bool)
     excluded_m = np.zeros((mh, mw), bool)
     total = TileCounts()
-    if flags is not None:
-        kernels.warmup_fused()
-    else:
-        kernels.warmup()
+    kernels.warmup_fused()
     measured: list[tuple[tuple[int, int, int, int], TileCounts, float]] = []
     for out in _map_tiles(sl, job, boxes, workers):
         if out is None:
@@ -743,12 +633,12 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
         collagen_m[ys, xs] = False
         tissue_m[ys, xs] = False
     meas = Measurements.from_counts(total, geo.analysis_mpp)
-    fit = _stain_fit(_tissue_pixels(thumb, tissue.tissue, STAIN_FIT_MAX_PIXELS), max_pixels=50_000)
+    fit = stain_fit(tissue_pixels(thumb, tissue.tissue, STAIN_FIT_MAX_PIXELS), max_pixels=50_000)
     warnings = stain_warnings(est, preset, thr, fit, settings.stains.stain.value)
-    if blob_auto and settings.collagen.blob_max_area_um2:
+    if blob_auto and blob_um2:
         warnings.append(
             "nuclei not iron haematoxylin (blue-purple): compact blobs up to "
-            f"{settings.collagen.blob_max_area_um2:g} µm² not counted as collagen (automatic)")
+            f"{blob_um2:g} µm² not counted as collagen (automatic)")
     if total.tissue_px == 0:
         msg = f"{name}: no countable tissue left after exclusions"
         raise FibroquantError(msg)
@@ -783,7 +673,7 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
         "collagen_level_od": thr.collagen_level_od,
         "share_guard": thr.share_guard,
         "parenchyma_share": thr.parenchyma_share,
-        "blob_max_area_um2": settings.collagen.blob_max_area_um2,
+        "blob_max_area_um2": blob_um2,
         "stain_fit": json.dumps(fit),
         "stain_warning": "; ".join(warnings),
         "seconds": round(time.perf_counter() - t_start, 3),
@@ -796,7 +686,7 @@ def _glass_background(
     thumb: np.ndarray, thumb_mpp: float, settings: Settings, background: Vector
 ) -> tuple[tuple[float, float, float], str]:
     """The glass colour from the pixels outside the section (``"glass"``), when there are
-    enough of them; otherwise what :func:`_estimate_background` falls back to.
+    enough of them; otherwise what :func:`fibroquant.stains.estimate_background` falls back to.
 
     Which pixels are glass is decided by a tissue detection on a 4x smaller copy of the
     thumbnail, with the section grown by one coarse pixel, so the median never takes in the
@@ -814,171 +704,13 @@ def _glass_background(
     else:
         grown = cv2.dilate(section.view(np.uint8), np.ones((3, 3), np.uint8))
         glass = cv2.resize(grown, (w, h), interpolation=cv2.INTER_NEAREST) == 0
-    return _estimate_background(thumb, glass_mask=glass)
-
-
-def _line_params(thr: CollagenThreshold, settings: Settings) -> tuple[float | None, float | None]:
-    """Thin-fibre contrast and floor from the slide's levels (relative method only)."""
-    c = settings.collagen
-    if thr.method != "relative" or c.fibre_width_um <= 0 or not np.isfinite(thr.collagen_level_od):
-        return None, None
-    line = max(c.fibre_threshold * (thr.collagen_level_od - thr.parenchyma_od),
-               0.5 * c.min_contrast_od)
-    # floor: parenchyma level + minimum contrast, expressed relative to the area threshold
-    return line, thr.threshold_od - thr.parenchyma_od - c.min_contrast_od
+    return estimate_background(thumb, glass_mask=glass)
 
 
 def _background(thumb: np.ndarray, settings: Settings) -> tuple[tuple[float, float, float], str]:
     if settings.stains.background_rgb is not None:
         return settings.stains.background_rgb, "config"
-    return _estimate_background(thumb)
-
-
-# ------------------------------------------------------------------------------------------
-# Thumbnail statistics: exact, histogram-based versions of stains.estimate_background and
-# stains.stain_fit (the originals sort / copy the whole 16 MP thumbnail as int32 / float64).
-# tests/test_speed_paths.py checks they return exactly what the stains.py functions return.
-# ------------------------------------------------------------------------------------------
-
-
-_CHUNK = 1 << 21  # pixels per chunk of the thumbnail statistics (bounded temporaries)
-
-
-def _bincount(values: np.ndarray, minlength: int) -> np.ndarray:
-    """``np.bincount(values, minlength=minlength)`` in chunks (no full-size intp copy)."""
-    out = np.zeros(minlength, np.int64)
-    for s in range(0, len(values), _CHUNK):
-        out += np.bincount(values[s : s + _CHUNK], minlength=minlength)
-    return out
-
-
-def _hist_order_stats(hist: np.ndarray, ks: list[int]) -> list[int]:
-    """Values at sorted positions ``ks`` of the data whose histogram (bin = value) is given."""
-    cum = np.cumsum(hist)
-    return [int(np.searchsorted(cum, k, side="right")) for k in ks]
-
-
-def _median_uint8_columns(px: np.ndarray) -> np.ndarray:
-    """``np.median(px, axis=0)`` of uint8 (N, 3) pixels (N >= 1), float64, via histograms."""
-    return _median_from_histograms([_bincount(px[:, c], 256) for c in range(px.shape[1])],
-                                   len(px))
-
-
-def _median_from_histograms(hists: list[np.ndarray], n: int) -> np.ndarray:
-    """Per-channel ``np.median`` of n uint8 values given their 256-bin histograms."""
-    out = np.empty(len(hists), np.float64)
-    for c, hist in enumerate(hists):
-        a, b = _hist_order_stats(hist, [(n - 1) // 2, n // 2])
-        out[c] = np.mean(np.array([a, b], np.uint8)) if a != b else float(a)
-    return out
-
-
-def _estimate_background(
-    rgb_pixels: np.ndarray, *, glass_mask: np.ndarray | None = None, min_pixels: int = 500
-) -> tuple[tuple[float, float, float], str]:
-    """Same result as :func:`fibroquant.stains.estimate_background`, without sorting."""
-    px = np.asarray(rgb_pixels).reshape(-1, 3)
-    if px.dtype != np.uint8:
-        return estimate_background(rgb_pixels, glass_mask=glass_mask, min_pixels=min_pixels)
-    if glass_mask is not None:
-        glass = np.asarray(glass_mask).reshape(-1)
-        n_glass = int(np.count_nonzero(glass))
-        if n_glass >= min_pixels:
-            if n_glass < 2**24 and px.flags.c_contiguous:
-                # histograms of the glass pixels in place (no copy of them); OpenCV's float32
-                # counts are exact below 2**24
-                image = px.reshape(-1, 1, 3)
-                m = np.ascontiguousarray(glass).view(np.uint8).reshape(-1, 1)
-                hists = [cv2.calcHist([image], [c], m, [256], [0, 256]).ravel().astype(np.int64)
-                         for c in range(3)]
-                bg = _median_from_histograms(hists, n_glass)
-            else:
-                bg = _median_uint8_columns(px[glass])
-            if bg.min() >= 120:
-                return tuple(float(max(b, 1.0)) for b in bg), "glass"  # type: ignore[return-value]
-    if len(px) == 0:
-        return (255.0, 255.0, 255.0), "default"
-    brightness = px[:, 0].astype(np.uint16)
-    brightness += px[:, 1]
-    brightness += px[:, 2]
-    n = len(px)
-    virtual = (n - 1) * 0.995  # np.quantile, method "linear"
-    lo = math.floor(virtual)
-    hi = min(lo + 1, n - 1)
-    a, b = _hist_order_stats(_bincount(brightness, 766), [lo, hi])
-    # numpy's own interpolation between the two order statistics (same rounding)
-    cut = np.quantile(np.array([a, b], np.int64), virtual - lo)
-    # brightness is integer: b >= cut <=> b >= ceil(cut) (no float64 copy of the comparison)
-    bright = px[brightness >= math.ceil(float(cut))]
-    bg = _median_uint8_columns(bright)
-    if bg.min() >= 170 and (bg.max() - bg.min()) <= 0.25 * bg.max():
-        return tuple(float(b) for b in bg), "brightest"  # type: ignore[return-value]
-    return (255.0, 255.0, 255.0), "default"
-
-
-#: The stain-fit QC reads at most about this many of the low-resolution image's tissue pixels
-#: (every k-th row and column): the boolean index and the per-pixel passes over a 4-MP image
-#: took 0.3-0.45 s per slide, a ninth of it 0.05 s, with fits within 0.001 of the full image's.
-STAIN_FIT_MAX_PIXELS = 500_000
-
-
-def _tissue_pixels(rgb: np.ndarray, mask: np.ndarray, max_pixels: int) -> np.ndarray:
-    """The ``mask`` pixels of ``rgb`` as an (N, 3) array, from every k-th row and column
-    (k the smallest that leaves at most about ``max_pixels``; 1 for small images)."""
-    n = int(np.count_nonzero(mask))
-    k = math.ceil(math.sqrt(n / max_pixels)) if n > max_pixels else 1
-    return rgb[::k, ::k][mask[::k, ::k]]
-
-
-def _stain_fit(rgb: np.ndarray, *, od_floor: float = 0.15, max_pixels: int = 200_000
-               ) -> dict[str, float]:
-    """Same result as :func:`fibroquant.stains.stain_fit`, computing the OD only of the
-    pixels it samples (the OD norm of every pixel comes from per-channel tables)."""
-    from fibroquant import stains as st  # noqa: PLC0415
-
-    px = np.asarray(rgb).reshape(-1, 3)
-    if px.dtype != np.uint8:
-        return stain_fit(rgb, od_floor=od_floor, max_pixels=max_pixels)
-    bg, _ = _estimate_background(px)
-    sq = od_lut(bg).astype(np.float64) ** 2
-    keep = np.empty(len(px), bool)
-    for s in range(0, len(px), _CHUNK):
-        p = px[s : s + _CHUNK]
-        norm = np.sqrt(sq[0][p[:, 0]] + sq[1][p[:, 1]] + sq[2][p[:, 2]])
-        k = norm > od_floor
-        # pixels within rounding of the floor: decide exactly as np.linalg.norm does
-        near = np.flatnonzero(np.abs(norm - od_floor) <= 1e-9)
-        if near.size:
-            od_near = rgb_to_od(p[near], bg).astype(np.float64)
-            k[near] = np.linalg.norm(od_near, axis=1) > od_floor
-        keep[s : s + _CHUNK] = k
-    # = idx = flatnonzero(keep); idx[rng.choice(len(idx), max_pixels, replace=False)], without
-    # the full-size index array: ranks among kept pixels are mapped chunk by chunk
-    counts = np.array([np.count_nonzero(keep[s : s + _CHUNK]) for s in range(0, len(px), _CHUNK)],
-                      np.int64)
-    n_keep = int(counts.sum())
-    if n_keep < 100:
-        return {}
-    if n_keep > max_pixels:
-        ranks = np.random.default_rng(0).choice(n_keep, max_pixels, replace=False)
-    else:
-        ranks = np.arange(n_keep)
-    ends = np.cumsum(counts)
-    chunk_of = np.searchsorted(ends, ranks, side="right")
-    idx = np.empty(len(ranks), np.intp)
-    for c in np.unique(chunk_of):
-        sel = chunk_of == c
-        nz = np.flatnonzero(keep[c * _CHUNK : (c + 1) * _CHUNK]) + c * _CHUNK
-        idx[sel] = nz[ranks[sel] - (ends[c] - counts[c])]
-    od = rgb_to_od(px[idx], bg).astype(np.float64)
-    candidates = {
-        "sirius-red": st.StainMatrix(st.SIRIUS_RED.names[:2], st.SIRIUS_RED.vectors[:2]),
-        "masson": st.StainMatrix(st.MASSON.names[:2], st.MASSON.vectors[:2]),
-        "masson-light-green": st.StainMatrix(st.MASSON_LIGHT_GREEN.names[:2],
-                                             st.MASSON_LIGHT_GREEN.vectors[:2]),
-        "h&e": st.H_AND_E,
-    }
-    return {k: round(st._nonneg_residual(od, v), 4) for k, v in candidates.items()}
+    return estimate_background(thumb)
 
 
 #: Slides running in the local worker processes of this run (a shared counter, given to each
@@ -1342,7 +1074,6 @@ __all__ = [
     "SlideReadError",
     "SlideTask",
     "analyze_slide",
-    "collagen_concentration",
     "plan_geometry",
     "tune_malloc",
     "run_slide",
