@@ -1,17 +1,18 @@
-"""One slide from file to measurements: tissue, stain calibration, tile streaming, counts.
+"""One slide from file to measurements: the per-slide recipe.
 
-:func:`analyze_slide` is pure apart from reading the slide: it returns a :class:`SlideAnalysis`
-(a flat record for ``slides.csv`` plus low-resolution masks for QC). :func:`run_slide` is the task
-unit that local process pools and Dask workers run: it analyses a slide, writes its masks and QC
-overlay, and turns any error into a ``failed`` record, so one bad slide never stops a run.
+:func:`calibrate_slide` finds everything a slide's tiles are measured with, from its thumbnail
+and a sample of its pixels (optics, glass colour, tissue and exclusions, stain vectors, collagen
+threshold and rule); :func:`measure_tiles` then streams the tiles that touch tissue;
+:func:`analyze_slide` does both and returns a :class:`fibroquant.measure.SlideResult`.
+:func:`run_slide` is the task unit that local process pools and Dask workers run: it analyses a
+slide, writes its masks and QC overlay, and turns any error into a ``failed`` record.
 
 Memory is bounded by the tile size, not the slide size: the tissue mask comes from a thumbnail,
-and only tiles that touch tissue are read, one (plus its halo) per worker thread at a time.
+and only tiles that touch tissue are read, one per worker thread at a time.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -22,7 +23,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ from fibroquant.errors import (
     one_line,
     quiet_warnings,
 )
-from fibroquant.measure import Measurements, TileCounts
+from fibroquant.measure import Measurements, SlideQC, SlideResult, TileCounts
 from fibroquant.registration import estimate_channel_shifts
 from fibroquant.shading import CorrectedSlide, estimate_shading
 from fibroquant.slides import Slide, open_slide, require_colour, require_mpp
@@ -75,271 +76,65 @@ from fibroquant.tasks import (
     remove_files,
     task_stem,
 )
-from fibroquant.tiles import PixelDecider, measure_tile
+from fibroquant.tiles import (
+    Geometry,
+    PixelDecider,
+    TileJob,
+    calibration_pixels,
+    class_flags,
+    plan_geometry,
+    registration_tiles,
+    tile_grid,
+    tissue_boxes,
+)
+from fibroquant.tiles import (
+    measure_box as _process_tile,  # the tile loop's unit (_map_tiles)
+)
 from fibroquant.tissue import TissueMask, detect_tissue, with_capsule, with_folds
 
 logger = logging.getLogger(__name__)
+_TileJob = TileJob  # the tile loop's annotation
 
 
-@dataclass
-class SlideAnalysis:
-    """Everything measured on one slide.
+@dataclass(frozen=True)
+class Calibration:
+    """What a slide's tiles are measured with (:func:`calibrate_slide`).
 
     Attributes
     ----------
-    record : dict
-        Flat row of ``slides.csv`` (without the sample-sheet columns).
-    collagen_mask, tissue_mask : ndarray of bool
-        At ``mask_mpp`` (the analysis resolution unless the slide is too large for it).
-    excluded_mask : ndarray of bool
-        Lumens, folds, bubbles and capsule at ``mask_mpp``.
-    mask_mpp : float
+    slide : Slide
+        The slide with its optics corrected (:class:`fibroquant.shading.CorrectedSlide`), or
+        as given.
+    geometry : Geometry
     thumbnail : ndarray of uint8
-        RGB image of the slide at ``mask_mpp`` or coarser, for QC overlays.
+        The evenly lit tissue-detection image, at ``thumbnail_mpp`` µm per pixel.
+    thumbnail_mpp : float
+    tissue : TissueMask
+        Tissue and exclusions (lumens, folds, bubbles, capsule band, vessel walls).
+    stains : StainEstimate
+    preset : StainMatrix
+        The protocol's preset, with the slide's glass colour.
+    threshold : CollagenThreshold
+    threshold_map : ndarray of float32
+        Collagen threshold at the tissue mask's resolution, OD units.
+    rule : CollagenRule
+        The slide's collagen decision.
+    qc : SlideQC
+    warnings : tuple of str
     """
 
-    record: dict[str, Any]
-    collagen_mask: np.ndarray
-    tissue_mask: np.ndarray
-    excluded_mask: np.ndarray
-    mask_mpp: float
-    thumbnail: np.ndarray = field(repr=False)
-
-
-@dataclass(frozen=True)
-class _Geometry:
-    """Where the analysis image sits in the slide."""
-
-    level: int
-    level_mpp: float
-    analysis_mpp: float
-    scale: float  # analysis px per level px (<= 1)
-    height: int  # analysis image size
-    width: int
-    mask_factor: int  # analysis px per mask px
-
-
-def plan_geometry(
-    slide: Slide, analysis_mpp: float | None, mask_max_mpx: float, oversample: float = 2.0
-) -> _Geometry:
-    """Pick the pyramid level for an analysis resolution and the mask resolution.
-
-    The level is the coarsest one at least ``oversample`` times as fine as ``analysis_mpp``
-    (level 0 when none is), so it is only ever downsampled; when ``analysis_mpp`` is finer
-    than the slide, the slide's own resolution is used. ``oversample`` defaults to
-    ``TilingSettings.read_oversample``'s default. On a pyramid with 4x steps (0.25, 1, 4
-    µm/px, as in many SVS files) 1 µm/px with oversampling reads level 0.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from fibroquant.slides import ArraySlide
-    >>> slide = ArraySlide(np.zeros((4096, 4096, 3), np.uint8), 0.25, levels=4)
-    >>> g = plan_geometry(slide, 1.0, 64.0)
-    >>> g.level, g.level_mpp, g.scale, g.height
-    (1, 0.5, 0.5, 1024)
-    >>> g = plan_geometry(slide, 1.0, 64.0, oversample=1.0)
-    >>> g.level, g.level_mpp, g.scale, g.height
-    (2, 1.0, 1.0, 1024)
-    """
-    mpp0 = require_mpp(slide)
-    target = mpp0 if analysis_mpp is None else max(analysis_mpp, mpp0)
-    best = 0
-    for i, lev in enumerate(slide.levels):
-        if lev.mpp is not None and lev.mpp <= target / oversample * (1 + 1e-3):
-            best = i
-    lev = slide.levels[best]
-    level_mpp = lev.mpp if lev.mpp is not None else mpp0
-    scale = min(level_mpp / target, 1.0)
-    if abs(scale - 1.0) < 1e-3:
-        scale = 1.0
-    h = max(int(round(lev.shape[0] * scale)), 1)
-    w = max(int(round(lev.shape[1] * scale)), 1)
-    factor = max(1, math.ceil(math.sqrt(h * w / (mask_max_mpx * 1e6))))
-    return _Geometry(best, level_mpp, level_mpp / scale, scale, h, w, factor)
-
-
-def _read_analysis(slide: Slide, geo: _Geometry, y: int, x: int, h: int, w: int) -> np.ndarray:
-    """Read a rectangle in analysis coordinates (uint8 RGB).
-
-    Downsampling averages intensities (``cv2.INTER_AREA``), as a camera pixel of that size
-    would. (Averaging optical density instead keeps more of a thin fibre's dye in the mixed
-    pixel but counts the mixed rims of thick fibres as collagen: +0.4–0.7 pp against native
-    resolution on lossless pyramids, where intensity averaging stays within 0.25 pp.)
-    """
-    if geo.scale == 1.0:
-        return slide.read_region(geo.level, y, x, h, w)
-    ly0 = math.floor(y / geo.scale)
-    lx0 = math.floor(x / geo.scale)
-    ly1 = math.ceil((y + h) / geo.scale)
-    lx1 = math.ceil((x + w) / geo.scale)
-    region = slide.read_region(geo.level, ly0, lx0, ly1 - ly0, lx1 - lx0)
-    return cv2.resize(region, (w, h), interpolation=cv2.INTER_AREA)
-
-
-def _index_map(start: int, stop: int, factor: float, size: int) -> np.ndarray:
-    """Rows (or columns) of a low-resolution mask under analysis pixels start..stop."""
-    idx = np.floor((np.arange(start, stop) + 0.5) / factor).astype(np.intp)
-    return np.clip(idx, 0, size - 1)
-
-
-def _lookup(mask: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    return kernels.lookup_nearest(mask, rows, cols)
-
-
-def _tile_grid(geo: _Geometry, tile: int) -> list[tuple[int, int, int, int]]:
-    tile = max(tile - tile % geo.mask_factor, geo.mask_factor)
-    return [
-        (y, x, min(y + tile, geo.height), min(x + tile, geo.width))
-        for y in range(0, geo.height, tile)
-        for x in range(0, geo.width, tile)
-    ]
-
-
-@dataclass(frozen=True)
-class _TileJob:
-    """What every tile of a slide needs: where it is, its class map and its collagen rule."""
-
-    geo: _Geometry
+    slide: Slide
+    geometry: Geometry
+    thumbnail: np.ndarray
+    thumbnail_mpp: float
     tissue: TissueMask
-    fy: float  # analysis px per tissue-mask px
-    fx: float
+    stains: StainEstimate
+    preset: StainMatrix
+    threshold: CollagenThreshold
+    threshold_map: np.ndarray
     rule: CollagenRule
-    flags: np.ndarray  # per-pixel class bits (kernels.FLAG_*) at tissue resolution, uint8
-    threshold_map: np.ndarray  # float32 collagen threshold there, OD units
-    focus_stride: int  # sampling step of the focus samples (0 = focus not measured)
-    decide: PixelDecider | None = None  # replaces the rule's per-pixel decision (tiles.py)
-
-
-def class_flags(tissue: TissueMask) -> np.ndarray:
-    """Per-pixel class bits (``kernels.FLAG_*``) of a tissue mask, uint8."""
-    flags = tissue.tissue.astype(np.uint8)  # FLAG_TISSUE
-    for mask, bit in ((tissue.capsule_band, kernels.FLAG_BAND),
-                      (tissue.vessel_wall, kernels.FLAG_WALL),
-                      (tissue.lumen, kernels.FLAG_LUMEN), (tissue.fold, kernels.FLAG_FOLD),
-                      (tissue.bubble, kernels.FLAG_BUBBLE)):
-        if mask.any():
-            flags[mask] |= np.uint8(bit)
-    return flags
-
-
-def _lookup_any(mask: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """:func:`_lookup` for non-decreasing index maps, without the gather when the mask is
-    uniform over the rows/columns spanned (all False: lumens, folds, capsule and walls in most
-    tiles; all True: tissue inside the section). Same result: the looked-up pixels are a
-    subset of that rectangle."""
-    if len(rows) and len(cols):
-        sub = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-        if not sub.any():
-            return np.zeros((len(rows), len(cols)), bool)
-        if sub.all():
-            return np.ones((len(rows), len(cols)), bool)
-    return _lookup(mask, rows, cols)
-
-
-def _process_tile(
-    slide: Slide, job: _TileJob, box: tuple[int, int, int, int]
-) -> tuple[tuple[int, int, int, int], TileCounts, np.ndarray, np.ndarray, np.ndarray,
-           float] | None:
-    """Measure one tile (None when it does not touch the section): its counts, its collagen,
-    tissue and excluded masks at the mask resolution, and its sharpness (NaN when not
-    measured)."""
-    y0, x0, y1, x1 = box
-    th, tw = job.flags.shape
-    rows = _index_map(y0, y1, job.fy, th)
-    cols = _index_map(x0, x1, job.fx, tw)
-    if not _lookup_any(job.tissue.section, rows, cols).any():
-        return None
-    f = job.geo.mask_factor
-    sub = job.flags[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-    decided = None
-    if not (sub & kernels.FLAG_TISSUE).any():  # lumens / folds only: no pixel to read
-        rgb = np.zeros((y1 - y0, x1 - x0, 3), np.uint8)
-    elif job.decide is None:
-        rgb = _read_analysis(slide, job.geo, y0, x0, y1 - y0, x1 - x0)
-    else:
-        halo = math.ceil(job.decide.halo_um / job.geo.analysis_mpp)
-        wide = _read_analysis(slide, job.geo, y0 - halo, x0 - halo, y1 - y0 + 2 * halo,
-                              x1 - x0 + 2 * halo)
-        decided = np.asarray(job.decide(wide, halo), bool)
-        rgb = np.ascontiguousarray(wide[halo : halo + y1 - y0, halo : halo + x1 - x0])
-    out = measure_tile(rgb, job.rule, job.flags, job.threshold_map, rows, cols, f,
-                       job.focus_stride, decided=decided)
-    counts = TileCounts(collagen_od_sum=out.collagen_od_sum, **out.counts)
-    sharp = float("nan")
-    if job.focus_stride and counts.tissue_px:
-        sharp = focus.sharpness_from_moments(out.focus, out.focus_shape)
-    half = f * f
-    col, tis, exc = (2 * b >= half for b in out.blocks)
-    return box, counts, col, tis, exc, sharp
-
-
-#: A tile with tissue: (tissue fraction, box, low-resolution row of every tile row, of every
-#: tile column).
-_Covered = tuple[float, tuple[int, int, int, int], np.ndarray, np.ndarray]
-
-
-def _tissue_boxes(
-    tissue: TissueMask, fy: float, fx: float, boxes: list[tuple[int, int, int, int]]
-) -> list[_Covered]:
-    """The tiles that touch tissue, in grid order, with their tissue fraction (judged on every
-    8th row and column of the tissue mask under them)."""
-    th, tw = tissue.tissue.shape
-    covered = []
-    for box in boxes:
-        y0, x0, y1, x1 = box
-        rows = _index_map(y0, y1, fy, th)
-        cols = _index_map(x0, x1, fx, tw)
-        frac = float(tissue.tissue[np.ix_(rows[::8], cols[::8])].mean())
-        if frac > 0:
-            covered.append((frac, box, rows, cols))
-    return covered
-
-
-def _registration_tiles(
-    slide: Slide, geo: _Geometry, covered: list[_Covered], n_tiles: int = 3
-) -> list[np.ndarray]:
-    """Up to ``n_tiles`` regions of the most tissue-covered tiles, read from the analysis
-    level as they are (no resampling: a plane shift is a sub-pixel property of that level)."""
-    best = sorted(covered, key=lambda c: -c[0])[: 4 * n_tiles]
-    pick = np.unique(np.linspace(0, len(best) - 1, min(n_tiles, len(best))).round().astype(int))
-    level_h, level_w = slide.levels[geo.level].shape
-    tiles = []
-    for i in pick:
-        y0, x0, y1, x1 = best[i][1]
-        # the box's centre on the level, and a square of up to 512 px around it
-        cy = int((y0 + y1) / 2 / geo.scale)
-        cx = int((x0 + x1) / 2 / geo.scale)
-        half = min(256, level_h // 2, level_w // 2)
-        if half < 32:
-            break  # a level this small has no quadrant worth correlating
-        ry = min(max(cy - half, 0), level_h - 2 * half)
-        rx = min(max(cx - half, 0), level_w - 2 * half)
-        tiles.append(slide.read_region(geo.level, ry, rx, 2 * half, 2 * half))
-    return tiles
-
-
-def _calibration_pixels(
-    slide: Slide, geo: _Geometry, tissue: TissueMask, covered: list[_Covered], n_pixels: int
-) -> np.ndarray:
-    """uint8 RGB (N, 3) of tissue pixels at analysis resolution, spread over the slide."""
-    if not covered:
-        return np.zeros((0, 3), np.uint8)
-    per_tile = max((b[2] - b[0]) * (b[3] - b[1]) for _, b, _, _ in covered)
-    n_tiles = min(len(covered), max(8, math.ceil(2 * n_pixels / per_tile)))
-    pick = np.unique(np.linspace(0, len(covered) - 1, n_tiles).round().astype(int))
-    # every second row and column when the tiles hold far more pixels than needed
-    step = 2 if len(pick) * per_tile >= 8 * n_pixels else 1
-    chunks = []
-    for i in pick:
-        _, (y0, x0, y1, x1), rows, cols = covered[i]
-        rgb = _read_analysis(slide, geo, y0, x0, y1 - y0, x1 - x0)[::step, ::step]
-        chunks.append(rgb[tissue.tissue[np.ix_(rows[::step], cols[::step])]])
-    px = np.concatenate(chunks)
-    if len(px) > n_pixels:
-        rng = np.random.default_rng(0)
-        px = px[np.sort(rng.choice(len(px), n_pixels, replace=False))]
-    return px
+    qc: SlideQC
+    warnings: tuple[str, ...]
 
 
 #: Collagen levels (OD units) outside this range are reported as faint or over-stained.
@@ -441,8 +236,9 @@ def analyze_slide(
     workers: int = 1,
     slide: Slide | None = None,
     decide: PixelDecider | None = None,
-) -> SlideAnalysis:
-    """Measure collagen proportionate area on one slide.
+) -> SlideResult:
+    """Measure collagen proportionate area on one slide: :func:`calibrate_slide`, then
+    :func:`measure_tiles`.
 
     Parameters
     ----------
@@ -456,14 +252,14 @@ def analyze_slide(
     workers : int
         Threads over tiles.
     slide : Slide, optional
-        An already open slide (e.g. :class:`fibroquant.slides.ArraySlide` in tests).
+        An already open slide (e.g. :class:`fibroquant.slides.ArraySlide`).
     decide : PixelDecider, optional
         A per-pixel collagen decision replacing the slide's :class:`CollagenRule` on every
         tile (e.g. a trained classifier; see :class:`fibroquant.tiles.PixelDecider`).
 
     Returns
     -------
-    SlideAnalysis
+    SlideResult
 
     Raises
     ------
@@ -478,30 +274,53 @@ def analyze_slide(
         sl.close()
         sl = open_slide(path, mpp=fallback_mpp)
     try:
-        return _analyze(sl, settings, workers, t_start, decide)
+        if not kernels.kernels_ready():
+            # load the compiled tile kernels (numba cache, ~0.5 s once per process) while the
+            # thumbnail is read and analysed; the tile loop waits for it
+            threading.Thread(target=_warm_quietly, name="fibroquant-warmup",
+                             daemon=True).start()
+        cal = calibrate_slide(sl, settings)
+        total, collagen_m, tissue_m, excluded_m = measure_tiles(cal, settings, workers, decide)
+        if total.tissue_px == 0:
+            msg = f"{sl.path.name}: no countable tissue left after exclusions"
+            raise FibroquantError(msg)
+        geo = cal.geometry
+        qc = cal.thumbnail if cal.thumbnail_mpp >= geo.mask_mpp * 0.999 else \
+            cal.slide.thumbnail(geo.mask_mpp)
+        return SlideResult(
+            settings.stains.stain.value, sl.format, require_mpp(sl), geo,
+            Measurements.from_counts(total, geo.analysis_mpp), cal.stains, cal.threshold,
+            cal.qc, cal.warnings, round(time.perf_counter() - t_start, 3), __version__,
+            collagen_m, tissue_m, excluded_m, qc)
     finally:
         if own:
             sl.close()
 
 
-def _warm_quietly() -> None:
-    """Background kernel loading; a failure is raised again, on the caller's thread, by the
-    tile loop's own :func:`kernels.warmup_fused` call."""
-    try:
-        kernels.warmup_fused()
-    except Exception:  # noqa: BLE001 - reported by the foreground call
-        logger.debug("background kernel warm-up failed:\n%s", traceback.format_exc())
+def calibrate_slide(slide: Slide, settings: Settings) -> Calibration:
+    """Everything a slide's tiles are measured with, from its thumbnail and a pixel sample.
 
+    The optics are corrected first (uneven illumination, misregistered colour planes: every
+    later read sees the corrected slide), then the glass colour, tissue and exclusions are
+    found on the thumbnail, the stain vectors and the collagen threshold on a sample of tissue
+    pixels at the analysis resolution, and the threshold map, capsule and collagen rule follow.
 
-def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float,
-             decide: PixelDecider | None = None) -> SlideAnalysis:
-    name = sl.path.name
-    raw = sl  # the slide as given; corrections of the optics wrap it (CorrectedSlide)
+    Parameters
+    ----------
+    slide : Slide
+    settings : Settings
+
+    Returns
+    -------
+    Calibration
+
+    Raises
+    ------
+    FibroquantError
+        Greyscale image, missing resolution, no tissue.
+    """
+    name, raw, sl = slide.path.name, slide, slide
     require_colour(sl)  # a greyscale image would read as CPA 0 %: refuse it instead
-    if not kernels.kernels_ready():
-        # load the compiled tile kernels (numba cache, ~0.5 s once per process) while the
-        # thumbnail is read and analysed; the tile loop waits for it below
-        threading.Thread(target=_warm_quietly, name="fibroquant-warmup", daemon=True).start()
     geo = plan_geometry(sl, settings.tiling.analysis_mpp, settings.tiling.mask_max_mpx,
                         settings.tiling.read_oversample)
     extent_um = (sl.levels[0].shape[0] * require_mpp(sl), sl.levels[0].shape[1] * require_mpp(sl))
@@ -527,19 +346,16 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float,
         t = tissue.glass_threshold_od if tissue.glass_threshold_od is not None else tissue.glass_od
         msg = f"{name}: no tissue found (glass threshold {t:.3f} OD)"
         raise FibroquantError(msg)
-    fy = geo.height / thumb.shape[0]
-    fx = geo.width / thumb.shape[1]
-    boxes = _tile_grid(geo, settings.tiling.tile_px)
-
-    covered = _tissue_boxes(tissue, fy, fx, boxes)
+    covered = tissue_boxes(tissue, geo.height / thumb.shape[0], geo.width / thumb.shape[1],
+                           tile_grid(geo, settings.tiling.tile_px))
     shifts = None
     if settings.tissue.register_channels:
-        shifts = estimate_channel_shifts(_registration_tiles(sl, geo, covered))
+        shifts = estimate_channel_shifts(registration_tiles(sl, geo, covered))
         if shifts is not None:
             shifts = shifts * sl.levels[geo.level].downsample  # level-0 pixels
             sl = CorrectedSlide(raw, shading, shifts)
     preset = preset_for(settings.stains).with_background(background)
-    sample = _calibration_pixels(sl, geo, tissue, covered, settings.stains.sample_pixels)
+    sample = calibration_pixels(sl, geo, tissue, covered, settings.stains.sample_pixels)
     od_sample = rgb_to_od(sample, background)
     est = estimate_stains(od_sample, preset, settings.stains)
     stains = est.stains
@@ -555,58 +371,101 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float,
     # automatic: decided by the nuclei's stain (per slide; the settings stay as given)
     blob_um2 = auto_blob_area(pos[stained], stains) if blob_auto else \
         settings.collagen.blob_max_area_um2
+    tissue, threshold_map = _threshold_map(thumb, thumb_mpp, tissue, background, stains, thr,
+                                           settings)
+    fit = stain_fit(tissue_pixels(thumb, tissue.tissue, STAIN_FIT_MAX_PIXELS), max_pixels=50_000)
+    warnings = stain_warnings(est, preset, thr, fit, settings.stains.stain.value)
+    if blob_auto and blob_um2:
+        warnings.append(
+            "nuclei not iron haematoxylin (blue-purple): compact blobs up to "
+            f"{blob_um2:g} µm² not counted as collagen (automatic)")
+    col = stains.collagen_index
+    qc = SlideQC(
+        tissue.glass_od, 0.0 if shading is None else round(shading.od_range, 4),
+        0.0 if shifts is None else round(float(np.hypot(*shifts.T).max()), 3),
+        background, bg_source, round(angle_deg(stains.vectors[col], preset.vectors[col]), 2),
+        blob_um2, fit)
+    rule = CollagenRule.for_slide(od_lut(background), stains, thr.share_guard,
+                                  settings.collagen, blob_um2, geo.analysis_mpp)
+    return Calibration(sl, geo, thumb, thumb_mpp, tissue, est, preset, thr, threshold_map,
+                       rule, qc, tuple(warnings))
+
+
+def _threshold_map(
+    thumb: np.ndarray, thumb_mpp: float, tissue: TissueMask, background: Vector,
+    stains: StainMatrix, thr: CollagenThreshold, settings: Settings,
+) -> tuple[TissueMask, np.ndarray]:
+    """Folds and capsule added to ``tissue``, and the collagen threshold at its resolution
+    (float32, OD units: the slide's threshold, raised by the local parenchyma background)."""
     thumb_conc = rgb_to_od(thumb, background) @ stains.unmixing
     # the collagen plane is read by every step below: contiguous, not a strided view
     thumb_col = np.ascontiguousarray(thumb_conc[..., stains.collagen_index])
     if len(stains.names) > 1:
         tissue = with_folds(tissue, np.ascontiguousarray(thumb_conc[..., 1]), settings.tissue,
                             thumb_col, thr.threshold_od)
-    bg_map = None
-    thumb_threshold: float | np.ndarray = thr.threshold_od
-    offset = thr.threshold_od
-    if thr.method == "relative" and settings.collagen.local_background_um:
-        tpos = np.maximum(thumb_conc, 0)
-        tshare = tpos[..., stains.collagen_index] / np.maximum(channel_sum(tpos), 1e-6)
-        del tpos  # thumbnail-sized temporaries are freed as soon as possible (peak RSS)
-        parenchyma = tissue.tissue & (tshare < 0.5)
-        del tshare
-        # The thumbnail gives the map's shape; its level comes from the analysis-resolution
-        # sample. A coarse thumbnail pixel mixes in fine fibres, which would raise the
-        # parenchyma level it sees (and the threshold) the coarser the thumbnail.
-        bias = 0.0
-        if parenchyma.any():
-            bias = max(float(np.median(thumb_col[parenchyma])), 0.0) - thr.parenchyma_od
-        bg_map = parenchyma_background(
-            thumb_col, parenchyma,
-            settings.collagen.local_background_um / thumb_mpp, thr.parenchyma_od + bias,
-        )
-        if bias:
-            bg_map -= np.float32(bias)
-        del parenchyma
-        offset = thr.threshold_od - thr.parenchyma_od
-        thumb_threshold = bg_map + np.float32(offset)
-    tissue = with_capsule(tissue, thumb_col > thumb_threshold)
-    del thumb_conc, thumb_col, thumb_threshold  # not needed by the tile loop (peak RSS)
-
-    flags = class_flags(tissue)
-    if bg_map is not None:
-        threshold_map = bg_map + np.float32(offset)  # float32, as the tile path adds it
-    else:
-        threshold_map = np.full(flags.shape, kernels.threshold_as_float32(
+    if not (thr.method == "relative" and settings.collagen.local_background_um):
+        tissue = with_capsule(tissue, thumb_col > thr.threshold_od)
+        return tissue, np.full(tissue.tissue.shape, kernels.threshold_as_float32(
             np.dtype(np.float32), thr.threshold_od), np.float32)
-    rule = CollagenRule.for_slide(od_lut(background), stains, thr.share_guard,
-                                  settings.collagen, blob_um2, geo.analysis_mpp)
-    job = _TileJob(geo, tissue, fy, fx, rule, flags, threshold_map,
-                   2 if settings.tissue.exclude_unfocused else 0, decide)
+    tpos = np.maximum(thumb_conc, 0)
+    del thumb_conc  # thumbnail-sized temporaries are freed as soon as possible (peak RSS)
+    tshare = tpos[..., stains.collagen_index] / np.maximum(channel_sum(tpos), 1e-6)
+    del tpos
+    parenchyma = tissue.tissue & (tshare < 0.5)
+    del tshare
+    # The thumbnail gives the map's shape; its level comes from the analysis-resolution
+    # sample. A coarse thumbnail pixel mixes in fine fibres, which would raise the
+    # parenchyma level it sees (and the threshold) the coarser the thumbnail.
+    bias = 0.0
+    if parenchyma.any():
+        bias = max(float(np.median(thumb_col[parenchyma])), 0.0) - thr.parenchyma_od
+    bg_map = parenchyma_background(
+        thumb_col, parenchyma,
+        settings.collagen.local_background_um / thumb_mpp, thr.parenchyma_od + bias,
+    )
+    if bias:
+        bg_map -= np.float32(bias)
+    del parenchyma
+    threshold_map = bg_map + np.float32(thr.threshold_od - thr.parenchyma_od)
+    return with_capsule(tissue, thumb_col > threshold_map), threshold_map
+
+
+def measure_tiles(
+    cal: Calibration, settings: Settings, workers: int = 1, decide: PixelDecider | None = None,
+) -> tuple[TileCounts, np.ndarray, np.ndarray, np.ndarray]:
+    """Measure every tile that touches the section and add up the counts.
+
+    Tiles far blurrier than the rest of the slide (``tissue.exclude_unfocused``) have their
+    tissue excluded (reported as unfocused area), like a fold.
+
+    Parameters
+    ----------
+    cal : Calibration
+    settings : Settings
+    workers : int
+        Threads over tiles.
+    decide : PixelDecider, optional
+        A per-pixel collagen decision replacing ``cal.rule`` on every tile.
+
+    Returns
+    -------
+    total : TileCounts
+    collagen, tissue, excluded : ndarray of bool
+        Masks at ``cal.geometry.mask_mpp``.
+    """
+    geo = cal.geometry
+    boxes = tile_grid(geo, settings.tiling.tile_px)
+    job = TileJob(geo, cal.tissue, geo.height / cal.thumbnail.shape[0],
+                  geo.width / cal.thumbnail.shape[1], cal.rule, class_flags(cal.tissue),
+                  cal.threshold_map, 2 if settings.tissue.exclude_unfocused else 0, decide)
     f = geo.mask_factor
     mh, mw = -(-geo.height // f), -(-geo.width // f)
     collagen_m = np.zeros((mh, mw), bool)
     tissue_m = np.zeros((mh, mw), bool)
     excluded_m = np.zeros((mh, mw), bool)
-    total = TileCounts()
     kernels.warmup_fused()
     measured: list[tuple[tuple[int, int, int, int], TileCounts, float]] = []
-    for out in _map_tiles(sl, job, boxes, workers):
+    for out in _map_tiles(cal.slide, job, boxes, workers):
         if out is None:
             continue
         (y0, x0, y1, x1), counts, c, tis, exc, sharp = out  # masks already block-reduced
@@ -619,11 +478,11 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float,
     if settings.tissue.exclude_unfocused:
         blurry = focus.unfocused(np.array([m[2] for m in measured]),
                                  factor=settings.tissue.unfocused_factor)
-    for ((y0, x0, y1, x1), counts, _), bad in zip(measured, blurry):
+    total = TileCounts()
+    for ((y0, x0, y1, x1), counts, _), bad in zip(measured, blurry, strict=True):
         if not bad:
             total = total + counts
             continue
-        # out of focus: its tissue is excluded (reported), like a fold
         total = total + TileCounts(
             lumen_px=counts.lumen_px, fold_px=counts.fold_px, bubble_px=counts.bubble_px,
             unfocused_px=counts.tissue_px + counts.capsule_px + counts.wall_px,
@@ -632,54 +491,16 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float,
         excluded_m[ys, xs] |= tissue_m[ys, xs]
         collagen_m[ys, xs] = False
         tissue_m[ys, xs] = False
-    meas = Measurements.from_counts(total, geo.analysis_mpp)
-    fit = stain_fit(tissue_pixels(thumb, tissue.tissue, STAIN_FIT_MAX_PIXELS), max_pixels=50_000)
-    warnings = stain_warnings(est, preset, thr, fit, settings.stains.stain.value)
-    if blob_auto and blob_um2:
-        warnings.append(
-            "nuclei not iron haematoxylin (blue-purple): compact blobs up to "
-            f"{blob_um2:g} µm² not counted as collagen (automatic)")
-    if total.tissue_px == 0:
-        msg = f"{name}: no countable tissue left after exclusions"
-        raise FibroquantError(msg)
-    mask_mpp = geo.analysis_mpp * f
-    qc = thumb if thumb_mpp >= mask_mpp * 0.999 else sl.thumbnail(mask_mpp)
-    col_idx = stains.collagen_index
-    record: dict[str, Any] = {
-        "status": "ok",
-        "error": "",
-        "stain": settings.stains.stain.value,
-        "format": sl.format,
-        "mpp": require_mpp(sl),
-        "analysis_mpp": geo.analysis_mpp,
-        "level": geo.level,
-        "width_px": geo.width,
-        "height_px": geo.height,
-        "mask_mpp": mask_mpp,
-        **{k: getattr(meas, k) for k in meas.__dataclass_fields__},
-        "glass_od": tissue.glass_od,
-        "shading_od": 0.0 if shading is None else round(shading.od_range, 4),
-        "channel_shift_px": 0.0 if shifts is None else round(float(np.hypot(*shifts.T).max()), 3),
-        "background_rgb": json.dumps([round(b, 1) for b in background]),
-        "background_source": bg_source,
-        "stain_source": est.source,
-        "stain_vectors": json.dumps(stains.to_dict()),
-        "stain_angle_deg": round(angle_deg(stains.vectors[col_idx], preset.vectors[col_idx]), 2),
-        "stain_angles_deg": json.dumps(est.angles_deg),
-        "collagen_od_share": est.od_share.get(stains.collagen, 0.0),
-        "threshold_method": thr.method,
-        "threshold_od": thr.threshold_od,
-        "parenchyma_od": thr.parenchyma_od,
-        "collagen_level_od": thr.collagen_level_od,
-        "share_guard": thr.share_guard,
-        "parenchyma_share": thr.parenchyma_share,
-        "blob_max_area_um2": blob_um2,
-        "stain_fit": json.dumps(fit),
-        "stain_warning": "; ".join(warnings),
-        "seconds": round(time.perf_counter() - t_start, 3),
-        "version": __version__,
-    }
-    return SlideAnalysis(record, collagen_m, tissue_m, excluded_m, mask_mpp, qc)
+    return total, collagen_m, tissue_m, excluded_m
+
+
+def _warm_quietly() -> None:
+    """Background kernel loading; a failure is raised again, on the caller's thread, by the
+    tile loop's own :func:`kernels.warmup_fused` call."""
+    try:
+        kernels.warmup_fused()
+    except Exception:  # noqa: BLE001 - reported by the foreground call
+        logger.debug("background kernel warm-up failed:\n%s", traceback.format_exc())
 
 
 def _glass_background(
@@ -1070,11 +891,12 @@ def _run_dask(tasks: list[SlideTask], scheduler: str | Any) -> Iterator[dict[str
 
 
 __all__ = [
-    "SlideAnalysis",
+    "Calibration",
     "SlideReadError",
     "SlideTask",
     "analyze_slide",
-    "plan_geometry",
+    "calibrate_slide",
+    "measure_tiles",
     "tune_malloc",
     "run_slide",
     "run_tasks",

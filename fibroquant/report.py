@@ -1433,7 +1433,7 @@ def write_qc(path: Path, analysis: Any, *, max_px: int = 2000) -> None:
     ----------
     path : pathlib.Path
         PNG to write (atomically).
-    analysis : fibroquant.pipeline.SlideAnalysis
+    analysis : fibroquant.measure.SlideResult
         Its ``thumbnail`` and masks; the image is scaled so its longest side is at most
         ``max_px`` and the masks are resized to it.
     max_px : int

@@ -1269,15 +1269,16 @@ def _sniff(head: bytes) -> str | None:
     return None
 
 
-def open_slide(path: str | Path, *, mpp: float | None = None) -> Slide:
-    """Open a slide or image file.
+def open_slide(path: str | Path | np.ndarray, *, mpp: float | None = None) -> Slide:
+    """Open a slide or image file, or an image already in memory.
 
     Parameters
     ----------
-    path : str or Path
+    path : str, Path or ndarray
         Slide file: ``.svs``, ``.ndpi``, ``.tif``/``.tiff`` (OME-TIFF, BigTIFF pyramids, flat),
         ``.btf``, ``.png``, ``.jpg``/``.jpeg``, ``.bmp``; ``.mrxs``, ``.scn``, ``.vms``,
-        ``.vmu``, ``.bif`` with the optional openslide reader.
+        ``.vmu``, ``.bif`` with the optional openslide reader. An RGB array (as
+        :class:`ArraySlide` takes it) needs ``mpp``.
     mpp : float, optional
         Level-0 µm per pixel overriding the file's metadata (all levels scale with their
         downsample). When neither the file nor this gives a resolution the slide opens with
@@ -1293,8 +1294,13 @@ def open_slide(path: str | Path, *, mpp: float | None = None) -> Slide:
     SlideReadError
         Missing, empty, unsupported, corrupt or truncated file (the message names the file).
     ValueError
-        ``mpp`` is not a positive number.
+        ``mpp`` is not a positive number, or missing for an array.
     """
+    if isinstance(path, np.ndarray):
+        if mpp is None:
+            msg = "an image array has no resolution: give mpp (µm per pixel)"
+            raise ValueError(msg)
+        return ArraySlide(path, mpp)
     path = Path(path)
     override = _check_mpp(mpp)
     name = path.name

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from skimage.morphology import remove_small_holes, remove_small_objects
 
-from fibroquant import kernels, pipeline
+from fibroquant import kernels, pipeline, tiles
 from fibroquant.collagen import CollagenRule, blob_limits, parenchyma_background
 from fibroquant.kernels import gaussian_blur
 from fibroquant.stains import estimate_background, od_lut, stain_fit, tissue_pixels
@@ -57,10 +57,10 @@ def test_lookup_any_equals_lookup(fill):
     mask = rng.random((30, 40)) < 0.1 if fill is None else np.full((30, 40), bool(fill))
     mask[:5] = False
     for factor in (0.7, 1.0, 3.3):
-        rows = pipeline._index_map(0, 20, factor, 30)
-        cols = pipeline._index_map(5, 60, factor, 40)
+        rows = tiles.index_map(0, 20, factor, 30)
+        cols = tiles.index_map(5, 60, factor, 40)
         np.testing.assert_array_equal(
-            pipeline._lookup_any(mask, rows, cols), mask[np.ix_(rows, cols)]
+            tiles.lookup_any(mask, rows, cols), mask[np.ix_(rows, cols)]
         )
 
 
@@ -162,8 +162,8 @@ def _fused_inputs(seed):
     bits = np.array([0, 1, 1, 1, 1 | 2, 1 | 4, 8, 16, 32, 1 | 2 | 4, 8 | 16], np.uint8)
     flags = rng.choice(bits, (th, tw))
     thr = rng.uniform(-0.05, 0.3, (th, tw)).astype(np.float32)
-    rows = pipeline._index_map(0, rgb.shape[0], rgb.shape[0] / th, th)
-    cols = pipeline._index_map(0, rgb.shape[1], rgb.shape[1] / tw, tw)
+    rows = tiles.index_map(0, rgb.shape[0], rgb.shape[0] / th, th)
+    cols = tiles.index_map(0, rgb.shape[1], rgb.shape[1] / tw, tw)
     return rgb, lut, unmix, others, flags, thr, rows, cols
 
 
@@ -296,8 +296,8 @@ def test_fused_speck_removal_on_random_masks(density, min_px, blob, seed):
     unmix = np.array([0.1, 1.0, -0.2], np.float32)
     flags = rng.choice(np.array([1, 1, 1, 1, 1 | 2, 1 | 4, 8, 0], np.uint8), (10, 7))
     thr = rng.uniform(0.1, 0.5, (10, 7)).astype(np.float32)
-    rows = pipeline._index_map(0, h, h / 10, 10)
-    cols = pipeline._index_map(0, w, w / 7, 7)
+    rows = tiles.index_map(0, h, h / 10, 10)
+    cols = tiles.index_map(0, w, w / 7, 7)
     for f in (1, 3):
         a = _fused_equals_reference(rgb, lut, unmix, (np.array([1.0, -0.3, 0.2], np.float32),),
                                     0.3, flags, thr, rows, cols, f, 2, min_px, *blob)
@@ -308,7 +308,6 @@ def test_fused_speck_removal_on_random_masks(density, min_px, blob, seed):
 def test_whole_analysis_by_the_kernel_equals_the_numpy_reference(stain, monkeypatch):
     """A whole analysis with the fused kernel and with its numpy reference (as without numba)
     gives the same record and masks."""
-    from fibroquant import tiles
     from fibroquant.config import load_settings
     from fibroquant.slides import ArraySlide
 
@@ -534,8 +533,8 @@ def test_compact_blobs_are_removed_and_fibres_kept():
     unmix = np.array([0.1, 1.0, -0.2], np.float32)
     flags = np.ones((4, 4), np.uint8)
     thr = np.full((4, 4), 0.2, np.float32)
-    rows = pipeline._index_map(0, h, h / 4, 4)
-    cols = pipeline._index_map(0, w, w / 4, 4)
+    rows = tiles.index_map(0, h, h / 4, 4)
+    cols = tiles.index_map(0, w, w / 4, 4)
     args = (rgb, lut, unmix, (), 0.0, flags, thr, rows, cols, 1, 0, 0, blob_px, blob_side)
     a = _fused_equals_reference(*args[:11], 0, blob_px, blob_side)
     disc = int(((yy - 30) ** 2 + (xx - 30) ** 2 <= 25).sum())
@@ -641,8 +640,8 @@ def test_words_only_for_c_contiguous_aligned_tiles_of_width_8k():
 def _word_tile_inputs(seed, w):
     _, lut, unmix, others, flags, thr, rows, cols = _fused_inputs(seed)
     rgb, _ = make_section(SectionParams(shape=(150, w), mpp=0.5), rng=seed)
-    rows = pipeline._index_map(0, rgb.shape[0], rgb.shape[0] / flags.shape[0], flags.shape[0])
-    cols = pipeline._index_map(0, w, w / flags.shape[1], flags.shape[1])
+    rows = tiles.index_map(0, rgb.shape[0], rgb.shape[0] / flags.shape[0], flags.shape[0])
+    cols = tiles.index_map(0, w, w / flags.shape[1], flags.shape[1])
     assert kernels._words(rgb).size
     return rgb, lut, unmix, others, flags, thr, rows, cols
 
@@ -681,8 +680,8 @@ def test_word_path_on_dense_random_masks(n_other, monkeypatch):
     others = (np.array([1.0, -0.3, 0.2], np.float32), np.array([-0.2, 0.1, 0.9], np.float32))
     flags = rng.choice(np.array([1, 1, 1, 1, 1 | 2, 1 | 4, 8, 0], np.uint8), (10, 7))
     thr = rng.uniform(0.1, 0.5, (10, 7)).astype(np.float32)
-    rows = pipeline._index_map(0, h, h / 10, 10)
-    cols = pipeline._index_map(0, w, w / 7, 7)
+    rows = tiles.index_map(0, h, h / 10, 10)
+    cols = tiles.index_map(0, w, w / 7, 7)
     args = (rgb, lut, unmix, others[:n_other], 0.3, flags, thr, rows, cols, 3, 2, 5, 60, 12)
     assert kernels._words(rgb).size
     a = _fused_equals_reference(*args)
