@@ -107,7 +107,7 @@ def hessian_eigenvalues(smoothed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def pixel_features(rgb: np.ndarray, stains: StainMatrix, mpp: float,
                    scales_um: Sequence[float] = DEFAULT_SCALES_UM) -> np.ndarray:
-    """Per-pixel features of a uint8 RGB image (float32, ``(H, W, F)``).
+    """Per-pixel features of a uint8 RGB image, one plane per feature (float32, ``(F, H, W)``).
 
     Parameters
     ----------
@@ -121,9 +121,10 @@ def pixel_features(rgb: np.ndarray, stains: StainMatrix, mpp: float,
 
     Returns
     -------
-    ndarray of float32, (H, W, F)
-        Columns as :func:`feature_names`. Pixels within :func:`halo_um` of the border see a
-        reflected image: read a halo around tiles.
+    ndarray of float32, (F, H, W)
+        Planes as :func:`feature_names` (planes, not pixels, are contiguous: the filters write
+        them whole, and :func:`rows_at` gathers the pixels to classify). Pixels within
+        :func:`halo_um` of the border see a reflected image: read a halo around tiles.
     """
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         msg = f"rgb must be uint8 (H, W, 3), got {rgb.dtype} {rgb.shape}"
@@ -131,28 +132,139 @@ def pixel_features(rgb: np.ndarray, stains: StainMatrix, mpp: float,
     if not (math.isfinite(mpp) and mpp > 0):
         msg = f"mpp must be a positive number of µm per pixel, got {mpp=}"
         raise ValueError(msg)
+    h, w = rgb.shape[:2]
+    n = len(stains.names)
+    names = feature_names(stains.names, scales_um)
+    out = np.empty((len(names), h, w), np.float32)
     lut = od_lut(stains.background_rgb)
     od = cv2.LUT(np.ascontiguousarray(rgb).reshape(-1, 1, 3),
                  np.ascontiguousarray(lut.T).reshape(256, 1, 3)).reshape(rgb.shape)
-    conc = (od.reshape(-1, 3) @ stains.unmixing.astype(np.float32)).reshape(
-        *rgb.shape[:2], len(stains.names))
-    planes = [np.ascontiguousarray(conc[..., i]) for i in range(conc.shape[2])]
-    planes.append(od[..., 0] + od[..., 1] + od[..., 2])
-    out = list(planes)
+    unmix = stains.unmixing.astype(np.float32)
+    for i in range(n):
+        out[i] = od[..., 0] * unmix[0, i] + od[..., 1] * unmix[1, i] + od[..., 2] * unmix[2, i]
+    np.sum(od, axis=-1, out=out[n])
+    k = n + 1
     for s in scales_um:
         sigma = s / mpp
-        smooth = [cv2.GaussianBlur(p, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
-                  for p in planes]
-        out += smooth
-        for p in (smooth[0], smooth[-1]):
+        for i in range(n + 1):
+            cv2.GaussianBlur(out[i], (0, 0), sigma, dst=out[k + i], borderType=cv2.BORDER_REFLECT)
+        smooth = (out[k], out[k + n])
+        k += n + 1
+        for p in smooth:
             dr, dc, drr, drc, dcc = _derivatives(p)
             half_tr = 0.5 * (drr + dcc)
             root = np.sqrt(0.25 * (drr - dcc) ** 2 + drc**2)
             # per µm, so that the same structure gives the same value at any resolution
-            out += [np.sqrt(dr * dr + dc * dc) / np.float32(mpp),
-                    (half_tr + root) / np.float32(mpp * mpp),
-                    (half_tr - root) / np.float32(mpp * mpp)]
-    return np.stack(out, axis=-1)
+            out[k] = np.sqrt(dr * dr + dc * dc) / np.float32(mpp)
+            out[k + 1] = (half_tr + root) / np.float32(mpp * mpp)
+            out[k + 2] = (half_tr - root) / np.float32(mpp * mpp)
+            k += 3
+    return out
+
+
+def rows_at(features: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Feature rows ``(N, F)`` float32 of the pixels of ``mask`` from ``(F, H, W)`` planes."""
+    idx = np.flatnonzero(mask.ravel())
+    flat = features.reshape(features.shape[0], -1)
+    return np.ascontiguousarray(np.take(flat, idx, axis=1).T)
+
+
+class CompiledEnsemble:
+    """A fitted binary ``HistGradientBoostingClassifier`` as flat node arrays, evaluated by a
+    compiled loop on feature planes (no gathered copy of the rows, no Python per tree).
+
+    Gives the model's own raw score (``baseline + sum of leaf values``; collagen when >= 0,
+    i.e. ``predict_proba >= 0.5``): a pixel goes left when its feature ``<=`` the node's
+    threshold, as scikit-learn's ``_predict_from_raw_data`` (features are never NaN here).
+    """
+
+    def __init__(self, model: Any) -> None:
+        trees = [preds[0].nodes for preds in model._predictors]  # noqa: SLF001
+        sizes = np.array([len(t) for t in trees], np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        nodes = np.concatenate(trees)
+        if nodes["is_categorical"].any():
+            msg = "categorical splits are not supported"
+            raise ValueError(msg)
+        self.feature = nodes["feature_idx"].astype(np.int64)
+        self.threshold = nodes["num_threshold"].astype(np.float64)
+        self.left = nodes["left"].astype(np.int64)
+        self.right = nodes["right"].astype(np.int64)
+        self.is_leaf = nodes["is_leaf"].astype(np.bool_)
+        self.value = nodes["value"].astype(np.float64)
+        self.baseline = float(np.ravel(model._baseline_prediction)[0])  # noqa: SLF001
+        # the most the trees from t on can still add or take away: a pixel is decided as soon
+        # as its running score is further from 0 than that
+        most = np.array([np.abs(t["value"][t["is_leaf"].astype(bool)]).max() for t in trees])
+        self.remaining = np.concatenate([np.cumsum(most[::-1])[::-1], [0.0]]).astype(np.float64)
+
+    def raw(self, planes: np.ndarray, index: np.ndarray) -> np.ndarray:
+        """Raw scores (float64) of the pixels ``index`` (flat) of ``(F, H, W)`` planes."""
+        flat = planes.reshape(planes.shape[0], -1)
+        return _ensemble_raw(flat, index.astype(np.int64), self.offsets, self.feature,
+                             self.threshold, self.left, self.right, self.is_leaf, self.value,
+                             self.baseline)
+
+    def decide(self, planes: np.ndarray, index: np.ndarray) -> np.ndarray:
+        """Collagen (raw score >= 0) of the pixels ``index`` (flat) of ``(F, H, W)`` planes.
+
+        Stops adding trees once the remaining ones cannot change the sign of the score (the
+        same decision as :meth:`raw`, at a fraction of the trees for clear pixels).
+        """
+        flat = planes.reshape(planes.shape[0], -1)
+        return _ensemble_decide(flat, index.astype(np.int64), self.offsets, self.feature,
+                                self.threshold, self.left, self.right, self.is_leaf, self.value,
+                                self.baseline, self.remaining)
+
+
+def _ensemble_decide_py(flat, index, offsets, feature, threshold, left, right, is_leaf, value,
+                        baseline, remaining):  # pragma: no cover - compiled below
+    out = np.empty(len(index), np.bool_)
+    for n in range(len(index)):
+        p = index[n]
+        acc = baseline
+        t = 0
+        while t < len(offsets):
+            if acc - remaining[t] >= 0.0 or acc + remaining[t] < 0.0:
+                break
+            base = offsets[t]
+            node = 0
+            while not is_leaf[base + node]:
+                k = base + node
+                node = left[k] if flat[feature[k], p] <= threshold[k] else right[k]
+            acc += value[base + node]
+            t += 1
+        out[n] = acc >= 0.0
+    return out
+
+
+def _ensemble_raw_py(flat, index, offsets, feature, threshold, left, right, is_leaf, value,
+                     baseline):  # pragma: no cover - compiled below; the Python body is the spec
+    out = np.empty(len(index), np.float64)
+    for n in range(len(index)):
+        p = index[n]
+        acc = baseline
+        for t in range(len(offsets)):
+            base = offsets[t]
+            node = 0
+            while not is_leaf[base + node]:
+                k = base + node
+                node = left[k] if flat[feature[k], p] <= threshold[k] else right[k]
+            acc += value[base + node]
+        out[n] = acc
+    return out
+
+
+def _compile(fn: Any) -> Any:
+    try:
+        import numba
+    except ImportError:  # pragma: no cover - numba is a dependency
+        return fn
+    return numba.njit(nogil=True, cache=True)(fn)
+
+
+_ensemble_raw = _compile(_ensemble_raw_py)
+_ensemble_decide = _compile(_ensemble_decide_py)
 
 
 @dataclass
@@ -175,7 +287,14 @@ class PixelClassifier:
     header: dict[str, Any]
     gate_od: float = -math.inf
     sha256: str = ""
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _compiled: Any = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if type(self.model).__name__ == "HistGradientBoostingClassifier":
+            try:
+                self._compiled = CompiledEnsemble(self.model)
+            except (AttributeError, KeyError, ValueError, IndexError):  # another layout
+                logger.debug("classifier: scikit-learn's own predict is used")
 
     @property
     def scales_um(self) -> tuple[float, ...]:
@@ -216,14 +335,21 @@ class PixelClassifier:
         feats = pixel_features(rgb_with_halo, stains, mpp, self.scales_um)
         h = rgb_with_halo.shape[0] - 2 * halo_px
         w = rgb_with_halo.shape[1] - 2 * halo_px
-        core = feats[halo_px : halo_px + h, halo_px : halo_px + w]
+        core = feats[:, halo_px : halo_px + h, halo_px : halo_px + w]
         gate_col = len(stains.names) + 1  # the collagen stain at the smallest scale
-        todo = core[..., gate_col] >= self.gate_od
+        todo = core[gate_col] >= self.gate_od
         if tissue is not None:
             todo &= tissue
         out = np.zeros((h, w), bool)
-        if todo.any():
-            out[todo] = self.predict_proba(core[todo]) >= 0.5
+        if not todo.any():
+            return out
+        if self._compiled is not None:
+            idx = np.flatnonzero(todo.ravel())
+            rows, cols = np.divmod(idx, w)
+            flat_idx = (rows + halo_px) * rgb_with_halo.shape[1] + cols + halo_px
+            out.ravel()[idx] = self._compiled.decide(feats, flat_idx)
+        else:
+            out[todo] = self.predict_proba(rows_at(core, todo)) >= 0.5
         return out
 
 
@@ -390,16 +516,18 @@ def sample_pixels(features: np.ndarray, labels: np.ndarray, scored: np.ndarray, 
 
     Parameters
     ----------
-    features : ndarray of float32, (H, W, F)
+    features : ndarray of float32, (F, H, W)
+        :func:`pixel_features`.
     labels, scored : ndarray of bool, (H, W)
     """
     g = _rng(rng)
     idx = np.flatnonzero(scored.ravel())
-    flat = features.reshape(-1, features.shape[-1])
+    flat = features.reshape(features.shape[0], -1)
     lab = labels.ravel()
     train = g.choice(idx, size=min(max_train_px, idx.size), replace=False) if idx.size else idx
     ev = g.choice(idx, size=min(max_eval_px, idx.size), replace=False) if idx.size else idx
-    return TrainingImage(stem, flat[train], lab[train], flat[ev], lab[ev], int(idx.size))
+    return TrainingImage(stem, np.ascontiguousarray(flat[:, train].T), lab[train],
+                         np.ascontiguousarray(flat[:, ev].T), lab[ev], int(idx.size))
 
 
 def make_model(kind: str = "hgb", *, rng: int = 0) -> Any:
@@ -476,6 +604,10 @@ def fit(images: Sequence[TrainingImage], *, kind: str = "hgb", rng: int = 0,
     model = make_model(kind, rng=rng)
     model.fit(x, y)
     header = dict(header or {})
+    settings = dict(header.get("settings", {}))
+    settings.setdefault("scales_um", list(DEFAULT_SCALES_UM))
+    settings["model"] = kind
+    header["settings"] = settings
     gate = _gate(x, y.astype(bool), gate_col) if gate_col is not None else -math.inf
     return PixelClassifier(model, header, gate)
 
@@ -514,3 +646,87 @@ def cross_validate(images: Sequence[TrainingImage], *, kind: str = "hgb", rng: i
         clf = fit(rest, kind=kind, rng=rng, gate_col=gate_col)
         rows.append(held_out_rows(clf, held, gate_col if gate_col is not None else 0))
     return rows
+
+
+# --- training data from slides and annotation files (I/O) ----------------------------------
+
+def stains_of_record(record: dict[str, Any]) -> StainMatrix:
+    """The stains a slide was measured with, from its ``slides.csv`` record (collagen first)."""
+    vectors = json.loads(record["stain_vectors"])
+    background = tuple(json.loads(record["background_rgb"]))
+    return StainMatrix(tuple(vectors), np.array(list(vectors.values())), background)
+
+
+def _open(path: Path, mpp: float | None) -> Any:
+    from fibroquant.slides import open_slide
+
+    sl = open_slide(path)
+    if sl.mpp is None and mpp is not None:
+        sl.close()
+        sl = open_slide(path, mpp=mpp)
+    return sl
+
+
+def training_image(
+    slide_path: str | Path, files: dict[str, Path], settings: Any, *, stem: str,
+    mpp: float | None = None, scales_um: Sequence[float] = DEFAULT_SCALES_UM,
+    max_train_px: int = 100_000, max_eval_px: int = 100_000,
+    rng: int | np.random.Generator | None = 0,
+) -> tuple[TrainingImage, StainMatrix]:
+    """Training pixels of one slide: its people's majority on the scored pixels.
+
+    The slide is measured first (:func:`fibroquant.pipeline.analyze_slide` with ``settings``)
+    for its fitted stains and its tissue; features are computed at full resolution on the
+    box around the scored pixels (labelled, inside the drawn tissue or else the tool's).
+
+    Raises
+    ------
+    FibroquantError
+        The slide cannot be measured, or an annotation cannot be read or placed.
+    """
+    from fibroquant.agreement import MAX_GRID_PX, image_annotations, majority
+    from fibroquant.annotations import fingerprint, resample_nearest
+    from fibroquant.pipeline import analyze_slide
+    from fibroquant.slides import require_mpp
+
+    slide_path = Path(slide_path)
+    analysis = analyze_slide(slide_path, settings, fallback_mpp=mpp)
+    stains = stains_of_record(analysis.record)
+    with _open(slide_path, mpp) as sl:
+        mpp0 = require_mpp(sl)
+        full = sl.levels[0].shape[:2]
+        if full[0] * full[1] > MAX_GRID_PX:
+            msg = (f"{slide_path}: {full[1]}x{full[0]} px is too large to train on whole; "
+                   "annotate crops (regions exported as images) instead")
+            raise ClassifierError(msg)
+        anns, _ = image_annotations(files, stem, full, analysis.collagen_mask.shape)
+        anns = [a.resampled(full) for a in anns]
+        if len(anns) == 1:
+            labels, labelled = anns[0].collagen, anns[0].labelled
+        else:
+            labels, labelled = majority(anns)
+        drawn = [a.tissue for a in anns if a.tissue is not None]
+        if drawn and len(drawn) == len(anns):
+            region = 2 * np.sum(drawn, axis=0) > len(drawn)
+        else:
+            region = resample_nearest(analysis.tissue_mask, full)
+        scored = labelled & region
+        if not scored.any():
+            return sample_pixels(np.zeros((len(feature_names(stains.names, scales_um)), 1, 1),
+                                          np.float32), np.zeros((1, 1), bool),
+                                 np.zeros((1, 1), bool), stem=stem), stains
+        rows = np.flatnonzero(scored.any(axis=1))
+        cols = np.flatnonzero(scored.any(axis=0))
+        y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+        halo = int(math.ceil(halo_um(scales_um) / mpp0)) + 1
+        rgb = sl.read_region(0, y0 - halo, x0 - halo, y1 - y0 + 2 * halo, x1 - x0 + 2 * halo)
+    feats = pixel_features(rgb, stains, mpp0, scales_um)[:, halo:-halo, halo:-halo]
+    image = sample_pixels(feats, labels[y0:y1, x0:x1], scored[y0:y1, x0:x1], stem=stem,
+                          max_train_px=max_train_px, max_eval_px=max_eval_px, rng=rng)
+    image.provenance = {
+        "slide": slide_path.name, "mpp": mpp0, "scored_px": image.scored_px,
+        "collagen_px": int((labels & scored).sum()),
+        "annotations": {a.person: {"file": a.path.name, "sha256": fingerprint(a.path),
+                                   "dense": a.dense} for a in anns},
+    }
+    return image, stains
