@@ -435,7 +435,7 @@ def agree_run(out_dir: str | Path, annotations_dir: str | Path) -> RunAgreement:
         grids.add(f"compared on {how} ({grid[0]}x{grid[1]} px); the tool's masks "
                   f"({tool_col.shape[0]}x{tool_col.shape[1]} px, {float(rec['mask_mpp']):g} "
                   "µm/px) resampled to it by nearest neighbour"
-                  if grid != tool_col.shape else f"compared on the tool's mask grid ({how})")
+                  if grid != tool_col.shape else f"compared on the tool's mask grid, which is {how}")
         img_rows, counts = image_agreement(stem, resample_nearest(tool_col, grid),
                                            resample_nearest(tool_tis, grid), anns)
         rows += img_rows

@@ -357,3 +357,4 @@ def run() -> None:  # pragma: no cover - console entry alternative
     app(prog_name="fibroquant")
 from fibroquant import cli_ops as _cli_ops  # noqa: E402,F401  (registers status and watch)
 from fibroquant import cli_study as _cli_study  # noqa: E402,F401  (registers compare and stains)
+from fibroquant import cli_agree as _cli_agree  # noqa: E402,F401  (registers agree and train)
