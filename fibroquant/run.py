@@ -418,7 +418,7 @@ def analyze_folder(
                     on_result(rec)
             try:
                 if todo:  # the analysis stack is imported only when there is work
-                    from fibroquant.pipeline import run_tasks
+                    from fibroquant.executor import run_tasks
                 else:
                     run_tasks = _no_tasks
                 for rec in run_tasks(todo, workers=workers, scheduler=scheduler):
