@@ -70,7 +70,8 @@ def test_every_reader_returns_the_written_pyramid(section_files) -> None:
             # a region crossing tile borders and the image edge (white outside)
             part = slide.read_region(1, 500, 600, 100, 100)
             np.testing.assert_array_equal(part[:50, :50], levels[1][500:550, 600:650])
-            assert (part[50:] == 255).all() and (part[:, 50:] == 255).all()
+            assert (part[50:] == 255).all()
+            assert (part[:, 50:] == 255).all()
         assert {n: s.reader for n, s in readers.items()} == {
             "svs/tifffile": "tifffile", "svs/openslide": "openslide",
             "ome/tifffile": "tifffile", "dicom-folder/wsidicom": "wsidicom",
@@ -103,7 +104,8 @@ def test_identical_cpa_through_every_reader(section_files) -> None:
 def test_dicom_folder_is_listed_as_one_slide(section_files, tmp_path: Path) -> None:
     levels, files = section_files
     found = list_slides(files["dicom"])
-    assert len(found) == 1 and found[0].suffix == ".dcm"
+    assert len(found) == 1
+    assert found[0].suffix == ".dcm"
     assert len(list(files["dicom"].glob("*.dcm"))) == len(levels)  # one file per level
     with open_slide(found[0]) as slide:  # the level-0 file opens the whole pyramid
         assert slide.levels[0].shape == levels[0].shape[:2]
