@@ -17,9 +17,8 @@ import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
-
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -249,7 +248,7 @@ def concordance(test: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     Returns
     -------
     dict
-        ``n``; ``bias_pp`` (mean of test − reference) and ``loa_low_pp`` / ``loa_high_pp``
+        ``n``; ``bias_pp`` (mean of test - reference) and ``loa_low_pp`` / ``loa_high_pp``
         (bias ∓ 1.96 SD of the differences, sample SD: Bland & Altman 1986); ``mae_pp``;
         ``icc2_1``; ``lin_ccc``; ``pearson_r``; ``spearman_r`` (NaN where undefined).
     """
@@ -366,7 +365,7 @@ def _read_tool_mask(path: Path) -> np.ndarray:
 def _full_shape(rec: Mapping[str, Any]) -> tuple[int, int]:
     """Full-resolution (level-0) size of a measured slide from its ``slides.csv`` row."""
     f = float(rec["analysis_mpp"]) / float(rec["mpp"])
-    return int(round(float(rec["height_px"]) * f)), int(round(float(rec["width_px"]) * f))
+    return round(float(rec["height_px"]) * f), round(float(rec["width_px"]) * f)
 
 
 def image_annotations(
@@ -478,7 +477,7 @@ def _plots(rows: Sequence[Mapping[str, Any]], plot_dir: Path) -> list[Path]:
         if math.isfinite(v):
             ax.axhline(v, color="grey", linestyle=style, linewidth=1)
     ax.set_xlabel("mean collagen % (tool, reference)")
-    ax.set_ylabel(f"tool − {ref_name} (pp)")
+    ax.set_ylabel(f"tool - {ref_name} (pp)")
     ax.set_title(f"Bland-Altman: bias {c['bias_pp']:.2f} pp, "
                  f"limits {c['loa_low_pp']:.2f} to {c['loa_high_pp']:.2f}", fontsize=9)
     fig.tight_layout()
@@ -503,7 +502,7 @@ def _plots(rows: Sequence[Mapping[str, Any]], plot_dir: Path) -> list[Path]:
 
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
-        return "–" if not math.isfinite(v) else f"{v:.3f}"
+        return "-" if not math.isfinite(v) else f"{v:.3f}"
     return str(v)
 
 
@@ -515,14 +514,14 @@ def report_section(result: RunAgreement, plots: Sequence[Path]) -> str:
     s = result.summary
     lines = [
         '<section id="agreement"><h2>Agreement with annotations</h2>',
-        f"<p>{s['images']} image(s), people: {html.escape(', '.join(s['people']))}. "
+        (f"<p>{s['images']} image(s), people: {html.escape(', '.join(s['people']))}. "
         f"Dice against the people's majority (mean over images): "
         f"<b>{_fmt(s['dice_vs_majority_mean'])}</b>; the people's own pairwise Dice: "
-        f"<b>{_fmt(s['people_pairwise_dice_mean'])}</b>.</p>",
+        f"<b>{_fmt(s['people_pairwise_dice_mean'])}</b>.</p>"),
         "<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in result.notes) + "</ul>",
-        "<table><tr><th>reference</th><th>n</th><th>bias pp</th><th>95 % limits pp</th>"
+        ("<table><tr><th>reference</th><th>n</th><th>bias pp</th><th>95 % limits pp</th>"
         "<th>MAE pp</th><th>ICC(2,1)</th><th>Lin's CCC</th><th>Pearson r</th>"
-        "<th>Spearman r</th></tr>",
+        "<th>Spearman r</th></tr>"),
     ]
     for ref, c in s["cpa_agreement"].items():
         lines.append(

@@ -179,7 +179,7 @@ class CompiledEnsemble:
     """
 
     def __init__(self, model: Any) -> None:
-        trees = [preds[0].nodes for preds in model._predictors]  # noqa: SLF001
+        trees = [preds[0].nodes for preds in model._predictors]
         sizes = np.array([len(t) for t in trees], np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         nodes = np.concatenate(trees)
@@ -192,7 +192,7 @@ class CompiledEnsemble:
         self.right = nodes["right"].astype(np.int64)
         self.is_leaf = nodes["is_leaf"].astype(np.bool_)
         self.value = nodes["value"].astype(np.float64)
-        self.baseline = float(np.ravel(model._baseline_prediction)[0])  # noqa: SLF001
+        self.baseline = float(np.ravel(model._baseline_prediction)[0])
         # the most the trees from t on can still add or take away: a pixel is decided as soon
         # as its running score is further from 0 than that
         most = np.array([np.abs(t["value"][t["is_leaf"].astype(bool)]).max() for t in trees])
@@ -303,7 +303,7 @@ class PixelClassifier:
 
     def halo_px(self, mpp: float) -> int:
         """Pixels of context a tile needs around it at ``mpp`` µm/px."""
-        return int(math.ceil(halo_um(self.scales_um) / mpp)) + 1
+        return math.ceil(halo_um(self.scales_um) / mpp) + 1
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         """Probability of collagen of feature rows ``(N, F)`` (float64)."""
@@ -415,23 +415,29 @@ def read_header(path: str | Path) -> dict[str, Any]:
         raise ClassifierError(msg) from None
 
 
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
 def file_hash(path: str | Path) -> str:
-    """SHA-256 (first 16 hex digits) of a classifier file's bytes."""
+    """SHA-256 (first 16 hex digits) of a classifier file's bytes (once per file version)."""
     try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+        st = Path(path).stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        if key not in _HASHES:
+            _HASHES[key] = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+        return _HASHES[key]
     except OSError as exc:
         msg = f"{path}: cannot read classifier ({exc.strerror or exc})"
         raise ClassifierError(msg) from None
 
 
-def load(path: str | Path) -> PixelClassifier:
-    """Read a classifier file, refusing another format or scikit-learn version.
+def check_compatible(path: str | Path, stain_names: Sequence[str]) -> dict[str, Any]:
+    """The header of a classifier file that this fibroquant can run on slides of these stains.
 
     Raises
     ------
     ClassifierError
-        Not a classifier, another format version, made with another scikit-learn minor
-        version (retrain it), or a damaged model.
+        Not a classifier, another format or scikit-learn version, or trained on other stains.
     """
     path = Path(path)
     header = read_header(path)
@@ -445,10 +451,30 @@ def load(path: str | Path) -> PixelClassifier:
         msg = (f"{path}: made with scikit-learn {made}, this is {_sklearn_version()}; "
                "retrain it with fibroquant train")
         raise ClassifierError(msg)
+    trained = header.get("stain_names")
+    if trained is not None and list(trained) != list(stain_names):
+        msg = (f"{path}: trained on {'/'.join(trained)} slides, the analysis is "
+               f"{'/'.join(stain_names)} (set --stain)")
+        raise ClassifierError(msg)
+    return header
+
+
+def load(path: str | Path) -> PixelClassifier:
+    """Read a classifier file, refusing another format or scikit-learn version.
+
+    Raises
+    ------
+    ClassifierError
+        Not a classifier, another format version, made with another scikit-learn minor
+        version (retrain it), or a damaged model.
+    """
+    path = Path(path)
+    header = read_header(path)
+    check_compatible(path, header.get("stain_names") or [])
     data = path.read_bytes()
     body = data[data.index(b"\n") + 1 :]
     try:
-        model = pickle.loads(body)  # noqa: S301 - a file the user trained (documented)
+        model = pickle.loads(body)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a damaged file
         msg = f"{path}: damaged classifier model ({type(exc).__name__})"
         raise ClassifierError(msg) from None
@@ -718,7 +744,7 @@ def training_image(
         rows = np.flatnonzero(scored.any(axis=1))
         cols = np.flatnonzero(scored.any(axis=0))
         y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-        halo = int(math.ceil(halo_um(scales_um) / mpp0)) + 1
+        halo = math.ceil(halo_um(scales_um) / mpp0) + 1
         rgb = sl.read_region(0, y0 - halo, x0 - halo, y1 - y0 + 2 * halo, x1 - x0 + 2 * halo)
     feats = pixel_features(rgb, stains, mpp0, scales_um)[:, halo:-halo, halo:-halo]
     image = sample_pixels(feats, labels[y0:y1, x0:x1], scored[y0:y1, x0:x1], stem=stem,

@@ -19,7 +19,12 @@ import typer
 from rich.console import Console
 
 from fibroquant import __version__
-from fibroquant.errors import ConfigError, FibroquantError, SampleSheetError, StoreLockedError
+from fibroquant.errors import (
+    ConfigError,
+    FibroquantError,
+    SampleSheetError,
+    StoreLockedError,
+)
 
 app = typer.Typer(
     name="fibroquant",
@@ -69,10 +74,13 @@ def main(
         quiet_warnings()
 
 
-def _settings(config: Path | None, stain: StainChoice | None, analysis_mpp: float | None):
+def _settings(config: Path | None, stain: StainChoice | None, analysis_mpp: float | None,
+              classifier: Path | None = None):
     from fibroquant.config import load_settings
 
     overrides: dict[str, Any] = {}
+    if classifier is not None:
+        overrides["classifier"] = str(classifier)
     if stain is not None:
         overrides.setdefault("stains", {})["stain"] = stain.value
     if analysis_mpp is not None:
@@ -137,9 +145,15 @@ def _analyze(
     slides_dir: Path, out_dir: Path, *, samples: Path | None, stain: StainChoice | None,
     config: Path | None, mpp: float | None, analysis_mpp: float | None, masks: bool,
     workers: int | None, scheduler: str | None, force: bool, wait: bool, control: str | None,
-    quiet: bool = False, command: str | None = None,
+    quiet: bool = False, command: str | None = None, classifier: Path | None = None,
 ) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     from fibroquant.run import analyze_folder
 
@@ -148,9 +162,9 @@ def _analyze(
             "slides_dir": slides_dir, "out": out_dir, "samples": samples, "stain": stain,
             "config": config, "mpp": mpp, "analysis_mpp": analysis_mpp, "masks": masks,
             "workers": workers, "scheduler": scheduler, "control": control, "force": force,
-            "wait": wait})
+            "wait": wait, "classifier": classifier})
     try:
-        settings = _settings(config, stain, analysis_mpp)
+        settings = _settings(config, stain, analysis_mpp, classifier)
     except ConfigError as exc:
         raise _fail(str(exc), 2) from None
     if scheduler is not None:
@@ -250,12 +264,16 @@ def analyze(
     force: Annotated[bool, typer.Option("--force", help="Re-measure every slide.")] = False,
     wait: Annotated[bool, typer.Option(
         "--wait", help="Wait for another run using OUT instead of exiting.")] = False,
+    classifier: Annotated[Path | None, typer.Option(
+        exists=True, dir_okay=False, readable=True, resolve_path=True,
+        help="Pixel classifier (fibroquant train) deciding collagen instead of the "
+        "threshold.")] = None,
 ) -> None:
     """Measure CPA on every new or changed slide and write the study tables and report."""
     code = _analyze(
         slides_dir, out, samples=samples, stain=stain, config=config, mpp=mpp,
         analysis_mpp=analysis_mpp, masks=masks, workers=workers, scheduler=scheduler,
-        force=force, wait=wait, control=control,
+        force=force, wait=wait, control=control, classifier=classifier,
     )
     raise typer.Exit(code=code)
 
@@ -355,6 +373,6 @@ def _stain_fit_of(path: Path, mpp: float | None, info: dict[str, Any]) -> dict[s
 def run() -> None:  # pragma: no cover - console entry alternative
     """Entry point used by ``python -m fibroquant``."""
     app(prog_name="fibroquant")
-from fibroquant import cli_ops as _cli_ops  # noqa: E402,F401  (registers status and watch)
-from fibroquant import cli_study as _cli_study  # noqa: E402,F401  (registers compare and stains)
-from fibroquant import cli_agree as _cli_agree  # noqa: E402,F401  (registers agree and train)
+from fibroquant import cli_agree as _cli_agree  # noqa: F401  (registers agree and train)
+from fibroquant import cli_ops as _cli_ops  # noqa: F401  (registers status and watch)
+from fibroquant import cli_study as _cli_study  # noqa: F401  (registers compare and stains)

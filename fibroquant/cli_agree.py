@@ -15,7 +15,7 @@ from fibroquant.errors import ConfigError, FibroquantError
 
 
 def _num(v: Any) -> str:
-    return "–" if isinstance(v, float) and not math.isfinite(v) else (
+    return "-" if isinstance(v, float) and not math.isfinite(v) else (
         f"{v:.3f}" if isinstance(v, float) else str(v))
 
 

@@ -273,12 +273,19 @@ class Settings(_Model):
     stains: StainSettings = StainSettings()
     collagen: CollagenSettings = CollagenSettings()
     tiling: TilingSettings = TilingSettings()
+    classifier: Path | None = Field(
+        None, description="pixel classifier file (fibroquant train) that decides collagen "
+        "instead of the threshold; its SHA-256 joins the settings hash")
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.tissue.glass_od_min > self.tissue.glass_od_max:
             msg = "tissue.glass_od_min must not exceed tissue.glass_od_max"
             raise ValueError(msg)
+        if self.classifier is not None:
+            from fibroquant.classifier import check_compatible
+
+            check_compatible(self.classifier, self.stains.stain_names())
         return self
 
     def share_from_parenchyma(self, counterstain_fitted: bool) -> bool:
@@ -296,6 +303,11 @@ class Settings(_Model):
     def measurement_dict(self) -> dict[str, Any]:
         """Settings that change measurements, as canonical JSON-able data."""
         data = self.model_dump(mode="json")
+        clf = data.pop("classifier", None)  # absent by default: the default hash is unchanged
+        if clf is not None:  # the file's content, not its name, changes measurements
+            from fibroquant.classifier import file_hash
+
+            data["classifier_sha256"] = file_hash(clf)
         for key in ("tile_px", "halo_px", "mask_max_mpx", "qc_max_px"):
             data["tiling"].pop(key)
         if data["tiling"]["analysis_mpp"] is None:  # native resolution: no level is chosen
@@ -368,6 +380,8 @@ def load_settings(
             msg = f"{path}: expected a mapping of sections (tissue:, stains:, ...)"
             raise ConfigError(msg)
         data = loaded
+        if isinstance(data.get("classifier"), str) and not Path(data["classifier"]).is_absolute():
+            data = {**data, "classifier": str(Path(path).parent / data["classifier"])}
     if overrides:
         data = _deep_merge(data, overrides)
     try:

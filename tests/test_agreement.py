@@ -57,7 +57,8 @@ def test_dice_and_iou_match_scipy():
 def test_pixel_counts_add_and_percentages():
     c = PixelCounts(2, 1, 3, 10) + PixelCounts(1, 0, 0, 10)
     assert (c.tp, c.fp, c.fn, c.n) == (3, 1, 3, 20)
-    assert c.test_percent == pytest.approx(20.0) and c.reference_percent == pytest.approx(30.0)
+    assert c.test_percent == pytest.approx(20.0)
+    assert c.reference_percent == pytest.approx(30.0)
 
 
 @pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
@@ -126,7 +127,8 @@ def test_majority_of_three_edge_habits_is_the_truth(section):
     np.testing.assert_array_equal(maj, truth.collagen_mask)
     rows, counts = image_agreement("img", truth.collagen_mask, truth.tissue_mask, anns)
     by = {r["reference"]: r for r in rows}
-    assert by["majority"]["dice"] == 1.0 and by["majority"]["error_pp"] == 0.0
+    assert by["majority"]["dice"] == 1.0
+    assert by["majority"]["error_pp"] == 0.0
     wide, tight = people["wide"], people["tight"]
     assert by["wide~tight"]["dice"] == pytest.approx(dice(wide, tight))
     assert by["wide"]["test_cpa_percent"] < by["wide"]["reference_cpa_percent"]
@@ -149,12 +151,15 @@ def test_sparse_strokes_score_only_labelled_pixels(section):
     labels = sparse_strokes(truth.collagen_mask, truth.tissue_mask, mpp=truth.params.mpp,
                             n_strokes=30, rng=4)
     labelled = labels > 0
-    assert 0 < labelled.mean() < 0.2 and (labels == 2).any() and (labels == 1).any()
+    assert 0 < labelled.mean() < 0.2
+    assert (labels == 2).any()
+    assert (labels == 1).any()
     ann = Annotation("p", "img", Path("p.png"), labels == 2, labelled, None, False)
     noisy = truth.collagen_mask.copy()
     noisy[~labelled] = np.random.default_rng(0).random(int((~labelled).sum())) < 0.5
     rows, _ = image_agreement("img", noisy, truth.tissue_mask, [ann])
-    assert rows[0]["dice"] == 1.0 and rows[0]["scored_px"] == (labelled & truth.tissue_mask).sum()
+    assert rows[0]["dice"] == 1.0
+    assert rows[0]["scored_px"] == (labelled & truth.tissue_mask).sum()
     rows, _ = image_agreement("img", truth.collagen_mask & ~labelled, truth.tissue_mask, [ann])
     assert rows[0]["dice"] == 0.0
 
@@ -168,7 +173,8 @@ def test_drawn_tissue_is_the_scored_region():
     tool = col.copy()
     tool[8, 8] = True  # outside the drawn tissue: not scored
     rows, _ = image_agreement("img", tool, np.ones((10, 10), bool), [ann])
-    assert rows[0]["dice"] == 1.0 and rows[0]["scored_px"] == 50
+    assert rows[0]["dice"] == 1.0
+    assert rows[0]["scored_px"] == 50
     assert rows[0]["scored_region"] == "drawn tissue"
 
 
@@ -177,4 +183,5 @@ def test_report_section_replaced_not_duplicated():
     once = insert_section(page, "<p>A</p>")
     twice = insert_section(once, "<p>B</p>")
     assert once.index("<p>A</p>") < once.index('id="settings"')
-    assert "<p>A</p>" not in twice and twice.count("<p>B</p>") == 1
+    assert "<p>A</p>" not in twice
+    assert twice.count("<p>B</p>") == 1

@@ -37,7 +37,10 @@ def test_dense_mask_0_1_and_0_255(tmp_path, on):
     truth[5:9, 3:20] = True
     a = read_mask(_png(tmp_path / "x.png", truth.astype(np.uint8) * on), person="AB")
     np.testing.assert_array_equal(a.collagen, truth)
-    assert a.labelled.all() and a.dense and a.tissue is None and a.person == "AB"
+    assert a.labelled.all()
+    assert a.dense
+    assert a.tissue is None
+    assert a.person == "AB"
 
 
 def test_sparse_label_image(tmp_path):
@@ -45,7 +48,9 @@ def test_sparse_label_image(tmp_path):
     labels[1:3, 1:5] = 2  # 8 collagen px
     labels[6:9, 2:4] = 1  # 6 not-collagen px
     a = read_mask(_png(tmp_path / "x.png", labels))
-    assert a.collagen.sum() == 8 and a.labelled.sum() == 14 and not a.dense
+    assert a.collagen.sum() == 8
+    assert a.labelled.sum() == 14
+    assert not a.dense
 
 
 def test_tiff_mask(tmp_path):
@@ -116,7 +121,8 @@ def test_qupath_features_list_multipolygon_and_classes(tmp_path):
     # collagen: 10x10 minus the 2x2 hole, plus 10x10 (grid px); labelled adds 20x10 - 5x10
     assert a.collagen.sum() == 100 - 4 + 100
     assert a.labelled.sum() == 196 + 200 - 50
-    assert not a.dense and a.tissue is None
+    assert not a.dense
+    assert a.tissue is None
     assert not a.collagen[2:4, 2:4].any()  # the hole
 
 
@@ -127,7 +133,9 @@ def test_geojson_collagen_only_is_dense(tmp_path):
     path = tmp_path / "a.geojson"
     path.write_text(json.dumps(doc), encoding="utf-8")
     a = read_geojson(path, (10, 10))
-    assert a.dense and a.labelled.all() and a.collagen.sum() == 12
+    assert a.dense
+    assert a.labelled.all()
+    assert a.collagen.sum() == 12
 
 
 def test_resample_nearest_exact_on_integer_factors():
@@ -149,7 +157,8 @@ def test_discover_layouts(tmp_path):
     (tmp_path / "people" / "AB" / "notes.txt").write_text("x")
     found = discover(tmp_path / "people", stems)
     assert list(found) == ["s1", "s1.b", "s2"]
-    assert set(found["s1"]) == {"AB", "CD"} and set(found["s2"]) == {"AB"}
+    assert set(found["s1"]) == {"AB", "CD"}
+    assert set(found["s2"]) == {"AB"}
     assert found["s1.b"]["CD"].name == "s1.b.png"  # the longer stem wins
     # a single person's flat folder: the person is the folder
     _png(tmp_path / "JK" / "s2.png", m)

@@ -64,7 +64,8 @@ def test_features_are_sized_in_um(batches):
     fine = C.pixel_features(rgb, truth.stains, 0.5)
     small = cv2.resize(rgb, (256, 256), interpolation=cv2.INTER_AREA)
     coarse = C.pixel_features(small, truth.stains, 1.0)
-    assert fine.shape == (len(names), 512, 512) and fine.dtype == np.float32
+    assert fine.shape == (len(names), 512, 512)
+    assert fine.dtype == np.float32
     i = names.index("aniline-blue_gauss_4um")
     down = cv2.resize(fine[i], (256, 256), interpolation=cv2.INTER_AREA)
     inner = (slice(20, -20), slice(20, -20))
@@ -114,9 +115,11 @@ def test_file_round_trip_and_refusals(tmp_path, trained, batches):
     digest = C.save(trained, path)
     assert digest == C.file_hash(path)
     back = C.load(path)
-    assert back.sha256 == digest and back.gate_od == trained.gate_od
+    assert back.sha256 == digest
+    assert back.gate_od == trained.gate_od
     header = C.read_header(path)
-    assert header["format_version"] == C.FORMAT_VERSION and header["note"] == "test"
+    assert header["format_version"] == C.FORMAT_VERSION
+    assert header["note"] == "test"
     assert header["stain_calibration"] == C.STAIN_RULE
     rgb, truth = batches[1][0]
     np.testing.assert_array_equal(
@@ -168,8 +171,9 @@ def test_cross_validation_in_agree_terms(batches):
                                       max_train_px=8000, max_eval_px=20_000, rng=i))
     rows = C.cross_validate(images, gate_col=4)
     assert [r["image"] for r in rows] == ["0", "1", "2", "3"]
-    for r, (_, truth) in zip(rows, [*a, *b]):
-        assert r["kind"] == "classifier_vs_majority" and r["evaluated_px"] == 20_000
+    for r, (_, truth) in zip(rows, [*a, *b], strict=False):
+        assert r["kind"] == "classifier_vs_majority"
+        assert r["evaluated_px"] == 20_000
         assert r["dice"] > 0.85
         assert abs(r["reference_cpa_percent"] - truth.cpa_percent) < 0.6  # a 20k-px sample
         assert math.isclose(r["error_pp"], r["test_cpa_percent"] - r["reference_cpa_percent"])
