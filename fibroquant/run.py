@@ -31,6 +31,7 @@ from fibroquant.errors import (
     SampleSheetError,
     SlideReadError,
     StoreError,
+    interrupt_exit_code,
     one_line,
 )
 from fibroquant.layout import STORE_NAME
@@ -66,7 +67,10 @@ SLIDE_COLUMNS = [
     "stain", "stain_source", "stain_vectors", "stain_angle_deg", "stain_warning",
     "threshold_method", "threshold_od",
 ]
-_INTERNAL = {"settings_hash", "version"}
+_INTERNAL = {"settings_hash", "version", "crashed"}
+#: A slide whose measurement killed its worker process this many times (in as many runs) is
+#: not measured again without ``--force``: it would only crash again.
+MAX_CRASHES = 2
 
 
 @dataclass
@@ -80,6 +84,8 @@ class RunSummary:
     seconds: float = 0.0
     exit_code: int = 0
     interrupted: bool = False
+    #: slides not measured again because they crashed their worker process MAX_CRASHES times
+    crashed: list[str] = field(default_factory=list)
     comparison: str = ""
     warnings: list[str] = field(default_factory=list)
     failed_slides: list[tuple[str, str]] = field(default_factory=list)
@@ -347,6 +353,7 @@ def analyze_folder(
     extra_cols = [c for c in sheet.columns if c not in ("slide", "mouse", "group")]
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = RunSummary()
+    interrupt_code = 130
     shash = settings.settings_hash()
     with OutputLock(out_dir, wait=wait):
         clean_output_folder(out_dir)
@@ -390,6 +397,7 @@ def analyze_folder(
                     ))
             store.link_slides(keys, run_id=run_id)
             known = store.known(shash)
+            crashes = store.crashes(shash)
             last = store.last_measured()
             # a slide renamed (or moved) since it was measured: same content, so its result
             # stands; its overlay and masks are moved to the new name instead of measuring
@@ -398,7 +406,10 @@ def analyze_folder(
             stems_now = {stem.casefold() for stem in stems.values()}
             todo = []
             for t in tasks:
-                if force or known.get(t.fingerprint) != "ok":
+                if (not force and known.get(t.fingerprint) == "failed"
+                        and crashes.get(t.fingerprint, 0) >= MAX_CRASHES):
+                    summary.crashed.append(t.slide)  # its stored failure stands
+                elif force or known.get(t.fingerprint) != "ok":
                     todo.append(t)
                 elif not outputs_current(out_dir, t, last.get(t.slide)):
                     old = _keep_renamed(store, out_dir, t, sources, old_stems, stems_now,
@@ -434,8 +445,9 @@ def analyze_folder(
                     summary.processed += 1
                     if on_result:
                         on_result(rec)
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: keep what is stored
                 summary.interrupted = True
+                interrupt_code = interrupt_exit_code(exc)
             present = set(keys)
             removed = store.removed_slides(present)
             summary.removed = len(removed)
@@ -477,7 +489,8 @@ def analyze_folder(
                     control=control, has_sheet=samples is not None,
                 )
             summary.seconds = round(time.perf_counter() - t0, 3)
-            summary.exit_code = 130 if summary.interrupted else (1 if summary.failed else 0)
+            summary.exit_code = (interrupt_code if summary.interrupted
+                                 else (1 if summary.failed else 0))
             run_json = {
                 "processed": summary.processed, "skipped": summary.skipped,
                 "failed": summary.failed, "removed": summary.removed,

@@ -858,6 +858,32 @@ class ResultStore:
             ).fetchall()
         return dict(rows)
 
+    def crashes(self, settings_hash: str) -> dict[str, int]:
+        """How many times measuring each content with these settings killed its worker process
+        (failed records stored with ``crashed``), by fingerprint; contents that never did are
+        left out.
+
+        Parameters
+        ----------
+        settings_hash : str
+        """
+        with self._errors("list crashed slides"):
+            rows = self._db.execute(
+                "SELECT fingerprint, record_json FROM history WHERE settings_hash = ?"
+                " AND status = 'failed' AND record_json LIKE '%\"crashed\"%'", (settings_hash,)
+            ).fetchall()
+        out: dict[str, int] = {}
+        for fp, text in rows:
+            if self._decode(text).get("crashed") is True:
+                out[fp] = out.get(fp, 0) + 1
+        return out
+
+    def slide_fingerprints(self) -> dict[str, str]:
+        """``slide path -> the fingerprint its file had when last seen`` (the ``slides`` table)."""
+        with self._errors("list slides"):
+            rows = self._db.execute("SELECT slide, fingerprint FROM slides").fetchall()
+        return dict(rows)
+
     def current_results(
         self, settings_hash: str, present: set[str] | None = None
     ) -> list[dict[str, Any]]:
