@@ -8,6 +8,7 @@ works while a run is going on) and ``watch`` calls the same code as ``analyze``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -22,6 +23,8 @@ import typer
 from fibroquant.cli import StainChoice, _analyze, _command, _fail, app, err, out
 from fibroquant.errors import FibroquantError, one_line
 from fibroquant.layout import STORE_NAME
+
+logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------
 # status
@@ -304,7 +307,7 @@ class Settler:
         """Update sizes; return True when everything pending has settled (and something is)."""
         now = self.clock()
         with self._lock:
-            for path, (sig, since) in list(self._pending.items()):
+            for path, (sig, _since) in list(self._pending.items()):
                 try:
                     st = path.stat()
                 except OSError:  # vanished before settling
@@ -375,6 +378,12 @@ def watch(
 
     class Handler(FileSystemEventHandler):
         def on_any_event(self, event: FileSystemEvent) -> None:
+            try:
+                self._note(event)
+            except Exception as exc:  # noqa: BLE001 - the watcher thread must never die
+                logger.warning("watch: %s: %s", getattr(event, "src_path", "?"), one_line(exc))
+
+        def _note(self, event: FileSystemEvent) -> None:
             if event.is_directory or event.event_type in ("opened", "closed_no_write"):
                 return
             src = Path(os.fsdecode(event.src_path))
@@ -405,6 +414,12 @@ def watch(
             )
         except typer.Exit as exc:  # a sheet/config problem: reported; keep watching
             return int(exc.exit_code)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001 - anything else: said in one line; keep watching
+            err.print(f"watch: the run failed: {type(exc).__name__}: {one_line(exc)}",
+                      soft_wrap=True, markup=False)
+            return 4
 
     from fibroquant.slides import list_slides
 

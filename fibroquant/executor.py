@@ -30,6 +30,7 @@ from fibroquant import cores
 from fibroquant.config import Settings
 from fibroquant.errors import QUIET_ENV, FibroquantError, one_line, quiet_warnings
 from fibroquant.pipeline import analyze_slide
+from fibroquant.store import require_regular
 from fibroquant.tasks import (
     MASK_KINDS,
     SlideTask,
@@ -73,6 +74,7 @@ def run_slide(task: SlideTask) -> dict[str, Any]:
     out = Path(task.out_dir)
     stem = task_stem(task)
     try:
+        require_regular(Path(task.path), os.stat(task.path))  # a named pipe would block
         analysis = analyze_slide(
             task.path, settings, mpp=task.mpp, fallback_mpp=task.fallback_mpp,
             workers=task.threads,
@@ -81,6 +83,8 @@ def run_slide(task: SlideTask) -> dict[str, Any]:
         return _failed(task, one_line(exc))
     except MemoryError:
         return _failed(task, f"{Path(task.path).name}: out of memory")
+    except OSError as exc:
+        return _failed(task, f"{task.path}: cannot read: {exc.strerror or exc}")
     except Exception as exc:  # noqa: BLE001 - a bug or an unforeseen file problem: record it, carry on
         logger.debug("unexpected error on %s:\n%s", task.path, traceback.format_exc())
         return _failed(

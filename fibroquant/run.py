@@ -120,8 +120,8 @@ def discover(slides_dir: Path, out_dir: Path) -> list[Path]:
     for p in list_slides(slides_dir):
         try:
             p.resolve().relative_to(out_res)
-        except ValueError:
-            files.append(p)
+        except (ValueError, OSError, RuntimeError):  # outside OUT_DIR, or a symlink loop
+            files.append(p)  # (which fails its own row when fingerprinted)
     return files
 
 

@@ -50,11 +50,13 @@ import logging
 import os
 import socket
 import sqlite3
+import stat
+import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from fibroquant.errors import SlideReadError, StoreError
 from fibroquant.layout import LOCK_NAME, STORE_NAME
@@ -85,6 +87,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Bytes hashed at each end of a slide file by :func:`fingerprint` (1 MiB).
 FINGERPRINT_CHUNK = 1 << 20
@@ -147,7 +150,10 @@ def fingerprint(path: Path, *, size: int | None = None) -> str:
     """
     path = Path(path)
     try:
-        with path.open("rb") as fh:
+        # non-blocking: a named pipe or a device in the slides folder must not hang the run
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as fh:
+            require_regular(path, os.fstat(fh.fileno()))
             if size is None:
                 size = os.fstat(fh.fileno()).st_size
             digest = hashlib.sha256(_FP_DOMAIN)
@@ -169,6 +175,58 @@ def fingerprint(path: Path, *, size: int | None = None) -> str:
         msg = f"{path}: cannot read file to fingerprint it: {exc.strerror or exc}"
         raise SlideReadError(msg) from exc
     return digest.hexdigest()
+
+
+#: Longest wait for a slide file's fingerprint (seconds): a file on a hung network share (or
+#: anything else that blocks) fails its row instead of holding the run and its lock for ever.
+INPUT_TIMEOUT_SECONDS = 120.0
+
+
+def require_regular(path: Path, st: os.stat_result) -> None:
+    """Refuse anything but a regular file (a named pipe, a device, a socket blocks or never
+    ends when read).
+
+    Raises
+    ------
+    SlideReadError
+        ``PATH: not a regular file (a named pipe)``.
+    """
+    if stat.S_ISREG(st.st_mode):
+        return
+    kind = ("a named pipe" if stat.S_ISFIFO(st.st_mode) else "a folder" if stat.S_ISDIR(st.st_mode)
+            else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device")
+    msg = f"{path}: not a regular file ({kind})"
+    raise SlideReadError(msg)
+
+
+def within_seconds(fn: Callable[[], T], seconds: float, what: str) -> T:
+    """``fn()`` run on a daemon thread, given at most ``seconds``: a file operation that blocks
+    (a hung network share) fails instead of hanging the run. The thread, if it never returns,
+    is left behind (a daemon: it does not keep the process alive).
+
+    Raises
+    ------
+    SlideReadError
+        ``WHAT: no answer after N s`` on a timeout; whatever ``fn`` raised otherwise.
+    """
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def call() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - raised again on the caller's thread
+            box["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=call, name="fibroquant-bounded-io", daemon=True).start()
+    if not done.wait(seconds):
+        msg = f"{what}: no answer after {seconds:g} s (a hung network share?)"
+        raise SlideReadError(msg)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 class FingerprintCache:
@@ -247,12 +305,14 @@ class FingerprintCache:
         except OSError as exc:
             msg = f"{full}: cannot read file to fingerprint it: {exc.strerror or exc}"
             raise SlideReadError(msg) from exc
+        require_regular(full, st)
         hit = self._entries.get(rel)
         if hit is not None and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
             self.hits += 1
             return hit[2]
         self.misses += 1
-        key = fingerprint(full, size=st.st_size)
+        key = within_seconds(lambda: fingerprint(full, size=st.st_size), INPUT_TIMEOUT_SECONDS,
+                             f"{full}: reading the file to fingerprint it")
         try:
             after = full.stat()
         except OSError as exc:
