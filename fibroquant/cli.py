@@ -253,7 +253,7 @@ def analyze(
     config: Annotated[Path | None, typer.Option(
         exists=True, dir_okay=False, readable=True, help="YAML settings file.")] = None,
     mpp: Annotated[float | None, typer.Option(
-        min=0.01, max=100.0, help="µm per pixel for slides whose files lack it.")] = None,
+        min=0.05, max=50.0, help="µm per pixel for slides whose files lack it.")] = None,
     analysis_mpp: Annotated[float | None, typer.Option(
         min=0.05, max=10.0, help="Analysis resolution in µm per pixel (native when unset; "
         "septa need <= 2, fine fibres <= 1).")]

@@ -359,7 +359,7 @@ def watch(
     config: Annotated[Path | None, typer.Option(
         exists=True, dir_okay=False, readable=True, help="YAML settings file.")] = None,
     mpp: Annotated[float | None, typer.Option(
-        min=0.01, max=100.0, help="µm per pixel for slides whose files lack it.")] = None,
+        min=0.05, max=50.0, help="µm per pixel for slides whose files lack it.")] = None,
     workers: Annotated[int | None, typer.Option(min=1, help="Parallel workers.")] = None,
     control: Annotated[str | None, typer.Option(help="Control group name.")] = None,
     settle: Annotated[float, typer.Option(

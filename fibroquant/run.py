@@ -27,6 +27,7 @@ from fibroquant import __version__
 from fibroquant.cohort import aggregate_mice, read_sample_sheet, sheet_without_samples
 from fibroquant.config import Settings
 from fibroquant.errors import (
+    ConfigError,
     FibroquantError,
     SampleSheetError,
     SlideReadError,
@@ -42,7 +43,7 @@ from fibroquant.outdir import (
     clean_output_folder,
     fsync_dir,
 )
-from fibroquant.slides import list_slides
+from fibroquant.slides import list_slides, mpp_problem
 from fibroquant.store import FingerprintCache, ResultStore
 from fibroquant.tasks import (
     OUTPUT_KINDS,
@@ -335,6 +336,9 @@ def analyze_folder(
     slides_dir = Path(slides_dir).resolve()
     out_dir = Path(out_dir).resolve()
     samples = Path(samples).resolve() if samples is not None else None
+    problem = mpp_problem(mpp, "--mpp") if mpp is not None else None
+    if problem:
+        raise ConfigError(problem)
     files = discover(slides_dir, out_dir)
     if not files:
         msg = f"{slides_dir}: no slide files found (.svs .ndpi .tif .tiff .png .jpg ...)"
@@ -384,6 +388,15 @@ def analyze_folder(
                                "error": one_line(exc), "version": __version__}
                         early_failed.append(rec)
                         keys[rel] = fp
+                        continue
+                    problem = (mpp_problem(over, "the sample sheet's mpp column")
+                               if over is not None else None)
+                    if problem:  # a typo in the sheet: this slide's row fails at once
+                        rec = {"slide": rel, "fingerprint": f"{fp}-mpp{over:g}",
+                               "status": "failed", "error": f"{rel}: {problem}",
+                               "version": __version__}
+                        early_failed.append(rec)
+                        keys[rel] = rec["fingerprint"]
                         continue
                     if over is not None:
                         fp = f"{fp}-mpp{over:g}"
