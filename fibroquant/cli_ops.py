@@ -84,8 +84,7 @@ def folder_changes(store: Any, slides_dir: Path, out_dir: Path, settings_hash: s
     rels = [p.relative_to(slides_dir).as_posix() for p in files]
     stems = output_stems(rels)
     last = store.last_measured()
-    rows = store._db.execute("SELECT slide, fingerprint FROM slides").fetchall()
-    stored = dict(rows)
+    stored = store.slide_fingerprints()
     known = store.known(settings_hash) if settings_hash else {}
     known_base: dict[str, str] = {}
     for key, status in known.items():
@@ -165,7 +164,7 @@ def gather_status(out_dir: Path, slides_dir: Path | None = None, *, n_runs: int 
         msg = (f"{out_dir}: no results store ({STORE_NAME}) here; run "
                f"'fibroquant analyze SLIDES --out {out_dir}' first")
         raise FibroquantError(msg)
-    with ResultStore(path, timeout=10.0) as store:
+    with ResultStore(path, timeout=10.0, read_only=True) as store:
         runs = store.runs(limit=n_runs)
         hashes = store.settings_hashes()
         shash = runs[0]["settings_hash"] if runs else (hashes[0] if hashes else None)
@@ -177,7 +176,7 @@ def gather_status(out_dir: Path, slides_dir: Path | None = None, *, n_runs: int 
         else:  # leave out the slides the last run found removed (from its provenance)
             removed = _last_removed(out_dir)
             if removed:
-                stored = {r[0] for r in store._db.execute("SELECT slide FROM slides")}
+                stored = set(store.slide_fingerprints())
                 present = stored - set(removed)
         current = store.current_results(shash, present=present) if shash else []
     for i, run in enumerate(runs):

@@ -44,7 +44,7 @@ from fibroquant.outdir import (
     fsync_dir,
 )
 from fibroquant.slides import list_slides, mpp_problem
-from fibroquant.store import FingerprintCache, ResultStore
+from fibroquant.store import REBUILD_HINT, FingerprintCache, ResultStore
 from fibroquant.tasks import (
     OUTPUT_KINDS,
     SlideTask,
@@ -355,13 +355,18 @@ def analyze_folder(
                    f"(groups: {', '.join(map(repr, groups))})")
             raise SampleSheetError(msg)
     extra_cols = [c for c in sheet.columns if c not in ("slide", "mouse", "group")]
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a read-only file system, a file in the way
+        msg = f"cannot create the output folder {out_dir}: {exc.strerror or exc}"
+        raise StoreError(msg) from None
     summary = RunSummary()
     interrupt_code = 130
     shash = settings.settings_hash()
     with OutputLock(out_dir, wait=wait):
         clean_output_folder(out_dir)
         with ResultStore(out_dir / STORE_NAME) as store:
+            _refuse_lost_runs(store, out_dir)
             run_id = store.start_run(
                 command=command, version=__version__, settings_hash=shash,
                 settings_json=json.dumps(settings.model_dump(mode="json"), sort_keys=True),
@@ -510,6 +515,7 @@ def analyze_folder(
                 "seconds": summary.seconds, "exit_code": summary.exit_code,
                 "interrupted": summary.interrupted, "command": command,
                 "version": __version__, "settings_hash": shash, "started_utc": started,
+                "run_id": run_id,
                 "comparison": summary.comparison,
                 "failed_slides": [{"slide": s, "error": e} for s, e in summary.failed_slides],
                 "renamed": [{"from": a, "to": b} for a, b in summary.renamed],
@@ -521,6 +527,19 @@ def analyze_folder(
                 exit_code=summary.exit_code, seconds=summary.seconds,
             )
     return summary
+
+
+def _refuse_lost_runs(store: ResultStore, out_dir: Path) -> None:
+    """Refuse a store that lost the run which wrote ``run.json`` (its WAL deleted after a
+    crash, an older copy put back): measuring on would silently drop those results."""
+    try:
+        last = json.loads((out_dir / "run.json").read_text(encoding="utf-8")).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(last, int) and not store.has_run(last):
+        msg = (f"{store.path}: the results store has lost run #{last}, whose tables are in "
+               f"this folder; {REBUILD_HINT.format(out=out_dir)}")
+        raise StoreError(msg)
 
 
 def _json_or_none(text: Any) -> Any:
