@@ -2,7 +2,8 @@
 
 Exit codes: 0 every slide ok; 1 some slides failed (all tables still written); 2 a usage,
 configuration or sample-sheet error (nothing measured); 3 the output folder is in use by another
-run (use ``--wait``); 130 interrupted (slides finished so far are kept).
+run (use ``--wait``); 4 an internal error or an output that cannot be written (the tables may be
+stale); 130 interrupted by Ctrl-C, 143 by SIGTERM (slides finished so far are kept).
 """
 
 from __future__ import annotations
@@ -19,7 +20,16 @@ import typer
 from rich.console import Console
 
 from fibroquant import __version__
-from fibroquant.errors import ConfigError, FibroquantError, SampleSheetError, StoreLockedError
+from fibroquant.errors import (
+    ConfigError,
+    FibroquantError,
+    SampleSheetError,
+    StoreError,
+    StoreLockedError,
+    interrupt_exit_code,
+    one_line,
+    sigterm_as_interrupt,
+)
 
 app = typer.Typer(
     name="fibroquant",
@@ -181,7 +191,7 @@ def _analyze(
             progress.update(task_id, advance=1, description=rec.get("slide", ""))
 
     try:
-        with progress:
+        with sigterm_as_interrupt(), progress:
             summary = analyze_folder(
                 slides_dir, out_dir, settings, samples=samples, control=control, mpp=mpp,
                 workers=n_workers, scheduler=scheduler, force=force, wait=wait, masks=masks,
@@ -189,13 +199,19 @@ def _analyze(
             )
     except StoreLockedError as exc:
         raise _fail(str(exc), 3) from None
-    except KeyboardInterrupt:  # while planning (measuring is interrupted inside the run)
-        err.print("interrupted before measuring: nothing was lost; rerun to continue")
-        return 130
+    except KeyboardInterrupt as exc:  # while planning or writing the tables
+        err.print("interrupted: slides finished so far are stored; rerun to continue")
+        return interrupt_exit_code(exc)
     except (SampleSheetError, ConfigError) as exc:
         raise _fail(str(exc), 2) from None
+    except StoreError as exc:  # the store or an output cannot be written
+        raise _fail(f"{exc} (the tables may be stale; rerun when fixed)", 4) from None
     except FibroquantError as exc:
         raise _fail(str(exc), 2) from None
+    except Exception as exc:  # a bug: one line (details with -v), exit 4
+        logging.getLogger(__name__).debug("internal error", exc_info=True)
+        raise _fail(f"internal error: {type(exc).__name__}: {one_line(exc)} (the tables may "
+                    "be stale; rerun with -v for details)", 4) from None
     if not quiet:
         err.print(
             f"measured {summary.processed - summary.failed}, failed {summary.failed}, "
@@ -211,6 +227,9 @@ def _analyze(
                 err.print(f"[yellow]failed: {error or slide}[/]", markup=True, soft_wrap=True)
         err.print(f"results: {out_dir / 'slides.csv'}, {out_dir / 'mice.csv'}, "
                   f"{out_dir / 'groups.csv'}, report {out_dir / 'report.html'}")
+        for slide in summary.crashed:
+            err.print(f"[yellow]not measured again: {slide} (it crashed its worker process in "
+                      f"earlier runs; --force to retry)[/]", markup=True, soft_wrap=True)
     if summary.interrupted:
         err.print("interrupted: slides finished so far are stored; rerun to continue")
     return summary.exit_code
@@ -234,7 +253,7 @@ def analyze(
     config: Annotated[Path | None, typer.Option(
         exists=True, dir_okay=False, readable=True, help="YAML settings file.")] = None,
     mpp: Annotated[float | None, typer.Option(
-        min=0.01, max=100.0, help="µm per pixel for slides whose files lack it.")] = None,
+        min=0.05, max=50.0, help="µm per pixel for slides whose files lack it.")] = None,
     analysis_mpp: Annotated[float | None, typer.Option(
         min=0.05, max=10.0, help="Analysis resolution in µm per pixel (native when unset; "
         "septa need <= 2, fine fibres <= 1).")]
