@@ -302,7 +302,7 @@ def demo(
 
 @app.command()
 def inspect(
-    slide: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True,
+    slide: Annotated[Path, typer.Argument(exists=True, dir_okay=True, readable=True,
                                           help="A slide or image file.")],
     mpp: Annotated[float | None, typer.Option(min=0.01, help="µm per pixel override.")] = None,
     stain: Annotated[StainChoice | None, typer.Option(help="Expected stain.")] = None,
