@@ -256,3 +256,33 @@ def render(truth: FibreTruth, *, rng: int | None = 0, collagen_od: float = 0.8,
     rgb = np.asarray(background, np.float32) * 10.0 ** (-od)
     rgb += g.normal(0, 1.0, rgb.shape)
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+
+
+def regression_cohort(
+    n_mice: int = 5,
+    *,
+    shape: tuple[int, int] = (1024, 1024),
+    mpp: float = 1.0,
+    septum_um: float = 12.0,
+    thinning: float = 0.4,
+    rng: int | None = 0,
+) -> list[tuple[str, str, FibreTruth]]:
+    """Two groups of mice whose septa differ in width only: ``control`` septa of ``septum_um``,
+    ``regression`` septa ``thinning`` (40 %) thinner and proportionally longer, so that CPA is
+    equal (the extra septa cross the field without bridging vessels).
+
+    Returns ``(mouse, group, truth)`` per mouse.
+    """
+    g = np.random.default_rng(rng)
+    out = []
+    for group, width in (("control", septum_um), ("regression", septum_um * (1 - thinning))):
+        for i in range(n_mice):
+            seed = int(g.integers(2**31))
+            n_fine = int(g.integers(30, 90))  # mice differ in their fine fibres (and CPA)
+            base = vessels_and_septa(shape, mpp, septum_um=width, n_fine=n_fine, rng=seed)
+            bridged = base.extra["septa_length_um"]
+            extra = bridged * (septum_um / width - 1)
+            truth = vessels_and_septa(shape, mpp, septum_um=width, n_fine=n_fine,
+                                      extra_septa_um=extra, rng=seed) if extra > 0 else base
+            out.append((f"{group[0]}{i + 1}", group, truth))
+    return out

@@ -105,7 +105,7 @@ def vessel_map(lumen: np.ndarray, lumen_mpp: float, trait_mpp: float, cluster_um
         return None
     dist, (iy, ix) = ndi.distance_transform_edt(labels == 0, return_indices=True)
     nearest = labels[iy, ix].astype(np.int32)
-    ys, xs = np.nonzero(labels)
+    ys, xs = np.nonzero((labels > 0) & ~ndi.binary_erosion(labels > 0))  # outlines suffice
     tree = cKDTree(np.column_stack([ys, xs]).astype(float) * lumen_mpp)
     pairs = tree.query_pairs(cluster_um, output_type="ndarray")
     a, b = labels[ys[pairs[:, 0]], xs[pairs[:, 0]]], labels[ys[pairs[:, 1]], xs[pairs[:, 1]]]
@@ -325,29 +325,33 @@ def _skeleton(collagen: np.ndarray, half_px: np.ndarray | None) -> tuple[np.ndar
         graph = skan.Skeleton(np.where(skel, half_px, 0).astype(np.float32))
     except ValueError:  # isolated pixels only
         return skel, None
-    table = skan.summarize(graph, separator="_")
-    spur = (table["branch_type"].to_numpy() == 1) & (
-        table["branch_distance"].to_numpy() < 2 * table["mean_pixel_value"].to_numpy() + 1)
+    first, last = _path_ends(graph)
+    ends = (graph.degrees[first] == 1) ^ (graph.degrees[last] == 1)  # junction to free end
+    spur = ends & (graph.path_lengths() < 2 * graph.path_means() + 1)
     if spur.any():
         graph = graph.prune_paths(np.flatnonzero(spur))
         skel = graph.skeleton_image > 0
     return skel, graph
 
 
-def _branches(graph: Any, core: tuple[int, int, int, int], counts: TraitCounts) -> None:
-    import skan
+def _path_ends(graph: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel indices of the first and last pixel of every skan path."""
+    ptr, idx = graph.paths.indptr, graph.paths.indices
+    return idx[ptr[:-1]], idx[ptr[1:] - 1]
 
+
+def _branches(graph: Any, core: tuple[int, int, int, int], counts: TraitCounts) -> None:
+    """Length and chord of the skan paths whose lexicographically first end is in the core."""
     if graph.n_paths == 0:
         return
-    table = skan.summarize(graph, separator="_")
-    src = table[["image_coord_src_0", "image_coord_src_1"]].to_numpy()
-    dst = table[["image_coord_dst_0", "image_coord_dst_1"]].to_numpy()
-    first = np.where(((src[:, 0] < dst[:, 0]) | ((src[:, 0] == dst[:, 0]) & (src[:, 1] <= dst[:, 1])))[:, None],
-                     src, dst)
+    i0, i1 = _path_ends(graph)
+    src, dst = graph.coordinates[i0], graph.coordinates[i1]
+    src_first = (src[:, 0] < dst[:, 0]) | ((src[:, 0] == dst[:, 0]) & (src[:, 1] <= dst[:, 1]))
+    first = np.where(src_first[:, None], src, dst)
     cy0, cx0, cy1, cx1 = core
     own = (first[:, 0] >= cy0) & (first[:, 0] < cy1) & (first[:, 1] >= cx0) & (first[:, 1] < cx1)
-    length = table["branch_distance"].to_numpy()[own]
-    chord = table["euclidean_distance"].to_numpy()[own]
+    length = graph.path_lengths()[own]
+    chord = np.hypot(*(src - dst)[own].T)
     counts.branches = int(own.sum())
     counts.branch_length_px = float(length.sum())
     counts.branch_chord_px = float(chord[chord > 0].sum())
