@@ -605,6 +605,9 @@ def slide_traits(counts: TraitCounts, params: TraitParams, vessels: VesselMap | 
             thin = hole["thin_border"] >= 0.5 * np.maximum(hole["border"], 1)
             wire = sized & (area_um2 <= params.hole_max_um2) & thin
             out["chicken_wire_index_percent"] = 100.0 * wire.sum() / sized.sum()
+    parts3 = [out[k] for k in ARCHITECTURE_PARTS]
+    if all(v == v for v in parts3):  # NaN-free
+        out["architecture_score"] = float(np.mean(parts3))
     if vessels is not None and len(counts.vessel_ring_px):
         ring = _add_arrays(counts.vessel_ring_px, np.zeros(vessels.n + 1, np.int64))[1:]
         ring_col = _add_arrays(counts.vessel_ring_collagen_px, np.zeros(vessels.n + 1, np.int64))[1:]
@@ -651,7 +654,14 @@ TRAIT_COLUMNS: dict[str, str] = {
     "vessel_type_confidence": "mean confidence of the portal/central calls (0.5-1)",
     "portal_collagen_percent": "collagen in the rings of portal lumens, % of collagen",
     "central_collagen_percent": "collagen in the rings of central lumens, % of collagen",
+    "architecture_score": "mean of thick-fibre, septal and aggregated collagen shares (0-100; "
+                          "docs/traits.md)",
 }
+
+#: The three shares (% of collagen) averaged into ``architecture_score``: each rises as
+#: collagen gathers into thick, septal, connected structures and falls as septa thin and break.
+ARCHITECTURE_PARTS = ("thick_fibre_share_percent", "septal_collagen_percent",
+                      "aggregated_collagen_percent")
 
 
 def measure_masks(
@@ -740,3 +750,131 @@ def measure_slide(
         vessels = vessel_map(lumen, lumen_mpp, mpp, params.cluster_um)
     counts = measure_masks(col, tis, params, tile_px=settings.tile_px, vessels=vessels)
     return {k: float(v) for k, v in slide_traits(counts, params, vessels).items()}
+
+
+# ------------------------------------------------------------------------------------------
+# tables: per mouse, long form, group comparisons
+# ------------------------------------------------------------------------------------------
+
+#: Traits shown in the report's small multiple (the issue's list and the composite score).
+KEY_TRAITS = ("fibre_width_median_um", "fibre_width_iqr_um", "thin_fibre_share_percent",
+              "thick_fibre_share_percent", "fibre_length_density_mm_per_mm2",
+              "branch_points_per_mm2", "perivascular_collagen_percent", "septal_collagen_percent",
+              "pericellular_collagen_percent", "architecture_score")
+
+_SUMMED = ("perivascular_collagen_area_mm2", "septal_collagen_area_mm2",
+           "pericellular_collagen_area_mm2", "portal_vessels", "central_vessels",
+           "undecided_vessels")
+
+
+def trait_unit(name: str) -> str:
+    """Unit of a trait column, from its name."""
+    for suffix, unit in (("_mm_per_mm2", "mm/mm²"), ("_per_mm2", "1/mm²"), ("_area_mm2", "mm²"),
+                         ("_percent", "%"), ("_um", "µm"), ("_mpp", "µm/px")):
+        if name.endswith(suffix):
+            return unit
+    return "1"
+
+
+def trait_weight(name: str) -> str | None:
+    """How a trait is pooled over a mouse's slides: the column weighting the slides' values
+    (``tissue_area_mm2`` for densities per tissue area, ``collagen_area_mm2`` for properties of
+    the collagen), or None for counts and areas, which are summed."""
+    if name in _SUMMED:
+        return None
+    if name.endswith("_per_mm2"):
+        return "tissue_area_mm2"
+    return "collagen_area_mm2"
+
+
+def mouse_traits(slides: Any) -> Any:
+    """One row per mouse with every trait column of ``slides`` pooled over its slides.
+
+    Densities are weighted by tissue area, collagen properties by collagen area (so a mouse's
+    value is what one section holding all its tissue would give, as CPA is computed from sums),
+    areas and vessel counts summed. Slides without a value (NaN) are left out of the mouse's
+    value. ``slides`` holds only the slides to use (``status == "ok"``).
+    """
+    import pandas as pd
+
+    cols = [c for c in TRAIT_COLUMNS if c in slides.columns and c != "traits_mpp"]
+    rows = []
+    for mouse, block in slides.groupby(slides["mouse"].astype(str), sort=False):
+        row: dict[str, Any] = {"mouse": str(mouse)}
+        for c in cols:
+            v = pd.to_numeric(block[c], errors="coerce").to_numpy(float)
+            weight = trait_weight(c)
+            if weight is None:
+                row[c] = float(np.nansum(v)) if np.isfinite(v).any() else float("nan")
+                continue
+            w = pd.to_numeric(block[weight], errors="coerce").to_numpy(float)
+            ok = np.isfinite(v) & np.isfinite(w) & (w > 0)
+            row[c] = float(np.average(v[ok], weights=w[ok])) if ok.any() else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["mouse", *cols])
+
+
+def traits_long(slides: Any) -> Any:
+    """``traits.csv``: one row per ok slide and trait (``slide, mouse, group, trait, value,
+    unit``), in the slides' order and :data:`TRAIT_COLUMNS` order."""
+    import pandas as pd
+
+    cols = [c for c in TRAIT_COLUMNS if c in slides.columns]
+    ok = slides["status"].astype(str).str.lower().eq("ok") if "status" in slides else True
+    keep = slides.loc[ok] if cols else slides.iloc[:0]
+    ids = [c for c in ("slide", "mouse", "group") if c in keep.columns]
+    if not cols:
+        return pd.DataFrame(columns=["slide", "mouse", "group", "trait", "value", "unit"])
+    long = keep[ids + cols].melt(id_vars=ids, var_name="trait", value_name="value")
+    order = {c: i for i, c in enumerate(cols)}
+    long["_t"] = long["trait"].map(order)
+    long["_r"] = np.tile(np.arange(len(keep)), len(cols))
+    long = long.sort_values(["_r", "_t"]).drop(columns=["_r", "_t"]).reset_index(drop=True)
+    long["unit"] = long["trait"].map(trait_unit)
+    return long
+
+
+#: Columns of ``trait_groups.csv`` (:func:`compare_traits`).
+TRAIT_GROUP_COLUMNS = ("trait", "unit", "group", "is_control", "n_mice", "mean", "sd",
+                       "diff_vs_control", "diff_ci_low", "diff_ci_high", "welch_p",
+                       "mannwhitney_p", "hedges_g", "hedges_g_ci_low", "hedges_g_ci_high",
+                       "holm_welch_p")
+
+
+def compare_traits(mice: Any, *, control: str | None = None, n_boot: int = 2000,
+                   rng: int = 0) -> Any:
+    """Every trait of ``mice`` compared between groups as CPA is (:func:`stats.compare_groups`:
+    Welch, Mann-Whitney, Hedges' g with CIs, one value per mouse), in long form, with Welch
+    p-values Holm-adjusted over the traits within each group (``holm_welch_p``)."""
+    import pandas as pd
+    from statsmodels.stats.multitest import multipletests
+
+    from fibroquant import stats
+
+    frames = []
+    for trait in (c for c in TRAIT_COLUMNS if c in mice.columns and c != "traits_mpp"):
+        values = pd.to_numeric(mice[trait], errors="coerce")
+        if values.notna().sum() == 0:
+            continue
+        table = stats.compare_groups(mice.assign(**{trait: values}), value=trait,
+                                     control=control, n_boot=n_boot, rng=rng)
+        frames.append(pd.DataFrame({
+            "trait": trait, "unit": trait_unit(trait), "group": table["group"],
+            "is_control": table["is_control"], "n_mice": table["n_mice"],
+            "mean": table["cpa_mean_percent"], "sd": table["cpa_sd"],
+            "diff_vs_control": table["diff_vs_control_pp"],
+            "diff_ci_low": table["diff_ci_low_pp"], "diff_ci_high": table["diff_ci_high_pp"],
+            "welch_p": table["welch_p"], "mannwhitney_p": table["mannwhitney_p"],
+            "hedges_g": table["hedges_g"], "hedges_g_ci_low": table["hedges_g_ci_low"],
+            "hedges_g_ci_high": table["hedges_g_ci_high"],
+        }))
+    if not frames:
+        return pd.DataFrame(columns=list(TRAIT_GROUP_COLUMNS))
+    out = pd.concat(frames, ignore_index=True)
+    out["holm_welch_p"] = np.nan
+    for _, idx in out.groupby("group", sort=False).groups.items():
+        p = out.loc[idx, "welch_p"]
+        good = p.notna()
+        if good.any():
+            out.loc[p[good].index, "holm_welch_p"] = multipletests(p[good], method="holm")[1]
+    return out[list(TRAIT_GROUP_COLUMNS)]

@@ -179,3 +179,65 @@ def test_traits_switch_off_keeps_the_settings_hash():
     assert Settings.model_validate({"traits": False}).settings_hash() != Settings().settings_hash()
     off = Settings.model_validate({"traits": {"enabled": False, "mpp": 2.0}})
     assert off.settings_hash() == Settings.model_validate({"traits": False}).settings_hash()
+
+
+@pytest.fixture(scope="module")
+def fibre_study(tmp_path_factory):
+    """Rendered regression cohort (3 + 3 mice) as lossless TIFFs with a sample sheet."""
+    import pandas as pd
+
+    from fibroquant.synthetic import write_pyramid_tiff
+
+    d = tmp_path_factory.mktemp("fibre_slides")
+    rows = []
+    for mouse, group, truth in sf.regression_cohort(3, shape=(600, 600), rng=5):
+        name = f"{mouse}.tif"
+        write_pyramid_tiff(d / name, sf.render(truth), truth.mpp, min_level_px=128,
+                           compression="zlib")
+        rows.append({"slide": name, "mouse": mouse, "group": group})
+    pd.DataFrame(rows).to_csv(d / "samples.csv", index=False)
+    return d
+
+
+@pytest.mark.slow
+def test_cli_writes_trait_columns_tables_and_comparisons(fibre_study, tmp_path):
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from fibroquant.cli import app
+
+    out = tmp_path / "o"
+    res = CliRunner().invoke(app, ["analyze", str(fibre_study), "--out", str(out), "--samples",
+                                   str(fibre_study / "samples.csv"), "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    slides = pd.read_csv(out / "slides.csv")
+    for col in ("fibre_width_median_um", "fibre_width_iqr_um", "thin_fibre_share_percent",
+                "thick_fibre_share_percent", "fibre_length_density_mm_per_mm2",
+                "branch_points_per_mm2", "perivascular_collagen_percent",
+                "septal_collagen_percent", "pericellular_collagen_percent", "architecture_score"):
+        assert slides[col].notna().all(), col
+    ctrl = slides["group"] == "control"
+    assert (slides.loc[ctrl, "thick_fibre_share_percent"].min()
+            > slides.loc[~ctrl, "thick_fibre_share_percent"].max())
+    mice = pd.read_csv(out / "mice.csv")
+    c1 = slides[slides["mouse"] == "c1"]
+    assert mice.set_index("mouse").loc["c1", "branch_points_per_mm2"] == pytest.approx(
+        float(c1["branch_points_per_mm2"].iloc[0]))
+    long = pd.read_csv(out / "traits.csv")
+    assert set(long["slide"]) == set(slides["slide"])
+    assert long.loc[long["trait"] == "fibre_width_median_um", "unit"].eq("µm").all()
+    groups = pd.read_csv(out / "trait_groups.csv")
+    thick = groups[(groups["trait"] == "thick_fibre_share_percent") & ~groups["is_control"]]
+    assert float(thick["hedges_g"].iloc[0]) < -2
+    assert (out / "plots" / "trait_groups.png").is_file()
+    assert "Fibre traits per mouse by group" in (out / "report.html").read_text()
+
+    off = tmp_path / "off"
+    res = CliRunner().invoke(app, ["analyze", str(fibre_study), "--out", str(off), "--samples",
+                                   str(fibre_study / "samples.csv"), "--no-traits",
+                                   "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    plain = pd.read_csv(off / "slides.csv")
+    assert "fibre_width_median_um" not in plain.columns
+    assert not (off / "traits.csv").exists()
+    pd.testing.assert_series_equal(plain["cpa_percent"], slides["cpa_percent"])
