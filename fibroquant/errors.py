@@ -59,7 +59,7 @@ def quiet_warnings() -> None:
 
     warnings.formatwarning = _one_line_warning  # type: ignore[assignment]
     logging.getLogger("tifffile").setLevel(logging.CRITICAL)
-    os.environ[QUIET_ENV] = "1"  # inherited by worker processes (see pipeline.run_slide_pinned)
+    os.environ[QUIET_ENV] = "1"  # inherited by worker processes (see executor.run_slide_pinned)
 
 
 def _one_line_warning(message: Warning | str, category: type[Warning], filename: str,

@@ -18,14 +18,11 @@ Conventions
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
 import io
 import json
 import math
-import os
 import re
-import tempfile
 import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import date, datetime
@@ -37,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from fibroquant.errors import FibroquantError
+from fibroquant.outdir import atomic_write_bytes
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from matplotlib.axes import Axes
@@ -97,36 +95,9 @@ _ILLEGAL_XLSX_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 # small shared helpers
 # --------------------------------------------------------------------------------------------
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder.
-
-    Raises
-    ------
-    FibroquantError
-        When the folder cannot be created or the file cannot be written.
-    """
-    path = Path(path)
-    tmp_name: str | None = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
-            mode = path.stat().st_mode & 0o777
-        except FileNotFoundError:
-            mode = 0o644
-        os.chmod(tmp_name, mode)
-        os.replace(tmp_name, path)
-        tmp_name = None
-    except OSError as exc:
-        msg = f"cannot write {path}: {exc.strerror or exc}"
-        raise FibroquantError(msg) from exc
-    finally:
-        if tmp_name is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp_name)
+    """Write ``data`` to ``path`` atomically with the output folder's one writer
+    (:func:`fibroquant.outdir.atomic_write_bytes`; raises ``cannot write PATH: reason``)."""
+    atomic_write_bytes(path, data)
 
 
 def _stem_path(out_stem: Path, suffix: str) -> Path:

@@ -12,9 +12,10 @@ import json
 import logging
 import platform
 import time
+import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,23 @@ import pandas as pd
 from fibroquant import __version__
 from fibroquant.cohort import aggregate_mice, read_sample_sheet, sheet_without_samples
 from fibroquant.config import Settings
-from fibroquant.errors import FibroquantError, SampleSheetError, SlideReadError, one_line
+from fibroquant.errors import (
+    FibroquantError,
+    SampleSheetError,
+    SlideReadError,
+    StoreError,
+    one_line,
+)
+from fibroquant.layout import STORE_NAME
+from fibroquant.outdir import (
+    OutputLock,
+    atomic_write_csv,
+    atomic_write_text,
+    clean_output_folder,
+    fsync_dir,
+)
+from fibroquant.slides import list_slides
+from fibroquant.store import FingerprintCache, ResultStore
 from fibroquant.tasks import (
     OUTPUT_KINDS,
     SlideTask,
@@ -35,16 +52,6 @@ from fibroquant.tasks import (
     output_stem,
     output_stems,
     task_stem,
-)
-from fibroquant.layout import STORE_NAME
-from fibroquant.slides import list_slides
-from fibroquant.store import (
-    FingerprintCache,
-    OutputLock,
-    ResultStore,
-    atomic_write_csv,
-    atomic_write_text,
-    remove_stale_temp_files,
 )
 
 logger = logging.getLogger(__name__)
@@ -316,7 +323,7 @@ def analyze_folder(
         sample sheet, OUT_DIR locked by another run, an unusable store).
     """
     t0 = time.perf_counter()
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    started = datetime.now(UTC).isoformat(timespec="seconds")
     # absolute, as the command line gives them: slide paths are joined to slides_dir, and
     # tasks sent to a cluster's workers must not depend on this process's working folder
     slides_dir = Path(slides_dir).resolve()
@@ -342,9 +349,7 @@ def analyze_folder(
     summary = RunSummary()
     shash = settings.settings_hash()
     with OutputLock(out_dir, wait=wait):
-        for d in (out_dir, out_dir / "qc", out_dir / "masks", out_dir / "geojson"):
-            if d.is_dir():
-                remove_stale_temp_files(d)
+        clean_output_folder(out_dir)
         with ResultStore(out_dir / STORE_NAME) as store:
             run_id = store.start_run(
                 command=command, version=__version__, settings_hash=shash,
@@ -418,7 +423,7 @@ def analyze_folder(
                     on_result(rec)
             try:
                 if todo:  # the analysis stack is imported only when there is work
-                    from fibroquant.pipeline import run_tasks
+                    from fibroquant.executor import run_tasks
                 else:
                     run_tasks = _no_tasks
                 for rec in run_tasks(todo, workers=workers, scheduler=scheduler):
@@ -463,7 +468,7 @@ def analyze_folder(
                 str(samples is not None), shash, __version__,
             ]).encode()).hexdigest()
             provenance["tables_key"] = tables_key
-            previous = _previous_tables(out_dir, tables_key)
+            previous = tables_current(out_dir, tables_key)
             if previous is not None and not summary.processed and not removed:
                 summary.comparison = previous  # nothing changed: tables are already current
             else:
@@ -490,24 +495,6 @@ def analyze_folder(
                 exit_code=summary.exit_code, seconds=summary.seconds,
             )
     return summary
-
-
-_OUTPUTS = ("slides.csv", "mice.csv", "groups.csv", "report.html", "results.xlsx",
-            "provenance.json", "run.json")
-
-
-def _previous_tables(out_dir: Path, tables_key: str) -> str | None:
-    """The last comparison sentence when the tables on disk were made from identical inputs."""
-    try:
-        prov = json.loads((out_dir / "provenance.json").read_text(encoding="utf-8"))
-        run = json.loads((out_dir / "run.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if prov.get("tables_key") != tables_key:
-        return None
-    if not all((out_dir / name).is_file() for name in _OUTPUTS):
-        return None
-    return str(run.get("comparison", ""))
 
 
 def _json_or_none(text: Any) -> Any:
@@ -550,6 +537,100 @@ def build_slides_table(sheet: pd.DataFrame, records: list[dict[str, Any]]) -> pd
     return df[first + rest]
 
 
+def _statistics(
+    slides_df: pd.DataFrame, mice: pd.DataFrame, *, control: str | None, has_sheet: bool,
+) -> tuple[pd.DataFrame, Any, Any, str, list[str]]:
+    """The group comparison of a run, never raising: a step that cannot be made (no ok
+    slide in the control group, a group with no ok slide, a statistics failure) leaves its
+    part empty and says why in one line.
+
+    Returns
+    -------
+    groups, omnibus, mixed, sentence, warnings
+        ``groups.csv`` (empty with only its columns when no comparison could be made), the
+        omnibus tests and the mixed model (None when not made), the one-sentence summary and
+        the warnings for the report.
+    """
+    from fibroquant import stats
+
+    groups = pd.DataFrame(columns=list(stats.GROUP_COLUMNS))
+    warnings: list[str] = []
+    if not has_sheet:
+        sentence = "No sample sheet: each slide is its own mouse and no groups are compared."
+        return groups, None, None, sentence, warnings
+    try:
+        groups = stats.compare_groups(mice, control=control)
+    except Exception as exc:  # noqa: BLE001 - any failure leaves the comparison empty
+        logger.debug("group comparison failed:\n%s", traceback.format_exc())
+        sentence = f"No group comparison: {one_line(exc)}."
+        warnings.append(sentence)
+        return pd.DataFrame(columns=list(stats.GROUP_COLUMNS)), None, None, sentence, warnings
+    ctrl = groups.attrs.get("control")
+    if ctrl is None:
+        sentence = groups.attrs.get("note") or (
+            "No control group (name one with --control): groups described, not compared.")
+    else:
+        sentence = stats.summary_sentence(groups)
+    omnibus = mixed = None
+    if mice.loc[mice["n_slides"] > 0, "group"].nunique() >= 2:  # normality / equal variance
+        try:
+            omnibus = stats.omnibus_tests(mice)
+        except Exception as exc:  # noqa: BLE001
+            warnings.append(f"omnibus tests not made: {one_line(exc)}")
+    try:
+        mixed, reason = stats.mixed_model_with_reason(slides_df, control=ctrl)
+    except Exception as exc:  # noqa: BLE001
+        mixed, reason = None, one_line(exc)
+    if mixed is None and reason:
+        warnings.append(f"mixed model not fitted: {reason}")
+    return groups, omnibus, mixed, sentence, warnings
+
+
+#: The file of an output folder that says its tables are current: written after every table,
+#: removed before the first one is rewritten (a run killed in between leaves none).
+TABLES_MANIFEST = ".fibroquant-tables.json"
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tables_current(out_dir: Path, tables_key: str) -> str | None:
+    """The last comparison sentence when the tables in ``out_dir`` were all written, complete,
+    from inputs with this ``tables_key``; None when any of them must be written again.
+
+    The manifest (:data:`TABLES_MANIFEST`) is written after the last table and names each
+    table file with its SHA-256: a run killed while writing them, a disk that filled, a table
+    edited or deleted since, all show as a missing manifest or a file that differs.
+    """
+    try:
+        manifest = json.loads((out_dir / TABLES_MANIFEST).read_text(encoding="utf-8"))
+        if manifest.get("tables_key") != tables_key or not manifest.get("files"):
+            return None
+        for name, digest in manifest["files"].items():
+            if _digest(out_dir / name) != digest:
+                return None
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    return str(manifest.get("comparison", ""))
+
+
+def _forget_tables(out_dir: Path) -> None:
+    """Remove the manifest before any table is rewritten (see :func:`tables_current`)."""
+    try:
+        (out_dir / TABLES_MANIFEST).unlink()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        msg = f"cannot write {out_dir / TABLES_MANIFEST}: {exc.strerror or exc}"
+        raise StoreError(msg) from exc
+    fsync_dir(out_dir)
+
+
 def write_tables(
     out_dir: Path,
     slides_df: pd.DataFrame,
@@ -562,37 +643,29 @@ def write_tables(
 ) -> str:
     """Write slides/mice/groups tables, plots, xlsx, report and provenance (all atomic).
 
+    The tables are written as one set: the manifest that says they are current
+    (:func:`tables_current`) is removed first and written last, so a run killed or a disk
+    that fills part way leaves no manifest and the next run writes them all again. The
+    statistics never stop the tables (:func:`_statistics`).
+
     Returns
     -------
     str
         One sentence on the comparison (or why none was made).
-    """
-    from fibroquant import report, stats
 
+    Raises
+    ------
+    StoreError
+        When a file cannot be written (``cannot write PATH: reason``).
+    """
+    from fibroquant import report
+
+    _forget_tables(out_dir)
     mice = aggregate_mice(slides_df, extra_columns=extra_cols)
-    groups = pd.DataFrame(columns=list(stats.GROUP_COLUMNS))
-    omnibus = mixed = None
-    warnings: list[str] = []
-    if not has_sheet:
-        sentence = "No sample sheet: each slide is its own mouse and no groups are compared."
-    else:
-        n_groups = mice.loc[mice["n_slides"] > 0, "group"].nunique()
-        try:
-            groups = stats.compare_groups(mice, control=control)
-        except ValueError as exc:
-            raise FibroquantError(str(exc)) from None
-        ctrl = groups.attrs.get("control")
-        if ctrl is None:
-            sentence = groups.attrs.get("note") or (
-                "No control group (name one with --control): groups described, not compared."
-            )
-        else:
-            sentence = stats.summary_sentence(groups)
-        if n_groups >= 2:  # with two groups: the normality / equal-variance checks
-            omnibus = stats.omnibus_tests(mice)
-        mixed, reason = stats.mixed_model_with_reason(slides_df, control=ctrl)
-        if mixed is None and reason:
-            warnings.append(f"mixed model not fitted: {reason}")
+    groups, omnibus, mixed, sentence, warnings = _statistics(
+        slides_df, mice, control=control, has_sheet=has_sheet)
+    written = ["slides.csv", "mice.csv", "groups.csv", "provenance.json", "results.xlsx",
+               "report.html"]
     atomic_write_csv(out_dir / "slides.csv", slides_df)
     atomic_write_csv(out_dir / "mice.csv", mice)
     atomic_write_csv(out_dir / "groups.csv", groups)
@@ -602,10 +675,9 @@ def write_tables(
     report.write_xlsx(out_dir / "results.xlsx", slides=slides_df, mice=mice, groups=groups,
                       settings=settings_dict, provenance=provenance)
     plots_dir = out_dir / "plots"
-    plots_dir.mkdir(exist_ok=True)
     plots: list[Path] = []
     ctrl = groups.attrs.get("control") if has_sheet else None
-    if has_sheet:
+    if has_sheet and len(groups):
         plots += report.plot_groups(mice, groups, plots_dir / "cpa_groups", control=ctrl)
     plots += report.plot_slides(slides_df, plots_dir / "cpa_slides")
     plots += report.plot_stain_qc(slides_df, plots_dir / "stain_qc")
@@ -624,5 +696,8 @@ def write_tables(
         summary=sentence, qc_images=qc, plots=plots, settings=settings_dict,
         provenance=provenance, warnings=warnings,
     )
+    written += [Path(p).relative_to(out_dir).as_posix() for p in plots]
+    manifest = {"tables_key": provenance.get("tables_key"), "comparison": sentence,
+                "files": {name: _digest(out_dir / name) for name in written}}
+    atomic_write_text(out_dir / TABLES_MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return sentence
-

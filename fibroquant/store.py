@@ -6,10 +6,8 @@ repeat, safe to kill at any moment, and must never trample a concurrent run. Thi
 * :func:`fingerprint` and :class:`FingerprintCache`: a content key per slide file that is cheap on
   multi-gigabyte slides, and a ``(path, size, mtime_ns)`` fast path so unchanged files are not
   re-read at all.
-* :func:`atomic_write_bytes`, :func:`atomic_write_text`, :func:`atomic_write_csv`: an output file
-  is always either its old or its new content, never partial.
-* :class:`OutputLock`: one run per output folder (``fcntl.flock``, released by the kernel when a
-  process dies, so a killed run never leaves a stale lock).
+* the output folder's lock and atomic writer live in :mod:`fibroquant.outdir` (re-exported
+  here).
 * :class:`ResultStore`: ``OUT_DIR/fibroquant.sqlite``, one transaction per slide result, keyed by
   ``(slide fingerprint, settings hash)``, with a history that is never overwritten.
 
@@ -46,27 +44,28 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import errno
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import socket
 import sqlite3
-import sys
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import Any, Self
 
-from fibroquant.errors import SlideReadError, StoreError, StoreLockedError
+from fibroquant.errors import SlideReadError, StoreError
 from fibroquant.layout import LOCK_NAME, STORE_NAME
-
-if TYPE_CHECKING:
-    import pandas as pd
+from fibroquant.outdir import (  # re-exported: the output folder's lock and writer
+    TEMP_SUFFIX,
+    OutputLock,
+    atomic_write_bytes,
+    atomic_write_csv,
+    atomic_write_text,
+    remove_stale_temp_files,
+)
 
 __all__ = [
     "APPLICATION_ID",
@@ -93,8 +92,6 @@ FINGERPRINT_CHUNK = 1 << 20
 SCHEMA_VERSION = 1
 #: ``PRAGMA application_id`` marking a SQLite file as a fibroquant store ("FQST").
 APPLICATION_ID = 0x46515354
-#: Suffix of the temporary files :func:`atomic_write_bytes` creates next to its target.
-TEMP_SUFFIX = ".fibroquant-tmp"
 
 _FP_DOMAIN = b"fibroquant-fingerprint-v1\0"
 _REQUIRED_KEYS = ("slide", "fingerprint", "settings_hash", "status", "error")
@@ -287,286 +284,6 @@ class FingerprintCache:
         tb: TracebackType | None,
     ) -> None:
         self.flush()
-
-
-# --------------------------------------------------------------------------------------------
-# Atomic writes
-# --------------------------------------------------------------------------------------------
-
-
-def _umask() -> int:
-    """Return the process umask without changing it (Linux), or by a quick set-and-restore."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Flush a directory entry change to disk; a no-op where directories cannot be fsynced."""
-    try:
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError as exc:  # some network and FUSE file systems refuse fsync on a directory
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES):
-            raise
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` atomically: readers see the old or the new file, never part.
-
-    Writes a temporary file in the same folder, flushes and fsyncs it, renames it over `path`
-    with :func:`os.replace`, then fsyncs the folder. The new file keeps the permissions of the
-    file it replaces, or gets the usual ``0o666 & ~umask`` for a new file (so colleagues on a
-    shared drive can read it).
-
-    Parameters
-    ----------
-    path : Path
-        The target file; its folder must exist.
-    data : bytes
-        The complete new content.
-
-    Raises
-    ------
-    StoreError
-        When the file cannot be written; no temporary file is left behind.
-
-    Notes
-    -----
-    A process killed mid-write can leave a ``.<name>.*.fibroquant-tmp`` file; the target is intact.
-    :func:`remove_stale_temp_files` removes them.
-    """
-    path = Path(path)
-    directory = path.parent
-    try:
-        mode = path.stat().st_mode & 0o7777
-    except OSError:
-        mode = 0o666 & ~_umask()
-    try:
-        fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
-    except OSError as exc:
-        msg = f"{path}: cannot create a temporary file in {directory}: {exc.strerror or exc}"
-        raise StoreError(msg) from exc
-    tmp = Path(tmp_name)
-    try:
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fchmod(fh.fileno(), mode)
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(directory)
-    except OSError as exc:
-        msg = f"{path}: cannot write file: {exc.strerror or exc}"
-        raise StoreError(msg) from exc
-
-
-def atomic_write_text(path: Path, text: str, *, encoding: str = "utf-8") -> None:
-    """Replace `path` with `text` atomically (see :func:`atomic_write_bytes`).
-
-    Parameters
-    ----------
-    path : Path
-        The target file.
-    text : str
-        The complete new content, written without newline translation.
-    encoding : str, optional
-        Text encoding, UTF-8 by default.
-    """
-    atomic_write_bytes(path, text.encode(encoding))
-
-
-def atomic_write_csv(path: Path, df: pd.DataFrame, *, index: bool = False) -> None:
-    """Write a table as CSV (UTF-8, ``\\n`` line ends) atomically (see :func:`atomic_write_bytes`).
-
-    Parameters
-    ----------
-    path : Path
-        The target ``.csv`` file.
-    df : pandas.DataFrame
-        The table; missing values are written as empty fields.
-    index : bool, optional
-        Whether to write the index as the first column; off by default.
-    """
-    text = df.to_csv(index=index, lineterminator="\n")
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def remove_stale_temp_files(directory: Path) -> list[Path]:
-    """Delete temporary files left in `directory` by writers that were killed mid-write.
-
-    Only call this while holding the folder's :class:`OutputLock`: otherwise it could remove the
-    temporary file of a write in progress.
-
-    Parameters
-    ----------
-    directory : Path
-        An output folder (not searched recursively).
-
-    Returns
-    -------
-    list of Path
-        The files removed.
-    """
-    removed = []
-    for tmp in Path(directory).glob(f".*{TEMP_SUFFIX}"):
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-            removed.append(tmp)
-    return removed
-
-
-# --------------------------------------------------------------------------------------------
-# Output folder lock
-# --------------------------------------------------------------------------------------------
-
-
-class OutputLock:
-    """Exclusive lock on an output folder, held for the duration of a run.
-
-    Uses ``fcntl.flock`` on ``OUT_DIR/.fibroquant.lock``. The kernel releases the lock when the
-    holder exits for any reason (including ``kill -9``), so there are no stale locks to clean up.
-    The holder's pid, host, start time and command are written into the lock file so a second
-    run can say who is in the way. The lock file itself is never deleted (deleting it would let
-    two runs lock two different files).
-
-    Parameters
-    ----------
-    out_dir : Path
-        The output folder; it must exist.
-    wait : bool, optional
-        Queue behind a run holding the lock instead of failing at once.
-    timeout : float, optional
-        With `wait`, give up after this many seconds (``None``: wait for ever).
-
-    Raises
-    ------
-    StoreLockedError
-        On entering, when another run holds the lock (and `wait` is false or `timeout` expired).
-    StoreError
-        When the lock file cannot be opened.
-
-    Notes
-    -----
-    The lock belongs to the open file description, so worker processes forked while the lock is
-    held keep it held until they exit too. On NFS, Linux maps ``flock`` onto NFS byte-range locks,
-    which work across hosts when the server supports locking.
-    """
-
-    def __init__(self, out_dir: Path, *, wait: bool = False, timeout: float | None = None) -> None:
-        self.out_dir = Path(out_dir)
-        self.path = self.out_dir / LOCK_NAME
-        self.wait = wait
-        self.timeout = timeout
-        self._fd: int | None = None
-
-    @property
-    def locked(self) -> bool:
-        """Whether this object currently holds the lock."""
-        return self._fd is not None
-
-    def _holder(self, fd: int) -> str:
-        """Describe the current holder from the lock file's content."""
-        try:
-            raw = os.pread(fd, 65536, 0)
-            info = json.loads(raw.decode("utf-8")) if raw.strip() else {}
-        except (OSError, ValueError):
-            info = {}
-        if not isinstance(info, dict):
-            info = {}
-        text = f"pid {info.get('pid', '?')}, started {info.get('started', '?')}"
-        if info.get("host"):
-            text += f", host {info['host']}"
-        return text
-
-    def acquire(self) -> None:
-        """Take the lock (see the class description); a no-op when already held."""
-        if self._fd is not None:
-            return
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as exc:
-            msg = f"{self.path}: cannot open the output folder's lock file: {exc.strerror or exc}"
-            raise StoreError(msg) from exc
-        try:
-            deadline = None if self.timeout is None else time.monotonic() + self.timeout
-            delay = 0.02
-            announced = False
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    pass
-                if self.wait and not announced:  # say once why nothing happens yet
-                    logger.warning("%s: waiting for another fibroquant run (%s) to finish",
-                                   self.out_dir, self._holder(fd))
-                    announced = True
-                if not self.wait:
-                    msg = (
-                        f"{self.out_dir}: another fibroquant run ({self._holder(fd)}) is using "
-                        "this output folder; use --wait to queue behind it"
-                    )
-                    raise StoreLockedError(msg)
-                if deadline is not None and time.monotonic() >= deadline:
-                    msg = (
-                        f"{self.out_dir}: another fibroquant run ({self._holder(fd)}) is still "
-                        f"using this output folder after waiting {self.timeout:g} s"
-                    )
-                    raise StoreLockedError(msg)
-                pause = delay if deadline is None else min(delay, deadline - time.monotonic())
-                time.sleep(max(pause, 0.0))
-                delay = min(delay * 2, 0.5)
-            info = {
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "started": _now(),
-                "command": " ".join(sys.argv),
-            }
-            with contextlib.suppress(OSError):  # the info is a courtesy; the lock is what counts
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, (json.dumps(info) + "\n").encode("utf-8"), 0)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._fd = fd
-
-    def release(self) -> None:
-        """Release the lock; a no-op when not held."""
-        fd, self._fd = self._fd, None
-        if fd is None:
-            return
-        try:
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
-
-    def __enter__(self) -> Self:
-        self.acquire()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.release()
 
 
 # --------------------------------------------------------------------------------------------
