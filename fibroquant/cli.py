@@ -334,7 +334,7 @@ def demo(
 @app.command()
 def inspect(
     slide: Annotated[Path, typer.Argument(exists=True, dir_okay=True, readable=True,
-                                          help="A slide or image file.")],
+                                          help="A slide or image file, or a DICOM WSI folder.")],
     mpp: Annotated[float | None, typer.Option(min=0.01, help="µm per pixel override.")] = None,
     stain: Annotated[StainChoice | None, typer.Option(help="Expected stain.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
