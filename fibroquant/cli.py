@@ -151,6 +151,7 @@ def _analyze(
     config: Path | None, mpp: float | None, analysis_mpp: float | None, masks: bool,
     workers: int | None, scheduler: str | None, force: bool, wait: bool, control: str | None,
     quiet: bool = False, command: str | None = None, traits: bool = True,
+    cluster: str | None = None,
 ) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -160,8 +161,8 @@ def _analyze(
         command = _command("analyze", {
             "slides_dir": slides_dir, "out": out_dir, "samples": samples, "stain": stain,
             "config": config, "mpp": mpp, "analysis_mpp": analysis_mpp, "masks": masks,
-            "workers": workers, "scheduler": scheduler, "control": control, "force": force,
-            "wait": wait})
+            "workers": workers, "scheduler": scheduler, "cluster": cluster, "control": control,
+            "force": force, "wait": wait})
     try:
         settings = _settings(config, stain, analysis_mpp, traits)
     except ConfigError as exc:
@@ -170,6 +171,9 @@ def _analyze(
         problem = _scheduler_problem(scheduler)
         if problem:
             raise _fail(f"--scheduler {scheduler!r}: {problem}", 2)
+    cluster_kind = cluster or settings.cluster.kind
+    if cluster_kind is not None and scheduler is not None:
+        raise _fail("--cluster and --scheduler: give one of them, not both", 2)
     n_workers = workers or available_cores()
     progress = Progress(
         TextColumn("[bold]analyze"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -194,10 +198,11 @@ def _analyze(
             progress.update(task_id, advance=1, description=rec.get("slide", ""))
 
     try:
-        with sigterm_as_interrupt(), progress:
+        with (sigterm_as_interrupt(), progress,
+              _cluster_or(scheduler, cluster_kind, settings) as where):
             summary = analyze_folder(
                 slides_dir, out_dir, settings, samples=samples, control=control, mpp=mpp,
-                workers=n_workers, scheduler=scheduler, force=force, wait=wait, masks=masks,
+                workers=n_workers, scheduler=where, force=force, wait=wait, masks=masks,
                 command=command, on_plan=on_plan, on_result=on_result,
             )
     except StoreLockedError as exc:
@@ -238,6 +243,29 @@ def _analyze(
     return summary.exit_code
 
 
+def _cluster_or(scheduler: str | None, kind: str | None, settings: Any) -> Any:
+    """A context giving the run's scheduler: a batch cluster's for ``kind`` (closed after the
+    run, its jobs cancelled), else the ``--scheduler`` address or None (local workers)."""
+    from contextlib import nullcontext
+
+    if kind is None:
+        return nullcontext(scheduler)
+    from fibroquant.cluster import cluster_for
+
+    err.print(f"cluster: {kind}, {settings.cluster.jobs} job(s) of "
+              f"{settings.cluster.cores} core(s), {settings.cluster.memory}")
+    return cluster_for(kind, settings.cluster)
+
+
+class ClusterChoice(str, Enum):
+    """Batch systems of ``--cluster``."""
+
+    SLURM = "slurm"
+    PBS = "pbs"
+    SGE = "sge"
+    LOCAL = "local"
+
+
 SlidesDir = Annotated[Path, typer.Argument(
     exists=True, file_okay=False, dir_okay=True, readable=True, resolve_path=True,
     help="Folder of slides (searched recursively).")]
@@ -275,12 +303,17 @@ def analyze(
     traits: Annotated[bool, typer.Option(
         "--traits/--no-traits", help="Measure fibre traits and compartments (on by default; "
         "--no-traits saves their time).")] = True,
+    cluster: Annotated[ClusterChoice | None, typer.Option(
+        help="Run the slides as batch jobs (dask-jobqueue); shape them in the config's "
+        "cluster: section (cores, memory, walltime, queue, account, jobs). See docs/cluster.md."
+    )] = None,
 ) -> None:
     """Measure CPA on every new or changed slide and write the study tables and report."""
     code = _analyze(
         slides_dir, out, samples=samples, stain=stain, config=config, mpp=mpp,
         analysis_mpp=analysis_mpp, masks=masks, workers=workers, scheduler=scheduler,
         force=force, wait=wait, control=control, traits=traits,
+        cluster=cluster.value if cluster is not None else None,
     )
     raise typer.Exit(code=code)
 
@@ -328,7 +361,7 @@ def demo(
 @app.command()
 def inspect(
     slide: Annotated[Path, typer.Argument(exists=True, dir_okay=True, readable=True,
-                                          help="A slide or image file.")],
+                                          help="A slide or image file, or a DICOM WSI folder.")],
     mpp: Annotated[float | None, typer.Option(min=0.01, help="µm per pixel override.")] = None,
     stain: Annotated[StainChoice | None, typer.Option(help="Expected stain.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
