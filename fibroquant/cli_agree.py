@@ -112,7 +112,7 @@ def train(
     if model not in ("hgb", "rf"):
         raise _fail(f"--model must be hgb or rf, got {model!r}", 2)
     try:
-        settings = _settings(config, stain, None)
+        settings = _settings(config, stain, None, False)  # no fibre traits: not needed
     except ConfigError as exc:
         raise _fail(str(exc), 2) from None
     files = list_slides(slides)

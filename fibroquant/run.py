@@ -27,10 +27,12 @@ from fibroquant import __version__
 from fibroquant.cohort import aggregate_mice, read_sample_sheet, sheet_without_samples
 from fibroquant.config import Settings
 from fibroquant.errors import (
+    ConfigError,
     FibroquantError,
     SampleSheetError,
     SlideReadError,
     StoreError,
+    interrupt_exit_code,
     one_line,
 )
 from fibroquant.layout import STORE_NAME
@@ -41,8 +43,8 @@ from fibroquant.outdir import (
     clean_output_folder,
     fsync_dir,
 )
-from fibroquant.slides import list_slides
-from fibroquant.store import FingerprintCache, ResultStore
+from fibroquant.slides import list_slides, mpp_problem
+from fibroquant.store import REBUILD_HINT, FingerprintCache, ResultStore
 from fibroquant.tasks import (
     OUTPUT_KINDS,
     SlideTask,
@@ -66,7 +68,10 @@ SLIDE_COLUMNS = [
     "stain", "stain_source", "stain_vectors", "stain_angle_deg", "stain_warning",
     "threshold_method", "threshold_od",
 ]
-_INTERNAL = {"settings_hash", "version"}
+_INTERNAL = {"settings_hash", "version", "crashed"}
+#: A slide whose measurement killed its worker process this many times (in as many runs) is
+#: not measured again without ``--force``: it would only crash again.
+MAX_CRASHES = 2
 
 
 @dataclass
@@ -80,6 +85,8 @@ class RunSummary:
     seconds: float = 0.0
     exit_code: int = 0
     interrupted: bool = False
+    #: slides not measured again because they crashed their worker process MAX_CRASHES times
+    crashed: list[str] = field(default_factory=list)
     comparison: str = ""
     warnings: list[str] = field(default_factory=list)
     failed_slides: list[tuple[str, str]] = field(default_factory=list)
@@ -114,8 +121,8 @@ def discover(slides_dir: Path, out_dir: Path) -> list[Path]:
     for p in list_slides(slides_dir):
         try:
             p.resolve().relative_to(out_res)
-        except ValueError:
-            files.append(p)
+        except (ValueError, OSError, RuntimeError):  # outside OUT_DIR, or a symlink loop
+            files.append(p)  # (which fails its own row when fingerprinted)
     return files
 
 
@@ -329,6 +336,9 @@ def analyze_folder(
     slides_dir = Path(slides_dir).resolve()
     out_dir = Path(out_dir).resolve()
     samples = Path(samples).resolve() if samples is not None else None
+    problem = mpp_problem(mpp, "--mpp") if mpp is not None else None
+    if problem:
+        raise ConfigError(problem)
     files = discover(slides_dir, out_dir)
     if not files:
         msg = f"{slides_dir}: no slide files found (.svs .ndpi .tif .tiff .png .jpg ...)"
@@ -345,12 +355,18 @@ def analyze_folder(
                    f"(groups: {', '.join(map(repr, groups))})")
             raise SampleSheetError(msg)
     extra_cols = [c for c in sheet.columns if c not in ("slide", "mouse", "group")]
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a read-only file system, a file in the way
+        msg = f"cannot create the output folder {out_dir}: {exc.strerror or exc}"
+        raise StoreError(msg) from None
     summary = RunSummary()
+    interrupt_code = 130
     shash = settings.settings_hash()
     with OutputLock(out_dir, wait=wait):
         clean_output_folder(out_dir)
         with ResultStore(out_dir / STORE_NAME) as store:
+            _refuse_lost_runs(store, out_dir)
             run_id = store.start_run(
                 command=command, version=__version__, settings_hash=shash,
                 settings_json=json.dumps(settings.model_dump(mode="json"), sort_keys=True),
@@ -378,6 +394,15 @@ def analyze_folder(
                         early_failed.append(rec)
                         keys[rel] = fp
                         continue
+                    problem = (mpp_problem(over, "the sample sheet's mpp column")
+                               if over is not None else None)
+                    if problem:  # a typo in the sheet: this slide's row fails at once
+                        rec = {"slide": rel, "fingerprint": f"{fp}-mpp{over:g}",
+                               "status": "failed", "error": f"{rel}: {problem}",
+                               "version": __version__}
+                        early_failed.append(rec)
+                        keys[rel] = rec["fingerprint"]
+                        continue
                     if over is not None:
                         fp = f"{fp}-mpp{over:g}"
                     elif mpp is not None:
@@ -390,6 +415,7 @@ def analyze_folder(
                     ))
             store.link_slides(keys, run_id=run_id)
             known = store.known(shash)
+            crashes = store.crashes(shash)
             last = store.last_measured()
             # a slide renamed (or moved) since it was measured: same content, so its result
             # stands; its overlay and masks are moved to the new name instead of measuring
@@ -398,7 +424,10 @@ def analyze_folder(
             stems_now = {stem.casefold() for stem in stems.values()}
             todo = []
             for t in tasks:
-                if force or known.get(t.fingerprint) != "ok":
+                if (not force and known.get(t.fingerprint) == "failed"
+                        and crashes.get(t.fingerprint, 0) >= MAX_CRASHES):
+                    summary.crashed.append(t.slide)  # its stored failure stands
+                elif force or known.get(t.fingerprint) != "ok":
                     todo.append(t)
                 elif not outputs_current(out_dir, t, last.get(t.slide)):
                     old = _keep_renamed(store, out_dir, t, sources, old_stems, stems_now,
@@ -434,8 +463,9 @@ def analyze_folder(
                     summary.processed += 1
                     if on_result:
                         on_result(rec)
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: keep what is stored
                 summary.interrupted = True
+                interrupt_code = interrupt_exit_code(exc)
             present = set(keys)
             removed = store.removed_slides(present)
             summary.removed = len(removed)
@@ -477,13 +507,15 @@ def analyze_folder(
                     control=control, has_sheet=samples is not None,
                 )
             summary.seconds = round(time.perf_counter() - t0, 3)
-            summary.exit_code = 130 if summary.interrupted else (1 if summary.failed else 0)
+            summary.exit_code = (interrupt_code if summary.interrupted
+                                 else (1 if summary.failed else 0))
             run_json = {
                 "processed": summary.processed, "skipped": summary.skipped,
                 "failed": summary.failed, "removed": summary.removed,
                 "seconds": summary.seconds, "exit_code": summary.exit_code,
                 "interrupted": summary.interrupted, "command": command,
                 "version": __version__, "settings_hash": shash, "started_utc": started,
+                "run_id": run_id,
                 "comparison": summary.comparison,
                 "failed_slides": [{"slide": s, "error": e} for s, e in summary.failed_slides],
                 "renamed": [{"from": a, "to": b} for a, b in summary.renamed],
@@ -495,6 +527,19 @@ def analyze_folder(
                 exit_code=summary.exit_code, seconds=summary.seconds,
             )
     return summary
+
+
+def _refuse_lost_runs(store: ResultStore, out_dir: Path) -> None:
+    """Refuse a store that lost the run which wrote ``run.json`` (its WAL deleted after a
+    crash, an older copy put back): measuring on would silently drop those results."""
+    try:
+        last = json.loads((out_dir / "run.json").read_text(encoding="utf-8")).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(last, int) and not store.has_run(last):
+        msg = (f"{store.path}: the results store has lost run #{last}, whose tables are in "
+               f"this folder; {REBUILD_HINT.format(out=out_dir)}")
+        raise StoreError(msg)
 
 
 def _json_or_none(text: Any) -> Any:
@@ -631,6 +676,32 @@ def _forget_tables(out_dir: Path) -> None:
     fsync_dir(out_dir)
 
 
+def _write_trait_tables(
+    out_dir: Path, slides_df: pd.DataFrame, mice: pd.DataFrame, plots_dir: Path,
+    plots: list[Path], warnings: list[str], *, control: str | None, has_sheet: bool,
+) -> list[str]:
+    """``traits.csv`` (long form) and, with groups, ``trait_groups.csv`` and the traits' small
+    multiple (appended to ``plots``); nothing when no slide has fibre traits. A failed
+    comparison leaves a warning, never stops the tables. Returns the files written."""
+    from fibroquant import report, traits
+
+    if not any(c in slides_df.columns for c in traits.TRAIT_COLUMNS):
+        return []
+    atomic_write_csv(out_dir / "traits.csv", traits.traits_long(slides_df))
+    written = ["traits.csv"]
+    if not has_sheet or mice["group"].nunique() < 2:
+        return written
+    try:
+        compared = traits.compare_traits(mice, control=control)
+    except Exception as exc:  # noqa: BLE001 - as the CPA comparison: reported, not raised
+        logger.debug("trait comparison failed:\n%s", traceback.format_exc())
+        warnings.append(f"fibre traits not compared: {one_line(exc)}")
+        return written
+    atomic_write_csv(out_dir / "trait_groups.csv", compared)
+    plots += report.plot_traits(mice, compared, plots_dir / "trait_groups", control=control)
+    return [*written, "trait_groups.csv"]
+
+
 def write_tables(
     out_dir: Path,
     slides_df: pd.DataFrame,
@@ -680,6 +751,8 @@ def write_tables(
     if has_sheet and len(groups):
         plots += report.plot_groups(mice, groups, plots_dir / "cpa_groups", control=ctrl)
     plots += report.plot_slides(slides_df, plots_dir / "cpa_slides")
+    written += _write_trait_tables(out_dir, slides_df, mice, plots_dir, plots, warnings,
+                                   control=ctrl, has_sheet=has_sheet)
     plots += report.plot_stain_qc(slides_df, plots_dir / "stain_qc")
     qc = {s: output_files(out_dir, stem, ("qc",))["qc"]
           for s, stem in output_stems(slides_df["slide"]).items()}
