@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import cv2
 import numpy as np
 
 # scipy, scikit-image and skan are imported where used: cohort/run import the column names
@@ -91,31 +92,42 @@ class VesselMap:
     neighbours: np.ndarray
 
 
-def vessel_map(lumen: np.ndarray, lumen_mpp: float, trait_mpp: float, cluster_um: float
-               ) -> VesselMap | None:
-    """Label the lumens of a (low-resolution) lumen mask and measure distances to them.
+def vessel_map(lumen: np.ndarray, lumen_mpp: float, trait_mpp: float, cluster_um: float,
+               *, max_mpp: float = 2.0) -> VesselMap | None:
+    """Label the lumens of a lumen mask and measure the distance of every pixel to them.
 
-    Returns None when there is no lumen.
+    Masks finer than ``max_mpp`` are first reduced to it (any lumen pixel in a block counts), so
+    the cost does not grow with the mask's resolution. Two lumens are neighbours when the
+    distances to them of two adjacent pixels that lie on their border of influence add up to at
+    most ``cluster_um`` (their edge-to-edge distance, without a pairwise search). Returns None
+    when there is no lumen.
     """
     from scipy import ndimage as ndi
-    from scipy.spatial import cKDTree
 
+    factor = max(1, int(max_mpp / lumen_mpp))
+    if factor > 1:
+        h, w = lumen.shape
+        pad = np.zeros((-(-h // factor) * factor, -(-w // factor) * factor), bool)
+        pad[:h, :w] = lumen
+        lumen = pad.reshape(pad.shape[0] // factor, factor, -1, factor).any(axis=(1, 3))
+        lumen_mpp *= factor
     labels, n = ndi.label(lumen, structure=_EIGHT)
     if n == 0:
         return None
-    dist, (iy, ix) = ndi.distance_transform_edt(labels == 0, return_indices=True)
-    nearest = labels[iy, ix].astype(np.int32)
-    ys, xs = np.nonzero((labels > 0) & ~ndi.binary_erosion(labels > 0))  # outlines suffice
-    tree = cKDTree(np.column_stack([ys, xs]).astype(float) * lumen_mpp)
-    pairs = tree.query_pairs(cluster_um, output_type="ndarray")
-    a, b = labels[ys[pairs[:, 0]], xs[pairs[:, 0]]], labels[ys[pairs[:, 1]], xs[pairs[:, 1]]]
-    keep = a != b
-    uniq = np.unique(np.column_stack([a[keep], b[keep]]), axis=0) if keep.any() else np.empty((0, 2), int)
-    both = np.concatenate([uniq, uniq[:, ::-1]]) if len(uniq) else uniq
-    both = np.unique(both, axis=0) if len(both) else both
+    dist, pixel = cv2.distanceTransformWithLabels(
+        (labels == 0).view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_5, labelType=cv2.DIST_LABEL_PIXEL)
+    ly, lx = np.nonzero(labels)  # raster order: OpenCV's numbering of the lumen pixels
+    nearest = labels[ly, lx][pixel - 1].astype(np.int32)
+    dist_um = (dist * lumen_mpp).astype(np.float32)
+    pairs = []
+    for a, b, da, db in ((nearest[:, :-1], nearest[:, 1:], dist_um[:, :-1], dist_um[:, 1:]),
+                         (nearest[:-1], nearest[1:], dist_um[:-1], dist_um[1:])):
+        close = (a != b) & (da + db <= cluster_um)
+        pairs.append(np.column_stack([a[close], b[close]]))
+    both = np.concatenate(pairs)
+    both = np.unique(np.concatenate([both, both[:, ::-1]]), axis=0)
     neighbours = np.bincount(both[:, 0], minlength=n + 1) if len(both) else np.zeros(n + 1, int)
-    return VesselMap((dist * lumen_mpp).astype(np.float32), nearest, trait_mpp / lumen_mpp, n,
-                     neighbours.astype(np.int64))
+    return VesselMap(dist_um, nearest, trait_mpp / lumen_mpp, n, neighbours.astype(np.int64))
 
 
 @dataclass
@@ -222,7 +234,6 @@ def measure_tile(
         Lumens; without them nothing is perivascular and no object bridges vessels.
     """
     from scipy import ndimage as ndi
-    from skimage.feature import structure_tensor
 
     collagen = collagen & tissue
     cy0, cx0, cy1, cx1 = core
@@ -231,22 +242,24 @@ def measure_tile(
     tis_c = tissue[cs]
     col_c = collagen[cs]
     counts = TraitCounts(mpp, collagen_px=int(col_c.sum()), tissue_px=int(tis_c.sum()))
-    half = ndi.distance_transform_edt(collagen, return_indices=True) if collagen.any() else None
-    skel, graph = _skeleton(collagen, None if half is None else half[0])
+    # exact Euclidean distance to the background (OpenCV's precise mask: Felzenszwalb's
+    # algorithm, 3x faster than scipy's here); squared distances of pixel centres are integers
+    half = cv2.distanceTransform(collagen.view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE) \
+        if collagen.any() else None
+    skel, graph = _skeleton(collagen, half)
     # --- widths: 2 × distance to background at skeleton pixels; every collagen pixel takes
     # the width of its nearest skeleton pixel
     width_um = np.zeros(collagen.shape, np.float32)
     if skel.any():
-        by, bx = half[1]
-        yy, xx = np.nonzero(skel)
-        d2 = ((by[yy, xx] - yy).astype(np.int64) ** 2 + (bx[yy, xx] - xx).astype(np.int64) ** 2)
-        skel_width_um = np.zeros(collagen.shape, np.float32)
-        skel_width_um[yy, xx] = (2.0 * np.sqrt(d2) - 0.5) * mpp
-        _, (ny, nx) = ndi.distance_transform_edt(~skel, return_indices=True)
-        width_um = np.where(collagen, skel_width_um[ny, nx], 0).astype(np.float32)
+        yy, xx = np.nonzero(skel)  # raster order, as OpenCV numbers the skeleton pixels below
+        d2 = np.rint(half[yy, xx].astype(np.float64) ** 2).astype(np.int64)
+        widths = ((2.0 * np.sqrt(d2) - 0.5) * mpp).astype(np.float32)
+        _, nearest = cv2.distanceTransformWithLabels(
+            (~skel).view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_5, labelType=cv2.DIST_LABEL_PIXEL)
+        width_um = np.where(collagen, widths[nearest - 1], 0).astype(np.float32)
         own = (yy >= cy0) & (yy < cy1) & (xx >= cx0) & (xx < cx1)
         counts.width_sq_hist = np.bincount(d2[own])
-        del by, bx, ny, nx
+        del nearest
     del half
     w_c = width_um[cs][col_c]
     counts.thin_px = int(np.count_nonzero(w_c < params.thin_um))
@@ -273,9 +286,8 @@ def measure_tile(
         _branches(graph, core, counts)
     # --- orientation coherence of the collagen texture
     if col_c.any():
-        sigma = params.coherence_sigma_um / mpp
-        arr, arc, acc = structure_tensor(collagen.astype(np.float32), sigma=sigma, order="rc")
-        a, b, c = arr[cs][col_c], arc[cs][col_c], acc[cs][col_c]
+        a, b, c = _structure_tensor(collagen, params.coherence_sigma_um / mpp)
+        a, b, c = a[cs][col_c], b[cs][col_c], c[cs][col_c]
         trace = a + c
         ok = trace > 1e-6
         coh = np.sqrt((a - c) ** 2 + 4 * b * b)[ok] / trace[ok]
@@ -332,6 +344,19 @@ def _skeleton(collagen: np.ndarray, half_px: np.ndarray | None) -> tuple[np.ndar
         graph = graph.prune_paths(np.flatnonzero(spur))
         skel = graph.skeleton_image > 0
     return skel, graph
+
+
+def _structure_tensor(mask: np.ndarray, sigma_px: float
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Structure tensor (rr, rc, cc) of a mask: Sobel gradients, products smoothed by a
+    Gaussian of ``sigma_px`` truncated at 4 σ — what ``skimage.feature.structure_tensor``
+    computes, with OpenCV's filters (8x faster on these tiles)."""
+    img = mask.astype(np.float32)
+    gr = cv2.Sobel(img, cv2.CV_32F, 0, 1, ksize=3, borderType=cv2.BORDER_REFLECT)
+    gc = cv2.Sobel(img, cv2.CV_32F, 1, 0, ksize=3, borderType=cv2.BORDER_REFLECT)
+    k = 2 * int(math.ceil(4 * sigma_px)) + 1
+    blur = lambda x: cv2.GaussianBlur(x, (k, k), sigma_px, borderType=cv2.BORDER_REFLECT)  # noqa: E731
+    return blur(gr * gr), blur(gr * gc), blur(gc * gc)
 
 
 def _path_ends(graph: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -696,14 +721,14 @@ def measure_masks(
 
 
 def reduce_mask(mask: np.ndarray, factor: int) -> np.ndarray:
-    """Majority vote over ``factor``² blocks (edge blocks padded with False)."""
+    """Majority vote over ``factor``² blocks (edge blocks padded with False; a tie is False)."""
     if factor <= 1:
         return np.asarray(mask, bool)
     h, w = mask.shape
     hh, ww = -(-h // factor), -(-w // factor)
-    pad = np.zeros((hh * factor, ww * factor), bool)
+    pad = np.zeros((hh * factor, ww * factor), np.float32)
     pad[:h, :w] = mask
-    return pad.reshape(hh, factor, ww, factor).sum(axis=(1, 3)) * 2 > factor * factor
+    return cv2.resize(pad, (ww, hh), interpolation=cv2.INTER_AREA) > 0.5 + 1e-6
 
 
 def with_params(params: TraitParams, **kw: Any) -> TraitParams:

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
 from scipy import stats as sps
 from skimage.measure import euler_number, label, regionprops
 
@@ -106,10 +107,11 @@ def test_traits_do_not_depend_on_the_tile_size(tile_px):
 def test_compartments_match_drawn_septa_and_collars():
     truth = sf.vessels_and_septa((1200, 1200), 1.0, n_fine=70, rng=14)
     got = _traits(truth)
-    ring = tr.vessel_map(truth.lumen, 1.0, 1.0, 150).distance_um <= 50
+    ring = ndi.distance_transform_edt(~truth.lumen) * truth.mpp <= 50
     col = truth.collagen.sum()
+    # the lumens are looked up at 2 µm/px (vessel_map): the ring's edge moves by ≤ 2 µm
     assert got["perivascular_collagen_percent"] == pytest.approx(
-        100 * (truth.collagen & ring).sum() / col, abs=0.5)
+        100 * (truth.collagen & ring).sum() / col, abs=1.5)
     assert got["septal_collagen_percent"] == pytest.approx(
         100 * (truth.septal & ~ring).sum() / col, abs=5)
     assert got["pericellular_collagen_percent"] == pytest.approx(
