@@ -34,10 +34,10 @@ import numpy as np
 
 # scipy, scikit-image and skan are imported where used: cohort/run import the column names
 
-_ORTHO = np.array([[0, 1, 0], [1, 0, 1], [0, 1, 0]], np.uint8)
-_DIAG = np.array([[1, 0, 1], [0, 0, 0], [1, 0, 1]], np.uint8)
+_ORTHO = np.array([[0, 1, 0], [1, 0, 1], [0, 1, 0]], np.float32)
+_DIAG = np.array([[1, 0, 1], [0, 0, 0], [1, 0, 1]], np.float32)
 _EIGHT = np.ones((3, 3), bool)
-_CROSS = _ORTHO.astype(bool) | np.eye(3, dtype=bool) & np.eye(3, dtype=bool)[::-1]
+_CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], bool)
 
 
 @dataclass(frozen=True)
@@ -267,18 +267,20 @@ def measure_tile(
     counts.medium_px = counts.collagen_px - counts.thin_px - counts.thick_px
     # --- skeleton length, end and branch points (per owned skeleton pixel / junction cluster)
     sk8 = skel.astype(np.uint8)
-    n_ortho = ndi.convolve(sk8, _ORTHO, mode="constant")
-    n_diag = ndi.convolve(sk8, _DIAG, mode="constant")
+    n_ortho = cv2.filter2D(sk8, -1, _ORTHO, borderType=cv2.BORDER_CONSTANT)
+    n_diag = cv2.filter2D(sk8, -1, _DIAG, borderType=cv2.BORDER_CONSTANT)
     sk_c = skel[cs]
     counts.skeleton_length_px = float(
         (n_ortho[cs][sk_c].sum() + math.sqrt(2) * n_diag[cs][sk_c].sum()) / 2.0)
     degree = n_ortho + n_diag
     counts.end_points = int(np.count_nonzero(sk_c & (degree[cs] == 1)))
     junction = skel & (degree >= 3)
-    jl, nj = ndi.label(junction, structure=_EIGHT)
-    if nj:
-        centres = np.asarray(ndi.center_of_mass(junction, jl, np.arange(1, nj + 1)))
-        cy, cx = np.floor(centres[:, 0] + 0.5), np.floor(centres[:, 1] + 0.5)
+    nj, jl = cv2.connectedComponents(junction.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+    if nj > 1:  # a cluster of junction pixels is one branch point, owned by its first pixel
+        flat = jl.ravel()
+        at = np.flatnonzero(flat)
+        _, first = np.unique(flat[at], return_index=True)
+        cy, cx = np.divmod(at[first], jl.shape[1])
         counts.branch_points = int(np.count_nonzero(
             (cy >= cy0) & (cy < cy1) & (cx >= cx0) & (cx < cx1)))
     # --- branches (skan): length and chord of the branches owned here
@@ -311,8 +313,9 @@ def measure_tile(
         counts.vessel_ring_collagen_px = np.bincount(vessel_c[col_c], minlength=vessels.n + 1)
     # --- objects and holes of the core, for stitching
     # hole walls: non-collagen pixels next to collagen, thin when that collagen is thin
-    border = ~collagen & ndi.binary_dilation(collagen, structure=_CROSS)
-    near_w = ndi.maximum_filter(width_um, footprint=_CROSS, mode="constant")
+    cross = _CROSS.view(np.uint8)
+    border = ~collagen & cv2.dilate(collagen.view(np.uint8), cross).view(bool)
+    near_w = cv2.dilate(width_um, cross, borderType=cv2.BORDER_CONSTANT, borderValue=0)
     thin_border = border & (near_w > 0) & (near_w < params.thin_um)
     counts.parts = [_part(col_c, tis_c, width_um[cs], sk_c, n_ortho[cs], n_diag[cs], peri_c,
                           vessel_c, border[cs], thin_border[cs], (origin[0] + cy0, origin[1] + cx0), slide_shape, params)]
@@ -407,14 +410,17 @@ def _part(col: np.ndarray, tis: np.ndarray, width_um: np.ndarray, skel: np.ndarr
     from scipy import ndimage as ndi
 
     h, w = col.shape
-    obj, n_obj = ndi.label(col, structure=_EIGHT)
-    hole, n_hole = ndi.label(~col, structure=_CROSS)
+    n_obj, obj = cv2.connectedComponents(np.ascontiguousarray(col).view(np.uint8), connectivity=8,
+                                         ltype=cv2.CV_32S)
+    n_hole, hole = cv2.connectedComponents(np.ascontiguousarray(~col).view(np.uint8),
+                                           connectivity=4, ltype=cv2.CV_32S)
+    n_obj, n_hole = n_obj - 1, n_hole - 1
     step = (n_ortho + math.sqrt(2) * n_diag) / 2.0
     wide = col & (width_um >= params.septum_min_width_um)
     obj_sums = {
-        "area": np.bincount(obj.ravel(), minlength=n_obj + 1),
-        "wide_free": np.bincount(obj.ravel(), weights=(wide & ~peri).ravel(), minlength=n_obj + 1),
-        "wide_length": np.bincount(obj.ravel(), weights=(step * (skel & wide)).ravel(),
+        "area": np.bincount(obj[col], minlength=n_obj + 1),
+        "wide_free": np.bincount(obj[wide & ~peri], minlength=n_obj + 1),
+        "wide_length": np.bincount(obj[skel & wide], weights=step[skel & wide],
                                    minlength=n_obj + 1),
     }
     # holes: open when they hold non-tissue or touch the slide's edge
@@ -430,9 +436,9 @@ def _part(col: np.ndarray, tis: np.ndarray, width_um: np.ndarray, skel: np.ndarr
         edge[:, -1] = True
     hole_sums = {
         "area": np.bincount(hole.ravel(), minlength=n_hole + 1),
-        "open": np.bincount(hole.ravel(), weights=(open_px | edge).ravel(), minlength=n_hole + 1),
-        "border": np.bincount(hole.ravel(), weights=border.ravel(), minlength=n_hole + 1),
-        "thin_border": np.bincount(hole.ravel(), weights=thin_border.ravel(), minlength=n_hole + 1),
+        "open": np.bincount(hole[open_px | edge], minlength=n_hole + 1),
+        "border": np.bincount(hole[border], minlength=n_hole + 1),
+        "thin_border": np.bincount(hole[thin_border], minlength=n_hole + 1),
     }
     pairs = np.column_stack([obj[col & (vessel > 0)], vessel[col & (vessel > 0)]])
     pairs = np.unique(pairs, axis=0) if len(pairs) else np.empty((0, 2), np.int64)
