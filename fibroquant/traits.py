@@ -64,7 +64,7 @@ class TraitParams:
         structure tensor's Gaussian support and the largest fractal box, with a margin."""
         fibre = 2.0 * self.thick_um / self.mpp + 4
         tensor = 4.0 * self.coherence_sigma_um / self.mpp + 2
-        return int(math.ceil(max(fibre, tensor, max(self.box_sizes_px), 16)))
+        return math.ceil(max(fibre, tensor, max(self.box_sizes_px), 16))
 
 
 @dataclass(frozen=True)
@@ -233,7 +233,6 @@ def measure_tile(
     vessels : VesselMap, optional
         Lumens; without them nothing is perivascular and no object bridges vessels.
     """
-    from scipy import ndimage as ndi
 
     collagen = collagen & tissue
     cy0, cx0, cy1, cx1 = core
@@ -247,7 +246,7 @@ def measure_tile(
     half = cv2.distanceTransform(collagen.view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE) \
         if collagen.any() else None
     skel, graph = _skeleton(collagen, half)
-    # --- widths: 2 × distance to background at skeleton pixels; every collagen pixel takes
+    # --- widths: 2 x distance to background at skeleton pixels; every collagen pixel takes
     # the width of its nearest skeleton pixel
     width_um = np.zeros(collagen.shape, np.float32)
     if skel.any():
@@ -352,13 +351,13 @@ def _skeleton(collagen: np.ndarray, half_px: np.ndarray | None) -> tuple[np.ndar
 def _structure_tensor(mask: np.ndarray, sigma_px: float
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Structure tensor (rr, rc, cc) of a mask: Sobel gradients, products smoothed by a
-    Gaussian of ``sigma_px`` truncated at 4 σ — what ``skimage.feature.structure_tensor``
+    Gaussian of ``sigma_px`` truncated at 4 sigma — what ``skimage.feature.structure_tensor``
     computes, with OpenCV's filters (8x faster on these tiles)."""
     img = mask.astype(np.float32)
     gr = cv2.Sobel(img, cv2.CV_32F, 0, 1, ksize=3, borderType=cv2.BORDER_REFLECT)
     gc = cv2.Sobel(img, cv2.CV_32F, 1, 0, ksize=3, borderType=cv2.BORDER_REFLECT)
-    k = 2 * int(math.ceil(4 * sigma_px)) + 1
-    blur = lambda x: cv2.GaussianBlur(x, (k, k), sigma_px, borderType=cv2.BORDER_REFLECT)  # noqa: E731
+    k = 2 * math.ceil(4 * sigma_px) + 1
+    blur = lambda x: cv2.GaussianBlur(x, (k, k), sigma_px, borderType=cv2.BORDER_REFLECT)
     return blur(gr * gr), blur(gr * gc), blur(gc * gc)
 
 
@@ -407,7 +406,6 @@ def _part(col: np.ndarray, tis: np.ndarray, width_um: np.ndarray, skel: np.ndarr
           n_ortho: np.ndarray, n_diag: np.ndarray, peri: np.ndarray, vessel: np.ndarray,
           border: np.ndarray, thin_border: np.ndarray, origin: tuple[int, int], slide_shape: tuple[int, int], params: TraitParams) -> _Part:
     """Label the core's objects (8-connected) and holes (4-connected) with their sums."""
-    from scipy import ndimage as ndi
 
     h, w = col.shape
     n_obj, obj = cv2.connectedComponents(np.ascontiguousarray(col).view(np.uint8), connectivity=8,
@@ -610,7 +608,7 @@ def slide_traits(counts: TraitCounts, params: TraitParams, vessels: VesselMap | 
         if vessels is not None:
             offs = np.cumsum([0] + [len(p.obj["area"]) - 1 for p in parts])[:-1]
             pairs = [np.column_stack([comp[p.obj_vessel[:, 0] + o - 1], p.obj_vessel[:, 1]])
-                     for p, o in zip(parts, offs) if len(p.obj_vessel)]
+                     for p, o in zip(parts, offs, strict=True) if len(p.obj_vessel)]
             if pairs:
                 uniq = np.unique(np.concatenate(pairs), axis=0)
                 vcount = np.bincount(uniq[:, 0], minlength=n)
@@ -637,7 +635,7 @@ def slide_traits(counts: TraitCounts, params: TraitParams, vessels: VesselMap | 
             wire = sized & (area_um2 <= params.hole_max_um2) & thin
             out["chicken_wire_index_percent"] = 100.0 * wire.sum() / sized.sum()
     parts3 = [out[k] for k in ARCHITECTURE_PARTS]
-    if all(v == v for v in parts3):  # NaN-free
+    if all(math.isfinite(v) for v in parts3):
         out["architecture_score"] = float(np.mean(parts3))
     if vessels is not None and len(counts.vessel_ring_px):
         ring = _add_arrays(counts.vessel_ring_px, np.zeros(vessels.n + 1, np.int64))[1:]
@@ -657,7 +655,7 @@ def slide_traits(counts: TraitCounts, params: TraitParams, vessels: VesselMap | 
 #: Per-slide trait columns of ``slides.csv``, with their meaning.
 TRAIT_COLUMNS: dict[str, str] = {
     "traits_mpp": "µm/px of the mask the traits were measured on",
-    "fibre_width_median_um": "median fibre width along the skeleton (2 × distance to background)",
+    "fibre_width_median_um": "median fibre width along the skeleton (2 x distance to background)",
     "fibre_width_iqr_um": "interquartile range of the fibre width along the skeleton",
     "thin_fibre_share_percent": "collagen area in thin fibres (< thin_um), % of collagen",
     "medium_fibre_share_percent": "collagen area in medium fibres, % of collagen",
@@ -706,7 +704,7 @@ def measure_masks(
     """Trait sums of a whole slide's masks, read tile by tile with a halo.
 
     ``collagen`` and ``tissue`` may be any 2-D array-likes that can be sliced (NumPy arrays,
-    memory maps, zarr arrays): only one window of ``tile_px + 2 × halo`` pixels is in memory at a
+    memory maps, zarr arrays): only one window of ``tile_px + 2 x halo`` pixels is in memory at a
     time. Tiles whose core holds no tissue are skipped.
     """
     h, w = collagen.shape
@@ -771,7 +769,7 @@ def measure_slide(
     lumen : ndarray of bool, optional
         Vessel lumens at ``lumen_mpp`` (any resolution covering the same extent).
     """
-    factor = max(1, int(round(settings.mpp / mask_mpp)))
+    factor = max(1, round(settings.mpp / mask_mpp))
     mpp = mask_mpp * factor
     col = reduce_mask(collagen, factor)
     tis = reduce_mask(tissue, factor)
@@ -903,7 +901,7 @@ def compare_traits(mice: Any, *, control: str | None = None, n_boot: int = 2000,
         return pd.DataFrame(columns=list(TRAIT_GROUP_COLUMNS))
     out = pd.concat(frames, ignore_index=True)
     out["holm_welch_p"] = np.nan
-    for _, idx in out.groupby("group", sort=False).groups.items():
+    for idx in out.groupby("group", sort=False).groups.values():
         p = out.loc[idx, "welch_p"]
         good = p.notna()
         if good.any():

@@ -63,7 +63,7 @@ def test_side_branches_add_branch_points():
 def test_holes_equal_objects_minus_euler_number_and_chicken_wire():
     truth = sf.pericellular_network(cell_um=20.0, wall_um=1.5, rng=4)
     got = _traits(truth)
-    # closed holes = objects − Euler number (8-connected collagen), minus the holes that touch
+    # closed holes = objects - Euler number (8-connected collagen), minus the holes that touch
     # the frame (open: they are not enclosed here) — none in this drawing's interior count
     n_obj = label(truth.collagen, connectivity=2).max()
     holes_all = n_obj - euler_number(truth.collagen, connectivity=2)
@@ -160,7 +160,7 @@ def test_empty_collagen_gives_nan_traits_not_errors():
 def test_regression_cohort_width_traits_differ_cpa_does_not():
     cohort = sf.regression_cohort(5, shape=(900, 900), rng=27)
     rows = []
-    for mouse, group, truth in cohort:
+    for _mouse, group, truth in cohort:
         got = tr.measure_slide(truth.collagen, truth.tissue, truth.mpp, TraitSettings(),
                                lumen=truth.lumen, lumen_mpp=truth.mpp)
         rows.append((group, truth.cpa_percent, got))
