@@ -168,6 +168,8 @@ class SlideResult:
         At ``geometry.mask_mpp`` (excluded: lumens, folds, bubbles, capsule, walls, blur).
     thumbnail : ndarray of uint8
         RGB image of the slide at ``mask_mpp`` or coarser, for QC overlays.
+    traits : dict of str to float
+        Fibre-architecture columns (:mod:`fibroquant.traits`; empty when off).
     """
 
     stain: str
@@ -185,6 +187,7 @@ class SlideResult:
     tissue_mask: np.ndarray = field(repr=False)
     excluded_mask: np.ndarray = field(repr=False)
     thumbnail: np.ndarray = field(repr=False)
+    traits: dict[str, Any] = field(default_factory=dict)
 
     @property
     def mask_mpp(self) -> float:
@@ -233,4 +236,5 @@ class SlideResult:
             "stain_warning": "; ".join(self.warnings),
             "seconds": self.seconds,
             "version": self.version,
+            **self.traits,
         }

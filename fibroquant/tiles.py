@@ -12,37 +12,41 @@ pixel classifier) decides it instead: its mask then goes through the same counti
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import cv2
 import numpy as np
 
-from fibroquant import focus, kernels
+from fibroquant import cores, focus, kernels
 from fibroquant.collagen import (
     CollagenRule,
-    collagen_concentration,
     is_collagen,
     speck_mask,
 )
 from fibroquant.kernels import FUSED_COUNTS, FusedTile
 from fibroquant.measure import TileCounts
 from fibroquant.slides import Slide, require_mpp
+from fibroquant.stains import StainMatrix
 from fibroquant.tissue import TissueMask
 
 
 class PixelDecider(Protocol):
-    """A collagen decision that replaces :func:`fibroquant.collagen.is_collagen` on each tile.
+    """A collagen decision that replaces the :class:`fibroquant.collagen.CollagenRule` on each
+    tile (e.g. :class:`fibroquant.classifier.PixelClassifier`).
 
-    The tile loop reads each tile with ``halo_um`` of the slide around it (at the analysis
-    resolution; white, like glass, past the slide's edge) and calls ``decide(rgb, halo_px)`` with that
-    read and the halo width in pixels; the mask it returns (bool, the tile's shape, halo cut
-    off) goes through the same tissue, capsule, wall, speck and counting steps as the rule's.
+    The tile loop reads each tile with ``halo_px(mpp)`` pixels of the slide around it (white,
+    like glass, past the slide's edge) and calls ``predict_tile``; the mask it returns (bool,
+    the tile's shape) is counted as the rule's is, except that the capsule stays the rule's
+    collagen in the capsule band (so the tissue counted is the rule's whichever decides).
     """
 
-    halo_um: float
+    def halo_px(self, mpp: float) -> int: ...
 
-    def __call__(self, rgb: np.ndarray, halo_px: int) -> np.ndarray: ...
+    def predict_tile(self, rgb_with_halo: np.ndarray, halo_px: int, stains: StainMatrix, *,
+                     mpp: float, tissue: np.ndarray | None = None) -> np.ndarray: ...
 
 
 def measure_tile(
@@ -80,7 +84,8 @@ def measure_tile_reference(
     stride : int
         Sampling step of the focus samples (0 = none).
     decided : ndarray of bool, shape (H, W), optional
-        Collagen pixels decided by a :class:`PixelDecider` instead of the rule's steps 1-2.
+        Collagen pixels decided by a :class:`PixelDecider` instead of the rule (no speck
+        removal; the capsule is still the rule's collagen in the band).
 
     Returns
     -------
@@ -88,16 +93,16 @@ def measure_tile_reference(
     """
     fl = flags[np.ix_(rows, cols)]
     tissue = (fl & kernels.FLAG_TISSUE) != 0
-    if decided is None:
-        conc, col = is_collagen(rgb, thr[np.ix_(rows, cols)], rule)
-    else:
-        conc, col = collagen_concentration(rgb, rule.lut, rule.unmix_col), decided
-    col = col & tissue
+    conc, col = is_collagen(rgb, thr[np.ix_(rows, cols)], rule)
+    col &= tissue
     capsule = col & ((fl & kernels.FLAG_BAND) != 0)
+    if decided is not None:
+        col = decided & tissue
     wall = ((fl & kernels.FLAG_WALL) != 0) & tissue & ~capsule
     col &= ~capsule & ~wall
     tissue &= ~capsule & ~wall
-    col &= ~speck_mask(col, rule)
+    if decided is None:
+        col &= ~speck_mask(col, rule)
     kinds = [((fl & b) != 0) for b in (kernels.FLAG_LUMEN, kernels.FLAG_FOLD,
                                        kernels.FLAG_BUBBLE)]
     excluded = capsule | wall | kinds[0] | kinds[1] | kinds[2]
@@ -223,6 +228,7 @@ class TileJob:
     threshold_map: np.ndarray  # float32 collagen threshold there, OD units
     focus_stride: int  # sampling step of the focus samples (0 = focus not measured)
     decide: PixelDecider | None = None  # replaces the rule's per-pixel decision
+    stains: StainMatrix | None = None  # the slide's fitted stains (what ``decide`` reads)
 
 
 def class_flags(tissue: TissueMask) -> np.ndarray:
@@ -272,10 +278,13 @@ def measure_box(
     elif job.decide is None:
         rgb = read_analysis(slide, job.geo, y0, x0, y1 - y0, x1 - x0)
     else:
-        halo = math.ceil(job.decide.halo_um / job.geo.analysis_mpp)
+        mpp = job.geo.analysis_mpp
+        halo = job.decide.halo_px(mpp)
         wide = read_analysis(slide, job.geo, y0 - halo, x0 - halo, y1 - y0 + 2 * halo,
                              x1 - x0 + 2 * halo)
-        decided = np.asarray(job.decide(wide, halo), bool)
+        tissue = (job.flags[np.ix_(rows, cols)] & kernels.FLAG_TISSUE) != 0
+        decided = np.asarray(job.decide.predict_tile(wide, halo, job.stains, mpp=mpp,
+                                                     tissue=tissue), bool)
         rgb = np.ascontiguousarray(wide[halo : halo + y1 - y0, halo : halo + x1 - x0])
     out = measure_tile(rgb, job.rule, job.flags, job.threshold_map, rows, cols, f,
                        job.focus_stride, decided=decided)
@@ -354,3 +363,32 @@ def calibration_pixels(
         rng = np.random.default_rng(0)
         px = px[np.sort(rng.choice(len(px), n_pixels, replace=False))]
     return px
+
+
+def map_tiles(slide: Slide, job: TileJob, boxes: list[tuple[int, int, int, int]],
+              workers: int) -> Iterator[Any]:
+    """:func:`measure_box` of every box, in order, on up to ``workers`` threads (the slide's
+    share of the cores inside a local pool: :mod:`fibroquant.cores`), with a bounded number
+    of tiles in flight, so memory does not grow with the slide."""
+    if workers <= 1 or len(boxes) < 2:
+        for box in boxes:
+            yield measure_box(slide, job, box)
+        return
+    # The tile threads already use every core: OpenCV's own thread pool inside each call
+    # would only oversubscribe them. Restored when the loop ends.
+    cv_threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    tile = measure_box if not cores.in_pool() else cores.gated(measure_box, workers)
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            window = 2 * workers
+            it = iter(boxes)
+            pending = [pool.submit(tile, slide, job, b) for _, b in zip(range(window), it)]
+            while pending:
+                fut = pending.pop(0)
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append(pool.submit(tile, slide, job, nxt))
+                yield fut.result()
+    finally:
+        cv2.setNumThreads(cv_threads)

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from fibroquant.collagen import collagen_concentration
 from fibroquant.config import load_settings
 from fibroquant.measure import Measurements, TileCounts
-from fibroquant.pipeline import analyze_slide, output_stem
+from fibroquant.pipeline import analyze_slide
+from fibroquant.tasks import output_stem
 from fibroquant.slides import ArraySlide
 from fibroquant.stains import SIRIUS_RED, od_lut, rgb_to_od
 from fibroquant.synthetic import SectionParams, make_section, random_params

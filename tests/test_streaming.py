@@ -54,14 +54,16 @@ def _settings(tissue: dict, collagen: dict | None = None, **tiling):
 
 class _Threshold:
     """A stand-in pixel classifier (tiles.PixelDecider) with a halo of 8 µm: collagen is a
-    red-green contrast; it checks the halo it is given."""
+    red-green contrast; it checks the halo and tissue it is given."""
 
-    halo_um = 8.0
+    def halo_px(self, mpp: float) -> int:
+        return round(8.0 / mpp)
 
-    def __call__(self, rgb: np.ndarray, halo_px: int) -> np.ndarray:
-        assert halo_px == 16
+    def predict_tile(self, rgb, halo_px, stains, *, mpp, tissue=None):
+        assert halo_px == 16 and mpp == MPP and stains.collagen == "sirius-red"
         core = rgb[halo_px:-halo_px, halo_px:-halo_px].astype(np.int16)
-        return core[..., 1] < core[..., 0] - 40
+        assert tissue is not None and tissue.shape == core.shape[:2]
+        return (core[..., 1] < core[..., 0] - 40) & tissue
 
 
 #: the rule's decision (default), and a decider reading each tile with a halo
