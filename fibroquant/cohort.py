@@ -22,6 +22,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 
+from fibroquant import schema
 from fibroquant.errors import SampleSheetError
 
 __all__ = ["MICE_COLUMNS", "RECORD_COLUMNS", "RESERVED_COLUMNS", "aggregate_mice",
@@ -33,31 +34,12 @@ logger = logging.getLogger(__name__)
 REQUIRED_COLUMNS: tuple[str, ...] = ("slide", "mouse", "group")
 
 #: Columns of ``mice.csv`` written by :func:`aggregate_mice`, before any carried sheet columns.
-MICE_COLUMNS: tuple[str, ...] = (
-    "mouse",
-    "group",
-    "n_slides",
-    "tissue_area_mm2",
-    "collagen_area_mm2",
-    "cpa_percent",
-    "cpa_mean_of_slides_percent",
-    "cpa_sd_of_slides",
-    "n_failed_slides",
-)
+MICE_COLUMNS: tuple[str, ...] = tuple(schema.names("mice"))
 
-#: Columns of a slide's stored record (``fibroquant.pipeline`` measures them; the store adds
+#: Keys of a slide's stored record (``fibroquant.pipeline`` measures them; the store adds
 #: the fingerprint and settings hash). ``mpp`` is both: a sheet may set it (it is then what was
-#: measured with). tests/test_cohort.py checks this list against a real record.
-RECORD_COLUMNS: frozenset[str] = frozenset({
-    "status", "error", "stain", "format", "mpp", "analysis_mpp", "level", "width_px",
-    "height_px", "mask_mpp", "tissue_area_mm2", "collagen_area_mm2", "cpa_percent",
-    "collagen_od_mean", "capsule_area_mm2", "lumen_area_mm2", "fold_area_mm2",
-    "vessel_wall_area_mm2", "unfocused_area_mm2", "bubble_area_mm2", "glass_od", "shading_od",
-    "channel_shift_px", "background_rgb", "background_source", "stain_source", "stain_vectors", "stain_angle_deg",
-    "stain_angles_deg", "collagen_od_share", "threshold_method", "threshold_od",
-    "parenchyma_od", "collagen_level_od", "share_guard", "parenchyma_share",
-    "blob_max_area_um2", "stain_fit", "stain_warning", "seconds", "version", "fingerprint", "settings_hash",
-})
+#: measured with). tests/test_schema.py checks this list against a real record.
+RECORD_COLUMNS: frozenset[str] = schema.record_keys()
 
 #: Names a sheet may not use for extra columns: they would collide with measured columns of
 #: ``slides.csv`` / ``mice.csv`` when the sheet is joined to the results.

@@ -36,6 +36,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from fibroquant import schema
 from fibroquant.errors import FibroquantError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -287,7 +288,7 @@ def qc_overlay(
     collagen_mask : numpy.ndarray
         bool ``(h, w)``; collagen counted in the numerator.
     excluded_mask : numpy.ndarray, optional
-        bool ``(h, w)``; regions left out (capsule, artefacts, lumens...), tinted grey and
+        bool ``(h, w)``; regions left out (capsule, lumens, folds...), tinted grey and
         hatched.
     tissue_color, collagen_color : tuple of int, optional
         Outline colours (R, G, B). By default the tissue outline is black and the collagen
@@ -631,7 +632,7 @@ def plot_stain_qc(slides: pd.DataFrame, out_stem: Path) -> list[Path]:
     ----------
     slides : pandas.DataFrame
         ``slides.csv``: ``stain_angle_deg`` (degrees between the slide's collagen vector and
-        the preset) and ``collagen_stain_p50_od`` (median collagen OD) or, failing that,
+        the preset) and ``collagen_level_od`` (the slide's collagen level) or, failing that,
         ``collagen_od_mean``; ``stain_warning`` marks slides to check; ``group`` colours points.
     out_stem : pathlib.Path
         Output path without suffix; ``.png`` (200 dpi) and ``.svg`` are written.
@@ -647,7 +648,7 @@ def plot_stain_qc(slides: pd.DataFrame, out_stem: Path) -> list[Path]:
     of false treatment effects; slides with a stain warning are ringed in vermillion and named.
     """
     ok = _ok_rows(slides)
-    y_col = next((c for c in ("collagen_stain_p50_od", "collagen_od_mean") if c in ok), None)
+    y_col = next((c for c in ("collagen_level_od", "collagen_od_mean") if c in ok), None)
     fig = _new_figure(5.6, 4.4)
     ax = fig.add_subplot()
     _style_axes(ax)
@@ -679,7 +680,8 @@ def plot_stain_qc(slides: pd.DataFrame, out_stem: Path) -> list[Path]:
             ax.annotate(name[:30], (xv, yv), xytext=(6, 5), textcoords="offset points",
                         fontsize=_FONT_PT - 1, color="#D55E00")
     ax.set_xlabel("Collagen stain angle to preset (degrees)", fontsize=_FONT_PT + 1)
-    y_label = "Median collagen OD" if y_col == "collagen_stain_p50_od" else "Mean collagen OD"
+    y_label = ("Collagen level (OD, median of collagen pixels)" if y_col == "collagen_level_od"
+               else "Mean collagen OD")
     ax.set_ylabel(y_label, fontsize=_FONT_PT + 1)
     ax.legend(fontsize=_FONT_PT - 1, frameon=False, loc="best")
     _subtitle(fig, ax, "Stain QC, one point per slide")
@@ -1331,14 +1333,7 @@ def write_report_html(
                      + "".join(f"<li>{_e(str(w))}</li>" for w in warnings) + "</ul></div>")
     parts.append("</section>")
 
-    group_labels = {
-        "n_mice": "n mice", "cpa_mean_percent": "mean CPA %", "cpa_sd": "SD", "cpa_sem": "SEM",
-        "cpa_median": "median", "diff_vs_control_pp": "diff vs control (pp)",
-        "diff_ci_low_pp": "95 % CI low", "diff_ci_high_pp": "95 % CI high",
-        "change_vs_control_percent": "change %", "welch_p": "Welch p",
-        "mannwhitney_p": "Mann–Whitney p", "hedges_g": "Hedges' g", "dunnett_p": "Dunnett p",
-        "holm_welch_p": "Welch p (Holm)",
-    }
+    group_labels = {c.name: c.label for c in schema.GROUPS}
     parts.append('<section id="groups"><h2>Groups</h2>')
     parts.append(_html_table(groups, None, group_labels) if len(groups)
                  else '<p class="note">No group table.</p>')
@@ -1350,31 +1345,25 @@ def write_report_html(
     parts.append('<section id="statistics"><h2>Statistics notes</h2>'
                  + _stats_notes(groups, omnibus, mixed) + "</section>")
 
-    mouse_labels = {"n_slides": "n slides", "tissue_area_mm2": "tissue mm²",
-                    "collagen_area_mm2": "collagen mm²", "cpa_percent": "CPA %",
-                    "cpa_mean_of_slides_percent": "mean of slides %",
-                    "cpa_sd_of_slides": "SD of slides"}
+    mouse_labels = {c.name: c.label for c in schema.MICE}
     parts.append('<section id="mice"><h2>Per-mouse results</h2>'
                  + (_html_table(mice, None, mouse_labels) if len(mice)
                     else '<p class="note">No mice.</p>')
                  + '<p class="note">CPA % is area-weighted over the mouse\'s sections; '
                    "this is the value the group comparison uses.</p></section>")
 
-    slide_cols = ["slide", "mouse", "group", "status", "mpp", "tissue_area_mm2",
-                  "collagen_area_mm2", "cpa_percent", "lumen_area_mm2", "capsule_area_mm2",
-                  "artefact_area_mm2", "bubble_area_mm2", "stain_angle_deg", "stain_warning"]
-    slide_labels = {"tissue_area_mm2": "tissue mm²", "collagen_area_mm2": "collagen mm²",
-                    "cpa_percent": "CPA %", "lumen_area_mm2": "lumen mm²",
-                    "capsule_area_mm2": "capsule mm²", "artefact_area_mm2": "artefact mm²",
-                    "bubble_area_mm2": "bubble mm²",
-                    "stain_angle_deg": "stain angle °", "stain_warning": "stain warning"}
+    slide_cols = [c.name for c in schema.SLIDES
+                  if c.kind in ("id", "status", "measure", "exclusion") and c.name != "error"
+                  or c.name in ("mpp", "stain_angle_deg", "stain_warning", "qc_flags")]
+    slide_cols = schema.ordered([c for c in slide_cols if c in slides.columns], "slides")
+    slide_labels = {c.name: c.label for c in schema.SLIDES}
     parts.append('<section id="slides"><h2>Per-slide results</h2>')
     parts.extend(_figure(u, caption(p), w) for p, u, w in other_plots)
     parts.append("<details open><summary>Table of all slides</summary>"
                  + _html_table(slides, slide_cols, slide_labels)
                  + "</details>"
-                   '<p class="note">Excluded areas (lumen, capsule, artefacts, bubbles) are '
-                   "outside both tissue and collagen area.</p></section>")
+                   '<p class="note">Excluded areas (capsule, lumens, vessel walls, folds, bubbles, '
+                   "unfocused tiles) are outside both tissue and collagen area.</p></section>")
 
     sort_cols = [c for c in ("group", "mouse", "slide") if c in slides.columns]
     ordered = slides.sort_values(sort_cols, key=lambda s: s.map(_text)) if sort_cols else slides

@@ -24,6 +24,7 @@ import pandas as pd
 
 from fibroquant import __version__
 from fibroquant.cohort import aggregate_mice, read_sample_sheet, sheet_without_samples
+from fibroquant import schema
 from fibroquant.config import Settings
 from fibroquant.errors import FibroquantError, SampleSheetError, SlideReadError, one_line
 from fibroquant.tasks import (
@@ -50,15 +51,9 @@ from fibroquant.store import (
 logger = logging.getLogger(__name__)
 
 
-#: First columns of slides.csv, in this order (the output contract); the rest follow.
-SLIDE_COLUMNS = [
-    "slide", "mouse", "group", "status", "error", "mpp", "analysis_mpp",
-    "tissue_area_mm2", "collagen_area_mm2", "cpa_percent", "collagen_od_mean",
-    "capsule_area_mm2", "lumen_area_mm2", "fold_area_mm2", "vessel_wall_area_mm2",
-    "unfocused_area_mm2", "bubble_area_mm2",
-    "stain", "stain_source", "stain_vectors", "stain_angle_deg", "stain_warning",
-    "threshold_method", "threshold_od",
-]
+#: Columns of slides.csv, in this order (the output contract, from :mod:`fibroquant.schema`);
+#: sample-sheet columns follow ``group``, columns the schema does not know come last.
+SLIDE_COLUMNS = [c.name for c in schema.SLIDES if not c.optional]
 _INTERNAL = {"settings_hash", "version"}
 
 
@@ -545,9 +540,7 @@ def build_slides_table(sheet: pd.DataFrame, records: list[dict[str, Any]]) -> pd
         if col not in df.columns:
             df[col] = np.nan
     sheet_cols = [c for c in sheet.columns if c not in SLIDE_COLUMNS]
-    first = SLIDE_COLUMNS[:3] + sheet_cols + SLIDE_COLUMNS[3:]
-    rest = sorted(c for c in df.columns if c not in first)
-    return df[first + rest]
+    return df[schema.ordered(df.columns, "slides", first_extra=sheet_cols)]
 
 
 def write_tables(
@@ -593,9 +586,10 @@ def write_tables(
         mixed, reason = stats.mixed_model_with_reason(slides_df, control=ctrl)
         if mixed is None and reason:
             warnings.append(f"mixed model not fitted: {reason}")
-    atomic_write_csv(out_dir / "slides.csv", slides_df)
-    atomic_write_csv(out_dir / "mice.csv", mice)
-    atomic_write_csv(out_dir / "groups.csv", groups)
+    # rounded for reading; the store and the xlsx keep full precision
+    atomic_write_csv(out_dir / "slides.csv", schema.round_table(slides_df, "slides"))
+    atomic_write_csv(out_dir / "mice.csv", schema.round_table(mice, "mice"))
+    atomic_write_csv(out_dir / "groups.csv", schema.round_table(groups, "groups"))
     atomic_write_text(out_dir / "provenance.json",
                       json.dumps(provenance, indent=2, default=str) + "\n")
     settings_dict = settings.model_dump(mode="json")

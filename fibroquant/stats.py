@@ -41,6 +41,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from fibroquant import schema
+
 __all__ = [
     "GROUP_COLUMNS",
     "compare_groups",
@@ -58,35 +60,7 @@ logger = logging.getLogger(__name__)
 _Z975 = float(sps.norm.ppf(0.975))
 
 #: Columns of the table returned by :func:`compare_groups`, in order.
-GROUP_COLUMNS: tuple[str, ...] = (
-    "group",
-    "is_control",
-    "n_mice",
-    "cpa_mean_percent",
-    "cpa_sd",
-    "cpa_sem",
-    "cpa_median",
-    "cpa_min",
-    "cpa_max",
-    "diff_vs_control_pp",
-    "diff_ci_low_pp",
-    "diff_ci_high_pp",
-    "diff_boot_ci_low_pp",
-    "diff_boot_ci_high_pp",
-    "change_vs_control_percent",
-    "change_ci_low_percent",
-    "change_ci_high_percent",
-    "welch_t",
-    "welch_df",
-    "welch_p",
-    "mannwhitney_u",
-    "mannwhitney_p",
-    "hedges_g",
-    "hedges_g_ci_low",
-    "hedges_g_ci_high",
-    "dunnett_p",
-    "holm_welch_p",
-)
+GROUP_COLUMNS: tuple[str, ...] = tuple(schema.names("groups"))
 
 _COMPARISON_COLUMNS = GROUP_COLUMNS[GROUP_COLUMNS.index("diff_vs_control_pp"):]
 

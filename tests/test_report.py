@@ -43,7 +43,7 @@ NASTY = '<b>&"x"'
 @pytest.fixture
 def slides() -> pd.DataFrame:
     rows = [
-        # slide, mouse, group, status, error, cpa, tissue, angle, p50, warning
+        # slide, mouse, group, status, error, cpa, tissue, angle, collagen level, warning
         ("c1_s1.tif", "C1", "control", "ok", "", 8.1, 20.0, 2.0, 0.55, ""),
         ("c1_s2.tif", "C1", "control", "ok", "", 7.5, 18.0, 3.1, 0.52, ""),
         ("c2_s1.tif", "C2", "control", "ok", "", 9.3, 22.0, 1.5, 0.58, ""),
@@ -56,15 +56,16 @@ def slides() -> pd.DataFrame:
          math.nan, math.nan, ""),
     ]
     cols = ["slide", "mouse", "group", "status", "error", "cpa_percent", "tissue_area_mm2",
-            "stain_angle_deg", "collagen_stain_p50_od", "stain_warning"]
+            "stain_angle_deg", "collagen_level_od", "stain_warning"]
     df = pd.DataFrame(rows, columns=cols)
     df["collagen_area_mm2"] = df["cpa_percent"] * df["tissue_area_mm2"] / 100
     df["mpp"] = 0.46
     df["analysis_mpp"] = 1.84
-    df["collagen_od_mean"] = df["collagen_stain_p50_od"] * 1.1
+    df["collagen_od_mean"] = df["collagen_level_od"] * 1.1
     df["lumen_area_mm2"] = 0.8
     df["capsule_area_mm2"] = 0.3
-    df["artefact_area_mm2"] = 0.0
+    for name in ("fold", "vessel_wall", "unfocused", "bubble"):  # every exclusion column
+        df[f"{name}_area_mm2"] = 0.0
     df["stain"] = "sirius-red"
     df["seconds"] = 12.3
     df["batch"] = "2024-05"  # extra sample-sheet column
@@ -432,6 +433,11 @@ def test_report_html_self_contained_escaped_and_complete(report_path: Path,
     assert "7.90" in text  # CPA with 2 dp
     assert "Mouse is the experimental unit".lower() in text.lower()
     assert "abc123" in text  # provenance
+    from fibroquant import schema
+
+    for col in schema.SLIDES:  # every exclusion column, under its schema label
+        if col.kind == "exclusion":
+            assert f"<th>{html.escape(col.label)}</th>" in text, col.name
     assert [p.name for p in report_path.parent.glob(".report.html*")] == []
 
 
