@@ -434,6 +434,26 @@ def _wrap(label: str, width: int = 16) -> str:
     return "\n".join(textwrap.wrap(label, width=width, break_long_words=True)) or label
 
 
+def p_value_column(groups: pd.DataFrame) -> tuple[str, str]:
+    """The p-value column a study's headline, plot and table use, and the test's name:
+    ``dunnett_p`` (adjusted for the comparisons) when there are more than two groups, else
+    ``welch_p``."""
+    if "dunnett_p" in groups.columns and pd.to_numeric(groups["dunnett_p"],
+                                                       errors="coerce").notna().any():
+        return "dunnett_p", "Dunnett's test (adjusted)"
+    return "welch_p", "Welch's t-test"
+
+
+def _group_problems(groups: pd.DataFrame, control: str | None) -> dict[str, str]:
+    from fibroquant.stats import group_problems
+
+    if "group" not in groups.columns or "n_mice" not in groups.columns:
+        return {}
+    n = {_text(g): int(v) for g, v in zip(groups["group"], pd.to_numeric(
+        groups["n_mice"], errors="coerce").fillna(0), strict=True)}
+    return group_problems(n, control)
+
+
 def plot_groups(
     mice: pd.DataFrame,
     groups: pd.DataFrame,
@@ -441,7 +461,11 @@ def plot_groups(
     *,
     control: str | None,
 ) -> list[Path]:
-    """Per-mouse CPA by group, with mean ± SD and Welch p-values against the control group.
+    """Per-mouse CPA by group, with mean ± SD and p-values against the control group.
+
+    The p-values are the headline's (:func:`p_value_column`): Dunnett-adjusted with more than
+    two groups, else Welch's; a group given no p value by :func:`fibroquant.stats.group_problems`
+    (fewer than 3 mice, a name one edit from another) gets no bracket.
 
     Parameters
     ----------
@@ -449,7 +473,7 @@ def plot_groups(
         ``mice.csv``: needs ``group`` and ``cpa_percent`` (% of tissue area), one row per mouse.
     groups : pandas.DataFrame
         ``groups.csv``: ``group`` and, when present, ``cpa_mean_percent``, ``cpa_sd`` (percent)
-        and ``welch_p``.
+        and ``welch_p`` / ``dunnett_p``.
     out_stem : pathlib.Path
         Output path without suffix; ``.png`` (200 dpi) and ``.svg`` are written.
     control : str or None
@@ -509,14 +533,16 @@ def plot_groups(
 
     span = top if top > 0 else 1.0
     n_brackets = 0
+    p_col, test_name = p_value_column(groups)
+    problems = _group_problems(groups, control)
     if control is not None and control in order:
         x0 = order.index(control)
         step = 0.11 * span
         for i, name in enumerate(order):
             row = group_rows.get(name)
-            if name == control or row is None:
+            if name == control or row is None or name in problems:
                 continue
-            p = _as_float(row.get("welch_p"))
+            p = _as_float(row.get(p_col))
             if not math.isfinite(p):
                 continue
             y = top + step * (0.6 + n_brackets)
@@ -536,7 +562,7 @@ def plot_groups(
     ax.set_ylabel(_Y_LABEL, fontsize=_FONT_PT + 1)
     note = "One point per mouse; bar = mean ± SD"
     if n_brackets:
-        note += "; Welch's t-test vs control"
+        note += f"; {test_name} vs control"
     _subtitle(fig, ax, note)
     return _save_figure(fig, out_stem)
 
@@ -1162,11 +1188,32 @@ def _figure(uri: str, caption: str, width: int | None = None) -> str:
 
 
 _PLOT_CAPTIONS = {
-    "groups": "Per-mouse CPA by group (mean ± SD; p-values from Welch's t-test against control).",
+    "groups": "Per-mouse CPA by group (mean ± SD; p-values of {test} against control).",
     "slides": "CPA of every section, one column per mouse.",
     "stain_qc": "Stain QC: collagen stain angle and intensity per slide; ringed slides have a "
                 "stain warning.",
 }
+
+
+def _omnibus_table(omnibus: Mapping[str, Any]) -> str:
+    """The omnibus tests as one row each: test, statistic, degrees of freedom, p, note."""
+    rows = []
+    for key in ("anova", "welch_anova", "kruskal", "levene"):
+        res = omnibus.get(key)
+        if isinstance(res, Mapping):
+            df = "" if _is_missing(res.get("df_num")) else (
+                f"{_as_float(res['df_num']):.0f}, {_as_float(res.get('df_denom')):.3g}")
+            rows.append({"test": res.get("test", key), "statistic": res.get("statistic"),
+                         "df": df, "p": res.get("p"), "note": res.get("reason", "")})
+    shapiro = omnibus.get("shapiro")
+    if isinstance(shapiro, Mapping):
+        for g, res in shapiro.items():
+            if isinstance(res, Mapping):
+                rows.append({"test": f"Shapiro–Wilk normality, {g}",
+                             "statistic": res.get("statistic"), "df": "", "p": res.get("p"),
+                             "note": res.get("reason", "")})
+    return _html_table(pd.DataFrame(rows), ["test", "statistic", "df", "p", "note"]) if rows \
+        else ""
 
 
 def _stats_notes(groups: pd.DataFrame, omnibus: Mapping[str, Any] | None,
@@ -1197,7 +1244,10 @@ def _stats_notes(groups: pd.DataFrame, omnibus: Mapping[str, Any] | None,
         items.append("<li>Holm-adjusted Welch p-values across the comparisons with control.</li>")
     out = "<ul>" + "".join(items) + "</ul>"
     if omnibus:
-        out += "<h3>Omnibus test</h3>" + _kv_table(omnibus)
+        out += ("<h3>Across all groups</h3>"
+                '<p class="note">One test of whether any group differs; Shapiro–Wilk and '
+                "Levene are reported as checks, they do not choose the test.</p>"
+                + _omnibus_table(omnibus))
     if mixed:
         out += ("<h3>Linear mixed model (random intercept per mouse)</h3>"
                 '<p class="note">Uses every section while counting mice correctly. Its Wald z '
@@ -1292,10 +1342,12 @@ def write_report_html(
     group_plots = [(p, u, w) for p, u, w in plot_uris if p.stem.endswith("groups")]
     other_plots = [(p, u, w) for p, u, w in plot_uris if not p.stem.endswith("groups")]
 
+    p_col, test_name = p_value_column(groups)
+
     def caption(p: Path) -> str:
         for key, text in _PLOT_CAPTIONS.items():
             if p.stem.endswith(key):
-                return text
+                return text.format(test=test_name)
         return p.stem
 
     parts: list[str] = []
@@ -1334,11 +1386,32 @@ def write_report_html(
     parts.append("</section>")
 
     group_labels = {c.name: c.label for c in schema.GROUPS}
+    # the table a reader needs; every column is in groups.csv and the xlsx
+    p_cols = (["dunnett_p", "holm_welch_p"] if p_col == "dunnett_p"
+              else ["welch_p", "mannwhitney_p"])
+    group_cols = ["group", "n_mice", "cpa_mean_percent", "cpa_sd", "cpa_sem", "cpa_median",
+                  "diff_vs_control_pp", "diff_ci_low_pp", "diff_ci_high_pp",
+                  "change_vs_control_percent", *p_cols, "hedges_g"]
+    ctrl_name = next((_text(g) for g, c in zip(groups.get("group", []),
+                                                groups.get("is_control", []), strict=False)
+                      if str(c).lower() in ("true", "1")), None)
+    shown = groups.copy()
+    for g in _group_problems(groups, ctrl_name):  # no p value for these (see the warnings)
+        for c in p_cols:
+            if c in shown.columns:
+                shown.loc[shown["group"].map(_text) == g, c] = math.nan
     parts.append('<section id="groups"><h2>Groups</h2>')
-    parts.append(_html_table(groups, None, group_labels) if len(groups)
+    parts.append(_html_table(shown, group_cols, group_labels) if len(groups)
                  else '<p class="note">No group table.</p>')
     parts.append('<p class="note">CPA in % of tissue area; differences in percentage points (pp); '
-                 "comparisons against the control group (empty on the control row).</p>")
+                 f"comparisons against the control group (empty on the control row); p values of "
+                 f"{_e(test_name)}"
+                 + (", the primary test with more than two groups; Welch p (Holm) is Welch's "
+                    "t-test Holm-adjusted" if p_col == "dunnett_p" else
+                    " and the Mann–Whitney U test, two-sided")
+                 + ". Groups with fewer than 3 mice or a name one edit from another get no p "
+                 "value. Every statistic is in <code>groups.csv</code> and "
+                 "<code>results.xlsx</code>.</p>")
     parts.extend(_figure(u, caption(p), w) for p, u, w in group_plots)
     parts.append("</section>")
 

@@ -458,6 +458,13 @@ def analyze_folder(
                 str(samples is not None), shash, __version__,
             ]).encode()).hexdigest()
             provenance["tables_key"] = tables_key
+            try:  # the console shows them whether or not the tables are rewritten
+                summary.warnings = study_warnings(
+                    slides_df, settings, control=control,
+                    mice=(aggregate_mice(slides_df, extra_columns=extra_cols)
+                          if samples is not None else None))
+            except ValueError:
+                summary.warnings = []
             previous = _previous_tables(out_dir, tables_key)
             if previous is not None and not summary.processed and not removed:
                 summary.comparison = previous  # nothing changed: tables are already current
@@ -543,6 +550,22 @@ def build_slides_table(sheet: pd.DataFrame, records: list[dict[str, Any]]) -> pd
     return df[schema.ordered(df.columns, "slides", first_extra=sheet_cols)]
 
 
+def study_warnings(slides_df: pd.DataFrame, settings: Settings, *,
+                   mice: pd.DataFrame | None = None, control: str | None = None) -> list[str]:
+    """Everything a person should know before trusting the tables, one line each: slides
+    measured differently or identical, each slide's stain warning, and groups the headline gives
+    no p value (:func:`fibroquant.stats.group_warnings`; ``mice`` None: no groups compared)."""
+    from fibroquant import stats
+
+    out = [p for p in (blob_rule_mixed(slides_df, settings), identical_files(slides_df)) if p]
+    if "stain_warning" in slides_df.columns:
+        out += [f"{r.slide}: {r.stain_warning}" for r in slides_df.itertuples()
+                if isinstance(r.stain_warning, str) and r.stain_warning]
+    if mice is not None:
+        out += stats.group_warnings(mice, control)
+    return out
+
+
 def write_tables(
     out_dir: Path,
     slides_df: pd.DataFrame,
@@ -581,10 +604,11 @@ def write_tables(
             )
         else:
             sentence = stats.summary_sentence(groups)
-        if n_groups >= 2:  # with two groups: the normality / equal-variance checks
+        if n_groups > 2:  # an omnibus test only where there is more than one comparison
             omnibus = stats.omnibus_tests(mice)
         mixed, reason = stats.mixed_model_with_reason(slides_df, control=ctrl)
-        if mixed is None and reason:
+        ok = slides_df[slides_df["status"] == "ok"]
+        if mixed is None and reason and (ok.groupby("mouse").size() >= 2).sum() >= 2:
             warnings.append(f"mixed model not fitted: {reason}")
     # rounded for reading; the store and the xlsx keep full precision
     atomic_write_csv(out_dir / "slides.csv", schema.round_table(slides_df, "slides"))
@@ -605,13 +629,11 @@ def write_tables(
     plots += report.plot_stain_qc(slides_df, plots_dir / "stain_qc")
     qc = {s: output_files(out_dir, stem, ("qc",))["qc"]
           for s, stem in output_stems(slides_df["slide"]).items()}
-    for problem in (blob_rule_mixed(slides_df, settings), identical_files(slides_df)):
-        if problem:
+    for problem in study_warnings(slides_df, settings, mice=mice if has_sheet else None,
+                                  control=control):
+        if not problem.startswith(tuple(slides_df["slide"].astype(str) + ":")):
             logger.warning("%s", problem)
-            warnings.append(problem)
-    for r in slides_df.itertuples():
-        if isinstance(r.stain_warning, str) and r.stain_warning:
-            warnings.append(f"{r.slide}: {r.stain_warning}")
+        warnings.append(problem)
     report.write_report_html(
         out_dir / "report.html", title="fibroquant: collagen proportionate area",
         slides=slides_df, mice=mice, groups=groups, omnibus=omnibus, mixed=mixed,
