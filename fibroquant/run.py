@@ -317,7 +317,15 @@ def analyze_folder(
     slides_dir = Path(slides_dir).resolve()
     out_dir = Path(out_dir).resolve()
     samples = Path(samples).resolve() if samples is not None else None
-    files = discover(slides_dir, out_dir)
+    if slides_dir.is_file():  # one image: a study of that slide, in its folder
+        one = slides_dir.resolve()
+        slides_dir = one.parent
+        files = [p for p in discover(slides_dir, out_dir) if p.resolve() == one]
+        if not files:
+            msg = f"{one}: not a slide file (.svs .ndpi .tif .tiff .png .jpg ...)"
+            raise FibroquantError(msg)
+    else:
+        files = discover(slides_dir, out_dir)
     if not files:
         msg = f"{slides_dir}: no slide files found (.svs .ndpi .tif .tiff .png .jpg ...)"
         raise FibroquantError(msg)
@@ -346,6 +354,10 @@ def analyze_folder(
                 settings_json=json.dumps(settings.model_dump(mode="json"), sort_keys=True),
             )
             sheet_mpp = sheet.set_index("slide")["mpp"] if "mpp" in sheet.columns else None
+            # --mpp is remembered per slide: a rerun without it measures the same way
+            remembered = store.remembered_mpp() if mpp is None else {}
+            if mpp is not None:
+                store.remember_mpp((_relative(p, slides_dir) for p in files), mpp)
             previous_slides = store.slide_paths()  # as the last run saw the folder
             stems = output_stems(_relative(p, slides_dir) for p in files)
             keys: dict[str, str] = {}
@@ -368,13 +380,14 @@ def analyze_folder(
                         early_failed.append(rec)
                         keys[rel] = fp
                         continue
+                    fallback = mpp if mpp is not None else remembered.get(rel)
                     if over is not None:
                         fp = f"{fp}-mpp{over:g}"
-                    elif mpp is not None:
-                        fp = f"{fp}-fallbackmpp{mpp:g}"
+                    elif fallback is not None:
+                        fp = f"{fp}-fallbackmpp{fallback:g}"
                     keys[rel] = fp
                     tasks.append(SlideTask(
-                        path=str(p), slide=rel, fingerprint=fp, mpp=over, fallback_mpp=mpp,
+                        path=str(p), slide=rel, fingerprint=fp, mpp=over, fallback_mpp=fallback,
                         settings_json=settings.model_dump_json(), out_dir=str(out_dir),
                         write_masks=masks, stem=stems[rel],
                     ))
