@@ -95,6 +95,8 @@ class SlideAnalysis:
     excluded_mask: np.ndarray
     mask_mpp: float
     thumbnail: np.ndarray = field(repr=False)
+    #: low-resolution class bits (``kernels.FLAG_*``) that tell the QC overlay's exclusions apart
+    flags: np.ndarray | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -789,7 +791,8 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
         "seconds": round(time.perf_counter() - t_start, 3),
         "version": __version__,
     }
-    return SlideAnalysis(record, collagen_m, tissue_m, excluded_m, mask_mpp, qc)
+    return SlideAnalysis(record, collagen_m, tissue_m, excluded_m, mask_mpp, qc,
+                         flags=flags if flags is not None else class_flags(tissue))
 
 
 def _glass_background(

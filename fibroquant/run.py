@@ -631,7 +631,9 @@ def write_tables(
                       json.dumps(provenance, indent=2, default=str) + "\n")
     settings_dict = settings.model_dump(mode="json")
     report.write_xlsx(out_dir / "results.xlsx", slides=slides_df, mice=mice, groups=groups,
-                      settings=settings_dict, provenance=provenance)
+                      settings=settings_dict, provenance=provenance, summary=sentence,
+                      warnings=study_warnings(slides_df, settings, control=control,
+                                              mice=mice if has_sheet else None))
     plots_dir = out_dir / "plots"
     plots_dir.mkdir(exist_ok=True)
     plots: list[Path] = []

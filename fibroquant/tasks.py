@@ -22,7 +22,7 @@ OUTPUT_KINDS = ("qc", "collagen", "tissue", "geojson")
 #: The kinds written only with ``--masks``.
 MASK_KINDS = ("collagen", "tissue", "geojson")
 #: Folder and file-name ending of each kind.
-_OUTPUT_PLACES = {"qc": ("qc", ".png"), "collagen": ("masks", ".collagen.png"),
+_OUTPUT_PLACES = {"qc": ("qc", ".jpg"), "collagen": ("masks", ".collagen.png"),
                   "tissue": ("masks", ".tissue.png"), "geojson": ("geojson", ".geojson")}
 
 

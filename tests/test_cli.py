@@ -34,12 +34,16 @@ def test_analyze_end_to_end(study, tmp_path):
     assert np.allclose(slides["mpp"], 1.5)
     mice = pd.read_csv(out / "mice.csv")
     assert len(mice) == 6
+    assert mice["cpa_percent"].round(2).equals(mice["cpa_percent"])  # rounded for reading
+    # full precision in the xlsx
+    xlsx = pd.read_excel(out / "results.xlsx", sheet_name=None, dtype={"mouse": str})
+    mice, full_slides = xlsx["mice"], xlsx["slides"]
     c1 = mice.set_index("mouse").loc["c1"]
-    s_c1 = slides[slides["mouse"] == "c1"]
+    s_c1 = full_slides[full_slides["mouse"] == "c1"]
     assert c1["n_slides"] == 2
     assert c1["cpa_percent"] == pytest.approx(
         100 * s_c1["collagen_area_mm2"].sum() / s_c1["tissue_area_mm2"].sum())
-    groups = pd.read_csv(out / "groups.csv").set_index("group")
+    groups = xlsx["groups"].set_index("group")
     for col in ["n_mice", "cpa_mean_percent", "cpa_sd", "cpa_sem", "cpa_median",
                 "diff_vs_control_pp", "change_vs_control_percent", "welch_p", "mannwhitney_p",
                 "hedges_g"]:
@@ -53,7 +57,7 @@ def test_analyze_end_to_end(study, tmp_path):
         sps.ttest_ind(trt, ctrl, equal_var=False).pvalue, rel=1e-9)
     assert groups.loc["MSC", "diff_vs_control_pp"] < 0  # less collagen in treated mice
     for stem in ["c1_s1", "c1_s2", "t3_s1"]:
-        assert (out / "qc" / f"{stem}.png").stat().st_size > 0
+        assert (out / "qc" / f"{stem}.jpg").stat().st_size > 0
         for kind in ("collagen", "tissue"):
             m = out / "masks" / f"{stem}.{kind}.png"
             import cv2

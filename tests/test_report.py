@@ -304,11 +304,34 @@ def test_write_xlsx_sheets_and_rows(tmp_path: Path, slides: pd.DataFrame, mice: 
     evil = slides.copy()
     evil.loc[0, "slide"] = "=HYPERLINK(\"x\")"
     path = tmp_path / "results.xlsx"
+    evil.loc[1, "cpa_percent"] = 7.123456789012  # full precision kept
+    many = [{"slide": f"s{i:04d}.svs", "fingerprint": "f" * 64, "size_bytes": 10**9}
+            for i in range(400)]  # a large study: its inputs' JSON is over Excel's cell limit
+    path = tmp_path / "results.xlsx"
     write_xlsx(path, slides=evil, mice=mice, groups=groups, settings=SETTINGS,
-               provenance=PROVENANCE)
+               provenance={**PROVENANCE, "inputs": many}, summary="MSC lower.",
+               warnings=["group 'MCS': 1 mouse"])
     wb = openpyxl.load_workbook(path)
-    assert wb.sheetnames == ["slides", "mice", "groups", "settings", "provenance"]
+    assert wb.sheetnames == ["summary", "slides", "mice", "groups", "settings", "provenance",
+                             "inputs", "columns"]
     assert wb["slides"]["A2"].data_type == "s"  # not a formula
+    ws = wb["slides"]
+    assert ws.freeze_panes == "A2"
+    assert ws.auto_filter.ref == f"A1:{openpyxl.utils.get_column_letter(ws.max_column)}10"
+    header = [c.value for c in ws[1]]
+    cpa = ws.cell(row=3, column=header.index("cpa_percent") + 1)
+    assert cpa.value == 7.123456789012
+    assert cpa.number_format == "0.00"
+    assert "collagen area / tissue area" in ws.cell(row=1, column=header.index("cpa_percent")
+                                                    + 1).comment.text
+    summary = dict(zip(*zip(*[(r[0].value, r[1].value) for r in wb["summary"].iter_rows(
+        min_row=2)], strict=True), strict=True))
+    assert summary["comparison"] == "MSC lower."
+    assert summary["warning 1"] == "group 'MCS': 1 mouse"
+    assert summary["slides failed"] == 1
+    assert wb["inputs"].max_row == 401
+    assert max(len(str(c.value or "")) for row in wb["provenance"].iter_rows() for c in row) \
+        < 32767
 
     sheets = pd.read_excel(path, sheet_name=None)
     assert len(sheets["slides"]) == len(slides)
@@ -325,6 +348,8 @@ def test_write_xlsx_sheets_and_rows(tmp_path: Path, slides: pd.DataFrame, mice: 
     prov = dict(zip(sheets["provenance"]["key"], sheets["provenance"]["value"], strict=True))
     assert prov["packages.numpy"] == 2.4 or str(prov["packages.numpy"]) == "2.4"
     assert len(sheets["provenance"]) == 5
+    columns = sheets["columns"]
+    assert set(columns["column"]) >= {"cpa_percent", "fold_area_mm2", "dunnett_p"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -483,4 +508,50 @@ def test_report_html_with_empty_tables(tmp_path: Path) -> None:
     assert "No measured slides" in text
     write_xlsx(tmp_path / "empty.xlsx", slides=empty, mice=empty, groups=empty, settings={},
                provenance={})
-    assert openpyxl.load_workbook(tmp_path / "empty.xlsx").sheetnames[0] == "slides"
+    assert openpyxl.load_workbook(tmp_path / "empty.xlsx").sheetnames[:2] == ["summary", "slides"]
+
+
+def test_write_qc_fills_collagen_colours_each_exclusion_and_adds_legend(tmp_path: Path) -> None:
+    """Collagen filled in a colour against the stain, each exclusion its own colour, a band
+    with name, legend and scale bar below the image; a JPEG."""
+    from types import SimpleNamespace
+
+    from fibroquant import kernels
+    from fibroquant.report import COLLAGEN_FILL_ON_RED_RGB, EXCLUSION_COLOURS, write_qc
+
+    h, w = 200, 300
+    thumb = np.full((h, w, 3), 240, np.uint8)
+    tissue = np.zeros((h, w), bool)
+    tissue[20:180, 20:280] = True
+    collagen = np.zeros((h, w), bool)
+    collagen[60:80, 40:260] = True
+    thumb[collagen] = (200, 30, 60)  # Sirius-red collagen
+    thumb[tissue & ~collagen] = (235, 190, 120)
+    excluded = np.zeros((h, w), bool)
+    excluded[120:160, 40:100] = True  # a lumen
+    excluded[120:160, 200:260] = True  # an unfocused tile (no class bit)
+    flags = np.zeros((h // 4, w // 4), np.uint8)  # low resolution, as the pipeline keeps it
+    flags[30:40, 10:25] = kernels.FLAG_LUMEN
+    analysis = SimpleNamespace(thumbnail=thumb, collagen_mask=collagen,
+                               tissue_mask=tissue & ~excluded, excluded_mask=excluded,
+                               mask_mpp=2.0, flags=flags)
+    path = tmp_path / "qc" / "s1.jpg"
+    write_qc(path, analysis, title="s1.svs")
+    assert path.read_bytes()[:3] == b"\xff\xd8\xff"  # JPEG
+    img = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB).astype(int)
+    assert img.shape[1] == w
+    assert img.shape[0] > h + 20  # the legend band
+
+    def near(px: np.ndarray, rgb: tuple[int, int, int], tol: float) -> bool:
+        return bool(np.abs(px - np.array(rgb)).max() <= tol)
+
+    fill = 0.4 * np.array([200, 30, 60]) + 0.6 * np.array(COLLAGEN_FILL_ON_RED_RGB)
+    assert near(img[70, 150], tuple(fill), 12)
+    base = 0.3 * np.array([235, 190, 120])
+    lumen = base + 0.7 * np.array(EXCLUSION_COLOURS["lumen"])
+    assert near(img[140, 70], tuple(lumen), 12)
+    unfocused = base + 0.7 * np.array(EXCLUSION_COLOURS["unfocused"])
+    assert near(img[140, 230], tuple(unfocused), 12)
+    assert near(img[100, 150], (235, 190, 120), 12)  # parenchyma untouched
+    band = img[h:]
+    assert (band < 80).all(axis=2).sum() > 200  # text and the scale bar drawn in black
