@@ -1275,6 +1275,23 @@ def largest_first(tasks: list[SlideTask]) -> list[SlideTask]:
     return [tasks[i] for i in order]
 
 
+def _package_on_worker_path() -> None:
+    """Append the folder this fibroquant was imported from to ``PYTHONPATH`` (for the
+    forkserver and its workers).
+
+    The forkserver starts as ``python -c``, so the working folder comes first on its path, and
+    on Python < 3.12 it does not take the parent's path. An editable install is found by a
+    finder that runs after the path is searched, so a ``fibroquant/`` folder in the working
+    folder (the clone, seen from one level above) was imported instead, as an empty namespace
+    package, and every worker failed (issue 23). A regular package anywhere on the path wins
+    over a namespace folder, so appending the real one is enough.
+    """
+    root = str(Path(__file__).resolve().parents[1])
+    current = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if root not in current:
+        os.environ["PYTHONPATH"] = os.pathsep.join([*current, root])
+
+
 def _worker_context(mp: Any) -> Any:
     """The start method of local worker processes: ``forkserver`` where there is one (POSIX;
     Python's own default from 3.14 on Linux), with fibroquant's modules imported once in the
@@ -1288,6 +1305,7 @@ def _worker_context(mp: Any) -> Any:
     """
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
+    _package_on_worker_path()
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["fibroquant.pipeline", "fibroquant.report"])
     return ctx

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -360,3 +361,33 @@ def test_progress_bar_leaves_stdout_alone(study, tmp_path, monkeypatch):
     res = runner.invoke(app, ["analyze", str(study), "--out", str(tmp_path / "o")])
     assert res.exit_code == 2
     assert not isinstance(seen["stdout"], FileProxy)
+
+
+@pytest.mark.slow
+def test_workers_start_when_the_working_folder_holds_a_fibroquant_folder(tmp_path):
+    """Issue 23: run from one level above the clone (a `fibroquant/` folder in the working
+    folder), with the package found by a finder that is not on PYTHONPATH (as an editable
+    install is), every forkserver worker imported the empty folder and failed."""
+    import subprocess
+    import sys
+
+    import cv2
+
+    from fibroquant.synthetic import SectionParams, make_section
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for i in range(2):
+        rgb, _ = make_section(SectionParams(shape=(256, 256), mpp=1.0), rng=i)
+        cv2.imwrite(str(slides / f"s{i}.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    (tmp_path / "fibroquant" / "fibroquant").mkdir(parents=True)  # the clone, seen from above
+    repo = Path(__file__).resolve().parents[1]
+    code = (f"import sys; sys.path.insert(0, {str(repo)!r}); from fibroquant.cli import run; "
+            "sys.argv = ['fibroquant', '-q', 'analyze', 'slides', '--out', 'out', '--mpp', "
+            "'1.0', '--workers', '2']; run()")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600, check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+    table = pd.read_csv(tmp_path / "out" / "slides.csv")
+    assert (table["status"] == "ok").all(), table["error"].tolist()
