@@ -260,7 +260,7 @@ def _float(value: Any) -> float:
 
 def _run_json(summary: Any, out_dir: Path, files: dict[str, str]) -> dict[str, Any]:
     """What ``analyze --json`` prints: the run's counts, comparison, warnings, failed slides,
-    output files and the group table (full precision, from the run just written)."""
+    output files and the group table as in ``groups.csv``."""
     import pandas as pd
 
     groups: list[dict[str, Any]] = []

@@ -497,6 +497,7 @@ def analyze_folder(
                 "comparison": summary.comparison,
                 "failed_slides": [{"slide": s, "error": e} for s, e in summary.failed_slides],
                 "renamed": [{"from": a, "to": b} for a, b in summary.renamed],
+                "warnings": summary.warnings,
             }
             atomic_write_text(out_dir / "run.json", json.dumps(run_json, indent=2) + "\n")
             store.finish_run(
@@ -646,9 +647,7 @@ def write_tables(
           for s, stem in output_stems(slides_df["slide"]).items()}
     for problem in study_warnings(slides_df, settings, mice=mice if has_sheet else None,
                                   control=control):
-        if not problem.startswith(tuple(slides_df["slide"].astype(str) + ":")):
-            logger.warning("%s", problem)
-        warnings.append(problem)
+        warnings.append(problem)  # the console shows RunSummary.warnings
     report.write_report_html(
         out_dir / "report.html", title="fibroquant: collagen proportionate area",
         slides=slides_df, mice=mice, groups=groups, omnibus=omnibus, mixed=mixed,
