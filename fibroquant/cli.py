@@ -2,7 +2,8 @@
 
 Exit codes: 0 every slide ok; 1 some slides failed (all tables still written); 2 a usage,
 configuration or sample-sheet error (nothing measured); 3 the output folder is in use by another
-run (use ``--wait``); 130 interrupted (slides finished so far are kept).
+run (use ``--wait``); 4 an internal error or an output that cannot be written (the tables may be
+stale); 130 interrupted by Ctrl-C, 143 by SIGTERM (slides finished so far are kept).
 """
 
 from __future__ import annotations
@@ -20,7 +21,16 @@ import typer.core
 
 from fibroquant import __version__
 from fibroquant.console import err, note, out, setup_logging, warn
-from fibroquant.errors import ConfigError, FibroquantError, SampleSheetError, StoreLockedError
+from fibroquant.errors import (
+    ConfigError,
+    FibroquantError,
+    SampleSheetError,
+    StoreError,
+    StoreLockedError,
+    interrupt_exit_code,
+    one_line,
+    sigterm_as_interrupt,
+)
 
 
 def _plain_flags(params: list[Any]) -> list[Any]:
@@ -89,10 +99,13 @@ def main(
         quiet_warnings()
 
 
-def _settings(config: Path | None, stain: StainChoice | None, analysis_mpp: float | None):
+def _settings(config: Path | None, stain: StainChoice | None, analysis_mpp: float | None,
+              traits: bool | None = None):
     from fibroquant.config import load_settings
 
     overrides: dict[str, Any] = {}
+    if traits is False:  # --no-traits; --traits keeps the config's choice
+        overrides["traits"] = {"enabled": False}
     if stain is not None:
         overrides.setdefault("stains", {})["stain"] = stain.value
     if analysis_mpp is not None:
@@ -157,7 +170,8 @@ def _analyze(
     slides_dir: Path, out_dir: Path, *, samples: Path | None, stain: StainChoice | None,
     config: Path | None, mpp: float | None, analysis_mpp: float | None, masks: bool,
     workers: int | None, scheduler: str | None, force: bool, wait: bool, control: str | None,
-    quiet: bool = False, command: str | None = None, as_json: bool = False,
+    quiet: bool = False, command: str | None = None, traits: bool = True,
+    as_json: bool = False,
 ) -> int:
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -173,7 +187,7 @@ def _analyze(
             "workers": workers, "scheduler": scheduler, "control": control, "force": force,
             "wait": wait})
     try:
-        settings = _settings(config, stain, analysis_mpp)
+        settings = _settings(config, stain, analysis_mpp, traits)
     except ConfigError as exc:
         raise _fail(str(exc), 2) from None
     if scheduler is not None:
@@ -206,7 +220,7 @@ def _analyze(
             progress.update(task_id, advance=1, description=rec.get("slide", ""))
 
     try:
-        with progress:
+        with sigterm_as_interrupt(), progress:
             summary = analyze_folder(
                 slides_dir, out_dir, settings, samples=samples, control=control, mpp=mpp,
                 workers=n_workers, scheduler=scheduler, force=force, wait=wait, masks=masks,
@@ -214,13 +228,19 @@ def _analyze(
             )
     except StoreLockedError as exc:
         raise _fail(str(exc), 3) from None
-    except KeyboardInterrupt:  # while planning (measuring is interrupted inside the run)
-        err.print("interrupted before measuring: nothing was lost; rerun to continue")
-        return 130
+    except KeyboardInterrupt as exc:  # while planning or writing the tables
+        err.print("interrupted: slides finished so far are stored; rerun to continue")
+        return interrupt_exit_code(exc)
     except (SampleSheetError, ConfigError) as exc:
         raise _fail(str(exc), 2) from None
+    except StoreError as exc:  # the store or an output cannot be written
+        raise _fail(f"{exc} (the tables may be stale; rerun when fixed)", 4) from None
     except FibroquantError as exc:
         raise _fail(str(exc), 2) from None
+    except Exception as exc:  # a bug: one line (details with -v), exit 4
+        logging.getLogger(__name__).debug("internal error", exc_info=True)
+        raise _fail(f"internal error: {type(exc).__name__}: {one_line(exc)} (the tables may "
+                    "be stale; rerun with -v for details)", 4) from None
     n_warn = len(summary.warnings)
     if not quiet:
         note(f"measured {summary.processed - summary.failed}, failed {summary.failed}, "
@@ -231,6 +251,9 @@ def _analyze(
     for slide, error in summary.failed_slides:
         if not any(error in line for line in failed_lines):
             err.print(f"[yellow]failed: {escape(error or slide)}[/]", markup=True)
+    for slide in summary.crashed:
+        warn(f"not measured again: {slide} (it crashed its worker process in earlier runs; "
+             "--force to retry)")
     for line in summary.warnings:
         warn(line)
     if summary.interrupted:
@@ -303,7 +326,7 @@ def analyze(
     config: Annotated[Path | None, typer.Option(
         exists=True, dir_okay=False, readable=True, help="YAML settings file.")] = None,
     mpp: Annotated[float | None, typer.Option(
-        min=0.01, max=100.0, help="µm per pixel for slides whose files lack it.")] = None,
+        min=0.05, max=50.0, help="µm per pixel for slides whose files lack it.")] = None,
     analysis_mpp: Annotated[float | None, typer.Option(
         min=0.05, max=10.0, help="Analysis resolution in µm per pixel (native when unset; "
         "septa need <= 2, fine fibres <= 1).")]
@@ -319,6 +342,9 @@ def analyze(
     force: Annotated[bool, typer.Option("--force", help="Re-measure every slide.")] = False,
     wait: Annotated[bool, typer.Option(
         "--wait", help="Wait for another run using OUT instead of exiting.")] = False,
+    traits: Annotated[bool, typer.Option(
+        "--traits/--no-traits", help="Measure fibre traits and compartments (on by default; "
+        "--no-traits saves their time).")] = True,
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
@@ -329,7 +355,7 @@ def analyze(
     code = _analyze(
         slides_dir, out, samples=samples, stain=stain, config=config, mpp=mpp,
         analysis_mpp=analysis_mpp, masks=masks, workers=workers, scheduler=scheduler,
-        force=force, wait=wait, control=control, quiet=quiet, as_json=as_json,
+        force=force, wait=wait, control=control, traits=traits, quiet=quiet, as_json=as_json,
     )
     raise typer.Exit(code=code)
 
@@ -379,7 +405,7 @@ def demo(
 
 @app.command()
 def inspect(
-    slide: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True,
+    slide: Annotated[Path, typer.Argument(exists=True, dir_okay=True, readable=True,
                                           help="A slide or image file.")],
     mpp: Annotated[float | None, typer.Option(min=0.01, help="µm per pixel override.")] = None,
     stain: Annotated[StainChoice | None, typer.Option(help="Expected stain.")] = None,

@@ -25,6 +25,7 @@ import pandas as pd
 
 from fibroquant import schema
 from fibroquant.errors import SampleSheetError
+from fibroquant.traits import TRAIT_COLUMNS
 
 __all__ = ["MICE_COLUMNS", "RECORD_COLUMNS", "RESERVED_COLUMNS", "aggregate_mice",
            "read_sample_sheet", "sheet_without_samples"]
@@ -568,4 +569,8 @@ def aggregate_mice(
     mice["n_failed_slides"] = mice["n_failed_slides"].astype(int)
     for col in columns[3:8]:
         mice[col] = mice[col].astype(float)
+    if any(c in data.columns for c in TRAIT_COLUMNS):  # fibre traits, pooled per mouse
+        from fibroquant.traits import mouse_traits
+
+        mice = mice.merge(mouse_traits(data.loc[ok]), on="mouse", how="left")
     return mice

@@ -12,7 +12,7 @@ import hashlib
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -32,7 +32,8 @@ class Stain(str, Enum):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # NaN and infinity are refused as numbers ("should be a finite number"), not compared
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class TissueSettings(_Model):
@@ -42,7 +43,7 @@ class TissueSettings(_Model):
         None, gt=0, description="µm/px of the tissue-detection image; None = automatic"
     )
     max_thumbnail_mpx: float = Field(
-        4.0, gt=0, description="largest tissue-detection image, megapixels"
+        4.0, gt=0, le=256, description="largest tissue-detection image, megapixels"
     )
     glass_od: float | None = Field(
         None, gt=0, description="summed optical density above which a pixel is tissue; None = Otsu"
@@ -158,8 +159,11 @@ class StainSettings(_Model):
     sample_pixels: int = Field(
         150_000, gt=1000, description="tissue pixels sampled to calibrate a slide"
     )
-    background_rgb: tuple[float, float, float] | None = Field(
-        None, description="glass intensity (R, G, B); None = estimated per slide"
+    background_rgb: tuple[
+        Annotated[float, Field(gt=0, le=255)], Annotated[float, Field(gt=0, le=255)],
+        Annotated[float, Field(gt=0, le=255)],
+    ] | None = Field(
+        None, description="glass intensity (R, G, B), each in (0, 255]; None = estimated per slide"
     )
     vectors: dict[str, tuple[float, float, float]] | None = Field(
         None, description="explicit study vectors by stain name (written by `fibroquant stains`)"
@@ -261,9 +265,35 @@ class TilingSettings(_Model):
     tile_px: int = Field(1024, ge=128, le=8192, description="tile edge at analysis resolution")
     halo_px: int = Field(16, ge=0, le=256, description="overlap read around each tile")
     mask_max_mpx: float = Field(
-        64.0, gt=0, description="largest mask/overlay written; coarser above it, megapixels"
+        64.0, gt=0, le=1024, description="largest mask/overlay written; coarser above it, megapixels"
     )
-    qc_max_px: int = Field(2000, ge=100, description="longest side of QC overlays, px")
+    qc_max_px: int = Field(2000, ge=100, le=20000, description="longest side of QC overlays, px")
+
+
+class TraitSettings(_Model):
+    """Fibre architecture traits (:mod:`fibroquant.traits`); ``traits: false`` turns them off."""
+
+    enabled: bool = Field(True, description="measure fibre traits and compartments")
+    mpp: float = Field(
+        1.0, gt=0, le=10,
+        description="µm/px the traits are measured at (the collagen mask is majority-reduced "
+        "to it; never finer than the mask); finer resolves thin fibres better but costs more",
+    )
+    thin_um: float = Field(3.0, gt=0, description="fibres thinner than this are thin (pericellular)")
+    thick_um: float = Field(10.0, gt=0, description="fibres thicker than this are thick (septal)")
+    ring_um: float = Field(50.0, ge=0, description="perivascular ring width around lumens")
+    septum_min_width_um: float = Field(
+        4.0, gt=0, description="local width of septal collagen (narrower is pericellular)")
+    septum_min_length_um: float = Field(
+        300.0, gt=0, description="skeleton length of wide fibre making an object septal "
+        "without bridging two vessels (about a lobule's radius)")
+    aggregate_um2: float = Field(5000.0, gt=0, description="objects above this are aggregated")
+    tile_px: int = Field(1024, ge=64, le=8192, description="trait tile edge at the trait mpp")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_bool(cls, data: Any) -> Any:
+        return {"enabled": data} if isinstance(data, bool) else data
 
 
 class Settings(_Model):
@@ -273,6 +303,7 @@ class Settings(_Model):
     stains: StainSettings = StainSettings()
     collagen: CollagenSettings = CollagenSettings()
     tiling: TilingSettings = TilingSettings()
+    traits: TraitSettings = TraitSettings()
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -298,6 +329,9 @@ class Settings(_Model):
         data = self.model_dump(mode="json")
         for key in ("tile_px", "halo_px", "mask_max_mpx", "qc_max_px"):
             data["tiling"].pop(key)
+        data["traits"].pop("tile_px")
+        if not data["traits"]["enabled"]:  # no trait measured: hashes as before traits existed
+            data.pop("traits")
         if data["tiling"]["analysis_mpp"] is None:  # native resolution: no level is chosen
             data["tiling"].pop("read_oversample")
         data["algorithm_version"] = ALGORITHM_VERSION
@@ -367,6 +401,21 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader refusing a key given twice in one mapping (YAML would silently
+    keep the second)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_settings(
     path: Path | None = None, overrides: dict[str, Any] | None = None
 ) -> Settings:
@@ -393,9 +442,16 @@ def load_settings(
     if path is not None:
         source = str(path)
         try:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+            loaded = yaml.load(Path(path).read_text(encoding="utf-8"),
+                               Loader=_UniqueKeyLoader)
         except FileNotFoundError:
             msg = f"{path}: config file not found"
+            raise ConfigError(msg) from None
+        except yaml.MarkedYAMLError as exc:  # where: line and column, 1-based
+            mark = exc.problem_mark or exc.context_mark
+            where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+            what = exc.problem or exc.context or "malformed YAML"
+            msg = f"{path}{where}: not a readable YAML file ({what})"
             raise ConfigError(msg) from None
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

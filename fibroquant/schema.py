@@ -27,7 +27,7 @@ __all__ = [
 ]
 
 Kind = Literal["id", "sheet", "status", "measure", "exclusion", "stain", "threshold", "qc",
-               "read", "stat", "p", "count", "bookkeeping"]
+               "read", "stat", "p", "count", "bookkeeping", "trait"]
 Source = Literal["sheet", "record", "store", "derived"]
 
 
@@ -252,6 +252,35 @@ GROUPS: tuple[Column, ...] = (
     _c("holm_welch_p", "", "Welch p (Holm)",
        "Welch p, Holm-adjusted over the comparisons (more than two groups)", "p", **_P, **_G),
 )
+
+def _trait_unit(name: str) -> tuple[str, dict[str, int]]:
+    """Unit and display precision of a fibre-trait column, from its name."""
+    for suffix, unit in (("_mm_per_mm2", "mm/mm²"), ("_per_mm2", "/mm²"), ("_area_mm2", "mm²"),
+                         ("_percent", "%"), ("_um", "µm"), ("_mpp", "µm/px")):
+        if name.endswith(suffix):
+            return unit, ({"decimals": 2} if unit == "%" else {"sig": 4})
+    if name.endswith("_vessels"):
+        return "", {"decimals": 0}
+    return "", {"sig": 4}
+
+
+def _trait_columns(source: Source, **kw: object) -> tuple[Column, ...]:
+    """Fibre-architecture columns (:data:`fibroquant.traits.TRAIT_COLUMNS`): per slide, and
+    pooled per mouse; absent with ``--no-traits``."""
+    from fibroquant.traits import TRAIT_COLUMNS
+
+    out = []
+    for name, description in TRAIT_COLUMNS.items():
+        unit, precision = _trait_unit(name)
+        label = name.replace("_percent", " %").replace("_um", " µm").replace("_", " ")
+        out.append(Column(name=name, unit=unit, description=description, kind="trait",
+                          label=label, optional=True, source=source,
+                          **precision, **kw))  # type: ignore[arg-type]
+    return tuple(out)
+
+
+SLIDES = SLIDES + _trait_columns("record")
+MICE = MICE + tuple(c for c in _trait_columns("derived", to_mice=True) if c.name != "traits_mpp")
 
 TABLES: dict[str, tuple[Column, ...]] = {"slides": SLIDES, "mice": MICE, "groups": GROUPS}
 
