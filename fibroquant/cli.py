@@ -174,7 +174,13 @@ def _analyze(
     as_json: bool = False,
 ) -> int:
     from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     from fibroquant.console import is_quiet
     from fibroquant.run import analyze_folder

@@ -151,7 +151,7 @@ def compare(
         report.plot_groups(mice, groups, save / "cpa_groups", control=ctrl)
         record = {"source": str(out_dir.resolve()), "by": by, "control": ctrl,
                   "where": list(where or []), "comparison": sentence,
-                  "n_slides": int(len(slides)), "n_mice": int(len(mice))}
+                  "n_slides": len(slides), "n_mice": len(mice)}
         atomic_write_text(save / "compare.json", json.dumps(record, indent=2) + "\n")
         err.print(f"written: {save / 'mice.csv'}, {save / 'groups.csv'}, "
                   f"{save / 'cpa_groups.png'}, {save / 'compare.json'} (the filter)")

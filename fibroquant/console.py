@@ -9,7 +9,7 @@ the progress bar is off. Logging goes to ``err`` in the same form.
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from rich.console import Console
@@ -25,7 +25,7 @@ NOISY_LOGGERS = ("matplotlib", "PIL", "numba", "fontTools", "asyncio", "distribu
 class _Console(Console):
     """A console that, when not a terminal, never wraps and timestamps each printed line."""
 
-    def print(self, *objects: Any, **kwargs: Any) -> None:  # noqa: D102 - as Console.print
+    def print(self, *objects: Any, **kwargs: Any) -> None:
         if not self.is_terminal:
             kwargs["soft_wrap"] = True
             if objects and isinstance(objects[0], str):
@@ -34,7 +34,7 @@ class _Console(Console):
 
 
 def _stamp() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ ")
 
 
 err: Console = _Console(stderr=True, highlight=False)

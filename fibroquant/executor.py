@@ -407,15 +407,10 @@ def _package_on_worker_path() -> None:
 
 
 def _worker_context(mp: Any) -> Any:
-    """The start method of local worker processes: ``forkserver`` where there is one (POSIX;
-    Python's own default from 3.14 on Linux), with fibroquant's modules imported once in the
-    server, so each worker starts without re-importing them (~0.5 s each: eight 8k² slides
-    on two workers 7.1-7.2 -> 6.2-6.5 s); ``spawn`` elsewhere. Never plain ``fork``: the
-    parent may be running threads (progress display, tile threads).
-
-    The preload only imports: it must not start threads, since the server forks every worker
-    (an analysis of a small section run there, to load the numba kernels once, left OpenCV's
-    and the kernel warm-up's threads behind, and the forked workers hung).
+    """The start method of local worker processes: ``forkserver`` with fibroquant's modules
+    imported once in the server (the preload only imports, never starts threads), ``spawn``
+    where there is no forkserver; never plain ``fork`` (the parent runs threads). Why:
+    docs/decisions.md#worker-context
     """
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")

@@ -404,6 +404,40 @@ def _panel_font(size: int) -> Any:
         return ImageFont.load_default(size=size)
 
 
+def _band_geometry(width: int) -> tuple[int, int, int]:
+    """Font size, padding and height (px) of the band :func:`qc_panel` adds below an overlay
+    ``width`` pixels wide."""
+    size = max(12, round(width / 70))
+    pad = size // 2
+    return size, pad, 2 * (size + pad) + pad
+
+
+def qc_picture_height(height: int, width: int) -> int:
+    """Rows of a QC overlay JPEG (``height`` × ``width``) above its legend band."""
+    return height - _band_geometry(width)[2]
+
+
+def retitle_qc(path: Path, title: str) -> None:
+    """Write another slide name under a QC overlay (a renamed slide keeps its overlay), in
+    place and atomically; the picture and the legend stay as they were."""
+    from PIL import Image, ImageDraw
+
+    data = np.fromfile(str(path), dtype=np.uint8)
+    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    if bgr is None:
+        msg = f"{path}: not a readable QC overlay"
+        raise FibroquantError(msg)
+    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    height, width = rgb.shape[:2]
+    size, pad, _ = _band_geometry(width)
+    top = qc_picture_height(height, width)
+    canvas = Image.fromarray(rgb)
+    draw = ImageDraw.Draw(canvas)
+    draw.rectangle([0, top, int(width * 0.6), top + size + pad], fill=(255, 255, 255))
+    draw.text((pad, top + pad), title, fill=(0, 0, 0), font=_panel_font(size))
+    write_jpeg(path, np.asarray(canvas))
+
+
 def qc_panel(overlay: np.ndarray, *, title: str, mpp: float,
              collagen_rgb: tuple[int, int, int], exclusions: Sequence[str]) -> np.ndarray:
     """The overlay with a white band below it: the slide name, a legend of the colours shown
@@ -417,13 +451,11 @@ def qc_panel(overlay: np.ndarray, *, title: str, mpp: float,
     from PIL import Image, ImageDraw
 
     h, w = overlay.shape[:2]
-    size = max(12, round(w / 70))
+    size, pad, band = _band_geometry(w)
     font = _panel_font(size)
-    pad = size // 2
     items = [("collagen", collagen_rgb), ("tissue outline", TISSUE_OUTLINE_RGB)]
     items += [(name, EXCLUSION_COLOURS.get(name, EXCLUSION_COLOURS["unfocused"]))
               for name in exclusions]
-    band = 2 * (size + pad) + pad
     canvas = Image.new("RGB", (w, h + band), (255, 255, 255))
     canvas.paste(Image.fromarray(overlay), (0, 0))
     draw = ImageDraw.Draw(canvas)

@@ -316,7 +316,8 @@ def test_ctrl_c_while_planning_is_a_clean_exit_130(study, tmp_path, monkeypatch)
     monkeypatch.setattr(run, "analyze_folder", interrupted)
     res = runner.invoke(app, ["analyze", str(study), "--out", str(tmp_path / "o")])
     assert res.exit_code == 130
-    assert "interrupted before measuring" in res.output and "Traceback" not in res.output
+    assert "interrupted: slides finished so far are stored" in res.output
+    assert "Traceback" not in res.output
 
 
 def test_progress_bar_on_a_terminal(study, tmp_path, monkeypatch):
@@ -326,8 +327,12 @@ def test_progress_bar_on_a_terminal(study, tmp_path, monkeypatch):
 
     from fibroquant import cli
 
+    from fibroquant import console
+
     buf = io.StringIO()
-    monkeypatch.setattr(cli, "err", Console(file=buf, force_terminal=True, width=120))
+    terminal = Console(file=buf, force_terminal=True, width=120)
+    monkeypatch.setattr(cli, "err", terminal)  # the progress bar's console
+    monkeypatch.setattr(console, "err", terminal)  # progress and warning lines
     res = _analyze(study, tmp_path / "o")
     assert res.exit_code == 0, res.output
     import re

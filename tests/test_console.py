@@ -98,7 +98,7 @@ def test_readme_cron_line_works_in_crons_environment(tmp_path: Path) -> None:
     """The README's cron line, run as cron runs it (sh, a near-empty environment, PATH
     /usr/bin:/bin), with results/ not there yet."""
     text = (REPO / "README.md").read_text(encoding="utf-8")
-    block = re.search(r"```cron\n(.*?)```", text, re.S)
+    block = re.search(r"```cron\n(.*?)```", text, re.DOTALL)
     assert block is not None
     line = next(x for x in block.group(1).splitlines() if x and not x.startswith("#"))
     command = line.split(None, 5)[5]  # after the five time fields
@@ -127,3 +127,34 @@ def test_readme_cron_line_works_in_crons_environment(tmp_path: Path) -> None:
     log = (study / "results" / "cron.log").read_text()
     assert "CPA in MSC was" in log
     assert (study / "results" / "slides.csv").is_file()
+
+
+def test_mpp_is_remembered_per_slide_for_a_rerun_without_it(tmp_path: Path) -> None:
+    """Issue 23: a cron rerun without --mpp failed the good rows of files without µm/px."""
+    import cv2
+
+    from fibroquant.synthetic import SectionParams, make_section
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    rgb, _ = make_section(SectionParams(shape=(256, 256), mpp=1.0), rng=3)
+    cv2.imwrite(str(slides / "a.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))  # no µm/px
+    out = tmp_path / "out"
+    runner = CliRunner()
+    first = runner.invoke(app, ["analyze", str(slides), "--out", str(out), "--mpp", "1.0",
+                                "--workers", "1", "--json"])
+    assert first.exit_code == 0, first.output
+    again = runner.invoke(app, ["analyze", str(slides), "--out", str(out), "--workers", "1",
+                                "--json"])
+    assert again.exit_code == 0, again.output
+    data = json.loads(again.stdout)
+    assert (data["processed"], data["skipped"], data["failed"]) == (0, 1, 0)
+    assert pd.read_csv(out / "slides.csv")["mpp"].tolist() == [1.0]
+    # a new file without µm/px still needs --mpp: nothing is guessed for it
+    cv2.imwrite(str(slides / "b.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    third = runner.invoke(app, ["analyze", str(slides), "--out", str(out), "--workers", "1",
+                                "--json"])
+    table = pd.read_csv(out / "slides.csv").set_index("slide")
+    assert third.exit_code == 1
+    assert table.loc["a.png", "status"] == "ok"
+    assert table.loc["b.png", "status"] == "failed"

@@ -555,3 +555,28 @@ def test_write_qc_fills_collagen_colours_each_exclusion_and_adds_legend(tmp_path
     assert near(img[100, 150], (235, 190, 120), 12)  # parenchyma untouched
     band = img[h:]
     assert (band < 80).all(axis=2).sum() > 200  # text and the scale bar drawn in black
+
+
+def test_retitle_qc_redraws_only_the_name(tmp_path: Path) -> None:
+    """A renamed slide keeps its overlay under its new name: the name line changes, the
+    picture does not (beyond JPEG re-encoding)."""
+    from types import SimpleNamespace
+
+    from fibroquant.report import qc_picture_height, retitle_qc, write_qc
+
+    thumb = np.full((150, 420, 3), 235, np.uint8)
+    tissue = np.zeros((150, 420), bool)
+    tissue[20:130, 20:400] = True
+    analysis = SimpleNamespace(thumbnail=thumb, collagen_mask=np.zeros_like(tissue),
+                               tissue_mask=tissue, excluded_mask=np.zeros_like(tissue),
+                               mask_mpp=1.0)
+    a, b = tmp_path / "a.jpg", tmp_path / "b.jpg"
+    write_qc(a, analysis, title="old-name.tif")
+    write_qc(b, analysis, title="a-much-longer-new-name.tif")
+    retitle_qc(a, "a-much-longer-new-name.tif")
+    ia, ib = (cv2.imread(str(p)).astype(int) for p in (a, b))
+    top = qc_picture_height(*ia.shape[:2])
+    assert top == 150
+    assert np.abs(ia[:top] - ib[:top]).mean() < 1.5
+    name_line = slice(top, top + 20)
+    assert np.abs(ia[name_line] - ib[name_line]).mean() < 3  # now shows the new name
