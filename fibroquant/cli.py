@@ -100,12 +100,14 @@ def main(
 
 
 def _settings(config: Path | None, stain: StainChoice | None, analysis_mpp: float | None,
-              traits: bool | None = None):
+              traits: bool | None = None, classifier: Path | None = None):
     from fibroquant.config import load_settings
 
     overrides: dict[str, Any] = {}
     if traits is False:  # --no-traits; --traits keeps the config's choice
         overrides["traits"] = {"enabled": False}
+    if classifier is not None:
+        overrides["classifier"] = str(classifier)
     if stain is not None:
         overrides.setdefault("stains", {})["stain"] = stain.value
     if analysis_mpp is not None:
@@ -171,6 +173,7 @@ def _analyze(
     config: Path | None, mpp: float | None, analysis_mpp: float | None, masks: bool,
     workers: int | None, scheduler: str | None, force: bool, wait: bool, control: str | None,
     quiet: bool = False, command: str | None = None, traits: bool = True,
+    cluster: str | None = None, classifier: Path | None = None,
     as_json: bool = False,
 ) -> int:
     from rich.markup import escape
@@ -190,16 +193,19 @@ def _analyze(
         command = _command("analyze", {
             "slides_dir": slides_dir, "out": out_dir, "samples": samples, "stain": stain,
             "config": config, "mpp": mpp, "analysis_mpp": analysis_mpp, "masks": masks,
-            "workers": workers, "scheduler": scheduler, "control": control, "force": force,
-            "wait": wait})
+            "workers": workers, "scheduler": scheduler, "cluster": cluster, "control": control,
+            "force": force, "wait": wait, "classifier": classifier})
     try:
-        settings = _settings(config, stain, analysis_mpp, traits)
+        settings = _settings(config, stain, analysis_mpp, traits, classifier)
     except ConfigError as exc:
         raise _fail(str(exc), 2) from None
     if scheduler is not None:
         problem = _scheduler_problem(scheduler)
         if problem:
             raise _fail(f"--scheduler {scheduler!r}: {problem}", 2)
+    cluster_kind = cluster or settings.cluster.kind
+    if cluster_kind is not None and scheduler is not None:
+        raise _fail("--cluster and --scheduler: give one of them, not both", 2)
     n_workers = workers or available_cores()
     progress = Progress(
         TextColumn("[bold]analyze"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -226,10 +232,11 @@ def _analyze(
             progress.update(task_id, advance=1, description=rec.get("slide", ""))
 
     try:
-        with sigterm_as_interrupt(), progress:
+        with (sigterm_as_interrupt(), progress,
+              _cluster_or(scheduler, cluster_kind, settings) as where):
             summary = analyze_folder(
                 slides_dir, out_dir, settings, samples=samples, control=control, mpp=mpp,
-                workers=n_workers, scheduler=scheduler, force=force, wait=wait, masks=masks,
+                workers=n_workers, scheduler=where, force=force, wait=wait, masks=masks,
                 command=command, on_plan=on_plan, on_result=on_result,
             )
     except StoreLockedError as exc:
@@ -308,6 +315,29 @@ def _run_json(summary: Any, out_dir: Path, files: dict[str, str]) -> dict[str, A
     }
 
 
+def _cluster_or(scheduler: str | None, kind: str | None, settings: Any) -> Any:
+    """A context giving the run's scheduler: a batch cluster's for ``kind`` (closed after the
+    run, its jobs cancelled), else the ``--scheduler`` address or None (local workers)."""
+    from contextlib import nullcontext
+
+    if kind is None:
+        return nullcontext(scheduler)
+    from fibroquant.cluster import cluster_for
+
+    err.print(f"cluster: {kind}, {settings.cluster.jobs} job(s) of "
+              f"{settings.cluster.cores} core(s), {settings.cluster.memory}")
+    return cluster_for(kind, settings.cluster)
+
+
+class ClusterChoice(str, Enum):
+    """Batch systems of ``--cluster``."""
+
+    SLURM = "slurm"
+    PBS = "pbs"
+    SGE = "sge"
+    LOCAL = "local"
+
+
 SlidesDir = Annotated[Path, typer.Argument(
     exists=True, file_okay=False, dir_okay=True, readable=True, resolve_path=True,
     help="Folder of slides (searched recursively).")]
@@ -351,6 +381,14 @@ def analyze(
     traits: Annotated[bool, typer.Option(
         "--traits/--no-traits", help="Measure fibre traits and compartments (on by default; "
         "--no-traits saves their time).")] = True,
+    cluster: Annotated[ClusterChoice | None, typer.Option(
+        help="Run the slides as batch jobs (dask-jobqueue); shape them in the config's "
+        "cluster: section (cores, memory, walltime, queue, account, jobs). See docs/cluster.md."
+    )] = None,
+    classifier: Annotated[Path | None, typer.Option(
+        exists=True, dir_okay=False, readable=True, resolve_path=True,
+        help="Pixel classifier (fibroquant train) deciding collagen instead of the "
+        "threshold.")] = None,
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
@@ -361,7 +399,9 @@ def analyze(
     code = _analyze(
         slides_dir, out, samples=samples, stain=stain, config=config, mpp=mpp,
         analysis_mpp=analysis_mpp, masks=masks, workers=workers, scheduler=scheduler,
-        force=force, wait=wait, control=control, traits=traits, quiet=quiet, as_json=as_json,
+        force=force, wait=wait, control=control, traits=traits,
+        cluster=cluster.value if cluster is not None else None, classifier=classifier,
+        quiet=quiet, as_json=as_json,
     )
     raise typer.Exit(code=code)
 
@@ -412,7 +452,7 @@ def demo(
 @app.command()
 def inspect(
     slide: Annotated[Path, typer.Argument(exists=True, dir_okay=True, readable=True,
-                                          help="A slide or image file.")],
+                                          help="A slide or image file, or a DICOM WSI folder.")],
     mpp: Annotated[float | None, typer.Option(min=0.01, help="µm per pixel override.")] = None,
     stain: Annotated[StainChoice | None, typer.Option(help="Expected stain.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
@@ -464,8 +504,9 @@ def _stain_fit_of(path: Path, mpp: float | None, info: dict[str, Any]) -> dict[s
 def run() -> None:  # pragma: no cover - console entry alternative
     """Entry point used by ``python -m fibroquant``."""
     app(prog_name="fibroquant")
-from fibroquant import cli_ops as _cli_ops  # noqa: E402,F401  (registers status and watch)
-from fibroquant import cli_study as _cli_study  # noqa: E402,F401  (registers compare and stains)
+from fibroquant import cli_agree as _cli_agree  # noqa: F401  (registers agree and train)
+from fibroquant import cli_ops as _cli_ops  # noqa: F401  (registers status and watch)
+from fibroquant import cli_study as _cli_study  # noqa: F401  (registers compare and stains)
 
 for _info in app.registered_commands:  # every command's flags without a <bool> placeholder
     if _info.cls in (None, typer.core.TyperCommand):
