@@ -776,6 +776,8 @@ def training_image(
     from fibroquant.slides import require_mpp
 
     slide_path = Path(slide_path)
+    if getattr(settings, "classifier", None) is not None:  # measured as the threshold sees it
+        settings = settings.model_copy(update={"classifier": None})
     analysis = analyze_slide(slide_path, settings, fallback_mpp=mpp)
     stains = stains_of_record(analysis.record)
     with _open(slide_path, mpp) as sl:
