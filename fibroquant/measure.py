@@ -168,6 +168,9 @@ class SlideResult:
         At ``geometry.mask_mpp`` (excluded: lumens, folds, bubbles, capsule, walls, blur).
     thumbnail : ndarray of uint8
         RGB image of the slide at ``mask_mpp`` or coarser, for QC overlays.
+    flags : ndarray of uint8
+        Low-resolution class bits (``kernels.FLAG_*``) that tell the QC overlay's exclusions
+        apart.
     traits : dict of str to float
         Fibre-architecture columns (:mod:`fibroquant.traits`; empty when off).
     """
@@ -187,6 +190,7 @@ class SlideResult:
     tissue_mask: np.ndarray = field(repr=False)
     excluded_mask: np.ndarray = field(repr=False)
     thumbnail: np.ndarray = field(repr=False)
+    flags: np.ndarray = field(repr=False)
     traits: dict[str, Any] = field(default_factory=dict)
 
     @property

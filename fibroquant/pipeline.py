@@ -91,6 +91,8 @@ class Calibration:
     thumbnail_mpp : float
     tissue : TissueMask
         Tissue and exclusions (lumens, folds, bubbles, capsule band, vessel walls).
+    flags : ndarray of uint8
+        The same as class bits (``kernels.FLAG_*``), at the tissue mask's resolution.
     stains : StainEstimate
     preset : StainMatrix
         The protocol's preset, with the slide's glass colour.
@@ -108,6 +110,7 @@ class Calibration:
     thumbnail: np.ndarray
     thumbnail_mpp: float
     tissue: TissueMask
+    flags: np.ndarray
     stains: StainEstimate
     preset: StainMatrix
     threshold: CollagenThreshold
@@ -167,15 +170,10 @@ _malloc_tuned: bool | None = None
 def tune_malloc() -> bool:
     """Let the C heap reuse tile-sized buffers (glibc only; once per process).
 
-    Every tile allocates a few buffers of 1–12 MB (decoded tiles, masks, labels), and the
-    low-resolution pass some of up to ~50 MB. With glibc's defaults, and much more with
-    ``MALLOC_TRIM_THRESHOLD_=65536``, which Dask's nanny sets in its workers, many of them are
-    mapped fresh from the kernel and zero-filled page by page every time: measured on an 8k²
-    slide, 3.3 s per slide by default and 4.4–5.0 s in a Dask worker, 2.5–2.8 s with the heap
-    kept (same peak RSS). This raises glibc's mmap threshold to 64 MB (32 MB where glibc
-    refuses more) and its trim threshold to 256 MB: each heap (the main one, and one per
-    thread that allocates) keeps up to that much freed memory mapped for reuse. Left alone when
-    ``MALLOC_MMAP_THRESHOLD_`` is set (the user's choice) or the C library is not glibc.
+    Raises glibc's mmap threshold to 64 MB (32 MB where refused) and its trim threshold to
+    256 MB, so tile buffers are not mapped and zero-filled afresh for every tile; left alone
+    when ``MALLOC_MMAP_THRESHOLD_`` is set or the C library is not glibc. Why and what it saves:
+    docs/decisions.md#malloc
 
     Returns
     -------
@@ -283,7 +281,7 @@ def analyze_slide(
             settings.stains.stain.value, sl.format, require_mpp(sl), geo,
             Measurements.from_counts(total, geo.analysis_mpp), cal.stains, cal.threshold,
             cal.qc, cal.warnings, round(time.perf_counter() - t_start, 3), __version__,
-            collagen_m, tissue_m, excluded_m, qc, traits)
+            collagen_m, tissue_m, excluded_m, qc, cal.flags, traits)
     finally:
         if own:
             sl.close()
@@ -379,8 +377,8 @@ def calibrate_slide(slide: Slide, settings: Settings) -> Calibration:
         blob_um2, fit)
     rule = CollagenRule.for_slide(od_lut(background), stains, thr.share_guard,
                                   settings.collagen, blob_um2, geo.analysis_mpp)
-    return Calibration(sl, geo, thumb, thumb_mpp, tissue, est, preset, thr, threshold_map,
-                       rule, qc, tuple(warnings))
+    return Calibration(sl, geo, thumb, thumb_mpp, tissue, class_flags(tissue), est, preset, thr,
+                       threshold_map, rule, qc, tuple(warnings))
 
 
 def _threshold_map(
@@ -448,7 +446,7 @@ def measure_tiles(
     geo = cal.geometry
     boxes = tile_grid(geo, settings.tiling.tile_px)
     job = TileJob(geo, cal.tissue, geo.height / cal.thumbnail.shape[0],
-                  geo.width / cal.thumbnail.shape[1], cal.rule, class_flags(cal.tissue),
+                  geo.width / cal.thumbnail.shape[1], cal.rule, cal.flags,
                   cal.threshold_map, 2 if settings.tissue.exclude_unfocused else 0, decide,
                   cal.stains.stains)
     f = geo.mask_factor
