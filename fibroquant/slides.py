@@ -330,8 +330,10 @@ def _warn(message: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-class _SlideBase:
-    """Shared behaviour of the readers; subclasses implement ``_read_inside``."""
+class SlideBase:
+    """Shared behaviour of the readers (and of :class:`fibroquant.shading.CorrectedSlide`):
+    regions clipped to the level and padded white, thumbnails, closing; subclasses set
+    their levels (``_set_levels``) and implement ``_read_inside``."""
 
     path: Path
     format: str
@@ -453,7 +455,7 @@ class _SlideBase:
         """Release the file and caches; further reads raise ``ValueError``."""
         self._closed = True
 
-    def __enter__(self) -> _SlideBase:
+    def __enter__(self) -> SlideBase:
         return self
 
     def __exit__(
@@ -477,7 +479,7 @@ class _SlideBase:
 # --------------------------------------------------------------------------------------------
 
 
-class ArraySlide(_SlideBase):
+class ArraySlide(SlideBase):
     """An in-memory slide, for tests and for images already in memory.
 
     Parameters
@@ -574,7 +576,7 @@ def _check_dims(name: str, height: int, width: int) -> None:
         raise SlideReadError(msg)
 
 
-class _ImageSlide(_SlideBase):
+class _ImageSlide(SlideBase):
     """PNG, JPEG or BMP, decoded whole with OpenCV on first use and cached."""
 
     def __init__(self, path: Path, kind: str, data_size: int, override: float | None) -> None:
@@ -946,7 +948,7 @@ class _OtherReader(Exception):
         self.flavour = flavour
 
 
-class _TiffSlide(_SlideBase):
+class _TiffSlide(SlideBase):
     """A TIFF of any flavour read through tifffile, tile by tile."""
 
     def __init__(self, path: Path, file_size: int, override: float | None) -> None:

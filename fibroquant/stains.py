@@ -837,8 +837,3 @@ def describe_fit(fit: dict[str, float]) -> str:
         # both are purple-pink with a blue or purple second stain: residuals overlap
         text += "; H&E and Masson's trichrome are hard to tell apart by colour alone"
     return text
-
-
-def guess_stain(rgb: np.ndarray) -> str:
-    """Name of the stain protocol that best explains an image's colours, or ``"unknown"``."""
-    return describe_fit(stain_fit(rgb))
