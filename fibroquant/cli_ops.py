@@ -468,3 +468,48 @@ def watch(
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, previous)
     raise typer.Exit(code=code)
+
+
+# --------------------------------------------------------------------------------------------
+# store check / store rebuild
+# --------------------------------------------------------------------------------------------
+
+store_app = typer.Typer(help="Check or rebuild an output folder's results store.",
+                        no_args_is_help=True)
+app.add_typer(store_app, name="store")
+
+OutDir = Annotated[Path, typer.Argument(
+    exists=True, file_okay=False, resolve_path=True, help="An analyze output folder.")]
+
+
+@store_app.command("check")
+def store_check(out_dir: OutDir) -> None:
+    """Check that the results store opens, is not damaged and holds every slide of the tables
+    (exit 0), or say what is wrong and how to recover (exit 4)."""
+    from fibroquant.recover import check_store
+
+    problems = check_store(out_dir)
+    for line in problems:
+        err.print(f"[bold red]problem:[/] {line}", markup=True, soft_wrap=True)
+    if problems:
+        raise typer.Exit(code=4)
+    out.print(f"{out_dir / STORE_NAME}: ok", markup=False)
+
+
+@store_app.command("rebuild")
+def store_rebuild(out_dir: OutDir) -> None:
+    """Re-derive the results store from slides.csv and provenance.json (the old store is moved
+    aside, not deleted), so the next run measures nothing the tables already hold."""
+    from fibroquant.errors import StoreLockedError
+    from fibroquant.recover import rebuild_store
+
+    try:
+        n, moved = rebuild_store(out_dir)
+    except StoreLockedError as exc:
+        raise _fail(str(exc), 3) from None
+    except FibroquantError as exc:
+        raise _fail(str(exc), 4) from None
+    if moved is not None:
+        err.print(f"old store moved to {moved}", soft_wrap=True, markup=False)
+    out.print(f"{out_dir / STORE_NAME}: rebuilt with {n} slide result(s) from slides.csv",
+              markup=False)
