@@ -79,10 +79,13 @@ def main(
         quiet_warnings()
 
 
-def _settings(config: Path | None, stain: StainChoice | None, analysis_mpp: float | None):
+def _settings(config: Path | None, stain: StainChoice | None, analysis_mpp: float | None,
+              traits: bool | None = None):
     from fibroquant.config import load_settings
 
     overrides: dict[str, Any] = {}
+    if traits is False:  # --no-traits; --traits keeps the config's choice
+        overrides["traits"] = {"enabled": False}
     if stain is not None:
         overrides.setdefault("stains", {})["stain"] = stain.value
     if analysis_mpp is not None:
@@ -147,7 +150,7 @@ def _analyze(
     slides_dir: Path, out_dir: Path, *, samples: Path | None, stain: StainChoice | None,
     config: Path | None, mpp: float | None, analysis_mpp: float | None, masks: bool,
     workers: int | None, scheduler: str | None, force: bool, wait: bool, control: str | None,
-    quiet: bool = False, command: str | None = None,
+    quiet: bool = False, command: str | None = None, traits: bool = True,
 ) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -160,7 +163,7 @@ def _analyze(
             "workers": workers, "scheduler": scheduler, "control": control, "force": force,
             "wait": wait})
     try:
-        settings = _settings(config, stain, analysis_mpp)
+        settings = _settings(config, stain, analysis_mpp, traits)
     except ConfigError as exc:
         raise _fail(str(exc), 2) from None
     if scheduler is not None:
@@ -269,12 +272,15 @@ def analyze(
     force: Annotated[bool, typer.Option("--force", help="Re-measure every slide.")] = False,
     wait: Annotated[bool, typer.Option(
         "--wait", help="Wait for another run using OUT instead of exiting.")] = False,
+    traits: Annotated[bool, typer.Option(
+        "--traits/--no-traits", help="Measure fibre traits and compartments (on by default; "
+        "--no-traits saves their time).")] = True,
 ) -> None:
     """Measure CPA on every new or changed slide and write the study tables and report."""
     code = _analyze(
         slides_dir, out, samples=samples, stain=stain, config=config, mpp=mpp,
         analysis_mpp=analysis_mpp, masks=masks, workers=workers, scheduler=scheduler,
-        force=force, wait=wait, control=control,
+        force=force, wait=wait, control=control, traits=traits,
     )
     raise typer.Exit(code=code)
 
@@ -321,7 +327,7 @@ def demo(
 
 @app.command()
 def inspect(
-    slide: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True,
+    slide: Annotated[Path, typer.Argument(exists=True, dir_okay=True, readable=True,
                                           help="A slide or image file.")],
     mpp: Annotated[float | None, typer.Option(min=0.01, help="µm per pixel override.")] = None,
     stain: Annotated[StainChoice | None, typer.Option(help="Expected stain.")] = None,

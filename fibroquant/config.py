@@ -270,6 +270,32 @@ class TilingSettings(_Model):
     qc_max_px: int = Field(2000, ge=100, le=20000, description="longest side of QC overlays, px")
 
 
+class TraitSettings(_Model):
+    """Fibre architecture traits (:mod:`fibroquant.traits`); ``traits: false`` turns them off."""
+
+    enabled: bool = Field(True, description="measure fibre traits and compartments")
+    mpp: float = Field(
+        1.0, gt=0, le=10,
+        description="µm/px the traits are measured at (the collagen mask is majority-reduced "
+        "to it; never finer than the mask); finer resolves thin fibres better but costs more",
+    )
+    thin_um: float = Field(3.0, gt=0, description="fibres thinner than this are thin (pericellular)")
+    thick_um: float = Field(10.0, gt=0, description="fibres thicker than this are thick (septal)")
+    ring_um: float = Field(50.0, ge=0, description="perivascular ring width around lumens")
+    septum_min_width_um: float = Field(
+        4.0, gt=0, description="local width of septal collagen (narrower is pericellular)")
+    septum_min_length_um: float = Field(
+        300.0, gt=0, description="skeleton length of wide fibre making an object septal "
+        "without bridging two vessels (about a lobule's radius)")
+    aggregate_um2: float = Field(5000.0, gt=0, description="objects above this are aggregated")
+    tile_px: int = Field(1024, ge=64, le=8192, description="trait tile edge at the trait mpp")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_bool(cls, data: Any) -> Any:
+        return {"enabled": data} if isinstance(data, bool) else data
+
+
 class Settings(_Model):
     """All settings of one analysis."""
 
@@ -277,6 +303,7 @@ class Settings(_Model):
     stains: StainSettings = StainSettings()
     collagen: CollagenSettings = CollagenSettings()
     tiling: TilingSettings = TilingSettings()
+    traits: TraitSettings = TraitSettings()
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -302,6 +329,9 @@ class Settings(_Model):
         data = self.model_dump(mode="json")
         for key in ("tile_px", "halo_px", "mask_max_mpx", "qc_max_px"):
             data["tiling"].pop(key)
+        data["traits"].pop("tile_px")
+        if not data["traits"]["enabled"]:  # no trait measured: hashes as before traits existed
+            data.pop("traits")
         if data["tiling"]["analysis_mpp"] is None:  # native resolution: no level is chosen
             data["tiling"].pop("read_oversample")
         data["algorithm_version"] = ALGORITHM_VERSION

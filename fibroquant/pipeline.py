@@ -57,7 +57,13 @@ from fibroquant.tasks import (
     SlideTask,
     output_stem,  # noqa: F401 - re-exported (tests, benchmarks)
 )
-from fibroquant.tissue import TissueMask, detect_tissue, with_capsule, with_folds
+from fibroquant.tissue import (
+    TissueMask,
+    detect_tissue,
+    no_tissue_reason,
+    with_capsule,
+    with_folds,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -614,8 +620,8 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
             background, bg_source = bg2, src2
     tissue = detect_tissue(thumb, thumb_mpp, settings.tissue, background)
     if not tissue.tissue.any():
-        t = tissue.glass_threshold_od if tissue.glass_threshold_od is not None else tissue.glass_od
-        msg = f"{name}: no tissue found (glass threshold {t:.3f} OD)"
+        why = no_tissue_reason(thumb, thumb_mpp, settings.tissue, background, tissue)
+        msg = f"{name}: no tissue found: {why}"
         raise FibroquantError(msg)
     fy = geo.height / thumb.shape[0]
     fx = geo.width / thumb.shape[1]
@@ -779,6 +785,12 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
         "seconds": round(time.perf_counter() - t_start, 3),
         "version": __version__,
     }
+    if settings.traits.enabled:
+        from fibroquant import traits  # noqa: PLC0415 - only when measured
+
+        record.update(traits.measure_slide(collagen_m, tissue_m, mask_mpp, settings.traits,
+                                           lumen=tissue.lumen, lumen_mpp=thumb_mpp))
+        record["seconds"] = round(time.perf_counter() - t_start, 3)
     return SlideAnalysis(record, collagen_m, tissue_m, excluded_m, mask_mpp, qc)
 
 

@@ -676,6 +676,32 @@ def _forget_tables(out_dir: Path) -> None:
     fsync_dir(out_dir)
 
 
+def _write_trait_tables(
+    out_dir: Path, slides_df: pd.DataFrame, mice: pd.DataFrame, plots_dir: Path,
+    plots: list[Path], warnings: list[str], *, control: str | None, has_sheet: bool,
+) -> list[str]:
+    """``traits.csv`` (long form) and, with groups, ``trait_groups.csv`` and the traits' small
+    multiple (appended to ``plots``); nothing when no slide has fibre traits. A failed
+    comparison leaves a warning, never stops the tables. Returns the files written."""
+    from fibroquant import report, traits
+
+    if not any(c in slides_df.columns for c in traits.TRAIT_COLUMNS):
+        return []
+    atomic_write_csv(out_dir / "traits.csv", traits.traits_long(slides_df))
+    written = ["traits.csv"]
+    if not has_sheet or mice["group"].nunique() < 2:
+        return written
+    try:
+        compared = traits.compare_traits(mice, control=control)
+    except Exception as exc:  # noqa: BLE001 - as the CPA comparison: reported, not raised
+        logger.debug("trait comparison failed:\n%s", traceback.format_exc())
+        warnings.append(f"fibre traits not compared: {one_line(exc)}")
+        return written
+    atomic_write_csv(out_dir / "trait_groups.csv", compared)
+    plots += report.plot_traits(mice, compared, plots_dir / "trait_groups", control=control)
+    return [*written, "trait_groups.csv"]
+
+
 def write_tables(
     out_dir: Path,
     slides_df: pd.DataFrame,
@@ -725,6 +751,8 @@ def write_tables(
     if has_sheet and len(groups):
         plots += report.plot_groups(mice, groups, plots_dir / "cpa_groups", control=ctrl)
     plots += report.plot_slides(slides_df, plots_dir / "cpa_slides")
+    written += _write_trait_tables(out_dir, slides_df, mice, plots_dir, plots, warnings,
+                                   control=ctrl, has_sheet=has_sheet)
     plots += report.plot_stain_qc(slides_df, plots_dir / "stain_qc")
     qc = {s: output_files(out_dir, stem, ("qc",))["qc"]
           for s, stem in output_stems(slides_df["slide"]).items()}

@@ -89,6 +89,32 @@ def _px(area_um2: float, mpp: float) -> int:
     return int(round(area_um2 / mpp**2))
 
 
+#: A tissue piece of at least this share of the image is never a speck: on an image smaller
+#: than ``1 / SPECK_MAX_IMAGE_SHARE`` specks (a microscope field or a crop of a few thousand
+#: µm²) the speck size shrinks with the image instead of discarding all of it as dust.
+SPECK_MAX_IMAGE_SHARE = 0.05
+
+
+def speck_area_um2(settings: TissueSettings, shape: tuple[int, ...], mpp: float) -> float:
+    """Largest piece of tissue discarded as dust, µm².
+
+    ``min_tissue_area_um2``, but at most ``SPECK_MAX_IMAGE_SHARE`` of the image's area, so a
+    small field or crop keeps its tissue (the default 5,000 µm² is bigger than a whole
+    200 x 240 px crop at 0.25 µm/px). Images of at least 20 specks (0.1 mm² by default) keep
+    the setting unchanged.
+
+    Examples
+    --------
+    >>> from fibroquant.config import TissueSettings
+    >>> speck_area_um2(TissueSettings(), (200, 240), 0.25)  # a 3,000 µm² crop
+    150.0
+    >>> speck_area_um2(TissueSettings(), (4000, 4000), 1.0)
+    5000.0
+    """
+    image_um2 = float(shape[0]) * float(shape[1]) * mpp**2
+    return float(min(settings.min_tissue_area_um2, SPECK_MAX_IMAGE_SHARE * image_um2))
+
+
 def edt(mask: np.ndarray) -> np.ndarray:
     """``scipy.ndimage.distance_transform_edt(mask)`` of a 2-D bool mask, by OpenCV.
 
@@ -310,7 +336,8 @@ def detect_tissue(
             raw = _under_rims(raw, bubble, settings.bubble_rim_max_um / mpp)
     del od  # the thumbnail's OD is not needed further on (peak memory)
     # = skimage remove_small_objects(raw, max_size=_px(...) - 1) (4-connected), faster
-    raw = remove_small_objects_fast(raw, _px(settings.min_tissue_area_um2, mpp), connectivity=1)
+    raw = remove_small_objects_fast(raw, _px(speck_area_um2(settings, raw.shape, mpp), mpp),
+                                    connectivity=1)
     # Holes below the lumen size (sinusoids, fat, nuclei-free gaps) are tissue.
     lumen_px = max(_px(settings.lumen_min_area_um2, mpp), 1)
     filled_small = remove_small_holes_fast(raw, lumen_px, connectivity=1)
@@ -357,6 +384,50 @@ def detect_tissue(
         vessel_wall=wall, glass_od=t, bubble=bubble, edge_distance=dist,
         glass_threshold_od=t_glass,
     )
+
+
+def no_tissue_reason(
+    rgb: np.ndarray, mpp: float, settings: TissueSettings, background_rgb: Vector,
+    found: TissueMask,
+) -> str:
+    """What :func:`detect_tissue` saw on an image where it found no countable tissue, and why
+    it rejected it (for the "no tissue found" message).
+
+    Parameters
+    ----------
+    rgb : ndarray of uint8, shape (H, W, 3)
+        The image tissue was detected on.
+    mpp : float
+        Its µm per pixel.
+    settings : TissueSettings
+    background_rgb : tuple of 3 float
+    found : TissueMask
+        What :func:`detect_tissue` returned.
+
+    Returns
+    -------
+    str
+        One clause, e.g. ``"3 piece(s) above the glass threshold 0.100 OD, the largest
+        800 µm², all smaller than the speck size 5,000 µm² (min_tissue_area_um2)"``.
+    """
+    if found.section.any():
+        parts = [f"{name} {found.area_mm2(mask) * 1e6:,.0f} µm²"
+                 for name, mask in (("lumen", found.lumen), ("air bubble", found.bubble),
+                                    ("fold", found.fold)) if mask.any()]
+        return (f"the section found ({found.area_mm2(found.section) * 1e6:,.0f} µm²) is all "
+                f"excluded: {', '.join(parts) or 'exclusions'}")
+    od_sum = channel_sum(rgb_to_od(rgb, background_rgb))
+    t = found.glass_threshold_od if found.glass_threshold_od is not None else found.glass_od
+    above = od_sum > np.float32(t)
+    if not above.any():
+        return (f"nothing absorbs above the glass threshold {t:.3f} OD (highest summed OD "
+                f"{float(od_sum.max()):.3f}): a blank field, or a dark-field image?")
+    n, _, stats, _ = cv2.connectedComponentsWithStats(above.view(np.uint8), connectivity=4)
+    largest_um2 = float(stats[1:, cv2.CC_STAT_AREA].max()) * mpp**2
+    speck = speck_area_um2(settings, rgb.shape, mpp)
+    return (f"{n - 1} piece(s) above the glass threshold {t:.3f} OD, the largest "
+            f"{largest_um2:,.0f} µm², all smaller than the speck size {speck:,.0f} µm² "
+            "(min_tissue_area_um2)")
 
 
 def edge_distance(section: np.ndarray) -> np.ndarray:
