@@ -10,28 +10,25 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shlex
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
 from fibroquant import __version__
-from fibroquant.errors import (
-    ConfigError,
-    FibroquantError,
-    SampleSheetError,
-    StoreError,
-    StoreLockedError,
-    interrupt_exit_code,
-    one_line,
-    sigterm_as_interrupt,
+from fibroquant.cli_common import (
+    App,
+    StainChoice,
+    available_cores,  # noqa: F401 - part of the command line's face (tests)
+    command_line,
+    err,
+    fail,
+    out,
+    run_analyze,
 )
+from fibroquant.errors import FibroquantError
 
-app = typer.Typer(
+app = App(
     name="fibroquant",
     help="Collagen proportionate area (CPA) of Sirius red / Masson trichrome liver sections: "
     "slides in, per-mouse tables and a treated-vs-control comparison out.",
@@ -39,22 +36,6 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     add_completion=False,
 )
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
-
-
-class StainChoice(str, Enum):
-    """Stain protocol of the slides."""
-
-    sirius_red = "sirius-red"
-    masson = "masson"
-
-
-def _fail(message: str, code: int) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
-    return typer.Exit(code=code)
-
-
 def _version(value: bool) -> None:
     if value:
         out.print(f"fibroquant {__version__}")
@@ -77,165 +58,6 @@ def main(
         from fibroquant.errors import quiet_warnings
 
         quiet_warnings()
-
-
-def _settings(config: Path | None, stain: StainChoice | None, analysis_mpp: float | None,
-              traits: bool | None = None):
-    from fibroquant.config import load_settings
-
-    overrides: dict[str, Any] = {}
-    if traits is False:  # --no-traits; --traits keeps the config's choice
-        overrides["traits"] = {"enabled": False}
-    if stain is not None:
-        overrides.setdefault("stains", {})["stain"] = stain.value
-    if analysis_mpp is not None:
-        overrides.setdefault("tiling", {})["analysis_mpp"] = analysis_mpp
-    return load_settings(config, overrides)
-
-
-def _command(name: str, args: dict[str, Any]) -> str:
-    """The command with its effective arguments, for provenance (``run.json``, the store).
-
-    Built from the parsed values (paths resolved, defaults left out), so it reads the same
-    whether the command came from a shell, ``demo``, ``watch`` or a test runner.
-    """
-    parts = [f"fibroquant {name}"]
-    for key, value in args.items():
-        if value is None or value is False:
-            continue
-        if isinstance(value, Enum):
-            value = value.value
-        if key == "slides_dir":  # the positional argument
-            parts.append(shlex.quote(str(value)))
-            continue
-        flag = "--" + key.replace("_", "-")
-        parts.append(flag if value is True else f"{flag} {shlex.quote(str(value))}")
-    return " ".join(parts)
-
-
-def available_cores() -> int:
-    """The cores this process may run on: its CPU affinity (what ``taskset``, cgroup cpusets
-    and batch schedulers give it), else ``os.cpu_count()``; at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def _scheduler_problem(address: str) -> str | None:
-    """Why ``address`` is not a Dask scheduler address (``tcp://HOST:PORT``, ``tls://...``,
-    ``inproc://...``, or ``HOST:PORT``), or None."""
-    from urllib.parse import urlsplit
-
-    text = address.strip()
-    if "://" not in text:
-        text = "tcp://" + text
-    try:
-        parts = urlsplit(text)
-        port = parts.port
-    except ValueError as exc:
-        return f"not an address ({exc}); expected tcp://HOST:PORT"
-    if parts.scheme == "inproc":
-        return None
-    if parts.scheme not in ("tcp", "tls", "ucx", "ws", "wss"):
-        return f"unknown protocol '{parts.scheme}'; expected tcp://HOST:PORT"
-    if not parts.hostname:
-        return "no host; expected tcp://HOST:PORT"
-    if port is None:
-        return "no port; expected tcp://HOST:PORT (Dask's default is 8786)"
-    return None
-
-
-def _analyze(
-    slides_dir: Path, out_dir: Path, *, samples: Path | None, stain: StainChoice | None,
-    config: Path | None, mpp: float | None, analysis_mpp: float | None, masks: bool,
-    workers: int | None, scheduler: str | None, force: bool, wait: bool, control: str | None,
-    quiet: bool = False, command: str | None = None, traits: bool = True,
-) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from fibroquant.run import analyze_folder
-
-    if command is None:
-        command = _command("analyze", {
-            "slides_dir": slides_dir, "out": out_dir, "samples": samples, "stain": stain,
-            "config": config, "mpp": mpp, "analysis_mpp": analysis_mpp, "masks": masks,
-            "workers": workers, "scheduler": scheduler, "control": control, "force": force,
-            "wait": wait})
-    try:
-        settings = _settings(config, stain, analysis_mpp, traits)
-    except ConfigError as exc:
-        raise _fail(str(exc), 2) from None
-    if scheduler is not None:
-        problem = _scheduler_problem(scheduler)
-        if problem:
-            raise _fail(f"--scheduler {scheduler!r}: {problem}", 2)
-    n_workers = workers or available_cores()
-    progress = Progress(
-        TextColumn("[bold]analyze"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.description}"), console=err, disable=quiet or not err.is_terminal,
-        transient=False, redirect_stdout=False,  # the bar is on stderr; stdout stays the
-    )  # caller's (a library imported mid-run, e.g. numba's colorama, may hold on to it)
-    task_id = None
-    failed_lines: list[str] = []
-
-    def on_plan(n: int, skipped: int) -> None:
-        nonlocal task_id
-        if not quiet:
-            err.print(f"{n} slide(s) to measure, {skipped} already measured")
-        task_id = progress.add_task("", total=n)
-
-    def on_result(rec: dict[str, Any]) -> None:
-        if rec.get("status") != "ok":
-            line = f"failed: {rec.get('error')}"
-            failed_lines.append(line)
-            progress.console.print(f"[yellow]{line}[/]", markup=True, soft_wrap=True)
-        if task_id is not None:
-            progress.update(task_id, advance=1, description=rec.get("slide", ""))
-
-    try:
-        with sigterm_as_interrupt(), progress:
-            summary = analyze_folder(
-                slides_dir, out_dir, settings, samples=samples, control=control, mpp=mpp,
-                workers=n_workers, scheduler=scheduler, force=force, wait=wait, masks=masks,
-                command=command, on_plan=on_plan, on_result=on_result,
-            )
-    except StoreLockedError as exc:
-        raise _fail(str(exc), 3) from None
-    except KeyboardInterrupt as exc:  # while planning or writing the tables
-        err.print("interrupted: slides finished so far are stored; rerun to continue")
-        return interrupt_exit_code(exc)
-    except (SampleSheetError, ConfigError) as exc:
-        raise _fail(str(exc), 2) from None
-    except StoreError as exc:  # the store or an output cannot be written
-        raise _fail(f"{exc} (the tables may be stale; rerun when fixed)", 4) from None
-    except FibroquantError as exc:
-        raise _fail(str(exc), 2) from None
-    except Exception as exc:  # a bug: one line (details with -v), exit 4
-        logging.getLogger(__name__).debug("internal error", exc_info=True)
-        raise _fail(f"internal error: {type(exc).__name__}: {one_line(exc)} (the tables may "
-                    "be stale; rerun with -v for details)", 4) from None
-    if not quiet:
-        err.print(
-            f"measured {summary.processed - summary.failed}, failed {summary.failed}, "
-            f"skipped {summary.skipped} (already measured), removed {summary.removed} "
-            f"in {summary.seconds:.1f} s"
-        )
-        for old, new in summary.renamed:
-            err.print(f"renamed: {new} (was {old}): its measurement and overlay kept",
-                      soft_wrap=True)
-        err.print(summary.comparison, soft_wrap=True)
-        for slide, error in summary.failed_slides:
-            if not any(error in line for line in failed_lines):
-                err.print(f"[yellow]failed: {error or slide}[/]", markup=True, soft_wrap=True)
-        err.print(f"results: {out_dir / 'slides.csv'}, {out_dir / 'mice.csv'}, "
-                  f"{out_dir / 'groups.csv'}, report {out_dir / 'report.html'}")
-        for slide in summary.crashed:
-            err.print(f"[yellow]not measured again: {slide} (it crashed its worker process in "
-                      f"earlier runs; --force to retry)[/]", markup=True, soft_wrap=True)
-    if summary.interrupted:
-        err.print("interrupted: slides finished so far are stored; rerun to continue")
-    return summary.exit_code
 
 
 SlidesDir = Annotated[Path, typer.Argument(
@@ -277,7 +99,7 @@ def analyze(
         "--no-traits saves their time).")] = True,
 ) -> None:
     """Measure CPA on every new or changed slide and write the study tables and report."""
-    code = _analyze(
+    code = run_analyze(
         slides_dir, out, samples=samples, stain=stain, config=config, mpp=mpp,
         analysis_mpp=analysis_mpp, masks=masks, workers=workers, scheduler=scheduler,
         force=force, wait=wait, control=control, traits=traits,
@@ -305,11 +127,11 @@ def demo(
         slides = out / "sample_slides"
         err.print(f"no bundled sample_slides/ found: generating a synthetic study in {slides}")
         make_cohort(slides, rng=0)
-    code = _analyze(
+    code = run_analyze(
         slides, out / "results", samples=slides / "samples.csv", stain=None, config=None,
         mpp=None, analysis_mpp=None, masks=True, workers=workers, scheduler=None, force=False,
         wait=True, control="control",
-        command=_command("demo", {"out": out, "workers": workers}),
+        command=command_line("demo", {"out": out, "workers": workers}),
     )
     truth = slides / "truth" / "truth.csv"
     if truth.is_file():
@@ -340,7 +162,7 @@ def inspect(
         info = inspect_slide(slide, mpp=mpp)
         fit = _stain_fit_of(slide, mpp, info)
     except FibroquantError as exc:
-        raise _fail(str(exc), 2) from None
+        raise fail(str(exc), 2) from None
     from fibroquant.stains import describe_fit, stain_mismatch
 
     info["stain_guess"] = describe_fit(fit)
@@ -380,5 +202,5 @@ def _stain_fit_of(path: Path, mpp: float | None, info: dict[str, Any]) -> dict[s
 def run() -> None:  # pragma: no cover - console entry alternative
     """Entry point used by ``python -m fibroquant``."""
     app(prog_name="fibroquant")
-from fibroquant import cli_ops as _cli_ops  # noqa: E402,F401  (registers status and watch)
-from fibroquant import cli_study as _cli_study  # noqa: E402,F401  (registers compare and stains)
+from fibroquant import cli_ops as _cli_ops  # noqa: F401  (registers status and watch)
+from fibroquant import cli_study as _cli_study  # noqa: F401  (registers compare and stains)

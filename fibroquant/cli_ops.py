@@ -20,7 +20,8 @@ from typing import Annotated, Any
 
 import typer
 
-from fibroquant.cli import StainChoice, _analyze, _command, _fail, app, err, out
+from fibroquant.cli import app
+from fibroquant.cli_common import StainChoice, command_line, err, fail, out, run_analyze
 from fibroquant.errors import FibroquantError, one_line
 from fibroquant.layout import STORE_NAME
 
@@ -255,11 +256,11 @@ def status(
 ) -> None:
     """Show what is stored in OUT_DIR, the last runs, what failed and (with --slides) what is new."""
     if slides is not None and not slides.is_dir():
-        raise _fail(f"{slides}: slides folder not found or not a folder", 2)
+        raise fail(f"{slides}: slides folder not found or not a folder", 2)
     try:
         info = gather_status(out_dir, slides)
     except FibroquantError as exc:
-        raise _fail(str(exc), 2) from None
+        raise fail(str(exc), 2) from None
     if as_json:
         out.print_json(json.dumps(info, default=str))
     else:
@@ -402,11 +403,11 @@ def watch(
         settler.take()
         err.print(f"[bold]watch:[/] analysing {slides_dir}", markup=True)
         try:
-            return _analyze(
+            return run_analyze(
                 slides_dir, out, samples=samples, stain=stain, config=config, mpp=mpp,
                 analysis_mpp=None, masks=False, workers=workers, scheduler=None, force=False,
                 wait=True, control=control,
-                command=_command("watch", {
+                command=command_line("watch", {
                     "slides_dir": slides_dir, "out": out, "samples": samples, "stain": stain,
                     "config": config, "mpp": mpp, "workers": workers, "control": control,
                     "settle": settle, "once": once}),
@@ -506,9 +507,9 @@ def store_rebuild(out_dir: OutDir) -> None:
     try:
         n, moved = rebuild_store(out_dir)
     except StoreLockedError as exc:
-        raise _fail(str(exc), 3) from None
+        raise fail(str(exc), 3) from None
     except FibroquantError as exc:
-        raise _fail(str(exc), 4) from None
+        raise fail(str(exc), 4) from None
     if moved is not None:
         err.print(f"old store moved to {moved}", soft_wrap=True, markup=False)
     out.print(f"{out_dir / STORE_NAME}: rebuilt with {n} slide result(s) from slides.csv",
