@@ -207,7 +207,7 @@ def run_analyze(
                     "be stale; rerun with -v for details)", 4) from None
     if not quiet:
         err.print(
-            f"measured {summary.processed - summary.failed}, failed {summary.failed}, "
+            f"measured {summary.processed - len(failed_lines)}, failed {summary.failed}, "
             f"skipped {summary.skipped} (already measured), removed {summary.removed} "
             f"in {summary.seconds:.1f} s"
         )

@@ -143,14 +143,15 @@ def assert_none_left(tag: str, within: float = 5.0) -> None:
                 f"{[p.cmdline()[:3] for p in left]}")
 
 
-def stop(proc: subprocess.Popen, sig: int) -> int:
+def stop(proc: subprocess.Popen, sig: int) -> tuple[int, str]:
+    """Send ``sig`` to a spawned run; its exit code and stderr."""
     proc.send_signal(sig)
     try:
-        proc.wait(timeout=30)
+        _, err = proc.communicate(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
-        proc.wait()
-    return proc.returncode
+        _, err = proc.communicate()
+    return proc.returncode, err
 
 
 # -- 1. tables: written as one set, any interruption repaired by the next plain run ---------
@@ -170,7 +171,7 @@ def test_kills_while_writing_tables_are_repaired_by_a_plain_rerun(bank, tmp_path
     t0 = time.monotonic()
     proc = spawn("timing", "analyze", str(slides), "--out", str(out), "--samples",
                  str(slides / "samples.csv"), "--workers", "1")
-    proc.wait(timeout=300)
+    proc.communicate(timeout=300)
     full = time.monotonic() - t0  # a subprocess run that rewrites nothing
     for k in range(5):
         sheet.assign(batch=f"b{k}").to_csv(slides / "samples.csv", index=False)
@@ -431,10 +432,10 @@ def test_kills_and_sigterm_while_measuring_leave_no_process_and_rerun_is_clean(b
                      str(slides / "samples.csv"), "--workers", "2", "--force")
         time.sleep(rng.uniform(1.0, 6.0))
         sig = signal.SIGTERM if k == 5 else signal.SIGKILL
-        code = stop(proc, sig)
+        code, err = stop(proc, sig)
         if sig == signal.SIGTERM and code != 0:  # it may have finished first
-            assert code == 143, proc.stderr.read()
-            assert "Traceback" not in proc.stderr.read()
+            assert code == 143, err
+            assert "Traceback" not in err, err
         assert_none_left(tag)
     assert run(slides, out, samples=slides / "samples.csv").exit_code == 0
     assert_same_tables(out, ref)
