@@ -9,11 +9,12 @@ stale); 130 interrupted by Ctrl-C, 143 by SIGTERM (slides finished so far are ke
 from __future__ import annotations
 
 import json
-import logging
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import typer.core
 
 from fibroquant import __version__
 from fibroquant.cli_common import (
@@ -21,12 +22,30 @@ from fibroquant.cli_common import (
     StainChoice,
     available_cores,  # noqa: F401 - part of the command line's face (tests)
     command_line,
-    err,
     fail,
-    out,
     run_analyze,
 )
+from fibroquant.console import err, note, out, setup_logging
 from fibroquant.errors import FibroquantError
+
+
+def _plain_flags(params: list[Any]) -> list[Any]:
+    """Flags show no ``<bool>`` placeholder in help (Typer's default does)."""
+    for p in params:
+        if getattr(p, "is_flag", False) and p.metavar is None:
+            p.metavar = ""
+    return params
+
+
+class _Command(typer.core.TyperCommand):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _plain_flags(super().get_params(ctx))
+
+
+class _Group(typer.core.TyperGroup):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _plain_flags(super().get_params(ctx))
+
 
 app = App(
     name="fibroquant",
@@ -34,8 +53,11 @@ app = App(
     "slides in, per-mouse tables and a treated-vs-control comparison out.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
-    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    cls=_Group,
 )
+
+
 def _version(value: bool) -> None:
     if value:
         out.print(f"fibroquant {__version__}")
@@ -45,29 +67,43 @@ def _version(value: bool) -> None:
 @app.callback()
 def main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log details.")] = False,
+    quiet: Annotated[bool, typer.Option(
+        "--quiet", "-q", help="Only warnings, errors and the results.")] = False,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Show version.")
     ] = False,
 ) -> None:
     """fibroquant: collagen proportionate area from stained liver slides."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(verbose=verbose, quiet=quiet)
     if not verbose:
         from fibroquant.errors import quiet_warnings
 
         quiet_warnings()
 
 
+class ClusterChoice(str, Enum):
+    """Batch systems of ``--cluster``."""
+
+    SLURM = "slurm"
+    PBS = "pbs"
+    SGE = "sge"
+    LOCAL = "local"
+
+
 SlidesDir = Annotated[Path, typer.Argument(
     exists=True, file_okay=False, dir_okay=True, readable=True, resolve_path=True,
     help="Folder of slides (searched recursively).")]
+SlidesOrFile = Annotated[Path, typer.Argument(
+    exists=True, file_okay=True, dir_okay=True, readable=True, resolve_path=True, help="Folder of slides (searched recursively), or one slide file.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q",
+                                     help="Only warnings, errors and the results.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print the run summary and the group "
+                                      "table as JSON on stdout.")]
 
 
 @app.command()
 def analyze(
-    slides_dir: SlidesDir,
+    slides_dir: SlidesOrFile,
     out: Annotated[Path, typer.Option("--out", "-o", file_okay=False, resolve_path=True,
                                       help="Output folder (tables, masks, QC, report, store).")],
     samples: Annotated[Path | None, typer.Option(
@@ -97,12 +133,27 @@ def analyze(
     traits: Annotated[bool, typer.Option(
         "--traits/--no-traits", help="Measure fibre traits and compartments (on by default; "
         "--no-traits saves their time).")] = True,
+    cluster: Annotated[ClusterChoice | None, typer.Option(
+        help="Run the slides as batch jobs (dask-jobqueue); shape them in the config's "
+        "cluster: section (cores, memory, walltime, queue, account, jobs). See docs/cluster.md."
+    )] = None,
+    classifier: Annotated[Path | None, typer.Option(
+        exists=True, dir_okay=False, readable=True, resolve_path=True,
+        help="Pixel classifier (fibroquant train) deciding collagen instead of the "
+        "threshold.")] = None,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
 ) -> None:
-    """Measure CPA on every new or changed slide and write the study tables and report."""
+    """Measure CPA on every new or changed slide and write the study tables and report.
+
+    The comparison goes to stdout, progress and warnings to stderr.
+    """
     code = run_analyze(
         slides_dir, out, samples=samples, stain=stain, config=config, mpp=mpp,
         analysis_mpp=analysis_mpp, masks=masks, workers=workers, scheduler=scheduler,
         force=force, wait=wait, control=control, traits=traits,
+        cluster=cluster.value if cluster is not None else None, classifier=classifier,
+        quiet=quiet, as_json=as_json,
     )
     raise typer.Exit(code=code)
 
@@ -133,6 +184,8 @@ def demo(
         wait=True, control="control",
         command=command_line("demo", {"out": out, "workers": workers}),
     )
+    from fibroquant.console import out as stdout
+
     truth = slides / "truth" / "truth.csv"
     if truth.is_file():
         import pandas as pd
@@ -142,15 +195,16 @@ def demo(
         m = t.merge(got, on="slide")
         if len(m):
             mae = (m["cpa_percent"] - m["truth_cpa_percent"]).abs().mean()
-            err.print(f"synthetic truth: mean absolute CPA error {mae:.2f} pp over {len(m)} slides")
-    err.print(f"open {out / 'results' / 'report.html'} in a browser")
+            stdout.print(f"synthetic truth: mean absolute CPA error {mae:.2f} pp over {len(m)} "
+                         "slides")
+    note(f"open {out / 'results' / 'report.html'} in a browser")
     raise typer.Exit(code=code)
 
 
 @app.command()
 def inspect(
     slide: Annotated[Path, typer.Argument(exists=True, dir_okay=True, readable=True,
-                                          help="A slide or image file.")],
+                                          help="A slide or image file, or a DICOM WSI folder.")],
     mpp: Annotated[float | None, typer.Option(min=0.01, help="µm per pixel override.")] = None,
     stain: Annotated[StainChoice | None, typer.Option(help="Expected stain.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
@@ -202,5 +256,10 @@ def _stain_fit_of(path: Path, mpp: float | None, info: dict[str, Any]) -> dict[s
 def run() -> None:  # pragma: no cover - console entry alternative
     """Entry point used by ``python -m fibroquant``."""
     app(prog_name="fibroquant")
+from fibroquant import cli_agree as _cli_agree  # noqa: F401  (registers agree and train)
 from fibroquant import cli_ops as _cli_ops  # noqa: F401  (registers status and watch)
 from fibroquant import cli_study as _cli_study  # noqa: F401  (registers compare and stains)
+
+for _info in app.registered_commands:  # every command's flags without a <bool> placeholder
+    if _info.cls in (None, typer.core.TyperCommand):
+        _info.cls = _Command

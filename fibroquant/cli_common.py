@@ -1,6 +1,7 @@
-"""What the command modules share (``cli``, ``cli_ops``, ``cli_study``): the consoles, the
+"""What the command modules share (``cli``, ``cli_ops``, ``cli_study``, ``cli_agree``): the
 stain choice, one-line failures, settings from options, the provenance command line, and the
-analyze run itself (``analyze``, ``demo`` and ``watch`` all call :func:`run_analyze`).
+analyze run itself (``analyze``, ``demo`` and ``watch`` all call :func:`run_analyze`). The
+consoles are :mod:`fibroquant.console`'s.
 
 Exit codes (README): 0 every slide ok; 1 some slides failed (all tables still written); 2 a
 usage, configuration or sample-sheet error; 3 the output folder is in use by another run; 4 an
@@ -10,6 +11,7 @@ by Ctrl-C, 143 by SIGTERM.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -19,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 
+from fibroquant.console import err, note, out, warn
 from fibroquant.errors import (
     ConfigError,
     FibroquantError,
@@ -32,6 +34,9 @@ from fibroquant.errors import (
     sigterm_as_interrupt,
 )
 
+__all__ = ["App", "StainChoice", "available_cores", "cli_settings", "command_line", "err",
+           "fail", "out", "run_analyze"]
+
 
 class App(typer.Typer):
     """The Typer app, whose uncaught errors (a bug, an I/O failure outside a run) exit 4 with
@@ -40,15 +45,11 @@ class App(typer.Typer):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return super().__call__(*args, **kwargs)
-        except Exception as exc:
+        except Exception as exc:  # the last resort: one line, exit 4
             logging.getLogger("fibroquant").debug("internal error", exc_info=True)
             print(f"error: internal error: {type(exc).__name__}: {one_line(exc)} "
                   "(rerun with -v for details)", file=sys.stderr)
             sys.exit(4)
-
-
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
 
 
 class StainChoice(str, Enum):
@@ -59,17 +60,21 @@ class StainChoice(str, Enum):
 
 
 def fail(message: str, code: int) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    from rich.markup import escape
+
+    err.print(f"[bold red]error:[/] {escape(message)}", markup=True, soft_wrap=True)
     return typer.Exit(code=code)
 
 
 def cli_settings(config: Path | None, stain: StainChoice | None, analysis_mpp: float | None,
-              traits: bool | None = None):
+              traits: bool | None = None, classifier: Path | None = None):
     from fibroquant.config import load_settings
 
     overrides: dict[str, Any] = {}
     if traits is False:  # --no-traits; --traits keeps the config's choice
         overrides["traits"] = {"enabled": False}
+    if classifier is not None:
+        overrides["classifier"] = str(classifier)
     if stain is not None:
         overrides.setdefault("stains", {})["stain"] = stain.value
     if analysis_mpp is not None:
@@ -135,7 +140,10 @@ def run_analyze(
     config: Path | None, mpp: float | None, analysis_mpp: float | None, masks: bool,
     workers: int | None, scheduler: str | None, force: bool, wait: bool, control: str | None,
     quiet: bool = False, command: str | None = None, traits: bool = True,
+    cluster: str | None = None, classifier: Path | None = None,
+    as_json: bool = False,
 ) -> int:
+    from rich.markup import escape
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -144,22 +152,27 @@ def run_analyze(
         TimeElapsedColumn,
     )
 
+    from fibroquant.console import is_quiet
     from fibroquant.run import analyze_folder
 
+    quiet = quiet or is_quiet() or as_json
     if command is None:
         command = command_line("analyze", {
             "slides_dir": slides_dir, "out": out_dir, "samples": samples, "stain": stain,
             "config": config, "mpp": mpp, "analysis_mpp": analysis_mpp, "masks": masks,
-            "workers": workers, "scheduler": scheduler, "control": control, "force": force,
-            "wait": wait})
+            "workers": workers, "scheduler": scheduler, "cluster": cluster, "control": control,
+            "force": force, "wait": wait, "classifier": classifier})
     try:
-        settings = cli_settings(config, stain, analysis_mpp, traits)
+        settings = cli_settings(config, stain, analysis_mpp, traits, classifier)
     except ConfigError as exc:
         raise fail(str(exc), 2) from None
     if scheduler is not None:
         problem = scheduler_problem(scheduler)
         if problem:
             raise fail(f"--scheduler {scheduler!r}: {problem}", 2)
+    cluster_kind = cluster or settings.cluster.kind
+    if cluster_kind is not None and scheduler is not None:
+        raise fail("--cluster and --scheduler: give one of them, not both", 2)
     n_workers = workers or available_cores()
     progress = Progress(
         TextColumn("[bold]analyze"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -172,22 +185,25 @@ def run_analyze(
     def on_plan(n: int, skipped: int) -> None:
         nonlocal task_id
         if not quiet:
-            err.print(f"{n} slide(s) to measure, {skipped} already measured")
+            note(f"{n} slide(s) to measure, {skipped} already measured")
         task_id = progress.add_task("", total=n)
 
     def on_result(rec: dict[str, Any]) -> None:
         if rec.get("status") != "ok":
             line = f"failed: {rec.get('error')}"
             failed_lines.append(line)
-            progress.console.print(f"[yellow]{line}[/]", markup=True, soft_wrap=True)
+            progress.console.print(f"[yellow]{escape(line)}[/]", markup=True, soft_wrap=True)
+        elif not quiet and not progress.live.is_started:  # a log: one line per slide
+            note(f"measured {rec.get('slide', '')}: CPA {as_float(rec.get('cpa_percent')):.2f} %")
         if task_id is not None:
             progress.update(task_id, advance=1, description=rec.get("slide", ""))
 
     try:
-        with sigterm_as_interrupt(), progress:
+        with (sigterm_as_interrupt(), progress,
+              cluster_or(scheduler, cluster_kind, settings) as where):
             summary = analyze_folder(
                 slides_dir, out_dir, settings, samples=samples, control=control, mpp=mpp,
-                workers=n_workers, scheduler=scheduler, force=force, wait=wait, masks=masks,
+                workers=n_workers, scheduler=where, force=force, wait=wait, masks=masks,
                 command=command, on_plan=on_plan, on_result=on_result,
             )
     except StoreLockedError as exc:
@@ -205,26 +221,78 @@ def run_analyze(
         logging.getLogger(__name__).debug("internal error", exc_info=True)
         raise fail(f"internal error: {type(exc).__name__}: {one_line(exc)} (the tables may "
                     "be stale; rerun with -v for details)", 4) from None
+    n_warn = len(summary.warnings)
     if not quiet:
-        err.print(
-            f"measured {summary.processed - len(failed_lines)}, failed {summary.failed}, "
-            f"skipped {summary.skipped} (already measured), removed {summary.removed} "
-            f"in {summary.seconds:.1f} s"
-        )
+        note(f"measured {summary.processed - summary.failed}, failed {summary.failed}, "
+             f"skipped {summary.skipped} (already measured), removed {summary.removed} "
+             f"in {summary.seconds:.1f} s" + (f"; {n_warn} warning(s)" if n_warn else ""))
         for old, new in summary.renamed:
-            err.print(f"renamed: {new} (was {old}): its measurement and overlay kept",
-                      soft_wrap=True)
-        err.print(summary.comparison, soft_wrap=True)
-        for slide, error in summary.failed_slides:
-            if not any(error in line for line in failed_lines):
-                err.print(f"[yellow]failed: {error or slide}[/]", markup=True, soft_wrap=True)
-        err.print(f"results: {out_dir / 'slides.csv'}, {out_dir / 'mice.csv'}, "
-                  f"{out_dir / 'groups.csv'}, report {out_dir / 'report.html'}")
-        for slide in summary.crashed:
-            err.print(f"[yellow]not measured again: {slide} (it crashed its worker process in "
-                      f"earlier runs; --force to retry)[/]", markup=True, soft_wrap=True)
+            note(f"renamed: {new} (was {old}): its measurement and overlay kept")
+    for slide, error in summary.failed_slides:
+        if not any(error in line for line in failed_lines):
+            err.print(f"[yellow]failed: {escape(error or slide)}[/]", markup=True)
+    for slide in summary.crashed:
+        warn(f"not measured again: {slide} (it crashed its worker process in earlier runs; "
+             "--force to retry)")
+    for line in summary.warnings:
+        warn(line)
     if summary.interrupted:
         err.print("interrupted: slides finished so far are stored; rerun to continue")
+    files = {name: str(out_dir / name) for name in
+             ("slides.csv", "mice.csv", "groups.csv", "results.xlsx", "report.html")}
+    if as_json:
+        out.print_json(data=run_json(summary, out_dir, files))
+        return summary.exit_code
+    out.print(summary.comparison, markup=False)
+    if n_warn or summary.failed:
+        out.print(f"{summary.failed} slide(s) failed, {n_warn} warning(s): see above and the "
+                  "report before trusting the comparison.", markup=False)
+    out.print(f"report: {files['report.html']}", markup=False)
+    if not quiet:
+        out.print(f"tables: {files['slides.csv']}, {files['mice.csv']}, {files['groups.csv']}, "
+                  f"{files['results.xlsx']}", markup=False)
     return summary.exit_code
+
+
+def as_float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def run_json(summary: Any, out_dir: Path, files: dict[str, str]) -> dict[str, Any]:
+    """What ``analyze --json`` prints: the run's counts, comparison, warnings, failed slides,
+    output files and the group table as in ``groups.csv``."""
+    import pandas as pd
+
+    groups: list[dict[str, Any]] = []
+    path = out_dir / "groups.csv"
+    if path.is_file():
+        frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
+        groups = json.loads(frame.to_json(orient="records"))
+    return {
+        "exit_code": summary.exit_code, "processed": summary.processed,
+        "skipped": summary.skipped, "failed": summary.failed, "removed": summary.removed,
+        "seconds": summary.seconds, "interrupted": summary.interrupted,
+        "comparison": summary.comparison, "warnings": list(summary.warnings),
+        "failed_slides": [{"slide": s, "error": e} for s, e in summary.failed_slides],
+        "renamed": [{"from": a, "to": b} for a, b in summary.renamed],
+        "files": files, "groups": groups,
+    }
+
+
+def cluster_or(scheduler: str | None, kind: str | None, settings: Any) -> Any:
+    """A context giving the run's scheduler: a batch cluster's for ``kind`` (closed after the
+    run, its jobs cancelled), else the ``--scheduler`` address or None (local workers)."""
+    from contextlib import nullcontext
+
+    if kind is None:
+        return nullcontext(scheduler)
+    from fibroquant.cluster import cluster_for
+
+    err.print(f"cluster: {kind}, {settings.cluster.jobs} job(s) of "
+              f"{settings.cluster.cores} core(s), {settings.cluster.memory}")
+    return cluster_for(kind, settings.cluster)
 
 

@@ -296,6 +296,36 @@ class TraitSettings(_Model):
         return {"enabled": data} if isinstance(data, bool) else data
 
 
+class ClusterSettings(_Model):
+    """Where the slides run: a batch cluster's jobs (``--cluster``; never changes measurements).
+
+    Each job is one Dask worker process of ``cores`` threads (one slide per thread) on a node;
+    the run submits ``jobs`` of them through dask-jobqueue (see :mod:`fibroquant.cluster`).
+    """
+
+    kind: Literal["slurm", "pbs", "sge", "local"] | None = Field(
+        None, description="batch system; --cluster overrides it; None = no cluster")
+    cores: int = Field(4, ge=1, le=1024, description="cores (Dask threads) per job")
+    memory: str = Field("16GB", min_length=2, description="memory per job, e.g. 16GB")
+    walltime: str = Field("04:00:00", description="job time limit, HH:MM:SS")
+    queue: str | None = Field(None, description="partition (SLURM) or queue (PBS/SGE)")
+    account: str | None = Field(None, description="account / project charged")
+    job_extra_directives: list[str] = Field(
+        default_factory=list, description="extra #SBATCH/#PBS/#$ lines, e.g. ['--qos=long']")
+    job_script_prologue: list[str] = Field(
+        default_factory=list,
+        description="shell lines run before the worker, e.g. ['module load python', "
+        "'source ~/venvs/fibroquant/bin/activate']")
+    jobs: int = Field(1, ge=1, le=10000, description="jobs (workers) to scale to")
+    python: str | None = Field(
+        None, description="python on the nodes (default: this one, found on a shared disk)")
+    interface: str | None = Field(
+        None, description="network interface workers and scheduler talk on, e.g. ib0")
+    local_directory: str | None = Field(
+        None, description="worker scratch folder on the node, e.g. $TMPDIR")
+    log_directory: str | None = Field(None, description="folder for the jobs' stdout/stderr")
+
+
 class Settings(_Model):
     """All settings of one analysis."""
 
@@ -304,12 +334,20 @@ class Settings(_Model):
     collagen: CollagenSettings = CollagenSettings()
     tiling: TilingSettings = TilingSettings()
     traits: TraitSettings = TraitSettings()
+    cluster: ClusterSettings = ClusterSettings()
+    classifier: Path | None = Field(
+        None, description="pixel classifier file (fibroquant train) that decides collagen "
+        "instead of the threshold; its SHA-256 joins the settings hash")
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.tissue.glass_od_min > self.tissue.glass_od_max:
             msg = "tissue.glass_od_min must not exceed tissue.glass_od_max"
             raise ValueError(msg)
+        if self.classifier is not None:
+            from fibroquant.classifier import check_compatible
+
+            check_compatible(self.classifier, self.stains.stain_names())
         return self
 
     def share_from_parenchyma(self, counterstain_fitted: bool) -> bool:
@@ -327,6 +365,12 @@ class Settings(_Model):
     def measurement_dict(self) -> dict[str, Any]:
         """Settings that change measurements, as canonical JSON-able data."""
         data = self.model_dump(mode="json")
+        data.pop("cluster")  # where slides run does not change what is measured
+        clf = data.pop("classifier", None)  # absent by default: the default hash is unchanged
+        if clf is not None:  # the file's content, not its name, changes measurements
+            from fibroquant.classifier import file_hash
+
+            data["classifier_sha256"] = file_hash(clf)
         for key in ("tile_px", "halo_px", "mask_max_mpx", "qc_max_px"):
             data["tiling"].pop(key)
         data["traits"].pop("tile_px")
@@ -343,12 +387,51 @@ class Settings(_Model):
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """The setting names allowed where ``loc`` points (its parent section's fields)."""
+    model: Any = Settings
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = field.annotation
+    return list(getattr(model, "model_fields", {}))
+
+
+_FRIENDLY = {
+    "float_parsing": "expected a number", "float_type": "expected a number",
+    "int_parsing": "expected a whole number", "int_type": "expected a whole number",
+    "int_from_float": "expected a whole number", "bool_parsing": "expected true or false",
+    "bool_type": "expected true or false", "string_type": "expected text",
+    "dict_type": "expected a section of settings (key: value lines)",
+    "list_type": "expected a list",
+}
+
+
 def _format_validation(error: ValidationError, source: str) -> str:
+    """One line naming every bad ``section.key``, in plain words, with the closest known
+    setting for a misspelt one."""
+    import difflib
+
     parts = []
     for item in error.errors():
-        loc = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        loc = tuple(item["loc"])
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        kind = item.get("type", "")
+        if kind == "extra_forbidden":
+            known = _fields_at(loc)
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+            prefix = ".".join(str(p) for p in loc[:-1])
+            hint = (f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close
+                    else f"; known here: {', '.join(known)}" if known else "")
+            parts.append(f"{where}: unknown setting{hint}")
+            continue
+        if kind in _FRIENDLY:
+            parts.append(f"{where}: {_FRIENDLY[kind]}, got {item.get('input')!r}")
+            continue
         msg = str(item["msg"]).removeprefix("Value error, ")  # our own validators' text
-        parts.append(f"{loc}: {msg}")
+        msg = msg.replace("Input should be", "should be")
+        parts.append(f"{where}: {msg}")
     return f"{source}: " + "; ".join(parts)
 
 
@@ -424,6 +507,8 @@ def load_settings(
             msg = f"{path}: expected a mapping of sections (tissue:, stains:, ...)"
             raise ConfigError(msg)
         data = loaded
+        if isinstance(data.get("classifier"), str) and not Path(data["classifier"]).is_absolute():
+            data = {**data, "classifier": str(Path(path).parent / data["classifier"])}
     if overrides:
         data = _deep_merge(data, overrides)
     try:
