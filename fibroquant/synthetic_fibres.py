@@ -8,6 +8,7 @@ into a Sirius-red-like RGB image (Beer-Lambert) for end-to-end runs of the pipel
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -76,7 +77,7 @@ class _Canvas:
         """A straight centre line between two points (µm), clipped to the image."""
         layer = self.lines.setdefault(width_um, np.zeros(self.shape, bool))
         (y0, x0), (y1, x1) = p0, p1
-        n = int(math.ceil(math.hypot(y1 - y0, x1 - x0) / self.mpp * 2)) + 1
+        n = math.ceil(math.hypot(y1 - y0, x1 - x0) / self.mpp * 2) + 1
         ys = np.rint(np.linspace(y0, y1, n) / self.mpp).astype(int)
         xs = np.rint(np.linspace(x0, x1, n) / self.mpp).astype(int)
         ok = (ys >= 0) & (ys < self.shape[0]) & (xs >= 0) & (xs < self.shape[1])
@@ -84,7 +85,7 @@ class _Canvas:
         self.length_um += math.hypot(y1 - y0, x1 - x0) * ok.mean()
 
     def polyline(self, pts: np.ndarray, width_um: float) -> None:
-        for a, b in zip(pts[:-1], pts[1:]):
+        for a, b in itertools.pairwise(pts):
             self.line(tuple(a), tuple(b), width_um)
 
     def masks(self) -> tuple[np.ndarray, np.ndarray]:
@@ -131,7 +132,7 @@ def fibre_field(
     canvas = _Canvas(shape, mpp)
     extent = np.array(shape, float) * mpp
     n_branch = 0
-    for w, n in zip(widths_um, n_per_width):
+    for w, n in zip(widths_um, n_per_width, strict=True):
         for _ in range(n):
             margin = length_um * 0.1 + w
             start = g.uniform(margin, extent - margin)
@@ -174,7 +175,7 @@ def pericellular_network(
         canvas.polyline(pts[:, j, :], wall_um)
     collagen, width = canvas.masks()
     tissue = np.ones(shape, bool)
-    holes, n = ndi.label(~collagen)
+    holes, _ = ndi.label(~collagen)
     inner = np.setdiff1d(np.unique(holes), np.unique(np.concatenate(
         [holes[0], holes[-1], holes[:, 0], holes[:, -1]])))
     areas = ndi.sum_labels(np.ones(shape), holes, inner) * mpp * mpp

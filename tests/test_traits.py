@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
 from scipy import stats as sps
 from skimage.measure import euler_number, label, regionprops
 
@@ -62,7 +63,7 @@ def test_side_branches_add_branch_points():
 def test_holes_equal_objects_minus_euler_number_and_chicken_wire():
     truth = sf.pericellular_network(cell_um=20.0, wall_um=1.5, rng=4)
     got = _traits(truth)
-    # closed holes = objects − Euler number (8-connected collagen), minus the holes that touch
+    # closed holes = objects - Euler number (8-connected collagen), minus the holes that touch
     # the frame (open: they are not enclosed here) — none in this drawing's interior count
     n_obj = label(truth.collagen, connectivity=2).max()
     holes_all = n_obj - euler_number(truth.collagen, connectivity=2)
@@ -106,10 +107,11 @@ def test_traits_do_not_depend_on_the_tile_size(tile_px):
 def test_compartments_match_drawn_septa_and_collars():
     truth = sf.vessels_and_septa((1200, 1200), 1.0, n_fine=70, rng=14)
     got = _traits(truth)
-    ring = tr.vessel_map(truth.lumen, 1.0, 1.0, 150).distance_um <= 50
+    ring = ndi.distance_transform_edt(~truth.lumen) * truth.mpp <= 50
     col = truth.collagen.sum()
+    # the lumens are looked up at 2 µm/px (vessel_map): the ring's edge moves by ≤ 2 µm
     assert got["perivascular_collagen_percent"] == pytest.approx(
-        100 * (truth.collagen & ring).sum() / col, abs=0.5)
+        100 * (truth.collagen & ring).sum() / col, abs=1.5)
     assert got["septal_collagen_percent"] == pytest.approx(
         100 * (truth.septal & ~ring).sum() / col, abs=5)
     assert got["pericellular_collagen_percent"] == pytest.approx(
@@ -158,7 +160,7 @@ def test_empty_collagen_gives_nan_traits_not_errors():
 def test_regression_cohort_width_traits_differ_cpa_does_not():
     cohort = sf.regression_cohort(5, shape=(900, 900), rng=27)
     rows = []
-    for mouse, group, truth in cohort:
+    for _mouse, group, truth in cohort:
         got = tr.measure_slide(truth.collagen, truth.tissue, truth.mpp, TraitSettings(),
                                lumen=truth.lumen, lumen_mpp=truth.mpp)
         rows.append((group, truth.cpa_percent, got))
