@@ -243,3 +243,24 @@ def test_cli_writes_trait_columns_tables_and_comparisons(fibre_study, tmp_path):
     assert "fibre_width_median_um" not in plain.columns
     assert not (off / "traits.csv").exists()
     pd.testing.assert_series_equal(plain["cpa_percent"], slides["cpa_percent"])
+
+
+def test_threads_give_the_same_sums():
+    truth = sf.vessels_and_septa((700, 700), 1.0, rng=3)
+    params = tr.TraitParams(mpp=1.0)
+    one = tr.measure_masks(truth.collagen, truth.tissue, params, tile_px=200).traits(params)
+    two = tr.measure_masks(truth.collagen, truth.tissue, params, tile_px=200, workers=2)
+    assert two.traits(params) == pytest.approx(one, nan_ok=True)
+
+
+@pytest.mark.parametrize(("shape_kind", "dimension"), [("line", 1.0), ("plane", 2.0)])
+def test_fractal_dimension_of_a_line_and_a_plane(shape_kind, dimension):
+    tissue = np.ones((512, 512), bool)
+    collagen = np.zeros_like(tissue)
+    if shape_kind == "line":
+        collagen[200, :] = True
+    else:
+        collagen[:] = True
+    params = tr.TraitParams(mpp=1.0)
+    got = tr.measure_masks(collagen, tissue, params, tile_px=200).traits(params)
+    assert got["fractal_dimension"] == pytest.approx(dimension, abs=0.02)
