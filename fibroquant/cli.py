@@ -2,7 +2,8 @@
 
 Exit codes: 0 every slide ok; 1 some slides failed (all tables still written); 2 a usage,
 configuration or sample-sheet error (nothing measured); 3 the output folder is in use by another
-run (use ``--wait``); 130 interrupted (slides finished so far are kept).
+run (use ``--wait``); 4 an internal error or an output that cannot be written (the tables may be
+stale); 130 interrupted by Ctrl-C, 143 by SIGTERM (slides finished so far are kept).
 """
 
 from __future__ import annotations
@@ -16,10 +17,39 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
+import typer.core
 
 from fibroquant import __version__
-from fibroquant.errors import ConfigError, FibroquantError, SampleSheetError, StoreLockedError
+from fibroquant.console import err, note, out, setup_logging, warn
+from fibroquant.errors import (
+    ConfigError,
+    FibroquantError,
+    SampleSheetError,
+    StoreError,
+    StoreLockedError,
+    interrupt_exit_code,
+    one_line,
+    sigterm_as_interrupt,
+)
+
+
+def _plain_flags(params: list[Any]) -> list[Any]:
+    """Flags show no ``<bool>`` placeholder in help (Typer's default does)."""
+    for p in params:
+        if getattr(p, "is_flag", False) and p.metavar is None:
+            p.metavar = ""
+    return params
+
+
+class _Command(typer.core.TyperCommand):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _plain_flags(super().get_params(ctx))
+
+
+class _Group(typer.core.TyperGroup):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _plain_flags(super().get_params(ctx))
+
 
 app = typer.Typer(
     name="fibroquant",
@@ -27,10 +57,9 @@ app = typer.Typer(
     "slides in, per-mouse tables and a treated-vs-control comparison out.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
-    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    cls=_Group,
 )
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
 
 
 class StainChoice(str, Enum):
@@ -41,7 +70,9 @@ class StainChoice(str, Enum):
 
 
 def _fail(message: str, code: int) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    from rich.markup import escape
+
+    err.print(f"[bold red]error:[/] {escape(message)}", markup=True, soft_wrap=True)
     return typer.Exit(code=code)
 
 
@@ -54,15 +85,14 @@ def _version(value: bool) -> None:
 @app.callback()
 def main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log details.")] = False,
+    quiet: Annotated[bool, typer.Option(
+        "--quiet", "-q", help="Only warnings, errors and the results.")] = False,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Show version.")
     ] = False,
 ) -> None:
     """fibroquant: collagen proportionate area from stained liver slides."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(verbose=verbose, quiet=quiet)
     if not verbose:
         from fibroquant.errors import quiet_warnings
 
@@ -70,12 +100,14 @@ def main(
 
 
 def _settings(config: Path | None, stain: StainChoice | None, analysis_mpp: float | None,
-              traits: bool | None = None):
+              traits: bool | None = None, classifier: Path | None = None):
     from fibroquant.config import load_settings
 
     overrides: dict[str, Any] = {}
     if traits is False:  # --no-traits; --traits keeps the config's choice
         overrides["traits"] = {"enabled": False}
+    if classifier is not None:
+        overrides["classifier"] = str(classifier)
     if stain is not None:
         overrides.setdefault("stains", {})["stain"] = stain.value
     if analysis_mpp is not None:
@@ -141,25 +173,39 @@ def _analyze(
     config: Path | None, mpp: float | None, analysis_mpp: float | None, masks: bool,
     workers: int | None, scheduler: str | None, force: bool, wait: bool, control: str | None,
     quiet: bool = False, command: str | None = None, traits: bool = True,
+    cluster: str | None = None, classifier: Path | None = None,
+    as_json: bool = False,
 ) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.markup import escape
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
+    from fibroquant.console import is_quiet
     from fibroquant.run import analyze_folder
 
+    quiet = quiet or is_quiet() or as_json
     if command is None:
         command = _command("analyze", {
             "slides_dir": slides_dir, "out": out_dir, "samples": samples, "stain": stain,
             "config": config, "mpp": mpp, "analysis_mpp": analysis_mpp, "masks": masks,
-            "workers": workers, "scheduler": scheduler, "control": control, "force": force,
-            "wait": wait})
+            "workers": workers, "scheduler": scheduler, "cluster": cluster, "control": control,
+            "force": force, "wait": wait, "classifier": classifier})
     try:
-        settings = _settings(config, stain, analysis_mpp, traits)
+        settings = _settings(config, stain, analysis_mpp, traits, classifier)
     except ConfigError as exc:
         raise _fail(str(exc), 2) from None
     if scheduler is not None:
         problem = _scheduler_problem(scheduler)
         if problem:
             raise _fail(f"--scheduler {scheduler!r}: {problem}", 2)
+    cluster_kind = cluster or settings.cluster.kind
+    if cluster_kind is not None and scheduler is not None:
+        raise _fail("--cluster and --scheduler: give one of them, not both", 2)
     n_workers = workers or available_cores()
     progress = Progress(
         TextColumn("[bold]analyze"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -172,61 +218,140 @@ def _analyze(
     def on_plan(n: int, skipped: int) -> None:
         nonlocal task_id
         if not quiet:
-            err.print(f"{n} slide(s) to measure, {skipped} already measured")
+            note(f"{n} slide(s) to measure, {skipped} already measured")
         task_id = progress.add_task("", total=n)
 
     def on_result(rec: dict[str, Any]) -> None:
         if rec.get("status") != "ok":
             line = f"failed: {rec.get('error')}"
             failed_lines.append(line)
-            progress.console.print(f"[yellow]{line}[/]", markup=True, soft_wrap=True)
+            progress.console.print(f"[yellow]{escape(line)}[/]", markup=True, soft_wrap=True)
+        elif not quiet and not progress.live.is_started:  # a log: one line per slide
+            note(f"measured {rec.get('slide', '')}: CPA {_float(rec.get('cpa_percent')):.2f} %")
         if task_id is not None:
             progress.update(task_id, advance=1, description=rec.get("slide", ""))
 
     try:
-        with progress:
+        with (sigterm_as_interrupt(), progress,
+              _cluster_or(scheduler, cluster_kind, settings) as where):
             summary = analyze_folder(
                 slides_dir, out_dir, settings, samples=samples, control=control, mpp=mpp,
-                workers=n_workers, scheduler=scheduler, force=force, wait=wait, masks=masks,
+                workers=n_workers, scheduler=where, force=force, wait=wait, masks=masks,
                 command=command, on_plan=on_plan, on_result=on_result,
             )
     except StoreLockedError as exc:
         raise _fail(str(exc), 3) from None
-    except KeyboardInterrupt:  # while planning (measuring is interrupted inside the run)
-        err.print("interrupted before measuring: nothing was lost; rerun to continue")
-        return 130
+    except KeyboardInterrupt as exc:  # while planning or writing the tables
+        err.print("interrupted: slides finished so far are stored; rerun to continue")
+        return interrupt_exit_code(exc)
     except (SampleSheetError, ConfigError) as exc:
         raise _fail(str(exc), 2) from None
+    except StoreError as exc:  # the store or an output cannot be written
+        raise _fail(f"{exc} (the tables may be stale; rerun when fixed)", 4) from None
     except FibroquantError as exc:
         raise _fail(str(exc), 2) from None
+    except Exception as exc:  # a bug: one line (details with -v), exit 4
+        logging.getLogger(__name__).debug("internal error", exc_info=True)
+        raise _fail(f"internal error: {type(exc).__name__}: {one_line(exc)} (the tables may "
+                    "be stale; rerun with -v for details)", 4) from None
+    n_warn = len(summary.warnings)
     if not quiet:
-        err.print(
-            f"measured {summary.processed - summary.failed}, failed {summary.failed}, "
-            f"skipped {summary.skipped} (already measured), removed {summary.removed} "
-            f"in {summary.seconds:.1f} s"
-        )
+        note(f"measured {summary.processed - summary.failed}, failed {summary.failed}, "
+             f"skipped {summary.skipped} (already measured), removed {summary.removed} "
+             f"in {summary.seconds:.1f} s" + (f"; {n_warn} warning(s)" if n_warn else ""))
         for old, new in summary.renamed:
-            err.print(f"renamed: {new} (was {old}): its measurement and overlay kept",
-                      soft_wrap=True)
-        err.print(summary.comparison, soft_wrap=True)
-        for slide, error in summary.failed_slides:
-            if not any(error in line for line in failed_lines):
-                err.print(f"[yellow]failed: {error or slide}[/]", markup=True, soft_wrap=True)
-        err.print(f"results: {out_dir / 'slides.csv'}, {out_dir / 'mice.csv'}, "
-                  f"{out_dir / 'groups.csv'}, report {out_dir / 'report.html'}")
+            note(f"renamed: {new} (was {old}): its measurement and overlay kept")
+    for slide, error in summary.failed_slides:
+        if not any(error in line for line in failed_lines):
+            err.print(f"[yellow]failed: {escape(error or slide)}[/]", markup=True)
+    for slide in summary.crashed:
+        warn(f"not measured again: {slide} (it crashed its worker process in earlier runs; "
+             "--force to retry)")
+    for line in summary.warnings:
+        warn(line)
     if summary.interrupted:
         err.print("interrupted: slides finished so far are stored; rerun to continue")
+    files = {name: str(out_dir / name) for name in
+             ("slides.csv", "mice.csv", "groups.csv", "results.xlsx", "report.html")}
+    if as_json:
+        out.print_json(data=_run_json(summary, out_dir, files))
+        return summary.exit_code
+    out.print(summary.comparison, markup=False)
+    if n_warn or summary.failed:
+        out.print(f"{summary.failed} slide(s) failed, {n_warn} warning(s): see above and the "
+                  "report before trusting the comparison.", markup=False)
+    out.print(f"report: {files['report.html']}", markup=False)
+    if not quiet:
+        out.print(f"tables: {files['slides.csv']}, {files['mice.csv']}, {files['groups.csv']}, "
+                  f"{files['results.xlsx']}", markup=False)
     return summary.exit_code
+
+
+def _float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _run_json(summary: Any, out_dir: Path, files: dict[str, str]) -> dict[str, Any]:
+    """What ``analyze --json`` prints: the run's counts, comparison, warnings, failed slides,
+    output files and the group table as in ``groups.csv``."""
+    import pandas as pd
+
+    groups: list[dict[str, Any]] = []
+    path = out_dir / "groups.csv"
+    if path.is_file():
+        frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
+        groups = json.loads(frame.to_json(orient="records"))
+    return {
+        "exit_code": summary.exit_code, "processed": summary.processed,
+        "skipped": summary.skipped, "failed": summary.failed, "removed": summary.removed,
+        "seconds": summary.seconds, "interrupted": summary.interrupted,
+        "comparison": summary.comparison, "warnings": list(summary.warnings),
+        "failed_slides": [{"slide": s, "error": e} for s, e in summary.failed_slides],
+        "renamed": [{"from": a, "to": b} for a, b in summary.renamed],
+        "files": files, "groups": groups,
+    }
+
+
+def _cluster_or(scheduler: str | None, kind: str | None, settings: Any) -> Any:
+    """A context giving the run's scheduler: a batch cluster's for ``kind`` (closed after the
+    run, its jobs cancelled), else the ``--scheduler`` address or None (local workers)."""
+    from contextlib import nullcontext
+
+    if kind is None:
+        return nullcontext(scheduler)
+    from fibroquant.cluster import cluster_for
+
+    err.print(f"cluster: {kind}, {settings.cluster.jobs} job(s) of "
+              f"{settings.cluster.cores} core(s), {settings.cluster.memory}")
+    return cluster_for(kind, settings.cluster)
+
+
+class ClusterChoice(str, Enum):
+    """Batch systems of ``--cluster``."""
+
+    SLURM = "slurm"
+    PBS = "pbs"
+    SGE = "sge"
+    LOCAL = "local"
 
 
 SlidesDir = Annotated[Path, typer.Argument(
     exists=True, file_okay=False, dir_okay=True, readable=True, resolve_path=True,
     help="Folder of slides (searched recursively).")]
+SlidesOrFile = Annotated[Path, typer.Argument(
+    exists=True, file_okay=True, dir_okay=True, readable=True, resolve_path=True, help="Folder of slides (searched recursively), or one slide file.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q",
+                                     help="Only warnings, errors and the results.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print the run summary and the group "
+                                      "table as JSON on stdout.")]
 
 
 @app.command()
 def analyze(
-    slides_dir: SlidesDir,
+    slides_dir: SlidesOrFile,
     out: Annotated[Path, typer.Option("--out", "-o", file_okay=False, resolve_path=True,
                                       help="Output folder (tables, masks, QC, report, store).")],
     samples: Annotated[Path | None, typer.Option(
@@ -237,7 +362,7 @@ def analyze(
     config: Annotated[Path | None, typer.Option(
         exists=True, dir_okay=False, readable=True, help="YAML settings file.")] = None,
     mpp: Annotated[float | None, typer.Option(
-        min=0.01, max=100.0, help="µm per pixel for slides whose files lack it.")] = None,
+        min=0.05, max=50.0, help="µm per pixel for slides whose files lack it.")] = None,
     analysis_mpp: Annotated[float | None, typer.Option(
         min=0.05, max=10.0, help="Analysis resolution in µm per pixel (native when unset; "
         "septa need <= 2, fine fibres <= 1).")]
@@ -256,12 +381,27 @@ def analyze(
     traits: Annotated[bool, typer.Option(
         "--traits/--no-traits", help="Measure fibre traits and compartments (on by default; "
         "--no-traits saves their time).")] = True,
+    cluster: Annotated[ClusterChoice | None, typer.Option(
+        help="Run the slides as batch jobs (dask-jobqueue); shape them in the config's "
+        "cluster: section (cores, memory, walltime, queue, account, jobs). See docs/cluster.md."
+    )] = None,
+    classifier: Annotated[Path | None, typer.Option(
+        exists=True, dir_okay=False, readable=True, resolve_path=True,
+        help="Pixel classifier (fibroquant train) deciding collagen instead of the "
+        "threshold.")] = None,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
 ) -> None:
-    """Measure CPA on every new or changed slide and write the study tables and report."""
+    """Measure CPA on every new or changed slide and write the study tables and report.
+
+    The comparison goes to stdout, progress and warnings to stderr.
+    """
     code = _analyze(
         slides_dir, out, samples=samples, stain=stain, config=config, mpp=mpp,
         analysis_mpp=analysis_mpp, masks=masks, workers=workers, scheduler=scheduler,
         force=force, wait=wait, control=control, traits=traits,
+        cluster=cluster.value if cluster is not None else None, classifier=classifier,
+        quiet=quiet, as_json=as_json,
     )
     raise typer.Exit(code=code)
 
@@ -292,6 +432,8 @@ def demo(
         wait=True, control="control",
         command=_command("demo", {"out": out, "workers": workers}),
     )
+    from fibroquant.console import out as stdout
+
     truth = slides / "truth" / "truth.csv"
     if truth.is_file():
         import pandas as pd
@@ -301,15 +443,16 @@ def demo(
         m = t.merge(got, on="slide")
         if len(m):
             mae = (m["cpa_percent"] - m["truth_cpa_percent"]).abs().mean()
-            err.print(f"synthetic truth: mean absolute CPA error {mae:.2f} pp over {len(m)} slides")
-    err.print(f"open {out / 'results' / 'report.html'} in a browser")
+            stdout.print(f"synthetic truth: mean absolute CPA error {mae:.2f} pp over {len(m)} "
+                         "slides")
+    note(f"open {out / 'results' / 'report.html'} in a browser")
     raise typer.Exit(code=code)
 
 
 @app.command()
 def inspect(
     slide: Annotated[Path, typer.Argument(exists=True, dir_okay=True, readable=True,
-                                          help="A slide or image file.")],
+                                          help="A slide or image file, or a DICOM WSI folder.")],
     mpp: Annotated[float | None, typer.Option(min=0.01, help="µm per pixel override.")] = None,
     stain: Annotated[StainChoice | None, typer.Option(help="Expected stain.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
@@ -361,5 +504,10 @@ def _stain_fit_of(path: Path, mpp: float | None, info: dict[str, Any]) -> dict[s
 def run() -> None:  # pragma: no cover - console entry alternative
     """Entry point used by ``python -m fibroquant``."""
     app(prog_name="fibroquant")
-from fibroquant import cli_ops as _cli_ops  # noqa: E402,F401  (registers status and watch)
-from fibroquant import cli_study as _cli_study  # noqa: E402,F401  (registers compare and stains)
+from fibroquant import cli_agree as _cli_agree  # noqa: F401  (registers agree and train)
+from fibroquant import cli_ops as _cli_ops  # noqa: F401  (registers status and watch)
+from fibroquant import cli_study as _cli_study  # noqa: F401  (registers compare and stains)
+
+for _info in app.registered_commands:  # every command's flags without a <bool> placeholder
+    if _info.cls in (None, typer.core.TyperCommand):
+        _info.cls = _Command

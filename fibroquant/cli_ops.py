@@ -8,6 +8,7 @@ works while a run is going on) and ``watch`` calls the same code as ``analyze``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -22,6 +23,8 @@ import typer
 from fibroquant.cli import StainChoice, _analyze, _command, _fail, app, err, out
 from fibroquant.errors import FibroquantError, one_line
 from fibroquant.layout import STORE_NAME
+
+logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------
 # status
@@ -81,8 +84,7 @@ def folder_changes(store: Any, slides_dir: Path, out_dir: Path, settings_hash: s
     rels = [p.relative_to(slides_dir).as_posix() for p in files]
     stems = output_stems(rels)
     last = store.last_measured()
-    rows = store._db.execute("SELECT slide, fingerprint FROM slides").fetchall()
-    stored = dict(rows)
+    stored = store.slide_fingerprints()
     known = store.known(settings_hash) if settings_hash else {}
     known_base: dict[str, str] = {}
     for key, status in known.items():
@@ -162,7 +164,7 @@ def gather_status(out_dir: Path, slides_dir: Path | None = None, *, n_runs: int 
         msg = (f"{out_dir}: no results store ({STORE_NAME}) here; run "
                f"'fibroquant analyze SLIDES --out {out_dir}' first")
         raise FibroquantError(msg)
-    with ResultStore(path, timeout=10.0) as store:
+    with ResultStore(path, timeout=10.0, read_only=True) as store:
         runs = store.runs(limit=n_runs)
         hashes = store.settings_hashes()
         shash = runs[0]["settings_hash"] if runs else (hashes[0] if hashes else None)
@@ -174,7 +176,7 @@ def gather_status(out_dir: Path, slides_dir: Path | None = None, *, n_runs: int 
         else:  # leave out the slides the last run found removed (from its provenance)
             removed = _last_removed(out_dir)
             if removed:
-                stored = {r[0] for r in store._db.execute("SELECT slide FROM slides")}
+                stored = set(store.slide_fingerprints())
                 present = stored - set(removed)
         current = store.current_results(shash, present=present) if shash else []
     for i, run in enumerate(runs):
@@ -292,6 +294,17 @@ class Settler:
         with self._lock:
             self._pending[Path(path)] = (None, self.clock())
 
+    def touch_existing(self, path: Path) -> None:
+        """Note a file found at start: quiet since its last modification, so one unchanged for
+        ``settle`` seconds already is analysed without waiting."""
+        try:
+            st = Path(path).stat()
+        except OSError:
+            return
+        age = max(0.0, time.time() - st.st_mtime)
+        with self._lock:
+            self._pending[Path(path)] = ((st.st_size, st.st_mtime_ns), self.clock() - age)
+
     def deleted(self, path: Path) -> None:
         with self._lock:
             self._pending.pop(Path(path), None)
@@ -304,7 +317,7 @@ class Settler:
         """Update sizes; return True when everything pending has settled (and something is)."""
         now = self.clock()
         with self._lock:
-            for path, (sig, since) in list(self._pending.items()):
+            for path, (sig, _since) in list(self._pending.items()):
                 try:
                     st = path.stat()
                 except OSError:  # vanished before settling
@@ -356,9 +369,20 @@ def watch(
     config: Annotated[Path | None, typer.Option(
         exists=True, dir_okay=False, readable=True, help="YAML settings file.")] = None,
     mpp: Annotated[float | None, typer.Option(
-        min=0.01, max=100.0, help="µm per pixel for slides whose files lack it.")] = None,
+        min=0.05, max=50.0, help="µm per pixel for slides whose files lack it.")] = None,
     workers: Annotated[int | None, typer.Option(min=1, help="Parallel workers.")] = None,
     control: Annotated[str | None, typer.Option(help="Control group name.")] = None,
+    analysis_mpp: Annotated[float | None, typer.Option(
+        min=0.05, max=10.0, help="Analysis resolution in µm per pixel (as for analyze).")]
+    = None,
+    masks: Annotated[bool, typer.Option("--masks", help="Write collagen/tissue mask PNGs.")]
+    = False,
+    scheduler: Annotated[str | None, typer.Option(
+        help="Dask scheduler address, e.g. tcp://10.0.0.5:8786.")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Re-measure every slide in the first run.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q",
+                                        help="Only warnings, errors and the results.")] = False,
     settle: Annotated[float, typer.Option(
         min=0.0, help="Seconds a file's size must stay unchanged before it is analysed.")]
     = 30.0,
@@ -375,6 +399,12 @@ def watch(
 
     class Handler(FileSystemEventHandler):
         def on_any_event(self, event: FileSystemEvent) -> None:
+            try:
+                self._note(event)
+            except Exception as exc:  # noqa: BLE001 - the watcher thread must never die
+                logger.warning("watch: %s: %s", getattr(event, "src_path", "?"), one_line(exc))
+
+        def _note(self, event: FileSystemEvent) -> None:
             if event.is_directory or event.event_type in ("opened", "closed_no_write"):
                 return
             src = Path(os.fsdecode(event.src_path))
@@ -390,28 +420,39 @@ def watch(
             if _is_slide(src, out) or (sheet is not None and src == sheet):
                 settler.touch(src)
 
+    first = [force]
+
     def run_once() -> int:
         settler.take()
-        err.print(f"[bold]watch:[/] analysing {slides_dir}", markup=True)
+        if not quiet:
+            err.print(f"[bold]watch:[/] analysing {slides_dir}", markup=True)
         try:
             return _analyze(
                 slides_dir, out, samples=samples, stain=stain, config=config, mpp=mpp,
-                analysis_mpp=None, masks=False, workers=workers, scheduler=None, force=False,
-                wait=True, control=control,
+                analysis_mpp=analysis_mpp, masks=masks, workers=workers, scheduler=scheduler,
+                force=first.pop() if first else False, wait=True, control=control,
+                quiet=quiet,
                 command=_command("watch", {
                     "slides_dir": slides_dir, "out": out, "samples": samples, "stain": stain,
                     "config": config, "mpp": mpp, "workers": workers, "control": control,
-                    "settle": settle, "once": once}),
+                    "analysis_mpp": analysis_mpp, "masks": masks, "scheduler": scheduler,
+                    "force": force, "settle": settle, "once": once}),
             )
         except typer.Exit as exc:  # a sheet/config problem: reported; keep watching
             return int(exc.exit_code)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001 - anything else: said in one line; keep watching
+            err.print(f"watch: the run failed: {type(exc).__name__}: {one_line(exc)}",
+                      soft_wrap=True, markup=False)
+            return 4
 
     from fibroquant.slides import list_slides
 
     # Everything already there is pending at start (a rerun of unchanged slides is cheap).
     for p in list_slides(slides_dir):
         if _is_slide(p, out):
-            settler.touch(p)
+            settler.touch_existing(p)
     if not len(settler) and once:
         err.print(f"watch: no slide files in {slides_dir}; nothing to do")
         raise typer.Exit(code=0)
@@ -434,6 +475,9 @@ def watch(
     try:
         if not once:
             err.print(f"watching {slides_dir} (settle {settle:g} s); Ctrl-C to stop")
+        elif not settler.poll() and not quiet:
+            err.print(f"watch: waiting until {len(settler)} slide file(s) have not changed "
+                      f"for {settle:g} s")
         while True:
             if settler.poll():
                 running = True

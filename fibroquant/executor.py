@@ -9,9 +9,14 @@ pools (:func:`run_slide_pinned`) and share the pool's cores (:mod:`fibroquant.co
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import os
+import signal
+import sys
 import threading
+import time
 import traceback
 import uuid
 from collections.abc import Iterable, Iterator
@@ -25,6 +30,7 @@ from fibroquant import cores
 from fibroquant.config import Settings
 from fibroquant.errors import QUIET_ENV, FibroquantError, one_line, quiet_warnings
 from fibroquant.pipeline import analyze_slide
+from fibroquant.store import require_regular
 from fibroquant.tasks import (
     MASK_KINDS,
     SlideTask,
@@ -68,6 +74,7 @@ def run_slide(task: SlideTask) -> dict[str, Any]:
     out = Path(task.out_dir)
     stem = task_stem(task)
     try:
+        require_regular(Path(task.path), os.stat(task.path))  # a named pipe would block
         analysis = analyze_slide(
             task.path, settings, mpp=task.mpp, fallback_mpp=task.fallback_mpp,
             workers=task.threads,
@@ -76,14 +83,17 @@ def run_slide(task: SlideTask) -> dict[str, Any]:
         return _failed(task, one_line(exc))
     except MemoryError:
         return _failed(task, f"{Path(task.path).name}: out of memory")
-    except Exception as exc:  # a bug or an unforeseen file problem: record it, carry on
+    except OSError as exc:
+        return _failed(task, f"{task.path}: cannot read: {exc.strerror or exc}")
+    except Exception as exc:  # noqa: BLE001 - a bug or an unforeseen file problem: record it, carry on
         logger.debug("unexpected error on %s:\n%s", task.path, traceback.format_exc())
         return _failed(
             task, f"{Path(task.path).name}: unexpected {type(exc).__name__}: {one_line(exc)}"[:500]
         )
     files = output_files(out, stem)
     try:
-        report.write_qc(files["qc"], analysis, max_px=settings.tiling.qc_max_px)
+        report.write_qc(files["qc"], analysis, max_px=settings.tiling.qc_max_px,
+                         title=task.slide)
         if task.write_masks:
             report.write_png(files["collagen"], analysis.collagen_mask)
             report.write_png(files["tissue"], analysis.tissue_mask)
@@ -135,8 +145,8 @@ def run_slide_pinned(task: SlideTask) -> dict[str, Any]:
 
     OpenCV's thread pool and the BLAS and OpenMP pools (numpy's OpenBLAS, through
     ``threadpoolctl``) are limited to the task's threads while it runs, so that N worker
-    processes do not run N × cores threads in all. OpenBLAS's threads spin while they wait:
-    two local worker processes left at two BLAS threads each took 1.3–2.4 s per 8k² slide
+    processes do not run N x cores threads in all. OpenBLAS's threads spin while they wait:
+    two local worker processes left at two BLAS threads each took 1.3-2.4 s per 8k² slide
     instead of ~1.05 s. The limits are process-wide: tasks running side by side in one worker
     (a Dask worker with several threads) share one pinning, set by the first and undone when
     the last one ends (:func:`_pinned`).
@@ -208,22 +218,160 @@ def run_tasks(
         for t in tasks:
             yield run_slide(_with_threads(t, workers))
         return
+    yield from _run_local(tasks, workers)
+
+
+#: How often a worker process checks that the run that started it is still alive (seconds).
+PARENT_CHECK_SECONDS = 0.5
+
+
+def crash_message(task: SlideTask, exitcode: int | None) -> str:
+    """The error of a slide whose worker process died while measuring it.
+
+    Parameters
+    ----------
+    task : SlideTask
+    exitcode : int or None
+        The process's exit code (negative: killed by that signal).
+    """
+    if exitcode is not None and exitcode < 0:
+        try:
+            how = f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            how = f"killed by signal {-exitcode}"
+        if -exitcode == signal.SIGKILL:
+            how += " (out of memory?)"
+    else:
+        how = f"exited with code {exitcode}"
+    return f"{Path(task.path).name}: worker process {how} while measuring this slide"
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """End this worker process when the run that started it ends, however it ends.
+
+    On Linux the kernel sends SIGKILL when the parent process exits
+    (``prctl(PR_SET_PDEATHSIG)``); a worker started through a fork server has the server as
+    its parent, so a daemon thread also checks every :data:`PARENT_CHECK_SECONDS` that the
+    run's process still exists and exits at once when it does not.
+    """
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+    def watch() -> None:
+        while True:
+            time.sleep(PARENT_CHECK_SECONDS)
+            if not _alive(parent_pid):
+                os._exit(1)
+
+    threading.Thread(target=watch, name="fibroquant-parent-watch", daemon=True).start()
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (a killed run not yet reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _worker_main(conn: Any, running: Any, n_cores: int, parent_pid: int) -> None:
+    """A local worker process: measure the tasks the run sends, one at a time, until told to
+    stop or the run is gone. Ctrl-C is the run's to handle (it ends its workers)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _die_with_parent(parent_pid)
+    _init_worker(running, n_cores)
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):
+            return
+        if task is None:
+            return
+        try:
+            rec = run_slide_pinned(task)
+        except Exception as exc:  # noqa: BLE001 - run_slide records slide problems itself
+            rec = failed_record(task, f"{Path(task.path).name}: unexpected "
+                                f"{type(exc).__name__}: {one_line(exc)}"[:500])
+        conn.send(rec)
+
+
+class _Worker:
+    """One local worker process, its end of the pipe and the task it is measuring."""
+
+    def __init__(self, ctx: Any, running: Any, n_cores: int) -> None:
+        self.conn, child = ctx.Pipe(duplex=True)
+        self.proc = ctx.Process(target=_worker_main, name="fibroquant-worker", daemon=True,
+                                args=(child, running, n_cores, os.getpid()))
+        self.proc.start()
+        child.close()
+        self.task: SlideTask | None = None
+
+    def stop(self) -> None:
+        """End the process now (it may be in the middle of a slide)."""
+        with contextlib.suppress(OSError, ValueError):
+            self.conn.close()
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join(timeout=5)
+
+
+def _run_local(tasks: list[SlideTask], workers: int) -> Iterator[dict[str, Any]]:
+    """Slides on ``workers`` local processes, largest first. A process that dies (a crash,
+    the out-of-memory killer) fails only the slide it was measuring, named with the signal;
+    a new process takes its place and the other slides carry on. Every process is ended
+    when the run ends, is interrupted or fails."""
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing.connection import wait
 
     ctx = _worker_context(mp)
     running = ctx.Value("i", 0)  # slides running now, across the worker processes
-    with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx,
-                             initializer=_init_worker, initargs=(running, workers)) as pool:
-        # each slide may use up to every core, as its share of them (cores.tile_threads)
-        futures = {pool.submit(run_slide_pinned, _with_threads(t, workers)): t
-                   for t in largest_first(tasks)}
-        for fut in as_completed(futures):
-            try:
-                yield fut.result()
-            except Exception as exc:  # a worker died (e.g. killed by the OOM killer)
-                yield failed_record(futures[fut], f"{Path(futures[fut].path).name}: worker "
-                                    f"failed: {type(exc).__name__}: {exc}"[:500])
+    pending = [_with_threads(t, workers) for t in reversed(largest_first(tasks))]
+    pool: list[_Worker] = []
+    try:
+        while pending or any(w.task is not None for w in pool):
+            for w in pool:
+                if w.task is None and pending:
+                    w.task = pending.pop()
+                    w.conn.send(w.task)
+            while pending and len(pool) < min(workers, len(tasks)):
+                w = _Worker(ctx, running, workers)
+                pool.append(w)
+                w.task = pending.pop()
+                w.conn.send(w.task)
+            busy = [w for w in pool if w.task is not None]
+            ready = wait([w.conn for w in busy] + [w.proc.sentinel for w in busy])
+            for w in busy:
+                if w.conn not in ready and w.proc.sentinel not in ready:
+                    continue
+                task, w.task = w.task, None
+                try:
+                    if w.conn.poll():
+                        yield w.conn.recv()
+                        continue
+                except (EOFError, OSError):
+                    pass
+                w.proc.join(timeout=5)  # died: its slide fails; a new process replaces it
+                logger.warning("%s", crash_message(task, w.proc.exitcode))
+                yield failed_record(task, crash_message(task, w.proc.exitcode)) | {
+                    "crashed": True}
+                w.stop()
+                pool.remove(w)
+    finally:
+        for w in pool:
+            w.stop()
 
 
 def largest_first(tasks: list[SlideTask]) -> list[SlideTask]:
@@ -241,19 +389,32 @@ def largest_first(tasks: list[SlideTask]) -> list[SlideTask]:
     return [tasks[i] for i in order]
 
 
-def _worker_context(mp: Any) -> Any:
-    """The start method of local worker processes: ``forkserver`` where there is one (POSIX;
-    Python's own default from 3.14 on Linux), with fibroquant's modules imported once in the
-    server, so each worker starts without re-importing them (~0.5 s each: eight 8k² slides
-    on two workers 7.1-7.2 -> 6.2-6.5 s); ``spawn`` elsewhere. Never plain ``fork``: the
-    parent may be running threads (progress display, tile threads).
+def _package_on_worker_path() -> None:
+    """Append the folder this fibroquant was imported from to ``PYTHONPATH`` (for the
+    forkserver and its workers).
 
-    The preload only imports: it must not start threads, since the server forks every worker
-    (an analysis of a small section run there, to load the numba kernels once, left OpenCV's
-    and the kernel warm-up's threads behind, and the forked workers hung).
+    The forkserver starts as ``python -c``, so the working folder comes first on its path, and
+    on Python < 3.12 it does not take the parent's path. An editable install is found by a
+    finder that runs after the path is searched, so a ``fibroquant/`` folder in the working
+    folder (the clone, seen from one level above) was imported instead, as an empty namespace
+    package, and every worker failed (issue 23). A regular package anywhere on the path wins
+    over a namespace folder, so appending the real one is enough.
+    """
+    root = str(Path(__file__).resolve().parents[1])
+    current = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if root not in current:
+        os.environ["PYTHONPATH"] = os.pathsep.join([*current, root])
+
+
+def _worker_context(mp: Any) -> Any:
+    """The start method of local worker processes: ``forkserver`` with fibroquant's modules
+    imported once in the server (the preload only imports, never starts threads), ``spawn``
+    where there is no forkserver; never plain ``fork`` (the parent runs threads). Why:
+    docs/decisions.md#worker-context
     """
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
+    _package_on_worker_path()
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["fibroquant.executor", "fibroquant.report"])
     return ctx
@@ -297,7 +458,7 @@ def _run_dask(tasks: list[SlideTask], scheduler: str | Any) -> Iterator[dict[str
         for fut in as_completed(list(futures)):
             try:
                 yield fut.result()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the worker or its task failed
                 t = futures[fut]
                 yield failed_record(t, f"{Path(t.path).name}: worker failed: "
                                     f"{type(exc).__name__}: {exc}"[:500])

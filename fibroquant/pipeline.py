@@ -42,6 +42,7 @@ from fibroquant.slides import Slide, open_slide, require_colour, require_mpp
 from fibroquant.stains import (
     StainEstimate,
     StainMatrix,
+    Vector,
     angle_deg,
     channel_sum,
     estimate_background,
@@ -49,7 +50,6 @@ from fibroquant.stains import (
     od_lut,
     preset_for,
     rgb_to_od,
-    Vector,
     stain_fit,
     stain_mismatch,
 )
@@ -91,6 +91,8 @@ class SlideAnalysis:
     excluded_mask: np.ndarray
     mask_mpp: float
     thumbnail: np.ndarray = field(repr=False)
+    #: low-resolution class bits (``kernels.FLAG_*``) that tell the QC overlay's exclusions apart
+    flags: np.ndarray | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -200,6 +202,10 @@ class _TileJob:
     flags: np.ndarray | None = None  # per-pixel class bits at tissue resolution (fast path)
     threshold_map: np.ndarray | None = None  # float32 collagen threshold there (fast path)
     share_guard: float = 0.0  # least collagen share of a collagen pixel (CollagenThreshold)
+    # a pixel classifier (fibroquant.classifier.PixelClassifier) deciding collagen instead of
+    # the threshold, with the slide's fitted stains it reads
+    classifier: Any = None
+    stains: StainMatrix | None = None
 
 
 def fast_path(settings: Settings, mpp: float, line_od: float | None) -> bool:
@@ -314,6 +320,8 @@ def _measure_tile(
     if not _lookup_any(job.tissue.section, rows_c, cols_c).any():
         return None
     halo = job.settings.tiling.halo_px
+    if job.classifier is not None:
+        halo = max(halo, job.classifier.halo_px(job.geo.analysis_mpp))
     rows, cols = _tile_masks(job, y0, x0, y1, x1, halo)
     tissue_pad = _lookup_any(job.tissue.tissue, rows, cols)
     core = (slice(halo, halo + y1 - y0), slice(halo, halo + x1 - x0))
@@ -336,15 +344,25 @@ def _measure_tile(
         )
     else:
         conc = kernels.collagen_concentration_fast(rgb, job.lut, job.unmix_col)
-    collagen = segment_collagen(
-        conc, tissue_pad if share_ok is None else tissue_pad & share_ok, threshold,
-        job.geo.analysis_mpp, job.settings.collagen,
-        line_od=job.line_od, line_floor_offset=job.line_floor_offset,
-    )[core]
     tissue = tissue_pad[core]
     band = _lookup_any(job.tissue.capsule_band, rows_c, cols_c)
     wall = _lookup_any(job.tissue.vessel_wall, rows_c, cols_c)
-    capsule = collagen & band
+    decided = None
+    if job.classifier is None or band.any():
+        decided = segment_collagen(
+            conc, tissue_pad if share_ok is None else tissue_pad & share_ok, threshold,
+            job.geo.analysis_mpp, job.settings.collagen,
+            line_od=job.line_od, line_floor_offset=job.line_floor_offset,
+        )[core]
+    if job.classifier is not None:  # the study's classifier decides collagen; the capsule
+        # stays the threshold's collagen in the capsule band, so the tissue counted (the
+        # denominator) is the default path's whichever decides
+        collagen = job.classifier.predict_tile(rgb, halo, job.stains, mpp=job.geo.analysis_mpp,
+                                               tissue=tissue)
+        capsule = band & decided if decided is not None else np.zeros_like(collagen)
+    else:
+        collagen = decided
+        capsule = collagen & band
     wall_px = wall & tissue & ~capsule
     collagen = collagen & ~capsule & ~wall_px
     tissue = tissue & ~capsule & ~wall_px
@@ -493,15 +511,10 @@ _malloc_tuned: bool | None = None
 def tune_malloc() -> bool:
     """Let the C heap reuse tile-sized buffers (glibc only; once per process).
 
-    Every tile allocates a few buffers of 1–12 MB (decoded tiles, masks, labels), and the
-    low-resolution pass some of up to ~50 MB. With glibc's defaults, and much more with
-    ``MALLOC_TRIM_THRESHOLD_=65536``, which Dask's nanny sets in its workers, many of them are
-    mapped fresh from the kernel and zero-filled page by page every time: measured on an 8k²
-    slide, 3.3 s per slide by default and 4.4–5.0 s in a Dask worker, 2.5–2.8 s with the heap
-    kept (same peak RSS). This raises glibc's mmap threshold to 64 MB (32 MB where glibc
-    refuses more) and its trim threshold to 256 MB: each heap (the main one, and one per
-    thread that allocates) keeps up to that much freed memory mapped for reuse. Left alone when
-    ``MALLOC_MMAP_THRESHOLD_`` is set (the user's choice) or the C library is not glibc.
+    Raises glibc's mmap threshold to 64 MB (32 MB where refused) and its trim threshold to
+    256 MB, so tile buffers are not mapped and zero-filled afresh for every tile; left alone
+    when ``MALLOC_MMAP_THRESHOLD_`` is set or the C library is not glibc. Why and what it saves:
+    docs/decisions.md#malloc
 
     Returns
     -------
@@ -687,7 +700,12 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
 
     line_od, line_floor = _line_params(thr, settings)
     flags = threshold_map = None
-    if fast_path(settings, geo.analysis_mpp, line_od):
+    clf = None
+    if settings.classifier is not None:
+        from fibroquant.classifier import load_cached
+
+        clf = load_cached(settings.classifier)
+    if clf is None and fast_path(settings, geo.analysis_mpp, line_od):
         flags = class_flags(tissue)
         if bg_map is not None:
             threshold_map = bg_map + np.float32(offset)  # float32, as the tile path adds it
@@ -699,7 +717,7 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
         offset if bg_map is not None else thr.threshold_od, settings, bg_map,
         tuple(stains.unmixing[:, i].copy() for i in range(len(stains.names))
               if i != stains.collagen_index),
-        line_od, line_floor, flags, threshold_map, thr.share_guard,
+        line_od, line_floor, flags, threshold_map, thr.share_guard, clf, stains,
     )
     f = geo.mask_factor
     mh, mw = -(-geo.height // f), -(-geo.width // f)
@@ -792,7 +810,8 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
                                            lumen=tissue.lumen, lumen_mpp=thumb_mpp,
                                            workers=workers))
         record["seconds"] = round(time.perf_counter() - t_start, 3)
-    return SlideAnalysis(record, collagen_m, tissue_m, excluded_m, mask_mpp, qc)
+    return SlideAnalysis(record, collagen_m, tissue_m, excluded_m, mask_mpp, qc,
+                         flags=flags if flags is not None else class_flags(tissue))
 
 
 def _glass_background(
@@ -937,7 +956,7 @@ def _stain_fit(rgb: np.ndarray, *, od_floor: float = 0.15, max_pixels: int = 200
                ) -> dict[str, float]:
     """Same result as :func:`fibroquant.stains.stain_fit`, computing the OD only of the
     pixels it samples (the OD norm of every pixel comes from per-channel tables)."""
-    from fibroquant import stains as st  # noqa: PLC0415
+    from fibroquant import stains as st
 
     px = np.asarray(rgb).reshape(-1, 3)
     if px.dtype != np.uint8:

@@ -121,7 +121,7 @@ class DicomSlide(_SlideBase):
     vendor = None
 
     def __init__(self, path: Path, override: float | None) -> None:
-        from wsidicom import WsiDicom
+        from wsidicom import WsiDicom  # type: ignore[import-untyped]
 
         self.path = path
         files: list[Path] | Path = path if path.is_dir() else _series_files(path)[0]

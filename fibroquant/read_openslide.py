@@ -84,6 +84,7 @@ class OpenSlideSlide(_SlideBase):
         tile_h = props.get("openslide.level[0].tile-height")
         if tile_w and tile_h:
             self.tile_size = (int(tile_h), int(tile_w))
+        mpp: float | None
         if override is not None:
             mpp, source = override, "given"
         else:

@@ -25,12 +25,15 @@ import pandas as pd
 
 from fibroquant import __version__
 from fibroquant.cohort import aggregate_mice, read_sample_sheet, sheet_without_samples
+from fibroquant import schema
 from fibroquant.config import Settings
 from fibroquant.errors import (
+    ConfigError,
     FibroquantError,
     SampleSheetError,
     SlideReadError,
     StoreError,
+    interrupt_exit_code,
     one_line,
 )
 from fibroquant.layout import STORE_NAME
@@ -41,8 +44,8 @@ from fibroquant.outdir import (
     clean_output_folder,
     fsync_dir,
 )
-from fibroquant.slides import list_slides
-from fibroquant.store import FingerprintCache, ResultStore
+from fibroquant.slides import list_slides, mpp_problem
+from fibroquant.store import REBUILD_HINT, FingerprintCache, ResultStore
 from fibroquant.tasks import (
     OUTPUT_KINDS,
     SlideTask,
@@ -57,16 +60,13 @@ from fibroquant.tasks import (
 logger = logging.getLogger(__name__)
 
 
-#: First columns of slides.csv, in this order (the output contract); the rest follow.
-SLIDE_COLUMNS = [
-    "slide", "mouse", "group", "status", "error", "mpp", "analysis_mpp",
-    "tissue_area_mm2", "collagen_area_mm2", "cpa_percent", "collagen_od_mean",
-    "capsule_area_mm2", "lumen_area_mm2", "fold_area_mm2", "vessel_wall_area_mm2",
-    "unfocused_area_mm2", "bubble_area_mm2",
-    "stain", "stain_source", "stain_vectors", "stain_angle_deg", "stain_warning",
-    "threshold_method", "threshold_od",
-]
-_INTERNAL = {"settings_hash", "version"}
+#: Columns of slides.csv, in this order (the output contract, from :mod:`fibroquant.schema`);
+#: sample-sheet columns follow ``group``, columns the schema does not know come last.
+SLIDE_COLUMNS = [c.name for c in schema.SLIDES if not c.optional]
+_INTERNAL = {"settings_hash", "version", "crashed"}
+#: A slide whose measurement killed its worker process this many times (in as many runs) is
+#: not measured again without ``--force``: it would only crash again.
+MAX_CRASHES = 2
 
 
 @dataclass
@@ -80,6 +80,8 @@ class RunSummary:
     seconds: float = 0.0
     exit_code: int = 0
     interrupted: bool = False
+    #: slides not measured again because they crashed their worker process MAX_CRASHES times
+    crashed: list[str] = field(default_factory=list)
     comparison: str = ""
     warnings: list[str] = field(default_factory=list)
     failed_slides: list[tuple[str, str]] = field(default_factory=list)
@@ -114,8 +116,8 @@ def discover(slides_dir: Path, out_dir: Path) -> list[Path]:
     for p in list_slides(slides_dir):
         try:
             p.resolve().relative_to(out_res)
-        except ValueError:
-            files.append(p)
+        except (ValueError, OSError, RuntimeError):  # outside OUT_DIR, or a symlink loop
+            files.append(p)  # (which fails its own row when fingerprinted)
     return files
 
 
@@ -329,7 +331,18 @@ def analyze_folder(
     slides_dir = Path(slides_dir).resolve()
     out_dir = Path(out_dir).resolve()
     samples = Path(samples).resolve() if samples is not None else None
-    files = discover(slides_dir, out_dir)
+    problem = mpp_problem(mpp, "--mpp") if mpp is not None else None
+    if problem:
+        raise ConfigError(problem)
+    if slides_dir.is_file():  # one image: a study of that slide, in its folder
+        one = slides_dir.resolve()
+        slides_dir = one.parent
+        files = [p for p in discover(slides_dir, out_dir) if p.resolve() == one]
+        if not files:
+            msg = f"{one}: not a slide file (.svs .ndpi .tif .tiff .png .jpg ...)"
+            raise FibroquantError(msg)
+    else:
+        files = discover(slides_dir, out_dir)
     if not files:
         msg = f"{slides_dir}: no slide files found (.svs .ndpi .tif .tiff .png .jpg ...)"
         raise FibroquantError(msg)
@@ -345,17 +358,27 @@ def analyze_folder(
                    f"(groups: {', '.join(map(repr, groups))})")
             raise SampleSheetError(msg)
     extra_cols = [c for c in sheet.columns if c not in ("slide", "mouse", "group")]
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a read-only file system, a file in the way
+        msg = f"cannot create the output folder {out_dir}: {exc.strerror or exc}"
+        raise StoreError(msg) from None
     summary = RunSummary()
+    interrupt_code = 130
     shash = settings.settings_hash()
     with OutputLock(out_dir, wait=wait):
         clean_output_folder(out_dir)
         with ResultStore(out_dir / STORE_NAME) as store:
+            _refuse_lost_runs(store, out_dir)
             run_id = store.start_run(
                 command=command, version=__version__, settings_hash=shash,
                 settings_json=json.dumps(settings.model_dump(mode="json"), sort_keys=True),
             )
             sheet_mpp = sheet.set_index("slide")["mpp"] if "mpp" in sheet.columns else None
+            # --mpp is remembered per slide: a rerun without it measures the same way
+            remembered = store.remembered_mpp() if mpp is None else {}
+            if mpp is not None:
+                store.remember_mpp((_relative(p, slides_dir) for p in files), mpp)
             previous_slides = store.slide_paths()  # as the last run saw the folder
             stems = output_stems(_relative(p, slides_dir) for p in files)
             keys: dict[str, str] = {}
@@ -378,18 +401,29 @@ def analyze_folder(
                         early_failed.append(rec)
                         keys[rel] = fp
                         continue
+                    problem = (mpp_problem(over, "the sample sheet's mpp column")
+                               if over is not None else None)
+                    if problem:  # a typo in the sheet: this slide's row fails at once
+                        rec = {"slide": rel, "fingerprint": f"{fp}-mpp{over:g}",
+                               "status": "failed", "error": f"{rel}: {problem}",
+                               "version": __version__}
+                        early_failed.append(rec)
+                        keys[rel] = rec["fingerprint"]
+                        continue
+                    fallback = mpp if mpp is not None else remembered.get(rel)
                     if over is not None:
                         fp = f"{fp}-mpp{over:g}"
-                    elif mpp is not None:
-                        fp = f"{fp}-fallbackmpp{mpp:g}"
+                    elif fallback is not None:
+                        fp = f"{fp}-fallbackmpp{fallback:g}"
                     keys[rel] = fp
                     tasks.append(SlideTask(
-                        path=str(p), slide=rel, fingerprint=fp, mpp=over, fallback_mpp=mpp,
+                        path=str(p), slide=rel, fingerprint=fp, mpp=over, fallback_mpp=fallback,
                         settings_json=settings.model_dump_json(), out_dir=str(out_dir),
                         write_masks=masks, stem=stems[rel],
                     ))
             store.link_slides(keys, run_id=run_id)
             known = store.known(shash)
+            crashes = store.crashes(shash)
             last = store.last_measured()
             # a slide renamed (or moved) since it was measured: same content, so its result
             # stands; its overlay and masks are moved to the new name instead of measuring
@@ -398,7 +432,10 @@ def analyze_folder(
             stems_now = {stem.casefold() for stem in stems.values()}
             todo = []
             for t in tasks:
-                if force or known.get(t.fingerprint) != "ok":
+                if (not force and known.get(t.fingerprint) == "failed"
+                        and crashes.get(t.fingerprint, 0) >= MAX_CRASHES):
+                    summary.crashed.append(t.slide)  # its stored failure stands
+                elif force or known.get(t.fingerprint) != "ok":
                     todo.append(t)
                 elif not outputs_current(out_dir, t, last.get(t.slide)):
                     old = _keep_renamed(store, out_dir, t, sources, old_stems, stems_now,
@@ -434,8 +471,9 @@ def analyze_folder(
                     summary.processed += 1
                     if on_result:
                         on_result(rec)
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: keep what is stored
                 summary.interrupted = True
+                interrupt_code = interrupt_exit_code(exc)
             present = set(keys)
             removed = store.removed_slides(present)
             summary.removed = len(removed)
@@ -468,6 +506,13 @@ def analyze_folder(
                 str(samples is not None), shash, __version__,
             ]).encode()).hexdigest()
             provenance["tables_key"] = tables_key
+            try:  # the console shows them whether or not the tables are rewritten
+                summary.warnings = study_warnings(
+                    slides_df, settings, control=control,
+                    mice=(aggregate_mice(slides_df, extra_columns=extra_cols)
+                          if samples is not None else None))
+            except ValueError:
+                summary.warnings = []
             previous = tables_current(out_dir, tables_key)
             if previous is not None and not summary.processed and not removed:
                 summary.comparison = previous  # nothing changed: tables are already current
@@ -477,16 +522,19 @@ def analyze_folder(
                     control=control, has_sheet=samples is not None,
                 )
             summary.seconds = round(time.perf_counter() - t0, 3)
-            summary.exit_code = 130 if summary.interrupted else (1 if summary.failed else 0)
+            summary.exit_code = (interrupt_code if summary.interrupted
+                                 else (1 if summary.failed else 0))
             run_json = {
                 "processed": summary.processed, "skipped": summary.skipped,
                 "failed": summary.failed, "removed": summary.removed,
                 "seconds": summary.seconds, "exit_code": summary.exit_code,
                 "interrupted": summary.interrupted, "command": command,
                 "version": __version__, "settings_hash": shash, "started_utc": started,
+                "run_id": run_id,
                 "comparison": summary.comparison,
                 "failed_slides": [{"slide": s, "error": e} for s, e in summary.failed_slides],
                 "renamed": [{"from": a, "to": b} for a, b in summary.renamed],
+                "warnings": summary.warnings,
             }
             atomic_write_text(out_dir / "run.json", json.dumps(run_json, indent=2) + "\n")
             store.finish_run(
@@ -495,6 +543,19 @@ def analyze_folder(
                 exit_code=summary.exit_code, seconds=summary.seconds,
             )
     return summary
+
+
+def _refuse_lost_runs(store: ResultStore, out_dir: Path) -> None:
+    """Refuse a store that lost the run which wrote ``run.json`` (its WAL deleted after a
+    crash, an older copy put back): measuring on would silently drop those results."""
+    try:
+        last = json.loads((out_dir / "run.json").read_text(encoding="utf-8")).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(last, int) and not store.has_run(last):
+        msg = (f"{store.path}: the results store has lost run #{last}, whose tables are in "
+               f"this folder; {REBUILD_HINT.format(out=out_dir)}")
+        raise StoreError(msg)
 
 
 def _json_or_none(text: Any) -> Any:
@@ -532,9 +593,23 @@ def build_slides_table(sheet: pd.DataFrame, records: list[dict[str, Any]]) -> pd
         if col not in df.columns:
             df[col] = np.nan
     sheet_cols = [c for c in sheet.columns if c not in SLIDE_COLUMNS]
-    first = SLIDE_COLUMNS[:3] + sheet_cols + SLIDE_COLUMNS[3:]
-    rest = sorted(c for c in df.columns if c not in first)
-    return df[first + rest]
+    return df[schema.ordered(df.columns, "slides", first_extra=sheet_cols)]
+
+
+def study_warnings(slides_df: pd.DataFrame, settings: Settings, *,
+                   mice: pd.DataFrame | None = None, control: str | None = None) -> list[str]:
+    """Everything a person should know before trusting the tables, one line each: slides
+    measured differently or identical, each slide's stain warning, and groups the headline gives
+    no p value (:func:`fibroquant.stats.group_warnings`; ``mice`` None: no groups compared)."""
+    from fibroquant import stats
+
+    out = [p for p in (blob_rule_mixed(slides_df, settings), identical_files(slides_df)) if p]
+    if "stain_warning" in slides_df.columns:
+        out += [f"{r.slide}: {r.stain_warning}" for r in slides_df.itertuples()
+                if isinstance(r.stain_warning, str) and r.stain_warning]
+    if mice is not None:
+        out += stats.group_warnings(mice, control)
+    return out
 
 
 def _statistics(
@@ -572,7 +647,7 @@ def _statistics(
     else:
         sentence = stats.summary_sentence(groups)
     omnibus = mixed = None
-    if mice.loc[mice["n_slides"] > 0, "group"].nunique() >= 2:  # normality / equal variance
+    if mice.loc[mice["n_slides"] > 0, "group"].nunique() > 2:  # more than one comparison
         try:
             omnibus = stats.omnibus_tests(mice)
         except Exception as exc:  # noqa: BLE001
@@ -581,8 +656,9 @@ def _statistics(
         mixed, reason = stats.mixed_model_with_reason(slides_df, control=ctrl)
     except Exception as exc:  # noqa: BLE001
         mixed, reason = None, one_line(exc)
-    if mixed is None and reason:
-        warnings.append(f"mixed model not fitted: {reason}")
+    ok = slides_df[slides_df["status"] == "ok"]
+    if mixed is None and reason and (ok.groupby("mouse").size() >= 2).sum() >= 2:
+        warnings.append(f"mixed model not fitted: {reason}")  # not for one section per mouse
     return groups, omnibus, mixed, sentence, warnings
 
 
@@ -692,14 +768,17 @@ def write_tables(
         slides_df, mice, control=control, has_sheet=has_sheet)
     written = ["slides.csv", "mice.csv", "groups.csv", "provenance.json", "results.xlsx",
                "report.html"]
-    atomic_write_csv(out_dir / "slides.csv", slides_df)
-    atomic_write_csv(out_dir / "mice.csv", mice)
-    atomic_write_csv(out_dir / "groups.csv", groups)
+    # rounded for reading; the store and the xlsx keep full precision
+    atomic_write_csv(out_dir / "slides.csv", schema.round_table(slides_df, "slides"))
+    atomic_write_csv(out_dir / "mice.csv", schema.round_table(mice, "mice"))
+    atomic_write_csv(out_dir / "groups.csv", schema.round_table(groups, "groups"))
     atomic_write_text(out_dir / "provenance.json",
                       json.dumps(provenance, indent=2, default=str) + "\n")
     settings_dict = settings.model_dump(mode="json")
     report.write_xlsx(out_dir / "results.xlsx", slides=slides_df, mice=mice, groups=groups,
-                      settings=settings_dict, provenance=provenance)
+                      settings=settings_dict, provenance=provenance, summary=sentence,
+                      warnings=study_warnings(slides_df, settings, control=control,
+                                              mice=mice if has_sheet else None))
     plots_dir = out_dir / "plots"
     plots: list[Path] = []
     ctrl = groups.attrs.get("control") if has_sheet else None
@@ -711,13 +790,9 @@ def write_tables(
     plots += report.plot_stain_qc(slides_df, plots_dir / "stain_qc")
     qc = {s: output_files(out_dir, stem, ("qc",))["qc"]
           for s, stem in output_stems(slides_df["slide"]).items()}
-    for problem in (blob_rule_mixed(slides_df, settings), identical_files(slides_df)):
-        if problem:
-            logger.warning("%s", problem)
-            warnings.append(problem)
-    for r in slides_df.itertuples():
-        if isinstance(r.stain_warning, str) and r.stain_warning:
-            warnings.append(f"{r.slide}: {r.stain_warning}")
+    for problem in study_warnings(slides_df, settings, mice=mice if has_sheet else None,
+                                  control=control):
+        warnings.append(problem)  # the console shows RunSummary.warnings
     report.write_report_html(
         out_dir / "report.html", title="fibroquant: collagen proportionate area",
         slides=slides_df, mice=mice, groups=groups, omnibus=omnibus, mixed=mixed,

@@ -80,6 +80,7 @@ __all__ = [
     "list_slides",
     "open_slide",
     "require_colour",
+    "mpp_problem",
     "require_mpp",
 ]
 
@@ -206,7 +207,28 @@ def require_mpp(slide: Slide) -> float:
             f"{slide.path.name}: no µm-per-pixel resolution in the file; "
             "give --mpp or an mpp column in the sample sheet"
         )
+    source = getattr(slide, "mpp_source", None)
+    problem = mpp_problem(slide.mpp, "the sample sheet or --mpp" if source == "given"
+                          else (source or "the file"))
+    if problem:
+        raise SlideReadError(f"{slide.path.name}: {problem}")
     return slide.mpp
+
+
+#: The plausible range of a bright-field slide's µm per pixel (a 100x oil objective on a
+#: fine camera is ~0.05; a macro image of a whole slide ~50): anything outside is a broken
+#: tag or a typo, and measuring with it would give wrong areas (or allocate without bound).
+MPP_RANGE_UM = (0.05, 50.0)
+
+
+def mpp_problem(mpp: float, source: str) -> str | None:
+    """Why ``mpp`` (µm per pixel, from ``source``) cannot be a bright-field slide's
+    resolution, or None when it is within :data:`MPP_RANGE_UM`."""
+    low, high = MPP_RANGE_UM
+    if math.isfinite(mpp) and low <= mpp <= high:
+        return None
+    return (f"{mpp:g} µm/px from {source} is implausible for bright-field microscopy "
+            f"(expected {low:g}-{high:g} µm/px)")
 
 
 def require_colour(slide: Slide) -> None:

@@ -50,11 +50,13 @@ import logging
 import os
 import socket
 import sqlite3
+import stat
+import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from fibroquant.errors import SlideReadError, StoreError
 from fibroquant.layout import LOCK_NAME, STORE_NAME
@@ -85,6 +87,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Bytes hashed at each end of a slide file by :func:`fingerprint` (1 MiB).
 FINGERPRINT_CHUNK = 1 << 20
@@ -94,6 +97,13 @@ SCHEMA_VERSION = 1
 APPLICATION_ID = 0x46515354
 
 _FP_DOMAIN = b"fibroquant-fingerprint-v1\0"
+#: Longest time a committed result lives only in the WAL (seconds; see ``_keep_journal``).
+CHECKPOINT_SECONDS = 1.0
+#: The tables every store of :data:`SCHEMA_VERSION` has.
+REQUIRED_TABLES = ("runs", "results", "slides", "history", "fingerprints")
+#: How to recover a store that lost data (see ``fibroquant store rebuild``).
+REBUILD_HINT = ("run 'fibroquant store rebuild {out}' to re-derive the results from its "
+                "slides.csv and provenance.json (or move the store aside to start afresh)")
 _REQUIRED_KEYS = ("slide", "fingerprint", "settings_hash", "status", "error")
 _STATUSES = ("ok", "failed")
 _NETWORK_FS = frozenset(
@@ -147,7 +157,10 @@ def fingerprint(path: Path, *, size: int | None = None) -> str:
     """
     path = Path(path)
     try:
-        with path.open("rb") as fh:
+        # non-blocking: a named pipe or a device in the slides folder must not hang the run
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as fh:
+            require_regular(path, os.fstat(fh.fileno()))
             if size is None:
                 size = os.fstat(fh.fileno()).st_size
             digest = hashlib.sha256(_FP_DOMAIN)
@@ -169,6 +182,58 @@ def fingerprint(path: Path, *, size: int | None = None) -> str:
         msg = f"{path}: cannot read file to fingerprint it: {exc.strerror or exc}"
         raise SlideReadError(msg) from exc
     return digest.hexdigest()
+
+
+#: Longest wait for a slide file's fingerprint (seconds): a file on a hung network share (or
+#: anything else that blocks) fails its row instead of holding the run and its lock for ever.
+INPUT_TIMEOUT_SECONDS = 120.0
+
+
+def require_regular(path: Path, st: os.stat_result) -> None:
+    """Refuse anything but a regular file (a named pipe, a device, a socket blocks or never
+    ends when read).
+
+    Raises
+    ------
+    SlideReadError
+        ``PATH: not a regular file (a named pipe)``.
+    """
+    if stat.S_ISREG(st.st_mode):
+        return
+    kind = ("a named pipe" if stat.S_ISFIFO(st.st_mode) else "a folder" if stat.S_ISDIR(st.st_mode)
+            else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device")
+    msg = f"{path}: not a regular file ({kind})"
+    raise SlideReadError(msg)
+
+
+def within_seconds(fn: Callable[[], T], seconds: float, what: str) -> T:
+    """``fn()`` run on a daemon thread, given at most ``seconds``: a file operation that blocks
+    (a hung network share) fails instead of hanging the run. The thread, if it never returns,
+    is left behind (a daemon: it does not keep the process alive).
+
+    Raises
+    ------
+    SlideReadError
+        ``WHAT: no answer after N s`` on a timeout; whatever ``fn`` raised otherwise.
+    """
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def call() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - raised again on the caller's thread
+            box["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=call, name="fibroquant-bounded-io", daemon=True).start()
+    if not done.wait(seconds):
+        msg = f"{what}: no answer after {seconds:g} s (a hung network share?)"
+        raise SlideReadError(msg)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 class FingerprintCache:
@@ -247,12 +312,14 @@ class FingerprintCache:
         except OSError as exc:
             msg = f"{full}: cannot read file to fingerprint it: {exc.strerror or exc}"
             raise SlideReadError(msg) from exc
+        require_regular(full, st)
         hit = self._entries.get(rel)
         if hit is not None and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
             self.hits += 1
             return hit[2]
         self.misses += 1
-        key = fingerprint(full, size=st.st_size)
+        key = within_seconds(lambda: fingerprint(full, size=st.st_size), INPUT_TIMEOUT_SECONDS,
+                             f"{full}: reading the file to fingerprint it")
         try:
             after = full.stat()
         except OSError as exc:
@@ -411,18 +478,19 @@ class ResultStore:
     ...     todo = [fp for fp in fingerprints if store.known(h).get(fp) != "ok"]
     """
 
-    def __init__(self, path: Path, *, timeout: float = 60.0) -> None:
+    def __init__(self, path: Path, *, timeout: float = 60.0, read_only: bool = False) -> None:
         self.path = Path(path)
+        self.read_only = read_only
+        self._checkpointed = 0.0
         if not self.path.parent.is_dir():
             msg = (
                 f"{self.path}: cannot open the results store: "
                 f"folder {self.path.parent} does not exist"
             )
             raise StoreError(msg)
+        self._refuse_emptied()
         try:
-            self._conn: sqlite3.Connection | None = sqlite3.connect(
-                self.path, timeout=timeout, isolation_level=None
-            )
+            self._conn: sqlite3.Connection | None = self._connect(timeout)
         except sqlite3.Error as exc:
             msg = f"{self.path}: cannot open the results store: {exc}"
             raise StoreError(msg) from exc
@@ -431,6 +499,31 @@ class ResultStore:
         except BaseException:
             self.close()
             raise
+
+    def _connect(self, timeout: float) -> sqlite3.Connection:
+        """A connection; read-only ones open the file as it is, even in a read-only folder
+        (where SQLite cannot create the WAL's index, so the file is read as immutable)."""
+        if not self.read_only:
+            return sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
+        uri = self.path.resolve().as_uri()
+        if os.access(self.path.parent, os.W_OK):
+            return sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=timeout,
+                                   isolation_level=None)
+        return sqlite3.connect(f"{uri}?immutable=1", uri=True, timeout=timeout,
+                               isolation_level=None)
+
+    def _refuse_emptied(self) -> None:
+        """A zero-byte store next to tables of earlier runs lost its history (truncated, or
+        replaced by an empty file): refuse it instead of starting afresh. In a folder without
+        tables it is a store whose creation was interrupted, and is created again."""
+        try:
+            size = self.path.stat().st_size
+        except OSError:
+            return
+        if size == 0 and (self.path.parent / "slides.csv").is_file():
+            msg = (f"{self.path}: the results store is empty (0 bytes) but this folder holds "
+                   f"tables of earlier runs; {REBUILD_HINT.format(out=self.path.parent)}")
+            raise StoreError(msg)
 
     # -- connection and schema --------------------------------------------------------------
 
@@ -457,12 +550,30 @@ class ResultStore:
                 "database); choose another output folder"
             )
             raise StoreError(msg)
+        if n_tables and version == SCHEMA_VERSION:
+            names = {r[0] for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            lost = [t for t in REQUIRED_TABLES if t not in names]
+            if lost:
+                msg = (f"{self.path}: the results store has lost its tables ({', '.join(lost)}); "
+                       f"{REBUILD_HINT.format(out=self.path.parent)}")
+                raise StoreError(msg)
+        elif not n_tables and app_id == APPLICATION_ID:
+            msg = (f"{self.path}: the results store has lost its tables; "
+                   f"{REBUILD_HINT.format(out=self.path.parent)}")
+            raise StoreError(msg)
         if version > SCHEMA_VERSION:
             msg = (
                 f"{self.path}: written by a newer fibroquant (store schema {version}, this version "
                 f"reads up to {SCHEMA_VERSION}); upgrade fibroquant or choose another output folder"
             )
             raise StoreError(msg)
+        if self.read_only:
+            self.journal_mode = "ro"
+            if version < SCHEMA_VERSION:
+                msg = f"{self.path}: not a fibroquant results store yet (no runs stored)"
+                raise StoreError(msg)
+            return
         fs_type = _filesystem_type(self.path.parent)
         wanted = "delete" if fs_type in _NETWORK_FS else "wal"
         if wanted != "wal":
@@ -519,6 +630,28 @@ class ResultStore:
                     with contextlib.suppress(sqlite3.Error):
                         conn.execute("ROLLBACK")
                 raise
+            self._keep_journal()
+
+    def _keep_journal(self) -> None:
+        """After each write: copy the WAL into the store file (a passive checkpoint, at most
+        every :data:`CHECKPOINT_SECONDS`), so a committed result survives the WAL being
+        deleted after a crash; and when the WAL has
+        been deleted under this connection, save what only it held into the store file and
+        go on with a rollback journal (SQLite would otherwise write on into the deleted file,
+        and the results would vanish when this run ends)."""
+        if self.journal_mode != "wal":
+            return
+        conn = self._db
+        if os.path.exists(f"{self.path}-wal"):
+            now = time.monotonic()
+            if now - self._checkpointed >= CHECKPOINT_SECONDS:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                self._checkpointed = now
+            return
+        logger.warning("%s: its -wal file was deleted during the run; its results were saved "
+                       "into the store, which uses a rollback journal until this run ends",
+                       self.path)
+        self.journal_mode = str(conn.execute("PRAGMA journal_mode = delete").fetchone()[0])
 
     def close(self) -> None:
         """Close the database connection; idempotent."""
@@ -858,6 +991,39 @@ class ResultStore:
             ).fetchall()
         return dict(rows)
 
+    def crashes(self, settings_hash: str) -> dict[str, int]:
+        """How many times measuring each content with these settings killed its worker process
+        (failed records stored with ``crashed``), by fingerprint; contents that never did are
+        left out.
+
+        Parameters
+        ----------
+        settings_hash : str
+        """
+        with self._errors("list crashed slides"):
+            rows = self._db.execute(
+                "SELECT fingerprint, record_json FROM history WHERE settings_hash = ?"
+                " AND status = 'failed' AND record_json LIKE '%\"crashed\"%'", (settings_hash,)
+            ).fetchall()
+        out: dict[str, int] = {}
+        for fp, text in rows:
+            if self._decode(text).get("crashed") is True:
+                out[fp] = out.get(fp, 0) + 1
+        return out
+
+    def has_run(self, run_id: int) -> bool:
+        """Whether run ``run_id`` is recorded (False: the store lost it, e.g. with its WAL)."""
+        with self._errors("read the runs"):
+            row = self._db.execute("SELECT 1 FROM runs WHERE run_id = ?", (int(run_id),)
+                                   ).fetchone()
+        return row is not None
+
+    def slide_fingerprints(self) -> dict[str, str]:
+        """``slide path -> the fingerprint its file had when last seen`` (the ``slides`` table)."""
+        with self._errors("list slides"):
+            rows = self._db.execute("SELECT slide, fingerprint FROM slides").fetchall()
+        return dict(rows)
+
     def current_results(
         self, settings_hash: str, present: set[str] | None = None
     ) -> list[dict[str, Any]]:
@@ -932,6 +1098,36 @@ class ResultStore:
                 " JOIN (SELECT max(id) AS id FROM history GROUP BY slide) AS m ON h.id = m.id"
             ).fetchall()
         return {slide: (fp, sh, status) for slide, fp, sh, status in rows}
+
+    _MPP_TABLE = ("CREATE TABLE IF NOT EXISTS slide_mpp "
+                  "(slide TEXT PRIMARY KEY, mpp REAL NOT NULL)")
+
+    def remember_mpp(self, slides: Iterable[str], mpp: float) -> None:
+        """Remember ``--mpp`` (µm/px for files without their own) for these slide paths, so a
+        later run without it measures them the same way (a cron rerun must not fail them).
+
+        Parameters
+        ----------
+        slides : iterable of str
+            Slide paths relative to the slides folder.
+        mpp : float
+            µm per pixel given with ``--mpp``.
+        """
+        with self._transaction("remember --mpp") as conn:
+            conn.execute(self._MPP_TABLE)
+            conn.executemany("INSERT OR REPLACE INTO slide_mpp (slide, mpp) VALUES (?, ?)",
+                             [(s, float(mpp)) for s in slides])
+
+    def remembered_mpp(self) -> dict[str, float]:
+        """Slide path -> the ``--mpp`` last given for it (:meth:`remember_mpp`)."""
+        with self._errors("read remembered --mpp"):
+            exists = self._db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'slide_mpp'"
+            ).fetchone()
+            if not exists:
+                return {}
+            rows = self._db.execute("SELECT slide, mpp FROM slide_mpp").fetchall()
+        return {str(s): float(m) for s, m in rows}
 
     def slide_paths(self) -> list[str]:
         """Return every slide path the store currently knows (the last run's folder), sorted."""

@@ -22,7 +22,7 @@ __all__ = ["pyramid_levels", "write_dicom_wsi", "write_ome_tiff", "write_svs_lik
 def pyramid_levels(rgb: np.ndarray, *, min_level_px: int = 256) -> list[np.ndarray]:
     """Halve ``rgb`` (``cv2.INTER_AREA``, sides floor-divided by 2) while the shorter side stays
     at least ``min_level_px``; return the levels, finest first (uint8 RGB)."""
-    levels = [np.ascontiguousarray(rgb, dtype=np.uint8)]
+    levels: list[np.ndarray] = [np.ascontiguousarray(rgb, dtype=np.uint8)]
     while min(levels[-1].shape[:2]) // 2 >= min_level_px:
         prev = levels[-1]
         levels.append(cv2.resize(prev, (prev.shape[1] // 2, prev.shape[0] // 2),
@@ -112,11 +112,11 @@ def write_dicom_wsi(folder: str | Path, levels: Sequence[np.ndarray], mpp: float
         The files written.
     """
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-    from wsidicom import WsiDicom
-    from wsidicom.codec import Encoder
-    from wsidicom.geometry import Size, SizeMm
-    from wsidicom.instance import ImageData, WsiInstance
-    from wsidicom.metadata import (
+    from wsidicom import WsiDicom  # type: ignore[import-untyped]
+    from wsidicom.codec import Encoder  # type: ignore[import-untyped]
+    from wsidicom.geometry import Size, SizeMm  # type: ignore[import-untyped]
+    from wsidicom.instance import ImageData, WsiInstance  # type: ignore[import-untyped]
+    from wsidicom.metadata import (  # type: ignore[import-untyped]
         Equipment,
         Image,
         Label,
@@ -128,10 +128,10 @@ def write_dicom_wsi(folder: str | Path, levels: Sequence[np.ndarray], mpp: float
         Study,
         WsiMetadata,
     )
-    from wsidicom.metadata.image import ImageType
-    from wsidicom.metadata.sample import SlideSample
-    from wsidicom.metadata.schema.dicom.wsi import WsiMetadataDicomSchema
-    from wsidicom.source import Source
+    from wsidicom.metadata.image import ImageType  # type: ignore[import-untyped]
+    from wsidicom.metadata.sample import SlideSample  # type: ignore[import-untyped]
+    from wsidicom.metadata.schema.dicom.wsi import WsiMetadataDicomSchema  # type: ignore[import-untyped]
+    from wsidicom.source import Source  # type: ignore[import-untyped]
 
     class _ArrayLevel(ImageData):  # type: ignore[misc]
         """One uncompressed level served tile by tile from memory."""

@@ -208,3 +208,32 @@ def test_real_svs_tifffile_matches_openslide(path: Path) -> None:
         assert fast.mpp == slow.mpp  # 0.499, or None in both (no MPP in the header)
         assert [lv.shape for lv in fast.levels] == [lv.shape for lv in slow.levels]
         _assert_same_pixels(fast, slow)
+
+
+@pytest.mark.slow
+def test_analyze_a_folder_of_every_format(section_files, tmp_path: Path) -> None:
+    """The CLI measures an SVS, an OME-TIFF and a DICOM WSI folder side by side: same CPA."""
+    import shutil
+
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from fibroquant.cli import app
+
+    _levels, files = section_files
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    shutil.copy2(files["svs"], slides / "a.svs")
+    shutil.copy2(files["ome"], slides / "b.ome.tif")
+    shutil.copytree(files["dicom"], slides / "c-dicom")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["analyze", str(slides), "--out", str(out), "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    rows = pd.read_csv(out / "slides.csv").set_index("slide")
+    assert len(rows) == 3
+    assert (rows["status"] == "ok").all()
+    dicom_row = next(s for s in rows.index if s.startswith("c-dicom/"))
+    assert dicom_row.endswith(".dcm")
+    assert rows["cpa_percent"].nunique() == 1
+    assert rows["tissue_area_mm2"].nunique() == 1
+    assert rows.loc[dicom_row, "mpp"] == MPP
