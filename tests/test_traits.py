@@ -264,3 +264,23 @@ def test_fractal_dimension_of_a_line_and_a_plane(shape_kind, dimension):
     params = tr.TraitParams(mpp=1.0)
     got = tr.measure_masks(collagen, tissue, params, tile_px=200).traits(params)
     assert got["fractal_dimension"] == pytest.approx(dimension, abs=0.02)
+
+
+def test_mice_pool_densities_by_tissue_and_shares_by_collagen():
+    import pandas as pd
+
+    from fibroquant.cohort import aggregate_mice
+
+    slides = pd.DataFrame({
+        "slide": ["a", "b", "c"], "mouse": ["m1", "m1", "m2"], "group": ["g", "g", "g"],
+        "status": ["ok", "ok", "ok"], "tissue_area_mm2": [1.0, 3.0, 2.0],
+        "collagen_area_mm2": [0.3, 0.1, 0.2], "cpa_percent": [30.0, 10 / 3, 10.0],
+        "branch_points_per_mm2": [100.0, 20.0, 50.0],
+        "thick_fibre_share_percent": [40.0, 80.0, 10.0],
+        "portal_vessels": [2.0, 3.0, 1.0],
+    })
+    mice = aggregate_mice(slides).set_index("mouse")
+    assert mice.loc["m1", "branch_points_per_mm2"] == pytest.approx((100 * 1 + 20 * 3) / 4)
+    assert mice.loc["m1", "thick_fibre_share_percent"] == pytest.approx((40 * .3 + 80 * .1) / .4)
+    assert mice.loc["m1", "portal_vessels"] == 5.0
+    assert mice.loc["m2", "branch_points_per_mm2"] == 50.0
