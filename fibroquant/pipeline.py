@@ -276,7 +276,7 @@ def analyze_slide(
 
             traits = fibre_traits.measure_slide(collagen_m, tissue_m, geo.mask_mpp,
                                                 settings.traits, lumen=cal.tissue.lumen,
-                                                lumen_mpp=cal.thumbnail_mpp)
+                                                lumen_mpp=cal.thumbnail_mpp, workers=workers)
         return SlideResult(
             settings.stains.stain.value, sl.format, require_mpp(sl), geo,
             Measurements.from_counts(total, geo.analysis_mpp), cal.stains, cal.threshold,

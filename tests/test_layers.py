@@ -22,9 +22,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("tissue", "collagen", "shading"),  # tissue, exclusions and the collagen decision
     ("tiles", "classifier"),  # the analysis image's tiles, and what decides their pixels
     ("pipeline", "traits", "stats", "schema"),  # one slide; per-slide and cohort figures
-    ("store", "report", "cohort", "agreement", "tasks"),  # tables, outputs, task records
+    ("store", "recover", "report", "cohort", "agreement", "tasks"),  # tables, outputs, tasks
     ("executor", "run", "cluster"),  # running many slides
-    ("cli", "cli_ops", "cli_study", "cli_agree", "__main__", "__init__"),  # commands, library
+    ("cli_common", "cli", "cli_ops", "cli_study", "cli_agree", "__main__", "__init__"),  # commands
 )
 
 #: Imports from a higher floor, each a function-level import with a reason.
@@ -36,9 +36,9 @@ UPWARD = {
 
 #: Imports that close a circle on one floor (importer, imported), each with a reason.
 CIRCLES = {
-    ("cli_ops", "cli"): "command modules use the app's helpers (issue 20 item 5)",
-    ("cli_study", "cli"): "command modules use the app's helpers (issue 20 item 5)",
-    ("cli_agree", "cli"): "command modules use the app's helpers (issue 20 item 5)",
+    ("cli_ops", "cli"): "command modules register on the Typer app, cli.app, which imports them",
+    ("cli_study", "cli"): "command modules register on the Typer app, cli.app, which imports them",
+    ("cli_agree", "cli"): "command modules register on the Typer app, cli.app, which imports them",
     ("slides", "read_dicom"): "open_slide dispatches to the DICOM reader (issue 26)",
     ("schema", "traits"): "the schema lists the trait columns (issue 27)",
 }
