@@ -360,7 +360,7 @@ def calibrate_slide(slide: Slide, settings: Settings) -> Calibration:
     blob_auto = settings.collagen.blob_max_area_um2 is None
     # automatic: decided by the nuclei's stain (per slide; the settings stay as given)
     blob_um2 = auto_blob_area(pos[stained], stains) if blob_auto else \
-        settings.collagen.blob_max_area_um2
+        (settings.collagen.blob_max_area_um2 or 0.0)
     tissue, threshold_map = _threshold_map(thumb, thumb_mpp, tissue, background, stains, thr,
                                            settings)
     fit = stain_fit(tissue_pixels(thumb, tissue.tissue, STAIN_FIT_MAX_PIXELS), max_pixels=50_000)

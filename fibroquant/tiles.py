@@ -23,6 +23,7 @@ import numpy as np
 from fibroquant import cores, focus, kernels
 from fibroquant.collagen import (
     CollagenRule,
+    collagen_concentration,
     is_collagen,
     speck_mask,
 )
@@ -93,9 +94,13 @@ def measure_tile_reference(
     """
     fl = flags[np.ix_(rows, cols)]
     tissue = (fl & kernels.FLAG_TISSUE) != 0
-    conc, col = is_collagen(rgb, thr[np.ix_(rows, cols)], rule)
-    col &= tissue
-    capsule = col & ((fl & kernels.FLAG_BAND) != 0)
+    band = (fl & kernels.FLAG_BAND) != 0
+    if decided is not None and not band.any():  # the rule would only find the capsule
+        conc, col = collagen_concentration(rgb, rule.lut, rule.unmix_col), decided
+    else:
+        conc, col = is_collagen(rgb, thr[np.ix_(rows, cols)], rule)
+    col = col & tissue
+    capsule = col & band
     if decided is not None:
         col = decided & tissue
     wall = ((fl & kernels.FLAG_WALL) != 0) & tissue & ~capsule
@@ -283,8 +288,9 @@ def measure_box(
         wide = read_analysis(slide, job.geo, y0 - halo, x0 - halo, y1 - y0 + 2 * halo,
                              x1 - x0 + 2 * halo)
         tissue = (job.flags[np.ix_(rows, cols)] & kernels.FLAG_TISSUE) != 0
+        assert job.stains is not None, "a PixelDecider reads the slide's stains"
         decided = np.asarray(job.decide.predict_tile(wide, halo, job.stains, mpp=mpp,
-                                                     tissue=tissue), bool)
+                                                     tissue=tissue), np.bool_)
         rgb = np.ascontiguousarray(wide[halo : halo + y1 - y0, halo : halo + x1 - x0])
     out = measure_tile(rgb, job.rule, job.flags, job.threshold_map, rows, cols, f,
                        job.focus_stride, decided=decided)

@@ -65,6 +65,8 @@ def test_stain_argument_and_bad_inputs(section):
         fibroquant.analyze(rgb, mpp=0.5, stain="h&e")
     with pytest.raises(ValueError, match="give mpp"):
         open_slide(rgb)
+    with pytest.raises(ValueError, match="its own resolution"):
+        fibroquant.analyze(ArraySlide(rgb, 0.5), mpp=0.25)
     assert open_slide(rgb, mpp=0.25).mpp == 0.25
 
 
