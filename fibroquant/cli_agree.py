@@ -42,8 +42,12 @@ def agree(
         "or one person's flat folder.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
-    """Agreement of the run's collagen masks with people's annotations (Dice, IoU, collagen %,
-    Bland-Altman, ICC, Lin's CCC), written to agreement.csv, plots and the report."""
+    """Compare a run's collagen masks with people's annotations.
+
+    Dice, IoU, collagen % and its error against each person and their majority, the people's
+    pairwise Dice, Bland-Altman, ICC(2,1) and Lin's CCC across images; written to
+    agreement.csv, two plots and a section of report.html.
+    """
     from fibroquant.agreement import agree_run, write_agreement
 
     try:
@@ -94,8 +98,11 @@ def train(
         min=1000, help="Training pixels drawn per image at most.")] = 100_000,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Train a collagen pixel classifier on annotated images; reports leave-one-image-out
-    agreement in agree's terms."""
+    """Train a collagen pixel classifier on annotated images.
+
+    Reports leave-one-image-out agreement in agree's terms; use the file with
+    analyze --classifier.
+    """
     from fibroquant.annotations import discover
     from fibroquant.classifier import (
         DEFAULT_SCALES_UM,
