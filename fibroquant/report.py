@@ -1632,7 +1632,8 @@ def write_report_html(
     ok_mask = status.eq("ok").to_numpy()
     n_ok = int(ok_mask.sum())
     n_failed = len(slides) - n_ok
-    group_names = _ordered_groups(None, groups.get("group", []), mice.get("group", []))
+    group_names = [g for g in _ordered_groups(None, groups.get("group", []),
+                                              mice.get("group", [])) if g]  # "": no sheet
 
     plot_uris = _plot_uris(plots)
     group_plots = [(p, u, w) for p, u, w in plot_uris if p.stem.endswith("groups")]
