@@ -10,7 +10,8 @@ from typing import Annotated, Any
 
 import typer
 
-from fibroquant.cli import StainChoice, _fail, _settings, app, err, out
+from fibroquant.cli import app
+from fibroquant.cli_common import StainChoice, cli_settings, err, fail, out
 from fibroquant.errors import ConfigError, FibroquantError
 
 
@@ -53,7 +54,7 @@ def agree(
         result = agree_run(out_dir, annotations)
         files = write_agreement(result, out_dir)
     except FibroquantError as exc:
-        raise _fail(str(exc), 2) from None
+        raise fail(str(exc), 2) from None
     for line in result.skipped:
         err.print(f"[yellow]skipped: {line}[/]", markup=True, soft_wrap=True)
     s = result.summary
@@ -117,20 +118,20 @@ def train(
     from fibroquant.tasks import output_stems
 
     if model not in ("hgb", "rf"):
-        raise _fail(f"--model must be hgb or rf, got {model!r}", 2)
+        raise fail(f"--model must be hgb or rf, got {model!r}", 2)
     try:
-        settings = _settings(config, stain, None, False)  # no fibre traits: not needed
+        settings = cli_settings(config, stain, None, False)  # no fibre traits: not needed
     except ConfigError as exc:
-        raise _fail(str(exc), 2) from None
+        raise fail(str(exc), 2) from None
     files = list_slides(slides)
     stems = output_stems([f.relative_to(slides).as_posix() for f in files])
     by_stem = {stems[f.relative_to(slides).as_posix()]: f for f in files}
     try:
         found = discover(annotations, list(by_stem))
     except FibroquantError as exc:
-        raise _fail(str(exc), 2) from None
+        raise fail(str(exc), 2) from None
     if not found:
-        raise _fail(f"{annotations}: no annotation file is named after an image in {slides}", 2)
+        raise fail(f"{annotations}: no annotation file is named after an image in {slides}", 2)
     images, stain_names, failed = [], None, []
     for i, (stem, people) in enumerate(found.items()):
         try:
@@ -144,7 +145,7 @@ def train(
         images.append(image)
     errors, warns = training_problems(images)
     if errors or stain_names is None:
-        raise _fail("cannot train: " + "; ".join(errors or failed or ["no image"]), 1)
+        raise fail("cannot train: " + "; ".join(errors or failed or ["no image"]), 1)
     gate_col = len(stain_names) + 1
     rows = cross_validate(images, kind=model, gate_col=gate_col)
     header = {
@@ -162,7 +163,7 @@ def train(
         clf = fit(images, kind=model, header=header, gate_col=gate_col)
         digest = save(clf, out_file)
     except (ClassifierError, OSError) as exc:
-        raise _fail(str(exc), 2) from None
+        raise fail(str(exc), 2) from None
     dice = [r["dice"] for r in rows if math.isfinite(r["dice"])]
     errs = [abs(r["error_pp"]) for r in rows if math.isfinite(r["error_pp"])]
     summary = {"classifier": str(out_file), "sha256": digest, "images": len(images),
