@@ -346,8 +346,19 @@ def _skeleton(collagen: np.ndarray, half_px: np.ndarray | None) -> tuple[np.ndar
     ends = (graph.degrees[first] == 1) ^ (graph.degrees[last] == 1)  # junction to free end
     spur = ends & (graph.path_lengths() < 2 * graph.path_means() + 1)
     if spur.any():
-        graph = graph.prune_paths(np.flatnonzero(spur))
-        skel = graph.skeleton_image > 0
+        # the spurs' pixels, junctions kept (what skan's prune_paths wipes, without its second
+        # skeletonize of the whole tile)
+        ids = graph.paths[np.flatnonzero(spur)].indices
+        ids = ids[graph.degrees[ids] <= 2]
+        rc = np.rint(graph.coordinates[ids]).astype(np.intp)
+        skel = skel.copy()
+        skel[rc[:, 0], rc[:, 1]] = False
+        if np.count_nonzero(skel) < 2:
+            return skel, None
+        try:
+            graph = skan.Skeleton(np.where(skel, half_px, 0).astype(np.float32))
+        except ValueError:
+            return skel, None
     return skel, graph
 
 
