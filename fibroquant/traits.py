@@ -779,9 +779,10 @@ def reduce_mask(mask: np.ndarray, factor: int) -> np.ndarray:
         return np.asarray(mask, bool)
     h, w = mask.shape
     hh, ww = -(-h // factor), -(-w // factor)
-    pad = np.zeros((hh * factor, ww * factor), np.float32)
-    pad[:h, :w] = mask
-    return cv2.resize(pad, (ww, hh), interpolation=cv2.INTER_AREA) > 0.5 + 1e-6
+    # 0/254: a tie averages to exactly 127, any majority (≥ 1/256 above it) to ≥ 128
+    src = np.asarray(mask, bool).view(np.uint8) * np.uint8(254)
+    src = cv2.copyMakeBorder(src, 0, hh * factor - h, 0, ww * factor - w, cv2.BORDER_CONSTANT, 0)
+    return cv2.resize(src, (ww, hh), interpolation=cv2.INTER_AREA) > 127
 
 
 def with_params(params: TraitParams, **kw: Any) -> TraitParams:
