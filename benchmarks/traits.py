@@ -43,10 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--trait-mpp", type=float, nargs="+", default=[1.0, 2.0])
     ap.add_argument("--workers", type=int, default=1, help="tile (and trait tile) threads")
+    ap.add_argument("--field-of-view", action="store_true",
+                    help="tissue fills the frame (no glass, no capsule): the cheapest analysis")
     args = ap.parse_args(argv)
-    rgb, truth = make_section(SectionParams(shape=(args.size, args.size), mpp=args.mpp), rng=5)
+    rgb, truth = make_section(SectionParams(shape=(args.size, args.size), mpp=args.mpp,
+                                            field_of_view=args.field_of_view), rng=5)
     slide = ArraySlide(rgb, args.mpp, levels=4)
-    print(f"# whole section {args.size}² at {args.mpp} µm/px ({args.size**2 / 1e6:.1f} MP), "
+    kind = "field of view" if args.field_of_view else "whole section"
+    print(f"# {kind} {args.size}² at {args.mpp} µm/px ({args.size**2 / 1e6:.1f} MP), "
           f"true CPA {truth.cpa_percent:.3f} %, {args.workers} tile thread(s), median of {args.runs}")
     off = Settings.model_validate({"traits": False})
     variants = {f"traits at {m:g} µm/px": Settings.model_validate({"traits": {"mpp": m}})

@@ -346,8 +346,19 @@ def _skeleton(collagen: np.ndarray, half_px: np.ndarray | None) -> tuple[np.ndar
     ends = (graph.degrees[first] == 1) ^ (graph.degrees[last] == 1)  # junction to free end
     spur = ends & (graph.path_lengths() < 2 * graph.path_means() + 1)
     if spur.any():
-        graph = graph.prune_paths(np.flatnonzero(spur))
-        skel = graph.skeleton_image > 0
+        # the spurs' pixels, junctions kept (what skan's prune_paths wipes, without its second
+        # skeletonize of the whole tile)
+        ids = graph.paths[np.flatnonzero(spur)].indices
+        ids = ids[graph.degrees[ids] <= 2]
+        rc = np.rint(graph.coordinates[ids]).astype(np.intp)
+        skel = skel.copy()
+        skel[rc[:, 0], rc[:, 1]] = False
+        if np.count_nonzero(skel) < 2:
+            return skel, None
+        try:
+            graph = skan.Skeleton(np.where(skel, half_px, 0).astype(np.float32))
+        except ValueError:
+            return skel, None
     return skel, graph
 
 
@@ -768,9 +779,10 @@ def reduce_mask(mask: np.ndarray, factor: int) -> np.ndarray:
         return np.asarray(mask, bool)
     h, w = mask.shape
     hh, ww = -(-h // factor), -(-w // factor)
-    pad = np.zeros((hh * factor, ww * factor), np.float32)
-    pad[:h, :w] = mask
-    return cv2.resize(pad, (ww, hh), interpolation=cv2.INTER_AREA) > 0.5 + 1e-6
+    # 0/254: a tie averages to exactly 127, any majority (≥ 1/256 above it) to ≥ 128
+    src = np.asarray(mask, bool).view(np.uint8) * np.uint8(254)
+    src = cv2.copyMakeBorder(src, 0, hh * factor - h, 0, ww * factor - w, cv2.BORDER_CONSTANT, 0)
+    return cv2.resize(src, (ww, hh), interpolation=cv2.INTER_AREA) > 127
 
 
 def with_params(params: TraitParams, **kw: Any) -> TraitParams:
