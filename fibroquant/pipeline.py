@@ -807,7 +807,8 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
         from fibroquant import traits  # noqa: PLC0415 - only when measured
 
         record.update(traits.measure_slide(collagen_m, tissue_m, mask_mpp, settings.traits,
-                                           lumen=tissue.lumen, lumen_mpp=thumb_mpp))
+                                           lumen=tissue.lumen, lumen_mpp=thumb_mpp,
+                                           workers=workers))
         record["seconds"] = round(time.perf_counter() - t_start, 3)
     return SlideAnalysis(record, collagen_m, tissue_m, excluded_m, mask_mpp, qc,
                          flags=flags if flags is not None else class_flags(tissue))
