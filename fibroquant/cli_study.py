@@ -6,13 +6,13 @@ No science here: both call the library and print.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from fibroquant.cli import StainChoice, _fail, _settings, app, err, out
+from fibroquant.cli import app
+from fibroquant.cli_common import StainChoice, cli_settings, err, fail, out
 from fibroquant.errors import ConfigError, FibroquantError, one_line
 
 
@@ -91,9 +91,9 @@ def compare(
 
     path = out_dir / "slides.csv"
     if not path.is_file():
-        raise _fail(f"{out_dir}: no slides.csv (run fibroquant analyze first)", 2)
+        raise fail(f"{out_dir}: no slides.csv (run fibroquant analyze first)", 2)
     if save is not None and _holds_a_run(save):
-        raise _fail(f"--save {save}: holds an analyze run's tables (fibroquant.sqlite or "
+        raise fail(f"--save {save}: holds an analyze run's tables (fibroquant.sqlite or "
                     "run.json); compare writes its subset elsewhere, e.g. "
                     f"--save {save / 'compare'}", 2)
     slides = pd.read_csv(path, dtype={"mouse": str, "group": str}, keep_default_na=False,
@@ -123,7 +123,7 @@ def compare(
         mice = aggregate_mice(work, extra_columns=[c for c in extras if c != by])
         groups = stats.compare_groups(mice, control=control)
     except (FibroquantError, ValueError) as exc:
-        raise _fail(one_line(exc), 2) from None
+        raise fail(one_line(exc), 2) from None
     ctrl = groups.attrs.get("control")
     sentence = stats.summary_sentence(groups) if ctrl else (
         groups.attrs.get("note") or "no control group: groups described, not compared")
@@ -179,42 +179,48 @@ def stains(
     import numpy as np
     import yaml
 
-    from fibroquant.pipeline import analyze_slide
-    from fibroquant.slides import list_slides
+    from fibroquant.pipeline import calibrate_slide
+    from fibroquant.slides import list_slides, open_slide
 
     try:
-        settings = _settings(config, stain, analysis_mpp)
+        settings = cli_settings(config, stain, analysis_mpp)
     except ConfigError as exc:
-        raise _fail(str(exc), 2) from None
+        raise fail(str(exc), 2) from None
     files = list_slides(slides_dir)
     if not files:
-        raise _fail(f"{slides_dir}: no slide files found", 2)
+        raise fail(f"{slides_dir}: no slide files found", 2)
     estimates: list[dict[str, list[float]]] = []
     failed = 0
     for f in files:
-        try:
-            rec = analyze_slide(f, settings, fallback_mpp=mpp).record
+        try:  # the calibration step only: no tile is measured
+            slide = open_slide(f)
+            if slide.mpp is None and mpp is not None:
+                slide.close()
+                slide = open_slide(f, mpp=mpp)
+            with slide:
+                cal = calibrate_slide(slide, settings)
         except FibroquantError as exc:
             failed += 1
             err.print(f"[yellow]failed: {one_line(exc)}[/]", markup=True)
             continue
-        vec = json.loads(rec["stain_vectors"])
-        angles = json.loads(rec["stain_angles_deg"])
-        out.print(f"[bold]{f.relative_to(slides_dir)}[/] ({rec['stain_source']})", markup=True)
+        est, thr, warning = cal.stains, cal.threshold, "; ".join(cal.warnings)
+        vec = est.stains.to_dict()
+        out.print(f"[bold]{f.relative_to(slides_dir)}[/] ({est.source})", markup=True)
         for name, v in vec.items():
             out.print(f"  {name:18s} {v[0]:.4f} {v[1]:.4f} {v[2]:.4f}   "
-                      f"{angles.get(name, 0):5.1f}° from preset")
-        out.print(f"  collagen level {rec['collagen_level_od']:.3f} OD, parenchyma "
-                  f"{rec['parenchyma_od']:.3f} OD, collagen share {rec['collagen_od_share']:.2f}")
-        if rec["stain_warning"]:
-            out.print(f"  [yellow]warning: {rec['stain_warning']}[/]", markup=True, soft_wrap=True)
-        if "wrong stain?" in rec["stain_warning"]:
+                      f"{est.angles_deg.get(name, 0):5.1f}° from preset")
+        out.print(f"  collagen level {thr.collagen_level_od:.3f} OD, parenchyma "
+                  f"{thr.parenchyma_od:.3f} OD, collagen share "
+                  f"{est.od_share.get(est.stains.collagen, 0.0):.2f}")
+        if warning:
+            out.print(f"  [yellow]warning: {warning}[/]", markup=True, soft_wrap=True)
+        if "wrong stain?" in warning:
             out.print("  [yellow]left out of the study vectors (wrong stain?)[/]", markup=True)
-        elif rec["stain_source"] != "preset":
+        elif est.source != "preset":
             estimates.append(vec)
     if write is not None:
         if not estimates:
-            raise _fail("no slide gave a full stain estimate; nothing written", 1)
+            raise fail("no slide gave a full stain estimate; nothing written", 1)
         names = list(estimates[0])
         median = {n: [round(float(x), 4) for x in
                       np.median(np.array([e[n] for e in estimates]), axis=0)] for n in names}
