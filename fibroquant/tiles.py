@@ -112,7 +112,7 @@ def measure_tile_reference(
                                        kernels.FLAG_BUBBLE)]
     excluded = capsule | wall | kinds[0] | kinds[1] | kinds[2]
     counts = dict(zip(FUSED_COUNTS, (int(np.count_nonzero(m)) for m in
-                                     (tissue, col, capsule, wall, *kinds))))
+                                     (tissue, col, capsule, wall, *kinds)), strict=True))
     h, w = tissue.shape
     bh, bw = -(-h // f), -(-w // f)
     blocks = np.zeros((3, bh * f, bw * f), np.int32)
@@ -181,8 +181,8 @@ def plan_geometry(
     scale = min(level_mpp / target, 1.0)
     if abs(scale - 1.0) < 1e-3:
         scale = 1.0
-    h = max(int(round(lev.shape[0] * scale)), 1)
-    w = max(int(round(lev.shape[1] * scale)), 1)
+    h = max(round(lev.shape[0] * scale), 1)
+    w = max(round(lev.shape[1] * scale), 1)
     factor = max(1, math.ceil(math.sqrt(h * w / (mask_max_mpx * 1e6))))
     return Geometry(best, level_mpp, level_mpp / scale, scale, h, w, factor)
 
@@ -192,7 +192,7 @@ def read_analysis(slide: Slide, geo: Geometry, y: int, x: int, h: int, w: int) -
 
     Downsampling averages intensities (``cv2.INTER_AREA``), as a camera pixel of that size
     would. (Averaging optical density instead keeps more of a thin fibre's dye in the mixed
-    pixel but counts the mixed rims of thick fibres as collagen: +0.4–0.7 pp against native
+    pixel but counts the mixed rims of thick fibres as collagen: +0.4-0.7 pp against native
     resolution on lossless pyramids, where intensity averaging stays within 0.25 pp.)
     """
     if geo.scale == 1.0:
@@ -389,7 +389,7 @@ def map_tiles(slide: Slide, job: TileJob, boxes: list[tuple[int, int, int, int]]
         with ThreadPoolExecutor(max_workers=workers) as pool:
             window = 2 * workers
             it = iter(boxes)
-            pending = [pool.submit(tile, slide, job, b) for _, b in zip(range(window), it)]
+            pending = [pool.submit(tile, slide, job, b) for _, b in zip(range(window), it, strict=False)]
             while pending:
                 fut = pending.pop(0)
                 nxt = next(it, None)
