@@ -1838,7 +1838,7 @@ def write_qc(path: Path, analysis: Any, *, max_px: int = 2000, title: str = "") 
     ----------
     path : pathlib.Path
         JPEG to write (atomically).
-    analysis : fibroquant.pipeline.SlideAnalysis
+    analysis : fibroquant.measure.SlideResult
         Its ``thumbnail``, masks, ``mask_mpp`` and, when it has them, ``flags`` (low-resolution
         class bits that tell the exclusions apart); the image is scaled so its longest side is
         at most ``max_px``.

@@ -22,8 +22,7 @@ def record() -> dict:
     from fibroquant.synthetic import SectionParams, make_section
 
     rgb, _ = make_section(SectionParams(shape=(384, 384), mpp=0.5), rng=1)
-    rec = pipeline.analyze_slide("x.png", Settings(), slide=ArraySlide(rgb, 0.5)).record
-    return dict(getattr(rec, "to_record", lambda: rec)())
+    return pipeline.analyze_slide("x.png", Settings(), slide=ArraySlide(rgb, 0.5)).to_record()
 
 
 def test_every_record_key_is_in_the_schema(record: dict) -> None:
