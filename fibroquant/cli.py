@@ -137,7 +137,7 @@ def _analyze(
     slides_dir: Path, out_dir: Path, *, samples: Path | None, stain: StainChoice | None,
     config: Path | None, mpp: float | None, analysis_mpp: float | None, masks: bool,
     workers: int | None, scheduler: str | None, force: bool, wait: bool, control: str | None,
-    quiet: bool = False, command: str | None = None,
+    quiet: bool = False, command: str | None = None, keep_wrong_stain: bool = False,
 ) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -148,7 +148,7 @@ def _analyze(
             "slides_dir": slides_dir, "out": out_dir, "samples": samples, "stain": stain,
             "config": config, "mpp": mpp, "analysis_mpp": analysis_mpp, "masks": masks,
             "workers": workers, "scheduler": scheduler, "control": control, "force": force,
-            "wait": wait})
+            "wait": wait, "keep_wrong_stain": keep_wrong_stain})
     try:
         settings = _settings(config, stain, analysis_mpp)
     except ConfigError as exc:
@@ -177,6 +177,15 @@ def _analyze(
             line = f"failed: {rec.get('error')}"
             failed_lines.append(line)
             progress.console.print(f"[yellow]{line}[/]", markup=True, soft_wrap=True)
+        elif rec.get("wrong_stain") is True:
+            why = next((w for w in str(rec.get("stain_warning", "")).split("; ")
+                        if "clearly better" in w or "fluorescence" in w),
+                       f"colours show {rec.get('stain_guess', 'another stain')}")
+            progress.console.print(f"[yellow]wrong stain: {rec.get('slide')}: {why}[/]",
+                                   markup=True, soft_wrap=True)
+        if rec.get("status") == "ok" and rec.get("qc_flags"):
+            progress.console.print(f"doubtful: {rec.get('slide')}: {rec.get('qc_flags')}",
+                                   soft_wrap=True, markup=False)
         if task_id is not None:
             progress.update(task_id, advance=1, description=rec.get("slide", ""))
 
@@ -186,6 +195,7 @@ def _analyze(
                 slides_dir, out_dir, settings, samples=samples, control=control, mpp=mpp,
                 workers=n_workers, scheduler=scheduler, force=force, wait=wait, masks=masks,
                 command=command, on_plan=on_plan, on_result=on_result,
+                keep_wrong_stain=keep_wrong_stain,
             )
     except StoreLockedError as exc:
         raise _fail(str(exc), 3) from None
@@ -197,9 +207,12 @@ def _analyze(
     except FibroquantError as exc:
         raise _fail(str(exc), 2) from None
     if not quiet:
+        n_wrong = len(summary.wrong_stain)
         err.print(
             f"measured {summary.processed - summary.failed}, failed {summary.failed}, "
-            f"skipped {summary.skipped} (already measured), removed {summary.removed} "
+            + (f"wrong stain {n_wrong} ({'kept in' if keep_wrong_stain else 'left out of'} "
+               "mice and groups), " if n_wrong else "")
+            + f"skipped {summary.skipped} (already measured), removed {summary.removed} "
             f"in {summary.seconds:.1f} s"
         )
         for old, new in summary.renamed:
@@ -213,6 +226,11 @@ def _analyze(
                   f"{out_dir / 'groups.csv'}, report {out_dir / 'report.html'}")
     if summary.interrupted:
         err.print("interrupted: slides finished so far are stored; rerun to continue")
+    elif summary.exit_code == 2 and summary.wrong_stain:
+        stain_name = settings.stains.stain.value
+        err.print(f"[red]most slides are not {stain_name}: {len(summary.wrong_stain)} "
+                  "slide(s) show another stain; check --stain (exit 2)[/]", markup=True,
+                  soft_wrap=True)
     return summary.exit_code
 
 
@@ -250,12 +268,15 @@ def analyze(
     force: Annotated[bool, typer.Option("--force", help="Re-measure every slide.")] = False,
     wait: Annotated[bool, typer.Option(
         "--wait", help="Wait for another run using OUT instead of exiting.")] = False,
+    keep_wrong_stain: Annotated[bool, typer.Option(
+        "--keep-wrong-stain", help="Count slides whose colours show another stain in mice "
+        "and groups (left out by default).")] = False,
 ) -> None:
     """Measure CPA on every new or changed slide and write the study tables and report."""
     code = _analyze(
         slides_dir, out, samples=samples, stain=stain, config=config, mpp=mpp,
         analysis_mpp=analysis_mpp, masks=masks, workers=workers, scheduler=scheduler,
-        force=force, wait=wait, control=control,
+        force=force, wait=wait, control=control, keep_wrong_stain=keep_wrong_stain,
     )
     raise typer.Exit(code=code)
 

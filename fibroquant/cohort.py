@@ -56,7 +56,7 @@ RECORD_COLUMNS: frozenset[str] = frozenset({
     "channel_shift_px", "background_rgb", "background_source", "stain_source", "stain_vectors", "stain_angle_deg",
     "stain_angles_deg", "collagen_od_share", "threshold_method", "threshold_od",
     "parenchyma_od", "collagen_level_od", "share_guard", "parenchyma_share",
-    "blob_max_area_um2", "stain_fit", "stain_warning", "seconds", "version", "fingerprint", "settings_hash",
+    "blob_max_area_um2", "stain_fit", "stain_guess", "wrong_stain", "qc_flags", "stain_warning", "seconds", "version", "fingerprint", "settings_hash",
 })
 
 #: Names a sheet may not use for extra columns: they would collide with measured columns of

@@ -37,6 +37,7 @@ from fibroquant.collagen import (
     parenchyma_background,
     segment_collagen,
 )
+from fibroquant.confidence import qc_flags
 from fibroquant.config import Settings
 from fibroquant.errors import QUIET_ENV, FibroquantError, SlideReadError, one_line, quiet_warnings
 from fibroquant.measure import Measurements, TileCounts
@@ -56,6 +57,7 @@ from fibroquant.stains import (
     Vector,
     stain_fit,
     stain_mismatch,
+    stain_verdict,
 )
 from fibroquant.tasks import (
     MASK_KINDS,
@@ -761,6 +763,7 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
     mask_mpp = geo.analysis_mpp * f
     qc = thumb if thumb_mpp >= mask_mpp * 0.999 else sl.thumbnail(mask_mpp)
     col_idx = stains.collagen_index
+    verdict = stain_verdict(fit, settings.stains.stain.value)
     record: dict[str, Any] = {
         "status": "ok",
         "error": "",
@@ -791,10 +794,13 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
         "parenchyma_share": thr.parenchyma_share,
         "blob_max_area_um2": settings.collagen.blob_max_area_um2,
         "stain_fit": json.dumps(fit),
+        "stain_guess": verdict.guess,
+        "wrong_stain": verdict.wrong,
         "stain_warning": "; ".join(warnings),
         "seconds": round(time.perf_counter() - t_start, 3),
         "version": __version__,
     }
+    record["qc_flags"] = "; ".join(qc_flags(record, pale_counterstain=thr.pale_counterstain))
     return SlideAnalysis(record, collagen_m, tissue_m, excluded_m, mask_mpp, qc)
 
 
@@ -945,6 +951,7 @@ def _stain_fit(rgb: np.ndarray, *, od_floor: float = 0.15, max_pixels: int = 200
     px = np.asarray(rgb).reshape(-1, 3)
     if px.dtype != np.uint8:
         return stain_fit(rgb, od_floor=od_floor, max_pixels=max_pixels)
+    dark = st.dark_share(px)
     bg, _ = _estimate_background(px)
     sq = od_lut(bg).astype(np.float64) ** 2
     keep = np.empty(len(px), bool)
@@ -964,7 +971,7 @@ def _stain_fit(rgb: np.ndarray, *, od_floor: float = 0.15, max_pixels: int = 200
                       np.int64)
     n_keep = int(counts.sum())
     if n_keep < 100:
-        return {}
+        return {"dark_share": round(dark, 4)} if dark >= st.DARK_FIELD_MIN_SHARE else {}
     if n_keep > max_pixels:
         ranks = np.random.default_rng(0).choice(n_keep, max_pixels, replace=False)
     else:
@@ -977,14 +984,7 @@ def _stain_fit(rgb: np.ndarray, *, od_floor: float = 0.15, max_pixels: int = 200
         nz = np.flatnonzero(keep[c * _CHUNK : (c + 1) * _CHUNK]) + c * _CHUNK
         idx[sel] = nz[ranks[sel] - (ends[c] - counts[c])]
     od = rgb_to_od(px[idx], bg).astype(np.float64)
-    candidates = {
-        "sirius-red": st.StainMatrix(st.SIRIUS_RED.names[:2], st.SIRIUS_RED.vectors[:2]),
-        "masson": st.StainMatrix(st.MASSON.names[:2], st.MASSON.vectors[:2]),
-        "masson-light-green": st.StainMatrix(st.MASSON_LIGHT_GREEN.names[:2],
-                                             st.MASSON_LIGHT_GREEN.vectors[:2]),
-        "h&e": st.H_AND_E,
-    }
-    return {k: round(st._nonneg_residual(od, v), 4) for k, v in candidates.items()}
+    return st.protocol_fit(od, dark)
 
 
 #: Slides running in the local worker processes of this run (a shared counter, given to each

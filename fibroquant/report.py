@@ -1218,6 +1218,8 @@ def _slide_card(row: pd.Series, uri: str | None) -> str:
         badges.append(f'<span class="badge bad">{_e(status)}: {_e(_text(row.get("error")))}</span>')
     if _has_warning(row.get("stain_warning")):
         badges.append(f'<span class="badge">{_e(_text(row.get("stain_warning")))}</span>')
+    if _has_warning(row.get("qc_flags")):
+        badges.append(f'<span class="badge">doubtful: {_e(_text(row.get("qc_flags")))}</span>')
     cpa_text = f"{cpa:.2f} % CPA" if math.isfinite(cpa) else "CPA –"
     tissue_text = f"{tissue:.2f} mm² tissue" if math.isfinite(tissue) else ""
     return (
@@ -1362,12 +1364,14 @@ def write_report_html(
 
     slide_cols = ["slide", "mouse", "group", "status", "mpp", "tissue_area_mm2",
                   "collagen_area_mm2", "cpa_percent", "lumen_area_mm2", "capsule_area_mm2",
-                  "artefact_area_mm2", "bubble_area_mm2", "stain_angle_deg", "stain_warning"]
+                  "artefact_area_mm2", "bubble_area_mm2", "stain_angle_deg", "qc_flags",
+                  "stain_warning"]
     slide_labels = {"tissue_area_mm2": "tissue mm²", "collagen_area_mm2": "collagen mm²",
                     "cpa_percent": "CPA %", "lumen_area_mm2": "lumen mm²",
                     "capsule_area_mm2": "capsule mm²", "artefact_area_mm2": "artefact mm²",
                     "bubble_area_mm2": "bubble mm²",
-                    "stain_angle_deg": "stain angle °", "stain_warning": "stain warning"}
+                    "stain_angle_deg": "stain angle °", "qc_flags": "doubtful because",
+                    "stain_warning": "stain warning"}
     parts.append('<section id="slides"><h2>Per-slide results</h2>')
     parts.extend(_figure(u, caption(p), w) for p, u, w in other_plots)
     parts.append("<details open><summary>Table of all slides</summary>"
@@ -1380,8 +1384,8 @@ def write_report_html(
     ordered = slides.sort_values(sort_cols, key=lambda s: s.map(_text)) if sort_cols else slides
     cards = []
     for _, row in ordered.iterrows():
-        if _text(row.get("status", "ok")).lower() not in ("", "ok"):
-            continue
+        if _text(row.get("status", "ok")).lower() not in ("", "ok", "wrong-stain"):
+            continue  # failed: no overlay (a wrong stain keeps its overlay, for inspection)
         qc_path = qc_images.get(_text(row.get("slide")))
         cards.append(_slide_card(row, _thumb_jpeg_uri(Path(qc_path)) if qc_path else None))
     sw = '<span class="sw" style="background:{}"></span>'
