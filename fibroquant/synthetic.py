@@ -934,8 +934,10 @@ def small_crop(
     cy0, cy1 = shape[0] // 2, p.shape[0] - shape[0] + shape[0] // 2
     cx0, cx1 = shape[1] // 2, p.shape[1] - shape[1] + shape[1] // 2
     inner = frac[cy0:cy1, cx0:cx1]
-    # a crop with some collagen, not the densest (5-25 % when there is such a place)
-    want = np.clip(inner, 0, 0.25)
+    holes = ndi.uniform_filter((~truth.tissue_mask).astype(np.float32), size=shape)
+    # a crop with some collagen, not the densest (5-25 % when there is such a place), and
+    # without a lumen (a crop is taken around collagen, not around a vessel)
+    want = np.clip(inner, 0, 0.25) - 10.0 * holes[cy0:cy1, cx0:cx1]
     iy, ix = np.unravel_index(int(np.argmax(want + 1e-3 * g.random(want.shape))), want.shape)
     y0, x0 = iy, ix
     sl = (slice(y0, y0 + shape[0]), slice(x0, x0 + shape[1]))
