@@ -324,3 +324,85 @@ def test_qc_flags_on_a_faint_slide():
                                         fibrosis=0.6), rng=6)
     a = _analyze(rgb, 0.5, "sirius-red")
     assert "faint stain" in a.record["qc_flags"]
+
+
+# ------------------------------------------------------------------------------------------
+# 4. purple Masson cohorts and diffuse pale collagen (synthetic truth)
+# ------------------------------------------------------------------------------------------
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * float((a & b).sum()) / max(float(a.sum() + b.sum()), 1.0)
+
+
+@pytest.fixture(scope="module")
+def purple_cohort():
+    """Eight purple Masson sections (25-45 % of the cytoplasm's stain aniline blue), measured:
+    (true CPA, measured CPA, Dice) each."""
+    from fibroquant.synthetic import purple_masson_params
+
+    out = []
+    for seed in range(8):
+        p = purple_masson_params(seed, (768, 768))
+        rgb, truth = make_section(p, rng=seed)
+        a = _analyze(rgb, p.mpp, "masson")
+        out.append((truth.cpa_percent, a.record["cpa_percent"],
+                    _dice(a.collagen_mask & truth.tissue_mask, truth.collagen_mask)))
+    return np.array(out)
+
+
+def test_purple_masson_params_are_purple():
+    from fibroquant.synthetic import purple_masson_params
+
+    shares = [p.cytoplasm_blue / (1 + p.cytoplasm_blue)
+              for p in map(purple_masson_params, range(40))]
+    assert 0.25 <= min(shares) and max(shares) <= 0.45
+    assert purple_masson_params(3) == purple_masson_params(3)
+
+
+@pytest.mark.slow
+def test_purple_masson_cohort_correlates_and_overlaps(purple_cohort):
+    """Measured 2026-12-05: MAE 0.75 pp (all under: -0.1 to -2.4), r 0.999, Dice 0.935
+    (min 0.77)."""
+    true, got, dice = purple_cohort.T
+    assert np.corrcoef(true, got)[0, 1] >= 0.95
+    assert dice.mean() >= 0.85
+    assert np.abs(got - true).mean() <= 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="known gap: on purple sections the share guard (counted "
+                   "from the parenchyma's share) drops collagen's mixed edge pixels: CPA reads "
+                   "0.1-2.4 pp low (MAE 0.75 pp; guard spread 1.75 gives 0.57)")
+def test_purple_masson_cohort_within_half_a_point(purple_cohort):
+    true, got, _ = purple_cohort.T
+    assert np.abs(got - true).mean() <= 0.5
+
+
+def test_pale_band_is_collagen_in_truth():
+    from fibroquant.synthetic import with_pale_band
+
+    rgb, truth = make_section(SectionParams(shape=(384, 384), field_of_view=True), rng=1)
+    rgb2, truth2 = with_pale_band(rgb, truth, collagen_od=0.2, rng=1)
+    band = truth2.collagen_mask & ~truth.collagen_mask
+    assert band.sum() > 0.05 * truth.tissue_mask.sum()
+    assert (rgb2[band].astype(int).sum(axis=1) < rgb[band].astype(int).sum(axis=1)).mean() > 0.9
+    changed = (rgb2 != rgb).any(axis=-1)
+    assert not (changed & ~(band | truth.collagen_mask)).any()  # only the band is dimmed
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="known gap: a broad pale band (0.15-0.25 OD of collagen "
+                   "stain over 0.3 OD of counterstain) is read as non-specific uptake: the local "
+                   "parenchyma background follows it and its pixels are counterstain-dominated; "
+                   "0-40 % of it found")
+@pytest.mark.parametrize("stain", ["sirius-red", "masson"])
+def test_diffuse_pale_band_is_found(stain):
+    from fibroquant.synthetic import with_pale_band
+
+    p = SectionParams(stain=stain, shape=(768, 768), fibrosis=0.3, field_of_view=True)
+    rgb, truth = make_section(p, rng=2)
+    rgb, truth2 = with_pale_band(rgb, truth, collagen_od=0.2, width_um=60, rng=2)
+    a = _analyze(rgb, p.mpp, stain)
+    band = truth2.collagen_mask & ~truth.collagen_mask
+    assert (a.collagen_mask & band).sum() >= 0.8 * band.sum()
