@@ -14,7 +14,7 @@ directory (deleted at the end unless ``--keep``/``--workdir``), then prints one 
 * a per-tile scikit-image baseline (decode + ``rgb2hed`` + threshold + count) on a subset of
   tiles, extrapolated;
 * Dask ``LocalCluster`` 1 vs 2 worker processes on 8 copies of the 16k x 16k slide via
-  ``pipeline.run_tasks`` (workers warmed first, as in a long-lived cluster: imports, numba
+  ``executor.run_tasks`` (workers warmed first, as in a long-lived cluster: imports, numba
   kernels, and one analysis of the source slide in each worker's task thread), results
   compared with a local run;
 * CPA at ``analysis_mpp=1.0`` vs native, and the true CPA of the synthetic section.
@@ -422,7 +422,7 @@ def dask_bench(slide: Path, copies: int, workdir: Path, rounds: int = 2) -> dict
     from distributed import Client, LocalCluster
 
     from fibroquant.config import Settings
-    from fibroquant.pipeline import SlideTask, run_tasks
+    from fibroquant.executor import SlideTask, run_tasks
 
     paths = []
     for i in range(copies):

@@ -2,7 +2,8 @@
 
 Exit codes: 0 every slide ok; 1 some slides failed (all tables still written); 2 a usage,
 configuration or sample-sheet error (nothing measured); 3 the output folder is in use by another
-run (use ``--wait``); 130 interrupted (slides finished so far are kept).
+run (use ``--wait``); 4 an internal error or an output that cannot be written (the tables may be
+stale); 130 interrupted by Ctrl-C, 143 by SIGTERM (slides finished so far are kept).
 """
 
 from __future__ import annotations
@@ -19,7 +20,16 @@ import typer
 from rich.console import Console
 
 from fibroquant import __version__
-from fibroquant.errors import ConfigError, FibroquantError, SampleSheetError, StoreLockedError
+from fibroquant.errors import (
+    ConfigError,
+    FibroquantError,
+    SampleSheetError,
+    StoreError,
+    StoreLockedError,
+    interrupt_exit_code,
+    one_line,
+    sigterm_as_interrupt,
+)
 
 app = typer.Typer(
     name="fibroquant",
@@ -69,10 +79,15 @@ def main(
         quiet_warnings()
 
 
-def _settings(config: Path | None, stain: StainChoice | None, analysis_mpp: float | None):
+def _settings(config: Path | None, stain: StainChoice | None, analysis_mpp: float | None,
+              traits: bool | None = None, classifier: Path | None = None):
     from fibroquant.config import load_settings
 
     overrides: dict[str, Any] = {}
+    if traits is False:  # --no-traits; --traits keeps the config's choice
+        overrides["traits"] = {"enabled": False}
+    if classifier is not None:
+        overrides["classifier"] = str(classifier)
     if stain is not None:
         overrides.setdefault("stains", {})["stain"] = stain.value
     if analysis_mpp is not None:
@@ -137,9 +152,16 @@ def _analyze(
     slides_dir: Path, out_dir: Path, *, samples: Path | None, stain: StainChoice | None,
     config: Path | None, mpp: float | None, analysis_mpp: float | None, masks: bool,
     workers: int | None, scheduler: str | None, force: bool, wait: bool, control: str | None,
-    quiet: bool = False, command: str | None = None, keep_wrong_stain: bool = False,
+    quiet: bool = False, command: str | None = None, traits: bool = True,
+    cluster: str | None = None, classifier: Path | None = None, keep_wrong_stain: bool = False,
 ) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     from fibroquant.run import analyze_folder
 
@@ -147,16 +169,20 @@ def _analyze(
         command = _command("analyze", {
             "slides_dir": slides_dir, "out": out_dir, "samples": samples, "stain": stain,
             "config": config, "mpp": mpp, "analysis_mpp": analysis_mpp, "masks": masks,
-            "workers": workers, "scheduler": scheduler, "control": control, "force": force,
-            "wait": wait, "keep_wrong_stain": keep_wrong_stain})
+            "workers": workers, "scheduler": scheduler, "cluster": cluster, "control": control,
+            "force": force, "wait": wait, "classifier": classifier,
+            "keep_wrong_stain": keep_wrong_stain})
     try:
-        settings = _settings(config, stain, analysis_mpp)
+        settings = _settings(config, stain, analysis_mpp, traits, classifier)
     except ConfigError as exc:
         raise _fail(str(exc), 2) from None
     if scheduler is not None:
         problem = _scheduler_problem(scheduler)
         if problem:
             raise _fail(f"--scheduler {scheduler!r}: {problem}", 2)
+    cluster_kind = cluster or settings.cluster.kind
+    if cluster_kind is not None and scheduler is not None:
+        raise _fail("--cluster and --scheduler: give one of them, not both", 2)
     n_workers = workers or available_cores()
     progress = Progress(
         TextColumn("[bold]analyze"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -190,22 +216,29 @@ def _analyze(
             progress.update(task_id, advance=1, description=rec.get("slide", ""))
 
     try:
-        with progress:
+        with (sigterm_as_interrupt(), progress,
+              _cluster_or(scheduler, cluster_kind, settings) as where):
             summary = analyze_folder(
                 slides_dir, out_dir, settings, samples=samples, control=control, mpp=mpp,
-                workers=n_workers, scheduler=scheduler, force=force, wait=wait, masks=masks,
+                workers=n_workers, scheduler=where, force=force, wait=wait, masks=masks,
                 command=command, on_plan=on_plan, on_result=on_result,
                 keep_wrong_stain=keep_wrong_stain,
             )
     except StoreLockedError as exc:
         raise _fail(str(exc), 3) from None
-    except KeyboardInterrupt:  # while planning (measuring is interrupted inside the run)
-        err.print("interrupted before measuring: nothing was lost; rerun to continue")
-        return 130
+    except KeyboardInterrupt as exc:  # while planning or writing the tables
+        err.print("interrupted: slides finished so far are stored; rerun to continue")
+        return interrupt_exit_code(exc)
     except (SampleSheetError, ConfigError) as exc:
         raise _fail(str(exc), 2) from None
+    except StoreError as exc:  # the store or an output cannot be written
+        raise _fail(f"{exc} (the tables may be stale; rerun when fixed)", 4) from None
     except FibroquantError as exc:
         raise _fail(str(exc), 2) from None
+    except Exception as exc:  # a bug: one line (details with -v), exit 4
+        logging.getLogger(__name__).debug("internal error", exc_info=True)
+        raise _fail(f"internal error: {type(exc).__name__}: {one_line(exc)} (the tables may "
+                    "be stale; rerun with -v for details)", 4) from None
     if not quiet:
         n_wrong = len(summary.wrong_stain)
         err.print(
@@ -224,6 +257,9 @@ def _analyze(
                 err.print(f"[yellow]failed: {error or slide}[/]", markup=True, soft_wrap=True)
         err.print(f"results: {out_dir / 'slides.csv'}, {out_dir / 'mice.csv'}, "
                   f"{out_dir / 'groups.csv'}, report {out_dir / 'report.html'}")
+        for slide in summary.crashed:
+            err.print(f"[yellow]not measured again: {slide} (it crashed its worker process in "
+                      f"earlier runs; --force to retry)[/]", markup=True, soft_wrap=True)
     if summary.interrupted:
         err.print("interrupted: slides finished so far are stored; rerun to continue")
     elif summary.exit_code == 2 and summary.wrong_stain:
@@ -232,6 +268,29 @@ def _analyze(
                   "slide(s) show another stain; check --stain (exit 2)[/]", markup=True,
                   soft_wrap=True)
     return summary.exit_code
+
+
+def _cluster_or(scheduler: str | None, kind: str | None, settings: Any) -> Any:
+    """A context giving the run's scheduler: a batch cluster's for ``kind`` (closed after the
+    run, its jobs cancelled), else the ``--scheduler`` address or None (local workers)."""
+    from contextlib import nullcontext
+
+    if kind is None:
+        return nullcontext(scheduler)
+    from fibroquant.cluster import cluster_for
+
+    err.print(f"cluster: {kind}, {settings.cluster.jobs} job(s) of "
+              f"{settings.cluster.cores} core(s), {settings.cluster.memory}")
+    return cluster_for(kind, settings.cluster)
+
+
+class ClusterChoice(str, Enum):
+    """Batch systems of ``--cluster``."""
+
+    SLURM = "slurm"
+    PBS = "pbs"
+    SGE = "sge"
+    LOCAL = "local"
 
 
 SlidesDir = Annotated[Path, typer.Argument(
@@ -252,7 +311,7 @@ def analyze(
     config: Annotated[Path | None, typer.Option(
         exists=True, dir_okay=False, readable=True, help="YAML settings file.")] = None,
     mpp: Annotated[float | None, typer.Option(
-        min=0.01, max=100.0, help="µm per pixel for slides whose files lack it.")] = None,
+        min=0.05, max=50.0, help="µm per pixel for slides whose files lack it.")] = None,
     analysis_mpp: Annotated[float | None, typer.Option(
         min=0.05, max=10.0, help="Analysis resolution in µm per pixel (native when unset; "
         "septa need <= 2, fine fibres <= 1).")]
@@ -268,6 +327,17 @@ def analyze(
     force: Annotated[bool, typer.Option("--force", help="Re-measure every slide.")] = False,
     wait: Annotated[bool, typer.Option(
         "--wait", help="Wait for another run using OUT instead of exiting.")] = False,
+    traits: Annotated[bool, typer.Option(
+        "--traits/--no-traits", help="Measure fibre traits and compartments (on by default; "
+        "--no-traits saves their time).")] = True,
+    cluster: Annotated[ClusterChoice | None, typer.Option(
+        help="Run the slides as batch jobs (dask-jobqueue); shape them in the config's "
+        "cluster: section (cores, memory, walltime, queue, account, jobs). See docs/cluster.md."
+    )] = None,
+    classifier: Annotated[Path | None, typer.Option(
+        exists=True, dir_okay=False, readable=True, resolve_path=True,
+        help="Pixel classifier (fibroquant train) deciding collagen instead of the "
+        "threshold.")] = None,
     keep_wrong_stain: Annotated[bool, typer.Option(
         "--keep-wrong-stain", help="Count slides whose colours show another stain in mice "
         "and groups (left out by default).")] = False,
@@ -276,7 +346,9 @@ def analyze(
     code = _analyze(
         slides_dir, out, samples=samples, stain=stain, config=config, mpp=mpp,
         analysis_mpp=analysis_mpp, masks=masks, workers=workers, scheduler=scheduler,
-        force=force, wait=wait, control=control, keep_wrong_stain=keep_wrong_stain,
+        force=force, wait=wait, control=control, traits=traits,
+        cluster=cluster.value if cluster is not None else None, classifier=classifier,
+        keep_wrong_stain=keep_wrong_stain,
     )
     raise typer.Exit(code=code)
 
@@ -323,8 +395,8 @@ def demo(
 
 @app.command()
 def inspect(
-    slide: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True,
-                                          help="A slide or image file.")],
+    slide: Annotated[Path, typer.Argument(exists=True, dir_okay=True, readable=True,
+                                          help="A slide or image file, or a DICOM WSI folder.")],
     mpp: Annotated[float | None, typer.Option(min=0.01, help="µm per pixel override.")] = None,
     stain: Annotated[StainChoice | None, typer.Option(help="Expected stain.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
@@ -376,5 +448,6 @@ def _stain_fit_of(path: Path, mpp: float | None, info: dict[str, Any]) -> dict[s
 def run() -> None:  # pragma: no cover - console entry alternative
     """Entry point used by ``python -m fibroquant``."""
     app(prog_name="fibroquant")
-from fibroquant import cli_ops as _cli_ops  # noqa: E402,F401  (registers status and watch)
-from fibroquant import cli_study as _cli_study  # noqa: E402,F401  (registers compare and stains)
+from fibroquant import cli_agree as _cli_agree  # noqa: F401  (registers agree and train)
+from fibroquant import cli_ops as _cli_ops  # noqa: F401  (registers status and watch)
+from fibroquant import cli_study as _cli_study  # noqa: F401  (registers compare and stains)

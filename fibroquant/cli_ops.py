@@ -8,6 +8,7 @@ works while a run is going on) and ``watch`` calls the same code as ``analyze``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -22,6 +23,8 @@ import typer
 from fibroquant.cli import StainChoice, _analyze, _command, _fail, app, err, out
 from fibroquant.errors import FibroquantError, one_line
 from fibroquant.layout import STORE_NAME
+
+logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------
 # status
@@ -81,8 +84,7 @@ def folder_changes(store: Any, slides_dir: Path, out_dir: Path, settings_hash: s
     rels = [p.relative_to(slides_dir).as_posix() for p in files]
     stems = output_stems(rels)
     last = store.last_measured()
-    rows = store._db.execute("SELECT slide, fingerprint FROM slides").fetchall()
-    stored = dict(rows)
+    stored = store.slide_fingerprints()
     known = store.known(settings_hash) if settings_hash else {}
     known_base: dict[str, str] = {}
     for key, status in known.items():
@@ -162,7 +164,7 @@ def gather_status(out_dir: Path, slides_dir: Path | None = None, *, n_runs: int 
         msg = (f"{out_dir}: no results store ({STORE_NAME}) here; run "
                f"'fibroquant analyze SLIDES --out {out_dir}' first")
         raise FibroquantError(msg)
-    with ResultStore(path, timeout=10.0) as store:
+    with ResultStore(path, timeout=10.0, read_only=True) as store:
         runs = store.runs(limit=n_runs)
         hashes = store.settings_hashes()
         shash = runs[0]["settings_hash"] if runs else (hashes[0] if hashes else None)
@@ -174,7 +176,7 @@ def gather_status(out_dir: Path, slides_dir: Path | None = None, *, n_runs: int 
         else:  # leave out the slides the last run found removed (from its provenance)
             removed = _last_removed(out_dir)
             if removed:
-                stored = {r[0] for r in store._db.execute("SELECT slide FROM slides")}
+                stored = set(store.slide_fingerprints())
                 present = stored - set(removed)
         current = store.current_results(shash, present=present) if shash else []
     for i, run in enumerate(runs):
@@ -304,7 +306,7 @@ class Settler:
         """Update sizes; return True when everything pending has settled (and something is)."""
         now = self.clock()
         with self._lock:
-            for path, (sig, since) in list(self._pending.items()):
+            for path, (sig, _since) in list(self._pending.items()):
                 try:
                     st = path.stat()
                 except OSError:  # vanished before settling
@@ -356,7 +358,7 @@ def watch(
     config: Annotated[Path | None, typer.Option(
         exists=True, dir_okay=False, readable=True, help="YAML settings file.")] = None,
     mpp: Annotated[float | None, typer.Option(
-        min=0.01, max=100.0, help="µm per pixel for slides whose files lack it.")] = None,
+        min=0.05, max=50.0, help="µm per pixel for slides whose files lack it.")] = None,
     workers: Annotated[int | None, typer.Option(min=1, help="Parallel workers.")] = None,
     control: Annotated[str | None, typer.Option(help="Control group name.")] = None,
     settle: Annotated[float, typer.Option(
@@ -375,6 +377,12 @@ def watch(
 
     class Handler(FileSystemEventHandler):
         def on_any_event(self, event: FileSystemEvent) -> None:
+            try:
+                self._note(event)
+            except Exception as exc:  # noqa: BLE001 - the watcher thread must never die
+                logger.warning("watch: %s: %s", getattr(event, "src_path", "?"), one_line(exc))
+
+        def _note(self, event: FileSystemEvent) -> None:
             if event.is_directory or event.event_type in ("opened", "closed_no_write"):
                 return
             src = Path(os.fsdecode(event.src_path))
@@ -405,6 +413,12 @@ def watch(
             )
         except typer.Exit as exc:  # a sheet/config problem: reported; keep watching
             return int(exc.exit_code)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001 - anything else: said in one line; keep watching
+            err.print(f"watch: the run failed: {type(exc).__name__}: {one_line(exc)}",
+                      soft_wrap=True, markup=False)
+            return 4
 
     from fibroquant.slides import list_slides
 

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from fibroquant.errors import SampleSheetError
+from fibroquant.traits import TRAIT_COLUMNS
 
 __all__ = ["MICE_COLUMNS", "RECORD_COLUMNS", "RESERVED_COLUMNS", "aggregate_mice",
            "read_sample_sheet", "sheet_without_samples"]
@@ -57,6 +58,7 @@ RECORD_COLUMNS: frozenset[str] = frozenset({
     "stain_angles_deg", "collagen_od_share", "threshold_method", "threshold_od",
     "parenchyma_od", "collagen_level_od", "share_guard", "parenchyma_share",
     "blob_max_area_um2", "stain_fit", "stain_guess", "wrong_stain", "qc_flags", "stain_warning", "seconds", "version", "fingerprint", "settings_hash",
+    *TRAIT_COLUMNS,
 })
 
 #: Names a sheet may not use for extra columns: they would collide with measured columns of
@@ -596,4 +598,8 @@ def aggregate_mice(
     mice["n_failed_slides"] = mice["n_failed_slides"].astype(int)
     for col in columns[3:8]:
         mice[col] = mice[col].astype(float)
+    if any(c in data.columns for c in TRAIT_COLUMNS):  # fibre traits, pooled per mouse
+        from fibroquant.traits import mouse_traits
+
+        mice = mice.merge(mouse_traits(data.loc[ok]), on="mouse", how="left")
     return mice

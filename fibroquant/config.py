@@ -12,7 +12,7 @@ import hashlib
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -32,7 +32,8 @@ class Stain(str, Enum):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # NaN and infinity are refused as numbers ("should be a finite number"), not compared
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class TissueSettings(_Model):
@@ -42,7 +43,7 @@ class TissueSettings(_Model):
         None, gt=0, description="µm/px of the tissue-detection image; None = automatic"
     )
     max_thumbnail_mpx: float = Field(
-        4.0, gt=0, description="largest tissue-detection image, megapixels"
+        4.0, gt=0, le=256, description="largest tissue-detection image, megapixels"
     )
     glass_od: float | None = Field(
         None, gt=0, description="summed optical density above which a pixel is tissue; None = Otsu"
@@ -158,8 +159,11 @@ class StainSettings(_Model):
     sample_pixels: int = Field(
         150_000, gt=1000, description="tissue pixels sampled to calibrate a slide"
     )
-    background_rgb: tuple[float, float, float] | None = Field(
-        None, description="glass intensity (R, G, B); None = estimated per slide"
+    background_rgb: tuple[
+        Annotated[float, Field(gt=0, le=255)], Annotated[float, Field(gt=0, le=255)],
+        Annotated[float, Field(gt=0, le=255)],
+    ] | None = Field(
+        None, description="glass intensity (R, G, B), each in (0, 255]; None = estimated per slide"
     )
     vectors: dict[str, tuple[float, float, float]] | None = Field(
         None, description="explicit study vectors by stain name (written by `fibroquant stains`)"
@@ -261,9 +265,65 @@ class TilingSettings(_Model):
     tile_px: int = Field(1024, ge=128, le=8192, description="tile edge at analysis resolution")
     halo_px: int = Field(16, ge=0, le=256, description="overlap read around each tile")
     mask_max_mpx: float = Field(
-        64.0, gt=0, description="largest mask/overlay written; coarser above it, megapixels"
+        64.0, gt=0, le=1024, description="largest mask/overlay written; coarser above it, megapixels"
     )
-    qc_max_px: int = Field(2000, ge=100, description="longest side of QC overlays, px")
+    qc_max_px: int = Field(2000, ge=100, le=20000, description="longest side of QC overlays, px")
+
+
+class TraitSettings(_Model):
+    """Fibre architecture traits (:mod:`fibroquant.traits`); ``traits: false`` turns them off."""
+
+    enabled: bool = Field(True, description="measure fibre traits and compartments")
+    mpp: float = Field(
+        1.0, gt=0, le=10,
+        description="µm/px the traits are measured at (the collagen mask is majority-reduced "
+        "to it; never finer than the mask); finer resolves thin fibres better but costs more",
+    )
+    thin_um: float = Field(3.0, gt=0, description="fibres thinner than this are thin (pericellular)")
+    thick_um: float = Field(10.0, gt=0, description="fibres thicker than this are thick (septal)")
+    ring_um: float = Field(50.0, ge=0, description="perivascular ring width around lumens")
+    septum_min_width_um: float = Field(
+        4.0, gt=0, description="local width of septal collagen (narrower is pericellular)")
+    septum_min_length_um: float = Field(
+        300.0, gt=0, description="skeleton length of wide fibre making an object septal "
+        "without bridging two vessels (about a lobule's radius)")
+    aggregate_um2: float = Field(5000.0, gt=0, description="objects above this are aggregated")
+    tile_px: int = Field(1024, ge=64, le=8192, description="trait tile edge at the trait mpp")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_bool(cls, data: Any) -> Any:
+        return {"enabled": data} if isinstance(data, bool) else data
+
+
+class ClusterSettings(_Model):
+    """Where the slides run: a batch cluster's jobs (``--cluster``; never changes measurements).
+
+    Each job is one Dask worker process of ``cores`` threads (one slide per thread) on a node;
+    the run submits ``jobs`` of them through dask-jobqueue (see :mod:`fibroquant.cluster`).
+    """
+
+    kind: Literal["slurm", "pbs", "sge", "local"] | None = Field(
+        None, description="batch system; --cluster overrides it; None = no cluster")
+    cores: int = Field(4, ge=1, le=1024, description="cores (Dask threads) per job")
+    memory: str = Field("16GB", min_length=2, description="memory per job, e.g. 16GB")
+    walltime: str = Field("04:00:00", description="job time limit, HH:MM:SS")
+    queue: str | None = Field(None, description="partition (SLURM) or queue (PBS/SGE)")
+    account: str | None = Field(None, description="account / project charged")
+    job_extra_directives: list[str] = Field(
+        default_factory=list, description="extra #SBATCH/#PBS/#$ lines, e.g. ['--qos=long']")
+    job_script_prologue: list[str] = Field(
+        default_factory=list,
+        description="shell lines run before the worker, e.g. ['module load python', "
+        "'source ~/venvs/fibroquant/bin/activate']")
+    jobs: int = Field(1, ge=1, le=10000, description="jobs (workers) to scale to")
+    python: str | None = Field(
+        None, description="python on the nodes (default: this one, found on a shared disk)")
+    interface: str | None = Field(
+        None, description="network interface workers and scheduler talk on, e.g. ib0")
+    local_directory: str | None = Field(
+        None, description="worker scratch folder on the node, e.g. $TMPDIR")
+    log_directory: str | None = Field(None, description="folder for the jobs' stdout/stderr")
 
 
 class Settings(_Model):
@@ -273,12 +333,21 @@ class Settings(_Model):
     stains: StainSettings = StainSettings()
     collagen: CollagenSettings = CollagenSettings()
     tiling: TilingSettings = TilingSettings()
+    traits: TraitSettings = TraitSettings()
+    cluster: ClusterSettings = ClusterSettings()
+    classifier: Path | None = Field(
+        None, description="pixel classifier file (fibroquant train) that decides collagen "
+        "instead of the threshold; its SHA-256 joins the settings hash")
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.tissue.glass_od_min > self.tissue.glass_od_max:
             msg = "tissue.glass_od_min must not exceed tissue.glass_od_max"
             raise ValueError(msg)
+        if self.classifier is not None:
+            from fibroquant.classifier import check_compatible
+
+            check_compatible(self.classifier, self.stains.stain_names())
         return self
 
     def share_from_parenchyma(self, counterstain_fitted: bool) -> bool:
@@ -296,8 +365,17 @@ class Settings(_Model):
     def measurement_dict(self) -> dict[str, Any]:
         """Settings that change measurements, as canonical JSON-able data."""
         data = self.model_dump(mode="json")
+        data.pop("cluster")  # where slides run does not change what is measured
+        clf = data.pop("classifier", None)  # absent by default: the default hash is unchanged
+        if clf is not None:  # the file's content, not its name, changes measurements
+            from fibroquant.classifier import file_hash
+
+            data["classifier_sha256"] = file_hash(clf)
         for key in ("tile_px", "halo_px", "mask_max_mpx", "qc_max_px"):
             data["tiling"].pop(key)
+        data["traits"].pop("tile_px")
+        if not data["traits"]["enabled"]:  # no trait measured: hashes as before traits existed
+            data.pop("traits")
         if data["tiling"]["analysis_mpp"] is None:  # native resolution: no level is chosen
             data["tiling"].pop("read_oversample")
         data["algorithm_version"] = ALGORITHM_VERSION
@@ -328,6 +406,21 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader refusing a key given twice in one mapping (YAML would silently
+    keep the second)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_settings(
     path: Path | None = None, overrides: dict[str, Any] | None = None
 ) -> Settings:
@@ -354,9 +447,16 @@ def load_settings(
     if path is not None:
         source = str(path)
         try:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+            loaded = yaml.load(Path(path).read_text(encoding="utf-8"),
+                               Loader=_UniqueKeyLoader)
         except FileNotFoundError:
             msg = f"{path}: config file not found"
+            raise ConfigError(msg) from None
+        except yaml.MarkedYAMLError as exc:  # where: line and column, 1-based
+            mark = exc.problem_mark or exc.context_mark
+            where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+            what = exc.problem or exc.context or "malformed YAML"
+            msg = f"{path}{where}: not a readable YAML file ({what})"
             raise ConfigError(msg) from None
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -368,6 +468,8 @@ def load_settings(
             msg = f"{path}: expected a mapping of sections (tissue:, stains:, ...)"
             raise ConfigError(msg)
         data = loaded
+        if isinstance(data.get("classifier"), str) and not Path(data["classifier"]).is_absolute():
+            data = {**data, "classifier": str(Path(path).parent / data["classifier"])}
     if overrides:
         data = _deep_merge(data, overrides)
     try:

@@ -6,6 +6,9 @@ file (or setting) and what is wrong with it. The command line turns them into on
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 def one_line(exc: BaseException) -> str:
     """The first line of an exception's message, or its type name when the message is empty."""
@@ -45,6 +48,38 @@ class StoreLockedError(StoreError):
     """Another fibroquant run holds the lock on the output folder."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM received (``kill``, a batch scheduler, ``systemctl stop``): handled like Ctrl-C,
+    with exit code 143 instead of 130 (see :func:`sigterm_as_interrupt`)."""
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` in the main thread, so a run
+    stops as on Ctrl-C: slides finished so far are kept, worker processes are ended, and the
+    command exits 143 with one line. Elsewhere than the main thread: no change."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum: int, frame: object) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interrupt_exit_code(exc: BaseException) -> int:
+    """128 + the signal: 143 for SIGTERM (:class:`Terminated`), 130 for Ctrl-C."""
+    return 143 if isinstance(exc, Terminated) else 130
+
+
 #: Environment variable that tells worker processes to call :func:`quiet_warnings`.
 QUIET_ENV = "FIBROQUANT_QUIET_WARNINGS"
 
@@ -59,7 +94,7 @@ def quiet_warnings() -> None:
 
     warnings.formatwarning = _one_line_warning  # type: ignore[assignment]
     logging.getLogger("tifffile").setLevel(logging.CRITICAL)
-    os.environ[QUIET_ENV] = "1"  # inherited by worker processes (see pipeline.run_slide_pinned)
+    os.environ[QUIET_ENV] = "1"  # inherited by worker processes (see executor.run_slide_pinned)
 
 
 def _one_line_warning(message: Warning | str, category: type[Warning], filename: str,

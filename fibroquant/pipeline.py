@@ -1,9 +1,8 @@
 """One slide from file to measurements: tissue, stain calibration, tile streaming, counts.
 
 :func:`analyze_slide` is pure apart from reading the slide: it returns a :class:`SlideAnalysis`
-(a flat record for ``slides.csv`` plus low-resolution masks for QC). :func:`run_slide` is the task
-unit that local process pools and Dask workers run: it analyses a slide, writes its masks and QC
-overlay, and turns any error into a ``failed`` record, so one bad slide never stops a run.
+(a flat record for ``slides.csv`` plus low-resolution masks for QC). Running slides as tasks
+(worker processes, Dask) is :mod:`fibroquant.executor`.
 
 Memory is bounded by the tile size, not the slide size: the tissue mask comes from a thumbnail,
 and only tiles that touch tissue are read, one (plus its halo) per worker thread at a time.
@@ -14,14 +13,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import threading
 import time
 import traceback
-import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +25,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from fibroquant import __version__, focus, kernels
+from fibroquant import __version__, cores, focus, kernels
 from fibroquant.collagen import (
     CollagenThreshold,
     auto_blob_area,
@@ -39,7 +35,7 @@ from fibroquant.collagen import (
 )
 from fibroquant.confidence import qc_flags
 from fibroquant.config import Settings
-from fibroquant.errors import QUIET_ENV, FibroquantError, SlideReadError, one_line, quiet_warnings
+from fibroquant.errors import FibroquantError, SlideReadError
 from fibroquant.measure import Measurements, TileCounts
 from fibroquant.registration import estimate_channel_shifts
 from fibroquant.shading import CorrectedSlide, estimate_shading
@@ -47,6 +43,7 @@ from fibroquant.slides import Slide, open_slide, require_colour, require_mpp
 from fibroquant.stains import (
     StainEstimate,
     StainMatrix,
+    Vector,
     angle_deg,
     channel_sum,
     estimate_background,
@@ -54,20 +51,13 @@ from fibroquant.stains import (
     od_lut,
     preset_for,
     rgb_to_od,
-    Vector,
     stain_fit,
     stain_mismatch,
     stain_verdict,
 )
 from fibroquant.tasks import (
-    MASK_KINDS,
     SlideTask,
-    discard_outputs,
-    failed_record,
-    output_files,
     output_stem,  # noqa: F401 - re-exported (tests, benchmarks)
-    remove_files,
-    task_stem,
 )
 from fibroquant.tissue import (
     TissueMask,
@@ -212,6 +202,10 @@ class _TileJob:
     flags: np.ndarray | None = None  # per-pixel class bits at tissue resolution (fast path)
     threshold_map: np.ndarray | None = None  # float32 collagen threshold there (fast path)
     share_guard: float = 0.0  # least collagen share of a collagen pixel (CollagenThreshold)
+    # a pixel classifier (fibroquant.classifier.PixelClassifier) deciding collagen instead of
+    # the threshold, with the slide's fitted stains it reads
+    classifier: Any = None
+    stains: StainMatrix | None = None
 
 
 def fast_path(settings: Settings, mpp: float, line_od: float | None) -> bool:
@@ -326,6 +320,8 @@ def _measure_tile(
     if not _lookup_any(job.tissue.section, rows_c, cols_c).any():
         return None
     halo = job.settings.tiling.halo_px
+    if job.classifier is not None:
+        halo = max(halo, job.classifier.halo_px(job.geo.analysis_mpp))
     rows, cols = _tile_masks(job, y0, x0, y1, x1, halo)
     tissue_pad = _lookup_any(job.tissue.tissue, rows, cols)
     core = (slice(halo, halo + y1 - y0), slice(halo, halo + x1 - x0))
@@ -348,15 +344,25 @@ def _measure_tile(
         )
     else:
         conc = kernels.collagen_concentration_fast(rgb, job.lut, job.unmix_col)
-    collagen = segment_collagen(
-        conc, tissue_pad if share_ok is None else tissue_pad & share_ok, threshold,
-        job.geo.analysis_mpp, job.settings.collagen,
-        line_od=job.line_od, line_floor_offset=job.line_floor_offset,
-    )[core]
     tissue = tissue_pad[core]
     band = _lookup_any(job.tissue.capsule_band, rows_c, cols_c)
     wall = _lookup_any(job.tissue.vessel_wall, rows_c, cols_c)
-    capsule = collagen & band
+    decided = None
+    if job.classifier is None or band.any():
+        decided = segment_collagen(
+            conc, tissue_pad if share_ok is None else tissue_pad & share_ok, threshold,
+            job.geo.analysis_mpp, job.settings.collagen,
+            line_od=job.line_od, line_floor_offset=job.line_floor_offset,
+        )[core]
+    if job.classifier is not None:  # the study's classifier decides collagen; the capsule
+        # stays the threshold's collagen in the capsule band, so the tissue counted (the
+        # denominator) is the default path's whichever decides
+        collagen = job.classifier.predict_tile(rgb, halo, job.stains, mpp=job.geo.analysis_mpp,
+                                               tissue=tissue)
+        capsule = band & decided if decided is not None else np.zeros_like(collagen)
+    else:
+        collagen = decided
+        capsule = collagen & band
     wall_px = wall & tissue & ~capsule
     collagen = collagen & ~capsule & ~wall_px
     tissue = tissue & ~capsule & ~wall_px
@@ -699,7 +705,12 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
 
     line_od, line_floor = _line_params(thr, settings)
     flags = threshold_map = None
-    if fast_path(settings, geo.analysis_mpp, line_od):
+    clf = None
+    if settings.classifier is not None:
+        from fibroquant.classifier import load_cached
+
+        clf = load_cached(settings.classifier)
+    if clf is None and fast_path(settings, geo.analysis_mpp, line_od):
         flags = class_flags(tissue)
         if bg_map is not None:
             threshold_map = bg_map + np.float32(offset)  # float32, as the tile path adds it
@@ -711,7 +722,7 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
         offset if bg_map is not None else thr.threshold_od, settings, bg_map,
         tuple(stains.unmixing[:, i].copy() for i in range(len(stains.names))
               if i != stains.collagen_index),
-        line_od, line_floor, flags, threshold_map, thr.share_guard,
+        line_od, line_floor, flags, threshold_map, thr.share_guard, clf, stains,
     )
     f = geo.mask_factor
     mh, mw = -(-geo.height // f), -(-geo.width // f)
@@ -800,6 +811,12 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
         "seconds": round(time.perf_counter() - t_start, 3),
         "version": __version__,
     }
+    if settings.traits.enabled:
+        from fibroquant import traits  # noqa: PLC0415 - only when measured
+
+        record.update(traits.measure_slide(collagen_m, tissue_m, mask_mpp, settings.traits,
+                                           lumen=tissue.lumen, lumen_mpp=thumb_mpp))
+        record["seconds"] = round(time.perf_counter() - t_start, 3)
     record["qc_flags"] = "; ".join(qc_flags(record, pale_counterstain=thr.pale_counterstain))
     return SlideAnalysis(record, collagen_m, tissue_m, excluded_m, mask_mpp, qc)
 
@@ -946,7 +963,7 @@ def _stain_fit(rgb: np.ndarray, *, od_floor: float = 0.15, max_pixels: int = 200
                ) -> dict[str, float]:
     """Same result as :func:`fibroquant.stains.stain_fit`, computing the OD only of the
     pixels it samples (the OD norm of every pixel comes from per-channel tables)."""
-    from fibroquant import stains as st  # noqa: PLC0415
+    from fibroquant import stains as st
 
     px = np.asarray(rgb).reshape(-1, 3)
     if px.dtype != np.uint8:
@@ -987,72 +1004,6 @@ def _stain_fit(rgb: np.ndarray, *, od_floor: float = 0.15, max_pixels: int = 200
     return st.protocol_fit(od, dark)
 
 
-#: Slides running in the local worker processes of this run (a shared counter, given to each
-#: worker by :func:`_init_worker`); None outside a local process pool.
-_running: Any = None
-#: The cores those worker processes share.
-_pool_cores = 0
-
-
-def _init_worker(running: Any, cores: int) -> None:
-    """Initializer of a run's local worker processes: the shared count of running slides."""
-    global _running, _pool_cores
-    _running, _pool_cores = running, cores
-
-
-def _tile_threads(cap: int) -> int:
-    """Tile threads a slide may use now: ``cap`` outside a local pool; inside one, an equal
-    share of the pool's cores among the slides running (at least 1, at most ``cap``), so that
-    a slide left running alone (a run's last, or a large one started beside small ones) takes
-    the cores the finished ones gave back instead of keeping one thread to the end."""
-    if _running is None:
-        return cap
-    return max(1, min(cap, _pool_cores // max(1, _running.value)))
-
-
-@contextmanager
-def _counted_running() -> Iterator[None]:
-    """Count this slide among the pool's running slides while it runs (no-op outside one)."""
-    running = _running
-    if running is None:
-        yield
-        return
-    with running.get_lock():
-        running.value += 1
-    try:
-        yield
-    finally:
-        with running.get_lock():
-            running.value -= 1
-
-
-#: How often a tile waiting for its slide's share of the cores looks again (seconds): the
-#: share grows when a slide in another worker process ends, which no event here reports.
-SHARE_POLL_SECONDS = 0.05
-
-
-def _gated(fn: Any, cap: int) -> Any:
-    """``fn`` run by at most :func:`_tile_threads` threads at once (re-read as tiles start and
-    end, and every :data:`SHARE_POLL_SECONDS` while one waits); the others wait their turn."""
-    cond = threading.Condition()
-    active = 0
-
-    def run(*args: Any) -> Any:
-        nonlocal active
-        with cond:
-            while active >= _tile_threads(cap):
-                cond.wait(SHARE_POLL_SECONDS)
-            active += 1
-        try:
-            return fn(*args)
-        finally:
-            with cond:
-                active -= 1
-                cond.notify()
-
-    return run
-
-
 def _map_tiles(slide: Slide, job: _TileJob, boxes: list, workers: int) -> Iterator[Any]:
     if workers <= 1 or len(boxes) < 2:
         for box in boxes:
@@ -1063,7 +1014,7 @@ def _map_tiles(slide: Slide, job: _TileJob, boxes: list, workers: int) -> Iterat
     # slide with 2 threads). Restored when the loop ends.
     cv_threads = cv2.getNumThreads()
     cv2.setNumThreads(1)
-    tile = _process_tile if _running is None else _gated(_process_tile, workers)
+    tile = _process_tile if not cores.in_pool() else cores.gated(_process_tile, workers)
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             # bounded in-flight window keeps memory independent of slide size
@@ -1080,269 +1031,6 @@ def _map_tiles(slide: Slide, job: _TileJob, boxes: list, workers: int) -> Iterat
         cv2.setNumThreads(cv_threads)
 
 
-# ------------------------------------------------------------------------------------------
-# Task unit for pools and clusters
-# ------------------------------------------------------------------------------------------
-
-
-def run_slide(task: SlideTask) -> dict[str, Any]:
-    """Analyse one slide and write its masks and QC overlay; never raises for slide problems.
-
-    Outputs follow the measurement: without ``write_masks``, masks and GeoJSON of an earlier
-    measurement of the slide are removed; a failed slide's overlay, masks and GeoJSON are
-    removed. A slide whose outputs cannot be written (read-only or full disk, a folder in the
-    way) is ``failed`` with ``cannot write outputs: ...``: its numbers are not kept without
-    its overlay.
-
-    Returns
-    -------
-    dict
-        The slide's record, ``status`` ``ok`` or ``failed`` with a one-line ``error``.
-    """
-    from fibroquant import report  # local: keeps workers' import light until needed
-
-    settings = Settings.model_validate_json(task.settings_json)
-    out = Path(task.out_dir)
-    stem = task_stem(task)
-    try:
-        analysis = analyze_slide(
-            task.path, settings, mpp=task.mpp, fallback_mpp=task.fallback_mpp,
-            workers=task.threads,
-        )
-    except FibroquantError as exc:
-        return _failed(task, one_line(exc))
-    except MemoryError:
-        return _failed(task, f"{Path(task.path).name}: out of memory")
-    except Exception as exc:  # a bug or an unforeseen file problem: record it, carry on
-        logger.debug("unexpected error on %s:\n%s", task.path, traceback.format_exc())
-        return _failed(
-            task, f"{Path(task.path).name}: unexpected {type(exc).__name__}: {one_line(exc)}"[:500]
-        )
-    files = output_files(out, stem)
-    try:
-        report.write_qc(files["qc"], analysis, max_px=settings.tiling.qc_max_px)
-        if task.write_masks:
-            report.write_png(files["collagen"], analysis.collagen_mask)
-            report.write_png(files["tissue"], analysis.tissue_mask)
-            # outlines in full-resolution (level 0) pixel coordinates, for QuPath
-            scale = analysis.mask_mpp / analysis.record["mpp"]
-            fc = report.mask_to_geojson(analysis.tissue_mask, analysis.collagen_mask,
-                                        scale=scale, slide_name=task.slide)
-            report.write_geojson(files["geojson"], fc)
-        else:  # masks of an earlier measurement would contradict this one
-            remove_files(files[k] for k in MASK_KINDS)
-    except Exception as exc:  # noqa: BLE001 - the writers raise FibroquantError (or a bug)
-        logger.debug("cannot write outputs of %s:\n%s", task.path, traceback.format_exc())
-        return _failed(
-            task, f"{Path(task.path).name}: cannot write outputs: {write_error(exc)}"[:500]
-        )
-    return {"slide": task.slide, "fingerprint": task.fingerprint, **analysis.record}
-
-
-def _failed(task: SlideTask, error: str) -> dict[str, Any]:
-    """A failed record, after removing the slide's outputs of any earlier measurement."""
-    problem = discard_outputs(task.out_dir, task_stem(task))
-    if problem:  # the run discards them again on receiving the record, and reports it
-        logger.debug("%s", problem)
-    return failed_record(task, error)
-
-
-def write_error(exc: BaseException) -> str:
-    """One line on why an output could not be written, without a repeated "cannot write".
-
-    Parameters
-    ----------
-    exc : BaseException
-        What a writer raised: :class:`FibroquantError` (``cannot write PATH: reason``),
-        ``OSError``, or anything else (a bug, named as unexpected).
-
-    Returns
-    -------
-    str
-        e.g. ``/out/qc/a.png: Read-only file system``.
-    """
-    if not isinstance(exc, (FibroquantError, OSError)):
-        return f"unexpected {type(exc).__name__}: {one_line(exc)}"
-    text = one_line(exc)
-    return text.removeprefix("cannot write ")
-
-
-def run_slide_pinned(task: SlideTask) -> dict[str, Any]:
-    """:func:`run_slide` in a worker process that shares the machine with other workers.
-
-    OpenCV's thread pool and the BLAS and OpenMP pools (numpy's OpenBLAS, through
-    ``threadpoolctl``) are limited to the task's threads while it runs, so that N worker
-    processes do not run N × cores threads in all. OpenBLAS's threads spin while they wait:
-    two local worker processes left at two BLAS threads each took 1.3–2.4 s per 8k² slide
-    instead of ~1.05 s. The limits are process-wide: tasks running side by side in one worker
-    (a Dask worker with several threads) share one pinning, set by the first and undone when
-    the last one ends (:func:`_pinned`).
-    """
-    if os.environ.get(QUIET_ENV) == "1":
-        quiet_warnings()
-    # in a local pool the tile threads follow the cores free (_tile_threads), and OpenCV and
-    # BLAS keep one thread: the slides beside it use the others
-    with _pinned(1 if _running is not None else max(1, task.threads)), _counted_running():
-        return run_slide(task)
-
-
-_pin_lock = threading.Lock()
-_pin_users = 0
-_pin_undo: tuple[int, Any] | None = None
-
-
-@contextmanager
-def _pinned(threads: int) -> Iterator[None]:
-    """Limit OpenCV's and the BLAS/OpenMP thread pools to ``threads`` while any caller is
-    inside; the limits found by the first caller are restored when the last one leaves."""
-    global _pin_users, _pin_undo
-    from threadpoolctl import threadpool_limits
-
-    with _pin_lock:
-        if _pin_users == 0:
-            cv_threads = cv2.getNumThreads()
-            cv2.setNumThreads(threads)
-            _pin_undo = (cv_threads, threadpool_limits(limits=threads))
-        _pin_users += 1
-    try:
-        yield
-    finally:
-        with _pin_lock:
-            _pin_users -= 1
-            if _pin_users == 0 and _pin_undo is not None:
-                cv_threads, limits = _pin_undo
-                limits.restore_original_limits()
-                cv2.setNumThreads(cv_threads)
-                _pin_undo = None
-
-
-def run_tasks(
-    tasks: list[SlideTask],
-    *,
-    workers: int,
-    scheduler: str | Any | None = None,
-) -> Iterable[dict[str, Any]]:
-    """Run slide tasks and yield each record as it finishes (in completion order).
-
-    Parameters
-    ----------
-    tasks : list of SlideTask
-    workers : int
-        Local processes (slides in parallel); with one slide, threads over its tiles instead.
-        A slide in a local pool runs its tiles on its share of the ``workers`` cores among the
-        slides running, so one left running alone takes the cores the others gave back.
-    scheduler : str, distributed.Client or Dask cluster, optional
-        Address of a Dask scheduler (``tcp://host:port``), a client, or a cluster object
-        (``distributed.LocalCluster``, a dask-jobqueue cluster...): tasks then run on the
-        cluster (the slides and OUT_DIR must be reachable from the workers).
-    """
-    if not tasks:
-        return
-    if scheduler is not None:
-        yield from _run_dask(tasks, scheduler)
-        return
-    if workers <= 1 or len(tasks) == 1:
-        for t in tasks:
-            yield run_slide(_with_threads(t, workers))
-        return
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    ctx = _worker_context(mp)
-    running = ctx.Value("i", 0)  # slides running now, across the worker processes
-    with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx,
-                             initializer=_init_worker, initargs=(running, workers)) as pool:
-        # each slide may use up to every core, as its share of them (_tile_threads)
-        futures = {pool.submit(run_slide_pinned, _with_threads(t, workers)): t
-                   for t in largest_first(tasks)}
-        for fut in as_completed(futures):
-            try:
-                yield fut.result()
-            except Exception as exc:  # a worker died (e.g. killed by the OOM killer)
-                yield failed_record(futures[fut], f"{Path(futures[fut].path).name}: worker "
-                                    f"failed: {type(exc).__name__}: {exc}"[:500])
-
-
-def largest_first(tasks: list[SlideTask]) -> list[SlideTask]:
-    """The tasks by file size, largest first (ties in the given order): with slides of mixed
-    sizes the last ones to start are the small ones, so no core is left waiting on a large
-    slide begun at the end. A file that cannot be read counts as empty (it fails quickly)."""
-    def size(task: SlideTask) -> int:
-        try:
-            return os.stat(task.path).st_size
-        except OSError:
-            return 0
-
-    sizes = [size(t) for t in tasks]
-    order = sorted(range(len(tasks)), key=lambda i: -sizes[i])
-    return [tasks[i] for i in order]
-
-
-def _worker_context(mp: Any) -> Any:
-    """The start method of local worker processes: ``forkserver`` where there is one (POSIX;
-    Python's own default from 3.14 on Linux), with fibroquant's modules imported once in the
-    server, so each worker starts without re-importing them (~0.5 s each: eight 8k² slides
-    on two workers 7.1-7.2 -> 6.2-6.5 s); ``spawn`` elsewhere. Never plain ``fork``: the
-    parent may be running threads (progress display, tile threads).
-
-    The preload only imports: it must not start threads, since the server forks every worker
-    (an analysis of a small section run there, to load the numba kernels once, left OpenCV's
-    and the kernel warm-up's threads behind, and the forked workers hung).
-    """
-    if "forkserver" not in mp.get_all_start_methods():
-        return mp.get_context("spawn")
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["fibroquant.pipeline", "fibroquant.report"])
-    return ctx
-
-
-def _with_threads(task: SlideTask, threads: int) -> SlideTask:
-    from dataclasses import replace
-
-    return replace(task, threads=max(1, threads))
-
-
-#: How long to wait for a Dask scheduler given by its address before giving up.
-DASK_CONNECT_TIMEOUT = "20s"
-
-
-def _run_dask(tasks: list[SlideTask], scheduler: str | Any) -> Iterator[dict[str, Any]]:
-    try:
-        from distributed import Client, as_completed
-    except ImportError as exc:  # pragma: no cover - dask is a dependency
-        msg = "--scheduler needs dask.distributed: pip install 'dask[distributed]'"
-        raise FibroquantError(msg) from exc
-    # an address, a Client, or a cluster object (LocalCluster, a dask-jobqueue cluster...):
-    # a cluster gets a client of its own, closed at the end like one made from an address
-    own = not hasattr(scheduler, "submit")
-    if own and not isinstance(scheduler, str) and not hasattr(scheduler, "scheduler_address"):
-        msg = (f"scheduler: expected an address (tcp://HOST:PORT), a distributed.Client or a "
-               f"Dask cluster object, got {type(scheduler).__name__}")
-        raise FibroquantError(msg)
-    try:
-        client = Client(scheduler, timeout=DASK_CONNECT_TIMEOUT) if own else scheduler
-    except OSError as exc:
-        where = getattr(scheduler, "scheduler_address", scheduler)
-        msg = f"cannot reach the Dask scheduler at {where}: {exc}"
-        raise FibroquantError(msg) from None
-    try:
-        run = uuid.uuid4().hex[:12]  # two runs sharing a cluster keep their own tasks
-        n = len(tasks)  # largest first: a higher priority runs earlier
-        futures = {client.submit(run_slide_pinned, t, pure=False, priority=n - i,
-                                 key=f"slide-{run}-{i}-{t.fingerprint}"): t
-                   for i, t in enumerate(largest_first(tasks))}
-        for fut in as_completed(list(futures)):
-            try:
-                yield fut.result()
-            except Exception as exc:
-                t = futures[fut]
-                yield failed_record(t, f"{Path(t.path).name}: worker failed: "
-                                    f"{type(exc).__name__}: {exc}"[:500])
-    finally:
-        if own:
-            client.close()
-
-
 __all__ = [
     "SlideAnalysis",
     "SlideReadError",
@@ -1351,6 +1039,4 @@ __all__ = [
     "collagen_concentration",
     "plan_geometry",
     "tune_malloc",
-    "run_slide",
-    "run_tasks",
 ]

@@ -18,14 +18,11 @@ Conventions
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
 import io
 import json
 import math
-import os
 import re
-import tempfile
 import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import date, datetime
@@ -37,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from fibroquant.errors import FibroquantError
+from fibroquant.outdir import atomic_write_bytes
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from matplotlib.axes import Axes
@@ -97,36 +95,9 @@ _ILLEGAL_XLSX_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 # small shared helpers
 # --------------------------------------------------------------------------------------------
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder.
-
-    Raises
-    ------
-    FibroquantError
-        When the folder cannot be created or the file cannot be written.
-    """
-    path = Path(path)
-    tmp_name: str | None = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
-            mode = path.stat().st_mode & 0o777
-        except FileNotFoundError:
-            mode = 0o644
-        os.chmod(tmp_name, mode)
-        os.replace(tmp_name, path)
-        tmp_name = None
-    except OSError as exc:
-        msg = f"cannot write {path}: {exc.strerror or exc}"
-        raise FibroquantError(msg) from exc
-    finally:
-        if tmp_name is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp_name)
+    """Write ``data`` to ``path`` atomically with the output folder's one writer
+    (:func:`fibroquant.outdir.atomic_write_bytes`; raises ``cannot write PATH: reason``)."""
+    atomic_write_bytes(path, data)
 
 
 def _stem_path(out_stem: Path, suffix: str) -> Path:
@@ -544,6 +515,62 @@ def _ok_rows(slides: pd.DataFrame) -> pd.DataFrame:
     if "status" in slides.columns:
         return slides[slides["status"].astype(str).str.lower().eq("ok").to_numpy()]
     return slides
+
+
+def plot_traits(
+    mice: pd.DataFrame,
+    trait_groups: pd.DataFrame,
+    out_stem: Path,
+    *,
+    control: str | None,
+    traits: Sequence[str] | None = None,
+) -> list[Path]:
+    """Small multiple of fibre traits: per-mouse values by group, one panel per trait, each
+    titled with the largest Hedges' g against the control (and its Holm-adjusted Welch p).
+
+    Parameters
+    ----------
+    mice : pandas.DataFrame
+        ``mice.csv`` with ``group`` and the trait columns.
+    trait_groups : pandas.DataFrame
+        ``trait_groups.csv`` (:func:`fibroquant.traits.compare_traits`).
+    out_stem : pathlib.Path
+        Output path without suffix (``.png`` and ``.svg``).
+    control : str or None
+        Drawn first.
+    traits : sequence of str, optional
+        Panels; default :data:`fibroquant.traits.KEY_TRAITS` present in ``mice``.
+    """
+    from fibroquant.traits import KEY_TRAITS, trait_unit
+
+    names = [t for t in (traits or KEY_TRAITS) if t in mice.columns]
+    groups = _ordered_groups(control, mice["group"].astype(str))
+    ncol = 5
+    nrow = max(1, -(-len(names) // ncol))
+    fig = _new_figure(2.2 * ncol, 2.1 * nrow)
+    axes = fig.subplots(nrow, ncol, squeeze=False)
+    for ax, name in zip(axes.ravel(), names):
+        _style_axes(ax)
+        for i, g in enumerate(groups):
+            v = pd.to_numeric(mice.loc[mice["group"].astype(str) == g, name], errors="coerce")
+            v = v.dropna().to_numpy(float)
+            x = np.full(len(v), float(i)) + np.linspace(-0.12, 0.12, len(v)) if len(v) else []
+            ax.plot(x, v, "o", ms=3.5, alpha=0.8, color=f"C{i % 10}")
+            if len(v):
+                ax.hlines(v.mean(), i - 0.25, i + 0.25, color="black", lw=1.2)
+        ax.set_xticks(range(len(groups)), [_wrap(g, 10) for g in groups], fontsize=_FONT_PT - 2)
+        label = name.rsplit("_", 1)[0] if trait_unit(name) != "1" else name
+        title = f"{label.replace('_', ' ')} ({trait_unit(name)})"
+        rows = trait_groups[(trait_groups["trait"] == name) & ~trait_groups["is_control"].astype(bool)] \
+            if len(trait_groups) else trait_groups
+        rows = rows[pd.to_numeric(rows["hedges_g"], errors="coerce").notna()] if len(rows) else rows
+        if len(rows):
+            best = rows.loc[pd.to_numeric(rows["hedges_g"]).abs().idxmax()]
+            title += f"\ng = {float(best['hedges_g']):+.2f}, {format_p(best['holm_welch_p'])}"
+        ax.set_title(_wrap(title, 28), fontsize=_FONT_PT - 2)
+    for ax in axes.ravel()[len(names):]:
+        ax.set_visible(False)
+    return _save_figure(fig, out_stem)
 
 
 def plot_slides(slides: pd.DataFrame, out_stem: Path) -> list[Path]:
@@ -1160,6 +1187,9 @@ def _figure(uri: str, caption: str, width: int | None = None) -> str:
 
 
 _PLOT_CAPTIONS = {
+    "trait_groups": "Fibre traits per mouse by group (bar = mean); each panel's title gives the "
+                    "largest Hedges' g against control and its Welch p, Holm-adjusted over the "
+                    "traits (trait_groups.csv; formulas in docs/traits.md).",
     "groups": "Per-mouse CPA by group (mean ± SD; p-values from Welch's t-test against control).",
     "slides": "CPA of every section, one column per mouse.",
     "stain_qc": "Stain QC: collagen stain angle and intensity per slide; ringed slides have a "

@@ -12,9 +12,10 @@ import json
 import logging
 import platform
 import time
+import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,25 @@ import pandas as pd
 from fibroquant import __version__
 from fibroquant.cohort import aggregate_mice, read_sample_sheet, sheet_without_samples
 from fibroquant.config import Settings
-from fibroquant.errors import FibroquantError, SampleSheetError, SlideReadError, one_line
+from fibroquant.errors import (
+    ConfigError,
+    FibroquantError,
+    SampleSheetError,
+    SlideReadError,
+    StoreError,
+    interrupt_exit_code,
+    one_line,
+)
+from fibroquant.layout import STORE_NAME
+from fibroquant.outdir import (
+    OutputLock,
+    atomic_write_csv,
+    atomic_write_text,
+    clean_output_folder,
+    fsync_dir,
+)
+from fibroquant.slides import list_slides, mpp_problem
+from fibroquant.store import REBUILD_HINT, FingerprintCache, ResultStore
 from fibroquant.tasks import (
     OUTPUT_KINDS,
     SlideTask,
@@ -35,16 +54,6 @@ from fibroquant.tasks import (
     output_stem,
     output_stems,
     task_stem,
-)
-from fibroquant.layout import STORE_NAME
-from fibroquant.slides import list_slides
-from fibroquant.store import (
-    FingerprintCache,
-    OutputLock,
-    ResultStore,
-    atomic_write_csv,
-    atomic_write_text,
-    remove_stale_temp_files,
 )
 
 logger = logging.getLogger(__name__)
@@ -64,7 +73,10 @@ SLIDE_COLUMNS = [
 #: it is left out of mice and groups unless the run keeps wrong stains. The store keeps such a
 #: slide as ``ok`` (measured) with ``wrong_stain`` true; the tables show this status.
 WRONG_STAIN = "wrong-stain"
-_INTERNAL = {"settings_hash", "version"}
+_INTERNAL = {"settings_hash", "version", "crashed"}
+#: A slide whose measurement killed its worker process this many times (in as many runs) is
+#: not measured again without ``--force``: it would only crash again.
+MAX_CRASHES = 2
 
 
 @dataclass
@@ -80,6 +92,8 @@ class RunSummary:
     interrupted: bool = False
     #: (slide, why) of the measured slides whose colours show another stain
     wrong_stain: list[tuple[str, str]] = field(default_factory=list)
+    #: slides not measured again because they crashed their worker process MAX_CRASHES times
+    crashed: list[str] = field(default_factory=list)
     comparison: str = ""
     warnings: list[str] = field(default_factory=list)
     failed_slides: list[tuple[str, str]] = field(default_factory=list)
@@ -114,8 +128,8 @@ def discover(slides_dir: Path, out_dir: Path) -> list[Path]:
     for p in list_slides(slides_dir):
         try:
             p.resolve().relative_to(out_res)
-        except ValueError:
-            files.append(p)
+        except (ValueError, OSError, RuntimeError):  # outside OUT_DIR, or a symlink loop
+            files.append(p)  # (which fails its own row when fingerprinted)
     return files
 
 
@@ -327,12 +341,15 @@ def analyze_folder(
         sample sheet, OUT_DIR locked by another run, an unusable store).
     """
     t0 = time.perf_counter()
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    started = datetime.now(UTC).isoformat(timespec="seconds")
     # absolute, as the command line gives them: slide paths are joined to slides_dir, and
     # tasks sent to a cluster's workers must not depend on this process's working folder
     slides_dir = Path(slides_dir).resolve()
     out_dir = Path(out_dir).resolve()
     samples = Path(samples).resolve() if samples is not None else None
+    problem = mpp_problem(mpp, "--mpp") if mpp is not None else None
+    if problem:
+        raise ConfigError(problem)
     files = discover(slides_dir, out_dir)
     if not files:
         msg = f"{slides_dir}: no slide files found (.svs .ndpi .tif .tiff .png .jpg ...)"
@@ -349,14 +366,18 @@ def analyze_folder(
                    f"(groups: {', '.join(map(repr, groups))})")
             raise SampleSheetError(msg)
     extra_cols = [c for c in sheet.columns if c not in ("slide", "mouse", "group")]
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a read-only file system, a file in the way
+        msg = f"cannot create the output folder {out_dir}: {exc.strerror or exc}"
+        raise StoreError(msg) from None
     summary = RunSummary()
+    interrupt_code = 130
     shash = settings.settings_hash()
     with OutputLock(out_dir, wait=wait):
-        for d in (out_dir, out_dir / "qc", out_dir / "masks", out_dir / "geojson"):
-            if d.is_dir():
-                remove_stale_temp_files(d)
+        clean_output_folder(out_dir)
         with ResultStore(out_dir / STORE_NAME) as store:
+            _refuse_lost_runs(store, out_dir)
             run_id = store.start_run(
                 command=command, version=__version__, settings_hash=shash,
                 settings_json=json.dumps(settings.model_dump(mode="json"), sort_keys=True),
@@ -384,6 +405,15 @@ def analyze_folder(
                         early_failed.append(rec)
                         keys[rel] = fp
                         continue
+                    problem = (mpp_problem(over, "the sample sheet's mpp column")
+                               if over is not None else None)
+                    if problem:  # a typo in the sheet: this slide's row fails at once
+                        rec = {"slide": rel, "fingerprint": f"{fp}-mpp{over:g}",
+                               "status": "failed", "error": f"{rel}: {problem}",
+                               "version": __version__}
+                        early_failed.append(rec)
+                        keys[rel] = rec["fingerprint"]
+                        continue
                     if over is not None:
                         fp = f"{fp}-mpp{over:g}"
                     elif mpp is not None:
@@ -396,6 +426,7 @@ def analyze_folder(
                     ))
             store.link_slides(keys, run_id=run_id)
             known = store.known(shash)
+            crashes = store.crashes(shash)
             last = store.last_measured()
             # a slide renamed (or moved) since it was measured: same content, so its result
             # stands; its overlay and masks are moved to the new name instead of measuring
@@ -404,7 +435,10 @@ def analyze_folder(
             stems_now = {stem.casefold() for stem in stems.values()}
             todo = []
             for t in tasks:
-                if force or known.get(t.fingerprint) != "ok":
+                if (not force and known.get(t.fingerprint) == "failed"
+                        and crashes.get(t.fingerprint, 0) >= MAX_CRASHES):
+                    summary.crashed.append(t.slide)  # its stored failure stands
+                elif force or known.get(t.fingerprint) != "ok":
                     todo.append(t)
                 elif not outputs_current(out_dir, t, last.get(t.slide)):
                     old = _keep_renamed(store, out_dir, t, sources, old_stems, stems_now,
@@ -429,7 +463,7 @@ def analyze_folder(
                     on_result(rec)
             try:
                 if todo:  # the analysis stack is imported only when there is work
-                    from fibroquant.pipeline import run_tasks
+                    from fibroquant.executor import run_tasks
                 else:
                     run_tasks = _no_tasks
                 for rec in run_tasks(todo, workers=workers, scheduler=scheduler):
@@ -440,8 +474,9 @@ def analyze_folder(
                     summary.processed += 1
                     if on_result:
                         on_result(rec)
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: keep what is stored
                 summary.interrupted = True
+                interrupt_code = interrupt_exit_code(exc)
             present = set(keys)
             removed = store.removed_slides(present)
             summary.removed = len(removed)
@@ -479,7 +514,7 @@ def analyze_folder(
                 str(samples is not None), shash, __version__, f"keep={keep_wrong_stain}",
             ]).encode()).hexdigest()
             provenance["tables_key"] = tables_key
-            previous = _previous_tables(out_dir, tables_key)
+            previous = tables_current(out_dir, tables_key)
             if previous is not None and not summary.processed and not removed:
                 summary.comparison = previous  # nothing changed: tables are already current
             else:
@@ -489,7 +524,8 @@ def analyze_folder(
                     keep_wrong_stain=keep_wrong_stain,
                 )
             summary.seconds = round(time.perf_counter() - t0, 3)
-            summary.exit_code = 130 if summary.interrupted else (1 if summary.failed else 0)
+            summary.exit_code = (interrupt_code if summary.interrupted
+                                 else (1 if summary.failed else 0))
             if not summary.interrupted and mostly_wrong_stain(slides_df):
                 summary.exit_code = 2  # the user chose the wrong --stain
             run_json = {
@@ -498,6 +534,7 @@ def analyze_folder(
                 "seconds": summary.seconds, "exit_code": summary.exit_code,
                 "interrupted": summary.interrupted, "command": command,
                 "version": __version__, "settings_hash": shash, "started_utc": started,
+                "run_id": run_id,
                 "comparison": summary.comparison,
                 "failed_slides": [{"slide": s, "error": e} for s, e in summary.failed_slides],
                 "renamed": [{"from": a, "to": b} for a, b in summary.renamed],
@@ -511,22 +548,17 @@ def analyze_folder(
     return summary
 
 
-_OUTPUTS = ("slides.csv", "mice.csv", "groups.csv", "report.html", "results.xlsx",
-            "provenance.json", "run.json")
-
-
-def _previous_tables(out_dir: Path, tables_key: str) -> str | None:
-    """The last comparison sentence when the tables on disk were made from identical inputs."""
+def _refuse_lost_runs(store: ResultStore, out_dir: Path) -> None:
+    """Refuse a store that lost the run which wrote ``run.json`` (its WAL deleted after a
+    crash, an older copy put back): measuring on would silently drop those results."""
     try:
-        prov = json.loads((out_dir / "provenance.json").read_text(encoding="utf-8"))
-        run = json.loads((out_dir / "run.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if prov.get("tables_key") != tables_key:
-        return None
-    if not all((out_dir / name).is_file() for name in _OUTPUTS):
-        return None
-    return str(run.get("comparison", ""))
+        last = json.loads((out_dir / "run.json").read_text(encoding="utf-8")).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(last, int) and not store.has_run(last):
+        msg = (f"{store.path}: the results store has lost run #{last}, whose tables are in "
+               f"this folder; {REBUILD_HINT.format(out=out_dir)}")
+        raise StoreError(msg)
 
 
 def _json_or_none(text: Any) -> Any:
@@ -597,6 +629,126 @@ def for_groups(slides_df: pd.DataFrame, keep_wrong_stain: bool) -> pd.DataFrame:
     return out
 
 
+def _statistics(
+    slides_df: pd.DataFrame, mice: pd.DataFrame, *, control: str | None, has_sheet: bool,
+) -> tuple[pd.DataFrame, Any, Any, str, list[str]]:
+    """The group comparison of a run, never raising: a step that cannot be made (no ok
+    slide in the control group, a group with no ok slide, a statistics failure) leaves its
+    part empty and says why in one line.
+
+    Returns
+    -------
+    groups, omnibus, mixed, sentence, warnings
+        ``groups.csv`` (empty with only its columns when no comparison could be made), the
+        omnibus tests and the mixed model (None when not made), the one-sentence summary and
+        the warnings for the report.
+    """
+    from fibroquant import stats
+
+    groups = pd.DataFrame(columns=list(stats.GROUP_COLUMNS))
+    warnings: list[str] = []
+    if not has_sheet:
+        sentence = "No sample sheet: each slide is its own mouse and no groups are compared."
+        return groups, None, None, sentence, warnings
+    try:
+        groups = stats.compare_groups(mice, control=control)
+    except Exception as exc:  # noqa: BLE001 - any failure leaves the comparison empty
+        logger.debug("group comparison failed:\n%s", traceback.format_exc())
+        sentence = f"No group comparison: {one_line(exc)}."
+        warnings.append(sentence)
+        return pd.DataFrame(columns=list(stats.GROUP_COLUMNS)), None, None, sentence, warnings
+    ctrl = groups.attrs.get("control")
+    if ctrl is None:
+        sentence = groups.attrs.get("note") or (
+            "No control group (name one with --control): groups described, not compared.")
+    else:
+        sentence = stats.summary_sentence(groups)
+    omnibus = mixed = None
+    if mice.loc[mice["n_slides"] > 0, "group"].nunique() >= 2:  # normality / equal variance
+        try:
+            omnibus = stats.omnibus_tests(mice)
+        except Exception as exc:  # noqa: BLE001
+            warnings.append(f"omnibus tests not made: {one_line(exc)}")
+    try:
+        mixed, reason = stats.mixed_model_with_reason(slides_df, control=ctrl)
+    except Exception as exc:  # noqa: BLE001
+        mixed, reason = None, one_line(exc)
+    if mixed is None and reason:
+        warnings.append(f"mixed model not fitted: {reason}")
+    return groups, omnibus, mixed, sentence, warnings
+
+
+#: The file of an output folder that says its tables are current: written after every table,
+#: removed before the first one is rewritten (a run killed in between leaves none).
+TABLES_MANIFEST = ".fibroquant-tables.json"
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tables_current(out_dir: Path, tables_key: str) -> str | None:
+    """The last comparison sentence when the tables in ``out_dir`` were all written, complete,
+    from inputs with this ``tables_key``; None when any of them must be written again.
+
+    The manifest (:data:`TABLES_MANIFEST`) is written after the last table and names each
+    table file with its SHA-256: a run killed while writing them, a disk that filled, a table
+    edited or deleted since, all show as a missing manifest or a file that differs.
+    """
+    try:
+        manifest = json.loads((out_dir / TABLES_MANIFEST).read_text(encoding="utf-8"))
+        if manifest.get("tables_key") != tables_key or not manifest.get("files"):
+            return None
+        for name, digest in manifest["files"].items():
+            if _digest(out_dir / name) != digest:
+                return None
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    return str(manifest.get("comparison", ""))
+
+
+def _forget_tables(out_dir: Path) -> None:
+    """Remove the manifest before any table is rewritten (see :func:`tables_current`)."""
+    try:
+        (out_dir / TABLES_MANIFEST).unlink()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        msg = f"cannot write {out_dir / TABLES_MANIFEST}: {exc.strerror or exc}"
+        raise StoreError(msg) from exc
+    fsync_dir(out_dir)
+
+
+def _write_trait_tables(
+    out_dir: Path, slides_df: pd.DataFrame, mice: pd.DataFrame, plots_dir: Path,
+    plots: list[Path], warnings: list[str], *, control: str | None, has_sheet: bool,
+) -> list[str]:
+    """``traits.csv`` (long form) and, with groups, ``trait_groups.csv`` and the traits' small
+    multiple (appended to ``plots``); nothing when no slide has fibre traits. A failed
+    comparison leaves a warning, never stops the tables. Returns the files written."""
+    from fibroquant import report, traits
+
+    if not any(c in slides_df.columns for c in traits.TRAIT_COLUMNS):
+        return []
+    atomic_write_csv(out_dir / "traits.csv", traits.traits_long(slides_df))
+    written = ["traits.csv"]
+    if not has_sheet or mice["group"].nunique() < 2:
+        return written
+    try:
+        compared = traits.compare_traits(mice, control=control)
+    except Exception as exc:  # noqa: BLE001 - as the CPA comparison: reported, not raised
+        logger.debug("trait comparison failed:\n%s", traceback.format_exc())
+        warnings.append(f"fibre traits not compared: {one_line(exc)}")
+        return written
+    atomic_write_csv(out_dir / "trait_groups.csv", compared)
+    plots += report.plot_traits(mice, compared, plots_dir / "trait_groups", control=control)
+    return [*written, "trait_groups.csv"]
+
+
 def write_tables(
     out_dir: Path,
     slides_df: pd.DataFrame,
@@ -610,6 +762,10 @@ def write_tables(
 ) -> str:
     """Write slides/mice/groups tables, plots, xlsx, report and provenance (all atomic).
 
+    The tables are written as one set: the manifest that says they are current
+    (:func:`tables_current`) is removed first and written last, so a run killed or a disk
+    that fills part way leaves no manifest and the next run writes them all again. The
+    statistics never stop the tables (:func:`_statistics`).
     Slides of status ``wrong-stain`` are in ``slides.csv`` but left out of mice and groups
     unless ``keep_wrong_stain``.
 
@@ -617,34 +773,21 @@ def write_tables(
     -------
     str
         One sentence on the comparison (or why none was made).
-    """
-    from fibroquant import report, stats
 
+    Raises
+    ------
+    StoreError
+        When a file cannot be written (``cannot write PATH: reason``).
+    """
+    from fibroquant import report
+
+    _forget_tables(out_dir)
     grouped = for_groups(slides_df, keep_wrong_stain)
     mice = aggregate_mice(grouped, extra_columns=extra_cols)
-    groups = pd.DataFrame(columns=list(stats.GROUP_COLUMNS))
-    omnibus = mixed = None
-    warnings: list[str] = []
-    if not has_sheet:
-        sentence = "No sample sheet: each slide is its own mouse and no groups are compared."
-    else:
-        n_groups = mice.loc[mice["n_slides"] > 0, "group"].nunique()
-        try:
-            groups = stats.compare_groups(mice, control=control)
-        except ValueError as exc:
-            raise FibroquantError(str(exc)) from None
-        ctrl = groups.attrs.get("control")
-        if ctrl is None:
-            sentence = groups.attrs.get("note") or (
-                "No control group (name one with --control): groups described, not compared."
-            )
-        else:
-            sentence = stats.summary_sentence(groups)
-        if n_groups >= 2:  # with two groups: the normality / equal-variance checks
-            omnibus = stats.omnibus_tests(mice)
-        mixed, reason = stats.mixed_model_with_reason(grouped, control=ctrl)
-        if mixed is None and reason:
-            warnings.append(f"mixed model not fitted: {reason}")
+    groups, omnibus, mixed, sentence, warnings = _statistics(
+        grouped, mice, control=control, has_sheet=has_sheet)
+    written = ["slides.csv", "mice.csv", "groups.csv", "provenance.json", "results.xlsx",
+               "report.html"]
     atomic_write_csv(out_dir / "slides.csv", slides_df)
     atomic_write_csv(out_dir / "mice.csv", mice)
     atomic_write_csv(out_dir / "groups.csv", groups)
@@ -654,12 +797,13 @@ def write_tables(
     report.write_xlsx(out_dir / "results.xlsx", slides=slides_df, mice=mice, groups=groups,
                       settings=settings_dict, provenance=provenance)
     plots_dir = out_dir / "plots"
-    plots_dir.mkdir(exist_ok=True)
     plots: list[Path] = []
     ctrl = groups.attrs.get("control") if has_sheet else None
-    if has_sheet:
+    if has_sheet and len(groups):
         plots += report.plot_groups(mice, groups, plots_dir / "cpa_groups", control=ctrl)
     plots += report.plot_slides(slides_df, plots_dir / "cpa_slides")
+    written += _write_trait_tables(out_dir, slides_df, mice, plots_dir, plots, warnings,
+                                   control=ctrl, has_sheet=has_sheet)
     plots += report.plot_stain_qc(slides_df, plots_dir / "stain_qc")
     qc = {s: output_files(out_dir, stem, ("qc",))["qc"]
           for s, stem in output_stems(slides_df["slide"]).items()}
@@ -676,5 +820,8 @@ def write_tables(
         summary=sentence, qc_images=qc, plots=plots, settings=settings_dict,
         provenance=provenance, warnings=warnings,
     )
+    written += [Path(p).relative_to(out_dir).as_posix() for p in plots]
+    manifest = {"tables_key": provenance.get("tables_key"), "comparison": sentence,
+                "files": {name: _digest(out_dir / name) for name in written}}
+    atomic_write_text(out_dir / TABLES_MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return sentence
-

@@ -14,8 +14,15 @@ Readers
   the bytes of the tiles that overlap the region (under a lock per file handle), decodes them
   outside the lock and keeps a small LRU cache of decoded tiles. Large strip TIFFs are read strip
   by strip the same way.
-* Other vendor formats (``.mrxs``, ``.scn``, ``.vms``, ``.vmu``, ``.bif``) go through the optional
-  ``openslide`` package.
+* Other vendor formats (``.mrxs``, ``.scn``, ``.czi``, ``.vms``, ``.vmu``, ``.bif``), and
+  Philips, Leica and Ventana TIFFs under a ``.tif``/``.tiff`` name, go through OpenSlide
+  (:mod:`fibroquant.read_openslide`).
+* DICOM whole-slide images (``.dcm`` files, or a folder of them) go through ``wsidicom``
+  (:mod:`fibroquant.read_dicom`).
+
+Every reader says its name in ``reader`` (``tifffile``, ``opencv``, ``openslide``, ``wsidicom``,
+``array``). Readers in their own module are listed in :data:`READER_MODULES`: adding one is
+that module plus one line there.
 
 Pixel normalisation (every reader)
 ----------------------------------
@@ -73,6 +80,7 @@ __all__ = [
     "list_slides",
     "open_slide",
     "require_colour",
+    "mpp_problem",
     "require_mpp",
 ]
 
@@ -82,9 +90,12 @@ TIFF_SUFFIXES = frozenset({".svs", ".ndpi", ".tif", ".tiff", ".btf", ".tf2", ".t
 """Suffixes read with tifffile (``.ome.tif`` and ``.ome.tiff`` end in ``.tif``/``.tiff``)."""
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
 """Flat image suffixes read with OpenCV."""
-OPENSLIDE_SUFFIXES = frozenset({".mrxs", ".scn", ".vms", ".vmu", ".bif"})
-"""Suffixes that need the optional openslide reader."""
-SUPPORTED_SUFFIXES: frozenset[str] = TIFF_SUFFIXES | IMAGE_SUFFIXES | OPENSLIDE_SUFFIXES
+OPENSLIDE_SUFFIXES = frozenset({".mrxs", ".scn", ".czi", ".vms", ".vmu", ".bif"})
+"""Suffixes read with OpenSlide (:mod:`fibroquant.read_openslide`)."""
+DICOM_SUFFIXES = frozenset({".dcm"})
+"""Suffixes read with wsidicom (:mod:`fibroquant.read_dicom`); a folder of them is one slide."""
+SUPPORTED_SUFFIXES: frozenset[str] = (TIFF_SUFFIXES | IMAGE_SUFFIXES | OPENSLIDE_SUFFIXES
+                                      | DICOM_SUFFIXES)
 """Lower-case file suffixes :func:`list_slides` and :func:`open_slide` accept."""
 
 OUTPUT_MARKERS = (STORE_NAME, LOCK_NAME)
@@ -100,6 +111,13 @@ _MAX_SCAN_PIXELS = 64 * 2**20
 _TILE_CACHE_ITEMS = 320  # > one pass of 1056-px reads over a 32k-wide slide (4 rows x 64 tiles)
 _TILE_CACHE_BYTES = 256 * 2**20
 _JPEG_COMPRESSIONS = frozenset({6, 7, 33003, 33005, 33007, 34712, 34892})
+
+READER_MODULES: dict[str, tuple[str, frozenset[str]]] = {
+    "openslide": ("fibroquant.read_openslide", OPENSLIDE_SUFFIXES),
+    "wsidicom": ("fibroquant.read_dicom", DICOM_SUFFIXES),
+}
+"""Readers in a module of their own: name -> (module, suffixes it always reads). Each module
+has ``open_path(path, mpp_override) -> Slide``; it is imported on first use."""
 
 _FORMAT_NAMES = {"tiff": "TIFF", "png": "PNG", "jpeg": "JPEG", "bmp": "BMP"}
 _SUFFIX_KIND = {
@@ -189,7 +207,28 @@ def require_mpp(slide: Slide) -> float:
             f"{slide.path.name}: no µm-per-pixel resolution in the file; "
             "give --mpp or an mpp column in the sample sheet"
         )
+    source = getattr(slide, "mpp_source", None)
+    problem = mpp_problem(slide.mpp, "the sample sheet or --mpp" if source == "given"
+                          else (source or "the file"))
+    if problem:
+        raise SlideReadError(f"{slide.path.name}: {problem}")
     return slide.mpp
+
+
+#: The plausible range of a bright-field slide's µm per pixel (a 100x oil objective on a
+#: fine camera is ~0.05; a macro image of a whole slide ~50): anything outside is a broken
+#: tag or a typo, and measuring with it would give wrong areas (or allocate without bound).
+MPP_RANGE_UM = (0.05, 50.0)
+
+
+def mpp_problem(mpp: float, source: str) -> str | None:
+    """Why ``mpp`` (µm per pixel, from ``source``) cannot be a bright-field slide's
+    resolution, or None when it is within :data:`MPP_RANGE_UM`."""
+    low, high = MPP_RANGE_UM
+    if math.isfinite(mpp) and low <= mpp <= high:
+        return None
+    return (f"{mpp:g} µm/px from {source} is implausible for bright-field microscopy "
+            f"(expected {low:g}-{high:g} µm/px)")
 
 
 def require_colour(slide: Slide) -> None:
@@ -298,6 +337,7 @@ class _SlideBase:
     format: str
     mpp: float | None
     levels: tuple[Level, ...]
+    reader: str | None = None  # the library reading the file, e.g. "tifffile"
     vendor: str | None = None
     compression: str | None = None
     tile_size: tuple[int, int] | None = None
@@ -463,6 +503,7 @@ class ArraySlide(_SlideBase):
     ) -> None:
         self.path = Path(path)
         self.format = "array"
+        self.reader = "array"
         if levels < 1:
             msg = f"levels must be >= 1, got {levels=}"
             raise ValueError(msg)
@@ -539,6 +580,7 @@ class _ImageSlide(_SlideBase):
     def __init__(self, path: Path, kind: str, data_size: int, override: float | None) -> None:
         self.path = path
         self.format = kind
+        self.reader = "opencv"
         self.compression = {"png": "deflate", "jpeg": "jpeg", "bmp": None}[kind]
         self._lock = threading.Lock()
         self._image: np.ndarray | None = None
@@ -890,6 +932,20 @@ class _TiffLevel:
         return maximum
 
 
+_OPENSLIDE_TIFFS = ("philips", "bif", "scn")
+"""TIFF flavours (tifffile's ``is_*`` flags) read with OpenSlide: Philips (µm/px in its own
+XML), Ventana BIF (overlapping tiles to stitch) and Leica SCN (several images per file)."""
+
+
+class _OtherReader(Exception):
+    """Raised by a reader that finds the file is better read by another one."""
+
+    def __init__(self, reader: str, flavour: str) -> None:
+        super().__init__(f"{flavour} file: read with {reader}")
+        self.reader = reader
+        self.flavour = flavour
+
+
 class _TiffSlide(_SlideBase):
     """A TIFF of any flavour read through tifffile, tile by tile."""
 
@@ -897,6 +953,7 @@ class _TiffSlide(_SlideBase):
         import tifffile  # noqa: PLC0415 - keep tifffile behind this module
 
         self.path = path
+        self.reader = "tifffile"
         self.file_size = file_size
         self.cache = _TileCache()
         self.locks: dict[int, threading.Lock] = {}  # one per tifffile file handle, set in _init
@@ -908,7 +965,7 @@ class _TiffSlide(_SlideBase):
             raise SlideReadError(msg) from exc
         try:
             self._init(tifffile, override)  # not shared with other threads yet: no lock needed
-        except SlideReadError:
+        except (SlideReadError, _OtherReader):
             self._tif.close()
             raise
         except Exception as exc:
@@ -922,6 +979,9 @@ class _TiffSlide(_SlideBase):
         if not tif.pages or len(tif.pages) == 0:
             msg = f"{name}: TIFF has no images"
             raise SlideReadError(msg)
+        flavour = next((f for f in _OPENSLIDE_TIFFS if getattr(tif, f"is_{f}", False)), None)
+        if flavour is not None:
+            raise _OtherReader("openslide", flavour)
         pages = _pyramid_pages(tif)
         if not pages:
             msg = f"{name}: TIFF has no readable image"
@@ -1215,67 +1275,6 @@ def _ome_mpp(xml_text: str, name: str) -> float | None:
 
 
 # --------------------------------------------------------------------------------------------
-# OpenSlide (optional)
-# --------------------------------------------------------------------------------------------
-
-
-class _OpenSlideSlide(_SlideBase):
-    """Vendor formats through the optional ``openslide`` package (thread-safe itself)."""
-
-    def __init__(self, path: Path, override: float | None) -> None:
-        self.path = path
-        self.format = "openslide"
-        suffix = path.suffix.lower()
-        try:
-            import openslide  # noqa: PLC0415 - optional dependency
-        except (ImportError, OSError) as exc:
-            msg = (
-                f"{path.name}: {suffix} needs the optional openslide reader: "
-                "pip install 'fibroquant[openslide]'"
-            )
-            raise SlideReadError(msg) from exc
-        try:
-            self._osr = openslide.OpenSlide(str(path))
-        except Exception as exc:
-            msg = f"{path.name}: openslide cannot open this {suffix} file ({_short(exc)})"
-            raise SlideReadError(msg) from exc
-        props = self._osr.properties
-        self.vendor = props.get(openslide.PROPERTY_NAME_VENDOR)
-        mpp: float | None = None
-        source: str | None = None
-        if override is not None:
-            mpp, source = override, "given"
-        else:
-            try:
-                value = float(props.get(openslide.PROPERTY_NAME_MPP_X, "nan"))
-            except ValueError:
-                value = math.nan
-            if math.isfinite(value) and value > 0:
-                mpp, source = value, "openslide mpp-x"
-        dims = self._osr.level_dimensions
-        self._downsamples = tuple(float(d) for d in self._osr.level_downsamples)
-        self._set_levels([(int(h), int(w)) for w, h in dims], mpp, source)
-
-    def _read_inside(self, level: int, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
-        ds = self._downsamples[level]
-        try:
-            image = self._osr.read_region(
-                (round(x0 * ds), round(y0 * ds)), level, (x1 - x0, y1 - y0)
-            )
-        except Exception as exc:
-            msg = f"{self.path.name}: openslide read failed at level {level} ({_short(exc)})"
-            raise SlideReadError(msg) from exc
-        rgba = np.asarray(image)
-        return _PixelFormat(alpha="straight").convert(rgba)
-
-    def close(self) -> None:
-        """Close the openslide handle."""
-        if not self._closed:
-            self._closed = True
-            self._osr.close()
-
-
-# --------------------------------------------------------------------------------------------
 # Factory, folder listing, inspection
 # --------------------------------------------------------------------------------------------
 
@@ -1309,8 +1308,10 @@ def open_slide(path: str | Path, *, mpp: float | None = None) -> Slide:
     ----------
     path : str or Path
         Slide file: ``.svs``, ``.ndpi``, ``.tif``/``.tiff`` (OME-TIFF, BigTIFF pyramids, flat),
-        ``.btf``, ``.png``, ``.jpg``/``.jpeg``, ``.bmp``; ``.mrxs``, ``.scn``, ``.vms``,
-        ``.vmu``, ``.bif`` with the optional openslide reader.
+        ``.btf``, ``.png``, ``.jpg``/``.jpeg``, ``.bmp``; ``.mrxs``, ``.scn``, ``.czi``,
+        ``.vms``, ``.vmu``, ``.bif`` (and Philips, Leica, Ventana TIFFs) with OpenSlide;
+        DICOM WSI: a ``.dcm`` file (with the other files of its pyramid beside it) or a folder
+        of them, with wsidicom.
     mpp : float, optional
         Level-0 µm per pixel overriding the file's metadata (all levels scale with their
         downsample). When neither the file nor this gives a resolution the slide opens with
@@ -1336,10 +1337,13 @@ def open_slide(path: str | Path, *, mpp: float | None = None) -> Slide:
         msg = f"{name}: file not found ({path})"
         raise SlideReadError(msg)
     if path.is_dir():
-        msg = f"{name}: is a folder, not a slide file"
+        if _holds_dicom(path):
+            return _open_with("wsidicom", path, override)
+        msg = f"{name}: is a folder, not a slide file (nor a folder of DICOM .dcm files)"
         raise SlideReadError(msg)
-    if suffix in OPENSLIDE_SUFFIXES:
-        return _OpenSlideSlide(path, override)
+    for reader, (_module, suffixes) in READER_MODULES.items():
+        if suffix in suffixes:
+            return _open_with(reader, path, override)
     if suffix not in SUPPORTED_SUFFIXES:
         supported = " ".join(sorted(SUPPORTED_SUFFIXES))
         msg = f"{name}: unsupported file type {suffix or '(no suffix)'!r} (supported: {supported})"
@@ -1363,8 +1367,31 @@ def open_slide(path: str | Path, *, mpp: float | None = None) -> Slide:
         logger.warning("%s: file content is %s, not %s; reading it as %s",
                        name, _FORMAT_NAMES[kind], _FORMAT_NAMES[expected], _FORMAT_NAMES[kind])
     if kind == "tiff":
-        return _TiffSlide(path, size, override)
+        try:
+            return _TiffSlide(path, size, override)
+        except _OtherReader as other:
+            logger.debug("%s: %s", name, other)
+            return _open_with(other.reader, path, override)
     return _ImageSlide(path, kind, size, override)
+
+
+def _open_with(reader: str, path: Path, override: float | None) -> Slide:
+    """Open ``path`` with a reader of :data:`READER_MODULES` (imported on first use)."""
+    import importlib
+
+    module = importlib.import_module(READER_MODULES[reader][0])
+    slide: Slide = module.open_path(path, override)
+    return slide
+
+
+def _holds_dicom(folder: Path) -> bool:
+    """Whether a folder directly holds ``.dcm`` files (a DICOM WSI folder)."""
+    try:
+        with os.scandir(folder) as entries:
+            return any(e.is_file() and Path(e.name).suffix.lower() in DICOM_SUFFIXES
+                       for e in entries)
+    except OSError:
+        return False
 
 
 def is_output_folder(folder: str | Path, names: list[str] | None = None) -> bool:
@@ -1401,7 +1428,9 @@ def list_slides(folder: str | Path) -> list[Path]:
 
     Recursive, sorted, by suffix (case-insensitive, :data:`SUPPORTED_SUFFIXES`); hidden files and
     folders (name starting with ``.``) are skipped, and so are the ``.jpg`` parts of Hamamatsu
-    ``.vms``/``.vmu`` slides (folders holding a ``.vms``/``.vmu`` file list only that file) and
+    ``.vms``/``.vmu`` slides (folders holding a ``.vms``/``.vmu`` file list only that file), the files of a
+DICOM WSI beyond its level-0 file (one ``.dcm`` file per series, see
+:func:`fibroquant.read_dicom.representatives`), and
     every sub-folder that is a fibroquant output folder (:func:`is_output_folder`), e.g. the
     results of an earlier run kept inside the slides folder.
 
@@ -1434,9 +1463,14 @@ def list_slides(folder: str | Path) -> list[Path]:
         names = [f for f in files if not f.startswith(".")]
         suffixes = {Path(f).suffix.lower() for f in names}
         has_vms = bool(suffixes & {".vms", ".vmu"})
+        dicom = [Path(root) / f for f in names if Path(f).suffix.lower() in DICOM_SUFFIXES]
+        if dicom:  # one slide per DICOM series: its level-0 file
+            from fibroquant.read_dicom import representatives
+
+            found.extend(representatives(dicom))
         for fname in names:
             suffix = Path(fname).suffix.lower()
-            if suffix not in SUPPORTED_SUFFIXES:
+            if suffix not in SUPPORTED_SUFFIXES or suffix in DICOM_SUFFIXES:
                 continue
             if has_vms and suffix in (".jpg", ".jpeg"):
                 continue
@@ -1457,7 +1491,9 @@ def inspect_slide(path: str | Path, mpp: float | None = None) -> dict[str, Any]:
     Returns
     -------
     dict
-        ``path`` (str), ``name``, ``format``, ``vendor`` (str or None), ``mpp`` (level-0 µm per
+        ``path`` (str), ``name``, ``format``, ``reader`` (the library reading the file:
+        ``tifffile``, ``openslide``, ``wsidicom``, ``opencv``), ``vendor`` (str or None),
+        ``mpp`` (level-0 µm per
         pixel or None), ``mpp_source`` (where the resolution came from, or None),
         ``levels`` (list of dicts with ``shape`` [height, width] in pixels, ``downsample`` and
         ``mpp``), ``compression`` (str or None), ``tile_size`` ([height, width] in pixels, or
@@ -1475,6 +1511,7 @@ def inspect_slide(path: str | Path, mpp: float | None = None) -> dict[str, Any]:
             "path": str(path),
             "name": path.name,
             "format": slide.format,
+            "reader": getattr(slide, "reader", None),
             "vendor": getattr(slide, "vendor", None),
             "mpp": slide.mpp,
             "mpp_source": getattr(slide, "mpp_source", None),
@@ -1484,5 +1521,13 @@ def inspect_slide(path: str | Path, mpp: float | None = None) -> dict[str, Any]:
             ],
             "compression": getattr(slide, "compression", None),
             "tile_size": list(tile) if tile else None,
-            "file_size_bytes": path.stat().st_size,
+            "file_size_bytes": _size_bytes(path),
         }
+
+
+def _size_bytes(path: Path) -> int:
+    """A file's size, or the total size of the files directly in a folder (a DICOM WSI)."""
+    if path.is_dir():
+        with os.scandir(path) as entries:
+            return sum(e.stat().st_size for e in entries if e.is_file())
+    return path.stat().st_size

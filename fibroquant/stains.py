@@ -813,6 +813,10 @@ WRONG_STAIN_RATIO_HE = 0.85
 #: (real H&E fits Masson's reference at 0.07).
 WRONG_STAIN_MIN_RESIDUAL = 0.1
 WRONG_STAIN_MIN_RESIDUAL_HE = 0.03
+#: ... and the other protocol must itself fit (residual at most this): real slides fit their
+#: own protocol at 0.03-0.16; an image of random colours fits none (0.37-0.5) and is no
+#: evidence of another stain.
+WRONG_STAIN_MAX_GUESS_RESIDUAL = 0.2
 
 
 @dataclass(frozen=True)
@@ -859,7 +863,8 @@ def stain_verdict(fit: dict[str, float], protocol: str) -> StainVerdict:
     Wrong when the image is a fluorescence one, or when the guessed protocol (Masson's two
     variants count as one) has a residual below ``WRONG_STAIN_RATIO`` (H&E:
     ``WRONG_STAIN_RATIO_HE``) times the expected one's, which exceeds
-    ``WRONG_STAIN_MIN_RESIDUAL`` (H&E: ``WRONG_STAIN_MIN_RESIDUAL_HE``).
+    ``WRONG_STAIN_MIN_RESIDUAL`` (H&E: ``WRONG_STAIN_MIN_RESIDUAL_HE``), and is itself at most
+    ``WRONG_STAIN_MAX_GUESS_RESIDUAL``.
 
     Parameters
     ----------
@@ -894,7 +899,7 @@ def stain_verdict(fit: dict[str, float], protocol: str) -> StainVerdict:
     he = guess == "h&e"
     ratio = WRONG_STAIN_RATIO_HE if he else WRONG_STAIN_RATIO
     least = WRONG_STAIN_MIN_RESIDUAL_HE if he else WRONG_STAIN_MIN_RESIDUAL
-    if expected > least and fit[guess] < ratio * expected:
+    if expected > least and fit[guess] < min(ratio * expected, WRONG_STAIN_MAX_GUESS_RESIDUAL):
         return StainVerdict(guess, True, (
             f"colours fit {guess} clearly better than {protocol} (residual {fit[guess]:.2f} "
             f"vs {expected:.2f}): wrong stain"))

@@ -6,10 +6,8 @@ repeat, safe to kill at any moment, and must never trample a concurrent run. Thi
 * :func:`fingerprint` and :class:`FingerprintCache`: a content key per slide file that is cheap on
   multi-gigabyte slides, and a ``(path, size, mtime_ns)`` fast path so unchanged files are not
   re-read at all.
-* :func:`atomic_write_bytes`, :func:`atomic_write_text`, :func:`atomic_write_csv`: an output file
-  is always either its old or its new content, never partial.
-* :class:`OutputLock`: one run per output folder (``fcntl.flock``, released by the kernel when a
-  process dies, so a killed run never leaves a stale lock).
+* the output folder's lock and atomic writer live in :mod:`fibroquant.outdir` (re-exported
+  here).
 * :class:`ResultStore`: ``OUT_DIR/fibroquant.sqlite``, one transaction per slide result, keyed by
   ``(slide fingerprint, settings hash)``, with a history that is never overwritten.
 
@@ -46,27 +44,30 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import errno
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import socket
 import sqlite3
-import sys
-import tempfile
+import stat
+import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import Any, Self, TypeVar
 
-from fibroquant.errors import SlideReadError, StoreError, StoreLockedError
+from fibroquant.errors import SlideReadError, StoreError
 from fibroquant.layout import LOCK_NAME, STORE_NAME
-
-if TYPE_CHECKING:
-    import pandas as pd
+from fibroquant.outdir import (  # re-exported: the output folder's lock and writer
+    TEMP_SUFFIX,
+    OutputLock,
+    atomic_write_bytes,
+    atomic_write_csv,
+    atomic_write_text,
+    remove_stale_temp_files,
+)
 
 __all__ = [
     "APPLICATION_ID",
@@ -86,6 +87,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Bytes hashed at each end of a slide file by :func:`fingerprint` (1 MiB).
 FINGERPRINT_CHUNK = 1 << 20
@@ -93,10 +95,15 @@ FINGERPRINT_CHUNK = 1 << 20
 SCHEMA_VERSION = 1
 #: ``PRAGMA application_id`` marking a SQLite file as a fibroquant store ("FQST").
 APPLICATION_ID = 0x46515354
-#: Suffix of the temporary files :func:`atomic_write_bytes` creates next to its target.
-TEMP_SUFFIX = ".fibroquant-tmp"
 
 _FP_DOMAIN = b"fibroquant-fingerprint-v1\0"
+#: Longest time a committed result lives only in the WAL (seconds; see ``_keep_journal``).
+CHECKPOINT_SECONDS = 1.0
+#: The tables every store of :data:`SCHEMA_VERSION` has.
+REQUIRED_TABLES = ("runs", "results", "slides", "history", "fingerprints")
+#: How to recover a store that lost data (see ``fibroquant store rebuild``).
+REBUILD_HINT = ("run 'fibroquant store rebuild {out}' to re-derive the results from its "
+                "slides.csv and provenance.json (or move the store aside to start afresh)")
 _REQUIRED_KEYS = ("slide", "fingerprint", "settings_hash", "status", "error")
 _STATUSES = ("ok", "failed")
 _NETWORK_FS = frozenset(
@@ -150,7 +157,10 @@ def fingerprint(path: Path, *, size: int | None = None) -> str:
     """
     path = Path(path)
     try:
-        with path.open("rb") as fh:
+        # non-blocking: a named pipe or a device in the slides folder must not hang the run
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as fh:
+            require_regular(path, os.fstat(fh.fileno()))
             if size is None:
                 size = os.fstat(fh.fileno()).st_size
             digest = hashlib.sha256(_FP_DOMAIN)
@@ -172,6 +182,58 @@ def fingerprint(path: Path, *, size: int | None = None) -> str:
         msg = f"{path}: cannot read file to fingerprint it: {exc.strerror or exc}"
         raise SlideReadError(msg) from exc
     return digest.hexdigest()
+
+
+#: Longest wait for a slide file's fingerprint (seconds): a file on a hung network share (or
+#: anything else that blocks) fails its row instead of holding the run and its lock for ever.
+INPUT_TIMEOUT_SECONDS = 120.0
+
+
+def require_regular(path: Path, st: os.stat_result) -> None:
+    """Refuse anything but a regular file (a named pipe, a device, a socket blocks or never
+    ends when read).
+
+    Raises
+    ------
+    SlideReadError
+        ``PATH: not a regular file (a named pipe)``.
+    """
+    if stat.S_ISREG(st.st_mode):
+        return
+    kind = ("a named pipe" if stat.S_ISFIFO(st.st_mode) else "a folder" if stat.S_ISDIR(st.st_mode)
+            else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device")
+    msg = f"{path}: not a regular file ({kind})"
+    raise SlideReadError(msg)
+
+
+def within_seconds(fn: Callable[[], T], seconds: float, what: str) -> T:
+    """``fn()`` run on a daemon thread, given at most ``seconds``: a file operation that blocks
+    (a hung network share) fails instead of hanging the run. The thread, if it never returns,
+    is left behind (a daemon: it does not keep the process alive).
+
+    Raises
+    ------
+    SlideReadError
+        ``WHAT: no answer after N s`` on a timeout; whatever ``fn`` raised otherwise.
+    """
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def call() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - raised again on the caller's thread
+            box["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=call, name="fibroquant-bounded-io", daemon=True).start()
+    if not done.wait(seconds):
+        msg = f"{what}: no answer after {seconds:g} s (a hung network share?)"
+        raise SlideReadError(msg)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 class FingerprintCache:
@@ -250,12 +312,14 @@ class FingerprintCache:
         except OSError as exc:
             msg = f"{full}: cannot read file to fingerprint it: {exc.strerror or exc}"
             raise SlideReadError(msg) from exc
+        require_regular(full, st)
         hit = self._entries.get(rel)
         if hit is not None and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
             self.hits += 1
             return hit[2]
         self.misses += 1
-        key = fingerprint(full, size=st.st_size)
+        key = within_seconds(lambda: fingerprint(full, size=st.st_size), INPUT_TIMEOUT_SECONDS,
+                             f"{full}: reading the file to fingerprint it")
         try:
             after = full.stat()
         except OSError as exc:
@@ -287,286 +351,6 @@ class FingerprintCache:
         tb: TracebackType | None,
     ) -> None:
         self.flush()
-
-
-# --------------------------------------------------------------------------------------------
-# Atomic writes
-# --------------------------------------------------------------------------------------------
-
-
-def _umask() -> int:
-    """Return the process umask without changing it (Linux), or by a quick set-and-restore."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Flush a directory entry change to disk; a no-op where directories cannot be fsynced."""
-    try:
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError as exc:  # some network and FUSE file systems refuse fsync on a directory
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES):
-            raise
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` atomically: readers see the old or the new file, never part.
-
-    Writes a temporary file in the same folder, flushes and fsyncs it, renames it over `path`
-    with :func:`os.replace`, then fsyncs the folder. The new file keeps the permissions of the
-    file it replaces, or gets the usual ``0o666 & ~umask`` for a new file (so colleagues on a
-    shared drive can read it).
-
-    Parameters
-    ----------
-    path : Path
-        The target file; its folder must exist.
-    data : bytes
-        The complete new content.
-
-    Raises
-    ------
-    StoreError
-        When the file cannot be written; no temporary file is left behind.
-
-    Notes
-    -----
-    A process killed mid-write can leave a ``.<name>.*.fibroquant-tmp`` file; the target is intact.
-    :func:`remove_stale_temp_files` removes them.
-    """
-    path = Path(path)
-    directory = path.parent
-    try:
-        mode = path.stat().st_mode & 0o7777
-    except OSError:
-        mode = 0o666 & ~_umask()
-    try:
-        fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
-    except OSError as exc:
-        msg = f"{path}: cannot create a temporary file in {directory}: {exc.strerror or exc}"
-        raise StoreError(msg) from exc
-    tmp = Path(tmp_name)
-    try:
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fchmod(fh.fileno(), mode)
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(directory)
-    except OSError as exc:
-        msg = f"{path}: cannot write file: {exc.strerror or exc}"
-        raise StoreError(msg) from exc
-
-
-def atomic_write_text(path: Path, text: str, *, encoding: str = "utf-8") -> None:
-    """Replace `path` with `text` atomically (see :func:`atomic_write_bytes`).
-
-    Parameters
-    ----------
-    path : Path
-        The target file.
-    text : str
-        The complete new content, written without newline translation.
-    encoding : str, optional
-        Text encoding, UTF-8 by default.
-    """
-    atomic_write_bytes(path, text.encode(encoding))
-
-
-def atomic_write_csv(path: Path, df: pd.DataFrame, *, index: bool = False) -> None:
-    """Write a table as CSV (UTF-8, ``\\n`` line ends) atomically (see :func:`atomic_write_bytes`).
-
-    Parameters
-    ----------
-    path : Path
-        The target ``.csv`` file.
-    df : pandas.DataFrame
-        The table; missing values are written as empty fields.
-    index : bool, optional
-        Whether to write the index as the first column; off by default.
-    """
-    text = df.to_csv(index=index, lineterminator="\n")
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def remove_stale_temp_files(directory: Path) -> list[Path]:
-    """Delete temporary files left in `directory` by writers that were killed mid-write.
-
-    Only call this while holding the folder's :class:`OutputLock`: otherwise it could remove the
-    temporary file of a write in progress.
-
-    Parameters
-    ----------
-    directory : Path
-        An output folder (not searched recursively).
-
-    Returns
-    -------
-    list of Path
-        The files removed.
-    """
-    removed = []
-    for tmp in Path(directory).glob(f".*{TEMP_SUFFIX}"):
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-            removed.append(tmp)
-    return removed
-
-
-# --------------------------------------------------------------------------------------------
-# Output folder lock
-# --------------------------------------------------------------------------------------------
-
-
-class OutputLock:
-    """Exclusive lock on an output folder, held for the duration of a run.
-
-    Uses ``fcntl.flock`` on ``OUT_DIR/.fibroquant.lock``. The kernel releases the lock when the
-    holder exits for any reason (including ``kill -9``), so there are no stale locks to clean up.
-    The holder's pid, host, start time and command are written into the lock file so a second
-    run can say who is in the way. The lock file itself is never deleted (deleting it would let
-    two runs lock two different files).
-
-    Parameters
-    ----------
-    out_dir : Path
-        The output folder; it must exist.
-    wait : bool, optional
-        Queue behind a run holding the lock instead of failing at once.
-    timeout : float, optional
-        With `wait`, give up after this many seconds (``None``: wait for ever).
-
-    Raises
-    ------
-    StoreLockedError
-        On entering, when another run holds the lock (and `wait` is false or `timeout` expired).
-    StoreError
-        When the lock file cannot be opened.
-
-    Notes
-    -----
-    The lock belongs to the open file description, so worker processes forked while the lock is
-    held keep it held until they exit too. On NFS, Linux maps ``flock`` onto NFS byte-range locks,
-    which work across hosts when the server supports locking.
-    """
-
-    def __init__(self, out_dir: Path, *, wait: bool = False, timeout: float | None = None) -> None:
-        self.out_dir = Path(out_dir)
-        self.path = self.out_dir / LOCK_NAME
-        self.wait = wait
-        self.timeout = timeout
-        self._fd: int | None = None
-
-    @property
-    def locked(self) -> bool:
-        """Whether this object currently holds the lock."""
-        return self._fd is not None
-
-    def _holder(self, fd: int) -> str:
-        """Describe the current holder from the lock file's content."""
-        try:
-            raw = os.pread(fd, 65536, 0)
-            info = json.loads(raw.decode("utf-8")) if raw.strip() else {}
-        except (OSError, ValueError):
-            info = {}
-        if not isinstance(info, dict):
-            info = {}
-        text = f"pid {info.get('pid', '?')}, started {info.get('started', '?')}"
-        if info.get("host"):
-            text += f", host {info['host']}"
-        return text
-
-    def acquire(self) -> None:
-        """Take the lock (see the class description); a no-op when already held."""
-        if self._fd is not None:
-            return
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as exc:
-            msg = f"{self.path}: cannot open the output folder's lock file: {exc.strerror or exc}"
-            raise StoreError(msg) from exc
-        try:
-            deadline = None if self.timeout is None else time.monotonic() + self.timeout
-            delay = 0.02
-            announced = False
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    pass
-                if self.wait and not announced:  # say once why nothing happens yet
-                    logger.warning("%s: waiting for another fibroquant run (%s) to finish",
-                                   self.out_dir, self._holder(fd))
-                    announced = True
-                if not self.wait:
-                    msg = (
-                        f"{self.out_dir}: another fibroquant run ({self._holder(fd)}) is using "
-                        "this output folder; use --wait to queue behind it"
-                    )
-                    raise StoreLockedError(msg)
-                if deadline is not None and time.monotonic() >= deadline:
-                    msg = (
-                        f"{self.out_dir}: another fibroquant run ({self._holder(fd)}) is still "
-                        f"using this output folder after waiting {self.timeout:g} s"
-                    )
-                    raise StoreLockedError(msg)
-                pause = delay if deadline is None else min(delay, deadline - time.monotonic())
-                time.sleep(max(pause, 0.0))
-                delay = min(delay * 2, 0.5)
-            info = {
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "started": _now(),
-                "command": " ".join(sys.argv),
-            }
-            with contextlib.suppress(OSError):  # the info is a courtesy; the lock is what counts
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, (json.dumps(info) + "\n").encode("utf-8"), 0)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._fd = fd
-
-    def release(self) -> None:
-        """Release the lock; a no-op when not held."""
-        fd, self._fd = self._fd, None
-        if fd is None:
-            return
-        try:
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
-
-    def __enter__(self) -> Self:
-        self.acquire()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.release()
 
 
 # --------------------------------------------------------------------------------------------
@@ -694,18 +478,19 @@ class ResultStore:
     ...     todo = [fp for fp in fingerprints if store.known(h).get(fp) != "ok"]
     """
 
-    def __init__(self, path: Path, *, timeout: float = 60.0) -> None:
+    def __init__(self, path: Path, *, timeout: float = 60.0, read_only: bool = False) -> None:
         self.path = Path(path)
+        self.read_only = read_only
+        self._checkpointed = 0.0
         if not self.path.parent.is_dir():
             msg = (
                 f"{self.path}: cannot open the results store: "
                 f"folder {self.path.parent} does not exist"
             )
             raise StoreError(msg)
+        self._refuse_emptied()
         try:
-            self._conn: sqlite3.Connection | None = sqlite3.connect(
-                self.path, timeout=timeout, isolation_level=None
-            )
+            self._conn: sqlite3.Connection | None = self._connect(timeout)
         except sqlite3.Error as exc:
             msg = f"{self.path}: cannot open the results store: {exc}"
             raise StoreError(msg) from exc
@@ -714,6 +499,31 @@ class ResultStore:
         except BaseException:
             self.close()
             raise
+
+    def _connect(self, timeout: float) -> sqlite3.Connection:
+        """A connection; read-only ones open the file as it is, even in a read-only folder
+        (where SQLite cannot create the WAL's index, so the file is read as immutable)."""
+        if not self.read_only:
+            return sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
+        uri = self.path.resolve().as_uri()
+        if os.access(self.path.parent, os.W_OK):
+            return sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=timeout,
+                                   isolation_level=None)
+        return sqlite3.connect(f"{uri}?immutable=1", uri=True, timeout=timeout,
+                               isolation_level=None)
+
+    def _refuse_emptied(self) -> None:
+        """A zero-byte store next to tables of earlier runs lost its history (truncated, or
+        replaced by an empty file): refuse it instead of starting afresh. In a folder without
+        tables it is a store whose creation was interrupted, and is created again."""
+        try:
+            size = self.path.stat().st_size
+        except OSError:
+            return
+        if size == 0 and (self.path.parent / "slides.csv").is_file():
+            msg = (f"{self.path}: the results store is empty (0 bytes) but this folder holds "
+                   f"tables of earlier runs; {REBUILD_HINT.format(out=self.path.parent)}")
+            raise StoreError(msg)
 
     # -- connection and schema --------------------------------------------------------------
 
@@ -740,12 +550,30 @@ class ResultStore:
                 "database); choose another output folder"
             )
             raise StoreError(msg)
+        if n_tables and version == SCHEMA_VERSION:
+            names = {r[0] for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            lost = [t for t in REQUIRED_TABLES if t not in names]
+            if lost:
+                msg = (f"{self.path}: the results store has lost its tables ({', '.join(lost)}); "
+                       f"{REBUILD_HINT.format(out=self.path.parent)}")
+                raise StoreError(msg)
+        elif not n_tables and app_id == APPLICATION_ID:
+            msg = (f"{self.path}: the results store has lost its tables; "
+                   f"{REBUILD_HINT.format(out=self.path.parent)}")
+            raise StoreError(msg)
         if version > SCHEMA_VERSION:
             msg = (
                 f"{self.path}: written by a newer fibroquant (store schema {version}, this version "
                 f"reads up to {SCHEMA_VERSION}); upgrade fibroquant or choose another output folder"
             )
             raise StoreError(msg)
+        if self.read_only:
+            self.journal_mode = "ro"
+            if version < SCHEMA_VERSION:
+                msg = f"{self.path}: not a fibroquant results store yet (no runs stored)"
+                raise StoreError(msg)
+            return
         fs_type = _filesystem_type(self.path.parent)
         wanted = "delete" if fs_type in _NETWORK_FS else "wal"
         if wanted != "wal":
@@ -802,6 +630,28 @@ class ResultStore:
                     with contextlib.suppress(sqlite3.Error):
                         conn.execute("ROLLBACK")
                 raise
+            self._keep_journal()
+
+    def _keep_journal(self) -> None:
+        """After each write: copy the WAL into the store file (a passive checkpoint, at most
+        every :data:`CHECKPOINT_SECONDS`), so a committed result survives the WAL being
+        deleted after a crash; and when the WAL has
+        been deleted under this connection, save what only it held into the store file and
+        go on with a rollback journal (SQLite would otherwise write on into the deleted file,
+        and the results would vanish when this run ends)."""
+        if self.journal_mode != "wal":
+            return
+        conn = self._db
+        if os.path.exists(f"{self.path}-wal"):
+            now = time.monotonic()
+            if now - self._checkpointed >= CHECKPOINT_SECONDS:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                self._checkpointed = now
+            return
+        logger.warning("%s: its -wal file was deleted during the run; its results were saved "
+                       "into the store, which uses a rollback journal until this run ends",
+                       self.path)
+        self.journal_mode = str(conn.execute("PRAGMA journal_mode = delete").fetchone()[0])
 
     def close(self) -> None:
         """Close the database connection; idempotent."""
@@ -1139,6 +989,39 @@ class ResultStore:
             rows = self._db.execute(
                 "SELECT fingerprint, status FROM results WHERE settings_hash = ?", (settings_hash,)
             ).fetchall()
+        return dict(rows)
+
+    def crashes(self, settings_hash: str) -> dict[str, int]:
+        """How many times measuring each content with these settings killed its worker process
+        (failed records stored with ``crashed``), by fingerprint; contents that never did are
+        left out.
+
+        Parameters
+        ----------
+        settings_hash : str
+        """
+        with self._errors("list crashed slides"):
+            rows = self._db.execute(
+                "SELECT fingerprint, record_json FROM history WHERE settings_hash = ?"
+                " AND status = 'failed' AND record_json LIKE '%\"crashed\"%'", (settings_hash,)
+            ).fetchall()
+        out: dict[str, int] = {}
+        for fp, text in rows:
+            if self._decode(text).get("crashed") is True:
+                out[fp] = out.get(fp, 0) + 1
+        return out
+
+    def has_run(self, run_id: int) -> bool:
+        """Whether run ``run_id`` is recorded (False: the store lost it, e.g. with its WAL)."""
+        with self._errors("read the runs"):
+            row = self._db.execute("SELECT 1 FROM runs WHERE run_id = ?", (int(run_id),)
+                                   ).fetchone()
+        return row is not None
+
+    def slide_fingerprints(self) -> dict[str, str]:
+        """``slide path -> the fingerprint its file had when last seen`` (the ``slides`` table)."""
+        with self._errors("list slides"):
+            rows = self._db.execute("SELECT slide, fingerprint FROM slides").fetchall()
         return dict(rows)
 
     def current_results(

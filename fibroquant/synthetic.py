@@ -755,6 +755,80 @@ def make_cohort(
     return truth_df
 
 
+# --- simulated annotators (people's masks drawn from the truth) ----------------------------
+
+#: Edge habits of three simulated people: grows edges, shrinks them, wobbles them (µm).
+ANNOTATOR_HABITS: dict[str, tuple[str, float]] = {
+    "wide": ("dilate", 1.0), "tight": ("erode", 1.0), "jitter": ("jitter", 1.5)}
+
+
+def annotator_mask(
+    collagen_mask: np.ndarray, habit: str, amount_um: float, *, mpp: float,
+    rng: int | np.random.Generator | None = None,
+) -> np.ndarray:
+    """One simulated person's dense collagen mask (bool) from the true one.
+
+    ``dilate`` / ``erode`` move every edge out / in by ``amount_um``; ``jitter`` moves edges
+    by a smooth random amount of SD ``amount_um`` (correlation length 5 µm), as a hand
+    following a boundary does. The masks are exact functions of the truth's signed distance.
+    """
+    truth = np.asarray(collagen_mask, bool)
+    inside = ndi.distance_transform_edt(truth) * mpp
+    outside = ndi.distance_transform_edt(~truth) * mpp
+    signed = np.where(truth, inside - 0.5 * mpp, -(outside - 0.5 * mpp))  # µm, > 0 inside
+    if habit == "dilate":
+        return signed > -amount_um
+    if habit == "erode":
+        return signed > amount_um
+    if habit == "jitter":
+        noise = _smooth_noise(truth.shape, 5.0 / mpp, _rng(rng))
+        return signed + amount_um * noise > 0
+    msg = f"habit must be 'dilate', 'erode' or 'jitter', got {habit!r}"
+    raise ValueError(msg)
+
+
+def simulated_annotators(
+    collagen_mask: np.ndarray, *, mpp: float, rng: int | np.random.Generator | None = None,
+    habits: dict[str, tuple[str, float]] | None = None,
+) -> dict[str, np.ndarray]:
+    """Dense masks of several simulated people (:data:`ANNOTATOR_HABITS` by default)."""
+    g = _rng(rng)
+    return {name: annotator_mask(collagen_mask, habit, amount, mpp=mpp, rng=g)
+            for name, (habit, amount) in (habits or ANNOTATOR_HABITS).items()}
+
+
+def sparse_strokes(
+    collagen_mask: np.ndarray, tissue_mask: np.ndarray, *, mpp: float, n_strokes: int = 40,
+    width_um: float = 4.0, length_um: float = 30.0,
+    rng: int | np.random.Generator | None = None,
+) -> np.ndarray:
+    """Sparse label image (uint8: 0 not labelled, 1 not collagen, 2 collagen) of strokes.
+
+    Half of the strokes start on collagen and half on other tissue, as a person labelling a
+    few examples of each class would; each stroke is a short line of ``width_um``, kept to
+    pixels of the class it started on (people stroke inside a structure, not across it).
+    """
+    g = _rng(rng)
+    truth = np.asarray(collagen_mask, bool)
+    other = np.asarray(tissue_mask, bool) & ~truth
+    labels = np.zeros(truth.shape, np.uint8)
+    for cls, pool, value in ((True, truth, 2), (False, other, 1)):
+        ys, xs = np.nonzero(pool)
+        if ys.size == 0:
+            continue
+        n = n_strokes // 2 + (n_strokes % 2 if cls else 0)
+        for i in g.choice(ys.size, size=min(n, ys.size), replace=False):
+            ang = g.uniform(0, np.pi)
+            half = 0.5 * length_um / mpp
+            p0 = (int(xs[i] - half * np.cos(ang)), int(ys[i] - half * np.sin(ang)))
+            p1 = (int(xs[i] + half * np.cos(ang)), int(ys[i] + half * np.sin(ang)))
+            stroke = np.zeros(truth.shape, np.uint8)
+            cv2.line(stroke, p0, p1, 1, thickness=max(int(round(width_um / mpp)), 1))
+            keep = (stroke > 0) & pool
+            labels[keep & (labels == 0)] = value
+    return labels
+
+
 # ------------------------------------------------------------------------------------------
 # Cohorts and tissues for "right on real tissue" (issue 21): purple Masson parenchyma, diffuse
 # pale collagen bands, heart/skeletal muscle without folds, small crops and H&E sections.

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from fibroquant.cli import app
 from fibroquant.cli_ops import Settler
 from fibroquant.config import Settings
-from fibroquant.pipeline import SlideTask, run_slide
+from fibroquant.executor import SlideTask, run_slide
 from fibroquant.synthetic import SectionParams, make_section, write_pyramid_tiff
 
 REPO = Path(__file__).resolve().parents[1]

@@ -130,7 +130,7 @@ def test_worker_task_pins_blas_and_opencv_threads(monkeypatch, tmp_path, offset)
     # Worker processes share the machine: a task's BLAS / OpenMP pools (threadpoolctl) and
     # OpenCV's pool are limited to its threads while it runs, and restored afterwards. The
     # task's count differs from what the pools start with, so the pinning shows.
-    from fibroquant import pipeline
+    from fibroquant import executor
 
     before = _pools()
     threads = max([*before[0], before[1]]) + offset
@@ -140,8 +140,8 @@ def test_worker_task_pins_blas_and_opencv_threads(monkeypatch, tmp_path, offset)
         seen["pools"] = _pools()
         return {"slide": task.slide, "status": "ok"}
 
-    monkeypatch.setattr(pipeline, "run_slide", fake_run_slide)
-    assert pipeline.run_slide_pinned(_task(tmp_path, threads))["status"] == "ok"
+    monkeypatch.setattr(executor, "run_slide", fake_run_slide)
+    assert executor.run_slide_pinned(_task(tmp_path, threads))["status"] == "ok"
     pools, cv = seen["pools"]
     assert pools and all(n == threads for n in pools) and cv == threads
     assert _pools() == before
@@ -152,7 +152,7 @@ def test_overlapping_tasks_in_one_worker_share_the_pinning(monkeypatch, tmp_path
     # until the last task ends (A enters, B enters, A ends, B ends), then are restored.
     import threading
 
-    from fibroquant import pipeline
+    from fibroquant import executor
 
     before = _pools()
     threads = max([*before[0], before[1]]) + 1
@@ -166,8 +166,8 @@ def test_overlapping_tasks_in_one_worker_share_the_pinning(monkeypatch, tmp_path
         seen[task.slide] = _pools()
         return {"slide": task.slide, "status": "ok"}
 
-    monkeypatch.setattr(pipeline, "run_slide", fake_run_slide)
-    runs = {k: threading.Thread(target=pipeline.run_slide_pinned,
+    monkeypatch.setattr(executor, "run_slide", fake_run_slide)
+    runs = {k: threading.Thread(target=executor.run_slide_pinned,
                                 args=(_task(tmp_path, threads, k),)) for k in "AB"}
     for t in runs.values():
         t.start()
@@ -192,9 +192,9 @@ def test_local_worker_processes_give_the_serial_tables(study_with_bad, local_run
 def test_unreachable_scheduler_is_a_clear_error(study, tmp_path, monkeypatch):
     import socket
 
-    from fibroquant import pipeline
+    from fibroquant import executor
 
-    monkeypatch.setattr(pipeline, "DASK_CONNECT_TIMEOUT", "2s")
+    monkeypatch.setattr(executor, "DASK_CONNECT_TIMEOUT", "2s")
     with socket.socket() as s:  # a free port that nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -220,7 +220,7 @@ def test_relative_paths_from_python(cluster, study, tmp_path, monkeypatch):
 
 
 def test_largest_slides_are_started_first(tmp_path):
-    from fibroquant.pipeline import largest_first
+    from fibroquant.executor import largest_first
 
     sizes = {"a.tif": 10, "b.tif": 300, "c.tif": 10, "d.tif": 50}
     for name, n in sizes.items():
@@ -248,11 +248,11 @@ class _Count:
                           (2, 4, 4, 2), (1, 8, 2, 2), (0, 2, 2, 2)])
 def test_tile_threads_are_the_slides_share_of_the_pools_cores(monkeypatch, running, cores,
                                                               cap, expected):
-    from fibroquant import pipeline
+    from fibroquant import cores as pool_cores
 
-    monkeypatch.setattr(pipeline, "_running", None if running is None else _Count(running))
-    monkeypatch.setattr(pipeline, "_pool_cores", cores)
-    assert pipeline._tile_threads(cap) == expected
+    monkeypatch.setattr(pool_cores, "_running", None if running is None else _Count(running))
+    monkeypatch.setattr(pool_cores, "_pool_cores", cores)
+    assert pool_cores.tile_threads(cap) == expected
 
 
 def test_a_slide_left_alone_in_a_pool_takes_the_freed_cores(monkeypatch, tmp_path):
@@ -263,11 +263,11 @@ def test_a_slide_left_alone_in_a_pool_takes_the_freed_cores(monkeypatch, tmp_pat
     import threading
     import time
 
-    from fibroquant import pipeline
+    from fibroquant import cores, executor, pipeline
 
     count = _Count(2)  # this slide and another one
-    monkeypatch.setattr(pipeline, "_running", count)
-    monkeypatch.setattr(pipeline, "_pool_cores", 2)
+    monkeypatch.setattr(cores, "_running", count)
+    monkeypatch.setattr(cores, "_pool_cores", 2)
     lock = threading.Lock()
     now = {"n": 0}
     most = []
@@ -299,7 +299,7 @@ def test_a_slide_left_alone_in_a_pool_takes_the_freed_cores(monkeypatch, tmp_pat
         seen["n"] = count.value
         return {"slide": task.slide, "status": "ok"}
 
-    monkeypatch.setattr(pipeline, "run_slide", fake_run_slide)
+    monkeypatch.setattr(executor, "run_slide", fake_run_slide)
     count.value = 0
-    assert pipeline.run_slide_pinned(_task(tmp_path, 2))["status"] == "ok"
+    assert executor.run_slide_pinned(_task(tmp_path, 2))["status"] == "ok"
     assert seen["n"] == 1 and count.value == 0

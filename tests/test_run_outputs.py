@@ -155,7 +155,7 @@ def test_read_only_file_system_simulated(bank: Path, tmp_path: Path,
 
 def test_write_error_text() -> None:
     from fibroquant.errors import FibroquantError
-    from fibroquant.pipeline import write_error
+    from fibroquant.executor import write_error
 
     assert write_error(FibroquantError("cannot write /o/qc/a.png: Read-only file system")) == (
         "/o/qc/a.png: Read-only file system")

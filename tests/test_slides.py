@@ -624,9 +624,9 @@ def test_absurd_png_size_rejected_before_decoding(tmp_path: Path) -> None:
 
 
 def test_unsupported_suffix_and_missing_file(tmp_path: Path) -> None:
-    path = tmp_path / "slide.czi"
-    path.write_bytes(b"ZISRAWFILE")
-    with pytest.raises(SlideReadError, match=r"slide\.czi: unsupported file type '\.czi'"):
+    path = tmp_path / "slide.vsi"  # Olympus: neither tifffile nor OpenSlide reads it
+    path.write_bytes(b"II*\x00")
+    with pytest.raises(SlideReadError, match=r"slide\.vsi: unsupported file type '\.vsi'"):
         open_slide(path)
     with pytest.raises(SlideReadError, match=r"gone\.svs: file not found"):
         open_slide(tmp_path / "gone.svs")
@@ -665,15 +665,15 @@ def test_non_ascii_path_with_spaces(tmp_path: Path) -> None:
     assert list_slides(tmp_path) == [png, tif]
 
 
-@pytest.mark.parametrize("suffix", [".mrxs", ".scn", ".vms", ".vmu", ".bif"])
+@pytest.mark.parametrize("suffix", [".mrxs", ".scn", ".czi", ".vms", ".vmu", ".bif"])
 def test_openslide_formats_without_openslide(tmp_path: Path, monkeypatch, suffix) -> None:
     monkeypatch.setitem(sys.modules, "openslide", None)  # import fails even when installed
     path = tmp_path / f"slide{suffix}"
     path.write_bytes(b"x")
     with pytest.raises(
         SlideReadError,
-        match=rf"slide\{suffix}: \{suffix} needs the optional openslide reader: "
-        r"pip install 'fibroquant\[openslide\]'",
+        match=rf"slide\{suffix}: \{suffix} needs OpenSlide, which did not load .*: "
+        r"pip install openslide-python openslide-bin",
     ):
         open_slide(path)
 
@@ -701,30 +701,22 @@ def test_openslide_missing_fails_the_slide_not_the_run(tmp_path: Path, monkeypat
     rows = pd.read_csv(out / "slides.csv").set_index("slide")
     assert rows.loc["ok.tif", "status"] == "ok"
     assert rows.loc["scan.mrxs", "status"] == "failed"
-    assert "pip install 'fibroquant[openslide]'" in rows.loc["scan.mrxs", "error"]
+    assert "pip install openslide-python openslide-bin" in rows.loc["scan.mrxs", "error"]
 
-
-
-def _openslide_or_skip():
-    try:
-        import openslide  # noqa: F401
-    except (ImportError, OSError):
-        pytest.skip("the optional openslide reader is not installed")
 
 
 def test_openslide_reader_matches_tifffile_on_an_svs(tmp_path: Path) -> None:
-    """The optional openslide path reads the same slide as the tifffile path."""
-    _openslide_or_skip()
+    """The OpenSlide reader reads the same slide as the tifffile path."""
     from fibroquant.config import Settings
     from fibroquant.pipeline import analyze_slide
-    from fibroquant.slides import _OpenSlideSlide
+    from fibroquant.read_openslide import OpenSlideSlide
     from fibroquant.synthetic import SectionParams, make_section
 
     rgb, _ = make_section(SectionParams(shape=(1024, 1280), mpp=0.499), rng=5)
     path = tmp_path / "slide.svs"
     write_svs(path, rgb)
-    with open_slide(path) as tf, _OpenSlideSlide(path, None) as osl:
-        assert (osl.format, osl.vendor) == ("openslide", "aperio")
+    with open_slide(path) as tf, OpenSlideSlide(path, None) as osl:
+        assert (osl.format, osl.vendor, osl.reader) == ("svs", "aperio", "openslide")
         assert osl.mpp == pytest.approx(tf.mpp) == pytest.approx(0.499)
         assert [lv.shape for lv in osl.levels] == [lv.shape for lv in tf.levels]
         for level, (y, x, h, w) in ((0, (300, 500, 256, 300)), (2, (10, 20, 100, 120))):
@@ -740,7 +732,6 @@ def test_openslide_reader_matches_tifffile_on_an_svs(tmp_path: Path) -> None:
 
 
 def test_openslide_vendor_file_it_cannot_open(tmp_path: Path) -> None:
-    _openslide_or_skip()
     path = tmp_path / "slide.mrxs"
     path.write_bytes(b"not a MIRAX slide")
     with pytest.raises(SlideReadError, match=r"^slide\.mrxs: openslide cannot open this \.mrxs"):

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 from hypothesis import given, settings
@@ -697,13 +698,32 @@ def test_atomic_write_permissions(tmp_path: Path) -> None:
 
 
 def test_atomic_write_failure_raises_store_error(tmp_path: Path) -> None:
-    with pytest.raises(StoreError, match="missing-dir"):
-        atomic_write_bytes(tmp_path / "missing-dir" / "x.csv", b"x")
+    (tmp_path / "a_file").write_bytes(b"")
+    with pytest.raises(StoreError, match="cannot write .*a_file/x.csv"):
+        atomic_write_bytes(tmp_path / "a_file" / "x.csv", b"x")  # its folder is a file
     target = tmp_path / "a_dir"
     target.mkdir()
-    with pytest.raises(StoreError, match="a_dir: cannot write file"):
+    with pytest.raises(StoreError, match="cannot write .*a_dir: "):
         atomic_write_bytes(target, b"x")  # cannot replace a directory with a file
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_dir"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_dir", "a_file"]
+
+
+def test_one_temp_name_pattern_and_every_writers_leftovers_cleaned(tmp_path: Path) -> None:
+    # a report writer killed mid-write used to leave .NAME.XXXXXXXX.tmp in qc/, which the
+    # cleanup never removed; every writer now uses one pattern, and both are cleaned
+    from fibroquant import report
+    from fibroquant.outdir import clean_output_folder
+
+    qc = tmp_path / "qc"
+    report.write_png(qc / "a.png", np.zeros((4, 4), bool))
+    old = qc / ".a.png.k3j_x9q2.tmp"
+    old.write_bytes(b"half")
+    new = qc / f".a.png.abcd1234{TEMP_SUFFIX}"
+    new.write_bytes(b"half")
+    (qc / "notes.tmp").write_bytes(b"a user's file")
+    removed = clean_output_folder(tmp_path)
+    assert sorted(p.name for p in removed) == sorted([old.name, new.name])
+    assert sorted(p.name for p in qc.iterdir()) == ["a.png", "notes.tmp"]
 
 
 ATOMIC_WRITER = r"""

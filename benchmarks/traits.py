@@ -1,0 +1,72 @@
+"""Cost of the fibre traits: the default analysis of a whole section with and without them.
+
+Usage::
+
+    python benchmarks/traits.py [--size 4096] [--mpp 0.5] [--runs 3] [--trait-mpp 1.0 2.0]
+
+A whole synthetic section (``make_section``, glass, capsule, lumens) held in memory as a
+4-level pyramid (no decoding, so the ratio is the worst case: reading a real slide's JPEG tiles
+adds time to both), analysed with ``Settings()`` and ``traits: false`` in alternation, one tile
+thread, after a warm-up of each. Prints the median seconds per slide, the traits' share of the
+default time (issue 27's target: ≤ 30 %), and the same for other trait resolutions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fibroquant import pipeline
+from fibroquant.config import Settings
+from fibroquant.slides import ArraySlide
+from fibroquant.synthetic import SectionParams, make_section
+
+
+def _seconds(slide: ArraySlide, settings: Settings, runs: int) -> list[float]:
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        pipeline.analyze_slide("section.png", settings, slide=slide)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=4096, help="section edge, px")
+    ap.add_argument("--mpp", type=float, default=0.5, help="µm/px of the section")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--trait-mpp", type=float, nargs="+", default=[1.0, 2.0])
+    args = ap.parse_args(argv)
+    rgb, truth = make_section(SectionParams(shape=(args.size, args.size), mpp=args.mpp), rng=5)
+    slide = ArraySlide(rgb, args.mpp, levels=4)
+    print(f"# whole section {args.size}² at {args.mpp} µm/px ({args.size**2 / 1e6:.1f} MP), "
+          f"true CPA {truth.cpa_percent:.3f} %, 1 tile thread, median of {args.runs}")
+    off = Settings.model_validate({"traits": False})
+    variants = {f"traits at {m:g} µm/px": Settings.model_validate({"traits": {"mpp": m}})
+                for m in args.trait_mpp}
+    for s in (off, *variants.values()):
+        pipeline.analyze_slide("section.png", s, slide=slide)  # imports, kernels, caches
+    times: dict[str, list[float]] = {"traits off": [], **{k: [] for k in variants}}
+    for _ in range(args.runs):  # interleaved: a slow period of the machine hits all alike
+        times["traits off"] += _seconds(slide, off, 1)
+        for k, s in variants.items():
+            times[k] += _seconds(slide, s, 1)
+    base = statistics.median(times["traits off"])
+    print(f"{'variant':<24} {'s/slide':>8} {'added':>8}")
+    for k, v in times.items():
+        med = statistics.median(v)
+        print(f"{k:<24} {med:8.2f} {100 * (med / base - 1):7.1f} %")
+    rec = pipeline.analyze_slide("section.png", Settings(), slide=slide).record
+    print(f"# default traits: width median {rec['fibre_width_median_um']:.2f} µm, length density "
+          f"{rec['fibre_length_density_mm_per_mm2']:.2f} mm/mm², traits_mpp {rec['traits_mpp']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,758 @@
+"""A per-study pixel classifier of collagen, trained on people's annotations.
+
+Features (:func:`pixel_features`, sized in µm, as ilastik's and QuPath's pixel classifiers):
+the slide's stain concentrations and total optical density, each smoothed at several Gaussian
+scales, the gradient magnitude and the two Hessian eigenvalues of the collagen stain and of the
+total OD at each scale. The stains are those fitted to each slide by the analysis (glass
+background and stain vectors, :func:`fibroquant.pipeline.analyze_slide`), so a classifier
+trained on one staining batch reads another's concentrations, not its colours.
+
+The model is scikit-learn's ``HistGradientBoostingClassifier`` (or a random forest). It is
+saved as one file (:func:`save`): a JSON header line (format version, fibroquant and
+scikit-learn versions, settings, feature list, stain calibration rule, training provenance
+with annotation fingerprints), then the pickled model. :func:`load` refuses another format
+version or another scikit-learn minor version with one line. Load only files you trust:
+the model part is a pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import pickle
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from fibroquant.errors import FibroquantError
+from fibroquant.stains import StainMatrix, od_lut
+
+__all__ = [
+    "FORMAT_VERSION",
+    "ClassifierError",
+    "PixelClassifier",
+    "feature_names",
+    "load",
+    "load_cached",
+    "pixel_features",
+    "save",
+]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_MAGIC = b"fibroquant-classifier"
+#: How a slide's stains are calibrated before its features are computed (stored in the file).
+STAIN_RULE = ("per slide, as analyze: glass background and stain vectors fitted to the slide "
+              "(fibroquant.pipeline.analyze_slide, the Settings stored here)")
+DEFAULT_SCALES_UM = (1.0, 2.0, 4.0)
+
+
+class ClassifierError(FibroquantError, ValueError):
+    """A classifier file that cannot be used, or training data that cannot train one."""
+
+
+def feature_names(stain_names: Sequence[str], scales_um: Sequence[float]) -> list[str]:
+    """Names of the feature columns of :func:`pixel_features`, in order."""
+    planes = [*stain_names, "od"]
+    names = [f"{p}" for p in planes]
+    for s in scales_um:
+        names += [f"{p}_gauss_{s:g}um" for p in planes]
+        for p in (stain_names[0], "od"):
+            names += [f"{p}_gradient_{s:g}um", f"{p}_hessian_max_{s:g}um",
+                      f"{p}_hessian_min_{s:g}um"]
+    return names
+
+
+def halo_um(scales_um: Sequence[float]) -> float:
+    """Context a pixel's features read around it, µm (4 SD of the largest scale + 1 px)."""
+    return 4.0 * max(scales_um)
+
+
+_D1 = np.array([[-0.5, 0.0, 0.5]], np.float32)  # central difference, as numpy.gradient
+_ONE = np.array([[1.0]], np.float32)
+
+
+def _derivatives(img: np.ndarray) -> tuple[np.ndarray, ...]:
+    """First and second derivatives (rows, cols) of a float32 image by central differences."""
+    border = cv2.BORDER_REFLECT
+    dr = cv2.sepFilter2D(img, -1, _ONE, _D1.T, borderType=border)
+    dc = cv2.sepFilter2D(img, -1, _D1, _ONE, borderType=border)
+    drr = cv2.sepFilter2D(dr, -1, _ONE, _D1.T, borderType=border)
+    drc = cv2.sepFilter2D(dr, -1, _D1, _ONE, borderType=border)
+    dcc = cv2.sepFilter2D(dc, -1, _D1, _ONE, borderType=border)
+    return dr, dc, drr, drc, dcc
+
+
+def hessian_eigenvalues(smoothed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Larger and smaller eigenvalue of the Hessian of an already smoothed float32 image.
+
+    Same as ``skimage.feature.hessian_matrix_eigvals(hessian_matrix(img, sigma,
+    use_gaussian_derivatives=False))`` on the image ``smoothed`` came from (up to the border
+    mode of the smoothing).
+    """
+    _, _, drr, drc, dcc = _derivatives(smoothed)
+    half_tr = 0.5 * (drr + dcc)
+    root = np.sqrt(0.25 * (drr - dcc) ** 2 + drc**2)
+    return half_tr + root, half_tr - root
+
+
+def pixel_features(rgb: np.ndarray, stains: StainMatrix, mpp: float,
+                   scales_um: Sequence[float] = DEFAULT_SCALES_UM) -> np.ndarray:
+    """Per-pixel features of a uint8 RGB image, one plane per feature (float32, ``(F, H, W)``).
+
+    Parameters
+    ----------
+    rgb : ndarray of uint8, (H, W, 3)
+    stains : StainMatrix
+        The slide's stains with its glass background (collagen stain first).
+    mpp : float
+        µm per pixel of ``rgb``.
+    scales_um : sequence of float
+        Gaussian SDs in µm.
+
+    Returns
+    -------
+    ndarray of float32, (F, H, W)
+        Planes as :func:`feature_names` (planes, not pixels, are contiguous: the filters write
+        them whole, and :func:`rows_at` gathers the pixels to classify). Pixels within
+        :func:`halo_um` of the border see a reflected image: read a halo around tiles.
+    """
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        msg = f"rgb must be uint8 (H, W, 3), got {rgb.dtype} {rgb.shape}"
+        raise ValueError(msg)
+    if not (math.isfinite(mpp) and mpp > 0):
+        msg = f"mpp must be a positive number of µm per pixel, got {mpp=}"
+        raise ValueError(msg)
+    h, w = rgb.shape[:2]
+    n = len(stains.names)
+    names = feature_names(stains.names, scales_um)
+    out = np.empty((len(names), h, w), np.float32)
+    lut = od_lut(stains.background_rgb)
+    od = cv2.LUT(np.ascontiguousarray(rgb).reshape(-1, 1, 3),
+                 np.ascontiguousarray(lut.T).reshape(256, 1, 3)).reshape(rgb.shape)
+    unmix = stains.unmixing.astype(np.float32)
+    for i in range(n):
+        out[i] = od[..., 0] * unmix[0, i] + od[..., 1] * unmix[1, i] + od[..., 2] * unmix[2, i]
+    np.sum(od, axis=-1, out=out[n])
+    k = n + 1
+    for s in scales_um:
+        sigma = s / mpp
+        for i in range(n + 1):
+            cv2.GaussianBlur(out[i], (0, 0), sigma, dst=out[k + i], borderType=cv2.BORDER_REFLECT)
+        smooth = (out[k], out[k + n])
+        k += n + 1
+        for p in smooth:
+            dr, dc, drr, drc, dcc = _derivatives(p)
+            half_tr = 0.5 * (drr + dcc)
+            root = np.sqrt(0.25 * (drr - dcc) ** 2 + drc**2)
+            # per µm, so that the same structure gives the same value at any resolution
+            out[k] = np.sqrt(dr * dr + dc * dc) / np.float32(mpp)
+            out[k + 1] = (half_tr + root) / np.float32(mpp * mpp)
+            out[k + 2] = (half_tr - root) / np.float32(mpp * mpp)
+            k += 3
+    return out
+
+
+def rows_at(features: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Feature rows ``(N, F)`` float32 of the pixels of ``mask`` from ``(F, H, W)`` planes."""
+    idx = np.flatnonzero(mask.ravel())
+    flat = features.reshape(features.shape[0], -1)
+    return np.ascontiguousarray(np.take(flat, idx, axis=1).T)
+
+
+class CompiledEnsemble:
+    """A fitted binary ``HistGradientBoostingClassifier`` as flat node arrays, evaluated by a
+    compiled loop on feature planes (no gathered copy of the rows, no Python per tree).
+
+    Gives the model's own raw score (``baseline + sum of leaf values``; collagen when >= 0,
+    i.e. ``predict_proba >= 0.5``): a pixel goes left when its feature ``<=`` the node's
+    threshold, as scikit-learn's ``_predict_from_raw_data`` (features are never NaN here).
+    """
+
+    def __init__(self, model: Any) -> None:
+        trees = [preds[0].nodes for preds in model._predictors]
+        sizes = np.array([len(t) for t in trees], np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        nodes = np.concatenate(trees)
+        if nodes["is_categorical"].any():
+            msg = "categorical splits are not supported"
+            raise ValueError(msg)
+        self.feature = nodes["feature_idx"].astype(np.int64)
+        self.threshold = nodes["num_threshold"].astype(np.float64)
+        self.left = nodes["left"].astype(np.int64)
+        self.right = nodes["right"].astype(np.int64)
+        self.is_leaf = nodes["is_leaf"].astype(np.bool_)
+        self.value = nodes["value"].astype(np.float64)
+        self.baseline = float(np.ravel(model._baseline_prediction)[0])
+        # the most the trees from t on can still add or take away: a pixel is decided as soon
+        # as its running score is further from 0 than that
+        most = np.array([np.abs(t["value"][t["is_leaf"].astype(bool)]).max() for t in trees])
+        self.remaining = np.concatenate([np.cumsum(most[::-1])[::-1], [0.0]]).astype(np.float64)
+
+    def raw(self, planes: np.ndarray, index: np.ndarray) -> np.ndarray:
+        """Raw scores (float64) of the pixels ``index`` (flat) of ``(F, H, W)`` planes."""
+        flat = planes.reshape(planes.shape[0], -1)
+        return _ensemble_raw(flat, index.astype(np.int64), self.offsets, self.feature,
+                             self.threshold, self.left, self.right, self.is_leaf, self.value,
+                             self.baseline)
+
+    def decide(self, planes: np.ndarray, index: np.ndarray) -> np.ndarray:
+        """Collagen (raw score >= 0) of the pixels ``index`` (flat) of ``(F, H, W)`` planes.
+
+        Stops adding trees once the remaining ones cannot change the sign of the score (the
+        same decision as :meth:`raw`, at a fraction of the trees for clear pixels).
+        """
+        flat = planes.reshape(planes.shape[0], -1)
+        return _ensemble_decide(flat, index.astype(np.int64), self.offsets, self.feature,
+                                self.threshold, self.left, self.right, self.is_leaf, self.value,
+                                self.baseline, self.remaining)
+
+
+def _ensemble_decide_py(flat, index, offsets, feature, threshold, left, right, is_leaf, value,
+                        baseline, remaining):  # pragma: no cover - compiled below
+    out = np.empty(len(index), np.bool_)
+    for n in range(len(index)):
+        p = index[n]
+        acc = baseline
+        t = 0
+        while t < len(offsets):
+            if acc - remaining[t] >= 0.0 or acc + remaining[t] < 0.0:
+                break
+            base = offsets[t]
+            node = 0
+            while not is_leaf[base + node]:
+                k = base + node
+                node = left[k] if flat[feature[k], p] <= threshold[k] else right[k]
+            acc += value[base + node]
+            t += 1
+        out[n] = acc >= 0.0
+    return out
+
+
+def _ensemble_raw_py(flat, index, offsets, feature, threshold, left, right, is_leaf, value,
+                     baseline):  # pragma: no cover - compiled below; the Python body is the spec
+    out = np.empty(len(index), np.float64)
+    for n in range(len(index)):
+        p = index[n]
+        acc = baseline
+        for t in range(len(offsets)):
+            base = offsets[t]
+            node = 0
+            while not is_leaf[base + node]:
+                k = base + node
+                node = left[k] if flat[feature[k], p] <= threshold[k] else right[k]
+            acc += value[base + node]
+        out[n] = acc
+    return out
+
+
+def _compile(fn: Any) -> Any:
+    try:
+        import numba
+    except ImportError:  # pragma: no cover - numba is a dependency
+        return fn
+    return numba.njit(nogil=True, cache=True)(fn)
+
+
+_ensemble_raw = _compile(_ensemble_raw_py)
+_ensemble_decide = _compile(_ensemble_decide_py)
+
+
+@dataclass
+class PixelClassifier:
+    """A trained collagen pixel classifier with its header.
+
+    Attributes
+    ----------
+    model : sklearn classifier
+        Predicts class 1 (collagen) against 0 from :func:`pixel_features` columns.
+    header : dict
+        What :func:`save` writes as JSON (versions, settings, features, provenance).
+    gate_od : float
+        Pixels whose collagen stain concentration smoothed at the smallest scale is below this
+        are not collagen without asking the model (0.2 % of the training collagen pixels were
+        below it); ``-inf`` disables it.
+    """
+
+    model: Any
+    header: dict[str, Any]
+    gate_od: float = -math.inf
+    sha256: str = ""
+    _compiled: Any = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if type(self.model).__name__ == "HistGradientBoostingClassifier":
+            try:
+                self._compiled = CompiledEnsemble(self.model)
+            except (AttributeError, KeyError, ValueError, IndexError):  # another layout
+                logger.debug("classifier: scikit-learn's own predict is used")
+
+    @property
+    def scales_um(self) -> tuple[float, ...]:
+        """Gaussian scales of the features, µm."""
+        return tuple(self.header["settings"]["scales_um"])
+
+    def halo_px(self, mpp: float) -> int:
+        """Pixels of context a tile needs around it at ``mpp`` µm/px."""
+        return math.ceil(halo_um(self.scales_um) / mpp) + 1
+
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        """Probability of collagen of feature rows ``(N, F)`` (float64)."""
+        if len(features) == 0:
+            return np.zeros(0)
+        return self.model.predict_proba(features)[:, 1]
+
+    def predict_tile(self, rgb_with_halo: np.ndarray, halo_px: int, stains: StainMatrix, *,
+                     mpp: float, tissue: np.ndarray | None = None) -> np.ndarray:
+        """Collagen mask of a tile's core from the tile read with a halo around it.
+
+        Parameters
+        ----------
+        rgb_with_halo : ndarray of uint8, (h + 2 halo, w + 2 halo, 3)
+        halo_px : int
+            Halo read on every side (at least :meth:`halo_px` for exact features; less is
+            accepted, the border then sees a reflected image).
+        stains : StainMatrix
+            The slide's fitted stains with its background.
+        mpp : float
+            µm per pixel of the tile.
+        tissue : ndarray of bool, (h, w), optional
+            Only these core pixels are classified (the others are False).
+
+        Returns
+        -------
+        ndarray of bool, (h, w)
+        """
+        feats = pixel_features(rgb_with_halo, stains, mpp, self.scales_um)
+        h = rgb_with_halo.shape[0] - 2 * halo_px
+        w = rgb_with_halo.shape[1] - 2 * halo_px
+        core = feats[:, halo_px : halo_px + h, halo_px : halo_px + w]
+        gate_col = len(stains.names) + 1  # the collagen stain at the smallest scale
+        todo = core[gate_col] >= self.gate_od
+        if tissue is not None:
+            todo &= tissue
+        out = np.zeros((h, w), bool)
+        if not todo.any():
+            return out
+        if self._compiled is not None:
+            idx = np.flatnonzero(todo.ravel())
+            rows, cols = np.divmod(idx, w)
+            flat_idx = (rows + halo_px) * rgb_with_halo.shape[1] + cols + halo_px
+            out.ravel()[idx] = self._compiled.decide(feats, flat_idx)
+        else:
+            out[todo] = self.predict_proba(rows_at(core, todo)) >= 0.5
+        return out
+
+
+# --- file format ---------------------------------------------------------------------------
+
+def _sklearn_version() -> str:
+    import sklearn
+
+    return str(sklearn.__version__)
+
+
+def _minor(version: str) -> str:
+    return ".".join(version.split(".")[:2])
+
+
+def save(clf: PixelClassifier, path: str | Path) -> str:
+    """Write a classifier as one file (JSON header line + pickle), atomically.
+
+    Returns
+    -------
+    str
+        SHA-256 (first 16 hex digits) of the file, as it joins the settings hash.
+    """
+    from fibroquant import __version__
+
+    path = Path(path)
+    header = dict(clf.header)
+    header.update(format="fibroquant-classifier", format_version=FORMAT_VERSION,
+                  fibroquant_version=__version__, sklearn_version=_sklearn_version(),
+                  gate_od=clf.gate_od, stain_calibration=STAIN_RULE)
+    buf = io.BytesIO()
+    pickle.dump(clf.model, buf, protocol=pickle.HIGHEST_PROTOCOL)
+    data = _MAGIC + b" " + json.dumps(header, sort_keys=True).encode() + b"\n" + buf.getvalue()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def read_header(path: str | Path) -> dict[str, Any]:
+    """The JSON header of a classifier file (no model is unpickled).
+
+    Raises
+    ------
+    ClassifierError
+        Not a fibroquant classifier file.
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            line = fh.readline(1 << 20)
+    except OSError as exc:
+        msg = f"{path}: cannot read classifier ({exc.strerror or exc})"
+        raise ClassifierError(msg) from None
+    if not line.startswith(_MAGIC + b" "):
+        msg = f"{path}: not a fibroquant classifier file"
+        raise ClassifierError(msg)
+    try:
+        return dict(json.loads(line[len(_MAGIC) + 1 :]))
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError):
+        msg = f"{path}: damaged classifier header"
+        raise ClassifierError(msg) from None
+
+
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def file_hash(path: str | Path) -> str:
+    """SHA-256 (first 16 hex digits) of a classifier file's bytes (once per file version)."""
+    try:
+        st = Path(path).stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        if key not in _HASHES:
+            _HASHES[key] = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+        return _HASHES[key]
+    except OSError as exc:
+        msg = f"{path}: cannot read classifier ({exc.strerror or exc})"
+        raise ClassifierError(msg) from None
+
+
+def check_compatible(path: str | Path, stain_names: Sequence[str]) -> dict[str, Any]:
+    """The header of a classifier file that this fibroquant can run on slides of these stains.
+
+    Raises
+    ------
+    ClassifierError
+        Not a classifier, another format or scikit-learn version, or trained on other stains.
+    """
+    path = Path(path)
+    header = read_header(path)
+    version = header.get("format_version")
+    if version != FORMAT_VERSION:
+        msg = (f"{path}: classifier format version {version} is not supported by this "
+               f"fibroquant (reads version {FORMAT_VERSION}); retrain it with fibroquant train")
+        raise ClassifierError(msg)
+    made = str(header.get("sklearn_version", "?"))
+    if _minor(made) != _minor(_sklearn_version()):
+        msg = (f"{path}: made with scikit-learn {made}, this is {_sklearn_version()}; "
+               "retrain it with fibroquant train")
+        raise ClassifierError(msg)
+    trained = header.get("stain_names")
+    if trained is not None and list(trained) != list(stain_names):
+        msg = (f"{path}: trained on {'/'.join(trained)} slides, the analysis is "
+               f"{'/'.join(stain_names)} (set --stain)")
+        raise ClassifierError(msg)
+    return header
+
+
+def load(path: str | Path) -> PixelClassifier:
+    """Read a classifier file, refusing another format or scikit-learn version.
+
+    Raises
+    ------
+    ClassifierError
+        Not a classifier, another format version, made with another scikit-learn minor
+        version (retrain it), or a damaged model.
+    """
+    path = Path(path)
+    header = read_header(path)
+    check_compatible(path, header.get("stain_names") or [])
+    data = path.read_bytes()
+    body = data[data.index(b"\n") + 1 :]
+    try:
+        model = pickle.loads(body)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a damaged file
+        msg = f"{path}: damaged classifier model ({type(exc).__name__})"
+        raise ClassifierError(msg) from None
+    return PixelClassifier(model, header, float(header.get("gate_od", -math.inf)),
+                           hashlib.sha256(data).hexdigest()[:16])
+
+
+_CACHE: dict[tuple[str, int, int], PixelClassifier] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def load_cached(path: str | Path) -> PixelClassifier:
+    """:func:`load` once per process and file version (path, size, mtime)."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError as exc:
+        msg = f"{p}: cannot read classifier ({exc.strerror or exc})"
+        raise ClassifierError(msg) from None
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            _CACHE.clear()
+            _CACHE[key] = load(p)
+        return _CACHE[key]
+
+
+# --- training ------------------------------------------------------------------------------
+
+@dataclass
+class TrainingImage:
+    """Labelled pixels of one image, as feature rows.
+
+    Attributes
+    ----------
+    stem : str
+    features : ndarray of float32, (N, F)
+        Training pixels (a random subset of the scored, labelled pixels).
+    labels : ndarray of bool, (N,)
+        Collagen (the people's majority).
+    eval_features : ndarray of float32, (M, F)
+        Another uniform random subset of the scored pixels, for held-out agreement.
+    eval_labels : ndarray of bool, (M,)
+    scored_px : int
+        Scored pixels in the image (labelled and inside the tissue).
+    """
+
+    stem: str
+    features: np.ndarray
+    labels: np.ndarray
+    eval_features: np.ndarray
+    eval_labels: np.ndarray
+    scored_px: int
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def _rng(rng: int | np.random.Generator | None) -> np.random.Generator:
+    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+
+
+def sample_pixels(features: np.ndarray, labels: np.ndarray, scored: np.ndarray, *, stem: str,
+                  max_train_px: int = 100_000, max_eval_px: int = 100_000,
+                  rng: int | np.random.Generator | None = 0) -> TrainingImage:
+    """Feature rows of a uniform random subset of the scored pixels of one image.
+
+    Parameters
+    ----------
+    features : ndarray of float32, (F, H, W)
+        :func:`pixel_features`.
+    labels, scored : ndarray of bool, (H, W)
+    """
+    g = _rng(rng)
+    idx = np.flatnonzero(scored.ravel())
+    flat = features.reshape(features.shape[0], -1)
+    lab = labels.ravel()
+    train = g.choice(idx, size=min(max_train_px, idx.size), replace=False) if idx.size else idx
+    ev = g.choice(idx, size=min(max_eval_px, idx.size), replace=False) if idx.size else idx
+    return TrainingImage(stem, np.ascontiguousarray(flat[:, train].T), lab[train],
+                         np.ascontiguousarray(flat[:, ev].T), lab[ev], int(idx.size))
+
+
+def make_model(kind: str = "hgb", *, rng: int = 0) -> Any:
+    """A scikit-learn classifier: ``"hgb"`` gradient boosting (default) or ``"rf"`` forest.
+
+    Sized for speed at prediction (every tissue pixel of a study goes through it): 60
+    boosting rounds of 15-leaf trees, or 40 trees of depth 12.
+    """
+    if kind == "hgb":
+        from sklearn.ensemble import HistGradientBoostingClassifier
+
+        return HistGradientBoostingClassifier(max_iter=60, max_leaf_nodes=15, learning_rate=0.15,
+                                              early_stopping=False, random_state=rng)
+    if kind == "rf":
+        from sklearn.ensemble import RandomForestClassifier
+
+        return RandomForestClassifier(n_estimators=40, max_depth=12, min_samples_leaf=5,
+                                      n_jobs=1, random_state=rng)
+    msg = f"model must be 'hgb' or 'rf', got {kind!r}"
+    raise ValueError(msg)
+
+
+def _gate(features: np.ndarray, labels: np.ndarray, gate_col: int) -> float:
+    """Collagen-stain level below which (almost) no training collagen pixel lies."""
+    pos = features[labels, gate_col]
+    neg = features[~labels, gate_col]
+    if pos.size < 200 or neg.size == 0:
+        return -math.inf
+    return float(np.quantile(pos, 0.002))
+
+
+def training_problems(images: Sequence[TrainingImage], *, min_px: int = 1000,
+                      min_images: int = 3) -> tuple[list[str], list[str]]:
+    """Errors (training impossible) and warnings (training unreliable) of a training set."""
+    errors: list[str] = []
+    warns: list[str] = []
+    pos = sum(int(im.labels.sum()) for im in images)
+    neg = sum(int((~im.labels).sum()) for im in images)
+    if not images:
+        errors.append("no annotated image matched a slide")
+        return errors, warns
+    if pos == 0 or neg == 0:
+        errors.append("one class is missing: no pixel labelled "
+                      + ("collagen" if pos == 0 else "not collagen"))
+        return errors, warns
+    if len(images) < min_images:
+        warns.append(f"only {len(images)} annotated image(s): too few to judge a classifier "
+                     f"(leave-one-image-out needs >= {min_images})")
+    if pos < min_px or neg < min_px:
+        warns.append(f"few labelled pixels (collagen {pos}, not collagen {neg}; "
+                     f"want >= {min_px} of each)")
+    for im in images:
+        if not im.labels.any() or im.labels.all():
+            warns.append(f"{im.stem}: only "
+                         + ("not-collagen" if not im.labels.any() else "collagen")
+                         + " pixels labelled")
+    return errors, warns
+
+
+def fit(images: Sequence[TrainingImage], *, kind: str = "hgb", rng: int = 0,
+        header: dict[str, Any] | None = None, gate_col: int | None = None) -> PixelClassifier:
+    """Train a classifier on the labelled pixels of some images.
+
+    Raises
+    ------
+    ClassifierError
+        No images, or one class missing altogether.
+    """
+    errors, _ = training_problems(images)
+    if errors:
+        raise ClassifierError("cannot train: " + "; ".join(errors))
+    x = np.concatenate([im.features for im in images])
+    y = np.concatenate([im.labels for im in images]).astype(np.uint8)
+    model = make_model(kind, rng=rng)
+    model.fit(x, y)
+    header = dict(header or {})
+    settings = dict(header.get("settings", {}))
+    settings.setdefault("scales_um", list(DEFAULT_SCALES_UM))
+    settings["model"] = kind
+    header["settings"] = settings
+    gate = _gate(x, y.astype(bool), gate_col) if gate_col is not None else -math.inf
+    return PixelClassifier(model, header, gate)
+
+
+def held_out_rows(clf: PixelClassifier, image: TrainingImage, gate_col: int) -> dict[str, Any]:
+    """Agreement of a classifier with one image's labels, in :mod:`fibroquant.agreement`'s terms
+    (estimated on the image's evaluation pixels)."""
+    from fibroquant.agreement import PixelCounts
+
+    x = image.eval_features
+    pred = np.zeros(len(x), bool)
+    todo = x[:, gate_col] >= clf.gate_od
+    if todo.any():
+        pred[todo] = clf.predict_proba(x[todo]) >= 0.5
+    ref = image.eval_labels
+    tp = int(np.count_nonzero(pred & ref))
+    c = PixelCounts(tp, int(pred.sum()) - tp, int(ref.sum()) - tp, len(ref))
+    return {"image": image.stem, "kind": "classifier_vs_majority", "reference": "majority",
+            "dice": c.dice, "iou": c.iou, "test_cpa_percent": c.test_percent,
+            "reference_cpa_percent": c.reference_percent,
+            "error_pp": c.test_percent - c.reference_percent, "scored_px": image.scored_px,
+            "evaluated_px": len(ref)}
+
+
+def cross_validate(images: Sequence[TrainingImage], *, kind: str = "hgb", rng: int = 0,
+                   gate_col: int | None = None) -> list[dict[str, Any]]:
+    """Leave-one-image-out agreement: each image scored by a classifier trained on the others.
+
+    Images whose training set would miss a class are left out (no row).
+    """
+    rows = []
+    for i, held in enumerate(images):
+        rest = [im for j, im in enumerate(images) if j != i]
+        if training_problems(rest)[0]:
+            continue
+        clf = fit(rest, kind=kind, rng=rng, gate_col=gate_col)
+        rows.append(held_out_rows(clf, held, gate_col if gate_col is not None else 0))
+    return rows
+
+
+# --- training data from slides and annotation files (I/O) ----------------------------------
+
+def stains_of_record(record: dict[str, Any]) -> StainMatrix:
+    """The stains a slide was measured with, from its ``slides.csv`` record (collagen first)."""
+    vectors = json.loads(record["stain_vectors"])
+    background = tuple(json.loads(record["background_rgb"]))
+    return StainMatrix(tuple(vectors), np.array(list(vectors.values())), background)
+
+
+def _open(path: Path, mpp: float | None) -> Any:
+    from fibroquant.slides import open_slide
+
+    sl = open_slide(path)
+    if sl.mpp is None and mpp is not None:
+        sl.close()
+        sl = open_slide(path, mpp=mpp)
+    return sl
+
+
+def training_image(
+    slide_path: str | Path, files: dict[str, Path], settings: Any, *, stem: str,
+    mpp: float | None = None, scales_um: Sequence[float] = DEFAULT_SCALES_UM,
+    max_train_px: int = 100_000, max_eval_px: int = 100_000,
+    rng: int | np.random.Generator | None = 0,
+) -> tuple[TrainingImage, StainMatrix]:
+    """Training pixels of one slide: its people's majority on the scored pixels.
+
+    The slide is measured first (:func:`fibroquant.pipeline.analyze_slide` with ``settings``)
+    for its fitted stains and its tissue; features are computed at full resolution on the
+    box around the scored pixels (labelled, inside the drawn tissue or else the tool's).
+
+    Raises
+    ------
+    FibroquantError
+        The slide cannot be measured, or an annotation cannot be read or placed.
+    """
+    from fibroquant.agreement import MAX_GRID_PX, image_annotations, majority
+    from fibroquant.annotations import fingerprint, resample_nearest
+    from fibroquant.pipeline import analyze_slide
+    from fibroquant.slides import require_mpp
+
+    slide_path = Path(slide_path)
+    analysis = analyze_slide(slide_path, settings, fallback_mpp=mpp)
+    stains = stains_of_record(analysis.record)
+    with _open(slide_path, mpp) as sl:
+        mpp0 = require_mpp(sl)
+        full = sl.levels[0].shape[:2]
+        if full[0] * full[1] > MAX_GRID_PX:
+            msg = (f"{slide_path}: {full[1]}x{full[0]} px is too large to train on whole; "
+                   "annotate crops (regions exported as images) instead")
+            raise ClassifierError(msg)
+        anns, _ = image_annotations(files, stem, full, analysis.collagen_mask.shape)
+        anns = [a.resampled(full) for a in anns]
+        if len(anns) == 1:
+            labels, labelled = anns[0].collagen, anns[0].labelled
+        else:
+            labels, labelled = majority(anns)
+        drawn = [a.tissue for a in anns if a.tissue is not None]
+        if drawn and len(drawn) == len(anns):
+            region = 2 * np.sum(drawn, axis=0) > len(drawn)
+        else:
+            region = resample_nearest(analysis.tissue_mask, full)
+        scored = labelled & region
+        if not scored.any():
+            return sample_pixels(np.zeros((len(feature_names(stains.names, scales_um)), 1, 1),
+                                          np.float32), np.zeros((1, 1), bool),
+                                 np.zeros((1, 1), bool), stem=stem), stains
+        rows = np.flatnonzero(scored.any(axis=1))
+        cols = np.flatnonzero(scored.any(axis=0))
+        y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+        halo = math.ceil(halo_um(scales_um) / mpp0) + 1
+        rgb = sl.read_region(0, y0 - halo, x0 - halo, y1 - y0 + 2 * halo, x1 - x0 + 2 * halo)
+    feats = pixel_features(rgb, stains, mpp0, scales_um)[:, halo:-halo, halo:-halo]
+    image = sample_pixels(feats, labels[y0:y1, x0:x1], scored[y0:y1, x0:x1], stem=stem,
+                          max_train_px=max_train_px, max_eval_px=max_eval_px, rng=rng)
+    image.provenance = {
+        "slide": slide_path.name, "mpp": mpp0, "scored_px": image.scored_px,
+        "collagen_px": int((labels & scored).sum()),
+        "annotations": {a.person: {"file": a.path.name, "sha256": fingerprint(a.path),
+                                   "dense": a.dense} for a in anns},
+    }
+    return image, stains

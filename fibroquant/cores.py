@@ -1,0 +1,81 @@
+"""The cores a slide's tile threads may use now, inside a run's local pool of worker processes.
+
+A local pool shares one counter of the slides running across its worker processes
+(:func:`join_pool`, called by each worker's initializer). A slide's tile loop runs as many tiles
+at once as its equal share of the pool's cores among the slides running
+(:func:`tile_threads`), so a slide left running alone takes the cores the others gave back.
+Outside a local pool (one process, a Dask worker) a slide uses the threads it was given.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+#: Slides running in the local worker processes of this run (a shared
+#: ``multiprocessing.Value``, given to each worker by :func:`join_pool`); None outside a pool.
+_running: Any = None
+#: The cores those worker processes share.
+_pool_cores = 0
+#: How often a tile waiting for its slide's share of the cores looks again (seconds): the
+#: share grows when a slide in another worker process ends, which no event here reports.
+SHARE_POLL_SECONDS = 0.05
+
+
+def join_pool(running: Any, cores: int) -> None:
+    """Make this process a worker of a local pool of ``cores`` cores counted by ``running``."""
+    global _running, _pool_cores
+    _running, _pool_cores = running, cores
+
+
+def in_pool() -> bool:
+    """Whether this process is a worker of a local pool."""
+    return _running is not None
+
+
+def tile_threads(cap: int) -> int:
+    """Tile threads a slide may use now: ``cap`` outside a local pool; inside one, an equal
+    share of the pool's cores among the slides running (at least 1, at most ``cap``)."""
+    if _running is None:
+        return cap
+    return max(1, min(cap, _pool_cores // max(1, _running.value)))
+
+
+@contextmanager
+def counted_running() -> Iterator[None]:
+    """Count this slide among the pool's running slides while it runs (no-op outside one)."""
+    running = _running
+    if running is None:
+        yield
+        return
+    with running.get_lock():
+        running.value += 1
+    try:
+        yield
+    finally:
+        with running.get_lock():
+            running.value -= 1
+
+
+def gated(fn: Callable[..., Any], cap: int) -> Callable[..., Any]:
+    """``fn`` run by at most :func:`tile_threads` threads at once (re-read as tiles start and
+    end, and every :data:`SHARE_POLL_SECONDS` while one waits); the others wait their turn."""
+    cond = threading.Condition()
+    active = 0
+
+    def run(*args: Any) -> Any:
+        nonlocal active
+        with cond:
+            while active >= tile_threads(cap):
+                cond.wait(SHARE_POLL_SECONDS)
+            active += 1
+        try:
+            return fn(*args)
+        finally:
+            with cond:
+                active -= 1
+                cond.notify()
+
+    return run

@@ -1,0 +1,909 @@
+"""Fibre architecture of a slide's collagen: width, length, branching, holes, compartments.
+
+CPA says how much collagen there is; these traits say in what form and where. They are
+computed from the binary collagen mask (and the countable-tissue mask) at one resolution
+``mpp``, tile by tile with a halo, and summed in a :class:`TraitCounts` accumulator (``+`` like
+:class:`fibroquant.measure.TileCounts`); :meth:`TraitCounts.traits` turns the totals into the
+per-slide values (µm, mm⁻², %). Ownership makes the result independent of the tiling:
+
+* every per-pixel quantity (skeleton length, widths, thin/thick areas, orientation coherence,
+  compartment areas, boxes of the fractal dimension) is counted only in the tile whose core
+  holds the pixel, and computed on the tile plus a halo wide enough for its neighbourhood;
+* connected objects (collagen, 8-connected) and holes (non-collagen, 4-connected) are labelled
+  in each core and joined across core borders (:func:`scipy.sparse.csgraph.connected_components`
+  over the label pairs that touch), so a fibre crossing a border is one object;
+* skeleton branches (:mod:`skan`) are owned by the tile holding their lexicographically first
+  end; a branch longer than the halo can be cut, so branch length and tortuosity are the only
+  traits that may vary (slightly) with the tile size.
+
+Compartments: collagen within ``ring_um`` of a vessel lumen (the tissue mask's lumens) is
+perivascular; of the rest, wide fibre (local width ≥ ``septum_min_width_um``) in objects that
+bridge two vessels or run longer than ``septum_min_length_um`` is septal; the remainder is
+pericellular. Lumens are told portal (thick collagen collar and another lumen nearby) or
+central (thin collar, alone) by the rule in :func:`classify_vessels`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import cv2
+import numpy as np
+
+# scipy, scikit-image and skan are imported where used: cohort/run import the column names
+
+_ORTHO = np.array([[0, 1, 0], [1, 0, 1], [0, 1, 0]], np.float32)
+_DIAG = np.array([[1, 0, 1], [0, 0, 0], [1, 0, 1]], np.float32)
+_EIGHT = np.ones((3, 3), bool)
+_CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], bool)
+
+
+@dataclass(frozen=True)
+class TraitParams:
+    """Scales of the traits, in µm (see ``config.TraitSettings`` for their meaning)."""
+
+    mpp: float
+    thin_um: float = 3.0
+    thick_um: float = 10.0
+    hole_min_um2: float = 100.0
+    hole_max_um2: float = 1000.0
+    aggregate_um2: float = 5000.0
+    coherence_sigma_um: float = 4.0
+    ring_um: float = 50.0
+    septum_min_width_um: float = 4.0
+    septum_min_length_um: float = 300.0
+    portal_collar_share: float = 0.3
+    central_collar_share: float = 0.1
+    cluster_um: float = 150.0
+    box_sizes_px: tuple[int, ...] = (2, 4, 8, 16, 32)
+
+    def halo_px(self) -> int:
+        """Overlap a tile needs: the largest fibre half-width we measure exactly, the
+        structure tensor's Gaussian support and the largest fractal box, with a margin."""
+        fibre = 2.0 * self.thick_um / self.mpp + 4
+        tensor = 4.0 * self.coherence_sigma_um / self.mpp + 2
+        return math.ceil(max(fibre, tensor, max(self.box_sizes_px), 16))
+
+
+@dataclass(frozen=True)
+class VesselMap:
+    """Lumens as seen by the trait tiles (built once per slide by :func:`vessel_map`).
+
+    Attributes
+    ----------
+    distance_um : ndarray of float32
+        Distance of every pixel of the lumen image to the nearest lumen, µm.
+    nearest : ndarray of int32
+        Label (1..n) of that nearest lumen.
+    scale : float
+        Lumen-image pixels per trait pixel.
+    n : int
+        Number of lumens.
+    neighbours : ndarray of int64
+        Per lumen (index 0 unused): other lumens within ``cluster_um`` (edge to edge).
+    """
+
+    distance_um: np.ndarray
+    nearest: np.ndarray
+    scale: float
+    n: int
+    neighbours: np.ndarray
+
+
+def vessel_map(lumen: np.ndarray, lumen_mpp: float, trait_mpp: float, cluster_um: float,
+               *, max_mpp: float = 2.0) -> VesselMap | None:
+    """Label the lumens of a lumen mask and measure the distance of every pixel to them.
+
+    Masks finer than ``max_mpp`` are first reduced to it (any lumen pixel in a block counts), so
+    the cost does not grow with the mask's resolution. Two lumens are neighbours when the
+    distances to them of two adjacent pixels that lie on their border of influence add up to at
+    most ``cluster_um`` (their edge-to-edge distance, without a pairwise search). Returns None
+    when there is no lumen.
+    """
+    from scipy import ndimage as ndi
+
+    factor = max(1, int(max_mpp / lumen_mpp))
+    if factor > 1:
+        h, w = lumen.shape
+        pad = np.zeros((-(-h // factor) * factor, -(-w // factor) * factor), bool)
+        pad[:h, :w] = lumen
+        lumen = pad.reshape(pad.shape[0] // factor, factor, -1, factor).any(axis=(1, 3))
+        lumen_mpp *= factor
+    labels, n = ndi.label(lumen, structure=_EIGHT)
+    if n == 0:
+        return None
+    dist, pixel = cv2.distanceTransformWithLabels(
+        (labels == 0).view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_5, labelType=cv2.DIST_LABEL_PIXEL)
+    ly, lx = np.nonzero(labels)  # raster order: OpenCV's numbering of the lumen pixels
+    nearest = labels[ly, lx][pixel - 1].astype(np.int32)
+    dist_um = (dist * lumen_mpp).astype(np.float32)
+    pairs = []
+    for a, b, da, db in ((nearest[:, :-1], nearest[:, 1:], dist_um[:, :-1], dist_um[:, 1:]),
+                         (nearest[:-1], nearest[1:], dist_um[:-1], dist_um[1:])):
+        close = (a != b) & (da + db <= cluster_um)
+        pairs.append(np.column_stack([a[close], b[close]]))
+    both = np.concatenate(pairs)
+    both = np.unique(np.concatenate([both, both[:, ::-1]]), axis=0)
+    neighbours = np.bincount(both[:, 0], minlength=n + 1) if len(both) else np.zeros(n + 1, int)
+    return VesselMap(dist_um, nearest, trait_mpp / lumen_mpp, n, neighbours.astype(np.int64))
+
+
+@dataclass
+class _Part:
+    """One tile's labelled objects and holes, kept for stitching across core borders."""
+
+    box: tuple[int, int, int, int]  # core, trait pixels (y0, x0, y1, x1)
+    obj_edges: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # top, bottom, left, right
+    hole_edges: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+    obj: dict[str, np.ndarray]  # per object label (index 0 = none)
+    hole: dict[str, np.ndarray]  # per hole label
+    obj_vessel: np.ndarray  # (k, 2) local object label, vessel label
+
+
+@dataclass
+class TraitCounts:
+    """Additive trait sums of one tile or many (``+``); :meth:`traits` gives the slide values.
+
+    Counts are in trait pixels of ``mpp``; lengths in pixel steps (diagonal √2).
+    """
+
+    mpp: float
+    collagen_px: int = 0
+    tissue_px: int = 0
+    skeleton_length_px: float = 0.0
+    end_points: int = 0
+    branch_points: int = 0
+    branches: int = 0
+    branch_length_px: float = 0.0
+    branch_chord_px: float = 0.0
+    branch_path_px: float = 0.0
+    thin_px: int = 0
+    medium_px: int = 0
+    thick_px: int = 0
+    coherence_sum: float = 0.0
+    coherence_px: int = 0
+    perivascular_px: int = 0
+    width_sq_hist: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    vessel_ring_px: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    vessel_ring_collagen_px: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    parts: list[_Part] = field(default_factory=list)
+
+    def __add__(self, other: TraitCounts) -> TraitCounts:
+        if not isinstance(other, TraitCounts):
+            return NotImplemented
+        out: dict[str, Any] = {"mpp": self.mpp}
+        for name in ("collagen_px", "tissue_px", "skeleton_length_px", "end_points",
+                     "branch_points", "branches", "branch_length_px", "branch_chord_px", "branch_path_px",
+                     "thin_px", "medium_px", "thick_px", "coherence_sum", "coherence_px",
+                     "perivascular_px"):
+            out[name] = getattr(self, name) + getattr(other, name)
+        for name in ("width_sq_hist", "boxes", "vessel_ring_px", "vessel_ring_collagen_px"):
+            out[name] = _add_arrays(getattr(self, name), getattr(other, name))
+        out["parts"] = self.parts + other.parts
+        return TraitCounts(**out)
+
+    def __radd__(self, other: object) -> TraitCounts:
+        if other == 0:
+            return self
+        return NotImplemented
+
+    def traits(self, params: TraitParams, vessels: VesselMap | None = None) -> dict[str, float]:
+        """The slide's traits (see :data:`TRAIT_COLUMNS` for names and units)."""
+        return slide_traits(self, params, vessels)
+
+
+def _add_arrays(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    n = max(len(a), len(b))
+    out = np.zeros(n, np.result_type(a, b))
+    out[: len(a)] += a
+    out[: len(b)] += b
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# one tile
+# ------------------------------------------------------------------------------------------
+
+
+def measure_tile(
+    collagen: np.ndarray,
+    tissue: np.ndarray,
+    core: tuple[int, int, int, int],
+    origin: tuple[int, int],
+    slide_shape: tuple[int, int],
+    params: TraitParams,
+    vessels: VesselMap | None = None,
+) -> TraitCounts:
+    """Trait sums of one tile.
+
+    Parameters
+    ----------
+    collagen, tissue : ndarray of bool
+        The tile with its halo (a window of the slide at ``params.mpp``); collagen within tissue.
+    core : (y0, x0, y1, x1)
+        The tile's own pixels, in window coordinates.
+    origin : (y, x)
+        Slide coordinates of the window's first pixel.
+    slide_shape : (height, width)
+        Of the whole slide at ``params.mpp`` (objects touching its edge are not holes).
+    params : TraitParams
+    vessels : VesselMap, optional
+        Lumens; without them nothing is perivascular and no object bridges vessels.
+    """
+
+    collagen = collagen & tissue
+    cy0, cx0, cy1, cx1 = core
+    cs = (slice(cy0, cy1), slice(cx0, cx1))
+    mpp = params.mpp
+    tis_c = tissue[cs]
+    col_c = collagen[cs]
+    counts = TraitCounts(mpp, collagen_px=int(col_c.sum()), tissue_px=int(tis_c.sum()))
+    # exact Euclidean distance to the background (OpenCV's precise mask: Felzenszwalb's
+    # algorithm, 3x faster than scipy's here); squared distances of pixel centres are integers
+    half = cv2.distanceTransform(collagen.view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE) \
+        if collagen.any() else None
+    skel, graph = _skeleton(collagen, half)
+    # --- widths: 2 x distance to background at skeleton pixels; every collagen pixel takes
+    # the width of its nearest skeleton pixel
+    width_um = np.zeros(collagen.shape, np.float32)
+    if skel.any():
+        yy, xx = np.nonzero(skel)  # raster order, as OpenCV numbers the skeleton pixels below
+        d2 = np.rint(half[yy, xx].astype(np.float64) ** 2).astype(np.int64)
+        widths = ((2.0 * np.sqrt(d2) - 0.5) * mpp).astype(np.float32)
+        _, nearest = cv2.distanceTransformWithLabels(
+            (~skel).view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_5, labelType=cv2.DIST_LABEL_PIXEL)
+        width_um = np.where(collagen, widths[nearest - 1], 0).astype(np.float32)
+        own = (yy >= cy0) & (yy < cy1) & (xx >= cx0) & (xx < cx1)
+        counts.width_sq_hist = np.bincount(d2[own])
+        del nearest
+    del half
+    w_c = width_um[cs][col_c]
+    counts.thin_px = int(np.count_nonzero(w_c < params.thin_um))
+    counts.thick_px = int(np.count_nonzero(w_c > params.thick_um))
+    counts.medium_px = counts.collagen_px - counts.thin_px - counts.thick_px
+    # --- skeleton length, end and branch points (per owned skeleton pixel / junction cluster)
+    sk8 = skel.astype(np.uint8)
+    n_ortho = cv2.filter2D(sk8, -1, _ORTHO, borderType=cv2.BORDER_CONSTANT)
+    n_diag = cv2.filter2D(sk8, -1, _DIAG, borderType=cv2.BORDER_CONSTANT)
+    sk_c = skel[cs]
+    counts.skeleton_length_px = float(
+        (n_ortho[cs][sk_c].sum() + math.sqrt(2) * n_diag[cs][sk_c].sum()) / 2.0)
+    degree = n_ortho + n_diag
+    counts.end_points = int(np.count_nonzero(sk_c & (degree[cs] == 1)))
+    junction = skel & (degree >= 3)
+    nj, jl = cv2.connectedComponents(junction.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+    if nj > 1:  # a cluster of junction pixels is one branch point, owned by its first pixel
+        flat = jl.ravel()
+        at = np.flatnonzero(flat)
+        _, first = np.unique(flat[at], return_index=True)
+        cy, cx = np.divmod(at[first], jl.shape[1])
+        counts.branch_points = int(np.count_nonzero(
+            (cy >= cy0) & (cy < cy1) & (cx >= cx0) & (cx < cx1)))
+    # --- branches (skan): length and chord of the branches owned here
+    if graph is not None and sk_c.any():
+        _branches(graph, core, counts)
+    # --- orientation coherence of the collagen texture
+    if col_c.any():
+        a, b, c = _structure_tensor(collagen, params.coherence_sigma_um / mpp)
+        a, b, c = a[cs][col_c], b[cs][col_c], c[cs][col_c]
+        trace = a + c
+        ok = trace > 1e-6
+        coh = np.sqrt((a - c) ** 2 + 4 * b * b)[ok] / trace[ok]
+        counts.coherence_sum = float(coh.sum(dtype=np.float64))
+        counts.coherence_px = int(ok.sum())
+    # --- box counting, on the slide's box grid (boxes owned by their first pixel)
+    counts.boxes = _box_counts(collagen, core, origin, params.box_sizes_px)
+    # --- vessels: perivascular pixels, collar of each lumen
+    vessel_c = np.zeros(col_c.shape, np.int32)
+    peri_c = np.zeros(col_c.shape, bool)
+    if vessels is not None:
+        rows = np.minimum(((np.arange(cy0, cy1) + origin[0] + 0.5) * vessels.scale).astype(int),
+                          vessels.nearest.shape[0] - 1)
+        cols = np.minimum(((np.arange(cx0, cx1) + origin[1] + 0.5) * vessels.scale).astype(int),
+                          vessels.nearest.shape[1] - 1)
+        ring = vessels.distance_um[np.ix_(rows, cols)] <= params.ring_um
+        vessel_c = np.where(ring, vessels.nearest[np.ix_(rows, cols)], 0)
+        peri_c = col_c & ring
+        counts.perivascular_px = int(peri_c.sum())
+        counts.vessel_ring_px = np.bincount(vessel_c[tis_c], minlength=vessels.n + 1)
+        counts.vessel_ring_collagen_px = np.bincount(vessel_c[col_c], minlength=vessels.n + 1)
+    # --- objects and holes of the core, for stitching
+    # hole walls: non-collagen pixels next to collagen, thin when that collagen is thin
+    cross = _CROSS.view(np.uint8)
+    border = ~collagen & cv2.dilate(collagen.view(np.uint8), cross).view(bool)
+    near_w = cv2.dilate(width_um, cross, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    thin_border = border & (near_w > 0) & (near_w < params.thin_um)
+    counts.parts = [_part(col_c, tis_c, width_um[cs], sk_c, n_ortho[cs], n_diag[cs], peri_c,
+                          vessel_c, border[cs], thin_border[cs], (origin[0] + cy0, origin[1] + cx0), slide_shape, params)]
+    return counts
+
+
+def _skeleton(collagen: np.ndarray, half_px: np.ndarray | None) -> tuple[np.ndarray, Any]:
+    """Skeleton of the collagen with boundary spurs pruned, and its skan graph.
+
+    A spur (a branch from a junction to a free end) shorter than twice its mean half-width
+    plus a pixel is a bump of the fibre's outline, not a fibre: removed (once).
+    """
+    import skan
+    from skimage.morphology import skeletonize
+
+    if half_px is None:
+        return np.zeros(collagen.shape, bool), None
+    skel = skeletonize(collagen)
+    if np.count_nonzero(skel) < 2:
+        return skel, None
+    try:
+        graph = skan.Skeleton(np.where(skel, half_px, 0).astype(np.float32))
+    except ValueError:  # isolated pixels only
+        return skel, None
+    first, last = _path_ends(graph)
+    ends = (graph.degrees[first] == 1) ^ (graph.degrees[last] == 1)  # junction to free end
+    spur = ends & (graph.path_lengths() < 2 * graph.path_means() + 1)
+    if spur.any():
+        graph = graph.prune_paths(np.flatnonzero(spur))
+        skel = graph.skeleton_image > 0
+    return skel, graph
+
+
+def _structure_tensor(mask: np.ndarray, sigma_px: float
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Structure tensor (rr, rc, cc) of a mask: Sobel gradients, products smoothed by a
+    Gaussian of ``sigma_px`` truncated at 4 sigma — what ``skimage.feature.structure_tensor``
+    computes, with OpenCV's filters (8x faster on these tiles)."""
+    img = mask.astype(np.float32)
+    gr = cv2.Sobel(img, cv2.CV_32F, 0, 1, ksize=3, borderType=cv2.BORDER_REFLECT)
+    gc = cv2.Sobel(img, cv2.CV_32F, 1, 0, ksize=3, borderType=cv2.BORDER_REFLECT)
+    k = 2 * math.ceil(4 * sigma_px) + 1
+    blur = lambda x: cv2.GaussianBlur(x, (k, k), sigma_px, borderType=cv2.BORDER_REFLECT)
+    return blur(gr * gr), blur(gr * gc), blur(gc * gc)
+
+
+def _path_ends(graph: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel indices of the first and last pixel of every skan path."""
+    ptr, idx = graph.paths.indptr, graph.paths.indices
+    return idx[ptr[:-1]], idx[ptr[1:] - 1]
+
+
+def _branches(graph: Any, core: tuple[int, int, int, int], counts: TraitCounts) -> None:
+    """Length and chord of the skan paths whose lexicographically first end is in the core."""
+    if graph.n_paths == 0:
+        return
+    i0, i1 = _path_ends(graph)
+    src, dst = graph.coordinates[i0], graph.coordinates[i1]
+    src_first = (src[:, 0] < dst[:, 0]) | ((src[:, 0] == dst[:, 0]) & (src[:, 1] <= dst[:, 1]))
+    first = np.where(src_first[:, None], src, dst)
+    cy0, cx0, cy1, cx1 = core
+    own = (first[:, 0] >= cy0) & (first[:, 0] < cy1) & (first[:, 1] >= cx0) & (first[:, 1] < cx1)
+    length = graph.path_lengths()[own]
+    chord = np.hypot(*(src - dst)[own].T)
+    counts.branches = int(own.sum())
+    counts.branch_length_px = float(length.sum())
+    counts.branch_chord_px = float(chord[chord > 0].sum())
+    counts.branch_path_px = float(length[chord > 0].sum())  # loops have no chord
+
+
+def _box_counts(collagen: np.ndarray, core: tuple[int, int, int, int], origin: tuple[int, int],
+                sizes: tuple[int, ...]) -> np.ndarray:
+    cy0, cx0, cy1, cx1 = core
+    out = np.zeros(len(sizes), np.int64)
+    for i, s in enumerate(sizes):
+        gy0 = -(-(origin[0] + cy0) // s) * s - origin[0]  # first grid line in the core
+        gx0 = -(-(origin[1] + cx0) // s) * s - origin[1]
+        if gy0 >= cy1 or gx0 >= cx1:
+            continue
+        ny, nx = -(-(cy1 - gy0) // s), -(-(cx1 - gx0) // s)
+        block = np.zeros((ny * s, nx * s), bool)
+        part = collagen[gy0 : gy0 + ny * s, gx0 : gx0 + nx * s]
+        block[: part.shape[0], : part.shape[1]] = part
+        out[i] = int(block.reshape(ny, s, nx, s).any(axis=(1, 3)).sum())
+    return out
+
+
+def _part(col: np.ndarray, tis: np.ndarray, width_um: np.ndarray, skel: np.ndarray,
+          n_ortho: np.ndarray, n_diag: np.ndarray, peri: np.ndarray, vessel: np.ndarray,
+          border: np.ndarray, thin_border: np.ndarray, origin: tuple[int, int], slide_shape: tuple[int, int], params: TraitParams) -> _Part:
+    """Label the core's objects (8-connected) and holes (4-connected) with their sums."""
+
+    h, w = col.shape
+    n_obj, obj = cv2.connectedComponents(np.ascontiguousarray(col).view(np.uint8), connectivity=8,
+                                         ltype=cv2.CV_32S)
+    n_hole, hole = cv2.connectedComponents(np.ascontiguousarray(~col).view(np.uint8),
+                                           connectivity=4, ltype=cv2.CV_32S)
+    n_obj, n_hole = n_obj - 1, n_hole - 1
+    step = (n_ortho + math.sqrt(2) * n_diag) / 2.0
+    wide = col & (width_um >= params.septum_min_width_um)
+    obj_sums = {
+        "area": np.bincount(obj[col], minlength=n_obj + 1),
+        "wide_free": np.bincount(obj[wide & ~peri], minlength=n_obj + 1),
+        "wide_length": np.bincount(obj[skel & wide], weights=step[skel & wide],
+                                   minlength=n_obj + 1),
+    }
+    # holes: open when they hold non-tissue or touch the slide's edge
+    open_px = ~tis
+    edge = np.zeros_like(col)
+    if origin[0] == 0:
+        edge[0] = True
+    if origin[1] == 0:
+        edge[:, 0] = True
+    if origin[0] + h == slide_shape[0]:
+        edge[-1] = True
+    if origin[1] + w == slide_shape[1]:
+        edge[:, -1] = True
+    hole_sums = {
+        "area": np.bincount(hole.ravel(), minlength=n_hole + 1),
+        "open": np.bincount(hole[open_px | edge], minlength=n_hole + 1),
+        "border": np.bincount(hole[border], minlength=n_hole + 1),
+        "thin_border": np.bincount(hole[thin_border], minlength=n_hole + 1),
+    }
+    pairs = np.column_stack([obj[col & (vessel > 0)], vessel[col & (vessel > 0)]])
+    pairs = np.unique(pairs, axis=0) if len(pairs) else np.empty((0, 2), np.int64)
+    y0, x0 = origin
+    return _Part((y0, x0, y0 + h, x0 + w),
+                 (obj[0].copy(), obj[-1].copy(), obj[:, 0].copy(), obj[:, -1].copy()),
+                 (hole[0].copy(), hole[-1].copy(), hole[:, 0].copy(), hole[:, -1].copy()),
+                 obj_sums, hole_sums, pairs)
+
+
+# ------------------------------------------------------------------------------------------
+# stitching and the slide's traits
+# ------------------------------------------------------------------------------------------
+
+
+def _stitch(parts: list[_Part], kind: str) -> tuple[np.ndarray, int, list[int]]:
+    """Join the tiles' labels into slide-wide objects (``"obj"``, 8-connected) or holes
+    (``"hole"``, 4-connected). Returns the component of every tile label (concatenated in
+    part order, local label l of part i at ``offsets[i] + l - 1``), their number and the
+    offsets. Hole labels on a core edge with no neighbouring tile are marked open."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    diagonal = kind == "obj"
+    offsets, total = [], 0
+    for p in parts:
+        offsets.append(total)
+        total += len(getattr(p, kind)["area"]) - 1
+    by_start = {(p.box[0], p.box[1]): i for i, p in enumerate(parts)}
+    by_end_x = {(p.box[0], p.box[3]): i for i, p in enumerate(parts)}
+    by_end_y = {(p.box[2], p.box[1]): i for i, p in enumerate(parts)}
+    src: list[np.ndarray] = []
+    dst: list[np.ndarray] = []
+    opened: list[np.ndarray] = []
+
+    def link(a: np.ndarray, oa: int, b: np.ndarray, ob: int, shifts: tuple[int, ...]) -> None:
+        n = len(a)
+        for d in shifts:
+            aa = a[max(0, -d) : n - max(0, d)]
+            bb = b[max(0, d) : n - max(0, -d)]
+            ok = (aa > 0) & (bb > 0)
+            src.append(aa[ok] + oa - 1)
+            dst.append(bb[ok] + ob - 1)
+
+    shifts = (-1, 0, 1) if diagonal else (0,)
+    for i, p in enumerate(parts):
+        edges = getattr(p, f"{kind}_edges")
+        y0, x0, y1, x1 = p.box
+        right = by_start.get((y0, x1))
+        below = by_start.get((y1, x0))
+        if right is not None:
+            link(edges[3], offsets[i], getattr(parts[right], f"{kind}_edges")[2], offsets[right], shifts)
+        if below is not None:
+            link(edges[1], offsets[i], getattr(parts[below], f"{kind}_edges")[0], offsets[below], shifts)
+        if diagonal:
+            d = by_start.get((y1, x1))
+            if d is not None:
+                link(edges[1][-1:], offsets[i], parts[d].obj_edges[0][:1], offsets[d], (0,))
+            e = by_end_x.get((y1, x0))
+            if e is not None:
+                link(edges[1][:1], offsets[i], parts[e].obj_edges[0][-1:], offsets[e], (0,))
+        else:
+            left = by_end_x.get((y0, x0))
+            above = by_end_y.get((y0, x0))
+            for edge, nb in ((edges[3], right), (edges[1], below), (edges[2], left), (edges[0], above)):
+                if nb is None:
+                    lab = edge[edge > 0]
+                    opened.append(lab + offsets[i] - 1)
+    if total == 0:
+        return np.zeros(0, np.int64), 0, offsets
+    s = np.concatenate(src) if src else np.zeros(0, np.int64)
+    t = np.concatenate(dst) if dst else np.zeros(0, np.int64)
+    graph = coo_matrix((np.ones(len(s)), (s, t)), shape=(total, total))
+    n, comp = connected_components(graph, directed=False)
+    if not diagonal:
+        for p in parts:  # remember edges without a neighbour as open
+            p.hole.setdefault("edge_open", np.zeros(len(p.hole["area"])))
+        if opened:
+            flat = np.concatenate(opened)
+            extra = np.zeros(total)
+            extra[flat] = 1
+            for i, p in enumerate(parts):
+                p.hole["edge_open"] = np.concatenate(
+                    [[0.0], extra[offsets[i] : offsets[i] + len(p.hole["area"]) - 1]])
+    return comp, n, offsets
+
+
+def _component_sums(parts: list[_Part], kind: str, comp: np.ndarray, n: int) -> dict[str, np.ndarray]:
+    keys = getattr(parts[0], kind).keys() if parts else []
+    out = {}
+    for k in keys:
+        vals = np.concatenate([getattr(p, kind)[k][1:] for p in parts]).astype(np.float64)
+        out[k] = np.bincount(comp, weights=vals, minlength=n)
+    return out
+
+
+def classify_vessels(ring_px: np.ndarray, ring_collagen_px: np.ndarray, neighbours: np.ndarray,
+                     params: TraitParams) -> tuple[np.ndarray, np.ndarray]:
+    """Portal (1), central (-1) or undecided (0) for every lumen, with a confidence (0-1).
+
+    A portal tract has a thick collagen collar (collagen share of the ring of ``ring_um``
+    around the lumen at least ``portal_collar_share``) and clustered lumens (vein, artery,
+    bile duct: another lumen within ``cluster_um``); a central vein a thin collar (below
+    ``central_collar_share``) and no lumen nearby. Anything else is undecided. The confidence
+    grows with the distance of the collar share from the undecided band.
+    """
+    share = np.divide(ring_collagen_px, ring_px, out=np.zeros(len(ring_px)), where=ring_px > 0)
+    portal = (share >= params.portal_collar_share) & (neighbours > 0)
+    central = (share < params.central_collar_share) & (neighbours == 0) & (ring_px > 0)
+    kind = np.where(portal, 1, np.where(central, -1, 0))
+    conf = np.zeros(len(share))
+    conf[portal] = np.clip(share[portal] / (2 * params.portal_collar_share), 0.5, 1.0)
+    conf[central] = np.clip(1 - share[central] / (2 * params.central_collar_share), 0.5, 1.0)
+    return kind, conf
+
+
+def _quantile_from_sq_hist(hist: np.ndarray, q: float) -> float:
+    cum = np.cumsum(hist)
+    k = int(np.searchsorted(cum, q * cum[-1], side="left"))
+    return float(k)
+
+
+def slide_traits(counts: TraitCounts, params: TraitParams, vessels: VesselMap | None = None
+                 ) -> dict[str, float]:
+    """Per-slide traits from the summed counts (names and units: :data:`TRAIT_COLUMNS`).
+
+    NaN where a trait is undefined (no collagen, no skeleton, no hole, no vessel decided).
+    """
+    nan = float("nan")
+    mpp = params.mpp
+    tissue_mm2 = counts.tissue_px * mpp * mpp / 1e6
+    col = counts.collagen_px
+    out: dict[str, float] = dict.fromkeys(TRAIT_COLUMNS, nan)
+    out["traits_mpp"] = mpp
+    if tissue_mm2 <= 0:
+        return out
+    hist = counts.width_sq_hist
+    if hist.sum() > 0:
+        def width(q: float) -> float:
+            return (2.0 * math.sqrt(_quantile_from_sq_hist(hist, q)) - 0.5) * mpp
+        out["fibre_width_median_um"] = width(0.5)
+        out["fibre_width_iqr_um"] = width(0.75) - width(0.25)
+    if col:
+        out["thin_fibre_share_percent"] = 100.0 * counts.thin_px / col
+        out["medium_fibre_share_percent"] = 100.0 * counts.medium_px / col
+        out["thick_fibre_share_percent"] = 100.0 * counts.thick_px / col
+        out["orientation_coherence"] = (counts.coherence_sum / counts.coherence_px
+                                        if counts.coherence_px else nan)
+    out["fibre_length_density_mm_per_mm2"] = counts.skeleton_length_px * mpp / 1000 / tissue_mm2
+    out["branch_points_per_mm2"] = counts.branch_points / tissue_mm2
+    out["end_points_per_mm2"] = counts.end_points / tissue_mm2
+    if counts.branches:
+        out["branch_length_mean_um"] = counts.branch_length_px * mpp / counts.branches
+    if counts.branch_chord_px > 0:
+        out["tortuosity"] = counts.branch_path_px / counts.branch_chord_px
+    boxes = counts.boxes
+    sizes = np.asarray(params.box_sizes_px[: len(boxes)], float)
+    good = boxes > 0
+    if good.sum() >= 3:
+        out["fractal_dimension"] = float(-np.polyfit(np.log(sizes[good]), np.log(boxes[good]), 1)[0])
+    parts = counts.parts
+    px_um2 = mpp * mpp
+    if parts and col:
+        comp, n, _ = _stitch(parts, "obj")
+        obj = _component_sums(parts, "obj", comp, n)
+        big = obj["area"] * px_um2 > params.aggregate_um2
+        out["aggregated_collagen_percent"] = 100.0 * obj["area"][big].sum() / col
+        vcount = np.zeros(n)
+        if vessels is not None:
+            offs = np.cumsum([0] + [len(p.obj["area"]) - 1 for p in parts])[:-1]
+            pairs = [np.column_stack([comp[p.obj_vessel[:, 0] + o - 1], p.obj_vessel[:, 1]])
+                     for p, o in zip(parts, offs, strict=True) if len(p.obj_vessel)]
+            if pairs:
+                uniq = np.unique(np.concatenate(pairs), axis=0)
+                vcount = np.bincount(uniq[:, 0], minlength=n)
+        wide_len_um = obj["wide_length"] * mpp
+        septal = (wide_len_um >= params.septum_min_length_um) | (
+            (vcount >= 2) & (wide_len_um >= 2 * params.ring_um))
+        septal_px = float(obj["wide_free"][septal].sum())
+        peri_px = float(counts.perivascular_px)
+        out["perivascular_collagen_percent"] = 100.0 * peri_px / col
+        out["septal_collagen_percent"] = 100.0 * septal_px / col
+        out["pericellular_collagen_percent"] = 100.0 * (col - peri_px - septal_px) / col
+        for name, px in (("perivascular", peri_px), ("septal", septal_px),
+                         ("pericellular", col - peri_px - septal_px)):
+            out[f"{name}_collagen_area_mm2"] = px * px_um2 / 1e6
+    if parts:
+        comp, n, _ = _stitch(parts, "hole")
+        hole = _component_sums(parts, "hole", comp, n)
+        closed = (hole["open"] == 0) & (hole["edge_open"] == 0)
+        out["holes_per_mm2"] = float(closed.sum()) / tissue_mm2
+        area_um2 = hole["area"] * px_um2
+        sized = closed & (area_um2 >= params.hole_min_um2)
+        if sized.any():
+            thin = hole["thin_border"] >= 0.5 * np.maximum(hole["border"], 1)
+            wire = sized & (area_um2 <= params.hole_max_um2) & thin
+            out["chicken_wire_index_percent"] = 100.0 * wire.sum() / sized.sum()
+    parts3 = [out[k] for k in ARCHITECTURE_PARTS]
+    if all(math.isfinite(v) for v in parts3):
+        out["architecture_score"] = float(np.mean(parts3))
+    if vessels is not None and len(counts.vessel_ring_px):
+        ring = _add_arrays(counts.vessel_ring_px, np.zeros(vessels.n + 1, np.int64))[1:]
+        ring_col = _add_arrays(counts.vessel_ring_collagen_px, np.zeros(vessels.n + 1, np.int64))[1:]
+        kind, conf = classify_vessels(ring, ring_col, vessels.neighbours[1:], params)
+        seen = ring > 0
+        out["portal_vessels"] = float((kind == 1).sum())
+        out["central_vessels"] = float((kind == -1).sum())
+        out["undecided_vessels"] = float(((kind == 0) & seen).sum())
+        if (kind != 0).any() and col:
+            out["vessel_type_confidence"] = float(conf[kind != 0].mean())
+            out["portal_collagen_percent"] = 100.0 * ring_col[kind == 1].sum() / col
+            out["central_collagen_percent"] = 100.0 * ring_col[kind == -1].sum() / col
+    return out
+
+
+#: Per-slide trait columns of ``slides.csv``, with their meaning.
+TRAIT_COLUMNS: dict[str, str] = {
+    "traits_mpp": "µm/px of the mask the traits were measured on",
+    "fibre_width_median_um": "median fibre width along the skeleton (2 x distance to background)",
+    "fibre_width_iqr_um": "interquartile range of the fibre width along the skeleton",
+    "thin_fibre_share_percent": "collagen area in thin fibres (< thin_um), % of collagen",
+    "medium_fibre_share_percent": "collagen area in medium fibres, % of collagen",
+    "thick_fibre_share_percent": "collagen area in thick fibres (> thick_um), % of collagen",
+    "fibre_length_density_mm_per_mm2": "skeleton length per tissue area",
+    "branch_points_per_mm2": "skeleton junctions per tissue area",
+    "end_points_per_mm2": "skeleton end points per tissue area",
+    "branch_length_mean_um": "mean skeleton branch length (skan)",
+    "tortuosity": "summed branch path length / summed end-to-end distance (skan)",
+    "holes_per_mm2": "holes enclosed by collagen (non-collagen components inside tissue)",
+    "chicken_wire_index_percent": "holes of hole_min-hole_max µm² walled by thin fibres, % of "
+                                  "holes ≥ hole_min µm²",
+    "aggregated_collagen_percent": "collagen in objects larger than aggregate_um2, % of collagen",
+    "orientation_coherence": "mean structure-tensor coherence over collagen pixels (0-1)",
+    "fractal_dimension": "box-counting dimension of the collagen mask",
+    "perivascular_collagen_percent": "collagen within ring_um of a vessel lumen, % of collagen",
+    "septal_collagen_percent": "wide collagen of bridging/long objects outside rings, % of collagen",
+    "pericellular_collagen_percent": "the rest of the collagen, % of collagen",
+    "perivascular_collagen_area_mm2": "perivascular collagen area",
+    "septal_collagen_area_mm2": "septal collagen area",
+    "pericellular_collagen_area_mm2": "pericellular collagen area",
+    "portal_vessels": "lumens classified portal (thick collar, clustered lumens)",
+    "central_vessels": "lumens classified central (thin collar, alone)",
+    "undecided_vessels": "lumens neither portal nor central",
+    "vessel_type_confidence": "mean confidence of the portal/central calls (0.5-1)",
+    "portal_collagen_percent": "collagen in the rings of portal lumens, % of collagen",
+    "central_collagen_percent": "collagen in the rings of central lumens, % of collagen",
+    "architecture_score": "mean of thick-fibre, septal and aggregated collagen shares (0-100; "
+                          "docs/traits.md)",
+}
+
+#: The three shares (% of collagen) averaged into ``architecture_score``: each rises as
+#: collagen gathers into thick, septal, connected structures and falls as septa thin and break.
+ARCHITECTURE_PARTS = ("thick_fibre_share_percent", "septal_collagen_percent",
+                      "aggregated_collagen_percent")
+
+
+def measure_masks(
+    collagen: Any,
+    tissue: Any,
+    params: TraitParams,
+    *,
+    tile_px: int = 1024,
+    vessels: VesselMap | None = None,
+) -> TraitCounts:
+    """Trait sums of a whole slide's masks, read tile by tile with a halo.
+
+    ``collagen`` and ``tissue`` may be any 2-D array-likes that can be sliced (NumPy arrays,
+    memory maps, zarr arrays): only one window of ``tile_px + 2 x halo`` pixels is in memory at a
+    time. Tiles whose core holds no tissue are skipped.
+    """
+    h, w = collagen.shape
+    halo = params.halo_px()
+    total = TraitCounts(params.mpp)
+    for y in range(0, h, tile_px):
+        for x in range(0, w, tile_px):
+            y1, x1 = min(y + tile_px, h), min(x + tile_px, w)
+            if not np.asarray(tissue[y:y1, x:x1]).any():
+                continue
+            wy0, wx0 = max(y - halo, 0), max(x - halo, 0)
+            wy1, wx1 = min(y1 + halo, h), min(x1 + halo, w)
+            col = np.asarray(collagen[wy0:wy1, wx0:wx1], bool)
+            tis = np.asarray(tissue[wy0:wy1, wx0:wx1], bool)
+            total = total + measure_tile(col, tis, (y - wy0, x - wx0, y1 - wy0, x1 - wx0),
+                                         (wy0, wx0), (h, w), params, vessels)
+    return total
+
+
+def reduce_mask(mask: np.ndarray, factor: int) -> np.ndarray:
+    """Majority vote over ``factor``² blocks (edge blocks padded with False; a tie is False)."""
+    if factor <= 1:
+        return np.asarray(mask, bool)
+    h, w = mask.shape
+    hh, ww = -(-h // factor), -(-w // factor)
+    pad = np.zeros((hh * factor, ww * factor), np.float32)
+    pad[:h, :w] = mask
+    return cv2.resize(pad, (ww, hh), interpolation=cv2.INTER_AREA) > 0.5 + 1e-6
+
+
+def with_params(params: TraitParams, **kw: Any) -> TraitParams:
+    """A copy of ``params`` with some fields replaced."""
+    return replace(params, **kw)
+
+
+def params_for(settings: Any, mpp: float) -> TraitParams:
+    """:class:`TraitParams` from ``config.TraitSettings`` at a mask resolution of ``mpp``."""
+    return TraitParams(
+        mpp=mpp, thin_um=settings.thin_um, thick_um=settings.thick_um, ring_um=settings.ring_um,
+        septum_min_width_um=settings.septum_min_width_um,
+        septum_min_length_um=settings.septum_min_length_um, aggregate_um2=settings.aggregate_um2,
+    )
+
+
+def measure_slide(
+    collagen: np.ndarray,
+    tissue: np.ndarray,
+    mask_mpp: float,
+    settings: Any,
+    *,
+    lumen: np.ndarray | None = None,
+    lumen_mpp: float | None = None,
+) -> dict[str, float]:
+    """The traits of one slide from its collagen and countable-tissue masks.
+
+    Parameters
+    ----------
+    collagen, tissue : ndarray of bool
+        At ``mask_mpp``; majority-reduced to ``settings.mpp`` (or kept, when already coarser).
+    mask_mpp : float
+    settings : config.TraitSettings
+    lumen : ndarray of bool, optional
+        Vessel lumens at ``lumen_mpp`` (any resolution covering the same extent).
+    """
+    factor = max(1, round(settings.mpp / mask_mpp))
+    mpp = mask_mpp * factor
+    col = reduce_mask(collagen, factor)
+    tis = reduce_mask(tissue, factor)
+    params = params_for(settings, mpp)
+    vessels = None
+    if lumen is not None and lumen_mpp is not None and lumen.any():
+        vessels = vessel_map(lumen, lumen_mpp, mpp, params.cluster_um)
+    counts = measure_masks(col, tis, params, tile_px=settings.tile_px, vessels=vessels)
+    return {k: float(v) for k, v in slide_traits(counts, params, vessels).items()}
+
+
+# ------------------------------------------------------------------------------------------
+# tables: per mouse, long form, group comparisons
+# ------------------------------------------------------------------------------------------
+
+#: Traits shown in the report's small multiple (the issue's list and the composite score).
+KEY_TRAITS = ("fibre_width_median_um", "fibre_width_iqr_um", "thin_fibre_share_percent",
+              "thick_fibre_share_percent", "fibre_length_density_mm_per_mm2",
+              "branch_points_per_mm2", "perivascular_collagen_percent", "septal_collagen_percent",
+              "pericellular_collagen_percent", "architecture_score")
+
+_SUMMED = ("perivascular_collagen_area_mm2", "septal_collagen_area_mm2",
+           "pericellular_collagen_area_mm2", "portal_vessels", "central_vessels",
+           "undecided_vessels")
+
+
+def trait_unit(name: str) -> str:
+    """Unit of a trait column, from its name."""
+    for suffix, unit in (("_mm_per_mm2", "mm/mm²"), ("_per_mm2", "1/mm²"), ("_area_mm2", "mm²"),
+                         ("_percent", "%"), ("_um", "µm"), ("_mpp", "µm/px")):
+        if name.endswith(suffix):
+            return unit
+    return "1"
+
+
+def trait_weight(name: str) -> str | None:
+    """How a trait is pooled over a mouse's slides: the column weighting the slides' values
+    (``tissue_area_mm2`` for densities per tissue area, ``collagen_area_mm2`` for properties of
+    the collagen), or None for counts and areas, which are summed."""
+    if name in _SUMMED:
+        return None
+    if name.endswith("_per_mm2"):
+        return "tissue_area_mm2"
+    return "collagen_area_mm2"
+
+
+def mouse_traits(slides: Any) -> Any:
+    """One row per mouse with every trait column of ``slides`` pooled over its slides.
+
+    Densities are weighted by tissue area, collagen properties by collagen area (so a mouse's
+    value is what one section holding all its tissue would give, as CPA is computed from sums),
+    areas and vessel counts summed. Slides without a value (NaN) are left out of the mouse's
+    value. ``slides`` holds only the slides to use (``status == "ok"``).
+    """
+    import pandas as pd
+
+    cols = [c for c in TRAIT_COLUMNS if c in slides.columns and c != "traits_mpp"]
+    rows = []
+    for mouse, block in slides.groupby(slides["mouse"].astype(str), sort=False):
+        row: dict[str, Any] = {"mouse": str(mouse)}
+        for c in cols:
+            v = pd.to_numeric(block[c], errors="coerce").to_numpy(float)
+            weight = trait_weight(c)
+            if weight is None:
+                row[c] = float(np.nansum(v)) if np.isfinite(v).any() else float("nan")
+                continue
+            w = pd.to_numeric(block[weight], errors="coerce").to_numpy(float)
+            ok = np.isfinite(v) & np.isfinite(w) & (w > 0)
+            row[c] = float(np.average(v[ok], weights=w[ok])) if ok.any() else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["mouse", *cols])
+
+
+def traits_long(slides: Any) -> Any:
+    """``traits.csv``: one row per ok slide and trait (``slide, mouse, group, trait, value,
+    unit``), in the slides' order and :data:`TRAIT_COLUMNS` order."""
+    import pandas as pd
+
+    cols = [c for c in TRAIT_COLUMNS if c in slides.columns]
+    ok = slides["status"].astype(str).str.lower().eq("ok") if "status" in slides else True
+    keep = slides.loc[ok] if cols else slides.iloc[:0]
+    ids = [c for c in ("slide", "mouse", "group") if c in keep.columns]
+    if not cols:
+        return pd.DataFrame(columns=["slide", "mouse", "group", "trait", "value", "unit"])
+    long = keep[ids + cols].melt(id_vars=ids, var_name="trait", value_name="value")
+    order = {c: i for i, c in enumerate(cols)}
+    long["_t"] = long["trait"].map(order)
+    long["_r"] = np.tile(np.arange(len(keep)), len(cols))
+    long = long.sort_values(["_r", "_t"]).drop(columns=["_r", "_t"]).reset_index(drop=True)
+    long["unit"] = long["trait"].map(trait_unit)
+    return long
+
+
+#: Columns of ``trait_groups.csv`` (:func:`compare_traits`).
+TRAIT_GROUP_COLUMNS = ("trait", "unit", "group", "is_control", "n_mice", "mean", "sd",
+                       "diff_vs_control", "diff_ci_low", "diff_ci_high", "welch_p",
+                       "mannwhitney_p", "hedges_g", "hedges_g_ci_low", "hedges_g_ci_high",
+                       "holm_welch_p")
+
+
+def compare_traits(mice: Any, *, control: str | None = None, n_boot: int = 2000,
+                   rng: int = 0) -> Any:
+    """Every trait of ``mice`` compared between groups as CPA is (:func:`stats.compare_groups`:
+    Welch, Mann-Whitney, Hedges' g with CIs, one value per mouse), in long form, with Welch
+    p-values Holm-adjusted over the traits within each group (``holm_welch_p``)."""
+    import pandas as pd
+    from statsmodels.stats.multitest import multipletests
+
+    from fibroquant import stats
+
+    frames = []
+    for trait in (c for c in TRAIT_COLUMNS if c in mice.columns and c != "traits_mpp"):
+        values = pd.to_numeric(mice[trait], errors="coerce")
+        if values.notna().sum() == 0:
+            continue
+        table = stats.compare_groups(mice.assign(**{trait: values}), value=trait,
+                                     control=control, n_boot=n_boot, rng=rng)
+        frames.append(pd.DataFrame({
+            "trait": trait, "unit": trait_unit(trait), "group": table["group"],
+            "is_control": table["is_control"], "n_mice": table["n_mice"],
+            "mean": table["cpa_mean_percent"], "sd": table["cpa_sd"],
+            "diff_vs_control": table["diff_vs_control_pp"],
+            "diff_ci_low": table["diff_ci_low_pp"], "diff_ci_high": table["diff_ci_high_pp"],
+            "welch_p": table["welch_p"], "mannwhitney_p": table["mannwhitney_p"],
+            "hedges_g": table["hedges_g"], "hedges_g_ci_low": table["hedges_g_ci_low"],
+            "hedges_g_ci_high": table["hedges_g_ci_high"],
+        }))
+    if not frames:
+        return pd.DataFrame(columns=list(TRAIT_GROUP_COLUMNS))
+    out = pd.concat(frames, ignore_index=True)
+    out["holm_welch_p"] = np.nan
+    for idx in out.groupby("group", sort=False).groups.values():
+        p = out.loc[idx, "welch_p"]
+        good = p.notna()
+        if good.any():
+            out.loc[p[good].index, "holm_welch_p"] = multipletests(p[good], method="holm")[1]
+    return out[list(TRAIT_GROUP_COLUMNS)]
