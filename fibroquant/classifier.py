@@ -197,6 +197,37 @@ class CompiledEnsemble:
         # as its running score is further from 0 than that
         most = np.array([np.abs(t["value"][t["is_leaf"].astype(bool)]).max() for t in trees])
         self.remaining = np.concatenate([np.cumsum(most[::-1])[::-1], [0.0]]).astype(np.float64)
+        self._perfect(trees)
+
+    def _perfect(self, trees: list[np.ndarray]) -> None:
+        """Every tree as a perfect binary tree of the ensemble's depth (a leaf above it split
+        on itself, threshold +inf: always left), so pixels walk it without branches."""
+        depth = 0
+        for t in trees:
+            d = np.zeros(len(t), np.int64)
+            for k in range(len(t)):  # children come after their parent in sklearn's layout
+                if not t["is_leaf"][k]:
+                    d[t["left"][k]] = d[t["right"][k]] = d[k] + 1
+            depth = max(depth, int(d.max()))
+        n_inner, n_leaf = 2**depth - 1, 2**depth
+        feat = np.zeros((len(trees), max(n_inner, 1)), np.int64)
+        thr = np.full((len(trees), max(n_inner, 1)), np.inf, np.float64)
+        leaf = np.zeros((len(trees), n_leaf), np.float64)
+        for ti, t in enumerate(trees):
+            stack = [(0, 0, 0)]  # (sklearn node, perfect position, depth)
+            while stack:
+                node, pos, dd = stack.pop()
+                if dd == depth:
+                    leaf[ti, pos - n_inner] = t["value"][node]
+                    continue
+                if t["is_leaf"][node]:
+                    stack += [(node, 2 * pos + 1, dd + 1), (node, 2 * pos + 2, dd + 1)]
+                    continue
+                feat[ti, pos] = t["feature_idx"][node]
+                thr[ti, pos] = t["num_threshold"][node]
+                stack += [(int(t["left"][node]), 2 * pos + 1, dd + 1),
+                          (int(t["right"][node]), 2 * pos + 2, dd + 1)]
+        self.depth, self.p_feature, self.p_threshold, self.p_leaf = depth, feat, thr, leaf
 
     def raw(self, planes: np.ndarray, index: np.ndarray) -> np.ndarray:
         """Raw scores (float64) of the pixels ``index`` (flat) of ``(F, H, W)`` planes."""
@@ -208,33 +239,61 @@ class CompiledEnsemble:
     def decide(self, planes: np.ndarray, index: np.ndarray) -> np.ndarray:
         """Collagen (raw score >= 0) of the pixels ``index`` (flat) of ``(F, H, W)`` planes.
 
-        Stops adding trees once the remaining ones cannot change the sign of the score (the
-        same decision as :meth:`raw`, at a fraction of the trees for clear pixels).
+        Walks the perfect trees branch-free, 64 pixels at a time (their features copied
+        together first), tree by tree; every 4 trees, the pixels whose score the remaining
+        trees cannot bring across 0 are dropped (the same decisions as :meth:`raw`; about a
+        third of the trees per pixel on synthetic Masson sections).
         """
         flat = planes.reshape(planes.shape[0], -1)
-        return _ensemble_decide(flat, index.astype(np.int64), self.offsets, self.feature,
-                                self.threshold, self.left, self.right, self.is_leaf, self.value,
-                                self.baseline, self.remaining)
+        return _perfect_decide(flat, index.astype(np.int64), self.p_feature, self.p_threshold,
+                               self.p_leaf, self.depth, self.baseline, self.remaining)
 
-
-def _ensemble_decide_py(flat, index, offsets, feature, threshold, left, right, is_leaf, value,
-                        baseline, remaining):  # pragma: no cover - compiled below
-    out = np.empty(len(index), np.bool_)
-    for n in range(len(index)):
-        p = index[n]
-        acc = baseline
-        t = 0
-        while t < len(offsets):
-            if acc - remaining[t] >= 0.0 or acc + remaining[t] < 0.0:
-                break
-            base = offsets[t]
-            node = 0
-            while not is_leaf[base + node]:
-                k = base + node
-                node = left[k] if flat[feature[k], p] <= threshold[k] else right[k]
-            acc += value[base + node]
-            t += 1
-        out[n] = acc >= 0.0
+def _perfect_decide_py(flat, index, feat, thr, leaf, depth, baseline,
+                       remaining):  # pragma: no cover - compiled below
+    n = len(index)
+    n_feat = flat.shape[0]
+    n_trees = feat.shape[0]
+    n_inner = 2**depth - 1
+    out = np.empty(n, np.bool_)
+    block = 64
+    acc = np.empty(block, np.float64)
+    active = np.empty(block, np.int64)
+    # the block's features pixel by pixel (8.7 kB: the walks read the L1 cache, not 34
+    # planes of megabytes)
+    rows = np.empty((block, n_feat), np.float32)
+    for b in range(0, n, block):
+        nb = min(block, n - b)
+        for f in range(n_feat):
+            plane = flat[f]
+            for j in range(nb):
+                rows[j, f] = plane[index[b + j]]
+        for j in range(nb):
+            acc[j] = baseline
+            active[j] = j
+        n_active = nb
+        for t in range(n_trees):
+            if t % 4 == 0:  # drop the pixels the remaining trees cannot change
+                m = 0
+                for a in range(n_active):
+                    j = active[a]
+                    if abs(acc[j]) <= remaining[t]:
+                        active[m] = j
+                        m += 1
+                n_active = m
+                if n_active == 0:
+                    break
+            ft = feat[t]
+            th = thr[t]
+            lf = leaf[t]
+            for a in range(n_active):
+                j = active[a]
+                x = rows[j]
+                i = 0
+                for _ in range(depth):
+                    i = 2 * i + 1 + (x[ft[i]] > th[i])
+                acc[j] += lf[i - n_inner]
+        for j in range(nb):
+            out[b + j] = acc[j] >= 0.0
     return out
 
 
@@ -264,7 +323,7 @@ def _compile(fn: Any) -> Any:
 
 
 _ensemble_raw = _compile(_ensemble_raw_py)
-_ensemble_decide = _compile(_ensemble_decide_py)
+_perfect_decide = _compile(_perfect_decide_py)
 
 
 @dataclass
@@ -560,13 +619,14 @@ def make_model(kind: str = "hgb", *, rng: int = 0) -> Any:
     """A scikit-learn classifier: ``"hgb"`` gradient boosting (default) or ``"rf"`` forest.
 
     Sized for speed at prediction (every tissue pixel of a study goes through it): 60
-    boosting rounds of 15-leaf trees, or 40 trees of depth 12.
+    boosting rounds of trees of at most 15 leaves and depth 5, or 40 trees of depth 12.
     """
     if kind == "hgb":
         from sklearn.ensemble import HistGradientBoostingClassifier
 
-        return HistGradientBoostingClassifier(max_iter=60, max_leaf_nodes=15, learning_rate=0.15,
-                                              early_stopping=False, random_state=rng)
+        return HistGradientBoostingClassifier(max_iter=60, max_leaf_nodes=15, max_depth=5,
+                                              learning_rate=0.15, early_stopping=False,
+                                              random_state=rng)
     if kind == "rf":
         from sklearn.ensemble import RandomForestClassifier
 
@@ -716,6 +776,8 @@ def training_image(
     from fibroquant.slides import require_mpp
 
     slide_path = Path(slide_path)
+    if getattr(settings, "classifier", None) is not None:  # measured as the threshold sees it
+        settings = settings.model_copy(update={"classifier": None})
     analysis = analyze_slide(slide_path, settings, fallback_mpp=mpp)
     stains = stains_of_record(analysis.record)
     with _open(slide_path, mpp) as sl:

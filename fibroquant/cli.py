@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
+import typer.core
 
 from fibroquant import __version__
+from fibroquant.console import err, note, out, setup_logging, warn
 from fibroquant.errors import (
     ConfigError,
     FibroquantError,
@@ -31,16 +32,34 @@ from fibroquant.errors import (
     sigterm_as_interrupt,
 )
 
+
+def _plain_flags(params: list[Any]) -> list[Any]:
+    """Flags show no ``<bool>`` placeholder in help (Typer's default does)."""
+    for p in params:
+        if getattr(p, "is_flag", False) and p.metavar is None:
+            p.metavar = ""
+    return params
+
+
+class _Command(typer.core.TyperCommand):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _plain_flags(super().get_params(ctx))
+
+
+class _Group(typer.core.TyperGroup):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _plain_flags(super().get_params(ctx))
+
+
 app = typer.Typer(
     name="fibroquant",
     help="Collagen proportionate area (CPA) of Sirius red / Masson trichrome liver sections: "
     "slides in, per-mouse tables and a treated-vs-control comparison out.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
-    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    cls=_Group,
 )
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
 
 
 class StainChoice(str, Enum):
@@ -51,7 +70,9 @@ class StainChoice(str, Enum):
 
 
 def _fail(message: str, code: int) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    from rich.markup import escape
+
+    err.print(f"[bold red]error:[/] {escape(message)}", markup=True, soft_wrap=True)
     return typer.Exit(code=code)
 
 
@@ -64,15 +85,14 @@ def _version(value: bool) -> None:
 @app.callback()
 def main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log details.")] = False,
+    quiet: Annotated[bool, typer.Option(
+        "--quiet", "-q", help="Only warnings, errors and the results.")] = False,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Show version.")
     ] = False,
 ) -> None:
     """fibroquant: collagen proportionate area from stained liver slides."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(verbose=verbose, quiet=quiet)
     if not verbose:
         from fibroquant.errors import quiet_warnings
 
@@ -153,8 +173,10 @@ def _analyze(
     config: Path | None, mpp: float | None, analysis_mpp: float | None, masks: bool,
     workers: int | None, scheduler: str | None, force: bool, wait: bool, control: str | None,
     quiet: bool = False, command: str | None = None, traits: bool = True,
-    cluster: str | None = None, classifier: Path | None = None, keep_wrong_stain: bool = False,
+    cluster: str | None = None, classifier: Path | None = None,
+    as_json: bool = False, keep_wrong_stain: bool = False,
 ) -> int:
+    from rich.markup import escape
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -163,8 +185,10 @@ def _analyze(
         TimeElapsedColumn,
     )
 
+    from fibroquant.console import is_quiet
     from fibroquant.run import analyze_folder
 
+    quiet = quiet or is_quiet() or as_json
     if command is None:
         command = _command("analyze", {
             "slides_dir": slides_dir, "out": out_dir, "samples": samples, "stain": stain,
@@ -195,21 +219,23 @@ def _analyze(
     def on_plan(n: int, skipped: int) -> None:
         nonlocal task_id
         if not quiet:
-            err.print(f"{n} slide(s) to measure, {skipped} already measured")
+            note(f"{n} slide(s) to measure, {skipped} already measured")
         task_id = progress.add_task("", total=n)
 
     def on_result(rec: dict[str, Any]) -> None:
         if rec.get("status") != "ok":
             line = f"failed: {rec.get('error')}"
             failed_lines.append(line)
-            progress.console.print(f"[yellow]{line}[/]", markup=True, soft_wrap=True)
+            progress.console.print(f"[yellow]{escape(line)}[/]", markup=True, soft_wrap=True)
         elif rec.get("wrong_stain") is True:
             why = next((w for w in str(rec.get("stain_warning", "")).split("; ")
                         if "clearly better" in w or "fluorescence" in w),
                        f"colours show {rec.get('stain_guess', 'another stain')}")
-            progress.console.print(f"[yellow]wrong stain: {rec.get('slide')}: {why}[/]",
-                                   markup=True, soft_wrap=True)
-        if rec.get("status") == "ok" and rec.get("qc_flags"):
+            progress.console.print(f"[yellow]wrong stain: {escape(str(rec.get('slide')))}: "
+                                   f"{escape(why)}[/]", markup=True, soft_wrap=True)
+        elif not quiet and not progress.live.is_started:  # a log: one line per slide
+            note(f"measured {rec.get('slide', '')}: CPA {_float(rec.get('cpa_percent')):.2f} %")
+        if rec.get("status") == "ok" and rec.get("qc_flags") and not quiet:
             progress.console.print(f"doubtful: {rec.get('slide')}: {rec.get('qc_flags')}",
                                    soft_wrap=True, markup=False)
         if task_id is not None:
@@ -239,27 +265,24 @@ def _analyze(
         logging.getLogger(__name__).debug("internal error", exc_info=True)
         raise _fail(f"internal error: {type(exc).__name__}: {one_line(exc)} (the tables may "
                     "be stale; rerun with -v for details)", 4) from None
+    n_warn = len(summary.warnings)
     if not quiet:
         n_wrong = len(summary.wrong_stain)
-        err.print(
-            f"measured {summary.processed - summary.failed}, failed {summary.failed}, "
-            + (f"wrong stain {n_wrong} ({'kept in' if keep_wrong_stain else 'left out of'} "
-               "mice and groups), " if n_wrong else "")
-            + f"skipped {summary.skipped} (already measured), removed {summary.removed} "
-            f"in {summary.seconds:.1f} s"
-        )
+        note(f"measured {summary.processed - summary.failed}, failed {summary.failed}, "
+             + (f"wrong stain {n_wrong} ({'kept in' if keep_wrong_stain else 'left out of'} "
+                "mice and groups), " if n_wrong else "")
+             + f"skipped {summary.skipped} (already measured), removed {summary.removed} "
+             f"in {summary.seconds:.1f} s" + (f"; {n_warn} warning(s)" if n_warn else ""))
         for old, new in summary.renamed:
-            err.print(f"renamed: {new} (was {old}): its measurement and overlay kept",
-                      soft_wrap=True)
-        err.print(summary.comparison, soft_wrap=True)
-        for slide, error in summary.failed_slides:
-            if not any(error in line for line in failed_lines):
-                err.print(f"[yellow]failed: {error or slide}[/]", markup=True, soft_wrap=True)
-        err.print(f"results: {out_dir / 'slides.csv'}, {out_dir / 'mice.csv'}, "
-                  f"{out_dir / 'groups.csv'}, report {out_dir / 'report.html'}")
-        for slide in summary.crashed:
-            err.print(f"[yellow]not measured again: {slide} (it crashed its worker process in "
-                      f"earlier runs; --force to retry)[/]", markup=True, soft_wrap=True)
+            note(f"renamed: {new} (was {old}): its measurement and overlay kept")
+    for slide, error in summary.failed_slides:
+        if not any(error in line for line in failed_lines):
+            err.print(f"[yellow]failed: {escape(error or slide)}[/]", markup=True)
+    for slide in summary.crashed:
+        warn(f"not measured again: {slide} (it crashed its worker process in earlier runs; "
+             "--force to retry)")
+    for line in summary.warnings:
+        warn(line)
     if summary.interrupted:
         err.print("interrupted: slides finished so far are stored; rerun to continue")
     elif summary.exit_code == 2 and summary.wrong_stain:
@@ -267,7 +290,49 @@ def _analyze(
         err.print(f"[red]most slides are not {stain_name}: {len(summary.wrong_stain)} "
                   "slide(s) show another stain; check --stain (exit 2)[/]", markup=True,
                   soft_wrap=True)
+    files = {name: str(out_dir / name) for name in
+             ("slides.csv", "mice.csv", "groups.csv", "results.xlsx", "report.html")}
+    if as_json:
+        out.print_json(data=_run_json(summary, out_dir, files))
+        return summary.exit_code
+    out.print(summary.comparison, markup=False)
+    if n_warn or summary.failed:
+        out.print(f"{summary.failed} slide(s) failed, {n_warn} warning(s): see above and the "
+                  "report before trusting the comparison.", markup=False)
+    out.print(f"report: {files['report.html']}", markup=False)
+    if not quiet:
+        out.print(f"tables: {files['slides.csv']}, {files['mice.csv']}, {files['groups.csv']}, "
+                  f"{files['results.xlsx']}", markup=False)
     return summary.exit_code
+
+
+def _float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _run_json(summary: Any, out_dir: Path, files: dict[str, str]) -> dict[str, Any]:
+    """What ``analyze --json`` prints: the run's counts, comparison, warnings, failed slides,
+    output files and the group table as in ``groups.csv``."""
+    import pandas as pd
+
+    groups: list[dict[str, Any]] = []
+    path = out_dir / "groups.csv"
+    if path.is_file():
+        frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
+        groups = json.loads(frame.to_json(orient="records"))
+    return {
+        "exit_code": summary.exit_code, "processed": summary.processed,
+        "skipped": summary.skipped, "failed": summary.failed, "removed": summary.removed,
+        "seconds": summary.seconds, "interrupted": summary.interrupted,
+        "comparison": summary.comparison, "warnings": list(summary.warnings),
+        "failed_slides": [{"slide": s, "error": e} for s, e in summary.failed_slides],
+        "wrong_stain": [{"slide": s, "why": w} for s, w in summary.wrong_stain],
+        "renamed": [{"from": a, "to": b} for a, b in summary.renamed],
+        "files": files, "groups": groups,
+    }
 
 
 def _cluster_or(scheduler: str | None, kind: str | None, settings: Any) -> Any:
@@ -296,11 +361,17 @@ class ClusterChoice(str, Enum):
 SlidesDir = Annotated[Path, typer.Argument(
     exists=True, file_okay=False, dir_okay=True, readable=True, resolve_path=True,
     help="Folder of slides (searched recursively).")]
+SlidesOrFile = Annotated[Path, typer.Argument(
+    exists=True, file_okay=True, dir_okay=True, readable=True, resolve_path=True, help="Folder of slides (searched recursively), or one slide file.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q",
+                                     help="Only warnings, errors and the results.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print the run summary and the group "
+                                      "table as JSON on stdout.")]
 
 
 @app.command()
 def analyze(
-    slides_dir: SlidesDir,
+    slides_dir: SlidesOrFile,
     out: Annotated[Path, typer.Option("--out", "-o", file_okay=False, resolve_path=True,
                                       help="Output folder (tables, masks, QC, report, store).")],
     samples: Annotated[Path | None, typer.Option(
@@ -338,17 +409,22 @@ def analyze(
         exists=True, dir_okay=False, readable=True, resolve_path=True,
         help="Pixel classifier (fibroquant train) deciding collagen instead of the "
         "threshold.")] = None,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
     keep_wrong_stain: Annotated[bool, typer.Option(
         "--keep-wrong-stain", help="Count slides whose colours show another stain in mice "
         "and groups (left out by default).")] = False,
 ) -> None:
-    """Measure CPA on every new or changed slide and write the study tables and report."""
+    """Measure CPA on every new or changed slide and write the study tables and report.
+
+    The comparison goes to stdout, progress and warnings to stderr.
+    """
     code = _analyze(
         slides_dir, out, samples=samples, stain=stain, config=config, mpp=mpp,
         analysis_mpp=analysis_mpp, masks=masks, workers=workers, scheduler=scheduler,
         force=force, wait=wait, control=control, traits=traits,
         cluster=cluster.value if cluster is not None else None, classifier=classifier,
-        keep_wrong_stain=keep_wrong_stain,
+        quiet=quiet, as_json=as_json, keep_wrong_stain=keep_wrong_stain,
     )
     raise typer.Exit(code=code)
 
@@ -379,6 +455,8 @@ def demo(
         wait=True, control="control",
         command=_command("demo", {"out": out, "workers": workers}),
     )
+    from fibroquant.console import out as stdout
+
     truth = slides / "truth" / "truth.csv"
     if truth.is_file():
         import pandas as pd
@@ -388,8 +466,9 @@ def demo(
         m = t.merge(got, on="slide")
         if len(m):
             mae = (m["cpa_percent"] - m["truth_cpa_percent"]).abs().mean()
-            err.print(f"synthetic truth: mean absolute CPA error {mae:.2f} pp over {len(m)} slides")
-    err.print(f"open {out / 'results' / 'report.html'} in a browser")
+            stdout.print(f"synthetic truth: mean absolute CPA error {mae:.2f} pp over {len(m)} "
+                         "slides")
+    note(f"open {out / 'results' / 'report.html'} in a browser")
     raise typer.Exit(code=code)
 
 
@@ -451,3 +530,7 @@ def run() -> None:  # pragma: no cover - console entry alternative
 from fibroquant import cli_agree as _cli_agree  # noqa: F401  (registers agree and train)
 from fibroquant import cli_ops as _cli_ops  # noqa: F401  (registers status and watch)
 from fibroquant import cli_study as _cli_study  # noqa: F401  (registers compare and stains)
+
+for _info in app.registered_commands:  # every command's flags without a <bool> placeholder
+    if _info.cls in (None, typer.core.TyperCommand):
+        _info.cls = _Command

@@ -294,6 +294,17 @@ class Settler:
         with self._lock:
             self._pending[Path(path)] = (None, self.clock())
 
+    def touch_existing(self, path: Path) -> None:
+        """Note a file found at start: quiet since its last modification, so one unchanged for
+        ``settle`` seconds already is analysed without waiting."""
+        try:
+            st = Path(path).stat()
+        except OSError:
+            return
+        age = max(0.0, time.time() - st.st_mtime)
+        with self._lock:
+            self._pending[Path(path)] = ((st.st_size, st.st_mtime_ns), self.clock() - age)
+
     def deleted(self, path: Path) -> None:
         with self._lock:
             self._pending.pop(Path(path), None)
@@ -361,6 +372,17 @@ def watch(
         min=0.05, max=50.0, help="µm per pixel for slides whose files lack it.")] = None,
     workers: Annotated[int | None, typer.Option(min=1, help="Parallel workers.")] = None,
     control: Annotated[str | None, typer.Option(help="Control group name.")] = None,
+    analysis_mpp: Annotated[float | None, typer.Option(
+        min=0.05, max=10.0, help="Analysis resolution in µm per pixel (as for analyze).")]
+    = None,
+    masks: Annotated[bool, typer.Option("--masks", help="Write collagen/tissue mask PNGs.")]
+    = False,
+    scheduler: Annotated[str | None, typer.Option(
+        help="Dask scheduler address, e.g. tcp://10.0.0.5:8786.")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Re-measure every slide in the first run.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q",
+                                        help="Only warnings, errors and the results.")] = False,
     settle: Annotated[float, typer.Option(
         min=0.0, help="Seconds a file's size must stay unchanged before it is analysed.")]
     = 30.0,
@@ -398,18 +420,23 @@ def watch(
             if _is_slide(src, out) or (sheet is not None and src == sheet):
                 settler.touch(src)
 
+    first = [force]
+
     def run_once() -> int:
         settler.take()
-        err.print(f"[bold]watch:[/] analysing {slides_dir}", markup=True)
+        if not quiet:
+            err.print(f"[bold]watch:[/] analysing {slides_dir}", markup=True)
         try:
             return _analyze(
                 slides_dir, out, samples=samples, stain=stain, config=config, mpp=mpp,
-                analysis_mpp=None, masks=False, workers=workers, scheduler=None, force=False,
-                wait=True, control=control,
+                analysis_mpp=analysis_mpp, masks=masks, workers=workers, scheduler=scheduler,
+                force=first.pop() if first else False, wait=True, control=control,
+                quiet=quiet,
                 command=_command("watch", {
                     "slides_dir": slides_dir, "out": out, "samples": samples, "stain": stain,
                     "config": config, "mpp": mpp, "workers": workers, "control": control,
-                    "settle": settle, "once": once}),
+                    "analysis_mpp": analysis_mpp, "masks": masks, "scheduler": scheduler,
+                    "force": force, "settle": settle, "once": once}),
             )
         except typer.Exit as exc:  # a sheet/config problem: reported; keep watching
             return int(exc.exit_code)
@@ -425,7 +452,7 @@ def watch(
     # Everything already there is pending at start (a rerun of unchanged slides is cheap).
     for p in list_slides(slides_dir):
         if _is_slide(p, out):
-            settler.touch(p)
+            settler.touch_existing(p)
     if not len(settler) and once:
         err.print(f"watch: no slide files in {slides_dir}; nothing to do")
         raise typer.Exit(code=0)
@@ -448,6 +475,9 @@ def watch(
     try:
         if not once:
             err.print(f"watching {slides_dir} (settle {settle:g} s); Ctrl-C to stop")
+        elif not settler.poll() and not quiet:
+            err.print(f"watch: waiting until {len(settler)} slide file(s) have not changed "
+                      f"for {settle:g} s")
         while True:
             if settler.poll():
                 running = True

@@ -36,6 +36,39 @@ def _parse_where(where: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+def _holds_a_run(folder: Path) -> bool:
+    """Whether ``folder`` is an analyze output folder (its tables are the run's own)."""
+    from fibroquant.layout import STORE_NAME
+
+    return (folder / STORE_NAME).exists() or (folder / "run.json").exists()
+
+
+def _full_precision(slides: Any, out_dir: Path) -> Any:
+    """``slides.csv`` (rounded for reading) with its areas and CPA at full precision from the
+    run's store, so that a comparison here equals the run's own to the last digit."""
+    from fibroquant.layout import STORE_NAME
+    from fibroquant.store import ResultStore
+
+    store_path = out_dir / STORE_NAME
+    try:
+        shash = json.loads((out_dir / "provenance.json").read_text(encoding="utf-8"))[
+            "settings_hash"]
+    except (OSError, ValueError, KeyError):
+        return slides
+    if not store_path.is_file() or "fingerprint" not in slides.columns:
+        return slides
+    slides = slides.copy()
+    cols = ("tissue_area_mm2", "collagen_area_mm2", "cpa_percent")
+    with ResultStore(store_path) as store:
+        for i, fp in slides["fingerprint"].items():
+            rec = store.get_result(str(fp), shash) if isinstance(fp, str) else None
+            if rec and rec.get("status") == "ok":
+                for c in cols:
+                    if c in rec and c in slides.columns:
+                        slides.at[i, c] = rec[c]
+    return slides
+
+
 @app.command()
 def compare(
     out_dir: Annotated[Path, typer.Argument(exists=True, file_okay=False,
@@ -59,8 +92,13 @@ def compare(
     path = out_dir / "slides.csv"
     if not path.is_file():
         raise _fail(f"{out_dir}: no slides.csv (run fibroquant analyze first)", 2)
+    if save is not None and _holds_a_run(save):
+        raise _fail(f"--save {save}: holds an analyze run's tables (fibroquant.sqlite or "
+                    "run.json); compare writes its subset elsewhere, e.g. "
+                    f"--save {save / 'compare'}", 2)
     slides = pd.read_csv(path, dtype={"mouse": str, "group": str}, keep_default_na=False,
                          na_values=[""])
+    slides = _full_precision(slides, out_dir)
     extras = _sheet_columns(slides)
     try:
         for key, value in _parse_where(where or []):
@@ -90,7 +128,7 @@ def compare(
     sentence = stats.summary_sentence(groups) if ctrl else (
         groups.attrs.get("note") or "no control group: groups described, not compared")
     if as_json:
-        out.print_json(groups.to_json(orient="records"))
+        out.print_json(groups.to_json(orient="records", double_precision=15))
     else:
         cols = [c for c in ("group", "n_mice", "cpa_mean_percent", "cpa_sd", "diff_vs_control_pp",
                             "change_vs_control_percent", "welch_p", "mannwhitney_p", "hedges_g",
@@ -104,11 +142,19 @@ def compare(
                 if isinstance(res, dict) and "p" in res:
                     out.print(f"{res.get('test', name)}: p = {report.format_p(res['p'])}")
     if save is not None:
+        from fibroquant import schema
+        from fibroquant.store import atomic_write_text
+
         save.mkdir(parents=True, exist_ok=True)
-        atomic_write_csv(save / "mice.csv", mice)
-        atomic_write_csv(save / "groups.csv", groups)
+        atomic_write_csv(save / "mice.csv", schema.round_table(mice, "mice"))
+        atomic_write_csv(save / "groups.csv", schema.round_table(groups, "groups"))
         report.plot_groups(mice, groups, save / "cpa_groups", control=ctrl)
-        err.print(f"written: {save / 'mice.csv'}, {save / 'groups.csv'}, {save / 'cpa_groups.png'}")
+        record = {"source": str(out_dir.resolve()), "by": by, "control": ctrl,
+                  "where": list(where or []), "comparison": sentence,
+                  "n_slides": len(slides), "n_mice": len(mice)}
+        atomic_write_text(save / "compare.json", json.dumps(record, indent=2) + "\n")
+        err.print(f"written: {save / 'mice.csv'}, {save / 'groups.csv'}, "
+                  f"{save / 'cpa_groups.png'}, {save / 'compare.json'} (the filter)")
 
 
 @app.command()
@@ -127,8 +173,8 @@ def stains(
 ) -> None:
     """Estimate each slide's stain vectors, show stain QC, optionally write one study config.
 
-    With ``--write``, the median of the per-slide estimates becomes ``stains.vectors`` with
-    ``estimate: preset``, so a whole study is deconvolved with the same vectors.
+    With --write, the median of the per-slide estimates becomes the config's stain vectors
+    (estimate: preset), so a whole study is deconvolved with the same vectors.
     """
     import numpy as np
     import yaml

@@ -12,6 +12,7 @@ row is row 2.
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import logging
 import math
@@ -22,6 +23,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 
+from fibroquant import schema
 from fibroquant.errors import SampleSheetError
 from fibroquant.traits import TRAIT_COLUMNS
 
@@ -34,32 +36,12 @@ logger = logging.getLogger(__name__)
 REQUIRED_COLUMNS: tuple[str, ...] = ("slide", "mouse", "group")
 
 #: Columns of ``mice.csv`` written by :func:`aggregate_mice`, before any carried sheet columns.
-MICE_COLUMNS: tuple[str, ...] = (
-    "mouse",
-    "group",
-    "n_slides",
-    "tissue_area_mm2",
-    "collagen_area_mm2",
-    "cpa_percent",
-    "cpa_mean_of_slides_percent",
-    "cpa_sd_of_slides",
-    "n_failed_slides",
-)
+MICE_COLUMNS: tuple[str, ...] = tuple(schema.names("mice"))
 
-#: Columns of a slide's stored record (``fibroquant.pipeline`` measures them; the store adds
+#: Keys of a slide's stored record (``fibroquant.pipeline`` measures them; the store adds
 #: the fingerprint and settings hash). ``mpp`` is both: a sheet may set it (it is then what was
-#: measured with). tests/test_cohort.py checks this list against a real record.
-RECORD_COLUMNS: frozenset[str] = frozenset({
-    "status", "error", "stain", "format", "mpp", "analysis_mpp", "level", "width_px",
-    "height_px", "mask_mpp", "tissue_area_mm2", "collagen_area_mm2", "cpa_percent",
-    "collagen_od_mean", "capsule_area_mm2", "lumen_area_mm2", "fold_area_mm2",
-    "vessel_wall_area_mm2", "unfocused_area_mm2", "bubble_area_mm2", "glass_od", "shading_od",
-    "channel_shift_px", "background_rgb", "background_source", "stain_source", "stain_vectors", "stain_angle_deg",
-    "stain_angles_deg", "collagen_od_share", "threshold_method", "threshold_od",
-    "parenchyma_od", "collagen_level_od", "share_guard", "parenchyma_share",
-    "blob_max_area_um2", "stain_fit", "stain_guess", "wrong_stain", "qc_flags", "stain_warning", "seconds", "version", "fingerprint", "settings_hash",
-    *TRAIT_COLUMNS,
-})
+#: measured with). tests/test_schema.py checks this list against a real record.
+RECORD_COLUMNS: frozenset[str] = schema.record_keys()
 
 #: Names a sheet may not use for extra columns: they would collide with measured columns of
 #: ``slides.csv`` / ``mice.csv`` when the sheet is joined to the results.
@@ -307,76 +289,65 @@ def read_sample_sheet(path: Path, slides_dir: Path, slide_files: Sequence[Path])
     if frame.empty:
         raise SampleSheetError(f"sample sheet {name}: no data rows below the header")
 
+    # every problem below is collected, so one run of the command shows them all
+    problems: list[str] = []
     for col in REQUIRED_COLUMNS:
         empty_rows = frame.index[frame[col] == ""].tolist()
         if empty_rows:
             rows = ", ".join(str(r) for r in empty_rows[:5])
             more = f" and {len(empty_rows) - 5} more" if len(empty_rows) > 5 else ""
-            raise SampleSheetError(
-                f"sample sheet {name}: empty value in column '{col}' at row {rows}{more}"
-            )
+            problems.append(f"empty value in column '{col}' at row {rows}{more}")
 
     frame["slide"] = frame["slide"].map(_normalise_slide_name)
-    bad_paths = [
-        (row, s) for row, s in frame["slide"].items()
+    bad_paths = {
+        row: s for row, s in frame["slide"].items()
         if s.startswith("/") or ".." in s.split("/") or re.match(r"^[A-Za-z]:", s)
-    ]
-    if bad_paths:
-        row, s = bad_paths[0]
-        raise SampleSheetError(
-            f"sample sheet {name}: slide '{s}' at row {row} must be a path relative to "
-            f"{slides_dir} (no absolute paths or '..')"
-        )
+    }
+    problems += [f"slide '{s}' at row {row} must be a path relative to {slides_dir} (no "
+                 "absolute paths or '..')" for row, s in bad_paths.items()]
 
-    dup_mask = frame["slide"].duplicated(keep=False)
-    if dup_mask.any():
-        first = frame.loc[dup_mask, "slide"].iloc[0]
-        rows = frame.index[frame["slide"] == first].tolist()
-        n_dup = frame.loc[dup_mask, "slide"].nunique()
-        more = f" ({n_dup - 1} other slide(s) also repeated)" if n_dup > 1 else ""
-        raise SampleSheetError(
-            f"sample sheet {name}: slide '{first}' is listed more than once "
-            f"(rows {', '.join(map(str, rows))}){more}"
-        )
+    named = frame["slide"] != ""
+    dup_mask = frame["slide"].duplicated(keep=False) & named
+    for slide in dict.fromkeys(frame.loc[dup_mask, "slide"]):
+        rows = frame.index[frame["slide"] == slide].tolist()
+        problems.append(f"slide '{slide}' is listed more than once "
+                        f"(rows {', '.join(map(str, rows))})")
 
     # -- sheet vs folder -------------------------------------------------------------------
     discovered = sorted({_relative_slide(Path(p), slides_dir) for p in slide_files})
     discovered_set = set(discovered)
     by_folded: dict[str, str] = {d.casefold(): d for d in discovered}
     for row, slide in frame["slide"].items():
-        if slide in discovered_set:
+        if slide in discovered_set or row in bad_paths or not slide:
             continue
         hint = ""
         if slide.casefold() in by_folded:
             hint = f"; did you mean '{by_folded[slide.casefold()]}'?"
+        else:
+            close = difflib.get_close_matches(slide, discovered, n=1, cutoff=0.8)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
         if (slides_dir / slide).is_file():
-            raise SampleSheetError(
-                f"sample sheet {name}: slide '{slide}' at row {row} exists in {slides_dir} but "
-                f"is not a recognised slide file{hint}"
-            )
-        raise SampleSheetError(
-            f"sample sheet {name}: slide '{slide}' at row {row} does not exist in "
-            f"{slides_dir}{hint}"
-        )
+            problems.append(f"slide '{slide}' at row {row} exists in {slides_dir} but is not "
+                            f"a recognised slide file{hint}")
+        else:
+            problems.append(f"slide '{slide}' at row {row} does not exist in "
+                            f"{slides_dir}{hint}")
     listed = set(frame["slide"])
     unlisted = [d for d in discovered if d not in listed]
     if unlisted:
-        raise SampleSheetError(
-            f"sample sheet {name}: {len(unlisted)} slide file(s) in {slides_dir} are not in "
-            f"the sheet: {_format_list(unlisted)}"
-        )
+        problems.append(f"{len(unlisted)} slide file(s) in {slides_dir} are not in the sheet: "
+                        f"{_format_list(unlisted)}")
 
     # -- mouse ↔ group ---------------------------------------------------------------------
-    groups_per_mouse = frame.groupby("mouse", sort=False)["group"].unique()
+    assigned = frame[(frame["mouse"] != "") & (frame["group"] != "")]
+    groups_per_mouse = assigned.groupby("mouse", sort=False)["group"].unique()
     conflicting = groups_per_mouse[groups_per_mouse.map(len) > 1]
-    if not conflicting.empty:
-        mouse = str(conflicting.index[0])
-        groups = sorted(str(g) for g in conflicting.iloc[0])
+    for mouse, groups in conflicting.items():
         rows = frame.index[frame["mouse"] == mouse].tolist()
-        raise SampleSheetError(
-            f"sample sheet {name}: mouse '{mouse}' is assigned to more than one group "
-            f"({', '.join(repr(g) for g in groups)}; rows {', '.join(map(str, rows))})"
-        )
+        problems.append(
+            f"mouse '{mouse}' is assigned to more than one group "
+            f"({', '.join(repr(str(g)) for g in sorted(map(str, groups)))}; rows "
+            f"{', '.join(map(str, rows))})")
 
     # -- optional and extra columns --------------------------------------------------------
     extra = [c for c in frame.columns if c not in REQUIRED_COLUMNS]
@@ -385,12 +356,9 @@ def read_sample_sheet(path: Path, slides_dir: Path, slide_files: Sequence[Path])
         if col == "mpp":
             numeric = pd.to_numeric(values.where(values != ""), errors="coerce")
             bad = (values != "") & ~(numeric.gt(0) & np.isfinite(numeric))
-            if bad.any():
-                row = bad.index[bad.argmax()]
-                raise SampleSheetError(
-                    f"sample sheet {name}: mpp '{values[row]}' at row {row} "
-                    f"(slide '{frame.at[row, 'slide']}') is not a positive number of µm per pixel"
-                )
+            problems += [f"mpp '{values[row]}' at row {row} (slide '{frame.at[row, 'slide']}') "
+                         "is not a positive number of µm per pixel"
+                         for row in bad.index[bad.to_numpy()]]
             frame[col] = numeric.astype(float)
             continue
         present = values != ""
@@ -399,6 +367,9 @@ def read_sample_sheet(path: Path, slides_dir: Path, slide_files: Sequence[Path])
             frame[col] = numeric
         else:
             frame[col] = values.where(present, np.nan)
+    if problems:
+        head = f"{len(problems)} problems: " if len(problems) > 1 else ""
+        raise SampleSheetError(f"sample sheet {name}: {head}" + "; ".join(problems))
 
     frame = frame[[*REQUIRED_COLUMNS, *extra]].reset_index(drop=True)
     frame["mouse"] = frame["mouse"].astype(str)

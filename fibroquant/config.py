@@ -387,12 +387,51 @@ class Settings(_Model):
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """The setting names allowed where ``loc`` points (its parent section's fields)."""
+    model: Any = Settings
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = field.annotation
+    return list(getattr(model, "model_fields", {}))
+
+
+_FRIENDLY = {
+    "float_parsing": "expected a number", "float_type": "expected a number",
+    "int_parsing": "expected a whole number", "int_type": "expected a whole number",
+    "int_from_float": "expected a whole number", "bool_parsing": "expected true or false",
+    "bool_type": "expected true or false", "string_type": "expected text",
+    "dict_type": "expected a section of settings (key: value lines)",
+    "list_type": "expected a list",
+}
+
+
 def _format_validation(error: ValidationError, source: str) -> str:
+    """One line naming every bad ``section.key``, in plain words, with the closest known
+    setting for a misspelt one."""
+    import difflib
+
     parts = []
     for item in error.errors():
-        loc = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        loc = tuple(item["loc"])
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        kind = item.get("type", "")
+        if kind == "extra_forbidden":
+            known = _fields_at(loc)
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+            prefix = ".".join(str(p) for p in loc[:-1])
+            hint = (f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close
+                    else f"; known here: {', '.join(known)}" if known else "")
+            parts.append(f"{where}: unknown setting{hint}")
+            continue
+        if kind in _FRIENDLY:
+            parts.append(f"{where}: {_FRIENDLY[kind]}, got {item.get('input')!r}")
+            continue
         msg = str(item["msg"]).removeprefix("Value error, ")  # our own validators' text
-        parts.append(f"{loc}: {msg}")
+        msg = msg.replace("Input should be", "should be")
+        parts.append(f"{where}: {msg}")
     return f"{source}: " + "; ".join(parts)
 
 

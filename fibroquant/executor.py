@@ -92,7 +92,8 @@ def run_slide(task: SlideTask) -> dict[str, Any]:
         )
     files = output_files(out, stem)
     try:
-        report.write_qc(files["qc"], analysis, max_px=settings.tiling.qc_max_px)
+        report.write_qc(files["qc"], analysis, max_px=settings.tiling.qc_max_px,
+                         title=task.slide)
         if task.write_masks:
             report.write_png(files["collagen"], analysis.collagen_mask)
             report.write_png(files["tissue"], analysis.tissue_mask)
@@ -388,19 +389,32 @@ def largest_first(tasks: list[SlideTask]) -> list[SlideTask]:
     return [tasks[i] for i in order]
 
 
-def _worker_context(mp: Any) -> Any:
-    """The start method of local worker processes: ``forkserver`` where there is one (POSIX;
-    Python's own default from 3.14 on Linux), with fibroquant's modules imported once in the
-    server, so each worker starts without re-importing them (~0.5 s each: eight 8k² slides
-    on two workers 7.1-7.2 -> 6.2-6.5 s); ``spawn`` elsewhere. Never plain ``fork``: the
-    parent may be running threads (progress display, tile threads).
+def _package_on_worker_path() -> None:
+    """Append the folder this fibroquant was imported from to ``PYTHONPATH`` (for the
+    forkserver and its workers).
 
-    The preload only imports: it must not start threads, since the server forks every worker
-    (an analysis of a small section run there, to load the numba kernels once, left OpenCV's
-    and the kernel warm-up's threads behind, and the forked workers hung).
+    The forkserver starts as ``python -c``, so the working folder comes first on its path, and
+    on Python < 3.12 it does not take the parent's path. An editable install is found by a
+    finder that runs after the path is searched, so a ``fibroquant/`` folder in the working
+    folder (the clone, seen from one level above) was imported instead, as an empty namespace
+    package, and every worker failed (issue 23). A regular package anywhere on the path wins
+    over a namespace folder, so appending the real one is enough.
+    """
+    root = str(Path(__file__).resolve().parents[1])
+    current = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if root not in current:
+        os.environ["PYTHONPATH"] = os.pathsep.join([*current, root])
+
+
+def _worker_context(mp: Any) -> Any:
+    """The start method of local worker processes: ``forkserver`` with fibroquant's modules
+    imported once in the server (the preload only imports, never starts threads), ``spawn``
+    where there is no forkserver; never plain ``fork`` (the parent runs threads). Why:
+    docs/decisions.md#worker-context
     """
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
+    _package_on_worker_path()
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["fibroquant.executor", "fibroquant.report"])
     return ctx

@@ -93,6 +93,8 @@ class SlideAnalysis:
     excluded_mask: np.ndarray
     mask_mpp: float
     thumbnail: np.ndarray = field(repr=False)
+    #: low-resolution class bits (``kernels.FLAG_*``) that tell the QC overlay's exclusions apart
+    flags: np.ndarray | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -511,15 +513,10 @@ _malloc_tuned: bool | None = None
 def tune_malloc() -> bool:
     """Let the C heap reuse tile-sized buffers (glibc only; once per process).
 
-    Every tile allocates a few buffers of 1–12 MB (decoded tiles, masks, labels), and the
-    low-resolution pass some of up to ~50 MB. With glibc's defaults, and much more with
-    ``MALLOC_TRIM_THRESHOLD_=65536``, which Dask's nanny sets in its workers, many of them are
-    mapped fresh from the kernel and zero-filled page by page every time: measured on an 8k²
-    slide, 3.3 s per slide by default and 4.4–5.0 s in a Dask worker, 2.5–2.8 s with the heap
-    kept (same peak RSS). This raises glibc's mmap threshold to 64 MB (32 MB where glibc
-    refuses more) and its trim threshold to 256 MB: each heap (the main one, and one per
-    thread that allocates) keeps up to that much freed memory mapped for reuse. Left alone when
-    ``MALLOC_MMAP_THRESHOLD_`` is set (the user's choice) or the C library is not glibc.
+    Raises glibc's mmap threshold to 64 MB (32 MB where refused) and its trim threshold to
+    256 MB, so tile buffers are not mapped and zero-filled afresh for every tile; left alone
+    when ``MALLOC_MMAP_THRESHOLD_`` is set or the C library is not glibc. Why and what it saves:
+    docs/decisions.md#malloc
 
     Returns
     -------
@@ -818,7 +815,8 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
                                            lumen=tissue.lumen, lumen_mpp=thumb_mpp))
         record["seconds"] = round(time.perf_counter() - t_start, 3)
     record["qc_flags"] = "; ".join(qc_flags(record, pale_counterstain=thr.pale_counterstain))
-    return SlideAnalysis(record, collagen_m, tissue_m, excluded_m, mask_mpp, qc)
+    return SlideAnalysis(record, collagen_m, tissue_m, excluded_m, mask_mpp, qc,
+                         flags=flags if flags is not None else class_flags(tissue))
 
 
 def _glass_background(

@@ -22,17 +22,20 @@ import html
 import io
 import json
 import math
+import os
 import re
 import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import cv2
 import numpy as np
 import pandas as pd
 
+from fibroquant import schema
 from fibroquant.errors import FibroquantError
 from fibroquant.outdir import atomic_write_bytes
 
@@ -258,7 +261,7 @@ def qc_overlay(
     collagen_mask : numpy.ndarray
         bool ``(h, w)``; collagen counted in the numerator.
     excluded_mask : numpy.ndarray, optional
-        bool ``(h, w)``; regions left out (capsule, artefacts, lumens...), tinted grey and
+        bool ``(h, w)``; regions left out (capsule, lumens, folds...), tinted grey and
         hatched.
     tissue_color, collagen_color : tuple of int, optional
         Outline colours (R, G, B). By default the tissue outline is black and the collagen
@@ -306,6 +309,185 @@ def qc_overlay(
     thickness = max(1, round(max(shape) / 700))
     rgb[_inner_boundary(tissue, thickness)] = tissue_color
     return rgb
+
+
+#: Collagen fill of the QC overlays, chosen against the stain: cyan on red (Sirius red,
+#: Masson's red variants), yellow on blue/green collagen (Masson's aniline blue / light green).
+COLLAGEN_FILL_ON_RED_RGB: tuple[int, int, int] = (0, 229, 255)
+COLLAGEN_FILL_ON_BLUE_RGB: tuple[int, int, int] = (255, 214, 0)
+_COLLAGEN_ALPHA = 0.6
+
+#: Each excluded area's colour in the QC overlays and their legend (name, RGB); strong
+#: enough (alpha 0.7) that an excluded capsule's red does not read as collagen.
+EXCLUSION_COLOURS: dict[str, tuple[int, int, int]] = {
+    "capsule": (204, 0, 204),
+    "vessel wall": (150, 85, 25),
+    "lumen": (110, 110, 110),
+    "fold": (90, 60, 220),
+    "bubble": (140, 140, 0),
+    "unfocused": (240, 120, 0),
+}
+_EXCLUSION_ALPHA = 0.7
+
+
+def collagen_fill_colour(rgb: np.ndarray, collagen: np.ndarray) -> tuple[int, int, int]:
+    """The fill colour that stands out against the slide's collagen stain: cyan when the
+    collagen pixels are red, yellow when they are blue or green."""
+    if collagen.any():
+        mean = rgb[collagen].astype(np.float64).mean(axis=0)
+        if max(mean[1], mean[2]) > mean[0]:
+            return COLLAGEN_FILL_ON_BLUE_RGB
+    return COLLAGEN_FILL_ON_RED_RGB
+
+
+def qc_fill(thumb: np.ndarray, tissue_mask: np.ndarray, collagen_mask: np.ndarray,
+            exclusions: Mapping[str, np.ndarray] | None = None,
+            collagen_rgb: tuple[int, int, int] | None = None) -> np.ndarray:
+    """The QC overlay a pathologist reads: collagen filled semi-transparently in a colour
+    chosen against the stain (:func:`collagen_fill_colour`), each excluded area tinted in its
+    own colour (:data:`EXCLUSION_COLOURS`) and the tissue outlined in black.
+
+    Parameters
+    ----------
+    thumb : numpy.ndarray
+        uint8 RGB ``(H, W, 3)``.
+    tissue_mask, collagen_mask : numpy.ndarray
+        bool ``(h, w)`` (resized to the thumbnail, nearest neighbour).
+    exclusions : mapping of str to numpy.ndarray, optional
+        Name (a key of :data:`EXCLUSION_COLOURS`) to bool mask.
+    collagen_rgb : tuple of int, optional
+        The collagen fill; chosen from the image by default.
+
+    Returns
+    -------
+    numpy.ndarray
+        uint8 RGB ``(H, W, 3)``, a new array.
+    """
+    rgb = _as_rgb_uint8(thumb).copy()
+    shape = (rgb.shape[0], rgb.shape[1])
+    tissue = _fit_mask(tissue_mask, shape, "tissue_mask")
+    collagen = _fit_mask(collagen_mask, shape, "collagen_mask")
+    colour = collagen_rgb or collagen_fill_colour(rgb, collagen)
+
+    def tint(mask: np.ndarray, c: tuple[int, int, int], alpha: float) -> None:
+        if mask.any():
+            mixed = (1 - alpha) * rgb[mask].astype(np.float32) + alpha * np.float32(c)
+            rgb[mask] = np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+
+    for name, mask in (exclusions or {}).items():
+        m = _fit_mask(mask, shape, name)
+        c = EXCLUSION_COLOURS.get(name, EXCLUSION_COLOURS["unfocused"])
+        tint(m, c, _EXCLUSION_ALPHA)
+        rgb[_inner_boundary(m, 1)] = c
+    tint(collagen, colour, _COLLAGEN_ALPHA)
+    rgb[_inner_boundary(tissue, max(1, round(max(shape) / 900)))] = TISSUE_OUTLINE_RGB
+    return rgb
+
+
+def _scale_bar_um(width_um: float) -> float:
+    """A round scale-bar length, about a fifth of the image width (1, 2 or 5 × 10^k µm)."""
+    target = max(width_um / 5, 1e-3)
+    k = math.floor(math.log10(target))
+    return max(m * 10**k for m in (1, 2, 5) if m * 10**k <= target)
+
+
+def _panel_font(size: int) -> Any:
+    """DejaVu Sans (bundled with matplotlib, has µ) at ``size`` px, else Pillow's default."""
+    from PIL import ImageFont
+
+    try:
+        import matplotlib
+
+        ttf = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+        return ImageFont.truetype(str(ttf), size)
+    except (OSError, ImportError):
+        return ImageFont.load_default(size=size)
+
+
+def _band_geometry(width: int) -> tuple[int, int, int]:
+    """Font size, padding and height (px) of the band :func:`qc_panel` adds below an overlay
+    ``width`` pixels wide."""
+    size = max(12, round(width / 70))
+    pad = size // 2
+    return size, pad, 2 * (size + pad) + pad
+
+
+def qc_picture_height(height: int, width: int) -> int:
+    """Rows of a QC overlay JPEG (``height`` × ``width``) above its legend band."""
+    return height - _band_geometry(width)[2]
+
+
+def retitle_qc(path: Path, title: str) -> None:
+    """Write another slide name under a QC overlay (a renamed slide keeps its overlay), in
+    place and atomically; the picture and the legend stay as they were."""
+    from PIL import Image, ImageDraw
+
+    data = np.fromfile(str(path), dtype=np.uint8)
+    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    if bgr is None:
+        msg = f"{path}: not a readable QC overlay"
+        raise FibroquantError(msg)
+    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    height, width = rgb.shape[:2]
+    size, pad, _ = _band_geometry(width)
+    top = qc_picture_height(height, width)
+    canvas = Image.fromarray(rgb)
+    draw = ImageDraw.Draw(canvas)
+    draw.rectangle([0, top, int(width * 0.6), top + size + pad], fill=(255, 255, 255))
+    draw.text((pad, top + pad), title, fill=(0, 0, 0), font=_panel_font(size))
+    write_jpeg(path, np.asarray(canvas))
+
+
+def qc_panel(overlay: np.ndarray, *, title: str, mpp: float,
+             collagen_rgb: tuple[int, int, int], exclusions: Sequence[str]) -> np.ndarray:
+    """The overlay with a white band below it: the slide name, a legend of the colours shown
+    and a scale bar (``mpp``: µm per overlay pixel).
+
+    Returns
+    -------
+    numpy.ndarray
+        uint8 RGB ``(H + band, W, 3)``.
+    """
+    from PIL import Image, ImageDraw
+
+    h, w = overlay.shape[:2]
+    size, pad, band = _band_geometry(w)
+    font = _panel_font(size)
+    items = [("collagen", collagen_rgb), ("tissue outline", TISSUE_OUTLINE_RGB)]
+    items += [(name, EXCLUSION_COLOURS.get(name, EXCLUSION_COLOURS["unfocused"]))
+              for name in exclusions]
+    canvas = Image.new("RGB", (w, h + band), (255, 255, 255))
+    canvas.paste(Image.fromarray(overlay), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    y1 = h + pad
+    draw.text((pad, y1), title, fill=(0, 0, 0), font=font)
+    # scale bar at the right of the first line
+    bar_um = _scale_bar_um(w * mpp)
+    bar_px = max(1, round(bar_um / mpp))
+    label = f"{bar_um:g} µm" if bar_um < 1000 else f"{bar_um / 1000:g} mm"
+    lw = draw.textlength(label, font=font)
+    x_end = w - pad
+    draw.rectangle([x_end - bar_px, y1 + size // 3, x_end, y1 + size // 3 + max(3, size // 4)],
+                   fill=(0, 0, 0))
+    draw.text((x_end - bar_px - lw - pad, y1), label, fill=(0, 0, 0), font=font)
+    # legend on the second line
+    x, y2 = pad, y1 + size + pad
+    for name, colour in items:
+        draw.rectangle([x, y2 + 2, x + 2 * size, y2 + size - 1], fill=colour, outline=(0, 0, 0))
+        x += 2 * size + pad // 2
+        draw.text((x, y2), name, fill=(0, 0, 0), font=font)
+        x += int(draw.textlength(name, font=font)) + 2 * pad
+    return np.asarray(canvas)
+
+
+def write_jpeg(path: Path, rgb: np.ndarray, quality: int = 88) -> None:
+    """Write an RGB image as JPEG, atomically."""
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(_as_rgb_uint8(rgb), cv2.COLOR_RGB2BGR),
+                           [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        msg = f"{path}: could not encode JPEG"
+        raise FibroquantError(msg)
+    _atomic_write_bytes(Path(path), buf.tobytes())
 
 
 def write_png(path: Path, rgb_or_mask: np.ndarray) -> None:
@@ -404,6 +586,26 @@ def _wrap(label: str, width: int = 16) -> str:
     return "\n".join(textwrap.wrap(label, width=width, break_long_words=True)) or label
 
 
+def p_value_column(groups: pd.DataFrame) -> tuple[str, str]:
+    """The p-value column a study's headline, plot and table use, and the test's name:
+    ``dunnett_p`` (adjusted for the comparisons) when there are more than two groups, else
+    ``welch_p``."""
+    if "dunnett_p" in groups.columns and pd.to_numeric(groups["dunnett_p"],
+                                                       errors="coerce").notna().any():
+        return "dunnett_p", "Dunnett's test (adjusted)"
+    return "welch_p", "Welch's t-test"
+
+
+def _group_problems(groups: pd.DataFrame, control: str | None) -> dict[str, str]:
+    from fibroquant.stats import group_problems
+
+    if "group" not in groups.columns or "n_mice" not in groups.columns:
+        return {}
+    n = {_text(g): int(v) for g, v in zip(groups["group"], pd.to_numeric(
+        groups["n_mice"], errors="coerce").fillna(0), strict=True)}
+    return group_problems(n, control)
+
+
 def plot_groups(
     mice: pd.DataFrame,
     groups: pd.DataFrame,
@@ -411,7 +613,11 @@ def plot_groups(
     *,
     control: str | None,
 ) -> list[Path]:
-    """Per-mouse CPA by group, with mean ± SD and Welch p-values against the control group.
+    """Per-mouse CPA by group, with mean ± SD and p-values against the control group.
+
+    The p-values are the headline's (:func:`p_value_column`): Dunnett-adjusted with more than
+    two groups, else Welch's; a group given no p value by :func:`fibroquant.stats.group_problems`
+    (fewer than 3 mice, a name one edit from another) gets no bracket.
 
     Parameters
     ----------
@@ -419,7 +625,7 @@ def plot_groups(
         ``mice.csv``: needs ``group`` and ``cpa_percent`` (% of tissue area), one row per mouse.
     groups : pandas.DataFrame
         ``groups.csv``: ``group`` and, when present, ``cpa_mean_percent``, ``cpa_sd`` (percent)
-        and ``welch_p``.
+        and ``welch_p`` / ``dunnett_p``.
     out_stem : pathlib.Path
         Output path without suffix; ``.png`` (200 dpi) and ``.svg`` are written.
     control : str or None
@@ -479,14 +685,16 @@ def plot_groups(
 
     span = top if top > 0 else 1.0
     n_brackets = 0
+    p_col, test_name = p_value_column(groups)
+    problems = _group_problems(groups, control)
     if control is not None and control in order:
         x0 = order.index(control)
         step = 0.11 * span
         for i, name in enumerate(order):
             row = group_rows.get(name)
-            if name == control or row is None:
+            if name == control or row is None or name in problems:
                 continue
-            p = _as_float(row.get("welch_p"))
+            p = _as_float(row.get(p_col))
             if not math.isfinite(p):
                 continue
             y = top + step * (0.6 + n_brackets)
@@ -506,7 +714,7 @@ def plot_groups(
     ax.set_ylabel(_Y_LABEL, fontsize=_FONT_PT + 1)
     note = "One point per mouse; bar = mean ± SD"
     if n_brackets:
-        note += "; Welch's t-test vs control"
+        note += f"; {test_name} vs control"
     _subtitle(fig, ax, note)
     return _save_figure(fig, out_stem)
 
@@ -658,7 +866,7 @@ def plot_stain_qc(slides: pd.DataFrame, out_stem: Path) -> list[Path]:
     ----------
     slides : pandas.DataFrame
         ``slides.csv``: ``stain_angle_deg`` (degrees between the slide's collagen vector and
-        the preset) and ``collagen_stain_p50_od`` (median collagen OD) or, failing that,
+        the preset) and ``collagen_level_od`` (the slide's collagen level) or, failing that,
         ``collagen_od_mean``; ``stain_warning`` marks slides to check; ``group`` colours points.
     out_stem : pathlib.Path
         Output path without suffix; ``.png`` (200 dpi) and ``.svg`` are written.
@@ -674,7 +882,7 @@ def plot_stain_qc(slides: pd.DataFrame, out_stem: Path) -> list[Path]:
     of false treatment effects; slides with a stain warning are ringed in vermillion and named.
     """
     ok = _ok_rows(slides)
-    y_col = next((c for c in ("collagen_stain_p50_od", "collagen_od_mean") if c in ok), None)
+    y_col = next((c for c in ("collagen_level_od", "collagen_od_mean") if c in ok), None)
     fig = _new_figure(5.6, 4.4)
     ax = fig.add_subplot()
     _style_axes(ax)
@@ -706,7 +914,8 @@ def plot_stain_qc(slides: pd.DataFrame, out_stem: Path) -> list[Path]:
             ax.annotate(name[:30], (xv, yv), xytext=(6, 5), textcoords="offset points",
                         fontsize=_FONT_PT - 1, color="#D55E00")
     ax.set_xlabel("Collagen stain angle to preset (degrees)", fontsize=_FONT_PT + 1)
-    y_label = "Median collagen OD" if y_col == "collagen_stain_p50_od" else "Mean collagen OD"
+    y_label = ("Collagen level (OD, median of collagen pixels)" if y_col == "collagen_level_od"
+               else "Mean collagen OD")
     ax.set_ylabel(y_label, fontsize=_FONT_PT + 1)
     ax.legend(fontsize=_FONT_PT - 1, frameon=False, loc="best")
     _subtitle(fig, ax, "Stain QC, one point per slide")
@@ -757,29 +966,71 @@ def _cell_value(value: Any) -> Any:
     return _ILLEGAL_XLSX_CHARS.sub("", str(value))
 
 
-def _write_sheet(wb: Any, title: str, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> int:
+def _write_sheet(wb: Any, title: str, header: Sequence[str], rows: Iterable[Sequence[Any]],
+                 *, table: str | None = None) -> int:
+    """One sheet: bold frozen header with an autofilter, text kept as text, and (with
+    ``table``, a :mod:`fibroquant.schema` table) each column's number format and a header
+    comment with its unit and meaning. Cells keep full precision."""
+    from openpyxl.comments import Comment
     from openpyxl.styles import Font
     from openpyxl.utils import get_column_letter
 
     ws = wb.create_sheet(title)
     widths = [len(str(h)) for h in header]
     ws.append([_cell_value(h) for h in header])
+    formats = [None] * len(header)
+    if table is not None:
+        for k, name in enumerate(header):
+            col = schema.column(table, str(name))
+            if col is not None:
+                formats[k] = col.excel_format
+                unit = f" ({col.unit})" if col.unit else ""
+                ws.cell(row=1, column=k + 1).comment = Comment(
+                    f"{col.label}{unit}: {col.description}", "fibroquant")
     n = 0
     for row in rows:
         n += 1
         values = [_cell_value(v) for v in row]
-        for col, value in enumerate(values, start=1):
-            cell = ws.cell(row=n + 1, column=col)
+        for col_i, value in enumerate(values, start=1):
+            cell = ws.cell(row=n + 1, column=col_i)
             cell.value = value
             if isinstance(value, str):
                 cell.data_type = "s"  # never a formula, even when text starts with "="
-            widths[col - 1] = max(widths[col - 1], min(60, len(str(value or ""))))
+            elif formats[col_i - 1] and isinstance(value, (int, float)) \
+                    and not isinstance(value, bool):
+                cell.number_format = formats[col_i - 1]
+            widths[col_i - 1] = max(widths[col_i - 1], min(60, len(str(value or ""))))
     for cell in ws[1]:
         cell.font = Font(bold=True)
     ws.freeze_panes = "A2"
-    for col, width in enumerate(widths, start=1):
-        ws.column_dimensions[get_column_letter(col)].width = max(8, width + 2)
+    if header:
+        ws.auto_filter.ref = f"A1:{get_column_letter(len(header))}{n + 1}"
+    for col_i, width in enumerate(widths, start=1):
+        ws.column_dimensions[get_column_letter(col_i)].width = max(8, min(width, 40) + 2)
     return n
+
+
+#: Longest text written into one xlsx cell; Excel's limit is 32,767 characters, and a longer
+#: value (the inputs of a large study) is written to its own sheet or left to provenance.json.
+_XLSX_CELL_MAX = 2000
+
+
+def _summary_rows(slides: pd.DataFrame, mice: pd.DataFrame, groups: pd.DataFrame,
+                  summary: str, warnings: Sequence[str],
+                  provenance: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    status = slides["status"].map(_text).str.lower() if "status" in slides else pd.Series([])
+    n_ok = int(status.eq("ok").sum())
+    rows: list[tuple[str, Any]] = [
+        ("run date (UTC)", _text(provenance.get("started_utc", ""))),
+        ("fibroquant", _text(provenance.get("fibroquant_version", ""))),
+        ("slides measured", n_ok), ("slides failed", len(slides) - n_ok),
+        ("mice", len(mice)), ("groups", int(groups["group"].nunique()) if "group" in groups
+                              else 0),
+        ("comparison", summary),
+    ]
+    rows += [(f"warning {k}", w) for k, w in enumerate(warnings, start=1)]
+    rows.append(("provenance", "provenance.json (versions, settings, every input's fingerprint)"))
+    return rows
 
 
 def write_xlsx(
@@ -790,6 +1041,8 @@ def write_xlsx(
     groups: pd.DataFrame,
     settings: Mapping[str, Any],
     provenance: Mapping[str, Any],
+    summary: str = "",
+    warnings: Sequence[str] = (),
 ) -> None:
     """Write the result tables, settings and provenance to one Excel workbook, atomically.
 
@@ -798,16 +1051,22 @@ def write_xlsx(
     path : pathlib.Path
         Destination ``.xlsx``.
     slides, mice, groups : pandas.DataFrame
-        The tables as in ``slides.csv``, ``mice.csv`` and ``groups.csv`` (one sheet each,
-        same columns, missing values as empty cells).
+        The tables at full precision (one sheet each, the CSV's columns, missing values as empty
+        cells, number formats from :mod:`fibroquant.schema`).
     settings, provenance : mapping
         Nested mappings written as ``key`` / ``value`` rows with dotted keys
-        (``tissue.min_area_um2``); lists are written as JSON text.
+        (``tissue.min_area_um2``); provenance's ``inputs`` get their own sheet, and a value too
+        long for a cell points to ``provenance.json`` (beside the workbook) instead of being cut.
+    summary : str
+        The comparison sentence, on the first sheet (``summary``) with the counts and warnings.
+    warnings : sequence of str
+        Run-level warnings.
 
     Notes
     -----
     Text cells are always stored as text, so a slide named ``=HYPERLINK(...)`` cannot become a
-    formula in the recipient's spreadsheet.
+    formula in the recipient's spreadsheet. A ``columns`` sheet lists every column's unit and
+    meaning.
     """
     from openpyxl import Workbook
 
@@ -815,9 +1074,27 @@ def write_xlsx(
     wb.remove(wb.active)
     for title, frame in (("slides", slides), ("mice", mice), ("groups", groups)):
         columns = [str(c) for c in frame.columns]
-        _write_sheet(wb, title, columns, frame.itertuples(index=False, name=None))
+        _write_sheet(wb, title, columns, frame.itertuples(index=False, name=None), table=title)
+    _write_sheet(wb, "summary", ["item", "value"],
+                 _summary_rows(slides, mice, groups, summary, warnings, provenance))
+    wb.move_sheet("summary", offset=-3)
+    prov = dict(provenance)
+    inputs = prov.pop("inputs", None)
+    rows = []
+    for key, value in _flatten(prov):
+        text = value if not isinstance(value, (list, tuple, Mapping)) else json.dumps(
+            value, default=_json_default, ensure_ascii=False)
+        if isinstance(text, str) and len(text) > _XLSX_CELL_MAX:
+            text = f"{len(text):,} characters: see provenance.json"
+        rows.append((key, text))
     _write_sheet(wb, "settings", ["key", "value"], _flatten(settings))
-    _write_sheet(wb, "provenance", ["key", "value"], _flatten(provenance))
+    _write_sheet(wb, "provenance", ["key", "value"], rows)
+    if isinstance(inputs, list) and inputs and all(isinstance(r, Mapping) for r in inputs):
+        keys = list(dict.fromkeys(k for r in inputs for k in r))
+        _write_sheet(wb, "inputs", keys, ([r.get(k) for k in keys] for r in inputs))
+    _write_sheet(wb, "columns", ["table", "column", "unit", "meaning"],
+                 [(t, c.name, c.unit, c.description) for t, cols in schema.TABLES.items()
+                  for c in cols])
     buf = io.BytesIO()
     wb.save(buf)
     _atomic_write_bytes(Path(path), buf.getvalue())
@@ -1009,7 +1286,7 @@ _CSS = """
 * { box-sizing: border-box; }
 body { font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial,
        sans-serif; color: var(--ink); margin: 0; background: #fff; }
-main { max-width: 1120px; margin: 0 auto; padding: 28px 32px 60px; }
+main { max-width: 1360px; margin: 0 auto; padding: 28px 32px 60px; }
 header { border-bottom: 3px solid var(--accent); padding-bottom: 12px; margin-bottom: 8px; }
 h1 { font-size: 26px; margin: 0 0 4px; }
 h2 { font-size: 20px; margin: 36px 0 12px; padding-bottom: 6px;
@@ -1035,12 +1312,13 @@ th, td { padding: 5px 8px; border-bottom: 1px solid var(--line); text-align: lef
 th { background: var(--bg); font-weight: 600; min-width: 3.5em; }
 thead th { vertical-align: bottom; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+td.id { white-space: nowrap; }
 tbody tr:nth-child(even) { background: #fbfcfd; }
 .note { color: var(--muted); font-size: 13px; }
 figure { margin: 12px 16px 20px 0; display: inline-table; vertical-align: top; }
 figure img { max-width: 100%; height: auto; border: 1px solid var(--line); border-radius: 6px; }
 figcaption { color: var(--muted); font-size: 13px; display: table-caption; caption-side: bottom; }
-.gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(320px, 1fr)); gap: 16px; }
+.gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(300px, 1fr)); gap: 16px; }
 .card { border: 1px solid var(--line); border-radius: 8px; overflow: hidden; background: #fff;
         break-inside: avoid; }
 .card img { display: block; width: 100%; height: auto; background: var(--bg); }
@@ -1063,6 +1341,8 @@ details summary { cursor: pointer; color: var(--accent); margin: 6px 0; }
 footer { margin-top: 40px; color: var(--muted); font-size: 12.5px;
          border-top: 1px solid var(--line);
          padding-top: 10px; }
+@media (max-width: 900px) { main { padding: 16px 14px 40px; } table { font-size: 12.5px; }
+  th, td { padding: 4px 5px; } }
 @media print { main { max-width: none; padding: 0; } .card, figure, table { break-inside: avoid; } }
 """
 
@@ -1082,6 +1362,13 @@ def _fmt_cell(column: str, value: Any) -> tuple[str, bool]:
         v = float(value)
         if not math.isfinite(v):
             return _e(str(v)), True
+        known = next((c for t in schema.TABLES if (c := schema.column(t, column))), None)
+        if known is not None and known.kind == "p":
+            return _e(format_p(v)), True
+        if known is not None and known.decimals is not None:
+            return f"{v:.{known.decimals}f}", True
+        if known is not None and known.sig is not None:
+            return f"{schema.round_value(v, known):g}", True
         if col == "p" or col.endswith(("_p", "p_value", "pvalue")) or col.startswith("p_"):
             return _e(format_p(v)), True
         if col.startswith("n_") or col == "n":
@@ -1106,7 +1393,8 @@ def _html_table(frame: pd.DataFrame, columns: Sequence[str] | None = None,
         cells = []
         for c in cols:
             text, numeric = _fmt_cell(str(c), row[c])
-            cells.append(f'<td class="num">{text}</td>' if numeric else f"<td>{text}</td>")
+            cls = "num" if numeric else ("id" if str(c) in ("slide", "mouse", "group") else "")
+            cells.append(f'<td class="{cls}">{text}</td>' if cls else f"<td>{text}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return (f'<div class="tablewrap"><table><thead><tr>{head}</tr></thead>'
             f"<tbody>{''.join(body)}</tbody></table></div>")
@@ -1141,7 +1429,7 @@ def _read_image(path: Path) -> np.ndarray | None:
     return img  # BGR, or None when undecodable
 
 
-def _thumb_jpeg_uri(path: Path, max_width: int = 800) -> str | None:
+def _thumb_jpeg_uri(path: Path, max_width: int = 480) -> str | None:
     img = _read_image(path)
     if img is None:
         return None
@@ -1149,7 +1437,7 @@ def _thumb_jpeg_uri(path: Path, max_width: int = 800) -> str | None:
     if w > max_width:
         img = cv2.resize(img, (max_width, max(1, round(h * max_width / w))),
                          interpolation=cv2.INTER_AREA)
-    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 85])
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 80])
     return _data_uri(buf.tobytes(), "image/jpeg") if ok else None
 
 
@@ -1190,11 +1478,32 @@ _PLOT_CAPTIONS = {
     "trait_groups": "Fibre traits per mouse by group (bar = mean); each panel's title gives the "
                     "largest Hedges' g against control and its Welch p, Holm-adjusted over the "
                     "traits (trait_groups.csv; formulas in docs/traits.md).",
-    "groups": "Per-mouse CPA by group (mean ± SD; p-values from Welch's t-test against control).",
+    "groups": "Per-mouse CPA by group (mean ± SD; p-values of {test} against control).",
     "slides": "CPA of every section, one column per mouse.",
     "stain_qc": "Stain QC: collagen stain angle and intensity per slide; ringed slides have a "
                 "stain warning.",
 }
+
+
+def _omnibus_table(omnibus: Mapping[str, Any]) -> str:
+    """The omnibus tests as one row each: test, statistic, degrees of freedom, p, note."""
+    rows = []
+    for key in ("anova", "welch_anova", "kruskal", "levene"):
+        res = omnibus.get(key)
+        if isinstance(res, Mapping):
+            df = "" if _is_missing(res.get("df_num")) else (
+                f"{_as_float(res['df_num']):.0f}, {_as_float(res.get('df_denom')):.3g}")
+            rows.append({"test": res.get("test", key), "statistic": res.get("statistic"),
+                         "df": df, "p": res.get("p"), "note": res.get("reason", "")})
+    shapiro = omnibus.get("shapiro")
+    if isinstance(shapiro, Mapping):
+        for g, res in shapiro.items():
+            if isinstance(res, Mapping):
+                rows.append({"test": f"Shapiro–Wilk normality, {g}",
+                             "statistic": res.get("statistic"), "df": "", "p": res.get("p"),
+                             "note": res.get("reason", "")})
+    return _html_table(pd.DataFrame(rows), ["test", "statistic", "df", "p", "note"]) if rows \
+        else ""
 
 
 def _stats_notes(groups: pd.DataFrame, omnibus: Mapping[str, Any] | None,
@@ -1218,14 +1527,20 @@ def _stats_notes(groups: pd.DataFrame, omnibus: Mapping[str, Any] | None,
     if "hedges_g" in cols:
         items.append("<li>Effect size: Hedges' g (standardised mean difference with small-sample "
                      "correction).</li>")
-    if "dunnett_p" in cols:
+    def filled(col: str) -> bool:
+        return col in cols and bool(pd.to_numeric(groups[col], errors="coerce").notna().any())
+
+    if filled("dunnett_p"):
         items.append("<li>Dunnett's test: each group against control, adjusted for the number of "
                      "comparisons.</li>")
-    if "holm_welch_p" in cols:
+    if filled("holm_welch_p"):
         items.append("<li>Holm-adjusted Welch p-values across the comparisons with control.</li>")
     out = "<ul>" + "".join(items) + "</ul>"
     if omnibus:
-        out += "<h3>Omnibus test</h3>" + _kv_table(omnibus)
+        out += ("<h3>Across all groups</h3>"
+                '<p class="note">One test of whether any group differs; Shapiro–Wilk and '
+                "Levene are reported as checks, they do not choose the test.</p>"
+                + _omnibus_table(omnibus))
     if mixed:
         out += ("<h3>Linear mixed model (random intercept per mouse)</h3>"
                 '<p class="note">Uses every section while counting mice correctly. Its Wald z '
@@ -1236,10 +1551,13 @@ def _stats_notes(groups: pd.DataFrame, omnibus: Mapping[str, Any] | None,
     return out
 
 
-def _slide_card(row: pd.Series, uri: str | None) -> str:
+def _slide_card(row: pd.Series, uri: str | None, href: str | None = None) -> str:
     name = _text(row.get("slide"))
     img = (f'<img src="{uri}" alt="QC overlay of {_e(name)}" loading="lazy">' if uri
            else '<div class="noimg">no QC overlay</div>')
+    if uri and href:
+        img = (f'<a href="{_e(quote(href))}" target="_blank" rel="noopener" '
+               f'title="open the full overlay">{img}</a>')
     cpa = _as_float(row.get("cpa_percent"))
     tissue = _as_float(row.get("tissue_area_mm2"))
     status = _text(row.get("status")).lower() or "ok"
@@ -1322,17 +1640,26 @@ def write_report_html(
     group_plots = [(p, u, w) for p, u, w in plot_uris if p.stem.endswith("groups")]
     other_plots = [(p, u, w) for p, u, w in plot_uris if not p.stem.endswith("groups")]
 
+    p_col, test_name = p_value_column(groups)
+
     def caption(p: Path) -> str:
         for key, text in _PLOT_CAPTIONS.items():
             if p.stem.endswith(key):
-                return text
+                return text.format(test=test_name)
         return p.stem
 
     parts: list[str] = []
+    run_date = _text(provenance.get("started_utc", "")).replace("T", " ")[:16]
+    version = _text(provenance.get("fibroquant_version", provenance.get("version", "")))
+    study = Path(_text(provenance.get("slides_dir", ""))).name
     parts.append(
         f"<header><h1>{_e(title)}</h1>"
-        f'<p class="sub">Collagen proportionate area (CPA) = collagen area / tissue area × 100, '
-        f"per section, per mouse and per group.</p>"
+        + (f'<p class="sub"><b>{_e(study)}</b>' + (f" · run {_e(run_date)} UTC" if run_date
+                                                   else "")
+           + (f" · fibroquant {_e(version)}" if version else "") + "</p>"
+           if study or run_date else "")
+        + '<p class="sub">Collagen proportionate area (CPA) = collagen area / tissue area × 100, '
+        "per section, per mouse and per group.</p>"
         '<nav><a href="#summary">Summary</a><a href="#groups">Groups</a>'
         '<a href="#statistics">Statistics</a><a href="#mice">Mice</a>'
         '<a href="#slides">Slides</a><a href="#qc">QC gallery</a>'
@@ -1341,10 +1668,10 @@ def write_report_html(
     )
 
     kpis = [
-        (str(n_ok), "slides measured"),
-        (str(n_failed), "slides failed"),
-        (str(len(mice)), "mice"),
-        (str(len(group_names)), "groups"),
+        (str(n_ok), "slide measured" if n_ok == 1 else "slides measured"),
+        (str(n_failed), "slide failed" if n_failed == 1 else "slides failed"),
+        (str(len(mice)), "mouse" if len(mice) == 1 else "mice"),
+        (str(len(group_names)), "group" if len(group_names) == 1 else "groups"),
     ]
     parts.append('<section id="summary"><h2>Study summary</h2><div class="kpis">'
                  + "".join(f'<div class="kpi"><div class="v">{_e(v)}</div>'
@@ -1363,52 +1690,58 @@ def write_report_html(
                      + "".join(f"<li>{_e(str(w))}</li>" for w in warnings) + "</ul></div>")
     parts.append("</section>")
 
-    group_labels = {
-        "n_mice": "n mice", "cpa_mean_percent": "mean CPA %", "cpa_sd": "SD", "cpa_sem": "SEM",
-        "cpa_median": "median", "diff_vs_control_pp": "diff vs control (pp)",
-        "diff_ci_low_pp": "95 % CI low", "diff_ci_high_pp": "95 % CI high",
-        "change_vs_control_percent": "change %", "welch_p": "Welch p",
-        "mannwhitney_p": "Mann–Whitney p", "hedges_g": "Hedges' g", "dunnett_p": "Dunnett p",
-        "holm_welch_p": "Welch p (Holm)",
-    }
+    group_labels = {c.name: c.label for c in schema.GROUPS}
+    # the table a reader needs; every column is in groups.csv and the xlsx
+    p_cols = (["dunnett_p", "holm_welch_p"] if p_col == "dunnett_p"
+              else ["welch_p", "mannwhitney_p"])
+    group_cols = ["group", "n_mice", "cpa_mean_percent", "cpa_sd", "cpa_sem", "cpa_median",
+                  "diff_vs_control_pp", "diff_ci_low_pp", "diff_ci_high_pp",
+                  "change_vs_control_percent", *p_cols, "hedges_g"]
+    ctrl_name = next((_text(g) for g, c in zip(groups.get("group", []),
+                                                groups.get("is_control", []), strict=False)
+                      if str(c).lower() in ("true", "1")), None)
+    shown = groups.copy()
+    for g in _group_problems(groups, ctrl_name):  # no p value for these (see the warnings)
+        for c in p_cols:
+            if c in shown.columns:
+                shown.loc[shown["group"].map(_text) == g, c] = math.nan
     parts.append('<section id="groups"><h2>Groups</h2>')
-    parts.append(_html_table(groups, None, group_labels) if len(groups)
+    parts.append(_html_table(shown, group_cols, group_labels) if len(groups)
                  else '<p class="note">No group table.</p>')
     parts.append('<p class="note">CPA in % of tissue area; differences in percentage points (pp); '
-                 "comparisons against the control group (empty on the control row).</p>")
+                 f"comparisons against the control group (empty on the control row); p values of "
+                 f"{_e(test_name)}"
+                 + (", the primary test with more than two groups; Welch p (Holm) is Welch's "
+                    "t-test Holm-adjusted" if p_col == "dunnett_p" else
+                    " and the Mann–Whitney U test, two-sided")
+                 + ". Groups with fewer than 3 mice or a name one edit from another get no p "
+                 "value. Every statistic is in <code>groups.csv</code> and "
+                 "<code>results.xlsx</code>.</p>")
     parts.extend(_figure(u, caption(p), w) for p, u, w in group_plots)
     parts.append("</section>")
 
     parts.append('<section id="statistics"><h2>Statistics notes</h2>'
                  + _stats_notes(groups, omnibus, mixed) + "</section>")
 
-    mouse_labels = {"n_slides": "n slides", "tissue_area_mm2": "tissue mm²",
-                    "collagen_area_mm2": "collagen mm²", "cpa_percent": "CPA %",
-                    "cpa_mean_of_slides_percent": "mean of slides %",
-                    "cpa_sd_of_slides": "SD of slides"}
+    mouse_labels = {c.name: c.label for c in schema.MICE}
     parts.append('<section id="mice"><h2>Per-mouse results</h2>'
                  + (_html_table(mice, None, mouse_labels) if len(mice)
                     else '<p class="note">No mice.</p>')
                  + '<p class="note">CPA % is area-weighted over the mouse\'s sections; '
                    "this is the value the group comparison uses.</p></section>")
 
-    slide_cols = ["slide", "mouse", "group", "status", "mpp", "tissue_area_mm2",
-                  "collagen_area_mm2", "cpa_percent", "lumen_area_mm2", "capsule_area_mm2",
-                  "artefact_area_mm2", "bubble_area_mm2", "stain_angle_deg", "qc_flags",
-                  "stain_warning"]
-    slide_labels = {"tissue_area_mm2": "tissue mm²", "collagen_area_mm2": "collagen mm²",
-                    "cpa_percent": "CPA %", "lumen_area_mm2": "lumen mm²",
-                    "capsule_area_mm2": "capsule mm²", "artefact_area_mm2": "artefact mm²",
-                    "bubble_area_mm2": "bubble mm²",
-                    "stain_angle_deg": "stain angle °", "qc_flags": "doubtful because",
-                    "stain_warning": "stain warning"}
+    slide_cols = [c.name for c in schema.SLIDES
+                  if c.kind in ("id", "status", "measure", "exclusion") and c.name != "error"
+                  or c.name in ("mpp", "stain_angle_deg", "stain_warning", "qc_flags")]
+    slide_cols = schema.ordered([c for c in slide_cols if c in slides.columns], "slides")
+    slide_labels = {c.name: c.label for c in schema.SLIDES}
     parts.append('<section id="slides"><h2>Per-slide results</h2>')
     parts.extend(_figure(u, caption(p), w) for p, u, w in other_plots)
     parts.append("<details open><summary>Table of all slides</summary>"
                  + _html_table(slides, slide_cols, slide_labels)
                  + "</details>"
-                   '<p class="note">Excluded areas (lumen, capsule, artefacts, bubbles) are '
-                   "outside both tissue and collagen area.</p></section>")
+                   '<p class="note">Excluded areas (capsule, lumens, vessel walls, folds, bubbles, '
+                   "unfocused tiles) are outside both tissue and collagen area.</p></section>")
 
     sort_cols = [c for c in ("group", "mouse", "slide") if c in slides.columns]
     ordered = slides.sort_values(sort_cols, key=lambda s: s.map(_text)) if sort_cols else slides
@@ -1417,18 +1750,20 @@ def write_report_html(
         if _text(row.get("status", "ok")).lower() not in ("", "ok", "wrong-stain"):
             continue  # failed: no overlay (a wrong stain keeps its overlay, for inspection)
         qc_path = qc_images.get(_text(row.get("slide")))
-        cards.append(_slide_card(row, _thumb_jpeg_uri(Path(qc_path)) if qc_path else None))
+        href = None
+        if qc_path and Path(qc_path).is_file():
+            href = Path(os.path.relpath(Path(qc_path).resolve(), Path(path).resolve().parent))
+        cards.append(_slide_card(row, _thumb_jpeg_uri(Path(qc_path)) if qc_path else None,
+                                 href.as_posix() if href else None))
     sw = '<span class="sw" style="background:{}"></span>'
-    legend = (
-        '<div class="legend">'
-        f"<span>{sw.format('rgb(%d,%d,%d)' % TISSUE_OUTLINE_RGB)}tissue outline</span>"
-        f"<span>{sw.format('rgb(%d,%d,%d)' % COLLAGEN_OUTLINE_ON_RED_RGB)}collagen outline "
-        "(red collagen)</span>"
-        f"<span>{sw.format('rgb(%d,%d,%d)' % COLLAGEN_OUTLINE_ON_BLUE_RGB)}collagen outline "
-        "(blue collagen)</span>"
-        f"<span>{sw.format('repeating-linear-gradient(45deg,#888 0 2px,#ccc 2px 5px)')}"
-        "excluded</span></div>"
-    )
+    legend = ('<div class="legend">' + "".join(
+        f"<span>{sw.format('rgb(%d,%d,%d)' % rgb)}{_e(name)}</span>" for name, rgb in (
+            ("collagen (red stains)", COLLAGEN_FILL_ON_RED_RGB),
+            ("collagen (blue stains)", COLLAGEN_FILL_ON_BLUE_RGB),
+            ("tissue outline", TISSUE_OUTLINE_RGB), *EXCLUSION_COLOURS.items()))
+        + '</div><p class="note">Each card opens its full-size overlay (<code>qc/</code>), '
+        "with a scale bar and legend. Check that every filled area is collagen and that "
+        "nothing else is.</p>")
     parts.append('<section id="qc"><h2>QC gallery</h2>' + legend
                  + (f'<div class="gallery">{"".join(cards)}</div>' if cards
                     else '<p class="note">No measured slides.</p>') + "</section>")
@@ -1443,12 +1778,18 @@ def write_report_html(
         return _e(json.dumps(obj, indent=2, sort_keys=True, default=_json_default,
                              ensure_ascii=False))
 
+    brief = {k: v for k, v in provenance.items()
+             if not isinstance(v, (list, tuple)) and k != "settings"}
     parts.append('<section id="settings"><h2>Settings and versions</h2>'
-                 f"<h3>Settings</h3><pre>{pretty(settings)}</pre>"
-                 f"<h3>Provenance</h3><pre>{pretty(provenance)}</pre></section>")
-    version = _text(provenance.get("fibroquant_version", provenance.get("version", "")))
+                 "<details><summary>Settings (as in results.xlsx)</summary>"
+                 f"<pre>{pretty(settings)}</pre></details>"
+                 "<h3>Provenance</h3>"
+                 '<p class="note">The full record, with the fingerprint of every input file: '
+                 '<a href="provenance.json">provenance.json</a>.</p>'
+                 f"{_kv_table(brief)}</section>")
     parts.append(f"<footer>Generated by fibroquant {_e(version)}. "
-                 "This file is self-contained: images are embedded.</footer>")
+                 "Images are embedded; the full-size overlays (qc/) and provenance.json are beside "
+                 "this file.</footer>")
 
     doc = (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
@@ -1460,18 +1801,47 @@ def write_report_html(
     _atomic_write_bytes(Path(path), doc.encode("utf-8"))
 
 
-def write_qc(path: Path, analysis: Any, *, max_px: int = 2000) -> None:
-    """Write a slide's QC overlay: thumbnail with tissue and collagen outlines.
+def _exclusion_masks(flags: np.ndarray | None, excluded: np.ndarray) -> dict[str, np.ndarray]:
+    """Split the slide's excluded area by what it is, from the low-resolution class bits
+    (``kernels.FLAG_*``, resized to ``excluded``); the rest (tiles out of focus) is
+    ``unfocused``."""
+    if flags is None or not excluded.any():
+        return {"unfocused": excluded} if excluded.any() else {}
+    from fibroquant import kernels
+
+    shape = excluded.shape
+    if flags.shape != shape:
+        flags = cv2.resize(flags, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
+    out: dict[str, np.ndarray] = {}
+    left = excluded.copy()
+    for name, bit in (("lumen", kernels.FLAG_LUMEN), ("bubble", kernels.FLAG_BUBBLE),
+                      ("fold", kernels.FLAG_FOLD), ("vessel wall", kernels.FLAG_WALL),
+                      ("capsule", kernels.FLAG_BAND)):
+        m = left & ((flags & np.uint8(bit)) != 0)
+        if m.any():
+            out[name] = m
+            left &= ~m
+    if left.any():
+        out["unfocused"] = left
+    return out
+
+
+def write_qc(path: Path, analysis: Any, *, max_px: int = 2000, title: str = "") -> None:
+    """Write a slide's QC overlay as JPEG: collagen filled, exclusions in their colours, a
+    legend, a scale bar and the slide name (:func:`qc_fill`, :func:`qc_panel`).
 
     Parameters
     ----------
     path : pathlib.Path
-        PNG to write (atomically).
+        JPEG to write (atomically).
     analysis : fibroquant.pipeline.SlideAnalysis
-        Its ``thumbnail`` and masks; the image is scaled so its longest side is at most
-        ``max_px`` and the masks are resized to it.
+        Its ``thumbnail``, masks, ``mask_mpp`` and, when it has them, ``flags`` (low-resolution
+        class bits that tell the exclusions apart); the image is scaled so its longest side is
+        at most ``max_px``.
     max_px : int
         Longest side of the overlay, pixels.
+    title : str
+        Shown under the image (default: the file name without ``.jpg``).
     """
     thumb = analysis.thumbnail
     mh, mw = analysis.collagen_mask.shape
@@ -1487,8 +1857,13 @@ def write_qc(path: Path, analysis: Any, *, max_px: int = 2000) -> None:
         frac = cv2.resize(mask.astype(np.float32), size, interpolation=cv2.INTER_AREA)
         return frac >= 0.5
 
-    overlay = qc_overlay(
-        thumb, fit(analysis.tissue_mask), fit(analysis.collagen_mask),
-        excluded_mask=fit(analysis.excluded_mask),
-    )
-    write_png(path, overlay)
+    collagen = fit(analysis.collagen_mask)
+    exclusions = _exclusion_masks(getattr(analysis, "flags", None),
+                                  fit(analysis.excluded_mask))
+    rgb = _as_rgb_uint8(thumb)
+    colour = collagen_fill_colour(rgb, collagen)
+    overlay = qc_fill(rgb, fit(analysis.tissue_mask), collagen, exclusions, colour)
+    mpp = float(getattr(analysis, "mask_mpp", 0) or 0) * (mh / size[1])
+    panel = qc_panel(overlay, title=title or Path(path).stem, mpp=mpp or 1.0,
+                     collagen_rgb=colour, exclusions=list(exclusions))
+    write_jpeg(path, panel)

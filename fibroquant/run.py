@@ -25,6 +25,7 @@ import pandas as pd
 
 from fibroquant import __version__
 from fibroquant.cohort import aggregate_mice, read_sample_sheet, sheet_without_samples
+from fibroquant import schema
 from fibroquant.config import Settings
 from fibroquant.errors import (
     ConfigError,
@@ -59,15 +60,9 @@ from fibroquant.tasks import (
 logger = logging.getLogger(__name__)
 
 
-#: First columns of slides.csv, in this order (the output contract); the rest follow.
-SLIDE_COLUMNS = [
-    "slide", "mouse", "group", "status", "error", "mpp", "analysis_mpp",
-    "tissue_area_mm2", "collagen_area_mm2", "cpa_percent", "collagen_od_mean",
-    "capsule_area_mm2", "lumen_area_mm2", "fold_area_mm2", "vessel_wall_area_mm2",
-    "unfocused_area_mm2", "bubble_area_mm2",
-    "stain", "stain_source", "stain_vectors", "stain_angle_deg", "stain_warning",
-    "threshold_method", "threshold_od", "stain_guess", "qc_flags",
-]
+#: Columns of slides.csv, in this order (the output contract, from :mod:`fibroquant.schema`);
+#: sample-sheet columns follow ``group``, columns the schema does not know come last.
+SLIDE_COLUMNS = [c.name for c in schema.SLIDES if not c.optional]
 #: Status of a measured slide whose colours fit another protocol clearly better than the
 #: expected one (:func:`fibroquant.stains.stain_verdict`): its row keeps its measurements, and
 #: it is left out of mice and groups unless the run keeps wrong stains. The store keeps such a
@@ -350,7 +345,15 @@ def analyze_folder(
     problem = mpp_problem(mpp, "--mpp") if mpp is not None else None
     if problem:
         raise ConfigError(problem)
-    files = discover(slides_dir, out_dir)
+    if slides_dir.is_file():  # one image: a study of that slide, in its folder
+        one = slides_dir.resolve()
+        slides_dir = one.parent
+        files = [p for p in discover(slides_dir, out_dir) if p.resolve() == one]
+        if not files:
+            msg = f"{one}: not a slide file (.svs .ndpi .tif .tiff .png .jpg ...)"
+            raise FibroquantError(msg)
+    else:
+        files = discover(slides_dir, out_dir)
     if not files:
         msg = f"{slides_dir}: no slide files found (.svs .ndpi .tif .tiff .png .jpg ...)"
         raise FibroquantError(msg)
@@ -383,6 +386,10 @@ def analyze_folder(
                 settings_json=json.dumps(settings.model_dump(mode="json"), sort_keys=True),
             )
             sheet_mpp = sheet.set_index("slide")["mpp"] if "mpp" in sheet.columns else None
+            # --mpp is remembered per slide: a rerun without it measures the same way
+            remembered = store.remembered_mpp() if mpp is None else {}
+            if mpp is not None:
+                store.remember_mpp((_relative(p, slides_dir) for p in files), mpp)
             previous_slides = store.slide_paths()  # as the last run saw the folder
             stems = output_stems(_relative(p, slides_dir) for p in files)
             keys: dict[str, str] = {}
@@ -414,13 +421,14 @@ def analyze_folder(
                         early_failed.append(rec)
                         keys[rel] = rec["fingerprint"]
                         continue
+                    fallback = mpp if mpp is not None else remembered.get(rel)
                     if over is not None:
                         fp = f"{fp}-mpp{over:g}"
-                    elif mpp is not None:
-                        fp = f"{fp}-fallbackmpp{mpp:g}"
+                    elif fallback is not None:
+                        fp = f"{fp}-fallbackmpp{fallback:g}"
                     keys[rel] = fp
                     tasks.append(SlideTask(
-                        path=str(p), slide=rel, fingerprint=fp, mpp=over, fallback_mpp=mpp,
+                        path=str(p), slide=rel, fingerprint=fp, mpp=over, fallback_mpp=fallback,
                         settings_json=settings.model_dump_json(), out_dir=str(out_dir),
                         write_masks=masks, stem=stems[rel],
                     ))
@@ -514,6 +522,13 @@ def analyze_folder(
                 str(samples is not None), shash, __version__, f"keep={keep_wrong_stain}",
             ]).encode()).hexdigest()
             provenance["tables_key"] = tables_key
+            try:  # the console shows them whether or not the tables are rewritten
+                summary.warnings = study_warnings(
+                    slides_df, settings, control=control,
+                    mice=(aggregate_mice(slides_df, extra_columns=extra_cols)
+                          if samples is not None else None))
+            except ValueError:
+                summary.warnings = []
             previous = tables_current(out_dir, tables_key)
             if previous is not None and not summary.processed and not removed:
                 summary.comparison = previous  # nothing changed: tables are already current
@@ -538,6 +553,7 @@ def analyze_folder(
                 "comparison": summary.comparison,
                 "failed_slides": [{"slide": s, "error": e} for s, e in summary.failed_slides],
                 "renamed": [{"from": a, "to": b} for a, b in summary.renamed],
+                "warnings": summary.warnings,
             }
             atomic_write_text(out_dir / "run.json", json.dumps(run_json, indent=2) + "\n")
             store.finish_run(
@@ -597,9 +613,23 @@ def build_slides_table(sheet: pd.DataFrame, records: list[dict[str, Any]]) -> pd
         if col not in df.columns:
             df[col] = np.nan
     sheet_cols = [c for c in sheet.columns if c not in SLIDE_COLUMNS]
-    first = SLIDE_COLUMNS[:3] + sheet_cols + SLIDE_COLUMNS[3:]
-    rest = sorted(c for c in df.columns if c not in first)
-    return df[first + rest]
+    return df[schema.ordered(df.columns, "slides", first_extra=sheet_cols)]
+
+
+def study_warnings(slides_df: pd.DataFrame, settings: Settings, *,
+                   mice: pd.DataFrame | None = None, control: str | None = None) -> list[str]:
+    """Everything a person should know before trusting the tables, one line each: slides
+    measured differently or identical, each slide's stain warning, and groups the headline gives
+    no p value (:func:`fibroquant.stats.group_warnings`; ``mice`` None: no groups compared)."""
+    from fibroquant import stats
+
+    out = [p for p in (blob_rule_mixed(slides_df, settings), identical_files(slides_df)) if p]
+    if "stain_warning" in slides_df.columns:
+        out += [f"{r.slide}: {r.stain_warning}" for r in slides_df.itertuples()
+                if isinstance(r.stain_warning, str) and r.stain_warning]
+    if mice is not None:
+        out += stats.group_warnings(mice, control)
+    return out
 
 
 def slide_status(record: dict[str, Any]) -> str:
@@ -664,7 +694,7 @@ def _statistics(
     else:
         sentence = stats.summary_sentence(groups)
     omnibus = mixed = None
-    if mice.loc[mice["n_slides"] > 0, "group"].nunique() >= 2:  # normality / equal variance
+    if mice.loc[mice["n_slides"] > 0, "group"].nunique() > 2:  # more than one comparison
         try:
             omnibus = stats.omnibus_tests(mice)
         except Exception as exc:  # noqa: BLE001
@@ -673,8 +703,9 @@ def _statistics(
         mixed, reason = stats.mixed_model_with_reason(slides_df, control=ctrl)
     except Exception as exc:  # noqa: BLE001
         mixed, reason = None, one_line(exc)
-    if mixed is None and reason:
-        warnings.append(f"mixed model not fitted: {reason}")
+    ok = slides_df[slides_df["status"] == "ok"]
+    if mixed is None and reason and (ok.groupby("mouse").size() >= 2).sum() >= 2:
+        warnings.append(f"mixed model not fitted: {reason}")  # not for one section per mouse
     return groups, omnibus, mixed, sentence, warnings
 
 
@@ -788,14 +819,17 @@ def write_tables(
         grouped, mice, control=control, has_sheet=has_sheet)
     written = ["slides.csv", "mice.csv", "groups.csv", "provenance.json", "results.xlsx",
                "report.html"]
-    atomic_write_csv(out_dir / "slides.csv", slides_df)
-    atomic_write_csv(out_dir / "mice.csv", mice)
-    atomic_write_csv(out_dir / "groups.csv", groups)
+    # rounded for reading; the store and the xlsx keep full precision
+    atomic_write_csv(out_dir / "slides.csv", schema.round_table(slides_df, "slides"))
+    atomic_write_csv(out_dir / "mice.csv", schema.round_table(mice, "mice"))
+    atomic_write_csv(out_dir / "groups.csv", schema.round_table(groups, "groups"))
     atomic_write_text(out_dir / "provenance.json",
                       json.dumps(provenance, indent=2, default=str) + "\n")
     settings_dict = settings.model_dump(mode="json")
     report.write_xlsx(out_dir / "results.xlsx", slides=slides_df, mice=mice, groups=groups,
-                      settings=settings_dict, provenance=provenance)
+                      settings=settings_dict, provenance=provenance, summary=sentence,
+                      warnings=study_warnings(slides_df, settings, control=control,
+                                              mice=mice if has_sheet else None))
     plots_dir = out_dir / "plots"
     plots: list[Path] = []
     ctrl = groups.attrs.get("control") if has_sheet else None
@@ -807,13 +841,9 @@ def write_tables(
     plots += report.plot_stain_qc(slides_df, plots_dir / "stain_qc")
     qc = {s: output_files(out_dir, stem, ("qc",))["qc"]
           for s, stem in output_stems(slides_df["slide"]).items()}
-    for problem in (blob_rule_mixed(slides_df, settings), identical_files(slides_df)):
-        if problem:
-            logger.warning("%s", problem)
-            warnings.append(problem)
-    for r in slides_df.itertuples():
-        if isinstance(r.stain_warning, str) and r.stain_warning:
-            warnings.append(f"{r.slide}: {r.stain_warning}")
+    for problem in study_warnings(slides_df, settings, mice=mice if has_sheet else None,
+                                  control=control):
+        warnings.append(problem)  # the console shows RunSummary.warnings
     report.write_report_html(
         out_dir / "report.html", title="fibroquant: collagen proportionate area",
         slides=slides_df, mice=mice, groups=groups, omnibus=omnibus, mixed=mixed,

@@ -516,43 +516,13 @@ def _checked(
     return result, angles, warnings, tuple(estimated)
 
 
-#: How much closer (degrees of angle) the counterstain's estimate may come to the slide's
-#: current collagen-stain estimate than the counterstain's preset is, by collagen stain;
-#: :func:`_refine` re-applies it in every iteration (any turn from the preset is limited to
-#: ``max_angle_deg`` afterwards).
-#:
-#: Sirius red: parenchyma carries some Sirius red almost everywhere, so the "purest" picric
-#: acid pixels are mixtures; their median direction lies between the two stains, and each
-#: iteration, counting more mixtures as picric acid, moves it further: more than 10° (up to 23°)
-#: towards Sirius red in 12 of 60 sweep sections whose true vectors were at most 8° from their
-#: presets. Up to a point that helps: the estimate then stands for the parenchyma's own colour,
-#: which the relative threshold needs apart from the collagen. Past ``max_angle_deg`` the whole
-#: estimate was rejected and the preset kept, and on a pale counterstain the preset leaves the
-#: parenchyma Sirius-red dominated, its level taken for collagen's (accuracy grid point "pale
-#: counterstain": the start from the data's corners ran to 28°, was rejected, +1.06 pp; held at
-#: 15° it is kept, -0.06 pp). So the limit holds the estimate instead of letting it run to a
-#: rejection. Its value sits on a knife edge, measured: at 12° the held vector leaves too few
-#: picric-dominated pixels to count as estimated (preset again, +1.06 pp), and a picric acid
-#: truly turned 16° towards Sirius red reads +1.7 pp (within 0.3 pp at 15°). The 120-section
-#: sweep reads alike with and without it.
-#:
-#: Masson trichrome is not limited when estimated from the presets: purple cytoplasm (ponceau
-#: and aniline blue bound together) is a colour of its own, and a ponceau estimate turned into
-#: it keeps the blue fibres apart from it. On the three real purple Masson liver tiles a limit
-#: raised the purple guard and lost visible blue fibres (-1.3 to -1.4 pp on two of them). From
-#: the data's corners every protocol is held (:data:`CORNER_COUNTERSTAIN_MAX_TOWARD_COLLAGEN_DEG`).
+#: How much closer (degrees) the counterstain's estimate may come to the collagen stain's than
+#: its preset is, by collagen stain; :func:`_refine` re-applies it every iteration. Why 15° for
+#: Sirius red and none for Masson: docs/decisions.md#counterstain-hold
 COUNTERSTAIN_MAX_TOWARD_COLLAGEN_DEG: dict[str, float] = {"sirius-red": 15.0}
 
 #: The same limit, for every protocol, when the estimate starts from the data's corners
-#: (:func:`_vertex_start`). That start is taken when the presets find too few pixels dominated
-#: by the collagen stain or the counterstain; when it is the counterstain, no pure counterstain
-#: pixel exists, and its corner is a mixture too. Masson sweep seed 65 (pale ponceau under
-#: twice as much non-specific aniline blue): the presets found no ponceau-dominated pixel, the
-#: corner lay 21° towards the blue, the refined estimate 23°, and the raised share guard took
-#: the fibres and the capsule (CPA 0.03 % against a true 5.9 %; +0.09 pp held). The real purple
-#: Masson tiles are estimated from the presets (43,000-57,000 ponceau-dominated pixels) and
-#: stay free. 60-section Masson sweep: MAE 0.59 -> 0.46 pp, max 5.87 -> 1.94; the far-drifted
-#: test stains (all three turned 12-20°, found from the corners) still read within 0.1 pp.
+#: (:func:`_vertex_start`). Why: docs/decisions.md#corner-hold
 CORNER_COUNTERSTAIN_MAX_TOWARD_COLLAGEN_DEG = 15.0
 
 

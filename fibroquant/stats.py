@@ -41,9 +41,13 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from fibroquant import schema
+
 __all__ = [
     "GROUP_COLUMNS",
     "compare_groups",
+    "edit_distance",
+    "group_problems",
     "hedges_g",
     "mixed_model",
     "mixed_model_with_reason",
@@ -58,35 +62,7 @@ logger = logging.getLogger(__name__)
 _Z975 = float(sps.norm.ppf(0.975))
 
 #: Columns of the table returned by :func:`compare_groups`, in order.
-GROUP_COLUMNS: tuple[str, ...] = (
-    "group",
-    "is_control",
-    "n_mice",
-    "cpa_mean_percent",
-    "cpa_sd",
-    "cpa_sem",
-    "cpa_median",
-    "cpa_min",
-    "cpa_max",
-    "diff_vs_control_pp",
-    "diff_ci_low_pp",
-    "diff_ci_high_pp",
-    "diff_boot_ci_low_pp",
-    "diff_boot_ci_high_pp",
-    "change_vs_control_percent",
-    "change_ci_low_percent",
-    "change_ci_high_percent",
-    "welch_t",
-    "welch_df",
-    "welch_p",
-    "mannwhitney_u",
-    "mannwhitney_p",
-    "hedges_g",
-    "hedges_g_ci_low",
-    "hedges_g_ci_high",
-    "dunnett_p",
-    "holm_welch_p",
-)
+GROUP_COLUMNS: tuple[str, ...] = tuple(schema.names("groups"))
 
 _COMPARISON_COLUMNS = GROUP_COLUMNS[GROUP_COLUMNS.index("diff_vs_control_pp"):]
 
@@ -760,6 +736,83 @@ def mixed_model(
 
 
 # --------------------------------------------------------------------------------------------
+# groups a headline must not give a p value for
+# --------------------------------------------------------------------------------------------
+
+#: Fewest mice in a group for a p value in the headline (with fewer, one animal decides).
+MIN_MICE_FOR_P = 3
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Edits (insert, delete, substitute, swap two neighbours) from ``a`` to ``b``, ignoring
+    case: the optimal-string-alignment distance, so ``MCS`` is one edit from ``MSC``."""
+    a, b = a.casefold(), b.casefold()
+    prev2: list[int] = []
+    prev = list(range(len(b) + 1))
+    for i in range(1, len(a) + 1):
+        cur = [i] + [0] * len(b)
+        for j in range(1, len(b) + 1):
+            cost = a[i - 1] != b[j - 1]
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + cost)
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                cur[j] = min(cur[j], prev2[j - 2] + 1)
+        prev2, prev = prev, cur
+    return prev[len(b)]
+
+
+def group_problems(n_mice: dict[str, int], control: str | None = None,
+                   min_mice: int = MIN_MICE_FOR_P) -> dict[str, str]:
+    """Groups whose comparison a headline must not give a p value for, with the reason.
+
+    Parameters
+    ----------
+    n_mice : dict of str to int
+        Mice with a value per group.
+    control : str, optional
+        The control group: when it is too small, every comparison is flagged.
+    min_mice : int
+        Fewest mice for a p value.
+
+    Returns
+    -------
+    dict of str to str
+        Group -> reason, e.g. ``"1 mouse (fewer than 3)"`` or ``"one edit from 'MSC' (a
+        misspelt group name?)"``. Of two names one edit apart, the group with fewer mice is
+        flagged (both when they have as many).
+    """
+    out: dict[str, str] = {}
+    names = [g for g in n_mice if g]
+    for g in names:
+        n = n_mice[g]
+        if 0 < n < min_mice:
+            out[g] = f"{n} mouse" if n == 1 else f"{n} mice"
+            out[g] += f" (fewer than {min_mice})"
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if edit_distance(a, b) != 1:
+                continue
+            for g, other in ((a, b), (b, a)):
+                if n_mice[g] <= n_mice[other] and g != control:
+                    why = f"one edit from {other!r} (a misspelt group name?)"
+                    out[g] = f"{out[g]}, {why}" if g in out else why
+    if control is not None and control in out:
+        reason = f"the control {control!r} has {out[control]}"
+        out.update({g: reason for g in names if g != control and g not in out})
+    return out
+
+
+def group_warnings(mice: pd.DataFrame, control: str | None = None, *,
+                   value: str = "cpa_percent", group_col: str = "group") -> list[str]:
+    """One console/report line per group a headline gives no p value (:func:`group_problems`)."""
+    if group_col not in mice.columns or mice[group_col].nunique() < 2:
+        return []
+    data, _ = _group_values(mice, value, group_col)
+    ctrl = resolve_control(list(data), control) if control is None or control in data else None
+    problems = group_problems({g: len(x) for g, x in data.items()}, ctrl)
+    return [f"group {g!r}: {why}: no p value in the headline" for g, why in problems.items()]
+
+
+# --------------------------------------------------------------------------------------------
 # sentence
 # --------------------------------------------------------------------------------------------
 
@@ -808,7 +861,9 @@ def summary_sentence(groups_df: pd.DataFrame) -> str:
     str
         E.g. "CPA in MSC was 4.1 ± 0.8 % (mean ± SD, n = 5 mice) vs 6.9 ± 1.1 % in control:
         −2.8 pp (95% CI −4.1 to −1.5), −40 %, Welch p = 0.002, Hedges' g = −2.6." With more
-        than two groups the Dunnett p is added. Without a control, the groups are described and
+        than two groups the Dunnett-adjusted p replaces Welch's. A group with fewer than
+        :data:`MIN_MICE_FOR_P` mice, or named one edit from another (:func:`group_problems`),
+        gets the reason instead of a p value. Without a control, the groups are described and
         the sentence says no comparison was made. Undefined numbers are left out.
     """
     if groups_df.empty:
@@ -828,6 +883,10 @@ def summary_sentence(groups_df: pd.DataFrame) -> str:
 
     ctrl = df.iloc[ctrl_idx]
     ctrl_text = _describe(ctrl).replace(" (mean ± SD, ", " (")
+    problems = group_problems({str(r["group"]): int(r["n_mice"]) for _, r in df.iterrows()},
+                              str(ctrl["group"]))
+    # more than two groups: the comparison-adjusted test is the headline's, named
+    adjusted = "dunnett_p" in df.columns and bool(df["dunnett_p"].notna().any())
     sentences = []
     for i, row in df.iterrows():
         if i == ctrl_idx:
@@ -844,11 +903,15 @@ def summary_sentence(groups_df: pd.DataFrame) -> str:
         change = row.get("change_vs_control_percent", math.nan)
         if pd.notna(change):
             pieces.append(f"{_num(change, 0)} %")
-        if pd.notna(row.get("welch_p", math.nan)):
+        why = problems.get(str(row["group"]))
+        if why and pd.notna(diff):
+            pieces.append(f"no p value: {why}")
+        elif adjusted:
+            if pd.notna(row.get("dunnett_p", math.nan)):
+                pieces.append(f"Dunnett-adjusted {_p(row['dunnett_p'])}")
+        elif pd.notna(row.get("welch_p", math.nan)):
             pieces.append(f"Welch {_p(row['welch_p'])}")
-        if pd.notna(row.get("dunnett_p", math.nan)):
-            pieces.append(f"Dunnett {_p(row['dunnett_p'])}")
-        if pd.notna(row.get("hedges_g", math.nan)):
+        if pd.notna(row.get("hedges_g", math.nan)) and not why:
             pieces.append(f"Hedges' g = {_num(row['hedges_g'], 1)}")
         if pieces:
             text += ": " + ", ".join(pieces)

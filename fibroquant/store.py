@@ -1099,6 +1099,36 @@ class ResultStore:
             ).fetchall()
         return {slide: (fp, sh, status) for slide, fp, sh, status in rows}
 
+    _MPP_TABLE = ("CREATE TABLE IF NOT EXISTS slide_mpp "
+                  "(slide TEXT PRIMARY KEY, mpp REAL NOT NULL)")
+
+    def remember_mpp(self, slides: Iterable[str], mpp: float) -> None:
+        """Remember ``--mpp`` (µm/px for files without their own) for these slide paths, so a
+        later run without it measures them the same way (a cron rerun must not fail them).
+
+        Parameters
+        ----------
+        slides : iterable of str
+            Slide paths relative to the slides folder.
+        mpp : float
+            µm per pixel given with ``--mpp``.
+        """
+        with self._transaction("remember --mpp") as conn:
+            conn.execute(self._MPP_TABLE)
+            conn.executemany("INSERT OR REPLACE INTO slide_mpp (slide, mpp) VALUES (?, ?)",
+                             [(s, float(mpp)) for s in slides])
+
+    def remembered_mpp(self) -> dict[str, float]:
+        """Slide path -> the ``--mpp`` last given for it (:meth:`remember_mpp`)."""
+        with self._errors("read remembered --mpp"):
+            exists = self._db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'slide_mpp'"
+            ).fetchone()
+            if not exists:
+                return {}
+            rows = self._db.execute("SELECT slide, mpp FROM slide_mpp").fetchall()
+        return {str(s): float(m) for s, m in rows}
+
     def slide_paths(self) -> list[str]:
         """Return every slide path the store currently knows (the last run's folder), sorted."""
         with self._errors("list slides"):

@@ -22,7 +22,7 @@ OUTPUT_KINDS = ("qc", "collagen", "tissue", "geojson")
 #: The kinds written only with ``--masks``.
 MASK_KINDS = ("collagen", "tissue", "geojson")
 #: Folder and file-name ending of each kind.
-_OUTPUT_PLACES = {"qc": ("qc", ".png"), "collagen": ("masks", ".collagen.png"),
+_OUTPUT_PLACES = {"qc": ("qc", ".jpg"), "collagen": ("masks", ".collagen.png"),
                   "tissue": ("masks", ".tissue.png"), "geojson": ("geojson", ".geojson")}
 
 
@@ -187,8 +187,8 @@ def move_outputs(out_dir: str | Path, old_stem: str, new_stem: str, new_slide: s
                  masks: bool) -> bool:
     """Give a renamed slide the output files of its old name (the same content, measured).
 
-    The overlay (and with ``masks`` the masks and the GeoJSON, whose annotation names are
-    rewritten to ``new_slide``) are moved from ``old_stem`` to ``new_stem``: the images by
+    The overlay (its slide name redrawn) and, with ``masks``, the masks and the GeoJSON (whose
+    annotation names are rewritten to ``new_slide``) are moved from ``old_stem`` to ``new_stem``: the images by
     ``os.replace``, the GeoJSON rewritten atomically (fsynced) and its old file removed last.
     Without ``masks``, masks and GeoJSON left at ``new_stem`` by an earlier content are
     removed, as a measurement without ``--masks`` would.
@@ -228,6 +228,9 @@ def move_outputs(out_dir: str | Path, old_stem: str, new_stem: str, new_slide: s
         dst["geojson"].parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(dst["geojson"], geojson)
         remove_files([src["geojson"]])
+    from fibroquant.report import retitle_qc  # noqa: PLC0415 - only on a rename
+
+    retitle_qc(dst["qc"], new_slide)  # the overlay names its slide
     return True
 
 

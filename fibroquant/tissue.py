@@ -460,12 +460,7 @@ CAPSULE_LOCAL_UM = 100.0
 #: septum or a portal tract running into the capsule, not a thicker stretch of capsule.
 CAPSULE_SEPTUM_FACTOR = 2.0
 #: The capsule's depth near a ray is this quantile of the depths of the rays within about
-#: CAPSULE_LOCAL_UM along the edge. Not the median: a portal tract lying along the capsule
-#: makes a long stretch of rays deep (capsule and tract together), and with the median such a
-#: stretch set its own measure and was removed whole as "thicker capsule" (synthetic sections
-#: 22: -1.0 to -1.3 pp CPA; with 0.3, -0.3 to -0.5). A portal tract may now fill up to 70 % of
-#: the window. Lower quantiles reach the short rays of a ragged capsule: 0.15 raised the
-#: 60-section sweep's MAE from 0.41-0.46 to 0.49-0.57 pp, 0.1 to 1.0-1.1.
+#: CAPSULE_LOCAL_UM along the edge (not the median). Why 0.3: docs/decisions.md#capsule-quantile
 CAPSULE_TYPICAL_QUANTILE = 0.3
 
 

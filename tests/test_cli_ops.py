@@ -260,6 +260,24 @@ def test_watch_once(two_slides: Path, tmp_path: Path) -> None:
     assert len(pd.read_csv(out / "slides.csv")) == 2
 
 
+def test_watch_once_takes_analyze_options_and_does_not_wait_for_settled_files(
+        two_slides: Path, tmp_path: Path) -> None:
+    """Files unchanged for longer than --settle are analysed at once; --masks reaches analyze."""
+    import time
+
+    old = time.time() - 3600
+    for f in two_slides.iterdir():
+        os.utime(f, (old, old))
+    out = tmp_path / "out"
+    t0 = time.perf_counter()
+    res = invoke("watch", str(two_slides), "--out", str(out), "--settle", "20", "--once",
+                 "--workers", "1", "--masks", "--analysis-mpp", "1.0", "--force")
+    assert res.exit_code == 0, res.output
+    assert time.perf_counter() - t0 < 20  # no 20 s quiet period for files an hour old
+    assert len(list((out / "masks").glob("*.collagen.png"))) == 2
+    assert (pd.read_csv(out / "slides.csv")["analysis_mpp"] == 1.0).all()
+
+
 def test_settler_waits_for_size_to_stop_changing(tmp_path: Path) -> None:
     now = [0.0]
     s = Settler(5.0, clock=lambda: now[0])

@@ -31,9 +31,27 @@ def test_compare_reproduces_groups_without_reading_slides(analyzed, tmp_path):
     assert res.exit_code == 0, res.output
     got = pd.read_csv(tmp_path / "c" / "groups.csv").set_index("group")
     stored = pd.read_csv(analyzed / "groups.csv").set_index("group")
-    assert got.loc["MSC", "welch_p"] == pytest.approx(stored.loc["MSC", "welch_p"], rel=1e-12)
+    assert got.loc["MSC", "welch_p"] == stored.loc["MSC", "welch_p"]  # both rounded alike
     assert "Welch p" in res.output
     assert (tmp_path / "c" / "cpa_groups.png").stat().st_size > 0
+    record = json.loads((tmp_path / "c" / "compare.json").read_text())
+    assert record["by"] == "group"
+    assert record["where"] == []
+    # from the store at full precision: the run's own statistics to the last digit
+    js = runner.invoke(app, ["compare", str(analyzed), "--json"])
+    full = pd.read_excel(analyzed / "results.xlsx", sheet_name="groups").set_index("group")
+    assert pd.DataFrame(json.loads(js.output)).set_index("group").loc["MSC", "welch_p"] \
+        == pytest.approx(full.loc["MSC", "welch_p"], rel=1e-12)
+
+
+def test_compare_save_never_writes_into_a_run(analyzed):
+    """Issue 23: --save OUT_DIR overwrote the study's own groups.csv with a subset."""
+    before = (analyzed / "groups.csv").read_bytes()
+    res = runner.invoke(app, ["compare", str(analyzed), "--where", "session=A",
+                              "--save", str(analyzed)])
+    assert res.exit_code == 2
+    assert "holds an analyze run's tables" in res.output
+    assert (analyzed / "groups.csv").read_bytes() == before
 
 
 def test_compare_by_another_column_and_subset(analyzed):
@@ -42,7 +60,7 @@ def test_compare_by_another_column_and_subset(analyzed):
     assert res.exit_code == 0, res.output
     table = pd.DataFrame(json.loads(res.output))
     assert sorted(table["group"].astype(str)) == ["0", "1", "2"]
-    mice = pd.read_csv(analyzed / "mice.csv")
+    mice = pd.read_excel(analyzed / "results.xlsx", sheet_name="mice")  # full precision
     ctrl = mice.loc[mice["group"] == "control", "cpa_percent"]
     dose2 = mice.loc[mice["mouse"].isin(["t2", "t3"]), "cpa_percent"]
     row = table.set_index(table["group"].astype(str)).loc["2"]

@@ -326,3 +326,26 @@ def test_record_columns_name_every_column_of_a_measured_record() -> None:
     record = pipeline.analyze_slide("x.png", Settings(), slide=ArraySlide(rgb, 0.5)).record
     assert set(record) <= RECORD_COLUMNS
     assert "mpp" not in RESERVED_COLUMNS and "stain" in RESERVED_COLUMNS
+
+
+def test_every_sheet_problem_is_reported_at_once(tmp_path: Path, slides_dir: Path,
+                                                 slide_files: list[Path]) -> None:
+    """Issue 23: a sheet with four mistakes costs one run, not four."""
+    sheet = tmp_path / "sheet.csv"
+    sheet.write_text("slide,mouse,group,mpp\n"
+                     "c1_s1.tif,C1,control,0.5\n"
+                     "c1_s2.tif,C1,MSC,0.5\n"          # C1 in two groups
+                     "m1_s1.tif,M1,,0.5\n"              # empty group
+                     "sub/m2_s1.ndpi,M2,MSC,abc\n"      # bad mpp
+                     "sub/m3_s1.ndpi,M3,MSC,0.5\n")     # no such file
+    with pytest.raises(SampleSheetError) as info:
+        read_sample_sheet(sheet, slides_dir, slide_files)
+    text = str(info.value)
+    assert "\n" not in text
+    assert text.startswith("sample sheet sheet.csv: 4 problems: ")
+    for part in ("empty value in column 'group' at row 4",
+                 "slide 'sub/m3_s1.ndpi' at row 6 does not exist",
+                 "did you mean 'sub/m2_s1.ndpi'?",
+                 "mouse 'C1' is assigned to more than one group ('MSC', 'control'; rows 2, 3)",
+                 "mpp 'abc' at row 5"):
+        assert part in text, part

@@ -23,8 +23,12 @@ def test_cli_overrides_win_over_file(tmp_path):
 
 
 @pytest.mark.parametrize(("text", "match"), [
-    ("tissue:\n  lumen_min_area_um: 5\n", r"tissue\.lumen_min_area_um: Extra inputs"),
-    ("collagen:\n  relative_threshold: 2\n", r"collagen\.relative_threshold: Input should be less"),
+    ("tissue:\n  lumen_min_area_um: 5\n",
+     r"tissue\.lumen_min_area_um: unknown setting; did you mean tissue\.lumen_min_area_um2\?"),
+    ("collagen:\n  relative_threshold: 2\n", r"collagen\.relative_threshold: should be less"),
+    ("collagen:\n  relative_threshold: abc\n",
+     r"collagen\.relative_threshold: expected a number, got 'abc'"),
+    ("colagen:\n  relative_threshold: 0.2\n", r"colagen: unknown setting; did you mean collagen\?"),
     ("stains: [1, 2\n", "not a readable YAML"),
     ("- a\n- b\n", "expected a mapping"),
 ])

@@ -79,7 +79,7 @@ def test_cluster_object_gives_the_local_tables(cluster, study_with_bad, local_ru
     assert "cut.tif" in slides.loc["cut.tif", "error"]
     assert (slides.drop(index="cut.tif")["status"] == "ok").all()
     for stem in ("c1_s1", "t3_s1"):
-        assert (out / "qc" / f"{stem}.png").stat().st_size > 0
+        assert (out / "qc" / f"{stem}.jpg").stat().st_size > 0
 
 
 def test_scheduler_address_on_the_command_line(cluster, study_with_bad, local_run, tmp_path):

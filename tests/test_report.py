@@ -43,7 +43,7 @@ NASTY = '<b>&"x"'
 @pytest.fixture
 def slides() -> pd.DataFrame:
     rows = [
-        # slide, mouse, group, status, error, cpa, tissue, angle, p50, warning
+        # slide, mouse, group, status, error, cpa, tissue, angle, collagen level, warning
         ("c1_s1.tif", "C1", "control", "ok", "", 8.1, 20.0, 2.0, 0.55, ""),
         ("c1_s2.tif", "C1", "control", "ok", "", 7.5, 18.0, 3.1, 0.52, ""),
         ("c2_s1.tif", "C2", "control", "ok", "", 9.3, 22.0, 1.5, 0.58, ""),
@@ -56,15 +56,16 @@ def slides() -> pd.DataFrame:
          math.nan, math.nan, ""),
     ]
     cols = ["slide", "mouse", "group", "status", "error", "cpa_percent", "tissue_area_mm2",
-            "stain_angle_deg", "collagen_stain_p50_od", "stain_warning"]
+            "stain_angle_deg", "collagen_level_od", "stain_warning"]
     df = pd.DataFrame(rows, columns=cols)
     df["collagen_area_mm2"] = df["cpa_percent"] * df["tissue_area_mm2"] / 100
     df["mpp"] = 0.46
     df["analysis_mpp"] = 1.84
-    df["collagen_od_mean"] = df["collagen_stain_p50_od"] * 1.1
+    df["collagen_od_mean"] = df["collagen_level_od"] * 1.1
     df["lumen_area_mm2"] = 0.8
     df["capsule_area_mm2"] = 0.3
-    df["artefact_area_mm2"] = 0.0
+    for name in ("fold", "vessel_wall", "unfocused", "bubble"):  # every exclusion column
+        df[f"{name}_area_mm2"] = 0.0
     df["stain"] = "sirius-red"
     df["seconds"] = 12.3
     df["batch"] = "2024-05"  # extra sample-sheet column
@@ -303,11 +304,34 @@ def test_write_xlsx_sheets_and_rows(tmp_path: Path, slides: pd.DataFrame, mice: 
     evil = slides.copy()
     evil.loc[0, "slide"] = "=HYPERLINK(\"x\")"
     path = tmp_path / "results.xlsx"
+    evil.loc[1, "cpa_percent"] = 7.123456789012  # full precision kept
+    many = [{"slide": f"s{i:04d}.svs", "fingerprint": "f" * 64, "size_bytes": 10**9}
+            for i in range(400)]  # a large study: its inputs' JSON is over Excel's cell limit
+    path = tmp_path / "results.xlsx"
     write_xlsx(path, slides=evil, mice=mice, groups=groups, settings=SETTINGS,
-               provenance=PROVENANCE)
+               provenance={**PROVENANCE, "inputs": many}, summary="MSC lower.",
+               warnings=["group 'MCS': 1 mouse"])
     wb = openpyxl.load_workbook(path)
-    assert wb.sheetnames == ["slides", "mice", "groups", "settings", "provenance"]
+    assert wb.sheetnames == ["summary", "slides", "mice", "groups", "settings", "provenance",
+                             "inputs", "columns"]
     assert wb["slides"]["A2"].data_type == "s"  # not a formula
+    ws = wb["slides"]
+    assert ws.freeze_panes == "A2"
+    assert ws.auto_filter.ref == f"A1:{openpyxl.utils.get_column_letter(ws.max_column)}10"
+    header = [c.value for c in ws[1]]
+    cpa = ws.cell(row=3, column=header.index("cpa_percent") + 1)
+    assert cpa.value == 7.123456789012
+    assert cpa.number_format == "0.00"
+    assert "collagen area / tissue area" in ws.cell(row=1, column=header.index("cpa_percent")
+                                                    + 1).comment.text
+    summary = dict(zip(*zip(*[(r[0].value, r[1].value) for r in wb["summary"].iter_rows(
+        min_row=2)], strict=True), strict=True))
+    assert summary["comparison"] == "MSC lower."
+    assert summary["warning 1"] == "group 'MCS': 1 mouse"
+    assert summary["slides failed"] == 1
+    assert wb["inputs"].max_row == 401
+    assert max(len(str(c.value or "")) for row in wb["provenance"].iter_rows() for c in row) \
+        < 32767
 
     sheets = pd.read_excel(path, sheet_name=None)
     assert len(sheets["slides"]) == len(slides)
@@ -324,6 +348,8 @@ def test_write_xlsx_sheets_and_rows(tmp_path: Path, slides: pd.DataFrame, mice: 
     prov = dict(zip(sheets["provenance"]["key"], sheets["provenance"]["value"], strict=True))
     assert prov["packages.numpy"] == 2.4 or str(prov["packages.numpy"]) == "2.4"
     assert len(sheets["provenance"]) == 5
+    columns = sheets["columns"]
+    assert set(columns["column"]) >= {"cpa_percent", "fold_area_mm2", "dunnett_p"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -432,6 +458,11 @@ def test_report_html_self_contained_escaped_and_complete(report_path: Path,
     assert "7.90" in text  # CPA with 2 dp
     assert "Mouse is the experimental unit".lower() in text.lower()
     assert "abc123" in text  # provenance
+    from fibroquant import schema
+
+    for col in schema.SLIDES:  # every exclusion column, under its schema label
+        if col.kind == "exclusion":
+            assert f"<th>{html.escape(col.label)}</th>" in text, col.name
     assert [p.name for p in report_path.parent.glob(".report.html*")] == []
 
 
@@ -477,4 +508,75 @@ def test_report_html_with_empty_tables(tmp_path: Path) -> None:
     assert "No measured slides" in text
     write_xlsx(tmp_path / "empty.xlsx", slides=empty, mice=empty, groups=empty, settings={},
                provenance={})
-    assert openpyxl.load_workbook(tmp_path / "empty.xlsx").sheetnames[0] == "slides"
+    assert openpyxl.load_workbook(tmp_path / "empty.xlsx").sheetnames[:2] == ["summary", "slides"]
+
+
+def test_write_qc_fills_collagen_colours_each_exclusion_and_adds_legend(tmp_path: Path) -> None:
+    """Collagen filled in a colour against the stain, each exclusion its own colour, a band
+    with name, legend and scale bar below the image; a JPEG."""
+    from types import SimpleNamespace
+
+    from fibroquant import kernels
+    from fibroquant.report import COLLAGEN_FILL_ON_RED_RGB, EXCLUSION_COLOURS, write_qc
+
+    h, w = 200, 300
+    thumb = np.full((h, w, 3), 240, np.uint8)
+    tissue = np.zeros((h, w), bool)
+    tissue[20:180, 20:280] = True
+    collagen = np.zeros((h, w), bool)
+    collagen[60:80, 40:260] = True
+    thumb[collagen] = (200, 30, 60)  # Sirius-red collagen
+    thumb[tissue & ~collagen] = (235, 190, 120)
+    excluded = np.zeros((h, w), bool)
+    excluded[120:160, 40:100] = True  # a lumen
+    excluded[120:160, 200:260] = True  # an unfocused tile (no class bit)
+    flags = np.zeros((h // 4, w // 4), np.uint8)  # low resolution, as the pipeline keeps it
+    flags[30:40, 10:25] = kernels.FLAG_LUMEN
+    analysis = SimpleNamespace(thumbnail=thumb, collagen_mask=collagen,
+                               tissue_mask=tissue & ~excluded, excluded_mask=excluded,
+                               mask_mpp=2.0, flags=flags)
+    path = tmp_path / "qc" / "s1.jpg"
+    write_qc(path, analysis, title="s1.svs")
+    assert path.read_bytes()[:3] == b"\xff\xd8\xff"  # JPEG
+    img = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB).astype(int)
+    assert img.shape[1] == w
+    assert img.shape[0] > h + 20  # the legend band
+
+    def near(px: np.ndarray, rgb: tuple[int, int, int], tol: float) -> bool:
+        return bool(np.abs(px - np.array(rgb)).max() <= tol)
+
+    fill = 0.4 * np.array([200, 30, 60]) + 0.6 * np.array(COLLAGEN_FILL_ON_RED_RGB)
+    assert near(img[70, 150], tuple(fill), 12)
+    base = 0.3 * np.array([235, 190, 120])
+    lumen = base + 0.7 * np.array(EXCLUSION_COLOURS["lumen"])
+    assert near(img[140, 70], tuple(lumen), 12)
+    unfocused = base + 0.7 * np.array(EXCLUSION_COLOURS["unfocused"])
+    assert near(img[140, 230], tuple(unfocused), 12)
+    assert near(img[100, 150], (235, 190, 120), 12)  # parenchyma untouched
+    band = img[h:]
+    assert (band < 80).all(axis=2).sum() > 200  # text and the scale bar drawn in black
+
+
+def test_retitle_qc_redraws_only_the_name(tmp_path: Path) -> None:
+    """A renamed slide keeps its overlay under its new name: the name line changes, the
+    picture does not (beyond JPEG re-encoding)."""
+    from types import SimpleNamespace
+
+    from fibroquant.report import qc_picture_height, retitle_qc, write_qc
+
+    thumb = np.full((150, 420, 3), 235, np.uint8)
+    tissue = np.zeros((150, 420), bool)
+    tissue[20:130, 20:400] = True
+    analysis = SimpleNamespace(thumbnail=thumb, collagen_mask=np.zeros_like(tissue),
+                               tissue_mask=tissue, excluded_mask=np.zeros_like(tissue),
+                               mask_mpp=1.0)
+    a, b = tmp_path / "a.jpg", tmp_path / "b.jpg"
+    write_qc(a, analysis, title="old-name.tif")
+    write_qc(b, analysis, title="a-much-longer-new-name.tif")
+    retitle_qc(a, "a-much-longer-new-name.tif")
+    ia, ib = (cv2.imread(str(p)).astype(int) for p in (a, b))
+    top = qc_picture_height(*ia.shape[:2])
+    assert top == 150
+    assert np.abs(ia[:top] - ib[:top]).mean() < 1.5
+    name_line = slice(top, top + 20)
+    assert np.abs(ia[name_line] - ib[name_line]).mean() < 3  # now shows the new name

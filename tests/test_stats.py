@@ -378,7 +378,9 @@ def test_summary_sentence_format() -> None:
 def test_summary_sentence_from_compare_groups(three_groups: pd.DataFrame) -> None:
     text = summary_sentence(compare_groups(three_groups, n_boot=100))
     assert text.count("CPA in ") == 2
-    assert "Dunnett p" in text and "in control" in text
+    assert "Dunnett-adjusted p" in text
+    assert "in control" in text
+    assert "Welch" not in text  # the unadjusted test is not the headline's with 3 groups
     none = summary_sentence(compare_groups(make_mice({"a": MSC, "b": CONTROL}), n_boot=10))
     assert "no comparison" in none
 
@@ -396,3 +398,37 @@ def test_mixed_model_convergence_problems_are_caught_not_warned() -> None:
         assert loose is not None and loose["converged"] is False
     else:  # a statsmodels version that copes: then it must say it is on the boundary or fine
         assert result["converged"]
+
+
+def test_edit_distance_counts_a_swap_as_one_edit() -> None:
+    from fibroquant.stats import edit_distance
+
+    assert edit_distance("MCS", "MSC") == 1  # two neighbours swapped
+    assert edit_distance("control", "Contrl") == 1
+    assert edit_distance("MSC", "MSC-high") == 5
+    assert edit_distance("abc", "cab") == 2
+    assert edit_distance("", "ab") == 2
+
+
+def test_misspelt_one_mouse_group_gets_no_p_value_in_the_headline() -> None:
+    """Issue 23: `MCS` for `MSC` made a one-mouse group the headline called significant."""
+    from fibroquant.stats import group_warnings
+
+    mice = make_mice({"control": CONTROL, "MSC": MSC, "MCS": [2.0]})
+    groups = compare_groups(mice, n_boot=50)
+    assert np.isfinite(groups.set_index("group").loc["MCS", "mannwhitney_p"])  # in the table
+    text = summary_sentence(groups)
+    mcs = next(s for s in text.split(". CPA in ") if s.startswith(("MCS", "CPA in MCS")))
+    assert "no p value: 1 mouse (fewer than 3), one edit from 'MSC'" in mcs
+    assert "p =" not in mcs and "p <" not in mcs
+    assert "Dunnett-adjusted p" in text  # MSC keeps its (adjusted) p
+    lines = group_warnings(mice)
+    assert lines == ["group 'MCS': 1 mouse (fewer than 3), one edit from 'MSC' (a misspelt "
+                     "group name?): no p value in the headline"]
+
+
+def test_small_control_flags_every_comparison() -> None:
+    mice = make_mice({"control": CONTROL[:2], "MSC": MSC})
+    text = summary_sentence(compare_groups(mice, n_boot=50))
+    assert "no p value: the control 'control' has 2 mice (fewer than 3)" in text
+    assert "Welch" not in text

@@ -1,0 +1,93 @@
+"""The one column schema (fibroquant.schema) against what the code really produces."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fibroquant import schema
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.fixture(scope="module")
+def record() -> dict:
+    from fibroquant import pipeline
+    from fibroquant.config import Settings
+    from fibroquant.slides import ArraySlide
+    from fibroquant.synthetic import SectionParams, make_section
+
+    rgb, _ = make_section(SectionParams(shape=(384, 384), mpp=0.5), rng=1)
+    rec = pipeline.analyze_slide("x.png", Settings(), slide=ArraySlide(rgb, 0.5)).record
+    return dict(getattr(rec, "to_record", lambda: rec)())
+
+
+def test_every_record_key_is_in_the_schema(record: dict) -> None:
+    unknown = set(record) - schema.record_keys()
+    assert not unknown, f"record keys the schema does not declare: {sorted(unknown)}"
+
+
+def test_every_measured_schema_column_is_produced_or_optional(record: dict) -> None:
+    produced = set(record) | {"fingerprint"}  # the store adds the fingerprint
+    missing = [c.name for c in schema.SLIDES
+               if c.source == "record" and not c.optional and c.name not in produced]
+    assert not missing, f"schema columns no record carries (mark them optional): {missing}"
+
+
+def test_names_are_unique_and_carry_units() -> None:
+    for table, cols in schema.TABLES.items():
+        names = [c.name for c in cols]
+        assert len(names) == len(set(names)), table
+        for c in cols:
+            if c.unit == "mm²":
+                assert c.name.endswith("_mm2"), c.name
+            if c.name.endswith("_mm2") and "_per_" not in c.name:
+                assert c.unit == "mm²", c.name
+
+
+def test_mice_columns_carried_from_slides_exist_in_mice() -> None:
+    mice = set(schema.names("mice"))
+    assert {c.name for c in schema.SLIDES if c.to_mice} <= mice
+
+
+def test_readme_tables_are_generated_from_the_schema() -> None:
+    text = README.read_text(encoding="utf-8")
+    for table in schema.TABLES:
+        assert f"<!-- schema:{table} -->" in text, table
+    assert schema.update_readme(text) == text, "run: python -m fibroquant.schema README.md"
+
+
+def test_round_table_rounds_as_declared() -> None:
+    frame = pd.DataFrame({
+        "slide": ["a", "b"], "level": [0.0, 2.0], "tissue_area_mm2": [0.8947685000000001, 12345.67],
+        "cpa_percent": [5.109056357602746, np.nan], "sheet_note": [1.23456789, 2.0],
+        "stain_vectors": ['{"x": 1}', None],
+    })
+    out = schema.round_table(frame, "slides")
+    assert out["level"].tolist() == [0, 2]
+    assert str(out["level"].dtype) == "Int64"
+    assert out["tissue_area_mm2"].tolist() == [0.8948, 12350.0]
+    assert out["cpa_percent"].iloc[0] == 5.11
+    assert math.isnan(out["cpa_percent"].iloc[1])
+    assert out["sheet_note"].tolist() == [1.23456789, 2.0]  # not in the schema: untouched
+    assert out["stain_vectors"].iloc[0] == '{"x": 1}'
+    groups = schema.round_table(pd.DataFrame({"welch_p": [0.0123456, 0.000012345]}), "groups")
+    assert groups["welch_p"].tolist() == [0.0123, 0.0000123]
+    assert frame["tissue_area_mm2"].iloc[0] == 0.8947685000000001  # input unchanged
+
+
+def test_slides_table_order_follows_the_schema() -> None:
+    from fibroquant.run import build_slides_table
+
+    sheet = pd.DataFrame({"slide": ["a.tif"], "mouse": ["M1"], "group": ["ctl"], "sex": ["f"]})
+    rec = {"slide": "a.tif", "status": "ok", "stain_fit": "{}", "cpa_percent": 1.0,
+           "zz_new": 1, "tissue_area_mm2": 2.0}
+    df = build_slides_table(sheet, [rec])
+    cols = list(df.columns)
+    assert cols[:4] == ["slide", "mouse", "group", "sex"]
+    assert cols.index("tissue_area_mm2") < cols.index("cpa_percent") < cols.index("stain_fit")
+    assert cols[-1] == "zz_new"
