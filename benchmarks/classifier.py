@@ -1,7 +1,7 @@
 """Pixel classifier: accuracy on held-out synthetic slides, and speed against the default path.
 
 ``python benchmarks/classifier.py [--n 9] [--train 3] [--fraction 0.05] [--size 1024]
-[--speed-size 3072] [--workdir DIR]``
+[--speed-size 3072] [--workdir DIR] [--no-traits] [--speed-only CLASSIFIER]``
 
 1. Draws ``--n`` Masson sections over realistic staining and imaging variation
    (:func:`fibroquant.synthetic.random_params`), written as lossless PNGs.
@@ -61,12 +61,13 @@ def cohort(work: Path, n: int, n_train: int, fraction: float, size: int) -> pd.D
     return pd.DataFrame(rows)
 
 
-def speed(clf_path: Path, size: int) -> None:
+def speed(clf_path: Path, size: int, traits: bool = True) -> None:
     rgb, _ = make_section(SectionParams(stain="masson", shape=(size, size), mpp=0.5,
                                         field_of_view=True, fibrosis=0.6), rng=7)
-    base = Settings.model_validate({"stains": {"stain": "masson"}})
-    with_clf = Settings.model_validate({"stains": {"stain": "masson"},
-                                        "classifier": str(clf_path)})
+    common = {"stains": {"stain": "masson"}, "traits": {"enabled": traits}}
+    base = Settings.model_validate(common)
+    with_clf = Settings.model_validate({**common, "classifier": str(clf_path)})
+    print(f"fibre traits {'on (the default)' if traits else 'off'}:")
     times = {}
     for name, settings in (("default", base), ("classifier", with_clf)):
         best = float("inf")
@@ -91,7 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--speed-size", type=int, default=3072)
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--no-traits", action="store_true", help="time without fibre traits")
+    ap.add_argument("--speed-only", type=Path, default=None, metavar="CLASSIFIER",
+                    help="only time the whole-slide runs with this classifier file")
     a = ap.parse_args(argv)
+    if a.speed_only is not None:
+        speed(a.speed_only, a.speed_size, traits=not a.no_traits)
+        return 0
     work = a.workdir or Path(tempfile.mkdtemp(prefix="fq-clf-"))
     truth = cohort(work, a.n, a.train, a.fraction, a.size)
     clf = work / "study.classifier"
@@ -115,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: CPA MAE {mae:.3f} pp over {len(table)} held-out slides"
               + (f" (target <= 0.5 pp: {'met' if mae <= 0.5 else 'not met'})"
                  if name == "classifier" else ""))
-    speed(clf, a.speed_size)
+    speed(clf, a.speed_size, traits=not a.no_traits)
     return 0
 
 

@@ -10,7 +10,8 @@ from typing import Annotated, Any
 
 import typer
 
-from fibroquant.cli import StainChoice, _fail, _settings, app, err, out
+from fibroquant.cli import app
+from fibroquant.cli_common import StainChoice, cli_settings, err, fail, out
 from fibroquant.errors import ConfigError, FibroquantError
 
 
@@ -41,15 +42,19 @@ def agree(
         "or one person's flat folder.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
-    """Agreement of the run's collagen masks with people's annotations (Dice, IoU, collagen %,
-    Bland-Altman, ICC, Lin's CCC), written to agreement.csv, plots and the report."""
+    """Compare a run's collagen masks with people's annotations.
+
+    Dice, IoU, collagen % and its error against each person and their majority, the people's
+    pairwise Dice, Bland-Altman, ICC(2,1) and Lin's CCC across images; written to
+    agreement.csv, two plots and a section of report.html.
+    """
     from fibroquant.agreement import agree_run, write_agreement
 
     try:
         result = agree_run(out_dir, annotations)
         files = write_agreement(result, out_dir)
     except FibroquantError as exc:
-        raise _fail(str(exc), 2) from None
+        raise fail(str(exc), 2) from None
     for line in result.skipped:
         err.print(f"[yellow]skipped: {line}[/]", markup=True, soft_wrap=True)
     s = result.summary
@@ -93,8 +98,11 @@ def train(
         min=1000, help="Training pixels drawn per image at most.")] = 100_000,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Train a collagen pixel classifier on annotated images; reports leave-one-image-out
-    agreement in agree's terms."""
+    """Train a collagen pixel classifier on annotated images.
+
+    Reports leave-one-image-out agreement in agree's terms; use the file with
+    analyze --classifier.
+    """
     from fibroquant.annotations import discover
     from fibroquant.classifier import (
         DEFAULT_SCALES_UM,
@@ -110,20 +118,20 @@ def train(
     from fibroquant.tasks import output_stems
 
     if model not in ("hgb", "rf"):
-        raise _fail(f"--model must be hgb or rf, got {model!r}", 2)
+        raise fail(f"--model must be hgb or rf, got {model!r}", 2)
     try:
-        settings = _settings(config, stain, None, False)  # no fibre traits: not needed
+        settings = cli_settings(config, stain, None, False)  # no fibre traits: not needed
     except ConfigError as exc:
-        raise _fail(str(exc), 2) from None
+        raise fail(str(exc), 2) from None
     files = list_slides(slides)
     stems = output_stems([f.relative_to(slides).as_posix() for f in files])
     by_stem = {stems[f.relative_to(slides).as_posix()]: f for f in files}
     try:
         found = discover(annotations, list(by_stem))
     except FibroquantError as exc:
-        raise _fail(str(exc), 2) from None
+        raise fail(str(exc), 2) from None
     if not found:
-        raise _fail(f"{annotations}: no annotation file is named after an image in {slides}", 2)
+        raise fail(f"{annotations}: no annotation file is named after an image in {slides}", 2)
     images, stain_names, failed = [], None, []
     for i, (stem, people) in enumerate(found.items()):
         try:
@@ -137,7 +145,7 @@ def train(
         images.append(image)
     errors, warns = training_problems(images)
     if errors or stain_names is None:
-        raise _fail("cannot train: " + "; ".join(errors or failed or ["no image"]), 1)
+        raise fail("cannot train: " + "; ".join(errors or failed or ["no image"]), 1)
     gate_col = len(stain_names) + 1
     rows = cross_validate(images, kind=model, gate_col=gate_col)
     header = {
@@ -155,7 +163,7 @@ def train(
         clf = fit(images, kind=model, header=header, gate_col=gate_col)
         digest = save(clf, out_file)
     except (ClassifierError, OSError) as exc:
-        raise _fail(str(exc), 2) from None
+        raise fail(str(exc), 2) from None
     dice = [r["dice"] for r in rows if math.isfinite(r["dice"])]
     errs = [abs(r["error_pp"]) for r in rows if math.isfinite(r["error_pp"])]
     summary = {"classifier": str(out_file), "sha256": digest, "images": len(images),

@@ -20,7 +20,8 @@ from typing import Annotated, Any
 
 import typer
 
-from fibroquant.cli import StainChoice, _analyze, _command, _fail, app, err, out
+from fibroquant.cli import app
+from fibroquant.cli_common import StainChoice, command_line, err, fail, out, run_analyze
 from fibroquant.errors import FibroquantError, one_line
 from fibroquant.layout import STORE_NAME
 
@@ -255,11 +256,11 @@ def status(
 ) -> None:
     """Show what is stored in OUT_DIR, the last runs, what failed and (with --slides) what is new."""
     if slides is not None and not slides.is_dir():
-        raise _fail(f"{slides}: slides folder not found or not a folder", 2)
+        raise fail(f"{slides}: slides folder not found or not a folder", 2)
     try:
         info = gather_status(out_dir, slides)
     except FibroquantError as exc:
-        raise _fail(str(exc), 2) from None
+        raise fail(str(exc), 2) from None
     if as_json:
         out.print_json(json.dumps(info, default=str))
     else:
@@ -427,12 +428,12 @@ def watch(
         if not quiet:
             err.print(f"[bold]watch:[/] analysing {slides_dir}", markup=True)
         try:
-            return _analyze(
+            return run_analyze(
                 slides_dir, out, samples=samples, stain=stain, config=config, mpp=mpp,
                 analysis_mpp=analysis_mpp, masks=masks, workers=workers, scheduler=scheduler,
                 force=first.pop() if first else False, wait=True, control=control,
                 quiet=quiet,
-                command=_command("watch", {
+                command=command_line("watch", {
                     "slides_dir": slides_dir, "out": out, "samples": samples, "stain": stain,
                     "config": config, "mpp": mpp, "workers": workers, "control": control,
                     "analysis_mpp": analysis_mpp, "masks": masks, "scheduler": scheduler,
@@ -498,3 +499,48 @@ def watch(
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, previous)
     raise typer.Exit(code=code)
+
+
+# --------------------------------------------------------------------------------------------
+# store check / store rebuild
+# --------------------------------------------------------------------------------------------
+
+store_app = typer.Typer(help="Check or rebuild an output folder's results store.",
+                        no_args_is_help=True)
+app.add_typer(store_app, name="store")
+
+OutDir = Annotated[Path, typer.Argument(
+    exists=True, file_okay=False, resolve_path=True, help="An analyze output folder.")]
+
+
+@store_app.command("check")
+def store_check(out_dir: OutDir) -> None:
+    """Check that the results store opens, is not damaged and holds every slide of the tables
+    (exit 0), or say what is wrong and how to recover (exit 4)."""
+    from fibroquant.recover import check_store
+
+    problems = check_store(out_dir)
+    for line in problems:
+        err.print(f"[bold red]problem:[/] {line}", markup=True, soft_wrap=True)
+    if problems:
+        raise typer.Exit(code=4)
+    out.print(f"{out_dir / STORE_NAME}: ok", markup=False)
+
+
+@store_app.command("rebuild")
+def store_rebuild(out_dir: OutDir) -> None:
+    """Re-derive the results store from slides.csv and provenance.json (the old store is moved
+    aside, not deleted), so the next run measures nothing the tables already hold."""
+    from fibroquant.errors import StoreLockedError
+    from fibroquant.recover import rebuild_store
+
+    try:
+        n, moved = rebuild_store(out_dir)
+    except StoreLockedError as exc:
+        raise fail(str(exc), 3) from None
+    except FibroquantError as exc:
+        raise fail(str(exc), 4) from None
+    if moved is not None:
+        err.print(f"old store moved to {moved}", soft_wrap=True, markup=False)
+    out.print(f"{out_dir / STORE_NAME}: rebuilt with {n} slide result(s) from slides.csv",
+              markup=False)

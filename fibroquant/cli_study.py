@@ -12,7 +12,8 @@ from typing import Annotated, Any
 
 import typer
 
-from fibroquant.cli import StainChoice, _fail, _settings, app, err, out
+from fibroquant.cli import app
+from fibroquant.cli_common import StainChoice, cli_settings, err, fail, out
 from fibroquant.errors import ConfigError, FibroquantError, one_line
 
 
@@ -91,9 +92,9 @@ def compare(
 
     path = out_dir / "slides.csv"
     if not path.is_file():
-        raise _fail(f"{out_dir}: no slides.csv (run fibroquant analyze first)", 2)
+        raise fail(f"{out_dir}: no slides.csv (run fibroquant analyze first)", 2)
     if save is not None and _holds_a_run(save):
-        raise _fail(f"--save {save}: holds an analyze run's tables (fibroquant.sqlite or "
+        raise fail(f"--save {save}: holds an analyze run's tables (fibroquant.sqlite or "
                     "run.json); compare writes its subset elsewhere, e.g. "
                     f"--save {save / 'compare'}", 2)
     slides = pd.read_csv(path, dtype={"mouse": str, "group": str}, keep_default_na=False,
@@ -123,7 +124,7 @@ def compare(
         mice = aggregate_mice(work, extra_columns=[c for c in extras if c != by])
         groups = stats.compare_groups(mice, control=control)
     except (FibroquantError, ValueError) as exc:
-        raise _fail(one_line(exc), 2) from None
+        raise fail(one_line(exc), 2) from None
     ctrl = groups.attrs.get("control")
     sentence = stats.summary_sentence(groups) if ctrl else (
         groups.attrs.get("note") or "no control group: groups described, not compared")
@@ -183,12 +184,12 @@ def stains(
     from fibroquant.slides import list_slides
 
     try:
-        settings = _settings(config, stain, analysis_mpp)
+        settings = cli_settings(config, stain, analysis_mpp)
     except ConfigError as exc:
-        raise _fail(str(exc), 2) from None
+        raise fail(str(exc), 2) from None
     files = list_slides(slides_dir)
     if not files:
-        raise _fail(f"{slides_dir}: no slide files found", 2)
+        raise fail(f"{slides_dir}: no slide files found", 2)
     estimates: list[dict[str, list[float]]] = []
     failed = 0
     for f in files:
@@ -214,7 +215,7 @@ def stains(
             estimates.append(vec)
     if write is not None:
         if not estimates:
-            raise _fail("no slide gave a full stain estimate; nothing written", 1)
+            raise fail("no slide gave a full stain estimate; nothing written", 1)
         names = list(estimates[0])
         median = {n: [round(float(x), 4) for x in
                       np.median(np.array([e[n] for e in estimates]), axis=0)] for n in names}

@@ -572,5 +572,7 @@ def aggregate_mice(
     if any(c in data.columns for c in TRAIT_COLUMNS):  # fibre traits, pooled per mouse
         from fibroquant.traits import mouse_traits
 
-        mice = mice.merge(mouse_traits(data.loc[ok]), on="mouse", how="left")
+        pooled = mouse_traits(data.loc[ok]).set_index("mouse")
+        for col in pooled.columns:  # the schema's (empty) trait columns, filled
+            mice[col] = mice["mouse"].map(pooled[col]).astype(float)
     return mice

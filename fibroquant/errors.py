@@ -53,26 +53,58 @@ class Terminated(KeyboardInterrupt):
     with exit code 143 instead of 130 (see :func:`sigterm_as_interrupt`)."""
 
 
+_held = 0
+_pending: KeyboardInterrupt | None = None
+
+
+@contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Within the block, Ctrl-C and SIGTERM (as handled by :func:`sigterm_as_interrupt`) wait
+    until it ends: for steps that must not be cut in two (a worker process being started,
+    which would escape the run's clean-up)."""
+    global _held, _pending
+    _held += 1
+    try:
+        yield
+    finally:
+        _held -= 1
+        if _held == 0 and _pending is not None:
+            exc, _pending = _pending, None
+            raise exc
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    global _pending
+    import signal
+
+    exc = Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    if _held:
+        _pending = _pending or exc
+        return
+    raise exc
+
+
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM raises :class:`Terminated` in the main thread, so a run
-    stops as on Ctrl-C: slides finished so far are kept, worker processes are ended, and the
-    command exits 143 with one line. Elsewhere than the main thread: no change."""
+    """Within the block, SIGTERM raises :class:`Terminated` (and Ctrl-C KeyboardInterrupt) in
+    the main thread, except inside :func:`interrupts_held`, so a run stops as on Ctrl-C:
+    slides finished so far are kept, worker processes are ended, and the command exits 143
+    with one line. Elsewhere than the main thread: no change."""
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def on_term(signum: int, frame: object) -> None:
-        raise Terminated
-
-    previous = signal.signal(signal.SIGTERM, on_term)
+    previous_term = signal.signal(signal.SIGTERM, _on_signal)
+    previous_int = signal.getsignal(signal.SIGINT)
+    if previous_int is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_signal)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous_term)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def interrupt_exit_code(exc: BaseException) -> int:

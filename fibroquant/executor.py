@@ -28,7 +28,13 @@ import cv2
 
 from fibroquant import cores
 from fibroquant.config import Settings
-from fibroquant.errors import QUIET_ENV, FibroquantError, one_line, quiet_warnings
+from fibroquant.errors import (
+    QUIET_ENV,
+    FibroquantError,
+    interrupts_held,
+    one_line,
+    quiet_warnings,
+)
 from fibroquant.pipeline import analyze_slide
 from fibroquant.store import require_regular
 from fibroquant.tasks import (
@@ -337,6 +343,10 @@ def _run_local(tasks: list[SlideTask], workers: int) -> Iterator[dict[str, Any]]
     from multiprocessing.connection import wait
 
     ctx = _worker_context(mp)
+    if ctx.get_start_method() == "forkserver":  # started here, where Ctrl-C may cut it short
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
     running = ctx.Value("i", 0)  # slides running now, across the worker processes
     pending = [_with_threads(t, workers) for t in reversed(largest_first(tasks))]
     pool: list[_Worker] = []
@@ -347,8 +357,9 @@ def _run_local(tasks: list[SlideTask], workers: int) -> Iterator[dict[str, Any]]
                     w.task = pending.pop()
                     w.conn.send(w.task)
             while pending and len(pool) < min(workers, len(tasks)):
-                w = _Worker(ctx, running, workers)
-                pool.append(w)
+                with interrupts_held():  # a process half started when Ctrl-C/SIGTERM ends
+                    w = _Worker(ctx, running, workers)  # the run would escape the clean-up
+                    pool.append(w)
                 w.task = pending.pop()
                 w.conn.send(w.task)
             busy = [w for w in pool if w.task is not None]

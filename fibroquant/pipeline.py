@@ -812,7 +812,8 @@ def _analyze(sl: Slide, settings: Settings, workers: int, t_start: float) -> Sli
         from fibroquant import traits  # noqa: PLC0415 - only when measured
 
         record.update(traits.measure_slide(collagen_m, tissue_m, mask_mpp, settings.traits,
-                                           lumen=tissue.lumen, lumen_mpp=thumb_mpp))
+                                           lumen=tissue.lumen, lumen_mpp=thumb_mpp,
+                                           workers=workers))
         record["seconds"] = round(time.perf_counter() - t_start, 3)
     record["qc_flags"] = "; ".join(qc_flags(record, pale_counterstain=thr.pale_counterstain))
     return SlideAnalysis(record, collagen_m, tissue_m, excluded_m, mask_mpp, qc,

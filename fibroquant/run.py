@@ -530,6 +530,16 @@ def analyze_folder(
             except ValueError:
                 summary.warnings = []
             previous = tables_current(out_dir, tables_key)
+            if interrupt_code == 143:  # SIGTERM: end now; the next run writes the tables
+                summary.comparison = ("terminated (SIGTERM): tables not updated; the next run "
+                                      "writes them")
+                summary.seconds = round(time.perf_counter() - t0, 3)
+                summary.exit_code = 143
+                store.finish_run(
+                    run_id, processed=summary.processed, skipped=summary.skipped,
+                    failed=summary.failed, removed=summary.removed, exit_code=143,
+                    seconds=summary.seconds)
+                return summary
             if previous is not None and not summary.processed and not removed:
                 summary.comparison = previous  # nothing changed: tables are already current
             else:

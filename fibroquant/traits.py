@@ -242,9 +242,12 @@ def measure_tile(
     col_c = collagen[cs]
     counts = TraitCounts(mpp, collagen_px=int(col_c.sum()), tissue_px=int(tis_c.sum()))
     # exact Euclidean distance to the background (OpenCV's precise mask: Felzenszwalb's
-    # algorithm, 3x faster than scipy's here); squared distances of pixel centres are integers
-    half = cv2.distanceTransform(collagen.view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE) \
-        if collagen.any() else None
+    # algorithm, 3x faster than scipy's here); squared distances of pixel centres are integers.
+    # Beyond the window is background (collagen filling a window has a finite width)
+    half = None
+    if collagen.any():
+        framed = cv2.copyMakeBorder(collagen.view(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, 0)
+        half = cv2.distanceTransform(framed, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
     skel, graph = _skeleton(collagen, half)
     # --- widths: 2 x distance to background at skeleton pixels; every collagen pixel takes
     # the width of its nearest skeleton pixel
@@ -255,7 +258,7 @@ def measure_tile(
         widths = ((2.0 * np.sqrt(d2) - 0.5) * mpp).astype(np.float32)
         _, nearest = cv2.distanceTransformWithLabels(
             (~skel).view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_5, labelType=cv2.DIST_LABEL_PIXEL)
-        width_um = np.where(collagen, widths[nearest - 1], 0).astype(np.float32)
+        width_um[collagen] = widths[nearest[collagen] - 1]
         own = (yy >= cy0) & (yy < cy1) & (xx >= cx0) & (xx < cx1)
         counts.width_sq_hist = np.bincount(d2[own])
         del nearest
@@ -387,18 +390,30 @@ def _branches(graph: Any, core: tuple[int, int, int, int], counts: TraitCounts) 
 
 def _box_counts(collagen: np.ndarray, core: tuple[int, int, int, int], origin: tuple[int, int],
                 sizes: tuple[int, ...]) -> np.ndarray:
+    """Boxes of each size (powers of two) on the slide's box grid that hold collagen and whose
+    first pixel lies in the core. One pass at the finest size, then 2 x 2 pooling: a box of
+    size 2s is four boxes of size s on the same grid."""
     cy0, cx0, cy1, cx1 = core
+    top = max(sizes)
+    # a region starting on the coarsest grid line at or before the core, ending after it
+    gy0 = ((origin[0] + cy0) // top) * top - origin[0]
+    gx0 = ((origin[1] + cx0) // top) * top - origin[1]
+    ny, nx = -(-(cy1 - gy0) // top) * top, -(-(cx1 - gx0) // top) * top
+    region = np.zeros((ny, nx), bool)
+    ys, xs = max(gy0, 0), max(gx0, 0)
+    part = collagen[ys : gy0 + ny, xs : gx0 + nx]
+    region[ys - gy0 : ys - gy0 + part.shape[0], xs - gx0 : xs - gx0 + part.shape[1]] = part
     out = np.zeros(len(sizes), np.int64)
+    level, size = region, 1
     for i, s in enumerate(sizes):
-        gy0 = -(-(origin[0] + cy0) // s) * s - origin[0]  # first grid line in the core
-        gx0 = -(-(origin[1] + cx0) // s) * s - origin[1]
-        if gy0 >= cy1 or gx0 >= cx1:
-            continue
-        ny, nx = -(-(cy1 - gy0) // s), -(-(cx1 - gx0) // s)
-        block = np.zeros((ny * s, nx * s), bool)
-        part = collagen[gy0 : gy0 + ny * s, gx0 : gx0 + nx * s]
-        block[: part.shape[0], : part.shape[1]] = part
-        out[i] = int(block.reshape(ny, s, nx, s).any(axis=(1, 3)).sum())
+        while size < s:
+            h, w = level.shape
+            level = level.reshape(h // 2, 2, w // 2, 2).any(axis=(1, 3))
+            size *= 2
+        # box (i, j) starts at gy0 + i*s: count those starting inside the core
+        iy0, ix0 = -(-(cy0 - gy0) // s), -(-(cx0 - gx0) // s)
+        iy1, ix1 = -(-(cy1 - gy0) // s), -(-(cx1 - gx0) // s)
+        out[i] = int(np.count_nonzero(level[iy0:iy1, ix0:ix1]))
     return out
 
 
@@ -626,7 +641,7 @@ def slide_traits(counts: TraitCounts, params: TraitParams, vessels: VesselMap | 
     if parts:
         comp, n, _ = _stitch(parts, "hole")
         hole = _component_sums(parts, "hole", comp, n)
-        closed = (hole["open"] == 0) & (hole["edge_open"] == 0)
+        closed = (hole["open"] == 0) & (hole.get("edge_open", 0) == 0)
         out["holes_per_mm2"] = float(closed.sum()) / tissue_mm2
         area_um2 = hole["area"] * px_um2
         sized = closed & (area_um2 >= params.hole_min_um2)
@@ -700,27 +715,50 @@ def measure_masks(
     *,
     tile_px: int = 1024,
     vessels: VesselMap | None = None,
+    workers: int = 1,
 ) -> TraitCounts:
     """Trait sums of a whole slide's masks, read tile by tile with a halo.
 
     ``collagen`` and ``tissue`` may be any 2-D array-likes that can be sliced (NumPy arrays,
-    memory maps, zarr arrays): only one window of ``tile_px + 2 x halo`` pixels is in memory at a
-    time. Tiles whose core holds no tissue are skipped.
+    memory maps, zarr arrays): only ``2 x workers`` windows of ``tile_px + 2 x halo`` pixels are
+    in memory at a time. Tiles whose core holds no tissue are skipped. ``workers`` threads
+    measure tiles at once (OpenCV, scikit-image and scipy release the GIL); the sums are added
+    in tile order, so the result does not depend on ``workers``.
     """
     h, w = collagen.shape
     halo = params.halo_px()
+    boxes = [(y, x, min(y + tile_px, h), min(x + tile_px, w))
+             for y in range(0, h, tile_px) for x in range(0, w, tile_px)]
+
+    def one(box: tuple[int, int, int, int]) -> TraitCounts | None:
+        y, x, y1, x1 = box
+        if not np.asarray(tissue[y:y1, x:x1]).any():
+            return None
+        wy0, wx0 = max(y - halo, 0), max(x - halo, 0)
+        wy1, wx1 = min(y1 + halo, h), min(x1 + halo, w)
+        col = np.asarray(collagen[wy0:wy1, wx0:wx1], bool)
+        tis = np.asarray(tissue[wy0:wy1, wx0:wx1], bool)
+        return measure_tile(col, tis, (y - wy0, x - wx0, y1 - wy0, x1 - wx0), (wy0, wx0),
+                            (h, w), params, vessels)
+
     total = TraitCounts(params.mpp)
-    for y in range(0, h, tile_px):
-        for x in range(0, w, tile_px):
-            y1, x1 = min(y + tile_px, h), min(x + tile_px, w)
-            if not np.asarray(tissue[y:y1, x:x1]).any():
-                continue
-            wy0, wx0 = max(y - halo, 0), max(x - halo, 0)
-            wy1, wx1 = min(y1 + halo, h), min(x1 + halo, w)
-            col = np.asarray(collagen[wy0:wy1, wx0:wx1], bool)
-            tis = np.asarray(tissue[wy0:wy1, wx0:wx1], bool)
-            total = total + measure_tile(col, tis, (y - wy0, x - wx0, y1 - wy0, x1 - wx0),
-                                         (wy0, wx0), (h, w), params, vessels)
+    if workers <= 1 or len(boxes) < 2:
+        results: Any = map(one, boxes)
+        for r in results:
+            total = total if r is None else total + r
+        return total
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending = [pool.submit(one, b) for b in boxes[: 2 * workers]]
+        for nxt in [*boxes[2 * workers :], None]:
+            r = pending.pop(0).result()
+            total = total if r is None else total + r
+            if nxt is not None:
+                pending.append(pool.submit(one, nxt))
+        for fut in pending:
+            r = fut.result()
+            total = total if r is None else total + r
     return total
 
 
@@ -757,6 +795,7 @@ def measure_slide(
     *,
     lumen: np.ndarray | None = None,
     lumen_mpp: float | None = None,
+    workers: int = 1,
 ) -> dict[str, float]:
     """The traits of one slide from its collagen and countable-tissue masks.
 
@@ -768,6 +807,8 @@ def measure_slide(
     settings : config.TraitSettings
     lumen : ndarray of bool, optional
         Vessel lumens at ``lumen_mpp`` (any resolution covering the same extent).
+    workers : int
+        Threads over trait tiles.
     """
     factor = max(1, round(settings.mpp / mask_mpp))
     mpp = mask_mpp * factor
@@ -777,7 +818,8 @@ def measure_slide(
     vessels = None
     if lumen is not None and lumen_mpp is not None and lumen.any():
         vessels = vessel_map(lumen, lumen_mpp, mpp, params.cluster_um)
-    counts = measure_masks(col, tis, params, tile_px=settings.tile_px, vessels=vessels)
+    counts = measure_masks(col, tis, params, tile_px=settings.tile_px, vessels=vessels,
+                           workers=workers)
     return {k: float(v) for k, v in slide_traits(counts, params, vessels).items()}
 
 

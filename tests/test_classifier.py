@@ -179,3 +179,25 @@ def test_cross_validation_in_agree_terms(batches):
         assert r["dice"] > 0.85
         assert abs(r["reference_cpa_percent"] - truth.cpa_percent) < 0.6  # a 20k-px sample
         assert math.isclose(r["error_pp"], r["test_cpa_percent"] - r["reference_cpa_percent"])
+
+
+def test_classifier_file_joins_the_settings_hash(tmp_path, trained):
+    import shutil
+
+    from fibroquant.config import Settings
+
+    plain = Settings.model_validate({"stains": {"stain": "masson"}})
+    assert "classifier_sha256" not in plain.measurement_dict()  # default hash unchanged
+    a = tmp_path / "a.classifier"
+    C.save(trained, a)
+    with_a = Settings.model_validate({"stains": {"stain": "masson"}, "classifier": str(a)})
+    assert with_a.settings_hash() != plain.settings_hash()
+    moved = tmp_path / "moved.classifier"
+    shutil.copy(a, moved)  # the content counts, not the name
+    same = Settings.model_validate({"stains": {"stain": "masson"}, "classifier": str(moved)})
+    assert same.settings_hash() == with_a.settings_hash()
+    b = tmp_path / "b.classifier"
+    C.save(C.PixelClassifier(trained.model, {**trained.header, "note": "other"},
+                             trained.gate_od), b)
+    other = Settings.model_validate({"stains": {"stain": "masson"}, "classifier": str(b)})
+    assert other.settings_hash() != with_a.settings_hash()

@@ -19,7 +19,7 @@ from fibroquant.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
 STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ ")
-COMMANDS = ["analyze", "demo", "inspect", "status", "watch", "compare", "stains"]
+COMMANDS = ["analyze", "demo", "inspect", "status", "watch", "compare", "stains", "agree", "train"]
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])

@@ -243,3 +243,44 @@ def test_cli_writes_trait_columns_tables_and_comparisons(fibre_study, tmp_path):
     assert "fibre_width_median_um" not in plain.columns
     assert not (off / "traits.csv").exists()
     pd.testing.assert_series_equal(plain["cpa_percent"], slides["cpa_percent"])
+
+
+def test_threads_give_the_same_sums():
+    truth = sf.vessels_and_septa((700, 700), 1.0, rng=3)
+    params = tr.TraitParams(mpp=1.0)
+    one = tr.measure_masks(truth.collagen, truth.tissue, params, tile_px=200).traits(params)
+    two = tr.measure_masks(truth.collagen, truth.tissue, params, tile_px=200, workers=2)
+    assert two.traits(params) == pytest.approx(one, nan_ok=True)
+
+
+@pytest.mark.parametrize(("shape_kind", "dimension"), [("line", 1.0), ("plane", 2.0)])
+def test_fractal_dimension_of_a_line_and_a_plane(shape_kind, dimension):
+    tissue = np.ones((512, 512), bool)
+    collagen = np.zeros_like(tissue)
+    if shape_kind == "line":
+        collagen[200, :] = True
+    else:
+        collagen[:] = True
+    params = tr.TraitParams(mpp=1.0)
+    got = tr.measure_masks(collagen, tissue, params, tile_px=200).traits(params)
+    assert got["fractal_dimension"] == pytest.approx(dimension, abs=0.02)
+
+
+def test_mice_pool_densities_by_tissue_and_shares_by_collagen():
+    import pandas as pd
+
+    from fibroquant.cohort import aggregate_mice
+
+    slides = pd.DataFrame({
+        "slide": ["a", "b", "c"], "mouse": ["m1", "m1", "m2"], "group": ["g", "g", "g"],
+        "status": ["ok", "ok", "ok"], "tissue_area_mm2": [1.0, 3.0, 2.0],
+        "collagen_area_mm2": [0.3, 0.1, 0.2], "cpa_percent": [30.0, 10 / 3, 10.0],
+        "branch_points_per_mm2": [100.0, 20.0, 50.0],
+        "thick_fibre_share_percent": [40.0, 80.0, 10.0],
+        "portal_vessels": [2.0, 3.0, 1.0],
+    })
+    mice = aggregate_mice(slides).set_index("mouse")
+    assert mice.loc["m1", "branch_points_per_mm2"] == pytest.approx((100 * 1 + 20 * 3) / 4)
+    assert mice.loc["m1", "thick_fibre_share_percent"] == pytest.approx((40 * .3 + 80 * .1) / .4)
+    assert mice.loc["m1", "portal_vessels"] == 5.0
+    assert mice.loc["m2", "branch_points_per_mm2"] == 50.0

@@ -1,0 +1,562 @@
+"""Faults a lab's cron job meets: kills while measuring and while writing the tables, a full
+disk, a killed worker process, SIGTERM, symlink loops, named pipes, absurd µm/px, a lost store
+and bad settings files. Each is reproduced for real (subprocesses, real files) and checked the
+way a user would: a plain rerun gives the tables of a clean run, and no process is left.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import psutil
+import pytest
+from typer.testing import CliRunner
+
+from fibroquant.cli import app
+from fibroquant.config import Settings
+from fibroquant.run import TABLES_MANIFEST, analyze_folder
+from fibroquant.synthetic import SectionParams, make_section, write_pyramid_tiff
+
+REPO = Path(__file__).resolve().parents[1]
+TABLES = ("slides.csv", "mice.csv", "groups.csv")
+#: a small section that still holds a few lobules (as tests/conftest.py's SMALL)
+SMALL = SectionParams(shape=(384, 384), mpp=1.5, lobule_um=250, septum_width_um=12,
+                      fine_fibres=0.0, n_lumens=2)
+LAYOUT = [("c1", "control", 0.8), ("c2", "control", 0.9), ("t1", "MSC", 0.35),
+          ("t2", "MSC", 0.4)]
+
+
+@pytest.fixture(scope="module")
+def bank(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four tiny slides (two control, two treated mice) and their sample sheet."""
+    d = tmp_path_factory.mktemp("faults_bank")
+    rows = []
+    for i, (mouse, group, fib) in enumerate(LAYOUT):
+        rgb, _ = make_section(SectionParams(**{**SMALL.__dict__, "fibrosis": fib}), rng=100 + i)
+        write_pyramid_tiff(d / f"{mouse}.tif", rgb, SMALL.mpp, min_level_px=128)
+        rows.append({"slide": f"{mouse}.tif", "mouse": mouse, "group": group})
+    pd.DataFrame(rows).to_csv(d / "samples.csv", index=False)
+    return d
+
+
+def _copy(bank: Path, dest: Path) -> Path:
+    shutil.copytree(bank, dest, copy_function=shutil.copy2)
+    return dest
+
+
+def run(slides: Path, out: Path, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return analyze_folder(slides, out, Settings(), workers=1, **kw)
+
+
+def cli(*args: str) -> tuple[int, str]:
+    res = CliRunner().invoke(app, list(args))
+    assert res.exception is None or isinstance(res.exception, SystemExit), res.output
+    return res.exit_code, res.output
+
+
+def tables(out: Path) -> dict[str, pd.DataFrame]:
+    """The three tables, without the per-slide wall time (the only run-dependent column)."""
+    frames = {n: pd.read_csv(out / n) for n in TABLES}
+    frames["slides.csv"] = frames["slides.csv"].drop(columns=["seconds"], errors="ignore")
+    return frames
+
+
+def assert_same_tables(a: Path, b: Path) -> None:
+    ta, tb = tables(a), tables(b)
+    for name in TABLES:
+        pd.testing.assert_frame_equal(ta[name], tb[name], check_exact=True, obj=name)
+
+
+def assert_consistent(out: Path) -> None:
+    """Every output of the folder shows the run that wrote slides.csv: the workbook's sheets
+    equal the CSV tables, run.json and provenance.json name the same slides and failures,
+    the report carries the comparison sentence, and the manifest says the tables are whole."""
+    slides = pd.read_csv(out / "slides.csv", keep_default_na=False)
+    book = pd.read_excel(out / "results.xlsx", sheet_name=None, keep_default_na=False)
+    for name in TABLES:
+        csv = pd.read_csv(out / name, keep_default_na=False)
+        sheet = book[name.removesuffix(".csv")]
+        assert list(sheet.columns) == list(csv.columns), name
+        assert len(sheet) == len(csv), name
+        assert list(sheet.iloc[:, 0].astype(str)) == list(csv.iloc[:, 0].astype(str)), name
+    run_json = json.loads((out / "run.json").read_text())
+    assert run_json["failed"] == int((slides["status"] != "ok").sum())
+    prov = json.loads((out / "provenance.json").read_text())
+    assert sorted(i["slide"] for i in prov["inputs"]) == sorted(slides["slide"])
+    manifest = json.loads((out / TABLES_MANIFEST).read_text())
+    assert manifest["tables_key"] == prov["tables_key"]
+    assert run_json["comparison"] == manifest["comparison"]
+    assert manifest["comparison"].split(":")[0] in (out / "report.html").read_text()
+
+
+# -- subprocesses, tagged so that every process they start can be found --------------------
+
+_MAIN = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+         "sys.argv[0] = 'fibroquant'; runpy.run_module('fibroquant', run_name='__main__')")
+
+
+def spawn(tag: str, *args: str) -> subprocess.Popen:
+    env = dict(os.environ, FIBROQUANT_TEST_TAG=tag, PYTHONWARNINGS="ignore")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.Popen([sys.executable, "-c", _MAIN, *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def tagged(tag: str) -> list[psutil.Process]:
+    """Live processes started (directly or not) by a spawn with this tag."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("FIBROQUANT_TEST_TAG") == tag and proc.status() != "zombie":
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def assert_none_left(tag: str, within: float = 5.0) -> None:
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        if not tagged(tag):
+            return
+        time.sleep(0.1)
+    left = tagged(tag)
+    for proc in left:  # clean up before failing
+        proc.kill()
+    pytest.fail(f"{len(left)} process(es) left {within} s after the run ended: "
+                f"{[p.cmdline()[:3] for p in left]}")
+
+
+def stop(proc: subprocess.Popen, sig: int) -> tuple[int, str]:
+    """Send ``sig`` to a spawned run; its exit code and stderr."""
+    proc.send_signal(sig)
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    return proc.returncode, err
+
+
+# -- 1. tables: written as one set, any interruption repaired by the next plain run ---------
+
+
+@pytest.mark.slow
+def test_kills_while_writing_tables_are_repaired_by_a_plain_rerun(bank, tmp_path):
+    """Five kill -9 at random moments of runs that only rewrite the tables (the sample sheet
+    changed): each plain rerun leaves every output consistent with slides.csv and equal to a
+    clean run's. Before the manifest, provenance.json's key was written first and a rerun
+    trusted tables left from the previous run."""
+    slides = _copy(bank, tmp_path / "slides")
+    out = tmp_path / "out"
+    assert run(slides, out, samples=slides / "samples.csv").exit_code == 0
+    sheet = pd.read_csv(slides / "samples.csv")
+    rng = random.Random(24)
+    t0 = time.monotonic()
+    proc = spawn("timing", "analyze", str(slides), "--out", str(out), "--samples",
+                 str(slides / "samples.csv"), "--workers", "1")
+    proc.communicate(timeout=300)
+    full = time.monotonic() - t0  # a subprocess run that rewrites nothing
+    for k in range(5):
+        sheet.assign(batch=f"b{k}").to_csv(slides / "samples.csv", index=False)
+        tag = uuid.uuid4().hex
+        proc = spawn(tag, "analyze", str(slides), "--out", str(out), "--samples",
+                     str(slides / "samples.csv"), "--workers", "1")
+        time.sleep(rng.uniform(0.5 * full, 1.5 * full + 1.0))  # imports, then the tables
+        stop(proc, signal.SIGKILL)
+        assert_none_left(tag)
+        ref = _copy(out, tmp_path / f"ref{k}")  # the same store, nothing interrupted
+        for f in ref.glob("*.csv"):
+            f.unlink()
+        (ref / TABLES_MANIFEST).unlink(missing_ok=True)
+        assert run(slides, ref, samples=slides / "samples.csv").exit_code == 0
+        assert run(slides, out, samples=slides / "samples.csv").exit_code == 0  # plain rerun
+        assert_consistent(out)
+        assert_same_tables(out, ref)
+        assert pd.read_csv(out / "mice.csv")["batch"].eq(f"b{k}").all()
+        shutil.rmtree(ref)
+
+
+@pytest.mark.slow
+def test_full_disk_while_writing_the_report_is_repaired_by_the_next_run(bank, tmp_path,
+                                                                          monkeypatch):
+    """The disk fills while report.html is written: exit 4 with one line naming the file;
+    no manifest, so the next run (disk freed) writes every table again."""
+    from fibroquant import outdir
+
+    slides = _copy(bank, tmp_path / "slides")
+    out = tmp_path / "out"
+    assert run(slides, out, samples=slides / "samples.csv").exit_code == 0
+    sheet = pd.read_csv(slides / "samples.csv")
+    sheet.assign(batch="new").to_csv(slides / "samples.csv", index=False)
+    real = outdir._write_all
+    full = {"on": True}
+
+    def write_all(fd: int, data: bytes) -> None:
+        if full["on"] and data.lstrip().startswith(b"<!DOCTYPE html"):
+            os.close(fd)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd, data)
+
+    monkeypatch.setattr(outdir, "_write_all", write_all)
+    code, output = cli("analyze", str(slides), "--out", str(out), "--samples",
+                       str(slides / "samples.csv"), "--workers", "1")
+    assert code == 4, output
+    assert "report.html: No space left on device" in output and "Traceback" not in output
+    assert not (out / TABLES_MANIFEST).exists()
+    assert not [p for p in out.iterdir() if p.name.endswith(".fibroquant-tmp")]
+    full["on"] = False
+    code, output = cli("analyze", str(slides), "--out", str(out), "--samples",
+                       str(slides / "samples.csv"), "--workers", "1")
+    assert code == 0, output
+    assert_consistent(out)
+    assert "batch" in (out / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_an_edited_or_deleted_table_is_rewritten_by_a_rerun(bank, tmp_path):
+    slides = _copy(bank, tmp_path / "slides")
+    out = tmp_path / "out"
+    run(slides, out, samples=slides / "samples.csv")
+    good = (out / "groups.csv").read_bytes()
+    (out / "groups.csv").write_bytes(good[: len(good) // 2])
+    (out / "report.html").unlink()
+    summary = run(slides, out, samples=slides / "samples.csv")
+    assert summary.processed == 0
+    assert (out / "groups.csv").read_bytes() == good
+    assert (out / "report.html").is_file()
+    assert_consistent(out)
+
+
+# -- 2. statistics never stop the tables ----------------------------------------------------
+
+
+def test_a_control_group_whose_slides_all_failed_still_gets_tables(bank, tmp_path):
+    """Both control slides truncated: the run used to stop with "control group 'control'
+    not found" from the mixed model, write no table, and do so on every rerun."""
+    slides = _copy(bank, tmp_path / "slides")
+    for name in ("c1.tif", "c2.tif"):
+        data = (slides / name).read_bytes()
+        (slides / name).write_bytes(data[: len(data) // 3])
+    out = tmp_path / "out"
+    summary = run(slides, out, samples=slides / "samples.csv")
+    assert summary.exit_code == 1 and summary.failed == 2
+    for name in (*TABLES, "results.xlsx", "report.html"):
+        assert (out / name).is_file(), name
+    groups = pd.read_csv(out / "groups.csv").set_index("group")
+    assert groups.loc["control", "n_mice"] == 0 and groups.loc["MSC", "n_mice"] == 2
+    assert np.isnan(groups.loc["MSC", "diff_vs_control_pp"])
+    assert "control" in summary.comparison
+    assert_consistent(out)
+
+
+def test_any_statistics_failure_leaves_the_comparison_empty_with_a_reason(bank, tmp_path,
+                                                                           monkeypatch):
+    from fibroquant import stats
+
+    def broken(*args, **kwargs):
+        raise np.linalg.LinAlgError("Singular matrix")
+
+    monkeypatch.setattr(stats, "compare_groups", broken)
+    slides = _copy(bank, tmp_path / "slides")
+    out = tmp_path / "out"
+    summary = run(slides, out, samples=slides / "samples.csv")
+    assert summary.exit_code == 0
+    assert summary.comparison == "No group comparison: Singular matrix."
+    groups = pd.read_csv(out / "groups.csv")
+    assert len(groups) == 0 and "diff_vs_control_pp" in groups.columns
+    assert len(pd.read_csv(out / "mice.csv")) == 4
+    assert "No group comparison: Singular matrix." in (out / "report.html").read_text()
+
+
+# -- 3. µm per pixel from every source is checked --------------------------------------------
+
+
+def test_absurd_mpp_from_any_source_fails_one_row_within_seconds(bank, tmp_path):
+    """A sheet mpp of 0.0005 used to segfault; a TIFF tag of 1e-5 µm/px grew to 12 GB; both
+    fail their own row at once, naming where the value came from; the others are measured."""
+    slides = _copy(bank, tmp_path / "slides")
+    rgb, _ = make_section(SMALL, rng=5)
+    write_pyramid_tiff(slides / "tiny.tif", rgb, 1e-5)
+    write_pyramid_tiff(slides / "huge.tif", rgb, 1e6)
+    sheet = pd.read_csv(slides / "samples.csv")
+    sheet["mpp"] = [0.0005, None, None, None]
+    extra = pd.DataFrame([{"slide": "tiny.tif", "mouse": "x1", "group": "MSC"},
+                          {"slide": "huge.tif", "mouse": "x2", "group": "MSC"}])
+    pd.concat([sheet, extra]).to_csv(slides / "samples.csv", index=False)
+    t0 = time.perf_counter()
+    summary = run(slides, tmp_path / "out", samples=slides / "samples.csv")
+    elapsed = time.perf_counter() - t0
+    rows = pd.read_csv(tmp_path / "out" / "slides.csv", keep_default_na=False).set_index("slide")
+    assert summary.failed == 3 and elapsed < 60
+    assert rows.loc["c1.tif", "error"] == (
+        "c1.tif: 0.0005 µm/px from the sample sheet's mpp column is implausible for "
+        "bright-field microscopy (expected 0.05-50 µm/px)")
+    assert rows.loc["tiny.tif", "error"].startswith(
+        "tiny.tif: 1e-05 µm/px from TIFF resolution tags")
+    assert rows.loc["huge.tif", "error"].startswith("huge.tif: ")  # refused, not measured
+    assert (rows.loc[["c2.tif", "t1.tif", "t2.tif"], "status"] == "ok").all()
+
+
+def test_absurd_mpp_option_is_a_usage_error(bank, tmp_path):
+    code, output = cli("analyze", str(bank), "--out", str(tmp_path / "o"), "--mpp", "0.001")
+    assert code == 2 and "Traceback" not in output
+
+
+# -- 4. processes: a dead worker, kills and SIGTERM ----------------------------------------
+
+
+@pytest.mark.slow
+def test_a_dead_worker_fails_only_its_slide_and_the_pool_carries_on(bank, tmp_path):
+    """A worker process killed in the middle of a slide (as the out-of-memory killer does)
+    fails that slide, named with the signal; the other slides are measured on a new
+    process; no worker outlives the run. It used to turn every slide in flight or pending
+    into "BrokenProcessPool"."""
+    import threading
+
+    from fibroquant.executor import run_tasks
+    from fibroquant.tasks import SlideTask
+
+    rgb, _ = make_section(SectionParams(shape=(2048, 2048), mpp=1.0), rng=9)
+    big = tmp_path / "big.tif"
+    write_pyramid_tiff(big, rgb, 1.0)
+
+    def task(path: Path) -> SlideTask:
+        return SlideTask(path=str(path), slide=path.name, fingerprint=path.name, mpp=None,
+                         fallback_mpp=None, settings_json=Settings().model_dump_json(),
+                         out_dir=str(tmp_path / "out"), write_masks=False)
+
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    records: list[dict] = []
+    worker = threading.Thread(target=lambda: records.extend(run_tasks(
+        [task(big), task(bank / "t1.tif"), task(bank / "t2.tif"), task(bank / "c1.tif")],
+        workers=2)))
+    worker.start()
+    killed = None
+    end = time.monotonic() + 120
+    while killed is None and time.monotonic() < end and worker.is_alive():
+        for proc in me.children(recursive=True):
+            try:
+                if any(f.path == str(big) for f in proc.open_files()):
+                    proc.kill()
+                    killed = proc.pid
+                    break
+            except psutil.Error:
+                continue
+        time.sleep(0.05)
+    worker.join(timeout=180)
+    assert killed is not None, "never saw a worker reading the large slide"
+    by_slide = {r["slide"]: r for r in records}
+    assert sorted(by_slide) == ["big.tif", "c1.tif", "t1.tif", "t2.tif"]
+    assert by_slide["big.tif"]["error"] == (
+        "big.tif: worker process killed by SIGKILL (out of memory?) while measuring this slide")
+    assert all(by_slide[s]["status"] == "ok" for s in ("c1.tif", "t1.tif", "t2.tif"))
+    time.sleep(1.0)
+    left = [p for p in me.children(recursive=True) if p.pid not in before
+            and p.is_running() and p.status() != "zombie"
+            and "forkserver" not in " ".join(p.cmdline())
+            and "resource_tracker" not in " ".join(p.cmdline())]
+    assert not left
+
+
+def test_worker_death_message_names_the_slide_and_signal():
+    from fibroquant.executor import crash_message
+    from fibroquant.tasks import SlideTask
+
+    t = SlideTask(path="/s/big.svs", slide="big.svs", fingerprint="f", mpp=None,
+                  fallback_mpp=None, settings_json="{}", out_dir="/o", write_masks=False)
+    assert crash_message(t, -signal.SIGKILL) == (
+        "big.svs: worker process killed by SIGKILL (out of memory?) while measuring this slide")
+    assert crash_message(t, -signal.SIGSEGV) == (
+        "big.svs: worker process killed by SIGSEGV while measuring this slide")
+
+
+@pytest.mark.slow
+def test_a_slide_that_crashed_its_worker_twice_is_not_retried(bank, tmp_path, monkeypatch):
+    from fibroquant import executor
+    from fibroquant.tasks import failed_record
+
+    calls: list[str] = []
+
+    def crashing(tasks, **kwargs):
+        for t in tasks:
+            calls.append(t.slide)
+            if t.slide == "t1.tif":
+                yield failed_record(t, executor.crash_message(t, -11)) | {"crashed": True}
+            else:
+                yield executor.run_slide(t)
+
+    monkeypatch.setattr(executor, "run_tasks", crashing)
+    slides = _copy(bank, tmp_path / "slides")
+    out = tmp_path / "out"
+    for _ in range(2):
+        assert run(slides, out).failed == 1
+    calls.clear()
+    summary = run(slides, out)
+    assert calls == [] and summary.crashed == ["t1.tif"] and summary.failed == 1
+    assert "crashed" not in pd.read_csv(out / "slides.csv").columns
+    run(slides, out, force=True)
+    assert "t1.tif" in calls
+
+
+@pytest.mark.slow
+def test_kills_and_sigterm_while_measuring_leave_no_process_and_rerun_is_clean(bank, tmp_path):
+    """kill -9 (five times, at random moments) and SIGTERM of a --workers 2 run: no worker,
+    fork server or resource tracker is left 5 s later (they used to live on with ppid 1),
+    SIGTERM exits 143 with one line, and a plain rerun gives the clean run's tables."""
+    ref = tmp_path / "ref"
+    slides = _copy(bank, tmp_path / "slides")
+    assert run(slides, ref, samples=slides / "samples.csv").exit_code == 0
+    out = tmp_path / "out"
+    rng = random.Random(5)
+    for k in range(6):
+        tag = uuid.uuid4().hex
+        proc = spawn(tag, "analyze", str(slides), "--out", str(out), "--samples",
+                     str(slides / "samples.csv"), "--workers", "2", "--force")
+        time.sleep(rng.uniform(1.0, 6.0))
+        sig = signal.SIGTERM if k == 5 else signal.SIGKILL
+        code, err = stop(proc, sig)
+        if sig == signal.SIGTERM and code != 0:  # it may have finished first
+            assert code == 143, err
+            assert "Traceback" not in err, err
+        assert_none_left(tag)
+    assert run(slides, out, samples=slides / "samples.csv").exit_code == 0
+    assert_same_tables(out, ref)
+    assert_consistent(out)
+
+
+# -- 5. input files that block or loop --------------------------------------------------------
+
+
+def test_symlink_loop_and_named_pipe_fail_one_row_each(bank, tmp_path):
+    """A named pipe used to hang the run for ever (holding the lock); a symlink loop gave a
+    60-line traceback and nothing measured, in analyze and in status --slides."""
+    slides = _copy(bank, tmp_path / "slides")
+    (slides / "loop.tif").symlink_to("loop.tif")
+    os.mkfifo(slides / "pipe.tif")
+    out = tmp_path / "out"
+    t0 = time.perf_counter()
+    summary = run(slides, out)
+    assert time.perf_counter() - t0 < 60
+    rows = pd.read_csv(out / "slides.csv", keep_default_na=False).set_index("slide")
+    assert summary.failed == 2 and (rows["status"] == "ok").sum() == 4
+    assert "Too many levels of symbolic links" in rows.loc["loop.tif", "error"]
+    assert rows.loc["pipe.tif", "error"].endswith("pipe.tif: not a regular file (a named pipe)")
+    code, output = cli("status", str(out), "--slides", str(slides))
+    assert code == 0, output
+    assert "unreadable" in output and "named pipe" in output and "symbolic links" in output
+
+
+# -- 6. the store ------------------------------------------------------------------------------
+
+
+def test_wal_deleted_during_a_run_loses_nothing(bank, tmp_path):
+    slides = _copy(bank, tmp_path / "slides")
+    out = tmp_path / "out"
+    seen = []
+
+    def on_result(rec):
+        seen.append(rec["slide"])
+        if len(seen) == 2:
+            (out / "fibroquant.sqlite-wal").unlink()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        summary = analyze_folder(slides, out, Settings(), workers=1, on_result=on_result)
+    assert summary.exit_code == 0
+    again = run(slides, out)
+    assert again.processed == 0 and again.skipped == 4
+
+
+@pytest.mark.slow
+def test_zero_byte_store_is_refused_and_rebuilt_from_the_tables(bank, tmp_path):
+    slides = _copy(bank, tmp_path / "slides")
+    out = tmp_path / "out"
+    run(slides, out, samples=slides / "samples.csv")
+    before = tables(out)
+    (out / "fibroquant.sqlite").write_bytes(b"")
+    for suffix in ("-wal", "-shm"):
+        Path(f"{out / 'fibroquant.sqlite'}{suffix}").unlink(missing_ok=True)
+    code, output = cli("analyze", str(slides), "--out", str(out), "--samples",
+                       str(slides / "samples.csv"), "--workers", "1")
+    assert code == 4 and "empty (0 bytes)" in output and "store rebuild" in output
+    assert cli("store", "check", str(out))[0] == 4
+    code, output = cli("store", "rebuild", str(out))
+    assert code == 0 and "rebuilt with 4 slide result(s)" in output, output
+    assert cli("store", "check", str(out))[0] == 0
+    summary = run(slides, out, samples=slides / "samples.csv")
+    assert summary.processed == 0 and summary.skipped == 4
+    after = tables(out)
+    for name in TABLES:
+        pd.testing.assert_frame_equal(before[name], after[name], obj=name)
+
+
+def test_a_store_that_lost_its_last_run_or_its_tables_is_refused(bank, tmp_path):
+    import sqlite3
+
+    slides = _copy(bank, tmp_path / "slides")
+    out = tmp_path / "out"
+    run(slides, out)
+    info = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**info, "run_id": 99}))
+    code, output = cli("analyze", str(slides), "--out", str(out), "--workers", "1")
+    assert code == 4 and "lost run #99" in output
+    (out / "run.json").write_text(json.dumps(info))
+    with sqlite3.connect(out / "fibroquant.sqlite") as conn:
+        conn.execute("DROP TABLE history")
+    code, output = cli("analyze", str(slides), "--out", str(out), "--workers", "1")
+    assert code == 4 and "lost its tables (history)" in output
+
+
+# -- 7. exit codes and settings files --------------------------------------------------------
+
+
+def test_an_internal_error_exits_4_with_one_line(bank, tmp_path, monkeypatch):
+    from fibroquant import run as run_module
+
+    def bug(*args, **kwargs):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(run_module, "write_tables", bug)
+    code, output = cli("analyze", str(bank), "--out", str(tmp_path / "o"), "--workers", "1")
+    assert code == 4, output
+    assert "internal error: ZeroDivisionError: division by zero" in output
+    assert "Traceback" not in output
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("collagen:\n  min_contrast_od: [0.1\n  x: 2\n", "c.yaml:3:4: not a readable YAML file"),
+    ("collagen:\n  min_contrast_od: 0.1\ncollagen:\n  min_contrast_od: 0.2\n",
+     "c.yaml:3:1: not a readable YAML file (key 'collagen' given twice)"),
+    ("collagen:\n  relative_threshold: .nan\n",
+     "collagen.relative_threshold: Input should be a finite number"),
+    ("stains:\n  background_rgb: [300, -5, 255]\n",
+     "stains.background_rgb.0: Input should be less than or equal to 255; "
+     "stains.background_rgb.1: Input should be greater than 0"),
+    ("tiling:\n  mask_max_mpx: 1e12\n", "tiling.mask_max_mpx: Input should be less than"),
+])
+def test_bad_settings_files_are_one_line_usage_errors(tmp_path, text, message):
+    from fibroquant.config import load_settings
+    from fibroquant.errors import ConfigError
+
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(tmp_path / "c.yaml")
+    assert message in str(info.value)
