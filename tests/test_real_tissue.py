@@ -295,15 +295,15 @@ def test_muscle_without_folds_loses_under_1_percent(stain, seed):
     ("psr-cores-twombli", "2L_7D.png", "sirius-red", 1.0),
     ("masson-heart-autoslide", "1_heart_2473238609.png", "masson", 1.0),
     ("masson-heart-autoslide", "1_heart_3165408474.png", "masson", 0.5),
+    ("masson-heart-autoslide", "1_heart_2710497275.png", "masson", 0.5),
     ("psr-liver-liverquant", "tile02_PSR.jpg", "sirius-red", 1.0124),
 ])
 def test_real_tissue_without_folds_keeps_its_tissue(folder, name, stain, mpp):
-    """No folds or bubbles on real fields and cores that have none (the cores lost 17.7 % of
-    their tissue to "folds": picric-acid-rich cell islands in pale stroma)."""
+    """No folds, bubbles or capsule on real fields and cores that have none (the cores lost
+    17.7 % of their tissue to "folds", picric-acid-rich cell islands in pale stroma, and
+    1.6-2.2 % to "capsule", stroma cut at the punched edge)."""
     a = _analyze(_real(folder, name), mpp, stain)
-    r = a.record
-    excluded = r["fold_area_mm2"] + r["bubble_area_mm2"]
-    assert excluded <= 0.01 * (r["tissue_area_mm2"] + excluded)
+    assert _excluded_share(a.record) <= 1.0
 
 
 # ------------------------------------------------------------------------------------------
