@@ -27,18 +27,16 @@ from fibroquant.config import Settings  # noqa: E402
 from fibroquant.slides import ArraySlide  # noqa: E402
 from fibroquant.synthetic import SectionParams, make_section  # noqa: E402
 
-STEPS = ("detect_tissue", "_estimate_background", "_calibration_pixels", "estimate_stains",
-         "with_folds", "parenchyma_background", "with_capsule", "_stain_fit", "_map_tiles")
+STEPS = ("detect_tissue", "estimate_background", "calibration_pixels", "estimate_stains",
+         "with_folds", "parenchyma_background", "with_capsule", "stain_fit", "measure_tiles")
 
 
 def _timed(name: str, fn, totals: dict[str, float]):
     def wrapper(*args, **kwargs):
         t0 = time.perf_counter()
         out = fn(*args, **kwargs)
-        if name == "_map_tiles":  # a generator: time its consumption
-            out = list(out)
         totals[name] = totals.get(name, 0.0) + time.perf_counter() - t0
-        return iter(out) if name == "_map_tiles" else out
+        return out
 
     return wrapper
 
@@ -77,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             setattr(pipeline, name, fn)
     print(f"one run, workers=1: {total:.2f} s")
     for name in STEPS:
-        label = "tiles (read + measure)" if name == "_map_tiles" else name
+        label = "tiles (read + measure)" if name == "measure_tiles" else name
         print(f"  {label:28s} {totals.get(name, 0.0):6.3f} s")
     print(f"  {'everything else':28s} {total - sum(totals.values()):6.3f} s")
     return 0

@@ -9,8 +9,7 @@ directory (deleted at the end unless ``--keep``/``--workdir``), then prints one 
 
 * decode-only: tifffile + imagecodecs decoding every level-0 tile, 1 and 2 threads;
 * fibroquant ``analyze_slide`` (default settings, native resolution), ``workers=1`` and ``2``,
-  each in a fresh subprocess (peak RSS = the child's VmHWM); ``--variants default spatial``
-  adds a run with the optional thin-fibre top-hat and speck removal on (the tile-by-tile path);
+  each in a fresh subprocess (peak RSS = the child's VmHWM);
 * a per-tile scikit-image baseline (decode + ``rgb2hed`` + threshold + count) on a subset of
   tiles, extrapolated;
 * Dask ``LocalCluster`` 1 vs 2 worker processes on 8 copies of the 16k x 16k slide via
@@ -215,7 +214,7 @@ def kernel_micro(sec: np.ndarray, rounds: int = 9
     import numba
 
     from fibroquant import kernels
-    from fibroquant.pipeline import collagen_concentration
+    from fibroquant.collagen import collagen_concentration
     from fibroquant.stains import SIRIUS_RED, od_lut
 
     @numba.njit(nogil=True)
@@ -232,7 +231,7 @@ def kernel_micro(sec: np.ndarray, rounds: int = 9
             for j in range(w):
                 mask[i, j] = table[rgb[i, j, 0], rgb[i, j, 1], rgb[i, j, 2]] & tissue[i, j]
 
-    kernels.warmup()
+    kernels.warmup_fused()
     rgb = np.ascontiguousarray(sec[:1024, :1024])
     lut = od_lut((246.0, 244.0, 240.0))
     col = SIRIUS_RED.unmixing[:, SIRIUS_RED.collagen_index].copy()
@@ -244,7 +243,6 @@ def kernel_micro(sec: np.ndarray, rounds: int = 9
     m = np.empty_like(tissue)
     classify(rgb, table, tissue, m)
     assert np.array_equal(m, (ref > thr) & tissue)
-    assert np.array_equal(kernels.collagen_concentration_fast(rgb, lut, col), ref)
 
     def best(fn, n=25):
         fn()
@@ -265,9 +263,6 @@ def kernel_micro(sec: np.ndarray, rounds: int = 9
         "numpy reference conc": lambda: collagen_concentration(rgb, lut, col),
         "numpy reference conc + mask": lambda: (collagen_concentration(rgb, lut, col) > thr)
         & tissue,
-        "kernel conc": lambda: kernels.collagen_concentration_fast(rgb, lut, col),
-        "kernel conc + mask (fused)": lambda: kernels.collagen_concentration_and_mask(
-            rgb, lut, col, thr, tissue),
         "fused tile kernel (pipeline default)": lambda: kernels.measure_tile_fused(
             rgb, lut, col, others, 0.35, flags, thr_map, idx, idx, 4, 2),
         "256^3 class table, mask only": lambda: classify(rgb, table, tissue,
@@ -313,10 +308,11 @@ def kernel_micro(sec: np.ndarray, rounds: int = 9
     for threads in (1, 2):
         def run(chunk):
             for a in chunk:
-                kernels.collagen_concentration_fast(a, lut, col)
+                kernels.measure_tile_fused(a, lut, col, others, 0.35, flags, thr_map, idx, idx,
+                                           4, 2)
         _run_threads(run, tiles, threads)
         secs = min(_run_threads(run, tiles, threads) for _ in range(5))
-        out.append((f"kernel conc, 16 tiles, {threads} thread(s)", secs, 16 * mp))
+        out.append((f"fused tile kernel, 16 tiles, {threads} thread(s)", secs, 16 * mp))
     return out, ratios
 
 
@@ -337,8 +333,6 @@ def _vmhwm_mb() -> float:
 #: Pipeline variants: settings overrides on top of the defaults.
 VARIANTS = {
     "default": {},
-    # the optional thin-fibre top-hat: the tile-by-tile path (segment_collagen with a halo)
-    "spatial": {"collagen": {"fibre_width_um": 4.0}},
 }
 
 
@@ -511,8 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="do not delete the temp directory")
     ap.add_argument("--no-dask", action="store_true")
     ap.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS),
-                    help="pipeline variants to run: default settings, and 'spatial' (the "
-                    "optional thin-fibre top-hat and speck removal on)")
+                    help="pipeline variants to run (default settings)")
     ap.add_argument("--big-w2-only", action="store_true",
                     help="on slides >= 32k only run workers=2 (saves time)")
     ap.add_argument("--profile", action="store_true", help="cProfile one workers=1 run")

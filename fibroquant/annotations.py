@@ -132,10 +132,11 @@ def _read_image(path: Path) -> np.ndarray:
         except OSError as exc:
             msg = f"{path}: cannot read ({exc.strerror or exc})"
             raise AnnotationError(msg) from None
-        img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
-        if img is None:
+        decoded = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
+        if decoded is None:
             msg = f"{path}: not a readable PNG mask"
             raise AnnotationError(msg)
+        img = decoded
     img = np.asarray(img)
     if img.ndim == 3:
         if img.shape[2] in (3, 4) and np.array_equal(img[..., 0], img[..., 1]) and (
@@ -202,6 +203,7 @@ def _rings(geometry: Mapping[str, Any], path: Path) -> list[list[np.ndarray]]:
     """Polygons (exterior first, then holes) of a Polygon or MultiPolygon, as (N, 2) x/y."""
     kind = geometry.get("type")
     coords = geometry.get("coordinates")
+    polys: Any
     if kind == "Polygon":
         polys = [coords]
     elif kind == "MultiPolygon":

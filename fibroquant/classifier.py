@@ -227,7 +227,13 @@ class CompiledEnsemble:
                 thr[ti, pos] = t["num_threshold"][node]
                 stack += [(int(t["left"][node]), 2 * pos + 1, dd + 1),
                           (int(t["right"][node]), 2 * pos + 2, dd + 1)]
-        self.depth, self.p_feature, self.p_threshold, self.p_leaf = depth, feat, thr, leaf
+        # float32 features: ``x <= t`` for a float64 ``t`` is ``x <= t32`` for the largest
+        # float32 ``t32 <= t``, so the walk compares in float32 with the same outcome
+        thr32 = thr.astype(np.float32)
+        over = thr32.astype(np.float64) > thr
+        thr32[over] = np.nextafter(thr32[over], np.float32(-np.inf))
+        self.depth, self.p_feature, self.p_threshold, self.p_leaf = (
+            depth, feat.astype(np.intp), thr32, leaf)
 
     def raw(self, planes: np.ndarray, index: np.ndarray) -> np.ndarray:
         """Raw scores (float64) of the pixels ``index`` (flat) of ``(F, H, W)`` planes."""
@@ -282,16 +288,12 @@ def _perfect_decide_py(flat, index, feat, thr, leaf, depth, baseline,
                 n_active = m
                 if n_active == 0:
                     break
-            ft = feat[t]
-            th = thr[t]
-            lf = leaf[t]
             for a in range(n_active):
                 j = active[a]
-                x = rows[j]
                 i = 0
                 for _ in range(depth):
-                    i = 2 * i + 1 + (x[ft[i]] > th[i])
-                acc[j] += lf[i - n_inner]
+                    i = 2 * i + 1 + (rows[j, feat[t, i]] > thr[t, i])
+                acc[j] += leaf[t, i - n_inner]
         for j in range(nb):
             out[b + j] = acc[j] >= 0.0
     return out

@@ -148,7 +148,7 @@ def train(
         raise fail("cannot train: " + "; ".join(errors or failed or ["no image"]), 1)
     gate_col = len(stain_names) + 1
     rows = cross_validate(images, kind=model, gate_col=gate_col)
-    header = {
+    header: dict[str, Any] = {
         "settings": {"scales_um": list(DEFAULT_SCALES_UM), "model": model,
                      "max_train_px": max_pixels, "stain": settings.stains.stain.value,
                      "analysis_settings": settings.measurement_dict()},

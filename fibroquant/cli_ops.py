@@ -32,11 +32,6 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------
 
 
-def _base_fingerprint(key: str) -> str:
-    """The content part of a stored slide key (run.py appends ``-mpp…``/``-fallbackmpp…``)."""
-    return key.split("-", 1)[0] if not key.startswith("unreadable-") else key
-
-
 def _pid_alive(pid: int | None, host: str | None) -> bool | None:
     """Whether a run's process still exists (``None``: another host, cannot tell)."""
     if pid is None:
@@ -67,85 +62,57 @@ def _run_state(run: dict[str, Any], newest: bool) -> str:
 
 def folder_changes(store: Any, slides_dir: Path, out_dir: Path, settings_hash: str | None
                    ) -> dict[str, Any]:
-    """Compare a slides folder with the store: new, changed, not yet measured, removed, and
-    unchanged slides whose files in OUT_DIR are missing or show another content.
-
-    The last are measured again by the next run (:func:`fibroquant.run.outputs_current`):
-    their QC overlay is gone, or the path's latest measurement was of another content (the
-    file changed back to one measured before). Masks are not looked at (whether a run writes
-    them depends on its ``--masks``). Fingerprints come from the store's cache (an ``os.stat``
-    per unchanged file); nothing is written to the store (the cache's new entries are not
-    flushed).
+    """What the next run would do with a slides folder, from the run's own plan
+    (:func:`fibroquant.run.plan_run`): new, changed, not yet measured, failed before (measured
+    again), crashed (not measured again), removed, renamed, unreadable, and measured slides
+    whose files in OUT_DIR are missing or show another content. Fingerprints come from the
+    store's cache; nothing is written to the store. The µm/px each slide is measured with are
+    the last run's (its sample sheet's ``mpp`` column, remembered ``--mpp``).
     """
-    from fibroquant.run import discover, renamed_sources
+    from fibroquant.run import discover, plan_run
     from fibroquant.store import FingerprintCache
-    from fibroquant.tasks import output_files, output_stems
 
     files = discover(slides_dir, out_dir)
-    rels = [p.relative_to(slides_dir).as_posix() for p in files]
-    stems = output_stems(rels)
-    last = store.last_measured()
-    stored = store.slide_fingerprints()
-    known = store.known(settings_hash) if settings_hash else {}
-    known_base: dict[str, str] = {}
-    for key, status in known.items():
-        base = _base_fingerprint(key)
-        if known_base.get(base) != "ok":
-            known_base[base] = status
     cache = FingerprintCache(store, slides_dir)  # never flushed: status stays read-only
-    new, changed, unmeasured, unreadable, redraw, unchanged = [], [], [], [], [], 0
-    new_fp: dict[str, str] = {}
-    present = set()
-    for p, rel in zip(files, rels, strict=True):
-        present.add(rel)
-        try:
-            fp = cache.fingerprint(p)
-        except (FibroquantError, OSError) as exc:
-            unreadable.append({"slide": rel, "error": one_line(exc)})
-            continue
-        old = stored.get(rel)
-        if old is None:
-            new.append(rel)
-            new_fp[rel] = fp
-        elif _base_fingerprint(old) != fp:
-            changed.append(rel)
-        elif known_base.get(fp) is None:
-            unmeasured.append(rel)
-        elif _outputs_stale(last.get(rel), fp, output_files(out_dir, stems[rel], ("qc",))):
-            redraw.append(rel)
-        else:
-            unchanged += 1
-    removed = sorted(s for s in stored if s not in present)
-    # a new path whose content a removed path showed, measured with these settings: the next
-    # run keeps that measurement and moves its files (the run's own choice of old names)
-    sources = renamed_sources(last, stored, present, settings_hash) if settings_hash else {}
-    gone: dict[str, list[str]] = {}
-    for key, olds in sources.items():
-        gone.setdefault(_base_fingerprint(key), []).extend(olds)
-    renamed = []
-    for rel in list(new):
-        olds = gone.get(new_fp[rel])
-        if olds and known_base.get(new_fp[rel]) == "ok":
-            old = olds.pop(0)
-            renamed.append({"from": old, "to": rel})
-            new.remove(rel)
-            removed.remove(old)
+    plan = plan_run(store, slides_dir, out_dir, files, settings_hash=settings_hash or "",
+                    cache=cache, sheet_mpp=_last_sheet_mpp(out_dir))
+    by_state: dict[str, list[str]] = {}
+    for e in plan.slides:
+        by_state.setdefault(e.state, []).append(e.slide)
+    stored = set(plan.previous)
+    missing = by_state.get("outputs_missing", [])
+    renamed = [{"from": e.renamed_from[0], "to": e.slide} for e in plan.slides
+               if e.state == "renamed"]
+    gone = {r["from"] for r in renamed}
     return {
-        "slides_dir": str(slides_dir), "files": len(files), "new": new, "changed": changed,
-        "not_measured_with_these_settings": unmeasured, "unreadable": unreadable,
-        "outputs_missing": redraw, "removed": removed, "renamed": renamed,
-        "unchanged": unchanged, "present": sorted(present),
+        "slides_dir": str(slides_dir), "files": len(files),
+        "new": by_state.get("new", []) + [s for s in missing if s not in stored],
+        "changed": by_state.get("changed", []),
+        "not_measured_with_these_settings": by_state.get("not_measured", []),
+        "failed_before": by_state.get("failed_before", []),
+        "crashed": by_state.get("crashed", []),
+        "unreadable": [{"slide": e.slide, "error": e.error} for e in plan.slides
+                       if e.state == "unreadable"],
+        "outputs_missing": [s for s in missing if s in stored],
+        "removed": [s for s in plan.removed if s not in gone], "renamed": renamed,
+        "unchanged": len(by_state.get("unchanged", [])),
+        "present": sorted(e.slide for e in plan.slides),
     }
 
 
-def _outputs_stale(last: tuple[str, str, str] | None, fingerprint: str,
-                   files: dict[str, Path]) -> bool:
-    """Whether a measured, unchanged slide's files in OUT_DIR are missing or show another
-    content (its path's latest measurement, ``last``, was of another content)."""
-    if last is None or last[2] != "ok":
-        return False  # failed: retried as such, not for its files
-    return _base_fingerprint(last[0]) != fingerprint or not all(
-        f.exists() for f in files.values())
+def _last_sheet_mpp(out_dir: Path) -> dict[str, float]:
+    """The last run's sample-sheet µm/px by slide (from the sheet provenance.json names)."""
+    import pandas as pd
+
+    try:
+        prov = json.loads((out_dir / "provenance.json").read_text(encoding="utf-8"))
+        sheet = pd.read_csv(prov["samples"], dtype={"slide": str}) if prov.get("samples") else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+    if sheet is None or "mpp" not in sheet or "slide" not in sheet:
+        return {}
+    mpp = pd.to_numeric(sheet["mpp"], errors="coerce")
+    return {str(s): float(v) for s, v in zip(sheet["slide"], mpp, strict=True) if pd.notna(v)}
 
 
 def gather_status(out_dir: Path, slides_dir: Path | None = None, *, n_runs: int = 5
@@ -230,6 +197,8 @@ def _print_status(info: dict[str, Any]) -> None:
                   f"{folder['unchanged']} unchanged", soft_wrap=True, markup=False)
         for key, label in (("new", "new"), ("changed", "changed"),
                            ("not_measured_with_these_settings", "not measured yet"),
+                           ("failed_before", "failed before (measured again)"),
+                           ("crashed", "crashed its worker twice (not measured again)"),
                            ("outputs_missing", "overlay missing or outdated (measured again)"),
                            ("removed", "removed")):
             for name in folder[key]:
@@ -240,8 +209,8 @@ def _print_status(info: dict[str, Any]) -> None:
         for u in folder["unreadable"]:
             out.print(f"  unreadable: {u['error']}", soft_wrap=True, markup=False)
         if not any(folder.get(k) for k in ("new", "changed", "not_measured_with_these_settings",
-                                           "outputs_missing", "removed", "unreadable",
-                                           "renamed")):
+                                           "failed_before", "outputs_missing", "removed",
+                                           "unreadable", "renamed")):
             out.print("  nothing new: a rerun would measure nothing")
 
 

@@ -6,7 +6,6 @@ No science here: both call the library and print.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -180,8 +179,8 @@ def stains(
     import numpy as np
     import yaml
 
-    from fibroquant.pipeline import analyze_slide
-    from fibroquant.slides import list_slides
+    from fibroquant.pipeline import calibrate_slide
+    from fibroquant.slides import list_slides, open_slide
 
     try:
         settings = cli_settings(config, stain, analysis_mpp)
@@ -193,25 +192,31 @@ def stains(
     estimates: list[dict[str, list[float]]] = []
     failed = 0
     for f in files:
-        try:
-            rec = analyze_slide(f, settings, fallback_mpp=mpp).record
+        try:  # the calibration step only: no tile is measured
+            slide = open_slide(f)
+            if slide.mpp is None and mpp is not None:
+                slide.close()
+                slide = open_slide(f, mpp=mpp)
+            with slide:
+                cal = calibrate_slide(slide, settings)
         except FibroquantError as exc:
             failed += 1
             err.print(f"[yellow]failed: {one_line(exc)}[/]", markup=True)
             continue
-        vec = json.loads(rec["stain_vectors"])
-        angles = json.loads(rec["stain_angles_deg"])
-        out.print(f"[bold]{f.relative_to(slides_dir)}[/] ({rec['stain_source']})", markup=True)
+        est, thr, warning = cal.stains, cal.threshold, "; ".join(cal.warnings)
+        vec = est.stains.to_dict()
+        out.print(f"[bold]{f.relative_to(slides_dir)}[/] ({est.source})", markup=True)
         for name, v in vec.items():
             out.print(f"  {name:18s} {v[0]:.4f} {v[1]:.4f} {v[2]:.4f}   "
-                      f"{angles.get(name, 0):5.1f}° from preset")
-        out.print(f"  collagen level {rec['collagen_level_od']:.3f} OD, parenchyma "
-                  f"{rec['parenchyma_od']:.3f} OD, collagen share {rec['collagen_od_share']:.2f}")
-        if rec["stain_warning"]:
-            out.print(f"  [yellow]warning: {rec['stain_warning']}[/]", markup=True, soft_wrap=True)
-        if "wrong stain?" in rec["stain_warning"]:
+                      f"{est.angles_deg.get(name, 0):5.1f}° from preset")
+        out.print(f"  collagen level {thr.collagen_level_od:.3f} OD, parenchyma "
+                  f"{thr.parenchyma_od:.3f} OD, collagen share "
+                  f"{est.od_share.get(est.stains.collagen, 0.0):.2f}")
+        if warning:
+            out.print(f"  [yellow]warning: {warning}[/]", markup=True, soft_wrap=True)
+        if "wrong stain?" in warning:
             out.print("  [yellow]left out of the study vectors (wrong stain?)[/]", markup=True)
-        elif rec["stain_source"] != "preset":
+        elif est.source != "preset":
             estimates.append(vec)
     if write is not None:
         if not estimates:

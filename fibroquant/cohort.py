@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 REQUIRED_COLUMNS: tuple[str, ...] = ("slide", "mouse", "group")
 
 #: Columns of ``mice.csv`` written by :func:`aggregate_mice`, before any carried sheet columns.
-MICE_COLUMNS: tuple[str, ...] = tuple(schema.names("mice"))
+MICE_COLUMNS: tuple[str, ...] = tuple(c.name for c in schema.MICE if not c.optional)
 
 #: Keys of a slide's stored record (``fibroquant.pipeline`` measures them; the store adds
 #: the fingerprint and settings hash). ``mpp`` is both: a sheet may set it (it is then what was

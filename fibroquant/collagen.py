@@ -1,4 +1,4 @@
-"""Collagen segmentation on the collagen stain's concentration channel.
+"""The collagen decision (:class:`CollagenRule`, :func:`is_collagen`) and its per-slide threshold.
 
 The default threshold is *relative*: it sits a fixed fraction of the way from the slide's
 parenchyma level (the median collagen-stain concentration of tissue pixels dominated by other
@@ -25,6 +25,7 @@ counterstain ``p`` is ~0 and the guard is ``min_share`` as before (:func:`share_
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -33,55 +34,144 @@ import numpy as np
 from skimage.filters import threshold_otsu
 
 from fibroquant.config import CollagenSettings
-from fibroquant.kernels import blob_limits, remove_small_objects_fast
+from fibroquant.kernels import gaussian_blur
 
 if TYPE_CHECKING:
     from fibroquant.stains import StainMatrix
-
-#: Above this Gaussian kernel length, :func:`gaussian_blur` convolves by FFT instead of OpenCV's
-#: direct separable filter (whose cost grows with the kernel length).
-FFT_BLUR_MIN_KSIZE = 257
 
 #: From this background sigma (pixels) on, :func:`parenchyma_background` works on a coarser grid.
 COARSE_BACKGROUND_MIN_SIGMA = 16.0
 
 
-def gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
-    """``cv2.GaussianBlur(img, (0, 0), sigma)`` for a 2-D float32 image, fast for large sigma.
+@dataclass(frozen=True)
+class CollagenRule:
+    """The collagen decision of one slide: which pixels of a tile are collagen.
 
-    Small kernels go to OpenCV. Large ones (a background scale of tens of µm on a fine tissue
-    thumbnail: 400-tap kernels, seconds per call) are applied separably by FFT, in float64,
-    with OpenCV's own float32 kernel and its default border (reflect-101): the result equals
-    OpenCV's to float32 rounding (|diff| ~1e-7 relative).
+    A tissue pixel is collagen when (:func:`is_collagen`)
+
+    1. its collagen-stain concentration (OD by ``lut``, then one dot product with
+       ``unmix_col``) is above the threshold at its place (the slide's
+       :class:`CollagenThreshold`, raised by :func:`parenchyma_background`), and
+    2. the collagen stain carries at least ``share_guard`` of its positive concentration summed
+       over all stains (the *share guard*; off without ``other_cols`` or when 0),
+
+    and then the tile's 8-connected collagen components that are smaller than
+    ``min_object_px``, or compact blobs (:func:`blob_limits`), and do not touch the tile's edge
+    are not collagen (:func:`speck_mask`). The fused tile kernel
+    (:func:`fibroquant.kernels.measure_tile_fused`) implements the same rule in one pass, bit
+    for bit (``tests/test_speed_paths.py``).
+
+    Attributes
+    ----------
+    lut : ndarray of float32, shape (3, 256)
+        OD per channel value (:func:`fibroquant.stains.od_lut` of the slide's glass colour).
+    unmix_col : ndarray of float32, shape (3,)
+        Collagen column of the slide's unmixing matrix (OD -> concentration).
+    other_cols : tuple of ndarray of float32, shape (3,)
+        Unmixing columns of the other stains, in the order their shares are summed.
+    share_guard : float
+        Least collagen-stain share of a collagen pixel (:func:`share_guard`), 0-1.
+    min_object_px, blob_px, blob_side : int
+        Speck and blob limits in pixels of the analysis resolution (0 = off).
     """
-    img = np.asarray(img, np.float32)
-    ksize = int(round(sigma * 8 + 1)) | 1  # OpenCV's kernel size for float images
-    if img.ndim != 2 or ksize < FFT_BLUR_MIN_KSIZE or min(img.shape) <= ksize:
-        return cv2.GaussianBlur(img, (0, 0), sigma)
-    import scipy.fft as sfft  # noqa: PLC0415
 
-    k = cv2.getGaussianKernel(ksize, sigma, cv2.CV_32F).astype(np.float64).ravel()
-    r = ksize // 2
-    x = img.astype(np.float64)
-    for axis in (0, 1):
-        pad = [(0, 0), (0, 0)]
-        pad[axis] = (r, r)
-        xp = np.pad(x, pad, mode="reflect")
-        del x
-        nfft = sfft.next_fast_len(xp.shape[axis], real=True)
-        shape = [1, 1]
-        shape[axis] = -1
-        spec = sfft.rfft(xp, nfft, axis=axis, workers=-1)
-        del xp
-        spec *= sfft.rfft(k, nfft).reshape(shape)
-        y = sfft.irfft(spec, nfft, axis=axis, workers=-1)
-        del spec
-        sl = [slice(None), slice(None)]
-        sl[axis] = slice(ksize - 1, ksize - 1 + img.shape[axis])
-        x = y[tuple(sl)]
-        del y
-    return x.astype(np.float32)
+    lut: np.ndarray
+    unmix_col: np.ndarray
+    other_cols: tuple[np.ndarray, ...] = ()
+    share_guard: float = 0.0
+    min_object_px: int = 0
+    blob_px: int = 0
+    blob_side: int = 0
 
+    @classmethod
+    def for_slide(cls, lut: np.ndarray, stains: StainMatrix, share_guard: float,
+                  settings: CollagenSettings, blob_max_area_um2: float | None, mpp: float
+                  ) -> CollagenRule:
+        """The rule of a slide from its calibration, at ``mpp`` µm per pixel."""
+        i = stains.collagen_index
+        return cls(lut, stains.unmixing[:, i].copy(),
+                   tuple(stains.unmixing[:, k].copy() for k in range(len(stains.names)) if k != i),
+                   share_guard, int(round(settings.min_object_area_um2 / mpp**2)),
+                   *blob_limits(blob_max_area_um2, mpp))
+
+
+def collagen_concentration(rgb: np.ndarray, lut: np.ndarray, unmix_col: np.ndarray) -> np.ndarray:
+    """Stain concentration of a uint8 RGB image along one unmixing column (float32, OD units).
+
+    ``lut[0][r] * u[0] + lut[1][g] * u[1] + lut[2][b] * u[2]`` in float32, added left to right:
+    the tile kernel tabulates the same products and adds them in the same order.
+    """
+    return (
+        lut[0][rgb[..., 0]] * unmix_col[0]
+        + lut[1][rgb[..., 1]] * unmix_col[1]
+        + lut[2][rgb[..., 2]] * unmix_col[2]
+    )
+
+
+def is_collagen(rgb: np.ndarray, threshold: np.ndarray | float, rule: CollagenRule
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Steps 1 and 2 of :class:`CollagenRule` for every pixel of a tile (numpy).
+
+    Parameters
+    ----------
+    rgb : ndarray of uint8, shape (H, W, 3)
+    threshold : float32 or ndarray of float32, shape (H, W)
+        Collagen threshold at every pixel, OD units.
+    rule : CollagenRule
+
+    Returns
+    -------
+    conc : ndarray of float32, shape (H, W)
+        Collagen concentration, OD units.
+    collagen : ndarray of bool, shape (H, W)
+        Pixels that pass the threshold and the share guard (tissue and specks not applied).
+    """
+    conc = collagen_concentration(rgb, rule.lut, rule.unmix_col)
+    collagen = conc > threshold
+    if rule.other_cols and rule.share_guard > 0:
+        pos = np.maximum(conc, 0)
+        total = pos.copy()
+        for col in rule.other_cols:
+            total += np.maximum(collagen_concentration(rgb, rule.lut, col), 0)
+        collagen &= pos >= np.float32(rule.share_guard) * total
+    return conc, collagen
+
+
+def blob_limits(area_um2: float | None, mpp: float) -> tuple[int, int]:
+    """Pixel limits of a compact blob of at most ``area_um2``: (largest area, largest bounding
+    box side = 1.5 diameters of a disc of that area); (0, 0) when off (0 or None)."""
+    if not area_um2 or area_um2 <= 0:
+        return 0, 0
+    diameter = 2.0 * math.sqrt(area_um2 / math.pi)
+    return int(round(area_um2 / mpp**2)), int(math.ceil(1.5 * diameter / mpp))
+
+
+def blob_components(stats: np.ndarray, blob_px: int, blob_side: int) -> np.ndarray:
+    """Which components of ``cv2.connectedComponentsWithStats`` are compact blobs: at most
+    ``blob_px`` pixels, a bounding box at most ``blob_side`` on each side and at least half
+    filled (a disc fills 79 %, a thin fibre across its box a few %); bool per label."""
+    area = stats[:, cv2.CC_STAT_AREA].astype(np.int64)
+    bw = stats[:, cv2.CC_STAT_WIDTH].astype(np.int64)
+    bh = stats[:, cv2.CC_STAT_HEIGHT].astype(np.int64)
+    if blob_px <= 0:
+        return np.zeros(len(area), bool)
+    return (area <= blob_px) & (bh <= blob_side) & (bw <= blob_side) & (2 * area >= bh * bw)
+
+
+def speck_mask(collagen: np.ndarray, rule: CollagenRule) -> np.ndarray:
+    """The pixels of a tile's collagen mask that step 3 of :class:`CollagenRule` takes out:
+    8-connected components smaller than ``min_object_px`` or compact blobs, not touching the
+    tile's edge (they may continue in the next tile); bool, shape of ``collagen``."""
+    if not ((rule.min_object_px > 1 or rule.blob_px > 0) and collagen.any()):
+        return np.zeros(collagen.shape, bool)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(
+        np.ascontiguousarray(collagen).view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    small = ((stats[:, cv2.CC_STAT_AREA] < rule.min_object_px)
+             | blob_components(stats, rule.blob_px, rule.blob_side))
+    small[0] = False
+    small[edge] = False
+    return small[labels]
 
 @dataclass(frozen=True)
 class CollagenThreshold:
@@ -395,63 +485,3 @@ def auto_blob_area(conc: np.ndarray, stains: StainMatrix) -> float:
     lo, hi = NUCLEUS_OD_RANGE
     nucleus = (nuclear > 0.5) & (conc[:, 2] > lo) & (conc[:, 2] < hi)
     return AUTO_BLOB_AREA_UM2 if np.mean(nucleus) < IRON_NUCLEI_MIN_SHARE else 0.0
-
-
-def segment_collagen(
-    collagen_conc: np.ndarray,
-    tissue_mask: np.ndarray,
-    threshold_od: float | np.ndarray,
-    mpp: float,
-    settings: CollagenSettings,
-    *,
-    line_od: float | None = None,
-    line_floor_offset: float | None = None,
-) -> np.ndarray:
-    """Collagen mask of one tile.
-
-    Parameters
-    ----------
-    collagen_conc : ndarray of float32, shape (H, W)
-        Collagen stain concentration, OD units.
-    tissue_mask : ndarray of bool, shape (H, W)
-    threshold_od : float or ndarray of float32, shape (H, W)
-        From :func:`calibrate_threshold`, optionally raised per pixel by the local parenchyma
-        background (:func:`parenchyma_background`).
-    mpp : float
-        µm per pixel of the tile.
-    settings : CollagenSettings
-    line_od : float, optional
-        Thin-fibre contrast: pixels whose white top-hat (width ``fibre_width_um``) exceeds this
-        are collagen too, if their concentration is at least ``threshold_od -
-        line_floor_offset`` (the parenchyma level plus the minimum contrast).
-    line_floor_offset : float, optional
-
-    Returns
-    -------
-    ndarray of bool, shape (H, W)
-        Collagen pixels inside tissue, specks below ``min_object_area_um2`` and compact blobs
-        up to ``blob_max_area_um2`` removed.
-    """
-    conc = collagen_conc
-    sigma = settings.smooth_um / mpp
-    if sigma > 0.2:
-        conc = cv2.GaussianBlur(conc, (0, 0), sigma)
-    mask = conc > threshold_od
-    if line_od is not None and settings.fibre_width_um > 0:
-        # thin fibres: blur lowers their peak below the area threshold, but they still stand
-        # out from their surroundings; a white top-hat a little wider than a fibre finds them
-        d = max(3, int(round(settings.fibre_width_um / mpp)) | 1)
-        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (d, d))
-        tophat = cv2.morphologyEx(np.ascontiguousarray(collagen_conc, np.float32),
-                                  cv2.MORPH_TOPHAT, kernel)
-        floor = threshold_od - line_floor_offset if line_floor_offset is not None else 0.0
-        mask |= (tophat > line_od) & (conc > floor)
-    mask &= tissue_mask
-    min_px = int(round(settings.min_object_area_um2 / mpp**2))
-    blob_px, blob_side = blob_limits(settings.blob_max_area_um2, mpp)
-    if min_px > 1 or blob_px > 0:
-        # skimage remove_small_objects(mask, max_size=min_px - 1, connectivity=2), and the
-        # compact blobs (nuclei read as collagen stain)
-        mask = remove_small_objects_fast(mask, min_px, connectivity=2, blob_px=blob_px,
-                                         blob_side=blob_side)
-    return mask

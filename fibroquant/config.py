@@ -225,15 +225,6 @@ class CollagenSettings(_Model):
         description="share_baseline parenchyma: parenchyma cells carry up to this many times the "
         "median parenchymal collagen-stain share (cell-to-cell and zonal variation), at most 0.5",
     )
-    fibre_width_um: float = Field(
-        0.0, ge=0,
-        description="thin-fibre detector width (white top-hat), µm; 0 = area threshold only",
-    )
-    fibre_threshold: float = Field(
-        0.15, gt=0, lt=1,
-        description="thin fibres: top-hat contrast as a fraction of parenchyma-to-collagen range",
-    )
-    smooth_um: float = Field(0.0, ge=0, description="Gaussian sigma on the collagen channel, µm")
     min_object_area_um2: float = Field(
         5.0, ge=0, description="collagen specks smaller than this are dropped, µm²"
     )
@@ -248,7 +239,9 @@ class CollagenSettings(_Model):
 
 
 class TilingSettings(_Model):
-    """Resolution and tile streaming (do not change measurements except ``analysis_mpp``)."""
+    """Resolution and tile streaming. ``analysis_mpp`` and ``tile_px`` change measurements
+    (``tile_px`` slightly: specks and blobs cut by a tile's edge are kept, and focus is judged
+    per tile); the others do not."""
 
     analysis_mpp: float | None = Field(
         None, gt=0, le=10,
@@ -263,7 +256,6 @@ class TilingSettings(_Model):
         "analysis_mpp itself",
     )
     tile_px: int = Field(1024, ge=128, le=8192, description="tile edge at analysis resolution")
-    halo_px: int = Field(16, ge=0, le=256, description="overlap read around each tile")
     mask_max_mpx: float = Field(
         64.0, gt=0, le=1024, description="largest mask/overlay written; coarser above it, megapixels"
     )
@@ -371,7 +363,7 @@ class Settings(_Model):
             from fibroquant.classifier import file_hash
 
             data["classifier_sha256"] = file_hash(clf)
-        for key in ("tile_px", "halo_px", "mask_max_mpx", "qc_max_px"):
+        for key in ("mask_max_mpx", "qc_max_px"):
             data["tiling"].pop(key)
         data["traits"].pop("tile_px")
         if not data["traits"]["enabled"]:  # no trait measured: hashes as before traits existed

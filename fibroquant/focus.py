@@ -8,7 +8,6 @@ sharpness is below ``factor`` × the median of the slide's tissue blocks.
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 
 from fibroquant import kernels
@@ -32,29 +31,10 @@ def block_sharpness(od_sum: np.ndarray, tissue: np.ndarray, *, min_tissue_fracti
     float
         ``var(Laplacian(od_sum)) / var(od_sum)`` over tissue pixels (unitless).
     """
-    if (od_sum.size == 0 or min(od_sum.shape) < 8
-            or np.count_nonzero(tissue) / tissue.size < min_tissue_fraction):
+    if od_sum.size == 0 or min(od_sum.shape) < 8:
         return float("nan")
-    mom = kernels.focus_moments(od_sum, tissue)
-    if mom is not None:  # one pass, no Laplacian image (OpenCV's value to ~1e-7)
-        return sharpness_from_moments(mom, od_sum.shape, min_tissue_fraction=min_tissue_fraction)
-    od_sum = np.ascontiguousarray(od_sum, np.float32)
-    lap = cv2.Laplacian(od_sum, cv2.CV_32F, ksize=3)
-    # variances by OpenCV (one pass, float64 sums, no boolean-index copies)
-    if tissue.all():  # the common case
-        v = _var(od_sum)
-        lap_var = _var(lap[1:-1, 1:-1])
-    else:
-        inner = tissue.copy()
-        inner[[0, -1], :] = False
-        inner[:, [0, -1]] = False
-        if not inner.any():
-            return float("nan")
-        v = _var(od_sum, tissue)
-        lap_var = _var(lap, inner)
-    if v <= 1e-8:
-        return float("nan")
-    return lap_var / v
+    return sharpness_from_moments(kernels.focus_moments_reference(od_sum, tissue), od_sum.shape,
+                                  min_tissue_fraction=min_tissue_fraction)
 
 
 def sharpness_from_moments(mom: np.ndarray | None, shape: tuple[int, int], *,
@@ -86,13 +66,6 @@ def sharpness_from_moments(mom: np.ndarray | None, shape: tuple[int, int], *,
     if v <= 1e-8:
         return float("nan")
     return float((q2 / m - (q1 / m) ** 2) / v)
-
-
-def _var(values: np.ndarray, mask: np.ndarray | None = None) -> float:
-    """Population variance of a float32 image (of its ``mask`` pixels)."""
-    m = None if mask is None else mask.view(np.uint8)
-    _, std = cv2.meanStdDev(values, mask=m)
-    return float(std[0, 0]) ** 2
 
 
 def unfocused(sharpness: np.ndarray, *, factor: float, min_blocks: int = 8) -> np.ndarray:

@@ -1,49 +1,25 @@
-"""Fast per-pixel kernels for the tile loop (numba, with a numpy fallback).
+"""Fast per-pixel kernels for the tile loop (numba), and fast image operations.
 
-The reference for everything here is :func:`fibroquant.pipeline.collagen_concentration`::
+:func:`measure_tile_fused` decides and counts every pixel of a tile in one pass, by the
+collagen decision of :class:`fibroquant.collagen.CollagenRule`, bit for bit: the products
+``lut[c][v] * u[c]`` of :func:`fibroquant.collagen.collagen_concentration` are tabulated once
+per call (same float32 rounding), each pixel is two float32 additions of table entries in the
+reference's order, compiled without ``fastmath`` (no re-association, no fused multiply-add),
+and the GIL is released (``nogil=True``), so tiles on a thread pool scale with cores. Rows of
+width 8k are read as uint64 words, red + green from a 65,536-entry pair table
+(:func:`pair_table`). Its numpy reference (the fallback without numba, and the tests' oracle)
+is :func:`fibroquant.tiles.measure_tile_reference`.
 
-    conc = lut[0][r] * u[0] + lut[1][g] * u[1] + lut[2][b] * u[2]      # float32 throughout
-
-The kernels compute exactly that, bit for bit: the three products ``lut[c][v] * u[c]`` are
-tabulated once per call (768 float32 multiplies, the same rounding as the reference), and each
-pixel is two float32 additions of table entries in the reference's order, compiled without
-``fastmath`` (so no re-association and no fused multiply-add). One pass over the tile, no
-temporaries, and the GIL is released (``nogil=True``), so tiles on a thread pool scale with cores.
-The tile kernel reads rows of width 8k as uint64 words and red + green from a 65,536-entry pair
-table of the reference's first addition (:func:`pair_table`): the same sums, from fewer loads.
-
-Public API
-----------
-``collagen_concentration_fast(rgb, lut, unmix_col)``
-    Drop-in for :func:`fibroquant.pipeline.collagen_concentration`.
-``collagen_concentration_and_mask(rgb, lut, unmix_col, threshold, tissue)``
-    The same map plus ``(conc > threshold) & tissue`` in the same pass.
-``lookup_nearest(mask, rows, cols)``, ``block_majority(mask, f)``
-    Exact, faster replacements for ``pipeline._lookup`` (``mask[np.ix_(rows, cols)]``) and
-    ``pipeline._block_reduce`` (the per-tile mask bookkeeping, which dominated the tile loop in
-    ``benchmarks/wsi.py``'s profile).
-``measure_tile_fused(...)``
-    The whole-slide fast path: one pass per tile for counts, block counts, the focus moments and
-    speck removal (runs of collagen pixels joined row to row by union-find).
-``focus_moments(od, tissue)``
-    One-pass moments of a block's summed OD and of its Laplacian (:mod:`fibroquant.focus`).
-``warmup()``
-    Compile (or load from numba's on-disk cache) once, before starting worker threads.
-``HAVE_NUMBA``
-    False when numba is missing or disabled; the functions then call the numpy reference.
-
-Compilation happens once per process on first use (or in :func:`warmup`); with ``cache=True``
-later processes (process pools, Dask workers) load the machine code from ``__pycache__`` in
-tens of milliseconds instead of compiling. Nothing is compiled per tile.
-
-A 256³ RGB → collagen lookup table (16 MiB, one read per pixel) was measured as an
-alternative to the fused mask and is slower on this code path; see ``benchmarks/README.md``.
+Compilation happens once per process on first use (or in :func:`warmup_fused`); with
+``cache=True`` later processes (process pools, Dask workers) load the machine code from
+``__pycache__`` in tens of milliseconds. ``HAVE_NUMBA`` is False when numba is missing or
+disabled. Also here: :func:`lookup_nearest` (nearest-neighbour upsampling of a low-resolution
+mask), :func:`focus_moments`, :func:`remove_small_objects_fast` and :func:`gaussian_blur`.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import os
 import sys
 import threading
@@ -71,31 +47,6 @@ def _jit(fn: Any) -> Any:
         return _numba.njit(nogil=True, cache=False, fastmath=False)(fn)
 
 
-def _conc_py(rgb: np.ndarray, tables: np.ndarray, out: np.ndarray) -> None:
-    t0 = tables[0]
-    t1 = tables[1]
-    t2 = tables[2]
-    h, w = out.shape
-    for i in range(h):
-        for j in range(w):
-            out[i, j] = t0[rgb[i, j, 0]] + t1[rgb[i, j, 1]] + t2[rgb[i, j, 2]]
-
-
-def _conc_mask_py(
-    rgb: np.ndarray, tables: np.ndarray, threshold: np.float32, tissue: np.ndarray,
-    out: np.ndarray, mask: np.ndarray,
-) -> None:
-    t0 = tables[0]
-    t1 = tables[1]
-    t2 = tables[2]
-    h, w = out.shape
-    for i in range(h):
-        for j in range(w):
-            c = t0[rgb[i, j, 0]] + t1[rgb[i, j, 1]] + t2[rgb[i, j, 2]]
-            out[i, j] = c
-            mask[i, j] = (c > threshold) & tissue[i, j]
-
-
 def _gather_py(mask: np.ndarray, rows: np.ndarray, cols: np.ndarray, out: np.ndarray) -> None:
     for i in range(rows.shape[0]):
         r = rows[i]
@@ -118,40 +69,6 @@ def _share_ok_py(
 
 
 _share_ok_nb = _jit(_share_ok_py)
-
-
-def _share_py(
-    rgb: np.ndarray, tables: np.ndarray, others: np.ndarray, min_share: np.float32,
-    out: np.ndarray, ok: np.ndarray,
-) -> None:
-    t0 = tables[0]
-    t1 = tables[1]
-    t2 = tables[2]
-    h, w = out.shape
-    for i in range(h):
-        for j in range(w):
-            r = rgb[i, j, 0]
-            g = rgb[i, j, 1]
-            b = rgb[i, j, 2]
-            c = t0[r] + t1[g] + t2[b]
-            out[i, j] = c
-            ok[i, j] = _share_ok_nb(c, r, g, b, others, min_share)
-
-
-def _block_py(mask: np.ndarray, f: int, out: np.ndarray) -> None:
-    h, w = mask.shape
-    oh, ow = out.shape
-    counts = np.zeros(ow, np.int64)
-    for bi in range(oh):
-        counts[:] = 0
-        for i in range(bi * f, min(bi * f + f, h)):
-            for bj in range(ow):
-                c = 0
-                for j in range(bj * f, min(bj * f + f, w)):
-                    c += mask[i, j]
-                counts[bj] += c
-        for bj in range(ow):
-            out[bi, bj] = 2 * counts[bj] >= f * f
 
 
 #: Bits of the per-pixel class map that :func:`measure_tile_fused` reads (at tissue resolution).
@@ -734,45 +651,12 @@ def focus_moments(od: np.ndarray, tissue: np.ndarray) -> np.ndarray | None:
     return out
 
 
-_conc_nb = _jit(_conc_py)
-_conc_mask_nb = _jit(_conc_mask_py)
 _gather_nb = _jit(_gather_py)
-_block_nb = _jit(_block_py)
-_share_nb = _jit(_share_py)
 _tile_nb = _jit(_tile_py)
 _focus_nb = _jit(_focus_py)
 
-_warm_lock = threading.Lock()
-_warm_fused_lock = threading.Lock()  # apart: the slow path need not wait for it
-_warm = False
+_warm_fused_lock = threading.Lock()
 _warm_fused = False
-
-
-def warmup() -> bool:
-    """Compile (or load from cache) the kernels for C-ordered and strided tiles, once.
-
-    Safe to call from several threads; returns :data:`HAVE_NUMBA`.
-    """
-    global _warm
-    if not HAVE_NUMBA or _warm:
-        return HAVE_NUMBA
-    with _warm_lock:
-        if _warm:
-            return True
-        tables = np.zeros((3, 256), np.float32)
-        for rgb in (np.zeros((2, 2, 3), np.uint8), np.zeros((2, 4, 3), np.uint8)[:, ::2]):
-            out = np.empty((2, 2), np.float32)
-            _conc_nb(rgb, tables, out)
-            for tissue in (np.ones((2, 2), bool), np.ones((2, 4), bool)[:, ::2]):
-                _conc_mask_nb(rgb, tables, np.float32(0), tissue, out, np.empty((2, 2), bool))
-                lookup_nearest(tissue, np.zeros(2, np.intp), np.zeros(2, np.intp))
-                lookup_nearest(tissue.astype(np.float32), np.zeros(2, np.intp),
-                               np.zeros(2, np.intp))
-                block_majority(tissue, 2)
-            _share_nb(rgb, tables, np.zeros((1, 3, 256), np.float32), np.float32(0.5), out,
-                      np.empty((2, 2), bool))
-        _warm = True
-    return True
 
 
 def kernels_ready() -> bool:
@@ -781,7 +665,10 @@ def kernels_ready() -> bool:
 
 
 def warmup_fused() -> bool:
-    """Compile (or load from cache) only :func:`measure_tile_fused`'s kernel, once."""
+    """Compile (or load from cache) :func:`measure_tile_fused`'s kernel, once per process.
+
+    Safe to call from several threads; returns :data:`HAVE_NUMBA`.
+    """
     global _warm_fused
     if not HAVE_NUMBA or _warm_fused:
         return HAVE_NUMBA
@@ -878,43 +765,6 @@ def _fast_ok(rgb: np.ndarray, lut: np.ndarray, unmix_col: np.ndarray) -> bool:
     )
 
 
-def _reference(rgb: np.ndarray, lut: np.ndarray, unmix_col: np.ndarray) -> np.ndarray:
-    from fibroquant.pipeline import collagen_concentration  # noqa: PLC0415 - avoid a cycle
-
-    return collagen_concentration(rgb, lut, unmix_col)
-
-
-def collagen_concentration_fast(
-    rgb: np.ndarray, lut: np.ndarray, unmix_col: np.ndarray
-) -> np.ndarray:
-    """Collagen stain concentration of a uint8 RGB tile, float32 OD units (one fused pass).
-
-    Same result as :func:`fibroquant.pipeline.collagen_concentration`, bit for bit, for
-    uint8 ``(H, W, 3)`` tiles of any strides with a float32 ``lut`` and ``unmix_col``; other
-    inputs (and machines without numba) are handed to that reference function.
-
-    Parameters
-    ----------
-    rgb : ndarray of uint8, shape (H, W, 3)
-        Transmitted-light tile (need not be contiguous).
-    lut : ndarray of float32, shape (3, 256)
-        OD per channel value, from :func:`fibroquant.stains.od_lut` (OD units).
-    unmix_col : ndarray of float32, shape (3,)
-        Collagen column of the unmixing matrix (concentration per OD unit).
-
-    Returns
-    -------
-    ndarray of float32, shape (H, W)
-        Collagen concentration, OD units (may be slightly negative from noise).
-    """
-    if not _fast_ok(rgb, lut, unmix_col):
-        return _reference(rgb, lut, unmix_col)
-    out = np.empty(rgb.shape[:2], np.float32)
-    if out.size:
-        _conc_nb(rgb, scaled_tables(lut, unmix_col), out)
-    return out
-
-
 def threshold_as_float32(conc_dtype: np.dtype, threshold: float) -> np.float32:
     """A float32 ``T`` with ``x > T`` ⇔ numpy's ``x > threshold`` for every float32 ``x``.
 
@@ -934,54 +784,13 @@ def threshold_as_float32(conc_dtype: np.dtype, threshold: float) -> np.float32:
     return np.float32(t32)
 
 
-def collagen_concentration_and_mask(
-    rgb: np.ndarray, lut: np.ndarray, unmix_col: np.ndarray, threshold: float,
-    tissue: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Collagen concentration and ``(conc > threshold) & tissue`` in one pass.
-
-    Parameters
-    ----------
-    rgb, lut, unmix_col
-        As for :func:`collagen_concentration_fast`.
-    threshold : float
-        Collagen threshold, OD units (e.g. ``CollagenThreshold.threshold_od``); compared with
-        exactly numpy's semantics for ``conc > threshold``.
-    tissue : ndarray of bool, shape (H, W)
-        Tissue mask of the tile (need not be contiguous).
-
-    Returns
-    -------
-    conc : ndarray of float32, shape (H, W)
-        Collagen concentration, OD units.
-    mask : ndarray of bool, shape (H, W)
-        Thresholded collagen inside tissue (before speck removal), i.e. what
-        :func:`fibroquant.collagen.segment_collagen` computes before ``remove_small_objects``
-        when ``smooth_um`` is 0.
-    """
-    tissue = np.asarray(tissue)
-    if (
-        not _fast_ok(rgb, lut, unmix_col)
-        or tissue.dtype != np.bool_
-        or tissue.shape != rgb.shape[:2]
-    ):
-        conc = collagen_concentration_fast(rgb, lut, unmix_col)
-        return conc, (conc > threshold) & tissue
-    out = np.empty(rgb.shape[:2], np.float32)
-    mask = np.empty(rgb.shape[:2], bool)
-    if out.size:
-        thr = threshold_as_float32(out.dtype, threshold)
-        _conc_mask_nb(rgb, scaled_tables(lut, unmix_col), thr, tissue, out, mask)
-    return out, mask
-
-
 _GATHER_DTYPES = (np.dtype(np.bool_), np.dtype(np.float32))
 
 
 def lookup_nearest(mask: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """``mask[np.ix_(rows, cols)]`` in one pass (nearest-neighbour upsampling of a mask).
 
-    Same result as ``pipeline._lookup``; ~5x faster than ``np.ix_`` fancy indexing.
+    ~5x faster than ``np.ix_`` fancy indexing.
 
     Parameters
     ----------
@@ -1010,85 +819,6 @@ def lookup_nearest(mask: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.n
     out = np.empty((len(rows), len(cols)), mask.dtype)
     if out.size:
         _gather_nb(mask, rows, cols, out)
-    return out
-
-
-def collagen_concentration_and_share(
-    rgb: np.ndarray, lut: np.ndarray, unmix_col: np.ndarray, other_cols: tuple[np.ndarray, ...],
-    min_share: float,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Collagen concentration and the collagen-share test in one pass.
-
-    Same result, bit for bit, as the reference::
-
-        conc = collagen_concentration(rgb, lut, unmix_col)
-        pos = np.maximum(conc, 0)
-        total = pos.copy()
-        for col in other_cols:
-            total += np.maximum(collagen_concentration(rgb, lut, col), 0)
-        ok = pos >= np.float32(min_share) * total
-
-    Parameters
-    ----------
-    rgb, lut, unmix_col
-        As for :func:`collagen_concentration_fast`.
-    other_cols : tuple of ndarray of float32, shape (3,)
-        Unmixing columns of the other stains, in the order they are summed.
-    min_share : float
-        The collagen stain's least share of a pixel's positive concentration.
-
-    Returns
-    -------
-    conc : ndarray of float32, shape (H, W)
-    ok : ndarray of bool, shape (H, W)
-    """
-    if not (_fast_ok(rgb, lut, unmix_col) and all(
-        isinstance(c, np.ndarray) and c.dtype == np.float32 and c.shape == (3,)
-        for c in other_cols
-    )):
-        conc = collagen_concentration_fast(rgb, lut, unmix_col)
-        pos = np.maximum(conc, 0)
-        total = pos.copy()
-        for col in other_cols:
-            total += np.maximum(collagen_concentration_fast(rgb, lut, col), 0)
-        return conc, pos >= np.float32(min_share) * total
-    out = np.empty(rgb.shape[:2], np.float32)
-    ok = np.empty(rgb.shape[:2], bool)
-    if out.size:
-        others = _other_tables(lut, other_cols)
-        _share_nb(rgb, scaled_tables(lut, unmix_col), others, np.float32(min_share), out, ok)
-    return out, ok
-
-
-def block_majority(mask: np.ndarray, f: int) -> np.ndarray:
-    """Downsample a bool mask by ``f``: a block is True when at least half of its f x f is.
-
-    Same result as ``pipeline._block_reduce`` (blocks past the edge are padded with False and
-    still divided by f²), without the float32 copy and the strided mean.
-
-    Parameters
-    ----------
-    mask : ndarray of bool, shape (H, W)
-    f : int
-        Block edge in pixels (>= 1).
-
-    Returns
-    -------
-    ndarray of bool, shape (ceil(H / f), ceil(W / f))
-    """
-    f = int(f)
-    if f == 1:
-        return mask
-    mask = np.asarray(mask)
-    h, w = mask.shape
-    out = np.empty((-(-h // f), -(-w // f)), bool)
-    if not (HAVE_NUMBA and mask.dtype == np.bool_ and f > 1):
-        hh, ww = out.shape[0] * f, out.shape[1] * f
-        padded = np.zeros((hh, ww), np.float32)
-        padded[:h, :w] = mask
-        return padded.reshape(hh // f, f, ww // f, f).mean(axis=(1, 3)) >= 0.5
-    if out.size:
-        _block_nb(mask, f, out)
     return out
 
 
@@ -1121,78 +851,6 @@ class FusedTile:
     focus_shape: tuple[int, int]
 
 
-def blob_components(stats: np.ndarray, blob_px: int, blob_side: int) -> np.ndarray:
-    """Which components of ``cv2.connectedComponentsWithStats`` are compact blobs (see
-    :func:`blob_limits`); bool per label."""
-    area = stats[:, cv2.CC_STAT_AREA].astype(np.int64)
-    bw = stats[:, cv2.CC_STAT_WIDTH].astype(np.int64)
-    bh = stats[:, cv2.CC_STAT_HEIGHT].astype(np.int64)
-    if blob_px <= 0:
-        return np.zeros(len(area), bool)
-    return (area <= blob_px) & (bh <= blob_side) & (bw <= blob_side) & (2 * area >= bh * bw)
-
-
-def blob_limits(area_um2: float | None, mpp: float) -> tuple[int, int]:
-    """Pixel limits of a compact blob of at most ``area_um2``: (largest area, largest bounding
-    box side = 1.5 diameters of a disc of that area); (0, 0) when off (0 or None)."""
-    if not area_um2 or area_um2 <= 0:
-        return 0, 0
-    diameter = 2.0 * math.sqrt(area_um2 / math.pi)
-    return int(round(area_um2 / mpp**2)), int(math.ceil(1.5 * diameter / mpp))
-
-
-def _edge_specks(col: np.ndarray, min_px: int, blob_px: int = 0, blob_side: int = 0
-                 ) -> np.ndarray:
-    """Collagen components smaller than ``min_px``, or compact blobs (8-connected), that do
-    not touch the tile edge."""
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(col.view(np.uint8), connectivity=8,
-                                                           ltype=cv2.CV_32S)
-    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
-    small = (stats[:, cv2.CC_STAT_AREA] < min_px) | blob_components(stats, blob_px, blob_side)
-    small[0] = False
-    small[edge] = False
-    return small[labels]
-
-
-def measure_tile_reference(
-    rgb: np.ndarray, lut: np.ndarray, unmix_col: np.ndarray, other_cols: tuple[np.ndarray, ...],
-    min_share: float, flags: np.ndarray, thr: np.ndarray, rows: np.ndarray, cols: np.ndarray,
-    f: int, stride: int, min_px: int = 0, blob_px: int = 0, blob_side: int = 0,
-) -> FusedTile:
-    """numpy reference of :func:`measure_tile_fused` (whole-array operations)."""
-    fl = flags[np.ix_(rows, cols)]
-    t = thr[np.ix_(rows, cols)]
-    tissue = (fl & FLAG_TISSUE) != 0
-    if other_cols and min_share > 0:
-        conc, ok = collagen_concentration_and_share(rgb, lut, unmix_col, other_cols, min_share)
-    else:
-        conc, ok = collagen_concentration_fast(rgb, lut, unmix_col), True
-    col = (conc > t) & tissue & ok
-    capsule = col & ((fl & FLAG_BAND) != 0)
-    wall = ((fl & FLAG_WALL) != 0) & tissue & ~capsule
-    col &= ~capsule & ~wall
-    tissue &= ~capsule & ~wall
-    if (min_px > 1 or blob_px > 0) and col.any():
-        col &= ~_edge_specks(np.ascontiguousarray(col), min_px, blob_px, blob_side)
-    kinds = [((fl & b) != 0) for b in (FLAG_LUMEN, FLAG_FOLD, FLAG_BUBBLE)]
-    excluded = capsule | wall | kinds[0] | kinds[1] | kinds[2]
-    counts = dict(zip(FUSED_COUNTS, (int(np.count_nonzero(m)) for m in
-                                     (tissue, col, capsule, wall, *kinds))))
-    h, w = tissue.shape
-    bh, bw = -(-h // f), -(-w // f)
-    blocks = np.zeros((3, bh * f, bw * f), np.int32)
-    for k, m in enumerate((col, tissue, excluded)):
-        blocks[k, :h, :w] = m
-    blocks = blocks.reshape(3, bh, f, bw, f).sum(axis=(2, 4), dtype=np.int32)
-    mom, shape = None, (0, 0)
-    if stride > 0:
-        sub = rgb[::stride, ::stride]
-        od_sub = lut[0][sub[..., 0]] + lut[1][sub[..., 1]] + lut[2][sub[..., 2]]
-        tis_sub = ((fl & FLAG_TISSUE) != 0)[::stride, ::stride]
-        mom, shape = focus_moments_reference(od_sub, tis_sub), od_sub.shape
-    return FusedTile(counts, float(conc[col].sum(dtype=np.float64)), blocks, mom, shape)
-
-
 def focus_moments_reference(od: np.ndarray, tissue: np.ndarray) -> np.ndarray:
     """:func:`focus_moments`, by it when numba is there, else in float64 numpy (equal to
     ~1e-7 relative)."""
@@ -1208,20 +866,40 @@ def focus_moments_reference(od: np.ndarray, tissue: np.ndarray) -> np.ndarray:
                      np.count_nonzero(tissue[1:-1, 1:-1]), lap.sum(), (lap * lap).sum(), ref])
 
 
+def fused_ok(rgb: np.ndarray, lut: np.ndarray, unmix_col: np.ndarray,
+             other_cols: tuple[np.ndarray, ...], flags: np.ndarray, thr: np.ndarray,
+             rows: np.ndarray, cols: np.ndarray) -> bool:
+    """Whether :func:`measure_tile_fused` can take these inputs (numba present, dtypes and
+    shapes as documented there, indices inside the class map); else the caller uses the numpy
+    reference, :func:`fibroquant.tiles.measure_tile_reference`."""
+    ok = (
+        _fast_ok(rgb, lut, unmix_col) and flags.dtype == np.uint8 and thr.dtype == np.float32
+        and flags.shape == thr.shape and rows.dtype == np.intp and cols.dtype == np.intp
+        and len(rows) == rgb.shape[0] and len(cols) == rgb.shape[1]
+        and all(isinstance(c, np.ndarray) and c.dtype == np.float32 and c.shape == (3,)
+                for c in other_cols)
+    )
+    if ok and len(rows) and len(cols):
+        ok = (0 <= rows.min() and rows.max() < flags.shape[0] and 0 <= cols.min()
+              and cols.max() < flags.shape[1])
+    return bool(ok)
+
+
 def measure_tile_fused(
     rgb: np.ndarray, lut: np.ndarray, unmix_col: np.ndarray, other_cols: tuple[np.ndarray, ...],
     min_share: float, flags: np.ndarray, thr: np.ndarray, rows: np.ndarray, cols: np.ndarray,
     f: int, stride: int, min_px: int = 0, blob_px: int = 0, blob_side: int = 0,
 ) -> FusedTile:
-    """Classify and count every pixel of a tile in one pass (the whole-slide fast path).
+    """Classify and count every pixel of a tile in one pass, by the collagen decision of
+    :class:`fibroquant.collagen.CollagenRule`.
 
     Per pixel: OD by lookup table, the collagen concentration (one dot product, tabulated),
     the threshold and class of the pixel's low-resolution cell, the collagen-share guard only
     where the threshold is passed; collagen goes to its f x f block's count, while everything
     that does not depend on the pixel (plain tissue, lumens, folds, bubbles, walls outside the
     capsule band) is counted once per row. No full-resolution array is written. Same counts
-    and blocks as :func:`measure_tile_reference`; the OD sum is accumulated in float64 in
-    pixel order (the reference sums pairwise: equal to ~1e-12).
+    and blocks as :func:`fibroquant.tiles.measure_tile_reference`; the OD sum is accumulated
+    in float64 in pixel order (the reference sums pairwise: equal to ~1e-12).
 
     Parameters
     ----------
@@ -1250,28 +928,18 @@ def measure_tile_fused(
         the neighbouring tile). The kernel finds them from runs of collagen pixels joined
         row to row (union-find), without writing a full-resolution mask.
     blob_px, blob_side : int
-        Compact blobs are not collagen either (:func:`blob_limits`): components of at most
-        ``blob_px`` pixels whose bounding box is at most ``blob_side`` on each side and at
-        least half filled (not touching the tile's edge). 0 = off.
+        Compact blobs are not collagen either (:func:`fibroquant.collagen.blob_limits`):
+        components of at most ``blob_px`` pixels whose bounding box is at most ``blob_side``
+        on each side and at least half filled (not touching the tile's edge). 0 = off.
 
     Returns
     -------
     FusedTile
     """
     other_cols = tuple(other_cols) if min_share > 0 else ()
-    ok = (
-        _fast_ok(rgb, lut, unmix_col) and flags.dtype == np.uint8 and thr.dtype == np.float32
-        and flags.shape == thr.shape and rows.dtype == np.intp and cols.dtype == np.intp
-        and len(rows) == rgb.shape[0] and len(cols) == rgb.shape[1]
-        and all(isinstance(c, np.ndarray) and c.dtype == np.float32 and c.shape == (3,)
-                for c in other_cols)
-    )
-    if ok and len(rows) and len(cols):
-        ok = (0 <= rows.min() and rows.max() < flags.shape[0] and 0 <= cols.min()
-              and cols.max() < flags.shape[1])
-    if not ok:
-        return measure_tile_reference(rgb, lut, unmix_col, other_cols, min_share, flags, thr,
-                                      rows, cols, f, stride, min_px, blob_px, blob_side)
+    if not fused_ok(rgb, lut, unmix_col, other_cols, flags, thr, rows, cols):
+        msg = "measure_tile_fused: inputs the kernel cannot take (see fused_ok)"
+        raise ValueError(msg)
     h, w = rgb.shape[:2]
     others = _other_tables(lut, other_cols)
     blocks = np.zeros((3, -(-h // f), -(-w // f)), np.int32)
@@ -1294,36 +962,31 @@ def measure_tile_fused(
 __all__ = [
     "HAVE_NUMBA",
     "FusedTile",
-    "measure_tile_fused",
-    "measure_tile_reference",
-    "block_majority",
-    "collagen_concentration_and_mask",
-    "collagen_concentration_and_share",
-    "collagen_concentration_fast",
     "focus_moments",
     "focus_moments_reference",
+    "fused_ok",
+    "gaussian_blur",
     "lookup_nearest",
+    "measure_tile_fused",
+    "remove_small_holes_fast",
+    "remove_small_objects_fast",
     "scaled_tables",
     "threshold_as_float32",
-    "warmup",
+    "warmup_fused",
 ]
 
 
-def remove_small_objects_fast(mask: np.ndarray, min_px: int, connectivity: int = 1,
-                              blob_px: int = 0, blob_side: int = 0) -> np.ndarray:
+def remove_small_objects_fast(mask: np.ndarray, min_px: int, connectivity: int = 1
+                              ) -> np.ndarray:
     """Drop connected components smaller than ``min_px`` pixels from a 2-D bool mask.
 
     Same result as ``skimage.morphology.remove_small_objects(mask, max_size=min_px - 1,
     connectivity=connectivity)`` (1 = 4-neighbours, 2 = 8-neighbours), but labels only the
     bounding box of the mask with OpenCV (which releases the GIL), and does no labelling at all
     for an empty mask. Returns a new array (or ``mask`` itself when nothing is removed).
-    With ``blob_px`` > 0, compact blobs (:func:`blob_limits`) are removed too, except those
-    touching the mask's edge (as in the fused kernel: they may continue beyond it).
     """
-    import cv2  # noqa: PLC0415 - keep the module importable without OpenCV at import time
-
     mask = np.asarray(mask, dtype=bool)
-    if mask.ndim != 2 or (min_px <= 1 and blob_px <= 0):
+    if mask.ndim != 2 or min_px <= 1:
         return mask
     rows = np.flatnonzero(mask.any(axis=1))
     if rows.size == 0:
@@ -1334,14 +997,7 @@ def remove_small_objects_fast(mask: np.ndarray, min_px: int, connectivity: int =
     n, labels, stats, _ = cv2.connectedComponentsWithStats(
         sub, connectivity=8 if connectivity >= 2 else 4, ltype=cv2.CV_32S
     )
-    blob = blob_components(stats, blob_px, blob_side)
-    if blob.any():
-        left = x0 + stats[:, cv2.CC_STAT_LEFT]
-        top = y0 + stats[:, cv2.CC_STAT_TOP]
-        blob &= ~((left == 0) | (top == 0)
-                  | (left + stats[:, cv2.CC_STAT_WIDTH] == mask.shape[1])
-                  | (top + stats[:, cv2.CC_STAT_HEIGHT] == mask.shape[0]))
-    keep = (stats[:, cv2.CC_STAT_AREA] >= min_px) & ~blob
+    keep = stats[:, cv2.CC_STAT_AREA] >= min_px
     keep[0] = False
     if keep[1:].all():
         return mask
@@ -1357,3 +1013,45 @@ def remove_small_holes_fast(mask: np.ndarray, min_px: int, connectivity: int = 1
     if min_px <= 1:
         return mask.copy()
     return ~remove_small_objects_fast(~mask, min_px, connectivity)
+
+
+#: Above this Gaussian kernel length, :func:`gaussian_blur` convolves by FFT instead of OpenCV's
+#: direct separable filter (whose cost grows with the kernel length).
+FFT_BLUR_MIN_KSIZE = 257
+
+
+def gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    """``cv2.GaussianBlur(img, (0, 0), sigma)`` for a 2-D float32 image, fast for large sigma.
+
+    Small kernels go to OpenCV. Large ones (a background scale of tens of µm on a fine tissue
+    thumbnail: 400-tap kernels, seconds per call) are applied separably by FFT, in float64,
+    with OpenCV's own float32 kernel and its default border (reflect-101): the result equals
+    OpenCV's to float32 rounding (|diff| ~1e-7 relative).
+    """
+    img = np.asarray(img, np.float32)
+    ksize = int(round(sigma * 8 + 1)) | 1  # OpenCV's kernel size for float images
+    if img.ndim != 2 or ksize < FFT_BLUR_MIN_KSIZE or min(img.shape) <= ksize:
+        return cv2.GaussianBlur(img, (0, 0), sigma)
+    import scipy.fft as sfft  # noqa: PLC0415
+
+    k = cv2.getGaussianKernel(ksize, sigma, cv2.CV_32F).astype(np.float64).ravel()
+    r = ksize // 2
+    x = img.astype(np.float64)
+    for axis in (0, 1):
+        pad = [(0, 0), (0, 0)]
+        pad[axis] = (r, r)
+        xp = np.pad(x, pad, mode="reflect")
+        del x
+        nfft = sfft.next_fast_len(xp.shape[axis], real=True)
+        shape = [1, 1]
+        shape[axis] = -1
+        spec = sfft.rfft(xp, nfft, axis=axis, workers=-1)
+        del xp
+        spec *= sfft.rfft(k, nfft).reshape(shape)
+        y = sfft.irfft(spec, nfft, axis=axis, workers=-1)
+        del spec
+        sl = [slice(None), slice(None)]
+        sl[axis] = slice(ksize - 1, ksize - 1 + img.shape[axis])
+        x = y[tuple(sl)]
+        del y
+    return x.astype(np.float32)

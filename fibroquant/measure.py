@@ -1,13 +1,25 @@
-"""Additive per-tile counts and the per-slide result derived from them.
+"""Additive per-tile counts, and the typed result of one slide.
 
 Tiles are measured independently and their :class:`TileCounts` added; areas, CPA and mean OD are
-computed once from the totals (:meth:`SlideResult.from_counts`), never by averaging ratios, so any
-tiling gives the same answer.
+computed once from the totals (:meth:`Measurements.from_counts`), never by averaging ratios.
+:class:`SlideResult` holds everything measured on a slide; :meth:`SlideResult.to_record` is its
+flat row of ``slides.csv``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fibroquant.confidence import qc_flags
+
+if TYPE_CHECKING:  # types only: these modules sit above this one
+    from fibroquant.collagen import CollagenThreshold
+    from fibroquant.stains import StainEstimate
+    from fibroquant.tiles import Geometry
 
 
 @dataclass(frozen=True)
@@ -91,3 +103,158 @@ class Measurements:
             unfocused_area_mm2=_mm2(counts.unfocused_px, mpp),
             bubble_area_mm2=_mm2(counts.bubble_px, mpp),
         )
+
+
+@dataclass(frozen=True)
+class SlideQC:
+    """Quality figures of a slide's optics and stains (columns of ``slides.csv``).
+
+    Attributes
+    ----------
+    glass_od : float
+        Summed OD above which a thumbnail pixel is tissue.
+    shading_od : float
+        Range of the uneven illumination corrected, OD (0 = none).
+    channel_shift_px : float
+        Largest colour-plane misregistration corrected, level-0 pixels (0 = none).
+    background_rgb : tuple of 3 float
+        Glass intensity (R, G, B) of the optical density.
+    background_source : str
+        ``glass``, ``brightest``, ``default`` or ``config``.
+    stain_angle_deg : float
+        Angle of the slide's collagen-stain vector from the preset's, degrees.
+    blob_max_area_um2 : float
+        Compact blobs up to this area were not collagen (0 = off), µm².
+    stain_fit : dict of str to float
+        :func:`fibroquant.stains.stain_fit` residuals of the thumbnail's tissue.
+    stain_guess : str
+        The protocol those colours show (:func:`fibroquant.stains.stain_verdict`).
+    wrong_stain : bool
+        Another protocol fits clearly better than the one measured as (status
+        ``wrong-stain`` in the tables).
+    pale_counterstain : bool
+        The collagen levels were taken by intensity (a ``qc_flags`` entry).
+    """
+
+    glass_od: float
+    shading_od: float
+    channel_shift_px: float
+    background_rgb: tuple[float, float, float]
+    background_source: str
+    stain_angle_deg: float
+    blob_max_area_um2: float
+    stain_fit: dict[str, float]
+    stain_guess: str = "unknown"
+    wrong_stain: bool = False
+    pale_counterstain: bool = False
+
+
+@dataclass(frozen=True)
+class SlideResult:
+    """Everything measured on one slide (:func:`fibroquant.analyze`).
+
+    Attributes
+    ----------
+    stain : str
+        The protocol the slide was measured as (``sirius-red`` or ``masson``).
+    format : str
+        The reader's name of the file format.
+    mpp : float
+        Level-0 µm per pixel.
+    geometry : Geometry
+        Pyramid level, analysis resolution and size, mask resolution.
+    measurements : Measurements
+        Areas (mm²), CPA (%) and mean collagen OD.
+    stains : StainEstimate
+        The slide's stain vectors and their quality figures.
+    threshold : CollagenThreshold
+        The collagen threshold, its levels and share guard.
+    qc : SlideQC
+    warnings : tuple of str
+        Plain-language stain and calibration warnings.
+    seconds : float
+        Wall time of the analysis.
+    version : str
+        fibroquant version that measured it.
+    collagen_mask, tissue_mask, excluded_mask : ndarray of bool
+        At ``geometry.mask_mpp`` (excluded: lumens, folds, bubbles, capsule, walls, blur).
+    thumbnail : ndarray of uint8
+        RGB image of the slide at ``mask_mpp`` or coarser, for QC overlays.
+    flags : ndarray of uint8
+        Low-resolution class bits (``kernels.FLAG_*``) that tell the QC overlay's exclusions
+        apart.
+    traits : dict of str to float
+        Fibre-architecture columns (:mod:`fibroquant.traits`; empty when off).
+    """
+
+    stain: str
+    format: str
+    mpp: float
+    geometry: Geometry
+    measurements: Measurements
+    stains: StainEstimate
+    threshold: CollagenThreshold
+    qc: SlideQC
+    warnings: tuple[str, ...]
+    seconds: float
+    version: str
+    collagen_mask: np.ndarray = field(repr=False)
+    tissue_mask: np.ndarray = field(repr=False)
+    excluded_mask: np.ndarray = field(repr=False)
+    thumbnail: np.ndarray = field(repr=False)
+    flags: np.ndarray = field(repr=False)
+    traits: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mask_mpp(self) -> float:
+        """µm per pixel of the masks."""
+        return self.geometry.mask_mpp
+
+    @property
+    def record(self) -> dict[str, Any]:
+        """:meth:`to_record` (the name the task runner and tests read)."""
+        return self.to_record()
+
+    def to_record(self) -> dict[str, Any]:
+        """The flat row of ``slides.csv`` (without the sample-sheet columns): plain numbers and
+        strings, the stain vectors, angles and fit as JSON text."""
+        g, t, qc, est = self.geometry, self.threshold, self.qc, self.stains
+        record = {
+            "status": "ok",
+            "error": "",
+            "stain": self.stain,
+            "format": self.format,
+            "mpp": self.mpp,
+            "analysis_mpp": g.analysis_mpp,
+            "level": g.level,
+            "width_px": g.width,
+            "height_px": g.height,
+            "mask_mpp": g.mask_mpp,
+            **asdict(self.measurements),
+            "glass_od": qc.glass_od,
+            "shading_od": qc.shading_od,
+            "channel_shift_px": qc.channel_shift_px,
+            "background_rgb": json.dumps([round(b, 1) for b in qc.background_rgb]),
+            "background_source": qc.background_source,
+            "stain_source": est.source,
+            "stain_vectors": json.dumps(est.stains.to_dict()),
+            "stain_angle_deg": qc.stain_angle_deg,
+            "stain_angles_deg": json.dumps(est.angles_deg),
+            "collagen_od_share": est.od_share.get(est.stains.collagen, 0.0),
+            "threshold_method": t.method,
+            "threshold_od": t.threshold_od,
+            "parenchyma_od": t.parenchyma_od,
+            "collagen_level_od": t.collagen_level_od,
+            "share_guard": t.share_guard,
+            "parenchyma_share": t.parenchyma_share,
+            "blob_max_area_um2": qc.blob_max_area_um2,
+            "stain_fit": json.dumps(qc.stain_fit),
+            "stain_guess": qc.stain_guess,
+            "wrong_stain": qc.wrong_stain,
+            "stain_warning": "; ".join(self.warnings),
+            "seconds": self.seconds,
+            "version": self.version,
+            **self.traits,
+        }
+        record["qc_flags"] = "; ".join(qc_flags(record, pale_counterstain=qc.pale_counterstain))
+        return record

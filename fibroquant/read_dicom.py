@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from fibroquant.errors import SlideReadError
-from fibroquant.slides import DICOM_SUFFIXES, _PixelFormat, _short, _SlideBase
+from fibroquant.slides import DICOM_SUFFIXES, SlideBase, _PixelFormat, _short
 
 __all__ = ["READER", "WSI_SOP_CLASS", "DicomSlide", "open_path", "representatives"]
 
@@ -100,7 +100,7 @@ def representatives(files: Iterable[Path]) -> list[Path]:
     return sorted(p for _, p in best.values())
 
 
-class DicomSlide(_SlideBase):
+class DicomSlide(SlideBase):
     """A DICOM WSI pyramid read through wsidicom (whose file readers lock their own handles).
 
     Parameters

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from fibroquant.errors import SlideReadError
-from fibroquant.slides import _PixelFormat, _short, _SlideBase
+from fibroquant.slides import SlideBase, _PixelFormat, _short
 
 __all__ = ["READER", "SUFFIXES", "OpenSlideSlide", "open_path"]
 
@@ -49,7 +49,7 @@ def _openslide(path: Path) -> Any:
     return openslide
 
 
-class OpenSlideSlide(_SlideBase):
+class OpenSlideSlide(SlideBase):
     """A slide read through OpenSlide (thread-safe itself: no lock needed).
 
     Parameters

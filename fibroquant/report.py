@@ -1634,7 +1634,8 @@ def write_report_html(
     ok_mask = status.eq("ok").to_numpy()
     n_ok = int(ok_mask.sum())
     n_failed = len(slides) - n_ok
-    group_names = _ordered_groups(None, groups.get("group", []), mice.get("group", []))
+    group_names = [g for g in _ordered_groups(None, groups.get("group", []),
+                                              mice.get("group", [])) if g]  # "": no sheet
 
     plot_uris = _plot_uris(plots)
     group_plots = [(p, u, w) for p, u, w in plot_uris if p.stem.endswith("groups")]
@@ -1724,11 +1725,16 @@ def write_report_html(
                  + _stats_notes(groups, omnibus, mixed) + "</section>")
 
     mouse_labels = {c.name: c.label for c in schema.MICE}
+    traits = {c.name for c in schema.MICE if c.kind == "trait"}
+    mouse_cols = [c for c in mice.columns if c not in traits]  # traits: their own section
     parts.append('<section id="mice"><h2>Per-mouse results</h2>'
-                 + (_html_table(mice, None, mouse_labels) if len(mice)
+                 + (_html_table(mice, mouse_cols, mouse_labels) if len(mice)
                     else '<p class="note">No mice.</p>')
                  + '<p class="note">CPA % is area-weighted over the mouse\'s sections; '
-                   "this is the value the group comparison uses.</p></section>")
+                   "this is the value the group comparison uses."
+                 + (" Fibre traits per mouse: <code>mice.csv</code> and "
+                    "<code>results.xlsx</code>." if traits & set(mice.columns) else "")
+                 + "</p></section>")
 
     slide_cols = [c.name for c in schema.SLIDES
                   if c.kind in ("id", "status", "measure", "exclusion") and c.name != "error"
@@ -1834,7 +1840,7 @@ def write_qc(path: Path, analysis: Any, *, max_px: int = 2000, title: str = "") 
     ----------
     path : pathlib.Path
         JPEG to write (atomically).
-    analysis : fibroquant.pipeline.SlideAnalysis
+    analysis : fibroquant.measure.SlideResult
         Its ``thumbnail``, masks, ``mask_mpp`` and, when it has them, ``flags`` (low-resolution
         class bits that tell the exclusions apart); the image is scaled so its longest side is
         at most ``max_px``.

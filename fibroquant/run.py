@@ -13,8 +13,8 @@ import logging
 import platform
 import time
 import traceback
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -23,9 +23,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fibroquant import __version__
+from fibroquant import __version__, schema
 from fibroquant.cohort import aggregate_mice, read_sample_sheet, sheet_without_samples
-from fibroquant import schema
 from fibroquant.config import Settings
 from fibroquant.errors import (
     ConfigError,
@@ -183,6 +182,144 @@ def renamed_sources(last: dict[str, tuple[str, str, str]], previous: Iterable[st
         if sh == settings_hash and status == "ok":
             out.setdefault(fp, []).append(slide)
     return out
+
+
+def slide_key(content: str, sheet_mpp: float | None, fallback_mpp: float | None) -> str:
+    """The store key of a slide: its content fingerprint, and the µm/px it is measured with
+    when that does not come from the file (a sheet ``mpp`` wins over ``--mpp``)."""
+    if sheet_mpp is not None:
+        return f"{content}-mpp{sheet_mpp:g}"
+    if fallback_mpp is not None:
+        return f"{content}-fallbackmpp{fallback_mpp:g}"
+    return content
+
+
+#: What the next run does with a slide, by the state :func:`plan_run` gives it.
+MEASURE_STATES = ("new", "changed", "not_measured", "failed_before", "outputs_missing")
+
+
+@dataclass(frozen=True)
+class PlannedSlide:
+    """One slide of a run's plan (:func:`plan_run`).
+
+    ``state`` is one of: ``new`` (a path the store has not seen), ``changed`` (its content or
+    µm/px differ from the last run's), ``not_measured`` (not with these settings),
+    ``failed_before`` (measured again), ``crashed`` (crashed its worker :data:`MAX_CRASHES`
+    times: not measured again without ``--force``), ``outputs_missing`` (measured, but its
+    overlay is missing or shows another content), ``renamed`` (measured under a name gone
+    since: its outputs are moved, ``renamed_from``), ``unchanged``, ``unreadable`` (fails at
+    once: ``error``).
+    """
+
+    slide: str
+    path: Path
+    key: str
+    state: str
+    sheet_mpp: float | None = None
+    fallback_mpp: float | None = None
+    error: str | None = None
+    renamed_from: tuple[str, ...] = ()
+    size_bytes: int | None = None
+
+
+@dataclass
+class RunPlan:
+    """What a run over a slides folder does (:func:`plan_run`): read-only, shared by
+    ``analyze`` (which then does it) and ``status --slides`` (which shows it)."""
+
+    slides: list[PlannedSlide]
+    #: slide paths the store knew before (the last run's folder) and those gone since
+    previous: list[str]
+    removed: list[str]
+    #: the fingerprints computed, for the store's cache (written by analyze only)
+    keys: dict[str, str] = field(default_factory=dict)
+
+
+def plan_run(store: ResultStore, slides_dir: Path, out_dir: Path, files: list[Path], *,
+             settings_hash: str, cache: FingerprintCache, masks: bool = False,
+             sheet_mpp: Mapping[str, float] | None = None, fallback_mpp: float | None = None,
+             ) -> RunPlan:
+    """Decide what a run does with each slide file, without writing anything.
+
+    Parameters
+    ----------
+    store : ResultStore
+    slides_dir, out_dir : Path
+    files : list of Path
+        The slide files (:func:`discover`).
+    settings_hash : str
+    cache : FingerprintCache
+        Fingerprints (analyze flushes what it learns; status does not).
+    masks : bool
+        Whether the run writes masks (their files count as outputs).
+    sheet_mpp : mapping, optional
+        Slide path -> the sample sheet's µm/px.
+    fallback_mpp : float, optional
+        ``--mpp`` of this run; without it, each slide's remembered ``--mpp``.
+
+    Returns
+    -------
+    RunPlan
+    """
+    sheet_mpp = sheet_mpp or {}
+    remembered = store.remembered_mpp() if fallback_mpp is None else {}
+    stored = store.slide_fingerprints()
+    known = store.known(settings_hash)
+    crashes = store.crashes(settings_hash)
+    last = store.last_measured()
+    previous = sorted(stored)
+    rels = [_relative(p, slides_dir) for p in files]
+    stems = output_stems(rels)
+    planned: list[PlannedSlide] = []
+    keys: dict[str, str] = {}
+    for p, rel in zip(files, rels, strict=True):
+        over = sheet_mpp.get(rel)
+        try:
+            content = cache.fingerprint(p)
+            size = p.stat().st_size
+        except (SlideReadError, OSError) as exc:
+            key = "unreadable-" + hashlib.sha256(rel.encode()).hexdigest()[:16]
+            planned.append(PlannedSlide(rel, p, key, "unreadable", error=one_line(exc)))
+            keys[rel] = key
+            continue
+        problem = mpp_problem(over, "the sample sheet's mpp column") if over is not None else None
+        if problem:  # a typo in the sheet: this slide's row fails at once
+            key = slide_key(content, over, None)
+            planned.append(PlannedSlide(rel, p, key, "unreadable", error=f"{rel}: {problem}"))
+            keys[rel] = key
+            continue
+        fallback = fallback_mpp if fallback_mpp is not None else remembered.get(rel)
+        key = slide_key(content, over, fallback)
+        keys[rel] = key
+        status = known.get(key)
+        if status == "ok":
+            task = SlideTask(path=str(p), slide=rel, fingerprint=key, mpp=over,
+                             fallback_mpp=fallback, settings_json="", out_dir=str(out_dir),
+                             write_masks=masks, stem=stems[rel])
+            state = "unchanged" if outputs_current(out_dir, task, last.get(rel)) else (
+                "outputs_missing")
+        elif status == "failed" and crashes.get(key, 0) >= MAX_CRASHES:
+            state = "crashed"
+        elif rel not in stored:
+            state = "new"
+        elif stored[rel] != key:
+            state = "changed"
+        elif status == "failed":
+            state = "failed_before"
+        else:
+            state = "not_measured"
+        planned.append(PlannedSlide(rel, p, key, state, sheet_mpp=over, fallback_mpp=fallback,
+                                    size_bytes=size))
+    # a slide renamed (or moved) since it was measured: same content, so its result stands;
+    # its overlay and masks are moved to the new name instead of measuring
+    sources = renamed_sources(last, previous, set(keys), settings_hash)
+    for i, entry in enumerate(planned):
+        if entry.state == "outputs_missing" and sources.get(entry.key):
+            planned[i] = replace(entry, state="renamed",
+                                 renamed_from=tuple(sources[entry.key]))
+    removed = sorted(set(previous) - set(keys))
+    return RunPlan(planned, previous, removed, keys)
+
 
 
 def _keep_renamed(store: ResultStore, out_dir: Path, task: SlideTask,
@@ -385,70 +522,44 @@ def analyze_folder(
                 command=command, version=__version__, settings_hash=shash,
                 settings_json=json.dumps(settings.model_dump(mode="json"), sort_keys=True),
             )
-            sheet_mpp = sheet.set_index("slide")["mpp"] if "mpp" in sheet.columns else None
+            sheet_mpp = ({r: float(v) for r, v in sheet.set_index("slide")["mpp"].items()
+                          if pd.notna(v)} if "mpp" in sheet.columns else {})
             # --mpp is remembered per slide: a rerun without it measures the same way
-            remembered = store.remembered_mpp() if mpp is None else {}
             if mpp is not None:
                 store.remember_mpp((_relative(p, slides_dir) for p in files), mpp)
-            previous_slides = store.slide_paths()  # as the last run saw the folder
             stems = output_stems(_relative(p, slides_dir) for p in files)
-            keys: dict[str, str] = {}
-            sizes: dict[str, int] = {}
-            tasks: list[SlideTask] = []
-            early_failed: list[dict[str, Any]] = []
             with FingerprintCache(store, slides_dir) as cache:
-                for p in files:
-                    rel = _relative(p, slides_dir)
-                    over = None
-                    if sheet_mpp is not None and pd.notna(sheet_mpp.get(rel)):
-                        over = float(sheet_mpp[rel])
-                    try:
-                        fp = cache.fingerprint(p)
-                        sizes[rel] = p.stat().st_size
-                    except (SlideReadError, OSError) as exc:
-                        fp = "unreadable-" + hashlib.sha256(rel.encode()).hexdigest()[:16]
-                        rec = {"slide": rel, "fingerprint": fp, "status": "failed",
-                               "error": one_line(exc), "version": __version__}
-                        early_failed.append(rec)
-                        keys[rel] = fp
-                        continue
-                    problem = (mpp_problem(over, "the sample sheet's mpp column")
-                               if over is not None else None)
-                    if problem:  # a typo in the sheet: this slide's row fails at once
-                        rec = {"slide": rel, "fingerprint": f"{fp}-mpp{over:g}",
-                               "status": "failed", "error": f"{rel}: {problem}",
-                               "version": __version__}
-                        early_failed.append(rec)
-                        keys[rel] = rec["fingerprint"]
-                        continue
-                    fallback = mpp if mpp is not None else remembered.get(rel)
-                    if over is not None:
-                        fp = f"{fp}-mpp{over:g}"
-                    elif fallback is not None:
-                        fp = f"{fp}-fallbackmpp{fallback:g}"
-                    keys[rel] = fp
-                    tasks.append(SlideTask(
-                        path=str(p), slide=rel, fingerprint=fp, mpp=over, fallback_mpp=fallback,
-                        settings_json=settings.model_dump_json(), out_dir=str(out_dir),
-                        write_masks=masks, stem=stems[rel],
-                    ))
+                plan = plan_run(store, slides_dir, out_dir, files, settings_hash=shash,
+                                cache=cache, masks=masks, sheet_mpp=sheet_mpp,
+                                fallback_mpp=mpp)
+            previous_slides = plan.previous
+            keys = plan.keys
+            sizes = {e.slide: e.size_bytes for e in plan.slides if e.size_bytes is not None}
             store.link_slides(keys, run_id=run_id)
             known = store.known(shash)
-            crashes = store.crashes(shash)
             last = store.last_measured()
-            # a slide renamed (or moved) since it was measured: same content, so its result
-            # stands; its overlay and masks are moved to the new name instead of measuring
             sources = renamed_sources(last, previous_slides, set(keys), shash)
             old_stems = output_stems(previous_slides)
             stems_now = {stem.casefold() for stem in stems.values()}
+            early_failed: list[dict[str, Any]] = []
+            tasks: list[SlideTask] = []
             todo = []
-            for t in tasks:
-                if (not force and known.get(t.fingerprint) == "failed"
-                        and crashes.get(t.fingerprint, 0) >= MAX_CRASHES):
-                    summary.crashed.append(t.slide)  # its stored failure stands
-                elif force or known.get(t.fingerprint) != "ok":
+            for e in plan.slides:
+                if e.state == "unreadable":
+                    early_failed.append({"slide": e.slide, "fingerprint": e.key,
+                                         "status": "failed", "error": e.error,
+                                         "version": __version__})
+                    continue
+                t = SlideTask(
+                    path=str(e.path), slide=e.slide, fingerprint=e.key, mpp=e.sheet_mpp,
+                    fallback_mpp=e.fallback_mpp, settings_json=settings.model_dump_json(),
+                    out_dir=str(out_dir), write_masks=masks, stem=stems[e.slide])
+                tasks.append(t)
+                if force or e.state in MEASURE_STATES:
                     todo.append(t)
-                elif not outputs_current(out_dir, t, last.get(t.slide)):
+                elif e.state == "crashed":
+                    summary.crashed.append(e.slide)  # its stored failure stands
+                elif e.state == "renamed":
                     old = _keep_renamed(store, out_dir, t, sources, old_stems, stems_now,
                                         shash, run_id)
                     if old is None:

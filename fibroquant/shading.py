@@ -26,7 +26,7 @@ import numpy as np
 
 from fibroquant.config import TissueSettings
 from fibroquant.registration import margin_for, shift_channels
-from fibroquant.slides import Level, Slide, _SlideBase
+from fibroquant.slides import Level, Slide, SlideBase
 from fibroquant.stains import rgb_to_od
 
 __all__ = ["CorrectedSlide", "ShadingField", "estimate_shading", "shading_basis"]
@@ -282,7 +282,7 @@ def estimate_shading(
     return field_
 
 
-class CorrectedSlide(_SlideBase):
+class CorrectedSlide(SlideBase):
     """A slide read through the corrections of its optics (every level, every region).
 
     Parameters

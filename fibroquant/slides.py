@@ -330,8 +330,10 @@ def _warn(message: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-class _SlideBase:
-    """Shared behaviour of the readers; subclasses implement ``_read_inside``."""
+class SlideBase:
+    """Shared behaviour of the readers (and of :class:`fibroquant.shading.CorrectedSlide`):
+    regions clipped to the level and padded white, thumbnails, closing; subclasses set
+    their levels (``_set_levels``) and implement ``_read_inside``."""
 
     path: Path
     format: str
@@ -453,7 +455,7 @@ class _SlideBase:
         """Release the file and caches; further reads raise ``ValueError``."""
         self._closed = True
 
-    def __enter__(self) -> _SlideBase:
+    def __enter__(self) -> SlideBase:
         return self
 
     def __exit__(
@@ -477,7 +479,7 @@ class _SlideBase:
 # --------------------------------------------------------------------------------------------
 
 
-class ArraySlide(_SlideBase):
+class ArraySlide(SlideBase):
     """An in-memory slide, for tests and for images already in memory.
 
     Parameters
@@ -574,7 +576,7 @@ def _check_dims(name: str, height: int, width: int) -> None:
         raise SlideReadError(msg)
 
 
-class _ImageSlide(_SlideBase):
+class _ImageSlide(SlideBase):
     """PNG, JPEG or BMP, decoded whole with OpenCV on first use and cached."""
 
     def __init__(self, path: Path, kind: str, data_size: int, override: float | None) -> None:
@@ -946,7 +948,7 @@ class _OtherReader(Exception):
         self.flavour = flavour
 
 
-class _TiffSlide(_SlideBase):
+class _TiffSlide(SlideBase):
     """A TIFF of any flavour read through tifffile, tile by tile."""
 
     def __init__(self, path: Path, file_size: int, override: float | None) -> None:
@@ -1301,17 +1303,18 @@ def _sniff(head: bytes) -> str | None:
     return None
 
 
-def open_slide(path: str | Path, *, mpp: float | None = None) -> Slide:
-    """Open a slide or image file.
+def open_slide(path: str | Path | np.ndarray, *, mpp: float | None = None) -> Slide:
+    """Open a slide or image file, or an image already in memory.
 
     Parameters
     ----------
-    path : str or Path
+    path : str, Path or ndarray
         Slide file: ``.svs``, ``.ndpi``, ``.tif``/``.tiff`` (OME-TIFF, BigTIFF pyramids, flat),
         ``.btf``, ``.png``, ``.jpg``/``.jpeg``, ``.bmp``; ``.mrxs``, ``.scn``, ``.czi``,
         ``.vms``, ``.vmu``, ``.bif`` (and Philips, Leica, Ventana TIFFs) with OpenSlide;
         DICOM WSI: a ``.dcm`` file (with the other files of its pyramid beside it) or a folder
-        of them, with wsidicom.
+        of them, with wsidicom. An RGB array (as
+        :class:`ArraySlide` takes it) needs ``mpp``.
     mpp : float, optional
         Level-0 µm per pixel overriding the file's metadata (all levels scale with their
         downsample). When neither the file nor this gives a resolution the slide opens with
@@ -1327,8 +1330,13 @@ def open_slide(path: str | Path, *, mpp: float | None = None) -> Slide:
     SlideReadError
         Missing, empty, unsupported, corrupt or truncated file (the message names the file).
     ValueError
-        ``mpp`` is not a positive number.
+        ``mpp`` is not a positive number, or missing for an array.
     """
+    if isinstance(path, np.ndarray):
+        if mpp is None:
+            msg = "an image array has no resolution: give mpp (µm per pixel)"
+            raise ValueError(msg)
+        return ArraySlide(path, mpp)
     path = Path(path)
     override = _check_mpp(mpp)
     name = path.name

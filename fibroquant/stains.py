@@ -21,6 +21,7 @@ ISBI 2009:1107-1110.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -323,6 +324,38 @@ def angle_deg(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.degrees(np.arccos(cos)))
 
 
+_CHUNK = 1 << 21  # pixels per chunk of the thumbnail statistics (bounded temporaries)
+
+
+def _bincount(values: np.ndarray, minlength: int) -> np.ndarray:
+    """``np.bincount(values, minlength=minlength)`` in chunks (no full-size intp copy)."""
+    out = np.zeros(minlength, np.int64)
+    for s in range(0, len(values), _CHUNK):
+        out += np.bincount(values[s : s + _CHUNK], minlength=minlength)
+    return out
+
+
+def _hist_order_stats(hist: np.ndarray, ks: list[int]) -> list[int]:
+    """Values at sorted positions ``ks`` of the data whose histogram (bin = value) is given."""
+    cum = np.cumsum(hist)
+    return [int(np.searchsorted(cum, k, side="right")) for k in ks]
+
+
+def _median_uint8_columns(px: np.ndarray) -> np.ndarray:
+    """``np.median(px, axis=0)`` of uint8 (N, 3) pixels (N >= 1), float64, via histograms."""
+    return _median_from_histograms([_bincount(px[:, c], 256) for c in range(px.shape[1])],
+                                   len(px))
+
+
+def _median_from_histograms(hists: list[np.ndarray], n: int) -> np.ndarray:
+    """Per-channel ``np.median`` of n uint8 values given their 256-bin histograms."""
+    out = np.empty(len(hists), np.float64)
+    for c, hist in enumerate(hists):
+        a, b = _hist_order_stats(hist, [(n - 1) // 2, n // 2])
+        out[c] = np.mean(np.array([a, b], np.uint8)) if a != b else float(a)
+    return out
+
+
 def estimate_background(
     rgb_pixels: np.ndarray, *, glass_mask: np.ndarray | None = None, min_pixels: int = 500
 ) -> tuple[Vector, str]:
@@ -330,7 +363,9 @@ def estimate_background(
 
     Uses the median of glass pixels when enough are known; otherwise the median of the brightest
     0.5 % of pixels (unstained lumens, vacuoles), accepted only when they are bright and near
-    neutral. Falls back to (255, 255, 255).
+    neutral. Falls back to (255, 255, 255). Medians and the quantile come from per-channel
+    histograms, exactly as ``np.median`` / ``np.quantile`` give them (no sort, no copy of a
+    16-MP thumbnail).
 
     Parameters
     ----------
@@ -347,18 +382,40 @@ def estimate_background(
         ``"glass"``, ``"brightest"`` or ``"default"``.
     """
     px = np.asarray(rgb_pixels).reshape(-1, 3)
+    if px.dtype != np.uint8:
+        msg = f"estimate_background: expected uint8 RGB pixels, got {px.dtype}"
+        raise TypeError(msg)
     if glass_mask is not None:
-        g = px[np.asarray(glass_mask).reshape(-1)]
-        if len(g) >= min_pixels:
-            bg = np.median(g, axis=0).astype(np.float64)
+        glass = np.asarray(glass_mask).reshape(-1)
+        n_glass = int(np.count_nonzero(glass))
+        if n_glass >= min_pixels:
+            if n_glass < 2**24 and px.flags.c_contiguous:
+                # histograms of the glass pixels in place (no copy of them); OpenCV's float32
+                # counts are exact below 2**24
+                image = px.reshape(-1, 1, 3)
+                m = np.ascontiguousarray(glass).view(np.uint8).reshape(-1, 1)
+                hists = [cv2.calcHist([image], [c], m, [256], [0, 256]).ravel().astype(np.int64)
+                         for c in range(3)]
+                bg = _median_from_histograms(hists, n_glass)
+            else:
+                bg = _median_uint8_columns(px[glass])
             if bg.min() >= 120:
                 return tuple(float(max(b, 1.0)) for b in bg), "glass"  # type: ignore[return-value]
     if len(px) == 0:
         return (255.0, 255.0, 255.0), "default"
-    brightness = px.astype(np.int32).sum(axis=1)
-    cut = np.quantile(brightness, 0.995)
-    bright = px[brightness >= cut]
-    bg = np.median(bright, axis=0).astype(np.float64)
+    brightness = px[:, 0].astype(np.uint16)
+    brightness += px[:, 1]
+    brightness += px[:, 2]
+    n = len(px)
+    virtual = (n - 1) * 0.995  # np.quantile, method "linear"
+    lo = math.floor(virtual)
+    hi = min(lo + 1, n - 1)
+    a, b = _hist_order_stats(_bincount(brightness, 766), [lo, hi])
+    # numpy's own interpolation between the two order statistics (same rounding)
+    cut = np.quantile(np.array([a, b], np.int64), virtual - lo)
+    # brightness is integer: b >= cut <=> b >= ceil(cut) (no float64 copy of the comparison)
+    bright = px[brightness >= math.ceil(float(cut))]
+    bg = _median_uint8_columns(bright)
     if bg.min() >= 170 and (bg.max() - bg.min()) <= 0.25 * bg.max():
         return tuple(float(b) for b in bg), "brightest"  # type: ignore[return-value]
     return (255.0, 255.0, 255.0), "default"
@@ -733,6 +790,19 @@ def dark_share(rgb_pixels: np.ndarray) -> float:
     return float(np.mean(px.max(axis=1) < DARK_PIXEL_MAX))
 
 
+#: The stain-fit QC reads at most about this many of the low-resolution image's tissue pixels
+#: (every k-th row and column; fits within 0.001 of the full image's).
+STAIN_FIT_MAX_PIXELS = 500_000
+
+
+def tissue_pixels(rgb: np.ndarray, mask: np.ndarray, max_pixels: int) -> np.ndarray:
+    """The ``mask`` pixels of ``rgb`` as an (N, 3) array, from every k-th row and column
+    (k the smallest that leaves at most about ``max_pixels``; 1 for small images)."""
+    n = int(np.count_nonzero(mask))
+    k = math.ceil(math.sqrt(n / max_pixels)) if n > max_pixels else 1
+    return rgb[::k, ::k][mask[::k, ::k]]
+
+
 def stain_fit(rgb: np.ndarray, *, od_floor: float = 0.15, max_pixels: int = 200_000
               ) -> dict[str, float]:
     """How well each known stain protocol explains an image's colours (lower is better).
@@ -744,7 +814,8 @@ def stain_fit(rgb: np.ndarray, *, od_floor: float = 0.15, max_pixels: int = 200_
     od_floor : float
         Pixels with a smaller OD norm (glass, pale areas) are ignored.
     max_pixels : int
-        Pixels sampled.
+        Pixels sampled (at random, seed 0; the OD is computed only of them: the OD norm of
+        every pixel comes from per-channel tables).
 
     Returns
     -------
@@ -753,14 +824,42 @@ def stain_fit(rgb: np.ndarray, *, od_floor: float = 0.15, max_pixels: int = 200_
         than 100 pixels are stained.
     """
     px = np.asarray(rgb).reshape(-1, 3)
+    if px.dtype != np.uint8:
+        msg = f"stain_fit: expected uint8 RGB pixels, got {px.dtype}"
+        raise TypeError(msg)
     dark = dark_share(px)
     bg, _ = estimate_background(px)
-    od = rgb_to_od(px, bg).astype(np.float64)
-    od = od[np.linalg.norm(od, axis=1) > od_floor]
-    if len(od) > max_pixels:
-        od = od[np.random.default_rng(0).choice(len(od), max_pixels, replace=False)]
-    if len(od) < 100:
+    sq = od_lut(bg).astype(np.float64) ** 2
+    keep = np.empty(len(px), bool)
+    for s in range(0, len(px), _CHUNK):
+        p = px[s : s + _CHUNK]
+        norm = np.sqrt(sq[0][p[:, 0]] + sq[1][p[:, 1]] + sq[2][p[:, 2]])
+        k = norm > od_floor
+        # pixels within rounding of the floor: decide exactly as np.linalg.norm does
+        near = np.flatnonzero(np.abs(norm - od_floor) <= 1e-9)
+        if near.size:
+            od_near = rgb_to_od(p[near], bg).astype(np.float64)
+            k[near] = np.linalg.norm(od_near, axis=1) > od_floor
+        keep[s : s + _CHUNK] = k
+    # = idx = flatnonzero(keep); idx[rng.choice(len(idx), max_pixels, replace=False)], without
+    # the full-size index array: ranks among kept pixels are mapped chunk by chunk
+    counts = np.array([np.count_nonzero(keep[s : s + _CHUNK]) for s in range(0, len(px), _CHUNK)],
+                      np.int64)
+    n_keep = int(counts.sum())
+    if n_keep < 100:
         return {"dark_share": round(dark, 4)} if dark >= DARK_FIELD_MIN_SHARE else {}
+    if n_keep > max_pixels:
+        ranks = np.random.default_rng(0).choice(n_keep, max_pixels, replace=False)
+    else:
+        ranks = np.arange(n_keep)
+    ends = np.cumsum(counts)
+    chunk_of = np.searchsorted(ends, ranks, side="right")
+    idx = np.empty(len(ranks), np.intp)
+    for c in np.unique(chunk_of):
+        sel = chunk_of == c
+        nz = np.flatnonzero(keep[c * _CHUNK : (c + 1) * _CHUNK]) + c * _CHUNK
+        idx[sel] = nz[ranks[sel] - (ends[c] - counts[c])]
+    od = rgb_to_od(px[idx], bg).astype(np.float64)
     return protocol_fit(od, dark)
 
 
@@ -900,8 +999,3 @@ def describe_fit(fit: dict[str, float]) -> str:
         # both are purple-pink with a blue or purple second stain: residuals overlap
         text += "; H&E and Masson's trichrome are told apart by eosin-pink pixels"
     return text
-
-
-def guess_stain(rgb: np.ndarray) -> str:
-    """Name of the stain protocol that best explains an image's colours, or ``"unknown"``."""
-    return describe_fit(stain_fit(rgb))

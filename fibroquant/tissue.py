@@ -21,9 +21,8 @@ from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 from skimage.filters import threshold_otsu
 
-from fibroquant.collagen import gaussian_blur
 from fibroquant.config import TissueSettings
-from fibroquant.kernels import remove_small_holes_fast, remove_small_objects_fast
+from fibroquant.kernels import gaussian_blur, remove_small_holes_fast, remove_small_objects_fast
 from fibroquant.stains import Vector, channel_spread, channel_sum, rgb_to_od
 
 

@@ -308,19 +308,27 @@ def measure_tile(
         cols = np.minimum(((np.arange(cx0, cx1) + origin[1] + 0.5) * vessels.scale).astype(int),
                           vessels.nearest.shape[1] - 1)
         ring = vessels.distance_um[np.ix_(rows, cols)] <= params.ring_um
-        vessel_c = np.where(ring, vessels.nearest[np.ix_(rows, cols)], 0)
+        ry, rx = np.nonzero(ring)
+        vessel_c[ry, rx] = vessels.nearest[rows[ry], cols[rx]]
         peri_c = col_c & ring
         counts.perivascular_px = int(peri_c.sum())
         counts.vessel_ring_px = np.bincount(vessel_c[tis_c], minlength=vessels.n + 1)
         counts.vessel_ring_collagen_px = np.bincount(vessel_c[col_c], minlength=vessels.n + 1)
     # --- objects and holes of the core, for stitching
     # hole walls: non-collagen pixels next to collagen, thin when that collagen is thin
+    # (on the core and a 1-pixel frame: all the 4-neighbourhood needs)
+    fy0, fx0 = max(cy0 - 1, 0), max(cx0 - 1, 0)
+    frame = (slice(fy0, cy1 + 1), slice(fx0, cx1 + 1))
+    inner = (slice(cy0 - fy0, cy1 - fy0), slice(cx0 - fx0, cx1 - fx0))
     cross = _CROSS.view(np.uint8)
-    border = ~collagen & cv2.dilate(collagen.view(np.uint8), cross).view(bool)
-    near_w = cv2.dilate(width_um, cross, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    col_f = np.ascontiguousarray(collagen[frame])
+    border = (~col_f & cv2.dilate(col_f.view(np.uint8), cross).view(bool))[inner]
+    near_w = cv2.dilate(np.ascontiguousarray(width_um[frame]), cross,
+                        borderType=cv2.BORDER_CONSTANT, borderValue=0)[inner]
     thin_border = border & (near_w > 0) & (near_w < params.thin_um)
     counts.parts = [_part(col_c, tis_c, width_um[cs], sk_c, n_ortho[cs], n_diag[cs], peri_c,
-                          vessel_c, border[cs], thin_border[cs], (origin[0] + cy0, origin[1] + cx0), slide_shape, params)]
+                          vessel_c, border, thin_border, (origin[0] + cy0, origin[1] + cx0),
+                          slide_shape, params)]
     return counts
 
 
@@ -346,8 +354,19 @@ def _skeleton(collagen: np.ndarray, half_px: np.ndarray | None) -> tuple[np.ndar
     ends = (graph.degrees[first] == 1) ^ (graph.degrees[last] == 1)  # junction to free end
     spur = ends & (graph.path_lengths() < 2 * graph.path_means() + 1)
     if spur.any():
-        graph = graph.prune_paths(np.flatnonzero(spur))
-        skel = graph.skeleton_image > 0
+        # the spurs' pixels, junctions kept (what skan's prune_paths wipes, without its second
+        # skeletonize of the whole tile)
+        ids = graph.paths[np.flatnonzero(spur)].indices
+        ids = ids[graph.degrees[ids] <= 2]
+        rc = np.rint(graph.coordinates[ids]).astype(np.intp)
+        skel = skel.copy()
+        skel[rc[:, 0], rc[:, 1]] = False
+        if np.count_nonzero(skel) < 2:
+            return skel, None
+        try:
+            graph = skan.Skeleton(np.where(skel, half_px, 0).astype(np.float32))
+        except ValueError:
+            return skel, None
     return skel, graph
 
 
@@ -419,42 +438,39 @@ def _box_counts(collagen: np.ndarray, core: tuple[int, int, int, int], origin: t
 
 def _part(col: np.ndarray, tis: np.ndarray, width_um: np.ndarray, skel: np.ndarray,
           n_ortho: np.ndarray, n_diag: np.ndarray, peri: np.ndarray, vessel: np.ndarray,
-          border: np.ndarray, thin_border: np.ndarray, origin: tuple[int, int], slide_shape: tuple[int, int], params: TraitParams) -> _Part:
+          border: np.ndarray, thin_border: np.ndarray, origin: tuple[int, int],
+          slide_shape: tuple[int, int], params: TraitParams) -> _Part:
     """Label the core's objects (8-connected) and holes (4-connected) with their sums."""
-
     h, w = col.shape
     n_obj, obj = cv2.connectedComponents(np.ascontiguousarray(col).view(np.uint8), connectivity=8,
                                          ltype=cv2.CV_32S)
     n_hole, hole = cv2.connectedComponents(np.ascontiguousarray(~col).view(np.uint8),
                                            connectivity=4, ltype=cv2.CV_32S)
     n_obj, n_hole = n_obj - 1, n_hole - 1
-    step = (n_ortho + math.sqrt(2) * n_diag) / 2.0
     wide = col & (width_um >= params.septum_min_width_um)
+    on = skel & wide
+    step = (n_ortho[on] + math.sqrt(2) * n_diag[on]) / 2.0
     obj_sums = {
         "area": np.bincount(obj[col], minlength=n_obj + 1),
         "wide_free": np.bincount(obj[wide & ~peri], minlength=n_obj + 1),
-        "wide_length": np.bincount(obj[skel & wide], weights=step[skel & wide],
-                                   minlength=n_obj + 1),
+        "wide_length": np.bincount(obj[on], weights=step, minlength=n_obj + 1),
     }
     # holes: open when they hold non-tissue or touch the slide's edge
-    open_px = ~tis
-    edge = np.zeros_like(col)
-    if origin[0] == 0:
-        edge[0] = True
-    if origin[1] == 0:
-        edge[:, 0] = True
-    if origin[0] + h == slide_shape[0]:
-        edge[-1] = True
-    if origin[1] + w == slide_shape[1]:
-        edge[:, -1] = True
+    open_labels = [hole[~tis]]
+    for at_edge, line in ((origin[0] == 0, hole[0]), (origin[1] == 0, hole[:, 0]),
+                          (origin[0] + h == slide_shape[0], hole[-1]),
+                          (origin[1] + w == slide_shape[1], hole[:, -1])):
+        if at_edge:
+            open_labels.append(line)
     hole_sums = {
         "area": np.bincount(hole.ravel(), minlength=n_hole + 1),
-        "open": np.bincount(hole[open_px | edge], minlength=n_hole + 1),
+        "open": np.bincount(np.concatenate(open_labels), minlength=n_hole + 1),
         "border": np.bincount(hole[border], minlength=n_hole + 1),
         "thin_border": np.bincount(hole[thin_border], minlength=n_hole + 1),
     }
-    pairs = np.column_stack([obj[col & (vessel > 0)], vessel[col & (vessel > 0)]])
-    pairs = np.unique(pairs, axis=0) if len(pairs) else np.empty((0, 2), np.int64)
+    near = col & (vessel > 0)
+    key = np.unique(obj[near].astype(np.int64) << 32 | vessel[near].astype(np.int64))
+    pairs = np.column_stack([key >> 32, key & 0xFFFFFFFF])
     y0, x0 = origin
     return _Part((y0, x0, y0 + h, x0 + w),
                  (obj[0].copy(), obj[-1].copy(), obj[:, 0].copy(), obj[:, -1].copy()),
@@ -768,9 +784,10 @@ def reduce_mask(mask: np.ndarray, factor: int) -> np.ndarray:
         return np.asarray(mask, bool)
     h, w = mask.shape
     hh, ww = -(-h // factor), -(-w // factor)
-    pad = np.zeros((hh * factor, ww * factor), np.float32)
-    pad[:h, :w] = mask
-    return cv2.resize(pad, (ww, hh), interpolation=cv2.INTER_AREA) > 0.5 + 1e-6
+    # 0/254: a tie averages to exactly 127, any majority (≥ 1/256 above it) to ≥ 128
+    src = np.asarray(mask, bool).view(np.uint8) * np.uint8(254)
+    src = cv2.copyMakeBorder(src, 0, hh * factor - h, 0, ww * factor - w, cv2.BORDER_CONSTANT, 0)
+    return cv2.resize(src, (ww, hh), interpolation=cv2.INTER_AREA) > 127
 
 
 def with_params(params: TraitParams, **kw: Any) -> TraitParams:

@@ -12,9 +12,9 @@ import pytest
 
 from fibroquant.config import Settings, TissueSettings, load_settings
 from fibroquant.measure import Measurements, TileCounts
-from fibroquant.pipeline import _estimate_background, analyze_slide
+from fibroquant.pipeline import analyze_slide
 from fibroquant.slides import ArraySlide, open_slide
-from fibroquant.stains import SIRIUS_RED_VECTOR, od_to_rgb
+from fibroquant.stains import SIRIUS_RED_VECTOR, estimate_background, od_to_rgb
 from fibroquant.synthetic import SectionParams, make_section, random_params
 from fibroquant.tissue import TissueMask, detect_bubbles, detect_tissue
 
@@ -37,7 +37,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _bubbles(rgb: np.ndarray, mpp: float, settings: TissueSettings | None = None) -> np.ndarray:
-    bg, _ = _estimate_background(rgb)
+    bg, _ = estimate_background(rgb)
     return detect_bubbles(rgb, mpp, settings or TissueSettings(), bg)
 
 
@@ -174,7 +174,7 @@ def bubbly_section():
 def test_tissue_mask_leaves_bubbles_out(bubbly_section):
     rgb, truth = bubbly_section
     mpp = truth.params.mpp
-    bg, _ = _estimate_background(rgb, glass_mask=~truth.section_mask)
+    bg, _ = estimate_background(rgb, glass_mask=~truth.section_mask)
     tm = detect_tissue(rgb, mpp, TissueSettings(), bg)
     under = truth.bubble_mask & truth.section_mask
     assert under.sum() > 0.01 * under.size

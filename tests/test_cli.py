@@ -351,7 +351,8 @@ def test_progress_bar_leaves_stdout_alone(study, tmp_path, monkeypatch):
     from rich.console import Console
     from rich.file_proxy import FileProxy
 
-    from fibroquant import cli, run
+    from fibroquant import cli_common as cli
+    from fibroquant import run
     from fibroquant.errors import FibroquantError
 
     monkeypatch.setattr(cli, "err", Console(file=io.StringIO(), force_terminal=True))

@@ -106,7 +106,7 @@ def test_cluster_section_does_not_change_the_settings_hash(tmp_path: Path) -> No
         "slurm", 16, 10)
     assert settings.settings_hash() == load_settings().settings_hash()
     config.write_text("cluster:\n  kind: slurm\n  corez: 16\n")
-    with pytest.raises(ConfigError, match=r"cluster\.corez: Extra inputs"):
+    with pytest.raises(ConfigError, match=r"cluster\.corez: unknown setting; did you mean cluster\.cores\?"):
         load_settings(config)
 
 

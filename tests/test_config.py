@@ -45,9 +45,12 @@ def test_missing_config_file(tmp_path):
         load_settings(tmp_path / "nope.yaml")
 
 
-def test_settings_hash_ignores_tiling_but_not_science():
+def test_settings_hash_ignores_output_sizes_but_not_science():
     a = Settings()
-    assert a.settings_hash() == load_settings(overrides={"tiling": {"tile_px": 512}}).settings_hash()
+    for tiling in ({"mask_max_mpx": 16.0}, {"qc_max_px": 800}):
+        assert a.settings_hash() == load_settings(overrides={"tiling": tiling}).settings_hash()
+    # the tile size moves collagen area slightly (specks cut by a tile's edge are kept)
+    assert a.settings_hash() != load_settings(overrides={"tiling": {"tile_px": 512}}).settings_hash()
     assert a.settings_hash() != load_settings(
         overrides={"collagen": {"relative_threshold": 0.3}}).settings_hash()
     assert a.settings_hash() != load_settings(

@@ -158,3 +158,25 @@ def test_mpp_is_remembered_per_slide_for_a_rerun_without_it(tmp_path: Path) -> N
     assert third.exit_code == 1
     assert table.loc["a.png", "status"] == "ok"
     assert table.loc["b.png", "status"] == "failed"
+
+
+def test_analyze_one_image_file(tmp_path: Path) -> None:
+    """`analyze slide.png` measures that image alone (issue 23: a single image was refused)."""
+    import cv2
+
+    from fibroquant.synthetic import SectionParams, make_section
+
+    rgb, _ = make_section(SectionParams(shape=(256, 256), mpp=1.0), rng=5)
+    for name in ("one.png", "other.png"):
+        cv2.imwrite(str(tmp_path / name), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["analyze", str(tmp_path / "one.png"), "--out", str(out),
+                                   "--mpp", "1.0", "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    table = pd.read_csv(out / "slides.csv")
+    assert table["slide"].tolist() == ["one.png"]
+    assert table["status"].tolist() == ["ok"]
+    bad = CliRunner().invoke(app, ["analyze", str(tmp_path / "out" / "slides.csv"), "--out",
+                                   str(tmp_path / "o2")])
+    assert bad.exit_code == 2
+    assert "not a slide file" in bad.output

@@ -263,7 +263,7 @@ def test_a_slide_left_alone_in_a_pool_takes_the_freed_cores(monkeypatch, tmp_pat
     import threading
     import time
 
-    from fibroquant import cores, executor, pipeline
+    from fibroquant import cores, executor, tiles
 
     count = _Count(2)  # this slide and another one
     monkeypatch.setattr(cores, "_running", count)
@@ -281,9 +281,9 @@ def test_a_slide_left_alone_in_a_pool_takes_the_freed_cores(monkeypatch, tmp_pat
             now["n"] -= 1
         return box
 
-    monkeypatch.setattr(pipeline, "_process_tile", fake_tile)
+    monkeypatch.setattr(tiles, "measure_box", fake_tile)
     out = []
-    for box in pipeline._map_tiles(None, None, list(range(20)), 2):
+    for box in tiles.map_tiles(None, None, list(range(20)), 2):
         out.append(box)
         if box == 9:
             count.value = 1  # the other slide has finished

@@ -1,4 +1,4 @@
-"""The numba kernels equal the numpy reference (``pipeline.collagen_concentration``)."""
+"""The fused tile kernel decides collagen by ``collagen.CollagenRule``, bit for bit."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from fibroquant import kernels
-from fibroquant.pipeline import collagen_concentration
+from fibroquant.collagen import CollagenRule, collagen_concentration, is_collagen
 from fibroquant.stains import od_lut
 
 
@@ -30,44 +30,42 @@ tiles = st.tuples(st.integers(1, 40), st.integers(1, 40)).flatmap(
 )
 
 
-def _check(rgb: np.ndarray, background, col: np.ndarray) -> np.ndarray:
-    lut = od_lut(background)
-    ref = collagen_concentration(rgb, lut, col)
-    fast = kernels.collagen_concentration_fast(rgb, lut, col)
-    assert fast.dtype == ref.dtype == np.float32
-    assert fast.shape == rgb.shape[:2]
-    np.testing.assert_allclose(fast, ref, rtol=1e-6, atol=1e-6)
-    if kernels.HAVE_NUMBA:  # same float32 operations in the same order: bit for bit
-        np.testing.assert_array_equal(fast, ref)
-    return ref
+def _kernel_decision(rgb: np.ndarray, threshold: np.ndarray, rule: CollagenRule):
+    """The kernel's per-pixel collagen mask and OD sum: every pixel its own low-resolution
+    cell of plain tissue, blocks of 1 px, no specks."""
+    h, w = rgb.shape[:2]
+    flags = np.ones((h, w), np.uint8)
+    rows, cols = np.arange(h, dtype=np.intp), np.arange(w, dtype=np.intp)
+    out = kernels.measure_tile_fused(rgb, rule.lut, rule.unmix_col, rule.other_cols,
+                                     rule.share_guard, flags, threshold, rows, cols, 1, 0)
+    return out.blocks[0] == 1, out.collagen_od_sum
+
+
+def _check(rgb, background, col, threshold, others=(), guard=0.0):
+    rule = CollagenRule(od_lut(background), col, others, guard)
+    conc, ref = is_collagen(rgb, threshold, rule)
+    assert conc.dtype == np.float32 and ref.shape == rgb.shape[:2]
+    if not kernels.HAVE_NUMBA:
+        pytest.skip("numba missing: no kernel")
+    mask, od_sum = _kernel_decision(rgb, threshold, rule)
+    np.testing.assert_array_equal(mask, ref)
+    assert od_sum == pytest.approx(float(conc[ref].sum(dtype=np.float64)), rel=1e-9, abs=1e-9)
+    return conc, ref
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(rgb=tiles, background=backgrounds, col=unit_vectors)
-def test_equals_reference(rgb, background, col):
-    _check(rgb, background, col)
-
-
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    rgb=tiles,
-    background=backgrounds,
-    col=unit_vectors,
-    threshold=st.floats(-0.5, 1.5, allow_nan=False),
-    seed=st.integers(0, 2**32 - 1),
-)
-def test_fused_mask_equals_reference(rgb, background, col, threshold, seed):
-    lut = od_lut(background)
-    tissue = np.random.default_rng(seed).random(rgb.shape[:2]) < 0.7
-    ref = collagen_concentration(rgb, lut, col)
-    conc, mask = kernels.collagen_concentration_and_mask(rgb, lut, col, threshold, tissue)
-    np.testing.assert_allclose(conc, ref, rtol=1e-6, atol=1e-6)
-    np.testing.assert_array_equal(mask, (ref > threshold) & tissue)
-    # thresholds sitting exactly on a pixel's value, and numpy float64 scalars
-    for t in (float(ref.flat[0]), np.float64(ref.flat[0]), np.float64(threshold),
-              np.float32(threshold)):
-        _, m = kernels.collagen_concentration_and_mask(rgb, lut, col, t, tissue)
-        np.testing.assert_array_equal(m, (ref > t) & tissue)
+@given(rgb=tiles, background=backgrounds, col=unit_vectors,
+       threshold=st.floats(-0.5, 1.5, allow_nan=False), guard=st.sampled_from([0.0, 0.35, 0.9]),
+       n_other=st.integers(0, 2), seed=st.integers(0, 2**32 - 1))
+def test_kernel_decides_by_the_rule(rgb, background, col, threshold, guard, n_other, seed):
+    """Random tiles, glass colours, unmixing columns, threshold maps and share guards: the
+    kernel's collagen pixels are :func:`collagen.is_collagen`'s, including thresholds sitting
+    exactly on a pixel's concentration."""
+    rng = np.random.default_rng(seed)
+    others = tuple(_unit(rng.normal(size=3)) for _ in range(n_other))
+    thr = (threshold + rng.normal(0, 0.2, rgb.shape[:2])).astype(np.float32)
+    conc, _ = _check(rgb, background, col, thr, others, guard)
+    _check(rgb, background, col, conc.copy(), others, guard)  # ties: > is strict
 
 
 @pytest.mark.parametrize(
@@ -80,11 +78,12 @@ def test_fused_mask_equals_reference(rgb, background, col, threshold, seed):
     ids=["1x1", "black", "white"],
 )
 def test_edge_tiles(rgb):
-    ref = _check(rgb, (240.0, 235.0, 230.0), _unit([0.2, 0.9, 0.4]))
-    assert np.isfinite(ref).all()
+    thr = np.full(rgb.shape[:2], 0.1, np.float32)
+    conc, _ = _check(rgb, (240.0, 235.0, 230.0), _unit([0.2, 0.9, 0.4]), thr)
+    assert np.isfinite(conc).all()
 
 
-def test_non_contiguous_inputs():
+def test_non_contiguous_tiles():
     rng = np.random.default_rng(1)
     big = rng.integers(0, 256, (64, 90, 4), dtype=np.uint8)
     col = _unit([0.3, -0.8, 0.5])
@@ -96,37 +95,29 @@ def test_non_contiguous_inputs():
     ]
     for rgb in views:
         assert not rgb.flags.c_contiguous
-        ref = _check(rgb, (250.0, 245.0, 240.0), col)
-        tissue = np.ones(rgb.shape[1::-1], bool).T  # non-contiguous tissue mask too
-        conc, mask = kernels.collagen_concentration_and_mask(
-            rgb, od_lut((250.0, 245.0, 240.0)), col, 0.05, tissue
-        )
-        np.testing.assert_array_equal(conc, ref)
-        np.testing.assert_array_equal(mask, (ref > 0.05) & tissue)
+        _check(rgb, (250.0, 245.0, 240.0), col, np.full(rgb.shape[:2], 0.05, np.float32))
 
 
-def test_empty_tile():
-    rgb = np.zeros((0, 4, 3), np.uint8)
-    lut = od_lut((240.0, 240.0, 240.0))
-    col = _unit([1, 0, 0])
-    assert kernels.collagen_concentration_fast(rgb, lut, col).shape == (0, 4)
-    conc, mask = kernels.collagen_concentration_and_mask(rgb, lut, col, 0.1, np.zeros((0, 4), bool))
-    assert conc.shape == mask.shape == (0, 4)
+def test_collagen_concentration_is_one_dot_product_in_float32():
+    rng = np.random.default_rng(2)
+    rgb = rng.integers(0, 256, (6, 7, 3), dtype=np.uint8)
+    lut, col = od_lut((240.0, 238.0, 236.0)), _unit([0.5, 0.5, 0.7])
+    conc = collagen_concentration(rgb, lut, col)
+    od = np.stack([lut[c][rgb[..., c]] for c in range(3)], axis=-1).astype(np.float64)
+    assert conc.dtype == np.float32
+    np.testing.assert_allclose(conc, od @ col.astype(np.float64), rtol=1e-5, atol=1e-6)
 
 
-def test_other_dtypes_fall_back_to_reference():
-    rgb = np.random.default_rng(2).integers(0, 256, (6, 6, 3), dtype=np.uint8)
-    lut = od_lut((240.0, 240.0, 240.0)).astype(np.float64)
-    col = np.array([0.5, 0.5, 0.7], np.float64)
-    ref = collagen_concentration(rgb, lut, col)
-    out = kernels.collagen_concentration_fast(rgb, lut, col)
-    assert out.dtype == ref.dtype
-    np.testing.assert_array_equal(out, ref)
-    pixels = rgb.reshape(-1, 3)  # (N, 3): not a tile, still the reference's answer
-    np.testing.assert_array_equal(
-        kernels.collagen_concentration_fast(pixels, od_lut((240.0,) * 3), _unit([1, 1, 1])),
-        collagen_concentration(pixels, od_lut((240.0,) * 3), _unit([1, 1, 1])),
-    )
+def test_fused_ok_refuses_what_the_kernel_cannot_take():
+    rgb = np.zeros((4, 4, 3), np.uint8)
+    lut, col = od_lut((240.0,) * 3), _unit([1, 0, 0])
+    flags, thr = np.ones((2, 2), np.uint8), np.zeros((2, 2), np.float32)
+    idx = np.array([0, 0, 1, 1], np.intp)
+    assert kernels.fused_ok(rgb, lut, col, (), flags, thr, idx, idx) == kernels.HAVE_NUMBA
+    assert not kernels.fused_ok(rgb, lut.astype(np.float64), col, (), flags, thr, idx, idx)
+    assert not kernels.fused_ok(rgb, lut, col, (), flags, thr, idx + 1, idx)  # out of range
+    with pytest.raises(ValueError, match="cannot take"):
+        kernels.measure_tile_fused(rgb, lut, col, (), 0.0, flags, thr, idx + 1, idx, 1, 0)
 
 
 def test_threshold_as_float32_matches_numpy():
@@ -142,42 +133,20 @@ def test_threshold_as_float32_matches_numpy():
 
 def test_threads_and_no_warnings():
     """Threads share the compiled kernel; no numba warning escapes (pytest: warnings = error)."""
+    if not kernels.HAVE_NUMBA:
+        pytest.skip("numba missing: no kernel")
+    rng = np.random.default_rng(3)
+    rgbs = [rng.integers(0, 256, (128, 96, 3), dtype=np.uint8) for _ in range(8)]
+    rule = CollagenRule(od_lut((245.0, 243.0, 239.0)), _unit([0.1, 0.8, 0.6]),
+                        (_unit([0.7, 0.2, 0.1]),), 0.35)
+    thr = np.full((128, 96), 0.1, np.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        kernels.warmup()
-        rng = np.random.default_rng(3)
-        rgbs = [rng.integers(0, 256, (128, 96, 3), dtype=np.uint8) for _ in range(8)]
-        lut = od_lut((245.0, 243.0, 239.0))
-        col = _unit([0.1, 0.8, 0.6])
+        kernels.warmup_fused()
         with ThreadPoolExecutor(2) as pool:
-            outs = list(pool.map(lambda a: kernels.collagen_concentration_fast(a, lut, col), rgbs))
+            outs = list(pool.map(lambda a: _kernel_decision(a, thr, rule)[0], rgbs))
     for rgb, out in zip(rgbs, outs, strict=True):
-        np.testing.assert_array_equal(out, collagen_concentration(rgb, lut, col))
-
-
-def _block_reduce_ref(mask: np.ndarray, f: int) -> np.ndarray:  # as pipeline._block_reduce
-    if f == 1:
-        return mask
-    h, w = mask.shape
-    hh, ww = -(-h // f) * f, -(-w // f) * f
-    padded = np.zeros((hh, ww), np.float32)
-    padded[:h, :w] = mask
-    return padded.reshape(hh // f, f, ww // f, f).mean(axis=(1, 3)) >= 0.5
-
-
-@settings(max_examples=80, deadline=None)
-@given(
-    hw=st.tuples(st.integers(1, 50), st.integers(1, 50)),
-    f=st.integers(1, 9),
-    p=st.floats(0, 1),
-    seed=st.integers(0, 2**32 - 1),
-)
-def test_block_majority_equals_block_reduce(hw, f, p, seed):
-    mask = np.random.default_rng(seed).random(hw) < p
-    np.testing.assert_array_equal(kernels.block_majority(mask, f), _block_reduce_ref(mask, f))
-    np.testing.assert_array_equal(
-        kernels.block_majority(mask[::-1, ::2], f), _block_reduce_ref(mask[::-1, ::2], f)
-    )
+        np.testing.assert_array_equal(out, is_collagen(rgb, thr, rule)[1])
 
 
 @settings(max_examples=80, deadline=None)

@@ -22,8 +22,7 @@ def record() -> dict:
     from fibroquant.synthetic import SectionParams, make_section
 
     rgb, _ = make_section(SectionParams(shape=(384, 384), mpp=0.5), rng=1)
-    rec = pipeline.analyze_slide("x.png", Settings(), slide=ArraySlide(rgb, 0.5)).record
-    return dict(getattr(rec, "to_record", lambda: rec)())
+    return pipeline.analyze_slide("x.png", Settings(), slide=ArraySlide(rgb, 0.5)).to_record()
 
 
 def test_every_record_key_is_in_the_schema(record: dict) -> None:
@@ -91,3 +90,19 @@ def test_slides_table_order_follows_the_schema() -> None:
     assert cols[:4] == ["slide", "mouse", "group", "sex"]
     assert cols.index("tissue_area_mm2") < cols.index("cpa_percent") < cols.index("stain_fit")
     assert cols[-1] == "zz_new"
+
+
+def test_mice_table_carries_trait_columns_once() -> None:
+    """Optional schema columns (fibre traits) are not written as empty mouse columns, so the
+    traits' own pooling adds them once (no `_x`/`_y` twins)."""
+    from fibroquant.cohort import MICE_COLUMNS, aggregate_mice
+
+    assert "fibre_width_median_um" not in MICE_COLUMNS
+    slides = pd.DataFrame({"slide": ["a", "b"], "mouse": ["m1", "m1"], "group": ["g", "g"],
+                           "status": ["ok", "ok"], "tissue_area_mm2": [1.0, 3.0],
+                           "collagen_area_mm2": [0.1, 0.1], "cpa_percent": [10.0, 10 / 3],
+                           "fibre_width_median_um": [2.0, 4.0]})
+    mice = aggregate_mice(slides)
+    assert not [c for c in mice.columns if c.endswith(("_x", "_y"))]
+    assert "fibre_width_median_um" in mice.columns
+    assert schema.column("mice", "fibre_width_median_um").to_mice

@@ -1,4 +1,5 @@
-"""The fast paths of the tile loop and the thumbnail statistics give exactly the reference results."""
+"""The tile kernel equals its numpy reference; the fast image operations and thumbnail
+statistics equal the library functions they stand in for."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from skimage.morphology import remove_small_holes, remove_small_objects
 
-from fibroquant import kernels, pipeline
-from fibroquant.collagen import gaussian_blur, parenchyma_background
-from fibroquant.stains import estimate_background, od_lut, stain_fit
+from fibroquant import kernels, pipeline, tiles
+from fibroquant.collagen import CollagenRule, blob_limits, parenchyma_background
+from fibroquant.kernels import gaussian_blur
+from fibroquant.stains import estimate_background, od_lut, stain_fit, tissue_pixels
 from fibroquant.synthetic import SectionParams, make_section
+from fibroquant.tiles import measure_tile_reference
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -41,29 +44,6 @@ def test_remove_small_objects_fast_empty_and_offset():
     assert out[40:42, 50:53].all() and not out[3, 3] and out.sum() == 6
 
 
-@pytest.mark.parametrize("n_other", [0, 1, 2])
-@pytest.mark.parametrize("min_share", [0.0, 0.35, 0.9])
-def test_concentration_and_share_equals_reference(n_other, min_share):
-    rng = np.random.default_rng(n_other)
-    rgb = rng.integers(0, 256, (130, 170, 3), dtype=np.uint8)
-    lut = od_lut((241.0, 236.0, 229.0))
-    col = np.array([0.2, -1.1, 0.9], np.float32)
-    others = tuple(rng.normal(size=3).astype(np.float32) for _ in range(n_other))
-    conc = pipeline.collagen_concentration(rgb, lut, col)
-    pos = np.maximum(conc, 0)
-    total = pos.copy()
-    for c in others:
-        total += np.maximum(pipeline.collagen_concentration(rgb, lut, c), 0)
-    ref = pos >= np.float32(min_share) * total
-    for img in (rgb, rgb[::-1, ::2]):
-        got_c, got_ok = kernels.collagen_concentration_and_share(img, lut, col, others, min_share)
-        if img is rgb:
-            np.testing.assert_array_equal(got_c, conc)
-            np.testing.assert_array_equal(got_ok, ref)
-        else:
-            np.testing.assert_array_equal(got_c, pipeline.collagen_concentration(img, lut, col))
-
-
 def test_lookup_nearest_float_map():
     m = np.random.default_rng(0).random((40, 50)).astype(np.float32)
     rows = np.clip(np.arange(-3, 70) // 2, 0, 39).astype(np.intp)
@@ -77,10 +57,10 @@ def test_lookup_any_equals_lookup(fill):
     mask = rng.random((30, 40)) < 0.1 if fill is None else np.full((30, 40), bool(fill))
     mask[:5] = False
     for factor in (0.7, 1.0, 3.3):
-        rows = pipeline._index_map(0, 20, factor, 30)
-        cols = pipeline._index_map(5, 60, factor, 40)
+        rows = tiles.index_map(0, 20, factor, 30)
+        cols = tiles.index_map(5, 60, factor, 40)
         np.testing.assert_array_equal(
-            pipeline._lookup_any(mask, rows, cols), mask[np.ix_(rows, cols)]
+            tiles.lookup_any(mask, rows, cols), mask[np.ix_(rows, cols)]
         )
 
 
@@ -104,23 +84,55 @@ def _thumbs():
 
 
 @pytest.mark.parametrize("i", range(5))
-def test_estimate_background_fast_equals_stains(i):
+def test_estimate_background_equals_numpy_median_and_quantile(i):
+    """The histogram medians and quantile are numpy's (the definition, written out here)."""
     img = _thumbs()[i]
-    assert pipeline._estimate_background(img) == estimate_background(img)
+    px = img.reshape(-1, 3)
+
+    def expected(glass, min_pixels):
+        if glass is not None and np.count_nonzero(glass) >= min_pixels:
+            bg = np.median(px[glass.reshape(-1)], axis=0)
+            if bg.min() >= 120:
+                return tuple(float(max(b, 1.0)) for b in bg), "glass"
+        brightness = px.astype(np.int32).sum(axis=1)
+        bg = np.median(px[brightness >= np.quantile(brightness, 0.995)], axis=0)
+        if bg.min() >= 170 and (bg.max() - bg.min()) <= 0.25 * bg.max():
+            return tuple(float(b) for b in bg), "brightest"
+        return (255.0, 255.0, 255.0), "default"
+
+    assert estimate_background(img) == expected(None, 500)
     rng = np.random.default_rng(i)
     for p in (0.0, 0.01, 0.3, 0.9):
         glass = rng.random(img.shape[:2]) < p
         for mp in (1, 500):
-            assert pipeline._estimate_background(img, glass_mask=glass, min_pixels=mp) == \
-                estimate_background(img, glass_mask=glass, min_pixels=mp)
+            assert estimate_background(img, glass_mask=glass, min_pixels=mp) == expected(glass, mp)
 
 
 @pytest.mark.parametrize("i", range(5))
-def test_stain_fit_fast_equals_stains(i):
+def test_stain_fit_samples_as_numpy_choice_of_the_stained_pixels(i):
+    """The chunked sampling picks numpy's ``choice`` of the stained pixels (written out here)."""
+    from fibroquant import stains as st_mod
+
     img = _thumbs()[i]
-    assert pipeline._stain_fit(img) == stain_fit(img)
-    assert pipeline._stain_fit(img, max_pixels=500) == stain_fit(img, max_pixels=500)
-    assert pipeline._stain_fit(img, od_floor=0.05) == stain_fit(img, od_floor=0.05)
+    for kwargs in ({}, {"max_pixels": 500}, {"od_floor": 0.05}):
+        od_floor, n = kwargs.get("od_floor", 0.15), kwargs.get("max_pixels", 200_000)
+        px = img.reshape(-1, 3)
+        bg, _ = estimate_background(px)
+        od = st_mod.rgb_to_od(px, bg).astype(np.float64)
+        od = od[np.linalg.norm(od, axis=1) > od_floor]
+        if len(od) > n:
+            od = od[np.random.default_rng(0).choice(len(od), n, replace=False)]
+        fit = stain_fit(img, **kwargs)
+        if len(od) < 100:
+            assert fit == {}
+            continue
+        # the residuals (and colour evidence) of exactly those pixels
+        assert fit == st_mod.protocol_fit(od, st_mod.dark_share(px))
+        candidates = {name: st_mod.StainMatrix(m.names[:2], m.vectors[:2]) for name, m in (
+            ("sirius-red", st_mod.SIRIUS_RED), ("masson", st_mod.MASSON),
+            ("masson-light-green", st_mod.MASSON_LIGHT_GREEN))} | {"h&e": st_mod.H_AND_E_REAL}
+        assert {k: fit[k] for k in candidates} == {
+            k: round(st_mod._nonneg_residual(od, v), 4) for k, v in candidates.items()}
 
 
 @pytest.mark.parametrize("fallback", [0.1, 0.0733, np.float64(0.05123), np.float32(0.3), 0])
@@ -153,16 +165,23 @@ def _fused_inputs(seed):
     bits = np.array([0, 1, 1, 1, 1 | 2, 1 | 4, 8, 16, 32, 1 | 2 | 4, 8 | 16], np.uint8)
     flags = rng.choice(bits, (th, tw))
     thr = rng.uniform(-0.05, 0.3, (th, tw)).astype(np.float32)
-    rows = pipeline._index_map(0, rgb.shape[0], rgb.shape[0] / th, th)
-    cols = pipeline._index_map(0, rgb.shape[1], rgb.shape[1] / tw, tw)
+    rows = tiles.index_map(0, rgb.shape[0], rgb.shape[0] / th, th)
+    cols = tiles.index_map(0, rgb.shape[1], rgb.shape[1] / tw, tw)
     return rgb, lut, unmix, others, flags, thr, rows, cols
+
+
+def _reference(rgb, lut, unmix, others, min_share, flags, thr, rows, cols, f, stride,
+               min_px=0, blob_px=0, blob_side=0):
+    """:func:`tiles.measure_tile_reference` on the kernel's arguments."""
+    rule = CollagenRule(lut, unmix, tuple(others), min_share, min_px, blob_px, blob_side)
+    return measure_tile_reference(rgb, rule, flags, thr, rows, cols, f, stride)
 
 
 def _fused_equals_reference(*args):
     """Run the fused kernel and its numpy reference on the same arguments; assert they agree
     (counts, OD sum, blocks, focus moments) and return the fused result."""
     a = kernels.measure_tile_fused(*args)
-    b = kernels.measure_tile_reference(*args)
+    b = _reference(*args)
     assert a.counts == b.counts
     assert a.collagen_od_sum == pytest.approx(b.collagen_od_sum, rel=1e-9, abs=1e-9)
     np.testing.assert_array_equal(a.blocks, b.blocks)
@@ -255,7 +274,7 @@ def test_fused_speck_removal_with_overlapping_speck_boxes():
     cols = (np.arange(96) // 16).astype(np.intp)
     args = (rgb, lut, unmix, (), 0.0, flags, thr, rows, cols, 4, 0, 50)
     a = kernels.measure_tile_fused(*args)
-    b = kernels.measure_tile_reference(*args)
+    b = _reference(*args)
     assert a.counts == b.counts and a.counts["collagen_px"] == 0
     np.testing.assert_array_equal(a.blocks, b.blocks)
     assert kernels.measure_tile_fused(*args[:-1], 30).counts["collagen_px"] == 240  # kept
@@ -280,8 +299,8 @@ def test_fused_speck_removal_on_random_masks(density, min_px, blob, seed):
     unmix = np.array([0.1, 1.0, -0.2], np.float32)
     flags = rng.choice(np.array([1, 1, 1, 1, 1 | 2, 1 | 4, 8, 0], np.uint8), (10, 7))
     thr = rng.uniform(0.1, 0.5, (10, 7)).astype(np.float32)
-    rows = pipeline._index_map(0, h, h / 10, 10)
-    cols = pipeline._index_map(0, w, w / 7, 7)
+    rows = tiles.index_map(0, h, h / 10, 10)
+    cols = tiles.index_map(0, w, w / 7, 7)
     for f in (1, 3):
         a = _fused_equals_reference(rgb, lut, unmix, (np.array([1.0, -0.3, 0.2], np.float32),),
                                     0.3, flags, thr, rows, cols, f, 2, min_px, *blob)
@@ -289,21 +308,18 @@ def test_fused_speck_removal_on_random_masks(density, min_px, blob, seed):
 
 
 @pytest.mark.parametrize("stain", ["sirius-red", "masson"])
-def test_fast_tile_path_equals_reference_tile_path(stain, monkeypatch):
-    """Whole analyses by the fused kernel and by segment_collagen (per-pixel settings) agree."""
+def test_whole_analysis_by_the_kernel_equals_the_numpy_reference(stain, monkeypatch):
+    """A whole analysis with the fused kernel and with its numpy reference (as without numba)
+    gives the same record and masks."""
     from fibroquant.config import load_settings
     from fibroquant.slides import ArraySlide
 
     p = SectionParams(stain=stain, shape=(700, 900), mpp=0.5, n_lumens=4)
     rgb, _ = make_section(p, rng=4)
-    # speck removal differs by design (the reference path labels with a halo, before the
-    # capsule cut); everything else must agree exactly
     s = load_settings(overrides={"stains": {"stain": stain}, "tiling": {"tile_px": 256},
-                                 "collagen": {"min_object_area_um2": 0,
-                                              "blob_max_area_um2": 0}})
-    assert pipeline.fast_path(s, 0.5, None)
+                                 "collagen": {"blob_max_area_um2": 20}})
     fast = pipeline.analyze_slide("x.png", s, slide=ArraySlide(rgb, 0.5))
-    monkeypatch.setattr(pipeline, "fast_path", lambda *a, **k: False)
+    monkeypatch.setattr(tiles.kernels, "fused_ok", lambda *a: False)
     ref = pipeline.analyze_slide("x.png", s, slide=ArraySlide(rgb, 0.5))
     for k, v in ref.record.items():
         if k == "seconds":
@@ -315,17 +331,6 @@ def test_fast_tile_path_equals_reference_tile_path(stain, monkeypatch):
     for m in ("collagen_mask", "tissue_mask", "excluded_mask"):
         np.testing.assert_array_equal(getattr(fast, m), getattr(ref, m))
     assert fast.record["capsule_area_mm2"] > 0 and fast.record["lumen_area_mm2"] > 0
-
-
-def test_fast_path_only_for_per_pixel_settings():
-    from fibroquant.config import load_settings
-
-    assert pipeline.fast_path(load_settings(), 0.25, None)
-    assert not pipeline.fast_path(load_settings(), 0.25, 0.1)  # thin-fibre top-hat on
-    specks = load_settings(overrides={"collagen": {"min_object_area_um2": 50}})
-    assert pipeline.fast_path(specks, 0.25, None)  # speck removal works on the fused path
-    smooth = load_settings(overrides={"collagen": {"smooth_um": 0.5}})
-    assert not pipeline.fast_path(smooth, 0.25, None)
 
 
 @pytest.mark.parametrize("sigma", [16.0, 40.0, 90.0])
@@ -363,7 +368,7 @@ def test_fused_speck_removal_keeps_fibres_and_edge_components():
     cols = (np.arange(80) // 16).astype(np.intp)
     args = (rgb, lut, unmix, (), 0.0, flags, thr, rows, cols, 4, 0)
     kept = kernels.measure_tile_fused(*args, 10)
-    ref = kernels.measure_tile_reference(*args, 10)
+    ref = _reference(*args, 10)
     raw = kernels.measure_tile_fused(*args, 0)
     assert raw.counts["collagen_px"] == 4 + 65 + 100 + 4 + 1
     assert kept.counts["collagen_px"] == 65 + 100 + 4 == ref.counts["collagen_px"]
@@ -506,7 +511,7 @@ def test_glass_colour_from_a_small_detection_equals_the_full_size_one(seed, fiel
     if shading is not None:  # as the pipeline does: the glass colour of the evenly lit image
         rgb = shading.apply(rgb, rgb.shape[:2])
         bg, _ = pipeline._background(rgb, s)
-    full = pipeline._estimate_background(
+    full = estimate_background(
         rgb, glass_mask=~detect_tissue(rgb, 1.0, s.tissue, bg).section)
     assert pipeline._glass_background(rgb, 1.0, s, bg) == full
     assert (full[1] == "glass") != field_of_view
@@ -514,7 +519,7 @@ def test_glass_colour_from_a_small_detection_equals_the_full_size_one(seed, fiel
 
 def test_compact_blobs_are_removed_and_fibres_kept():
     """A nucleus-sized disc is not collagen; a fibre of the same area, a disc larger than the
-    limit and a disc cut by the tile's edge are (the fused kernel and both references)."""
+    limit and a disc cut by the tile's edge are (the fused kernel and its reference)."""
     h, w = 120, 160
     col = np.zeros((h, w), bool)
     yy, xx = np.mgrid[0:h, 0:w]
@@ -522,7 +527,7 @@ def test_compact_blobs_are_removed_and_fibres_kept():
     col[60:62, 20:61] = True  # fibre, 82 px
     col |= (yy - 80) ** 2 + (xx - 110) ** 2 <= 9**2  # disc, 253 px: too large
     col |= (yy - 0) ** 2 + (xx - 140) ** 2 <= 5**2  # disc at the edge: may continue
-    blob_px, blob_side = kernels.blob_limits(80 * 0.25, 0.5)  # 80 px, 16 px at 0.5 µm/px
+    blob_px, blob_side = blob_limits(80 * 0.25, 0.5)  # 80 px, 16 px at 0.5 µm/px
     assert (blob_px, blob_side) == (80, 16)
     blob_px = 90
     rgb = np.full((h, w, 3), 235, np.uint8)
@@ -531,21 +536,14 @@ def test_compact_blobs_are_removed_and_fibres_kept():
     unmix = np.array([0.1, 1.0, -0.2], np.float32)
     flags = np.ones((4, 4), np.uint8)
     thr = np.full((4, 4), 0.2, np.float32)
-    rows = pipeline._index_map(0, h, h / 4, 4)
-    cols = pipeline._index_map(0, w, w / 4, 4)
+    rows = tiles.index_map(0, h, h / 4, 4)
+    cols = tiles.index_map(0, w, w / 4, 4)
     args = (rgb, lut, unmix, (), 0.0, flags, thr, rows, cols, 1, 0, 0, blob_px, blob_side)
     a = _fused_equals_reference(*args[:11], 0, blob_px, blob_side)
     disc = int(((yy - 30) ** 2 + (xx - 30) ** 2 <= 25).sum())
     assert a.counts["collagen_px"] == int(col.sum()) - disc
     off = kernels.measure_tile_fused(*args[:11], 0, 0, 0)
     assert off.counts["collagen_px"] == int(col.sum())
-    # the whole-mask version (the tile path, with a halo) removes the blob too, and keeps the
-    # disc at the edge as the kernel does (a large structure cut by the halo's border)
-    out = kernels.remove_small_objects_fast(col, 0, 2, blob_px, blob_side)
-    assert not out[30, 30] and out[60, 40] and out[80, 110] and out[0, 140]
-    sub = col[20:, 10:]  # the bounding-box crop inside must not move the edge test
-    out = kernels.remove_small_objects_fast(sub, 0, 2, blob_px, blob_side)
-    assert not out[10, 20] and out[40, 30]
 
 
 def test_focus_moments_reference_without_numba_matches(monkeypatch):
@@ -566,10 +564,10 @@ def test_stain_fit_pixels_subsampled_only_on_large_images():
     rng = np.random.default_rng(0)
     small = rng.integers(0, 256, (300, 200, 3), dtype=np.uint8)
     mask = rng.random(small.shape[:2]) < 0.7
-    np.testing.assert_array_equal(pipeline._tissue_pixels(small, mask, 500_000), small[mask])
+    np.testing.assert_array_equal(tissue_pixels(small, mask, 500_000), small[mask])
     big = rng.integers(0, 256, (2048, 2048, 3), dtype=np.uint8)
     full = np.ones(big.shape[:2], bool)
-    px = pipeline._tissue_pixels(big, full, 500_000)
+    px = tissue_pixels(big, full, 500_000)
     assert 250_000 < len(px) <= 500_000  # every 3rd row and column: 683² pixels
     np.testing.assert_array_equal(px, big[::3, ::3].reshape(-1, 3))
 
@@ -645,8 +643,8 @@ def test_words_only_for_c_contiguous_aligned_tiles_of_width_8k():
 def _word_tile_inputs(seed, w):
     _, lut, unmix, others, flags, thr, rows, cols = _fused_inputs(seed)
     rgb, _ = make_section(SectionParams(shape=(150, w), mpp=0.5), rng=seed)
-    rows = pipeline._index_map(0, rgb.shape[0], rgb.shape[0] / flags.shape[0], flags.shape[0])
-    cols = pipeline._index_map(0, w, w / flags.shape[1], flags.shape[1])
+    rows = tiles.index_map(0, rgb.shape[0], rgb.shape[0] / flags.shape[0], flags.shape[0])
+    cols = tiles.index_map(0, w, w / flags.shape[1], flags.shape[1])
     assert kernels._words(rgb).size
     return rgb, lut, unmix, others, flags, thr, rows, cols
 
@@ -685,8 +683,8 @@ def test_word_path_on_dense_random_masks(n_other, monkeypatch):
     others = (np.array([1.0, -0.3, 0.2], np.float32), np.array([-0.2, 0.1, 0.9], np.float32))
     flags = rng.choice(np.array([1, 1, 1, 1, 1 | 2, 1 | 4, 8, 0], np.uint8), (10, 7))
     thr = rng.uniform(0.1, 0.5, (10, 7)).astype(np.float32)
-    rows = pipeline._index_map(0, h, h / 10, 10)
-    cols = pipeline._index_map(0, w, w / 7, 7)
+    rows = tiles.index_map(0, h, h / 10, 10)
+    cols = tiles.index_map(0, w, w / 7, 7)
     args = (rgb, lut, unmix, others[:n_other], 0.3, flags, thr, rows, cols, 3, 2, 5, 60, 12)
     assert kernels._words(rgb).size
     a = _fused_equals_reference(*args)

@@ -52,8 +52,22 @@ def _settings(tissue: dict, collagen: dict | None = None, **tiling):
                                     "collagen": collagen or {}})
 
 
-#: the fused per-pixel path (default settings), and the tile path with a halo (smoothing on)
-PATHS = {"fused": {}, "halo": {"smooth_um": 1.0}}
+class _Threshold:
+    """A stand-in pixel classifier (tiles.PixelDecider) with a halo of 8 µm: collagen is a
+    red-green contrast; it checks the halo and tissue it is given."""
+
+    def halo_px(self, mpp: float) -> int:
+        return round(8.0 / mpp)
+
+    def predict_tile(self, rgb, halo_px, stains, *, mpp, tissue=None):
+        assert halo_px == 16 and mpp == MPP and stains.collagen == "sirius-red"
+        core = rgb[halo_px:-halo_px, halo_px:-halo_px].astype(np.int16)
+        assert tissue is not None and tissue.shape == core.shape[:2]
+        return (core[..., 1] < core[..., 0] - 40) & tissue
+
+
+#: the rule's decision (default), and a decider reading each tile with a halo
+PATHS = {"fused": None, "halo": _Threshold()}
 
 
 @pytest.mark.parametrize("path", list(PATHS))
@@ -63,9 +77,9 @@ def test_only_tiles_touching_tissue_are_read(section, path):
     slide = SpySlide(_on_glass(rgb, size), MPP, levels=4)
     # the tissue image at 2 µm/px on both slides (by default its resolution follows the
     # slide's size, which moves a small section's edge and capsule band)
-    settings = _settings({"tissue_mpp": 2.0}, PATHS[path], mask_max_mpx=1.0)
-    a = analyze_slide("big.png", settings, slide=slide, workers=1)
-    alone = analyze_slide("small.png", settings,
+    settings = _settings({"tissue_mpp": 2.0}, mask_max_mpx=1.0)
+    a = analyze_slide("big.png", settings, slide=slide, workers=1, decide=PATHS[path])
+    alone = analyze_slide("small.png", settings, decide=PATHS[path],
                           slide=ArraySlide(_on_glass(rgb, 968), MPP, levels=4), workers=1)
     level0 = [(h, w) for lev, h, w in slide.reads if lev == 0]
     assert level0, "the tiles are read at full resolution"

@@ -284,3 +284,14 @@ def test_mice_pool_densities_by_tissue_and_shares_by_collagen():
     assert mice.loc["m1", "thick_fibre_share_percent"] == pytest.approx((40 * .3 + 80 * .1) / .4)
     assert mice.loc["m1", "portal_vessels"] == 5.0
     assert mice.loc["m2", "branch_points_per_mm2"] == 50.0
+
+
+@pytest.mark.parametrize("factor", [2, 3, 4])
+def test_reduce_mask_is_a_majority_vote(factor):
+    rng = np.random.default_rng(factor)
+    mask = rng.random((50, 61)) < 0.5
+    got = tr.reduce_mask(mask, factor)
+    pad = np.zeros((-(-50 // factor) * factor, -(-61 // factor) * factor), bool)
+    pad[:50, :61] = mask
+    votes = pad.reshape(pad.shape[0] // factor, factor, -1, factor).sum(axis=(1, 3))
+    np.testing.assert_array_equal(got, 2 * votes > factor * factor)
