@@ -185,6 +185,7 @@ class CollagenThreshold:
     note: str = ""
     share_guard: float = 0.0  # least collagen-stain share of a collagen pixel (per-pixel rule)
     parenchyma_share: float = 0.0  # median collagen-stain share of stained parenchyma, 0-1
+    pale_counterstain: bool = False  # levels taken by intensity (_pale_counterstain_split)
 
 
 #: Parenchymal collagen-stain share (median) above which a slide is reported as purple.
@@ -330,7 +331,7 @@ def calibrate_threshold(
         note = "; ".join(n for n in (purple, pale) if n)
     t = base + settings.relative_threshold * (level - base)
     return CollagenThreshold("relative", max(t, floor), base, level, int(candidates.size), note,
-                             guard, p_share)
+                             guard, p_share, split is not None)
 
 
 #: The dense population of collagen-stain-dominated pixels at least this many times the
