@@ -566,8 +566,8 @@ def test_an_internal_error_exits_4_with_one_line(bank, tmp_path, monkeypatch):
     ("collagen:\n  relative_threshold: .nan\n",
      "collagen.relative_threshold: should be a finite number"),
     ("stains:\n  background_rgb: [300, -5, 255]\n",
-     "stains.background_rgb.0: should be less than or equal to 255; "
-     "stains.background_rgb.1: should be greater than 0"),
+     ("stains.background_rgb.0: should be less than or equal to 255; "
+      "stains.background_rgb.1: should be greater than 0")),
     ("tiling:\n  mask_max_mpx: 1e12\n", "tiling.mask_max_mpx: should be less than"),
 ])
 def test_bad_settings_files_are_one_line_usage_errors(tmp_path, text, message):
