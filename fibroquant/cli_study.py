@@ -6,6 +6,7 @@ No science here: both call the library and print.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Any
 
