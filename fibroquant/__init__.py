@@ -33,7 +33,8 @@ def analyze(image: np.ndarray | str | Path | Slide, *, mpp: float | None = None,
         An RGB image ``(H, W, 3)`` in memory (needs ``mpp``), a slide or image file, or an
         open :class:`fibroquant.slides.Slide`.
     mpp : float, optional
-        Level-0 µm per pixel: required for an array; for a file it overrides the file's own.
+        Level-0 µm per pixel: required for an array; for a file it overrides the file's own;
+        not for an open slide (open it with ``mpp`` instead).
     stain : {"sirius-red", "masson"}, optional
         The staining protocol; default the one of ``settings`` (Sirius red by default).
     settings : Settings, optional
@@ -50,7 +51,7 @@ def analyze(image: np.ndarray | str | Path | Slide, *, mpp: float | None = None,
     FibroquantError
         Unreadable file, greyscale image, missing resolution, no tissue.
     ValueError
-        An array without ``mpp``, or an unknown ``stain``.
+        An array without ``mpp``, a slide with one, or an unknown ``stain``.
 
     Examples
     --------
@@ -65,6 +66,8 @@ def analyze(image: np.ndarray | str | Path | Slide, *, mpp: float | None = None,
     >>> result.to_record()["cpa_percent"] == result.measurements.cpa_percent
     True
     """
+    import numpy as np
+
     from fibroquant.config import Settings
     from fibroquant.pipeline import analyze_slide
     from fibroquant.slides import open_slide
@@ -76,7 +79,12 @@ def analyze(image: np.ndarray | str | Path | Slide, *, mpp: float | None = None,
         settings = Settings.model_validate(data)
     if isinstance(image, str | Path):
         return analyze_slide(image, settings, mpp=mpp)
-    slide = open_slide(image, mpp=mpp) if not hasattr(image, "read_region") else image
+    if not isinstance(image, np.ndarray):  # an open slide
+        if mpp is not None:
+            msg = "mpp: an open slide has its own resolution (open it with mpp instead)"
+            raise ValueError(msg)
+        return analyze_slide(image.path, settings, slide=image)
+    slide = open_slide(image, mpp=mpp)
     return analyze_slide(slide.path, settings, slide=slide)
 
 

@@ -143,6 +143,9 @@ def analyze(
         "threshold.")] = None,
     quiet: Quiet = False,
     as_json: AsJson = False,
+    keep_wrong_stain: Annotated[bool, typer.Option(
+        "--keep-wrong-stain", help="Count slides whose colours show another stain in mice "
+        "and groups (left out by default).")] = False,
 ) -> None:
     """Measure CPA on every new or changed slide and write the study tables and report.
 
@@ -153,7 +156,7 @@ def analyze(
         analysis_mpp=analysis_mpp, masks=masks, workers=workers, scheduler=scheduler,
         force=force, wait=wait, control=control, traits=traits,
         cluster=cluster.value if cluster is not None else None, classifier=classifier,
-        quiet=quiet, as_json=as_json,
+        quiet=quiet, as_json=as_json, keep_wrong_stain=keep_wrong_stain,
     )
     raise typer.Exit(code=code)
 

@@ -141,7 +141,7 @@ def run_analyze(
     workers: int | None, scheduler: str | None, force: bool, wait: bool, control: str | None,
     quiet: bool = False, command: str | None = None, traits: bool = True,
     cluster: str | None = None, classifier: Path | None = None,
-    as_json: bool = False,
+    as_json: bool = False, keep_wrong_stain: bool = False,
 ) -> int:
     from rich.markup import escape
     from rich.progress import (
@@ -161,7 +161,8 @@ def run_analyze(
             "slides_dir": slides_dir, "out": out_dir, "samples": samples, "stain": stain,
             "config": config, "mpp": mpp, "analysis_mpp": analysis_mpp, "masks": masks,
             "workers": workers, "scheduler": scheduler, "cluster": cluster, "control": control,
-            "force": force, "wait": wait, "classifier": classifier})
+            "force": force, "wait": wait, "classifier": classifier,
+            "keep_wrong_stain": keep_wrong_stain})
     try:
         settings = cli_settings(config, stain, analysis_mpp, traits, classifier)
     except ConfigError as exc:
@@ -193,8 +194,17 @@ def run_analyze(
             line = f"failed: {rec.get('error')}"
             failed_lines.append(line)
             progress.console.print(f"[yellow]{escape(line)}[/]", markup=True, soft_wrap=True)
+        elif rec.get("wrong_stain") is True:
+            why = next((w for w in str(rec.get("stain_warning", "")).split("; ")
+                        if "clearly better" in w or "fluorescence" in w),
+                       f"colours show {rec.get('stain_guess', 'another stain')}")
+            progress.console.print(f"[yellow]wrong stain: {escape(str(rec.get('slide')))}: "
+                                   f"{escape(why)}[/]", markup=True, soft_wrap=True)
         elif not quiet and not progress.live.is_started:  # a log: one line per slide
             note(f"measured {rec.get('slide', '')}: CPA {as_float(rec.get('cpa_percent')):.2f} %")
+        if rec.get("status") == "ok" and rec.get("qc_flags") and not quiet:
+            progress.console.print(f"doubtful: {rec.get('slide')}: {rec.get('qc_flags')}",
+                                   soft_wrap=True, markup=False)
         if task_id is not None:
             progress.update(task_id, advance=1, description=rec.get("slide", ""))
 
@@ -205,6 +215,7 @@ def run_analyze(
                 slides_dir, out_dir, settings, samples=samples, control=control, mpp=mpp,
                 workers=n_workers, scheduler=where, force=force, wait=wait, masks=masks,
                 command=command, on_plan=on_plan, on_result=on_result,
+                keep_wrong_stain=keep_wrong_stain,
             )
     except StoreLockedError as exc:
         raise fail(str(exc), 3) from None
@@ -223,8 +234,11 @@ def run_analyze(
                     "be stale; rerun with -v for details)", 4) from None
     n_warn = len(summary.warnings)
     if not quiet:
+        n_wrong = len(summary.wrong_stain)
         note(f"measured {summary.processed - summary.failed}, failed {summary.failed}, "
-             f"skipped {summary.skipped} (already measured), removed {summary.removed} "
+             + (f"wrong stain {n_wrong} ({'kept in' if keep_wrong_stain else 'left out of'} "
+                "mice and groups), " if n_wrong else "")
+             + f"skipped {summary.skipped} (already measured), removed {summary.removed} "
              f"in {summary.seconds:.1f} s" + (f"; {n_warn} warning(s)" if n_warn else ""))
         for old, new in summary.renamed:
             note(f"renamed: {new} (was {old}): its measurement and overlay kept")
@@ -238,6 +252,10 @@ def run_analyze(
         warn(line)
     if summary.interrupted:
         err.print("interrupted: slides finished so far are stored; rerun to continue")
+    elif summary.exit_code == 2 and summary.wrong_stain:
+        err.print(f"[red]most slides are not {settings.stains.stain.value}: "
+                  f"{len(summary.wrong_stain)} slide(s) show another stain; check --stain "
+                  "(exit 2)[/]", markup=True, soft_wrap=True)
     files = {name: str(out_dir / name) for name in
              ("slides.csv", "mice.csv", "groups.csv", "results.xlsx", "report.html")}
     if as_json:
@@ -277,6 +295,7 @@ def run_json(summary: Any, out_dir: Path, files: dict[str, str]) -> dict[str, An
         "seconds": summary.seconds, "interrupted": summary.interrupted,
         "comparison": summary.comparison, "warnings": list(summary.warnings),
         "failed_slides": [{"slide": s, "error": e} for s, e in summary.failed_slides],
+        "wrong_stain": [{"slide": s, "why": w} for s, w in summary.wrong_stain],
         "renamed": [{"from": a, "to": b} for a, b in summary.renamed],
         "files": files, "groups": groups,
     }

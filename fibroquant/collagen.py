@@ -91,7 +91,7 @@ class CollagenRule:
         i = stains.collagen_index
         return cls(lut, stains.unmixing[:, i].copy(),
                    tuple(stains.unmixing[:, k].copy() for k in range(len(stains.names)) if k != i),
-                   share_guard, int(round(settings.min_object_area_um2 / mpp**2)),
+                   share_guard, round(settings.min_object_area_um2 / mpp**2),
                    *blob_limits(blob_max_area_um2, mpp))
 
 
@@ -143,7 +143,7 @@ def blob_limits(area_um2: float | None, mpp: float) -> tuple[int, int]:
     if not area_um2 or area_um2 <= 0:
         return 0, 0
     diameter = 2.0 * math.sqrt(area_um2 / math.pi)
-    return int(round(area_um2 / mpp**2)), int(math.ceil(1.5 * diameter / mpp))
+    return round(area_um2 / mpp**2), math.ceil(1.5 * diameter / mpp)
 
 
 def blob_components(stats: np.ndarray, blob_px: int, blob_side: int) -> np.ndarray:
@@ -164,7 +164,7 @@ def speck_mask(collagen: np.ndarray, rule: CollagenRule) -> np.ndarray:
     tile's edge (they may continue in the next tile); bool, shape of ``collagen``."""
     if not ((rule.min_object_px > 1 or rule.blob_px > 0) and collagen.any()):
         return np.zeros(collagen.shape, bool)
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(
         np.ascontiguousarray(collagen).view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
     edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
     small = ((stats[:, cv2.CC_STAT_AREA] < rule.min_object_px)
@@ -185,6 +185,7 @@ class CollagenThreshold:
     note: str = ""
     share_guard: float = 0.0  # least collagen-stain share of a collagen pixel (per-pixel rule)
     parenchyma_share: float = 0.0  # median collagen-stain share of stained parenchyma, 0-1
+    pale_counterstain: bool = False  # levels taken by intensity (_pale_counterstain_split)
 
 
 #: Parenchymal collagen-stain share (median) above which a slide is reported as purple.
@@ -330,7 +331,7 @@ def calibrate_threshold(
         note = "; ".join(n for n in (purple, pale) if n)
     t = base + settings.relative_threshold * (level - base)
     return CollagenThreshold("relative", max(t, floor), base, level, int(candidates.size), note,
-                             guard, p_share)
+                             guard, p_share, split is not None)
 
 
 #: The dense population of collagen-stain-dominated pixels at least this many times the

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fibroquant.confidence import qc_flags
+
 if TYPE_CHECKING:  # types only: these modules sit above this one
     from fibroquant.collagen import CollagenThreshold
     from fibroquant.stains import StainEstimate
@@ -125,6 +127,13 @@ class SlideQC:
         Compact blobs up to this area were not collagen (0 = off), µm².
     stain_fit : dict of str to float
         :func:`fibroquant.stains.stain_fit` residuals of the thumbnail's tissue.
+    stain_guess : str
+        The protocol those colours show (:func:`fibroquant.stains.stain_verdict`).
+    wrong_stain : bool
+        Another protocol fits clearly better than the one measured as (status
+        ``wrong-stain`` in the tables).
+    pale_counterstain : bool
+        The collagen levels were taken by intensity (a ``qc_flags`` entry).
     """
 
     glass_od: float
@@ -135,6 +144,9 @@ class SlideQC:
     stain_angle_deg: float
     blob_max_area_um2: float
     stain_fit: dict[str, float]
+    stain_guess: str = "unknown"
+    wrong_stain: bool = False
+    pale_counterstain: bool = False
 
 
 @dataclass(frozen=True)
@@ -207,7 +219,7 @@ class SlideResult:
         """The flat row of ``slides.csv`` (without the sample-sheet columns): plain numbers and
         strings, the stain vectors, angles and fit as JSON text."""
         g, t, qc, est = self.geometry, self.threshold, self.qc, self.stains
-        return {
+        record = {
             "status": "ok",
             "error": "",
             "stain": self.stain,
@@ -237,8 +249,12 @@ class SlideResult:
             "parenchyma_share": t.parenchyma_share,
             "blob_max_area_um2": qc.blob_max_area_um2,
             "stain_fit": json.dumps(qc.stain_fit),
+            "stain_guess": qc.stain_guess,
+            "wrong_stain": qc.wrong_stain,
             "stain_warning": "; ".join(self.warnings),
             "seconds": self.seconds,
             "version": self.version,
             **self.traits,
         }
+        record["qc_flags"] = "; ".join(qc_flags(record, pale_counterstain=qc.pale_counterstain))
+        return record

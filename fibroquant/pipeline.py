@@ -51,6 +51,7 @@ from fibroquant.stains import (
     rgb_to_od,
     stain_fit,
     stain_mismatch,
+    stain_verdict,
     tissue_pixels,
 )
 from fibroquant.tiles import (
@@ -360,11 +361,12 @@ def calibrate_slide(slide: Slide, settings: Settings) -> Calibration:
     blob_auto = settings.collagen.blob_max_area_um2 is None
     # automatic: decided by the nuclei's stain (per slide; the settings stay as given)
     blob_um2 = auto_blob_area(pos[stained], stains) if blob_auto else \
-        settings.collagen.blob_max_area_um2
+        (settings.collagen.blob_max_area_um2 or 0.0)
     tissue, threshold_map = _threshold_map(thumb, thumb_mpp, tissue, background, stains, thr,
                                            settings)
     fit = stain_fit(tissue_pixels(thumb, tissue.tissue, STAIN_FIT_MAX_PIXELS), max_pixels=50_000)
     warnings = stain_warnings(est, preset, thr, fit, settings.stains.stain.value)
+    verdict = stain_verdict(fit, settings.stains.stain.value)
     if blob_auto and blob_um2:
         warnings.append(
             "nuclei not iron haematoxylin (blue-purple): compact blobs up to "
@@ -374,7 +376,7 @@ def calibrate_slide(slide: Slide, settings: Settings) -> Calibration:
         tissue.glass_od, 0.0 if shading is None else round(shading.od_range, 4),
         0.0 if shifts is None else round(float(np.hypot(*shifts.T).max()), 3),
         background, bg_source, round(angle_deg(stains.vectors[col], preset.vectors[col]), 2),
-        blob_um2, fit)
+        blob_um2, fit, verdict.guess, verdict.wrong, thr.pale_counterstain)
     rule = CollagenRule.for_slide(od_lut(background), stains, thr.share_guard,
                                   settings.collagen, blob_um2, geo.analysis_mpp)
     return Calibration(sl, geo, thumb, thumb_mpp, tissue, class_flags(tissue), est, preset, thr,

@@ -1566,6 +1566,8 @@ def _slide_card(row: pd.Series, uri: str | None, href: str | None = None) -> str
         badges.append(f'<span class="badge bad">{_e(status)}: {_e(_text(row.get("error")))}</span>')
     if _has_warning(row.get("stain_warning")):
         badges.append(f'<span class="badge">{_e(_text(row.get("stain_warning")))}</span>')
+    if _has_warning(row.get("qc_flags")):
+        badges.append(f'<span class="badge">doubtful: {_e(_text(row.get("qc_flags")))}</span>')
     cpa_text = f"{cpa:.2f} % CPA" if math.isfinite(cpa) else "CPA –"
     tissue_text = f"{tissue:.2f} mm² tissue" if math.isfinite(tissue) else ""
     return (
@@ -1751,8 +1753,8 @@ def write_report_html(
     ordered = slides.sort_values(sort_cols, key=lambda s: s.map(_text)) if sort_cols else slides
     cards = []
     for _, row in ordered.iterrows():
-        if _text(row.get("status", "ok")).lower() not in ("", "ok"):
-            continue
+        if _text(row.get("status", "ok")).lower() not in ("", "ok", "wrong-stain"):
+            continue  # failed: no overlay (a wrong stain keeps its overlay, for inspection)
         qc_path = qc_images.get(_text(row.get("slide")))
         href = None
         if qc_path and Path(qc_path).is_file():

@@ -62,6 +62,11 @@ logger = logging.getLogger(__name__)
 #: Columns of slides.csv, in this order (the output contract, from :mod:`fibroquant.schema`);
 #: sample-sheet columns follow ``group``, columns the schema does not know come last.
 SLIDE_COLUMNS = [c.name for c in schema.SLIDES if not c.optional]
+#: Status of a measured slide whose colours fit another protocol clearly better than the
+#: expected one (:func:`fibroquant.stains.stain_verdict`): its row keeps its measurements, and
+#: it is left out of mice and groups unless the run keeps wrong stains. The store keeps such a
+#: slide as ``ok`` (measured) with ``wrong_stain`` true; the tables show this status.
+WRONG_STAIN = "wrong-stain"
 _INTERNAL = {"settings_hash", "version", "crashed"}
 #: A slide whose measurement killed its worker process this many times (in as many runs) is
 #: not measured again without ``--force``: it would only crash again.
@@ -79,6 +84,8 @@ class RunSummary:
     seconds: float = 0.0
     exit_code: int = 0
     interrupted: bool = False
+    #: (slide, why) of the measured slides whose colours show another stain
+    wrong_stain: list[tuple[str, str]] = field(default_factory=list)
     #: slides not measured again because they crashed their worker process MAX_CRASHES times
     crashed: list[str] = field(default_factory=list)
     comparison: str = ""
@@ -418,6 +425,7 @@ def analyze_folder(
     command: str = "",
     on_plan: Callable[[int, int], None] | None = None,
     on_result: Callable[[dict[str, Any]], None] | None = None,
+    keep_wrong_stain: bool = False,
 ) -> RunSummary:
     """Measure every new or changed slide of a folder and regenerate the study tables.
 
@@ -450,6 +458,9 @@ def analyze_folder(
         The command line, for provenance.
     on_plan, on_result : callable, optional
         Progress hooks: ``on_plan(n_to_process, n_skipped)`` and ``on_result(record)``.
+    keep_wrong_stain : bool
+        Count slides of status ``wrong-stain`` in mice and groups (left out by default). The
+        run exits with 2 when most measured slides are the wrong stain, kept or not.
 
     Returns
     -------
@@ -593,9 +604,14 @@ def analyze_folder(
                 _discard(out_dir, stem)
             current = store.current_results(shash, present=present)
             slides_df = build_slides_table(sheet, current)
-            summary.failed = int((slides_df["status"] != "ok").sum())
+            summary.failed = int((~slides_df["status"].isin(["ok", WRONG_STAIN])).sum())
             summary.failed_slides = [
-                (r.slide, r.error) for r in slides_df.itertuples() if r.status != "ok"
+                (r.slide, r.error) for r in slides_df.itertuples()
+                if r.status not in ("ok", WRONG_STAIN)
+            ]
+            summary.wrong_stain = [
+                (str(r["slide"]), str(r.get("stain_warning") or ""))
+                for r in slides_df.to_dict("records") if r["status"] == WRONG_STAIN
             ]
             vectors = {r["slide"]: (r.get("stain_source"), r.get("stain_vectors"))
                        for r in current}
@@ -614,7 +630,7 @@ def analyze_folder(
             }
             tables_key = hashlib.sha256("\n".join([
                 slides_df.to_csv(index=False), repr(extra_cols), str(control),
-                str(samples is not None), shash, __version__,
+                str(samples is not None), shash, __version__, f"keep={keep_wrong_stain}",
             ]).encode()).hexdigest()
             provenance["tables_key"] = tables_key
             try:  # the console shows them whether or not the tables are rewritten
@@ -641,10 +657,13 @@ def analyze_folder(
                 summary.comparison = write_tables(
                     out_dir, slides_df, extra_cols, settings, provenance,
                     control=control, has_sheet=samples is not None,
+                    keep_wrong_stain=keep_wrong_stain,
                 )
             summary.seconds = round(time.perf_counter() - t0, 3)
             summary.exit_code = (interrupt_code if summary.interrupted
                                  else (1 if summary.failed else 0))
+            if not summary.interrupted and mostly_wrong_stain(slides_df):
+                summary.exit_code = 2  # the user chose the wrong --stain
             run_json = {
                 "processed": summary.processed, "skipped": summary.skipped,
                 "failed": summary.failed, "removed": summary.removed,
@@ -706,6 +725,7 @@ def build_slides_table(sheet: pd.DataFrame, records: list[dict[str, Any]]) -> pd
         # the sheet's mpp is the one measured with; an empty one leaves the file's own
         sheet_row = {k: v for k, v in row.items() if not (k == "mpp" and "mpp" in rec)}
         merged = {**{k: v for k, v in rec.items() if k not in _INTERNAL}, **sheet_row}
+        merged["status"] = slide_status(rec)
         if merged.get("error") is None:
             merged["error"] = ""
         rows.append(merged)
@@ -730,6 +750,33 @@ def study_warnings(slides_df: pd.DataFrame, settings: Settings, *,
                 if isinstance(r.stain_warning, str) and r.stain_warning]
     if mice is not None:
         out += stats.group_warnings(mice, control)
+    return out
+
+
+def slide_status(record: dict[str, Any]) -> str:
+    """A stored record's status in the tables: ``wrong-stain`` for a measured slide whose
+    colours show another stain (``wrong_stain`` true), else its stored status."""
+    status = str(record.get("status", ""))
+    if status == "ok" and record.get("wrong_stain") is True:
+        return WRONG_STAIN
+    return status
+
+
+def mostly_wrong_stain(slides_df: pd.DataFrame) -> bool:
+    """Whether more than half of a run's measured slides are the wrong stain (the user chose
+    the wrong ``--stain``)."""
+    status = slides_df["status"]
+    n_wrong = int((status == WRONG_STAIN).sum())
+    return n_wrong > 0 and n_wrong > 0.5 * int(status.isin(["ok", WRONG_STAIN]).sum())
+
+
+def for_groups(slides_df: pd.DataFrame, keep_wrong_stain: bool) -> pd.DataFrame:
+    """The slides table as mice and groups see it: ``wrong-stain`` rows count as ``ok`` when
+    kept, else (their status not ``ok``) they are left out like failed slides."""
+    if not keep_wrong_stain:
+        return slides_df
+    out = slides_df.copy()
+    out.loc[out["status"] == WRONG_STAIN, "status"] = "ok"
     return out
 
 
@@ -863,6 +910,7 @@ def write_tables(
     *,
     control: str | None,
     has_sheet: bool,
+    keep_wrong_stain: bool = False,
 ) -> str:
     """Write slides/mice/groups tables, plots, xlsx, report and provenance (all atomic).
 
@@ -870,6 +918,8 @@ def write_tables(
     (:func:`tables_current`) is removed first and written last, so a run killed or a disk
     that fills part way leaves no manifest and the next run writes them all again. The
     statistics never stop the tables (:func:`_statistics`).
+    Slides of status ``wrong-stain`` are in ``slides.csv`` but left out of mice and groups
+    unless ``keep_wrong_stain``.
 
     Returns
     -------
@@ -884,9 +934,10 @@ def write_tables(
     from fibroquant import report
 
     _forget_tables(out_dir)
-    mice = aggregate_mice(slides_df, extra_columns=extra_cols)
+    grouped = for_groups(slides_df, keep_wrong_stain)
+    mice = aggregate_mice(grouped, extra_columns=extra_cols)
     groups, omnibus, mixed, sentence, warnings = _statistics(
-        slides_df, mice, control=control, has_sheet=has_sheet)
+        grouped, mice, control=control, has_sheet=has_sheet)
     written = ["slides.csv", "mice.csv", "groups.csv", "provenance.json", "results.xlsx",
                "report.html"]
     # rounded for reading; the store and the xlsx keep full precision

@@ -99,7 +99,9 @@ SLIDES: tuple[Column, ...] = (
     _c("mouse", "", "mouse", "the animal (from the sample sheet; the file name without one)",
        "id", source="sheet"),
     _c("group", "", "group", "treatment group (from the sample sheet)", "id", source="sheet"),
-    _c("status", "", "status", "`ok`, or `failed`", "status"),
+    _c("status", "", "status", "`ok`, `wrong-stain` (measured, but the colours show another "
+       "stain: left out of mice and groups unless `--keep-wrong-stain`), or `failed`",
+       "status"),
     _c("error", "", "error", "why a failed slide failed, one line naming the file", "status"),
     _c("mpp", "µm/px", "µm/px", "µm per pixel of the file (or the sheet's / `--mpp`'s)",
        "read", sig=6),
@@ -138,8 +140,13 @@ SLIDES: tuple[Column, ...] = (
     _c("stain_warning", "", "stain warning",
        "plain-language stain QC: implausible vectors, faint or missing collagen stain, "
        "wrong stain?", "qc"),
-    _c("qc_flags", "", "QC flags", "tissue and stain QC flags, `;`-separated", "qc",
-       optional=True),
+    _c("qc_flags", "", "doubtful because",
+       "what makes the slide's CPA doubtful, `;`-separated: wrong stain, faint stain, pale "
+       "counterstain, large exclusions, little tissue, few collagen pixels to calibrate "
+       "(empty: nothing)", "qc"),
+    _c("stain_guess", "", "stain guess",
+       "the protocol the slide's colours show: sirius-red, masson, masson-light-green, h&e, "
+       "fluorescence or unknown", "stain"),
     _c("threshold_method", "", "threshold", "how the collagen threshold was set", "threshold"),
     _c("threshold_od", "OD", "threshold OD", "the collagen-stain threshold", "threshold",
        sig=4),
@@ -180,6 +187,9 @@ SLIDES: tuple[Column, ...] = (
     _c("stain_fit", "", "stain fit",
        "how well each known protocol explains the slide's colours (JSON, mean relative "
        "residual; the wrong-stain check)", "stain"),
+    _c("wrong_stain", "", "wrong stain",
+       "whether the colours fit another protocol clearly better (the store keeps such a "
+       "slide `ok`; the tables show `wrong-stain`)", "stain"),
 )
 
 #: ``mice.csv``: one row per mouse (sheet columns constant within the mouse follow).

@@ -1181,6 +1181,38 @@ _LENGTH_UM = {
 }  # fmt: skip
 
 
+#: How the micro sign reaches us when a file's text was written in one encoding and read in
+#: another (UTF-8 read as Latin-1 or CP1252, the Greek mu, a Java escape, a lost character).
+_MICRO_SPELLINGS = ("\\u00b5", "\\u03bc", "âµ", "î¼", "\u03bc", "\ufffd")
+
+
+def length_unit_um(unit: str) -> float | None:
+    """Micrometres in one ``unit`` of a metadata length (ImageJ ``unit=``, OME
+    ``PhysicalSizeXUnit``), or None when not a length unit.
+
+    Understands ``micron``, ``µm``, ``um``, ``nm``, ``mm``, ``cm``, ``m``, ``inch`` and the
+    micro sign mis-encoded as ImageJ and other tools leave it (``\\u00b5m``, ``Âµm``,
+    ``\xb5m`` read as Latin-1, Greek ``μm``).
+
+    Examples
+    --------
+    >>> length_unit_um("Âµm"), length_unit_um("nm"), length_unit_um("pixel")
+    (1.0, 0.001, None)
+    """
+    text = unit.strip().strip("\"'").strip().lower()
+    for spelling in _MICRO_SPELLINGS:
+        text = text.replace(spelling, "µ")
+    return _LENGTH_UM.get(text)
+
+
+def _imagej_unit(description: str) -> str | None:
+    """The ``unit=`` of an ImageJ description (first page), or None."""
+    if not description.startswith("ImageJ="):
+        return None
+    match = re.search(r"^unit=(.*)$", description, re.MULTILINE)
+    return match.group(1) if match else None
+
+
 def _tiff_mpp(tif: Any, page: Any, name: str) -> tuple[float | None, str | None]:
     """Return (level-0 µm per pixel, where it came from) of a TIFF, or (None, None)."""
     description = page.description or ""
@@ -1203,11 +1235,12 @@ def _tiff_mpp(tif: Any, page: Any, name: str) -> tuple[float | None, str | None]
         pixels_per_unit = float(xres)
     if pixels_per_unit is None:
         return None, None
-    if tif.is_imagej:
-        unit = str((tif.imagej_metadata or {}).get("unit", "")).strip().lower()
-        factor = _LENGTH_UM.get(unit)
-        if factor is not None and factor < 1e3:
-            return factor / pixels_per_unit, f"ImageJ resolution ({unit})"
+    unit = _imagej_unit(tif.pages[0].description or description)
+    if unit is not None:
+        factor = length_unit_um(unit)
+        mpp = _plausible(factor / pixels_per_unit, "ImageJ resolution", name) if factor else None
+        if mpp is not None:
+            return mpp, f"ImageJ resolution ({unit.strip()})"
     unit = int(tags.valueof(296, 2))  # ResolutionUnit; TIFF default is inch
     unit_um = {2: 25400.0, 3: 10000.0, 4: 1000.0, 5: 1.0}.get(unit)
     if unit_um is None:
@@ -1228,10 +1261,10 @@ def _ome_mpp(xml_text: str, name: str) -> float | None:
     for element in root.iter():
         if element.tag.rsplit("}", 1)[-1] == "Pixels":
             size = element.get("PhysicalSizeX")
-            unit = element.get("PhysicalSizeXUnit", "µm")
+            unit = element.get("PhysicalSizeXUnit", "µm")  # OME's default unit
             if size is None:
                 return None
-            factor = _LENGTH_UM.get(unit.strip().lower()) or _LENGTH_UM.get(unit.strip())
+            factor = length_unit_um(unit)
             try:
                 value = float(size)
             except ValueError:

@@ -827,3 +827,230 @@ def sparse_strokes(
             keep = (stroke > 0) & pool
             labels[keep & (labels == 0)] = value
     return labels
+
+
+# ------------------------------------------------------------------------------------------
+# Cohorts and tissues for "right on real tissue" (issue 21): purple Masson parenchyma, diffuse
+# pale collagen bands, heart/skeletal muscle without folds, small crops and H&E sections.
+# ------------------------------------------------------------------------------------------
+
+
+def purple_masson_params(seed: int, shape: tuple[int, int] = (768, 768)) -> SectionParams:
+    """A random under-differentiated Masson section: the cytoplasm's stain is 25-45 % aniline
+    blue (its counterstain carries that share of collagen-dye direction, varying from cell to
+    cell), with fibrosis, fibres, stain strength, blur and JPEG drawn as on real slides.
+
+    Parameters
+    ----------
+    seed : int
+        The same seed gives the same parameters (and, as ``rng`` of :func:`make_section`, the
+        same section).
+    shape : tuple of int
+        Image shape, pixels at 0.5 µm/px.
+
+    Returns
+    -------
+    SectionParams
+    """
+    g = np.random.default_rng([21, seed])
+    share = g.uniform(0.25, 0.45)  # aniline blue's share of the purple cytoplasm
+    return SectionParams(
+        stain="masson", shape=shape, fibrosis=float(g.uniform(0.1, 0.9)),
+        fine_fibres=float(g.uniform(0.2, 0.6)), counterstain_od=float(g.uniform(0.35, 0.6)),
+        nonspecific=float(g.uniform(0.01, 0.04)), cytoplasm_blue=float(share / (1.0 - share)),
+        cytoplasm_blue_cv=float(g.uniform(0.1, 0.25)), stain_intensity=float(g.uniform(0.8, 1.2)),
+        collagen_intensity=float(g.uniform(0.8, 1.2)), blur_um=float(g.uniform(0.0, 0.5)),
+        jpeg_quality=int(g.choice([85, 90, 95])), vector_drift_deg=float(g.uniform(0.0, 4.0)),
+        field_of_view=bool(g.random() < 0.3),
+    )
+
+
+def with_pale_band(
+    rgb: np.ndarray, truth: Truth, *, width_um: float = 80.0, collagen_od: float = 0.2,
+    rng: int | np.random.Generator | None = None,
+) -> tuple[np.ndarray, Truth]:
+    """Add a diffuse pale collagen band through a section: a broad, wavy band of faint
+    collagen stain laid over the cells (early fibrosis spreading through the parenchyma).
+
+    The band's collagen stain (``collagen_od`` with a little texture, OD units, a fraction of
+    a septum's) is added by Beer-Lambert: the image is dimmed by ``10^-(c · v)`` with the
+    section's own collagen-stain vector. Truth: the band's tissue is collagen.
+
+    Parameters
+    ----------
+    rgb : ndarray of uint8, shape (H, W, 3)
+    truth : Truth
+        From :func:`make_section` (without JPEG, which would have been applied after).
+    width_um : float
+        Band width, µm.
+    collagen_od : float
+        Collagen-stain concentration in the band, OD units.
+    rng : int or numpy.random.Generator, optional
+
+    Returns
+    -------
+    rgb, truth
+        The image with the band and the truth with it in ``collagen_mask``.
+    """
+    g = _rng(rng)
+    h, w = rgb.shape[:2]
+    um = 1.0 / truth.params.mpp
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    ang = g.uniform(0, np.pi)
+    # a line through the middle third, bent by smooth noise
+    cy, cx = h * g.uniform(0.35, 0.65), w * g.uniform(0.35, 0.65)
+    d = (yy - cy) * np.cos(ang) - (xx - cx) * np.sin(ang)
+    d += 30 * um * _smooth_noise((h, w), 60 * um, g)
+    band = (np.abs(d) < 0.5 * width_um * um) & truth.tissue_mask
+    texture = np.exp(0.15 * _smooth_noise((h, w), 2 * um, g)).astype(np.float32)
+    conc = np.where(band, np.float32(collagen_od) * texture, 0).astype(np.float32)
+    vec = truth.stains.vectors[truth.stains.collagen_index].astype(np.float32)
+    dim = np.power(np.float32(10.0), -(conc[..., None] * vec))
+    out = np.clip(np.rint(rgb.astype(np.float32) * dim), 0, 255).astype(np.uint8)
+    return out, replace(truth, collagen_mask=truth.collagen_mask | band)
+
+
+def make_muscle(
+    *, stain: StainName = "masson", shape: tuple[int, int] = (768, 768), mpp: float = 0.5,
+    collagen_share: float = 0.05, darker: float = 0.3,
+    rng: int | np.random.Generator | None = None,
+) -> tuple[np.ndarray, Truth]:
+    """A field of heart or skeletal muscle without folds, with known interstitial collagen.
+
+    Parallel fibres (myocytes, ~15 µm wide, gently wavy) carry a dense counterstain (ponceau
+    in Masson, picric acid in Sirius red) that varies smoothly by ``±darker`` over ~150 µm:
+    evenly stained, slightly darker regions that are *not* folds. Between fibres, thin
+    interstitial collagen (and, where ``collagen_share`` asks for more, perivascular patches)
+    and a few empty clefts (glass). Nuclei lie along the fibres. A microscope field: the
+    tissue fills the frame.
+
+    Parameters
+    ----------
+    stain : {"masson", "sirius-red", "masson-light-green"}
+    shape : tuple of int
+    mpp : float
+        µm per pixel.
+    collagen_share : float
+        Rough share of the tissue that is collagen, 0-0.3.
+    darker : float
+        Amplitude of the smooth counterstain variation (0.3 = ±30 %).
+    rng : int or numpy.random.Generator, optional
+
+    Returns
+    -------
+    rgb : ndarray of uint8, shape (H, W, 3)
+    truth : Truth
+        No lumen, capsule, fold or bubble; ``tissue_mask`` excludes the clefts.
+    """
+    g = _rng(rng)
+    h, w = shape
+    um = 1.0 / mpp
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    ang = g.uniform(0, np.pi)
+    across = (yy * np.cos(ang) - xx * np.sin(ang)) + 8 * um * _smooth_noise((h, w), 80 * um, g)
+    period = 15.0 * um * (1 + 0.15 * _smooth_noise((h, w), 40 * um, g))
+    phase = np.mod(across / period, 1.0)
+    gap = np.minimum(phase, 1 - phase) * period  # distance to the nearest fibre boundary, px
+    inter = gap < np.maximum(0.8 * um, 1.0)  # interstitium ~1.5 µm wide
+    cleft = inter & (_smooth_noise((h, w), 20 * um, g) > 1.2)  # empty clefts (glass)
+    extra = max(collagen_share - float(inter.mean()) * 0.6, 0.0)
+    patches = _smooth_noise((h, w), 25 * um, g) > _gauss_quantile(1.0 - extra)
+    collagen = ((inter & (_smooth_noise((h, w), 10 * um, g) > -0.25)) | patches) & ~cleft
+    fibre = ~inter & ~patches
+    shade = (1.0 + darker * np.tanh(_smooth_noise((h, w), 150 * um, g))).astype(np.float32)
+    striation = 1.0 + 0.08 * np.sin(2 * np.pi * (xx * np.cos(ang) + yy * np.sin(ang)) / (2 * um))
+    counter = np.where(fibre, 0.7 * shade * striation, 0.0).astype(np.float32)
+    counter *= np.exp(0.1 * g.standard_normal((h, w))).astype(np.float32)
+    coll = np.where(collagen, 0.55 * np.exp(0.2 * _smooth_noise((h, w), 2 * um, g)), 0.0)
+    nuclei = np.zeros((h, w), bool)
+    n_nuc = max(int(h * w / (40 * um) ** 2), 1)
+    seeds = np.zeros((h, w), bool)
+    seeds[g.integers(0, h, n_nuc), g.integers(0, w, n_nuc)] = True
+    nuclei = (ndi.distance_transform_edt(~seeds) < 2.5 * um) & fibre
+    nuc = np.where(nuclei, 0.6, 0.0)
+    conc = np.stack([coll, counter, nuc], axis=-1).astype(np.float32)
+    base = preset(stain)
+    stains = StainMatrix(base.names, base.vectors, (246.0, 244.0, 240.0))
+    intensity = np.asarray(stains.background_rgb, np.float32) * np.power(
+        np.float32(10.0), -mix(conc, stains))
+    intensity += g.standard_normal(intensity.shape).astype(np.float32) * 1.5
+    rgb = np.clip(np.rint(intensity), 0, 255).astype(np.uint8)
+    none = np.zeros((h, w), bool)
+    params = SectionParams(stain=stain, shape=shape, mpp=mpp, field_of_view=True)
+    tissue = ~cleft
+    truth = Truth(params, stains, tissue, collagen & tissue, none, none, np.ones((h, w), bool),
+                  none, none)
+    return rgb, truth
+
+
+def _gauss_quantile(q: float) -> float:
+    """Quantile of the standard normal distribution (for thresholds of unit-SD fields)."""
+    from scipy.stats import norm  # noqa: PLC0415
+
+    return float(norm.ppf(min(max(q, 1e-9), 1 - 1e-9)))
+
+
+def small_crop(
+    params: SectionParams | None = None, *, shape: tuple[int, int] = (200, 240),
+    mpp: float = 0.25, rng: int | np.random.Generator | None = None,
+) -> tuple[np.ndarray, Truth]:
+    """A small high-magnification crop (default 200 x 240 px at 0.25 µm/px: 3,000 µm²,
+    under the default speck size of 5,000 µm²) of a field with known collagen.
+
+    The field is drawn 4x larger and cropped where it holds collagen, so the crop shows a
+    septum or fibres as a 40x crop around a feature would.
+    """
+    p = replace(params or SectionParams(fibrosis=0.8, fine_fibres=0.5, lobule_um=120.0),
+                shape=(4 * shape[0], 4 * shape[1]), mpp=mpp, field_of_view=True)
+    g = _rng(rng)
+    rgb, truth = make_section(p, rng=g)
+    frac = ndi.uniform_filter(truth.collagen_mask.astype(np.float32), size=shape)
+    cy0, cy1 = shape[0] // 2, p.shape[0] - shape[0] + shape[0] // 2
+    cx0, cx1 = shape[1] // 2, p.shape[1] - shape[1] + shape[1] // 2
+    inner = frac[cy0:cy1, cx0:cx1]
+    holes = ndi.uniform_filter((~truth.tissue_mask).astype(np.float32), size=shape)
+    # a crop with some collagen, not the densest (5-25 % when there is such a place), and
+    # without a lumen (a crop is taken around collagen, not around a vessel)
+    want = np.clip(inner, 0, 0.25) - 10.0 * holes[cy0:cy1, cx0:cx1]
+    iy, ix = np.unravel_index(int(np.argmax(want + 1e-3 * g.random(want.shape))), want.shape)
+    y0, x0 = iy, ix
+    sl = (slice(y0, y0 + shape[0]), slice(x0, x0 + shape[1]))
+    crop = np.ascontiguousarray(rgb[sl])
+    cut = {k: getattr(truth, k)[sl] for k in ("tissue_mask", "collagen_mask", "lumen_mask",
+                                               "capsule_mask", "section_mask", "bubble_mask",
+                                               "fold_mask")}
+    return crop, replace(truth, params=replace(p, shape=shape), **cut)
+
+
+def make_he_section(
+    *, shape: tuple[int, int] = (768, 768), mpp: float = 0.5, eosin_od: float = 0.35,
+    field_of_view: bool = False, rng: int | np.random.Generator | None = None,
+) -> tuple[np.ndarray, Truth]:
+    """A haematoxylin and eosin section (not a collagen stain): the anatomy of
+    :func:`make_section` drawn with eosin (cytoplasm pink, collagen a deeper pink) and
+    haematoxylin (blue-purple nuclei) as real H&E shows them
+    (:data:`fibroquant.stains.H_AND_E_REAL`). For wrong-stain tests; the truth's collagen is
+    the anatomy's, which no collagen stain shows here.
+    """
+    from fibroquant.stains import H_AND_E_REAL  # noqa: PLC0415
+
+    g = _rng(rng)
+    p = SectionParams(shape=shape, mpp=mpp, field_of_view=field_of_view, fibrosis=0.5)
+    _, truth = make_section(replace(p, noise_sd=0.0), rng=g)
+    h, w = shape
+    um = 1.0 / mpp
+    tissue = truth.section_mask & ~truth.lumen_mask
+    eos = np.where(tissue, eosin_od * (1 + 0.25 * _smooth_noise((h, w), 3 * um, g)), 0.0)
+    eos = np.where(truth.collagen_mask | truth.capsule_mask, 1.6 * eos, eos)
+    seeds = np.zeros((h, w), bool)
+    n_nuc = max(int(tissue.sum() / (20 * um) ** 2), 1)
+    seeds[g.integers(0, h, n_nuc), g.integers(0, w, n_nuc)] = True
+    nuclei = (ndi.distance_transform_edt(~seeds) < 3.0 * um) & tissue
+    haem = np.where(nuclei, 0.5 * (0.8 + 0.4 * g.random((h, w))), 0.05 * tissue)
+    conc = np.clip(np.stack([eos, haem], axis=-1), 0, None).astype(np.float32)
+    stains = StainMatrix(H_AND_E_REAL.names, H_AND_E_REAL.vectors, (246.0, 244.0, 240.0))
+    intensity = np.asarray(stains.background_rgb, np.float32) * np.power(
+        np.float32(10.0), -mix(conc, stains))
+    intensity += g.standard_normal(intensity.shape).astype(np.float32) * 1.5
+    rgb = np.clip(np.rint(intensity), 0, 255).astype(np.uint8)
+    return rgb, replace(truth, stains=stains)

@@ -23,6 +23,7 @@ import numpy as np
 from fibroquant import cores, focus, kernels
 from fibroquant.collagen import (
     CollagenRule,
+    collagen_concentration,
     is_collagen,
     speck_mask,
 )
@@ -93,9 +94,13 @@ def measure_tile_reference(
     """
     fl = flags[np.ix_(rows, cols)]
     tissue = (fl & kernels.FLAG_TISSUE) != 0
-    conc, col = is_collagen(rgb, thr[np.ix_(rows, cols)], rule)
-    col &= tissue
-    capsule = col & ((fl & kernels.FLAG_BAND) != 0)
+    band = (fl & kernels.FLAG_BAND) != 0
+    if decided is not None and not band.any():  # the rule would only find the capsule
+        conc, col = collagen_concentration(rgb, rule.lut, rule.unmix_col), decided
+    else:
+        conc, col = is_collagen(rgb, thr[np.ix_(rows, cols)], rule)
+    col = col & tissue
+    capsule = col & band
     if decided is not None:
         col = decided & tissue
     wall = ((fl & kernels.FLAG_WALL) != 0) & tissue & ~capsule
@@ -107,7 +112,7 @@ def measure_tile_reference(
                                        kernels.FLAG_BUBBLE)]
     excluded = capsule | wall | kinds[0] | kinds[1] | kinds[2]
     counts = dict(zip(FUSED_COUNTS, (int(np.count_nonzero(m)) for m in
-                                     (tissue, col, capsule, wall, *kinds))))
+                                     (tissue, col, capsule, wall, *kinds)), strict=True))
     h, w = tissue.shape
     bh, bw = -(-h // f), -(-w // f)
     blocks = np.zeros((3, bh * f, bw * f), np.int32)
@@ -176,8 +181,8 @@ def plan_geometry(
     scale = min(level_mpp / target, 1.0)
     if abs(scale - 1.0) < 1e-3:
         scale = 1.0
-    h = max(int(round(lev.shape[0] * scale)), 1)
-    w = max(int(round(lev.shape[1] * scale)), 1)
+    h = max(round(lev.shape[0] * scale), 1)
+    w = max(round(lev.shape[1] * scale), 1)
     factor = max(1, math.ceil(math.sqrt(h * w / (mask_max_mpx * 1e6))))
     return Geometry(best, level_mpp, level_mpp / scale, scale, h, w, factor)
 
@@ -187,7 +192,7 @@ def read_analysis(slide: Slide, geo: Geometry, y: int, x: int, h: int, w: int) -
 
     Downsampling averages intensities (``cv2.INTER_AREA``), as a camera pixel of that size
     would. (Averaging optical density instead keeps more of a thin fibre's dye in the mixed
-    pixel but counts the mixed rims of thick fibres as collagen: +0.4–0.7 pp against native
+    pixel but counts the mixed rims of thick fibres as collagen: +0.4-0.7 pp against native
     resolution on lossless pyramids, where intensity averaging stays within 0.25 pp.)
     """
     if geo.scale == 1.0:
@@ -283,8 +288,9 @@ def measure_box(
         wide = read_analysis(slide, job.geo, y0 - halo, x0 - halo, y1 - y0 + 2 * halo,
                              x1 - x0 + 2 * halo)
         tissue = (job.flags[np.ix_(rows, cols)] & kernels.FLAG_TISSUE) != 0
+        assert job.stains is not None, "a PixelDecider reads the slide's stains"
         decided = np.asarray(job.decide.predict_tile(wide, halo, job.stains, mpp=mpp,
-                                                     tissue=tissue), bool)
+                                                     tissue=tissue), np.bool_)
         rgb = np.ascontiguousarray(wide[halo : halo + y1 - y0, halo : halo + x1 - x0])
     out = measure_tile(rgb, job.rule, job.flags, job.threshold_map, rows, cols, f,
                        job.focus_stride, decided=decided)
@@ -383,7 +389,7 @@ def map_tiles(slide: Slide, job: TileJob, boxes: list[tuple[int, int, int, int]]
         with ThreadPoolExecutor(max_workers=workers) as pool:
             window = 2 * workers
             it = iter(boxes)
-            pending = [pool.submit(tile, slide, job, b) for _, b in zip(range(window), it)]
+            pending = [pool.submit(tile, slide, job, b) for _, b in zip(range(window), it, strict=False)]
             while pending:
                 fut = pending.pop(0)
                 nxt = next(it, None)

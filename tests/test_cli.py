@@ -191,7 +191,7 @@ def test_inspect(study):
 
 
 @pytest.mark.parametrize(("stain", "verdict"), [("sirius-red", "sirius-red fits"),
-                                                 ("masson", "wrong stain?")])
+                                                 ("masson", "wrong stain")])
 def test_inspect_checks_the_expected_stain(study, stain, verdict):
     res = runner.invoke(app, ["inspect", str(study / "c1_s1.tif"), "--json", "--stain", stain])
     assert res.exit_code == 0, res.output

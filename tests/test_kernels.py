@@ -44,7 +44,8 @@ def _kernel_decision(rgb: np.ndarray, threshold: np.ndarray, rule: CollagenRule)
 def _check(rgb, background, col, threshold, others=(), guard=0.0):
     rule = CollagenRule(od_lut(background), col, others, guard)
     conc, ref = is_collagen(rgb, threshold, rule)
-    assert conc.dtype == np.float32 and ref.shape == rgb.shape[:2]
+    assert conc.dtype == np.float32
+    assert ref.shape == rgb.shape[:2]
     if not kernels.HAVE_NUMBA:
         pytest.skip("numba missing: no kernel")
     mask, od_sum = _kernel_decision(rgb, threshold, rule)

@@ -23,7 +23,8 @@ def section():
 
 def test_analyze_docstring_example_runs():
     result = doctest.testmod(fibroquant, optionflags=doctest.ELLIPSIS)
-    assert result.attempted >= 4 and result.failed == 0
+    assert result.attempted >= 4
+    assert result.failed == 0
 
 
 def test_array_path_and_slide_give_one_result(section, tmp_path):
@@ -36,10 +37,12 @@ def test_array_path_and_slide_give_one_result(section, tmp_path):
                fibroquant.analyze(ArraySlide(rgb, 0.5))]
     records = [json.dumps({k: v for k, v in r.to_record().items()
                            if k not in ("seconds", "format")}) for r in results]  # NaN == NaN
-    assert records[1] == records[0] and records[2] == records[0]
+    assert records[1] == records[0]
+    assert records[2] == records[0]
     r = results[0]
     assert r.measurements.cpa_percent == pytest.approx(truth.cpa_percent, abs=1.5)
-    assert r.collagen_mask.shape == r.tissue_mask.shape == (512, 512) and r.mask_mpp == 0.5
+    assert r.collagen_mask.shape == r.tissue_mask.shape == (512, 512)
+    assert r.mask_mpp == 0.5
     with pytest.raises(dataclasses.FrozenInstanceError):
         r.seconds = 0.0  # type: ignore[misc]
 
@@ -51,20 +54,24 @@ def test_record_is_flat_and_matches_the_typed_fields(section):
     assert all(isinstance(v, int | float | str) for v in rec.values())
     assert rec["tissue_area_mm2"] == r.measurements.tissue_area_mm2
     assert rec["threshold_od"] == r.threshold.threshold_od
-    assert rec["level"] == r.geometry.level and rec["stain_source"] == r.stains.source
+    assert rec["level"] == r.geometry.level
+    assert rec["stain_source"] == r.stains.source
     assert rec["stain_warning"] == "; ".join(r.warnings)
 
 
 def test_stain_argument_and_bad_inputs(section):
     rgb, _ = section
     masson = fibroquant.analyze(rgb, mpp=0.5, stain="masson")
-    assert masson.stain == "masson" and masson.stains.stains.collagen == "aniline-blue"
+    assert masson.stain == "masson"
+    assert masson.stains.stains.collagen == "aniline-blue"
     with pytest.raises(ValueError, match="give mpp"):
         fibroquant.analyze(rgb)
     with pytest.raises(ValueError, match="stain"):
         fibroquant.analyze(rgb, mpp=0.5, stain="h&e")
     with pytest.raises(ValueError, match="give mpp"):
         open_slide(rgb)
+    with pytest.raises(ValueError, match="its own resolution"):
+        fibroquant.analyze(ArraySlide(rgb, 0.5), mpp=0.25)
     assert open_slide(rgb, mpp=0.25).mpp == 0.25
 
 
@@ -74,6 +81,7 @@ def test_calibration_alone_gives_the_analysis_calibration(section):
     s = Settings()
     cal = calibrate_slide(ArraySlide(rgb, 0.5), s)
     full = analyze_slide("x.png", s, slide=ArraySlide(rgb, 0.5))
-    assert cal.threshold == full.threshold and cal.qc == full.qc
+    assert cal.threshold == full.threshold
+    assert cal.qc == full.qc
     np.testing.assert_array_equal(cal.stains.stains.vectors, full.stains.stains.vectors)
     assert cal.warnings == full.warnings

@@ -877,3 +877,68 @@ def test_pyramid_as_plain_separate_pages(tmp_path: Path) -> None:
         assert [lv.shape for lv in slide.levels] == [(600, 800), (300, 400), (150, 200)]
         assert slide.levels[2].mpp == pytest.approx(2.0)
         np.testing.assert_array_equal(slide.read_region(1, 0, 0, 300, 400), levels[1])
+
+
+# --- calibration from ImageJ / OME / TIFF metadata (issue 21) -------------------------------
+
+@pytest.mark.parametrize(("unit", "mpp"), [
+    ("micron", 0.5), ("um", 0.5), ("\\u00b5m", 0.5), ("nm", 0.0005), ("mm", 500.0),
+])
+def test_imagej_units(tmp_path: Path, unit: str, mpp: float) -> None:
+    """ImageJ writes X/YResolution in pixels per ``unit``: 2 px per unit here."""
+    path = tmp_path / "ij.tif"
+    tifffile.imwrite(path, noise(20, 30), imagej=True, resolution=(2.0, 2.0),
+                     metadata={"unit": unit})  # fmt: skip
+    with open_slide(path) as slide:
+        if mpp >= 100:  # 500 µm per pixel: no microscope image; unknown, not wrong
+            assert slide.mpp is None
+        else:
+            assert slide.mpp == pytest.approx(mpp)
+
+
+@pytest.mark.parametrize("raw_unit", [b"\xb5m", b"\xc2\xb5m", b"\xc3\x82\xc2\xb5m", b"\xce\xbcm",
+                                      b"micron", b"\xef\xbf\xbdm"])
+def test_imagej_misencoded_micro_sign(tmp_path: Path, raw_unit: bytes) -> None:
+    """The micro sign as Latin-1, UTF-8, UTF-8 read as Latin-1 (Âµ), Greek mu, or lost."""
+    path = tmp_path / "ij.tif"
+    description = b"ImageJ=1.53t\nunit=" + raw_unit + b"\n"
+    tifffile.imwrite(path, noise(20, 30), photometric="rgb", description=description,
+                     resolution=(4.0, 4.0), resolutionunit="NONE")  # fmt: skip
+    with open_slide(path) as slide:
+        assert slide.mpp == pytest.approx(0.25)
+
+
+def test_imagej_nanometres(tmp_path: Path) -> None:
+    path = tmp_path / "ij.tif"
+    tifffile.imwrite(path, noise(20, 30), imagej=True, resolution=(1 / 250, 1 / 250),
+                     metadata={"unit": "nm"})  # 250 nm per pixel
+    with open_slide(path) as slide:
+        assert slide.mpp == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize(("size", "unit", "mpp"), [
+    ("0.25", "µm", 0.25), ("250", "nm", 0.25), ("0.00025", "mm", 0.25), ("0.5", None, 0.5),
+    ("0.25", "Âµm", 0.25),
+])
+def test_ome_physical_size_units(tmp_path: Path, size: str, unit: str | None, mpp: float) -> None:
+    path = tmp_path / "a.ome.tif"
+    unit_attr = f' PhysicalSizeXUnit="{unit}"' if unit else ""
+    xml = ('<?xml version="1.0" encoding="UTF-8"?><OME xmlns="http://www.openmicroscopy.org/'
+           'Schemas/OME/2016-06"><Image ID="Image:0"><Pixels ID="Pixels:0" DimensionOrder="XYCZT" '
+           f'Type="uint8" SizeX="30" SizeY="20" SizeC="3" SizeZ="1" SizeT="1" '
+           f'PhysicalSizeX="{size}"{unit_attr}><Channel ID="Channel:0" SamplesPerPixel="3"/>'
+           '</Pixels></Image></OME>')
+    tifffile.imwrite(path, noise(20, 30), photometric="rgb", description=xml.encode(),
+                     metadata=None)  # fmt: skip
+    with open_slide(path) as slide:
+        assert slide.mpp == pytest.approx(mpp)
+
+
+@pytest.mark.parametrize(("xres", "unit", "mpp"), [(40000, "CENTIMETER", 0.25),
+                                                   (101600, "INCH", 0.25)])
+def test_tiff_resolution_unit(tmp_path: Path, xres: int, unit: str, mpp: float) -> None:
+    path = tmp_path / "scan.tif"
+    tifffile.imwrite(path, noise(20, 30), photometric="rgb", resolution=(xres, xres),
+                     resolutionunit=unit)  # fmt: skip
+    with open_slide(path) as slide:
+        assert slide.mpp == pytest.approx(mpp)

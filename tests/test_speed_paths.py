@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from skimage.morphology import remove_small_holes, remove_small_objects
 
 from fibroquant import kernels, pipeline, tiles
-from fibroquant.collagen import CollagenRule, blob_limits, parenchyma_background
+from fibroquant.collagen import CollagenRule, blob_limits, is_collagen, parenchyma_background
 from fibroquant.kernels import gaussian_blur
 from fibroquant.stains import estimate_background, od_lut, stain_fit, tissue_pixels
 from fibroquant.synthetic import SectionParams, make_section
@@ -126,10 +126,13 @@ def test_stain_fit_samples_as_numpy_choice_of_the_stained_pixels(i):
         if len(od) < 100:
             assert fit == {}
             continue
+        # the residuals (and colour evidence) of exactly those pixels
+        assert fit == st_mod.protocol_fit(od, st_mod.dark_share(px))
         candidates = {name: st_mod.StainMatrix(m.names[:2], m.vectors[:2]) for name, m in (
             ("sirius-red", st_mod.SIRIUS_RED), ("masson", st_mod.MASSON),
-            ("masson-light-green", st_mod.MASSON_LIGHT_GREEN))} | {"h&e": st_mod.H_AND_E}
-        assert fit == {k: round(st_mod._nonneg_residual(od, v), 4) for k, v in candidates.items()}
+            ("masson-light-green", st_mod.MASSON_LIGHT_GREEN))} | {"h&e": st_mod.H_AND_E_REAL}
+        assert {k: fit[k] for k in candidates} == {
+            k: round(st_mod._nonneg_residual(od, v), 4) for k, v in candidates.items()}
 
 
 @pytest.mark.parametrize("fallback", [0.1, 0.0733, np.float64(0.05123), np.float32(0.3), 0])
@@ -302,6 +305,27 @@ def test_fused_speck_removal_on_random_masks(density, min_px, blob, seed):
         a = _fused_equals_reference(rgb, lut, unmix, (np.array([1.0, -0.3, 0.2], np.float32),),
                                     0.3, flags, thr, rows, cols, f, 2, min_px, *blob)
         assert a.blocks[0].sum() == a.counts["collagen_px"]
+
+
+def test_a_decided_mask_is_counted_with_the_rules_capsule():
+    """A PixelDecider's mask replaces the rule's collagen (specks and all) outside the capsule
+    band; in the band the capsule stays the rule's, so the tissue counted does not change."""
+    rgb, lut, unmix, others, flags, thr, rows, cols = _fused_inputs(2)
+    rule = CollagenRule(lut, unmix, others, 0.35, 12)
+    decided = np.random.default_rng(0).random(rgb.shape[:2]) < 0.3
+    own = measure_tile_reference(rgb, rule, flags, thr, rows, cols, 1, 0)
+    dec = measure_tile_reference(rgb, rule, flags, thr, rows, cols, 1, 0, decided=decided)
+    fl = flags[np.ix_(rows, cols)]
+    tissue, band, wall = ((fl & b) != 0 for b in (1, 2, 4))
+    capsule = is_collagen(rgb, thr[np.ix_(rows, cols)], rule)[1] & tissue & band
+    counted = tissue & ~capsule & ~wall  # band pixels the rule leaves are tissue
+    assert dec.counts["collagen_px"] == np.count_nonzero(decided & counted)
+    for k in ("tissue_px", "capsule_px", "wall_px", "lumen_px"):
+        assert dec.counts[k] == own.counts[k], k
+    no_band = flags & ~np.uint8(2)  # no capsule band: the rule is not needed at all
+    dec = measure_tile_reference(rgb, rule, no_band, thr, rows, cols, 1, 0, decided=decided)
+    assert dec.counts["capsule_px"] == 0
+    assert dec.counts["collagen_px"] == np.count_nonzero(decided & ((fl & 5) == 1))
 
 
 @pytest.mark.parametrize("stain", ["sirius-red", "masson"])
