@@ -215,7 +215,7 @@ def stains(
                   f"{est.od_share.get(est.stains.collagen, 0.0):.2f}")
         if warning:
             out.print(f"  [yellow]warning: {warning}[/]", markup=True, soft_wrap=True)
-        if "wrong stain?" in warning:
+        if "wrong stain" in warning:  # stains.stain_verdict's words
             out.print("  [yellow]left out of the study vectors (wrong stain?)[/]", markup=True)
         elif est.source != "preset":
             estimates.append(vec)
