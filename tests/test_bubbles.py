@@ -26,6 +26,7 @@ REAL_MPP = {
     "masson-liver-heinemann": 0.44,
     "masson-liver-boehringer": 0.44,
     "masson-heart-autoslide": 0.5,
+    "psr-cores-twombli": 1.0,  # not stated: a ~1 mm core across ~900 px
 }
 REAL_IMAGES = sorted(
     p for p in SHARED_DATA.glob("*/*") if p.suffix.lower() in {".png", ".jpg"}
