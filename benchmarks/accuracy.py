@@ -40,26 +40,26 @@ import os
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-import argparse  # noqa: E402
-import datetime  # noqa: E402
-import platform  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from concurrent.futures import ProcessPoolExecutor  # noqa: E402
-from dataclasses import asdict, replace  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import datetime
+import platform
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, replace
+from pathlib import Path
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-from scipy import ndimage as ndi  # noqa: E402
+import cv2
+import numpy as np
+from scipy import ndimage as ndi
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fibroquant.config import load_settings  # noqa: E402
-from fibroquant.pipeline import analyze_slide  # noqa: E402
-from fibroquant.slides import ArraySlide  # noqa: E402
-from fibroquant.synthetic import SectionParams, make_section, random_params  # noqa: E402
+from fibroquant.config import load_settings
+from fibroquant.pipeline import analyze_slide
+from fibroquant.slides import ArraySlide
+from fibroquant.synthetic import SectionParams, make_section, random_params
 
 cv2.setNumThreads(1)
 
@@ -322,9 +322,9 @@ def _ok(flag: bool) -> str:
 
 def summary_table(df, stains: list[str]) -> str:
     lines = []
-    hdr = (f"| stain | method | n | MAE pp | bias pp | max abs err pp | r | Dice mean | Dice min "
-           f"| FP pp | FN pp | tissue area err % (n >10 %) | confound diff pp (true) | MAE<=0.5 | r>=0.98 | Dice>=0.90 "
-           f"| confound ±0.5 |")
+    hdr = ("| stain | method | n | MAE pp | bias pp | max abs err pp | r | Dice mean | Dice min "
+           "| FP pp | FN pp | tissue area err % (n >10 %) | confound diff pp (true) | MAE<=0.5 | r>=0.98 | Dice>=0.90 "
+           "| confound ±0.5 |")
     lines += [hdr, "|" + "---|" * 17]
     for stain in stains:
         for m in METHODS:
@@ -452,7 +452,7 @@ def _git_rev() -> str:
                                text=True, cwd=root, check=True).stdout
         if not dirty:
             return rev
-        import hashlib  # noqa: PLC0415
+        import hashlib
 
         h = hashlib.sha256(dirty.encode()).hexdigest()[:8]
         return f"{rev} + uncommitted fibroquant changes (diff sha256 {h})"

@@ -22,10 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fibroquant import pipeline  # noqa: E402
-from fibroquant.config import Settings  # noqa: E402
-from fibroquant.slides import ArraySlide  # noqa: E402
-from fibroquant.synthetic import SectionParams, make_section  # noqa: E402
+from fibroquant import pipeline
+from fibroquant.config import Settings
+from fibroquant.slides import ArraySlide
+from fibroquant.synthetic import SectionParams, make_section
 
 STEPS = ("detect_tissue", "estimate_background", "calibration_pixels", "estimate_stains",
          "with_folds", "parenchyma_background", "with_capsule", "stain_fit", "measure_tiles")

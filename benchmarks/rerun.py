@@ -28,8 +28,8 @@ sys.path.insert(0, str(REPO))
 def build(root: Path, n: int) -> tuple[Path, Path]:
     from fibroquant import __version__
     from fibroquant.config import load_settings
-    from fibroquant.tasks import output_stem
     from fibroquant.store import FingerprintCache, ResultStore
+    from fibroquant.tasks import output_stem
 
     slides, out = root / "slides", root / "out"
     slides.mkdir()

@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -532,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="fibroquant-wsi-")) if own_tmp else args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
-    print(f"# fibroquant whole-slide benchmark  {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
+    print(f"# fibroquant whole-slide benchmark  {datetime.now(UTC):%Y-%m-%d %H:%M} UTC")
     simd = _numpy_simd()
     note = (" (numpy's log with AVX-512: the rgb2hed baseline runs 3-4x faster than without)"
             if "AVX512" in simd or "X86_V4" in simd else "")

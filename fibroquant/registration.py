@@ -61,7 +61,7 @@ def plane_shift(rgb: np.ndarray) -> np.ndarray:
         ``[[dy_red, dx_red], [dy_blue, dx_blue]]``: where each plane's content lies relative
         to the green plane's, pixels (positive = down / right).
     """
-    from skimage.registration import phase_cross_correlation  # noqa: PLC0415
+    from skimage.registration import phase_cross_correlation
 
     g = _gradient(rgb[..., 1])
     out = np.zeros((2, 2))

@@ -1737,7 +1737,7 @@ def write_report_html(
                  + "</p></section>")
 
     slide_cols = [c.name for c in schema.SLIDES
-                  if c.kind in ("id", "status", "measure", "exclusion") and c.name != "error"
+                  if (c.kind in ("id", "status", "measure", "exclusion") and c.name != "error")
                   or c.name in ("mpp", "stain_angle_deg", "stain_warning", "qc_flags")]
     slide_cols = schema.ordered([c for c in slide_cols if c in slides.columns], "slides")
     slide_labels = {c.name: c.label for c in schema.SLIDES}

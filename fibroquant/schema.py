@@ -1,4 +1,4 @@
-# ruff: noqa: RUF001  (typographic signs in people-facing descriptions are intended)
+
 """The one column schema of fibroquant's tables: ``slides.csv``, ``mice.csv``, ``groups.csv``.
 
 Every column is declared once here, with its unit, meaning, kind, display precision and whether

@@ -78,9 +78,9 @@ __all__ = [
     "inspect_slide",
     "is_output_folder",
     "list_slides",
+    "mpp_problem",
     "open_slide",
     "require_colour",
-    "mpp_problem",
     "require_mpp",
 ]
 
@@ -952,7 +952,7 @@ class _TiffSlide(SlideBase):
     """A TIFF of any flavour read through tifffile, tile by tile."""
 
     def __init__(self, path: Path, file_size: int, override: float | None) -> None:
-        import tifffile  # noqa: PLC0415 - keep tifffile behind this module
+        import tifffile
 
         self.path = path
         self.reader = "tifffile"
@@ -1254,7 +1254,7 @@ def _tiff_mpp(tif: Any, page: Any, name: str) -> tuple[float | None, str | None]
 
 def _ome_mpp(xml_text: str, name: str) -> float | None:
     try:
-        root = ET.fromstring(xml_text)  # noqa: S314 - metadata of a local file
+        root = ET.fromstring(xml_text)
     except ET.ParseError:
         logger.warning("%s: OME-XML cannot be parsed; resolution unknown", name)
         return None

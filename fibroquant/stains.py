@@ -678,9 +678,9 @@ def _vertex_start(x: np.ndarray, preset: StainMatrix) -> np.ndarray | None:
     """
     if len(preset.names) != 3 or len(x) < 500:
         return None
-    from itertools import combinations, permutations  # noqa: PLC0415
+    from itertools import combinations, permutations
 
-    from scipy.spatial import ConvexHull, QhullError  # noqa: PLC0415
+    from scipy.spatial import ConvexHull, QhullError
 
     pos = np.maximum(x.astype(np.float64), 0.0) + 1e-6
     chroma = pos[:, :2] / pos.sum(axis=1, keepdims=True)

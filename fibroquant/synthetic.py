@@ -717,7 +717,7 @@ def make_cohort(
     pandas.DataFrame
         The truth table (also written as ``truth.csv``).
     """
-    import pandas as pd  # noqa: PLC0415
+    import pandas as pd
 
     g = _rng(rng)
     out_dir = Path(out_dir)
@@ -985,7 +985,7 @@ def make_muscle(
 
 def _gauss_quantile(q: float) -> float:
     """Quantile of the standard normal distribution (for thresholds of unit-SD fields)."""
-    from scipy.stats import norm  # noqa: PLC0415
+    from scipy.stats import norm
 
     return float(norm.ppf(min(max(q, 1e-9), 1 - 1e-9)))
 
@@ -1032,7 +1032,7 @@ def make_he_section(
     (:data:`fibroquant.stains.H_AND_E_REAL`). For wrong-stain tests; the truth's collagen is
     the anatomy's, which no collagen stain shows here.
     """
-    from fibroquant.stains import H_AND_E_REAL  # noqa: PLC0415
+    from fibroquant.stains import H_AND_E_REAL
 
     g = _rng(rng)
     p = SectionParams(shape=shape, mpp=mpp, field_of_view=field_of_view, fibrosis=0.5)

@@ -206,7 +206,7 @@ def move_outputs(out_dir: str | Path, old_stem: str, new_stem: str, new_slide: s
         When a file cannot be moved, read or written part way; the caller measures the slide,
         which rewrites its files.
     """
-    from fibroquant.store import atomic_write_text  # noqa: PLC0415 - light, but not needed above
+    from fibroquant.store import atomic_write_text
 
     kinds = OUTPUT_KINDS if masks else ("qc",)
     src = output_files(out_dir, old_stem, kinds)
@@ -228,7 +228,7 @@ def move_outputs(out_dir: str | Path, old_stem: str, new_stem: str, new_slide: s
         dst["geojson"].parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(dst["geojson"], geojson)
         remove_files([src["geojson"]])
-    from fibroquant.report import retitle_qc  # noqa: PLC0415 - only on a rename
+    from fibroquant.report import retitle_qc
 
     retitle_qc(dst["qc"], new_slide)  # the overlay names its slide
     return True

@@ -22,7 +22,11 @@ from scipy.spatial import cKDTree
 from skimage.filters import threshold_otsu
 
 from fibroquant.config import TissueSettings
-from fibroquant.kernels import gaussian_blur, remove_small_holes_fast, remove_small_objects_fast
+from fibroquant.kernels import (
+    gaussian_blur,
+    remove_small_holes_fast,
+    remove_small_objects_fast,
+)
 from fibroquant.stains import Vector, channel_spread, channel_sum, rgb_to_od
 
 

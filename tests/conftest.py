@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 import pandas as pd
+import pytest
 
 from fibroquant.synthetic import SectionParams, make_section, write_pyramid_tiff
 

@@ -326,7 +326,6 @@ def test_progress_bar_on_a_terminal(study, tmp_path, monkeypatch):
     from rich.console import Console
 
     from fibroquant import cli_common as cli
-
     from fibroquant import console
 
     buf = io.StringIO()

@@ -9,7 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fibroquant.cohort import MICE_COLUMNS, aggregate_mice, read_sample_sheet, sheet_without_samples
+from fibroquant.cohort import (
+    MICE_COLUMNS,
+    aggregate_mice,
+    read_sample_sheet,
+    sheet_without_samples,
+)
 from fibroquant.errors import FibroquantError, SampleSheetError
 
 SLIDES = ["c1_s1.tif", "c1_s2.tif", "m1_s1.tif", "sub/m2_s1.ndpi"]

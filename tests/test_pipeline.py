@@ -14,10 +14,10 @@ from fibroquant.collagen import collagen_concentration
 from fibroquant.config import load_settings
 from fibroquant.measure import Measurements, TileCounts
 from fibroquant.pipeline import analyze_slide
-from fibroquant.tasks import output_stem
 from fibroquant.slides import ArraySlide
 from fibroquant.stains import SIRIUS_RED, od_lut, rgb_to_od
 from fibroquant.synthetic import SectionParams, make_section, random_params
+from fibroquant.tasks import output_stem
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

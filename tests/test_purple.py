@@ -14,7 +14,11 @@ import cv2
 import numpy as np
 import pytest
 
-from fibroquant.collagen import PURPLE_PARENCHYMA_SHARE, calibrate_threshold, share_guard
+from fibroquant.collagen import (
+    PURPLE_PARENCHYMA_SHARE,
+    calibrate_threshold,
+    share_guard,
+)
 from fibroquant.config import CollagenSettings, Settings, load_settings
 from fibroquant.pipeline import analyze_slide
 from fibroquant.slides import ArraySlide

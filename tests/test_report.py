@@ -441,7 +441,7 @@ def test_report_html_self_contained_escaped_and_complete(report_path: Path,
                                                          slides: pd.DataFrame) -> None:
     text = report_path.read_text(encoding="utf-8")
     assert text.startswith("<!DOCTYPE html>")
-    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", text, re.I)
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", text, re.IGNORECASE)
     assert "http://" not in text
     assert "https://" not in text
     assert "<script" not in text.lower()

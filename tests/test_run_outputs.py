@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import tifffile
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import tifffile
 
 from fibroquant.config import Settings
 from fibroquant.run import analyze_folder

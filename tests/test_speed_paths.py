@@ -13,7 +13,12 @@ from hypothesis import strategies as st
 from skimage.morphology import remove_small_holes, remove_small_objects
 
 from fibroquant import kernels, pipeline, tiles
-from fibroquant.collagen import CollagenRule, blob_limits, is_collagen, parenchyma_background
+from fibroquant.collagen import (
+    CollagenRule,
+    blob_limits,
+    is_collagen,
+    parenchyma_background,
+)
 from fibroquant.kernels import gaussian_blur
 from fibroquant.stains import estimate_background, od_lut, stain_fit, tissue_pixels
 from fibroquant.synthetic import SectionParams, make_section

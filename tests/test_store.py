@@ -578,9 +578,8 @@ def test_second_run_is_refused_at_once_without_wait(tmp_path: Path) -> None:
     try:
         expect_line(holder, "locked")
         start = time.monotonic()
-        with pytest.raises(StoreLockedError) as info:
-            with OutputLock(tmp_path):
-                pass
+        with pytest.raises(StoreLockedError) as info, OutputLock(tmp_path):
+            pass
         assert time.monotonic() - start < 0.5
         message = str(info.value)
         assert message.startswith(f"{tmp_path}: another fibroquant run (pid {holder.pid}, started ")
