@@ -78,6 +78,32 @@ def _record(row: dict[str, Any], sheet_cols: set[str]) -> dict[str, Any]:
     return rec
 
 
+def _with_full_precision(slides: Any, xlsx: Path) -> Any:
+    """``slides.csv`` with its numbers replaced by ``results.xlsx``'s full-precision ones.
+
+    The CSV is rounded for reading (areas to 4 significant digits, CPA to 0.01), so a store
+    rebuilt from it alone would give mice and groups that differ in their last digit. Numeric
+    columns are taken from the xlsx's ``slides`` sheet when it holds the same slides in the same
+    order; text columns stay the CSV's (the xlsx shortens very long cells). Without a readable
+    xlsx the CSV is used as it is.
+    """
+    import pandas as pd
+
+    try:
+        full = pd.read_excel(xlsx, sheet_name="slides")
+    except Exception:  # noqa: BLE001 - missing, unreadable or without the sheet: keep the CSV
+        return slides
+    same_slides = full["slide"].astype(str).tolist() == slides["slide"].astype(str).tolist() \
+        if len(full) == len(slides) and "slide" in full and "slide" in slides else False
+    if list(full.columns) != list(slides.columns) or not same_slides:
+        return slides
+    slides = slides.copy()
+    for col in slides.columns:
+        if pd.api.types.is_numeric_dtype(slides[col]) and pd.api.types.is_numeric_dtype(full[col]):
+            slides[col] = full[col].to_numpy()
+    return slides
+
+
 def rebuild_store(out_dir: Path) -> tuple[int, Path | None]:
     """Re-derive an output folder's store from its ``slides.csv`` and ``provenance.json``.
 
@@ -110,6 +136,7 @@ def rebuild_store(out_dir: Path) -> tuple[int, Path | None]:
     except (OSError, ValueError) as exc:
         msg = f"{out_dir / 'slides.csv'}: cannot read it to rebuild the results store ({exc})"
         raise StoreError(msg) from None
+    slides = _with_full_precision(slides, out_dir / "results.xlsx")
     cols = list(slides.columns)
     try:
         sheet_cols = set(cols[cols.index("group") + 1 : cols.index("status")])
