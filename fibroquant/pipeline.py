@@ -31,6 +31,7 @@ from fibroquant.collagen import (
     calibrate_threshold,
     parenchyma_background,
 )
+from fibroquant.confidence import FAINT_COLLAGEN_OD
 from fibroquant.config import Settings
 from fibroquant.errors import FibroquantError, SlideReadError
 from fibroquant.measure import Measurements, SlideQC, SlideResult, TileCounts
@@ -121,8 +122,8 @@ class Calibration:
     warnings: tuple[str, ...]
 
 
-#: Collagen levels (OD units) outside this range are reported as faint or over-stained.
-FAINT_COLLAGEN_OD = 0.2
+#: Collagen level (OD units) above which the collagen stain is reported as over-stained
+#: (the faint end is :data:`fibroquant.confidence.FAINT_COLLAGEN_OD`, shared with qc_flags).
 DARK_COLLAGEN_OD = 1.6
 
 
