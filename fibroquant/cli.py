@@ -26,7 +26,7 @@ from fibroquant.cli_common import (
     run_analyze,
 )
 from fibroquant.console import err, note, out, setup_logging
-from fibroquant.errors import FibroquantError
+from fibroquant.errors import FibroquantError, exit_143_on_sigterm
 
 
 def _plain_flags(params: list[Any]) -> list[Any]:
@@ -75,6 +75,7 @@ def main(
 ) -> None:
     """fibroquant: collagen proportionate area from stained liver slides."""
     setup_logging(verbose=verbose, quiet=quiet)
+    exit_143_on_sigterm()
     if not verbose:
         from fibroquant.errors import quiet_warnings
 

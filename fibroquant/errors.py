@@ -6,6 +6,7 @@ file (or setting) and what is wrong with it. The command line turns them into on
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -105,6 +106,23 @@ def sigterm_as_interrupt() -> Iterator[None]:
     finally:
         signal.signal(signal.SIGTERM, previous_term)
         signal.signal(signal.SIGINT, previous_int)
+
+
+def exit_143_on_sigterm() -> None:
+    """Outside a run's :func:`sigterm_as_interrupt` block (settings read, tables already
+    written, the process ending), SIGTERM ends the command with exit 143 and one line, not a
+    bare signal death: a scheduler sees the same code whenever it stops the command."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def _exit(signum: int, frame: object) -> None:
+        sys.stderr.write("terminated (SIGTERM)\n")
+        raise SystemExit(143)
+
+    signal.signal(signal.SIGTERM, _exit)
 
 
 def interrupt_exit_code(exc: BaseException) -> int:

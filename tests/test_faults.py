@@ -578,3 +578,15 @@ def test_bad_settings_files_are_one_line_usage_errors(tmp_path, text, message):
     with pytest.raises(ConfigError) as info:
         load_settings(tmp_path / "c.yaml")
     assert message in str(info.value)
+
+
+def test_sigterm_outside_the_run_block_exits_143_with_one_line():
+    """A SIGTERM that lands after the tables are written (the process ending) used to be a
+    bare signal death (-15) instead of the documented 143 (seen once in CI)."""
+    code = ("import os, signal, time; from fibroquant.errors import exit_143_on_sigterm; "
+            "exit_143_on_sigterm(); os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)")
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 143
+    assert proc.stderr.strip() == "terminated (SIGTERM)"
