@@ -16,7 +16,7 @@ import logging
 import os
 import shlex
 import sys
-from enum import Enum
+from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,7 @@ class App(typer.Typer):
             sys.exit(4)
 
 
-class StainChoice(str, Enum):
+class StainChoice(StrEnum):
     """Stain protocol of the slides."""
 
     sirius_red = "sirius-red"

@@ -234,7 +234,7 @@ def read_sample_sheet(path: Path, slides_dir: Path, slide_files: Sequence[Path])
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError, KeyError) as exc:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SampleSheetError(f"sample sheet {name}: cannot be parsed ({detail})") from None
-    except Exception as exc:  # openpyxl/zipfile raise a zoo of types on corrupt workbooks
+    except Exception as exc:  # noqa: BLE001 - openpyxl/zipfile raise a zoo of types on corrupt workbooks
         detail = (str(exc).strip().splitlines() or [""])[0]
         raise SampleSheetError(
             f"sample sheet {name}: cannot be parsed ({type(exc).__name__}: {detail})"

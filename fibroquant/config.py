@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -24,7 +24,7 @@ from fibroquant.errors import ConfigError
 ALGORITHM_VERSION = 2
 
 
-class Stain(str, Enum):
+class Stain(StrEnum):
     """Staining protocols fibroquant knows."""
 
     SIRIUS_RED = "sirius-red"

@@ -880,7 +880,7 @@ def fused_ok(rgb: np.ndarray, lut: np.ndarray, unmix_col: np.ndarray,
                 for c in other_cols)
     )
     if ok and len(rows) and len(cols):
-        ok = (0 <= rows.min() and rows.max() < flags.shape[0] and 0 <= cols.min()
+        ok = (rows.min() >= 0 and rows.max() < flags.shape[0] and cols.min() >= 0
               and cols.max() < flags.shape[1])
     return bool(ok)
 
@@ -955,8 +955,8 @@ def measure_tile_fused(
              rows, cols, int(f), blocks, int(stride), fmom, counts, od_total,
              int(min_px), int(blob_px), int(blob_side), words, t01, l01)
     shape = (-(-h // stride), -(-w // stride)) if stride > 0 else (0, 0)
-    return FusedTile(dict(zip(FUSED_COUNTS, (int(c) for c in counts))), float(od_total[0]),
-                     blocks, fmom if stride > 0 else None, shape)
+    named = dict(zip(FUSED_COUNTS, (int(c) for c in counts), strict=True))
+    return FusedTile(named, float(od_total[0]), blocks, fmom if stride > 0 else None, shape)
 
 
 __all__ = [
@@ -994,7 +994,7 @@ def remove_small_objects_fast(mask: np.ndarray, min_px: int, connectivity: int =
     cols = np.flatnonzero(mask.any(axis=0))
     y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
     sub = np.ascontiguousarray(mask[y0:y1, x0:x1]).view(np.uint8)
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(
+    _n, labels, stats, _ = cv2.connectedComponentsWithStats(
         sub, connectivity=8 if connectivity >= 2 else 4, ltype=cv2.CV_32S
     )
     keep = stats[:, cv2.CC_STAT_AREA] >= min_px
@@ -1029,10 +1029,10 @@ def gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
     OpenCV's to float32 rounding (|diff| ~1e-7 relative).
     """
     img = np.asarray(img, np.float32)
-    ksize = int(round(sigma * 8 + 1)) | 1  # OpenCV's kernel size for float images
+    ksize = round(sigma * 8 + 1) | 1  # OpenCV's kernel size for float images
     if img.ndim != 2 or ksize < FFT_BLUR_MIN_KSIZE or min(img.shape) <= ksize:
         return cv2.GaussianBlur(img, (0, 0), sigma)
-    import scipy.fft as sfft  # noqa: PLC0415
+    import scipy.fft as sfft
 
     k = cv2.getGaussianKernel(ksize, sigma, cv2.CV_32F).astype(np.float64).ravel()
     r = ksize // 2

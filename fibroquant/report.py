@@ -757,7 +757,7 @@ def plot_traits(
     nrow = max(1, -(-len(names) // ncol))
     fig = _new_figure(2.2 * ncol, 2.1 * nrow)
     axes = fig.subplots(nrow, ncol, squeeze=False)
-    for ax, name in zip(axes.ravel(), names):
+    for ax, name in zip(axes.ravel(), names, strict=False):  # spare axes stay empty
         _style_axes(ax)
         for i, g in enumerate(groups):
             v = pd.to_numeric(mice.loc[mice["group"].astype(str) == g, name], errors="coerce")
@@ -1425,8 +1425,7 @@ def _read_image(path: Path) -> np.ndarray | None:
         return None
     if raw.size == 0:
         return None
-    img = cv2.imdecode(raw, cv2.IMREAD_COLOR)
-    return img  # BGR, or None when undecodable
+    return cv2.imdecode(raw, cv2.IMREAD_COLOR)  # BGR, or None when undecodable
 
 
 def _thumb_jpeg_uri(path: Path, max_width: int = 480) -> str | None:
@@ -1509,9 +1508,9 @@ def _omnibus_table(omnibus: Mapping[str, Any]) -> str:
 def _stats_notes(groups: pd.DataFrame, omnibus: Mapping[str, Any] | None,
                  mixed: Mapping[str, Any] | None) -> str:
     items = [
-        "<li><b>The mouse is the experimental unit.</b> Each mouse's CPA is area-weighted over "
+        ("<li><b>The mouse is the experimental unit.</b> Each mouse's CPA is area-weighted over "
         "its sections (total collagen area / total tissue area); group statistics use one value "
-        "per mouse, so sections are never counted as independent animals.</li>",
+        "per mouse, so sections are never counted as independent animals.</li>"),
         "<li>Group summaries are mean, SD, SEM and median of the per-mouse CPA.</li>",
     ]
     cols = set(groups.columns)
@@ -1763,7 +1762,7 @@ def write_report_html(
                                  href.as_posix() if href else None))
     sw = '<span class="sw" style="background:{}"></span>'
     legend = ('<div class="legend">' + "".join(
-        f"<span>{sw.format('rgb(%d,%d,%d)' % rgb)}{_e(name)}</span>" for name, rgb in (
+        f"<span>{sw.format('rgb({},{},{})'.format(*rgb))}{_e(name)}</span>" for name, rgb in (
             ("collagen (red stains)", COLLAGEN_FILL_ON_RED_RGB),
             ("collagen (blue stains)", COLLAGEN_FILL_ON_BLUE_RGB),
             ("tissue outline", TISSUE_OUTLINE_RGB), *EXCLUSION_COLOURS.items()))
@@ -1852,7 +1851,7 @@ def write_qc(path: Path, analysis: Any, *, max_px: int = 2000, title: str = "") 
     thumb = analysis.thumbnail
     mh, mw = analysis.collagen_mask.shape
     scale = min(1.0, max_px / max(mh, mw))
-    size = (max(int(round(mw * scale)), 1), max(int(round(mh * scale)), 1))
+    size = (max(round(mw * scale), 1), max(round(mh * scale), 1))
     if (thumb.shape[1], thumb.shape[0]) != size:
         interp = cv2.INTER_AREA if thumb.shape[1] > size[0] else cv2.INTER_LINEAR
         thumb = cv2.resize(thumb, size, interpolation=interp)

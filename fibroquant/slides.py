@@ -62,7 +62,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, Self, runtime_checkable
 
 import cv2
 import numpy as np
@@ -174,7 +174,7 @@ class Slide(Protocol):
         """Release the file."""
         ...
 
-    def __enter__(self) -> Slide: ...
+    def __enter__(self) -> Self: ...
 
     def __exit__(
         self,
@@ -442,9 +442,9 @@ class SlideBase:
         tolerance = target_mpp * 1e-9
         best = 0
         for index, level in enumerate(self.levels):
-            if level.mpp is not None and level.mpp <= target_mpp + tolerance:
-                if level.mpp > self.levels[best].mpp:  # type: ignore[operator]
-                    best = index
+            if (level.mpp is not None and level.mpp <= target_mpp + tolerance
+                    and level.mpp > (self.levels[best].mpp or 0.0)):
+                best = index
         height, width = self.levels[best].shape
         image = self.read_region(best, 0, 0, height, width)
         if image.shape[:2] != (out_h, out_w):
@@ -455,7 +455,7 @@ class SlideBase:
         """Release the file and caches; further reads raise ``ValueError``."""
         self._closed = True
 
-    def __enter__(self) -> SlideBase:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

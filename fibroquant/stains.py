@@ -116,7 +116,7 @@ class StainMatrix:
 
     def to_dict(self) -> dict[str, list[float]]:
         """Vectors by stain name, rounded to 4 decimals (for tables and provenance)."""
-        return {n: [round(float(x), 4) for x in v] for n, v in zip(self.names, self.vectors)}
+        return {n: [round(float(x), 4) for x in v] for n, v in zip(self.names, self.vectors, strict=True)}
 
 
 # Published or fitted presets (unit OD vectors R, G, B); see docs in README and domain notes.
@@ -719,7 +719,7 @@ def _od_share(od: np.ndarray, stains: StainMatrix) -> dict[str, float]:
         return dict.fromkeys(stains.names, 0.0)
     conc = np.maximum(od @ stains.unmixing, 0.0).sum(axis=0, dtype=np.float64)
     total = float(conc.sum()) or 1.0
-    return {n: round(float(c) / total, 4) for n, c in zip(stains.names, conc)}
+    return {n: round(float(c) / total, 4) for n, c in zip(stains.names, conc, strict=True)}
 
 
 def _nonneg_residual(od: np.ndarray, stains: StainMatrix) -> float:

@@ -711,10 +711,8 @@ class ResultStore:
             cur = conn.execute(
                 "INSERT INTO runs (started_at, command, version, settings_hash, settings_json,"
                 " pid, host) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    _now(), command, version, settings_hash, settings_json,
-                    os.getpid(), socket.gethostname(),
-                ),  # fmt: skip
+                (_now(), command, version, settings_hash, settings_json, os.getpid(),
+                 socket.gethostname()),
             )
             run_id = cur.lastrowid
         return int(run_id or 0)

@@ -252,7 +252,7 @@ def make_section(
         wy = yy + warp * _smooth_noise((h, w), 40 * um, g)
         wx = xx + warp * _smooth_noise((h, w), 40 * um, g)
         tree = cKDTree(seeds)
-        d, idx = tree.query(np.column_stack([wy.ravel(), wx.ravel()]), k=2)
+        d, _idx = tree.query(np.column_stack([wy.ravel(), wx.ravel()]), k=2)
         gap = (d[:, 1] - d[:, 0]).reshape(h, w).astype(np.float32)
         # keep a fibrosis-dependent fraction of septa (incomplete septa in early fibrosis)
         keep_noise = _smooth_noise((h, w), 120 * um, g)
@@ -368,7 +368,7 @@ def make_section(
         )
     rgb = np.clip(np.rint(intensity), 0, 255).astype(np.uint8)
     if p.jpeg_quality is not None:
-        ok, buf = cv2.imencode(".jpg", rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, p.jpeg_quality])
+        _ok, buf = cv2.imencode(".jpg", rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, p.jpeg_quality])
         rgb = cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1].copy()
 
     tissue = section & ~lumen & ~capsule & ~bubble & ~fold  # artefacts are left out of CPA
@@ -823,7 +823,7 @@ def sparse_strokes(
             p0 = (int(xs[i] - half * np.cos(ang)), int(ys[i] - half * np.sin(ang)))
             p1 = (int(xs[i] + half * np.cos(ang)), int(ys[i] + half * np.sin(ang)))
             stroke = np.zeros(truth.shape, np.uint8)
-            cv2.line(stroke, p0, p1, 1, thickness=max(int(round(width_um / mpp)), 1))
+            cv2.line(stroke, p0, p1, 1, thickness=max(round(width_um / mpp), 1))
             keep = (stroke > 0) & pool
             labels[keep & (labels == 0)] = value
     return labels

@@ -89,7 +89,7 @@ class TissueMask:
 
 
 def _px(area_um2: float, mpp: float) -> int:
-    return int(round(area_um2 / mpp**2))
+    return round(area_um2 / mpp**2)
 
 
 #: A tissue piece of at least this share of the image is never a speck: on an image smaller
@@ -954,7 +954,7 @@ BUBBLE_GAP_UM = 1.5
 
 
 def _disk(radius_px: float) -> np.ndarray:
-    r = max(int(round(radius_px)), 1)
+    r = max(round(radius_px), 1)
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
 
 
@@ -1365,7 +1365,7 @@ def _under_rims(raw: np.ndarray, bubble: np.ndarray, rim_px: float) -> np.ndarra
     depth = cv2.distanceTransform(b8, cv2.DIST_L2, 3)
     band = (cv2.dilate(b8, _disk(2)) > 0) & (depth <= rim_px)
     ys, xs = np.nonzero(band.any(axis=1))[0], np.nonzero(band.any(axis=0))[0]
-    k = 2 * int(round(max(rim_px, 2.0))) + 1  # a box reaching rim_px each way
+    k = 2 * round(max(rim_px, 2.0)) + 1  # a box reaching rim_px each way
     y0, y1 = max(ys[0] - k, 0), min(ys[-1] + k + 1, raw.shape[0])
     x0, x1 = max(xs[0] - k, 0), min(xs[-1] + k + 1, raw.shape[1])
     sub_band = band[y0:y1, x0:x1]

@@ -257,7 +257,7 @@ def test_warnings_and_tifffile_log_are_one_line_on_stderr(tmp_path):
     (d / "cut.tif").write_bytes((d / "cut.tif").read_bytes()[:3000])
     res = subprocess.run([sys.executable, "-m", "fibroquant", "analyze", str(d), "--out",
                           str(tmp_path / "o"), "--workers", "2"], capture_output=True, text=True,
-                         timeout=300)
+                         timeout=300, check=False)
     assert res.returncode == 1, res.stderr
     assert "warning: deep.tif: 16-bit image scaled to 8 bit" in res.stderr
     assert "UserWarning" not in res.stderr and "ERROR tifffile" not in res.stderr

@@ -106,7 +106,7 @@ def test_client_object_and_tasks_spread_over_workers(cluster, study, tmp_path):
 
 
 def test_wrong_scheduler_object_is_a_clear_error(study, tmp_path):
-    with pytest.raises(FibroquantError, match="expected an address .* got int"):
+    with pytest.raises(FibroquantError, match=r"expected an address .* got int"):
         analyze_folder(study, tmp_path / "o", load_settings(), scheduler=8786)
 
 

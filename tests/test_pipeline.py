@@ -98,7 +98,7 @@ def test_tiling_does_not_change_counts(sirius_section):
 
 
 def test_threads_give_identical_results(sirius_section):
-    rgb, truth = sirius_section
+    rgb, _truth = sirius_section
     s = load_settings(overrides={"tiling": {"tile_px": 256}})
     a1 = analyze_slide("s.png", s, slide=ArraySlide(rgb, 0.5), workers=1)
     a2 = analyze_slide("s.png", s, slide=ArraySlide(rgb, 0.5), workers=2)
@@ -350,7 +350,7 @@ def test_blue_purple_nuclei_are_not_aniline_blue_collagen():
     assert b.record["cpa_percent"] - truth.cpa_percent > 1.5
     # the decision survives JPEG's chroma smear (faint grey fringes round the nuclei) and
     # near-black debris (twenty 7-px specks of dust), neither of which is an iron nucleus
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
+    _ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
                            [cv2.IMWRITE_JPEG_QUALITY, 85])
     jpeg = cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
     assert _run(jpeg, truth, "masson").record["blob_max_area_um2"] == 80.0

@@ -149,7 +149,7 @@ def test_clean_red_counterstain_keeps_the_absolute_guard():
 
 
 def test_sirius_red_unchanged():
-    rgb, truth = make_section(SectionParams(shape=(512, 512), fibrosis=0.6, nonspecific=0.12),
+    rgb, _truth = make_section(SectionParams(shape=(512, 512), fibrosis=0.6, nonspecific=0.12),
                               rng=8)
     runs = [analyze_slide("s.png", load_settings(overrides={"collagen": {"share_baseline": b}}),
                           slide=ArraySlide(rgb, 0.5)) for b in ("auto", "zero")]

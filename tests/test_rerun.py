@@ -199,7 +199,7 @@ def test_sigkill_then_rerun_matches_uninterrupted(
     for k in (1, 2, 3):
         proc = spawn(slides, out)
         try:
-            assert wait_for(lambda k=k: n_stored(out) >= k or proc.poll() is not None)
+            assert wait_for(lambda k=k, proc=proc: n_stored(out) >= k or proc.poll() is not None)
             os.kill(proc.pid, signal.SIGKILL)
         finally:
             proc.communicate(timeout=30)

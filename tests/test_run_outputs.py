@@ -550,7 +550,7 @@ def test_output_stem_by_string_operations_equals_the_pathlib_definition(parts, s
     slide = "/".join([*parts[:-1], parts[-1] + suffix])
     p = PurePosixPath(slide)
     low = p.name.lower()
-    if low.endswith(".ome.tiff") or low.endswith(".ome.tif"):
+    if low.endswith((".ome.tiff", ".ome.tif")):
         name = p.name[: -len(".ome.tiff" if low.endswith(".ome.tiff") else ".ome.tif")]
     else:
         name = p.stem

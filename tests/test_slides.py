@@ -440,8 +440,8 @@ def test_12bit_camera_png_scaled_by_power_of_two(tmp_path: Path) -> None:
     image12[0, 0] = 4095
     path = tmp_path / "cam12.png"
     assert cv2.imwrite(str(path), image12[..., ::-1])
+    slide = open_slide(path)
     with pytest.warns(UserWarning, match=r"cam12\.png: 16-bit"):
-        slide = open_slide(path)
         out = slide.read_region(0, 0, 0, 30, 40)
     expected = np.round(image12 * (255 / 4095)).astype(np.uint8)
     np.testing.assert_array_equal(out, expected)

@@ -364,7 +364,7 @@ def test_parenchyma_background_coarse_grid_close_to_exact(sigma):
     from fibroquant.collagen import _normalised_blur
 
     rng = np.random.default_rng(3)
-    yy, xx = np.mgrid[0:500, 0:600]
+    _yy, xx = np.mgrid[0:500, 0:600]
     conc = (0.05 + 0.03 * np.sin(xx / 150) + 0.02 * rng.random((500, 600))).astype(np.float32)
     mask = rng.random((500, 600)) < 0.7
     mask[200:260] = False  # a band without parenchyma: the fallback blends in

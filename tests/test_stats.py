@@ -423,8 +423,8 @@ def test_misspelt_one_mouse_group_gets_no_p_value_in_the_headline() -> None:
     assert "p =" not in mcs and "p <" not in mcs
     assert "Dunnett-adjusted p" in text  # MSC keeps its (adjusted) p
     lines = group_warnings(mice)
-    assert lines == ["group 'MCS': 1 mouse (fewer than 3), one edit from 'MSC' (a misspelt "
-                     "group name?): no p value in the headline"]
+    assert lines == [("group 'MCS': 1 mouse (fewer than 3), one edit from 'MSC' (a misspelt "
+                     "group name?): no p value in the headline")]
 
 
 def test_small_control_flags_every_comparison() -> None:

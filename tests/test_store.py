@@ -156,7 +156,7 @@ def test_fingerprint_of_large_file_reads_only_the_ends(tmp_path: Path) -> None:
 
 
 def test_fingerprint_errors_name_the_file(tmp_path: Path) -> None:
-    with pytest.raises(SlideReadError, match="missing.svs"):
+    with pytest.raises(SlideReadError, match=r"missing\.svs"):
         fingerprint(tmp_path / "missing.svs")
     short = tmp_path / "copying.svs"
     short.write_bytes(b"abc")
@@ -585,7 +585,7 @@ def test_second_run_is_refused_at_once_without_wait(tmp_path: Path) -> None:
         assert message.startswith(f"{tmp_path}: another fibroquant run (pid {holder.pid}, started ")
         assert message.endswith("is using this output folder; use --wait to queue behind it")
         assert "\n" not in message
-        with pytest.raises(StoreLockedError, match="after waiting 0.3 s"):
+        with pytest.raises(StoreLockedError, match=r"after waiting 0\.3 s"):
             OutputLock(tmp_path, wait=True, timeout=0.3).acquire()
     finally:
         reap(holder)
@@ -595,9 +595,9 @@ def test_waiting_run_says_once_that_it_waits(tmp_path: Path, caplog) -> None:
     holder = spawn(HOLD_THEN_RELEASE, str(tmp_path), "60")
     try:
         expect_line(holder, "locked")
-        with caplog.at_level("WARNING", logger="fibroquant.store"):
-            with pytest.raises(StoreLockedError):
-                OutputLock(tmp_path, wait=True, timeout=0.5).acquire()
+        with (caplog.at_level("WARNING", logger="fibroquant.store"),
+              pytest.raises(StoreLockedError)):
+            OutputLock(tmp_path, wait=True, timeout=0.5).acquire()
         waits = [r.getMessage() for r in caplog.records if "waiting for another" in r.getMessage()]
         assert len(waits) == 1 and f"pid {holder.pid}" in waits[0]
     finally:
@@ -698,11 +698,11 @@ def test_atomic_write_permissions(tmp_path: Path) -> None:
 
 def test_atomic_write_failure_raises_store_error(tmp_path: Path) -> None:
     (tmp_path / "a_file").write_bytes(b"")
-    with pytest.raises(StoreError, match="cannot write .*a_file/x.csv"):
+    with pytest.raises(StoreError, match=r"cannot write .*a_file/x\.csv"):
         atomic_write_bytes(tmp_path / "a_file" / "x.csv", b"x")  # its folder is a file
     target = tmp_path / "a_dir"
     target.mkdir()
-    with pytest.raises(StoreError, match="cannot write .*a_dir: "):
+    with pytest.raises(StoreError, match=r"cannot write .*a_dir: "):
         atomic_write_bytes(target, b"x")  # cannot replace a directory with a file
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_dir", "a_file"]
 

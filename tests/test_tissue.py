@@ -108,7 +108,7 @@ def test_pale_tissue_is_a_hysteresis_threshold():
     rng = np.random.default_rng(3)
     od = cv2.GaussianBlur(rng.random((200, 300)).astype(np.float32), (0, 0), 1)
     hi, lo = float(np.quantile(od, 0.9)), float(np.quantile(od, 0.5))
-    labels, n = ndi.label(od > lo, structure=np.ones((3, 3)))
+    labels, _n = ndi.label(od > lo, structure=np.ones((3, 3)))
     ref = np.isin(labels, np.unique(labels[od > hi])) & (labels > 0)
     assert np.array_equal(pale_tissue(od, hi, lo, 0.0), ref)
     opened = pale_tissue(od, hi, lo, 3.0)
