@@ -368,6 +368,7 @@ def _run_local(tasks: list[SlideTask], workers: int) -> Iterator[dict[str, Any]]
                 if w.conn not in ready and w.proc.sentinel not in ready:
                     continue
                 task, w.task = w.task, None
+                assert task is not None  # a busy worker holds a task
                 try:
                     if w.conn.poll():
                         yield w.conn.recv()
@@ -455,7 +456,7 @@ def _run_dask(tasks: list[SlideTask], scheduler: str | Any) -> Iterator[dict[str
                f"Dask cluster object, got {type(scheduler).__name__}")
         raise FibroquantError(msg)
     try:
-        client = Client(scheduler, timeout=DASK_CONNECT_TIMEOUT) if own else scheduler
+        client: Any = Client(scheduler, timeout=DASK_CONNECT_TIMEOUT) if own else scheduler
     except OSError as exc:
         where = getattr(scheduler, "scheduler_address", scheduler)
         msg = f"cannot reach the Dask scheduler at {where}: {exc}"

@@ -32,7 +32,7 @@ import numpy as np
 try:  # numba is a dependency, but keep the package usable without it
     import numba as _numba
 except ImportError:  # pragma: no cover - exercised only without numba
-    _numba = None
+    _numba = None  # type: ignore[assignment]  # the optional-import idiom
 
 HAVE_NUMBA = _numba is not None and os.environ.get("NUMBA_DISABLE_JIT", "0") in ("", "0")
 
@@ -56,7 +56,7 @@ def _gather_py(mask: np.ndarray, rows: np.ndarray, cols: np.ndarray, out: np.nda
 
 def _share_ok_py(
     c: np.float32, r: int, g: int, b: int, others: np.ndarray, min_share: np.float32
-) -> bool:
+) -> np.bool_:
     # the collagen-share test of one pixel: its positive collagen concentration ``c`` is at
     # least ``min_share`` of its positive concentrations summed over all stains
     zero = np.float32(0.0)
@@ -117,7 +117,7 @@ def _is_blob_py(size: int, height: int, width: int, blob_px: int, blob_side: int
 _is_blob_nb = _jit(_is_blob_py)
 
 
-def _hit_list_py(words: np.ndarray, hit: np.ndarray, w: int, hits: np.ndarray) -> int:
+def _hit_list_py(words: np.ndarray, hit: np.ndarray, w: int, hits: np.ndarray) -> np.int64:
     # hits[:m] = the columns j < w where hit[j] is 1, in order; returns m. ``hit`` is a uint8
     # view of ``words`` (uint64, four per 32 columns, zero past w): a run of 32 columns is
     # tested by OR-ing its four words, and only the runs with a hit are listed, branch-free.
@@ -454,7 +454,7 @@ def _tile_py(
             else:
                 for j in range(w):
                     buf[j] = t0[rgb[i, j, 0]] + t1[rgb[i, j, 1]] + t2[rgb[i, j, 2]]
-        m = 0  # hits[:m]: the plain columns that are collagen (after the guard)
+        m: int | np.integer[Any] = 0  # hits[:m]: plain collagen columns (after the guard)
         if n_plain > 0:
             n_tis += n_plain
             b1 = blocks[1, bi]
@@ -471,7 +471,7 @@ def _tile_py(
                 ob0 = others[1, 0]
                 ob1 = others[1, 1]
                 ob2 = others[1, 2]
-                m2 = 0
+                m2: int | np.integer[Any] = 0  # (+= a numpy bool)
                 for q in range(m):  # branch-free: the same sums, in _share_ok_py's order
                     j = hits[q]
                     r = rgb[i, j, 0]

@@ -183,7 +183,7 @@ def remove_stale_temp_files(directory: Path) -> list[Path]:
     list of Path
         The files removed.
     """
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(os.scandir(directory))
     except OSError:

@@ -28,7 +28,7 @@ import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import date, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import quote
 
 import cv2
@@ -42,6 +42,7 @@ from fibroquant.outdir import atomic_write_bytes
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
+    from shapely.geometry.base import BaseGeometry
 
 __all__ = [
     "COLLAGEN_OUTLINE_ON_BLUE_RGB",
@@ -371,7 +372,7 @@ def qc_fill(thumb: np.ndarray, tissue_mask: np.ndarray, collagen_mask: np.ndarra
 
     def tint(mask: np.ndarray, c: tuple[int, int, int], alpha: float) -> None:
         if mask.any():
-            mixed = (1 - alpha) * rgb[mask].astype(np.float32) + alpha * np.float32(c)
+            mixed = (1 - alpha) * rgb[mask].astype(np.float32) + alpha * np.array(c, np.float32)
             rgb[mask] = np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
 
     for name, mask in (exclusions or {}).items():
@@ -760,9 +761,9 @@ def plot_traits(
     for ax, name in zip(axes.ravel(), names, strict=False):  # spare axes stay empty
         _style_axes(ax)
         for i, g in enumerate(groups):
-            v = pd.to_numeric(mice.loc[mice["group"].astype(str) == g, name], errors="coerce")
-            v = v.dropna().to_numpy(float)
-            x = np.full(len(v), float(i)) + np.linspace(-0.12, 0.12, len(v)) if len(v) else []
+            v = pd.to_numeric(mice.loc[mice["group"].astype(str) == g, name],
+                              errors="coerce").dropna().to_numpy(float)
+            x = np.full(len(v), float(i)) + np.linspace(-0.12, 0.12, len(v))
             ax.plot(x, v, "o", ms=3.5, alpha=0.8, color=f"C{i % 10}")
             if len(v):
                 ax.hlines(v.mean(), i - 0.25, i + 0.25, color="black", lw=1.2)
@@ -773,7 +774,7 @@ def plot_traits(
             if len(trait_groups) else trait_groups
         rows = rows[pd.to_numeric(rows["hedges_g"], errors="coerce").notna()] if len(rows) else rows
         if len(rows):
-            best = rows.loc[pd.to_numeric(rows["hedges_g"]).abs().idxmax()]
+            best = rows.iloc[int(np.argmax(pd.to_numeric(rows["hedges_g"]).abs().to_numpy()))]
             title += f"\ng = {float(best['hedges_g']):+.2f}, {format_p(best['holm_welch_p'])}"
         ax.set_title(_wrap(title, 28), fontsize=_FONT_PT - 2)
     for ax in axes.ravel()[len(names):]:
@@ -807,7 +808,8 @@ def plot_slides(slides: pd.DataFrame, out_stem: Path) -> list[Path]:
         pd.to_numeric(ok["cpa_percent"], errors="coerce") if "cpa_percent" in ok else np.nan
     )
     ok["_group"] = ok["group"].map(_text) if "group" in ok else ""
-    ok["_mouse"] = ok["mouse"].map(_text) if "mouse" in ok else ok.get("slide", "").map(_text)
+    who = "mouse" if "mouse" in ok else "slide" if "slide" in ok else None
+    ok["_mouse"] = ok[who].map(_text) if who else ""
     ok = ok[np.isfinite(ok["_cpa"].to_numpy(dtype=float))]
 
     order = _ordered_groups(None, ok["_group"])
@@ -978,7 +980,7 @@ def _write_sheet(wb: Any, title: str, header: Sequence[str], rows: Iterable[Sequ
     ws = wb.create_sheet(title)
     widths = [len(str(h)) for h in header]
     ws.append([_cell_value(h) for h in header])
-    formats = [None] * len(header)
+    formats: list[str | None] = [None] * len(header)
     if table is not None:
         for k, name in enumerate(header):
             col = schema.column(table, str(name))
@@ -1071,7 +1073,8 @@ def write_xlsx(
     from openpyxl import Workbook
 
     wb = Workbook()
-    wb.remove(wb.active)
+    if wb.active is not None:  # a new workbook's empty default sheet
+        wb.remove(wb.active)
     for title, frame in (("slides", slides), ("mice", mice), ("groups", groups)):
         columns = [str(c) for c in frame.columns]
         _write_sheet(wb, title, columns, frame.itertuples(index=False, name=None), table=title)
@@ -1244,7 +1247,8 @@ def mask_to_geojson(
         polys = _pixel_edge_polygons(arr.astype(bool), min_area_px)
         if len(polys) == 0:
             continue
-        geom = polys[0] if len(polys) == 1 else shapely.multipolygons(polys)
+        # one geometry (shapely's stubs type multipolygons of a 1-D array as an array)
+        geom = cast("BaseGeometry", polys[0] if len(polys) == 1 else shapely.multipolygons(polys))
         if scale != 1:
             geom = affinity.scale(geom, xfact=float(scale), yfact=float(scale), origin=(0, 0))
         geom = shapely.orient_polygons(geom)
@@ -1816,7 +1820,8 @@ def _exclusion_masks(flags: np.ndarray | None, excluded: np.ndarray) -> dict[str
 
     shape = excluded.shape
     if flags.shape != shape:
-        flags = cv2.resize(flags, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
+        flags = cv2.resize(flags, (shape[1], shape[0]),
+                           interpolation=cv2.INTER_NEAREST).astype(np.uint8, copy=False)
     out: dict[str, np.ndarray] = {}
     left = excluded.copy()
     for name, bit in (("lumen", kernels.FLAG_LUMEN), ("bubble", kernels.FLAG_BUBBLE),

@@ -522,7 +522,7 @@ def analyze_folder(
                 command=command, version=__version__, settings_hash=shash,
                 settings_json=json.dumps(settings.model_dump(mode="json"), sort_keys=True),
             )
-            sheet_mpp = ({r: float(v) for r, v in sheet.set_index("slide")["mpp"].items()
+            sheet_mpp = ({str(r): float(v) for r, v in sheet.set_index("slide")["mpp"].items()
                           if pd.notna(v)} if "mpp" in sheet.columns else {})
             # --mpp is remembered per slide: a rerun without it measures the same way
             if mpp is not None:
@@ -606,7 +606,7 @@ def analyze_folder(
             slides_df = build_slides_table(sheet, current)
             summary.failed = int((~slides_df["status"].isin(["ok", WRONG_STAIN])).sum())
             summary.failed_slides = [
-                (r.slide, r.error) for r in slides_df.itertuples()
+                (str(r.slide), str(r.error)) for r in slides_df.itertuples()
                 if r.status not in ("ok", WRONG_STAIN)
             ]
             summary.wrong_stain = [
@@ -723,7 +723,7 @@ def build_slides_table(sheet: pd.DataFrame, records: list[dict[str, Any]]) -> pd
         if rec is None:
             rec = {"status": "failed", "error": f"{row['slide']}: not measured"}
         # the sheet's mpp is the one measured with; an empty one leaves the file's own
-        sheet_row = {k: v for k, v in row.items() if not (k == "mpp" and "mpp" in rec)}
+        sheet_row = {str(k): v for k, v in row.items() if not (k == "mpp" and "mpp" in rec)}
         merged = {**{k: v for k, v in rec.items() if k not in _INTERNAL}, **sheet_row}
         merged["status"] = slide_status(rec)
         if merged.get("error") is None:

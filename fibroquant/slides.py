@@ -884,10 +884,11 @@ class _TiffLevel:
         row, col = divmod(index, self.grid_w)
         h = min(self.seg_h, self.height - row * self.seg_h)
         w = min(self.seg_w, self.width - col * self.seg_w)
-        if any(part is None for part in parts):
+        arrays = [part for part in parts if part is not None]
+        if len(arrays) < len(parts):
             rgb = np.full((h, w, 3), 255, np.uint8)
         else:
-            raw = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)  # type: ignore[arg-type]
+            raw = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=-1)
             rgb = self.slide.pixel_format.convert(raw)
         if use_cache:
             self.slide.cache.put(key, rgb)
@@ -1016,6 +1017,8 @@ class _TiffSlide(SlideBase):
         except ValueError:
             self.compression = str(int(base.compression))
         self.tile_size = (int(base.tilelength), int(base.tilewidth)) if base.is_tiled else None
+        mpp: float | None
+        source: str | None
         if override is not None:
             mpp, source = override, "given"
         else:
@@ -1215,6 +1218,7 @@ def _imagej_unit(description: str) -> str | None:
 
 def _tiff_mpp(tif: Any, page: Any, name: str) -> tuple[float | None, str | None]:
     """Return (level-0 µm per pixel, where it came from) of a TIFF, or (None, None)."""
+    mpp: float | None
     description = page.description or ""
     if tif.is_svs:
         match = _SVS_MPP.search(description)
@@ -1241,14 +1245,14 @@ def _tiff_mpp(tif: Any, page: Any, name: str) -> tuple[float | None, str | None]
         mpp = _plausible(factor / pixels_per_unit, "ImageJ resolution", name) if factor else None
         if mpp is not None:
             return mpp, f"ImageJ resolution ({unit.strip()})"
-    unit = int(tags.valueof(296, 2))  # ResolutionUnit; TIFF default is inch
-    unit_um = {2: 25400.0, 3: 10000.0, 4: 1000.0, 5: 1.0}.get(unit)
+    res_unit = int(tags.valueof(296, 2))  # ResolutionUnit; TIFF default is inch
+    unit_um = {2: 25400.0, 3: 10000.0, 4: 1000.0, 5: 1.0}.get(res_unit)
     if unit_um is None:
         return None, None
     mpp = _plausible(unit_um / pixels_per_unit, "TIFF resolution", name)
     if mpp is None:
         return None, None
-    unit_name = {2: "inch", 3: "cm", 4: "mm", 5: "µm"}[unit]
+    unit_name = {2: "inch", 3: "cm", 4: "mm", 5: "µm"}[res_unit]
     return mpp, f"TIFF resolution tags ({unit_name})"
 
 

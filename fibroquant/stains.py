@@ -515,6 +515,7 @@ def estimate_stains(
             best = (score, counts, outcome)
         if best[0][0] == 2:
             break
+    assert best is not None  # the preset start always runs
     _, counts, (result, angles, warnings, estimated) = best
     n_estimated = sum(estimated)
     if n_estimated == len(names):

@@ -568,6 +568,9 @@ class ResultStore:
                 f"reads up to {SCHEMA_VERSION}); upgrade fibroquant or choose another output folder"
             )
             raise StoreError(msg)
+        #: The journal mode in use: ``"wal"`` locally, ``"delete"`` on network file systems,
+        #: ``"ro"`` read-only.
+        self.journal_mode: str
         if self.read_only:
             self.journal_mode = "ro"
             if version < SCHEMA_VERSION:
@@ -586,8 +589,7 @@ class ResultStore:
         except sqlite3.DatabaseError as exc:
             msg = self._unreadable(exc)
             raise StoreError(msg) from exc
-        #: The journal mode in use: ``"wal"`` locally, ``"delete"`` on network file systems.
-        self.journal_mode: str = str(mode).lower()
+        self.journal_mode = str(mode).lower()
         with self._errors("open"):
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA foreign_keys = ON")
@@ -805,7 +807,7 @@ class ResultStore:
         except ValueError as exc:
             msg = f"{self.path}: a stored record is not valid JSON: {exc}"
             raise StoreError(msg) from exc
-        return record  # type: ignore[no-any-return]
+        return record
 
     def put_result(self, record: Mapping[str, Any], *, run_id: int) -> None:
         """Store one slide's result, in one transaction.

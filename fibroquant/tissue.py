@@ -75,7 +75,7 @@ class TissueMask:
     capsule_band: np.ndarray
     vessel_wall: np.ndarray
     glass_od: float
-    bubble: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
+    bubble: np.ndarray = field(default=None, repr=False)  # type: ignore[arg-type]  # set in __post_init__
     edge_distance: np.ndarray | None = field(default=None, repr=False, compare=False)
     glass_threshold_od: float | None = None
 
@@ -493,7 +493,7 @@ def is_layer(tissue: TissueMask, collagen: np.ndarray, dist: np.ndarray) -> bool
         return True  # nothing behind the band to compare with (a thin section): keep
     at_edge = float(np.count_nonzero(collagen & near)) / np.count_nonzero(near)
     inside = float(np.count_nonzero(collagen & behind)) / np.count_nonzero(behind)
-    return inside < CAPSULE_LAYER_RATIO * at_edge
+    return bool(inside < CAPSULE_LAYER_RATIO * at_edge)
 
 
 def with_capsule(tissue: TissueMask, collagen: np.ndarray) -> TissueMask:
@@ -667,7 +667,7 @@ def capsule_rays(
 
 def _capsule_depth_limit(
     ys: np.ndarray, xs: np.ndarray, depth: np.ndarray, root: np.ndarray,
-    bare: tuple[np.ndarray, np.ndarray], band_px: float, mpp: float,
+    bare: tuple[np.ndarray, ...], band_px: float, mpp: float,
 ) -> np.ndarray:
     """How deep every ray pixel may be and still be capsule (pixels; inf: the whole ray).
 
@@ -699,7 +699,7 @@ def _capsule_depth_limit(
     centres = pts[: n : max(1, k // 16)]
     _, nn = cKDTree(pts).query(centres, k=k)
     nn = np.asarray(nn).reshape(len(centres), k)
-    _, owner = cKDTree(centres).query(pts[:n], k=1)
+    owner = np.asarray(cKDTree(centres).query(pts[:n], k=1)[1])
     rays = np.concatenate([rd, np.full(len(bare[0]), np.nan)])  # bare edge: no ray
     # a centre is a ray: never all nan
     typical = _row_nanquantile(rays[nn], CAPSULE_TYPICAL_QUANTILE)[owner]
