@@ -293,10 +293,10 @@ def run_job(job: dict, hsv_thr: dict) -> list[dict]:
                 rec.update(cpa=float("nan"), dice=float("nan"), error=repr(exc)[:200])
                 out.append(rec)
                 continue
-            rec["cpa"] = float(a.record["cpa_percent"])
-            rec["tissue_mm2"] = float(a.record["tissue_area_mm2"])
-            rec["threshold_od"] = a.record["threshold_od"]
-            rec["stain_angle_deg"] = a.record["stain_angle_deg"]
+            rec["cpa"] = float(a.to_record()["cpa_percent"])
+            rec["tissue_mm2"] = float(a.to_record()["tissue_area_mm2"])
+            rec["threshold_od"] = a.to_record()["threshold_od"]
+            rec["stain_angle_deg"] = a.to_record()["stain_angle_deg"]
             mask = _fit(a.collagen_mask, tc.shape)
         rec["dice"] = _dice(mask, tc)
         rec.update(_error_parts(mask, truth, thin, near))

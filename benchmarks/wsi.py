@@ -359,7 +359,7 @@ def child(spec: dict) -> dict:
 
     ru = resource.getrusage(resource.RUSAGE_SELF)
     out = {"seconds": secs, "cpu_seconds": ru.ru_utime + ru.ru_stime, "rss_mb": _vmhwm_mb(), "rss_before_mb": rss_before,
-           "record": {k: v for k, v in res.record.items() if isinstance(v, int | float | str)}}
+           "record": {k: v for k, v in res.to_record().items() if isinstance(v, int | float | str)}}
     if prof is not None:
         import io
         import pstats

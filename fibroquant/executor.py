@@ -104,7 +104,7 @@ def run_slide(task: SlideTask) -> dict[str, Any]:
             report.write_png(files["collagen"], analysis.collagen_mask)
             report.write_png(files["tissue"], analysis.tissue_mask)
             # outlines in full-resolution (level 0) pixel coordinates, for QuPath
-            scale = analysis.mask_mpp / analysis.record["mpp"]
+            scale = analysis.mask_mpp / analysis.to_record()["mpp"]
             fc = report.mask_to_geojson(analysis.tissue_mask, analysis.collagen_mask,
                                         scale=scale, slide_name=task.slide)
             report.write_geojson(files["geojson"], fc)
@@ -115,7 +115,7 @@ def run_slide(task: SlideTask) -> dict[str, Any]:
         return _failed(
             task, f"{Path(task.path).name}: cannot write outputs: {write_error(exc)}"[:500]
         )
-    return {"slide": task.slide, "fingerprint": task.fingerprint, **analysis.record}
+    return {"slide": task.slide, "fingerprint": task.fingerprint, **analysis.to_record()}
 
 
 def _failed(task: SlideTask, error: str) -> dict[str, Any]:

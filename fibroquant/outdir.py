@@ -23,7 +23,9 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Any, Self
+
+import numpy as np
 
 from fibroquant.errors import StoreError, StoreLockedError
 from fibroquant.layout import LOCK_NAME
@@ -160,6 +162,27 @@ def atomic_write_csv(path: Path, df: pd.DataFrame, *, index: bool = False) -> No
     """
     text = df.to_csv(index=index, lineterminator="\n")
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def json_default(value: Any) -> Any:
+    """The ``default=`` of :func:`json.dumps` for tables' values: numpy scalars and arrays as
+    numbers and lists, dates as ISO text, sets as sorted lists, anything else as its text."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, _dt.date):  # datetimes and pandas Timestamps too
+        return value.isoformat()
+    if isinstance(value, set | frozenset):
+        return sorted(value, key=str)
+    return str(value)
+
+
+def standard_json(value: Any) -> str:
+    """JSON text of ``value`` (see :func:`json_default`) with NaN and ±inf as ``null``, the
+    standard JSON that readers of ``--json`` output expect."""
+    text = json.dumps(value, default=json_default)
+    return json.dumps(json.loads(text, parse_constant=lambda _: None))
 
 
 def is_temp_file(name: str) -> bool:

@@ -37,7 +37,7 @@ import pandas as pd
 
 from fibroquant import schema
 from fibroquant.errors import FibroquantError
-from fibroquant.outdir import atomic_write_bytes
+from fibroquant.outdir import atomic_write_bytes, json_default
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from matplotlib.axes import Axes
@@ -939,22 +939,10 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]
     return rows
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (datetime, date, pd.Timestamp)):
-        return value.isoformat()
-    if isinstance(value, (set, frozenset)):
-        return sorted(value, key=str)
-    return str(value)
-
-
 def _cell_value(value: Any) -> Any:
     """A value openpyxl stores literally (no formulas, no illegal characters)."""
     if isinstance(value, (Mapping, list, tuple, set, frozenset, np.ndarray)):
-        return json.dumps(value, default=_json_default, ensure_ascii=False)
+        return json.dumps(value, default=json_default, ensure_ascii=False)
     if _is_missing(value):
         return None
     if isinstance(value, np.generic):
@@ -1086,7 +1074,7 @@ def write_xlsx(
     rows = []
     for key, value in _flatten(prov):
         text = value if not isinstance(value, (list, tuple, Mapping)) else json.dumps(
-            value, default=_json_default, ensure_ascii=False)
+            value, default=json_default, ensure_ascii=False)
         if isinstance(text, str) and len(text) > _XLSX_CELL_MAX:
             text = f"{len(text):,} characters: see provenance.json"
         rows.append((key, text))
@@ -1277,7 +1265,7 @@ def write_geojson(path: Path, fc: Mapping[str, Any]) -> None:
     fc : mapping
         The FeatureCollection, e.g. from :func:`mask_to_geojson`.
     """
-    text = json.dumps(fc, separators=(",", ":"), ensure_ascii=False, default=_json_default)
+    text = json.dumps(fc, separators=(",", ":"), ensure_ascii=False, default=json_default)
     _atomic_write_bytes(Path(path), text.encode("utf-8"))
 
 
@@ -1411,7 +1399,7 @@ def _kv_table(data: Mapping[str, Any]) -> str:
         if isinstance(value, (float, np.floating, int, np.integer)) and not isinstance(value, bool):
             text, _ = _fmt_cell(leaf, value)
         elif isinstance(value, (list, tuple, Mapping)):
-            text = _e(json.dumps(value, default=_json_default, ensure_ascii=False))
+            text = _e(json.dumps(value, default=json_default, ensure_ascii=False))
         else:
             text = _e(_text(value))
         rows.append(f"<tr><th>{_e(key)}</th><td>{text}</td></tr>")
@@ -1784,7 +1772,7 @@ def write_report_html(
                      + "</section>")
 
     def pretty(obj: Mapping[str, Any]) -> str:
-        return _e(json.dumps(obj, indent=2, sort_keys=True, default=_json_default,
+        return _e(json.dumps(obj, indent=2, sort_keys=True, default=json_default,
                              ensure_ascii=False))
 
     brief = {k: v for k, v in provenance.items()

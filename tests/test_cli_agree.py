@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import date
 from pathlib import Path
 
 import cv2
@@ -13,9 +14,23 @@ from typer.testing import CliRunner
 
 from fibroquant.agreement import dice
 from fibroquant.cli import app
+from fibroquant.outdir import standard_json
 from fibroquant.synthetic import SectionParams, make_section, simulated_annotators
 
 runner = CliRunner()
+
+
+def test_json_output_is_standard_json():
+    """``--json`` output: NaN and ±inf as null, numpy values and dates as JSON's own types."""
+    value = {"nan": float("nan"), "values": (np.float32(0.5), np.int64(3), -np.inf),
+             "array": np.array([1, 2]), "set": {2, 1}, "day": date(2024, 1, 2)}
+
+    def refuse(token):
+        raise AssertionError(f"non-standard JSON token {token}")
+
+    parsed = json.loads(standard_json(value), parse_constant=refuse)
+    assert parsed == {"nan": None, "values": [0.5, 3, None], "array": [1, 2], "set": [1, 2],
+                      "day": "2024-01-02"}
 
 
 @pytest.fixture(scope="module")

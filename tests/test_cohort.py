@@ -328,7 +328,7 @@ def test_record_columns_name_every_column_of_a_measured_record() -> None:
     from fibroquant.synthetic import SectionParams, make_section
 
     rgb, _ = make_section(SectionParams(shape=(384, 384), mpp=0.5), rng=1)
-    record = pipeline.analyze_slide("x.png", Settings(), slide=ArraySlide(rgb, 0.5)).record
+    record = pipeline.analyze_slide("x.png", Settings(), slide=ArraySlide(rgb, 0.5)).to_record()
     assert set(record) <= RECORD_COLUMNS
     assert "mpp" not in RESERVED_COLUMNS and "stain" in RESERVED_COLUMNS
 

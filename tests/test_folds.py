@@ -64,8 +64,8 @@ def test_fold_is_excluded(seed):
     a = analyze_slide("s.png", load_settings(overrides={"stains": {"stain": p.stain}}),
                       slide=ArraySlide(rgb, p.mpp))
     true_fold = truth.fold_mask.sum() * p.mpp**2 / 1e6
-    assert a.record["fold_area_mm2"] > 0.5 * true_fold
-    assert abs(a.record["cpa_percent"] - truth.cpa_percent) < 1.0
+    assert a.to_record()["fold_area_mm2"] > 0.5 * true_fold
+    assert abs(a.to_record()["cpa_percent"] - truth.cpa_percent) < 1.0
 
 
 @pytest.mark.parametrize("seed", [40, 41, 42, 43])
@@ -74,4 +74,4 @@ def test_no_false_folds_on_sections_without_them(seed):
     rgb, _ = make_section(p, rng=seed)
     a = analyze_slide("s.png", load_settings(overrides={"stains": {"stain": p.stain}}),
                       slide=ArraySlide(rgb, p.mpp))
-    assert a.record["fold_area_mm2"] == 0.0
+    assert a.to_record()["fold_area_mm2"] == 0.0

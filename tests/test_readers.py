@@ -88,7 +88,7 @@ def test_identical_cpa_through_every_reader(section_files) -> None:
     _levels, files = section_files
     readers = _readers(files)
     try:
-        records = {name: analyze_slide(slide.path, Settings(), slide=slide).record
+        records = {name: analyze_slide(slide.path, Settings(), slide=slide).to_record()
                    for name, slide in readers.items()}
     finally:
         for slide in readers.values():

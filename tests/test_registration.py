@@ -90,14 +90,14 @@ def test_cpa_of_a_misregistered_image_equals_the_registered_one(stain):
     p = SectionParams(stain=stain, shape=(768, 768), steatosis=0.2)
     flat, _ = make_section(p, rng=3)
     moved, _ = make_section(replace(p, channel_shift_px=1.0), rng=3)
-    a = analyze_slide("a.png", settings_, slide=ArraySlide(flat, 0.5)).record
-    b = analyze_slide("b.png", settings_, slide=ArraySlide(moved, 0.5)).record
+    a = analyze_slide("a.png", settings_, slide=ArraySlide(flat, 0.5)).to_record()
+    b = analyze_slide("b.png", settings_, slide=ArraySlide(moved, 0.5)).to_record()
     assert a["channel_shift_px"] == 0.0
     assert b["channel_shift_px"] == pytest.approx(1.0, abs=0.1)
     assert abs(b["cpa_percent"] - a["cpa_percent"]) < 0.45
     off = load_settings(overrides={"stains": {"stain": stain},
                                    "tissue": {"register_channels": False}})
-    c = analyze_slide("b.png", off, slide=ArraySlide(moved, 0.5)).record
+    c = analyze_slide("b.png", off, slide=ArraySlide(moved, 0.5)).to_record()
     assert c["channel_shift_px"] == 0.0
     assert abs(c["cpa_percent"] - a["cpa_percent"]) > abs(b["cpa_percent"] - a["cpa_percent"])
 
@@ -131,4 +131,4 @@ def test_a_level_too_small_to_correlate_is_skipped():
     rgb, _ = make_section(SectionParams(shape=(768, 768), field_of_view=True), rng=1)
     settings_ = load_settings(overrides={"tiling": {"analysis_mpp": 2.0}})
     rec = analyze_slide("thin.png", settings_, slide=ArraySlide(rgb[400:403], 0.5, levels=2))
-    assert rec.record["channel_shift_px"] == 0.0
+    assert rec.to_record()["channel_shift_px"] == 0.0

@@ -92,8 +92,8 @@ def test_cpa_of_a_vignetted_image_equals_the_evenly_lit_one(stain, fov, seed):
     settings = load_settings(overrides={"stains": {"stain": stain}})
     flat, truth = _section(seed, fov=fov, stain=stain)
     vig, _ = _section(seed, fov=fov, vig=0.3, stain=stain)
-    a = analyze_slide("flat.png", settings, slide=ArraySlide(flat, 0.5)).record
-    b = analyze_slide("vig.png", settings, slide=ArraySlide(vig, 0.5)).record
+    a = analyze_slide("flat.png", settings, slide=ArraySlide(flat, 0.5)).to_record()
+    b = analyze_slide("vig.png", settings, slide=ArraySlide(vig, 0.5)).to_record()
     assert a["shading_od"] == 0.0
     assert b["shading_od"] > 0.1
     assert abs(b["cpa_percent"] - a["cpa_percent"]) < 0.1
@@ -101,7 +101,7 @@ def test_cpa_of_a_vignetted_image_equals_the_evenly_lit_one(stain, fov, seed):
     assert abs(b["cpa_percent"] - truth.cpa_percent) < 0.5
     # without the correction the same image is badly wrong (glass corners read as tissue)
     off = load_settings(overrides={"stains": {"stain": stain}, "tissue": {"flat_field": False}})
-    c = analyze_slide("vig.png", off, slide=ArraySlide(vig, 0.5)).record
+    c = analyze_slide("vig.png", off, slide=ArraySlide(vig, 0.5)).to_record()
     if not fov:
         assert c["tissue_area_mm2"] / a["tissue_area_mm2"] > 1.2
 
@@ -178,5 +178,5 @@ def test_pale_tissue_beside_glass_is_not_evened_out_as_shading():
     rgb, truth = make_section(p, rng=49)
     a = analyze_slide("s.png", load_settings(overrides={"stains": {"stain": "masson"}}),
                       slide=ArraySlide(rgb, p.mpp))
-    assert a.record["tissue_area_mm2"] == pytest.approx(truth.tissue_area_mm2, rel=0.05)
-    assert abs(a.record["cpa_percent"] - truth.cpa_percent) < 1.0
+    assert a.to_record()["tissue_area_mm2"] == pytest.approx(truth.tissue_area_mm2, rel=0.05)
+    assert abs(a.to_record()["cpa_percent"] - truth.cpa_percent) < 1.0

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from skimage.morphology import remove_small_holes, remove_small_objects
 
-from fibroquant import kernels, pipeline, tiles
+from fibroquant import cores, kernels, pipeline, tiles
 from fibroquant.collagen import (
     CollagenRule,
     blob_limits,
@@ -347,16 +347,16 @@ def test_whole_analysis_by_the_kernel_equals_the_numpy_reference(stain, monkeypa
     fast = pipeline.analyze_slide("x.png", s, slide=ArraySlide(rgb, 0.5))
     monkeypatch.setattr(tiles.kernels, "fused_ok", lambda *a: False)
     ref = pipeline.analyze_slide("x.png", s, slide=ArraySlide(rgb, 0.5))
-    for k, v in ref.record.items():
+    for k, v in ref.to_record().items():
         if k == "seconds":
             continue
         if isinstance(v, float):
-            assert fast.record[k] == pytest.approx(v, rel=1e-9, nan_ok=True), k
+            assert fast.to_record()[k] == pytest.approx(v, rel=1e-9, nan_ok=True), k
         else:
-            assert fast.record[k] == v, k
+            assert fast.to_record()[k] == v, k
     for m in ("collagen_mask", "tissue_mask", "excluded_mask"):
         np.testing.assert_array_equal(getattr(fast, m), getattr(ref, m))
-    assert fast.record["capsule_area_mm2"] > 0 and fast.record["lumen_area_mm2"] > 0
+    assert fast.to_record()["capsule_area_mm2"] > 0 and fast.to_record()["lumen_area_mm2"] > 0
 
 
 @pytest.mark.parametrize("sigma", [16.0, 40.0, 90.0])
@@ -426,13 +426,13 @@ def test_tune_malloc_once_per_process(monkeypatch, user_env, max_mmap, expected,
 
     monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
     monkeypatch.setattr(platform, "libc_ver", lambda: ("glibc", "2.36"))
-    monkeypatch.setattr(pipeline, "_malloc_tuned", None)
+    monkeypatch.setattr(cores, "_malloc_tuned", None)
     if user_env:
         monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1048576")
     else:
         monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    assert pipeline.tune_malloc() is expected
-    assert pipeline.tune_malloc() is expected
+    assert cores.tune_malloc() is expected
+    assert cores.tune_malloc() is expected
     assert seen == calls  # once per process
 
 
@@ -440,9 +440,9 @@ def test_tune_malloc_leaves_other_c_libraries_alone(monkeypatch):
     import platform
 
     monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))
-    monkeypatch.setattr(pipeline, "_malloc_tuned", None)
+    monkeypatch.setattr(cores, "_malloc_tuned", None)
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    assert pipeline.tune_malloc() is False
+    assert cores.tune_malloc() is False
 
 
 def test_kernel_warmup_failure_is_raised_on_the_callers_thread(monkeypatch):

@@ -179,12 +179,12 @@ def test_far_drifted_stains_are_found_from_the_data_corners(stain, drift, seed, 
     errors = [angle_deg(a, b) for a, b in zip(start, truth.stains.vectors, strict=True)]
     assert max(errors[:2]) < 5.0  # collagen stain and counterstain; nuclei are sparse
     settings_ = load_settings(overrides={"stains": {"stain": stain}})
-    rec = analyze_slide("x.png", settings_, slide=ArraySlide(rgb, 0.5)).record
+    rec = analyze_slide("x.png", settings_, slide=ArraySlide(rgb, 0.5)).to_record()
     assert abs(rec["cpa_percent"] - truth.cpa_percent) < 0.5
     assert json_angle(rec, 0) > 0  # the collagen stain was estimated, not the preset kept
     # without the restart (presets only) the same slide is badly wrong
     monkeypatch.setattr("fibroquant.stains._vertex_start", lambda x, preset: None)
-    rec = analyze_slide("x.png", settings_, slide=ArraySlide(rgb, 0.5)).record
+    rec = analyze_slide("x.png", settings_, slide=ArraySlide(rgb, 0.5)).to_record()
     assert truth.cpa_percent - rec["cpa_percent"] > 3.0
 
 
@@ -290,5 +290,5 @@ def test_purple_masson_section_keeps_its_collagen():
     p = random_params(65, stain="masson", shape=(768, 768))
     rgb, truth = make_section(p, rng=65)
     rec = analyze_slide("x.png", load_settings(overrides={"stains": {"stain": "masson"}}),
-                        slide=ArraySlide(rgb, p.mpp)).record
+                        slide=ArraySlide(rgb, p.mpp)).to_record()
     assert abs(rec["cpa_percent"] - truth.cpa_percent) < 1.0
