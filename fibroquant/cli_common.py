@@ -16,7 +16,7 @@ import logging
 import os
 import shlex
 import sys
-from enum import Enum, StrEnum
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from fibroquant.errors import (
     one_line,
     sigterm_as_interrupt,
 )
+from fibroquant.protocols import Stain
 
 __all__ = ["App", "StainChoice", "available_cores", "cli_settings", "command_line", "err",
            "fail", "out", "run_analyze"]
@@ -52,11 +53,8 @@ class App(typer.Typer):
             sys.exit(4)
 
 
-class StainChoice(StrEnum):
-    """Stain protocol of the slides."""
-
-    sirius_red = "sirius-red"
-    masson = "masson"
+#: The stain protocols ``--stain`` offers.
+StainChoice = Stain
 
 
 def fail(message: str, code: int) -> typer.Exit:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -18,17 +17,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fibroquant.errors import ConfigError
+from fibroquant.protocols import STAIN_NAMES, Stain
 
 #: Bumped whenever a change to the algorithms changes measurements. It is part of the settings
 #: hash, so stored results made by an older algorithm are re-measured instead of being mixed in.
 ALGORITHM_VERSION = 2
-
-
-class Stain(StrEnum):
-    """Staining protocols fibroquant knows."""
-
-    SIRIUS_RED = "sirius-red"
-    MASSON = "masson"
 
 
 class _Model(BaseModel):
@@ -130,15 +123,6 @@ class TissueSettings(_Model):
     )
 
 
-#: Stain names of each protocol's colour-deconvolution matrix, collagen stain first
-#: (``fibroquant.stains`` builds its presets from these).
-STAIN_NAMES: dict[str, tuple[str, ...]] = {
-    "sirius-red": ("sirius-red", "picric-acid", "iron-haematoxylin"),
-    "masson": ("aniline-blue", "ponceau-fuchsin", "iron-haematoxylin"),
-    "masson-light-green": ("light-green", "ponceau-fuchsin", "iron-haematoxylin"),
-}
-
-
 class StainSettings(_Model):
     """Colour deconvolution and per-slide stain estimation."""
 
@@ -171,11 +155,9 @@ class StainSettings(_Model):
 
     def stain_names(self) -> tuple[str, ...]:
         """Names of this protocol's stains, collagen stain first."""
-        if self.stain == Stain.SIRIUS_RED:
-            return STAIN_NAMES["sirius-red"]
-        if self.masson_collagen == "light-green":
+        if self.stain == Stain.MASSON and self.masson_collagen == "light-green":
             return STAIN_NAMES["masson-light-green"]
-        return STAIN_NAMES["masson"]
+        return STAIN_NAMES[self.stain.value]
 
     @model_validator(mode="after")
     def _vectors_of_this_protocol(self) -> StainSettings:

@@ -25,8 +25,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
-import numpy as np
-
 from fibroquant.errors import StoreError, StoreLockedError
 from fibroquant.layout import LOCK_NAME
 
@@ -167,6 +165,8 @@ def atomic_write_csv(path: Path, df: pd.DataFrame, *, index: bool = False) -> No
 def json_default(value: Any) -> Any:
     """The ``default=`` of :func:`json.dumps` for tables' values: numpy scalars and arrays as
     numbers and lists, dates as ISO text, sets as sorted lists, anything else as its text."""
+    import numpy as np  # not at import time: the command line starts without numpy
+
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):

@@ -153,8 +153,12 @@ H_AND_E_REAL = StainMatrix(("eosin", "haematoxylin"),
                            np.array([REAL_EOSIN_VECTOR, REAL_HAEMATOXYLIN_VECTOR]))
 
 
-#: The protocol presets by their stain names (:meth:`StainSettings.stain_names` picks one).
-_PRESETS = {m.names: m for m in (SIRIUS_RED, MASSON, MASSON_LIGHT_GREEN)}
+#: Every protocol's preset by the protocol's name (the keys of ``protocols.STAIN_NAMES``).
+PRESETS: dict[str, StainMatrix] = {
+    "sirius-red": SIRIUS_RED, "masson": MASSON, "masson-light-green": MASSON_LIGHT_GREEN,
+}
+#: The presets by their stain names (:meth:`StainSettings.stain_names` picks one).
+_PRESETS = {m.names: m for m in PRESETS.values()}
 
 
 def preset_for(settings: StainSettings) -> StainMatrix:
@@ -732,20 +736,15 @@ def _nonneg_residual(od: np.ndarray, stains: StainMatrix) -> float:
 
 
 #: The protocols :func:`stain_fit` compares (the keys of its residuals).
-PROTOCOLS = ("sirius-red", "masson", "masson-light-green", "h&e")
+PROTOCOLS = (*PRESETS, "h&e")
 
 
 def fit_references() -> dict[str, StainMatrix]:
     """The two-stain reference of every protocol in :data:`PROTOCOLS` (collagen stain or eosin
     first): Sirius red + picric acid, aniline blue or light green + ponceau-fuchsin, and H&E as
     real slides show it (:data:`H_AND_E_REAL`)."""
-    return {
-        "sirius-red": StainMatrix(SIRIUS_RED.names[:2], SIRIUS_RED.vectors[:2]),
-        "masson": StainMatrix(MASSON.names[:2], MASSON.vectors[:2]),
-        "masson-light-green": StainMatrix(MASSON_LIGHT_GREEN.names[:2],
-                                          MASSON_LIGHT_GREEN.vectors[:2]),
-        "h&e": H_AND_E_REAL,
-    }
+    return {**{name: StainMatrix(m.names[:2], m.vectors[:2]) for name, m in PRESETS.items()},
+            "h&e": H_AND_E_REAL}
 
 
 #: A stained pixel within this angle (degrees) of :data:`REAL_EOSIN_VECTOR` is eosin-pink.
