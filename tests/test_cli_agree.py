@@ -111,6 +111,7 @@ def test_agree_train_and_classifier_end_to_end(study):
     assert "3 slide(s) to measure" in res.output
 
 
+@pytest.mark.slow
 def test_classifier_refusals_are_one_line(tmp_path, study):
     root, _ = study
     bad = tmp_path / "old.classifier"
@@ -126,6 +127,7 @@ def test_classifier_refusals_are_one_line(tmp_path, study):
     assert str(bad) in res.output.replace("\n", "")
 
 
+@pytest.mark.slow
 def test_agree_without_masks_or_annotations(tmp_path, study):
     root, _ = study
     res = runner.invoke(app, ["agree", str(tmp_path), "--annotations", str(root / "ann")])
@@ -133,6 +135,7 @@ def test_agree_without_masks_or_annotations(tmp_path, study):
     assert "slides.csv: not found" in res.output.replace("\n", "")
 
 
+@pytest.mark.slow
 def test_train_without_matching_images(tmp_path, study):
     root, _ = study
     (tmp_path / "empty").mkdir()

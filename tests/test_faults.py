@@ -248,6 +248,7 @@ def test_an_edited_or_deleted_table_is_rewritten_by_a_rerun(bank, tmp_path):
 # -- 2. statistics never stop the tables ----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_control_group_whose_slides_all_failed_still_gets_tables(bank, tmp_path):
     """Both control slides truncated: the run used to stop with "control group 'control'
     not found" from the mixed model, write no table, and do so on every rerun."""
@@ -269,6 +270,7 @@ def test_a_control_group_whose_slides_all_failed_still_gets_tables(bank, tmp_pat
     assert_consistent(out)
 
 
+@pytest.mark.slow
 def test_any_statistics_failure_leaves_the_comparison_empty_with_a_reason(bank, tmp_path,
                                                                            monkeypatch):
     from fibroquant import stats
@@ -292,6 +294,7 @@ def test_any_statistics_failure_leaves_the_comparison_empty_with_a_reason(bank, 
 # -- 3. µm per pixel from every source is checked --------------------------------------------
 
 
+@pytest.mark.slow
 def test_absurd_mpp_from_any_source_fails_one_row_within_seconds(bank, tmp_path):
     """A sheet mpp of 0.0005 used to segfault; a TIFF tag of 1e-5 µm/px grew to 12 GB; both
     fail their own row at once, naming where the value came from; the others are measured."""
@@ -453,6 +456,7 @@ def test_kills_and_sigterm_while_measuring_leave_no_process_and_rerun_is_clean(b
 # -- 5. input files that block or loop --------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_symlink_loop_and_named_pipe_fail_one_row_each(bank, tmp_path):
     """A named pipe used to hang the run for ever (holding the lock); a symlink loop gave a
     60-line traceback and nothing measured, in analyze and in status --slides."""
@@ -478,6 +482,7 @@ def test_symlink_loop_and_named_pipe_fail_one_row_each(bank, tmp_path):
 # -- 6. the store ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_wal_deleted_during_a_run_loses_nothing(bank, tmp_path):
     slides = _copy(bank, tmp_path / "slides")
     out = tmp_path / "out"
@@ -524,6 +529,7 @@ def test_zero_byte_store_is_refused_and_rebuilt_from_the_tables(bank, tmp_path):
         pd.testing.assert_frame_equal(before[name], after[name], obj=name)
 
 
+@pytest.mark.slow
 def test_a_store_that_lost_its_last_run_or_its_tables_is_refused(bank, tmp_path):
     import sqlite3
 

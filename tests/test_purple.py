@@ -106,6 +106,7 @@ def test_share_baseline_resolution(stain, baseline, fitted, expected):
 # ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_purple_cytoplasm_changes_staining_not_anatomy():
     base = replace(PURPLE, cytoplasm_blue=0.0)
     rgb0, t0 = make_section(base, rng=3)
@@ -123,6 +124,7 @@ def purple_sections():
     return [make_section(PURPLE, rng=seed) for seed in (100, 102, 103)]
 
 
+@pytest.mark.slow
 def test_purple_masson_cpa_within_1pp(purple_sections):
     for rgb, truth in purple_sections:
         a = _masson(rgb, PURPLE.mpp)
@@ -131,6 +133,7 @@ def test_purple_masson_cpa_within_1pp(purple_sections):
         assert abs(a.to_record()["cpa_percent"] - truth.cpa_percent) <= 1.0
 
 
+@pytest.mark.slow
 def test_purple_masson_overcounted_with_the_absolute_guard(purple_sections):
     """The same sections with min_share counted from zero (the previous rule) over-count."""
     errors = []
@@ -141,6 +144,7 @@ def test_purple_masson_overcounted_with_the_absolute_guard(purple_sections):
     assert np.mean(errors) > 1.0
 
 
+@pytest.mark.slow
 def test_clean_red_counterstain_keeps_the_absolute_guard():
     rgb, truth = make_section(replace(PURPLE, cytoplasm_blue=0.0, nonspecific=0.0), rng=4)
     a = _masson(rgb, PURPLE.mpp)
@@ -148,6 +152,7 @@ def test_clean_red_counterstain_keeps_the_absolute_guard():
     assert abs(a.to_record()["cpa_percent"] - truth.cpa_percent) <= 1.0
 
 
+@pytest.mark.slow
 def test_sirius_red_unchanged():
     rgb, _truth = make_section(SectionParams(shape=(512, 512), fibrosis=0.6, nonspecific=0.12),
                               rng=8)
@@ -158,6 +163,7 @@ def test_sirius_red_unchanged():
     assert np.array_equal(runs[0].collagen_mask, runs[1].collagen_mask)
 
 
+@pytest.mark.slow
 def test_fixed_vectors_keep_the_absolute_guard():
     rgb, _ = make_section(replace(PURPLE, vector_drift_deg=8.0), rng=5)
     s = load_settings(overrides={"stains": {"stain": "masson", "estimate": "preset"}})
@@ -184,6 +190,7 @@ def _real(folder: str, name: str) -> np.ndarray:
     return cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("folder", "name"), LIVER_TILES)
 def test_real_purple_masson_liver_has_little_collagen(folder, name):
     """Little collagen by eye (thin fibres, one portal tract); 7-13 % before the fix."""
@@ -193,6 +200,7 @@ def test_real_purple_masson_liver_has_little_collagen(folder, name):
     assert a.to_record()["cpa_percent"] > 0.5  # the visible blue fibres are still found
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", HEART_FIELDS)
 def test_real_masson_heart_keeps_its_collagen(name):
     """Red myocardium: the guard stays near min_share and interstitial collagen is kept."""

@@ -65,6 +65,7 @@ def test_speck_size_shrinks_only_on_small_images():
     assert speck_area_um2(s, (4000, 4000), 2.0) == s.min_tissue_area_um2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2])
 def test_small_crop_is_measured(seed):
     """A 200 x 240 px crop at 0.25 µm/px (3,000 µm², under the 5,000 µm² speck size): all of
@@ -108,6 +109,7 @@ def test_blank_image_says_what_was_found():
 # ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stain", ["sirius-red", "masson"])
 def test_synthetic_he_is_the_wrong_stain(stain):
     rgb, _ = make_he_section(shape=(512, 512), rng=3)
@@ -117,6 +119,7 @@ def test_synthetic_he_is_the_wrong_stain(stain):
     assert "wrong stain" in a.to_record()["qc_flags"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stain", ["sirius-red", "masson", "masson-light-green"])
 def test_collagen_stains_are_not_the_wrong_stain(stain):
     rgb, _ = make_section(SectionParams(stain=stain, shape=(512, 512)), rng=4)
@@ -158,6 +161,7 @@ REAL_STAINS = [  # folder, name, the stain it is, µm/px
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("folder", "name", "truth", "mpp"), REAL_STAINS)
 def test_real_images_are_flagged_only_when_the_stain_is_wrong(folder, name, truth, mpp):
     """Real H&E is the wrong stain for either collagen stain; real Sirius red and Masson are
@@ -172,6 +176,7 @@ def test_real_images_are_flagged_only_when_the_stain_is_wrong(folder, name, trut
             assert verdict.guess == "h&e", (expected, verdict, fit)
 
 
+@pytest.mark.slow
 def test_real_sirius_red_run_as_masson_is_the_wrong_stain():
     """The colours of the section's tissue (as the pipeline fits them) show Sirius red."""
     a = _analyze(_real("psr-liver-liverquant", "tile02_PSR.jpg"), 1.0124, "masson")
@@ -223,6 +228,7 @@ def mixed_folder(tmp_path_factory) -> Path:
     return d
 
 
+@pytest.mark.slow
 def test_run_of_mostly_wrong_stain_exits_2_and_keeps_rows(mixed_folder, tmp_path):
     res = runner.invoke(app, ["analyze", str(mixed_folder), "--out", str(tmp_path / "o"),
                               "--stain", "sirius-red", "--mpp", "0.5", "--workers", "1"])
@@ -280,6 +286,7 @@ def test_double_layers_keeps_a_step_and_drops_a_gradual_rise():
     assert not kept[xx > 150].any()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("stain", "seed"), [("masson", 1), ("masson", 2), ("sirius-red", 3)])
 def test_muscle_without_folds_loses_under_1_percent(stain, seed):
     """Evenly stained, slightly darker (±30 %) muscle: nothing excluded as fold, bubble or
@@ -290,6 +297,7 @@ def test_muscle_without_folds_loses_under_1_percent(stain, seed):
     assert abs(a.to_record()["cpa_percent"] - truth.cpa_percent) <= 3.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("folder", "name", "stain", "mpp"), [
     ("psr-cores-twombli", "2L_3D.png", "sirius-red", 1.0),
     ("psr-cores-twombli", "2L_7D.png", "sirius-red", 1.0),
@@ -328,6 +336,7 @@ def test_qc_flags_name_what_is_doubtful():
                     ) == []
 
 
+@pytest.mark.slow
 def test_qc_flags_on_a_faint_slide():
     rgb, _ = make_section(SectionParams(shape=(512, 512), collagen_intensity=0.2,
                                         fibrosis=0.6), rng=6)

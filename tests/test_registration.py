@@ -40,6 +40,7 @@ def _move(rgb: np.ndarray, red: tuple[float, float], blue: tuple[float, float]) 
     return out
 
 
+@pytest.mark.slow
 @settings(max_examples=12, deadline=None)
 @given(st.floats(-1.5, 1.5), st.floats(-1.5, 1.5), st.floats(-1.5, 1.5), st.floats(-1.5, 1.5))
 def test_plane_shift_is_measured_to_a_tenth_of_a_pixel(field, ry, rx, by, bx):
@@ -84,6 +85,7 @@ def test_corrected_slide_reads_equal_the_whole_image_corrected(field):
     assert CorrectedSlide(ArraySlide(moved, 0.5, levels=8), shifts=shifts).level_shifts(5) is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stain", ["sirius-red", "masson"])
 def test_cpa_of_a_misregistered_image_equals_the_registered_one(stain):
     settings_ = load_settings(overrides={"stains": {"stain": stain}})
@@ -102,6 +104,7 @@ def test_cpa_of_a_misregistered_image_equals_the_registered_one(stain):
     assert abs(c["cpa_percent"] - a["cpa_percent"]) > abs(b["cpa_percent"] - a["cpa_percent"])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATA / "masson-liver-heinemann").is_dir(),
                     reason="shared real-image data not present")
 def test_real_images_shifts():

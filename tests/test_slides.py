@@ -207,6 +207,7 @@ def test_ndpi_levels_as_pages_with_64bit_offsets(tmp_path: Path) -> None:
     assert info["compression"] == "jpeg"
 
 
+@pytest.mark.slow
 def test_ndpi_analysed_like_the_same_image_in_memory(tmp_path: Path) -> None:
     from fibroquant.config import Settings
     from fibroquant.pipeline import analyze_slide
@@ -678,6 +679,7 @@ def test_openslide_formats_without_openslide(tmp_path: Path, monkeypatch, suffix
         open_slide(path)
 
 
+@pytest.mark.slow
 def test_openslide_missing_fails_the_slide_not_the_run(tmp_path: Path, monkeypatch) -> None:
     # through the command line: the vendor slide is recorded as failed with the install hint,
     # the other slide is measured, the run exits 1 without a traceback
@@ -705,6 +707,7 @@ def test_openslide_missing_fails_the_slide_not_the_run(tmp_path: Path, monkeypat
 
 
 
+@pytest.mark.slow
 def test_openslide_reader_matches_tifffile_on_an_svs(tmp_path: Path) -> None:
     """The OpenSlide reader reads the same slide as the tifffile path."""
     from fibroquant.config import Settings

@@ -333,6 +333,7 @@ def test_a_decided_mask_is_counted_with_the_rules_capsule():
     assert dec.counts["collagen_px"] == np.count_nonzero(decided & ((fl & 5) == 1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stain", ["sirius-red", "masson"])
 def test_whole_analysis_by_the_kernel_equals_the_numpy_reference(stain, monkeypatch):
     """A whole analysis with the fused kernel and with its numpy reference (as without numba)
@@ -519,6 +520,7 @@ def test_capsule_propagation_and_dilation_equal_scipy(h, w, density, seed):
                                   ndi.binary_dilation(seeds, structure=np.ones((3, 3))))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("field_of_view", [False, True])
 def test_glass_colour_from_a_small_detection_equals_the_full_size_one(seed, field_of_view):
@@ -693,6 +695,7 @@ def test_word_path_equals_byte_path_and_reference(seed, w, stride, min_px, monke
         np.testing.assert_array_equal(a.focus, b.focus)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_other", [1, 2])
 def test_word_path_on_dense_random_masks(n_other, monkeypatch):
     """Dense collagen on a tile of width 8k: the run table grows past its first capacity, many

@@ -154,6 +154,7 @@ def test_channel_spread_equals_numpy_max_minus_min_to_the_bit(h, w, seed, dtype)
 # --- stains whose colour lies outside the presets' triangle ------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("stain", "drift", "seed"), [("sirius-red", 16, 3),
                                                       ("sirius-red", 16, 4),
                                                       ("masson", 12, 3),
@@ -276,6 +277,7 @@ def test_masson_counterstain_may_turn_into_purple():
     assert _turn_towards_collagen(est, MASSON) > 18.0
 
 
+@pytest.mark.slow
 def test_purple_masson_section_keeps_its_collagen():
     """Masson section seed 65 of the sweep: pale ponceau (0.05 OD) under twice as much
     non-specific aniline blue. The presets find no ponceau-dominated pixel, so the estimate

@@ -368,6 +368,7 @@ def shared_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Res
 _unique = itertools.count()
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None)
 @given(
     slide=st.text(min_size=1, max_size=30),
@@ -519,6 +520,7 @@ def check_writer_store(path: Path) -> int:
     return n
 
 
+@pytest.mark.slow
 def test_killed_writer_never_leaves_a_half_written_record(tmp_path: Path) -> None:
     path = tmp_path / STORE_NAME
     rng = random.Random(20240611)
@@ -738,6 +740,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_killed_atomic_writer_leaves_old_or_new_content(tmp_path: Path) -> None:
     target = tmp_path / "slides.csv"
     target.write_bytes(b"%08d\n" % 0 * 300_000)
@@ -760,6 +763,7 @@ def test_killed_atomic_writer_leaves_old_or_new_content(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_planning_1000_slides_is_fast(tmp_path: Path) -> None:
     slides = tmp_path / "slides"
     slides.mkdir()

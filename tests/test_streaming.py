@@ -70,6 +70,7 @@ class _Threshold:
 PATHS = {"fused": None, "halo": _Threshold()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", list(PATHS))
 def test_only_tiles_touching_tissue_are_read(section, path):
     rgb, _ = section
@@ -121,6 +122,7 @@ def _peak_bytes(rgb: np.ndarray, size: int, workers: int) -> int:
         tracemalloc.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_peak_memory_does_not_grow_with_the_slide(section, workers):
     # The same section on a 2048² and on a 4096² slide (4x the pixels): what the analysis
@@ -133,6 +135,7 @@ def test_peak_memory_does_not_grow_with_the_slide(section, workers):
     assert large < 1.25 * small + 2e6, (small, large)
 
 
+@pytest.mark.slow
 def test_tiff_reader_decodes_only_the_tiles_touching_the_section(section, tmp_path,
                                                                   monkeypatch):
     # a real JPEG-tiled pyramidal TIFF: level-0 tiles decoded are those under the section

@@ -138,6 +138,7 @@ def _run(rgb, truth, stain, tissue=None):
                          slide=ArraySlide(rgb, truth.params.mpp))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stain", ["sirius-red", "masson"])
 def test_barely_counterstained_parenchyma_is_tissue(stain):
     """No counterstain at all: the parenchyma's summed OD (non-specific collagen stain and
@@ -153,6 +154,7 @@ def test_barely_counterstained_parenchyma_is_tissue(stain):
     assert abs(b.to_record()["cpa_percent"] - truth.cpa_percent) > 2.0
 
 
+@pytest.mark.slow
 def test_blurred_section_keeps_its_capsule():
     """Optical blur spreads a faint halo around the section; the edge must stay where the
     capsule can be found (the halo moved it 4 px out and the capsule read as collagen, +18 pp,
