@@ -104,7 +104,7 @@ def run_slide(task: SlideTask) -> dict[str, Any]:
             report.write_png(files["collagen"], analysis.collagen_mask)
             report.write_png(files["tissue"], analysis.tissue_mask)
             # outlines in full-resolution (level 0) pixel coordinates, for QuPath
-            scale = analysis.mask_mpp / analysis.to_record()["mpp"]
+            scale = analysis.mask_mpp / analysis.mpp
             fc = report.mask_to_geojson(analysis.tissue_mask, analysis.collagen_mask,
                                         scale=scale, slide_name=task.slide)
             report.write_geojson(files["geojson"], fc)
