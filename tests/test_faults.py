@@ -110,9 +110,40 @@ _MAIN = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default
          "sys.argv[0] = 'fibroquant'; runpy.run_module('fibroquant', run_name='__main__')")
 
 
-def spawn(tag: str, *args: str) -> subprocess.Popen:
-    env = dict(os.environ, FIBROQUANT_TEST_TAG=tag, PYTHONWARNINGS="ignore")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+#: Faults injected into the processes of a spawned run (its worker processes too, through the
+#: fork server, which imports the same ``sitecustomize``): opening the slide named by
+#: FQ_TEST_CRASH_ON segfaults (a crash in a decoder), opening FQ_TEST_HANG_ON never returns (a
+#: hung network share).
+_FAULT_HOOK = """
+import os
+if os.environ.get("FQ_TEST_CRASH_ON") or os.environ.get("FQ_TEST_HANG_ON"):
+    import ctypes, time
+    import fibroquant.slides as _slides
+    _real = _slides.open_slide
+    def open_slide(path, *args, **kwargs):
+        if str(path).endswith(os.environ.get("FQ_TEST_CRASH_ON") or "//"):
+            ctypes.string_at(0)
+        if str(path).endswith(os.environ.get("FQ_TEST_HANG_ON") or "//"):
+            time.sleep(3600)
+        return _real(path, *args, **kwargs)
+    _slides.open_slide = open_slide
+"""
+
+
+def fault_hook(tmp_path: Path) -> str:
+    """A folder holding the fault-injecting ``sitecustomize.py``, for PYTHONPATH."""
+    folder = tmp_path / "fault_hook"
+    folder.mkdir(exist_ok=True)
+    (folder / "sitecustomize.py").write_text(_FAULT_HOOK)
+    return str(folder)
+
+
+def spawn(tag: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    extra = dict(env or {})
+    path = os.pathsep.join(p for p in (extra.pop("PYTHONPATH", ""), str(REPO),
+                                       os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, FIBROQUANT_TEST_TAG=tag, PYTHONWARNINGS="ignore", **extra)
+    env["PYTHONPATH"] = path
     return subprocess.Popen([sys.executable, "-c", _MAIN, *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -151,6 +182,17 @@ def stop(proc: subprocess.Popen, sig: int) -> tuple[int, str]:
     except subprocess.TimeoutExpired:
         proc.kill()
         _, err = proc.communicate()
+    return proc.returncode, err
+
+
+def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
+    """Wait for a spawned run to end by itself; its exit code and stderr."""
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"the run did not end within {timeout} s: {err[-2000:]}")
     return proc.returncode, err
 
 
@@ -425,6 +467,68 @@ def test_a_slide_that_crashed_its_worker_twice_is_not_retried(bank, tmp_path, mo
 
 
 @pytest.mark.slow
+def test_a_slide_that_crashes_the_run_itself_is_recorded_and_then_skipped(bank, tmp_path):
+    """With --workers 1 slides are measured in the run's own process, so a segfault there (a
+    decoder or a kernel) ends the run: nothing could record the slide and every rerun crashed
+    again on it. Now the next run records the crash, measures the slide again in a process of
+    its own (where a second crash fails only its row) and the others; the run after that
+    skips it, as for a slide that crashed its worker process twice."""
+    slides = _copy(bank, tmp_path / "slides")
+    out = tmp_path / "out"
+    env = {"PYTHONPATH": fault_hook(tmp_path), "FQ_TEST_CRASH_ON": "c1.tif"}
+    args = ("analyze", str(slides), "--out", str(out), "--samples",
+            str(slides / "samples.csv"), "--workers", "1")
+    tag = uuid.uuid4().hex
+    code, err = finish(spawn(tag, *args, env=env))
+    assert code == -signal.SIGSEGV, err  # the crash is real: the run itself died
+    code, err = finish(spawn(tag, *args, env=env))
+    assert code == 1, err
+    assert "c1.tif: fibroquant crashed (Segmentation fault) while measuring this slide" in err
+    assert "Traceback" not in err
+    rows = pd.read_csv(out / "slides.csv", keep_default_na=False).set_index("slide")
+    assert rows.loc["c1.tif", "error"] == (
+        "c1.tif: worker process killed by SIGSEGV while measuring this slide")
+    assert (rows.drop(index="c1.tif")["status"] == "ok").all()
+    assert_consistent(out)
+    assert_none_left(tag)
+    code, err = finish(spawn(tag, *args, env=env))
+    assert code == 1, err  # not measured: measuring it in this process would have crashed
+    assert "not measured again: c1.tif" in err
+    assert not (out / ".fibroquant-measuring").exists()
+
+
+def test_the_measuring_marker_names_the_fatal_signal_and_only_that(tmp_path):
+    """What a run that died while measuring in its own process leaves: the fatal signal when
+    it crashed, none when it was killed (kill -9 says nothing about the slide); nothing when
+    the block ended normally or by an exception."""
+    from fibroquant.outdir import measuring_marker, take_measuring_marker
+
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for crash, fatal in (("ctypes.string_at(0)", "Segmentation fault"),
+                         ("os.kill(os.getpid(), signal.SIGKILL)", None)):
+        code = ("import ctypes, os, signal; from pathlib import Path; "
+                "from fibroquant.outdir import measuring_marker\n"
+                f"with measuring_marker(Path({str(tmp_path)!r}), {{'slide': 'a.tif'}}): {crash}")
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              timeout=60, check=False)
+        assert proc.returncode < 0
+        info = take_measuring_marker(tmp_path)
+        assert info == {"slide": "a.tif", "fatal": fatal}
+        assert take_measuring_marker(tmp_path) is None  # taken once
+    seen = []
+
+    def measure() -> None:
+        with measuring_marker(tmp_path, {"slide": "b.tif"}):
+            seen.append((tmp_path / ".fibroquant-measuring").is_file())
+            _ = 1 / 0
+
+    with pytest.raises(ZeroDivisionError):
+        measure()
+    assert seen == [True]  # there while measuring
+    assert take_measuring_marker(tmp_path) is None
+
+
+@pytest.mark.slow
 def test_kills_and_sigterm_while_measuring_leave_no_process_and_rerun_is_clean(bank, tmp_path):
     """kill -9 (five times, at random moments) and SIGTERM of a --workers 2 run: no worker,
     fork server or resource tracker is left 5 s later (they used to live on with ppid 1),
@@ -473,6 +577,61 @@ def test_symlink_loop_and_named_pipe_fail_one_row_each(bank, tmp_path):
     assert "unreadable" in output
     assert "named pipe" in output
     assert "symbolic links" in output
+
+
+def test_a_slide_that_blocks_on_open_fails_its_row_after_the_timeout(bank, tmp_path,
+                                                                    monkeypatch):
+    """Opening a slide had no time limit (only its fingerprint had): a file on a hung network
+    share held the run, and its lock, for ever. Now it fails its own row after
+    tiling.input_timeout_s and the other slides are measured."""
+    import threading
+
+    from fibroquant import executor
+
+    release = threading.Event()
+    real = executor.open_slide
+
+    def hung(path, *args, **kwargs):
+        if str(path).endswith("c2.tif"):
+            release.wait(120)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(executor, "open_slide", hung)
+    settings = Settings.model_validate({"tiling": {"input_timeout_s": 1.5}})
+    t0 = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            summary = analyze_folder(bank, tmp_path / "out", settings, workers=1)
+    finally:
+        release.set()
+    assert time.perf_counter() - t0 < 60
+    rows = pd.read_csv(tmp_path / "out" / "slides.csv", keep_default_na=False).set_index("slide")
+    assert summary.failed == 1
+    assert rows.loc["c2.tif", "error"] == (
+        f"{bank / 'c2.tif'}: opening the slide: no answer after 1.5 s (a hung network share?)")
+    assert (rows.drop(index="c2.tif")["status"] == "ok").all()
+
+
+@pytest.mark.slow
+def test_a_slide_that_blocks_on_open_in_a_worker_fails_its_row_and_leaves_no_process(
+        bank, tmp_path):
+    """The same in a worker process (where a test cannot monkeypatch): its row fails after the
+    timeout, the other slides are measured, and the worker stuck in the open is ended with the
+    run."""
+    slides = _copy(bank, tmp_path / "slides")
+    (tmp_path / "c.yaml").write_text("tiling:\n  input_timeout_s: 2\n")
+    tag = uuid.uuid4().hex
+    code, err = finish(spawn(
+        tag, "analyze", str(slides), "--out", str(tmp_path / "out"), "--workers", "2",
+        "--config", str(tmp_path / "c.yaml"),
+        env={"PYTHONPATH": fault_hook(tmp_path), "FQ_TEST_HANG_ON": "t2.tif"}))
+    assert code == 1, err
+    assert_none_left(tag)
+    rows = pd.read_csv(tmp_path / "out" / "slides.csv", keep_default_na=False).set_index("slide")
+    assert rows.loc["t2.tif", "error"] == (
+        f"{slides / 't2.tif'}: opening the slide: no answer after 2 s (a hung network share?)")
+    assert (rows.drop(index="t2.tif")["status"] == "ok").all()
 
 
 # -- 6. the store ------------------------------------------------------------------------------
@@ -587,6 +746,6 @@ def test_sigterm_outside_the_run_block_exits_143_with_one_line():
             "exit_143_on_sigterm(); os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)")
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=60)
+                          timeout=60, check=False)
     assert proc.returncode == 143
     assert proc.stderr.strip() == "terminated (SIGTERM)"
