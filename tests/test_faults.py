@@ -634,6 +634,58 @@ def test_a_slide_that_blocks_on_open_in_a_worker_fails_its_row_and_leaves_no_pro
     assert (rows.drop(index="t2.tif")["status"] == "ok").all()
 
 
+def test_watch_keeps_watching_after_its_event_handler_raises(bank, tmp_path, monkeypatch):
+    """An exception in watch's file-event handler used to kill the watcher thread: the process
+    stayed alive and never analysed again. Now it is logged and the next new slide is
+    analysed."""
+    import _thread
+    import threading
+
+    from fibroquant import cli_ops
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    shutil.copy2(bank / "c1.tif", slides / "c1.tif")
+    out = tmp_path / "out"
+    real_is_slide, real_run = cli_ops._is_slide, cli_ops.run_analyze
+    raised: list[Path] = []
+
+    def is_slide(path: Path, out_dir: Path) -> bool:  # a handler bug, once, on its thread
+        if threading.current_thread() is not threading.main_thread() and not raised:
+            raised.append(path)
+            raise RuntimeError("a bug in the handler")
+        return real_is_slide(path, out_dir)
+
+    def run_analyze(*args, **kwargs):
+        code = real_run(*args, **kwargs)
+        measured = set(pd.read_csv(out / "slides.csv")["slide"])
+        if measured == {"c1.tif"}:  # the first run: an event that makes the handler raise
+            (slides / "notes.txt").write_text("not a slide")
+            end = time.monotonic() + 30
+            while not raised and time.monotonic() < end:
+                time.sleep(0.05)
+            shutil.copy2(bank / "t1.tif", slides / "t1.tif")  # then a new slide
+        elif "t1.tif" in measured:
+            raise KeyboardInterrupt  # analysed: stop watching
+        return code
+
+    monkeypatch.setattr(cli_ops, "_is_slide", is_slide)
+    monkeypatch.setattr(cli_ops, "run_analyze", run_analyze)
+    deadline = threading.Timer(120, _thread.interrupt_main)  # never analysed: stop the test
+    deadline.start()
+    try:
+        code, output = cli("watch", str(slides), "--out", str(out), "--settle", "0.2",
+                           "--workers", "1")
+    finally:
+        deadline.cancel()
+    assert [p.name for p in raised] == ["notes.txt"]
+    assert "notes.txt: a bug in the handler" in output
+    rows = pd.read_csv(out / "slides.csv").set_index("slide")
+    assert list(rows.index) == ["c1.tif", "t1.tif"]
+    assert (rows["status"] == "ok").all()
+    assert code == 130, output  # stopped by the test during its last run
+
+
 # -- 6. the store ------------------------------------------------------------------------------
 
 
