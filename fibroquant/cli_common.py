@@ -246,7 +246,7 @@ def run_analyze(
         if not any(error in line for line in failed_lines):
             err.print(f"[yellow]failed: {escape(error or slide)}[/]", markup=True)
     for slide in summary.crashed:
-        warn(f"not measured again: {slide} (it crashed its worker process in earlier runs; "
+        warn(f"not measured again: {slide} (it crashed the process measuring it in earlier runs; "
              "--force to retry)")
     for line in summary.warnings:
         warn(line)

@@ -198,7 +198,7 @@ def _print_status(info: dict[str, Any]) -> None:
         for key, label in (("new", "new"), ("changed", "changed"),
                            ("not_measured_with_these_settings", "not measured yet"),
                            ("failed_before", "failed before (measured again)"),
-                           ("crashed", "crashed its worker twice (not measured again)"),
+                           ("crashed", "crashed the process measuring it twice (not measured again)"),
                            ("outputs_missing", "overlay missing or outdated (measured again)"),
                            ("removed", "removed")):
             for name in folder[key]:

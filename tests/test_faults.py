@@ -6,7 +6,9 @@ way a user would: a plain rerun gives the tables of a clean run, and no process 
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import hashlib
 import json
 import os
 import random
@@ -17,6 +19,7 @@ import sys
 import time
 import uuid
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -752,6 +755,77 @@ def test_a_store_that_lost_its_last_run_or_its_tables_is_refused(bank, tmp_path)
     code, output = cli("analyze", str(slides), "--out", str(out), "--workers", "1")
     assert code == 4
     assert "lost its tables (history)" in output
+
+
+@contextlib.contextmanager
+def read_only(folder: Path, how: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """``folder`` seen read-only: through a read-only bind mount (skips where the test cannot
+    mount; chmod does not stop root), or with every write under it failing with EROFS."""
+    if how == "inject":
+        real_open, real_mkdir = os.open, os.mkdir
+        writes = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+        def under(path) -> bool:
+            return Path(os.fsdecode(path)).absolute().is_relative_to(folder)
+
+        def ro_open(path, flags, *args, **kwargs):
+            if flags & writes and under(path):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fsdecode(path))
+            return real_open(path, flags, *args, **kwargs)
+
+        def ro_mkdir(path, *args, **kwargs):
+            if under(path):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fsdecode(path))
+            return real_mkdir(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", ro_open)
+        monkeypatch.setattr(os, "mkdir", ro_mkdir)
+        yield folder
+        return
+    view = folder.with_name(folder.name + "-ro")
+    view.mkdir()
+    mounted = subprocess.run(["mount", "--bind", str(folder), str(view)], capture_output=True,
+                             check=False).returncode == 0
+    try:
+        if not mounted or subprocess.run(["mount", "-o", "remount,bind,ro", str(view)],
+                                         capture_output=True, check=False).returncode != 0:
+            pytest.skip("cannot mount a read-only view here")
+        yield view
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(view)], capture_output=True, check=False)
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("how", ["mount", "inject"])
+def test_a_read_only_output_folder_is_one_line_exit_4_and_nothing_written(bank, tmp_path,
+                                                                          monkeypatch, how):
+    """A new OUT inside a read-only file system used to end in a traceback, and status on a
+    read-only OUT called an intact store unreadable. Now analyze exits 4 with one line naming
+    the folder, writes nothing, and status reads the store."""
+    disk = tmp_path / "disk"
+    run(bank, disk / "out", samples=bank / "samples.csv")
+    before = _snapshot(disk)
+    with read_only(disk, how, monkeypatch) as ro:
+        code, output = cli("analyze", str(bank), "--out", str(ro / "out"), "--workers", "1")
+        assert code == 4, output
+        assert [line for line in output.splitlines() if "error" in line] == [
+            line for line in output.splitlines() if line.strip()]
+        assert (f"{ro / 'out' / '.fibroquant.lock'}: cannot open the output folder's lock "
+                "file: Read-only file system") in output
+        code, output = cli("analyze", str(bank), "--out", str(ro / "new"), "--workers", "1")
+        assert code == 4, output
+        assert f"cannot create the output folder {ro / 'new'}: Read-only file system" in output
+        assert "Traceback" not in output
+        if how == "mount":  # SQLite itself meets the read-only file system
+            code, output = cli("status", str(ro / "out"))
+            assert code == 0, output
+            assert "4 slide(s) stored, 4 ok, 0 failed" in output
+    assert _snapshot(disk) == before
 
 
 # -- 7. exit codes and settings files --------------------------------------------------------
