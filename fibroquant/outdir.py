@@ -391,22 +391,36 @@ _FATAL = re.compile(r"^Fatal Python error: (.+)$", re.MULTILINE)
 
 def take_measuring_marker(out_dir: Path) -> dict[str, Any] | None:
     """The slide a run was measuring in its own process when it ended abruptly, and remove the
-    file (:func:`measuring_marker`); None when the last run left none.
+    file (:func:`measuring_marker`); None when the last run left none. Hold the folder's
+    :class:`OutputLock` (the file of a run in progress is not a leftover).
+
+    Returns
+    -------
+    dict or None
+        As :func:`read_measuring_marker`.
+    """
+    info = read_measuring_marker(out_dir)
+    with contextlib.suppress(OSError):
+        (Path(out_dir) / MEASURING_NAME).unlink()
+    return info
+
+
+def read_measuring_marker(out_dir: Path) -> dict[str, Any] | None:
+    """The slide named by ``OUT_DIR/.fibroquant-measuring`` (:func:`measuring_marker`): being
+    measured in a run's own process, or being measured when that run ended abruptly.
 
     Returns
     -------
     dict or None
         The ``info`` it was given, with ``fatal``: the fatal signal faulthandler reported
         (``"Segmentation fault"``, ``"Aborted"``...), or None when the run was killed without
-        one (``kill -9``, the out-of-memory killer, a power cut).
+        one (``kill -9``, the out-of-memory killer, a power cut) or is still running. None
+        when there is no such file.
     """
-    path = Path(out_dir) / MEASURING_NAME
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        text = (Path(out_dir) / MEASURING_NAME).read_text(encoding="utf-8", errors="replace")
     except OSError:
         return None
-    with contextlib.suppress(OSError):
-        path.unlink()
     head, _, rest = text.partition("\n")
     try:
         info = json.loads(head)
@@ -430,6 +444,7 @@ __all__ = [
     "fsync_dir",
     "is_temp_file",
     "measuring_marker",
+    "read_measuring_marker",
     "remove_stale_temp_files",
     "take_measuring_marker",
 ]

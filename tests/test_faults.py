@@ -477,6 +477,9 @@ def test_a_slide_that_crashes_the_run_itself_is_recorded_and_then_skipped(bank, 
     tag = uuid.uuid4().hex
     code, err = finish(spawn(tag, *args, env=env))
     assert code == -signal.SIGSEGV, err  # the crash is real: the run itself died
+    code, output = cli("status", str(out))
+    assert code == 0, output
+    assert "crashed (Segmentation fault) while measuring c1.tif" in output
     code, err = finish(spawn(tag, *args, env=env))
     assert code == 1, err
     assert "c1.tif: fibroquant crashed (Segmentation fault) while measuring this slide" in err
