@@ -242,6 +242,11 @@ class TilingSettings(_Model):
         64.0, gt=0, le=1024, description="largest mask/overlay written; coarser above it, megapixels"
     )
     qc_max_px: int = Field(2000, ge=100, le=20000, description="longest side of QC overlays, px")
+    input_timeout_s: float = Field(
+        120.0, gt=0, le=86400,
+        description="longest wait for a slide file to be fingerprinted or opened, seconds: a "
+        "file on a hung network share (or anything that blocks) fails its row after it",
+    )
 
 
 class TraitSettings(_Model):
@@ -345,7 +350,7 @@ class Settings(_Model):
             from fibroquant.classifier import file_hash
 
             data["classifier_sha256"] = file_hash(clf)
-        for key in ("mask_max_mpx", "qc_max_px"):
+        for key in ("mask_max_mpx", "qc_max_px", "input_timeout_s"):
             data["tiling"].pop(key)
         data["traits"].pop("tile_px")
         if not data["traits"]["enabled"]:  # no trait measured: hashes as before traits existed

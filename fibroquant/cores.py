@@ -1,7 +1,8 @@
 """The cores a slide's tile threads may use now, inside a run's local pool of worker processes.
 
 A local pool shares one counter of the slides running across its worker processes
-(:func:`join_pool`, called by each worker's initializer). A slide's tile loop runs as many tiles
+(:func:`join_pool`, called by each worker's initializer), kept by the run that sends them their
+slides. A slide's tile loop runs as many tiles
 at once as its equal share of the pool's cores among the slides running
 (:func:`tile_threads`), so a slide left running alone takes the cores the others gave back.
 Outside a local pool (one process, a Dask worker) a slide uses the threads it was given.
@@ -11,12 +12,12 @@ The C heap of a process measuring slides is tuned once (:func:`tune_malloc`).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 #: Slides running in the local worker processes of this run (a shared
-#: ``multiprocessing.Value``, given to each worker by :func:`join_pool`); None outside a pool.
+#: ``multiprocessing.RawValue`` the run sets and the workers read, given to each worker by
+#: :func:`join_pool`); None outside a pool.
 _running: Any = None
 #: The cores those worker processes share.
 _pool_cores = 0
@@ -42,22 +43,6 @@ def tile_threads(cap: int) -> int:
     if _running is None:
         return cap
     return max(1, min(cap, _pool_cores // max(1, _running.value)))
-
-
-@contextmanager
-def counted_running() -> Iterator[None]:
-    """Count this slide among the pool's running slides while it runs (no-op outside one)."""
-    running = _running
-    if running is None:
-        yield
-        return
-    with running.get_lock():
-        running.value += 1
-    try:
-        yield
-    finally:
-        with running.get_lock():
-            running.value -= 1
 
 
 def gated(fn: Callable[..., Any], cap: int) -> Callable[..., Any]:
