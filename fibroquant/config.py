@@ -260,6 +260,11 @@ class TilingSettings(_Model):
         64.0, gt=0, le=1024, description="largest mask/overlay written; coarser above it, megapixels"
     )
     qc_max_px: int = Field(2000, ge=100, le=20000, description="longest side of QC overlays, px")
+    zoom: bool | None = Field(
+        None, description="write a zoomable full-resolution QC overlay (DeepZoom tiles and an "
+        "OpenSeadragon page in zoom/); None = for slides larger than qc_max_px, whose QC "
+        "overlay is downscaled (a microscope field's overlay is already full resolution)",
+    )
 
 
 class TraitSettings(_Model):
@@ -363,7 +368,7 @@ class Settings(_Model):
             from fibroquant.classifier import file_hash
 
             data["classifier_sha256"] = file_hash(clf)
-        for key in ("mask_max_mpx", "qc_max_px"):
+        for key in ("mask_max_mpx", "qc_max_px", "zoom"):
             data["tiling"].pop(key)
         data["traits"].pop("tile_px")
         if not data["traits"]["enabled"]:  # no trait measured: hashes as before traits existed

@@ -330,6 +330,21 @@ EXCLUSION_COLOURS: dict[str, tuple[int, int, int]] = {
 _EXCLUSION_ALPHA = 0.7
 
 
+#: The collagen fill of each stain protocol: the same for every slide of a study, so a reader
+#: compares like with like (a fill chosen per image flipped on a Masson slide whose detected
+#: collagen was mostly purple-red).
+STAIN_FILL_RGB: dict[str, tuple[int, int, int]] = {
+    "sirius-red": COLLAGEN_FILL_ON_RED_RGB,
+    "masson": COLLAGEN_FILL_ON_BLUE_RGB,
+}
+
+
+def collagen_fill_for_stain(stain: str) -> tuple[int, int, int]:
+    """The collagen fill against a protocol's collagen dye: cyan on Sirius red, yellow on
+    Masson's aniline blue or light green (:data:`STAIN_FILL_RGB`; cyan for another)."""
+    return STAIN_FILL_RGB.get(str(stain), COLLAGEN_FILL_ON_RED_RGB)
+
+
 def collagen_fill_colour(rgb: np.ndarray, collagen: np.ndarray) -> tuple[int, int, int]:
     """The fill colour that stands out against the slide's collagen stain: cyan when the
     collagen pixels are red, yellow when they are blue or green."""
@@ -1327,6 +1342,7 @@ figcaption { color: var(--muted); font-size: 13px; display: table-caption; capti
 .card .body { padding: 8px 12px 10px; font-size: 13.5px; }
 .card .name { font-weight: 600; word-break: break-all; }
 .card .meta { color: var(--muted); }
+.card .links { margin-top: 2px; }
 .card .cpa { font-size: 18px; font-weight: 600; font-variant-numeric: tabular-nums; }
 .badge { display: inline-block; font-size: 12px; padding: 1px 8px; border-radius: 10px;
          background: var(--warnbg); color: var(--warn); margin-top: 4px; }
@@ -1551,13 +1567,22 @@ def _stats_notes(groups: pd.DataFrame, omnibus: Mapping[str, Any] | None,
     return out
 
 
-def _slide_card(row: pd.Series, uri: str | None, href: str | None = None) -> str:
+def _slide_card(row: pd.Series, uri: str | None, href: str | None = None,
+                zoom_href: str | None = None) -> str:
     name = _text(row.get("slide"))
     img = (f'<img src="{uri}" alt="QC overlay of {_e(name)}" loading="lazy">' if uri
            else '<div class="noimg">no QC overlay</div>')
-    if uri and href:
-        img = (f'<a href="{_e(quote(href))}" target="_blank" rel="noopener" '
-               f'title="open the full overlay">{img}</a>')
+    target = zoom_href or href
+    if uri and target:
+        tip = "zoom into the full-resolution overlay" if zoom_href else "open the full overlay"
+        img = (f'<a href="{_e(quote(target))}" target="_blank" rel="noopener" '
+               f'title="{tip}">{img}</a>')
+    links = []
+    if zoom_href:
+        links.append(f'<a href="{_e(quote(zoom_href))}" target="_blank" rel="noopener">'
+                     "zoom (full resolution)</a>")
+    if href:
+        links.append(f'<a href="{_e(quote(href))}" target="_blank" rel="noopener">overlay</a>')
     cpa = _as_float(row.get("cpa_percent"))
     tissue = _as_float(row.get("tissue_area_mm2"))
     status = _text(row.get("status")).lower() or "ok"
@@ -1576,7 +1601,8 @@ def _slide_card(row: pd.Series, uri: str | None, href: str | None = None) -> str
         f'<div class="meta">mouse {_e(_text(row.get("mouse")))} · '
         f'{_e(_text(row.get("group")))}</div>'
         f'<div><span class="cpa">{cpa_text}</span> <span class="meta">{tissue_text}</span></div>'
-        f'{"".join(badges)}</div></div>'
+        + (f'<div class="links">{" · ".join(links)}</div>' if links else "")
+        + f'{"".join(badges)}</div></div>'
     )
 
 
@@ -1756,20 +1782,25 @@ def write_report_html(
         if _text(row.get("status", "ok")).lower() not in ("", "ok", "wrong-stain"):
             continue  # failed: no overlay (a wrong stain keeps its overlay, for inspection)
         qc_path = qc_images.get(_text(row.get("slide")))
-        href = None
+        href = zoom_href = None
         if qc_path and Path(qc_path).is_file():
-            href = Path(os.path.relpath(Path(qc_path).resolve(), Path(path).resolve().parent))
+            here = Path(path).resolve().parent
+            href = Path(os.path.relpath(Path(qc_path).resolve(), here)).as_posix()
+            page = Path(qc_path).parent.parent / "zoom" / f"{Path(qc_path).stem}.html"
+            if page.is_file():  # written by fibroquant.zoom for whole slides
+                zoom_href = Path(os.path.relpath(page.resolve(), here)).as_posix()
         cards.append(_slide_card(row, _thumb_jpeg_uri(Path(qc_path)) if qc_path else None,
-                                 href.as_posix() if href else None))
+                                 href, zoom_href))
     sw = '<span class="sw" style="background:{}"></span>'
     legend = ('<div class="legend">' + "".join(
         f"<span>{sw.format('rgb(%d,%d,%d)' % rgb)}{_e(name)}</span>" for name, rgb in (
-            ("collagen (red stains)", COLLAGEN_FILL_ON_RED_RGB),
-            ("collagen (blue stains)", COLLAGEN_FILL_ON_BLUE_RGB),
+            ("collagen on Sirius red", STAIN_FILL_RGB["sirius-red"]),
+            ("collagen on Masson trichrome", STAIN_FILL_RGB["masson"]),
             ("tissue outline", TISSUE_OUTLINE_RGB), *EXCLUSION_COLOURS.items()))
         + '</div><p class="note">Each card opens its full-size overlay (<code>qc/</code>), '
-        "with a scale bar and legend. Check that every filled area is collagen and that "
-        "nothing else is.</p>")
+        "with a scale bar and legend; a whole slide's card opens a zoomable view at the "
+        "analysis resolution (<code>zoom/</code>, OpenSeadragon, works offline). Check that "
+        "every filled area is collagen and that nothing else is.</p>")
     parts.append('<section id="qc"><h2>QC gallery</h2>' + legend
                  + (f'<div class="gallery">{"".join(cards)}</div>' if cards
                     else '<p class="note">No measured slides.</p>') + "</section>")
@@ -1867,7 +1898,9 @@ def write_qc(path: Path, analysis: Any, *, max_px: int = 2000, title: str = "") 
     exclusions = _exclusion_masks(getattr(analysis, "flags", None),
                                   fit(analysis.excluded_mask))
     rgb = _as_rgb_uint8(thumb)
-    colour = collagen_fill_colour(rgb, collagen)
+    stain = getattr(analysis, "stain", "")
+    colour = (collagen_fill_for_stain(stain) if stain in STAIN_FILL_RGB
+              else collagen_fill_colour(rgb, collagen))
     overlay = qc_fill(rgb, fit(analysis.tissue_mask), collagen, exclusions, colour)
     mpp = float(getattr(analysis, "mask_mpp", 0) or 0) * (mh / size[1])
     panel = qc_panel(overlay, title=title or Path(path).stem, mpp=mpp or 1.0,

@@ -1,0 +1,190 @@
+"""The zoomable full-resolution QC view: DeepZoom pyramid geometry, content, the same collagen
+decision as the measurement, bounded reads, the viewer page, and the CLI's --zoom."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+import pytest
+
+from fibroquant import pipeline, zoom
+from fibroquant.config import Settings
+from fibroquant.slides import ArraySlide
+from fibroquant.synthetic import SectionParams, make_section
+from fibroquant.tasks import discard_outputs
+from fibroquant.tiles import tile_grid
+
+MPP = 0.5
+
+
+@pytest.fixture(scope="module")
+def section() -> np.ndarray:
+    rgb, _ = make_section(SectionParams(shape=(700, 1100), mpp=MPP), rng=5)
+    return rgb
+
+
+def _run(rgb: np.ndarray, out: Path, captured: dict | None = None, **settings_kw) -> object:
+    settings = Settings.model_validate({"tiling": {"zoom": True, **settings_kw}})
+    writer = zoom.zoom_writer(out, "s", settings, "s.png")
+
+    def after(cal, result, decide) -> None:
+        if captured is not None:
+            captured["cal"] = cal
+        writer(cal, result, decide)
+
+    return pipeline.analyze_slide("s.png", settings, slide=ArraySlide(rgb, MPP), after=after)
+
+
+def _assemble(files: Path, level: int, size: tuple[int, int]) -> np.ndarray:
+    """A DeepZoom level put together from its tiles (overlap cut off), RGB."""
+    w, h = size
+    img = np.zeros((h, w, 3), np.uint8)
+    for path in (files / str(level)).glob("*.jpg"):
+        col, row = map(int, path.stem.split("_"))
+        tile = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+        y0, x0 = row * zoom.TILE_PX, col * zoom.TILE_PX
+        oy, ox = (zoom.OVERLAP_PX if row else 0), (zoom.OVERLAP_PX if col else 0)
+        th, tw = min(zoom.TILE_PX, h - y0), min(zoom.TILE_PX, w - x0)
+        img[y0 : y0 + th, x0 : x0 + tw] = tile[oy : oy + th, ox : ox + tw]
+    return img
+
+
+def test_dzi_levels_halve_with_ceiling() -> None:
+    """Level sizes as the DeepZoom format defines them: ceil(size / 2^(top - level))."""
+    levels = zoom.dzi_levels(1100, 700)
+    assert len(levels) == math.ceil(math.log2(1100)) + 1
+    assert levels[0] == (1, 1)
+    assert levels[-1] == (1100, 700)
+    assert levels[-2] == (550, 350)
+    assert levels[-4] == (138, 88)
+
+
+def test_pyramid_tiles_overlap_and_content(section: np.ndarray, tmp_path: Path) -> None:
+    """Every level has its tiles, each 254 px + 1 px overlap on inner sides; the top level is
+    the slide with the collagen tinted; a lower level is the upper one halved."""
+    captured: dict = {}
+    result = _run(section, tmp_path, captured)
+    files = tmp_path / "zoom" / "s_files"
+    levels = zoom.dzi_levels(1100, 700)
+    for level, (w, h) in enumerate(levels):
+        names = {p.name for p in (files / str(level)).glob("*.jpg")}
+        cols, rows = -(-w // zoom.TILE_PX), -(-h // zoom.TILE_PX)
+        assert names == {f"{c}_{r}.jpg" for c in range(cols) for r in range(rows)}
+        last = cv2.imread(str(files / str(level) / f"{cols - 1}_{rows - 1}.jpg"))
+        exp_w = w - (cols - 1) * zoom.TILE_PX + (zoom.OVERLAP_PX if cols > 1 else 0)
+        exp_h = h - (rows - 1) * zoom.TILE_PX + (zoom.OVERLAP_PX if rows > 1 else 0)
+        assert last.shape[:2] == (exp_h, exp_w), level
+    top = _assemble(files, len(levels) - 1, levels[-1]).astype(int)
+    # the same collagen decision as the measurement, at full resolution
+    cal = captured["cal"]
+    collagen = np.zeros((700, 1100), bool)
+    for y0, x0, y1, x1 in tile_grid(cal.geometry, Settings().tiling.tile_px):
+        c, *_ = zoom._classify(cal, np.ascontiguousarray(section[y0:y1, x0:x1]),
+                               (y0, x0, y1, x1), None)
+        collagen[y0:y1, x0:x1] = c
+    counted = collagen.sum() * MPP * MPP / 1e6
+    assert counted == pytest.approx(result.measurements.collagen_area_mm2, rel=1e-12)
+    fill = np.array(zoom.COLLAGEN_ALPHA * np.array((0, 229, 255))
+                    + (1 - zoom.COLLAGEN_ALPHA) * section.astype(float))
+    err_fill = np.abs(top[collagen] - fill[collagen]).mean()
+    err_raw = np.abs(top[collagen] - section[collagen].astype(int)).mean()
+    assert err_fill < 7  # JPEG q75
+    assert err_raw > 4 * err_fill  # tinted, not left as it is
+    glass = ~cv2.dilate(result.tissue_mask.astype(np.uint8) | result.excluded_mask.astype(
+        np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
+    assert np.abs(top[glass] - section[glass].astype(int)).mean() < 3  # glass left as it is
+    half = _assemble(files, len(levels) - 2, levels[-2]).astype(float)
+    halved = cv2.resize(top.astype(np.uint8), (550, 350), interpolation=cv2.INTER_AREA)
+    assert np.abs(half - halved).mean() < 3
+
+
+def test_blocks_bound_the_reads_and_match_one_block(section: np.ndarray, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """With blocks smaller than the slide, no read is larger than a block and its margin,
+    and the pyramid (coarse levels from the small canvas included) matches one block's."""
+    _run(section, tmp_path / "one")
+    reads: list[tuple[int, int]] = []
+    real = zoom.read_analysis
+
+    def spy(slide, geo, y, x, h, w):
+        reads.append((h, w))
+        return real(slide, geo, y, x, h, w)
+
+    monkeypatch.setattr(zoom, "BLOCK_LEVELS", 2)
+    monkeypatch.setattr(zoom, "BLOCK_PX", zoom.TILE_PX * 4)
+    monkeypatch.setattr(zoom, "read_analysis", spy)
+    _run(section, tmp_path / "many")
+    assert len(reads) == 2  # 1100 x 700 in 1016-px blocks: one row of two
+    assert max(max(r) for r in reads) <= zoom.BLOCK_PX + 2 * 4
+    levels = zoom.dzi_levels(1100, 700)
+    for level in (len(levels) - 1, len(levels) - 3, len(levels) - 5, 2):
+        a = _assemble(tmp_path / "one" / "zoom" / "s_files", level, levels[level])
+        b = _assemble(tmp_path / "many" / "zoom" / "s_files", level, levels[level])
+        assert np.abs(a.astype(int) - b).mean() < 1.5, level
+
+
+def test_wants_zoom_for_slides_larger_than_the_overlay() -> None:
+    """Auto: a whole slide (larger than the QC overlay, or masks reduced) gets a view, a
+    microscope field does not; True / False decide."""
+    field = SimpleNamespace(width=1500, height=1200, mask_factor=1)
+    slide = SimpleNamespace(width=40000, height=30000, mask_factor=5)
+    assert not zoom.wants_zoom(None, field, 2000)
+    assert zoom.wants_zoom(None, slide, 2000)
+    assert zoom.wants_zoom(None, SimpleNamespace(width=2100, height=900, mask_factor=1), 2000)
+    assert zoom.wants_zoom(True, field, 2000)
+    assert not zoom.wants_zoom(False, slide, 2000)
+
+
+def test_page_opens_the_tiles_offline_and_discard_removes_all(section: np.ndarray,
+                                                              tmp_path: Path) -> None:
+    """The page loads the bundled OpenSeadragon and its licence sits beside it; the tile
+    source is inline (file:// cannot fetch the .dzi), nothing comes from the network; a
+    failed slide's view is removed with its other outputs."""
+    _run(section, tmp_path)
+    zdir = tmp_path / "zoom"
+    page = (zdir / "s.html").read_text(encoding="utf-8")
+    srcs = re.findall(r'src="([^"]+)"', page)
+    assert srcs == ["openseadragon/openseadragon.min.js"]
+    assert (zdir / srcs[0]).stat().st_size > 100_000
+    assert "Redistribution and use" in (zdir / "openseadragon" /
+                                        "LICENSE-openseadragon.txt").read_text()
+    assert (zdir / "openseadragon" / "images" / "zoomin_rest.png").is_file()
+    assert not re.search(r"https?://(?!schemas\.microsoft\.com)", page)
+    source = json.loads(re.search(r"tileSources: (\{.*?\}\}\})", page).group(1))
+    assert source["Image"]["Url"] == "s_files/"
+    assert source["Image"]["Size"] == {"Width": "1100", "Height": "700"}
+    assert 'Width="1100" Height="700"' in (zdir / "s.dzi").read_text()
+    discard_outputs(tmp_path, "s")
+    assert sorted(p.name for p in zdir.iterdir()) == ["openseadragon"]
+
+
+def test_cli_zoom_flag_and_report_link(tmp_path: Path, repo_root: Path) -> None:
+    """``analyze --zoom`` on a field writes the view and the report's card links to it;
+    ``--no-zoom`` on the rerun removes it."""
+    from typer.testing import CliRunner
+
+    from fibroquant.cli import app
+    from fibroquant.synthetic import write_pyramid_tiff
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    rgb, _ = make_section(SectionParams(shape=(400, 500), mpp=MPP), rng=2)
+    write_pyramid_tiff(slides / "a.tif", rgb, MPP)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["analyze", str(slides), "-o", str(out), "--zoom",
+                                   "--no-traits", "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    assert (out / "zoom" / "a.html").is_file()
+    report = (out / "report.html").read_text(encoding="utf-8")
+    assert 'href="zoom/a.html"' in report
+    res = CliRunner().invoke(app, ["analyze", str(slides), "-o", str(out), "--no-zoom",
+                                   "--force", "--no-traits", "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    assert not (out / "zoom" / "a.html").exists()
+    assert 'href="zoom/a.html"' not in (out / "report.html").read_text(encoding="utf-8")
