@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/zoom.py [--size 32768] [--threads 2] [--workdir DIR]
+    python benchmarks/zoom.py [--size 32768] [--threads 2] [--workdir DIR] [--analysis-mpp 1]
 
 Writes an SVS-like pyramid (``benchmarks/wsi.py``'s slide: a mirror-tiled synthetic field at
 0.25 µm/px, tissue everywhere, so the worst case for the view) of ``size`` × ``size`` pixels,
@@ -26,6 +26,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=32768)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workdir", type=Path)
+    ap.add_argument("--analysis-mpp", type=float, default=None,
+                    help="analysis resolution (default: native, 0.25 µm/px)")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
     import wsi
@@ -39,7 +41,7 @@ def main() -> None:
     if not slide.exists():
         sec, _ = wsi.section(work)
         print(f"writing {slide.name}: {wsi.write_slide(slide, args.size, sec):.1f} s")
-    settings = Settings()
+    settings = Settings.model_validate({"tiling": {"analysis_mpp": args.analysis_mpp}})
     out = work / "out"
     shutil.rmtree(out, ignore_errors=True)
     times: dict[str, float] = {}

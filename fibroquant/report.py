@@ -339,6 +339,9 @@ STAIN_FILL_RGB: dict[str, tuple[int, int, int]] = {
 }
 
 
+_STAIN_NAMES = {"sirius-red": "Sirius red", "masson": "Masson trichrome"}
+
+
 def collagen_fill_for_stain(stain: str) -> tuple[int, int, int]:
     """The collagen fill against a protocol's collagen dye: cyan on Sirius red, yellow on
     Masson's aniline blue or light green (:data:`STAIN_FILL_RGB`; cyan for another)."""
@@ -740,6 +743,17 @@ def _ok_rows(slides: pd.DataFrame) -> pd.DataFrame:
     return slides
 
 
+def _trait_title(name: str, unit: str) -> str:
+    """A trait's panel title: its name without the unit suffix, then the unit
+    (``fibre_length_density_mm_per_mm2`` -> ``fibre length density (mm/mm²)``)."""
+    for suffix in ("_mm_per_mm2", "_per_mm2", "_percent", "_um", "_mpp"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    label = _wrap(name.replace("_", " "), 24)
+    return label if unit in ("", "1") else f"{label} ({unit})"
+
+
 def plot_traits(
     mice: pd.DataFrame,
     trait_groups: pd.DataFrame,
@@ -782,15 +796,16 @@ def plot_traits(
             if len(v):
                 ax.hlines(v.mean(), i - 0.25, i + 0.25, color="black", lw=1.2)
         ax.set_xticks(range(len(groups)), [_wrap(g, 10) for g in groups], fontsize=_FONT_PT - 2)
-        label = name.rsplit("_", 1)[0] if trait_unit(name) != "1" else name
-        title = f"{label.replace('_', ' ')} ({trait_unit(name)})"
+        title = _trait_title(name, trait_unit(name))
         rows = trait_groups[(trait_groups["trait"] == name) & ~trait_groups["is_control"].astype(bool)] \
             if len(trait_groups) else trait_groups
         rows = rows[pd.to_numeric(rows["hedges_g"], errors="coerce").notna()] if len(rows) else rows
         if len(rows):
             best = rows.loc[pd.to_numeric(rows["hedges_g"]).abs().idxmax()]
-            title += f"\ng = {float(best['hedges_g']):+.2f}, {format_p(best['holm_welch_p'])}"
-        ax.set_title(_wrap(title, 28), fontsize=_FONT_PT - 2)
+            p_text = format_p(best["holm_welch_p"])
+            title += (f"\ng = {float(best['hedges_g']):+.2f}, Holm p "
+                      f"{p_text if p_text.startswith('<') else '= ' + p_text}")
+        ax.set_title(title, fontsize=_FONT_PT - 2)
     for ax in axes.ravel()[len(names):]:
         ax.set_visible(False)
     return _save_figure(fig, out_stem)
@@ -1577,12 +1592,13 @@ def _slide_card(row: pd.Series, uri: str | None, href: str | None = None,
         tip = "zoom into the full-resolution overlay" if zoom_href else "open the full overlay"
         img = (f'<a href="{_e(quote(target))}" target="_blank" rel="noopener" '
                f'title="{tip}">{img}</a>')
-    links = []
+    links = []  # only with a zoomable view: otherwise the picture opens the one overlay
     if zoom_href:
         links.append(f'<a href="{_e(quote(zoom_href))}" target="_blank" rel="noopener">'
                      "zoom (full resolution)</a>")
-    if href:
-        links.append(f'<a href="{_e(quote(href))}" target="_blank" rel="noopener">overlay</a>')
+        if href:
+            links.append(f'<a href="{_e(quote(href))}" target="_blank" rel="noopener">'
+                         "overlay</a>")
     cpa = _as_float(row.get("cpa_percent"))
     tissue = _as_float(row.get("tissue_area_mm2"))
     status = _text(row.get("status")).lower() or "ok"
@@ -1792,10 +1808,12 @@ def write_report_html(
         cards.append(_slide_card(row, _thumb_jpeg_uri(Path(qc_path)) if qc_path else None,
                                  href, zoom_href))
     sw = '<span class="sw" style="background:{}"></span>'
+    present = set(slides["stain"].map(_text)) if "stain" in slides else set()
+    stains_shown = [st for st in STAIN_FILL_RGB if st in present] or list(STAIN_FILL_RGB)
     legend = ('<div class="legend">' + "".join(
         f"<span>{sw.format('rgb(%d,%d,%d)' % rgb)}{_e(name)}</span>" for name, rgb in (
-            ("collagen on Sirius red", STAIN_FILL_RGB["sirius-red"]),
-            ("collagen on Masson trichrome", STAIN_FILL_RGB["masson"]),
+            *((f"collagen ({_STAIN_NAMES.get(st, st)})", STAIN_FILL_RGB[st])
+              for st in stains_shown),
             ("tissue outline", TISSUE_OUTLINE_RGB), *EXCLUSION_COLOURS.items()))
         + '</div><p class="note">Each card opens its full-size overlay (<code>qc/</code>), '
         "with a scale bar and legend; a whole slide's card opens a zoomable view at the "
@@ -1816,14 +1834,16 @@ def write_report_html(
                              ensure_ascii=False))
 
     brief = {k: v for k, v in provenance.items()
-             if not isinstance(v, (list, tuple)) and k != "settings"}
+             if not isinstance(v, (list, tuple, dict)) and k != "settings"}
+    versions = provenance.get("versions")
     parts.append('<section id="settings"><h2>Settings and versions</h2>'
-                 "<details><summary>Settings (as in results.xlsx)</summary>"
-                 f"<pre>{pretty(settings)}</pre></details>"
-                 "<h3>Provenance</h3>"
+                 f"{_kv_table(brief)}"
                  '<p class="note">The full record, with the fingerprint of every input file: '
                  '<a href="provenance.json">provenance.json</a>.</p>'
-                 f"{_kv_table(brief)}</section>")
+                 + ("<details><summary>Package versions</summary>"
+                    f"{_kv_table(versions)}</details>" if isinstance(versions, Mapping) else "")
+                 + "<details><summary>Settings (as in results.xlsx)</summary>"
+                 f"<pre>{pretty(settings)}</pre></details></section>")
     parts.append(f"<footer>Generated by fibroquant {_e(version)}. "
                  "Images are embedded; the full-size overlays (qc/) and provenance.json are beside "
                  "this file.</footer>")
