@@ -60,9 +60,14 @@ BLOCK_PX = TILE_PX * 2**BLOCK_LEVELS
 #: one-pixel fibre's fill is not smeared over its neighbours by chroma subsampling (q75 4:4:4
 #: is ~10 % larger than q82 4:2:0 on tissue).
 JPEG_QUALITY = 75
-#: Collagen fill opacity at full resolution: lighter than the QC overlay's, so the fibre's own
-#: stain stays visible under it.
-COLLAGEN_ALPHA = 0.45
+#: Collagen fill opacity at full resolution: light, so the fibre's own stain stays visible
+#: under it; the fill's edge (:data:`COLLAGEN_EDGE_ALPHA`, :data:`EDGE_PX`) marks what was
+#: counted.
+COLLAGEN_ALPHA = 0.15
+COLLAGEN_EDGE_ALPHA = 0.8
+#: Width of that edge, px (2: still a line on the level below, half the resolution).
+EDGE_PX = 2
+_CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
 EXCLUSION_ALPHA = 0.55
 _VIEWER_ASSETS = "openseadragon"
 
@@ -218,7 +223,11 @@ def _draw_block(cal: Calibration, box: tuple[int, int, int, int],
             left &= ~m
         _tint(win, left, EXCLUSION_COLOURS["capsule"], EXCLUSION_ALPHA)  # the band's collagen
         _tint(win, unfocused, EXCLUSION_COLOURS["unfocused"], EXCLUSION_ALPHA)
-        _tint(win, collagen & ~unfocused, colour, COLLAGEN_ALPHA)
+        counted = collagen & ~unfocused
+        edge = counted & ~cv2.erode(counted.view(np.uint8), _CROSS, iterations=EDGE_PX,
+                                    borderType=cv2.BORDER_REPLICATE).astype(bool)
+        _tint(win, counted & ~edge, colour, COLLAGEN_ALPHA)
+        _tint(win, edge, colour, COLLAGEN_EDGE_ALPHA)
         view[...] = win
 
     subs = [(sy, sx, min(sy + _CLASSIFY_PX, y1), min(sx + _CLASSIFY_PX, x1))
@@ -397,7 +406,7 @@ def viewer_page(stem: str, title: str, width: int, height: int, mpp: float,
                         "Url": f"{stem}_files/", "Format": "jpg",
                         "Overlap": str(OVERLAP_PX), "TileSize": str(TILE_PX),
                         "Size": {"Width": str(width), "Height": str(height)}}}
-    items = {"collagen": colour, **(legend or EXCLUSION_COLOURS)}
+    items = {"collagen (outlined, lightly tinted)": colour, **(legend or EXCLUSION_COLOURS)}
     swatches = "".join(
         f'<span class="key"><i style="background:rgb{c}"></i>{html.escape(n)}</span>'
         for n, c in items.items())

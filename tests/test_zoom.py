@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import cv2
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from fibroquant import pipeline, zoom
 from fibroquant.config import Settings
@@ -90,18 +91,20 @@ def test_pyramid_tiles_overlap_and_content(section: np.ndarray, tmp_path: Path) 
         collagen[y0:y1, x0:x1] = c
     counted = collagen.sum() * MPP * MPP / 1e6
     assert counted == pytest.approx(result.measurements.collagen_area_mm2, rel=1e-12)
-    fill = np.array(zoom.COLLAGEN_ALPHA * np.array((0, 229, 255))
-                    + (1 - zoom.COLLAGEN_ALPHA) * section.astype(float))
-    err_fill = np.abs(top[collagen] - fill[collagen]).mean()
-    err_raw = np.abs(top[collagen] - section[collagen].astype(int)).mean()
-    assert err_fill < 7  # JPEG q75
-    assert err_raw > 4 * err_fill  # tinted, not left as it is
+    # edge pixels of the counted collagen strongly tinted, the inside lightly
+    edge = collagen & ~ndimage.binary_erosion(collagen, ndimage.generate_binary_structure(2, 1),
+                                              iterations=zoom.EDGE_PX, border_value=1)
+    for where, alpha in ((edge, zoom.COLLAGEN_EDGE_ALPHA), (collagen & ~edge, zoom.COLLAGEN_ALPHA)):
+        fill = alpha * np.array((0, 229, 255)) + (1 - alpha) * section[where].astype(float)
+        err_fill = np.abs(top[where] - fill).mean()
+        err_raw = np.abs(top[where] - section[where].astype(int)).mean()
+        assert err_raw > 2.5 * err_fill  # tinted as said, not left as it is (JPEG q75 errors)
     glass = ~cv2.dilate(result.tissue_mask.astype(np.uint8) | result.excluded_mask.astype(
         np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
     assert np.abs(top[glass] - section[glass].astype(int)).mean() < 3  # glass left as it is
     half = _assemble(files, len(levels) - 2, levels[-2]).astype(float)
     halved = cv2.resize(top.astype(np.uint8), (550, 350), interpolation=cv2.INTER_AREA)
-    assert np.abs(half - halved).mean() < 3
+    assert np.abs(half - halved).mean() < 4  # both JPEG
 
 
 def test_blocks_bound_the_reads_and_match_one_block(section: np.ndarray, tmp_path: Path,
