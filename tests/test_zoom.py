@@ -191,3 +191,34 @@ def test_cli_zoom_flag_and_report_link(tmp_path: Path, repo_root: Path) -> None:
     assert res.exit_code == 0, res.output
     assert not (out / "zoom" / "a.html").exists()
     assert 'href="zoom/a.html"' not in (out / "report.html").read_text(encoding="utf-8")
+
+
+def test_pixel_classifier_decides_the_views_collagen(tmp_path: Path) -> None:
+    """With a pixel classifier, the view shows its decision (read with its halo), as the
+    measurement counts it: collagen is the classifier's pixels within the counted tissue."""
+    rgb, _ = make_section(SectionParams(shape=(300, 400), mpp=MPP, field_of_view=True), rng=3)
+    halos: list[int] = []
+
+    class LeftHalf:
+        def halo_px(self, mpp: float) -> int:
+            return 6
+
+        def predict_tile(self, wide, halo, stains, *, mpp, tissue=None):
+            halos.append(wide.shape[1] - tissue.shape[1])
+            out = np.zeros(tissue.shape, bool)
+            out[:, : 200] = True
+            return out
+
+    captured: dict = {}
+
+    def after(cal, result, decide) -> None:
+        captured["cal"] = cal
+
+    result = pipeline.analyze_slide("f.png", Settings(), slide=ArraySlide(rgb, MPP),
+                                    decide=LeftHalf(), after=after)
+    collagen, tissue, _, _ = zoom._classify(captured["cal"], rgb, (0, 0, 300, 400), LeftHalf())
+    assert halos[-1] == 12
+    assert not collagen[:, 200:].any()
+    assert collagen[:, :200].sum() == tissue[:, :200].sum() > 0
+    assert collagen.sum() * MPP * MPP / 1e6 == pytest.approx(
+        result.measurements.collagen_area_mm2, rel=1e-12)
