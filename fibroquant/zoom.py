@@ -2,7 +2,8 @@
 
 The QC overlay JPEG is at most ``tiling.qc_max_px`` pixels (2,000 by default), so on a whole
 slide a fine fibre is a fraction of a pixel there and cannot be judged. This module draws the
-same overlay (collagen filled, each exclusion in its own colour) at the analysis resolution,
+overlay (counted collagen outlined and lightly tinted, so its own stain stays visible; each
+exclusion in its own colour) at the analysis resolution,
 block by block while the slide is still open, with the same collagen decision as the
 measurement (:func:`fibroquant.tiles.measure_tile` at mask factor 1), and writes it as a
 DeepZoom pyramid (``zoom/STEM.dzi`` and ``zoom/STEM_files/LEVEL/COL_ROW.jpg``) with a page
