@@ -180,17 +180,26 @@ def discard_outputs(out_dir: str | Path, stem: str) -> str | None:
             remove_files([path])
         except FibroquantError as exc:
             problem = problem or str(exc)
-    remove_zoom(out_dir, stem)
+    try:
+        remove_zoom(out_dir, stem)
+    except FibroquantError as exc:
+        problem = problem or str(exc)
     return problem
 
 
 def remove_zoom(out_dir: str | Path, stem: str) -> None:
-    """Delete a slide stem's zoomable QC view (``zoom/STEM.html``, ``.dzi``, ``_files/``)."""
+    """Delete a slide stem's zoomable QC view (``zoom/STEM.html``, ``.dzi``, ``_files/``);
+    those already absent (or without a ``zoom`` folder) are fine.
+
+    Raises
+    ------
+    FibroquantError
+        ``cannot remove PATH: reason`` for a page that exists but cannot be deleted.
+    """
     import shutil
 
     zoom_dir = Path(out_dir) / "zoom"
-    for suffix in (".html", ".dzi"):
-        (zoom_dir / f"{stem}{suffix}").unlink(missing_ok=True)
+    remove_files(zoom_dir / f"{stem}{suffix}" for suffix in (".html", ".dzi"))
     shutil.rmtree(zoom_dir / f"{stem}_files", ignore_errors=True)
 
 

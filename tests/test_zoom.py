@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import ndimage
 
@@ -191,6 +193,15 @@ def test_cli_zoom_flag_and_report_link(tmp_path: Path, repo_root: Path) -> None:
     assert res.exit_code == 0, res.output
     assert not (out / "zoom" / "a.html").exists()
     assert 'href="zoom/a.html"' not in (out / "report.html").read_text(encoding="utf-8")
+    # a view that cannot be written fails its slide, as an overlay that cannot be written
+    shutil.rmtree(out / "zoom")
+    (out / "zoom").write_text("in the way")
+    res = CliRunner().invoke(app, ["analyze", str(slides), "-o", str(out), "--zoom",
+                                   "--force", "--no-traits", "--workers", "1"])
+    assert res.exit_code == 1, res.output
+    row = pd.read_csv(out / "slides.csv").iloc[0]
+    assert row["status"] == "failed"
+    assert "a.tif: cannot write outputs: zoom view:" in row["error"]
 
 
 def test_pixel_classifier_decides_the_views_collagen(tmp_path: Path) -> None:
