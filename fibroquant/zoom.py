@@ -18,6 +18,7 @@ pixels) gives the coarser levels.
 
 from __future__ import annotations
 
+import glob
 import html
 import json
 import math
@@ -280,6 +281,8 @@ def write_zoom(out_dir: Path, stem: str, cal: Calibration, result: SlideResult,
     margin = 2**k
     zoom_dir = Path(out_dir) / "zoom"
     zoom_dir.mkdir(parents=True, exist_ok=True)
+    for stale in zoom_dir.glob(f".{glob.escape(stem)}_files.*"):  # of a killed run
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{stem}_files.", dir=zoom_dir))
     blurry = _blurry_boxes(result, settings)
     canvas = np.zeros((levels[top - k][1], levels[top - k][0], 3), np.uint8)

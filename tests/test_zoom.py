@@ -150,9 +150,12 @@ def test_page_opens_the_tiles_offline_and_discard_removes_all(section: np.ndarra
                                                               tmp_path: Path) -> None:
     """The page loads the bundled OpenSeadragon and its licence sits beside it; the tile
     source is inline (file:// cannot fetch the .dzi), nothing comes from the network; a
-    failed slide's view is removed with its other outputs."""
+    killed run's half-written tiles are removed; a failed slide's view is removed with its
+    other outputs."""
+    (tmp_path / "zoom" / ".s_files.k1ll3d").mkdir(parents=True)  # a killed run's tiles
     _run(section, tmp_path)
     zdir = tmp_path / "zoom"
+    assert not (zdir / ".s_files.k1ll3d").exists()
     page = (zdir / "s.html").read_text(encoding="utf-8")
     srcs = re.findall(r'src="([^"]+)"', page)
     assert srcs == ["openseadragon/openseadragon.min.js"]
