@@ -236,3 +236,41 @@ def test_pixel_classifier_decides_the_views_collagen(tmp_path: Path) -> None:
     assert collagen[:, :200].sum() == tissue[:, :200].sum() > 0
     assert collagen.sum() * MPP * MPP / 1e6 == pytest.approx(
         result.measurements.collagen_area_mm2, rel=1e-12)
+
+
+@pytest.mark.slow
+def test_viewer_opens_offline_in_headless_chromium(section: np.ndarray, tmp_path: Path) -> None:
+    """From file:// with every host unresolvable, the page opens the tiles: the scale bar
+    follows the zoom (550 µm across 800 px: 50 µm at 1x, 20 µm at 4x), the viewer shows a
+    picture (no background showing through inside the slide) and the slide's corner is its
+    glass colour."""
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium here")
+    _run(section, tmp_path)
+    page = (tmp_path / "zoom" / "s.html").as_uri()
+    base = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+            "--host-resolver-rules=MAP * ~NOTFOUND", "--window-size=800,600",
+            "--virtual-time-budget=8000"]
+
+    def label(zoom_to: float) -> str:
+        dom = subprocess.run([*base, "--dump-dom", f"{page}#z={zoom_to}"], capture_output=True,
+                             text=True, timeout=120, check=True).stdout
+        return re.search(r'id="barlabel">([^<]*)<', dom).group(1)
+
+    assert label(1) == "50 µm"
+    assert label(4) == "20 µm"
+    shot = tmp_path / "shot.png"
+    subprocess.run([*base, f"--screenshot={shot}", page], capture_output=True, timeout=120,
+                   check=True)
+    img = cv2.cvtColor(cv2.imread(str(shot)), cv2.COLOR_BGR2RGB).astype(float)
+    middle = img[150:520, 60:600]  # inside the fitted slide, below the header and navigator
+    background = (np.abs(middle - 34) <= 10).all(axis=2)  # the viewer's #222
+    assert background.mean() < 0.01
+    assert middle.std() > 20  # a picture, not a flat placeholder
+    rows = np.flatnonzero((np.abs(img[:, 35] - 34) > 10).any(axis=1))
+    top = rows[rows > 80][0]  # the slide's first row at x = 35 (below header and buttons)
+    glass = np.median(section[:40, :40].reshape(-1, 3), axis=0)  # the slide's corner: glass
+    assert np.abs(img[top + 2 : top + 12, 30:40].reshape(-1, 3).mean(axis=0) - glass).max() < 12
