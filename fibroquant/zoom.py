@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import cv2
 import numpy as np
@@ -402,12 +403,13 @@ def install_viewer(zoom_dir: Path) -> None:
 def viewer_page(stem: str, title: str, width: int, height: int, mpp: float,
                 colour: tuple[int, int, int], *, cpa_percent: float | None = None,
                 legend: Mapping[str, tuple[int, int, int]] | None = None) -> str:
-    """The HTML page that opens ``STEM_files`` in OpenSeadragon, with a legend and a scale
-    bar that follows the zoom (``mpp``: µm per analysis pixel)."""
+    """The HTML page that opens ``STEM_files`` in OpenSeadragon, with a legend, a scale bar
+    that follows the zoom (``mpp``: µm per analysis pixel) and links back to the report and
+    the slide's QC overlay."""
     from fibroquant.report import EXCLUSION_COLOURS
 
     source = {"Image": {"xmlns": "http://schemas.microsoft.com/deepzoom/2008",
-                        "Url": f"{stem}_files/", "Format": "jpg",
+                        "Url": f"{quote(stem)}_files/", "Format": "jpg",
                         "Overlap": str(OVERLAP_PX), "TileSize": str(TILE_PX),
                         "Size": {"Width": str(width), "Height": str(height)}}}
     items = {"collagen (outlined, lightly tinted)": colour, **(legend or EXCLUSION_COLOURS)}
@@ -417,8 +419,10 @@ def viewer_page(stem: str, title: str, width: int, height: int, mpp: float,
     cpa = (f" · CPA {cpa_percent:.2f} %" if cpa_percent is not None
            and math.isfinite(cpa_percent) else "")
     return _PAGE.format(
-        title=html.escape(title), cpa=cpa, keys=swatches, mpp=json.dumps(float(mpp)),
-        source=json.dumps(source), size=f"{width:,} × {height:,} px at {mpp:.3g} µm/px")
+        title=html.escape(title), stem_url=html.escape(quote(stem)), cpa=cpa, keys=swatches,
+        mpp=json.dumps(float(mpp)),
+        source=json.dumps(source).replace("</", "<\\/"),
+        size=f"{width:,} × {height:,} px at {mpp:.3g} µm/px")
 
 
 _PAGE = """<!DOCTYPE html>
@@ -430,7 +434,7 @@ html,body{{margin:0;height:100%;font:14px/1.4 system-ui,sans-serif;background:#2
 body{{display:flex;flex-direction:column}}
 header{{padding:6px 12px;background:#111;display:flex;flex-wrap:wrap;gap:4px 16px;
 align-items:center}}
-h1{{font-size:16px;margin:0}} .meta{{color:#bbb}}
+h1{{font-size:16px;margin:0}} .meta{{color:#bbb}} a{{color:#8cf}}
 .key{{white-space:nowrap}} .key i{{display:inline-block;width:14px;height:14px;
 border:1px solid #fff;margin-right:4px;vertical-align:-2px}}
 #wrap{{flex:1;position:relative;min-height:0}} #view{{position:absolute;inset:0}}
@@ -438,7 +442,8 @@ border:1px solid #fff;margin-right:4px;vertical-align:-2px}}
 color:#000;padding:2px 6px;border-radius:3px;font-size:12px}}
 #bar div{{height:4px;background:#000;margin-top:2px}}
 </style></head><body>
-<header><h1>{title}</h1><span class="meta">{size}{cpa}</span>{keys}
+<header><a href="../report.html">← report</a><h1>{title}</h1>
+<span class="meta">{size}{cpa}</span>{keys}<a href="../qc/{stem_url}.jpg">overlay</a>
 <span class="meta">scroll or pinch to zoom, drag to pan</span></header>
 <div id="wrap"><div id="view"></div>
 <div id="bar"><span id="barlabel"></span><div id="barline"></div></div></div>

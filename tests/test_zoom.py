@@ -270,7 +270,19 @@ def test_viewer_opens_offline_in_headless_chromium(section: np.ndarray, tmp_path
     background = (np.abs(middle - 34) <= 10).all(axis=2)  # the viewer's #222
     assert background.mean() < 0.01
     assert middle.std() > 20  # a picture, not a flat placeholder
-    rows = np.flatnonzero((np.abs(img[:, 35] - 34) > 10).any(axis=1))
-    top = rows[rows > 80][0]  # the slide's first row at x = 35 (below header and buttons)
+    # the slide's top-left corner: from the middle row, its left edge, then up that column
+    bg = (np.abs(img - 34) <= 10).all(axis=2)
+    left = int(np.argmin(bg[400])) + 3
+    top = 400 - int(np.argmax(bg[400::-1, left]))
     glass = np.median(section[:40, :40].reshape(-1, 3), axis=0)  # the slide's corner: glass
-    assert np.abs(img[top + 2 : top + 12, 30:40].reshape(-1, 3).mean(axis=0) - glass).max() < 12
+    corner = img[top + 3 : top + 13, left : left + 10].reshape(-1, 3).mean(axis=0)
+    assert np.abs(corner - glass).max() < 12
+
+
+def test_page_quotes_odd_slide_names() -> None:
+    """A stem with a space, '#' or '</script>' reaches the tiles by a quoted URL and cannot
+    end the page's script."""
+    page = zoom.viewer_page("a b#</script>", "a b#</script>.svs", 10, 10, 0.5, (0, 229, 255))
+    source = json.loads(re.search(r"tileSources: (\{.*?\}\}\})", page).group(1))
+    assert source["Image"]["Url"] == "a%20b%23%3C/script%3E_files/"
+    assert page.count("</script>") == 2  # the two script elements' own
