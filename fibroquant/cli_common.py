@@ -272,6 +272,10 @@ def run_analyze(
     if not quiet:
         out.print(f"tables: {files['slides.csv']}, {files['mice.csv']}, {files['groups.csv']}, "
                   f"{files['results.xlsx']}", markup=False)
+        views = sorted((out_dir / "zoom").glob("*.html"))
+        if views:  # whole slides' zoomable QC views, opened from the report's gallery
+            out.print(f"zoomable QC views: {out_dir / 'zoom'} ({len(views)} slide(s), opened "
+                      "from the report)", markup=False)
     return summary.exit_code
 
 

@@ -189,6 +189,7 @@ def test_cli_zoom_flag_and_report_link(tmp_path: Path, repo_root: Path) -> None:
                                    "--no-traits", "--workers", "1"])
     assert res.exit_code == 0, res.output
     assert (out / "zoom" / "a.html").is_file()
+    assert f"zoomable QC views: {out / 'zoom'} (1 slide(s)" in res.stdout
     report = (out / "report.html").read_text(encoding="utf-8")
     assert 'href="zoom/a.html"' in report
     res = CliRunner().invoke(app, ["analyze", str(slides), "-o", str(out), "--no-zoom",
