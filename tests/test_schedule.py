@@ -53,6 +53,11 @@ def place(tmp_path: Path, repo_root: Path) -> tuple[Path, dict[str, str]]:
     return tmp_path, {"HOME": str(home), "PATH": "/usr/bin:/bin"}
 
 
+def _env_i(env: dict[str, str]) -> list[str]:
+    """``env -i HOME=... PATH=/usr/bin:/bin``: nothing of this process's environment."""
+    return ["/usr/bin/env", "-i", *(f"{k}={v}" for k, v in env.items())]
+
+
 def _here(text: str, root: Path) -> str:
     return text.replace(STUDY, f"{root}{STUDY}").replace(INSTALL, f"{root}{INSTALL}")
 
@@ -73,8 +78,8 @@ def test_readme_cron_line_runs_in_crons_environment(repo_root: Path, place) -> N
     fields = line.split(None, 5)
     assert fields[:5] == ["0", "2", "*", "*", "*"]
     assert "%" not in fields[5]  # cron would cut the command there
-    run = subprocess.run(["/bin/sh", "-c", _here(fields[5], root)], env=env, cwd=env["HOME"],
-                         capture_output=True, text=True, timeout=240, check=False)
+    run = subprocess.run([*_env_i(env), "/bin/sh", "-c", _here(fields[5], root)],
+                         cwd=env["HOME"], capture_output=True, text=True, timeout=240, check=False)
     assert run.returncode == 0, run.stdout + run.stderr
     _tables_written(root)
     log = (root / STUDY.lstrip("/") / "results" / "cron.log").read_text(encoding="utf-8")
@@ -92,7 +97,7 @@ def test_systemd_service_runs_as_written(repo_root: Path, place) -> None:
     commands = _unit_lines(service, "ExecStartPre") + _unit_lines(service, "ExecStart")
     assert len(commands) == 2
     for command in commands:
-        run = subprocess.run(shlex.split(_here(command, root)), env=env, cwd="/",
+        run = subprocess.run([*_env_i(env), *shlex.split(_here(command, root))], cwd="/",
                              capture_output=True, text=True, timeout=240, check=False)
         assert run.returncode == 0, run.stdout + run.stderr
     _tables_written(root)
