@@ -17,6 +17,7 @@ import math
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,6 +172,7 @@ def analyze_slide(
     workers: int = 1,
     slide: Slide | None = None,
     decide: PixelDecider | None = None,
+    after: Callable[[Calibration, SlideResult, PixelDecider | None], None] | None = None,
 ) -> SlideResult:
     """Measure collagen proportionate area on one slide: :func:`calibrate_slide`, then
     :func:`measure_tiles`.
@@ -192,6 +194,9 @@ def analyze_slide(
         A per-pixel collagen decision replacing the slide's :class:`CollagenRule` on every
         tile (see :class:`fibroquant.tiles.PixelDecider`); by default the classifier of
         ``settings.classifier``, if any.
+    after : callable, optional
+        Called with the calibration, the result and the pixel decider while the slide is
+        still open (the zoomable QC view reads it again: :mod:`fibroquant.zoom`).
 
     Returns
     -------
@@ -234,11 +239,14 @@ def analyze_slide(
             traits = fibre_traits.measure_slide(collagen_m, tissue_m, geo.mask_mpp,
                                                 settings.traits, lumen=cal.tissue.lumen,
                                                 lumen_mpp=cal.thumbnail_mpp, workers=workers)
-        return SlideResult(
+        result = SlideResult(
             settings.stains.stain.value, sl.format, require_mpp(sl), geo,
             Measurements.from_counts(total, geo.analysis_mpp), cal.stains, cal.threshold,
             cal.qc, cal.warnings, round(time.perf_counter() - t_start, 3), __version__,
             collagen_m, tissue_m, excluded_m, qc, cal.flags, traits)
+        if after is not None:
+            after(cal, result, decide)
+        return result
     finally:
         if own:
             sl.close()
