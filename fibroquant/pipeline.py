@@ -17,8 +17,11 @@ import math
 import threading
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -207,6 +210,39 @@ def _set_mallopt() -> bool:
     return raised
 
 
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_undo: Any = None
+
+
+@contextmanager
+def blas_single_thread() -> Iterator[None]:
+    """BLAS on one thread while any slide is being analysed in this process (restored when
+    the last one ends).
+
+    A slide's BLAS calls are small (3-column stain products, the 256² correlations of the
+    registration check), and a threaded OpenBLAS loses on them: its idle threads spin, and
+    with every core busy (tile threads, other slides) the registration check took 0.3-1.3 s
+    on 2 threads against 0.04 s on one. Products of these shapes are split over rows, never
+    along their sums, so the numbers do not change.
+    """
+    global _blas_users, _blas_undo
+    from threadpoolctl import threadpool_limits
+
+    with _blas_lock:
+        if _blas_users == 0:
+            _blas_undo = threadpool_limits(limits=1, user_api="blas")
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0 and _blas_undo is not None:
+                _blas_undo.restore_original_limits()
+                _blas_undo = None
+
+
 def analyze_slide(
     path: str | Path,
     settings: Settings,
@@ -247,6 +283,14 @@ def analyze_slide(
     FibroquantError
         Unreadable slide, greyscale image, missing resolution, no tissue.
     """
+    with blas_single_thread():
+        return _analyze_slide(path, settings, mpp, fallback_mpp, workers, slide, decide)
+
+
+def _analyze_slide(
+    path: str | Path, settings: Settings, mpp: float | None, fallback_mpp: float | None,
+    workers: int, slide: Slide | None, decide: PixelDecider | None,
+) -> SlideResult:
     t_start = time.perf_counter()
     tune_malloc()
     own = slide is None
@@ -532,6 +576,7 @@ __all__ = [
     "Calibration",
     "SlideReadError",
     "analyze_slide",
+    "blas_single_thread",
     "calibrate_slide",
     "measure_tiles",
     "stain_warnings",
