@@ -1194,7 +1194,7 @@ def skeleton_paths(indptr: np.ndarray, indices: np.ndarray, props: np.ndarray
     path_data = np.zeros(n_points, dtype=np.float64)
     visited = np.zeros(indices.shape, dtype=np.bool_)
     if path_indptr.size == 0:  # nothing to trace (no path can start: skan writes nothing)
-        return path_indptr, path_idx, path_data, 0, 0
+        return path_indptr, path_idx, path_data, 1, 0
     m, n = _build_paths_nb(indptr, indices, props, visited, degrees, path_indptr, path_idx, path_data)
     return path_indptr, path_idx, path_data, int(m), int(n)
 
