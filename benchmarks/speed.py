@@ -126,7 +126,8 @@ def make_fields(folder: Path, n: int) -> list[Path]:
 # ------------------------------------------------------------------------------------------
 
 DECODE = """
-import os, sys, time
+import os, sys
+from concurrent.futures import ThreadPoolExecutor
 import tifffile
 path, threads = sys.argv[1], int(sys.argv[2])
 tif = tifffile.TiffFile(path)
