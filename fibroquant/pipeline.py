@@ -328,6 +328,7 @@ def _analyze_slide(
             traits = fibre_traits.measure_slide(collagen_m, tissue_m, geo.mask_mpp,
                                                 settings.traits, lumen=cal.tissue.lumen,
                                                 lumen_mpp=cal.thumbnail_mpp, workers=workers)
+            release_free_heap()
         return SlideResult(
             settings.stains.stain.value, sl.format, require_mpp(sl), geo,
             Measurements.from_counts(total, geo.analysis_mpp), cal.stains, cal.threshold,
@@ -544,10 +545,10 @@ def release_free_heap() -> None:
     """Give the C heap's free pages back to the system (glibc ``malloc_trim``; elsewhere a
     no-op).
 
-    Called between a slide's phases (calibration, tiles, traits): :func:`tune_malloc` keeps
-    freed buffers for reuse, which within a phase saves page faults, but across phases left
-    the thumbnail's temporaries resident while the tiles ran (peak RSS ~60 MB higher on a
-    1-GP slide).
+    Called after each of a slide's phases (calibration, tiles, traits): :func:`tune_malloc`
+    keeps freed buffers for reuse, which within a phase saves page faults, but across phases
+    left one phase's temporaries resident while the next ran (on a 1-GP slide the trait
+    tiles' ~250 MB stayed resident while the QC overlay was drawn).
     """
     global _libc
     if _libc is None:
