@@ -56,6 +56,8 @@ from scipy import ndimage as ndi
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import itertools
+
 from fibroquant.config import load_settings
 from fibroquant.pipeline import analyze_slide
 from fibroquant.slides import ArraySlide
@@ -261,10 +263,10 @@ def run_job(job: dict, hsv_thr: dict) -> list[dict]:
     rgb, truth = make_section(p, rng=job["seed"])
     tc = truth.collagen_mask
     # thin true collagen: what a 2 µm-radius opening removes (pericellular fibres, tips)
-    r = max(int(round(2.0 / p.mpp)), 1)
+    r = max(round(2.0 / p.mpp), 1)
     disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
     thin = tc & ~cv2.morphologyEx(tc.astype(np.uint8), cv2.MORPH_OPEN, disk).astype(bool)
-    near = ndi.binary_dilation(tc, iterations=max(int(round(1.0 / p.mpp)), 1))
+    near = ndi.binary_dilation(tc, iterations=max(round(1.0 / p.mpp), 1))
     base = {
         "stain": job["stain"], "cohort": job["cohort"], "label": job["label"],
         "seed": job["seed"], "true_cpa": truth.cpa_percent,
@@ -287,14 +289,14 @@ def run_job(job: dict, hsv_thr: dict) -> list[dict]:
             try:
                 a = analyze_slide(f"{job['label']}.png", _settings(job["stain"], method),
                                   slide=ArraySlide(rgb, p.mpp))
-            except Exception as exc:  # record, never abort the benchmark
+            except Exception as exc:  # noqa: BLE001 - record any failure, never abort the benchmark
                 rec.update(cpa=float("nan"), dice=float("nan"), error=repr(exc)[:200])
                 out.append(rec)
                 continue
-            rec["cpa"] = float(a.record["cpa_percent"])
-            rec["tissue_mm2"] = float(a.record["tissue_area_mm2"])
-            rec["threshold_od"] = a.record["threshold_od"]
-            rec["stain_angle_deg"] = a.record["stain_angle_deg"]
+            rec["cpa"] = float(a.to_record()["cpa_percent"])
+            rec["tissue_mm2"] = float(a.to_record()["tissue_area_mm2"])
+            rec["threshold_od"] = a.to_record()["threshold_od"]
+            rec["stain_angle_deg"] = a.to_record()["stain_angle_deg"]
             mask = _fit(a.collagen_mask, tc.shape)
         rec["dice"] = _dice(mask, tc)
         rec.update(_error_parts(mask, truth, thin, near))
@@ -378,7 +380,7 @@ def breakdown_table(df, stains: list[str], method: str = "default") -> str:
     rows = []
     for name, edges, fmt in BINS:
         labels = []
-        for lo, hi in zip(edges[:-1], edges[1:]):
+        for lo, hi in itertools.pairwise(edges):
             lo_s = "min" if lo == edges[0] else fmt.format(lo)
             hi_s = "max" if hi == edges[-1] else fmt.format(hi)
             labels.append(f"{lo_s}–{hi_s}")
@@ -409,9 +411,9 @@ def breakdown_table(df, stains: list[str], method: str = "default") -> str:
 def worst_table(df, stains: list[str], method: str = "default", k: int = 6,
                 cohorts: tuple[str, ...] = ("random", "grid")) -> str:
     d = df[(df.method == method) & df.cohort.isin(list(cohorts))].copy()
-    out = ["| stain | section | true CPA | measured | err pp | Dice | FP pp (edge/capsule) "
+    out = [("| stain | section | true CPA | measured | err pp | Dice | FP pp (edge/capsule) "
            "| FN pp (thin) | tissue err % | coll_int | nonspec | fine_fibres | fibre_int | blur "
-           "| jpeg | fov | glass RGB |",
+           "| jpeg | fov | glass RGB |"),
            "|" + "---|" * 17]
     for s in stains:
         x = d[d.stain == s].assign(ae=lambda t: t.err.abs()).sort_values("ae", ascending=False)
@@ -430,8 +432,8 @@ def worst_table(df, stains: list[str], method: str = "default", k: int = 6,
 
 
 def confound_table(df, stains: list[str]) -> str:
-    out = ["| stain | method | control CPA | treated CPA (coll. stain x0.7) | measured diff "
-           "| true diff | artefact pp | relative artefact % of control |", "|" + "---|" * 8]
+    out = [("| stain | method | control CPA | treated CPA (coll. stain x0.7) | measured diff "
+           "| true diff | artefact pp | relative artefact % of control |"), "|" + "---|" * 8]
     for s in stains:
         for m in METHODS:
             ctl = df[(df.stain == s) & (df.method == m) & (df.cohort == "control")]

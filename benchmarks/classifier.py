@@ -74,7 +74,7 @@ def speed(clf_path: Path, size: int, traits: bool = True) -> None:
         for _ in range(3):  # the first run warms the kernels
             slide = ArraySlide(rgb, 0.5, path="speed.png")
             t0 = time.perf_counter()
-            rec = analyze_slide("speed.png", settings, slide=slide, workers=1).record
+            rec = analyze_slide("speed.png", settings, slide=slide, workers=1).to_record()
             best = min(best, time.perf_counter() - t0)
         times[name] = best
         print(f"{name:>10}: {best:6.2f} s for {size}x{size} px "

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.runs):
             t0 = time.perf_counter()
             rec = pipeline.analyze_slide("section.png", Settings(), slide=slide,
-                                         workers=workers).record
+                                         workers=workers).to_record()
             times.append(time.perf_counter() - t0)
         times.sort()
         print(f"workers={workers}: min {times[0]:.2f} s, median {times[len(times) // 2]:.2f} s "

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         med = statistics.median(v)
         share = f"{100 * statistics.median(within[k]):10.1f} %" if k in within else ""
         print(f"{k:<24} {med:8.2f} {100 * (med / base - 1):7.1f} % {share}")
-    rec = pipeline.analyze_slide("section.png", Settings(), slide=slide).record
+    rec = pipeline.analyze_slide("section.png", Settings(), slide=slide).to_record()
     print(f"# default traits: width median {rec['fibre_width_median_um']:.2f} µm, length density "
           f"{rec['fibre_length_density_mm_per_mm2']:.2f} mm/mm², traits_mpp {rec['traits_mpp']}")
     return 0

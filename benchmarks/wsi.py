@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import platform
 import shutil
@@ -278,7 +279,7 @@ def kernel_micro(sec: np.ndarray, rounds: int = 9
     from fibroquant import focus
 
     jpeg = imagecodecs.jpeg_encode(rgb, level=QUALITY)
-    min_px = int(round(5.0 / MPP**2))
+    min_px = round(5.0 / MPP**2)
 
     def analysis():
         t = kernels.measure_tile_fused(rgb, lut, col, others, 0.35, flags, thr_map, idx, idx,
@@ -358,7 +359,7 @@ def child(spec: dict) -> dict:
 
     ru = resource.getrusage(resource.RUSAGE_SELF)
     out = {"seconds": secs, "cpu_seconds": ru.ru_utime + ru.ru_stime, "rss_mb": _vmhwm_mb(), "rss_before_mb": rss_before,
-           "record": {k: v for k, v in res.record.items() if isinstance(v, int | float | str)}}
+           "record": {k: v for k, v in res.to_record().items() if isinstance(v, int | float | str)}}
     if prof is not None:
         import io
         import pstats
@@ -612,8 +613,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((name, "decode-only (tifffile+imagecodecs)", f"{r['decode1']:.0f}",
                          f"{r['decode2']:.0f}", "1.00 / 1.00", "", "", ""))
             rows.append((name, "skimage rgb2hed per tile (decode incl.)*", f"{r['sk1']:.1f}",
-                         f"{r['sk2']:.1f}", f"{r['sk1'] / r['decode1']:.2f} / "
-                         f"{r['sk2'] / r['decode2']:.2f}", "1.0 / 1.0", "", ""))
+                         f"{r['sk2']:.1f}", (f"{r['sk1'] / r['decode1']:.2f} / "
+                         f"{r['sk2'] / r['decode2']:.2f}"), "1.0 / 1.0", "", ""))
             for label in VARIANTS:
                 if f"{label}2" not in r:
                     continue
@@ -622,8 +623,8 @@ def main(argv: list[str] | None = None) -> int:
                 rd = (t1 / r["decode1"], t2 / r["decode2"])
                 rs = (t1 / r["sk1"], t2 / r["sk2"])
                 rss = max(r[f"{label}{w}"]["rss_mb"] for w in (1, 2) if f"{label}{w}" in r)
-                rd, rs = tuple(x if x == x else rd[1] for x in rd), tuple(
-                    x if x == x else rs[1] for x in rs)
+                rd = tuple(rd[1] if math.isnan(x) else x for x in rd)
+                rs = tuple(rs[1] if math.isnan(x) else x for x in rs)
                 tgt = ["decoding incl.: no target (the ratio targets: per-tile lines above)"]
                 if size == big and size >= 32768:
                     tgt.append(f"RSS {_met(rss / 1024 <= TARGETS['rss_gb'])}")
@@ -636,8 +637,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((name, f"CPA native vs analysis_mpp=1.0 ({variants[0][0]})",
                          f"{nat:.3f} %", f"{low:.3f} %", f"diff {low - nat:+.3f} pp",
                          f"truth {truth_cpa:.3f} %", "",
-                         f"≤ 0.3 pp {_met(ok)}; {r['mp'] / r['lowres']['seconds']:.0f} MP/s "
-                         "at 1.0 µm/px (2 thr)"))
+                         (f"≤ 0.3 pp {_met(ok)}; {r['mp'] / r['lowres']['seconds']:.0f} MP/s "
+                         "at 1.0 µm/px (2 thr)")))
             for lb, _ in variants:
                 same = {r[f"{lb}{w}"]["record"]["cpa_percent"] for w in (1, 2) if f"{lb}{w}" in r}
                 notes.append(f"{name}: {lb}: CPA identical across worker counts: "
@@ -647,22 +648,22 @@ def main(argv: list[str] | None = None) -> int:
                            max(1, args.dask_rounds))
             sp = d["dask1_seconds"] / d["dask2_seconds"]
             ident = d["dask1_identical"] and d["dask2_identical"]
-            rows.append((f"{args.dask_copies} x {dask_size // 1024}k²", "Dask LocalCluster "
-                         "1 vs 2 worker procs (default)", f"{d['dask1_seconds']:.1f} s",
+            rows.append((f"{args.dask_copies} x {dask_size // 1024}k²", ("Dask LocalCluster "
+                         "1 vs 2 worker procs (default)"), f"{d['dask1_seconds']:.1f} s",
                          f"{d['dask2_seconds']:.1f} s", f"speed-up {sp:.2f}x",
                          f"local {d['local_seconds']:.1f} s", "",
-                         f"speed-up {_met(sp >= TARGETS['dask'])}; identical to local: "
-                         f"{ident} ({_met(ident)})"))
+                         (f"speed-up {_met(sp >= TARGETS['dask'])}; identical to local: "
+                         f"{ident} ({_met(ident)})")))
             notes.append("Dask rounds (s, fastest counts): 1 worker "
                          + ", ".join(f"{x:.1f}" for x in d["dask1_rounds"]) + "; 2 workers "
                          + ", ".join(f"{x:.1f}" for x in d["dask2_rounds"]) + "; speed-up per "
                          "round " + ", ".join(f"{a / b:.2f}x" for a, b in
-                                              zip(d["dask1_rounds"], d["dask2_rounds"])))
+                                              zip(d["dask1_rounds"], d["dask2_rounds"], strict=True)))
             if not ident:
                 notes.append(f"Dask differences: {d.get('dask1_diff')} {d.get('dask2_diff')}")
         widths = [max(len(str(row[i])) for row in rows) for i in range(len(hdr))]
         for i, row in enumerate(rows):
-            print("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |")
+            print("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
             if i == 0:
                 print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
         print(f"\n* skimage baseline measured on {n_sk_tiles} tiles of {TILE}² spread over "

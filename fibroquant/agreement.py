@@ -272,7 +272,7 @@ def concordance(test: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     return out
 
 
-def _nanmean(values: Sequence[float]) -> float:
+def _nanmean(values: Sequence[float | None]) -> float:
     arr = np.asarray([v for v in values if v is not None], np.float64)
     arr = arr[np.isfinite(arr)]
     return float(arr.mean()) if arr.size else math.nan
@@ -347,7 +347,7 @@ def _run_slides(out_dir: Path) -> list[dict[str, Any]]:
     frame = pd.read_csv(table)
     frame = frame[frame["status"] == "ok"]
     stems = output_stems(frame["slide"].astype(str).tolist())
-    records = frame.to_dict("records")
+    records = [{str(k): v for k, v in rec.items()} for rec in frame.to_dict("records")]
     for rec in records:
         rec["stem"] = stems[str(rec["slide"])]
     return records

@@ -92,7 +92,7 @@ class Annotation:
     @property
     def shape(self) -> tuple[int, int]:
         """Pixel grid ``(H, W)``."""
-        return self.collagen.shape  # type: ignore[return-value]
+        return self.collagen.shape
 
     def resampled(self, shape: tuple[int, int]) -> Annotation:
         """The same annotation on another grid (nearest neighbour), covering the same image."""

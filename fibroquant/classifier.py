@@ -781,7 +781,7 @@ def training_image(
     if getattr(settings, "classifier", None) is not None:  # measured as the threshold sees it
         settings = settings.model_copy(update={"classifier": None})
     analysis = analyze_slide(slide_path, settings, fallback_mpp=mpp)
-    stains = stains_of_record(analysis.record)
+    stains = stains_of_record(analysis.to_record())
     with _open(slide_path, mpp) as sl:
         mpp0 = require_mpp(sl)
         full = sl.levels[0].shape[:2]

@@ -9,7 +9,7 @@ stale); 130 interrupted by Ctrl-C, 143 by SIGTERM (slides finished so far are ke
 from __future__ import annotations
 
 import json
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -82,7 +82,7 @@ def main(
         quiet_warnings()
 
 
-class ClusterChoice(str, Enum):
+class ClusterChoice(StrEnum):
     """Batch systems of ``--cluster``."""
 
     SLURM = "slurm"

@@ -3,7 +3,6 @@ pixel classifier. Parse, call the library, print; registered on :data:`fibroquan
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Annotated, Any
@@ -13,22 +12,12 @@ import typer
 from fibroquant.cli import app
 from fibroquant.cli_common import StainChoice, cli_settings, err, fail, out
 from fibroquant.errors import ConfigError, FibroquantError
+from fibroquant.outdir import standard_json
 
 
 def _num(v: Any) -> str:
     return "-" if isinstance(v, float) and not math.isfinite(v) else (
         f"{v:.3f}" if isinstance(v, float) else str(v))
-
-
-def _json_safe(obj: Any) -> Any:
-    """NaN as null, for readers of ``--json`` that follow the JSON standard."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 @app.command()
@@ -59,8 +48,8 @@ def agree(
         err.print(f"[yellow]skipped: {line}[/]", markup=True, soft_wrap=True)
     s = result.summary
     if as_json:
-        out.print_json(json.dumps(_json_safe({**s, "notes": result.notes,
-                                              "files": [str(f) for f in files]})))
+        out.print_json(standard_json({**s, "notes": result.notes,
+                                      "files": [str(f) for f in files]}))
         raise typer.Exit(0)
     out.print(f"{s['images']} image(s); people: {', '.join(s['people'])}", soft_wrap=True)
     out.print(f"Dice vs majority (mean over images): {_num(s['dice_vs_majority_mean'])}; "
@@ -171,7 +160,7 @@ def train(
                "cv_dice_vs_majority_mean": sum(dice) / len(dice) if dice else math.nan,
                "cv_cpa_mae_pp": sum(errs) / len(errs) if errs else math.nan}
     if as_json:
-        out.print_json(json.dumps(_json_safe(summary)))
+        out.print_json(standard_json(summary))
         raise typer.Exit(1 if failed else 0)
     for w in warns:
         err.print(f"[yellow]warning: {w}[/]", markup=True, soft_wrap=True)

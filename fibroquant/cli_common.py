@@ -33,6 +33,7 @@ from fibroquant.errors import (
     one_line,
     sigterm_as_interrupt,
 )
+from fibroquant.protocols import Stain
 
 __all__ = ["App", "StainChoice", "available_cores", "cli_settings", "command_line", "err",
            "fail", "out", "run_analyze"]
@@ -52,11 +53,8 @@ class App(typer.Typer):
             sys.exit(4)
 
 
-class StainChoice(str, Enum):
-    """Stain protocol of the slides."""
-
-    sirius_red = "sirius-red"
-    masson = "masson"
+#: The stain protocols ``--stain`` offers.
+StainChoice = Stain
 
 
 def fail(message: str, code: int) -> typer.Exit:
@@ -182,6 +180,7 @@ def run_analyze(
     )  # caller's (a library imported mid-run, e.g. numba's colorama, may hold on to it)
     task_id = None
     failed_lines: list[str] = []
+    measured_now = [0]  # slides measured by this run (summary.failed counts the whole table)
 
     def on_plan(n: int, skipped: int) -> None:
         nonlocal task_id
@@ -190,6 +189,7 @@ def run_analyze(
         task_id = progress.add_task("", total=n)
 
     def on_result(rec: dict[str, Any]) -> None:
+        measured_now[0] += rec.get("status") == "ok"
         if rec.get("status") != "ok":
             line = f"failed: {rec.get('error')}"
             failed_lines.append(line)
@@ -235,7 +235,7 @@ def run_analyze(
     n_warn = len(summary.warnings)
     if not quiet:
         n_wrong = len(summary.wrong_stain)
-        note(f"measured {summary.processed - summary.failed}, failed {summary.failed}, "
+        note(f"measured {measured_now[0]}, failed {summary.failed}, "
              + (f"wrong stain {n_wrong} ({'kept in' if keep_wrong_stain else 'left out of'} "
                 "mice and groups), " if n_wrong else "")
              + f"skipped {summary.skipped} (already measured), removed {summary.removed} "
@@ -246,7 +246,7 @@ def run_analyze(
         if not any(error in line for line in failed_lines):
             err.print(f"[yellow]failed: {escape(error or slide)}[/]", markup=True)
     for slide in summary.crashed:
-        warn(f"not measured again: {slide} (it crashed its worker process in earlier runs; "
+        warn(f"not measured again: {slide} (it crashed the process measuring it in earlier runs; "
              "--force to retry)")
     for line in summary.warnings:
         warn(line)

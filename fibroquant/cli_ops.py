@@ -49,7 +49,10 @@ def _pid_alive(pid: int | None, host: str | None) -> bool | None:
     return True
 
 
-def _run_state(run: dict[str, Any], newest: bool) -> str:
+def _run_state(run: dict[str, Any], newest: bool, measuring: dict[str, Any] | None = None
+               ) -> str:
+    """``finished``, ``running``, or how an unfinished run ended; ``measuring`` is the slide
+    it named in OUT_DIR (:func:`fibroquant.outdir.read_measuring_marker`), if any."""
     if run.get("finished_at"):
         return "finished"
     alive = _pid_alive(run.get("pid"), run.get("host"))
@@ -57,6 +60,12 @@ def _run_state(run: dict[str, Any], newest: bool) -> str:
         return "running"
     if alive is None:
         return "unfinished (other host)"
+    if measuring and newest and measuring.get("pid") == run.get("pid"):
+        slide = measuring.get("slide")
+        if measuring.get("fatal"):
+            return (f"crashed ({measuring['fatal']}) while measuring {slide}; the next run "
+                    "records it and measures it in a process of its own")
+        return f"did not finish (killed while measuring {slide})"
     return "did not finish (killed or crashed)"
 
 
@@ -147,8 +156,11 @@ def gather_status(out_dir: Path, slides_dir: Path | None = None, *, n_runs: int 
                 stored = set(store.slide_fingerprints())
                 present = stored - set(removed)
         current = store.current_results(shash, present=present) if shash else []
+    from fibroquant.outdir import read_measuring_marker
+
+    measuring = read_measuring_marker(out_dir)
     for i, run in enumerate(runs):
-        run["state"] = _run_state(run, newest=i == 0)
+        run["state"] = _run_state(run, newest=i == 0, measuring=measuring)
         run.pop("settings_json", None)
     failed = [{"slide": r["slide"], "error": r.get("error") or ""}
               for r in current if r.get("status") != "ok"]
@@ -198,7 +210,7 @@ def _print_status(info: dict[str, Any]) -> None:
         for key, label in (("new", "new"), ("changed", "changed"),
                            ("not_measured_with_these_settings", "not measured yet"),
                            ("failed_before", "failed before (measured again)"),
-                           ("crashed", "crashed its worker twice (not measured again)"),
+                           ("crashed", "crashed the process measuring it twice (not measured again)"),
                            ("outputs_missing", "overlay missing or outdated (measured again)"),
                            ("removed", "removed")):
             for name in folder[key]:

@@ -234,7 +234,7 @@ def read_sample_sheet(path: Path, slides_dir: Path, slide_files: Sequence[Path])
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError, KeyError) as exc:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SampleSheetError(f"sample sheet {name}: cannot be parsed ({detail})") from None
-    except Exception as exc:  # openpyxl/zipfile raise a zoo of types on corrupt workbooks
+    except Exception as exc:  # noqa: BLE001 - openpyxl/zipfile raise a zoo of types on corrupt workbooks
         detail = (str(exc).strip().splitlines() or [""])[0]
         raise SampleSheetError(
             f"sample sheet {name}: cannot be parsed ({type(exc).__name__}: {detail})"
@@ -294,9 +294,9 @@ def read_sample_sheet(path: Path, slides_dir: Path, slide_files: Sequence[Path])
     for col in REQUIRED_COLUMNS:
         empty_rows = frame.index[frame[col] == ""].tolist()
         if empty_rows:
-            rows = ", ".join(str(r) for r in empty_rows[:5])
+            at_rows = ", ".join(str(r) for r in empty_rows[:5])
             more = f" and {len(empty_rows) - 5} more" if len(empty_rows) > 5 else ""
-            problems.append(f"empty value in column '{col}' at row {rows}{more}")
+            problems.append(f"empty value in column '{col}' at row {at_rows}{more}")
 
     frame["slide"] = frame["slide"].map(_normalise_slide_name)
     bad_paths = {
@@ -356,7 +356,7 @@ def read_sample_sheet(path: Path, slides_dir: Path, slide_files: Sequence[Path])
         if col == "mpp":
             numeric = pd.to_numeric(values.where(values != ""), errors="coerce")
             bad = (values != "") & ~(numeric.gt(0) & np.isfinite(numeric))
-            problems += [f"mpp '{values[row]}' at row {row} (slide '{frame.at[row, 'slide']}') "
+            problems += [f"mpp '{values[row]}' at row {row} (slide '{frame.at[row, 'slide']!s}') "
                          "is not a positive number of µm per pixel"
                          for row in bad.index[bad.to_numpy()]]
             frame[col] = numeric.astype(float)
@@ -560,7 +560,8 @@ def aggregate_mice(
     mice = pd.DataFrame(rows, columns=columns)
     order = sorted(
         range(len(mice)),
-        key=lambda i: (_natural_key(mice.at[i, "group"]), _natural_key(mice.at[i, "mouse"])),
+        key=lambda i: (_natural_key(str(mice.at[i, "group"])),
+                       _natural_key(str(mice.at[i, "mouse"]))),
     )
     mice = mice.iloc[order].reset_index(drop=True)
     mice["mouse"] = mice["mouse"].astype(str)

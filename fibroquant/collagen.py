@@ -404,9 +404,9 @@ def parenchyma_background(
         h, w_ = collagen_conc.shape
         size = (max(1, -(-w_ // step)), max(1, -(-h // step)))
         # box sums of the weighted concentration and of the mask, then the same blur
-        num = cv2.resize(num, size, interpolation=cv2.INTER_AREA)
-        w = cv2.resize(w, size, interpolation=cv2.INTER_AREA)
-        coarse = _normalised_blur(num, w, sigma_px / step, fallback)
+        num_box = cv2.resize(num, size, interpolation=cv2.INTER_AREA)
+        w_box = cv2.resize(w, size, interpolation=cv2.INTER_AREA)
+        coarse = _normalised_blur(num_box, w_box, sigma_px / step, fallback)
         return cv2.resize(coarse, (w_, h), interpolation=cv2.INTER_LINEAR)
     return _normalised_blur(num, w, sigma_px, fallback)
 

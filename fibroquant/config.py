@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -18,17 +17,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fibroquant.errors import ConfigError
+from fibroquant.protocols import STAIN_NAMES, Stain
 
 #: Bumped whenever a change to the algorithms changes measurements. It is part of the settings
 #: hash, so stored results made by an older algorithm are re-measured instead of being mixed in.
 ALGORITHM_VERSION = 2
-
-
-class Stain(str, Enum):
-    """Staining protocols fibroquant knows."""
-
-    SIRIUS_RED = "sirius-red"
-    MASSON = "masson"
 
 
 class _Model(BaseModel):
@@ -130,15 +123,6 @@ class TissueSettings(_Model):
     )
 
 
-#: Stain names of each protocol's colour-deconvolution matrix, collagen stain first
-#: (``fibroquant.stains`` builds its presets from these).
-STAIN_NAMES: dict[str, tuple[str, ...]] = {
-    "sirius-red": ("sirius-red", "picric-acid", "iron-haematoxylin"),
-    "masson": ("aniline-blue", "ponceau-fuchsin", "iron-haematoxylin"),
-    "masson-light-green": ("light-green", "ponceau-fuchsin", "iron-haematoxylin"),
-}
-
-
 class StainSettings(_Model):
     """Colour deconvolution and per-slide stain estimation."""
 
@@ -171,11 +155,9 @@ class StainSettings(_Model):
 
     def stain_names(self) -> tuple[str, ...]:
         """Names of this protocol's stains, collagen stain first."""
-        if self.stain == Stain.SIRIUS_RED:
-            return STAIN_NAMES["sirius-red"]
-        if self.masson_collagen == "light-green":
+        if self.stain == Stain.MASSON and self.masson_collagen == "light-green":
             return STAIN_NAMES["masson-light-green"]
-        return STAIN_NAMES["masson"]
+        return STAIN_NAMES[self.stain.value]
 
     @model_validator(mode="after")
     def _vectors_of_this_protocol(self) -> StainSettings:
@@ -260,6 +242,11 @@ class TilingSettings(_Model):
         64.0, gt=0, le=1024, description="largest mask/overlay written; coarser above it, megapixels"
     )
     qc_max_px: int = Field(2000, ge=100, le=20000, description="longest side of QC overlays, px")
+    input_timeout_s: float = Field(
+        120.0, gt=0, le=86400,
+        description="longest wait for a slide file to be fingerprinted or opened, seconds: a "
+        "file on a hung network share (or anything that blocks) fails its row after it",
+    )
 
 
 class TraitSettings(_Model):
@@ -363,7 +350,7 @@ class Settings(_Model):
             from fibroquant.classifier import file_hash
 
             data["classifier_sha256"] = file_hash(clf)
-        for key in ("mask_max_mpx", "qc_max_px"):
+        for key in ("mask_max_mpx", "qc_max_px", "input_timeout_s"):
             data["tiling"].pop(key)
         data["traits"].pop("tile_px")
         if not data["traits"]["enabled"]:  # no trait measured: hashes as before traits existed

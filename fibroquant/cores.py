@@ -1,21 +1,23 @@
 """The cores a slide's tile threads may use now, inside a run's local pool of worker processes.
 
 A local pool shares one counter of the slides running across its worker processes
-(:func:`join_pool`, called by each worker's initializer). A slide's tile loop runs as many tiles
+(:func:`join_pool`, called by each worker's initializer), kept by the run that sends them their
+slides. A slide's tile loop runs as many tiles
 at once as its equal share of the pool's cores among the slides running
 (:func:`tile_threads`), so a slide left running alone takes the cores the others gave back.
 Outside a local pool (one process, a Dask worker) a slide uses the threads it was given.
+The C heap of a process measuring slides is tuned once (:func:`tune_malloc`).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 #: Slides running in the local worker processes of this run (a shared
-#: ``multiprocessing.Value``, given to each worker by :func:`join_pool`); None outside a pool.
+#: ``multiprocessing.RawValue`` the run sets and the workers read, given to each worker by
+#: :func:`join_pool`); None outside a pool.
 _running: Any = None
 #: The cores those worker processes share.
 _pool_cores = 0
@@ -43,22 +45,6 @@ def tile_threads(cap: int) -> int:
     return max(1, min(cap, _pool_cores // max(1, _running.value)))
 
 
-@contextmanager
-def counted_running() -> Iterator[None]:
-    """Count this slide among the pool's running slides while it runs (no-op outside one)."""
-    running = _running
-    if running is None:
-        yield
-        return
-    with running.get_lock():
-        running.value += 1
-    try:
-        yield
-    finally:
-        with running.get_lock():
-            running.value -= 1
-
-
 def gated(fn: Callable[..., Any], cap: int) -> Callable[..., Any]:
     """``fn`` run by at most :func:`tile_threads` threads at once (re-read as tiles start and
     end, and every :data:`SHARE_POLL_SECONDS` while one waits); the others wait their turn."""
@@ -79,3 +65,49 @@ def gated(fn: Callable[..., Any], cap: int) -> Callable[..., Any]:
                 cond.notify()
 
     return run
+
+
+#: glibc ``mallopt`` parameters and the values :func:`tune_malloc` sets.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLDS_BYTES = (64 << 20, 32 << 20)  # glibc before ~2.26 refuses more than 32 MB
+_TRIM_THRESHOLD_BYTES = 256 << 20
+_malloc_lock = threading.Lock()
+_malloc_tuned: bool | None = None
+
+
+def tune_malloc() -> bool:
+    """Let the C heap reuse tile-sized buffers (glibc only; once per process).
+
+    Raises glibc's mmap threshold to 64 MB (32 MB where refused) and its trim threshold to
+    256 MB, so tile buffers are not mapped and zero-filled afresh for every tile; left alone
+    when ``MALLOC_MMAP_THRESHOLD_`` is set or the C library is not glibc. Why and what it saves:
+    docs/decisions.md#malloc
+
+    Returns
+    -------
+    bool
+        Whether the mmap threshold is (now) raised.
+    """
+    global _malloc_tuned
+    with _malloc_lock:
+        if _malloc_tuned is None:
+            _malloc_tuned = _set_mallopt()
+        return _malloc_tuned
+
+
+def _set_mallopt() -> bool:
+    import os
+    import platform
+
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        raised = any(libc.mallopt(_M_MMAP_THRESHOLD, v) for v in _MMAP_THRESHOLDS_BYTES)
+        if raised:
+            libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES)
+    except (OSError, AttributeError):  # no glibc after all
+        return False
+    return raised

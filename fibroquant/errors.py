@@ -142,7 +142,7 @@ def quiet_warnings() -> None:
     import os
     import warnings
 
-    warnings.formatwarning = _one_line_warning  # type: ignore[assignment]
+    warnings.formatwarning = _one_line_warning
     logging.getLogger("tifffile").setLevel(logging.CRITICAL)
     os.environ[QUIET_ENV] = "1"  # inherited by worker processes (see executor.run_slide_pinned)
 

@@ -19,7 +19,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -35,8 +35,10 @@ from fibroquant.errors import (
     one_line,
     quiet_warnings,
 )
+from fibroquant.outdir import measuring_marker
 from fibroquant.pipeline import analyze_slide
-from fibroquant.store import require_regular
+from fibroquant.slides import Slide, open_slide
+from fibroquant.store import require_regular, within_seconds
 from fibroquant.tasks import (
     MASK_KINDS,
     SlideTask,
@@ -79,11 +81,12 @@ def run_slide(task: SlideTask) -> dict[str, Any]:
     settings = Settings.model_validate_json(task.settings_json)
     out = Path(task.out_dir)
     stem = task_stem(task)
+    slide: Slide | None = None
     try:
-        require_regular(Path(task.path), os.stat(task.path))  # a named pipe would block
+        slide = open_within(task, settings.tiling.input_timeout_s)
         analysis = analyze_slide(
             task.path, settings, mpp=task.mpp, fallback_mpp=task.fallback_mpp,
-            workers=task.threads,
+            workers=task.threads, slide=slide,
         )
     except FibroquantError as exc:
         return _failed(task, one_line(exc))
@@ -96,6 +99,9 @@ def run_slide(task: SlideTask) -> dict[str, Any]:
         return _failed(
             task, f"{Path(task.path).name}: unexpected {type(exc).__name__}: {one_line(exc)}"[:500]
         )
+    finally:
+        if slide is not None:
+            slide.close()
     files = output_files(out, stem)
     try:
         report.write_qc(files["qc"], analysis, max_px=settings.tiling.qc_max_px,
@@ -104,7 +110,7 @@ def run_slide(task: SlideTask) -> dict[str, Any]:
             report.write_png(files["collagen"], analysis.collagen_mask)
             report.write_png(files["tissue"], analysis.tissue_mask)
             # outlines in full-resolution (level 0) pixel coordinates, for QuPath
-            scale = analysis.mask_mpp / analysis.record["mpp"]
+            scale = analysis.mask_mpp / analysis.mpp
             fc = report.mask_to_geojson(analysis.tissue_mask, analysis.collagen_mask,
                                         scale=scale, slide_name=task.slide)
             report.write_geojson(files["geojson"], fc)
@@ -115,7 +121,30 @@ def run_slide(task: SlideTask) -> dict[str, Any]:
         return _failed(
             task, f"{Path(task.path).name}: cannot write outputs: {write_error(exc)}"[:500]
         )
-    return {"slide": task.slide, "fingerprint": task.fingerprint, **analysis.record}
+    return {"slide": task.slide, "fingerprint": task.fingerprint, **analysis.to_record()}
+
+
+def open_within(task: SlideTask, seconds: float) -> Slide:
+    """Open a task's slide (with the sample sheet's µm/px, else the file's, else ``--mpp``),
+    given at most ``seconds``: a file on a hung network share, or one that blocks on open,
+    fails its own row instead of holding the run (and its lock) for ever.
+
+    Raises
+    ------
+    SlideReadError
+        ``PATH: opening the slide: no answer after N s``; not a regular file (a named pipe); as
+        :func:`fibroquant.slides.open_slide`.
+    """
+    def open_it() -> Slide:
+        require_regular(Path(task.path), os.stat(task.path))  # a named pipe would block
+        slide = open_slide(task.path, mpp=task.mpp)
+        if slide.mpp is None and task.fallback_mpp is not None:
+            slide.close()
+            slide = open_slide(task.path, mpp=task.fallback_mpp)
+        return slide
+
+    return within_seconds(open_it, seconds, f"{task.path}: opening the slide",
+                          discard=lambda slide: slide.close())
 
 
 def _failed(task: SlideTask, error: str) -> dict[str, Any]:
@@ -161,7 +190,7 @@ def run_slide_pinned(task: SlideTask) -> dict[str, Any]:
         quiet_warnings()
     # in a local pool the tile threads follow the cores free (cores.tile_threads), and OpenCV and
     # BLAS keep one thread: the slides beside it use the others
-    with _pinned(1 if cores.in_pool() else max(1, task.threads)), cores.counted_running():
+    with _pinned(1 if cores.in_pool() else max(1, task.threads)):
         return run_slide(task)
 
 
@@ -200,6 +229,7 @@ def run_tasks(
     *,
     workers: int,
     scheduler: str | Any | None = None,
+    isolate: Collection[str] = (),
 ) -> Iterable[dict[str, Any]]:
     """Run slide tasks and yield each record as it finishes (in completion order).
 
@@ -209,11 +239,18 @@ def run_tasks(
     workers : int
         Local processes (slides in parallel); with one slide, threads over its tiles instead.
         A slide in a local pool runs its tiles on its share of the ``workers`` cores among the
-        slides running, so one left running alone takes the cores the others gave back.
+        slides running, so one left running alone takes the cores the others gave back. With
+        one worker (or one slide) the slides are measured in this process, each named in
+        OUT_DIR while it is (:func:`fibroquant.outdir.measuring_marker`) so that a crash of
+        this process is recorded by the next run.
     scheduler : str, distributed.Client or Dask cluster, optional
         Address of a Dask scheduler (``tcp://host:port``), a client, or a cluster object
         (``distributed.LocalCluster``, a dask-jobqueue cluster...): tasks then run on the
         cluster (the slides and OUT_DIR must be reachable from the workers).
+    isolate : collection of str
+        Fingerprints of slides that crashed a process before: measured in a worker process of
+        their own even when the others are measured in this one, so that a second crash fails
+        only their row.
     """
     if not tasks:
         return
@@ -222,9 +259,29 @@ def run_tasks(
         return
     if workers <= 1 or len(tasks) == 1:
         for t in tasks:
-            yield run_slide(_with_threads(t, workers))
+            if t.fingerprint in isolate:
+                yield from _run_local([t], workers)
+            else:
+                yield run_in_process(_with_threads(t, workers))
         return
     yield from _run_local(tasks, workers)
+
+
+def run_in_process(task: SlideTask) -> dict[str, Any]:
+    """:func:`run_slide` in this process, the slide named in OUT_DIR while it is measured.
+
+    A crash here (a segfault in a decoder or a kernel) ends the run itself; the marker it
+    leaves, with the fatal signal, lets the next run record the slide as crashed and measure it
+    again in a process of its own (``isolate`` of :func:`run_tasks`). Measuring in this process
+    keeps ``--workers 1`` free of process start-up (the marker costs ~1 ms a slide; a process
+    per slide cost ~4 s a slide on a 2-core machine: start, imports, kernel cache) and
+    debuggable (a breakpoint, a profiler, monkeypatching in tests).
+    """
+    info = {"slide": task.slide, "fingerprint": task.fingerprint, "path": task.path,
+            "settings_hash": Settings.model_validate_json(task.settings_json).settings_hash(),
+            "pid": os.getpid(), "started": time.time()}
+    with measuring_marker(Path(task.out_dir), info):
+        return run_slide(task)
 
 
 #: How often a worker process checks that the run that started it is still alive (seconds).
@@ -347,7 +404,11 @@ def _run_local(tasks: list[SlideTask], workers: int) -> Iterator[dict[str, Any]]
         from multiprocessing import forkserver
 
         forkserver.ensure_running()
-    running = ctx.Value("i", 0)  # slides running now, across the worker processes
+    # slides running now, across the worker processes: counted here, where tasks are sent and
+    # records come back, and only read by the workers; so no lock (a named semaphore, which a
+    # kill -9 of the run leaves to the resource tracker: "leaked semaphore objects"), and a
+    # worker killed mid-slide is not counted as running for ever
+    running = ctx.RawValue("i", 0)
     pending = [_with_threads(t, workers) for t in reversed(largest_first(tasks))]
     pool: list[_Worker] = []
     try:
@@ -363,11 +424,13 @@ def _run_local(tasks: list[SlideTask], workers: int) -> Iterator[dict[str, Any]]
                 w.task = pending.pop()
                 w.conn.send(w.task)
             busy = [w for w in pool if w.task is not None]
+            running.value = len(busy)
             ready = wait([w.conn for w in busy] + [w.proc.sentinel for w in busy])
             for w in busy:
                 if w.conn not in ready and w.proc.sentinel not in ready:
                     continue
                 task, w.task = w.task, None
+                assert task is not None  # a busy worker holds a task
                 try:
                     if w.conn.poll():
                         yield w.conn.recv()
@@ -455,7 +518,7 @@ def _run_dask(tasks: list[SlideTask], scheduler: str | Any) -> Iterator[dict[str
                f"Dask cluster object, got {type(scheduler).__name__}")
         raise FibroquantError(msg)
     try:
-        client = Client(scheduler, timeout=DASK_CONNECT_TIMEOUT) if own else scheduler
+        client: Any = Client(scheduler, timeout=DASK_CONNECT_TIMEOUT) if own else scheduler
     except OSError as exc:
         where = getattr(scheduler, "scheduler_address", scheduler)
         msg = f"cannot reach the Dask scheduler at {where}: {exc}"
@@ -482,6 +545,8 @@ def _run_dask(tasks: list[SlideTask], scheduler: str | Any) -> Iterator[dict[str
 __all__ = [
     "SlideTask",
     "largest_first",
+    "open_within",
+    "run_in_process",
     "run_slide",
     "run_slide_pinned",
     "run_tasks",

@@ -32,7 +32,7 @@ import numpy as np
 try:  # numba is a dependency, but keep the package usable without it
     import numba as _numba
 except ImportError:  # pragma: no cover - exercised only without numba
-    _numba = None
+    _numba = None  # type: ignore[assignment]  # the optional-import idiom
 
 HAVE_NUMBA = _numba is not None and os.environ.get("NUMBA_DISABLE_JIT", "0") in ("", "0")
 
@@ -56,7 +56,7 @@ def _gather_py(mask: np.ndarray, rows: np.ndarray, cols: np.ndarray, out: np.nda
 
 def _share_ok_py(
     c: np.float32, r: int, g: int, b: int, others: np.ndarray, min_share: np.float32
-) -> bool:
+) -> np.bool_:
     # the collagen-share test of one pixel: its positive collagen concentration ``c`` is at
     # least ``min_share`` of its positive concentrations summed over all stains
     zero = np.float32(0.0)
@@ -117,7 +117,7 @@ def _is_blob_py(size: int, height: int, width: int, blob_px: int, blob_side: int
 _is_blob_nb = _jit(_is_blob_py)
 
 
-def _hit_list_py(words: np.ndarray, hit: np.ndarray, w: int, hits: np.ndarray) -> int:
+def _hit_list_py(words: np.ndarray, hit: np.ndarray, w: int, hits: np.ndarray) -> np.int64:
     # hits[:m] = the columns j < w where hit[j] is 1, in order; returns m. ``hit`` is a uint8
     # view of ``words`` (uint64, four per 32 columns, zero past w): a run of 32 columns is
     # tested by OR-ing its four words, and only the runs with a hit are listed, branch-free.
@@ -454,7 +454,7 @@ def _tile_py(
             else:
                 for j in range(w):
                     buf[j] = t0[rgb[i, j, 0]] + t1[rgb[i, j, 1]] + t2[rgb[i, j, 2]]
-        m = 0  # hits[:m]: the plain columns that are collagen (after the guard)
+        m: int | np.integer[Any] = 0  # hits[:m]: plain collagen columns (after the guard)
         if n_plain > 0:
             n_tis += n_plain
             b1 = blocks[1, bi]
@@ -471,7 +471,7 @@ def _tile_py(
                 ob0 = others[1, 0]
                 ob1 = others[1, 1]
                 ob2 = others[1, 2]
-                m2 = 0
+                m2: int | np.integer[Any] = 0  # (+= a numpy bool)
                 for q in range(m):  # branch-free: the same sums, in _share_ok_py's order
                     j = hits[q]
                     r = rgb[i, j, 0]
@@ -886,7 +886,7 @@ def fused_ok(rgb: np.ndarray, lut: np.ndarray, unmix_col: np.ndarray,
                 for c in other_cols)
     )
     if ok and len(rows) and len(cols):
-        ok = (0 <= rows.min() and rows.max() < flags.shape[0] and 0 <= cols.min()
+        ok = (rows.min() >= 0 and rows.max() < flags.shape[0] and cols.min() >= 0
               and cols.max() < flags.shape[1])
     return bool(ok)
 
@@ -961,8 +961,8 @@ def measure_tile_fused(
              rows, cols, int(f), blocks, int(stride), fmom, counts, od_total,
              int(min_px), int(blob_px), int(blob_side), words, t01, l01)
     shape = (-(-h // stride), -(-w // stride)) if stride > 0 else (0, 0)
-    return FusedTile(dict(zip(FUSED_COUNTS, (int(c) for c in counts))), float(od_total[0]),
-                     blocks, fmom if stride > 0 else None, shape)
+    named = dict(zip(FUSED_COUNTS, (int(c) for c in counts), strict=True))
+    return FusedTile(named, float(od_total[0]), blocks, fmom if stride > 0 else None, shape)
 
 
 __all__ = [
@@ -1002,7 +1002,7 @@ def remove_small_objects_fast(mask: np.ndarray, min_px: int, connectivity: int =
     cols = np.flatnonzero(mask.any(axis=0))
     y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
     sub = np.ascontiguousarray(mask[y0:y1, x0:x1]).view(np.uint8)
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(
+    _n, labels, stats, _ = cv2.connectedComponentsWithStats(
         sub, connectivity=8 if connectivity >= 2 else 4, ltype=cv2.CV_32S
     )
     keep = stats[:, cv2.CC_STAT_AREA] >= min_px
@@ -1037,10 +1037,10 @@ def gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
     OpenCV's to float32 rounding (|diff| ~1e-7 relative).
     """
     img = np.asarray(img, np.float32)
-    ksize = int(round(sigma * 8 + 1)) | 1  # OpenCV's kernel size for float images
+    ksize = round(sigma * 8 + 1) | 1  # OpenCV's kernel size for float images
     if img.ndim != 2 or ksize < FFT_BLUR_MIN_KSIZE or min(img.shape) <= ksize:
         return cv2.GaussianBlur(img, (0, 0), sigma)
-    import scipy.fft as sfft  # noqa: PLC0415
+    import scipy.fft as sfft
 
     k = cv2.getGaussianKernel(ksize, sigma, cv2.CV_32F).astype(np.float64).ravel()
     r = ksize // 2

@@ -11,4 +11,8 @@ STORE_NAME = "fibroquant.sqlite"
 #: File name of the lock file inside the output folder.
 LOCK_NAME = ".fibroquant.lock"
 
-__all__ = ["LOCK_NAME", "STORE_NAME"]
+#: File naming the slide measured in the run's own process right now (see
+#: :func:`fibroquant.outdir.measuring_marker`); left behind only by a run that crashed.
+MEASURING_NAME = ".fibroquant-measuring"
+
+__all__ = ["LOCK_NAME", "MEASURING_NAME", "STORE_NAME"]

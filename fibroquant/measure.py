@@ -210,11 +210,6 @@ class SlideResult:
         """µm per pixel of the masks."""
         return self.geometry.mask_mpp
 
-    @property
-    def record(self) -> dict[str, Any]:
-        """:meth:`to_record` (the name the task runner and tests read)."""
-        return self.to_record()
-
     def to_record(self) -> dict[str, Any]:
         """The flat row of ``slides.csv`` (without the sample-sheet columns): plain numbers and
         strings, the stain vectors, angles and fit as JSON text."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import errno
+import faulthandler
 import fcntl
 import json
 import logging
@@ -20,13 +21,13 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from fibroquant.errors import StoreError, StoreLockedError
-from fibroquant.layout import LOCK_NAME
+from fibroquant.layout import LOCK_NAME, MEASURING_NAME
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -162,6 +163,29 @@ def atomic_write_csv(path: Path, df: pd.DataFrame, *, index: bool = False) -> No
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def json_default(value: Any) -> Any:
+    """The ``default=`` of :func:`json.dumps` for tables' values: numpy scalars and arrays as
+    numbers and lists, dates as ISO text, sets as sorted lists, anything else as its text."""
+    import numpy as np  # not at import time: the command line starts without numpy
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, _dt.date):  # datetimes and pandas Timestamps too
+        return value.isoformat()
+    if isinstance(value, set | frozenset):
+        return sorted(value, key=str)
+    return str(value)
+
+
+def standard_json(value: Any) -> str:
+    """JSON text of ``value`` (see :func:`json_default`) with NaN and ±inf as ``null``, the
+    standard JSON that readers of ``--json`` output expect."""
+    text = json.dumps(value, default=json_default)
+    return json.dumps(json.loads(text, parse_constant=lambda _: None))
+
+
 def is_temp_file(name: str) -> bool:
     """Whether a file name is one of a writer's temporary files (this version's or older)."""
     return (name.startswith(".") and name.endswith(TEMP_SUFFIX)) or bool(_LEGACY_TEMP.match(name))
@@ -183,7 +207,7 @@ def remove_stale_temp_files(directory: Path) -> list[Path]:
     list of Path
         The files removed.
     """
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(os.scandir(directory))
     except OSError:
@@ -347,6 +371,91 @@ class OutputLock:
         self.release()
 
 
+@contextlib.contextmanager
+def measuring_marker(out_dir: Path, info: dict[str, Any]) -> Iterator[None]:
+    """Name the slide being measured in the run's own process in ``OUT_DIR/.fibroquant-measuring``
+    while the block runs, with the report of a fatal signal appended by :mod:`faulthandler`.
+
+    A crash there (a segfault in a decoder or a kernel) ends the whole run before it can record
+    the slide; the file it leaves tells the next run which slide it was
+    (:func:`take_measuring_marker`). The file is removed when the block ends in any other way
+    (a result, an exception, Ctrl-C). Hold the folder's :class:`OutputLock`.
+
+    Parameters
+    ----------
+    out_dir : Path
+    info : dict
+        JSON-able facts about the slide (``slide``, ``fingerprint``, ``settings_hash``...).
+    """
+    path = Path(out_dir) / MEASURING_NAME
+    try:
+        fh = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed below, after faulthandler
+    except OSError:  # a safety net only: without it a crash is not recorded, as before
+        yield
+        return
+    was_enabled = faulthandler.is_enabled()
+    try:
+        fh.write(json.dumps(info) + "\n")
+        fh.flush()
+        faulthandler.enable(file=fh, all_threads=True)
+        yield
+    finally:
+        faulthandler.disable()
+        if was_enabled and sys.__stderr__ is not None:
+            with contextlib.suppress(ValueError, OSError):
+                faulthandler.enable(file=sys.__stderr__)
+        fh.close()
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+_FATAL = re.compile(r"^Fatal Python error: (.+)$", re.MULTILINE)
+
+
+def take_measuring_marker(out_dir: Path) -> dict[str, Any] | None:
+    """The slide a run was measuring in its own process when it ended abruptly, and remove the
+    file (:func:`measuring_marker`); None when the last run left none. Hold the folder's
+    :class:`OutputLock` (the file of a run in progress is not a leftover).
+
+    Returns
+    -------
+    dict or None
+        As :func:`read_measuring_marker`.
+    """
+    info = read_measuring_marker(out_dir)
+    with contextlib.suppress(OSError):
+        (Path(out_dir) / MEASURING_NAME).unlink()
+    return info
+
+
+def read_measuring_marker(out_dir: Path) -> dict[str, Any] | None:
+    """The slide named by ``OUT_DIR/.fibroquant-measuring`` (:func:`measuring_marker`): being
+    measured in a run's own process, or being measured when that run ended abruptly.
+
+    Returns
+    -------
+    dict or None
+        The ``info`` it was given, with ``fatal``: the fatal signal faulthandler reported
+        (``"Segmentation fault"``, ``"Aborted"``...), or None when the run was killed without
+        one (``kill -9``, the out-of-memory killer, a power cut) or is still running. None
+        when there is no such file.
+    """
+    try:
+        text = (Path(out_dir) / MEASURING_NAME).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    head, _, rest = text.partition("\n")
+    try:
+        info = json.loads(head)
+    except ValueError:
+        return None
+    if not isinstance(info, dict):
+        return None
+    fatal = _FATAL.search(rest)
+    info["fatal"] = fatal.group(1).strip() if fatal else None
+    return info
+
+
 __all__ = [
     "OUTPUT_SUBFOLDERS",
     "TEMP_SUFFIX",
@@ -357,5 +466,8 @@ __all__ = [
     "clean_output_folder",
     "fsync_dir",
     "is_temp_file",
+    "measuring_marker",
+    "read_measuring_marker",
     "remove_stale_temp_files",
+    "take_measuring_marker",
 ]

@@ -36,6 +36,7 @@ from fibroquant.collagen import (
 )
 from fibroquant.confidence import FAINT_COLLAGEN_OD
 from fibroquant.config import Settings
+from fibroquant.cores import tune_malloc
 from fibroquant.errors import FibroquantError, SlideReadError
 from fibroquant.measure import Measurements, SlideQC, SlideResult, TileCounts
 from fibroquant.registration import estimate_channel_shifts
@@ -162,52 +163,6 @@ def stain_warnings(
     elif np.isfinite(level) and level > DARK_COLLAGEN_OD:
         out.append(f"very dark {col} staining (collagen level {level:.2f} OD): over-stained?")
     return out
-
-
-#: glibc ``mallopt`` parameters and the values :func:`tune_malloc` sets.
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_MMAP_THRESHOLDS_BYTES = (64 << 20, 32 << 20)  # glibc before ~2.26 refuses more than 32 MB
-_TRIM_THRESHOLD_BYTES = 256 << 20
-_malloc_lock = threading.Lock()
-_malloc_tuned: bool | None = None
-
-
-def tune_malloc() -> bool:
-    """Let the C heap reuse tile-sized buffers (glibc only; once per process).
-
-    Raises glibc's mmap threshold to 64 MB (32 MB where refused) and its trim threshold to
-    256 MB, so tile buffers are not mapped and zero-filled afresh for every tile; left alone
-    when ``MALLOC_MMAP_THRESHOLD_`` is set or the C library is not glibc. Why and what it saves:
-    docs/decisions.md#malloc
-
-    Returns
-    -------
-    bool
-        Whether the mmap threshold is (now) raised.
-    """
-    global _malloc_tuned
-    with _malloc_lock:
-        if _malloc_tuned is None:
-            _malloc_tuned = _set_mallopt()
-        return _malloc_tuned
-
-
-def _set_mallopt() -> bool:
-    import os
-    import platform
-
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        raised = any(libc.mallopt(_M_MMAP_THRESHOLD, v) for v in _MMAP_THRESHOLDS_BYTES)
-        if raised:
-            libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES)
-    except (OSError, AttributeError):  # no glibc after all
-        return False
-    return raised
 
 
 _blas_lock = threading.Lock()
@@ -545,9 +500,10 @@ def release_free_heap() -> None:
     """Give the C heap's free pages back to the system (glibc ``malloc_trim``; elsewhere a
     no-op).
 
-    Called after each of a slide's phases (calibration, tiles, traits): :func:`tune_malloc`
-    keeps freed buffers for reuse, which within a phase saves page faults, but across phases
-    left one phase's temporaries resident while the next ran (on a 1-GP slide the trait
+    Called after each of a slide's phases (calibration, tiles, traits):
+    :func:`~fibroquant.cores.tune_malloc` keeps freed buffers for reuse, which within a phase
+    saves page faults, but across phases left one phase's temporaries resident while the next
+    ran (on a 1-GP slide the trait
     tiles' ~250 MB stayed resident while the QC overlay was drawn).
     """
     global _libc
@@ -611,5 +567,4 @@ __all__ = [
     "calibrate_slide",
     "measure_tiles",
     "stain_warnings",
-    "tune_malloc",
 ]

@@ -147,7 +147,7 @@ def shift_channels(rgb: np.ndarray, shifts: np.ndarray, margin: int = 0) -> np.n
     out[..., 1] = rgb[margin : h - margin, margin : w - margin, 1]
     for c, (dy, dx) in zip((0, 2), shifts, strict=True):
         # content at p + (dy, dx) belongs at p: sample the plane there
-        m = np.float32([[1, 0, dx + margin], [0, 1, dy + margin]])
+        m = np.array([[1, 0, dx + margin], [0, 1, dy + margin]], np.float32)
         out[..., c] = cv2.warpAffine(
             np.ascontiguousarray(rgb[..., c]), m, (w - 2 * margin, h - 2 * margin),
             flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE,

@@ -28,7 +28,7 @@ import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import date, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import quote
 
 import cv2
@@ -37,11 +37,12 @@ import pandas as pd
 
 from fibroquant import schema
 from fibroquant.errors import FibroquantError
-from fibroquant.outdir import atomic_write_bytes
+from fibroquant.outdir import atomic_write_bytes, json_default
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
+    from shapely.geometry.base import BaseGeometry
 
 __all__ = [
     "COLLAGEN_OUTLINE_ON_BLUE_RGB",
@@ -371,7 +372,7 @@ def qc_fill(thumb: np.ndarray, tissue_mask: np.ndarray, collagen_mask: np.ndarra
 
     def tint(mask: np.ndarray, c: tuple[int, int, int], alpha: float) -> None:
         if mask.any():
-            mixed = (1 - alpha) * rgb[mask].astype(np.float32) + alpha * np.float32(c)
+            mixed = (1 - alpha) * rgb[mask].astype(np.float32) + alpha * np.array(c, np.float32)
             rgb[mask] = np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
 
     for name, mask in (exclusions or {}).items():
@@ -757,12 +758,12 @@ def plot_traits(
     nrow = max(1, -(-len(names) // ncol))
     fig = _new_figure(2.2 * ncol, 2.1 * nrow)
     axes = fig.subplots(nrow, ncol, squeeze=False)
-    for ax, name in zip(axes.ravel(), names):
+    for ax, name in zip(axes.ravel(), names, strict=False):  # spare axes stay empty
         _style_axes(ax)
         for i, g in enumerate(groups):
-            v = pd.to_numeric(mice.loc[mice["group"].astype(str) == g, name], errors="coerce")
-            v = v.dropna().to_numpy(float)
-            x = np.full(len(v), float(i)) + np.linspace(-0.12, 0.12, len(v)) if len(v) else []
+            v = pd.to_numeric(mice.loc[mice["group"].astype(str) == g, name],
+                              errors="coerce").dropna().to_numpy(float)
+            x = np.full(len(v), float(i)) + np.linspace(-0.12, 0.12, len(v))
             ax.plot(x, v, "o", ms=3.5, alpha=0.8, color=f"C{i % 10}")
             if len(v):
                 ax.hlines(v.mean(), i - 0.25, i + 0.25, color="black", lw=1.2)
@@ -773,7 +774,7 @@ def plot_traits(
             if len(trait_groups) else trait_groups
         rows = rows[pd.to_numeric(rows["hedges_g"], errors="coerce").notna()] if len(rows) else rows
         if len(rows):
-            best = rows.loc[pd.to_numeric(rows["hedges_g"]).abs().idxmax()]
+            best = rows.iloc[int(np.argmax(pd.to_numeric(rows["hedges_g"]).abs().to_numpy()))]
             title += f"\ng = {float(best['hedges_g']):+.2f}, {format_p(best['holm_welch_p'])}"
         ax.set_title(_wrap(title, 28), fontsize=_FONT_PT - 2)
     for ax in axes.ravel()[len(names):]:
@@ -807,7 +808,8 @@ def plot_slides(slides: pd.DataFrame, out_stem: Path) -> list[Path]:
         pd.to_numeric(ok["cpa_percent"], errors="coerce") if "cpa_percent" in ok else np.nan
     )
     ok["_group"] = ok["group"].map(_text) if "group" in ok else ""
-    ok["_mouse"] = ok["mouse"].map(_text) if "mouse" in ok else ok.get("slide", "").map(_text)
+    who = "mouse" if "mouse" in ok else "slide" if "slide" in ok else None
+    ok["_mouse"] = ok[who].map(_text) if who else ""
     ok = ok[np.isfinite(ok["_cpa"].to_numpy(dtype=float))]
 
     order = _ordered_groups(None, ok["_group"])
@@ -937,22 +939,10 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]
     return rows
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (datetime, date, pd.Timestamp)):
-        return value.isoformat()
-    if isinstance(value, (set, frozenset)):
-        return sorted(value, key=str)
-    return str(value)
-
-
 def _cell_value(value: Any) -> Any:
     """A value openpyxl stores literally (no formulas, no illegal characters)."""
     if isinstance(value, (Mapping, list, tuple, set, frozenset, np.ndarray)):
-        return json.dumps(value, default=_json_default, ensure_ascii=False)
+        return json.dumps(value, default=json_default, ensure_ascii=False)
     if _is_missing(value):
         return None
     if isinstance(value, np.generic):
@@ -978,7 +968,7 @@ def _write_sheet(wb: Any, title: str, header: Sequence[str], rows: Iterable[Sequ
     ws = wb.create_sheet(title)
     widths = [len(str(h)) for h in header]
     ws.append([_cell_value(h) for h in header])
-    formats = [None] * len(header)
+    formats: list[str | None] = [None] * len(header)
     if table is not None:
         for k, name in enumerate(header):
             col = schema.column(table, str(name))
@@ -1071,7 +1061,8 @@ def write_xlsx(
     from openpyxl import Workbook
 
     wb = Workbook()
-    wb.remove(wb.active)
+    if wb.active is not None:  # a new workbook's empty default sheet
+        wb.remove(wb.active)
     for title, frame in (("slides", slides), ("mice", mice), ("groups", groups)):
         columns = [str(c) for c in frame.columns]
         _write_sheet(wb, title, columns, frame.itertuples(index=False, name=None), table=title)
@@ -1083,7 +1074,7 @@ def write_xlsx(
     rows = []
     for key, value in _flatten(prov):
         text = value if not isinstance(value, (list, tuple, Mapping)) else json.dumps(
-            value, default=_json_default, ensure_ascii=False)
+            value, default=json_default, ensure_ascii=False)
         if isinstance(text, str) and len(text) > _XLSX_CELL_MAX:
             text = f"{len(text):,} characters: see provenance.json"
         rows.append((key, text))
@@ -1244,7 +1235,8 @@ def mask_to_geojson(
         polys = _pixel_edge_polygons(arr.astype(bool), min_area_px)
         if len(polys) == 0:
             continue
-        geom = polys[0] if len(polys) == 1 else shapely.multipolygons(polys)
+        # one geometry (shapely's stubs type multipolygons of a 1-D array as an array)
+        geom = cast("BaseGeometry", polys[0] if len(polys) == 1 else shapely.multipolygons(polys))
         if scale != 1:
             geom = affinity.scale(geom, xfact=float(scale), yfact=float(scale), origin=(0, 0))
         geom = shapely.orient_polygons(geom)
@@ -1273,7 +1265,7 @@ def write_geojson(path: Path, fc: Mapping[str, Any]) -> None:
     fc : mapping
         The FeatureCollection, e.g. from :func:`mask_to_geojson`.
     """
-    text = json.dumps(fc, separators=(",", ":"), ensure_ascii=False, default=_json_default)
+    text = json.dumps(fc, separators=(",", ":"), ensure_ascii=False, default=json_default)
     _atomic_write_bytes(Path(path), text.encode("utf-8"))
 
 
@@ -1407,7 +1399,7 @@ def _kv_table(data: Mapping[str, Any]) -> str:
         if isinstance(value, (float, np.floating, int, np.integer)) and not isinstance(value, bool):
             text, _ = _fmt_cell(leaf, value)
         elif isinstance(value, (list, tuple, Mapping)):
-            text = _e(json.dumps(value, default=_json_default, ensure_ascii=False))
+            text = _e(json.dumps(value, default=json_default, ensure_ascii=False))
         else:
             text = _e(_text(value))
         rows.append(f"<tr><th>{_e(key)}</th><td>{text}</td></tr>")
@@ -1425,8 +1417,7 @@ def _read_image(path: Path) -> np.ndarray | None:
         return None
     if raw.size == 0:
         return None
-    img = cv2.imdecode(raw, cv2.IMREAD_COLOR)
-    return img  # BGR, or None when undecodable
+    return cv2.imdecode(raw, cv2.IMREAD_COLOR)  # BGR, or None when undecodable
 
 
 def _thumb_jpeg_uri(path: Path, max_width: int = 480) -> str | None:
@@ -1509,9 +1500,9 @@ def _omnibus_table(omnibus: Mapping[str, Any]) -> str:
 def _stats_notes(groups: pd.DataFrame, omnibus: Mapping[str, Any] | None,
                  mixed: Mapping[str, Any] | None) -> str:
     items = [
-        "<li><b>The mouse is the experimental unit.</b> Each mouse's CPA is area-weighted over "
+        ("<li><b>The mouse is the experimental unit.</b> Each mouse's CPA is area-weighted over "
         "its sections (total collagen area / total tissue area); group statistics use one value "
-        "per mouse, so sections are never counted as independent animals.</li>",
+        "per mouse, so sections are never counted as independent animals.</li>"),
         "<li>Group summaries are mean, SD, SEM and median of the per-mouse CPA.</li>",
     ]
     cols = set(groups.columns)
@@ -1763,7 +1754,7 @@ def write_report_html(
                                  href.as_posix() if href else None))
     sw = '<span class="sw" style="background:{}"></span>'
     legend = ('<div class="legend">' + "".join(
-        f"<span>{sw.format('rgb(%d,%d,%d)' % rgb)}{_e(name)}</span>" for name, rgb in (
+        f"<span>{sw.format('rgb({},{},{})'.format(*rgb))}{_e(name)}</span>" for name, rgb in (
             ("collagen (red stains)", COLLAGEN_FILL_ON_RED_RGB),
             ("collagen (blue stains)", COLLAGEN_FILL_ON_BLUE_RGB),
             ("tissue outline", TISSUE_OUTLINE_RGB), *EXCLUSION_COLOURS.items()))
@@ -1781,7 +1772,7 @@ def write_report_html(
                      + "</section>")
 
     def pretty(obj: Mapping[str, Any]) -> str:
-        return _e(json.dumps(obj, indent=2, sort_keys=True, default=_json_default,
+        return _e(json.dumps(obj, indent=2, sort_keys=True, default=json_default,
                              ensure_ascii=False))
 
     brief = {k: v for k, v in provenance.items()
@@ -1817,7 +1808,8 @@ def _exclusion_masks(flags: np.ndarray | None, excluded: np.ndarray) -> dict[str
 
     shape = excluded.shape
     if flags.shape != shape:
-        flags = cv2.resize(flags, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
+        flags = cv2.resize(flags, (shape[1], shape[0]),
+                           interpolation=cv2.INTER_NEAREST).astype(np.uint8, copy=False)
     out: dict[str, np.ndarray] = {}
     left = excluded.copy()
     for name, bit in (("lumen", kernels.FLAG_LUMEN), ("bubble", kernels.FLAG_BUBBLE),
@@ -1852,7 +1844,7 @@ def write_qc(path: Path, analysis: Any, *, max_px: int = 2000, title: str = "") 
     thumb = analysis.thumbnail
     mh, mw = analysis.collagen_mask.shape
     scale = min(1.0, max_px / max(mh, mw))
-    size = (max(int(round(mw * scale)), 1), max(int(round(mh * scale)), 1))
+    size = (max(round(mw * scale), 1), max(round(mh * scale), 1))
     if (thumb.shape[1], thumb.shape[0]) != size:
         interp = cv2.INTER_AREA if thumb.shape[1] > size[0] else cv2.INTER_LINEAR
         thumb = cv2.resize(thumb, size, interpolation=interp)

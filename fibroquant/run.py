@@ -42,6 +42,7 @@ from fibroquant.outdir import (
     atomic_write_text,
     clean_output_folder,
     fsync_dir,
+    take_measuring_marker,
 )
 from fibroquant.slides import list_slides, mpp_problem
 from fibroquant.store import REBUILD_HINT, FingerprintCache, ResultStore
@@ -522,13 +523,15 @@ def analyze_folder(
                 command=command, version=__version__, settings_hash=shash,
                 settings_json=json.dumps(settings.model_dump(mode="json"), sort_keys=True),
             )
-            sheet_mpp = ({r: float(v) for r, v in sheet.set_index("slide")["mpp"].items()
+            ended_on = record_run_crash(store, out_dir, run_id)
+            sheet_mpp = ({str(r): float(v) for r, v in sheet.set_index("slide")["mpp"].items()
                           if pd.notna(v)} if "mpp" in sheet.columns else {})
             # --mpp is remembered per slide: a rerun without it measures the same way
             if mpp is not None:
                 store.remember_mpp((_relative(p, slides_dir) for p in files), mpp)
             stems = output_stems(_relative(p, slides_dir) for p in files)
-            with FingerprintCache(store, slides_dir) as cache:
+            with FingerprintCache(store, slides_dir,
+                                  timeout=settings.tiling.input_timeout_s) as cache:
                 plan = plan_run(store, slides_dir, out_dir, files, settings_hash=shash,
                                 cache=cache, masks=masks, sheet_mpp=sheet_mpp,
                                 fallback_mpp=mpp)
@@ -585,7 +588,10 @@ def analyze_folder(
                     from fibroquant.executor import run_tasks
                 else:
                     run_tasks = _no_tasks
-                for rec in run_tasks(todo, workers=workers, scheduler=scheduler):
+                # slides that crashed a process before are measured in one of their own
+                isolate = set(store.crashes(shash)) | ({ended_on} if ended_on else set())
+                for rec in run_tasks(todo, workers=workers, scheduler=scheduler,
+                                     isolate=isolate):
                     rec = {**rec, "settings_hash": shash}
                     store.put_result(rec, run_id=run_id)
                     if rec.get("status") != "ok":  # e.g. a worker that died mid-write
@@ -606,7 +612,7 @@ def analyze_folder(
             slides_df = build_slides_table(sheet, current)
             summary.failed = int((~slides_df["status"].isin(["ok", WRONG_STAIN])).sum())
             summary.failed_slides = [
-                (r.slide, r.error) for r in slides_df.itertuples()
+                (str(r.slide), str(r.error)) for r in slides_df.itertuples()
                 if r.status not in ("ok", WRONG_STAIN)
             ]
             summary.wrong_stain = [
@@ -685,6 +691,40 @@ def analyze_folder(
     return summary
 
 
+def record_run_crash(store: ResultStore, out_dir: Path, run_id: int) -> str | None:
+    """Record the slide the last run was measuring in its own process when it ended abruptly
+    (:func:`fibroquant.outdir.take_measuring_marker`); hold the folder's lock.
+
+    A fatal signal (a segfault in a decoder or a kernel) is stored as a ``crashed`` failure of
+    that slide, which counts towards :data:`MAX_CRASHES` as a crashed worker process does. A
+    run killed without one (``kill -9``, the out-of-memory killer) is not held against the
+    slide, which may have had nothing to do with it.
+
+    Returns
+    -------
+    str or None
+        The slide's fingerprint, measured again in a process of its own (either way), or None
+        when the last run left no marker.
+    """
+    info = take_measuring_marker(out_dir)
+    if info is None or not isinstance(info.get("fingerprint"), str):
+        return None
+    slide, fatal = str(info.get("slide")), info.get("fatal")
+    if not fatal:
+        logger.warning("%s: the last run ended while measuring it (killed?); measuring it "
+                       "in a separate process", slide)
+        return str(info["fingerprint"])
+    error = (f"{Path(slide).name}: fibroquant crashed ({fatal}) while measuring this slide "
+             "in its own process")
+    logger.warning("%s", error)
+    if isinstance(info.get("settings_hash"), str) and info["settings_hash"]:
+        store.put_result({"slide": slide, "fingerprint": info["fingerprint"],
+                          "settings_hash": info["settings_hash"], "status": "failed",
+                          "error": error, "version": __version__, "crashed": True},
+                         run_id=run_id)
+    return str(info["fingerprint"])
+
+
 def _refuse_lost_runs(store: ResultStore, out_dir: Path) -> None:
     """Refuse a store that lost the run which wrote ``run.json`` (its WAL deleted after a
     crash, an older copy put back): measuring on would silently drop those results."""
@@ -723,7 +763,7 @@ def build_slides_table(sheet: pd.DataFrame, records: list[dict[str, Any]]) -> pd
         if rec is None:
             rec = {"status": "failed", "error": f"{row['slide']}: not measured"}
         # the sheet's mpp is the one measured with; an empty one leaves the file's own
-        sheet_row = {k: v for k, v in row.items() if not (k == "mpp" and "mpp" in rec)}
+        sheet_row = {str(k): v for k, v in row.items() if not (k == "mpp" and "mpp" in rec)}
         merged = {**{k: v for k, v in rec.items() if k not in _INTERNAL}, **sheet_row}
         merged["status"] = slide_status(rec)
         if merged.get("error") is None:

@@ -62,7 +62,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, Self, runtime_checkable
 
 import cv2
 import numpy as np
@@ -174,7 +174,7 @@ class Slide(Protocol):
         """Release the file."""
         ...
 
-    def __enter__(self) -> Slide: ...
+    def __enter__(self) -> Self: ...
 
     def __exit__(
         self,
@@ -442,9 +442,9 @@ class SlideBase:
         tolerance = target_mpp * 1e-9
         best = 0
         for index, level in enumerate(self.levels):
-            if level.mpp is not None and level.mpp <= target_mpp + tolerance:
-                if level.mpp > self.levels[best].mpp:  # type: ignore[operator]
-                    best = index
+            if (level.mpp is not None and level.mpp <= target_mpp + tolerance
+                    and level.mpp > (self.levels[best].mpp or 0.0)):
+                best = index
         height, width = self.levels[best].shape
         image = self.read_region(best, 0, 0, height, width)
         if image.shape[:2] != (out_h, out_w):
@@ -455,7 +455,7 @@ class SlideBase:
         """Release the file and caches; further reads raise ``ValueError``."""
         self._closed = True
 
-    def __enter__(self) -> SlideBase:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -886,10 +886,11 @@ class _TiffLevel:
         row, col = divmod(index, self.grid_w)
         h = min(self.seg_h, self.height - row * self.seg_h)
         w = min(self.seg_w, self.width - col * self.seg_w)
-        if any(part is None for part in parts):
+        arrays = [part for part in parts if part is not None]
+        if len(arrays) < len(parts):
             rgb = np.full((h, w, 3), 255, np.uint8)
         else:
-            raw = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)  # type: ignore[arg-type]
+            raw = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=-1)
             rgb = self.slide.pixel_format.convert(raw)
         if use_cache and keep:
             self.slide.cache.put(key, rgb)
@@ -1026,6 +1027,8 @@ class _TiffSlide(SlideBase):
         except ValueError:
             self.compression = str(int(base.compression))
         self.tile_size = (int(base.tilelength), int(base.tilewidth)) if base.is_tiled else None
+        mpp: float | None
+        source: str | None
         if override is not None:
             mpp, source = override, "given"
         else:
@@ -1225,6 +1228,7 @@ def _imagej_unit(description: str) -> str | None:
 
 def _tiff_mpp(tif: Any, page: Any, name: str) -> tuple[float | None, str | None]:
     """Return (level-0 µm per pixel, where it came from) of a TIFF, or (None, None)."""
+    mpp: float | None
     description = page.description or ""
     if tif.is_svs:
         match = _SVS_MPP.search(description)
@@ -1251,14 +1255,14 @@ def _tiff_mpp(tif: Any, page: Any, name: str) -> tuple[float | None, str | None]
         mpp = _plausible(factor / pixels_per_unit, "ImageJ resolution", name) if factor else None
         if mpp is not None:
             return mpp, f"ImageJ resolution ({unit.strip()})"
-    unit = int(tags.valueof(296, 2))  # ResolutionUnit; TIFF default is inch
-    unit_um = {2: 25400.0, 3: 10000.0, 4: 1000.0, 5: 1.0}.get(unit)
+    res_unit = int(tags.valueof(296, 2))  # ResolutionUnit; TIFF default is inch
+    unit_um = {2: 25400.0, 3: 10000.0, 4: 1000.0, 5: 1.0}.get(res_unit)
     if unit_um is None:
         return None, None
     mpp = _plausible(unit_um / pixels_per_unit, "TIFF resolution", name)
     if mpp is None:
         return None, None
-    unit_name = {2: "inch", 3: "cm", 4: "mm", 5: "µm"}[unit]
+    unit_name = {2: "inch", 3: "cm", 4: "mm", 5: "µm"}[res_unit]
     return mpp, f"TIFF resolution tags ({unit_name})"
 
 

@@ -116,7 +116,7 @@ class StainMatrix:
 
     def to_dict(self) -> dict[str, list[float]]:
         """Vectors by stain name, rounded to 4 decimals (for tables and provenance)."""
-        return {n: [round(float(x), 4) for x in v] for n, v in zip(self.names, self.vectors)}
+        return {n: [round(float(x), 4) for x in v] for n, v in zip(self.names, self.vectors, strict=True)}
 
 
 # Published or fitted presets (unit OD vectors R, G, B); see docs in README and domain notes.
@@ -153,8 +153,12 @@ H_AND_E_REAL = StainMatrix(("eosin", "haematoxylin"),
                            np.array([REAL_EOSIN_VECTOR, REAL_HAEMATOXYLIN_VECTOR]))
 
 
-#: The protocol presets by their stain names (:meth:`StainSettings.stain_names` picks one).
-_PRESETS = {m.names: m for m in (SIRIUS_RED, MASSON, MASSON_LIGHT_GREEN)}
+#: Every protocol's preset by the protocol's name (the keys of ``protocols.STAIN_NAMES``).
+PRESETS: dict[str, StainMatrix] = {
+    "sirius-red": SIRIUS_RED, "masson": MASSON, "masson-light-green": MASSON_LIGHT_GREEN,
+}
+#: The presets by their stain names (:meth:`StainSettings.stain_names` picks one).
+_PRESETS = {m.names: m for m in PRESETS.values()}
 
 
 def preset_for(settings: StainSettings) -> StainMatrix:
@@ -515,6 +519,7 @@ def estimate_stains(
             best = (score, counts, outcome)
         if best[0][0] == 2:
             break
+    assert best is not None  # the preset start always runs
     _, counts, (result, angles, warnings, estimated) = best
     n_estimated = sum(estimated)
     if n_estimated == len(names):
@@ -719,7 +724,7 @@ def _od_share(od: np.ndarray, stains: StainMatrix) -> dict[str, float]:
         return dict.fromkeys(stains.names, 0.0)
     conc = np.maximum(od @ stains.unmixing, 0.0).sum(axis=0, dtype=np.float64)
     total = float(conc.sum()) or 1.0
-    return {n: round(float(c) / total, 4) for n, c in zip(stains.names, conc)}
+    return {n: round(float(c) / total, 4) for n, c in zip(stains.names, conc, strict=True)}
 
 
 def _nonneg_residual(od: np.ndarray, stains: StainMatrix) -> float:
@@ -731,20 +736,15 @@ def _nonneg_residual(od: np.ndarray, stains: StainMatrix) -> float:
 
 
 #: The protocols :func:`stain_fit` compares (the keys of its residuals).
-PROTOCOLS = ("sirius-red", "masson", "masson-light-green", "h&e")
+PROTOCOLS = (*PRESETS, "h&e")
 
 
 def fit_references() -> dict[str, StainMatrix]:
     """The two-stain reference of every protocol in :data:`PROTOCOLS` (collagen stain or eosin
     first): Sirius red + picric acid, aniline blue or light green + ponceau-fuchsin, and H&E as
     real slides show it (:data:`H_AND_E_REAL`)."""
-    return {
-        "sirius-red": StainMatrix(SIRIUS_RED.names[:2], SIRIUS_RED.vectors[:2]),
-        "masson": StainMatrix(MASSON.names[:2], MASSON.vectors[:2]),
-        "masson-light-green": StainMatrix(MASSON_LIGHT_GREEN.names[:2],
-                                          MASSON_LIGHT_GREEN.vectors[:2]),
-        "h&e": H_AND_E_REAL,
-    }
+    return {**{name: StainMatrix(m.names[:2], m.vectors[:2]) for name, m in PRESETS.items()},
+            "h&e": H_AND_E_REAL}
 
 
 #: A stained pixel within this angle (degrees) of :data:`REAL_EOSIN_VECTOR` is eosin-pink.

@@ -206,10 +206,12 @@ def require_regular(path: Path, st: os.stat_result) -> None:
     raise SlideReadError(msg)
 
 
-def within_seconds(fn: Callable[[], T], seconds: float, what: str) -> T:
+def within_seconds(fn: Callable[[], T], seconds: float, what: str,
+                   discard: Callable[[T], object] | None = None) -> T:
     """``fn()`` run on a daemon thread, given at most ``seconds``: a file operation that blocks
     (a hung network share) fails instead of hanging the run. The thread, if it never returns,
-    is left behind (a daemon: it does not keep the process alive).
+    is left behind (a daemon: it does not keep the process alive); if it returns too late, its
+    value is given to ``discard`` (e.g. to close a file it opened).
 
     Raises
     ------
@@ -218,17 +220,31 @@ def within_seconds(fn: Callable[[], T], seconds: float, what: str) -> T:
     """
     box: dict[str, Any] = {}
     done = threading.Event()
+    lock = threading.Lock()
 
     def call() -> None:
         try:
-            box["value"] = fn()
+            value = fn()
         except BaseException as exc:  # noqa: BLE001 - raised again on the caller's thread
             box["error"] = exc
+        else:
+            with lock:
+                late = box.get("abandoned", False)
+                box["value"] = value
+            if late and discard is not None:
+                with contextlib.suppress(Exception):
+                    discard(value)
         finally:
             done.set()
 
     threading.Thread(target=call, name="fibroquant-bounded-io", daemon=True).start()
     if not done.wait(seconds):
+        with lock:
+            box["abandoned"] = True
+            value = box.get("value")
+        if value is not None and discard is not None:  # answered at the last moment
+            with contextlib.suppress(Exception):
+                discard(value)
         msg = f"{what}: no answer after {seconds:g} s (a hung network share?)"
         raise SlideReadError(msg)
     if "error" in box:
@@ -253,6 +269,8 @@ class FingerprintCache:
         Files modified less than this many seconds ago are fingerprinted but not cached: within
         one mtime tick (up to 2 s on some network shares) a file can change without its
         ``(size, mtime_ns)`` changing. Default 2.0 s.
+    timeout : float, optional
+        Longest wait for one file's fingerprint, seconds (``tiling.input_timeout_s``).
 
     Examples
     --------
@@ -260,8 +278,10 @@ class FingerprintCache:
     ...     keys = {p.name: cache.fingerprint(p) for p in slides_dir.glob("*.svs")}
     """
 
-    def __init__(self, store: ResultStore, root: Path, *, racy_seconds: float = 2.0) -> None:
+    def __init__(self, store: ResultStore, root: Path, *, racy_seconds: float = 2.0,
+                 timeout: float = INPUT_TIMEOUT_SECONDS) -> None:
         self._store = store
+        self.timeout = timeout
         self.root = Path(root)
         self.racy_ns = int(racy_seconds * 1e9)
         self._entries = store._fingerprint_cache_all()
@@ -318,7 +338,7 @@ class FingerprintCache:
             self.hits += 1
             return hit[2]
         self.misses += 1
-        key = within_seconds(lambda: fingerprint(full, size=st.st_size), INPUT_TIMEOUT_SECONDS,
+        key = within_seconds(lambda: fingerprint(full, size=st.st_size), self.timeout,
                              f"{full}: reading the file to fingerprint it")
         try:
             after = full.stat()
@@ -568,6 +588,9 @@ class ResultStore:
                 f"reads up to {SCHEMA_VERSION}); upgrade fibroquant or choose another output folder"
             )
             raise StoreError(msg)
+        #: The journal mode in use: ``"wal"`` locally, ``"delete"`` on network file systems,
+        #: ``"ro"`` read-only.
+        self.journal_mode: str
         if self.read_only:
             self.journal_mode = "ro"
             if version < SCHEMA_VERSION:
@@ -586,8 +609,7 @@ class ResultStore:
         except sqlite3.DatabaseError as exc:
             msg = self._unreadable(exc)
             raise StoreError(msg) from exc
-        #: The journal mode in use: ``"wal"`` locally, ``"delete"`` on network file systems.
-        self.journal_mode: str = str(mode).lower()
+        self.journal_mode = str(mode).lower()
         with self._errors("open"):
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA foreign_keys = ON")
@@ -711,10 +733,8 @@ class ResultStore:
             cur = conn.execute(
                 "INSERT INTO runs (started_at, command, version, settings_hash, settings_json,"
                 " pid, host) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    _now(), command, version, settings_hash, settings_json,
-                    os.getpid(), socket.gethostname(),
-                ),  # fmt: skip
+                (_now(), command, version, settings_hash, settings_json, os.getpid(),
+                 socket.gethostname()),
             )
             run_id = cur.lastrowid
         return int(run_id or 0)
@@ -807,7 +827,7 @@ class ResultStore:
         except ValueError as exc:
             msg = f"{self.path}: a stored record is not valid JSON: {exc}"
             raise StoreError(msg) from exc
-        return record  # type: ignore[no-any-return]
+        return record
 
     def put_result(self, record: Mapping[str, Any], *, run_id: int) -> None:
         """Store one slide's result, in one transaction.

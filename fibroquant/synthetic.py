@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import cv2
 import numpy as np
@@ -252,7 +252,7 @@ def make_section(
         wy = yy + warp * _smooth_noise((h, w), 40 * um, g)
         wx = xx + warp * _smooth_noise((h, w), 40 * um, g)
         tree = cKDTree(seeds)
-        d, idx = tree.query(np.column_stack([wy.ravel(), wx.ravel()]), k=2)
+        d = np.asarray(tree.query(np.column_stack([wy.ravel(), wx.ravel()]), k=2)[0])
         gap = (d[:, 1] - d[:, 0]).reshape(h, w).astype(np.float32)
         # keep a fibrosis-dependent fraction of septa (incomplete septa in early fibrosis)
         keep_noise = _smooth_noise((h, w), 120 * um, g)
@@ -357,7 +357,7 @@ def make_section(
         ang = g.uniform(0, 2 * np.pi)
         dy, dx = p.channel_shift_px * np.sin(ang), p.channel_shift_px * np.cos(ang)
         for c, sign in ((0, 1.0), (2, -1.0)):
-            m = np.float32([[1, 0, sign * dx], [0, 1, sign * dy]])
+            m = np.array([[1, 0, sign * dx], [0, 1, sign * dy]], np.float32)
             intensity[..., c] = cv2.warpAffine(np.ascontiguousarray(intensity[..., c]), m, (w, h),
                                                flags=cv2.INTER_LANCZOS4,
                                                borderMode=cv2.BORDER_REFLECT)
@@ -368,8 +368,11 @@ def make_section(
         )
     rgb = np.clip(np.rint(intensity), 0, 255).astype(np.uint8)
     if p.jpeg_quality is not None:
-        ok, buf = cv2.imencode(".jpg", rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, p.jpeg_quality])
-        rgb = cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1].copy()
+        _ok, buf = cv2.imencode(".jpg", rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, p.jpeg_quality])
+        decoded = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+        if decoded is None:  # pragma: no cover - OpenCV decodes what it just encoded
+            raise RuntimeError("JPEG round trip of the synthetic section failed")
+        rgb = decoded[..., ::-1].copy()
 
     tissue = section & ~lumen & ~capsule & ~bubble & ~fold  # artefacts are left out of CPA
     collagen = coll_region & tissue
@@ -598,7 +601,8 @@ def random_params(
         collagen_intensity=float(g.uniform(0.6, 1.4)),
         nonspecific=float(g.uniform(0.0, 0.12)),
         vector_drift_deg=float(g.uniform(0, 8)),
-        background_rgb=tuple(float(min(t, 255.0)) for t in tint),
+        background_rgb=(float(min(tint[0], 255.0)), float(min(tint[1], 255.0)),
+                        float(min(tint[2], 255.0))),
         blur_um=float(g.uniform(0.0, 1.0)),
         noise_sd=float(g.uniform(0.5, 3.0)),
         jpeg_quality=int(g.choice([70, 80, 90, 95])) if g.random() < 0.7 else None,
@@ -647,7 +651,7 @@ def write_pyramid_tiff(
         prev = levels[-1]
         levels.append(cv2.resize(prev, (prev.shape[1] // 2, prev.shape[0] // 2),
                                  interpolation=cv2.INTER_AREA))
-    opts: dict[str, object] = {"tile": (tile, tile), "photometric": "rgb",
+    opts: dict[str, Any] = {"tile": (tile, tile), "photometric": "rgb",
                                "compression": None if compression == "none" else compression}
     if compression == "jpeg":
         opts["compressionargs"] = {"level": quality}
@@ -664,7 +668,7 @@ def write_pyramid_tiff(
 def save_truth(path_stem: Path, truth: Truth) -> None:
     """Save truth masks (``.truth.npz``, not an image a slide search would pick up) and JSON."""
     Path(path_stem).parent.mkdir(parents=True, exist_ok=True)
-    masks = {"collagen": truth.collagen_mask, "tissue": truth.tissue_mask}
+    masks: dict[str, Any] = {"collagen": truth.collagen_mask, "tissue": truth.tissue_mask}
     if truth.bubble_mask is not None and truth.bubble_mask.any():
         masks["bubble"] = truth.bubble_mask
     np.savez_compressed(f"{path_stem}.truth.npz", **masks)
@@ -823,7 +827,7 @@ def sparse_strokes(
             p0 = (int(xs[i] - half * np.cos(ang)), int(ys[i] - half * np.sin(ang)))
             p1 = (int(xs[i] + half * np.cos(ang)), int(ys[i] + half * np.sin(ang)))
             stroke = np.zeros(truth.shape, np.uint8)
-            cv2.line(stroke, p0, p1, 1, thickness=max(int(round(width_um / mpp)), 1))
+            cv2.line(stroke, p0, p1, 1, thickness=max(round(width_um / mpp), 1))
             keep = (stroke > 0) & pool
             labels[keep & (labels == 0)] = value
     return labels

@@ -248,7 +248,7 @@ def _renamed_geojson(text: str, new_slide: str) -> str | None:
         props = feature.get("properties") if isinstance(feature, dict) else None
         cls = props.get("classification") if isinstance(props, dict) else None
         name = cls.get("name") if isinstance(cls, dict) else None
-        if not isinstance(name, str) or "name" not in props:
+        if not isinstance(props, dict) or not isinstance(name, str) or "name" not in props:
             return None
         props["name"] = f"{new_slide} {name.lower()}"
     return json.dumps(fc, separators=(",", ":"), ensure_ascii=False)

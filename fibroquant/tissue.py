@@ -75,7 +75,7 @@ class TissueMask:
     capsule_band: np.ndarray
     vessel_wall: np.ndarray
     glass_od: float
-    bubble: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
+    bubble: np.ndarray = field(default=None, repr=False)  # type: ignore[arg-type]  # set in __post_init__
     edge_distance: np.ndarray | None = field(default=None, repr=False, compare=False)
     glass_threshold_od: float | None = None
 
@@ -89,7 +89,7 @@ class TissueMask:
 
 
 def _px(area_um2: float, mpp: float) -> int:
-    return int(round(area_um2 / mpp**2))
+    return round(area_um2 / mpp**2)
 
 
 #: A tissue piece of at least this share of the image is never a speck: on an image smaller
@@ -493,7 +493,7 @@ def is_layer(tissue: TissueMask, collagen: np.ndarray, dist: np.ndarray) -> bool
         return True  # nothing behind the band to compare with (a thin section): keep
     at_edge = float(np.count_nonzero(collagen & near)) / np.count_nonzero(near)
     inside = float(np.count_nonzero(collagen & behind)) / np.count_nonzero(behind)
-    return inside < CAPSULE_LAYER_RATIO * at_edge
+    return bool(inside < CAPSULE_LAYER_RATIO * at_edge)
 
 
 def with_capsule(tissue: TissueMask, collagen: np.ndarray) -> TissueMask:
@@ -667,7 +667,7 @@ def capsule_rays(
 
 def _capsule_depth_limit(
     ys: np.ndarray, xs: np.ndarray, depth: np.ndarray, root: np.ndarray,
-    bare: tuple[np.ndarray, np.ndarray], band_px: float, mpp: float,
+    bare: tuple[np.ndarray, ...], band_px: float, mpp: float,
 ) -> np.ndarray:
     """How deep every ray pixel may be and still be capsule (pixels; inf: the whole ray).
 
@@ -699,7 +699,7 @@ def _capsule_depth_limit(
     centres = pts[: n : max(1, k // 16)]
     _, nn = cKDTree(pts).query(centres, k=k)
     nn = np.asarray(nn).reshape(len(centres), k)
-    _, owner = cKDTree(centres).query(pts[:n], k=1)
+    owner = np.asarray(cKDTree(centres).query(pts[:n], k=1)[1])
     rays = np.concatenate([rd, np.full(len(bare[0]), np.nan)])  # bare edge: no ray
     # a centre is a ray: never all nan
     typical = _row_nanquantile(rays[nn], CAPSULE_TYPICAL_QUANTILE)[owner]
@@ -954,7 +954,7 @@ BUBBLE_GAP_UM = 1.5
 
 
 def _disk(radius_px: float) -> np.ndarray:
-    r = max(int(round(radius_px)), 1)
+    r = max(round(radius_px), 1)
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
 
 
@@ -1365,7 +1365,7 @@ def _under_rims(raw: np.ndarray, bubble: np.ndarray, rim_px: float) -> np.ndarra
     depth = cv2.distanceTransform(b8, cv2.DIST_L2, 3)
     band = (cv2.dilate(b8, _disk(2)) > 0) & (depth <= rim_px)
     ys, xs = np.nonzero(band.any(axis=1))[0], np.nonzero(band.any(axis=0))[0]
-    k = 2 * int(round(max(rim_px, 2.0))) + 1  # a box reaching rim_px each way
+    k = 2 * round(max(rim_px, 2.0)) + 1  # a box reaching rim_px each way
     y0, y1 = max(ys[0] - k, 0), min(ys[-1] + k + 1, raw.shape[0])
     x0, x1 = max(xs[0] - k, 0), min(xs[-1] + k + 1, raw.shape[1])
     sub_band = band[y0:y1, x0:x1]

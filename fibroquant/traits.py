@@ -109,7 +109,7 @@ def vessel_map(lumen: np.ndarray, lumen_mpp: float, trait_mpp: float, cluster_um
         h, w = lumen.shape
         pad = np.zeros((-(-h // factor) * factor, -(-w // factor) * factor), bool)
         pad[:h, :w] = lumen
-        lumen = pad.reshape(pad.shape[0] // factor, factor, -1, factor).any(axis=(1, 3))
+        lumen = np.asarray(pad.reshape(pad.shape[0] // factor, factor, -1, factor).any(axis=(1, 3)))
         lumen_mpp *= factor
     labels, n = ndi.label(lumen, structure=_EIGHT)
     if n == 0:
@@ -246,13 +246,15 @@ def measure_tile(
     # Beyond the window is background (collagen filling a window has a finite width)
     half = None
     if collagen.any():
-        framed = cv2.copyMakeBorder(collagen.view(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, 0)
+        framed = cv2.copyMakeBorder(collagen.view(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT,
+                                    value=0)
         half = cv2.distanceTransform(framed, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
     skel, graph = _skeleton(collagen, half)
     # --- widths: 2 x distance to background at skeleton pixels; every collagen pixel takes
     # the width of its nearest skeleton pixel
     width_um = np.zeros(collagen.shape, np.float32)
     if skel.any():
+        assert half is not None  # a skeleton needs collagen
         yy, xx = np.nonzero(skel)  # raster order, as OpenCV numbers the skeleton pixels below
         d2 = np.rint(half[yy, xx].astype(np.float64) ** 2).astype(np.int64)
         widths = ((2.0 * np.sqrt(d2) - 0.5) * mpp).astype(np.float32)
@@ -489,7 +491,7 @@ def _box_counts(collagen: np.ndarray, core: tuple[int, int, int, int], origin: t
     for i, s in enumerate(sizes):
         while size < s:
             h, w = level.shape
-            level = level.reshape(h // 2, 2, w // 2, 2).any(axis=(1, 3))
+            level = np.asarray(level.reshape(h // 2, 2, w // 2, 2).any(axis=(1, 3)))
             size *= 2
         # box (i, j) starts at gy0 + i*s: count those starting inside the core
         iy0, ix0 = -(-(cy0 - gy0) // s), -(-(cx0 - gx0) // s)
@@ -697,7 +699,7 @@ def slide_traits(counts: TraitCounts, params: TraitParams, vessels: VesselMap | 
         obj = _component_sums(parts, "obj", comp, n)
         big = obj["area"] * px_um2 > params.aggregate_um2
         out["aggregated_collagen_percent"] = 100.0 * obj["area"][big].sum() / col
-        vcount = np.zeros(n)
+        vcount: np.ndarray = np.zeros(n)
         if vessels is not None:
             offs = np.cumsum([0] + [len(p.obj["area"]) - 1 for p in parts])[:-1]
             pairs = [np.column_stack([comp[p.obj_vessel[:, 0] + o - 1], p.obj_vessel[:, 1]])
@@ -848,8 +850,9 @@ def reduce_mask(mask: np.ndarray, factor: int) -> np.ndarray:
     hh, ww = -(-h // factor), -(-w // factor)
     # 0/254: a tie averages to exactly 127, any majority (≥ 1/256 above it) to ≥ 128
     src = np.asarray(mask, bool).view(np.uint8) * np.uint8(254)
-    src = cv2.copyMakeBorder(src, 0, hh * factor - h, 0, ww * factor - w, cv2.BORDER_CONSTANT, 0)
-    return cv2.resize(src, (ww, hh), interpolation=cv2.INTER_AREA) > 127
+    framed = cv2.copyMakeBorder(src, 0, hh * factor - h, 0, ww * factor - w, cv2.BORDER_CONSTANT,
+                                value=0)
+    return cv2.resize(framed, (ww, hh), interpolation=cv2.INTER_AREA) > 127
 
 
 def with_params(params: TraitParams, **kw: Any) -> TraitParams:

@@ -133,7 +133,7 @@ def write_dicom_wsi(folder: str | Path, levels: Sequence[np.ndarray], mpp: float
     from wsidicom.metadata.schema.dicom.wsi import WsiMetadataDicomSchema  # type: ignore[import-untyped]
     from wsidicom.source import Source  # type: ignore[import-untyped]
 
-    class _ArrayLevel(ImageData):  # type: ignore[misc]
+    class _ArrayLevel(ImageData):
         """One uncompressed level served tile by tile from memory."""
 
         transfer_syntax = ExplicitVRLittleEndian
@@ -190,7 +190,7 @@ def write_dicom_wsi(folder: str | Path, levels: Sequence[np.ndarray], mpp: float
         for i, rgb in enumerate(levels)
     ]
 
-    class _Levels(Source):  # type: ignore[misc]
+    class _Levels(Source):
         base_dataset = base
         level_instances = instances
         label_instances: list[Any] = []  # noqa: RUF012

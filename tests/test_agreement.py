@@ -61,6 +61,7 @@ def test_pixel_counts_add_and_percentages():
     assert c.reference_percent == pytest.approx(30.0)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
 def test_icc2_1_matches_pingouin():
     pg = pytest.importorskip("pingouin")

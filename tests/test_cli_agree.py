@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import date
 from pathlib import Path
 
 import cv2
@@ -13,9 +14,23 @@ from typer.testing import CliRunner
 
 from fibroquant.agreement import dice
 from fibroquant.cli import app
+from fibroquant.outdir import standard_json
 from fibroquant.synthetic import SectionParams, make_section, simulated_annotators
 
 runner = CliRunner()
+
+
+def test_json_output_is_standard_json():
+    """``--json`` output: NaN and ±inf as null, numpy values and dates as JSON's own types."""
+    value = {"nan": float("nan"), "values": (np.float32(0.5), np.int64(3), -np.inf),
+             "array": np.array([1, 2]), "set": {2, 1}, "day": date(2024, 1, 2)}
+
+    def refuse(token):
+        raise AssertionError(f"non-standard JSON token {token}")
+
+    parsed = json.loads(standard_json(value), parse_constant=refuse)
+    assert parsed == {"nan": None, "values": [0.5, 3, None], "array": [1, 2], "set": [1, 2],
+                      "day": "2024-01-02"}
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +111,7 @@ def test_agree_train_and_classifier_end_to_end(study):
     assert "3 slide(s) to measure" in res.output
 
 
+@pytest.mark.slow
 def test_classifier_refusals_are_one_line(tmp_path, study):
     root, _ = study
     bad = tmp_path / "old.classifier"
@@ -111,6 +127,7 @@ def test_classifier_refusals_are_one_line(tmp_path, study):
     assert str(bad) in res.output.replace("\n", "")
 
 
+@pytest.mark.slow
 def test_agree_without_masks_or_annotations(tmp_path, study):
     root, _ = study
     res = runner.invoke(app, ["agree", str(tmp_path), "--annotations", str(root / "ann")])
@@ -118,6 +135,7 @@ def test_agree_without_masks_or_annotations(tmp_path, study):
     assert "slides.csv: not found" in res.output.replace("\n", "")
 
 
+@pytest.mark.slow
 def test_train_without_matching_images(tmp_path, study):
     root, _ = study
     (tmp_path / "empty").mkdir()

@@ -105,6 +105,7 @@ EXPECT = {  # slide -> (status, words the one-line error must contain)
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("slide", sorted(EXPECT))
 def test_bad_inputs_one_row_each(bad_study, slide: str) -> None:
     _, _, res, table = bad_study
@@ -121,6 +122,7 @@ def test_bad_inputs_one_row_each(bad_study, slide: str) -> None:
         assert row["error"] in one_line(res.stderr)  # the same line was shown on stderr
 
 
+@pytest.mark.slow
 def test_bad_inputs_warnings_and_table(bad_study) -> None:
     _, out, res, table = bad_study
     assert set(table.index) == set(EXPECT)
@@ -131,6 +133,7 @@ def test_bad_inputs_warnings_and_table(bad_study) -> None:
     assert run["failed"] == sum(s == "failed" for s, _ in EXPECT.values())
 
 
+@pytest.mark.slow
 def test_missing_resolution_with_mpp_is_ok(rgb: np.ndarray, tmp_path: Path) -> None:
     d = tmp_path / "slides"
     d.mkdir()
@@ -185,6 +188,7 @@ def test_sample_sheet_problems_exit_2(two_slides: Path, tmp_path: Path, problem:
 # -- status and watch ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_status(bad_study, tmp_path: Path) -> None:
     d, out, _, _ = bad_study
     res = invoke("status", str(out), "--json")
@@ -258,6 +262,7 @@ def test_status(bad_study, tmp_path: Path) -> None:
     assert "nothing here" in one_line(res.output) and "no results store" in res.output
 
 
+@pytest.mark.slow
 def test_watch_once(two_slides: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     res = invoke("watch", str(two_slides), "--out", str(out), "--settle", "0.2", "--once",
@@ -266,6 +271,7 @@ def test_watch_once(two_slides: Path, tmp_path: Path) -> None:
     assert len(pd.read_csv(out / "slides.csv")) == 2
 
 
+@pytest.mark.slow
 def test_watch_once_takes_analyze_options_and_does_not_wait_for_settled_files(
         two_slides: Path, tmp_path: Path) -> None:
     """Files unchanged for longer than --settle are analysed at once; --masks reaches analyze."""

@@ -26,6 +26,7 @@ def analyzed(study, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_compare_reproduces_groups_without_reading_slides(analyzed, tmp_path):
     res = runner.invoke(app, ["compare", str(analyzed), "--save", str(tmp_path / "c")])
     assert res.exit_code == 0, res.output
@@ -44,6 +45,7 @@ def test_compare_reproduces_groups_without_reading_slides(analyzed, tmp_path):
         == pytest.approx(full.loc["MSC", "welch_p"], rel=1e-12)
 
 
+@pytest.mark.slow
 def test_compare_save_never_writes_into_a_run(analyzed):
     """Issue 23: --save OUT_DIR overwrote the study's own groups.csv with a subset."""
     before = (analyzed / "groups.csv").read_bytes()
@@ -54,6 +56,7 @@ def test_compare_save_never_writes_into_a_run(analyzed):
     assert (analyzed / "groups.csv").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_compare_by_another_column_and_subset(analyzed):
     res = runner.invoke(app, ["compare", str(analyzed), "--by", "dose", "--control", "0",
                               "--json"])
@@ -72,6 +75,7 @@ def test_compare_by_another_column_and_subset(analyzed):
     assert n["control"] == 3 and n["MSC"] == 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("args", "match"), [
     (["--by", "session"], "differs between slides of mouse c1"),
     (["--by", "nope"], "no such column"),
@@ -84,6 +88,7 @@ def test_compare_errors(analyzed, args, match):
     assert match in " ".join(res.output.split())
 
 
+@pytest.mark.slow
 def test_stains_prints_vectors_and_writes_study_config(study, tmp_path):
     cfg = tmp_path / "study.yaml"
     res = runner.invoke(app, ["stains", str(study), "--write", str(cfg)])
@@ -95,6 +100,7 @@ def test_stains_prints_vectors_and_writes_study_config(study, tmp_path):
     assert set(settings.stains.vectors) == {"sirius-red", "picric-acid", "iron-haematoxylin"}
 
 
+@pytest.mark.slow
 def test_stains_leaves_wrong_stain_slides_out_of_the_study_vectors(study, tmp_path):
     """A Masson slide among Sirius red slides is flagged and not part of the median."""
     from fibroquant.synthetic import SectionParams, make_section, write_pyramid_tiff

@@ -161,8 +161,8 @@ def test_sheet_without_samples_same_stem_other_extension(tmp_path: Path) -> None
         (GOOD + "C1_S1.TIF,C9,control,F\n",
          r"slide 'C1_S1\.TIF' at row 6 does not exist.*did you mean 'c1_s1\.tif'"),
         (GOOD.replace("m1_s1.tif,M1,MSC", "m1_s1.tif,C1,MSC"),
-         r"sheet\.csv: mouse 'C1' is assigned to more than one group \('MSC', 'control'; "
-         r"rows 2, 3, 4\)"),
+         (r"sheet\.csv: mouse 'C1' is assigned to more than one group \('MSC', 'control'; "
+         r"rows 2, 3, 4\)")),
         (mpp_sheet("abc", "0.5", "0.5", "0.5"),
          r"sheet\.csv: mpp 'abc' at row 2 \(slide 'c1_s1\.tif'\) is not a positive number"),
         (mpp_sheet("0.5", "", "-1", "0.5"),
@@ -328,7 +328,7 @@ def test_record_columns_name_every_column_of_a_measured_record() -> None:
     from fibroquant.synthetic import SectionParams, make_section
 
     rgb, _ = make_section(SectionParams(shape=(384, 384), mpp=0.5), rng=1)
-    record = pipeline.analyze_slide("x.png", Settings(), slide=ArraySlide(rgb, 0.5)).record
+    record = pipeline.analyze_slide("x.png", Settings(), slide=ArraySlide(rgb, 0.5)).to_record()
     assert set(record) <= RECORD_COLUMNS
     assert "mpp" not in RESERVED_COLUMNS and "stain" in RESERVED_COLUMNS
 

@@ -47,7 +47,7 @@ def test_missing_config_file(tmp_path):
 
 def test_settings_hash_ignores_output_sizes_but_not_science():
     a = Settings()
-    for tiling in ({"mask_max_mpx": 16.0}, {"qc_max_px": 800}):
+    for tiling in ({"mask_max_mpx": 16.0}, {"qc_max_px": 800}, {"input_timeout_s": 5}):
         assert a.settings_hash() == load_settings(overrides={"tiling": tiling}).settings_hash()
     # the tile size moves collagen area slightly (specks cut by a tile's edge are kept)
     assert a.settings_hash() != load_settings(overrides={"tiling": {"tile_px": 512}}).settings_hash()

@@ -129,6 +129,7 @@ def test_readme_cron_line_works_in_crons_environment(tmp_path: Path) -> None:
     assert (study / "results" / "slides.csv").is_file()
 
 
+@pytest.mark.slow
 def test_mpp_is_remembered_per_slide_for_a_rerun_without_it(tmp_path: Path) -> None:
     """Issue 23: a cron rerun without --mpp failed the good rows of files without µm/px."""
     import cv2
@@ -160,6 +161,7 @@ def test_mpp_is_remembered_per_slide_for_a_rerun_without_it(tmp_path: Path) -> N
     assert table.loc["b.png", "status"] == "failed"
 
 
+@pytest.mark.slow
 def test_analyze_one_image_file(tmp_path: Path) -> None:
     """`analyze slide.png` measures that image alone (issue 23: a single image was refused)."""
     import cv2

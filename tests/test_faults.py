@@ -6,7 +6,9 @@ way a user would: a plain rerun gives the tables of a clean run, and no process 
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import hashlib
 import json
 import os
 import random
@@ -17,6 +19,7 @@ import sys
 import time
 import uuid
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -110,9 +113,42 @@ _MAIN = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default
          "sys.argv[0] = 'fibroquant'; runpy.run_module('fibroquant', run_name='__main__')")
 
 
-def spawn(tag: str, *args: str) -> subprocess.Popen:
-    env = dict(os.environ, FIBROQUANT_TEST_TAG=tag, PYTHONWARNINGS="ignore")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+#: Faults injected into the processes of a spawned run (its worker processes too, through the
+#: fork server, which imports the same ``sitecustomize``): opening the slide named by
+#: FQ_TEST_CRASH_ON segfaults (a crash in a decoder), opening FQ_TEST_HANG_ON never returns (a
+#: hung network share; its process notes its pid in the folder FQ_TEST_HANG_NOTE).
+_FAULT_HOOK = """
+import os
+if os.environ.get("FQ_TEST_CRASH_ON") or os.environ.get("FQ_TEST_HANG_ON"):
+    import ctypes, time
+    import fibroquant.slides as _slides
+    _real = _slides.open_slide
+    def open_slide(path, *args, **kwargs):
+        if str(path).endswith(os.environ.get("FQ_TEST_CRASH_ON") or "//"):
+            ctypes.string_at(0)
+        if str(path).endswith(os.environ.get("FQ_TEST_HANG_ON") or "//"):
+            if os.environ.get("FQ_TEST_HANG_NOTE"):
+                open(os.path.join(os.environ["FQ_TEST_HANG_NOTE"], str(os.getpid())), "w").close()
+            time.sleep(3600)
+        return _real(path, *args, **kwargs)
+    _slides.open_slide = open_slide
+"""
+
+
+def fault_hook(tmp_path: Path) -> str:
+    """A folder holding the fault-injecting ``sitecustomize.py``, for PYTHONPATH."""
+    folder = tmp_path / "fault_hook"
+    folder.mkdir(exist_ok=True)
+    (folder / "sitecustomize.py").write_text(_FAULT_HOOK)
+    return str(folder)
+
+
+def spawn(tag: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    extra = dict(env or {})
+    path = os.pathsep.join(p for p in (extra.pop("PYTHONPATH", ""), str(REPO),
+                                       os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, FIBROQUANT_TEST_TAG=tag, PYTHONWARNINGS="ignore", **extra)
+    env["PYTHONPATH"] = path
     return subprocess.Popen([sys.executable, "-c", _MAIN, *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -154,6 +190,28 @@ def stop(proc: subprocess.Popen, sig: int) -> tuple[int, str]:
     return proc.returncode, err
 
 
+def wait_for_lock(out: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait until the spawned run holds OUT_DIR's lock (its pid in the lock file)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and proc.poll() is None:
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads((out / ".fibroquant.lock").read_text()).get("pid") == proc.pid:
+                return
+        time.sleep(0.02)
+    pytest.fail("the run never took the lock")
+
+
+def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
+    """Wait for a spawned run to end by itself; its exit code and stderr."""
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"the run did not end within {timeout} s: {err[-2000:]}")
+    return proc.returncode, err
+
+
 # -- 1. tables: written as one set, any interruption repaired by the next plain run ---------
 
 
@@ -173,24 +231,27 @@ def test_kills_while_writing_tables_are_repaired_by_a_plain_rerun(bank, tmp_path
                  str(slides / "samples.csv"), "--workers", "1")
     proc.communicate(timeout=300)
     full = time.monotonic() - t0  # a subprocess run that rewrites nothing
+    refs = {}  # two sample sheets, taken in turn (each run rewrites the tables), and for each
+    for batch in ("b0", "b1"):  # the tables of a run that nothing interrupted (same store)
+        sheet.assign(batch=batch).to_csv(slides / "samples.csv", index=False)
+        refs[batch] = _copy(out, tmp_path / f"ref-{batch}")
+        for f in refs[batch].glob("*.csv"):
+            f.unlink()
+        (refs[batch] / TABLES_MANIFEST).unlink()
+        assert run(slides, refs[batch], samples=slides / "samples.csv").exit_code == 0
     for k in range(5):
-        sheet.assign(batch=f"b{k}").to_csv(slides / "samples.csv", index=False)
+        batch = f"b{k % 2}"
+        sheet.assign(batch=batch).to_csv(slides / "samples.csv", index=False)
         tag = uuid.uuid4().hex
         proc = spawn(tag, "analyze", str(slides), "--out", str(out), "--samples",
                      str(slides / "samples.csv"), "--workers", "1")
         time.sleep(rng.uniform(0.5 * full, 1.5 * full + 1.0))  # imports, then the tables
         stop(proc, signal.SIGKILL)
         assert_none_left(tag)
-        ref = _copy(out, tmp_path / f"ref{k}")  # the same store, nothing interrupted
-        for f in ref.glob("*.csv"):
-            f.unlink()
-        (ref / TABLES_MANIFEST).unlink(missing_ok=True)
-        assert run(slides, ref, samples=slides / "samples.csv").exit_code == 0
         assert run(slides, out, samples=slides / "samples.csv").exit_code == 0  # plain rerun
         assert_consistent(out)
-        assert_same_tables(out, ref)
-        assert pd.read_csv(out / "mice.csv")["batch"].eq(f"b{k}").all()
-        shutil.rmtree(ref)
+        assert_same_tables(out, refs[batch])
+        assert pd.read_csv(out / "mice.csv")["batch"].eq(batch).all()
 
 
 @pytest.mark.slow
@@ -248,6 +309,7 @@ def test_an_edited_or_deleted_table_is_rewritten_by_a_rerun(bank, tmp_path):
 # -- 2. statistics never stop the tables ----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_control_group_whose_slides_all_failed_still_gets_tables(bank, tmp_path):
     """Both control slides truncated: the run used to stop with "control group 'control'
     not found" from the mixed model, write no table, and do so on every rerun."""
@@ -269,6 +331,7 @@ def test_a_control_group_whose_slides_all_failed_still_gets_tables(bank, tmp_pat
     assert_consistent(out)
 
 
+@pytest.mark.slow
 def test_any_statistics_failure_leaves_the_comparison_empty_with_a_reason(bank, tmp_path,
                                                                            monkeypatch):
     from fibroquant import stats
@@ -292,6 +355,7 @@ def test_any_statistics_failure_leaves_the_comparison_empty_with_a_reason(bank, 
 # -- 3. µm per pixel from every source is checked --------------------------------------------
 
 
+@pytest.mark.slow
 def test_absurd_mpp_from_any_source_fails_one_row_within_seconds(bank, tmp_path):
     """A sheet mpp of 0.0005 used to segfault; a TIFF tag of 1e-5 µm/px grew to 12 GB; both
     fail their own row at once, naming where the value came from; the others are measured."""
@@ -332,54 +396,31 @@ def test_absurd_mpp_option_is_a_usage_error(bank, tmp_path):
 def test_a_dead_worker_fails_only_its_slide_and_the_pool_carries_on(bank, tmp_path):
     """A worker process killed in the middle of a slide (as the out-of-memory killer does)
     fails that slide, named with the signal; the other slides are measured on a new
-    process; no worker outlives the run. It used to turn every slide in flight or pending
-    into "BrokenProcessPool"."""
-    import threading
-
-    from fibroquant.executor import run_tasks
-    from fibroquant.tasks import SlideTask
-
-    rgb, _ = make_section(SectionParams(shape=(2048, 2048), mpp=1.0), rng=9)
-    big = tmp_path / "big.tif"
-    write_pyramid_tiff(big, rgb, 1.0)
-
-    def task(path: Path) -> SlideTask:
-        return SlideTask(path=str(path), slide=path.name, fingerprint=path.name, mpp=None,
-                         fallback_mpp=None, settings_json=Settings().model_dump_json(),
-                         out_dir=str(tmp_path / "out"), write_masks=False)
-
-    me = psutil.Process()
-    before = {p.pid for p in me.children(recursive=True)}
-    records: list[dict] = []
-    worker = threading.Thread(target=lambda: records.extend(run_tasks(
-        [task(big), task(bank / "t1.tif"), task(bank / "t2.tif"), task(bank / "c1.tif")],
-        workers=2)))
-    worker.start()
-    killed = None
+    process; no process outlives the run. It used to turn every slide in flight or pending
+    into "BrokenProcessPool". The worker is caught inside the slide (its open never returns,
+    it notes its pid) so that the kill cannot land between two slides."""
+    slides = _copy(bank, tmp_path / "slides")
+    out = tmp_path / "out"
+    notes = tmp_path / "hanging"
+    notes.mkdir()
+    tag = uuid.uuid4().hex
+    proc = spawn(tag, "analyze", str(slides), "--out", str(out), "--samples",
+                 str(slides / "samples.csv"), "--workers", "2",
+                 env={"PYTHONPATH": fault_hook(tmp_path), "FQ_TEST_HANG_ON": "t1.tif",
+                      "FQ_TEST_HANG_NOTE": str(notes)})
     end = time.monotonic() + 120
-    while killed is None and time.monotonic() < end and worker.is_alive():
-        for proc in me.children(recursive=True):
-            try:
-                if any(f.path == str(big) for f in proc.open_files()):
-                    proc.kill()
-                    killed = proc.pid
-                    break
-            except psutil.Error:
-                continue
+    while not list(notes.iterdir()) and time.monotonic() < end and proc.poll() is None:
         time.sleep(0.05)
-    worker.join(timeout=180)
-    assert killed is not None, "never saw a worker reading the large slide"
-    by_slide = {r["slide"]: r for r in records}
-    assert sorted(by_slide) == ["big.tif", "c1.tif", "t1.tif", "t2.tif"]
-    assert by_slide["big.tif"]["error"] == (
-        "big.tif: worker process killed by SIGKILL (out of memory?) while measuring this slide")
-    assert all(by_slide[s]["status"] == "ok" for s in ("c1.tif", "t1.tif", "t2.tif"))
-    time.sleep(1.0)
-    left = [p for p in me.children(recursive=True) if p.pid not in before
-            and p.is_running() and p.status() != "zombie"
-            and "forkserver" not in " ".join(p.cmdline())
-            and "resource_tracker" not in " ".join(p.cmdline())]
-    assert not left
+    (pid,) = [int(p.name) for p in notes.iterdir()]
+    os.kill(pid, signal.SIGKILL)
+    code, err = finish(proc)
+    assert code == 1, err
+    assert_none_left(tag)
+    rows = pd.read_csv(out / "slides.csv", keep_default_na=False).set_index("slide")
+    assert rows.loc["t1.tif", "error"] == (
+        "t1.tif: worker process killed by SIGKILL (out of memory?) while measuring this slide")
+    assert (rows.drop(index="t1.tif")["status"] == "ok").all()
+    assert_consistent(out)
 
 
 def test_worker_death_message_names_the_slide_and_signal():
@@ -425,6 +466,71 @@ def test_a_slide_that_crashed_its_worker_twice_is_not_retried(bank, tmp_path, mo
 
 
 @pytest.mark.slow
+def test_a_slide_that_crashes_the_run_itself_is_recorded_and_then_skipped(bank, tmp_path):
+    """With --workers 1 slides are measured in the run's own process, so a segfault there (a
+    decoder or a kernel) ends the run: nothing could record the slide and every rerun crashed
+    again on it. Now the next run records the crash, measures the slide again in a process of
+    its own (where a second crash fails only its row) and the others; the run after that
+    skips it, as for a slide that crashed its worker process twice."""
+    slides = _copy(bank, tmp_path / "slides")
+    out = tmp_path / "out"
+    env = {"PYTHONPATH": fault_hook(tmp_path), "FQ_TEST_CRASH_ON": "c1.tif"}
+    args = ("analyze", str(slides), "--out", str(out), "--samples",
+            str(slides / "samples.csv"), "--workers", "1")
+    tag = uuid.uuid4().hex
+    code, err = finish(spawn(tag, *args, env=env))
+    assert code == -signal.SIGSEGV, err  # the crash is real: the run itself died
+    code, output = cli("status", str(out))
+    assert code == 0, output
+    assert "crashed (Segmentation fault) while measuring c1.tif" in output
+    code, err = finish(spawn(tag, *args, env=env))
+    assert code == 1, err
+    assert "c1.tif: fibroquant crashed (Segmentation fault) while measuring this slide" in err
+    assert "Traceback" not in err
+    rows = pd.read_csv(out / "slides.csv", keep_default_na=False).set_index("slide")
+    assert rows.loc["c1.tif", "error"] == (
+        "c1.tif: worker process killed by SIGSEGV while measuring this slide")
+    assert (rows.drop(index="c1.tif")["status"] == "ok").all()
+    assert_consistent(out)
+    assert_none_left(tag)
+    code, err = finish(spawn(tag, *args, env=env))
+    assert code == 1, err  # not measured: measuring it in this process would have crashed
+    assert "not measured again: c1.tif" in err
+    assert not (out / ".fibroquant-measuring").exists()
+
+
+def test_the_measuring_marker_names_the_fatal_signal_and_only_that(tmp_path):
+    """What a run that died while measuring in its own process leaves: the fatal signal when
+    it crashed, none when it was killed (kill -9 says nothing about the slide); nothing when
+    the block ended normally or by an exception."""
+    from fibroquant.outdir import measuring_marker, take_measuring_marker
+
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for crash, fatal in (("ctypes.string_at(0)", "Segmentation fault"),
+                         ("os.kill(os.getpid(), signal.SIGKILL)", None)):
+        code = ("import ctypes, os, signal; from pathlib import Path; "
+                "from fibroquant.outdir import measuring_marker\n"
+                f"with measuring_marker(Path({str(tmp_path)!r}), {{'slide': 'a.tif'}}): {crash}")
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              timeout=60, check=False)
+        assert proc.returncode < 0
+        info = take_measuring_marker(tmp_path)
+        assert info == {"slide": "a.tif", "fatal": fatal}
+        assert take_measuring_marker(tmp_path) is None  # taken once
+    seen = []
+
+    def measure() -> None:
+        with measuring_marker(tmp_path, {"slide": "b.tif"}):
+            seen.append((tmp_path / ".fibroquant-measuring").is_file())
+            _ = 1 / 0
+
+    with pytest.raises(ZeroDivisionError):
+        measure()
+    assert seen == [True]  # there while measuring
+    assert take_measuring_marker(tmp_path) is None
+
+
+@pytest.mark.slow
 def test_kills_and_sigterm_while_measuring_leave_no_process_and_rerun_is_clean(bank, tmp_path):
     """kill -9 (five times, at random moments) and SIGTERM of a --workers 2 run: no worker,
     fork server or resource tracker is left 5 s later (they used to live on with ppid 1),
@@ -438,10 +544,13 @@ def test_kills_and_sigterm_while_measuring_leave_no_process_and_rerun_is_clean(b
         tag = uuid.uuid4().hex
         proc = spawn(tag, "analyze", str(slides), "--out", str(out), "--samples",
                      str(slides / "samples.csv"), "--workers", "2", "--force")
-        time.sleep(rng.uniform(1.0, 6.0))
-        sig = signal.SIGTERM if k == 5 else signal.SIGKILL
-        code, err = stop(proc, sig)
-        if sig == signal.SIGTERM and code != 0:  # it may have finished first
+        if k < 5:  # kill -9 at any moment
+            time.sleep(rng.uniform(1.0, 6.0))
+            stop(proc, signal.SIGKILL)
+        else:  # SIGTERM once the run holds OUT_DIR: not while Python starts or ends, where
+            # no program can answer it (CI once saw -15 from a SIGTERM landing after the run)
+            wait_for_lock(out, proc)
+            code, err = stop(proc, signal.SIGTERM)
             assert code == 143, err
             assert "Traceback" not in err, err
         assert_none_left(tag)
@@ -453,6 +562,7 @@ def test_kills_and_sigterm_while_measuring_leave_no_process_and_rerun_is_clean(b
 # -- 5. input files that block or loop --------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_symlink_loop_and_named_pipe_fail_one_row_each(bank, tmp_path):
     """A named pipe used to hang the run for ever (holding the lock); a symlink loop gave a
     60-line traceback and nothing measured, in analyze and in status --slides."""
@@ -475,9 +585,117 @@ def test_symlink_loop_and_named_pipe_fail_one_row_each(bank, tmp_path):
     assert "symbolic links" in output
 
 
+def test_a_slide_that_blocks_on_open_fails_its_row_after_the_timeout(bank, tmp_path,
+                                                                    monkeypatch):
+    """Opening a slide had no time limit (only its fingerprint had): a file on a hung network
+    share held the run, and its lock, for ever. Now it fails its own row after
+    tiling.input_timeout_s and the other slides are measured."""
+    import threading
+
+    from fibroquant import executor
+
+    release = threading.Event()
+    real = executor.open_slide
+
+    def hung(path, *args, **kwargs):
+        if str(path).endswith("c2.tif"):
+            release.wait(120)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(executor, "open_slide", hung)
+    settings = Settings.model_validate({"tiling": {"input_timeout_s": 3}})
+    t0 = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            summary = analyze_folder(bank, tmp_path / "out", settings, workers=1)
+    finally:
+        release.set()
+    assert time.perf_counter() - t0 < 60
+    rows = pd.read_csv(tmp_path / "out" / "slides.csv", keep_default_na=False).set_index("slide")
+    assert summary.failed == 1
+    assert rows.loc["c2.tif", "error"] == (
+        f"{bank / 'c2.tif'}: opening the slide: no answer after 3 s (a hung network share?)")
+    assert (rows.drop(index="c2.tif")["status"] == "ok").all()
+
+
+@pytest.mark.slow
+def test_a_slide_that_blocks_on_open_in_a_worker_fails_its_row_and_leaves_no_process(
+        bank, tmp_path):
+    """The same in a worker process (where a test cannot monkeypatch): its row fails after the
+    timeout, the other slides are measured, and the worker stuck in the open is ended with the
+    run."""
+    slides = _copy(bank, tmp_path / "slides")
+    (tmp_path / "c.yaml").write_text("tiling:\n  input_timeout_s: 5\n")
+    tag = uuid.uuid4().hex
+    code, err = finish(spawn(
+        tag, "analyze", str(slides), "--out", str(tmp_path / "out"), "--workers", "2",
+        "--config", str(tmp_path / "c.yaml"),
+        env={"PYTHONPATH": fault_hook(tmp_path), "FQ_TEST_HANG_ON": "t2.tif"}))
+    assert code == 1, err
+    assert_none_left(tag)
+    rows = pd.read_csv(tmp_path / "out" / "slides.csv", keep_default_na=False).set_index("slide")
+    assert rows.loc["t2.tif", "error"] == (
+        f"{slides / 't2.tif'}: opening the slide: no answer after 5 s (a hung network share?)")
+    assert (rows.drop(index="t2.tif")["status"] == "ok").all()
+
+
+def test_watch_keeps_watching_after_its_event_handler_raises(bank, tmp_path, monkeypatch):
+    """An exception in watch's file-event handler used to kill the watcher thread: the process
+    stayed alive and never analysed again. Now it is logged and the next new slide is
+    analysed."""
+    import _thread
+    import threading
+
+    from fibroquant import cli_ops
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    shutil.copy2(bank / "c1.tif", slides / "c1.tif")
+    out = tmp_path / "out"
+    real_is_slide, real_run = cli_ops._is_slide, cli_ops.run_analyze
+    raised: list[Path] = []
+
+    def is_slide(path: Path, out_dir: Path) -> bool:  # a handler bug, once, on its thread
+        if threading.current_thread() is not threading.main_thread() and not raised:
+            raised.append(path)
+            raise RuntimeError("a bug in the handler")
+        return real_is_slide(path, out_dir)
+
+    def run_analyze(*args, **kwargs):
+        code = real_run(*args, **kwargs)
+        measured = set(pd.read_csv(out / "slides.csv")["slide"])
+        if measured == {"c1.tif"}:  # the first run: an event that makes the handler raise
+            (slides / "notes.txt").write_text("not a slide")
+            end = time.monotonic() + 30
+            while not raised and time.monotonic() < end:
+                time.sleep(0.05)
+            shutil.copy2(bank / "t1.tif", slides / "t1.tif")  # then a new slide
+        elif "t1.tif" in measured:
+            raise KeyboardInterrupt  # analysed: stop watching
+        return code
+
+    monkeypatch.setattr(cli_ops, "_is_slide", is_slide)
+    monkeypatch.setattr(cli_ops, "run_analyze", run_analyze)
+    deadline = threading.Timer(120, _thread.interrupt_main)  # never analysed: stop the test
+    deadline.start()
+    try:
+        code, output = cli("watch", str(slides), "--out", str(out), "--settle", "0.2",
+                           "--workers", "1")
+    finally:
+        deadline.cancel()
+    assert [p.name for p in raised] == ["notes.txt"]
+    assert "notes.txt: a bug in the handler" in output
+    rows = pd.read_csv(out / "slides.csv").set_index("slide")
+    assert list(rows.index) == ["c1.tif", "t1.tif"]
+    assert (rows["status"] == "ok").all()
+    assert code == 130, output  # stopped by the test during its last run
+
+
 # -- 6. the store ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_wal_deleted_during_a_run_loses_nothing(bank, tmp_path):
     slides = _copy(bank, tmp_path / "slides")
     out = tmp_path / "out"
@@ -524,6 +742,7 @@ def test_zero_byte_store_is_refused_and_rebuilt_from_the_tables(bank, tmp_path):
         pd.testing.assert_frame_equal(before[name], after[name], obj=name)
 
 
+@pytest.mark.slow
 def test_a_store_that_lost_its_last_run_or_its_tables_is_refused(bank, tmp_path):
     import sqlite3
 
@@ -541,6 +760,77 @@ def test_a_store_that_lost_its_last_run_or_its_tables_is_refused(bank, tmp_path)
     code, output = cli("analyze", str(slides), "--out", str(out), "--workers", "1")
     assert code == 4
     assert "lost its tables (history)" in output
+
+
+@contextlib.contextmanager
+def read_only(folder: Path, how: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """``folder`` seen read-only: through a read-only bind mount (skips where the test cannot
+    mount; chmod does not stop root), or with every write under it failing with EROFS."""
+    if how == "inject":
+        real_open, real_mkdir = os.open, os.mkdir
+        writes = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+        def under(path) -> bool:
+            return Path(os.fsdecode(path)).absolute().is_relative_to(folder)
+
+        def ro_open(path, flags, *args, **kwargs):
+            if flags & writes and under(path):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fsdecode(path))
+            return real_open(path, flags, *args, **kwargs)
+
+        def ro_mkdir(path, *args, **kwargs):
+            if under(path):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fsdecode(path))
+            return real_mkdir(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", ro_open)
+        monkeypatch.setattr(os, "mkdir", ro_mkdir)
+        yield folder
+        return
+    view = folder.with_name(folder.name + "-ro")
+    view.mkdir()
+    mounted = subprocess.run(["mount", "--bind", str(folder), str(view)], capture_output=True,
+                             check=False).returncode == 0
+    try:
+        if not mounted or subprocess.run(["mount", "-o", "remount,bind,ro", str(view)],
+                                         capture_output=True, check=False).returncode != 0:
+            pytest.skip("cannot mount a read-only view here")
+        yield view
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(view)], capture_output=True, check=False)
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("how", ["mount", "inject"])
+def test_a_read_only_output_folder_is_one_line_exit_4_and_nothing_written(bank, tmp_path,
+                                                                          monkeypatch, how):
+    """A new OUT inside a read-only file system used to end in a traceback, and status on a
+    read-only OUT called an intact store unreadable. Now analyze exits 4 with one line naming
+    the folder, writes nothing, and status reads the store."""
+    disk = tmp_path / "disk"
+    run(bank, disk / "out", samples=bank / "samples.csv")
+    before = _snapshot(disk)
+    with read_only(disk, how, monkeypatch) as ro:
+        code, output = cli("analyze", str(bank), "--out", str(ro / "out"), "--workers", "1")
+        assert code == 4, output
+        assert [line for line in output.splitlines() if "error" in line] == [
+            line for line in output.splitlines() if line.strip()]
+        assert (f"{ro / 'out' / '.fibroquant.lock'}: cannot open the output folder's lock "
+                "file: Read-only file system") in output
+        code, output = cli("analyze", str(bank), "--out", str(ro / "new"), "--workers", "1")
+        assert code == 4, output
+        assert f"cannot create the output folder {ro / 'new'}: Read-only file system" in output
+        assert "Traceback" not in output
+        if how == "mount":  # SQLite itself meets the read-only file system
+            code, output = cli("status", str(ro / "out"))
+            assert code == 0, output
+            assert "4 slide(s) stored, 4 ok, 0 failed" in output
+    assert _snapshot(disk) == before
 
 
 # -- 7. exit codes and settings files --------------------------------------------------------
@@ -587,6 +877,6 @@ def test_sigterm_outside_the_run_block_exits_143_with_one_line():
             "exit_143_on_sigterm(); os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)")
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=60)
+                          timeout=60, check=False)
     assert proc.returncode == 143
     assert proc.stderr.strip() == "terminated (SIGTERM)"

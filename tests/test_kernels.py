@@ -84,6 +84,7 @@ def test_edge_tiles(rgb):
     assert np.isfinite(conc).all()
 
 
+@pytest.mark.slow
 def test_non_contiguous_tiles():
     rng = np.random.default_rng(1)
     big = rng.integers(0, 256, (64, 90, 4), dtype=np.uint8)

@@ -27,6 +27,7 @@ def test_analyze_docstring_example_runs():
     assert result.failed == 0
 
 
+@pytest.mark.slow
 def test_array_path_and_slide_give_one_result(section, tmp_path):
     import cv2
 
@@ -75,6 +76,7 @@ def test_stain_argument_and_bad_inputs(section):
     assert open_slide(rgb, mpp=0.25).mpp == 0.25
 
 
+@pytest.mark.slow
 def test_calibration_alone_gives_the_analysis_calibration(section):
     """``fibroquant stains`` reads the calibration step only: it equals the full analysis's."""
     rgb, _ = section

@@ -57,6 +57,7 @@ def _readers(files: dict[str, Path]) -> dict[str, object]:
     }
 
 
+@pytest.mark.slow
 def test_every_reader_returns_the_written_pyramid(section_files) -> None:
     levels, files = section_files
     readers = _readers(files)
@@ -81,6 +82,7 @@ def test_every_reader_returns_the_written_pyramid(section_files) -> None:
             slide.close()
 
 
+@pytest.mark.slow
 def test_identical_cpa_through_every_reader(section_files) -> None:
     from fibroquant.config import Settings
     from fibroquant.pipeline import analyze_slide
@@ -88,7 +90,7 @@ def test_identical_cpa_through_every_reader(section_files) -> None:
     _levels, files = section_files
     readers = _readers(files)
     try:
-        records = {name: analyze_slide(slide.path, Settings(), slide=slide).record
+        records = {name: analyze_slide(slide.path, Settings(), slide=slide).to_record()
                    for name, slide in readers.items()}
     finally:
         for slide in readers.values():
@@ -101,6 +103,7 @@ def test_identical_cpa_through_every_reader(section_files) -> None:
                 assert record[key] == first[key], (name, key)
 
 
+@pytest.mark.slow
 def test_dicom_folder_is_listed_as_one_slide(section_files, tmp_path: Path) -> None:
     levels, files = section_files
     found = list_slides(files["dicom"])
@@ -116,6 +119,7 @@ def test_dicom_folder_is_listed_as_one_slide(section_files, tmp_path: Path) -> N
     assert info["file_size_bytes"] > levels[0].nbytes  # uncompressed, all levels
 
 
+@pytest.mark.slow
 def test_inspect_names_the_reader(section_files) -> None:
     from typer.testing import CliRunner
 

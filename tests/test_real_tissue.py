@@ -65,6 +65,7 @@ def test_speck_size_shrinks_only_on_small_images():
     assert speck_area_um2(s, (4000, 4000), 2.0) == s.min_tissue_area_um2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2])
 def test_small_crop_is_measured(seed):
     """A 200 x 240 px crop at 0.25 µm/px (3,000 µm², under the 5,000 µm² speck size): all of
@@ -73,9 +74,9 @@ def test_small_crop_is_measured(seed):
     assert rgb.shape[:2] == (200, 240)
     assert truth.collagen_mask.any()
     a = _analyze(rgb, 0.25, "sirius-red")
-    assert a.record["tissue_area_mm2"] == pytest.approx(truth.tissue_area_mm2, rel=0.05)
-    assert abs(a.record["cpa_percent"] - truth.cpa_percent) <= 3.0
-    assert "little tissue" in a.record["qc_flags"]
+    assert a.to_record()["tissue_area_mm2"] == pytest.approx(truth.tissue_area_mm2, rel=0.05)
+    assert abs(a.to_record()["cpa_percent"] - truth.cpa_percent) <= 3.0
+    assert "little tissue" in a.to_record()["qc_flags"]
 
 
 @pytest.mark.parametrize(("folder", "name", "y", "x"), [
@@ -86,10 +87,10 @@ def test_small_crop_is_measured(seed):
 def test_real_masson_crop_at_40x_is_measured(folder, name, y, x):
     crop = np.ascontiguousarray(_real(folder, name)[y : y + 200, x : x + 240])
     a = _analyze(crop, 0.25, "masson")
-    assert a.record["tissue_area_mm2"] * 1e6 > 0.9 * 200 * 240 * 0.25**2
-    assert 0.5 < a.record["cpa_percent"] < 15
-    assert a.record["status"] == "ok"
-    assert not a.record["wrong_stain"]
+    assert a.to_record()["tissue_area_mm2"] * 1e6 > 0.9 * 200 * 240 * 0.25**2
+    assert 0.5 < a.to_record()["cpa_percent"] < 15
+    assert a.to_record()["status"] == "ok"
+    assert not a.to_record()["wrong_stain"]
 
 
 def test_blank_image_says_what_was_found():
@@ -108,21 +109,23 @@ def test_blank_image_says_what_was_found():
 # ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stain", ["sirius-red", "masson"])
 def test_synthetic_he_is_the_wrong_stain(stain):
     rgb, _ = make_he_section(shape=(512, 512), rng=3)
     a = _analyze(rgb, 0.5, stain)
-    assert a.record["wrong_stain"] is True
-    assert a.record["stain_guess"] == "h&e"
-    assert "wrong stain" in a.record["qc_flags"]
+    assert a.to_record()["wrong_stain"] is True
+    assert a.to_record()["stain_guess"] == "h&e"
+    assert "wrong stain" in a.to_record()["qc_flags"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stain", ["sirius-red", "masson", "masson-light-green"])
 def test_collagen_stains_are_not_the_wrong_stain(stain):
     rgb, _ = make_section(SectionParams(stain=stain, shape=(512, 512)), rng=4)
     a = _analyze(rgb, 0.5, "masson" if stain.startswith("masson") else stain)
-    assert a.record["wrong_stain"] is False
-    assert a.record["stain_guess"].startswith(stain.split("-")[0])
+    assert a.to_record()["wrong_stain"] is False
+    assert a.to_record()["stain_guess"].startswith(stain.split("-")[0])
 
 
 def test_verdict_rules():
@@ -158,6 +161,7 @@ REAL_STAINS = [  # folder, name, the stain it is, µm/px
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("folder", "name", "truth", "mpp"), REAL_STAINS)
 def test_real_images_are_flagged_only_when_the_stain_is_wrong(folder, name, truth, mpp):
     """Real H&E is the wrong stain for either collagen stain; real Sirius red and Masson are
@@ -172,11 +176,12 @@ def test_real_images_are_flagged_only_when_the_stain_is_wrong(folder, name, trut
             assert verdict.guess == "h&e", (expected, verdict, fit)
 
 
+@pytest.mark.slow
 def test_real_sirius_red_run_as_masson_is_the_wrong_stain():
     """The colours of the section's tissue (as the pipeline fits them) show Sirius red."""
     a = _analyze(_real("psr-liver-liverquant", "tile02_PSR.jpg"), 1.0124, "masson")
-    assert a.record["wrong_stain"] is True
-    assert a.record["stain_guess"] == "sirius-red"
+    assert a.to_record()["wrong_stain"] is True
+    assert a.to_record()["stain_guess"] == "sirius-red"
 
 
 @pytest.mark.slow
@@ -223,6 +228,7 @@ def mixed_folder(tmp_path_factory) -> Path:
     return d
 
 
+@pytest.mark.slow
 def test_run_of_mostly_wrong_stain_exits_2_and_keeps_rows(mixed_folder, tmp_path):
     res = runner.invoke(app, ["analyze", str(mixed_folder), "--out", str(tmp_path / "o"),
                               "--stain", "sirius-red", "--mpp", "0.5", "--workers", "1"])
@@ -280,16 +286,18 @@ def test_double_layers_keeps_a_step_and_drops_a_gradual_rise():
     assert not kept[xx > 150].any()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("stain", "seed"), [("masson", 1), ("masson", 2), ("sirius-red", 3)])
 def test_muscle_without_folds_loses_under_1_percent(stain, seed):
     """Evenly stained, slightly darker (±30 %) muscle: nothing excluded as fold, bubble or
     capsule, and its interstitial collagen is measured."""
     rgb, truth = make_muscle(stain=stain, shape=(512, 512), darker=0.3, rng=seed)
     a = _analyze(rgb, 0.5, "masson" if stain == "masson" else stain)
-    assert _excluded_share(a.record) <= 1.0
-    assert abs(a.record["cpa_percent"] - truth.cpa_percent) <= 3.0
+    assert _excluded_share(a.to_record()) <= 1.0
+    assert abs(a.to_record()["cpa_percent"] - truth.cpa_percent) <= 3.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("folder", "name", "stain", "mpp"), [
     ("psr-cores-twombli", "2L_3D.png", "sirius-red", 1.0),
     ("psr-cores-twombli", "2L_7D.png", "sirius-red", 1.0),
@@ -303,7 +311,7 @@ def test_real_tissue_without_folds_keeps_its_tissue(folder, name, stain, mpp):
     17.7 % of their tissue to "folds", picric-acid-rich cell islands in pale stroma, and
     1.6-2.2 % to "capsule", stroma cut at the punched edge)."""
     a = _analyze(_real(folder, name), mpp, stain)
-    assert _excluded_share(a.record) <= 1.0
+    assert _excluded_share(a.to_record()) <= 1.0
 
 
 # ------------------------------------------------------------------------------------------
@@ -328,11 +336,12 @@ def test_qc_flags_name_what_is_doubtful():
                     ) == []
 
 
+@pytest.mark.slow
 def test_qc_flags_on_a_faint_slide():
     rgb, _ = make_section(SectionParams(shape=(512, 512), collagen_intensity=0.2,
                                         fibrosis=0.6), rng=6)
     a = _analyze(rgb, 0.5, "sirius-red")
-    assert "faint stain" in a.record["qc_flags"]
+    assert "faint stain" in a.to_record()["qc_flags"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -355,7 +364,7 @@ def purple_cohort():
         p = purple_masson_params(seed, (768, 768))
         rgb, truth = make_section(p, rng=seed)
         a = _analyze(rgb, p.mpp, "masson")
-        out.append((truth.cpa_percent, a.record["cpa_percent"],
+        out.append((truth.cpa_percent, a.to_record()["cpa_percent"],
                     _dice(a.collagen_mask & truth.tissue_mask, truth.collagen_mask)))
     return np.array(out)
 

@@ -40,6 +40,7 @@ def _move(rgb: np.ndarray, red: tuple[float, float], blue: tuple[float, float]) 
     return out
 
 
+@pytest.mark.slow
 @settings(max_examples=12, deadline=None)
 @given(st.floats(-1.5, 1.5), st.floats(-1.5, 1.5), st.floats(-1.5, 1.5), st.floats(-1.5, 1.5))
 def test_plane_shift_is_measured_to_a_tenth_of_a_pixel(field, ry, rx, by, bx):
@@ -84,24 +85,26 @@ def test_corrected_slide_reads_equal_the_whole_image_corrected(field):
     assert CorrectedSlide(ArraySlide(moved, 0.5, levels=8), shifts=shifts).level_shifts(5) is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stain", ["sirius-red", "masson"])
 def test_cpa_of_a_misregistered_image_equals_the_registered_one(stain):
     settings_ = load_settings(overrides={"stains": {"stain": stain}})
     p = SectionParams(stain=stain, shape=(768, 768), steatosis=0.2)
     flat, _ = make_section(p, rng=3)
     moved, _ = make_section(replace(p, channel_shift_px=1.0), rng=3)
-    a = analyze_slide("a.png", settings_, slide=ArraySlide(flat, 0.5)).record
-    b = analyze_slide("b.png", settings_, slide=ArraySlide(moved, 0.5)).record
+    a = analyze_slide("a.png", settings_, slide=ArraySlide(flat, 0.5)).to_record()
+    b = analyze_slide("b.png", settings_, slide=ArraySlide(moved, 0.5)).to_record()
     assert a["channel_shift_px"] == 0.0
     assert b["channel_shift_px"] == pytest.approx(1.0, abs=0.1)
     assert abs(b["cpa_percent"] - a["cpa_percent"]) < 0.45
     off = load_settings(overrides={"stains": {"stain": stain},
                                    "tissue": {"register_channels": False}})
-    c = analyze_slide("b.png", off, slide=ArraySlide(moved, 0.5)).record
+    c = analyze_slide("b.png", off, slide=ArraySlide(moved, 0.5)).to_record()
     assert c["channel_shift_px"] == 0.0
     assert abs(c["cpa_percent"] - a["cpa_percent"]) > abs(b["cpa_percent"] - a["cpa_percent"])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATA / "masson-liver-heinemann").is_dir(),
                     reason="shared real-image data not present")
 def test_real_images_shifts():
@@ -131,4 +134,4 @@ def test_a_level_too_small_to_correlate_is_skipped():
     rgb, _ = make_section(SectionParams(shape=(768, 768), field_of_view=True), rng=1)
     settings_ = load_settings(overrides={"tiling": {"analysis_mpp": 2.0}})
     rec = analyze_slide("thin.png", settings_, slide=ArraySlide(rgb[400:403], 0.5, levels=2))
-    assert rec.record["channel_shift_px"] == 0.0
+    assert rec.to_record()["channel_shift_px"] == 0.0

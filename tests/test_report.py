@@ -385,6 +385,7 @@ def test_plot_groups_without_control_or_data(tmp_path: Path, mice: pd.DataFrame,
     assert all(p.stat().st_size > 0 for p in paths)
 
 
+@pytest.mark.slow
 def test_plot_slides_and_stain_qc(tmp_path: Path, slides: pd.DataFrame) -> None:
     _assert_plot_files(plot_slides(slides, tmp_path / "slides"))
     paths = plot_stain_qc(slides, tmp_path / "stain_qc")
@@ -437,6 +438,7 @@ def report_path(tmp_path: Path, slides: pd.DataFrame, mice: pd.DataFrame,
     return out
 
 
+@pytest.mark.slow
 def test_report_html_self_contained_escaped_and_complete(report_path: Path,
                                                          slides: pd.DataFrame) -> None:
     text = report_path.read_text(encoding="utf-8")
@@ -470,6 +472,7 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_chromium() is None,
                     reason="no chromium binary on PATH (apt-get install chromium) to render "
                            "report.html")

@@ -129,6 +129,7 @@ def _copy_reference(reference: Path, dest: Path) -> tuple[Path, Path]:
     return dest / "slides", dest / "out"
 
 
+@pytest.mark.slow
 def test_rerun_nothing_new_is_identical_and_cheap(reference: Path, tmp_path: Path) -> None:
     slides, out = _copy_reference(reference, tmp_path / "study")
     first = json.loads((out / "run.json").read_text())
@@ -152,6 +153,7 @@ def test_rerun_nothing_new_is_identical_and_cheap(reference: Path, tmp_path: Pat
     assert {p.name: p.stat().st_mtime_ns for p in (out / "qc").iterdir()} == qc_mtimes
 
 
+@pytest.mark.slow
 def test_changed_removed_new_force_and_settings(
     slide_bank: Path, reference: Path, tmp_path: Path
 ) -> None:
@@ -190,6 +192,7 @@ def test_changed_removed_new_force_and_settings(
     assert run2["settings_hash"] != run["settings_hash"]
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_matches_uninterrupted(
     slide_bank: Path, reference: Path, tmp_path: Path
 ) -> None:
@@ -199,7 +202,7 @@ def test_sigkill_then_rerun_matches_uninterrupted(
     for k in (1, 2, 3):
         proc = spawn(slides, out)
         try:
-            assert wait_for(lambda k=k: n_stored(out) >= k or proc.poll() is not None)
+            assert wait_for(lambda k=k, proc=proc: n_stored(out) >= k or proc.poll() is not None)
             os.kill(proc.pid, signal.SIGKILL)
         finally:
             proc.communicate(timeout=30)
@@ -220,6 +223,7 @@ def test_sigkill_then_rerun_matches_uninterrupted(
     assert not list(out.glob("*.fibroquant-tmp*"))
 
 
+@pytest.mark.slow
 def test_second_run_is_refused_or_waits(slide_bank: Path, tmp_path: Path) -> None:
     slides = _folder(slide_bank, tmp_path / "slides")
     out = tmp_path / "out"
@@ -249,6 +253,7 @@ def test_second_run_is_refused_or_waits(slide_bank: Path, tmp_path: Path) -> Non
     assert (run["processed"], run["skipped"]) == (0, N_SLIDES)
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_keeps_store_and_rerun_completes(
     slide_bank: Path, reference: Path, tmp_path: Path
 ) -> None:

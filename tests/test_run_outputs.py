@@ -53,6 +53,7 @@ def table(out: Path, name: str = "slides.csv") -> pd.DataFrame:
 # -- 1. greyscale slides ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_greyscale_slide_fails_and_others_carry_on(bank: Path, tmp_path: Path) -> None:
     slides = tmp_path / "slides"
     slides.mkdir()
@@ -88,6 +89,7 @@ def _two_slides(bank: Path, slides: Path, names: tuple[str, ...] = ("s0", "s1"))
     return slides
 
 
+@pytest.mark.slow
 def test_write_failure_fails_that_slide_and_the_run_carries_on(bank: Path,
                                                                tmp_path: Path) -> None:
     slides = _two_slides(bank, tmp_path / "slides")
@@ -111,6 +113,7 @@ def test_write_failure_fails_that_slide_and_the_run_carries_on(bank: Path,
     assert (out / "qc" / "s1.jpg").is_file()
 
 
+@pytest.mark.slow
 def test_read_only_qc_folder_fails_slides_not_the_run(bank: Path, tmp_path: Path) -> None:
     slides = _two_slides(bank, tmp_path / "slides")
     out = tmp_path / "out"
@@ -129,6 +132,7 @@ def test_read_only_qc_folder_fails_slides_not_the_run(bank: Path, tmp_path: Path
     assert json.loads((out / "run.json").read_text())["failed"] == 2
 
 
+@pytest.mark.slow
 def test_read_only_file_system_simulated(bank: Path, tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """EROFS on the QC overlays only (as root, chmod cannot make a folder read-only)."""
@@ -193,6 +197,7 @@ def _same_picture(a: bytes | None, b: bytes | None) -> bool:
     return float(np.abs(ia[:top].astype(int) - ib[:top].astype(int)).mean()) < 1.5
 
 
+@pytest.mark.slow
 def test_masks_follow_remeasurement_and_removal(bank: Path, tmp_path: Path) -> None:
     # what s2's content gives, measured fresh under the name s0.tif (the known answer)
     ref_slides = tmp_path / "ref"
@@ -250,6 +255,7 @@ def test_masks_follow_remeasurement_and_removal(bank: Path, tmp_path: Path) -> N
     assert sorted(p.name for p in (out / "qc").iterdir()) == ["s1.jpg"]
 
 
+@pytest.mark.slow
 def test_back_to_earlier_settings_reuses_the_stored_results(bank: Path, tmp_path: Path) -> None:
     """Results of the first settings are still stored and are used again without measuring
     (the rerun contract); the files still show the last settings measured until --force."""
@@ -270,6 +276,7 @@ def test_back_to_earlier_settings_reuses_the_stored_results(bank: Path, tmp_path
     assert summary.processed == 1 and _bytes(_outputs(out, "s0")) == default
 
 
+@pytest.mark.slow
 def test_renamed_slide_keeps_its_measurement_and_outputs(bank: Path, tmp_path: Path) -> None:
     """A slide renamed or moved into a subfolder since it was measured is not measured again:
     its stored result stands under the new name, its overlay, masks and GeoJSON (annotation
@@ -321,6 +328,7 @@ def test_renamed_slide_keeps_its_measurement_and_outputs(bank: Path, tmp_path: P
     assert (summary.processed, summary.renamed) == (1, [])
 
 
+@pytest.mark.slow
 def test_renamed_twice_never_takes_files_of_another_slide(bank: Path, tmp_path: Path) -> None:
     """A slide renamed twice while its first name's stem was taken by another slide: the
     second rename takes the files of its last name (the only old name considered is one the
@@ -343,6 +351,7 @@ def test_renamed_twice_never_takes_files_of_another_slide(bank: Path, tmp_path: 
     assert _same_picture(_outputs(out, "z")["qc"].read_bytes(), qc_other)
 
 
+@pytest.mark.slow
 def test_renamed_slide_is_measured_when_its_old_files_do_not_fit(bank: Path,
                                                                 tmp_path: Path) -> None:
     """The old name's files are taken only when they show this content with these settings
@@ -394,6 +403,7 @@ def test_renamed_slide_is_measured_when_its_old_files_do_not_fit(bank: Path,
     assert _same_picture(_outputs(out, "f")["qc"].read_bytes(), qc)
 
 
+@pytest.mark.slow
 def test_rename_never_takes_a_stem_a_present_slide_writes(bank: Path, tmp_path: Path) -> None:
     """a.tif becomes b.tiff while b.tif becomes c.tif: b.tiff takes a's files, and c.tif is
     measured rather than take the files at stem "b" (b.tiff's now). A move that fails (a folder
@@ -433,6 +443,7 @@ def test_identical_files_warning() -> None:
     assert identical_files(df.drop(columns="fingerprint")) is None
 
 
+@pytest.mark.slow
 def test_renamed_slide_without_its_old_overlay_is_measured(bank: Path, tmp_path: Path) -> None:
     """When the old name's overlay is gone (deleted by hand), the renamed slide is measured;
     without --masks the new name gets no masks from the old one."""
@@ -463,6 +474,7 @@ def _png_slide(path: Path, rgb: np.ndarray) -> None:
     Image.fromarray(rgb).save(path, dpi=(dpi, dpi))
 
 
+@pytest.mark.slow
 def test_same_stem_other_extension_two_mice_two_sets_of_outputs(bank: Path,
                                                                 tmp_path: Path) -> None:
     slides = _two_slides(bank, tmp_path / "slides", ("s0",))
@@ -505,6 +517,7 @@ def test_same_stem_other_extension_two_mice_two_sets_of_outputs(bank: Path,
 # -- 4. an old output folder inside the slides folder ----------------------------------------
 
 
+@pytest.mark.slow
 def test_old_output_folder_inside_the_slides_folder_is_not_analysed(bank: Path,
                                                                     tmp_path: Path) -> None:
     slides = _two_slides(bank, tmp_path / "m01b", ("s0",))
@@ -550,7 +563,7 @@ def test_output_stem_by_string_operations_equals_the_pathlib_definition(parts, s
     slide = "/".join([*parts[:-1], parts[-1] + suffix])
     p = PurePosixPath(slide)
     low = p.name.lower()
-    if low.endswith(".ome.tiff") or low.endswith(".ome.tif"):
+    if low.endswith((".ome.tiff", ".ome.tif")):
         name = p.name[: -len(".ome.tiff" if low.endswith(".ome.tiff") else ".ome.tif")]
     else:
         name = p.stem
@@ -560,6 +573,7 @@ def test_output_stem_by_string_operations_equals_the_pathlib_definition(parts, s
 # -- the automatic blob rule decided per slide ------------------------------------------------
 
 
+@pytest.mark.slow
 def test_blob_rule_used_on_some_slides_only_is_a_run_warning(tmp_path: Path) -> None:
     """One Masson slide with blue-purple (plain haematoxylin) nuclei, one with iron
     haematoxylin: the automatic rule is used on the first only, so the run warns that the

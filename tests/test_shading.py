@@ -30,6 +30,7 @@ def _section(seed: int, *, fov: bool, vig: float = 0.0, stain: str = "sirius-red
     return make_section(p, rng=seed)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fov", [False, True])
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_evenly_lit_sections_are_not_corrected(seed, fov):
@@ -37,11 +38,13 @@ def test_evenly_lit_sections_are_not_corrected(seed, fov):
     assert estimate_shading(rgb, GLASS, TissueSettings()) is None
 
 
+@pytest.mark.slow
 def test_flat_field_off_is_never_corrected():
     rgb, _ = _section(1, fov=False, vig=0.3)
     assert estimate_shading(rgb, GLASS, TissueSettings(flat_field=False)) is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fov", [False, True])
 @pytest.mark.parametrize("seed", [1, 2])
 def test_vignetting_is_recovered(seed, fov):
@@ -65,6 +68,7 @@ def test_vignetting_is_recovered(seed, fov):
     assert 0.5 * -np.log10(1 - vig) < field.od_range < 1.6 * -np.log10(1 - vig)
 
 
+@pytest.mark.slow
 def test_shaded_slide_reads_match_the_corrected_whole_image():
     """Tiles and thumbnail see the same correction (the field is in image coordinates)."""
     rgb, _ = _section(3, fov=False, vig=0.3)
@@ -85,6 +89,7 @@ def test_shaded_slide_reads_match_the_corrected_whole_image():
     assert np.array_equal(low, ref)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("stain", "fov", "seed"), [("sirius-red", False, 1),
                                                     ("masson", False, 2),
                                                     ("sirius-red", True, 3)])
@@ -92,8 +97,8 @@ def test_cpa_of_a_vignetted_image_equals_the_evenly_lit_one(stain, fov, seed):
     settings = load_settings(overrides={"stains": {"stain": stain}})
     flat, truth = _section(seed, fov=fov, stain=stain)
     vig, _ = _section(seed, fov=fov, vig=0.3, stain=stain)
-    a = analyze_slide("flat.png", settings, slide=ArraySlide(flat, 0.5)).record
-    b = analyze_slide("vig.png", settings, slide=ArraySlide(vig, 0.5)).record
+    a = analyze_slide("flat.png", settings, slide=ArraySlide(flat, 0.5)).to_record()
+    b = analyze_slide("vig.png", settings, slide=ArraySlide(vig, 0.5)).to_record()
     assert a["shading_od"] == 0.0
     assert b["shading_od"] > 0.1
     assert abs(b["cpa_percent"] - a["cpa_percent"]) < 0.1
@@ -101,7 +106,7 @@ def test_cpa_of_a_vignetted_image_equals_the_evenly_lit_one(stain, fov, seed):
     assert abs(b["cpa_percent"] - truth.cpa_percent) < 0.5
     # without the correction the same image is badly wrong (glass corners read as tissue)
     off = load_settings(overrides={"stains": {"stain": stain}, "tissue": {"flat_field": False}})
-    c = analyze_slide("vig.png", off, slide=ArraySlide(vig, 0.5)).record
+    c = analyze_slide("vig.png", off, slide=ArraySlide(vig, 0.5)).to_record()
     if not fov:
         assert c["tissue_area_mm2"] / a["tissue_area_mm2"] > 1.2
 
@@ -114,6 +119,7 @@ def test_too_little_glass_is_left_alone():
     assert estimate_shading(rgb[:10, :10], GLASS, TissueSettings()) is None
 
 
+@pytest.mark.slow
 @settings(max_examples=30, deadline=None)
 @given(st.floats(0.0, 0.08), st.floats(-0.2, 0.2), st.floats(-0.2, 0.2),
        st.integers(40, 400), st.integers(40, 400))
@@ -148,6 +154,7 @@ def test_vignette_is_one_at_the_centre_and_darker_at_the_corners():
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATA / "masson-heart-autoslide").is_dir(),
                     reason="shared real-image data not present")
 def test_evenly_lit_real_fields_are_not_corrected():
@@ -165,6 +172,7 @@ def test_evenly_lit_real_fields_are_not_corrected():
         assert estimate_shading(rgb, bg, TissueSettings()) is None, path.name
 
 
+@pytest.mark.slow
 def test_pale_tissue_beside_glass_is_not_evened_out_as_shading():
     """A barely counterstained Masson section (0.09 OD) beside its glass, slightly vignetted
     (6 %), JPEG: its pale, nearly neutral parenchyma was fitted as darker glass, the correction
@@ -178,5 +186,5 @@ def test_pale_tissue_beside_glass_is_not_evened_out_as_shading():
     rgb, truth = make_section(p, rng=49)
     a = analyze_slide("s.png", load_settings(overrides={"stains": {"stain": "masson"}}),
                       slide=ArraySlide(rgb, p.mpp))
-    assert a.record["tissue_area_mm2"] == pytest.approx(truth.tissue_area_mm2, rel=0.05)
-    assert abs(a.record["cpa_percent"] - truth.cpa_percent) < 1.0
+    assert a.to_record()["tissue_area_mm2"] == pytest.approx(truth.tissue_area_mm2, rel=0.05)
+    assert abs(a.to_record()["cpa_percent"] - truth.cpa_percent) < 1.0

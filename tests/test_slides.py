@@ -207,6 +207,7 @@ def test_ndpi_levels_as_pages_with_64bit_offsets(tmp_path: Path) -> None:
     assert info["compression"] == "jpeg"
 
 
+@pytest.mark.slow
 def test_ndpi_analysed_like_the_same_image_in_memory(tmp_path: Path) -> None:
     from fibroquant.config import Settings
     from fibroquant.pipeline import analyze_slide
@@ -215,13 +216,13 @@ def test_ndpi_analysed_like_the_same_image_in_memory(tmp_path: Path) -> None:
     rgb, _ = make_section(SectionParams(shape=(768, 1024), mpp=0.46), rng=2)
     path = tmp_path / "s.ndpi"
     write_ndpi(path, [rgb, half(rgb)], 0.46, quality=95)
-    from_file = analyze_slide(path, Settings()).record
+    from_file = analyze_slide(path, Settings()).to_record()
     with open_slide(path) as slide:  # the same pixels, decoded whole, analysed in memory
         decoded = [slide.read_region(i, 0, 0, *lv.shape) for i, lv in enumerate(slide.levels)]
     assert mean_abs(decoded[0], rgb) < 3
     memory = ArraySlide(decoded[0], from_file["mpp"], levels=2)
     memory._pyramid[1] = decoded[1]
-    in_memory = analyze_slide("s.png", Settings(), slide=memory).record
+    in_memory = analyze_slide("s.png", Settings(), slide=memory).to_record()
     assert from_file["format"] == "ndpi" and from_file["mpp"] == pytest.approx(0.46)
     for key in ("cpa_percent", "tissue_area_mm2", "collagen_area_mm2", "threshold_od"):
         assert from_file[key] == in_memory[key], key
@@ -440,8 +441,8 @@ def test_12bit_camera_png_scaled_by_power_of_two(tmp_path: Path) -> None:
     image12[0, 0] = 4095
     path = tmp_path / "cam12.png"
     assert cv2.imwrite(str(path), image12[..., ::-1])
+    slide = open_slide(path)
     with pytest.warns(UserWarning, match=r"cam12\.png: 16-bit"):
-        slide = open_slide(path)
         out = slide.read_region(0, 0, 0, 30, 40)
     expected = np.round(image12 * (255 / 4095)).astype(np.uint8)
     np.testing.assert_array_equal(out, expected)
@@ -678,6 +679,7 @@ def test_openslide_formats_without_openslide(tmp_path: Path, monkeypatch, suffix
         open_slide(path)
 
 
+@pytest.mark.slow
 def test_openslide_missing_fails_the_slide_not_the_run(tmp_path: Path, monkeypatch) -> None:
     # through the command line: the vendor slide is recorded as failed with the install hint,
     # the other slide is measured, the run exits 1 without a traceback
@@ -705,6 +707,7 @@ def test_openslide_missing_fails_the_slide_not_the_run(tmp_path: Path, monkeypat
 
 
 
+@pytest.mark.slow
 def test_openslide_reader_matches_tifffile_on_an_svs(tmp_path: Path) -> None:
     """The OpenSlide reader reads the same slide as the tifffile path."""
     from fibroquant.config import Settings
@@ -724,8 +727,8 @@ def test_openslide_reader_matches_tifffile_on_an_svs(tmp_path: Path) -> None:
             b = tf.read_region(level, y, x, h, w)
             assert a.shape == b.shape == (h, w, 3) and a.dtype == np.uint8
             assert mean_abs(a, b) < 1.0  # the same JPEG tiles, two decoders
-        by_tifffile = analyze_slide(path, Settings(), slide=tf).record
-        by_openslide = analyze_slide(path, Settings(), slide=osl).record
+        by_tifffile = analyze_slide(path, Settings(), slide=tf).to_record()
+        by_openslide = analyze_slide(path, Settings(), slide=osl).to_record()
     assert by_openslide["tissue_area_mm2"] == pytest.approx(by_tifffile["tissue_area_mm2"],
                                                             rel=1e-3)
     assert by_openslide["cpa_percent"] == pytest.approx(by_tifffile["cpa_percent"], abs=0.05)

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from skimage.morphology import remove_small_holes, remove_small_objects
 
-from fibroquant import kernels, pipeline, tiles
+from fibroquant import cores, kernels, pipeline, tiles
 from fibroquant.collagen import (
     CollagenRule,
     blob_limits,
@@ -333,6 +333,7 @@ def test_a_decided_mask_is_counted_with_the_rules_capsule():
     assert dec.counts["collagen_px"] == np.count_nonzero(decided & ((fl & 5) == 1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stain", ["sirius-red", "masson"])
 def test_whole_analysis_by_the_kernel_equals_the_numpy_reference(stain, monkeypatch):
     """A whole analysis with the fused kernel and with its numpy reference (as without numba)
@@ -347,16 +348,16 @@ def test_whole_analysis_by_the_kernel_equals_the_numpy_reference(stain, monkeypa
     fast = pipeline.analyze_slide("x.png", s, slide=ArraySlide(rgb, 0.5))
     monkeypatch.setattr(tiles.kernels, "fused_ok", lambda *a: False)
     ref = pipeline.analyze_slide("x.png", s, slide=ArraySlide(rgb, 0.5))
-    for k, v in ref.record.items():
+    for k, v in ref.to_record().items():
         if k == "seconds":
             continue
         if isinstance(v, float):
-            assert fast.record[k] == pytest.approx(v, rel=1e-9, nan_ok=True), k
+            assert fast.to_record()[k] == pytest.approx(v, rel=1e-9, nan_ok=True), k
         else:
-            assert fast.record[k] == v, k
+            assert fast.to_record()[k] == v, k
     for m in ("collagen_mask", "tissue_mask", "excluded_mask"):
         np.testing.assert_array_equal(getattr(fast, m), getattr(ref, m))
-    assert fast.record["capsule_area_mm2"] > 0 and fast.record["lumen_area_mm2"] > 0
+    assert fast.to_record()["capsule_area_mm2"] > 0 and fast.to_record()["lumen_area_mm2"] > 0
 
 
 @pytest.mark.parametrize("sigma", [16.0, 40.0, 90.0])
@@ -364,7 +365,7 @@ def test_parenchyma_background_coarse_grid_close_to_exact(sigma):
     from fibroquant.collagen import _normalised_blur
 
     rng = np.random.default_rng(3)
-    yy, xx = np.mgrid[0:500, 0:600]
+    _yy, xx = np.mgrid[0:500, 0:600]
     conc = (0.05 + 0.03 * np.sin(xx / 150) + 0.02 * rng.random((500, 600))).astype(np.float32)
     mask = rng.random((500, 600)) < 0.7
     mask[200:260] = False  # a band without parenchyma: the fallback blends in
@@ -426,13 +427,13 @@ def test_tune_malloc_once_per_process(monkeypatch, user_env, max_mmap, expected,
 
     monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
     monkeypatch.setattr(platform, "libc_ver", lambda: ("glibc", "2.36"))
-    monkeypatch.setattr(pipeline, "_malloc_tuned", None)
+    monkeypatch.setattr(cores, "_malloc_tuned", None)
     if user_env:
         monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1048576")
     else:
         monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    assert pipeline.tune_malloc() is expected
-    assert pipeline.tune_malloc() is expected
+    assert cores.tune_malloc() is expected
+    assert cores.tune_malloc() is expected
     assert seen == calls  # once per process
 
 
@@ -440,9 +441,9 @@ def test_tune_malloc_leaves_other_c_libraries_alone(monkeypatch):
     import platform
 
     monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))
-    monkeypatch.setattr(pipeline, "_malloc_tuned", None)
+    monkeypatch.setattr(cores, "_malloc_tuned", None)
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    assert pipeline.tune_malloc() is False
+    assert cores.tune_malloc() is False
 
 
 def test_kernel_warmup_failure_is_raised_on_the_callers_thread(monkeypatch):
@@ -546,6 +547,7 @@ def test_capsule_propagation_and_dilation_equal_scipy(h, w, density, seed):
                                   ndi.binary_dilation(seeds, structure=np.ones((3, 3))))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("field_of_view", [False, True])
 def test_glass_colour_from_a_small_detection_equals_the_full_size_one(seed, field_of_view):
@@ -720,6 +722,7 @@ def test_word_path_equals_byte_path_and_reference(seed, w, stride, min_px, monke
         np.testing.assert_array_equal(a.focus, b.focus)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_other", [1, 2])
 def test_word_path_on_dense_random_masks(n_other, monkeypatch):
     """Dense collagen on a tile of width 8k: the run table grows past its first capacity, many

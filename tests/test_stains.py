@@ -154,6 +154,7 @@ def test_channel_spread_equals_numpy_max_minus_min_to_the_bit(h, w, seed, dtype)
 # --- stains whose colour lies outside the presets' triangle ------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("stain", "drift", "seed"), [("sirius-red", 16, 3),
                                                       ("sirius-red", 16, 4),
                                                       ("masson", 12, 3),
@@ -179,12 +180,12 @@ def test_far_drifted_stains_are_found_from_the_data_corners(stain, drift, seed, 
     errors = [angle_deg(a, b) for a, b in zip(start, truth.stains.vectors, strict=True)]
     assert max(errors[:2]) < 5.0  # collagen stain and counterstain; nuclei are sparse
     settings_ = load_settings(overrides={"stains": {"stain": stain}})
-    rec = analyze_slide("x.png", settings_, slide=ArraySlide(rgb, 0.5)).record
+    rec = analyze_slide("x.png", settings_, slide=ArraySlide(rgb, 0.5)).to_record()
     assert abs(rec["cpa_percent"] - truth.cpa_percent) < 0.5
     assert json_angle(rec, 0) > 0  # the collagen stain was estimated, not the preset kept
     # without the restart (presets only) the same slide is badly wrong
     monkeypatch.setattr("fibroquant.stains._vertex_start", lambda x, preset: None)
-    rec = analyze_slide("x.png", settings_, slide=ArraySlide(rgb, 0.5)).record
+    rec = analyze_slide("x.png", settings_, slide=ArraySlide(rgb, 0.5)).to_record()
     assert truth.cpa_percent - rec["cpa_percent"] > 3.0
 
 
@@ -276,6 +277,7 @@ def test_masson_counterstain_may_turn_into_purple():
     assert _turn_towards_collagen(est, MASSON) > 18.0
 
 
+@pytest.mark.slow
 def test_purple_masson_section_keeps_its_collagen():
     """Masson section seed 65 of the sweep: pale ponceau (0.05 OD) under twice as much
     non-specific aniline blue. The presets find no ponceau-dominated pixel, so the estimate
@@ -290,5 +292,5 @@ def test_purple_masson_section_keeps_its_collagen():
     p = random_params(65, stain="masson", shape=(768, 768))
     rgb, truth = make_section(p, rng=65)
     rec = analyze_slide("x.png", load_settings(overrides={"stains": {"stain": "masson"}}),
-                        slide=ArraySlide(rgb, p.mpp)).record
+                        slide=ArraySlide(rgb, p.mpp)).to_record()
     assert abs(rec["cpa_percent"] - truth.cpa_percent) < 1.0

@@ -154,6 +154,7 @@ def test_two_groups_have_no_multiplicity_columns() -> None:
     assert "Welch" in out.attrs["note"]
 
 
+@pytest.mark.slow
 def test_bootstrap_reproducible_and_sensible(three_groups: pd.DataFrame) -> None:
     a = compare_groups(three_groups, n_boot=2000, rng=3)
     b = compare_groups(three_groups, n_boot=2000, rng=3)
@@ -247,6 +248,7 @@ def test_simulated_reduction_is_detected() -> None:
     assert detected >= 45
 
 
+@pytest.mark.slow
 def test_null_pvalues_are_uniform() -> None:
     pvals = []
     for seed in range(200):
@@ -295,6 +297,7 @@ def test_omnibus_small_groups() -> None:
     assert np.isnan(res["anova"]["p"]) and res["kruskal"]["reason"]
 
 
+@pytest.mark.slow
 def test_pairwise_holm(three_groups: pd.DataFrame) -> None:
     out = pairwise_holm(three_groups)
     assert len(out) == 3
@@ -423,8 +426,8 @@ def test_misspelt_one_mouse_group_gets_no_p_value_in_the_headline() -> None:
     assert "p =" not in mcs and "p <" not in mcs
     assert "Dunnett-adjusted p" in text  # MSC keeps its (adjusted) p
     lines = group_warnings(mice)
-    assert lines == ["group 'MCS': 1 mouse (fewer than 3), one edit from 'MSC' (a misspelt "
-                     "group name?): no p value in the headline"]
+    assert lines == [("group 'MCS': 1 mouse (fewer than 3), one edit from 'MSC' (a misspelt "
+                     "group name?): no p value in the headline")]
 
 
 def test_small_control_flags_every_comparison() -> None:

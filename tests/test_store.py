@@ -156,7 +156,7 @@ def test_fingerprint_of_large_file_reads_only_the_ends(tmp_path: Path) -> None:
 
 
 def test_fingerprint_errors_name_the_file(tmp_path: Path) -> None:
-    with pytest.raises(SlideReadError, match="missing.svs"):
+    with pytest.raises(SlideReadError, match=r"missing\.svs"):
         fingerprint(tmp_path / "missing.svs")
     short = tmp_path / "copying.svs"
     short.write_bytes(b"abc")
@@ -368,6 +368,7 @@ def shared_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Res
 _unique = itertools.count()
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None)
 @given(
     slide=st.text(min_size=1, max_size=30),
@@ -519,6 +520,7 @@ def check_writer_store(path: Path) -> int:
     return n
 
 
+@pytest.mark.slow
 def test_killed_writer_never_leaves_a_half_written_record(tmp_path: Path) -> None:
     path = tmp_path / STORE_NAME
     rng = random.Random(20240611)
@@ -585,7 +587,7 @@ def test_second_run_is_refused_at_once_without_wait(tmp_path: Path) -> None:
         assert message.startswith(f"{tmp_path}: another fibroquant run (pid {holder.pid}, started ")
         assert message.endswith("is using this output folder; use --wait to queue behind it")
         assert "\n" not in message
-        with pytest.raises(StoreLockedError, match="after waiting 0.3 s"):
+        with pytest.raises(StoreLockedError, match=r"after waiting 0\.3 s"):
             OutputLock(tmp_path, wait=True, timeout=0.3).acquire()
     finally:
         reap(holder)
@@ -595,9 +597,9 @@ def test_waiting_run_says_once_that_it_waits(tmp_path: Path, caplog) -> None:
     holder = spawn(HOLD_THEN_RELEASE, str(tmp_path), "60")
     try:
         expect_line(holder, "locked")
-        with caplog.at_level("WARNING", logger="fibroquant.store"):
-            with pytest.raises(StoreLockedError):
-                OutputLock(tmp_path, wait=True, timeout=0.5).acquire()
+        with (caplog.at_level("WARNING", logger="fibroquant.store"),
+              pytest.raises(StoreLockedError)):
+            OutputLock(tmp_path, wait=True, timeout=0.5).acquire()
         waits = [r.getMessage() for r in caplog.records if "waiting for another" in r.getMessage()]
         assert len(waits) == 1 and f"pid {holder.pid}" in waits[0]
     finally:
@@ -698,11 +700,11 @@ def test_atomic_write_permissions(tmp_path: Path) -> None:
 
 def test_atomic_write_failure_raises_store_error(tmp_path: Path) -> None:
     (tmp_path / "a_file").write_bytes(b"")
-    with pytest.raises(StoreError, match="cannot write .*a_file/x.csv"):
+    with pytest.raises(StoreError, match=r"cannot write .*a_file/x\.csv"):
         atomic_write_bytes(tmp_path / "a_file" / "x.csv", b"x")  # its folder is a file
     target = tmp_path / "a_dir"
     target.mkdir()
-    with pytest.raises(StoreError, match="cannot write .*a_dir: "):
+    with pytest.raises(StoreError, match=r"cannot write .*a_dir: "):
         atomic_write_bytes(target, b"x")  # cannot replace a directory with a file
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_dir", "a_file"]
 
@@ -738,6 +740,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_killed_atomic_writer_leaves_old_or_new_content(tmp_path: Path) -> None:
     target = tmp_path / "slides.csv"
     target.write_bytes(b"%08d\n" % 0 * 300_000)
@@ -760,6 +763,7 @@ def test_killed_atomic_writer_leaves_old_or_new_content(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_planning_1000_slides_is_fast(tmp_path: Path) -> None:
     slides = tmp_path / "slides"
     slides.mkdir()

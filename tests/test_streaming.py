@@ -70,6 +70,7 @@ class _Threshold:
 PATHS = {"fused": None, "halo": _Threshold()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", list(PATHS))
 def test_only_tiles_touching_tissue_are_read(section, path):
     rgb, _ = section
@@ -102,11 +103,11 @@ def test_only_tiles_touching_tissue_are_read(section, path):
     # the glass around adds nothing: the section's tissue and collagen, as measured on the
     # section with a narrow border
     rgb, truth = section
-    for r in (a.record, alone.record):
+    for r in (a.to_record(), alone.to_record()):
         assert r["tissue_area_mm2"] == pytest.approx(truth.tissue_area_mm2, rel=0.05)
-    assert a.record["tissue_area_mm2"] == pytest.approx(alone.record["tissue_area_mm2"],
+    assert a.to_record()["tissue_area_mm2"] == pytest.approx(alone.to_record()["tissue_area_mm2"],
                                                         rel=0.005)
-    assert a.record["cpa_percent"] == pytest.approx(alone.record["cpa_percent"], abs=0.1)
+    assert a.to_record()["cpa_percent"] == pytest.approx(alone.to_record()["cpa_percent"], abs=0.1)
 
 
 def _peak_bytes(rgb: np.ndarray, size: int, workers: int) -> int:
@@ -121,6 +122,7 @@ def _peak_bytes(rgb: np.ndarray, size: int, workers: int) -> int:
         tracemalloc.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_peak_memory_does_not_grow_with_the_slide(section, workers):
     # The same section on a 2048² and on a 4096² slide (4x the pixels): what the analysis
@@ -133,6 +135,7 @@ def test_peak_memory_does_not_grow_with_the_slide(section, workers):
     assert large < 1.25 * small + 2e6, (small, large)
 
 
+@pytest.mark.slow
 def test_tiff_reader_decodes_only_the_tiles_touching_the_section(section, tmp_path,
                                                                   monkeypatch):
     # a real JPEG-tiled pyramidal TIFF: level-0 tiles decoded are those under the section
@@ -154,7 +157,7 @@ def test_tiff_reader_decodes_only_the_tiles_touching_the_section(section, tmp_pa
 
     monkeypatch.setattr(level_cls, "raw_segment", spy)
     a = analyze_slide(path, _settings({"tissue_mpp": 2.0}, mask_max_mpx=1.0), workers=1)
-    assert a.record["status"] == "ok" and a.record["level"] == 0
+    assert a.to_record()["status"] == "ok" and a.to_record()["level"] == 0
     level0 = {i for lev, i in decoded if lev == 0}
     grid = size // 256
     ys, xs = np.nonzero(truth.tissue_mask)

@@ -34,6 +34,7 @@ def _traits(truth: sf.FibreTruth, tile_px: int = 4096, **kw) -> dict[str, float]
     return counts.traits(params, vessels)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("width_um", "seed"), [(2.0, 5), (5.0, 6), (8.0, 7), (16.0, 8)])
 def test_width_and_length_density_match_drawn_fibres(width_um, seed):
     truth = sf.fibre_field(widths_um=(width_um,), n_per_width=(int(240 / width_um) + 4,),
@@ -44,6 +45,7 @@ def test_width_and_length_density_match_drawn_fibres(width_um, seed):
         truth.length_density_mm_per_mm2(), rel=0.15)
 
 
+@pytest.mark.slow
 def test_thin_medium_thick_shares_match_drawn_areas():
     truth = sf.fibre_field(widths_um=(1.5, 6.0, 13.0), n_per_width=(50, 10, 5), rng=21)
     got = _traits(truth)
@@ -80,6 +82,7 @@ def test_big_cells_are_not_chicken_wire():
     assert _traits(truth)["chicken_wire_index_percent"] < 10
 
 
+@pytest.mark.slow
 def test_aggregation_equals_whole_image_labelling():
     truth = sf.fibre_field(widths_um=(2.0, 8.0), n_per_width=(30, 10), rng=9)
     got = _traits(truth, tile_px=200)
@@ -89,6 +92,7 @@ def test_aggregation_equals_whole_image_labelling():
         100 * areas[big].sum() / truth.collagen.sum(), abs=1e-9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tile_px", [150, 256, 333])
 def test_traits_do_not_depend_on_the_tile_size(tile_px):
     truth = sf.vessels_and_septa((900, 900), 1.0, n_fine=80, rng=12)
