@@ -503,8 +503,8 @@ def release_free_heap() -> None:
     Called after each of a slide's phases (calibration, tiles, traits):
     :func:`~fibroquant.cores.tune_malloc` keeps freed buffers for reuse, which within a phase
     saves page faults, but across phases left one phase's temporaries resident while the next
-    ran (on a 1-GP slide the trait
-    tiles' ~250 MB stayed resident while the QC overlay was drawn).
+    ran (on a 1-GP slide the trait tiles' ~150 MB stayed resident while the QC overlay was
+    drawn).
     """
     global _libc
     if _libc is None:
