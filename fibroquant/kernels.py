@@ -1170,6 +1170,8 @@ def skeleton_paths(indptr: np.ndarray, indices: np.ndarray, props: np.ndarray
     isolated cycle; nodes are visited, and buffers sized, exactly as skan does, so the result
     is the same, path for path. skan traces with a numba ``jitclass``, which numba cannot
     cache on disk (~10 s of compilation in every new process); these kernels are cached.
+    The walk follows skan 0.13's ``_build_paths``/``_walk_path`` step by step (skan:
+    BSD-3-Clause, Nunez-Iglesias et al.), on plain CSR arrays instead of its ``NBGraph``.
 
     Parameters
     ----------
