@@ -17,9 +17,11 @@ import math
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -163,6 +165,39 @@ def stain_warnings(
     return out
 
 
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_undo: Any = None
+
+
+@contextmanager
+def blas_single_thread() -> Iterator[None]:
+    """BLAS on one thread while any slide is being analysed in this process (restored when
+    the last one ends).
+
+    A slide's BLAS calls are small (3-column stain products, the 256² correlations of the
+    registration check), and a threaded OpenBLAS loses on them: its idle threads spin, and
+    with every core busy (tile threads, other slides) the registration check took 0.3-1.3 s
+    on 2 threads against 0.04 s on one. Products of these shapes are split over rows, never
+    along their sums, so the numbers do not change.
+    """
+    global _blas_users, _blas_undo
+    from threadpoolctl import threadpool_limits
+
+    with _blas_lock:
+        if _blas_users == 0:
+            _blas_undo = threadpool_limits(limits=1, user_api="blas")
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0 and _blas_undo is not None:
+                _blas_undo.restore_original_limits()
+                _blas_undo = None
+
+
 def analyze_slide(
     path: str | Path,
     settings: Settings,
@@ -207,6 +242,14 @@ def analyze_slide(
     FibroquantError
         Unreadable slide, greyscale image, missing resolution, no tissue.
     """
+    with blas_single_thread():
+        return _analyze_slide(path, settings, mpp, fallback_mpp, workers, slide, decide)
+
+
+def _analyze_slide(
+    path: str | Path, settings: Settings, mpp: float | None, fallback_mpp: float | None,
+    workers: int, slide: Slide | None, decide: PixelDecider | None,
+) -> SlideResult:
     t_start = time.perf_counter()
     tune_malloc()
     own = slide is None
@@ -221,11 +264,16 @@ def analyze_slide(
             threading.Thread(target=_warm_quietly, name="fibroquant-warmup",
                              daemon=True).start()
         cal = calibrate_slide(sl, settings)
+        release_free_heap()
         if decide is None and settings.classifier is not None:
             from fibroquant.classifier import load_cached
 
             decide = load_cached(settings.classifier)
+        t_wait = time.perf_counter()
+        kernels.warmup_fused()  # compiling or loading kernels is not the slide's time
+        t_start += time.perf_counter() - t_wait
         total, collagen_m, tissue_m, excluded_m = measure_tiles(cal, settings, workers, decide)
+        release_free_heap()
         if total.tissue_px == 0:
             msg = f"{sl.path.name}: no countable tissue left after exclusions"
             raise FibroquantError(msg)
@@ -239,6 +287,7 @@ def analyze_slide(
             traits = fibre_traits.measure_slide(collagen_m, tissue_m, geo.mask_mpp,
                                                 settings.traits, lumen=cal.tissue.lumen,
                                                 lumen_mpp=cal.thumbnail_mpp, workers=workers)
+            release_free_heap()
         result = SlideResult(
             settings.stains.stain.value, sl.format, require_mpp(sl), geo,
             Measurements.from_counts(total, geo.analysis_mpp), cal.stains, cal.threshold,
@@ -451,6 +500,32 @@ def measure_tiles(
     return total, collagen_m, tissue_m, excluded_m
 
 
+_libc: Any = None
+
+
+def release_free_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc ``malloc_trim``; elsewhere a
+    no-op).
+
+    Called after each of a slide's phases (calibration, tiles, traits):
+    :func:`~fibroquant.cores.tune_malloc` keeps freed buffers for reuse, which within a phase
+    saves page faults, but across phases left one phase's temporaries resident while the next
+    ran (on a 1-GP slide the trait tiles' ~150 MB stayed resident while the QC overlay was
+    drawn).
+    """
+    global _libc
+    if _libc is None:
+        import ctypes
+        import platform
+
+        try:
+            _libc = ctypes.CDLL("libc.so.6") if platform.libc_ver()[0] == "glibc" else False
+        except OSError:
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
 def _warm_quietly() -> None:
     """Background kernel loading; a failure is raised again, on the caller's thread, by the
     tile loop's own :func:`kernels.warmup_fused` call."""
@@ -495,6 +570,7 @@ __all__ = [
     "Calibration",
     "SlideReadError",
     "analyze_slide",
+    "blas_single_thread",
     "calibrate_slide",
     "measure_tiles",
     "stain_warnings",

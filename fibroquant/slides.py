@@ -873,8 +873,10 @@ class _TiffLevel:
             raise SlideReadError(msg)
         return segment[:h, :w]
 
-    def segment_rgb(self, index: int, *, use_cache: bool = True) -> np.ndarray:
-        """Return segment ``index`` (0 .. grid_h * grid_w - 1) as uint8 RGB."""
+    def segment_rgb(self, index: int, *, use_cache: bool = True, keep: bool = True
+                    ) -> np.ndarray:
+        """Return segment ``index`` (0 .. grid_h * grid_w - 1) as uint8 RGB (from the cache
+        when there; put in it when ``use_cache`` and ``keep``)."""
         key = (self.index, index)
         if use_cache:
             cached = self.slide.cache.get(key)
@@ -890,7 +892,7 @@ class _TiffLevel:
         else:
             raw = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=-1)
             rgb = self.slide.pixel_format.convert(raw)
-        if use_cache:
+        if use_cache and keep:
             self.slide.cache.put(key, rgb)
         return rgb
 
@@ -902,12 +904,20 @@ class _TiffLevel:
         return self._assemble(y0, x0, y1, x1, use_cache=True)
 
     def _assemble(self, y0: int, x0: int, y1: int, x1: int, *, use_cache: bool) -> np.ndarray:
+        # Only segments the region cuts through are kept in the cache (a neighbouring region
+        # may need their other part); a segment read whole is not, so a grid of regions
+        # aligned with the segments (the tile loop) reads each once without filling the
+        # cache with segments nobody reads again.
         out = np.empty((y1 - y0, x1 - x0, 3), np.uint8)
         for row in range(y0 // self.seg_h, (y1 - 1) // self.seg_h + 1):
             ty = row * self.seg_h
+            ty1 = min(ty + self.seg_h, self.height)
             for col in range(x0 // self.seg_w, (x1 - 1) // self.seg_w + 1):
                 tx = col * self.seg_w
-                tile = self.segment_rgb(row * self.grid_w + col, use_cache=use_cache)
+                whole = y0 <= ty and ty1 <= y1 and x0 <= tx and min(tx + self.seg_w,
+                                                                    self.width) <= x1
+                tile = self.segment_rgb(row * self.grid_w + col, use_cache=use_cache,
+                                        keep=not whole)
                 sy0, sy1 = max(y0, ty), min(y1, ty + tile.shape[0])
                 sx0, sx1 = max(x0, tx), min(x1, tx + tile.shape[1])
                 out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = tile[

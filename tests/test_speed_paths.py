@@ -471,6 +471,33 @@ def test_kernel_warmup_failure_is_raised_on_the_callers_thread(monkeypatch):
     assert sorted(threads) == sorted(["fibroquant-warmup", threading.current_thread().name])
 
 
+def test_kernel_loading_is_not_counted_in_the_slides_seconds(monkeypatch):
+    """A slide whose tile kernels are still compiling (here: 1.5 s) does not count the wait."""
+    import threading
+    import time
+
+    from fibroquant.config import Settings
+    from fibroquant.slides import ArraySlide
+
+    done = threading.Event()
+
+    def slow():
+        if not done.is_set():
+            time.sleep(1.5)
+            done.set()
+        return True
+
+    monkeypatch.setattr(kernels, "_warm_fused", False)
+    monkeypatch.setattr(kernels, "warmup_fused", slow)
+    rgb, _ = make_section(SectionParams(shape=(256, 256), mpp=0.5), rng=1)
+    t0 = time.perf_counter()
+    seconds = pipeline.analyze_slide("x.png", Settings(traits=False),
+                                     slide=ArraySlide(rgb, 0.5)).seconds
+    elapsed = time.perf_counter() - t0
+    assert elapsed >= 1.5
+    assert seconds <= elapsed - 1.0
+
+
 # ------------------------------------------------------------------------------------------
 # OpenCV stand-ins for scipy.ndimage on the tissue thumbnail
 # ------------------------------------------------------------------------------------------
