@@ -243,12 +243,13 @@ def analyze_slide(
         Unreadable slide, greyscale image, missing resolution, no tissue.
     """
     with blas_single_thread():
-        return _analyze_slide(path, settings, mpp, fallback_mpp, workers, slide, decide)
+        return _analyze_slide(path, settings, mpp, fallback_mpp, workers, slide, decide, after)
 
 
 def _analyze_slide(
     path: str | Path, settings: Settings, mpp: float | None, fallback_mpp: float | None,
     workers: int, slide: Slide | None, decide: PixelDecider | None,
+    after: Callable[[Calibration, SlideResult, PixelDecider | None], None] | None,
 ) -> SlideResult:
     t_start = time.perf_counter()
     tune_malloc()
