@@ -147,6 +147,10 @@ def analyze(
     keep_wrong_stain: Annotated[bool, typer.Option(
         "--keep-wrong-stain", help="Count slides whose colours show another stain in mice "
         "and groups (left out by default).")] = False,
+    zoom: Annotated[bool | None, typer.Option(
+        "--zoom/--no-zoom", help="Write a zoomable full-resolution QC view (zoom/, opened "
+        "from the report; default: for slides larger than the QC overlay).",
+        show_default=False)] = None,
 ) -> None:
     """Measure CPA on every new or changed slide and write the study tables and report.
 
@@ -157,7 +161,7 @@ def analyze(
         analysis_mpp=analysis_mpp, masks=masks, workers=workers, scheduler=scheduler,
         force=force, wait=wait, control=control, traits=traits,
         cluster=cluster.value if cluster is not None else None, classifier=classifier,
-        quiet=quiet, as_json=as_json, keep_wrong_stain=keep_wrong_stain,
+        quiet=quiet, as_json=as_json, keep_wrong_stain=keep_wrong_stain, zoom=zoom,
     )
     raise typer.Exit(code=code)
 

@@ -65,7 +65,8 @@ def fail(message: str, code: int) -> typer.Exit:
 
 
 def cli_settings(config: Path | None, stain: StainChoice | None, analysis_mpp: float | None,
-              traits: bool | None = None, classifier: Path | None = None):
+              traits: bool | None = None, classifier: Path | None = None,
+              zoom: bool | None = None):
     from fibroquant.config import load_settings
 
     overrides: dict[str, Any] = {}
@@ -77,6 +78,8 @@ def cli_settings(config: Path | None, stain: StainChoice | None, analysis_mpp: f
         overrides.setdefault("stains", {})["stain"] = stain.value
     if analysis_mpp is not None:
         overrides.setdefault("tiling", {})["analysis_mpp"] = analysis_mpp
+    if zoom is not None:  # --zoom / --no-zoom; unset keeps the config's (auto by default)
+        overrides.setdefault("tiling", {})["zoom"] = zoom
     return load_settings(config, overrides)
 
 
@@ -139,7 +142,7 @@ def run_analyze(
     workers: int | None, scheduler: str | None, force: bool, wait: bool, control: str | None,
     quiet: bool = False, command: str | None = None, traits: bool = True,
     cluster: str | None = None, classifier: Path | None = None,
-    as_json: bool = False, keep_wrong_stain: bool = False,
+    as_json: bool = False, keep_wrong_stain: bool = False, zoom: bool | None = None,
 ) -> int:
     from rich.markup import escape
     from rich.progress import (
@@ -160,9 +163,9 @@ def run_analyze(
             "config": config, "mpp": mpp, "analysis_mpp": analysis_mpp, "masks": masks,
             "workers": workers, "scheduler": scheduler, "cluster": cluster, "control": control,
             "force": force, "wait": wait, "classifier": classifier,
-            "keep_wrong_stain": keep_wrong_stain})
+            "keep_wrong_stain": keep_wrong_stain, "zoom": zoom, "no_zoom": zoom is False})
     try:
-        settings = cli_settings(config, stain, analysis_mpp, traits, classifier)
+        settings = cli_settings(config, stain, analysis_mpp, traits, classifier, zoom)
     except ConfigError as exc:
         raise fail(str(exc), 2) from None
     if scheduler is not None:
@@ -269,6 +272,10 @@ def run_analyze(
     if not quiet:
         out.print(f"tables: {files['slides.csv']}, {files['mice.csv']}, {files['groups.csv']}, "
                   f"{files['results.xlsx']}", markup=False)
+        views = sorted((out_dir / "zoom").glob("*.html"))
+        if views:  # whole slides' zoomable QC views, opened from the report's gallery
+            out.print(f"zoomable QC views: {out_dir / 'zoom'} ({len(views)} slide(s), opened "
+                      "from the report)", markup=False)
     return summary.exit_code
 
 

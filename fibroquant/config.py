@@ -247,6 +247,11 @@ class TilingSettings(_Model):
         description="longest wait for a slide file to be fingerprinted or opened, seconds: a "
         "file on a hung network share (or anything that blocks) fails its row after it",
     )
+    zoom: bool | None = Field(
+        None, description="write a zoomable full-resolution QC overlay (DeepZoom tiles and an "
+        "OpenSeadragon page in zoom/); None = for slides larger than qc_max_px, whose QC "
+        "overlay is downscaled (a microscope field's overlay is already full resolution)",
+    )
 
 
 class TraitSettings(_Model):
@@ -350,7 +355,7 @@ class Settings(_Model):
             from fibroquant.classifier import file_hash
 
             data["classifier_sha256"] = file_hash(clf)
-        for key in ("mask_max_mpx", "qc_max_px", "input_timeout_s"):
+        for key in ("mask_max_mpx", "qc_max_px", "input_timeout_s", "zoom"):
             data["tiling"].pop(key)
         data["traits"].pop("tile_px")
         if not data["traits"]["enabled"]:  # no trait measured: hashes as before traits existed

@@ -77,6 +77,7 @@ def run_slide(task: SlideTask) -> dict[str, Any]:
         The slide's record, ``status`` ``ok`` or ``failed`` with a one-line ``error``.
     """
     from fibroquant import report  # local: keeps workers' import light until needed
+    from fibroquant.zoom import zoom_writer
 
     settings = Settings.model_validate_json(task.settings_json)
     out = Path(task.out_dir)
@@ -87,6 +88,7 @@ def run_slide(task: SlideTask) -> dict[str, Any]:
         analysis = analyze_slide(
             task.path, settings, mpp=task.mpp, fallback_mpp=task.fallback_mpp,
             workers=task.threads, slide=slide,
+            after=zoom_writer(out, stem, settings, task.slide, task.threads),
         )
     except FibroquantError as exc:
         return _failed(task, one_line(exc))

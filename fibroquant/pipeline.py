@@ -17,7 +17,7 @@ import math
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,6 +207,7 @@ def analyze_slide(
     workers: int = 1,
     slide: Slide | None = None,
     decide: PixelDecider | None = None,
+    after: Callable[[Calibration, SlideResult, PixelDecider | None], None] | None = None,
 ) -> SlideResult:
     """Measure collagen proportionate area on one slide: :func:`calibrate_slide`, then
     :func:`measure_tiles`.
@@ -228,6 +229,9 @@ def analyze_slide(
         A per-pixel collagen decision replacing the slide's :class:`CollagenRule` on every
         tile (see :class:`fibroquant.tiles.PixelDecider`); by default the classifier of
         ``settings.classifier``, if any.
+    after : callable, optional
+        Called with the calibration, the result and the pixel decider while the slide is
+        still open (the zoomable QC view reads it again: :mod:`fibroquant.zoom`).
 
     Returns
     -------
@@ -239,12 +243,13 @@ def analyze_slide(
         Unreadable slide, greyscale image, missing resolution, no tissue.
     """
     with blas_single_thread():
-        return _analyze_slide(path, settings, mpp, fallback_mpp, workers, slide, decide)
+        return _analyze_slide(path, settings, mpp, fallback_mpp, workers, slide, decide, after)
 
 
 def _analyze_slide(
     path: str | Path, settings: Settings, mpp: float | None, fallback_mpp: float | None,
     workers: int, slide: Slide | None, decide: PixelDecider | None,
+    after: Callable[[Calibration, SlideResult, PixelDecider | None], None] | None,
 ) -> SlideResult:
     t_start = time.perf_counter()
     tune_malloc()
@@ -284,11 +289,14 @@ def _analyze_slide(
                                                 settings.traits, lumen=cal.tissue.lumen,
                                                 lumen_mpp=cal.thumbnail_mpp, workers=workers)
             release_free_heap()
-        return SlideResult(
+        result = SlideResult(
             settings.stains.stain.value, sl.format, require_mpp(sl), geo,
             Measurements.from_counts(total, geo.analysis_mpp), cal.stains, cal.threshold,
             cal.qc, cal.warnings, round(time.perf_counter() - t_start, 3), __version__,
             collagen_m, tissue_m, excluded_m, qc, cal.flags, traits)
+        if after is not None:
+            after(cal, result, decide)
+        return result
     finally:
         if own:
             sl.close()

@@ -331,6 +331,24 @@ EXCLUSION_COLOURS: dict[str, tuple[int, int, int]] = {
 _EXCLUSION_ALPHA = 0.7
 
 
+#: The collagen fill of each stain protocol: the same for every slide of a study, so a reader
+#: compares like with like (a fill chosen per image flipped on a Masson slide whose detected
+#: collagen was mostly purple-red).
+STAIN_FILL_RGB: dict[str, tuple[int, int, int]] = {
+    "sirius-red": COLLAGEN_FILL_ON_RED_RGB,
+    "masson": COLLAGEN_FILL_ON_BLUE_RGB,
+}
+
+
+_STAIN_NAMES = {"sirius-red": "Sirius red", "masson": "Masson trichrome"}
+
+
+def collagen_fill_for_stain(stain: str) -> tuple[int, int, int]:
+    """The collagen fill against a protocol's collagen dye: cyan on Sirius red, yellow on
+    Masson's aniline blue or light green (:data:`STAIN_FILL_RGB`; cyan for another)."""
+    return STAIN_FILL_RGB.get(str(stain), COLLAGEN_FILL_ON_RED_RGB)
+
+
 def collagen_fill_colour(rgb: np.ndarray, collagen: np.ndarray) -> tuple[int, int, int]:
     """The fill colour that stands out against the slide's collagen stain: cyan when the
     collagen pixels are red, yellow when they are blue or green."""
@@ -726,6 +744,17 @@ def _ok_rows(slides: pd.DataFrame) -> pd.DataFrame:
     return slides
 
 
+def _trait_title(name: str, unit: str) -> str:
+    """A trait's panel title: its name without the unit suffix, then the unit
+    (``fibre_length_density_mm_per_mm2`` -> ``fibre length density (mm/mm²)``)."""
+    for suffix in ("_mm_per_mm2", "_per_mm2", "_percent", "_um", "_mpp"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    label = _wrap(name.replace("_", " "), 24)
+    return label if unit in ("", "1") else f"{label} ({unit})"
+
+
 def plot_traits(
     mice: pd.DataFrame,
     trait_groups: pd.DataFrame,
@@ -768,15 +797,16 @@ def plot_traits(
             if len(v):
                 ax.hlines(v.mean(), i - 0.25, i + 0.25, color="black", lw=1.2)
         ax.set_xticks(range(len(groups)), [_wrap(g, 10) for g in groups], fontsize=_FONT_PT - 2)
-        label = name.rsplit("_", 1)[0] if trait_unit(name) != "1" else name
-        title = f"{label.replace('_', ' ')} ({trait_unit(name)})"
+        title = _trait_title(name, trait_unit(name))
         rows = trait_groups[(trait_groups["trait"] == name) & ~trait_groups["is_control"].astype(bool)] \
             if len(trait_groups) else trait_groups
         rows = rows[pd.to_numeric(rows["hedges_g"], errors="coerce").notna()] if len(rows) else rows
         if len(rows):
             best = rows.iloc[int(np.argmax(pd.to_numeric(rows["hedges_g"]).abs().to_numpy()))]
-            title += f"\ng = {float(best['hedges_g']):+.2f}, {format_p(best['holm_welch_p'])}"
-        ax.set_title(_wrap(title, 28), fontsize=_FONT_PT - 2)
+            p_text = format_p(best["holm_welch_p"])
+            title += (f"\ng = {float(best['hedges_g']):+.2f}, Holm p "
+                      f"{p_text if p_text.startswith('<') else '= ' + p_text}")
+        ax.set_title(title, fontsize=_FONT_PT - 2)
     for ax in axes.ravel()[len(names):]:
         ax.set_visible(False)
     return _save_figure(fig, out_stem)
@@ -1319,6 +1349,7 @@ figcaption { color: var(--muted); font-size: 13px; display: table-caption; capti
 .card .body { padding: 8px 12px 10px; font-size: 13.5px; }
 .card .name { font-weight: 600; word-break: break-all; }
 .card .meta { color: var(--muted); }
+.card .links { margin-top: 2px; }
 .card .cpa { font-size: 18px; font-weight: 600; font-variant-numeric: tabular-nums; }
 .badge { display: inline-block; font-size: 12px; padding: 1px 8px; border-radius: 10px;
          background: var(--warnbg); color: var(--warn); margin-top: 4px; }
@@ -1542,13 +1573,23 @@ def _stats_notes(groups: pd.DataFrame, omnibus: Mapping[str, Any] | None,
     return out
 
 
-def _slide_card(row: pd.Series, uri: str | None, href: str | None = None) -> str:
+def _slide_card(row: pd.Series, uri: str | None, href: str | None = None,
+                zoom_href: str | None = None) -> str:
     name = _text(row.get("slide"))
     img = (f'<img src="{uri}" alt="QC overlay of {_e(name)}" loading="lazy">' if uri
            else '<div class="noimg">no QC overlay</div>')
-    if uri and href:
-        img = (f'<a href="{_e(quote(href))}" target="_blank" rel="noopener" '
-               f'title="open the full overlay">{img}</a>')
+    target = zoom_href or href
+    if uri and target:
+        tip = "zoom into the full-resolution overlay" if zoom_href else "open the full overlay"
+        img = (f'<a href="{_e(quote(target))}" target="_blank" rel="noopener" '
+               f'title="{tip}">{img}</a>')
+    links = []  # only with a zoomable view: otherwise the picture opens the one overlay
+    if zoom_href:
+        links.append(f'<a href="{_e(quote(zoom_href))}" target="_blank" rel="noopener">'
+                     "zoom (full resolution)</a>")
+        if href:
+            links.append(f'<a href="{_e(quote(href))}" target="_blank" rel="noopener">'
+                         "overlay</a>")
     cpa = _as_float(row.get("cpa_percent"))
     tissue = _as_float(row.get("tissue_area_mm2"))
     status = _text(row.get("status")).lower() or "ok"
@@ -1567,7 +1608,8 @@ def _slide_card(row: pd.Series, uri: str | None, href: str | None = None) -> str
         f'<div class="meta">mouse {_e(_text(row.get("mouse")))} · '
         f'{_e(_text(row.get("group")))}</div>'
         f'<div><span class="cpa">{cpa_text}</span> <span class="meta">{tissue_text}</span></div>'
-        f'{"".join(badges)}</div></div>'
+        + (f'<div class="links">{" · ".join(links)}</div>' if links else "")
+        + f'{"".join(badges)}</div></div>'
     )
 
 
@@ -1747,20 +1789,27 @@ def write_report_html(
         if _text(row.get("status", "ok")).lower() not in ("", "ok", "wrong-stain"):
             continue  # failed: no overlay (a wrong stain keeps its overlay, for inspection)
         qc_path = qc_images.get(_text(row.get("slide")))
-        href = None
+        href = zoom_href = None
         if qc_path and Path(qc_path).is_file():
-            href = Path(os.path.relpath(Path(qc_path).resolve(), Path(path).resolve().parent))
+            here = Path(path).resolve().parent
+            href = Path(os.path.relpath(Path(qc_path).resolve(), here)).as_posix()
+            page = Path(qc_path).parent.parent / "zoom" / f"{Path(qc_path).stem}.html"
+            if page.is_file():  # written by fibroquant.zoom for whole slides
+                zoom_href = Path(os.path.relpath(page.resolve(), here)).as_posix()
         cards.append(_slide_card(row, _thumb_jpeg_uri(Path(qc_path)) if qc_path else None,
-                                 href.as_posix() if href else None))
+                                 href, zoom_href))
     sw = '<span class="sw" style="background:{}"></span>'
+    present = set(slides["stain"].map(_text)) if "stain" in slides else set()
+    stains_shown = [st for st in STAIN_FILL_RGB if st in present] or list(STAIN_FILL_RGB)
     legend = ('<div class="legend">' + "".join(
         f"<span>{sw.format('rgb({},{},{})'.format(*rgb))}{_e(name)}</span>" for name, rgb in (
-            ("collagen (red stains)", COLLAGEN_FILL_ON_RED_RGB),
-            ("collagen (blue stains)", COLLAGEN_FILL_ON_BLUE_RGB),
+            *((f"collagen ({_STAIN_NAMES.get(st, st)})", STAIN_FILL_RGB[st])
+              for st in stains_shown),
             ("tissue outline", TISSUE_OUTLINE_RGB), *EXCLUSION_COLOURS.items()))
         + '</div><p class="note">Each card opens its full-size overlay (<code>qc/</code>), '
-        "with a scale bar and legend. Check that every filled area is collagen and that "
-        "nothing else is.</p>")
+        "with a scale bar and legend; a whole slide's card opens a zoomable view at the "
+        "analysis resolution (<code>zoom/</code>, OpenSeadragon, works offline). Check that "
+        "every filled area is collagen and that nothing else is.</p>")
     parts.append('<section id="qc"><h2>QC gallery</h2>' + legend
                  + (f'<div class="gallery">{"".join(cards)}</div>' if cards
                     else '<p class="note">No measured slides.</p>') + "</section>")
@@ -1776,14 +1825,16 @@ def write_report_html(
                              ensure_ascii=False))
 
     brief = {k: v for k, v in provenance.items()
-             if not isinstance(v, (list, tuple)) and k != "settings"}
+             if not isinstance(v, (list, tuple, dict)) and k != "settings"}
+    versions = provenance.get("versions")
     parts.append('<section id="settings"><h2>Settings and versions</h2>'
-                 "<details><summary>Settings (as in results.xlsx)</summary>"
-                 f"<pre>{pretty(settings)}</pre></details>"
-                 "<h3>Provenance</h3>"
+                 f"{_kv_table(brief)}"
                  '<p class="note">The full record, with the fingerprint of every input file: '
                  '<a href="provenance.json">provenance.json</a>.</p>'
-                 f"{_kv_table(brief)}</section>")
+                 + ("<details><summary>Package versions</summary>"
+                    f"{_kv_table(versions)}</details>" if isinstance(versions, Mapping) else "")
+                 + "<details><summary>Settings (as in results.xlsx)</summary>"
+                 f"<pre>{pretty(settings)}</pre></details></section>")
     parts.append(f"<footer>Generated by fibroquant {_e(version)}. "
                  "Images are embedded; the full-size overlays (qc/) and provenance.json are beside "
                  "this file.</footer>")
@@ -1859,7 +1910,9 @@ def write_qc(path: Path, analysis: Any, *, max_px: int = 2000, title: str = "") 
     exclusions = _exclusion_masks(getattr(analysis, "flags", None),
                                   fit(analysis.excluded_mask))
     rgb = _as_rgb_uint8(thumb)
-    colour = collagen_fill_colour(rgb, collagen)
+    stain = getattr(analysis, "stain", "")
+    colour = (collagen_fill_for_stain(stain) if stain in STAIN_FILL_RGB
+              else collagen_fill_colour(rgb, collagen))
     overlay = qc_fill(rgb, fit(analysis.tissue_mask), collagen, exclusions, colour)
     mpp = float(getattr(analysis, "mask_mpp", 0) or 0) * (mh / size[1])
     panel = qc_panel(overlay, title=title or Path(path).stem, mpp=mpp or 1.0,

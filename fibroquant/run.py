@@ -926,7 +926,9 @@ def _write_trait_tables(
 
     if not any(c in slides_df.columns for c in traits.TRAIT_COLUMNS):
         return []
-    atomic_write_csv(out_dir / "traits.csv", traits.traits_long(slides_df))
+    # rounded for reading, as the other tables; the store and the xlsx keep full precision
+    atomic_write_csv(out_dir / "traits.csv",
+                     schema.round_traits(traits.traits_long(slides_df), "traits"))
     written = ["traits.csv"]
     if not has_sheet or mice["group"].nunique() < 2:
         return written
@@ -936,7 +938,7 @@ def _write_trait_tables(
         logger.debug("trait comparison failed:\n%s", traceback.format_exc())
         warnings.append(f"fibre traits not compared: {one_line(exc)}")
         return written
-    atomic_write_csv(out_dir / "trait_groups.csv", compared)
+    atomic_write_csv(out_dir / "trait_groups.csv", schema.round_traits(compared, "trait_groups"))
     plots += report.plot_traits(mice, compared, plots_dir / "trait_groups", control=control)
     return [*written, "trait_groups.csv"]
 

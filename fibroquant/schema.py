@@ -23,7 +23,7 @@ import pandas as pd
 
 __all__ = [
     "GROUPS", "MICE", "SLIDES", "TABLES", "Column", "column", "label", "markdown_table",
-    "names", "record_keys", "round_table", "round_value",
+    "names", "record_keys", "round_table", "round_traits", "round_value",
 ]
 
 Kind = Literal["id", "sheet", "status", "measure", "exclusion", "stain", "threshold", "qc",
@@ -355,6 +355,52 @@ def round_table(frame: pd.DataFrame, table: str) -> pd.DataFrame:
             continue
         arr = values.to_numpy(dtype=float)
         out[name] = np.array([round_value(float(v), col) for v in arr], dtype=float)
+    return out
+
+
+def _trait_precision(trait: str) -> Column:
+    """The display precision of a fibre trait's values: its ``slides`` column's (4 significant
+    digits for a trait the schema does not know)."""
+    return column("slides", trait) or _c(trait, "", trait, "", "trait", sig=4)
+
+
+def round_traits(frame: pd.DataFrame, table: Literal["traits", "trait_groups"]) -> pd.DataFrame:
+    """A copy of ``traits.csv`` or ``trait_groups.csv`` (long form: one row per trait) rounded
+    for reading as the other tables are: each value at its trait's precision (an integer
+    count reads ``3``, a percentage 0.01, other traits 4 significant digits); in
+    ``trait_groups`` also differences and CIs at the trait's precision, p values at 3
+    significant digits, Hedges' g at 2 decimals, ``n_mice`` as an integer.
+
+    The results store and the xlsx keep full precision.
+    """
+    out = frame.copy()
+    if "trait" not in out.columns or out.empty:
+        return out
+    value_cols = (["value"] if table == "traits" else
+                  ["mean", "sd", "diff_vs_control", "diff_ci_low", "diff_ci_high"])
+    fixed = {} if table == "traits" else {
+        **{c: _c(c, "", c, "", "p", **_P) for c in ("welch_p", "mannwhitney_p", "holm_welch_p")},
+        **{c: _c(c, "", c, "", "stat", decimals=2)
+           for c in ("hedges_g", "hedges_g_ci_low", "hedges_g_ci_high")},
+    }
+    cols = [c for c in value_cols if c in out.columns]
+    objects = {c: out[c].astype(object) for c in cols}
+    for i, trait in zip(out.index, out["trait"].astype(str), strict=True):
+        col = _trait_precision(trait)
+        for c in cols:
+            v = pd.to_numeric(pd.Series([out.at[i, c]]), errors="coerce").iloc[0]
+            if pd.isna(v):
+                continue
+            r = round_value(float(v), col)
+            objects[c].at[i] = int(r) if col.decimals == 0 else r
+    for c in cols:
+        out[c] = objects[c]
+    for c, col in fixed.items():
+        if c in out.columns:
+            arr = pd.to_numeric(out[c], errors="coerce").to_numpy(dtype=float)
+            out[c] = np.array([round_value(float(v), col) for v in arr], dtype=float)
+    if "n_mice" in out.columns:
+        out["n_mice"] = pd.to_numeric(out["n_mice"], errors="coerce").round().astype("Int64")
     return out
 
 

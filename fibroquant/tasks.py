@@ -180,7 +180,27 @@ def discard_outputs(out_dir: str | Path, stem: str) -> str | None:
             remove_files([path])
         except FibroquantError as exc:
             problem = problem or str(exc)
+    try:
+        remove_zoom(out_dir, stem)
+    except FibroquantError as exc:
+        problem = problem or str(exc)
     return problem
+
+
+def remove_zoom(out_dir: str | Path, stem: str) -> None:
+    """Delete a slide stem's zoomable QC view (``zoom/STEM.html``, ``.dzi``, ``_files/``);
+    those already absent (or without a ``zoom`` folder) are fine.
+
+    Raises
+    ------
+    FibroquantError
+        ``cannot remove PATH: reason`` for a page that exists but cannot be deleted.
+    """
+    import shutil
+
+    zoom_dir = Path(out_dir) / "zoom"
+    remove_files(zoom_dir / f"{stem}{suffix}" for suffix in (".html", ".dzi"))
+    shutil.rmtree(zoom_dir / f"{stem}_files", ignore_errors=True)
 
 
 def move_outputs(out_dir: str | Path, old_stem: str, new_stem: str, new_slide: str, *,
@@ -209,6 +229,7 @@ def move_outputs(out_dir: str | Path, old_stem: str, new_stem: str, new_slide: s
     from fibroquant.store import atomic_write_text
 
     kinds = OUTPUT_KINDS if masks else ("qc",)
+    remove_zoom(out_dir, old_stem)  # its page names the old stem's tiles: made again with --force
     src = output_files(out_dir, old_stem, kinds)
     dst = output_files(out_dir, new_stem, kinds)
     if not all(path.is_file() for path in src.values()):

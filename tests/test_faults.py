@@ -585,6 +585,7 @@ def test_symlink_loop_and_named_pipe_fail_one_row_each(bank, tmp_path):
     assert "symbolic links" in output
 
 
+@pytest.mark.slow
 def test_a_slide_that_blocks_on_open_fails_its_row_after_the_timeout(bank, tmp_path,
                                                                     monkeypatch):
     """Opening a slide had no time limit (only its fingerprint had): a file on a hung network
@@ -640,6 +641,7 @@ def test_a_slide_that_blocks_on_open_in_a_worker_fails_its_row_and_leaves_no_pro
     assert (rows.drop(index="t2.tif")["status"] == "ok").all()
 
 
+@pytest.mark.slow
 def test_watch_keeps_watching_after_its_event_handler_raises(bank, tmp_path, monkeypatch):
     """An exception in watch's file-event handler used to kill the watcher thread: the process
     stayed alive and never analysed again. Now it is logged and the next new slide is
@@ -806,6 +808,7 @@ def _snapshot(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["mount", "inject"])
 def test_a_read_only_output_folder_is_one_line_exit_4_and_nothing_written(bank, tmp_path,
                                                                           monkeypatch, how):

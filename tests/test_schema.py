@@ -106,3 +106,28 @@ def test_mice_table_carries_trait_columns_once() -> None:
     assert not [c for c in mice.columns if c.endswith(("_x", "_y"))]
     assert "fibre_width_median_um" in mice.columns
     assert schema.column("mice", "fibre_width_median_um").to_mice
+
+
+def test_trait_tables_round_each_trait_at_its_precision() -> None:
+    """traits.csv: each value at its trait's precision (counts as integers, % at 0.01, other
+    traits 4 significant digits); trait_groups.csv: stats at the trait's, p at 3 significant
+    digits, g at 2 decimals, n_mice an integer. Missing values stay missing."""
+    long = pd.DataFrame({
+        "slide": ["a"] * 4, "trait": ["fibre_width_median_um", "portal_vessels",
+                                      "thin_fibre_share_percent", "tortuosity"],
+        "value": [3.141592653, 7.0, 12.345678, np.nan], "unit": ["µm", "1", "%", "1"],
+    })
+    out = schema.round_traits(long, "traits")
+    assert out["value"].tolist()[:3] == [3.142, 7, 12.35]
+    assert isinstance(out["value"].iloc[1], int)
+    assert pd.isna(out["value"].iloc[3])
+    groups = pd.DataFrame({
+        "trait": ["fibre_length_density_mm_per_mm2"], "group": ["MSC"], "n_mice": [4.0],
+        "mean": [1234.56789], "sd": [0.000123456], "diff_vs_control": [-45.678912],
+        "welch_p": [0.0123456], "holm_welch_p": [0.98765432], "hedges_g": [-1.23456],
+    })
+    g = schema.round_traits(groups, "trait_groups")
+    assert g.loc[0, ["mean", "sd", "diff_vs_control"]].tolist() == [1235.0, 0.0001235, -45.68]
+    assert g.loc[0, ["welch_p", "holm_welch_p", "hedges_g"]].tolist() == [0.0123, 0.988, -1.23]
+    assert str(g["n_mice"].dtype) == "Int64"
+    assert groups.loc[0, "mean"] == 1234.56789  # input unchanged
