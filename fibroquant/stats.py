@@ -829,11 +829,10 @@ def _num(x: float, digits: int) -> str:
 
 
 def _p(p: float) -> str:
+    """As the tables and the report print p (three significant digits, ``< 0.001``)."""
     if p < 0.001:
         return "p < 0.001"
-    if p < 0.1:
-        return f"p = {p:.3f}"
-    return f"p = {p:.2f}"
+    return f"p = {p:#.3g}"
 
 
 def _describe(row: pd.Series) -> str:

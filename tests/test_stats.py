@@ -374,7 +374,7 @@ def test_summary_sentence_format() -> None:
     ])
     assert summary_sentence(groups) == (
         "CPA in MSC was 4.1 ± 0.8 % (mean ± SD, n = 5 mice) vs 6.9 ± 1.1 % (n = 6 mice) in "
-        "control: −2.8 pp (95% CI −4.1 to −1.5), −40 %, Welch p = 0.002, Hedges' g = −2.6."
+        "control: −2.8 pp (95% CI −4.1 to −1.5), −40 %, Welch p = 0.00210, Hedges' g = −2.6."
     )
 
 
