@@ -148,8 +148,9 @@ def analyze(
         "--keep-wrong-stain", help="Count slides whose colours show another stain in mice "
         "and groups (left out by default).")] = False,
     zoom: Annotated[bool | None, typer.Option(
-        "--zoom/--no-zoom", help="Write a zoomable full-resolution QC view (zoom/, opened "
-        "from the report; default: for slides larger than the QC overlay).",
+        "--zoom/--no-zoom", help="Write a zoomable full-resolution QC view of each measured "
+        "slide (zoom/, opened from the report; off by default: it costs about 1.5x the "
+        "analysis time on a whole slide).",
         show_default=False)] = None,
 ) -> None:
     """Measure CPA on every new or changed slide and write the study tables and report.

@@ -163,7 +163,8 @@ def run_analyze(
             "config": config, "mpp": mpp, "analysis_mpp": analysis_mpp, "masks": masks,
             "workers": workers, "scheduler": scheduler, "cluster": cluster, "control": control,
             "force": force, "wait": wait, "classifier": classifier,
-            "keep_wrong_stain": keep_wrong_stain, "zoom": zoom, "no_zoom": zoom is False})
+            "keep_wrong_stain": keep_wrong_stain, "no_traits": not traits, "zoom": zoom,
+            "no_zoom": zoom is False})
     try:
         settings = cli_settings(config, stain, analysis_mpp, traits, classifier, zoom)
     except ConfigError as exc:

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 
 import typer
 
-from fibroquant.cli import app
+from fibroquant.cli import ClusterChoice, app
 from fibroquant.cli_common import StainChoice, command_line, err, fail, out, run_analyze
 from fibroquant.errors import FibroquantError, one_line
 from fibroquant.layout import STORE_NAME
@@ -371,6 +371,20 @@ def watch(
     once: Annotated[bool, typer.Option(
         "--once", help="Process the slides pending now, then exit (exit code of that run).")]
     = False,
+    traits: Annotated[bool, typer.Option(
+        "--traits/--no-traits", help="Measure fibre traits and compartments (as for "
+        "analyze).")] = True,
+    cluster: Annotated[ClusterChoice | None, typer.Option(
+        help="Run the slides as batch jobs (as for analyze; see docs/cluster.md).")] = None,
+    classifier: Annotated[Path | None, typer.Option(
+        exists=True, dir_okay=False, readable=True, resolve_path=True,
+        help="Pixel classifier (fibroquant train) deciding collagen (as for analyze).")] = None,
+    keep_wrong_stain: Annotated[bool, typer.Option(
+        "--keep-wrong-stain", help="Count slides whose colours show another stain in mice "
+        "and groups (as for analyze).")] = False,
+    zoom: Annotated[bool | None, typer.Option(
+        "--zoom/--no-zoom", help="Write a zoomable full-resolution QC view of each measured "
+        "slide (as for analyze; off by default).", show_default=False)] = None,
 ) -> None:
     """Watch a slides folder and run analyze whenever slides arrive or change (Ctrl-C stops)."""
     from watchdog.events import FileSystemEvent, FileSystemEventHandler
@@ -413,12 +427,17 @@ def watch(
                 slides_dir, out, samples=samples, stain=stain, config=config, mpp=mpp,
                 analysis_mpp=analysis_mpp, masks=masks, workers=workers, scheduler=scheduler,
                 force=first.pop() if first else False, wait=True, control=control,
-                quiet=quiet,
+                quiet=quiet, traits=traits,
+                cluster=cluster.value if cluster is not None else None,
+                classifier=classifier, keep_wrong_stain=keep_wrong_stain, zoom=zoom,
                 command=command_line("watch", {
                     "slides_dir": slides_dir, "out": out, "samples": samples, "stain": stain,
                     "config": config, "mpp": mpp, "workers": workers, "control": control,
                     "analysis_mpp": analysis_mpp, "masks": masks, "scheduler": scheduler,
-                    "force": force, "settle": settle, "once": once}),
+                    "force": force, "settle": settle, "once": once, "no_traits": not traits,
+                    "cluster": cluster, "classifier": classifier,
+                    "keep_wrong_stain": keep_wrong_stain, "zoom": zoom,
+                    "no_zoom": zoom is False}),
             )
         except typer.Exit as exc:  # a sheet/config problem: reported; keep watching
             return int(exc.exit_code)

@@ -248,9 +248,10 @@ class TilingSettings(_Model):
         "file on a hung network share (or anything that blocks) fails its row after it",
     )
     zoom: bool | None = Field(
-        None, description="write a zoomable full-resolution QC overlay (DeepZoom tiles and an "
-        "OpenSeadragon page in zoom/); None = for slides larger than qc_max_px, whose QC "
-        "overlay is downscaled (a microscope field's overlay is already full resolution)",
+        False, description="write a zoomable full-resolution QC overlay (DeepZoom tiles and an "
+        "OpenSeadragon page in zoom/); null = only for slides larger than qc_max_px, whose QC "
+        "overlay is downscaled. Off by default: on a 1-GP slide it costs ~1.5x the analysis "
+        "time and ~245 MB of tiles (benchmarks/README.md)",
     )
 
 

@@ -665,8 +665,7 @@ def kernels_ready() -> bool:
 
 
 def warmup_fused() -> bool:
-    """Compile (or load from cache) :func:`measure_tile_fused`'s kernel and the fibre traits'
-    path tracing (:func:`skeleton_paths`), once per process.
+    """Compile (or load from cache) :func:`measure_tile_fused`'s kernel, once per process.
 
     Safe to call from several threads; returns :data:`HAVE_NUMBA`.
     """
@@ -681,11 +680,6 @@ def warmup_fused() -> bool:
                                (np.zeros(3, np.float32),), 0.5, np.ones((1, 1), np.uint8),
                                np.zeros((1, 1), np.float32), idx, idx, 1, 2, 5)
             focus_moments(np.zeros((2, 2), np.float32), np.ones((2, 2), bool))
-            # the fibre traits' path tracing (a 3-pixel line: one path)
-            ptr = np.array([0, 1, 3, 4], np.int32)
-            nbr = np.array([1, 0, 2, 1], np.int32)
-            pp, pi, _, m, _ = skeleton_paths(ptr, nbr, np.ones(3))
-            path_lengths(ptr, nbr, np.ones(4), pp[:m], pi)
             _warm_fused = True
     return True
 
@@ -974,11 +968,9 @@ __all__ = [
     "gaussian_blur",
     "lookup_nearest",
     "measure_tile_fused",
-    "path_lengths",
     "remove_small_holes_fast",
     "remove_small_objects_fast",
     "scaled_tables",
-    "skeleton_paths",
     "threshold_as_float32",
     "warmup_fused",
 ]
@@ -1064,148 +1056,3 @@ def gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
         del y
     return x.astype(np.float32)
 
-
-# ------------------------------------------------------------------------------------------
-# Skeleton paths: skan's path tracing on plain CSR arrays (disk-cached, unlike skan's jitclass)
-# ------------------------------------------------------------------------------------------
-
-
-def _csr_get_py(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, row: int,
-                col: int) -> Any:
-    for i in range(indptr[row], indptr[row + 1]):
-        if indices[i] == col:
-            return data[i]
-    return 0.0
-
-
-def _csr_visit_py(indptr: np.ndarray, indices: np.ndarray, visited: np.ndarray, row: int,
-                  col: int) -> None:
-    for i in range(indptr[row], indptr[row + 1]):
-        if indices[i] == col:
-            visited[i] = True
-            return
-
-
-def _is_visited_py(indptr: np.ndarray, indices: np.ndarray, visited: np.ndarray, row: int,
-                   col: int) -> bool:
-    for i in range(indptr[row], indptr[row + 1]):
-        if indices[i] == col:
-            return visited[i]
-    return False
-
-
-def _walk_path_py(indptr: np.ndarray, indices: np.ndarray, props: np.ndarray,
-                  visited: np.ndarray, degrees: np.ndarray, node: int, neighbor: int,
-                  out_idx: np.ndarray, out_data: np.ndarray, startj: int) -> int:
-    out_idx[startj] = node
-    start_node = node
-    out_data[startj] = props[node]
-    j = startj + 1
-    while not _is_visited_nb(indptr, indices, visited, node, neighbor):
-        _csr_visit_nb(indptr, indices, visited, node, neighbor)
-        _csr_visit_nb(indptr, indices, visited, neighbor, node)
-        out_idx[j] = neighbor
-        out_data[j] = props[neighbor]
-        if degrees[neighbor] != 2 or neighbor == start_node:
-            break
-        n1 = indices[indptr[neighbor]]
-        n2 = indices[indptr[neighbor] + 1]
-        nxt = n1 if n1 != node else n2
-        node, neighbor = neighbor, nxt
-        j += 1
-    return j - startj + 1
-
-
-def _build_paths_py(indptr: np.ndarray, indices: np.ndarray, props: np.ndarray,
-                    visited: np.ndarray, degrees: np.ndarray, path_indptr: np.ndarray,
-                    path_idx: np.ndarray, path_data: np.ndarray) -> tuple[int, int]:
-    n_nodes = indptr.shape[0] - 1
-    pi = 0
-    pj = 0
-    # paths from every end point and junction, then the isolated cycles
-    for node in range(n_nodes):
-        if degrees[node] > 2 or degrees[node] == 1:
-            for k in range(indptr[node], indptr[node + 1]):
-                nb = indices[k]
-                if not _is_visited_nb(indptr, indices, visited, node, nb):
-                    steps = _walk_path_nb(indptr, indices, props, visited, degrees, node, nb,
-                                          path_idx, path_data, pj)
-                    path_indptr[pi + 1] = path_indptr[pi] + steps
-                    pi += 1
-                    pj += steps
-    for node in range(n_nodes):
-        if degrees[node] > 0:
-            nb = indices[indptr[node]]
-            if not _is_visited_nb(indptr, indices, visited, node, nb):
-                steps = _walk_path_nb(indptr, indices, props, visited, degrees, node, nb,
-                                      path_idx, path_data, pj)
-                path_indptr[pi + 1] = path_indptr[pi] + steps
-                pi += 1
-                pj += steps
-    return pi + 1, pj
-
-
-def _path_lengths_py(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
-                     path_indptr: np.ndarray, path_idx: np.ndarray, out: np.ndarray) -> None:
-    for i in range(out.shape[0]):
-        d = 0.0
-        for k in range(path_indptr[i], path_indptr[i + 1] - 1):
-            d += _csr_get_nb(indptr, indices, data, path_idx[k], path_idx[k + 1])
-        out[i] = d
-
-
-_csr_get_nb = _jit(_csr_get_py) or _csr_get_py
-_csr_visit_nb = _jit(_csr_visit_py) or _csr_visit_py
-_is_visited_nb = _jit(_is_visited_py) or _is_visited_py
-_walk_path_nb = _jit(_walk_path_py) or _walk_path_py
-_build_paths_nb = _jit(_build_paths_py) or _build_paths_py
-_path_lengths_nb = _jit(_path_lengths_py) or _path_lengths_py
-
-
-def skeleton_paths(indptr: np.ndarray, indices: np.ndarray, props: np.ndarray
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
-    """Trace the paths of a skeleton's pixel graph, as ``skan.csr._build_skeleton_path_graph``.
-
-    Every path runs from an end point or junction (degree ≠ 2) to the next one, or round an
-    isolated cycle; nodes are visited, and buffers sized, exactly as skan does, so the result
-    is the same, path for path. skan traces with a numba ``jitclass``, which numba cannot
-    cache on disk (~10 s of compilation in every new process); these kernels are cached.
-    The walk follows skan 0.13's ``_build_paths``/``_walk_path`` step by step (skan:
-    BSD-3-Clause, Nunez-Iglesias et al.), on plain CSR arrays instead of its ``NBGraph``.
-
-    Parameters
-    ----------
-    indptr, indices : ndarray of int32
-        The pixel graph in CSR form (skan's junction-pruned ``skeleton_to_csgraph``).
-    props : ndarray of float64
-        A value per node (copied along each path).
-
-    Returns
-    -------
-    path_indptr, path_indices : ndarray of int64
-    path_data : ndarray of float64
-    m, n : int
-        Used lengths: ``path_indptr[:m]``, ``path_indices[:n]``, ``path_data[:n]``.
-    """
-    degrees = np.diff(indptr)
-    n_cycles = indices.size // 4
-    end_degrees = degrees[degrees != 2]
-    path_indptr = np.zeros(int(np.sum(end_degrees)) + n_cycles, dtype=np.int64)
-    n_points = indices.size + int(np.sum(np.maximum(0, end_degrees - 1))) + n_cycles
-    path_idx = np.zeros(n_points, dtype=np.int64)
-    path_data = np.zeros(n_points, dtype=np.float64)
-    visited = np.zeros(indices.shape, dtype=np.bool_)
-    if path_indptr.size == 0:  # nothing to trace (no path can start: skan writes nothing)
-        return path_indptr, path_idx, path_data, 1, 0
-    m, n = _build_paths_nb(indptr, indices, props, visited, degrees, path_indptr, path_idx, path_data)
-    return path_indptr, path_idx, path_data, int(m), int(n)
-
-
-def path_lengths(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
-                 path_indptr: np.ndarray, path_indices: np.ndarray) -> np.ndarray:
-    """Summed edge weights along every path (``skan.Skeleton.path_lengths``, same order of
-    additions), float64."""
-    out = np.empty(len(path_indptr) - 1, np.float64)
-    _path_lengths_nb(indptr, indices, np.ascontiguousarray(data, np.float64),
-                     np.asarray(path_indptr, np.int64), np.asarray(path_indices, np.int64), out)
-    return out

@@ -616,10 +616,9 @@ def p_value_column(groups: pd.DataFrame) -> tuple[str, str]:
 
 
 def _group_problems(groups: pd.DataFrame, control: str | None) -> dict[str, str]:
+    if "group" not in groups.columns or "n_mice" not in groups.columns or groups.empty:
+        return {}  # no groups (no sample sheet): nothing to flag, and no statistics import
     from fibroquant.stats import group_problems
-
-    if "group" not in groups.columns or "n_mice" not in groups.columns:
-        return {}
     n = {_text(g): int(v) for g, v in zip(groups["group"], pd.to_numeric(
         groups["n_mice"], errors="coerce").fillna(0), strict=True)}
     return group_problems(n, control)

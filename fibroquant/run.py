@@ -782,13 +782,13 @@ def study_warnings(slides_df: pd.DataFrame, settings: Settings, *,
     """Everything a person should know before trusting the tables, one line each: slides
     measured differently or identical, each slide's stain warning, and groups the headline gives
     no p value (:func:`fibroquant.stats.group_warnings`; ``mice`` None: no groups compared)."""
-    from fibroquant import stats
-
     out = [p for p in (blob_rule_mixed(slides_df, settings), identical_files(slides_df)) if p]
     if "stain_warning" in slides_df.columns:
         out += [f"{r.slide}: {r.stain_warning}" for r in slides_df.itertuples()
                 if isinstance(r.stain_warning, str) and r.stain_warning]
     if mice is not None:
+        from fibroquant import stats
+
         out += stats.group_warnings(mice, control)
     return out
 
@@ -834,13 +834,13 @@ def _statistics(
         omnibus tests and the mixed model (None when not made), the one-sentence summary and
         the warnings for the report.
     """
-    from fibroquant import stats
-
-    groups = pd.DataFrame(columns=list(stats.GROUP_COLUMNS))
+    groups = pd.DataFrame(columns=list(schema.names("groups")))  # stats.GROUP_COLUMNS
     warnings: list[str] = []
-    if not has_sheet:
+    if not has_sheet:  # no statistics: not even their import (scipy.stats, ~0.6 s)
         sentence = "No sample sheet: each slide is its own mouse and no groups are compared."
         return groups, None, None, sentence, warnings
+    from fibroquant import stats
+
     try:
         groups = stats.compare_groups(mice, control=control)
     except Exception as exc:  # noqa: BLE001 - any failure leaves the comparison empty

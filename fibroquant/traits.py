@@ -334,75 +334,13 @@ def measure_tile(
     return counts
 
 
-class _PathGraph:
-    """The parts of ``skan.Skeleton`` the traits read (degrees, paths, coordinates, path
-    lengths and means), built from skan's pixel graph with the paths traced by
-    :func:`fibroquant.kernels.skeleton_paths`: the same numbers, without skan's ``jitclass``
-    that numba compiles afresh in every process (~10 s)."""
-
-    def __init__(self, image: np.ndarray) -> None:
-        from scipy import sparse
-        from skan.csr import pixel_graph
-
-        from fibroquant import kernels
-
-        # skan.csr.skeleton_to_csgraph, with its junction step vectorised
-        graph, pixels = pixel_graph(image, mask=image.astype(bool), edge_function=None,
-                                    connectivity=image.ndim,
-                                    spacing=np.ones(image.ndim, dtype=float))
-        graph = _mst_junctions(graph)
-        coords = np.unravel_index(pixels, image.shape)
-        indptr = graph.indptr.astype(np.int32, copy=False)
-        indices = graph.indices.astype(np.int32, copy=False)
-        props = image[coords].astype(np.float64)
-        ptr, idx, data, m, n = kernels.skeleton_paths(indptr, indices, props)
-        # raises ValueError (as skan) when no path can be traced: isolated pixels only
-        self.paths = sparse.csr_matrix((data[:n], idx[:n], ptr[:m]), shape=(m - 1, n))
-        self.n_paths = self.paths.shape[0]
-        self.degrees = np.diff(graph.indptr)
-        self.coordinates = np.transpose(coords)
-        self._graph = (indptr, indices, graph.data)
-        self._lengths: np.ndarray | None = None
-
-    def path_lengths(self) -> np.ndarray:
-        from fibroquant import kernels
-
-        if self._lengths is None:
-            self._lengths = kernels.path_lengths(*self._graph, self.paths.indptr,
-                                                 self.paths.indices)
-        return self._lengths
-
-    def path_means(self) -> np.ndarray:
-        sums = np.add.reduceat(self.paths.data, self.paths.indptr[:-1])
-        return sums / np.diff(self.paths.indptr)
-
-
-def _mst_junctions(csmat: Any) -> Any:
-    """``skan.csr._mst_junctions``: each cluster of junction pixels (degree ≥ 3) keeps only
-    the edges of its minimum spanning tree. The same steps on the same matrices, with skan's
-    Python loop over every non-junction pixel (a third of the skeleton graph's cost) replaced
-    by one masked assignment per pass (skan 0.13, BSD-3-Clause)."""
-    from scipy.sparse import csgraph
-
-    csc_graph = csmat.tocsc()
-    degrees = np.asarray(csmat.astype(bool).astype(int).sum(axis=0)).ravel()
-    non_junction = degrees < 3
-    n = len(degrees)
-    csc_graph.data[non_junction[np.repeat(np.arange(n), np.diff(csc_graph.indptr))]] = 0
-    csr_graph = csc_graph.tocsr()
-    csr_graph.data[non_junction[np.repeat(np.arange(n), np.diff(csr_graph.indptr))]] = 0
-    csr_graph.eliminate_zeros()
-    mst = csgraph.minimum_spanning_tree(csr_graph)
-    non_tree_edges = csr_graph - (mst + mst.T)
-    return csmat - non_tree_edges
-
-
 def _skeleton(collagen: np.ndarray, half_px: np.ndarray | None) -> tuple[np.ndarray, Any]:
     """Skeleton of the collagen with boundary spurs pruned, and its skan graph.
 
     A spur (a branch from a junction to a free end) shorter than twice its mean half-width
     plus a pixel is a bump of the fibre's outline, not a fibre: removed (once).
     """
+    import skan
     from skimage.morphology import skeletonize
 
     if half_px is None:
@@ -411,7 +349,7 @@ def _skeleton(collagen: np.ndarray, half_px: np.ndarray | None) -> tuple[np.ndar
     if np.count_nonzero(skel) < 2:
         return skel, None
     try:
-        graph = _PathGraph(np.where(skel, half_px, 0).astype(np.float32))
+        graph = skan.Skeleton(np.where(skel, half_px, 0).astype(np.float32))
     except ValueError:  # isolated pixels only
         return skel, None
     first, last = _path_ends(graph)
@@ -428,7 +366,7 @@ def _skeleton(collagen: np.ndarray, half_px: np.ndarray | None) -> tuple[np.ndar
         if np.count_nonzero(skel) < 2:
             return skel, None
         try:
-            graph = _PathGraph(np.where(skel, half_px, 0).astype(np.float32))
+            graph = skan.Skeleton(np.where(skel, half_px, 0).astype(np.float32))
         except ValueError:
             return skel, None
     return skel, graph

@@ -274,7 +274,8 @@ def test_watch_once(two_slides: Path, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_watch_once_takes_analyze_options_and_does_not_wait_for_settled_files(
         two_slides: Path, tmp_path: Path) -> None:
-    """Files unchanged for longer than --settle are analysed at once; --masks reaches analyze."""
+    """Files unchanged for longer than --settle are analysed at once; --masks, --no-traits and
+    --zoom reach analyze (and its recorded command line)."""
     import time
 
     old = time.time() - 3600
@@ -283,11 +284,15 @@ def test_watch_once_takes_analyze_options_and_does_not_wait_for_settled_files(
     out = tmp_path / "out"
     t0 = time.perf_counter()
     res = invoke("watch", str(two_slides), "--out", str(out), "--settle", "20", "--once",
-                 "--workers", "1", "--masks", "--analysis-mpp", "1.0", "--force")
+                 "--workers", "1", "--masks", "--analysis-mpp", "1.0", "--force",
+                 "--no-traits", "--zoom")
     assert res.exit_code == 0, res.output
     assert time.perf_counter() - t0 < 20  # no 20 s quiet period for files an hour old
     assert len(list((out / "masks").glob("*.collagen.png"))) == 2
     assert (pd.read_csv(out / "slides.csv")["analysis_mpp"] == 1.0).all()
+    assert len(list((out / "zoom").glob("*.html"))) == 2
+    command = json.loads((out / "run.json").read_text())["command"]
+    assert "--no-traits" in command and "--zoom" in command
 
 
 def test_settler_waits_for_size_to_stop_changing(tmp_path: Path) -> None:

@@ -299,38 +299,3 @@ def test_reduce_mask_is_a_majority_vote(factor):
     pad[:50, :61] = mask
     votes = pad.reshape(pad.shape[0] // factor, factor, -1, factor).sum(axis=(1, 3))
     np.testing.assert_array_equal(got, 2 * votes > factor * factor)
-
-
-def test_path_graph_equals_skan_skeleton():
-    """The traced paths, lengths and means equal skan's own Skeleton, path for path (random
-    fibre skeletons with junction clusters and cycles; a lone cycle; isolated pixels)."""
-    import cv2
-    import skan
-    from skimage.morphology import skeletonize
-
-    rng = np.random.default_rng(1)
-    images = []
-    for _ in range(6):
-        blob = cv2.GaussianBlur(rng.random((160, 160)).astype(np.float32), (0, 0),
-                                rng.uniform(1, 4)) > 0.52
-        sk = skeletonize(blob)
-        images.append(np.where(sk, rng.random(sk.shape) * 5, 0).astype(np.float32))
-    ring = np.zeros((12, 12), np.float32)
-    ring[3, 3:8] = ring[7, 3:8] = ring[3:8, 3] = ring[3:8, 7] = 2.0
-    lone = np.zeros((12, 12), np.float32)
-    lone[2, 2] = lone[8, 8] = 1.0
-    for img in [*images, ring, lone]:
-        try:
-            want = skan.Skeleton(img)
-        except ValueError:
-            with pytest.raises(ValueError, match="index pointer"):  # as skan: no path to trace
-                tr._PathGraph(img)
-            continue
-        got = tr._PathGraph(img)
-        assert got.n_paths == want.n_paths
-        for a, b in ((got.paths.indptr, want.paths.indptr),
-                     (got.paths.indices, want.paths.indices), (got.paths.data, want.paths.data),
-                     (got.degrees, want.degrees), (got.coordinates, want.coordinates),
-                     (got.path_lengths(), want.path_lengths()),
-                     (got.path_means(), want.path_means())):
-            np.testing.assert_array_equal(a, b)

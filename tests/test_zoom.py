@@ -144,6 +144,10 @@ def test_wants_zoom_for_slides_larger_than_the_overlay() -> None:
     assert zoom.wants_zoom(None, SimpleNamespace(width=2100, height=900, mask_factor=1), 2000)
     assert zoom.wants_zoom(True, field, 2000)
     assert not zoom.wants_zoom(False, slide, 2000)
+    # off unless asked for: on a whole slide the view costs more than the analysis itself
+    from fibroquant.config import Settings
+
+    assert not zoom.wants_zoom(Settings().tiling.zoom, slide, 2000)
 
 
 def test_page_opens_the_tiles_offline_and_discard_removes_all(section: np.ndarray,
