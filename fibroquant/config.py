@@ -247,6 +247,12 @@ class TilingSettings(_Model):
         description="longest wait for a slide file to be fingerprinted or opened, seconds: a "
         "file on a hung network share (or anything that blocks) fails its row after it",
     )
+    slide_timeout_s: float = Field(
+        3600.0, gt=0, le=7 * 86400,
+        description="longest a worker process may spend on one slide, seconds: a read that "
+        "hangs mid-slide (a network share gone away) fails that slide and its process is "
+        "replaced (worker processes only: --workers 1 measures in the run's own process)",
+    )
     zoom: bool | None = Field(
         False, description="write a zoomable full-resolution QC overlay (DeepZoom tiles and an "
         "OpenSeadragon page in zoom/); null = only for slides larger than qc_max_px, whose QC "
@@ -356,7 +362,7 @@ class Settings(_Model):
             from fibroquant.classifier import file_hash
 
             data["classifier_sha256"] = file_hash(clf)
-        for key in ("mask_max_mpx", "qc_max_px", "input_timeout_s", "zoom"):
+        for key in ("mask_max_mpx", "qc_max_px", "input_timeout_s", "slide_timeout_s", "zoom"):
             data["tiling"].pop(key)
         data["traits"].pop("tile_px")
         if not data["traits"]["enabled"]:  # no trait measured: hashes as before traits existed

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import signal
@@ -27,7 +28,7 @@ from typing import Any
 import cv2
 
 from fibroquant import cores
-from fibroquant.config import Settings
+from fibroquant.config import Settings, TilingSettings
 from fibroquant.errors import (
     QUIET_ENV,
     FibroquantError,
@@ -383,6 +384,12 @@ class _Worker:
         self.proc.start()
         child.close()
         self.task: SlideTask | None = None
+        self.started = 0.0  # time.monotonic() when the task was sent
+
+    def send(self, task: SlideTask) -> None:
+        """Give the process a slide to measure."""
+        self.task, self.started = task, time.monotonic()
+        self.conn.send(task)
 
     def stop(self) -> None:
         """End the process now (it may be in the middle of a slide)."""
@@ -412,24 +419,35 @@ def _run_local(tasks: list[SlideTask], workers: int) -> Iterator[dict[str, Any]]
     # worker killed mid-slide is not counted as running for ever
     running = ctx.RawValue("i", 0)
     pending = [_with_threads(t, workers) for t in reversed(largest_first(tasks))]
+    limit_s = slide_timeout_s(tasks)
     pool: list[_Worker] = []
     try:
         while pending or any(w.task is not None for w in pool):
             for w in pool:
                 if w.task is None and pending:
-                    w.task = pending.pop()
-                    w.conn.send(w.task)
+                    w.send(pending.pop())
             while pending and len(pool) < min(workers, len(tasks)):
                 with interrupts_held():  # a process half started when Ctrl-C/SIGTERM ends
                     w = _Worker(ctx, running, workers)  # the run would escape the clean-up
                     pool.append(w)
-                w.task = pending.pop()
-                w.conn.send(w.task)
+                w.send(pending.pop())
             busy = [w for w in pool if w.task is not None]
             running.value = len(busy)
-            ready = wait([w.conn for w in busy] + [w.proc.sentinel for w in busy])
+            first_due = min(w.started for w in busy) + limit_s
+            ready = wait([w.conn for w in busy] + [w.proc.sentinel for w in busy],
+                         timeout=max(0.0, first_due - time.monotonic()))
             for w in busy:
                 if w.conn not in ready and w.proc.sentinel not in ready:
+                    if time.monotonic() - w.started >= limit_s:  # stalled: end it, carry on
+                        task, w.task = w.task, None
+                        assert task is not None
+                        msg = (f"{Path(task.path).name}: not finished after {limit_s:g} s (a "
+                               "read that hangs? tiling.slide_timeout_s); its worker process "
+                               "was ended")
+                        logger.warning("%s", msg)
+                        yield failed_record(task, msg) | {"crashed": True}
+                        w.stop()
+                        pool.remove(w)
                     continue
                 task, w.task = w.task, None
                 assert task is not None  # a busy worker holds a task
@@ -448,6 +466,18 @@ def _run_local(tasks: list[SlideTask], workers: int) -> Iterator[dict[str, Any]]
     finally:
         for w in pool:
             w.stop()
+
+
+def slide_timeout_s(tasks: list[SlideTask]) -> float:
+    """``tiling.slide_timeout_s`` of the run's settings (every task carries the same)."""
+    default = float(TilingSettings.model_fields["slide_timeout_s"].default)
+    if not tasks:
+        return default
+    try:
+        tiling = json.loads(tasks[0].settings_json).get("tiling", {})
+        return float(tiling.get("slide_timeout_s", default))
+    except (ValueError, TypeError, AttributeError):
+        return default
 
 
 def largest_first(tasks: list[SlideTask]) -> list[SlideTask]:

@@ -642,6 +642,29 @@ def test_a_slide_that_blocks_on_open_in_a_worker_fails_its_row_and_leaves_no_pro
 
 
 @pytest.mark.slow
+def test_a_slide_that_stalls_in_a_worker_fails_after_the_slide_time_limit(bank, tmp_path):
+    """A read that hangs mid-slide (past the bounded open) used to hold its worker for ever:
+    after tiling.slide_timeout_s the slide fails (counted as a crash, so reruns do not wait
+    on it again and again), its worker is replaced and the other slides are measured."""
+    slides = _copy(bank, tmp_path / "slides")
+    (tmp_path / "c.yaml").write_text("tiling:\n  input_timeout_s: 600\n  slide_timeout_s: 10\n")
+    tag = uuid.uuid4().hex
+    t0 = time.monotonic()
+    code, err = finish(spawn(
+        tag, "analyze", str(slides), "--out", str(tmp_path / "out"), "--workers", "2",
+        "--config", str(tmp_path / "c.yaml"),
+        env={"PYTHONPATH": fault_hook(tmp_path), "FQ_TEST_HANG_ON": "t2.tif"}))
+    assert code == 1, err
+    assert time.monotonic() - t0 < 120
+    assert_none_left(tag)
+    rows = pd.read_csv(tmp_path / "out" / "slides.csv", keep_default_na=False).set_index("slide")
+    assert rows.loc["t2.tif", "error"] == (
+        "t2.tif: not finished after 10 s (a read that hangs? tiling.slide_timeout_s); its "
+        "worker process was ended")
+    assert (rows.drop(index="t2.tif")["status"] == "ok").all()
+
+
+@pytest.mark.slow
 def test_watch_keeps_watching_after_its_event_handler_raises(bank, tmp_path, monkeypatch):
     """An exception in watch's file-event handler used to kill the watcher thread: the process
     stayed alive and never analysed again. Now it is logged and the next new slide is
