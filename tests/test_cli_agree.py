@@ -96,6 +96,9 @@ def test_agree_train_and_classifier_end_to_end(study):
     _ok(runner.invoke(app, args))
     got = pd.read_csv(out_c / "slides.csv").set_index("slide")
     base = pd.read_csv(out / "slides.csv").set_index("slide")
+    # slides.csv names the classifier that decided each slide; empty for the threshold
+    assert set(got["classifier"]) == {f"study.classifier#{trained['sha256']}"}
+    assert base["classifier"].isna().all()
     for s, truth in truths.items():
         error = got.loc[f"{s}.png", "cpa_percent"] - truth.cpa_percent
         assert abs(error) < max(1.5, 0.1 * truth.cpa_percent), (s, error)
@@ -146,7 +149,6 @@ def test_train_without_matching_images(tmp_path, study):
     assert not Path(tmp_path / "x.classifier").exists()
 
 
-@pytest.mark.slow
 def test_agreement_section_survives_a_later_analyze(tmp_path, study):
     """``agree`` stores its result; every later report renders it, marked stale once a slide
     it scored was re-measured to another mask or an annotation changed."""
