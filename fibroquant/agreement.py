@@ -522,7 +522,7 @@ def report_section(summary: Mapping[str, Any], notes: Sequence[str], plots: Sequ
     s = summary
     lines = ['<section id="agreement"><h2>Agreement with annotations</h2>']
     if stale:
-        lines.append('<p class="warn"><b>Stale:</b> this agreement was computed before '
+        lines.append('<p class="callout"><b>Stale:</b> since this agreement was computed, '
                      + html.escape("; ".join(stale))
                      + ". Run <code>fibroquant agree</code> again to update it.</p>")
     lines += [
@@ -531,7 +531,8 @@ def report_section(summary: Mapping[str, Any], notes: Sequence[str], plots: Sequ
         f"<b>{_fmt(s['dice_vs_majority_mean'])}</b>; the people's own pairwise Dice: "
         f"<b>{_fmt(s['people_pairwise_dice_mean'])}</b>.</p>"),
         "<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>",
-        ("<table><tr><th>reference</th><th>n</th><th>bias pp</th><th>95 % limits pp</th>"
+        ('<div class="tablewrap">'
+         "<table><tr><th>reference</th><th>n</th><th>bias pp</th><th>95 % limits pp</th>"
         "<th>MAE pp</th><th>ICC(2,1)</th><th>Lin's CCC</th><th>Pearson r</th>"
         "<th>Spearman r</th></tr>"),
     ]
@@ -542,11 +543,13 @@ def report_section(summary: Mapping[str, Any], notes: Sequence[str], plots: Sequ
             f"<td>{_fmt(c['mae_pp'])}</td><td>{_fmt(c['icc2_1'])}</td>"
             f"<td>{_fmt(c['lin_ccc'])}</td><td>{_fmt(c['pearson_r'])}</td>"
             f"<td>{_fmt(c['spearman_r'])}</td></tr>")
-    lines.append("</table><div>")
+    lines.append("</table></div><div>")
     for p in plots:
         data = base64.b64encode(p.read_bytes()).decode()
-        lines.append(f'<img alt="{html.escape(p.stem)}" src="data:image/png;base64,{data}">')
-    lines.append("</div><p>Per image: agreement.csv.</p></section>")
+        lines.append(f'<img alt="{html.escape(p.stem)}" style="max-width:100%" '
+                     f'src="data:image/png;base64,{data}">')
+    lines.append('</div><p class="note">Per image: <a href="agreement.csv">agreement.csv</a>; '
+                 "the stored result: agreement_summary.json.</p></section>")
     return "\n".join(lines)
 
 
@@ -622,8 +625,8 @@ def stale_reasons(stored: Mapping[str, Any], out_dir: Path) -> list[str]:
     changed = sorted(s for s in then if now.get(s) != then[s])
     reasons = []
     if changed:
-        reasons.append(f"{len(changed)} of its {len(then)} slide(s) were re-measured or removed "
-                       "since (" + ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else "")
+        reasons.append(f"{len(changed)} of its {len(then)} slide(s) were re-measured to "
+                       "another result or removed (" + ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else "")
                        + ")")
     folder = Path(str(stored.get("annotations_dir", "")))
     if stored.get("annotations_dir") and folder.is_dir():
@@ -654,8 +657,8 @@ def stored_section(out_dir: str | Path) -> str | None:
 
 
 def refresh_report(out_dir: str | Path) -> bool:
-    """Put the stored agreement section into ``OUT_DIR/report.html`` (atomically); called by
-    ``agree`` and after every report ``analyze`` writes. Returns whether the report has one."""
+    """Put the stored agreement section into ``OUT_DIR/report.html`` (atomically, only when it
+    changed); called by ``agree`` and by every ``analyze``. Returns whether the report has one."""
     from fibroquant.outdir import atomic_write_text
 
     out_dir = Path(out_dir)
@@ -663,7 +666,10 @@ def refresh_report(out_dir: str | Path) -> bool:
     section = stored_section(out_dir)
     if section is None or not report.is_file():
         return False
-    atomic_write_text(report, insert_section(report.read_text(encoding="utf-8"), section))
+    text = report.read_text(encoding="utf-8")
+    new = insert_section(text, section)
+    if new != text:  # unchanged: leave the file (and its digest in the tables manifest) alone
+        atomic_write_text(report, new)
     return True
 
 

@@ -659,6 +659,9 @@ def analyze_folder(
                 return summary
             if previous is not None and not summary.processed and not removed:
                 summary.comparison = previous  # nothing changed: tables are already current
+                from fibroquant.agreement import refresh_report
+
+                refresh_report(out_dir)  # the annotations `agree` scored may have changed
             else:
                 summary.comparison = write_tables(
                     out_dir, slides_df, extra_cols, settings, provenance,

@@ -178,13 +178,19 @@ def test_agreement_section_survives_a_later_analyze(tmp_path, study):
     assert "1 slide(s) to measure" in res.output
     html = (out / "report.html").read_text(encoding="utf-8")
     assert html.count('id="agreement"') == 1
-    assert "1 of its 3 slide(s) were re-measured or removed since (s1)" in html
+    assert ("since this agreement was computed, 1 of its 3 slide(s) were re-measured to "
+            "another result or removed (s1)") in html
     assert "annotations in" not in html
 
     cv2.imwrite(str(image), cv2.imread(str(image))[:, ::-1])  # back as it was
-    person = ann / "tight" / "s2.png"
-    cv2.imwrite(str(person), 255 - cv2.imread(str(person), 0))
     _ok(runner.invoke(app, analyze))
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "Stale" not in html  # re-measured to the very masks it scored: current again
+
+    person = ann / "tight" / "s2.png"  # an annotation corrected, nothing re-measured
+    cv2.imwrite(str(person), 255 - cv2.imread(str(person), 0))
+    res = _ok(runner.invoke(app, analyze))
+    assert "0 slide(s) to measure" in res.output
     html = (out / "report.html").read_text(encoding="utf-8")
     assert "re-measured" not in html
     assert f"the annotations in {ann} changed" in html
