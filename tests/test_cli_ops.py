@@ -347,6 +347,7 @@ def _run_with_timeout(task: SlideTask, seconds: float) -> dict:
     return box["rec"]
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())

@@ -176,6 +176,7 @@ def test_page_opens_the_tiles_offline_and_discard_removes_all(section: np.ndarra
     assert sorted(p.name for p in zdir.iterdir()) == ["openseadragon"]
 
 
+@pytest.mark.slow
 def test_cli_zoom_flag_and_report_link(tmp_path: Path, repo_root: Path) -> None:
     """``analyze --zoom`` on a field writes the view and the report's card links to it;
     ``--no-zoom`` on the rerun removes it."""
