@@ -333,6 +333,8 @@ class RunAgreement:
     summary: dict[str, Any]
     notes: list[str]
     skipped: list[str]
+    annotations_dir: Path | None = None
+    annotation_files: dict[str, dict[str, Path]] | None = None
 
 
 def _run_slides(out_dir: Path) -> list[dict[str, Any]]:
@@ -451,7 +453,9 @@ def agree_run(out_dir: str | Path, annotations_dir: str | Path) -> RunAgreement:
     if unmatched:
         notes.append(f"{len(unmatched)} measured slide(s) without annotations: "
                      + ", ".join(unmatched[:5]) + (" ..." if len(unmatched) > 5 else ""))
-    return RunAgreement(rows, summarise(rows, pooled), notes, skipped)
+    scored = {stem: found[stem] for stem in dict.fromkeys(r["image"] for r in rows)}
+    return RunAgreement(rows, summarise(rows, pooled), notes, skipped,
+                        Path(annotations_dir), scored)
 
 
 def _plots(rows: Sequence[Mapping[str, Any]], plot_dir: Path) -> list[Path]:
@@ -501,25 +505,34 @@ def _plots(rows: Sequence[Mapping[str, Any]], plot_dir: Path) -> list[Path]:
 
 
 def _fmt(v: Any) -> str:
+    if v is None:  # NaN, as stored in standard JSON
+        return "-"
     if isinstance(v, float):
         return "-" if not math.isfinite(v) else f"{v:.3f}"
     return str(v)
 
 
-def report_section(result: RunAgreement, plots: Sequence[Path]) -> str:
-    """The report's agreement section (HTML, plots embedded)."""
+def report_section(summary: Mapping[str, Any], notes: Sequence[str], plots: Sequence[Path],
+                   stale: Sequence[str] = ()) -> str:
+    """The report's agreement section (HTML, plots embedded); ``stale`` lists why the stored
+    result no longer matches the run (shown as a warning above it)."""
     import base64
     import html
 
-    s = result.summary
-    lines = [
-        '<section id="agreement"><h2>Agreement with annotations</h2>',
+    s = summary
+    lines = ['<section id="agreement"><h2>Agreement with annotations</h2>']
+    if stale:
+        lines.append('<p class="callout"><b>Stale:</b> since this agreement was computed, '
+                     + html.escape("; ".join(stale))
+                     + ". Run <code>fibroquant agree</code> again to update it.</p>")
+    lines += [
         (f"<p>{s['images']} image(s), people: {html.escape(', '.join(s['people']))}. "
         f"Dice against the people's majority (mean over images): "
         f"<b>{_fmt(s['dice_vs_majority_mean'])}</b>; the people's own pairwise Dice: "
         f"<b>{_fmt(s['people_pairwise_dice_mean'])}</b>.</p>"),
-        "<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in result.notes) + "</ul>",
-        ("<table><tr><th>reference</th><th>n</th><th>bias pp</th><th>95 % limits pp</th>"
+        "<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>",
+        ('<div class="tablewrap">'
+         "<table><tr><th>reference</th><th>n</th><th>bias pp</th><th>95 % limits pp</th>"
         "<th>MAE pp</th><th>ICC(2,1)</th><th>Lin's CCC</th><th>Pearson r</th>"
         "<th>Spearman r</th></tr>"),
     ]
@@ -530,11 +543,13 @@ def report_section(result: RunAgreement, plots: Sequence[Path]) -> str:
             f"<td>{_fmt(c['mae_pp'])}</td><td>{_fmt(c['icc2_1'])}</td>"
             f"<td>{_fmt(c['lin_ccc'])}</td><td>{_fmt(c['pearson_r'])}</td>"
             f"<td>{_fmt(c['spearman_r'])}</td></tr>")
-    lines.append("</table><div>")
+    lines.append("</table></div><div>")
     for p in plots:
         data = base64.b64encode(p.read_bytes()).decode()
-        lines.append(f'<img alt="{html.escape(p.stem)}" src="data:image/png;base64,{data}">')
-    lines.append("</div><p>Per image: agreement.csv.</p></section>")
+        lines.append(f'<img alt="{html.escape(p.stem)}" style="max-width:100%" '
+                     f'src="data:image/png;base64,{data}">')
+    lines.append('</div><p class="note">Per image: <a href="agreement.csv">agreement.csv</a>; '
+                 "the stored result: agreement_summary.json.</p></section>")
     return "\n".join(lines)
 
 
@@ -554,30 +569,133 @@ def insert_section(report_html: str, section: str) -> str:
     return report_html + block
 
 
-def write_agreement(result: RunAgreement, out_dir: str | Path) -> list[Path]:
-    """Write ``agreement.csv``, ``agreement_summary.json``, the two plots and the report
-    section (into an existing ``report.html``); returns the files written."""
+#: The stored result of ``fibroquant agree`` that every later report renders its section from.
+AGREEMENT_JSON = "agreement_summary.json"
+_PLOT_NAMES = ("agreement_bland_altman.png", "agreement_scatter.png")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def annotations_fingerprint(files: Mapping[str, Mapping[str, Path]]) -> str:
+    """SHA-256 over the annotation files scored (``{stem: {person: path}}``): their images,
+    people and contents, so that an edited, added or removed annotation changes it."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for stem in sorted(files):
+        for person in sorted(files[stem]):
+            h.update(f"{stem}\0{person}\0{_sha256(files[stem][person])}\n".encode())
+    return h.hexdigest()
+
+
+def measurement_keys(out_dir: Path, stems: Sequence[str]) -> dict[str, str]:
+    """What ``agree`` scored of each image: SHA-256 of its collagen and tissue masks and its
+    ``slides.csv`` CPA; a slide re-measured to another result changes its key ("" when the
+    slide is no longer measured or its masks are gone)."""
+    from fibroquant.tasks import output_files
+
+    try:
+        cpa = {r["stem"]: repr(float(r["cpa_percent"])) for r in _run_slides(out_dir)}
+    except AnnotationError:
+        cpa = {}
+    keys = {}
+    for stem in stems:
+        paths = output_files(out_dir, stem, ("collagen", "tissue"))
+        if stem not in cpa or not all(p.is_file() for p in paths.values()):
+            keys[stem] = ""
+            continue
+        keys[stem] = (f"{_sha256(paths['collagen'])}:{_sha256(paths['tissue'])}:{cpa[stem]}")
+    return keys
+
+
+def stale_reasons(stored: Mapping[str, Any], out_dir: Path) -> list[str]:
+    """Why a stored agreement no longer describes ``out_dir`` (empty: it is current).
+
+    The slides it scored must be unchanged (masks and CPA, see :func:`measurement_keys`) and
+    its annotation files, when their folder is still there, identical.
+    """
+    from fibroquant.annotations import discover
+
+    then = stored.get("measurements", {})
+    now = measurement_keys(out_dir, list(then))
+    changed = sorted(s for s in then if now.get(s) != then[s])
+    reasons = []
+    if changed:
+        reasons.append(f"{len(changed)} of its {len(then)} slide(s) were re-measured to "
+                       "another result or removed (" + ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else "")
+                       + ")")
+    folder = Path(str(stored.get("annotations_dir", "")))
+    if stored.get("annotations_dir") and folder.is_dir():
+        try:
+            files = {k: v for k, v in discover(folder, list(then)).items() if k in then}
+            same = annotations_fingerprint(files) == stored.get("annotations_sha256")
+        except (AnnotationError, OSError):
+            same = False
+        if not same:
+            reasons.append(f"the annotations in {folder} changed")
+    return reasons
+
+
+def stored_section(out_dir: str | Path) -> str | None:
+    """The report section rendered from ``OUT_DIR/agreement_summary.json``, marked stale when
+    the run or the annotations changed since; None when there is no (readable) stored result."""
     import json
 
+    out_dir = Path(out_dir)
+    try:
+        stored = json.loads((out_dir / AGREEMENT_JSON).read_text(encoding="utf-8"))
+        summary = stored["summary"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    plots = [p for p in (out_dir / "plots" / n for n in _PLOT_NAMES) if p.is_file()]
+    return report_section(summary, stored.get("notes", []), plots,
+                          stale_reasons(stored, out_dir))
+
+
+def refresh_report(out_dir: str | Path) -> bool:
+    """Put the stored agreement section into ``OUT_DIR/report.html`` (atomically, only when it
+    changed); called by ``agree`` and by every ``analyze``. Returns whether the report has one."""
+    from fibroquant.outdir import atomic_write_text
+
+    out_dir = Path(out_dir)
+    report = out_dir / "report.html"
+    section = stored_section(out_dir)
+    if section is None or not report.is_file():
+        return False
+    text = report.read_text(encoding="utf-8")
+    new = insert_section(text, section)
+    if new != text:  # unchanged: leave the file (and its digest in the tables manifest) alone
+        atomic_write_text(report, new)
+    return True
+
+
+def write_agreement(result: RunAgreement, out_dir: str | Path) -> list[Path]:
+    """Write ``agreement.csv``, ``agreement_summary.json`` (the summary with the annotations'
+    fingerprint and what it scored of each slide), the two plots and the report section
+    (into an existing ``report.html``); returns the files written."""
     import pandas as pd
+
+    from fibroquant.outdir import atomic_write_csv, atomic_write_text, standard_json
 
     out_dir = Path(out_dir)
     written = []
     table = out_dir / "agreement.csv"
-    pd.DataFrame(result.rows).to_csv(table, index=False)
+    atomic_write_csv(table, pd.DataFrame(result.rows))
     written.append(table)
-    summary = out_dir / "agreement_summary.json"
-    summary.write_text(json.dumps({**result.summary, "notes": result.notes,
-                                   "skipped": result.skipped}, indent=2, default=float,
-                                  allow_nan=True), encoding="utf-8")
+    files = result.annotation_files or {}
+    stored = {**result.summary, "summary": result.summary, "notes": result.notes,
+              "skipped": result.skipped,
+              "annotations_dir": str(result.annotations_dir or ""),
+              "annotations_sha256": annotations_fingerprint(files),
+              "measurements": measurement_keys(out_dir, list(files))}
+    summary = out_dir / AGREEMENT_JSON
+    atomic_write_text(summary, standard_json(stored) + "\n")
     written.append(summary)
-    plots = _plots(result.rows, out_dir / "plots")
-    written += plots
-    report = out_dir / "report.html"
-    if report.is_file():
-        text = insert_section(report.read_text(encoding="utf-8"), report_section(result, plots))
-        tmp = report.with_name(".report.html.agree.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(report)
-        written.append(report)
+    written += _plots(result.rows, out_dir / "plots")
+    if refresh_report(out_dir):
+        written.append(out_dir / "report.html")
     return written

@@ -547,6 +547,12 @@ _CACHE: dict[tuple[str, int, int], PixelClassifier] = {}
 _CACHE_LOCK = threading.Lock()
 
 
+def classifier_label(path: str | Path) -> str:
+    """How ``slides.csv`` names a classifier file: ``NAME#SHA256-16`` (its file name and the
+    first 16 hex digits of its SHA-256, as in the settings' ``classifier_sha256``)."""
+    return f"{Path(path).name}#{file_hash(path)}"
+
+
 def load_cached(path: str | Path) -> PixelClassifier:
     """:func:`load` once per process and file version (path, size, mtime)."""
     p = Path(path)

@@ -185,6 +185,9 @@ class SlideResult:
         apart.
     traits : dict of str to float
         Fibre-architecture columns (:mod:`fibroquant.traits`; empty when off).
+    classifier : str
+        The pixel classifier that decided collagen, ``NAME#SHA256-16`` (see
+        :func:`fibroquant.classifier.classifier_label`); empty for the collagen threshold.
     """
 
     stain: str
@@ -204,6 +207,7 @@ class SlideResult:
     thumbnail: np.ndarray = field(repr=False)
     flags: np.ndarray = field(repr=False)
     traits: dict[str, Any] = field(default_factory=dict)
+    classifier: str = ""
 
     @property
     def mask_mpp(self) -> float:
@@ -237,6 +241,7 @@ class SlideResult:
             "stain_angles_deg": json.dumps(est.angles_deg),
             "collagen_od_share": est.od_share.get(est.stains.collagen, 0.0),
             "threshold_method": t.method,
+            "classifier": self.classifier,
             "threshold_od": t.threshold_od,
             "parenchyma_od": t.parenchyma_od,
             "collagen_level_od": t.collagen_level_od,

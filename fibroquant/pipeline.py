@@ -270,6 +270,11 @@ def _analyze_slide(
             from fibroquant.classifier import load_cached
 
             decide = load_cached(settings.classifier)
+        clf_label = ""  # slides.csv's `classifier`: empty when the threshold decides
+        if settings.classifier is not None:
+            from fibroquant.classifier import classifier_label
+
+            clf_label = classifier_label(settings.classifier)
         t_wait = time.perf_counter()
         kernels.warmup_fused()  # compiling or loading kernels is not the slide's time
         t_start += time.perf_counter() - t_wait
@@ -293,7 +298,7 @@ def _analyze_slide(
             settings.stains.stain.value, sl.format, require_mpp(sl), geo,
             Measurements.from_counts(total, geo.analysis_mpp), cal.stains, cal.threshold,
             cal.qc, cal.warnings, round(time.perf_counter() - t_start, 3), __version__,
-            collagen_m, tissue_m, excluded_m, qc, cal.flags, traits)
+            collagen_m, tissue_m, excluded_m, qc, cal.flags, traits, clf_label)
         if after is not None:
             after(cal, result, decide)
         return result

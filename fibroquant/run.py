@@ -659,6 +659,9 @@ def analyze_folder(
                 return summary
             if previous is not None and not summary.processed and not removed:
                 summary.comparison = previous  # nothing changed: tables are already current
+                from fibroquant.agreement import refresh_report
+
+                refresh_report(out_dir)  # the annotations `agree` scored may have changed
             else:
                 summary.comparison = write_tables(
                     out_dir, slides_df, extra_cols, settings, provenance,
@@ -1013,6 +1016,9 @@ def write_tables(
         summary=sentence, qc_images=qc, plots=plots, settings=settings_dict,
         provenance=provenance, warnings=warnings,
     )
+    from fibroquant.agreement import refresh_report
+
+    refresh_report(out_dir)  # a stored `fibroquant agree` result keeps its section
     written += [Path(p).relative_to(out_dir).as_posix() for p in plots]
     manifest = {"tables_key": provenance.get("tables_key"), "comparison": sentence,
                 "files": {name: _digest(out_dir / name) for name in written}}

@@ -148,6 +148,10 @@ SLIDES: tuple[Column, ...] = (
        "the protocol the slide's colours show: sirius-red, masson, masson-light-green, h&e, "
        "fluorescence or unknown", "stain"),
     _c("threshold_method", "", "threshold", "how the collagen threshold was set", "threshold"),
+    _c("classifier", "", "classifier",
+       "the pixel classifier that decided collagen (`fibroquant train`), as `FILE#SHA256`: its "
+       "file name and the first 16 hex digits of its SHA-256; empty: the collagen threshold "
+       "above decided", "threshold"),
     _c("threshold_od", "OD", "threshold OD", "the collagen-stain threshold", "threshold",
        sig=4),
     _c("parenchyma_od", "OD", "parenchyma OD",

@@ -206,3 +206,23 @@ def test_classifier_file_joins_the_settings_hash(tmp_path, trained):
                              trained.gate_od), b)
     other = Settings.model_validate({"stains": {"stain": "masson"}, "classifier": str(b)})
     assert other.settings_hash() != with_a.settings_hash()
+
+
+def test_slide_record_names_the_classifier(tmp_path, trained, batches):
+    """slides.csv's ``classifier``: the file's name and SHA-256 (16 hex digits) when a
+    classifier decided collagen, empty on the default threshold path."""
+    from fibroquant import pipeline
+    from fibroquant.config import Settings
+    from fibroquant.slides import ArraySlide
+
+    path = tmp_path / "study.classifier"
+    digest = C.save(trained, path)
+    rgb, _ = batches[1][0]
+    plain = Settings.model_validate({"stains": {"stain": "masson"}})
+    by_clf = Settings.model_validate({"stains": {"stain": "masson"}, "classifier": str(path)})
+    rec = pipeline.analyze_slide("x.png", plain, slide=ArraySlide(rgb, 0.5)).to_record()
+    rec_c = pipeline.analyze_slide("x.png", by_clf, slide=ArraySlide(rgb, 0.5)).to_record()
+    assert rec["classifier"] == ""
+    assert rec_c["classifier"] == f"study.classifier#{digest}"
+    assert len(digest) == 16
+    assert rec_c["cpa_percent"] != rec["cpa_percent"]  # the classifier really decided

@@ -96,6 +96,9 @@ def test_agree_train_and_classifier_end_to_end(study):
     _ok(runner.invoke(app, args))
     got = pd.read_csv(out_c / "slides.csv").set_index("slide")
     base = pd.read_csv(out / "slides.csv").set_index("slide")
+    # slides.csv names the classifier that decided each slide; empty for the threshold
+    assert set(got["classifier"]) == {f"study.classifier#{trained['sha256']}"}
+    assert base["classifier"].isna().all()
     for s, truth in truths.items():
         error = got.loc[f"{s}.png", "cpa_percent"] - truth.cpa_percent
         assert abs(error) < max(1.5, 0.1 * truth.cpa_percent), (s, error)
@@ -144,3 +147,50 @@ def test_train_without_matching_images(tmp_path, study):
     assert res.exit_code == 2
     assert "no annotation file is named after an image" in res.output.replace("\n", "")
     assert not Path(tmp_path / "x.classifier").exists()
+
+
+def test_agreement_section_survives_a_later_analyze(tmp_path, study):
+    """``agree`` stores its result; every later report renders it, marked stale once a slide
+    it scored was re-measured to another mask or an annotation changed."""
+    import shutil
+
+    root, _ = study
+    slides, ann, out = tmp_path / "slides", tmp_path / "ann", tmp_path / "out"
+    shutil.copytree(root / "slides", slides)
+    shutil.copytree(root / "ann", ann)
+    analyze = ["analyze", str(slides), "--out", str(out), "--stain", "masson",
+               "--mpp", "0.5", "--masks", "--no-traits"]
+    _ok(runner.invoke(app, analyze))
+    _ok(runner.invoke(app, ["agree", str(out), "--annotations", str(ann)]))
+    stored = json.loads((out / "agreement_summary.json").read_text(encoding="utf-8"))
+    assert sorted(stored["measurements"]) == ["s0", "s1", "s2"]
+
+    res = _ok(runner.invoke(app, analyze))  # nothing re-measured; report.html rewritten
+    assert "0 slide(s) to measure" in res.output
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert html.count('id="agreement"') == 1
+    assert f"<b>{stored['summary']['dice_vs_majority_mean']:.3f}</b>" in html
+    assert "Stale" not in html
+
+    image = slides / "s1.png"  # s1 rescanned (mirrored): re-measured to another mask
+    cv2.imwrite(str(image), cv2.imread(str(image))[:, ::-1])
+    res = _ok(runner.invoke(app, analyze))
+    assert "1 slide(s) to measure" in res.output
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert html.count('id="agreement"') == 1
+    assert ("since this agreement was computed, 1 of its 3 slide(s) were re-measured to "
+            "another result or removed (s1)") in html
+    assert "annotations in" not in html
+
+    cv2.imwrite(str(image), cv2.imread(str(image))[:, ::-1])  # back as it was
+    _ok(runner.invoke(app, analyze))
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "Stale" not in html  # re-measured to the very masks it scored: current again
+
+    person = ann / "tight" / "s2.png"  # an annotation corrected, nothing re-measured
+    cv2.imwrite(str(person), 255 - cv2.imread(str(person), 0))
+    res = _ok(runner.invoke(app, analyze))
+    assert "0 slide(s) to measure" in res.output
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "re-measured" not in html
+    assert f"the annotations in {ann} changed" in html
