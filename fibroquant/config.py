@@ -249,9 +249,9 @@ class TilingSettings(_Model):
     )
     slide_timeout_s: float = Field(
         3600.0, gt=0, le=7 * 86400,
-        description="longest a worker process may spend on one slide, seconds: a read that "
-        "hangs mid-slide (a network share gone away) fails that slide and its process is "
-        "replaced (worker processes only: --workers 1 measures in the run's own process)",
+        description="longest one slide may take, seconds: a read that hangs mid-slide (a "
+        "network share gone away) fails that slide; a worker process is replaced, a --workers "
+        "1 run (measuring in its own process) ends and the next run records the slide",
     )
     zoom: bool | None = Field(
         False, description="write a zoomable full-resolution QC overlay (DeepZoom tiles and an "

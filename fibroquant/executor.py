@@ -283,7 +283,7 @@ def run_in_process(task: SlideTask) -> dict[str, Any]:
     info = {"slide": task.slide, "fingerprint": task.fingerprint, "path": task.path,
             "settings_hash": Settings.model_validate_json(task.settings_json).settings_hash(),
             "pid": os.getpid(), "started": time.time()}
-    with measuring_marker(Path(task.out_dir), info):
+    with measuring_marker(Path(task.out_dir), info, stall_s=slide_timeout_s([task])):
         return run_slide(task)
 
 

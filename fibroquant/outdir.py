@@ -372,7 +372,8 @@ class OutputLock:
 
 
 @contextlib.contextmanager
-def measuring_marker(out_dir: Path, info: dict[str, Any]) -> Iterator[None]:
+def measuring_marker(out_dir: Path, info: dict[str, Any],
+                     stall_s: float | None = None) -> Iterator[None]:
     """Name the slide being measured in the run's own process in ``OUT_DIR/.fibroquant-measuring``
     while the block runs, with the report of a fatal signal appended by :mod:`faulthandler`.
 
@@ -386,6 +387,10 @@ def measuring_marker(out_dir: Path, info: dict[str, Any]) -> Iterator[None]:
     out_dir : Path
     info : dict
         JSON-able facts about the slide (``slide``, ``fingerprint``, ``settings_hash``...).
+    stall_s : float, optional
+        A slide not finished after this many seconds (a read that hangs mid-slide) ends the
+        process, which no thread here can stop otherwise; the file then says so
+        (faulthandler's ``Timeout``) and the next run records the slide as stalled.
     """
     path = Path(out_dir) / MEASURING_NAME
     try:
@@ -398,8 +403,12 @@ def measuring_marker(out_dir: Path, info: dict[str, Any]) -> Iterator[None]:
         fh.write(json.dumps(info) + "\n")
         fh.flush()
         faulthandler.enable(file=fh, all_threads=True)
+        if stall_s is not None:
+            faulthandler.dump_traceback_later(stall_s, exit=True, file=fh)
         yield
     finally:
+        if stall_s is not None:
+            faulthandler.cancel_dump_traceback_later()
         faulthandler.disable()
         if was_enabled and sys.__stderr__ is not None:
             with contextlib.suppress(ValueError, OSError):
@@ -410,6 +419,7 @@ def measuring_marker(out_dir: Path, info: dict[str, Any]) -> Iterator[None]:
 
 
 _FATAL = re.compile(r"^Fatal Python error: (.+)$", re.MULTILINE)
+_STALLED = re.compile(r"^Timeout \((\d+):(\d+):(\d+(?:\.\d+)?)\)!$", re.MULTILINE)
 
 
 def take_measuring_marker(out_dir: Path) -> dict[str, Any] | None:
@@ -453,6 +463,11 @@ def read_measuring_marker(out_dir: Path) -> dict[str, Any] | None:
         return None
     fatal = _FATAL.search(rest)
     info["fatal"] = fatal.group(1).strip() if fatal else None
+    stalled = _STALLED.search(rest)
+    if stalled and not fatal:
+        h, m, sec = stalled.groups()
+        info["stalled_s"] = int(h) * 3600 + int(m) * 60 + float(sec)
+        info["fatal"] = f"not finished after {info['stalled_s']:g} s"
     return info
 
 

@@ -719,6 +719,10 @@ def record_run_crash(store: ResultStore, out_dir: Path, run_id: int) -> str | No
         return str(info["fingerprint"])
     error = (f"{Path(slide).name}: fibroquant crashed ({fatal}) while measuring this slide "
              "in its own process")
+    if info.get("stalled_s") is not None:  # ended by tiling.slide_timeout_s
+        error = (f"{Path(slide).name}: not finished after {info['stalled_s']:g} s (a read "
+                 "that hangs? tiling.slide_timeout_s); the run measuring it in its own "
+                 "process was ended")
     logger.warning("%s", error)
     if isinstance(info.get("settings_hash"), str) and info["settings_hash"]:
         store.put_result({"slide": slide, "fingerprint": info["fingerprint"],

@@ -665,6 +665,37 @@ def test_a_slide_that_stalls_in_a_worker_fails_after_the_slide_time_limit(bank, 
 
 
 @pytest.mark.slow
+def test_a_slide_that_stalls_the_run_itself_ends_it_and_is_recorded(bank, tmp_path):
+    """With --workers 1 the slide is measured in the run's own process, where no thread can
+    stop a read that hangs: after tiling.slide_timeout_s the process ends (faulthandler's
+    watchdog) leaving the marker, and the next run records the stall and measures the slide
+    again in a process of its own."""
+    from fibroquant.outdir import read_measuring_marker
+
+    slides = _copy(bank, tmp_path / "slides")
+    out = tmp_path / "out"
+    (tmp_path / "c.yaml").write_text("tiling:\n  input_timeout_s: 600\n  slide_timeout_s: 5\n")
+    tag = uuid.uuid4().hex
+    t0 = time.monotonic()
+    code, err = finish(spawn(
+        tag, "analyze", str(slides), "--out", str(out), "--workers", "1",
+        "--config", str(tmp_path / "c.yaml"),
+        env={"PYTHONPATH": fault_hook(tmp_path), "FQ_TEST_HANG_ON": "t2.tif"}))
+    assert code == 1, err
+    assert time.monotonic() - t0 < 90
+    assert_none_left(tag)
+    marker = read_measuring_marker(out)
+    assert marker is not None and marker["slide"] == "t2.tif" and marker["stalled_s"] == 5
+    code, err = cli("analyze", str(slides), "--out", str(out), "--workers", "1",
+                    "--config", str(tmp_path / "c.yaml"))
+    assert code == 0, err
+    assert "t2.tif: the last run" not in err
+    rows = pd.read_csv(out / "slides.csv", keep_default_na=False).set_index("slide")
+    assert (rows["status"] == "ok").all()
+    assert read_measuring_marker(out) is None
+
+
+@pytest.mark.slow
 def test_watch_keeps_watching_after_its_event_handler_raises(bank, tmp_path, monkeypatch):
     """An exception in watch's file-event handler used to kill the watcher thread: the process
     stayed alive and never analysed again. Now it is logged and the next new slide is
