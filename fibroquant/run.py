@@ -45,7 +45,7 @@ from fibroquant.outdir import (
     take_measuring_marker,
 )
 from fibroquant.slides import list_slides, mpp_problem
-from fibroquant.store import REBUILD_HINT, FingerprintCache, ResultStore
+from fibroquant.store import REBUILD_HINT, FingerprintCache, ResultStore, within_seconds
 from fibroquant.tasks import (
     OUTPUT_KINDS,
     SlideTask,
@@ -109,23 +109,28 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def discover(slides_dir: Path, out_dir: Path) -> list[Path]:
+def discover(slides_dir: Path, out_dir: Path, timeout_s: float = 120.0) -> list[Path]:
     """Slide files under ``slides_dir``, leaving out anything inside ``out_dir``.
 
     Other fibroquant output folders inside ``slides_dir`` (earlier results) are left out by
     :func:`fibroquant.slides.list_slides`; ``out_dir`` is also left out before its first run.
+    A folder that does not answer within ``timeout_s`` (a hung network share) is an error,
+    not a run that hangs holding the output folder's lock.
     """
-    if not slides_dir.is_dir():
-        msg = f"{slides_dir}: not a folder"
-        raise FibroquantError(msg)
-    out_res = out_dir.resolve()
-    files = []
-    for p in list_slides(slides_dir):
-        try:
-            p.resolve().relative_to(out_res)
-        except (ValueError, OSError, RuntimeError):  # outside OUT_DIR, or a symlink loop
-            files.append(p)  # (which fails its own row when fingerprinted)
-    return files
+    def walk() -> list[Path]:
+        if not slides_dir.is_dir():
+            msg = f"{slides_dir}: not a folder"
+            raise FibroquantError(msg)
+        out_res = out_dir.resolve()
+        files = []
+        for p in list_slides(slides_dir):
+            try:
+                p.resolve().relative_to(out_res)
+            except (ValueError, OSError, RuntimeError):  # outside OUT_DIR, or a symlink loop
+                files.append(p)  # (which fails its own row when fingerprinted)
+        return files
+
+    return within_seconds(walk, timeout_s, f"{slides_dir}: listing the slides folder")
 
 
 def _relative(p: Path, root: Path) -> str:
@@ -486,12 +491,13 @@ def analyze_folder(
     if slides_dir.is_file():  # one image: a study of that slide, in its folder
         one = slides_dir.resolve()
         slides_dir = one.parent
-        files = [p for p in discover(slides_dir, out_dir) if p.resolve() == one]
+        files = [p for p in discover(slides_dir, out_dir, settings.tiling.input_timeout_s)
+                 if p.resolve() == one]
         if not files:
             msg = f"{one}: not a slide file (.svs .ndpi .tif .tiff .png .jpg ...)"
             raise FibroquantError(msg)
     else:
-        files = discover(slides_dir, out_dir)
+        files = discover(slides_dir, out_dir, settings.tiling.input_timeout_s)
     if not files:
         msg = f"{slides_dir}: no slide files found (.svs .ndpi .tif .tiff .png .jpg ...)"
         raise FibroquantError(msg)

@@ -30,6 +30,7 @@ from typer.testing import CliRunner
 
 from fibroquant.cli import app
 from fibroquant.config import Settings
+from fibroquant.errors import one_line
 from fibroquant.run import TABLES_MANIFEST, analyze_folder
 from fibroquant.synthetic import SectionParams, make_section, write_pyramid_tiff
 
@@ -937,3 +938,30 @@ def test_sigterm_outside_the_run_block_exits_143_with_one_line():
                           timeout=60, check=False)
     assert proc.returncode == 143
     assert proc.stderr.strip() == "terminated (SIGTERM)"
+
+
+def test_a_slides_folder_that_does_not_answer_is_one_line_not_a_hang(bank, tmp_path,
+                                                                      monkeypatch):
+    """Listing a slides folder on a hung network share used to hang the run for ever, holding
+    OUT_DIR's lock (every later cron run then exits 3, "locked"): now it gives up after
+    tiling.input_timeout_s with one line and exit 2, and the next run can take the lock."""
+    import threading
+
+    from fibroquant import run as run_module
+
+    release = threading.Event()
+    real = run_module.list_slides
+    monkeypatch.setattr(run_module, "list_slides",
+                        lambda folder: (release.wait(60), real(folder))[1])
+    slides = _copy(bank, tmp_path / "slides")
+    (tmp_path / "c.yaml").write_text("tiling:\n  input_timeout_s: 1\n")
+    t0 = time.monotonic()
+    code, output = cli("analyze", str(slides), "--out", str(tmp_path / "out"), "--workers", "1",
+                       "--config", str(tmp_path / "c.yaml"))
+    release.set()
+    assert code == 2, output
+    assert time.monotonic() - t0 < 30
+    assert f"{slides}: listing the slides folder: no answer after 1 s" in one_line(output)
+    monkeypatch.setattr(run_module, "list_slides", real)
+    code, output = cli("analyze", str(slides), "--out", str(tmp_path / "out"), "--workers", "1")
+    assert code == 0, output
