@@ -31,6 +31,7 @@ from fibroquant.errors import (
     StoreLockedError,
     interrupt_exit_code,
     one_line,
+    received_interrupt,
     sigterm_as_interrupt,
 )
 from fibroquant.protocols import Stain
@@ -234,6 +235,10 @@ def run_analyze(
         raise fail(str(exc), 2) from None
     except Exception as exc:  # a bug: one line (details with -v), exit 4
         logging.getLogger(__name__).debug("internal error", exc_info=True)
+        got = received_interrupt()
+        if got is not None:  # what failed came after (or of) the interrupt: say that
+            err.print("interrupted: slides finished so far are stored; rerun to continue")
+            return interrupt_exit_code(got)
         raise fail(f"internal error: {type(exc).__name__}: {one_line(exc)} (the tables may "
                     "be stale; rerun with -v for details)", 4) from None
     n_warn = len(summary.warnings)

@@ -74,11 +74,22 @@ def interrupts_held() -> Iterator[None]:
             raise exc
 
 
+_received: KeyboardInterrupt | None = None
+
+
+def received_interrupt() -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM this process received within :func:`sigterm_as_interrupt`, if any:
+    once interrupted, a command exits 130/143 even when what follows fails (an import cut in
+    two by the signal can break a later import of the same package)."""
+    return _received
+
+
 def _on_signal(signum: int, frame: object) -> None:
-    global _pending
+    global _pending, _received
     import signal
 
     exc = Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    _received = _received or exc
     if _held:
         _pending = _pending or exc
         return
@@ -94,9 +105,11 @@ def sigterm_as_interrupt() -> Iterator[None]:
     import signal
     import threading
 
+    global _received
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    _received = None  # this block's interrupt, not an earlier command's in the same process
     previous_term = signal.signal(signal.SIGTERM, _on_signal)
     previous_int = signal.getsignal(signal.SIGINT)
     if previous_int is signal.default_int_handler:

@@ -965,3 +965,21 @@ def test_a_slides_folder_that_does_not_answer_is_one_line_not_a_hang(bank, tmp_p
     monkeypatch.setattr(run_module, "list_slides", real)
     code, output = cli("analyze", str(slides), "--out", str(tmp_path / "out"), "--workers", "1")
     assert code == 0, output
+
+
+def test_a_failure_after_sigterm_still_exits_143(bank, tmp_path, monkeypatch):
+    """A SIGTERM that cuts an import in two can make a later import of the same package fail
+    (CI saw "Module 'scipy' has no attribute '_lib'" and exit 4): once interrupted, the
+    command says so and exits 143 whatever fails after."""
+    from fibroquant import run as run_module
+
+    def interrupted_then_broken(*args, **kwargs):
+        with contextlib.suppress(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        raise AttributeError("Module 'scipy' has no attribute '_lib'")
+
+    monkeypatch.setattr(run_module, "analyze_folder", interrupted_then_broken)
+    code, output = cli("analyze", str(bank), "--out", str(tmp_path / "out"), "--workers", "1")
+    assert code == 143, output
+    assert "interrupted" in output and "internal error" not in output
