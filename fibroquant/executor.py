@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import logging
 import os
 import signal
@@ -280,10 +279,11 @@ def run_in_process(task: SlideTask) -> dict[str, Any]:
     per slide cost ~4 s a slide on a 2-core machine: start, imports, kernel cache) and
     debuggable (a breakpoint, a profiler, monkeypatching in tests).
     """
+    settings = Settings.model_validate_json(task.settings_json)
     info = {"slide": task.slide, "fingerprint": task.fingerprint, "path": task.path,
-            "settings_hash": Settings.model_validate_json(task.settings_json).settings_hash(),
-            "pid": os.getpid(), "started": time.time()}
-    with measuring_marker(Path(task.out_dir), info, stall_s=slide_timeout_s([task])):
+            "settings_hash": settings.settings_hash(), "pid": os.getpid(),
+            "started": time.time()}
+    with measuring_marker(Path(task.out_dir), info, stall_s=settings.tiling.slide_timeout_s):
         return run_slide(task)
 
 
@@ -470,14 +470,9 @@ def _run_local(tasks: list[SlideTask], workers: int) -> Iterator[dict[str, Any]]
 
 def slide_timeout_s(tasks: list[SlideTask]) -> float:
     """``tiling.slide_timeout_s`` of the run's settings (every task carries the same)."""
-    default = float(TilingSettings.model_fields["slide_timeout_s"].default)
     if not tasks:
-        return default
-    try:
-        tiling = json.loads(tasks[0].settings_json).get("tiling", {})
-        return float(tiling.get("slide_timeout_s", default))
-    except (ValueError, TypeError, AttributeError):
-        return default
+        return float(TilingSettings.model_fields["slide_timeout_s"].default)
+    return Settings.model_validate_json(tasks[0].settings_json).tiling.slide_timeout_s
 
 
 def largest_first(tasks: list[SlideTask]) -> list[SlideTask]:
