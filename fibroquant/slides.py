@@ -59,7 +59,9 @@ import threading
 import warnings
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, Self, runtime_checkable
@@ -753,39 +755,102 @@ def _bmp_header(head: bytes, name: str) -> tuple[int, int, float | None, str | N
 
 
 class _TileCache:
-    """Thread-safe LRU cache of decoded tiles, bounded by count and bytes."""
+    """Thread-safe cache of decoded segments, bounded by count and bytes (least recently used
+    first out).
+
+    A segment is decoded once however many threads ask for it at the same time
+    (:meth:`fetch`), and kept only while some of it is unread: it drops out once the reads
+    that took it have covered its area. The tile loop reads every pixel once, so a segment
+    cut by tile edges is decoded once and freed when its last piece is read (a count-only LRU
+    dropped segments a later tile row still needed: ~12 % of a 1-GP slide's segments were
+    decoded twice). Reads that overlap (calibration samples, registration crops) only make a
+    segment leave early, to be decoded again if asked for.
+    """
 
     def __init__(self, max_items: int = _TILE_CACHE_ITEMS, max_bytes: int = _TILE_CACHE_BYTES):
         self._items: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._unread: dict[tuple[int, int], int] = {}  # pixels of a kept segment not yet read
+        self._pending: dict[tuple[int, int], _Decoding] = {}
         self._lock = threading.Lock()
         self._bytes = 0
         self.max_items = max_items
         self.max_bytes = max_bytes
 
-    def get(self, key: tuple[int, int]) -> np.ndarray | None:
+    def fetch(self, key: tuple[int, int], decode: Callable[[], np.ndarray], read_px: int
+              ) -> np.ndarray:
+        """The segment ``key`` (decoded by ``decode()`` unless cached or being decoded by
+        another thread), of which the caller reads ``read_px`` pixels."""
         with self._lock:
             value = self._items.get(key)
             if value is not None:
                 self._items.move_to_end(key)
-            return value
+                self._take(key, read_px)
+                return value
+            pending = self._pending.get(key)
+            owner = pending is None
+            if owner:
+                pending = self._pending[key] = _Decoding()
+        assert pending is not None
+        if not owner:
+            pending.done.wait()
+            if pending.value is None:  # the decoding thread failed: try (and fail) here
+                return decode()
+            with self._lock:
+                if key in self._items:
+                    self._take(key, read_px)
+            return pending.value
+        try:
+            value = decode()
+        except BaseException:
+            with self._lock:
+                del self._pending[key]
+            pending.done.set()
+            raise
+        with self._lock:
+            del self._pending[key]
+            pending.value = value
+            left = value.shape[0] * value.shape[1] - read_px
+            if left > 0:
+                self._put(key, value, left)
+        pending.done.set()
+        return value
 
-    def put(self, key: tuple[int, int], value: np.ndarray) -> None:
+    def _take(self, key: tuple[int, int], read_px: int) -> None:
+        left = self._unread.get(key, 0) - read_px
+        if left > 0:
+            self._unread[key] = left
+        else:
+            self._drop(key)
+
+    def _put(self, key: tuple[int, int], value: np.ndarray, unread_px: int) -> None:
         if value.nbytes > self.max_bytes:
             return
-        with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self._bytes -= old.nbytes
-            self._items[key] = value
-            self._bytes += value.nbytes
-            while len(self._items) > self.max_items or self._bytes > self.max_bytes:
-                _, dropped = self._items.popitem(last=False)
-                self._bytes -= dropped.nbytes
+        self._drop(key)
+        self._items[key] = value
+        self._unread[key] = unread_px
+        self._bytes += value.nbytes
+        while len(self._items) > self.max_items or self._bytes > self.max_bytes:
+            self._drop(next(iter(self._items)))
+
+    def _drop(self, key: tuple[int, int]) -> None:
+        old = self._items.pop(key, None)
+        self._unread.pop(key, None)
+        if old is not None:
+            self._bytes -= old.nbytes
 
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+            self._unread.clear()
             self._bytes = 0
+
+
+class _Decoding:
+    """A segment being decoded by one thread; the others asking for it wait for it."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.value: np.ndarray | None = None
 
 
 class _TiffLevel:
@@ -873,28 +938,17 @@ class _TiffLevel:
             raise SlideReadError(msg)
         return segment[:h, :w]
 
-    def segment_rgb(self, index: int, *, use_cache: bool = True, keep: bool = True
-                    ) -> np.ndarray:
-        """Return segment ``index`` (0 .. grid_h * grid_w - 1) as uint8 RGB (from the cache
-        when there; put in it when ``use_cache`` and ``keep``)."""
-        key = (self.index, index)
-        if use_cache:
-            cached = self.slide.cache.get(key)
-            if cached is not None:
-                return cached
+    def segment_rgb(self, index: int) -> np.ndarray:
+        """Return segment ``index`` (0 .. grid_h * grid_w - 1) as uint8 RGB."""
         parts = [self.raw_segment(plane * self.per_plane + index) for plane in range(self.planes)]
         row, col = divmod(index, self.grid_w)
         h = min(self.seg_h, self.height - row * self.seg_h)
         w = min(self.seg_w, self.width - col * self.seg_w)
         arrays = [part for part in parts if part is not None]
         if len(arrays) < len(parts):
-            rgb = np.full((h, w, 3), 255, np.uint8)
-        else:
-            raw = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=-1)
-            rgb = self.slide.pixel_format.convert(raw)
-        if use_cache and keep:
-            self.slide.cache.put(key, rgb)
-        return rgb
+            return np.full((h, w, 3), 255, np.uint8)
+        raw = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=-1)
+        return self.slide.pixel_format.convert(raw)
 
     # regions -------------------------------------------------------------------------------
 
@@ -904,22 +958,22 @@ class _TiffLevel:
         return self._assemble(y0, x0, y1, x1, use_cache=True)
 
     def _assemble(self, y0: int, x0: int, y1: int, x1: int, *, use_cache: bool) -> np.ndarray:
-        # Only segments the region cuts through are kept in the cache (a neighbouring region
-        # may need their other part); a segment read whole is not, so a grid of regions
-        # aligned with the segments (the tile loop) reads each once without filling the
-        # cache with segments nobody reads again.
+        # segments go through the cache, which keeps one only while part of it is unread
+        # (_TileCache.fetch): a grid of regions (the tile loop) decodes each segment once
         out = np.empty((y1 - y0, x1 - x0, 3), np.uint8)
+        cache = self.slide.cache
         for row in range(y0 // self.seg_h, (y1 - 1) // self.seg_h + 1):
             ty = row * self.seg_h
-            ty1 = min(ty + self.seg_h, self.height)
+            sy0, sy1 = max(y0, ty), min(y1, ty + self.seg_h, self.height)
             for col in range(x0 // self.seg_w, (x1 - 1) // self.seg_w + 1):
                 tx = col * self.seg_w
-                whole = y0 <= ty and ty1 <= y1 and x0 <= tx and min(tx + self.seg_w,
-                                                                    self.width) <= x1
-                tile = self.segment_rgb(row * self.grid_w + col, use_cache=use_cache,
-                                        keep=not whole)
-                sy0, sy1 = max(y0, ty), min(y1, ty + tile.shape[0])
-                sx0, sx1 = max(x0, tx), min(x1, tx + tile.shape[1])
+                sx0, sx1 = max(x0, tx), min(x1, tx + self.seg_w, self.width)
+                index = row * self.grid_w + col
+                if use_cache:
+                    tile = cache.fetch((self.index, index), partial(self.segment_rgb, index),
+                                       (sy1 - sy0) * (sx1 - sx0))
+                else:
+                    tile = self.segment_rgb(index)
                 out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = tile[
                     sy0 - ty : sy1 - ty, sx0 - tx : sx1 - tx
                 ]

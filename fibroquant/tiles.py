@@ -262,6 +262,23 @@ def lookup_any(mask: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarr
     return kernels.lookup_nearest(mask, rows, cols)
 
 
+def touches(mask: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> bool:
+    """``lookup_any(mask, rows, cols).any()`` without building the looked-up array when the
+    index maps step by at most one (a mask at least as coarse as the tile: every cell of the
+    rectangle they span is looked up, so the answer is that rectangle's ``any``)."""
+    if not (len(rows) and len(cols)):
+        return False
+    sub = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    if _steps_le_one(rows) and _steps_le_one(cols):
+        return bool(sub.any())
+    return bool(sub.any()) and bool(lookup_any(mask, rows, cols).any())
+
+
+def _steps_le_one(idx: np.ndarray) -> bool:
+    """Whether a non-decreasing index map skips no index."""
+    return len(idx) < 2 or bool((np.diff(idx) <= 1).all())
+
+
 def measure_box(
     slide: Slide, job: TileJob, box: tuple[int, int, int, int]
 ) -> tuple[tuple[int, int, int, int], TileCounts, np.ndarray, np.ndarray, np.ndarray,
@@ -273,7 +290,7 @@ def measure_box(
     th, tw = job.flags.shape
     rows = index_map(y0, y1, job.fy, th)
     cols = index_map(x0, x1, job.fx, tw)
-    if not lookup_any(job.tissue.section, rows, cols).any():
+    if not touches(job.tissue.section, rows, cols):
         return None
     f = job.geo.mask_factor
     sub = job.flags[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]

@@ -40,10 +40,10 @@ from fibroquant.errors import FibroquantError
 from fibroquant.tasks import remove_zoom
 from fibroquant.tiles import (
     index_map,
-    lookup_any,
     measure_tile,
     read_analysis,
     tile_grid,
+    touches,
 )
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -208,7 +208,7 @@ def _draw_block(cal: Calibration, box: tuple[int, int, int, int],
     def draw(sub: tuple[int, int, int, int]) -> None:
         rows = index_map(sub[0], sub[2], fy, th)
         cols = index_map(sub[1], sub[3], fx, tw)
-        if not lookup_any(cal.tissue.section, rows, cols).any():
+        if not touches(cal.tissue.section, rows, cols):
             return  # glass: shown as it is
         view = rgb[sub[0] - y0 : sub[2] - y0, sub[1] - x0 : sub[3] - x0]
         win = np.ascontiguousarray(view)

@@ -69,6 +69,54 @@ def test_lookup_any_equals_lookup(fill):
         )
 
 
+@pytest.mark.parametrize("density", [0.0, 0.002, 0.1, 1.0])
+def test_touches_equals_any_of_the_lookup(density):
+    rng = np.random.default_rng(4)
+    mask = rng.random((30, 40)) < density
+    for factor in (0.45, 0.7, 1.0, 3.3):  # finer masks skip cells: the gather decides there
+        for y0, x0 in ((0, 5), (7, 0), (11, 23)):
+            rows = tiles.index_map(y0, y0 + 9, factor, 30)
+            cols = tiles.index_map(x0, x0 + 13, factor, 40)
+            assert tiles.touches(mask, rows, cols) == bool(mask[np.ix_(rows, cols)].any())
+
+
+def test_tiff_segments_are_decoded_once_over_a_grid_of_unaligned_regions(tmp_path):
+    """The tile loop's reads (a grid not aligned with the file's 64-px tiles, on two threads)
+    decode every segment once, give the pixels of the file, and leave nothing cached."""
+    import tifffile
+
+    from fibroquant import slides
+
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 256, (300, 420, 3), dtype=np.uint8)
+    path = tmp_path / "grid.tif"
+    tifffile.imwrite(path, image, tile=(64, 64), photometric="rgb",
+                     resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    slide = slides.open_slide(path)
+    slide.cache.max_items = 12  # a row of partly read segments and a few more
+    level = slide._levels[0]
+    decoded: list[int] = []
+    raw = level.raw_segment
+
+    def counting(index):
+        decoded.append(index)
+        return raw(index)
+
+    level.raw_segment = counting
+    boxes = [(y, x, min(y + 100, 300), min(x + 100, 420))
+             for y in range(0, 300, 100) for x in range(0, 420, 100)]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        parts = list(pool.map(lambda b: slide.read_region(0, b[0], b[1], b[2] - b[0],
+                                                          b[3] - b[1]), boxes))
+    for (y0, x0, y1, x1), part in zip(boxes, parts, strict=True):
+        np.testing.assert_array_equal(part, image[y0:y1, x0:x1])
+    assert sorted(decoded) == list(range(level.total))
+    assert slide.cache._bytes == 0
+    slide.close()
+
+
 def test_gaussian_blur_fft_matches_opencv():
     rng = np.random.default_rng(1)
     img = cv2.GaussianBlur(rng.random((700, 650), dtype=np.float32), (0, 0), 3)
