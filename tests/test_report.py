@@ -583,3 +583,23 @@ def test_retitle_qc_redraws_only_the_name(tmp_path: Path) -> None:
     assert np.abs(ia[:top] - ib[:top]).mean() < 1.5
     name_line = slice(top, top + 20)
     assert np.abs(ia[name_line] - ib[name_line]).mean() < 3  # now shows the new name
+
+
+def test_report_thumbnail_of_a_large_jpeg_is_decoded_reduced_and_480_wide(tmp_path: Path) -> None:
+    import base64
+
+    import cv2
+
+    from fibroquant.report import _jpeg_width, _read_image, _thumb_jpeg_uri, write_jpeg
+
+    rng = np.random.default_rng(1)
+    path = tmp_path / "qc.jpg"
+    write_jpeg(path, rng.integers(0, 256, (1000, 2000, 3), dtype=np.uint8))
+    assert _jpeg_width(np.fromfile(str(path), np.uint8)) == 2000
+    assert _read_image(path, 480).shape == (250, 500, 3)  # 1/4: the smallest still >= 480
+    assert _read_image(path).shape == (1000, 2000, 3)
+    uri = _thumb_jpeg_uri(path)
+    assert uri is not None
+    thumb = cv2.imdecode(np.frombuffer(base64.b64decode(uri.split(",", 1)[1]), np.uint8),
+                         cv2.IMREAD_COLOR)
+    assert thumb.shape == (240, 480, 3)
