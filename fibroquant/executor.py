@@ -76,19 +76,30 @@ def run_slide(task: SlideTask) -> dict[str, Any]:
     dict
         The slide's record, ``status`` ``ok`` or ``failed`` with a one-line ``error``.
     """
-    from fibroquant import report  # local: keeps workers' import light until needed
     from fibroquant.zoom import zoom_writer
 
     settings = Settings.model_validate_json(task.settings_json)
     out = Path(task.out_dir)
     stem = task_stem(task)
     slide: Slide | None = None
+    files = output_files(out, stem)
+    written: list[BaseException | None] = []  # outputs written beside the fibre traits
+
+    def write_beside(partial: Any) -> None:
+        try:
+            _write_outputs(files, partial, settings, task)
+        except Exception as exc:  # noqa: BLE001 - handled below, as if written here
+            written.append(exc)
+        else:
+            written.append(None)
+
     try:
         slide = open_within(task, settings.tiling.input_timeout_s)
         analysis = analyze_slide(
             task.path, settings, mpp=task.mpp, fallback_mpp=task.fallback_mpp,
             workers=task.threads, slide=slide,
             after=zoom_writer(out, stem, settings, task.slide, task.threads),
+            masks_ready=write_beside,
         )
     except FibroquantError as exc:
         return _failed(task, one_line(exc))
@@ -104,26 +115,36 @@ def run_slide(task: SlideTask) -> dict[str, Any]:
     finally:
         if slide is not None:
             slide.close()
-    files = output_files(out, stem)
     try:
-        report.write_qc(files["qc"], analysis, max_px=settings.tiling.qc_max_px,
-                         title=task.slide)
-        if task.write_masks:
-            report.write_png(files["collagen"], analysis.collagen_mask)
-            report.write_png(files["tissue"], analysis.tissue_mask)
-            # outlines in full-resolution (level 0) pixel coordinates, for QuPath
-            scale = analysis.mask_mpp / analysis.mpp
-            fc = report.mask_to_geojson(analysis.tissue_mask, analysis.collagen_mask,
-                                        scale=scale, slide_name=task.slide)
-            report.write_geojson(files["geojson"], fc)
-        else:  # masks of an earlier measurement would contradict this one
-            remove_files(files[k] for k in MASK_KINDS)
+        if not written:
+            _write_outputs(files, analysis, settings, task)
+        elif written[0] is not None:
+            raise written[0]
     except Exception as exc:  # noqa: BLE001 - the writers raise FibroquantError (or a bug)
         logger.debug("cannot write outputs of %s:\n%s", task.path, traceback.format_exc())
         return _failed(
             task, f"{Path(task.path).name}: cannot write outputs: {write_error(exc)}"[:500]
         )
     return {"slide": task.slide, "fingerprint": task.fingerprint, **analysis.to_record()}
+
+
+def _write_outputs(files: dict[str, Path], analysis: Any, settings: Settings,
+                   task: SlideTask) -> None:
+    """A slide's QC overlay and, with ``write_masks``, its masks and GeoJSON (else those of
+    an earlier measurement are removed); from the masks alone (no fibre traits needed)."""
+    from fibroquant import report
+
+    report.write_qc(files["qc"], analysis, max_px=settings.tiling.qc_max_px, title=task.slide)
+    if task.write_masks:
+        report.write_png(files["collagen"], analysis.collagen_mask)
+        report.write_png(files["tissue"], analysis.tissue_mask)
+        # outlines in full-resolution (level 0) pixel coordinates, for QuPath
+        scale = analysis.mask_mpp / analysis.mpp
+        fc = report.mask_to_geojson(analysis.tissue_mask, analysis.collagen_mask,
+                                    scale=scale, slide_name=task.slide)
+        report.write_geojson(files["geojson"], fc)
+    else:  # masks of an earlier measurement would contradict this one
+        remove_files(files[k] for k in MASK_KINDS)
 
 
 def open_within(task: SlideTask, seconds: float) -> Slide:

@@ -19,7 +19,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +208,7 @@ def analyze_slide(
     slide: Slide | None = None,
     decide: PixelDecider | None = None,
     after: Callable[[Calibration, SlideResult, PixelDecider | None], None] | None = None,
+    masks_ready: Callable[[SlideResult], None] | None = None,
 ) -> SlideResult:
     """Measure collagen proportionate area on one slide: :func:`calibrate_slide`, then
     :func:`measure_tiles`.
@@ -232,6 +233,12 @@ def analyze_slide(
     after : callable, optional
         Called with the calibration, the result and the pixel decider while the slide is
         still open (the zoomable QC view reads it again: :mod:`fibroquant.zoom`).
+    masks_ready : callable, optional
+        With ``workers > 1`` and fibre traits on: called on a thread of its own, while the
+        traits are measured, with the result before its traits (``traits`` empty, ``seconds``
+        0), e.g. to write the QC overlay meanwhile; joined before this returns. Its
+        exceptions are its own to keep (raised there, they are logged and lost). Not called
+        otherwise: the caller does that work after.
 
     Returns
     -------
@@ -243,13 +250,15 @@ def analyze_slide(
         Unreadable slide, greyscale image, missing resolution, no tissue.
     """
     with blas_single_thread():
-        return _analyze_slide(path, settings, mpp, fallback_mpp, workers, slide, decide, after)
+        return _analyze_slide(path, settings, mpp, fallback_mpp, workers, slide, decide, after,
+                              masks_ready)
 
 
 def _analyze_slide(
     path: str | Path, settings: Settings, mpp: float | None, fallback_mpp: float | None,
     workers: int, slide: Slide | None, decide: PixelDecider | None,
     after: Callable[[Calibration, SlideResult, PixelDecider | None], None] | None,
+    masks_ready: Callable[[SlideResult], None] | None = None,
 ) -> SlideResult:
     t_start = time.perf_counter()
     tune_malloc()
@@ -286,19 +295,31 @@ def _analyze_slide(
         geo = cal.geometry
         qc = cal.thumbnail if cal.thumbnail_mpp >= geo.mask_mpp * 0.999 else \
             cal.slide.thumbnail(geo.mask_mpp)
-        traits = {}
-        if settings.traits.enabled:
-            from fibroquant import traits as fibre_traits
-
-            traits = fibre_traits.measure_slide(collagen_m, tissue_m, geo.mask_mpp,
-                                                settings.traits, lumen=cal.tissue.lumen,
-                                                lumen_mpp=cal.thumbnail_mpp, workers=workers)
-            release_free_heap()
         result = SlideResult(
             settings.stains.stain.value, sl.format, require_mpp(sl), geo,
             Measurements.from_counts(total, geo.analysis_mpp), cal.stains, cal.threshold,
-            cal.qc, cal.warnings, round(time.perf_counter() - t_start, 3), __version__,
-            collagen_m, tissue_m, excluded_m, qc, cal.flags, traits, clf_label)
+            cal.qc, cal.warnings, 0.0, __version__,
+            collagen_m, tissue_m, excluded_m, qc, cal.flags, {}, clf_label)
+        beside = None
+        if masks_ready is not None and workers > 1 and settings.traits.enabled:
+            beside = threading.Thread(target=_quietly, args=(masks_ready, result),
+                                      name="fibroquant-masks-ready", daemon=True)
+            beside.start()
+        traits = {}
+        try:
+            if settings.traits.enabled:
+                from fibroquant import traits as fibre_traits
+
+                traits = fibre_traits.measure_slide(collagen_m, tissue_m, geo.mask_mpp,
+                                                    settings.traits, lumen=cal.tissue.lumen,
+                                                    lumen_mpp=cal.thumbnail_mpp,
+                                                    workers=workers)
+                release_free_heap()
+        finally:
+            if beside is not None:
+                beside.join()
+        result = replace(result, seconds=round(time.perf_counter() - t_start, 3),
+                         traits=traits)
         if after is not None:
             after(cal, result, decide)
         return result
@@ -530,6 +551,14 @@ def release_free_heap() -> None:
             _libc = False
     if _libc:
         _libc.malloc_trim(0)
+
+
+def _quietly(fn: Callable[[SlideResult], None], result: SlideResult) -> None:
+    """``fn(result)`` on a thread of its own: an exception is logged (``fn`` keeps its own)."""
+    try:
+        fn(result)
+    except Exception:  # noqa: BLE001 - a thread has nowhere to raise it
+        logger.debug("masks_ready failed:\n%s", traceback.format_exc())
 
 
 def _warm_quietly() -> None:

@@ -157,6 +157,60 @@ def test_read_only_file_system_simulated(bank: Path, tmp_path: Path,
     assert not list((out / "qc").iterdir())  # no temporary file left behind
 
 
+@pytest.mark.slow
+def test_outputs_written_beside_the_traits_equal_those_written_after(
+        bank: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One slide on two threads writes its QC overlay and masks while the fibre traits are
+    measured: the same files and record as one thread (which writes them after), and a write
+    error there fails the slide just the same."""
+    import errno
+    import threading
+
+    import fibroquant.report
+    from fibroquant import executor
+
+    writers: list[str] = []  # the thread each slide's outputs were written on
+    real_write = executor._write_outputs
+
+    def spy(*args, **kwargs):
+        writers.append(threading.current_thread().name)
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(executor, "_write_outputs", spy)
+    slides = _two_slides(bank, tmp_path / "slides", ("s0",))
+    outs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"out{workers}"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            summary = analyze_folder(slides, out, Settings(), workers=workers, masks=True)
+        assert summary.exit_code == 0
+        outs[workers] = out
+    assert writers == [threading.main_thread().name, "fibroquant-masks-ready"]
+    for name in ("qc/s0.jpg", "masks/s0.collagen.png", "masks/s0.tissue.png",
+                 "geojson/s0.geojson"):
+        assert (outs[1] / name).read_bytes() == (outs[2] / name).read_bytes(), name
+    rows = [table(o).drop(columns=["seconds"]) for o in outs.values()]
+    pd.testing.assert_frame_equal(rows[0], rows[1])
+    assert rows[0].loc[0, "fibre_width_median_um"] != ""  # traits were measured
+
+    real_replace = os.replace
+
+    def replace(src, dst, *a, **kw):
+        if "/qc/" in str(dst):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(dst))
+        return real_replace(src, dst, *a, **kw)
+
+    monkeypatch.setattr(fibroquant.report.os, "replace", replace)
+    out = tmp_path / "out-ro"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        summary = analyze_folder(slides, out, Settings(), workers=2)
+    assert (summary.exit_code, summary.failed) == (1, 1)
+    err = table(out).loc[0, "error"]
+    assert err == f"s0.tif: cannot write outputs: {out / 'qc' / 's0.jpg'}: Read-only file system"
+
+
 def test_write_error_text() -> None:
     from fibroquant.errors import FibroquantError
     from fibroquant.executor import write_error
