@@ -554,11 +554,14 @@ def release_free_heap() -> None:
 
 
 def _quietly(fn: Callable[[SlideResult], None], result: SlideResult) -> None:
-    """``fn(result)`` on a thread of its own: an exception is logged (``fn`` keeps its own)."""
+    """``fn(result)`` on a thread of its own: an exception is logged (``fn`` keeps its own).
+    Its freed memory is given back at once, not held while the traits peak."""
     try:
         fn(result)
     except Exception:  # noqa: BLE001 - a thread has nowhere to raise it
         logger.debug("masks_ready failed:\n%s", traceback.format_exc())
+    finally:
+        release_free_heap()
 
 
 def _warm_quietly() -> None:

@@ -594,7 +594,7 @@ def analyze_folder(
                 if todo:  # the analysis stack is imported only when there is work
                     from fibroquant.executor import run_tasks
 
-                    if workers > 1:
+                    if workers > 1 and len(todo) > 1:
                         preload_table_stack()
                 else:
                     run_tasks = _no_tasks
@@ -657,14 +657,19 @@ def analyze_folder(
             except ValueError:
                 summary.warnings = []
             previous = tables_current(out_dir, tables_key)
-            if interrupt_code == 143:  # SIGTERM: end now; the next run writes the tables
-                summary.comparison = ("terminated (SIGTERM): tables not updated; the next run "
-                                      "writes them")
+            # SIGTERM, or Ctrl-C before this run stored anything: end now (the tables would
+            # show what the last run showed; the next run writes them)
+            nothing_new = summary.interrupted and not summary.processed and not removed
+            if interrupt_code == 143 or nothing_new:
+                summary.comparison = (
+                    "terminated (SIGTERM): tables not updated; the next run writes them"
+                    if interrupt_code == 143 else
+                    "interrupted before any slide was stored: tables not updated")
                 summary.seconds = round(time.perf_counter() - t0, 3)
-                summary.exit_code = 143
+                summary.exit_code = interrupt_code
                 store.finish_run(
                     run_id, processed=summary.processed, skipped=summary.skipped,
-                    failed=summary.failed, removed=summary.removed, exit_code=143,
+                    failed=summary.failed, removed=summary.removed, exit_code=interrupt_code,
                     seconds=summary.seconds)
                 return summary
             if previous is not None and not summary.processed and not removed:
@@ -708,10 +713,10 @@ def preload_table_stack() -> threading.Thread:
     """Import the table writers' libraries (matplotlib's Agg figures, openpyxl: ~0.5-1 s) on
     a background thread, so that the tables written after the slides do not wait for them.
 
-    Started only with ``workers > 1``, while the slides are measured: a run's single-threaded
-    phases (a slide's calibration, the main process waiting on worker processes) leave a
-    core for it. An import that fails here is left to fail, with its message, where the
-    tables import it.
+    Started only when worker processes measure the slides (``workers > 1`` and several
+    slides): this process only waits on them. (With one slide measured here, the ~40 MB
+    imported would add to the slide's peak memory.) An import that fails here is left to
+    fail, with its message, where the tables import it.
     """
     def run() -> None:
         try:

@@ -657,3 +657,26 @@ def test_blob_rule_used_on_some_slides_only_is_a_run_warning(tmp_path: Path) -> 
                                      "collagen": {"blob_max_area_um2": 80}})
     assert blob_rule_mixed(df.reset_index(), fixed) is None
     assert blob_rule_mixed(df.reset_index().iloc[:1], masson) is None
+
+
+def test_ctrl_c_before_any_slide_is_stored_ends_without_writing_tables(
+        bank: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C during the first slide: nothing new to show, so the run ends at once (no
+    tables, plots or report to draw: seconds at start-up) and the next run writes them."""
+    from fibroquant import executor
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+        yield  # a generator, as run_tasks
+
+    monkeypatch.setattr(executor, "run_tasks", interrupted)
+    slides = _two_slides(bank, tmp_path / "slides", ("s0",))
+    out = tmp_path / "out"
+    summary = run(slides, out)
+    assert summary.interrupted and summary.exit_code == 130 and summary.processed == 0
+    assert summary.comparison.startswith("interrupted before any slide was stored")
+    assert not (out / "slides.csv").exists() and not (out / "report.html").exists()
+    monkeypatch.undo()
+    summary = run(slides, out)
+    assert (summary.exit_code, summary.processed) == (0, 1)
+    assert (out / "slides.csv").exists() and (out / "report.html").exists()
