@@ -13,7 +13,8 @@ Prints, from one run (every command in a fresh process, so imports and kernel lo
 (b) ``--fields`` fields of 2048² (JPEG copies of one real PSR field, each mirrored differently)
     — ``fibroquant analyze`` against liverquant's documented call on the same images, and against
     reading them alone (OpenCV, one process);
-(c) peak RSS of every command (the child's ``ru_maxrss``).
+(c) peak RSS of every command (the child's ``ru_maxrss``) and its CPU seconds (user + system;
+    not for fields on 2 workers, whose worker processes are not the command's children).
 
 The slide and fields are written once into ``--workdir`` and reused. Ratios are within the same
 run; the machine (cores, load average before and after) is printed with them.
@@ -159,8 +160,10 @@ for p in sys.argv[1:]:
 """
 
 
-def run(cmd: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB, the largest process of the command) of one command."""
+def run(cmd: list[str]) -> tuple[float, float, float]:
+    """Wall seconds, peak RSS (MB, the largest process of the command) and CPU seconds (user +
+    system, with the worker processes it waited for) of one command. On a shared machine the
+    CPU seconds are the steadier figure."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -169,10 +172,10 @@ def run(cmd: list[str]) -> tuple[float, float]:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd[:4])} ...\n{err[-2000:]}")
-    return secs, usage.ru_maxrss / 1024
+    return secs, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
 
 
-def fibroquant(folder: Path, workers: int, *extra: str) -> tuple[float, float]:
+def fibroquant(folder: Path, workers: int, *extra: str) -> tuple[float, float, float]:
     out = Path(tempfile.mkdtemp(prefix="fq-speed-out-"))
     try:
         return run([sys.executable, "-m", "fibroquant", "analyze", str(folder), "--stain",
@@ -181,10 +184,11 @@ def fibroquant(folder: Path, workers: int, *extra: str) -> tuple[float, float]:
         shutil.rmtree(out, ignore_errors=True)
 
 
-def best(fn, repeats: int) -> tuple[float, float]:
-    """Fastest of ``repeats`` runs (seconds) and the largest peak RSS (MB)."""
+def best(fn, repeats: int) -> tuple[float, float, float]:
+    """Fastest of ``repeats`` runs (seconds), the largest peak RSS (MB) and the least CPU
+    seconds."""
     runs = [fn() for _ in range(repeats)]
-    return min(r[0] for r in runs), max(r[1] for r in runs)
+    return min(r[0] for r in runs), max(r[1] for r in runs), min(r[2] for r in runs)
 
 
 def load() -> str:
@@ -210,10 +214,12 @@ def main(argv: list[str] | None = None) -> int:
         w1 = best(lambda: fibroquant(slide.parent, 1), args.repeats)
         w2 = best(lambda: fibroquant(slide.parent, 2), args.repeats)
         print(f"\n(a) {slide.name}: {mp:.0f} MP, {TILE}-px JPEG tiles, {MPP} µm/px; load {load()}")
-        print(f"  decode-only, level-0 tiles, 2 threads  {dec[0]:7.2f} s  {dec[1]:6.0f} MB")
-        for name, (secs, rss) in (("fibroquant analyze --workers 1", w1),
-                                  ("fibroquant analyze --workers 2", w2)):
-            print(f"  {name:38s} {secs:7.2f} s  {rss:6.0f} MB  = {dec[0] / secs:.2f}x decode")
+        print(f"  decode-only, level-0 tiles, 2 threads  {dec[0]:7.2f} s  {dec[1]:6.0f} MB"
+              f"  CPU {dec[2]:6.2f} s")
+        for name, (secs, rss, cpu) in (("fibroquant analyze --workers 1", w1),
+                                       ("fibroquant analyze --workers 2", w2)):
+            print(f"  {name:38s} {secs:7.2f} s  {rss:6.0f} MB  CPU {cpu:6.2f} s"
+                  f"  = {dec[0] / secs:.2f}x decode")
         print(f"  --workers 2 vs 1: {w1[0] / w2[0]:.2f}x (one slide)")
     if not args.skip_fields:
         if not FIELD_SOURCE.exists():
@@ -233,9 +239,13 @@ def main(argv: list[str] | None = None) -> int:
                 args.repeats)))
         n = len(fields)
         print(f"\n(b) {n} fields of 2048² (JPEG, PSR liver); load {load()}")
-        print(f"  {'command':38s} {'s/image':>8s} {'peak MB':>8s} {'x liverquant':>13s}")
-        for name, (secs, rss) in rows:
-            print(f"  {name:38s} {secs / n:8.3f} {rss:8.0f} {lq[0] / secs:13.2f}")
+        print(f"  {'command':38s} {'s/image':>8s} {'peak MB':>8s} {'CPU s/image':>12s} "
+              f"{'x liverquant':>13s}")
+        for name, (secs, rss, cpu) in rows:
+            # worker processes are the forkserver's children: their CPU is not the command's
+            cpu_text = "n/a" if "--workers 2" in name else f"{cpu / n:.3f}"
+            print(f"  {name:38s} {secs / n:8.3f} {rss:8.0f} {cpu_text:>12s} "
+                  f"{lq[0] / secs:13.2f}")
     print(f"\nload average at the end {load()}")
     return 0
 
