@@ -355,12 +355,6 @@ def zoom_writer(out_dir: Path, stem: str, settings: Settings, title: str,
     return after
 
 
-def zoom_page(out_dir: Path, stem: str) -> Path | None:
-    """The slide's viewer page when it has one."""
-    page = Path(out_dir) / "zoom" / f"{stem}.html"
-    return page if page.is_file() else None
-
-
 def _write_text(path: Path, text: str) -> None:
     from fibroquant.outdir import atomic_write_bytes
 
