@@ -20,7 +20,7 @@ from typing import Literal
 
 import numpy as np
 
-__all__ = ["CLASSES", "FLAG_TISSUE", "Excluded", "by_rule", "detected", "large_columns", "painted"]
+__all__ = ["CLASSES", "FLAG_TISSUE", "Excluded", "area_bits", "by_rule", "detected", "large_columns", "painted"]
 
 #: Class bit of countable tissue (before the capsule and vessel walls are taken out).
 FLAG_TISSUE = 1
@@ -119,6 +119,11 @@ def painted() -> tuple[Excluded, ...]:
     return tuple(sorted((c for c in CLASSES if c.bit), key=lambda c: c.paint))
 
 
+def area_bits() -> int:
+    """The bits of the classes excluded whatever the pixel shows (rule ``area``), or-ed."""
+    return int(np.bitwise_or.reduce([c.bit for c in by_rule("area")] or [0]))
+
+
 def large_columns() -> tuple[str, ...]:
     """Columns of the classes that count toward the ``large exclusions`` flag."""
     return tuple(c.column for c in CLASSES if c.large)
@@ -136,7 +141,5 @@ def _check(classes: tuple[Excluded, ...]) -> None:
 
 _check(CLASSES)
 
-#: Bits of the classes excluded whatever the pixel shows (rule ``area``), or-ed.
-AREA_BITS = int(np.bitwise_or.reduce([c.bit for c in by_rule("area")] or [0]))
 #: The capsule band's bit, the vessel walls' bit and the tile-level class.
 BAND, WALL, TILES = by_rule("band")[0], by_rule("wall")[0], by_rule("tiles")[0]

@@ -80,18 +80,20 @@ FLAG_TISSUE = exclusions.FLAG_TISSUE
 FLAG_BAND = exclusions.BAND.bit
 FLAG_WALL = exclusions.WALL.bit
 
-#: Names of the counts :func:`measure_tile_fused` returns: tissue, collagen and every excluded
-#: class with a bit (``KEY_px``, in :data:`fibroquant.exclusions.CLASSES` order).
-FUSED_COUNTS = ("tissue_px", "collagen_px",
-                *(c.count for c in exclusions.CLASSES if c.rule != "tiles"))
+def fused_counts() -> tuple[str, ...]:
+    """Names of the counts :func:`measure_tile_fused` returns: tissue, collagen and every
+    excluded class with a bit (``KEY_px``, in :data:`fibroquant.exclusions.CLASSES` order)."""
+    return ("tissue_px", "collagen_px",
+            *(c.count for c in exclusions.CLASSES if c.rule != "tiles"))
 
 
-def _class_selection() -> np.ndarray:
+@functools.lru_cache(maxsize=4)
+def _class_selection(classes: tuple[exclusions.Excluded, ...]) -> np.ndarray:
     # which of the 256 class-bit values count toward each ``area`` and ``wall`` class
     # (the wall: outside the capsule band; in it the kernel counts walls pixel by pixel)
     v = np.arange(256)
     rows = []
-    for c in exclusions.CLASSES:
+    for c in classes:
         if c.rule == "area":
             rows.append((v & c.bit) != 0)
         elif c.rule == "wall":
@@ -99,15 +101,13 @@ def _class_selection() -> np.ndarray:
     return np.array(rows, np.int64).reshape(-1, 256)
 
 
-_CLASS_SEL = _class_selection()
-
-
 def _named_counts(counts: np.ndarray, by_class: np.ndarray) -> dict[str, int]:
     # the kernel's counters (tissue, collagen, capsule, walls in the band) and its counts per
-    # class-bit value, named as FUSED_COUNTS
-    per_class = iter(int(n) for n in _CLASS_SEL @ by_class)
+    # class-bit value, named as fused_counts()
+    classes = exclusions.CLASSES
+    per_class = iter(int(n) for n in _class_selection(classes) @ by_class)
     named = {"tissue_px": int(counts[0]), "collagen_px": int(counts[1])}
-    for c in exclusions.CLASSES:
+    for c in classes:
         if c.rule == "band":
             named[c.count] = int(counts[2])
         elif c.rule == "wall":
@@ -849,7 +849,7 @@ class FusedTile:
     Attributes
     ----------
     counts : dict of str to int
-        Pixel counts named as in :data:`FUSED_COUNTS` (tissue, collagen, every excluded
+        Pixel counts named as :func:`fused_counts` says (tissue, collagen, every excluded
         class with a bit).
     collagen_od_sum : float
         Sum of the collagen concentration (OD units) over collagen pixels.
@@ -976,7 +976,7 @@ def measure_tile_fused(
     _tile_nb(rgb, lut, tables, others, np.float32(min_share), flags, thr,
              rows, cols, int(f), blocks, int(stride), fmom, counts, od_total,
              int(min_px), int(blob_px), int(blob_side), words, t01, l01,
-             int(exclusions.AREA_BITS), by_class)
+             exclusions.area_bits(), by_class)
     shape = (-(-h // stride), -(-w // stride)) if stride > 0 else (0, 0)
     return FusedTile(_named_counts(counts, by_class), float(od_total[0]), blocks, fmom if stride > 0 else None, shape)
 

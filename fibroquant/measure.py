@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fibroquant import exclusions
 from fibroquant.confidence import qc_flags
-from fibroquant.exclusions import BAND, CLASSES, TILES, WALL, by_rule
+from fibroquant.exclusions import BAND, TILES, WALL, by_rule
 
 if TYPE_CHECKING:  # types only: these modules sit above this one
     from fibroquant.collagen import CollagenThreshold
@@ -49,9 +50,9 @@ class TileCounts:
     @classmethod
     def from_named(cls, counts: Mapping[str, int], collagen_od_sum: float) -> TileCounts:
         """From a tile's counts named ``tissue_px``, ``collagen_px`` and ``KEY_px`` per
-        excluded class (:data:`fibroquant.kernels.FUSED_COUNTS`)."""
+        excluded class (:func:`fibroquant.kernels.fused_counts`)."""
         return cls(counts["tissue_px"], counts["collagen_px"], collagen_od_sum,
-                   {c.key: counts[c.count] for c in CLASSES if c.count in counts})
+                   {c.key: counts[c.count] for c in exclusions.CLASSES if c.count in counts})
 
     def out_of_focus(self) -> TileCounts:
         """The tile left out as unfocused: its tissue, capsule and walls become the
@@ -136,7 +137,7 @@ class Measurements:
             cpa_percent=cpa,
             collagen_od_mean=od,
             excluded_area_mm2={c.column: _mm2(counts.excluded_px.get(c.key, 0), mpp)
-                               for c in CLASSES},
+                               for c in exclusions.CLASSES},
         )
 
 

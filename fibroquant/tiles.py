@@ -27,7 +27,7 @@ from fibroquant.collagen import (
     is_collagen,
     speck_mask,
 )
-from fibroquant.kernels import FUSED_COUNTS, FusedTile
+from fibroquant.kernels import FusedTile
 from fibroquant.measure import TileCounts
 from fibroquant.slides import Slide, require_mpp
 from fibroquant.stains import StainMatrix
@@ -108,12 +108,12 @@ def measure_tile_reference(
     tissue &= ~capsule & ~wall
     if decided is None:
         col &= ~speck_mask(col, rule)
-    area = (fl & np.uint8(exclusions.AREA_BITS)) != 0
+    area = (fl & np.uint8(exclusions.area_bits())) != 0
     excluded = capsule | wall | area
     masks = {"tissue_px": tissue, "collagen_px": col, exclusions.BAND.count: capsule,
              exclusions.WALL.count: wall}
     masks.update({c.count: (fl & np.uint8(c.bit)) != 0 for c in exclusions.by_rule("area")})
-    counts = {name: int(np.count_nonzero(masks[name])) for name in FUSED_COUNTS}
+    counts = {name: int(np.count_nonzero(masks[name])) for name in kernels.fused_counts()}
     h, w = tissue.shape
     bh, bw = -(-h // f), -(-w // f)
     blocks = np.zeros((3, bh * f, bw * f), np.int32)
