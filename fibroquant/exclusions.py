@@ -134,8 +134,9 @@ def _check(classes: tuple[Excluded, ...]) -> None:
     if any(b & (b - 1) or not 1 < b < 256 for b in bits) or len(set(bits)) != len(bits):
         msg = f"excluded classes need distinct single bits 2..128 of a uint8: {bits}"
         raise ValueError(msg)
-    if [len(by_rule(r)) for r in ("band", "wall", "tiles")] != [1, 1, 1]:
-        msg = "exactly one excluded class each with rule band, wall and tiles"
+    roles = {r: [c.bit for c in classes if c.rule == r] for r in ("band", "wall", "tiles")}
+    if roles != {"band": [2], "wall": [4], "tiles": [0]}:  # the tile kernel's fixed bits
+        msg = f"one class each with rule band (bit 2), wall (bit 4) and tiles (bit 0): {roles}"
         raise ValueError(msg)
 
 

@@ -40,6 +40,8 @@ def test_bits_are_single_distinct_and_the_kernel_roles_are_filled():
     assert (exclusions.BAND.bit, exclusions.WALL.bit) == (kernels.FLAG_BAND, kernels.FLAG_WALL)
     with pytest.raises(ValueError, match="distinct single bits"):
         exclusions._check((*CLASSES, Excluded("x", "x", (0, 0, 0), 8)))
+    with pytest.raises(ValueError, match="rule band"):
+        exclusions._check((*CLASSES, Excluded("x", "x", (0, 0, 0), 128, "wall")))
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.key)
