@@ -121,7 +121,7 @@ def painted() -> tuple[Excluded, ...]:
 
 def area_bits() -> int:
     """The bits of the classes excluded whatever the pixel shows (rule ``area``), or-ed."""
-    return int(np.bitwise_or.reduce([c.bit for c in by_rule("area")] or [0]))
+    return sum(c.bit for c in by_rule("area"))  # distinct single bits: the sum is their or
 
 
 def large_columns() -> tuple[str, ...]:
