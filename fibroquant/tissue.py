@@ -451,7 +451,8 @@ def no_tissue_reason(
     if found.section.any():
         parts = [f"{name} {found.area_mm2(mask) * 1e6:,.0f} µm²"
                  for name, mask in (("lumen", found.lumen), ("air bubble", found.bubble),
-                                    ("fold", found.fold)) if mask.any()]
+                                    ("fold", found.fold), *found.detected.items())
+                 if mask.any()]
         return (f"the section found ({found.area_mm2(found.section) * 1e6:,.0f} µm²) is all "
                 f"excluded: {', '.join(parts) or 'exclusions'}")
     od_sum = channel_sum(rgb_to_od(rgb, background_rgb))

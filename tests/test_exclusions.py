@@ -16,13 +16,12 @@ from fibroquant import exclusions, kernels, schema, tiles
 from fibroquant.collagen import CollagenRule
 from fibroquant.confidence import qc_flags
 from fibroquant.config import Settings
+from fibroquant.errors import FibroquantError
 from fibroquant.exclusions import CLASSES, Excluded
 from fibroquant.measure import Measurements, TileCounts
 from fibroquant.report import EXCLUSION_COLOURS, _exclusion_masks
 from fibroquant.stains import od_lut
 from fibroquant.synthetic import SectionParams, make_section
-
-BY_KEY = {c.key: c for c in CLASSES}
 
 
 def test_the_schema_has_one_exclusion_column_per_class_in_table_order():
@@ -137,4 +136,8 @@ def test_a_class_added_to_the_table_is_measured_end_to_end(monkeypatch):
     shown = _exclusion_masks(after.flags, after.excluded_mask)
     assert shown["pigment"].sum() == pytest.approx(pigment.sum(), rel=0.05)
     assert Settings().settings_hash() != hash_before  # stored results are measured anew
+    black = rgb.copy()
+    black[truth.section_mask] = (40, 35, 30)
+    with pytest.raises(FibroquantError, match=r"all excluded: pigment [\d,]+ µm²"):
+        fibroquant.analyze(black, mpp=0.5)
     assert replace(new, detect=None) not in exclusions.detected()
