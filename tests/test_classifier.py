@@ -210,7 +210,8 @@ def test_classifier_file_joins_the_settings_hash(tmp_path, trained):
 
 def test_slide_record_names_the_classifier(tmp_path, trained, batches):
     """slides.csv's ``classifier``: the file's name and SHA-256 (16 hex digits) when a
-    classifier decided collagen, empty on the default threshold path."""
+    classifier decided collagen, empty on the default threshold path; ``threshold_method``
+    says which decided."""
     from fibroquant import pipeline
     from fibroquant.config import Settings
     from fibroquant.slides import ArraySlide
@@ -224,5 +225,7 @@ def test_slide_record_names_the_classifier(tmp_path, trained, batches):
     rec_c = pipeline.analyze_slide("x.png", by_clf, slide=ArraySlide(rgb, 0.5)).to_record()
     assert rec["classifier"] == ""
     assert rec_c["classifier"] == f"study.classifier#{digest}"
+    # what decided collagen: the threshold's scale, or the classifier
+    assert (rec["threshold_method"], rec_c["threshold_method"]) == ("relative", "classifier")
     assert len(digest) == 16
     assert rec_c["cpa_percent"] != rec["cpa_percent"]  # the classifier really decided
