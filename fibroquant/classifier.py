@@ -25,7 +25,7 @@ import math
 import pickle
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -541,7 +541,8 @@ class PixelClassifier:
     _compiled: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if type(self.model).__name__ == "HistGradientBoostingClassifier":
+        if self._compiled is None and type(self.model).__name__ == \
+                "HistGradientBoostingClassifier":
             try:
                 self._compiled = CompiledEnsemble(self.model)
             except (AttributeError, KeyError, ValueError, IndexError):  # another layout
@@ -557,6 +558,17 @@ class PixelClassifier:
         """The features' reduced-resolution rule (:func:`pixel_features`)."""
         value = self.header["settings"].get("min_sigma_px", MIN_SIGMA_PX)
         return None if value is None else float(value)
+
+    def for_slide(self, collagen_level_od: float) -> PixelClassifier:
+        """This classifier for one slide: its collagen-stain features relative to the slide's
+        collagen level (``slides.csv``'s ``collagen_level_od``), as it was trained, so that a
+        darker or paler staining batch reads the same; itself when trained on raw features."""
+        settings = self.header.get("settings", {})
+        if settings.get("reference") != REFERENCE:
+            return self
+        ref = slide_reference_od(collagen_level_od,
+                                 float(settings.get("reference_fallback_od", 1.0)))
+        return replace(self, reference_od=ref, _compiled=self._compiled)
 
     @property
     def coarse_to_fine(self) -> bool:
@@ -683,9 +695,13 @@ def save(clf: PixelClassifier, path: str | Path) -> str:
 
     path = Path(path)
     header = dict(clf.header)
+    rule = STAIN_RULE
+    if header.get("settings", {}).get("reference") == REFERENCE:
+        rule += (f"; the collagen stain's features divided by the slide's {REFERENCE} (the "
+                 "training slides' median when it has none)")
     header.update(format="fibroquant-classifier", format_version=FORMAT_VERSION,
                   fibroquant_version=__version__, sklearn_version=_sklearn_version(),
-                  gate_od=clf.gate_od, stain_calibration=STAIN_RULE)
+                  gate_od=clf.gate_od, stain_calibration=rule)
     buf = io.BytesIO()
     pickle.dump(clf.model, buf, protocol=pickle.HIGHEST_PROTOCOL)
     data = _MAGIC + b" " + json.dumps(header, sort_keys=True).encode() + b"\n" + buf.getvalue()
@@ -832,6 +848,9 @@ class TrainingImage:
     eval_labels : ndarray of bool, (M,)
     scored_px : int
         Scored pixels in the image (labelled and inside the tissue).
+    reference_od : float
+        The slide's collagen level (OD; NaN: none) its features are, or are to be, taken
+        relative to (:func:`apply_references`).
     """
 
     stem: str
@@ -841,6 +860,42 @@ class TrainingImage:
     eval_labels: np.ndarray
     scored_px: int
     provenance: dict[str, Any] = field(default_factory=dict)
+    reference_od: float = math.nan
+
+
+#: Which slide level the collagen stain's features are taken relative to (a column of
+#: ``slides.csv``: the median collagen-stain concentration of the slide's collagen-dominated
+#: pixels, from its threshold calibration).
+REFERENCE = "collagen_level_od"
+
+
+def slide_reference_od(level: float, fallback: float) -> float:
+    """The collagen level a slide's features are divided by: its own, or ``fallback`` when it
+    has none (a threshold method without levels, too few collagen pixels to calibrate)."""
+    return float(level) if math.isfinite(level) and level > 0 else float(fallback)
+
+
+def apply_references(images: Sequence[TrainingImage], stain_names: Sequence[str],
+                     scales_um: Sequence[float] = DEFAULT_SCALES_UM) -> float:
+    """Divide the collagen stain's feature columns of raw training images by each slide's
+    collagen level, in place, as :func:`feature_planes` with ``reference_od`` does (they are
+    linear in the stain's plane); slides without a level take the median of the others'.
+
+    Returns
+    -------
+    float
+        That median (1.0 when no slide has a level): the fallback stored with the classifier.
+    """
+    levels = [im.reference_od for im in images
+              if math.isfinite(im.reference_od) and im.reference_od > 0]
+    fallback = float(np.median(levels)) if levels else 1.0
+    names = feature_names(stain_names, scales_um)
+    cols = [i for i, nm in enumerate(names) if nm.split("_")[0] == stain_names[0]]
+    for im in images:
+        ref = np.float32(slide_reference_od(im.reference_od, fallback))
+        for x in (im.features, im.eval_features):
+            x[:, cols] /= ref
+    return fallback
 
 
 def _rng(rng: int | np.random.Generator | None) -> np.random.Generator:
@@ -1035,7 +1090,9 @@ def training_image(
     if getattr(settings, "classifier", None) is not None:  # measured as the threshold sees it
         settings = settings.model_copy(update={"classifier": None})
     analysis = analyze_slide(slide_path, settings, fallback_mpp=mpp)
-    stains = stains_of_record(analysis.to_record())
+    record = analysis.to_record()
+    stains = stains_of_record(record)
+    level = float(record.get(REFERENCE, math.nan))
     with _open(slide_path, mpp) as sl:
         mpp0 = require_mpp(sl)
         full = sl.levels[0].shape[:2]
@@ -1072,5 +1129,7 @@ def training_image(
         "collagen_px": int((labels & scored).sum()),
         "annotations": {a.person: {"file": a.path.name, "sha256": fingerprint(a.path),
                                    "dense": a.dense} for a in anns},
+        REFERENCE: level if math.isfinite(level) else None,
     }
+    image.reference_od = level  # raw features: apply_references divides them
     return image, stains

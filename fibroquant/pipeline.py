@@ -275,6 +275,8 @@ def _analyze_slide(
             from fibroquant.classifier import classifier_label
 
             clf_label = classifier_label(settings.classifier)
+        if decide is not None and hasattr(decide, "for_slide"):  # the slide's stain levels
+            decide = decide.for_slide(cal.threshold.collagen_level_od)
         t_wait = time.perf_counter()
         kernels.warmup_fused()  # compiling or loading kernels is not the slide's time
         t_start += time.perf_counter() - t_wait
