@@ -259,6 +259,7 @@ def test_reduced_resolution_features_match_full_resolution(batches):
     np.testing.assert_array_equal(fast[:4], full[:4])  # the unsmoothed planes: untouched
 
 
+@pytest.mark.slow
 def test_walk_reads_reduced_planes_as_upsampled(trained, batches):
     """The tree walk reading the reduced planes bilinearly decides as on the upsampled
     planes that training sees."""
@@ -292,6 +293,7 @@ def test_from_coarse_fills_agreeing_cells_and_asks_for_the_rest():
     assert not out[[0, 1, 2, 3], 3].any()  # asked pixels are left to the model
 
 
+@pytest.mark.slow
 def test_coarse_to_fine_agrees_with_every_pixel(trained, batches):
     rgb, truth = batches[1][0]
     fine = replace(trained, header={**trained.header, "settings": {
