@@ -219,14 +219,11 @@ def feature_planes(rgb: np.ndarray, stains: StainMatrix, mpp: float,
                            np.array([d for _, _, d in sizes], np.int64), (h, w))
     # optical density, then the stains' concentrations and the total OD (one matrix product
     # per pixel)
-    lut = od_lut(stains.background_rgb)
-    od = cv2.LUT(np.ascontiguousarray(rgb).reshape(-1, 1, 3),
-                 np.ascontiguousarray(lut.T).reshape(256, 1, 3)).reshape(rgb.shape)
     m = np.vstack([stains.unmixing.T, np.ones((1, 3))]).astype(np.float32)
     m[0] /= np.float32(reference_od)  # the collagen stain relative to the slide's own level
-    conc = cv2.transform(od, m) if n + 1 <= 4 else od @ m.T  # OpenCV: at most 4 channels
-    for i in range(n + 1):
-        planes.plane(i)[...] = conc[..., i]
+    _base_planes(np.ascontiguousarray(rgb).reshape(-1, 3),
+                 np.ascontiguousarray(od_lut(stains.background_rgb), np.float32), m,
+                 planes.buffer[: (n + 1) * h * w].reshape(n + 1, h * w))
     reduced = _pyramid([planes.plane(i) for i in range(n + 1)], top)
     k = n + 1
     for s, d in zip(scales_um, levels, strict=True):
@@ -246,6 +243,15 @@ def feature_planes(rgb: np.ndarray, stains: StainMatrix, mpp: float,
             np.divide(half_tr - root, step * step, out=planes.plane(k + 2))
             k += 3
     return planes
+
+
+def _base_planes_py(rgb, lut, m, out):  # pragma: no cover - compiled below
+    """Each pixel's optical density (``lut[channel, value]``) times ``m``: the stains'
+    concentrations and the total OD, written plane by plane into ``out`` (one pass)."""
+    for p in range(rgb.shape[0]):
+        o0, o1, o2 = lut[0, rgb[p, 0]], lut[1, rgb[p, 1]], lut[2, rgb[p, 2]]
+        for i in range(m.shape[0]):
+            out[i, p] = o0 * m[i, 0] + o1 * m[i, 1] + o2 * m[i, 2]
 
 
 def pixel_features(rgb: np.ndarray, stains: StainMatrix, mpp: float,
@@ -414,6 +420,8 @@ def _perfect_decide_py(buf, offset, height, width, factor, img_w, index, feat, t
     # the block's features pixel by pixel (8.7 kB: the walks read the L1 cache, not 34
     # planes of megabytes); a reduced plane is read bilinearly, as OpenCV upsamples it
     rows = np.empty((block, n_feat), np.float32)
+    pr = np.empty(block, np.int64)
+    pc = np.empty(block, np.int64)
     x0 = np.empty(block, np.int64)
     x1 = np.empty(block, np.int64)
     y0 = np.empty(block, np.int64)
@@ -422,6 +430,9 @@ def _perfect_decide_py(buf, offset, height, width, factor, img_w, index, feat, t
     ay = np.empty(block, np.float32)
     for b in range(0, n, block):
         nb = min(block, n - b)
+        for j in range(nb):
+            pr[j] = index[b + j] // img_w
+            pc[j] = index[b + j] - pr[j] * img_w
         last_d = 0
         for f in range(n_feat):
             d = factor[f]
@@ -429,34 +440,35 @@ def _perfect_decide_py(buf, offset, height, width, factor, img_w, index, feat, t
             wl = width[f]
             if d == 1:
                 for j in range(nb):
-                    p = index[b + j]
-                    rows[j, f] = buf[base + (p // img_w) * wl + p % img_w]
+                    rows[j, f] = buf[base + pr[j] * wl + pc[j]]
                 continue
             if d != last_d:  # pixel coordinates on this reduced grid (cv2.resize's rule)
                 hl = height[f]
+                inv = 1.0 / d
                 for j in range(nb):
-                    p = index[b + j]
-                    for k in range(2):
-                        c = p % img_w if k == 0 else p // img_w
-                        size = wl if k == 0 else hl
-                        fx = (c + 0.5) / d - 0.5
-                        s0 = int(np.floor(fx))
-                        a = fx - s0
-                        if s0 < 0:
-                            s0, a = 0, 0.0
-                        if s0 >= size - 1:
-                            s0, a = size - 1, 0.0
-                        if k == 0:
-                            x0[j], x1[j], ax[j] = s0, min(s0 + 1, size - 1), a
-                        else:
-                            y0[j], y1[j], ay[j] = s0, min(s0 + 1, size - 1), a
+                    fx = (pc[j] + 0.5) * inv - 0.5
+                    s0 = int(np.floor(fx))
+                    a = fx - s0
+                    if s0 < 0:
+                        s0, a = 0, 0.0
+                    if s0 >= wl - 1:
+                        s0, a = wl - 1, 0.0
+                    x0[j], x1[j], ax[j] = s0, min(s0 + 1, wl - 1), a
+                    fy = (pr[j] + 0.5) * inv - 0.5
+                    s0 = int(np.floor(fy))
+                    a = fy - s0
+                    if s0 < 0:
+                        s0, a = 0, 0.0
+                    if s0 >= hl - 1:
+                        s0, a = hl - 1, 0.0
+                    y0[j], y1[j], ay[j] = s0, min(s0 + 1, hl - 1), a
                 last_d = d
             for j in range(nb):
                 r0, r1 = base + y0[j] * wl, base + y1[j] * wl
                 a, bb = ax[j], ay[j]
-                top = buf[r0 + x0[j]] * (1 - a) + buf[r0 + x1[j]] * a
-                bot = buf[r1 + x0[j]] * (1 - a) + buf[r1 + x1[j]] * a
-                rows[j, f] = top * (1 - bb) + bot * bb
+                top = buf[r0 + x0[j]] * (np.float32(1) - a) + buf[r0 + x1[j]] * a
+                bot = buf[r1 + x0[j]] * (np.float32(1) - a) + buf[r1 + x1[j]] * a
+                rows[j, f] = top * (np.float32(1) - bb) + bot * bb
         for j in range(nb):
             acc[j] = baseline
             active[j] = j
@@ -669,6 +681,7 @@ def _from_coarse_py(todo, out):  # pragma: no cover - compiled below
 
 
 _from_coarse = _compile(_from_coarse_py)
+_base_planes = _compile(_base_planes_py)
 
 
 # --- file format ---------------------------------------------------------------------------
