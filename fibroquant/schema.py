@@ -146,7 +146,7 @@ SLIDES: tuple[Column, ...] = (
        "(empty: nothing)", "qc"),
     _c("stain_guess", "", "stain guess",
        "the protocol the slide's colours show: sirius-red, masson, masson-light-green, h&e, "
-       "fluorescence or unknown", "stain"),
+       "fluorescence, grey (not a colour stain) or unknown", "stain"),
     _c("threshold_method", "", "threshold", "how the collagen threshold was set", "threshold"),
     _c("classifier", "", "classifier",
        "the pixel classifier that decided collagen (`fibroquant train`), as `FILE#SHA256`: its "
