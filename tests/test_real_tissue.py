@@ -434,18 +434,21 @@ def test_purple_masson_params_are_purple():
 
 @pytest.mark.slow
 def test_purple_masson_cohort_correlates_and_overlaps(purple_cohort):
-    """Measured 2026-12-05: MAE 0.75 pp (all under: -0.1 to -2.4), r 0.999, Dice 0.935
-    (min 0.77)."""
+    """Measured 2026-12-06 (guard counted from 1.5 times the parenchyma's share): MAE 0.55 pp
+    (-1.65 to +0.25), r 0.999, Dice 0.923 (min 0.68, a 1.4 % section); with 2 times it was
+    MAE 0.75 (-0.1 to -2.4), Dice 0.935."""
     true, got, dice = purple_cohort.T
     assert np.corrcoef(true, got)[0, 1] >= 0.95
     assert dice.mean() >= 0.85
-    assert np.abs(got - true).mean() <= 1.0
+    assert np.abs(got - true).mean() <= 0.65
 
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="known gap: on purple sections the share guard (counted "
-                   "from the parenchyma's share) drops collagen's mixed edge pixels: CPA reads "
-                   "0.1-2.4 pp low (MAE 0.75 pp; guard spread 1.75 gives 0.57)")
+                   "from the parenchyma's share) still drops some of collagen's mixed edge "
+                   "pixels: MAE 0.55 pp on these seeds (0.42 on held-out seeds 100-111), the "
+                   "heavily fibrotic seed 5 -1.65 pp; the best guard per section ranges "
+                   "0.35-0.53 and is not predicted by the parenchyma's share alone")
 def test_purple_masson_cohort_within_half_a_point(purple_cohort):
     true, got, _ = purple_cohort.T
     assert np.abs(got - true).mean() <= 0.5
@@ -464,10 +467,30 @@ def test_pale_band_is_collagen_in_truth():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known gap: a broad pale band (0.15-0.25 OD of collagen "
-                   "stain over 0.3 OD of counterstain) is read as non-specific uptake: the local "
-                   "parenchyma background follows it and its pixels are counterstain-dominated; "
-                   "0-40 % of it found")
+@pytest.mark.parametrize("seed", [2, 5])
+def test_pale_band_does_not_raise_the_background_under_itself(seed):
+    """A broad pale Sirius red band (0.25 OD over 0.3 OD of picric acid; share ~0.45, under
+    0.5) no longer counts as parenchyma for the local background (pixels past the share guard
+    may be collagen): 89-92 % of it found (was 40-49 %), none of the parenchyma beside it."""
+    from fibroquant.synthetic import with_pale_band
+
+    p = SectionParams(shape=(768, 768), fibrosis=0.3, field_of_view=True)
+    rgb, truth = make_section(p, rng=seed)
+    rgb, truth2 = with_pale_band(rgb, truth, collagen_od=0.25, width_um=60, rng=seed)
+    a = _analyze(rgb, p.mpp, "sirius-red")
+    band = truth2.collagen_mask & ~truth.collagen_mask
+    parenchyma = truth.tissue_mask & ~truth2.collagen_mask
+    assert (a.collagen_mask & band).sum() >= 0.8 * band.sum()
+    assert (a.collagen_mask & parenchyma).sum() <= 0.005 * parenchyma.sum()
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="known gap: a broad pale band of 0.2 OD of collagen "
+                   "stain over 0.3 OD of counterstain: Sirius red 65 % found (was 11 %; the "
+                   "band's faintest pixels are under the slide's threshold), Masson 16 % (was "
+                   "7 %; its pixels' aniline-blue share, ~0.45, is under the guard counted from "
+                   "the parenchyma's share, and a per-pixel colour cannot tell it from purple "
+                   "cytoplasm)")
 @pytest.mark.parametrize("stain", ["sirius-red", "masson"])
 def test_diffuse_pale_band_is_found(stain):
     from fibroquant.synthetic import with_pale_band
