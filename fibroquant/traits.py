@@ -12,9 +12,9 @@ per-slide values (µm, mm⁻², %). Ownership makes the result independent of th
 * connected objects (collagen, 8-connected) and holes (non-collagen, 4-connected) are labelled
   in each core and joined across core borders (:func:`scipy.sparse.csgraph.connected_components`
   over the label pairs that touch), so a fibre crossing a border is one object;
-* skeleton branches (:mod:`skan`) are owned by the tile holding their lexicographically first
-  end; a branch longer than the halo can be cut, so branch length and tortuosity are the only
-  traits that may vary (slightly) with the tile size.
+* skeleton branches (:mod:`skan` paths) are cut to each core and their pieces joined across
+  core borders by the skeleton steps that cross them, so a branch crossing tiles is measured
+  whole (length and end-to-end chord).
 
 Compartments: collagen within ``ring_um`` of a vessel lumen (the tissue mask's lumens) is
 perivascular; of the rest, wide fibre (local width ≥ ``septum_min_width_um``) in objects that
@@ -140,6 +140,7 @@ class _Part:
     obj: dict[str, np.ndarray]  # per object label (index 0 = none)
     hole: dict[str, np.ndarray]  # per hole label
     obj_vessel: np.ndarray  # (k, 2) local object label, vessel label
+    branches: _BranchPieces | None = None  # skan paths cut to the core
 
 
 @dataclass
@@ -155,10 +156,6 @@ class TraitCounts:
     skeleton_length_px: float = 0.0
     end_points: int = 0
     branch_points: int = 0
-    branches: int = 0
-    branch_length_px: float = 0.0
-    branch_chord_px: float = 0.0
-    branch_path_px: float = 0.0
     thin_px: int = 0
     medium_px: int = 0
     thick_px: int = 0
@@ -176,7 +173,7 @@ class TraitCounts:
             return NotImplemented
         out: dict[str, Any] = {"mpp": self.mpp}
         for name in ("collagen_px", "tissue_px", "skeleton_length_px", "end_points",
-                     "branch_points", "branches", "branch_length_px", "branch_chord_px", "branch_path_px",
+                     "branch_points",
                      "thin_px", "medium_px", "thick_px", "coherence_sum", "coherence_px",
                      "perivascular_px"):
             out[name] = getattr(self, name) + getattr(other, name)
@@ -287,9 +284,10 @@ def measure_tile(
         cy, cx = np.divmod(at[first], jl.shape[1])
         counts.branch_points = int(np.count_nonzero(
             (cy >= cy0) & (cy < cy1) & (cx >= cx0) & (cx < cx1)))
-    # --- branches (skan): length and chord of the branches owned here
+    # --- branches (skan): their pieces in the core, joined into whole branches per slide
+    pieces = None
     if graph is not None and sk_c.any():
-        _branches(graph, core, counts)
+        pieces = _branch_pieces(graph, core, origin, slide_shape[1])
     # --- orientation coherence of the collagen texture
     if col_c.any():
         a, b, c = _structure_tensor(collagen, params.coherence_sigma_um / mpp)
@@ -330,7 +328,7 @@ def measure_tile(
     thin_border = border & (near_w > 0) & (near_w < params.thin_um)
     counts.parts = [_part(col_c, tis_c, width_um[cs], sk_c, n_ortho[cs], n_diag[cs], peri_c,
                           vessel_c, border, thin_border, (origin[0] + cy0, origin[1] + cx0),
-                          slide_shape, params)]
+                          slide_shape, params, pieces)]
     return counts
 
 
@@ -354,7 +352,7 @@ def _skeleton(collagen: np.ndarray, half_px: np.ndarray | None) -> tuple[np.ndar
         return skel, None
     first, last = _path_ends(graph)
     ends = (graph.degrees[first] == 1) ^ (graph.degrees[last] == 1)  # junction to free end
-    spur = ends & (graph.path_lengths() < 2 * graph.path_means() + 1)
+    spur = ends & (_path_lengths(graph) < 2 * graph.path_means() + 1)
     if spur.any():
         # the spurs' pixels, junctions kept (what skan's prune_paths wipes, without its second
         # skeletonize of the whole tile)
@@ -391,22 +389,137 @@ def _path_ends(graph: Any) -> tuple[np.ndarray, np.ndarray]:
     return idx[ptr[:-1]], idx[ptr[1:] - 1]
 
 
-def _branches(graph: Any, core: tuple[int, int, int, int], counts: TraitCounts) -> None:
-    """Length and chord of the skan paths whose lexicographically first end is in the core."""
-    if graph.n_paths == 0:
-        return
-    i0, i1 = _path_ends(graph)
-    src, dst = graph.coordinates[i0], graph.coordinates[i1]
-    src_first = (src[:, 0] < dst[:, 0]) | ((src[:, 0] == dst[:, 0]) & (src[:, 1] <= dst[:, 1]))
-    first = np.where(src_first[:, None], src, dst)
+def _path_steps(graph: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The entries of skan's paths (pixel index, path of each entry) and the length of the step
+    from each entry to the next one of its path (1 or √2; 0 after a path's last entry).
+
+    The sums of the steps per path are skan's ``path_lengths()``, from the coordinates with
+    NumPy: skan's own jit function is compiled anew in every process (0.4 s CPU).
+    """
+    ptr, idx = graph.paths.indptr, graph.paths.indices
+    pid = np.repeat(np.arange(len(ptr) - 1), np.diff(ptr))
+    xy = graph.coordinates[idx]
+    step = np.zeros(len(idx))
+    if len(idx) > 1:
+        d = np.diff(xy, axis=0)
+        step[:-1] = np.hypot(d[:, 0], d[:, 1])
+        step[ptr[1:] - 1] = 0.0
+    return idx, pid, step
+
+
+def _path_lengths(graph: Any) -> np.ndarray:
+    """Length of every skan path (what ``Skeleton.path_lengths`` returns)."""
+    _, pid, step = _path_steps(graph)
+    return np.bincount(pid, weights=step, minlength=graph.n_paths)
+
+
+@dataclass
+class _BranchPieces:
+    """The parts of skan's branches (paths) that lie in one tile's core, for stitching.
+
+    A branch is cut into pieces where it crosses a core border; each crossing step is a key
+    shared by the two pieces it joins (its first pixel's slide index x 4 + the step's
+    direction), and each piece holds half of the step's length. The branch ends in the core
+    (junctions and free ends, ``degree != 2``) are the pieces' nodes; a closed loop is joined
+    at its start pixel by a negative key.
+    """
+
+    length_px: np.ndarray  # float64, per piece
+    key_piece: np.ndarray  # int64, the piece of each key
+    key: np.ndarray  # int64
+    node_piece: np.ndarray  # int64, the piece of each node
+    node_yx: np.ndarray  # int64 (n, 2), slide coordinates of each node
+
+
+def _branch_pieces(graph: Any, core: tuple[int, int, int, int], origin: tuple[int, int],
+                   slide_width: int) -> _BranchPieces:
+    """Cut skan's paths of a tile window to the runs of their pixels in the core."""
+    idx, pid, step = _path_steps(graph)
+    ptr = graph.paths.indptr
+    rc = np.rint(graph.coordinates[idx]).astype(np.int64)
     cy0, cx0, cy1, cx1 = core
-    own = (first[:, 0] >= cy0) & (first[:, 0] < cy1) & (first[:, 1] >= cx0) & (first[:, 1] < cx1)
-    length = graph.path_lengths()[own]
-    chord = np.hypot(*(src - dst)[own].T)
-    counts.branches = int(own.sum())
-    counts.branch_length_px = float(length.sum())
-    counts.branch_chord_px = float(chord[chord > 0].sum())
-    counts.branch_path_px = float(length[chord > 0].sum())  # loops have no chord
+    inc = (rc[:, 0] >= cy0) & (rc[:, 0] < cy1) & (rc[:, 1] >= cx0) & (rc[:, 1] < cx1)
+    n = len(idx)
+    first = np.zeros(n, bool)
+    first[ptr[:-1]] = True
+    last = np.zeros(n, bool)
+    last[ptr[1:] - 1] = True
+    prev_in = np.zeros(n, bool)
+    prev_in[1:] = inc[:-1]
+    prev_in &= ~first
+    start = inc & ~prev_in
+    run = np.cumsum(start) - 1  # run of every entry in the core
+    n_runs = int(start.sum())
+    next_in = np.zeros(n, bool)
+    next_in[:-1] = inc[1:]
+    next_in &= ~last
+    # steps inside the core count whole; steps across its border half, on the inner side
+    full = inc & next_in
+    out_step = inc & ~last & ~next_in  # entry e in the core, e + 1 outside
+    in_step = np.zeros(n, bool)  # entry e + 1 in the core, e outside
+    in_step[:-1] = ~inc[:-1] & inc[1:] & ~last[:-1]
+    weights = np.where(full, step, 0.0) + np.where(out_step, step / 2, 0.0)
+    length = np.bincount(run[inc], weights=weights[inc], minlength=n_runs)
+    e_in = np.flatnonzero(in_step)
+    np.add.at(length, run[e_in + 1], step[e_in] / 2)
+    # keys of the crossing steps, on the slide's pixel grid
+    e_out = np.flatnonzero(out_step)
+    a = np.concatenate([e_out, e_in])
+    b = np.concatenate([e_out + 1, e_in + 1])
+    inner = np.concatenate([e_out, e_in + 1])
+    ga = rc[a] + origin
+    gb = rc[b] + origin
+    swap = (gb[:, 0] < ga[:, 0]) | ((gb[:, 0] == ga[:, 0]) & (gb[:, 1] < ga[:, 1]))
+    lo = np.where(swap[:, None], gb, ga)
+    hi = np.where(swap[:, None], ga, gb)
+    d = hi - lo  # (0, 1), (1, -1), (1, 0) or (1, 1): direction code dy x (dx + 2) = 0..3
+    keys = ((lo[:, 0] * slide_width + lo[:, 1]) * 4 + d[:, 0] * (d[:, 1] + 2)).astype(np.int64)
+    # path ends in the core: nodes (degree != 2), or the start of a closed loop
+    ends = np.flatnonzero(inc & (first | last))
+    node = graph.degrees[idx[ends]] != 2
+    loop_end = ends[~node]
+    loop_keys = -1 - ((rc[loop_end, 0] + origin[0]) * slide_width + rc[loop_end, 1] + origin[1])
+    return _BranchPieces(
+        length_px=length,
+        key_piece=np.concatenate([run[inner], run[loop_end]]).astype(np.int64),
+        key=np.concatenate([keys, loop_keys]).astype(np.int64),
+        node_piece=run[ends[node]].astype(np.int64),
+        node_yx=(rc[ends[node]] + origin).astype(np.int64),
+    )
+
+
+def _stitch_branches(pieces: list[_BranchPieces]) -> tuple[int, float, float, float]:
+    """Whole branches from the tiles' pieces: (number, Σ length, Σ chord, Σ length of the
+    branches with a chord), lengths in pixel steps. A branch's chord joins its two nodes;
+    a loop (no node, or both ends at one junction) has none."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    sizes = [len(p.length_px) for p in pieces]
+    total = int(sum(sizes))
+    if total == 0:
+        return 0, 0.0, 0.0, 0.0
+    offs = np.cumsum([0, *sizes])[:-1]
+    length = np.concatenate([p.length_px for p in pieces])
+    key = np.concatenate([p.key for p in pieces])
+    kp = np.concatenate([p.key_piece + o for p, o in zip(pieces, offs, strict=True)])
+    order = np.argsort(key, kind="stable")
+    key, kp = key[order], kp[order]
+    same = np.flatnonzero(key[1:] == key[:-1])
+    graph = coo_matrix((np.ones(len(same)), (kp[same], kp[same + 1])), shape=(total, total))
+    n, comp = connected_components(graph, directed=False)
+    branch_len = np.bincount(comp, weights=length, minlength=n)
+    node_comp = comp[np.concatenate([p.node_piece + o for p, o in zip(pieces, offs, strict=True)])]
+    node_yx = np.concatenate([p.node_yx for p in pieces]).astype(np.float64)
+    n_nodes = np.bincount(node_comp, minlength=n)
+    chord = np.zeros(n)
+    two = np.flatnonzero(n_nodes[node_comp] == 2)
+    if len(two):
+        order2 = np.argsort(node_comp[two], kind="stable")
+        pair = node_yx[two[order2]].reshape(-1, 2, 2)
+        chord[node_comp[two[order2]][::2]] = np.hypot(*(pair[:, 0] - pair[:, 1]).T)
+    has = chord > 0
+    return n, float(branch_len.sum()), float(chord[has].sum()), float(branch_len[has].sum())
 
 
 def _box_counts(collagen: np.ndarray, core: tuple[int, int, int, int], origin: tuple[int, int],
@@ -441,7 +554,8 @@ def _box_counts(collagen: np.ndarray, core: tuple[int, int, int, int], origin: t
 def _part(col: np.ndarray, tis: np.ndarray, width_um: np.ndarray, skel: np.ndarray,
           n_ortho: np.ndarray, n_diag: np.ndarray, peri: np.ndarray, vessel: np.ndarray,
           border: np.ndarray, thin_border: np.ndarray, origin: tuple[int, int],
-          slide_shape: tuple[int, int], params: TraitParams) -> _Part:
+          slide_shape: tuple[int, int], params: TraitParams,
+          branches: _BranchPieces | None) -> _Part:
     """Label the core's objects (8-connected) and holes (4-connected) with their sums."""
     h, w = col.shape
     n_obj, obj = cv2.connectedComponents(np.ascontiguousarray(col).view(np.uint8), connectivity=8,
@@ -477,7 +591,7 @@ def _part(col: np.ndarray, tis: np.ndarray, width_um: np.ndarray, skel: np.ndarr
     return _Part((y0, x0, y0 + h, x0 + w),
                  (obj[0].copy(), obj[-1].copy(), obj[:, 0].copy(), obj[:, -1].copy()),
                  (hole[0].copy(), hole[-1].copy(), hole[:, 0].copy(), hole[:, -1].copy()),
-                 obj_sums, hole_sums, pairs)
+                 obj_sums, hole_sums, pairs, branches)
 
 
 # ------------------------------------------------------------------------------------------
@@ -621,10 +735,12 @@ def slide_traits(counts: TraitCounts, params: TraitParams, vessels: VesselMap | 
     out["fibre_length_density_mm_per_mm2"] = counts.skeleton_length_px * mpp / 1000 / tissue_mm2
     out["branch_points_per_mm2"] = counts.branch_points / tissue_mm2
     out["end_points_per_mm2"] = counts.end_points / tissue_mm2
-    if counts.branches:
-        out["branch_length_mean_um"] = counts.branch_length_px * mpp / counts.branches
-    if counts.branch_chord_px > 0:
-        out["tortuosity"] = counts.branch_path_px / counts.branch_chord_px
+    n_branches, branch_px, chord_px, path_px = _stitch_branches(
+        [p.branches for p in counts.parts if p.branches is not None])
+    if n_branches:
+        out["branch_length_mean_um"] = branch_px * mpp / n_branches
+    if chord_px > 0:
+        out["tortuosity"] = path_px / chord_px
     boxes = counts.boxes
     sizes = np.asarray(params.box_sizes_px[: len(boxes)], float)
     good = boxes > 0
