@@ -7,15 +7,17 @@ Usage::
 A whole synthetic section (``make_section``, glass, capsule, lumens) held in memory as a
 4-level pyramid (no decoding, so the ratio is the worst case: reading a real slide's JPEG tiles
 adds time to both), analysed with ``Settings()`` and ``traits: false`` in alternation, one tile
-thread (``--workers``), after a warm-up of each. Prints the median seconds per slide, the traits' share of the
-default time (issue 27's target: ≤ 30 %) both as the difference of medians and as the traits'
-own seconds over the rest of the same run ("within run", robust to a busy shared machine), and
-the same for other trait resolutions.
+thread (``--workers``), after a warm-up of each (imports, kernels, skan's per-process jit
+compile). Prints the median wall and CPU seconds per slide, the traits' share of the default
+time (issue 27's target: ≤ 30 %) both as the difference of medians and as the traits' own
+seconds over the rest of the same run ("within", robust to a busy shared machine), the load
+average, and the same for other trait resolutions.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -28,27 +30,25 @@ from fibroquant.config import Settings
 from fibroquant.slides import ArraySlide
 from fibroquant.synthetic import SectionParams, make_section
 
-_TRAIT_SECONDS: list[float] = []
+_TRAIT_SECONDS: list[tuple[float, float]] = []  # (wall, CPU) of each measure_slide call
 _measure_slide = traits.measure_slide
 
 
 def _timed_measure_slide(*args, **kwargs):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = _measure_slide(*args, **kwargs)
-    _TRAIT_SECONDS.append(time.perf_counter() - t0)
+    _TRAIT_SECONDS.append((time.perf_counter() - t0, time.process_time() - c0))
     return out
 
 
 traits.measure_slide = _timed_measure_slide  # the pipeline imports it at call time
 
 
-def _seconds(slide: ArraySlide, settings: Settings, runs: int, workers: int) -> list[float]:
-    out = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        pipeline.analyze_slide("section.png", settings, slide=slide, workers=workers)
-        out.append(time.perf_counter() - t0)
-    return out
+def _seconds(slide: ArraySlide, settings: Settings, workers: int) -> tuple[float, float]:
+    """Wall and CPU seconds (this process, all threads) of one analysis."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    pipeline.analyze_slide("section.png", settings, slide=slide, workers=workers)
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,22 +72,35 @@ def main(argv: list[str] | None = None) -> int:
                 for m in args.trait_mpp}
     for s in (off, *variants.values()):
         pipeline.analyze_slide("section.png", s, slide=slide)  # imports, kernels, caches
-    times: dict[str, list[float]] = {"traits off": [], **{k: [] for k in variants}}
+    wall: dict[str, list[float]] = {"traits off": [], **{k: [] for k in variants}}
+    cpu: dict[str, list[float]] = {"traits off": [], **{k: [] for k in variants}}
     # share of the traits within each run: the rest of that same run is its baseline, so a
     # busy period of the (shared) machine slows both alike
-    within: dict[str, list[float]] = {k: [] for k in variants}
+    within_wall: dict[str, list[float]] = {k: [] for k in variants}
+    within_cpu: dict[str, list[float]] = {k: [] for k in variants}
+    loads = [os.getloadavg()[0]]
     for _ in range(args.runs):  # interleaved: a slow period of the machine hits all alike
-        times["traits off"] += _seconds(slide, off, 1, args.workers)
-        for k, s in variants.items():
+        for k, s in {"traits off": off, **variants}.items():
             _TRAIT_SECONDS.clear()
-            times[k] += _seconds(slide, s, 1, args.workers)
-            within[k].append(_TRAIT_SECONDS[0] / (times[k][-1] - _TRAIT_SECONDS[0]))
-    base = statistics.median(times["traits off"])
-    print(f"{'variant':<24} {'s/slide':>8} {'added':>8} {'within run':>11}")
-    for k, v in times.items():
-        med = statistics.median(v)
-        share = f"{100 * statistics.median(within[k]):10.1f} %" if k in within else ""
-        print(f"{k:<24} {med:8.2f} {100 * (med / base - 1):7.1f} % {share}")
+            w, c = _seconds(slide, s, args.workers)
+            wall[k].append(w)
+            cpu[k].append(c)
+            if k in variants:
+                tw, tc = _TRAIT_SECONDS[0]
+                within_wall[k].append(tw / (w - tw))
+                within_cpu[k].append(tc / (c - tc))
+        loads.append(os.getloadavg()[0])
+    med = statistics.median
+    base_w, base_c = med(wall["traits off"]), med(cpu["traits off"])
+    print(f"# load average (1 min) during the runs: {min(loads):.1f}-{max(loads):.1f}")
+    print(f"{'variant':<22} {'wall s':>7} {'CPU s':>7} {'added wall':>11} {'added CPU':>10} "
+          f"{'within wall':>12} {'within CPU':>11}")
+    for k in wall:
+        line = (f"{k:<22} {med(wall[k]):7.2f} {med(cpu[k]):7.2f} "
+                f"{100 * (med(wall[k]) / base_w - 1):10.1f} % {100 * (med(cpu[k]) / base_c - 1):8.1f} %")
+        if k in variants:
+            line += f" {100 * med(within_wall[k]):10.1f} % {100 * med(within_cpu[k]):9.1f} %"
+        print(line)
     rec = pipeline.analyze_slide("section.png", Settings(), slide=slide).to_record()
     print(f"# default traits: width median {rec['fibre_width_median_um']:.2f} µm, length density "
           f"{rec['fibre_length_density_mm_per_mm2']:.2f} mm/mm², traits_mpp {rec['traits_mpp']}")

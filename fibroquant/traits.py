@@ -238,67 +238,32 @@ def measure_tile(
     tis_c = tissue[cs]
     col_c = collagen[cs]
     counts = TraitCounts(mpp, collagen_px=int(col_c.sum()), tissue_px=int(tis_c.sum()))
-    # exact Euclidean distance to the background (OpenCV's precise mask: Felzenszwalb's
-    # algorithm, 3x faster than scipy's here); squared distances of pixel centres are integers.
-    # Beyond the window is background (collagen filling a window has a finite width)
-    half = None
-    if collagen.any():
-        framed = cv2.copyMakeBorder(collagen.view(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT,
-                                    value=0)
-        half = cv2.distanceTransform(framed, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
-    skel, graph = _skeleton(collagen, half)
-    # --- widths: 2 x distance to background at skeleton pixels; every collagen pixel takes
-    # the width of its nearest skeleton pixel
+    # the core and a 1-pixel frame: what the hole walls' 4-neighbourhood needs
+    fy0, fx0 = max(cy0 - 1, 0), max(cx0 - 1, 0)
+    frame = (slice(fy0, cy1 + 1), slice(fx0, cx1 + 1))
+    col_f = np.ascontiguousarray(collagen[frame])
+    skel = np.zeros(collagen.shape, bool)
     width_um = np.zeros(collagen.shape, np.float32)
-    if skel.any():
-        assert half is not None  # a skeleton needs collagen
-        yy, xx = np.nonzero(skel)  # raster order, as OpenCV numbers the skeleton pixels below
-        d2 = np.rint(half[yy, xx].astype(np.float64) ** 2).astype(np.int64)
-        widths = ((2.0 * np.sqrt(d2) - 0.5) * mpp).astype(np.float32)
-        _, nearest = cv2.distanceTransformWithLabels(
-            (~skel).view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_5, labelType=cv2.DIST_LABEL_PIXEL)
-        width_um[collagen] = widths[nearest[collagen] - 1]
-        own = (yy >= cy0) & (yy < cy1) & (xx >= cx0) & (xx < cx1)
-        counts.width_sq_hist = np.bincount(d2[own])
-        del nearest
-    del half
-    w_c = width_um[cs][col_c]
-    counts.thin_px = int(np.count_nonzero(w_c < params.thin_um))
-    counts.thick_px = int(np.count_nonzero(w_c > params.thick_um))
-    counts.medium_px = counts.collagen_px - counts.thin_px - counts.thick_px
-    # --- skeleton length, end and branch points (per owned skeleton pixel / junction cluster)
-    sk8 = skel.astype(np.uint8)
-    n_ortho = cv2.filter2D(sk8, -1, _ORTHO, borderType=cv2.BORDER_CONSTANT)
-    n_diag = cv2.filter2D(sk8, -1, _DIAG, borderType=cv2.BORDER_CONSTANT)
-    sk_c = skel[cs]
-    counts.skeleton_length_px = float(
-        (n_ortho[cs][sk_c].sum() + math.sqrt(2) * n_diag[cs][sk_c].sum()) / 2.0)
-    degree = n_ortho + n_diag
-    counts.end_points = int(np.count_nonzero(sk_c & (degree[cs] == 1)))
-    junction = skel & (degree >= 3)
-    nj, jl = cv2.connectedComponents(junction.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
-    if nj > 1:  # a cluster of junction pixels is one branch point, owned by its first pixel
-        flat = jl.ravel()
-        at = np.flatnonzero(flat)
-        _, first = np.unique(flat[at], return_index=True)
-        cy, cx = np.divmod(at[first], jl.shape[1])
-        counts.branch_points = int(np.count_nonzero(
-            (cy >= cy0) & (cy < cy1) & (cx >= cx0) & (cx < cx1)))
-    # --- branches (skan): their pieces in the core, joined into whole branches per slide
+    n_ortho = np.zeros(collagen.shape, np.uint8)
+    n_diag = np.zeros(collagen.shape, np.uint8)
     pieces = None
-    if graph is not None and sk_c.any():
-        pieces = _branch_pieces(graph, core, origin, slide_shape[1])
-    # --- orientation coherence of the collagen texture
-    if col_c.any():
-        a, b, c = _structure_tensor(collagen, params.coherence_sigma_um / mpp)
-        a, b, c = a[cs][col_c], b[cs][col_c], c[cs][col_c]
-        trace = a + c
-        ok = trace > 1e-6
-        coh = np.sqrt((a - c) ** 2 + 4 * b * b)[ok] / trace[ok]
-        counts.coherence_sum = float(coh.sum(dtype=np.float64))
-        counts.coherence_px = int(ok.sum())
+    box = _bounding_box(collagen, math.ceil(4 * params.coherence_sigma_um / mpp) + 3)
+    if box is not None and col_f.any():
+        # the fibre measures on the window's collagen and a margin around it, not on the
+        # whole window: beyond the margin nothing depends on collagen
+        by0, bx0, by1, bx1 = box
+        sub = (slice(by0, by1), slice(bx0, bx1))
+        fibres = _fibre_measures(collagen[sub], (cy0 - by0, cx0 - bx0, cy1 - by0, cx1 - bx0),
+                                 (origin[0] + by0, origin[1] + bx0), slide_shape, params)
+        skel[sub], width_um[sub], n_ortho[sub], n_diag[sub], pieces, sums = fibres
+        for name, value in sums.items():
+            setattr(counts, name, value)
+        counts.thin_px = int(np.count_nonzero(width_um[cs][col_c] < params.thin_um))
+        counts.thick_px = int(np.count_nonzero(width_um[cs][col_c] > params.thick_um))
+    counts.medium_px = counts.collagen_px - counts.thin_px - counts.thick_px
+    sk_c = skel[cs]
     # --- box counting, on the slide's box grid (boxes owned by their first pixel)
-    counts.boxes = _box_counts(collagen, core, origin, params.box_sizes_px)
+    counts.boxes = _box_counts(collagen, core, origin, params.box_sizes_px, box)
     # --- vessels: perivascular pixels, collar of each lumen
     vessel_c = np.zeros(col_c.shape, np.int32)
     peri_c = np.zeros(col_c.shape, bool)
@@ -316,12 +281,8 @@ def measure_tile(
         counts.vessel_ring_collagen_px = np.bincount(vessel_c[col_c], minlength=vessels.n + 1)
     # --- objects and holes of the core, for stitching
     # hole walls: non-collagen pixels next to collagen, thin when that collagen is thin
-    # (on the core and a 1-pixel frame: all the 4-neighbourhood needs)
-    fy0, fx0 = max(cy0 - 1, 0), max(cx0 - 1, 0)
-    frame = (slice(fy0, cy1 + 1), slice(fx0, cx1 + 1))
     inner = (slice(cy0 - fy0, cy1 - fy0), slice(cx0 - fx0, cx1 - fx0))
     cross = _CROSS.view(np.uint8)
-    col_f = np.ascontiguousarray(collagen[frame])
     border = (~col_f & cv2.dilate(col_f.view(np.uint8), cross).view(bool))[inner]
     near_w = cv2.dilate(np.ascontiguousarray(width_um[frame]), cross,
                         borderType=cv2.BORDER_CONSTANT, borderValue=0)[inner]
@@ -330,6 +291,90 @@ def measure_tile(
                           vessel_c, border, thin_border, (origin[0] + cy0, origin[1] + cx0),
                           slide_shape, params, pieces)]
     return counts
+
+
+def _bounding_box(mask: np.ndarray, margin: int) -> tuple[int, int, int, int] | None:
+    """(y0, x0, y1, x1) of the mask's True pixels grown by ``margin``, within the mask."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if not len(rows):
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    h, w = mask.shape
+    return (max(int(rows[0]) - margin, 0), max(int(cols[0]) - margin, 0),
+            min(int(rows[-1]) + 1 + margin, h), min(int(cols[-1]) + 1 + margin, w))
+
+
+def _fibre_measures(
+    collagen: np.ndarray, core: tuple[int, int, int, int], origin: tuple[int, int],
+    slide_shape: tuple[int, int], params: TraitParams,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, _BranchPieces | None,
+           dict[str, Any]]:
+    """Skeleton, widths, branches and texture of the collagen of a window (``core`` and
+    ``origin`` as in :func:`measure_tile`; the window's edges beyond the slide's are far
+    enough from its collagen for every measure here).
+
+    Returns the skeleton, the width of every collagen pixel (µm, that of its nearest skeleton
+    pixel), the skeleton pixels' orthogonal and diagonal neighbour counts, the branch pieces
+    in the core, and the core's sums (:class:`TraitCounts` fields).
+    """
+    cy0, cx0, cy1, cx1 = core
+    cs = (slice(max(cy0, 0), max(cy1, 0)), slice(max(cx0, 0), max(cx1, 0)))
+    mpp = params.mpp
+    sums: dict[str, Any] = {}
+    # exact Euclidean distance to the background (OpenCV's precise mask: Felzenszwalb's
+    # algorithm, 3x faster than scipy's here); squared distances of pixel centres are integers.
+    # Beyond the window is background (collagen filling a window has a finite width)
+    framed = cv2.copyMakeBorder(collagen.view(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT,
+                                value=0)
+    half = cv2.distanceTransform(framed, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
+    skel, graph = _skeleton(collagen, half)
+    # --- widths: 2 x distance to background at skeleton pixels; every collagen pixel takes
+    # the width of its nearest skeleton pixel
+    width_um = np.zeros(collagen.shape, np.float32)
+    if skel.any():
+        yy, xx = np.nonzero(skel)  # raster order, as OpenCV numbers the skeleton pixels below
+        d2 = np.rint(half[yy, xx].astype(np.float64) ** 2).astype(np.int64)
+        widths = ((2.0 * np.sqrt(d2) - 0.5) * mpp).astype(np.float32)
+        _, nearest = cv2.distanceTransformWithLabels(
+            (~skel).view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_5, labelType=cv2.DIST_LABEL_PIXEL)
+        width_um[collagen] = widths[nearest[collagen] - 1]
+        own = (yy >= cy0) & (yy < cy1) & (xx >= cx0) & (xx < cx1)
+        sums["width_sq_hist"] = np.bincount(d2[own])
+        del nearest
+    del half
+    # --- skeleton length, end and branch points (per owned skeleton pixel / junction cluster)
+    sk8 = skel.astype(np.uint8)
+    n_ortho = cv2.filter2D(sk8, -1, _ORTHO, borderType=cv2.BORDER_CONSTANT)
+    n_diag = cv2.filter2D(sk8, -1, _DIAG, borderType=cv2.BORDER_CONSTANT)
+    sk_c = skel[cs]
+    sums["skeleton_length_px"] = float(
+        (n_ortho[cs][sk_c].sum() + math.sqrt(2) * n_diag[cs][sk_c].sum()) / 2.0)
+    degree = n_ortho + n_diag
+    sums["end_points"] = int(np.count_nonzero(sk_c & (degree[cs] == 1)))
+    junction = skel & (degree >= 3)
+    nj, jl = cv2.connectedComponents(junction.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+    if nj > 1:  # a cluster of junction pixels is one branch point, owned by its first pixel
+        flat = jl.ravel()
+        at = np.flatnonzero(flat)
+        _, first = np.unique(flat[at], return_index=True)
+        cy, cx = np.divmod(at[first], jl.shape[1])
+        sums["branch_points"] = int(np.count_nonzero(
+            (cy >= cy0) & (cy < cy1) & (cx >= cx0) & (cx < cx1)))
+    # --- branches (skan): their pieces in the core, joined into whole branches per slide
+    pieces = None
+    if graph is not None and sk_c.any():
+        pieces = _branch_pieces(graph, core, origin, slide_shape[1])
+    # --- orientation coherence of the collagen texture
+    col_c = collagen[cs]
+    if col_c.any():
+        a, b, c = _structure_tensor(collagen, params.coherence_sigma_um / mpp)
+        a, b, c = a[cs][col_c], b[cs][col_c], c[cs][col_c]
+        trace = a + c
+        ok = trace > 1e-6
+        coh = np.sqrt((a - c) ** 2 + 4 * b * b)[ok] / trace[ok]
+        sums["coherence_sum"] = float(coh.sum(dtype=np.float64))
+        sums["coherence_px"] = int(ok.sum())
+    return skel, width_um, n_ortho, n_diag, pieces, sums
 
 
 def _skeleton(collagen: np.ndarray, half_px: np.ndarray | None) -> tuple[np.ndarray, Any]:
@@ -523,12 +568,20 @@ def _stitch_branches(pieces: list[_BranchPieces]) -> tuple[int, float, float, fl
 
 
 def _box_counts(collagen: np.ndarray, core: tuple[int, int, int, int], origin: tuple[int, int],
-                sizes: tuple[int, ...]) -> np.ndarray:
+                sizes: tuple[int, ...], bbox: tuple[int, int, int, int] | None
+                ) -> np.ndarray:
     """Boxes of each size (powers of two) on the slide's box grid that hold collagen and whose
     first pixel lies in the core. One pass at the finest size, then 2 x 2 pooling: a box of
-    size 2s is four boxes of size s on the same grid."""
-    cy0, cx0, cy1, cx1 = core
+    size 2s is four boxes of size s on the same grid. ``bbox`` (window coordinates) holds all
+    the collagen: boxes starting too far before it or after it are empty and not looked at."""
+    out = np.zeros(len(sizes), np.int64)
+    if bbox is None:
+        return out
     top = max(sizes)
+    cy0, cx0 = max(core[0], bbox[0] - top + 1), max(core[1], bbox[1] - top + 1)
+    cy1, cx1 = min(core[2], bbox[2]), min(core[3], bbox[3])
+    if cy1 <= cy0 or cx1 <= cx0:
+        return out
     # a region starting on the coarsest grid line at or before the core, ending after it
     gy0 = ((origin[0] + cy0) // top) * top - origin[0]
     gx0 = ((origin[1] + cx0) // top) * top - origin[1]
@@ -537,7 +590,6 @@ def _box_counts(collagen: np.ndarray, core: tuple[int, int, int, int], origin: t
     ys, xs = max(gy0, 0), max(gx0, 0)
     part = collagen[ys : gy0 + ny, xs : gx0 + nx]
     region[ys - gy0 : ys - gy0 + part.shape[0], xs - gx0 : xs - gx0 + part.shape[1]] = part
-    out = np.zeros(len(sizes), np.int64)
     level, size = region, 1
     for i, s in enumerate(sizes):
         while size < s:
