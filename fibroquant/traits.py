@@ -90,6 +90,15 @@ class VesselMap:
     scale: float
     n: int
     neighbours: np.ndarray
+    _rings: dict[float, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+
+    def ring_labels(self, ring_um: float) -> np.ndarray:
+        """int32 image of the lumen grid: the nearest lumen's label where it is at most
+        ``ring_um`` away, else 0 (computed once per ring width)."""
+        if ring_um not in self._rings:
+            self._rings[ring_um] = np.where(self.distance_um <= ring_um, self.nearest, 0
+                                            ).astype(np.int32)
+        return self._rings[ring_um]
 
 
 def vessel_map(lumen: np.ndarray, lumen_mpp: float, trait_mpp: float, cluster_um: float,
@@ -153,6 +162,7 @@ class _Part:
     obj: dict[str, np.ndarray]  # per object label (index 0 = none)
     hole: dict[str, np.ndarray]  # per hole label
     obj_vessel: np.ndarray  # (k, 2) local object label, vessel label
+    obj_width: np.ndarray  # (k, 3) local object label, d2 of wide free skeleton, pixels
     branches: _BranchPieces | None = None  # skan paths cut to the core
 
 
@@ -257,6 +267,7 @@ def measure_tile(
     col_f = np.ascontiguousarray(collagen[frame])
     skel = np.zeros(collagen.shape, bool)
     width_um = np.zeros(collagen.shape, np.float32)
+    d2 = np.zeros(collagen.shape, np.int32)
     n_ortho = np.zeros(collagen.shape, np.uint8)
     n_diag = np.zeros(collagen.shape, np.uint8)
     pieces = None
@@ -268,7 +279,7 @@ def measure_tile(
         sub = (slice(by0, by1), slice(bx0, bx1))
         fibres = _fibre_measures(collagen[sub], (cy0 - by0, cx0 - bx0, cy1 - by0, cx1 - bx0),
                                  (origin[0] + by0, origin[1] + bx0), slide_shape, params)
-        skel[sub], width_um[sub], n_ortho[sub], n_diag[sub], pieces, sums = fibres
+        skel[sub], width_um[sub], d2[sub], n_ortho[sub], n_diag[sub], pieces, sums = fibres
         for name, value in sums.items():
             setattr(counts, name, value)
         counts.thin_px = int(np.count_nonzero(width_um[cs][col_c] < params.thin_um))
@@ -281,14 +292,16 @@ def measure_tile(
     vessel_c = np.zeros(col_c.shape, np.int32)
     peri_c = np.zeros(col_c.shape, bool)
     if vessels is not None:
+        # each core pixel looks up the lumen pixel holding its centre: rows and columns of
+        # lumen pixels repeated (the lumen grid is coarser)
         rows = np.minimum(((np.arange(cy0, cy1) + origin[0] + 0.5) * vessels.scale).astype(int),
                           vessels.nearest.shape[0] - 1)
         cols = np.minimum(((np.arange(cx0, cx1) + origin[1] + 0.5) * vessels.scale).astype(int),
                           vessels.nearest.shape[1] - 1)
-        ring = vessels.distance_um[np.ix_(rows, cols)] <= params.ring_um
-        ry, rx = np.nonzero(ring)
-        vessel_c[ry, rx] = vessels.nearest[rows[ry], cols[rx]]
-        peri_c = col_c & ring
+        rings = vessels.ring_labels(params.ring_um)[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        vessel_c = np.repeat(np.repeat(rings, np.bincount(rows - rows[0]), axis=0),
+                             np.bincount(cols - cols[0]), axis=1)
+        peri_c = col_c & (vessel_c > 0)
         counts.perivascular_px = int(peri_c.sum())
         counts.vessel_ring_px = np.bincount(vessel_c[tis_c], minlength=vessels.n + 1)
         counts.vessel_ring_collagen_px = np.bincount(vessel_c[col_c], minlength=vessels.n + 1)
@@ -300,9 +313,9 @@ def measure_tile(
     near_w = cv2.dilate(np.ascontiguousarray(width_um[frame]), cross,
                         borderType=cv2.BORDER_CONSTANT, borderValue=0)[inner]
     thin_border = border & (near_w > 0) & (near_w < params.thin_um)
-    counts.parts = [_part(col_c, tis_c, width_um[cs], sk_c, n_ortho[cs], n_diag[cs], peri_c,
-                          vessel_c, border, thin_border, (origin[0] + cy0, origin[1] + cx0),
-                          slide_shape, params, pieces)]
+    counts.parts = [_part(col_c, tis_c, width_um[cs], sk_c, d2[cs], n_ortho[cs], n_diag[cs],
+                          peri_c, vessel_c, border, thin_border,
+                          (origin[0] + cy0, origin[1] + cx0), slide_shape, params, pieces)]
     return counts
 
 
@@ -320,15 +333,16 @@ def _bounding_box(mask: np.ndarray, margin: int) -> tuple[int, int, int, int] | 
 def _fibre_measures(
     collagen: np.ndarray, core: tuple[int, int, int, int], origin: tuple[int, int],
     slide_shape: tuple[int, int], params: TraitParams,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, _BranchPieces | None,
-           dict[str, Any]]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+           _BranchPieces | None, dict[str, Any]]:
     """Skeleton, widths, branches and texture of the collagen of a window (``core`` and
     ``origin`` as in :func:`measure_tile`; the window's edges beyond the slide's are far
     enough from its collagen for every measure here).
 
     Returns the skeleton, the width of every collagen pixel (µm, that of its nearest skeleton
-    pixel), the skeleton pixels' orthogonal and diagonal neighbour counts, the branch pieces
-    in the core, and the core's sums (:class:`TraitCounts` fields).
+    pixel), the squared distance to the background of the skeleton pixels (int32, pixels²),
+    the skeleton pixels' orthogonal and diagonal neighbour counts, the branch pieces in the
+    core, and the core's sums (:class:`TraitCounts` fields).
     """
     cy0, cx0, cy1, cx1 = core
     cs = (slice(max(cy0, 0), max(cy1, 0)), slice(max(cx0, 0), max(cx1, 0)))
@@ -344,9 +358,11 @@ def _fibre_measures(
     # --- widths: 2 x distance to background at skeleton pixels; every collagen pixel takes
     # the width of its nearest skeleton pixel
     width_um = np.zeros(collagen.shape, np.float32)
+    d2_img = np.zeros(collagen.shape, np.int32)
     if skel.any():
         yy, xx = np.nonzero(skel)  # raster order, as OpenCV numbers the skeleton pixels below
         d2 = np.rint(half[yy, xx].astype(np.float64) ** 2).astype(np.int64)
+        d2_img[yy, xx] = d2
         widths = ((2.0 * np.sqrt(d2) - 0.5) * mpp).astype(np.float32)
         _, nearest = cv2.distanceTransformWithLabels(
             (~skel).view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_5, labelType=cv2.DIST_LABEL_PIXEL)
@@ -387,7 +403,7 @@ def _fibre_measures(
         coh = np.sqrt((a - c) ** 2 + 4 * b * b)[ok] / trace[ok]
         sums["coherence_sum"] = float(coh.sum(dtype=np.float64))
         sums["coherence_px"] = int(ok.sum())
-    return skel, width_um, n_ortho, n_diag, pieces, sums
+    return skel, width_um, d2_img, n_ortho, n_diag, pieces, sums
 
 
 def _skeleton(collagen: np.ndarray, half_px: np.ndarray | None) -> tuple[np.ndarray, Any]:
@@ -616,11 +632,14 @@ def _box_counts(collagen: np.ndarray, core: tuple[int, int, int, int], origin: t
 
 
 def _part(col: np.ndarray, tis: np.ndarray, width_um: np.ndarray, skel: np.ndarray,
-          n_ortho: np.ndarray, n_diag: np.ndarray, peri: np.ndarray, vessel: np.ndarray,
+          d2: np.ndarray, n_ortho: np.ndarray, n_diag: np.ndarray, peri: np.ndarray,
+          vessel: np.ndarray,
           border: np.ndarray, thin_border: np.ndarray, origin: tuple[int, int],
           slide_shape: tuple[int, int], params: TraitParams,
           branches: _BranchPieces | None) -> _Part:
-    """Label the core's objects (8-connected) and holes (4-connected) with their sums."""
+    """Label the core's objects (8-connected) and holes (4-connected) with their sums, and
+    histogram the squared half-widths (``d2``) of each object's wide skeleton outside the
+    vessel rings (the septal widths, once the object is known septal)."""
     h, w = col.shape
     n_obj, obj = cv2.connectedComponents(np.ascontiguousarray(col).view(np.uint8), connectivity=8,
                                          ltype=cv2.CV_32S)
@@ -648,6 +667,10 @@ def _part(col: np.ndarray, tis: np.ndarray, width_um: np.ndarray, skel: np.ndarr
         "border": np.bincount(hole[border], minlength=n_hole + 1),
         "thin_border": np.bincount(hole[thin_border], minlength=n_hole + 1),
     }
+    free = on & ~peri
+    key = np.unique(obj[free].astype(np.int64) << 32 | d2[free].astype(np.int64),
+                    return_counts=True)
+    obj_width = np.column_stack([key[0] >> 32, key[0] & 0xFFFFFFFF, key[1]])
     near = col & (vessel > 0)
     key = np.unique(obj[near].astype(np.int64) << 32 | vessel[near].astype(np.int64))
     pairs = np.column_stack([key >> 32, key & 0xFFFFFFFF])
@@ -655,7 +678,7 @@ def _part(col: np.ndarray, tis: np.ndarray, width_um: np.ndarray, skel: np.ndarr
     return _Part((y0, x0, y0 + h, x0 + w),
                  (obj[0].copy(), obj[-1].copy(), obj[:, 0].copy(), obj[:, -1].copy()),
                  (hole[0].copy(), hole[-1].copy(), hole[:, 0].copy(), hole[:, -1].copy()),
-                 obj_sums, hole_sums, pairs, branches)
+                 obj_sums, hole_sums, pairs, obj_width, branches)
 
 
 # ------------------------------------------------------------------------------------------
@@ -829,6 +852,15 @@ def slide_traits(counts: TraitCounts, params: TraitParams, vessels: VesselMap | 
         septal = (wide_len_um >= params.septum_min_length_um) | (
             (vcount >= 2) & (wide_len_um >= 2 * params.ring_um))
         septal_px = float(obj["wide_free"][septal].sum())
+        offs = np.cumsum([0] + [len(p.obj["area"]) - 1 for p in parts])[:-1]
+        sw = [p.obj_width for p in parts]
+        sw_comp = np.concatenate([comp[w[:, 0] + o - 1] for w, o in zip(sw, offs, strict=True)])
+        sw = np.concatenate(sw)
+        keep = septal[sw_comp]
+        if keep.any():
+            hist = np.bincount(sw[keep, 1], weights=sw[keep, 2])
+            out["septal_width_median_um"] = (
+                2.0 * math.sqrt(_quantile_from_sq_hist(hist, 0.5)) - 0.5) * mpp
         peri_px = float(counts.perivascular_px)
         out["perivascular_collagen_percent"] = 100.0 * peri_px / col
         out["septal_collagen_percent"] = 100.0 * septal_px / col
@@ -870,6 +902,9 @@ TRAIT_COLUMNS: dict[str, str] = {
     "traits_mpp": "µm/px of the mask the traits were measured on",
     "fibre_width_median_um": "median fibre width along the skeleton (2 x distance to background)",
     "fibre_width_iqr_um": "interquartile range of the fibre width along the skeleton",
+    "septal_width_median_um": "median fibre width along the skeleton of the septal collagen "
+                              "(the septa's width; the median of all fibres follows the thin "
+                              "pericellular ones)",
     "thin_fibre_share_percent": "collagen area in thin fibres (< thin_um), % of collagen",
     "medium_fibre_share_percent": "collagen area in medium fibres, % of collagen",
     "thick_fibre_share_percent": "collagen area in thick fibres (> thick_um), % of collagen",
@@ -1028,8 +1063,9 @@ def measure_slide(
 # ------------------------------------------------------------------------------------------
 
 #: Traits shown in the report's small multiple (the issue's list and the composite score).
-KEY_TRAITS = ("fibre_width_median_um", "fibre_width_iqr_um", "thin_fibre_share_percent",
-              "thick_fibre_share_percent", "fibre_length_density_mm_per_mm2",
+KEY_TRAITS = ("fibre_width_median_um", "fibre_width_iqr_um", "septal_width_median_um",
+              "thin_fibre_share_percent", "thick_fibre_share_percent",
+              "fibre_length_density_mm_per_mm2",
               "branch_points_per_mm2", "perivascular_collagen_percent", "septal_collagen_percent",
               "pericellular_collagen_percent", "architecture_score")
 
