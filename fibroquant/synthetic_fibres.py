@@ -245,7 +245,7 @@ def vessels_and_septa(
     tissue = ~lumen
     return FibreTruth(collagen, tissue, mpp, canvas.length_um, width, lumen, septal,
                       {"vessel_centres_um": vc, "septa_length_um": septa_length,
-                       "bridges": len(pairs)})
+                       "bridges": len(pairs), "septum_um": septum_um})
 
 
 def render(truth: FibreTruth, *, rng: int | None = 0, collagen_od: float = 0.8,
@@ -294,8 +294,11 @@ def regression_cohort(
             if factor != 1.0:
                 width = own_um * factor
                 target = int(untreated.collagen.sum())
-                extra = 0.0
-                for _ in range(4):  # area per µm of extra septum is about its width
+                # first guess: the septa's lost area (length x width lost) at the new width;
+                # then corrected by the area still missing (an extra septum adds about its
+                # width per µm)
+                extra = untreated.extra["septa_length_um"] * (own_um - width) / width
+                for _ in range(4):
                     truth = vessels_and_septa(shape, mpp, septum_um=width, n_fine=n_fine,
                                               extra_septa_um=extra, rng=seed)
                     missing = target - int(truth.collagen.sum())
