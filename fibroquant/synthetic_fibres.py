@@ -275,35 +275,32 @@ def regression_cohort(
     """Two groups of mice whose septa differ in width only: ``control`` septa of ``septum_um``,
     ``regression`` septa ``thinning`` (40 %) thinner, at equal CPA.
 
-    Each mouse has its own septum width (``septum_um`` times a uniform factor within
-    ``± width_jitter``) and its own vessels and fine fibres (their number varies, so CPA
-    varies between mice). A regression mouse's thinner septa are completed by septa that
-    cross the field without bridging vessels, as long as needed for the collagen area the
-    same mouse would have had untreated (to ±0.5 % of it): CPA is equal mouse for mouse, not
-    only on average. Returns ``(mouse, group, truth)`` per mouse.
+    Mouse ``i`` of each group shares its vessels, fine fibres (their number varies between
+    mice, and so does CPA) and untreated septum width (``septum_um`` times a uniform factor
+    within ``± width_jitter``): the regression mouse is the control mouse after treatment.
+    Its thinner septa are completed by septa that cross the field without bridging vessels,
+    as long as needed for the untreated collagen area (to ±0.5 % of it), so CPA is equal
+    mouse for mouse. Returns ``(mouse, group, truth)`` per mouse, controls first.
     """
     g = np.random.default_rng(rng)
-    out = []
-    for group, factor in (("control", 1.0), ("regression", 1.0 - thinning)):
-        for i in range(n_mice):
-            seed = int(g.integers(2**31))
-            n_fine = int(g.integers(30, 90))  # mice differ in their fine fibres (and CPA)
-            own_um = septum_um * float(g.uniform(1 - width_jitter, 1 + width_jitter))
-            untreated = vessels_and_septa(shape, mpp, septum_um=own_um, n_fine=n_fine, rng=seed)
-            truth = untreated
-            if factor != 1.0:
-                width = own_um * factor
-                target = int(untreated.collagen.sum())
-                # first guess: the septa's lost area (length x width lost) at the new width;
-                # then corrected by the area still missing (an extra septum adds about its
-                # width per µm)
-                extra = untreated.extra["septa_length_um"] * (own_um - width) / width
-                for _ in range(4):
-                    truth = vessels_and_septa(shape, mpp, septum_um=width, n_fine=n_fine,
-                                              extra_septa_um=extra, rng=seed)
-                    missing = target - int(truth.collagen.sum())
-                    if abs(missing) <= 0.005 * target:
-                        break
-                    extra = max(0.0, extra + missing * mpp * mpp / width)
-            out.append((f"{group[0]}{i + 1}", group, truth))
-    return out
+    control, regression = [], []
+    for i in range(n_mice):
+        seed = int(g.integers(2**31))
+        n_fine = int(g.integers(30, 90))  # mice differ in their fine fibres (and CPA)
+        own_um = septum_um * float(g.uniform(1 - width_jitter, 1 + width_jitter))
+        untreated = vessels_and_septa(shape, mpp, septum_um=own_um, n_fine=n_fine, rng=seed)
+        control.append((f"c{i + 1}", "control", untreated))
+        width = own_um * (1.0 - thinning)
+        target = int(untreated.collagen.sum())
+        # first guess: the area the septa lost, at the new width; then corrected by the area
+        # still missing (an extra septum adds about its width per µm)
+        extra = untreated.extra["septa_length_um"] * (own_um - width) / width
+        for _ in range(4):
+            treated = vessels_and_septa(shape, mpp, septum_um=width, n_fine=n_fine,
+                                        extra_septa_um=extra, rng=seed)
+            missing = target - int(treated.collagen.sum())
+            if abs(missing) <= 0.005 * target:
+                break
+            extra = max(0.0, extra + missing * mpp * mpp / width)
+        regression.append((f"r{i + 1}", "regression", treated))
+    return control + regression

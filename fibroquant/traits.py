@@ -508,7 +508,7 @@ class _BranchPieces:
 def _branch_pieces(graph: Any, core: tuple[int, int, int, int], origin: tuple[int, int],
                    slide_width: int) -> _BranchPieces:
     """Cut skan's paths of a tile window to the runs of their pixels in the core."""
-    idx, pid, step = _path_steps(graph)
+    idx, _, step = _path_steps(graph)
     ptr = graph.paths.indptr
     rc = np.rint(graph.coordinates[idx]).astype(np.int64)
     cy0, cx0, cy1, cx1 = core
@@ -982,16 +982,26 @@ def measure_masks(
         return total
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending = [pool.submit(one, b) for b in boxes[: 2 * workers]]
-        for nxt in [*boxes[2 * workers :], None]:
-            r = pending.pop(0).result()
-            total = total if r is None else total + r
-            if nxt is not None:
-                pending.append(pool.submit(one, nxt))
-        for fut in pending:
-            r = fut.result()
-            total = total if r is None else total + r
+    from fibroquant import cores
+
+    # the tile threads use the cores: OpenCV's own pool inside each call would oversubscribe
+    # them (as in the CPA tile loop); inside a local pool, the slide's share of its cores
+    tile = one if not cores.in_pool() else cores.gated(one, workers)
+    cv_threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            pending = [pool.submit(tile, b) for b in boxes[: 2 * workers]]
+            for nxt in [*boxes[2 * workers :], None]:
+                r = pending.pop(0).result()
+                total = total if r is None else total + r
+                if nxt is not None:
+                    pending.append(pool.submit(tile, nxt))
+            for fut in pending:
+                r = fut.result()
+                total = total if r is None else total + r
+    finally:
+        cv2.setNumThreads(cv_threads)
     return total
 
 
