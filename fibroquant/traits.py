@@ -260,32 +260,44 @@ def measure_tile(
     mpp = params.mpp
     tis_c = tissue[cs]
     col_c = collagen[cs]
-    counts = TraitCounts(mpp, collagen_px=int(col_c.sum()), tissue_px=int(tis_c.sum()))
+    counts = TraitCounts(mpp, collagen_px=np.count_nonzero(col_c),
+                         tissue_px=np.count_nonzero(tis_c))
     # the core and a 1-pixel frame: what the hole walls' 4-neighbourhood needs
     fy0, fx0 = max(cy0 - 1, 0), max(cx0 - 1, 0)
-    frame = (slice(fy0, cy1 + 1), slice(fx0, cx1 + 1))
+    fy1, fx1 = min(cy1 + 1, collagen.shape[0]), min(cx1 + 1, collagen.shape[1])
+    frame = (slice(fy0, fy1), slice(fx0, fx1))
     col_f = np.ascontiguousarray(collagen[frame])
-    skel = np.zeros(collagen.shape, bool)
-    width_um = np.zeros(collagen.shape, np.float32)
-    d2 = np.zeros(collagen.shape, np.int32)
-    n_ortho = np.zeros(collagen.shape, np.uint8)
-    n_diag = np.zeros(collagen.shape, np.uint8)
+    # the fibre measures of the frame (skeleton, widths, squared half-widths, neighbours)
+    skel = np.zeros(col_f.shape, bool)
+    width_um = np.zeros(col_f.shape, np.float32)
+    d2 = np.zeros(col_f.shape, np.int32)
+    n_ortho = np.zeros(col_f.shape, np.uint8)
+    n_diag = np.zeros(col_f.shape, np.uint8)
     pieces = None
     box = _bounding_box(collagen, math.ceil(4 * params.coherence_sigma_um / mpp) + 3)
     if box is not None and col_f.any():
         # the fibre measures on the window's collagen and a margin around it, not on the
         # whole window: beyond the margin nothing depends on collagen
         by0, bx0, by1, bx1 = box
-        sub = (slice(by0, by1), slice(bx0, bx1))
-        fibres = _fibre_measures(collagen[sub], (cy0 - by0, cx0 - bx0, cy1 - by0, cx1 - bx0),
+        fibres = _fibre_measures(collagen[by0:by1, bx0:bx1],
+                                 (cy0 - by0, cx0 - bx0, cy1 - by0, cx1 - bx0),
                                  (origin[0] + by0, origin[1] + bx0), slide_shape, params)
-        skel[sub], width_um[sub], d2[sub], n_ortho[sub], n_diag[sub], pieces, sums = fibres
+        # the box's part of the frame, in the box's and the frame's coordinates
+        oy0, ox0 = max(by0, fy0), max(bx0, fx0)
+        oy1, ox1 = min(by1, fy1), min(bx1, fx1)
+        src = (slice(oy0 - by0, oy1 - by0), slice(ox0 - bx0, ox1 - bx0))
+        dst = (slice(oy0 - fy0, oy1 - fy0), slice(ox0 - fx0, ox1 - fx0))
+        for out, arr in zip((skel, width_um, d2, n_ortho, n_diag), fibres[:5], strict=True):
+            out[dst] = arr[src]
+        pieces, sums = fibres[5], fibres[6]
         for name, value in sums.items():
             setattr(counts, name, value)
-        counts.thin_px = int(np.count_nonzero(width_um[cs][col_c] < params.thin_um))
-        counts.thick_px = int(np.count_nonzero(width_um[cs][col_c] > params.thick_um))
+    inner = (slice(cy0 - fy0, cy1 - fy0), slice(cx0 - fx0, cx1 - fx0))
+    w_c = width_um[inner][col_c]
+    counts.thin_px = np.count_nonzero(w_c < params.thin_um)
+    counts.thick_px = np.count_nonzero(w_c > params.thick_um)
     counts.medium_px = counts.collagen_px - counts.thin_px - counts.thick_px
-    sk_c = skel[cs]
+    sk_c = skel[inner]
     # --- box counting, on the slide's box grid (boxes owned by their first pixel)
     counts.boxes = _box_counts(collagen, core, origin, params.box_sizes_px, box)
     # --- vessels: perivascular pixels, collar of each lumen
@@ -307,14 +319,12 @@ def measure_tile(
         counts.vessel_ring_collagen_px = np.bincount(vessel_c[col_c], minlength=vessels.n + 1)
     # --- objects and holes of the core, for stitching
     # hole walls: non-collagen pixels next to collagen, thin when that collagen is thin
-    inner = (slice(cy0 - fy0, cy1 - fy0), slice(cx0 - fx0, cx1 - fx0))
     cross = _CROSS.view(np.uint8)
     border = (~col_f & cv2.dilate(col_f.view(np.uint8), cross).view(bool))[inner]
-    near_w = cv2.dilate(np.ascontiguousarray(width_um[frame]), cross,
-                        borderType=cv2.BORDER_CONSTANT, borderValue=0)[inner]
+    near_w = cv2.dilate(width_um, cross, borderType=cv2.BORDER_CONSTANT, borderValue=0)[inner]
     thin_border = border & (near_w > 0) & (near_w < params.thin_um)
-    counts.parts = [_part(col_c, tis_c, width_um[cs], sk_c, d2[cs], n_ortho[cs], n_diag[cs],
-                          peri_c, vessel_c, border, thin_border,
+    counts.parts = [_part(col_c, tis_c, width_um[inner], sk_c, d2[inner], n_ortho[inner],
+                          n_diag[inner], peri_c, vessel_c, border, thin_border,
                           (origin[0] + cy0, origin[1] + cx0), slide_shape, params, pieces)]
     return counts
 
