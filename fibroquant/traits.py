@@ -364,7 +364,7 @@ def _fibre_measures(
     framed = cv2.copyMakeBorder(collagen.view(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT,
                                 value=0)
     half = cv2.distanceTransform(framed, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
-    skel, graph = _skeleton(collagen, half)
+    skel, graphs = _skeleton(collagen, half)
     # --- widths: 2 x distance to background at skeleton pixels; every collagen pixel takes
     # the width of its nearest skeleton pixel
     width_um = np.zeros(collagen.shape, np.float32)
@@ -401,8 +401,8 @@ def _fibre_measures(
             (cy >= cy0) & (cy < cy1) & (cx >= cx0) & (cx < cx1)))
     # --- branches (skan): their pieces in the core, joined into whole branches per slide
     pieces = None
-    if graph is not None and sk_c.any():
-        pieces = _branch_pieces(graph, core, origin, slide_shape[1])
+    if graphs and sk_c.any():
+        pieces = _branch_pieces(graphs, core, origin, slide_shape[1])
     # --- orientation coherence of the collagen texture
     col_c = collagen[cs]
     if col_c.any():
@@ -416,42 +416,71 @@ def _fibre_measures(
     return skel, width_um, d2_img, n_ortho, n_diag, pieces, sums
 
 
-def _skeleton(collagen: np.ndarray, half_px: np.ndarray | None) -> tuple[np.ndarray, Any]:
-    """Skeleton of the collagen with boundary spurs pruned, and its skan graph.
+#: A skan graph of part of a skeleton: (graph, paths to use or None for all, offset (y, x) of
+#: the graph's image in the skeleton's)
+_Graph = tuple[Any, "np.ndarray | None", tuple[int, int]]
+
+
+def _skan_graph(skel: np.ndarray, half_px: np.ndarray) -> _Graph | None:
+    """skan's graph of a skeleton, built on the skeleton's bounding box (skan's cost grows with
+    the image's area), with the half-widths as pixel values; None without a path."""
+    import skan
+
+    box = _bounding_box(skel, 0)
+    if box is None or np.count_nonzero(skel) < 2:
+        return None
+    y0, x0, y1, x1 = box
+    try:
+        graph = skan.Skeleton(np.where(skel[y0:y1, x0:x1], half_px[y0:y1, x0:x1], 0
+                                       ).astype(np.float32))
+    except ValueError:  # isolated pixels only
+        return None
+    return graph, None, (y0, x0)
+
+
+def _skeleton(collagen: np.ndarray, half_px: np.ndarray | None
+              ) -> tuple[np.ndarray, list[_Graph]]:
+    """Skeleton of the collagen with boundary spurs pruned, and skan graphs covering it.
 
     A spur (a branch from a junction to a free end) shorter than twice its mean half-width
-    plus a pixel is a bump of the fibre's outline, not a fibre: removed (once).
+    plus a pixel is a bump of the fibre's outline, not a fibre: removed (once). The skeleton's
+    connected parts that had a spur get a new graph (on their own bounding box); the paths
+    of the others are kept from the first graph (a part's paths depend on it alone).
     """
-    import skan
     from skimage.morphology import skeletonize
 
     if half_px is None:
-        return np.zeros(collagen.shape, bool), None
+        return np.zeros(collagen.shape, bool), []
     skel = skeletonize(collagen)
-    if np.count_nonzero(skel) < 2:
-        return skel, None
-    try:
-        graph = skan.Skeleton(np.where(skel, half_px, 0).astype(np.float32))
-    except ValueError:  # isolated pixels only
-        return skel, None
+    first_graph = _skan_graph(skel, half_px)
+    if first_graph is None:
+        return skel, []
+    graph, _, offset = first_graph
+    oyx = np.array(offset)
     first, last = _path_ends(graph)
     ends = (graph.degrees[first] == 1) ^ (graph.degrees[last] == 1)  # junction to free end
     spur = ends & (_path_lengths(graph) < 2 * graph.path_means() + 1)
-    if spur.any():
-        # the spurs' pixels, junctions kept (what skan's prune_paths wipes, without its second
-        # skeletonize of the whole tile)
-        ids = graph.paths[np.flatnonzero(spur)].indices
-        ids = ids[graph.degrees[ids] <= 2]
-        rc = np.rint(graph.coordinates[ids]).astype(np.intp)
-        skel = skel.copy()
-        skel[rc[:, 0], rc[:, 1]] = False
-        if np.count_nonzero(skel) < 2:
-            return skel, None
-        try:
-            graph = skan.Skeleton(np.where(skel, half_px, 0).astype(np.float32))
-        except ValueError:
-            return skel, None
-    return skel, graph
+    if not spur.any():
+        return skel, [first_graph]
+    # the skeleton's parts (8-connected, as skan links pixels) and those holding a spur
+    _, part = cv2.connectedComponents(skel.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+    ids = graph.paths[np.flatnonzero(spur)].indices
+    rc = np.rint(graph.coordinates[ids]).astype(np.intp) + oyx
+    changed = np.zeros(part.max() + 1, bool)
+    changed[part[rc[:, 0], rc[:, 1]]] = True
+    # the spurs' pixels, junctions kept (what skan's prune_paths wipes, without its second
+    # skeletonize of the whole tile)
+    keep_px = graph.degrees[ids] <= 2
+    skel = skel.copy()
+    skel[rc[keep_px, 0], rc[keep_px, 1]] = False
+    # paths of the first graph in unchanged parts
+    ptr, idx = graph.paths.indptr, graph.paths.indices
+    start = np.rint(graph.coordinates[idx[ptr[:-1]]]).astype(np.intp) + oyx
+    graphs: list[_Graph] = [(graph, ~changed[part[start[:, 0], start[:, 1]]], offset)]
+    second = _skan_graph(skel & changed[part], half_px)
+    if second is not None:
+        graphs.append(second)
+    return skel, graphs
 
 
 def _structure_tensor(mask: np.ndarray, sigma_px: float
@@ -515,19 +544,28 @@ class _BranchPieces:
     node_yx: np.ndarray  # int64 (n, 2), slide coordinates of each node
 
 
-def _branch_pieces(graph: Any, core: tuple[int, int, int, int], origin: tuple[int, int],
-                   slide_width: int) -> _BranchPieces:
+def _branch_pieces(graphs: list[_Graph], core: tuple[int, int, int, int],
+                   origin: tuple[int, int], slide_width: int) -> _BranchPieces:
     """Cut skan's paths of a tile window to the runs of their pixels in the core."""
-    idx, _, step = _path_steps(graph)
-    ptr = graph.paths.indptr
-    rc = np.rint(graph.coordinates[idx]).astype(np.int64)
+    parts = []
+    for graph, use, offset in graphs:
+        idx, pid, step = _path_steps(graph)
+        ptr = graph.paths.indptr
+        n = len(idx)
+        first = np.zeros(n, bool)
+        first[ptr[:-1]] = True
+        last = np.zeros(n, bool)
+        last[ptr[1:] - 1] = True
+        rc = np.rint(graph.coordinates[idx]).astype(np.int64) + offset
+        node = graph.degrees[idx] != 2
+        if use is not None:
+            sel = use[pid]
+            first, last, rc, node, step = first[sel], last[sel], rc[sel], node[sel], step[sel]
+        parts.append((first, last, rc, node, step))
+    first, last, rc, node, step = (np.concatenate(a) for a in zip(*parts, strict=True))
     cy0, cx0, cy1, cx1 = core
     inc = (rc[:, 0] >= cy0) & (rc[:, 0] < cy1) & (rc[:, 1] >= cx0) & (rc[:, 1] < cx1)
-    n = len(idx)
-    first = np.zeros(n, bool)
-    first[ptr[:-1]] = True
-    last = np.zeros(n, bool)
-    last[ptr[1:] - 1] = True
+    n = len(rc)
     prev_in = np.zeros(n, bool)
     prev_in[1:] = inc[:-1]
     prev_in &= ~first
@@ -560,15 +598,15 @@ def _branch_pieces(graph: Any, core: tuple[int, int, int, int], origin: tuple[in
     keys = ((lo[:, 0] * slide_width + lo[:, 1]) * 4 + d[:, 0] * (d[:, 1] + 2)).astype(np.int64)
     # path ends in the core: nodes (degree != 2), or the start of a closed loop
     ends = np.flatnonzero(inc & (first | last))
-    node = graph.degrees[idx[ends]] != 2
-    loop_end = ends[~node]
+    is_node = node[ends]
+    loop_end = ends[~is_node]
     loop_keys = -1 - ((rc[loop_end, 0] + origin[0]) * slide_width + rc[loop_end, 1] + origin[1])
     return _BranchPieces(
         length_px=length,
         key_piece=np.concatenate([run[inner], run[loop_end]]).astype(np.int64),
         key=np.concatenate([keys, loop_keys]).astype(np.int64),
-        node_piece=run[ends[node]].astype(np.int64),
-        node_yx=(rc[ends[node]] + origin).astype(np.int64),
+        node_piece=run[ends[is_node]].astype(np.int64),
+        node_yx=(rc[ends[is_node]] + origin).astype(np.int64),
     )
 
 
