@@ -36,7 +36,6 @@ import numpy as np
 
 _ORTHO = np.array([[0, 1, 0], [1, 0, 1], [0, 1, 0]], np.float32)
 _DIAG = np.array([[1, 0, 1], [0, 0, 0], [1, 0, 1]], np.float32)
-_EIGHT = np.ones((3, 3), bool)
 _CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], bool)
 
 
@@ -112,7 +111,6 @@ def vessel_map(lumen: np.ndarray, lumen_mpp: float, trait_mpp: float, cluster_um
     most ``cluster_um`` (their edge-to-edge distance, without a pairwise search). Returns None
     when there is no lumen.
     """
-    from scipy import ndimage as ndi
 
     factor = max(1, round(max_mpp / lumen_mpp))
     if factor > 1:
@@ -121,13 +119,14 @@ def vessel_map(lumen: np.ndarray, lumen_mpp: float, trait_mpp: float, cluster_um
         pad[:h, :w] = lumen
         lumen = _block_any(pad, factor)
         lumen_mpp *= factor
-    labels, n = ndi.label(lumen, structure=_EIGHT)
-    if n == 0:
+    if not lumen.any():
         return None
-    dist, pixel = cv2.distanceTransformWithLabels(
-        (labels == 0).view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_5, labelType=cv2.DIST_LABEL_PIXEL)
-    ly, lx = np.nonzero(labels)  # raster order: OpenCV's numbering of the lumen pixels
-    nearest = labels[ly, lx][pixel - 1].astype(np.int32)
+    # OpenCV labels the lumens (8-connected, numbered in raster order as scipy's label would)
+    # and gives every pixel the label of the nearest one
+    dist, nearest = cv2.distanceTransformWithLabels(
+        np.ascontiguousarray(~lumen).view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_5,
+        labelType=cv2.DIST_LABEL_CCOMP)
+    n = int(nearest.max())
     dist_um = (dist * lumen_mpp).astype(np.float32)
     pairs = []
     for a, b, da, db in ((nearest[:, :-1], nearest[:, 1:], dist_um[:, :-1], dist_um[:, 1:]),
