@@ -106,12 +106,11 @@ def vessel_map(lumen: np.ndarray, lumen_mpp: float, trait_mpp: float, cluster_um
 
     Masks finer than ``max_mpp`` are first reduced to about it, by the integer factor nearest
     ``max_mpp / lumen_mpp`` (any lumen pixel in a block counts), so the cost does not grow with
-    the mask's resolution (a 1.02 µm/px lumen mask is reduced 2x, not kept). Two lumens are neighbours when the
-    distances to them of two adjacent pixels that lie on their border of influence add up to at
-    most ``cluster_um`` (their edge-to-edge distance, without a pairwise search). Returns None
-    when there is no lumen.
+    the mask's resolution (a 1.02 µm/px lumen mask is reduced 2x, not kept). Two lumens are
+    neighbours when the distances to them of two adjacent pixels that lie on their border of
+    influence add up to at most ``cluster_um`` (their edge-to-edge distance, without a pairwise
+    search). Returns None when there is no lumen.
     """
-
     factor = max(1, round(max_mpp / lumen_mpp))
     if factor > 1:
         h, w = lumen.shape
