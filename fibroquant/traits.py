@@ -311,10 +311,11 @@ def measure_tile(
         rings = vessels.ring_labels(params.ring_um)[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
         vessel_c = np.repeat(np.repeat(rings, np.bincount(rows - rows[0]), axis=0),
                              np.bincount(cols - cols[0]), axis=1)
-        peri_c = col_c & (vessel_c > 0)
-        counts.perivascular_px = int(peri_c.sum())
-        counts.vessel_ring_px = np.bincount(vessel_c[tis_c], minlength=vessels.n + 1)
-        counts.vessel_ring_collagen_px = np.bincount(vessel_c[col_c], minlength=vessels.n + 1)
+        ring = vessel_c > 0
+        peri_c = col_c & ring
+        counts.perivascular_px = np.count_nonzero(peri_c)
+        counts.vessel_ring_px = np.bincount(vessel_c[ring & tis_c], minlength=vessels.n + 1)
+        counts.vessel_ring_collagen_px = np.bincount(vessel_c[peri_c], minlength=vessels.n + 1)
     # --- objects and holes of the core, for stitching
     # hole walls: non-collagen pixels next to collagen, thin when that collagen is thin
     cross = _CROSS.view(np.uint8)
@@ -700,16 +701,18 @@ def _part(col: np.ndarray, tis: np.ndarray, width_um: np.ndarray, skel: np.ndarr
         "wide_free": np.bincount(obj[wide & ~peri], minlength=n_obj + 1),
         "wide_length": np.bincount(obj[on], weights=step, minlength=n_obj + 1),
     }
-    # holes: open when they hold non-tissue or touch the slide's edge
-    open_labels = [hole[~tis]]
+    # holes: open when they hold non-tissue or touch the slide's edge. One pass counts each
+    # hole's pixels split by tissue (bin 2 x label + 1: not tissue)
+    by_tissue = np.bincount((hole * 2 + ~tis).ravel(), minlength=2 * (n_hole + 1))
+    open_px = by_tissue[1::2].copy()
     for at_edge, line in ((origin[0] == 0, hole[0]), (origin[1] == 0, hole[:, 0]),
                           (origin[0] + h == slide_shape[0], hole[-1]),
                           (origin[1] + w == slide_shape[1], hole[:, -1])):
         if at_edge:
-            open_labels.append(line)
+            open_px += np.bincount(line, minlength=n_hole + 1)
     hole_sums = {
-        "area": np.bincount(hole.ravel(), minlength=n_hole + 1),
-        "open": np.bincount(np.concatenate(open_labels), minlength=n_hole + 1),
+        "area": by_tissue[0::2] + by_tissue[1::2],
+        "open": open_px,
         "border": np.bincount(hole[border], minlength=n_hole + 1),
         "thin_border": np.bincount(hole[thin_border], minlength=n_hole + 1),
     }
