@@ -258,8 +258,8 @@ def measure_tile(
     mpp = params.mpp
     tis_c = tissue[cs]
     col_c = collagen[cs]
-    counts = TraitCounts(mpp, collagen_px=np.count_nonzero(col_c),
-                         tissue_px=np.count_nonzero(tis_c))
+    counts = TraitCounts(mpp, collagen_px=int(np.count_nonzero(col_c)),
+                         tissue_px=int(np.count_nonzero(tis_c)))
     # the core and a 1-pixel frame: what the hole walls' 4-neighbourhood needs
     fy0, fx0 = max(cy0 - 1, 0), max(cx0 - 1, 0)
     fy1, fx1 = min(cy1 + 1, collagen.shape[0]), min(cx1 + 1, collagen.shape[1])
@@ -285,15 +285,16 @@ def measure_tile(
         oy1, ox1 = min(by1, fy1), min(bx1, fx1)
         src = (slice(oy0 - by0, oy1 - by0), slice(ox0 - bx0, ox1 - bx0))
         dst = (slice(oy0 - fy0, oy1 - fy0), slice(ox0 - fx0, ox1 - fx0))
-        for out, arr in zip((skel, width_um, d2, n_ortho, n_diag), fibres[:5], strict=True):
+        frame_arrays: tuple[np.ndarray, ...] = (skel, width_um, d2, n_ortho, n_diag)
+        for out, arr in zip(frame_arrays, fibres[:5], strict=True):
             out[dst] = arr[src]
         pieces, sums = fibres[5], fibres[6]
         for name, value in sums.items():
             setattr(counts, name, value)
     inner = (slice(cy0 - fy0, cy1 - fy0), slice(cx0 - fx0, cx1 - fx0))
     w_c = width_um[inner][col_c]
-    counts.thin_px = np.count_nonzero(w_c < params.thin_um)
-    counts.thick_px = np.count_nonzero(w_c > params.thick_um)
+    counts.thin_px = int(np.count_nonzero(w_c < params.thin_um))
+    counts.thick_px = int(np.count_nonzero(w_c > params.thick_um))
     counts.medium_px = counts.collagen_px - counts.thin_px - counts.thick_px
     sk_c = skel[inner]
     # --- box counting, on the slide's box grid (boxes owned by their first pixel)
@@ -313,7 +314,7 @@ def measure_tile(
                              np.bincount(cols - cols[0]), axis=1)
         ring = vessel_c > 0
         peri_c = col_c & ring
-        counts.perivascular_px = np.count_nonzero(peri_c)
+        counts.perivascular_px = int(np.count_nonzero(peri_c))
         counts.vessel_ring_px = np.bincount(vessel_c[ring & tis_c], minlength=vessels.n + 1)
         counts.vessel_ring_collagen_px = np.bincount(vessel_c[peri_c], minlength=vessels.n + 1)
     # --- objects and holes of the core, for stitching
@@ -717,9 +718,9 @@ def _part(col: np.ndarray, tis: np.ndarray, width_um: np.ndarray, skel: np.ndarr
         "thin_border": np.bincount(hole[thin_border], minlength=n_hole + 1),
     }
     free = on & ~peri
-    key = np.unique(obj[free].astype(np.int64) << 32 | d2[free].astype(np.int64),
-                    return_counts=True)
-    obj_width = np.column_stack([key[0] >> 32, key[0] & 0xFFFFFFFF, key[1]])
+    ow, ow_px = np.unique(obj[free].astype(np.int64) << 32 | d2[free].astype(np.int64),
+                          return_counts=True)
+    obj_width = np.column_stack([ow >> 32, ow & 0xFFFFFFFF, ow_px])
     near = col & (vessel > 0)
     key = np.unique(obj[near].astype(np.int64) << 32 | vessel[near].astype(np.int64))
     pairs = np.column_stack([key >> 32, key & 0xFFFFFFFF])
@@ -902,9 +903,9 @@ def slide_traits(counts: TraitCounts, params: TraitParams, vessels: VesselMap | 
             (vcount >= 2) & (wide_len_um >= 2 * params.ring_um))
         septal_px = float(obj["wide_free"][septal].sum())
         offs = np.cumsum([0] + [len(p.obj["area"]) - 1 for p in parts])[:-1]
-        sw = [p.obj_width for p in parts]
-        sw_comp = np.concatenate([comp[w[:, 0] + o - 1] for w, o in zip(sw, offs, strict=True)])
-        sw = np.concatenate(sw)
+        sw_comp = np.concatenate([comp[p.obj_width[:, 0] + o - 1]
+                                  for p, o in zip(parts, offs, strict=True)])
+        sw = np.concatenate([p.obj_width for p in parts])
         keep = septal[sw_comp]
         if keep.any():
             hist = np.bincount(sw[keep, 1], weights=sw[keep, 2])
