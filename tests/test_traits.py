@@ -321,3 +321,25 @@ def test_reduce_mask_is_a_majority_vote(factor):
     pad[:50, :61] = mask
     votes = pad.reshape(pad.shape[0] // factor, factor, -1, factor).sum(axis=(1, 3))
     np.testing.assert_array_equal(got, 2 * votes > factor * factor)
+
+
+@pytest.mark.parametrize("factor", [2, 3])
+def test_block_any_is_an_or_over_blocks(factor):
+    mask = np.random.default_rng(factor).random((6 * factor, 4 * factor)) < 0.05
+    want = mask.reshape(6, factor, 4, factor).any(axis=(1, 3))
+    np.testing.assert_array_equal(tr._block_any(mask, factor), want)
+
+
+def test_vessel_map_labels_lumens_8_connected_with_exact_distances():
+    lumen = np.zeros((60, 80), bool)
+    lumen[10, 10] = lumen[11, 11] = True  # diagonal neighbours: one lumen
+    lumen[40:44, 50:55] = True
+    lumen[5, 70] = True
+    labels, n = ndi.label(lumen, structure=np.ones((3, 3)))
+    vm = tr.vessel_map(lumen, 1.0, 1.0, cluster_um=10.0, max_mpp=1.0)
+    assert vm is not None and vm.n == n == 3
+    np.testing.assert_array_equal(vm.nearest[lumen], labels[lumen])
+    # every pixel's distance is its distance to the lumen whose label it carries (5x5 mask)
+    exact = ndi.distance_transform_edt(~lumen)
+    assert np.abs(vm.distance_um - exact).max() < 0.05 * exact.max()
+    assert tr.vessel_map(np.zeros_like(lumen), 1.0, 1.0, cluster_um=10.0) is None
