@@ -194,9 +194,8 @@ class TraitCounts:
             return NotImplemented
         out: dict[str, Any] = {"mpp": self.mpp}
         for name in ("collagen_px", "tissue_px", "skeleton_length_px", "end_points",
-                     "branch_points",
-                     "thin_px", "medium_px", "thick_px", "coherence_sum", "coherence_px",
-                     "perivascular_px"):
+                     "branch_points", "thin_px", "medium_px", "thick_px", "coherence_sum",
+                     "coherence_px", "perivascular_px"):
             out[name] = getattr(self, name) + getattr(other, name)
         for name in ("width_sq_hist", "boxes", "vessel_ring_px", "vessel_ring_collagen_px"):
             out[name] = _add_arrays(getattr(self, name), getattr(other, name))
@@ -345,9 +344,9 @@ def _fibre_measures(
     slide_shape: tuple[int, int], params: TraitParams,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
            _BranchPieces | None, dict[str, Any]]:
-    """Skeleton, widths, branches and texture of the collagen of a window (``core`` and
-    ``origin`` as in :func:`measure_tile`; the window's edges beyond the slide's are far
-    enough from its collagen for every measure here).
+    """Skeleton, widths, branches and texture of a window's collagen, given cropped to its
+    bounding box plus the structure tensor's reach (all beyond is background); ``core`` and
+    ``origin`` as in :func:`measure_tile`, in the crop's coordinates.
 
     Returns the skeleton, the width of every collagen pixel (µm, that of its nearest skeleton
     pixel), the squared distance to the background of the skeleton pixels (int32, pixels²),
@@ -422,8 +421,8 @@ _Graph = tuple[Any, "np.ndarray | None", tuple[int, int]]
 
 
 def _skan_graph(skel: np.ndarray, half_px: np.ndarray) -> _Graph | None:
-    """skan's graph of a skeleton, built on the skeleton's bounding box (skan's cost grows with
-    the image's area), with the half-widths as pixel values; None without a path."""
+    """skan's graph of a skeleton, built on the skeleton's bounding box (skan pads and scans
+    the whole image it is given), with the half-widths as pixel values; None without a path."""
     import skan
 
     box = _bounding_box(skel, 0)
@@ -438,8 +437,7 @@ def _skan_graph(skel: np.ndarray, half_px: np.ndarray) -> _Graph | None:
     return graph, None, (y0, x0)
 
 
-def _skeleton(collagen: np.ndarray, half_px: np.ndarray | None
-              ) -> tuple[np.ndarray, list[_Graph]]:
+def _skeleton(collagen: np.ndarray, half_px: np.ndarray) -> tuple[np.ndarray, list[_Graph]]:
     """Skeleton of the collagen with boundary spurs pruned, and skan graphs covering it.
 
     A spur (a branch from a junction to a free end) shorter than twice its mean half-width
@@ -449,8 +447,6 @@ def _skeleton(collagen: np.ndarray, half_px: np.ndarray | None
     """
     from skimage.morphology import skeletonize
 
-    if half_px is None:
-        return np.zeros(collagen.shape, bool), []
     skel = skeletonize(collagen)
     first_graph = _skan_graph(skel, half_px)
     if first_graph is None:
