@@ -91,9 +91,6 @@ class ClusterChoice(StrEnum):
     LOCAL = "local"
 
 
-SlidesDir = Annotated[Path, typer.Argument(
-    exists=True, file_okay=False, dir_okay=True, readable=True, resolve_path=True,
-    help="Folder of slides (searched recursively).")]
 SlidesOrFile = Annotated[Path, typer.Argument(
     exists=True, file_okay=True, dir_okay=True, readable=True, resolve_path=True, help="Folder of slides (searched recursively), or one slide file.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q",

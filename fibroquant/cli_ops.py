@@ -22,6 +22,7 @@ import typer
 
 from fibroquant.cli import ClusterChoice, app
 from fibroquant.cli_common import StainChoice, command_line, err, fail, out, run_analyze
+from fibroquant.cores import process_alive
 from fibroquant.errors import FibroquantError, one_line
 from fibroquant.layout import STORE_NAME
 
@@ -39,14 +40,9 @@ def _pid_alive(pid: int | None, host: str | None) -> bool | None:
     if host and host != socket.gethostname():
         return None
     try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
+        return process_alive(int(pid))
+    except (TypeError, ValueError):
         return False
-    except PermissionError:
-        return True
-    except (OSError, ValueError, OverflowError):
-        return False
-    return True
 
 
 def _run_state(run: dict[str, Any], newest: bool, measuring: dict[str, Any] | None = None

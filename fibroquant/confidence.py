@@ -11,11 +11,14 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from fibroquant.exclusions import large_columns
+
 #: Collagen level (OD) below which the collagen stain is faint: its threshold lies within a
 #: few tenths of OD of the parenchyma, where stain noise moves CPA by points.
 FAINT_COLLAGEN_OD = 0.2
-#: Exclusions (folds, bubbles, unfocused tiles) above this share of the section (%): the
-#: measured area may not represent the section.
+#: Exclusions (the classes marked ``large`` in :data:`fibroquant.exclusions.CLASSES`: folds,
+#: bubbles, unfocused tiles) above this share of the section (%): the measured area may not
+#: represent the section.
 LARGE_EXCLUSIONS_PERCENT = 10.0
 #: Tissue below this area (mm²): a few lobules at most, too little to stand for a liver.
 LITTLE_TISSUE_MM2 = 0.05
@@ -40,8 +43,9 @@ def qc_flags(record: Mapping[str, Any], *, pale_counterstain: bool = False) -> l
     ----------
     record : mapping
         The slide's row: ``status`` or ``wrong_stain``, ``threshold_method``, ``collagen_level_od`` (OD),
-        ``tissue_area_mm2`` and the excluded areas ``fold_area_mm2``, ``bubble_area_mm2``,
-        ``unfocused_area_mm2`` (mm²); missing values count as unknown (no flag).
+        ``tissue_area_mm2`` and the excluded areas marked ``large`` in
+        :data:`fibroquant.exclusions.CLASSES` (``fold_area_mm2``, ``bubble_area_mm2``,
+        ``unfocused_area_mm2``; mm²); missing values count as unknown (no flag).
     pale_counterstain : bool
         The collagen levels were taken by intensity because the counterstain is too pale to
         tell parenchyma from collagen by colour.
@@ -67,8 +71,7 @@ def qc_flags(record: Mapping[str, Any], *, pale_counterstain: bool = False) -> l
     if pale_counterstain:
         flags.append("pale counterstain")
     tissue = _number(record, "tissue_area_mm2")
-    excluded = sum(v for v in (_number(record, k) for k in (
-        "fold_area_mm2", "bubble_area_mm2", "unfocused_area_mm2")) if math.isfinite(v))
+    excluded = sum(v for v in (_number(record, k) for k in large_columns()) if math.isfinite(v))
     if math.isfinite(tissue) and excluded > LARGE_EXCLUSIONS_PERCENT / 100 * (tissue + excluded):
         flags.append("large exclusions")
     if math.isfinite(tissue) and tissue < LITTLE_TISSUE_MM2:

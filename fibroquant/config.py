@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fibroquant.errors import ConfigError
+from fibroquant.exclusions import detected
 from fibroquant.protocols import STAIN_NAMES, Stain
 
 #: Bumped whenever a change to the algorithms changes measurements. It is part of the settings
@@ -370,6 +371,8 @@ class Settings(_Model):
         if data["tiling"]["analysis_mpp"] is None:  # native resolution: no level is chosen
             data["tiling"].pop("read_oversample")
         data["algorithm_version"] = ALGORITHM_VERSION
+        if found := [c.key for c in detected()]:  # none by default: the default hash is unchanged
+            data["detected_exclusions"] = found
         return data
 
     def settings_hash(self) -> str:

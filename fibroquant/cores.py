@@ -11,6 +11,7 @@ The C heap of a process measuring slides is tuned once (:func:`tune_malloc`).
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +25,23 @@ _pool_cores = 0
 #: How often a tile waiting for its slide's share of the cores looks again (seconds): the
 #: share grows when a slide in another worker process ends, which no event here reports.
 SHARE_POLL_SECONDS = 0.05
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (a killed run not yet reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OSError, ValueError, OverflowError):  # not a pid
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def join_pool(running: Any, cores: int) -> None:

@@ -328,28 +328,13 @@ def _die_with_parent(parent_pid: int) -> None:
     def watch() -> None:
         while True:
             time.sleep(PARENT_CHECK_SECONDS)
-            if not _alive(parent_pid):
+            if not cores.process_alive(parent_pid):
                 os._exit(1)
 
     threading.Thread(target=watch, name="fibroquant-parent-watch", daemon=True).start()
 
 
 _PR_SET_PDEATHSIG = 1
-
-
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` exists and is not a zombie (a killed run not yet reaped)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def _worker_main(conn: Any, running: Any, n_cores: int, parent_pid: int) -> None:

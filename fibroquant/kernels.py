@@ -29,6 +29,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from fibroquant import exclusions
+
 try:  # numba is a dependency, but keep the package usable without it
     import numba as _numba
 except ImportError:  # pragma: no cover - exercised only without numba
@@ -71,17 +73,48 @@ def _share_ok_py(
 _share_ok_nb = _jit(_share_ok_py)
 
 
-#: Bits of the per-pixel class map that :func:`measure_tile_fused` reads (at tissue resolution).
-FLAG_TISSUE = 1  # countable tissue (before capsule and vessel-wall removal)
-FLAG_BAND = 2  # capsule region: collagen here is capsule, not parenchymal collagen
-FLAG_WALL = 4  # vessel-wall ring: excluded tissue
-FLAG_LUMEN = 8
-FLAG_FOLD = 16
-FLAG_BUBBLE = 32
+#: Bits of the per-pixel class map that :func:`measure_tile_fused` reads (at tissue resolution):
+#: countable tissue, the capsule band and the vessel walls (fixed in the kernel); the other
+#: classes of :data:`fibroquant.exclusions.CLASSES` are counted from their bits, whatever they are.
+FLAG_TISSUE = exclusions.FLAG_TISSUE
+FLAG_BAND = exclusions.BAND.bit
+FLAG_WALL = exclusions.WALL.bit
 
-#: Order of the counters :func:`measure_tile_fused` returns.
-FUSED_COUNTS = ("tissue_px", "collagen_px", "capsule_px", "wall_px", "lumen_px", "fold_px",
-                "bubble_px")
+def fused_counts() -> tuple[str, ...]:
+    """Names of the counts :func:`measure_tile_fused` returns: tissue, collagen and every
+    excluded class with a bit (``KEY_px``, in :data:`fibroquant.exclusions.CLASSES` order)."""
+    return ("tissue_px", "collagen_px",
+            *(c.count for c in exclusions.CLASSES if c.rule != "tiles"))
+
+
+@functools.lru_cache(maxsize=4)
+def _class_selection(classes: tuple[exclusions.Excluded, ...]) -> np.ndarray:
+    # which of the 256 class-bit values count toward each ``area`` and ``wall`` class
+    # (the wall: outside the capsule band; in it the kernel counts walls pixel by pixel)
+    v = np.arange(256)
+    rows = []
+    for c in classes:
+        if c.rule == "area":
+            rows.append((v & c.bit) != 0)
+        elif c.rule == "wall":
+            rows.append(((v & FLAG_TISSUE) != 0) & ((v & c.bit) != 0) & ((v & FLAG_BAND) == 0))
+    return np.array(rows, np.int64).reshape(-1, 256)
+
+
+def _named_counts(counts: np.ndarray, by_class: np.ndarray) -> dict[str, int]:
+    # the kernel's counters (tissue, collagen, capsule, walls in the band) and its counts per
+    # class-bit value, named as fused_counts()
+    classes = exclusions.CLASSES
+    per_class = iter(int(n) for n in _class_selection(classes) @ by_class)
+    named = {"tissue_px": int(counts[0]), "collagen_px": int(counts[1])}
+    for c in classes:
+        if c.rule == "band":
+            named[c.count] = int(counts[2])
+        elif c.rule == "wall":
+            named[c.count] = int(counts[3]) + next(per_class)
+        elif c.rule == "area":
+            named[c.count] = next(per_class)
+    return named
 
 
 def _find_py(parent: np.ndarray, a: int) -> int:
@@ -275,17 +308,20 @@ def _tile_py(
     min_share: np.float32, flags: np.ndarray, thr: np.ndarray, rows: np.ndarray,
     cols: np.ndarray, f: int, blocks: np.ndarray, stride: int, fmom: np.ndarray,
     counts: np.ndarray, od_total: np.ndarray, min_px: int, blob_px: int, blob_side: int,
-    words: np.ndarray, t01: np.ndarray, l01: np.ndarray,
+    words: np.ndarray, t01: np.ndarray, l01: np.ndarray, area: int, by_class: np.ndarray,
 ) -> None:
     # Row by row. Each low-resolution row is expanded once over the tile's columns, run by run
     # of equal low-resolution column: the class of every column, the threshold of the plain
     # tissue columns (tissue outside the capsule band and the vessel walls; +inf elsewhere, so
     # that one comparison finds their collagen), the number of plain tissue columns and of
-    # columns excluded whatever their pixels (lumen, fold, bubble, wall outside the band) in
-    # every block column, and the list of capsule-band tissue columns, the only ones decided
-    # pixel by pixel (collagen there is capsule). Everything else is counted once per row from
-    # these. The plain columns past the threshold are listed (``_hit_list_py``), and only they
-    # take the share guard and go to their block's collagen count: no per-column counters.
+    # columns excluded whatever their pixels (the ``area`` bits: lumen, fold, bubble...; wall
+    # outside the band) in every block column, and the list of capsule-band tissue columns,
+    # the only ones decided pixel by pixel (collagen there is capsule). Everything else is
+    # counted once per low-resolution row from these: every run of equal class bits adds its
+    # columns times the tile rows of that low-resolution row to ``by_class[bits]`` (the
+    # excluded classes are told apart from these 256 counts afterwards). The plain columns
+    # past the threshold are listed (``_hit_list_py``), and only they take the share guard
+    # and go to their block's collagen count: no per-column counters.
     #
     # Speck removal (min_px > 1): each row's final collagen pixels are stored as runs
     # (row, first column, last column, parent) with their OD sums, and every run is joined
@@ -364,10 +400,8 @@ def _tile_py(
     n_tis = 0
     n_col = 0
     n_cap = 0
-    n_wall = 0
-    n_lum = 0
-    n_fold = 0
-    n_bub = 0
+    n_wall = 0  # walls in the capsule band (the others are in by_class)
+    wall_exc = 4 | area  # excluded whatever the pixel in the band too
     od_acc = np.float64(0.0)  # (a plain 0.0 would sum in float32 as Python under NEP 50)
     prev = -1
     n_plain = 0
@@ -380,11 +414,11 @@ def _tile_py(
             trow = thr[ri]
             n_plain = 0
             n_spec = 0
-            row_wall = 0
-            row_lum = 0
-            row_fold = 0
-            row_bub = 0
             row_exc = 0
+            k = i + 1  # tile rows of this low-resolution row
+            while k < h and rows[k] == ri:
+                k += 1
+            reps = k - i
             for bj in range(nbw):
                 isp_blk[bj] = 0
                 exc_blk[bj] = 0
@@ -400,30 +434,19 @@ def _tile_py(
                 if plain:
                     n_plain += e - s
                     _add_run_nb(isp_blk, bcol, f, s, e)
-                if fl & 8:
-                    row_lum += e - s
-                if fl & 16:
-                    row_fold += e - s
-                if fl & 32:
-                    row_bub += e - s
+                by_class[fl] += (e - s) * reps
                 if (fl & 1) != 0 and (fl & 2) != 0:  # capsule band: decided per pixel
                     for j in range(s, e):
                         spec[n_spec] = j
                         n_spec += 1
                 else:
                     wall = (fl & 1) != 0 and (fl & 4) != 0  # wall outside the band: all wall
-                    if wall:
-                        row_wall += e - s
-                    if wall or (fl & 56) != 0:  # excluded, whatever the pixel
+                    if wall or (fl & area) != 0:  # excluded, whatever the pixel
                         row_exc += e - s
                         _add_run_nb(exc_blk, bcol, f, s, e)
             for sj in range(ws):
                 tsub[sj] = fb[sj * stride] & 1
         bi = i // f
-        n_wall += row_wall
-        n_lum += row_lum
-        n_fold += row_fold
-        n_bub += row_bub
         if row_exc > 0:
             b2 = blocks[2, bi]
             for bj in range(nbw):
@@ -517,7 +540,7 @@ def _tile_py(
                 else:
                     n_tis += 1
                     b1[bcol[j]] += 1
-                if col or (fl & 60) != 0:
+                if col or (fl & wall_exc) != 0:
                     b2[bcol[j]] += 1
         if want_runs:
             cur0 = n_runs
@@ -593,9 +616,6 @@ def _tile_py(
     counts[1] += n_col - n_rm
     counts[2] += n_cap
     counts[3] += n_wall
-    counts[4] += n_lum
-    counts[5] += n_fold
-    counts[6] += n_bub
     od_total[0] += od_acc - od_rm
 
 
@@ -829,7 +849,8 @@ class FusedTile:
     Attributes
     ----------
     counts : dict of str to int
-        Pixel counts named as in :data:`FUSED_COUNTS`.
+        Pixel counts named as :func:`fused_counts` says (tissue, collagen, every excluded
+        class with a bit).
     collagen_od_sum : float
         Sum of the collagen concentration (OD units) over collagen pixels.
     blocks : ndarray of int32, shape (3, ceil(H / f), ceil(W / f))
@@ -944,7 +965,8 @@ def measure_tile_fused(
     others = _other_tables(lut, other_cols)
     blocks = np.zeros((3, -(-h // f), -(-w // f)), np.int32)
     fmom = np.zeros(7, np.float64)
-    counts = np.zeros(len(FUSED_COUNTS), np.int64)
+    counts = np.zeros(4, np.int64)  # tissue, collagen, capsule, walls in the capsule band
+    by_class = np.zeros(256, np.int64)  # pixels by their class bits (the band decided apart)
     od_total = np.zeros(1, np.float64)
     tables = scaled_tables(lut, unmix_col)
     words = _words(rgb)
@@ -953,10 +975,10 @@ def measure_tile_fused(
         t01, l01 = _pair_tables_cached(tables.tobytes(), np.ascontiguousarray(lut).tobytes())
     _tile_nb(rgb, lut, tables, others, np.float32(min_share), flags, thr,
              rows, cols, int(f), blocks, int(stride), fmom, counts, od_total,
-             int(min_px), int(blob_px), int(blob_side), words, t01, l01)
+             int(min_px), int(blob_px), int(blob_side), words, t01, l01,
+             exclusions.area_bits(), by_class)
     shape = (-(-h // stride), -(-w // stride)) if stride > 0 else (0, 0)
-    named = dict(zip(FUSED_COUNTS, (int(c) for c in counts), strict=True))
-    return FusedTile(named, float(od_total[0]), blocks, fmom if stride > 0 else None, shape)
+    return FusedTile(_named_counts(counts, by_class), float(od_total[0]), blocks, fmom if stride > 0 else None, shape)
 
 
 __all__ = [

@@ -9,12 +9,15 @@ flat row of ``slides.csv``.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fibroquant import exclusions
 from fibroquant.confidence import qc_flags
+from fibroquant.exclusions import BAND, TILES, WALL, by_rule
 
 if TYPE_CHECKING:  # types only: these modules sit above this one
     from fibroquant.collagen import CollagenThreshold
@@ -29,29 +32,45 @@ class TileCounts:
     Attributes
     ----------
     tissue_px : int
-        Countable tissue pixels (capsule, lumens, folds, bubbles removed).
+        Countable tissue pixels (every excluded class removed).
     collagen_px : int
         Collagen pixels within countable tissue.
     collagen_od_sum : float
         Sum of the collagen stain concentration (OD units) over collagen pixels.
-    capsule_px, lumen_px, fold_px, wall_px, unfocused_px, bubble_px : int
-        Excluded pixels of each kind.
+    excluded_px : mapping of str to int
+        Excluded pixels of each class (:data:`fibroquant.exclusions.CLASSES`), by key; a
+        class not there has none.
     """
 
     tissue_px: int = 0
     collagen_px: int = 0
     collagen_od_sum: float = 0.0
-    capsule_px: int = 0
-    lumen_px: int = 0
-    fold_px: int = 0
-    wall_px: int = 0
-    unfocused_px: int = 0
-    bubble_px: int = 0
+    excluded_px: Mapping[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_named(cls, counts: Mapping[str, int], collagen_od_sum: float) -> TileCounts:
+        """From a tile's counts named ``tissue_px``, ``collagen_px`` and ``KEY_px`` per
+        excluded class (:func:`fibroquant.kernels.fused_counts`)."""
+        return cls(counts["tissue_px"], counts["collagen_px"], collagen_od_sum,
+                   {c.key: counts[c.count] for c in exclusions.CLASSES if c.count in counts})
+
+    def out_of_focus(self) -> TileCounts:
+        """The tile left out as unfocused: its tissue, capsule and walls become the
+        ``tiles`` class (:data:`fibroquant.exclusions.TILES`), the areas excluded whatever
+        the pixel stay theirs; no collagen."""
+        moved = self.tissue_px + sum(self.excluded_px.get(c.key, 0) for c in (BAND, WALL))
+        kept = {c.key: self.excluded_px[c.key] for c in by_rule("area")
+                if c.key in self.excluded_px}
+        return TileCounts(excluded_px={**kept, TILES.key: moved})
 
     def __add__(self, other: TileCounts) -> TileCounts:
         if not isinstance(other, TileCounts):
             return NotImplemented
-        return TileCounts(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+        keys = dict.fromkeys([*self.excluded_px, *other.excluded_px])
+        return TileCounts(
+            self.tissue_px + other.tissue_px, self.collagen_px + other.collagen_px,
+            self.collagen_od_sum + other.collagen_od_sum,
+            {k: self.excluded_px.get(k, 0) + other.excluded_px.get(k, 0) for k in keys})
 
     def __radd__(self, other: object) -> TileCounts:
         if other == 0:  # sum() starts from 0
@@ -65,18 +84,39 @@ def _mm2(px: int, mpp: float) -> float:
 
 @dataclass(frozen=True)
 class Measurements:
-    """Areas and CPA of a slide, in physical units."""
+    """Areas and CPA of a slide, in physical units.
+
+    Attributes
+    ----------
+    tissue_area_mm2, collagen_area_mm2 : float
+    cpa_percent : float
+    collagen_od_mean : float
+        Mean collagen-stain concentration over collagen pixels, OD.
+    excluded_area_mm2 : dict of str to float
+        Area of every excluded class by its column (``capsule_area_mm2``...), in
+        :data:`fibroquant.exclusions.CLASSES` order; also read as attributes
+        (``measurements.fold_area_mm2``).
+    """
 
     tissue_area_mm2: float
     collagen_area_mm2: float
     cpa_percent: float
     collagen_od_mean: float
-    capsule_area_mm2: float
-    lumen_area_mm2: float
-    fold_area_mm2: float
-    vessel_wall_area_mm2: float
-    unfocused_area_mm2: float
-    bubble_area_mm2: float
+    excluded_area_mm2: dict[str, float] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> float:
+        # an excluded class's column read as an attribute (only called for unknown names)
+        try:
+            return self.__dict__["excluded_area_mm2"][name]
+        except KeyError:
+            msg = f"{type(self).__name__!r} object has no attribute {name!r}"
+            raise AttributeError(msg) from None
+
+    def columns(self) -> dict[str, float]:
+        """The measurement columns of ``slides.csv``, in their order."""
+        return {"tissue_area_mm2": self.tissue_area_mm2,
+                "collagen_area_mm2": self.collagen_area_mm2, "cpa_percent": self.cpa_percent,
+                "collagen_od_mean": self.collagen_od_mean, **self.excluded_area_mm2}
 
     @classmethod
     def from_counts(cls, counts: TileCounts, mpp: float) -> Measurements:
@@ -96,12 +136,8 @@ class Measurements:
             collagen_area_mm2=_mm2(counts.collagen_px, mpp),
             cpa_percent=cpa,
             collagen_od_mean=od,
-            capsule_area_mm2=_mm2(counts.capsule_px, mpp),
-            lumen_area_mm2=_mm2(counts.lumen_px, mpp),
-            fold_area_mm2=_mm2(counts.fold_px, mpp),
-            vessel_wall_area_mm2=_mm2(counts.wall_px, mpp),
-            unfocused_area_mm2=_mm2(counts.unfocused_px, mpp),
-            bubble_area_mm2=_mm2(counts.bubble_px, mpp),
+            excluded_area_mm2={c.column: _mm2(counts.excluded_px.get(c.key, 0), mpp)
+                               for c in exclusions.CLASSES},
         )
 
 
@@ -181,8 +217,8 @@ class SlideResult:
     thumbnail : ndarray of uint8
         RGB image of the slide at ``mask_mpp`` or coarser, for QC overlays.
     flags : ndarray of uint8
-        Low-resolution class bits (``kernels.FLAG_*``) that tell the QC overlay's exclusions
-        apart.
+        Low-resolution class bits (:func:`fibroquant.tiles.class_flags`) that tell the QC
+        overlay's exclusions apart.
     traits : dict of str to float
         Fibre-architecture columns (:mod:`fibroquant.traits`; empty when off).
     classifier : str
@@ -229,7 +265,7 @@ class SlideResult:
             "width_px": g.width,
             "height_px": g.height,
             "mask_mpp": g.mask_mpp,
-            **asdict(self.measurements),
+            **self.measurements.columns(),
             "glass_od": qc.glass_od,
             "shading_od": qc.shading_od,
             "channel_shift_px": qc.channel_shift_px,

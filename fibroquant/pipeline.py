@@ -495,10 +495,7 @@ def measure_tiles(
         if not bad:
             total = total + counts
             continue
-        total = total + TileCounts(
-            lumen_px=counts.lumen_px, fold_px=counts.fold_px, bubble_px=counts.bubble_px,
-            unfocused_px=counts.tissue_px + counts.capsule_px + counts.wall_px,
-        )
+        total = total + counts.out_of_focus()
         ys, xs = slice(y0 // f, -(-y1 // f)), slice(x0 // f, -(-x1 // f))
         excluded_m[ys, xs] |= tissue_m[ys, xs]
         collagen_m[ys, xs] = False

@@ -35,7 +35,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from fibroquant import schema
+from fibroquant import exclusions, schema
 from fibroquant.errors import FibroquantError
 from fibroquant.outdir import atomic_write_bytes, json_default
 
@@ -318,16 +318,13 @@ COLLAGEN_FILL_ON_RED_RGB: tuple[int, int, int] = (0, 229, 255)
 COLLAGEN_FILL_ON_BLUE_RGB: tuple[int, int, int] = (255, 214, 0)
 _COLLAGEN_ALPHA = 0.6
 
-#: Each excluded area's colour in the QC overlays and their legend (name, RGB); strong
-#: enough (alpha 0.7) that an excluded capsule's red does not read as collagen.
+#: Each excluded area's colour in the QC overlays and their legend (name, RGB; from
+#: :data:`fibroquant.exclusions.CLASSES`); strong enough (alpha 0.7) that an excluded
+#: capsule's red does not read as collagen.
 EXCLUSION_COLOURS: dict[str, tuple[int, int, int]] = {
-    "capsule": (204, 0, 204),
-    "vessel wall": (150, 85, 25),
-    "lumen": (110, 110, 110),
-    "fold": (90, 60, 220),
-    "bubble": (140, 140, 0),
-    "unfocused": (240, 120, 0),
-}
+    c.name: c.colour for c in exclusions.CLASSES}
+#: The colour of an excluded area of no known class (the tiles left out).
+_OTHER_EXCLUSION_RGB = exclusions.TILES.colour
 _EXCLUSION_ALPHA = 0.7
 
 
@@ -395,7 +392,7 @@ def qc_fill(thumb: np.ndarray, tissue_mask: np.ndarray, collagen_mask: np.ndarra
 
     for name, mask in (exclusions or {}).items():
         m = _fit_mask(mask, shape, name)
-        c = EXCLUSION_COLOURS.get(name, EXCLUSION_COLOURS["unfocused"])
+        c = EXCLUSION_COLOURS.get(name, _OTHER_EXCLUSION_RGB)
         tint(m, c, _EXCLUSION_ALPHA)
         rgb[_inner_boundary(m, 1)] = c
     tint(collagen, colour, _COLLAGEN_ALPHA)
@@ -473,7 +470,7 @@ def qc_panel(overlay: np.ndarray, *, title: str, mpp: float,
     size, pad, band = _band_geometry(w)
     font = _panel_font(size)
     items = [("collagen", collagen_rgb), ("tissue outline", TISSUE_OUTLINE_RGB)]
-    items += [(name, EXCLUSION_COLOURS.get(name, EXCLUSION_COLOURS["unfocused"]))
+    items += [(name, EXCLUSION_COLOURS.get(name, _OTHER_EXCLUSION_RGB))
               for name in exclusions]
     canvas = Image.new("RGB", (w, h + band), (255, 255, 255))
     canvas.paste(Image.fromarray(overlay), (0, 0))
@@ -1778,8 +1775,9 @@ def write_report_html(
     parts.append("<details open><summary>Table of all slides</summary>"
                  + _html_table(slides, slide_cols, slide_labels)
                  + "</details>"
-                   '<p class="note">Excluded areas (capsule, lumens, vessel walls, folds, bubbles, '
-                   "unfocused tiles) are outside both tissue and collagen area.</p></section>")
+                   '<p class="note">Excluded areas ('
+                 + ", ".join(c.name for c in exclusions.CLASSES)
+                 + ") are outside both tissue and collagen area.</p></section>")
 
     sort_cols = [c for c in ("group", "mouse", "slide") if c in slides.columns]
     ordered = slides.sort_values(sort_cols, key=lambda s: s.map(_text)) if sort_cols else slides
@@ -1850,27 +1848,25 @@ def write_report_html(
 
 def _exclusion_masks(flags: np.ndarray | None, excluded: np.ndarray) -> dict[str, np.ndarray]:
     """Split the slide's excluded area by what it is, from the low-resolution class bits
-    (``kernels.FLAG_*``, resized to ``excluded``); the rest (tiles out of focus) is
-    ``unfocused``."""
+    (:func:`fibroquant.tiles.class_flags`, resized to ``excluded``; where classes overlap, the
+    one that paints first in :data:`fibroquant.exclusions.CLASSES`); the rest is the tiles
+    left out (``unfocused``)."""
+    rest = exclusions.TILES.name
     if flags is None or not excluded.any():
-        return {"unfocused": excluded} if excluded.any() else {}
-    from fibroquant import kernels
-
+        return {rest: excluded} if excluded.any() else {}
     shape = excluded.shape
     if flags.shape != shape:
         flags = cv2.resize(flags, (shape[1], shape[0]),
                            interpolation=cv2.INTER_NEAREST).astype(np.uint8, copy=False)
     out: dict[str, np.ndarray] = {}
     left = excluded.copy()
-    for name, bit in (("lumen", kernels.FLAG_LUMEN), ("bubble", kernels.FLAG_BUBBLE),
-                      ("fold", kernels.FLAG_FOLD), ("vessel wall", kernels.FLAG_WALL),
-                      ("capsule", kernels.FLAG_BAND)):
-        m = left & ((flags & np.uint8(bit)) != 0)
+    for c in exclusions.painted():
+        m = left & ((flags & np.uint8(c.bit)) != 0)
         if m.any():
-            out[name] = m
+            out[c.name] = m
             left &= ~m
     if left.any():
-        out["unfocused"] = left
+        out[rest] = left
     return out
 
 

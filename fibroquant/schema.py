@@ -5,7 +5,8 @@ Every column is declared once here, with its unit, meaning, kind, display precis
 it is carried into ``mice.csv``. The CSV column order, the README's column tables
 (``tests/test_schema.py`` checks them), the xlsx headers and number formats and the report's
 labels all derive from it. A new per-slide column is one :class:`Column` in :data:`SLIDES`
-(and the record key that produces it).
+(and the record key that produces it); the excluded-area columns come from
+:data:`fibroquant.exclusions.CLASSES`.
 
 Rounding applies to the CSV tables and the report only; the results store and the xlsx keep
 full precision.
@@ -20,6 +21,8 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
+
+from fibroquant.exclusions import CLASSES
 
 __all__ = [
     "GROUPS", "MICE", "SLIDES", "TABLES", "Column", "column", "label", "markdown_table",
@@ -117,19 +120,8 @@ SLIDES: tuple[Column, ...] = (
        to_mice=True, **_CPA),
     _c("collagen_od_mean", "OD", "collagen OD",
        "mean collagen-stain concentration over collagen pixels", "measure", sig=4),
-    _c("capsule_area_mm2", "mm²", "capsule mm²", "Glisson capsule, excluded", "exclusion",
-       **_AREA),
-    _c("lumen_area_mm2", "mm²", "lumen mm²", "vessel lumens and other large holes, excluded",
-       "exclusion", **_AREA),
-    _c("fold_area_mm2", "mm²", "fold mm²", "folded tissue (a double layer), excluded",
-       "exclusion", **_AREA),
-    _c("vessel_wall_area_mm2", "mm²", "vessel wall mm²",
-       "walls of large vessels, excluded", "exclusion", **_AREA),
-    _c("unfocused_area_mm2", "mm²", "unfocused mm²",
-       "tissue in tiles far blurrier than the rest of the slide, excluded", "exclusion",
-       **_AREA),
-    _c("bubble_area_mm2", "mm²", "bubble mm²", "section under air bubbles, excluded",
-       "exclusion", **_AREA),
+    *(_c(c.column, "mm²", f"{c.name} mm²", c.description, "exclusion", **_AREA)
+      for c in CLASSES),
     _c("stain", "", "stain", "the stain protocol measured with", "stain"),
     _c("stain_source", "", "vectors",
        "`estimated` per slide, `partly-estimated`, or the `preset` vectors", "stain"),

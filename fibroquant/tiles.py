@@ -20,14 +20,14 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
-from fibroquant import cores, focus, kernels
+from fibroquant import cores, exclusions, focus, kernels
 from fibroquant.collagen import (
     CollagenRule,
     collagen_concentration,
     is_collagen,
     speck_mask,
 )
-from fibroquant.kernels import FUSED_COUNTS, FusedTile
+from fibroquant.kernels import FusedTile
 from fibroquant.measure import TileCounts
 from fibroquant.slides import Slide, require_mpp
 from fibroquant.stains import StainMatrix
@@ -108,11 +108,12 @@ def measure_tile_reference(
     tissue &= ~capsule & ~wall
     if decided is None:
         col &= ~speck_mask(col, rule)
-    kinds = [((fl & b) != 0) for b in (kernels.FLAG_LUMEN, kernels.FLAG_FOLD,
-                                       kernels.FLAG_BUBBLE)]
-    excluded = capsule | wall | kinds[0] | kinds[1] | kinds[2]
-    counts = dict(zip(FUSED_COUNTS, (int(np.count_nonzero(m)) for m in
-                                     (tissue, col, capsule, wall, *kinds)), strict=True))
+    area = (fl & np.uint8(exclusions.area_bits())) != 0
+    excluded = capsule | wall | area
+    masks = {"tissue_px": tissue, "collagen_px": col, exclusions.BAND.count: capsule,
+             exclusions.WALL.count: wall}
+    masks.update({c.count: (fl & np.uint8(c.bit)) != 0 for c in exclusions.by_rule("area")})
+    counts = {name: int(np.count_nonzero(masks[name])) for name in kernels.fused_counts()}
     h, w = tissue.shape
     bh, bw = -(-h // f), -(-w // f)
     blocks = np.zeros((3, bh * f, bw * f), np.int32)
@@ -237,14 +238,13 @@ class TileJob:
 
 
 def class_flags(tissue: TissueMask) -> np.ndarray:
-    """Per-pixel class bits (``kernels.FLAG_*``) of a tissue mask, uint8."""
+    """Per-pixel class bits of a tissue mask, uint8: ``FLAG_TISSUE`` and the bit of every
+    excluded class (:data:`fibroquant.exclusions.CLASSES`)."""
     flags = tissue.tissue.astype(np.uint8)  # FLAG_TISSUE
-    for mask, bit in ((tissue.capsule_band, kernels.FLAG_BAND),
-                      (tissue.vessel_wall, kernels.FLAG_WALL),
-                      (tissue.lumen, kernels.FLAG_LUMEN), (tissue.fold, kernels.FLAG_FOLD),
-                      (tissue.bubble, kernels.FLAG_BUBBLE)):
-        if mask.any():
-            flags[mask] |= np.uint8(bit)
+    for c in exclusions.CLASSES:
+        mask = tissue.excluded(c.key)
+        if mask is not None and mask.any():
+            flags[mask] |= np.uint8(c.bit)
     return flags
 
 
@@ -294,7 +294,7 @@ def measure_box(
         rgb = np.ascontiguousarray(wide[halo : halo + y1 - y0, halo : halo + x1 - x0])
     out = measure_tile(rgb, job.rule, job.flags, job.threshold_map, rows, cols, f,
                        job.focus_stride, decided=decided)
-    counts = TileCounts(collagen_od_sum=out.collagen_od_sum, **out.counts)
+    counts = TileCounts.from_named(out.counts, out.collagen_od_sum)
     sharp = float("nan")
     if job.focus_stride and counts.tissue_px:
         sharp = focus.sharpness_from_moments(out.focus, out.focus_shape)

@@ -12,7 +12,7 @@ Every size is in µm² and converted with the image's µm per pixel.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 
 import cv2
@@ -21,6 +21,7 @@ from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 from skimage.filters import threshold_otsu
 
+from fibroquant import exclusions
 from fibroquant.config import TissueSettings
 from fibroquant.kernels import (
     gaussian_blur,
@@ -65,6 +66,9 @@ class TissueMask:
     glass_threshold_od : float or None
         The glass threshold tissue grew from (:func:`glass_threshold`; ``glass_od`` when pale
         tissue was not grown).
+    detected : mapping of str to ndarray of bool
+        The excluded classes found by their own ``detect`` function
+        (:func:`fibroquant.exclusions.detected`), by key; removed from ``tissue``.
     """
 
     mpp: float
@@ -78,14 +82,26 @@ class TissueMask:
     bubble: np.ndarray = field(default=None, repr=False)  # type: ignore[arg-type]  # set in __post_init__
     edge_distance: np.ndarray | None = field(default=None, repr=False, compare=False)
     glass_threshold_od: float | None = None
+    detected: Mapping[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.bubble is None:
             object.__setattr__(self, "bubble", np.zeros(np.shape(self.section), bool))
 
+    def excluded(self, key: str) -> np.ndarray | None:
+        """The mask of an excluded class (:data:`fibroquant.exclusions.CLASSES`) by its key;
+        None for one that is not a pixel class (``unfocused``)."""
+        attr = _MASK_OF.get(key)
+        return getattr(self, attr) if attr else self.detected.get(key)
+
     def area_mm2(self, mask: np.ndarray) -> float:
         """Area of a mask in mm²."""
         return float(np.count_nonzero(mask)) * self.mpp**2 / 1e6
+
+
+#: The :class:`TissueMask` field of each built-in excluded class with a bit.
+_MASK_OF = {"capsule": "capsule_band", "lumen": "lumen", "fold": "fold",
+            "vessel_wall": "vessel_wall", "bubble": "bubble"}
 
 
 def _px(area_um2: float, mpp: float) -> int:
@@ -368,6 +384,9 @@ def detect_tissue(
     lumen &= ~bubble
     fold = np.zeros_like(section)
     tissue = section & ~lumen & ~bubble
+    found = with_detected(rgb, mpp, background_rgb, tissue)
+    for mask in found.values():
+        tissue &= ~mask
     band = np.zeros_like(section)
     dist = None
     if settings.exclude_capsule and settings.capsule_width_um > 0 and not section.all():
@@ -385,8 +404,24 @@ def detect_tissue(
     return TissueMask(
         mpp=mpp, section=section, tissue=tissue, lumen=lumen, fold=fold, capsule_band=band,
         vessel_wall=wall, glass_od=t, bubble=bubble, edge_distance=dist,
-        glass_threshold_od=t_glass,
+        glass_threshold_od=t_glass, detected=found,
     )
+
+
+def with_detected(rgb: np.ndarray, mpp: float, background_rgb: Vector,
+                  tissue: np.ndarray) -> dict[str, np.ndarray]:
+    """The masks of the excluded classes found by their own ``detect`` function
+    (:func:`fibroquant.exclusions.detected`), within ``tissue``, by key (empty: none)."""
+    classes = exclusions.detected()
+    if not classes:
+        return {}
+    od = rgb_to_od(rgb, background_rgb)
+    out = {}
+    for c in classes:
+        assert c.detect is not None
+        out[c.key] = np.asarray(c.detect(rgb, od, mpp, tissue), bool) & tissue
+        tissue = tissue & ~out[c.key]
+    return out
 
 
 def no_tissue_reason(
@@ -416,7 +451,8 @@ def no_tissue_reason(
     if found.section.any():
         parts = [f"{name} {found.area_mm2(mask) * 1e6:,.0f} µm²"
                  for name, mask in (("lumen", found.lumen), ("air bubble", found.bubble),
-                                    ("fold", found.fold)) if mask.any()]
+                                    ("fold", found.fold), *found.detected.items())
+                 if mask.any()]
         return (f"the section found ({found.area_mm2(found.section) * 1e6:,.0f} µm²) is all "
                 f"excluded: {', '.join(parts) or 'exclusions'}")
     od_sum = channel_sum(rgb_to_od(rgb, background_rgb))

@@ -35,7 +35,7 @@ from urllib.parse import quote
 import cv2
 import numpy as np
 
-from fibroquant import kernels
+from fibroquant import exclusions, kernels
 from fibroquant.errors import FibroquantError
 from fibroquant.tasks import remove_zoom
 from fibroquant.tiles import (
@@ -195,15 +195,11 @@ def _draw_block(cal: Calibration, box: tuple[int, int, int, int],
                 blurry: list[tuple[int, int, int, int]], colour: tuple[int, int, int],
                 decide: Any, pool: ThreadPoolExecutor) -> np.ndarray:
     """The QC overlay of one box of the analysis image (y0, x0, y1, x1), uint8 RGB."""
-    from fibroquant.report import EXCLUSION_COLOURS
-
     geo = cal.geometry
     y0, x0, y1, x1 = box
     rgb = np.ascontiguousarray(read_analysis(cal.slide, geo, y0, x0, y1 - y0, x1 - x0))
     fy, fx = geo.height / cal.thumbnail.shape[0], geo.width / cal.thumbnail.shape[1]
     th, tw = cal.flags.shape
-    kinds = [("lumen", kernels.FLAG_LUMEN), ("bubble", kernels.FLAG_BUBBLE),
-             ("fold", kernels.FLAG_FOLD), ("vessel wall", kernels.FLAG_WALL)]
 
     def draw(sub: tuple[int, int, int, int]) -> None:
         rows = index_map(sub[0], sub[2], fy, th)
@@ -220,12 +216,11 @@ def _draw_block(cal: Calibration, box: tuple[int, int, int, int],
                           max(bx0 - sub[1], 0) : bx1 - sub[1]] = True
         unfocused &= tissue
         left = excluded.copy()
-        for name, bit in kinds:
-            m = left & ((fl & np.uint8(bit)) != 0)
-            _tint(win, m, EXCLUSION_COLOURS[name], EXCLUSION_ALPHA)
+        for c in exclusions.painted():  # every excluded pixel has its class's bit
+            m = left & ((fl & np.uint8(c.bit)) != 0)
+            _tint(win, m, c.colour, EXCLUSION_ALPHA)
             left &= ~m
-        _tint(win, left, EXCLUSION_COLOURS["capsule"], EXCLUSION_ALPHA)  # the band's collagen
-        _tint(win, unfocused, EXCLUSION_COLOURS["unfocused"], EXCLUSION_ALPHA)
+        _tint(win, unfocused, exclusions.TILES.colour, EXCLUSION_ALPHA)
         counted = collagen & ~unfocused
         edge = counted & ~cv2.erode(counted.view(np.uint8), _CROSS, iterations=EDGE_PX,
                                     borderType=cv2.BORDER_REPLICATE).astype(bool)
@@ -358,12 +353,6 @@ def zoom_writer(out_dir: Path, stem: str, settings: Settings, title: str,
             raise FibroquantError(msg) from exc
 
     return after
-
-
-def zoom_page(out_dir: Path, stem: str) -> Path | None:
-    """The slide's viewer page when it has one."""
-    page = Path(out_dir) / "zoom" / f"{stem}.html"
-    return page if page.is_file() else None
 
 
 def _write_text(path: Path, text: str) -> None:

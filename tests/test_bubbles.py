@@ -228,8 +228,9 @@ def test_cpa_with_bubbles_over_tissue(stain, seed):
 
 
 def test_bubble_counts_add_up():
-    total = TileCounts(tissue_px=10, bubble_px=3) + TileCounts(tissue_px=5, bubble_px=4)
-    assert total.bubble_px == 7
+    total = (TileCounts(tissue_px=10, excluded_px={"bubble": 3})
+             + TileCounts(tissue_px=5, excluded_px={"bubble": 4, "fold": 1}))
+    assert total.excluded_px == {"bubble": 7, "fold": 1} and total.tissue_px == 15
     assert Measurements.from_counts(total, 2.0).bubble_area_mm2 == pytest.approx(7 * 4 / 1e6)
 
 

@@ -368,3 +368,27 @@ def test_fuzz_mutated_tiff(small_tiff: bytes, tmp_path_factory, data) -> None:
     assert rec["status"] in ("ok", "failed")
     if rec["status"] == "failed":
         assert rec["error"] and "\n" not in rec["error"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_a_run_whose_process_is_a_zombie_is_not_running() -> None:
+    """``status`` and the workers share one liveness test: a killed run's process that its
+    parent has not reaped yet (a zombie) is gone; another host's cannot be told."""
+    import time
+
+    from fibroquant.cli_ops import _pid_alive
+    from fibroquant.cores import process_alive
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    stat = Path(f"/proc/{child.pid}/stat")
+    deadline = time.monotonic() + 20
+    while stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":  # exited, not reaped
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert not process_alive(child.pid)
+    assert _pid_alive(child.pid, None) is False
+    child.wait()
+    assert not process_alive(child.pid)
+    assert process_alive(os.getpid()) and _pid_alive(os.getpid(), None) is True
+    assert _pid_alive(os.getpid(), "another-host.example") is None
+    assert _pid_alive(None, None) is False

@@ -519,7 +519,7 @@ def test_write_qc_fills_collagen_colours_each_exclusion_and_adds_legend(tmp_path
     with name, legend and scale bar below the image; a JPEG."""
     from types import SimpleNamespace
 
-    from fibroquant import kernels
+    from fibroquant.exclusions import CLASSES
     from fibroquant.report import COLLAGEN_FILL_ON_RED_RGB, EXCLUSION_COLOURS, write_qc
 
     h, w = 200, 300
@@ -534,7 +534,7 @@ def test_write_qc_fills_collagen_colours_each_exclusion_and_adds_legend(tmp_path
     excluded[120:160, 40:100] = True  # a lumen
     excluded[120:160, 200:260] = True  # an unfocused tile (no class bit)
     flags = np.zeros((h // 4, w // 4), np.uint8)  # low resolution, as the pipeline keeps it
-    flags[30:40, 10:25] = kernels.FLAG_LUMEN
+    flags[30:40, 10:25] = next(c.bit for c in CLASSES if c.key == "lumen")
     analysis = SimpleNamespace(thumbnail=thumb, collagen_mask=collagen,
                                tissue_mask=tissue & ~excluded, excluded_mask=excluded,
                                mask_mpp=2.0, flags=flags)

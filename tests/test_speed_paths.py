@@ -325,7 +325,7 @@ def test_a_decided_mask_is_counted_with_the_rules_capsule():
     capsule = is_collagen(rgb, thr[np.ix_(rows, cols)], rule)[1] & tissue & band
     counted = tissue & ~capsule & ~wall  # band pixels the rule leaves are tissue
     assert dec.counts["collagen_px"] == np.count_nonzero(decided & counted)
-    for k in ("tissue_px", "capsule_px", "wall_px", "lumen_px"):
+    for k in ("tissue_px", "capsule_px", "vessel_wall_px", "lumen_px"):
         assert dec.counts[k] == own.counts[k], k
     no_band = flags & ~np.uint8(2)  # no capsule band: the rule is not needed at all
     dec = measure_tile_reference(rgb, rule, no_band, thr, rows, cols, 1, 0, decided=decided)
