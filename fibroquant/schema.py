@@ -138,7 +138,7 @@ SLIDES: tuple[Column, ...] = (
        "(empty: nothing)", "qc"),
     _c("stain_guess", "", "stain guess",
        "the protocol the slide's colours show: sirius-red, masson, masson-light-green, h&e, "
-       "fluorescence or unknown", "stain"),
+       "fluorescence, grey (not a colour stain) or unknown", "stain"),
     _c("threshold_method", "", "decided by", "what decided collagen: the threshold's method "
        "(relative, fixed-od, otsu) or `classifier` (the pixel classifier named in `classifier`; "
        "the threshold columns then only decide the capsule)", "threshold"),
