@@ -25,7 +25,7 @@ import math
 import pickle
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+#: 2: scales of >= 2 px computed at reduced resolution (:func:`scale_levels`), 20 rounds.
+FORMAT_VERSION = 2
 _MAGIC = b"fibroquant-classifier"
 #: How a slide's stains are calibrated before its features are computed (stored in the file).
 STAIN_RULE = ("per slide, as analyze: glass background and stain vectors fitted to the slide "
@@ -105,8 +106,158 @@ def hessian_eigenvalues(smoothed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return half_tr + root, half_tr - root
 
 
+#: Smallest Gaussian SD, in pixels of a downsampled plane, at which a scale is computed at
+#: reduced resolution (see :func:`scale_levels`).
+MIN_SIGMA_PX = 1.0
+#: Coarsest downsampling of a scale's planes.
+MAX_LEVEL = 8
+
+
+def scale_levels(scales_um: Sequence[float], mpp: float,
+                 min_sigma_px: float = MIN_SIGMA_PX) -> list[int]:
+    """Downsampling factor of each scale's planes: the largest power of 2 (at most
+    :data:`MAX_LEVEL`) that leaves the Gaussian an SD of at least ``min_sigma_px`` pixels.
+
+    A plane smoothed at ``sigma`` holds nothing finer than ``sigma``: computed on the 2^k-fold
+    block mean and upsampled bilinearly, it costs 4^k times less (as ilastik's pipelines).
+    """
+    levels = []
+    for s in scales_um:
+        sigma_px, d = s / mpp, 1
+        while d < MAX_LEVEL and sigma_px / (2 * d) >= min_sigma_px:
+            d *= 2
+        levels.append(d)
+    return levels
+
+
+def _blur(plane: np.ndarray, sigma_px: float, d: int, *, dst: np.ndarray) -> None:
+    """Gaussian of SD ``sigma_px`` (full-resolution pixels) of a plane already reduced by
+    ``d`` (the block mean's own spread, (d² - 1) / 12 px², is taken off), into ``dst``."""
+    var = sigma_px * sigma_px - (d * d - 1) / 12.0
+    sigma = math.sqrt(max(var, 0.25)) / d
+    cv2.GaussianBlur(plane, (0, 0), sigma, dst=dst, borderType=cv2.BORDER_REFLECT)
+
+
+def _upsample(low: np.ndarray, d: int, shape: tuple[int, int]) -> np.ndarray:
+    """Bilinear upsampling (OpenCV's, pixel centres aligned) of a plane reduced ``d``-fold,
+    cropped to ``shape``."""
+    if d == 1:
+        return low
+    h, w = shape
+    up = cv2.resize(low, (low.shape[1] * d, low.shape[0] * d), interpolation=cv2.INTER_LINEAR)
+    return up[:h, :w]
+
+
+@dataclass(frozen=True)
+class FeaturePlanes:
+    """The feature planes of an image, each at the resolution it is computed at.
+
+    Attributes
+    ----------
+    buffer : ndarray of float32, (N,)
+        All planes, one after the other, row-major.
+    offset, height, width, factor : ndarray of int64, (F,)
+        Where each feature's plane starts in ``buffer``, its size, and how many image
+        pixels one of its pixels spans (1, 2, 4 or 8; reduced planes are upsampled
+        bilinearly, as :func:`pixel_features` does).
+    shape : (int, int)
+        The image's height and width.
+    """
+
+    buffer: np.ndarray
+    offset: np.ndarray
+    height: np.ndarray
+    width: np.ndarray
+    factor: np.ndarray
+    shape: tuple[int, int]
+
+    def plane(self, k: int) -> np.ndarray:
+        """Feature ``k``'s plane at its own resolution (a view)."""
+        n = int(self.height[k] * self.width[k])
+        o = int(self.offset[k])
+        return self.buffer[o : o + n].reshape(int(self.height[k]), int(self.width[k]))
+
+    def full(self, k: int) -> np.ndarray:
+        """Feature ``k``'s plane at the image's resolution."""
+        return _upsample(self.plane(k), int(self.factor[k]), self.shape)
+
+    @classmethod
+    def of(cls, planes: np.ndarray) -> FeaturePlanes:
+        """Full-resolution ``(F, H, W)`` planes as :class:`FeaturePlanes`."""
+        f, h, w = planes.shape
+        buf = np.ascontiguousarray(planes, np.float32).reshape(-1)
+        ones = np.ones(f, np.int64)
+        return cls(buf, np.arange(f, dtype=np.int64) * h * w, ones * h, ones * w, ones, (h, w))
+
+
+def feature_planes(rgb: np.ndarray, stains: StainMatrix, mpp: float,
+                   scales_um: Sequence[float] = DEFAULT_SCALES_UM, *,
+                   min_sigma_px: float | None = MIN_SIGMA_PX,
+                   reference_od: float = 1.0) -> FeaturePlanes:
+    """The features of :func:`pixel_features`, each plane at the resolution it is computed
+    at (what a tile's classification reads: nothing is upsampled but the pixels it asks)."""
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        msg = f"rgb must be uint8 (H, W, 3), got {rgb.dtype} {rgb.shape}"
+        raise ValueError(msg)
+    if not (math.isfinite(mpp) and mpp > 0):
+        msg = f"mpp must be a positive number of µm per pixel, got {mpp=}"
+        raise ValueError(msg)
+    h, w = rgb.shape[:2]
+    n = len(stains.names)
+    levels = ([1] * len(scales_um) if min_sigma_px is None
+              else scale_levels(scales_um, mpp, min_sigma_px))
+    top = max(levels)
+    hp, wp = h + (-h % top), w + (-w % top)
+    sizes = [(h, w, 1)] * (n + 1)
+    for d in levels:
+        sizes += [(h, w, 1) if d == 1 else (hp // d, wp // d, d)] * (n + 7)
+    counts = np.array([a * b for a, b, _ in sizes], np.int64)
+    offset = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    planes = FeaturePlanes(np.empty(int(counts.sum()), np.float32), offset,
+                           np.array([a for a, _, _ in sizes], np.int64),
+                           np.array([b for _, b, _ in sizes], np.int64),
+                           np.array([d for _, _, d in sizes], np.int64), (h, w))
+    # optical density, then the stains' concentrations and the total OD (one matrix product
+    # per pixel)
+    m = np.vstack([stains.unmixing.T, np.ones((1, 3))]).astype(np.float32)
+    m[0] /= np.float32(reference_od)  # the collagen stain relative to the slide's own level
+    _base_planes(np.ascontiguousarray(rgb).reshape(-1, 3),
+                 np.ascontiguousarray(od_lut(stains.background_rgb), np.float32), m,
+                 planes.buffer[: (n + 1) * h * w].reshape(n + 1, h * w))
+    reduced = _pyramid([planes.plane(i) for i in range(n + 1)], top)
+    k = n + 1
+    for s, d in zip(scales_um, levels, strict=True):
+        sigma_px = s / mpp
+        smooth = [planes.plane(k + i) for i in range(n + 1)]
+        for i, p in enumerate(reduced[d]):
+            _blur(p, sigma_px, d, dst=smooth[i])
+        k += n + 1
+        step = np.float32(mpp * d)  # µm per pixel of the reduced plane
+        for p in (smooth[0], smooth[n]):
+            dr, dc, drr, drc, dcc = _derivatives(p)
+            half_tr = 0.5 * (drr + dcc)
+            root = np.sqrt(0.25 * (drr - dcc) ** 2 + drc**2)
+            # per µm, so that the same structure gives the same value at any resolution
+            np.divide(np.sqrt(dr * dr + dc * dc), step, out=planes.plane(k))
+            np.divide(half_tr + root, step * step, out=planes.plane(k + 1))
+            np.divide(half_tr - root, step * step, out=planes.plane(k + 2))
+            k += 3
+    return planes
+
+
+def _base_planes_py(rgb, lut, m, out):  # pragma: no cover - compiled below
+    """Each pixel's optical density (``lut[channel, value]``) times ``m``: the stains'
+    concentrations and the total OD, written plane by plane into ``out`` (one pass)."""
+    for p in range(rgb.shape[0]):
+        o0, o1, o2 = lut[0, rgb[p, 0]], lut[1, rgb[p, 1]], lut[2, rgb[p, 2]]
+        for i in range(m.shape[0]):
+            out[i, p] = o0 * m[i, 0] + o1 * m[i, 1] + o2 * m[i, 2]
+
+
 def pixel_features(rgb: np.ndarray, stains: StainMatrix, mpp: float,
-                   scales_um: Sequence[float] = DEFAULT_SCALES_UM) -> np.ndarray:
+                   scales_um: Sequence[float] = DEFAULT_SCALES_UM, *,
+                   min_sigma_px: float | None = MIN_SIGMA_PX,
+                   reference_od: float = 1.0) -> np.ndarray:
     """Per-pixel features of a uint8 RGB image, one plane per feature (float32, ``(F, H, W)``).
 
     Parameters
@@ -118,48 +269,45 @@ def pixel_features(rgb: np.ndarray, stains: StainMatrix, mpp: float,
         µm per pixel of ``rgb``.
     scales_um : sequence of float
         Gaussian SDs in µm.
+    min_sigma_px : float or None
+        Each scale is computed on the image reduced 2^k-fold (block means, grid anchored at
+        the top-left pixel) as :func:`scale_levels` says, and upsampled bilinearly; None
+        computes every scale at full resolution.
 
     Returns
     -------
     ndarray of float32, (F, H, W)
         Planes as :func:`feature_names` (planes, not pixels, are contiguous: the filters write
         them whole, and :func:`rows_at` gathers the pixels to classify). Pixels within
-        :func:`halo_um` of the border see a reflected image: read a halo around tiles.
+        :func:`halo_um` of the border see a reflected image: read a halo around tiles, whose
+        origin is a multiple of :data:`MAX_LEVEL` pixels from the slide's for the same grid.
     """
-    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
-        msg = f"rgb must be uint8 (H, W, 3), got {rgb.dtype} {rgb.shape}"
-        raise ValueError(msg)
-    if not (math.isfinite(mpp) and mpp > 0):
-        msg = f"mpp must be a positive number of µm per pixel, got {mpp=}"
-        raise ValueError(msg)
-    h, w = rgb.shape[:2]
-    n = len(stains.names)
-    names = feature_names(stains.names, scales_um)
-    out = np.empty((len(names), h, w), np.float32)
-    lut = od_lut(stains.background_rgb)
-    od = cv2.LUT(np.ascontiguousarray(rgb).reshape(-1, 1, 3),
-                 np.ascontiguousarray(lut.T).reshape(256, 1, 3)).reshape(rgb.shape)
-    unmix = stains.unmixing.astype(np.float32)
-    for i in range(n):
-        out[i] = od[..., 0] * unmix[0, i] + od[..., 1] * unmix[1, i] + od[..., 2] * unmix[2, i]
-    np.sum(od, axis=-1, out=out[n])
-    k = n + 1
-    for s in scales_um:
-        sigma = s / mpp
-        for i in range(n + 1):
-            cv2.GaussianBlur(out[i], (0, 0), sigma, dst=out[k + i], borderType=cv2.BORDER_REFLECT)
-        smooth = (out[k], out[k + n])
-        k += n + 1
-        for p in smooth:
-            dr, dc, drr, drc, dcc = _derivatives(p)
-            half_tr = 0.5 * (drr + dcc)
-            root = np.sqrt(0.25 * (drr - dcc) ** 2 + drc**2)
-            # per µm, so that the same structure gives the same value at any resolution
-            out[k] = np.sqrt(dr * dr + dc * dc) / np.float32(mpp)
-            out[k + 1] = (half_tr + root) / np.float32(mpp * mpp)
-            out[k + 2] = (half_tr - root) / np.float32(mpp * mpp)
-            k += 3
+    planes = feature_planes(rgb, stains, mpp, scales_um, min_sigma_px=min_sigma_px,
+                            reference_od=reference_od)
+    h, w = planes.shape
+    out = np.empty((len(planes.offset), h, w), np.float32)
+    for k in range(len(out)):
+        out[k] = planes.full(k)
     return out
+
+
+def _pyramid(planes: list[np.ndarray], top: int) -> dict[int, list[np.ndarray]]:
+    """The planes reduced 2-, 4-, ... ``top``-fold by block means (reflected up to a multiple
+    of ``top`` at the bottom and right first); level 1 is the planes themselves."""
+    levels: dict[int, list[np.ndarray]] = {1: list(planes)}
+    if top == 1:
+        return levels
+    h, w = planes[0].shape
+    ph, pw = -h % top, -w % top
+    cur = [cv2.copyMakeBorder(p, 0, ph, 0, pw, cv2.BORDER_REFLECT) if ph or pw else p
+           for p in planes]
+    d = 1
+    while d < top:
+        d *= 2
+        cur = [cv2.resize(p, (p.shape[1] // 2, p.shape[0] // 2), interpolation=cv2.INTER_AREA)
+               for p in cur]
+        levels[d] = cur
+    return levels
 
 
 def rows_at(features: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -242,37 +390,85 @@ class CompiledEnsemble:
                              self.threshold, self.left, self.right, self.is_leaf, self.value,
                              self.baseline)
 
-    def decide(self, planes: np.ndarray, index: np.ndarray) -> np.ndarray:
-        """Collagen (raw score >= 0) of the pixels ``index`` (flat) of ``(F, H, W)`` planes.
+    def decide(self, planes: np.ndarray | FeaturePlanes, index: np.ndarray) -> np.ndarray:
+        """Collagen (raw score >= 0) of the pixels ``index`` (flat, row-major in the image)
+        of ``(F, H, W)`` planes or of :class:`FeaturePlanes`.
 
         Walks the perfect trees branch-free, 64 pixels at a time (their features copied
-        together first), tree by tree; every 4 trees, the pixels whose score the remaining
-        trees cannot bring across 0 are dropped (the same decisions as :meth:`raw`; about a
-        third of the trees per pixel on synthetic Masson sections).
+        together first, reduced planes read bilinearly), tree by tree; every 4 trees, the
+        pixels whose score the remaining trees cannot bring across 0 are dropped (the same
+        decisions as :meth:`raw` on the upsampled planes, up to float rounding of the
+        bilinear reads).
         """
-        flat = planes.reshape(planes.shape[0], -1)
-        return _perfect_decide(flat, index.astype(np.int64), self.p_feature, self.p_threshold,
-                               self.p_leaf, self.depth, self.baseline, self.remaining)
+        fp = planes if isinstance(planes, FeaturePlanes) else FeaturePlanes.of(planes)
+        return _perfect_decide(fp.buffer, fp.offset, fp.height, fp.width, fp.factor,
+                               fp.shape[1], index.astype(np.int64), self.p_feature,
+                               self.p_threshold, self.p_leaf, self.depth, self.baseline,
+                               self.remaining)
 
-def _perfect_decide_py(flat, index, feat, thr, leaf, depth, baseline,
-                       remaining):  # pragma: no cover - compiled below
+def _perfect_decide_py(buf, offset, height, width, factor, img_w, index, feat, thr, leaf,
+                       depth, baseline, remaining):  # pragma: no cover - compiled below
     n = len(index)
-    n_feat = flat.shape[0]
+    n_feat = len(offset)
     n_trees = feat.shape[0]
     n_inner = 2**depth - 1
     out = np.empty(n, np.bool_)
     block = 64
     acc = np.empty(block, np.float64)
     active = np.empty(block, np.int64)
+    node = np.empty(block, np.int64)
     # the block's features pixel by pixel (8.7 kB: the walks read the L1 cache, not 34
-    # planes of megabytes)
+    # planes of megabytes); a reduced plane is read bilinearly, as OpenCV upsamples it
     rows = np.empty((block, n_feat), np.float32)
+    pr = np.empty(block, np.int64)
+    pc = np.empty(block, np.int64)
+    x0 = np.empty(block, np.int64)
+    x1 = np.empty(block, np.int64)
+    y0 = np.empty(block, np.int64)
+    y1 = np.empty(block, np.int64)
+    ax = np.empty(block, np.float32)
+    ay = np.empty(block, np.float32)
     for b in range(0, n, block):
         nb = min(block, n - b)
+        for j in range(nb):
+            pr[j] = index[b + j] // img_w
+            pc[j] = index[b + j] - pr[j] * img_w
+        last_d = 0
         for f in range(n_feat):
-            plane = flat[f]
+            d = factor[f]
+            base = offset[f]
+            wl = width[f]
+            if d == 1:
+                for j in range(nb):
+                    rows[j, f] = buf[base + pr[j] * wl + pc[j]]
+                continue
+            if d != last_d:  # pixel coordinates on this reduced grid (cv2.resize's rule)
+                hl = height[f]
+                inv = 1.0 / d
+                for j in range(nb):
+                    fx = (pc[j] + 0.5) * inv - 0.5
+                    s0 = int(np.floor(fx))
+                    a = fx - s0
+                    if s0 < 0:
+                        s0, a = 0, 0.0
+                    if s0 >= wl - 1:
+                        s0, a = wl - 1, 0.0
+                    x0[j], x1[j], ax[j] = s0, min(s0 + 1, wl - 1), a
+                    fy = (pr[j] + 0.5) * inv - 0.5
+                    s0 = int(np.floor(fy))
+                    a = fy - s0
+                    if s0 < 0:
+                        s0, a = 0, 0.0
+                    if s0 >= hl - 1:
+                        s0, a = hl - 1, 0.0
+                    y0[j], y1[j], ay[j] = s0, min(s0 + 1, hl - 1), a
+                last_d = d
             for j in range(nb):
-                rows[j, f] = plane[index[b + j]]
+                r0, r1 = base + y0[j] * wl, base + y1[j] * wl
+                a, bb = ax[j], ay[j]
+                top = buf[r0 + x0[j]] * (np.float32(1) - a) + buf[r0 + x1[j]] * a
+                bot = buf[r1 + x0[j]] * (np.float32(1) - a) + buf[r1 + x1[j]] * a
+                rows[j, f] = top * (np.float32(1) - bb) + bot * bb
         for j in range(nb):
             acc[j] = baseline
             active[j] = j
@@ -288,12 +484,17 @@ def _perfect_decide_py(flat, index, feat, thr, leaf, depth, baseline,
                 n_active = m
                 if n_active == 0:
                     break
+            # level by level over the block's pixels: their walks are independent, so the
+            # CPU overlaps them (a pixel's own walk is a chain of dependent loads)
+            ft, tt = feat[t], thr[t]
             for a in range(n_active):
-                j = active[a]
-                i = 0
-                for _ in range(depth):
-                    i = 2 * i + 1 + (rows[j, feat[t, i]] > thr[t, i])
-                acc[j] += leaf[t, i - n_inner]
+                node[a] = 0
+            for _ in range(depth):
+                for a in range(n_active):
+                    i = node[a]
+                    node[a] = 2 * i + 1 + (rows[active[a], ft[i]] > tt[i])
+            for a in range(n_active):
+                acc[active[a]] += leaf[t, node[a] - n_inner]
         for j in range(nb):
             out[b + j] = acc[j] >= 0.0
     return out
@@ -348,10 +549,12 @@ class PixelClassifier:
     header: dict[str, Any]
     gate_od: float = -math.inf
     sha256: str = ""
+    reference_od: float = 1.0
     _compiled: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if type(self.model).__name__ == "HistGradientBoostingClassifier":
+        if self._compiled is None and type(self.model).__name__ == \
+                "HistGradientBoostingClassifier":
             try:
                 self._compiled = CompiledEnsemble(self.model)
             except (AttributeError, KeyError, ValueError, IndexError):  # another layout
@@ -362,9 +565,34 @@ class PixelClassifier:
         """Gaussian scales of the features, µm."""
         return tuple(self.header["settings"]["scales_um"])
 
+    @property
+    def min_sigma_px(self) -> float | None:
+        """The features' reduced-resolution rule (:func:`pixel_features`)."""
+        value = self.header["settings"].get("min_sigma_px", MIN_SIGMA_PX)
+        return None if value is None else float(value)
+
+    def for_slide(self, collagen_level_od: float) -> PixelClassifier:
+        """This classifier for one slide: its collagen-stain features relative to the slide's
+        collagen level (``slides.csv``'s ``collagen_level_od``), as it was trained, so that a
+        darker or paler staining batch reads the same; itself when trained on raw features."""
+        settings = self.header.get("settings", {})
+        if settings.get("reference") != REFERENCE:
+            return self
+        ref = slide_reference_od(collagen_level_od,
+                                 float(settings.get("reference_fallback_od", 1.0)))
+        return replace(self, reference_od=ref, _compiled=self._compiled)
+
+    @property
+    def coarse_to_fine(self) -> bool:
+        """Whether tiles are decided coarse to fine: the model decides every other pixel of
+        every other row first, and the pixels between them only where those disagree (about a
+        third of the model's work on synthetic sections; docs/decisions.md)."""
+        return bool(self.header["settings"].get("coarse_to_fine", True))
+
     def halo_px(self, mpp: float) -> int:
-        """Pixels of context a tile needs around it at ``mpp`` µm/px."""
-        return math.ceil(halo_um(self.scales_um) / mpp) + 1
+        """Pixels of context a tile needs around it at ``mpp`` µm/px (a multiple of
+        :data:`MAX_LEVEL`: tiles at multiples of it see the reduced planes' grid)."""
+        return -(-(math.ceil(halo_um(self.scales_um) / mpp) + 1) // MAX_LEVEL) * MAX_LEVEL
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         """Probability of collagen of feature rows ``(N, F)`` (float64)."""
@@ -393,25 +621,67 @@ class PixelClassifier:
         -------
         ndarray of bool, (h, w)
         """
-        feats = pixel_features(rgb_with_halo, stains, mpp, self.scales_um)
+        planes = feature_planes(rgb_with_halo, stains, mpp, self.scales_um,
+                                min_sigma_px=self.min_sigma_px,
+                                reference_od=self.reference_od)
+        big_w = rgb_with_halo.shape[1]
         h = rgb_with_halo.shape[0] - 2 * halo_px
-        w = rgb_with_halo.shape[1] - 2 * halo_px
-        core = feats[:, halo_px : halo_px + h, halo_px : halo_px + w]
+        w = big_w - 2 * halo_px
         gate_col = len(stains.names) + 1  # the collagen stain at the smallest scale
-        todo = core[gate_col] >= self.gate_od
+        todo = planes.full(gate_col)[halo_px : halo_px + h, halo_px : halo_px + w] >= self.gate_od
         if tissue is not None:
             todo &= tissue
         out = np.zeros((h, w), bool)
         if not todo.any():
             return out
-        if self._compiled is not None:
-            idx = np.flatnonzero(todo.ravel())
+
+        def model(idx: np.ndarray) -> np.ndarray:  # decisions of core pixels (flat indices)
             rows, cols = np.divmod(idx, w)
-            flat_idx = (rows + halo_px) * rgb_with_halo.shape[1] + cols + halo_px
-            out.ravel()[idx] = self._compiled.decide(feats, flat_idx)
-        else:
-            out[todo] = self.predict_proba(rows_at(core, todo)) >= 0.5
+            at = (rows + halo_px) * big_w + cols + halo_px
+            if self._compiled is not None:
+                return self._compiled.decide(planes, at)
+            x = np.stack([planes.full(k).ravel()[at] for k in range(len(planes.offset))], 1)
+            return self.predict_proba(x) >= 0.5
+
+        if not self.coarse_to_fine:
+            idx = np.flatnonzero(todo.ravel())
+            out.ravel()[idx] = model(idx)
+            return out
+        grid = np.zeros_like(todo)
+        grid[::2, ::2] = todo[::2, ::2]
+        idx = np.flatnonzero(grid.ravel())
+        out.ravel()[idx] = model(idx)
+        need = _from_coarse(todo, out)
+        out.ravel()[need] = model(need)
         return out
+
+
+def _from_coarse_py(todo, out):  # pragma: no cover - compiled below
+    """Decide the pixels of ``todo`` off the even rows and columns from the even-grid pixels
+    around them (``out``, already decided there; pixels outside ``todo`` count as not
+    collagen) where those agree, in place; return the flat indices of the others."""
+    h, w = todo.shape
+    need = np.empty(h * w, np.int64)
+    n = 0
+    for r in range(h):
+        r0 = r - (r & 1)
+        r1 = r0 + 2 if (r & 1) and r0 + 2 < h else r0
+        for c in range(w):
+            if not todo[r, c] or ((r & 1) == 0 and (c & 1) == 0):
+                continue
+            c0 = c - (c & 1)
+            c1 = c0 + 2 if (c & 1) and c0 + 2 < w else c0
+            v = out[r0, c0]
+            if out[r0, c1] == v and out[r1, c0] == v and out[r1, c1] == v:
+                out[r, c] = v
+            else:
+                need[n] = r * w + c
+                n += 1
+    return need[:n]
+
+
+_from_coarse = _compile(_from_coarse_py)
+_base_planes = _compile(_base_planes_py)
 
 
 # --- file format ---------------------------------------------------------------------------
@@ -438,9 +708,13 @@ def save(clf: PixelClassifier, path: str | Path) -> str:
 
     path = Path(path)
     header = dict(clf.header)
+    rule = STAIN_RULE
+    if header.get("settings", {}).get("reference") == REFERENCE:
+        rule += (f"; the collagen stain's features divided by the slide's {REFERENCE} (the "
+                 "training slides' median when it has none)")
     header.update(format="fibroquant-classifier", format_version=FORMAT_VERSION,
                   fibroquant_version=__version__, sklearn_version=_sklearn_version(),
-                  gate_od=clf.gate_od, stain_calibration=STAIN_RULE)
+                  gate_od=clf.gate_od, stain_calibration=rule)
     buf = io.BytesIO()
     pickle.dump(clf.model, buf, protocol=pickle.HIGHEST_PROTOCOL)
     data = _MAGIC + b" " + json.dumps(header, sort_keys=True).encode() + b"\n" + buf.getvalue()
@@ -587,6 +861,9 @@ class TrainingImage:
     eval_labels : ndarray of bool, (M,)
     scored_px : int
         Scored pixels in the image (labelled and inside the tissue).
+    reference_od : float
+        The slide's collagen level (OD; NaN: none) its features are, or are to be, taken
+        relative to (:func:`apply_references`).
     """
 
     stem: str
@@ -596,6 +873,42 @@ class TrainingImage:
     eval_labels: np.ndarray
     scored_px: int
     provenance: dict[str, Any] = field(default_factory=dict)
+    reference_od: float = math.nan
+
+
+#: Which slide level the collagen stain's features are taken relative to (a column of
+#: ``slides.csv``: the median collagen-stain concentration of the slide's collagen-dominated
+#: pixels, from its threshold calibration).
+REFERENCE = "collagen_level_od"
+
+
+def slide_reference_od(level: float, fallback: float) -> float:
+    """The collagen level a slide's features are divided by: its own, or ``fallback`` when it
+    has none (a threshold method without levels, too few collagen pixels to calibrate)."""
+    return float(level) if math.isfinite(level) and level > 0 else float(fallback)
+
+
+def apply_references(images: Sequence[TrainingImage], stain_names: Sequence[str],
+                     scales_um: Sequence[float] = DEFAULT_SCALES_UM) -> float:
+    """Divide the collagen stain's feature columns of raw training images by each slide's
+    collagen level, in place, as :func:`feature_planes` with ``reference_od`` does (they are
+    linear in the stain's plane); slides without a level take the median of the others'.
+
+    Returns
+    -------
+    float
+        That median (1.0 when no slide has a level): the fallback stored with the classifier.
+    """
+    levels = [im.reference_od for im in images
+              if math.isfinite(im.reference_od) and im.reference_od > 0]
+    fallback = float(np.median(levels)) if levels else 1.0
+    names = feature_names(stain_names, scales_um)
+    cols = [i for i, nm in enumerate(names) if nm.split("_")[0] == stain_names[0]]
+    for im in images:
+        ref = np.float32(slide_reference_od(im.reference_od, fallback))
+        for x in (im.features, im.eval_features):
+            x[:, cols] /= ref
+    return fallback
 
 
 def _rng(rng: int | np.random.Generator | None) -> np.random.Generator:
@@ -626,14 +939,15 @@ def sample_pixels(features: np.ndarray, labels: np.ndarray, scored: np.ndarray, 
 def make_model(kind: str = "hgb", *, rng: int = 0) -> Any:
     """A scikit-learn classifier: ``"hgb"`` gradient boosting (default) or ``"rf"`` forest.
 
-    Sized for speed at prediction (every tissue pixel of a study goes through it): 60
-    boosting rounds of trees of at most 15 leaves and depth 5, or 40 trees of depth 12.
+    Sized for speed at prediction (every tissue pixel of a study goes through it): 40
+    boosting rounds of trees of at most 15 leaves and depth 5 (as accurate as 60 rounds at
+    0.15 on the synthetic cohorts, docs/decisions.md), or 40 trees of depth 12.
     """
     if kind == "hgb":
         from sklearn.ensemble import HistGradientBoostingClassifier
 
-        return HistGradientBoostingClassifier(max_iter=60, max_leaf_nodes=15, max_depth=5,
-                                              learning_rate=0.15, early_stopping=False,
+        return HistGradientBoostingClassifier(max_iter=40, max_leaf_nodes=15, max_depth=5,
+                                              learning_rate=0.25, early_stopping=False,
                                               random_state=rng)
     if kind == "rf":
         from sklearn.ensemble import RandomForestClassifier
@@ -700,6 +1014,8 @@ def fit(images: Sequence[TrainingImage], *, kind: str = "hgb", rng: int = 0,
     header = dict(header or {})
     settings = dict(header.get("settings", {}))
     settings.setdefault("scales_um", list(DEFAULT_SCALES_UM))
+    settings.setdefault("min_sigma_px", MIN_SIGMA_PX)
+    settings.setdefault("coarse_to_fine", True)
     settings["model"] = kind
     header["settings"] = settings
     gate = _gate(x, y.astype(bool), gate_col) if gate_col is not None else -math.inf
@@ -787,7 +1103,9 @@ def training_image(
     if getattr(settings, "classifier", None) is not None:  # measured as the threshold sees it
         settings = settings.model_copy(update={"classifier": None})
     analysis = analyze_slide(slide_path, settings, fallback_mpp=mpp)
-    stains = stains_of_record(analysis.to_record())
+    record = analysis.to_record()
+    stains = stains_of_record(record)
+    level = float(record.get(REFERENCE, math.nan))
     with _open(slide_path, mpp) as sl:
         mpp0 = require_mpp(sl)
         full = sl.levels[0].shape[:2]
@@ -824,5 +1142,7 @@ def training_image(
         "collagen_px": int((labels & scored).sum()),
         "annotations": {a.person: {"file": a.path.name, "sha256": fingerprint(a.path),
                                    "dense": a.dense} for a in anns},
+        REFERENCE: level if math.isfinite(level) else None,
     }
+    image.reference_od = level  # raw features: apply_references divides them
     return image, stains

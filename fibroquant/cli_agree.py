@@ -95,7 +95,9 @@ def train(
     from fibroquant.annotations import discover
     from fibroquant.classifier import (
         DEFAULT_SCALES_UM,
+        REFERENCE,
         ClassifierError,
+        apply_references,
         cross_validate,
         feature_names,
         fit,
@@ -136,9 +138,12 @@ def train(
     if errors or stain_names is None:
         raise fail("cannot train: " + "; ".join(errors or failed or ["no image"]), 1)
     gate_col = len(stain_names) + 1
+    # the collagen stain relative to each slide's collagen level (darker batches read alike)
+    fallback_od = apply_references(images, stain_names)
     rows = cross_validate(images, kind=model, gate_col=gate_col)
     header: dict[str, Any] = {
         "settings": {"scales_um": list(DEFAULT_SCALES_UM), "model": model,
+                     "reference": REFERENCE, "reference_fallback_od": fallback_od,
                      "max_train_px": max_pixels, "stain": settings.stains.stain.value,
                      "analysis_settings": settings.measurement_dict()},
         "features": feature_names(stain_names, DEFAULT_SCALES_UM),

@@ -204,7 +204,7 @@ class CollagenSettings(_Model):
         "counterstain; 'auto' = parenchyma for Masson with per-slide fitted vectors, else zero",
     )
     parenchyma_share_spread: float = Field(
-        2.0, ge=1,
+        1.5, ge=1,
         description="share_baseline parenchyma: parenchyma cells carry up to this many times the "
         "median parenchymal collagen-stain share (cell-to-cell and zonal variation), at most 0.5",
     )

@@ -276,7 +276,8 @@ class SlideResult:
             "stain_angle_deg": qc.stain_angle_deg,
             "stain_angles_deg": json.dumps(est.angles_deg),
             "collagen_od_share": est.od_share.get(est.stains.collagen, 0.0),
-            "threshold_method": t.method,
+            # what decided collagen: the threshold's scale, or the trained classifier
+            "threshold_method": "classifier" if self.classifier else t.method,
             "classifier": self.classifier,
             "threshold_od": t.threshold_od,
             "parenchyma_od": t.parenchyma_od,

@@ -284,6 +284,8 @@ def _analyze_slide(
             from fibroquant.classifier import classifier_label
 
             clf_label = classifier_label(settings.classifier)
+        if decide is not None and hasattr(decide, "for_slide"):  # the slide's stain levels
+            decide = decide.for_slide(cal.threshold.collagen_level_od)
         t_wait = time.perf_counter()
         kernels.warmup_fused()  # compiling or loading kernels is not the slide's time
         t_start += time.perf_counter() - t_wait
@@ -443,7 +445,11 @@ def _threshold_map(
     del thumb_conc  # thumbnail-sized temporaries are freed as soon as possible (peak RSS)
     tshare = tpos[..., stains.collagen_index] / np.maximum(channel_sum(tpos), 1e-6)
     del tpos
-    parenchyma = tissue.tissue & (tshare < 0.5)
+    # Pixels that pass the share guard may be collagen and do not define the non-specific
+    # uptake: a broad pale collagen band over cells (share ~0.45) would raise the map, and the
+    # threshold, under itself.
+    cut = thr.share_guard if 0.0 < thr.share_guard < 0.5 else 0.5
+    parenchyma = tissue.tissue & (tshare < np.float32(cut))
     del tshare
     # The thumbnail gives the map's shape; its level comes from the analysis-resolution
     # sample. A coarse thumbnail pixel mixes in fine fibres, which would raise the

@@ -138,8 +138,10 @@ SLIDES: tuple[Column, ...] = (
        "(empty: nothing)", "qc"),
     _c("stain_guess", "", "stain guess",
        "the protocol the slide's colours show: sirius-red, masson, masson-light-green, h&e, "
-       "fluorescence or unknown", "stain"),
-    _c("threshold_method", "", "threshold", "how the collagen threshold was set", "threshold"),
+       "fluorescence, grey (not a colour stain) or unknown", "stain"),
+    _c("threshold_method", "", "decided by", "what decided collagen: the threshold's method "
+       "(relative, fixed-od, otsu) or `classifier` (the pixel classifier named in `classifier`; "
+       "the threshold columns then only decide the capsule)", "threshold"),
     _c("classifier", "", "classifier",
        "the pixel classifier that decided collagen (`fibroquant train`), as `FILE#SHA256`: its "
        "file name and the first 16 hex digits of its SHA-256; empty: the collagen threshold "

@@ -752,6 +752,10 @@ EOSIN_ANGLE_DEG = 8.0
 #: A pixel whose brightest channel is below this (0-255) is dark: most of a fluorescence
 #: image, a few nuclei or pigment specks of a bright-field section.
 DARK_PIXEL_MAX = 50
+#: A stained pixel within this angle (degrees) of the grey axis (equal OD in R, G and B) is
+#: neutral: real stained sections have 0-0.9 % of their stained pixels so (near-black iron
+#: haematoxylin nuclei, pigment), a greyscale image saved as RGB 100 %.
+NEUTRAL_ANGLE_DEG = 5.0
 
 
 def protocol_fit(od: np.ndarray, dark_share: float = 0.0) -> dict[str, float]:
@@ -771,13 +775,17 @@ def protocol_fit(od: np.ndarray, dark_share: float = 0.0) -> dict[str, float]:
         the pixels by non-negative amounts of the protocol's two stains (lower is better);
         ``eosin_share``: share of the pixels that are eosin-pink (within ``EOSIN_ANGLE_DEG`` of
         real eosin: H&E has 4-60 %, purple Masson livers and red Masson hearts under 0.5 %);
-        ``dark_share``: as given.
+        ``dark_share``: as given; ``neutral_share``: share of the pixels that are grey
+        (within ``NEUTRAL_ANGLE_DEG`` of equal OD in all channels: a greyscale image).
     """
     fit = {k: round(_nonneg_residual(od, v), 4) for k, v in fit_references().items()}
     unit = od / np.maximum(np.linalg.norm(od, axis=1, keepdims=True), 1e-12)
     eosin = np.asarray(REAL_EOSIN_VECTOR) / np.linalg.norm(REAL_EOSIN_VECTOR)
     fit["eosin_share"] = round(float(np.mean(unit @ eosin > np.cos(np.radians(EOSIN_ANGLE_DEG)))),
                                4)
+    grey = np.full(3, 1.0 / math.sqrt(3.0))
+    fit["neutral_share"] = round(
+        float(np.mean(unit @ grey > np.cos(np.radians(NEUTRAL_ANGLE_DEG)))), 4)
     fit["dark_share"] = round(float(dark_share), 4)
     return fit
 
@@ -870,6 +878,16 @@ DARK_FIELD_MIN_SHARE = 0.5
 #: Masson one (0.07-0.08 vs 0.12 on two real rodent livers and a human biopsy) but has
 #: 0.1-0.4 % eosin-pink pixels; real H&E has 3.9-61 %.
 EOSIN_MIN_SHARE = 0.02
+#: Most stained pixels neutral grey (``neutral_share``): a greyscale image, not a colour stain.
+GREY_MIN_SHARE = 0.5
+#: With at least ``EOSIN_MIN_SHARE`` eosin-pink pixels, Sirius red is guessed rather than a
+#: better-fitting Masson whose residual is above this share of Sirius red's: pale Sirius red
+#: stroma is pink and fits Masson's reference (crimson + a little blue) about as well as its
+#: own (real TWOMBLI cores 2L_4D, 2L_7D: Sirius red at 1.08-1.26 times Masson, 3-16 %
+#: eosin-pink), while a Masson section with pink pixels fits Sirius red 2.3-8 times worse
+#: (synthetic sections with drifted vectors); real Masson hearts fit it 1.26-1.6 times worse
+#: but have no eosin-pink pixels (0.01-0.05 %).
+PINK_SIRIUS_RED_RATIO = 1.5
 #: Another protocol fits "clearly better" when its residual is below this share of the expected
 #: protocol's: pale real Sirius red cores fit Masson's reference at 0.70-0.92 of their own; real
 #: H&E, Sirius red and the other way round at 0.14-0.48.
@@ -895,7 +913,8 @@ class StainVerdict:
     Attributes
     ----------
     guess : str
-        A protocol of :data:`PROTOCOLS`, ``"fluorescence"`` or ``"unknown"``.
+        A protocol of :data:`PROTOCOLS`, ``"fluorescence"``, ``"grey"`` (not a colour stain)
+        or ``"unknown"``.
     wrong : bool
         The colours fit another protocol clearly better than the expected one, or are not a
         bright-field stain at all.
@@ -914,16 +933,34 @@ def _family(protocol: str) -> str:
 
 def guess_protocol(fit: dict[str, float]) -> str:
     """The protocol a :func:`stain_fit` result shows: the lowest residual, except that H&E
-    needs eosin-pink pixels (``EOSIN_MIN_SHARE``; else the next best), and a mostly dark image
-    is ``"fluorescence"``; ``"unknown"`` without a fit."""
+    needs eosin-pink pixels (``EOSIN_MIN_SHARE``; else the next best) and, with them, a Masson
+    fit within ``PINK_SIRIUS_RED_RATIO`` of Sirius red's is Sirius red; a mostly dark image is
+    ``"fluorescence"``, a mostly neutral grey one ``"grey"`` (not a colour stain);
+    ``"unknown"`` without a fit.
+
+    Examples
+    --------
+    >>> guess_protocol({"sirius-red": 0.09, "masson": 0.07, "h&e": 0.18, "eosin_share": 0.16})
+    'sirius-red'
+    >>> guess_protocol({"sirius-red": 0.46, "masson": 0.23, "masson-light-green": 0.10,
+    ...                 "h&e": 0.21, "neutral_share": 1.0})
+    'grey'
+    """
     if fit.get("dark_share", 0.0) >= DARK_FIELD_MIN_SHARE:
         return "fluorescence"
+    if fit.get("neutral_share", 0.0) >= GREY_MIN_SHARE:
+        return "grey"
     order = sorted((k for k in PROTOCOLS if k in fit), key=fit.__getitem__)
     if not order:
         return "unknown"
-    if order[0] == "h&e" and fit.get("eosin_share", 0.0) < EOSIN_MIN_SHARE and len(order) > 1:
-        return order[1]
-    return order[0]
+    pink = fit.get("eosin_share", 0.0) >= EOSIN_MIN_SHARE
+    if order[0] == "h&e" and not pink and len(order) > 1:
+        order = order[1:]
+    best = order[0]
+    if (pink and _family(best) == "masson" and "sirius-red" in fit
+            and fit["sirius-red"] <= PINK_SIRIUS_RED_RATIO * fit[best]):
+        return "sirius-red"
+    return best
 
 
 def stain_verdict(fit: dict[str, float], protocol: str) -> StainVerdict:
@@ -961,6 +998,10 @@ def stain_verdict(fit: dict[str, float], protocol: str) -> StainVerdict:
         return StainVerdict(guess, True, (
             f"dark background ({100 * fit['dark_share']:.0f} % of the pixels dark): a "
             "fluorescence image, not a bright-field collagen stain"))
+    if guess == "grey":
+        return StainVerdict(guess, True, (
+            f"grey ({100 * fit['neutral_share']:.0f} % of the stained pixels neutral): not a "
+            "colour stain"))
     mine = [fit[k] for k in PROTOCOLS if k in fit and _family(k) == _family(protocol)]
     if guess == "unknown" or not mine or _family(guess) == _family(protocol):
         return StainVerdict(guess, False)
@@ -990,6 +1031,9 @@ def describe_fit(fit: dict[str, float]) -> str:
     if guess == "fluorescence":
         return ("fluorescence: not a bright-field collagen stain "
                 f"({100 * fit['dark_share']:.0f} % of the pixels dark)")
+    if guess == "grey":
+        return ("grey: not a colour stain "
+                f"({100 * fit['neutral_share']:.0f} % of the stained pixels neutral)")
     if not residuals:
         return "unknown (too little stained tissue)"
     text = f"{guess} (residual {residuals[guess]:.2f}; " + ", ".join(

@@ -201,8 +201,9 @@ def vessels_and_septa(
     """Vessel lumens with a collagen collar, septa bridging pairs of them, fine fibres between.
 
     Septa run between the vessels' centres (truth: ``septal`` pixels outside every collar ring),
-    fine fibres are short walks placed away from septa. ``extra_septa_um`` adds that length of
-    septa that cross the field without touching a vessel (to balance CPA in a cohort).
+    fine fibres are short random walks. ``extra_septa_um`` adds that length of septa that cross
+    the field without touching a vessel (to balance CPA in a cohort); they are drawn last, so
+    the vessels and fine fibres of a seed do not depend on it.
     """
     g = np.random.default_rng(rng)
     extent = np.array(shape, float) * mpp
@@ -216,7 +217,12 @@ def vessels_and_septa(
     pairs = [(order[i], order[(i + 1) % n_vessels]) for i in range(min(bridges, n_vessels))]
     for a, b in pairs:
         canvas.line(tuple(vc[a]), tuple(vc[b]), septum_um)
+    septa_length = canvas.length_um
+    for _ in range(n_fine):
+        start = g.uniform(0.05 * extent, 0.95 * extent)
+        canvas.polyline(np.clip(_walk(g, start, 60.0, 4.0, 8.0), 2, extent - 2), fine_um)
     if extra_septa_um > 0:
+        before = canvas.length_um
         left = extra_septa_um
         while left > 0:
             y = g.uniform(0.08, 0.92) * extent[0]
@@ -224,10 +230,7 @@ def vessels_and_septa(
             x0 = g.uniform(0.05 * extent[1], extent[1] - ln - 0.05 * extent[1])
             canvas.line((y, x0), (y, x0 + ln), septum_um)
             left -= ln
-    septa_length = canvas.length_um
-    for _ in range(n_fine):
-        start = g.uniform(0.05 * extent, 0.95 * extent)
-        canvas.polyline(np.clip(_walk(g, start, 60.0, 4.0, 8.0), 2, extent - 2), fine_um)
+        septa_length += canvas.length_um - before
     collagen, width = canvas.masks()
     yy, xx = np.mgrid[: shape[0], : shape[1]] * mpp
     lumen = np.zeros(shape, bool)
@@ -242,7 +245,7 @@ def vessels_and_septa(
     tissue = ~lumen
     return FibreTruth(collagen, tissue, mpp, canvas.length_um, width, lumen, septal,
                       {"vessel_centres_um": vc, "septa_length_um": septa_length,
-                       "bridges": len(pairs)})
+                       "bridges": len(pairs), "septum_um": septum_um})
 
 
 def render(truth: FibreTruth, *, rng: int | None = 0, collagen_od: float = 0.8,
@@ -266,24 +269,38 @@ def regression_cohort(
     mpp: float = 1.0,
     septum_um: float = 12.0,
     thinning: float = 0.4,
+    width_jitter: float = 0.1,
     rng: int | None = 0,
 ) -> list[tuple[str, str, FibreTruth]]:
     """Two groups of mice whose septa differ in width only: ``control`` septa of ``septum_um``,
-    ``regression`` septa ``thinning`` (40 %) thinner and proportionally longer, so that CPA is
-    equal (the extra septa cross the field without bridging vessels).
+    ``regression`` septa ``thinning`` (40 %) thinner, at equal CPA.
 
-    Returns ``(mouse, group, truth)`` per mouse.
+    Mouse ``i`` of each group shares its vessels, fine fibres (their number varies between
+    mice, and so does CPA) and untreated septum width (``septum_um`` times a uniform factor
+    within ``± width_jitter``): the regression mouse is the control mouse after treatment.
+    Its thinner septa are completed by septa that cross the field without bridging vessels,
+    as long as needed for the untreated collagen area (to ±0.5 % of it), so CPA is equal
+    mouse for mouse. Returns ``(mouse, group, truth)`` per mouse, controls first.
     """
     g = np.random.default_rng(rng)
-    out = []
-    for group, width in (("control", septum_um), ("regression", septum_um * (1 - thinning))):
-        for i in range(n_mice):
-            seed = int(g.integers(2**31))
-            n_fine = int(g.integers(30, 90))  # mice differ in their fine fibres (and CPA)
-            base = vessels_and_septa(shape, mpp, septum_um=width, n_fine=n_fine, rng=seed)
-            bridged = base.extra["septa_length_um"]
-            extra = bridged * (septum_um / width - 1)
-            truth = vessels_and_septa(shape, mpp, septum_um=width, n_fine=n_fine,
-                                      extra_septa_um=extra, rng=seed) if extra > 0 else base
-            out.append((f"{group[0]}{i + 1}", group, truth))
-    return out
+    control, regression = [], []
+    for i in range(n_mice):
+        seed = int(g.integers(2**31))
+        n_fine = int(g.integers(30, 90))  # mice differ in their fine fibres (and CPA)
+        own_um = septum_um * float(g.uniform(1 - width_jitter, 1 + width_jitter))
+        untreated = vessels_and_septa(shape, mpp, septum_um=own_um, n_fine=n_fine, rng=seed)
+        control.append((f"c{i + 1}", "control", untreated))
+        width = own_um * (1.0 - thinning)
+        target = int(untreated.collagen.sum())
+        # first guess: the area the septa lost, at the new width; then corrected by the area
+        # still missing (an extra septum adds about its width per µm)
+        extra = untreated.extra["septa_length_um"] * (own_um - width) / width
+        for _ in range(4):
+            treated = vessels_and_septa(shape, mpp, septum_um=width, n_fine=n_fine,
+                                        extra_septa_um=extra, rng=seed)
+            missing = target - int(treated.collagen.sum())
+            if abs(missing) <= 0.005 * target:
+                break
+            extra = max(0.0, extra + missing * mpp * mpp / width)
+        regression.append((f"r{i + 1}", "regression", treated))
+    return control + regression

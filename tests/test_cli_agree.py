@@ -99,6 +99,8 @@ def test_agree_train_and_classifier_end_to_end(study):
     # slides.csv names the classifier that decided each slide; empty for the threshold
     assert set(got["classifier"]) == {f"study.classifier#{trained['sha256']}"}
     assert base["classifier"].isna().all()
+    assert set(got["threshold_method"]) == {"classifier"}
+    assert set(base["threshold_method"]) == {"relative"}
     for s, truth in truths.items():
         error = got.loc[f"{s}.png", "cpa_percent"] - truth.cpa_percent
         assert abs(error) < max(1.5, 0.1 * truth.cpa_percent), (s, error)

@@ -53,7 +53,7 @@ def test_guard_counts_from_the_bluest_parenchyma():
     share = np.r_[np.full(900, 0.15), np.full(100, 0.9)].astype(np.float32)
     guard, p = share_guard(share, CollagenSettings(), from_parenchyma=True)
     assert p == pytest.approx(0.15)
-    assert guard == pytest.approx(0.30 + 0.35 * 0.70)  # p_hi = 2 p
+    assert guard == pytest.approx(0.225 + 0.35 * 0.775)  # p_hi = 1.5 p
     # spread 1: counted from the median parenchyma
     g1, _ = share_guard(share, CollagenSettings(parenchyma_share_spread=1.0),
                         from_parenchyma=True)
@@ -82,7 +82,7 @@ def test_purple_parenchyma_is_reported():
     thr = calibrate_threshold(conc, share, CollagenSettings(), share_from_parenchyma=True)
     assert thr.parenchyma_share >= PURPLE_PARENCHYMA_SHARE
     assert "purple parenchyma" in thr.note
-    assert thr.share_guard == pytest.approx(0.5 + 0.35 * 0.5)
+    assert thr.share_guard == pytest.approx(0.45 + 0.35 * 0.55)  # p_hi = 1.5 p
     plain = calibrate_threshold(conc, share, CollagenSettings())
     assert plain.note == "" and plain.share_guard == 0.35
     # the threshold on concentration does not depend on the guard

@@ -21,7 +21,7 @@ from fibroquant.config import TissueSettings, load_settings
 from fibroquant.errors import FibroquantError
 from fibroquant.pipeline import analyze_slide
 from fibroquant.slides import ArraySlide
-from fibroquant.stains import stain_fit, stain_verdict
+from fibroquant.stains import guess_protocol, stain_fit, stain_verdict
 from fibroquant.synthetic import (
     SectionParams,
     make_he_section,
@@ -145,6 +145,59 @@ def test_verdict_rules():
     assert stain_verdict(dark, "masson").guess == "fluorescence"
     assert stain_verdict(dark, "masson").wrong
     assert not stain_verdict({}, "masson").wrong
+
+
+def test_guess_rules_for_pink_and_grey():
+    """Pink pixels make a Masson fit within 1.5x of Sirius red's a Sirius red guess (pale
+    Sirius red stroma); a Masson with pink pixels that fits Sirius red far worse stays Masson;
+    a mostly neutral image is grey, not a colour stain, and the wrong stain for both."""
+    core = {"sirius-red": 0.091, "masson": 0.072, "masson-light-green": 0.095, "h&e": 0.175,
+            "eosin_share": 0.16, "neutral_share": 0.003, "dark_share": 0.0}
+    assert guess_protocol(core) == "sirius-red"
+    assert guess_protocol({**core, "eosin_share": 0.001}) == "masson"  # a red Masson heart
+    assert guess_protocol({**core, "sirius-red": 0.19, "masson": 0.047}) == "masson"
+    grey = {**core, "neutral_share": 0.9}
+    for protocol in ("sirius-red", "masson"):
+        verdict = stain_verdict(grey, protocol)
+        assert (verdict.guess, verdict.wrong) == ("grey", True)
+        assert "not a colour stain" in verdict.message
+
+
+def _grey(rgb: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+
+
+@pytest.mark.parametrize("stain", ["sirius-red", "masson"])
+def test_grey_section_is_not_a_colour_stain(stain):
+    """A section saved in grey as RGB (all its stained pixels neutral): status wrong-stain,
+    guess grey (it was read as masson-light-green)."""
+    rgb, _ = make_section(SectionParams(stain=stain, shape=(256, 256)), rng=7)
+    assert stain_fit(rgb)["neutral_share"] < 0.05
+    a = _analyze(_grey(rgb), 0.5, stain)
+    assert a.to_record()["wrong_stain"] is True
+    assert a.to_record()["stain_guess"] == "grey"
+
+
+def test_inspect_says_grey_is_not_a_colour_stain(tmp_path):
+    _write(tmp_path, "grey.png", _grey(make_section(SectionParams(shape=(256, 256)), rng=8)[0]))
+    res = runner.invoke(app, ["inspect", str(tmp_path / "grey.png"), "--json", "--mpp", "0.5"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["stain_guess"].startswith("grey: not a colour stain")
+
+
+@pytest.mark.parametrize("name", ["2L_3D.png", "2L_4D.png", "2L_7D.png"])
+def test_inspect_guesses_sirius_red_on_pale_cores(name):
+    """The pale TWOMBLI Sirius red cores (pink stroma, 3-16 % eosin-pink pixels) were guessed
+    Masson (2L_4D, 2L_7D); the real Masson images stay Masson."""
+    path = SHARED / "psr-cores-twombli" / name
+    if not path.is_file():
+        pytest.skip("real core not present (../shared/data)")
+    res = runner.invoke(app, ["inspect", str(path), "--json", "--mpp", "1.0"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["stain_guess"].startswith("sirius-red")
+    for folder, masson in (("masson-liver-heinemann", "16_224_606_43_42.png"),
+                           ("masson-heart-autoslide", "1_heart_2285185028.png")):
+        assert guess_protocol(stain_fit(_real(folder, masson))).startswith("masson")
 
 
 REAL_STAINS = [  # folder, name, the stain it is, µm/px
@@ -381,18 +434,21 @@ def test_purple_masson_params_are_purple():
 
 @pytest.mark.slow
 def test_purple_masson_cohort_correlates_and_overlaps(purple_cohort):
-    """Measured 2026-12-05: MAE 0.75 pp (all under: -0.1 to -2.4), r 0.999, Dice 0.935
-    (min 0.77)."""
+    """Measured 2026-12-06 (guard counted from 1.5 times the parenchyma's share): MAE 0.55 pp
+    (-1.65 to +0.25), r 0.999, Dice 0.923 (min 0.68, a 1.4 % section); with 2 times it was
+    MAE 0.75 (-0.1 to -2.4), Dice 0.935."""
     true, got, dice = purple_cohort.T
     assert np.corrcoef(true, got)[0, 1] >= 0.95
     assert dice.mean() >= 0.85
-    assert np.abs(got - true).mean() <= 1.0
+    assert np.abs(got - true).mean() <= 0.65
 
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="known gap: on purple sections the share guard (counted "
-                   "from the parenchyma's share) drops collagen's mixed edge pixels: CPA reads "
-                   "0.1-2.4 pp low (MAE 0.75 pp; guard spread 1.75 gives 0.57)")
+                   "from the parenchyma's share) still drops some of collagen's mixed edge "
+                   "pixels: MAE 0.55 pp on these seeds (0.42 on held-out seeds 100-111), the "
+                   "heavily fibrotic seed 5 -1.65 pp; the best guard per section ranges "
+                   "0.35-0.53 and is not predicted by the parenchyma's share alone")
 def test_purple_masson_cohort_within_half_a_point(purple_cohort):
     true, got, _ = purple_cohort.T
     assert np.abs(got - true).mean() <= 0.5
@@ -411,10 +467,30 @@ def test_pale_band_is_collagen_in_truth():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known gap: a broad pale band (0.15-0.25 OD of collagen "
-                   "stain over 0.3 OD of counterstain) is read as non-specific uptake: the local "
-                   "parenchyma background follows it and its pixels are counterstain-dominated; "
-                   "0-40 % of it found")
+@pytest.mark.parametrize("seed", [2, 5])
+def test_pale_band_does_not_raise_the_background_under_itself(seed):
+    """A broad pale Sirius red band (0.25 OD over 0.3 OD of picric acid; share ~0.45, under
+    0.5) no longer counts as parenchyma for the local background (pixels past the share guard
+    may be collagen): 89-92 % of it found (was 40-49 %), none of the parenchyma beside it."""
+    from fibroquant.synthetic import with_pale_band
+
+    p = SectionParams(shape=(768, 768), fibrosis=0.3, field_of_view=True)
+    rgb, truth = make_section(p, rng=seed)
+    rgb, truth2 = with_pale_band(rgb, truth, collagen_od=0.25, width_um=60, rng=seed)
+    a = _analyze(rgb, p.mpp, "sirius-red")
+    band = truth2.collagen_mask & ~truth.collagen_mask
+    parenchyma = truth.tissue_mask & ~truth2.collagen_mask
+    assert (a.collagen_mask & band).sum() >= 0.8 * band.sum()
+    assert (a.collagen_mask & parenchyma).sum() <= 0.005 * parenchyma.sum()
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="known gap: a broad pale band of 0.2 OD of collagen "
+                   "stain over 0.3 OD of counterstain: Sirius red 65 % found (was 11 %; the "
+                   "band's faintest pixels are under the slide's threshold), Masson 16 % (was "
+                   "7 %; its pixels' aniline-blue share, ~0.45, is under the guard counted from "
+                   "the parenchyma's share, and a per-pixel colour cannot tell it from purple "
+                   "cytoplasm)")
 @pytest.mark.parametrize("stain", ["sirius-red", "masson"])
 def test_diffuse_pale_band_is_found(stain):
     from fibroquant.synthetic import with_pale_band
