@@ -92,29 +92,30 @@ def test_tiff_segments_are_decoded_once_over_a_grid_of_unaligned_regions(tmp_pat
     path = tmp_path / "grid.tif"
     tifffile.imwrite(path, image, tile=(64, 64), photometric="rgb",
                      resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
-    slide = slides.open_slide(path)
-    slide.cache.max_items = 12  # a row of partly read segments and a few more
-    level = slide._levels[0]
-    decoded: list[int] = []
-    raw = level.raw_segment
+    with slides.open_slide(path) as slide:
+        # room for every segment: a thread that races ahead under load must not push out a
+        # segment the other still needs (a count bound is a speed matter, not tested here)
+        slide.cache.max_items = 64
+        level = slide._levels[0]
+        decoded: list[int] = []
+        raw = level.raw_segment
 
-    def counting(index):
-        decoded.append(index)
-        return raw(index)
+        def counting(index):
+            decoded.append(index)
+            return raw(index)
 
-    level.raw_segment = counting
-    boxes = [(y, x, min(y + 100, 300), min(x + 100, 420))
-             for y in range(0, 300, 100) for x in range(0, 420, 100)]
-    from concurrent.futures import ThreadPoolExecutor
+        level.raw_segment = counting
+        boxes = [(y, x, min(y + 100, 300), min(x + 100, 420))
+                 for y in range(0, 300, 100) for x in range(0, 420, 100)]
+        from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(2) as pool:
-        parts = list(pool.map(lambda b: slide.read_region(0, b[0], b[1], b[2] - b[0],
-                                                          b[3] - b[1]), boxes))
-    for (y0, x0, y1, x1), part in zip(boxes, parts, strict=True):
-        np.testing.assert_array_equal(part, image[y0:y1, x0:x1])
-    assert sorted(decoded) == list(range(level.total))
-    assert slide.cache._bytes == 0
-    slide.close()
+        with ThreadPoolExecutor(2) as pool:
+            parts = list(pool.map(lambda b: slide.read_region(0, b[0], b[1], b[2] - b[0],
+                                                              b[3] - b[1]), boxes))
+        for (y0, x0, y1, x1), part in zip(boxes, parts, strict=True):
+            np.testing.assert_array_equal(part, image[y0:y1, x0:x1])
+        assert sorted(decoded) == list(range(level.total))
+        assert slide.cache._bytes == 0
 
 
 def test_gaussian_blur_fft_matches_opencv():
