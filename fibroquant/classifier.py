@@ -406,6 +406,19 @@ class CompiledEnsemble:
                                self.p_threshold, self.p_leaf, self.depth, self.baseline,
                                self.remaining)
 
+def _bilinear_axis_py(p, inv, size):  # pragma: no cover - compiled below
+    """Full-resolution coordinate ``p`` on a grid reduced by ``1 / inv``: the two samples
+    and the weight of the second, clamped at the edges (``cv2.resize``'s bilinear rule)."""
+    f = (p + 0.5) * inv - 0.5
+    s0 = int(np.floor(f))
+    a = f - s0
+    if s0 < 0:
+        s0, a = 0, 0.0
+    if s0 >= size - 1:
+        s0, a = size - 1, 0.0
+    return s0, min(s0 + 1, size - 1), a
+
+
 def _perfect_decide_py(buf, offset, height, width, factor, img_w, index, feat, thr, leaf,
                        depth, baseline, remaining):  # pragma: no cover - compiled below
     n = len(index)
@@ -446,22 +459,8 @@ def _perfect_decide_py(buf, offset, height, width, factor, img_w, index, feat, t
                 hl = height[f]
                 inv = 1.0 / d
                 for j in range(nb):
-                    fx = (pc[j] + 0.5) * inv - 0.5
-                    s0 = int(np.floor(fx))
-                    a = fx - s0
-                    if s0 < 0:
-                        s0, a = 0, 0.0
-                    if s0 >= wl - 1:
-                        s0, a = wl - 1, 0.0
-                    x0[j], x1[j], ax[j] = s0, min(s0 + 1, wl - 1), a
-                    fy = (pr[j] + 0.5) * inv - 0.5
-                    s0 = int(np.floor(fy))
-                    a = fy - s0
-                    if s0 < 0:
-                        s0, a = 0, 0.0
-                    if s0 >= hl - 1:
-                        s0, a = hl - 1, 0.0
-                    y0[j], y1[j], ay[j] = s0, min(s0 + 1, hl - 1), a
+                    x0[j], x1[j], ax[j] = _bilinear_axis(pc[j], inv, wl)
+                    y0[j], y1[j], ay[j] = _bilinear_axis(pr[j], inv, hl)
                 last_d = d
             for j in range(nb):
                 r0, r1 = base + y0[j] * wl, base + y1[j] * wl
@@ -526,6 +525,7 @@ def _compile(fn: Any) -> Any:
 
 
 _ensemble_raw = _compile(_ensemble_raw_py)
+_bilinear_axis = _compile(_bilinear_axis_py)
 _perfect_decide = _compile(_perfect_decide_py)
 
 

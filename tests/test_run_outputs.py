@@ -132,10 +132,8 @@ def test_read_only_qc_folder_fails_slides_not_the_run(bank: Path, tmp_path: Path
     assert json.loads((out / "run.json").read_text())["failed"] == 2
 
 
-@pytest.mark.slow
-def test_read_only_file_system_simulated(bank: Path, tmp_path: Path,
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    """EROFS on the QC overlays only (as root, chmod cannot make a folder read-only)."""
+def _qc_folder_read_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every write into ``qc/`` fail with EROFS (as root, chmod cannot)."""
     import errno
 
     import fibroquant.report
@@ -148,6 +146,13 @@ def test_read_only_file_system_simulated(bank: Path, tmp_path: Path,
         return real_replace(src, dst, *a, **kw)
 
     monkeypatch.setattr(fibroquant.report.os, "replace", replace)
+
+
+@pytest.mark.slow
+def test_read_only_file_system_simulated(bank: Path, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """EROFS on the QC overlays only (as root, chmod cannot make a folder read-only)."""
+    _qc_folder_read_only(monkeypatch)
     slides = _two_slides(bank, tmp_path / "slides", ("s0",))
     out = tmp_path / "out"
     summary = run(slides, out)
@@ -163,10 +168,8 @@ def test_outputs_written_beside_the_traits_equal_those_written_after(
     """One slide on two threads writes its QC overlay and masks while the fibre traits are
     measured: the same files and record as one thread (which writes them after), and a write
     error there fails the slide just the same."""
-    import errno
     import threading
 
-    import fibroquant.report
     from fibroquant import executor
 
     writers: list[str] = []  # the thread each slide's outputs were written on
@@ -194,14 +197,7 @@ def test_outputs_written_beside_the_traits_equal_those_written_after(
     pd.testing.assert_frame_equal(rows[0], rows[1])
     assert rows[0].loc[0, "fibre_width_median_um"] != ""  # traits were measured
 
-    real_replace = os.replace
-
-    def replace(src, dst, *a, **kw):
-        if "/qc/" in str(dst):
-            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(dst))
-        return real_replace(src, dst, *a, **kw)
-
-    monkeypatch.setattr(fibroquant.report.os, "replace", replace)
+    _qc_folder_read_only(monkeypatch)
     out = tmp_path / "out-ro"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
