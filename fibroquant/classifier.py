@@ -101,6 +101,12 @@ def hessian_eigenvalues(smoothed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     mode of the smoothing).
     """
     _, _, drr, drc, dcc = _derivatives(smoothed)
+    return _eigenvalues(drr, drc, dcc)
+
+
+def _eigenvalues(drr: np.ndarray, drc: np.ndarray, dcc: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Larger and smaller eigenvalue of the symmetric 2x2 matrices ``[[drr, drc], [drc, dcc]]``."""
     half_tr = 0.5 * (drr + dcc)
     root = np.sqrt(0.25 * (drr - dcc) ** 2 + drc**2)
     return half_tr + root, half_tr - root
@@ -235,12 +241,11 @@ def feature_planes(rgb: np.ndarray, stains: StainMatrix, mpp: float,
         step = np.float32(mpp * d)  # µm per pixel of the reduced plane
         for p in (smooth[0], smooth[n]):
             dr, dc, drr, drc, dcc = _derivatives(p)
-            half_tr = 0.5 * (drr + dcc)
-            root = np.sqrt(0.25 * (drr - dcc) ** 2 + drc**2)
+            hi, lo = _eigenvalues(drr, drc, dcc)
             # per µm, so that the same structure gives the same value at any resolution
             np.divide(np.sqrt(dr * dr + dc * dc), step, out=planes.plane(k))
-            np.divide(half_tr + root, step * step, out=planes.plane(k + 1))
-            np.divide(half_tr - root, step * step, out=planes.plane(k + 2))
+            np.divide(hi, step * step, out=planes.plane(k + 1))
+            np.divide(lo, step * step, out=planes.plane(k + 2))
             k += 3
     return planes
 

@@ -26,7 +26,7 @@ central (thin collar, alone) by the rule in :func:`classify_vessels`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import cv2
@@ -1062,11 +1062,6 @@ def reduce_mask(mask: np.ndarray, factor: int) -> np.ndarray:
     framed = cv2.copyMakeBorder(src, 0, hh * factor - h, 0, ww * factor - w, cv2.BORDER_CONSTANT,
                                 value=0)
     return cv2.resize(framed, (ww, hh), interpolation=cv2.INTER_AREA) > 127
-
-
-def with_params(params: TraitParams, **kw: Any) -> TraitParams:
-    """A copy of ``params`` with some fields replaced."""
-    return replace(params, **kw)
 
 
 def params_for(settings: Any, mpp: float) -> TraitParams:
