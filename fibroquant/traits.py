@@ -421,20 +421,83 @@ _Graph = tuple[Any, "np.ndarray | None", tuple[int, int]]
 
 
 def _skan_graph(skel: np.ndarray, half_px: np.ndarray) -> _Graph | None:
-    """skan's graph of a skeleton, built on the skeleton's bounding box (skan pads and scans
-    the whole image it is given), with the half-widths as pixel values; None without a path."""
-    import skan
+    """skan's paths of a skeleton, built on the skeleton's bounding box (skan pads and scans
+    the whole image it is given), with the half-widths as pixel values; None without a path.
+
+    The paths are skan's (``PathGraph.from_graph`` traces them); the pixel graph it traces is
+    :func:`_pixel_graph`, the one ``skan.Skeleton`` builds, without its per-pixel Python loops.
+    """
+    from skan.csr import PathGraph
 
     box = _bounding_box(skel, 0)
     if box is None or np.count_nonzero(skel) < 2:
         return None
     y0, x0, y1, x1 = box
+    sub = np.ascontiguousarray(skel[y0:y1, x0:x1])
+    adj, nodes = _pixel_graph(sub)
+    yx = np.column_stack(np.unravel_index(nodes, sub.shape))
     try:
-        graph = skan.Skeleton(np.where(skel[y0:y1, x0:x1], half_px[y0:y1, x0:x1], 0
-                                       ).astype(np.float32))
+        graph = PathGraph.from_graph(adj=adj, node_coordinates=yx,
+                                     node_values=half_px[y0:y1, x0:x1][sub].astype(np.float32))
     except ValueError:  # isolated pixels only
         return None
-    return graph, None, (y0, x0)
+    return _SkanPaths(graph.paths, yx, np.diff(adj.indptr)), None, (y0, x0)
+
+
+@dataclass(frozen=True)
+class _SkanPaths:
+    """What the traits use of a skan skeleton (the attributes of ``skan.Skeleton``)."""
+
+    paths: Any  # scipy CSR (paths x pixels): the pixels of each path, the half-width as data
+    coordinates: np.ndarray  # int64 (pixels, 2), y and x in the graph's image
+    degrees: np.ndarray  # int, neighbours of each pixel in the graph
+
+    @property
+    def n_paths(self) -> int:
+        return int(self.paths.shape[0])
+
+    def path_means(self) -> np.ndarray:
+        """Mean pixel value (half-width) along each path, as ``Skeleton.path_means``."""
+        sums = np.add.reduceat(self.paths.data, self.paths.indptr[:-1])
+        return sums / np.diff(self.paths.indptr)
+
+
+def _pixel_graph(skel: np.ndarray) -> tuple[Any, np.ndarray]:
+    """The 8-connected pixel graph of a skeleton with junction clusters reduced to their
+    minimum spanning tree: what ``skan.csr.skeleton_to_csgraph`` returns (same entries in the
+    same order: skan's ``pixel_graph`` then ``_mst_junctions``), with a lookup image instead of
+    skimage's ``map_array`` and masks instead of loops over the pixels.
+
+    Returns the CSR adjacency (edge lengths 1 or √2) and the raveled index of every node.
+    """
+    from scipy import sparse
+    from scipy.sparse import csgraph
+
+    padded = np.pad(skel, 1)
+    nodes_padded = np.flatnonzero(padded)
+    n = len(nodes_padded)
+    pw = padded.shape[1]
+    # skan's neighbour order (``skan.nputil._raveled_offsets_and_distances``, 2-D, 8-connected)
+    offsets = np.array([-pw, 1, -1, pw, -pw - 1, -pw + 1, pw - 1, pw + 1])
+    steps = np.array([1.0] * 4 + [math.sqrt(2)] * 4)
+    lookup = np.full(padded.size, -1, np.int64)
+    lookup[nodes_padded] = np.arange(n)
+    neighbours = lookup[nodes_padded[:, None] + offsets]
+    found = neighbours >= 0
+    rows = np.repeat(np.arange(n), found.sum(axis=1))
+    graph = sparse.coo_matrix((np.broadcast_to(steps, found.shape)[found],
+                               (rows, neighbours[found])), shape=(n, n)).tocsr()
+    # junction clusters: edges between pixels of degree >= 3, reduced to a spanning tree
+    junction = np.bincount(graph.indices, minlength=n) >= 3
+    csc = graph.tocsc()
+    csc.data[~junction[np.repeat(np.arange(n), np.diff(csc.indptr))]] = 0
+    among = csc.tocsr()
+    among.data[~junction[np.repeat(np.arange(n), np.diff(among.indptr))]] = 0
+    among.eliminate_zeros()
+    mst = csgraph.minimum_spanning_tree(among)
+    graph = graph - (among - (mst + mst.T))
+    rr, cc = np.divmod(nodes_padded, pw)
+    return graph, (rr - 1) * skel.shape[1] + (cc - 1)
 
 
 def _skeleton(collagen: np.ndarray, half_px: np.ndarray) -> tuple[np.ndarray, list[_Graph]]:

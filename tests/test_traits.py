@@ -343,3 +343,29 @@ def test_vessel_map_labels_lumens_8_connected_with_exact_distances():
     exact = ndi.distance_transform_edt(~lumen)
     assert np.abs(vm.distance_um - exact).max() < 0.05 * exact.max()
     assert tr.vessel_map(np.zeros_like(lumen), 1.0, 1.0, cluster_um=10.0) is None
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_skan_paths_equal_skan_skeleton(seed):
+    """The paths traced on :func:`traits._pixel_graph` are skan's own (``skan.Skeleton``):
+    same pixels in the same order, same half-widths, degrees and coordinates, on branched
+    fibres and a pericellular network (junction clusters, loops)."""
+    import skan
+    from skimage.morphology import skeletonize
+
+    for truth in (sf.fibre_field(widths_um=(3.0, 8.0), n_per_width=(10, 4), branches=10,
+                                 rng=seed),
+                  sf.pericellular_network(rng=seed)):
+        skel = skeletonize(truth.collagen)
+        half = np.random.default_rng(seed).uniform(1, 5, skel.shape).astype(np.float32)
+        got = tr._skan_graph(skel, half)
+        assert got is not None
+        graph, _, (y0, x0) = got
+        y1, x1 = y0 + graph.coordinates[:, 0].max() + 1, x0 + graph.coordinates[:, 1].max() + 1
+        ref = skan.Skeleton(np.where(skel, half, 0)[y0:y1, x0:x1].astype(np.float32))
+        assert graph.n_paths == ref.n_paths > 20
+        for name in ("indptr", "indices", "data"):
+            np.testing.assert_array_equal(getattr(graph.paths, name), getattr(ref.paths, name))
+        np.testing.assert_array_equal(graph.coordinates, ref.coordinates)
+        np.testing.assert_array_equal(graph.degrees, ref.degrees)
+        np.testing.assert_array_equal(graph.path_means(), ref.path_means())
