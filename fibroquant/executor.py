@@ -414,7 +414,7 @@ def _run_local(tasks: list[SlideTask], workers: int) -> Iterator[dict[str, Any]]
     import multiprocessing as mp
     from multiprocessing.connection import wait
 
-    ctx = _worker_context(mp)
+    ctx = _worker_context(mp, skan=_traits_on(tasks))
     if ctx.get_start_method() == "forkserver":  # started here, where Ctrl-C may cut it short
         from multiprocessing import forkserver
 
@@ -513,18 +513,26 @@ def _package_on_worker_path() -> None:
         os.environ["PYTHONPATH"] = os.pathsep.join([*current, root])
 
 
-def _worker_context(mp: Any) -> Any:
+def _worker_context(mp: Any, *, skan: bool = False) -> Any:
     """The start method of local worker processes: ``forkserver`` with fibroquant's modules
     imported once in the server (the preload only imports, never starts threads), ``spawn``
     where there is no forkserver; never plain ``fork`` (the parent runs threads). Why:
-    docs/decisions.md#worker-context
+    docs/decisions.md#worker-context. With ``skan`` (fibre traits on) the server also compiles
+    skan's numba code (:mod:`fibroquant.warm_skan`): once per run, not once per worker.
+    A server already running keeps the preload it started with.
     """
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     _package_on_worker_path()
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["fibroquant.executor", "fibroquant.report"])
+    ctx.set_forkserver_preload(["fibroquant.executor", "fibroquant.report",
+                                *(["fibroquant.warm_skan"] if skan else [])])
     return ctx
+
+
+def _traits_on(tasks: list[SlideTask]) -> bool:
+    """Whether the run measures fibre traits (every task carries the same settings)."""
+    return bool(tasks) and Settings.model_validate_json(tasks[0].settings_json).traits.enabled
 
 
 def _with_threads(task: SlideTask, threads: int) -> SlideTask:

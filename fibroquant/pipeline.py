@@ -312,6 +312,9 @@ def _analyze_slide(
             if settings.traits.enabled:
                 from fibroquant import traits as fibre_traits
 
+                t_wait = time.perf_counter()
+                fibre_traits.warm_skan()  # skan's per-process compile is not the slide's time
+                t_start += time.perf_counter() - t_wait
                 traits = fibre_traits.measure_slide(collagen_m, tissue_m, geo.mask_mpp,
                                                     settings.traits, lumen=cal.tissue.lumen,
                                                     lumen_mpp=cal.thumbnail_mpp,

@@ -26,6 +26,7 @@ central (thin collar, alone) by the rule in :func:`classify_vessels`.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -442,6 +443,29 @@ def _skan_graph(skel: np.ndarray, half_px: np.ndarray) -> _Graph | None:
     except ValueError:  # isolated pixels only
         return None
     return _SkanPaths(graph.paths, yx, np.diff(adj.indptr)), None, (y0, x0)
+
+
+_skan_warm = False
+_skan_warm_lock = threading.Lock()
+
+
+def warm_skan() -> None:
+    """Compile skan's numba code (its graph ``jitclass`` and path tracing), once per process.
+
+    numba cannot cache a ``jitclass`` on disk, so every process compiles it on its first
+    skeleton (2-3 s CPU); the pipeline calls this outside a slide's ``seconds``, and the local
+    workers' forkserver imports :mod:`fibroquant.warm_skan`, which calls it, so that the
+    workers forked from it inherit the compiled code. Starts no thread. Thread-safe.
+    """
+    global _skan_warm
+    if _skan_warm:
+        return
+    with _skan_warm_lock:
+        if not _skan_warm:
+            skel = np.zeros((5, 5), bool)
+            skel[2, 1:4] = skel[1:4, 2] = True  # a cross: a junction and four free ends
+            _skan_graph(skel, np.ones(skel.shape, np.float32))
+            _skan_warm = True
 
 
 @dataclass(frozen=True)

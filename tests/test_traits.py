@@ -369,3 +369,37 @@ def test_skan_paths_equal_skan_skeleton(seed):
         np.testing.assert_array_equal(graph.coordinates, ref.coordinates)
         np.testing.assert_array_equal(graph.degrees, ref.degrees)
         np.testing.assert_array_equal(graph.path_means(), ref.path_means())
+
+
+def test_skan_compiles_once_in_the_forkserver_when_traits_are_on():
+    """With traits on, the workers' forkserver imports fibroquant.warm_skan, which compiles
+    skan's numba code there (workers forked from it inherit it) and starts no thread."""
+    import dataclasses
+    import multiprocessing as mp
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fibroquant import executor
+    from fibroquant.tasks import SlideTask
+
+    if "forkserver" in mp.get_all_start_methods():
+        from multiprocessing import forkserver
+
+        for skan in (True, False):
+            executor._worker_context(mp, skan=skan)
+            assert ("fibroquant.warm_skan" in forkserver._forkserver._preload_modules) == skan
+    task = SlideTask(path="x.svs", slide="x.svs", fingerprint="f", mpp=None, fallback_mpp=None,
+                     settings_json=Settings().model_dump_json(), out_dir=".", write_masks=False)
+    off = dataclasses.replace(task, settings_json=Settings.model_validate(
+        {"traits": False}).model_dump_json())
+    assert executor._traits_on([task]) and not executor._traits_on([off])
+    if not Path("/proc/self/task").is_dir():
+        pytest.skip("no /proc to count threads")
+    code = ("import os, fibroquant.executor, fibroquant.report\n"
+            "n = len(os.listdir('/proc/self/task'))\n"
+            "import fibroquant.warm_skan\n"
+            "from fibroquant import traits\n"
+            "assert traits._skan_warm\n"
+            "assert len(os.listdir('/proc/self/task')) == n\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -1,0 +1,8 @@
+"""Imported by the local workers' forkserver (:func:`fibroquant.executor._worker_context`)
+when fibre traits are on: compiles skan's numba code there, once per run, so that every worker
+forked from the server inherits it instead of compiling it itself (numba cannot cache skan's
+``jitclass`` on disk). Starts no thread (the server forks every worker)."""
+
+from fibroquant.traits import warm_skan
+
+warm_skan()
