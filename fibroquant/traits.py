@@ -488,9 +488,11 @@ class _SkanPaths:
 
 def _pixel_graph(skel: np.ndarray) -> tuple[Any, np.ndarray]:
     """The 8-connected pixel graph of a skeleton with junction clusters reduced to their
-    minimum spanning tree: what ``skan.csr.skeleton_to_csgraph`` returns (same entries in the
-    same order: skan's ``pixel_graph`` then ``_mst_junctions``), with a lookup image instead of
-    skimage's ``map_array`` and masks instead of loops over the pixels.
+    minimum spanning tree: what ``skan.csr.skeleton_to_csgraph`` returns (the same CSR
+    matrix, entry for entry: skan's ``pixel_graph`` then ``_mst_junctions``), built from a
+    lookup image and masks instead of skimage's ``map_array`` and loops over the pixels, and
+    with the spanning tree taken on the junction pixels' subgraph (the same edges in the same
+    order: scipy's tree is the same).
 
     Returns the CSR adjacency (edge lengths 1 or √2) and the raveled index of every node.
     """
@@ -501,25 +503,38 @@ def _pixel_graph(skel: np.ndarray) -> tuple[Any, np.ndarray]:
     nodes_padded = np.flatnonzero(padded)
     n = len(nodes_padded)
     pw = padded.shape[1]
-    # skan's neighbour order (``skan.nputil._raveled_offsets_and_distances``, 2-D, 8-connected)
-    offsets = np.array([-pw, 1, -1, pw, -pw - 1, -pw + 1, pw - 1, pw + 1])
-    steps = np.array([1.0] * 4 + [math.sqrt(2)] * 4)
-    lookup = np.full(padded.size, -1, np.int64)
-    lookup[nodes_padded] = np.arange(n)
+    # neighbours in raveled order, so each row's columns come sorted (canonical CSR)
+    offsets = np.array([-pw - 1, -pw, -pw + 1, -1, 1, pw - 1, pw, pw + 1])
+    steps = np.array([math.sqrt(2), 1.0, math.sqrt(2), 1.0, 1.0, math.sqrt(2), 1.0,
+                      math.sqrt(2)])
+    lookup = np.full(padded.size, -1, np.int32)
+    lookup[nodes_padded] = np.arange(n, dtype=np.int32)
     neighbours = lookup[nodes_padded[:, None] + offsets]
     found = neighbours >= 0
-    rows = np.repeat(np.arange(n), found.sum(axis=1))
-    graph = sparse.coo_matrix((np.broadcast_to(steps, found.shape)[found],
-                               (rows, neighbours[found])), shape=(n, n)).tocsr()
-    # junction clusters: edges between pixels of degree >= 3, reduced to a spanning tree
-    junction = np.bincount(graph.indices, minlength=n) >= 3
-    csc = graph.tocsc()
-    csc.data[~junction[np.repeat(np.arange(n), np.diff(csc.indptr))]] = 0
-    among = csc.tocsr()
-    among.data[~junction[np.repeat(np.arange(n), np.diff(among.indptr))]] = 0
-    among.eliminate_zeros()
-    mst = csgraph.minimum_spanning_tree(among)
-    graph = graph - (among - (mst + mst.T))
+    degree = found.sum(axis=1)
+    indices = neighbours[found]
+    data = np.broadcast_to(steps, found.shape)[found]
+    rows = np.repeat(np.arange(n, dtype=np.int32), degree)
+    # junction clusters (edges between pixels of degree >= 3) reduced to a spanning tree
+    junction = degree >= 3
+    among = np.flatnonzero(junction[rows] & junction[indices])
+    if len(among):
+        jn = np.flatnonzero(junction)
+        sub = np.full(n, -1, np.int64)
+        sub[jn] = np.arange(len(jn))
+        r, c = sub[rows[among]], sub[indices[among]]
+        sub_ptr = np.concatenate([[0], np.cumsum(np.bincount(r, minlength=len(jn)))])
+        tree = csgraph.minimum_spanning_tree(
+            sparse.csr_matrix((data[among], c, sub_ptr), shape=(len(jn), len(jn)))).tocoo()
+        tree_keys = np.concatenate([tree.row * len(jn) + tree.col,
+                                    tree.col * len(jn) + tree.row])
+        drop = among[~np.isin(r * len(jn) + c, tree_keys)]
+        keep = np.ones(len(indices), bool)
+        keep[drop] = False
+        indices, data, rows = indices[keep], data[keep], rows[keep]
+        degree = np.bincount(rows, minlength=n)
+    indptr = np.concatenate([[0], np.cumsum(degree)]).astype(np.int32)
+    graph = sparse.csr_matrix((np.ascontiguousarray(data), indices, indptr), shape=(n, n))
     rr, cc = np.divmod(nodes_padded, pw)
     return graph, (rr - 1) * skel.shape[1] + (cc - 1)
 
