@@ -5,6 +5,8 @@ Usage::
 
     python benchmarks/traits.py [--size 4096] [--mpp 0.5] [--runs 3] [--trait-mpp 1.0 2.0]
     python benchmarks/traits.py --compile
+    python benchmarks/traits.py --command DIR [--file-mpp 1.0] [--workers 1] [--runs 3]
+    python benchmarks/traits.py --command DIR --workers 2 --preload
     python benchmarks/traits.py --accuracy
     python benchmarks/traits.py --cohort [--mice 6] [--seeds 101 202 303]
 
@@ -21,6 +23,13 @@ average, and the same for other trait resolutions.
 
 ``--compile``: CPU seconds of the first traits call in fresh processes (skan's ``jitclass`` is
 compiled in every process: numba cannot cache it) against the second.
+
+``--command DIR``: the whole ``fibroquant analyze DIR`` command, traits on and
+``--no-traits`` in alternation, each in a fresh process tree; prints the CPU seconds of the
+whole tree (the command, the workers' forkserver and its workers: a child subreaper collects
+them; Linux), its wall seconds and the ``seconds`` of its slides. With ``--preload`` (traits
+on, ``--workers`` ≥ 2): the workers' forkserver compiling skan once (the default) against
+every worker compiling it.
 
 ``--accuracy``: the issue's bars on held-out fibre fields: median width and length density
 within 15 % of the drawn ones (fibres 2-16 µm), thin/medium/thick shares within 5 pp.
@@ -97,6 +106,75 @@ def compile_cost(runs: int) -> None:
           f"mask in {runs} fresh processes")
     print(f"first call (imports + skan jit compile): median {statistics.median(first):.2f} s "
           f"({min(first):.2f}-{max(first):.2f}); second call {statistics.median(second):.3f} s")
+
+
+_TREE = """
+import ctypes, os, resource, subprocess, sys, time
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans are reaped here
+t0 = time.perf_counter()
+subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+while True:
+    try:
+        os.wait()
+    except ChildProcessError:
+        break
+use = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(use.ru_utime + use.ru_stime, time.perf_counter() - t0)
+"""
+
+_NO_PRELOAD = """
+import sys
+from fibroquant import executor
+executor._traits_on = lambda tasks: False
+from fibroquant.cli import app
+if __name__ == "__main__":
+    app(sys.argv[1:])
+"""
+
+
+def command_cost(folder: Path, file_mpp: float, workers: int, runs: int, preload: bool) -> None:
+    """CPU and wall seconds of whole ``fibroquant analyze`` commands, A and B interleaved:
+    traits on / off, or (``preload``) skan compiled in the forkserver / in every worker."""
+    import subprocess
+    import tempfile
+
+    import pandas as pd
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root}
+    base = ["analyze", str(folder), "--mpp", str(file_mpp), "--workers", str(workers)]
+    if preload:
+        probe = Path(tempfile.mkdtemp()) / "no_preload.py"
+        probe.write_text(_NO_PRELOAD)
+        arms = {"skan in forkserver": [sys.executable, "-m", "fibroquant", *base],
+                "skan in each worker": [sys.executable, str(probe), *base]}
+    else:
+        arms = {"traits on": [sys.executable, "-m", "fibroquant", *base],
+                "traits off": [sys.executable, "-m", "fibroquant", *base, "--no-traits"]}
+    got: dict[str, list[tuple[float, float, float, int]]] = {k: [] for k in arms}
+    loads = []
+    for r in range(runs):
+        for name in (list(arms) if r % 2 == 0 else list(arms)[::-1]):
+            with tempfile.TemporaryDirectory() as out:
+                loads.append(os.getloadavg()[0])
+                line = subprocess.run([sys.executable, "-c", _TREE, *arms[name], "--out", out],
+                                      capture_output=True, text=True, check=True, env=env,
+                                      cwd=tempfile.gettempdir()).stdout.split()
+                slides = pd.read_csv(Path(out) / "slides.csv")
+                got[name].append((float(line[0]), float(line[1]), float(slides["seconds"].sum()),
+                                  int(slides["status"].eq("ok").sum())))
+    n = len(slides)
+    print(f"# {n} slides in {folder}, --workers {workers}, {runs} runs each, interleaved; "
+          f"load average {min(loads):.1f}-{max(loads):.1f}")
+    med = {}
+    for name, rows in got.items():
+        cpu, wall, secs = (statistics.median(r[i] for r in rows) for i in range(3))
+        med[name] = cpu
+        print(f"{name:<20} CPU {cpu:7.2f} s ({cpu / n:.2f} s/slide; runs "
+              + ", ".join(f"{r[0]:.1f}" for r in rows) + f")  wall {wall:7.2f} s  "
+              f"slide seconds {secs:.2f}  ok {rows[0][3]}/{n}")
+    a, b = list(med)
+    print(f"{a} / {b}: CPU {med[a] / med[b]:.3f} (difference {med[a] - med[b]:+.2f} s)")
 
 
 def accuracy() -> bool:
@@ -185,6 +263,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="tissue fills the frame (no glass, no capsule): the cheapest analysis")
     ap.add_argument("--compile", action="store_true",
                     help="first traits call in fresh processes (skan's jit compile)")
+    ap.add_argument("--command", type=Path, metavar="DIR",
+                    help="whole `fibroquant analyze DIR` commands, traits on vs off")
+    ap.add_argument("--file-mpp", type=float, default=1.0, help="--mpp of DIR's images")
+    ap.add_argument("--preload", action="store_true",
+                    help="with --command: skan compiled in the forkserver vs in every worker")
     ap.add_argument("--accuracy", action="store_true", help="the issue's accuracy bars")
     ap.add_argument("--cohort", action="store_true", help="held-out regression cohorts")
     ap.add_argument("--mice", type=int, default=6, help="mice per group (--cohort)")
@@ -193,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.compile:
         compile_cost(args.runs)
+        return 0
+    if args.command is not None:
+        command_cost(args.command, args.file_mpp, args.workers, args.runs, args.preload)
         return 0
     if args.accuracy or args.cohort:
         ok = (accuracy() if args.accuracy else True) & (
