@@ -526,11 +526,12 @@ def _pixel_graph(skel: np.ndarray) -> tuple[Any, np.ndarray]:
         sub_ptr = np.concatenate([[0], np.cumsum(np.bincount(r, minlength=len(jn)))])
         tree = csgraph.minimum_spanning_tree(
             sparse.csr_matrix((data[among], c, sub_ptr), shape=(len(jn), len(jn)))).tocoo()
+        t_row, t_col = tree.row.astype(np.int64), tree.col.astype(np.int64)  # keys: no overflow
         # the subgraph's entries are in raveled (row, column) order: find the tree's edges,
         # both ways, by bisection; the other edges between junction pixels go
         in_tree = np.zeros(len(among), bool)
         in_tree[np.searchsorted(r * len(jn) + c, np.concatenate(
-            [tree.row * len(jn) + tree.col, tree.col * len(jn) + tree.row]))] = True
+            [t_row * len(jn) + t_col, t_col * len(jn) + t_row]))] = True
         keep = np.ones(len(indices), bool)
         keep[among[~in_tree]] = False
         indices, data, rows = indices[keep], data[keep], rows[keep]

@@ -371,6 +371,20 @@ def test_skan_paths_equal_skan_skeleton(seed):
         np.testing.assert_array_equal(graph.path_means(), ref.path_means())
 
 
+def test_skan_paths_equal_skan_skeleton_on_a_dense_lattice():
+    """66,600 junction pixels (a lattice of 1-px lines 2 px apart): the junction subgraph's
+    edge keys exceed int32, and the paths are still skan's."""
+    import skan
+
+    yy, xx = np.mgrid[:300, :300]
+    skel = ((yy % 2 == 0) | (xx % 2 == 0)) & (yy > 0) & (yy < 299) & (xx > 0) & (xx < 299)
+    graph = tr._skan_graph(skel, np.ones(skel.shape, np.float32))[0]
+    ref = skan.Skeleton(skel[1:-1, 1:-1].astype(np.float32))
+    for name in ("indptr", "indices", "data"):
+        np.testing.assert_array_equal(getattr(graph.paths, name), getattr(ref.paths, name))
+    np.testing.assert_array_equal(graph.degrees, ref.degrees)
+
+
 def test_skan_compiles_once_in_the_forkserver_when_traits_are_on():
     """With traits on, the workers' forkserver imports fibroquant.warm_skan, which compiles
     skan's numba code there (workers forked from it inherit it) and starts no thread."""
