@@ -1,8 +1,12 @@
 """Imported by the local workers' forkserver (:func:`fibroquant.executor._worker_context`)
 when fibre traits are on: compiles skan's numba code there, once per run, so that every worker
 forked from the server inherits it instead of compiling it itself (numba cannot cache skan's
-``jitclass`` on disk). Starts no thread (the server forks every worker)."""
+``jitclass`` on disk). Starts no thread (the server forks every worker). A failure here is
+left to the workers: each compiles skan itself and reports its own error on its slide."""
+
+import contextlib
 
 from fibroquant.traits import warm_skan
 
-warm_skan()
+with contextlib.suppress(Exception):  # the server must start whatever happens here
+    warm_skan()
