@@ -304,6 +304,10 @@ def run_in_process(task: SlideTask) -> dict[str, Any]:
     info = {"slide": task.slide, "fingerprint": task.fingerprint, "path": task.path,
             "settings_hash": settings.settings_hash(), "pid": os.getpid(),
             "started": time.time()}
+    if settings.traits.enabled:  # skan's per-process compile: before the slide's stall clock
+        from fibroquant.traits import warm_skan
+
+        warm_skan()
     with measuring_marker(Path(task.out_dir), info, stall_s=settings.tiling.slide_timeout_s):
         return run_slide(task)
 
