@@ -439,9 +439,10 @@ def tissue_image_mpp(
     microscope field) is reduced by the integer factor ``k`` that brings it nearest that size
     without going coarser than :data:`FINE_TISSUE_MPP`: the section, lumens and folds are
     found as well at 2 µm/px, and every step on the tissue image (detection, glass colour,
-    shading, threshold map) costs ``1/k²`` of its full-resolution cost. Whole slides (whose
-    4-MP tissue image is coarser than 2.5 µm/px from 100 mm² up) and images under 4 MP keep
-    their tissue image.
+    shading, threshold map) costs ``1/k²`` of its full-resolution cost. Images under 4 MP
+    and slides from 100 mm² up (whose 4-MP tissue image is coarser than 2.5 µm/px) keep
+    their tissue image; between them it is at most 2.5 µm/px (a 16-mm² slide at 0.5 µm/px:
+    2.5 instead of 2.05).
 
     Parameters
     ----------
