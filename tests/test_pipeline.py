@@ -465,6 +465,8 @@ def test_field_on_the_half_resolution_tissue_image_measures_as_at_full():
     coarse = _run(rgb, truth, "sirius-red", traits={"enabled": False})
     fine = _run(rgb, truth, "sirius-red", traits={"enabled": False},
                 tissue={"tissue_mpp": 1.0})
+    # the QC overlay's image is read at the overlay's size (2000 px), not the 1024² tissue image
+    assert coarse.thumbnail.shape[:2] == (2000, 2000)
     a, b = coarse.to_record(), fine.to_record()
     assert abs(a["cpa_percent"] - b["cpa_percent"]) <= 0.2
     assert a["tissue_area_mm2"] == pytest.approx(b["tissue_area_mm2"], rel=0.005)
