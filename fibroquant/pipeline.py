@@ -422,10 +422,9 @@ def calibrate_slide(slide: Slide, settings: Settings) -> Calibration:
                        threshold_map, rule, qc, tuple(warnings))
 
 
-#: A tissue-detection image finer than this (µm/px) is cut to about
-#: :data:`FINE_TISSUE_MAX_MPX` megapixels by an integer factor (:func:`tissue_image_mpp`).
+#: A tissue-detection image finer than this (µm/px) is reduced by an integer factor to
+#: about a quarter of ``max_thumbnail_mpx`` (:func:`tissue_image_mpp`).
 FINE_TISSUE_MPP = 2.5
-FINE_TISSUE_MAX_MPX = 1.0
 
 
 def tissue_image_mpp(
@@ -434,14 +433,14 @@ def tissue_image_mpp(
     """µm per pixel of a slide's tissue-detection image (the automatic ``tissue_mpp``).
 
     As coarse as ``max_thumbnail_mpx`` megapixels needs, never finer than the analysis. An
-    image at least 4x :data:`FINE_TISSUE_MAX_MPX` at the analysis resolution (a 2048²
-    microscope field) is reduced by the integer factor ``k`` that brings it nearest that size
-    without going coarser than :data:`FINE_TISSUE_MPP`: the section, lumens and folds are
-    found as well at 2 µm/px, and every step on the tissue image (detection, glass colour,
-    shading, threshold map) costs ``1/k²`` of its full-resolution cost. Images under 4 MP
-    and slides from 100 mm² up (whose 4-MP tissue image is coarser than 2.5 µm/px) keep
-    their tissue image; between them it is at most 2.5 µm/px (a 16-mm² slide at 0.5 µm/px:
-    2.5 instead of 2.05).
+    image of at least ``max_thumbnail_mpx`` at the analysis resolution (a 2048² microscope
+    field, by default) is reduced by the integer factor ``k`` that brings it nearest a quarter
+    of that without going coarser than :data:`FINE_TISSUE_MPP`: the section, lumens and
+    folds are found as well at 2 µm/px, and every step on the tissue image (detection, glass
+    colour, shading, threshold map) costs ``1/k²`` of its full-resolution cost. Smaller
+    images and slides from 100 mm² up (whose 4-MP tissue image is coarser than 2.5 µm/px)
+    keep their tissue image; between them it is at most 2.5 µm/px (a 4 x 4 mm slide at
+    0.5 µm/px: 2.5 instead of 2.0).
 
     Parameters
     ----------
@@ -460,10 +459,12 @@ def tissue_image_mpp(
     8.192
     >>> tissue_image_mpp((1440.0, 904.0), 1.0, 4.0)  # a 1.3-MP image: native
     1.0
+    >>> tissue_image_mpp((2048.0, 2048.0), 1.0, 16.0)  # a larger tissue image asked for
+    1.0
     """
     area_um2 = extent_um[0] * extent_um[1]
     px = area_um2 / analysis_mpp**2
-    k = min(math.isqrt(int(px / (FINE_TISSUE_MAX_MPX * 1e6))),
+    k = min(math.isqrt(int(px / (max_thumbnail_mpx / 4 * 1e6))),
             int(FINE_TISSUE_MPP / analysis_mpp))
     return max(analysis_mpp * max(k, 1), math.sqrt(area_um2 / (max_thumbnail_mpx * 1e6)))
 

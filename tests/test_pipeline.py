@@ -448,6 +448,8 @@ def test_tissue_image_of_fields_is_an_integer_reduction_slides_unchanged():
     assert tissue_image_mpp((2048 * 1.0124, 2048 * 1.0124), 1.0124, 4.0) == 2 * 1.0124
     assert tissue_image_mpp((4096 * 0.5, 4096 * 0.5), 0.5, 4.0) == 2.0  # 16.8 MP: k = 4
     assert tissue_image_mpp((8192 * 0.5, 8192 * 0.5), 0.5, 4.0) == 2.5  # k = 5 (2.5 µm/px)
+    # a user asking for a 16-MP tissue image gets the field at full resolution again
+    assert tissue_image_mpp((2048 * 1.0124, 2048 * 1.0124), 1.0124, 16.0) == 1.0124
     for ext, a in [((1440.0, 904.0), 1.0), ((299 * 0.44, 299 * 0.44), 0.44),
                    ((706 * 0.5, 706 * 0.5), 0.5), ((16384.0, 16384.0), 0.5),
                    ((2048 * 3.0, 2048 * 3.0), 3.0), ((1999.0, 1999.0), 1.0)]:
