@@ -295,7 +295,7 @@ def _analyze_slide(
             msg = f"{sl.path.name}: no countable tissue left after exclusions"
             raise FibroquantError(msg)
         geo = cal.geometry
-        qc = _qc_image(cal, settings.tiling.qc_max_px)
+        qc = _qc_image(cal, settings)
         result = SlideResult(
             settings.stains.stain.value, sl.format, require_mpp(sl), geo,
             Measurements.from_counts(total, geo.analysis_mpp), cal.stains, cal.threshold,
@@ -469,20 +469,22 @@ def tissue_image_mpp(
     return max(analysis_mpp * max(k, 1), math.sqrt(area_um2 / (max_thumbnail_mpx * 1e6)))
 
 
-def _qc_image(cal: Calibration, qc_max_px: int) -> np.ndarray:
+def _qc_image(cal: Calibration, settings: Settings) -> np.ndarray:
     """The image under the QC overlay: the tissue image when it is at least as coarse as the
-    masks and still as fine as the overlay (``qc_max_px`` on the long side) shows; else the
-    slide read at the masks' resolution, or at the overlay's when the tissue image is coarser
-    than that (a field whose tissue image is reduced: :func:`tissue_image_mpp`)."""
+    masks, else the slide read at the masks' resolution. A field whose tissue image was
+    reduced (:func:`tissue_image_mpp`) is read at the resolution its tissue image had before
+    (``max_thumbnail_mpx``: about the overlay's size), not shown upsampled."""
     geo = cal.geometry
     if cal.thumbnail_mpp < geo.mask_mpp * 0.999:
         return cal.slide.thumbnail(geo.mask_mpp)
-    overlay_px = min(qc_max_px, max(-(-geo.height // geo.mask_factor),
-                                    -(-geo.width // geo.mask_factor)))
-    if max(cal.thumbnail.shape[:2]) >= overlay_px:
-        return cal.thumbnail
-    extent_um = max(geo.height, geo.width) * geo.analysis_mpp
-    return cal.slide.thumbnail(max(geo.mask_mpp, extent_um / overlay_px))
+    if settings.tissue.tissue_mpp is None:
+        mpp = require_mpp(cal.slide)
+        h_um, w_um = (n * mpp for n in cal.slide.levels[0].shape)
+        plain_mpp = max(geo.analysis_mpp,
+                        math.sqrt(h_um * w_um / (settings.tissue.max_thumbnail_mpx * 1e6)))
+        if cal.thumbnail_mpp > plain_mpp * 1.001:
+            return cal.slide.thumbnail(max(plain_mpp, geo.mask_mpp))
+    return cal.thumbnail
 
 
 def _threshold_map(
