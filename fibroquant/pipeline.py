@@ -109,6 +109,11 @@ class Calibration:
         The slide's collagen decision.
     qc : SlideQC
     warnings : tuple of str
+    overview : ndarray of uint8, optional
+        The evenly lit overview (glass colour, shading, QC image) when ``thumbnail`` is an
+        integer reduction of it (a field: :func:`tissue_image_mpp`); else None.
+    overview_mpp : float
+        Its µm per pixel (0 without it).
     """
 
     slide: Slide
@@ -124,6 +129,8 @@ class Calibration:
     rule: CollagenRule
     qc: SlideQC
     warnings: tuple[str, ...]
+    overview: np.ndarray | None = None
+    overview_mpp: float = 0.0
 
 
 #: Collagen level (OD units) above which the collagen stain is reported as over-stained
@@ -295,7 +302,7 @@ def _analyze_slide(
             msg = f"{sl.path.name}: no countable tissue left after exclusions"
             raise FibroquantError(msg)
         geo = cal.geometry
-        qc = _qc_image(cal, settings)
+        qc = _qc_image(cal)
         result = SlideResult(
             settings.stains.stain.value, sl.format, require_mpp(sl), geo,
             Measurements.from_counts(total, geo.analysis_mpp), cal.stains, cal.threshold,
@@ -356,9 +363,8 @@ def calibrate_slide(slide: Slide, settings: Settings) -> Calibration:
     geo = plan_geometry(sl, settings.tiling.analysis_mpp, settings.tiling.mask_max_mpx,
                         settings.tiling.read_oversample)
     extent_um = (sl.levels[0].shape[0] * require_mpp(sl), sl.levels[0].shape[1] * require_mpp(sl))
-    tissue_mpp = settings.tissue.tissue_mpp or tissue_image_mpp(
-        extent_um, geo.analysis_mpp, settings.tissue.max_thumbnail_mpx)
-    thumb = sl.thumbnail(tissue_mpp)
+    thumb = sl.thumbnail(settings.tissue.tissue_mpp or _overview_mpp(
+        extent_um, geo.analysis_mpp, settings.tissue.max_thumbnail_mpx))
     thumb_mpp = extent_um[1] / thumb.shape[1]
     background, bg_source = _background(thumb, settings)
     shading = estimate_shading(thumb, background, settings.tissue)
@@ -371,6 +377,17 @@ def calibrate_slide(slide: Slide, settings: Settings) -> Calibration:
         bg2, src2 = _glass_background(thumb, thumb_mpp, settings, background)
         if src2 == "glass":
             background, bg_source = bg2, src2
+    overview, overview_mpp = None, 0.0
+    if settings.tissue.tissue_mpp is None:
+        # glass colour and shading come from the overview; tissue, exclusions and the
+        # threshold map from its integer reduction when it is a fine one (a field)
+        k = round(tissue_image_mpp(extent_um, geo.analysis_mpp,
+                                   settings.tissue.max_thumbnail_mpx) / thumb_mpp)
+        if k > 1:
+            overview, overview_mpp = thumb, thumb_mpp
+            h, w = thumb.shape[:2]
+            thumb = cv2.resize(thumb, (w // k, h // k), interpolation=cv2.INTER_AREA)
+            thumb_mpp = extent_um[1] / thumb.shape[1]
     tissue = detect_tissue(thumb, thumb_mpp, settings.tissue, background)
     if not tissue.tissue.any():
         why = no_tissue_reason(thumb, thumb_mpp, settings.tissue, background, tissue)
@@ -419,7 +436,7 @@ def calibrate_slide(slide: Slide, settings: Settings) -> Calibration:
     rule = CollagenRule.for_slide(od_lut(background), stains, thr.share_guard,
                                   settings.collagen, blob_um2, geo.analysis_mpp)
     return Calibration(sl, geo, thumb, thumb_mpp, tissue, class_flags(tissue), est, preset, thr,
-                       threshold_map, rule, qc, tuple(warnings))
+                       threshold_map, rule, qc, tuple(warnings), overview, overview_mpp)
 
 
 #: A tissue-detection image finer than this (µm/px) is reduced by an integer factor to
@@ -427,10 +444,20 @@ def calibrate_slide(slide: Slide, settings: Settings) -> Calibration:
 FINE_TISSUE_MPP = 2.5
 
 
+def _overview_mpp(
+    extent_um: tuple[float, float], analysis_mpp: float, max_thumbnail_mpx: float,
+) -> float:
+    """µm per pixel of the slide's overview (glass colour, shading, QC image): as coarse as
+    ``max_thumbnail_mpx`` megapixels needs, never finer than the analysis."""
+    return max(analysis_mpp, math.sqrt(extent_um[0] * extent_um[1] / (max_thumbnail_mpx * 1e6)))
+
+
 def tissue_image_mpp(
     extent_um: tuple[float, float], analysis_mpp: float, max_thumbnail_mpx: float,
 ) -> float:
-    """µm per pixel of a slide's tissue-detection image (the automatic ``tissue_mpp``).
+    """About the µm per pixel of a slide's tissue-detection image (the automatic
+    ``tissue_mpp``): :func:`calibrate_slide` reduces its overview (glass colour and shading
+    are found there, at ``max_thumbnail_mpx``) by the nearest integer factor to it.
 
     As coarse as ``max_thumbnail_mpx`` megapixels needs, never finer than the analysis. An
     image of at least ``max_thumbnail_mpx`` at the analysis resolution (a 2048² microscope
@@ -469,22 +496,16 @@ def tissue_image_mpp(
     return max(analysis_mpp * max(k, 1), math.sqrt(area_um2 / (max_thumbnail_mpx * 1e6)))
 
 
-def _qc_image(cal: Calibration, settings: Settings) -> np.ndarray:
+def _qc_image(cal: Calibration) -> np.ndarray:
     """The image under the QC overlay: the tissue image when it is at least as coarse as the
-    masks, else the slide read at the masks' resolution. A field whose tissue image was
-    reduced (:func:`tissue_image_mpp`) is read at the resolution its tissue image had before
-    (``max_thumbnail_mpx``: about the overlay's size), not shown upsampled."""
+    masks, else the slide read at the masks' resolution; a field whose tissue image is a
+    reduction (:func:`tissue_image_mpp`) shows its overview, not the reduction upsampled."""
     geo = cal.geometry
-    if cal.thumbnail_mpp < geo.mask_mpp * 0.999:
-        return cal.slide.thumbnail(geo.mask_mpp)
-    if settings.tissue.tissue_mpp is None:
-        mpp = require_mpp(cal.slide)
-        h_um, w_um = (n * mpp for n in cal.slide.levels[0].shape)
-        plain_mpp = max(geo.analysis_mpp,
-                        math.sqrt(h_um * w_um / (settings.tissue.max_thumbnail_mpx * 1e6)))
-        if cal.thumbnail_mpp > plain_mpp * 1.001:
-            return cal.slide.thumbnail(max(plain_mpp, geo.mask_mpp))
-    return cal.thumbnail
+    if cal.overview is not None and cal.overview_mpp >= geo.mask_mpp * 0.999:
+        return cal.overview
+    if cal.thumbnail_mpp >= geo.mask_mpp * 0.999:
+        return cal.thumbnail
+    return cal.slide.thumbnail(geo.mask_mpp)
 
 
 def _threshold_map(
