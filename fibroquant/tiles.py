@@ -59,7 +59,7 @@ def measure_tile(
     if decided is None and kernels.fused_ok(rgb, rule.lut, rule.unmix_col, rule.other_cols,
                                             flags, thr, rows, cols):
         return kernels.measure_tile_fused(
-            rgb, rule.lut, rule.unmix_col, rule.other_cols, rule.share_guard, flags, thr, rows,
+            rgb, rule.lut, rule.unmix_col, rule.other_cols, rule.guard, flags, thr, rows,
             cols, f, stride, rule.min_object_px, rule.blob_px, rule.blob_side)
     return measure_tile_reference(rgb, rule, flags, thr, rows, cols, f, stride, decided=decided)
 
@@ -98,7 +98,8 @@ def measure_tile_reference(
     if decided is not None and not band.any():  # the rule would only find the capsule
         conc, col = collagen_concentration(rgb, rule.lut, rule.unmix_col), decided
     else:
-        conc, col = is_collagen(rgb, thr[np.ix_(rows, cols)], rule)
+        guard = None if rule.guard_map is None else rule.guard_map[np.ix_(rows, cols)]
+        conc, col = is_collagen(rgb, thr[np.ix_(rows, cols)], rule, guard)
     col = col & tissue
     capsule = col & band
     if decided is not None:
