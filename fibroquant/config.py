@@ -212,8 +212,8 @@ class CollagenSettings(_Model):
         True,
         description="relative method with local_background_um: find diffuse pale collagen "
         "(a broad band of faint collagen stain over cells, told from purple cytoplasm by its "
-        "neighbourhood's share); there the share guard falls to the parenchyma's and the "
-        "threshold to min_contrast_od above the local parenchyma",
+        "neighbourhood's share); there the share guard falls toward the parenchyma's (not "
+        "below 0.3) and the threshold halfway to min_contrast_od above the local parenchyma",
     )
     min_object_area_um2: float = Field(
         5.0, ge=0, description="collagen specks smaller than this are dropped, µm²"

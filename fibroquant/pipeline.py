@@ -28,7 +28,9 @@ import numpy as np
 
 from fibroquant import __version__, focus, kernels
 from fibroquant.collagen import (
+    BAND_MIN_GUARD,
     BAND_SHARE_SIGMA_UM,
+    BAND_THRESHOLD_DROP,
     CollagenRule,
     CollagenThreshold,
     auto_blob_area,
@@ -478,10 +480,11 @@ def _threshold_map(
     threshold_map = bg_map + np.float32(thr.threshold_od - thr.parenchyma_od)
     guard_map = None
     if band is not None:
-        threshold_map -= band * np.float32(max(
+        threshold_map -= band * np.float32(BAND_THRESHOLD_DROP * max(
             thr.threshold_od - thr.parenchyma_od - settings.collagen.min_contrast_od, 0.0))
         # the guard falls to the slide's bluest parenchyma (as in collagen.share_guard)
-        low = min(settings.collagen.parenchyma_share_spread * band_p, thr.share_guard)
+        low = min(max(settings.collagen.parenchyma_share_spread * band_p, BAND_MIN_GUARD),
+                  thr.share_guard)
         guard_map = np.float32(thr.share_guard) - band * np.float32(thr.share_guard - low)
     return with_capsule(tissue, thumb_col > threshold_map), threshold_map, guard_map
 
