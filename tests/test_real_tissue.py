@@ -445,9 +445,10 @@ def test_purple_masson_cohort_correlates_and_overlaps(purple_cohort):
 
 @pytest.mark.slow
 def test_purple_masson_cohort_within_half_a_point(purple_cohort):
-    """Measured 2026-12-06 with diffuse pale collagen found by its neighbourhood: MAE 0.48 pp
-    (was 0.55; -1.41 to +0.25; held-out seeds 100-111 0.40, 200-211 0.40): collagen's mixed
-    edge pixels, in a neighbourhood bluer than the purple parenchyma, take the lowered guard."""
+    """Measured 2026-12-06 with diffuse pale collagen found by its neighbourhood: MAE 0.49 pp
+    (was 0.55; -1.35 to +0.26; held-out seeds 100-111 0.40, 200-211 0.41, were 0.42 / 0.45):
+    collagen's mixed edge pixels, in a neighbourhood bluer than the purple parenchyma, take a
+    lowered guard. A narrow pass: the heavily fibrotic seed 5 still reads -1.35 pp."""
     true, got, _ = purple_cohort.T
     assert np.abs(got - true).mean() <= 0.5
 
@@ -469,7 +470,8 @@ def test_pale_band_is_collagen_in_truth():
 def test_pale_band_does_not_raise_the_background_under_itself(seed):
     """A broad pale Sirius red band (0.25 OD over 0.3 OD of picric acid; share ~0.45, under
     0.5) no longer counts as parenchyma for the local background (pixels past the share guard
-    may be collagen): 89-92 % of it found (was 40-49 %), none of the parenchyma beside it."""
+    may be collagen): 89-92 % of it found (was 40-49 %), none of the parenchyma beside it;
+    96-97 % since diffuse pale collagen is found by its neighbourhood."""
     from fibroquant.synthetic import with_pale_band
 
     p = SectionParams(shape=(768, 768), fibrosis=0.3, field_of_view=True)
@@ -489,7 +491,7 @@ def test_diffuse_pale_band_is_found(stain):
     have the colour of purple cytoplasm (Masson) and sit at the slide's threshold; its
     neighbourhood, bluer than the parenchyma over the band's width, lowers the share guard
     and the threshold there (collagen.pale_band_weight). Measured 2026-12-06: Sirius red
-    96 % found (was 65 %), Masson 94 % (was 16 %), none of the parenchyma beside it."""
+    93 % found (was 65 %), Masson 88 % (was 16 %), none of the parenchyma beside it."""
     from fibroquant.synthetic import with_pale_band
 
     p = SectionParams(stain=stain, shape=(768, 768), fibrosis=0.3, field_of_view=True)
