@@ -499,7 +499,10 @@ def _pale_bands(share: np.ndarray, stained: np.ndarray, thumb_mpp: float,
     parenchyma = stained & (share < np.float32(0.5))
     if np.count_nonzero(parenchyma) < 50:
         return None, 0.0
-    p = max(float(np.median(share[parenchyma])), 0.0)
+    values = share[parenchyma]
+    if values.size > 1_000_000:  # a median of a million pixels is as good, and 4-16x cheaper
+        values = values[:: values.size // 1_000_000]
+    p = max(float(np.median(values)), 0.0)
     w = pale_band_weight(share, stained, p, BAND_SHARE_SIGMA_UM / thumb_mpp)
     return (w if w.any() else None), p
 
