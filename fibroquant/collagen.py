@@ -21,6 +21,11 @@ cell and across the lobule. The guard is then counted from the bluest parenchyma
 ``guard = p_hi + min_share · (1 - p_hi)``, i.e. a pixel must be at least ``min_share`` of the way
 from the slide's own parenchyma colour to the colour of the collagen stain. With a clean red
 counterstain ``p`` is ~0 and the guard is ``min_share`` as before (:func:`share_guard`).
+
+Diffuse pale collagen (a broad band of faint collagen stain over cells) has, pixel by pixel, the
+colour of purple cytoplasm; its neighbourhood tells it apart (:func:`pale_band_weight`). There
+the guard and the threshold are lowered per cell of the slide's threshold map (``guard_map`` of
+:class:`CollagenRule`).
 """
 
 from __future__ import annotations
