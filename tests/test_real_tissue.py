@@ -502,6 +502,10 @@ def test_diffuse_pale_band_is_found(stain):
     parenchyma = truth.tissue_mask & ~truth2.collagen_mask
     assert (a.collagen_mask & band).sum() >= 0.8 * band.sum()
     assert (a.collagen_mask & parenchyma).sum() <= 0.005 * parenchyma.sum()
+    if stain == "masson":  # the setting off: the band's pixels pass for purple cytoplasm
+        s = load_settings(overrides={"stains": {"stain": stain}, "collagen": {"pale_bands": False}})
+        off = analyze_slide("s.png", s, slide=ArraySlide(rgb, p.mpp))
+        assert (off.collagen_mask & band).sum() <= 0.3 * band.sum()
 
 
 def test_random_colours_are_no_evidence_of_another_stain():
