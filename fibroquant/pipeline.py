@@ -497,7 +497,10 @@ def _pale_bands(share: np.ndarray, stained: np.ndarray, thumb_mpp: float,
     if not (settings.collagen.pale_bands and thr.share_guard > 0):
         return None, 0.0
     parenchyma = stained & (share < np.float32(0.5))
-    if np.count_nonzero(parenchyma) < 50:
+    n = np.count_nonzero(parenchyma)
+    if n < 50 or n < 0.5 * np.count_nonzero(stained):
+        # most of the stained tissue is collagen-stain dominated (a pale counterstain under
+        # non-specific uptake, or cirrhosis): the share no longer sets bands apart
         return None, 0.0
     values = share[parenchyma]
     if values.size > 1_000_000:  # a median of a million pixels is as good, and 4-16x cheaper
