@@ -55,13 +55,61 @@ def measure_tile(
     cols: np.ndarray, f: int, stride: int, *, decided: np.ndarray | None = None,
 ) -> FusedTile:
     """Counts, block counts and focus moments of one tile (see :func:`measure_tile_reference`):
-    by the fused kernel when it can take the inputs and no ``decided`` mask is given."""
-    if decided is None and kernels.fused_ok(rgb, rule.lut, rule.unmix_col, rule.other_cols,
-                                            flags, thr, rows, cols):
-        return kernels.measure_tile_fused(
-            rgb, rule.lut, rule.unmix_col, rule.other_cols, rule.share_guard, flags, thr, rows,
-            cols, f, stride, rule.min_object_px, rule.blob_px, rule.blob_side)
+    by the fused kernel when it can take the inputs (with a ``decided`` mask, when the tile
+    :func:`measure_decided_fused`)."""
+    if kernels.fused_ok(rgb, rule.lut, rule.unmix_col, rule.other_cols, flags, thr, rows, cols):
+        if decided is None:
+            return kernels.measure_tile_fused(
+                rgb, rule.lut, rule.unmix_col, rule.other_cols, rule.share_guard, flags, thr,
+                rows, cols, f, stride, rule.min_object_px, rule.blob_px, rule.blob_side)
+        return measure_decided_fused(rgb, rule, flags, thr, rows, cols, f, stride, decided)
     return measure_tile_reference(rgb, rule, flags, thr, rows, cols, f, stride, decided=decided)
+
+
+def measure_decided_fused(
+    rgb: np.ndarray, rule: CollagenRule, flags: np.ndarray, thr: np.ndarray, rows: np.ndarray,
+    cols: np.ndarray, f: int, stride: int, decided: np.ndarray,
+) -> FusedTile:
+    """:func:`measure_tile_reference` with a ``decided`` mask, by the fused kernel.
+
+    The kernel counts the tile with an infinite threshold outside the capsule band (tissue,
+    exclusions, the rule's capsule in the band, blocks and focus as the reference's; no
+    collagen elsewhere). The collagen is then the decided pixels of the tissue outside the
+    vessel walls and the rule's capsule (the rule is asked only at decided band pixels), their
+    concentration summed in pixel order as the reference does: the same counts, sums and
+    blocks, without the reference's whole-tile arrays.
+
+    Parameters
+    ----------
+    decided : ndarray of bool, shape (H, W)
+        Collagen pixels decided by a :class:`PixelDecider`.
+    """
+    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    fl = np.ascontiguousarray(flags[r0:r1, c0:c1])  # the tile's cells only
+    rr, cc = rows - r0, cols - c0
+    band = (fl & (kernels.FLAG_TISSUE | kernels.FLAG_BAND)) == (kernels.FLAG_TISSUE
+                                                               | kernels.FLAG_BAND)
+    cut = np.where(band, thr[r0:r1, c0:c1], np.float32(np.inf)).astype(np.float32)
+    out = kernels.measure_tile_fused(rgb, rule.lut, rule.unmix_col, rule.other_cols,
+                                     rule.share_guard, fl, cut, rr, cc, f, stride)
+    countable = (fl & (kernels.FLAG_TISSUE | kernels.FLAG_WALL)) == kernels.FLAG_TISSUE
+    col = decided & kernels.lookup_nearest(countable, rr, cc)
+    w = col.shape[1]
+    if band.any():  # the rule's capsule is not collagen, whatever was decided
+        ask = col & kernels.lookup_nearest(band, rr, cc)
+        at = np.flatnonzero(ask)
+        if at.size:
+            capsule = is_collagen(rgb[ask], cut[rr[at // w], cc[at % w]], rule)[1]
+            col.ravel()[at[capsule]] = False
+    idx = np.flatnonzero(col)
+    conc = collagen_concentration(rgb[col], rule.lut, rule.unmix_col)
+    bh, bw = out.blocks.shape[1:]
+    blocks = out.blocks.copy()
+    blocks[0] = np.bincount((idx // w // f) * bw + (idx % w) // f,
+                            minlength=bh * bw).reshape(bh, bw)
+    counts = dict(out.counts, collagen_px=int(idx.size))
+    return FusedTile(counts, float(conc.sum(dtype=np.float64)), blocks, out.focus,
+                     out.focus_shape)
 
 
 def measure_tile_reference(
@@ -304,7 +352,10 @@ def measure_box(
         halo = job.decide.halo_px(mpp)
         wide = read_analysis(slide, job.geo, y0 - halo, x0 - halo, y1 - y0 + 2 * halo,
                              x1 - x0 + 2 * halo)
-        tissue = (job.flags[np.ix_(rows, cols)] & kernels.FLAG_TISSUE) != 0
+        # the pixels whose decision counts: tissue outside the vessel walls
+        tissue = kernels.lookup_nearest(
+            (sub & (kernels.FLAG_TISSUE | kernels.FLAG_WALL)) == kernels.FLAG_TISSUE,
+            rows - rows[0], cols - cols[0])
         assert job.stains is not None, "a PixelDecider reads the slide's stains"
         decided = np.asarray(job.decide.predict_tile(wide, halo, job.stains, mpp=mpp,
                                                      tissue=tissue), np.bool_)
