@@ -75,9 +75,9 @@ def measure_decided_fused(
     The kernel counts the tile with an infinite threshold outside the capsule band (tissue,
     exclusions, the rule's capsule in the band, blocks and focus as the reference's; no
     collagen elsewhere). The collagen is then the decided pixels of the tissue outside the
-    vessel walls and the rule's capsule (the rule is asked only at decided band pixels), their
-    concentration summed in pixel order as the reference does: the same counts, sums and
-    blocks, without the reference's whole-tile arrays.
+    vessel walls and the rule's capsule (the rule is asked only at decided band pixels), in
+    one compiled pass over the mask: the reference's counts and blocks, and its collagen OD
+    sum to ~1e-12 (summed in float64 in pixel order, as the kernel does).
 
     Parameters
     ----------
@@ -93,23 +93,47 @@ def measure_decided_fused(
     out = kernels.measure_tile_fused(rgb, rule.lut, rule.unmix_col, rule.other_cols,
                                      rule.share_guard, fl, cut, rr, cc, f, stride)
     countable = (fl & (kernels.FLAG_TISSUE | kernels.FLAG_WALL)) == kernels.FLAG_TISSUE
-    col = decided & kernels.lookup_nearest(countable, rr, cc)
-    w = col.shape[1]
-    if band.any():  # the rule's capsule is not collagen, whatever was decided
-        ask = col & kernels.lookup_nearest(band, rr, cc)
-        at = np.flatnonzero(ask)
-        if at.size:
-            capsule = is_collagen(rgb[ask], cut[rr[at // w], cc[at % w]], rule)[1]
-            col.ravel()[at[capsule]] = False
-    idx = np.flatnonzero(col)
-    conc = collagen_concentration(rgb[col], rule.lut, rule.unmix_col)
-    bh, bw = out.blocks.shape[1:]
+    cells = np.where(countable, np.where(band, 2, 1), 0).astype(np.uint8)
+    others = kernels._other_tables(rule.lut, rule.other_cols if rule.share_guard > 0 else ())
     blocks = out.blocks.copy()
-    blocks[0] = np.bincount((idx // w // f) * bw + (idx % w) // f,
-                            minlength=bh * bw).reshape(bh, bw)
-    counts = dict(out.counts, collagen_px=int(idx.size))
-    return FusedTile(counts, float(conc.sum(dtype=np.float64)), blocks, out.focus,
+    blocks[0] = 0
+    n, od = _count_decided(np.ascontiguousarray(decided), rgb, cells, cut, rr, cc, int(f),
+                           kernels.scaled_tables(rule.lut, rule.unmix_col), others,
+                           np.float32(rule.share_guard), blocks[0])
+    return FusedTile(dict(out.counts, collagen_px=int(n)), float(od), blocks, out.focus,
                      out.focus_shape)
+
+
+def _count_decided_py(decided, rgb, cells, thr, rows, cols, f, tables, others, min_share,
+                      blocks):  # pragma: no cover - compiled below
+    """Count the decided pixels of countable cells (``cells`` 1, or 2 in the capsule band,
+    where the rule's capsule is not collagen: the fused kernel's test), with their collagen
+    concentration (summed in float64 in pixel order) and block counts (into ``blocks``)."""
+    t0, t1, t2 = tables[0], tables[1], tables[2]
+    n = 0
+    od = np.float64(0.0)
+    for i in range(decided.shape[0]):
+        ri = rows[i]
+        brow = blocks[i // f]
+        for j in range(decided.shape[1]):
+            if not decided[i, j]:
+                continue
+            cj = cols[j]
+            k = cells[ri, cj]
+            if k == 0:
+                continue
+            r, g, b = rgb[i, j, 0], rgb[i, j, 1], rgb[i, j, 2]
+            c = t0[r] + t1[g] + t2[b]
+            if k == 2 and c > thr[ri, cj] and (
+                    others.shape[0] == 0 or kernels._share_ok_nb(c, r, g, b, others, min_share)):
+                continue  # the rule's capsule
+            n += 1
+            od += c
+            brow[j // f] += 1
+    return n, od
+
+
+_count_decided = kernels._jit(_count_decided_py) or _count_decided_py
 
 
 def measure_tile_reference(

@@ -45,10 +45,11 @@ def test_decided_mask_by_the_kernel_equals_the_reference(seed, f, stride, band):
     assert a.counts["collagen_px"] > 1000  # the mask really was counted
     if band:
         assert a.counts["capsule_px"] > 100
-    assert a.collagen_od_sum == b.collagen_od_sum
+    # (in float64 in pixel order, as the fused kernel; the reference sums pairwise)
+    assert a.collagen_od_sum == pytest.approx(b.collagen_od_sum, rel=1e-9)
     np.testing.assert_array_equal(a.blocks, b.blocks)
     if stride:
         np.testing.assert_array_equal(a.focus, b.focus)
     assert a.focus_shape == b.focus_shape
     c = tiles.measure_tile(rgb, rule, flags, thr, rows, cols, f, stride, decided=decided)
-    assert c.counts == b.counts and c.collagen_od_sum == b.collagen_od_sum
+    assert c.counts == b.counts and c.collagen_od_sum == a.collagen_od_sum
