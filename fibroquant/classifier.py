@@ -78,38 +78,61 @@ def halo_um(scales_um: Sequence[float]) -> float:
     return 4.0 * max(scales_um)
 
 
-_D1 = np.array([[-0.5, 0.0, 0.5]], np.float32)  # central difference, as numpy.gradient
-_ONE = np.array([[1.0]], np.float32)
-
-
-def _derivatives(img: np.ndarray) -> tuple[np.ndarray, ...]:
-    """First and second derivatives (rows, cols) of a float32 image by central differences."""
-    border = cv2.BORDER_REFLECT
-    dr = cv2.sepFilter2D(img, -1, _ONE, _D1.T, borderType=border)
-    dc = cv2.sepFilter2D(img, -1, _D1, _ONE, borderType=border)
-    drr = cv2.sepFilter2D(dr, -1, _ONE, _D1.T, borderType=border)
-    drc = cv2.sepFilter2D(dr, -1, _D1, _ONE, borderType=border)
-    dcc = cv2.sepFilter2D(dc, -1, _D1, _ONE, borderType=border)
-    return dr, dc, drr, drc, dcc
-
-
 def hessian_eigenvalues(smoothed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Larger and smaller eigenvalue of the Hessian of an already smoothed float32 image.
+    """Larger and smaller eigenvalue of the Hessian of an already smoothed float32 image
+    (second derivatives as central differences of central differences, reflected borders).
 
     Same as ``skimage.feature.hessian_matrix_eigvals(hessian_matrix(img, sigma,
     use_gaussian_derivatives=False))`` on the image ``smoothed`` came from (up to the border
     mode of the smoothing).
     """
-    _, _, drr, drc, dcc = _derivatives(smoothed)
-    return _eigenvalues(drr, drc, dcc)
+    img = np.ascontiguousarray(smoothed, np.float32)
+    grad, hi, lo = (np.empty_like(img) for _ in range(3))
+    _structure(img, np.float32(1.0), grad, hi, lo)
+    return hi, lo
 
 
-def _eigenvalues(drr: np.ndarray, drc: np.ndarray, dcc: np.ndarray
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Larger and smaller eigenvalue of the symmetric 2x2 matrices ``[[drr, drc], [drc, dcc]]``."""
-    half_tr = 0.5 * (drr + dcc)
-    root = np.sqrt(0.25 * (drr - dcc) ** 2 + drc**2)
-    return half_tr + root, half_tr - root
+def _structure_py(img, step, grad, hi, lo):  # pragma: no cover - compiled below
+    """Gradient magnitude and the Hessian's two eigenvalues of a float32 image per unit of
+    ``step`` (the grid's µm per pixel), into ``grad``, ``hi`` and ``lo``, in one pass.
+
+    First derivatives are central differences (``0.5 * (p[i + 1] - p[i - 1])``, as
+    ``numpy.gradient``); second ones, central differences of the first (``drr`` and ``drc``
+    of ``dr``, ``dcc`` of ``dc``); every difference reflects the border (``p[-1] = p[0]``,
+    OpenCV's ``BORDER_REFLECT``). All in float32.
+    """
+    h, w = img.shape
+    half = np.float32(0.5)
+    quarter = np.float32(0.25)
+    inv1 = np.float32(1.0) / step
+    inv2 = np.float32(1.0) / (step * step)
+    dr = np.empty((h, w), np.float32)
+    dc = np.empty((h, w), np.float32)
+    for r in range(h):
+        up, mid, down = img[max(r - 1, 0)], img[r], img[min(r + 1, h - 1)]
+        dr_r, dc_r = dr[r], dc[r]
+        for c in range(w):
+            dr_r[c] = half * (down[c] - up[c])
+        for c in range(1, w - 1):
+            dc_r[c] = half * (mid[c + 1] - mid[c - 1])
+        dc_r[0] = half * (mid[min(1, w - 1)] - mid[0])
+        dc_r[w - 1] = half * (mid[w - 1] - mid[max(w - 2, 0)])
+    for r in range(h):
+        a, b = dr[r], dc[r]
+        up, down = dr[max(r - 1, 0)], dr[min(r + 1, h - 1)]
+        g_r, hi_r, lo_r = grad[r], hi[r], lo[r]
+        for c in range(w):
+            cl = c - 1 if c > 0 else 0
+            cr = c + 1 if c < w - 1 else w - 1
+            drr = half * (down[c] - up[c])
+            drc = half * (a[cr] - a[cl])
+            dcc = half * (b[cr] - b[cl])
+            half_tr = half * (drr + dcc)
+            diff = drr - dcc
+            root = np.sqrt(quarter * diff * diff + drc * drc)
+            g_r[c] = np.sqrt(a[c] * a[c] + b[c] * b[c]) * inv1
+            hi_r[c] = (half_tr + root) * inv2
+            lo_r[c] = (half_tr - root) * inv2
 
 
 #: Smallest Gaussian SD, in pixels of a downsampled plane, at which a scale is computed at
@@ -227,10 +250,15 @@ def feature_planes(rgb: np.ndarray, stains: StainMatrix, mpp: float,
     # per pixel)
     m = np.vstack([stains.unmixing.T, np.ones((1, 3))]).astype(np.float32)
     m[0] /= np.float32(reference_od)  # the collagen stain relative to the slide's own level
-    _base_planes(np.ascontiguousarray(rgb).reshape(-1, 3),
+    # the 2-fold block means of the planes in the same pass, on the image reflected up to a
+    # multiple of ``top`` at the bottom and right (the reduced grids' anchor is the top left)
+    src = rgb if (hp, wp) == (h, w) else cv2.copyMakeBorder(rgb, 0, hp - h, 0, wp - w,
+                                                            cv2.BORDER_REFLECT)
+    half = np.empty((n + 1, hp // 2, wp // 2) if top > 1 else (n + 1, 0, 0), np.float32)
+    _base_planes(np.ascontiguousarray(src),
                  np.ascontiguousarray(od_lut(stains.background_rgb), np.float32), m,
-                 planes.buffer[: (n + 1) * h * w].reshape(n + 1, h * w))
-    reduced = _pyramid([planes.plane(i) for i in range(n + 1)], top)
+                 planes.buffer[: (n + 1) * h * w].reshape(n + 1, h * w), h, w, half)
+    reduced = _pyramid([planes.plane(i) for i in range(n + 1)], list(half), top)
     k = n + 1
     for s, d in zip(scales_um, levels, strict=True):
         sigma_px = s / mpp
@@ -240,23 +268,46 @@ def feature_planes(rgb: np.ndarray, stains: StainMatrix, mpp: float,
         k += n + 1
         step = np.float32(mpp * d)  # µm per pixel of the reduced plane
         for p in (smooth[0], smooth[n]):
-            dr, dc, drr, drc, dcc = _derivatives(p)
-            hi, lo = _eigenvalues(drr, drc, dcc)
             # per µm, so that the same structure gives the same value at any resolution
-            np.divide(np.sqrt(dr * dr + dc * dc), step, out=planes.plane(k))
-            np.divide(hi, step * step, out=planes.plane(k + 1))
-            np.divide(lo, step * step, out=planes.plane(k + 2))
+            _structure(p, step, planes.plane(k), planes.plane(k + 1), planes.plane(k + 2))
             k += 3
     return planes
 
 
-def _base_planes_py(rgb, lut, m, out):  # pragma: no cover - compiled below
+def _base_planes_py(rgb, lut, m, out, h, w, half):  # pragma: no cover - compiled below
     """Each pixel's optical density (``lut[channel, value]``) times ``m``: the stains'
-    concentrations and the total OD, written plane by plane into ``out`` (one pass)."""
-    for p in range(rgb.shape[0]):
-        o0, o1, o2 = lut[0, rgb[p, 0]], lut[1, rgb[p, 1]], lut[2, rgb[p, 2]]
-        for i in range(m.shape[0]):
-            out[i, p] = o0 * m[i, 0] + o1 * m[i, 1] + o2 * m[i, 2]
+    concentrations and the total OD, written plane by plane into ``out`` (``(K, h * w)``, the
+    top-left ``h`` x ``w`` of ``rgb``), and their 2 x 2 block means into ``half`` (``(K,
+    H / 2, W / 2)``, or ``(K, 0, 0)``: none), in one pass, row by row."""
+    k = m.shape[0]
+    do_half = half.shape[1] > 0
+    n_rows = rgb.shape[0] if do_half else h
+    n_cols = rgb.shape[1] if do_half else w
+    half_w = half.shape[2]
+    od = np.empty((3, n_cols), np.float32)
+    row = np.empty(n_cols, np.float32)
+    acc = np.zeros((k, half_w), np.float32)
+    quarter = np.float32(0.25)
+    for r in range(n_rows):
+        for c in range(n_cols):
+            od[0, c] = lut[0, rgb[r, c, 0]]
+            od[1, c] = lut[1, rgb[r, c, 1]]
+            od[2, c] = lut[2, rgb[r, c, 2]]
+        for i in range(k):
+            m0, m1, m2 = m[i, 0], m[i, 1], m[i, 2]
+            for c in range(n_cols):
+                row[c] = od[0, c] * m0 + od[1, c] * m1 + od[2, c] * m2
+            if r < h:
+                out[i, r * w : (r + 1) * w] = row[:w]
+            if do_half:
+                a = acc[i]
+                for c2 in range(half_w):
+                    a[c2] += row[2 * c2] + row[2 * c2 + 1]
+                if (r & 1) == 1:
+                    hr = half[i, r >> 1]
+                    for c2 in range(half_w):
+                        hr[c2] = a[c2] * quarter
+                        a[c2] = 0
 
 
 def pixel_features(rgb: np.ndarray, stains: StainMatrix, mpp: float,
@@ -296,17 +347,16 @@ def pixel_features(rgb: np.ndarray, stains: StainMatrix, mpp: float,
     return out
 
 
-def _pyramid(planes: list[np.ndarray], top: int) -> dict[int, list[np.ndarray]]:
-    """The planes reduced 2-, 4-, ... ``top``-fold by block means (reflected up to a multiple
-    of ``top`` at the bottom and right first); level 1 is the planes themselves."""
+def _pyramid(planes: list[np.ndarray], half: list[np.ndarray], top: int
+             ) -> dict[int, list[np.ndarray]]:
+    """The planes reduced 2-, 4-, ... ``top``-fold by block means, from their 2-fold block
+    means ``half`` (of the planes reflected up to a multiple of ``top``); level 1 is the
+    planes themselves."""
     levels: dict[int, list[np.ndarray]] = {1: list(planes)}
     if top == 1:
         return levels
-    h, w = planes[0].shape
-    ph, pw = -h % top, -w % top
-    cur = [cv2.copyMakeBorder(p, 0, ph, 0, pw, cv2.BORDER_REFLECT) if ph or pw else p
-           for p in planes]
-    d = 1
+    cur, d = half, 2
+    levels[2] = cur
     while d < top:
         d *= 2
         cur = [cv2.resize(p, (p.shape[1] // 2, p.shape[0] // 2), interpolation=cv2.INTER_AREA)
@@ -803,6 +853,7 @@ def _from_coarse_py(todo, out):  # pragma: no cover - compiled below
 
 
 _from_coarse = _compile(_from_coarse_py)
+_structure = _compile(_structure_py)
 _base_planes = _compile(_base_planes_py)
 
 
