@@ -381,7 +381,8 @@ class CompiledEnsemble:
     threshold, as scikit-learn's ``_predict_from_raw_data`` (features are never NaN here).
     """
 
-    def __init__(self, model: Any, exit_margins: Sequence[float] | None = None) -> None:
+    def __init__(self, model: Any, exit_margins: Sequence[float] | None = None,
+                 exit_every: int | None = None) -> None:
         trees = [preds[0].nodes for preds in model._predictors]
         sizes = np.array([len(t) for t in trees], np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
@@ -401,11 +402,12 @@ class CompiledEnsemble:
         most = np.array([np.abs(t["value"][t["is_leaf"].astype(bool)]).max() for t in trees])
         self.remaining = np.concatenate([np.cumsum(most[::-1])[::-1], [0.0]]).astype(np.float64)
         # the walk's exit bounds: the exact ones, or the (smaller) trained margins
-        # (:func:`exit_margins`), the margin after trees 4k+1..4k+4 at position 4k+4
+        # (:func:`exit_margins`), checked every ``exit_every`` trees
+        self.exit_every = int(exit_every or EXIT_EVERY)
         self.exit_margins = [float(m) for m in exit_margins or []]
         self.bound = self.remaining.copy()
         for k, m in enumerate(self.exit_margins):
-            t = EXIT_EVERY * (k + 1)
+            t = self.exit_every * (k + 1)
             if t < len(trees):
                 self.bound[t] = min(self.bound[t], m)
         self._perfect(trees)
@@ -445,13 +447,14 @@ class CompiledEnsemble:
         thr32[over] = np.nextafter(thr32[over], np.float32(-np.inf))
         self.depth, self.p_feature, self.p_threshold, self.p_leaf = (
             depth, feat.astype(np.intp), thr32, leaf)
-        # the features first read by each group of EXIT_EVERY trees (the walk gathers a
+        # the features first read by each group of exit_every trees (the walk gathers a
         # group's features only for the pixels still undecided when it starts); feature 0 is
         # in the first group (the padding nodes read it, and always go left)
         seen: set[int] = {0}
         groups: list[list[int]] = []
-        for g in range(0, len(trees), EXIT_EVERY):
-            used = {int(v) for v in feat[g : g + EXIT_EVERY].ravel()} | ({0} if g == 0 else set())
+        every = self.exit_every
+        for g in range(0, len(trees), every):
+            used = {int(v) for v in feat[g : g + every].ravel()} | ({0} if g == 0 else set())
             groups.append(sorted(used - (seen if g else set())))
             seen |= used
         self.group_start = np.concatenate(
@@ -471,7 +474,7 @@ class CompiledEnsemble:
 
         Walks the perfect trees branch-free, 64 pixels at a time (their features copied
         together, reduced planes read bilinearly, each group of trees' features only for the
-        pixels still undecided), tree by tree; every :data:`EXIT_EVERY` trees, the pixels
+        pixels still undecided), tree by tree; every ``exit_every`` trees, the pixels
         whose score is past the exit bound are decided. With the exact bound (no exit
         margins) these are the decisions of :meth:`raw` on the upsampled planes, up to float
         rounding of the bilinear reads; with trained margins (:func:`exit_margins`), all but
@@ -481,23 +484,27 @@ class CompiledEnsemble:
         return _perfect_decide(fp.buffer, fp.offset, fp.height, fp.width, fp.factor,
                                fp.shape[1], index.astype(np.int64), self.p_feature,
                                self.p_threshold, self.p_leaf, self.depth, self.baseline,
-                               self.bound, self.group_start, self.group_feature, EXIT_EVERY)
+                               self.bound, self.group_start, self.group_feature,
+                               self.exit_every)
 
     def partial_scores(self, rows: np.ndarray) -> np.ndarray:
-        """Raw scores of feature rows ``(N, F)`` after 0, :data:`EXIT_EVERY`, 2
-        :data:`EXIT_EVERY`, ... trees and after all of them: float64, ``(K, N)``."""
+        """Raw scores of feature rows ``(N, F)`` after 0, ``exit_every``, 2 ``exit_every``,
+        ... trees and after all of them: float64, ``(K, N)``."""
         flat = np.ascontiguousarray(np.asarray(rows, np.float32).T)
         return _ensemble_partial(flat, self.offsets, self.feature, self.threshold, self.left,
                                  self.right, self.is_leaf, self.value, self.baseline,
-                                 EXIT_EVERY)
+                                 self.exit_every)
 
 
-#: Trees walked between two exit checks (and per group of gathered features).
-EXIT_EVERY = 4
+#: Trees walked between two exit checks (and per group of gathered features): after 2
+#: trees, 80 % of a section's pixels are decided (on the synthetic Masson slide of
+#: docs/decisions.md#classifier-exit the walk then reads 15 features and 2.5 trees per pixel,
+#: against 20 and 4.4 checking every 4 trees).
+EXIT_EVERY = 2
 #: Share of the gate-passing training pixels a trained exit margin may decide otherwise than
-#: the whole ensemble, per check (:func:`exit_margins`; on a synthetic Masson slide, 7e-5 of
-#: the pixels the walk is asked about end otherwise, and the walk takes a quarter of the
-#: time: docs/decisions.md#classifier-exit).
+#: the whole ensemble, per check (:func:`exit_margins`; on a synthetic Masson slide, 8e-5 of
+#: the pixels the walk is asked about end otherwise, and the walk takes a fifth of the time:
+#: docs/decisions.md#classifier-exit).
 EXIT_TOLERANCE = 5e-4
 #: Smallest exit margin (log-odds: a probability of 0.12 or 0.88).
 MIN_EXIT_MARGIN = 2.0
@@ -711,8 +718,9 @@ class PixelClassifier:
         if self._compiled is None and type(self.model).__name__ == \
                 "HistGradientBoostingClassifier":
             try:
-                self._compiled = CompiledEnsemble(
-                    self.model, self.header.get("settings", {}).get("exit_margins"))
+                settings = self.header.get("settings", {})
+                self._compiled = CompiledEnsemble(self.model, settings.get("exit_margins"),
+                                                  settings.get("exit_every"))
             except (AttributeError, KeyError, ValueError, IndexError):  # another layout
                 logger.debug("classifier: scikit-learn's own predict is used")
 
@@ -1196,6 +1204,7 @@ def fit(images: Sequence[TrainingImage], *, kind: str = "hgb", rng: int = 0,
         asked = x if gate_col is None else x[x[:, gate_col] >= gate]
         settings["exit_margins"] = exit_margins(
             CompiledEnsemble(model).partial_scores(asked))
+        settings["exit_every"] = EXIT_EVERY
     return PixelClassifier(model, header, gate)
 
 

@@ -396,7 +396,9 @@ def test_trained_exit_margins_decide_as_the_whole_ensemble(trained, batches):
     """The walk with the trained exit margins decides all but a few in 10⁴ of a held-out
     batch's pixels as the whole ensemble does (the exact bound decides every one alike)."""
     margins = trained.header["settings"]["exit_margins"]
-    assert len(margins) == len(trained._compiled.offsets) // C.EXIT_EVERY - 1
+    every = trained.header["settings"]["exit_every"]
+    assert every == trained._compiled.exit_every == C.EXIT_EVERY
+    assert len(margins) == -(-len(trained._compiled.offsets) // every) - 1
     assert min(margins) >= C.MIN_EXIT_MARGIN
     np.testing.assert_array_equal(trained._compiled.exit_margins, margins)
     exact = C.CompiledEnsemble(trained.model)
