@@ -55,7 +55,7 @@ def measure_tile(
     cols: np.ndarray, f: int, stride: int, *, decided: np.ndarray | None = None,
 ) -> FusedTile:
     """Counts, block counts and focus moments of one tile (see :func:`measure_tile_reference`):
-    by the fused kernel when it can take the inputs (with a ``decided`` mask, when the tile
+    by the fused kernel when it can take the inputs (with a ``decided`` mask:
     :func:`measure_decided_fused`)."""
     if kernels.fused_ok(rgb, rule.lut, rule.unmix_col, rule.other_cols, flags, thr, rows, cols):
         if decided is None:
