@@ -53,3 +53,38 @@ def test_decided_mask_by_the_kernel_equals_the_reference(seed, f, stride, band):
     assert a.focus_shape == b.focus_shape
     c = tiles.measure_tile(rgb, rule, flags, thr, rows, cols, f, stride, decided=decided)
     assert c.counts == b.counts and c.collagen_od_sum == a.collagen_od_sum
+
+
+def test_whole_analysis_with_a_classifier_by_the_kernel_equals_the_reference(monkeypatch):
+    """A whole analysis decided by a classifier (tiles of 256 px: capsule band, lumens, glass
+    edges, features on the tissue's box) counts the same with the fused kernel as with its
+    numpy reference: same record and masks."""
+    from dataclasses import replace
+
+    from fibroquant import classifier as C
+    from fibroquant import pipeline
+    from fibroquant.config import load_settings
+    from fibroquant.slides import ArraySlide
+
+    p = SectionParams(stain="masson", shape=(480, 640), mpp=0.5, n_lumens=3)
+    rgb, _ = make_section(p, rng=4)
+    other, truth = make_section(replace(p, shape=(300, 300), field_of_view=True), rng=5)
+    features = C.pixel_features(other, truth.stains, 0.5)
+    clf = C.fit([C.sample_pixels(features, truth.collagen_mask, truth.tissue_mask, stem="t",
+                                 max_train_px=5000)], gate_col=len(truth.stains.names) + 1)
+    s = load_settings(overrides={"stains": {"stain": "masson"}, "tiling": {"tile_px": 256},
+                                 "traits": {"enabled": False}})
+    fast = pipeline.analyze_slide("x.png", s, slide=ArraySlide(rgb, 0.5), decide=clf)
+    monkeypatch.setattr(tiles.kernels, "fused_ok", lambda *a: False)
+    ref = pipeline.analyze_slide("x.png", s, slide=ArraySlide(rgb, 0.5), decide=clf)
+    got, want = fast.to_record(), ref.to_record()
+    assert want["capsule_area_mm2"] > 0 and want["cpa_percent"] > 0.5
+    for k, v in want.items():
+        if k == "seconds":
+            continue
+        if isinstance(v, float):
+            assert got[k] == pytest.approx(v, rel=1e-9, nan_ok=True), k
+        else:
+            assert got[k] == v, k
+    for m in ("collagen_mask", "tissue_mask", "excluded_mask"):
+        np.testing.assert_array_equal(getattr(fast, m), getattr(ref, m))
