@@ -14,12 +14,20 @@
    scored by ``agree`` on the other half against the people's majority (:func:`people`).
 5. Times ``analyze_slide`` on a ``--speed-size``² field (one thread, after a warm-up) on the
    default path and with the classifier, interleaved for ``--rounds`` rounds (medians).
+
+``--whole-slide PX [--classifier FILE]`` instead times the whole ``fibroquant analyze``
+command (a fresh process each run, one worker) on a PX² SVS-like Masson slide (JPEG q85
+256-px tiles, SubIFD pyramid, 0.5 µm/px: a 4096² synthetic section with glass around it,
+mirror-tiled; written once into ``--workdir``), with and without ``--classifier``,
+interleaved for ``--rounds`` rounds (:func:`whole_slide`). Without ``--classifier`` it first
+trains one on the held-out cohort (steps 1-2).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -100,6 +108,103 @@ def speed(clf_path: Path, sizes: list[int], traits: bool = True, rounds: int = 3
               f"{'met' if min(ratio, cpu_ratio) >= 1 / 3 else 'not met'})", flush=True)
 
 
+def write_masson_slide(path: Path, size: int, section_px: int = 4096) -> float:
+    """A ``size``² SVS-like Masson slide: a ``section_px``² synthetic section (glass, capsule,
+    lumens) and its mirror images tiled seamlessly, 256-px JPEG q85 tiles, a SubIFD pyramid
+    down to 512 px, 0.5 µm/px (memory bounded: tiles come from a generator). Reused when
+    present. Returns the section's true CPA (%) (the slide's, up to the mirror seams)."""
+    import json
+
+    import tifffile
+
+    truth_file = path.parent.parent / f"{path.stem}.truth.json"
+    if path.exists() and truth_file.exists():
+        return float(json.loads(truth_file.read_text())["cpa_percent"])
+    section, truth = make_section(SectionParams(stain="masson", shape=(section_px,) * 2,
+                                                mpp=0.5), rng=5)
+    top = np.concatenate([section, section[:, ::-1]], axis=1)
+    blocks = [np.ascontiguousarray(np.concatenate([top, top[::-1]], axis=0))]
+    sizes = [size]
+    while sizes[-1] // 2 >= 512:
+        sizes.append(sizes[-1] // 2)
+        b = blocks[-1]
+        blocks.append(cv2.resize(b, (b.shape[1] // 2, b.shape[0] // 2),
+                                 interpolation=cv2.INTER_AREA))
+
+    def tiles(block: np.ndarray, n: int):
+        p = block.shape[0]
+        for y in range(0, n, 256):
+            for x in range(0, n, 256):
+                yield block[np.ix_(np.arange(y, y + 256) % p, np.arange(x, x + 256) % p)]
+
+    ppcm = 1e4 / 0.5
+    tmp = path.with_suffix(".part")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tifffile.TiffWriter(tmp, bigtiff=True) as tw:
+        for i, (n, block) in enumerate(zip(sizes, blocks, strict=True)):
+            extra = {"subifds": len(sizes) - 1} if i == 0 else {"subfiletype": 1}
+            tw.write(tiles(block, n), shape=(n, n, 3), dtype=np.uint8, tile=(256, 256),
+                     compression="jpeg", compressionargs={"level": 85}, photometric="rgb",
+                     resolution=(ppcm / 2**i,) * 2, resolutionunit="CENTIMETER",
+                     maxworkers=2, **extra)
+    tmp.replace(path)
+    truth_file.write_text(json.dumps({"cpa_percent": truth.cpa_percent}))
+    return float(truth.cpa_percent)
+
+
+def _timed(cmd: list[str]) -> tuple[float, float]:
+    """Wall and CPU seconds (user + system of the process and its children) of a command."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    if os.waitstatus_to_exitcode(status) not in (0, 1):
+        sys.exit(f"{' '.join(cmd[:5])} ... failed:\n{err[-2000:]}")
+    return wall, usage.ru_utime + usage.ru_stime
+
+
+def whole_slide(clf_path: Path, work: Path, size: int, rounds: int = 2,
+                traits: bool = True) -> None:
+    """The whole ``fibroquant analyze`` command on a ``size``² Masson slide (one worker, a
+    fresh process each run: imports, kernel loading and the QC outputs count), with and
+    without ``--classifier``, interleaved for ``rounds`` rounds; every run's wall and CPU
+    seconds, the medians' ratio (default / classifier: the issue's bar is >= 1/3), the
+    classifier's added CPU seconds per megapixel of tissue, and the load average."""
+    slide_dir = work / f"slide{size}"
+    truth = write_masson_slide(slide_dir / f"masson{size}.tif", size)
+    base = [sys.executable, "-m", "fibroquant", "analyze", str(slide_dir), "--stain", "masson",
+            "--workers", "1", "--force", *([] if traits else ["--no-traits"])]
+    paths = {"default": [], "classifier": ["--classifier", str(clf_path)]}
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in paths}
+    load0 = os.getloadavg()
+    for r in range(rounds):
+        for name, extra in paths.items():
+            out = work / f"ws_out_{name}"
+            shutil.rmtree(out, ignore_errors=True)
+            wall, cpu = _timed([*base, "--out", str(out), *extra])
+            times[name].append((wall, cpu))
+            rec = pd.read_csv(out / "slides.csv").iloc[0]
+            print(f"  round {r + 1} {name}: {wall:.1f} s wall, {cpu:.1f} s CPU, CPA "
+                  f"{rec['cpa_percent']:.2f} % (truth {truth:.2f} %), tissue "
+                  f"{rec['tissue_area_mm2']:.1f} mm², load {os.getloadavg()[0]:.1f}",
+                  flush=True)
+    load1 = os.getloadavg()
+    wall = {k: float(np.median([t[0] for t in v])) for k, v in times.items()}
+    cpu = {k: float(np.median([t[1] for t in v])) for k, v in times.items()}
+    tissue_mpx = float(rec["tissue_area_mm2"]) / (0.5e-3) ** 2 / 1e6
+    added = (cpu["classifier"] - cpu["default"]) / tissue_mpx
+    ratio, cpu_ratio = wall["default"] / wall["classifier"], cpu["default"] / cpu["classifier"]
+    print(f"{size}² Masson slide ({size * size / 1e6:.0f} MPx, {tissue_mpx:.0f} MPx tissue), "
+          f"traits {'on' if traits else 'off'}, 1 worker, median of {rounds}, load average "
+          f"{load0[0]:.1f}/{load0[1]:.1f} -> {load1[0]:.1f}/{load1[1]:.1f}: default "
+          f"{wall['default']:.1f} s ({cpu['default']:.1f} s CPU), classifier "
+          f"{wall['classifier']:.1f} s ({cpu['classifier']:.1f} s CPU) -> speed ratio "
+          f"{ratio:.3f} wall, {cpu_ratio:.3f} CPU (target >= 0.333: "
+          f"{'met' if min(ratio, cpu_ratio) >= 1 / 3 else 'not met'}); the classifier adds "
+          f"{added:.3f} s CPU per MPx of tissue", flush=True)
+
+
 def people(work: Path, n: int = 8, size: int = 768) -> None:
     """The issue's bar on simulated people: three annotators with different edge habits
     (:func:`fibroquant.synthetic.simulated_annotators`) draw dense masks of ``n`` Masson
@@ -151,7 +256,21 @@ def main(argv: list[str] | None = None) -> int:
                     help="only time the whole-slide runs with this classifier file")
     ap.add_argument("--people-only", action="store_true",
                     help="only the simulated people's half/half agreement")
+    ap.add_argument("--whole-slide", type=int, default=None, metavar="PX",
+                    help="only time the whole command on a PX² Masson slide")
+    ap.add_argument("--classifier", type=Path, default=None,
+                    help="with --whole-slide: this classifier (else one is trained first)")
     a = ap.parse_args(argv)
+    if a.whole_slide is not None:
+        work = a.workdir or Path(tempfile.mkdtemp(prefix="fq-clf-"))
+        clf = a.classifier
+        if clf is None:
+            cohort(work, a.n, a.train, a.fraction, a.size)
+            clf = work / "study.classifier"
+            _run(["train", str(work / "ann"), "--slides", str(work / "train"), "--stain",
+                  "masson", "--mpp", "0.5", "--out", str(clf)])
+        whole_slide(clf, work, a.whole_slide, rounds=a.rounds, traits=not a.no_traits)
+        return 0
     if a.people_only:
         people(a.workdir or Path(tempfile.mkdtemp(prefix="fq-clf-")))
         return 0

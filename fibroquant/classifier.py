@@ -78,38 +78,61 @@ def halo_um(scales_um: Sequence[float]) -> float:
     return 4.0 * max(scales_um)
 
 
-_D1 = np.array([[-0.5, 0.0, 0.5]], np.float32)  # central difference, as numpy.gradient
-_ONE = np.array([[1.0]], np.float32)
-
-
-def _derivatives(img: np.ndarray) -> tuple[np.ndarray, ...]:
-    """First and second derivatives (rows, cols) of a float32 image by central differences."""
-    border = cv2.BORDER_REFLECT
-    dr = cv2.sepFilter2D(img, -1, _ONE, _D1.T, borderType=border)
-    dc = cv2.sepFilter2D(img, -1, _D1, _ONE, borderType=border)
-    drr = cv2.sepFilter2D(dr, -1, _ONE, _D1.T, borderType=border)
-    drc = cv2.sepFilter2D(dr, -1, _D1, _ONE, borderType=border)
-    dcc = cv2.sepFilter2D(dc, -1, _D1, _ONE, borderType=border)
-    return dr, dc, drr, drc, dcc
-
-
 def hessian_eigenvalues(smoothed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Larger and smaller eigenvalue of the Hessian of an already smoothed float32 image.
+    """Larger and smaller eigenvalue of the Hessian of an already smoothed float32 image
+    (second derivatives as central differences of central differences, reflected borders).
 
     Same as ``skimage.feature.hessian_matrix_eigvals(hessian_matrix(img, sigma,
     use_gaussian_derivatives=False))`` on the image ``smoothed`` came from (up to the border
     mode of the smoothing).
     """
-    _, _, drr, drc, dcc = _derivatives(smoothed)
-    return _eigenvalues(drr, drc, dcc)
+    img = np.ascontiguousarray(smoothed, np.float32)
+    grad, hi, lo = (np.empty_like(img) for _ in range(3))
+    _structure(img, np.float32(1.0), grad, hi, lo)
+    return hi, lo
 
 
-def _eigenvalues(drr: np.ndarray, drc: np.ndarray, dcc: np.ndarray
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Larger and smaller eigenvalue of the symmetric 2x2 matrices ``[[drr, drc], [drc, dcc]]``."""
-    half_tr = 0.5 * (drr + dcc)
-    root = np.sqrt(0.25 * (drr - dcc) ** 2 + drc**2)
-    return half_tr + root, half_tr - root
+def _structure_py(img, step, grad, hi, lo):  # pragma: no cover - compiled below
+    """Gradient magnitude and the Hessian's two eigenvalues of a float32 image per unit of
+    ``step`` (the grid's µm per pixel), into ``grad``, ``hi`` and ``lo``, in one pass.
+
+    First derivatives are central differences (``0.5 * (p[i + 1] - p[i - 1])``, as
+    ``numpy.gradient``); second ones, central differences of the first (``drr`` and ``drc``
+    of ``dr``, ``dcc`` of ``dc``); every difference reflects the border (``p[-1] = p[0]``,
+    OpenCV's ``BORDER_REFLECT``). All in float32.
+    """
+    h, w = img.shape
+    half = np.float32(0.5)
+    quarter = np.float32(0.25)
+    inv1 = np.float32(1.0) / step
+    inv2 = np.float32(1.0) / (step * step)
+    dr = np.empty((h, w), np.float32)
+    dc = np.empty((h, w), np.float32)
+    for r in range(h):
+        up, mid, down = img[max(r - 1, 0)], img[r], img[min(r + 1, h - 1)]
+        dr_r, dc_r = dr[r], dc[r]
+        for c in range(w):
+            dr_r[c] = half * (down[c] - up[c])
+        for c in range(1, w - 1):
+            dc_r[c] = half * (mid[c + 1] - mid[c - 1])
+        dc_r[0] = half * (mid[min(1, w - 1)] - mid[0])
+        dc_r[w - 1] = half * (mid[w - 1] - mid[max(w - 2, 0)])
+    for r in range(h):
+        a, b = dr[r], dc[r]
+        up, down = dr[max(r - 1, 0)], dr[min(r + 1, h - 1)]
+        g_r, hi_r, lo_r = grad[r], hi[r], lo[r]
+        for c in range(w):
+            cl = c - 1 if c > 0 else 0
+            cr = c + 1 if c < w - 1 else w - 1
+            drr = half * (down[c] - up[c])
+            drc = half * (a[cr] - a[cl])
+            dcc = half * (b[cr] - b[cl])
+            half_tr = half * (drr + dcc)
+            diff = drr - dcc
+            root = np.sqrt(quarter * diff * diff + drc * drc)
+            g_r[c] = np.sqrt(a[c] * a[c] + b[c] * b[c]) * inv1
+            hi_r[c] = (half_tr + root) * inv2
+            lo_r[c] = (half_tr - root) * inv2
 
 
 #: Smallest Gaussian SD, in pixels of a downsampled plane, at which a scale is computed at
@@ -227,10 +250,15 @@ def feature_planes(rgb: np.ndarray, stains: StainMatrix, mpp: float,
     # per pixel)
     m = np.vstack([stains.unmixing.T, np.ones((1, 3))]).astype(np.float32)
     m[0] /= np.float32(reference_od)  # the collagen stain relative to the slide's own level
-    _base_planes(np.ascontiguousarray(rgb).reshape(-1, 3),
+    # the 2-fold block means of the planes in the same pass, on the image reflected up to a
+    # multiple of ``top`` at the bottom and right (the reduced grids' anchor is the top left)
+    src = rgb if (hp, wp) == (h, w) else cv2.copyMakeBorder(rgb, 0, hp - h, 0, wp - w,
+                                                            cv2.BORDER_REFLECT)
+    half = np.empty((n + 1, hp // 2, wp // 2) if top > 1 else (n + 1, 0, 0), np.float32)
+    _base_planes(np.ascontiguousarray(src),
                  np.ascontiguousarray(od_lut(stains.background_rgb), np.float32), m,
-                 planes.buffer[: (n + 1) * h * w].reshape(n + 1, h * w))
-    reduced = _pyramid([planes.plane(i) for i in range(n + 1)], top)
+                 planes.buffer[: (n + 1) * h * w].reshape(n + 1, h * w), h, w, half)
+    reduced = _pyramid([planes.plane(i) for i in range(n + 1)], list(half), top)
     k = n + 1
     for s, d in zip(scales_um, levels, strict=True):
         sigma_px = s / mpp
@@ -240,23 +268,46 @@ def feature_planes(rgb: np.ndarray, stains: StainMatrix, mpp: float,
         k += n + 1
         step = np.float32(mpp * d)  # µm per pixel of the reduced plane
         for p in (smooth[0], smooth[n]):
-            dr, dc, drr, drc, dcc = _derivatives(p)
-            hi, lo = _eigenvalues(drr, drc, dcc)
             # per µm, so that the same structure gives the same value at any resolution
-            np.divide(np.sqrt(dr * dr + dc * dc), step, out=planes.plane(k))
-            np.divide(hi, step * step, out=planes.plane(k + 1))
-            np.divide(lo, step * step, out=planes.plane(k + 2))
+            _structure(p, step, planes.plane(k), planes.plane(k + 1), planes.plane(k + 2))
             k += 3
     return planes
 
 
-def _base_planes_py(rgb, lut, m, out):  # pragma: no cover - compiled below
+def _base_planes_py(rgb, lut, m, out, h, w, half):  # pragma: no cover - compiled below
     """Each pixel's optical density (``lut[channel, value]``) times ``m``: the stains'
-    concentrations and the total OD, written plane by plane into ``out`` (one pass)."""
-    for p in range(rgb.shape[0]):
-        o0, o1, o2 = lut[0, rgb[p, 0]], lut[1, rgb[p, 1]], lut[2, rgb[p, 2]]
-        for i in range(m.shape[0]):
-            out[i, p] = o0 * m[i, 0] + o1 * m[i, 1] + o2 * m[i, 2]
+    concentrations and the total OD, written plane by plane into ``out`` (``(K, h * w)``, the
+    top-left ``h`` x ``w`` of ``rgb``), and their 2 x 2 block means into ``half`` (``(K,
+    H / 2, W / 2)``, or ``(K, 0, 0)``: none), in one pass, row by row."""
+    k = m.shape[0]
+    do_half = half.shape[1] > 0
+    n_rows = rgb.shape[0] if do_half else h
+    n_cols = rgb.shape[1] if do_half else w
+    half_w = half.shape[2]
+    od = np.empty((3, n_cols), np.float32)
+    row = np.empty(n_cols, np.float32)
+    acc = np.zeros((k, half_w), np.float32)
+    quarter = np.float32(0.25)
+    for r in range(n_rows):
+        for c in range(n_cols):
+            od[0, c] = lut[0, rgb[r, c, 0]]
+            od[1, c] = lut[1, rgb[r, c, 1]]
+            od[2, c] = lut[2, rgb[r, c, 2]]
+        for i in range(k):
+            m0, m1, m2 = m[i, 0], m[i, 1], m[i, 2]
+            for c in range(n_cols):
+                row[c] = od[0, c] * m0 + od[1, c] * m1 + od[2, c] * m2
+            if r < h:
+                out[i, r * w : (r + 1) * w] = row[:w]
+            if do_half:
+                a = acc[i]
+                for c2 in range(half_w):
+                    a[c2] += row[2 * c2] + row[2 * c2 + 1]
+                if (r & 1) == 1:
+                    hr = half[i, r >> 1]
+                    for c2 in range(half_w):
+                        hr[c2] = a[c2] * quarter
+                        a[c2] = 0
 
 
 def pixel_features(rgb: np.ndarray, stains: StainMatrix, mpp: float,
@@ -296,17 +347,16 @@ def pixel_features(rgb: np.ndarray, stains: StainMatrix, mpp: float,
     return out
 
 
-def _pyramid(planes: list[np.ndarray], top: int) -> dict[int, list[np.ndarray]]:
-    """The planes reduced 2-, 4-, ... ``top``-fold by block means (reflected up to a multiple
-    of ``top`` at the bottom and right first); level 1 is the planes themselves."""
+def _pyramid(planes: list[np.ndarray], half: list[np.ndarray], top: int
+             ) -> dict[int, list[np.ndarray]]:
+    """The planes reduced 2-, 4-, ... ``top``-fold by block means, from their 2-fold block
+    means ``half`` (of the planes reflected up to a multiple of ``top``); level 1 is the
+    planes themselves."""
     levels: dict[int, list[np.ndarray]] = {1: list(planes)}
     if top == 1:
         return levels
-    h, w = planes[0].shape
-    ph, pw = -h % top, -w % top
-    cur = [cv2.copyMakeBorder(p, 0, ph, 0, pw, cv2.BORDER_REFLECT) if ph or pw else p
-           for p in planes]
-    d = 1
+    cur, d = half, 2
+    levels[2] = cur
     while d < top:
         d *= 2
         cur = [cv2.resize(p, (p.shape[1] // 2, p.shape[0] // 2), interpolation=cv2.INTER_AREA)
@@ -331,7 +381,8 @@ class CompiledEnsemble:
     threshold, as scikit-learn's ``_predict_from_raw_data`` (features are never NaN here).
     """
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, exit_margins: Sequence[float] | None = None,
+                 exit_every: int | None = None) -> None:
         trees = [preds[0].nodes for preds in model._predictors]
         sizes = np.array([len(t) for t in trees], np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
@@ -350,6 +401,15 @@ class CompiledEnsemble:
         # as its running score is further from 0 than that
         most = np.array([np.abs(t["value"][t["is_leaf"].astype(bool)]).max() for t in trees])
         self.remaining = np.concatenate([np.cumsum(most[::-1])[::-1], [0.0]]).astype(np.float64)
+        # the walk's exit bounds: the exact ones, or the (smaller) trained margins
+        # (:func:`exit_margins`), checked every ``exit_every`` trees
+        self.exit_every = int(exit_every or EXIT_EVERY)
+        self.exit_margins = [float(m) for m in exit_margins or []]
+        self.bound = self.remaining.copy()
+        for k, m in enumerate(self.exit_margins):
+            t = self.exit_every * (k + 1)
+            if t < len(trees):
+                self.bound[t] = min(self.bound[t], m)
         self._perfect(trees)
 
     def _perfect(self, trees: list[np.ndarray]) -> None:
@@ -387,6 +447,19 @@ class CompiledEnsemble:
         thr32[over] = np.nextafter(thr32[over], np.float32(-np.inf))
         self.depth, self.p_feature, self.p_threshold, self.p_leaf = (
             depth, feat.astype(np.intp), thr32, leaf)
+        # the features first read by each group of exit_every trees (the walk gathers a
+        # group's features only for the pixels still undecided when it starts); feature 0 is
+        # in the first group (the padding nodes read it, and always go left)
+        seen: set[int] = {0}
+        groups: list[list[int]] = []
+        every = self.exit_every
+        for g in range(0, len(trees), every):
+            used = {int(v) for v in feat[g : g + every].ravel()} | ({0} if g == 0 else set())
+            groups.append(sorted(used - (seen if g else set())))
+            seen |= used
+        self.group_start = np.concatenate(
+            [[0], np.cumsum([len(gr) for gr in groups])]).astype(np.int64)
+        self.group_feature = np.array([f for gr in groups for f in gr], np.int64)
 
     def raw(self, planes: np.ndarray, index: np.ndarray) -> np.ndarray:
         """Raw scores (float64) of the pixels ``index`` (flat) of ``(F, H, W)`` planes."""
@@ -400,16 +473,62 @@ class CompiledEnsemble:
         of ``(F, H, W)`` planes or of :class:`FeaturePlanes`.
 
         Walks the perfect trees branch-free, 64 pixels at a time (their features copied
-        together first, reduced planes read bilinearly), tree by tree; every 4 trees, the
-        pixels whose score the remaining trees cannot bring across 0 are dropped (the same
-        decisions as :meth:`raw` on the upsampled planes, up to float rounding of the
-        bilinear reads).
+        together, reduced planes read bilinearly, each group of trees' features only for the
+        pixels still undecided), tree by tree; every ``exit_every`` trees, the pixels
+        whose score is past the exit bound are decided. With the exact bound (no exit
+        margins) these are the decisions of :meth:`raw` on the upsampled planes, up to float
+        rounding of the bilinear reads; with trained margins (:func:`exit_margins`), all but
+        a few in 10⁴ of them.
         """
         fp = planes if isinstance(planes, FeaturePlanes) else FeaturePlanes.of(planes)
         return _perfect_decide(fp.buffer, fp.offset, fp.height, fp.width, fp.factor,
                                fp.shape[1], index.astype(np.int64), self.p_feature,
                                self.p_threshold, self.p_leaf, self.depth, self.baseline,
-                               self.remaining)
+                               self.bound, self.group_start, self.group_feature,
+                               self.exit_every)
+
+    def partial_scores(self, rows: np.ndarray) -> np.ndarray:
+        """Raw scores of feature rows ``(N, F)`` after 0, ``exit_every``, 2 ``exit_every``,
+        ... trees and after all of them: float64, ``(K, N)``."""
+        flat = np.ascontiguousarray(np.asarray(rows, np.float32).T)
+        return _ensemble_partial(flat, self.offsets, self.feature, self.threshold, self.left,
+                                 self.right, self.is_leaf, self.value, self.baseline,
+                                 self.exit_every)
+
+
+#: Trees walked between two exit checks (and per group of gathered features): on the
+#: synthetic Masson slide of docs/decisions.md#classifier-exit, 94 % of the pixels are decided
+#: after 2 trees, and the walk reads 15 features and 2.5 trees per pixel (checking every 4
+#: trees: 20 and 4.4).
+EXIT_EVERY = 2
+#: Share of the gate-passing training pixels a trained exit margin may decide otherwise than
+#: the whole ensemble, per check (:func:`exit_margins`; on a synthetic Masson slide, 8e-5 of
+#: the pixels the walk is asked about end otherwise, and the walk takes a fifth of the time:
+#: docs/decisions.md#classifier-exit).
+EXIT_TOLERANCE = 5e-4
+#: Smallest exit margin (log-odds: a probability of 0.12 or 0.88).
+MIN_EXIT_MARGIN = 2.0
+
+
+def exit_margins(partial: np.ndarray, tolerance: float = EXIT_TOLERANCE,
+                 least: float = MIN_EXIT_MARGIN) -> list[float]:
+    """Exit margins of an ensemble from its partial scores on training pixels
+    (:meth:`CompiledEnsemble.partial_scores`): after each check, the least margin (at least
+    ``least``) beyond which at most ``tolerance`` of the pixels end on the other side of 0.
+
+    A pixel whose score after some trees is that far from 0 is decided there (a cascade, as
+    in Viola and Jones' detector): most pixels of a section are far from the decision
+    boundary after a few trees, so the walk does a fraction of its work.
+    """
+    final = partial[-1] >= 0
+    n = partial.shape[1]
+    allowed = math.floor(tolerance * n)
+    margins = []
+    for s in partial[1:-1]:
+        flipped = np.sort(np.abs(s[(s >= 0) != final]))[::-1]
+        m = float(flipped[allowed]) if flipped.size > allowed else 0.0
+        margins.append(max(m, least))
+    return margins
 
 def _bilinear_axis_py(p, inv, size):  # pragma: no cover - compiled below
     """Full-resolution coordinate ``p`` on a grid reduced by ``1 / inv``: the two samples
@@ -425,7 +544,8 @@ def _bilinear_axis_py(p, inv, size):  # pragma: no cover - compiled below
 
 
 def _perfect_decide_py(buf, offset, height, width, factor, img_w, index, feat, thr, leaf,
-                       depth, baseline, remaining):  # pragma: no cover - compiled below
+                       depth, baseline, bound, group_start, group_feature, every
+                       ):  # pragma: no cover - compiled below
     n = len(index)
     n_feat = len(offset)
     n_trees = feat.shape[0]
@@ -437,57 +557,74 @@ def _perfect_decide_py(buf, offset, height, width, factor, img_w, index, feat, t
     node = np.empty(block, np.int64)
     # the block's features pixel by pixel (8.7 kB: the walks read the L1 cache, not 34
     # planes of megabytes); a reduced plane is read bilinearly, as OpenCV upsamples it
-    rows = np.empty((block, n_feat), np.float32)
+    rows = np.zeros((block, n_feat), np.float32)
     pr = np.empty(block, np.int64)
     pc = np.empty(block, np.int64)
-    x0 = np.empty(block, np.int64)
-    x1 = np.empty(block, np.int64)
-    y0 = np.empty(block, np.int64)
-    y1 = np.empty(block, np.int64)
-    ax = np.empty(block, np.float32)
-    ay = np.empty(block, np.float32)
+    # every pixel's two samples and weight on each reduced grid (level: log2 of the factor)
+    x0 = np.empty((4, block), np.int64)
+    x1 = np.empty((4, block), np.int64)
+    y0 = np.empty((4, block), np.int64)
+    y1 = np.empty((4, block), np.int64)
+    ax = np.empty((4, block), np.float32)
+    ay = np.empty((4, block), np.float32)
+    level = np.zeros(n_feat, np.int64)
+    wanted = np.zeros(4, np.bool_)
+    lw = np.zeros(4, np.int64)  # a reduced plane's width and height, by level
+    lh = np.zeros(4, np.int64)
+    for f in range(n_feat):
+        d = factor[f]
+        while (1 << level[f]) < d:
+            level[f] += 1
+        wanted[level[f]] = True
+        lw[level[f]] = width[f]
+        lh[level[f]] = height[f]
     for b in range(0, n, block):
         nb = min(block, n - b)
         for j in range(nb):
             pr[j] = index[b + j] // img_w
             pc[j] = index[b + j] - pr[j] * img_w
-        last_d = 0
-        for f in range(n_feat):
-            d = factor[f]
-            base = offset[f]
-            wl = width[f]
-            if d == 1:
-                for j in range(nb):
-                    rows[j, f] = buf[base + pr[j] * wl + pc[j]]
+        for lv in range(1, 4):
+            if not wanted[lv]:
                 continue
-            if d != last_d:  # pixel coordinates on this reduced grid (cv2.resize's rule)
-                hl = height[f]
-                inv = 1.0 / d
-                for j in range(nb):
-                    x0[j], x1[j], ax[j] = _bilinear_axis(pc[j], inv, wl)
-                    y0[j], y1[j], ay[j] = _bilinear_axis(pr[j], inv, hl)
-                last_d = d
+            inv = 1.0 / (1 << lv)
             for j in range(nb):
-                r0, r1 = base + y0[j] * wl, base + y1[j] * wl
-                a, bb = ax[j], ay[j]
-                top = buf[r0 + x0[j]] * (np.float32(1) - a) + buf[r0 + x1[j]] * a
-                bot = buf[r1 + x0[j]] * (np.float32(1) - a) + buf[r1 + x1[j]] * a
-                rows[j, f] = top * (np.float32(1) - bb) + bot * bb
+                x0[lv, j], x1[lv, j], ax[lv, j] = _bilinear_axis(pc[j], inv, lw[lv])
+                y0[lv, j], y1[lv, j], ay[lv, j] = _bilinear_axis(pr[j], inv, lh[lv])
         for j in range(nb):
             acc[j] = baseline
             active[j] = j
         n_active = nb
         for t in range(n_trees):
-            if t % 4 == 0:  # drop the pixels the remaining trees cannot change
-                m = 0
+            if t % every == 0:  # decide the pixels past the exit bound; gather the next group's
+                m = 0  # features for the others
                 for a in range(n_active):
                     j = active[a]
-                    if abs(acc[j]) <= remaining[t]:
+                    if abs(acc[j]) <= bound[t]:
                         active[m] = j
                         m += 1
                 n_active = m
                 if n_active == 0:
                     break
+                g = t // every
+                for q in range(group_start[g], group_start[g + 1]):
+                    f = group_feature[q]
+                    base = offset[f]
+                    wl = width[f]
+                    lv = level[f]
+                    if lv == 0:
+                        for a in range(n_active):
+                            j = active[a]
+                            rows[j, f] = buf[base + pr[j] * wl + pc[j]]
+                        continue
+                    for a in range(n_active):
+                        j = active[a]
+                        r0 = base + y0[lv, j] * wl
+                        r1 = base + y1[lv, j] * wl
+                        u = ax[lv, j]
+                        v = ay[lv, j]
+                        top = buf[r0 + x0[lv, j]] * (np.float32(1) - u) + buf[r0 + x1[lv, j]] * u
+                        bot = buf[r1 + x0[lv, j]] * (np.float32(1) - u) + buf[r1 + x1[lv, j]] * u
+                        rows[j, f] = top * (np.float32(1) - v) + bot * v
             # level by level over the block's pixels: their walks are independent, so the
             # CPU overlaps them (a pixel's own walk is a chain of dependent loads)
             ft, tt = feat[t], thr[t]
@@ -501,6 +638,25 @@ def _perfect_decide_py(buf, offset, height, width, factor, img_w, index, feat, t
                 acc[active[a]] += leaf[t, node[a] - n_inner]
         for j in range(nb):
             out[b + j] = acc[j] >= 0.0
+    return out
+
+
+def _ensemble_partial_py(flat, offsets, feature, threshold, left, right, is_leaf, value,
+                         baseline, every):  # pragma: no cover - compiled below
+    n_trees = len(offsets)
+    n_checks = (n_trees + every - 1) // every
+    out = np.empty((n_checks + 1, flat.shape[1]), np.float64)
+    for p in range(flat.shape[1]):
+        acc = baseline
+        for t in range(n_trees):
+            if t % every == 0:
+                out[t // every, p] = acc
+            k = offsets[t]
+            base = k
+            while not is_leaf[k]:
+                k = base + (left[k] if flat[feature[k], p] <= threshold[k] else right[k])
+            acc += value[k]
+        out[n_checks, p] = acc
     return out
 
 
@@ -532,6 +688,7 @@ def _compile(fn: Any) -> Any:
 _ensemble_raw = _compile(_ensemble_raw_py)
 _bilinear_axis = _compile(_bilinear_axis_py)
 _perfect_decide = _compile(_perfect_decide_py)
+_ensemble_partial = _compile(_ensemble_partial_py)
 
 
 @dataclass
@@ -561,7 +718,9 @@ class PixelClassifier:
         if self._compiled is None and type(self.model).__name__ == \
                 "HistGradientBoostingClassifier":
             try:
-                self._compiled = CompiledEnsemble(self.model)
+                settings = self.header.get("settings", {})
+                self._compiled = CompiledEnsemble(self.model, settings.get("exit_margins"),
+                                                  settings.get("exit_every"))
             except (AttributeError, KeyError, ValueError, IndexError):  # another layout
                 logger.debug("classifier: scikit-learn's own predict is used")
 
@@ -620,18 +779,34 @@ class PixelClassifier:
         mpp : float
             µm per pixel of the tile.
         tissue : ndarray of bool, (h, w), optional
-            Only these core pixels are classified (the others are False).
+            Only these core pixels are classified (the others are False); the features are
+            computed on the box around them and its halo only (its corner on the
+            :data:`MAX_LEVEL` grid of the tile's, so the reduced planes see the same grid).
 
         Returns
         -------
         ndarray of bool, (h, w)
         """
+        h = rgb_with_halo.shape[0] - 2 * halo_px
+        w = rgb_with_halo.shape[1] - 2 * halo_px
+        if tissue is not None:
+            rows = np.flatnonzero(tissue.any(axis=1))
+            if rows.size == 0:
+                return np.zeros((h, w), bool)
+            cols = np.flatnonzero(tissue.any(axis=0))
+            y0 = int(rows[0]) // MAX_LEVEL * MAX_LEVEL
+            x0 = int(cols[0]) // MAX_LEVEL * MAX_LEVEL
+            y1, x1 = int(rows[-1]) + 1, int(cols[-1]) + 1
+            if (y1 - y0) * (x1 - x0) < 0.9 * h * w:  # worth a smaller feature box
+                out = np.zeros((h, w), bool)
+                out[y0:y1, x0:x1] = self.predict_tile(
+                    rgb_with_halo[y0 : y1 + 2 * halo_px, x0 : x1 + 2 * halo_px], halo_px,
+                    stains, mpp=mpp, tissue=tissue[y0:y1, x0:x1])
+                return out
         planes = feature_planes(rgb_with_halo, stains, mpp, self.scales_um,
                                 min_sigma_px=self.min_sigma_px,
                                 reference_od=self.reference_od)
         big_w = rgb_with_halo.shape[1]
-        h = rgb_with_halo.shape[0] - 2 * halo_px
-        w = big_w - 2 * halo_px
         gate_col = len(stains.names) + 1  # the collagen stain at the smallest scale
         todo = planes.full(gate_col)[halo_px : halo_px + h, halo_px : halo_px + w] >= self.gate_od
         if tissue is not None:
@@ -686,6 +861,7 @@ def _from_coarse_py(todo, out):  # pragma: no cover - compiled below
 
 
 _from_coarse = _compile(_from_coarse_py)
+_structure = _compile(_structure_py)
 _base_planes = _compile(_base_planes_py)
 
 
@@ -1024,6 +1200,11 @@ def fit(images: Sequence[TrainingImage], *, kind: str = "hgb", rng: int = 0,
     settings["model"] = kind
     header["settings"] = settings
     gate = _gate(x, y.astype(bool), gate_col) if gate_col is not None else -math.inf
+    if kind == "hgb":  # the walk's exit margins, from the pixels the walk will see
+        asked = x if gate_col is None else x[x[:, gate_col] >= gate]
+        settings["exit_margins"] = exit_margins(
+            CompiledEnsemble(model).partial_scores(asked))
+        settings["exit_every"] = EXIT_EVERY
     return PixelClassifier(model, header, gate)
 
 

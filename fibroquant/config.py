@@ -208,6 +208,13 @@ class CollagenSettings(_Model):
         description="share_baseline parenchyma: parenchyma cells carry up to this many times the "
         "median parenchymal collagen-stain share (cell-to-cell and zonal variation), at most 0.5",
     )
+    pale_bands: bool = Field(
+        True,
+        description="relative method with local_background_um: find diffuse pale collagen "
+        "(a broad band of faint collagen stain over cells, told from purple cytoplasm by its "
+        "neighbourhood's share); there the share guard falls toward the parenchyma's (not "
+        "below 0.3) and the threshold halfway to min_contrast_od above the local parenchyma",
+    )
     min_object_area_um2: float = Field(
         5.0, ge=0, description="collagen specks smaller than this are dropped, µm²"
     )

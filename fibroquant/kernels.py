@@ -305,7 +305,7 @@ _even_row_words_nb = _jit(_even_row_words_py)
 
 def _tile_py(
     rgb: np.ndarray, lut: np.ndarray, tables: np.ndarray, others: np.ndarray,
-    min_share: np.float32, flags: np.ndarray, thr: np.ndarray, rows: np.ndarray,
+    guard: np.ndarray, flags: np.ndarray, thr: np.ndarray, rows: np.ndarray,
     cols: np.ndarray, f: int, blocks: np.ndarray, stride: int, fmom: np.ndarray,
     counts: np.ndarray, od_total: np.ndarray, min_px: int, blob_px: int, blob_side: int,
     words: np.ndarray, t01: np.ndarray, l01: np.ndarray, area: int, by_class: np.ndarray,
@@ -313,7 +313,8 @@ def _tile_py(
     # Row by row. Each low-resolution row is expanded once over the tile's columns, run by run
     # of equal low-resolution column: the class of every column, the threshold of the plain
     # tissue columns (tissue outside the capsule band and the vessel walls; +inf elsewhere, so
-    # that one comparison finds their collagen), the number of plain tissue columns and of
+    # that one comparison finds their collagen), the share guard of every column (``guard``
+    # has the class map's shape, or (1, 1) for one guard everywhere), the number of plain tissue columns and of
     # columns excluded whatever their pixels (the ``area`` bits: lumen, fold, bubble...; wall
     # outside the band) in every block column, and the list of capsule-band tissue columns,
     # the only ones decided pixel by pixel (collagen there is capsule). Everything else is
@@ -355,6 +356,10 @@ def _tile_py(
     inf = np.float32(np.inf)
     buf = np.empty(w, np.float32)  # collagen concentration of the current row
     tb = np.empty(w, np.float32)  # threshold of the plain tissue columns, +inf elsewhere
+    gb = np.empty(w, np.float32)  # share guard of every column
+    one_guard = guard.shape[0] == 1 and guard.shape[1] == 1
+    if one_guard:
+        gb[:] = guard[0, 0]
     fb = np.empty(w, np.uint8)  # class bits of every column
     spec = np.empty(w, np.int32)  # capsule-band tissue columns of the low-resolution row
     hit_words = np.zeros((w + 31) // 32 * 4, np.uint64)  # the cut of the row, padded to 32
@@ -412,6 +417,7 @@ def _tile_py(
             prev = ri
             frow = flags[ri]
             trow = thr[ri]
+            grow = guard[0] if one_guard else guard[ri]
             n_plain = 0
             n_spec = 0
             row_exc = 0
@@ -431,6 +437,10 @@ def _tile_py(
                 for j in range(s, e):
                     fb[j] = fl
                     tb[j] = tv
+                if not one_guard:
+                    gv = grow[run_c[u]]
+                    for j in range(s, e):
+                        gb[j] = gv
                 if plain:
                     n_plain += e - s
                     _add_run_nb(isp_blk, bcol, f, s, e)
@@ -506,7 +516,7 @@ def _tile_py(
                     cb = ob0[r] + ob1[g] + ob2[b]
                     total = (p + (ca if ca > zero else zero)) + (cb if cb > zero else zero)
                     hits[m2] = j
-                    m2 += p >= min_share * total
+                    m2 += p >= gb[j] * total
                 m = m2
             elif m > 0 and n_other > 0:
                 m2 = 0
@@ -514,7 +524,7 @@ def _tile_py(
                     j = hits[q]
                     hits[m2] = j
                     m2 += _share_ok_nb(buf[j], rgb[i, j, 0], rgb[i, j, 1], rgb[i, j, 2],
-                                       others, min_share)
+                                       others, gb[j])
                 m = m2
             b0 = blocks[0, bi]
             for q in range(m):
@@ -532,7 +542,7 @@ def _tile_py(
                 col = c > trow[cols[j]]
                 if col and n_other > 0:
                     col = _share_ok_nb(c, rgb[i, j, 0], rgb[i, j, 1], rgb[i, j, 2], others,
-                                       min_share)
+                                       gb[j])
                 if col:
                     n_cap += 1
                 elif fl & 4:
@@ -887,6 +897,13 @@ def focus_moments_reference(od: np.ndarray, tissue: np.ndarray) -> np.ndarray:
                      np.count_nonzero(tissue[1:-1, 1:-1]), lap.sum(), (lap * lap).sum(), ref])
 
 
+def guard_array(min_share: float | np.ndarray) -> np.ndarray:
+    """A share guard as the tile kernel reads it: C-contiguous float32 of 2 dimensions, (1, 1)
+    for one value."""
+    g = np.asarray(min_share, dtype=np.float32)
+    return np.ascontiguousarray(g.reshape(1, 1) if g.ndim == 0 else g)
+
+
 def fused_ok(rgb: np.ndarray, lut: np.ndarray, unmix_col: np.ndarray,
              other_cols: tuple[np.ndarray, ...], flags: np.ndarray, thr: np.ndarray,
              rows: np.ndarray, cols: np.ndarray) -> bool:
@@ -908,8 +925,8 @@ def fused_ok(rgb: np.ndarray, lut: np.ndarray, unmix_col: np.ndarray,
 
 def measure_tile_fused(
     rgb: np.ndarray, lut: np.ndarray, unmix_col: np.ndarray, other_cols: tuple[np.ndarray, ...],
-    min_share: float, flags: np.ndarray, thr: np.ndarray, rows: np.ndarray, cols: np.ndarray,
-    f: int, stride: int, min_px: int = 0, blob_px: int = 0, blob_side: int = 0,
+    min_share: float | np.ndarray, flags: np.ndarray, thr: np.ndarray, rows: np.ndarray,
+    cols: np.ndarray, f: int, stride: int, min_px: int = 0, blob_px: int = 0, blob_side: int = 0,
 ) -> FusedTile:
     """Classify and count every pixel of a tile in one pass, by the collagen decision of
     :class:`fibroquant.collagen.CollagenRule`.
@@ -931,8 +948,10 @@ def measure_tile_fused(
         Collagen column of the unmixing matrix.
     other_cols : tuple of ndarray of float32, shape (3,)
         Unmixing columns of the other stains (share guard); empty to skip the guard.
-    min_share : float
-        Least share of the collagen stain in a collagen pixel's positive concentration.
+    min_share : float or ndarray of float32, shape (h, w)
+        Least share of the collagen stain in a collagen pixel's positive concentration: one
+        value, or one per low-resolution cell (the share guard map of
+        :class:`fibroquant.collagen.CollagenRule`).
     flags : ndarray of uint8, shape (h, w)
         Low-resolution class bits (``FLAG_*``).
     thr : ndarray of float32, shape (h, w)
@@ -957,8 +976,11 @@ def measure_tile_fused(
     -------
     FusedTile
     """
-    other_cols = tuple(other_cols) if min_share > 0 else ()
-    if not fused_ok(rgb, lut, unmix_col, other_cols, flags, thr, rows, cols):
+    guard = guard_array(min_share)
+    # a guard map is only built for slides with a guard (the test would read the whole map)
+    other_cols = tuple(other_cols) if guard.shape != (1, 1) or guard[0, 0] > 0 else ()
+    if not fused_ok(rgb, lut, unmix_col, other_cols, flags, thr, rows, cols) or not (
+            guard.shape in ((1, 1), flags.shape)):
         msg = "measure_tile_fused: inputs the kernel cannot take (see fused_ok)"
         raise ValueError(msg)
     h, w = rgb.shape[:2]
@@ -973,7 +995,7 @@ def measure_tile_fused(
     t01 = l01 = _NO_PAIRS
     if words.size:
         t01, l01 = _pair_tables_cached(tables.tobytes(), np.ascontiguousarray(lut).tobytes())
-    _tile_nb(rgb, lut, tables, others, np.float32(min_share), flags, thr,
+    _tile_nb(rgb, lut, tables, others, guard, flags, thr,
              rows, cols, int(f), blocks, int(stride), fmom, counts, od_total,
              int(min_px), int(blob_px), int(blob_side), words, t01, l01,
              exclusions.area_bits(), by_class)
@@ -988,6 +1010,7 @@ __all__ = [
     "focus_moments_reference",
     "fused_ok",
     "gaussian_blur",
+    "guard_array",
     "lookup_nearest",
     "measure_tile_fused",
     "remove_small_holes_fast",

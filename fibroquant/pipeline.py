@@ -28,10 +28,14 @@ import numpy as np
 
 from fibroquant import __version__, focus, kernels
 from fibroquant.collagen import (
+    BAND_MIN_GUARD,
+    BAND_SHARE_SIGMA_UM,
+    BAND_THRESHOLD_DROP,
     CollagenRule,
     CollagenThreshold,
     auto_blob_area,
     calibrate_threshold,
+    pale_band_weight,
     parenchyma_background,
 )
 from fibroquant.confidence import FAINT_COLLAGEN_OD
@@ -421,8 +425,8 @@ def calibrate_slide(slide: Slide, settings: Settings) -> Calibration:
     # automatic: decided by the nuclei's stain (per slide; the settings stay as given)
     blob_um2 = auto_blob_area(pos[stained], stains) if blob_auto else \
         (settings.collagen.blob_max_area_um2 or 0.0)
-    tissue, threshold_map = _threshold_map(thumb, thumb_mpp, tissue, background, stains, thr,
-                                           settings)
+    tissue, threshold_map, guard_map = _threshold_map(thumb, thumb_mpp, tissue, background,
+                                                      stains, thr, settings)
     fit = stain_fit(tissue_pixels(thumb, tissue.tissue, STAIN_FIT_MAX_PIXELS), max_pixels=50_000)
     warnings = stain_warnings(est, preset, thr, fit, settings.stains.stain.value)
     verdict = stain_verdict(fit, settings.stains.stain.value)
@@ -438,6 +442,8 @@ def calibrate_slide(slide: Slide, settings: Settings) -> Calibration:
         blob_um2, fit, verdict.guess, verdict.wrong, thr.pale_counterstain)
     rule = CollagenRule.for_slide(od_lut(background), stains, thr.share_guard,
                                   settings.collagen, blob_um2, geo.analysis_mpp)
+    if guard_map is not None:
+        rule = replace(rule, guard_map=guard_map)
     return Calibration(sl, geo, thumb, thumb_mpp, tissue, class_flags(tissue), est, preset, thr,
                        threshold_map, rule, qc, tuple(warnings), overview, overview_mpp)
 
@@ -514,9 +520,11 @@ def _qc_image(cal: Calibration) -> np.ndarray:
 def _threshold_map(
     thumb: np.ndarray, thumb_mpp: float, tissue: TissueMask, background: Vector,
     stains: StainMatrix, thr: CollagenThreshold, settings: Settings,
-) -> tuple[TissueMask, np.ndarray]:
-    """Folds and capsule added to ``tissue``, and the collagen threshold at its resolution
-    (float32, OD units: the slide's threshold, raised by the local parenchyma background)."""
+) -> tuple[TissueMask, np.ndarray, np.ndarray | None]:
+    """Folds and capsule added to ``tissue``, the collagen threshold at its resolution
+    (float32, OD units: the slide's threshold, raised by the local parenchyma background) and
+    the share guard there (float32; None = the slide's guard everywhere): both lowered in
+    diffuse pale collagen (:func:`_pale_bands`)."""
     thumb_conc = rgb_to_od(thumb, background) @ stains.unmixing
     # the collagen plane is read by every step below: contiguous, not a strided view
     thumb_col = np.ascontiguousarray(thumb_conc[..., stains.collagen_index])
@@ -526,10 +534,13 @@ def _threshold_map(
     if not (thr.method == "relative" and settings.collagen.local_background_um):
         tissue = with_capsule(tissue, thumb_col > thr.threshold_od)
         return tissue, np.full(tissue.tissue.shape, kernels.threshold_as_float32(
-            np.dtype(np.float32), thr.threshold_od), np.float32)
+            np.dtype(np.float32), thr.threshold_od), np.float32), None
     tpos = np.maximum(thumb_conc, 0)
     del thumb_conc  # thumbnail-sized temporaries are freed as soon as possible (peak RSS)
     tshare = tpos[..., stains.collagen_index] / np.maximum(channel_sum(tpos), 1e-6)
+    band, band_p = _pale_bands(
+        tshare, tissue.tissue & (channel_sum(tpos) > settings.stains.od_floor), thumb_mpp, thr,
+        settings)
     del tpos
     # Pixels that pass the share guard may be collagen and do not define the non-specific
     # uptake: a broad pale collagen band over cells (share ~0.45) would raise the map, and the
@@ -537,6 +548,8 @@ def _threshold_map(
     cut = thr.share_guard if 0.0 < thr.share_guard < 0.5 else 0.5
     parenchyma = tissue.tissue & (tshare < np.float32(cut))
     del tshare
+    if band is not None:
+        parenchyma &= band == 0
     # The thumbnail gives the map's shape; its level comes from the analysis-resolution
     # sample. A coarse thumbnail pixel mixes in fine fibres, which would raise the
     # parenchyma level it sees (and the threshold) the coarser the thumbnail.
@@ -551,7 +564,36 @@ def _threshold_map(
         bg_map -= np.float32(bias)
     del parenchyma
     threshold_map = bg_map + np.float32(thr.threshold_od - thr.parenchyma_od)
-    return with_capsule(tissue, thumb_col > threshold_map), threshold_map
+    guard_map = None
+    if band is not None:
+        threshold_map -= band * np.float32(BAND_THRESHOLD_DROP * max(
+            thr.threshold_od - thr.parenchyma_od - settings.collagen.min_contrast_od, 0.0))
+        # the guard falls to the slide's bluest parenchyma (as in collagen.share_guard)
+        low = min(max(settings.collagen.parenchyma_share_spread * band_p, BAND_MIN_GUARD),
+                  thr.share_guard)
+        guard_map = np.float32(thr.share_guard) - band * np.float32(thr.share_guard - low)
+    return with_capsule(tissue, thumb_col > threshold_map), threshold_map, guard_map
+
+
+def _pale_bands(share: np.ndarray, stained: np.ndarray, thumb_mpp: float,
+                thr: CollagenThreshold, settings: Settings) -> tuple[np.ndarray | None, float]:
+    """Weight of diffuse pale collagen on the thumbnail (:func:`collagen.pale_band_weight`,
+    float32 0-1; None where there is none or the setting is off) and the thumbnail's
+    parenchymal collagen-stain share it is measured against."""
+    if not (settings.collagen.pale_bands and thr.share_guard > 0):
+        return None, 0.0
+    parenchyma = stained & (share < np.float32(0.5))
+    n = np.count_nonzero(parenchyma)
+    if n < 50 or n < 0.5 * np.count_nonzero(stained):
+        # most of the stained tissue is collagen-stain dominated (a pale counterstain under
+        # non-specific uptake, or cirrhosis): the share no longer sets bands apart
+        return None, 0.0
+    values = share[parenchyma]
+    if values.size > 1_000_000:  # a median of a million pixels is as good, and 4-16x cheaper
+        values = values[:: values.size // 1_000_000]
+    p = max(float(np.median(values)), 0.0)
+    w = pale_band_weight(share, stained, p, BAND_SHARE_SIGMA_UM / thumb_mpp)
+    return (w if w.any() else None), p
 
 
 def measure_tiles(

@@ -55,13 +55,86 @@ def measure_tile(
     cols: np.ndarray, f: int, stride: int, *, decided: np.ndarray | None = None,
 ) -> FusedTile:
     """Counts, block counts and focus moments of one tile (see :func:`measure_tile_reference`):
-    by the fused kernel when it can take the inputs and no ``decided`` mask is given."""
-    if decided is None and kernels.fused_ok(rgb, rule.lut, rule.unmix_col, rule.other_cols,
-                                            flags, thr, rows, cols):
-        return kernels.measure_tile_fused(
-            rgb, rule.lut, rule.unmix_col, rule.other_cols, rule.share_guard, flags, thr, rows,
-            cols, f, stride, rule.min_object_px, rule.blob_px, rule.blob_side)
+    by the fused kernel when it can take the inputs (with a ``decided`` mask:
+    :func:`measure_decided_fused`, when the rule has one share guard)."""
+    if kernels.fused_ok(rgb, rule.lut, rule.unmix_col, rule.other_cols, flags, thr, rows, cols):
+        if decided is None:
+            return kernels.measure_tile_fused(
+                rgb, rule.lut, rule.unmix_col, rule.other_cols, rule.guard, flags, thr,
+                rows, cols, f, stride, rule.min_object_px, rule.blob_px, rule.blob_side)
+        if rule.guard_map is None:  # (its capsule test takes one guard: else the reference)
+            return measure_decided_fused(rgb, rule, flags, thr, rows, cols, f, stride, decided)
     return measure_tile_reference(rgb, rule, flags, thr, rows, cols, f, stride, decided=decided)
+
+
+def measure_decided_fused(
+    rgb: np.ndarray, rule: CollagenRule, flags: np.ndarray, thr: np.ndarray, rows: np.ndarray,
+    cols: np.ndarray, f: int, stride: int, decided: np.ndarray,
+) -> FusedTile:
+    """:func:`measure_tile_reference` with a ``decided`` mask, by the fused kernel.
+
+    The kernel counts the tile with an infinite threshold outside the capsule band (tissue,
+    exclusions, the rule's capsule in the band, blocks and focus as the reference's; no
+    collagen elsewhere). The collagen is then the decided pixels of the tissue outside the
+    vessel walls and the rule's capsule (the rule is asked only at decided band pixels), in
+    one compiled pass over the mask: the reference's counts and blocks, and its collagen OD
+    sum to ~1e-12 (summed in float64 in pixel order, as the kernel does).
+
+    Parameters
+    ----------
+    decided : ndarray of bool, shape (H, W)
+        Collagen pixels decided by a :class:`PixelDecider`.
+    """
+    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    fl = np.ascontiguousarray(flags[r0:r1, c0:c1])  # the tile's cells only
+    rr, cc = rows - r0, cols - c0
+    band = (fl & (kernels.FLAG_TISSUE | kernels.FLAG_BAND)) == (kernels.FLAG_TISSUE
+                                                               | kernels.FLAG_BAND)
+    cut = np.where(band, thr[r0:r1, c0:c1], np.float32(np.inf)).astype(np.float32)
+    out = kernels.measure_tile_fused(rgb, rule.lut, rule.unmix_col, rule.other_cols,
+                                     rule.share_guard, fl, cut, rr, cc, f, stride)
+    countable = (fl & (kernels.FLAG_TISSUE | kernels.FLAG_WALL)) == kernels.FLAG_TISSUE
+    cells = np.where(countable, np.where(band, 2, 1), 0).astype(np.uint8)
+    others = kernels._other_tables(rule.lut, rule.other_cols if rule.share_guard > 0 else ())
+    blocks = out.blocks.copy()
+    blocks[0] = 0
+    n, od = _count_decided(np.ascontiguousarray(decided), rgb, cells, cut, rr, cc, int(f),
+                           kernels.scaled_tables(rule.lut, rule.unmix_col), others,
+                           np.float32(rule.share_guard), blocks[0])
+    return FusedTile(dict(out.counts, collagen_px=int(n)), float(od), blocks, out.focus,
+                     out.focus_shape)
+
+
+def _count_decided_py(decided, rgb, cells, thr, rows, cols, f, tables, others, min_share,
+                      blocks):  # pragma: no cover - compiled below
+    """Count the decided pixels of countable cells (``cells`` 1, or 2 in the capsule band,
+    where the rule's capsule is not collagen: the fused kernel's test), with their collagen
+    concentration (summed in float64 in pixel order) and block counts (into ``blocks``)."""
+    t0, t1, t2 = tables[0], tables[1], tables[2]
+    n = 0
+    od = np.float64(0.0)
+    for i in range(decided.shape[0]):
+        ri = rows[i]
+        brow = blocks[i // f]
+        for j in range(decided.shape[1]):
+            if not decided[i, j]:
+                continue
+            cj = cols[j]
+            k = cells[ri, cj]
+            if k == 0:
+                continue
+            r, g, b = rgb[i, j, 0], rgb[i, j, 1], rgb[i, j, 2]
+            c = t0[r] + t1[g] + t2[b]
+            if k == 2 and c > thr[ri, cj] and (
+                    others.shape[0] == 0 or kernels._share_ok_nb(c, r, g, b, others, min_share)):
+                continue  # the rule's capsule
+            n += 1
+            od += c
+            brow[j // f] += 1
+    return n, od
+
+
+_count_decided = kernels._jit(_count_decided_py) or _count_decided_py
 
 
 def measure_tile_reference(
@@ -98,7 +171,8 @@ def measure_tile_reference(
     if decided is not None and not band.any():  # the rule would only find the capsule
         conc, col = collagen_concentration(rgb, rule.lut, rule.unmix_col), decided
     else:
-        conc, col = is_collagen(rgb, thr[np.ix_(rows, cols)], rule)
+        guard = None if rule.guard_map is None else rule.guard_map[np.ix_(rows, cols)]
+        conc, col = is_collagen(rgb, thr[np.ix_(rows, cols)], rule, guard)
     col = col & tissue
     capsule = col & band
     if decided is not None:
@@ -304,7 +378,10 @@ def measure_box(
         halo = job.decide.halo_px(mpp)
         wide = read_analysis(slide, job.geo, y0 - halo, x0 - halo, y1 - y0 + 2 * halo,
                              x1 - x0 + 2 * halo)
-        tissue = (job.flags[np.ix_(rows, cols)] & kernels.FLAG_TISSUE) != 0
+        # the pixels whose decision counts: tissue outside the vessel walls
+        tissue = kernels.lookup_nearest(
+            (sub & (kernels.FLAG_TISSUE | kernels.FLAG_WALL)) == kernels.FLAG_TISSUE,
+            rows - rows[0], cols - cols[0])
         assert job.stains is not None, "a PixelDecider reads the slide's stains"
         decided = np.asarray(job.decide.predict_tile(wide, halo, job.stains, mpp=mpp,
                                                      tissue=tissue), np.bool_)

@@ -374,3 +374,44 @@ def test_darker_collagen_stain_batch_reads_alike(batches):
             errors[name].append(rec["cpa_percent"] - truth.cpa_percent)
     assert max(abs(e) for e in errors["relative"]) < 0.5, errors
     assert min(errors["raw"]) > 0.5, errors
+
+
+def test_exit_margins_known_answer():
+    """After each check, the least margin beyond which at most ``tolerance`` of the pixels
+    end on the other side of 0 (at least ``least``): the largest |score| of the pixels that
+    flip, past the ones allowed to."""
+    final = np.array([5.0, -5.0, 1.0, -1.0, 2.0, -2.0, 3.0, -3.0, 4.0, -4.0])
+    after4 = np.array([6.0, -6.0, -3.5, 2.5, 1.0, -1.0, 3.0, -3.0, 4.0, -4.0])  # 2 flip
+    after8 = final.copy()
+    after8[[2, 3, 4]] = (-7.0, 0.5, -0.2)  # 3 flip, one far out
+    partial = np.stack([np.full(10, -0.1), after4, after8, final])
+    assert C.exit_margins(partial, tolerance=0.0, least=0.0) == [3.5, 7.0]
+    assert C.exit_margins(partial, tolerance=0.1, least=0.0) == [2.5, 0.5]  # one may flip
+    assert C.exit_margins(partial, tolerance=0.25, least=0.0) == [0.0, 0.2]
+    assert C.exit_margins(partial, tolerance=0.1, least=1.0) == [2.5, 1.0]
+
+
+@pytest.mark.slow
+def test_trained_exit_margins_decide_as_the_whole_ensemble(trained, batches):
+    """The walk with the trained exit margins decides all but a few in 10⁴ of a held-out
+    batch's pixels as the whole ensemble does (the exact bound decides every one alike)."""
+    margins = trained.header["settings"]["exit_margins"]
+    every = trained.header["settings"]["exit_every"]
+    assert every == trained._compiled.exit_every == C.EXIT_EVERY
+    assert len(margins) == -(-len(trained._compiled.offsets) // every) - 1
+    assert min(margins) >= C.MIN_EXIT_MARGIN
+    np.testing.assert_array_equal(trained._compiled.exit_margins, margins)
+    exact = C.CompiledEnsemble(trained.model)
+    assert exact.exit_margins == []
+    differ = total = 0
+    for rgb, truth in batches[1]:
+        planes = C.feature_planes(rgb, truth.stains, 0.5)
+        idx = np.flatnonzero(truth.tissue_mask.ravel())
+        a = trained._compiled.decide(planes, idx)
+        b = exact.decide(planes, idx)
+        differ += np.count_nonzero(a != b)
+        total += idx.size
+        full = C.pixel_features(rgb, truth.stains, 0.5)
+        same = b == (exact.raw(full, idx) >= 0)
+        assert same.mean() > 0.9999
+    assert differ / total < 5e-4, differ / total

@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 
 from fibroquant.collagen import (
+    BAND_SHARE_SIGMA_UM,
     PURPLE_PARENCHYMA_SHARE,
     calibrate_threshold,
+    pale_band_weight,
     share_guard,
 )
 from fibroquant.config import CollagenSettings, Settings, load_settings
@@ -73,6 +75,38 @@ def test_guard_ignores_unstained_pixels_and_needs_enough_parenchyma():
     assert p == pytest.approx(0.1)
     few = np.full(40, 0.2, np.float32)
     assert share_guard(few, CollagenSettings(), from_parenchyma=True) == (0.35, 0.0)
+
+
+def _cells(shape: tuple[int, int], cell_px: int, median: float, log_sd: float,
+           rng: np.random.Generator) -> np.ndarray:
+    """A share per square cell (log-normal, as cytoplasm varies from cell to cell)."""
+    n = (-(-shape[0] // cell_px), -(-shape[1] // cell_px))
+    per_cell = np.minimum(median * np.exp(log_sd * rng.standard_normal(n)), 0.69)
+    return np.kron(per_cell, np.ones((cell_px, cell_px)))[: shape[0], : shape[1]]
+
+
+def test_pale_band_weight_finds_a_band_and_not_purple_cells():
+    """At 0.5 µm/px: red cells (share 0.1) crossed by a 60 µm band of faint collagen stain
+    (share 0.45, its septum-like pure pixels aside) weigh 1 inside the band and 0 two band
+    widths away; purple cells (share 0.35, varying from cell to cell) weigh 0 everywhere."""
+    rng = np.random.default_rng(0)
+    shape, sigma_px = (400, 400), BAND_SHARE_SIGMA_UM / 0.5
+    red = _cells(shape, 40, 0.1, 0.3, rng).astype(np.float32)
+    band = np.abs(np.arange(400) - 200) < 60
+    share = red.copy()
+    share[:, band] = np.clip(0.45 + 0.1 * rng.standard_normal((400, band.sum())), 0, 1)
+    share[::7, band] = 0.95  # fibres of pure collagen stain inside the band
+    stained = np.ones(shape, bool)
+    w = pale_band_weight(share.astype(np.float32), stained, 0.1, sigma_px)
+    assert w.dtype == np.float32
+    assert w[:, 180:221].min() == 1.0
+    assert w[:, :20].max() == 0.0
+    assert w[:, -20:].max() == 0.0
+    purple = _cells(shape, 40, 0.35, 0.35, rng).astype(np.float32)
+    assert pale_band_weight(purple, stained, 0.35, sigma_px).max() == 0.0
+    # unstained pixels are no evidence: the band over glass is not a band
+    assert pale_band_weight(share.astype(np.float32), ~band[None, :].repeat(400, 0), 0.1,
+                            sigma_px)[:, 190:211].max() == 0.0
 
 
 def test_purple_parenchyma_is_reported():

@@ -444,12 +444,11 @@ def test_purple_masson_cohort_correlates_and_overlaps(purple_cohort):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known gap: on purple sections the share guard (counted "
-                   "from the parenchyma's share) still drops some of collagen's mixed edge "
-                   "pixels: MAE 0.55 pp on these seeds (0.42 on held-out seeds 100-111), the "
-                   "heavily fibrotic seed 5 -1.65 pp; the best guard per section ranges "
-                   "0.35-0.53 and is not predicted by the parenchyma's share alone")
 def test_purple_masson_cohort_within_half_a_point(purple_cohort):
+    """Measured 2026-12-06 with diffuse pale collagen found by its neighbourhood: MAE 0.49 pp
+    (was 0.55; -1.35 to +0.26; held-out seeds 100-111 0.40, 200-211 0.41, were 0.42 / 0.45):
+    collagen's mixed edge pixels, in a neighbourhood bluer than the purple parenchyma, take a
+    lowered guard. A narrow pass: the heavily fibrotic seed 5 still reads -1.35 pp."""
     true, got, _ = purple_cohort.T
     assert np.abs(got - true).mean() <= 0.5
 
@@ -471,7 +470,8 @@ def test_pale_band_is_collagen_in_truth():
 def test_pale_band_does_not_raise_the_background_under_itself(seed):
     """A broad pale Sirius red band (0.25 OD over 0.3 OD of picric acid; share ~0.45, under
     0.5) no longer counts as parenchyma for the local background (pixels past the share guard
-    may be collagen): 89-92 % of it found (was 40-49 %), none of the parenchyma beside it."""
+    may be collagen): 89-92 % of it found (was 40-49 %), none of the parenchyma beside it;
+    96-97 % since diffuse pale collagen is found by its neighbourhood."""
     from fibroquant.synthetic import with_pale_band
 
     p = SectionParams(shape=(768, 768), fibrosis=0.3, field_of_view=True)
@@ -485,14 +485,13 @@ def test_pale_band_does_not_raise_the_background_under_itself(seed):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known gap: a broad pale band of 0.2 OD of collagen "
-                   "stain over 0.3 OD of counterstain: Sirius red 65 % found (was 11 %; the "
-                   "band's faintest pixels are under the slide's threshold), Masson 16 % (was "
-                   "7 %; its pixels' aniline-blue share, ~0.45, is under the guard counted from "
-                   "the parenchyma's share, and a per-pixel colour cannot tell it from purple "
-                   "cytoplasm)")
 @pytest.mark.parametrize("stain", ["sirius-red", "masson"])
 def test_diffuse_pale_band_is_found(stain):
+    """A broad pale band of 0.2 OD of collagen stain over 0.3 OD of counterstain: its pixels
+    have the colour of purple cytoplasm (Masson) and sit at the slide's threshold; its
+    neighbourhood, bluer than the parenchyma over the band's width, lowers the share guard
+    and the threshold there (collagen.pale_band_weight). Measured 2026-12-06: Sirius red
+    93 % found (was 65 %), Masson 88 % (was 16 %), none of the parenchyma beside it."""
     from fibroquant.synthetic import with_pale_band
 
     p = SectionParams(stain=stain, shape=(768, 768), fibrosis=0.3, field_of_view=True)
@@ -500,7 +499,13 @@ def test_diffuse_pale_band_is_found(stain):
     rgb, truth2 = with_pale_band(rgb, truth, collagen_od=0.2, width_um=60, rng=2)
     a = _analyze(rgb, p.mpp, stain)
     band = truth2.collagen_mask & ~truth.collagen_mask
+    parenchyma = truth.tissue_mask & ~truth2.collagen_mask
     assert (a.collagen_mask & band).sum() >= 0.8 * band.sum()
+    assert (a.collagen_mask & parenchyma).sum() <= 0.005 * parenchyma.sum()
+    if stain == "masson":  # the setting off: the band's pixels pass for purple cytoplasm
+        s = load_settings(overrides={"stains": {"stain": stain}, "collagen": {"pale_bands": False}})
+        off = analyze_slide("s.png", s, slide=ArraySlide(rgb, p.mpp))
+        assert (off.collagen_mask & band).sum() <= 0.3 * band.sum()
 
 
 def test_random_colours_are_no_evidence_of_another_stain():

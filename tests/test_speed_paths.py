@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from skimage.morphology import remove_small_holes, remove_small_objects
 
-from fibroquant import cores, kernels, pipeline, tiles
+from fibroquant import cores, exclusions, kernels, pipeline, tiles
 from fibroquant.collagen import (
     CollagenRule,
     blob_limits,
@@ -226,8 +226,13 @@ def _fused_inputs(seed):
 
 def _reference(rgb, lut, unmix, others, min_share, flags, thr, rows, cols, f, stride,
                min_px=0, blob_px=0, blob_side=0):
-    """:func:`tiles.measure_tile_reference` on the kernel's arguments."""
-    rule = CollagenRule(lut, unmix, tuple(others), min_share, min_px, blob_px, blob_side)
+    """:func:`tiles.measure_tile_reference` on the kernel's arguments (``min_share`` a value or
+    a guard map)."""
+    guard_map = None
+    if np.ndim(min_share):
+        guard_map, min_share = min_share, float(np.max(min_share))
+    rule = CollagenRule(lut, unmix, tuple(others), min_share, min_px, blob_px, blob_side,
+                        guard_map)
     return measure_tile_reference(rgb, rule, flags, thr, rows, cols, f, stride)
 
 
@@ -258,6 +263,31 @@ def test_measure_tile_fused_equals_reference(seed, f, stride, min_share, min_px)
         rgb, lut, unmix, others, min_share, flags, thr, rows, cols, f, stride, min_px)
     # every pixel is counted once as tissue, capsule, wall or outside; blocks add up
     assert a.blocks[1].sum() == a.counts["tissue_px"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("f", [1, 4])
+@pytest.mark.parametrize("min_px", [0, 12])
+def test_measure_tile_fused_takes_a_guard_map(seed, f, min_px):
+    """A share guard per low-resolution cell (lowered in diffuse pale collagen): the kernel
+    equals the reference; a map of one value equals that value bit for bit, and a lower guard
+    in some cells finds more collagen (and capsule)."""
+    rgb, lut, unmix, others, flags, thr, rows, cols = _fused_inputs(seed)
+    rng = np.random.default_rng(seed + 50)
+    guard = np.full(flags.shape, 0.45, np.float32)
+    low = rng.random(flags.shape) < 0.4
+    guard[low] = rng.uniform(0.0, 0.3, np.count_nonzero(low))
+    a = _fused_equals_reference(rgb, lut, unmix, others, guard, flags, thr, rows, cols, f, 2,
+                                min_px)
+    one = kernels.measure_tile_fused(rgb, lut, unmix, others, np.full_like(guard, 0.45), flags,
+                                     thr, rows, cols, f, 2, min_px)
+    scalar = kernels.measure_tile_fused(rgb, lut, unmix, others, 0.45, flags, thr, rows, cols,
+                                        f, 2, min_px)
+    assert one.counts == scalar.counts
+    assert one.collagen_od_sum == scalar.collagen_od_sum
+    np.testing.assert_array_equal(one.blocks, scalar.blocks)
+    assert a.counts["collagen_px"] >= scalar.counts["collagen_px"]
+    assert a.counts[exclusions.BAND.count] >= scalar.counts[exclusions.BAND.count]  # capsule
     assert a.blocks[0].sum() == a.counts["collagen_px"] <= a.counts["tissue_px"]
 
 
