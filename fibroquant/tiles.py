@@ -56,14 +56,13 @@ def measure_tile(
 ) -> FusedTile:
     """Counts, block counts and focus moments of one tile (see :func:`measure_tile_reference`):
     by the fused kernel when it can take the inputs (with a ``decided`` mask:
-    :func:`measure_decided_fused`, when the rule has one share guard)."""
+    :func:`measure_decided_fused`)."""
     if kernels.fused_ok(rgb, rule.lut, rule.unmix_col, rule.other_cols, flags, thr, rows, cols):
         if decided is None:
             return kernels.measure_tile_fused(
                 rgb, rule.lut, rule.unmix_col, rule.other_cols, rule.guard, flags, thr,
                 rows, cols, f, stride, rule.min_object_px, rule.blob_px, rule.blob_side)
-        if rule.guard_map is None:  # (its capsule test takes one guard: else the reference)
-            return measure_decided_fused(rgb, rule, flags, thr, rows, cols, f, stride, decided)
+        return measure_decided_fused(rgb, rule, flags, thr, rows, cols, f, stride, decided)
     return measure_tile_reference(rgb, rule, flags, thr, rows, cols, f, stride, decided=decided)
 
 
@@ -91,26 +90,31 @@ def measure_decided_fused(
     band = (fl & (kernels.FLAG_TISSUE | kernels.FLAG_BAND)) == (kernels.FLAG_TISSUE
                                                                | kernels.FLAG_BAND)
     cut = np.where(band, thr[r0:r1, c0:c1], np.float32(np.inf)).astype(np.float32)
-    out = kernels.measure_tile_fused(rgb, rule.lut, rule.unmix_col, rule.other_cols,
-                                     rule.share_guard, fl, cut, rr, cc, f, stride)
+    guard = kernels.guard_array(rule.guard)  # (1, 1), or the tile's cells of the guard map
+    if guard.shape != (1, 1):
+        guard = np.ascontiguousarray(guard[r0:r1, c0:c1])
+    out = kernels.measure_tile_fused(rgb, rule.lut, rule.unmix_col, rule.other_cols, guard,
+                                     fl, cut, rr, cc, f, stride)
     countable = (fl & (kernels.FLAG_TISSUE | kernels.FLAG_WALL)) == kernels.FLAG_TISSUE
     cells = np.where(countable, np.where(band, 2, 1), 0).astype(np.uint8)
     others = kernels._other_tables(rule.lut, rule.other_cols if rule.share_guard > 0 else ())
     blocks = out.blocks.copy()
     blocks[0] = 0
     n, od = _count_decided(np.ascontiguousarray(decided), rgb, cells, cut, rr, cc, int(f),
-                           kernels.scaled_tables(rule.lut, rule.unmix_col), others,
-                           np.float32(rule.share_guard), blocks[0])
+                           kernels.scaled_tables(rule.lut, rule.unmix_col), others, guard,
+                           blocks[0])
     return FusedTile(dict(out.counts, collagen_px=int(n)), float(od), blocks, out.focus,
                      out.focus_shape)
 
 
-def _count_decided_py(decided, rgb, cells, thr, rows, cols, f, tables, others, min_share,
+def _count_decided_py(decided, rgb, cells, thr, rows, cols, f, tables, others, guard,
                       blocks):  # pragma: no cover - compiled below
     """Count the decided pixels of countable cells (``cells`` 1, or 2 in the capsule band,
-    where the rule's capsule is not collagen: the fused kernel's test), with their collagen
-    concentration (summed in float64 in pixel order) and block counts (into ``blocks``)."""
+    where the rule's capsule is not collagen: the fused kernel's test, with the share guard of
+    the cell, ``guard`` (1, 1) for one everywhere), with their collagen concentration (summed
+    in float64 in pixel order) and block counts (into ``blocks``)."""
     t0, t1, t2 = tables[0], tables[1], tables[2]
+    one_guard = guard.shape[0] == 1 and guard.shape[1] == 1
     n = 0
     od = np.float64(0.0)
     for i in range(decided.shape[0]):
@@ -125,8 +129,9 @@ def _count_decided_py(decided, rgb, cells, thr, rows, cols, f, tables, others, m
                 continue
             r, g, b = rgb[i, j, 0], rgb[i, j, 1], rgb[i, j, 2]
             c = t0[r] + t1[g] + t2[b]
+            gv = guard[0, 0] if one_guard else guard[ri, cj]
             if k == 2 and c > thr[ri, cj] and (
-                    others.shape[0] == 0 or kernels._share_ok_nb(c, r, g, b, others, min_share)):
+                    others.shape[0] == 0 or kernels._share_ok_nb(c, r, g, b, others, gv)):
                 continue  # the rule's capsule
             n += 1
             od += c

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -11,9 +13,10 @@ from fibroquant.stains import od_lut
 from fibroquant.synthetic import SectionParams, make_section
 
 
-def _inputs(seed: int, band: bool):
+def _inputs(seed: int, band: bool, guard_map: bool = False):
     """A tile inside a larger class map (its cells start at row 3, column 2), random classes
-    (tissue, walls, lumens, folds...; the capsule band only when ``band``), a random mask."""
+    (tissue, walls, lumens, folds...; the capsule band only when ``band``), a random mask;
+    with ``guard_map``, a share guard per cell (lowered in places, as in pale collagen)."""
     rng = np.random.default_rng(seed)
     rgb, _ = make_section(SectionParams(stain="masson", shape=(203, 187), mpp=0.5), rng=seed)
     lut = od_lut((246.0, 244.0, 240.0))
@@ -26,18 +29,20 @@ def _inputs(seed: int, band: bool):
     rows = tiles.index_map(0, rgb.shape[0], rgb.shape[0] / 17, 17) + 3
     cols = tiles.index_map(0, rgb.shape[1], rgb.shape[1] / 13, 13) + 2
     decided = rng.random(rgb.shape[:2]) < 0.2
+    if guard_map:
+        rule = replace(rule, guard_map=rng.uniform(0.0, 0.35, flags.shape).astype(np.float32))
     return rgb, rule, flags, thr, rows, cols, decided
 
 
-@pytest.mark.parametrize("band", [False, True])
+@pytest.mark.parametrize(("band", "guard_map"), [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize(("f", "stride"), [(1, 0), (3, 2), (4, 3)])
-def test_decided_mask_by_the_kernel_equals_the_reference(seed, f, stride, band):
+def test_decided_mask_by_the_kernel_equals_the_reference(seed, f, stride, band, guard_map):
     """Counts (every class, the rule's capsule in the band), collagen OD sum (bit for bit),
     block counts and focus moments of a decided mask: the fused kernel with an infinite
     threshold outside the band plus the mask's own count equal
-    :func:`tiles.measure_tile_reference` with ``decided``."""
-    rgb, rule, flags, thr, rows, cols, decided = _inputs(seed, band=band)
+    :func:`tiles.measure_tile_reference` with ``decided`` (one share guard, or a map)."""
+    rgb, rule, flags, thr, rows, cols, decided = _inputs(seed, band=band, guard_map=guard_map)
     a = tiles.measure_decided_fused(rgb, rule, flags, thr, rows, cols, f, stride, decided)
     b = tiles.measure_tile_reference(rgb, rule, flags, thr, rows, cols, f, stride,
                                      decided=decided)
@@ -59,7 +64,6 @@ def test_whole_analysis_with_a_classifier_by_the_kernel_equals_the_reference(mon
     """A whole analysis decided by a classifier (tiles of 256 px: capsule band, lumens, glass
     edges, features on the tissue's box) counts the same with the fused kernel as with its
     numpy reference: same record and masks."""
-    from dataclasses import replace
 
     from fibroquant import classifier as C
     from fibroquant import pipeline
