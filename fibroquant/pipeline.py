@@ -537,11 +537,12 @@ def _threshold_map(
             np.dtype(np.float32), thr.threshold_od), np.float32), None
     tpos = np.maximum(thumb_conc, 0)
     del thumb_conc  # thumbnail-sized temporaries are freed as soon as possible (peak RSS)
-    tshare = tpos[..., stains.collagen_index] / np.maximum(channel_sum(tpos), 1e-6)
-    band, band_p = _pale_bands(
-        tshare, tissue.tissue & (channel_sum(tpos) > settings.stains.od_floor), thumb_mpp, thr,
-        settings)
+    tsum = channel_sum(tpos)
+    tshare = tpos[..., stains.collagen_index] / np.maximum(tsum, 1e-6)
     del tpos
+    band, band_p = _pale_bands(tshare, tissue.tissue & (tsum > settings.stains.od_floor),
+                               thumb_mpp, thr, settings)
+    del tsum
     # Pixels that pass the share guard may be collagen and do not define the non-specific
     # uptake: a broad pale collagen band over cells (share ~0.45) would raise the map, and the
     # threshold, under itself.
