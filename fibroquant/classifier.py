@@ -651,11 +651,8 @@ def _ensemble_partial_py(flat, offsets, feature, threshold, left, right, is_leaf
         for t in range(n_trees):
             if t % every == 0:
                 out[t // every, p] = acc
-            k = offsets[t]
-            base = k
-            while not is_leaf[k]:
-                k = base + (left[k] if flat[feature[k], p] <= threshold[k] else right[k])
-            acc += value[k]
+            acc += _leaf_value(flat, p, offsets[t], feature, threshold, left, right, is_leaf,
+                               value)
         out[n_checks, p] = acc
     return out
 
@@ -667,14 +664,21 @@ def _ensemble_raw_py(flat, index, offsets, feature, threshold, left, right, is_l
         p = index[n]
         acc = baseline
         for t in range(len(offsets)):
-            base = offsets[t]
-            node = 0
-            while not is_leaf[base + node]:
-                k = base + node
-                node = left[k] if flat[feature[k], p] <= threshold[k] else right[k]
-            acc += value[base + node]
+            acc += _leaf_value(flat, p, offsets[t], feature, threshold, left, right, is_leaf,
+                               value)
         out[n] = acc
     return out
+
+
+def _leaf_value_py(flat, p, base, feature, threshold, left, right, is_leaf, value
+                   ):  # pragma: no cover - compiled below
+    """The leaf value of pixel ``p`` (a column of ``flat``) in the tree whose nodes start at
+    ``base`` (children are relative to it)."""
+    node = 0
+    while not is_leaf[base + node]:
+        k = base + node
+        node = left[k] if flat[feature[k], p] <= threshold[k] else right[k]
+    return value[base + node]
 
 
 def _compile(fn: Any) -> Any:
@@ -685,6 +689,7 @@ def _compile(fn: Any) -> Any:
     return numba.njit(nogil=True, cache=True)(fn)
 
 
+_leaf_value = _compile(_leaf_value_py)
 _ensemble_raw = _compile(_ensemble_raw_py)
 _bilinear_axis = _compile(_bilinear_axis_py)
 _perfect_decide = _compile(_perfect_decide_py)
