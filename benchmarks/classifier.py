@@ -115,39 +115,14 @@ def write_masson_slide(path: Path, size: int, section_px: int = 4096) -> float:
     present. Returns the section's true CPA (%) (the slide's, up to the mirror seams)."""
     import json
 
-    import tifffile
-
     truth_file = path.parent.parent / f"{path.stem}.truth.json"
     if path.exists() and truth_file.exists():
         return float(json.loads(truth_file.read_text())["cpa_percent"])
+    from speed import write_mirror_slide  # this folder's whole-slide benchmark
+
     section, truth = make_section(SectionParams(stain="masson", shape=(section_px,) * 2,
                                                 mpp=0.5), rng=5)
-    top = np.concatenate([section, section[:, ::-1]], axis=1)
-    blocks = [np.ascontiguousarray(np.concatenate([top, top[::-1]], axis=0))]
-    sizes = [size]
-    while sizes[-1] // 2 >= 512:
-        sizes.append(sizes[-1] // 2)
-        b = blocks[-1]
-        blocks.append(cv2.resize(b, (b.shape[1] // 2, b.shape[0] // 2),
-                                 interpolation=cv2.INTER_AREA))
-
-    def tiles(block: np.ndarray, n: int):
-        p = block.shape[0]
-        for y in range(0, n, 256):
-            for x in range(0, n, 256):
-                yield block[np.ix_(np.arange(y, y + 256) % p, np.arange(x, x + 256) % p)]
-
-    ppcm = 1e4 / 0.5
-    tmp = path.with_suffix(".part")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tifffile.TiffWriter(tmp, bigtiff=True) as tw:
-        for i, (n, block) in enumerate(zip(sizes, blocks, strict=True)):
-            extra = {"subifds": len(sizes) - 1} if i == 0 else {"subfiletype": 1}
-            tw.write(tiles(block, n), shape=(n, n, 3), dtype=np.uint8, tile=(256, 256),
-                     compression="jpeg", compressionargs={"level": 85}, photometric="rgb",
-                     resolution=(ppcm / 2**i,) * 2, resolutionunit="CENTIMETER",
-                     maxworkers=2, **extra)
-    tmp.replace(path)
+    write_mirror_slide(path, section, size, mpp=0.5)
     truth_file.write_text(json.dumps({"cpa_percent": truth.cpa_percent}))
     return float(truth.cpa_percent)
 

@@ -78,22 +78,29 @@ def make_slide(path: Path) -> Path:
     """Write the 1.07-GP slide (bounded memory: tiles come from a generator); reuse it."""
     if path.exists():
         return path
-    import tifffile
-
     from fibroquant.synthetic import SectionParams, make_section
 
     section, _ = make_section(SectionParams(shape=(SECTION_PX, SECTION_PX), mpp=MPP), rng=5)
-    sizes = [SLIDE_PX]
+    return write_mirror_slide(path, section, SLIDE_PX)
+
+
+def write_mirror_slide(path: Path, section: np.ndarray, size: int, mpp: float = MPP) -> Path:
+    """Write a ``size``² SVS-like slide of ``section`` and its mirror images tiled seamlessly:
+    256-px JPEG tiles, a SubIFD pyramid down to 512 px, ``mpp`` µm/px (memory bounded: tiles
+    come from a generator; written to a ``.part`` file, then renamed)."""
+    import tifffile
+
+    sizes = [size]
     while sizes[-1] // 2 >= 512:
         sizes.append(sizes[-1] // 2)
     blocks = _blocks(section, len(sizes))
-    ppcm = 1e4 / MPP
+    ppcm = 1e4 / mpp
     tmp = path.with_suffix(".part")
     path.parent.mkdir(parents=True, exist_ok=True)
     with tifffile.TiffWriter(tmp, bigtiff=True) as tw:
-        for i, (size, block) in enumerate(zip(sizes, blocks, strict=True)):
+        for i, (n, block) in enumerate(zip(sizes, blocks, strict=True)):
             extra = {"subifds": len(sizes) - 1} if i == 0 else {"subfiletype": 1}
-            tw.write(_tiles(block, size, TILE), shape=(size, size, 3), dtype=np.uint8,
+            tw.write(_tiles(block, n, TILE), shape=(n, n, 3), dtype=np.uint8,
                      tile=(TILE, TILE), compression="jpeg", compressionargs={"level": QUALITY},
                      photometric="rgb", resolution=(ppcm / 2**i,) * 2,
                      resolutionunit="CENTIMETER", maxworkers=2, **extra)
