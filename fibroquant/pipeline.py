@@ -498,11 +498,10 @@ def tissue_image_mpp(
     >>> tissue_image_mpp((2048.0, 2048.0), 1.0, 16.0)  # a larger tissue image asked for
     1.0
     """
-    area_um2 = extent_um[0] * extent_um[1]
-    px = area_um2 / analysis_mpp**2
+    px = extent_um[0] * extent_um[1] / analysis_mpp**2
     k = min(math.isqrt(int(px / (max_thumbnail_mpx / 4 * 1e6))),
             int(FINE_TISSUE_MPP / analysis_mpp))
-    return max(analysis_mpp * max(k, 1), math.sqrt(area_um2 / (max_thumbnail_mpx * 1e6)))
+    return max(analysis_mpp * k, _overview_mpp(extent_um, analysis_mpp, max_thumbnail_mpx))
 
 
 def _qc_image(cal: Calibration) -> np.ndarray:
