@@ -55,6 +55,7 @@ from fibroquant.stains import (
     channel_sum,
     estimate_background,
     estimate_stains,
+    glass_median,
     od_lut,
     preset_for,
     rgb_to_od,
@@ -381,9 +382,9 @@ def calibrate_slide(slide: Slide, settings: Settings) -> Calibration:
         thumb = shading.apply(thumb, thumb.shape[:2])
         background, bg_source = _background(thumb, settings)
     if settings.stains.background_rgb is None:
-        bg2, src2 = _glass_background(thumb, thumb_mpp, settings, background)
-        if src2 == "glass":
-            background, bg_source = bg2, src2
+        glass = _glass_background(thumb, thumb_mpp, settings, background)
+        if glass is not None:
+            background, bg_source = glass, "glass"
     overview, overview_mpp = None, 0.0
     if settings.tissue.tissue_mpp is None:
         # glass colour and shading come from the overview; tissue, exclusions and the
@@ -706,9 +707,10 @@ def _warm_quietly() -> None:
 
 def _glass_background(
     thumb: np.ndarray, thumb_mpp: float, settings: Settings, background: Vector
-) -> tuple[tuple[float, float, float], str]:
-    """The glass colour from the pixels outside the section (``"glass"``), when there are
-    enough of them; otherwise what :func:`fibroquant.stains.estimate_background` falls back to.
+) -> Vector | None:
+    """The glass colour from the pixels outside the section (the ``"glass"`` source of
+    :func:`fibroquant.stains.estimate_background`), or None when there are not enough of them
+    (the caller keeps its brightest-pixel colour: computed again here, it was the same).
 
     Which pixels are glass is decided by a tissue detection on a 4x smaller copy of the
     thumbnail, with the section grown by one coarse pixel, so the median never takes in the
@@ -726,7 +728,7 @@ def _glass_background(
     else:
         grown = cv2.dilate(section.view(np.uint8), np.ones((3, 3), np.uint8))
         glass = cv2.resize(grown, (w, h), interpolation=cv2.INTER_NEAREST) == 0
-    return estimate_background(thumb, glass_mask=glass)
+    return glass_median(thumb, glass)
 
 
 def _background(thumb: np.ndarray, settings: Settings) -> tuple[tuple[float, float, float], str]:
