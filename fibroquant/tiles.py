@@ -397,8 +397,9 @@ def measure_box(
     sharp = float("nan")
     if job.focus_stride and counts.tissue_px:
         sharp = focus.sharpness_from_moments(out.focus, out.focus_shape)
-    half = f * f
-    col, tis, exc = (2 * b >= half for b in out.blocks)
+    # at least half the block (2 b >= f², b an integer count), without a doubled copy
+    least = (f * f + 1) // 2
+    col, tis, exc = (b >= least for b in out.blocks)
     return box, counts, col, tis, exc, sharp
 
 
