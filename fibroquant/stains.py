@@ -669,21 +669,24 @@ def _refine(
     for _ in range(n_iter):
         current = preset.with_vectors(vectors)
         conc = np.maximum(x @ current.unmixing, 0.0)
-        total = conc.sum(axis=1)
+        total = channel_sum(conc)  # numpy's sum to the bit (an exact zero's sign aside)
         total[total == 0] = 1.0
-        share = conc / total[:, None]
         new = vectors.copy()
         for i, name in enumerate(names):
-            sel = share[:, i] > settings.min_share
-            counts[name] = int(sel.sum())
+            # one stain's share as a contiguous column (the same divisions as the whole
+            # share matrix's); the median of the picked unit vectors column by column
+            share = np.ascontiguousarray(conc[:, i]) / total
+            sel = share > settings.min_share
+            counts[name] = int(np.count_nonzero(sel))
             if counts[name] < min_count:
                 new[i] = preset.vectors[i]
                 continue
-            purity = share[sel, i]
+            purity = share[sel]
             purest = purity >= np.quantile(purity, 0.8)
-            if purest.sum() < min_count:
+            if np.count_nonzero(purest) < min_count:
                 purest = np.ones_like(purity, dtype=bool)
-            direction = np.median(unit[sel][purest], axis=0)
+            picked = unit[np.flatnonzero(sel)[purest]]
+            direction = np.median(np.ascontiguousarray(picked.T), axis=1)
             new[i] = _unit(np.maximum(direction, 1e-6))
         if limit is not None and counts[names[1]] >= min_count:
             new[1] = limit_toward(new[1], preset.vectors[1], new[0], limit)
