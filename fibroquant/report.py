@@ -492,7 +492,7 @@ def qc_panel(overlay: np.ndarray, *, title: str, mpp: float,
     """
     from PIL import Image, ImageDraw
 
-    h, w = overlay.shape[:2]
+    w = overlay.shape[1]
     size, pad, band = _band_geometry(w)
     font = _panel_font(size)
     items = [("collagen", collagen_rgb), ("tissue outline", TISSUE_OUTLINE_RGB)]
