@@ -27,7 +27,7 @@ import numpy as np
 from fibroquant.config import TissueSettings
 from fibroquant.registration import margin_for, shift_channels
 from fibroquant.slides import Level, Slide, SlideBase
-from fibroquant.stains import rgb_to_od
+from fibroquant.stains import channel_sum, rgb_to_od
 
 __all__ = ["CorrectedSlide", "ShadingField", "estimate_shading", "shading_basis"]
 
@@ -187,6 +187,17 @@ def _covers(uv: np.ndarray) -> bool:
     return len(np.unique(part[:, 1] * 3 + part[:, 0])) >= MIN_CELLS
 
 
+def grey_and_chroma(od: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``od.mean(axis=-1)`` and ``np.abs(od - mean[..., None]).max(axis=-1)`` of a float32
+    (..., 3) optical density, plane by plane: the same values (an exact zero's sign aside),
+    ~10x faster than numpy's pixel-by-pixel reduction of a short last axis."""
+    mean = channel_sum(od) / np.float32(od.shape[-1])
+    chroma = np.zeros_like(mean)
+    for c in range(od.shape[-1]):
+        np.maximum(chroma, np.abs(np.ascontiguousarray(od[..., c]) - mean), out=chroma)
+    return mean, chroma
+
+
 def estimate_shading(
     thumb: np.ndarray, background: tuple[float, float, float], settings: TissueSettings
 ) -> ShadingField | None:
@@ -221,8 +232,7 @@ def estimate_shading(
     if sh < 16 or sw < 16:
         return None
     od = rgb_to_od(small, background, clip=False)  # glass brighter than ``background`` < 0
-    mean = od.mean(axis=-1)
-    chroma = np.abs(od - mean[..., None]).max(axis=-1)
+    mean, chroma = grey_and_chroma(od)
     cand = (chroma < NEUTRAL_OD) & (mean < MAX_GLASS_OD)
     if np.count_nonzero(cand) < 0.01 * sh * sw:
         return None

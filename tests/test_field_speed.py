@@ -183,3 +183,18 @@ def test_calibration_pixels_are_the_tissue_pixels_in_order():
         px = tiles.read_analysis(slide, cal.geometry, y0, x0, y1 - y0, x1 - x0)
         ref.append(px[cal.tissue.tissue[np.ix_(rows, cols)]])
     assert len(covered) > 4 and np.array_equal(got, np.concatenate(ref))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_grey_and_chroma_and_dark_share_equal_numpy_reductions(seed):
+    from fibroquant.shading import grey_and_chroma
+
+    rng = np.random.default_rng(seed)
+    od = (rng.standard_normal((61, 47, 3)) * 0.3).astype(np.float32)
+    od[:3] = 0.0
+    mean, chroma = grey_and_chroma(od)
+    ref = od.mean(axis=-1)
+    assert mean.dtype == np.float32 and np.array_equal(mean, ref)
+    assert np.array_equal(chroma, np.abs(od - ref[..., None]).max(axis=-1))
+    px = rng.integers(0, 256, (5000, 3), dtype=np.uint8)
+    assert stains.dark_share(px) == float(np.mean(px.max(axis=1) < stains.DARK_PIXEL_MAX))
