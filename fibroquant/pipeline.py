@@ -44,7 +44,7 @@ from fibroquant.cores import tune_malloc
 from fibroquant.errors import FibroquantError, SlideReadError
 from fibroquant.measure import Measurements, SlideQC, SlideResult, TileCounts
 from fibroquant.registration import estimate_channel_shifts
-from fibroquant.shading import CorrectedSlide, estimate_shading
+from fibroquant.shading import CorrectedSlide, estimate_shading, fit_image
 from fibroquant.slides import Slide, open_slide, require_colour, require_mpp
 from fibroquant.stains import (
     STAIN_FIT_MAX_PIXELS,
@@ -375,14 +375,16 @@ def calibrate_slide(slide: Slide, settings: Settings) -> Calibration:
         extent_um, geo.analysis_mpp, settings.tissue.max_thumbnail_mpx))
     thumb_mpp = extent_um[1] / thumb.shape[1]
     background, bg_source = _background(thumb, settings)
-    shading = estimate_shading(thumb, background, settings.tissue)
+    small = fit_image(thumb) if settings.tissue.flat_field else None
+    shading = estimate_shading(thumb, background, settings.tissue, small=small)
     if shading is not None:
         # every later read (calibration pixels, tiles, QC image) sees the evenly lit slide
         sl = CorrectedSlide(raw, shading=shading)
         thumb = shading.apply(thumb, thumb.shape[:2])
         background, bg_source = _background(thumb, settings)
     if settings.stains.background_rgb is None:
-        glass = _glass_background(thumb, thumb_mpp, settings, background)
+        glass = _glass_background(thumb, thumb_mpp, settings, background,
+                                  small if shading is None else None)
         if glass is not None:
             background, bg_source = glass, "glass"
     overview, overview_mpp = None, 0.0
@@ -706,7 +708,8 @@ def _warm_quietly() -> None:
 
 
 def _glass_background(
-    thumb: np.ndarray, thumb_mpp: float, settings: Settings, background: Vector
+    thumb: np.ndarray, thumb_mpp: float, settings: Settings, background: Vector,
+    reduced: np.ndarray | None = None,
 ) -> Vector | None:
     """The glass colour from the pixels outside the section (the ``"glass"`` source of
     :func:`fibroquant.stains.estimate_background`), or None when there are not enough of them
@@ -717,10 +720,17 @@ def _glass_background(
     section's edge. Only the glass mask comes from the small copy: on 8 synthetic sections
     and 19 real images the glass colour equals the one from a full-size detection, at about
     1/10 of its cost (one full-size detection is left, with the final background).
+    ``reduced``, an ``INTER_AREA`` reduction of ``thumb`` the caller has (the shading fit's),
+    is the small copy when it has its size.
     """
     h, w = thumb.shape[:2]
     k = 4 if min(h, w) >= 256 else 1
-    small = thumb if k == 1 else cv2.resize(thumb, (w // k, h // k), interpolation=cv2.INTER_AREA)
+    if k == 1:
+        small = thumb
+    elif reduced is not None and reduced.shape[:2] == (h // k, w // k):
+        small = reduced
+    else:
+        small = cv2.resize(thumb, (w // k, h // k), interpolation=cv2.INTER_AREA)
     section = detect_tissue(small, thumb_mpp * w / small.shape[1], settings.tissue,
                             background).section
     if k == 1:

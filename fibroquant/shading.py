@@ -198,8 +198,20 @@ def grey_and_chroma(od: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, chroma
 
 
+def fit_image(thumb: np.ndarray) -> np.ndarray:
+    """The thumbnail reduced (``INTER_AREA``) to about ``FIT_PIXELS``, where
+    :func:`estimate_shading` fits the field (the thumbnail itself when no larger)."""
+    h, w = thumb.shape[:2]
+    k = max(1.0, float(np.sqrt(h * w / FIT_PIXELS)))
+    if k <= 1:
+        return thumb
+    return cv2.resize(thumb, (max(1, round(w / k)), max(1, round(h / k))),
+                      interpolation=cv2.INTER_AREA)
+
+
 def estimate_shading(
-    thumb: np.ndarray, background: tuple[float, float, float], settings: TissueSettings
+    thumb: np.ndarray, background: tuple[float, float, float], settings: TissueSettings,
+    *, small: np.ndarray | None = None,
 ) -> ShadingField | None:
     """Estimate the illumination field of a slide from its thumbnail.
 
@@ -211,6 +223,8 @@ def estimate_shading(
         The glass colour the optical density is measured against.
     settings : TissueSettings
         ``flat_field`` and ``flat_field_min_od``.
+    small : ndarray of uint8, optional
+        ``fit_image(thumb)`` when the caller has it already.
 
     Returns
     -------
@@ -221,13 +235,7 @@ def estimate_shading(
     """
     if not settings.flat_field:
         return None
-    h, w = thumb.shape[:2]
-    k = max(1.0, float(np.sqrt(h * w / FIT_PIXELS)))
-    if k > 1:
-        small = cv2.resize(thumb, (max(1, round(w / k)), max(1, round(h / k))),
-                           interpolation=cv2.INTER_AREA)
-    else:
-        small = thumb
+    small = fit_image(thumb) if small is None else small
     sh, sw = small.shape[:2]
     if sh < 16 or sw < 16:
         return None

@@ -170,7 +170,7 @@ def test_calibration_pixels_are_the_tissue_pixels_in_order():
     from fibroquant import pipeline
     from fibroquant.slides import ArraySlide
 
-    p = random_params(2, shape=(1024, 1024), mpp=0.5)
+    p = random_params(2, shape=(640, 640), mpp=0.5)
     rgb, _ = make_section(p, rng=2)
     slide = ArraySlide(rgb, 0.5)
     cal = pipeline.calibrate_slide(slide, Settings())
@@ -198,3 +198,23 @@ def test_grey_and_chroma_and_dark_share_equal_numpy_reductions(seed):
     assert np.array_equal(chroma, np.abs(od - ref[..., None]).max(axis=-1))
     px = rng.integers(0, 256, (5000, 3), dtype=np.uint8)
     assert stains.dark_share(px) == float(np.mean(px.max(axis=1) < stains.DARK_PIXEL_MAX))
+
+
+@pytest.mark.parametrize("field_of_view", [False, True])
+def test_glass_colour_from_the_shading_fits_reduction_equals_its_own(field_of_view):
+    """The shading fit's reduced thumbnail, when it has the glass detection's size, is the
+    same image: the glass colour is the same."""
+    from fibroquant import pipeline
+    from fibroquant.shading import fit_image
+
+    import cv2
+
+    p = random_params(3, shape=(500, 500), mpp=4.0, field_of_view=field_of_view)
+    rgb = cv2.resize(make_section(p, rng=3)[0], (2000, 2000), interpolation=cv2.INTER_LINEAR)
+    s = Settings()
+    bg, _ = pipeline._background(rgb, s)
+    small = fit_image(rgb)
+    assert small.shape[:2] == (500, 500)
+    own = pipeline._glass_background(rgb, 1.0, s, bg)
+    assert pipeline._glass_background(rgb, 1.0, s, bg, small) == own
+    assert (own is None) == field_of_view
