@@ -395,8 +395,13 @@ def qc_fill(thumb: np.ndarray, tissue_mask: np.ndarray, collagen_mask: np.ndarra
                      + alpha * np.array(c, np.float32))
             table = np.clip(np.rint(mixed), 0, 255).astype(np.uint8).reshape(1, 256, 3)
             m8 = np.ascontiguousarray(mask).view(np.uint8)
-            x, y, bw, bh = cv2.boundingRect(m8)  # only the mask's box is looked up (a lumen,
-            if bw * bh < m8.size // 2:  # a few unfocused tiles: not the whole image)
+            if cv2.countNonZero(m8) <= m8.size // 16:  # few pixels (a field's lumens): by
+                p = cv2.findNonZero(m8).reshape(-1, 2)  # their points, not the whole image
+                ys, xs = p[:, 1], p[:, 0]
+                rgb[ys, xs] = table[0][rgb[ys, xs], np.arange(3)]
+                return
+            x, y, bw, bh = cv2.boundingRect(m8)  # only the mask's box is looked up (a few
+            if bw * bh < m8.size // 2:  # unfocused tiles: not the whole image)
                 box = rgb[y : y + bh, x : x + bw]
                 np.copyto(box, cv2.LUT(np.ascontiguousarray(box), table),
                           where=mask[y : y + bh, x : x + bw, None])

@@ -3,6 +3,7 @@ QC overlay's drawing and the tissue pixels sampled for the stain calibration."""
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
@@ -63,8 +64,6 @@ def test_stain_refinement_equals_the_whole_share_matrix(seed, stain):
 def _qc_fill_reference(rgb, tissue, collagen, excl, colour):
     """:func:`fibroquant.report.qc_fill` as first written (whole-image lookups, numpy
     boolean assignment)."""
-    import cv2
-
     rgb = rgb.copy()
 
     def tint(mask, c, alpha):
@@ -119,11 +118,14 @@ def test_qc_fill_and_exclusions_equal_the_whole_image_drawing(seed):
     assert all(np.array_equal(excl[k], ref_split[k]) for k in excl)
     got = report.qc_fill(rgb, tissue, collagen, excl, (0, 255, 255))
     assert np.array_equal(got, _qc_fill_reference(rgb, tissue, collagen, excl, (0, 255, 255)))
+    fold = np.zeros((h, w), bool)  # a fold over a third of the image: drawn in its box
+    fold[h // 3 : h - 10, 40 : w // 2] = True
+    excl = {**excl, "fold": fold & ~excluded}
+    got = report.qc_fill(rgb, tissue, collagen, excl, (255, 255, 0))
+    assert np.array_equal(got, _qc_fill_reference(rgb, tissue, collagen, excl, (255, 255, 0)))
 
 
 def cv2_resize_nearest(a, shape):
-    import cv2
-
     return cv2.resize(a, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
 
 
@@ -206,8 +208,6 @@ def test_glass_colour_from_the_shading_fits_reduction_equals_its_own(field_of_vi
     same image: the glass colour is the same."""
     from fibroquant import pipeline
     from fibroquant.shading import fit_image
-
-    import cv2
 
     p = random_params(3, shape=(500, 500), mpp=4.0, field_of_view=field_of_view)
     rgb = cv2.resize(make_section(p, rng=3)[0], (2000, 2000), interpolation=cv2.INTER_LINEAR)
