@@ -403,6 +403,7 @@ def calibrate_slide(slide: Slide, settings: Settings) -> Calibration:
             thumb = cv2.resize(thumb, (w // k, h // k), interpolation=cv2.INTER_AREA)
             thumb_mpp = extent_um[1] / thumb.shape[1]
     tissue = detect_tissue(thumb, thumb_mpp, settings.tissue, background)
+    release_free_heap()  # its thumbnail-sized temporaries (~150 MB on a 4-MP thumbnail)
     if not tissue.tissue.any():
         why = no_tissue_reason(thumb, thumb_mpp, settings.tissue, background, tissue)
         msg = f"{name}: no tissue found: {why}"
@@ -417,6 +418,10 @@ def calibrate_slide(slide: Slide, settings: Settings) -> Calibration:
             sl = CorrectedSlide(raw, shading, shifts)
     preset = preset_for(settings.stains).with_background(background)
     sample = calibration_pixels(sl, geo, tissue, covered, settings.stains.sample_pixels)
+    # the tiles' thumbnail rows and columns, and the segments the sample left partly read
+    # (~15 + 26 MB on a 1-GP slide: those under tissue are decoded again by the tile loop)
+    del covered
+    sl.drop_cache()
     od_sample = rgb_to_od(sample, background)
     est = estimate_stains(od_sample, preset, settings.stains)
     stains = est.stains
@@ -531,21 +536,27 @@ def _threshold_map(
     (float32, OD units: the slide's threshold, raised by the local parenchyma background) and
     the share guard there (float32; None = the slide's guard everywhere): both lowered in
     diffuse pale collagen (:func:`_pale_bands`)."""
-    thumb_conc = rgb_to_od(thumb, background) @ stains.unmixing
+    thumb_conc = _concentrations(thumb, background, stains)
     # the collagen plane is read by every step below: contiguous, not a strided view
     thumb_col = np.ascontiguousarray(thumb_conc[..., stains.collagen_index])
-    if len(stains.names) > 1:
-        tissue = with_folds(tissue, np.ascontiguousarray(thumb_conc[..., 1]), settings.tissue,
-                            thumb_col, thr.threshold_od)
-    if not (thr.method == "relative" and settings.collagen.local_background_um):
+    counter = np.ascontiguousarray(thumb_conc[..., 1]) if len(stains.names) > 1 else None
+    relative = thr.method == "relative" and bool(settings.collagen.local_background_um)
+    if relative:
+        # the stain shares first, so the concentrations are freed before the folds are found
+        # (in place: they are not read again; thumbnail-sized temporaries go as soon as
+        # possible: peak RSS)
+        tpos = np.maximum(thumb_conc, 0, out=thumb_conc)
+        tsum = channel_sum(tpos)
+        tshare = tpos[..., stains.collagen_index] / np.maximum(tsum, 1e-6)
+        del tpos
+    del thumb_conc
+    if counter is not None:
+        tissue = with_folds(tissue, counter, settings.tissue, thumb_col, thr.threshold_od)
+        del counter
+    if not relative:
         tissue = with_capsule(tissue, thumb_col > thr.threshold_od)
         return tissue, np.full(tissue.tissue.shape, kernels.threshold_as_float32(
             np.dtype(np.float32), thr.threshold_od), np.float32), None
-    tpos = np.maximum(thumb_conc, 0)
-    del thumb_conc  # thumbnail-sized temporaries are freed as soon as possible (peak RSS)
-    tsum = channel_sum(tpos)
-    tshare = tpos[..., stains.collagen_index] / np.maximum(tsum, 1e-6)
-    del tpos
     band, band_p = _pale_bands(tshare, tissue.tissue & (tsum > settings.stains.od_floor),
                                thumb_mpp, thr, settings)
     del tsum
@@ -580,6 +591,22 @@ def _threshold_map(
                   thr.share_guard)
         guard_map = np.float32(thr.share_guard) - band * np.float32(thr.share_guard - low)
     return with_capsule(tissue, thumb_col > threshold_map), threshold_map, guard_map
+
+
+#: Thumbnail rows converted to concentrations at a time (:func:`_concentrations`).
+CONC_BAND_ROWS = 256
+
+
+def _concentrations(thumb: np.ndarray, background: Vector, stains: StainMatrix) -> np.ndarray:
+    """Stain concentrations of the thumbnail (float32, one plane per stain):
+    ``rgb_to_od(thumb, background) @ stains.unmixing``, band by band, so its optical density
+    (48 MB on a 4-MP thumbnail) is never held whole. The same values to the bit: the product
+    of an (H, W, 3) image is taken row by row either way."""
+    out = np.empty((*thumb.shape[:2], stains.unmixing.shape[1]), np.float32)
+    for y in range(0, thumb.shape[0], CONC_BAND_ROWS):
+        out[y : y + CONC_BAND_ROWS] = rgb_to_od(thumb[y : y + CONC_BAND_ROWS], background
+                                                ) @ stains.unmixing
+    return out
 
 
 def _pale_bands(share: np.ndarray, stained: np.ndarray, thumb_mpp: float,
