@@ -41,7 +41,7 @@ from fibroquant.collagen import (
 )
 from fibroquant.confidence import FAINT_COLLAGEN_OD
 from fibroquant.config import Settings
-from fibroquant.cores import tune_malloc
+from fibroquant.cores import release_code_pages, tune_malloc
 from fibroquant.errors import FibroquantError, SlideReadError
 from fibroquant.measure import Measurements, SlideQC, SlideResult, TileCounts
 from fibroquant.registration import estimate_channel_shifts
@@ -332,6 +332,7 @@ def _analyze_slide(
 
                 t_wait = time.perf_counter()
                 fibre_traits.warm_skan()  # skan's per-process compile is not the slide's time
+                release_code_pages()
                 t_start += time.perf_counter() - t_wait
                 traits = fibre_traits.measure_slide(collagen_m, tissue_m, geo.mask_mpp,
                                                     settings.traits, lumen=lumen,
@@ -733,6 +734,7 @@ def _warm_quietly() -> None:
     tile loop's own :func:`kernels.warmup_fused` call."""
     try:
         kernels.warmup_fused()
+        release_code_pages()  # numba's LLVM is not run again by this slide (peak memory)
     except Exception:  # noqa: BLE001 - reported by the foreground call
         logger.debug("background kernel warm-up failed:\n%s", traceback.format_exc())
 
