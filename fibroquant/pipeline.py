@@ -320,9 +320,12 @@ def _analyze_slide(
         del cal
         sl.drop_cache()  # segments partly read at the tissue's edge are not read again
         release_free_heap()
-        beside = None
+        beside = gate = None
         if masks_ready is not None and workers > 1 and settings.traits.enabled:
-            beside = threading.Thread(target=_quietly, args=(masks_ready, result),
+            # the overlay takes one trait thread's place until it is written: the two do not
+            # stack their memory (~100 MB each on a 1-GP slide), and the cores stay busy
+            gate = threading.Semaphore(workers - 1)
+            beside = threading.Thread(target=_quietly, args=(masks_ready, result, gate),
                                       name="fibroquant-masks-ready", daemon=True)
             beside.start()
         traits = {}
@@ -336,7 +339,8 @@ def _analyze_slide(
                 t_start += time.perf_counter() - t_wait
                 traits = fibre_traits.measure_slide(collagen_m, tissue_m, geo.mask_mpp,
                                                     settings.traits, lumen=lumen,
-                                                    lumen_mpp=lumen_mpp, workers=workers)
+                                                    lumen_mpp=lumen_mpp, workers=workers,
+                                                    gate=gate)
                 release_free_heap()
         finally:
             if beside is not None:
@@ -718,15 +722,19 @@ def release_free_heap() -> None:
         _libc.malloc_trim(0)
 
 
-def _quietly(fn: Callable[[SlideResult], None], result: SlideResult) -> None:
+def _quietly(fn: Callable[[SlideResult], None], result: SlideResult,
+             gate: threading.Semaphore | None = None) -> None:
     """``fn(result)`` on a thread of its own: an exception is logged (``fn`` keeps its own).
-    Its freed memory is given back at once, not held while the traits peak."""
+    Its freed memory is given back at once, not held while the traits peak; then ``gate``
+    gets the permit of the thread this one stood in for."""
     try:
         fn(result)
     except Exception:  # noqa: BLE001 - a thread has nowhere to raise it
         logger.debug("masks_ready failed:\n%s", traceback.format_exc())
     finally:
         release_free_heap()
+        if gate is not None:
+            gate.release()
 
 
 def _warm_quietly() -> None:

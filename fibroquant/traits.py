@@ -340,6 +340,7 @@ def measure_tile(
     border = (~col_f & cv2.dilate(col_f.view(np.uint8), cross).view(bool))[inner]
     near_w = cv2.dilate(width_um, cross, borderType=cv2.BORDER_CONSTANT, borderValue=0)[inner]
     thin_border = border & (near_w > 0) & (near_w < params.thin_um)
+    del near_w
     counts.parts = [_part(col_c, tis_c, width_um[inner], sk_c, d2[inner], n_ortho[inner],
                           n_diag[inner], peri_c, vessel_c, border, thin_border,
                           (origin[0] + cy0, origin[1] + cx0), slide_shape, params, pieces)]
@@ -834,7 +835,10 @@ def _part(col: np.ndarray, tis: np.ndarray, width_um: np.ndarray, skel: np.ndarr
     }
     # holes: open when they hold non-tissue or touch the slide's edge. One pass counts each
     # hole's pixels split by tissue (bin 2 x label + 1: not tissue)
-    by_tissue = np.bincount((hole * 2 + ~tis).ravel(), minlength=2 * (n_hole + 1))
+    key = hole * 2
+    key += ~tis  # (in place: one label-sized temporary, not two)
+    by_tissue = np.bincount(key.ravel(), minlength=2 * (n_hole + 1))
+    del key
     open_px = by_tissue[1::2].copy()
     for at_edge, line in ((origin[0] == 0, hole[0]), (origin[1] == 0, hole[:, 0]),
                           (origin[0] + h == slide_shape[0], hole[-1]),
@@ -1129,6 +1133,7 @@ def measure_masks(
     tile_px: int = 1024,
     vessels: VesselMap | None = None,
     workers: int = 1,
+    gate: threading.Semaphore | None = None,
 ) -> TraitCounts:
     """Trait sums of a whole slide's masks, read tile by tile with a halo.
 
@@ -1136,7 +1141,9 @@ def measure_masks(
     memory maps, zarr arrays): only ``2 x workers`` windows of ``tile_px + 2 x halo`` pixels are
     in memory at a time. Tiles whose core holds no tissue are skipped. ``workers`` threads
     measure tiles at once (OpenCV, scikit-image and scipy release the GIL); the sums are added
-    in tile order, so the result does not depend on ``workers``.
+    in tile order, so the result does not depend on ``workers``. Each tile holds ``gate``,
+    when given, while it is measured: fewer tiles at once than threads while the semaphore
+    has fewer permits (work running beside the traits takes a thread's place, and its memory).
     """
     h, w = collagen.shape
     halo = params.halo_px()
@@ -1167,6 +1174,8 @@ def measure_masks(
     # the tile threads use the cores: OpenCV's own pool inside each call would oversubscribe
     # them (as in the CPA tile loop); inside a local pool, the slide's share of its cores
     tile = one if not cores.in_pool() else cores.gated(one, workers)
+    if gate is not None:
+        tile = _holding(gate, tile)
     cv_threads = cv2.getNumThreads()
     cv2.setNumThreads(1)
     try:
@@ -1183,6 +1192,15 @@ def measure_masks(
     finally:
         cv2.setNumThreads(cv_threads)
     return total
+
+
+def _holding(gate: threading.Semaphore, fn: Any) -> Any:
+    """``fn`` called while holding a permit of ``gate``."""
+    def run(*args: Any) -> Any:
+        with gate:
+            return fn(*args)
+
+    return run
 
 
 def reduce_mask(mask: np.ndarray, factor: int) -> np.ndarray:
@@ -1216,6 +1234,7 @@ def measure_slide(
     lumen: np.ndarray | None = None,
     lumen_mpp: float | None = None,
     workers: int = 1,
+    gate: threading.Semaphore | None = None,
 ) -> dict[str, float]:
     """The traits of one slide from its collagen and countable-tissue masks.
 
@@ -1229,6 +1248,8 @@ def measure_slide(
         Vessel lumens at ``lumen_mpp`` (any resolution covering the same extent).
     workers : int
         Threads over trait tiles.
+    gate : threading.Semaphore, optional
+        Held by each trait tile while it is measured (:func:`measure_masks`).
     """
     factor = max(1, round(settings.mpp / mask_mpp))
     mpp = mask_mpp * factor
@@ -1242,7 +1263,7 @@ def measure_slide(
         if vessels is not None:
             vessels = vessels.for_ring(params.ring_um)
     counts = measure_masks(col, tis, params, tile_px=settings.tile_px, vessels=vessels,
-                           workers=workers)
+                           workers=workers, gate=gate)
     return {k: float(v) for k, v in slide_traits(counts, params, vessels).items()}
 
 
