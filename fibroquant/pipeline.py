@@ -541,20 +541,9 @@ def _threshold_map(
     (float32, OD units: the slide's threshold, raised by the local parenchyma background) and
     the share guard there (float32; None = the slide's guard everywhere): both lowered in
     diffuse pale collagen (:func:`_pale_bands`)."""
-    thumb_conc = _concentrations(thumb, background, stains)
-    # the collagen plane is read by every step below: contiguous, not a strided view
-    thumb_col = np.ascontiguousarray(thumb_conc[..., stains.collagen_index])
-    counter = np.ascontiguousarray(thumb_conc[..., 1]) if len(stains.names) > 1 else None
     relative = thr.method == "relative" and bool(settings.collagen.local_background_um)
-    if relative:
-        # the stain shares first, so the concentrations are freed before the folds are found
-        # (in place: they are not read again; thumbnail-sized temporaries go as soon as
-        # possible: peak RSS)
-        tpos = np.maximum(thumb_conc, 0, out=thumb_conc)
-        tsum = channel_sum(tpos)
-        tshare = tpos[..., stains.collagen_index] / np.maximum(tsum, 1e-6)
-        del tpos
-    del thumb_conc
+    thumb_col, counter, tshare, above_floor = _thumbnail_planes(
+        thumb, background, stains, settings.stains.od_floor, shares=relative)
     if counter is not None:
         tissue = with_folds(tissue, counter, settings.tissue, thumb_col, thr.threshold_od)
         del counter
@@ -562,9 +551,11 @@ def _threshold_map(
         tissue = with_capsule(tissue, thumb_col > thr.threshold_od)
         return tissue, np.full(tissue.tissue.shape, kernels.threshold_as_float32(
             np.dtype(np.float32), thr.threshold_od), np.float32), None
-    band, band_p = _pale_bands(tshare, tissue.tissue & (tsum > settings.stains.od_floor),
-                               thumb_mpp, thr, settings)
-    del tsum
+    assert tshare is not None and above_floor is not None  # (with shares=True)
+    stained = tissue.tissue & above_floor
+    del above_floor
+    band, band_p = _pale_bands(tshare, stained, thumb_mpp, thr, settings)
+    del stained
     # Pixels that pass the share guard may be collagen and do not define the non-specific
     # uptake: a broad pale collagen band over cells (share ~0.45) would raise the map, and the
     # threshold, under itself.
@@ -586,7 +577,9 @@ def _threshold_map(
     if bias:
         bg_map -= np.float32(bias)
     del parenchyma
-    threshold_map = bg_map + np.float32(thr.threshold_od - thr.parenchyma_od)
+    # in place (the same float32 sums): thumbnail-sized maps are not held twice (peak RSS)
+    bg_map += np.float32(thr.threshold_od - thr.parenchyma_od)
+    threshold_map = bg_map
     guard_map = None
     if band is not None:
         threshold_map -= band * np.float32(BAND_THRESHOLD_DROP * max(
@@ -595,23 +588,48 @@ def _threshold_map(
         low = min(max(settings.collagen.parenchyma_share_spread * band_p, BAND_MIN_GUARD),
                   thr.share_guard)
         guard_map = np.float32(thr.share_guard) - band * np.float32(thr.share_guard - low)
-    return with_capsule(tissue, thumb_col > threshold_map), threshold_map, guard_map
+        del band
+    collagen = thumb_col > threshold_map
+    del thumb_col
+    return with_capsule(tissue, collagen), threshold_map, guard_map
 
 
-#: Thumbnail rows converted to concentrations at a time (:func:`_concentrations`).
+#: Thumbnail rows converted to concentrations at a time (:func:`_thumbnail_planes`).
 CONC_BAND_ROWS = 256
 
 
-def _concentrations(thumb: np.ndarray, background: Vector, stains: StainMatrix) -> np.ndarray:
-    """Stain concentrations of the thumbnail (float32, one plane per stain):
-    ``rgb_to_od(thumb, background) @ stains.unmixing``, band by band, so its optical density
-    (48 MB on a 4-MP thumbnail) is never held whole. The same values to the bit: the product
-    of an (H, W, 3) image is taken row by row either way."""
-    out = np.empty((*thumb.shape[:2], stains.unmixing.shape[1]), np.float32)
-    for y in range(0, thumb.shape[0], CONC_BAND_ROWS):
-        out[y : y + CONC_BAND_ROWS] = rgb_to_od(thumb[y : y + CONC_BAND_ROWS], background
-                                                ) @ stains.unmixing
-    return out
+def _thumbnail_planes(
+    thumb: np.ndarray, background: Vector, stains: StainMatrix, od_floor: float, *,
+    shares: bool,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """What :func:`_threshold_map` reads of the thumbnail's stain concentrations
+    (``C = rgb_to_od(thumb, background) @ stains.unmixing``): the collagen plane and the
+    second stain's (float32, contiguous; None with one stain) and, with ``shares``, the
+    collagen stain's share of the positive concentration ``max(C, 0)`` (float32) and where
+    their sum exceeds ``od_floor`` (bool).
+
+    Computed band by band: neither the optical density nor the concentrations are ever held
+    whole (48 MB each on a 4-MP thumbnail). The same values to the bit: the product is taken
+    pixel row by pixel row either way, and every other step is per pixel.
+    """
+    h, w = thumb.shape[:2]
+    col = stains.collagen_index
+    thumb_col = np.empty((h, w), np.float32)
+    counter = np.empty((h, w), np.float32) if len(stains.names) > 1 else None
+    tshare = np.empty((h, w), np.float32) if shares else None
+    above = np.empty((h, w), bool) if shares else None
+    for y in range(0, h, CONC_BAND_ROWS):
+        rows = slice(y, y + CONC_BAND_ROWS)
+        conc = rgb_to_od(thumb[rows], background) @ stains.unmixing
+        thumb_col[rows] = conc[..., col]
+        if counter is not None:
+            counter[rows] = conc[..., 1]
+        if tshare is not None and above is not None:
+            pos = np.maximum(conc, 0, out=conc)
+            total = channel_sum(pos)
+            above[rows] = total > od_floor
+            tshare[rows] = pos[..., col] / np.maximum(total, 1e-6, out=total)
+    return thumb_col, counter, tshare, above
 
 
 def _pale_bands(share: np.ndarray, stained: np.ndarray, thumb_mpp: float,
