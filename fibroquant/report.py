@@ -1972,7 +1972,10 @@ def write_qc(path: Path, analysis: Any, *, max_px: int = 2000, title: str = "") 
     colour = (collagen_fill_for_stain(stain) if stain in STAIN_FILL_RGB
               else collagen_fill_colour(rgb, collagen))
     overlay = qc_fill(rgb, tissue, collagen, exclusions, colour)
+    names = list(exclusions)
+    del thumb, rgb, tissue, collagen, excluded, exclusions  # (peak memory)
     mpp = float(getattr(analysis, "mask_mpp", 0) or 0) * (mh / size[1])
     panel = qc_panel(overlay, title=title or Path(path).stem, mpp=mpp or 1.0,
-                     collagen_rgb=colour, exclusions=list(exclusions))
+                     collagen_rgb=colour, exclusions=names)
+    del overlay
     write_jpeg(path, panel)

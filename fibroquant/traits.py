@@ -100,7 +100,7 @@ class VesselMap:
                 msg = f"this vessel map keeps the rings of {sorted(self._rings)} µm only"
                 raise ValueError(msg)
             self._rings[ring_um] = np.where(self.distance_um <= ring_um, self.nearest, 0
-                                            ).astype(np.int32)
+                                            ).astype(np.int32, copy=False)
         return self._rings[ring_um]
 
     def for_ring(self, ring_um: float) -> VesselMap:
@@ -138,7 +138,7 @@ def vessel_map(lumen: np.ndarray, lumen_mpp: float, trait_mpp: float, cluster_um
         np.ascontiguousarray(~lumen).view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_5,
         labelType=cv2.DIST_LABEL_CCOMP)
     n = int(nearest.max())
-    dist_um = (dist * lumen_mpp).astype(np.float32)
+    dist_um = np.multiply(dist, np.float32(lumen_mpp), out=dist)  # float32, in place
     pairs = []
     for a, b, da, db in ((nearest[:, :-1], nearest[:, 1:], dist_um[:, :-1], dist_um[:, 1:]),
                          (nearest[:-1], nearest[1:], dist_um[:-1], dist_um[1:])):
