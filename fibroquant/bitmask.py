@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 
-
 #: Rows unpacked at a time into a caller's buffer (:meth:`BitMask.unpack`).
 _BAND_ROWS = 256
 

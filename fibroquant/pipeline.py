@@ -541,17 +541,19 @@ def _threshold_map(
     (float32, OD units: the slide's threshold, raised by the local parenchyma background) and
     the share guard there (float32; None = the slide's guard everywhere): both lowered in
     diffuse pale collagen (:func:`_pale_bands`)."""
-    relative = thr.method == "relative" and bool(settings.collagen.local_background_um)
+    local_um = settings.collagen.local_background_um
+    relative = thr.method == "relative" and bool(local_um)
     thumb_col, counter, tshare, above_floor = _thumbnail_planes(
         thumb, background, stains, settings.stains.od_floor, shares=relative)
     if counter is not None:
         tissue = with_folds(tissue, counter, settings.tissue, thumb_col, thr.threshold_od)
         del counter
-    if not relative:
+    if not relative or not local_um:
         tissue = with_capsule(tissue, thumb_col > thr.threshold_od)
         return tissue, np.full(tissue.tissue.shape, kernels.threshold_as_float32(
             np.dtype(np.float32), thr.threshold_od), np.float32), None
-    assert tshare is not None and above_floor is not None  # (with shares=True)
+    assert tshare is not None  # (computed with shares=True)
+    assert above_floor is not None
     stained = tissue.tissue & above_floor
     del above_floor
     band, band_p = _pale_bands(tshare, stained, thumb_mpp, thr, settings)
@@ -572,7 +574,7 @@ def _threshold_map(
         bias = max(float(np.median(thumb_col[parenchyma])), 0.0) - thr.parenchyma_od
     bg_map = parenchyma_background(
         thumb_col, parenchyma,
-        settings.collagen.local_background_um / thumb_mpp, thr.parenchyma_od + bias,
+        local_um / thumb_mpp, thr.parenchyma_od + bias,
     )
     if bias:
         bg_map -= np.float32(bias)

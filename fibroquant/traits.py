@@ -835,10 +835,10 @@ def _part(col: np.ndarray, tis: np.ndarray, width_um: np.ndarray, skel: np.ndarr
     }
     # holes: open when they hold non-tissue or touch the slide's edge. One pass counts each
     # hole's pixels split by tissue (bin 2 x label + 1: not tissue)
-    key = hole * 2
-    key += ~tis  # (in place: one label-sized temporary, not two)
-    by_tissue = np.bincount(key.ravel(), minlength=2 * (n_hole + 1))
-    del key
+    split = hole * 2
+    split += ~tis  # (in place: one label-sized temporary, not two)
+    by_tissue = np.bincount(split.ravel(), minlength=2 * (n_hole + 1))
+    del split
     open_px = by_tissue[1::2].copy()
     for at_edge, line in ((origin[0] == 0, hole[0]), (origin[1] == 0, hole[:, 0]),
                           (origin[0] + h == slide_shape[0], hole[-1]),
