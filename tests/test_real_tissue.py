@@ -27,6 +27,7 @@ from fibroquant.synthetic import (
     make_he_section,
     make_muscle,
     make_section,
+    random_params,
     small_crop,
 )
 from fibroquant.tissue import double_layers, speck_area_um2
@@ -161,6 +162,37 @@ def test_guess_rules_for_pink_and_grey():
         verdict = stain_verdict(grey, protocol)
         assert (verdict.guess, verdict.wrong) == ("grey", True)
         assert "not a colour stain" in verdict.message
+
+
+def test_masson_variant_is_told_by_its_collagen_pixels():
+    """The collagen pixels decide Masson's variant, not the mean residual that the red
+    counterstain dominates (real aniline-blue hearts fit the light-green reference better on
+    average); without enough such pixels the mean residuals decide."""
+    fit = {"sirius-red": 0.14, "masson": 0.092, "masson-light-green": 0.082, "h&e": 0.24,
+           "eosin_share": 0.0002, "neutral_share": 0.0005, "dark_share": 0.002}
+    assert guess_protocol(fit) == "masson-light-green"
+    assert guess_protocol({**fit, "light_green_share": 0.004}) == "masson"
+    assert guess_protocol({**fit, "masson": 0.07, "light_green_share": 0.97}) == (
+        "masson-light-green")
+
+
+@pytest.mark.parametrize("stain", ["masson", "masson-light-green"])
+def test_synthetic_masson_variants_are_guessed(stain):
+    for seed in range(4):
+        rgb, _ = make_section(random_params(seed, stain=stain, shape=(384, 384)), rng=seed)
+        assert guess_protocol(stain_fit(rgb)) == stain, seed
+
+
+def test_real_masson_hearts_are_aniline_blue():
+    """The twelve autoslide hearts are stained with aniline blue (blue collagen by eye); they
+    were guessed masson-light-green from their red muscle."""
+    folder = SHARED / "masson-heart-autoslide"
+    paths = sorted(folder.glob("*.png"))
+    if not paths:
+        pytest.skip("real hearts not present (../shared/data)")
+    guesses = {p.name: guess_protocol(stain_fit(_real("masson-heart-autoslide", p.name)))
+               for p in paths}
+    assert set(guesses.values()) == {"masson"}, guesses
 
 
 def _grey(rgb: np.ndarray) -> np.ndarray:
