@@ -311,10 +311,13 @@ def run_in_process(task: SlideTask) -> dict[str, Any]:
     info = {"slide": task.slide, "fingerprint": task.fingerprint, "path": task.path,
             "settings_hash": settings.settings_hash(), "pid": os.getpid(),
             "started": time.time()}
-    if settings.traits.enabled:  # skan's per-process compile: before the slide's stall clock
-        from fibroquant.traits import warm_skan
+    if settings.traits.enabled:
+        from fibroquant.traits import start_warm_skan, warm_skan
 
-        warm_skan()
+        if task.threads > 1:  # skan's compile beside the slide; its traits wait for it
+            start_warm_skan()
+        else:  # one core: the per-process compile before the slide's stall clock
+            warm_skan()
     with measuring_marker(Path(task.out_dir), info, stall_s=settings.tiling.slide_timeout_s):
         return run_slide(task)
 
@@ -374,6 +377,7 @@ def _worker_main(conn: Any, running: Any, n_cores: int, parent_pid: int) -> None
     stop or the run is gone. Ctrl-C is the run's to handle (it ends its workers)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    cores.tune_gc()
     _die_with_parent(parent_pid)
     _init_worker(running, n_cores)
     while True:

@@ -25,8 +25,10 @@ central (thin collar, alone) by the rule in :func:`classify_vessels`.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
+import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +36,8 @@ import cv2
 import numpy as np
 
 # scipy, scikit-image and skan are imported where used: cohort/run import the column names
+
+logger = logging.getLogger(__name__)
 
 _ORTHO = np.array([[0, 1, 0], [1, 0, 1], [0, 1, 0]], np.float32)
 _DIAG = np.array([[1, 0, 1], [0, 0, 0], [1, 0, 1]], np.float32)
@@ -327,8 +331,8 @@ def measure_tile(
         cols = np.minimum(((np.arange(cx0, cx1) + origin[1] + 0.5) * vessels.scale).astype(int),
                           rings.shape[1] - 1)
         rings = rings[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-        vessel_c = np.repeat(np.repeat(rings, np.bincount(rows - rows[0]), axis=0),
-                             np.bincount(cols - cols[0]), axis=1)
+        # np.take, unlike np.repeat, releases the GIL: the trait tiles run on several threads
+        vessel_c = rings.take(rows - rows[0], axis=0).take(cols - cols[0], axis=1)
         ring = vessel_c > 0
         peri_c = col_c & ring
         counts.perivascular_px = int(np.count_nonzero(peri_c))
@@ -466,6 +470,8 @@ def _skan_graph(skel: np.ndarray, half_px: np.ndarray) -> _Graph | None:
 
 _skan_warm = False
 _skan_warm_lock = threading.Lock()
+_skan_thread: threading.Thread | None = None
+_skan_start_lock = threading.Lock()
 
 
 def warm_skan() -> None:
@@ -474,7 +480,9 @@ def warm_skan() -> None:
     numba cannot cache a ``jitclass`` on disk, so every process compiles it on its first
     skeleton (2-3 s CPU); the pipeline calls this outside a slide's ``seconds``, and the local
     workers' forkserver imports :mod:`fibroquant.warm_skan`, which calls it, so that the
-    workers forked from it inherit the compiled code. Starts no thread. Thread-safe.
+    workers forked from it inherit the compiled code. Starts no thread. Thread-safe: a call
+    made while :func:`start_warm_skan`'s thread compiles waits for it, and compiles again
+    (raising its error) when that compile failed.
     """
     global _skan_warm
     if _skan_warm:
@@ -485,6 +493,37 @@ def warm_skan() -> None:
             skel[2, 1:4] = skel[1:4, 2] = True  # a cross: a junction and four free ends
             _skan_graph(skel, np.ones(skel.shape, np.float32))
             _skan_warm = True
+
+
+def start_warm_skan() -> threading.Thread | None:
+    """Compile skan (:func:`warm_skan`) on a daemon thread of its own, once per process.
+
+    For a slide measured on several threads in this process: about half of the compile is
+    LLVM's, which releases the GIL, so it runs beside the slide's single-threaded calibration
+    instead of before it (2-3 s of a 1-GP slide's ~12 s on 2 cores). The slide's traits
+    call :func:`warm_skan`, which waits for it. A failure here is logged and left to that
+    call, which compiles again and raises it on the slide's thread.
+
+    Returns
+    -------
+    threading.Thread or None
+        The thread; None when skan is compiled already or a thread is compiling it.
+    """
+    global _skan_thread
+    with _skan_start_lock:
+        if _skan_warm or (_skan_thread is not None and _skan_thread.is_alive()):
+            return None
+        _skan_thread = threading.Thread(target=_warm_skan_quietly, name="fibroquant-skan",
+                                        daemon=True)
+        _skan_thread.start()
+        return _skan_thread
+
+
+def _warm_skan_quietly() -> None:
+    try:
+        warm_skan()
+    except Exception:  # noqa: BLE001 - raised again by the slide's own warm_skan call
+        logger.debug("background skan compile failed:\n%s", traceback.format_exc())
 
 
 @dataclass(frozen=True)
