@@ -45,6 +45,9 @@ class App(typer.Typer):
     one line instead of a traceback and exit code 1 (which means "some slides failed")."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from fibroquant.cores import tune_gc
+
+        tune_gc()
         try:
             return super().__call__(*args, **kwargs)
         except Exception as exc:  # the last resort: one line, exit 4

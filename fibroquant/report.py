@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from fibroquant import exclusions, schema
+from fibroquant.bitmask import BitMask
 from fibroquant.errors import FibroquantError
 from fibroquant.outdir import atomic_write_bytes, json_default
 
@@ -1936,6 +1937,13 @@ def _exclusion_masks(flags: np.ndarray | None, excluded: np.ndarray) -> dict[str
     return out
 
 
+def _result_mask(analysis: Any, name: str) -> BitMask | np.ndarray:
+    """A result's ``name`` mask as it holds it: its bits (``collagen_bits``, ...) when it
+    has them, else its bool array (``collagen_mask``, ...)."""
+    bits = getattr(analysis, f"{name}_bits", None)
+    return bits if isinstance(bits, BitMask) else getattr(analysis, f"{name}_mask")
+
+
 def write_qc(path: Path, analysis: Any, *, max_px: int = 2000, title: str = "") -> None:
     """Write a slide's QC overlay as JPEG: collagen filled, exclusions in their colours, a
     legend, a scale bar and the slide name (:func:`qc_fill`, :func:`qc_panel`).
@@ -1954,32 +1962,48 @@ def write_qc(path: Path, analysis: Any, *, max_px: int = 2000, title: str = "") 
         Shown under the image (default: the file name without ``.jpg``).
     """
     thumb = analysis.thumbnail
-    mh, mw = analysis.collagen_mask.shape
+    mh, mw = _result_mask(analysis, "collagen").shape
     scale = min(1.0, max_px / max(mh, mw))
     size = (max(round(mw * scale), 1), max(round(mh * scale), 1))
     if (thumb.shape[1], thumb.shape[0]) != size:
         interp = cv2.INTER_AREA if thumb.shape[1] > size[0] else cv2.INTER_LINEAR
         thumb = cv2.resize(thumb, size, interpolation=interp)
 
-    def fit(mask: np.ndarray) -> np.ndarray:
+    buffer: list[np.ndarray] = []  # one full-size 0/255 image for the three masks in turn
+
+    def fit(name: str) -> np.ndarray:
         # overlay pixels at least half covered by the mask; the share is resampled as uint8
         # (0/255, >= 128 when >= 0.5): a quarter of a float32 copy (43 MB rather than 172 MB
-        # for a 1-GP slide's masks)
+        # for a 1-GP slide's masks), unpacked straight to 0/255 from bits
+        mask = _result_mask(analysis, name)
         if mask.shape == (size[1], size[0]):
-            return mask
-        share = cv2.resize(np.multiply(mask, np.uint8(255), dtype=np.uint8), size,
-                           interpolation=cv2.INTER_AREA)
-        return share >= 128
+            return np.asarray(mask, bool)
+        if isinstance(mask, BitMask):
+            if not buffer:
+                buffer.append(np.empty(mask.shape, np.uint8))
+            full = mask.unpack(255, out=buffer[0])
+        else:
+            full = np.multiply(mask, np.uint8(255), dtype=np.uint8)
+        return cv2.resize(full, size, interpolation=cv2.INTER_AREA) >= 128
 
-    collagen = fit(analysis.collagen_mask)
-    exclusions = _exclusion_masks(getattr(analysis, "flags", None),
-                                  fit(analysis.excluded_mask))
+    collagen = fit("collagen")
+    excluded = fit("excluded")
+    tissue = fit("tissue")
+    if buffer:
+        from fibroquant.pipeline import release_free_heap
+
+        buffer.clear()
+        release_free_heap()  # its pages back before the overlay's own (peak memory)
+    exclusions = _exclusion_masks(getattr(analysis, "flags", None), excluded)
     rgb = _as_rgb_uint8(thumb)
     stain = getattr(analysis, "stain", "")
     colour = (collagen_fill_for_stain(stain) if stain in STAIN_FILL_RGB
               else collagen_fill_colour(rgb, collagen))
-    overlay = qc_fill(rgb, fit(analysis.tissue_mask), collagen, exclusions, colour)
+    overlay = qc_fill(rgb, tissue, collagen, exclusions, colour)
+    names = list(exclusions)
+    del thumb, rgb, tissue, collagen, excluded, exclusions  # (peak memory)
     mpp = float(getattr(analysis, "mask_mpp", 0) or 0) * (mh / size[1])
     panel = qc_panel(overlay, title=title or Path(path).stem, mpp=mpp or 1.0,
-                     collagen_rgb=colour, exclusions=list(exclusions))
+                     collagen_rgb=colour, exclusions=names)
+    del overlay
     write_jpeg(path, panel)

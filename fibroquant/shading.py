@@ -359,3 +359,7 @@ class CorrectedSlide(SlideBase):
     def close(self) -> None:
         """Stop reading through this wrapper (the wrapped slide is closed by its owner)."""
         self._closed = True
+
+    def drop_cache(self) -> None:
+        """Forget the wrapped slide's decoded pixels."""
+        self.inner.drop_cache()

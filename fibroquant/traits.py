@@ -25,8 +25,10 @@ central (thin collar, alone) by the rule in :func:`classify_vessels`.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
+import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +36,8 @@ import cv2
 import numpy as np
 
 # scipy, scikit-image and skan are imported where used: cohort/run import the column names
+
+logger = logging.getLogger(__name__)
 
 _ORTHO = np.array([[0, 1, 0], [1, 0, 1], [0, 1, 0]], np.float32)
 _DIAG = np.array([[1, 0, 1], [0, 0, 0], [1, 0, 1]], np.float32)
@@ -96,9 +100,20 @@ class VesselMap:
         """int32 image of the lumen grid: the nearest lumen's label where it is at most
         ``ring_um`` away, else 0 (computed once per ring width)."""
         if ring_um not in self._rings:
+            if not self.distance_um.size:
+                msg = f"this vessel map keeps the rings of {sorted(self._rings)} µm only"
+                raise ValueError(msg)
             self._rings[ring_um] = np.where(self.distance_um <= ring_um, self.nearest, 0
-                                            ).astype(np.int32)
+                                            ).astype(np.int32, copy=False)
         return self._rings[ring_um]
+
+    def for_ring(self, ring_um: float) -> VesselMap:
+        """This map keeping only the ring labels of ``ring_um`` (all the trait tiles read):
+        the distance and nearest-lumen images are dropped (empty), two thirds of its memory
+        (32 MB of a 4-MP lumen image)."""
+        rings = self.ring_labels(ring_um)
+        return VesselMap(np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int32), self.scale,
+                         self.n, self.neighbours, {ring_um: rings})
 
 
 def vessel_map(lumen: np.ndarray, lumen_mpp: float, trait_mpp: float, cluster_um: float,
@@ -127,7 +142,7 @@ def vessel_map(lumen: np.ndarray, lumen_mpp: float, trait_mpp: float, cluster_um
         np.ascontiguousarray(~lumen).view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_5,
         labelType=cv2.DIST_LABEL_CCOMP)
     n = int(nearest.max())
-    dist_um = (dist * lumen_mpp).astype(np.float32)
+    dist_um = np.multiply(dist, np.float32(lumen_mpp), out=dist)  # float32, in place
     pairs = []
     for a, b, da, db in ((nearest[:, :-1], nearest[:, 1:], dist_um[:, :-1], dist_um[:, 1:]),
                          (nearest[:-1], nearest[1:], dist_um[:-1], dist_um[1:])):
@@ -265,13 +280,8 @@ def measure_tile(
     fy1, fx1 = min(cy1 + 1, collagen.shape[0]), min(cx1 + 1, collagen.shape[1])
     frame = (slice(fy0, fy1), slice(fx0, fx1))
     col_f = np.ascontiguousarray(collagen[frame])
-    # the fibre measures of the frame (skeleton, widths, squared half-widths, neighbours)
-    skel = np.zeros(col_f.shape, bool)
-    width_um = np.zeros(col_f.shape, np.float32)
-    d2 = np.zeros(col_f.shape, np.int32)
-    n_ortho = np.zeros(col_f.shape, np.uint8)
-    n_diag = np.zeros(col_f.shape, np.uint8)
     pieces = None
+    fibres = None
     box = _bounding_box(collagen, math.ceil(4 * params.coherence_sigma_um / mpp) + 3)
     if box is not None and col_f.any():
         # the fibre measures on the window's collagen and a margin around it, not on the
@@ -280,6 +290,15 @@ def measure_tile(
         fibres = _fibre_measures(collagen[by0:by1, bx0:bx1],
                                  (cy0 - by0, cx0 - bx0, cy1 - by0, cx1 - bx0),
                                  (origin[0] + by0, origin[1] + bx0), slide_shape, params)
+    # the fibre measures of the frame (skeleton, widths, squared half-widths, neighbours),
+    # allocated once the box's own are done (peak memory)
+    skel = np.zeros(col_f.shape, bool)
+    width_um = np.zeros(col_f.shape, np.float32)
+    d2 = np.zeros(col_f.shape, np.int32)
+    n_ortho = np.zeros(col_f.shape, np.uint8)
+    n_diag = np.zeros(col_f.shape, np.uint8)
+    if box is not None and fibres is not None:
+        by0, bx0, by1, bx1 = box
         # the box's part of the frame, in the box's and the frame's coordinates
         oy0, ox0 = max(by0, fy0), max(bx0, fx0)
         oy1, ox1 = min(by1, fy1), min(bx1, fx1)
@@ -291,6 +310,7 @@ def measure_tile(
         pieces, sums = fibres[5], fibres[6]
         for name, value in sums.items():
             setattr(counts, name, value)
+        del fibres
     inner = (slice(cy0 - fy0, cy1 - fy0), slice(cx0 - fx0, cx1 - fx0))
     w_c = width_um[inner][col_c]
     counts.thin_px = int(np.count_nonzero(w_c < params.thin_um))
@@ -305,13 +325,14 @@ def measure_tile(
     if vessels is not None:
         # each core pixel looks up the lumen pixel holding its centre: rows and columns of
         # lumen pixels repeated (the lumen grid is coarser)
+        rings = vessels.ring_labels(params.ring_um)
         rows = np.minimum(((np.arange(cy0, cy1) + origin[0] + 0.5) * vessels.scale).astype(int),
-                          vessels.nearest.shape[0] - 1)
+                          rings.shape[0] - 1)
         cols = np.minimum(((np.arange(cx0, cx1) + origin[1] + 0.5) * vessels.scale).astype(int),
-                          vessels.nearest.shape[1] - 1)
-        rings = vessels.ring_labels(params.ring_um)[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-        vessel_c = np.repeat(np.repeat(rings, np.bincount(rows - rows[0]), axis=0),
-                             np.bincount(cols - cols[0]), axis=1)
+                          rings.shape[1] - 1)
+        rings = rings[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        # np.take, unlike np.repeat, releases the GIL: the trait tiles run on several threads
+        vessel_c = rings.take(rows - rows[0], axis=0).take(cols - cols[0], axis=1)
         ring = vessel_c > 0
         peri_c = col_c & ring
         counts.perivascular_px = int(np.count_nonzero(peri_c))
@@ -323,6 +344,7 @@ def measure_tile(
     border = (~col_f & cv2.dilate(col_f.view(np.uint8), cross).view(bool))[inner]
     near_w = cv2.dilate(width_um, cross, borderType=cv2.BORDER_CONSTANT, borderValue=0)[inner]
     thin_border = border & (near_w > 0) & (near_w < params.thin_um)
+    del near_w
     counts.parts = [_part(col_c, tis_c, width_um[inner], sk_c, d2[inner], n_ortho[inner],
                           n_diag[inner], peri_c, vessel_c, border, thin_border,
                           (origin[0] + cy0, origin[1] + cx0), slide_shape, params, pieces)]
@@ -399,6 +421,8 @@ def _fibre_measures(
         cy, cx = np.divmod(at[first], jl.shape[1])
         sums["branch_points"] = int(np.count_nonzero(
             (cy >= cy0) & (cy < cy1) & (cx >= cx0) & (cx < cx1)))
+        del flat
+    del sk8, degree, junction, jl  # (peak memory: the structure tensor below is the largest)
     # --- branches (skan): their pieces in the core, joined into whole branches per slide
     pieces = None
     if graphs and sk_c.any():
@@ -406,8 +430,7 @@ def _fibre_measures(
     # --- orientation coherence of the collagen texture
     col_c = collagen[cs]
     if col_c.any():
-        a, b, c = _structure_tensor(collagen, params.coherence_sigma_um / mpp)
-        a, b, c = a[cs][col_c], b[cs][col_c], c[cs][col_c]
+        a, b, c = _structure_tensor(collagen, params.coherence_sigma_um / mpp, (cs, col_c))
         trace = a + c
         ok = trace > 1e-6
         coh = np.sqrt((a - c) ** 2 + 4 * b * b)[ok] / trace[ok]
@@ -447,6 +470,8 @@ def _skan_graph(skel: np.ndarray, half_px: np.ndarray) -> _Graph | None:
 
 _skan_warm = False
 _skan_warm_lock = threading.Lock()
+_skan_thread: threading.Thread | None = None
+_skan_start_lock = threading.Lock()
 
 
 def warm_skan() -> None:
@@ -455,7 +480,9 @@ def warm_skan() -> None:
     numba cannot cache a ``jitclass`` on disk, so every process compiles it on its first
     skeleton (2-3 s CPU); the pipeline calls this outside a slide's ``seconds``, and the local
     workers' forkserver imports :mod:`fibroquant.warm_skan`, which calls it, so that the
-    workers forked from it inherit the compiled code. Starts no thread. Thread-safe.
+    workers forked from it inherit the compiled code. Starts no thread. Thread-safe: a call
+    made while :func:`start_warm_skan`'s thread compiles waits for it, and compiles again
+    (raising its error) when that compile failed.
     """
     global _skan_warm
     if _skan_warm:
@@ -466,6 +493,37 @@ def warm_skan() -> None:
             skel[2, 1:4] = skel[1:4, 2] = True  # a cross: a junction and four free ends
             _skan_graph(skel, np.ones(skel.shape, np.float32))
             _skan_warm = True
+
+
+def start_warm_skan() -> threading.Thread | None:
+    """Compile skan (:func:`warm_skan`) on a daemon thread of its own, once per process.
+
+    For a slide measured on several threads in this process: about half of the compile is
+    LLVM's, which releases the GIL, so it runs beside the slide's single-threaded calibration
+    instead of before it (2-3 s of a 1-GP slide's ~12 s on 2 cores). The slide's traits
+    call :func:`warm_skan`, which waits for it. A failure here is logged and left to that
+    call, which compiles again and raises it on the slide's thread.
+
+    Returns
+    -------
+    threading.Thread or None
+        The thread; None when skan is compiled already or a thread is compiling it.
+    """
+    global _skan_thread
+    with _skan_start_lock:
+        if _skan_warm or (_skan_thread is not None and _skan_thread.is_alive()):
+            return None
+        _skan_thread = threading.Thread(target=_warm_skan_quietly, name="fibroquant-skan",
+                                        daemon=True)
+        _skan_thread.start()
+        return _skan_thread
+
+
+def _warm_skan_quietly() -> None:
+    try:
+        warm_skan()
+    except Exception:  # noqa: BLE001 - raised again by the slide's own warm_skan call
+        logger.debug("background skan compile failed:\n%s", traceback.format_exc())
 
 
 @dataclass(frozen=True)
@@ -584,17 +642,28 @@ def _skeleton(collagen: np.ndarray, half_px: np.ndarray) -> tuple[np.ndarray, li
     return skel, graphs
 
 
-def _structure_tensor(mask: np.ndarray, sigma_px: float
+def _structure_tensor(mask: np.ndarray, sigma_px: float,
+                      at: tuple[tuple[slice, slice], np.ndarray] | None = None,
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Structure tensor (rr, rc, cc) of a mask: Sobel gradients, products smoothed by a
     Gaussian of ``sigma_px`` truncated at 4 sigma — what ``skimage.feature.structure_tensor``
-    computes, with OpenCV's filters (8x faster on these tiles)."""
+    computes, with OpenCV's filters (8x faster on these tiles).
+
+    With ``at = (window, pick)``, only the values at ``pick`` (bool) within ``window`` (a
+    pair of slices) are returned, as 1-D arrays: the three smoothed images are never held at
+    once (a trait tile's largest temporaries)."""
     img = mask.astype(np.float32)
     gr = cv2.Sobel(img, cv2.CV_32F, 0, 1, ksize=3, borderType=cv2.BORDER_REFLECT)
     gc = cv2.Sobel(img, cv2.CV_32F, 1, 0, ksize=3, borderType=cv2.BORDER_REFLECT)
+    del img
     k = 2 * math.ceil(4 * sigma_px) + 1
-    blur = lambda x: cv2.GaussianBlur(x, (k, k), sigma_px, borderType=cv2.BORDER_REFLECT)
-    return blur(gr * gr), blur(gr * gc), blur(gc * gc)
+
+    def smooth(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        out = cv2.GaussianBlur(x * y, (k, k), sigma_px, borderType=cv2.BORDER_REFLECT)
+        return out if at is None else out[at[0]][at[1]]
+
+    # one smoothed product at a time (with ``at``, only its picked values are kept)
+    return smooth(gr, gr), smooth(gr, gc), smooth(gc, gc)
 
 
 def _path_ends(graph: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -805,7 +874,10 @@ def _part(col: np.ndarray, tis: np.ndarray, width_um: np.ndarray, skel: np.ndarr
     }
     # holes: open when they hold non-tissue or touch the slide's edge. One pass counts each
     # hole's pixels split by tissue (bin 2 x label + 1: not tissue)
-    by_tissue = np.bincount((hole * 2 + ~tis).ravel(), minlength=2 * (n_hole + 1))
+    split = hole * 2
+    split += ~tis  # (in place: one label-sized temporary, not two)
+    by_tissue = np.bincount(split.ravel(), minlength=2 * (n_hole + 1))
+    del split
     open_px = by_tissue[1::2].copy()
     for at_edge, line in ((origin[0] == 0, hole[0]), (origin[1] == 0, hole[:, 0]),
                           (origin[0] + h == slide_shape[0], hole[-1]),
@@ -1100,6 +1172,7 @@ def measure_masks(
     tile_px: int = 1024,
     vessels: VesselMap | None = None,
     workers: int = 1,
+    gate: threading.Semaphore | None = None,
 ) -> TraitCounts:
     """Trait sums of a whole slide's masks, read tile by tile with a halo.
 
@@ -1107,7 +1180,9 @@ def measure_masks(
     memory maps, zarr arrays): only ``2 x workers`` windows of ``tile_px + 2 x halo`` pixels are
     in memory at a time. Tiles whose core holds no tissue are skipped. ``workers`` threads
     measure tiles at once (OpenCV, scikit-image and scipy release the GIL); the sums are added
-    in tile order, so the result does not depend on ``workers``.
+    in tile order, so the result does not depend on ``workers``. Each tile holds ``gate``,
+    when given, while it is measured: fewer tiles at once than threads while the semaphore
+    has fewer permits (work running beside the traits takes a thread's place, and its memory).
     """
     h, w = collagen.shape
     halo = params.halo_px()
@@ -1138,6 +1213,8 @@ def measure_masks(
     # the tile threads use the cores: OpenCV's own pool inside each call would oversubscribe
     # them (as in the CPA tile loop); inside a local pool, the slide's share of its cores
     tile = one if not cores.in_pool() else cores.gated(one, workers)
+    if gate is not None:
+        tile = _holding(gate, tile)
     cv_threads = cv2.getNumThreads()
     cv2.setNumThreads(1)
     try:
@@ -1154,6 +1231,15 @@ def measure_masks(
     finally:
         cv2.setNumThreads(cv_threads)
     return total
+
+
+def _holding(gate: threading.Semaphore, fn: Any) -> Any:
+    """``fn`` called while holding a permit of ``gate``."""
+    def run(*args: Any) -> Any:
+        with gate:
+            return fn(*args)
+
+    return run
 
 
 def reduce_mask(mask: np.ndarray, factor: int) -> np.ndarray:
@@ -1179,20 +1265,21 @@ def params_for(settings: Any, mpp: float) -> TraitParams:
 
 
 def measure_slide(
-    collagen: np.ndarray,
-    tissue: np.ndarray,
+    collagen: Any,
+    tissue: Any,
     mask_mpp: float,
     settings: Any,
     *,
     lumen: np.ndarray | None = None,
     lumen_mpp: float | None = None,
     workers: int = 1,
+    gate: threading.Semaphore | None = None,
 ) -> dict[str, float]:
     """The traits of one slide from its collagen and countable-tissue masks.
 
     Parameters
     ----------
-    collagen, tissue : ndarray of bool
+    collagen, tissue : ndarray of bool or BitMask
         At ``mask_mpp``; majority-reduced to ``settings.mpp`` (or kept, when already coarser).
     mask_mpp : float
     settings : config.TraitSettings
@@ -1200,17 +1287,22 @@ def measure_slide(
         Vessel lumens at ``lumen_mpp`` (any resolution covering the same extent).
     workers : int
         Threads over trait tiles.
+    gate : threading.Semaphore, optional
+        Held by each trait tile while it is measured (:func:`measure_masks`).
     """
     factor = max(1, round(settings.mpp / mask_mpp))
     mpp = mask_mpp * factor
-    col = reduce_mask(collagen, factor)
-    tis = reduce_mask(tissue, factor)
+    # kept as given at factor 1 (e.g. as bits: fibroquant.bitmask), read window by window
+    col = reduce_mask(collagen, factor) if factor > 1 else collagen
+    tis = reduce_mask(tissue, factor) if factor > 1 else tissue
     params = params_for(settings, mpp)
     vessels = None
     if lumen is not None and lumen_mpp is not None and lumen.any():
         vessels = vessel_map(lumen, lumen_mpp, mpp, params.cluster_um)
+        if vessels is not None:
+            vessels = vessels.for_ring(params.ring_um)
     counts = measure_masks(col, tis, params, tile_px=settings.tile_px, vessels=vessels,
-                           workers=workers)
+                           workers=workers, gate=gate)
     return {k: float(v) for k, v in slide_traits(counts, params, vessels).items()}
 
 

@@ -6,7 +6,9 @@ left to the workers: each compiles skan itself and reports its own error on its 
 
 import contextlib
 
+from fibroquant.cores import tune_gc
 from fibroquant.traits import warm_skan
 
+tune_gc()  # the compile's allocations (and those of the workers forked from here)
 with contextlib.suppress(Exception):  # the server must start whatever happens here
     warm_skan()
