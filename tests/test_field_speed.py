@@ -166,6 +166,7 @@ def test_qc_panel_band_drawn_alone_equals_the_full_canvas():
     assert np.array_equal(got, np.asarray(canvas))
 
 
+@pytest.mark.slow
 def test_calibration_pixels_are_the_tissue_pixels_in_order():
     """The sampled pixels (before the random pick) are the boolean-mask selection of every
     second row and column of the picked tiles."""
