@@ -504,8 +504,8 @@ def pale_band_weight(
         local = _normalised_blur_of(parts, max(sigma_px, 0.5), float(parenchyma_share))
     lo, hi = BAND_SHARE_RISE
     # in place (the same float32 operations): one full-size array, not three
-    local -= np.float32(parenchyma_share + lo)
-    local /= np.float32(hi - lo)
+    np.subtract(local, np.float32(parenchyma_share + lo), out=local)
+    np.divide(local, np.float32(hi - lo), out=local)
     return np.clip(local, 0.0, 1.0, out=local)
 
 
