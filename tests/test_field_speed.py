@@ -207,6 +207,8 @@ def test_grey_and_chroma_and_dark_share_equal_numpy_reductions(seed):
 def test_glass_colour_from_the_shading_fits_reduction_equals_its_own(field_of_view):
     """The shading fit's reduced thumbnail, when it has the glass detection's size, is the
     same image: the glass colour is the same."""
+    import cv2
+
     from fibroquant import pipeline
     from fibroquant.shading import fit_image
 
