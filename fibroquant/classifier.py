@@ -1304,7 +1304,7 @@ def training_image(
             msg = (f"{slide_path}: {full[1]}x{full[0]} px is too large to train on whole; "
                    "annotate crops (regions exported as images) instead")
             raise ClassifierError(msg)
-        anns, _ = image_annotations(files, stem, full, analysis.collagen_mask.shape)
+        anns, _ = image_annotations(files, stem, full, analysis.collagen_bits.shape)
         anns = [a.resampled(full) for a in anns]
         if len(anns) == 1:
             labels, labelled = anns[0].collagen, anns[0].labelled

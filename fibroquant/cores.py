@@ -132,6 +132,82 @@ def _set_mallopt() -> bool:
     return raised
 
 
+_MADV_DONTNEED = 4
+#: Shared libraries whose code pages :func:`release_code_pages` gives back: numba's LLVM, run
+#: only while numba compiles or loads a kernel (~70 MB resident once skan's graph code has been
+#: compiled in this process).
+CODE_LIBRARIES = ("libllvmlite",)
+
+
+def release_code_pages(libraries: tuple[str, ...] = CODE_LIBRARIES) -> int:
+    """Drop the resident pages of the read-only mappings (machine code, constants) of the
+    shared libraries whose file names contain one of ``libraries``; returns the bytes dropped.
+
+    The pages are clean copies of the file: the next call into the library reads them back
+    from the page cache (numba compiling or loading a kernel again), nothing else changes. A
+    mapping that is writable, or holds pages copied on write (relocations), is left alone.
+    Linux only (elsewhere, or where ``/proc/self/smaps`` cannot be read, nothing is done).
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return 0
+    try:
+        with open("/proc/self/smaps") as f:
+            text = f.read()
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return 0
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    dropped = 0
+    for start, end, rss_kb in _code_mappings(text, libraries):
+        if libc.madvise(start, end - start, _MADV_DONTNEED) == 0:
+            dropped += rss_kb << 10
+    return dropped
+
+
+def _code_mappings(smaps: str, libraries: tuple[str, ...]) -> list[tuple[int, int, int]]:
+    """(start, end, resident KB) of the read-only mappings of ``libraries`` in a
+    ``/proc/PID/smaps`` text that hold resident pages and no anonymous (copied) ones.
+
+    Examples
+    --------
+    >>> text = '''7f00-7f10 r-xp 00000000 08:01 12 /x/libllvmlite.so
+    ... Rss:                  40 kB
+    ... Anonymous:             0 kB
+    ... 7f10-7f20 rw-p 00010000 08:01 12 /x/libllvmlite.so
+    ... Rss:                  40 kB
+    ... Anonymous:            40 kB
+    ... 7f20-7f30 r--p 00020000 08:01 12 /x/libllvmlite.so
+    ... Rss:                   8 kB
+    ... Anonymous:             8 kB
+    ... '''
+    >>> _code_mappings(text, ("libllvmlite",))
+    [(32512, 32528, 40)]
+    """
+    found = []
+    vma: dict[str, Any] | None = None
+
+    def keep(v: dict[str, Any] | None) -> None:
+        if (v is not None and v["lib"] and "w" not in v["perms"] and v.get("Anonymous") == 0
+                and v.get("Rss", 0) > 0):
+            found.append((v["start"], v["end"], v["Rss"]))
+
+    for line in smaps.splitlines():
+        parts = line.split()
+        if len(parts) >= 5 and "-" in parts[0] and ":" in parts[3]:
+            keep(vma)
+            start, end = (int(a, 16) for a in parts[0].split("-"))
+            name = parts[5] if len(parts) > 5 else ""
+            lib = any(x in name.rsplit("/", 1)[-1] for x in libraries)
+            vma = {"start": start, "end": end, "perms": parts[1], "lib": lib}
+        elif vma is not None and len(parts) >= 2 and parts[0] in ("Rss:", "Anonymous:"):
+            vma[parts[0][:-1]] = int(parts[1])
+    keep(vma)
+    return found
+
+
 #: Allocations between two collections of the cyclic garbage collector's youngest generation
 #: in a process running slides (Python's default: 700).
 GC_GEN0_THRESHOLD = 50_000

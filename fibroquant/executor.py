@@ -46,6 +46,7 @@ from fibroquant.tasks import (
     failed_record,
     output_files,
     remove_files,
+    remove_zoom,
     task_stem,
 )
 
@@ -95,12 +96,17 @@ def run_slide(task: SlideTask) -> dict[str, Any]:
 
     try:
         slide = open_within(task, settings.tiling.input_timeout_s)
+        # no zoomable view (the default): no `after` step, so the slide's calibration is
+        # freed before its traits and overlay (peak memory); a view of an earlier run goes
+        zoom = settings.tiling.zoom is not False
         analysis = analyze_slide(
             task.path, settings, mpp=task.mpp, fallback_mpp=task.fallback_mpp,
             workers=task.threads, slide=slide,
-            after=zoom_writer(out, stem, settings, task.slide, task.threads),
+            after=zoom_writer(out, stem, settings, task.slide, task.threads) if zoom else None,
             masks_ready=write_beside,
         )
+        if not zoom:
+            remove_zoom(out, stem)
     except FibroquantError as exc:
         return _failed(task, one_line(exc))
     except MemoryError:
@@ -136,8 +142,9 @@ def _write_outputs(files: dict[str, Path], analysis: Any, settings: Settings,
 
     report.write_qc(files["qc"], analysis, max_px=settings.tiling.qc_max_px, title=task.slide)
     if task.write_masks:
-        report.write_png(files["collagen"], analysis.collagen_mask)
-        report.write_png(files["tissue"], analysis.tissue_mask)
+        # 0/255 straight from the bits: the same PNG as the bool mask, without its copy
+        report.write_png(files["collagen"], analysis.collagen_bits.unpack(255))
+        report.write_png(files["tissue"], analysis.tissue_bits.unpack(255))
         # outlines in full-resolution (level 0) pixel coordinates, for QuPath
         scale = analysis.mask_mpp / analysis.mpp
         fc = report.mask_to_geojson(analysis.tissue_mask, analysis.collagen_mask,

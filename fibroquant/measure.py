@@ -20,6 +20,7 @@ from fibroquant.confidence import qc_flags
 from fibroquant.exclusions import BAND, TILES, WALL, by_rule
 
 if TYPE_CHECKING:  # types only: these modules sit above this one
+    from fibroquant.bitmask import BitMask
     from fibroquant.collagen import CollagenThreshold
     from fibroquant.stains import StainEstimate
     from fibroquant.tiles import Geometry
@@ -212,8 +213,10 @@ class SlideResult:
         Wall time of the analysis.
     version : str
         fibroquant version that measured it.
-    collagen_mask, tissue_mask, excluded_mask : ndarray of bool
-        At ``geometry.mask_mpp`` (excluded: lumens, folds, bubbles, capsule, walls, blur).
+    collagen_bits, tissue_bits, excluded_bits : BitMask
+        The masks at ``geometry.mask_mpp``, held as bits (excluded: lumens, folds, bubbles,
+        capsule, walls, blur); ``collagen_mask``, ``tissue_mask`` and ``excluded_mask`` unpack
+        them (bool ndarrays, a new copy on every access).
     thumbnail : ndarray of uint8
         RGB image of the slide at ``mask_mpp`` or coarser, for QC overlays.
     flags : ndarray of uint8
@@ -237,9 +240,9 @@ class SlideResult:
     warnings: tuple[str, ...]
     seconds: float
     version: str
-    collagen_mask: np.ndarray = field(repr=False)
-    tissue_mask: np.ndarray = field(repr=False)
-    excluded_mask: np.ndarray = field(repr=False)
+    collagen_bits: BitMask = field(repr=False)
+    tissue_bits: BitMask = field(repr=False)
+    excluded_bits: BitMask = field(repr=False)
     thumbnail: np.ndarray = field(repr=False)
     flags: np.ndarray = field(repr=False)
     traits: dict[str, Any] = field(default_factory=dict)
@@ -249,6 +252,21 @@ class SlideResult:
     def mask_mpp(self) -> float:
         """µm per pixel of the masks."""
         return self.geometry.mask_mpp
+
+    @property
+    def collagen_mask(self) -> np.ndarray:
+        """Collagen (bool, at ``mask_mpp``), unpacked from ``collagen_bits``."""
+        return self.collagen_bits.unpack()
+
+    @property
+    def tissue_mask(self) -> np.ndarray:
+        """Countable tissue (bool, at ``mask_mpp``), unpacked from ``tissue_bits``."""
+        return self.tissue_bits.unpack()
+
+    @property
+    def excluded_mask(self) -> np.ndarray:
+        """Excluded tissue (bool, at ``mask_mpp``), unpacked from ``excluded_bits``."""
+        return self.excluded_bits.unpack()
 
     def to_record(self) -> dict[str, Any]:
         """The flat row of ``slides.csv`` (without the sample-sheet columns): plain numbers and

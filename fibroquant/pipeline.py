@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 
 from fibroquant import __version__, focus, kernels
+from fibroquant.bitmask import BitMask
 from fibroquant.collagen import (
     BAND_MIN_GUARD,
     BAND_SHARE_SIGMA_UM,
@@ -40,11 +41,11 @@ from fibroquant.collagen import (
 )
 from fibroquant.confidence import FAINT_COLLAGEN_OD
 from fibroquant.config import Settings
-from fibroquant.cores import tune_malloc
+from fibroquant.cores import release_code_pages, tune_malloc
 from fibroquant.errors import FibroquantError, SlideReadError
 from fibroquant.measure import Measurements, SlideQC, SlideResult, TileCounts
 from fibroquant.registration import estimate_channel_shifts
-from fibroquant.shading import CorrectedSlide, estimate_shading
+from fibroquant.shading import CorrectedSlide, estimate_shading, fit_image
 from fibroquant.slides import Slide, open_slide, require_colour, require_mpp
 from fibroquant.stains import (
     STAIN_FIT_MAX_PIXELS,
@@ -55,6 +56,7 @@ from fibroquant.stains import (
     channel_sum,
     estimate_background,
     estimate_stains,
+    glass_median,
     od_lut,
     preset_for,
     rgb_to_od,
@@ -301,7 +303,6 @@ def _analyze_slide(
         kernels.warmup_fused()  # compiling or loading kernels is not the slide's time
         t_start += time.perf_counter() - t_wait
         total, collagen_m, tissue_m, excluded_m = measure_tiles(cal, settings, workers, decide)
-        release_free_heap()
         if total.tissue_px == 0:
             msg = f"{sl.path.name}: no countable tissue left after exclusions"
             raise FibroquantError(msg)
@@ -312,9 +313,20 @@ def _analyze_slide(
             Measurements.from_counts(total, geo.analysis_mpp), cal.stains, cal.threshold,
             cal.qc, cal.warnings, 0.0, __version__,
             collagen_m, tissue_m, excluded_m, qc, cal.flags, {}, clf_label)
-        beside = None
+        # the traits and the QC overlay need only the lumens of the calibration: without an
+        # `after` step its tissue masks, threshold and guard maps (~80 MB on a 1-GP slide)
+        # are freed before they run
+        lumen, lumen_mpp = cal.tissue.lumen, cal.thumbnail_mpp
+        cal_after = cal if after is not None else None
+        del cal
+        sl.drop_cache()  # segments partly read at the tissue's edge are not read again
+        release_free_heap()
+        beside = gate = None
         if masks_ready is not None and workers > 1 and settings.traits.enabled:
-            beside = threading.Thread(target=_quietly, args=(masks_ready, result),
+            # the overlay takes one trait thread's place until it is written: the two do not
+            # stack their memory (~100 MB each on a 1-GP slide), and the cores stay busy
+            gate = threading.Semaphore(workers - 1)
+            beside = threading.Thread(target=_quietly, args=(masks_ready, result, gate),
                                       name="fibroquant-masks-ready", daemon=True)
             beside.start()
         traits = {}
@@ -324,19 +336,20 @@ def _analyze_slide(
 
                 t_wait = time.perf_counter()
                 fibre_traits.warm_skan()  # skan's per-process compile is not the slide's time
+                release_code_pages()
                 t_start += time.perf_counter() - t_wait
                 traits = fibre_traits.measure_slide(collagen_m, tissue_m, geo.mask_mpp,
-                                                    settings.traits, lumen=cal.tissue.lumen,
-                                                    lumen_mpp=cal.thumbnail_mpp,
-                                                    workers=workers)
+                                                    settings.traits, lumen=lumen,
+                                                    lumen_mpp=lumen_mpp, workers=workers,
+                                                    gate=gate)
                 release_free_heap()
         finally:
             if beside is not None:
                 beside.join()
         result = replace(result, seconds=round(time.perf_counter() - t_start, 3),
                          traits=traits)
-        if after is not None:
-            after(cal, result, decide)
+        if after is not None and cal_after is not None:
+            after(cal_after, result, decide)
         return result
     finally:
         if own:
@@ -374,16 +387,18 @@ def calibrate_slide(slide: Slide, settings: Settings) -> Calibration:
         extent_um, geo.analysis_mpp, settings.tissue.max_thumbnail_mpx))
     thumb_mpp = extent_um[1] / thumb.shape[1]
     background, bg_source = _background(thumb, settings)
-    shading = estimate_shading(thumb, background, settings.tissue)
+    small = fit_image(thumb) if settings.tissue.flat_field else None
+    shading = estimate_shading(thumb, background, settings.tissue, small=small)
     if shading is not None:
         # every later read (calibration pixels, tiles, QC image) sees the evenly lit slide
         sl = CorrectedSlide(raw, shading=shading)
         thumb = shading.apply(thumb, thumb.shape[:2])
         background, bg_source = _background(thumb, settings)
     if settings.stains.background_rgb is None:
-        bg2, src2 = _glass_background(thumb, thumb_mpp, settings, background)
-        if src2 == "glass":
-            background, bg_source = bg2, src2
+        glass = _glass_background(thumb, thumb_mpp, settings, background,
+                                  small if shading is None else None)
+        if glass is not None:
+            background, bg_source = glass, "glass"
     overview, overview_mpp = None, 0.0
     if settings.tissue.tissue_mpp is None:
         # glass colour and shading come from the overview; tissue, exclusions and the
@@ -396,6 +411,7 @@ def calibrate_slide(slide: Slide, settings: Settings) -> Calibration:
             thumb = cv2.resize(thumb, (w // k, h // k), interpolation=cv2.INTER_AREA)
             thumb_mpp = extent_um[1] / thumb.shape[1]
     tissue = detect_tissue(thumb, thumb_mpp, settings.tissue, background)
+    release_free_heap()  # its thumbnail-sized temporaries (~150 MB on a 4-MP thumbnail)
     if not tissue.tissue.any():
         why = no_tissue_reason(thumb, thumb_mpp, settings.tissue, background, tissue)
         msg = f"{name}: no tissue found: {why}"
@@ -410,6 +426,10 @@ def calibrate_slide(slide: Slide, settings: Settings) -> Calibration:
             sl = CorrectedSlide(raw, shading, shifts)
     preset = preset_for(settings.stains).with_background(background)
     sample = calibration_pixels(sl, geo, tissue, covered, settings.stains.sample_pixels)
+    # the tiles' thumbnail rows and columns, and the segments the sample left partly read
+    # (~15 + 26 MB on a 1-GP slide: those under tissue are decoded again by the tile loop)
+    del covered
+    sl.drop_cache()
     od_sample = rgb_to_od(sample, background)
     est = estimate_stains(od_sample, preset, settings.stains)
     stains = est.stains
@@ -524,24 +544,23 @@ def _threshold_map(
     (float32, OD units: the slide's threshold, raised by the local parenchyma background) and
     the share guard there (float32; None = the slide's guard everywhere): both lowered in
     diffuse pale collagen (:func:`_pale_bands`)."""
-    thumb_conc = rgb_to_od(thumb, background) @ stains.unmixing
-    # the collagen plane is read by every step below: contiguous, not a strided view
-    thumb_col = np.ascontiguousarray(thumb_conc[..., stains.collagen_index])
-    if len(stains.names) > 1:
-        tissue = with_folds(tissue, np.ascontiguousarray(thumb_conc[..., 1]), settings.tissue,
-                            thumb_col, thr.threshold_od)
-    if not (thr.method == "relative" and settings.collagen.local_background_um):
+    local_um = settings.collagen.local_background_um
+    relative = thr.method == "relative" and bool(local_um)
+    thumb_col, counter, tshare, above_floor = _thumbnail_planes(
+        thumb, background, stains, settings.stains.od_floor, shares=relative)
+    if counter is not None:
+        tissue = with_folds(tissue, counter, settings.tissue, thumb_col, thr.threshold_od)
+        del counter
+    if not relative or not local_um:
         tissue = with_capsule(tissue, thumb_col > thr.threshold_od)
         return tissue, np.full(tissue.tissue.shape, kernels.threshold_as_float32(
             np.dtype(np.float32), thr.threshold_od), np.float32), None
-    tpos = np.maximum(thumb_conc, 0)
-    del thumb_conc  # thumbnail-sized temporaries are freed as soon as possible (peak RSS)
-    tsum = channel_sum(tpos)
-    tshare = tpos[..., stains.collagen_index] / np.maximum(tsum, 1e-6)
-    del tpos
-    band, band_p = _pale_bands(tshare, tissue.tissue & (tsum > settings.stains.od_floor),
-                               thumb_mpp, thr, settings)
-    del tsum
+    assert tshare is not None  # (computed with shares=True)
+    assert above_floor is not None
+    stained = tissue.tissue & above_floor
+    del above_floor
+    band, band_p = _pale_bands(tshare, stained, thumb_mpp, thr, settings)
+    del stained
     # Pixels that pass the share guard may be collagen and do not define the non-specific
     # uptake: a broad pale collagen band over cells (share ~0.45) would raise the map, and the
     # threshold, under itself.
@@ -558,12 +577,14 @@ def _threshold_map(
         bias = max(float(np.median(thumb_col[parenchyma])), 0.0) - thr.parenchyma_od
     bg_map = parenchyma_background(
         thumb_col, parenchyma,
-        settings.collagen.local_background_um / thumb_mpp, thr.parenchyma_od + bias,
+        local_um / thumb_mpp, thr.parenchyma_od + bias,
     )
     if bias:
         bg_map -= np.float32(bias)
     del parenchyma
-    threshold_map = bg_map + np.float32(thr.threshold_od - thr.parenchyma_od)
+    # in place (the same float32 sums): thumbnail-sized maps are not held twice (peak RSS)
+    bg_map += np.float32(thr.threshold_od - thr.parenchyma_od)
+    threshold_map = bg_map
     guard_map = None
     if band is not None:
         threshold_map -= band * np.float32(BAND_THRESHOLD_DROP * max(
@@ -572,7 +593,48 @@ def _threshold_map(
         low = min(max(settings.collagen.parenchyma_share_spread * band_p, BAND_MIN_GUARD),
                   thr.share_guard)
         guard_map = np.float32(thr.share_guard) - band * np.float32(thr.share_guard - low)
-    return with_capsule(tissue, thumb_col > threshold_map), threshold_map, guard_map
+        del band
+    collagen = thumb_col > threshold_map
+    del thumb_col
+    return with_capsule(tissue, collagen), threshold_map, guard_map
+
+
+#: Thumbnail rows converted to concentrations at a time (:func:`_thumbnail_planes`).
+CONC_BAND_ROWS = 256
+
+
+def _thumbnail_planes(
+    thumb: np.ndarray, background: Vector, stains: StainMatrix, od_floor: float, *,
+    shares: bool,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """What :func:`_threshold_map` reads of the thumbnail's stain concentrations
+    (``C = rgb_to_od(thumb, background) @ stains.unmixing``): the collagen plane and the
+    second stain's (float32, contiguous; None with one stain) and, with ``shares``, the
+    collagen stain's share of the positive concentration ``max(C, 0)`` (float32) and where
+    their sum exceeds ``od_floor`` (bool).
+
+    Computed band by band: neither the optical density nor the concentrations are ever held
+    whole (48 MB each on a 4-MP thumbnail). The same values to the bit: the product is taken
+    pixel row by pixel row either way, and every other step is per pixel.
+    """
+    h, w = thumb.shape[:2]
+    col = stains.collagen_index
+    thumb_col = np.empty((h, w), np.float32)
+    counter = np.empty((h, w), np.float32) if len(stains.names) > 1 else None
+    tshare = np.empty((h, w), np.float32) if shares else None
+    above = np.empty((h, w), bool) if shares else None
+    for y in range(0, h, CONC_BAND_ROWS):
+        rows = slice(y, y + CONC_BAND_ROWS)
+        conc = rgb_to_od(thumb[rows], background) @ stains.unmixing
+        thumb_col[rows] = conc[..., col]
+        if counter is not None:
+            counter[rows] = conc[..., 1]
+        if tshare is not None and above is not None:
+            pos = np.maximum(conc, 0, out=conc)
+            total = channel_sum(pos)
+            above[rows] = total > od_floor
+            tshare[rows] = pos[..., col] / np.maximum(total, 1e-6, out=total)
+    return thumb_col, counter, tshare, above
 
 
 def _pale_bands(share: np.ndarray, stained: np.ndarray, thumb_mpp: float,
@@ -598,7 +660,7 @@ def _pale_bands(share: np.ndarray, stained: np.ndarray, thumb_mpp: float,
 
 def measure_tiles(
     cal: Calibration, settings: Settings, workers: int = 1, decide: PixelDecider | None = None,
-) -> tuple[TileCounts, np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[TileCounts, BitMask, BitMask, BitMask]:
     """Measure every tile that touches the section and add up the counts.
 
     Tiles far blurrier than the rest of the slide (``tissue.exclude_unfocused``) have their
@@ -616,8 +678,8 @@ def measure_tiles(
     Returns
     -------
     total : TileCounts
-    collagen, tissue, excluded : ndarray of bool
-        Masks at ``cal.geometry.mask_mpp``.
+    collagen, tissue, excluded : BitMask
+        Masks at ``cal.geometry.mask_mpp``, as bits.
     """
     geo = cal.geometry
     boxes = tile_grid(geo, settings.tiling.tile_px)
@@ -627,9 +689,8 @@ def measure_tiles(
                   cal.stains.stains)
     f = geo.mask_factor
     mh, mw = -(-geo.height // f), -(-geo.width // f)
-    collagen_m = np.zeros((mh, mw), bool)
-    tissue_m = np.zeros((mh, mw), bool)
-    excluded_m = np.zeros((mh, mw), bool)
+    # held as bits: a 1-GP slide's three masks take 16 MB instead of 129 MB
+    collagen_m, tissue_m, excluded_m = (BitMask((mh, mw)) for _ in range(3))
     kernels.warmup_fused()
     measured: list[tuple[tuple[int, int, int, int], TileCounts, float]] = []
     for out in map_tiles(cal.slide, job, boxes, workers):
@@ -652,7 +713,7 @@ def measure_tiles(
             continue
         total = total + counts.out_of_focus()
         ys, xs = slice(y0 // f, -(-y1 // f)), slice(x0 // f, -(-x1 // f))
-        excluded_m[ys, xs] |= tissue_m[ys, xs]
+        excluded_m[ys, xs] = excluded_m[ys, xs] | tissue_m[ys, xs]
         collagen_m[ys, xs] = False
         tissue_m[ys, xs] = False
     return total, collagen_m, tissue_m, excluded_m
@@ -684,15 +745,19 @@ def release_free_heap() -> None:
         _libc.malloc_trim(0)
 
 
-def _quietly(fn: Callable[[SlideResult], None], result: SlideResult) -> None:
+def _quietly(fn: Callable[[SlideResult], None], result: SlideResult,
+             gate: threading.Semaphore | None = None) -> None:
     """``fn(result)`` on a thread of its own: an exception is logged (``fn`` keeps its own).
-    Its freed memory is given back at once, not held while the traits peak."""
+    Its freed memory is given back at once, not held while the traits peak; then ``gate``
+    gets the permit of the thread this one stood in for."""
     try:
         fn(result)
     except Exception:  # noqa: BLE001 - a thread has nowhere to raise it
         logger.debug("masks_ready failed:\n%s", traceback.format_exc())
     finally:
         release_free_heap()
+        if gate is not None:
+            gate.release()
 
 
 def _warm_quietly() -> None:
@@ -700,25 +765,35 @@ def _warm_quietly() -> None:
     tile loop's own :func:`kernels.warmup_fused` call."""
     try:
         kernels.warmup_fused()
+        release_code_pages()  # numba's LLVM is not run again by this slide (peak memory)
     except Exception:  # noqa: BLE001 - reported by the foreground call
         logger.debug("background kernel warm-up failed:\n%s", traceback.format_exc())
 
 
 def _glass_background(
-    thumb: np.ndarray, thumb_mpp: float, settings: Settings, background: Vector
-) -> tuple[tuple[float, float, float], str]:
-    """The glass colour from the pixels outside the section (``"glass"``), when there are
-    enough of them; otherwise what :func:`fibroquant.stains.estimate_background` falls back to.
+    thumb: np.ndarray, thumb_mpp: float, settings: Settings, background: Vector,
+    reduced: np.ndarray | None = None,
+) -> Vector | None:
+    """The glass colour from the pixels outside the section (the ``"glass"`` source of
+    :func:`fibroquant.stains.estimate_background`), or None when there are not enough of them
+    (the caller keeps its brightest-pixel colour: computed again here, it was the same).
 
     Which pixels are glass is decided by a tissue detection on a 4x smaller copy of the
     thumbnail, with the section grown by one coarse pixel, so the median never takes in the
     section's edge. Only the glass mask comes from the small copy: on 8 synthetic sections
     and 19 real images the glass colour equals the one from a full-size detection, at about
     1/10 of its cost (one full-size detection is left, with the final background).
+    ``reduced``, an ``INTER_AREA`` reduction of ``thumb`` the caller has (the shading fit's),
+    is the small copy when it has its size.
     """
     h, w = thumb.shape[:2]
     k = 4 if min(h, w) >= 256 else 1
-    small = thumb if k == 1 else cv2.resize(thumb, (w // k, h // k), interpolation=cv2.INTER_AREA)
+    if k == 1:
+        small = thumb
+    elif reduced is not None and reduced.shape[:2] == (h // k, w // k):
+        small = reduced
+    else:
+        small = cv2.resize(thumb, (w // k, h // k), interpolation=cv2.INTER_AREA)
     section = detect_tissue(small, thumb_mpp * w / small.shape[1], settings.tissue,
                             background).section
     if k == 1:
@@ -726,7 +801,7 @@ def _glass_background(
     else:
         grown = cv2.dilate(section.view(np.uint8), np.ones((3, 3), np.uint8))
         glass = cv2.resize(grown, (w, h), interpolation=cv2.INTER_NEAREST) == 0
-    return estimate_background(thumb, glass_mask=glass)
+    return glass_median(thumb, glass)
 
 
 def _background(thumb: np.ndarray, settings: Settings) -> tuple[tuple[float, float, float], str]:

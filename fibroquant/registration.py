@@ -17,7 +17,7 @@ blurs a little.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import cv2
 import numpy as np
@@ -61,13 +61,21 @@ def plane_shift(rgb: np.ndarray) -> np.ndarray:
         ``[[dy_red, dx_red], [dy_blue, dx_blue]]``: where each plane's content lies relative
         to the green plane's, pixels (positive = down / right).
     """
+    return _plane_shift([_gradient(rgb[..., c]) for c in range(3)])
+
+
+def _plane_shift(gradients: Sequence[np.ndarray]) -> np.ndarray:
+    """:func:`plane_shift` from the three planes' gradient magnitudes. The green plane's
+    Fourier transform is taken once for both correlations (``space="fourier"`` with the
+    transforms skimage takes itself: the same shifts)."""
+    from scipy.fft import fftn
     from skimage.registration import phase_cross_correlation
 
-    g = _gradient(rgb[..., 1])
+    g = fftn(gradients[1])
     out = np.zeros((2, 2))
     for row, c in enumerate((0, 2)):
-        shift, _, _ = phase_cross_correlation(g, _gradient(rgb[..., c]), upsample_factor=20,
-                                             normalization=None)
+        shift, _, _ = phase_cross_correlation(g, fftn(gradients[c]), space="fourier",
+                                              upsample_factor=20, normalization=None)
         out[row] = -np.asarray(shift)  # skimage returns the move that registers the plane
     return out
 
@@ -76,7 +84,11 @@ def _has_edges(rgb: np.ndarray) -> bool:
     """Whether every plane has edges enough to correlate: a mean gradient magnitude of at least
     ``MIN_GRADIENT`` grey levels per pixel (glass and saturated white have about 0-3; tissue
     10-50)."""
-    return all(float(_gradient(rgb[..., c]).mean()) >= MIN_GRADIENT for c in range(3))
+    return _edges(_gradient(rgb[..., c]) for c in range(3))
+
+
+def _edges(gradients: Iterable[np.ndarray]) -> bool:
+    return all(float(g.mean()) >= MIN_GRADIENT for g in gradients)
 
 
 def _crops(rgb: np.ndarray) -> list[np.ndarray]:
@@ -110,9 +122,10 @@ def estimate_channel_shifts(tiles: Sequence[np.ndarray]) -> np.ndarray | None:
         if min(rgb.shape[:2]) < 2 * MIN_CROP_PX:
             continue
         for crop in _crops(rgb):
-            if not _has_edges(crop):
+            grads = [_gradient(crop[..., c]) for c in range(3)]  # for the test and the shift
+            if not _edges(grads):
                 continue  # glass or blank: the correlation of flat planes is meaningless
-            shifts = plane_shift(crop)
+            shifts = _plane_shift(grads)
             if np.abs(shifts).max() <= MAX_SHIFT_PX:
                 found.append(shifts)
     if len(found) < 4:

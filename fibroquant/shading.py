@@ -27,7 +27,7 @@ import numpy as np
 from fibroquant.config import TissueSettings
 from fibroquant.registration import margin_for, shift_channels
 from fibroquant.slides import Level, Slide, SlideBase
-from fibroquant.stains import rgb_to_od
+from fibroquant.stains import channel_sum, rgb_to_od
 
 __all__ = ["CorrectedSlide", "ShadingField", "estimate_shading", "shading_basis"]
 
@@ -187,8 +187,31 @@ def _covers(uv: np.ndarray) -> bool:
     return len(np.unique(part[:, 1] * 3 + part[:, 0])) >= MIN_CELLS
 
 
+def grey_and_chroma(od: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``od.mean(axis=-1)`` and ``np.abs(od - mean[..., None]).max(axis=-1)`` of a float32
+    (..., 3) optical density, plane by plane: the same values (an exact zero's sign aside),
+    ~10x faster than numpy's pixel-by-pixel reduction of a short last axis."""
+    mean = channel_sum(od) / np.float32(od.shape[-1])
+    chroma = np.zeros_like(mean)
+    for c in range(od.shape[-1]):
+        np.maximum(chroma, np.abs(np.ascontiguousarray(od[..., c]) - mean), out=chroma)
+    return mean, chroma
+
+
+def fit_image(thumb: np.ndarray) -> np.ndarray:
+    """The thumbnail reduced (``INTER_AREA``) to about ``FIT_PIXELS``, where
+    :func:`estimate_shading` fits the field (the thumbnail itself when no larger)."""
+    h, w = thumb.shape[:2]
+    k = max(1.0, float(np.sqrt(h * w / FIT_PIXELS)))
+    if k <= 1:
+        return thumb
+    return cv2.resize(thumb, (max(1, round(w / k)), max(1, round(h / k))),
+                      interpolation=cv2.INTER_AREA)
+
+
 def estimate_shading(
-    thumb: np.ndarray, background: tuple[float, float, float], settings: TissueSettings
+    thumb: np.ndarray, background: tuple[float, float, float], settings: TissueSettings,
+    *, small: np.ndarray | None = None,
 ) -> ShadingField | None:
     """Estimate the illumination field of a slide from its thumbnail.
 
@@ -200,6 +223,8 @@ def estimate_shading(
         The glass colour the optical density is measured against.
     settings : TissueSettings
         ``flat_field`` and ``flat_field_min_od``.
+    small : ndarray of uint8, optional
+        ``fit_image(thumb)`` when the caller has it already.
 
     Returns
     -------
@@ -210,19 +235,12 @@ def estimate_shading(
     """
     if not settings.flat_field:
         return None
-    h, w = thumb.shape[:2]
-    k = max(1.0, float(np.sqrt(h * w / FIT_PIXELS)))
-    if k > 1:
-        small = cv2.resize(thumb, (max(1, round(w / k)), max(1, round(h / k))),
-                           interpolation=cv2.INTER_AREA)
-    else:
-        small = thumb
+    small = fit_image(thumb) if small is None else small
     sh, sw = small.shape[:2]
     if sh < 16 or sw < 16:
         return None
     od = rgb_to_od(small, background, clip=False)  # glass brighter than ``background`` < 0
-    mean = od.mean(axis=-1)
-    chroma = np.abs(od - mean[..., None]).max(axis=-1)
+    mean, chroma = grey_and_chroma(od)
     cand = (chroma < NEUTRAL_OD) & (mean < MAX_GLASS_OD)
     if np.count_nonzero(cand) < 0.01 * sh * sw:
         return None
@@ -341,3 +359,7 @@ class CorrectedSlide(SlideBase):
     def close(self) -> None:
         """Stop reading through this wrapper (the wrapped slide is closed by its owner)."""
         self._closed = True
+
+    def drop_cache(self) -> None:
+        """Forget the wrapped slide's decoded pixels."""
+        self.inner.drop_cache()

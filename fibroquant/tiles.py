@@ -397,8 +397,9 @@ def measure_box(
     sharp = float("nan")
     if job.focus_stride and counts.tissue_px:
         sharp = focus.sharpness_from_moments(out.focus, out.focus_shape)
-    half = f * f
-    col, tis, exc = (2 * b >= half for b in out.blocks)
+    # at least half the block (2 b >= f², b an integer count), without a doubled copy
+    least = (f * f + 1) // 2
+    col, tis, exc = (b >= least for b in out.blocks)
     return box, counts, col, tis, exc, sharp
 
 
@@ -462,7 +463,9 @@ def calibration_pixels(
     for i in pick:
         _, (y0, x0, y1, x1), rows, cols = covered[i]
         rgb = read_analysis(slide, geo, y0, x0, y1 - y0, x1 - x0)[::step, ::step]
-        chunks.append(rgb[tissue.tissue[np.ix_(rows[::step], cols[::step])]])
+        inside = np.flatnonzero(tissue.tissue[np.ix_(rows[::step], cols[::step])])
+        # the same pixels in the same order, by index from a contiguous copy (2x faster)
+        chunks.append(np.ascontiguousarray(rgb).reshape(-1, 3)[inside])
     px = np.concatenate(chunks)
     if len(px) > n_pixels:
         rng = np.random.default_rng(0)

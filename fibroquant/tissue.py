@@ -934,10 +934,14 @@ def with_folds(
     if not par.any():
         return tissue
     sigma = max(FOLD_SMOOTH_UM / tissue.mpp, 0.5)
-    amount = gaussian_blur((np.maximum(counterstain, 0) * par).astype(np.float32), sigma)
+    amount = gaussian_blur((np.maximum(counterstain, 0) * par).astype(np.float32, copy=False),
+                           sigma)
     share = gaussian_blur(par.astype(np.float32), sigma)
     covered = share > 0.2  # mostly collagen, lumen or glass around: no parenchyma to judge
-    mean = amount / np.maximum(share, 1e-3)
+    # in place (the same values): thumbnail-sized, not held through the steps below (peak
+    # memory)
+    mean = np.divide(amount, np.maximum(share, 1e-3, out=share), out=amount)
+    del amount, share
     level = float(np.median(mean[par]))
     if level <= FOLD_MIN_LEVEL_OD:
         return tissue

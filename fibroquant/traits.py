@@ -100,9 +100,20 @@ class VesselMap:
         """int32 image of the lumen grid: the nearest lumen's label where it is at most
         ``ring_um`` away, else 0 (computed once per ring width)."""
         if ring_um not in self._rings:
+            if not self.distance_um.size:
+                msg = f"this vessel map keeps the rings of {sorted(self._rings)} µm only"
+                raise ValueError(msg)
             self._rings[ring_um] = np.where(self.distance_um <= ring_um, self.nearest, 0
-                                            ).astype(np.int32)
+                                            ).astype(np.int32, copy=False)
         return self._rings[ring_um]
+
+    def for_ring(self, ring_um: float) -> VesselMap:
+        """This map keeping only the ring labels of ``ring_um`` (all the trait tiles read):
+        the distance and nearest-lumen images are dropped (empty), two thirds of its memory
+        (32 MB of a 4-MP lumen image)."""
+        rings = self.ring_labels(ring_um)
+        return VesselMap(np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int32), self.scale,
+                         self.n, self.neighbours, {ring_um: rings})
 
 
 def vessel_map(lumen: np.ndarray, lumen_mpp: float, trait_mpp: float, cluster_um: float,
@@ -131,7 +142,7 @@ def vessel_map(lumen: np.ndarray, lumen_mpp: float, trait_mpp: float, cluster_um
         np.ascontiguousarray(~lumen).view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_5,
         labelType=cv2.DIST_LABEL_CCOMP)
     n = int(nearest.max())
-    dist_um = (dist * lumen_mpp).astype(np.float32)
+    dist_um = np.multiply(dist, np.float32(lumen_mpp), out=dist)  # float32, in place
     pairs = []
     for a, b, da, db in ((nearest[:, :-1], nearest[:, 1:], dist_um[:, :-1], dist_um[:, 1:]),
                          (nearest[:-1], nearest[1:], dist_um[:-1], dist_um[1:])):
@@ -269,13 +280,8 @@ def measure_tile(
     fy1, fx1 = min(cy1 + 1, collagen.shape[0]), min(cx1 + 1, collagen.shape[1])
     frame = (slice(fy0, fy1), slice(fx0, fx1))
     col_f = np.ascontiguousarray(collagen[frame])
-    # the fibre measures of the frame (skeleton, widths, squared half-widths, neighbours)
-    skel = np.zeros(col_f.shape, bool)
-    width_um = np.zeros(col_f.shape, np.float32)
-    d2 = np.zeros(col_f.shape, np.int32)
-    n_ortho = np.zeros(col_f.shape, np.uint8)
-    n_diag = np.zeros(col_f.shape, np.uint8)
     pieces = None
+    fibres = None
     box = _bounding_box(collagen, math.ceil(4 * params.coherence_sigma_um / mpp) + 3)
     if box is not None and col_f.any():
         # the fibre measures on the window's collagen and a margin around it, not on the
@@ -284,6 +290,15 @@ def measure_tile(
         fibres = _fibre_measures(collagen[by0:by1, bx0:bx1],
                                  (cy0 - by0, cx0 - bx0, cy1 - by0, cx1 - bx0),
                                  (origin[0] + by0, origin[1] + bx0), slide_shape, params)
+    # the fibre measures of the frame (skeleton, widths, squared half-widths, neighbours),
+    # allocated once the box's own are done (peak memory)
+    skel = np.zeros(col_f.shape, bool)
+    width_um = np.zeros(col_f.shape, np.float32)
+    d2 = np.zeros(col_f.shape, np.int32)
+    n_ortho = np.zeros(col_f.shape, np.uint8)
+    n_diag = np.zeros(col_f.shape, np.uint8)
+    if box is not None and fibres is not None:
+        by0, bx0, by1, bx1 = box
         # the box's part of the frame, in the box's and the frame's coordinates
         oy0, ox0 = max(by0, fy0), max(bx0, fx0)
         oy1, ox1 = min(by1, fy1), min(bx1, fx1)
@@ -295,6 +310,7 @@ def measure_tile(
         pieces, sums = fibres[5], fibres[6]
         for name, value in sums.items():
             setattr(counts, name, value)
+        del fibres
     inner = (slice(cy0 - fy0, cy1 - fy0), slice(cx0 - fx0, cx1 - fx0))
     w_c = width_um[inner][col_c]
     counts.thin_px = int(np.count_nonzero(w_c < params.thin_um))
@@ -309,11 +325,12 @@ def measure_tile(
     if vessels is not None:
         # each core pixel looks up the lumen pixel holding its centre: rows and columns of
         # lumen pixels repeated (the lumen grid is coarser)
+        rings = vessels.ring_labels(params.ring_um)
         rows = np.minimum(((np.arange(cy0, cy1) + origin[0] + 0.5) * vessels.scale).astype(int),
-                          vessels.nearest.shape[0] - 1)
+                          rings.shape[0] - 1)
         cols = np.minimum(((np.arange(cx0, cx1) + origin[1] + 0.5) * vessels.scale).astype(int),
-                          vessels.nearest.shape[1] - 1)
-        rings = vessels.ring_labels(params.ring_um)[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+                          rings.shape[1] - 1)
+        rings = rings[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
         # np.take, unlike np.repeat, releases the GIL: the trait tiles run on several threads
         vessel_c = rings.take(rows - rows[0], axis=0).take(cols - cols[0], axis=1)
         ring = vessel_c > 0
@@ -327,6 +344,7 @@ def measure_tile(
     border = (~col_f & cv2.dilate(col_f.view(np.uint8), cross).view(bool))[inner]
     near_w = cv2.dilate(width_um, cross, borderType=cv2.BORDER_CONSTANT, borderValue=0)[inner]
     thin_border = border & (near_w > 0) & (near_w < params.thin_um)
+    del near_w
     counts.parts = [_part(col_c, tis_c, width_um[inner], sk_c, d2[inner], n_ortho[inner],
                           n_diag[inner], peri_c, vessel_c, border, thin_border,
                           (origin[0] + cy0, origin[1] + cx0), slide_shape, params, pieces)]
@@ -403,6 +421,8 @@ def _fibre_measures(
         cy, cx = np.divmod(at[first], jl.shape[1])
         sums["branch_points"] = int(np.count_nonzero(
             (cy >= cy0) & (cy < cy1) & (cx >= cx0) & (cx < cx1)))
+        del flat
+    del sk8, degree, junction, jl  # (peak memory: the structure tensor below is the largest)
     # --- branches (skan): their pieces in the core, joined into whole branches per slide
     pieces = None
     if graphs and sk_c.any():
@@ -410,8 +430,7 @@ def _fibre_measures(
     # --- orientation coherence of the collagen texture
     col_c = collagen[cs]
     if col_c.any():
-        a, b, c = _structure_tensor(collagen, params.coherence_sigma_um / mpp)
-        a, b, c = a[cs][col_c], b[cs][col_c], c[cs][col_c]
+        a, b, c = _structure_tensor(collagen, params.coherence_sigma_um / mpp, (cs, col_c))
         trace = a + c
         ok = trace > 1e-6
         coh = np.sqrt((a - c) ** 2 + 4 * b * b)[ok] / trace[ok]
@@ -623,17 +642,28 @@ def _skeleton(collagen: np.ndarray, half_px: np.ndarray) -> tuple[np.ndarray, li
     return skel, graphs
 
 
-def _structure_tensor(mask: np.ndarray, sigma_px: float
+def _structure_tensor(mask: np.ndarray, sigma_px: float,
+                      at: tuple[tuple[slice, slice], np.ndarray] | None = None,
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Structure tensor (rr, rc, cc) of a mask: Sobel gradients, products smoothed by a
     Gaussian of ``sigma_px`` truncated at 4 sigma — what ``skimage.feature.structure_tensor``
-    computes, with OpenCV's filters (8x faster on these tiles)."""
+    computes, with OpenCV's filters (8x faster on these tiles).
+
+    With ``at = (window, pick)``, only the values at ``pick`` (bool) within ``window`` (a
+    pair of slices) are returned, as 1-D arrays: the three smoothed images are never held at
+    once (a trait tile's largest temporaries)."""
     img = mask.astype(np.float32)
     gr = cv2.Sobel(img, cv2.CV_32F, 0, 1, ksize=3, borderType=cv2.BORDER_REFLECT)
     gc = cv2.Sobel(img, cv2.CV_32F, 1, 0, ksize=3, borderType=cv2.BORDER_REFLECT)
+    del img
     k = 2 * math.ceil(4 * sigma_px) + 1
-    blur = lambda x: cv2.GaussianBlur(x, (k, k), sigma_px, borderType=cv2.BORDER_REFLECT)
-    return blur(gr * gr), blur(gr * gc), blur(gc * gc)
+
+    def smooth(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        out = cv2.GaussianBlur(x * y, (k, k), sigma_px, borderType=cv2.BORDER_REFLECT)
+        return out if at is None else out[at[0]][at[1]]
+
+    # one smoothed product at a time (with ``at``, only its picked values are kept)
+    return smooth(gr, gr), smooth(gr, gc), smooth(gc, gc)
 
 
 def _path_ends(graph: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -844,7 +874,10 @@ def _part(col: np.ndarray, tis: np.ndarray, width_um: np.ndarray, skel: np.ndarr
     }
     # holes: open when they hold non-tissue or touch the slide's edge. One pass counts each
     # hole's pixels split by tissue (bin 2 x label + 1: not tissue)
-    by_tissue = np.bincount((hole * 2 + ~tis).ravel(), minlength=2 * (n_hole + 1))
+    split = hole * 2
+    split += ~tis  # (in place: one label-sized temporary, not two)
+    by_tissue = np.bincount(split.ravel(), minlength=2 * (n_hole + 1))
+    del split
     open_px = by_tissue[1::2].copy()
     for at_edge, line in ((origin[0] == 0, hole[0]), (origin[1] == 0, hole[:, 0]),
                           (origin[0] + h == slide_shape[0], hole[-1]),
@@ -1139,6 +1172,7 @@ def measure_masks(
     tile_px: int = 1024,
     vessels: VesselMap | None = None,
     workers: int = 1,
+    gate: threading.Semaphore | None = None,
 ) -> TraitCounts:
     """Trait sums of a whole slide's masks, read tile by tile with a halo.
 
@@ -1146,7 +1180,9 @@ def measure_masks(
     memory maps, zarr arrays): only ``2 x workers`` windows of ``tile_px + 2 x halo`` pixels are
     in memory at a time. Tiles whose core holds no tissue are skipped. ``workers`` threads
     measure tiles at once (OpenCV, scikit-image and scipy release the GIL); the sums are added
-    in tile order, so the result does not depend on ``workers``.
+    in tile order, so the result does not depend on ``workers``. Each tile holds ``gate``,
+    when given, while it is measured: fewer tiles at once than threads while the semaphore
+    has fewer permits (work running beside the traits takes a thread's place, and its memory).
     """
     h, w = collagen.shape
     halo = params.halo_px()
@@ -1177,6 +1213,8 @@ def measure_masks(
     # the tile threads use the cores: OpenCV's own pool inside each call would oversubscribe
     # them (as in the CPA tile loop); inside a local pool, the slide's share of its cores
     tile = one if not cores.in_pool() else cores.gated(one, workers)
+    if gate is not None:
+        tile = _holding(gate, tile)
     cv_threads = cv2.getNumThreads()
     cv2.setNumThreads(1)
     try:
@@ -1193,6 +1231,15 @@ def measure_masks(
     finally:
         cv2.setNumThreads(cv_threads)
     return total
+
+
+def _holding(gate: threading.Semaphore, fn: Any) -> Any:
+    """``fn`` called while holding a permit of ``gate``."""
+    def run(*args: Any) -> Any:
+        with gate:
+            return fn(*args)
+
+    return run
 
 
 def reduce_mask(mask: np.ndarray, factor: int) -> np.ndarray:
@@ -1218,20 +1265,21 @@ def params_for(settings: Any, mpp: float) -> TraitParams:
 
 
 def measure_slide(
-    collagen: np.ndarray,
-    tissue: np.ndarray,
+    collagen: Any,
+    tissue: Any,
     mask_mpp: float,
     settings: Any,
     *,
     lumen: np.ndarray | None = None,
     lumen_mpp: float | None = None,
     workers: int = 1,
+    gate: threading.Semaphore | None = None,
 ) -> dict[str, float]:
     """The traits of one slide from its collagen and countable-tissue masks.
 
     Parameters
     ----------
-    collagen, tissue : ndarray of bool
+    collagen, tissue : ndarray of bool or BitMask
         At ``mask_mpp``; majority-reduced to ``settings.mpp`` (or kept, when already coarser).
     mask_mpp : float
     settings : config.TraitSettings
@@ -1239,17 +1287,22 @@ def measure_slide(
         Vessel lumens at ``lumen_mpp`` (any resolution covering the same extent).
     workers : int
         Threads over trait tiles.
+    gate : threading.Semaphore, optional
+        Held by each trait tile while it is measured (:func:`measure_masks`).
     """
     factor = max(1, round(settings.mpp / mask_mpp))
     mpp = mask_mpp * factor
-    col = reduce_mask(collagen, factor)
-    tis = reduce_mask(tissue, factor)
+    # kept as given at factor 1 (e.g. as bits: fibroquant.bitmask), read window by window
+    col = reduce_mask(collagen, factor) if factor > 1 else collagen
+    tis = reduce_mask(tissue, factor) if factor > 1 else tissue
     params = params_for(settings, mpp)
     vessels = None
     if lumen is not None and lumen_mpp is not None and lumen.any():
         vessels = vessel_map(lumen, lumen_mpp, mpp, params.cluster_um)
+        if vessels is not None:
+            vessels = vessels.for_ring(params.ring_um)
     counts = measure_masks(col, tis, params, tile_px=settings.tile_px, vessels=vessels,
-                           workers=workers)
+                           workers=workers, gate=gate)
     return {k: float(v) for k, v in slide_traits(counts, params, vessels).items()}
 
 

@@ -158,7 +158,7 @@ def _blurry_boxes(result: SlideResult, settings: Settings) -> list[tuple[int, in
     boxes = []
     for y0, x0, y1, x1 in tile_grid(geo, settings.tiling.tile_px):
         ys, xs = slice(y0 // f, -(-y1 // f)), slice(x0 // f, -(-x1 // f))
-        if result.excluded_mask[ys, xs].any() and not result.tissue_mask[ys, xs].any():
+        if result.excluded_bits[ys, xs].any() and not result.tissue_bits[ys, xs].any():
             boxes.append((y0, x0, y1, x1))
     return boxes
 
