@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fibroquant"
 #: Floors, low to high: a module may import from its own floor and the ones below.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors", "layout", "protocols", "exclusions", "console", "cores", "config", "confidence",
-     "measure"),  # base
+     "bitmask", "measure"),  # base
     ("stains", "kernels", "registration", "focus", "slides", "read_dicom", "read_openslide",
      "wsi_writers", "synthetic", "synthetic_fibres", "annotations", "outdir"),  # images, stains
     ("tissue", "collagen", "shading"),  # tissue, exclusions and the collagen decision
