@@ -426,9 +426,12 @@ def parenchyma_background(
         # box sums of the weighted concentration and of the mask, then the same blur
         num_box = cv2.resize(num, size, interpolation=cv2.INTER_AREA)
         w_box = cv2.resize(w, size, interpolation=cv2.INTER_AREA)
+        del num, w  # full-size: not held while the map is blurred and resized back
         coarse = _normalised_blur(num_box, w_box, sigma_px / step, fallback)
         return cv2.resize(coarse, (w_, h), interpolation=cv2.INTER_LINEAR)
-    return _normalised_blur(num, w, sigma_px, fallback)
+    parts = [num, w]
+    del num, w
+    return _normalised_blur_of(parts, sigma_px, fallback)
 
 
 #: Diffuse pale collagen (:func:`pale_band_weight`): the Gaussian sigma (µm, a few liver cells)
@@ -490,24 +493,36 @@ def pale_band_weight(
     if step > 1:
         h, w_ = num.shape
         size = (max(1, -(-w_ // step)), max(1, -(-h // step)))
-        coarse = _normalised_blur(cv2.resize(num, size, interpolation=cv2.INTER_AREA),
-                                  cv2.resize(w, size, interpolation=cv2.INTER_AREA),
-                                  sigma_px / step, float(parenchyma_share))
+        num_box = cv2.resize(num, size, interpolation=cv2.INTER_AREA)
+        w_box = cv2.resize(w, size, interpolation=cv2.INTER_AREA)
+        del num, w  # full-size: not held while the share is blurred and resized back
+        coarse = _normalised_blur(num_box, w_box, sigma_px / step, float(parenchyma_share))
         local = cv2.resize(coarse, (w_, h), interpolation=cv2.INTER_LINEAR)
     else:
-        local = _normalised_blur(num, w, max(sigma_px, 0.5), float(parenchyma_share))
+        parts = [num, w]
+        del num, w
+        local = _normalised_blur_of(parts, max(sigma_px, 0.5), float(parenchyma_share))
     lo, hi = BAND_SHARE_RISE
-    out = (local - np.float32(parenchyma_share + lo)) / np.float32(hi - lo)
-    return np.clip(out, 0.0, 1.0, out=out)
+    # in place (the same float32 operations): one full-size array, not three
+    np.subtract(local, np.float32(parenchyma_share + lo), out=local)
+    np.divide(local, np.float32(hi - lo), out=local)
+    return np.clip(local, 0.0, 1.0, out=local)
 
 
 def _normalised_blur(num: np.ndarray, w: np.ndarray, sigma_px: float, fallback: float
                      ) -> np.ndarray:
     """``blur(num) / blur(w)``, blended to ``fallback`` where ``blur(w) < 0.05``; float32,
     computed in place in ``num`` (which must be a float32 array the caller gives up)."""
-    num = gaussian_blur(num, sigma_px)
-    den = gaussian_blur(w, sigma_px)
-    del w
+    return _normalised_blur_of([num, w], sigma_px, fallback)
+
+
+def _normalised_blur_of(parts: list[np.ndarray], sigma_px: float, fallback: float
+                        ) -> np.ndarray:
+    """:func:`_normalised_blur` of ``parts = [num, w]``, which it empties: arrays a caller
+    hands over this way (keeping no other reference) are freed as soon as they are blurred,
+    two thumbnail-sized arrays fewer at once (peak memory of a slide's calibration)."""
+    num = gaussian_blur(parts.pop(0), sigma_px)
+    den = gaussian_blur(parts.pop(0), sigma_px)
     if np.result_type(np.float32, fallback) != np.float32:  # e.g. a np.float64 level
         weight = np.clip(den / 0.05, 0.0, 1.0)
         local = num / np.maximum(den, 1e-6)

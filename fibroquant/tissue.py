@@ -62,7 +62,8 @@ class TissueMask:
         were found; also when not given (then set from ``section``'s shape).
     edge_distance : ndarray of float64 or None
         Distance of every pixel to the glass around ``section`` (pixels; the image frame is
-        not glass), kept by :func:`detect_tissue` for :func:`with_capsule`, which drops it.
+        not glass), kept by :func:`detect_tissue` for :func:`with_capsule`, which drops it
+        (not kept above :data:`KEEP_EDGE_DISTANCE_MAX_PX`: computed again there).
     glass_threshold_od : float or None
         The glass threshold tissue grew from (:func:`glass_threshold`; ``glass_od`` when pale
         tissue was not grown).
@@ -306,6 +307,12 @@ def pale_tissue(
     return _components_with(high | _open_disk(pale, radius_px), high)
 
 
+#: Largest tissue image (pixels) whose edge distance :func:`detect_tissue` keeps for
+#: :func:`with_capsule`: a larger one (a whole slide's 4-MP thumbnail: 32 MB of float64, held
+#: through the rest of the calibration, its peak) is computed again there (~60 ms).
+KEEP_EDGE_DISTANCE_MAX_PX = 2_000_000
+
+
 def detect_tissue(
     rgb: np.ndarray, mpp: float, settings: TissueSettings, background_rgb: Vector
 ) -> TissueMask:
@@ -401,6 +408,8 @@ def detect_tissue(
         if big.any():
             dist_l = edt(~big)
             wall = tissue & (dist_l * mpp <= settings.vessel_wall_um)
+    if dist is not None and dist.size > KEEP_EDGE_DISTANCE_MAX_PX:
+        dist = None  # with_capsule computes it again (peak memory of a slide's calibration)
     return TissueMask(
         mpp=mpp, section=section, tissue=tissue, lumen=lumen, fold=fold, capsule_band=band,
         vessel_wall=wall, glass_od=t, bubble=bubble, edge_distance=dist,

@@ -522,6 +522,11 @@ def start_warm_skan() -> threading.Thread | None:
 def _warm_skan_quietly() -> None:
     try:
         warm_skan()
+        # numba's LLVM is not run again by the slide: its code pages go back now, not when
+        # the traits start (~50 MB through the rest of the calibration and the tiles)
+        from fibroquant.cores import release_code_pages
+
+        release_code_pages()
     except Exception:  # noqa: BLE001 - raised again by the slide's own warm_skan call
         logger.debug("background skan compile failed:\n%s", traceback.format_exc())
 

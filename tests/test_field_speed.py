@@ -204,10 +204,10 @@ def test_grey_and_chroma_and_dark_share_equal_numpy_reductions(seed):
 def test_glass_colour_from_the_shading_fits_reduction_equals_its_own(field_of_view):
     """The shading fit's reduced thumbnail, when it has the glass detection's size, is the
     same image: the glass colour is the same."""
+    import cv2
+
     from fibroquant import pipeline
     from fibroquant.shading import fit_image
-
-    import cv2
 
     p = random_params(3, shape=(500, 500), mpp=4.0, field_of_view=field_of_view)
     rgb = cv2.resize(make_section(p, rng=3)[0], (2000, 2000), interpolation=cv2.INTER_LINEAR)
