@@ -767,11 +767,6 @@ def _pixel_residuals(od: np.ndarray, stains: StainMatrix) -> np.ndarray:
     return np.linalg.norm(od - conc @ m, axis=1) / np.maximum(np.linalg.norm(od, axis=1), 1e-6)
 
 
-def _nonneg_residual(od: np.ndarray, stains: StainMatrix) -> float:
-    """Mean relative residual of explaining OD pixels by non-negative amounts of the stains."""
-    return float(np.mean(_pixel_residuals(od, stains)))
-
-
 #: The protocols :func:`stain_fit` compares (the keys of its residuals).
 PROTOCOLS = (*PRESETS, "h&e")
 
@@ -827,8 +822,7 @@ def protocol_fit(od: np.ndarray, dark_share: float = 0.0) -> dict[str, float]:
         ``dark_share``: as given; ``neutral_share``: share of the pixels that are grey
         (within ``NEUTRAL_ANGLE_DEG`` of equal OD in all channels: a greyscale image).
     """
-    refs = fit_references()
-    residuals = {k: _pixel_residuals(od, v) for k, v in refs.items()}
+    residuals = {k: _pixel_residuals(od, v) for k, v in fit_references().items()}
     fit = {k: round(float(np.mean(r)), 4) for k, r in residuals.items()}
     # Masson's variant from the pixels one collagen stain explains far better than the other
     # (the blue or green collagen itself), not from the mean, which the counterstain dominates
