@@ -607,6 +607,9 @@ class _ImageSlide(SlideBase):
         png_type = head[25] if kind == "png" else None
         self._grey_header = png_type in (0, 4)
         self._palette = png_type == 3
+        # an 8-bit three-component JPEG is decoded straight to RGB (the same pixels as BGR
+        # swapped afterwards, without the swap's pass over the image)
+        self._rgb_jpeg = kind == "jpeg" and _jpeg_frame(head) == (8, 3)
         self._grey: bool | None = None
         if kind == "jpeg" and not _jpeg_has_end(path, data_size):
             msg = f"{path.name}: truncated JPEG (no end-of-image marker)"
@@ -633,14 +636,16 @@ class _ImageSlide(SlideBase):
                 except OSError as exc:
                     msg = f"{self.path.name}: cannot read file ({exc.strerror or exc})"
                     raise SlideReadError(msg) from exc
-                decoded = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+                decoded = cv2.imdecode(data, cv2.IMREAD_COLOR_RGB if self._rgb_jpeg
+                                       else cv2.IMREAD_UNCHANGED)
                 if decoded is None:
                     msg = (
                         f"{self.path.name}: cannot decode {_FORMAT_NAMES[self.format]} "
                         "(corrupt or truncated file)"
                     )
                     raise SlideReadError(msg)
-                image, one_channel = _normalise_array(decoded, self.path.name, bgr=True)
+                image, one_channel = _normalise_array(decoded, self.path.name,
+                                                      bgr=not self._rgb_jpeg)
                 if image.shape[:2] != self.levels[0].shape:
                     msg = (
                         f"{self.path.name}: decoded size {image.shape[:2]} differs from the "
@@ -733,6 +738,28 @@ def _jpeg_header(head: bytes, name: str) -> tuple[int, int, float | None, str | 
         pos += 2 + length
     msg = f"{name}: corrupt JPEG (no frame header found)"
     raise SlideReadError(msg)
+
+
+def _jpeg_frame(head: bytes) -> tuple[int, int] | None:
+    """(sample precision, number of components) from a JPEG's start-of-frame marker; None
+    when the header is not parsed to it."""
+    pos = 2
+    while pos + 4 <= len(head) and head[pos] == 0xFF:
+        marker = head[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):
+            pos += 2
+            continue
+        (length,) = struct.unpack(">H", head[pos + 2 : pos + 4])
+        segment = head[pos + 4 : pos + 2 + length]
+        if marker in _SOF_MARKERS and len(segment) >= 6:
+            return segment[0], segment[5]
+        if marker == 0xDA:
+            return None
+        pos += 2 + length
+    return None
 
 
 def _jpeg_has_end(path: Path, size: int) -> bool:

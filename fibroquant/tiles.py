@@ -463,9 +463,12 @@ def calibration_pixels(
     for i in pick:
         _, (y0, x0, y1, x1), rows, cols = covered[i]
         rgb = read_analysis(slide, geo, y0, x0, y1 - y0, x1 - x0)[::step, ::step]
-        inside = np.flatnonzero(tissue.tissue[np.ix_(rows[::step], cols[::step])])
-        # the same pixels in the same order, by index from a contiguous copy (2x faster)
-        chunks.append(np.ascontiguousarray(rgb).reshape(-1, 3)[inside])
+        # the mask under the pixels by two 1-D lookups (np.ix_'s 2-D fancy index is ~7x
+        # slower), and its pixels in row order by np.compress from a contiguous copy (the
+        # same pixels as an index gather, ~2x faster)
+        inside = tissue.tissue.take(rows[::step], axis=0).take(cols[::step], axis=1)
+        chunks.append(np.compress(inside.ravel(), np.ascontiguousarray(rgb).reshape(-1, 3),
+                                  axis=0))
     px = np.concatenate(chunks)
     if len(px) > n_pixels:
         rng = np.random.default_rng(0)
