@@ -1944,6 +1944,15 @@ def _result_mask(analysis: Any, name: str) -> BitMask | np.ndarray:
     return bits if isinstance(bits, BitMask) else getattr(analysis, f"{name}_mask")
 
 
+def _mask_interpolation(scale: float) -> int:
+    """How a 0/255 mask is resampled to the QC overlay by ``scale`` (<= 1): by its area
+    (``INTER_AREA``: a pixel at least half covered) when it is reduced 2x or more; bilinearly
+    when less (a 2048² field's masks to the 2000-px overlay): every overlay pixel then lies
+    within 2 x 2 mask pixels, so the two differ only along mask edges, and OpenCV's area
+    resampling by a non-integer factor costs ~5x as much (15 ms per mask)."""
+    return cv2.INTER_AREA if scale <= 0.5 else cv2.INTER_LINEAR
+
+
 def write_qc(path: Path, analysis: Any, *, max_px: int = 2000, title: str = "") -> None:
     """Write a slide's QC overlay as JPEG: collagen filled, exclusions in their colours, a
     legend, a scale bar and the slide name (:func:`qc_fill`, :func:`qc_panel`).
@@ -1984,7 +1993,7 @@ def write_qc(path: Path, analysis: Any, *, max_px: int = 2000, title: str = "") 
             full = mask.unpack(255, out=buffer[0])
         else:
             full = np.multiply(mask, np.uint8(255), dtype=np.uint8)
-        return cv2.resize(full, size, interpolation=cv2.INTER_AREA) >= 128
+        return cv2.resize(full, size, interpolation=_mask_interpolation(scale)) >= 128
 
     collagen = fit("collagen")
     excluded = fit("excluded")
