@@ -221,3 +221,45 @@ def test_glass_colour_from_the_shading_fits_reduction_equals_its_own(field_of_vi
     own = pipeline._glass_background(rgb, 1.0, s, bg)
     assert pipeline._glass_background(rgb, 1.0, s, bg, small) == own
     assert (own is None) == field_of_view
+
+
+@pytest.mark.parametrize("grey", [False, True])
+def test_colour_jpeg_decoded_straight_to_rgb_equals_the_bgr_decode_swapped(tmp_path, grey):
+    """An 8-bit three-component JPEG is decoded to RGB by libjpeg (the same pixels as the BGR
+    decode swapped); a one-component JPEG still reads as greyscale."""
+    from fibroquant.slides import _jpeg_frame, open_slide
+
+    rgb, _ = make_section(random_params(3, shape=(96, 128), mpp=1.0), rng=3)
+    image = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY) if grey else rgb[..., ::-1]
+    path = tmp_path / "f.jpg"
+    assert cv2.imwrite(str(path), image, [cv2.IMWRITE_JPEG_QUALITY, 85])
+    assert _jpeg_frame(path.read_bytes()[:4096]) == (8, 1 if grey else 3)
+    with open_slide(path, mpp=1.0) as slide:
+        if grey:
+            with pytest.warns(UserWarning, match="greyscale image expanded"):
+                got = slide.read_region(0, 0, 0, 96, 128)
+        else:
+            got = slide.read_region(0, 0, 0, 96, 128)
+        assert slide.greyscale is grey
+    decoded = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)
+    want = np.repeat(decoded[..., None], 3, axis=2) if grey else decoded[..., ::-1]
+    assert got.dtype == np.uint8 and np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_field_masks_resampled_bilinearly_differ_from_area_only_at_edges(seed):
+    """A 2048² field's masks reach the 2000-px QC overlay bilinearly: every overlay pixel
+    decided differently from the area rule (at least half covered) is one the area rule
+    sees partly covered, i.e. on the mask's edge; a 2x or larger reduction keeps the area
+    rule."""
+    rng = np.random.default_rng(seed)
+    blobs = cv2.GaussianBlur(rng.random((2048, 2048)).astype(np.float32), (0, 0), 6)
+    mask = np.where(blobs > np.median(blobs), np.uint8(255), np.uint8(0))
+    scale = 2000 / 2048
+    area = cv2.resize(mask, (2000, 2000), interpolation=cv2.INTER_AREA)
+    got = cv2.resize(mask, (2000, 2000), interpolation=report._mask_interpolation(scale))
+    differ = (got >= 128) != (area >= 128)
+    assert report._mask_interpolation(scale) == cv2.INTER_LINEAR
+    assert report._mask_interpolation(0.5) == cv2.INTER_AREA
+    assert differ.any() and not differ[(area == 0) | (area == 255)].any()
+    assert differ.mean() < 0.01
