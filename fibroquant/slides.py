@@ -455,10 +455,15 @@ class SlideBase:
                     and level.mpp > (self.levels[best].mpp or 0.0)):
                 best = index
         height, width = self.levels[best].shape
-        image = self.read_region(best, 0, 0, height, width)
-        if image.shape[:2] != (out_h, out_w):
-            image = cv2.resize(image, (out_w, out_h), interpolation=cv2.INTER_AREA)
-        return image
+        if (height, width) == (out_h, out_w):
+            return self.read_region(best, 0, 0, height, width)
+        return cv2.resize(self._whole_level(best), (out_w, out_h), interpolation=cv2.INTER_AREA)
+
+    def _whole_level(self, level: int) -> np.ndarray:
+        """A whole level for a caller that only reads it (a resize): a reader that holds the
+        level decoded returns it without a copy (read-only)."""
+        height, width = self.levels[level].shape
+        return self.read_region(level, 0, 0, height, width)
 
     def close(self) -> None:
         """Release the file and caches; further reads raise ``ValueError``."""
@@ -667,6 +672,13 @@ class _ImageSlide(SlideBase):
 
     def _read_inside(self, level: int, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
         return self._decoded()[y0:y1, x0:x1].copy()
+
+    def _whole_level(self, level: int) -> np.ndarray:
+        if self._closed:
+            return super()._whole_level(level)  # (raises as read_region does)
+        view = self._decoded()[:]  # the decoded image, not copied (12 MB for a 2048² field)
+        view.flags.writeable = False
+        return view
 
     def close(self) -> None:
         """Drop the cached image."""

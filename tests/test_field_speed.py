@@ -264,3 +264,23 @@ def test_field_masks_resampled_bilinearly_differ_from_area_only_at_edges(seed):
     assert report._mask_interpolation(0.5) == cv2.INTER_AREA
     assert differ.any() and not differ[(area == 0) | (area == 255)].any()
     assert differ.mean() < 0.01
+
+
+def test_thumbnail_of_a_decoded_image_is_its_own_and_leaves_the_image_alone(tmp_path):
+    """A flat image's thumbnail is resized from its decoded pixels without a copy: the same
+    pixels as from a copy, a writeable array of its own, and the slide reads as before."""
+    from fibroquant.slides import open_slide
+
+    rgb, _ = make_section(random_params(4, shape=(300, 260), mpp=1.0), rng=4)
+    path = tmp_path / "f.png"
+    assert cv2.imwrite(str(path), rgb[..., ::-1])
+    with open_slide(path, mpp=1.0) as slide:
+        thumb = slide.thumbnail(2.6)
+        assert thumb.shape == (115, 100, 3) and thumb.flags.writeable
+        assert np.array_equal(thumb, cv2.resize(rgb, (100, 115), interpolation=cv2.INTER_AREA))
+        thumb[:] = 0
+        same = slide.thumbnail(1.0)  # native: a copy
+        same[:] = 0
+        assert np.array_equal(slide.read_region(0, 0, 0, 300, 260), rgb)
+    with pytest.raises(ValueError, match="closed"):
+        slide.thumbnail(2.6)
