@@ -784,14 +784,13 @@ def _glass_background(
     and 19 real images the glass colour equals the one from a full-size detection, at about
     1/10 of its cost (one full-size detection is left, with the final background).
     ``reduced``, an ``INTER_AREA`` reduction of ``thumb`` the caller has (the shading fit's),
-    is the small copy when it is within a pixel of its size (a 1999² overview's fit image is
-    500², the small copy 499²: a second non-integer reduction costs ~13 ms).
+    is the small copy when it has its size.
     """
     h, w = thumb.shape[:2]
     k = 4 if min(h, w) >= 256 else 1
     if k == 1:
         small = thumb
-    elif reduced is not None and _about(reduced.shape[:2], (h // k, w // k)):
+    elif reduced is not None and reduced.shape[:2] == (h // k, w // k):
         small = reduced
     else:
         small = cv2.resize(thumb, (w // k, h // k), interpolation=cv2.INTER_AREA)
@@ -803,11 +802,6 @@ def _glass_background(
         grown = cv2.dilate(section.view(np.uint8), np.ones((3, 3), np.uint8))
         glass = cv2.resize(grown, (w, h), interpolation=cv2.INTER_NEAREST) == 0
     return glass_median(thumb, glass)
-
-
-def _about(shape: tuple[int, ...], want: tuple[int, int]) -> bool:
-    """Whether an image of ``shape`` is within one pixel of ``want`` on both sides."""
-    return abs(shape[0] - want[0]) <= 1 and abs(shape[1] - want[1]) <= 1
 
 
 def _background(thumb: np.ndarray, settings: Settings) -> tuple[tuple[float, float, float], str]:

@@ -203,18 +203,17 @@ def test_grey_and_chroma_and_dark_share_equal_numpy_reductions(seed):
     assert stains.dark_share(px) == float(np.mean(px.max(axis=1) < stains.DARK_PIXEL_MAX))
 
 
-@pytest.mark.parametrize(("field_of_view", "size"), [(False, 2000), (True, 2000), (False, 1999),
-                                                    (True, 1999)])
-def test_glass_colour_from_the_shading_fits_reduction_equals_its_own(field_of_view, size):
-    """The shading fit's reduced thumbnail, when it has the glass detection's size or is a
-    pixel larger (a 1999² overview: 500² against 499²), gives the same glass colour."""
+@pytest.mark.parametrize("field_of_view", [False, True])
+def test_glass_colour_from_the_shading_fits_reduction_equals_its_own(field_of_view):
+    """The shading fit's reduced thumbnail, when it has the glass detection's size, is the
+    same image: the glass colour is the same."""
     import cv2
 
     from fibroquant import pipeline
     from fibroquant.shading import fit_image
 
     p = random_params(3, shape=(500, 500), mpp=4.0, field_of_view=field_of_view)
-    rgb = cv2.resize(make_section(p, rng=3)[0], (size, size), interpolation=cv2.INTER_LINEAR)
+    rgb = cv2.resize(make_section(p, rng=3)[0], (2000, 2000), interpolation=cv2.INTER_LINEAR)
     s = Settings()
     bg, _ = pipeline._background(rgb, s)
     small = fit_image(rgb)
