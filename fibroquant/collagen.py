@@ -40,6 +40,7 @@ from skimage.filters import threshold_otsu
 
 from fibroquant.config import CollagenSettings
 from fibroquant.kernels import gaussian_blur
+from fibroquant.stains import median
 
 if TYPE_CHECKING:
     from fibroquant.stains import StainMatrix
@@ -261,7 +262,7 @@ def share_guard(
         parenchyma &= np.asarray(stained, bool).ravel()
     if np.count_nonzero(parenchyma) < 50:
         return settings.min_share, 0.0
-    p = max(float(np.median(share[parenchyma])), 0.0)
+    p = max(median(share[parenchyma]), 0.0)
     p_hi = min(settings.parenchyma_share_spread * p, 0.5)
     return p_hi + settings.min_share * (1.0 - p_hi), p
 
@@ -309,7 +310,7 @@ def calibrate_threshold(
     # parenchyma level: pixels the stain vectors attribute mostly to other stains (cytoplasm,
     # nuclei); robust when collagen covers a large part of the tissue (cirrhosis, capsule)
     other = conc[share < 0.5]
-    base = float(np.median(other if other.size >= max(50, conc.size // 20) else conc))
+    base = median(other if other.size >= max(50, conc.size // 20) else conc)
     # a negative level means the counterstain projects below zero on the collagen axis
     # (vectors off for this slide): measure contrast from zero instead
     base = max(base, 0.0)
@@ -334,7 +335,7 @@ def calibrate_threshold(
         note = "; ".join(n for n in (purple, note) if n)
         return CollagenThreshold("relative", floor, base, float("nan"), int(candidates.size), note,
                                  guard, p_share)
-    level = float(np.median(candidates))
+    level = median(candidates)
     note = purple
     split = _pale_counterstain_split(candidates, level)
     if split is not None:

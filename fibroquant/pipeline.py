@@ -57,6 +57,7 @@ from fibroquant.stains import (
     estimate_background,
     estimate_stains,
     glass_median,
+    median,
     od_lut,
     preset_for,
     rgb_to_od,
@@ -574,7 +575,7 @@ def _threshold_map(
     # parenchyma level it sees (and the threshold) the coarser the thumbnail.
     bias = 0.0
     if parenchyma.any():
-        bias = max(float(np.median(thumb_col[parenchyma])), 0.0) - thr.parenchyma_od
+        bias = max(median(thumb_col[parenchyma]), 0.0) - thr.parenchyma_od
     bg_map = parenchyma_background(
         thumb_col, parenchyma,
         local_um / thumb_mpp, thr.parenchyma_od + bias,
@@ -653,7 +654,7 @@ def _pale_bands(share: np.ndarray, stained: np.ndarray, thumb_mpp: float,
     values = share[parenchyma]
     if values.size > 1_000_000:  # a median of a million pixels is as good, and 4-16x cheaper
         values = values[:: values.size // 1_000_000]
-    p = max(float(np.median(values)), 0.0)
+    p = max(median(values), 0.0)
     w = pale_band_weight(share, stained, p, BAND_SHARE_SIGMA_UM / thumb_mpp)
     return (w if w.any() else None), p
 

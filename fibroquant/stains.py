@@ -345,6 +345,30 @@ def _hist_order_stats(hist: np.ndarray, ks: list[int]) -> list[int]:
     return [int(np.searchsorted(cum, k, side="right")) for k in ks]
 
 
+def median(values: np.ndarray) -> float:
+    """``float(np.median(values))``, by one selection.
+
+    numpy 2's median selects its two middle positions and the last (its NaN check) and is
+    ~10x slower on a few hundred thousand float32 values (6-10 ms, three times per
+    calibration of a field). The same value to the bit: the middle value, or the mean of the
+    two middle values in the array's dtype, as numpy takes it. NaNs or no values: numpy's.
+
+    Examples
+    --------
+    >>> median(np.array([3.0, 1.0, 2.0, 10.0], np.float32))
+    2.5
+    """
+    v = np.array(values).ravel()  # a copy: partitioned in place
+    m = v.size // 2
+    if v.size == 0 or v.dtype.kind not in "fiu":
+        return float(np.median(values))
+    v.partition(m)
+    if v.dtype.kind == "f" and np.isnan(v[m:]).any():  # (NaNs are placed last)
+        return float(np.median(values))
+    middle = v[m : m + 1] if v.size % 2 else np.array([v[:m].max(), v[m]], v.dtype)
+    return float(np.mean(middle))
+
+
 def _median_uint8_columns(px: np.ndarray) -> np.ndarray:
     """``np.median(px, axis=0)`` of uint8 (N, 3) pixels (N >= 1), float64, via histograms."""
     return _median_from_histograms([_bincount(px[:, c], 256) for c in range(px.shape[1])],

@@ -28,7 +28,7 @@ from fibroquant.kernels import (
     remove_small_holes_fast,
     remove_small_objects_fast,
 )
-from fibroquant.stains import Vector, channel_spread, channel_sum, rgb_to_od
+from fibroquant.stains import Vector, channel_spread, channel_sum, median, rgb_to_od
 
 
 @dataclass(frozen=True)
@@ -951,7 +951,7 @@ def with_folds(
     # memory)
     mean = np.divide(amount, np.maximum(share, 1e-3, out=share), out=amount)
     del amount, share
-    level = float(np.median(mean[par]))
+    level = median(mean[par])
     if level <= FOLD_MIN_LEVEL_OD:
         return tissue
     ok = tissue.tissue & covered

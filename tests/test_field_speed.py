@@ -283,3 +283,19 @@ def test_thumbnail_of_a_decoded_image_is_its_own_and_leaves_the_image_alone(tmp_
         assert np.array_equal(slide.read_region(0, 0, 0, 300, 260), rgb)
     with pytest.raises(ValueError, match="closed"):
         slide.thumbnail(2.6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])
+@pytest.mark.parametrize("n", [1, 2, 7, 1000, 100_001])
+def test_median_by_one_selection_equals_numpys_to_the_bit(dtype, n):
+    rng = np.random.default_rng(n)
+    values = (rng.standard_normal(n) * 0.2 + 0.3) if dtype != np.int64 else \
+        rng.integers(0, 50, n)  # ties
+    values = values.astype(dtype)
+    before = values.copy()
+    got = stains.median(values)
+    assert isinstance(got, float) and got == float(np.median(values))
+    assert np.array_equal(values, before)  # the input is not partitioned
+    if dtype != np.int64:
+        values[n // 3] = np.nan
+        assert np.isnan(stains.median(values))
