@@ -61,6 +61,7 @@ from fibroquant.stains import (
     od_lut,
     preset_for,
     rgb_to_od,
+    row_norm,
     stain_fit,
     stain_mismatch,
     stain_verdict,
@@ -437,7 +438,7 @@ def calibrate_slide(slide: Slide, settings: Settings) -> Calibration:
     conc_sample = od_sample @ stains.unmixing
     pos = np.maximum(conc_sample, 0)
     share = pos[:, stains.collagen_index] / np.maximum(pos.sum(axis=1), 1e-6)
-    stained = np.linalg.norm(od_sample, axis=1) > settings.stains.od_floor
+    stained = row_norm(od_sample) > settings.stains.od_floor
     thr = calibrate_threshold(
         conc_sample[:, stains.collagen_index], share, settings.collagen, stained=stained,
         share_from_parenchyma=settings.share_from_parenchyma(est.counterstain_fitted()),

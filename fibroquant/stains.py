@@ -267,6 +267,23 @@ def channel_sum(values: np.ndarray) -> np.ndarray:
     return out
 
 
+def row_norm(values: np.ndarray, *, keepdims: bool = False) -> np.ndarray:
+    """``np.linalg.norm(values, axis=-1, keepdims=keepdims)`` of a float array with 2 to 7
+    channels last, plane by plane (:func:`channel_sum` of the squares): the same values to the
+    bit (numpy adds fewer than 8 squares in order; a square is never -0), ~5x faster than
+    numpy's pixel-by-pixel reduction of a short last axis (0.15 M OD pixels: 3 ms).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> row_norm(np.array([[3.0, 4.0, 0.0], [1.0, 2.0, 2.0]]))
+    array([5., 3.])
+    """
+    values = np.asarray(values)
+    out = np.sqrt(channel_sum(np.square(values)))
+    return out[..., np.newaxis] if keepdims else out
+
+
 def channel_spread(values: np.ndarray) -> np.ndarray:
     """``values.max(axis=-1) - values.min(axis=-1)`` of a float array with 3 channels last,
     plane by plane (numpy reduces a short last axis pixel by pixel, ~10x slower on a 4 MP
@@ -530,7 +547,7 @@ def estimate_stains(
     """
     names = preset.names
     od = np.asarray(od_pixels, dtype=np.float32).reshape(-1, 3)
-    norms = np.linalg.norm(od, axis=1)
+    norms = row_norm(od)
     x = od[norms > settings.od_floor]
     zero = dict.fromkeys(names, 0.0)
     if settings.estimate == "preset" or len(x) < 500:
@@ -539,7 +556,7 @@ def estimate_stains(
         )
         share = _od_share(od, preset)
         return StainEstimate(preset, "preset", zero, dict.fromkeys(names, 0), share, warn)
-    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    unit = x / row_norm(x, keepdims=True)
     min_count = max(200, int(0.0005 * len(x)))
     # The anchored iteration starts from the presets. When it cannot estimate the collagen
     # stain or the counterstain (a stain whose colour lies outside the presets' triangle is
@@ -788,7 +805,7 @@ def _pixel_residuals(od: np.ndarray, stains: StainMatrix) -> np.ndarray:
     """Relative residual of explaining each OD pixel by non-negative amounts of the stains."""
     m = stains.vectors.astype(np.float64)
     conc = np.maximum(od @ np.linalg.pinv(m), 0.0)
-    return np.linalg.norm(od - conc @ m, axis=1) / np.maximum(np.linalg.norm(od, axis=1), 1e-6)
+    return row_norm(od - conc @ m) / np.maximum(row_norm(od), 1e-6)
 
 
 #: The protocols :func:`stain_fit` compares (the keys of its residuals).
@@ -855,7 +872,7 @@ def protocol_fit(od: np.ndarray, dark_share: float = 0.0) -> dict[str, float]:
     green = int(np.count_nonzero(margin < -MASSON_VARIANT_MARGIN))
     if blue + green >= MASSON_VARIANT_MIN_PIXELS:
         fit["light_green_share"] = round(green / (blue + green), 4)
-    unit = od / np.maximum(np.linalg.norm(od, axis=1, keepdims=True), 1e-12)
+    unit = od / np.maximum(row_norm(od, keepdims=True), 1e-12)
     eosin = np.asarray(REAL_EOSIN_VECTOR) / np.linalg.norm(REAL_EOSIN_VECTOR)
     fit["eosin_share"] = round(float(np.mean(unit @ eosin > np.cos(np.radians(EOSIN_ANGLE_DEG)))),
                                4)

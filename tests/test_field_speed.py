@@ -299,3 +299,16 @@ def test_median_by_one_selection_equals_numpys_to_the_bit(dtype, n):
     if dtype != np.int64:
         values[n // 3] = np.nan
         assert np.isnan(stains.median(values))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_row_norm_equals_numpys_to_the_bit(dtype):
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((20_000, 3)) * rng.choice([1e-3, 1.0, 30.0], (20_000, 1)))
+    x = x.astype(dtype)
+    x[:5] = 0.0
+    x[5:10] = -0.0
+    assert np.array_equal(stains.row_norm(x), np.linalg.norm(x, axis=1))
+    assert stains.row_norm(x).dtype == dtype
+    assert np.array_equal(stains.row_norm(x, keepdims=True),
+                          np.linalg.norm(x, axis=1, keepdims=True))
