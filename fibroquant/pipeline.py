@@ -437,7 +437,8 @@ def calibrate_slide(slide: Slide, settings: Settings) -> Calibration:
     stains = est.stains
     conc_sample = od_sample @ stains.unmixing
     pos = np.maximum(conc_sample, 0)
-    share = pos[:, stains.collagen_index] / np.maximum(pos.sum(axis=1), 1e-6)
+    # (channel_sum: pos.sum(axis=1)'s values, an exact zero's sign aside, which the floor hides)
+    share = pos[:, stains.collagen_index] / np.maximum(channel_sum(pos), 1e-6)
     stained = row_norm(od_sample) > settings.stains.od_floor
     thr = calibrate_threshold(
         conc_sample[:, stains.collagen_index], share, settings.collagen, stained=stained,
