@@ -1990,7 +1990,7 @@ def write_qc(path: Path, analysis: Any, *, max_px: int = 2000, title: str = "") 
     excluded = fit("excluded")
     tissue = fit("tissue")
     if buffer:
-        from fibroquant.pipeline import release_free_heap
+        from fibroquant.cores import release_free_heap
 
         buffer.clear()
         release_free_heap()  # its pages back before the overlay's own (peak memory)
