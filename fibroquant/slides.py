@@ -641,8 +641,9 @@ class _ImageSlide(SlideBase):
                 except OSError as exc:
                     msg = f"{self.path.name}: cannot read file ({exc.strerror or exc})"
                     raise SlideReadError(msg) from exc
-                decoded = cv2.imdecode(data, cv2.IMREAD_COLOR_RGB if self._rgb_jpeg
-                                       else cv2.IMREAD_UNCHANGED)
+                # (IMREAD_UNCHANGED ignores an EXIF orientation; so must the RGB decode)
+                decoded = cv2.imdecode(data, cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
+                                       if self._rgb_jpeg else cv2.IMREAD_UNCHANGED)
                 if decoded is None:
                     msg = (
                         f"{self.path.name}: cannot decode {_FORMAT_NAMES[self.format]} "

@@ -246,6 +246,29 @@ def test_colour_jpeg_decoded_straight_to_rgb_equals_the_bgr_decode_swapped(tmp_p
     assert got.dtype == np.uint8 and np.array_equal(got, want)
 
 
+@pytest.mark.parametrize("orientation", [3, 6])
+def test_rgb_jpeg_decode_ignores_exif_orientation_as_before(tmp_path, orientation):
+    """A JPEG whose EXIF says "rotate" reads as stored, as the BGR decode read it (the
+    pixels of the header's size, not turned)."""
+    import io
+
+    from PIL import Image
+
+    from fibroquant.slides import open_slide
+
+    rgb, _ = make_section(random_params(5, shape=(64, 96), mpp=1.0), rng=5)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG", quality=90, exif=exif.tobytes())
+    path = tmp_path / "turned.jpg"
+    path.write_bytes(buf.getvalue())
+    with open_slide(path, mpp=1.0) as slide:
+        got = slide.read_region(0, 0, 0, 64, 96)
+    stored = cv2.imdecode(np.frombuffer(buf.getvalue(), np.uint8), cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(got, stored[..., ::-1])
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_field_masks_resampled_bilinearly_differ_from_area_only_at_edges(seed):
     """A 2048² field's masks reach the 2000-px QC overlay bilinearly: every overlay pixel
