@@ -392,7 +392,9 @@ def _fibre_measures(
     width_um = np.zeros(collagen.shape, np.float32)
     d2_img = np.zeros(collagen.shape, np.int32)
     if skel.any():
-        yy, xx = np.nonzero(skel)  # raster order, as OpenCV numbers the skeleton pixels below
+        # raster order, as OpenCV numbers the skeleton pixels below (1-D, then divided: faster
+        # than np.nonzero of a 2-D mask)
+        yy, xx = np.divmod(np.flatnonzero(skel), skel.shape[1])
         d2 = np.rint(half[yy, xx].astype(np.float64) ** 2).astype(np.int64)
         d2_img[yy, xx] = d2
         widths = ((2.0 * np.sqrt(d2) - 0.5) * mpp).astype(np.float32)
@@ -415,13 +417,11 @@ def _fibre_measures(
     junction = skel & (degree >= 3)
     nj, jl = cv2.connectedComponents(junction.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
     if nj > 1:  # a cluster of junction pixels is one branch point, owned by its first pixel
-        flat = jl.ravel()
-        at = np.flatnonzero(flat)
-        _, first = np.unique(flat[at], return_index=True)
+        at = np.flatnonzero(junction)  # the labelled pixels (a bool scan, not an int32 one)
+        _, first = np.unique(jl.ravel()[at], return_index=True)
         cy, cx = np.divmod(at[first], jl.shape[1])
         sums["branch_points"] = int(np.count_nonzero(
             (cy >= cy0) & (cy < cy1) & (cx >= cx0) & (cx < cx1)))
-        del flat
     del sk8, degree, junction, jl  # (peak memory: the structure tensor below is the largest)
     # --- branches (skan): their pieces in the core, joined into whole branches per slide
     pieces = None
@@ -573,11 +573,11 @@ def _pixel_graph(skel: np.ndarray) -> tuple[Any, np.ndarray]:
     lookup = np.full(padded.size, -1, np.int32)
     lookup[nodes_padded] = np.arange(n, dtype=np.int32)
     neighbours = lookup[nodes_padded[:, None] + offsets]
-    found = neighbours >= 0
-    degree = found.sum(axis=1)
-    indices = neighbours[found]
-    data = np.broadcast_to(steps, found.shape)[found]
-    rows = np.repeat(np.arange(n, dtype=np.int32), degree)
+    # the (node, direction) of every edge, row-major: rows sorted, columns sorted within a row
+    rows, direction = np.nonzero(neighbours >= 0)
+    indices = neighbours[rows, direction]
+    data = steps[direction]
+    degree = np.bincount(rows, minlength=n)
     # junction clusters (edges between pixels of degree >= 3) reduced to a spanning tree
     junction = degree >= 3
     among = np.flatnonzero(junction[rows] & junction[indices])
@@ -869,13 +869,20 @@ def _part(col: np.ndarray, tis: np.ndarray, width_um: np.ndarray, skel: np.ndarr
     n_hole, hole = cv2.connectedComponents(np.ascontiguousarray(~col).view(np.uint8),
                                            connectivity=4, ltype=cv2.CV_32S)
     n_obj, n_hole = n_obj - 1, n_hole - 1
-    wide = col & (width_um >= params.septum_min_width_um)
-    on = skel & wide
-    step = (n_ortho[on] + math.sqrt(2) * n_diag[on]) / 2.0
+    # the per-object sums gather at the collagen pixels (raster order) once: a few % of the
+    # core, not whole-core masks per sum
+    # (the other images are views into a tile's frame: 2-D indices, no copies)
+    at = np.divmod(np.flatnonzero(col), w)  # (faster than np.nonzero of a 2-D mask)
+    obj_at = obj[at]
+    wide = width_um[at] >= params.septum_min_width_um
+    free = wide & ~peri[at]
+    on = skel[at] & wide
+    on_at = (at[0][on], at[1][on])
+    step = (n_ortho[on_at] + math.sqrt(2) * n_diag[on_at]) / 2.0
     obj_sums = {
-        "area": np.bincount(obj[col], minlength=n_obj + 1),
-        "wide_free": np.bincount(obj[wide & ~peri], minlength=n_obj + 1),
-        "wide_length": np.bincount(obj[on], weights=step, minlength=n_obj + 1),
+        "area": np.bincount(obj_at, minlength=n_obj + 1),
+        "wide_free": np.bincount(obj_at[free], minlength=n_obj + 1),
+        "wide_length": np.bincount(obj_at[on], weights=step, minlength=n_obj + 1),
     }
     # holes: open when they hold non-tissue or touch the slide's edge. One pass counts each
     # hole's pixels split by tissue (bin 2 x label + 1: not tissue)
@@ -895,12 +902,13 @@ def _part(col: np.ndarray, tis: np.ndarray, width_um: np.ndarray, skel: np.ndarr
         "border": np.bincount(hole[border], minlength=n_hole + 1),
         "thin_border": np.bincount(hole[thin_border], minlength=n_hole + 1),
     }
-    free = on & ~peri
-    ow, ow_px = np.unique(obj[free].astype(np.int64) << 32 | d2[free].astype(np.int64),
-                          return_counts=True)
+    free &= on
+    ow, ow_px = np.unique(obj_at[free].astype(np.int64) << 32
+                          | d2[at[0][free], at[1][free]].astype(np.int64), return_counts=True)
     obj_width = np.column_stack([ow >> 32, ow & 0xFFFFFFFF, ow_px])
-    near = col & (vessel > 0)
-    key = np.unique(obj[near].astype(np.int64) << 32 | vessel[near].astype(np.int64))
+    ves_at = vessel[at]
+    near = ves_at > 0
+    key = np.unique(obj_at[near].astype(np.int64) << 32 | ves_at[near].astype(np.int64))
     pairs = np.column_stack([key >> 32, key & 0xFFFFFFFF])
     y0, x0 = origin
     return _Part((y0, x0, y0 + h, x0 + w),
