@@ -312,12 +312,13 @@ def run_in_process(task: SlideTask) -> dict[str, Any]:
             "settings_hash": settings.settings_hash(), "pid": os.getpid(),
             "started": time.time()}
     if settings.traits.enabled:
+        from fibroquant.cores import release_code_pages
         from fibroquant.traits import start_warm_skan, warm_skan
 
         if task.threads > 1:  # skan's compile beside the slide; its traits wait for it
             start_warm_skan()
-        else:  # one core: the per-process compile before the slide's stall clock
-            warm_skan()
+        elif warm_skan():  # one core: the per-process compile before the slide's stall clock
+            release_code_pages()  # numba's LLVM is not run again (peak memory)
     with measuring_marker(Path(task.out_dir), info, stall_s=settings.tiling.slide_timeout_s):
         return run_slide(task)
 

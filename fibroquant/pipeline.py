@@ -41,7 +41,7 @@ from fibroquant.collagen import (
 )
 from fibroquant.confidence import FAINT_COLLAGEN_OD
 from fibroquant.config import Settings
-from fibroquant.cores import release_code_pages, tune_malloc
+from fibroquant.cores import release_code_pages, release_free_heap, tune_malloc
 from fibroquant.errors import FibroquantError, SlideReadError
 from fibroquant.measure import Measurements, SlideQC, SlideResult, TileCounts
 from fibroquant.registration import estimate_channel_shifts
@@ -335,8 +335,10 @@ def _analyze_slide(
                 from fibroquant import traits as fibre_traits
 
                 t_wait = time.perf_counter()
-                fibre_traits.warm_skan()  # skan's per-process compile is not the slide's time
-                release_code_pages()
+                # skan's per-process compile is not the slide's time; numba's LLVM, run by
+                # it, is not run again by the slide (its code pages go back: peak memory)
+                if fibre_traits.warm_skan():
+                    release_code_pages()
                 t_start += time.perf_counter() - t_wait
                 traits = fibre_traits.measure_slide(collagen_m, tissue_m, geo.mask_mpp,
                                                     settings.traits, lumen=lumen,
@@ -717,32 +719,6 @@ def measure_tiles(
         collagen_m[ys, xs] = False
         tissue_m[ys, xs] = False
     return total, collagen_m, tissue_m, excluded_m
-
-
-_libc: Any = None
-
-
-def release_free_heap() -> None:
-    """Give the C heap's free pages back to the system (glibc ``malloc_trim``; elsewhere a
-    no-op).
-
-    Called after each of a slide's phases (calibration, tiles, traits):
-    :func:`~fibroquant.cores.tune_malloc` keeps freed buffers for reuse, which within a phase
-    saves page faults, but across phases left one phase's temporaries resident while the next
-    ran (on a 1-GP slide the trait tiles' ~150 MB stayed resident while the QC overlay was
-    drawn).
-    """
-    global _libc
-    if _libc is None:
-        import ctypes
-        import platform
-
-        try:
-            _libc = ctypes.CDLL("libc.so.6") if platform.libc_ver()[0] == "glibc" else False
-        except OSError:
-            _libc = False
-    if _libc:
-        _libc.malloc_trim(0)
 
 
 def _quietly(fn: Callable[[SlideResult], None], result: SlideResult,

@@ -474,8 +474,9 @@ _skan_thread: threading.Thread | None = None
 _skan_start_lock = threading.Lock()
 
 
-def warm_skan() -> None:
-    """Compile skan's numba code (its graph ``jitclass`` and path tracing), once per process.
+def warm_skan() -> bool:
+    """Compile skan's numba code (its graph ``jitclass`` and path tracing), once per process;
+    True when this call compiled it (numba's LLVM ran: see ``cores.release_code_pages``).
 
     numba cannot cache a ``jitclass`` on disk, so every process compiles it on its first
     skeleton (2-3 s CPU); the pipeline calls this outside a slide's ``seconds``, and the local
@@ -486,13 +487,15 @@ def warm_skan() -> None:
     """
     global _skan_warm
     if _skan_warm:
-        return
+        return False
     with _skan_warm_lock:
-        if not _skan_warm:
-            skel = np.zeros((5, 5), bool)
-            skel[2, 1:4] = skel[1:4, 2] = True  # a cross: a junction and four free ends
-            _skan_graph(skel, np.ones(skel.shape, np.float32))
-            _skan_warm = True
+        if _skan_warm:
+            return False
+        skel = np.zeros((5, 5), bool)
+        skel[2, 1:4] = skel[1:4, 2] = True  # a cross: a junction and four free ends
+        _skan_graph(skel, np.ones(skel.shape, np.float32))
+        _skan_warm = True
+        return True
 
 
 def start_warm_skan() -> threading.Thread | None:

@@ -272,6 +272,21 @@ def test_mask_to_geojson_random_masks_are_exact() -> None:
             assert geom.area == pytest.approx(mask.sum() * 9, rel=1e-9)
 
 
+@pytest.mark.parametrize("shape_px", [(1, 1), (1, 6), (5, 1), (2, 2), (31, 40)])
+def test_closure_grid_is_the_dilated_pixel_grid(shape_px: tuple[int, int]) -> None:
+    # the grid built in place equals the 3 x 3 dilation of the grid holding the pixels alone
+    from fibroquant.report import _closure_grid
+
+    rng = np.random.default_rng(3)
+    for p in (0.0, 0.15, 0.5, 0.85, 1.0):
+        mask = rng.random(shape_px) < p
+        h, w = shape_px
+        ref = np.zeros((2 * h + 1, 2 * w + 1), np.uint8)
+        ref[1::2, 1::2] = mask
+        ref = cv2.dilate(ref, np.ones((3, 3), np.uint8))
+        np.testing.assert_array_equal(_closure_grid(mask), ref)
+
+
 def test_mask_to_geojson_min_area_and_empty() -> None:
     tissue = np.zeros((20, 20), dtype=bool)
     tissue[2:18, 2:18] = True
