@@ -30,6 +30,7 @@ import math
 import threading
 import traceback
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import cv2
@@ -290,27 +291,31 @@ def measure_tile(
         fibres = _fibre_measures(collagen[by0:by1, bx0:bx1],
                                  (cy0 - by0, cx0 - bx0, cy1 - by0, cx1 - bx0),
                                  (origin[0] + by0, origin[1] + bx0), slide_shape, params)
-    # the fibre measures of the frame (skeleton, widths, squared half-widths, neighbours),
-    # allocated once the box's own are done (peak memory)
-    skel = np.zeros(col_f.shape, bool)
-    width_um = np.zeros(col_f.shape, np.float32)
-    d2 = np.zeros(col_f.shape, np.int32)
-    n_ortho = np.zeros(col_f.shape, np.uint8)
-    n_diag = np.zeros(col_f.shape, np.uint8)
+    # the fibre measures of the frame (skeleton, widths, squared half-widths, neighbours):
+    # views of the box's when it holds the frame, else the box's part copied into zeros
+    # (allocated once the box's own are done: peak memory)
+    frame_arrays: tuple[np.ndarray, ...]
     if box is not None and fibres is not None:
         by0, bx0, by1, bx1 = box
         # the box's part of the frame, in the box's and the frame's coordinates
         oy0, ox0 = max(by0, fy0), max(bx0, fx0)
         oy1, ox1 = min(by1, fy1), min(bx1, fx1)
         src = (slice(oy0 - by0, oy1 - by0), slice(ox0 - bx0, ox1 - bx0))
-        dst = (slice(oy0 - fy0, oy1 - fy0), slice(ox0 - fx0, ox1 - fx0))
-        frame_arrays: tuple[np.ndarray, ...] = (skel, width_um, d2, n_ortho, n_diag)
-        for out, arr in zip(frame_arrays, fibres[:5], strict=True):
-            out[dst] = arr[src]
+        if (oy0, ox0, oy1, ox1) == (fy0, fx0, fy1, fx1):
+            frame_arrays = tuple(arr[src] for arr in fibres[:5])
+        else:
+            frame_arrays = _zeros_frame(col_f.shape)
+            dst = (slice(oy0 - fy0, oy1 - fy0), slice(ox0 - fx0, ox1 - fx0))
+            for out, arr in zip(frame_arrays, fibres[:5], strict=True):
+                out[dst] = arr[src]
         pieces, sums = fibres[5], fibres[6]
         for name, value in sums.items():
             setattr(counts, name, value)
         del fibres
+    else:
+        frame_arrays = _zeros_frame(col_f.shape)
+    skel, width_um, d2, n_ortho, n_diag = frame_arrays
+    del frame_arrays
     inner = (slice(cy0 - fy0, cy1 - fy0), slice(cx0 - fx0, cx1 - fx0))
     w_c = width_um[inner][col_c]
     counts.thin_px = int(np.count_nonzero(w_c < params.thin_um))
@@ -349,6 +354,13 @@ def measure_tile(
                           n_diag[inner], peri_c, vessel_c, border, thin_border,
                           (origin[0] + cy0, origin[1] + cx0), slide_shape, params, pieces)]
     return counts
+
+
+def _zeros_frame(shape: tuple[int, ...]) -> tuple[np.ndarray, ...]:
+    """Empty skeleton (bool), widths (float32 µm), squared half-widths (int32) and
+    neighbour counts (uint8, orthogonal and diagonal) of a frame."""
+    return (np.zeros(shape, bool), np.zeros(shape, np.float32), np.zeros(shape, np.int32),
+            np.zeros(shape, np.uint8), np.zeros(shape, np.uint8))
 
 
 def _bounding_box(mask: np.ndarray, margin: int) -> tuple[int, int, int, int] | None:
@@ -551,6 +563,20 @@ class _SkanPaths:
         sums = np.add.reduceat(self.paths.data, self.paths.indptr[:-1])
         return sums / np.diff(self.paths.indptr)
 
+    @cached_property
+    def steps(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """:func:`_path_steps` and the coordinates of every entry (int64, (n, 2)), computed
+        once: the spur test and the branch pieces both walk the first graph's paths."""
+        ptr, idx = self.paths.indptr, self.paths.indices
+        pid = np.repeat(np.arange(len(ptr) - 1), np.diff(ptr))
+        yx = self.coordinates[idx]
+        step = np.zeros(len(idx))
+        if len(idx) > 1:
+            d = np.diff(yx, axis=0)
+            step[:-1] = np.hypot(d[:, 0], d[:, 1])
+            step[ptr[1:] - 1] = 0.0
+        return idx, pid, step, yx
+
 
 def _pixel_graph(skel: np.ndarray) -> tuple[Any, np.ndarray]:
     """The 8-connected pixel graph of a skeleton with junction clusters reduced to their
@@ -632,7 +658,7 @@ def _skeleton(collagen: np.ndarray, half_px: np.ndarray) -> tuple[np.ndarray, li
     # the skeleton's parts (8-connected, as skan links pixels) and those holding a spur
     _, part = cv2.connectedComponents(skel.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
     ids = graph.paths[np.flatnonzero(spur)].indices
-    rc = np.rint(graph.coordinates[ids]).astype(np.intp) + oyx
+    rc = graph.coordinates[ids] + oyx  # (integer pixel coordinates)
     changed = np.zeros(part.max() + 1, bool)
     changed[part[rc[:, 0], rc[:, 1]]] = True
     # the spurs' pixels, junctions kept (what skan's prune_paths wipes, without its second
@@ -642,7 +668,7 @@ def _skeleton(collagen: np.ndarray, half_px: np.ndarray) -> tuple[np.ndarray, li
     skel[rc[keep_px, 0], rc[keep_px, 1]] = False
     # paths of the first graph in unchanged parts
     ptr, idx = graph.paths.indptr, graph.paths.indices
-    start = np.rint(graph.coordinates[idx[ptr[:-1]]]).astype(np.intp) + oyx
+    start = graph.coordinates[idx[ptr[:-1]]] + oyx
     graphs: list[_Graph] = [(graph, ~changed[part[start[:, 0], start[:, 1]]], offset)]
     second = _skan_graph(skel & changed[part], half_px)
     if second is not None:
@@ -660,10 +686,9 @@ def _structure_tensor(mask: np.ndarray, sigma_px: float,
     With ``at = (window, pick)``, only the values at ``pick`` (bool) within ``window`` (a
     pair of slices) are returned, as 1-D arrays: the three smoothed images are never held at
     once (a trait tile's largest temporaries)."""
-    img = mask.astype(np.float32)
+    img = np.ascontiguousarray(mask, dtype=bool).view(np.uint8)  # 0/1: the same gradients
     gr = cv2.Sobel(img, cv2.CV_32F, 0, 1, ksize=3, borderType=cv2.BORDER_REFLECT)
     gc = cv2.Sobel(img, cv2.CV_32F, 1, 0, ksize=3, borderType=cv2.BORDER_REFLECT)
-    del img
     k = 2 * math.ceil(4 * sigma_px) + 1
 
     def smooth(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -687,14 +712,7 @@ def _path_steps(graph: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     The sums of the steps per path are skan's ``path_lengths()``, from the coordinates with
     NumPy: skan's own jit function is compiled anew in every process (0.4 s CPU).
     """
-    ptr, idx = graph.paths.indptr, graph.paths.indices
-    pid = np.repeat(np.arange(len(ptr) - 1), np.diff(ptr))
-    xy = graph.coordinates[idx]
-    step = np.zeros(len(idx))
-    if len(idx) > 1:
-        d = np.diff(xy, axis=0)
-        step[:-1] = np.hypot(d[:, 0], d[:, 1])
-        step[ptr[1:] - 1] = 0.0
+    idx, pid, step, _ = graph.steps
     return idx, pid, step
 
 
@@ -727,14 +745,14 @@ def _branch_pieces(graphs: list[_Graph], core: tuple[int, int, int, int],
     """Cut skan's paths of a tile window to the runs of their pixels in the core."""
     parts = []
     for graph, use, offset in graphs:
-        idx, pid, step = _path_steps(graph)
+        idx, pid, step, yx = graph.steps
         ptr = graph.paths.indptr
         n = len(idx)
         first = np.zeros(n, bool)
         first[ptr[:-1]] = True
         last = np.zeros(n, bool)
         last[ptr[1:] - 1] = True
-        rc = np.rint(graph.coordinates[idx]).astype(np.int64) + offset
+        rc = yx + offset
         node = graph.degrees[idx] != 2
         if use is not None:
             sel = use[pid]
