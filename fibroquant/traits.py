@@ -890,21 +890,8 @@ def _part(col: np.ndarray, tis: np.ndarray, width_um: np.ndarray, skel: np.ndarr
     n_hole, hole = cv2.connectedComponents(np.ascontiguousarray(~col).view(np.uint8),
                                            connectivity=4, ltype=cv2.CV_32S)
     n_obj, n_hole = n_obj - 1, n_hole - 1
-    # the per-object sums gather at the collagen pixels (raster order) once: a few % of the
-    # core, not whole-core masks per sum
-    # (the other images are views into a tile's frame: 2-D indices, no copies)
-    at = np.divmod(np.flatnonzero(col), w)  # (faster than np.nonzero of a 2-D mask)
-    obj_at = obj[at]
-    wide = width_um[at] >= params.septum_min_width_um
-    free = wide & ~peri[at]
-    on = skel[at] & wide
-    on_at = (at[0][on], at[1][on])
-    step = (n_ortho[on_at] + math.sqrt(2) * n_diag[on_at]) / 2.0
-    obj_sums = {
-        "area": np.bincount(obj_at, minlength=n_obj + 1),
-        "wide_free": np.bincount(obj_at[free], minlength=n_obj + 1),
-        "wide_length": np.bincount(obj_at[on], weights=step, minlength=n_obj + 1),
-    }
+    obj_sums, obj_width, pairs = _object_sums(col, obj, n_obj, width_um, skel, d2, n_ortho,
+                                              n_diag, peri, vessel, params)
     # holes: open when they hold non-tissue or touch the slide's edge. One pass counts each
     # hole's pixels split by tissue (bin 2 x label + 1: not tissue)
     split = hole * 2
@@ -923,19 +910,59 @@ def _part(col: np.ndarray, tis: np.ndarray, width_um: np.ndarray, skel: np.ndarr
         "border": np.bincount(hole[border], minlength=n_hole + 1),
         "thin_border": np.bincount(hole[thin_border], minlength=n_hole + 1),
     }
-    free &= on
-    ow, ow_px = np.unique(obj_at[free].astype(np.int64) << 32
-                          | d2[at[0][free], at[1][free]].astype(np.int64), return_counts=True)
-    obj_width = np.column_stack([ow >> 32, ow & 0xFFFFFFFF, ow_px])
-    ves_at = vessel[at]
-    near = ves_at > 0
-    key = np.unique(obj_at[near].astype(np.int64) << 32 | ves_at[near].astype(np.int64))
-    pairs = np.column_stack([key >> 32, key & 0xFFFFFFFF])
     y0, x0 = origin
     return _Part((y0, x0, y0 + h, x0 + w),
                  (obj[0].copy(), obj[-1].copy(), obj[:, 0].copy(), obj[:, -1].copy()),
                  (hole[0].copy(), hole[-1].copy(), hole[:, 0].copy(), hole[:, -1].copy()),
                  obj_sums, hole_sums, pairs, obj_width, branches)
+
+
+def _object_sums(col: np.ndarray, obj: np.ndarray, n_obj: int, width_um: np.ndarray,
+                 skel: np.ndarray, d2: np.ndarray, n_ortho: np.ndarray, n_diag: np.ndarray,
+                 peri: np.ndarray, vessel: np.ndarray, params: TraitParams,
+                 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """:func:`_part`'s per-object sums (area, wide collagen outside the rings, wide skeleton
+    length), the (object, d2, pixels) rows of its wide free skeleton and its (object, vessel)
+    pairs.
+
+    Sparse collagen (under 1/8 of the core, e.g. a whole slide's tiles) is gathered once at its
+    pixels (1-D scan, 2-D indices into the frame's views); dense collagen (full-tissue fields)
+    by whole-core masks, where a mask scan is cheaper than gathers by index. Same sums."""
+    t = params.septum_min_width_um
+    if 8 * np.count_nonzero(col) < col.size:
+        at = np.divmod(np.flatnonzero(col), col.shape[1])  # raster order, as a mask gathers
+        obj_at = obj[at]
+        wide = width_um[at] >= t
+        wide_free = wide & ~peri[at]
+        on = skel[at] & wide
+        on_at = (at[0][on], at[1][on])
+        step = (n_ortho[on_at] + math.sqrt(2) * n_diag[on_at]) / 2.0
+        obj_wide, obj_on = obj_at[wide_free], obj_at[on]
+        free = wide_free & on
+        obj_free, d2_free = obj_at[free], d2[at[0][free], at[1][free]]
+        ves_at = vessel[at]
+        near = ves_at > 0
+        obj_near, ves_near = obj_at[near], ves_at[near]
+    else:
+        obj_at = obj[col]
+        wide_2d = col & (width_um >= t)
+        on_2d = skel & wide_2d
+        step = (n_ortho[on_2d] + math.sqrt(2) * n_diag[on_2d]) / 2.0
+        obj_wide, obj_on = obj[wide_2d & ~peri], obj[on_2d]
+        free_2d = on_2d & ~peri
+        obj_free, d2_free = obj[free_2d], d2[free_2d]
+        near_2d = col & (vessel > 0)
+        obj_near, ves_near = obj[near_2d], vessel[near_2d]
+    sums = {
+        "area": np.bincount(obj_at, minlength=n_obj + 1),
+        "wide_free": np.bincount(obj_wide, minlength=n_obj + 1),
+        "wide_length": np.bincount(obj_on, weights=step, minlength=n_obj + 1),
+    }
+    ow, ow_px = np.unique(obj_free.astype(np.int64) << 32 | d2_free.astype(np.int64),
+                          return_counts=True)
+    key = np.unique(obj_near.astype(np.int64) << 32 | ves_near.astype(np.int64))
+    return (sums, np.column_stack([ow >> 32, ow & 0xFFFFFFFF, ow_px]),
+            np.column_stack([key >> 32, key & 0xFFFFFFFF]))
 
 
 # ------------------------------------------------------------------------------------------

@@ -57,9 +57,18 @@ def _reference_part(col, tis, width_um, skel, d2, n_ortho, n_diag, peri, vessel,
 @given(seed=st.integers(0, 2**32 - 1), h=st.integers(8, 70), w=st.integers(8, 70),
        share=st.floats(0.05, 0.7), at_edge=st.booleans())
 def test_part_sums_equal_a_plain_reference(seed, h, w, share, at_edge):
-    """Objects, holes, septal widths and vessel pairs of a core, gathered at its collagen
-    pixels from views into a larger frame (as measure_tile passes them), equal the plain
-    whole-mask sums."""
+    """Objects, holes, septal widths and vessel pairs of a core, from views into a larger
+    frame (as measure_tile passes them), equal the plain whole-mask sums."""
+    _check_part(seed, h, w, share, at_edge)
+
+
+@pytest.mark.parametrize("share", [0.03, 0.08, 0.3, 0.6])
+def test_part_sums_sparse_and_dense_collagen(share):
+    """Both ways of gathering the object sums (by index under 1/8 collagen, by mask above)."""
+    _check_part(11, 64, 80, share, False)
+
+
+def _check_part(seed: int, h: int, w: int, share: float, at_edge: bool) -> None:
     rng = np.random.default_rng(seed)
     params = tr.TraitParams(mpp=1.0)
     frame = (h + 2, w + 2)
