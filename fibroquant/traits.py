@@ -30,6 +30,7 @@ import math
 import threading
 import traceback
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import cv2
@@ -290,27 +291,31 @@ def measure_tile(
         fibres = _fibre_measures(collagen[by0:by1, bx0:bx1],
                                  (cy0 - by0, cx0 - bx0, cy1 - by0, cx1 - bx0),
                                  (origin[0] + by0, origin[1] + bx0), slide_shape, params)
-    # the fibre measures of the frame (skeleton, widths, squared half-widths, neighbours),
-    # allocated once the box's own are done (peak memory)
-    skel = np.zeros(col_f.shape, bool)
-    width_um = np.zeros(col_f.shape, np.float32)
-    d2 = np.zeros(col_f.shape, np.int32)
-    n_ortho = np.zeros(col_f.shape, np.uint8)
-    n_diag = np.zeros(col_f.shape, np.uint8)
+    # the fibre measures of the frame (skeleton, widths, squared half-widths, neighbours):
+    # views of the box's when it holds the frame, else the box's part copied into zeros
+    # (allocated once the box's own are done: peak memory)
+    frame_arrays: tuple[np.ndarray, ...]
     if box is not None and fibres is not None:
         by0, bx0, by1, bx1 = box
         # the box's part of the frame, in the box's and the frame's coordinates
         oy0, ox0 = max(by0, fy0), max(bx0, fx0)
         oy1, ox1 = min(by1, fy1), min(bx1, fx1)
         src = (slice(oy0 - by0, oy1 - by0), slice(ox0 - bx0, ox1 - bx0))
-        dst = (slice(oy0 - fy0, oy1 - fy0), slice(ox0 - fx0, ox1 - fx0))
-        frame_arrays: tuple[np.ndarray, ...] = (skel, width_um, d2, n_ortho, n_diag)
-        for out, arr in zip(frame_arrays, fibres[:5], strict=True):
-            out[dst] = arr[src]
+        if (oy0, ox0, oy1, ox1) == (fy0, fx0, fy1, fx1):
+            frame_arrays = tuple(arr[src] for arr in fibres[:5])
+        else:
+            frame_arrays = _zeros_frame(col_f.shape)
+            dst = (slice(oy0 - fy0, oy1 - fy0), slice(ox0 - fx0, ox1 - fx0))
+            for out, arr in zip(frame_arrays, fibres[:5], strict=True):
+                out[dst] = arr[src]
         pieces, sums = fibres[5], fibres[6]
         for name, value in sums.items():
             setattr(counts, name, value)
         del fibres
+    else:
+        frame_arrays = _zeros_frame(col_f.shape)
+    skel, width_um, d2, n_ortho, n_diag = frame_arrays
+    del frame_arrays
     inner = (slice(cy0 - fy0, cy1 - fy0), slice(cx0 - fx0, cx1 - fx0))
     w_c = width_um[inner][col_c]
     counts.thin_px = int(np.count_nonzero(w_c < params.thin_um))
@@ -349,6 +354,13 @@ def measure_tile(
                           n_diag[inner], peri_c, vessel_c, border, thin_border,
                           (origin[0] + cy0, origin[1] + cx0), slide_shape, params, pieces)]
     return counts
+
+
+def _zeros_frame(shape: tuple[int, ...]) -> tuple[np.ndarray, ...]:
+    """Empty skeleton (bool), widths (float32 µm), squared half-widths (int32) and
+    neighbour counts (uint8, orthogonal and diagonal) of a frame."""
+    return (np.zeros(shape, bool), np.zeros(shape, np.float32), np.zeros(shape, np.int32),
+            np.zeros(shape, np.uint8), np.zeros(shape, np.uint8))
 
 
 def _bounding_box(mask: np.ndarray, margin: int) -> tuple[int, int, int, int] | None:
@@ -392,7 +404,9 @@ def _fibre_measures(
     width_um = np.zeros(collagen.shape, np.float32)
     d2_img = np.zeros(collagen.shape, np.int32)
     if skel.any():
-        yy, xx = np.nonzero(skel)  # raster order, as OpenCV numbers the skeleton pixels below
+        # raster order, as OpenCV numbers the skeleton pixels below (1-D, then divided: faster
+        # than np.nonzero of a 2-D mask)
+        yy, xx = np.divmod(np.flatnonzero(skel), skel.shape[1])
         d2 = np.rint(half[yy, xx].astype(np.float64) ** 2).astype(np.int64)
         d2_img[yy, xx] = d2
         widths = ((2.0 * np.sqrt(d2) - 0.5) * mpp).astype(np.float32)
@@ -415,13 +429,11 @@ def _fibre_measures(
     junction = skel & (degree >= 3)
     nj, jl = cv2.connectedComponents(junction.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
     if nj > 1:  # a cluster of junction pixels is one branch point, owned by its first pixel
-        flat = jl.ravel()
-        at = np.flatnonzero(flat)
-        _, first = np.unique(flat[at], return_index=True)
+        at = np.flatnonzero(junction)  # the labelled pixels (a bool scan, not an int32 one)
+        _, first = np.unique(jl.ravel()[at], return_index=True)
         cy, cx = np.divmod(at[first], jl.shape[1])
         sums["branch_points"] = int(np.count_nonzero(
             (cy >= cy0) & (cy < cy1) & (cx >= cx0) & (cx < cx1)))
-        del flat
     del sk8, degree, junction, jl  # (peak memory: the structure tensor below is the largest)
     # --- branches (skan): their pieces in the core, joined into whole branches per slide
     pieces = None
@@ -551,6 +563,20 @@ class _SkanPaths:
         sums = np.add.reduceat(self.paths.data, self.paths.indptr[:-1])
         return sums / np.diff(self.paths.indptr)
 
+    @cached_property
+    def steps(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """:func:`_path_steps` and the coordinates of every entry (int64, (n, 2)), computed
+        once: the spur test and the branch pieces both walk the first graph's paths."""
+        ptr, idx = self.paths.indptr, self.paths.indices
+        pid = np.repeat(np.arange(len(ptr) - 1), np.diff(ptr))
+        yx = self.coordinates[idx]
+        step = np.zeros(len(idx))
+        if len(idx) > 1:
+            d = np.diff(yx, axis=0)
+            step[:-1] = np.hypot(d[:, 0], d[:, 1])
+            step[ptr[1:] - 1] = 0.0
+        return idx, pid, step, yx
+
 
 def _pixel_graph(skel: np.ndarray) -> tuple[Any, np.ndarray]:
     """The 8-connected pixel graph of a skeleton with junction clusters reduced to their
@@ -576,11 +602,11 @@ def _pixel_graph(skel: np.ndarray) -> tuple[Any, np.ndarray]:
     lookup = np.full(padded.size, -1, np.int32)
     lookup[nodes_padded] = np.arange(n, dtype=np.int32)
     neighbours = lookup[nodes_padded[:, None] + offsets]
-    found = neighbours >= 0
-    degree = found.sum(axis=1)
-    indices = neighbours[found]
-    data = np.broadcast_to(steps, found.shape)[found]
-    rows = np.repeat(np.arange(n, dtype=np.int32), degree)
+    # the (node, direction) of every edge, row-major: rows sorted, columns sorted within a row
+    rows, direction = np.nonzero(neighbours >= 0)
+    indices = neighbours[rows, direction]
+    data = steps[direction]
+    degree = np.bincount(rows, minlength=n)
     # junction clusters (edges between pixels of degree >= 3) reduced to a spanning tree
     junction = degree >= 3
     among = np.flatnonzero(junction[rows] & junction[indices])
@@ -632,7 +658,7 @@ def _skeleton(collagen: np.ndarray, half_px: np.ndarray) -> tuple[np.ndarray, li
     # the skeleton's parts (8-connected, as skan links pixels) and those holding a spur
     _, part = cv2.connectedComponents(skel.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
     ids = graph.paths[np.flatnonzero(spur)].indices
-    rc = np.rint(graph.coordinates[ids]).astype(np.intp) + oyx
+    rc = graph.coordinates[ids] + oyx  # (integer pixel coordinates)
     changed = np.zeros(part.max() + 1, bool)
     changed[part[rc[:, 0], rc[:, 1]]] = True
     # the spurs' pixels, junctions kept (what skan's prune_paths wipes, without its second
@@ -642,7 +668,7 @@ def _skeleton(collagen: np.ndarray, half_px: np.ndarray) -> tuple[np.ndarray, li
     skel[rc[keep_px, 0], rc[keep_px, 1]] = False
     # paths of the first graph in unchanged parts
     ptr, idx = graph.paths.indptr, graph.paths.indices
-    start = np.rint(graph.coordinates[idx[ptr[:-1]]]).astype(np.intp) + oyx
+    start = graph.coordinates[idx[ptr[:-1]]] + oyx
     graphs: list[_Graph] = [(graph, ~changed[part[start[:, 0], start[:, 1]]], offset)]
     second = _skan_graph(skel & changed[part], half_px)
     if second is not None:
@@ -660,10 +686,9 @@ def _structure_tensor(mask: np.ndarray, sigma_px: float,
     With ``at = (window, pick)``, only the values at ``pick`` (bool) within ``window`` (a
     pair of slices) are returned, as 1-D arrays: the three smoothed images are never held at
     once (a trait tile's largest temporaries)."""
-    img = mask.astype(np.float32)
+    img = np.ascontiguousarray(mask, dtype=bool).view(np.uint8)  # 0/1: the same gradients
     gr = cv2.Sobel(img, cv2.CV_32F, 0, 1, ksize=3, borderType=cv2.BORDER_REFLECT)
     gc = cv2.Sobel(img, cv2.CV_32F, 1, 0, ksize=3, borderType=cv2.BORDER_REFLECT)
-    del img
     k = 2 * math.ceil(4 * sigma_px) + 1
 
     def smooth(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -687,14 +712,7 @@ def _path_steps(graph: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     The sums of the steps per path are skan's ``path_lengths()``, from the coordinates with
     NumPy: skan's own jit function is compiled anew in every process (0.4 s CPU).
     """
-    ptr, idx = graph.paths.indptr, graph.paths.indices
-    pid = np.repeat(np.arange(len(ptr) - 1), np.diff(ptr))
-    xy = graph.coordinates[idx]
-    step = np.zeros(len(idx))
-    if len(idx) > 1:
-        d = np.diff(xy, axis=0)
-        step[:-1] = np.hypot(d[:, 0], d[:, 1])
-        step[ptr[1:] - 1] = 0.0
+    idx, pid, step, _ = graph.steps
     return idx, pid, step
 
 
@@ -727,14 +745,14 @@ def _branch_pieces(graphs: list[_Graph], core: tuple[int, int, int, int],
     """Cut skan's paths of a tile window to the runs of their pixels in the core."""
     parts = []
     for graph, use, offset in graphs:
-        idx, pid, step = _path_steps(graph)
+        idx, pid, step, yx = graph.steps
         ptr = graph.paths.indptr
         n = len(idx)
         first = np.zeros(n, bool)
         first[ptr[:-1]] = True
         last = np.zeros(n, bool)
         last[ptr[1:] - 1] = True
-        rc = np.rint(graph.coordinates[idx]).astype(np.int64) + offset
+        rc = yx + offset
         node = graph.degrees[idx] != 2
         if use is not None:
             sel = use[pid]
@@ -872,14 +890,8 @@ def _part(col: np.ndarray, tis: np.ndarray, width_um: np.ndarray, skel: np.ndarr
     n_hole, hole = cv2.connectedComponents(np.ascontiguousarray(~col).view(np.uint8),
                                            connectivity=4, ltype=cv2.CV_32S)
     n_obj, n_hole = n_obj - 1, n_hole - 1
-    wide = col & (width_um >= params.septum_min_width_um)
-    on = skel & wide
-    step = (n_ortho[on] + math.sqrt(2) * n_diag[on]) / 2.0
-    obj_sums = {
-        "area": np.bincount(obj[col], minlength=n_obj + 1),
-        "wide_free": np.bincount(obj[wide & ~peri], minlength=n_obj + 1),
-        "wide_length": np.bincount(obj[on], weights=step, minlength=n_obj + 1),
-    }
+    obj_sums, obj_width, pairs = _object_sums(col, obj, n_obj, width_um, skel, d2, n_ortho,
+                                              n_diag, peri, vessel, params)
     # holes: open when they hold non-tissue or touch the slide's edge. One pass counts each
     # hole's pixels split by tissue (bin 2 x label + 1: not tissue)
     split = hole * 2
@@ -898,18 +910,59 @@ def _part(col: np.ndarray, tis: np.ndarray, width_um: np.ndarray, skel: np.ndarr
         "border": np.bincount(hole[border], minlength=n_hole + 1),
         "thin_border": np.bincount(hole[thin_border], minlength=n_hole + 1),
     }
-    free = on & ~peri
-    ow, ow_px = np.unique(obj[free].astype(np.int64) << 32 | d2[free].astype(np.int64),
-                          return_counts=True)
-    obj_width = np.column_stack([ow >> 32, ow & 0xFFFFFFFF, ow_px])
-    near = col & (vessel > 0)
-    key = np.unique(obj[near].astype(np.int64) << 32 | vessel[near].astype(np.int64))
-    pairs = np.column_stack([key >> 32, key & 0xFFFFFFFF])
     y0, x0 = origin
     return _Part((y0, x0, y0 + h, x0 + w),
                  (obj[0].copy(), obj[-1].copy(), obj[:, 0].copy(), obj[:, -1].copy()),
                  (hole[0].copy(), hole[-1].copy(), hole[:, 0].copy(), hole[:, -1].copy()),
                  obj_sums, hole_sums, pairs, obj_width, branches)
+
+
+def _object_sums(col: np.ndarray, obj: np.ndarray, n_obj: int, width_um: np.ndarray,
+                 skel: np.ndarray, d2: np.ndarray, n_ortho: np.ndarray, n_diag: np.ndarray,
+                 peri: np.ndarray, vessel: np.ndarray, params: TraitParams,
+                 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """:func:`_part`'s per-object sums (area, wide collagen outside the rings, wide skeleton
+    length), the (object, d2, pixels) rows of its wide free skeleton and its (object, vessel)
+    pairs.
+
+    Sparse collagen (under 1/8 of the core, e.g. a whole slide's tiles) is gathered once at its
+    pixels (1-D scan, 2-D indices into the frame's views); dense collagen (full-tissue fields)
+    by whole-core masks, where a mask scan is cheaper than gathers by index. Same sums."""
+    t = params.septum_min_width_um
+    if 8 * np.count_nonzero(col) < col.size:
+        at = np.divmod(np.flatnonzero(col), col.shape[1])  # raster order, as a mask gathers
+        obj_at = obj[at]
+        wide = width_um[at] >= t
+        wide_free = wide & ~peri[at]
+        on = skel[at] & wide
+        on_at = (at[0][on], at[1][on])
+        step = (n_ortho[on_at] + math.sqrt(2) * n_diag[on_at]) / 2.0
+        obj_wide, obj_on = obj_at[wide_free], obj_at[on]
+        free = wide_free & on
+        obj_free, d2_free = obj_at[free], d2[at[0][free], at[1][free]]
+        ves_at = vessel[at]
+        near = ves_at > 0
+        obj_near, ves_near = obj_at[near], ves_at[near]
+    else:
+        obj_at = obj[col]
+        wide_2d = col & (width_um >= t)
+        on_2d = skel & wide_2d
+        step = (n_ortho[on_2d] + math.sqrt(2) * n_diag[on_2d]) / 2.0
+        obj_wide, obj_on = obj[wide_2d & ~peri], obj[on_2d]
+        free_2d = on_2d & ~peri
+        obj_free, d2_free = obj[free_2d], d2[free_2d]
+        near_2d = col & (vessel > 0)
+        obj_near, ves_near = obj[near_2d], vessel[near_2d]
+    sums = {
+        "area": np.bincount(obj_at, minlength=n_obj + 1),
+        "wide_free": np.bincount(obj_wide, minlength=n_obj + 1),
+        "wide_length": np.bincount(obj_on, weights=step, minlength=n_obj + 1),
+    }
+    ow, ow_px = np.unique(obj_free.astype(np.int64) << 32 | d2_free.astype(np.int64),
+                          return_counts=True)
+    key = np.unique(obj_near.astype(np.int64) << 32 | ves_near.astype(np.int64))
+    return (sums, np.column_stack([ow >> 32, ow & 0xFFFFFFFF, ow_px]),
+            np.column_stack([key >> 32, key & 0xFFFFFFFF]))
 
 
 # ------------------------------------------------------------------------------------------
