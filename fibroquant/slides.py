@@ -59,7 +59,7 @@ import threading
 import warnings
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -722,22 +722,29 @@ def _png_header(head: bytes, name: str) -> tuple[int, int, float | None, str | N
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
-def _jpeg_header(head: bytes, name: str) -> tuple[int, int, float | None, str | None]:
-    """Return (height, width, mpp, source) from JPEG markers (JFIF APP0 density, SOF size)."""
-    mpp: float | None = None
+def _jpeg_segments(head: bytes) -> Iterator[tuple[int, bytes]]:
+    """(marker, payload) of each of a JPEG's header segments, from its start up to its
+    start-of-scan marker (not given) or the end of ``head``."""
     pos = 2
-    while pos + 4 <= len(head):
-        if head[pos] != 0xFF:
-            break
+    while pos + 4 <= len(head) and head[pos] == 0xFF:
         marker = head[pos + 1]
         if marker == 0xFF:  # fill byte
             pos += 1
             continue
-        if marker in (0x01, *range(0xD0, 0xD8)):
+        if marker in (0x01, *range(0xD0, 0xD8)):  # no length, no payload
             pos += 2
             continue
+        if marker == 0xDA:
+            return
         (length,) = struct.unpack(">H", head[pos + 2 : pos + 4])
-        segment = head[pos + 4 : pos + 2 + length]
+        yield marker, head[pos + 4 : pos + 2 + length]
+        pos += 2 + length
+
+
+def _jpeg_header(head: bytes, name: str) -> tuple[int, int, float | None, str | None]:
+    """Return (height, width, mpp, source) from JPEG markers (JFIF APP0 density, SOF size)."""
+    mpp: float | None = None
+    for marker, segment in _jpeg_segments(head):
         if marker == 0xE0 and segment[:5] == b"JFIF\x00" and len(segment) >= 12:
             units, density_x, _density_y = struct.unpack(">BHH", segment[7:12])
             per_unit_um = {1: 25400.0, 2: 10000.0}.get(units)
@@ -746,9 +753,6 @@ def _jpeg_header(head: bytes, name: str) -> tuple[int, int, float | None, str | 
         elif marker in _SOF_MARKERS and len(segment) >= 6:
             _precision, height, width, _components = struct.unpack(">BHHB", segment[:6])
             return height, width, mpp, "JPEG JFIF density" if mpp is not None else None
-        elif marker == 0xDA:
-            break
-        pos += 2 + length
     msg = f"{name}: corrupt JPEG (no frame header found)"
     raise SlideReadError(msg)
 
@@ -756,22 +760,9 @@ def _jpeg_header(head: bytes, name: str) -> tuple[int, int, float | None, str | 
 def _jpeg_frame(head: bytes) -> tuple[int, int] | None:
     """(sample precision, number of components) from a JPEG's start-of-frame marker; None
     when the header is not parsed to it."""
-    pos = 2
-    while pos + 4 <= len(head) and head[pos] == 0xFF:
-        marker = head[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker in (0x01, *range(0xD0, 0xD8)):
-            pos += 2
-            continue
-        (length,) = struct.unpack(">H", head[pos + 2 : pos + 4])
-        segment = head[pos + 4 : pos + 2 + length]
+    for marker, segment in _jpeg_segments(head):
         if marker in _SOF_MARKERS and len(segment) >= 6:
             return segment[0], segment[5]
-        if marker == 0xDA:
-            return None
-        pos += 2 + length
     return None
 
 
