@@ -287,9 +287,9 @@ def row_norm(values: np.ndarray, *, keepdims: bool = False) -> np.ndarray:
 def channel_spread(values: np.ndarray) -> np.ndarray:
     """``values.max(axis=-1) - values.min(axis=-1)`` of a float array with 3 channels last,
     plane by plane (numpy reduces a short last axis pixel by pixel, ~10x slower on a 4 MP
-    thumbnail); the same values to the bit. The planes are copied out contiguous first:
-    elementwise maxima over the interleaved (strided) planes took 31 ms on a 4 MP image,
-    13 ms with the copies.
+    thumbnail); the same values to the bit. The planes are read in place (strided views):
+    12-16 ms on a 4 MP image against 25-35 ms when copied out contiguous first (numpy 2.4),
+    and no copies (48 MB).
 
     Examples
     --------
@@ -301,7 +301,7 @@ def channel_spread(values: np.ndarray) -> np.ndarray:
     values = np.asarray(values)
     if values.ndim == 0 or values.shape[-1] != 3 or values.dtype.kind != "f":
         return values.max(axis=-1) - values.min(axis=-1)
-    a, b, c = (np.ascontiguousarray(values[..., i]) for i in range(3))
+    a, b, c = values[..., 0], values[..., 1], values[..., 2]
     out = np.maximum(a, b)
     np.maximum(out, c, out=out)
     low = np.minimum(a, b)
