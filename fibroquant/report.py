@@ -38,6 +38,7 @@ import pandas as pd
 
 from fibroquant import exclusions, schema
 from fibroquant.bitmask import BitMask
+from fibroquant.cores import release_free_heap
 from fibroquant.errors import FibroquantError
 from fibroquant.outdir import atomic_write_bytes, json_default
 
@@ -2025,8 +2026,6 @@ def write_qc(path: Path, analysis: Any, *, max_px: int = 2000, title: str = "") 
     excluded = fit("excluded")
     tissue = fit("tissue")
     if buffer:
-        from fibroquant.cores import release_free_heap
-
         buffer.clear()
         release_free_heap()  # its pages back before the overlay's own (peak memory)
     exclusions = _exclusion_masks(getattr(analysis, "flags", None), excluded)
