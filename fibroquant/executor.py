@@ -315,9 +315,9 @@ def run_in_process(task: SlideTask) -> dict[str, Any]:
         from fibroquant.cores import release_code_pages
         from fibroquant.traits import start_warm_skan, warm_skan
 
-        if task.threads > 1:  # skan's compile beside the slide; its traits wait for it
+        if task.threads > 1:  # skan loaded beside the slide; its traits wait for it
             start_warm_skan()
-        elif warm_skan():  # one core: the per-process compile before the slide's stall clock
+        elif warm_skan():  # one core: skan's per-process load before the slide's stall clock
             release_code_pages()  # numba's LLVM is not run again (peak memory)
     with measuring_marker(Path(task.out_dir), info, stall_s=settings.tiling.slide_timeout_s):
         return run_slide(task)
@@ -533,8 +533,8 @@ def _worker_context(mp: Any, *, skan: bool = False) -> Any:
     """The start method of local worker processes: ``forkserver`` with fibroquant's modules
     imported once in the server (the preload only imports, never starts threads), ``spawn``
     where there is no forkserver; never plain ``fork`` (the parent runs threads). Why:
-    docs/decisions.md#worker-context. With ``skan`` (fibre traits on) the server also compiles
-    skan's numba code (:mod:`fibroquant.warm_skan`): once per run, not once per worker.
+    docs/decisions.md#worker-context. With ``skan`` (fibre traits on) the server also loads
+    skan's path tracing (:mod:`fibroquant.warm_skan`): once per run, not once per worker.
     A server already running keeps the preload it started with.
     """
     if "forkserver" not in mp.get_all_start_methods():

@@ -337,8 +337,8 @@ def _analyze_slide(
                 from fibroquant import traits as fibre_traits
 
                 t_wait = time.perf_counter()
-                # skan's per-process compile is not the slide's time; numba's LLVM, run by
-                # it, is not run again by the slide (its code pages go back: peak memory)
+                # skan's per-process load (a first run's compile) is not the slide's time;
+                # numba's LLVM, run by it, is not run again (its code pages go back: memory)
                 if fibre_traits.warm_skan():
                     release_code_pages()
                 t_start += time.perf_counter() - t_wait

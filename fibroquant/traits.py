@@ -460,10 +460,11 @@ def _skan_graph(skel: np.ndarray, half_px: np.ndarray) -> _Graph | None:
     """skan's paths of a skeleton, built on the skeleton's bounding box (skan pads and scans
     the whole image it is given), with the half-widths as pixel values; None without a path.
 
-    The paths are skan's (``PathGraph.from_graph`` traces them); the pixel graph it traces is
+    The paths are skan's (traced by its own code, compiled once per machine:
+    :func:`fibroquant.skanpaths.trace_paths`); the pixel graph it traces is
     :func:`_pixel_graph`, the one ``skan.Skeleton`` builds, without its per-pixel Python loops.
     """
-    from skan.csr import PathGraph
+    from fibroquant.skanpaths import trace_paths
 
     box = _bounding_box(skel, 0)
     if box is None or np.count_nonzero(skel) < 2:
@@ -473,11 +474,10 @@ def _skan_graph(skel: np.ndarray, half_px: np.ndarray) -> _Graph | None:
     adj, nodes = _pixel_graph(sub)
     yx = np.column_stack(np.unravel_index(nodes, sub.shape))
     try:
-        graph = PathGraph.from_graph(adj=adj, node_coordinates=yx,
-                                     node_values=half_px[y0:y1, x0:x1][sub].astype(np.float32))
+        paths = trace_paths(adj, half_px[y0:y1, x0:x1][sub].astype(np.float32))
     except ValueError:  # isolated pixels only
         return None
-    return _SkanPaths(graph.paths, yx, np.diff(adj.indptr)), None, (y0, x0)
+    return _SkanPaths(paths, yx, np.diff(adj.indptr)), None, (y0, x0)
 
 
 _skan_warm = False
@@ -487,15 +487,15 @@ _skan_start_lock = threading.Lock()
 
 
 def warm_skan() -> bool:
-    """Compile skan's numba code (its graph ``jitclass`` and path tracing), once per process;
-    True when this call compiled it (numba's LLVM ran: see ``cores.release_code_pages``).
+    """Load skan's path tracing (:mod:`fibroquant.skanpaths`), once per process; True when
+    this call loaded it (numba's LLVM ran: see ``cores.release_code_pages``).
 
-    numba cannot cache a ``jitclass`` on disk, so every process compiles it on its first
-    skeleton (2-3 s CPU); the pipeline calls this outside a slide's ``seconds``, and the local
+    numba compiles it on a machine's first run (~1.5 s CPU) and loads it from its disk cache
+    after (~0.15 s). The pipeline calls this outside a slide's ``seconds``, and the local
     workers' forkserver imports :mod:`fibroquant.warm_skan`, which calls it, so that the
-    workers forked from it inherit the compiled code. Starts no thread. Thread-safe: a call
-    made while :func:`start_warm_skan`'s thread compiles waits for it, and compiles again
-    (raising its error) when that compile failed.
+    workers forked from it inherit the loaded code. Starts no thread. Thread-safe: a call
+    made while :func:`start_warm_skan`'s thread loads it waits for it, and tries again
+    (raising its error) when that failed.
     """
     global _skan_warm
     if _skan_warm:
@@ -513,9 +513,9 @@ def warm_skan() -> bool:
 def start_warm_skan() -> threading.Thread | None:
     """Compile skan (:func:`warm_skan`) on a daemon thread of its own, once per process.
 
-    For a slide measured on several threads in this process: about half of the compile is
-    LLVM's, which releases the GIL, so it runs beside the slide's single-threaded calibration
-    instead of before it (2-3 s of a 1-GP slide's ~12 s on 2 cores). The slide's traits
+    For a slide measured on several threads in this process: the load (or a first run's
+    compile, about half of it LLVM's, which releases the GIL) runs beside the slide's
+    single-threaded calibration instead of before it. The slide's traits
     call :func:`warm_skan`, which waits for it. A failure here is logged and left to that
     call, which compiles again and raises it on the slide's thread.
 
