@@ -14,6 +14,9 @@ for entry (tested against it).
 
 from __future__ import annotations
 
+import hashlib
+import types as pytypes
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -79,8 +82,24 @@ def _set_edge(graph: Any, i: Any, j: Any, value: Any) -> Any:
     return None
 
 
+def _tagged(fn: pytypes.FunctionType) -> pytypes.FunctionType:
+    """skan's function under a name that carries a hash of this module.
+
+    numba's disk cache is checked against the source file of the function alone (skan's, here),
+    so an edit to the overloads above would otherwise keep loading code compiled before it; the
+    cache file's name comes from the function's qualified name, which now changes with this
+    file. The code object and globals are skan's own.
+    """
+    tag = hashlib.sha1(Path(__file__).read_bytes()).hexdigest()[:12]
+    out = pytypes.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__,
+                               fn.__closure__)
+    out.__qualname__ = f"{fn.__qualname__}_fibroquant_{tag}"
+    out.__module__ = fn.__module__
+    return out
+
+
 #: skan's ``_build_paths``, compiled against :class:`CSRGraph` and cached on disk
-build_paths = _jit(_skan._build_paths.py_func)
+build_paths = _jit(_tagged(_skan._build_paths.py_func))
 
 
 def trace_paths(adj: Any, node_values: np.ndarray) -> Any:

@@ -66,3 +66,18 @@ def test_the_next_process_loads_the_path_tracing_from_the_cache():
             "stats = skanpaths.build_paths.stats\n"
             "assert stats.cache_hits and not stats.cache_misses, stats\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_the_cache_file_changes_with_this_module_and_the_code_is_skans():
+    """numba checks a cache against skan's file only: the cached function's name carries a hash
+    of fibroquant/skanpaths.py (an edit to its overloads compiles anew); the code is skan's."""
+    import hashlib
+    from pathlib import Path
+
+    from skan import csr
+
+    fn = skanpaths.build_paths.py_func
+    assert fn.__code__ is csr._build_paths.py_func.__code__
+    assert fn.__globals__ is csr._build_paths.py_func.__globals__
+    tag = hashlib.sha1(Path(skanpaths.__file__).read_bytes()).hexdigest()[:12]
+    assert fn.__qualname__ == f"_build_paths_fibroquant_{tag}"
