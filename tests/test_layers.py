@@ -22,7 +22,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
      "wsi_writers", "synthetic", "synthetic_fibres", "annotations", "outdir"),  # images, stains
     ("tissue", "collagen", "shading"),  # tissue, exclusions and the collagen decision
     ("tiles", "classifier"),  # the analysis image's tiles, and what decides their pixels
-    ("pipeline", "traits", "warm_skan", "stats", "schema"),  # one slide; per-slide and cohort figures
+    ("pipeline", "traits", "skanpaths", "warm_skan", "stats", "schema"),  # one slide, cohort figures
     ("store", "recover", "report", "cohort", "agreement", "tasks", "zoom"),  # tables, outputs, tasks
     ("executor", "run", "cluster"),  # running many slides
     ("cli_common", "cli", "cli_ops", "cli_study", "cli_agree", "__main__", "__init__"),  # commands
