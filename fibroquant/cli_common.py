@@ -194,6 +194,9 @@ def run_analyze(
         nonlocal task_id
         if not quiet:
             note(f"{n} slide(s) to measure, {skipped} already measured")
+            if n and cluster_kind is None and scheduler is None and _first_compile():
+                note("first run on this machine: compiling the image kernels once "
+                     "(10-40 s before the first slide; later runs load them)")
         task_id = progress.add_task("", total=n)
 
     def on_result(rec: dict[str, Any]) -> None:
@@ -331,3 +334,8 @@ def cluster_or(scheduler: str | None, kind: str | None, settings: Any) -> Any:
     return cluster_for(kind, settings.cluster)
 
 
+def _first_compile() -> bool:
+    """True when the tile kernels are not in numba's disk cache yet (a machine's first run)."""
+    from fibroquant.kernels import kernels_on_disk
+
+    return kernels_on_disk() is False

@@ -694,6 +694,18 @@ def kernels_ready() -> bool:
     return _warm_fused or not HAVE_NUMBA
 
 
+def kernels_on_disk() -> bool | None:
+    """Whether the tile kernel's compiled code is in numba's disk cache: False on a machine's
+    first run (the workers compile it, ~10-40 s), None when that cannot be told (no numba, no
+    cache directory, or numba's cache internals changed)."""
+    if not HAVE_NUMBA:
+        return None
+    try:  # numba internals (guarded): the index's entries, {} when missing or stale
+        return bool(_tile_nb._cache._cache_file._load_index())
+    except Exception:  # noqa: BLE001 - any change there only loses this hint
+        return None
+
+
 def warmup_fused() -> bool:
     """Compile (or load from cache) :func:`measure_tile_fused`'s kernel, once per process.
 

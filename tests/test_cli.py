@@ -328,6 +328,45 @@ def test_ctrl_c_while_planning_is_a_clean_exit_130(study, tmp_path, monkeypatch)
     assert "Traceback" not in res.output
 
 
+@pytest.mark.parametrize(("on_disk", "to_measure", "told"),
+                         [(False, 3, True), (True, 3, False), (None, 3, False), (False, 0, False)])
+def test_a_machines_first_run_says_the_kernels_are_compiling(study, tmp_path, monkeypatch,
+                                                             on_disk, to_measure, told):
+    """The first run on a machine waits 10-40 s for numba before its first slide: the console
+    says why, once, and only when there is something to measure and the cache is known cold."""
+    from fibroquant import kernels, run
+
+    def plan_then_stop(*args, on_plan=None, **kwargs):
+        on_plan(to_measure, 0)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kernels, "kernels_on_disk", lambda: on_disk)
+    monkeypatch.setattr(run, "analyze_folder", plan_then_stop)
+    res = runner.invoke(app, ["analyze", str(study), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 130
+    assert ("compiling the image kernels once" in res.output) == told
+
+
+def test_kernels_on_disk_tells_a_cold_cache_from_a_warm_one(tmp_path):
+    import subprocess
+    import sys
+
+    from fibroquant import kernels
+
+    if not kernels.HAVE_NUMBA:
+        pytest.skip("no numba")
+    kernels.warmup_fused()
+    code = "from fibroquant import kernels; print(kernels.kernels_on_disk())"
+    warm = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, timeout=120)
+    cold = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, timeout=120,
+                          env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "nb")})
+    if warm.stdout.strip() == "None":
+        pytest.skip("no writable numba cache here")
+    assert (warm.stdout.strip(), cold.stdout.strip()) == ("True", "False")
+
+
 @pytest.mark.slow
 def test_progress_bar_on_a_terminal(study, tmp_path, monkeypatch):
     import io
