@@ -99,7 +99,7 @@ def _tagged(fn: pytypes.FunctionType) -> pytypes.FunctionType:
 
 
 #: skan's ``_build_paths``, compiled against :class:`CSRGraph` and cached on disk
-build_paths = _jit(_tagged(_skan._build_paths.py_func))
+build_paths = _jit(_tagged(getattr(_skan._build_paths, "py_func", _skan._build_paths)))
 
 
 def trace_paths(adj: Any, node_values: np.ndarray) -> Any:
