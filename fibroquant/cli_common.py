@@ -195,8 +195,8 @@ def run_analyze(
         if not quiet:
             note(f"{n} slide(s) to measure, {skipped} already measured")
             if n and cluster_kind is None and scheduler is None and _first_compile():
-                note("first run on this machine: compiling the image kernels once "
-                     "(10-40 s before the first slide; later runs load them)")
+                note("compiling the image kernels for this machine (first run, or first "
+                     "after an update): 10-40 s before the first slide; later runs load them")
         task_id = progress.add_task("", total=n)
 
     def on_result(rec: dict[str, Any]) -> None:

@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-from numba import types
-from numba.extending import overload_method
+from numba import njit, types
+from numba.core.datamodel.models import TupleModel
+from numba.extending import overload_method, register_model, typeof_impl
 from scipy import sparse
 from skan import csr as _skan
-
-from fibroquant.kernels import _jit
 
 
 class CSRGraph(NamedTuple):
@@ -51,55 +50,80 @@ class CSRGraph(NamedTuple):
         _skan._csrset(self.indices, self.indptr, self.data, i, j, value)
 
 
-def _is_graph(typ: Any) -> bool:
-    return isinstance(typ, types.BaseNamedTuple) and getattr(typ, "instance_class", None) is CSRGraph
+class CSRGraphType(types.NamedTuple):
+    """numba's type of a :class:`CSRGraph`: a named tuple type of its own, so that the methods
+    below belong to it alone (overloads on every named tuple would shadow the fields of any
+    other named tuple with a field called ``edge``, ``neighbors`` or ``set_edge``)."""
 
 
-@overload_method(types.BaseNamedTuple, "neighbors")
+@typeof_impl.register(CSRGraph)
+def _typeof_graph(val: CSRGraph, c: Any) -> CSRGraphType:
+    return CSRGraphType([typeof_impl(v, c) for v in val], CSRGraph)
+
+
+register_model(CSRGraphType)(TupleModel)
+
+
+@overload_method(CSRGraphType, "neighbors")
 def _neighbors(graph: Any, row: Any) -> Any:
-    if _is_graph(graph):
-        def impl(graph: Any, row: Any) -> Any:
-            return graph.indices[graph.indptr[row]:graph.indptr[row + 1]]
-        return impl
-    return None
+    def impl(graph: Any, row: Any) -> Any:
+        return graph.indices[graph.indptr[row]:graph.indptr[row + 1]]
+    return impl
 
 
-@overload_method(types.BaseNamedTuple, "edge")
+@overload_method(CSRGraphType, "edge")
 def _edge(graph: Any, i: Any, j: Any) -> Any:
-    if _is_graph(graph):
-        def impl(graph: Any, i: Any, j: Any) -> Any:
-            return _skan._csrget(graph.indices, graph.indptr, graph.data, i, j)
-        return impl
-    return None
+    def impl(graph: Any, i: Any, j: Any) -> Any:
+        return _skan._csrget(graph.indices, graph.indptr, graph.data, i, j)
+    return impl
 
 
-@overload_method(types.BaseNamedTuple, "set_edge")
+@overload_method(CSRGraphType, "set_edge")
 def _set_edge(graph: Any, i: Any, j: Any, value: Any) -> Any:
-    if _is_graph(graph):
-        def impl(graph: Any, i: Any, j: Any, value: Any) -> Any:
-            _skan._csrset(graph.indices, graph.indptr, graph.data, i, j, value)
-        return impl
-    return None
+    def impl(graph: Any, i: Any, j: Any, value: Any) -> Any:
+        _skan._csrset(graph.indices, graph.indptr, graph.data, i, j, value)
+    return impl
+
+
+def _module_tag() -> str:
+    """A hash of this module's source (its overloads and compile options), or of fibroquant's
+    version where the source cannot be read (a zip or bytecode-only install)."""
+    try:
+        text = Path(__file__).read_bytes()
+    except OSError:
+        from fibroquant import __version__
+
+        text = __version__.encode()
+    return hashlib.sha1(text).hexdigest()[:12]
 
 
 def _tagged(fn: pytypes.FunctionType) -> pytypes.FunctionType:
-    """skan's function under a name that carries a hash of this module.
+    """skan's function under a name that carries :func:`_module_tag`.
 
     numba's disk cache is checked against the source file of the function alone (skan's, here),
-    so an edit to the overloads above would otherwise keep loading code compiled before it; the
-    cache file's name comes from the function's qualified name, which now changes with this
-    file. The code object and globals are skan's own.
+    so an edit to the overloads or options above would otherwise keep loading code compiled
+    before it; the cache file's name comes from the function's qualified name, which now
+    changes with this file. The code object and globals are skan's own.
     """
-    tag = hashlib.sha1(Path(__file__).read_bytes()).hexdigest()[:12]
     out = pytypes.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__,
                                fn.__closure__)
-    out.__qualname__ = f"{fn.__qualname__}_fibroquant_{tag}"
+    out.__qualname__ = f"{fn.__qualname__}_fibroquant_{_module_tag()}"
     out.__module__ = fn.__module__
     return out
 
 
+def _compiled(fn: pytypes.FunctionType) -> Any:
+    """``fn`` compiled (the options here, so that :func:`_module_tag` covers them) and cached
+    on disk; without a cache where no cache directory is writable (compiled once per process,
+    as skan's own)."""
+    try:
+        return njit(cache=True, nogil=True, fastmath=False)(fn)
+    except RuntimeError:  # "cannot cache function ... no locator available" (read-only install)
+        return njit(cache=False, nogil=True, fastmath=False)(fn)
+
+
 #: skan's ``_build_paths``, compiled against :class:`CSRGraph` and cached on disk
-build_paths = _jit(_tagged(getattr(_skan._build_paths, "py_func", _skan._build_paths)))
+build_paths = _compiled(_tagged(getattr(_skan._build_paths, "py_func", _skan._build_paths)))
 
 
 def trace_paths(adj: Any, node_values: np.ndarray) -> Any:

@@ -488,7 +488,8 @@ _skan_start_lock = threading.Lock()
 
 def warm_skan() -> bool:
     """Load skan's path tracing (:mod:`fibroquant.skanpaths`), once per process; True when
-    this call loaded it (numba's LLVM ran: see ``cores.release_code_pages``).
+    this call loaded it (numba's LLVM mapped its code, or compiled it on a first run: see
+    ``cores.release_code_pages``).
 
     numba compiles it on a machine's first run (~1.5 s CPU) and loads it from its disk cache
     after (~0.15 s). The pipeline calls this outside a slide's ``seconds``, and the local
@@ -511,18 +512,19 @@ def warm_skan() -> bool:
 
 
 def start_warm_skan() -> threading.Thread | None:
-    """Compile skan (:func:`warm_skan`) on a daemon thread of its own, once per process.
+    """Load skan's path tracing (:func:`warm_skan`) on a daemon thread of its own, once per
+    process.
 
     For a slide measured on several threads in this process: the load (or a first run's
     compile, about half of it LLVM's, which releases the GIL) runs beside the slide's
     single-threaded calibration instead of before it. The slide's traits
     call :func:`warm_skan`, which waits for it. A failure here is logged and left to that
-    call, which compiles again and raises it on the slide's thread.
+    call, which tries again and raises it on the slide's thread.
 
     Returns
     -------
     threading.Thread or None
-        The thread; None when skan is compiled already or a thread is compiling it.
+        The thread; None when skan is loaded already or a thread is loading it.
     """
     global _skan_thread
     with _skan_start_lock:
@@ -543,7 +545,7 @@ def _warm_skan_quietly() -> None:
 
         release_code_pages()
     except Exception:  # noqa: BLE001 - raised again by the slide's own warm_skan call
-        logger.debug("background skan compile failed:\n%s", traceback.format_exc())
+        logger.debug("loading skan in the background failed:\n%s", traceback.format_exc())
 
 
 @dataclass(frozen=True)

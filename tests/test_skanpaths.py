@@ -81,4 +81,25 @@ def test_the_cache_file_changes_with_this_module_and_the_code_is_skans():
     assert fn.__code__ is skans.__code__
     assert fn.__globals__ is skans.__globals__
     tag = hashlib.sha1(Path(skanpaths.__file__).read_bytes()).hexdigest()[:12]
+    assert skanpaths._module_tag() == tag
     assert fn.__qualname__ == f"_build_paths_fibroquant_{tag}"
+
+
+def test_the_graph_methods_leave_other_named_tuples_alone():
+    """The overloads belong to CSRGraph's own numba type: another named tuple's field called
+    ``edge`` is still a field in compiled code."""
+    from collections import namedtuple
+
+    from fibroquant import kernels
+
+    if not kernels.HAVE_NUMBA:
+        pytest.skip("no numba")
+    import numba
+
+    pair = namedtuple("pair", ["edge", "x"])
+
+    @numba.njit
+    def first(p):
+        return p.edge + p.x
+
+    assert first(pair(2, 3)) == 5
