@@ -819,8 +819,9 @@ def plot_traits(
 
     names = [t for t in (traits or KEY_TRAITS) if t in mice.columns]
     groups = _ordered_groups(control, mice["group"].astype(str))
-    ncol = 5
-    nrow = max(1, -(-len(names) // ncol))
+    # balanced rows of at most 4 panels (11 traits: 4 + 4 + 3, not 5 + 5 + 1)
+    nrow = max(1, -(-len(names) // 4))
+    ncol = max(1, -(-len(names) // nrow))
     fig = _new_figure(2.2 * ncol, 2.1 * nrow)
     axes = fig.subplots(nrow, ncol, squeeze=False)
     for ax, name in zip(axes.ravel(), names, strict=False):  # spare axes stay empty

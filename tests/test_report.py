@@ -400,6 +400,25 @@ def test_plot_groups_without_control_or_data(tmp_path: Path, mice: pd.DataFrame,
     assert all(p.stat().st_size > 0 for p in paths)
 
 
+@pytest.mark.parametrize(("n", "grid"), [(11, (3, 4)), (5, (2, 3)), (4, (1, 4)), (1, (1, 1))])
+def test_plot_traits_lays_panels_out_in_balanced_rows(tmp_path: Path, n: int,
+                                                      grid: tuple[int, int]) -> None:
+    """At most 4 panels a row, rows as even as they can be (11 traits: 4 + 4 + 3): the PNG's
+    size is the grid's (2.2 x 2.1 in a panel at the plots' dpi)."""
+    from fibroquant import report
+
+    names = [f"trait_{i}_um" for i in range(n)]
+    rng = np.random.default_rng(n)
+    mice = pd.DataFrame({"mouse": [f"m{i}" for i in range(6)],
+                         "group": ["control"] * 3 + ["MSC"] * 3,
+                         **{t: rng.uniform(1, 5, 6) for t in names}})
+    png = report.plot_traits(mice, pd.DataFrame(), tmp_path / "t", control="control",
+                             traits=names)[0]
+    h, w = cv2.imread(str(png)).shape[:2]
+    rows, cols = grid
+    assert (round(w / (2.2 * report._DPI)), round(h / (2.1 * report._DPI))) == (cols, rows)
+
+
 @pytest.mark.slow
 def test_plot_slides_and_stain_qc(tmp_path: Path, slides: pd.DataFrame) -> None:
     _assert_plot_files(plot_slides(slides, tmp_path / "slides"))
