@@ -30,8 +30,8 @@ from skan import csr as _skan
 class CSRGraph(NamedTuple):
     """A CSR graph with a value per node: the fields and methods of skan's ``NBGraph``.
 
-    The methods serve pure Python (``NUMBA_DISABLE_JIT``); compiled code uses the overloads
-    below, which do the same.
+    The methods serve pure Python (``NUMBA_DISABLE_JIT``) and, registered as overloads of
+    :class:`CSRGraphType` below, compiled code.
     """
 
     indptr: np.ndarray  # int32 (nodes + 1,)
@@ -40,13 +40,13 @@ class CSRGraph(NamedTuple):
     shape: np.ndarray  # int32 (2,)
     node_properties: np.ndarray  # float64 (nodes,)
 
-    def neighbors(self, row: int) -> np.ndarray:
+    def neighbors(self: CSRGraph, row: int) -> np.ndarray:
         return self.indices[self.indptr[row]:self.indptr[row + 1]]
 
-    def edge(self, i: int, j: int) -> Any:
+    def edge(self: CSRGraph, i: int, j: int) -> Any:
         return _skan._csrget(self.indices, self.indptr, self.data, i, j)
 
-    def set_edge(self, i: int, j: int, value: Any) -> None:
+    def set_edge(self: CSRGraph, i: int, j: int, value: Any) -> None:
         _skan._csrset(self.indices, self.indptr, self.data, i, j, value)
 
 
@@ -64,25 +64,21 @@ def _typeof_graph(val: CSRGraph, c: Any) -> CSRGraphType:
 register_model(CSRGraphType)(TupleModel)
 
 
+# compiled code runs the class's own methods: each overload returns one as its implementation
+# (numba compares the two signatures, annotations included)
 @overload_method(CSRGraphType, "neighbors")
-def _neighbors(graph: Any, row: Any) -> Any:
-    def impl(graph: Any, row: Any) -> Any:
-        return graph.indices[graph.indptr[row]:graph.indptr[row + 1]]
-    return impl
+def _neighbors(self: CSRGraph, row: int) -> Any:
+    return CSRGraph.neighbors
 
 
 @overload_method(CSRGraphType, "edge")
-def _edge(graph: Any, i: Any, j: Any) -> Any:
-    def impl(graph: Any, i: Any, j: Any) -> Any:
-        return _skan._csrget(graph.indices, graph.indptr, graph.data, i, j)
-    return impl
+def _edge(self: CSRGraph, i: int, j: int) -> Any:
+    return CSRGraph.edge
 
 
 @overload_method(CSRGraphType, "set_edge")
-def _set_edge(graph: Any, i: Any, j: Any, value: Any) -> Any:
-    def impl(graph: Any, i: Any, j: Any, value: Any) -> Any:
-        _skan._csrset(graph.indices, graph.indptr, graph.data, i, j, value)
-    return impl
+def _set_edge(self: CSRGraph, i: int, j: int, value: Any) -> Any:
+    return CSRGraph.set_edge
 
 
 def _module_tag() -> str:
