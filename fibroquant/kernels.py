@@ -695,13 +695,16 @@ def kernels_ready() -> bool:
 
 
 def kernels_on_disk() -> bool | None:
-    """Whether the tile kernel's compiled code is in numba's disk cache: False on a machine's
-    first run (the workers compile it, ~10-40 s), None when that cannot be told (no numba, no
-    cache directory, or numba's cache internals changed)."""
+    """Whether the tile kernel's compiled code for this CPU is in numba's disk cache: False on
+    a machine's first run (the workers compile it, ~10-40 s), None when that cannot be told (no
+    numba, no cache directory, or numba's cache internals changed)."""
     if not HAVE_NUMBA:
         return None
-    try:  # numba internals (guarded): the index's entries, {} when missing or stale
-        return bool(_tile_nb._cache._cache_file._load_index())
+    try:  # numba internals (guarded): the index's keys, {} when missing or stale; each key
+        # holds the target machine of its code (a cache shared with another CPU has none here)
+        index = _tile_nb._cache._cache_file._load_index()
+        here = _tile_nb.targetctx.codegen().magic_tuple()
+        return any(key[1] == here for key in index)
     except Exception:  # noqa: BLE001 - any change there only loses this hint
         return None
 

@@ -368,6 +368,20 @@ def test_kernels_on_disk_tells_a_cold_cache_from_a_warm_one(tmp_path):
     assert (warm.stdout.strip(), cold.stdout.strip()) == ("True", "False")
 
 
+def test_kernels_on_disk_wants_code_for_this_cpu(monkeypatch):
+    """A cache holding only another machine's code (a shared home folder) is a first run."""
+    from fibroquant import kernels
+
+    if not kernels.HAVE_NUMBA:
+        pytest.skip("no numba")
+    kernels.warmup_fused()
+    if kernels.kernels_on_disk() is not True:
+        pytest.skip("no writable numba cache here")
+    codegen = kernels._tile_nb.targetctx.codegen()
+    monkeypatch.setattr(codegen, "magic_tuple", lambda: ("x86_64-unknown-linux-gnu", "other", ""))
+    assert kernels.kernels_on_disk() is False
+
+
 @pytest.mark.slow
 def test_progress_bar_on_a_terminal(study, tmp_path, monkeypatch):
     import io
