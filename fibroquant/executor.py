@@ -147,9 +147,8 @@ def _write_outputs(files: dict[str, Path], analysis: Any, settings: Settings,
         report.write_png(files["tissue"], analysis.tissue_bits.unpack(255))
         # outlines in full-resolution (level 0) pixel coordinates, for QuPath
         scale = analysis.mask_mpp / analysis.mpp
-        fc = report.mask_to_geojson(analysis.tissue_mask, analysis.collagen_mask,
-                                    scale=scale, slide_name=task.slide)
-        report.write_geojson(files["geojson"], fc)
+        report.write_mask_geojson(files["geojson"], analysis.tissue_bits,
+                                  analysis.collagen_bits, scale=scale, slide_name=task.slide)
     else:  # masks of an earlier measurement would contradict this one
         remove_files(files[k] for k in MASK_KINDS)
 

@@ -59,6 +59,7 @@ __all__ = [
     "plot_stain_qc",
     "qc_overlay",
     "write_geojson",
+    "write_mask_geojson",
     "write_png",
     "write_report_html",
     "write_xlsx",
@@ -1269,8 +1270,8 @@ def _pixel_edge_polygons(mask: np.ndarray, min_area_px: float) -> np.ndarray:
 
 
 def mask_to_geojson(
-    tissue_mask: np.ndarray,
-    collagen_mask: np.ndarray,
+    tissue_mask: np.ndarray | BitMask,
+    collagen_mask: np.ndarray | BitMask,
     *,
     scale: float,
     slide_name: str,
@@ -1280,8 +1281,9 @@ def mask_to_geojson(
 
     Parameters
     ----------
-    tissue_mask, collagen_mask : numpy.ndarray
-        bool ``(H, W)`` masks at analysis or thumbnail resolution.
+    tissue_mask, collagen_mask : numpy.ndarray or BitMask
+        bool ``(H, W)`` masks at analysis or thumbnail resolution (a :class:`BitMask` is
+        unpacked only while its own outlines are traced).
     scale : float
         Full-resolution slide pixels per mask pixel (e.g. 16 for a mask at level downsample 16).
     slide_name : str
@@ -1304,42 +1306,89 @@ def mask_to_geojson(
     (apart from dropped small parts); holes (lumens) are preserved and every geometry is valid
     (``shapely.make_valid`` repairs parts that touch at a corner).
     """
+    features = [
+        {"type": "Feature", "geometry": json.loads(geometry), "properties": properties}
+        for properties, geometry in _geojson_features(
+            tissue_mask, collagen_mask, scale=scale, slide_name=slide_name,
+            min_area_px=min_area_px)
+    ]
+    return {"type": "FeatureCollection", "features": features}
+
+
+def write_mask_geojson(
+    path: Path,
+    tissue_mask: np.ndarray | BitMask,
+    collagen_mask: np.ndarray | BitMask,
+    *,
+    scale: float,
+    slide_name: str,
+    min_area_px: int = 4,
+) -> None:
+    """Write :func:`mask_to_geojson`'s FeatureCollection atomically, one class at a time.
+
+    Each geometry goes to the file as shapely's GeoJSON text, never as Python lists of
+    floats, and a class's mask and outlines are freed before the next is traced: on a 1-GP
+    slide's 43-MP masks the peak is one class's outline grid (~2 x 170 MB), not both classes
+    and their coordinates as Python objects.
+    """
+    parts = [
+        '{"type":"Feature","geometry":' + geometry + ',"properties":'
+        + json.dumps(properties, separators=(",", ":"), ensure_ascii=False) + "}"
+        for properties, geometry in _geojson_features(
+            tissue_mask, collagen_mask, scale=scale, slide_name=slide_name,
+            min_area_px=min_area_px)
+    ]
+    text = '{"type":"FeatureCollection","features":[' + ",".join(parts) + "]}"
+    del parts
+    _atomic_write_bytes(Path(path), text.encode("utf-8"))
+
+
+def _geojson_features(
+    tissue_mask: np.ndarray | BitMask,
+    collagen_mask: np.ndarray | BitMask,
+    *,
+    scale: float,
+    slide_name: str,
+    min_area_px: int,
+) -> Iterable[tuple[dict[str, Any], str]]:
+    """The (properties, geometry as GeoJSON text) of :func:`mask_to_geojson`'s features,
+    class by class (a class with an empty mask yields nothing)."""
     import shapely
     from shapely import affinity
-    
+
     if not (isinstance(scale, (int, float, np.number)) and math.isfinite(scale) and scale > 0):
         msg = (
             "scale must be a positive number of full-resolution pixels per mask pixel, "
             f"got {scale=}"
         )
         raise ValueError(msg)
-    features = []
     for cls, mask in (("Tissue", tissue_mask), ("Collagen", collagen_mask)):
-        arr = np.asarray(mask)
+        arr = mask.unpack() if isinstance(mask, BitMask) else np.asarray(mask)
         if arr.ndim != 2:
             msg = f"{cls.lower()}_mask must be 2-D, got shape={arr.shape}"
             raise ValueError(msg)
         polys = _pixel_edge_polygons(arr.astype(bool, copy=False), min_area_px)
+        del arr
         if len(polys) == 0:
             continue
         # one geometry (shapely's stubs type multipolygons of a 1-D array as an array)
         geom = cast("BaseGeometry", polys[0] if len(polys) == 1 else shapely.multipolygons(polys))
+        del polys
         if scale != 1:
             geom = affinity.scale(geom, xfact=float(scale), yfact=float(scale), origin=(0, 0))
         geom = shapely.orient_polygons(geom)
-        features.append(
-            {
-                "type": "Feature",
-                "geometry": json.loads(shapely.to_geojson(geom)),
-                "properties": {
-                    "objectType": "annotation",
-                    "classification": {"name": cls, "color": list(_GEOJSON_CLASSES[cls])},
-                    "name": f"{slide_name} {cls.lower()}",
-                    "isLocked": False,
-                },
-            }
-        )
-    return {"type": "FeatureCollection", "features": features}
+        properties = {
+            "objectType": "annotation",
+            "classification": {"name": cls, "color": list(_GEOJSON_CLASSES[cls])},
+            "name": f"{slide_name} {cls.lower()}",
+            "isLocked": False,
+        }
+        text = shapely.to_geojson(geom)
+        del geom
+        # the outline grid and contours stay in the C heap (cores.tune_malloc) and the next
+        # class would trace beside them: given back first
+        release_free_heap()
+        yield properties, text
 
 
 def write_geojson(path: Path, fc: Mapping[str, Any]) -> None:

@@ -29,6 +29,7 @@ from fibroquant.report import (
     plot_stain_qc,
     qc_overlay,
     write_geojson,
+    write_mask_geojson,
     write_png,
     write_report_html,
     write_xlsx,
@@ -309,6 +310,25 @@ def test_write_geojson_roundtrip(tmp_path: Path) -> None:
     write_geojson(path, fc)
     assert json.loads(path.read_text(encoding="utf-8")) == json.loads(json.dumps(fc))
     assert [p.name for p in tmp_path.iterdir()] == ["s1.geojson"]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_write_mask_geojson_equals_the_feature_collection(tmp_path: Path, packed: bool) -> None:
+    """The streamed file is mask_to_geojson's FeatureCollection, from arrays or bits; a class
+    with an empty mask is left out of both."""
+    from fibroquant.bitmask import BitMask
+
+    tissue, collagen = _masks_with_holes()
+    path = tmp_path / "s1.geojson"
+    for col in (collagen, np.zeros_like(collagen)):
+        fc = mask_to_geojson(tissue, col, scale=2.5, slide_name="s1 é")
+        given = (BitMask.pack(tissue), BitMask.pack(col)) if packed else (tissue, col)
+        write_mask_geojson(path, *given, scale=2.5, slide_name="s1 é")
+        assert json.loads(path.read_text(encoding="utf-8")) == json.loads(json.dumps(fc))
+    assert len(fc["features"]) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["s1.geojson"]
+    with pytest.raises(ValueError, match="scale"):
+        write_mask_geojson(path, tissue, collagen, scale=float("nan"), slide_name="s")
 
 
 # --------------------------------------------------------------------------------------------
