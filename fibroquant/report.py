@@ -827,6 +827,12 @@ def plot_traits(
     axes = fig.subplots(nrow, ncol, squeeze=False)
     for ax, name in zip(axes.ravel(), names, strict=False):  # spare axes stay empty
         _style_axes(ax)
+        if pd.to_numeric(mice[name], errors="coerce").isna().all():
+            # e.g. thin-fibre shares of masks too coarse to show a thin fibre: said, not drawn
+            ax.set_yticks([])
+            ax.set_xlim(-0.5, len(groups) - 0.5)
+            ax.text(0.5, 0.5, "no value\n(see warnings)", transform=ax.transAxes,
+                    ha="center", va="center", fontsize=_FONT_PT - 2, color="0.35")
         for i, g in enumerate(groups):
             v = pd.to_numeric(mice.loc[mice["group"].astype(str) == g, name],
                               errors="coerce").dropna().to_numpy(float)

@@ -824,9 +824,12 @@ def build_slides_table(sheet: pd.DataFrame, records: list[dict[str, Any]]) -> pd
 def study_warnings(slides_df: pd.DataFrame, settings: Settings, *,
                    mice: pd.DataFrame | None = None, control: str | None = None) -> list[str]:
     """Everything a person should know before trusting the tables, one line each: slides
-    measured differently or identical, each slide's stain warning, and groups the headline gives
-    no p value (:func:`fibroquant.stats.group_warnings`; ``mice`` None: no groups compared)."""
-    out = [p for p in (blob_rule_mixed(slides_df, settings), identical_files(slides_df)) if p]
+    measured differently or identical, fibre traits too coarse to show thin fibres, each
+    slide's stain warning, and groups the headline gives no p value (:func:`fibroquant.stats.group_warnings`; ``mice`` None: no groups compared)."""
+    from fibroquant.traits import resolution_warning
+
+    out = [p for p in (blob_rule_mixed(slides_df, settings), identical_files(slides_df),
+                       resolution_warning(slides_df, settings)) if p]
     if "stain_warning" in slides_df.columns:
         out += [f"{r.slide}: {r.stain_warning}" for r in slides_df.itertuples()
                 if isinstance(r.stain_warning, str) and r.stain_warning]

@@ -1099,9 +1099,11 @@ def slide_traits(counts: TraitCounts, params: TraitParams, vessels: VesselMap | 
             return (2.0 * math.sqrt(_quantile_from_sq_hist(hist, q)) - 0.5) * mpp
         out["fibre_width_median_um"] = width(0.5)
         out["fibre_width_iqr_um"] = width(0.75) - width(0.25)
+    thin_seen = thin_fibres_resolved(mpp, params.thin_um)
     if col:
-        out["thin_fibre_share_percent"] = 100.0 * counts.thin_px / col
-        out["medium_fibre_share_percent"] = 100.0 * counts.medium_px / col
+        if thin_seen:  # else no fibre can read thin: the thin ones are among the medium
+            out["thin_fibre_share_percent"] = 100.0 * counts.thin_px / col
+            out["medium_fibre_share_percent"] = 100.0 * counts.medium_px / col
         out["thick_fibre_share_percent"] = 100.0 * counts.thick_px / col
         out["orientation_coherence"] = (counts.coherence_sum / counts.coherence_px
                                         if counts.coherence_px else nan)
@@ -1161,7 +1163,7 @@ def slide_traits(counts: TraitCounts, params: TraitParams, vessels: VesselMap | 
         out["holes_per_mm2"] = float(closed.sum()) / tissue_mm2
         area_um2 = hole["area"] * px_um2
         sized = closed & (area_um2 >= params.hole_min_um2)
-        if sized.any():
+        if sized.any() and thin_seen:
             thin = hole["thin_border"] >= 0.5 * np.maximum(hole["border"], 1)
             wire = sized & (area_um2 <= params.hole_max_um2) & thin
             out["chicken_wire_index_percent"] = 100.0 * wire.sum() / sized.sum()
@@ -1183,6 +1185,76 @@ def slide_traits(counts: TraitCounts, params: TraitParams, vessels: VesselMap | 
     return out
 
 
+def thin_fibres_resolved(mpp: float, thin_um: float) -> bool:
+    """Whether a mask at ``mpp`` µm/px can show a fibre thinner than ``thin_um``: the thinnest
+    fibre it holds, one pixel wide, reads 1.5 px (twice its 1-px distance to the background,
+    less the half pixel of the width formula)."""
+    return 1.5 * mpp < thin_um
+
+
+#: Traits left empty when the traits' resolution cannot show a thin fibre
+#: (:func:`thin_fibres_resolved`).
+THIN_TRAITS = ("thin_fibre_share_percent", "medium_fibre_share_percent",
+               "chicken_wire_index_percent")
+
+
+def resolution_warning(slides: Any, settings: Any) -> str | None:
+    """One line when fibre traits of a run's ok slides were measured too coarsely to show thin
+    fibres (their :data:`THIN_TRAITS` are then empty), or at several resolutions (widths and
+    shares are then not comparable between the slides); None otherwise.
+
+    Parameters
+    ----------
+    slides : pandas.DataFrame
+        ``slides.csv``'s rows (``status``, ``traits_mpp``, ``analysis_mpp``, ``width_px``,
+        ``height_px``).
+    settings : config.Settings
+    """
+    import pandas as pd
+
+    if "traits_mpp" not in slides.columns:
+        return None
+    ok = slides[slides["status"].astype(str) == "ok"]
+    tmpp = pd.to_numeric(ok["traits_mpp"], errors="coerce")
+    ok, tmpp = ok[tmpp.notna()], tmpp[tmpp.notna()]
+    if not len(ok):
+        return None
+    thin_um = settings.traits.thin_um
+    coarse = ok[[not thin_fibres_resolved(m, thin_um) for m in tmpp]]
+    levels = sorted({round(float(m), 3) for m in tmpp})
+    if not len(coarse):
+        if len(levels) == 1:
+            return None
+        return (f"fibre traits were measured at {len(levels)} resolutions "
+                f"({levels[0]:g}-{levels[-1]:g} µm/px; column traits_mpp): widths and fibre "
+                "shares are not comparable between those slides")
+    worst = float(pd.to_numeric(coarse["traits_mpp"]).max())
+    if len(coarse) == 1:
+        line = f"fibre traits of {coarse['slide'].iloc[0]} were measured at {worst:g} µm/px"
+    else:
+        names = ", ".join(map(str, coarse["slide"].head(3))) + (", ..." if len(coarse) > 3
+                                                                else "")
+        line = (f"fibre traits of {len(coarse)} slides ({names}) were measured at up to "
+                f"{worst:g} µm/px")
+    line += (f", where no fibre reads thinner than {1.5 * worst:g} µm: their thin- and "
+             "medium-fibre shares and chicken-wire index are left empty")
+    # the slides' mask was reduced for memory (tiling.mask_max_mpx): say what keeps it fine
+    want = settings.traits.mpp
+    amp = pd.to_numeric(coarse["analysis_mpp"], errors="coerce")
+    px = (pd.to_numeric(coarse["width_px"], errors="coerce")
+          * pd.to_numeric(coarse["height_px"], errors="coerce"))
+    fine = (amp * 1.5 < thin_um) & px.notna()
+    if thin_fibres_resolved(want, thin_um) and fine.any():
+        factor = np.maximum(np.floor(want / amp[fine] + 1e-9), 1)
+        need = math.ceil(float((px[fine] / factor**2 / 1e6).max()))
+        at = float((amp[fine] * factor).max())
+        if need <= 1024:
+            line += (f"; tiling: {{mask_max_mpx: {need}}} in a --config file keeps their "
+                     f"masks at {at:g} µm/px (the traits' time grows with their pixels: "
+                     f"{(worst / at) ** 2:.0f}x)")
+    return line
+
+
 #: Per-slide trait columns of ``slides.csv``, with their meaning.
 TRAIT_COLUMNS: dict[str, str] = {
     "traits_mpp": "µm/px of the mask the traits were measured on",
@@ -1191,8 +1263,11 @@ TRAIT_COLUMNS: dict[str, str] = {
     "septal_width_median_um": "median fibre width along the skeleton of the septal collagen "
                               "(the septa's width; the median of all fibres follows the thin "
                               "pericellular ones)",
-    "thin_fibre_share_percent": "collagen area in thin fibres (< thin_um), % of collagen",
-    "medium_fibre_share_percent": "collagen area in medium fibres, % of collagen",
+    "thin_fibre_share_percent": "collagen area in thin fibres (< thin_um), % of collagen; empty "
+                                "when traits_mpp cannot show a thin fibre (1.5 x traits_mpp >= "
+                                "thin_um)",
+    "medium_fibre_share_percent": "collagen area in medium fibres, % of collagen (empty as the "
+                                  "thin share)",
     "thick_fibre_share_percent": "collagen area in thick fibres (> thick_um), % of collagen",
     "fibre_length_density_mm_per_mm2": "skeleton length per tissue area",
     "branch_points_per_mm2": "skeleton junctions per tissue area",
@@ -1201,7 +1276,7 @@ TRAIT_COLUMNS: dict[str, str] = {
     "tortuosity": "summed branch path length / summed end-to-end distance (skan)",
     "holes_per_mm2": "holes enclosed by collagen (non-collagen components inside tissue)",
     "chicken_wire_index_percent": "holes of hole_min-hole_max µm² walled by thin fibres, % of "
-                                  "holes ≥ hole_min µm²",
+                                  "holes ≥ hole_min µm² (empty as the thin share)",
     "aggregated_collagen_percent": "collagen in objects larger than aggregate_um2, % of collagen",
     "orientation_coherence": "mean structure-tensor coherence over collagen pixels (0-1)",
     "fractal_dimension": "box-counting dimension of the collagen mask",

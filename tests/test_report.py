@@ -439,6 +439,18 @@ def test_plot_traits_lays_panels_out_in_balanced_rows(tmp_path: Path, n: int,
     assert (round(w / (2.2 * report._DPI)), round(h / (2.1 * report._DPI))) == (cols, rows)
 
 
+def test_plot_traits_says_when_a_trait_has_no_value(tmp_path: Path) -> None:
+    """A trait empty for every mouse (thin shares of masks too coarse to show a thin fibre)
+    keeps its panel, saying so, instead of an empty axis with made-up ticks."""
+    from fibroquant import report
+
+    mice = pd.DataFrame({"mouse": ["a", "b", "c", "d"], "group": ["control"] * 2 + ["MSC"] * 2,
+                         "thin_fibre_share_percent": np.nan,
+                         "thick_fibre_share_percent": [40.0, 42.0, 30.0, 31.0]})
+    svg = report.plot_traits(mice, pd.DataFrame(), tmp_path / "t", control="control")[1]
+    assert svg.read_text(encoding="utf-8").count("no value") == 1
+
+
 @pytest.mark.slow
 def test_plot_slides_and_stain_qc(tmp_path: Path, slides: pd.DataFrame) -> None:
     _assert_plot_files(plot_slides(slides, tmp_path / "slides"))

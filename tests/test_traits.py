@@ -179,6 +179,54 @@ def test_empty_collagen_gives_nan_traits_not_errors():
     assert got["fibre_length_density_mm_per_mm2"] == 0.0
 
 
+@pytest.mark.parametrize(("mpp", "resolved"), [(1.0, True), (1.5, True), (2.0, False),
+                                            (2.5, False)])
+def test_thin_traits_are_empty_where_no_fibre_can_read_thin(mpp, resolved):
+    """At 2 µm/px a one-pixel fibre reads 3 µm: a thin share would be 0 by construction,
+    not by the tissue (the 1-GP slide's masks at 2.5 µm/px read 0.00 %). Left empty."""
+    truth = sf.pericellular_network(cell_um=20.0, wall_um=1.5, rng=4)
+    got = tr.measure_slide(truth.collagen, truth.tissue, truth.mpp,
+                           TraitSettings(mpp=mpp, tile_px=512))
+    assert got["traits_mpp"] == mpp
+    assert tr.thin_fibres_resolved(mpp, 3.0) == resolved
+    assert tr.thin_fibres_resolved(1.999, 3.0)
+    for name in tr.THIN_TRAITS:
+        assert math.isnan(got[name]) != resolved, name
+    assert math.isfinite(got["thick_fibre_share_percent"])
+    assert math.isfinite(got["fibre_width_median_um"])
+    if resolved:
+        assert got["thin_fibre_share_percent"] > 50
+
+
+def test_resolution_warning_names_coarse_slides_and_the_setting_that_keeps_them_fine():
+    import pandas as pd
+
+    settings = Settings()
+    row = {"status": "ok", "analysis_mpp": 0.5, "width_px": 32768, "height_px": 32768}
+    fine = pd.DataFrame([{**row, "slide": "a", "traits_mpp": 1.0},
+                         {**row, "slide": "b", "traits_mpp": 1.0},
+                         {**row, "slide": "c", "traits_mpp": 2.5, "status": "failed"}])
+    assert tr.resolution_warning(fine, settings) is None
+    assert tr.resolution_warning(fine.drop(columns="traits_mpp"), settings) is None
+    mixed = fine.assign(traits_mpp=[1.0, 1.5, 2.5])
+    assert "2 resolutions (1-1.5 µm/px" in tr.resolution_warning(mixed, settings)
+    coarse = fine.assign(traits_mpp=[1.0, 2.5, 2.5])
+    line = tr.resolution_warning(coarse, settings)
+    assert line.startswith("fibre traits of b were measured at 2.5 µm/px, where no fibre "
+                           "reads thinner than 3.75 µm")
+    many = tr.resolution_warning(pd.concat([coarse] * 2, ignore_index=True), settings)
+    assert many.startswith("fibre traits of 2 slides (b, b) were measured at up to 2.5 µm/px")
+    # 32768² px at 0.5 µm/px: masks at 1 µm/px are 16384² = 268.4 MP
+    assert "mask_max_mpx: 269}" in line and "6x" in line
+    # (tiles.plan_geometry's mask factor: 2 at 269 MP, 3 at 268)
+    assert math.ceil(math.sqrt(32768 * 32768 / (269 * 1e6))) == 2 < math.ceil(
+        math.sqrt(32768 * 32768 / (268 * 1e6)))
+    # an image that is itself too coarse: no setting helps, none is named
+    field = coarse.assign(analysis_mpp=2.5, width_px=2048, height_px=2048)
+    line = tr.resolution_warning(field, settings)
+    assert "left empty" in line and "mask_max_mpx" not in line
+
+
 @pytest.mark.slow
 def test_regression_cohort_width_traits_differ_cpa_does_not():
     import pandas as pd
@@ -269,6 +317,29 @@ def test_cli_writes_trait_columns_tables_and_comparisons(fibre_study, tmp_path):
     assert "fibre_width_median_um" not in plain.columns
     assert not (off / "traits.csv").exists()
     pd.testing.assert_series_equal(plain["cpa_percent"], slides["cpa_percent"])
+
+
+@pytest.mark.slow
+def test_cli_warns_when_masks_too_coarse_for_thin_fibres(fibre_study, tmp_path):
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from fibroquant.cli import app
+
+    cfg = tmp_path / "coarse.yaml"
+    cfg.write_text("tiling:\n  mask_max_mpx: 0.09\n")  # 600² px at 1 µm/px: masks at 2 µm/px
+    out = tmp_path / "o"
+    res = CliRunner().invoke(app, ["analyze", str(fibre_study), "--out", str(out), "--config",
+                                   str(cfg), "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    slides = pd.read_csv(out / "slides.csv")
+    assert (slides["traits_mpp"] == 2.0).all()
+    assert slides["thin_fibre_share_percent"].isna().all()
+    assert slides["thick_fibre_share_percent"].notna().all()
+    text = " ".join(res.output.split())
+    assert "where no fibre reads thinner than 3 µm" in text
+    assert "tiling: {mask_max_mpx: 1} in a --config file" in text
+    assert "where no fibre reads thinner than 3" in (out / "report.html").read_text()
 
 
 def test_threads_give_the_same_sums():
