@@ -223,14 +223,15 @@ def inspect(
         fit = _stain_fit_of(slide, mpp, info)
     except FibroquantError as exc:
         raise fail(str(exc), 2) from None
-    from fibroquant.stains import describe_fit, stain_mismatch
+    from fibroquant.stains import describe_fit, stain_doubt, stain_mismatch
 
     info["stain_guess"] = describe_fit(fit)
     if stain is not None:
         if not fit:
             info["stain_check"] = f"{stain.value}: too little stained tissue to tell"
         else:
-            info["stain_check"] = stain_mismatch(fit, stain.value) or (
+            info["stain_check"] = stain_mismatch(fit, stain.value) or stain_doubt(
+                fit, stain.value) or (
                 f"{stain.value} fits (residual "
                 f"{min(v for k, v in fit.items() if k.startswith(stain.value)):.2f})")
     if as_json:

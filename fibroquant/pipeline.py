@@ -62,6 +62,7 @@ from fibroquant.stains import (
     preset_for,
     rgb_to_od,
     row_norm,
+    stain_doubt,
     stain_fit,
     stain_mismatch,
     stain_verdict,
@@ -169,7 +170,7 @@ def stain_warnings(
         out.append(thr.note)
     if share < 0.005:
         out.append(f"almost no {col} signal ({100 * share:.1f} % of stain OD): wrong stain?")
-    mismatch = stain_mismatch(fit, protocol)
+    mismatch = stain_mismatch(fit, protocol) or stain_doubt(fit, protocol)
     if mismatch:
         out.append(mismatch)
     level = thr.collagen_level_od

@@ -1115,6 +1115,23 @@ def stain_verdict(fit: dict[str, float], protocol: str) -> StainVerdict:
     return StainVerdict(guess, False)
 
 
+def stain_doubt(fit: dict[str, float], protocol: str) -> str | None:
+    """A warning when the colours show another stain (:func:`guess_protocol`) that fits better
+    than ``protocol`` but not clearly (:func:`stain_verdict` keeps the slide): real Masson
+    hearts run as Sirius red fit Masson at 0.62-0.79 of Sirius red's residual, inside the
+    range of pale Sirius red cores (0.70-0.92), which their eosin-pink pixels guess as Sirius
+    red. None when the expected stain is guessed, fits best, or the verdict is wrong-stain."""
+    verdict = stain_verdict(fit, protocol)
+    guess = verdict.guess
+    if verdict.wrong or guess not in PROTOCOLS or _family(guess) == _family(protocol):
+        return None
+    mine = [fit[k] for k in PROTOCOLS if k in fit and _family(k) == _family(protocol)]
+    if not mine or fit[guess] >= min(mine):
+        return None
+    return (f"colours fit {guess} better than {protocol} (residual {fit[guess]:.3f} vs "
+            f"{min(mine):.3f}), though not clearly: check --stain")
+
+
 def stain_mismatch(fit: dict[str, float], protocol: str) -> str | None:
     """The "wrong stain" warning of :func:`stain_verdict`, or None when the expected stain
     fits (or nothing can be said)."""
