@@ -1084,10 +1084,13 @@ def _summary_rows(slides: pd.DataFrame, mice: pd.DataFrame, groups: pd.DataFrame
                   provenance: Mapping[str, Any]) -> list[tuple[str, Any]]:
     status = slides["status"].map(_text).str.lower() if "status" in slides else pd.Series([])
     n_ok = int(status.eq("ok").sum())
+    n_wrong = int(status.eq("wrong-stain").sum())
     rows: list[tuple[str, Any]] = [
         ("run date (UTC)", _text(provenance.get("started_utc", ""))),
         ("fibroquant", _text(provenance.get("fibroquant_version", ""))),
-        ("slides measured", n_ok), ("slides failed", len(slides) - n_ok),
+        ("slides measured", n_ok),
+        *([("slides of another stain (left out)", n_wrong)] if n_wrong else []),
+        ("slides failed", len(slides) - n_ok - n_wrong),
         ("mice", len(mice)), ("groups", int(groups["group"].nunique()) if "group" in groups
                               else 0),
         ("comparison", summary),
@@ -1737,7 +1740,9 @@ def _slide_card(row: pd.Series, uri: str | None, href: str | None = None,
     status = _text(row.get("status")).lower() or "ok"
     badges = []
     if status != "ok":
-        badges.append(f'<span class="badge bad">{_e(status)}: {_e(_text(row.get("error")))}</span>')
+        error = _text(row.get("error"))
+        badges.append(f'<span class="badge bad">{_e(status)}{": " if error else ""}{_e(error)}'
+                      "</span>")
     if _has_warning(row.get("stain_warning")):
         badges.append(f'<span class="badge">{_e(_text(row.get("stain_warning")))}</span>')
     if _has_warning(row.get("qc_flags")):
@@ -1747,8 +1752,8 @@ def _slide_card(row: pd.Series, uri: str | None, href: str | None = None,
     return (
         f'<div class="card">{img}<div class="body">'
         f'<div class="name">{_e(name)}</div>'
-        f'<div class="meta">mouse {_e(_text(row.get("mouse")))} · '
-        f'{_e(_text(row.get("group")))}</div>'
+        f'<div class="meta">mouse {_e(_text(row.get("mouse")))}'
+        + (f' · {_e(_text(row.get("group")))}' if _text(row.get("group")) else "") + "</div>"
         f'<div><span class="cpa">{cpa_text}</span> <span class="meta">{tissue_text}</span></div>'
         + (f'<div class="links">{" · ".join(links)}</div>' if links else "")
         + f'{"".join(badges)}</div></div>'
@@ -1808,7 +1813,9 @@ def write_report_html(
               else pd.Series("ok", index=slides.index))
     ok_mask = status.eq("ok").to_numpy()
     n_ok = int(ok_mask.sum())
-    n_failed = len(slides) - n_ok
+    wrong_mask = status.eq("wrong-stain").to_numpy()  # measured, left out of mice and groups
+    n_wrong = int(wrong_mask.sum())
+    n_failed = len(slides) - n_ok - n_wrong
     group_names = [g for g in _ordered_groups(None, groups.get("group", []),
                                               mice.get("group", [])) if g]  # "": no sheet
 
@@ -1845,6 +1852,8 @@ def write_report_html(
 
     kpis = [
         (str(n_ok), "slide measured" if n_ok == 1 else "slides measured"),
+        *([(str(n_wrong), "slide of another stain" if n_wrong == 1
+            else "slides of another stain")] if n_wrong else []),
         (str(n_failed), "slide failed" if n_failed == 1 else "slides failed"),
         (str(len(mice)), "mouse" if len(mice) == 1 else "mice"),
         (str(len(group_names)), "group" if len(group_names) == 1 else "groups"),
@@ -1958,7 +1967,7 @@ def write_report_html(
                     else '<p class="note">No measured slides.</p>') + "</section>")
 
     if n_failed:
-        failed = slides[~ok_mask]
+        failed = slides[~ok_mask & ~wrong_mask]
         parts.append('<section id="failed"><h2>Failed slides</h2>'
                      + _html_table(failed, ["slide", "mouse", "group", "status", "error"])
                      + "</section>")

@@ -207,7 +207,8 @@ MICE: tuple[Column, ...] = (
        "unweighted mean of its slides' CPA", "measure", source="derived", **_CPA),
     _c("cpa_sd_of_slides", "pp", "SD of slides", "SD of its slides' CPA (ddof 1)", "measure",
        source="derived", **_CPA),
-    _c("n_failed_slides", "", "n failed", "slides that failed", "count", decimals=0,
+    _c("n_failed_slides", "", "n left out", "slides left out: failed, or of another stain "
+       "(wrong-stain; kept with --keep-wrong-stain)", "count", decimals=0,
        source="derived"),
 )
 

@@ -580,6 +580,33 @@ def test_report_html_with_empty_tables(tmp_path: Path) -> None:
     assert openpyxl.load_workbook(tmp_path / "empty.xlsx").sheetnames[:2] == ["summary", "slides"]
 
 
+def test_wrong_stain_slides_are_counted_apart_from_failed_ones(tmp_path: Path,
+                                                               slides: pd.DataFrame,
+                                                               mice: pd.DataFrame,
+                                                               groups: pd.DataFrame) -> None:
+    """A slide of another stain is measured and left out, not failed: its own count in the
+    report and the xlsx summary, its card badge without an empty reason, no failed row."""
+    he = slides.iloc[[0]].assign(slide="he.svs", status="wrong-stain", error="", group="")
+    both = pd.concat([slides, he], ignore_index=True)
+    out = tmp_path / "r.html"
+    write_report_html(out, title="t", slides=both, mice=mice, groups=groups, omnibus=None,
+                      mixed=None, summary="", qc_images={}, plots=[], settings={},
+                      provenance={}, warnings=[])
+    text = out.read_text(encoding="utf-8")
+    kpi = re.findall(r'<div class="v">(\d+)</div><div class="l">([^<]+)</div>', text)
+    assert ("1", "slide of another stain") in kpi and ("1", "slide failed") in kpi
+    failed = text[text.index('id="failed"'):]
+    assert "broken.ndpi" in failed and "he.svs" not in failed
+    assert '<span class="badge bad">wrong-stain</span>' in text
+    assert "mouse C1</div>" in text  # no group: no trailing separator
+    write_xlsx(tmp_path / "r.xlsx", slides=both, mice=mice, groups=groups, settings={},
+               provenance={})
+    rows = {r[0].value: r[1].value for r in
+            openpyxl.load_workbook(tmp_path / "r.xlsx")["summary"].iter_rows(min_row=2)}
+    assert rows["slides failed"] == 1
+    assert rows["slides of another stain (left out)"] == 1
+
+
 def test_write_qc_fills_collagen_colours_each_exclusion_and_adds_legend(tmp_path: Path) -> None:
     """Collagen filled in a colour against the stain, each exclusion its own colour, a band
     with name, legend and scale bar below the image; a JPEG."""
