@@ -253,6 +253,8 @@ def run_analyze(
         note(f"measured {measured_now[0]}, failed {summary.failed}, "
              + (f"wrong stain {n_wrong} ({'kept in' if keep_wrong_stain else 'left out of'} "
                 "mice and groups), " if n_wrong else "")
+             + (f"not measured {summary.not_measured} (interrupted), "
+                if summary.not_measured else "")
              + f"skipped {summary.skipped} (already measured), removed {summary.removed} "
              f"in {summary.seconds:.1f} s" + (f"; {n_warn} warning(s)" if n_warn else ""))
         for old, new in summary.renamed:
@@ -266,7 +268,9 @@ def run_analyze(
     for line in summary.warnings:
         warn(line)
     if summary.interrupted:
-        err.print("interrupted: slides finished so far are stored; rerun to continue")
+        err.print("interrupted: slides finished so far are stored"
+                  + (f", {summary.not_measured} not measured yet" if summary.not_measured
+                     else "") + "; rerun to continue")
     elif summary.exit_code == 2 and summary.wrong_stain:
         err.print(f"[red]most slides are not {settings.stains.stain.value}: "
                   f"{len(summary.wrong_stain)} slide(s) show another stain; check --stain "
@@ -277,6 +281,10 @@ def run_analyze(
         out.print_json(data=run_json(summary, out_dir, files))
         return summary.exit_code
     out.print(summary.comparison, markup=False)
+    if not summary.tables_written:  # interrupted before any slide was stored
+        if (out_dir / "report.html").is_file():
+            out.print(f"report (of an earlier run): {files['report.html']}", markup=False)
+        return summary.exit_code
     if n_warn or summary.failed:
         out.print(f"{summary.failed} slide(s) failed, {n_warn} warning(s): see above and the "
                   "report before trusting the comparison.", markup=False)
@@ -310,7 +318,8 @@ def run_json(summary: Any, out_dir: Path, files: dict[str, str]) -> dict[str, An
         groups = json.loads(frame.to_json(orient="records"))
     return {
         "exit_code": summary.exit_code, "processed": summary.processed,
-        "skipped": summary.skipped, "failed": summary.failed, "removed": summary.removed,
+        "skipped": summary.skipped, "failed": summary.failed,
+        "not_measured": summary.not_measured, "removed": summary.removed,
         "seconds": summary.seconds, "interrupted": summary.interrupted,
         "comparison": summary.comparison, "warnings": list(summary.warnings),
         "failed_slides": [{"slide": s, "error": e} for s, e in summary.failed_slides],

@@ -1085,12 +1085,14 @@ def _summary_rows(slides: pd.DataFrame, mice: pd.DataFrame, groups: pd.DataFrame
     status = slides["status"].map(_text).str.lower() if "status" in slides else pd.Series([])
     n_ok = int(status.eq("ok").sum())
     n_wrong = int(status.eq("wrong-stain").sum())
+    n_pending = int(status.eq("not-measured").sum())
     rows: list[tuple[str, Any]] = [
         ("run date (UTC)", _text(provenance.get("started_utc", ""))),
         ("fibroquant", _text(provenance.get("fibroquant_version", ""))),
         ("slides measured", n_ok),
         *([("slides of another stain (left out)", n_wrong)] if n_wrong else []),
-        ("slides failed", len(slides) - n_ok - n_wrong),
+        ("slides failed", len(slides) - n_ok - n_wrong - n_pending),
+        *([("slides not measured yet (run interrupted)", n_pending)] if n_pending else []),
         ("mice", len(mice)), ("groups", int(groups["group"].nunique()) if "group" in groups
                               else 0),
         ("comparison", summary),
@@ -1815,7 +1817,8 @@ def write_report_html(
     n_ok = int(ok_mask.sum())
     wrong_mask = status.eq("wrong-stain").to_numpy()  # measured, left out of mice and groups
     n_wrong = int(wrong_mask.sum())
-    n_failed = len(slides) - n_ok - n_wrong
+    n_pending = int(status.eq("not-measured").sum())  # an interrupted run did not reach them
+    n_failed = len(slides) - n_ok - n_wrong - n_pending
     group_names = [g for g in _ordered_groups(None, groups.get("group", []),
                                               mice.get("group", [])) if g]  # "": no sheet
 
@@ -1846,7 +1849,7 @@ def write_report_html(
         '<nav><a href="#summary">Summary</a><a href="#groups">Groups</a>'
         '<a href="#statistics">Statistics</a><a href="#mice">Mice</a>'
         '<a href="#slides">Slides</a><a href="#qc">QC gallery</a>'
-        + ('<a href="#failed">Failed</a>' if n_failed else "")
+        + ('<a href="#failed">Failed</a>' if n_failed + n_pending else "")
         + '<a href="#settings">Settings</a></nav></header>'
     )
 
@@ -1855,6 +1858,7 @@ def write_report_html(
         *([(str(n_wrong), "slide of another stain" if n_wrong == 1
             else "slides of another stain")] if n_wrong else []),
         (str(n_failed), "slide failed" if n_failed == 1 else "slides failed"),
+        *([(str(n_pending), "not measured yet (run interrupted)")] if n_pending else []),
         (str(len(mice)), "mouse" if len(mice) == 1 else "mice"),
         (str(len(group_names)), "group" if len(group_names) == 1 else "groups"),
     ]
@@ -1966,9 +1970,11 @@ def write_report_html(
                  + (f'<div class="gallery">{"".join(cards)}</div>' if cards
                     else '<p class="note">No measured slides.</p>') + "</section>")
 
-    if n_failed:
+    if n_failed + n_pending:
         failed = slides[~ok_mask & ~wrong_mask]
-        parts.append('<section id="failed"><h2>Failed slides</h2>'
+        heading = ("Failed slides" if not n_pending else "Slides not measured" if not n_failed
+                   else "Failed and unmeasured slides")
+        parts.append(f'<section id="failed"><h2>{heading}</h2>'
                      + _html_table(failed, ["slide", "mouse", "group", "status", "error"])
                      + "</section>")
 

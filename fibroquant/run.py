@@ -69,6 +69,9 @@ SLIDE_COLUMNS = [c.name for c in schema.SLIDES if not c.optional]
 #: it is left out of mice and groups unless the run keeps wrong stains. The store keeps such a
 #: slide as ``ok`` (measured) with ``wrong_stain`` true; the tables show this status.
 WRONG_STAIN = "wrong-stain"
+#: Status of a slide of the folder without a stored result: the run was interrupted before it
+#: was measured (not a failure: the next run measures it).
+NOT_MEASURED = "not-measured"
 _INTERNAL = {"settings_hash", "version", "crashed"}
 #: A slide whose measurement killed its worker process this many times (in as many runs) is
 #: not measured again without ``--force``: it would only crash again.
@@ -82,6 +85,8 @@ class RunSummary:
     processed: int = 0
     skipped: int = 0
     failed: int = 0
+    #: slides without a result: the run was interrupted before they were measured
+    not_measured: int = 0
     removed: int = 0
     seconds: float = 0.0
     exit_code: int = 0
@@ -91,6 +96,8 @@ class RunSummary:
     #: slides not measured again because they crashed their worker process MAX_CRASHES times
     crashed: list[str] = field(default_factory=list)
     comparison: str = ""
+    #: the tables and report describe this run (False: interrupted or terminated before)
+    tables_written: bool = False
     warnings: list[str] = field(default_factory=list)
     failed_slides: list[tuple[str, str]] = field(default_factory=list)
     #: (old path, new path) of renamed slides whose measurement and outputs were kept
@@ -620,10 +627,12 @@ def analyze_folder(
                 _discard(out_dir, stem)
             current = store.current_results(shash, present=present)
             slides_df = build_slides_table(sheet, current)
-            summary.failed = int((~slides_df["status"].isin(["ok", WRONG_STAIN])).sum())
+            measured_or_not = ["ok", WRONG_STAIN, NOT_MEASURED]
+            summary.failed = int((~slides_df["status"].isin(measured_or_not)).sum())
+            summary.not_measured = int((slides_df["status"] == NOT_MEASURED).sum())
             summary.failed_slides = [
                 (str(r.slide), str(r.error)) for r in slides_df.itertuples()
-                if r.status not in ("ok", WRONG_STAIN)
+                if r.status not in measured_or_not
             ]
             summary.wrong_stain = [
                 (str(r["slide"]), str(r.get("stain_warning") or ""))
@@ -672,6 +681,7 @@ def analyze_folder(
                     failed=summary.failed, removed=summary.removed, exit_code=interrupt_code,
                     seconds=summary.seconds)
                 return summary
+            summary.tables_written = True
             if previous is not None and not summary.processed and not removed:
                 summary.comparison = previous  # nothing changed: tables are already current
                 from fibroquant.agreement import refresh_report
@@ -690,7 +700,8 @@ def analyze_folder(
                 summary.exit_code = 2  # the user chose the wrong --stain
             run_json = {
                 "processed": summary.processed, "skipped": summary.skipped,
-                "failed": summary.failed, "removed": summary.removed,
+                "failed": summary.failed, "not_measured": summary.not_measured,
+                "removed": summary.removed,
                 "seconds": summary.seconds, "exit_code": summary.exit_code,
                 "interrupted": summary.interrupted, "command": command,
                 "version": __version__, "settings_hash": shash, "started_utc": started,
@@ -798,14 +809,16 @@ def _no_tasks(tasks: list[SlideTask], **_: Any) -> list[dict[str, Any]]:
 def build_slides_table(sheet: pd.DataFrame, records: list[dict[str, Any]]) -> pd.DataFrame:
     """Join the sample sheet with the stored records: one row per slide, contract columns first.
 
-    Slides in the sheet without a record (never measured) appear as ``failed``.
+    Slides in the sheet without a record (a run interrupted before them) appear as
+    ``not-measured``.
     """
     by_slide = {r["slide"]: r for r in records}
     rows = []
     for row in sheet.to_dict("records"):
         rec = by_slide.get(row["slide"])
         if rec is None:
-            rec = {"status": "failed", "error": f"{row['slide']}: not measured"}
+            rec = {"status": NOT_MEASURED,
+                   "error": f"{row['slide']}: not measured yet (the run was interrupted)"}
         # the sheet's mpp is the one measured with; an empty one leaves the file's own
         sheet_row = {str(k): v for k, v in row.items() if not (k == "mpp" and "mpp" in rec)}
         merged = {**{k: v for k, v in rec.items() if k not in _INTERNAL}, **sheet_row}

@@ -103,7 +103,8 @@ SLIDES: tuple[Column, ...] = (
        "id", source="sheet"),
     _c("group", "", "group", "treatment group (from the sample sheet)", "id", source="sheet"),
     _c("status", "", "status", "`ok`, `wrong-stain` (measured, but the colours show another "
-       "stain: left out of mice and groups unless `--keep-wrong-stain`), or `failed`",
+       "stain: left out of mice and groups unless `--keep-wrong-stain`), `failed`, or "
+       "`not-measured` (the run was interrupted before it; the next run measures it)",
        "status"),
     _c("error", "", "error", "why a failed slide failed, one line naming the file", "status"),
     _c("mpp", "µm/px", "µm/px", "µm per pixel of the file (or the sheet's / `--mpp`'s)",
@@ -207,8 +208,8 @@ MICE: tuple[Column, ...] = (
        "unweighted mean of its slides' CPA", "measure", source="derived", **_CPA),
     _c("cpa_sd_of_slides", "pp", "SD of slides", "SD of its slides' CPA (ddof 1)", "measure",
        source="derived", **_CPA),
-    _c("n_failed_slides", "", "n left out", "slides left out: failed, or of another stain "
-       "(wrong-stain; kept with --keep-wrong-stain)", "count", decimals=0,
+    _c("n_failed_slides", "", "n left out", "slides left out: failed, not measured yet, or of "
+       "another stain (wrong-stain; kept with --keep-wrong-stain)", "count", decimals=0,
        source="derived"),
 )
 

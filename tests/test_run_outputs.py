@@ -676,3 +676,56 @@ def test_ctrl_c_before_any_slide_is_stored_ends_without_writing_tables(
     summary = run(slides, out)
     assert (summary.exit_code, summary.processed) == (0, 1)
     assert (out / "slides.csv").exists() and (out / "report.html").exists()
+
+
+def test_ctrl_c_after_one_slide_marks_the_rest_not_measured_not_failed(
+        bank: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slides an interrupted run never reached are ``not-measured``: not counted as failed
+    (console, run.json, report), left out of the mice, measured by the next run."""
+    from fibroquant import executor
+
+    real = executor.run_tasks
+
+    def one_then_interrupted(tasks, **kwargs):
+        yield next(iter(real(tasks[:1], **kwargs)))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(executor, "run_tasks", one_then_interrupted)
+    slides = _two_slides(bank, tmp_path / "slides")
+    out = tmp_path / "out"
+    summary = run(slides, out)
+    assert summary.interrupted and summary.exit_code == 130
+    assert (summary.failed, summary.not_measured, summary.failed_slides) == (0, 1, [])
+    df = table(out).set_index("slide")
+    assert df.loc["s1.tif", "status"] == "not-measured"
+    assert "not measured yet" in df.loc["s1.tif", "error"]
+    assert table(out, "mice.csv").set_index("mouse").loc["s1", "n_slides"] == 0
+    report = (out / "report.html").read_text(encoding="utf-8")
+    assert "Slides not measured" in report and "slides failed" in report
+    assert json.loads((out / "run.json").read_text())["not_measured"] == 1
+    monkeypatch.undo()
+    summary = run(slides, out)
+    assert (summary.processed, summary.not_measured) == (1, 0)
+    assert set(table(out)["status"]) == {"ok"}
+
+
+def test_console_names_no_tables_an_interrupted_run_did_not_write(
+        bank: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from fibroquant import executor
+    from fibroquant.cli import app
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+        yield  # a generator, as run_tasks
+
+    monkeypatch.setattr(executor, "run_tasks", interrupted)
+    slides = _two_slides(bank, tmp_path / "slides")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["analyze", str(slides), "--out", str(out), "--workers", "1"])
+    assert res.exit_code == 130, res.output
+    assert "interrupted before any slide was stored: tables not updated" in res.output
+    assert "report:" not in res.output and "tables:" not in res.output
+    assert "failed:" not in res.output and "failed 0, not measured 2 (interrupted)" in res.output
+    assert "2 not measured yet; rerun to continue" in res.output
