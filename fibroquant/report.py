@@ -957,7 +957,9 @@ def plot_stain_qc(slides: pd.DataFrame, out_stem: Path) -> list[Path]:
     Groups stained on different days show up as separate clusters here, the most common source
     of false treatment effects; slides with a stain warning are ringed in vermillion and named.
     """
-    ok = _ok_rows(slides)
+    # every measured slide: those of another stain are the ones this plot exists to show
+    ok = (slides[slides["status"].astype(str).str.lower().isin(["ok", "wrong-stain"]).to_numpy()]
+          if "status" in slides.columns else slides)
     y_col = next((c for c in ("collagen_level_od", "collagen_od_mean") if c in ok), None)
     fig = _new_figure(5.6, 4.4)
     ax = fig.add_subplot()
@@ -2007,11 +2009,18 @@ def write_report_html(
     _atomic_write_bytes(Path(path), doc.encode("utf-8"))
 
 
-def _exclusion_masks(flags: np.ndarray | None, excluded: np.ndarray) -> dict[str, np.ndarray]:
+#: ``slides.csv``'s column of the tiles left out as unfocused (mm²).
+_TILES_COLUMN = exclusions.TILES.column
+
+
+def _exclusion_masks(flags: np.ndarray | None, excluded: np.ndarray,
+                     tiles_left_out: bool = True) -> dict[str, np.ndarray]:
     """Split the slide's excluded area by what it is, from the low-resolution class bits
     (:func:`fibroquant.tiles.class_flags`, resized to ``excluded``; where classes overlap, the
     one that paints first in :data:`fibroquant.exclusions.CLASSES`); the rest is the tiles
-    left out (``unfocused``)."""
+    left out (``unfocused``). Without tiles left out, the rest (pixels along the classes'
+    edges the coarser bits miss) joins the class next to it, else the largest: a legend must
+    not name a class the slide does not have."""
     rest = exclusions.TILES.name
     if flags is None or not excluded.any():
         return {rest: excluded} if excluded.any() else {}
@@ -2030,8 +2039,17 @@ def _exclusion_masks(flags: np.ndarray | None, excluded: np.ndarray) -> dict[str
         if m.any():
             out[c.name] = m
             left &= ~m
-    if left.any():
+    if left.any() and (tiles_left_out or not out):
         out[rest] = left
+    elif left.any():
+        near = np.ones((3, 3), np.uint8)
+        for name, m in out.items():
+            got = left & cv2.dilate(m.view(np.uint8), near, iterations=2).view(bool)
+            out[name] = m | got
+            left &= ~got
+        if left.any():
+            largest = max(out, key=lambda k: int(np.count_nonzero(out[k])))
+            out[largest] = out[largest] | left
     return out
 
 
@@ -2099,7 +2117,10 @@ def write_qc(path: Path, analysis: Any, *, max_px: int = 2000, title: str = "") 
     if buffer:
         buffer.clear()
         release_free_heap()  # its pages back before the overlay's own (peak memory)
-    exclusions = _exclusion_masks(getattr(analysis, "flags", None), excluded)
+    measured = getattr(analysis, "measurements", None)
+    left_out = getattr(measured, "excluded_area_mm2", {}).get(_TILES_COLUMN, None)
+    exclusions = _exclusion_masks(getattr(analysis, "flags", None), excluded,
+                                  tiles_left_out=left_out is None or left_out > 0)
     rgb = _as_rgb_uint8(thumb)
     stain = getattr(analysis, "stain", "")
     colour = (collagen_fill_for_stain(stain) if stain in STAIN_FILL_RGB

@@ -141,3 +141,22 @@ def test_a_class_added_to_the_table_is_measured_end_to_end(monkeypatch):
     with pytest.raises(FibroquantError, match=r"all excluded: pigment [\d,]+ µm²"):
         fibroquant.analyze(black, mpp=0.5)
     assert replace(new, detect=None) not in exclusions.detected()
+
+
+def test_overlay_names_no_unfocused_tiles_a_slide_does_not_have():
+    """Excluded pixels no class bit claims (the bits are coarser than the masks) are the tiles
+    left out only when there are some; else they join the class beside them, or the largest."""
+    from fibroquant.exclusions import by_rule
+
+    lumen = next(c for c in CLASSES if c.name == "lumen")
+    flags = np.zeros((40, 40), np.uint8)
+    flags[10:20, 10:20] = lumen.bit
+    excluded = np.zeros((40, 40), bool)
+    excluded[9:21, 9:21] = True  # a pixel wider than the lumen's bits all round
+    excluded[35:37, 35:37] = True  # far from any class
+    shown = _exclusion_masks(flags, excluded, tiles_left_out=False)
+    assert list(shown) == ["lumen"]
+    assert shown["lumen"].sum() == excluded.sum()
+    tiles = by_rule("tiles")[0].name
+    assert set(_exclusion_masks(flags, excluded)) == {"lumen", tiles}
+    assert _exclusion_masks(flags, excluded)[tiles].sum() == 12 * 12 - 100 + 4

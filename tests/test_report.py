@@ -463,6 +463,17 @@ def test_plot_slides_and_stain_qc(tmp_path: Path, slides: pd.DataFrame) -> None:
     assert all(p.stat().st_size > 0 for p in plot_slides(bare, tmp_path / "bare_slides"))
 
 
+def test_stain_qc_plot_shows_slides_of_another_stain(tmp_path: Path, slides: pd.DataFrame
+                                                     ) -> None:
+    """The slide with the stain warning is the point the plot exists for: a wrong-stain slide
+    (measured, left out of the groups) is drawn and named; a failed one has no values."""
+    he = slides.iloc[[0]].assign(slide="he_slide.svs", status="wrong-stain",
+                                 stain_angle_deg=31.0, stain_warning="colours fit h&e")
+    svg = plot_stain_qc(pd.concat([slides, he], ignore_index=True), tmp_path / "q")[1]
+    text = svg.read_text(encoding="utf-8")
+    assert "he_slide.svs" in text and "broken.ndpi" not in text
+
+
 # --------------------------------------------------------------------------------------------
 # HTML report
 # --------------------------------------------------------------------------------------------
