@@ -106,7 +106,7 @@ def analyze(
                                       help="Output folder (tables, masks, QC, report, store).")],
     samples: Annotated[Path | None, typer.Option(
         exists=True, dir_okay=False, readable=True, resolve_path=True,
-        help="Sample sheet CSV: slide,mouse,group (+ extra columns).")] = None,
+        help="Sample sheet (CSV, TSV or .xlsx): slide,mouse,group (+ extra columns).")] = None,
     stain: Annotated[StainChoice | None, typer.Option(
         help="Stain of the slides (default from config: sirius-red).")] = None,
     config: Annotated[Path | None, typer.Option(

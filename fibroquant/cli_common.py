@@ -276,7 +276,9 @@ def run_analyze(
                   f"{len(summary.wrong_stain)} slide(s) show another stain; check --stain "
                   "(exit 2)[/]", markup=True, soft_wrap=True)
     files = {name: str(out_dir / name) for name in
-             ("slides.csv", "mice.csv", "groups.csv", "results.xlsx", "report.html")}
+             ("slides.csv", "mice.csv", "groups.csv", "traits.csv", "trait_groups.csv",
+              "results.xlsx", "report.html")
+             if not name.startswith("trait") or (out_dir / name).is_file()}
     if as_json:
         out.print_json(data=run_json(summary, out_dir, files))
         return summary.exit_code
@@ -290,8 +292,11 @@ def run_analyze(
                   "report before trusting the comparison.", markup=False)
     out.print(f"report: {files['report.html']}", markup=False)
     if not quiet:
+        # (the traits' tables: not with --no-traits; their comparison only with groups)
+        traits = [files[n] for n in ("traits.csv", "trait_groups.csv") if n in files]
         out.print(f"tables: {files['slides.csv']}, {files['mice.csv']}, {files['groups.csv']}, "
-                  f"{files['results.xlsx']}", markup=False)
+                  + "".join(f"{t}, " for t in traits) + f"{files['results.xlsx']}",
+                  markup=False)
         views = sorted((out_dir / "zoom").glob("*.html"))
         if views:  # whole slides' zoomable QC views, opened from the report's gallery
             out.print(f"zoomable QC views: {out_dir / 'zoom'} ({len(views)} slide(s), opened "

@@ -342,7 +342,7 @@ def watch(
                                       help="Output folder (as for analyze).")],
     samples: Annotated[Path | None, typer.Option(
         exists=True, dir_okay=False, readable=True, resolve_path=True,
-        help="Sample sheet CSV (re-read at each run; edits trigger a run).")] = None,
+        help="Sample sheet, CSV, TSV or .xlsx (re-read at each run; edits trigger a run).")] = None,
     stain: Annotated[StainChoice | None, typer.Option(help="Stain of the slides.")] = None,
     config: Annotated[Path | None, typer.Option(
         exists=True, dir_okay=False, readable=True, help="YAML settings file.")] = None,

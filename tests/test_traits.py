@@ -286,6 +286,8 @@ def test_cli_writes_trait_columns_tables_and_comparisons(fibre_study, tmp_path):
     res = CliRunner().invoke(app, ["analyze", str(fibre_study), "--out", str(out), "--samples",
                                    str(fibre_study / "samples.csv"), "--workers", "1"])
     assert res.exit_code == 0, res.output
+    tables = next(line for line in res.output.splitlines() if line.startswith("tables: "))
+    assert f"{out / 'traits.csv'}, {out / 'trait_groups.csv'}, " in tables
     slides = pd.read_csv(out / "slides.csv")
     for col in ("fibre_width_median_um", "fibre_width_iqr_um", "thin_fibre_share_percent",
                 "thick_fibre_share_percent", "fibre_length_density_mm_per_mm2",
