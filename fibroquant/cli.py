@@ -93,6 +93,11 @@ class ClusterChoice(StrEnum):
 
 SlidesOrFile = Annotated[Path, typer.Argument(
     exists=True, file_okay=True, dir_okay=True, readable=True, resolve_path=True, help="Folder of slides (searched recursively), or one slide file.")]
+#: ``--allow-unlisted`` (analyze, watch)
+AllowUnlisted = Annotated[bool, typer.Option(
+    "--allow-unlisted", help="Measure slide files the sample sheet does not list yet, and "
+    "leave them out of the tables until it does (a scheduled run while the sheet catches up; "
+    "by default they are an error before any work).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q",
                                      help="Only warnings, errors and the results.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the run summary and the group "
@@ -149,6 +154,7 @@ def analyze(
         "slide (zoom/, opened from the report; off by default: it costs about 1.5x the "
         "analysis time on a whole slide).",
         show_default=False)] = None,
+    allow_unlisted: AllowUnlisted = False,
 ) -> None:
     """Measure CPA on every new or changed slide and write the study tables and report.
 
@@ -160,6 +166,7 @@ def analyze(
         force=force, wait=wait, control=control, traits=traits,
         cluster=cluster.value if cluster is not None else None, classifier=classifier,
         quiet=quiet, as_json=as_json, keep_wrong_stain=keep_wrong_stain, zoom=zoom,
+        allow_unlisted=allow_unlisted,
     )
     raise typer.Exit(code=code)
 

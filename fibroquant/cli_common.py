@@ -147,6 +147,7 @@ def run_analyze(
     quiet: bool = False, command: str | None = None, traits: bool = True,
     cluster: str | None = None, classifier: Path | None = None,
     as_json: bool = False, keep_wrong_stain: bool = False, zoom: bool | None = None,
+    allow_unlisted: bool = False,
 ) -> int:
     from rich.markup import escape
     from rich.progress import (
@@ -168,7 +169,7 @@ def run_analyze(
             "workers": workers, "scheduler": scheduler, "cluster": cluster, "control": control,
             "force": force, "wait": wait, "classifier": classifier,
             "keep_wrong_stain": keep_wrong_stain, "no_traits": not traits, "zoom": zoom,
-            "no_zoom": zoom is False})
+            "no_zoom": zoom is False, "allow_unlisted": allow_unlisted})
     try:
         settings = cli_settings(config, stain, analysis_mpp, traits, classifier, zoom)
     except ConfigError as exc:
@@ -226,7 +227,7 @@ def run_analyze(
                 slides_dir, out_dir, settings, samples=samples, control=control, mpp=mpp,
                 workers=n_workers, scheduler=where, force=force, wait=wait, masks=masks,
                 command=command, on_plan=on_plan, on_result=on_result,
-                keep_wrong_stain=keep_wrong_stain,
+                keep_wrong_stain=keep_wrong_stain, allow_unlisted=allow_unlisted,
             )
     except StoreLockedError as exc:
         raise fail(str(exc), 3) from None
@@ -293,9 +294,9 @@ def run_analyze(
     out.print(f"report: {files['report.html']}", markup=False)
     if not quiet:
         # (the traits' tables: not with --no-traits; their comparison only with groups)
-        traits = [files[n] for n in ("traits.csv", "trait_groups.csv") if n in files]
+        trait_files = [files[n] for n in ("traits.csv", "trait_groups.csv") if n in files]
         out.print(f"tables: {files['slides.csv']}, {files['mice.csv']}, {files['groups.csv']}, "
-                  + "".join(f"{t}, " for t in traits) + f"{files['results.xlsx']}",
+                  + "".join(f"{t}, " for t in trait_files) + f"{files['results.xlsx']}",
                   markup=False)
         views = sorted((out_dir / "zoom").glob("*.html"))
         if views:  # whole slides' zoomable QC views, opened from the report's gallery

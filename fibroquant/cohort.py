@@ -181,7 +181,8 @@ def _format_list(items: Sequence[str], limit: int = 5) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def read_sample_sheet(path: Path, slides_dir: Path, slide_files: Sequence[Path]) -> pd.DataFrame:
+def read_sample_sheet(path: Path, slides_dir: Path, slide_files: Sequence[Path], *,
+                      allow_unlisted: bool = False) -> pd.DataFrame:
     """Read and validate a sample sheet against the slides folder.
 
     Parameters
@@ -194,7 +195,10 @@ def read_sample_sheet(path: Path, slides_dir: Path, slide_files: Sequence[Path])
         The folder the ``slide`` column is relative to.
     slide_files : sequence of Path
         The slide files discovered in ``slides_dir`` (absolute, under ``slides_dir``, or relative
-        to it). Every one of them must appear in the sheet.
+        to it). Every one of them must appear in the sheet, unless ``allow_unlisted``.
+    allow_unlisted : bool
+        Files not in the sheet are no problem: they are named in ``frame.attrs["unlisted"]``
+        (scans that arrived before the sheet lists them, in a scheduled run).
 
     Returns
     -------
@@ -334,9 +338,10 @@ def read_sample_sheet(path: Path, slides_dir: Path, slide_files: Sequence[Path])
                             f"{slides_dir}{hint}")
     listed = set(frame["slide"])
     unlisted = [d for d in discovered if d not in listed]
-    if unlisted:
+    if unlisted and not allow_unlisted:
         problems.append(f"{len(unlisted)} slide file(s) in {slides_dir} are not in the sheet: "
-                        f"{_format_list(unlisted)}")
+                        f"{_format_list(unlisted)} (--allow-unlisted measures them and leaves "
+                        "them out of the tables until the sheet lists them)")
 
     # -- mouse ↔ group ---------------------------------------------------------------------
     assigned = frame[(frame["mouse"] != "") & (frame["group"] != "")]
@@ -375,6 +380,7 @@ def read_sample_sheet(path: Path, slides_dir: Path, slide_files: Sequence[Path])
     frame["mouse"] = frame["mouse"].astype(str)
     frame["group"] = frame["group"].astype(str)
     frame["slide"] = frame["slide"].astype(str)
+    frame.attrs["unlisted"] = unlisted
     logger.info(
         "sample sheet %s: %d slides, %d mice, %d groups",
         name, len(frame), frame["mouse"].nunique(), frame["group"].nunique(),

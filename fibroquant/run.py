@@ -14,7 +14,7 @@ import platform
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from importlib import metadata
@@ -440,6 +440,7 @@ def analyze_folder(
     on_plan: Callable[[int, int], None] | None = None,
     on_result: Callable[[dict[str, Any]], None] | None = None,
     keep_wrong_stain: bool = False,
+    allow_unlisted: bool = False,
 ) -> RunSummary:
     """Measure every new or changed slide of a folder and regenerate the study tables.
 
@@ -475,6 +476,9 @@ def analyze_folder(
     keep_wrong_stain : bool
         Count slides of status ``wrong-stain`` in mice and groups (left out by default). The
         run exits with 2 when most measured slides are the wrong stain, kept or not.
+    allow_unlisted : bool
+        Slide files the sheet does not list are measured and stored but left out of the tables
+        (a warning names them) instead of a :class:`SampleSheetError` before any work.
 
     Returns
     -------
@@ -510,7 +514,7 @@ def analyze_folder(
         msg = f"{slides_dir}: no slide files found (.svs .ndpi .tif .tiff .png .jpg ...)"
         raise FibroquantError(msg)
     sheet = (
-        read_sample_sheet(samples, slides_dir, files)
+        read_sample_sheet(samples, slides_dir, files, allow_unlisted=allow_unlisted)
         if samples is not None
         else sheet_without_samples(files, slides_dir)
     )
@@ -521,6 +525,7 @@ def analyze_folder(
                    f"(groups: {', '.join(map(repr, groups))})")
             raise SampleSheetError(msg)
     extra_cols = [c for c in sheet.columns if c not in ("slide", "mouse", "group")]
+    notes = unlisted_note(sheet.attrs.get("unlisted", []))
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a read-only file system, a file in the way
@@ -659,12 +664,12 @@ def analyze_folder(
             ]).encode()).hexdigest()
             provenance["tables_key"] = tables_key
             try:  # the console shows them whether or not the tables are rewritten
-                summary.warnings = study_warnings(
+                summary.warnings = notes + study_warnings(
                     slides_df, settings, control=control,
                     mice=(aggregate_mice(slides_df, extra_columns=extra_cols)
                           if samples is not None else None))
             except ValueError:
-                summary.warnings = []
+                summary.warnings = notes
             previous = tables_current(out_dir, tables_key)
             # SIGTERM, or Ctrl-C before this run stored anything: end now (the tables would
             # show what the last run showed; the next run writes them)
@@ -691,7 +696,7 @@ def analyze_folder(
                 summary.comparison = write_tables(
                     out_dir, slides_df, extra_cols, settings, provenance,
                     control=control, has_sheet=samples is not None,
-                    keep_wrong_stain=keep_wrong_stain,
+                    keep_wrong_stain=keep_wrong_stain, notes=notes,
                 )
             summary.seconds = round(time.perf_counter() - t0, 3)
             summary.exit_code = (interrupt_code if summary.interrupted
@@ -832,6 +837,17 @@ def build_slides_table(sheet: pd.DataFrame, records: list[dict[str, Any]]) -> pd
             df[col] = np.nan
     sheet_cols = [c for c in sheet.columns if c not in SLIDE_COLUMNS]
     return df[schema.ordered(df.columns, "slides", first_extra=sheet_cols)]
+
+
+def unlisted_note(unlisted: Sequence[str]) -> list[str]:
+    """The warning of a run with ``--allow-unlisted`` whose folder holds slides the sheet does
+    not list (measured and stored, out of the tables until listed); empty without any."""
+    if not unlisted:
+        return []
+    names = ", ".join(repr(s) for s in unlisted[:3]) + (", ..." if len(unlisted) > 3 else "")
+    line = (f"{len(unlisted)} slide file(s) not in the sample sheet ({names}): measured and "
+            "stored, left out of the tables until the sheet lists them")
+    return [line]
 
 
 def study_warnings(slides_df: pd.DataFrame, settings: Settings, *,
@@ -1013,6 +1029,7 @@ def write_tables(
     control: str | None,
     has_sheet: bool,
     keep_wrong_stain: bool = False,
+    notes: Sequence[str] = (),
 ) -> str:
     """Write slides/mice/groups tables, plots, xlsx, report and provenance (all atomic).
 
@@ -1051,8 +1068,8 @@ def write_tables(
     settings_dict = settings.model_dump(mode="json")
     report.write_xlsx(out_dir / "results.xlsx", slides=slides_df, mice=mice, groups=groups,
                       settings=settings_dict, provenance=provenance, summary=sentence,
-                      warnings=study_warnings(slides_df, settings, control=control,
-                                              mice=mice if has_sheet else None))
+                      warnings=[*notes, *study_warnings(slides_df, settings, control=control,
+                                                        mice=mice if has_sheet else None)])
     plots_dir = out_dir / "plots"
     plots: list[Path] = []
     ctrl = groups.attrs.get("control") if has_sheet else None
@@ -1064,8 +1081,8 @@ def write_tables(
     plots += report.plot_stain_qc(slides_df, plots_dir / "stain_qc")
     qc = {s: output_files(out_dir, stem, ("qc",))["qc"]
           for s, stem in output_stems(slides_df["slide"]).items()}
-    for problem in study_warnings(slides_df, settings, mice=mice if has_sheet else None,
-                                  control=control):
+    for problem in [*notes, *study_warnings(slides_df, settings,
+                                            mice=mice if has_sheet else None, control=control)]:
         warnings.append(problem)  # the console shows RunSummary.warnings
     report.write_report_html(
         out_dir / "report.html", title="fibroquant: collagen proportionate area",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import subprocess
@@ -183,6 +184,33 @@ def test_sample_sheet_problems_exit_2(two_slides: Path, tmp_path: Path, problem:
         assert w in msg
     assert not (out / "slides.csv").exists()
     assert not (out / "fibroquant.sqlite").exists()
+
+
+def test_allow_unlisted_measures_new_scans_and_tables_them_once_listed(
+        two_slides: Path, tmp_path: Path) -> None:
+    """A nightly run while the sheet lags the scanner: the unlisted scan is measured and
+    stored, out of the tables with a warning; listed later, it enters them without being
+    measured again. Without the option it stays an error before any work."""
+    sheet = tmp_path / "samples.csv"
+    sheet.write_text("slide,mouse,group\na.tif,m1,c\n")
+    out = tmp_path / "out"
+    res = invoke("analyze", str(two_slides), "--out", str(out), "--samples", str(sheet),
+                 "--allow-unlisted", "--workers", "1")
+    assert res.exit_code == 0, res.output
+    text = one_line(res.output)
+    assert ("1 slide file(s) not in the sample sheet ('b.tif'): measured and stored, left out "
+            "of the tables until the sheet lists them") in text
+    assert list(pd.read_csv(out / "slides.csv")["slide"]) == ["a.tif"]
+    assert "not in the sample sheet ('b.tif')" in html.unescape((out / "report.html").read_text())
+    assert "--allow-unlisted" in json.loads((out / "run.json").read_text())["command"]
+    sheet.write_text("slide,mouse,group\na.tif,m1,c\nb.tif,m2,t\n")
+    res = invoke("analyze", str(two_slides), "--out", str(out), "--samples", str(sheet),
+                 "--allow-unlisted", "--workers", "1", "--json")
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    assert (info["processed"], info["skipped"]) == (0, 2)
+    assert not any("sample sheet" in w for w in info["warnings"])
+    assert list(pd.read_csv(out / "slides.csv")["slide"]) == ["a.tif", "b.tif"]
 
 
 # -- status and watch ------------------------------------------------------------------------

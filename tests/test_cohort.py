@@ -218,9 +218,15 @@ def test_unlisted_slides_named(tmp_path: Path, slides_dir: Path, slide_files: li
     with pytest.raises(
         SampleSheetError,
         match=(r"sheet\.csv: 7 slide file\(s\) in .* are not in the sheet: 'extra0\.tif', "
-               r"'extra1\.tif', 'extra2\.tif', 'extra3\.tif', 'extra4\.tif' and 2 more$"),
+               r"'extra1\.tif', 'extra2\.tif', 'extra3\.tif', 'extra4\.tif' and 2 more "
+               r"\(--allow-unlisted measures them .*\)$"),
     ):
         read_sample_sheet(write(tmp_path, GOOD), slides_dir, [*slide_files, *extra])
+    sheet = read_sample_sheet(write(tmp_path, GOOD), slides_dir, [*slide_files, *extra],
+                              allow_unlisted=True)
+    assert sheet.attrs["unlisted"] == [f"extra{i}.tif" for i in range(7)]
+    assert read_sample_sheet(write(tmp_path, GOOD), slides_dir,
+                             slide_files).attrs["unlisted"] == []
 
 
 def test_listed_file_not_a_slide(tmp_path: Path, slides_dir: Path,
