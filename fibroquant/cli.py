@@ -18,6 +18,7 @@ import typer.core
 
 from fibroquant import __version__
 from fibroquant.cli_common import (
+    STAIN_OPTION,
     App,
     StainChoice,
     available_cores,  # noqa: F401 - part of the command line's face (tests)
@@ -112,7 +113,7 @@ def analyze(
     samples: Annotated[Path | None, typer.Option(
         exists=True, dir_okay=False, readable=True, resolve_path=True,
         help="Sample sheet (CSV, TSV or .xlsx): slide,mouse,group (+ extra columns).")] = None,
-    stain: Annotated[StainChoice | None, typer.Option(
+    stain: Annotated[StainChoice | None, typer.Option(**STAIN_OPTION, 
         help="Stain of the slides (default from config: sirius-red).")] = None,
     config: Annotated[Path | None, typer.Option(
         exists=True, dir_okay=False, readable=True, help="YAML settings file.")] = None,
@@ -219,7 +220,8 @@ def inspect(
     slide: Annotated[Path, typer.Argument(exists=True, dir_okay=True, readable=True,
                                           help="A slide or image file, or a DICOM WSI folder.")],
     mpp: Annotated[float | None, typer.Option(min=0.01, help="µm per pixel override.")] = None,
-    stain: Annotated[StainChoice | None, typer.Option(help="Expected stain.")] = None,
+    stain: Annotated[StainChoice | None, typer.Option(
+        **STAIN_OPTION, help="Expected stain.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Show a slide's format, size, levels, µm per pixel and a stain guess."""

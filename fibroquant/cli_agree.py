@@ -10,7 +10,14 @@ from typing import Annotated, Any
 import typer
 
 from fibroquant.cli import app
-from fibroquant.cli_common import StainChoice, cli_settings, err, fail, out
+from fibroquant.cli_common import (
+    STAIN_OPTION,
+    StainChoice,
+    cli_settings,
+    err,
+    fail,
+    out,
+)
 from fibroquant.errors import ConfigError, FibroquantError
 from fibroquant.outdir import standard_json
 
@@ -75,7 +82,7 @@ def train(
         help="Folder of the annotated images (named STEM.*).")],
     out_file: Annotated[Path, typer.Option("--out", "-o", dir_okay=False, resolve_path=True,
                                            help="Classifier file to write.")],
-    stain: Annotated[StainChoice | None, typer.Option(
+    stain: Annotated[StainChoice | None, typer.Option(**STAIN_OPTION, 
         help="Stain of the slides (default from config: sirius-red).")] = None,
     config: Annotated[Path | None, typer.Option(
         exists=True, dir_okay=False, readable=True, help="YAML settings file.")] = None,

@@ -36,8 +36,8 @@ from fibroquant.errors import (
 )
 from fibroquant.protocols import Stain
 
-__all__ = ["App", "StainChoice", "available_cores", "cli_settings", "command_line", "err",
-           "fail", "out", "run_analyze"]
+__all__ = ["STAIN_OPTION", "App", "StainChoice", "available_cores", "cli_settings",
+           "command_line", "err", "fail", "out", "run_analyze"]
 
 
 class App(typer.Typer):
@@ -59,6 +59,19 @@ class App(typer.Typer):
 
 #: The stain protocols ``--stain`` offers.
 StainChoice = Stain
+#: ``--stain``'s options: the protocols' names and the names labs use for them (PSR...).
+STAIN_OPTION = {"parser": lambda value: parse_stain(value), "metavar": "sirius-red|masson"}
+
+
+def parse_stain(value: str | Stain) -> Stain:
+    """``--stain``'s value: a protocol's name, in any case, or another name labs use for it
+    (``PSR``, ``picrosirius``, ``trichrome``; :class:`fibroquant.protocols.Stain`)."""
+    try:
+        return Stain(value)
+    except ValueError:
+        msg = (f"{value!r} is not a stain fibroquant measures: sirius-red (also PSR, "
+               "picrosirius) or masson (also trichrome)")
+        raise typer.BadParameter(msg) from None
 
 
 def fail(message: str, code: int) -> typer.Exit:

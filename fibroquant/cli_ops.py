@@ -21,7 +21,15 @@ from typing import Annotated, Any
 import typer
 
 from fibroquant.cli import AllowUnlisted, ClusterChoice, app
-from fibroquant.cli_common import StainChoice, command_line, err, fail, out, run_analyze
+from fibroquant.cli_common import (
+    STAIN_OPTION,
+    StainChoice,
+    command_line,
+    err,
+    fail,
+    out,
+    run_analyze,
+)
 from fibroquant.cores import process_alive
 from fibroquant.errors import FibroquantError, one_line
 from fibroquant.layout import STORE_NAME
@@ -343,7 +351,8 @@ def watch(
     samples: Annotated[Path | None, typer.Option(
         exists=True, dir_okay=False, readable=True, resolve_path=True,
         help="Sample sheet, CSV, TSV or .xlsx (re-read at each run; edits trigger a run).")] = None,
-    stain: Annotated[StainChoice | None, typer.Option(help="Stain of the slides.")] = None,
+    stain: Annotated[StainChoice | None, typer.Option(
+        **STAIN_OPTION, help="Stain of the slides.")] = None,
     config: Annotated[Path | None, typer.Option(
         exists=True, dir_okay=False, readable=True, help="YAML settings file.")] = None,
     mpp: Annotated[float | None, typer.Option(

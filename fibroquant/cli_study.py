@@ -13,7 +13,14 @@ from typing import Annotated, Any
 import typer
 
 from fibroquant.cli import app
-from fibroquant.cli_common import StainChoice, cli_settings, err, fail, out
+from fibroquant.cli_common import (
+    STAIN_OPTION,
+    StainChoice,
+    cli_settings,
+    err,
+    fail,
+    out,
+)
 from fibroquant.errors import ConfigError, FibroquantError, one_line
 
 
@@ -162,7 +169,8 @@ def compare(
 def stains(
     slides_dir: Annotated[Path, typer.Argument(exists=True, file_okay=False,
                                                help="Folder of slides.")],
-    stain: Annotated[StainChoice | None, typer.Option(help="Stain of the slides.")] = None,
+    stain: Annotated[StainChoice | None, typer.Option(
+        **STAIN_OPTION, help="Stain of the slides.")] = None,
     config: Annotated[Path | None, typer.Option(exists=True, dir_okay=False,
                                                 help="YAML settings file.")] = None,
     mpp: Annotated[float | None, typer.Option(min=0.01, help="µm per pixel if files lack it.")]

@@ -13,10 +13,25 @@ __all__ = ["STAIN_NAMES", "Stain"]
 
 
 class Stain(StrEnum):
-    """Staining protocols fibroquant knows (``--stain``, ``stains.stain``)."""
+    """Staining protocols fibroquant knows (``--stain``, ``stains.stain``); the names labs use
+    for them are accepted too, in any case (``PSR``, ``picrosirius``, ``trichrome``...)."""
 
     SIRIUS_RED = "sirius-red"
     MASSON = "masson"
+
+    @classmethod
+    def _missing_(cls, value: object) -> Stain | None:
+        key = "".join(ch for ch in str(value).casefold() if ch.isalnum())
+        return _STAIN_ALIASES.get(key)
+
+
+#: Other names of each protocol, as :meth:`Stain._missing_` folds them (letters and digits).
+_STAIN_ALIASES = {
+    **dict.fromkeys(("siriusred", "sirius", "psr", "picrosirius", "picrosiriusred", "sr"),
+                    Stain.SIRIUS_RED),
+    **dict.fromkeys(("masson", "massons", "massontrichrome", "massonstrichrome", "trichrome",
+                     "mt"), Stain.MASSON),
+}
 
 
 #: Stain names of each protocol's colour-deconvolution matrix, collagen stain first, by the

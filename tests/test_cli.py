@@ -459,3 +459,21 @@ def test_workers_start_when_the_working_folder_holds_a_fibroquant_folder(tmp_pat
     assert res.returncode == 0, res.stderr[-2000:]
     table = pd.read_csv(tmp_path / "out" / "slides.csv")
     assert (table["status"] == "ok").all(), table["error"].tolist()
+
+
+@pytest.mark.parametrize(("given", "stain"), [
+    ("PSR", "sirius-red"), ("Picro-Sirius red", "sirius-red"), ("MASSON", "masson"),
+    ("trichrome", "masson")])
+def test_stain_takes_the_names_labs_use(given, stain):
+    from fibroquant.cli_common import parse_stain
+
+    assert parse_stain(given).value == stain
+
+
+def test_unknown_stain_is_one_line_naming_the_choices(tmp_path):
+    res = runner.invoke(app, ["analyze", str(tmp_path), "--out", str(tmp_path / "o"),
+                              "--stain", "H&E"])
+    assert res.exit_code == 2
+    text = " ".join(res.output.replace("│", " ").split())
+    assert "'H&E' is not a stain fibroquant measures: sirius-red (also PSR, picrosirius) or " \
+           "masson (also trichrome)" in text
