@@ -600,10 +600,21 @@ def _threshold_map(
                   thr.share_guard)
         guard_map = np.float32(thr.share_guard) - band * np.float32(thr.share_guard - low)
         del band
+    # where the counterstain projects below zero on the collagen axis the local level is
+    # negative, and so may the threshold be: a pixel with no stain at all would pass
+    np.maximum(threshold_map, np.float32(MIN_COLLAGEN_OD), out=threshold_map)
     collagen = thumb_col > threshold_map
     del thumb_col
     return with_capsule(tissue, collagen), threshold_map, guard_map
 
+
+#: Least collagen-stain concentration of a collagen pixel, OD: the local threshold map never
+#: falls below it. Real Sirius red and Masson liver maps reach down to 0.053 OD (pale TWOMBLI
+#: core 2L_7D, whose yellow parenchyma projects below zero), and keep their answers; on 7 of
+#: 12 real Masson hearts the map lay below zero everywhere (medians -0.19 to -0.44 OD: red
+#: muscle projects far below zero), and the unstained white clefts between muscle bundles
+#: (0 OD) read as collagen (1_heart_2710497275: 6.95 % CPA, 1.90 % with the floor).
+MIN_COLLAGEN_OD = 0.04
 
 #: Thumbnail rows converted to concentrations at a time (:func:`_thumbnail_planes`).
 CONC_BAND_ROWS = 256

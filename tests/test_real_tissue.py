@@ -579,3 +579,21 @@ def test_random_colours_are_no_evidence_of_another_stain():
     fit = stain_fit(noise)
     assert min(fit[k] for k in ("sirius-red", "masson", "h&e")) > 0.2
     assert not stain_verdict(fit, "sirius-red").wrong
+
+
+@pytest.mark.slow
+def test_unstained_clefts_of_a_real_heart_are_not_collagen():
+    """Red muscle projects far below zero on Masson's collagen axis, and took the local
+    threshold below zero with it: the white clefts between muscle bundles (no stain) read as
+    collagen (6.95 % CPA). The threshold never falls below MIN_COLLAGEN_OD."""
+    from fibroquant.pipeline import MIN_COLLAGEN_OD, calibrate_slide
+
+    rgb = _real("masson-heart-autoslide", "1_heart_2710497275.png")
+    s = load_settings(overrides={"stains": {"stain": "masson"}})
+    cal = calibrate_slide(ArraySlide(rgb, 0.5), s)
+    assert float(np.min(cal.threshold_map)) >= np.float32(MIN_COLLAGEN_OD)
+    a = _analyze(rgb, 0.5, "masson")
+    white = a.tissue_mask & (rgb.min(axis=2) > 215)
+    assert white.sum() > 5_000  # the clefts
+    assert (white & a.collagen_mask).sum() < 0.1 * white.sum()
+    assert 1.0 < a.measurements.cpa_percent < 3.0
