@@ -856,6 +856,10 @@ def plot_traits(
     return _save_figure(fig, out_stem)
 
 
+#: Most mice whose columns :func:`plot_slides` names (beyond, the labels would not be read).
+MAX_MOUSE_LABELS = 48
+
+
 def plot_slides(slides: pd.DataFrame, out_stem: Path) -> list[Path]:
     """CPA of every section, grouped by group and mouse, coloured by mouse.
 
@@ -901,10 +905,12 @@ def plot_slides(slides: pd.DataFrame, out_stem: Path) -> list[Path]:
     x = 0.0
     j = -1
     centres: list[float] = []
+    mouse_x: list[tuple[float, str]] = []
     for g in order:
         start = x
         for mouse in mice_per_group[g]:
             j += 1
+            mouse_x.append((x, mouse))
             rows = ok[(ok["_group"].eq(g) & ok["_mouse"].eq(mouse)).to_numpy()]
             colour = OKABE_ITO[j % len(OKABE_ITO)]
             marker = "osD^v"[(j // len(OKABE_ITO)) % 5]
@@ -925,7 +931,16 @@ def plot_slides(slides: pd.DataFrame, out_stem: Path) -> list[Path]:
             ax.axvline(x - 0.25, color="#bbbbbb", linewidth=0.8)
         x += 0.5
 
-    ax.set_xticks(centres, [_wrap(g) for g in order], fontsize=_FONT_PT)
+    groups_axis: Any = ax
+    if len(mouse_x) <= MAX_MOUSE_LABELS:
+        # each column named by its mouse; the groups below them, on an axis of their own
+        names = [m[:6] + "…" + m[-8:] if len(m) > 15 else m for _, m in mouse_x]
+        ax.set_xticks([p for p, _ in mouse_x], names, rotation=90, fontsize=_FONT_PT - 3)
+        groups_axis = ax.secondary_xaxis("bottom")
+        groups_axis.spines["bottom"].set_visible(False)
+        groups_axis.tick_params(axis="x", length=0,
+                                pad=8 + 0.62 * (_FONT_PT - 3) * max(len(n) for n in names))
+    groups_axis.set_xticks(centres, [_wrap(g) for g in order], fontsize=_FONT_PT)
     ax.tick_params(axis="x", length=0)
     ax.set_xlim(-0.7, x - 0.8)
     ax.set_ylim(0, float(ok["_cpa"].max()) * 1.1 + 0.05)
@@ -1764,6 +1779,19 @@ def _slide_card(row: pd.Series, uri: str | None, href: str | None = None,
     )
 
 
+def _groups_note(test_name: str, p_col: str) -> str:
+    """The note under the group table: units, the tests of its p values, who gets none."""
+    return ('<p class="note">CPA in % of tissue area; differences in percentage points (pp); '
+            "comparisons against the control group (empty on the control row); p values of "
+            f"{_e(test_name)}"
+            + (", the primary test with more than two groups; Welch p (Holm) is Welch's "
+               "t-test Holm-adjusted" if p_col == "dunnett_p" else
+               " and the Mann–Whitney U test, two-sided")
+            + ". Groups with fewer than 3 mice or a name one edit from another get no p "
+            "value. Every statistic is in <code>groups.csv</code> and "
+            "<code>results.xlsx</code>.</p>")
+
+
 def write_report_html(
     path: Path,
     *,
@@ -1848,20 +1876,25 @@ def write_report_html(
            if study or run_date else "")
         + '<p class="sub">Collagen proportionate area (CPA) = collagen area / tissue area × 100, '
         "per section, per mouse and per group.</p>"
-        '<nav><a href="#summary">Summary</a><a href="#groups">Groups</a>'
-        '<a href="#statistics">Statistics</a><a href="#mice">Mice</a>'
+        '<nav><a href="#summary">Summary</a>'
+        + ('<a href="#groups">Groups</a><a href="#statistics">Statistics</a>' if len(groups)
+           else "")
+        + '<a href="#mice">Mice</a>'
         '<a href="#slides">Slides</a><a href="#qc">QC gallery</a>'
         + ('<a href="#failed">Failed</a>' if n_failed + n_pending else "")
         + '<a href="#settings">Settings</a></nav></header>'
     )
 
+    # mice with a measured slide (a failed file is a "mouse" of its own without a sheet)
+    n_mice = (int((pd.to_numeric(mice["n_slides"], errors="coerce") > 0).sum())
+              if "n_slides" in mice else len(mice))
     kpis = [
         (str(n_ok), "slide measured" if n_ok == 1 else "slides measured"),
         *([(str(n_wrong), "slide of another stain" if n_wrong == 1
             else "slides of another stain")] if n_wrong else []),
         (str(n_failed), "slide failed" if n_failed == 1 else "slides failed"),
         *([(str(n_pending), "not measured yet (run interrupted)")] if n_pending else []),
-        (str(len(mice)), "mouse" if len(mice) == 1 else "mice"),
+        (str(n_mice), "mouse" if n_mice == 1 else "mice"),
         (str(len(group_names)), "group" if len(group_names) == 1 else "groups"),
     ]
     parts.append('<section id="summary"><h2>Study summary</h2><div class="kpis">'
@@ -1896,23 +1929,14 @@ def write_report_html(
         for c in p_cols:
             if c in shown.columns:
                 shown.loc[shown["group"].map(_text) == g, c] = math.nan
-    parts.append('<section id="groups"><h2>Groups</h2>')
-    parts.append(_html_table(shown, group_cols, group_labels) if len(groups)
-                 else '<p class="note">No group table.</p>')
-    parts.append('<p class="note">CPA in % of tissue area; differences in percentage points (pp); '
-                 f"comparisons against the control group (empty on the control row); p values of "
-                 f"{_e(test_name)}"
-                 + (", the primary test with more than two groups; Welch p (Holm) is Welch's "
-                    "t-test Holm-adjusted" if p_col == "dunnett_p" else
-                    " and the Mann–Whitney U test, two-sided")
-                 + ". Groups with fewer than 3 mice or a name one edit from another get no p "
-                 "value. Every statistic is in <code>groups.csv</code> and "
-                 "<code>results.xlsx</code>.</p>")
-    parts.extend(_figure(u, caption(p), w) for p, u, w in group_plots)
-    parts.append("</section>")
-
-    parts.append('<section id="statistics"><h2>Statistics notes</h2>'
-                 + _stats_notes(groups, omnibus, mixed) + "</section>")
+    if len(groups):
+        parts.append('<section id="groups"><h2>Groups</h2>')
+        parts.append(_html_table(shown, group_cols, group_labels))
+        parts.append(_groups_note(test_name, p_col))
+        parts.extend(_figure(u, caption(p), w) for p, u, w in group_plots)
+        parts.append("</section>")
+        parts.append('<section id="statistics"><h2>Statistics notes</h2>'
+                     + _stats_notes(groups, omnibus, mixed) + "</section>")
 
     mouse_labels = {c.name: c.label for c in schema.MICE}
     traits = {c.name for c in schema.MICE if c.kind == "trait"}

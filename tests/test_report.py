@@ -463,6 +463,12 @@ def test_plot_slides_and_stain_qc(tmp_path: Path, slides: pd.DataFrame) -> None:
     assert all(p.stat().st_size > 0 for p in plot_slides(bare, tmp_path / "bare_slides"))
 
 
+def test_plot_slides_names_each_mouse_column(tmp_path: Path, slides: pd.DataFrame) -> None:
+    svg = plot_slides(slides, tmp_path / "s")[1].read_text(encoding="utf-8")
+    for label in ("C1", "C2", "C3", "T1", "T2", "T3", "control", "MSC"):  # (text as paths)
+        assert f"<!-- {label} -->" in svg, label
+
+
 def test_stain_qc_plot_shows_slides_of_another_stain(tmp_path: Path, slides: pd.DataFrame
                                                      ) -> None:
     """The slide with the stain warning is the point the plot exists for: a wrong-stain slide
@@ -616,6 +622,21 @@ def test_wrong_stain_slides_are_counted_apart_from_failed_ones(tmp_path: Path,
             openpyxl.load_workbook(tmp_path / "r.xlsx")["summary"].iter_rows(min_row=2)}
     assert rows["slides failed"] == 1
     assert rows["slides of another stain (left out)"] == 1
+
+
+def test_report_without_groups_has_no_statistics_and_counts_measured_mice(
+        tmp_path: Path, slides: pd.DataFrame, mice: pd.DataFrame) -> None:
+    """Without a sheet there is nothing compared: no Groups or Statistics sections; a failed
+    file (its own "mouse" without a sheet) is not counted among the mice."""
+    unmeasured = pd.DataFrame([{"mouse": "broken", "group": "", "n_slides": 0}])
+    out = tmp_path / "r.html"
+    write_report_html(out, title="t", slides=slides, mice=pd.concat([mice, unmeasured]),
+                      groups=pd.DataFrame(), omnibus=None, mixed=None, summary="No sheet.",
+                      qc_images={}, plots=[], settings={}, provenance={}, warnings=[])
+    text = out.read_text(encoding="utf-8")
+    assert 'id="statistics"' not in text and 'id="groups"' not in text
+    assert 'href="#statistics"' not in text
+    assert f'<div class="v">{len(mice)}</div><div class="l">mice</div>' in text
 
 
 def test_write_qc_fills_collagen_colours_each_exclusion_and_adds_legend(tmp_path: Path) -> None:
