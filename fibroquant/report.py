@@ -1469,6 +1469,7 @@ th { background: var(--bg); font-weight: 600; min-width: 3.5em; }
 thead th { vertical-align: bottom; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 td.id { white-space: nowrap; }
+td.text { min-width: 26em; }
 tbody tr:nth-child(even) { background: #fbfcfd; }
 .note { color: var(--muted); font-size: 13px; }
 figure { margin: 12px 16px 20px 0; display: inline-table; vertical-align: top; }
@@ -1540,6 +1541,10 @@ def _fmt_cell(column: str, value: Any) -> tuple[str, bool]:
     return _e(str(value)), False
 
 
+#: Columns of sentences: a table gives them a reading width, not the narrowest wrap.
+_TEXT_COLUMNS = frozenset({"error", "stain_warning", "qc_flags", "stain_guess"})
+
+
 def _html_table(frame: pd.DataFrame, columns: Sequence[str] | None = None,
                 labels: Mapping[str, str] | None = None) -> str:
     cols = [c for c in (columns or list(frame.columns)) if c in frame.columns]
@@ -1550,7 +1555,8 @@ def _html_table(frame: pd.DataFrame, columns: Sequence[str] | None = None,
         cells = []
         for c in cols:
             text, numeric = _fmt_cell(str(c), row[c])
-            cls = "num" if numeric else ("id" if str(c) in ("slide", "mouse", "group") else "")
+            cls = ("num" if numeric else "id" if str(c) in ("slide", "mouse", "group", "status")
+                   else "text" if str(c) in _TEXT_COLUMNS else "")
             cells.append(f'<td class="{cls}">{text}</td>' if cls else f"<td>{text}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return (f'<div class="tablewrap"><table><thead><tr>{head}</tr></thead>'
