@@ -613,7 +613,8 @@ def _threshold_map(
 #: core 2L_7D, whose yellow parenchyma projects below zero), and keep their answers; on 7 of
 #: 12 real Masson hearts the map lay below zero everywhere (medians -0.19 to -0.44 OD: red
 #: muscle projects far below zero), and the unstained white clefts between muscle bundles
-#: (0 OD) read as collagen (1_heart_2710497275: 6.95 % CPA, 1.90 % with the floor).
+#: (0 OD) read as collagen (1_heart_2710497275: 6.95 % CPA, 1.90 % with the floor; 3.49 %
+#: once its glass colour was right too, :func:`_glass_background`).
 MIN_COLLAGEN_OD = 0.04
 
 #: Thumbnail rows converted to concentrations at a time (:func:`_thumbnail_planes`).
@@ -785,12 +786,17 @@ def _glass_background(
         small = reduced
     else:
         small = cv2.resize(thumb, (w // k, h // k), interpolation=cv2.INTER_AREA)
-    section = detect_tissue(small, thumb_mpp * w / small.shape[1], settings.tissue,
-                            background).section
+    found = detect_tissue(small, thumb_mpp * w / small.shape[1], settings.tissue, background)
+    # only pixels as clear as glass: a strip of tissue cut off by the frame, dropped from the
+    # section as a speck, is not glass (a real heart field's glass read 207,192,204: red
+    # muscle in it, for 227,220,218)
+    t_glass = found.glass_threshold_od if found.glass_threshold_od is not None else found.glass_od
+    clear = channel_sum(rgb_to_od(small, background)) <= np.float32(t_glass)
     if k == 1:
-        glass = ~section
+        glass = ~found.section & clear
     else:
-        grown = cv2.dilate(section.view(np.uint8), np.ones((3, 3), np.uint8))
+        grown = cv2.dilate(found.section.view(np.uint8), np.ones((3, 3), np.uint8))
+        grown[~clear] = 1
         glass = cv2.resize(grown, (w, h), interpolation=cv2.INTER_NEAREST) == 0
     return glass_median(thumb, glass)
 

@@ -596,4 +596,8 @@ def test_unstained_clefts_of_a_real_heart_are_not_collagen():
     white = a.tissue_mask & (rgb.min(axis=2) > 215)
     assert white.sum() > 5_000  # the clefts
     assert (white & a.collagen_mask).sum() < 0.1 * white.sum()
-    assert 1.0 < a.measurements.cpa_percent < 3.0
+    assert 2.0 < a.measurements.cpa_percent < 5.0
+    # its glass (the white band at the bottom, 227,220,218) without the strip of muscle the
+    # frame cuts off below it (dropped from the section as a speck): 207,192,204 with it
+    bg = json.loads(a.to_record()["background_rgb"])
+    assert min(bg) >= 215 and max(bg) - min(bg) <= 15, bg
