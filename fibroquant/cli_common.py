@@ -293,8 +293,8 @@ def run_analyze(
              ("slides.csv", "mice.csv", "groups.csv", "traits.csv", "trait_groups.csv",
               "results.xlsx", "report.html")
              if not name.startswith("trait") or (out_dir / name).is_file()}
-    if as_json:
-        out.print_json(data=run_json(summary, out_dir, files))
+    if as_json:  # (no files when an interrupted run wrote none)
+        out.print_json(data=run_json(summary, out_dir, files if summary.tables_written else {}))
         return summary.exit_code
     out.print(summary.comparison, markup=False)
     if not summary.tables_written:  # interrupted before any slide was stored
@@ -340,6 +340,7 @@ def run_json(summary: Any, out_dir: Path, files: dict[str, str]) -> dict[str, An
         "skipped": summary.skipped, "failed": summary.failed,
         "not_measured": summary.not_measured, "removed": summary.removed,
         "seconds": summary.seconds, "interrupted": summary.interrupted,
+        "tables_written": summary.tables_written,
         "comparison": summary.comparison, "warnings": list(summary.warnings),
         "failed_slides": [{"slide": s, "error": e} for s, e in summary.failed_slides],
         "wrong_stain": [{"slide": s, "why": w} for s, w in summary.wrong_stain],

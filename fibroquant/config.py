@@ -22,7 +22,7 @@ from fibroquant.protocols import STAIN_NAMES, Stain
 
 #: Bumped whenever a change to the algorithms changes measurements. It is part of the settings
 #: hash, so stored results made by an older algorithm are re-measured instead of being mixed in.
-ALGORITHM_VERSION = 2
+ALGORITHM_VERSION = 3
 
 
 class _Model(BaseModel):
@@ -370,11 +370,14 @@ class Settings(_Model):
             from fibroquant.classifier import file_hash
 
             data["classifier_sha256"] = file_hash(clf)
+        mask_max_mpx = data["tiling"]["mask_max_mpx"]
         for key in ("mask_max_mpx", "qc_max_px", "input_timeout_s", "slide_timeout_s", "zoom"):
             data["tiling"].pop(key)
         data["traits"].pop("tile_px")
         if not data["traits"]["enabled"]:  # no trait measured: hashes as before traits existed
             data.pop("traits")
+        else:  # the traits are measured on the kept masks, whose size it sets
+            data["traits"]["mask_max_mpx"] = mask_max_mpx
         if data["tiling"]["analysis_mpp"] is None:  # native resolution: no level is chosen
             data["tiling"].pop("read_oversample")
         data["algorithm_version"] = ALGORITHM_VERSION

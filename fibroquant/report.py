@@ -831,7 +831,7 @@ def plot_traits(
             # e.g. thin-fibre shares of masks too coarse to show a thin fibre: said, not drawn
             ax.set_yticks([])
             ax.set_xlim(-0.5, len(groups) - 0.5)
-            ax.text(0.5, 0.5, "no value\n(see warnings)", transform=ax.transAxes,
+            ax.text(0.5, 0.5, "no value\nfor any mouse", transform=ax.transAxes,
                     ha="center", va="center", fontsize=_FONT_PT - 2, color="0.35")
         for i, g in enumerate(groups):
             v = pd.to_numeric(mice.loc[mice["group"].astype(str) == g, name],
@@ -1096,22 +1096,38 @@ def _write_sheet(wb: Any, title: str, header: Sequence[str], rows: Iterable[Sequ
 _XLSX_CELL_MAX = 2000
 
 
+def _study_counts(slides: pd.DataFrame, mice: pd.DataFrame,
+                  groups: pd.DataFrame) -> dict[str, int]:
+    """The study's counts, as the report's summary and the xlsx ``summary`` sheet give them:
+    slides measured (``ok``), of another stain (``wrong-stain``: measured, left out of mice
+    and groups unless kept), not measured yet (an interrupted run), failed (the rest); mice
+    with a measured slide (without a sheet a failed file is a "mouse" of its own); groups."""
+    status = (slides["status"].map(_text).str.lower() if "status" in slides
+              else pd.Series("ok", index=slides.index))
+    ok, wrong = int(status.eq("ok").sum()), int(status.eq("wrong-stain").sum())
+    pending = int(status.eq("not-measured").sum())
+    mice_n = (int((pd.to_numeric(mice["n_slides"], errors="coerce") > 0).sum())
+              if "n_slides" in mice else len(mice))
+    group_names = [g for g in _ordered_groups(None, groups.get("group", []),
+                                              mice.get("group", [])) if g]  # "": no sheet
+    return {"ok": ok, "wrong_stain": wrong, "not_measured": pending,
+            "failed": len(slides) - ok - wrong - pending, "mice": mice_n,
+            "groups": len(group_names)}
+
+
 def _summary_rows(slides: pd.DataFrame, mice: pd.DataFrame, groups: pd.DataFrame,
                   summary: str, warnings: Sequence[str],
                   provenance: Mapping[str, Any]) -> list[tuple[str, Any]]:
-    status = slides["status"].map(_text).str.lower() if "status" in slides else pd.Series([])
-    n_ok = int(status.eq("ok").sum())
-    n_wrong = int(status.eq("wrong-stain").sum())
-    n_pending = int(status.eq("not-measured").sum())
+    n = _study_counts(slides, mice, groups)
     rows: list[tuple[str, Any]] = [
         ("run date (UTC)", _text(provenance.get("started_utc", ""))),
         ("fibroquant", _text(provenance.get("fibroquant_version", ""))),
-        ("slides measured", n_ok),
-        *([("slides of another stain (left out)", n_wrong)] if n_wrong else []),
-        ("slides failed", len(slides) - n_ok - n_wrong - n_pending),
-        *([("slides not measured yet (run interrupted)", n_pending)] if n_pending else []),
-        ("mice", len(mice)), ("groups", int(groups["group"].nunique()) if "group" in groups
-                              else 0),
+        ("slides measured", n["ok"]),
+        *([("slides of another stain", n["wrong_stain"])] if n["wrong_stain"] else []),
+        ("slides failed", n["failed"]),
+        *([("slides not measured yet (run interrupted)", n["not_measured"])]
+          if n["not_measured"] else []),
+        ("mice", n["mice"]), ("groups", n["groups"]),
         ("comparison", summary),
     ]
     rows += [(f"warning {k}", w) for k, w in enumerate(warnings, start=1)]
@@ -1850,11 +1866,9 @@ def write_report_html(
     status = (slides["status"].map(_text).str.lower() if "status" in slides
               else pd.Series("ok", index=slides.index))
     ok_mask = status.eq("ok").to_numpy()
-    n_ok = int(ok_mask.sum())
     wrong_mask = status.eq("wrong-stain").to_numpy()  # measured, left out of mice and groups
-    n_wrong = int(wrong_mask.sum())
-    n_pending = int(status.eq("not-measured").sum())  # an interrupted run did not reach them
-    n_failed = len(slides) - n_ok - n_wrong - n_pending
+    n = _study_counts(slides, mice, groups)
+    n_ok, n_wrong, n_pending, n_failed = n["ok"], n["wrong_stain"], n["not_measured"], n["failed"]
     group_names = [g for g in _ordered_groups(None, groups.get("group", []),
                                               mice.get("group", [])) if g]  # "": no sheet
 
@@ -1883,17 +1897,15 @@ def write_report_html(
         + '<p class="sub">Collagen proportionate area (CPA) = collagen area / tissue area × 100, '
         "per section, per mouse and per group.</p>"
         '<nav><a href="#summary">Summary</a>'
-        + ('<a href="#groups">Groups</a><a href="#statistics">Statistics</a>' if len(groups)
-           else "")
+        + ('<a href="#groups">Groups</a>' if len(groups) or group_plots else "")
+        + ('<a href="#statistics">Statistics</a>' if len(groups) else "")
         + '<a href="#mice">Mice</a>'
         '<a href="#slides">Slides</a><a href="#qc">QC gallery</a>'
         + ('<a href="#failed">Failed</a>' if n_failed + n_pending else "")
         + '<a href="#settings">Settings</a></nav></header>'
     )
 
-    # mice with a measured slide (a failed file is a "mouse" of its own without a sheet)
-    n_mice = (int((pd.to_numeric(mice["n_slides"], errors="coerce") > 0).sum())
-              if "n_slides" in mice else len(mice))
+    n_mice = n["mice"]
     kpis = [
         (str(n_ok), "slide measured" if n_ok == 1 else "slides measured"),
         *([(str(n_wrong), "slide of another stain" if n_wrong == 1
@@ -1901,7 +1913,7 @@ def write_report_html(
         (str(n_failed), "slide failed" if n_failed == 1 else "slides failed"),
         *([(str(n_pending), "not measured yet (run interrupted)")] if n_pending else []),
         (str(n_mice), "mouse" if n_mice == 1 else "mice"),
-        (str(len(group_names)), "group" if len(group_names) == 1 else "groups"),
+        (str(n["groups"]), "group" if n["groups"] == 1 else "groups"),
     ]
     parts.append('<section id="summary"><h2>Study summary</h2><div class="kpis">'
                  + "".join(f'<div class="kpi"><div class="v">{_e(v)}</div>'
@@ -1935,12 +1947,13 @@ def write_report_html(
         for c in p_cols:
             if c in shown.columns:
                 shown.loc[shown["group"].map(_text) == g, c] = math.nan
-    if len(groups):
+    if len(groups) or group_plots:  # (a sheet's trait plot even when CPA's comparison failed)
         parts.append('<section id="groups"><h2>Groups</h2>')
-        parts.append(_html_table(shown, group_cols, group_labels))
-        parts.append(_groups_note(test_name, p_col))
+        parts.append(_html_table(shown, group_cols, group_labels) + _groups_note(test_name, p_col)
+                     if len(groups) else '<p class="note">No group table (see the summary).</p>')
         parts.extend(_figure(u, caption(p), w) for p, u, w in group_plots)
         parts.append("</section>")
+    if len(groups):
         parts.append('<section id="statistics"><h2>Statistics notes</h2>'
                      + _stats_notes(groups, omnibus, mixed) + "</section>")
 

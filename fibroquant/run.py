@@ -696,7 +696,7 @@ def analyze_folder(
                 summary.comparison = write_tables(
                     out_dir, slides_df, extra_cols, settings, provenance,
                     control=control, has_sheet=samples is not None,
-                    keep_wrong_stain=keep_wrong_stain, notes=notes,
+                    keep_wrong_stain=keep_wrong_stain, notes=notes, stems=stems,
                 )
             summary.seconds = round(time.perf_counter() - t0, 3)
             summary.exit_code = (interrupt_code if summary.interrupted
@@ -845,8 +845,8 @@ def unlisted_note(unlisted: Sequence[str]) -> list[str]:
     if not unlisted:
         return []
     names = ", ".join(repr(s) for s in unlisted[:3]) + (", ..." if len(unlisted) > 3 else "")
-    line = (f"{len(unlisted)} slide file(s) not in the sample sheet ({names}): measured and "
-            "stored, left out of the tables until the sheet lists them")
+    line = (f"{len(unlisted)} slide file(s) not in the sample sheet ({names}): measured, "
+            "their results kept, left out of the tables until the sheet lists them")
     return [line]
 
 
@@ -1000,6 +1000,8 @@ def _write_trait_tables(
     comparison leaves a warning, never stops the tables. Returns the files written."""
     from fibroquant import report, traits
 
+    for name in ("traits.csv", "trait_groups.csv"):  # those of an earlier run, until rewritten
+        (out_dir / name).unlink(missing_ok=True)
     if not any(c in slides_df.columns for c in traits.TRAIT_COLUMNS):
         return []
     # rounded for reading, as the other tables; the store and the xlsx keep full precision
@@ -1030,6 +1032,7 @@ def write_tables(
     has_sheet: bool,
     keep_wrong_stain: bool = False,
     notes: Sequence[str] = (),
+    stems: Mapping[str, str] | None = None,
 ) -> str:
     """Write slides/mice/groups tables, plots, xlsx, report and provenance (all atomic).
 
@@ -1079,8 +1082,13 @@ def write_tables(
     written += _write_trait_tables(out_dir, slides_df, mice, plots_dir, plots, warnings,
                                    control=ctrl, has_sheet=has_sheet)
     plots += report.plot_stain_qc(slides_df, plots_dir / "stain_qc")
-    qc = {s: output_files(out_dir, stem, ("qc",))["qc"]
-          for s, stem in output_stems(slides_df["slide"]).items()}
+    for old in plots_dir.glob("*"):  # an earlier run's plots this one did not draw
+        if old.suffix in (".png", ".svg") and old not in plots:
+            old.unlink(missing_ok=True)
+    # the stems the run wrote under (over every slide file, listed in the sheet or not)
+    stems = stems if stems is not None else output_stems(slides_df["slide"])
+    qc = {s: output_files(out_dir, stems[s], ("qc",))["qc"]
+          for s in slides_df["slide"] if s in stems}
     for problem in [*notes, *study_warnings(slides_df, settings,
                                             mice=mice if has_sheet else None, control=control)]:
         warnings.append(problem)  # the console shows RunSummary.warnings

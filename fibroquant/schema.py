@@ -106,7 +106,7 @@ SLIDES: tuple[Column, ...] = (
        "stain: left out of mice and groups unless `--keep-wrong-stain`), `failed`, or "
        "`not-measured` (the run was interrupted before it; the next run measures it)",
        "status"),
-    _c("error", "", "error", "why a failed slide failed, one line naming the file", "status"),
+    _c("error", "", "error", "why a failed slide failed, or why it was not measured, one line naming the file", "status"),
     _c("mpp", "µm/px", "µm/px", "µm per pixel of the file (or the sheet's / `--mpp`'s)",
        "read", sig=6),
     _c("analysis_mpp", "µm/px", "analysis µm/px", "µm per pixel of the analysis", "read",

@@ -1126,10 +1126,12 @@ def stain_doubt(fit: dict[str, float], protocol: str) -> str | None:
     if verdict.wrong or guess not in PROTOCOLS or _family(guess) == _family(protocol):
         return None
     mine = [fit[k] for k in PROTOCOLS if k in fit and _family(k) == _family(protocol)]
-    if not mine or fit[guess] >= min(mine):
+    theirs = min(fit[k] for k in PROTOCOLS if k in fit and _family(k) == _family(guess))
+    if not mine or theirs >= min(mine):
         return None
-    return (f"colours fit {guess} better than {protocol} (residual {fit[guess]:.3f} vs "
-            f"{min(mine):.3f}), though not clearly: check --stain")
+    check = "check --stain" if _family(guess) in ("sirius-red", "masson") else "check the stain"
+    return (f"colours fit {guess} better than {protocol} (residual {theirs:.3f} vs "
+            f"{min(mine):.3f}), though not clearly: {check}")
 
 
 def stain_mismatch(fit: dict[str, float], protocol: str) -> str | None:

@@ -1243,7 +1243,7 @@ def resolution_warning(slides: Any, settings: Any) -> str | None:
     amp = pd.to_numeric(coarse["analysis_mpp"], errors="coerce")
     px = (pd.to_numeric(coarse["width_px"], errors="coerce")
           * pd.to_numeric(coarse["height_px"], errors="coerce"))
-    fine = (amp * 1.5 < thin_um) & px.notna()
+    fine = amp.map(lambda m: thin_fibres_resolved(m, thin_um)).astype(bool) & px.notna()
     if thin_fibres_resolved(want, thin_um) and fine.any():
         factor = np.maximum(np.floor(want / amp[fine] + 1e-9), 1)
         need = math.ceil(float((px[fine] / factor**2 / 1e6).max()))

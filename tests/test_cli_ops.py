@@ -198,8 +198,8 @@ def test_allow_unlisted_measures_new_scans_and_tables_them_once_listed(
                  "--allow-unlisted", "--workers", "1")
     assert res.exit_code == 0, res.output
     text = one_line(res.output)
-    assert ("1 slide file(s) not in the sample sheet ('b.tif'): measured and stored, left out "
-            "of the tables until the sheet lists them") in text
+    assert ("1 slide file(s) not in the sample sheet ('b.tif'): measured, their results kept, "
+            "left out of the tables until the sheet lists them") in text
     assert list(pd.read_csv(out / "slides.csv")["slide"]) == ["a.tif"]
     assert "not in the sample sheet ('b.tif')" in html.unescape((out / "report.html").read_text())
     assert "--allow-unlisted" in json.loads((out / "run.json").read_text())["command"]
@@ -211,6 +211,26 @@ def test_allow_unlisted_measures_new_scans_and_tables_them_once_listed(
     assert (info["processed"], info["skipped"]) == (0, 2)
     assert not any("sample sheet" in w for w in info["warnings"])
     assert list(pd.read_csv(out / "slides.csv")["slide"]) == ["a.tif", "b.tif"]
+
+
+def test_allow_unlisted_keeps_a_listed_slides_overlay_in_the_report(
+        two_slides: Path, tmp_path: Path) -> None:
+    """An unlisted a.tiff beside a listed a.tif gives both their own overlay names; the report
+    finds a.tif's under the name it was written with."""
+    import shutil
+
+    d = tmp_path / "slides"
+    d.mkdir()
+    shutil.copy2(two_slides / "a.tif", d / "a.tif")
+    shutil.copy2(two_slides / "b.tif", d / "a.tiff")
+    sheet = tmp_path / "samples.csv"
+    sheet.write_text("slide,mouse,group\na.tif,m1,c\n")
+    out = tmp_path / "out"
+    res = invoke("analyze", str(d), "--out", str(out), "--samples", str(sheet),
+                 "--allow-unlisted", "--workers", "1")
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (out / "qc").iterdir()) == ["a.tif.jpg", "a.tiff.jpg"]
+    assert "no QC overlay" not in (out / "report.html").read_text()
 
 
 # -- status and watch ------------------------------------------------------------------------

@@ -47,8 +47,14 @@ def test_missing_config_file(tmp_path):
 
 def test_settings_hash_ignores_output_sizes_but_not_science():
     a = Settings()
-    for tiling in ({"mask_max_mpx": 16.0}, {"qc_max_px": 800}, {"input_timeout_s": 5}):
+    for tiling in ({"qc_max_px": 800}, {"input_timeout_s": 5}):
         assert a.settings_hash() == load_settings(overrides={"tiling": tiling}).settings_hash()
+    # the kept masks' size is the fibre traits' resolution on large slides
+    assert a.settings_hash() != load_settings(
+        overrides={"tiling": {"mask_max_mpx": 16.0}}).settings_hash()
+    off = load_settings(overrides={"traits": False})
+    assert off.settings_hash() == load_settings(
+        overrides={"traits": False, "tiling": {"mask_max_mpx": 16.0}}).settings_hash()
     # the tile size moves collagen area slightly (specks cut by a tile's edge are kept)
     assert a.settings_hash() != load_settings(overrides={"tiling": {"tile_px": 512}}).settings_hash()
     assert a.settings_hash() != load_settings(

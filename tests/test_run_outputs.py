@@ -729,3 +729,7 @@ def test_console_names_no_tables_an_interrupted_run_did_not_write(
     assert "report:" not in res.output and "tables:" not in res.output
     assert "failed:" not in res.output and "failed 0, not measured 2 (interrupted)" in res.output
     assert "2 not measured yet; rerun to continue" in res.output
+    res = CliRunner().invoke(app, ["analyze", str(slides), "--out", str(out), "--workers", "1",
+                                   "--json"])
+    info = json.loads(res.stdout)
+    assert (info["tables_written"], info["files"], info["not_measured"]) == (False, {}, 2)

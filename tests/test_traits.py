@@ -218,9 +218,15 @@ def test_resolution_warning_names_coarse_slides_and_the_setting_that_keeps_them_
     assert many.startswith("fibre traits of 2 slides (b, b) were measured at up to 2.5 µm/px")
     # 32768² px at 0.5 µm/px: masks at 1 µm/px are 16384² = 268.4 MP
     assert "mask_max_mpx: 269}" in line and "6x" in line
-    # (tiles.plan_geometry's mask factor: 2 at 269 MP, 3 at 268)
-    assert math.ceil(math.sqrt(32768 * 32768 / (269 * 1e6))) == 2 < math.ceil(
-        math.sqrt(32768 * 32768 / (268 * 1e6)))
+    # tiles.plan_geometry's mask factor: 2 (1 µm/px) at 269 MP, 3 at 268
+    from types import SimpleNamespace
+
+    from fibroquant.tiles import plan_geometry
+
+    level = SimpleNamespace(mpp=0.5, shape=(32768, 32768, 3))
+    big = SimpleNamespace(mpp=0.5, levels=[level], path="big.svs")
+    assert plan_geometry(big, None, 269).mask_mpp == 1.0  # type: ignore[arg-type]
+    assert plan_geometry(big, None, 268).mask_mpp == 1.5  # type: ignore[arg-type]
     # an image that is itself too coarse: no setting helps, none is named
     field = coarse.assign(analysis_mpp=2.5, width_px=2048, height_px=2048)
     line = tr.resolution_warning(field, settings)
@@ -309,6 +315,13 @@ def test_cli_writes_trait_columns_tables_and_comparisons(fibre_study, tmp_path):
     assert float(thick["hedges_g"].iloc[0]) < -2
     assert (out / "plots" / "trait_groups.png").is_file()
     assert "Fibre traits per mouse by group" in (out / "report.html").read_text()
+    # the same folder without the sheet: no comparison, and none of the last run's left
+    res = CliRunner().invoke(app, ["analyze", str(fibre_study), "--out", str(out),
+                                   "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    assert not (out / "trait_groups.csv").exists() and (out / "traits.csv").exists()
+    assert sorted(p.stem for p in (out / "plots").glob("*.png")) == ["cpa_slides", "stain_qc"]
+    assert "trait_groups.csv" not in res.output
 
     off = tmp_path / "off"
     res = CliRunner().invoke(app, ["analyze", str(fibre_study), "--out", str(off), "--samples",
@@ -342,6 +355,15 @@ def test_cli_warns_when_masks_too_coarse_for_thin_fibres(fibre_study, tmp_path):
     assert "where no fibre reads thinner than 3 µm" in text
     assert "tiling: {mask_max_mpx: 1} in a --config file" in text
     assert "where no fibre reads thinner than 3" in (out / "report.html").read_text()
+    # following the advice measures the slides again (the kept masks' size is in the hash)
+    cfg.write_text("tiling:\n  mask_max_mpx: 1\n")
+    res = CliRunner().invoke(app, ["analyze", str(fibre_study), "--out", str(out), "--config",
+                                   str(cfg), "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    slides = pd.read_csv(out / "slides.csv")
+    assert (slides["traits_mpp"] == 1.0).all()
+    assert slides["thin_fibre_share_percent"].notna().all()
+    assert "no fibre reads thinner" not in res.output
 
 
 def test_threads_give_the_same_sums():
