@@ -186,17 +186,23 @@ def test_sample_sheet_problems_exit_2(two_slides: Path, tmp_path: Path, problem:
     assert not (out / "fibroquant.sqlite").exists()
 
 
+def _listing_a_only(slides: Path, tmp_path: Path, *more: str):
+    """``analyze --allow-unlisted`` with a sheet listing a.tif alone: (result, sheet, out)."""
+    sheet = tmp_path / "samples.csv"
+    sheet.write_text("slide,mouse,group\na.tif,m1,c\n")
+    out = tmp_path / "out"
+    res = invoke("analyze", str(slides), "--out", str(out), "--samples", str(sheet),
+                 "--allow-unlisted", "--workers", "1", *more)
+    assert res.exit_code == 0, res.output
+    return res, sheet, out
+
+
 def test_allow_unlisted_measures_new_scans_and_tables_them_once_listed(
         two_slides: Path, tmp_path: Path) -> None:
     """A nightly run while the sheet lags the scanner: the unlisted scan is measured and
     stored, out of the tables with a warning; listed later, it enters them without being
-    measured again. Without the option it stays an error before any work."""
-    sheet = tmp_path / "samples.csv"
-    sheet.write_text("slide,mouse,group\na.tif,m1,c\n")
-    out = tmp_path / "out"
-    res = invoke("analyze", str(two_slides), "--out", str(out), "--samples", str(sheet),
-                 "--allow-unlisted", "--workers", "1")
-    assert res.exit_code == 0, res.output
+    measured again (without the option it is an error: test_sample_sheet_problems_exit_2)."""
+    res, sheet, out = _listing_a_only(two_slides, tmp_path)
     text = one_line(res.output)
     assert ("1 slide file(s) not in the sample sheet ('b.tif'): measured, their results kept, "
             "left out of the tables until the sheet lists them") in text
@@ -223,12 +229,7 @@ def test_allow_unlisted_keeps_a_listed_slides_overlay_in_the_report(
     d.mkdir()
     shutil.copy2(two_slides / "a.tif", d / "a.tif")
     shutil.copy2(two_slides / "b.tif", d / "a.tiff")
-    sheet = tmp_path / "samples.csv"
-    sheet.write_text("slide,mouse,group\na.tif,m1,c\n")
-    out = tmp_path / "out"
-    res = invoke("analyze", str(d), "--out", str(out), "--samples", str(sheet),
-                 "--allow-unlisted", "--workers", "1")
-    assert res.exit_code == 0, res.output
+    _, _, out = _listing_a_only(d, tmp_path)
     assert sorted(p.name for p in (out / "qc").iterdir()) == ["a.tif.jpg", "a.tiff.jpg"]
     assert "no QC overlay" not in (out / "report.html").read_text()
 
