@@ -525,7 +525,7 @@ def analyze_folder(
                    f"(groups: {', '.join(map(repr, groups))})")
             raise SampleSheetError(msg)
     extra_cols = [c for c in sheet.columns if c not in ("slide", "mouse", "group")]
-    notes = unlisted_note(sheet.attrs.get("unlisted", []))
+    unlisted = sheet.attrs.get("unlisted", [])
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a read-only file system, a file in the way
@@ -631,6 +631,8 @@ def analyze_folder(
             for stem in stale_stems(previous_slides, stems):
                 _discard(out_dir, stem)
             current = store.current_results(shash, present=present)
+            notes = unlisted_note(unlisted, failed=[
+                r["slide"] for r in current if r["slide"] in unlisted and r["status"] != "ok"])
             slides_df = build_slides_table(sheet, current)
             measured_or_not = ["ok", WRONG_STAIN, NOT_MEASURED]
             summary.failed = int((~slides_df["status"].isin(measured_or_not)).sum())
@@ -839,14 +841,17 @@ def build_slides_table(sheet: pd.DataFrame, records: list[dict[str, Any]]) -> pd
     return df[schema.ordered(df.columns, "slides", first_extra=sheet_cols)]
 
 
-def unlisted_note(unlisted: Sequence[str]) -> list[str]:
+def unlisted_note(unlisted: Sequence[str], failed: Sequence[str] = ()) -> list[str]:
     """The warning of a run with ``--allow-unlisted`` whose folder holds slides the sheet does
-    not list (measured and stored, out of the tables until listed); empty without any."""
+    not list (measured and stored, out of the tables until listed; ``failed``: those of them
+    whose measurement failed, which the tables' counts do not show); empty without any."""
     if not unlisted:
         return []
     names = ", ".join(repr(s) for s in unlisted[:3]) + (", ..." if len(unlisted) > 3 else "")
     line = (f"{len(unlisted)} slide file(s) not in the sample sheet ({names}): measured, "
             "their results kept, left out of the tables until the sheet lists them")
+    if failed:
+        line += f" ({len(failed)} of them failed: {', '.join(map(repr, failed[:3]))})"
     return [line]
 
 

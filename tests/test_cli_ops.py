@@ -441,3 +441,13 @@ def test_a_run_whose_process_is_a_zombie_is_not_running() -> None:
     assert process_alive(os.getpid()) and _pid_alive(os.getpid(), None) is True
     assert _pid_alive(os.getpid(), "another-host.example") is None
     assert _pid_alive(None, None) is False
+
+
+def test_unlisted_note_names_the_unlisted_slides_that_failed() -> None:
+    from fibroquant.run import unlisted_note
+
+    assert unlisted_note([]) == []
+    (line,) = unlisted_note(["a.tif", "b.tif", "c.tif", "d.tif"], failed=["c.tif"])
+    assert line.startswith("4 slide file(s) not in the sample sheet ('a.tif', 'b.tif', "
+                           "'c.tif', ...): measured")
+    assert line.endswith("(1 of them failed: 'c.tif')")
