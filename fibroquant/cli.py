@@ -113,7 +113,8 @@ def analyze(
     samples: Annotated[Path | None, typer.Option(
         exists=True, dir_okay=False, readable=True, resolve_path=True,
         help="Sample sheet (CSV, TSV or .xlsx): slide,mouse,group (+ extra columns).")] = None,
-    stain: Annotated[StainChoice | None, typer.Option(**STAIN_OPTION, 
+    stain: Annotated[StainChoice | None, typer.Option(
+        **STAIN_OPTION,
         help="Stain of the slides (default from config: sirius-red).")] = None,
     config: Annotated[Path | None, typer.Option(
         exists=True, dir_okay=False, readable=True, help="YAML settings file.")] = None,
@@ -232,15 +233,14 @@ def inspect(
         fit = _stain_fit_of(slide, mpp, info)
     except FibroquantError as exc:
         raise fail(str(exc), 2) from None
-    from fibroquant.stains import describe_fit, stain_doubt, stain_mismatch
+    from fibroquant.stains import describe_fit, stain_mismatch
 
     info["stain_guess"] = describe_fit(fit)
     if stain is not None:
         if not fit:
             info["stain_check"] = f"{stain.value}: too little stained tissue to tell"
         else:
-            info["stain_check"] = stain_mismatch(fit, stain.value) or stain_doubt(
-                fit, stain.value) or (
+            info["stain_check"] = stain_mismatch(fit, stain.value) or (
                 f"{stain.value} fits (residual "
                 f"{min(v for k, v in fit.items() if k.startswith(stain.value)):.2f})")
     if as_json:

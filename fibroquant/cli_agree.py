@@ -82,7 +82,8 @@ def train(
         help="Folder of the annotated images (named STEM.*).")],
     out_file: Annotated[Path, typer.Option("--out", "-o", dir_okay=False, resolve_path=True,
                                            help="Classifier file to write.")],
-    stain: Annotated[StainChoice | None, typer.Option(**STAIN_OPTION, 
+    stain: Annotated[StainChoice | None, typer.Option(
+        **STAIN_OPTION,
         help="Stain of the slides (default from config: sirius-red).")] = None,
     config: Annotated[Path | None, typer.Option(
         exists=True, dir_okay=False, readable=True, help="YAML settings file.")] = None,

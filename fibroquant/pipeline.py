@@ -62,7 +62,6 @@ from fibroquant.stains import (
     preset_for,
     rgb_to_od,
     row_norm,
-    stain_doubt,
     stain_fit,
     stain_mismatch,
     stain_verdict,
@@ -170,7 +169,7 @@ def stain_warnings(
         out.append(thr.note)
     if share < 0.005:
         out.append(f"almost no {col} signal ({100 * share:.1f} % of stain OD): wrong stain?")
-    mismatch = stain_mismatch(fit, protocol) or stain_doubt(fit, protocol)
+    mismatch = stain_mismatch(fit, protocol)
     if mismatch:
         out.append(mismatch)
     level = thr.collagen_level_od
@@ -790,8 +789,7 @@ def _glass_background(
     # only pixels as clear as glass: a strip of tissue cut off by the frame, dropped from the
     # section as a speck, is not glass (a real heart field's glass read 207,192,204: red
     # muscle in it, for 227,220,218)
-    t_glass = found.glass_threshold_od if found.glass_threshold_od is not None else found.glass_od
-    clear = channel_sum(rgb_to_od(small, background)) <= np.float32(t_glass)
+    clear = channel_sum(rgb_to_od(small, background)) <= np.float32(found.glass_cut_od)
     if k == 1:
         glass = ~found.section & clear
     else:

@@ -775,9 +775,10 @@ def plot_groups(
     return _save_figure(fig, out_stem)
 
 
-def _ok_rows(slides: pd.DataFrame) -> pd.DataFrame:
+def _ok_rows(slides: pd.DataFrame, statuses: Sequence[str] = ("ok",)) -> pd.DataFrame:
+    """The rows of ``slides`` whose status is one of ``statuses`` (all without a status)."""
     if "status" in slides.columns:
-        return slides[slides["status"].astype(str).str.lower().eq("ok").to_numpy()]
+        return slides[slides["status"].astype(str).str.lower().isin(statuses).to_numpy()]
     return slides
 
 
@@ -973,8 +974,7 @@ def plot_stain_qc(slides: pd.DataFrame, out_stem: Path) -> list[Path]:
     of false treatment effects; slides with a stain warning are ringed in vermillion and named.
     """
     # every measured slide: those of another stain are the ones this plot exists to show
-    ok = (slides[slides["status"].astype(str).str.lower().isin(["ok", "wrong-stain"]).to_numpy()]
-          if "status" in slides.columns else slides)
+    ok = _ok_rows(slides, ("ok", "wrong-stain"))
     y_col = next((c for c in ("collagen_level_od", "collagen_od_mean") if c in ok), None)
     fig = _new_figure(5.6, 4.4)
     ax = fig.add_subplot()
@@ -1108,11 +1108,15 @@ def _study_counts(slides: pd.DataFrame, mice: pd.DataFrame,
     pending = int(status.eq("not-measured").sum())
     mice_n = (int((pd.to_numeric(mice["n_slides"], errors="coerce") > 0).sum())
               if "n_slides" in mice else len(mice))
-    group_names = [g for g in _ordered_groups(None, groups.get("group", []),
-                                              mice.get("group", [])) if g]  # "": no sheet
     return {"ok": ok, "wrong_stain": wrong, "not_measured": pending,
             "failed": len(slides) - ok - wrong - pending, "mice": mice_n,
-            "groups": len(group_names)}
+            "groups": len(_group_names(groups, mice))}
+
+
+def _group_names(groups: pd.DataFrame, mice: pd.DataFrame) -> list[str]:
+    """The study's groups in display order (none without a sheet: its group is "")."""
+    return [g for g in _ordered_groups(None, groups.get("group", []), mice.get("group", []))
+            if g]
 
 
 def _summary_rows(slides: pd.DataFrame, mice: pd.DataFrame, groups: pd.DataFrame,
@@ -1869,8 +1873,7 @@ def write_report_html(
     wrong_mask = status.eq("wrong-stain").to_numpy()  # measured, left out of mice and groups
     n = _study_counts(slides, mice, groups)
     n_ok, n_wrong, n_pending, n_failed = n["ok"], n["wrong_stain"], n["not_measured"], n["failed"]
-    group_names = [g for g in _ordered_groups(None, groups.get("group", []),
-                                              mice.get("group", [])) if g]  # "": no sheet
+    group_names = _group_names(groups, mice)
 
     plot_uris = _plot_uris(plots)
     group_plots = [(p, u, w) for p, u, w in plot_uris if p.stem.endswith("groups")]

@@ -1074,10 +1074,12 @@ def write_tables(
     atomic_write_text(out_dir / "provenance.json",
                       json.dumps(provenance, indent=2, default=str) + "\n")
     settings_dict = settings.model_dump(mode="json")
+    # what a person should know before trusting the tables (the xlsx and the report)
+    problems = [*notes, *study_warnings(slides_df, settings, control=control,
+                                        mice=mice if has_sheet else None)]
     report.write_xlsx(out_dir / "results.xlsx", slides=slides_df, mice=mice, groups=groups,
                       settings=settings_dict, provenance=provenance, summary=sentence,
-                      warnings=[*notes, *study_warnings(slides_df, settings, control=control,
-                                                        mice=mice if has_sheet else None)])
+                      warnings=problems)
     plots_dir = out_dir / "plots"
     plots: list[Path] = []
     ctrl = groups.attrs.get("control") if has_sheet else None
@@ -1094,9 +1096,7 @@ def write_tables(
     stems = stems if stems is not None else output_stems(slides_df["slide"])
     qc = {s: output_files(out_dir, stems[s], ("qc",))["qc"]
           for s in slides_df["slide"] if s in stems}
-    for problem in [*notes, *study_warnings(slides_df, settings,
-                                            mice=mice if has_sheet else None, control=control)]:
-        warnings.append(problem)  # the console shows RunSummary.warnings
+    warnings += problems  # (the console shows RunSummary.warnings)
     report.write_report_html(
         out_dir / "report.html", title="fibroquant: collagen proportionate area",
         slides=slides_df, mice=mice, groups=groups, omnibus=omnibus, mixed=mixed,

@@ -1122,8 +1122,12 @@ def stain_doubt(fit: dict[str, float], protocol: str) -> str | None:
     range of pale Sirius red cores (0.70-0.92), which their eosin-pink pixels guess as Sirius
     red. None when the expected stain is guessed, fits best, or the verdict is wrong-stain."""
     verdict = stain_verdict(fit, protocol)
-    guess = verdict.guess
-    if verdict.wrong or guess not in PROTOCOLS or _family(guess) == _family(protocol):
+    return None if verdict.wrong else _doubt(fit, protocol, verdict.guess)
+
+
+def _doubt(fit: dict[str, float], protocol: str, guess: str) -> str | None:
+    """:func:`stain_doubt` of a slide whose verdict is not wrong-stain, given its guess."""
+    if guess not in PROTOCOLS or _family(guess) == _family(protocol):
         return None
     mine = [fit[k] for k in PROTOCOLS if k in fit and _family(k) == _family(protocol)]
     theirs = min(fit[k] for k in PROTOCOLS if k in fit and _family(k) == _family(guess))
@@ -1135,10 +1139,10 @@ def stain_doubt(fit: dict[str, float], protocol: str) -> str | None:
 
 
 def stain_mismatch(fit: dict[str, float], protocol: str) -> str | None:
-    """The "wrong stain" warning of :func:`stain_verdict`, or None when the expected stain
-    fits (or nothing can be said)."""
+    """The "wrong stain" warning of :func:`stain_verdict`, else the doubt of
+    :func:`stain_doubt`; None when the expected stain fits best (or nothing can be said)."""
     verdict = stain_verdict(fit, protocol)
-    return verdict.message if verdict.wrong else None
+    return verdict.message if verdict.wrong else _doubt(fit, protocol, verdict.guess)
 
 
 def describe_fit(fit: dict[str, float]) -> str:

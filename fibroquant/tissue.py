@@ -89,6 +89,12 @@ class TissueMask:
         if self.bubble is None:
             object.__setattr__(self, "bubble", np.zeros(np.shape(self.section), bool))
 
+    @property
+    def glass_cut_od(self) -> float:
+        """Summed OD above which a pixel is not glass: ``glass_threshold_od``, else
+        ``glass_od``."""
+        return self.glass_threshold_od if self.glass_threshold_od is not None else self.glass_od
+
     def excluded(self, key: str) -> np.ndarray | None:
         """The mask of an excluded class (:data:`fibroquant.exclusions.CLASSES`) by its key;
         None for one that is not a pixel class (``unfocused``)."""
@@ -465,7 +471,7 @@ def no_tissue_reason(
         return (f"the section found ({found.area_mm2(found.section) * 1e6:,.0f} µm²) is all "
                 f"excluded: {', '.join(parts) or 'exclusions'}")
     od_sum = channel_sum(rgb_to_od(rgb, background_rgb))
-    t = found.glass_threshold_od if found.glass_threshold_od is not None else found.glass_od
+    t = found.glass_cut_od
     above = od_sum > np.float32(t)
     if not above.any():
         return (f"nothing absorbs above the glass threshold {t:.3f} OD (highest summed OD "

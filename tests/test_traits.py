@@ -342,12 +342,16 @@ def test_cli_warns_when_masks_too_coarse_for_thin_fibres(fibre_study, tmp_path):
     from fibroquant.cli import app
 
     cfg = tmp_path / "coarse.yaml"
-    cfg.write_text("tiling:\n  mask_max_mpx: 0.09\n")  # 600² px at 1 µm/px: masks at 2 µm/px
     out = tmp_path / "o"
-    res = CliRunner().invoke(app, ["analyze", str(fibre_study), "--out", str(out), "--config",
-                                   str(cfg), "--workers", "1"])
-    assert res.exit_code == 0, res.output
-    slides = pd.read_csv(out / "slides.csv")
+
+    def run(mask_max_mpx: float):
+        cfg.write_text(f"tiling:\n  mask_max_mpx: {mask_max_mpx}\n")
+        res = CliRunner().invoke(app, ["analyze", str(fibre_study), "--out", str(out),
+                                       "--config", str(cfg), "--workers", "1"])
+        assert res.exit_code == 0, res.output
+        return res, pd.read_csv(out / "slides.csv")
+
+    res, slides = run(0.09)  # 600² px at 1 µm/px: masks at 2 µm/px
     assert (slides["traits_mpp"] == 2.0).all()
     assert slides["thin_fibre_share_percent"].isna().all()
     assert slides["thick_fibre_share_percent"].notna().all()
@@ -356,11 +360,7 @@ def test_cli_warns_when_masks_too_coarse_for_thin_fibres(fibre_study, tmp_path):
     assert "tiling: {mask_max_mpx: 1} in a --config file" in text
     assert "where no fibre reads thinner than 3" in (out / "report.html").read_text()
     # following the advice measures the slides again (the kept masks' size is in the hash)
-    cfg.write_text("tiling:\n  mask_max_mpx: 1\n")
-    res = CliRunner().invoke(app, ["analyze", str(fibre_study), "--out", str(out), "--config",
-                                   str(cfg), "--workers", "1"])
-    assert res.exit_code == 0, res.output
-    slides = pd.read_csv(out / "slides.csv")
+    res, slides = run(1)
     assert (slides["traits_mpp"] == 1.0).all()
     assert slides["thin_fibre_share_percent"].notna().all()
     assert "no fibre reads thinner" not in res.output
