@@ -22,7 +22,7 @@ from fibroquant.protocols import STAIN_NAMES, Stain
 
 #: Bumped whenever a change to the algorithms changes measurements. It is part of the settings
 #: hash, so stored results made by an older algorithm are re-measured instead of being mixed in.
-ALGORITHM_VERSION = 3
+ALGORITHM_VERSION = 4
 
 
 class _Model(BaseModel):

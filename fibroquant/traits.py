@@ -62,6 +62,8 @@ class TraitParams:
     portal_collar_share: float = 0.3
     central_collar_share: float = 0.1
     cluster_um: float = 150.0
+    lining_um: float = 4.0
+    lining_min_share: float = 0.05
     box_sizes_px: tuple[int, ...] = (2, 4, 8, 16, 32)
 
     def halo_px(self) -> int:
@@ -87,7 +89,10 @@ class VesselMap:
     n : int
         Number of lumens.
     neighbours : ndarray of int64
-        Per lumen (index 0 unused): other lumens within ``cluster_um`` (edge to edge).
+        Per lumen (index 0 unused): other lumens within ``cluster_um`` (edge to edge), lined
+        or not.
+    unlined : int
+        Lumens left out as no vessel: no collagen lines them (:func:`lumen_lining`).
     """
 
     distance_um: np.ndarray
@@ -95,6 +100,7 @@ class VesselMap:
     scale: float
     n: int
     neighbours: np.ndarray
+    unlined: int = 0
     _rings: dict[float, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     def ring_labels(self, ring_um: float) -> np.ndarray:
@@ -114,11 +120,23 @@ class VesselMap:
         (32 MB of a 4-MP lumen image)."""
         rings = self.ring_labels(ring_um)
         return VesselMap(np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int32), self.scale,
-                         self.n, self.neighbours, {ring_um: rings})
+                         self.n, self.neighbours, self.unlined, {ring_um: rings})
+
+
+@dataclass(frozen=True)
+class Lining:
+    """What :func:`vessel_map` needs to leave out unlined lumens: the slide's collagen and
+    countable-tissue masks at the trait resolution (arrays or bit masks, sliced by rows), the
+    width of the lining band (µm) and the collagen share that makes a lumen a vessel."""
+
+    collagen: Any
+    tissue: Any
+    band_um: float
+    min_share: float
 
 
 def vessel_map(lumen: np.ndarray, lumen_mpp: float, trait_mpp: float, cluster_um: float,
-               *, max_mpp: float = 2.0) -> VesselMap | None:
+               *, max_mpp: float = 2.0, lining: Lining | None = None) -> VesselMap | None:
     """Label the lumens of a lumen mask and measure the distance of every pixel to them.
 
     Masks finer than ``max_mpp`` are first reduced to about it, by the integer factor nearest
@@ -126,7 +144,9 @@ def vessel_map(lumen: np.ndarray, lumen_mpp: float, trait_mpp: float, cluster_um
     the mask's resolution (a 1.02 µm/px lumen mask is reduced 2x, not kept). Two lumens are
     neighbours when the distances to them of two adjacent pixels that lie on their border of
     influence add up to at most ``cluster_um`` (their edge-to-edge distance, without a pairwise
-    search). Returns None when there is no lumen.
+    search). With ``lining``, lumens whose lining band holds less collagen than its
+    ``min_share`` are no vessels (fat vacuoles, epithelial lumens, tears: :func:`lumen_lining`);
+    they stay neighbours of the others. Returns None when there is no lumen.
     """
     factor = max(1, round(max_mpp / lumen_mpp))
     if factor > 1:
@@ -152,7 +172,76 @@ def vessel_map(lumen: np.ndarray, lumen_mpp: float, trait_mpp: float, cluster_um
     both = np.concatenate(pairs)
     both = np.unique(np.concatenate([both, both[:, ::-1]]), axis=0)
     neighbours = np.bincount(both[:, 0], minlength=n + 1) if len(both) else np.zeros(n + 1, int)
-    return VesselMap(dist_um, nearest, trait_mpp / lumen_mpp, n, neighbours.astype(np.int64))
+    neighbours = neighbours.astype(np.int64)
+    scale = trait_mpp / lumen_mpp
+    if lining is None:
+        return VesselMap(dist_um, nearest, scale, n, neighbours)
+    share = lumen_lining(dist_um, nearest, n, lumen_mpp, scale, lining)
+    lined = np.concatenate([[False], share >= lining.min_share])
+    unlined = n - int(lined.sum())
+    if unlined == 0:
+        return VesselMap(dist_um, nearest, scale, n, neighbours)
+    if unlined == n:  # no vessel: no ring anywhere
+        return VesselMap(np.full(lumen.shape, np.inf, np.float32), np.zeros(lumen.shape, np.int32),
+                         scale, 0, np.zeros(1, np.int64), unlined)
+    # the lined lumens labelled again (in raster order, as before: the k-th kept label is k)
+    lumen = lumen & lined[nearest]  # (not in place: the caller's mask at factor 1)
+    dist, nearest = cv2.distanceTransformWithLabels(
+        np.ascontiguousarray(~lumen).view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_5,
+        labelType=cv2.DIST_LABEL_CCOMP)
+    dist_um = np.multiply(dist, np.float32(lumen_mpp), out=dist)
+    return VesselMap(dist_um, nearest, scale, n - unlined,
+                     np.concatenate([[0], neighbours[1:][lined[1:]]]), unlined)
+
+
+def lumen_lining(dist_um: np.ndarray, nearest: np.ndarray, n: int, lumen_mpp: float,
+                 scale: float, lining: Lining) -> np.ndarray:
+    """Collagen share of the countable tissue in each lumen's lining band, (n,) float64.
+
+    The band is the lumen grid's pixels within ``lining.band_um`` of a lumen (at least its
+    8-neighbours); each takes the trait pixels whose centres fall in it (``scale``: lumen
+    pixels per trait pixel), as the trait tiles assign rings (:meth:`VesselMap.ring_labels`).
+    A vessel is lined by its wall, which Sirius red and Masson's trichrome stain for collagen;
+    a fat vacuole, an epithelial lumen or a tear is lined by cells (share about 0:
+    ``docs/decisions.md#unlined-lumens``). A lumen with no tissue in its band has share 0.
+    """
+    h, w = nearest.shape
+    band = (dist_um > 0) & (dist_um <= max(lining.band_um, 1.5 * lumen_mpp))
+    sums = {"collagen": np.zeros(n + 1), "tissue": np.zeros(n + 1)}
+    height, width = lining.collagen.shape
+    # the lumen row (column) of every trait row (column), and each lumen row's (column's)
+    # first trait row (column): a lumen pixel holding no trait pixel centre sums to 0
+    row_edge = np.searchsorted(
+        np.minimum(((np.arange(height) + 0.5) * scale).astype(np.int64), h - 1), np.arange(h + 1))
+    col_edge = np.searchsorted(
+        np.minimum(((np.arange(width) + 0.5) * scale).astype(np.int64), w - 1), np.arange(w + 1))
+    band_rows = np.flatnonzero(band.any(axis=1))
+    chunk = max(1, int(256 * scale))  # lumen rows at a time: about 256 trait rows
+    i = 0
+    while i < len(band_rows):  # only the rows holding a band, a chunk at a time
+        r0 = int(band_rows[i])
+        r1 = min(r0 + chunk, h)
+        i = int(np.searchsorted(band_rows, r1))
+        t0, t1 = int(row_edge[r0]), int(row_edge[r1])
+        at = band[r0:r1]
+        label = nearest[r0:r1][at]
+        tis = np.asarray(lining.tissue[t0:t1, 0:width], bool)
+        col = np.asarray(lining.collagen[t0:t1, 0:width], bool) & tis
+        for name, mask in (("collagen", col), ("tissue", tis)):
+            blocks = _block_sums(mask, row_edge[r0 : r1 + 1] - t0, col_edge)
+            sums[name] += np.bincount(label, weights=blocks[at], minlength=n + 1)
+    coll, tiss = sums["collagen"][1:], sums["tissue"][1:]
+    return np.divide(coll, tiss, out=np.zeros(n), where=tiss > 0)
+
+
+def _block_sums(mask: np.ndarray, row_edge: np.ndarray, col_edge: np.ndarray) -> np.ndarray:
+    """Pixels set in each block of a bool mask cut at ``row_edge`` x ``col_edge`` (sorted
+    edges, empty blocks allowed): (len(row_edge) - 1, len(col_edge) - 1), from OpenCV's
+    summed-area table."""
+    depth = cv2.CV_32S if mask.size < 2**31 else cv2.CV_64F
+    sat = cv2.integral(np.ascontiguousarray(mask).view(np.uint8), sdepth=depth)
+    rows = np.diff(sat[row_edge], axis=0)  # (the rows first: fewer, and contiguous)
+    return rows[:, col_edge[1:]] - rows[:, col_edge[:-1]]
 
 
 def _block_any(mask: np.ndarray, factor: int) -> np.ndarray:
@@ -1170,7 +1259,9 @@ def slide_traits(counts: TraitCounts, params: TraitParams, vessels: VesselMap | 
     parts3 = [out[k] for k in ARCHITECTURE_PARTS]
     if all(math.isfinite(v) for v in parts3):
         out["architecture_score"] = float(np.mean(parts3))
-    if vessels is not None and len(counts.vessel_ring_px):
+    if vessels is not None:
+        out["unlined_lumens"] = float(vessels.unlined)
+    if vessels is not None and (len(counts.vessel_ring_px) or not vessels.n):
         ring = _add_arrays(counts.vessel_ring_px, np.zeros(vessels.n + 1, np.int64))[1:]
         ring_col = _add_arrays(counts.vessel_ring_collagen_px, np.zeros(vessels.n + 1, np.int64))[1:]
         kind, conf = classify_vessels(ring, ring_col, vessels.neighbours[1:], params)
@@ -1289,6 +1380,8 @@ TRAIT_COLUMNS: dict[str, str] = {
     "portal_vessels": "lumens classified portal (thick collar, clustered lumens)",
     "central_vessels": "lumens classified central (thin collar, alone)",
     "undecided_vessels": "lumens neither portal nor central",
+    "unlined_lumens": "lumens no collagen lines (fat vacuoles, epithelial lumens, tears): no "
+                      "vessel, left out of the rings and vessel counts",
     "vessel_type_confidence": "mean confidence of the portal/central calls (0.5-1)",
     "portal_collagen_percent": "collagen in the rings of portal lumens, % of collagen",
     "central_collagen_percent": "collagen in the rings of central lumens, % of collagen",
@@ -1436,10 +1529,12 @@ def measure_slide(
     params = params_for(settings, mpp)
     vessels = None
     if lumen is not None and lumen_mpp is not None and lumen.any():
-        vessels = vessel_map(lumen, lumen_mpp, mpp, params.cluster_um)
+        vessels = vessel_map(lumen, lumen_mpp, mpp, params.cluster_um,
+                             lining=Lining(col, tis, params.lining_um, params.lining_min_share))
         if vessels is not None:
             vessels = vessels.for_ring(params.ring_um)
-    counts = measure_masks(col, tis, params, tile_px=settings.tile_px, vessels=vessels,
+    counts = measure_masks(col, tis, params, tile_px=settings.tile_px,
+                           vessels=vessels if vessels is not None and vessels.n else None,
                            workers=workers, gate=gate)
     return {k: float(v) for k, v in slide_traits(counts, params, vessels).items()}
 
@@ -1457,7 +1552,7 @@ KEY_TRAITS = ("fibre_width_median_um", "fibre_width_iqr_um", "septal_width_media
 
 _SUMMED = ("perivascular_collagen_area_mm2", "septal_collagen_area_mm2",
            "pericellular_collagen_area_mm2", "portal_vessels", "central_vessels",
-           "undecided_vessels")
+           "undecided_vessels", "unlined_lumens")
 
 
 def trait_unit(name: str) -> str:

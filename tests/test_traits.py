@@ -163,6 +163,80 @@ def test_portal_and_central_vessels_are_told_apart():
     assert 0.5 <= got["vessel_type_confidence"] <= 1.0
 
 
+def _vessels_and_vacuoles(vacuoles: bool, duct: bool = False):
+    """Two clustered thick-collared lumens (portal) and two solitary thin-collared ones
+    (central), optionally with three round fat vacuoles in the parenchyma (no collagen around
+    them), and a third thick-collared lumen whose only partner is an epithelial duct lumen
+    (collagen 8 µm beyond its edge)."""
+    shape, mpp = (900, 900), 1.0
+    yy, xx = np.mgrid[: shape[0], : shape[1]] * mpp
+    lumen = np.zeros(shape, bool)
+    collagen = np.zeros(shape, bool)
+    vessels = [((200, 200), 30), ((200, 290), 30), ((650, 650), 3), ((650, 200), 3)]
+    if duct:
+        vessels.append(((420, 650), 30))
+    for (y, x), collar in vessels:
+        r = np.hypot(yy - y, xx - x)
+        lumen |= r <= 15
+        collagen |= (r > 15) & (r <= 15 + collar)
+    if duct:
+        r = np.hypot(yy - 420, xx - 740)
+        lumen |= r <= 15
+        collagen |= (r > 23) & (r <= 40)
+    if vacuoles:
+        for y, x in ((420, 420), (800, 420), (420, 110)):
+            lumen |= np.hypot(yy - y, xx - x) <= 22
+    return collagen & ~lumen, ~lumen, lumen, mpp
+
+
+@pytest.mark.parametrize("lumen_factor", [1, 4])
+def test_unlined_lumens_are_no_vessels(lumen_factor):
+    """A fat vacuole is a lumen-sized hole no collagen lines: on the real steatotic PSR field
+    (tile02_PSR) all eight lumens were vacuoles, read as central veins with 92 % confidence.
+    Left out of the vessels, the portal and central calls and the perivascular collagen are
+    those of the same tissue without vacuoles, also on a lumen grid 4x coarser (a whole
+    slide's tissue image)."""
+    settings = TraitSettings(mpp=1.0, tile_px=512)
+    got = {}
+    for vacuoles in (False, True):
+        collagen, tissue, lumen, mpp = _vessels_and_vacuoles(vacuoles)
+        coarse = tr._block_any(lumen, lumen_factor) if lumen_factor > 1 else lumen
+        got[vacuoles] = tr.measure_slide(collagen, tissue, mpp, settings, lumen=coarse,
+                                         lumen_mpp=mpp * lumen_factor)
+    assert (got[True]["portal_vessels"], got[True]["central_vessels"]) == (2.0, 2.0)
+    assert got[True]["undecided_vessels"] == 0.0
+    assert (got[True]["unlined_lumens"], got[False]["unlined_lumens"]) == (3.0, 0.0)
+    for name in ("perivascular_collagen_percent", "portal_collagen_percent",
+                 "central_collagen_percent", "vessel_type_confidence"):
+        assert got[True][name] == pytest.approx(got[False][name]), name
+
+
+def test_vacuoles_alone_leave_no_vessel_and_no_call():
+    collagen, tissue, lumen, mpp = _vessels_and_vacuoles(True)
+    vessels_only, _, _, _ = _vessels_and_vacuoles(False)
+    lumen &= ~ndi.binary_fill_holes(ndi.binary_dilation(vessels_only, iterations=2))
+    tissue = ~lumen
+    vessels = tr.vessel_map(lumen, mpp, mpp, 150.0,
+                            lining=tr.Lining(collagen, tissue, 4.0, 0.05))
+    assert vessels is not None and (vessels.n, vessels.unlined) == (0, 3)
+    got = tr.measure_slide(collagen, tissue, mpp, TraitSettings(mpp=1.0), lumen=lumen,
+                           lumen_mpp=mpp)
+    assert got["unlined_lumens"] == 3.0
+    assert got["portal_vessels"] == got["central_vessels"] == got["undecided_vessels"] == 0.0
+    assert got["perivascular_collagen_percent"] == 0.0
+    assert math.isnan(got["vessel_type_confidence"])
+
+
+def test_an_unlined_duct_still_makes_its_vein_portal():
+    """Vein, artery and bile duct cluster in a portal tract: a duct lumen lined by epithelium
+    is no vessel, yet it is the thick-collared lumen's neighbour."""
+    collagen, tissue, lumen, mpp = _vessels_and_vacuoles(False, duct=True)
+    got = tr.measure_slide(collagen, tissue, mpp, TraitSettings(mpp=1.0), lumen=lumen,
+                           lumen_mpp=mpp)
+    assert got["unlined_lumens"] == 1.0
+    assert (got["portal_vessels"], got["central_vessels"]) == (3.0, 2.0)
+
+
 def test_undecidable_vessels_leave_the_split_empty():
     truth = sf.vessels_and_septa((700, 700), 1.0, n_vessels=3, collar_um=8, rng=2)
     got = _traits(truth)

@@ -117,3 +117,19 @@ def test_path_steps_are_skan_path_lengths(seed):
     ref = skan.Skeleton(skel[y0:y1, x0:x1].astype(np.float32))
     np.testing.assert_allclose(tr._path_lengths(graph), ref.path_lengths(), rtol=1e-12)
     assert set(np.unique(step)) <= {0.0, 1.0, math.sqrt(2)}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(1, 40), st.integers(1, 40), st.integers(1, 12), st.integers(1, 12),
+       st.integers(0, 2**32 - 1))
+def test_block_sums_equal_a_loop(h, w, bh, bw, seed):
+    """Pixels per block for any sorted cut, empty blocks included (a lumen pixel that holds
+    no trait pixel centre)."""
+    rng = np.random.default_rng(seed)
+    mask = rng.random((h, w)) < 0.4
+    row_edge = np.sort(rng.integers(0, h + 1, bh + 1))
+    col_edge = np.sort(rng.integers(0, w + 1, bw + 1))
+    got = tr._block_sums(mask, row_edge, col_edge)
+    want = np.array([[mask[row_edge[i]:row_edge[i + 1], col_edge[j]:col_edge[j + 1]].sum()
+                      for j in range(bw)] for i in range(bh)])
+    np.testing.assert_array_equal(got, want)
