@@ -99,6 +99,11 @@ AllowUnlisted = Annotated[bool, typer.Option(
     "--allow-unlisted", help="Measure slide files the sample sheet does not list yet, and "
     "leave them out of the tables until it does (a scheduled run while the sheet catches up; "
     "by default they are an error before any work).")]
+#: ``--allow-missing`` (analyze, watch)
+AllowMissing = Annotated[bool, typer.Option(
+    "--allow-missing", help="Keep sample-sheet rows whose slide file is not in the folder yet "
+    "in the tables as not measured (a scheduled run while scans arrive; by default they are "
+    "an error before any work).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q",
                                      help="Only warnings, errors and the results.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the run summary and the group "
@@ -157,6 +162,7 @@ def analyze(
         "analysis time on a whole slide).",
         show_default=False)] = None,
     allow_unlisted: AllowUnlisted = False,
+    allow_missing: AllowMissing = False,
 ) -> None:
     """Measure CPA on every new or changed slide and write the study tables and report.
 
@@ -168,7 +174,7 @@ def analyze(
         force=force, wait=wait, control=control, traits=traits,
         cluster=cluster.value if cluster is not None else None, classifier=classifier,
         quiet=quiet, as_json=as_json, keep_wrong_stain=keep_wrong_stain, zoom=zoom,
-        allow_unlisted=allow_unlisted,
+        allow_unlisted=allow_unlisted, allow_missing=allow_missing,
     )
     raise typer.Exit(code=code)
 

@@ -160,7 +160,7 @@ def run_analyze(
     quiet: bool = False, command: str | None = None, traits: bool = True,
     cluster: str | None = None, classifier: Path | None = None,
     as_json: bool = False, keep_wrong_stain: bool = False, zoom: bool | None = None,
-    allow_unlisted: bool = False,
+    allow_unlisted: bool = False, allow_missing: bool = False,
 ) -> int:
     from rich.markup import escape
     from rich.progress import (
@@ -182,7 +182,8 @@ def run_analyze(
             "workers": workers, "scheduler": scheduler, "cluster": cluster, "control": control,
             "force": force, "wait": wait, "classifier": classifier,
             "keep_wrong_stain": keep_wrong_stain, "no_traits": not traits, "zoom": zoom,
-            "no_zoom": zoom is False, "allow_unlisted": allow_unlisted})
+            "no_zoom": zoom is False, "allow_unlisted": allow_unlisted,
+            "allow_missing": allow_missing})
     try:
         settings = cli_settings(config, stain, analysis_mpp, traits, classifier, zoom)
     except ConfigError as exc:
@@ -241,6 +242,7 @@ def run_analyze(
                 workers=n_workers, scheduler=where, force=force, wait=wait, masks=masks,
                 command=command, on_plan=on_plan, on_result=on_result,
                 keep_wrong_stain=keep_wrong_stain, allow_unlisted=allow_unlisted,
+                allow_missing=allow_missing,
             )
     except StoreLockedError as exc:
         raise fail(str(exc), 3) from None
@@ -267,7 +269,8 @@ def run_analyze(
         note(f"measured {measured_now[0]}, failed {summary.failed}, "
              + (f"wrong stain {n_wrong} ({'kept in' if keep_wrong_stain else 'left out of'} "
                 "mice and groups), " if n_wrong else "")
-             + (f"not measured {summary.not_measured} (interrupted), "
+             + (f"not measured {summary.not_measured} ("
+                + ("interrupted" if summary.interrupted else "not in the folder yet") + "), "
                 if summary.not_measured else "")
              + f"skipped {summary.skipped} (already measured), removed {summary.removed} "
              f"in {summary.seconds:.1f} s" + (f"; {n_warn} warning(s)" if n_warn else ""))

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 
 import typer
 
-from fibroquant.cli import AllowUnlisted, ClusterChoice, app
+from fibroquant.cli import AllowMissing, AllowUnlisted, ClusterChoice, app
 from fibroquant.cli_common import (
     STAIN_OPTION,
     StainChoice,
@@ -391,6 +391,7 @@ def watch(
         "--zoom/--no-zoom", help="Write a zoomable full-resolution QC view of each measured "
         "slide (as for analyze; off by default).", show_default=False)] = None,
     allow_unlisted: AllowUnlisted = False,
+    allow_missing: AllowMissing = False,
 ) -> None:
     """Watch a slides folder and run analyze whenever slides arrive or change (Ctrl-C stops)."""
     from watchdog.events import FileSystemEvent, FileSystemEventHandler
@@ -436,7 +437,7 @@ def watch(
                 quiet=quiet, traits=traits,
                 cluster=cluster.value if cluster is not None else None,
                 classifier=classifier, keep_wrong_stain=keep_wrong_stain, zoom=zoom,
-                allow_unlisted=allow_unlisted,
+                allow_unlisted=allow_unlisted, allow_missing=allow_missing,
                 command=command_line("watch", {
                     "slides_dir": slides_dir, "out": out, "samples": samples, "stain": stain,
                     "config": config, "mpp": mpp, "workers": workers, "control": control,
@@ -444,7 +445,8 @@ def watch(
                     "force": force, "settle": settle, "once": once, "no_traits": not traits,
                     "cluster": cluster, "classifier": classifier,
                     "keep_wrong_stain": keep_wrong_stain, "zoom": zoom,
-                    "no_zoom": zoom is False, "allow_unlisted": allow_unlisted}),
+                    "no_zoom": zoom is False, "allow_unlisted": allow_unlisted,
+                    "allow_missing": allow_missing}),
             )
         except typer.Exit as exc:  # a sheet/config problem: reported; keep watching
             return int(exc.exit_code)

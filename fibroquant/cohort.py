@@ -182,7 +182,7 @@ def _format_list(items: Sequence[str], limit: int = 5) -> str:
 
 
 def read_sample_sheet(path: Path, slides_dir: Path, slide_files: Sequence[Path], *,
-                      allow_unlisted: bool = False) -> pd.DataFrame:
+                      allow_unlisted: bool = False, allow_missing: bool = False) -> pd.DataFrame:
     """Read and validate a sample sheet against the slides folder.
 
     Parameters
@@ -199,6 +199,11 @@ def read_sample_sheet(path: Path, slides_dir: Path, slide_files: Sequence[Path],
     allow_unlisted : bool
         Files not in the sheet are no problem: they are named in ``frame.attrs["unlisted"]``
         (scans that arrived before the sheet lists them, in a scheduled run).
+    allow_missing : bool
+        Rows whose slide is not in ``slides_dir`` (no such file) are no problem: they stay in
+        the frame and ``frame.attrs["missing"]`` maps each to a hint (``"; did you mean
+        'x'?"`` for a file whose name differs only in case, else ``""``): slides the sheet
+        plans that are not scanned yet.
 
     Returns
     -------
@@ -321,6 +326,7 @@ def read_sample_sheet(path: Path, slides_dir: Path, slide_files: Sequence[Path],
     discovered = sorted({_relative_slide(Path(p), slides_dir) for p in slide_files})
     discovered_set = set(discovered)
     by_folded: dict[str, str] = {d.casefold(): d for d in discovered}
+    missing: dict[str, str] = {}
     for row, slide in frame["slide"].items():
         if slide in discovered_set or row in bad_paths or not slide:
             continue
@@ -333,9 +339,13 @@ def read_sample_sheet(path: Path, slides_dir: Path, slide_files: Sequence[Path],
         if (slides_dir / slide).is_file():
             problems.append(f"slide '{slide}' at row {row} exists in {slides_dir} but is not "
                             f"a recognised slide file{hint}")
+        elif allow_missing:  # a planned scan: only a name differing in case is a likely typo
+            # (a study's names differ by a digit: every one would have a near name)
+            missing[slide] = hint if slide.casefold() in by_folded else ""
         else:
             problems.append(f"slide '{slide}' at row {row} does not exist in "
-                            f"{slides_dir}{hint}")
+                            f"{slides_dir}{hint} (--allow-missing keeps it in the tables as "
+                            "not measured until it is scanned)")
     listed = set(frame["slide"])
     unlisted = [d for d in discovered if d not in listed]
     if unlisted and not allow_unlisted:
@@ -381,6 +391,7 @@ def read_sample_sheet(path: Path, slides_dir: Path, slide_files: Sequence[Path],
     frame["group"] = frame["group"].astype(str)
     frame["slide"] = frame["slide"].astype(str)
     frame.attrs["unlisted"] = unlisted
+    frame.attrs["missing"] = missing
     logger.info(
         "sample sheet %s: %d slides, %d mice, %d groups",
         name, len(frame), frame["mouse"].nunique(), frame["group"].nunique(),

@@ -1100,7 +1100,8 @@ def _study_counts(slides: pd.DataFrame, mice: pd.DataFrame,
                   groups: pd.DataFrame) -> dict[str, int]:
     """The study's counts, as the report's summary and the xlsx ``summary`` sheet give them:
     slides measured (``ok``), of another stain (``wrong-stain``: measured, left out of mice
-    and groups unless kept), not measured yet (an interrupted run), failed (the rest); mice
+    and groups unless kept), not measured yet (an interrupted run, or not in the folder yet),
+    failed (the rest); mice
     with a measured slide (without a sheet a failed file is a "mouse" of its own); groups."""
     status = (slides["status"].map(_text).str.lower() if "status" in slides
               else pd.Series("ok", index=slides.index))
@@ -1129,7 +1130,7 @@ def _summary_rows(slides: pd.DataFrame, mice: pd.DataFrame, groups: pd.DataFrame
         ("slides measured", n["ok"]),
         *([("slides of another stain", n["wrong_stain"])] if n["wrong_stain"] else []),
         ("slides failed", n["failed"]),
-        *([("slides not measured yet (run interrupted)", n["not_measured"])]
+        *([("slides not measured yet (see their error)", n["not_measured"])]
           if n["not_measured"] else []),
         ("mice", n["mice"]), ("groups", n["groups"]),
         ("comparison", summary),
@@ -1914,7 +1915,7 @@ def write_report_html(
         *([(str(n_wrong), "slide of another stain" if n_wrong == 1
             else "slides of another stain")] if n_wrong else []),
         (str(n_failed), "slide failed" if n_failed == 1 else "slides failed"),
-        *([(str(n_pending), "not measured yet (run interrupted)")] if n_pending else []),
+        *([(str(n_pending), "not measured yet")] if n_pending else []),
         (str(n_mice), "mouse" if n_mice == 1 else "mice"),
         (str(n["groups"]), "group" if n["groups"] == 1 else "groups"),
     ]

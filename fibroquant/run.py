@@ -441,6 +441,7 @@ def analyze_folder(
     on_result: Callable[[dict[str, Any]], None] | None = None,
     keep_wrong_stain: bool = False,
     allow_unlisted: bool = False,
+    allow_missing: bool = False,
 ) -> RunSummary:
     """Measure every new or changed slide of a folder and regenerate the study tables.
 
@@ -479,6 +480,9 @@ def analyze_folder(
     allow_unlisted : bool
         Slide files the sheet does not list are measured and stored but left out of the tables
         (a warning names them) instead of a :class:`SampleSheetError` before any work.
+    allow_missing : bool
+        Sheet rows whose slide file is not in the folder (not scanned yet) stay in the tables
+        as ``not-measured`` (a warning names them) instead of a :class:`SampleSheetError`.
 
     Returns
     -------
@@ -514,7 +518,8 @@ def analyze_folder(
         msg = f"{slides_dir}: no slide files found (.svs .ndpi .tif .tiff .png .jpg ...)"
         raise FibroquantError(msg)
     sheet = (
-        read_sample_sheet(samples, slides_dir, files, allow_unlisted=allow_unlisted)
+        read_sample_sheet(samples, slides_dir, files, allow_unlisted=allow_unlisted,
+                          allow_missing=allow_missing)
         if samples is not None
         else sheet_without_samples(files, slides_dir)
     )
@@ -526,6 +531,7 @@ def analyze_folder(
             raise SampleSheetError(msg)
     extra_cols = [c for c in sheet.columns if c not in ("slide", "mouse", "group")]
     unlisted = sheet.attrs.get("unlisted", [])
+    missing = sheet.attrs.get("missing", {})
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a read-only file system, a file in the way
@@ -633,7 +639,8 @@ def analyze_folder(
             current = store.current_results(shash, present=present)
             notes = unlisted_note(unlisted, failed=[
                 r["slide"] for r in current if r["slide"] in unlisted and r["status"] != "ok"])
-            slides_df = build_slides_table(sheet, current)
+            notes += missing_note(missing, slides_dir)
+            slides_df = build_slides_table(sheet, current, missing=missing)
             measured_or_not = ["ok", WRONG_STAIN, NOT_MEASURED]
             summary.failed = int((~slides_df["status"].isin(measured_or_not)).sum())
             summary.not_measured = int((slides_df["status"] == NOT_MEASURED).sum())
@@ -813,19 +820,22 @@ def _no_tasks(tasks: list[SlideTask], **_: Any) -> list[dict[str, Any]]:
     return []
 
 
-def build_slides_table(sheet: pd.DataFrame, records: list[dict[str, Any]]) -> pd.DataFrame:
+def build_slides_table(sheet: pd.DataFrame, records: list[dict[str, Any]], *,
+                       missing: Mapping[str, str] | None = None) -> pd.DataFrame:
     """Join the sample sheet with the stored records: one row per slide, contract columns first.
 
-    Slides in the sheet without a record (a run interrupted before them) appear as
-    ``not-measured``.
+    Slides in the sheet without a record appear as ``not-measured``: those of ``missing`` (no
+    file yet: ``--allow-missing``) as not scanned, the others as left by an interrupted run.
     """
     by_slide = {r["slide"]: r for r in records}
     rows = []
     for row in sheet.to_dict("records"):
         rec = by_slide.get(row["slide"])
         if rec is None:
-            rec = {"status": NOT_MEASURED,
-                   "error": f"{row['slide']}: not measured yet (the run was interrupted)"}
+            why = ("not in the slides folder yet (listed in the sample sheet)"
+                   if missing and row["slide"] in missing
+                   else "not measured yet (the run was interrupted)")
+            rec = {"status": NOT_MEASURED, "error": f"{row['slide']}: {why}"}
         # the sheet's mpp is the one measured with; an empty one leaves the file's own
         sheet_row = {str(k): v for k, v in row.items() if not (k == "mpp" and "mpp" in rec)}
         merged = {**{k: v for k, v in rec.items() if k not in _INTERNAL}, **sheet_row}
@@ -852,6 +862,19 @@ def unlisted_note(unlisted: Sequence[str], failed: Sequence[str] = ()) -> list[s
             "their results kept, left out of the tables until the sheet lists them")
     if failed:
         line += f" ({len(failed)} of them failed: {', '.join(map(repr, failed[:3]))})"
+    return [line]
+
+
+def missing_note(missing: Mapping[str, str], slides_dir: Path) -> list[str]:
+    """The warning of a run with ``--allow-missing`` whose sample sheet lists slides the
+    folder does not hold (``missing``: slide -> hint, e.g. "; did you mean 'x'?"); empty
+    without any."""
+    if not missing:
+        return []
+    names = ", ".join(f"{s!r}{missing[s]}" for s in list(missing)[:3]) + (
+        ", ..." if len(missing) > 3 else "")
+    line = (f"{len(missing)} slide(s) of the sample sheet not in {slides_dir} yet ({names}): "
+            "not measured, left out of mice and groups until scanned")
     return [line]
 
 

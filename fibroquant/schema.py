@@ -104,7 +104,8 @@ SLIDES: tuple[Column, ...] = (
     _c("group", "", "group", "treatment group (from the sample sheet)", "id", source="sheet"),
     _c("status", "", "status", "`ok`, `wrong-stain` (measured, but the colours show another "
        "stain: left out of mice and groups unless `--keep-wrong-stain`), `failed`, or "
-       "`not-measured` (the run was interrupted before it; the next run measures it)",
+       "`not-measured` (the run was interrupted before it, and the next run measures it; or "
+       "with `--allow-missing`, the sheet lists it but its file is not in the folder yet)",
        "status"),
     _c("error", "", "error", "why a failed slide failed, or why it was not measured, one line naming the file", "status"),
     _c("mpp", "µm/px", "µm/px", "µm per pixel of the file (or the sheet's / `--mpp`'s)",

@@ -34,6 +34,8 @@ def slide_files(slides_dir: Path) -> list[Path]:
     return [slides_dir / s for s in SLIDES]
 
 
+SLIDES_IN_GOOD = ["c1_s1.tif", "c1_s2.tif", "m1_s1.tif", "sub/m2_s1.ndpi"]
+
 GOOD = """slide,mouse,group,sex
 c1_s1.tif,C1,control,F
 c1_s2.tif,C1,control,F
@@ -227,6 +229,28 @@ def test_unlisted_slides_named(tmp_path: Path, slides_dir: Path, slide_files: li
     assert sheet.attrs["unlisted"] == [f"extra{i}.tif" for i in range(7)]
     assert read_sample_sheet(write(tmp_path, GOOD), slides_dir,
                              slide_files).attrs["unlisted"] == []
+
+
+def test_missing_slides_kept_with_allow_missing(tmp_path: Path, slides_dir: Path,
+                                                slide_files: list[Path]) -> None:
+    """A sheet planned ahead of the scanner: rows whose file has not landed are an error that
+    names the option, or, with it, rows of the frame named in ``attrs["missing"]`` (hinting at a
+    file whose name differs only in case: a study's names differ by a digit, so a near name is
+    no sign of a typo there); a listed file that is not a slide stays an error."""
+    text = GOOD + "m3_s1.tif,M3,MSC,F\nC1_S2.TIF,C1,control,F\n"
+    with pytest.raises(SampleSheetError, match=r"'m3_s1\.tif' at row 6 does not exist .*"
+                       r"\(--allow-missing keeps it"):
+        read_sample_sheet(write(tmp_path, text), slides_dir, slide_files)
+    sheet = read_sample_sheet(write(tmp_path, text), slides_dir, slide_files, allow_missing=True)
+    assert list(sheet["slide"]) == [*SLIDES_IN_GOOD, "m3_s1.tif", "C1_S2.TIF"]
+    assert sheet.attrs["missing"] == {"m3_s1.tif": "",
+                                      "C1_S2.TIF": "; did you mean 'c1_s2.tif'?"}
+    assert read_sample_sheet(write(tmp_path, GOOD), slides_dir, slide_files,
+                             allow_missing=True).attrs["missing"] == {}
+    (slides_dir / "notes.txt").write_text("hello")
+    with pytest.raises(SampleSheetError, match=r"'notes\.txt' at row 6 exists .* not a "):
+        read_sample_sheet(write(tmp_path, GOOD + "notes.txt,M9,MSC,F\n"), slides_dir,
+                          slide_files, allow_missing=True)
 
 
 def test_listed_file_not_a_slide(tmp_path: Path, slides_dir: Path,
