@@ -276,10 +276,10 @@ def read_sample_sheet(path: Path, slides_dir: Path, slide_files: Sequence[Path],
             f"sample sheet {name}: duplicate column header(s) {_format_list(duplicated)}"
         )
     frame.columns = pd.Index(canonical)
-    missing = [c for c in REQUIRED_COLUMNS if c not in canonical]
-    if missing:
+    absent = [c for c in REQUIRED_COLUMNS if c not in canonical]
+    if absent:
         raise SampleSheetError(
-            f"sample sheet {name}: missing required column(s) {', '.join(missing)} "
+            f"sample sheet {name}: missing required column(s) {', '.join(absent)} "
             f"(found: {', '.join(canonical) or 'none'}; "
             f"required: {', '.join(REQUIRED_COLUMNS)})"
         )
