@@ -637,17 +637,21 @@ def analyze_folder(
             for stem in stale_stems(previous_slides, stems):
                 _discard(out_dir, stem)
             current = store.current_results(shash, present=present)
-            notes = unlisted_note(unlisted, failed=[
-                r["slide"] for r in current if r["slide"] in unlisted and r["status"] != "ok"])
+            # unlisted slides that failed: out of the tables, not out of the count and exit code
+            unlisted_failed = [(str(r["slide"]), str(r.get("error") or ""))
+                               for r in current if r["slide"] in unlisted
+                               and slide_status(r) not in ("ok", WRONG_STAIN)]
+            notes = unlisted_note(unlisted, failed=[s for s, _ in unlisted_failed])
             notes += missing_note(missing, slides_dir)
             slides_df = build_slides_table(sheet, current, missing=missing)
             measured_or_not = ["ok", WRONG_STAIN, NOT_MEASURED]
-            summary.failed = int((~slides_df["status"].isin(measured_or_not)).sum())
+            summary.failed = (int((~slides_df["status"].isin(measured_or_not)).sum())
+                              + len(unlisted_failed))
             summary.not_measured = int((slides_df["status"] == NOT_MEASURED).sum())
             summary.failed_slides = [
                 (str(r.slide), str(r.error)) for r in slides_df.itertuples()
                 if r.status not in measured_or_not
-            ]
+            ] + unlisted_failed
             summary.wrong_stain = [
                 (str(r["slide"]), str(r.get("stain_warning") or ""))
                 for r in slides_df.to_dict("records") if r["status"] == WRONG_STAIN

@@ -255,6 +255,27 @@ def test_allow_missing_keeps_unscanned_rows_as_not_measured(two_slides: Path,
     assert set(pd.read_csv(out / "slides.csv")["status"]) == {"ok"}
 
 
+def test_an_unlisted_slide_that_fails_counts_as_failed(two_slides: Path,
+                                                       tmp_path: Path) -> None:
+    """Out of the tables, but not out of the failed count and the exit code: a nightly job's
+    exit status tells that a scan did not measure."""
+    import shutil
+
+    d = tmp_path / "slides"
+    d.mkdir()
+    shutil.copy2(two_slides / "a.tif", d / "a.tif")
+    (d / "b.tif").write_bytes(b"II*\x00 not a tiff")
+    sheet = tmp_path / "samples.csv"
+    sheet.write_text("slide,mouse,group\na.tif,m1,c\n")
+    out = tmp_path / "out"
+    res = invoke("analyze", str(d), "--out", str(out), "--samples", str(sheet),
+                 "--allow-unlisted", "--workers", "1")
+    assert res.exit_code == 1, res.output
+    text = one_line(res.output)
+    assert "failed 1," in text and "(1 of them failed: 'b.tif')" in text
+    assert list(pd.read_csv(out / "slides.csv")["slide"]) == ["a.tif"]
+
+
 def test_allow_unlisted_keeps_a_listed_slides_overlay_in_the_report(
         two_slides: Path, tmp_path: Path) -> None:
     """An unlisted a.tiff beside a listed a.tif gives both their own overlay names; the report
