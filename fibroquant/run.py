@@ -679,7 +679,8 @@ def analyze_folder(
             try:  # the console shows them whether or not the tables are rewritten
                 summary.warnings = notes + study_warnings(
                     slides_df, settings, control=control,
-                    mice=(aggregate_mice(slides_df, extra_columns=extra_cols)
+                    mice=(aggregate_mice(for_groups(slides_df, keep_wrong_stain),
+                                         extra_columns=extra_cols)  # as write_tables does
                           if samples is not None else None))
             except ValueError:
                 summary.warnings = notes

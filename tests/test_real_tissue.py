@@ -376,6 +376,27 @@ def test_run_of_mostly_wrong_stain_exits_2_and_keeps_rows(mixed_folder, tmp_path
     assert mice.loc[mouse["he0.png"], "n_slides"] == 1
 
 
+@pytest.mark.slow
+def test_console_warnings_are_the_tables_with_wrong_stain_kept(mixed_folder, tmp_path):
+    """With --keep-wrong-stain the H&E slides count in mice and groups: the run's warnings
+    (the console's) come from the same mice as the xlsx's and the report's."""
+    import openpyxl
+
+    from fibroquant.config import Settings
+    from fibroquant.run import analyze_folder
+
+    sheet = tmp_path / "samples.csv"
+    sheet.write_text("slide,mouse,group\nhe0.png,m1,control\nhe1.png,m2,msc\n"
+                     "sr.png,m3,msc\n")
+    summary = analyze_folder(mixed_folder, tmp_path / "o", Settings(), samples=sheet,
+                             mpp=0.5, workers=1, keep_wrong_stain=True)
+    rows = openpyxl.load_workbook(tmp_path / "o" / "results.xlsx")["summary"].iter_rows(
+        values_only=True)
+    in_xlsx = [str(v) for k, v in rows if str(k).startswith("warning ")]
+    assert summary.warnings == in_xlsx
+    assert any("group 'control'" in w for w in in_xlsx)  # one mouse: no p value
+
+
 def test_inspect_guesses_he(mixed_folder):
     res = runner.invoke(app, ["inspect", str(mixed_folder / "he0.png"), "--json", "--mpp", "0.5",
                               "--stain", "masson"])
