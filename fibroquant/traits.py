@@ -1336,14 +1336,20 @@ def resolution_warning(slides: Any, settings: Any) -> str | None:
           * pd.to_numeric(coarse["height_px"], errors="coerce"))
     fine = amp.map(lambda m: thin_fibres_resolved(m, thin_um)).astype(bool) & px.notna()
     if thin_fibres_resolved(want, thin_um) and fine.any():
-        factor = np.maximum(np.floor(want / amp[fine] + 1e-9), 1)
-        need = math.ceil(float((px[fine] / factor**2 / 1e6).max()))
+        # masks at traits.mpp, or as fine as the largest allowed (MAX_MASK_MPX) keeps them
+        factor = np.maximum(np.maximum(np.floor(want / amp[fine] + 1e-9), 1),
+                            np.ceil(np.sqrt(px[fine] / (MAX_MASK_MPX * 1e6))))
+        need = min(math.ceil(float((px[fine] / factor**2 / 1e6).max())), MAX_MASK_MPX)
         at = float((amp[fine] * factor).max())
-        if need <= 1024:
+        if thin_fibres_resolved(at, thin_um):
             line += (f"; tiling: {{mask_max_mpx: {need}}} in a --config file keeps their "
                      f"masks at {at:g} µm/px (the traits' time grows with their pixels: "
                      f"{(worst / at) ** 2:.0f}x)")
     return line
+
+
+#: The largest ``tiling.mask_max_mpx`` a config may set (config.TilingSettings).
+MAX_MASK_MPX = 1024
 
 
 #: Per-slide trait columns of ``slides.csv``, with their meaning.

@@ -301,6 +301,16 @@ def test_resolution_warning_names_coarse_slides_and_the_setting_that_keeps_them_
     big = SimpleNamespace(mpp=0.5, levels=[level], path="big.svs")
     assert plan_geometry(big, None, 269).mask_mpp == 1.0  # type: ignore[arg-type]
     assert plan_geometry(big, None, 268).mask_mpp == 1.5  # type: ignore[arg-type]
+    # a slide whose masks at 1 µm/px would pass the largest setting: its finest masks named
+    huge = coarse.assign(analysis_mpp=0.25, width_px=200_000, height_px=200_000)
+    assert "{mask_max_mpx: 817} in a --config file keeps their masks at 1.75 µm/px" in (
+        tr.resolution_warning(huge, settings))
+    assert plan_geometry(SimpleNamespace(mpp=0.25, levels=[SimpleNamespace(
+        mpp=0.25, shape=(200_000, 200_000, 3))], path="huge.svs"),  # type: ignore[arg-type]
+        None, 817).mask_mpp == 1.75
+    from fibroquant.config import TilingSettings
+
+    assert TilingSettings.model_fields["mask_max_mpx"].metadata[-1].le == tr.MAX_MASK_MPX
     # an image that is itself too coarse: no setting helps, none is named
     field = coarse.assign(analysis_mpp=2.5, width_px=2048, height_px=2048)
     line = tr.resolution_warning(field, settings)
