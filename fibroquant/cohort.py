@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from fibroquant import schema
-from fibroquant.errors import SampleSheetError
+from fibroquant.errors import SampleSheetError, name_list
 from fibroquant.traits import TRAIT_COLUMNS
 
 __all__ = ["MICE_COLUMNS", "RECORD_COLUMNS", "RESERVED_COLUMNS", "aggregate_mice",
@@ -169,13 +169,6 @@ def _cell_text(value: object) -> str:
     return str(value).strip()
 
 
-def _format_list(items: Sequence[str], limit: int = 5) -> str:
-    shown = ", ".join(repr(i) for i in items[:limit])
-    if len(items) > limit:
-        shown += f" and {len(items) - limit} more"
-    return shown
-
-
 # --------------------------------------------------------------------------------------------
 # sample sheets
 # --------------------------------------------------------------------------------------------
@@ -273,7 +266,7 @@ def read_sample_sheet(path: Path, slides_dir: Path, slide_files: Sequence[Path],
     duplicated = sorted(k for k, v in seen.items() if v > 1)
     if duplicated:
         raise SampleSheetError(
-            f"sample sheet {name}: duplicate column header(s) {_format_list(duplicated)}"
+            f"sample sheet {name}: duplicate column header(s) {name_list(duplicated, 5)}"
         )
     frame.columns = pd.Index(canonical)
     absent = [c for c in REQUIRED_COLUMNS if c not in canonical]
@@ -303,9 +296,8 @@ def read_sample_sheet(path: Path, slides_dir: Path, slide_files: Sequence[Path],
     for col in REQUIRED_COLUMNS:
         empty_rows = frame.index[frame[col] == ""].tolist()
         if empty_rows:
-            at_rows = ", ".join(str(r) for r in empty_rows[:5])
-            more = f" and {len(empty_rows) - 5} more" if len(empty_rows) > 5 else ""
-            problems.append(f"empty value in column '{col}' at row {at_rows}{more}")
+            problems.append(f"empty value in column '{col}' at row "
+                            f"{name_list(empty_rows, 5, quote=False)}")
 
     frame["slide"] = frame["slide"].map(_normalise_slide_name)
     bad_paths = {
@@ -350,7 +342,7 @@ def read_sample_sheet(path: Path, slides_dir: Path, slide_files: Sequence[Path],
     unlisted = [d for d in discovered if d not in listed]
     if unlisted and not allow_unlisted:
         problems.append(f"{len(unlisted)} slide file(s) in {slides_dir} are not in the sheet: "
-                        f"{_format_list(unlisted)} (--allow-unlisted measures them and leaves "
+                        f"{name_list(unlisted, 5)} (--allow-unlisted measures them and leaves "
                         "them out of the tables until the sheet lists them)")
 
     # -- mouse ↔ group ---------------------------------------------------------------------

@@ -7,8 +7,20 @@ file (or setting) and what is wrong with it. The command line turns them into on
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+
+
+def name_list(items: Sequence[object], limit: int = 3, *, quote: bool = True) -> str:
+    """Names for a one-line message: the first ``limit``, then how many more.
+
+    >>> name_list(["a.tif", "b.tif", "c.tif", "d.tif", "e.tif"])
+    "'a.tif', 'b.tif', 'c.tif' and 2 more"
+    >>> name_list([3, 7], quote=False)
+    '3, 7'
+    """
+    shown = ", ".join(repr(str(i)) if quote else str(i) for i in items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def one_line(exc: BaseException) -> str:

@@ -34,6 +34,7 @@ from fibroquant.errors import (
     SlideReadError,
     StoreError,
     interrupt_exit_code,
+    name_list,
     one_line,
 )
 from fibroquant.layout import STORE_NAME
@@ -862,11 +863,11 @@ def unlisted_note(unlisted: Sequence[str], failed: Sequence[str] = ()) -> list[s
     whose measurement failed, which the tables' counts do not show); empty without any."""
     if not unlisted:
         return []
-    names = ", ".join(repr(s) for s in unlisted[:3]) + (", ..." if len(unlisted) > 3 else "")
+    names = name_list(unlisted)
     line = (f"{len(unlisted)} slide file(s) not in the sample sheet ({names}): measured, "
             "their results kept, left out of the tables until the sheet lists them")
     if failed:
-        line += f" ({len(failed)} of them failed: {', '.join(map(repr, failed[:3]))})"
+        line += f" ({len(failed)} of them failed: {name_list(failed)})"
     return [line]
 
 
@@ -876,8 +877,7 @@ def missing_note(missing: Mapping[str, str], slides_dir: Path) -> list[str]:
     without any."""
     if not missing:
         return []
-    names = ", ".join(f"{s!r}{missing[s]}" for s in list(missing)[:3]) + (
-        ", ..." if len(missing) > 3 else "")
+    names = name_list([f"{s!r}{hint}" for s, hint in missing.items()], quote=False)
     line = (f"{len(missing)} slide(s) of the sample sheet not in {slides_dir} yet ({names}): "
             "not measured, left out of mice and groups until scanned")
     return [line]

@@ -36,6 +36,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from fibroquant.errors import name_list
+
 # scipy, scikit-image and skan are imported where used: cohort/run import the column names
 
 logger = logging.getLogger(__name__)
@@ -1323,8 +1325,7 @@ def resolution_warning(slides: Any, settings: Any) -> str | None:
     if len(coarse) == 1:
         line = f"fibre traits of {coarse['slide'].iloc[0]} were measured at {worst:g} µm/px"
     else:
-        names = ", ".join(map(str, coarse["slide"].head(3))) + (", ..." if len(coarse) > 3
-                                                                else "")
+        names = name_list(list(coarse["slide"]), quote=False)
         line = (f"fibre traits of {len(coarse)} slides ({names}) were measured at up to "
                 f"{worst:g} µm/px")
     line += (f", where no fibre reads thinner than {1.5 * worst:g} µm: their thin- and "

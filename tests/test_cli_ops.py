@@ -506,5 +506,5 @@ def test_unlisted_note_names_the_unlisted_slides_that_failed() -> None:
     assert unlisted_note([]) == []
     (line,) = unlisted_note(["a.tif", "b.tif", "c.tif", "d.tif"], failed=["c.tif"])
     assert line.startswith("4 slide file(s) not in the sample sheet ('a.tif', 'b.tif', "
-                           "'c.tif', ...): measured")
+                           "'c.tif' and 1 more): measured")
     assert line.endswith("(1 of them failed: 'c.tif')")
