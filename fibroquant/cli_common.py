@@ -41,20 +41,39 @@ __all__ = ["STAIN_OPTION", "App", "StainChoice", "available_cores", "cli_setting
 
 
 class App(typer.Typer):
-    """The Typer app, whose uncaught errors (a bug, an I/O failure outside a run) exit 4 with
-    one line instead of a traceback and exit code 1 (which means "some slides failed")."""
+    """The Typer app. A command-line mistake (an unknown option, a path that does not exist)
+    is one line and exit 2, as any other bad input, not a usage block and a framed box; an
+    uncaught error (a bug, an I/O failure outside a run) exits 4 with one line instead of a
+    traceback and exit code 1 (which means "some slides failed")."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         from fibroquant.cores import tune_gc
 
         tune_gc()
         try:
-            return super().__call__(*args, **kwargs)
-        except Exception as exc:  # the last resort: one line, exit 4
+            code = super().__call__(*args, **{**kwargs, "standalone_mode": False})
+        except Exception as exc:
+            if hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None),
+                                                               int):
+                sys.exit(_usage_error(exc))  # click's ClickException, UsageError...
+            if type(exc).__name__ == "Abort":
+                print("error: aborted", file=sys.stderr)
+                sys.exit(1)
+            # the last resort: one line, exit 4
             logging.getLogger("fibroquant").debug("internal error", exc_info=True)
             print(f"error: internal error: {type(exc).__name__}: {one_line(exc)} "
                   "(rerun with -v for details)", file=sys.stderr)
             sys.exit(4)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _usage_error(exc: Any) -> int:
+    """Print a click error of the command line as one line on stderr; its exit code."""
+    ctx = getattr(exc, "ctx", None)
+    where = f"{ctx.command_path} -h" if ctx is not None else "fibroquant -h"
+    message = " ".join(str(exc.format_message()).split()).rstrip(".")
+    print(f"error: {message} (see {where})", file=sys.stderr)
+    return int(exc.exit_code)
 
 
 #: The stain protocols ``--stain`` offers.

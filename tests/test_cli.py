@@ -477,3 +477,27 @@ def test_unknown_stain_is_one_line_naming_the_choices(tmp_path):
     text = " ".join(res.output.replace("│", " ").split())
     assert "'H&E' is not a stain fibroquant measures: sirius-red (also PSR, picrosirius) or " \
            "masson (also trichrome)" in text
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["analyze", "/no/such/folder", "--out", "o"], ["'slides_dir'", "/no/such/folder",
+                                                     "does not exist", "fibroquant analyze -h"]),
+    (["analyze", ".", "--workers", "two"], ["'--workers'", "fibroquant analyze -h"]),
+    (["analyse"], ["No such command 'analyse'", "fibroquant -h"]),
+])
+def test_command_line_mistakes_are_one_line_and_exit_2(tmp_path, args, words):
+    """As the console script runs it (the test runner's invoke bypasses the app's own
+    error handling): one ``error:`` line naming what is wrong, no usage block, no box."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "fibroquant", *args], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    for w in words:
+        assert w in lines[0]
+    ok = subprocess.run([sys.executable, "-m", "fibroquant", "analyze", "-h"], cwd=tmp_path,
+                        capture_output=True, text=True, timeout=120, check=True)
+    assert ok.returncode == 0 and "--workers" in ok.stdout
