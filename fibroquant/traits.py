@@ -61,6 +61,8 @@ class TraitParams:
     ring_um: float = 50.0
     septum_min_width_um: float = 4.0
     septum_min_length_um: float = 300.0
+    band_um: float = 5.0
+    band_density: float = 0.5
     portal_collar_share: float = 0.3
     central_collar_share: float = 0.1
     cluster_um: float = 150.0
@@ -73,7 +75,8 @@ class TraitParams:
         structure tensor's Gaussian support and the largest fractal box, with a margin."""
         fibre = 2.0 * self.thick_um / self.mpp + 4
         tensor = 4.0 * self.coherence_sigma_um / self.mpp + 2
-        return math.ceil(max(fibre, tensor, max(self.box_sizes_px), 16))
+        band = self.band_um / self.mpp + 2
+        return math.ceil(max(fibre, tensor, band, max(self.box_sizes_px), 16))
 
 
 @dataclass(frozen=True)
@@ -443,8 +446,20 @@ def measure_tile(
     del near_w
     counts.parts = [_part(col_c, tis_c, width_um[inner], sk_c, d2[inner], n_ortho[inner],
                           n_diag[inner], peri_c, vessel_c, border, thin_border,
-                          (origin[0] + cy0, origin[1] + cx0), slide_shape, params, pieces)]
+                          (origin[0] + cy0, origin[1] + cx0), slide_shape, params, pieces,
+                          band=col_c & in_band(collagen, params)[cs])]
     return counts
+
+
+def in_band(collagen: np.ndarray, params: TraitParams) -> np.ndarray:
+    """Where collagen covers at least ``band_density`` of the square of side
+    ``2 band_um`` (+ 1 px) around a pixel: a septum drawn as a band of fine fibres, whose
+    own widths are under ``septum_min_width_um`` (bool, the window's shape; beyond the
+    window counts as no collagen)."""
+    k = 2 * round(params.band_um / params.mpp) + 1
+    share = cv2.boxFilter(np.ascontiguousarray(collagen).view(np.uint8), cv2.CV_32F, (k, k),
+                          borderType=cv2.BORDER_CONSTANT)
+    return share >= np.float32(params.band_density)
 
 
 def _zeros_frame(shape: tuple[int, ...]) -> tuple[np.ndarray, ...]:
@@ -973,10 +988,11 @@ def _part(col: np.ndarray, tis: np.ndarray, width_um: np.ndarray, skel: np.ndarr
           vessel: np.ndarray,
           border: np.ndarray, thin_border: np.ndarray, origin: tuple[int, int],
           slide_shape: tuple[int, int], params: TraitParams,
-          branches: _BranchPieces | None) -> _Part:
+          branches: _BranchPieces | None, *, band: np.ndarray | None = None) -> _Part:
     """Label the core's objects (8-connected) and holes (4-connected) with their sums, and
     histogram the squared half-widths (``d2``) of each object's wide skeleton outside the
-    vessel rings (the septal widths, once the object is known septal)."""
+    vessel rings (the septal widths, once the object is known septal). Collagen in
+    ``band`` (:func:`in_band`) counts as septal-wide whatever its own width."""
     h, w = col.shape
     n_obj, obj = cv2.connectedComponents(np.ascontiguousarray(col).view(np.uint8), connectivity=8,
                                          ltype=cv2.CV_32S)
@@ -984,7 +1000,7 @@ def _part(col: np.ndarray, tis: np.ndarray, width_um: np.ndarray, skel: np.ndarr
                                            connectivity=4, ltype=cv2.CV_32S)
     n_obj, n_hole = n_obj - 1, n_hole - 1
     obj_sums, obj_width, pairs = _object_sums(col, obj, n_obj, width_um, skel, d2, n_ortho,
-                                              n_diag, peri, vessel, params)
+                                              n_diag, peri, vessel, params, band)
     # holes: open when they hold non-tissue or touch the slide's edge. One pass counts each
     # hole's pixels split by tissue (bin 2 x label + 1: not tissue)
     split = hole * 2
@@ -1013,10 +1029,12 @@ def _part(col: np.ndarray, tis: np.ndarray, width_um: np.ndarray, skel: np.ndarr
 def _object_sums(col: np.ndarray, obj: np.ndarray, n_obj: int, width_um: np.ndarray,
                  skel: np.ndarray, d2: np.ndarray, n_ortho: np.ndarray, n_diag: np.ndarray,
                  peri: np.ndarray, vessel: np.ndarray, params: TraitParams,
+                 band: np.ndarray | None = None,
                  ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """:func:`_part`'s per-object sums (area, wide collagen outside the rings, wide skeleton
-    length), the (object, d2, pixels) rows of its wide free skeleton and its (object, vessel)
-    pairs.
+    """:func:`_part`'s per-object sums (area, septal-wide collagen outside the rings, its
+    skeleton length), the (object, d2, pixels) rows of its wide free skeleton and its
+    (object, vessel) pairs. Septal-wide: a fibre at least ``septum_min_width_um`` wide, or
+    collagen in ``band``; the widths rows are the wide fibres' alone (the septa's width).
 
     Sparse collagen (under 1/8 of the core, e.g. a whole slide's tiles) is gathered once at its
     pixels (1-D scan, 2-D indices into the frame's views); dense collagen (full-tissue fields)
@@ -1025,24 +1043,27 @@ def _object_sums(col: np.ndarray, obj: np.ndarray, n_obj: int, width_um: np.ndar
     if 8 * np.count_nonzero(col) < col.size:
         at = np.divmod(np.flatnonzero(col), col.shape[1])  # raster order, as a mask gathers
         obj_at = obj[at]
-        wide = width_um[at] >= t
-        wide_free = wide & ~peri[at]
-        on = skel[at] & wide
+        fibre = width_um[at] >= t
+        wide = fibre if band is None else fibre | band[at]
+        free_at = ~peri[at]
+        sk_at = skel[at]
+        on = sk_at & wide
         on_at = (at[0][on], at[1][on])
         step = (n_ortho[on_at] + math.sqrt(2) * n_diag[on_at]) / 2.0
-        obj_wide, obj_on = obj_at[wide_free], obj_at[on]
-        free = wide_free & on
+        obj_wide, obj_on = obj_at[wide & free_at], obj_at[on]
+        free = fibre & free_at & sk_at
         obj_free, d2_free = obj_at[free], d2[at[0][free], at[1][free]]
         ves_at = vessel[at]
         near = ves_at > 0
         obj_near, ves_near = obj_at[near], ves_at[near]
     else:
         obj_at = obj[col]
-        wide_2d = col & (width_um >= t)
+        fibre_2d = col & (width_um >= t)
+        wide_2d = fibre_2d if band is None else fibre_2d | (col & band)
         on_2d = skel & wide_2d
         step = (n_ortho[on_2d] + math.sqrt(2) * n_diag[on_2d]) / 2.0
         obj_wide, obj_on = obj[wide_2d & ~peri], obj[on_2d]
-        free_2d = on_2d & ~peri
+        free_2d = skel & fibre_2d & ~peri
         obj_free, d2_free = obj[free_2d], d2[free_2d]
         near_2d = col & (vessel > 0)
         obj_near, ves_near = obj[near_2d], vessel[near_2d]

@@ -163,6 +163,34 @@ def test_portal_and_central_vessels_are_told_apart():
     assert 0.5 <= got["vessel_type_confidence"] <= 1.0
 
 
+def test_a_septum_of_fine_fibres_is_septal_and_a_pericellular_net_is_not():
+    """A bridging septum is often a band of fibres each finer than ``septum_min_width_um``
+    (the real PSR field tile02_PSR: by fibre width alone half of each septum read as
+    pericellular). Collagen covering half of its 11-µm neighbourhood is septal-wide; a
+    chicken-wire net of 1.5-µm walls around 20-µm cells covers a sixth of it and stays
+    pericellular."""
+    shape, mpp = (800, 800), 1.0
+    collagen = np.zeros(shape, bool)
+    for y in range(300, 360, 3):  # 20 fibres 2 µm wide, 1 µm apart, 600 µm long
+        collagen[y : y + 2, 100:700] = True
+    net = np.zeros(shape, bool)
+    net[450:800:20, :] = net[451:800:20, :] = True
+    net[450:800, ::20] = net[450:800, 1::20] = True
+    collagen |= net
+    tissue = np.ones(shape, bool)
+    band_share = 100.0 * collagen[:400].sum() / collagen.sum()
+    for density in (0.5, 2.0):  # 2.0: by fibre width alone
+        params = tr.TraitParams(mpp=mpp, band_density=density)
+        got = tr.measure_masks(collagen, tissue, params, tile_px=256).traits(params)
+        septal = got["septal_collagen_percent"]
+        if density < 1:  # the band's outer fibres and its ends see less collagen around
+            assert 0.85 * band_share <= septal <= band_share, septal
+        else:
+            assert septal == 0.0
+        assert got["pericellular_collagen_percent"] == pytest.approx(100 - septal)
+        assert math.isnan(got["septal_width_median_um"])  # no fibre is 4 µm wide
+
+
 def _vessels_and_vacuoles(vacuoles: bool, duct: bool = False):
     """Two clustered thick-collared lumens (portal) and two solitary thin-collared ones
     (central), optionally with three round fat vacuoles in the parenchyma (no collagen around

@@ -22,13 +22,14 @@ def _blobs(rng: np.random.Generator, shape: tuple[int, int], smooth: float,
 
 
 def _reference_part(col, tis, width_um, skel, d2, n_ortho, n_diag, peri, vessel, border,
-                    thin_border, origin, slide_shape, params):
+                    thin_border, origin, slide_shape, params, band):
     """``traits._part``'s sums written plainly: a whole-core mask and a bincount per sum."""
     h, w = col.shape
     n_obj, obj = cv2.connectedComponents(col.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
     n_hole, hole = cv2.connectedComponents((~col).view(np.uint8), connectivity=4,
                                            ltype=cv2.CV_32S)
-    wide = col & (width_um >= params.septum_min_width_um)
+    fibre = col & (width_um >= params.septum_min_width_um)
+    wide = fibre | (col & band)
     on = skel & wide
     step = (n_ortho[on] + math.sqrt(2) * n_diag[on]) / 2.0
     obj_sums = {"area": np.bincount(obj[col], minlength=n_obj),
@@ -43,7 +44,7 @@ def _reference_part(col, tis, width_um, skel, d2, n_ortho, n_diag, peri, vessel,
     hole_sums = {"area": np.bincount(hole.ravel(), minlength=n_hole), "open": open_px,
                  "border": np.bincount(hole[border], minlength=n_hole),
                  "thin_border": np.bincount(hole[thin_border], minlength=n_hole)}
-    free = on & ~peri
+    free = skel & fibre & ~peri
     widths = sorted(zip(obj[free].tolist(), d2[free].tolist(), strict=True))
     keys, counts = np.unique(np.array(widths, np.int64).reshape(-1, 2), axis=0,
                              return_counts=True)
@@ -89,9 +90,10 @@ def _check_part(seed: int, h: int, w: int, share: float, at_edge: bool) -> None:
     slide_shape = (h, w) if at_edge else (h + 20, w + 20)
     args = (col, tis, width_f[inner], skel_f[inner], d2_f[inner], n_ortho_f[inner],
             n_diag_f[inner], peri, vessel, border, thin_border, origin, slide_shape, params)
-    part = tr._part(*args, None)
+    band = col & (rng.random((h, w)) < 0.3)
+    part = tr._part(*args, None, band=band)
     obj_sums, hole_sums, obj_width, pairs = _reference_part(np.ascontiguousarray(col),
-                                                            *args[1:])
+                                                            *args[1:], band)
     for got, want in ((part.obj, obj_sums), (part.hole, hole_sums)):
         assert got.keys() == want.keys()
         for k in want:
