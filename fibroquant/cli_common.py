@@ -30,6 +30,7 @@ from fibroquant.errors import (
     StoreError,
     StoreLockedError,
     interrupt_exit_code,
+    name_list,
     one_line,
     received_interrupt,
     sigterm_as_interrupt,
@@ -295,6 +296,9 @@ def run_analyze(
              f"in {summary.seconds:.1f} s" + (f"; {n_warn} warning(s)" if n_warn else ""))
         for old, new in summary.renamed:
             note(f"renamed: {new} (was {old}): its measurement and overlay kept")
+        if summary.removed_slides:  # (renamed ones are not among them)
+            note(f"removed: {name_list(summary.removed_slides)} (no longer in the folder): "
+                 "their results stay in the store's history")
     for slide, error in summary.failed_slides:
         if not any(error in line for line in failed_lines):
             err.print(f"[yellow]failed: {escape(error or slide)}[/]", markup=True)
@@ -361,7 +365,7 @@ def run_json(summary: Any, out_dir: Path, files: dict[str, str]) -> dict[str, An
         "exit_code": summary.exit_code, "processed": summary.processed,
         "skipped": summary.skipped, "failed": summary.failed,
         "not_measured": summary.not_measured, "removed": summary.removed,
-        "seconds": summary.seconds, "interrupted": summary.interrupted,
+        "removed_slides": list(summary.removed_slides), "seconds": summary.seconds, "interrupted": summary.interrupted,
         "tables_written": summary.tables_written,
         "comparison": summary.comparison, "warnings": list(summary.warnings),
         "failed_slides": [{"slide": s, "error": e} for s, e in summary.failed_slides],

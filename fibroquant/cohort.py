@@ -195,8 +195,8 @@ def read_sample_sheet(path: Path, slides_dir: Path, slide_files: Sequence[Path],
     allow_missing : bool
         Rows whose slide is not in ``slides_dir`` (no such file) are no problem: they stay in
         the frame and ``frame.attrs["missing"]`` maps each to a hint (``"; did you mean
-        'x'?"`` for a file whose name differs only in case, else ``""``): slides the sheet
-        plans that are not scanned yet.
+        'x'?"`` for a file whose name differs only in case, or a near name the sheet does not
+        list; else ``""``): slides the sheet plans that are not scanned yet.
 
     Returns
     -------
@@ -319,6 +319,7 @@ def read_sample_sheet(path: Path, slides_dir: Path, slide_files: Sequence[Path],
     discovered_set = set(discovered)
     by_folded: dict[str, str] = {d.casefold(): d for d in discovered}
     missing: dict[str, str] = {}
+    listed = set(frame["slide"])
     for row, slide in frame["slide"].items():
         if slide in discovered_set or row in bad_paths or not slide:
             continue
@@ -331,14 +332,17 @@ def read_sample_sheet(path: Path, slides_dir: Path, slide_files: Sequence[Path],
         if (slides_dir / slide).is_file():
             problems.append(f"slide '{slide}' at row {row} exists in {slides_dir} but is not "
                             f"a recognised slide file{hint}")
-        elif allow_missing:  # a planned scan: only a name differing in case is a likely typo
-            # (a study's names differ by a digit: every one would have a near name)
-            missing[slide] = hint if slide.casefold() in by_folded else ""
+        elif allow_missing:  # a planned scan, or a typo: hint at a name differing in case
+            # or at a near file the sheet does not list (a study's listed names differ by a
+            # digit: each would be a near name of the next scan)
+            near = difflib.get_close_matches(slide, [d for d in discovered if d not in listed],
+                                             n=1, cutoff=0.8)
+            missing[slide] = (hint if slide.casefold() in by_folded
+                              else f"; did you mean '{near[0]}'?" if near else "")
         else:
             problems.append(f"slide '{slide}' at row {row} does not exist in "
                             f"{slides_dir}{hint} (--allow-missing keeps it in the tables as "
                             "not measured until it is scanned)")
-    listed = set(frame["slide"])
     unlisted = [d for d in discovered if d not in listed]
     if unlisted and not allow_unlisted:
         problems.append(f"{len(unlisted)} slide file(s) in {slides_dir} are not in the sheet: "

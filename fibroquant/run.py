@@ -89,6 +89,8 @@ class RunSummary:
     #: slides without a result: the run was interrupted before they were measured
     not_measured: int = 0
     removed: int = 0
+    #: the slides the store forgot: their files left the folder (and the sheet)
+    removed_slides: list[str] = field(default_factory=list)
     seconds: float = 0.0
     exit_code: int = 0
     interrupted: bool = False
@@ -633,17 +635,27 @@ def analyze_folder(
                 interrupt_code = interrupt_exit_code(exc)
             present = set(keys)
             removed = store.removed_slides(present)
-            summary.removed = len(removed)
+            # a slide the sheet lists whose file is gone (an archived scan, a half-mounted
+            # share; --allow-missing) keeps its last measurement, overlay and name
+            gone = [s for s in removed if s in missing]
+            removed = [s for s in removed if s not in missing]
+            missing = {s: hint for s, hint in missing.items() if s not in gone}
+            for s in gone:
+                if s in old_stems and old_stems[s].casefold() not in stems_now:
+                    stems[s] = old_stems[s]
+            renamed_from = {a for a, _ in summary.renamed}  # moved, not removed
+            summary.removed_slides = [s for s in removed if s not in renamed_from]
+            summary.removed = len(summary.removed_slides)
             store.forget_slides(removed)
             for stem in stale_stems(previous_slides, stems):
                 _discard(out_dir, stem)
-            current = store.current_results(shash, present=present)
+            current = store.current_results(shash, present=present | set(gone))
             # unlisted slides that failed: out of the tables, not out of the count and exit code
             unlisted_failed = [(str(r["slide"]), str(r.get("error") or ""))
                                for r in current if r["slide"] in unlisted
                                and slide_status(r) not in ("ok", WRONG_STAIN)]
             notes = unlisted_note(unlisted, failed=[s for s, _ in unlisted_failed])
-            notes += missing_note(missing, slides_dir)
+            notes += missing_note(missing, slides_dir, gone=gone)
             slides_df = build_slides_table(sheet, current, missing=missing)
             measured_or_not = ["ok", WRONG_STAIN, NOT_MEASURED]
             summary.failed = (int((~slides_df["status"].isin(measured_or_not)).sum())
@@ -721,7 +733,7 @@ def analyze_folder(
             run_json = {
                 "processed": summary.processed, "skipped": summary.skipped,
                 "failed": summary.failed, "not_measured": summary.not_measured,
-                "removed": summary.removed,
+                "removed": summary.removed, "removed_slides": summary.removed_slides,
                 "seconds": summary.seconds, "exit_code": summary.exit_code,
                 "interrupted": summary.interrupted, "command": command,
                 "version": __version__, "settings_hash": shash, "started_utc": started,
@@ -871,16 +883,22 @@ def unlisted_note(unlisted: Sequence[str], failed: Sequence[str] = ()) -> list[s
     return [line]
 
 
-def missing_note(missing: Mapping[str, str], slides_dir: Path) -> list[str]:
-    """The warning of a run with ``--allow-missing`` whose sample sheet lists slides the
-    folder does not hold (``missing``: slide -> hint, e.g. "; did you mean 'x'?"); empty
+def missing_note(missing: Mapping[str, str], slides_dir: Path,
+                 gone: Sequence[str] = ()) -> list[str]:
+    """The warnings of a run with ``--allow-missing`` whose sample sheet lists slides the
+    folder does not hold: ``missing`` (slide -> hint, e.g. "; did you mean 'x'?"), never
+    measured; ``gone``, measured before, whose last measurement the tables keep. Empty
     without any."""
-    if not missing:
-        return []
-    names = name_list([f"{s!r}{hint}" for s, hint in missing.items()], quote=False)
-    line = (f"{len(missing)} slide(s) of the sample sheet not in {slides_dir} yet ({names}): "
-            "not measured, left out of mice and groups until scanned")
-    return [line]
+    out = []
+    if missing:
+        names = name_list([f"{s!r}{hint}" for s, hint in missing.items()], quote=False)
+        out.append(f"{len(missing)} slide(s) of the sample sheet not in {slides_dir} yet "
+                   f"({names}): not measured, left out of mice and groups until scanned")
+    if gone:
+        out.append(f"{len(gone)} slide(s) of the sample sheet measured before are no longer "
+                   f"in {slides_dir} ({name_list(gone)}): their last measurement is kept; "
+                   "remove them from the sheet to drop them")
+    return out
 
 
 def study_warnings(slides_df: pd.DataFrame, settings: Settings, *,

@@ -253,6 +253,30 @@ def test_allow_missing_keeps_unscanned_rows_as_not_measured(two_slides: Path,
     info = json.loads(res.stdout)
     assert (info["processed"], info["skipped"], info["not_measured"]) == (1, 1, 0)
     assert set(pd.read_csv(out / "slides.csv")["status"]) == {"ok"}
+    before = pd.read_csv(out / "slides.csv").set_index("slide")
+    # a.tif leaves the folder (a half-mounted share): its measurement and overlay stay
+    shutil.move(d / "a.tif", tmp_path / "a.tif")
+    res = invoke("analyze", str(d), "--out", str(out), "--samples", str(sheet),
+                 "--allow-missing", "--workers", "1")
+    assert res.exit_code == 0, res.output
+    assert ("1 slide(s) of the sample sheet measured before are no longer in" in
+            one_line(res.output))
+    after = pd.read_csv(out / "slides.csv").set_index("slide")
+    assert after.loc["a.tif", "status"] == "ok"
+    assert after.loc["a.tif", "cpa_percent"] == before.loc["a.tif", "cpa_percent"]
+    assert (out / "qc" / "a.jpg").is_file()
+    shutil.move(tmp_path / "a.tif", d / "a.tif")  # back, unchanged: not measured again
+    res = invoke("analyze", str(d), "--out", str(out), "--samples", str(sheet),
+                 "--allow-missing", "--workers", "1", "--json")
+    info = json.loads(res.stdout)
+    assert (info["processed"], info["skipped"], info["removed"]) == (0, 2, 0)
+    # dropped from the sheet and the folder: removed, and named
+    (d / "a.tif").unlink()
+    sheet.write_text("slide,mouse,group\nb.tif,m2,t\n")
+    res = invoke("analyze", str(d), "--out", str(out), "--samples", str(sheet),
+                 "--allow-missing", "--workers", "1")
+    assert "removed: 'a.tif' (no longer in the folder)" in one_line(res.output)
+    assert json.loads((out / "run.json").read_text())["removed_slides"] == ["a.tif"]
 
 
 def test_an_unlisted_slide_that_fails_counts_as_failed(two_slides: Path,

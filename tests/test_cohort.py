@@ -247,6 +247,13 @@ def test_missing_slides_kept_with_allow_missing(tmp_path: Path, slides_dir: Path
                                       "C1_S2.TIF": "; did you mean 'c1_s2.tif'?"}
     assert read_sample_sheet(write(tmp_path, GOOD), slides_dir, slide_files,
                              allow_missing=True).attrs["missing"] == {}
+    # a renamed scan (or a typo): the near file the sheet does not list is named
+    renamed = slides_dir / "m1_s1b.tif"
+    renamed.write_bytes(b"x")
+    sheet = read_sample_sheet(write(tmp_path, text), slides_dir, [*slide_files, renamed],
+                              allow_missing=True, allow_unlisted=True)
+    assert sheet.attrs["missing"]["m3_s1.tif"] == "; did you mean 'm1_s1b.tif'?"
+    renamed.unlink()
     (slides_dir / "notes.txt").write_text("hello")
     with pytest.raises(SampleSheetError, match=r"'notes\.txt' at row 6 exists .* not a "):
         read_sample_sheet(write(tmp_path, GOOD + "notes.txt,M9,MSC,F\n"), slides_dir,
