@@ -1114,6 +1114,15 @@ def _study_counts(slides: pd.DataFrame, mice: pd.DataFrame,
             "groups": len(_group_names(groups, mice))}
 
 
+def _failed_heading(n_failed: int, n_pending: int, *, short: bool = False) -> str:
+    """The report's section of slides without a result, as its heading (or nav link) says."""
+    if not n_pending:
+        return "Failed" if short else "Failed slides"
+    if not n_failed:
+        return "Not measured" if short else "Slides not measured"
+    return "Failed, not measured" if short else "Failed and unmeasured slides"
+
+
 def _group_names(groups: pd.DataFrame, mice: pd.DataFrame) -> list[str]:
     """The study's groups in display order (none without a sheet: its group is "")."""
     return [g for g in _ordered_groups(None, groups.get("group", []), mice.get("group", []))
@@ -1905,7 +1914,8 @@ def write_report_html(
         + ('<a href="#statistics">Statistics</a>' if len(groups) else "")
         + '<a href="#mice">Mice</a>'
         '<a href="#slides">Slides</a><a href="#qc">QC gallery</a>'
-        + ('<a href="#failed">Failed</a>' if n_failed + n_pending else "")
+        + (f'<a href="#failed">{_failed_heading(n_failed, n_pending, short=True)}</a>'
+           if n_failed + n_pending else "")
         + '<a href="#settings">Settings</a></nav></header>'
     )
 
@@ -1923,12 +1933,20 @@ def write_report_html(
                  + "".join(f'<div class="kpi"><div class="v">{_e(v)}</div>'
                            f'<div class="l">{_e(label)}</div></div>' for v, label in kpis)
                  + "</div>")
-    if group_names:
-        n_by_group = (mice["group"].map(_text).value_counts() if "group" in mice
-                      else pd.Series(dtype=int))
-        parts.append('<p class="note">Groups: '
-                     + ", ".join(f"{_e(g)} (n = {int(n_by_group.get(g, 0))} mice)"
-                                 for g in group_names) + "</p>")
+    if group_names:  # mice as the groups table counts them: those with a measured slide
+        group_of = mice["group"].map(_text) if "group" in mice else pd.Series(dtype=str)
+        measured = (pd.to_numeric(mice["n_slides"], errors="coerce").fillna(0) > 0
+                    if "n_slides" in mice else pd.Series(True, index=mice.index))
+        n_by_group = group_of[measured].value_counts()
+        n_listed = group_of.value_counts()
+
+        def counted(g: str) -> str:
+            n, more = int(n_by_group.get(g, 0)), int(n_listed.get(g, 0) - n_by_group.get(g, 0))
+            return (f"{_e(g)} (n = {n} {'mouse' if n == 1 else 'mice'}"
+                    + (f"; {more} more without a measured slide" if more > 0 else "") + ")")
+
+        parts.append('<p class="note">Groups: ' + ", ".join(counted(g) for g in group_names)
+                     + "</p>")
     if summary:
         parts.append(f'<p class="summary">{_e(summary)}</p>')
     if warnings:
@@ -2021,8 +2039,7 @@ def write_report_html(
 
     if n_failed + n_pending:
         failed = slides[~ok_mask & ~wrong_mask]
-        heading = ("Failed slides" if not n_pending else "Slides not measured" if not n_failed
-                   else "Failed and unmeasured slides")
+        heading = _failed_heading(n_failed, n_pending)
         parts.append(f'<section id="failed"><h2>{heading}</h2>'
                      + _html_table(failed, ["slide", "mouse", "group", "status", "error"])
                      + "</section>")

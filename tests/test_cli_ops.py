@@ -246,6 +246,8 @@ def test_allow_missing_keeps_unscanned_rows_as_not_measured(two_slides: Path,
     assert (mice.loc["m2", "n_slides"], mice.loc["m2", "n_failed_slides"]) == (0, 1)
     report = html.unescape((out / "report.html").read_text())
     assert "not in the slides folder yet" in report
+    assert "t (n = 0 mice; 1 more without a measured slide)" in report  # as groups.csv counts
+    assert '<a href="#failed">Not measured</a>' in report
     shutil.copy2(two_slides / "b.tif", d / "b.tif")
     res = invoke("analyze", str(d), "--out", str(out), "--samples", str(sheet),
                  "--allow-missing", "--workers", "1", "--json")
