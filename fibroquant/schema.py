@@ -260,6 +260,12 @@ GROUPS: tuple[Column, ...] = (
     _c("dunnett_p", "", "Dunnett p",
        "Dunnett's test against control (more than two groups): adjusted for the comparisons",
        "p", **_P, **_G),
+    _c("dunnett_ci_low_pp", "pp", "Dunnett CI low",
+       "Dunnett's simultaneous 95 % CI of the difference (more than two groups), low", "stat",
+       **_CPA, **_G),
+    _c("dunnett_ci_high_pp", "pp", "Dunnett CI high",
+       "Dunnett's simultaneous 95 % CI of the difference (more than two groups), high",
+       "stat", **_CPA, **_G),
     _c("holm_welch_p", "", "Welch p (Holm)",
        "Welch p, Holm-adjusted over the comparisons (more than two groups)", "p", **_P, **_G),
 )

@@ -341,7 +341,9 @@ def compare_groups(
                 low, high = _percentile_ci(bchange)
                 row["change_ci_low_percent"], row["change_ci_high_percent"] = low, high
 
-        comparable = [g for g in treated if len(data[g]) >= 1]
+        # the comparisons made: a group of one mouse has no test (Welch needs two), so it is
+        # not one of the comparisons the adjustment counts
+        comparable = [g for g in treated if len(data[g]) >= 2]
         n_groups_with_data = 1 + len(comparable)
         if n_groups_with_data > 2:
             index = {g: i for i, g in enumerate(order)}
@@ -352,8 +354,12 @@ def compare_groups(
                     warnings.simplefilter("ignore", RuntimeWarning)
                     res = sps.dunnett(*[data[g] for g in comparable], control=c,
                                       rng=dunnett_seed)
-                for g, p in zip(comparable, np.atleast_1d(res.pvalue), strict=True):
-                    rows[index[g]]["dunnett_p"] = float(p)
+                    ci = res.confidence_interval(confidence_level=0.95)
+                for g, p, lo, hi in zip(comparable, np.atleast_1d(res.pvalue),
+                                        np.atleast_1d(ci.low), np.atleast_1d(ci.high),
+                                        strict=True):
+                    rows[index[g]].update({"dunnett_p": float(p), "dunnett_ci_low_pp": float(lo),
+                                           "dunnett_ci_high_pp": float(hi)})
             pvals = [(g, rows[index[g]]["welch_p"]) for g in comparable]
             finite = [(g, p) for g, p in pvals if np.isfinite(p)]
             if finite:
@@ -895,7 +901,10 @@ def summary_sentence(groups_df: pd.DataFrame) -> str:
         pieces = []
         if pd.notna(diff):
             piece = f"{_num(diff, 1)} pp"
-            lo, hi = row.get("diff_ci_low_pp", math.nan), row.get("diff_ci_high_pp", math.nan)
+            # the interval of the headline's test: Dunnett's simultaneous one beside its p
+            ci_cols = (("dunnett_ci_low_pp", "dunnett_ci_high_pp") if adjusted
+                       else ("diff_ci_low_pp", "diff_ci_high_pp"))
+            lo, hi = row.get(ci_cols[0], math.nan), row.get(ci_cols[1], math.nan)
             if pd.notna(lo) and pd.notna(hi):
                 piece += f" (95% CI {_num(lo, 1)} to {_num(hi, 1)})"
             pieces.append(piece)

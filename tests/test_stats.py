@@ -220,9 +220,10 @@ def test_nan_mice_dropped_and_small_groups_nan() -> None:
     assert one["diff_vs_control_pp"] == pytest.approx(5.0 - CONTROL[1:].mean(), abs=TOL)
     assert 0 < one["mannwhitney_p"] <= 1
     assert "2 mice without a cpa_percent value left out" in out.attrs["note"]
-    # Dunnett over the groups that have data (control, MSC, one).
-    dun = sps.dunnett(MSC, np.array([5.0]), control=CONTROL[1:], rng=0)
-    assert row(out, "MSC")["dunnett_p"] == pytest.approx(dun.pvalue[0], abs=TOL)
+    # Dunnett over the comparisons made: a one-mouse group has none, so control vs MSC is the
+    # only one, and Welch's test is its (unadjusted) p
+    assert np.isnan(row(out, "MSC")["dunnett_p"]) and np.isnan(row(out, "one")["dunnett_p"])
+    assert "Compared with control 'control': Welch" in out.attrs["note"]
 
 
 def test_constant_groups_do_not_warn() -> None:
@@ -424,10 +425,33 @@ def test_misspelt_one_mouse_group_gets_no_p_value_in_the_headline() -> None:
     mcs = next(s for s in text.split(". CPA in ") if s.startswith(("MCS", "CPA in MCS")))
     assert "no p value: 1 mouse (fewer than 3), one edit from 'MSC'" in mcs
     assert "p =" not in mcs and "p <" not in mcs
-    assert "Dunnett-adjusted p" in text  # MSC keeps its (adjusted) p
+    # MSC vs control is then the only comparison made: its Welch p, not one adjusted for a
+    # comparison the headline does not make (Dunnett's counted MCS: 0.09 against Welch's 0.04)
+    assert "Dunnett" not in text
+    welch = sps.ttest_ind(np.asarray(MSC), np.asarray(CONTROL), equal_var=False).pvalue
+    assert groups.set_index("group").loc["MSC", "welch_p"] == pytest.approx(welch)
+    assert "Welch p" in text
     lines = group_warnings(mice)
     assert lines == [("group 'MCS': 1 mouse (fewer than 3), one edit from 'MSC' (a misspelt "
                      "group name?): no p value in the headline")]
+
+
+def test_dunnett_headline_gives_dunnetts_simultaneous_interval() -> None:
+    """With more than two groups the headline's p is Dunnett's: its interval beside it is
+    Dunnett's simultaneous one (scipy), not Welch's unadjusted one, which can exclude zero
+    where the adjusted p is above 0.05."""
+    third = np.array([5.5, 6.1, 4.9, 5.8])
+    groups = compare_groups(make_mice({"control": CONTROL, "MSC": MSC, "B": third}), n_boot=50)
+    dun = sps.dunnett(MSC, third, control=CONTROL, rng=0).confidence_interval(0.95)
+    by = groups.set_index("group")
+    for k, g in enumerate(("MSC", "B")):
+        assert by.loc[g, "dunnett_ci_low_pp"] == pytest.approx(dun.low[k], abs=1e-3)
+        assert by.loc[g, "dunnett_ci_high_pp"] == pytest.approx(dun.high[k], abs=1e-3)
+    text = summary_sentence(groups)
+    msc = next(s for s in text.split(". ") if "in MSC" in s)
+    lo, hi = by.loc["MSC", ["dunnett_ci_low_pp", "dunnett_ci_high_pp"]]
+    assert f"(95% CI {lo:.1f} to {hi:.1f})".replace("-", "\u2212") in msc
+    assert "Dunnett-adjusted p" in msc
 
 
 def test_small_control_flags_every_comparison() -> None:
