@@ -1956,11 +1956,13 @@ def write_report_html(
 
     group_labels = {c.name: c.label for c in schema.GROUPS}
     # the table a reader needs; every column is in groups.csv and the xlsx
-    p_cols = (["dunnett_p", "holm_welch_p"] if p_col == "dunnett_p"
-              else ["welch_p", "mannwhitney_p"])
+    dunnett = p_col == "dunnett_p"  # its p beside its simultaneous interval
+    p_cols = ["dunnett_p", "holm_welch_p"] if dunnett else ["welch_p", "mannwhitney_p"]
+    ci_cols = (["dunnett_ci_low_pp", "dunnett_ci_high_pp"] if dunnett
+               else ["diff_ci_low_pp", "diff_ci_high_pp"])
     group_cols = ["group", "n_mice", "cpa_mean_percent", "cpa_sd", "cpa_sem", "cpa_median",
-                  "diff_vs_control_pp", "diff_ci_low_pp", "diff_ci_high_pp",
-                  "change_vs_control_percent", *p_cols, "hedges_g"]
+                  "diff_vs_control_pp", *ci_cols, "change_vs_control_percent", *p_cols,
+                  "hedges_g"]
     ctrl_name = next((_text(g) for g, c in zip(groups.get("group", []),
                                                 groups.get("is_control", []), strict=False)
                       if str(c).lower() in ("true", "1")), None)
