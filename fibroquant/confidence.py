@@ -25,7 +25,10 @@ LITTLE_TISSUE_MM2 = 0.05
 
 #: The flags, in the order they are listed.
 FLAGS = ("wrong stain", "faint stain", "pale counterstain", "large exclusions",
-         "little tissue", "few collagen pixels to calibrate")
+         "little tissue", "few collagen pixels to calibrate", "µm/px not the file's")
+#: Relative difference between the sample sheet's µm/px and the file's own above which the
+#: slide is flagged (areas scale with its square: 5 % is 10 % of every area).
+MPP_MISMATCH = 0.05
 
 
 def _number(record: Mapping[str, Any], key: str) -> float:
@@ -45,7 +48,8 @@ def qc_flags(record: Mapping[str, Any], *, pale_counterstain: bool = False) -> l
         The slide's row: ``status`` or ``wrong_stain``, ``threshold_method``, ``collagen_level_od`` (OD),
         ``tissue_area_mm2`` and the excluded areas marked ``large`` in
         :data:`fibroquant.exclusions.CLASSES` (``fold_area_mm2``, ``bubble_area_mm2``,
-        ``unfocused_area_mm2``; mm²); missing values count as unknown (no flag).
+        ``unfocused_area_mm2``; mm²), ``mpp`` and ``file_mpp`` (the sample sheet's µm/px and
+        the file's own); missing values count as unknown (no flag).
     pale_counterstain : bool
         The collagen levels were taken by intensity because the counterstain is too pale to
         tell parenchyma from collagen by colour.
@@ -78,4 +82,8 @@ def qc_flags(record: Mapping[str, Any], *, pale_counterstain: bool = False) -> l
         flags.append("little tissue")
     if relative and not math.isfinite(level):
         flags.append("few collagen pixels to calibrate")
+    given, own = _number(record, "mpp"), _number(record, "file_mpp")
+    if math.isfinite(given) and math.isfinite(own) and own > 0 and \
+            abs(given / own - 1) > MPP_MISMATCH:
+        flags.append("µm/px not the file's")
     return flags

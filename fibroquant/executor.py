@@ -27,6 +27,7 @@ from typing import Any
 import cv2
 
 from fibroquant import cores
+from fibroquant.confidence import qc_flags
 from fibroquant.config import Settings, TilingSettings
 from fibroquant.errors import (
     QUIET_ENV,
@@ -83,6 +84,7 @@ def run_slide(task: SlideTask) -> dict[str, Any]:
     out = Path(task.out_dir)
     stem = task_stem(task)
     slide: Slide | None = None
+    file_mpp: float | None = None
     files = output_files(out, stem)
     written: list[BaseException | None] = []  # outputs written beside the fibre traits
 
@@ -95,7 +97,7 @@ def run_slide(task: SlideTask) -> dict[str, Any]:
             written.append(None)
 
     try:
-        slide = open_within(task, settings.tiling.input_timeout_s)
+        slide, file_mpp = open_within(task, settings.tiling.input_timeout_s)
         # no zoomable view (the default): no `after` step, so the slide's calibration is
         # freed before its traits and overlay (peak memory); a view of an earlier run goes
         zoom = settings.tiling.zoom is not False
@@ -131,7 +133,13 @@ def run_slide(task: SlideTask) -> dict[str, Any]:
         return _failed(
             task, f"{Path(task.path).name}: cannot write outputs: {write_error(exc)}"[:500]
         )
-    return {"slide": task.slide, "fingerprint": task.fingerprint, **analysis.to_record()}
+    record = {"slide": task.slide, "fingerprint": task.fingerprint, **analysis.to_record()}
+    if file_mpp is not None:  # the sample sheet gave the µm/px: say when the file disagrees
+        record["file_mpp"] = file_mpp
+        record["qc_flags"] = "; ".join(
+            f for f in (record.get("qc_flags", "").split("; ")
+                        + qc_flags({"mpp": record.get("mpp"), "file_mpp": file_mpp})) if f)
+    return record
 
 
 def _write_outputs(files: dict[str, Path], analysis: Any, settings: Settings,
@@ -153,10 +161,12 @@ def _write_outputs(files: dict[str, Path], analysis: Any, settings: Settings,
         remove_files(files[k] for k in MASK_KINDS)
 
 
-def open_within(task: SlideTask, seconds: float) -> Slide:
+def open_within(task: SlideTask, seconds: float) -> tuple[Slide, float | None]:
     """Open a task's slide (with the sample sheet's µm/px, else the file's, else ``--mpp``),
     given at most ``seconds``: a file on a hung network share, or one that blocks on open,
-    fails its own row instead of holding the run (and its lock) for ever.
+    fails its own row instead of holding the run (and its lock) for ever. Also returns the
+    µm/px the file states when the sheet gave another (to check the sheet's against), else
+    None.
 
     Raises
     ------
@@ -164,16 +174,21 @@ def open_within(task: SlideTask, seconds: float) -> Slide:
         ``PATH: opening the slide: no answer after N s``; not a regular file (a named pipe); as
         :func:`fibroquant.slides.open_slide`.
     """
-    def open_it() -> Slide:
+    def open_it() -> tuple[Slide, float | None]:
         require_regular(Path(task.path), os.stat(task.path))  # a named pipe would block
         slide = open_slide(task.path, mpp=task.mpp)
+        file_mpp = None
+        if task.mpp is not None:
+            own = open_slide(task.path)
+            file_mpp = own.mpp
+            own.close()
         if slide.mpp is None and task.fallback_mpp is not None:
             slide.close()
             slide = open_slide(task.path, mpp=task.fallback_mpp)
-        return slide
+        return slide, file_mpp
 
     return within_seconds(open_it, seconds, f"{task.path}: opening the slide",
-                          discard=lambda slide: slide.close())
+                          discard=lambda opened: opened[0].close())
 
 
 def _failed(task: SlideTask, error: str) -> dict[str, Any]:

@@ -110,6 +110,9 @@ SLIDES: tuple[Column, ...] = (
     _c("error", "", "error", "why a failed slide failed, or why it was not measured, one line naming the file", "status"),
     _c("mpp", "µm/px", "µm/px", "µm per pixel of the file (or the sheet's / `--mpp`'s)",
        "read", sig=6),
+    _c("file_mpp", "µm/px", "file µm/px", "µm per pixel in the file's metadata when the sample "
+       "sheet gave the slide's (empty otherwise, or when the file states none)", "read", sig=6,
+       optional=True),
     _c("analysis_mpp", "µm/px", "analysis µm/px", "µm per pixel of the analysis", "read",
        sig=6),
     _c("tissue_area_mm2", "mm²", "tissue mm²",

@@ -1337,7 +1337,7 @@ def resolution_warning(slides: Any, settings: Any) -> str | None:
     coarse = ok[[not thin_fibres_resolved(m, thin_um) for m in tmpp]]
     levels = sorted({round(float(m), 3) for m in tmpp})
     if not len(coarse):
-        if len(levels) == 1:
+        if levels[-1] <= levels[0] * (1 + MPP_SPREAD):  # one resolution, as calibrated
             return None
         return (f"fibre traits were measured at {len(levels)} resolutions "
                 f"({levels[0]:g}-{levels[-1]:g} µm/px; column traits_mpp): widths and fibre "
@@ -1372,6 +1372,9 @@ def resolution_warning(slides: Any, settings: Any) -> str | None:
 
 #: The largest ``tiling.mask_max_mpx`` a config may set (config.TilingSettings).
 MAX_MASK_MPX = 1024
+#: Relative spread of the slides' trait resolutions still read as one (scanners calibrated
+#: apart by a percent measure alike; widths differ by that much at most).
+MPP_SPREAD = 0.05
 
 
 #: Per-slide trait columns of ``slides.csv``, with their meaning.

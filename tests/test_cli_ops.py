@@ -281,6 +281,25 @@ def test_allow_missing_keeps_unscanned_rows_as_not_measured(two_slides: Path,
     assert json.loads((out / "run.json").read_text())["removed_slides"] == ["a.tif"]
 
 
+def test_a_sheet_mpp_that_is_not_the_files_is_flagged(two_slides: Path, tmp_path: Path) -> None:
+    """The sheet's µm/px is the one measured with; where the file states another (areas
+    scale with its square) the slide is flagged and the file's value kept beside it."""
+    sheet = tmp_path / "samples.csv"
+    sheet.write_text(f"slide,mouse,group,mpp\na.tif,m1,c,{MPP / 2}\nb.tif,m2,t,{MPP * 1.01}\n")
+    out = tmp_path / "out"
+    res = invoke("analyze", str(two_slides), "--out", str(out), "--samples", str(sheet),
+                 "--workers", "1")
+    assert res.exit_code == 0, res.output
+    text = one_line(res.output)
+    assert "doubtful: a.tif: little tissue; µm/px not the file's" in text
+    assert "2 resolutions" not in text  # traits at 1 and 1.01 µm/px: comparable
+    slides = pd.read_csv(out / "slides.csv").set_index("slide")
+    assert list(slides["mpp"]) == pytest.approx([MPP / 2, MPP * 1.01])
+    assert list(slides["file_mpp"]) == pytest.approx([MPP, MPP])
+    assert "µm/px not the file's" in slides.loc["a.tif", "qc_flags"]
+    assert slides.loc["b.tif", "qc_flags"] == "little tissue"  # 1 %: within the tolerance
+
+
 def test_an_unlisted_slide_that_fails_counts_as_failed(two_slides: Path,
                                                        tmp_path: Path) -> None:
     """Out of the tables, but not out of the failed count and the exit code: a nightly job's
