@@ -25,6 +25,7 @@ import pandas as pd
 
 from fibroquant import schema
 from fibroquant.errors import SampleSheetError, name_list
+from fibroquant.slides import mpp_problem
 from fibroquant.traits import TRAIT_COLUMNS
 
 __all__ = ["MICE_COLUMNS", "RECORD_COLUMNS", "RESERVED_COLUMNS", "aggregate_mice",
@@ -370,6 +371,10 @@ def read_sample_sheet(path: Path, slides_dir: Path, slide_files: Sequence[Path],
             problems += [f"mpp '{values[row]}' at row {row} (slide '{frame.at[row, 'slide']!s}') "
                          "is not a positive number of µm per pixel"
                          for row in bad.index[bad.to_numpy()]]
+            for row in numeric.index[(numeric.gt(0) & np.isfinite(numeric)).to_numpy()]:
+                why = mpp_problem(float(numeric[row]), f"row {row}")
+                if why:  # (a value in nm, or mm, typed as µm)
+                    problems.append(f"mpp of slide '{frame.at[row, 'slide']!s}': {why}")
             frame[col] = numeric.astype(float)
             continue
         present = values != ""

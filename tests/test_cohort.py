@@ -107,6 +107,11 @@ def test_mpp_column(tmp_path: Path, slides_dir: Path, slide_files: list[Path]) -
     sheet = read_sample_sheet(write(tmp_path, text), slides_dir, slide_files)
     assert sheet["mpp"].dtype == float
     assert sheet["mpp"].tolist()[0] == 0.5 and math.isnan(sheet["mpp"].tolist()[1])
+    # nm typed as µm is a sheet problem, listed with the others before any work (exit 2)
+    bad = text.replace(",0.25", ",250").replace(",1\n", ",-1\n").rstrip("1") + "-1"
+    with pytest.raises(SampleSheetError, match=r"2 problems: .*mpp '-1' at row 5.*"
+                       r"mpp of slide 'm1_s1\.tif': 250 µm/px from row 4 is implausible"):
+        read_sample_sheet(write(tmp_path, bad), slides_dir, slide_files)
 
 
 def test_sheet_without_samples(slides_dir: Path, slide_files: list[Path]) -> None:
