@@ -250,6 +250,9 @@ class RunPlan:
     removed: list[str]
     #: the fingerprints computed, for the store's cache (written by analyze only)
     keys: dict[str, str] = field(default_factory=dict)
+    #: unchanged slides whose overlay (and masks) were drawn with other settings: a return to
+    #: earlier settings reuses their stored results without measuring (and drawing) again
+    drawn_otherwise: list[str] = field(default_factory=list)
 
 
 def plan_run(store: ResultStore, slides_dir: Path, out_dir: Path, files: list[Path], *,
@@ -288,6 +291,7 @@ def plan_run(store: ResultStore, slides_dir: Path, out_dir: Path, files: list[Pa
     rels = [_relative(p, slides_dir) for p in files]
     stems = output_stems(rels)
     planned: list[PlannedSlide] = []
+    drawn_otherwise: list[str] = []
     keys: dict[str, str] = {}
     for p, rel in zip(files, rels, strict=True):
         over = sheet_mpp.get(rel)
@@ -315,6 +319,8 @@ def plan_run(store: ResultStore, slides_dir: Path, out_dir: Path, files: list[Pa
                              write_masks=masks, stem=stems[rel])
             state = "unchanged" if outputs_current(out_dir, task, last.get(rel)) else (
                 "outputs_missing")
+            if state == "unchanged" and last[rel][1] != settings_hash:
+                drawn_otherwise.append(rel)
         elif status == "failed" and crashes.get(key, 0) >= MAX_CRASHES:
             state = "crashed"
         elif rel not in stored:
@@ -335,7 +341,7 @@ def plan_run(store: ResultStore, slides_dir: Path, out_dir: Path, files: list[Pa
             planned[i] = replace(entry, state="renamed",
                                  renamed_from=tuple(sources[entry.key]))
     removed = sorted(set(previous) - set(keys))
-    return RunPlan(planned, previous, removed, keys)
+    return RunPlan(planned, previous, removed, keys, drawn_otherwise)
 
 
 
@@ -656,6 +662,11 @@ def analyze_folder(
                                and slide_status(r) not in ("ok", WRONG_STAIN)]
             notes = unlisted_note(unlisted, failed=[s for s, _ in unlisted_failed])
             notes += missing_note(missing, slides_dir, gone=gone)
+            if plan.drawn_otherwise and not force:
+                notes.append(
+                    f"{len(plan.drawn_otherwise)} slide(s) ({name_list(plan.drawn_otherwise)}) "
+                    "keep results stored with these settings, but their QC overlays (and masks) "
+                    "show the last settings measured with; --force redraws them")
             slides_df = build_slides_table(sheet, current, missing=missing)
             measured_or_not = ["ok", WRONG_STAIN, NOT_MEASURED]
             summary.failed = (int((~slides_df["status"].isin(measured_or_not)).sum())

@@ -190,6 +190,14 @@ def test_changed_removed_new_force_and_settings(
     code, run2 = analyze(slides, out, "--config", str(cfg))
     assert run2["processed"] == N_SLIDES and run2["skipped"] == 0
     assert run2["settings_hash"] != run["settings_hash"]
+    assert not any("QC overlays" in w for w in run2["warnings"])
+    # back to the first settings: their stored results, without measuring; the overlays show
+    # the strict settings' until redrawn, and the run says so
+    code, run3 = analyze(slides, out)
+    assert (run3["processed"], run3["skipped"]) == (0, N_SLIDES)
+    assert any(w.startswith(f"{N_SLIDES} slide(s) (") and "their QC overlays (and masks) show "
+               "the last settings measured with; --force redraws them" in w
+               for w in run3["warnings"])
 
 
 @pytest.mark.slow
