@@ -341,8 +341,8 @@ def test_renamed_slide_keeps_its_measurement_and_outputs(bank: Path, tmp_path: P
     (slides / "sub").mkdir()
     shutil.move(slides / "s0.tif", slides / "sub" / "mouse7.tif")
     summary = run(slides, out, masks=True)
-    assert (summary.processed, summary.skipped, summary.removed) == (0, 2, 1)
-    assert summary.renamed == [("s0.tif", "sub/mouse7.tif")]
+    assert (summary.processed, summary.skipped, summary.removed) == (0, 2, 0)  # moved, not gone
+    assert summary.renamed == [("s0.tif", "sub/mouse7.tif")] and summary.removed_slides == []
     after = table(out).set_index("slide")
     assert sorted(after.index) == ["s1.tif", "sub/mouse7.tif"]
     assert after.loc["sub/mouse7.tif", "cpa_percent"] == before.loc["s0.tif", "cpa_percent"]
