@@ -206,7 +206,10 @@ def _print_status(info: dict[str, Any]) -> None:
     if info["failed"]:
         out.print("failed:")
         for f in info["failed"]:
-            out.print(f"  {f['slide']}: {f['error']}", soft_wrap=True, markup=False)
+            # (an error names its file already: "a.png: not a PNG file")
+            error = f["error"]
+            line = error if error.startswith(f"{f['slide']}:") else f"{f['slide']}: {error}"
+            out.print(f"  {line}", soft_wrap=True, markup=False)
     folder = info["folder"]
     if folder is not None:
         out.print(f"slides folder {folder['slides_dir']}: {folder['files']} file(s), "

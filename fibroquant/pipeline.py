@@ -342,10 +342,11 @@ def _analyze_slide(
                 if fibre_traits.warm_skan():
                     release_code_pages()
                 t_start += time.perf_counter() - t_wait
-                traits = fibre_traits.measure_slide(collagen_m, tissue_m, geo.mask_mpp,
-                                                    settings.traits, lumen=lumen,
-                                                    lumen_mpp=lumen_mpp, workers=workers,
-                                                    gate=gate)
+                traits = fibre_traits.in_slide_areas(
+                    fibre_traits.measure_slide(collagen_m, tissue_m, geo.mask_mpp,
+                                               settings.traits, lumen=lumen,
+                                               lumen_mpp=lumen_mpp, workers=workers, gate=gate),
+                    result.measurements.collagen_area_mm2)
                 release_free_heap()
         finally:
             if beside is not None:

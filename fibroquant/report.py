@@ -1516,6 +1516,7 @@ figcaption { color: var(--muted); font-size: 13px; display: table-caption; capti
 .card .meta { color: var(--muted); }
 .card .links { margin-top: 2px; }
 .card .cpa { font-size: 18px; font-weight: 600; font-variant-numeric: tabular-nums; }
+.card .cpa.void { font-weight: 400; color: #888; text-decoration: line-through; }
 .badge { display: inline-block; font-size: 12px; padding: 1px 8px; border-radius: 10px;
          background: var(--warnbg); color: var(--warn); margin-top: 4px; }
 .badge.bad { background: var(--badbg); color: var(--bad); }
@@ -1803,13 +1804,16 @@ def _slide_card(row: pd.Series, uri: str | None, href: str | None = None,
     if _has_warning(row.get("qc_flags")):
         badges.append(f'<span class="badge">doubtful: {_e(_text(row.get("qc_flags")))}</span>')
     cpa_text = f"{cpa:.2f} % CPA" if math.isfinite(cpa) else "CPA –"
+    # a slide of another stain is measured, not a CPA: shown struck through, not in bold
+    cpa_class = "cpa void" if status == "wrong-stain" else "cpa"
     tissue_text = f"{tissue:.2f} mm² tissue" if math.isfinite(tissue) else ""
     return (
         f'<div class="card">{img}<div class="body">'
         f'<div class="name">{_e(name)}</div>'
         f'<div class="meta">mouse {_e(_text(row.get("mouse")))}'
         + (f' · {_e(_text(row.get("group")))}' if _text(row.get("group")) else "") + "</div>"
-        f'<div><span class="cpa">{cpa_text}</span> <span class="meta">{tissue_text}</span></div>'
+        f'<div><span class="{cpa_class}">{cpa_text}</span> <span class="meta">{tissue_text}'
+        "</span></div>"
         + (f'<div class="links">{" · ".join(links)}</div>' if links else "")
         + f'{"".join(badges)}</div></div>'
     )

@@ -916,7 +916,9 @@ def study_warnings(slides_df: pd.DataFrame, settings: Settings, *,
                    mice: pd.DataFrame | None = None, control: str | None = None) -> list[str]:
     """Everything a person should know before trusting the tables, one line each: slides
     measured differently or identical, fibre traits too coarse to show thin fibres, each
-    slide's stain warning, and groups the headline gives no p value (:func:`fibroquant.stats.group_warnings`; ``mice`` None: no groups compared)."""
+    slide's stain warning, the measured slides each doubt flags (:mod:`fibroquant.confidence`)
+    and groups the headline gives no p value (:func:`fibroquant.stats.group_warnings`;
+    ``mice`` None: no groups compared)."""
     from fibroquant.traits import resolution_warning
 
     out = [p for p in (blob_rule_mixed(slides_df, settings), identical_files(slides_df),
@@ -924,10 +926,29 @@ def study_warnings(slides_df: pd.DataFrame, settings: Settings, *,
     if "stain_warning" in slides_df.columns:
         out += [f"{r.slide}: {r.stain_warning}" for r in slides_df.itertuples()
                 if isinstance(r.stain_warning, str) and r.stain_warning]
+    out += doubt_lines(slides_df)
     if mice is not None:
         from fibroquant import stats
 
         out += stats.group_warnings(mice, control)
+    return out
+
+
+def doubt_lines(slides_df: pd.DataFrame) -> list[str]:
+    """One line per doubt flag (``qc_flags``) naming the measured slides it marks, in
+    :data:`fibroquant.confidence.FLAGS` order ("wrong stain" has its own lines)."""
+    from fibroquant.confidence import FLAGS
+
+    if "qc_flags" not in slides_df.columns:
+        return []
+    ok = slides_df[slides_df["status"].astype(str) == "ok"]
+    flags = ok["qc_flags"].map(lambda v: v.split("; ") if isinstance(v, str) and v else [])
+    out = []
+    for flag in FLAGS[1:]:
+        marked = [str(s) for s, f in zip(ok["slide"], flags, strict=True) if flag in f]
+        if marked:
+            out.append(f"doubtful ({flag}): {len(marked)} slide(s), {name_list(marked)}: "
+                       "look at their overlays before trusting their CPA")
     return out
 
 

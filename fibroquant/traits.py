@@ -1405,9 +1405,11 @@ TRAIT_COLUMNS: dict[str, str] = {
     "perivascular_collagen_percent": "collagen within ring_um of a vessel lumen, % of collagen",
     "septal_collagen_percent": "wide collagen of bridging/long objects outside rings, % of collagen",
     "pericellular_collagen_percent": "the rest of the collagen, % of collagen",
-    "perivascular_collagen_area_mm2": "perivascular collagen area",
-    "septal_collagen_area_mm2": "septal collagen area",
-    "pericellular_collagen_area_mm2": "pericellular collagen area",
+    "perivascular_collagen_area_mm2": "perivascular collagen area: its share of the slide's "
+                                      "collagen_area_mm2",
+    "septal_collagen_area_mm2": "septal collagen area: its share of collagen_area_mm2",
+    "pericellular_collagen_area_mm2": "pericellular collagen area: its share of "
+                                      "collagen_area_mm2",
     "portal_vessels": "lumens classified portal (thick collar, clustered lumens)",
     "central_vessels": "lumens classified central (thin collar, alone)",
     "undecided_vessels": "lumens neither portal nor central",
@@ -1567,7 +1569,13 @@ def measure_slide(
     counts = measure_masks(col, tis, params, tile_px=settings.tile_px,
                            vessels=vessels if vessels is not None and vessels.n else None,
                            workers=workers, gate=gate)
-    return {k: float(v) for k, v in slide_traits(counts, params, vessels).items()}
+    out = {k: float(v) for k, v in slide_traits(counts, params, vessels).items()}
+    has_tissue = math.isfinite(out["fibre_length_density_mm_per_mm2"])  # (else all NaN)
+    if lumen is not None and vessels is None and has_tissue:
+        # lumens were looked for and there are none: no vessel, as when all are unlined
+        out.update(dict.fromkeys(("portal_vessels", "central_vessels", "undecided_vessels",
+                                  "unlined_lumens"), 0.0))
+    return out
 
 
 # ------------------------------------------------------------------------------------------
@@ -1584,6 +1592,23 @@ KEY_TRAITS = ("fibre_width_median_um", "fibre_width_iqr_um", "septal_width_media
 _SUMMED = ("perivascular_collagen_area_mm2", "septal_collagen_area_mm2",
            "pericellular_collagen_area_mm2", "portal_vessels", "central_vessels",
            "undecided_vessels", "unlined_lumens")
+
+
+#: The collagen compartments, each a ``{name}_collagen_percent`` and ``_area_mm2`` trait.
+COMPARTMENTS = ("perivascular", "septal", "pericellular")
+
+
+def in_slide_areas(traits: dict[str, float], collagen_area_mm2: float) -> dict[str, float]:
+    """The traits with each compartment's area its share of the slide's collagen area (the
+    CPA's, at the analysis resolution), not of the trait mask's: that mask is reduced to
+    ``traits.mpp``, where the finest fibres thin or vanish (0.5 -> 1 µm/px dropped 15-27 % of
+    the real hearts' collagen), so its areas would not add up to ``collagen_area_mm2``."""
+    out = dict(traits)
+    for name in COMPARTMENTS:
+        share = out.get(f"{name}_collagen_percent", math.nan)
+        out[f"{name}_collagen_area_mm2"] = (share / 100.0 * collagen_area_mm2
+                                            if math.isfinite(share) else math.nan)
+    return out
 
 
 def trait_unit(name: str) -> str:

@@ -352,6 +352,8 @@ def test_status(bad_study, tmp_path: Path) -> None:
                                                    if st_ == "failed"}
     assert info["runs"][0]["exit_code"] == 1 and info["runs"][0]["state"] == "finished"
     assert "analyze" in info["runs"][0]["command"]
+    text = invoke("status", str(out)).output
+    assert "  text.png: " in text and "text.png: text.png" not in text  # named once
 
     # with --slides, on a copy of the folder with one slide new and one gone
     import shutil

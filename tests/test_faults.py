@@ -30,7 +30,7 @@ from typer.testing import CliRunner
 
 from fibroquant.cli import app
 from fibroquant.config import Settings
-from fibroquant.errors import one_line
+from fibroquant.errors import SampleSheetError, one_line
 from fibroquant.run import TABLES_MANIFEST, analyze_folder
 from fibroquant.synthetic import SectionParams, make_section, write_pyramid_tiff
 
@@ -358,14 +358,14 @@ def test_any_statistics_failure_leaves_the_comparison_empty_with_a_reason(bank, 
 
 @pytest.mark.slow
 def test_absurd_mpp_from_any_source_fails_one_row_within_seconds(bank, tmp_path):
-    """A sheet mpp of 0.0005 used to segfault; a TIFF tag of 1e-5 µm/px grew to 12 GB; both
-    fail their own row at once, naming where the value came from; the others are measured."""
+    """A sheet mpp of 0.0005 used to segfault; a TIFF tag of 1e-5 µm/px grew to 12 GB. The
+    file's tags fail their own row at once, naming where the value came from, the others are
+    measured; the sheet's is a sheet problem, listed with the others before any work."""
     slides = _copy(bank, tmp_path / "slides")
     rgb, _ = make_section(SMALL, rng=5)
     write_pyramid_tiff(slides / "tiny.tif", rgb, 1e-5)
     write_pyramid_tiff(slides / "huge.tif", rgb, 1e6)
     sheet = pd.read_csv(slides / "samples.csv")
-    sheet["mpp"] = [0.0005, None, None, None]
     extra = pd.DataFrame([{"slide": "tiny.tif", "mouse": "x1", "group": "MSC"},
                           {"slide": "huge.tif", "mouse": "x2", "group": "MSC"}])
     pd.concat([sheet, extra]).to_csv(slides / "samples.csv", index=False)
@@ -373,15 +373,17 @@ def test_absurd_mpp_from_any_source_fails_one_row_within_seconds(bank, tmp_path)
     summary = run(slides, tmp_path / "out", samples=slides / "samples.csv")
     elapsed = time.perf_counter() - t0
     rows = pd.read_csv(tmp_path / "out" / "slides.csv", keep_default_na=False).set_index("slide")
-    assert summary.failed == 3
+    assert summary.failed == 2
     assert elapsed < 60
-    assert rows.loc["c1.tif", "error"] == (
-        "c1.tif: 0.0005 µm/px from the sample sheet's mpp column is implausible for "
-        "bright-field microscopy (expected 0.05-50 µm/px)")
     assert rows.loc["tiny.tif", "error"].startswith(
         "tiny.tif: 1e-05 µm/px from TIFF resolution tags")
     assert rows.loc["huge.tif", "error"].startswith("huge.tif: ")  # refused, not measured
-    assert (rows.loc[["c2.tif", "t1.tif", "t2.tif"], "status"] == "ok").all()
+    assert (rows.loc[["c1.tif", "c2.tif", "t1.tif", "t2.tif"], "status"] == "ok").all()
+    sheet["mpp"] = [0.0005, None, None, None]
+    pd.concat([sheet, extra]).to_csv(slides / "samples.csv", index=False)
+    with pytest.raises(SampleSheetError, match=r"mpp of slide 'c1\.tif': 0\.0005 µm/px from "
+                       r"row 2 is implausible for bright-field microscopy"):
+        run(slides, tmp_path / "out2", samples=slides / "samples.csv")
 
 
 def test_absurd_mpp_option_is_a_usage_error(bank, tmp_path):

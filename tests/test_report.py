@@ -615,6 +615,9 @@ def test_wrong_stain_slides_are_counted_apart_from_failed_ones(tmp_path: Path,
     failed = text[text.index('id="failed"'):]
     assert "broken.ndpi" in failed and "he.svs" not in failed
     assert '<span class="badge bad">wrong-stain</span>' in text
+    card = text[text.index('<div class="name">he.svs</div>'):]
+    assert re.search(r'<span class="cpa void">[\d.]+ % CPA</span>', card[:600])  # struck
+    assert text.count('class="cpa void"') == 1
     assert "mouse C1</div>" in text  # no group: no trailing separator
     write_xlsx(tmp_path / "r.xlsx", slides=both, mice=mice, groups=groups, settings={},
                provenance={})

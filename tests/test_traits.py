@@ -253,6 +253,14 @@ def test_vacuoles_alone_leave_no_vessel_and_no_call():
     assert got["portal_vessels"] == got["central_vessels"] == got["undecided_vessels"] == 0.0
     assert got["perivascular_collagen_percent"] == 0.0
     assert math.isnan(got["vessel_type_confidence"])
+    # no lumen at all reads the same: no vessel (0), not an unknown (NaN); without a lumen
+    # mask the counts are unknown
+    none = tr.measure_slide(collagen, tissue, mpp, TraitSettings(mpp=1.0),
+                            lumen=np.zeros_like(lumen), lumen_mpp=mpp)
+    assert [none[k] for k in ("portal_vessels", "central_vessels", "undecided_vessels",
+                              "unlined_lumens")] == [0.0] * 4
+    assert math.isnan(tr.measure_slide(collagen, tissue, mpp, TraitSettings(mpp=1.0))[
+        "portal_vessels"])
 
 
 def test_an_unlined_duct_still_makes_its_vein_portal():
