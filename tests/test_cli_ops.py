@@ -555,3 +555,18 @@ def test_unlisted_note_names_the_unlisted_slides_that_failed() -> None:
     assert line.startswith("4 slide file(s) not in the sample sheet ('a.tif', 'b.tif', "
                            "'c.tif' and 1 more): measured")
     assert line.endswith("(1 of them failed: 'c.tif')")
+
+
+def test_doubt_lines_name_the_measured_slides_each_flag_marks() -> None:
+    from fibroquant.run import doubt_lines
+
+    slides = pd.DataFrame({
+        "slide": ["a.tif", "b.tif", "c.tif", "d.tif", "e.tif"],
+        "status": ["ok", "ok", "failed", "wrong-stain", "ok"],
+        "qc_flags": ["little tissue", "faint stain; little tissue", "little tissue",
+                     "wrong stain; little tissue", np.nan]})
+    tail = ": look at their overlays before trusting their CPA"
+    assert doubt_lines(slides) == [
+        "doubtful (faint stain): 1 slide(s), 'b.tif'" + tail,
+        "doubtful (little tissue): 2 slide(s), 'a.tif', 'b.tif'" + tail]
+    assert doubt_lines(slides.drop(columns="qc_flags")) == []
