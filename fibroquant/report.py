@@ -2011,8 +2011,14 @@ def write_report_html(
                  + ", ".join(c.name for c in exclusions.CLASSES)
                  + ") are outside both tissue and collagen area.</p></section>")
 
-    sort_cols = [c for c in ("group", "mouse", "slide") if c in slides.columns]
-    ordered = slides.sort_values(sort_cols, key=lambda s: s.map(_text)) if sort_cols else slides
+    # the slides table's order, gathered by group (groups as they first appear; within a
+    # group as listed: a stable sort)
+    if "group" in slides.columns:
+        names = slides["group"].map(_text)
+        rank = {g: i for i, g in enumerate(dict.fromkeys(names))}
+        ordered = slides.iloc[np.argsort(names.map(rank).to_numpy(), kind="stable")]
+    else:
+        ordered = slides
     cards = []
     for _, row in ordered.iterrows():
         if _text(row.get("status", "ok")).lower() not in ("", "ok", "wrong-stain"):

@@ -731,3 +731,25 @@ def test_report_thumbnail_of_a_large_jpeg_is_decoded_reduced_and_480_wide(tmp_pa
     thumb = cv2.imdecode(np.frombuffer(base64.b64decode(uri.split(",", 1)[1]), np.uint8),
                          cv2.IMREAD_COLOR)
     assert thumb.shape == (240, 480, 3)
+
+
+def test_gallery_follows_the_slides_table_gathered_by_group(tmp_path: Path,
+                                                            slides: pd.DataFrame,
+                                                            mice: pd.DataFrame,
+                                                            groups: pd.DataFrame) -> None:
+    """The QC cards in the table's order, gathered by group in the order the groups first
+    appear (a run without a sheet lists 16_x before 114_x, naturally; sorted as text the
+    gallery put 114_x first)."""
+    shuffled = slides.iloc[[4, 0, 2, 7, 1]].assign(group=["MSC", "control", "control", "MSC",
+                                                          "control"])
+    out = tmp_path / "r.html"
+    write_report_html(out, title="t", slides=shuffled, mice=mice, groups=groups, omnibus=None,
+                      mixed=None, summary="", qc_images={}, plots=[], settings={},
+                      provenance={}, warnings=[])
+    names = re.findall(r'<div class="name">([^<]+)</div>', out.read_text(encoding="utf-8"))
+    assert names == ["t1_s1.tif", "t3_s1.tif", "c1_s1.tif", "c2_s1.tif", "c1_s2.tif"]
+    write_report_html(out, title="t", slides=shuffled.iloc[1:], mice=mice, groups=groups,
+                      omnibus=None, mixed=None, summary="", qc_images={}, plots=[],
+                      settings={}, provenance={}, warnings=[])
+    names = re.findall(r'<div class="name">([^<]+)</div>', out.read_text(encoding="utf-8"))
+    assert names == ["c1_s1.tif", "c2_s1.tif", "c1_s2.tif", "t3_s1.tif"]
