@@ -919,10 +919,11 @@ def study_warnings(slides_df: pd.DataFrame, settings: Settings, *,
     slide's stain warning, the measured slides each doubt flags (:mod:`fibroquant.confidence`)
     and groups the headline gives no p value (:func:`fibroquant.stats.group_warnings`;
     ``mice`` None: no groups compared)."""
-    from fibroquant.traits import resolution_warning
+    from fibroquant.traits import resolution_warning, width_floor_warning
 
     out = [p for p in (blob_rule_mixed(slides_df, settings), identical_files(slides_df),
-                       resolution_warning(slides_df, settings)) if p]
+                       resolution_warning(slides_df, settings), width_floor_warning(slides_df))
+           if p]
     if "stain_warning" in slides_df.columns:
         out += [f"{r.slide}: {r.stain_warning}" for r in slides_df.itertuples()
                 if isinstance(r.stain_warning, str) and r.stain_warning]

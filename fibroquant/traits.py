@@ -1370,6 +1370,35 @@ def resolution_warning(slides: Any, settings: Any) -> str | None:
     return line
 
 
+def width_floor_warning(slides: Any) -> str | None:
+    """One line when the median fibre width of measured slides is the least their trait mask
+    can read (a one-pixel fibre: 1.5 x ``traits_mpp``): most of their fibres are a pixel wide
+    or less there, so the median is a bound, not a measure (the real Masson hearts and
+    livers at 1 µm/px: 1.5 µm, IQR 0). Names ``traits.mpp`` when the analysis is finer."""
+    import pandas as pd
+
+    need = ("traits_mpp", "fibre_width_median_um", "analysis_mpp")
+    if any(c not in slides.columns for c in need):
+        return None
+    ok = slides[slides["status"].astype(str) == "ok"]
+    tmpp, width, amp = (pd.to_numeric(ok[c], errors="coerce") for c in need)
+    floor = (width <= 1.5 * tmpp * (1 + 1e-6)) & (1.5 * tmpp < 3.0)  # (coarser: its own line)
+    if not floor.any():
+        return None
+    at = ok[floor]
+    worst = float(tmpp[floor].max())
+    line = (f"median fibre width of {len(at)} slide(s) ({name_list(list(at['slide']))}) is the "
+            f"least their trait mask reads ({1.5 * worst:g} µm: one pixel at {worst:g} µm/px): "
+            "most of their fibres are that thin or thinner, so it bounds their width rather "
+            "than measures it")
+    finest = float(amp[floor].max())
+    if math.isfinite(finest) and finest <= worst / 2:
+        line += (f"; traits: {{mpp: {finest:g}}} in a --config file measures them at "
+                 f"{finest:g} µm/px (the traits' time grows with their pixels: "
+                 f"{(worst / finest) ** 2:.0f}x)")
+    return line
+
+
 #: The largest ``tiling.mask_max_mpx`` a config may set (config.TilingSettings).
 MAX_MASK_MPX = 1024
 #: Relative spread of the slides' trait resolutions still read as one (scanners calibrated

@@ -353,6 +353,25 @@ def test_resolution_warning_names_coarse_slides_and_the_setting_that_keeps_them_
     assert "left empty" in line and "mask_max_mpx" not in line
 
 
+def test_width_floor_warning_names_slides_whose_median_is_one_pixel():
+    """The real Masson hearts at 1 µm/px read a median width of 1.5 µm, IQR 0: one pixel."""
+    import pandas as pd
+
+    slides = pd.DataFrame({
+        "slide": ["h1.png", "h2.png", "liver.png", "failed.png"],
+        "status": ["ok", "ok", "ok", "failed"],
+        "traits_mpp": [1.0, 1.0, 1.0, 1.0], "analysis_mpp": [0.5, 0.5, 0.5, 0.5],
+        "fibre_width_median_um": [1.5, 1.5, 3.2, 1.5]})
+    line = tr.width_floor_warning(slides)
+    assert line.startswith("median fibre width of 2 slide(s) ('h1.png', 'h2.png') is the "
+                           "least their trait mask reads (1.5 µm: one pixel at 1 µm/px)")
+    assert line.endswith("traits: {mpp: 0.5} in a --config file measures them at 0.5 µm/px "
+                         "(the traits' time grows with their pixels: 4x)")
+    assert tr.width_floor_warning(slides.iloc[2:]) is None
+    # too coarse for thin fibres anyway: resolution_warning's line, not this one
+    assert tr.width_floor_warning(slides.assign(traits_mpp=2.5, fibre_width_median_um=3.75)) is None
+
+
 @pytest.mark.slow
 def test_regression_cohort_width_traits_differ_cpa_does_not():
     import pandas as pd
