@@ -21,7 +21,7 @@ from fibroquant.cli_common import (
     fail,
     out,
 )
-from fibroquant.errors import ConfigError, FibroquantError, one_line
+from fibroquant.errors import ConfigError, FibroquantError, name_list, one_line
 
 
 def _sheet_columns(slides) -> list[str]:
@@ -31,6 +31,19 @@ def _sheet_columns(slides) -> list[str]:
         return cols[cols.index("group") + 1 : cols.index("status")]
     except ValueError:
         return []
+
+
+def _matches(column: Any, value: str) -> Any:
+    """Rows (a bool Series) whose ``column`` is ``value``: as text, or as a number where both
+    are numbers (a dose of 0 reads 0.0 from a column with empty cells)."""
+    import pandas as pd  # (the CLI's commands import pandas when they run)
+
+    same = column.astype(str) == value
+    try:
+        number = float(value)
+    except ValueError:
+        return same
+    return same | (pd.to_numeric(column, errors="coerce") == number)
 
 
 def _parse_where(where: list[str]) -> list[tuple[str, str]]:
@@ -112,9 +125,13 @@ def compare(
         for key, value in _parse_where(where or []):
             if key not in slides.columns:
                 raise FibroquantError(f"--where {key}: no such column in {path}")
-            slides = slides[slides[key].astype(str) == value]
-        if slides.empty:
-            raise FibroquantError(f"{path}: no slides left after --where {where}")
+            column = slides[key]
+            kept = slides[_matches(column, value)]
+            if kept.empty:
+                have = name_list(sorted({str(v) for v in column.dropna()}), 5)
+                raise FibroquantError(f"{path}: no slides left after --where {key}={value} "
+                                      f"(its values: {have or 'none'})")
+            slides = kept
         if by not in slides.columns:
             raise FibroquantError(
                 f"--by {by}: no such column in {path}; sheet columns: "

@@ -12,6 +12,7 @@ row is row 2.
 from __future__ import annotations
 
 import csv
+import datetime
 import difflib
 import io
 import logging
@@ -167,6 +168,8 @@ def _cell_text(value: object) -> str:
         return ""
     if isinstance(value, float) and value.is_integer():
         return str(int(value))  # Excel stores 7 as 7.0
+    if isinstance(value, datetime.datetime) and value.time() == datetime.time(0):
+        return value.date().isoformat()  # an Excel date: 2026-10-01, not "... 00:00:00"
     return str(value).strip()
 
 

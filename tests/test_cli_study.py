@@ -73,6 +73,12 @@ def test_compare_by_another_column_and_subset(analyzed):
     assert sub.exit_code == 0, sub.output
     n = pd.DataFrame(json.loads(sub.output)).set_index("group")["n_mice"]
     assert n["control"] == 3 and n["MSC"] == 3
+    # a number matches as a number: dose 0 is 0, 0.0 or 0.00
+    for zero in ("0", "0.0", "0.00"):
+        res = runner.invoke(app, ["compare", str(analyzed), "--where", f"dose={zero}",
+                                  "--json"])
+        assert res.exit_code == 0, res.output
+        assert list(pd.DataFrame(json.loads(res.output))["group"]) == ["control"]
 
 
 @pytest.mark.slow
@@ -80,7 +86,7 @@ def test_compare_by_another_column_and_subset(analyzed):
     (["--by", "session"], "differs between slides of mouse c1"),
     (["--by", "nope"], "no such column"),
     (["--where", "session"], "expected COLUMN=VALUE"),
-    (["--where", "session=Z"], "no slides left"),
+    (["--where", "session=Z"], "no slides left after --where session=Z (its values: 'A', 'B')"),
 ])
 def test_compare_errors(analyzed, args, match):
     res = runner.invoke(app, ["compare", str(analyzed), *args])

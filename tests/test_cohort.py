@@ -92,12 +92,15 @@ def test_tsv_and_xlsx(tmp_path: Path, slides_dir: Path, slide_files: list[Path])
     xlsx = tmp_path / "sheet.xlsx"
     frame = pd.read_csv(tmp_path / write(tmp_path, GOOD).name, dtype=str)
     frame["mouse"] = [1, 1, 2, 3]  # numbers in Excel cells
+    frame["session"] = pd.to_datetime(["2026-10-01"] * 3 + ["2026-10-08 14:30"], format="ISO8601")
     frame.to_excel(xlsx, index=False)
     b = read_sample_sheet(xlsx, slides_dir, slide_files)
     assert list(a["mouse"]) == ["C1", "C1", "M1", "M2"]
     assert list(b["mouse"]) == ["1", "1", "2", "3"]
     assert list(b["slide"]) == SLIDES
     assert list(b["sex"]) == ["F", "F", "M", "M"]
+    # a date reads as the date (what --where session=2026-10-01 names), a time kept
+    assert list(b["session"]) == ["2026-10-01"] * 3 + ["2026-10-08 14:30:00"]
 
 
 def test_mpp_column(tmp_path: Path, slides_dir: Path, slide_files: list[Path]) -> None:
