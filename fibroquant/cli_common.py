@@ -328,8 +328,10 @@ def run_analyze(
             out.print(f"report (of an earlier run): {files['report.html']}", markup=False)
         return summary.exit_code
     if n_warn or summary.failed:
-        out.print(f"{summary.failed} slide(s) failed, {n_warn} warning(s): see above and the "
-                  "report before trusting the comparison.", markup=False)
+        # (this is stdout; the failures and warnings went to stderr, maybe to another file)
+        out.print(f"{summary.failed} slide(s) failed, {n_warn} warning(s): see the 'failed:' "
+                  "and 'warning:' lines and the report before trusting the comparison.",
+                  markup=False)
     out.print(f"report: {files['report.html']}", markup=False)
     if not quiet:
         # (the traits' tables: not with --no-traits; their comparison only with groups)

@@ -719,6 +719,7 @@ def analyze_folder(
                     "interrupted before any slide was stored: tables not updated")
                 summary.seconds = round(time.perf_counter() - t0, 3)
                 summary.exit_code = interrupt_code
+                summary.warnings = notes  # the run's own; the tables' are the next run's
                 store.finish_run(
                     run_id, processed=summary.processed, skipped=summary.skipped,
                     failed=summary.failed, removed=summary.removed, exit_code=interrupt_code,
