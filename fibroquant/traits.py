@@ -447,19 +447,29 @@ def measure_tile(
     counts.parts = [_part(col_c, tis_c, width_um[inner], sk_c, d2[inner], n_ortho[inner],
                           n_diag[inner], peri_c, vessel_c, border, thin_border,
                           (origin[0] + cy0, origin[1] + cx0), slide_shape, params, pieces,
-                          band=col_c & in_band(collagen, params)[cs])]
+                          band=col_c & in_band(collagen, params, core))]
     return counts
 
 
-def in_band(collagen: np.ndarray, params: TraitParams) -> np.ndarray:
+def in_band(collagen: np.ndarray, params: TraitParams,
+            core: tuple[int, int, int, int] | None = None) -> np.ndarray:
     """Where collagen covers at least ``band_density`` of the square of side
     ``2 band_um`` (+ 1 px) around a pixel: a septum drawn as a band of fine fibres, whose
-    own widths are under ``septum_min_width_um`` (bool, the window's shape; beyond the
-    window counts as no collagen)."""
-    k = 2 * round(params.band_um / params.mpp) + 1
-    share = cv2.boxFilter(np.ascontiguousarray(collagen).view(np.uint8), cv2.CV_32F, (k, k),
-                          borderType=cv2.BORDER_CONSTANT)
-    return share >= np.float32(params.band_density)
+    own widths are under ``septum_min_width_um`` (bool; beyond the window counts as no
+    collagen). Of the whole window, or of its ``core`` (y0, x0, y1, x1) alone, filtered on the
+    core and the square's reach around it."""
+    h, w = collagen.shape
+    y0, x0, y1, x1 = (0, 0, h, w) if core is None else core
+    r = round(params.band_um / params.mpp)
+    wy0, wx0, wy1, wx1 = max(y0 - r, 0), max(x0 - r, 0), min(y1 + r, h), min(x1 + r, w)
+    crop = np.ascontiguousarray(collagen[wy0:wy1, wx0:wx1]).view(np.uint8)
+    # pixel counts (exact integers; k² ≤ 65535 for any band under 127 px) against the least
+    # count that reaches the share
+    k = 2 * r + 1
+    counts = cv2.boxFilter(crop, cv2.CV_16U if k * k < 65536 else cv2.CV_32F, (k, k),
+                           normalize=False, borderType=cv2.BORDER_CONSTANT)
+    least = math.ceil(params.band_density * k * k - 1e-9)
+    return counts[y0 - wy0 : y1 - wy0, x0 - wx0 : x1 - wx0] >= least
 
 
 def _zeros_frame(shape: tuple[int, ...]) -> tuple[np.ndarray, ...]:
