@@ -10,6 +10,7 @@ import sys
 import threading
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -219,6 +220,25 @@ def test_allow_unlisted_measures_new_scans_and_tables_them_once_listed(
     assert list(pd.read_csv(out / "slides.csv")["slide"]) == ["a.tif", "b.tif"]
 
 
+def _a_alone(two_slides: Path, tmp_path: Path, rows: str, *flags: str,
+             extra: dict[str, bytes] | None = None) -> tuple[Path, Path, Path, Any]:
+    """A folder holding a copy of a.tif (and ``extra`` files), a sheet of ``rows`` and one
+    ``analyze`` run with ``flags``: (folder, sheet, out, result)."""
+    import shutil
+
+    d = tmp_path / "slides"
+    d.mkdir()
+    shutil.copy2(two_slides / "a.tif", d / "a.tif")
+    for name, data in (extra or {}).items():
+        (d / name).write_bytes(data)
+    sheet = tmp_path / "samples.csv"
+    sheet.write_text("slide,mouse,group\n" + rows)
+    out = tmp_path / "out"
+    res = invoke("analyze", str(d), "--out", str(out), "--samples", str(sheet), *flags,
+                 "--workers", "1")
+    return d, sheet, out, res
+
+
 def test_allow_missing_keeps_unscanned_rows_as_not_measured(two_slides: Path,
                                                             tmp_path: Path) -> None:
     """A nightly run while the scanner lags the sheet: the row of the scan not yet there is
@@ -226,14 +246,8 @@ def test_allow_missing_keeps_unscanned_rows_as_not_measured(two_slides: Path,
     When the scan lands, the next run measures it alone."""
     import shutil
 
-    d = tmp_path / "slides"
-    d.mkdir()
-    shutil.copy2(two_slides / "a.tif", d / "a.tif")
-    sheet = tmp_path / "samples.csv"
-    sheet.write_text("slide,mouse,group\na.tif,m1,c\nb.tif,m2,t\n")
-    out = tmp_path / "out"
-    res = invoke("analyze", str(d), "--out", str(out), "--samples", str(sheet),
-                 "--allow-missing", "--workers", "1")
+    d, sheet, out, res = _a_alone(two_slides, tmp_path, "a.tif,m1,c\nb.tif,m2,t\n",
+                                  "--allow-missing")
     assert res.exit_code == 0, res.output
     text = one_line(res.output)
     assert "not measured 1 (not in the folder yet)" in text
@@ -304,17 +318,8 @@ def test_an_unlisted_slide_that_fails_counts_as_failed(two_slides: Path,
                                                        tmp_path: Path) -> None:
     """Out of the tables, but not out of the failed count and the exit code: a nightly job's
     exit status tells that a scan did not measure."""
-    import shutil
-
-    d = tmp_path / "slides"
-    d.mkdir()
-    shutil.copy2(two_slides / "a.tif", d / "a.tif")
-    (d / "b.tif").write_bytes(b"II*\x00 not a tiff")
-    sheet = tmp_path / "samples.csv"
-    sheet.write_text("slide,mouse,group\na.tif,m1,c\n")
-    out = tmp_path / "out"
-    res = invoke("analyze", str(d), "--out", str(out), "--samples", str(sheet),
-                 "--allow-unlisted", "--workers", "1")
+    _, _, out, res = _a_alone(two_slides, tmp_path, "a.tif,m1,c\n", "--allow-unlisted",
+                              extra={"b.tif": b"II*\x00 not a tiff"})
     assert res.exit_code == 1, res.output
     text = one_line(res.output)
     assert "failed 1," in text and "(1 of them failed: 'b.tif')" in text
