@@ -73,7 +73,8 @@ def _usage_error(exc: Any) -> int:
     ctx = getattr(exc, "ctx", None)
     where = f"{ctx.command_path} -h" if ctx is not None else "fibroquant -h"
     message = " ".join(str(exc.format_message()).split()).rstrip(".")
-    print(f"error: {message} (see {where})", file=sys.stderr)
+    if message:  # (none after the help that a bare `fibroquant` prints)
+        print(f"error: {message} (see {where})", file=sys.stderr)
     return int(exc.exit_code)
 
 

@@ -39,11 +39,13 @@ def _matches(column: Any, value: str) -> Any:
     import pandas as pd  # (the CLI's commands import pandas when they run)
 
     same = column.astype(str) == value
+    if not pd.api.types.is_numeric_dtype(column):  # ids stay text: mouse=7 is not "007"
+        return same
     try:
         number = float(value)
     except ValueError:
         return same
-    return same | (pd.to_numeric(column, errors="coerce") == number)
+    return same | (column == number)
 
 
 def _parse_where(where: list[str]) -> list[tuple[str, str]]:

@@ -179,9 +179,7 @@ def open_within(task: SlideTask, seconds: float) -> tuple[Slide, float | None]:
         slide = open_slide(task.path, mpp=task.mpp)
         file_mpp = None
         if task.mpp is not None:
-            own = open_slide(task.path)
-            file_mpp = own.mpp
-            own.close()
+            file_mpp = _own_mpp(task.path)
         if slide.mpp is None and task.fallback_mpp is not None:
             slide.close()
             slide = open_slide(task.path, mpp=task.fallback_mpp)
@@ -189,6 +187,19 @@ def open_within(task: SlideTask, seconds: float) -> tuple[Slide, float | None]:
 
     return within_seconds(open_it, seconds, f"{task.path}: opening the slide",
                           discard=lambda opened: opened[0].close())
+
+
+def _own_mpp(path: str) -> float | None:
+    """The µm/px a file states, to check a sample sheet's against; None when it states none
+    or cannot be read without the sheet's (the sheet's value is there to replace bad tags)."""
+    try:
+        own = open_slide(path)
+    except Exception:  # noqa: BLE001 - a check only: the slide opens with the sheet's value
+        return None
+    try:
+        return own.mpp
+    finally:
+        own.close()
 
 
 def _failed(task: SlideTask, error: str) -> dict[str, Any]:

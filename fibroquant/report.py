@@ -1775,7 +1775,7 @@ def _stats_notes(groups: pd.DataFrame, omnibus: Mapping[str, Any] | None,
 
 
 def _slide_card(row: pd.Series, uri: str | None, href: str | None = None,
-                zoom_href: str | None = None) -> str:
+                zoom_href: str | None = None, keep_wrong_stain: bool = False) -> str:
     name = _text(row.get("slide"))
     img = (f'<img src="{uri}" alt="QC overlay of {_e(name)}" loading="lazy">' if uri
            else '<div class="noimg">no QC overlay</div>')
@@ -1805,7 +1805,8 @@ def _slide_card(row: pd.Series, uri: str | None, href: str | None = None,
         badges.append(f'<span class="badge">doubtful: {_e(_text(row.get("qc_flags")))}</span>')
     cpa_text = f"{cpa:.2f} % CPA" if math.isfinite(cpa) else "CPA –"
     # a slide of another stain is measured, not a CPA: shown struck through, not in bold
-    cpa_class = "cpa void" if status == "wrong-stain" else "cpa"
+    # (unless --keep-wrong-stain counts it in its mouse and group)
+    cpa_class = "cpa void" if status == "wrong-stain" and not keep_wrong_stain else "cpa"
     tissue_text = f"{tissue:.2f} mm² tissue" if math.isfinite(tissue) else ""
     return (
         f'<div class="card">{img}<div class="body">'
@@ -1847,6 +1848,7 @@ def write_report_html(
     settings: Mapping[str, Any],
     provenance: Mapping[str, Any],
     warnings: Sequence[str],
+    keep_wrong_stain: bool = False,
 ) -> None:
     """Write the study report: one self-contained HTML file, atomically.
 
@@ -1874,6 +1876,9 @@ def write_report_html(
         Shown as pretty-printed JSON.
     warnings : sequence of str
         Run-level warnings, listed at the top.
+    keep_wrong_stain : bool
+        Slides of status ``wrong-stain`` count in their mice and groups (``--keep-wrong-stain``):
+        their cards show the CPA as any other's, not struck through.
 
     Notes
     -----
@@ -2032,7 +2037,7 @@ def write_report_html(
             if page.is_file():  # written by fibroquant.zoom for whole slides
                 zoom_href = Path(os.path.relpath(page.resolve(), here)).as_posix()
         cards.append(_slide_card(row, _thumb_jpeg_uri(Path(qc_path)) if qc_path else None,
-                                 href, zoom_href))
+                                 href, zoom_href, keep_wrong_stain))
     sw = '<span class="sw" style="background:{}"></span>'
     present = set(slides["stain"].map(_text)) if "stain" in slides else set()
     stains_shown = [st for st in STAIN_FILL_RGB if st in present] or list(STAIN_FILL_RGB)

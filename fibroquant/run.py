@@ -661,13 +661,19 @@ def analyze_folder(
                                for r in current if r["slide"] in unlisted
                                and slide_status(r) not in ("ok", WRONG_STAIN)]
             notes = unlisted_note(unlisted, failed=[s for s, _ in unlisted_failed])
-            notes += missing_note(missing, slides_dir, gone=gone)
+            # a gone slide measured only with other settings has nothing to keep here
+            stored_now = {r["slide"] for r in current}
+            gone_unmeasured = [s for s in gone if s not in stored_now]
+            gone = [s for s in gone if s in stored_now]
+            notes += missing_note(missing, slides_dir, gone=gone,
+                                  gone_unmeasured=gone_unmeasured)
             if plan.drawn_otherwise and not force:
                 notes.append(
                     f"{len(plan.drawn_otherwise)} slide(s) ({name_list(plan.drawn_otherwise)}) "
                     "keep results stored with these settings, but their QC overlays (and masks) "
                     "show the last settings measured with; --force redraws them")
-            slides_df = build_slides_table(sheet, current, missing=missing)
+            slides_df = build_slides_table(sheet, current, missing=missing,
+                                           gone=gone_unmeasured)
             measured_or_not = ["ok", WRONG_STAIN, NOT_MEASURED]
             summary.failed = (int((~slides_df["status"].isin(measured_or_not)).sum())
                               + len(unlisted_failed))
@@ -693,7 +699,7 @@ def analyze_folder(
                 "versions": package_versions(), "platform": platform.platform(),
                 "slides_dir": str(slides_dir.resolve()),
                 "samples": str(samples.resolve()) if samples else None,
-                "inputs": inputs, "removed_slides": removed,
+                "inputs": inputs, "removed_slides": summary.removed_slides,
             }
             tables_key = hashlib.sha256("\n".join([
                 slides_df.to_csv(index=False), repr(extra_cols), str(control),
@@ -851,11 +857,13 @@ def _no_tasks(tasks: list[SlideTask], **_: Any) -> list[dict[str, Any]]:
 
 
 def build_slides_table(sheet: pd.DataFrame, records: list[dict[str, Any]], *,
-                       missing: Mapping[str, str] | None = None) -> pd.DataFrame:
+                       missing: Mapping[str, str] | None = None,
+                       gone: Sequence[str] = ()) -> pd.DataFrame:
     """Join the sample sheet with the stored records: one row per slide, contract columns first.
 
     Slides in the sheet without a record appear as ``not-measured``: those of ``missing`` (no
-    file yet: ``--allow-missing``) as not scanned, the others as left by an interrupted run.
+    file yet: ``--allow-missing``) as not scanned, those of ``gone`` as gone from the folder
+    (measured with other settings only), the others as left by an interrupted run.
     """
     by_slide = {r["slide"]: r for r in records}
     rows = []
@@ -864,6 +872,8 @@ def build_slides_table(sheet: pd.DataFrame, records: list[dict[str, Any]], *,
         if rec is None:
             why = ("not in the slides folder yet (listed in the sample sheet)"
                    if missing and row["slide"] in missing
+                   else "no longer in the slides folder, and measured with other settings only"
+                   if row["slide"] in gone
                    else "not measured yet (the run was interrupted)")
             rec = {"status": NOT_MEASURED, "error": f"{row['slide']}: {why}"}
         # the sheet's mpp is the one measured with; an empty one leaves the file's own
@@ -896,11 +906,11 @@ def unlisted_note(unlisted: Sequence[str], failed: Sequence[str] = ()) -> list[s
 
 
 def missing_note(missing: Mapping[str, str], slides_dir: Path,
-                 gone: Sequence[str] = ()) -> list[str]:
+                 gone: Sequence[str] = (), gone_unmeasured: Sequence[str] = ()) -> list[str]:
     """The warnings of a run with ``--allow-missing`` whose sample sheet lists slides the
     folder does not hold: ``missing`` (slide -> hint, e.g. "; did you mean 'x'?"), never
-    measured; ``gone``, measured before, whose last measurement the tables keep. Empty
-    without any."""
+    measured; ``gone``, measured before, whose last measurement the tables keep;
+    ``gone_unmeasured``, measured before with other settings only. Empty without any."""
     out = []
     if missing:
         names = name_list([f"{s!r}{hint}" for s, hint in missing.items()], quote=False)
@@ -910,6 +920,10 @@ def missing_note(missing: Mapping[str, str], slides_dir: Path,
         out.append(f"{len(gone)} slide(s) of the sample sheet measured before are no longer "
                    f"in {slides_dir} ({name_list(gone)}): their last measurement is kept; "
                    "remove them from the sheet to drop them")
+    if gone_unmeasured:
+        out.append(f"{len(gone_unmeasured)} slide(s) of the sample sheet are no longer in "
+                   f"{slides_dir} ({name_list(gone_unmeasured)}) and were measured with other "
+                   "settings only: not measured with these, left out of mice and groups")
     return out
 
 
@@ -923,7 +937,8 @@ def study_warnings(slides_df: pd.DataFrame, settings: Settings, *,
     from fibroquant.traits import resolution_warning, width_floor_warning
 
     out = [p for p in (blob_rule_mixed(slides_df, settings), identical_files(slides_df),
-                       resolution_warning(slides_df, settings), width_floor_warning(slides_df))
+                       resolution_warning(slides_df, settings),
+                       width_floor_warning(slides_df, settings.traits.thin_um))
            if p]
     if "stain_warning" in slides_df.columns:
         out += [f"{r.slide}: {r.stain_warning}" for r in slides_df.itertuples()
@@ -1181,7 +1196,7 @@ def write_tables(
         out_dir / "report.html", title="fibroquant: collagen proportionate area",
         slides=slides_df, mice=mice, groups=groups, omnibus=omnibus, mixed=mixed,
         summary=sentence, qc_images=qc, plots=plots, settings=settings_dict,
-        provenance=provenance, warnings=warnings,
+        provenance=provenance, warnings=warnings, keep_wrong_stain=keep_wrong_stain,
     )
     from fibroquant.agreement import refresh_report
 

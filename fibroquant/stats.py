@@ -344,6 +344,10 @@ def compare_groups(
         # the comparisons made: a group of one mouse has no test (Welch needs two), so it is
         # not one of the comparisons the adjustment counts
         comparable = [g for g in treated if len(data[g]) >= 2]
+        single = [g for g in treated if len(data[g]) == 1]
+        if single:
+            notes.append(", ".join(repr(g) for g in single) + " (one mouse) not tested, nor "
+                         "counted among the comparisons.")
         n_groups_with_data = 1 + len(comparable)
         if n_groups_with_data > 2:
             index = {g: i for i, g in enumerate(order)}

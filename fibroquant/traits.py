@@ -95,9 +95,12 @@ class VesselMap:
         Number of lumens.
     neighbours : ndarray of int64
         Per lumen (index 0 unused): other lumens within ``cluster_um`` (edge to edge), lined
-        or not.
+        or not (a portal tract's bile duct counts).
     unlined : int
         Lumens left out as no vessel: no collagen lines them (:func:`lumen_lining`).
+    vessel_neighbours : ndarray of int64, optional
+        As ``neighbours``, counting the vessels (lined lumens) alone: a central vein is
+        alone among vessels, whatever fat vacuoles lie beside it; None: ``neighbours``.
     """
 
     distance_um: np.ndarray
@@ -106,6 +109,7 @@ class VesselMap:
     n: int
     neighbours: np.ndarray
     unlined: int = 0
+    vessel_neighbours: np.ndarray | None = None
     _rings: dict[float, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     def ring_labels(self, ring_um: float) -> np.ndarray:
@@ -125,7 +129,8 @@ class VesselMap:
         (32 MB of a 4-MP lumen image)."""
         rings = self.ring_labels(ring_um)
         return VesselMap(np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int32), self.scale,
-                         self.n, self.neighbours, self.unlined, {ring_um: rings})
+                         self.n, self.neighbours, self.unlined, self.vessel_neighbours,
+                         {ring_um: rings})
 
 
 @dataclass(frozen=True)
@@ -169,20 +174,12 @@ def vessel_map(lumen: np.ndarray, lumen_mpp: float, trait_mpp: float, cluster_um
         labelType=cv2.DIST_LABEL_CCOMP)
     n = int(nearest.max())
     dist_um = np.multiply(dist, np.float32(lumen_mpp), out=dist)  # float32, in place
-    pairs = []
-    for a, b, da, db in ((nearest[:, :-1], nearest[:, 1:], dist_um[:, :-1], dist_um[:, 1:]),
-                         (nearest[:-1], nearest[1:], dist_um[:-1], dist_um[1:])):
-        close = (a != b) & (da + db <= cluster_um)
-        pairs.append(np.column_stack([a[close], b[close]]))
-    both = np.concatenate(pairs)
-    both = np.unique(np.concatenate([both, both[:, ::-1]]), axis=0)
-    neighbours = np.bincount(both[:, 0], minlength=n + 1) if len(both) else np.zeros(n + 1, int)
-    neighbours = neighbours.astype(np.int64)
+    neighbours = _neighbour_counts(nearest, dist_um, n, cluster_um)
     scale = trait_mpp / lumen_mpp
     if lining is None:
         return VesselMap(dist_um, nearest, scale, n, neighbours)
     share = lumen_lining(dist_um, nearest, n, lumen_mpp, scale, lining)
-    lined = np.concatenate([[False], share >= lining.min_share])
+    lined = np.concatenate([[False], ~(share < lining.min_share)])  # (NaN: no tissue: lined)
     unlined = n - int(lined.sum())
     if unlined == 0:
         return VesselMap(dist_um, nearest, scale, n, neighbours)
@@ -196,7 +193,23 @@ def vessel_map(lumen: np.ndarray, lumen_mpp: float, trait_mpp: float, cluster_um
         labelType=cv2.DIST_LABEL_CCOMP)
     dist_um = np.multiply(dist, np.float32(lumen_mpp), out=dist)
     return VesselMap(dist_um, nearest, scale, n - unlined,
-                     np.concatenate([[0], neighbours[1:][lined[1:]]]), unlined)
+                     np.concatenate([[0], neighbours[1:][lined[1:]]]), unlined,
+                     _neighbour_counts(nearest, dist_um, n - unlined, cluster_um))
+
+
+def _neighbour_counts(nearest: np.ndarray, dist_um: np.ndarray, n: int,
+                      cluster_um: float) -> np.ndarray:
+    """Per lumen (index 0 unused) the other lumens within ``cluster_um`` edge to edge, from the
+    nearest-lumen labels and distances (:func:`vessel_map`)."""
+    pairs = []
+    for a, b, da, db in ((nearest[:, :-1], nearest[:, 1:], dist_um[:, :-1], dist_um[:, 1:]),
+                         (nearest[:-1], nearest[1:], dist_um[:-1], dist_um[1:])):
+        close = (a != b) & (da + db <= cluster_um)
+        pairs.append(np.column_stack([a[close], b[close]]))
+    both = np.concatenate(pairs)
+    both = np.unique(np.concatenate([both, both[:, ::-1]]), axis=0)
+    counts = np.bincount(both[:, 0], minlength=n + 1) if len(both) else np.zeros(n + 1, int)
+    return counts.astype(np.int64)
 
 
 def lumen_lining(dist_um: np.ndarray, nearest: np.ndarray, n: int, lumen_mpp: float,
@@ -208,7 +221,9 @@ def lumen_lining(dist_um: np.ndarray, nearest: np.ndarray, n: int, lumen_mpp: fl
     pixels per trait pixel), as the trait tiles assign rings (:meth:`VesselMap.ring_labels`).
     A vessel is lined by its wall, which Sirius red and Masson's trichrome stain for collagen;
     a fat vacuole, an epithelial lumen or a tear is lined by cells (share about 0:
-    ``docs/decisions.md#unlined-lumens``). A lumen with no tissue in its band has share 0.
+    ``docs/decisions.md#unlined-lumens``). A lumen with no countable tissue in its band (its
+    wall excluded: ``tissue.exclude_vessel_walls_above_um2``, a fold, the capsule band) has
+    share NaN: nothing says it is unlined.
     """
     h, w = nearest.shape
     band = (dist_um > 0) & (dist_um <= max(lining.band_um, 1.5 * lumen_mpp))
@@ -236,7 +251,7 @@ def lumen_lining(dist_um: np.ndarray, nearest: np.ndarray, n: int, lumen_mpp: fl
             blocks = _block_sums(mask, row_edge[r0 : r1 + 1] - t0, col_edge)
             sums[name] += np.bincount(label, weights=blocks[at], minlength=n + 1)
     coll, tiss = sums["collagen"][1:], sums["tissue"][1:]
-    return np.divide(coll, tiss, out=np.zeros(n), where=tiss > 0)
+    return np.divide(coll, tiss, out=np.full(n, np.nan), where=tiss > 0)
 
 
 def _block_sums(mask: np.ndarray, row_edge: np.ndarray, col_edge: np.ndarray) -> np.ndarray:
@@ -1176,18 +1191,22 @@ def _component_sums(parts: list[_Part], kind: str, comp: np.ndarray, n: int) -> 
 
 
 def classify_vessels(ring_px: np.ndarray, ring_collagen_px: np.ndarray, neighbours: np.ndarray,
-                     params: TraitParams) -> tuple[np.ndarray, np.ndarray]:
+                     params: TraitParams, vessel_neighbours: np.ndarray | None = None,
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """Portal (1), central (-1) or undecided (0) for every lumen, with a confidence (0-1).
 
     A portal tract has a thick collagen collar (collagen share of the ring of ``ring_um``
     around the lumen at least ``portal_collar_share``) and clustered lumens (vein, artery,
     bile duct: another lumen within ``cluster_um``); a central vein a thin collar (below
-    ``central_collar_share``) and no lumen nearby. Anything else is undecided. The confidence
-    grows with the distance of the collar share from the undecided band.
+    ``central_collar_share``) and no vessel nearby (``vessel_neighbours``, default
+    ``neighbours``: an unlined lumen, a fat vacuole, does not make a central vein portal-like).
+    Anything else is undecided. The confidence grows with the distance of the collar share
+    from the undecided band.
     """
+    alone = (neighbours if vessel_neighbours is None else vessel_neighbours) == 0
     share = np.divide(ring_collagen_px, ring_px, out=np.zeros(len(ring_px)), where=ring_px > 0)
     portal = (share >= params.portal_collar_share) & (neighbours > 0)
-    central = (share < params.central_collar_share) & (neighbours == 0) & (ring_px > 0)
+    central = (share < params.central_collar_share) & alone & (ring_px > 0)
     kind = np.where(portal, 1, np.where(central, -1, 0))
     conf = np.zeros(len(share))
     conf[portal] = np.clip(share[portal] / (2 * params.portal_collar_share), 0.5, 1.0)
@@ -1297,7 +1316,9 @@ def slide_traits(counts: TraitCounts, params: TraitParams, vessels: VesselMap | 
     if vessels is not None and (len(counts.vessel_ring_px) or not vessels.n):
         ring = _add_arrays(counts.vessel_ring_px, np.zeros(vessels.n + 1, np.int64))[1:]
         ring_col = _add_arrays(counts.vessel_ring_collagen_px, np.zeros(vessels.n + 1, np.int64))[1:]
-        kind, conf = classify_vessels(ring, ring_col, vessels.neighbours[1:], params)
+        kind, conf = classify_vessels(
+            ring, ring_col, vessels.neighbours[1:], params,
+            None if vessels.vessel_neighbours is None else vessels.vessel_neighbours[1:])
         seen = ring > 0
         out["portal_vessels"] = float((kind == 1).sum())
         out["central_vessels"] = float((kind == -1).sum())
@@ -1380,7 +1401,7 @@ def resolution_warning(slides: Any, settings: Any) -> str | None:
     return line
 
 
-def width_floor_warning(slides: Any) -> str | None:
+def width_floor_warning(slides: Any, thin_um: float = 3.0) -> str | None:
     """One line when the median fibre width of measured slides is the least their trait mask
     can read (a one-pixel fibre: 1.5 x ``traits_mpp``): most of their fibres are a pixel wide
     or less there, so the median is a bound, not a measure (the real Masson hearts and
@@ -1392,7 +1413,8 @@ def width_floor_warning(slides: Any) -> str | None:
         return None
     ok = slides[slides["status"].astype(str) == "ok"]
     tmpp, width, amp = (pd.to_numeric(ok[c], errors="coerce") for c in need)
-    floor = (width <= 1.5 * tmpp * (1 + 1e-6)) & (1.5 * tmpp < 3.0)  # (coarser: its own line)
+    resolved = tmpp.map(lambda m: thin_fibres_resolved(m, thin_um)).astype(bool)
+    floor = (width <= 1.5 * tmpp * (1 + 1e-6)) & resolved  # (coarser: resolution_warning's)
     if not floor.any():
         return None
     at = ok[floor]

@@ -239,7 +239,7 @@ def _a_alone(two_slides: Path, tmp_path: Path, rows: str, *flags: str,
     return d, sheet, out, res
 
 
-def test_allow_missing_keeps_unscanned_rows_as_not_measured(two_slides: Path,
+def test_allow_missing_keeps_unscanned_rows_as_not_measured(two_slides: Path, rgb: np.ndarray,
                                                             tmp_path: Path) -> None:
     """A nightly run while the scanner lags the sheet: the row of the scan not yet there is
     ``not-measured`` with why, named in a warning, left out of the mouse's slides; exit 0.
@@ -262,7 +262,7 @@ def test_allow_missing_keeps_unscanned_rows_as_not_measured(two_slides: Path,
     assert "not in the slides folder yet" in report
     assert "t (n = 0 mice; 1 more without a measured slide)" in report  # as groups.csv counts
     assert '<a href="#failed">Not measured</a>' in report
-    shutil.copy2(two_slides / "b.tif", d / "b.tif")
+    write_pyramid_tiff(d / "b.tif", np.ascontiguousarray(rgb[::-1]), MPP)  # another scan
     res = invoke("analyze", str(d), "--out", str(out), "--samples", str(sheet),
                  "--allow-missing", "--workers", "1", "--json")
     assert res.exit_code == 0, res.output
@@ -281,6 +281,15 @@ def test_allow_missing_keeps_unscanned_rows_as_not_measured(two_slides: Path,
     assert after.loc["a.tif", "status"] == "ok"
     assert after.loc["a.tif", "cpa_percent"] == before.loc["a.tif", "cpa_percent"]
     assert (out / "qc" / "a.jpg").is_file()
+    # other settings: nothing of a.tif to keep; its row says why, not "interrupted"
+    res = invoke("analyze", str(d), "--out", str(out), "--samples", str(sheet),
+                 "--allow-missing", "--workers", "1", "--no-traits")
+    assert res.exit_code == 0, res.output
+    assert "were measured with other settings only" in one_line(res.output)
+    other = pd.read_csv(out / "slides.csv").set_index("slide")
+    assert other.loc["a.tif", "status"] == "not-measured"
+    assert other.loc["a.tif", "error"] == ("a.tif: no longer in the slides folder, and measured "
+                                           "with other settings only")
     shutil.move(tmp_path / "a.tif", d / "a.tif")  # back, unchanged: not measured again
     res = invoke("analyze", str(d), "--out", str(out), "--samples", str(sheet),
                  "--allow-missing", "--workers", "1", "--json")

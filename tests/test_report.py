@@ -618,6 +618,10 @@ def test_wrong_stain_slides_are_counted_apart_from_failed_ones(tmp_path: Path,
     card = text[text.index('<div class="name">he.svs</div>'):]
     assert re.search(r'<span class="cpa void">[\d.]+ % CPA</span>', card[:600])  # struck
     assert text.count('class="cpa void"') == 1
+    write_report_html(out, title="t", slides=both, mice=mice, groups=groups, omnibus=None,
+                      mixed=None, summary="", qc_images={}, plots=[], settings={},
+                      provenance={}, warnings=[], keep_wrong_stain=True)  # counted: not struck
+    assert 'class="cpa void"' not in out.read_text(encoding="utf-8")
     assert "mouse C1</div>" in text  # no group: no trailing separator
     write_xlsx(tmp_path / "r.xlsx", slides=both, mice=mice, groups=groups, settings={},
                provenance={})

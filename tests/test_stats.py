@@ -224,6 +224,7 @@ def test_nan_mice_dropped_and_small_groups_nan() -> None:
     # only one, and Welch's test is its (unadjusted) p
     assert np.isnan(row(out, "MSC")["dunnett_p"]) and np.isnan(row(out, "one")["dunnett_p"])
     assert "Compared with control 'control': Welch" in out.attrs["note"]
+    assert "'one' (one mouse) not tested, nor counted among the comparisons." in out.attrs["note"]
 
 
 def test_constant_groups_do_not_warn() -> None:

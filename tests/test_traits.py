@@ -239,6 +239,29 @@ def test_unlined_lumens_are_no_vessels(lumen_factor):
         assert got[True][name] == pytest.approx(got[False][name]), name
 
 
+def test_a_vacuole_beside_a_central_vein_leaves_it_central():
+    """Zone-3 steatosis puts fat vacuoles beside central veins: an unlined lumen is no vessel
+    neighbour, so the vein is still alone among vessels (a bile duct beside a thick-collared
+    vein still makes it portal: test_an_unlined_duct_still_makes_its_vein_portal)."""
+    collagen, tissue, lumen, mpp = _vessels_and_vacuoles(False)
+    yy, xx = np.mgrid[: lumen.shape[0], : lumen.shape[1]] * mpp
+    vacuole = np.hypot(yy - 650, xx - 720) <= 22  # 33 µm from the central vein's edge
+    got = tr.measure_slide(collagen, tissue & ~vacuole, mpp, TraitSettings(mpp=1.0),
+                           lumen=lumen | vacuole, lumen_mpp=mpp)
+    assert (got["portal_vessels"], got["central_vessels"], got["unlined_lumens"]) == (2, 2, 1)
+
+
+def test_a_lumen_whose_lining_is_excluded_stays_a_vessel():
+    """With vessel walls excluded from the countable tissue
+    (``tissue.exclude_vessel_walls_above_um2``) the lining band holds no tissue: nothing says
+    the lumen is unlined, so it stays a vessel."""
+    collagen, tissue, lumen, mpp = _vessels_and_vacuoles(False)
+    walls = ndi.binary_dilation(lumen, iterations=25) & ~lumen
+    vessels = tr.vessel_map(lumen, mpp, mpp, 150.0,
+                            lining=tr.Lining(collagen & ~walls, tissue & ~walls, 4.0, 0.05))
+    assert vessels is not None and (vessels.n, vessels.unlined) == (4, 0)
+
+
 def test_vacuoles_alone_leave_no_vessel_and_no_call():
     collagen, tissue, lumen, mpp = _vessels_and_vacuoles(True)
     vessels_only, _, _, _ = _vessels_and_vacuoles(False)
