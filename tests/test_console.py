@@ -59,7 +59,8 @@ def test_results_on_stdout_diagnostics_on_stderr_and_warnings_counted(study: Pat
     assert res.returncode == 0, res.stderr
     assert "CPA in MCS was" in res.stdout
     assert "no p value: 1 mouse (fewer than 3), one edit from 'MSC'" in res.stdout
-    assert "2 warning(s)" in res.stdout  # MCS, and MSC left with 2 mice
+    # MCS, MSC left with 2 mice, and the tiny sections' one-pixel fibres (width floor)
+    assert "3 warning(s)" in res.stdout
     assert f"report: {out / 'report.html'}" in res.stdout.splitlines()  # one unwrapped line
     err_lines = res.stderr.splitlines()
     assert err_lines
@@ -68,9 +69,10 @@ def test_results_on_stdout_diagnostics_on_stderr_and_warnings_counted(study: Pat
     assert any(line.endswith(".tif: CPA " + line.rsplit("CPA ", 1)[-1]) for line in err_lines
                if "measured c1_s1.tif" in line)
     warn = [line for line in err_lines if "warning:" in line]
-    assert len(warn) == 2
-    assert "group 'MCS': 1 mouse (fewer than 3), one edit from 'MSC'" in warn[0]
-    assert "group 'MSC': 2 mice (fewer than 3)" in warn[1]
+    assert len(warn) == 3
+    assert "median fibre width of" in warn[0]
+    assert "group 'MCS': 1 mouse (fewer than 3), one edit from 'MSC'" in warn[1]
+    assert "group 'MSC': 2 mice (fewer than 3)" in warn[2]
     assert "CPA in" not in res.stderr
 
     quiet = _cli(*args, "--quiet", cwd=tmp_path)
@@ -84,7 +86,7 @@ def test_results_on_stdout_diagnostics_on_stderr_and_warnings_counted(study: Pat
     data = json.loads(as_json.stdout)
     assert data["exit_code"] == 0
     assert data["skipped"] == 7
-    assert len(data["warnings"]) == 2
+    assert len(data["warnings"]) == 3
     assert {g["group"] for g in data["groups"]} == {"control", "MSC", "MCS"}
 
     verbose = _cli("-v", *args, cwd=tmp_path)
