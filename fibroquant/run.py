@@ -951,9 +951,16 @@ def study_warnings(slides_df: pd.DataFrame, settings: Settings, *,
     return out
 
 
+#: Doubt flags (:data:`fibroquant.confidence.FLAGS`) that repeat a slide's stain warning.
+STAIN_FLAGS = ("wrong stain", "faint stain", "pale counterstain",
+               "few collagen pixels to calibrate")
+
+
 def doubt_lines(slides_df: pd.DataFrame) -> list[str]:
     """One line per doubt flag (``qc_flags``) naming the measured slides it marks, in
-    :data:`fibroquant.confidence.FLAGS` order ("wrong stain" has its own lines)."""
+    :data:`fibroquant.confidence.FLAGS` order; the flags the stain calibration raises (a wrong
+    or faint stain, a pale counterstain, too few collagen pixels) have each slide's own stain
+    warning line already."""
     from fibroquant.confidence import FLAGS
 
     if "qc_flags" not in slides_df.columns:
@@ -961,7 +968,7 @@ def doubt_lines(slides_df: pd.DataFrame) -> list[str]:
     ok = slides_df[slides_df["status"].astype(str) == "ok"]
     flags = ok["qc_flags"].map(lambda v: v.split("; ") if isinstance(v, str) and v else [])
     out = []
-    for flag in FLAGS[1:]:
+    for flag in (f for f in FLAGS if f not in STAIN_FLAGS):
         marked = [str(s) for s, f in zip(ok["slide"], flags, strict=True) if flag in f]
         if marked:
             out.append(f"doubtful ({flag}): {len(marked)} slide(s), {name_list(marked)}: "

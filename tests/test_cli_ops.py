@@ -580,7 +580,10 @@ def test_doubt_lines_name_the_measured_slides_each_flag_marks() -> None:
         "qc_flags": ["little tissue", "faint stain; little tissue", "little tissue",
                      "wrong stain; little tissue", np.nan]})
     tail = ": look at their overlays before trusting their CPA"
-    assert doubt_lines(slides) == [
-        "doubtful (faint stain): 1 slide(s), 'b.tif'" + tail,
-        "doubtful (little tissue): 2 slide(s), 'a.tif', 'b.tif'" + tail]
+    # (a faint stain has each slide's stain warning line: not repeated)
+    assert doubt_lines(slides) == ["doubtful (little tissue): 2 slide(s), 'a.tif', 'b.tif'" + tail]
     assert doubt_lines(slides.drop(columns="qc_flags")) == []
+    from fibroquant.confidence import FLAGS
+    from fibroquant.run import STAIN_FLAGS
+
+    assert set(STAIN_FLAGS) < set(FLAGS)
