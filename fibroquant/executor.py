@@ -134,11 +134,10 @@ def run_slide(task: SlideTask) -> dict[str, Any]:
             task, f"{Path(task.path).name}: cannot write outputs: {write_error(exc)}"[:500]
         )
     record = {"slide": task.slide, "fingerprint": task.fingerprint, **analysis.to_record()}
-    if file_mpp is not None:  # the sample sheet gave the µm/px: say when the file disagrees
+    if file_mpp is not None:  # the sample sheet gave the µm/px: flagged where the file differs
         record["file_mpp"] = file_mpp
         record["qc_flags"] = "; ".join(
-            f for f in (record.get("qc_flags", "").split("; ")
-                        + qc_flags({"mpp": record.get("mpp"), "file_mpp": file_mpp})) if f)
+            qc_flags(record, pale_counterstain=analysis.qc.pale_counterstain))
     return record
 
 

@@ -1107,11 +1107,16 @@ def _study_counts(slides: pd.DataFrame, mice: pd.DataFrame,
               else pd.Series("ok", index=slides.index))
     ok, wrong = int(status.eq("ok").sum()), int(status.eq("wrong-stain").sum())
     pending = int(status.eq("not-measured").sum())
-    mice_n = (int((pd.to_numeric(mice["n_slides"], errors="coerce") > 0).sum())
-              if "n_slides" in mice else len(mice))
     return {"ok": ok, "wrong_stain": wrong, "not_measured": pending,
-            "failed": len(slides) - ok - wrong - pending, "mice": mice_n,
+            "failed": len(slides) - ok - wrong - pending, "mice": int(_measured(mice).sum()),
             "groups": len(_group_names(groups, mice))}
+
+
+def _measured(mice: pd.DataFrame) -> pd.Series:
+    """The mice with a measured slide (bool; every row without ``n_slides``)."""
+    if "n_slides" not in mice:
+        return pd.Series(True, index=mice.index)
+    return pd.to_numeric(mice["n_slides"], errors="coerce").fillna(0) > 0
 
 
 def _failed_heading(n_failed: int, n_pending: int, *, short: bool = False) -> str:
@@ -1944,9 +1949,7 @@ def write_report_html(
                  + "</div>")
     if group_names:  # mice as the groups table counts them: those with a measured slide
         group_of = mice["group"].map(_text) if "group" in mice else pd.Series(dtype=str)
-        measured = (pd.to_numeric(mice["n_slides"], errors="coerce").fillna(0) > 0
-                    if "n_slides" in mice else pd.Series(True, index=mice.index))
-        n_by_group = group_of[measured].value_counts()
+        n_by_group = group_of[_measured(mice)].value_counts()
         n_listed = group_of.value_counts()
 
         def counted(g: str) -> str:

@@ -123,6 +123,13 @@ class VesselMap:
                                             ).astype(np.int32, copy=False)
         return self._rings[ring_um]
 
+    @classmethod
+    def without_vessels(cls, unlined: int = 0) -> VesselMap:
+        """A map of no vessel (no lumen, or ``unlined`` lumens that are all unlined): no ring
+        anywhere, so the trait tiles skip it, and the slide's vessel counts read 0."""
+        return cls(np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int32), 1.0, 0,
+                   np.zeros(1, np.int64), unlined)
+
     def for_ring(self, ring_um: float) -> VesselMap:
         """This map keeping only the ring labels of ``ring_um`` (all the trait tiles read):
         the distance and nearest-lumen images are dropped (empty), two thirds of its memory
@@ -183,9 +190,8 @@ def vessel_map(lumen: np.ndarray, lumen_mpp: float, trait_mpp: float, cluster_um
     unlined = n - int(lined.sum())
     if unlined == 0:
         return VesselMap(dist_um, nearest, scale, n, neighbours)
-    if unlined == n:  # no vessel: no ring anywhere
-        return VesselMap(np.full(lumen.shape, np.inf, np.float32), np.zeros(lumen.shape, np.int32),
-                         scale, 0, np.zeros(1, np.int64), unlined)
+    if unlined == n:
+        return VesselMap.without_vessels(unlined)
     # the lined lumens labelled again (in raster order, as before: the k-th kept label is k)
     lumen = lumen & lined[nearest]  # (not in place: the caller's mask at factor 1)
     dist, nearest = cv2.distanceTransformWithLabels(
@@ -462,19 +468,19 @@ def measure_tile(
     counts.parts = [_part(col_c, tis_c, width_um[inner], sk_c, d2[inner], n_ortho[inner],
                           n_diag[inner], peri_c, vessel_c, border, thin_border,
                           (origin[0] + cy0, origin[1] + cx0), slide_shape, params, pieces,
-                          band=col_c & in_band(collagen, params, core))]
+                          band=in_band(collagen, params, core))]
     return counts
 
 
 def in_band(collagen: np.ndarray, params: TraitParams,
-            core: tuple[int, int, int, int] | None = None) -> np.ndarray:
+            core: tuple[int, int, int, int]) -> np.ndarray:
     """Where collagen covers at least ``band_density`` of the square of side
     ``2 band_um`` (+ 1 px) around a pixel: a septum drawn as a band of fine fibres, whose
-    own widths are under ``septum_min_width_um`` (bool; beyond the window counts as no
-    collagen). Of the whole window, or of its ``core`` (y0, x0, y1, x1) alone, filtered on the
-    core and the square's reach around it."""
+    own widths are under ``septum_min_width_um`` (bool, of the window's ``core`` (y0, x0, y1,
+    x1), filtered on it and the square's reach around it; beyond the window counts as no
+    collagen)."""
     h, w = collagen.shape
-    y0, x0, y1, x1 = (0, 0, h, w) if core is None else core
+    y0, x0, y1, x1 = core
     r = round(params.band_um / params.mpp)
     wy0, wx0, wy1, wx1 = max(y0 - r, 0), max(x0 - r, 0), min(y1 + r, h), min(x1 + r, w)
     crop = np.ascontiguousarray(collagen[wy0:wy1, wx0:wx1]).view(np.uint8)
@@ -1622,21 +1628,16 @@ def measure_slide(
     tis = reduce_mask(tissue, factor) if factor > 1 else tissue
     params = params_for(settings, mpp)
     vessels = None
-    if lumen is not None and lumen_mpp is not None and lumen.any():
+    if lumen is not None and lumen_mpp is not None:  # looked for: none is no vessel (0)
         vessels = vessel_map(lumen, lumen_mpp, mpp, params.cluster_um,
-                             lining=Lining(col, tis, params.lining_um, params.lining_min_share))
-        if vessels is not None:
+                             lining=Lining(col, tis, params.lining_um, params.lining_min_share)
+                             ) or VesselMap.without_vessels()
+        if vessels.n:
             vessels = vessels.for_ring(params.ring_um)
     counts = measure_masks(col, tis, params, tile_px=settings.tile_px,
                            vessels=vessels if vessels is not None and vessels.n else None,
                            workers=workers, gate=gate)
-    out = {k: float(v) for k, v in slide_traits(counts, params, vessels).items()}
-    has_tissue = math.isfinite(out["fibre_length_density_mm_per_mm2"])  # (else all NaN)
-    if lumen is not None and vessels is None and has_tissue:
-        # lumens were looked for and there are none: no vessel, as when all are unlined
-        out.update(dict.fromkeys(("portal_vessels", "central_vessels", "undecided_vessels",
-                                  "unlined_lumens"), 0.0))
-    return out
+    return {k: float(v) for k, v in slide_traits(counts, params, vessels).items()}
 
 
 # ------------------------------------------------------------------------------------------
