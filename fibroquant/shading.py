@@ -135,13 +135,19 @@ class ShadingField:
         gy = y0 + off + step * np.arange(ny, dtype=np.float64)
         gx = x0 + off + step * np.arange(nx, dtype=np.float64)
         uu, vv = np.meshgrid(2 * (gx + 0.5) / width - 1, 2 * (gy + 0.5) / height - 1)
-        od = np.clip(shading_basis(uu, vv) @ self.coef, self.lo, self.hi)
-        od = np.clip(od, -MAX_CORRECTION_OD, MAX_CORRECTION_OD).reshape(ny, nx, 3)
-        nodes = np.power(10.0, od).astype(np.float32)
+        lo = np.clip(self.lo, -MAX_CORRECTION_OD, MAX_CORRECTION_OD)
+        hi = np.clip(self.hi, -MAX_CORRECTION_OD, MAX_CORRECTION_OD)
+        od = np.clip(shading_basis(uu, vv) @ self.coef, -MAX_CORRECTION_OD, MAX_CORRECTION_OD)
+        nodes = np.power(10.0, od.reshape(ny, nx, 3)).astype(np.float32)
         if step == 1:
-            return np.ascontiguousarray(nodes[1 : 1 + h, 1 : 1 + w])
-        fine = cv2.resize(nodes, (nx * step, ny * step), interpolation=cv2.INTER_LINEAR)
-        return fine[step : step + h, step : step + w]
+            fine = np.ascontiguousarray(nodes[1 : 1 + h, 1 : 1 + w])
+        else:
+            fine = cv2.resize(nodes, (nx * step, ny * step),
+                              interpolation=cv2.INTER_LINEAR)[step : step + h, step : step + w]
+        # bounded after the interpolation: nodes clipped before it would bend the field
+        # within a step of where it meets its bounds (at a steep corner, 4 levels low)
+        low, high = ((*(float(x) for x in np.power(10.0, b)), 0.0) for b in (lo, hi))
+        return cv2.min(cv2.max(np.ascontiguousarray(fine), low), high)
 
     def apply(self, rgb: np.ndarray, shape: tuple[int, int], y0: int = 0, x0: int = 0
               ) -> np.ndarray:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from fibroquant.config import TissueSettings, load_settings
@@ -123,6 +123,7 @@ def test_too_little_glass_is_left_alone():
 @settings(max_examples=30, deadline=None)
 @given(st.floats(0.0, 0.08), st.floats(-0.2, 0.2), st.floats(-0.2, 0.2),
        st.integers(40, 400), st.integers(40, 400))
+@example(0.078125, 0.0, -0.125, 256, 256)
 def test_apply_divides_out_the_field(a, b, c, h, w):
     """Glass darkened by a field of known coefficients comes back to the glass colour."""
     coef = np.zeros((7, 3))
@@ -139,8 +140,9 @@ def test_apply_divides_out_the_field(a, b, c, h, w):
     rgb = np.clip(np.rint(glass * 10.0 ** -od), 0, 255).astype(np.uint8)
     field = ShadingField(coef, float(np.ptp(od.mean(axis=-1))), 1, lo, hi)
     back = field.apply(rgb, (h, w)).astype(float)
-    # the field is bilinear between 8-px grid nodes and the input was rounded to uint8
-    assert np.abs(back - glass).max() <= 3.0
+    # the field is bilinear between 8-px grid nodes and the input was rounded to uint8; a steep
+    # corner (a=0.078, c=-0.125 on 256²) read 4 levels low while the nodes were clipped
+    assert np.abs(back - glass).max() <= 2.0
 
 
 def test_vignette_is_one_at_the_centre_and_darker_at_the_corners():
