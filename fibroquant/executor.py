@@ -86,15 +86,17 @@ def run_slide(task: SlideTask) -> dict[str, Any]:
     slide: Slide | None = None
     file_mpp: float | None = None
     files = output_files(out, stem)
-    written: list[BaseException | None] = []  # outputs written beside the fibre traits
+    # outputs written beside the fibre traits: the masks, and the QC overlay's draft (its
+    # lumen calls come with the traits)
+    written: list[BaseException | Any] = []
 
     def write_beside(partial: Any) -> None:
         try:
-            _write_outputs(files, partial, settings, task)
+            draft = _write_outputs(files, partial, settings, task, finish=False)
         except Exception as exc:  # noqa: BLE001 - handled below, as if written here
             written.append(exc)
         else:
-            written.append(None)
+            written.append(draft)
 
     try:
         slide, file_mpp = open_within(task, settings.tiling.input_timeout_s)
@@ -126,8 +128,12 @@ def run_slide(task: SlideTask) -> dict[str, Any]:
     try:
         if not written:
             _write_outputs(files, analysis, settings, task)
-        elif written[0] is not None:
+        elif isinstance(written[0], BaseException):
             raise written[0]
+        else:
+            from fibroquant import report
+
+            report.write_qc_draft(files["qc"], written[0], analysis.vessels)
     except Exception as exc:  # noqa: BLE001 - the writers raise FibroquantError (or a bug)
         logger.debug("cannot write outputs of %s:\n%s", task.path, traceback.format_exc())
         return _failed(
@@ -142,12 +148,17 @@ def run_slide(task: SlideTask) -> dict[str, Any]:
 
 
 def _write_outputs(files: dict[str, Path], analysis: Any, settings: Settings,
-                   task: SlideTask) -> None:
+                   task: SlideTask, *, finish: bool = True) -> Any:
     """A slide's QC overlay and, with ``write_masks``, its masks and GeoJSON (else those of
-    an earlier measurement are removed); from the masks alone (no fibre traits needed)."""
+    an earlier measurement are removed). Without ``finish`` the overlay is left a draft
+    (returned: :func:`fibroquant.report.qc_draft`), to be finished with the traits' lumen
+    calls; the rest needs no trait."""
     from fibroquant import report
 
-    report.write_qc(files["qc"], analysis, max_px=settings.tiling.qc_max_px, title=task.slide)
+    draft: Any = report.qc_draft(analysis, max_px=settings.tiling.qc_max_px, title=task.slide)
+    if finish:
+        report.write_qc_draft(files["qc"], draft, analysis.vessels)
+        draft = None
     if task.write_masks:
         # 0/255 straight from the bits: the same PNG as the bool mask, without its copy
         report.write_png(files["collagen"], analysis.collagen_bits.unpack(255))
@@ -158,6 +169,7 @@ def _write_outputs(files: dict[str, Path], analysis: Any, settings: Settings,
                                   analysis.collagen_bits, scale=scale, slide_name=task.slide)
     else:  # masks of an earlier measurement would contradict this one
         remove_files(files[k] for k in MASK_KINDS)
+    return draft
 
 
 def open_within(task: SlideTask, seconds: float) -> tuple[Slide, float | None]:

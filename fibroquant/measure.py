@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # types only: these modules sit above this one
     from fibroquant.collagen import CollagenThreshold
     from fibroquant.stains import StainEstimate
     from fibroquant.tiles import Geometry
+    from fibroquant.traits import VesselCall
 
 
 @dataclass(frozen=True)
@@ -227,6 +228,9 @@ class SlideResult:
     classifier : str
         The pixel classifier that decided collagen, ``NAME#SHA256-16`` (see
         :func:`fibroquant.classifier.classifier_label`); empty for the collagen threshold.
+    vessels : tuple of fibroquant.traits.VesselCall
+        The traits' call on each lumen (portal, central, undecided, unlined), drawn on the QC
+        overlay; empty without traits.
     """
 
     stain: str
@@ -247,6 +251,7 @@ class SlideResult:
     flags: np.ndarray = field(repr=False)
     traits: dict[str, Any] = field(default_factory=dict)
     classifier: str = ""
+    vessels: tuple[VesselCall, ...] = field(default=(), repr=False)
 
     @property
     def mask_mpp(self) -> float:

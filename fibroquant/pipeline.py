@@ -331,7 +331,8 @@ def _analyze_slide(
             beside = threading.Thread(target=_quietly, args=(masks_ready, result, gate),
                                       name="fibroquant-masks-ready", daemon=True)
             beside.start()
-        traits = {}
+        traits: dict[str, float] = {}
+        vessels: tuple[Any, ...] = ()
         try:
             if settings.traits.enabled:
                 from fibroquant import traits as fibre_traits
@@ -342,17 +343,17 @@ def _analyze_slide(
                 if fibre_traits.warm_skan():
                     release_code_pages()
                 t_start += time.perf_counter() - t_wait
-                traits = fibre_traits.in_slide_areas(
-                    fibre_traits.measure_slide(collagen_m, tissue_m, geo.mask_mpp,
-                                               settings.traits, lumen=lumen,
-                                               lumen_mpp=lumen_mpp, workers=workers, gate=gate),
-                    result.measurements.collagen_area_mm2)
+                traits, vessels = fibre_traits.measure_slide_vessels(
+                    collagen_m, tissue_m, geo.mask_mpp, settings.traits, lumen=lumen,
+                    lumen_mpp=lumen_mpp, workers=workers, gate=gate)
+                traits = fibre_traits.in_slide_areas(traits,
+                                                     result.measurements.collagen_area_mm2)
                 release_free_heap()
         finally:
             if beside is not None:
                 beside.join()
         result = replace(result, seconds=round(time.perf_counter() - t_start, 3),
-                         traits=traits)
+                         traits=traits, vessels=vessels)
         if after is not None and cal_after is not None:
             after(cal_after, result, decide)
         return result

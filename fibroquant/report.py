@@ -27,6 +27,7 @@ import os
 import re
 import textwrap
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -495,9 +496,11 @@ def retitle_qc(path: Path, title: str) -> None:
 
 
 def qc_panel(overlay: np.ndarray, *, title: str, mpp: float,
-             collagen_rgb: tuple[int, int, int], exclusions: Sequence[str]) -> np.ndarray:
+             collagen_rgb: tuple[int, int, int], exclusions: Sequence[str],
+             marks: Sequence[str] = ()) -> np.ndarray:
     """The overlay with a white band below it: the slide name, a legend of the colours shown
-    and a scale bar (``mpp``: µm per overlay pixel).
+    (fills, then the outlines of ``marks``: keys of :data:`VESSEL_MARK_RGB`) and a scale bar
+    (``mpp``: µm per overlay pixel).
 
     Returns
     -------
@@ -527,14 +530,58 @@ def qc_panel(overlay: np.ndarray, *, title: str, mpp: float,
     draw.rectangle([x_end - bar_px, y1 + size // 3, x_end, y1 + size // 3 + max(3, size // 4)],
                    fill=(0, 0, 0))
     draw.text((x_end - bar_px - lw - pad, y1), label, fill=(0, 0, 0), font=font)
-    # legend on the second line
-    x, y2 = pad, y1 + size + pad
-    for name, colour in items:
-        draw.rectangle([x, y2 + 2, x + 2 * size, y2 + size - 1], fill=colour, outline=(0, 0, 0))
-        x += 2 * size + pad // 2
+    # legend on the second line, in smaller type when it would not fit (a narrow field)
+    entries = [*((n, c, False) for n, c in items),
+               *((VESSEL_MARK_LABELS[n], VESSEL_MARK_RGB[n], True) for n in marks)]
+    y2 = y1 + size + pad
+    small = size
+    while small > 8:
+        font = _panel_font(small)
+        if pad + sum(2 * small + small // 4 + int(draw.textlength(n, font=font)) + 2 * (small // 2)
+                     for n, _, _ in entries) <= w:
+            break
+        small -= 1
+    font = _panel_font(small)
+    x, y2 = pad, y2 + (size - small) // 2
+    line = max(2, small // 5)
+    for name, colour, hollow in entries:
+        box = [x, y2 + 2, x + 2 * small, y2 + small - 1]
+        if hollow:  # an outline, drawn as on the overlay (framed in black: white shows)
+            draw.rectangle(box, outline=(0, 0, 0))
+            draw.rectangle([box[0] + 1, box[1] + 1, box[2] - 1, box[3] - 1], outline=colour,
+                           width=line)
+        else:
+            draw.rectangle(box, fill=colour, outline=(0, 0, 0))
+        x += 2 * small + small // 4
         draw.text((x, y2), name, fill=(0, 0, 0), font=font)
-        x += int(draw.textlength(name, font=font)) + 2 * pad
+        x += int(draw.textlength(name, font=font)) + 2 * (small // 2)
     return np.concatenate([_as_rgb_uint8(overlay), np.asarray(canvas)], axis=0)
+
+
+#: Outline colour of each kind of lumen call (:class:`fibroquant.traits.VesselCall`) on the QC
+#: overlays, and its legend label: apart from the fills and each other (green, blue, pink;
+#: white for a lumen no collagen lines, not taken as a vessel).
+VESSEL_MARK_RGB: dict[str, tuple[int, int, int]] = {
+    "portal": (0, 170, 0), "central": (40, 80, 255), "undecided": (255, 60, 160),
+    "unlined": (255, 255, 255)}
+VESSEL_MARK_LABELS = {"portal": "portal vessel", "central": "central vein",
+                      "undecided": "vessel, type undecided", "unlined": "unlined lumen"}
+
+
+def draw_vessel_marks(rgb: np.ndarray, vessels: Sequence[Any], mpp: float) -> list[str]:
+    """Outline each lumen call (:class:`fibroquant.traits.VesselCall`) on an overlay of
+    ``mpp`` µm per pixel, in place, in its :data:`VESSEL_MARK_RGB` colour; returns the kinds
+    drawn, in the legend's order."""
+    thickness = max(2, round(max(rgb.shape[:2]) / 700))
+    drawn = set()
+    for call in vessels:
+        pts = np.rint(call.outline_um / np.float32(mpp) - 0.5).astype(np.int32)
+        if len(pts) == 0:
+            continue
+        cv2.polylines(rgb, [pts.reshape(-1, 1, 2)], True, VESSEL_MARK_RGB[call.kind],
+                      thickness if call.kind != "unlined" else thickness // 2 + 1)
+        drawn.add(call.kind)
+    return [k for k in VESSEL_MARK_RGB if k in drawn]
 
 
 def write_jpeg(path: Path, rgb: np.ndarray, quality: int = 88) -> None:
@@ -1529,6 +1576,8 @@ figcaption { color: var(--muted); font-size: 13px; display: table-caption; capti
           margin: 4px 0 12px; }
 .sw { display: inline-block; width: 22px; height: 10px; vertical-align: middle; margin-right: 6px;
       border: 1px solid #888; }
+.sw.ring { width: 16px; height: 4px; border-width: 3px; border-style: solid;
+           box-shadow: 0 0 0 1px #000; background: #fff; }
 pre { background: var(--bg); border: 1px solid var(--line); border-radius: 6px; padding: 12px;
       font-size: 12.5px; overflow-x: auto; white-space: pre-wrap; word-break: break-word; }
 details summary { cursor: pointer; color: var(--accent); margin: 6px 0; }
@@ -2044,15 +2093,23 @@ def write_report_html(
     sw = '<span class="sw" style="background:{}"></span>'
     present = set(slides["stain"].map(_text)) if "stain" in slides else set()
     stains_shown = [st for st in STAIN_FILL_RGB if st in present] or list(STAIN_FILL_RGB)
+    calls = "unlined_lumens" in slides  # measured with the fibre traits: lumens outlined
     legend = ('<div class="legend">' + "".join(
         f"<span>{sw.format('rgb({},{},{})'.format(*rgb))}{_e(name)}</span>" for name, rgb in (
             *((f"collagen ({_STAIN_NAMES.get(st, st)})", STAIN_FILL_RGB[st])
               for st in stains_shown),
             ("tissue outline", TISSUE_OUTLINE_RGB), *EXCLUSION_COLOURS.items()))
+        + "".join(
+            '<span><span class="sw ring" style="border-color:rgb({},{},{})"></span>{}</span>'
+            .format(*VESSEL_MARK_RGB[kind], _e(VESSEL_MARK_LABELS[kind]))
+            for kind in (VESSEL_MARK_RGB if calls else ()))
         + '</div><p class="note">Each card opens its full-size overlay (<code>qc/</code>), '
         "with a scale bar and legend; a whole slide's card opens a zoomable view at the "
         "analysis resolution (<code>zoom/</code>, OpenSeadragon, works offline). Check that "
-        "every filled area is collagen and that nothing else is.</p>")
+        "every filled area is collagen and that nothing else is"
+        + (", and that each outlined lumen is what its outline calls it (the fibre traits' "
+           "portal and central counts and collagen shares rest on these calls)" if calls
+           else "") + ".</p>")
     parts.append('<section id="qc"><h2>QC gallery</h2>' + legend
                  + (f'<div class="gallery">{"".join(cards)}</div>' if cards
                     else '<p class="note">No measured slides.</p>') + "</section>")
@@ -2154,22 +2211,52 @@ def _mask_interpolation(scale: float) -> int:
 
 
 def write_qc(path: Path, analysis: Any, *, max_px: int = 2000, title: str = "") -> None:
-    """Write a slide's QC overlay as JPEG: collagen filled, exclusions in their colours, a
-    legend, a scale bar and the slide name (:func:`qc_fill`, :func:`qc_panel`).
+    """Write a slide's QC overlay as JPEG: collagen filled, exclusions in their colours, the
+    traits' lumen calls outlined, a legend, a scale bar and the slide name (:func:`qc_fill`,
+    :func:`draw_vessel_marks`, :func:`qc_panel`).
 
     Parameters
     ----------
     path : pathlib.Path
         JPEG to write (atomically).
     analysis : fibroquant.measure.SlideResult
-        Its ``thumbnail``, masks, ``mask_mpp`` and, when it has them, ``flags`` (low-resolution
-        class bits that tell the exclusions apart); the image is scaled so its longest side is
-        at most ``max_px``.
+        Its ``thumbnail``, masks, ``mask_mpp``, ``vessels`` and, when it has them, ``flags``
+        (low-resolution class bits that tell the exclusions apart); the image is scaled so
+        its longest side is at most ``max_px``.
     max_px : int
         Longest side of the overlay, pixels.
     title : str
         Shown under the image (default: the file name without ``.jpg``).
     """
+    write_qc_draft(path, qc_draft(analysis, max_px=max_px, title=title or Path(path).stem),
+                   getattr(analysis, "vessels", ()))
+
+
+@dataclass
+class QcDraft:
+    """A QC overlay before its lumen calls and legend (:func:`qc_draft`): the filled image
+    (uint8 RGB), its µm per pixel, the slide name, the collagen fill and the exclusions
+    shown."""
+
+    overlay: np.ndarray = field(repr=False)
+    mpp: float
+    title: str
+    collagen_rgb: tuple[int, int, int]
+    exclusions: list[str]
+
+
+def write_qc_draft(path: Path, draft: QcDraft, vessels: Sequence[Any] = ()) -> None:
+    """Finish a :class:`QcDraft` (its overlay is drawn on, in place) with the lumen calls
+    ``vessels`` and the legend band, and write it as JPEG, atomically."""
+    marks = draw_vessel_marks(draft.overlay, vessels, draft.mpp) if vessels else []
+    panel = qc_panel(draft.overlay, title=draft.title, mpp=draft.mpp,
+                     collagen_rgb=draft.collagen_rgb, exclusions=draft.exclusions, marks=marks)
+    write_jpeg(path, panel)
+
+
+def qc_draft(analysis: Any, *, max_px: int = 2000, title: str) -> QcDraft:
+    """The costly part of :func:`write_qc` (the masks scaled to the overlay and filled in),
+    which needs no fibre trait: written beside them, finished once their calls are known."""
     thumb = analysis.thumbnail
     mh, mw = _result_mask(analysis, "collagen").shape
     scale = min(1.0, max_px / max(mh, mw))
@@ -2213,7 +2300,4 @@ def write_qc(path: Path, analysis: Any, *, max_px: int = 2000, title: str = "") 
     names = list(exclusions)
     del thumb, rgb, tissue, collagen, excluded, exclusions  # (peak memory)
     mpp = float(getattr(analysis, "mask_mpp", 0) or 0) * (mh / size[1])
-    panel = qc_panel(overlay, title=title or Path(path).stem, mpp=mpp or 1.0,
-                     collagen_rgb=colour, exclusions=names)
-    del overlay
-    write_jpeg(path, panel)
+    return QcDraft(overlay, mpp or 1.0, title, colour, names)

@@ -101,6 +101,9 @@ class VesselMap:
     vessel_neighbours : ndarray of int64, optional
         As ``neighbours``, counting the vessels (lined lumens) alone: a central vein is
         alone among vessels, whatever fat vacuoles lie beside it; None: ``neighbours``.
+    outlines : tuple of ndarray
+        Outline of each lumen of the map (label k at index k - 1), then of each unlined one:
+        float32 ``(m, 2)`` x, y in µm of the slide (pixel centres), for the QC overlay.
     """
 
     distance_um: np.ndarray
@@ -110,6 +113,7 @@ class VesselMap:
     neighbours: np.ndarray
     unlined: int = 0
     vessel_neighbours: np.ndarray | None = None
+    outlines: tuple[np.ndarray, ...] = field(default=(), repr=False, compare=False)
     _rings: dict[float, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     def ring_labels(self, ring_um: float) -> np.ndarray:
@@ -124,11 +128,13 @@ class VesselMap:
         return self._rings[ring_um]
 
     @classmethod
-    def without_vessels(cls, unlined: int = 0) -> VesselMap:
-        """A map of no vessel (no lumen, or ``unlined`` lumens that are all unlined): no ring
-        anywhere, so the trait tiles skip it, and the slide's vessel counts read 0."""
+    def without_vessels(cls, unlined: int = 0, outlines: tuple[np.ndarray, ...] = ()
+                        ) -> VesselMap:
+        """A map of no vessel (no lumen, or ``unlined`` lumens that are all unlined, with
+        their ``outlines``): no ring anywhere, so the trait tiles skip it, and the slide's
+        vessel counts read 0."""
         return cls(np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int32), 1.0, 0,
-                   np.zeros(1, np.int64), unlined)
+                   np.zeros(1, np.int64), unlined, outlines=outlines)
 
     def for_ring(self, ring_um: float) -> VesselMap:
         """This map keeping only the ring labels of ``ring_um`` (all the trait tiles read):
@@ -137,7 +143,7 @@ class VesselMap:
         rings = self.ring_labels(ring_um)
         return VesselMap(np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int32), self.scale,
                          self.n, self.neighbours, self.unlined, self.vessel_neighbours,
-                         {ring_um: rings})
+                         self.outlines, {ring_um: rings})
 
 
 @dataclass(frozen=True)
@@ -180,18 +186,22 @@ def vessel_map(lumen: np.ndarray, lumen_mpp: float, trait_mpp: float, cluster_um
         np.ascontiguousarray(~lumen).view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_5,
         labelType=cv2.DIST_LABEL_CCOMP)
     n = int(nearest.max())
+    outlines = lumen_outlines(lumen, nearest, n, lumen_mpp)
     dist_um = np.multiply(dist, np.float32(lumen_mpp), out=dist)  # float32, in place
     neighbours = _neighbour_counts(nearest, dist_um, n, cluster_um)
     scale = trait_mpp / lumen_mpp
     if lining is None:
-        return VesselMap(dist_um, nearest, scale, n, neighbours)
+        return VesselMap(dist_um, nearest, scale, n, neighbours, outlines=outlines)
     share = lumen_lining(dist_um, nearest, n, lumen_mpp, scale, lining)
     lined = np.concatenate([[False], ~(share < lining.min_share)])  # (NaN: no tissue: lined)
     unlined = n - int(lined.sum())
     if unlined == 0:
-        return VesselMap(dist_um, nearest, scale, n, neighbours)
+        return VesselMap(dist_um, nearest, scale, n, neighbours, outlines=outlines)
+    # the lined lumens' outlines first (in label order, as they are labelled again below)
+    outlines = (tuple(o for o, k in zip(outlines, lined[1:], strict=True) if k)
+                + tuple(o for o, k in zip(outlines, lined[1:], strict=True) if not k))
     if unlined == n:
-        return VesselMap.without_vessels(unlined)
+        return VesselMap.without_vessels(unlined, outlines)
     # the lined lumens labelled again (in raster order, as before: the k-th kept label is k)
     lumen = lumen & lined[nearest]  # (not in place: the caller's mask at factor 1)
     dist, nearest = cv2.distanceTransformWithLabels(
@@ -200,7 +210,23 @@ def vessel_map(lumen: np.ndarray, lumen_mpp: float, trait_mpp: float, cluster_um
     dist_um = np.multiply(dist, np.float32(lumen_mpp), out=dist)
     return VesselMap(dist_um, nearest, scale, n - unlined,
                      np.concatenate([[0], neighbours[1:][lined[1:]]]), unlined,
-                     _neighbour_counts(nearest, dist_um, n - unlined, cluster_um))
+                     _neighbour_counts(nearest, dist_um, n - unlined, cluster_um), outlines)
+
+
+def lumen_outlines(lumen: np.ndarray, labels: np.ndarray, n: int, mpp: float
+                   ) -> tuple[np.ndarray, ...]:
+    """The outer outline of each of ``n`` labelled lumens (label k at index k - 1): float32
+    ``(m, 2)`` x, y in µm, through the centres of its border pixels (``mpp`` µm/px); the
+    largest outline when a label has several parts."""
+    contours, _ = cv2.findContours(np.ascontiguousarray(lumen).view(np.uint8),
+                                   cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    best: list[np.ndarray] = [np.zeros((0, 2), np.float32)] * n
+    for c in contours:
+        x, y = c[0, 0]
+        k = int(labels[y, x]) - 1
+        if 0 <= k < n and len(c) > len(best[k]):
+            best[k] = ((c[:, 0, :].astype(np.float32) + 0.5) * np.float32(mpp))
+    return tuple(best)
 
 
 def _neighbour_counts(nearest: np.ndarray, dist_um: np.ndarray, n: int,
@@ -1320,11 +1346,7 @@ def slide_traits(counts: TraitCounts, params: TraitParams, vessels: VesselMap | 
     if vessels is not None:
         out["unlined_lumens"] = float(vessels.unlined)
     if vessels is not None and (len(counts.vessel_ring_px) or not vessels.n):
-        ring = _add_arrays(counts.vessel_ring_px, np.zeros(vessels.n + 1, np.int64))[1:]
-        ring_col = _add_arrays(counts.vessel_ring_collagen_px, np.zeros(vessels.n + 1, np.int64))[1:]
-        kind, conf = classify_vessels(
-            ring, ring_col, vessels.neighbours[1:], params,
-            None if vessels.vessel_neighbours is None else vessels.vessel_neighbours[1:])
+        ring, ring_col, kind, conf = _vessel_kinds(counts, params, vessels)
         seen = ring > 0
         out["portal_vessels"] = float((kind == 1).sum())
         out["central_vessels"] = float((kind == -1).sum())
@@ -1334,6 +1356,57 @@ def slide_traits(counts: TraitCounts, params: TraitParams, vessels: VesselMap | 
             out["portal_collagen_percent"] = 100.0 * ring_col[kind == 1].sum() / col
             out["central_collagen_percent"] = 100.0 * ring_col[kind == -1].sum() / col
     return out
+
+
+def _vessel_kinds(counts: TraitCounts, params: TraitParams, vessels: VesselMap
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per vessel of ``vessels``: its ring's tissue and collagen pixels, and its kind and
+    confidence (:func:`classify_vessels`)."""
+    ring = _add_arrays(counts.vessel_ring_px, np.zeros(vessels.n + 1, np.int64))[1:]
+    ring_col = _add_arrays(counts.vessel_ring_collagen_px, np.zeros(vessels.n + 1, np.int64))[1:]
+    kind, conf = classify_vessels(
+        ring, ring_col, vessels.neighbours[1:], params,
+        None if vessels.vessel_neighbours is None else vessels.vessel_neighbours[1:])
+    return ring, ring_col, kind, conf
+
+
+@dataclass(frozen=True)
+class VesselCall:
+    """What the traits made of one lumen, for the QC overlay.
+
+    Attributes
+    ----------
+    kind : str
+        ``portal``, ``central``, ``undecided`` (a vessel of neither kind) or ``unlined`` (no
+        collagen lines it: not a vessel, :func:`lumen_lining`).
+    confidence : float
+        Of a portal or central call (0.5-1); NaN otherwise.
+    outline_um : ndarray of float32
+        ``(m, 2)`` x, y in µm of the slide.
+    """
+
+    kind: str
+    confidence: float
+    outline_um: np.ndarray = field(repr=False)
+
+
+def vessel_calls(counts: TraitCounts, params: TraitParams, vessels: VesselMap | None
+                 ) -> tuple[VesselCall, ...]:
+    """Every lumen of ``vessels`` with its call (:class:`VesselCall`); a vessel with no tissue
+    in its ring (not counted as undecided in the traits) is left out."""
+    if vessels is None or not vessels.outlines:
+        return ()
+    calls = []
+    if vessels.n:
+        ring, _, kind, conf = _vessel_kinds(counts, params, vessels)
+        names = {1: "portal", -1: "central", 0: "undecided"}
+        for k in range(vessels.n):
+            if ring[k] > 0:
+                calls.append(VesselCall(names[int(kind[k])],
+                                        float(conf[k]) if kind[k] else float("nan"),
+                                        vessels.outlines[k]))
+    calls += [VesselCall("unlined", float("nan"), o) for o in vessels.outlines[vessels.n :]]
+    return tuple(c for c in calls if len(c.outline_um))
 
 
 def thin_fibres_resolved(mpp: float, thin_um: float) -> bool:
@@ -1606,7 +1679,24 @@ def measure_slide(
     workers: int = 1,
     gate: threading.Semaphore | None = None,
 ) -> dict[str, float]:
-    """The traits of one slide from its collagen and countable-tissue masks.
+    """The traits of one slide (:func:`measure_slide_vessels` without its vessel calls)."""
+    return measure_slide_vessels(collagen, tissue, mask_mpp, settings, lumen=lumen,
+                                 lumen_mpp=lumen_mpp, workers=workers, gate=gate)[0]
+
+
+def measure_slide_vessels(
+    collagen: Any,
+    tissue: Any,
+    mask_mpp: float,
+    settings: Any,
+    *,
+    lumen: np.ndarray | None = None,
+    lumen_mpp: float | None = None,
+    workers: int = 1,
+    gate: threading.Semaphore | None = None,
+) -> tuple[dict[str, float], tuple[VesselCall, ...]]:
+    """The traits of one slide from its collagen and countable-tissue masks, and the call
+    made of each of its lumens (:func:`vessel_calls`; none without ``lumen``).
 
     Parameters
     ----------
@@ -1637,7 +1727,8 @@ def measure_slide(
     counts = measure_masks(col, tis, params, tile_px=settings.tile_px,
                            vessels=vessels if vessels is not None and vessels.n else None,
                            workers=workers, gate=gate)
-    return {k: float(v) for k, v in slide_traits(counts, params, vessels).items()}
+    return ({k: float(v) for k, v in slide_traits(counts, params, vessels).items()},
+            vessel_calls(counts, params, vessels))
 
 
 # ------------------------------------------------------------------------------------------

@@ -692,6 +692,53 @@ def test_write_qc_fills_collagen_colours_each_exclusion_and_adds_legend(tmp_path
     assert (band < 80).all(axis=2).sum() > 200  # text and the scale bar drawn in black
 
 
+def test_write_qc_outlines_each_lumen_call_in_its_colour(tmp_path: Path) -> None:
+    """The fibre traits' call on each lumen is outlined where the lumen lies (µm of the slide
+    to overlay pixels), in its kind's colour, and the kinds drawn join the legend; a
+    draft finished later (the overlay drawn beside the traits) is the same picture."""
+    from types import SimpleNamespace
+
+    from fibroquant.report import VESSEL_MARK_RGB, qc_draft, write_qc, write_qc_draft
+    from fibroquant.traits import VesselCall
+
+    h, w = 200, 300
+    thumb = np.full((h, w, 3), 240, np.uint8)
+    tissue = np.zeros((h, w), bool)
+    tissue[10:190, 10:290] = True
+    thumb[tissue] = (235, 190, 120)
+
+    def square(x0: float, y0: float, side: float) -> np.ndarray:  # µm, mask_mpp 2
+        return np.array([(x0, y0), (x0 + side, y0), (x0 + side, y0 + side), (x0, y0 + side)],
+                        np.float32)
+
+    calls = (VesselCall("portal", 0.8, square(101, 101, 80)),      # px 50..90
+             VesselCall("central", 0.7, square(301, 101, 80)),     # px 150..190
+             VesselCall("unlined", float("nan"), square(101, 241, 60)))  # px 50..80, 120..150
+    analysis = SimpleNamespace(thumbnail=thumb, collagen_mask=np.zeros((h, w), bool),
+                               tissue_mask=tissue, excluded_mask=np.zeros((h, w), bool),
+                               mask_mpp=2.0, vessels=calls)
+    path = tmp_path / "s.jpg"
+    write_qc(path, analysis, title="s")
+    img = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB).astype(int)
+
+    def near(px: np.ndarray, rgb: tuple[int, int, int]) -> bool:
+        return bool(np.abs(px - np.array(rgb)).max() <= 40)
+
+    assert near(img[50, 70], VESSEL_MARK_RGB["portal"])  # top edge of the first square
+    assert near(img[70, 90], VESSEL_MARK_RGB["portal"])  # its right edge
+    assert near(img[70, 150], VESSEL_MARK_RGB["central"])
+    assert near(img[120, 65], VESSEL_MARK_RGB["unlined"])
+    assert near(img[70, 70], (235, 190, 120))  # inside: untouched
+    band = img[h:]
+    for kind in ("portal", "central", "unlined"):
+        assert (np.abs(band - np.array(VESSEL_MARK_RGB[kind])).max(axis=2) <= 40).sum() > 10
+    assert (np.abs(band - np.array(VESSEL_MARK_RGB["undecided"])).max(axis=2) <= 30).sum() == 0
+    later = tmp_path / "later.jpg"
+    draft = qc_draft(analysis, title="s")
+    write_qc_draft(later, draft, calls)
+    assert later.read_bytes() == path.read_bytes()
+
+
 def test_retitle_qc_redraws_only_the_name(tmp_path: Path) -> None:
     """A renamed slide keeps its overlay under its new name: the name line changes, the
     picture does not (beyond JPEG re-encoding)."""

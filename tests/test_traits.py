@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import cv2
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
@@ -237,6 +238,42 @@ def test_unlined_lumens_are_no_vessels(lumen_factor):
     for name in ("perivascular_collagen_percent", "portal_collagen_percent",
                  "central_collagen_percent", "vessel_type_confidence"):
         assert got[True][name] == pytest.approx(got[False][name]), name
+
+
+@pytest.mark.parametrize("lumen_factor", [1, 4])
+def test_every_lumen_is_called_where_it_lies(lumen_factor):
+    """The calls the QC overlay outlines: one per lumen, at the lumen (its outline's centre
+    within a lumen-grid pixel of the drawn centre), of the kind the traits counted it as."""
+    collagen, tissue, lumen, mpp = _vessels_and_vacuoles(True)
+    coarse = tr._block_any(lumen, lumen_factor) if lumen_factor > 1 else lumen
+    traits, calls = tr.measure_slide_vessels(
+        collagen, tissue, mpp, TraitSettings(mpp=1.0, tile_px=512), lumen=coarse,
+        lumen_mpp=mpp * lumen_factor)
+    truth = {(200, 200): "portal", (200, 290): "portal", (650, 650): "central",
+             (650, 200): "central", (420, 420): "unlined", (800, 420): "unlined",
+             (420, 110): "unlined"}
+    assert len(calls) == len(truth)
+    grid = max(2.0, lumen_factor * mpp)  # the lumen grid's µm/px (reduced to about 2 µm/px)
+    for call in calls:
+        m = cv2.moments(call.outline_um)
+        x, y = m["m10"] / m["m00"], m["m01"] / m["m00"]
+        (cy, cx), kind = min(truth.items(), key=lambda t: math.hypot(t[0][0] - y, t[0][1] - x))
+        assert math.hypot(cy - y, cx - x) <= grid, (cy, cx)
+        assert call.kind == kind
+        assert 0.5 <= call.confidence <= 1.0 if kind != "unlined" else math.isnan(call.confidence)
+        # the outline runs along the lumen's edge (radius 15 or 22 µm), through the centres
+        # of its border pixels
+        radius = np.hypot(call.outline_um[:, 0] - cx, call.outline_um[:, 1] - cy)
+        assert np.abs(radius - (22 if kind == "unlined" else 15)).max() <= grid
+    counted = {k: traits[f"{k}_vessels" if k != "unlined" else "unlined_lumens"]
+               for k in ("portal", "central", "undecided", "unlined")}
+    assert counted == {k: float(sum(c.kind == k for c in calls)) for k in counted}
+    # all lumens unlined: each still called (and outlined) as such; no lumen, no call
+    only = lumen & ~ndi.binary_dilation(_vessels_and_vacuoles(False)[2], iterations=2)
+    _, unlined = tr.measure_slide_vessels(np.zeros_like(collagen), ~only, mpp, TraitSettings(),
+                                          lumen=only, lumen_mpp=mpp)
+    assert [c.kind for c in unlined] == ["unlined"] * 3
+    assert tr.measure_slide_vessels(collagen, tissue, mpp, TraitSettings())[1] == ()
 
 
 def test_a_vacuole_beside_a_central_vein_leaves_it_central():
@@ -674,3 +711,33 @@ def test_skan_compiles_once_in_the_forkserver_when_traits_are_on():
             "assert traits._skan_warm\n"
             "assert len(os.listdir('/proc/self/task')) == n\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_the_overlay_drawn_beside_the_traits_shows_their_lumen_calls(tmp_path):
+    """On two threads the QC overlay is drawn while the traits are measured and finished
+    with their lumen calls: the same overlay as on one thread, lumens outlined."""
+    from fibroquant.executor import run_slide
+    from fibroquant.report import VESSEL_MARK_RGB, qc_picture_height
+    from fibroquant.synthetic import SectionParams, make_section
+    from fibroquant.tasks import SlideTask
+
+    rgb, _ = make_section(SectionParams(shape=(1024, 1024), mpp=0.5), rng=3)
+    path = tmp_path / "s.png"
+    cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    images = []
+    for threads in (1, 2):
+        out = tmp_path / f"out{threads}"
+        task = SlideTask(path=str(path), slide="s.png", fingerprint="f", mpp=0.5,
+                         fallback_mpp=None, settings_json=Settings().model_dump_json(),
+                         out_dir=str(out), write_masks=False, threads=threads)
+        rec = run_slide(task)
+        assert rec["status"] == "ok", rec.get("error")
+        images.append(cv2.cvtColor(cv2.imread(str(out / "qc" / "s.jpg")), cv2.COLOR_BGR2RGB))
+    assert np.array_equal(images[0], images[1])
+    lumens = rec["portal_vessels"] + rec["central_vessels"] + rec["undecided_vessels"]
+    assert lumens + rec["unlined_lumens"] > 0
+    picture = images[0][: qc_picture_height(*images[0].shape[:2])].astype(int)
+    marked = [kind for kind, colour in VESSEL_MARK_RGB.items() if kind != "unlined"
+              and (np.abs(picture - np.array(colour)).max(axis=2) <= 30).sum() > 20]
+    assert marked
