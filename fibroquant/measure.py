@@ -219,7 +219,8 @@ class SlideResult:
         capsule, walls, blur); ``collagen_mask``, ``tissue_mask`` and ``excluded_mask`` unpack
         them (bool ndarrays, a new copy on every access).
     thumbnail : ndarray of uint8
-        RGB image of the slide at ``mask_mpp`` or coarser, for QC overlays.
+        RGB image of the slide at ``mask_mpp`` or coarser, for QC overlays (empty when it was
+        handed to ``analyze_slide``'s ``masks_ready``).
     flags : ndarray of uint8
         Low-resolution class bits (:func:`fibroquant.tiles.class_flags`) that tell the QC
         overlay's exclusions apart.

@@ -251,9 +251,11 @@ def analyze_slide(
     masks_ready : callable, optional
         With ``workers > 1`` and fibre traits on: called on a thread of its own, while the
         traits are measured, with the result before its traits (``traits`` empty, ``seconds``
-        0), e.g. to write the QC overlay meanwhile; joined before this returns. Its
-        exceptions are its own to keep (raised there, they are logged and lost). Not called
-        otherwise: the caller does that work after.
+        0), e.g. to draw the QC overlay meanwhile; joined before this returns. It holds the
+        only reference to the QC image (``thumbnail``; the result returned has an empty one:
+        freed once drawn, not held through the traits). Its exceptions are its own to keep
+        (raised there, they are logged and lost). Not called otherwise: the caller does that
+        work after.
 
     Returns
     -------
@@ -328,8 +330,12 @@ def _analyze_slide(
             # the overlay takes one trait thread's place until it is written: the two do not
             # stack their memory (~100 MB each on a 1-GP slide), and the cores stay busy
             gate = threading.Semaphore(workers - 1)
-            beside = threading.Thread(target=_quietly, args=(masks_ready, result, gate),
+            # the QC image goes with it alone: freed once drawn (the thread drops its
+            # arguments when done), not held through the traits' peak beside its drawing
+            partial, result = result, replace(result, thumbnail=np.zeros((0, 0, 3), np.uint8))
+            beside = threading.Thread(target=_quietly, args=(masks_ready, partial, gate),
                                       name="fibroquant-masks-ready", daemon=True)
+            del partial
             beside.start()
         traits: dict[str, float] = {}
         vessels: tuple[Any, ...] = ()
