@@ -688,10 +688,14 @@ def analyze_folder(
             ]
             vectors = {r["slide"]: (r.get("stain_source"), r.get("stain_vectors"))
                        for r in current}
+            # every slide of the tables, those whose file is gone too (their stored
+            # fingerprint): `store rebuild` restores the results the tables show
+            stored_fp = {r["slide"]: r.get("fingerprint") for r in current}
             inputs = [{"slide": k, "fingerprint": v, "size_bytes": sizes.get(k),
                        "stain_source": vectors.get(k, (None, None))[0],
-                       "stain_vectors": _json_or_none(vectors.get(k, (None, None))[1])}
-                      for k, v in sorted(keys.items())]
+                       "stain_vectors": _json_or_none(vectors.get(k, (None, None))[1]),
+                       **({"file_gone": True} if k in gone else {})}
+                      for k, v in sorted({**keys, **{s: stored_fp[s] for s in gone}}.items())]
             provenance = {
                 "fibroquant_version": __version__, "started_utc": started,
                 "command": command, "settings_hash": shash,

@@ -281,6 +281,22 @@ def test_allow_missing_keeps_unscanned_rows_as_not_measured(two_slides: Path, rg
     assert after.loc["a.tif", "status"] == "ok"
     assert after.loc["a.tif", "cpa_percent"] == before.loc["a.tif", "cpa_percent"]
     assert (out / "qc" / "a.jpg").is_file()
+    # a rescan of b.tif rewrites the tables while a.tif is gone: provenance names a.tif's
+    # input (its stored fingerprint), so a rebuilt store keeps its result
+    write_pyramid_tiff(d / "b.tif", np.ascontiguousarray(rgb[:, ::-1]), MPP)
+    res = invoke("analyze", str(d), "--out", str(out), "--samples", str(sheet),
+                 "--allow-missing", "--workers", "1", "--json")
+    assert json.loads(res.stdout)["processed"] == 1
+    inputs = {i["slide"]: i for i in json.loads((out / "provenance.json").read_text())["inputs"]}
+    assert inputs["a.tif"]["file_gone"] is True and "file_gone" not in inputs["b.tif"]
+    assert inputs["a.tif"]["fingerprint"] and inputs["a.tif"]["size_bytes"] is None
+    assert invoke("store", "rebuild", str(out)).exit_code == 0
+    res = invoke("analyze", str(d), "--out", str(out), "--samples", str(sheet),
+                 "--allow-missing", "--workers", "1", "--json")
+    assert json.loads(res.stdout)["processed"] == 0
+    rebuilt = pd.read_csv(out / "slides.csv").set_index("slide")
+    assert rebuilt.loc["a.tif", "status"] == "ok"
+    assert rebuilt.loc["a.tif", "cpa_percent"] == before.loc["a.tif", "cpa_percent"]
     # other settings: nothing of a.tif to keep; its row says why, not "interrupted"
     res = invoke("analyze", str(d), "--out", str(out), "--samples", str(sheet),
                  "--allow-missing", "--workers", "1", "--no-traits")
