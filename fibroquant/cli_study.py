@@ -104,12 +104,16 @@ def compare(
         file_okay=False, help="Write mice.csv, groups.csv and a plot to this folder.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the group table as JSON.")]
     = False,
+    keep_wrong_stain: Annotated[bool, typer.Option(
+        "--keep-wrong-stain", help="Count slides whose colours show another stain in mice "
+        "and groups (as for analyze; left out by default).")] = False,
 ) -> None:
     """Recompute the group comparison from stored results, without re-reading slides."""
     import pandas as pd
 
     from fibroquant import report, stats
     from fibroquant.cohort import aggregate_mice
+    from fibroquant.run import for_groups
     from fibroquant.store import atomic_write_csv
 
     path = out_dir / "slides.csv"
@@ -144,7 +148,7 @@ def compare(
             raise FibroquantError(
                 f"--by {by}: differs between slides of mouse {varying.index[0]}; the mouse is "
                 "the unit of comparison, so group by a per-mouse column (or subset with --where)")
-        work = slides.copy()
+        work = for_groups(slides, keep_wrong_stain).copy()
         if by != "group":
             work["group"] = work[by].astype(str)
         mice = aggregate_mice(work, extra_columns=[c for c in extras if c != by])
@@ -177,7 +181,8 @@ def compare(
         atomic_write_csv(save / "groups.csv", schema.round_table(groups, "groups"))
         report.plot_groups(mice, groups, save / "cpa_groups", control=ctrl)
         record = {"source": str(out_dir.resolve()), "by": by, "control": ctrl,
-                  "where": list(where or []), "comparison": sentence,
+                  "where": list(where or []), "keep_wrong_stain": keep_wrong_stain,
+                  "comparison": sentence,
                   "n_slides": len(slides), "n_mice": len(mice)}
         atomic_write_text(save / "compare.json", json.dumps(record, indent=2) + "\n")
         err.print(f"written: {save / 'mice.csv'}, {save / 'groups.csv'}, "

@@ -46,6 +46,32 @@ def test_compare_reproduces_groups_without_reading_slides(analyzed, tmp_path):
 
 
 @pytest.mark.slow
+def test_compare_keeps_wrong_stain_slides_only_when_asked(analyzed, tmp_path):
+    """As analyze: a wrong-stain slide is left out of its mouse unless --keep-wrong-stain."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(analyzed, out)
+    slides = pd.read_csv(out / "slides.csv")
+    whole = runner.invoke(app, ["compare", str(out), "--json"])
+    first = slides.index[slides["status"] == "ok"][0]
+    group = slides.loc[first, "group"]
+    alone = (slides["mouse"] == slides.loc[first, "mouse"]).sum() == 1
+    slides.loc[first, "status"] = "wrong-stain"
+    slides.to_csv(out / "slides.csv", index=False)
+    table = {}
+    for flag in ((), ("--keep-wrong-stain",)):
+        res = runner.invoke(app, ["compare", str(out), "--json", *flag])
+        assert res.exit_code == 0, res.output
+        table[flag] = pd.DataFrame(json.loads(res.output)).set_index("group")
+    kept = table[("--keep-wrong-stain",)]
+    assert kept.equals(pd.DataFrame(json.loads(whole.output)).set_index("group"))
+    left_out = table[()]
+    assert left_out.loc[group, "n_mice"] == kept.loc[group, "n_mice"] - alone
+    assert left_out.loc[group, "cpa_mean_percent"] != kept.loc[group, "cpa_mean_percent"]
+
+
+@pytest.mark.slow
 def test_compare_save_never_writes_into_a_run(analyzed):
     """Issue 23: --save OUT_DIR overwrote the study's own groups.csv with a subset."""
     before = (analyzed / "groups.csv").read_bytes()
