@@ -73,8 +73,8 @@ def _run_state(run: dict[str, Any], newest: bool, measuring: dict[str, Any] | No
     return "did not finish (killed or crashed)"
 
 
-def folder_changes(store: Any, slides_dir: Path, out_dir: Path, settings_hash: str | None
-                   ) -> dict[str, Any]:
+def folder_changes(store: Any, slides_dir: Path, out_dir: Path, settings_hash: str | None,
+                   files: list[Path] | None = None) -> dict[str, Any]:
     """What the next run would do with a slides folder, from the run's own plan
     (:func:`fibroquant.run.plan_run`): new, changed, not yet measured, failed before (measured
     again), crashed (not measured again), removed, renamed, unreadable, and measured slides
@@ -85,7 +85,7 @@ def folder_changes(store: Any, slides_dir: Path, out_dir: Path, settings_hash: s
     from fibroquant.run import discover, plan_run
     from fibroquant.store import FingerprintCache
 
-    files = discover(slides_dir, out_dir)
+    files = discover(slides_dir, out_dir) if files is None else files
     cache = FingerprintCache(store, slides_dir)  # never flushed: status stays read-only
     plan = plan_run(store, slides_dir, out_dir, files, settings_hash=settings_hash or "",
                     cache=cache, sheet_mpp=_last_sheet_mpp(out_dir))
@@ -128,14 +128,17 @@ def _last_sheet_mpp(out_dir: Path) -> dict[str, float]:
     return {str(s): float(v) for s, v in zip(sheet["slide"], mpp, strict=True) if pd.notna(v)}
 
 
-def gather_status(out_dir: Path, slides_dir: Path | None = None, *, n_runs: int = 5
-                  ) -> dict[str, Any]:
-    """Everything ``fibroquant status`` shows, as a JSON-ready dict.
+def gather_status(out_dir: Path, slides_dir: Path | None = None, *, n_runs: int = 5,
+                  samples: Path | None = None) -> dict[str, Any]:
+    """Everything ``fibroquant status`` shows, as a JSON-ready dict; with ``samples`` (and
+    ``slides_dir``) also the sheet's rows whose scan is not in the folder and the files it
+    does not list (``"sheet"``).
 
     Raises
     ------
     FibroquantError
-        When OUT_DIR has no results store or it cannot be read.
+        When OUT_DIR has no results store or it cannot be read; a sample sheet that cannot be
+        used (as ``analyze`` would say, but for unlisted files and rows not scanned yet).
     """
     from fibroquant.store import ResultStore
 
@@ -150,9 +153,16 @@ def gather_status(out_dir: Path, slides_dir: Path | None = None, *, n_runs: int 
         hashes = store.settings_hashes()
         shash = runs[0]["settings_hash"] if runs else (hashes[0] if hashes else None)
         folder = None
+        sheet_info = None
         present: set[str] | None = None
         if slides_dir is not None:
-            folder = folder_changes(store, Path(slides_dir), out_dir, shash)
+            from fibroquant.run import discover
+
+            files = discover(Path(slides_dir), out_dir)
+            if samples is not None:
+                sheet_info = _sheet_status(samples, Path(slides_dir), files,
+                                           set(store.slide_fingerprints()))
+            folder = folder_changes(store, Path(slides_dir), out_dir, shash, files)
             present = set(folder.pop("present"))
         else:  # leave out the slides the last run found removed (from its provenance)
             removed = _last_removed(out_dir)
@@ -174,8 +184,24 @@ def gather_status(out_dir: Path, slides_dir: Path | None = None, *, n_runs: int 
         "slides": {"stored": len(current),
                    "ok": sum(r.get("status") == "ok" for r in current),
                    "failed": len(failed)},
-        "failed": failed, "runs": runs, "folder": folder,
+        "failed": failed, "runs": runs, "folder": folder, "sheet": sheet_info,
     }
+
+
+def _sheet_status(samples: Path, slides_dir: Path, files: list[Path], stored: set[str]
+                  ) -> dict[str, Any]:
+    """The sample sheet against the folder: rows not scanned yet (``waiting``, with a hint
+    when a file's name is close), rows whose file left the folder after it was measured
+    (``gone``: their result is kept with ``--allow-missing``) and files it does not list."""
+    from fibroquant.cohort import read_sample_sheet
+
+    sheet = read_sample_sheet(samples, slides_dir, files, allow_unlisted=True,
+                              allow_missing=True)
+    missing: dict[str, str] = sheet.attrs.get("missing", {})
+    return {"samples": str(samples), "rows": len(sheet),
+            "waiting": [{"slide": s, "hint": h} for s, h in missing.items() if s not in stored],
+            "gone": [s for s in missing if s in stored],
+            "unlisted": list(sheet.attrs.get("unlisted", []))}
 
 
 def _last_removed(out_dir: Path) -> list[str]:
@@ -231,6 +257,21 @@ def _print_status(info: dict[str, Any]) -> None:
                                            "failed_before", "outputs_missing", "removed",
                                            "unreadable", "renamed")):
             out.print("  nothing new: a rerun would measure nothing")
+    sheet = info.get("sheet")
+    if sheet is not None:
+        out.print(f"sample sheet {sheet['samples']}: {sheet['rows']} row(s); "
+                  f"{len(sheet['waiting'])} waiting for a scan, {len(sheet['gone'])} gone from "
+                  f"the folder after measuring, {len(sheet['unlisted'])} file(s) it does not "
+                  "list", soft_wrap=True, markup=False)
+        for w in sheet["waiting"]:
+            out.print(f"  waiting for a scan: {w['slide']}{w['hint']}", soft_wrap=True,
+                      markup=False)
+        for name in sheet["gone"]:
+            out.print(f"  gone from the folder: {name} (its result is kept with "
+                      "--allow-missing)", soft_wrap=True, markup=False)
+        for name in sheet["unlisted"]:
+            out.print(f"  not in the sheet: {name} (measured with --allow-unlisted, kept out of "
+                      "the tables)", soft_wrap=True, markup=False)
 
 
 @app.command()
@@ -241,12 +282,20 @@ def status(
         "--slides", file_okay=False, resolve_path=True,
         help="Slides folder: also show what is new, changed or removed there.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    samples: Annotated[Path | None, typer.Option(
+        "--samples", dir_okay=False, resolve_path=True,
+        help="Sample sheet (with --slides): also show its rows still waiting for a scan and "
+        "the files it does not list.")] = None,
 ) -> None:
     """Show what is stored in OUT_DIR, the last runs, what failed and (with --slides) what is new."""
     if slides is not None and not slides.is_dir():
         raise fail(f"{slides}: slides folder not found or not a folder", 2)
+    if samples is not None and slides is None:
+        raise fail(f"--samples {samples}: needs --slides, the folder its rows name", 2)
+    if samples is not None and not samples.is_file():
+        raise fail(f"{samples}: sample sheet not found", 2)
     try:
-        info = gather_status(out_dir, slides)
+        info = gather_status(out_dir, slides, samples=samples)
     except FibroquantError as exc:
         raise fail(str(exc), 2) from None
     if as_json:

@@ -262,6 +262,19 @@ def test_allow_missing_keeps_unscanned_rows_as_not_measured(two_slides: Path, rg
     assert "not in the slides folder yet" in report
     assert "t (n = 0 mice; 1 more without a measured slide)" in report  # as groups.csv counts
     assert '<a href="#failed">Not measured</a>' in report
+    # status with the sheet: the row waiting for its scan, and a file the sheet does not list
+    (d / "extra.tif").write_bytes((d / "a.tif").read_bytes())
+    res = invoke("status", str(out), "--slides", str(d), "--samples", str(sheet), "--json")
+    assert json.loads(res.output)["sheet"] | {"samples": ""} == {
+        "samples": "", "rows": 2, "waiting": [{"slide": "b.tif", "hint": ""}], "gone": [],
+        "unlisted": ["extra.tif"]}
+    text = one_line(invoke("status", str(out), "--slides", str(d), "--samples", str(sheet))
+                    .output)
+    assert "1 waiting for a scan" in text and "waiting for a scan: b.tif" in text
+    assert "not in the sheet: extra.tif" in text
+    (d / "extra.tif").unlink()
+    res = invoke("status", str(out), "--samples", str(sheet))
+    assert res.exit_code == 2 and "needs --slides" in res.output
     write_pyramid_tiff(d / "b.tif", np.ascontiguousarray(rgb[::-1]), MPP)  # another scan
     res = invoke("analyze", str(d), "--out", str(out), "--samples", str(sheet),
                  "--allow-missing", "--workers", "1", "--json")
@@ -281,6 +294,8 @@ def test_allow_missing_keeps_unscanned_rows_as_not_measured(two_slides: Path, rg
     assert after.loc["a.tif", "status"] == "ok"
     assert after.loc["a.tif", "cpa_percent"] == before.loc["a.tif", "cpa_percent"]
     assert (out / "qc" / "a.jpg").is_file()
+    res = invoke("status", str(out), "--slides", str(d), "--samples", str(sheet), "--json")
+    assert json.loads(res.output)["sheet"]["gone"] == ["a.tif"]
     # a rescan of b.tif rewrites the tables while a.tif is gone: provenance names a.tif's
     # input (its stored fingerprint), so a rebuilt store keeps its result
     write_pyramid_tiff(d / "b.tif", np.ascontiguousarray(rgb[:, ::-1]), MPP)
