@@ -178,6 +178,8 @@ def gather_status(out_dir: Path, slides_dir: Path | None = None, *, n_runs: int 
         run.pop("settings_json", None)
     failed = [{"slide": r["slide"], "error": r.get("error") or ""}
               for r in current if r.get("status") != "ok"]
+    from fibroquant.run import tables_state
+
     return {
         "out_dir": str(out_dir), "store": str(path), "settings_hash": shash,
         "other_settings_hashes": [h for h in hashes if h != shash],
@@ -185,6 +187,7 @@ def gather_status(out_dir: Path, slides_dir: Path | None = None, *, n_runs: int 
                    "ok": sum(r.get("status") == "ok" for r in current),
                    "failed": len(failed)},
         "failed": failed, "runs": runs, "folder": folder, "sheet": sheet_info,
+        "tables": tables_state(out_dir),
     }
 
 
@@ -220,6 +223,9 @@ def _print_status(info: dict[str, Any]) -> None:
               f"{s['ok']} ok, {s['failed']} failed")
     if info["other_settings_hashes"]:
         out.print(f"  (also results for other settings: {', '.join(info['other_settings_hashes'])})")
+    if info.get("tables") == "incomplete":
+        out.print("tables: incomplete (a run stopped while writing them, or a table was "
+                  "edited or deleted): the next run writes them all again", soft_wrap=True)
     if info["runs"]:
         out.print("last runs:")
         for r in info["runs"]:

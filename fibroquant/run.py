@@ -1090,6 +1090,21 @@ def tables_current(out_dir: Path, tables_key: str) -> str | None:
     return str(manifest.get("comparison", ""))
 
 
+def tables_state(out_dir: Path) -> str:
+    """``complete`` when the tables of ``out_dir`` were all written and none changed since
+    (:data:`TABLES_MANIFEST`), ``incomplete`` when some are there but not such a set (a run
+    stopped while writing them, a table edited or deleted: the next run writes them all
+    again), ``none`` when there is no table."""
+    try:
+        manifest = json.loads((out_dir / TABLES_MANIFEST).read_text(encoding="utf-8"))
+        files = manifest["files"]
+        if files and all(_digest(out_dir / name) == digest for name, digest in files.items()):
+            return "complete"
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        pass
+    return "incomplete" if (out_dir / "slides.csv").exists() else "none"
+
+
 def _forget_tables(out_dir: Path) -> None:
     """Remove the manifest before any table is rewritten (see :func:`tables_current`)."""
     try:

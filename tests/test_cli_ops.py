@@ -399,10 +399,19 @@ def test_status(bad_study, tmp_path: Path) -> None:
     assert "analyze" in info["runs"][0]["command"]
     text = invoke("status", str(out)).output
     assert "  text.png: " in text and "text.png: text.png" not in text  # named once
+    assert info["tables"] == "complete" and "tables: incomplete" not in text
 
-    # with --slides, on a copy of the folder with one slide new and one gone
+    # tables left part-written (a second Ctrl-C while they were written) or edited: said
     import shutil
 
+    half = tmp_path / "half"
+    shutil.copytree(out, half)
+    with open(half / "mice.csv", "a") as fh:
+        fh.write("\n")
+    assert json.loads(invoke("status", str(half), "--json").output)["tables"] == "incomplete"
+    assert "tables: incomplete" in one_line(invoke("status", str(half)).output)
+
+    # with --slides, on a copy of the folder with one slide new and one gone
     copy = tmp_path / "slides"
     shutil.copytree(d, copy, copy_function=shutil.copy2)
     shutil.copy2(copy / "good.tif", copy / "newcomer.tif")
