@@ -160,10 +160,15 @@ def gather_status(out_dir: Path, slides_dir: Path | None = None, *, n_runs: int 
 
             files = discover(Path(slides_dir), out_dir)
             if samples is not None:
-                sheet_info = _sheet_status(samples, Path(slides_dir), files,
+                kept = {r["slide"] for r in store.current_results(shash)} if shash else set()
+                sheet_info = _sheet_status(samples, Path(slides_dir), files, kept,
                                            set(store.slide_fingerprints()))
             folder = folder_changes(store, Path(slides_dir), out_dir, shash, files)
             present = set(folder.pop("present"))
+            if sheet_info is not None:  # listed, not in the folder: no removal (analyze's)
+                listed = {w["slide"] for w in sheet_info["waiting"]} | set(
+                    sheet_info["gone"]) | set(sheet_info["gone_other_settings"])
+                folder["removed"] = [s for s in folder["removed"] if s not in listed]
         else:  # leave out the slides the last run found removed (from its provenance)
             removed = _last_removed(out_dir)
             if removed:
@@ -191,11 +196,14 @@ def gather_status(out_dir: Path, slides_dir: Path | None = None, *, n_runs: int 
     }
 
 
-def _sheet_status(samples: Path, slides_dir: Path, files: list[Path], stored: set[str]
-                  ) -> dict[str, Any]:
+def _sheet_status(samples: Path, slides_dir: Path, files: list[Path], kept: set[str],
+                  stored: set[str]) -> dict[str, Any]:
     """The sample sheet against the folder: rows not scanned yet (``waiting``, with a hint
     when a file's name is close), rows whose file left the folder after it was measured
-    (``gone``: their result is kept with ``--allow-missing``) and files it does not list."""
+    with the current settings (``gone``: their result is kept with ``--allow-missing``) or
+    with other settings only (``gone_other_settings``: nothing to keep), and the files it
+    does not list. ``kept``: slides with a result for the current settings; ``stored``: for
+    any."""
     from fibroquant.cohort import read_sample_sheet
 
     sheet = read_sample_sheet(samples, slides_dir, files, allow_unlisted=True,
@@ -203,7 +211,8 @@ def _sheet_status(samples: Path, slides_dir: Path, files: list[Path], stored: se
     missing: dict[str, str] = sheet.attrs.get("missing", {})
     return {"samples": str(samples), "rows": len(sheet),
             "waiting": [{"slide": s, "hint": h} for s, h in missing.items() if s not in stored],
-            "gone": [s for s in missing if s in stored],
+            "gone": [s for s in missing if s in kept],
+            "gone_other_settings": [s for s in missing if s in stored and s not in kept],
             "unlisted": list(sheet.attrs.get("unlisted", []))}
 
 
@@ -266,15 +275,19 @@ def _print_status(info: dict[str, Any]) -> None:
     sheet = info.get("sheet")
     if sheet is not None:
         out.print(f"sample sheet {sheet['samples']}: {sheet['rows']} row(s); "
-                  f"{len(sheet['waiting'])} waiting for a scan, {len(sheet['gone'])} gone from "
-                  f"the folder after measuring, {len(sheet['unlisted'])} file(s) it does not "
-                  "list", soft_wrap=True, markup=False)
+                  f"{len(sheet['waiting'])} waiting for a scan, "
+                  f"{len(sheet['gone']) + len(sheet['gone_other_settings'])} gone from the "
+                  f"folder after measuring, {len(sheet['unlisted'])} file(s) it does not list",
+                  soft_wrap=True, markup=False)
         for w in sheet["waiting"]:
             out.print(f"  waiting for a scan: {w['slide']}{w['hint']}", soft_wrap=True,
                       markup=False)
         for name in sheet["gone"]:
             out.print(f"  gone from the folder: {name} (its result is kept with "
                       "--allow-missing)", soft_wrap=True, markup=False)
+        for name in sheet["gone_other_settings"]:
+            out.print(f"  gone from the folder: {name} (measured with other settings only: "
+                      "nothing of it to keep)", soft_wrap=True, markup=False)
         for name in sheet["unlisted"]:
             out.print(f"  not in the sheet: {name} (measured with --allow-unlisted, kept out of "
                       "the tables)", soft_wrap=True, markup=False)

@@ -251,11 +251,11 @@ def analyze_slide(
     masks_ready : callable, optional
         With ``workers > 1`` and fibre traits on: called on a thread of its own, while the
         traits are measured, with the result before its traits (``traits`` empty, ``seconds``
-        0), e.g. to draw the QC overlay meanwhile; joined before this returns. It holds the
-        only reference to the QC image (``thumbnail``; the result returned has an empty one:
-        freed once drawn, not held through the traits). Its exceptions are its own to keep
-        (raised there, they are logged and lost). Not called otherwise: the caller does that
-        work after.
+        0), e.g. to draw the QC overlay meanwhile; joined before this returns. Without
+        ``after`` it holds the only reference to the QC image (``thumbnail``; the result
+        returned has an empty one: freed once drawn, not held through the traits). Its
+        exceptions are its own to keep (raised there, they are logged and lost). Not called
+        otherwise: the caller does that work after.
 
     Returns
     -------
@@ -317,6 +317,7 @@ def _analyze_slide(
             Measurements.from_counts(total, geo.analysis_mpp), cal.stains, cal.threshold,
             cal.qc, cal.warnings, 0.0, __version__,
             collagen_m, tissue_m, excluded_m, qc, cal.flags, {}, clf_label)
+        del qc  # held by the result alone (handed to masks_ready below)
         # the traits and the QC overlay need only the lumens of the calibration: without an
         # `after` step its tissue masks, threshold and guard maps (~80 MB on a 1-GP slide)
         # are freed before they run

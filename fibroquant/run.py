@@ -1000,7 +1000,7 @@ def mostly_wrong_stain(slides_df: pd.DataFrame) -> bool:
 def for_groups(slides_df: pd.DataFrame, keep_wrong_stain: bool) -> pd.DataFrame:
     """The slides table as mice and groups see it: ``wrong-stain`` rows count as ``ok`` when
     kept, else (their status not ``ok``) they are left out like failed slides."""
-    if not keep_wrong_stain:
+    if not keep_wrong_stain or "status" not in slides_df:
         return slides_df
     out = slides_df.copy()
     out.loc[out["status"] == WRONG_STAIN, "status"] = "ok"
@@ -1094,15 +1094,19 @@ def tables_state(out_dir: Path) -> str:
     """``complete`` when the tables of ``out_dir`` were all written and none changed since
     (:data:`TABLES_MANIFEST`), ``incomplete`` when some are there but not such a set (a run
     stopped while writing them, a table edited or deleted: the next run writes them all
-    again), ``none`` when there is no table."""
+    again), ``none`` when there is neither a table nor a manifest."""
     try:
         manifest = json.loads((out_dir / TABLES_MANIFEST).read_text(encoding="utf-8"))
         files = manifest["files"]
         if files and all(_digest(out_dir / name) == digest for name, digest in files.items()):
             return "complete"
+    except FileNotFoundError:
+        tables = ("slides.csv", "mice.csv", "groups.csv", "results.xlsx", "report.html",
+                  "provenance.json")
+        return "incomplete" if any((out_dir / t).exists() for t in tables) else "none"
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         pass
-    return "incomplete" if (out_dir / "slides.csv").exists() else "none"
+    return "incomplete"
 
 
 def _forget_tables(out_dir: Path) -> None:

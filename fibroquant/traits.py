@@ -217,11 +217,15 @@ def lumen_outlines(lumen: np.ndarray, labels: np.ndarray, n: int, mpp: float
                    ) -> tuple[np.ndarray, ...]:
     """The outer outline of each of ``n`` labelled lumens (label k at index k - 1): float32
     ``(m, 2)`` x, y in µm, through the centres of its border pixels (``mpp`` µm/px); the
-    largest outline when a label has several parts."""
-    contours, _ = cv2.findContours(np.ascontiguousarray(lumen).view(np.uint8),
-                                   cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    largest outline when a label has several parts. A lumen inside another's hole (in a
+    tissue island within a vein) has its own."""
+    contours, hierarchy = cv2.findContours(np.ascontiguousarray(lumen).view(np.uint8),
+                                           cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     best: list[np.ndarray] = [np.zeros((0, 2), np.float32)] * n
-    for c in contours:
+    for c, (_, _, _, parent) in zip(contours, hierarchy[0] if len(contours) else (),
+                                    strict=True):
+        if parent >= 0:  # a hole's boundary (CCOMP: every part's outer boundary is on top)
+            continue
         x, y = c[0, 0]
         k = int(labels[y, x]) - 1
         if 0 <= k < n and len(c) > len(best[k]):

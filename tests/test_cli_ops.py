@@ -267,7 +267,7 @@ def test_allow_missing_keeps_unscanned_rows_as_not_measured(two_slides: Path, rg
     res = invoke("status", str(out), "--slides", str(d), "--samples", str(sheet), "--json")
     assert json.loads(res.output)["sheet"] | {"samples": ""} == {
         "samples": "", "rows": 2, "waiting": [{"slide": "b.tif", "hint": ""}], "gone": [],
-        "unlisted": ["extra.tif"]}
+        "gone_other_settings": [], "unlisted": ["extra.tif"]}
     text = one_line(invoke("status", str(out), "--slides", str(d), "--samples", str(sheet))
                     .output)
     assert "1 waiting for a scan" in text and "waiting for a scan: b.tif" in text
@@ -319,6 +319,10 @@ def test_allow_missing_keeps_unscanned_rows_as_not_measured(two_slides: Path, rg
     assert "were measured with other settings only" in one_line(res.output)
     other = pd.read_csv(out / "slides.csv").set_index("slide")
     assert other.loc["a.tif", "status"] == "not-measured"
+    info = json.loads(invoke("status", str(out), "--slides", str(d), "--samples", str(sheet),
+                             "--json").output)
+    assert (info["sheet"]["gone"], info["sheet"]["gone_other_settings"]) == ([], ["a.tif"])
+    assert "a.tif" not in info["folder"]["removed"]  # listed: not removed (as analyze says)
     assert other.loc["a.tif", "error"] == ("a.tif: no longer in the slides folder, and measured "
                                            "with other settings only")
     shutil.move(tmp_path / "a.tif", d / "a.tif")  # back, unchanged: not measured again
@@ -410,6 +414,8 @@ def test_status(bad_study, tmp_path: Path) -> None:
         fh.write("\n")
     assert json.loads(invoke("status", str(half), "--json").output)["tables"] == "incomplete"
     assert "tables: incomplete" in one_line(invoke("status", str(half)).output)
+    (half / "slides.csv").unlink()  # the others left: still a part-set
+    assert json.loads(invoke("status", str(half), "--json").output)["tables"] == "incomplete"
 
     # with --slides, on a copy of the folder with one slide new and one gone
     copy = tmp_path / "slides"

@@ -69,6 +69,11 @@ def test_compare_keeps_wrong_stain_slides_only_when_asked(analyzed, tmp_path):
     left_out = table[()]
     assert left_out.loc[group, "n_mice"] == kept.loc[group, "n_mice"] - alone
     assert left_out.loc[group, "cpa_mean_percent"] != kept.loc[group, "cpa_mean_percent"]
+    # a slides table without its status column: the same one-line error with the flag
+    slides.drop(columns="status").to_csv(out / "slides.csv", index=False)
+    for flag in ((), ("--keep-wrong-stain",)):
+        res = runner.invoke(app, ["compare", str(out), *flag])
+        assert res.exit_code == 2 and "lacks column(s) status" in res.output, res.output
 
 
 @pytest.mark.slow

@@ -713,7 +713,7 @@ def test_write_qc_outlines_each_lumen_call_in_its_colour(tmp_path: Path) -> None
 
     calls = (VesselCall("portal", 0.8, square(101, 101, 80)),      # px 50..90
              VesselCall("central", 0.7, square(301, 101, 80)),     # px 150..190
-             VesselCall("unlined", float("nan"), square(101, 241, 60)))  # px 50..80, 120..150
+             VesselCall("unlined", float("nan"), square(103, 243, 60)))  # px 51..81, 121..151
     analysis = SimpleNamespace(thumbnail=thumb, collagen_mask=np.zeros((h, w), bool),
                                tissue_mask=tissue, excluded_mask=np.zeros((h, w), bool),
                                mask_mpp=2.0, vessels=calls)
@@ -727,8 +727,12 @@ def test_write_qc_outlines_each_lumen_call_in_its_colour(tmp_path: Path) -> None
     assert near(img[50, 70], VESSEL_MARK_RGB["portal"])  # top edge of the first square
     assert near(img[70, 90], VESSEL_MARK_RGB["portal"])  # its right edge
     assert near(img[70, 150], VESSEL_MARK_RGB["central"])
-    assert near(img[120, 65], VESSEL_MARK_RGB["unlined"])
+    assert near(img[121, 65], VESSEL_MARK_RGB["unlined"])
     assert near(img[70, 70], (235, 190, 120))  # inside: untouched
+    # placed to the pixel: the unlined square's left edge runs through pixel column 51 (µm
+    # 103 at 2 µm/px is the centre of pixel 51), a 3-px line (thickness 2) centred on it
+    row = np.abs(img[135, 40:65] - np.array(VESSEL_MARK_RGB["unlined"])).max(axis=1) <= 12
+    assert 40 + np.flatnonzero(row).mean() == pytest.approx(51, abs=0.34)
     band = img[h:]
     for kind in ("portal", "central", "unlined"):
         assert (np.abs(band - np.array(VESSEL_MARK_RGB[kind])).max(axis=2) <= 40).sum() > 10

@@ -276,6 +276,22 @@ def test_every_lumen_is_called_where_it_lies(lumen_factor):
     assert tr.measure_slide_vessels(collagen, tissue, mpp, TraitSettings())[1] == ()
 
 
+def test_lumen_outlines_run_through_border_pixel_centres():
+    """Exactly: x, y of the lumen grid's border pixel centres in µm, per label, also for a
+    lumen inside another's hole (a vein holding a tissue island with a lumen of its own)."""
+    lumen = np.zeros((40, 40), bool)
+    lumen[3:8, 5:12] = True  # label 1: rows 3-7, columns 5-11
+    lumen[15:35, 15:35] = True
+    lumen[20:30, 20:30] = False  # an island in the big lumen (label 2)...
+    lumen[24:26, 24:27] = True  # ...holding a lumen (label 3)
+    n, labels = cv2.connectedComponents(lumen.view(np.uint8), connectivity=8)
+    out = tr.lumen_outlines(lumen, labels, n - 1, 2.0)
+    assert len(out) == 3 and all(len(o) for o in out)
+    for k, (x0, y0, x1, y1) in enumerate([(5, 3, 11, 7), (15, 15, 34, 34), (24, 24, 26, 25)]):
+        xs, ys = out[k][:, 0] / 2.0 - 0.5, out[k][:, 1] / 2.0 - 0.5
+        assert (xs.min(), ys.min(), xs.max(), ys.max()) == (x0, y0, x1, y1), k
+
+
 def test_a_vacuole_beside_a_central_vein_leaves_it_central():
     """Zone-3 steatosis puts fat vacuoles beside central veins: an unlined lumen is no vessel
     neighbour, so the vein is still alone among vessels (a bile duct beside a thick-collared
@@ -741,3 +757,36 @@ def test_the_overlay_drawn_beside_the_traits_shows_their_lumen_calls(tmp_path):
     marked = [kind for kind, colour in VESSEL_MARK_RGB.items() if kind != "unlined"
               and (np.abs(picture - np.array(colour)).max(axis=2) <= 30).sum() > 20]
     assert marked
+
+
+def test_the_qc_image_is_freed_before_the_traits_finish(monkeypatch):
+    """On two threads the overlay thread holds the QC image alone: once it has drawn, the
+    image is freed while the traits still run (not held through their memory peak)."""
+    import gc
+    import time
+    import weakref
+
+    from fibroquant.pipeline import analyze_slide
+    from fibroquant.slides import ArraySlide
+    from fibroquant.synthetic import SectionParams, make_section
+
+    rgb, _ = make_section(SectionParams(shape=(768, 768), mpp=0.5), rng=4)
+    refs: list[weakref.ref] = []
+    freed: list[bool] = []
+    measure = tr.measure_slide_vessels
+
+    def traits_when_drawn(*args, **kwargs):
+        end = time.monotonic() + 5.0  # the overlay thread draws meanwhile: until it is done
+        while time.monotonic() < end:
+            gc.collect()
+            if refs and refs[0]() is None:
+                break
+            time.sleep(0.01)
+        freed.append(bool(refs) and refs[0]() is None)
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(tr, "measure_slide_vessels", traits_when_drawn)
+    result = analyze_slide("s.png", Settings(), slide=ArraySlide(rgb, 0.5), workers=2,
+                           masks_ready=lambda partial: refs.append(weakref.ref(partial.thumbnail)))
+    assert freed == [True]
+    assert result.thumbnail.size == 0 and result.traits
