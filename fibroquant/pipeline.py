@@ -339,7 +339,7 @@ def _analyze_slide(
             del partial
             beside.start()
         traits: dict[str, float] = {}
-        vessels: tuple[Any, ...] = ()
+        vessels: list[Any] = []  # the traits' call on each lumen, outlined on the overlay
         try:
             if settings.traits.enabled:
                 from fibroquant import traits as fibre_traits
@@ -350,17 +350,18 @@ def _analyze_slide(
                 if fibre_traits.warm_skan():
                     release_code_pages()
                 t_start += time.perf_counter() - t_wait
-                traits, vessels = fibre_traits.measure_slide_vessels(
-                    collagen_m, tissue_m, geo.mask_mpp, settings.traits, lumen=lumen,
-                    lumen_mpp=lumen_mpp, workers=workers, gate=gate)
-                traits = fibre_traits.in_slide_areas(traits,
-                                                     result.measurements.collagen_area_mm2)
+                traits = fibre_traits.in_slide_areas(
+                    fibre_traits.measure_slide(collagen_m, tissue_m, geo.mask_mpp,
+                                               settings.traits, lumen=lumen,
+                                               lumen_mpp=lumen_mpp, workers=workers, gate=gate,
+                                               calls=vessels),
+                    result.measurements.collagen_area_mm2)
                 release_free_heap()
         finally:
             if beside is not None:
                 beside.join()
         result = replace(result, seconds=round(time.perf_counter() - t_start, 3),
-                         traits=traits, vessels=vessels)
+                         traits=traits, vessels=tuple(vessels))
         if after is not None and cal_after is not None:
             after(cal_after, result, decide)
         return result

@@ -1682,25 +1682,9 @@ def measure_slide(
     lumen_mpp: float | None = None,
     workers: int = 1,
     gate: threading.Semaphore | None = None,
+    calls: list[VesselCall] | None = None,
 ) -> dict[str, float]:
-    """The traits of one slide (:func:`measure_slide_vessels` without its vessel calls)."""
-    return measure_slide_vessels(collagen, tissue, mask_mpp, settings, lumen=lumen,
-                                 lumen_mpp=lumen_mpp, workers=workers, gate=gate)[0]
-
-
-def measure_slide_vessels(
-    collagen: Any,
-    tissue: Any,
-    mask_mpp: float,
-    settings: Any,
-    *,
-    lumen: np.ndarray | None = None,
-    lumen_mpp: float | None = None,
-    workers: int = 1,
-    gate: threading.Semaphore | None = None,
-) -> tuple[dict[str, float], tuple[VesselCall, ...]]:
-    """The traits of one slide from its collagen and countable-tissue masks, and the call
-    made of each of its lumens (:func:`vessel_calls`; none without ``lumen``).
+    """The traits of one slide from its collagen and countable-tissue masks.
 
     Parameters
     ----------
@@ -1714,6 +1698,9 @@ def measure_slide_vessels(
         Threads over trait tiles.
     gate : threading.Semaphore, optional
         Held by each trait tile while it is measured (:func:`measure_masks`).
+    calls : list, optional
+        Given, the call made of each lumen is appended to it (:func:`vessel_calls`; none
+        without ``lumen``), for the QC overlay.
     """
     factor = max(1, round(settings.mpp / mask_mpp))
     mpp = mask_mpp * factor
@@ -1731,8 +1718,9 @@ def measure_slide_vessels(
     counts = measure_masks(col, tis, params, tile_px=settings.tile_px,
                            vessels=vessels if vessels is not None and vessels.n else None,
                            workers=workers, gate=gate)
-    return ({k: float(v) for k, v in slide_traits(counts, params, vessels).items()},
-            vessel_calls(counts, params, vessels))
+    if calls is not None:
+        calls.extend(vessel_calls(counts, params, vessels))
+    return {k: float(v) for k, v in slide_traits(counts, params, vessels).items()}
 
 
 # ------------------------------------------------------------------------------------------

@@ -246,9 +246,9 @@ def test_every_lumen_is_called_where_it_lies(lumen_factor):
     within a lumen-grid pixel of the drawn centre), of the kind the traits counted it as."""
     collagen, tissue, lumen, mpp = _vessels_and_vacuoles(True)
     coarse = tr._block_any(lumen, lumen_factor) if lumen_factor > 1 else lumen
-    traits, calls = tr.measure_slide_vessels(
-        collagen, tissue, mpp, TraitSettings(mpp=1.0, tile_px=512), lumen=coarse,
-        lumen_mpp=mpp * lumen_factor)
+    calls: list[tr.VesselCall] = []
+    traits = tr.measure_slide(collagen, tissue, mpp, TraitSettings(mpp=1.0, tile_px=512),
+                              lumen=coarse, lumen_mpp=mpp * lumen_factor, calls=calls)
     truth = {(200, 200): "portal", (200, 290): "portal", (650, 650): "central",
              (650, 200): "central", (420, 420): "unlined", (800, 420): "unlined",
              (420, 110): "unlined"}
@@ -270,10 +270,13 @@ def test_every_lumen_is_called_where_it_lies(lumen_factor):
     assert counted == {k: float(sum(c.kind == k for c in calls)) for k in counted}
     # all lumens unlined: each still called (and outlined) as such; no lumen, no call
     only = lumen & ~ndi.binary_dilation(_vessels_and_vacuoles(False)[2], iterations=2)
-    _, unlined = tr.measure_slide_vessels(np.zeros_like(collagen), ~only, mpp, TraitSettings(),
-                                          lumen=only, lumen_mpp=mpp)
+    unlined: list[tr.VesselCall] = []
+    tr.measure_slide(np.zeros_like(collagen), ~only, mpp, TraitSettings(), lumen=only,
+                     lumen_mpp=mpp, calls=unlined)
     assert [c.kind for c in unlined] == ["unlined"] * 3
-    assert tr.measure_slide_vessels(collagen, tissue, mpp, TraitSettings())[1] == ()
+    none: list[tr.VesselCall] = []
+    tr.measure_slide(collagen, tissue, mpp, TraitSettings(), calls=none)
+    assert none == []
 
 
 def test_lumen_outlines_run_through_border_pixel_centres():
@@ -773,7 +776,7 @@ def test_the_qc_image_is_freed_before_the_traits_finish(monkeypatch):
     rgb, _ = make_section(SectionParams(shape=(768, 768), mpp=0.5), rng=4)
     refs: list[weakref.ref] = []
     freed: list[bool] = []
-    measure = tr.measure_slide_vessels
+    measure = tr.measure_slide
 
     def traits_when_drawn(*args, **kwargs):
         end = time.monotonic() + 5.0  # the overlay thread draws meanwhile: until it is done
@@ -785,7 +788,7 @@ def test_the_qc_image_is_freed_before_the_traits_finish(monkeypatch):
         freed.append(bool(refs) and refs[0]() is None)
         return measure(*args, **kwargs)
 
-    monkeypatch.setattr(tr, "measure_slide_vessels", traits_when_drawn)
+    monkeypatch.setattr(tr, "measure_slide", traits_when_drawn)
     result = analyze_slide("s.png", Settings(), slide=ArraySlide(rgb, 0.5), workers=2,
                            masks_ready=lambda partial: refs.append(weakref.ref(partial.thumbnail)))
     assert freed == [True]
