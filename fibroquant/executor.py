@@ -130,10 +130,13 @@ def run_slide(task: SlideTask) -> dict[str, Any]:
             _write_outputs(files, analysis, settings, task)
         elif isinstance(written[0], BaseException):
             raise written[0]
-        else:
+        else:  # drawn beside the traits: their lumen calls added now
             from fibroquant import report
 
             report.write_qc_draft(files["qc"], written[0], analysis.vessels)
+            if task.write_masks:
+                report.add_geojson_features(files["geojson"], report.vessel_features(
+                    analysis.vessels, analysis.mpp, task.slide))
     except Exception as exc:  # noqa: BLE001 - the writers raise FibroquantError (or a bug)
         logger.debug("cannot write outputs of %s:\n%s", task.path, traceback.format_exc())
         return _failed(
@@ -166,7 +169,8 @@ def _write_outputs(files: dict[str, Path], analysis: Any, settings: Settings,
         # outlines in full-resolution (level 0) pixel coordinates, for QuPath
         scale = analysis.mask_mpp / analysis.mpp
         report.write_mask_geojson(files["geojson"], analysis.tissue_bits,
-                                  analysis.collagen_bits, scale=scale, slide_name=task.slide)
+                                  analysis.collagen_bits, scale=scale, slide_name=task.slide,
+                                  vessels=analysis.vessels if finish else (), mpp=analysis.mpp)
     else:  # masks of an earlier measurement would contradict this one
         remove_files(files[k] for k in MASK_KINDS)
     return draft

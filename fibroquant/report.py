@@ -1433,8 +1433,11 @@ def write_mask_geojson(
     scale: float,
     slide_name: str,
     min_area_px: int = 4,
+    vessels: Sequence[Any] = (),
+    mpp: float = 1.0,
 ) -> None:
-    """Write :func:`mask_to_geojson`'s FeatureCollection atomically, one class at a time.
+    """Write :func:`mask_to_geojson`'s FeatureCollection atomically, one class at a time,
+    then the lumen calls ``vessels`` (:func:`vessel_features`; ``mpp``: level-0 µm/px).
 
     Each geometry goes to the file as shapely's GeoJSON text, never as Python lists of
     floats, and a class's mask and outlines are freed before the next is traced: on a 1-GP
@@ -1442,15 +1445,63 @@ def write_mask_geojson(
     and their coordinates as Python objects.
     """
     parts = [
-        '{"type":"Feature","geometry":' + geometry + ',"properties":'
-        + json.dumps(properties, separators=(",", ":"), ensure_ascii=False) + "}"
+        _feature_text(properties, geometry)
         for properties, geometry in _geojson_features(
             tissue_mask, collagen_mask, scale=scale, slide_name=slide_name,
             min_area_px=min_area_px)
     ]
+    parts += vessel_features(vessels, mpp, slide_name)
     text = '{"type":"FeatureCollection","features":[' + ",".join(parts) + "]}"
     del parts
     _atomic_write_bytes(Path(path), text.encode("utf-8"))
+
+
+def _feature_text(properties: Mapping[str, Any], geometry: str) -> str:
+    return ('{"type":"Feature","geometry":' + geometry + ',"properties":'
+            + json.dumps(properties, separators=(",", ":"), ensure_ascii=False) + "}")
+
+
+def vessel_features(vessels: Sequence[Any], mpp: float, slide_name: str) -> list[str]:
+    """GeoJSON Feature texts (QuPath annotations, level-0 pixels of ``mpp`` µm) of the lumen
+    calls (:class:`fibroquant.traits.VesselCall`): each outline a polygon classified as its
+    kind (the overlay's colour), with the call's confidence as a measurement."""
+    import shapely
+
+    out = []
+    for call in vessels:
+        if len(call.outline_um) < 3:  # a lumen a pixel or two across: no polygon
+            continue
+        # a contour through pixel centres touches itself where the lumen is a pixel wide (a
+        # branching cleft): made valid, its polygonal parts kept
+        geom = shapely.make_valid(shapely.Polygon(
+            (call.outline_um / np.float32(mpp)).astype(np.float64).round(2)))
+        if geom.geom_type == "GeometryCollection":
+            geom = shapely.union_all([g for g in shapely.get_parts(geom)
+                                      if g.geom_type in ("Polygon", "MultiPolygon")])
+        if geom.is_empty or geom.area == 0:
+            continue
+        cls = VESSEL_MARK_LABELS[call.kind].capitalize()
+        properties: dict[str, Any] = {
+            "objectType": "annotation",
+            "classification": {"name": cls, "color": list(VESSEL_MARK_RGB[call.kind])},
+            "name": f"{slide_name} {cls.lower()}", "isLocked": False}
+        if math.isfinite(call.confidence):
+            properties["measurements"] = {"confidence": round(call.confidence, 4)}
+        out.append(_feature_text(properties, shapely.to_geojson(shapely.orient_polygons(geom))))
+    return out
+
+
+def add_geojson_features(path: Path, features: Sequence[str]) -> None:
+    """Add Feature texts to a FeatureCollection :func:`write_mask_geojson` wrote (its text
+    spliced, not parsed again: a whole slide's is tens of MB), atomically."""
+    if not features:
+        return
+    data = Path(path).read_bytes()
+    if not data.endswith(b"]}"):
+        msg = f"{path}: not a GeoJSON FeatureCollection fibroquant wrote"
+        raise FibroquantError(msg)
+    sep = b"" if data.endswith(b"[]}") else b","
+    _atomic_write_bytes(Path(path), data[:-2] + sep + ",".join(features).encode("utf-8") + b"]}")
 
 
 def _geojson_features(

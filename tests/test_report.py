@@ -808,3 +808,42 @@ def test_gallery_follows_the_slides_table_gathered_by_group(tmp_path: Path,
                       settings={}, provenance={}, warnings=[])
     names = re.findall(r'<div class="name">([^<]+)</div>', out.read_text(encoding="utf-8"))
     assert names == ["c1_s1.tif", "c2_s1.tif", "c1_s2.tif", "t3_s1.tif"]
+
+
+def test_vessel_features_join_the_mask_geojson(tmp_path: Path) -> None:
+    """Lumen calls as QuPath annotations in level-0 pixels, written with the masks or added
+    later (spliced into the file): the same collection either way."""
+    from fibroquant.errors import FibroquantError
+    from fibroquant.report import (
+        add_geojson_features,
+        vessel_features,
+        write_mask_geojson,
+    )
+    from fibroquant.traits import VesselCall
+
+    tissue = np.zeros((40, 40), bool)
+    tissue[5:35, 5:35] = True
+    square = np.array([(20, 20), (40, 20), (40, 40), (20, 40)], np.float32)  # µm
+    calls = [VesselCall("portal", 0.75, square), VesselCall("unlined", float("nan"), square),
+             VesselCall("central", 0.9, square[:2])]  # two points: no polygon
+    at_once, later = tmp_path / "a.geojson", tmp_path / "b.geojson"
+    write_mask_geojson(at_once, tissue, np.zeros_like(tissue), scale=4.0, slide_name="s",
+                       vessels=calls, mpp=0.5)
+    write_mask_geojson(later, tissue, np.zeros_like(tissue), scale=4.0, slide_name="s")
+    add_geojson_features(later, vessel_features(calls, 0.5, "s"))
+    fc = json.loads(at_once.read_text())
+    assert fc == json.loads(later.read_text())
+    portal, unlined = fc["features"][1:]
+    assert portal["properties"]["classification"]["name"] == "Portal vessel"
+    assert portal["properties"]["measurements"] == {"confidence": 0.75}
+    assert portal["properties"]["name"] == "s portal vessel"
+    assert "measurements" not in unlined["properties"]
+    assert portal["geometry"]["coordinates"][0][:2] == [[40.0, 40.0], [80.0, 40.0]]  # µm / 0.5
+    empty = tmp_path / "c.geojson"
+    write_mask_geojson(empty, np.zeros_like(tissue), np.zeros_like(tissue), scale=1.0,
+                       slide_name="s")
+    add_geojson_features(empty, vessel_features(calls[:1], 0.5, "s"))
+    assert len(json.loads(empty.read_text())["features"]) == 1
+    (tmp_path / "odd.geojson").write_text("{}")
+    with pytest.raises(FibroquantError, match="not a GeoJSON FeatureCollection"):
+        add_geojson_features(tmp_path / "odd.geojson", vessel_features(calls[:1], 0.5, "s"))

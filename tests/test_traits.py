@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import cv2
@@ -744,16 +745,33 @@ def test_the_overlay_drawn_beside_the_traits_shows_their_lumen_calls(tmp_path):
     rgb, _ = make_section(SectionParams(shape=(1024, 1024), mpp=0.5), rng=3)
     path = tmp_path / "s.png"
     cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    images = []
+    images, geojson = [], []
     for threads in (1, 2):
         out = tmp_path / f"out{threads}"
         task = SlideTask(path=str(path), slide="s.png", fingerprint="f", mpp=0.5,
                          fallback_mpp=None, settings_json=Settings().model_dump_json(),
-                         out_dir=str(out), write_masks=False, threads=threads)
+                         out_dir=str(out), write_masks=True, threads=threads)
         rec = run_slide(task)
         assert rec["status"] == "ok", rec.get("error")
         images.append(cv2.cvtColor(cv2.imread(str(out / "qc" / "s.jpg")), cv2.COLOR_BGR2RGB))
+        geojson.append(json.loads((out / "geojson" / "s.geojson").read_text()))
     assert np.array_equal(images[0], images[1])
+    # the calls are QuPath annotations too (level-0 pixels), added after the traits alike
+    assert geojson[0] == geojson[1]
+    names = [f["properties"]["classification"]["name"] for f in geojson[0]["features"]]
+    calls = names[2:]
+    assert names[:2] == ["Tissue", "Collagen"] and len(calls) == (
+        rec["portal_vessels"] + rec["central_vessels"] + rec["undecided_vessels"]
+        + rec["unlined_lumens"])
+    assert set(calls) <= {"Portal vessel", "Central vein", "Vessel, type undecided",
+                          "Unlined lumen"}
+    import shapely.geometry
+
+    for f in geojson[0]["features"][2:]:
+        shape = shapely.geometry.shape(f["geometry"])
+        assert shape.is_valid and shape.area > 0
+        assert min(shape.bounds) >= 0 and max(shape.bounds) <= 1024
+        assert f["properties"]["name"] == f"s.png {f['properties']['classification']['name'].lower()}"
     lumens = rec["portal_vessels"] + rec["central_vessels"] + rec["undecided_vessels"]
     assert lumens + rec["unlined_lumens"] > 0
     picture = images[0][: qc_picture_height(*images[0].shape[:2])].astype(int)
