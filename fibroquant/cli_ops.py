@@ -302,7 +302,7 @@ def status(
         help="Slides folder: also show what is new, changed or removed there.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     samples: Annotated[Path | None, typer.Option(
-        "--samples", dir_okay=False, resolve_path=True,
+        "--samples", exists=True, dir_okay=False, readable=True, resolve_path=True,
         help="Sample sheet (with --slides): also show its rows still waiting for a scan and "
         "the files it does not list.")] = None,
 ) -> None:
@@ -311,8 +311,6 @@ def status(
         raise fail(f"{slides}: slides folder not found or not a folder", 2)
     if samples is not None and slides is None:
         raise fail(f"--samples {samples}: needs --slides, the folder its rows name", 2)
-    if samples is not None and not samples.is_file():
-        raise fail(f"{samples}: sample sheet not found", 2)
     try:
         info = gather_status(out_dir, slides, samples=samples)
     except FibroquantError as exc:

@@ -533,16 +533,17 @@ def qc_panel(overlay: np.ndarray, *, title: str, mpp: float,
     # legend on the second line, in smaller type when it would not fit (a narrow field)
     entries = [*((n, c, False) for n, c in items),
                *((VESSEL_MARK_LABELS[n], VESSEL_MARK_RGB[n], True) for n in marks)]
-    y2 = y1 + size + pad
+
+    def swatch_and_name(name: str, small: int, font: Any) -> tuple[int, int]:
+        """An entry's swatch width with its gap, and its name's with the gap after it."""
+        return 2 * small + small // 4, int(draw.textlength(name, font=font)) + 2 * (small // 2)
+
     small = size
-    while small > 8:
-        font = _panel_font(small)
-        if pad + sum(2 * small + small // 4 + int(draw.textlength(n, font=font)) + 2 * (small // 2)
-                     for n, _, _ in entries) <= w:
-            break
+    while small > 8 and pad + sum(sum(swatch_and_name(n, small, _panel_font(small)))
+                                  for n, _, _ in entries) > w:
         small -= 1
     font = _panel_font(small)
-    x, y2 = pad, y2 + (size - small) // 2
+    x, y2 = pad, y1 + size + pad + (size - small) // 2
     line = max(2, small // 5)
     for name, colour, hollow in entries:
         box = [x, y2 + 2, x + 2 * small, y2 + small - 1]
@@ -552,9 +553,10 @@ def qc_panel(overlay: np.ndarray, *, title: str, mpp: float,
                            width=line)
         else:
             draw.rectangle(box, fill=colour, outline=(0, 0, 0))
-        x += 2 * small + small // 4
+        to_name, to_next = swatch_and_name(name, small, font)
+        x += to_name
         draw.text((x, y2), name, fill=(0, 0, 0), font=font)
-        x += int(draw.textlength(name, font=font)) + 2 * (small // 2)
+        x += to_next
     return np.concatenate([_as_rgb_uint8(overlay), np.asarray(canvas)], axis=0)
 
 
@@ -576,8 +578,6 @@ def draw_vessel_marks(rgb: np.ndarray, vessels: Sequence[Any], mpp: float) -> li
     drawn = set()
     for call in vessels:
         pts = np.rint(call.outline_um / np.float32(mpp) - 0.5).astype(np.int32)
-        if len(pts) == 0:
-            continue
         cv2.polylines(rgb, [pts.reshape(-1, 1, 2)], True, VESSEL_MARK_RGB[call.kind],
                       thickness if call.kind != "unlined" else thickness // 2 + 1)
         drawn.add(call.kind)

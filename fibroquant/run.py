@@ -662,7 +662,7 @@ def analyze_folder(
                                and slide_status(r) not in ("ok", WRONG_STAIN)]
             notes = unlisted_note(unlisted, failed=[s for s, _ in unlisted_failed])
             # a gone slide measured only with other settings has nothing to keep here
-            stored_now = {r["slide"] for r in current}
+            stored_now = {r["slide"]: r for r in current}
             gone_unmeasured = [s for s in gone if s not in stored_now]
             gone = [s for s in gone if s in stored_now]
             notes += missing_note(missing, slides_dir, gone=gone,
@@ -686,16 +686,15 @@ def analyze_folder(
                 (str(r["slide"]), str(r.get("stain_warning") or ""))
                 for r in slides_df.to_dict("records") if r["status"] == WRONG_STAIN
             ]
-            vectors = {r["slide"]: (r.get("stain_source"), r.get("stain_vectors"))
-                       for r in current}
             # every slide of the tables, those whose file is gone too (their stored
             # fingerprint): `store rebuild` restores the results the tables show
-            stored_fp = {r["slide"]: r.get("fingerprint") for r in current}
             inputs = [{"slide": k, "fingerprint": v, "size_bytes": sizes.get(k),
-                       "stain_source": vectors.get(k, (None, None))[0],
-                       "stain_vectors": _json_or_none(vectors.get(k, (None, None))[1]),
+                       "stain_source": stored_now.get(k, {}).get("stain_source"),
+                       "stain_vectors": _json_or_none(
+                           stored_now.get(k, {}).get("stain_vectors")),
                        **({"file_gone": True} if k in gone else {})}
-                      for k, v in sorted({**keys, **{s: stored_fp[s] for s in gone}}.items())]
+                      for k, v in sorted({**keys, **{s: stored_now[s].get("fingerprint")
+                                                     for s in gone}}.items())]
             provenance = {
                 "fibroquant_version": __version__, "started_utc": started,
                 "command": command, "settings_hash": shash,
@@ -1057,6 +1056,9 @@ def _statistics(
     return groups, omnibus, mixed, sentence, warnings
 
 
+#: The tables every run writes (the traits add theirs: :func:`_write_trait_tables`).
+TABLE_FILES = ("slides.csv", "mice.csv", "groups.csv", "provenance.json", "results.xlsx",
+               "report.html")
 #: The file of an output folder that says its tables are current: written after every table,
 #: removed before the first one is rewritten (a run killed in between leaves none).
 TABLES_MANIFEST = ".fibroquant-tables.json"
@@ -1070,43 +1072,42 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def tables_current(out_dir: Path, tables_key: str) -> str | None:
-    """The last comparison sentence when the tables in ``out_dir`` were all written, complete,
-    from inputs with this ``tables_key``; None when any of them must be written again.
+def _intact_manifest(out_dir: Path, tables_key: str | None = None) -> dict[str, Any] | None:
+    """The manifest (:data:`TABLES_MANIFEST`) when every table it names is there as written
+    (and, given ``tables_key``, it was written from inputs with that key); else None.
 
-    The manifest (:data:`TABLES_MANIFEST`) is written after the last table and names each
-    table file with its SHA-256: a run killed while writing them, a disk that filled, a table
-    edited or deleted since, all show as a missing manifest or a file that differs.
+    The manifest is written after the last table and names each table file with its SHA-256:
+    a run killed while writing them, a disk that filled, a table edited or deleted since, all
+    show as a missing manifest or a file that differs.
     """
     try:
         manifest = json.loads((out_dir / TABLES_MANIFEST).read_text(encoding="utf-8"))
-        if manifest.get("tables_key") != tables_key or not manifest.get("files"):
+        if tables_key is not None and manifest.get("tables_key") != tables_key:
             return None
-        for name, digest in manifest["files"].items():
-            if _digest(out_dir / name) != digest:
-                return None
+        files = manifest.get("files")
+        if files and all(_digest(out_dir / name) == digest for name, digest in files.items()):
+            return dict(manifest)
     except (OSError, ValueError, TypeError, AttributeError):
-        return None
-    return str(manifest.get("comparison", ""))
+        pass
+    return None
+
+
+def tables_current(out_dir: Path, tables_key: str) -> str | None:
+    """The last comparison sentence when the tables in ``out_dir`` were all written, complete,
+    from inputs with this ``tables_key``; None when any of them must be written again."""
+    manifest = _intact_manifest(out_dir, tables_key)
+    return None if manifest is None else str(manifest.get("comparison", ""))
 
 
 def tables_state(out_dir: Path) -> str:
     """``complete`` when the tables of ``out_dir`` were all written and none changed since
-    (:data:`TABLES_MANIFEST`), ``incomplete`` when some are there but not such a set (a run
+    (:func:`_intact_manifest`), ``incomplete`` when some are there but not such a set (a run
     stopped while writing them, a table edited or deleted: the next run writes them all
     again), ``none`` when there is neither a table nor a manifest."""
-    try:
-        manifest = json.loads((out_dir / TABLES_MANIFEST).read_text(encoding="utf-8"))
-        files = manifest["files"]
-        if files and all(_digest(out_dir / name) == digest for name, digest in files.items()):
-            return "complete"
-    except FileNotFoundError:
-        tables = ("slides.csv", "mice.csv", "groups.csv", "results.xlsx", "report.html",
-                  "provenance.json")
-        return "incomplete" if any((out_dir / t).exists() for t in tables) else "none"
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        pass
-    return "incomplete"
+    if _intact_manifest(out_dir) is not None:
+        return "complete"
+    there = (out_dir / name for name in (TABLES_MANIFEST, *TABLE_FILES))
+    return "incomplete" if any(path.exists() for path in there) else "none"
 
 
 def _forget_tables(out_dir: Path) -> None:
@@ -1190,8 +1191,7 @@ def write_tables(
     mice = aggregate_mice(grouped, extra_columns=extra_cols)
     groups, omnibus, mixed, sentence, warnings = _statistics(
         grouped, mice, control=control, has_sheet=has_sheet)
-    written = ["slides.csv", "mice.csv", "groups.csv", "provenance.json", "results.xlsx",
-               "report.html"]
+    written = list(TABLE_FILES)
     # rounded for reading; the store and the xlsx keep full precision
     atomic_write_csv(out_dir / "slides.csv", schema.round_table(slides_df, "slides"))
     atomic_write_csv(out_dir / "mice.csv", schema.round_table(mice, "mice"))

@@ -140,7 +140,7 @@ class ShadingField:
         od = np.clip(shading_basis(uu, vv) @ self.coef, -MAX_CORRECTION_OD, MAX_CORRECTION_OD)
         nodes = np.power(10.0, od.reshape(ny, nx, 3)).astype(np.float32)
         if step == 1:
-            fine = np.ascontiguousarray(nodes[1 : 1 + h, 1 : 1 + w])
+            fine = nodes[1 : 1 + h, 1 : 1 + w]
         else:
             fine = cv2.resize(nodes, (nx * step, ny * step),
                               interpolation=cv2.INTER_LINEAR)[step : step + h, step : step + w]
